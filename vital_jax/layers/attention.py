@@ -1,0 +1,71 @@
+"""Grouped-query self-attention with per-head qk-norm, RoPE and an optional explicit KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vital_jax.layers.kv_cache import KVCache
+from vital_jax.layers.linear import Linear, LoraConfig
+from vital_jax.layers.norms import RMSNorm
+from vital_jax.layers.rope import apply_rope
+
+
+def make_attention_mask(query_slots_t: jax.Array, key_valid_bs: jax.Array) -> jax.Array:
+    """Causal + padding mask (B, T, S) bool: query at slot q may see key slot s iff s <= q and s is valid.
+
+    query_slots_t: (T,) int absolute slot of each query (its cache index, or arange(T) without a cache).
+    key_valid_bs:  (B, S) bool validity of each key slot (padding and masked latent steps are False).
+    """
+    key_slots = jnp.arange(key_valid_bs.shape[1])
+    causal_ts = key_slots[None, :] <= query_slots_t[:, None]
+    return causal_ts[None, :, :] & key_valid_bs[:, None, :]
+
+
+class Attention(nn.Module):
+    """Qwen3 attention: q/k/v/o without bias, RMSNorm over head_dim on q and k *before* RoPE, GQA.
+
+    Inputs: x (B, T, D); cos, sin (B, T, H); mask (B, T, S) bool, S = T without a cache or the cache length.
+    With `kv_cache`, the new keys/values are written at `kv_cache.index` for layer `layer_idx` and the
+    queries attend over the whole cached layer. Returns (out (B, T, D), kv_cache or None).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None
+
+    def _proj(self, name: str, features: int) -> Linear:
+        lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
+        return Linear(features, dtype=self.dtype, param_dtype=self.param_dtype, lora=lora, name=f"{name}_proj")
+
+    @nn.compact
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache: KVCache | None = None,
+                 layer_idx: int = 0, deterministic: bool = True):
+        b, t, d = x_btd.shape
+        n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self._proj("q", n * h)(x_btd, deterministic).reshape(b, t, n, h)
+        k = self._proj("k", kh * h)(x_btd, deterministic).reshape(b, t, kh, h)
+        v = self._proj("v", kh * h)(x_btd, deterministic).reshape(b, t, kh, h)
+        q = RMSNorm(self.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+        k = RMSNorm(self.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+        q = apply_rope(q, cos_bth.astype(q.dtype), sin_bth.astype(q.dtype))
+        k = apply_rope(k, cos_bth.astype(k.dtype), sin_bth.astype(k.dtype))
+
+        if kv_cache is not None:
+            kv_cache = kv_cache.write_layer(layer_idx, k, v)
+            k, v = kv_cache.layer(layer_idx)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        # q head i uses kv head i // (n // kh): group the query heads by their kv head.
+        q_btkgh = q.reshape(b, t, kh, n // kh, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k).astype(jnp.float32) * (h ** -0.5)
+        big_neg = jnp.finfo(jnp.float32).min
+        scores = jnp.where(mask_bts[:, None, None, :, :], scores, big_neg)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n * h)
+        return self._proj("o", d)(out, deterministic), kv_cache

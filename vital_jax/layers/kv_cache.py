@@ -1,0 +1,70 @@
+"""An explicit, preallocated KV cache: a plain pytree passed in and returned, never hidden module state.
+
+Layout (L layers, B batch, S slots, K kv heads, H head dim):
+  k, v:     (L, B, S, K, H)  keys (after qk-norm and RoPE) and values of every written slot.
+  valid:    (B, S) bool      which slots later queries may attend to. Padding tokens and masked latent steps
+                             are written but stay invisible, so every example in a batch can share one write
+                             index while having its own effective length.
+  lengths:  (B,) int32       number of valid slots per example (the next 1-D position of a plain LM).
+  index:    () int32         next slot to write; shared by the batch so a write is one dynamic_update_slice.
+
+Because it is a pytree of fixed-shape arrays, the cache can be the carry of `jax.lax.scan` (the VITAL latent
+loop) or `jax.lax.while_loop` (generation) and is never grown by concatenation inside jitted code.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    lengths: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+        """An empty cache with `max_len` slots per example."""
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write_layer(self, layer: int, k_btkh: jax.Array, v_btkh: jax.Array) -> "KVCache":
+        """Write one layer's new keys/values (B, T, K, H) at slots [index, index + T)."""
+        start = (layer, 0, self.index, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k, k_btkh[None].astype(self.k.dtype), start)
+        v = jax.lax.dynamic_update_slice(self.v, v_btkh[None].astype(self.v.dtype), start)
+        return self.replace(k=k, v=v)
+
+    def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Keys and values (B, S, K, H) of one layer."""
+        return self.k[layer], self.v[layer]
+
+    def with_new_slots(self, token_valid_bt: jax.Array) -> "KVCache":
+        """Mark the T slots starting at `index` valid/invalid (B, T) bool; used before the layers run so the
+        new tokens can attend to themselves."""
+        valid = jax.lax.dynamic_update_slice(self.valid, token_valid_bt.astype(bool), (0, self.index))
+        return self.replace(valid=valid)
+
+    def advance(self, token_valid_bt: jax.Array) -> "KVCache":
+        """Move the write index past T new slots and count the valid ones into `lengths`."""
+        num_new = token_valid_bt.shape[1]
+        return self.replace(
+            index=self.index + num_new,
+            lengths=self.lengths + token_valid_bt.astype(jnp.int32).sum(axis=1),
+        )

@@ -1,0 +1,55 @@
+"""Dense projection with an optional LoRA adapter, the one place LoRA lives in the model code.
+
+Parameter names: `kernel` (in, out) [+ `bias` (out,)], and with LoRA `lora_a` (in, r), `lora_b` (r, out).
+`lora_b` starts at zero so an adapted model equals its base model until trained (Hu et al., 2021).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters. `targets` are projection names (q, k, v, o, gate, up, down)."""
+
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias) (+ scaling * dropout(x) @ lora_a @ lora_b). Input (..., in) -> (..., out)."""
+
+    features: int
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None:
+            lora_a = self.param("lora_a", nn.initializers.he_uniform(), (in_features, self.lora.rank),
+                                self.param_dtype)
+            lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), self.param_dtype)
+            x_drop = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            y = y + self.lora.scaling * jnp.dot(jnp.dot(x_drop, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+        return y

@@ -1,0 +1,29 @@
+"""SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vital_jax.layers.linear import Linear, LoraConfig
+
+
+class SwiGLU(nn.Module):
+    """Input (B, T, D) -> (B, T, D). Submodules `gate`, `up`, `down` (no bias)."""
+
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None
+
+    def _proj(self, name: str, features: int) -> Linear:
+        lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
+        return Linear(features, dtype=self.dtype, param_dtype=self.param_dtype, lora=lora, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        hidden = x.shape[-1]
+        gate = self._proj("gate", self.intermediate_size)(x, deterministic)
+        up = self._proj("up", self.intermediate_size)(x, deterministic)
+        return self._proj("down", hidden)(nn.silu(gate) * up, deterministic)

@@ -1,0 +1,71 @@
+"""Qwen3 architecture config, read from a HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from vital_jax.models import hf_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture of a Qwen3 decoder (also the text part of Qwen3-VL) plus runtime precision.
+
+    `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of parameters. Norms, softmax
+    and losses are always float32 internally.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40960
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise hf_config.ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3Config":
+        hf_config.check_model_type(cfg, ("qwen3",), source)
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        fields = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=hf_config.rope_theta(cfg, 1e6),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 40960),
+            eos_token_ids=eos,
+        )
+        if cfg.get("attention_bias"):
+            raise hf_config.ConfigError(f"{source}: attention_bias=True is not supported by Qwen3 here")
+        if cfg.get("use_sliding_window"):
+            raise hf_config.ConfigError(f"{source}: sliding-window attention is not supported")
+        fields.update({k: (hf_config.as_dtype(v) if k in ("dtype", "param_dtype") else v)
+                       for k, v in overrides.items()})
+        return cls(**fields)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **overrides) -> "Qwen3Config":
+        return cls.from_hf_dict(hf_config.read_config_json(model_dir), f"{model_dir}/config.json", **overrides)

@@ -10,7 +10,7 @@ from vital_jax.layers.linear import Linear, LoraConfig
 
 
 class SwiGLU(nn.Module):
-    """Input (B, T, D) -> (B, T, D). Submodules `gate`, `up`, `down` (no bias)."""
+    """Input (B, T, D) -> (B, T, D). Submodules `gate_proj`, `up_proj`, `down_proj` (no bias)."""
 
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
@@ -19,7 +19,7 @@ class SwiGLU(nn.Module):
 
     def _proj(self, name: str, features: int) -> Linear:
         lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
-        return Linear(features, dtype=self.dtype, param_dtype=self.param_dtype, lora=lora, name=name)
+        return Linear(features, dtype=self.dtype, param_dtype=self.param_dtype, lora=lora, name=f"{name}_proj")
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:

@@ -1,0 +1,122 @@
+"""SigLIP vision-tower config, read from a full `SiglipModel` or a bare `SiglipVisionModel` config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from vital_jax.models import hf_config
+
+# transformers' SiglipVisionConfig defaults: older checkpoints (e.g. google/siglip-so400m) store only the fields
+# that differ from these inside "vision_config", so a missing field means "the HF default", not "unknown".
+_HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                    layer_norm_eps=1e-6, vision_use_head=True)
+
+# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU).
+_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipVisionConfig:
+    """Architecture of a SigLIP / MedSigLIP vision encoder plus runtime precision.
+
+    `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of parameters. LayerNorms and the
+    attention softmax are always computed in float32; the patch embedding is computed in float32 too.
+    `use_head` builds the multihead-attention-pooling head (HF `vision_use_head`), giving `pooler_output`.
+    """
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    use_head: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise hf_config.ConfigError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                        f"num_attention_heads={self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise hf_config.ConfigError(f"image_size={self.image_size} is not a multiple of "
+                                        f"patch_size={self.patch_size}")
+        if self.hidden_act not in _GELU_APPROXIMATE:
+            raise hf_config.ConfigError(f"hidden_act={self.hidden_act!r} is not supported; "
+                                        f"use one of {sorted(_GELU_APPROXIMATE)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side (image_size // patch_size)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per image: grid_size ** 2 (SigLIP has no CLS token)."""
+        return self.grid_size ** 2
+
+    @property
+    def gelu_approximate(self) -> bool:
+        return _GELU_APPROXIMATE[self.hidden_act]
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "SiglipVisionConfig":
+        """From a `siglip` (vision part under "vision_config") or `siglip_vision_model` config dict.
+
+        `overrides` replace fields after reading, e.g. `dtype="bfloat16"` or `use_head=False`.
+        """
+        hf_config.check_model_type(cfg, ("siglip", "siglip_vision_model"), source)
+        if cfg["model_type"] == "siglip":
+            vision = cfg.get("vision_config")
+            if not isinstance(vision, dict):
+                raise hf_config.ConfigError(f"{source}: model_type 'siglip' but no 'vision_config' object")
+            source = f"{source} [vision_config]"
+            vision_type = vision.get("model_type", "siglip_vision_model")
+            if vision_type != "siglip_vision_model":
+                raise hf_config.ConfigError(f"{source}: model_type is {vision_type!r}, "
+                                            "expected 'siglip_vision_model'")
+        else:
+            vision = cfg
+        get = lambda key: vision.get(key, _HF_DEFAULTS[key])  # noqa: E731
+        sizes = {}
+        for key in ("image_size", "patch_size"):
+            value = get(key)
+            if isinstance(value, (list, tuple)):
+                if len(value) != 2 or value[0] != value[1]:
+                    raise hf_config.ConfigError(f"{source}: non-square {key}={value} is not supported")
+                value = value[0]
+            sizes[key] = int(value)
+        fields = dict(
+            hidden_size=int(get("hidden_size")),
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=int(get("num_hidden_layers")),
+            num_attention_heads=int(get("num_attention_heads")),
+            num_channels=int(get("num_channels")),
+            hidden_act=get("hidden_act"),
+            layer_norm_eps=float(get("layer_norm_eps")),
+            use_head=bool(get("vision_use_head")),
+            **sizes,
+        )
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise hf_config.ConfigError(f"{source}: unknown override(s) {sorted(unknown)}")
+        fields.update({k: (hf_config.as_dtype(v) if k in ("dtype", "param_dtype") else v)
+                       for k, v in overrides.items()})
+        try:
+            return cls(**fields)
+        except hf_config.ConfigError as e:
+            raise hf_config.ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **overrides) -> "SiglipVisionConfig":
+        return cls.from_hf_dict(hf_config.read_config_json(model_dir), f"{model_dir}/config.json", **overrides)

@@ -1,0 +1,72 @@
+"""Export a vital_jax Flax model directory back to a HuggingFace checkpoint directory.
+
+    python -m conversion.flax_to_hf --checkpoint=/models/qwen3_1p7b_flax --out=/export/qwen3 [--dtype=bfloat16]
+
+Writes config.json, model.safetensors (sharded with an index above --max_shard_gb) and the tokenizer/processor
+files, loadable with transformers' `from_pretrained`. Tensors are produced and written one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from vital_jax.models import hf_config, hf_mapping, model_dir, registry, safetensors_io
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+
+
+def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 5.0) -> list[str]:
+    """Export `checkpoint` (a converted-model directory) to `out_dir`; returns written weight files."""
+    import ml_dtypes
+
+    cfg = hf_config.read_config_json(checkpoint)
+    source = f"{checkpoint}/config.json"
+    family = registry.family_for(cfg, source)
+    if family.export_rules is None:
+        raise hf_config.ConfigError(f"{source}: export of {family.name} to HF is not supported")
+    meta = model_dir.read_meta(checkpoint)
+    config = family.config_from_hf(cfg, source, param_dtype=meta.get("param_dtype", "float32"))
+    params = model_dir.load_params(checkpoint, family.abstract_params(config))
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(_NP_DTYPES[dtype])
+    specs = hf_mapping.to_hf_specs(params, family.export_rules(config), np_dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    model_dir.copy_side_files(checkpoint, out_dir)
+    for name in (model_dir.META_FILE,):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    cfg = dict(cfg)
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m conversion.flax_to_hf",
+        description="Export a vital_jax Flax model directory (from conversion.hf_to_flax) to a HuggingFace "
+                    "checkpoint directory that transformers' from_pretrained loads.")
+    parser.add_argument("--checkpoint", required=True, help="vital_jax converted-model directory")
+    parser.add_argument("--out", required=True, help="output HF directory (created)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
+                        help="dtype of the written tensors (default float32)")
+    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")
+    args = parser.parse_args(argv)
+    try:
+        files = export(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
+    except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} to {args.out}: {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The converted-model directory: vital_jax's on-disk format for Flax weights of a HF model.
+
+Layout of a directory written by `python -m conversion.hf_to_flax`:
+  config.json           the HF config, verbatim (the architecture is always read from here)
+  vital_jax.json        {"format": 1, "model_type": ..., "param_dtype": ...}
+  params/               an orbax (OCDBT/zarr) checkpoint of the Flax 'params' tree
+  tokenizer files etc.  every other small file of the HF directory (tokenizer.json, *_config.json, chat
+                        template...), copied so a converted directory is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+META_FILE = "vital_jax.json"
+PARAMS_DIR = "params"
+# Weight files are converted, never copied.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
+
+
+class ModelDirError(ValueError):
+    """A converted-model directory is missing or malformed."""
+
+
+def copy_side_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copy config.json, tokenizer and processor files (not weights) from `src_dir`; returns their names."""
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path) and not name.endswith(_SKIP_SUFFIXES) and os.path.getsize(path) < 64 * 2**20:
+            shutil.copy2(path, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def save(out_dir: str, params, hf_config: dict, param_dtype: str) -> None:
+    """Write `params` (a nested dict of arrays) and the HF config to `out_dir` (created; must be empty/new)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
+        raise ModelDirError(f"{out_dir}: already holds converted params; choose a new output directory")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
+        ckptr.wait_until_finished()
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
+                   "param_dtype": param_dtype}, f, indent=2)
+
+
+def read_meta(model_dir: str) -> dict:
+    path = os.path.join(model_dir, META_FILE)
+    if not os.path.exists(path):
+        raise ModelDirError(f"{model_dir}: no {META_FILE}; not a vital_jax converted-model directory "
+                            "(convert a HF checkpoint with `python -m conversion.hf_to_flax`)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT_VERSION:
+        raise ModelDirError(f"{path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+    return meta
+
+
+def load_params(model_dir: str, abstract_params) -> dict:
+    """Restore the params tree; `abstract_params` (ShapeDtypeStructs) fixes structure, shapes and dtypes.
+
+    A checkpoint whose tree or shapes differ from `abstract_params` raises a ModelDirError naming the directory.
+    """
+    read_meta(model_dir)
+    path = os.path.abspath(os.path.join(model_dir, PARAMS_DIR))
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            saved = ckptr.metadata(path)
+            saved_tree = saved.item_metadata if hasattr(saved, "item_metadata") else saved
+            _check_same_shapes(saved_tree, abstract_params, model_dir)
+            return ckptr.restore(path, abstract_params)
+        except (ValueError, KeyError) as e:
+            if isinstance(e, ModelDirError):
+                raise
+            raise ModelDirError(f"{model_dir}: params do not match the model config: {e}") from e
+
+
+def _check_same_shapes(saved_tree, abstract_params, model_dir: str) -> None:
+    from vital_jax.models.hf_mapping import flatten
+
+    saved = {k: tuple(v.shape) for k, v in flatten(dict(saved_tree)).items()}
+    want = {k: tuple(v.shape) for k, v in flatten(dict(abstract_params)).items()}
+    problems = [f"missing {k} {s}" for k, s in sorted(want.items()) if k not in saved]
+    problems += [f"unexpected {k} {s}" for k, s in sorted(saved.items()) if k not in want]
+    problems += [f"{k}: saved {saved[k]}, expected {s}" for k, s in sorted(want.items())
+                 if k in saved and saved[k] != s]
+    if problems:
+        raise ModelDirError(f"{model_dir}: params do not match the config ({len(problems)} problem(s)):\n  "
+                            + "\n  ".join(problems))
+
+
+def as_numpy(params):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

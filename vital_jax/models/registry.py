@@ -1,0 +1,47 @@
+"""Model families known to the conversion tools, keyed by HF `model_type`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from vital_jax.models import hf_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to read one model family: config from a HF dict, abstract params, HF load and export rules."""
+
+    name: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable  # (hf_dict, source, **overrides) -> config
+    abstract_params: Callable  # (config) -> params tree of ShapeDtypeStructs
+    load_hf: Callable  # (model_dir, config) -> params (numpy)
+    export_rules: Callable | None = None  # (config) -> list[Rule] for Flax -> HF; None: not exportable
+
+
+def _qwen3() -> Family:
+    from vital_jax.models.qwen3 import params as p
+    from vital_jax.models.qwen3.config import Qwen3Config
+
+    return Family("qwen3", ("qwen3",), Qwen3Config.from_hf_dict, p.abstract_params, p.load_params,
+                  lambda cfg: p.RULES)
+
+
+_FACTORIES = [_qwen3]
+
+
+def register(factory: Callable[[], Family]) -> None:
+    """Add a family (a zero-argument factory, so heavy imports happen only when it is used)."""
+    _FACTORIES.append(factory)
+
+
+def family_for(cfg: dict, source: str) -> Family:
+    model_type = cfg.get("model_type")
+    known = []
+    for factory in _FACTORIES:
+        family = factory()
+        known.extend(family.model_types)
+        if model_type in family.model_types:
+            return family
+    raise hf_config.ConfigError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(known)}")

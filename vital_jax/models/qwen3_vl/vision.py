@@ -59,7 +59,10 @@ class VisionInputs:
 
 
 def _check_grid(grid_thw: GridTHW, merge: int) -> list[tuple[int, int, int]]:
-    grid = [tuple(int(v) for v in g) for g in np.asarray(grid_thw).reshape(-1, 3)] if len(grid_thw) else []
+    grid_array = np.asarray(grid_thw)
+    if grid_array.ndim != 2 or grid_array.shape[1] != 3:
+        raise ValueError(f"grid_thw must be a sequence of (t, h, w) triples; got shape {grid_array.shape}")
+    grid = [tuple(int(v) for v in g) for g in grid_array]
     if not grid:
         raise ValueError("grid_thw is empty: need at least one (t, h, w) image grid")
     for i, (t, h, w) in enumerate(grid):
@@ -227,7 +230,7 @@ class Qwen3VLVisionModel(nn.Module):
       inputs: a `VisionInputs` from `vision_inputs(grid_thw, config, pad_to)`, or the grid itself as a static
         sequence of (t, h, w) (then the arrays are built here, once per distinct grid under jit).
     Returns (image_embeds (N/4, out_hidden_size), deepstack_features: list of (N/4, out_hidden_size), one per
-    `deepstack_visual_indexes` entry, in that order), in `config.dtype`. Rows of padding merge blocks are garbage;
+    `deepstack_visual_indexes` entry, in block order), in `config.dtype`. Rows of padding merge blocks are garbage;
     select real ones with `inputs.merged_valid(config.merge_unit)`.
     """
 
@@ -259,11 +262,12 @@ class Qwen3VLVisionModel(nn.Module):
         mask_nn = segment_ids[:, None] == segment_ids[None, :]
 
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
-        deepstack = {}
+        deepstack = []
         for i in range(cfg.depth):
             x_nd = block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_nn)
             if i in cfg.deepstack_visual_indexes:
+                # Merger k belongs to block deepstack_visual_indexes[k]; features come out in block order (as HF).
                 k = cfg.deepstack_visual_indexes.index(i)
-                deepstack[k] = PatchMerger(cfg, postshuffle_norm=True, name=f"deepstack_merger_list_{k}")(x_nd)
+                deepstack.append(PatchMerger(cfg, postshuffle_norm=True, name=f"deepstack_merger_list_{k}")(x_nd))
         image_embeds = PatchMerger(cfg, postshuffle_norm=False, name="merger")(x_nd)
-        return image_embeds, [deepstack[k] for k in range(len(cfg.deepstack_visual_indexes))]
+        return image_embeds, deepstack

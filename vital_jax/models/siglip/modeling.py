@@ -46,11 +46,8 @@ def _multihead_attention(q_btd: jax.Array, k_bsd: jax.Array, v_bsd: jax.Array, n
     return jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
 
 
-class SiglipEmbeddings(nn.Module):
-    """Conv2d patch embedding (kernel = stride = patch) in raster order + learned position embedding.
-
-    (B, H, W, C) -> (B, N, D) in `config.dtype`, N = (H / P) * (W / P).
-    """
+class _PatchEmbedding(nn.Module):
+    """Conv2d with kernel = stride = patch, no padding: (B, H, W, C) -> (B, N, D) float32, raster order."""
 
     config: SiglipVisionConfig
 
@@ -62,13 +59,26 @@ class SiglipEmbeddings(nn.Module):
         gh, gw = height // p, width // p
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, d), cfg.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), cfg.param_dtype)
-        # A stride-P conv with a PxP kernel is a matmul over non-overlapping patches. Done in float32 at full
-        # precision: raw pixels through a low-precision patch embedding is a known source of NaNs/drift.
+        # A stride-P conv with a PxP kernel is a matmul over non-overlapping patches, flattened (ph, pw, c) to
+        # match the HWIO kernel. Done in float32 at full precision: a low-precision patch embedding of raw pixels
+        # is a known source of NaNs/drift in ViTs.
         patches = pixels_bhwc.astype(jnp.float32).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, gh * gw, p * p * c)
-        x_bnd = jnp.dot(patches, kernel.astype(jnp.float32).reshape(p * p * c, d),
-                        precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
-        pos_nd = nn.Embed(cfg.num_patches, d, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        return jnp.dot(patches, kernel.astype(jnp.float32).reshape(p * p * c, d),
+                       precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
+
+
+class SiglipEmbeddings(nn.Module):
+    """Patch embedding + learned position embedding (one per patch, no CLS). (B, H, W, C) -> (B, N, D) in
+    `config.dtype`."""
+
+    config: SiglipVisionConfig
+
+    @nn.compact
+    def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
+        cfg = self.config
+        x_bnd = _PatchEmbedding(cfg, name="patch_embedding")(pixels_bhwc)
+        pos_nd = nn.Embed(cfg.num_patches, cfg.hidden_size, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                           name="position_embedding").embedding
         return (x_bnd + pos_nd.astype(jnp.float32)[None]).astype(cfg.dtype)
 
@@ -144,12 +154,25 @@ class SiglipPoolingHead(nn.Module):
         b = x_bnd.shape[0]
         probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, d), cfg.param_dtype)
         probe_b1d = jnp.broadcast_to(probe.astype(cfg.dtype), (b, 1, d))
-        with_attention = _PoolingAttention(cfg, name="attention")
-        pooled_b1d = with_attention(probe_b1d, x_bnd)
+        pooled_b1d = _PoolingAttention(cfg, name="attention")(probe_b1d, x_bnd)
         normed = LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                            name="layernorm")(pooled_b1d)
         pooled_b1d = pooled_b1d + SiglipMLP(cfg, name="mlp")(normed)
         return pooled_b1d[:, 0]
+
+
+class _FusedInProj(nn.Module):
+    """The (D, 3D) kernel and (3D,) bias of torch MultiheadAttention's fused q|k|v input projection."""
+
+    features: int
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        d = self.features
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (d, 3 * d), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (3 * d,), self.param_dtype)
+        return kernel, bias
 
 
 class _PoolingAttention(nn.Module):
@@ -161,13 +184,10 @@ class _PoolingAttention(nn.Module):
     def __call__(self, q_btd: jax.Array, x_bsd: jax.Array) -> jax.Array:
         cfg = self.config
         d = cfg.hidden_size
-        in_proj = Linear(3 * d, use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="in_proj")
-        # One fused parameter (to mirror HF's in_proj_weight/in_proj_bias one-to-one), applied to different
-        # inputs: the query rows to the probe, the key/value rows to the tokens.
-        if not in_proj.has_variable("params", "kernel"):
-            in_proj(x_bsd)  # creates the (D, 3D) kernel and (3D,) bias at init
-        kernel = in_proj.variables["params"]["kernel"].astype(cfg.dtype)
-        bias = in_proj.variables["params"]["bias"].astype(cfg.dtype)
+        # Query columns apply to the probe, key/value columns to the tokens, so the fused parameter is sliced
+        # rather than applied as one Linear (it stays one tensor to mirror HF's in_proj_weight one-to-one).
+        kernel, bias = _FusedInProj(d, cfg.param_dtype, name="in_proj")()
+        kernel, bias = kernel.astype(cfg.dtype), bias.astype(cfg.dtype)
         q = jnp.dot(q_btd.astype(cfg.dtype), kernel[:, :d]) + bias[:d]
         k = jnp.dot(x_bsd.astype(cfg.dtype), kernel[:, d:2 * d]) + bias[d:2 * d]
         v = jnp.dot(x_bsd.astype(cfg.dtype), kernel[:, 2 * d:]) + bias[2 * d:]

@@ -1,0 +1,138 @@
+"""HF <-> Flax conversion of Qwen3 through the CLIs, as a user runs them; error reporting on bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from conversion import flax_to_hf, hf_to_flax
+from tests.hf_reference import save_tiny_qwen3
+from vital_jax.models import model_dir, safetensors_io
+from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.hf_mapping import ConversionError
+from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from vital_jax.models.qwen3.params import abstract_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _all_tensors(path):
+    return {name: np.asarray(array) for name, array in safetensors_io.iter_tensors(path)}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_cli_round_trip_is_tensor_identical_and_loads_in_transformers(tmp_path, tied):
+    from transformers import Qwen3ForCausalLM as HFQwen3
+
+    hf_dir, flax_dir, out_dir = tmp_path / "hf", tmp_path / "flax", tmp_path / "export"
+    hf_model = save_tiny_qwen3(str(hf_dir), seed=11, tie_word_embeddings=tied)
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO)
+    res = run("conversion.hf_to_flax", f"--hf_dir={hf_dir}", f"--out={flax_dir}")
+    assert res.returncode == 0, res.stderr
+    res = run("conversion.flax_to_hf", f"--checkpoint={flax_dir}", f"--out={out_dir}")
+    assert res.returncode == 0, res.stderr
+
+    before, after = _all_tensors(str(hf_dir)), _all_tensors(str(out_dir))
+    assert sorted(before) == sorted(after)
+    assert ("lm_head.weight" in after) == (not tied)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+    reloaded = HFQwen3.from_pretrained(str(out_dir), attn_implementation="eager").eval()
+    ids = torch.tensor(np.random.RandomState(0).randint(0, 128, (1, 8)))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(ids).logits.numpy(), hf_model(ids).logits.numpy(), atol=1e-6)
+
+    # The converted directory runs in Flax with the same logits.
+    config = Qwen3Config.from_pretrained(str(flax_dir))
+    params = model_dir.load_params(str(flax_dir), abstract_params(config))
+    ours = Qwen3ForCausalLM(config).apply({"params": params}, input_ids=jnp.asarray(ids.numpy()))
+    with torch.no_grad():
+        assert np.max(np.abs(np.asarray(ours.logits) - hf_model(ids).logits.numpy())) <= 1e-4
+
+
+def test_sharded_checkpoint_converts_and_bf16_export(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_qwen3(str(hf_dir), seed=12, tie_word_embeddings=False)
+    tensors = _all_tensors(str(hf_dir))
+    sharded = tmp_path / "sharded"
+    shutil.copytree(hf_dir, sharded)
+    os.remove(sharded / "model.safetensors")
+    specs = [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a) for n, a in sorted(tensors.items())]
+    files = safetensors_io.write_safetensors(str(sharded), specs, max_shard_bytes=40_000)
+    assert len(files) > 2 and os.path.exists(sharded / safetensors_io.INDEX_FILE)
+
+    summary = hf_to_flax.convert(str(sharded), str(tmp_path / "flax"), "bfloat16")
+    assert summary["family"] == "qwen3"
+    flax_to_hf.export(str(tmp_path / "flax"), str(tmp_path / "out"), dtype="bfloat16")
+    exported = _all_tensors(str(tmp_path / "out"))
+    for name, array in tensors.items():
+        assert exported[name].dtype.name == "bfloat16"
+        # bf16 keeps 8 significant bits: relative rounding error <= 2^-8.
+        np.testing.assert_allclose(exported[name].astype(np.float32), array, rtol=2**-8, atol=1e-30)
+    from transformers import Qwen3ForCausalLM as HFQwen3
+    HFQwen3.from_pretrained(str(tmp_path / "out"))
+
+
+def test_directory_without_safetensors_is_named(tmp_path):
+    save_tiny_qwen3(str(tmp_path / "hf"))
+    os.remove(tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(safetensors_io.SafetensorsError, match=r"hf: no model.safetensors"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    res = subprocess.run([sys.executable, "-m", "conversion.hf_to_flax", f"--hf_dir={tmp_path / 'hf'}",
+                          f"--out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 1 and "no model.safetensors" in res.stderr
+
+
+def test_config_of_another_architecture_is_rejected(tmp_path):
+    save_tiny_qwen3(str(tmp_path / "hf"))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="model_type is 'llama'"):
+        Qwen3Config.from_pretrained(str(tmp_path / "hf"))
+
+
+def test_wrong_shaped_unknown_and_missing_tensors_are_reported_together(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_qwen3(str(hf_dir), tie_word_embeddings=False)
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"][:, :10]
+    tensors["model.layers.0.self_attn.rotary_extra.weight"] = np.zeros(3, np.float32)
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    with pytest.raises(ConversionError) as err:
+        hf_to_flax.convert(str(hf_dir), str(tmp_path / "out"))
+    message = str(err.value)
+    assert "model.layers.1.self_attn.q_proj.weight" in message and "shape (128, 10)" in message
+    assert "unknown tensor model.layers.0.self_attn.rotary_extra.weight" in message
+    assert "missing tensor model.norm.weight" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_other_shapes_is_rejected(tmp_path):
+    save_tiny_qwen3(str(tmp_path / "hf"))
+    hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "flax"))
+    other = Qwen3Config.from_pretrained(str(tmp_path / "flax"))
+    import dataclasses
+    other = dataclasses.replace(other, intermediate_size=100)
+    with pytest.raises(model_dir.ModelDirError, match="mlp/up_proj/kernel: saved"):
+        model_dir.load_params(str(tmp_path / "flax"), abstract_params(other))
+    with pytest.raises(model_dir.ModelDirError, match="not a vital_jax converted-model directory"):
+        model_dir.load_params(str(tmp_path / "hf"), abstract_params(other))
+
+
+def test_cli_help_describes_the_tools():
+    for module in ("conversion.hf_to_flax", "conversion.flax_to_hf"):
+        res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0 and "--out" in res.stdout and "HuggingFace" in res.stdout

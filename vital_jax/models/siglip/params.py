@@ -90,6 +90,8 @@ def load_siglip_vision(model_dir: str, dtype=jnp.float32, **overrides) -> tuple[
     hf_cfg = hf_config.read_config_json(model_dir)
     source = os.path.join(model_dir, "config.json")
     checkpoint_config = SiglipVisionConfig.from_hf_dict(hf_cfg, source)
+    if "param_dtype" in overrides:
+        raise TypeError("load_siglip_vision: pass the parameter dtype as `dtype=`, not `param_dtype=`")
     overrides = {"dtype": dtype, **overrides, "param_dtype": dtype}
     config = dataclasses.replace(checkpoint_config, **{
         k: (hf_config.as_dtype(v) if k in ("dtype", "param_dtype") else v) for k, v in overrides.items()})

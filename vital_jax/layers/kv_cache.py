@@ -7,6 +7,9 @@ Layout (L layers, B batch, S slots, K kv heads, H head dim):
                              index while having its own effective length.
   lengths:  (B,) int32       number of valid slots per example (the next 1-D position of a plain LM).
   index:    () int32         next slot to write; shared by the batch so a write is one dynamic_update_slice.
+  position_offset: (B,) int32  added to `lengths` to give the next token's position. 0 for plain LMs; Qwen3-VL
+                             stores its MRoPE `rope_delta` here, so every token or vector after the prompt gets
+                             position `lengths + rope_delta` on all three axes.
 
 Because it is a pytree of fixed-shape arrays, the cache can be the carry of `jax.lax.scan` (the VITAL latent
 loop) or `jax.lax.while_loop` (generation) and is never grown by concatenation inside jitted code.
@@ -26,6 +29,7 @@ class KVCache:
     valid: jax.Array
     lengths: jax.Array
     index: jax.Array
+    position_offset: jax.Array
 
     @classmethod
     def init(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -38,7 +42,14 @@ class KVCache:
             valid=jnp.zeros((batch, max_len), bool),
             lengths=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            position_offset=jnp.zeros((batch,), jnp.int32),
         )
+
+    def next_positions(self, token_valid_bt: jax.Array) -> jax.Array:
+        """Positions (B, T) of T new tokens: valid ones count up from `lengths + position_offset`, padding
+        repeats the previous position (it is invisible anyway)."""
+        pos = jnp.cumsum(token_valid_bt.astype(jnp.int32), axis=1) - 1
+        return jnp.maximum(pos, 0) + (self.lengths + self.position_offset)[:, None]
 
     @property
     def max_len(self) -> int:

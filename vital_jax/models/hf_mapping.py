@@ -101,6 +101,7 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
     refs = safetensors_io.index_tensors(model_dir)
     out: dict[str, np.ndarray] = {}
     problems: list[str] = []
+    reported: set[str] = set()  # Flax paths already named in a problem, not to be reported again as missing
     for hf_name in sorted(refs):
         ref = refs[hf_name]
         name = rename(hf_name) if rename else hf_name
@@ -116,6 +117,7 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
             problems.append(f"unexpected tensor {hf_name} in {ref.path}: maps to {path}, which this config lacks")
             continue
         want = tuple(expected[path].shape)
+        reported.add(path)
         try:
             array = rule.transform.to_flax(safetensors_io.read_tensor(ref))
         except Exception as e:  # a layout transform on a wrong-shaped tensor
@@ -126,7 +128,7 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
                             f"expected {want} after conversion to {path} (got {tuple(array.shape)})")
             continue
         out[path] = np.asarray(array, dtype=dtype)
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - set(out) - reported)
     if missing or problems:
         reverse = [(r, r.flax_regex()) for r in rules]
         for path in missing:

@@ -40,8 +40,10 @@ class Qwen3Config:
                 f"num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3Config":
-        hf_config.check_model_type(cfg, ("qwen3",), source)
+    def from_hf_dict(cls, cfg: dict, source: str = "config", model_types: tuple[str, ...] = ("qwen3",),
+                     **overrides) -> "Qwen3Config":
+        """Read the fields of a HF Qwen3 config dict. `model_types` lets Qwen3-VL read its `text_config`."""
+        hf_config.check_model_type(cfg, model_types, source)
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         fields = dict(

@@ -86,10 +86,9 @@ class DecoderStack(nn.Module):
 
 def default_positions(token_valid_bt: jax.Array, kv_cache: KVCache | None) -> jax.Array:
     """Positions (B, T) that count only valid tokens: padding does not advance the position (left or right)."""
-    pos = jnp.cumsum(token_valid_bt.astype(jnp.int32), axis=1) - 1
     if kv_cache is not None:
-        pos = pos + kv_cache.lengths[:, None]
-    return jnp.maximum(pos, 0)
+        return kv_cache.next_positions(token_valid_bt)
+    return jnp.maximum(jnp.cumsum(token_valid_bt.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def run_decoder(stack: DecoderStack, x_btd, cos_bth, sin_bth, token_valid_bt, kv_cache: KVCache | None,

@@ -219,3 +219,17 @@ def test_bad_inputs_are_rejected():
         Qwen3VLVisionConfig.from_hf_dict(_hf_dict(config), num_position_embeddings=60)
     with pytest.raises(hf_config.ConfigError, match="model_type"):
         Qwen3VLVisionConfig.from_hf_dict(dict(_hf_dict(config), model_type="siglip_vision_model"))
+
+
+def test_full_size_tower_has_hf_names_and_shapes():
+    """Qwen3-VL-8B's vision tower, shapes only (HF on the meta device): same tensor names and shapes."""
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as HFVisionModel
+
+    hf_config_8b = Qwen3VLConfig(vision_config=dict(out_hidden_size=4096)).vision_config
+    with torch.device("meta"):
+        reference = {f"model.visual.{k}": tuple(v.shape) for k, v in HFVisionModel(hf_config_8b).state_dict().items()}
+    config = Qwen3VLVisionConfig.from_hf_dict(hf_config_8b.to_dict())
+    assert (config.head_dim, config.num_grid_per_side, config.deepstack_visual_indexes) == (72, 48, (8, 16, 24))
+    specs = hf_mapping.to_hf_specs({"visual": abstract_params(config)}, rules_for(config), np.float32)
+    assert {s.name: tuple(s.shape) for s in specs} == reference

@@ -180,8 +180,9 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH_SIZE * MERGE_SI
         raise ImagePreprocessError(f"image of {height}x{width} pixels rounds to {target_h}x{target_w} with "
                                    f"factor={factor} and min_pixels={min_pixels}; raise min_pixels")
     if target_h * target_w > max_pixels:
-        raise ImagePreprocessError(f"image of {height}x{width} pixels cannot fit max_pixels={max_pixels}: the "
-                                   f"smallest {factor}-multiple size keeping its aspect is {target_h}x{target_w}")
+        raise ImagePreprocessError(f"image of {height}x{width} pixels cannot fit max_pixels={max_pixels}: its "
+                                   f"short side is clamped to {factor}, giving {target_h}x{target_w}; raise "
+                                   f"max_pixels or crop the image")
     return target_h, target_w
 
 

@@ -128,6 +128,18 @@ def test_preprocessor_config_round_trip_through_auto_image_processor(tmp_path):
     assert np.abs(ours - hf_pixels).max() <= 1e-5
 
 
+def test_reads_settings_saved_by_transformers_processor(tmp_path, hf_processor):
+    """transformers 5 saves the image processor nested in processor_config.json; incomplete configs are refused."""
+    hf_processor.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    kwargs = pp.read_preprocessor_config(str(tmp_path))
+    assert kwargs == dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=pp.MIN_PIXELS,
+                          max_pixels=pp.MAX_PIXELS, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    (tmp_path / "preprocessor_config.json").write_text('{"size": {"longest_edge": 4096, "shortest_edge": 1024}}')
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: missing \['patch_size'"):
+        pp.read_preprocessor_config(str(tmp_path))
+
+
 def test_patch_rows_follow_merge_block_order():
     """Row k of the patches is patch (r, c) of the 2x2-block order; checked on a position-coded image."""
     height, width = 64, 96  # grid 4x6

@@ -331,19 +331,28 @@ def patch_segment_ids(grid_thw: np.ndarray, length: int | None = None) -> np.nda
 
 
 def read_preprocessor_config(model_dir: str) -> dict:
-    """Read `preprocessor_config.json` of a checkpoint -> kwargs for `preprocess_image` / `preprocess_images`.
+    """Image-processor settings of a checkpoint -> kwargs for `preprocess_image` / `preprocess_images`.
 
-    Missing keys take the Qwen3-VL defaults of this module. Raises ValueError naming the file when it is
-    missing, malformed, or asks for something this module does not implement (no resize / rescale / normalise).
+    Reads `preprocessor_config.json` (flat, as the Qwen3-VL checkpoints ship it) or, failing that, the
+    "image_processor" entry of `processor_config.json` (what transformers 5 `save_pretrained` writes). Every
+    setting must be present: transformers would fill a missing one with Qwen2-VL class defaults (patch 14, CLIP
+    mean/std), so guessing here could silently disagree with it. Raises ValueError naming the file when it is
+    missing, malformed, incomplete, or asks for a step this module does not implement.
     """
-    path = os.path.join(model_dir, "preprocessor_config.json")
+    flat = os.path.join(model_dir, "preprocessor_config.json")
+    nested = os.path.join(model_dir, "processor_config.json")
+    path = flat if os.path.isfile(flat) else nested
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: not found; expected a HuggingFace model directory with an image processor")
+        raise ValueError(f"{model_dir}: neither preprocessor_config.json nor processor_config.json found")
     try:
         with open(path) as f:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON: {e}") from e
+    if path == nested:
+        if not isinstance(cfg.get("image_processor"), dict):
+            raise ValueError(f"{path}: has no 'image_processor' entry")
+        cfg = cfg["image_processor"]
     for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
         if cfg.get(flag, True) is not True:
             raise ValueError(f"{path}: {flag}={cfg[flag]!r} is not supported (only the standard pipeline is)")
@@ -352,14 +361,22 @@ def read_preprocessor_config(model_dir: str) -> dict:
     if cfg.get("resample", 3) != 3:
         raise ValueError(f"{path}: resample={cfg['resample']} is not supported (only 3 = bicubic)")
     size = cfg.get("size") or {}
+    min_pixels = cfg.get("min_pixels", size.get("shortest_edge"))
+    max_pixels = cfg.get("max_pixels", size.get("longest_edge"))
+    missing = [key for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+               if key not in cfg]
+    missing += [name for name, value in (("size.shortest_edge", min_pixels), ("size.longest_edge", max_pixels))
+                if value is None]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}")
     return dict(
-        patch_size=int(cfg.get("patch_size", PATCH_SIZE)),
-        merge_size=int(cfg.get("merge_size", MERGE_SIZE)),
-        temporal_patch_size=int(cfg.get("temporal_patch_size", TEMPORAL_PATCH_SIZE)),
-        min_pixels=int(cfg.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))),
-        max_pixels=int(cfg.get("max_pixels", size.get("longest_edge", MAX_PIXELS))),
-        image_mean=tuple(float(v) for v in cfg.get("image_mean", IMAGE_MEAN)),
-        image_std=tuple(float(v) for v in cfg.get("image_std", IMAGE_STD)),
+        patch_size=int(cfg["patch_size"]),
+        merge_size=int(cfg["merge_size"]),
+        temporal_patch_size=int(cfg["temporal_patch_size"]),
+        min_pixels=int(min_pixels),
+        max_pixels=int(max_pixels),
+        image_mean=tuple(float(v) for v in cfg["image_mean"]),
+        image_std=tuple(float(v) for v in cfg["image_std"]),
     )
 
 

@@ -9,10 +9,9 @@ processor has expanded each image's single `<|image_pad|>` to one pad per merged
 
 with n_i = t*h*w / merge_size**2 for image i's grid_thw. Text is kept verbatim, as in QWEN3_VL_CHAT_TEMPLATE below;
 later Qwen templates (Qwen3.5+) `|trim` message text, so strip questions and answers in the data pipeline if the
-ids must agree with such a template's. The whole string is
-tokenised once, as the HF processor does, and the image-pad tokens are then checked against the grids: a question
-that itself contains a special-token string, or a tokenizer without these special tokens, fails loudly here
-instead of misplacing vision features later.
+ids must agree with such a template's. The whole string is tokenised once, as the HF processor does, and the
+image-pad tokens are then checked against the grids: a question that itself contains a special-token string, or a
+tokenizer without these special tokens, fails loudly here instead of misplacing vision features later.
 """
 
 from __future__ import annotations

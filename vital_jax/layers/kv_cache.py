@@ -72,10 +72,17 @@ class KVCache:
         valid = jax.lax.dynamic_update_slice(self.valid, token_valid_bt.astype(bool), (0, self.index))
         return self.replace(valid=valid)
 
-    def advance(self, token_valid_bt: jax.Array) -> "KVCache":
-        """Move the write index past T new slots and count the valid ones into `lengths`."""
+    def advance(self, token_valid_bt: jax.Array, max_position_b: jax.Array | None = None) -> "KVCache":
+        """Move the write index past T new slots and count the valid ones into `lengths`.
+
+        max_position_b (B,): the largest position among each row's valid new tokens, when the caller chose
+        positions explicitly (e.g. Qwen3-VL's MRoPE prompt positions). The next token of that row then gets
+        `max_position + 1`, i.e. `position_offset` becomes `max_position + 1 - lengths`; rows without valid new
+        tokens keep their offset.
+        """
         num_new = token_valid_bt.shape[1]
-        return self.replace(
-            index=self.index + num_new,
-            lengths=self.lengths + token_valid_bt.astype(jnp.int32).sum(axis=1),
-        )
+        lengths = self.lengths + token_valid_bt.astype(jnp.int32).sum(axis=1)
+        offset = self.position_offset
+        if max_position_b is not None:
+            offset = jnp.where(token_valid_bt.any(axis=1), max_position_b.astype(jnp.int32) + 1 - lengths, offset)
+        return self.replace(index=self.index + num_new, lengths=lengths, position_offset=offset)

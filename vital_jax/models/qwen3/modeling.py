@@ -92,8 +92,12 @@ def default_positions(token_valid_bt: jax.Array, kv_cache: KVCache | None) -> ja
 
 
 def run_decoder(stack: DecoderStack, x_btd, cos_bth, sin_bth, token_valid_bt, kv_cache: KVCache | None,
-                layer_residual_adds: Sequence[jax.Array] = (), deterministic: bool = True):
-    """Build the mask (with or without a cache), run the stack, and advance the cache. Shared by Qwen3-VL."""
+                layer_residual_adds: Sequence[jax.Array] = (), deterministic: bool = True,
+                max_position_b: jax.Array | None = None):
+    """Build the mask (with or without a cache), run the stack, and advance the cache. Shared by Qwen3-VL.
+
+    max_position_b (B,): pass when positions were explicit, so the cache continues after them.
+    """
     t = x_btd.shape[1]
     if kv_cache is None:
         mask = make_attention_mask(jnp.arange(t), token_valid_bt)
@@ -101,7 +105,7 @@ def run_decoder(stack: DecoderStack, x_btd, cos_bth, sin_bth, token_valid_bt, kv
     kv_cache = kv_cache.with_new_slots(token_valid_bt)
     mask = make_attention_mask(kv_cache.index + jnp.arange(t), kv_cache.valid)
     hidden, kv_cache = stack(x_btd, cos_bth, sin_bth, mask, kv_cache, layer_residual_adds, deterministic)
-    return hidden, kv_cache.advance(token_valid_bt)
+    return hidden, kv_cache.advance(token_valid_bt, max_position_b)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -139,12 +143,15 @@ class Qwen3ForCausalLM(nn.Module):
         b, t = x.shape[:2]
         if token_valid is None:
             token_valid = jnp.ones((b, t), bool)
+        max_position = None
         if positions is None:
             positions = default_positions(token_valid, kv_cache)
+        else:
+            max_position = jnp.max(jnp.where(token_valid, positions, -1), axis=1)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config.head_dim, self.config.rope_theta),
                                 self.config.dtype)
         hidden, kv_cache = run_decoder(self.model, x, cos, sin, token_valid, kv_cache,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, max_position_b=max_position)
         return CausalLMOutput(self.logits(hidden) if return_logits else None, hidden, kv_cache)
 
 

@@ -1,0 +1,40 @@
+"""HF <-> Flax parameter names for Qwen3VLForConditionalGeneration (vision rules + shared decoder rules)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vital_jax.models.hf_mapping import LINEAR, Rule, load_hf_params
+from vital_jax.models.qwen3.params import decoder_rules
+from vital_jax.models.qwen3_vl import vision_params
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+
+def rules(config: Qwen3VLConfig) -> list[Rule]:
+    return (vision_params.rules_for(config.vision)
+            + decoder_rules("model.language_model.", "language_model/")
+            + [Rule(r"lm_head\.weight", "lm_head/kernel", LINEAR)])
+
+
+def abstract_params(config: Qwen3VLConfig) -> dict:
+    """The Flax 'params' tree as ShapeDtypeStructs (no weights allocated)."""
+    from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration(config)
+    vis = config.vision
+    grid = ((1, vis.spatial_merge_size, vis.spatial_merge_size),)
+
+    def init():
+        variables = model.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 1), jnp.int32))
+        visual = model.init(jax.random.PRNGKey(0), jnp.zeros((vis.merge_unit, vis.patch_dim)), grid,
+                            method=model.encode_images)
+        return {**variables["params"], "visual": visual["params"]["visual"]}
+
+    return jax.eval_shape(init)
+
+
+def load_params(model_dir: str, config: Qwen3VLConfig) -> dict:
+    """Read a HF Qwen3-VL checkpoint directory into Flax params (numpy, `param_dtype`)."""
+    ignore = [r"lm_head\.weight"] if config.text.tie_word_embeddings else []
+    return load_hf_params(model_dir, rules(config), abstract_params(config), config.text.param_dtype, ignore=ignore)

@@ -28,3 +28,36 @@ def save_tiny_qwen3(path: str, seed: int = 0, **overrides):
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return model
+
+
+def save_tiny_qwen3_vl(path: str, seed: int = 0, text: dict | None = None, vision: dict | None = None, **top):
+    """A tiny random `Qwen3VLForConditionalGeneration` (eager, eval) saved with save_pretrained; returns it.
+
+    Token ids: image 190, video 191, vision_start 188, vision_end 189 in a 200-token vocabulary.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text_cfg = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                    max_position_embeddings=4096,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                     "mrope_interleaved": True})
+    text_cfg.update(text or {})
+    vision_cfg = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16,
+                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=text_cfg["hidden_size"],
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    vision_cfg.update(vision or {})
+    kwargs = dict(image_token_id=190, video_token_id=191, vision_start_token_id=188, vision_end_token_id=189,
+                  tie_word_embeddings=False)
+    kwargs.update(top)
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(text_config=text_cfg, vision_config=vision_cfg, **kwargs)
+    config._attn_implementation = "eager"
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    return model

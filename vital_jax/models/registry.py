@@ -28,7 +28,27 @@ def _qwen3() -> Family:
                   lambda cfg: p.RULES)
 
 
-_FACTORIES = [_qwen3]
+def _qwen3_vl() -> Family:
+    from vital_jax.models.qwen3_vl import params as p
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    return Family("qwen3_vl", ("qwen3_vl",), Qwen3VLConfig.from_hf_dict, p.abstract_params, p.load_params, p.rules)
+
+
+def _siglip() -> Family:
+    from vital_jax.models.siglip import params as p
+    from vital_jax.models.siglip.config import SiglipVisionConfig
+
+    def load(model_dir, config):
+        return p.load_siglip_vision(model_dir, dtype=config.param_dtype, use_head=config.use_head)[1]
+
+    # Only the vision tower is converted (the ROI-feature encoder); export back to HF is not offered because the
+    # text tower of a full SiglipModel is not kept.
+    return Family("siglip", ("siglip", "siglip_vision_model"), SiglipVisionConfig.from_hf_dict, p.abstract_params,
+                  load, None)
+
+
+_FACTORIES = [_qwen3, _qwen3_vl, _siglip]
 
 
 def register(factory: Callable[[], Family]) -> None:

@@ -1,0 +1,174 @@
+"""Record contract: round trip, line-numbered errors, crash-safe append, dataset validation of every bad record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vital_jax.data import records
+from vital_jax.data.records import Record, RecordError
+
+
+def _record(i: int, **overrides) -> Record:
+    fields = dict(id=f"s{i}", image=f"images/img{i}.png", mask=f"masks/img{i}_liver.png",
+                  question="Where is the liver located in this image?", answer="The liver is in the upper left.",
+                  reasoning_chain=("A large homogeneous structure is seen.", "It lies in the upper left."),
+                  latent_steps=2, question_type="location", target="liver", target_type="organ", modality="CT",
+                  source="phantom", split="train", roi_index=-1)
+    fields.update(overrides)
+    return Record(**fields)
+
+
+def _write_dataset(root, n=3, roi_rows=None, size=(16, 12)):
+    os.makedirs(root / "images", exist_ok=True)
+    os.makedirs(root / "masks", exist_ok=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", size).save(root / f"images/img{i}.png")
+        Image.new("L", size).save(root / f"masks/img{i}_liver.png")
+        rows.append(_record(i, roi_index=i if roi_rows is not None else -1))
+    records.write_records(str(root / records.RECORDS_FILE), rows)
+    if roi_rows is not None:
+        np.save(root / records.ROI_FEATURES_FILE, roi_rows.astype(np.float32))
+        np.save(root / records.ROI_TOP_PATCH_IDS_FILE, np.zeros((len(roi_rows), 5), np.int32))
+        np.save(root / records.ROI_TOP_PATCH_SCORES_FILE, np.zeros((len(roi_rows), 5), np.float32))
+    return rows
+
+
+def _unit_rows(n, dv=8, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, dv))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_record_round_trips_through_json(tmp_path):
+    record = _record(0)
+    assert Record.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    path = str(tmp_path / "r.jsonl")
+    for i in range(3):
+        records.append_record(path, _record(i))
+    assert records.read_records(path) == [_record(i) for i in range(3)]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (dict(latent_steps=3), "latent_steps=3 != len(reasoning_chain)=2"),
+    (dict(question_type="open"), "unknown question_type 'open'"),
+    (dict(modality="PET"), "unknown modality 'PET'"),
+    (dict(target_type="tissue"), "unknown target_type"),
+    (dict(split="dev"), "unknown split"),
+    (dict(image="/abs/x.png"), "relative"),
+    (dict(reasoning_chain=(), latent_steps=0), "outside 1..4"),
+    (dict(roi_index=-2), "roi_index"),
+])
+def test_record_rejects_contract_violations_naming_the_id(overrides, fragment):
+    with pytest.raises(RecordError, match="record 's7'") as e:
+        _record(7, **overrides)
+    assert fragment in str(e.value)
+
+
+def test_read_records_names_line_and_id(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = json.dumps(_record(0).to_dict())
+    bad = dict(_record(1).to_dict(), latent_steps=4)
+    path.write_text(good + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: record 's1'"):
+        records.read_records(str(path))
+    path.write_text(good + "\n\n{not json\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:3: malformed JSON"):
+        records.read_records(str(path))
+    extra = dict(_record(0).to_dict(), colour="red")
+    path.write_text(json.dumps(extra) + "\n")
+    with pytest.raises(RecordError, match=r"unknown fields \['colour'\]"):
+        records.read_records(str(path))
+    with pytest.raises(RecordError, match="not found"):
+        records.read_records(str(tmp_path / "absent.jsonl"))
+
+
+def test_append_after_torn_line_keeps_the_new_record(tmp_path):
+    """A crash mid-write leaves a torn last line; the next append must not glue its record onto it."""
+    path = tmp_path / "r.jsonl"
+    records.append_record(str(path), _record(0))
+    with open(path, "a") as f:
+        f.write(json.dumps(_record(1).to_dict())[:40])  # torn, no newline
+    records.append_record(str(path), _record(2))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["id"] == "s2"
+    with pytest.raises(RecordError, match=r":2: malformed JSON"):
+        records.read_records(str(path))
+
+
+def test_append_is_durable_when_the_writer_is_killed(tmp_path):
+    """Each appended record is on disk once append_record returns, even if the process then dies hard."""
+    path = tmp_path / "r.jsonl"
+    template = json.dumps(_record(0).to_dict())
+    code = ("import json, os\nfrom vital_jax.data import records\n"
+            f"d = json.loads({template!r})\n"
+            f"for i in range(5): records.append_record({str(path)!r}, records.Record.from_dict(dict(d, id=f's{{i}}')))\n"
+            "os._exit(9)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 9, result.stderr
+    assert [r.id for r in records.read_records(str(path))] == [f"s{i}" for i in range(5)]
+
+
+def test_valid_dataset_has_no_problems(tmp_path):
+    _write_dataset(tmp_path, n=3, roi_rows=_unit_rows(3))
+    assert records.validate_dataset(str(tmp_path)) == []
+    _write_dataset(tmp_path / "pre_roi", n=2)
+    assert records.validate_dataset(str(tmp_path / "pre_roi")) == []
+
+
+def test_validate_reports_every_bad_record_by_id(tmp_path):
+    roi = _unit_rows(5)
+    roi[1] *= 2.0           # not unit-norm
+    roi[2, 0] = np.nan      # non-finite
+    rows = _write_dataset(tmp_path, n=5, roi_rows=roi)
+    os.remove(tmp_path / "images/img0.png")                                   # s0: missing image
+    Image.new("L", (5, 5)).save(tmp_path / "masks/img3_liver.png")            # s3: mask size differs
+    (tmp_path / "masks/img4_liver.png").write_bytes(b"not a png")           # s4: corrupt mask
+    extra = [dict(rows[0].to_dict(), id="s5", roi_index=9),                   # out of range
+             dict(rows[1].to_dict()),                                         # duplicate id s1
+             dict(rows[2].to_dict(), id="s6", latent_steps=3),                 # K != len(chain)
+             dict(rows[2].to_dict(), id="s8", modality="PET")]                 # unknown modality
+    with open(tmp_path / records.RECORDS_FILE, "a") as f:
+        for e in extra:
+            f.write(json.dumps(e) + "\n")
+        f.write("{broken\n")
+    problems = records.validate_dataset(str(tmp_path))
+    text = "\n".join(problems)
+    expected = ["record 's0': image file missing", "record 's1': ROI feature row 1 has norm 2.0000",
+                "record 's2': ROI feature row 2 is not finite", "record 's3': mask size (5, 5) != image size",
+                "record 's4': mask file unreadable", "record 's5': roi_index=9 out of range",
+                "record 's1': duplicate id", "record 's6': latent_steps=3 != len(reasoning_chain)=2",
+                "record 's8': unknown modality 'PET'", ":10: malformed JSON"]
+    for fragment in expected:
+        assert fragment in text, f"{fragment!r} not reported in:\n{text}"
+    # Plus two repeats: the duplicate s1 has s1's bad ROI row, and s5 names s0's missing image.
+    assert len(problems) == len(expected) + 2
+
+
+def test_validate_reports_missing_and_mismatched_roi_arrays(tmp_path):
+    _write_dataset(tmp_path, n=2, roi_rows=_unit_rows(2))
+    os.remove(tmp_path / records.ROI_TOP_PATCH_SCORES_FILE)
+    problems = records.validate_dataset(str(tmp_path))
+    assert any("ROI arrays incomplete" in p for p in problems)
+    assert any("record 's0': roi_index=0 but the dataset has no ROI arrays" in p for p in problems)
+    np.save(tmp_path / records.ROI_TOP_PATCH_SCORES_FILE, np.zeros((3, 5), np.float32))
+    assert any("expected float32 (2, 5)" in p for p in records.validate_dataset(str(tmp_path)))
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    _write_dataset(tmp_path, n=2)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ok = subprocess.run([sys.executable, "-m", "vital_jax.data.validate", f"--data_dir={tmp_path}"], cwd=root,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "2 valid records" in ok.stdout, ok.stderr
+    os.remove(tmp_path / "masks/img1_liver.png")
+    bad = subprocess.run([sys.executable, "-m", "vital_jax.data.validate", f"--data_dir={tmp_path}"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "record 's1': mask file missing" in bad.stdout

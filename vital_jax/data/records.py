@@ -1,0 +1,281 @@
+"""The dataset record contract shared by the data pipeline, the ROI extractor and the trainer.
+
+A dataset directory holds:
+  records.jsonl               one JSON object per line (a `Record`)
+  roi_features.npy            float32 (N, dv), one l2-normalised ROI feature per row (dv = 1152 for MedSigLIP)
+  roi_top_patch_ids.npy       int32 (N, 5), the top-5 patches by cosine similarity with the ROI feature (App. A.5.2)
+  roi_top_patch_scores.npy    float32 (N, 5), their similarities
+  the image and mask files that records name by paths relative to the directory.
+
+`roi_index` is the record's row in the three ROI arrays, or -1 before ROI extraction; the arrays are absent until
+the ROI stage (vital_jax.data.roi) has run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+RECORDS_FILE = "records.jsonl"
+ROI_FEATURES_FILE = "roi_features.npy"
+ROI_TOP_PATCH_IDS_FILE = "roi_top_patch_ids.npy"
+ROI_TOP_PATCH_SCORES_FILE = "roi_top_patch_scores.npy"
+ROI_TOP_PATCHES = 5
+
+QUESTION_TYPES = ("yes_no", "identify", "location_choice", "location", "describe", "reasoning")
+# Allowed reasoning depth K per question type (App. A.2, "Question-type-aware prompting"; Table 4).
+STEP_RANGES = {"yes_no": (1, 1), "identify": (1, 1), "location_choice": (1, 1), "location": (2, 2),
+               "describe": (2, 3), "reasoning": (3, 4)}
+TARGET_TYPES = ("organ", "lesion", "other")
+MODALITIES = ("CT", "MRI", "ultrasound", "X-Ray", "pathology", "endoscope", "fundus", "OCT", "dermoscopy")
+SPLITS = ("train", "val", "test")
+MAX_LATENT_STEPS = 4
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+class RecordError(ValueError):
+    """A record or a records file does not satisfy the contract; the message names the file, line and id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training sample: (image, question, answer, K-step reasoning chain, ROI feature row) plus metadata."""
+
+    id: str
+    image: str
+    mask: str
+    question: str
+    answer: str
+    reasoning_chain: tuple[str, ...]
+    latent_steps: int
+    question_type: str
+    target: str
+    target_type: str
+    modality: str
+    source: str
+    split: str
+    roi_index: int = -1
+
+    def __post_init__(self):
+        problems = self.problems()
+        if problems:
+            raise RecordError(f"record {self.id!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every contract violation of this record's own fields (files and ROI rows are checked elsewhere)."""
+        out = []
+        for name in ("id", "image", "mask", "question", "answer", "target", "source"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                out.append(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("image", "mask"):
+            value = getattr(self, name)
+            if isinstance(value, str) and (os.path.isabs(value) or ".." in value.split("/")):
+                out.append(f"{name} must be a path relative to the dataset directory, got {value!r}")
+        chain = self.reasoning_chain
+        if not isinstance(chain, tuple) or not all(isinstance(s, str) and s.strip() for s in chain):
+            out.append("reasoning_chain must be a list of non-empty strings")
+        if not isinstance(self.latent_steps, int) or isinstance(self.latent_steps, bool):
+            out.append(f"latent_steps must be an int, got {self.latent_steps!r}")
+        else:
+            if not 1 <= self.latent_steps <= MAX_LATENT_STEPS:
+                out.append(f"latent_steps={self.latent_steps} is outside 1..{MAX_LATENT_STEPS}")
+            if isinstance(chain, tuple) and self.latent_steps != len(chain):
+                out.append(f"latent_steps={self.latent_steps} != len(reasoning_chain)={len(chain)}")
+        if self.question_type not in QUESTION_TYPES:
+            out.append(f"unknown question_type {self.question_type!r} (expected one of {', '.join(QUESTION_TYPES)})")
+        if self.target_type not in TARGET_TYPES:
+            out.append(f"unknown target_type {self.target_type!r} (expected one of {', '.join(TARGET_TYPES)})")
+        if self.modality not in MODALITIES:
+            out.append(f"unknown modality {self.modality!r} (expected one of {', '.join(MODALITIES)})")
+        if self.split not in SPLITS:
+            out.append(f"unknown split {self.split!r} (expected one of {', '.join(SPLITS)})")
+        if not isinstance(self.roi_index, int) or isinstance(self.roi_index, bool) or self.roi_index < -1:
+            out.append(f"roi_index must be an int >= -1, got {self.roi_index!r}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        """From a parsed JSON object; unknown or missing fields are errors (naming the id when there is one)."""
+        if not isinstance(data, dict):
+            raise RecordError(f"a record must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        label = f"record {data.get('id')!r}"
+        missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
+        if missing or unknown:
+            parts = ([f"missing fields {missing}"] if missing else []) + ([f"unknown fields {unknown}"] if unknown else [])
+            raise RecordError(f"{label}: " + "; ".join(parts))
+        chain = data["reasoning_chain"]
+        if not isinstance(chain, list):
+            raise RecordError(f"{label}: reasoning_chain must be a list of strings, got {type(chain).__name__}")
+        return cls(**{**data, "reasoning_chain": tuple(chain)})
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the chain as a list), field order as declared."""
+        data = dataclasses.asdict(self)
+        data["reasoning_chain"] = list(self.reasoning_chain)
+        return data
+
+
+def read_records(path: str) -> list[Record]:
+    """All records of a JSONL file. Raises RecordError naming the file, the line number and the id."""
+    if not os.path.isfile(path):
+        raise RecordError(f"{path}: records file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from e
+            try:
+                records.append(Record.from_dict(data))
+            except (RecordError, TypeError) as e:
+                raise RecordError(f"{path}:{number}: {e}") from e
+    return records
+
+
+def append_record(path: str, record: Record) -> None:
+    """Append one record as one line and fsync, so a crash loses at most the record being written.
+
+    A torn last line (a crash mid-write) is completed with a newline first, so it stays one malformed line that
+    `read_records` reports instead of corrupting the record appended after it.
+    """
+    line = json.dumps(record.to_dict(), ensure_ascii=False) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_records(path: str, records: Iterable[Record]) -> None:
+    """Replace `path` with `records` atomically (write a temporary file, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:
+    """The three ROI arrays memory-mapped (`features`, `top_patch_ids`, `top_patch_scores`), or None if none exist.
+
+    Raises RecordError when only some exist or their shapes/dtypes disagree with the contract.
+    """
+    files = {"features": ROI_FEATURES_FILE, "top_patch_ids": ROI_TOP_PATCH_IDS_FILE,
+             "top_patch_scores": ROI_TOP_PATCH_SCORES_FILE}
+    present = {k: os.path.join(data_dir, v) for k, v in files.items() if os.path.exists(os.path.join(data_dir, v))}
+    if not present:
+        return None
+    if len(present) != len(files):
+        missing = sorted(files[k] for k in files if k not in present)
+        raise RecordError(f"{data_dir}: ROI arrays incomplete, missing {', '.join(missing)}")
+    arrays = {}
+    for key, path in present.items():
+        try:
+            arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise RecordError(f"{path}: unreadable .npy file ({e})") from e
+    expected = {"features": (np.float32, 2, None), "top_patch_ids": (np.int32, 2, ROI_TOP_PATCHES),
+                "top_patch_scores": (np.float32, 2, ROI_TOP_PATCHES)}
+    rows = arrays["features"].shape[0] if arrays["features"].ndim else -1
+    for key, (dtype, ndim, width) in expected.items():
+        a = arrays[key]
+        if a.dtype != dtype or a.ndim != ndim or (width is not None and a.shape[1] != width) or a.shape[0] != rows:
+            want = f"{np.dtype(dtype).name} ({rows}, {width if width is not None else 'dv'})"
+            raise RecordError(f"{present[key]}: {a.dtype.name} {a.shape}, expected {want}")
+    return arrays
+
+
+def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
+    """Every problem of a dataset directory, one message per problem, each naming the record id (empty: valid).
+
+    Checks each record's fields, duplicate ids, that image and mask files exist, are readable and have the same
+    size (headers only; `check_files=False` skips the files), and for `roi_index >= 0` that the ROI row exists, is
+    finite and unit-norm. A malformed line of records.jsonl is reported by line number and validation goes on.
+    """
+    path = os.path.join(data_dir, RECORDS_FILE)
+    if not os.path.isfile(path):
+        return [f"{path}: records file not found"]
+    problems: list[str] = []
+    records: list[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            try:
+                records.append(Record.from_dict(data))
+            except (RecordError, TypeError) as e:
+                problems.append(f"{path}:{number}: {e}")
+    try:
+        roi = load_roi_arrays(data_dir)
+    except RecordError as e:
+        problems.append(str(e))
+        roi = None
+    seen: set[str] = set()
+    for record in records:
+        label = f"record {record.id!r}"
+        if record.id in seen:
+            problems.append(f"{label}: duplicate id")
+        seen.add(record.id)
+        if check_files:
+            problems.extend(f"{label}: {p}" for p in _file_problems(data_dir, record))
+        if record.roi_index >= 0:
+            problems.extend(f"{label}: {p}" for p in _roi_problems(roi, record.roi_index))
+    return problems
+
+
+def _file_problems(data_dir: str, record: Record) -> list[str]:
+    sizes, out = {}, []
+    for name in ("image", "mask"):
+        path = os.path.join(data_dir, getattr(record, name))
+        if not os.path.isfile(path):
+            out.append(f"{name} file missing: {path}")
+            continue
+        try:
+            with Image.open(path) as im:
+                sizes[name] = im.size
+        except (OSError, ValueError) as e:
+            out.append(f"{name} file unreadable: {path} ({e})")
+    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
+        out.append(f"mask size {sizes['mask']} != image size {sizes['image']}")
+    return out
+
+
+def _roi_problems(roi: dict[str, np.ndarray] | None, index: int) -> list[str]:
+    if roi is None:
+        return [f"roi_index={index} but the dataset has no ROI arrays"]
+    rows = roi["features"].shape[0]
+    if index >= rows:
+        return [f"roi_index={index} out of range (ROI arrays have {rows} rows)"]
+    feature = np.asarray(roi["features"][index], dtype=np.float64)
+    if not np.all(np.isfinite(feature)):
+        return [f"ROI feature row {index} is not finite"]
+    norm = float(np.linalg.norm(feature))
+    if not math.isclose(norm, 1.0, abs_tol=UNIT_NORM_TOLERANCE):
+        return [f"ROI feature row {index} has norm {norm:.4f}, expected 1 (l2-normalised)"]
+    if not np.all(np.isfinite(roi["top_patch_scores"][index])):
+        return [f"ROI top-patch scores row {index} is not finite"]
+    if np.any(np.asarray(roi["top_patch_ids"][index]) < 0):
+        return [f"ROI top-patch ids row {index} has negative patch ids"]
+    return []

@@ -1,0 +1,292 @@
+"""Adaptive ROI features (A.5): pathways, validity mask, pooling, top-k, errors, atomic dataset writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transformers
+from vital_jax.data import roi
+from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel
+
+GRID, SIZE, DIM = 4, 56, 8
+PREPROCESSOR = SiglipPreprocessor(height=SIZE, width=SIZE)
+# Patch features that ignore the pixels: row n of the table is patch n, so the pooled vector is hand-computable.
+TABLE = np.random.RandomState(0).randn(GRID * GRID, DIM).astype(np.float32)
+
+
+def _table_features(params, pixels):
+    return jnp.broadcast_to(params["table"], (pixels.shape[0], *params["table"].shape))
+
+
+def _nan_if_white_corner(params, pixels):
+    poisoned = pixels[:, 0, 0, 0] > 0.99  # a white top-left pixel (normalised 1.0) makes that image's features NaN
+    return jnp.where(poisoned[:, None, None], jnp.nan, _table_features(params, pixels))
+
+
+TABLE_ENCODER = roi.RoiEncoder(_table_features, PREPROCESSOR, GRID)
+TABLE_PARAMS = {"table": jnp.asarray(TABLE)}
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def _image(h, w, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), np.uint8)
+
+
+def _mask(h, w, top, left, bottom, right):
+    mask = np.zeros((h, w), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def _ids(rows, cols):
+    return sorted(r * GRID + c for r in rows for c in cols)
+
+
+def test_threshold_chooses_full_or_crop_pathway():
+    images = [_image(100, 100)] * 3
+    masks = [_mask(100, 100, 0, 0, 30, 50), _mask(100, 100, 0, 0, 20, 50), _mask(100, 100, 0, 0, 20, 25)]
+    # Area ratios 0.15, 0.10, 0.05; the full image is used at ratio >= T.
+    for threshold, expected in [(0.2, ["crop", "crop", "crop"]), (0.1, ["full", "full", "crop"]),
+                                (0.05, ["full", "full", "full"])]:
+        out = roi.extract_roi_features(images, masks, TABLE_ENCODER, TABLE_PARAMS, roi.RoiConfig(threshold=threshold))
+        assert out.pathway.tolist() == expected, threshold
+
+
+@pytest.mark.parametrize("rows, pooled_rows", [(33, [0, 1]), (32, [0])])
+def test_full_pathway_pools_mask_aligned_patches_binarised_at_03(rows, pooled_rows):
+    # 100x100 image on a 4x4 grid: cells of 25 px. A mask of the top `rows` rows covers 8/25 = 0.32 (kept) or
+    # 7/25 = 0.28 (dropped) of the second cell row.
+    out = roi.extract_roi_features([_image(100, 100)], [_mask(100, 100, 0, 0, rows, 100)], TABLE_ENCODER,
+                                   TABLE_PARAMS, roi.RoiConfig(threshold=0.2))
+    assert out.pathway.tolist() == ["full"]
+    pooled = _ids(pooled_rows, range(GRID))
+    np.testing.assert_allclose(out.features[0], _unit(TABLE[pooled].mean(0)), atol=1e-6)
+    assert np.flatnonzero(out.roi_patches[0]).tolist() == pooled
+
+
+@pytest.mark.parametrize("padding", [0.0, 0.25])
+def test_crop_pathway_pools_valid_patches_only(padding):
+    # Mask box 40x20 px (ratio 0.02). With P=0 the crop is 40x20, with P=0.25 it is 60x30; either way the square
+    # canvas holds the crop in its middle half of columns, so only grid columns 1 and 2 are valid.
+    image, mask = _image(200, 200), _mask(200, 200, 50, 100, 90, 120)
+    out = roi.extract_roi_features([image], [mask], TABLE_ENCODER, TABLE_PARAMS, roi.RoiConfig(padding=padding))
+    valid = _ids(range(GRID), [1, 2])
+    assert out.pathway.tolist() == ["crop"]
+    assert np.flatnonzero(out.valid_patches[0]).tolist() == valid
+    np.testing.assert_allclose(out.features[0], _unit(TABLE[valid].mean(0)), atol=1e-6)
+    margin_y, margin_x = round(40 * padding), round(20 * padding)
+    assert out.boxes[0].tolist() == [50 - margin_y, 100 - margin_x, 90 + margin_y, 120 + margin_x]
+
+    view = roi.prepare_view(image, mask, TABLE_ENCODER, roi.RoiConfig(padding=padding))
+    # Zero padding (black, normalised to -1) fills the left and right quarter of the encoded square.
+    np.testing.assert_array_equal(view.pixels[:, :8], -1.0)
+    np.testing.assert_array_equal(view.pixels[:, -8:], -1.0)
+    crop = image[out.boxes[0][0]:out.boxes[0][2], out.boxes[0][1]:out.boxes[0][3]]
+    assert np.abs(view.pixels[:, 20:36]).mean() > 0.1 and crop.std() > 0  # real content in the middle
+
+
+def test_fewer_pooled_patches_than_k_leave_unused_slots():
+    out = roi.extract_roi_features([_image(100, 100)], [_mask(100, 100, 0, 0, 50, 50)], TABLE_ENCODER,
+                                   TABLE_PARAMS, roi.RoiConfig(threshold=0.2, top_k=5))
+    pooled = _ids([0, 1], [0, 1])
+    assert sorted(out.top_ids[0, :4].tolist()) == pooled
+    assert out.top_ids[0, 4] == -1 and out.top_scores[0, 4] == 0.0
+
+
+def test_crop_without_valid_patch_names_the_record():
+    # A 2x100 px box: on a 4x4 grid no canvas cell is half image content.
+    with pytest.raises(roi.RoiError, match="thin: the 2x100 px crop is so elongated"):
+        roi.extract_roi_features([_image(100, 100)], [_mask(100, 100, 50, 0, 52, 100)], TABLE_ENCODER,
+                                 TABLE_PARAMS, names=["thin"])
+
+
+def test_empty_mask_names_the_record():
+    with pytest.raises(roi.RoiError, match="record 'b'.*empty"):
+        roi.extract_roi_features([_image(50, 50)] * 2, [_mask(50, 50, 0, 0, 10, 10), np.zeros((50, 50), bool)],
+                                 TABLE_ENCODER, TABLE_PARAMS, names=["record 'a'", "record 'b'"])
+
+
+def test_mask_size_mismatch_names_the_record():
+    with pytest.raises(roi.RoiError, match="rec7: mask is 40x50"):
+        roi.extract_roi_features([_image(50, 60)], [_mask(50, 40, 0, 0, 10, 10)], TABLE_ENCODER, TABLE_PARAMS,
+                                 names=["rec7"])
+
+
+def test_non_finite_feature_names_the_record():
+    encoder = roi.RoiEncoder(_nan_if_white_corner, PREPROCESSOR, GRID)
+    white = np.full((50, 50, 3), 255, np.uint8)
+    with pytest.raises(roi.RoiError, match="^rec_white: the ROI feature is not finite"):
+        roi.extract_roi_features([_image(50, 50), white, _image(50, 50, 1)], [_mask(50, 50, 0, 0, 40, 40)] * 3,
+                                 encoder, TABLE_PARAMS, roi.RoiConfig(batch_size=2),
+                                 names=["rec_ok", "rec_white", "rec_ok2"])
+
+
+def test_area_downsample_matches_torch_area_interpolation():
+    values = np.random.RandomState(1).rand(37, 53).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(values)[None, None], size=(4, 4), mode="area")
+    np.testing.assert_allclose(roi.area_downsample(values, 4), expected[0, 0].numpy(), atol=1e-6)
+
+
+def test_patch_similarity_map_is_cosine_in_raster_order():
+    patches = np.array([[2, 0], [0, 3], [-1, 0], [1, 1]], np.float32)
+    sim = roi.patch_similarity_map(np.array([5.0, 0.0]), patches)
+    np.testing.assert_allclose(sim, [[1, 0], [-1, 2 ** -0.5]], atol=1e-6)
+    with pytest.raises(ValueError, match="square grid"):
+        roi.patch_similarity_map(np.ones(2), np.ones((3, 2)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With a real (tiny, random) SigLIP loaded from a HF directory
+# ---------------------------------------------------------------------------------------------------------------
+
+VISION_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=SIZE,
+                 patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+def write_tiny_siglip(path: str, seed: int = 0) -> transformers.SiglipVisionModel:
+    """A random HF SiglipVisionModel directory with a matching preprocessor_config.json."""
+    torch.manual_seed(seed)
+    config = transformers.SiglipVisionConfig(**VISION_KW)
+    config._attn_implementation = "eager"
+    model = transformers.SiglipVisionModel(config).eval()
+    model.save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "SiglipImageProcessor", "size": {"height": SIZE, "width": SIZE},
+                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}, f)
+    return model
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("siglip"))
+    return path, write_tiny_siglip(path)
+
+
+def test_patch_features_match_transformers_last_block_and_last_hidden_state(siglip_dir):
+    path, hf_model = siglip_dir
+    pixels = np.random.RandomState(0).randn(2, SIZE, SIZE, 3).astype(np.float32)
+    with torch.no_grad():
+        hf_out = hf_model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    for layer, expected in [("last_block", hf_out.hidden_states[-1]), ("post_layernorm", hf_out.last_hidden_state)]:
+        encoder, params = roi.load_roi_encoder(path, feature_layer=layer)
+        np.testing.assert_allclose(encoder.patch_features(params, pixels), expected.numpy(), atol=1e-4)
+
+
+def test_features_are_unit_norm_and_top_k_is_the_true_top_k(siglip_dir):
+    encoder, params = roi.load_roi_encoder(siglip_dir[0])
+    images = [_image(90, 120, s) for s in range(3)]
+    masks = [_mask(90, 120, 0, 0, 60, 80), _mask(90, 120, 10, 20, 30, 35), _mask(90, 120, 50, 90, 90, 120)]
+    cfg = roi.RoiConfig(batch_size=2)
+    out = roi.extract_roi_features(images, masks, encoder, params, cfg)
+    np.testing.assert_allclose(np.linalg.norm(out.features, axis=1), 1.0, atol=1e-6)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        view = roi.prepare_view(image, mask, encoder, cfg)
+        patches = np.asarray(encoder.patch_features(params, view.pixels[None]))[0].astype(np.float64)
+        pooled = _unit(patches[view.pool].mean(0))
+        np.testing.assert_allclose(out.features[i], pooled, atol=1e-5)
+        cosine = patches @ pooled / np.linalg.norm(patches, axis=1)
+        cosine[~view.pool] = -np.inf
+        top = np.argsort(-cosine, kind="stable")[:5]
+        assert out.top_ids[i].tolist() == top.tolist()
+        np.testing.assert_allclose(out.top_scores[i], cosine[top], atol=1e-5)
+    # The padded last batch gives the same numbers as one unpadded batch.
+    alone = roi.extract_roi_features(images, masks, encoder, params, roi.RoiConfig(batch_size=3))
+    np.testing.assert_allclose(alone.features, out.features, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset level
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _write_dataset(root, masks_by_record: dict[str, tuple[str, tuple[int, int, int, int]]]):
+    """Images a.png, b.png (80x100 RGB) and masks m_<name>.png (0/255); records in dict order."""
+    os.makedirs(root, exist_ok=True)
+    for seed, name in enumerate(["a", "b"]):
+        Image.fromarray(_image(80, 100, seed)).save(os.path.join(root, f"{name}.png"))
+    records = []
+    for record_id, (image, box) in masks_by_record.items():
+        mask_name = f"m_{image}_{'_'.join(map(str, box))}.png"
+        Image.fromarray((_mask(80, 100, *box) * 255).astype(np.uint8)).save(os.path.join(root, mask_name))
+        records.append(dict(id=record_id, image=f"{image}.png", mask=mask_name, question="q?", answer="ans",
+                            reasoning_chain=["s"], latent_steps=1, split="train", roi_index=-1))
+    with open(os.path.join(root, "records.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _snapshot(root):
+    return {name: open(os.path.join(root, name), "rb").read() for name in sorted(os.listdir(root))}
+
+
+def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    records = _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30)),
+                                    "r2": ("a", (0, 0, 60, 70)), "r3": ("a", (10, 10, 20, 30))})
+    out = roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+    written = _read_jsonl(os.path.join(root, "records.jsonl"))
+    assert [r["roi_index"] for r in written] == [0, 1, 0, 2]
+    assert [{k: v for k, v in r.items() if k != "roi_index"} for r in written] == \
+        [{k: v for k, v in r.items() if k != "roi_index"} for r in records]
+    features = np.load(os.path.join(root, roi.FEATURES_FILE))
+    ids = np.load(os.path.join(root, roi.TOP_IDS_FILE))
+    scores = np.load(os.path.join(root, roi.TOP_SCORES_FILE))
+    assert (features.shape, features.dtype, ids.shape, ids.dtype, scores.shape, scores.dtype) == \
+        ((3, 32), np.float32, (3, 5), np.int32, (3, 5), np.float32)
+    encoder, params = roi.load_roi_encoder(siglip_dir[0])
+    pairs = [(r["image"], r["mask"]) for r in (records[0], records[1], records[3])]
+    direct = roi.extract_roi_features([os.path.join(root, i) for i, _ in pairs],
+                                      [os.path.join(root, m) for _, m in pairs], encoder, params)
+    np.testing.assert_allclose(features, direct.features, atol=1e-6)
+    assert out.pathway.tolist() == ["full", "crop", "crop"]
+
+    before = _snapshot(root)
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)  # re-runnable: same files again
+    assert _snapshot(root).keys() == before.keys()
+    np.testing.assert_allclose(np.load(os.path.join(root, roi.FEATURES_FILE)), features, atol=1e-6)
+    assert _read_jsonl(os.path.join(root, "records.jsonl")) == written
+
+
+def test_dataset_extraction_error_leaves_directory_untouched(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"good": ("a", (0, 0, 60, 70)), "bad_empty": ("b", (5, 5, 5, 5))})
+    before = _snapshot(root)
+    with pytest.raises(roi.RoiError, match="record 'bad_empty'.*empty"):
+        roi.extract_dataset_rois(root, siglip_dir[0])
+    assert _snapshot(root) == before  # no arrays, no temporaries, records.jsonl byte-identical
+
+
+def test_malformed_records_line_is_named(tmp_path):
+    (tmp_path / "records.jsonl").write_text('{"id": "x", "image": "a.png", "mask": "m.png"}\n{"id": \n')
+    with pytest.raises(roi.RoiError, match="records.jsonl:2: malformed JSON"):
+        roi.read_records_for_roi(str(tmp_path))
+
+
+def test_cli_writes_roi_files(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "vital_jax.data.roi", f"--data_dir={root}",
+                           f"--encoder_dir={siglip_dir[0]}", "--threshold=0.1", "--padding=0.1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 full-image, 1 tight-crop" in done.stdout
+    assert [r["roi_index"] for r in _read_jsonl(os.path.join(root, "records.jsonl"))] == [0, 1]

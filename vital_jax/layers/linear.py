@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 
 
+# uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), the usual LoRA A init (kaiming-uniform with a=sqrt(5)).
+LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA hyper-parameters. `targets` are projection names (q, k, v, o, gate, up, down)."""
@@ -47,7 +51,7 @@ class Linear(nn.Module):
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         if self.lora is not None:
-            lora_a = self.param("lora_a", nn.initializers.he_uniform(), (in_features, self.lora.rank),
+            lora_a = self.param("lora_a", LORA_A_INIT, (in_features, self.lora.rank),
                                 self.param_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), self.param_dtype)
             x_drop = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)

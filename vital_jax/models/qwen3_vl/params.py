@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import LINEAR, Rule, load_hf_params
 from vital_jax.models.qwen3.params import decoder_rules
 from vital_jax.models.qwen3_vl import vision_params
@@ -17,11 +18,11 @@ def rules(config: Qwen3VLConfig) -> list[Rule]:
             + [Rule(r"lm_head\.weight", "lm_head/kernel", LINEAR)])
 
 
-def abstract_params(config: Qwen3VLConfig) -> dict:
-    """The Flax 'params' tree as ShapeDtypeStructs (no weights allocated)."""
+def abstract_params(config: Qwen3VLConfig, lora: LoraConfig | None = None) -> dict:
+    """The Flax 'params' tree as ShapeDtypeStructs (no weights allocated); with `lora`, including adapters."""
     from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 
-    model = Qwen3VLForConditionalGeneration(config)
+    model = Qwen3VLForConditionalGeneration(config, lora)
     vis = config.vision
     grid = ((1, vis.spatial_merge_size, vis.spatial_merge_size),)
 

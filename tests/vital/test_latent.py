@@ -1,0 +1,124 @@
+"""The VITAL latent loop (Eq. 1-2): reference parity with transformers, train/inference parity, mixed-K batch
+invariance, one compilation for every K."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.vital.vital_fixtures import IMG, IM_END, build, make_batch, select
+from vital_jax.generation import SamplingConfig
+from vital_jax.vital import latent
+from vital_jax.vital.batch import from_numpy
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("vital"))
+
+
+def _diff(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def test_latent_states_and_answer_logits_match_a_stepwise_transformers_loop(tiny):
+    """z_1..z_K and the answer logits equal transformers: prefill with past_key_values, feed last_hidden_state
+    back as inputs_embeds with explicit (3, B, 1) positions, then teacher-forced answer tokens."""
+    model, params, hf = tiny.model, tiny.params, tiny.hf_backbone
+    k = 3
+    batch, data = make_batch(model, seed=1, latent_steps=(k,), grids=((1, 4, 6),), answer_len=(4,))
+    out = model.forward(params, batch)
+    ids = data["prompt_ids"]
+    length = ids.shape[1]
+    answer = data["answer_ids"]
+    with torch.no_grad():
+        hf.model.rope_deltas = None
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch.tensor(data["pixel_patches"]),
+                 image_grid_thw=torch.tensor(data["image_grid_thw"], dtype=torch.long),
+                 mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)), use_cache=True,
+                 output_hidden_states=True)
+        delta = int(hf.model.rope_deltas[0])
+        past, z = ref.past_key_values, ref.hidden_states[-1][:, -1:]
+        zs = [z]
+        for step in range(k):
+            pos = torch.full((3, 1, 1), length + step + delta)
+            ref = hf(inputs_embeds=z, past_key_values=past, position_ids=pos, use_cache=True,
+                     output_hidden_states=True)
+            past, z = ref.past_key_values, ref.hidden_states[-1][:, -1:]
+            zs.append(z)
+        logits = [hf.lm_head(z)]
+        for t in range(answer.shape[1] - 1):
+            pos = torch.full((3, 1, 1), length + k + t + delta)
+            ref = hf(input_ids=torch.tensor(answer[:, t:t + 1], dtype=torch.long), past_key_values=past,
+                     position_ids=pos, use_cache=True)
+            past = ref.past_key_values
+            logits.append(ref.logits)
+    assert _diff(out.z0, zs[0][:, 0]) <= TOL
+    assert _diff(out.z[:, :k], torch.cat(zs[1:], 1)) <= TOL
+    valid = data["answer_valid"][0]
+    assert _diff(np.asarray(out.answer_logits)[0][valid], torch.cat(logits, 1)[0].numpy()[valid]) <= TOL
+
+
+def test_training_forward_and_inference_share_the_latent_path(tiny):
+    """Train/inference parity: the inference path's z_k and first-token logits equal the training forward's, and
+    teacher-forcing the generated answer reproduces the generated tokens and their logits."""
+    model, params = tiny.model, tiny.params
+    batch, data = make_batch(model, seed=2, latent_steps=(1, 3))
+    sampling = SamplingConfig(max_new_tokens=5)
+    tokens, lengths, z_inf = jax.jit(lambda bp, prefix, k: model.generate(bp, prefix, k, sampling))(
+        params["backbone"], batch.prefix, batch.latent_steps)
+    tokens = np.asarray(tokens)
+    # The generated tokens as the answer: teacher forcing must predict exactly them.
+    forced = batch.replace(answer_ids=jnp.asarray(tokens), answer_valid=jnp.ones(tokens.shape, bool))
+    out = model.forward(params, forced)
+    np.testing.assert_allclose(out.z, z_inf, atol=TOL)
+    np.testing.assert_array_equal(np.argmax(np.asarray(out.answer_logits), -1), tokens)
+    first = latent.lm_logits(model.backbone, params["backbone"], out.z[np.arange(2), batch.latent_steps - 1])
+    assert _diff(first, out.answer_logits[:, 0]) <= TOL
+
+
+def test_mixed_k_batch_equals_examples_run_alone(tiny):
+    model, params = tiny.model, tiny.params
+    grids = ((1, 4, 4), (1, 4, 6), (1, 6, 4), (1, 2, 4))
+    batch, data = make_batch(model, seed=3, latent_steps=(1, 2, 3, 4), grids=grids, answer_len=(2, 4, 3, 5))
+    forward = jax.jit(lambda p, b: model.forward(p, b))
+    together = forward(params, batch)
+    for row in range(4):
+        alone = forward(params, from_numpy(select(data, [row]), model.backbone_config))
+        k = int(data["latent_steps"][row])
+        assert _diff(together.z[row, :k], alone.z[0, :k]) <= TOL
+        for name in ("task_per_example", "text_per_example", "visual_per_example"):
+            assert abs(float(getattr(together, name)[row]) - float(getattr(alone, name)[0])) <= TOL, name
+
+
+def test_k_zero_is_the_plain_backbone_answer(tiny):
+    model, params = tiny.model, tiny.params
+    batch, data = make_batch(model, seed=4, latent_steps=(0, 2))
+    out = model.forward(params, batch)
+    plain = model.backbone.apply({"params": params["backbone"]}, input_ids=batch.prefix.input_ids,
+                                 token_valid=batch.prefix.token_valid, positions=batch.prefix.positions,
+                                 pixel_patches=batch.prefix.pixel_patches, vision_inputs=batch.prefix.vision_inputs)
+    assert _diff(out.answer_logits[0, 0], plain.logits[0, -1]) <= TOL
+    assert not out.valid_steps[0].any()
+    # An example without latent steps adds nothing to L_text / L_visual.
+    alone = model.forward(params, from_numpy(select(data, [1]), model.backbone_config))
+    assert abs(float(out.text_loss) - float(alone.text_loss)) <= TOL
+    assert abs(float(out.visual_loss) - float(alone.visual_loss)) <= TOL
+
+
+def test_one_compilation_serves_every_k(tiny):
+    model, params = tiny.model, tiny.params
+    traces = []
+
+    @jax.jit
+    def loss(p, b):
+        traces.append(1)
+        return model.forward(p, b).loss
+
+    for k in (1, 2, 3, 4):
+        batch, _ = make_batch(model, seed=5, latent_steps=(k, max(1, k - 1)))
+        assert np.isfinite(float(loss(params, batch)))
+    assert len(traces) == 1

@@ -1,0 +1,39 @@
+"""VITAL hyper-parameters (paper §3, §4.1, Appendix B)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vital_jax.layers.linear import LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VitalConfig:
+    """k_max: latent-step slots compiled into the scan (each example uses its own K <= k_max).
+
+    visual_loss_reduction: how Eq. (6)'s ||.||_1 is reduced over the dv dimensions. "mean" (default) is the
+      element mean (PyTorch `l1_loss`), which keeps lambda_visual * L_visual comparable to L_task; "sum" is the
+      literal L1 norm, ~dv times larger at initialisation (see shared NOTES on this ambiguity).
+    visual_target: "shared" (Eq. 6, every step regresses f_ROI) or "interpolated" (Appendix C.5, Eq. 8: step k of
+      K regresses Normalize(a_k f_ROI + (1 - a_k) f_global) with a_k = (k-1)/(K-1), a_1 = 1 when K = 1).
+    remat_latent_steps: recompute each latent step's activations in the backward pass (saves memory ~K_max x).
+    """
+
+    k_max: int = 4
+    lambda_text: float = 1.0
+    lambda_visual: float = 0.1
+    roi_dim: int = 1152
+    vp_dropout: float = 0.1
+    visual_loss_reduction: str = "mean"
+    visual_target: str = "shared"
+    lora: LoraConfig | None = LoraConfig(rank=64, alpha=128.0, dropout=0.05)
+    remat_latent_steps: bool = False
+    train_decoder: bool = True
+
+    def __post_init__(self):
+        if self.visual_loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"visual_loss_reduction must be 'mean' or 'sum', got {self.visual_loss_reduction!r}")
+        if self.visual_target not in ("shared", "interpolated"):
+            raise ValueError(f"visual_target must be 'shared' or 'interpolated', got {self.visual_target!r}")
+        if self.k_max < 0:
+            raise ValueError(f"k_max must be >= 0, got {self.k_max}")

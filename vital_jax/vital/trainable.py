@@ -1,0 +1,88 @@
+"""Which parameters train (paper §4.1, Table 10), the masked optax optimizer, and merging LoRA for export.
+
+Trainable: LoRA adapters of every backbone LLM layer, the auxiliary decoder (fully), pj_in and the visual
+projector. Frozen: the vision tower and the backbone base weights. Frozen leaves are replaced by
+`optax.MaskedNode()` in the trainable tree, so they get no gradient computation and carry no optimizer state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vital_jax.layers.linear import LoraConfig
+from vital_jax.models.hf_mapping import flatten, unflatten
+
+MASKED = optax.MaskedNode()
+
+
+def is_trainable(path: str, train_decoder: bool = True) -> bool:
+    """Path rule: 'backbone/...' trains only its LoRA leaves; the scaffolding trains entirely."""
+    top = path.split("/", 1)[0]
+    if top == "backbone":
+        return path.rsplit("/", 1)[-1].startswith("lora_")
+    if top == "decoder":
+        return train_decoder
+    return top in ("pj_in", "visual_projector")
+
+
+def trainable_mask(params: dict, train_decoder: bool = True) -> dict:
+    """A tree of bools like `params`."""
+    flat = flatten(params)
+    return unflatten({p: is_trainable(p, train_decoder) for p in flat})
+
+
+def split(params: dict, mask: dict) -> tuple[dict, dict]:
+    """(trainable, frozen): the same tree twice, with MaskedNode in place of the other group's leaves."""
+    flat, flat_mask = flatten(params), flatten(mask)
+    trainable = {p: (v if flat_mask[p] else MASKED) for p, v in flat.items()}
+    frozen = {p: (MASKED if flat_mask[p] else v) for p, v in flat.items()}
+    return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+    """Inverse of `split`."""
+    return jax.tree.map(lambda t, f: f if isinstance(t, optax.MaskedNode) else t, trainable, frozen,
+                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def weight_decay_mask(trainable: dict) -> dict:
+    """Decay matrices, not biases / norm scales / embeddings-free vectors (the usual AdamW practice)."""
+    return jax.tree.map(lambda x: (not isinstance(x, optax.MaskedNode)) and x.ndim >= 2, trainable,
+                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def make_optimizer(learning_rate, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   max_grad_norm: float = 1.0, decay_mask=None) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (Table 12), over the trainable tree (MaskedNode leaves are skipped)."""
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+
+def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_ratio: float = 0.05):
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
+    warmup = max(1, int(round(total_steps * warmup_ratio)))
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
+    """Fold every adapter into its base kernel, W' = W + (alpha / r) A B, and drop the LoRA leaves.
+
+    The result has exactly the base model's tree (what the HF exporter expects).
+    """
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return node
+        if "lora_a" in node and "kernel" in node:
+            kernel = node["kernel"]
+            delta = lora.scaling * jnp.dot(node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32))
+            merged = {k: v for k, v in node.items() if not k.startswith("lora_")}
+            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            return merged
+        return {k: visit(v) for k, v in node.items()}
+
+    return visit(backbone_params)

@@ -16,6 +16,8 @@ from PIL import Image
 
 import transformers
 from vital_jax.data import roi
+from vital_jax.data.records import (ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
+                                    RecordError)
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel
 
 GRID, SIZE, DIM = 4, 56, 8
@@ -222,7 +224,8 @@ def _write_dataset(root, masks_by_record: dict[str, tuple[str, tuple[int, int, i
         mask_name = f"m_{image}_{'_'.join(map(str, box))}.png"
         Image.fromarray((_mask(80, 100, *box) * 255).astype(np.uint8)).save(os.path.join(root, mask_name))
         records.append(dict(id=record_id, image=f"{image}.png", mask=mask_name, question="q?", answer="ans",
-                            reasoning_chain=["s"], latent_steps=1, split="train", roi_index=-1))
+                            reasoning_chain=["s"], latent_steps=1, question_type="yes_no", target="liver",
+                            target_type="organ", modality="CT", source="test", split="train", roi_index=-1))
     with open(os.path.join(root, "records.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records
@@ -246,9 +249,9 @@ def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_p
     assert [r["roi_index"] for r in written] == [0, 1, 0, 2]
     assert [{k: v for k, v in r.items() if k != "roi_index"} for r in written] == \
         [{k: v for k, v in r.items() if k != "roi_index"} for r in records]
-    features = np.load(os.path.join(root, roi.FEATURES_FILE))
-    ids = np.load(os.path.join(root, roi.TOP_IDS_FILE))
-    scores = np.load(os.path.join(root, roi.TOP_SCORES_FILE))
+    features = np.load(os.path.join(root, ROI_FEATURES_FILE))
+    ids = np.load(os.path.join(root, ROI_TOP_PATCH_IDS_FILE))
+    scores = np.load(os.path.join(root, ROI_TOP_PATCH_SCORES_FILE))
     assert (features.shape, features.dtype, ids.shape, ids.dtype, scores.shape, scores.dtype) == \
         ((3, 32), np.float32, (3, 5), np.int32, (3, 5), np.float32)
     encoder, params = roi.load_roi_encoder(siglip_dir[0])
@@ -261,7 +264,7 @@ def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_p
     before = _snapshot(root)
     roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)  # re-runnable: same files again
     assert _snapshot(root).keys() == before.keys()
-    np.testing.assert_allclose(np.load(os.path.join(root, roi.FEATURES_FILE)), features, atol=1e-6)
+    np.testing.assert_allclose(np.load(os.path.join(root, ROI_FEATURES_FILE)), features, atol=1e-6)
     assert _read_jsonl(os.path.join(root, "records.jsonl")) == written
 
 
@@ -274,10 +277,15 @@ def test_dataset_extraction_error_leaves_directory_untouched(siglip_dir, tmp_pat
     assert _snapshot(root) == before  # no arrays, no temporaries, records.jsonl byte-identical
 
 
-def test_malformed_records_line_is_named(tmp_path):
-    (tmp_path / "records.jsonl").write_text('{"id": "x", "image": "a.png", "mask": "m.png"}\n{"id": \n')
-    with pytest.raises(roi.RoiError, match="records.jsonl:2: malformed JSON"):
-        roi.read_records_for_roi(str(tmp_path))
+def test_malformed_records_line_is_named(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"good": ("a", (0, 0, 60, 70))})
+    with open(os.path.join(root, "records.jsonl"), "a") as f:
+        f.write('{"id": \n')
+    before = _snapshot(root)
+    with pytest.raises(RecordError, match="records.jsonl:2: malformed JSON"):
+        roi.extract_dataset_rois(root, siglip_dir[0])
+    assert _snapshot(root) == before
 
 
 def test_cli_writes_roi_files(siglip_dir, tmp_path):

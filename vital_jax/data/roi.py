@@ -46,16 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vital_jax.data.records import (RECORDS_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
+                                    Record, read_records)
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl.preprocessing import ImageLoadError, load_image
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
 from vital_jax.models.siglip.preprocessing import PREPROCESSOR_FILE
 
 FULL, CROP = "full", "crop"
-FEATURES_FILE = "roi_features.npy"
-TOP_IDS_FILE = "roi_top_patch_ids.npy"
-TOP_SCORES_FILE = "roi_top_patch_scores.npy"
-RECORDS_FILE = "records.jsonl"
 FEATURE_LAYERS = ("last_block", "post_layernorm")
 
 
@@ -406,38 +404,12 @@ def load_roi_encoder(encoder_dir: str, feature_layer: str = "last_block", dtype=
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_records_for_roi(data_dir: str) -> list[dict]:
-    """records.jsonl -> list of dicts, in file order; RoiError naming the line for malformed JSON or a record
-    without an `id`, `image` or `mask`."""
-    path = os.path.join(data_dir, RECORDS_FILE)
-    if not os.path.isfile(path):
-        raise RoiError(f"{path}: not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RoiError(f"{path}:{line_no}: malformed JSON: {e}") from e
-            if not isinstance(record, dict):
-                raise RoiError(f"{path}:{line_no}: expected a JSON object")
-            for key in ("id", "image", "mask"):
-                if not isinstance(record.get(key), str) or not record[key]:
-                    raise RoiError(f"{path}:{line_no}: record {record.get('id')!r} has no {key!r} path")
-            records.append(record)
-    if not records:
-        raise RoiError(f"{path}: no records")
-    return records
-
-
-def unique_pairs(records: Sequence[dict]) -> tuple[list[tuple[str, str]], list[int]]:
+def unique_pairs(records: Sequence[Record]) -> tuple[list[tuple[str, str]], list[int]]:
     """Distinct (image, mask) relative paths in first-seen order, and each record's row among them."""
     rows: dict[tuple[str, str], int] = {}
     index = []
     for record in records:
-        key = (os.path.normpath(record["image"]), os.path.normpath(record["mask"]))
+        key = (os.path.normpath(record.image), os.path.normpath(record.mask))
         index.append(rows.setdefault(key, len(rows)))
     return list(rows), index
 
@@ -448,27 +420,30 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
 
     Identical (image, mask) pairs share one row. Writes roi_features.npy (M, dv) float32, roi_top_patch_ids.npy
     (M, 5) int32, roi_top_patch_scores.npy (M, 5) float32 and rewrites records.jsonl with `roi_index` set (other
-    fields and their order kept). All files are first written beside their targets and only renamed into place
+    fields kept). records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
+    (RecordError naming file, line and id) before any encoding. All files are first written beside their targets and only renamed into place
     once everything succeeded, so an error leaves the directory as it was; re-running recomputes everything.
     Returns the RoiFeatures of the distinct pairs.
     """
     cfg = RoiConfig(threshold=threshold, padding=padding, batch_size=batch_size)
-    records = read_records_for_roi(data_dir)
+    records = read_records(os.path.join(data_dir, RECORDS_FILE))
+    if not records:
+        raise RoiError(f"{os.path.join(data_dir, RECORDS_FILE)}: no records")
     pairs, roi_index = unique_pairs(records)
     first_record = {}
     for record, row in zip(records, roi_index):
-        first_record.setdefault(row, record["id"])
+        first_record.setdefault(row, record.id)
     names = [f"record {first_record[row]!r} (image {image}, mask {mask})" for row, (image, mask) in enumerate(pairs)]
     encoder, params = load_roi_encoder(encoder_dir, feature_layer)
     result = extract_roi_features([os.path.join(data_dir, image) for image, _ in pairs],
                                   [os.path.join(data_dir, mask) for _, mask in pairs], encoder, params, cfg, names)
 
-    updated = [dict(record, roi_index=row) for record, row in zip(records, roi_index)]
-    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in updated)
+    updated = [dataclasses.replace(record, roi_index=row) for record, row in zip(records, roi_index)]
+    lines = "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in updated)
     outputs = {
-        FEATURES_FILE: lambda f: np.save(f, result.features.astype(np.float32)),
-        TOP_IDS_FILE: lambda f: np.save(f, result.top_ids.astype(np.int32)),
-        TOP_SCORES_FILE: lambda f: np.save(f, result.top_scores.astype(np.float32)),
+        ROI_FEATURES_FILE: lambda f: np.save(f, result.features.astype(np.float32)),
+        ROI_TOP_PATCH_IDS_FILE: lambda f: np.save(f, result.top_ids.astype(np.int32)),
+        ROI_TOP_PATCH_SCORES_FILE: lambda f: np.save(f, result.top_scores.astype(np.float32)),
         # records.jsonl last, so its roi_index never points past arrays that are not in place yet.
         RECORDS_FILE: lambda f: f.write(lines.encode("utf-8")),
     }

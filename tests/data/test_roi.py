@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import transformers
-from vital_jax.data import roi
+from vital_jax.data import roi, roi_grid_search
 from vital_jax.data.records import (ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
                                     RecordError)
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel
@@ -298,3 +298,55 @@ def test_cli_writes_roi_files(siglip_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 full-image, 1 tight-crop" in done.stdout
     assert [r["roi_index"] for r in _read_jsonl(os.path.join(root, "records.jsonl"))] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grid search (A.5.3)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_grid_metrics_hand_case():
+    # Full pathway, mask = top half: ROI patches are grid rows 0-1, background rows 2-3.
+    out = roi.extract_roi_features([_image(100, 100)], [_mask(100, 100, 0, 0, 50, 100)], TABLE_ENCODER,
+                                   TABLE_PARAMS)
+    metrics = roi_grid_search.pair_metrics(out)
+    norms = np.linalg.norm(TABLE.astype(np.float64), axis=1)
+    roi_ids, background_ids = _ids([0, 1], range(GRID)), _ids([2, 3], range(GRID))
+    np.testing.assert_allclose(metrics["coverage"], [0.5])
+    np.testing.assert_allclose(metrics["intensity"], [norms[roi_ids].mean()], rtol=1e-6)
+    np.testing.assert_allclose(metrics["snr"], [norms[roi_ids].mean() / norms[background_ids].mean()], rtol=1e-6)
+
+
+def test_grid_search_matches_direct_extraction_per_setting():
+    images = [_image(100, 100, s) for s in range(4)]
+    masks = [_mask(100, 100, 40, 40, 54, 54), _mask(100, 100, 10, 10, 30, 50), _mask(100, 100, 0, 0, 30, 50),
+             _mask(100, 100, 20, 0, 80, 50)]  # ratios 0.0196, 0.08, 0.15, 0.30
+    thresholds, paddings = (0.05, 0.1, 0.2), (0.0, 0.1)
+    results = roi_grid_search.grid_search_pairs(images, masks, TABLE_ENCODER, TABLE_PARAMS, thresholds, paddings,
+                                                batch_size=3)
+    assert [(r["threshold"], r["padding"]) for r in results] == [(t, p) for t in thresholds for p in paddings]
+    for result in results:
+        direct = roi.extract_roi_features(images, masks, TABLE_ENCODER, TABLE_PARAMS,
+                                          roi.RoiConfig(threshold=result["threshold"], padding=result["padding"]))
+        metrics = roi_grid_search.pair_metrics(direct)
+        assert result["full_fraction"] == np.mean(direct.pathway == "full")
+        np.testing.assert_allclose(result["coverage_pct"], 100 * metrics["coverage"].mean())
+        np.testing.assert_allclose(result["intensity"], np.nanmean(metrics["intensity"]))
+        np.testing.assert_allclose(result["snr"], np.nanmean(metrics["snr"]))
+        assert result["num_snr"] == np.isfinite(metrics["snr"]).sum()
+
+
+def test_grid_search_cli_writes_json(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30)), "r2": ("b", (0, 0, 30, 40))})
+    out_file = str(tmp_path / "grid.json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "vital_jax.data.roi_grid_search", f"--data_dir={root}",
+                           f"--encoder_dir={siglip_dir[0]}", "--thresholds=0.1,0.2", "--paddings=0,0.05",
+                           f"--out={out_file}"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out_file) as f:
+        report = json.load(f)
+    assert report["num_pairs"] == 3 and len(report["results"]) == 4
+    assert all(r["intensity"] > 0 and r["num_pairs"] == 3 for r in report["results"])
+    assert "coverage_pct" in done.stdout

@@ -1,0 +1,220 @@
+"""Question templates (App. A.1, Table 4) and train/val/test splits.
+
+Six question categories, each with its reasoning depth K (App. A.2, "Question-type-aware prompting"):
+  yes_no 1, identify 1, location_choice 1, location 2, describe 2-3, reasoning 3-4.
+Templates are conditioned on the target type (organ / lesion / other) and the imaging modality. A `Question` is a
+record without its answer and reasoning chain: the teacher fills those in (`Question.to_record`).
+Everything is deterministic under the seed passed in.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import zlib
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from vital_jax.data import geometry
+from vital_jax.data.records import QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError
+
+QUESTIONS_FILE = "questions.jsonl"
+LOCATION_CHOICES = {"horizontal": ("left", "right", "center"), "vertical": ("upper", "middle", "lower")}
+# Area thresholds a yes/no size question may ask about, with their words.
+SIZE_THRESHOLDS = ((0.05, "a twentieth"), (0.1, "a tenth"), (0.25, "a quarter"))
+
+MODALITY_PHRASES = {"CT": "CT scan", "MRI": "MRI scan", "ultrasound": "ultrasound image", "X-Ray": "X-ray image",
+                    "pathology": "histopathology image", "endoscope": "endoscopic image",
+                    "fundus": "fundus photograph", "OCT": "OCT scan", "dermoscopy": "dermoscopic image"}
+KIND_WORDS = {"organ": "organ", "lesion": "abnormality", "other": "structure"}
+
+# Templates per question type; "{target}", "{image}" (modality phrase), "{kind}", "{region}" are filled in.
+# Keys "any" apply to every target type; a target type's own list is added to them.
+_TEMPLATES = {
+    "identify": {"any": ["What {kind} is shown in {region} of this {image}?",
+                         "Which {kind} can be seen in {region} of this {image}?"]},
+    "location": {"any": ["Where is the {target} located in this {image}?",
+                         "In which part of the image is the {target} found?"],
+                 "lesion": ["Where is the {target} located in this {image}?"]},
+    "describe": {"any": ["Describe the appearance of the {target} in this {image}.",
+                         "What are the visual characteristics of the {target} in this {image}?"],
+                 "lesion": ["Describe the size, shape and margins of the {target} in this {image}."]},
+    "reasoning": {"organ": ["Analyze the position, shape and appearance of the {target} relative to nearby "
+                            "structures in this {image}."],
+                  "lesion": ["Analyze the visual findings that distinguish the {target} from the surrounding "
+                             "tissue in this {image}."],
+                  "other": ["Analyze the visual features that identify the {target} in this {image}."]},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A student-visible question about one target of one image, before the teacher answers it.
+
+    `latent_steps` is the requested K (within the type's range); `template` and `slots` say which template
+    was used and its parameters (e.g. the side a yes/no question asks about), so the geometry teacher can answer
+    without parsing text; `choices` are the options of a location_choice question.
+    """
+
+    id: str
+    image: str
+    mask: str
+    question: str
+    question_type: str
+    latent_steps: int
+    target: str
+    target_type: str
+    modality: str
+    source: str
+    normal_anatomy: bool
+    template: str
+    slots: dict = dataclasses.field(default_factory=dict)
+    choices: tuple[str, ...] = ()
+    split: str = "train"
+
+    def to_record(self, answer: str, reasoning_chain: Sequence[str]) -> Record:
+        """The finished record; `latent_steps` is the chain's length (the validated K, App. A.2)."""
+        return Record(id=self.id, image=self.image, mask=self.mask, question=self.question, answer=answer,
+                      reasoning_chain=tuple(reasoning_chain), latent_steps=len(reasoning_chain),
+                      question_type=self.question_type, target=self.target, target_type=self.target_type,
+                      modality=self.modality, source=self.source, split=self.split, roi_index=-1)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["choices"] = list(self.choices)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Question":
+        return cls(**{**data, "choices": tuple(data.get("choices", ()))})
+
+
+def question_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator seeded by (seed, key), so one question's draws do not depend on which others exist."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+
+
+def slug(text: str) -> str:
+    """Lower-case identifier piece: "left heart ventricle" -> "left-heart-ventricle"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[int(rng.integers(len(options)))]
+
+
+def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGeometry) -> tuple[str, str, dict]:
+    """A yes/no question whose answer the mask decides: side (only when clearly off-centre), size, or presence."""
+    variants = ["presence"]
+    if abs(geo.centroid[1] - 0.5) > 0.1:
+        variants.append("horizontal_side")
+    if abs(geo.centroid[0] - 0.5) > 0.1:
+        variants.append("vertical_side")
+    sizes = [(t, w) for t, w in SIZE_THRESHOLDS if not t / 1.5 < geo.area_fraction < t * 1.5]
+    if sizes:
+        variants.append("size")
+    variant = _pick(rng, variants)
+    if variant == "horizontal_side":
+        side = _pick(rng, ("left", "right"))
+        return f"Is the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
+    if variant == "vertical_side":
+        side = _pick(rng, ("upper", "lower"))
+        return f"Is the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
+    if variant == "size":
+        threshold, words = _pick(rng, sizes)
+        return (f"Does the {target} occupy more than {words} of the image area?", "yes_no_size",
+                {"threshold": threshold})
+    text = (f"Is there a {target} visible in this {image}?" if target_type == "lesion"
+            else f"Is the {target} visible in this {image}?")
+    return text, "yes_no_presence", {}
+
+
+def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
+                  target_type: str, modality: str, source: str, normal_anatomy: bool,
+                  geo: geometry.MaskGeometry, rng: np.random.Generator) -> Question:
+    """One question of `question_type` about `target`, its K drawn from the type's range (Table 4)."""
+    if question_type not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {question_type!r} (expected one of {', '.join(QUESTION_TYPES)})")
+    image_words = MODALITY_PHRASES[modality]
+    low, high = STEP_RANGES[question_type]
+    steps = int(rng.integers(low, high + 1))
+    slots: dict = {}
+    choices: tuple[str, ...] = ()
+    if question_type == "yes_no":
+        text, template, slots = _yes_no(rng, target, target_type, image_words, geo)
+    elif question_type == "location_choice":
+        axis = _pick(rng, ("horizontal", "vertical"))
+        choices = LOCATION_CHOICES[axis]
+        template, slots = "location_choice", {"axis": axis}
+        text = (f"Is the {target} in the left, right, or center of the image?" if axis == "horizontal" else
+                f"Is the {target} in the upper, middle, or lower part of the image?")
+    else:
+        table = _TEMPLATES[question_type]
+        options = table.get("any", []) + table.get(target_type, [])
+        index = int(rng.integers(len(options)))
+        template = f"{question_type}_{index}"
+        text = options[index].format(target=target, image=image_words, kind=KIND_WORDS[target_type],
+                                     region=geometry.region_phrase(geo.vertical, geo.horizontal))
+    return Question(id=f"{image_id}__{slug(target)}__{question_type}", image=image_path, mask=mask_path,
+                    question=text, question_type=question_type, latent_steps=steps, target=target,
+                    target_type=target_type, modality=modality, source=source, normal_anatomy=normal_anatomy,
+                    template=template, slots=slots, choices=choices)
+
+
+def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                  seed: int = 0) -> list[Question]:
+    """Questions with `split` set, grouped by image (one image never spans splits), stratified by
+    (question type, modality).
+
+    Images are visited in a seeded random order; each goes to the split whose per-stratum counts are furthest
+    below their target fraction (summed over the image's questions, each stratum weighted by 1 / its size).
+    """
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+    by_image: dict[str, list[Question]] = collections.defaultdict(list)
+    for q in questions:
+        by_image[q.image].append(q)
+    totals = collections.Counter((q.question_type, q.modality) for q in questions)
+    assigned = [collections.Counter() for _ in SPLITS]
+    order = sorted(by_image)
+    np.random.default_rng(seed).shuffle(order)
+    split_of: dict[str, str] = {}
+    for image in order:
+        strata = collections.Counter((q.question_type, q.modality) for q in by_image[image])
+        scores = [sum(n * (fractions[j] * totals[s] - assigned[j][s]) / totals[s] for s, n in strata.items())
+                  for j in range(len(SPLITS))]
+        # Ties go to the larger split, so tiny datasets fill train first.
+        best = max(range(len(SPLITS)), key=lambda j: (scores[j], fractions[j], -j))
+        assigned[best].update(strata)
+        split_of[image] = SPLITS[best]
+    return [dataclasses.replace(q, split=split_of[q.image]) for q in questions]
+
+
+def write_questions(path: str, questions: Iterable[Question]) -> None:
+    """Write questions as JSONL (atomically: temporary file, fsync, rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for q in questions:
+            f.write(json.dumps(q.to_dict(), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_questions(path: str) -> list[Question]:
+    """Questions from JSONL; errors name the file, line number and id."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                out.append(Question.from_dict(data))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise RecordError(f"{path}:{number}: bad question line ({e})") from e
+    return out

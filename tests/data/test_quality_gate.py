@@ -1,0 +1,126 @@
+"""Quality gate (App. A.3): each round rejects what it should and names it; clean samples pass, normalised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vital_jax.data import quality_gate as gate
+from vital_jax.data.quality_gate import GateContext
+
+ORGAN = GateContext(question_type="describe", target="liver", target_type="organ", normal_anatomy=True)
+LESION = GateContext(question_type="describe", target="liver tumor", target_type="lesion", normal_anatomy=False)
+CLEAN_CHAIN = ["The structure in the upper left is large and homogeneous.", "Its margin is smooth and regular."]
+
+
+def _raw(answer="The liver appears smooth and homogeneous.", chain=CLEAN_CHAIN, **extra):
+    return json.dumps({"final_answer": answer, "reasoning_chain": chain, **extra})
+
+
+@pytest.mark.parametrize("raw, round_name, fragment", [
+    ("not json", "json_schema", "not valid JSON"),
+    ("```json\n" + _raw() + "\n```", "json_schema", "code fence"),
+    ("[1, 2]", "json_schema", "must be a JSON object"),
+    (json.dumps({"answer": "x", "reasoning_chain": ["a"]}), "json_schema", "missing field(s) ['final_answer']"),
+    (_raw(confidence=0.9), "json_schema", "unexpected field(s) ['confidence']"),
+    (_raw(answer=""), "json_schema", "final_answer must be a non-empty string"),
+    (_raw(chain="one step"), "json_schema", "reasoning_chain must be a list"),
+    (_raw(chain=["ok", ""]), "json_schema", "reasoning_chain must be a list"),
+    (_raw(answer="The liver mask is smooth."), "annotation_leakage", "'mask'"),
+    (_raw(chain=["The red region marks the liver.", "Fine."]), "annotation_leakage", "'red region'"),
+    (_raw(chain=["The highlighted  area is bright.", "The yellow contour is smooth."]), "annotation_leakage",
+     "'highlighted', 'yellow contour'"),
+    (_raw(chain=["Based on the segmentation, it is the liver.", "x."]), "annotation_leakage", "'segmentation'"),
+    (_raw(chain=["The Overlay shows it.", "x."]), "annotation_leakage", "'overlay'"),
+    (_raw(answer="A hypodense lesion is seen in the liver."), "pathology_terms", "'lesion'"),
+    (_raw(chain=["It contains a small Mass.", "No cyst."]), "pathology_terms", "'mass', 'cyst'"),
+    (_raw(chain=["It lies on the patient's right.", "x."]), "spatial_convention", "patient's right"),
+    (_raw(chain=["It lies to the anatomical left.", "x."]), "spatial_convention", "anatomical left"),
+    (_raw(chain=["It is on the right side of the patient.", "x."]), "spatial_convention", "right side of the patient"),
+    (_raw(chain=["Only one step."]), "step_count", "1 step(s); a describe question needs 2 to 3"),
+    (_raw(chain=["a.", "b.", "c.", "d."]), "step_count", "4 step(s)"),
+])
+def test_each_round_rejects_what_it_should(raw, round_name, fragment):
+    result = gate.check(raw, ORGAN)
+    assert not result.accepted and result.round == round_name
+    assert fragment in result.violation, result.violation
+    assert result.rounds_passed == gate.ROUNDS.index(round_name)
+    prompt = gate.retry_prompt(result, attempt=1)
+    assert round_name in prompt and result.violation in prompt
+
+
+def test_pathology_terms_are_allowed_for_lesions_and_non_normal_organs():
+    raw = _raw(answer="A round hypodense lesion sits inside the liver.")
+    assert gate.check(raw, LESION).accepted
+    assert gate.check(raw, GateContext("describe", "liver", "organ", normal_anatomy=False)).accepted
+    # ...but leakage and patient-space wording are refused for every source.
+    assert gate.check(_raw(answer="The masked lesion is dark."), LESION).round == "annotation_leakage"
+    assert gate.check(_raw(answer="The lesion is on the patient left."), LESION).round == "spatial_convention"
+
+
+def test_image_space_wording_and_clinical_words_are_not_false_positives():
+    chain = ["The liver occupies the left side of the image, with a smooth margin.",
+             "Its density is uniform; the right part of the image shows the spleen."]
+    result = gate.check(_raw(chain=chain), ORGAN)
+    assert result.accepted and result.output.reasoning_chain == tuple(chain)
+
+
+def _answer(question_type, answer, steps=None, choices=(), target_type="organ"):
+    lo = gate.STEP_RANGES[question_type][0]
+    context = GateContext(question_type, "liver", target_type, normal_anatomy=False, choices=choices)
+    return gate.check(_raw(answer=answer, chain=[f"Step {i}." for i in range(steps or lo)]), context)
+
+
+@pytest.mark.parametrize("question_type, answer, expected", [
+    ("yes_no", "yes", "Yes."),
+    ("yes_no", "NO.", "No."),
+    ("yes_no", "Yes, the liver is visible!", "Yes, the liver is visible."),
+    ("yes_no", "no the liver is in the right half", "No, the liver is in the right half."),
+    ("identify", "pancreas", "The main organ shown is the pancreas."),
+    ("identify", "The liver", "The main organ shown is the liver."),
+    ("identify", "This is the liver of the patient.", "This is the liver of the patient."),
+    ("location", "The liver is in the upper left", "The liver is in the upper left of the image."),
+    ("location", "It lies in the upper left part of the image..", "It lies in the upper left part of the image."),
+    ("describe", "  the liver is   smooth;", "The liver is smooth."),
+])
+def test_answer_normalisation(question_type, answer, expected):
+    result = _answer(question_type, answer)
+    assert result.accepted, result.violation
+    assert result.output.final_answer == expected
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("left", "The liver is in the left part of the image."),
+    ("(B)", "The liver is in the right part of the image."),
+    ("c.", "The liver is in the center of the image."),
+    ("The liver is located centrally, in the central part of the image", "The liver is located centrally, in the "
+     "central part of the image."),
+])
+def test_location_choice_answers_become_sentences(answer, expected):
+    result = _answer("location_choice", answer, choices=("left", "right", "center"))
+    assert result.accepted and result.output.final_answer == expected
+
+
+@pytest.mark.parametrize("question_type, answer, choices, fragment", [
+    ("yes_no", "Probably visible.", (), "must start with Yes or No"),
+    ("location_choice", "It is on the left, not the right.", ("left", "right", "center"), "names left and right"),
+    ("location_choice", "It is at the top.", ("left", "right", "center"), "names none"),
+    ("location", "The liver is visible.", (), "image-space position"),
+])
+def test_unfixable_answers_fail_round_six(question_type, answer, choices, fragment):
+    result = _answer(question_type, answer, choices=choices)
+    assert not result.accepted and result.round == "answer_format" and fragment in result.violation
+
+
+def test_retry_prompt_grows_stricter_and_refuses_accepted_results():
+    rejected = gate.check("nope", ORGAN)
+    assert "All earlier rules" not in gate.retry_prompt(rejected, 1)
+    assert "All earlier rules" in gate.retry_prompt(rejected, 3)
+    with pytest.raises(ValueError):
+        gate.retry_prompt(gate.check(_raw(), ORGAN), 1)
+
+
+def test_gate_accepts_a_parsed_dict():
+    result = gate.check({"final_answer": "smooth", "reasoning_chain": CLEAN_CHAIN}, ORGAN)
+    assert result.accepted and result.output.final_answer == "Smooth."

@@ -1,0 +1,231 @@
+"""grain input pipeline: batch contract, curriculum K filter, seeded order, resumable state, sharding, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vital_jax.data import pipeline
+from vital_jax.data.records import Record, write_records
+from vital_jax.models.qwen3_vl import preprocessing, prompt
+from vital_jax.models.qwen3_vl.tiny_tokenizer import build_tiny_tokenizer
+
+DV = 16
+CFG = pipeline.PipelineConfig(batch_size=2, prompt_buckets=(32, 48, 64, 128), max_answer_tokens=24,
+                              max_step_tokens=10, k_max_slots=4, min_pixels=4096, max_pixels=96 * 96,
+                              read_threads=2, prefetch_buffer_size=2)
+# (split, latent_steps, image size (h, w)); 9 train records (4 with K=1), 3 test records.
+LAYOUT = [("train", 1, (64, 64)), ("train", 2, (64, 96)), ("train", 1, (96, 64)), ("train", 3, (80, 80)),
+          ("train", 4, (64, 64)), ("train", 1, (96, 96)), ("train", 2, (64, 80)), ("train", 1, (72, 64)),
+          ("train", 3, (64, 64)), ("test", 1, (64, 64)), ("test", 2, (96, 64)), ("test", 4, (64, 96))]
+QUESTIONS = ["Is there a lesion in the liver?", "Where is the kidney located?", "What organ is shown here?",
+             "Describe the abnormal region in this image."]
+STEPS = ["The liver appears in the upper left of the scan.", "A bright round region sits near the boundary.",
+         "Its margin is smooth and well defined everywhere along the edge of the organ.", "So the answer is yes."]
+
+
+def _write_dataset(root: str) -> list[Record]:
+    rng = np.random.RandomState(0)
+    os.makedirs(root, exist_ok=True)
+    records = []
+    for i, (split, k, (h, w)) in enumerate(LAYOUT):
+        Image.fromarray(rng.randint(0, 256, (h, w, 3), np.uint8)).save(os.path.join(root, f"img{i}.png"))
+        Image.fromarray(np.full((h, w), 255, np.uint8)).save(os.path.join(root, f"mask{i}.png"))
+        records.append(Record(id=f"rec{i}", image=f"img{i}.png", mask=f"mask{i}.png", question=QUESTIONS[i % 4],
+                              answer=["yes", "left kidney", "the liver", "a round lesion"][i % 4],
+                              reasoning_chain=tuple(STEPS[:k]), latent_steps=k, question_type="reasoning",
+                              target="liver", target_type="organ", modality="CT", source="test", split=split,
+                              roi_index=len(LAYOUT) - 1 - i))
+    write_records(os.path.join(root, "records.jsonl"), records)
+    features = rng.randn(len(LAYOUT), DV).astype(np.float32)
+    np.save(os.path.join(root, "roi_features.npy"), features / np.linalg.norm(features, axis=1, keepdims=True))
+    np.save(os.path.join(root, "roi_top_patch_ids.npy"), np.zeros((len(LAYOUT), 5), np.int32))
+    np.save(os.path.join(root, "roi_top_patch_scores.npy"), np.zeros((len(LAYOUT), 5), np.float32))
+    return records
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    records = _write_dataset(os.path.join(root, "data"))
+    tokenizer_dir = os.path.join(root, "tokenizer")
+    build_tiny_tokenizer(tokenizer_dir, QUESTIONS + STEPS + [r.answer for r in records], vocab_size=300)
+    return os.path.join(root, "data"), tokenizer_dir, records
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _epoch_order(data_dir, tokenizer_dir, k_max=4, seed=0, process_index=0, process_count=1):
+    it = pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=k_max, seed=seed,
+                                      process_index=process_index, process_count=process_count, num_epochs=1)
+    return [int(i) for batch in it for i in batch["record_index"]]
+
+
+def test_batch_matches_contract_and_reference_preprocessing(dataset):
+    data_dir, tokenizer_dir, records = dataset
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    ids = prompt.special_token_ids(tokenizer)
+    roi = np.load(os.path.join(data_dir, "roi_features.npy"))
+    batch = next(pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=4, seed=1, process_index=0,
+                                              process_count=1))
+    b, tp = batch["prompt_ids"].shape
+    np_rows = batch["pixel_patches"].shape[0]
+    expected = dict(prompt_ids=((b, tp), np.int32), prompt_valid=((b, tp), bool),
+                    pixel_patches=((np_rows, 1536), np.float32), image_grid_thw=((b, 3), np.int32),
+                    answer_ids=((b, 24), np.int32), answer_valid=((b, 24), bool), latent_steps=((b,), np.int32),
+                    step_ids=((b, 4, 10), np.int32), step_valid=((b, 4, 10), bool), roi_feature=((b, DV), np.float32),
+                    record_index=((b,), np.int32), example_valid=((b,), bool))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s, np.dtype(d)) for k, (s, d) in expected.items()}
+    assert b == 2 and tp in CFG.prompt_buckets and np_rows in CFG.patch_bucket_sizes and batch["example_valid"].all()
+
+    offset = 0
+    for i, row in enumerate(batch["record_index"]):
+        record = records[row]
+        patches, grid = preprocessing.preprocess_image(os.path.join(data_dir, record.image), min_pixels=4096,
+                                                       max_pixels=96 * 96)
+        np.testing.assert_array_equal(batch["pixel_patches"][offset:offset + len(patches)], patches)
+        np.testing.assert_array_equal(batch["image_grid_thw"][i], grid)
+        offset += len(patches)
+        # Left padding: the prompt occupies the last n slots, so its last token sits at Tp-1.
+        prompt_ids = prompt.tokenize_prompt(tokenizer, record.question, grid).input_ids
+        n = len(prompt_ids)
+        np.testing.assert_array_equal(batch["prompt_valid"][i], np.arange(tp) >= tp - n)
+        np.testing.assert_array_equal(batch["prompt_ids"][i, tp - n:], prompt_ids)
+        assert (batch["prompt_ids"][i, :tp - n] == ids[prompt.ENDOFTEXT]).all()
+        answer = tokenizer.encode(record.answer + prompt.IM_END, add_special_tokens=False).ids
+        np.testing.assert_array_equal(batch["answer_valid"][i], np.arange(24) < len(answer))
+        np.testing.assert_array_equal(batch["answer_ids"][i, :len(answer)], answer)
+        assert answer[-1] == ids[prompt.IM_END]
+        assert batch["latent_steps"][i] == record.latent_steps
+        for k in range(4):
+            if k < record.latent_steps:
+                step = tokenizer.encode(record.reasoning_chain[k] + prompt.IM_END, add_special_tokens=False).ids[:10]
+                np.testing.assert_array_equal(batch["step_ids"][i, k, :len(step)], step)
+                np.testing.assert_array_equal(batch["step_valid"][i, k], np.arange(10) < len(step))
+            else:
+                assert not batch["step_valid"][i, k].any()
+        np.testing.assert_array_equal(batch["roi_feature"][i], roi[record.roi_index])
+    assert not batch["pixel_patches"][offset:].any()  # zero rows after the real patches
+
+
+def test_k_filter_and_split_select_records(dataset):
+    data_dir, tokenizer_dir, records = dataset
+    for k_max in (1, 2, 4):
+        order = _epoch_order(data_dir, tokenizer_dir, k_max=k_max)
+        eligible = {i for i, r in enumerate(records) if r.split == "train" and r.latent_steps <= k_max}
+        assert len(order) == len(eligible) // 2 * 2 and set(order) <= eligible  # full batches only
+    with pytest.raises(pipeline.PipelineError, match="k_max=5"):
+        pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=5, process_index=0, process_count=1)
+
+
+def test_same_seed_same_order_and_epochs_reshuffle(dataset):
+    data_dir, tokenizer_dir, _ = dataset
+    assert _epoch_order(data_dir, tokenizer_dir, seed=3) == _epoch_order(data_dir, tokenizer_dir, seed=3)
+    assert _epoch_order(data_dir, tokenizer_dir, seed=3) != _epoch_order(data_dir, tokenizer_dir, seed=4)
+    two_epochs = pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=4, seed=3, process_index=0,
+                                              process_count=1, num_epochs=2)
+    order = [int(i) for batch in two_epochs for i in batch["record_index"]]
+    assert len(order) == 18 and sorted(order[:9]) == sorted(order[9:]) and order[:9] != order[9:]
+
+
+def test_iterator_state_resumes_exactly(dataset):
+    data_dir, tokenizer_dir, _ = dataset
+    make = lambda: pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=4, seed=7,  # noqa: E731
+                                                process_index=0, process_count=1)
+    it = make()
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # the state is small and JSON-able: it goes in the checkpoint
+    expected = _take(it, 4)  # runs past the first epoch (4 batches of 2 per epoch)
+    resumed = make()
+    resumed.set_state(state)
+    for want, got in zip(expected, _take(resumed, 4)):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_process_shards_partition_records(dataset):
+    data_dir, tokenizer_dir, records = dataset
+    train = [set(_epoch_order(data_dir, tokenizer_dir, process_index=p, process_count=2)) for p in range(2)]
+    assert not train[0] & train[1] and len(train[0]) == len(train[1]) == 4  # 9 records: 4 each, 1 dropped
+    assert train[0] | train[1] <= {i for i, r in enumerate(records) if r.split == "train"}
+
+    test_rows = [i for i, r in enumerate(records) if r.split == "test"]
+    seen, batch_counts = [], []
+    for p in range(2):
+        batches = list(pipeline.make_eval_batches(data_dir, tokenizer_dir, CFG, split="test", process_index=p,
+                                                  process_count=2))
+        batch_counts.append(len(batches))
+        seen += [int(i) for b in batches for i, ok in zip(b["record_index"], b["example_valid"]) if ok]
+    assert sorted(seen) == test_rows and batch_counts == [1, 1]  # 3 records: 2 + (1 + 1 padding example)
+
+
+def test_eval_batches_keep_every_record_once_and_pad_the_tail(dataset):
+    data_dir, tokenizer_dir, records = dataset
+    batches = list(pipeline.make_eval_batches(data_dir, tokenizer_dir, CFG, split="train", process_index=0,
+                                              process_count=1))
+    assert len(batches) == 5 and all(b["prompt_ids"].shape[0] == 2 for b in batches)
+    valid = [int(i) for b in batches for i, ok in zip(b["record_index"], b["example_valid"]) if ok]
+    assert valid == [i for i, r in enumerate(records) if r.split == "train"]  # file order
+    assert batches[-1]["example_valid"].tolist() == [True, False]
+
+
+def test_corrupt_image_error_names_the_record(dataset, tmp_path):
+    data_dir, tokenizer_dir, records = dataset
+    broken = str(tmp_path / "broken")
+    _write_dataset(broken)
+    with open(os.path.join(broken, "img10.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(pipeline.PipelineError, match=r"record 'rec10' \(records.jsonl row 10\).*cannot decode"):
+        list(pipeline.make_eval_batches(broken, tokenizer_dir, CFG, split="test", process_index=0, process_count=1))
+
+
+def test_too_long_answer_and_missing_roi_are_named(dataset, tmp_path):
+    data_dir, tokenizer_dir, records = dataset
+    short = dataclasses.replace(CFG, max_answer_tokens=2)
+    with pytest.raises(pipeline.PipelineError, match="record 'rec9'.*max_answer_tokens=2"):
+        next(pipeline.make_eval_batches(data_dir, tokenizer_dir, short, split="test", process_index=0,
+                                        process_count=1))
+    no_roi = str(tmp_path / "no_roi")
+    written = _write_dataset(no_roi)
+    write_records(os.path.join(no_roi, "records.jsonl"),
+                  [dataclasses.replace(r, roi_index=-1) if r.id == "rec3" else r for r in written])
+    with pytest.raises(pipeline.PipelineError, match=r"no ROI feature row.*\['rec3'\]"):
+        pipeline.make_train_iterator(no_roi, tokenizer_dir, CFG, k_max=4, process_index=0, process_count=1)
+
+
+def test_config_rejects_patch_buckets_too_small_for_a_batch():
+    with pytest.raises(pipeline.PipelineError, match="largest patch bucket 64"):
+        pipeline.PipelineConfig(batch_size=2, max_pixels=96 * 96, patch_buckets=(32, 64))
+    assert CFG.patch_bucket_sizes == (20, 36, 72)  # B * 36 patches / 4, / 2, / 1, in multiples of 4
+
+
+def test_worker_processes_resume_and_name_the_failing_record(dataset, tmp_path):
+    data_dir, tokenizer_dir, _ = dataset
+    cfg = dataclasses.replace(CFG, num_workers=1)
+    make = lambda d: pipeline.make_train_iterator(d, tokenizer_dir, cfg, k_max=4, seed=2,  # noqa: E731
+                                                  process_index=0, process_count=1)
+    it = make(data_dir)
+    _take(it, 2)
+    state = it.get_state()
+    expected = [b["record_index"].tolist() for b in _take(it, 3)]
+    it.close()
+    resumed = make(data_dir)
+    resumed.set_state(state)
+    assert [b["record_index"].tolist() for b in _take(resumed, 3)] == expected
+    resumed.close()
+
+    broken = str(tmp_path / "broken")
+    _write_dataset(broken)
+    with open(os.path.join(broken, "img4.png"), "wb") as f:
+        f.write(b"junk")
+    it = make(broken)
+    with pytest.raises(pipeline.PipelineError, match=r"record 'rec4' \(records.jsonl row 4\)"):
+        _take(it, 5)  # one epoch holds every record
+    it.close()

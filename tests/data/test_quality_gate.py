@@ -98,6 +98,7 @@ def test_answer_normalisation(question_type, answer, expected):
      "central part of the image."),
 ])
 def test_location_choice_answers_become_sentences(answer, expected):
+    """Bare words and choice letters become sentences; a direction inside the target's name does not count."""
     result = _answer("location_choice", answer, choices=("left", "right", "center"))
     assert result.accepted and result.output.final_answer == expected
 
@@ -124,3 +125,9 @@ def test_retry_prompt_grows_stricter_and_refuses_accepted_results():
 def test_gate_accepts_a_parsed_dict():
     result = gate.check({"final_answer": "smooth", "reasoning_chain": CLEAN_CHAIN}, ORGAN)
     assert result.accepted and result.output.final_answer == "Smooth."
+
+
+def test_direction_in_the_target_name_is_not_a_choice():
+    context = GateContext("location_choice", "left kidney", "organ", False, ("left", "right", "center"))
+    result = gate.check(_raw(answer="The left kidney is in the right part of the image.", chain=["x."]), context)
+    assert result.accepted, result.violation

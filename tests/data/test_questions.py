@@ -51,9 +51,9 @@ def test_templates_follow_target_type_and_modality():
     assert lesion == {"Analyze the visual findings that distinguish the liver tumor from the surrounding tissue "
                       "in this ultrasound image."}
     identify = _ask("identify", target_type="other", modality="fundus", geo=_geo((0.2, 0.8)))
-    assert identify.question in ("What structure is shown in the upper right part of the image of this fundus "
+    assert identify.question in ("What structure is shown in the upper right part of the image in this fundus "
                                  "photograph?", "Which structure can be seen in the upper right part of the image "
-                                 "of this fundus photograph?")
+                                 "in this fundus photograph?")
     assert "abnormality" in _ask("identify", target_type="lesion").question
     assert "There" not in _ask("yes_no", target_type="lesion").question
     assert _ask("identify").id == "a__liver__identify"

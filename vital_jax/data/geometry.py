@@ -50,11 +50,11 @@ class MaskGeometry:
 
 
 def region_phrase(vertical: str, horizontal: str) -> str:
-    """"the upper left part of the image", "the central part of the image", "the left side of the image"..."""
+    """"the upper left part of the image", "the central part of the image", "the left part of the image"..."""
     if vertical == "middle" and horizontal == "center":
         return "the central part of the image"
     if vertical == "middle":
-        return f"the {horizontal} side of the image"
+        return f"the {horizontal} part of the image"
     if horizontal == "center":
         return f"the {vertical} central part of the image"
     return f"the {vertical} {horizontal} part of the image"

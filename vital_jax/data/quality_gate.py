@@ -174,7 +174,9 @@ def normalize_answer(answer: str, context: GateContext) -> str:
         if bare in letters or bare in context.choices:
             choice = letters.get(bare, bare)
             return _sentence(f"The {context.target} is in {_choice_phrase(choice)}")
-        words = set(re.findall(r"[a-z]+", text.lower()))
+        # The target's own name may hold a direction ("left kidney"); only the rest of the answer chooses.
+        rest = re.sub(re.escape(context.target), " ", text, flags=re.IGNORECASE) if context.target else text
+        words = set(re.findall(r"[a-z]+", rest.lower()))
         words |= {"center"} if words & {"central", "centre"} else set()
         named = [c for c in context.choices if c in words]
         if len(named) != 1:

@@ -35,8 +35,8 @@ KIND_WORDS = {"organ": "organ", "lesion": "abnormality", "other": "structure"}
 # Templates per question type; "{target}", "{image}" (modality phrase), "{kind}", "{region}" are filled in.
 # Keys "any" apply to every target type; a target type's own list is added to them.
 _TEMPLATES = {
-    "identify": {"any": ["What {kind} is shown in {region} of this {image}?",
-                         "Which {kind} can be seen in {region} of this {image}?"]},
+    "identify": {"any": ["What {kind} is shown in {region} in this {image}?",
+                         "Which {kind} can be seen in {region} in this {image}?"]},
     "location": {"any": ["Where is the {target} located in this {image}?",
                          "In which part of the image is the {target} found?"],
                  "lesion": ["Where is the {target} located in this {image}?"]},

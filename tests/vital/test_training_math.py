@@ -1,0 +1,144 @@
+"""Gradients through the latent recurrence, masked optimizer state, the visual projector (Eq. 5), LoRA merge."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.vital.vital_fixtures import build, make_batch
+from vital_jax.models.hf_mapping import flatten
+from vital_jax.vital import trainable
+from vital_jax.vital.heads import VisualProjector
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("vital_grads"), k_max=3)
+
+
+def _lora_b_grads(grads):
+    return {p: g for p, g in flatten(grads).items() if p.startswith("backbone") and p.endswith("lora_b")}
+
+
+@pytest.mark.parametrize("term", ["text", "visual"])
+def test_each_latent_step_sends_gradient_to_lora_through_the_recurrence(tiny, term):
+    """Supervising only step k (of K = 3) gives non-zero LoRA gradients in every decoder layer, for every k: the
+    auxiliary losses reach the backbone through z_k."""
+    model, params = tiny.model, tiny.params
+    mask = trainable.trainable_mask(params)
+    train, frozen = trainable.split(params, mask)
+    batch, data = make_batch(model, seed=7, latent_steps=(3, 3))
+
+    @jax.jit
+    def grads_for_step(t, b, onehot_k):
+        def loss(t):
+            out = model.forward(trainable.merge(t, frozen), b)
+            if term == "text":
+                return out.text_loss
+            projected = model.visual_projector.apply({"params": t["visual_projector"]}, out.z)
+            per_step = jnp.mean(jnp.abs(projected - b.roi_feature[:, None]), axis=(0, 2))
+            return jnp.sum(per_step * onehot_k)
+        return jax.grad(loss)(t)
+
+    n_layers = model.backbone_config.text.num_hidden_layers
+    for k in range(3):
+        onehot = jnp.zeros((3,)).at[k].set(1.0)
+        # Only step k has reasoning tokens (text term); the visual term weights only step k.
+        b = batch.replace(step_valid=batch.step_valid & (onehot > 0)[None, :, None])
+        lora = _lora_b_grads(grads_for_step(train, b, onehot))
+        layers = {next(s for s in p.split("/") if s.startswith("layers_")) for p, g in lora.items()
+                  if float(jnp.max(jnp.abs(g))) > 0}
+        assert layers == {f"layers_{i}" for i in range(n_layers)}, (k, layers)
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(tiny):
+    model, params = tiny.model, tiny.params
+    mask = trainable.trainable_mask(params)
+    train, frozen = trainable.split(params, mask)
+    flat_train = flatten(jax.tree.map(lambda x: x, train, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+    real = [p for p, v in flat_train.items() if not isinstance(v, optax.MaskedNode)]
+    assert real and all(trainable.is_trainable(p) for p in real)
+    assert any(p.startswith("backbone/visual") for p in flatten(params))
+    assert not any(p.startswith("backbone/visual") or p.endswith("kernel") and p.startswith("backbone")
+                   for p in real)
+    opt = trainable.make_optimizer(1e-3, decay_mask=trainable.weight_decay_mask(train))
+    state = opt.init(train)
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(train))
+    n_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+    assert n_state == 2 * n_train  # Adam's mu and nu, for trainable leaves only
+    batch, _ = make_batch(model, seed=8, latent_steps=(2, 3))
+    grads = jax.grad(lambda t: model.forward(trainable.merge(t, frozen), batch).loss)(train)
+    assert jax.tree.structure(grads) == jax.tree.structure(train)
+
+
+def test_a_few_optimisation_steps_reduce_every_loss_term(tiny):
+    model, params = tiny.model, tiny.params
+    train, frozen = trainable.split(params, trainable.trainable_mask(params))
+    opt = trainable.make_optimizer(3e-3, weight_decay=0.0)
+    state = opt.init(train)
+    batch, _ = make_batch(model, seed=9, latent_steps=(2, 3))
+
+    @jax.jit
+    def step(t, s):
+        def loss(t):
+            out = model.forward(trainable.merge(t, frozen), batch)
+            return out.loss, out
+        (_, out), g = jax.value_and_grad(loss, has_aux=True)(t)
+        updates, s = opt.update(g, s, t)
+        return optax.apply_updates(t, updates), s, out
+
+    _, _, first = step(train, state)
+    for _ in range(12):
+        train, state, out = step(train, state)
+    for term in ("task_loss", "text_loss", "visual_loss"):
+        assert float(getattr(out, term)) < 0.9 * float(getattr(first, term)), term
+
+
+def test_visual_projector_is_eq5():
+    """VP(z) = LN(W2(GELU(W1 LN(z)) + z)), computed by hand in numpy on the module's own parameters."""
+    d, dv = 6, 4
+    vp = VisualProjector(dv, dropout=0.1)
+    z = np.random.RandomState(0).randn(3, d).astype(np.float32) * 5.0
+    params = vp.init(jax.random.PRNGKey(1), jnp.asarray(z))["params"]
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(2), x.shape), params)
+    p = jax.tree.map(np.asarray, params)
+
+    def ln(x, scale, bias):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * scale + bias
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))
+    h = ln(z, p["norm_in"]["scale"], p["norm_in"]["bias"]) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    h = (gelu(h) + z) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    expected = ln(h, p["norm_out"]["scale"], p["norm_out"]["bias"])
+    out = vp.apply({"params": params}, jnp.asarray(z))
+    assert out.shape == (3, dv) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # Eval mode is deterministic; training mode applies dropout after the GELU.
+    again = vp.apply({"params": params}, jnp.asarray(z))
+    np.testing.assert_array_equal(out, again)
+    train = vp.apply({"params": params}, jnp.asarray(z), False, rngs={"dropout": jax.random.PRNGKey(3)})
+    assert not np.allclose(train, out)
+
+
+def test_merged_lora_equals_the_adapted_backbone(tiny):
+    model, params = tiny.model, tiny.params
+    bp = jax.tree_util.tree_map_with_path(
+        lambda path, x: (jax.random.normal(jax.random.PRNGKey(len(path)), x.shape) * 0.05
+                         if path[-1].key == "lora_b" else x), params["backbone"])
+    batch, _ = make_batch(model, seed=10, latent_steps=(1, 3))
+    prefix = batch.prefix
+    kwargs = dict(input_ids=prefix.input_ids, token_valid=prefix.token_valid, positions=prefix.positions,
+                  pixel_patches=prefix.pixel_patches, vision_inputs=prefix.vision_inputs)
+    adapted = model.backbone.apply({"params": bp}, **kwargs).logits
+    merged = trainable.merge_lora(bp, model.config.lora)
+    assert not any("lora" in p for p in flatten(merged))
+    from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
+    plain = Qwen3VLForConditionalGeneration(model.backbone_config).apply({"params": merged}, **kwargs).logits
+    base = Qwen3VLForConditionalGeneration(model.backbone_config).apply(
+        {"params": trainable.merge_lora(params["backbone"], model.config.lora)}, **kwargs).logits
+    assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3  # the adapters do change the model
+    np.testing.assert_allclose(plain, adapted, atol=1e-4)

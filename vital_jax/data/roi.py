@@ -256,7 +256,8 @@ def extract_roi_features(images: Sequence, masks: Sequence, encoder: RoiEncoder,
         raise ValueError("extract_roi_features got no images")
     num_patches, bsz = encoder.grid_size ** 2, cfg.batch_size
     out = dict(features=[], top_ids=[], top_scores=[], patch_norms=[])
-    views: list[RoiView] = []
+    # Only the small per-view facts are kept: the pixels of 61K views would not fit in memory.
+    pathways, boxes, roi_patches, valid_patches = [], [], [], []
     pending = None
     for start in range(0, len(images), bsz):
         chunk = range(start, min(start + bsz, len(images)))
@@ -271,7 +272,11 @@ def extract_roi_features(images: Sequence, masks: Sequence, encoder: RoiEncoder,
         if pending is not None:
             _collect(out, *pending)
         pending = (result, len(batch_views))
-        views.extend(batch_views)
+        for view in batch_views:
+            pathways.append(view.pathway)
+            boxes.append(view.box)
+            roi_patches.append(view.roi)
+            valid_patches.append(view.valid)
     _collect(out, *pending)
     features = np.concatenate(out["features"])
     bad = np.flatnonzero(~np.isfinite(features).all(1))
@@ -280,9 +285,8 @@ def extract_roi_features(images: Sequence, masks: Sequence, encoder: RoiEncoder,
                        f"affected: {[names[i] for i in bad[:5]]}); check the encoder weights and the image")
     return RoiFeatures(
         features=features, top_ids=np.concatenate(out["top_ids"]), top_scores=np.concatenate(out["top_scores"]),
-        pathway=np.array([v.pathway for v in views]), boxes=np.array([v.box for v in views], np.int32),
-        patch_norms=np.concatenate(out["patch_norms"]), roi_patches=np.stack([v.roi for v in views]),
-        valid_patches=np.stack([v.valid for v in views]))
+        pathway=np.array(pathways), boxes=np.array(boxes, np.int32), patch_norms=np.concatenate(out["patch_norms"]),
+        roi_patches=np.stack(roi_patches), valid_patches=np.stack(valid_patches))
 
 
 def _collect(out: dict, result, count: int) -> None:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import transformers
 from vital_jax.data import roi, roi_grid_search
 from vital_jax.data.records import (ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
                                     RecordError)
-from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel
+from vital_jax.models.siglip import SiglipPreprocessor
 
 GRID, SIZE, DIM = 4, 56, 8
 PREPROCESSOR = SiglipPreprocessor(height=SIZE, width=SIZE)

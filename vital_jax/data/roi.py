@@ -425,8 +425,9 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
     Identical (image, mask) pairs share one row. Writes roi_features.npy (M, dv) float32, roi_top_patch_ids.npy
     (M, 5) int32, roi_top_patch_scores.npy (M, 5) float32 and rewrites records.jsonl with `roi_index` set (other
     fields kept). records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
-    (RecordError naming file, line and id) before any encoding. All files are first written beside their targets and only renamed into place
-    once everything succeeded, so an error leaves the directory as it was; re-running recomputes everything.
+    (RecordError naming file, line and id) before any encoding. All files are first written beside their targets
+    and only renamed into place once everything succeeded, so an error leaves the directory as it was;
+    re-running recomputes everything.
     Returns the RoiFeatures of the distinct pairs.
     """
     cfg = RoiConfig(threshold=threshold, padding=padding, batch_size=batch_size)

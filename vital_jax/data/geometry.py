@@ -60,7 +60,7 @@ def region_phrase(vertical: str, horizontal: str) -> str:
     return f"the {vertical} {horizontal} part of the image"
 
 
-def _box_sum(mask: np.ndarray, radius: int) -> np.ndarray:
+def box_sum(mask: np.ndarray, radius: int) -> np.ndarray:
     """Sum of `mask` over a (2r+1)^2 window at every pixel (integral image; cost independent of r)."""
     padded = np.pad(mask.astype(np.int64), radius + 1)
     integral = padded.cumsum(0).cumsum(1)
@@ -139,12 +139,12 @@ def measure(image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
                 for s, a in ((1, 0), (-1, 0), (1, 1), (-1, 1)))
     perimeter = edges * math.pi / 4.0
     circularity = min(1.0, 4.0 * math.pi * area / max(perimeter, 1e-9) ** 2)
-    boundary = mask & ~(_box_sum(mask, 1) == 9)
+    boundary = mask & ~(box_sum(mask, 1) == 9)
     br, bc = np.nonzero(boundary)
     corners = np.concatenate([np.stack([br + dr, bc + dc], 1) for dr in (0, 1) for dc in (0, 1)])
     solidity = min(1.0, area / max(_convex_hull_area(corners), 1.0))
     radius = max(2, int(round(0.03 * max(h, w))))
-    ring = (_box_sum(mask, radius) > 0) & ~mask
+    ring = (box_sum(mask, radius) > 0) & ~mask
     surround = gray[ring] if ring.any() else gray[mask]
     inside = gray[mask]
     return MaskGeometry(area_fraction=area / (h * w), centroid=(float(cy + 0.5) / h, float(cx + 0.5) / w),

@@ -1,0 +1,277 @@
+"""Teacher distillation against a local OpenAI-compatible test server: overlay, prompts, HTTP retries, gate
+regenerations, rejection log, statistics, the API key never written, and a SIGKILLed run resumed exactly once."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vital_jax.data import quality_gate, questions, records, teacher
+from vital_jax.data.questions import Question
+from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+API_KEY = "sk-test-5ecret-never-written"
+
+
+class _TeacherServer:
+    """Chat-completions server whose behaviour per question is the [token] at the end of the student question."""
+
+    SCRIPTS = {"good": ["good"], "leaky": ["leaky", "good"], "alwaysleaky": ["leaky"],
+               "malformed": ["malformed", "good"], "steps": ["wrong_steps", "good"], "flaky": [500, 500, "good"],
+               "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403]}
+
+    def __init__(self):
+        self.calls = collections.Counter()
+        self.prompts = collections.defaultdict(list)
+        self.auth = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    status, content = server.respond(self.path, self.headers.get("Authorization"), body)
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
+                                         if status == 200 else {"error": "boom"}).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and hung up: expected for the slow script
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def respond(self, path, auth, body):
+        assert path == "/v1/chat/completions"
+        text = body["messages"][1]["content"][0]["text"]
+        question = re.search(r"Student question: (.*)", text).group(1)
+        token = re.search(r"\[(\w+)\]", question).group(1)
+        steps = int(re.search(r"exactly (\d)|aim for (\d)", text).group(1) or
+                    re.search(r"aim for (\d)", text).group(1))
+        with self.lock:
+            attempt = self.calls[question]
+            self.calls[question] += 1
+            self.prompts[question].append(text)
+            self.auth.append(auth)
+        script = self.SCRIPTS[token]
+        action = script[min(attempt, len(script) - 1)]
+        chain = ["The liver lies in the left part of the image and looks uniform."] * steps
+        answer = "Yes, the liver is visible in the left part of the image"
+        if isinstance(action, int):
+            return action, None
+        if action == "slow":
+            time.sleep(1.0)
+        if action == "paced":
+            time.sleep(0.03)
+        if action == "leaky":
+            return 200, json.dumps({"final_answer": answer, "reasoning_chain": ["The red overlay marks it."] * steps})
+        if action == "malformed":
+            return 200, "Sure! Here is the answer: {final_answer: yes}"
+        if action == "wrong_steps":
+            return 200, json.dumps({"final_answer": answer, "reasoning_chain": chain + chain})
+        return 200, json.dumps({"final_answer": answer, "reasoning_chain": chain})
+
+
+@pytest.fixture
+def server():
+    s = _TeacherServer()
+    yield s
+    s.close()
+
+
+def _dataset(root, tokens, question_type="yes_no"):
+    os.makedirs(root / "images", exist_ok=True)
+    os.makedirs(root / "masks", exist_ok=True)
+    image = np.full((32, 32, 3), 90, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 4:14] = 255
+    Image.fromarray(image).save(root / "images/a.png")
+    Image.fromarray(mask).save(root / "masks/a_liver.png")
+    qs = []
+    for i, token in enumerate(tokens):
+        qtype = question_type if isinstance(question_type, str) else question_type[i % len(question_type)]
+        qs.append(Question(id=f"q{i:03d}_{token}", image="images/a.png", mask="masks/a_liver.png",
+                           question=f"Is the liver visible in this CT scan? #{i} [{token}]", question_type=qtype,
+                           latent_steps=STEP_RANGES[qtype][1], target="liver", target_type="organ", modality="CT",
+                           source="test", normal_anatomy=True, template="yes_no_presence"))
+    return qs
+
+
+def _client(server, **overrides):
+    config = dict(base_url=server.base_url, model="teacher-model", api_key_env="VITAL_TEST_TEACHER_KEY",
+                  timeout_s=0.4, max_retries=3, backoff_s=0.01)
+    config.update(overrides)
+    return teacher.ChatClient(teacher.ApiConfig(**config))
+
+
+# ------------------------------------------------------------------------------------------------ overlay
+def test_overlay_is_red_at_alpha_04_with_a_yellow_boundary():
+    image = np.full((40, 40, 3), 100, np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    out = teacher.render_overlay(image, mask)
+    assert tuple(out[20, 20]) == (round(0.6 * 100 + 0.4 * 255), 60, 60)
+    assert tuple(out[10, 15]) == (255, 255, 0) and tuple(out[29, 29]) == (255, 255, 0)
+    assert tuple(out[11, 15]) == (162, 60, 60) and tuple(out[9, 15]) == (100, 100, 100)
+    assert np.array_equal(out[~mask], image[~mask])
+    with pytest.raises(ValueError, match="differ in size"):
+        teacher.render_overlay(image, mask[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def test_system_prompt_has_every_component_of_appendix_a2():
+    p = teacher.SYSTEM_PROMPT
+    for phrase in ("You are a teacher", "Teacher-only information", "Never mention or imply", "visible evidence",
+                   "image space only", "patient's left", "strict JSON", '"final_answer"', '"reasoning_chain"',
+                   "no code fences"):
+        assert phrase in p, phrase
+
+
+@pytest.mark.parametrize("question_type", QUESTION_TYPES)
+def test_user_prompt_example_passes_the_gate_with_the_type_step_range(question_type):
+    q = Question(id="x", image="i", mask="m", question="Where is the liver?", question_type=question_type,
+                 latent_steps=STEP_RANGES[question_type][0], target="liver", target_type="organ", modality="CT",
+                 source="s", normal_anatomy=False, template="t",
+                 choices=("left", "right", "center") if question_type == "location_choice" else ())
+    prompt = teacher.user_prompt(q)
+    assert "Target (teacher-only" in prompt and "Student question: Where is the liver?" in prompt
+    assert f"Question type: {question_type}" in prompt
+    example = prompt.splitlines()[-1]
+    context = quality_gate.GateContext(question_type, "liver", "organ", False, q.choices)
+    result = quality_gate.check(example, context)
+    assert result.accepted, result.violation
+    low, high = STEP_RANGES[question_type]
+    assert (f"exactly {low} reasoning step" in prompt) if low == high else (f"{low} to {high}" in prompt)
+
+
+# ------------------------------------------------------------------------------------------------- client
+def test_client_retries_5xx_and_timeouts_with_exponential_backoff(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    sleeps = []
+    client = teacher.ChatClient(_client(server).config, sleep=sleeps.append)
+    qs = _dataset(tmp_path, ["flaky", "slow", "down"])
+    image = np.zeros((32, 32, 3), np.uint8)
+    mask = np.ones((32, 32), bool)
+    api = teacher.ApiTeacher(client)
+    assert json.loads(api.generate(qs[0], image, mask))["final_answer"].startswith("Yes")
+    assert sleeps == [0.01, 0.02] and client.retries == 2
+    sleeps.clear()
+    assert json.loads(api.generate(qs[1], image, mask))["final_answer"].startswith("Yes")
+    assert sleeps == [0.01]
+    sleeps.clear()
+    with pytest.raises(teacher.TeacherTransportError, match=r"failed after 4 attempts \(HTTP 500"):
+        api.generate(qs[2], image, mask)
+    assert sleeps == [0.01, 0.02, 0.04]
+    assert server.auth and set(server.auth) == {f"Bearer {API_KEY}"}
+
+
+def test_client_does_not_retry_client_errors_and_needs_its_key(server, monkeypatch, tmp_path):
+    monkeypatch.delenv("VITAL_TEST_TEACHER_KEY", raising=False)
+    with pytest.raises(teacher.TeacherTransportError, match="VITAL_TEST_TEACHER_KEY is not set"):
+        _client(server).complete([{"role": "user", "content": "hi"}])
+    q, = _dataset(tmp_path, ["forbidden"])
+    sleeps = []
+    api = teacher.ApiTeacher(teacher.ChatClient(_client(server, api_key_env="").config, sleep=sleeps.append))
+    with pytest.raises(teacher.TeacherTransportError, match=r"HTTP 403 .*\(not retried\)"):
+        api.generate(q, np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), bool))
+    assert server.calls[q.question] == 1 and sleeps == []
+    refused = _client(server, base_url="http://127.0.0.1:9", api_key_env="", max_retries=1)
+    with pytest.raises(teacher.TeacherTransportError, match="failed after 2 attempts"):
+        refused.complete([{"role": "user", "content": "hi"}])
+
+
+# --------------------------------------------------------------------------------------------------- runs
+def test_distill_regenerates_rejects_and_counts(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    tokens = ["good", "leaky", "alwaysleaky", "malformed", "steps", "flaky", "slow", "down"]
+    qs = _dataset(tmp_path, tokens, question_type=["yes_no", "describe", "reasoning", "location"])
+    api = teacher.ApiTeacher(_client(server))
+    summary = teacher.distill(qs, str(tmp_path), api, workers=3)
+    accepted = {r.id: r for r in records.read_records(str(tmp_path / records.RECORDS_FILE))}
+    assert sorted(i.split("_")[1] for i in accepted) == sorted(["good", "leaky", "malformed", "steps", "flaky", "slow"])
+    for r in accepted.values():
+        assert len(r.reasoning_chain) == r.latent_steps and r.answer.endswith(".")
+    rejected = [json.loads(line) for line in open(tmp_path / teacher.REJECTED_FILE)]
+    by_id = {e["id"].split("_")[1]: e for e in rejected}
+    assert set(by_id) == {"alwaysleaky", "down"}
+    assert by_id["alwaysleaky"]["final"] and by_id["alwaysleaky"]["attempts"] == 1 + teacher.MAX_REGENERATIONS
+    assert all(r.startswith("annotation_leakage: ") for r in by_id["alwaysleaky"]["reasons"])
+    assert not by_id["down"]["final"] and "HTTP 500" in by_id["down"]["error"]
+    # The regeneration prompt names the violation of the previous attempt.
+    leaky_q = next(q.question for q in qs if "[leaky]" in q.question)
+    assert "STRICT RULES" not in server.prompts[leaky_q][0]
+    assert "rejected by the annotation_leakage check" in server.prompts[leaky_q][1]
+    malformed_q = next(q.question for q in qs if "[malformed]" in q.question)
+    assert "rejected by the json_schema check" in server.prompts[malformed_q][1]
+    # Statistics: 6 accepted + 1 final rejection; attempts = 1+2+5+2+2+1+1 = 14 gated outputs.
+    assert summary["accepted"] == 6 and summary["rejected"] == 1 and summary["failed_unfinished"] == 1
+    assert summary["attempts"] == 14 and summary["regenerations"] == 7
+    rounds = summary["gate_rounds"]
+    assert rounds["json_schema"] == {"reached": 14, "failed": 1, "pass_rate": round(13 / 14, 4)}
+    assert rounds["annotation_leakage"]["failed"] == 6 and rounds["step_count"]["failed"] == 1
+    assert summary["transport_retries"] == 2 + 1 + 3
+    assert json.load(open(tmp_path / teacher.SUMMARY_FILE)) == summary
+    # A rerun skips finished ids (accepted and final rejections) and retries only the unfinished one.
+    calls = sum(server.calls.values())
+    again = teacher.distill(qs, str(tmp_path), api, workers=3)
+    assert again["skipped_finished"] == 7 and again["failed_unfinished"] == 1
+    assert sum(server.calls.values()) - calls == 1 + 3
+    # The key is sent to the server but never written anywhere.
+    for name in os.listdir(tmp_path):
+        if os.path.isfile(tmp_path / name):
+            assert API_KEY not in (tmp_path / name).read_text(errors="ignore")
+
+
+def test_killed_run_restarts_and_yields_every_sample_exactly_once(server, tmp_path):
+    qs = _dataset(tmp_path, ["paced"] * 60)
+    qpath = str(tmp_path / questions.QUESTIONS_FILE)
+    questions.write_questions(qpath, qs)
+    script = ("import sys\nfrom vital_jax.data import teacher, questions\n"
+              "qs = questions.read_questions(sys.argv[1])\n"
+              "api = teacher.ApiTeacher(teacher.ChatClient(teacher.ApiConfig(base_url=sys.argv[2], model='m', "
+              "api_key_env='', timeout_s=5, backoff_s=0.01)))\n"
+              "teacher.distill(qs, sys.argv[3], api, workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, qpath, server.base_url, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out = tmp_path / records.RECORDS_FILE
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    written = out.read_text().count("\n")
+    assert proc.returncode == -signal.SIGKILL and 10 <= written < 60, proc.stderr.read().decode()
+    with open(out, "a") as f:  # as if the kill had torn an append in half
+        f.write('{"id": "q999_torn", "ima')
+    summary = teacher.distill(qs, str(tmp_path), teacher.ApiTeacher(teacher.ChatClient(teacher.ApiConfig(
+        base_url=server.base_url, model="m", api_key_env="", timeout_s=5))), workers=2)
+    ids = [r.id for r in records.read_records(str(out))]
+    assert sorted(ids) == sorted(q.id for q in qs) and len(ids) == len(set(ids)) == 60
+    assert summary["skipped_finished"] == written and summary["accepted"] == 60 - written

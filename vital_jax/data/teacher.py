@@ -1,0 +1,451 @@
+"""Teacher distillation (App. A.2-A.3): questions -> gated (answer, K-step reasoning chain) records.
+
+Pieces, in the order a sample meets them:
+  render_overlay     the teacher-only view: mask in red at alpha 0.4, boundary in yellow (App. A.2)
+  SYSTEM_PROMPT      role, teacher-only information, leakage prevention, image-grounded reasoning, image-space
+                     spatial convention, strict JSON; `user_prompt` adds the target, question, the type's step
+                     range and an in-context JSON example
+  ChatClient         OpenAI-compatible chat-completions over urllib: API key read from the environment variable
+                     the config names (never logged or written), retries with exponential back-off on HTTP 5xx,
+                     429 and timeouts
+  ApiTeacher         overlay + prompts + client; `GeometryTeacher` (geometry_teacher.py) has the same interface
+  distill            bounded thread pool; every output through the quality gate, up to 4 regenerations whose
+                     prompt names the violation; accepted records appended one per line (resumable: a rerun skips
+                     finished ids, a crash loses at most the in-flight requests); rejections logged with reasons
+                     to JSONL; summary statistics (accept rate per gate round, retries, per question type).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import concurrent.futures
+import dataclasses
+import http.client
+import io
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from vital_jax.data import ingest, quality_gate, records
+from vital_jax.data.geometry import box_sum
+from vital_jax.data.geometry_teacher import GeometryTeacher
+from vital_jax.data.questions import Question
+from vital_jax.data.records import STEP_RANGES
+
+OVERLAY_COLOR = (255, 0, 0)
+CONTOUR_COLOR = (255, 255, 0)
+OVERLAY_ALPHA = 0.4
+MAX_REGENERATIONS = 4
+REJECTED_FILE = "rejected.jsonl"
+SUMMARY_FILE = "distill_summary.json"
+
+
+# ------------------------------------------------------------------------------------------ teacher-only view
+def render_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """uint8 (H, W, 3): `mask` (bool (H, W)) blended in red at `alpha` over `image` (uint8 (H, W, 3)), with the
+    mask's boundary (pixels with a background 8-neighbour; thicker on large images) drawn in yellow."""
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    out = image.astype(np.float64).copy()
+    out[mask] = (1.0 - alpha) * out[mask] + alpha * np.asarray(OVERLAY_COLOR, np.float64)
+    radius = max(1, max(mask.shape) // 512)
+    window = (2 * radius + 1) ** 2
+    boundary = mask & (box_sum(mask, radius) < window)
+    out[boundary] = CONTOUR_COLOR
+    return np.round(out).astype(np.uint8)
+
+
+def png_data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+SYSTEM_PROMPT = """\
+You are a teacher that writes training data for a medical visual reasoning model. For each image and question you \
+write a short final answer and a reasoning chain of a given number of steps; each step is one or two sentences \
+that the student model will learn to reason through.
+
+Teacher-only information. You receive the image with the target region tinted and bordered, and the name and \
+type of the target. Use them only to find the right structure. Your output must read as if it were written by \
+someone who sees only the original, unmarked image and was never told what the target is.
+
+Never mention or imply any guidance: do not refer to masks, overlays, tints or colours added to the image, \
+borders, contours, outlines, highlighted or marked areas, segmentation, annotations, labels, regions of interest, \
+ground truth, metadata, or to the target having been provided.
+
+Ground every statement in visible evidence: location, shape, margin, extent, density or signal intensity or \
+echogenicity, texture, and relation to nearby structures. You may name the target itself, but do not add a \
+diagnosis, malignancy or benignity, severity, prognosis or treatment that the image does not show. For normal \
+anatomy, describe normal appearance only.
+
+Spatial convention: describe positions in image space only: the left, right, upper, lower or central part of \
+the image. Never use patient-space or radiological wording such as patient's left, patient's right, anatomical \
+left or anatomical right.
+
+Output strict JSON: one object with exactly two fields, "final_answer" (a string) and "reasoning_chain" (a list \
+of strings, one per step). No Markdown, no code fences, no text before or after the object."""
+
+_TYPE_GUIDANCE = {
+    "yes_no": "Simple visual confirmation. Give the direct visual evidence for the answer. The final answer "
+              "starts with Yes or No and is a complete sentence.",
+    "identify": "Identification. Justify the recognised structure by its visible appearance and its anatomical "
+                "context. The final answer is a complete sentence naming it.",
+    "location_choice": "Coarse spatial choice. State where the structure lies. The final answer is a complete "
+                       "sentence, not a bare word such as left, right or center.",
+    "location": "Spatial localisation. First identify the structure, then describe its image-space position "
+                "relative to the surrounding anatomy.",
+    "describe": "Description. Cover the structure's appearance, shape, margin, extent and other visible "
+                "characteristics.",
+    "reasoning": "Visual interpretation. Analyse the structure's location, morphology, visual contrast and its "
+                 "relation to nearby structures.",
+}
+_EXAMPLES = {
+    "yes_no": {"final_answer": "Yes, the spleen is visible in the upper right part of the image.",
+               "reasoning_chain": ["A crescent-shaped soft-tissue structure lies along the upper right part of the "
+                                   "image, with uniform density typical of the spleen."]},
+    "identify": {"final_answer": "The organ shown is the kidney.",
+                 "reasoning_chain": ["A bean-shaped structure in the lower left part of the image, with a bright "
+                                     "outer cortex and a central hilum, matches a kidney."]},
+    "location_choice": {"final_answer": "The liver is in the left part of the image.",
+                        "reasoning_chain": ["The large homogeneous organ occupies most of the left part of the "
+                                            "image, extending from the upper edge toward the middle."]},
+    "location": {"final_answer": "The gallbladder is located in the central part of the image, just below the "
+                                 "liver.",
+                 "reasoning_chain": ["A small oval fluid-density structure is seen beneath the liver.",
+                                     "It lies in the central part of the image, below the liver and to the left of "
+                                     "the stomach."]},
+    "describe": {"final_answer": "The pancreas appears as an elongated, lobulated soft-tissue structure of uniform "
+                                 "density crossing the middle of the image.",
+                 "reasoning_chain": ["An elongated soft-tissue structure crosses the middle of the image "
+                                     "horizontally.",
+                                     "Its margin is finely lobulated and its density is uniform, slightly lower "
+                                     "than the liver."]},
+    "reasoning": {"final_answer": "The rounded low-density focus within the liver, with a well-defined margin, is "
+                                  "consistent with the tumor.",
+                  "reasoning_chain": ["Within the liver, in the upper left part of the image, there is a rounded "
+                                      "focus.",
+                                      "It measures a small fraction of the liver and has a well-defined margin.",
+                                      "Its density is clearly lower than the surrounding liver tissue.",
+                                      "It is enclosed by liver tissue and does not reach the liver surface."]},
+}
+
+
+def user_prompt(question: Question) -> str:
+    """The per-sample prompt: hidden target identity and type, question type, the student-visible question, and
+    the question-type guidance block (step range + in-context JSON example)."""
+    low, high = STEP_RANGES[question.question_type]
+    steps = f"exactly {low} reasoning step{'s' if low > 1 else ''}" if low == high else (
+        f"{low} to {high} reasoning steps (aim for {question.latent_steps})")
+    lines = [f"Target (teacher-only, do not reveal that it was given): {question.target}",
+             f"Target type: {question.target_type}",
+             f"Imaging modality: {question.modality}",
+             f"Question type: {question.question_type}",
+             f"Student question: {question.question}"]
+    if question.choices:
+        lines.append(f"Choices: {', '.join(question.choices)}")
+    if question.normal_anatomy:
+        lines.append("This target is normal anatomy: describe normal appearance only, no pathology words.")
+    lines += ["", f"Guidance for {question.question_type} questions: {_TYPE_GUIDANCE[question.question_type]}",
+              f"Required reasoning steps: {steps}.",
+              "Example of the output format (a different case):",
+              json.dumps(_EXAMPLES[question.question_type], ensure_ascii=False)]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- client
+class TeacherTransportError(RuntimeError):
+    """The teacher could not be reached or answered with an error after all retries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    """An OpenAI-compatible endpoint. `api_key_env` is the NAME of the environment variable holding the key
+    ("" for an endpoint without authentication); the key itself is never stored in a config."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    backoff_s: float = 2.0
+    temperature: float | None = 0.2
+    max_tokens: int | None = None
+
+
+class ChatClient:
+    """POST {base_url}/chat/completions with urllib; returns the first choice's message content."""
+
+    def __init__(self, config: ApiConfig, sleep: Callable[[float], None] = time.sleep):
+        self.config = config
+        self._sleep = sleep
+        self.retries = 0  # transport retries so far (all threads; an int += is atomic enough for a statistic)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
+            if not key:
+                raise TeacherTransportError(f"environment variable {self.config.api_key_env} is not set "
+                                            "(it must hold the teacher API key)")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def complete(self, messages: list[dict]) -> str:
+        body = {"model": self.config.model, "messages": messages}
+        if self.config.temperature is not None:
+            body["temperature"] = self.config.temperature
+        if self.config.max_tokens is not None:
+            body["max_tokens"] = self.config.max_tokens
+        data = json.dumps(body).encode("utf-8")
+        url = self.config.base_url.rstrip("/") + "/chat/completions"
+        last_error = ""
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                self._sleep(self.config.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+                    payload = json.loads(response.read().decode("utf-8"))
+                return _message_content(payload)
+            except urllib.error.HTTPError as e:
+                last_error = f"HTTP {e.code} {e.reason}"
+                if e.code < 500 and e.code != 429:
+                    raise TeacherTransportError(f"{url}: {last_error} (not retried)") from e
+            except (urllib.error.URLError, TimeoutError, socket.timeout, http.client.HTTPException,
+                    ConnectionError) as e:
+                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+                last_error = f"malformed API response ({e})"
+        raise TeacherTransportError(f"{url}: failed after {self.config.max_retries + 1} attempts ({last_error})")
+
+
+def _message_content(payload) -> str:
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError("no choices[0].message.content") from e
+    if not isinstance(content, str):
+        raise ValueError("message content is not a string")
+    return content
+
+
+class Teacher(Protocol):
+    """Anything that answers a question as teacher JSON text; `feedback` is the retry block, None at first."""
+
+    name: str
+
+    def generate(self, question: Question, image: np.ndarray, mask: np.ndarray, feedback: str | None = None) -> str:
+        ...
+
+
+class ApiTeacher:
+    """A proprietary MLLM behind an OpenAI-compatible API, shown the teacher-only overlay."""
+
+    name = "api"
+
+    def __init__(self, client: ChatClient):
+        self.client = client
+
+    def generate(self, question: Question, image: np.ndarray, mask: np.ndarray, feedback: str | None = None) -> str:
+        text = user_prompt(question) + (f"\n\n{feedback}" if feedback else "")
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": text},
+                        {"type": "image_url", "image_url": {"url": png_data_url(render_overlay(image, mask))}}]}]
+        return self.client.complete(messages)
+
+
+# ------------------------------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class DistillStats:
+    """Counts over one `distill` run (skipped samples excluded from everything but `skipped`)."""
+
+    questions: int = 0
+    skipped: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0                     # transport or input errors: not finished, retried by the next run
+    attempts: int = 0
+    regenerations: int = 0
+    first_attempt_accepted: int = 0
+    round_reached: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    round_failed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    per_type: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
+    transport_retries: int = 0
+
+    def summary(self) -> dict:
+        """JSON-ready statistics, including the pass rate of each gate round over all attempts that reached it."""
+        rounds = {}
+        for name in quality_gate.ROUNDS:
+            reached, failed = self.round_reached[name], self.round_failed[name]
+            rounds[name] = {"reached": reached, "failed": failed,
+                            "pass_rate": None if reached == 0 else round((reached - failed) / reached, 4)}
+        done = self.accepted + self.rejected
+        return {"questions": self.questions, "skipped_finished": self.skipped, "accepted": self.accepted,
+                "rejected": self.rejected, "failed_unfinished": self.failed, "attempts": self.attempts,
+                "regenerations": self.regenerations, "transport_retries": self.transport_retries,
+                "accept_rate": None if done == 0 else round(self.accepted / done, 4),
+                "first_attempt_accept_rate": None if done == 0 else round(self.first_attempt_accepted / done, 4),
+                "gate_rounds": rounds, "per_question_type": {k: dict(v) for k, v in sorted(self.per_type.items())}}
+
+
+@dataclasses.dataclass
+class _Outcome:
+    question: Question
+    record: records.Record | None
+    results: list          # GateResult per attempt
+    error: str | None = None
+
+
+def _gate_context(q: Question) -> quality_gate.GateContext:
+    return quality_gate.GateContext(question_type=q.question_type, target=q.target, target_type=q.target_type,
+                                    normal_anatomy=q.normal_anatomy, choices=q.choices)
+
+
+def _answer_one(teacher: Teacher, question: Question, data_dir: str, max_regenerations: int) -> _Outcome:
+    try:
+        image = ingest.load_rgb(os.path.join(data_dir, question.image))
+        mask = ingest.load_mask(os.path.join(data_dir, question.mask), image.shape[:2])
+    except ingest.IngestError as e:
+        return _Outcome(question, None, [], error=f"input: {e}")
+    context, results, feedback = _gate_context(question), [], None
+    for attempt in range(max_regenerations + 1):
+        try:
+            raw = teacher.generate(question, image, mask, feedback)
+        except TeacherTransportError as e:
+            return _Outcome(question, None, results, error=f"transport: {e}")
+        result = quality_gate.check(raw, context)
+        results.append(result)
+        if result.accepted:
+            out = result.output
+            return _Outcome(question, question.to_record(out.final_answer, out.reasoning_chain), results)
+        feedback = quality_gate.retry_prompt(result, attempt + 1)
+    return _Outcome(question, None, results)
+
+
+def _recover_jsonl(path: str) -> None:
+    """Drop a torn last line (a crash mid-append) so the file is whole lines again; the lost sample is redone."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        keep = data.rfind(b"\n") + 1
+        logging.warning("%s: dropping a torn last line of %d bytes (an interrupted write)", path, len(data) - keep)
+        f.truncate(keep)
+
+
+def _finished_ids(records_path: str, rejected_path: str) -> set[str]:
+    done = {r.id for r in records.read_records(records_path)} if os.path.exists(records_path) else set()
+    if os.path.exists(rejected_path):
+        with open(rejected_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    entry = json.loads(line)
+                    if entry.get("final"):
+                        done.add(entry["id"])
+    return done
+
+
+def _append_json(path: str, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, workers: int = 4,
+            max_regenerations: int = MAX_REGENERATIONS, records_path: str | None = None,
+            rejected_path: str | None = None, on_record: Callable[[records.Record], None] | None = None) -> dict:
+    """Answer every unfinished question with `teacher`, gate it, append accepted records; returns the summary.
+
+    Files default to `data_dir/records.jsonl`, `data_dir/rejected.jsonl`; the summary is also written to
+    `data_dir/distill_summary.json`. Finished = accepted, or rejected by the gate after all regenerations
+    (`"final": true` in the rejection log); transport and input failures are logged with `"final": false` and
+    retried by the next run. At most `2 * workers` questions are in flight, and only the main thread writes.
+    """
+    records_path = records_path or os.path.join(data_dir, records.RECORDS_FILE)
+    rejected_path = rejected_path or os.path.join(data_dir, REJECTED_FILE)
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"duplicate question ids: {duplicates[:5]}")
+    for path in (records_path, rejected_path):
+        _recover_jsonl(path)
+    finished = _finished_ids(records_path, rejected_path)
+    todo = [q for q in questions if q.id not in finished]
+    stats = DistillStats(questions=len(questions), skipped=len(questions) - len(todo))
+    client = getattr(teacher, "client", None)
+    retries_before = client.retries if client is not None else 0
+
+    def record_outcome(outcome: _Outcome) -> None:
+        q = outcome.question
+        stats.attempts += len(outcome.results)
+        stats.regenerations += max(0, len(outcome.results) - 1)
+        for result in outcome.results:
+            for name in quality_gate.ROUNDS[:result.rounds_passed + (0 if result.accepted else 1)]:
+                stats.round_reached[name] += 1
+            if not result.accepted:
+                stats.round_failed[result.round] += 1
+        if outcome.record is not None:
+            records.append_record(records_path, outcome.record)
+            stats.accepted += 1
+            stats.first_attempt_accepted += len(outcome.results) == 1
+            stats.per_type[q.question_type]["accepted"] += 1
+            if on_record is not None:
+                on_record(outcome.record)
+            return
+        final = outcome.error is None
+        reasons = [f"{r.round}: {r.violation}" for r in outcome.results if not r.accepted]
+        _append_json(rejected_path, {"id": q.id, "question_type": q.question_type, "final": final,
+                                     "error": outcome.error, "attempts": len(outcome.results), "reasons": reasons})
+        if final:
+            stats.rejected += 1
+            stats.per_type[q.question_type]["rejected"] += 1
+        else:
+            stats.failed += 1
+            stats.per_type[q.question_type]["failed"] += 1
+            logging.warning("%s: not finished (%s); a rerun will retry it", q.id, outcome.error)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: set[concurrent.futures.Future] = set()
+        queue = iter(todo)
+        for question in queue:
+            pending.add(pool.submit(_answer_one, teacher, question, data_dir, max_regenerations))
+            if len(pending) >= 2 * max(1, workers):
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    record_outcome(future.result())
+        for future in concurrent.futures.as_completed(pending):
+            record_outcome(future.result())
+    if client is not None:
+        stats.transport_retries = client.retries - retries_before
+    summary = stats.summary()
+    with open(os.path.join(data_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def make_teacher(kind: str, api: ApiConfig | None = None) -> Teacher:
+    """"geometry" (offline) or "api" (needs `api`)."""
+    if kind == "geometry":
+        return GeometryTeacher()
+    if kind == "api":
+        if api is None:
+            raise ValueError("the api teacher needs an ApiConfig (base_url, model, api_key_env)")
+        return ApiTeacher(ChatClient(api))
+    raise ValueError(f"unknown teacher {kind!r} (expected 'geometry' or 'api')")

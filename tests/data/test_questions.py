@@ -111,3 +111,11 @@ def test_questions_file_round_trip(tmp_path):
     assert questions.read_questions(path) == qs
     record = qs[4].to_record("The liver is smooth.", ["step one.", "step two."])
     assert record.latent_steps == 2 and record.id == qs[4].id and record.roi_index == -1
+
+
+def test_small_datasets_get_an_image_in_every_split():
+    qs = [_ask(t, key=f"{i}", image=f"images/{i}.png") for i in range(3) for t in QUESTION_TYPES]
+    splits = {q.image: q.split for q in questions.assign_splits(qs, (0.8, 0.1, 0.1), seed=0)}
+    assert sorted(splits.values()) == ["test", "train", "val"]
+    no_test = questions.assign_splits(qs, (0.9, 0.1, 0.0), seed=0)
+    assert "test" not in {q.split for q in no_test}

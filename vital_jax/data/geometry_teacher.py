@@ -11,6 +11,8 @@ annotation words and never pathology words for normal anatomy.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from vital_jax.data import geometry
@@ -78,14 +80,32 @@ def _edges(g: MaskGeometry) -> str:
 
 
 class GeometryTeacher:
-    """Answers a `Question` from its image (uint8 (H, W, 3)) and target mask (bool (H, W)); deterministic."""
+    """Answers a `Question` from its image (uint8 (H, W, 3)) and target mask (bool (H, W)); deterministic.
+
+    Measurements are cached per (question.image, question.mask) path pair, since every target is asked several
+    questions; the arrays passed in must be the contents of those files (as the distillation runner loads them).
+    """
 
     name = "geometry"
+
+    def __init__(self):
+        self._cache: dict[tuple[str, str], MaskGeometry] = {}
+        self._lock = threading.Lock()
+
+    def _measure(self, question: Question, image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
+        key = (question.image, question.mask)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None:
+            cached = geometry.measure(image, mask)
+            with self._lock:
+                self._cache[key] = cached
+        return cached
 
     def generate(self, question: Question, image: np.ndarray, mask: np.ndarray, feedback: str | None = None) -> str:
         """The teacher JSON for `question`. `feedback` (a retry note) is ignored: the output is deterministic."""
         del feedback
-        g = geometry.measure(image, mask)
+        g = self._measure(question, image, mask)
         steps = question.latent_steps
         answer, chain = _ANSWERERS[question.question_type](question, g)
         if len(chain) != steps:

@@ -170,8 +170,9 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
     """Questions with `split` set, grouped by image (one image never spans splits), stratified by
     (question type, modality).
 
-    Images are visited in a seeded random order; each goes to the split whose per-stratum counts are furthest
-    below their target fraction (summed over the image's questions, each stratum weighted by 1 / its size).
+    Images are visited in a seeded random order; each goes to the split whose strata are least filled relative
+    to their targets (fraction x stratum size), summed over the image's questions. Relative filling gives a
+    small dataset an image in every split with a non-zero fraction before train takes the rest.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
@@ -185,8 +186,8 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
     split_of: dict[str, str] = {}
     for image in order:
         strata = collections.Counter((q.question_type, q.modality) for q in by_image[image])
-        scores = [sum(n * (fractions[j] * totals[s] - assigned[j][s]) / totals[s] for s, n in strata.items())
-                  for j in range(len(SPLITS))]
+        scores = [sum(n * (1.0 - assigned[j][s] / (fractions[j] * totals[s])) for s, n in strata.items())
+                  if fractions[j] > 0 else -np.inf for j in range(len(SPLITS))]
         # Ties go to the larger split, so tiny datasets fill train first.
         best = max(range(len(SPLITS)), key=lambda j: (scores[j], fractions[j], -j))
         assigned[best].update(strata)

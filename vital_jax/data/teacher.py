@@ -26,6 +26,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -314,10 +315,32 @@ def _gate_context(q: Question) -> quality_gate.GateContext:
                                     normal_anatomy=q.normal_anatomy, choices=q.choices)
 
 
-def _answer_one(teacher: Teacher, question: Question, data_dir: str, max_regenerations: int) -> _Outcome:
+class _InputCache:
+    """The last few decoded (image, mask) pairs: consecutive questions usually ask about the same target."""
+
+    def __init__(self, data_dir: str, size: int):
+        self.data_dir, self.size = data_dir, size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, question: Question) -> tuple[np.ndarray, np.ndarray]:
+        key = (question.image, question.mask)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        image = ingest.load_rgb(os.path.join(self.data_dir, question.image))
+        mask = ingest.load_mask(os.path.join(self.data_dir, question.mask), image.shape[:2])
+        with self._lock:
+            self._items[key] = (image, mask)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return image, mask
+
+
+def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_regenerations: int) -> _Outcome:
     try:
-        image = ingest.load_rgb(os.path.join(data_dir, question.image))
-        mask = ingest.load_mask(os.path.join(data_dir, question.mask), image.shape[:2])
+        image, mask = inputs.load(question)
     except ingest.IngestError as e:
         return _Outcome(question, None, [], error=f"input: {e}")
     context, results, feedback = _gate_context(question), [], None
@@ -421,11 +444,11 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
             stats.per_type[q.question_type]["failed"] += 1
             logging.warning("%s: not finished (%s); a rerun will retry it", q.id, outcome.error)
 
+    inputs = _InputCache(data_dir, size=2 * max(1, workers) + 2)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: set[concurrent.futures.Future] = set()
-        queue = iter(todo)
-        for question in queue:
-            pending.add(pool.submit(_answer_one, teacher, question, data_dir, max_regenerations))
+        for question in todo:
+            pending.add(pool.submit(_answer_one, teacher, question, inputs, max_regenerations))
             if len(pending) >= 2 * max(1, workers):
                 done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:

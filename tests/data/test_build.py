@@ -1,0 +1,150 @@
+"""Dataset build end to end: shared BiomedParse demo and phantoms -> questions -> geometry teacher -> validated
+records; determinism, resumption, MSD, and errors that name the stage or file."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vital_jax.data import build, nifti, quality_gate, questions, records
+from vital_jax.data.build_config import default_config
+from vital_jax.data.ingest import IngestError
+from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _phantom_config(out_dir, count=3, size=96, seed=0):
+    config = default_config()
+    config.out_dir = str(out_dir)
+    config.phantoms.count, config.phantoms.size, config.seed = count, size, seed
+    return config
+
+
+def test_shared_biomedparse_demo_builds_validated_records(shared_data_dir, tmp_path):
+    root = os.path.join(shared_data_dir, "biomedparse_demo")
+    config = default_config()
+    config.out_dir = str(tmp_path / "demo")
+    config.source = "biomedparse"
+    config.biomedparse.image_dir = os.path.join(root, "demo")
+    config.biomedparse.mask_dir = os.path.join(root, "demo_mask")
+    result = build.build(config)
+    assert result["questions"] == result["records"] == 62 * len(QUESTION_TYPES)
+    assert records.validate_dataset(config.out_dir) == []
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    assert {r.modality for r in rows} == {"CT", "MRI", "X-Ray", "pathology", "ultrasound", "fundus", "endoscope",
+                                         "dermoscopy"}
+    split_of_image = collections.defaultdict(set)
+    for r in rows:
+        split_of_image[r.image].add(r.split)
+        low, high = STEP_RANGES[r.question_type]
+        assert low <= r.latent_steps == len(r.reasoning_chain) <= high and r.roi_index == -1
+        # Every stored record is a fixed point of the gate (already normalised, leakage-free).
+        context = quality_gate.GateContext(r.question_type, r.target, r.target_type, False,
+                                           ("left", "right", "center") if "left, right" in r.question else
+                                           ("upper", "middle", "lower"))
+        out = quality_gate.check({"final_answer": r.answer, "reasoning_chain": list(r.reasoning_chain)}, context)
+        assert out.accepted and out.output.final_answer == r.answer, (r.id, out.violation)
+    assert all(len(s) == 1 for s in split_of_image.values()) and len(split_of_image) == 21
+    assert {s for r in rows for s in [r.split]} == {"train", "val", "test"}
+    image = Image.open(os.path.join(config.out_dir, rows[0].image))
+    assert image.mode == "RGB" and image.size == (1024, 1024)
+    # Location answers name the image-space third of the mask centroid, computed here straight from the file.
+    for r in (r for r in rows if r.question_type == "location"):
+        mask = np.asarray(Image.open(os.path.join(config.out_dir, r.mask))) > 0
+        rows_, cols = np.nonzero(mask)
+        v = ("upper", "middle", "lower")[min(int(3 * (rows_.mean() + 0.5) / mask.shape[0]), 2)]
+        h = ("left", "center", "right")[min(int(3 * (cols.mean() + 0.5) / mask.shape[1]), 2)]
+        words = {"middle": "", "center": ""}
+        expected = " ".join(w for w in (words.get(v, v), words.get(h, h)) if w) or "central"
+        expected = {"upper": "upper central", "lower": "lower central"}.get(expected, expected)
+        assert r.answer == f"The {r.target} is located in the {expected} part of the image.", r.id
+
+
+def test_demo_config_cli_builds_and_a_rerun_changes_nothing(tmp_path):
+    out = tmp_path / "phantoms"
+    command = [sys.executable, "-m", "vital_jax.data.build", "--config=configs/data/demo_phantoms.py",
+               f"--config.out_dir={out}", "--config.phantoms.count=3", "--config.phantoms.size=96"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout.splitlines()[0])
+    assert summary["records"] > 0 and set(summary["splits"]) == {"train", "val", "test"}
+    before = (out / records.RECORDS_FILE).read_bytes()
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and f"{summary['records']} already done" in second.stdout
+    assert (out / records.RECORDS_FILE).read_bytes() == before
+    check = subprocess.run([sys.executable, "-m", "vital_jax.data.validate", f"--data_dir={out}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout
+
+
+def test_builds_are_deterministic_under_the_seed(tmp_path):
+    a = build.build(_phantom_config(tmp_path / "a"))
+    b = build.build(_phantom_config(tmp_path / "b"))
+    c = build.build(_phantom_config(tmp_path / "c", seed=1))
+    read = lambda d: (tmp_path / d / records.RECORDS_FILE).read_text()  # noqa: E731
+    assert a["records"] == b["records"] and read("a") == read("b") != read("c")
+
+
+def test_an_interrupted_teacher_stage_is_finished_by_a_rerun(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    build.build(config)
+    path = tmp_path / "x" / records.RECORDS_FILE
+    full = path.read_text().splitlines()
+    path.write_text("\n".join(full[:7]) + "\n" + full[7][:30])  # 7 records kept, one torn mid-line
+    result = build.build(config)
+    assert result["distill"]["skipped_finished"] == 7 and path.read_text().splitlines() == full
+
+
+def test_msd_task_builds(tmp_path):
+    task = tmp_path / "Task09_Spleen"
+    os.makedirs(task / "imagesTr")
+    os.makedirs(task / "labelsTr")
+    hu = np.full((48, 48, 4), -100, np.int16)
+    label = np.zeros((48, 48, 4), np.uint8)
+    label[10:30, 12:28, 1:3] = 1
+    hu[label == 1] = 60
+    nifti.write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
+    nifti.write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
+    (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
+                                                   "labels": {"0": "background", "1": "spleen"},
+                                                   "training": [{"image": "./imagesTr/spleen_1.nii.gz",
+                                                                 "label": "./labelsTr/spleen_1.nii.gz"}]}))
+    config = default_config()
+    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    result = build.build(config)
+    rows = records.read_records(str(tmp_path / "out" / records.RECORDS_FILE))
+    assert result["records"] == 2 * len(QUESTION_TYPES)
+    assert {r.source for r in rows} == {"MSD Spleen"} and {r.target_type for r in rows} == {"organ"}
+    asked = questions.read_questions(str(tmp_path / "out" / questions.QUESTIONS_FILE))
+    assert all(q.normal_anatomy for q in asked)
+
+
+def test_errors_name_the_stage_or_file(tmp_path):
+    config = _phantom_config(tmp_path / "e")
+    config.source = "dicom"
+    with pytest.raises(build.BuildError, match="config.source='dicom'"):
+        build.build(config)
+    config = _phantom_config(tmp_path / "r")
+    config.roi.enabled = True
+    with pytest.raises(build.BuildError, match="roi.encoder_dir"):
+        build.build(config)
+    config = default_config()
+    with pytest.raises(build.BuildError, match="out_dir is empty"):
+        build.build(config)
+    image_dir, mask_dir = tmp_path / "bp", tmp_path / "bp_mask"
+    os.makedirs(image_dir)
+    os.makedirs(mask_dir)
+    Image.new("RGB", (16, 16)).save(image_dir / "a_CT_liver.png")
+    Image.new("L", (16, 16)).save(mask_dir / "a_CT_liver_liver.png")
+    config.out_dir, config.source = str(tmp_path / "bp_out"), "biomedparse"
+    config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
+    with pytest.raises(IngestError, match="a_CT_liver_liver.png: empty mask"):
+        build.build(config)

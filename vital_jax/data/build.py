@@ -1,0 +1,166 @@
+"""Build a VITAL dataset directory: images + masks -> questions -> teacher -> records.jsonl (-> ROI features).
+
+    python -m vital_jax.data.build --config=configs/data/demo_phantoms.py [--config.out_dir=DIR ...]
+
+Stages (each resumable; rerunning the command finishes what is missing):
+  1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse" or "msd"), write `images/ID.png`
+              (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target and question
+              type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
+  2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
+              `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
+  3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
+              fills the ROI arrays and each record's roi_index.
+  4 validate  `records.validate_dataset(out_dir)`; any problem fails the build.
+The config is an ml_collections ConfigDict (`get_config()`); vital_jax.data.build_config lists every field.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from typing import Iterator
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+
+from vital_jax.data import geometry, ingest, phantoms, questions, records, teacher
+from vital_jax.data.build_config import default_config
+from vital_jax.data.records import QUESTION_TYPES
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/data/*.py file with get_config()")
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on; the message says which stage and why."""
+
+
+def _source_images(config, scratch: str) -> Iterator[ingest.SourceImage]:
+    if config.source == "phantoms":
+        p = config.phantoms
+        image_dir, mask_dir = phantoms.write_phantom_folder(scratch, p.count, seed=config.seed, size=p.size,
+                                                            modalities=tuple(p.modalities))
+        return ingest.iter_biomedparse(image_dir, mask_dir, source="phantom", normal_anatomy=p.normal_anatomy)
+    if config.source == "biomedparse":
+        b = config.biomedparse
+        return ingest.iter_biomedparse(b.image_dir, b.mask_dir, source=b.source, normal_anatomy=b.normal_anatomy)
+    if config.source == "msd":
+        m = config.msd
+        return ingest.iter_msd(m.task_dir, min_mask_pixels=m.min_mask_pixels, ct_window=tuple(m.ct_window),
+                               channel=m.channel, max_cases=m.max_cases or None)
+    raise BuildError(f"config.source={config.source!r}: expected phantoms, biomedparse or msd")
+
+
+def prepare(config) -> list[questions.Question]:
+    """Stage 1: write images, masks and questions.jsonl into `config.out_dir` (or read questions.jsonl back)."""
+    out_dir = config.out_dir
+    path = os.path.join(out_dir, questions.QUESTIONS_FILE)
+    if os.path.exists(path):
+        logging.info("%s exists: reusing its questions", path)
+        return questions.read_questions(path)
+    unknown = sorted(set(config.question_types) - set(QUESTION_TYPES))
+    if unknown:
+        raise BuildError(f"config.question_types: unknown {unknown} (expected some of {', '.join(QUESTION_TYPES)})")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+    asked: list[questions.Question] = []
+    with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
+        for source in _source_images(config, scratch):
+            image_rel = f"images/{source.image_id}.png"
+            Image.fromarray(source.image).save(os.path.join(out_dir, image_rel))
+            for target in source.targets:
+                mask_rel = f"masks/{source.image_id}_{target.name.replace(' ', '+')}.png"
+                Image.fromarray(target.mask.astype(np.uint8) * 255).save(os.path.join(out_dir, mask_rel))
+                geo = geometry.measure(source.image, target.mask)
+                for question_type in config.question_types:
+                    key = f"{source.image_id}/{target.name}/{question_type}"
+                    asked.append(questions.make_question(
+                        question_type, image_id=source.image_id, image_path=image_rel, mask_path=mask_rel,
+                        target=target.name, target_type=target.target_type, modality=source.modality,
+                        source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
+                        rng=questions.question_rng(config.seed, key)))
+    if not asked:
+        raise BuildError(f"config.source={config.source!r}: no image with a target mask was found")
+    asked = questions.assign_splits(asked, tuple(config.split_fractions), seed=config.seed)
+    questions.write_questions(path, asked)  # last: its presence marks stage 1 as done
+    return asked
+
+
+def _teacher(config) -> teacher.Teacher:
+    t = config.teacher
+    if t.kind == "api":
+        if not t.base_url or not t.model:
+            raise BuildError("config.teacher.kind='api' needs teacher.base_url and teacher.model")
+        return teacher.make_teacher("api", teacher.ApiConfig(base_url=t.base_url, model=t.model,
+                                                             api_key_env=t.api_key_env, timeout_s=t.timeout_s,
+                                                             max_retries=t.max_retries, backoff_s=t.backoff_s))
+    if t.kind == "geometry":
+        return teacher.make_teacher("geometry")
+    raise BuildError(f"config.teacher.kind={t.kind!r}: expected 'geometry' or 'api'")
+
+
+def _sort_records(out_dir: str, asked: list[questions.Question]) -> None:
+    """Rewrite records.jsonl in question order (threads finish out of order), atomically."""
+    path = os.path.join(out_dir, records.RECORDS_FILE)
+    order = {q.id: i for i, q in enumerate(asked)}
+    rows = records.read_records(path)
+    records.write_records(path, sorted(rows, key=lambda r: order.get(r.id, len(order))))
+
+
+def run_roi_stage(config) -> None:
+    """Stage 3: the ROI extractor of vital_jax.data.roi (imported only here: it needs the model code)."""
+    if importlib.util.find_spec("vital_jax.data.roi") is None:
+        raise BuildError("config.roi.enabled but vital_jax.data.roi is not installed")
+    if not config.roi.encoder_dir:
+        raise BuildError("config.roi.enabled needs roi.encoder_dir (a HF MedSigLIP/SigLIP directory)")
+    roi = importlib.import_module("vital_jax.data.roi")
+    roi.extract_dataset_rois(config.out_dir, config.roi.encoder_dir, threshold=config.roi.threshold,
+                             padding=config.roi.padding, batch_size=config.roi.batch_size)
+
+
+def build(config) -> dict:
+    """Run the four stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
+    if not config.out_dir:
+        raise BuildError("config.out_dir is empty: say where the dataset goes")
+    asked = prepare(config)
+    summary = teacher.distill(asked, config.out_dir, _teacher(config), workers=config.teacher.workers,
+                              max_regenerations=config.teacher.max_regenerations)
+    if summary["failed_unfinished"]:
+        raise BuildError(f"{summary['failed_unfinished']} question(s) unfinished (teacher unreachable or bad "
+                         f"input, see {os.path.join(config.out_dir, teacher.REJECTED_FILE)}); rerun to retry them")
+    _sort_records(config.out_dir, asked)
+    if config.roi.enabled:
+        run_roi_stage(config)
+    problems = records.validate_dataset(config.out_dir)
+    if problems:
+        raise BuildError(f"{config.out_dir}: {len(problems)} problem(s), first: " + "; ".join(problems[:5]))
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    splits = {s: sum(r.split == s for r in rows) for s in records.SPLITS}
+    return {"questions": len(asked), "records": len(rows), "splits": splits, "distill": summary}
+
+
+def main(argv) -> int:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=configs/data/<name>.py is required")
+    config = default_config()
+    config.update(_CONFIG.value)
+    try:
+        result = build(config)
+    except (BuildError, ingest.IngestError, records.RecordError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "distill"}))
+    d = result["distill"]
+    print(f"teacher: {d['accepted']} accepted, {d['rejected']} rejected, {d['skipped_finished']} already done; "
+          f"gate pass rates " + ", ".join(f"{k} {v['pass_rate']}" for k, v in d["gate_rounds"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,35 @@
+"""The fields of a dataset-build config (vital_jax.data.build) and their defaults.
+
+Kept apart from build.py so configs/data/*.py can start from `default_config()` without importing the module
+that defines the command-line flags.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vital_jax.data import ingest, phantoms, teacher
+from vital_jax.data.records import QUESTION_TYPES
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field `build` reads, with defaults; data configs start from this and override."""
+    c = ml_collections.ConfigDict()
+    c.out_dir = ""
+    c.source = "phantoms"                       # phantoms | biomedparse | msd
+    c.seed = 0
+    c.question_types = list(QUESTION_TYPES)
+    c.split_fractions = (0.8, 0.1, 0.1)
+    c.phantoms = ml_collections.ConfigDict(dict(count=12, size=256, modalities=list(phantoms.PHANTOM_MODALITIES),
+                                                normal_anatomy=True))
+    c.biomedparse = ml_collections.ConfigDict(dict(image_dir="", mask_dir="", source="biomedparse",
+                                                   normal_anatomy=False))
+    c.msd = ml_collections.ConfigDict(dict(task_dir="", min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,
+                                           ct_window=ingest.CT_WINDOW, channel=0, max_cases=0))
+    c.teacher = ml_collections.ConfigDict(dict(kind="geometry", workers=2,
+                                               max_regenerations=teacher.MAX_REGENERATIONS,
+                                               base_url="", model="", api_key_env="OPENAI_API_KEY",
+                                               timeout_s=120.0, max_retries=5, backoff_s=2.0))
+    c.roi = ml_collections.ConfigDict(dict(enabled=False, encoder_dir="", threshold=0.2, padding=0.05,
+                                           batch_size=8))
+    return c

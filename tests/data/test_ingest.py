@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -54,7 +55,6 @@ def test_nifti_reads_big_endian_files(tmp_path):
     raw = bytearray(open(path, "rb").read())
     big = bytearray(raw)
     # Swap every header field we read, then the data.
-    import struct
     fields = [(0, "i"), *[(40 + 2 * i, "h") for i in range(8)], (70, "h"), (72, "h"),
               *[(76 + 4 * i, "f") for i in range(8)], (108, "f"), (112, "f"), (116, "f"), (252, "h"), (254, "h"),
               *[(256 + 4 * i, "f") for i in range(6)], *[(280 + 4 * i, "f") for i in range(12)]]

@@ -25,7 +25,7 @@ import tempfile
 from typing import Iterator
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any
 
 from vital_jax.data.records import STEP_RANGES
 

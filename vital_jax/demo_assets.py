@@ -1,0 +1,125 @@
+"""Tiny randomly initialised model directories in HuggingFace format, built without torch or downloads.
+
+The demo (and anyone trying the framework on a laptop) needs a backbone, an auxiliary decoder, a ROI-feature
+encoder and a tokenizer. These functions write them exactly as a real checkpoint directory looks (config.json,
+model.safetensors, tokenizer / preprocessor files), so the same loading code serves the demo and real
+Qwen3-VL-8B / Qwen3-1.7B / MedSigLIP checkpoints: only the paths in a config change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vital_jax.models import hf_mapping, safetensors_io
+from vital_jax.models.qwen3_vl import preprocessing as vl_preprocessing
+from vital_jax.models.qwen3_vl.prompt import (ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END,
+                                              VISION_START)
+
+VOCAB_SIZE = 512
+# The Qwen special tokens sit at the top of the tiny vocabulary.
+SPECIAL_TOKEN_IDS = {ENDOFTEXT: 500, IM_START: 501, IM_END: 502, VISION_START: 503, VISION_END: 504,
+                     IMAGE_PAD: 505, VIDEO_PAD: 506}
+
+
+def _write_model(out_dir: str, hf_config: dict, params, rules) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    specs = hf_mapping.to_hf_specs(jax.tree.map(np.asarray, params), rules, np.dtype(np.float32))
+    safetensors_io.write_safetensors(out_dir, specs)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+def write_tokenizer(out_dir: str, corpus: Iterable[str]) -> None:
+    """A byte-level BPE over the demo's own text with the Qwen special tokens (see tiny_tokenizer)."""
+    from vital_jax.models.qwen3_vl.tiny_tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer(out_dir, list(corpus), VOCAB_SIZE, special_token_ids=SPECIAL_TOKEN_IDS)
+
+
+def write_tiny_qwen3_vl(out_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, image_pixels: int = 128 * 128,
+                        tokenizer_dir: str | None = None) -> str:
+    """A tiny random Qwen3-VL (text hidden `hidden`, `layers` decoder layers, a 2-block vision tower with
+    deepstack) whose processor resizes every image to about `image_pixels`."""
+    from transformers import Qwen3VLConfig as HFQwen3VLConfig
+
+    from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration, params as vl_params
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    head_dim = 16
+    hf = HFQwen3VLConfig(
+        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
+                         num_key_value_heads=max(1, hidden // head_dim // 2), head_dim=head_dim, rms_norm_eps=1e-6,
+                         max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=SPECIAL_TOKEN_IDS[IMAGE_PAD], video_token_id=SPECIAL_TOKEN_IDS[VIDEO_PAD],
+        vision_start_token_id=SPECIAL_TOKEN_IDS[VISION_START], vision_end_token_id=SPECIAL_TOKEN_IDS[VISION_END],
+        eos_token_id=SPECIAL_TOKEN_IDS[IM_END], tie_word_embeddings=False).to_dict()
+    config = Qwen3VLConfig.from_hf_dict(hf, "tiny qwen3_vl")
+    model = Qwen3VLForConditionalGeneration(config)
+    vis = config.vision
+    key = jax.random.PRNGKey(seed)
+    params = model.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
+    grid = ((1, vis.spatial_merge_size, vis.spatial_merge_size),)
+    params["visual"] = model.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), grid,
+                                  method=model.encode_images)["params"]["visual"]
+    _write_model(out_dir, hf, params, vl_params.rules(config))
+    vl_preprocessing.write_preprocessor_config(out_dir, min_pixels=image_pixels, max_pixels=image_pixels)
+    _copy_tokenizer(tokenizer_dir, out_dir)
+    return out_dir
+
+
+def write_tiny_qwen3(out_dir: str, seed: int = 1, hidden: int = 48, layers: int = 2,
+                     tokenizer_dir: str | None = None) -> str:
+    """A tiny random Qwen3 causal LM (tied embeddings, like Qwen3-1.7B) over the same tiny vocabulary."""
+    from transformers import Qwen3Config as HFQwen3Config
+
+    from vital_jax.models.qwen3 import Qwen3ForCausalLM, params as qwen3_params
+    from vital_jax.models.qwen3.config import Qwen3Config
+
+    hf = HFQwen3Config(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=hidden // 16, num_key_value_heads=1, head_dim=16,
+                       tie_word_embeddings=True, eos_token_id=SPECIAL_TOKEN_IDS[IM_END]).to_dict()
+    config = Qwen3Config.from_hf_dict(hf, "tiny qwen3")
+    params = Qwen3ForCausalLM(config).init(jax.random.PRNGKey(seed), input_ids=jnp.zeros((1, 1), jnp.int32))
+    _write_model(out_dir, hf, params["params"], qwen3_params.RULES)
+    _copy_tokenizer(tokenizer_dir, out_dir)
+    return out_dir
+
+
+def write_tiny_siglip(out_dir: str, seed: int = 2, hidden: int = 32, image_size: int = 112) -> str:
+    """A tiny random SigLIP vision tower (patch 14: an 8x8 grid at 112 px) with its preprocessor config."""
+    from vital_jax.models.siglip import SiglipVisionModel
+    from vital_jax.models.siglip.config import SiglipVisionConfig
+    from vital_jax.models.siglip.params import save_siglip_vision
+
+    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                num_attention_heads=2, image_size=image_size, patch_size=14, use_head=False)
+    model = SiglipVisionModel(config)
+    params = model.init(jax.random.PRNGKey(seed), model.dummy_input())["params"]
+    save_siglip_vision(out_dir, config, jax.tree.map(np.asarray, params))
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                   "size": {"height": image_size, "width": image_size}}, f, indent=2)
+    return out_dir
+
+
+def _copy_tokenizer(tokenizer_dir: str | None, out_dir: str) -> None:
+    if tokenizer_dir is None:
+        return
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

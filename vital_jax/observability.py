@@ -1,0 +1,429 @@
+"""Training observability: TensorBoard event files, JSONL metrics, a progress line, throughput and MFU.
+
+The training loop makes one `MetricsLogger.log` call per logged step:
+
+    logger = MetricsLogger(workdir, total_steps=config.steps, flops_per_step=flops, peak_flops=peak)
+    for step in range(start, config.steps + 1):
+        params, opt_state, metrics = train_step(params, opt_state, batch)
+        if step % config.log_every == 0:
+            logger.log(step, metrics, samples=global_batch, tokens=global_batch * seq_len)
+    logger.close()
+
+which writes `<workdir>/tensorboard/events.out.tfevents.*`, appends to `<workdir>/metrics.jsonl` and draws a
+progress bar (or log lines when stderr is not a terminal). Only the primary process writes anything.
+
+TensorBoard files are written without tensorflow or tensorboard: each record is TFRecord-framed
+(uint64 length, masked CRC32C of the length, payload, masked CRC32C of the payload) and the payload is an
+`Event` protobuf encoded by hand. The fields used (tensorflow/core/util/event.proto, summary.proto):
+
+    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+    Summary { repeated Value value = 1; }
+    Value   { string tag = 1; float simple_value = 2; }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from typing import Any, Callable, Mapping, TextIO
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------------------
+# CRC32C (Castagnoli) and TFRecord framing.
+
+_CRC32C_POLY = 0x82F63B78  # 0x1EDC6F41 bit-reversed: the table below consumes bytes least-significant bit first.
+
+
+def _make_crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _make_crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32C (Castagnoli) of `data`, table-driven, one byte at a time. crc32c(b"123456789") == 0xE3069283."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The TFRecord checksum: CRC32C rotated right by 15 bits plus 0xA282EAD8 (mod 2**32).
+
+    TFRecord masks its CRCs because a CRC computed over data that itself contains CRCs is weak."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(payload: bytes) -> bytes:
+    """One TFRecord: uint64 length, uint32 masked CRC of the length, payload, uint32 masked CRC of the payload."""
+    length = struct.pack("<Q", len(payload))
+    return (length + struct.pack("<I", masked_crc32c(length)) + payload
+            + struct.pack("<I", masked_crc32c(payload)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protobuf wire format, just the pieces an Event needs.
+
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # protobuf encodes a negative int64 as its 64-bit two's complement (10 bytes)
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _bytes_field(field: int, data: bytes) -> bytes:
+    return _key(field, _LENGTH_DELIMITED) + _varint(len(data)) + data
+
+
+def _summary_value(tag: str, value: float) -> bytes:
+    return _bytes_field(1, tag.encode("utf-8")) + _key(2, _FIXED32) + struct.pack("<f", value)
+
+
+def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
+                 scalars: Mapping[str, float] | None = None) -> bytes:
+    """A serialized `Event` protobuf: wall_time, step, and either a file_version or a Summary of simple values."""
+    out = _key(1, _FIXED64) + struct.pack("<d", wall_time) + _key(2, _VARINT) + _varint(int(step))
+    if file_version is not None:
+        out += _bytes_field(3, file_version.encode("utf-8"))
+    if scalars:
+        summary = b"".join(_bytes_field(1, _summary_value(tag, value)) for tag, value in scalars.items())
+        out += _bytes_field(5, summary)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metric values.
+
+def to_python_scalar(value: Any) -> Any:
+    """A Python bool/int/float for a numpy or jax scalar (or size-1 array); other JSON-able values unchanged.
+
+    Reading a jax array waits for the computation that produces it, so call this only on logged steps."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "biuf":
+        raise TypeError(f"expected a numeric scalar, got {type(value).__name__} with shape {array.shape}")
+    return array.reshape(()).item()
+
+
+def _as_float(tag: str, value: Any) -> float:
+    scalar = to_python_scalar(value)
+    if isinstance(scalar, str) or scalar is None:
+        raise TypeError(f"metric {tag!r}: expected a numeric scalar, got {scalar!r}")
+    return float(scalar)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writers.
+
+class TensorBoardWriter:
+    """Writes scalar summaries to `<logdir>/events.out.tfevents.<unix time>.<hostname>` (no tensorflow needed).
+
+    The file starts with the `brain.Event:2` version record that TensorBoard expects. If a file of that name
+    already exists (two writers in the same second), a numeric suffix is appended instead of overwriting it.
+    """
+
+    def __init__(self, logdir: str, *, clock: Callable[[], float] = time.time):
+        os.makedirs(logdir, exist_ok=True)
+        self._clock = clock
+        now = clock()
+        base = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
+        self.path, suffix = base, 0
+        while True:
+            try:
+                self._file = open(self.path, "xb")
+                break
+            except FileExistsError:
+                suffix += 1
+                self.path = f"{base}.{suffix}"
+        self._file.write(tfrecord_frame(encode_event(now, 0, file_version="brain.Event:2")))
+        self._file.flush()
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Writes one Event at `step` holding every (tag, value) in `values` (numeric scalars, stored as float32)."""
+        if self._file is None:
+            raise ValueError("TensorBoardWriter is closed")
+        floats = {str(tag): _as_float(tag, value) for tag, value in values.items()}
+        if floats:
+            self._file.write(tfrecord_frame(encode_event(self._clock(), step, scalars=floats)))
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "TensorBoardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, `{"step": ..., "time": ..., **metrics}`, flushed after every line.
+
+    The file is opened in append mode, so a run resumed from a checkpoint continues the same file; steps between
+    the checkpoint and a crash then appear twice, and readers should keep the last record of each step. A line
+    left half-written by a crash is terminated before the first new record so it cannot corrupt it. numpy and
+    jax scalars become Python numbers; non-finite floats are written as NaN / Infinity (which Python's json and
+    pandas read back)."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._clock = clock
+        self._file: TextIO | None = open(path, "a", encoding="utf-8")
+        if self._file.tell() > 0:
+            with open(path, "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":
+                    self._file.write("\n")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Appends the record for `step` and flushes it to the OS."""
+        if self._file is None:
+            raise ValueError("JsonlWriter is closed")
+        record = {"step": int(step), "time": self._clock()}
+        record.update({str(key): to_python_scalar(value) for key, value in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress.
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
+class ProgressReporter:
+    """Training progress: a bar redrawn in place on a terminal, plain log lines elsewhere (files, CI logs).
+
+    On a stream whose `isatty()` is true every `update` redraws one line (carriage return, no newline) showing
+    step/total, loss, samples/s and ETA. Otherwise a full line is written when at least `every` steps have passed
+    since the last one, and at the final step. The ETA extrapolates the mean time per step since the first
+    `update`, so a resumed run's ETA covers only the steps still to go.
+    """
+
+    BAR_WIDTH = 24
+
+    def __init__(self, total_steps: int, desc: str = "train", stream: TextIO | None = None, every: int = 100,
+                 *, clock: Callable[[], float] = time.perf_counter):
+        if total_steps <= 0 or every <= 0:
+            raise ValueError(f"total_steps and every must be positive, got {total_steps} and {every}")
+        self.total_steps, self.desc, self.every = total_steps, desc, every
+        self.stream = sys.stderr if stream is None else stream
+        isatty = getattr(self.stream, "isatty", None)
+        self.interactive = bool(isatty and isatty())
+        self._clock = clock
+        self._first: tuple[int, float] | None = None
+        self._last_printed_step: int | None = None
+        self._line_width = 0
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds to `total_steps` at the mean pace since the first update; None before two updates."""
+        if self._first is None or step <= self._first[0]:
+            return None
+        first_step, first_time = self._first
+        per_step = (self._clock() - first_time) / (step - first_step)
+        return max(self.total_steps - step, 0) * per_step
+
+    def _describe(self, step: int, loss: float | None, samples_per_sec: float | None) -> list[str]:
+        parts = []
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if samples_per_sec is not None:
+            parts.append(f"{samples_per_sec:.1f} samples/s")
+        eta = self.eta_seconds(step)
+        parts.append(f"ETA {_format_duration(eta)}" if eta is not None else "ETA --:--")
+        return parts
+
+    def update(self, step: int, loss: Any = None, samples_per_sec: float | None = None) -> None:
+        """Reports that `step` (1-based, out of total_steps) is done."""
+        if self._first is None:
+            self._first = (step, self._clock())
+        loss = None if loss is None else _as_float("loss", loss)
+        fraction = min(max(step / self.total_steps, 0.0), 1.0)
+        details = self._describe(step, loss, samples_per_sec)
+        if self.interactive:
+            filled = int(fraction * self.BAR_WIDTH)
+            bar = "#" * filled + "." * (self.BAR_WIDTH - filled)
+            line = f"{self.desc} [{bar}] {step}/{self.total_steps} {fraction:4.0%} | " + " | ".join(details)
+            # Pad over the remains of a longer previous line; `\r` alone would leave them visible.
+            self.stream.write("\r" + line.ljust(self._line_width))
+            self._line_width = len(line)
+        else:
+            due = (self._last_printed_step is None or step - self._last_printed_step >= self.every
+                   or step >= self.total_steps)
+            if not due:
+                return
+            self._last_printed_step = step
+            self.stream.write(f"{self.desc} step {step}/{self.total_steps} ({fraction:.1%}) "
+                              + " ".join(details) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the in-place line on a terminal so later output starts on a fresh line."""
+        if self.interactive and self._line_width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_width = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput and MFU.
+
+def estimate_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> int:
+    """Training FLOPs per token of a decoder transformer: 6·N + 12·L·H·S (Kaplan et al. 2020; PaLM App. B).
+
+    6·N: every parameter takes part in one multiply-add (2 FLOPs) per token in the forward pass, and the backward
+    pass costs twice the forward (gradients with respect to activations and to weights): 2 + 4 = 6.
+    12·L·H·S: attention scores (Q·Kᵀ) and the weighted sum of values (A·V) are parameter-free matmuls of
+    2·S·H FLOPs each per token and layer in the forward pass (H = hidden size, S = sequence length), again
+    tripled for training: 3 · 2 · 2·S·H = 12·S·H per layer. Causal masking is not discounted (PaLM's
+    convention), and embedding-lookup FLOPs are not subtracted from N.
+    Multiply by the tokens in a global batch for `MetricsLogger(flops_per_step=...)`.
+    """
+    for name, value in (("num_params", num_params), ("num_layers", num_layers), ("hidden", hidden),
+                        ("seq_len", seq_len)):
+        if value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
+    return 6 * int(num_params) + 12 * int(num_layers) * int(hidden) * int(seq_len)
+
+
+class MetricsLogger:
+    """TensorBoard + JSONL + progress for a training run; only the primary process writes anything.
+
+    Files: `<workdir>/tensorboard/events.out.tfevents.*` and `<workdir>/metrics.jsonl` (appended across resumes).
+    `is_primary` defaults to `jax.process_index() == 0`; on other processes `log` still computes and returns the
+    throughput metrics but creates no directory, file or output.
+
+    Throughput is measured over the wall time between consecutive `log` calls, so the first call (which usually
+    includes compilation) only starts the clock. Call `reset_timer` after a pause that is not training
+    (evaluation, a synchronous checkpoint) so it is not counted. `samples` and `tokens` are per training step
+    for the global batch (all processes); calls may be several steps apart. Reported (under `perf/`):
+
+        steps_per_sec   = (step - previous_step) / elapsed
+        samples_per_sec = samples · steps_per_sec,   tokens_per_sec = tokens · steps_per_sec
+        mfu             = achieved FLOP/s / peak FLOP/s = flops_per_step · steps_per_sec / peak_flops
+
+    `flops_per_step` is the model FLOPs of one global step (e.g. `estimate_flops_per_token(...) · tokens`);
+    `peak_flops` is the aggregate peak of all devices running the step (per-chip dense peak for the training
+    dtype × `jax.device_count()`). Model FLOPs exclude rematerialisation, so MFU does not reward recomputation.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, is_primary: bool | None = None, *, desc: str = "train",
+                 flops_per_step: float | None = None, peak_flops: float | None = None,
+                 stream: TextIO | None = None, progress_every: int = 100, tensorboard: bool = True,
+                 jsonl: bool = True, progress: bool = True, clock: Callable[[], float] = time.perf_counter):
+        if is_primary is None:
+            import jax
+            is_primary = jax.process_index() == 0
+        if (flops_per_step is None) != (peak_flops is None):
+            raise ValueError("MFU needs both flops_per_step and peak_flops (or neither)")
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+        self.is_primary = is_primary
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self._clock = clock
+        self._last: tuple[int, float] | None = None
+        self.tensorboard = self.jsonl = self.progress = None
+        if is_primary:
+            if tensorboard:
+                self.tensorboard = TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+            if jsonl:
+                self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+            if progress:
+                self.progress = ProgressReporter(total_steps, desc, stream, every=progress_every, clock=clock)
+
+    def reset_timer(self, step: int) -> None:
+        """Restarts throughput measurement at `step` (after evaluation, checkpointing or another pause)."""
+        self._last = (step, self._clock())
+
+    def throughput(self, step: int, samples: int | None = None, tokens: int | None = None) -> dict[str, float]:
+        """The `perf/` metrics since the previous call (empty on the first call), and restarts the clock."""
+        now = self._clock()
+        last, self._last = self._last, (step, now)
+        if last is None or step <= last[0] or now <= last[1]:
+            return {}
+        steps_per_sec = (step - last[0]) / (now - last[1])
+        out = {"perf/steps_per_sec": steps_per_sec}
+        if samples is not None:
+            out["perf/samples_per_sec"] = samples * steps_per_sec
+        if tokens is not None:
+            out["perf/tokens_per_sec"] = tokens * steps_per_sec
+        if self.flops_per_step is not None:
+            out["perf/mfu"] = self.flops_per_step * steps_per_sec / self.peak_flops
+        return out
+
+    def log(self, step: int, metrics: Mapping[str, Any], samples: int | None = None,
+            tokens: int | None = None) -> dict[str, float]:
+        """Records `metrics` (scalars; numpy/jax values are read here) at `step`; returns the `perf/` metrics.
+
+        Non-numeric values (strings) go to the JSONL file only."""
+        perf = self.throughput(step, samples, tokens)
+        if not self.is_primary:
+            return perf
+        values = {**{key: to_python_scalar(value) for key, value in metrics.items()}, **perf}
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, {k: v for k, v in values.items() if isinstance(v, (bool, int, float))})
+            self.tensorboard.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(step, values)
+        if self.progress is not None:
+            self.progress.update(step, values.get("loss"), perf.get("perf/samples_per_sec"))
+        return perf
+
+    def close(self) -> None:
+        for part in (self.progress, self.tensorboard, self.jsonl):
+            if part is not None:
+                part.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,445 @@
+"""Benchmark loaders: every benchmark becomes a list of `BenchmarkExample`s that a model answers one string each.
+
+    examples = load_benchmark("vqa_rad", "/data/vqa_rad", split="test", limit=100)
+    predictions = [model_answer(e.image, e.prompt) for e in examples]
+    metrics = vital_jax.eval.metrics.score(examples, predictions)
+
+Supported (`BENCHMARKS`), with the files each reads from `data_dir`:
+  vqa_rad     {split}set.json (trainset.json / testset.json), images/<image_name>         (Lau et al., 2018)
+  slake       {split}.json (train / validate / test), imgs/<img_name>; English questions only
+  pathvqa     {split}.jsonl or {split}.json with image, question, answer[, answer_type]; images/[{split}/]<image>
+  pmc_vqa     {split}.csv, {split}_2.csv, {split}.jsonl or {split}.json with Figure_path, Question, Choice A-D,
+              Answer_label (or a letter / option text in Answer); images/<Figure_path>
+  in_domain   records.jsonl of vital_jax's dataset format, rows of `split`, turned closed-ended (App. B.4)
+  jsonl       {split}.jsonl with id, image, question, answer, answer_type[, options, match]; images relative
+              to data_dir
+
+Malformed input raises `BenchmarkError` naming the file and the record (line number or index, and id).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vital_jax.data.questions import LOCATION_CHOICES
+from vital_jax.data.records import RECORDS_FILE
+from vital_jax.eval import metrics
+
+ANSWER_TYPES = ("closed", "open")
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+IN_DOMAIN_CHOICE_INSTRUCTION = "Answer with one of the options."
+# Question types of the in-domain dataset that are closed-ended as generated (App. B.4 keeps them as they are).
+IN_DOMAIN_NATIVE_CLOSED = ("yes_no", "location_choice")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file is missing or malformed; the message names the file and the record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkExample:
+    """One benchmark question.
+
+    `image` is a path on this machine; `prompt` is the text to give the model (the question, plus its options for
+    multiple choice); `answer` is the ground truth (an option letter when `match == "letter"`); `answer_type` is
+    "closed" or "open"; `options` the choices (empty for free-form questions); `match` how a prediction is scored
+    (`vital_jax.eval.metrics`: "vqa", "letter", "exact" or "f1"); `extra` the source's other fields.
+    """
+
+    id: str
+    image: str
+    question: str
+    answer: str
+    answer_type: str
+    options: tuple[str, ...] = ()
+    match: str = "vqa"
+    prompt: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.answer_type not in ANSWER_TYPES:
+            raise BenchmarkError(f"example {self.id!r}: answer_type must be one of {ANSWER_TYPES}, "
+                                 f"got {self.answer_type!r}")
+        if self.match not in metrics.MATCH_KINDS:
+            raise BenchmarkError(f"example {self.id!r}: match must be one of {metrics.MATCH_KINDS}, got {self.match!r}")
+        if self.match == "letter" and (self.answer not in metrics.LETTERS[:len(self.options)]):
+            raise BenchmarkError(f"example {self.id!r}: answer {self.answer!r} is not the letter of one of its "
+                                 f"{len(self.options)} options")
+        if not self.prompt:
+            object.__setattr__(self, "prompt", self.question)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["options"] = list(self.options)
+        return data
+
+
+def lettered_prompt(question: str, options: Sequence[str], instruction: str = CHOICE_INSTRUCTION) -> str:
+    """The question, then one "A. option" line per option, then the instruction."""
+    lines = [question.strip()] + [f"{metrics.LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    return "\n".join(lines + ([instruction] if instruction else []))
+
+
+# ---------------------------------------------------------------------------------------------------- file helpers
+
+def _require_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"{path}: {what} not found")
+    return path
+
+
+def _first_existing(data_dir: str, names: Sequence[str], what: str) -> str:
+    for name in names:
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise BenchmarkError(f"{data_dir}: no {what} (looked for {', '.join(names)})")
+
+
+def _read_json_list(path: str) -> list[tuple[str, dict]]:
+    """(label, record) pairs of a JSON array file; the label names the file and index for error messages."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(data, list):
+        raise BenchmarkError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+
+
+def _read_jsonl(path: str) -> list[tuple[str, dict]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from e
+    return out
+
+
+def _read_json_or_jsonl(path: str) -> list[tuple[str, dict]]:
+    return _read_jsonl(path) if path.endswith(".jsonl") else _read_json_list(path)
+
+
+def _read_csv(path: str) -> list[tuple[str, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # Line numbers count the header as line 1 (quoted newlines inside fields aside).
+        return [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
+
+
+def _fields(label: str, record, names: Sequence[str]) -> list:
+    """The named fields of a record; a missing or empty one is a BenchmarkError naming the record."""
+    if not isinstance(record, dict):
+        raise BenchmarkError(f"{label}: a record must be a JSON object, got {type(record).__name__}")
+    rid = next((record[k] for k in ("id", "qid", "index") if k in record), None)
+    where = label + (f" (id {rid!r})" if rid is not None else "")
+    missing = [n for n in names if record.get(n) is None or (isinstance(record.get(n), str) and not
+                                                             record[n].strip())]
+    if missing:
+        raise BenchmarkError(f"{where}: missing or empty field(s) {', '.join(missing)}")
+    return [record[n] for n in names]
+
+
+def _check_image(label: str, path: str, check: bool) -> str:
+    if check and not os.path.isfile(path):
+        raise BenchmarkError(f"{label}: image not found: {path}")
+    return path
+
+
+def _answer_type(label: str, value) -> str:
+    """"closed"/"open" from "CLOSED", "OPEN", "closed " (VQA-RAD has trailing spaces) etc."""
+    kind = str(value).strip().lower()
+    if kind not in ANSWER_TYPES:
+        raise BenchmarkError(f"{label}: answer_type must be CLOSED or OPEN, got {value!r}")
+    return kind
+
+
+def _text(value) -> str:
+    """Answers may be numbers in the source files (VQA-RAD has 10 integer answers)."""
+    return " ".join(str(value).split())
+
+
+def _limited(items: list, limit: int | None) -> list:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return items if limit is None else items[:limit]
+
+
+# -------------------------------------------------------------------------------------------------------- loaders
+
+def load_vqa_rad(data_dir: str, split: str = "test", limit: int | None = None,
+                 check_images: bool = True) -> list[BenchmarkExample]:
+    """VQA-RAD: `{split}set.json`, a JSON array of {qid, image_name, image_organ, answer, answer_type, question_type,
+    question, phrase_type}; closed questions are scored by normalised accuracy, open ones by token F1."""
+    path = _require_file(os.path.join(data_dir, f"{split}set.json"), f"VQA-RAD {split} file")
+    out = []
+    for label, record in _read_json_list(path):
+        qid, image_name, question, answer, kind = _fields(
+            label, record, ("qid", "image_name", "question", "answer", "answer_type"))
+        label = f"{label} (qid {qid!r})"
+        kind = _answer_type(label, kind)
+        image = _check_image(label, os.path.join(data_dir, "images", image_name), check_images)
+        extra = {k: record[k] for k in ("qid", "image_organ", "question_type", "phrase_type") if k in record}
+        out.append(BenchmarkExample(id=str(qid), image=image, question=question.strip(), answer=_text(answer),
+                                    answer_type=kind, match="vqa" if kind == "closed" else "f1", extra=extra))
+    return _limited(out, limit)
+
+
+_SLAKE_SPLIT_FILES = {"train": "train.json", "val": "validate.json", "validate": "validate.json",
+                      "test": "test.json"}
+
+
+def load_slake(data_dir: str, split: str = "test", limit: int | None = None,
+               check_images: bool = True) -> list[BenchmarkExample]:
+    """SLAKE (English subset): `train.json` / `validate.json` / `test.json` arrays of {qid, img_name, question,
+    answer, answer_type, q_lang, ...}; only q_lang == "en" rows are kept; images under `imgs/`."""
+    if split not in _SLAKE_SPLIT_FILES:
+        raise BenchmarkError(f"SLAKE split must be one of {sorted(_SLAKE_SPLIT_FILES)}, got {split!r}")
+    path = _require_file(os.path.join(data_dir, _SLAKE_SPLIT_FILES[split]), f"SLAKE {split} file")
+    out = []
+    for label, record in _read_json_list(path):
+        (lang,) = _fields(label, record, ("q_lang",))
+        if lang != "en":
+            continue
+        image_name, question, answer, kind = _fields(label, record, ("img_name", "question", "answer", "answer_type"))
+        qid = record.get("qid", len(out))
+        label = f"{label} (qid {qid!r})"
+        kind = _answer_type(label, kind)
+        image = _check_image(label, os.path.join(data_dir, "imgs", image_name), check_images)
+        extra = {k: record[k] for k in ("qid", "img_id", "content_type", "base_type", "modality", "location")
+                 if k in record}
+        out.append(BenchmarkExample(id=str(qid), image=image, question=question.strip(), answer=_text(answer),
+                                    answer_type=kind, match="vqa" if kind == "closed" else "f1", extra=extra))
+    return _limited(out, limit)
+
+
+def _resolve_image(label: str, data_dir: str, name: str, folders: Sequence[str], check: bool) -> str:
+    """The first of data_dir/<folder>/<name> that exists (".jpg" added to a name without extension)."""
+    names = [name] if os.path.splitext(name)[1] else [name, name + ".jpg", name + ".png"]
+    candidates = [os.path.join(data_dir, folder, n) for folder in folders for n in names]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    if check:
+        raise BenchmarkError(f"{label}: image {name!r} not found under {data_dir} (looked in "
+                             f"{', '.join(f or '.' for f in folders)})")
+    return candidates[0]
+
+
+def load_pathvqa(data_dir: str, split: str = "test", limit: int | None = None,
+                 check_images: bool = True) -> list[BenchmarkExample]:
+    """PathVQA: `{split}.jsonl` or `{split}.json` with {image, question, answer[, answer_type, id]}. Without an
+    answer_type, yes/no answers are closed and the rest open (PathVQA's own split of the two)."""
+    path = _first_existing(data_dir, (f"{split}.jsonl", f"{split}.json"), f"PathVQA {split} file")
+    out = []
+    for label, record in _read_json_or_jsonl(path):
+        image_name, question, answer = _fields(label, record, ("image", "question", "answer"))
+        rid = str(record.get("id", f"{split}_{len(out)}"))
+        label = f"{label} (id {rid!r})"
+        answer = _text(answer)
+        if record.get("answer_type") is not None:
+            kind = _answer_type(label, record["answer_type"])
+        else:
+            kind = "closed" if metrics.is_yes_no(answer) else "open"
+        image = _resolve_image(label, data_dir, str(image_name), ("images/" + split, "images", ""), check_images)
+        extra = {k: v for k, v in record.items() if k not in ("image", "question", "answer", "answer_type", "id")}
+        out.append(BenchmarkExample(id=rid, image=image, question=question.strip(), answer=answer, answer_type=kind,
+                                    match="vqa" if kind == "closed" else "f1", extra=extra))
+    return _limited(out, limit)
+
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-J])\)?\s*[:.)]\s*")
+
+
+def _strip_option_prefix(text: str, letter: str) -> str:
+    """PMC-VQA writes options as "A:CT scan " (sometimes "A. ..."); keep the text."""
+    match = _OPTION_PREFIX.match(text)
+    if match and match.group(1) == letter:
+        text = text[match.end():]
+    return " ".join(text.split())
+
+
+def load_pmc_vqa(data_dir: str, split: str = "test", limit: int | None = None,
+                 check_images: bool = True) -> list[BenchmarkExample]:
+    """PMC-VQA multiple choice: rows with Figure_path, Question, Choice A..D and the answer letter (Answer_label,
+    or Answer when it is a letter or an option's text). The prompt lists the options; scored by parsed letter."""
+    path = _first_existing(data_dir, (f"{split}.csv", f"{split}_2.csv", f"{split}.jsonl", f"{split}.json"),
+                           f"PMC-VQA {split} file")
+    rows = _read_csv(path) if path.endswith(".csv") else _read_json_or_jsonl(path)
+    out = []
+    for label, row in rows:
+        figure, question = _fields(label, row, ("Figure_path", "Question"))
+        letters = [c for c in metrics.LETTERS if row.get(f"Choice {c}") not in (None, "")]
+        if len(letters) < 2 or letters != list(metrics.LETTERS[:len(letters)]):
+            raise BenchmarkError(f"{label}: needs consecutive options Choice A, Choice B, ...; has "
+                                 f"{', '.join('Choice ' + c for c in letters) or 'none'}")
+        options = tuple(_strip_option_prefix(str(row[f"Choice {c}"]), c) for c in letters)
+        raw = row.get("Answer_label") or row.get("Answer")
+        if raw is None or not str(raw).strip():
+            raise BenchmarkError(f"{label}: missing answer (Answer_label or Answer)")
+        raw = str(raw).strip()
+        letter = raw.upper() if raw.upper() in letters else None
+        if letter is None:
+            matches = [c for c, o in zip(letters, options)
+                       if metrics.normalize_answer(o) == metrics.normalize_answer(_strip_option_prefix(raw, raw[:1]))]
+            letter = matches[0] if len(matches) == 1 else None
+        if letter is None:
+            raise BenchmarkError(f"{label}: answer {raw!r} is neither an option letter nor one option's text")
+        rid = str(row.get("index") or row.get("id") or f"{split}_{len(out)}")
+        image = _resolve_image(f"{label} (id {rid!r})", data_dir, str(figure), ("images", "figures", ""),
+                               check_images)
+        out.append(BenchmarkExample(id=rid, image=image, question=" ".join(str(question).split()), answer=letter,
+                                    answer_type="closed", options=options, match="letter",
+                                    prompt=lettered_prompt(str(question), options),
+                                    extra={"answer_text": options[letters.index(letter)], "figure": figure}))
+    return _limited(out, limit)
+
+
+def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
+               check_images: bool = True) -> list[BenchmarkExample]:
+    """A generic benchmark: `{split}.jsonl` of {id, image, question, answer, answer_type} (+ optional `options`,
+    a list, with the answer then an option letter or text, `match` to override the scoring, `prompt`); image
+    paths relative to data_dir."""
+    path = _require_file(os.path.join(data_dir, f"{split}.jsonl"), f"{split}.jsonl")
+    out = []
+    for label, record in _read_jsonl(path):
+        rid, image, question, answer, kind = _fields(label, record, ("id", "image", "question", "answer",
+                                                                      "answer_type"))
+        label = f"{label} (id {rid!r})"
+        kind = _answer_type(label, kind)
+        options = record.get("options") or ()
+        if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+            raise BenchmarkError(f"{label}: options must be a list of strings")
+        options, answer = tuple(" ".join(o.split()) for o in options), _text(answer)
+        if options and answer.upper() in metrics.LETTERS[:len(options)]:
+            match, answer = "letter", answer.upper()
+        else:
+            match = "vqa" if kind == "closed" else "f1"
+        match = record.get("match", match)
+        prompt = record.get("prompt") or (lettered_prompt(question, options) if match == "letter" else question)
+        extra = {k: v for k, v in record.items()
+                 if k not in ("id", "image", "question", "answer", "answer_type", "options", "match", "prompt")}
+        try:
+            out.append(BenchmarkExample(id=str(rid), image=_check_image(label, os.path.join(data_dir, image),
+                                                                        check_images),
+                                        question=question, answer=answer, answer_type=kind, options=options,
+                                        match=match, prompt=prompt, extra=extra))
+        except BenchmarkError as e:
+            raise BenchmarkError(f"{label}: {e}") from e
+    return _limited(out, limit)
+
+
+# ---------------------------------------------------------------------------------------------------- in-domain
+
+def _location_choice(label: str, question: str, answer: str, target: str) -> tuple[str, tuple[str, ...]]:
+    """(the named choice, the choices) of a location_choice record; the target's own name ("left kidney") does
+    not choose."""
+    q = set(re.findall(r"[a-z]+", question.lower()))
+    axes = [c for c in LOCATION_CHOICES.values() if set(c) <= q]
+    if len(axes) != 1:
+        raise BenchmarkError(f"{label}: location_choice question names no choice set: {question!r}")
+    choices = axes[0]
+    rest = re.sub(re.escape(target), " ", answer, flags=re.IGNORECASE) if target else answer
+    words = set(re.findall(r"[a-z]+", rest.lower()))
+    words |= {"center"} if words & {"central", "centre"} else set()
+    named = [c for c in choices if c in words]
+    if len(named) != 1:
+        raise BenchmarkError(f"{label}: location_choice answer must name exactly one of {', '.join(choices)}: "
+                             f"{answer!r}")
+    return named[0], choices
+
+
+def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
+                   seed: int = 0, num_options: int = 4) -> list[BenchmarkExample]:
+    """The held-out split of a vital_jax dataset (`records.jsonl`), every question closed-ended (App. B.4).
+
+    yes_no -> options (yes, no), answer its leading yes/no; location_choice -> the choices its question names,
+    answer the one the answer names; every other type -> a choice among the answer and up to `num_options - 1`
+    distractors: distinct answers of other records (any split) with the same question type and target type
+    (the same question type when those are too few). Distractors and option order are drawn from a generator
+    seeded by (seed, record id), so the benchmark is the same on every run and does not depend on `limit`.
+    Scored by `metrics.in_domain_correct` (lowercase + whitespace normalised match).
+    """
+    if num_options < 2:
+        raise ValueError(f"num_options must be >= 2, got {num_options}")
+    path = _require_file(os.path.join(data_dir, RECORDS_FILE), RECORDS_FILE)
+    rows = []
+    for label, record in _read_jsonl(path):
+        _fields(label, record, ("id", "image", "question", "answer", "question_type", "split"))
+        rows.append((f"{label} (id {record['id']!r})", record))
+    pools: dict[tuple, dict[str, str]] = {}
+    for _, r in rows:
+        for key in ((r["question_type"], r.get("target_type")), (r["question_type"], None)):
+            pools.setdefault(key, {}).setdefault(metrics.normalize_whitespace_lower(r["answer"]), " ".join(
+                r["answer"].split()))
+    out = []
+    for label, r in rows:
+        if r["split"] != split:
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        qtype, answer, question = r["question_type"], " ".join(r["answer"].split()), " ".join(r["question"].split())
+        prompt, extra = question, {"question_type": qtype, "answer_text": answer}
+        extra.update({k: r[k] for k in ("target", "target_type", "modality", "source", "latent_steps") if k in r})
+        if qtype == "yes_no":
+            said = metrics.yes_no_of(answer)
+            if said is None:
+                raise BenchmarkError(f"{label}: yes_no answer does not start with yes or no: {answer!r}")
+            gold, options = said, ("yes", "no")
+        elif qtype == "location_choice":
+            gold, options = _location_choice(label, question, answer, r.get("target", ""))
+        else:
+            gold_key = metrics.normalize_whitespace_lower(answer)
+            rng = np.random.default_rng([seed, zlib.crc32(str(r["id"]).encode("utf-8"))])
+            distractors: dict[str, str] = {}  # normalised -> text
+            for key in ((qtype, r.get("target_type")), (qtype, None)):
+                pool = sorted((k, text) for k, text in pools[key].items() if k != gold_key and k not in distractors)
+                take = min(num_options - 1 - len(distractors), len(pool))
+                if take > 0:
+                    distractors.update(pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False)))
+            texts = list(distractors.values())
+            if not distractors:
+                raise BenchmarkError(f"{label}: no other {qtype!r} answer in {path} to build choices from")
+            options = tuple(answer if i == 0 else texts[i - 1] for i in rng.permutation(len(texts) + 1))
+            gold = answer
+            prompt = lettered_prompt(question, options, IN_DOMAIN_CHOICE_INSTRUCTION)
+        image_path = _check_image(label, os.path.join(data_dir, r["image"]), check_images)
+        out.append(BenchmarkExample(id=str(r["id"]), image=image_path, question=question, answer=gold,
+                                    answer_type="closed", options=tuple(options), match="exact", prompt=prompt,
+                                    extra=extra))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+BENCHMARKS: dict[str, Callable[..., list[BenchmarkExample]]] = {
+    "vqa_rad": load_vqa_rad,
+    "slake": load_slake,
+    "pathvqa": load_pathvqa,
+    "pmc_vqa": load_pmc_vqa,
+    "in_domain": load_in_domain,
+    "jsonl": load_jsonl,
+}
+
+
+def load_benchmark(name: str, data_dir: str, split: str = "test", limit: int | None = None,
+                   **kwargs) -> list[BenchmarkExample]:
+    """The examples of benchmark `name` (a key of BENCHMARKS) read from `data_dir`, the first `limit` of them."""
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r} (expected one of {', '.join(sorted(BENCHMARKS))})")
+    if not os.path.isdir(data_dir):
+        raise BenchmarkError(f"{data_dir}: {name} data directory not found")
+    return BENCHMARKS[name](data_dir, split=split, limit=limit, **kwargs)

@@ -187,3 +187,26 @@ def test_overlay_heatmap_blends_hot_cell_where_it_is(tmp_path):
         assert reread.size == (64, 48)
     with pytest.raises(ValueError, match="2-D"):
         plot.overlay_heatmap(image, np.zeros((2, 2, 2)))
+
+
+@pytest.mark.parametrize("lo, hi", [(200.0, 3410.0), (210.0, 250.0), (1.0, 1.0), (3.0, 70000.0), (0.5, 0.9)])
+def test_log_ticks_bracket_the_range_with_powers_of_ten_multiples(lo, hi):
+    ticks = plot.log_ticks(lo, hi)
+    assert len(ticks) >= 2 and ticks == sorted(ticks)
+    assert ticks[0] <= lo and ticks[-1] >= hi
+    for t in ticks:
+        mantissa = t / 10 ** np.floor(np.log10(t) + 1e-12)
+        assert any(np.isclose(mantissa, m) for m in (1, 2, 5))
+    with pytest.raises(ValueError, match="positive"):
+        plot.log_ticks(0.0, 10.0)
+
+
+def test_log_x_axis_places_decades_evenly():
+    colors = [(255, 0, 0), (0, 200, 0), (0, 0, 255)]
+    series = [plot.Series(str(x), [x], [1.0], color=c) for x, c in zip((10.0, 100.0, 1000.0), colors)]
+    image = np.asarray(plot.line_chart(series, size=(400, 300), x_log=True, legend=False, y_range=(0.0, 2.0)))
+    centres = [np.argwhere(np.all(image == c, axis=-1))[:, 1].mean() for c in colors]
+    assert centres[1] - centres[0] == pytest.approx(centres[2] - centres[1], abs=1.0)
+    linear = np.asarray(plot.line_chart(series, size=(400, 300), legend=False, y_range=(0.0, 2.0)))
+    centres = [np.argwhere(np.all(linear == c, axis=-1))[:, 1].mean() for c in colors]
+    assert centres[2] - centres[1] > 5 * (centres[1] - centres[0])

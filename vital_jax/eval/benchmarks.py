@@ -383,15 +383,14 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     pools: dict[tuple, dict[str, str]] = {}
     for _, r in rows:
         for key in ((r["question_type"], r.get("target_type")), (r["question_type"], None)):
-            pools.setdefault(key, {}).setdefault(metrics.normalize_whitespace_lower(r["answer"]), " ".join(
-                r["answer"].split()))
+            pools.setdefault(key, {}).setdefault(metrics.normalize_whitespace_lower(r["answer"]), _text(r["answer"]))
     out = []
     for label, r in rows:
         if r["split"] != split:
             continue
         if limit is not None and len(out) >= limit:
             break
-        qtype, answer, question = r["question_type"], " ".join(r["answer"].split()), " ".join(r["question"].split())
+        qtype, answer, question = r["question_type"], _text(r["answer"]), _text(r["question"])
         prompt, extra = question, {"question_type": qtype, "answer_text": answer}
         extra.update({k: r[k] for k in ("target", "target_type", "modality", "source", "latent_steps") if k in r})
         if qtype == "yes_no":

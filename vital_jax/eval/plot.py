@@ -74,6 +74,23 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis covering [lo, hi] (lo > 0): powers of ten, with 2x and 5x added when the range
+    spans fewer than two decades."""
+    if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"a log axis needs a positive finite range, got ({lo}, {hi})")
+    lo, hi = min(lo, hi), max(lo, hi)
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    last = max(last, first + 1)
+    multiples = (1, 2, 5) if last - first < 2 else (1,)
+    ticks = [m * 10.0 ** e for e in range(first, last + 1) for m in multiples if m * 10.0 ** e <= 10.0 ** last]
+    # Keep one tick on each side of the data and drop the rest outside it.
+    below = [t for t in ticks if t <= lo * (1 + 1e-9)]
+    above = [t for t in ticks if t >= hi * (1 - 1e-9)]
+    kept = [t for t in ticks if below[-1] <= t <= above[0]]
+    return kept if len(kept) > 1 else kept + [ticks[ticks.index(kept[-1]) + 1]]
+
+
 def _format_tick(value: float) -> str:
     if value == int(value) and abs(value) < 1e6:
         return str(int(value))
@@ -84,7 +101,8 @@ class _Axes:
     """Maps data coordinates to pixels inside the margins and draws the frame, grid, ticks and labels."""
 
     def __init__(self, image: Image.Image, x_ticks: Sequence[float], y_ticks: Sequence[float],
-                 x_tick_labels: Sequence[str] | None = None):
+                 x_tick_labels: Sequence[str] | None = None, x_log: bool = False):
+        self.x_log = x_log
         self.image, self.draw = image, ImageDraw.Draw(image)
         width, height = image.size
         self.x0, self.x1 = MARGIN["left"], width - MARGIN["right"]
@@ -95,7 +113,11 @@ class _Axes:
         self.x_tick_labels = x_tick_labels
 
     def px(self, x: float, y: float) -> tuple[float, float]:
-        fx = 0.5 if self.x_hi == self.x_lo else (x - self.x_lo) / (self.x_hi - self.x_lo)
+        if self.x_log:
+            lo, hi = math.log10(self.x_lo), math.log10(self.x_hi)
+            fx = 0.5 if hi == lo else (math.log10(x) - lo) / (hi - lo)
+        else:
+            fx = 0.5 if self.x_hi == self.x_lo else (x - self.x_lo) / (self.x_hi - self.x_lo)
         fy = 0.5 if self.y_hi == self.y_lo else (y - self.y_lo) / (self.y_hi - self.y_lo)
         return self.x0 + fx * (self.x1 - self.x0), self.y0 - fy * (self.y0 - self.y1)
 
@@ -159,9 +181,9 @@ def _y_ticks(values: Sequence[float], y_range: tuple[float, float] | None, inclu
 def line_chart(series: Sequence[Series], *, x_label: str = "", y_label: str = "", title: str = "",
                size: tuple[int, int] = (480, 360), y_range: tuple[float, float] | None = None,
                x_ticks: Sequence[float] | None = None, point_labels: Sequence[Sequence[str]] | None = None,
-               legend: bool = True) -> Image.Image:
+               legend: bool = True, x_log: bool = False) -> Image.Image:
     """Lines with round markers, one per series, on shared axes; `point_labels[i][j]` annotates point j of
-    series i. Non-finite y values are skipped (the line breaks there)."""
+    series i. Non-finite y values are skipped (the line breaks there). `x_log` draws x on a log10 scale (x > 0)."""
     if not series:
         raise ValueError("line_chart needs at least one series")
     for s in series:
@@ -169,8 +191,10 @@ def line_chart(series: Sequence[Series], *, x_label: str = "", y_label: str = ""
             raise ValueError(f"series {s.name!r}: {len(s.x)} x values but {len(s.y)} y values")
     image = Image.new("RGB", size, BACKGROUND)
     xs = [float(x) for s in series for x in s.x]
-    axes = _Axes(image, x_ticks if x_ticks is not None else nice_ticks(min(xs), max(xs)),
-                 _y_ticks([y for s in series for y in s.y], y_range, include_zero=False))
+    if x_ticks is None:
+        x_ticks = log_ticks(min(xs), max(xs)) if x_log else nice_ticks(min(xs), max(xs))
+    axes = _Axes(image, x_ticks, _y_ticks([y for s in series for y in s.y], y_range, include_zero=False),
+                 x_log=x_log)
     axes.frame(x_label, y_label, title)
     colors = _colors(series)
     for i, (s, color) in enumerate(zip(series, colors)):

@@ -237,9 +237,12 @@ def k_sweep_figure(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[
         labels.append([name])
     all_acc = [y for s in series for y in s.y]
     y_range = (min(all_acc + [0.0]), max(all_acc + [100.0]))
-    panel_a = plot.line_chart(series, x_label="mean latency (ms)", y_label="accuracy (%)",
-                              title=f"{prefix}(a) accuracy vs latency", size=PANEL_SIZE, y_range=y_range,
-                              point_labels=labels, legend=bool(baselines))
+    all_ms = [x for s in series for x in s.x]
+    # A log latency axis once the points span more than 5x (explicit CoT is ~100x slower in the paper).
+    x_log = min(all_ms) > 0 and max(all_ms) / min(all_ms) > 5
+    panel_a = plot.line_chart(series, x_label="mean latency (ms)" + (", log scale" if x_log else ""),
+                              y_label="accuracy (%)", title=f"{prefix}(a) accuracy vs latency", size=PANEL_SIZE,
+                              y_range=y_range, point_labels=labels, legend=bool(baselines), x_log=x_log)
     phases = [p.latency_breakdown_ms for p in points]
     if all(phases) and len({tuple(ph) for ph in phases}) == 1:
         bars = [plot.Series(name, ks, [float(ph[name]) for ph in phases]) for name in phases[0]]

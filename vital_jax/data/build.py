@@ -33,7 +33,8 @@ from vital_jax.data import geometry, ingest, phantoms, questions, records, teach
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/data/*.py file with get_config()")
+# Defined only when run as a program, so that importing `build` (the demo, tests) defines no absl flags.
+_CONFIG = None
 
 
 class BuildError(RuntimeError):
@@ -163,4 +164,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/data/*.py file with get_config()")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,38 @@
+"""Every field of a vital_jax training config, with the paper's defaults (Table 12). Recipes start from this.
+
+Override any field on the command line: `--config.optimizer.lr=1e-5`. Unknown fields and wrong types are errors.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Built-in synthetic assets (phantoms + tiny random models); see vital_jax/demo.py.
+    c.demo = ml_collections.ConfigDict(dict(
+        enabled=False, seed=0, num_phantoms=12, phantom_size=256, image_pixels=128 * 128,
+        backbone_hidden=64, backbone_layers=2, decoder_hidden=48, decoder_layers=2))
+    c.model = ml_collections.ConfigDict(dict(
+        backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory
+        decoder_dir="",         # HF Qwen3 directory or a converted directory
+        tokenizer_dir="",       # directory with tokenizer.json (defaults to backbone_dir)
+        dtype="bfloat16",       # activation dtype
+        param_dtype="float32",  # storage dtype of the frozen base weights
+        remat=False,            # rematerialise decoder layers in the backward pass
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        data_dir="", train_split="train", eval_split="test", batch_size=8, prompt_buckets=(512, 1024, 2048),
+        max_answer_tokens=64, max_step_tokens=96, min_pixels=65536, max_pixels=448 * 448, num_workers=0))
+    c.vital = ml_collections.ConfigDict(dict(
+        k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", visual_target="shared",
+        lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,
+        train_decoder=True))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=2e-5, warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999, max_grad_norm=1.0))
+    # Phase n trains on records with latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from phase n-1.
+    c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10)))
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
+    c.logging = ml_collections.ConfigDict(dict(every_steps=10))
+    return c

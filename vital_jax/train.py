@@ -1,0 +1,256 @@
+"""Train VITAL: `python -m vital_jax.train --config=configs/<name>.py --workdir=DIR [--config.FIELD=VALUE ...]`.
+
+The 3-phase curriculum (paper §3.5): phase n trains on the records with K <= curriculum.max_k[n] for
+curriculum.epochs[n] epochs, warm-starting from phase n-1, and checkpoints into `workdir/phase_<n>/` (trainable
+params, optimizer state, step, RNG and the grain iterator state). Rerunning the same command resumes from the
+latest checkpoint with the same data order; SIGTERM saves and exits cleanly; a non-finite loss stops the run
+naming the step and the batch's record ids, leaving the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax.layers.linear import LoraConfig
+from vital_jax.models import model_dir
+from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.observability import MetricsLogger
+from vital_jax.vital import trainable
+from vital_jax.vital.batch import from_numpy
+from vital_jax.vital.config import VitalConfig
+from vital_jax.vital.model import VitalModel
+from vital_jax.vital.train_step import init_train_state, train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the resolved config go")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the batch's records."""
+
+
+@dataclasses.dataclass
+class Paths:
+    data_dir: str
+    tokenizer_dir: str
+    backbone_dir: str
+    decoder_dir: str
+
+
+def resolve_paths(config, workdir: str) -> Paths:
+    """Demo assets (built on first use) or the configured paths, each checked to exist."""
+    if config.demo.enabled:
+        from vital_jax import demo
+
+        p = demo.prepare(workdir, config.demo)
+        return Paths(p["data_dir"], p["tokenizer_dir"], p["backbone_dir"], p["decoder_dir"])
+    paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
+                  config.model.backbone_dir, config.model.decoder_dir)
+    for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
+                        ("model.backbone_dir", paths.backbone_dir), ("model.decoder_dir", paths.decoder_dir)):
+        if not path:
+            raise ConfigError(f"config.{field} is empty (or set config.demo.enabled=True for the built-in demo)")
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.{field}={path!r} does not exist")
+    return paths
+
+
+def load_weights(directory: str, config, load_hf, abstract_fn) -> dict:
+    """A converted vital_jax directory (orbax) or a HF safetensors directory."""
+    if os.path.exists(os.path.join(directory, model_dir.META_FILE)):
+        return model_dir.load_params(directory, abstract_fn(config))
+    return load_hf(directory, config)
+
+
+def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
+    decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, dtype=config.model.dtype,
+                                                 param_dtype="float32", remat=config.model.remat)
+    v = config.vital
+    lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
+    vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
+                               roi_dim=roi_dim, vp_dropout=v.vp_dropout, visual_loss_reduction=v.visual_loss_reduction,
+                               visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
+                               train_decoder=v.train_decoder)
+    model = VitalModel(vital_config, backbone_config, decoder_config)
+    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params.load_params,
+                            qwen3_vl_params.abstract_params)
+    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params.load_params, qwen3_params.abstract_params)
+    params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
+    return model, params
+
+
+def pipeline_config(config):
+    from vital_jax.data.pipeline import PipelineConfig
+
+    d = config.data
+    return PipelineConfig(batch_size=d.batch_size, prompt_buckets=tuple(d.prompt_buckets),
+                          max_answer_tokens=d.max_answer_tokens, max_step_tokens=d.max_step_tokens,
+                          k_max_slots=config.vital.k_max, max_pixels=d.max_pixels, min_pixels=d.min_pixels,
+                          num_workers=d.num_workers)
+
+
+def phase_steps(config, data_dir: str) -> list[int]:
+    """Optimizer steps of each phase: epochs x (this process's records with K <= max_k) // batch size."""
+    from vital_jax.data.pipeline import select_records
+
+    steps = []
+    for max_k, epochs in zip(config.curriculum.max_k, config.curriculum.epochs):
+        n = len(select_records(data_dir, config.data.train_split, max_k)) // jax.process_count()
+        steps.append(int(epochs) * (n // config.data.batch_size))
+    return steps
+
+
+def validate_config(config) -> None:
+    c = config.curriculum
+    if len(c.max_k) != len(c.epochs) or not c.max_k:
+        raise ConfigError(f"config.curriculum: max_k {tuple(c.max_k)} and epochs {tuple(c.epochs)} must be "
+                          "non-empty and of equal length")
+    if any(k < 1 or k > config.vital.k_max for k in c.max_k):
+        raise ConfigError(f"config.curriculum.max_k {tuple(c.max_k)} must lie in 1..vital.k_max={config.vital.k_max}")
+    if config.checkpoint.save_every_steps < 1:
+        raise ConfigError("config.checkpoint.save_every_steps must be >= 1")
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+
+def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
+    recs = read_records(os.path.join(data_dir, RECORDS_FILE))
+    return [recs[int(r)].id for r in rows if 0 <= int(r) < len(recs)]
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) the whole curriculum; returns a summary with the final metrics and checkpoint dirs."""
+    from vital_jax.data.pipeline import make_train_iterator
+    from vital_jax.data.records import load_roi_arrays
+
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    paths = resolve_paths(config, workdir)
+    roi = load_roi_arrays(paths.data_dir)
+    if roi is None:
+        raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
+    roi_dim = int(roi["features"].shape[1])
+    model, params = build_model(config, paths, roi_dim)
+    steps_per_phase = phase_steps(config, paths.data_dir)
+    if not all(steps_per_phase):
+        raise ConfigError(f"{paths.data_dir}: a curriculum phase has no full batch of records ({steps_per_phase})")
+    total = sum(steps_per_phase)
+    schedule = trainable.warmup_cosine_schedule(config.optimizer.lr, total, config.optimizer.warmup_ratio)
+    o = config.optimizer
+    train_params, _ = trainable.split(params, trainable.trainable_mask(params, config.vital.train_decoder))
+    optimizer = trainable.make_optimizer(schedule, o.weight_decay, o.b1, o.b2, o.max_grad_norm,
+                                         trainable.weight_decay_mask(train_params))
+    state, frozen = init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1),
+                                     config.vital.train_decoder)
+    del params, train_params
+    step_fn = jax.jit(functools.partial(train_step, model, optimizer, learning_rate_fn=schedule),
+                      donate_argnums=(0,))
+    preemption = _Preemption()
+    logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital")
+    pipe_cfg = pipeline_config(config)
+    logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
+    last_metrics: dict = {}
+    phase_start = 0
+    for phase, (max_k, n_steps) in enumerate(zip(config.curriculum.max_k, steps_per_phase), start=1):
+        phase_end = phase_start + n_steps
+        ckpt = ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"phase_{phase}"),
+                                          config.checkpoint.save_every_steps, config.checkpoint.keep,
+                                          config.checkpoint.async_save)
+        iterator = make_train_iterator(paths.data_dir, paths.tokenizer_dir, pipe_cfg, k_max=int(max_k),
+                                       split=config.data.train_split, seed=config.seed + phase,
+                                       num_epochs=int(config.curriculum.epochs[phase - 1]))
+        done = ckpt.done_step()
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, data_state = ckpt.restore(latest, state)
+            iterator.set_state(data_state)
+            logging.info("phase %d: resumed from step %d", phase, latest)
+        if done is not None:
+            logging.info("phase %d: already complete (step %d)", phase, done)
+            ckpt.close()
+            phase_start = phase_end
+            continue
+        while int(state.step) < phase_end:
+            batch_np = next(iterator)
+            batch = from_numpy(batch_np, model.backbone_config)
+            state, metrics = step_fn(state, frozen, batch)
+            step = int(state.step)
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                ckpt.wait()
+                ids = _record_ids(paths.data_dir, batch_np["record_index"][batch_np["example_valid"]])
+                raise NonFiniteLossError(f"non-finite loss {loss} at step {step} (phase {phase}); batch records: "
+                                         f"{ids}. The last good checkpoint in {ckpt.directory} is intact.")
+            if step % config.logging.every_steps == 0 or step == phase_end:
+                last_metrics = {k: float(v) for k, v in metrics.items()}
+                last_metrics["phase"] = phase
+                samples = int(batch_np["example_valid"].sum()) * jax.process_count()
+                tokens = samples * (batch_np["prompt_ids"].shape[1] + config.vital.k_max
+                                    + batch_np["answer_ids"].shape[1])
+                last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens))
+            ckpt.save(step, state, iterator.get_state(), force=preemption.requested)
+            if preemption.requested:
+                ckpt.close()
+                logger.close()
+                logging.warning("preempted: checkpoint at step %d saved in %s", step, ckpt.directory)
+                return {"preempted": True, "step": step}
+        if ckpt.latest_step() != int(state.step):
+            ckpt.save(int(state.step), state, iterator.get_state(), force=True)
+        ckpt.mark_done(int(state.step))
+        ckpt.close()
+        phase_start = phase_end
+    logger.close()
+    return {"preempted": False, "step": int(state.step), "metrics": last_metrics, "paths": dataclasses.asdict(paths)}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save at INFO; progress lines come from the MetricsLogger instead.
+        logging.set_verbosity(logging.WARNING)
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -66,8 +66,9 @@ class PhaseCheckpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every_steps, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -252,5 +252,20 @@ def main(argv):
     print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
 
 
+def parse_flags(argv):
+    """absl flag parsing with a readable message for an unknown `--config.FIELD` (ml_collections raises a bare
+    AttributeError/KeyError deep in its override code)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: unknown config field in {overrides}: {e}. See configs/base.py for every field.",
+              file=sys.stderr)
+        sys.exit(2)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

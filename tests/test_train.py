@@ -1,0 +1,161 @@
+"""The training entry point end to end on the demo assets: curriculum checkpoints, falling losses, kill -9 and
+resume, SIGTERM, non-finite loss, config errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo as demo_config
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax import demo, train
+from vital_jax.models.hf_config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["--config.demo.num_phantoms=5", "--config.curriculum.epochs=(1, 1, 1)",
+             "--config.checkpoint.save_every_steps=4", "--config.checkpoint.async_save=False"]
+
+
+def _config(**changes):
+    c = demo_config.get_config()
+    c.demo.num_phantoms = 5
+    c.curriculum.epochs = (1, 1, 1)
+    c.checkpoint.save_every_steps = 4
+    c.checkpoint.async_save = False
+    for dotted, value in changes.items():
+        node = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The demo's dataset and tiny models, built once and copied into each workdir."""
+    root = tmp_path_factory.mktemp("assets")
+    demo.prepare(str(root), _config().demo)
+    return str(root / "demo")
+
+
+def _workdir(tmp_path, assets, name):
+    workdir = tmp_path / name
+    shutil.copytree(assets, workdir / "demo")
+    return str(workdir)
+
+
+def _final_state(workdir):
+    phase = os.path.join(workdir, "phase_3")
+    step = json.load(open(os.path.join(phase, ckpt_lib.DONE_FILE)))["final_step"]
+    with ocp.StandardCheckpointer() as c:
+        return step, c.restore(os.path.join(phase, str(step), "state"))
+
+
+def _run(workdir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "vital_jax.train", "--config=configs/demo.py", f"--workdir={workdir}", *OVERRIDES,
+           *extra]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_demo_curriculum_trains_every_phase_and_losses_fall(tmp_path, assets):
+    workdir = _workdir(tmp_path, assets, "run")
+    summary = train.train(_config(), workdir)
+    assert not summary["preempted"]
+    for phase in (1, 2, 3):
+        assert ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"phase_{phase}"), 4).done_step() is not None
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    first, last = lines[0], lines[-1]
+    for term in ("task_loss", "text_loss", "visual_loss"):
+        assert last[term] < first[term], (term, first[term], last[term])
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["vital"]["k_max"] == 4
+    # The frozen backbone is not in the training checkpoints: only trainable leaves are.
+    _, state = _final_state(workdir)
+    assert not any(k.startswith("params.backbone") and not k.rsplit(".", 1)[-1].startswith("lora_") for k in state)
+    # Running again finds every phase done and trains nothing.
+    again = train.train(_config(), workdir)
+    assert again["step"] == summary["step"]
+
+
+def test_kill_minus_9_and_resume_equals_an_uninterrupted_run(tmp_path, assets):
+    reference = _workdir(tmp_path, assets, "reference")
+    assert _run(reference).returncode == 0
+    ref_step, ref_state = _final_state(reference)
+
+    workdir = _workdir(tmp_path, assets, "killed")
+    proc = _run(workdir, wait=False)
+    deadline = time.time() + 300
+    # Kill as soon as phase 2 has a checkpoint (mid-curriculum, mid-phase).
+    while time.time() < deadline and proc.poll() is None:
+        phase2 = os.path.join(workdir, "phase_2")
+        if os.path.isdir(phase2) and any(d.isdigit() for d in os.listdir(phase2)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not os.path.exists(os.path.join(workdir, "phase_3", ckpt_lib.DONE_FILE))
+    res = _run(workdir)
+    assert res.returncode == 0, res.stdout + res.stderr
+    step, state = _final_state(workdir)
+    assert step == ref_step and sorted(state) == sorted(ref_state)
+    for name in ref_state:
+        np.testing.assert_allclose(np.asarray(state[name]), np.asarray(ref_state[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, assets):
+    workdir = _workdir(tmp_path, assets, "preempted")
+    proc = _run(workdir, "--config.checkpoint.save_every_steps=1000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert '"preempted": true' in out
+    phase1 = os.path.join(workdir, "phase_1")
+    assert any(d.isdigit() for d in os.listdir(phase1))
+
+
+def test_non_finite_loss_names_step_and_records_and_keeps_the_last_checkpoint(tmp_path, assets):
+    workdir = _workdir(tmp_path, assets, "nan")
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d+ .*batch records: \['") as e:
+        train.train(_config(optimizer__lr=1e12), workdir)
+    assert "last good checkpoint" in str(e.value)
+    phase = os.path.join(workdir, "phase_1")
+    for step in (d for d in os.listdir(phase) if d.isdigit()):
+        with ocp.StandardCheckpointer() as c:
+            state = c.restore(os.path.join(phase, step, "state"))
+        assert all(np.all(np.isfinite(np.asarray(v))) for v in state.values())
+
+
+def test_config_errors_are_clear(tmp_path, assets):
+    res = _run(str(tmp_path / "a"), "--config.vital.no_such_field=1")
+    assert res.returncode != 0 and "unknown config field" in res.stderr and "no_such_field" in res.stderr
+    res = _run(str(tmp_path / "b"), "--config.vital.k_max=four")
+    assert res.returncode != 0 and "k_max" in res.stderr
+    c = _config(demo__enabled=False)
+    c.model.backbone_dir = str(tmp_path / "missing")
+    c.model.decoder_dir = c.model.tokenizer_dir = c.data.data_dir = assets
+    with pytest.raises(ConfigError, match="backbone_dir=.*missing.* does not exist"):
+        train.train(c, str(tmp_path / "c"))
+    # A workdir written by another config is refused, never silently re-initialised.
+    workdir = _workdir(tmp_path, assets, "other")
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.check_workdir_config(workdir, json.loads(_config().to_json_best_effort()))
+    with pytest.raises(ckpt_lib.CheckpointError, match="different config.*vital.lora_rank"):
+        train.train(_config(vital__lora_rank=2), workdir)

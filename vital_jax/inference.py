@@ -1,0 +1,160 @@
+"""Load a trained VITAL run and answer (image, question) pairs with any K: shared by evaluate, explain, export
+and the demo.
+
+`load_run(workdir)` rebuilds the model from the run's saved config (`workdir/config.json`), reads the base
+weights from the configured checkpoints and the trained parameters (LoRA + scaffolding) from the latest
+checkpoint of the last phase that has one. `Predictor` batches examples into fixed shapes (prompt and patch
+buckets) so one compiled program serves every batch and every K <= K_max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax.generation import SamplingConfig
+from vital_jax.models.qwen3_vl import preprocessing, prompt
+from vital_jax.vital import trainable
+from vital_jax.vital.batch import prefix_inputs
+from vital_jax.vital.model import VitalModel
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    config: ml_collections.ConfigDict
+    model: VitalModel
+    params: dict  # full parameters (backbone incl. LoRA, decoder, pj_in, visual_projector)
+    paths: object  # train.Paths
+    step: int
+
+
+def load_run(workdir: str) -> TrainedRun:
+    """Rebuild model and parameters of the training run in `workdir` (raises CheckpointError if none)."""
+    from vital_jax import train
+    from vital_jax.data.records import load_roi_arrays
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ckpt_lib.CheckpointError(f"{workdir}: no config.json; not a vital_jax training workdir")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    _tuples(config)
+    paths = train.resolve_paths(config, workdir)
+    roi = load_roi_arrays(paths.data_dir)
+    roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152
+    model, params = train.build_model(config, paths, roi_dim)
+    mask = trainable.trainable_mask(params, config.vital.train_decoder)
+    train_params, frozen = trainable.split(params, mask)
+    for phase in range(len(config.curriculum.max_k), 0, -1):
+        directory = os.path.join(workdir, f"phase_{phase}")
+        if not os.path.isdir(directory):
+            continue
+        ckpt = ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            ckpt.close()
+            continue
+        abstract = {"params": train_params}
+        flat = ckpt_lib.flatten_state(abstract)
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as c:
+            saved = c.restore(os.path.join(directory, str(step), "state"))
+        restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
+        ckpt.close()
+        return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step)
+    raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
+
+
+def _tuples(config) -> None:
+    """JSON turns tuples into lists; the training config uses tuples for these fields."""
+    config.curriculum.max_k = tuple(config.curriculum.max_k)
+    config.curriculum.epochs = tuple(config.curriculum.epochs)
+    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
+    config.mesh.shape = tuple(config.mesh.shape)
+
+
+def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}")
+
+
+class Predictor:
+    """Answer batches of (image, question) with the deployed model: backbone + LoRA, K latent steps, greedy."""
+
+    def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
+        self.run = run
+        self.model = run.model
+        self.batch_size = batch_size
+        self.tokenizer = prompt.load_tokenizer(run.paths.tokenizer_dir)
+        self.special = prompt.special_token_ids(self.tokenizer)
+        cfg = run.config.data
+        self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
+        # Benchmark prompts (options listed) can be longer than training prompts; extra buckets cost one compile each.
+        self.prompt_buckets = tuple(sorted(set(cfg.prompt_buckets) | {256, 512, 1024, 2048, 4096}))
+        vis = self.model.backbone_config.vision
+        per_image = self.max_pixels // (vis.patch_size ** 2)
+        self.patch_bucket = batch_size * (per_image + 4 * vis.merge_unit)
+        eos = (self.special[prompt.IM_END], self.special[prompt.ENDOFTEXT])
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                                       pad_token_id=self.special[prompt.ENDOFTEXT])
+        model = self.model
+        self._generate = jax.jit(lambda bp, pre, k: model.generate(bp, pre, k, self.sampling))
+        self.backbone_params = run.params["backbone"]
+
+    def encode(self, images: Sequence, questions: Sequence[str]):
+        """Images + questions -> (PrefixInputs, number of real examples); pads to the batch size."""
+        n = len(images)
+        if n > self.batch_size:
+            raise ValueError(f"{n} examples > batch size {self.batch_size}")
+        patches, grids, rows = [], [], []
+        for image, question in zip(images, questions):
+            p, g = preprocessing.preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            patches.append(p)
+            grids.append(g)
+            rows.append(prompt.tokenize_prompt(self.tokenizer, question, g).input_ids)
+        while len(rows) < self.batch_size:  # padding examples repeat the first one
+            patches.append(patches[0])
+            grids.append(grids[0])
+            rows.append(rows[0])
+        width = _bucket(max(len(r) for r in rows), self.prompt_buckets, "prompt length")
+        ids = np.full((self.batch_size, width), self.special[prompt.ENDOFTEXT], np.int32)
+        valid = np.zeros((self.batch_size, width), bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], valid[i, width - len(r):] = r, True
+        packed = np.concatenate(patches)
+        if packed.shape[0] > self.patch_bucket:
+            raise ValueError(f"{packed.shape[0]} image patches exceed the bucket {self.patch_bucket}")
+        packed = np.concatenate([packed, np.zeros((self.patch_bucket - packed.shape[0], packed.shape[1]),
+                                                  packed.dtype)])
+        return prefix_inputs(ids, valid, np.stack(grids), packed, self.model.backbone_config), n
+
+    def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
+        """Returns (answers list[str], z (n, K_max, D), per-example latency in ms, excluding compilation)."""
+        prefix, n = self.encode(images, questions)
+        k = jnp.full((self.batch_size,), latent_steps, jnp.int32)
+        start = time.perf_counter()
+        tokens, lengths, z = self._generate(self.backbone_params, prefix, k)
+        tokens = np.asarray(jax.block_until_ready(tokens))
+        elapsed = (time.perf_counter() - start) * 1e3
+        texts = []
+        stop = set(self.sampling.eos_token_ids)
+        for row, length in zip(tokens[:n], np.asarray(lengths)[:n]):
+            ids = [int(t) for t in row[:length] if int(t) not in stop]
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return texts, np.asarray(z)[:n], elapsed / self.batch_size
+
+    def warm_up(self, image, question: str) -> None:
+        """Compile once (the program is shared by every K) so latencies exclude compilation."""
+        self.answer([image], [question], 0)

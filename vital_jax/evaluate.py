@@ -45,18 +45,20 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run")
     examples = load_benchmark(benchmark, data_dir, split=split, limit=limit)
     predictor = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    predictor.warm_up(examples[0].image, examples[0].prompt)
+    batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
+                                [e.prompt for e in examples[i:i + batch_size]])
+               for i in range(0, len(examples), batch_size)]
+    predictor.warm_up(batches)
     summaries, sweep = [], []
     for k in latent_steps:
         logging.info("evaluating %s (%d examples) at K=%d", benchmark, len(examples), k)
         predictions, latencies = [], []
         progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 10))
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            answers, _, ms = predictor.answer([e.image for e in chunk], [e.prompt for e in chunk], k)
+        for prefix, n in batches:
+            answers, _, ms = predictor.run_encoded(prefix, n, k)
             predictions += answers
-            latencies += [ms] * len(chunk)
-            progress.update(min(start + batch_size, len(examples)))
+            latencies += [ms] * n
+            progress.update(len(predictions))
         progress.close()
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
         summary = write_report(k_dir, benchmark, examples, predictions, latent_steps=k, latency_ms=latencies,

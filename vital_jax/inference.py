@@ -141,8 +141,11 @@ class Predictor:
         return prefix_inputs(ids, valid, np.stack(grids), packed, self.model.backbone_config), n
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
-        """Returns (answers list[str], z (n, K_max, D), per-example latency in ms, excluding compilation)."""
-        prefix, n = self.encode(images, questions)
+        """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
+        return self.run_encoded(*self.encode(images, questions), latent_steps)
+
+    def run_encoded(self, prefix, n: int, latent_steps: int):
+        """Generate for an encoded batch (see `encode`); latency covers the device program only."""
         k = jnp.full((self.batch_size,), latent_steps, jnp.int32)
         start = time.perf_counter()
         tokens, lengths, z = self._generate(self.backbone_params, prefix, k)
@@ -155,6 +158,12 @@ class Predictor:
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts, np.asarray(z)[:n], elapsed / self.batch_size
 
-    def warm_up(self, image, question: str) -> None:
-        """Compile once (the program is shared by every K) so latencies exclude compilation."""
-        self.answer([image], [question], 0)
+    def warm_up(self, encoded_batches) -> None:
+        """Compile once per distinct prompt bucket (the program is shared by every K), so that reported
+        latencies exclude compilation."""
+        seen = set()
+        for prefix, n in encoded_batches:
+            width = prefix.input_ids.shape[1]
+            if width not in seen:
+                seen.add(width)
+                self.run_encoded(prefix, n, 0)

@@ -17,6 +17,7 @@ def get_config():
         backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory
         decoder_dir="",         # HF Qwen3 directory or a converted directory
         tokenizer_dir="",       # directory with tokenizer.json (defaults to backbone_dir)
+        roi_encoder_dir="",     # MedSigLIP directory (used by the explain tool's heatmaps, not by training)
         dtype="bfloat16",       # activation dtype
         param_dtype="float32",  # storage dtype of the frozen base weights
         remat=False,            # rematerialise decoder layers in the backward pass

@@ -52,6 +52,7 @@ class Paths:
     tokenizer_dir: str
     backbone_dir: str
     decoder_dir: str
+    encoder_dir: str = ""
 
 
 def resolve_paths(config, workdir: str) -> Paths:
@@ -60,9 +61,9 @@ def resolve_paths(config, workdir: str) -> Paths:
         from vital_jax import demo
 
         p = demo.prepare(workdir, config.demo)
-        return Paths(p["data_dir"], p["tokenizer_dir"], p["backbone_dir"], p["decoder_dir"])
+        return Paths(p["data_dir"], p["tokenizer_dir"], p["backbone_dir"], p["decoder_dir"], p["encoder_dir"])
     paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
-                  config.model.backbone_dir, config.model.decoder_dir)
+                  config.model.backbone_dir, config.model.decoder_dir, config.model.roi_encoder_dir)
     for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
                         ("model.backbone_dir", paths.backbone_dir), ("model.decoder_dir", paths.decoder_dir)):
         if not path:

@@ -1,0 +1,171 @@
+"""Explain a VITAL answer: the latent steps as text and as heatmaps over the image (paper §3.3, Figure 3), and
+the inter-step similarity matrix (Appendix C.6, Figure 11).
+
+    python -m vital_jax.explain --checkpoint=WORKDIR --image=PATH --question=TEXT --out=DIR [--latent_steps=4]
+    python -m vital_jax.explain --checkpoint=WORKDIR --data_dir=DATASET --split=test --out=DIR   # dataset mode
+
+Single-example mode writes `explanation.json` (answer, each z_k decoded by the re-attached text decoder, the
+||z_k|| / embedding-norm ratios, the similarity matrix), `step_<k>.png` (cosine of VP(z_k) to every MedSigLIP
+patch, overlaid on the image), `summary.png` (image + one heatmap per step with its decoded text) and
+`step_similarity.png`. Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+The heatmaps need the MedSigLIP encoder: `--encoder_dir` or the run's `model.roi_encoder_dir` (the demo's own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from PIL import Image, ImageDraw
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
+_IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
+_QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "a vital_jax dataset directory (dataset mode)")
+_SPLIT = flags.DEFINE_string("split", "test", "dataset split (dataset mode)")
+_LIMIT = flags.DEFINE_integer("limit", None, "dataset mode: at most N records")
+_LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K (default: the run's K_max)")
+_ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
+_OUT = flags.DEFINE_string("out", None, "output directory")
+
+
+def _similarity_png(matrix: np.ndarray, path: str, cell: int = 64) -> None:
+    from vital_jax.eval import plot
+
+    k = matrix.shape[0]
+    colours = plot.apply_colormap(np.nan_to_num(matrix, nan=0.0), "viridis")
+    img = Image.new("RGB", (k * cell + 40, k * cell + 40), "white")
+    draw = ImageDraw.Draw(img)
+    for i in range(k):
+        for j in range(k):
+            x, y = 40 + j * cell, 40 + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(int(c) for c in colours[i, j][:3]))
+            value = "" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
+            draw.text((x + 8, y + cell // 2 - 6), value, fill="white", font=plot.font(12))
+        draw.text((12, 40 + i * cell + cell // 2 - 6), f"z{i + 1}", fill="black", font=plot.font(12))
+        draw.text((40 + i * cell + cell // 2 - 8, 12), f"z{i + 1}", fill="black", font=plot.font(12))
+    plot.save_png(img, path)
+
+
+def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
+                    encoder_dir: str | None = None, max_text_tokens: int = 24) -> dict:
+    """Answer one question and write its explanation files; returns the explanation dict."""
+    from vital_jax.data.roi import load_roi_encoder
+    from vital_jax.eval import plot
+    from vital_jax.inference import Predictor
+    from vital_jax.models.qwen3_vl import preprocessing, prompt
+    from vital_jax.vital import interpret
+
+    model, params = run.model, run.params
+    k = model.config.k_max if latent_steps is None else latent_steps
+    predictor = Predictor(run, batch_size=1, max_new_tokens=32)
+    answers, z, _ = predictor.answer([image_path], [question], k)
+    z = jnp.asarray(z[:, :max(k, 1)])
+    valid = jnp.arange(z.shape[1])[None] < k
+    tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens,
+                                               eos_token_ids=predictor.sampling.eos_token_ids)
+    tokenizer = predictor.tokenizer
+    stop = set(predictor.sampling.eos_token_ids)
+    step_texts = [tokenizer.decode([int(t) for t in tokens[0, i, :int(lengths[0, i])] if int(t) not in stop],
+                                   skip_special_tokens=True).strip() for i in range(k)]
+    sims = interpret.StepSimilarity(z.shape[1])
+    sims.update(z, valid)
+    norms = interpret.norm_ratio(model, params, z, valid)
+    os.makedirs(out_dir, exist_ok=True)
+    rgb = preprocessing.load_image(image_path)
+    result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
+              "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
+              "embedding_norm": float(norms["embedding_norm"]),
+              "step_similarity": np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist()[:k],
+              "heatmaps": []}
+    encoder_dir = encoder_dir or run.paths.encoder_dir
+    if k and encoder_dir:
+        encoder, enc_params = load_roi_encoder(encoder_dir)
+        pixels = encoder.preprocessor(Image.fromarray(rgb))[None]
+        patches = encoder.patch_features(enc_params, jnp.asarray(pixels))
+        projected = interpret.project_latents(model, params, z)
+        maps = np.asarray(interpret.patch_heatmaps(projected, patches))[0]
+        tiles = []
+        for i in range(k):
+            overlay = plot.overlay_heatmap(rgb, maps[i])
+            path = os.path.join(out_dir, f"step_{i + 1}.png")
+            plot.save_png(overlay, path)
+            result["heatmaps"].append({"step": i + 1, "png": path, "grid": list(maps[i].shape),
+                                       "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
+                                                                                  maps[i].shape)]})
+            tiles.append(_captioned(overlay, f"z{i + 1}: {step_texts[i]}"))
+        summary = plot.hstack([_captioned(Image.fromarray(rgb), f"Q: {question} A: {answers[0]}")] + tiles)
+        plot.save_png(summary, os.path.join(out_dir, "summary.png"))
+    if k:
+        _similarity_png(sims.matrix()[:k, :k], os.path.join(out_dir, "step_similarity.png"))
+    with open(os.path.join(out_dir, "explanation.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _captioned(image: Image.Image, text: str, size: int = 224) -> Image.Image:
+    from vital_jax.eval import plot
+
+    tile = image.convert("RGB").resize((size, size))
+    out = Image.new("RGB", (size, size + 48), "white")
+    out.paste(tile, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for line_no, start in enumerate(range(0, min(len(text), 96), 32)):
+        draw.text((4, size + 2 + 15 * line_no), text[start:start + 32], fill="black", font=plot.font(11))
+    return out
+
+
+def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit: int | None = None,
+                    batch_size: int = 4) -> np.ndarray:
+    """Figure 11: the inter-step similarity matrix averaged over a dataset split, each record at its own K."""
+    from vital_jax.data.records import RECORDS_FILE, read_records
+    from vital_jax.inference import Predictor
+    from vital_jax.vital import interpret
+
+    recs = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split][:limit]
+    if not recs:
+        raise ValueError(f"{data_dir}: no records in split {split!r}")
+    predictor = Predictor(run, batch_size=batch_size)
+    sims = interpret.StepSimilarity(run.model.config.k_max)
+    k_max = run.model.config.k_max
+    for i in range(0, len(recs), batch_size):
+        chunk = recs[i:i + batch_size]
+        _, z, _ = predictor.answer([os.path.join(data_dir, r.image) for r in chunk], [r.question for r in chunk],
+                                   k_max)
+        sims.update(jnp.asarray(z), jnp.ones(z.shape[:2], bool))
+    matrix = sims.matrix()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "step_similarity.json"), "w") as f:
+        json.dump({"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}, f,
+                  indent=2)
+    _similarity_png(matrix, os.path.join(out_dir, "step_similarity.png"))
+    return matrix
+
+
+def main(argv):
+    del argv
+    if _CHECKPOINT.value is None or _OUT.value is None:
+        raise app.UsageError("--checkpoint and --out are required")
+    from vital_jax.inference import load_run
+
+    run = load_run(_CHECKPOINT.value)
+    if _DATA_DIR.value:
+        matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value)
+        print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
+        return 0
+    if not _IMAGE.value or _QUESTION.value is None:
+        raise app.UsageError("give --image and --question (or --data_dir for dataset mode)")
+    result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, _LATENT_STEPS.value,
+                             _ENCODER_DIR.value)
+    print(f"answer: {result['answer']}")
+    for i, text in enumerate(result["step_texts"], start=1):
+        print(f"  z{i}: {text}")
+    print(f"explanation written to {os.path.abspath(_OUT.value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,236 @@
+"""Mesh, parameter/optimizer/batch specs, activation constraints, and sharded VITAL training on 8 CPU devices.
+
+The multi-device checks run in a subprocess (tests/multiprocess_worker.py) because the CPU device count must be
+set (XLA_FLAGS=--xla_force_host_platform_device_count=8) before jax is imported, and this pytest process may
+already have imported jax for other tests. The rule/spec checks run in-process on abstract trees and mesh sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests import multiprocess_worker as worker
+from vital_jax import sharding
+from vital_jax.models.hf_mapping import flatten
+from vital_jax.vital import trainable
+from vital_jax.vital.batch import from_numpy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH_SIZES = {"data": 2, "fsdp": 4, "tensor": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = worker.tiny_model()
+    return model, model.abstract_params()
+
+
+# ------------------------------------------------------------------------------------------------------- mesh
+def test_mesh_config_reads_config_dict_and_resolves_the_remaining_devices():
+    config = ml_collections.ConfigDict({"mesh": {"shape": (-1, 2, 1)}})
+    mesh_config = sharding.MeshConfig.from_config(config)
+    assert mesh_config.shape == (-1, 2, 1) and mesh_config.axis_names == ("data", "fsdp", "tensor")
+    assert mesh_config.resolve(8) == (4, 2, 1)
+    assert sharding.MeshConfig.from_config(ml_collections.ConfigDict()).resolve(8) == (8, 1, 1)
+    with pytest.raises(ValueError, match="not divisible"):
+        mesh_config.resolve(7)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.MeshConfig((2, 2, 1)).resolve(8)
+    with pytest.raises(ValueError, match="at most one"):
+        sharding.MeshConfig((-1, -1, 1))
+
+
+def test_make_mesh_uses_auto_axes_over_all_devices():
+    mesh = sharding.mesh_from_config(ml_collections.ConfigDict({"mesh": {"shape": (1, -1, 1)}}))
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.devices.size == jax.device_count() and mesh.shape["fsdp"] == jax.device_count()
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+# ------------------------------------------------------------------------------------------------ param specs
+def test_parameter_specs_follow_the_logical_axis_rules(tiny):
+    _, abstract = tiny
+    specs, report = sharding.tree_specs(abstract, MESH_SIZES)
+    flat = flatten(specs)
+    layer = "backbone/language_model/model/layers_0"
+    expected = {
+        f"{layer}/self_attn/q_proj/kernel": P("fsdp", "tensor"),
+        f"{layer}/self_attn/k_proj/kernel": P("fsdp", "tensor"),
+        f"{layer}/self_attn/o_proj/kernel": P("tensor", "fsdp"),
+        f"{layer}/mlp/down_proj/kernel": P("tensor", "fsdp"),
+        f"{layer}/self_attn/q_proj/lora_a": P("fsdp"),
+        f"{layer}/self_attn/q_proj/lora_b": P(None, "tensor"),
+        f"{layer}/self_attn/o_proj/lora_a": P("tensor"),  # LoRA inherits its kernel's in/out axes
+        f"{layer}/self_attn/o_proj/lora_b": P(None, "fsdp"),
+        f"{layer}/input_layernorm/scale": P(),
+        f"{layer}/self_attn/q_norm/scale": P(),
+        "backbone/language_model/embed_tokens/embedding": P("tensor", "fsdp"),
+        "backbone/lm_head/kernel": P("fsdp", "tensor"),
+        "backbone/visual/blocks_0/attn/qkv/kernel": P("fsdp", "tensor"),
+        "backbone/visual/blocks_0/attn/qkv/bias": P("tensor"),
+        "backbone/visual/blocks_0/norm1/bias": P(),
+        "backbone/visual/merger/linear_fc2/kernel": P("tensor", "fsdp"),
+        "backbone/visual/patch_embed/kernel": P(None, "fsdp"),
+        "backbone/visual/pos_embed/embedding": P(None, "fsdp"),
+        "decoder/embed_tokens/embedding": P("tensor", "fsdp"),
+        "pj_in/proj/kernel": P("fsdp"),
+        "visual_projector/fc1/kernel": P("fsdp", "tensor"),
+    }
+    for path, spec in expected.items():
+        assert flat[path] == spec, path
+    assert not report, str(report)
+    assert set(flat) == set(flatten(abstract))
+
+
+def test_non_divisible_dimensions_fall_back_and_are_reported(tiny, caplog):
+    _, abstract = tiny
+    sizes = {"data": 1, "fsdp": 3, "tensor": 2}  # embed 32 / 3 does not divide; vocab 64 / 2 does
+    specs, report = sharding.tree_specs(abstract, sizes)
+    flat = flatten(specs)
+    q = "backbone/language_model/model/layers_0/self_attn/q_proj/kernel"
+    assert flat[q] == P(None, "tensor")
+    assert any(line.startswith(f"{q} (32, 32): dim 0 (embed, size 32) is not divisible by fsdp=3")
+               for line in report.fallbacks), report.fallbacks
+    assert flat["backbone/visual/blocks_0/attn/qkv/kernel"] == P(None, "tensor")
+    with caplog.at_level(logging.WARNING, logger="vital_jax.sharding"):
+        sharding.shardings_for(abstract, jax.sharding.AbstractMesh((1, 3, 2), ("data", "fsdp", "tensor")))
+    assert "not divisible by fsdp=3" in caplog.text
+
+
+def test_unmatched_leaves_are_replicated_and_reported():
+    tree = {"mystery": {"weights": jax.ShapeDtypeStruct((8, 8), jnp.float32)}, "step": jnp.zeros((), jnp.int32)}
+    specs, report = sharding.tree_specs(tree, MESH_SIZES)
+    assert specs["mystery"]["weights"] == P() and specs["step"] == P()
+    assert report.unmatched == ["mystery/weights (8, 8)"]
+
+
+def test_partial_fallback_keeps_the_dividing_prefix_of_the_batch_axes():
+    spec, notes = sharding.spec_for(("batch", None), (6, 5), MESH_SIZES, name="x")
+    assert spec == P("data") and len(notes) == 1 and "data x fsdp" not in notes[0] and "sharded over ('data',)" in notes[0]
+    assert sharding.spec_for(("embed", "embed"), (8, 8), MESH_SIZES)[0] == P("fsdp")  # an axis shards one dim
+
+
+def test_optimizer_state_specs_mirror_their_parameters_and_skip_masked_leaves(tiny):
+    model, abstract = tiny
+    mask = trainable.trainable_mask(abstract)
+    train, frozen = trainable.split(abstract, mask)
+    optimizer = trainable.make_optimizer(1e-3, decay_mask=trainable.weight_decay_mask(train))
+    opt_state = jax.eval_shape(optimizer.init, train)
+    param_specs, _ = sharding.tree_specs(train, MESH_SIZES)
+    opt_specs, report = sharding.tree_specs(opt_state, MESH_SIZES)
+    adam = opt_specs[1][0]
+    assert adam.count == P()
+    masked = jax.tree.map(lambda s: isinstance(s, optax.MaskedNode), adam.mu, is_leaf=lambda x: isinstance(
+        x, (optax.MaskedNode, P)))
+    assert masked["backbone"]["language_model"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    for tracked in (adam.mu, adam.nu):
+        assert jax.tree.structure(tracked, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(
+            param_specs, is_leaf=lambda x: isinstance(x, P))
+        assert jax.tree.leaves(tracked) == jax.tree.leaves(param_specs)
+    assert not report
+    frozen_specs, _ = sharding.tree_specs(frozen, MESH_SIZES)
+    assert flatten(frozen_specs)["backbone/language_model/model/layers_0/self_attn/q_proj/kernel"] == P(
+        "fsdp", "tensor")
+
+
+def test_batch_specs_shard_examples_and_packed_patches(tiny):
+    model, _ = tiny
+    batch = jax.eval_shape(lambda: from_numpy(worker.tiny_data(model, pad_patches_to=None), model.backbone_config))
+    specs, report = sharding.batch_specs(batch, {"data": 2, "fsdp": 4, "tensor": 2})
+    assert specs.prefix.input_ids == P(("data", "fsdp"))
+    assert specs.prefix.positions == P(None, ("data", "fsdp"))
+    assert specs.step_ids == P(("data", "fsdp")) and specs.roi_feature == P(("data", "fsdp"))
+    # 60 packed patches do not divide data x fsdp = 8: they keep "data" and the report says so.
+    assert specs.prefix.pixel_patches == P("data") and specs.prefix.vision_inputs.segment_ids == P("data")
+    assert any("pixel_patches (60, 16)" in line for line in report.fallbacks), report.fallbacks
+
+
+def test_constrain_is_a_no_op_without_a_mesh_and_applies_under_one():
+    x = jnp.arange(8.0).reshape(4, 2)
+    assert sharding.constrain(x, ("batch", "act_embed")) is x
+    mesh = sharding.make_mesh((-1, 1, 1))
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda v: sharding.constrain(v * 2, ("batch", "act_embed")))(x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+    assert y.sharding.spec in (P(("data", "fsdp")), P("data"), P(("data",)), P())
+
+
+def test_cast_floating_casts_only_float_leaves():
+    tree = {"w": jnp.ones((2, 2), jnp.float32), "ids": jnp.zeros((2,), jnp.int32), "m": optax.MaskedNode()}
+    out = sharding.cast_floating(tree)
+    assert out["w"].dtype == jnp.bfloat16 and out["ids"].dtype == jnp.int32
+    assert isinstance(out["m"], optax.MaskedNode)
+
+
+# ------------------------------------------------------------------------------------------ 8 devices, subprocess
+def _run_worker(args, timeout):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode:
+        pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_meshes(tmp_path):
+    """One VITAL train step on meshes (8,1,1), (2,4,1), (2,2,2) equals the one-device step.
+
+    Tolerance: loss and gradient norm 1e-5 relative; parameters and optimizer state 1e-5 relative to each leaf's
+    largest magnitude. Sharding changes only the order of float32 reductions (partial sums per shard, then an
+    all-reduce), which moves results by a few ulps (~1e-7 relative) per reduction; 1e-5 leaves room for the
+    chain through the latent scan and backward pass while any wrong collective (a missing or doubled psum, a
+    mis-sliced shard) gives errors of order 1.
+    """
+    results = _run_worker(["meshes", "--devices", "8", "--ckpt", str(tmp_path)], timeout=240)
+    reference = next(r for r in results if r["kind"] == "reference")
+    assert reference["devices"] == 8
+    meshes = [r for r in results if r["kind"] == "mesh"]
+    assert [tuple(r["mesh"]) for r in meshes] == [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+    for r in meshes:
+        name = tuple(r["mesh"])
+        assert r["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
+        assert r["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), name
+        for part in ("params", "opt_state"):
+            assert r[part]["same_keys"] and r[part]["leaves"] > 10, (name, part)
+            assert r[part]["max_rel"] < 1e-5, (name, part, r[part])
+        assert r["out_of_mesh"] == [], name
+        assert all(not rep["fallbacks"] for rep in r["report"].values()), r["report"]
+        assert r["report"]["state"]["unmatched"] == ["rng (2,)"] and not r["report"]["frozen"]["unmatched"]
+
+    by_mesh = {tuple(r["mesh"]): r for r in meshes}
+    fsdp_tp = by_mesh[(2, 2, 2)]["specs"]
+    assert fsdp_tp["params/decoder/model/layers_0/self_attn/q_proj/kernel"] == ["fsdp", "tensor"]
+    assert fsdp_tp["params/decoder/model/layers_0/self_attn/o_proj/kernel"] == ["tensor", "fsdp"]
+    assert fsdp_tp["params/decoder/embed_tokens/embedding"] == ["tensor", "fsdp"]
+    assert fsdp_tp["params/backbone/language_model/model/layers_0/self_attn/q_proj/lora_a"] == ["fsdp"]
+    assert fsdp_tp["params/backbone/language_model/model/layers_0/self_attn/q_proj/lora_b"] == [None, "tensor"]
+    assert fsdp_tp["params/decoder/model/norm/scale"] == []
+    assert fsdp_tp["opt_state/1/0/trace/decoder/model/layers_0/self_attn/q_proj/kernel"] == ["fsdp", "tensor"]
+    assert fsdp_tp["frozen/backbone/language_model/model/layers_0/self_attn/q_proj/kernel"] == ["fsdp", "tensor"]
+    assert fsdp_tp["frozen/backbone/visual/blocks_0/attn/qkv/kernel"] == ["fsdp", "tensor"]
+    assert fsdp_tp["batch/prefix/input_ids"] == [["data", "fsdp"]]
+    assert fsdp_tp["batch/prefix/positions"] == [None, ["data", "fsdp"]]
+    assert fsdp_tp["batch/prefix/pixel_patches"] == [["data", "fsdp"]]
+    # FSDP actually splits memory: pure data parallelism keeps a full copy per device, (2, 2, 2) well under half.
+    assert by_mesh[(8, 1, 1)]["max_param_bytes_per_device"] == by_mesh[(8, 1, 1)]["total_param_bytes"]
+    assert by_mesh[(2, 2, 2)]["max_param_bytes_per_device"] < 0.5 * by_mesh[(2, 2, 2)]["total_param_bytes"]
+
+    restores = [r for r in results if r["kind"] == "restore"]
+    assert [tuple(r["restored_on"]) for r in restores] == [(2, 4, 1), (2, 2, 2)]
+    for r in restores:
+        assert tuple(r["saved_on"]) == (8, 1, 1)
+        assert r["equal"] and r["on_target_shardings"] and r["leaves"] > 20, r
+    assert restores[1]["q_proj_spec"] == ["fsdp", "tensor"] and restores[1]["q_proj_shard_shape"] == [8, 8]

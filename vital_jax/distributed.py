@@ -1,0 +1,303 @@
+"""Multi-host setup: `jax.distributed.initialize` when the environment asks for it, and global batches.
+
+`maybe_initialize_distributed()` must run before anything touches a JAX device. It decides how (first match):
+  1. explicit: `coordinator_address` / `num_processes` / `process_id` arguments, else the environment variables
+     VITAL_COORDINATOR ("host:port"), VITAL_NUM_PROCESSES, VITAL_PROCESS_ID (and optional
+     VITAL_LOCAL_DEVICE_IDS "0,1" or "all"); one process is a no-op;
+  2. SLURM: SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID, SLURM_LOCALID set (inside `srun`):
+     jax's own cluster detection. jax then gives each task the single GPU `SLURM_LOCALID` (one task per GPU); with
+     one task per node all GPUs of the node are used instead (from VITAL_LOCAL_DEVICE_IDS, SLURM_GPUS_ON_NODE or
+     CUDA_VISIBLE_DEVICES);
+  3. Cloud TPU VM (libtpu installed and a TPU host detected): `jax.distributed.initialize()` without arguments,
+     jax reads the pod topology from the TPU metadata;
+  4. otherwise nothing (one process).
+VITAL_DISTRIBUTED=off disables all of it; VITAL_DISTRIBUTED=on forces step 3's argument-less call (any cluster
+jax can detect, e.g. Open MPI).
+
+Global batches: the input pipeline yields each process's own examples (numpy, `vital_jax.data.pipeline` contract,
+shapes bucketed per process). `global_vital_batch` agrees on shapes across processes, assembles the packed image
+patches of the *whole* batch in global example order (the Qwen3-VL model matches the k-th image token of the
+flattened batch with merged patch row k, so every process's images must sit in one packing with padding only at
+the end) and returns a VitalBatch of global `jax.Array`s sharded over the mesh's batch axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vital_jax import sharding
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.models.qwen3_vl.mrope import get_rope_index
+from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
+from vital_jax.vital.batch import VitalBatch
+from vital_jax.vital.latent import PrefixInputs
+
+logger = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "VITAL_COORDINATOR"
+ENV_NUM_PROCESSES = "VITAL_NUM_PROCESSES"
+ENV_PROCESS_ID = "VITAL_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "VITAL_LOCAL_DEVICE_IDS"
+ENV_DISTRIBUTED = "VITAL_DISTRIBUTED"
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_TPU_ENV_HINTS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+                  "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedPlan:
+    """What `maybe_initialize_distributed` does. method: "none", "explicit", "slurm", "tpu", "auto" or
+    "already"; kwargs: the arguments for `jax.distributed.initialize`; reason: one line for the log."""
+
+    method: str
+    kwargs: dict
+    reason: str
+
+
+def _local_device_ids(value: str | None) -> list[int] | None:
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+def _slurm_node_gpus(env: Mapping[str, str]) -> list[int] | None:
+    if env.get(ENV_LOCAL_DEVICE_IDS):
+        return _local_device_ids(env[ENV_LOCAL_DEVICE_IDS])
+    if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return list(range(int(env["SLURM_GPUS_ON_NODE"])))
+    if env.get("CUDA_VISIBLE_DEVICES"):
+        return list(range(len(env["CUDA_VISIBLE_DEVICES"].split(","))))
+    return None
+
+
+def _on_tpu_vm(env: Mapping[str, str]) -> bool:
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    return any(env.get(k) for k in _TPU_ENV_HINTS) or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+
+
+def plan_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
+                     env: Mapping[str, str] | None = None, tpu_vm: bool | None = None) -> DistributedPlan:
+    """Decide (without side effects) how to initialise; see the module docstring for the order."""
+    env = os.environ if env is None else env
+    switch = env.get(ENV_DISTRIBUTED, "auto").strip().lower()
+    if switch in ("off", "0", "false", "no"):
+        return DistributedPlan("none", {}, f"{ENV_DISTRIBUTED}={switch}")
+    coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
+    if num_processes is None and env.get(ENV_NUM_PROCESSES):
+        num_processes = int(env[ENV_NUM_PROCESSES])
+    if process_id is None and env.get(ENV_PROCESS_ID):
+        process_id = int(env[ENV_PROCESS_ID])
+    if local_device_ids is None:
+        local_device_ids = _local_device_ids(env.get(ENV_LOCAL_DEVICE_IDS))
+
+    if coordinator_address is not None or num_processes is not None or process_id is not None:
+        if num_processes == 1:
+            return DistributedPlan("none", {}, "explicit single process")
+        missing = [name for name, value in (("coordinator_address / " + ENV_COORDINATOR, coordinator_address),
+                                            ("num_processes / " + ENV_NUM_PROCESSES, num_processes),
+                                            ("process_id / " + ENV_PROCESS_ID, process_id)) if value is None]
+        if missing:
+            raise ValueError("explicit multi-process setup is incomplete; missing: " + ", ".join(missing))
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is outside [0, {num_processes})")
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+        if local_device_ids is not None:
+            kwargs["local_device_ids"] = list(local_device_ids)
+        return DistributedPlan("explicit", kwargs, f"process {process_id}/{num_processes} via {coordinator_address}")
+
+    if all(env.get(k) for k in _SLURM_VARS):
+        tasks = int(env["SLURM_NTASKS"])
+        if tasks <= 1:
+            return DistributedPlan("none", {}, "SLURM job with one task")
+        kwargs = {}
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 0)
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "")
+        if local_device_ids is not None:
+            kwargs["local_device_ids"] = list(local_device_ids)
+        elif per_node == "1" or (nodes and tasks == nodes):
+            # One task per node: jax would otherwise pick only GPU SLURM_LOCALID (= 0) of each node.
+            gpus = _slurm_node_gpus(env)
+            if gpus is None:
+                raise ValueError("SLURM job with one task per node: cannot tell the node's GPUs; set "
+                                 f"{ENV_LOCAL_DEVICE_IDS}=0,1,... (or SLURM --gpus-per-node)")
+            kwargs["local_device_ids"] = gpus
+        return DistributedPlan("slurm", kwargs, f"SLURM task {env['SLURM_PROCID']}/{tasks}")
+
+    if switch in ("on", "1", "true", "yes"):
+        return DistributedPlan("auto", {}, f"{ENV_DISTRIBUTED}={switch}: jax cluster auto-detection")
+    if _on_tpu_vm(env) if tpu_vm is None else tpu_vm:
+        return DistributedPlan("tpu", {}, "Cloud TPU VM: jax reads the pod topology")
+    return DistributedPlan("none", {}, "no multi-process environment detected")
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
+                                 initialization_timeout: int = 300) -> DistributedPlan:
+    """Call `jax.distributed.initialize` if this is a multi-process run (see module docstring); returns the plan.
+
+    Call it first thing in an entry point, before any JAX computation. Safe to call twice.
+    """
+    if jax.distributed.is_initialized():
+        return DistributedPlan("already", {}, "jax.distributed is already initialised")
+    plan = plan_distributed(coordinator_address, num_processes, process_id, local_device_ids)
+    if plan.method == "none":
+        logger.info("single process (%s)", plan.reason)
+        return plan
+    if jax.config.jax_cpu_collectives_implementation is None:
+        # Cross-process collectives for CPU devices (a no-op for GPU/TPU runs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logger.info("jax.distributed.initialize: %s (%s)", plan.method, plan.reason)
+    jax.distributed.initialize(initialization_timeout=initialization_timeout, **plan.kwargs)
+    logger.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                jax.local_device_count(), jax.device_count())
+    return plan
+
+
+def is_primary() -> bool:
+    """True on process 0, the one that writes logs, metrics and exports."""
+    return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------------------------ global arrays
+def process_rows(named_sharding: NamedSharding, global_shape: Sequence[int], axis: int = 0) -> np.ndarray:
+    """Sorted indices along `axis` of the global array that this process's devices hold (what its local data
+    must contain, in this order, for `jax.make_array_from_process_local_data`)."""
+    rows = set()
+    for index in named_sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        rows.update(range(*index[axis].indices(global_shape[axis])))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def host_local_to_global(local_tree, shardings, global_shapes=None):
+    """Per-process numpy shards -> global jax.Arrays (`jax.make_array_from_process_local_data` on every leaf)."""
+    if global_shapes is None:
+        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
+                            local_tree, shardings)
+    return jax.tree.map(lambda x, s, g: jax.make_array_from_process_local_data(s, np.asarray(x), tuple(g)),
+                        local_tree, shardings, global_shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def global_from_host_copy(x: np.ndarray, named_sharding: NamedSharding) -> jax.Array:
+    """A global array from a full copy held by every process (each process reads only its devices' slices)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, named_sharding, lambda index: x[index])
+
+
+_PER_EXAMPLE = ("prompt_ids", "prompt_valid", "answer_ids", "answer_valid", "latent_steps", "step_ids",
+                "step_valid", "roi_feature", "example_valid", "global_feature")
+
+
+def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, mesh: Mesh) -> VitalBatch:
+    """This process's pipeline batch (numpy dict) -> the global VitalBatch, sharded over the batch axes.
+
+    Every process calls it with its own `local` (same batch size everywhere; the process supplies the global rows
+    `process_rows` names, in order). Prompts are left-padded to the longest Tp of all processes; the other
+    per-example arrays must agree in shape. Image patches of all processes are gathered (host all-gather) and
+    packed in global example order, padded to process_count x the largest local Np; the packed arrays are sharded
+    over the batch axes when that divides, else replicated (the report of `sharding.batch_specs` is logged).
+    Works unchanged in a single process.
+    """
+    local = {k: np.asarray(v) for k, v in local.items()}
+    nproc = jax.process_count()
+    b_local = local["prompt_ids"].shape[0]
+    if "example_valid" not in local:
+        local["example_valid"] = np.ones((b_local,), bool)
+    keys = [k for k in _PER_EXAMPLE if k in local]
+    has_images = "pixel_patches" in local and local.get("image_grid_thw") is not None
+    grids = np.asarray(local["image_grid_thw"], np.int64).reshape(-1, 3) if has_images else np.zeros((0, 3))
+    if has_images and len(grids) != b_local:
+        raise ValueError(f"image_grid_thw has {len(grids)} rows for {b_local} examples (one image per example)")
+    n_real = int(np.prod(grids, axis=1).sum())
+
+    global_b = b_local * nproc
+    batch_spec, notes = sharding.spec_for(("batch",), (global_b,), mesh)
+    if notes:
+        raise ValueError(f"global batch of {global_b} ({nproc} processes x {b_local}) does not divide the mesh's "
+                         f"batch axes {sharding.BATCH_AXES} of {dict(mesh.shape)}")
+    rows = process_rows(NamedSharding(mesh, batch_spec), (global_b,))
+    if len(rows) != b_local:
+        raise ValueError(f"process {jax.process_index()} addresses {len(rows)} of {global_b} batch rows but holds "
+                         f"{b_local} examples: the mesh's batch axes must split the batch evenly over processes")
+
+    # 1. Agree on shapes: one int vector per process (real patches, local Np, Tp, the fixed trailing dims).
+    fixed = [s for k in keys if k not in ("prompt_ids", "prompt_valid") for s in local[k].shape[1:]]
+    n_local_patches = local["pixel_patches"].shape[0] if has_images else 0
+    meta = np.asarray([n_real, n_local_patches, local["prompt_ids"].shape[1], *fixed], np.int64)
+    all_meta = np.asarray(multihost_utils.process_allgather(meta))
+    if (all_meta[:, 3:] != all_meta[:1, 3:]).any():
+        raise ValueError(f"per-example array shapes (other than the prompt length) differ between processes: "
+                         f"{all_meta[:, 3:].tolist()} for the trailing dims of {keys}")
+    tp = int(all_meta[:, 2].max())
+    pad = tp - local["prompt_ids"].shape[1]
+    if pad:
+        local["prompt_ids"] = np.pad(local["prompt_ids"], ((0, 0), (pad, 0)))
+        local["prompt_valid"] = np.pad(local["prompt_valid"], ((0, 0), (pad, 0)))
+
+    # 2. Per-example arrays: each process's rows.
+    def per_example(x, spec_axes):
+        spec, _ = sharding.spec_for(spec_axes, (global_b,) + x.shape[1:], mesh)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, (global_b,) + x.shape[1:])
+
+    arrays = {k: per_example(local[k], ("batch",) + (None,) * (local[k].ndim - 1)) for k in keys}
+    positions, _ = get_rope_index(local["prompt_ids"], local["prompt_valid"], [tuple(g) for g in grids],
+                                  config.image_token_id, config.vision.spatial_merge_size)
+    pos_spec, _ = sharding.spec_for((None, "batch", "length"), (3, global_b, tp), mesh)
+    positions = jax.make_array_from_process_local_data(NamedSharding(mesh, pos_spec), positions.astype(np.int32),
+                                                       (3, global_b, tp))
+
+    # 3. Packed images: gather every process's real patches and grids, pack them in global row order.
+    pixel_patches = vis = None
+    if has_images:
+        max_real = int(all_meta[:, 0].max())
+        patch_dim = local["pixel_patches"].shape[1]
+        mine = np.zeros((max_real, patch_dim), np.float32)
+        mine[:n_real] = local["pixel_patches"][:n_real]
+        gathered = multihost_utils.process_allgather(
+            {"patches": mine, "grids": grids.astype(np.int64), "rows": rows})
+        order, chunks = [], []
+        for p in range(nproc):
+            sizes = np.prod(gathered["grids"][p], axis=1)
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            for i, row in enumerate(gathered["rows"][p]):
+                order.append(int(row))
+                chunks.append((gathered["patches"][p][starts[i]:starts[i + 1]], tuple(gathered["grids"][p][i])))
+        chunks = [chunks[i] for i in np.argsort(order, kind="stable")]
+        total_real = int(all_meta[:, 0].sum())
+        np_global = max(nproc * int(all_meta[:, 1].max()), total_real)
+        merge = config.vision.merge_unit
+        np_global = -(-np_global // merge) * merge
+        packed = np.zeros((np_global, patch_dim), np.float32)
+        packed[:total_real] = np.concatenate([c for c, _ in chunks]) if chunks else packed[:0]
+        vis_np = vision_inputs([g for _, g in chunks], config.vision, pad_to=np_global)
+        packed_spec, notes = sharding.spec_for(("packed", None), packed.shape, mesh)
+        if notes:
+            logger.info("packed patches: %s", "; ".join(notes))
+        place = lambda x: global_from_host_copy(  # noqa: E731
+            x, NamedSharding(mesh, PartitionSpec(*(tuple(packed_spec)[:1] + (None,) * (x.ndim - 1)))))
+        pixel_patches = place(packed)
+        vis = VisionInputs(segment_ids=place(vis_np.segment_ids), positions=place(vis_np.positions),
+                           interp_index=place(vis_np.interp_index), interp_weight=place(vis_np.interp_weight))
+
+    prefix = PrefixInputs(input_ids=arrays["prompt_ids"], token_valid=arrays["prompt_valid"], positions=positions,
+                          pixel_patches=pixel_patches, vision_inputs=vis)
+    return VitalBatch(prefix=prefix, answer_ids=arrays["answer_ids"], answer_valid=arrays["answer_valid"],
+                      latent_steps=arrays["latent_steps"], step_ids=arrays["step_ids"],
+                      step_valid=arrays["step_valid"], roi_feature=arrays["roi_feature"],
+                      example_valid=arrays["example_valid"], global_feature=arrays.get("global_feature"))
+
+
+__all__ = [
+    "DistributedPlan", "global_from_host_copy", "global_vital_batch", "host_local_to_global", "is_primary",
+    "maybe_initialize_distributed", "plan_distributed", "process_rows",
+]

@@ -53,15 +53,24 @@ def main(argv=None) -> int:
         prog="python -m conversion.flax_to_hf",
         description="Export a vital_jax Flax model directory (from conversion.hf_to_flax) to a HuggingFace "
                     "checkpoint directory that transformers' from_pretrained loads.")
-    parser.add_argument("--checkpoint", required=True, help="vital_jax converted-model directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a vital_jax converted-model directory, or a VITAL training workdir (LoRA is merged "
+                             "into the backbone and the scaffolding is written under scaffolding/)")
     parser.add_argument("--out", required=True, help="output HF directory (created)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
                         help="dtype of the written tensors (default float32)")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")
     args = parser.parse_args(argv)
     try:
+        from conversion import vital_export
+
+        if vital_export.is_training_workdir(args.checkpoint):
+            result = vital_export.export_run(args.checkpoint, args.out, args.dtype)
+            print(f"exported the VITAL run {args.checkpoint} (LoRA merged) to {args.out}: "
+                  f"{', '.join(result['files'])} + scaffolding/")
+            return 0
         files = export(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
-    except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError) as e:
+    except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} to {args.out}: {', '.join(files)}")

@@ -16,17 +16,6 @@ import os
 
 from absl import app, flags, logging
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
-_BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
-                                 "jsonl)")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "the benchmark's data directory")
-_SPLIT = flags.DEFINE_string("split", "test", "benchmark split")
-_LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
-_K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json/png")
-_OUT = flags.DEFINE_string("out", None, "output directory")
-_LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "answer length limit")
 
 
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
@@ -44,6 +33,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     if bad:
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run")
     examples = load_benchmark(benchmark, data_dir, split=split, limit=limit)
+    if not examples:
+        raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
     predictor = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
@@ -92,5 +83,22 @@ def main(argv):
     return 0
 
 
+def _define_flags():
+    """Flags exist only when this module runs as a program (importing it defines none)."""
+    global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
+    _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
+                                     "jsonl)")
+    _DATA_DIR = flags.DEFINE_string("data_dir", None, "the benchmark's data directory")
+    _SPLIT = flags.DEFINE_string("split", "test", "benchmark split")
+    _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
+    _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json/png")
+    _OUT = flags.DEFINE_string("out", None, "output directory")
+    _LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples")
+    _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch")
+    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "answer length limit")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

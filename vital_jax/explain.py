@@ -21,15 +21,6 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
-_IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
-_QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "a vital_jax dataset directory (dataset mode)")
-_SPLIT = flags.DEFINE_string("split", "test", "dataset split (dataset mode)")
-_LIMIT = flags.DEFINE_integer("limit", None, "dataset mode: at most N records")
-_LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K (default: the run's K_max)")
-_ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
-_OUT = flags.DEFINE_string("out", None, "output directory")
 
 
 def _similarity_png(matrix: np.ndarray, path: str, cell: int = 64) -> None:
@@ -167,5 +158,20 @@ def main(argv):
     return 0
 
 
+def _define_flags():
+    """Flags exist only when this module runs as a program (importing it defines none)."""
+    global _CHECKPOINT, _IMAGE, _QUESTION, _DATA_DIR, _SPLIT, _LIMIT, _LATENT_STEPS, _ENCODER_DIR, _OUT
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
+    _IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
+    _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
+    _DATA_DIR = flags.DEFINE_string("data_dir", None, "a vital_jax dataset directory (dataset mode)")
+    _SPLIT = flags.DEFINE_string("split", "test", "dataset split (dataset mode)")
+    _LIMIT = flags.DEFINE_integer("limit", None, "dataset mode: at most N records")
+    _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K (default: the run's K_max)")
+    _ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
+    _OUT = flags.DEFINE_string("out", None, "output directory")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,0 +1,75 @@
+"""Export a trained VITAL run for serving: the backbone with LoRA merged, as a HF Qwen3-VL directory that
+`Qwen3VLForConditionalGeneration.from_pretrained` loads, with the training scaffolding beside it.
+
+Layout of the output directory:
+  config.json, model.safetensors, tokenizer / preprocessor files   the deployable model (backbone + merged LoRA)
+  vital.json                     {"k_max", "image_token_id", ...}: what the latent loop needs at inference
+  scaffolding/decoder/           the auxiliary text decoder as a HF Qwen3 directory
+  scaffolding/heads.safetensors  pj_in.* and visual_projector.* (Flax layout: kernels are (in, out))
+The scaffolding is for interpretability only; inference uses the top-level model and `torch_latent_generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from vital_jax.models import hf_mapping, model_dir, safetensors_io
+from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.vital import trainable
+
+
+def is_training_workdir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        return "vital" in json.load(f)
+
+
+def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
+    """Merge LoRA and write the serving directory; returns {"model": out_dir, "files": [...]}."""
+    import ml_dtypes
+
+    from vital_jax.inference import load_run
+
+    run = load_run(workdir)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    model = run.model
+    merged = jax.tree.map(np.asarray, trainable.merge_lora(run.params["backbone"], model.config.lora)
+                          if model.config.lora else run.params["backbone"])
+    os.makedirs(out_dir, exist_ok=True)
+    model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
+    for stale in (model_dir.META_FILE,):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    if os.path.isdir(run.paths.tokenizer_dir):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            src = os.path.join(run.paths.tokenizer_dir, name)
+            if os.path.exists(src):
+                shutil.copy2(src, os.path.join(out_dir, name))
+    files = safetensors_io.write_safetensors(
+        out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype))
+    backbone_cfg = model.backbone_config
+    with open(os.path.join(out_dir, "vital.json"), "w") as f:
+        json.dump({"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
+                   "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
+                   "lora_merged": model.config.lora is not None}, f, indent=2)
+    scaffold = os.path.join(out_dir, "scaffolding")
+    decoder_dir = os.path.join(scaffold, "decoder")
+    os.makedirs(decoder_dir, exist_ok=True)
+    model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
+    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(
+        jax.tree.map(np.asarray, run.params["decoder"]), qwen3_params.RULES, np_dtype))
+    heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
+             for top in ("pj_in", "visual_projector")
+             for path, leaf in hf_mapping.flatten(run.params[top]).items()}
+    safetensors_io.write_safetensors(scaffold, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
+                                                for n, a in sorted(heads.items())])
+    os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(scaffold, "heads.safetensors"))
+    return {"model": out_dir, "files": files}

@@ -1,0 +1,118 @@
+"""A trained tiny run, used as a user would: evaluate (VQA-RAD slice, in-domain K sweep), explain, export to
+HF, and the PyTorch latent-generation reference against vital_jax."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs import demo as demo_config
+from vital_jax import demo, train
+from vital_jax.inference import Predictor, load_run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    config = demo_config.get_config()
+    config.demo.num_phantoms = 5
+    config.curriculum.epochs = (1, 1, 1)
+    config.checkpoint.async_save = False
+    train.train(config, str(root))
+    return str(root)
+
+
+def test_evaluate_vqa_rad_slice_writes_the_documented_files(workdir, shared_data_dir, tmp_path):
+    from vital_jax.evaluate import evaluate
+
+    out = tmp_path / "eval"
+    summaries = evaluate(workdir, "vqa_rad", os.path.join(shared_data_dir, "vqa_rad"), str(out), [2], limit=16)
+    assert summaries[0]["count"] == 16
+    lines = [json.loads(line) for line in open(out / "vqa_rad.predictions.jsonl")]
+    assert len(lines) == 16 and all(line["latent_steps"] == 2 and "prediction" in line for line in lines)
+    metrics = json.load(open(out / "vqa_rad.metrics.json"))
+    assert metrics["count"] == 16
+    assert (out / "vqa_rad.metrics.md").read_text().strip()
+
+
+def test_k_sweep_on_the_in_domain_split(workdir, tmp_path):
+    from vital_jax.evaluate import evaluate
+
+    run = load_run(workdir)
+    out = tmp_path / "sweep"
+    splits = {json.loads(line)["split"] for line in open(os.path.join(run.paths.data_dir, "records.jsonl"))}
+    split = "test" if "test" in splits else "val"
+    evaluate(workdir, "in_domain", run.paths.data_dir, str(out), [0, 1, 2, 3, 4], split=split, limit=8, run=run)
+    with pytest.raises(ValueError, match="has no examples"):
+        evaluate(workdir, "in_domain", run.paths.data_dir, str(out), [0], split="nonexistent", run=run)
+    sweep = json.load(open(out / "k_sweep.json"))
+    assert [p["latent_steps"] for p in sweep["points"]] == [0, 1, 2, 3, 4]
+    assert Image.open(out / "k_sweep.png").size[0] > 0
+
+
+def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
+    from vital_jax.explain import explain_dataset, explain_example
+
+    run = load_run(workdir)
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=3)
+    assert len(result["step_texts"]) == 3 and len(result["heatmaps"]) == 3
+    grid = run.model.config.roi_dim and result["heatmaps"][0]["grid"]
+    assert grid == [8, 8]  # the tiny SigLIP's 112 px / patch 14 grid
+    for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):
+        assert (tmp_path / "x" / name).exists()
+    matrix = explain_dataset(run, run.paths.data_dir, str(tmp_path / "d"), split="train", limit=6)
+    assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0, atol=1e-5)
+
+
+def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir, tmp_path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from conversion import vital_export
+    from conversion.torch_latent_generate import latent_generate
+    from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration as FlaxQwen3VL
+    from vital_jax.models.qwen3_vl import preprocessing, prompt
+    from vital_jax.vital import trainable
+
+    run = load_run(workdir)
+    out = tmp_path / "export"
+    vital_export.export_run(workdir, str(out))
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert (out / "scaffolding" / "decoder" / "model.safetensors").exists()
+
+    predictor = Predictor(run, batch_size=1, max_new_tokens=12)
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[1])
+    question = "Is there a kidney in the image?"
+    patches, grid = preprocessing.preprocess_image(image, min_pixels=run.config.data.min_pixels,
+                                                   max_pixels=run.config.data.max_pixels)
+    ids = prompt.tokenize_prompt(predictor.tokenizer, question, grid).input_ids
+
+    # Merged-LoRA logits: transformers on the export == vital_jax on the merged params.
+    prefix, _ = predictor.encode([image], [question])
+    merged = trainable.merge_lora(run.params["backbone"], run.model.config.lora)
+    ours = FlaxQwen3VL(run.model.backbone_config).apply(
+        {"params": merged}, input_ids=prefix.input_ids, token_valid=prefix.token_valid,
+        positions=prefix.positions, pixel_patches=prefix.pixel_patches, vision_inputs=prefix.vision_inputs)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids[None], dtype=torch.long), pixel_values=torch.tensor(patches),
+                    image_grid_thw=torch.tensor(grid[None]),
+                    mm_token_type_ids=torch.tensor((ids[None] == hf.config.image_token_id).astype(np.int64)))
+    valid = np.asarray(prefix.token_valid[0])
+    assert np.max(np.abs(np.asarray(ours.logits)[0][valid] - theirs.logits.numpy()[0])) <= 1e-4
+
+    eos = predictor.sampling.eos_token_ids
+    for k in (0, 2, 4):
+        tokens, lengths, _ = run.model.generate(run.params["backbone"], prefix, jnp.full((1,), k, jnp.int32),
+                                                predictor.sampling)
+        jax_tokens = [int(t) for t in np.asarray(tokens)[0, :int(lengths[0])]]
+        torch_tokens = latent_generate(hf, torch.tensor(ids[None], dtype=torch.long), torch.tensor(patches),
+                                       torch.tensor(grid[None]), latent_steps=k, max_new_tokens=12,
+                                       eos_token_ids=eos)
+        assert torch_tokens == jax_tokens, k

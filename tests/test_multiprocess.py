@@ -35,7 +35,8 @@ def test_explicit_arguments_and_environment():
     env = {"VITAL_COORDINATOR": "10.0.0.1:1234", "VITAL_NUM_PROCESSES": "4", "VITAL_PROCESS_ID": "3"}
     plan = distributed.plan_distributed(env=env, tpu_vm=False)
     assert plan.method == "explicit"
-    assert plan.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert plan.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+                           "cluster_detection_method": "deactivate"}
     plan = distributed.plan_distributed("h:1", 2, 0, env={"VITAL_LOCAL_DEVICE_IDS": "0,1"}, tpu_vm=False)
     assert plan.kwargs == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0,
                            "local_device_ids": [0, 1]}

@@ -3,7 +3,8 @@
 `maybe_initialize_distributed()` must run before anything touches a JAX device. It decides how (first match):
   1. explicit: `coordinator_address` / `num_processes` / `process_id` arguments, else the environment variables
      VITAL_COORDINATOR ("host:port"), VITAL_NUM_PROCESSES, VITAL_PROCESS_ID (and optional
-     VITAL_LOCAL_DEVICE_IDS "0,1" or "all"); one process is a no-op;
+     VITAL_LOCAL_DEVICE_IDS "0,1", default "all" visible devices; jax's cluster detection is then switched off);
+     one process is a no-op;
   2. SLURM: SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID, SLURM_LOCALID set (inside `srun`):
      jax's own cluster detection. jax then gives each task the single GPU `SLURM_LOCALID` (one task per GPU); with
      one task per node all GPUs of the node are used instead (from VITAL_LOCAL_DEVICE_IDS, SLURM_GPUS_ON_NODE or
@@ -114,6 +115,10 @@ def plan_distributed(coordinator_address: str | None = None, num_processes: int 
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
         if local_device_ids is not None:
             kwargs["local_device_ids"] = list(local_device_ids)
+        else:
+            # Explicit means explicit: without this, jax's cluster detection would still fill local_device_ids
+            # (e.g. [SLURM_LOCALID] inside srun) and hide all but one GPU of a one-task-per-node job.
+            kwargs["cluster_detection_method"] = "deactivate"
         return DistributedPlan("explicit", kwargs, f"process {process_id}/{num_processes} via {coordinator_address}")
 
     if all(env.get(k) for k in _SLURM_VARS):

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Launch VITAL training on every host of a Cloud TPU pod slice (one process per TPU VM host).
+#
+# Usage:
+#   TPU_NAME=vital-v5p-64 ZONE=us-east5-a CONFIG=configs/vital_8b.py WORKDIR=gs://my-bucket/runs/vital-8b \
+#     launch/tpu_pod.sh [extra flags passed to vital_jax.train, e.g. --config.train.steps=1000]
+#
+# Optional environment:
+#   PROJECT   gcloud project (default: gcloud's configured project)
+#   REPO_DIR  checkout on the TPU hosts (default: ~/vital_jax)
+#   SYNC=1    first copy this checkout (git archive of HEAD) to REPO_DIR on every host
+#   SETUP=1   first run `pip install -e '.[tpu]'` in REPO_DIR on every host
+#   LOG_DIR   per-host log directory on the hosts (default: /tmp/vital_logs); each host writes host_<hostname>.log
+#
+# Every host runs the same command; `vital_jax.train` calls `vital_jax.distributed.maybe_initialize_distributed()`,
+# which on a TPU VM calls `jax.distributed.initialize()` without arguments (jax reads the pod topology from the TPU
+# metadata), then builds the data/fsdp/tensor mesh from `config.mesh.shape` over all chips of the slice.
+# Checkpoints and metrics go to WORKDIR (must be reachable from every host: a gs:// bucket); only process 0 writes
+# logs and exports. A host that still holds the TPU from an earlier run makes the new run fail with "TPU in use":
+# stop that run first.
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME (the TPU VM / pod slice name)}"
+: "${ZONE:?set ZONE (e.g. us-east5-a)}"
+: "${CONFIG:?set CONFIG (e.g. configs/vital_8b.py)}"
+: "${WORKDIR:?set WORKDIR (e.g. gs://bucket/runs/name)}"
+REPO_DIR="${REPO_DIR:-~/vital_jax}"
+LOG_DIR="${LOG_DIR:-/tmp/vital_logs}"
+GCLOUD=(gcloud compute tpus tpu-vm)
+TARGET=("$TPU_NAME" "--zone=$ZONE" ${PROJECT:+"--project=$PROJECT"})
+
+if [[ "${SYNC:-0}" == "1" ]]; then
+  here="$(cd "$(dirname "$0")/.." && pwd)"
+  archive="$(mktemp /tmp/vital_jax.XXXXXX.tar.gz)"
+  git -C "$here" archive --format=tar.gz -o "$archive" HEAD
+  "${GCLOUD[@]}" scp "${TARGET[@]}" --worker=all "$archive" "$TPU_NAME:/tmp/vital_jax.tar.gz"
+  "${GCLOUD[@]}" ssh "${TARGET[@]}" --worker=all \
+    --command="mkdir -p $REPO_DIR && tar -xzf /tmp/vital_jax.tar.gz -C $REPO_DIR"
+  rm -f "$archive"
+fi
+
+setup=""
+if [[ "${SETUP:-0}" == "1" ]]; then
+  setup="pip install -q -e '.[tpu]' && "
+fi
+
+# Quote the extra flags for the remote shell.
+extra=""
+for arg in "$@"; do extra+=" $(printf '%q' "$arg")"; done
+
+train="python -m vital_jax.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$extra"
+remote="cd $REPO_DIR && ${setup}mkdir -p $LOG_DIR && $train 2>&1 | tee $LOG_DIR/host_\$(hostname).log"
+
+echo "[tpu_pod] $TPU_NAME ($ZONE), all workers: $train"
+exec "${GCLOUD[@]}" ssh "${TARGET[@]}" --worker=all --command="$remote"

@@ -228,6 +228,9 @@ def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_mesh
     assert by_mesh[(8, 1, 1)]["max_param_bytes_per_device"] == by_mesh[(8, 1, 1)]["total_param_bytes"]
     assert by_mesh[(2, 2, 2)]["max_param_bytes_per_device"] < 0.5 * by_mesh[(2, 2, 2)]["total_param_bytes"]
 
+    constrained = next(r for r in results if r["kind"] == "constrain")
+    assert constrained["spec"] == [["data", "fsdp"], None, "tensor"] and constrained["shard_shape"] == [2, 3, 2, 5]
+
     restores = [r for r in results if r["kind"] == "restore"]
     assert [tuple(r["restored_on"]) for r in restores] == [(2, 4, 1), (2, 2, 2)]
     for r in restores:

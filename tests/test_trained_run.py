@@ -11,20 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from configs import demo as demo_config
-from vital_jax import demo, train
 from vital_jax.inference import Predictor, load_run
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    config = demo_config.get_config()
-    config.demo.num_phantoms = 5
-    config.curriculum.epochs = (1, 1, 1)
-    config.checkpoint.async_save = False
-    train.train(config, str(root))
-    return str(root)
+def workdir(trained_demo_run):
+    return trained_demo_run
 
 
 def test_evaluate_vqa_rad_slice_writes_the_documented_files(workdir, shared_data_dir, tmp_path):

@@ -44,8 +44,8 @@ def test_inference_needs_only_the_backbone(tmp_path):
 
     tiny = build(tmp_path, k_max=2)
     batch, _ = make_batch(tiny.model, latent_steps=(1, 2))
-    tokens, lengths, z = tiny.model.generate(tiny.params["backbone"], batch.prefix, batch.latent_steps,
-                                             SamplingConfig(max_new_tokens=3))
+    tokens, lengths, z = jax.jit(lambda bp, pre, k: tiny.model.generate(bp, pre, k, SamplingConfig(max_new_tokens=3)))(
+        tiny.params["backbone"], batch.prefix, batch.latent_steps)
     assert tokens.shape == (2, 3) and z.shape == (2, 2, 64)
     jaxpr = jax.make_jaxpr(lambda bp: tiny.model.generate(bp, batch.prefix, batch.latent_steps,
                                                           SamplingConfig(max_new_tokens=3)))(tiny.params["backbone"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.vital.vital_fixtures import ROI_DIM, build, make_batch
+from tests.vital.vital_fixtures import forward, ROI_DIM, build, make_batch
 from vital_jax.vital import interpret
 
 
@@ -17,8 +17,8 @@ def tiny(tmp_path_factory):
 def test_decode_latents_matches_feeding_pj_in_then_tokens(tiny):
     model, params = tiny.model, tiny.params
     batch, _ = make_batch(model, seed=11, latent_steps=(2, 3))
-    out = model.forward(params, batch)
-    tokens, lengths = interpret.decode_latents(model, params, out.z, max_new_tokens=4)
+    out = forward(model, params, batch)
+    tokens, lengths = jax.jit(lambda p, z: interpret.decode_latents(model, p, z, max_new_tokens=4))(params, out.z)
     assert tokens.shape == (2, 3, 4) and lengths.shape == (2, 3)
     # Teacher-forcing the decoded tokens after pj_in(z_k) must reproduce them greedily.
     h0 = model.pj_in.apply({"params": params["pj_in"]}, out.z[1, 2])[None, None]
@@ -66,7 +66,7 @@ def test_step_similarity_is_eq9_over_valid_steps():
 def test_norm_ratio_compares_latents_with_embeddings(tiny):
     model, params = tiny.model, tiny.params
     batch, _ = make_batch(model, seed=12, latent_steps=(1, 3))
-    out = model.forward(params, batch)
+    out = forward(model, params, batch)
     stats = interpret.norm_ratio(model, params, out.z, out.valid_steps)
     assert stats["z_norm_per_step"].shape == (3,)
     np.testing.assert_allclose(stats["z_norm_per_step"][2], np.linalg.norm(out.z[1, 2]), rtol=1e-5)

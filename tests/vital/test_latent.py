@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.vital.vital_fixtures import IMG, IM_END, build, make_batch, select
+from tests.vital.vital_fixtures import forward, IMG, IM_END, build, make_batch, select
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
 from vital_jax.vital.batch import from_numpy
@@ -30,7 +30,7 @@ def test_latent_states_and_answer_logits_match_a_stepwise_transformers_loop(tiny
     model, params, hf = tiny.model, tiny.params, tiny.hf_backbone
     k = 3
     batch, data = make_batch(model, seed=1, latent_steps=(k,), grids=((1, 4, 6),), answer_len=(4,))
-    out = model.forward(params, batch)
+    out = forward(model, params, batch)
     ids = data["prompt_ids"]
     length = ids.shape[1]
     answer = data["answer_ids"]
@@ -73,7 +73,7 @@ def test_training_forward_and_inference_share_the_latent_path(tiny):
     tokens = np.asarray(tokens)
     # The generated tokens as the answer: teacher forcing must predict exactly them.
     forced = batch.replace(answer_ids=jnp.asarray(tokens), answer_valid=jnp.ones(tokens.shape, bool))
-    out = model.forward(params, forced)
+    out = forward(model, params, forced)
     np.testing.assert_allclose(out.z, z_inf, atol=TOL)
     np.testing.assert_array_equal(np.argmax(np.asarray(out.answer_logits), -1), tokens)
     first = latent.lm_logits(model.backbone, params["backbone"], out.z[np.arange(2), batch.latent_steps - 1])
@@ -97,14 +97,14 @@ def test_mixed_k_batch_equals_examples_run_alone(tiny):
 def test_k_zero_is_the_plain_backbone_answer(tiny):
     model, params = tiny.model, tiny.params
     batch, data = make_batch(model, seed=4, latent_steps=(0, 2))
-    out = model.forward(params, batch)
+    out = forward(model, params, batch)
     plain = model.backbone.apply({"params": params["backbone"]}, input_ids=batch.prefix.input_ids,
                                  token_valid=batch.prefix.token_valid, positions=batch.prefix.positions,
                                  pixel_patches=batch.prefix.pixel_patches, vision_inputs=batch.prefix.vision_inputs)
     assert _diff(out.answer_logits[0, 0], plain.logits[0, -1]) <= TOL
     assert not out.valid_steps[0].any()
     # An example without latent steps adds nothing to L_text / L_visual.
-    alone = model.forward(params, from_numpy(select(data, [1]), model.backbone_config))
+    alone = forward(model, params, from_numpy(select(data, [1]), model.backbone_config))
     assert abs(float(out.text_loss) - float(alone.text_loss)) <= TOL
     assert abs(float(out.visual_loss) - float(alone.visual_loss)) <= TOL
 

@@ -70,7 +70,7 @@ def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(tiny):
     n_state = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
     assert n_state == 2 * n_train  # Adam's mu and nu, for trainable leaves only
     batch, _ = make_batch(model, seed=8, latent_steps=(2, 3))
-    grads = jax.grad(lambda t: model.forward(trainable.merge(t, frozen), batch).loss)(train)
+    grads = jax.jit(jax.grad(lambda t: model.forward(trainable.merge(t, frozen), batch).loss))(train)
     assert jax.tree.structure(grads) == jax.tree.structure(train)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -101,4 +102,14 @@ def select(data: dict, rows) -> dict:
     return out
 
 
-__all__ = ["TinyVital", "build", "make_batch", "prefix_inputs", "select"]
+@functools.lru_cache(maxsize=None)
+def _jitted_forward(model: VitalModel):
+    return jax.jit(lambda params, batch: model.forward(params, batch))
+
+
+def forward(model: VitalModel, params, batch):
+    """model.forward, jitted once per model (eager dispatch through the scan is slow on CPU)."""
+    return _jitted_forward(model)(params, batch)
+
+
+__all__ = ["TinyVital", "build", "forward", "make_batch", "prefix_inputs", "select"]

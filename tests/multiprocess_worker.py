@@ -376,7 +376,8 @@ def run_process(args) -> None:
         replicated = jax.jit(lambda t: t, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                              )(state.params)
     _emit("result", process_id=jax.process_index(), num_processes=jax.process_count(), losses=losses,
-          checksum=checksum(replicated), rows=[int(r) for r in rows], local_prompt_len=int(local["prompt_ids"].shape[1]),
+          checksum=checksum(replicated), rows=[int(r) for r in rows],
+          local_prompt_len=int(local["prompt_ids"].shape[1]),
           global_prompt_len=int(batch.prefix.input_ids.shape[1]), devices=jax.device_count(),
           local_devices=jax.local_device_count(), primary=distributed.is_primary())
     jax.distributed.shutdown()

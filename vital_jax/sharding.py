@@ -200,10 +200,12 @@ class ShardingReport:
 
     fallbacks: list[str] = dataclasses.field(default_factory=list)
     unmatched: list[str] = dataclasses.field(default_factory=list)
+    unmatched_sizes: list[int] = dataclasses.field(default_factory=list, repr=False)
 
     def extend(self, other: "ShardingReport") -> "ShardingReport":
         self.fallbacks += other.fallbacks
         self.unmatched += other.unmatched
+        self.unmatched_sizes += other.unmatched_sizes
         return self
 
     def __bool__(self) -> bool:
@@ -330,6 +332,7 @@ def tree_specs(tree, mesh, rules=LOGICAL_AXIS_RULES, logical_axes_fn=param_logic
         axes = logical_axes_fn(name, shape)
         if axes is None:
             report.unmatched.append(f"{name} {shape}")
+            report.unmatched_sizes.append(math.prod(shape))
             return PartitionSpec()
         spec, notes = spec_for(axes, shape, mesh, rules, name)
         report.fallbacks.extend(notes)
@@ -354,15 +357,10 @@ def shardings_for(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for a tree of arrays or ShapeDtypeStructs (e.g. the target of an orbax restore onto a
     different mesh); fallbacks and unmatched large leaves are logged."""
     shardings, report = tree_shardings(abstract_tree, mesh, rules)
-    big = [u for u in report.unmatched if _size_of(u) >= _WARN_UNMATCHED_SIZE]
+    big = [u for u, n in zip(report.unmatched, report.unmatched_sizes) if n >= _WARN_UNMATCHED_SIZE]
     if report.fallbacks or big:
         logger.warning("%s", ShardingReport(report.fallbacks, big))
     return shardings
-
-
-def _size_of(unmatched_line: str) -> int:
-    dims = re.findall(r"\d+", unmatched_line.rsplit("(", 1)[-1])
-    return math.prod(int(d) for d in dims)
 
 
 def abstract_with_shardings(tree, shardings) -> Any:

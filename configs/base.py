@@ -12,7 +12,8 @@ def get_config():
     # Built-in synthetic assets (phantoms + tiny random models); see vital_jax/demo.py.
     c.demo = ml_collections.ConfigDict(dict(
         enabled=False, seed=0, num_phantoms=12, phantom_size=256, image_pixels=128 * 128,
-        backbone_hidden=64, backbone_layers=2, decoder_hidden=48, decoder_layers=2))
+        backbone_hidden=64, backbone_layers=2, decoder_hidden=48, decoder_layers=2,
+        finish=True))  # after training: evaluate K=0 / K_max, explain one example, export to HF
     c.model = ml_collections.ConfigDict(dict(
         backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory
         decoder_dir="",         # HF Qwen3 directory or a converted directory

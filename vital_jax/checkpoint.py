@@ -121,7 +121,7 @@ class PhaseCheckpointer:
 
 
 # Fields that may differ between runs sharing a workdir (how long / how often, not what is trained).
-RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.skip_eval", "eval")
+RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
 
 
 def check_workdir_config(workdir: str, config_json: dict) -> None:

@@ -37,9 +37,16 @@ from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the resolved config go")
+_CONFIG = None
+_WORKDIR = None
+
+
+def _define_flags():
+    """Flags exist only when this module runs as a program (importing it, as evaluate/explain do, defines none)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the resolved config go")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -251,6 +258,11 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
+    config = _CONFIG.value
+    if config.demo.enabled and config.demo.finish and not summary["preempted"]:
+        from vital_jax import demo
+
+        demo.finish(_WORKDIR.value)
 
 
 def parse_flags(argv):
@@ -269,4 +281,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -29,11 +29,12 @@ def get_config():
     c.vital = ml_collections.ConfigDict(dict(
         k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", visual_target="shared",
         lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,
-        train_decoder=True))
+        train_decoder=True, latent_steps_cap=-1))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999, max_grad_norm=1.0))
-    # Phase n trains on records with latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from phase n-1.
-    c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10)))
+    # Phase n trains on records with min_k[n] <= latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from
+    # phase n-1 (min_k may be left empty: 1 for every phase).
+    c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10), min_k=()))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
     c.logging = ml_collections.ConfigDict(dict(every_steps=10))

@@ -79,6 +79,7 @@ def _tuples(config) -> None:
     """JSON turns tuples into lists; the training config uses tuples for these fields."""
     config.curriculum.max_k = tuple(config.curriculum.max_k)
     config.curriculum.epochs = tuple(config.curriculum.epochs)
+    config.curriculum.min_k = tuple(config.curriculum.get("min_k", ()))
     config.data.prompt_buckets = tuple(config.data.prompt_buckets)
     config.mesh.shape = tuple(config.mesh.shape)
 

@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vital_jax import checkpoint as ckpt_lib
+from vital_jax import distributed, sharding
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models import model_dir
 from vital_jax.models.hf_config import ConfigError
@@ -32,7 +33,6 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.observability import MetricsLogger
 from vital_jax.vital import trainable
-from vital_jax.vital.batch import from_numpy
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
@@ -97,7 +97,7 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
                                roi_dim=roi_dim, vp_dropout=v.vp_dropout, visual_loss_reduction=v.visual_loss_reduction,
                                visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
-                               train_decoder=v.train_decoder)
+                               train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap)
     model = VitalModel(vital_config, backbone_config, decoder_config)
     backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params.load_params,
                             qwen3_vl_params.abstract_params)
@@ -116,13 +116,18 @@ def pipeline_config(config):
                           num_workers=d.num_workers)
 
 
+def min_k(config) -> tuple[int, ...]:
+    """Each phase's lower K bound (1 unless curriculum.min_k says otherwise)."""
+    return tuple(config.curriculum.min_k) or (1,) * len(config.curriculum.max_k)
+
+
 def phase_steps(config, data_dir: str) -> list[int]:
-    """Optimizer steps of each phase: epochs x (this process's records with K <= max_k) // batch size."""
+    """Optimizer steps of each phase: epochs x (this process's records with min_k <= K <= max_k) // batch size."""
     from vital_jax.data.pipeline import select_records
 
     steps = []
-    for max_k, epochs in zip(config.curriculum.max_k, config.curriculum.epochs):
-        n = len(select_records(data_dir, config.data.train_split, max_k)) // jax.process_count()
+    for max_k, epochs, low in zip(config.curriculum.max_k, config.curriculum.epochs, min_k(config)):
+        n = len(select_records(data_dir, config.data.train_split, max_k, low)) // jax.process_count()
         steps.append(int(epochs) * (n // config.data.batch_size))
     return steps
 
@@ -134,6 +139,9 @@ def validate_config(config) -> None:
                           "non-empty and of equal length")
     if any(k < 1 or k > config.vital.k_max for k in c.max_k):
         raise ConfigError(f"config.curriculum.max_k {tuple(c.max_k)} must lie in 1..vital.k_max={config.vital.k_max}")
+    if c.min_k and (len(c.min_k) != len(c.max_k) or any(lo < 1 or lo > hi for lo, hi in zip(c.min_k, c.max_k))):
+        raise ConfigError(f"config.curriculum.min_k {tuple(c.min_k)} must be empty or give 1 <= min_k <= max_k "
+                          f"for each of the {len(c.max_k)} phases")
     if config.checkpoint.save_every_steps < 1:
         raise ConfigError("config.checkpoint.save_every_steps must be >= 1")
 
@@ -163,6 +171,7 @@ def train(config, workdir: str) -> dict:
     from vital_jax.data.records import load_roi_arrays
 
     validate_config(config)
+    distributed.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
     paths = resolve_paths(config, workdir)
@@ -183,8 +192,16 @@ def train(config, workdir: str) -> dict:
     state, frozen = init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1),
                                      config.vital.train_decoder)
     del params, train_params
+    # Parameters, optimizer state and the frozen tree are laid out on the (data, fsdp, tensor) mesh; batches
+    # arrive sharded over the batch axes (global_vital_batch). Checkpoints restore into these shardings.
+    mesh = sharding.mesh_from_config(config)
+    state_shardings, report = sharding.tree_shardings(state, mesh)
+    if report.fallbacks and distributed.is_primary():
+        logging.warning("%s", report)
+    state = sharding.shard(state, state_shardings)
+    frozen = sharding.shard(frozen, sharding.shardings_for(frozen, mesh))
     step_fn = jax.jit(functools.partial(train_step, model, optimizer, learning_rate_fn=schedule),
-                      donate_argnums=(0,))
+                      donate_argnums=(0,), out_shardings=(state_shardings, None))
     preemption = _Preemption()
     logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital")
     pipe_cfg = pipeline_config(config)
@@ -198,7 +215,8 @@ def train(config, workdir: str) -> dict:
                                           config.checkpoint.async_save)
         iterator = make_train_iterator(paths.data_dir, paths.tokenizer_dir, pipe_cfg, k_max=int(max_k),
                                        split=config.data.train_split, seed=config.seed + phase,
-                                       num_epochs=int(config.curriculum.epochs[phase - 1]))
+                                       num_epochs=int(config.curriculum.epochs[phase - 1]),
+                                       k_min=min_k(config)[phase - 1])
         done = ckpt.done_step()
         latest = ckpt.latest_step()
         if latest is not None:
@@ -212,8 +230,9 @@ def train(config, workdir: str) -> dict:
             continue
         while int(state.step) < phase_end:
             batch_np = next(iterator)
-            batch = from_numpy(batch_np, model.backbone_config)
-            state, metrics = step_fn(state, frozen, batch)
+            batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, frozen, batch)
             step = int(state.step)
             loss = float(metrics["loss"])
             if not np.isfinite(loss):

@@ -109,12 +109,13 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def select_records(data_dir: str, split: str | None, k_max: int | None) -> list[tuple[int, Record]]:
-    """(row in records.jsonl, record) of the records in `split` (None: all) with latent_steps <= k_max (None: all)
-    that have an ROI row. Raises PipelineError naming records without ROI features."""
+def select_records(data_dir: str, split: str | None, k_max: int | None, k_min: int = 1) -> list[tuple[int, Record]]:
+    """(row in records.jsonl, record) of the records in `split` (None: all) with k_min <= latent_steps <= k_max
+    (None: no upper bound) that have an ROI row. Raises PipelineError naming records without ROI features."""
     all_records = read_records(os.path.join(data_dir, RECORDS_FILE))
     selected = [(row, r) for row, r in enumerate(all_records)
-                if (split is None or r.split == split) and (k_max is None or r.latent_steps <= k_max)]
+                if (split is None or r.split == split) and (k_max is None or r.latent_steps <= k_max)
+                and r.latent_steps >= k_min]
     roi = load_roi_arrays(data_dir)
     num_rows = 0 if roi is None else roi["features"].shape[0]
     missing = [r.id for _, r in selected if not 0 <= r.roi_index < num_rows]
@@ -287,12 +288,12 @@ def _pad_id(tokenizer_dir: str) -> int:
 
 def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                        seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                       num_epochs: int | None = None) -> grain.IterDataset:
+                       num_epochs: int | None = None, k_min: int = 1) -> grain.IterDataset:
     """The training IterDataset (see `make_train_iterator`)."""
     if not 1 <= k_max <= cfg.k_max_slots:
         raise PipelineError(f"k_max={k_max} must be in 1..k_max_slots={cfg.k_max_slots}")
     process_index, process_count = _process(process_index, process_count)
-    selected = select_records(data_dir, split, k_max)
+    selected = select_records(data_dir, split, k_max, k_min)
     rows = shard_rows(len(selected), process_index, process_count, equal=True)
     if len(rows) < cfg.batch_size:
         raise PipelineError(f"{data_dir}: process {process_index}/{process_count} gets {len(rows)} records of split "
@@ -307,7 +308,7 @@ def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k
 
 def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                         seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                        num_epochs: int | None = None) -> grain.DatasetIterator:
+                        num_epochs: int | None = None, k_min: int = 1) -> grain.DatasetIterator:
     """Training batches of records with latent_steps <= k_max (the curriculum phase) from `split`.
 
     Seeded global shuffle of this process's shard, reshuffled each epoch; num_epochs None repeats forever; the
@@ -316,7 +317,7 @@ def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, 
     default to jax.process_index() / jax.process_count().
     """
     return iter(make_train_dataset(data_dir, tokenizer_dir, cfg, k_max, split, seed, process_index, process_count,
-                                   num_epochs))
+                                   num_epochs, k_min))
 
 
 def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str = "test",

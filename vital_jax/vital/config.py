@@ -17,6 +17,8 @@ class VitalConfig:
     visual_target: "shared" (Eq. 6, every step regresses f_ROI) or "interpolated" (Appendix C.5, Eq. 8: step k of
       K regresses Normalize(a_k f_ROI + (1 - a_k) f_global) with a_k = (k-1)/(K-1), a_1 = 1 when K = 1).
     remat_latent_steps: recompute each latent step's activations in the backward pass (saves memory ~K_max x).
+    latent_steps_cap: -1 (default) uses each record's K; c >= 0 uses min(K, c) — the paper's Table 3 "K" rows
+      (c = 0 is the direct-answer baseline: no latent step, so no L_text / L_visual).
     """
 
     k_max: int = 4
@@ -29,6 +31,7 @@ class VitalConfig:
     lora: LoraConfig | None = LoraConfig(rank=64, alpha=128.0, dropout=0.05)
     remat_latent_steps: bool = False
     train_decoder: bool = True
+    latent_steps_cap: int = -1
 
     def __post_init__(self):
         if self.visual_loss_reduction not in ("mean", "sum"):

@@ -106,6 +106,8 @@ class VitalModel:
         ta = batch.answer_ids.shape[1]
         if ta < 2:
             raise ValueError("answers need >= 2 token slots (the answer and <|im_end|>)")
+        if cfg.latent_steps_cap >= 0:
+            batch = batch.replace(latent_steps=jnp.minimum(batch.latent_steps, cfg.latent_steps_cap))
         rngs = (None,) * 4 if rng is None else jax.random.split(rng, 4)
         cache_len = prefix.input_ids.shape[1] + k_max + ta
         kv_cache, z0 = latent.encode_prefix(backbone, bp, prefix, cache_len, deterministic, rngs[0])

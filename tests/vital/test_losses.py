@@ -1,0 +1,47 @@
+"""Loss terms on hand-computable inputs: CE masking, per-example step means, Eq. (6) reductions, Eq. (8)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from vital_jax.vital import losses
+
+
+def test_token_cross_entropy_averages_valid_tokens_only():
+    logits = jnp.log(jnp.asarray([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
+    targets = jnp.asarray([[0, 1, 1]])
+    mask = jnp.asarray([[True, True, False]])
+    loss, has = losses.token_cross_entropy(logits, targets, mask)
+    np.testing.assert_allclose(loss, [(-np.log(0.5) - np.log(0.1)) / 2], rtol=1e-6)
+    assert bool(has[0])
+    empty, has_none = losses.token_cross_entropy(logits, targets, jnp.zeros_like(mask))
+    assert float(empty[0]) == 0.0 and not bool(has_none[0])
+
+
+def test_visual_loss_reductions_and_valid_steps():
+    projected = jnp.asarray([[[1.0, 2.0], [3.0, 5.0], [100.0, 100.0]]])  # (B=1, K=3, dv=2)
+    target = jnp.asarray([[1.0, 1.0]])
+    valid = losses.step_mask(jnp.asarray([2]), 3)
+    mean, has = losses.visual_loss(projected, target, valid, "mean")
+    total, _ = losses.visual_loss(projected, target, valid, "sum")
+    # step 1: |0| + |1| ; step 2: |2| + |4|; step 3 is masked.
+    np.testing.assert_allclose(mean, [((0 + 1) / 2 + (2 + 4) / 2) / 2])
+    np.testing.assert_allclose(total, [(1 + 6) / 2])
+    assert bool(has[0])
+
+
+def test_interpolated_targets_follow_eq8():
+    roi = jnp.asarray([[1.0, 0.0]])
+    glob = jnp.asarray([[0.0, 1.0]])
+    targets = np.asarray(losses.interpolated_targets(roi, glob, jnp.asarray([4]), 4))
+    for k, alpha in enumerate([0.0, 1 / 3, 2 / 3, 1.0]):
+        mixed = np.array([alpha, 1 - alpha])
+        np.testing.assert_allclose(targets[0, k], mixed / np.linalg.norm(mixed), atol=1e-6)
+    single = np.asarray(losses.interpolated_targets(roi, glob, jnp.asarray([1]), 4))
+    np.testing.assert_allclose(single[0, 0], [1.0, 0.0], atol=1e-6)
+
+
+def test_joint_loss_is_eq7_and_weighted_mean_skips_examples():
+    assert float(losses.joint_loss(2.0, 3.0, 5.0, 1.0, 0.1)) == 2.0 + 3.0 + 0.5
+    per = jnp.asarray([1.0, 10.0, 4.0])
+    assert float(losses.weighted_mean(per, jnp.asarray([True, False, True]))) == 2.5
+    assert float(losses.weighted_mean(per, jnp.zeros(3, bool))) == 0.0

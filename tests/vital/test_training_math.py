@@ -142,3 +142,29 @@ def test_merged_lora_equals_the_adapted_backbone(tiny):
         {"params": trainable.merge_lora(params["backbone"], model.config.lora)}, **kwargs).logits
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3  # the adapters do change the model
     np.testing.assert_allclose(plain, adapted, atol=1e-4)
+
+
+def test_remat_of_layers_and_latent_steps_gives_the_same_training_step(tiny):
+    """Rematerialisation (decoder layers and latent steps) changes memory, not numbers — with dropout on."""
+    import dataclasses
+    import functools
+
+    from vital_jax.vital import train_step as ts
+
+    model, params = tiny.model, tiny.params
+    remat_model = dataclasses.replace(
+        model, config=dataclasses.replace(model.config, remat_latent_steps=True),
+        backbone_config=dataclasses.replace(model.backbone_config,
+                                            text=dataclasses.replace(model.backbone_config.text, remat=True)),
+        decoder_config=dataclasses.replace(model.decoder_config, remat=True))
+    opt = trainable.make_optimizer(1e-3)
+    batch, _ = make_batch(model, seed=13, latent_steps=(2, 3))
+    results = []
+    for m in (model, remat_model):
+        state, frozen = ts.init_train_state(params, opt, jax.random.PRNGKey(5))
+        state, metrics = jax.jit(functools.partial(ts.train_step, m, opt))(state, frozen, batch)
+        results.append((metrics, state.params))
+    for name in ("loss", "task_loss", "text_loss", "visual_loss", "grad_norm"):
+        np.testing.assert_allclose(results[0][0][name], results[1][0][name], rtol=1e-5, err_msg=name)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0][1], results[1][1]))
+    assert max(diffs) <= 1e-5

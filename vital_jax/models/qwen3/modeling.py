@@ -75,7 +75,8 @@ class DecoderStack(nn.Module):
         layer_cls = DecoderLayer
         if cfg.remat:
             # Recompute each layer's activations in the backward pass instead of storing them.
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(5,))
+            # static_argnums counts `self`: (self, x, cos, sin, mask, kv_cache, deterministic).
+            layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
         for i in range(cfg.num_hidden_layers):
             x_btd, kv_cache = layer_cls(cfg, i, self.lora, name=f"layers_{i}")(
                 x_btd, cos_bth, sin_bth, mask_bts, kv_cache, deterministic)

@@ -1,0 +1,189 @@
+"""Throughput and MFU of the VITAL train step at the paper's model shapes (Qwen3-VL-8B + LoRA, Qwen3-1.7B
+decoder, K = 4), with random weights, on whatever accelerator JAX sees.
+
+    python -m benchmarks.mfu_8b [--backbone_config=configs/hf/qwen3_vl_8b_instruct]
+        [--decoder_config=configs/hf/qwen3_1p7b] [--batch 4 --prompt_len 512 --grid 28 --steps 5]
+        [--layers N]   # truncate both LMs to N layers (a quick check of the script)
+
+MFU = model FLOPs per step / step time / peak. Model FLOPs per step, counted from the shapes (no remat
+recompute): the frozen backbone LLM costs 4 N_llm per token (forward 2N + activation gradients 2N; no weight
+gradients), its LoRA adapters 6 N_lora, the frozen vision tower 2 N_vis per patch (forward only: nothing upstream
+trains), the decoder 6 N_dec per token, plus attention 2 * 2 * S_q * S_kv * d per layer (x 3 with a backward).
+XLA's own count (`cost_analysis`, which includes rematerialisation) is printed beside it when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vital_jax.layers.linear import LoraConfig
+from vital_jax.models.hf_mapping import flatten, unflatten
+from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.vital import trainable
+from vital_jax.vital.batch import from_numpy
+from vital_jax.vital.config import VitalConfig
+from vital_jax.vital.model import VitalModel
+from vital_jax.vital.train_step import init_train_state, train_step
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def random_params(abstract: dict, seed: int = 0) -> dict:
+    """Random weights straight on the device in each leaf's dtype (normal * 0.02; ones for norm scales).
+
+    One small jitted generator per distinct (shape, dtype, kind): layers repeat shapes, so only a few dozen
+    programs compile, each fast (one program for the whole tree compiles for minutes on GPU).
+    """
+
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def make(key, shape, dtype, kind):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        scale = 0.001 if kind == "small" else 0.02
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    out = {}
+    for i, (name, spec) in enumerate(sorted(flatten(abstract).items())):
+        kind = "ones" if name.endswith("scale") else ("small" if name.endswith("lora_b") else "normal")
+        out[name] = make(jax.random.PRNGKey(seed * 100003 + i), tuple(spec.shape), jnp.dtype(spec.dtype), kind)
+    return unflatten(out)
+
+
+def synthetic_batch(cfg: Qwen3VLConfig, batch: int, prompt_len: int, grid: int, answer_len: int, k_max: int,
+                    step_len: int, roi_dim: int, seed: int = 0) -> dict:
+    rng = np.random.RandomState(seed)
+    n_img = grid * grid // 4
+    text = prompt_len - n_img - 2
+    if text < 1:
+        raise ValueError(f"prompt_len {prompt_len} too short for {n_img} image tokens")
+    row = ([int(t) for t in rng.randint(0, 1000, text // 2)] + [cfg.vision_start_token_id]
+           + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]
+           + [int(t) for t in rng.randint(0, 1000, text - text // 2)])
+    roi = rng.randn(batch, roi_dim).astype(np.float32)
+    return dict(
+        prompt_ids=np.tile(np.asarray(row, np.int32), (batch, 1)), prompt_valid=np.ones((batch, prompt_len), bool),
+        pixel_patches=rng.randn(batch * grid * grid, cfg.vision.patch_dim).astype(np.float32),
+        image_grid_thw=np.tile(np.asarray([1, grid, grid], np.int32), (batch, 1)),
+        answer_ids=rng.randint(0, 1000, (batch, answer_len)).astype(np.int32),
+        answer_valid=np.ones((batch, answer_len), bool),
+        latent_steps=np.full((batch,), k_max, np.int32),
+        step_ids=rng.randint(0, 1000, (batch, k_max, step_len)).astype(np.int32),
+        step_valid=np.ones((batch, k_max, step_len), bool),
+        roi_feature=roi / np.linalg.norm(roi, axis=1, keepdims=True),
+        example_valid=np.ones((batch,), bool))
+
+
+def model_flops(model: VitalModel, batch: int, prompt_len: int, grid: int, answer_len: int, k: int,
+                step_len: int) -> float:
+    acc_params = {}
+    for path, spec in flatten(model.abstract_params()).items():
+        parts = path.split("/")
+        key = ("lora" if parts[-1].startswith("lora_") else parts[1]) if parts[0] == "backbone" else parts[0]
+        acc_params[key] = acc_params.get(key, 0) + int(np.prod(spec.shape))
+    text, dec = model.backbone_config.text, model.decoder_config
+    n_llm = acc_params["language_model"] - text.vocab_size * text.hidden_size + acc_params.get("lm_head", 0)
+    tokens = batch * (prompt_len + k + answer_len)
+    flops = tokens * (4 * n_llm + 6 * acc_params.get("lora", 0))
+    flops += 2 * acc_params["visual"] * batch * grid * grid
+    dec_tokens = batch * k * (step_len + 1)
+    flops += 6 * (acc_params["decoder"] - dec.vocab_size * dec.hidden_size * (not dec.tie_word_embeddings)) \
+        * dec_tokens
+    flops += 6 * (acc_params["visual_projector"] + acc_params["pj_in"]) * batch * k
+    seq = prompt_len + k + answer_len
+    attn = 2 * 2 * seq * seq / 2 * text.num_attention_heads * text.head_dim * text.num_hidden_layers * batch
+    attn_dec = 2 * 2 * (step_len + 1) ** 2 / 2 * dec.num_attention_heads * dec.head_dim * dec.num_hidden_layers \
+        * batch * k
+    return flops + 2 * attn + 3 * attn_dec
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
+    p.add_argument("--decoder_config", default="configs/hf/qwen3_1p7b")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt_len", type=int, default=512)
+    p.add_argument("--grid", type=int, default=28, help="patch grid side (28 = a 448x448 image)")
+    p.add_argument("--answer_len", type=int, default=32)
+    p.add_argument("--step_len", type=int, default=48)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
+    p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny vocabulary and vision depth: check the script on CPU")
+    args = p.parse_args()
+
+    remat = not args.no_remat
+    backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
+                                             remat=remat)
+    decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=remat)
+    if args.layers:
+        backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
+                                                                          num_hidden_layers=args.layers))
+        decoder = dataclasses.replace(decoder, num_hidden_layers=args.layers)
+    if args.smoke:
+        backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text, vocab_size=4096),
+                                       vision=dataclasses.replace(backbone.vision, depth=2,
+                                                                  deepstack_visual_indexes=(0, 1)),
+                                       image_token_id=4000, video_token_id=4001, vision_start_token_id=4002,
+                                       vision_end_token_id=4003)
+        decoder = dataclasses.replace(decoder, vocab_size=4096)
+    model = VitalModel(VitalConfig(k_max=args.k, roi_dim=1152, remat_latent_steps=remat,
+                                   lora=LoraConfig(64, 128.0, 0.05)), backbone, decoder)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; remat {remat}")
+    t0 = time.perf_counter()
+    params = random_params(model.abstract_params())
+    jax.block_until_ready(params)
+    print(f"random params on device in {time.perf_counter() - t0:.1f}s")
+    optimizer = trainable.make_optimizer(2e-5)
+    state, frozen = init_train_state(params, optimizer, jax.random.PRNGKey(1))
+    del params
+    batch = from_numpy(synthetic_batch(backbone, args.batch, args.prompt_len, args.grid, args.answer_len, args.k,
+                                       args.step_len, 1152), backbone)
+    step = jax.jit(functools.partial(train_step, model, optimizer), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    print(f"compiled in {time.perf_counter() - t0:.1f}s")
+    xla_flops = None
+    try:
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        xla_flops = float(analysis.get("flops", 0.0)) or None
+    except Exception as e:  # noqa: BLE001 - not every backend implements it
+        print(f"cost_analysis unavailable: {e}")
+    try:
+        mem = compiled.memory_analysis()
+        print(f"memory: args {mem.argument_size_in_bytes / 2**30:.1f} GiB, temps {mem.temp_size_in_bytes / 2**30:.1f}"
+              f" GiB, outputs {mem.output_size_in_bytes / 2**30:.1f} GiB")
+    except Exception as e:  # noqa: BLE001
+        print(f"memory_analysis unavailable: {e}")
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(metrics["loss"])
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    flops = model_flops(model, args.batch, args.prompt_len, args.grid, args.answer_len, args.k, args.step_len)
+    peak = next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
+    print(f"loss {float(metrics['loss']):.3f}; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
+          f"{args.batch / step_s:.2f} samples/s")
+    print(f"model FLOPs/step {flops / 1e12:.2f} T -> {flops / step_s / 1e12:.1f} TFLOP/s"
+          + (f", MFU {100 * flops / step_s / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    if xla_flops:
+        print(f"XLA-counted FLOPs/step {xla_flops / 1e12:.2f} T (incl. remat) -> {xla_flops / step_s / 1e12:.1f} "
+              f"TFLOP/s" + (f", {100 * xla_flops / step_s / peak:.1f}% of peak" if peak else ""))
+
+
+if __name__ == "__main__":
+    main()

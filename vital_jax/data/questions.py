@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vital_jax.data import geometry
-from vital_jax.data.records import QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError
+from vital_jax.data.records import QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError, write_jsonl_atomic
 
 QUESTIONS_FILE = "questions.jsonl"
 LOCATION_CHOICES = {"horizontal": ("left", "right", "center"), "vertical": ("upper", "middle", "lower")}
@@ -197,13 +197,7 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
 
 def write_questions(path: str, questions: Iterable[Question]) -> None:
     """Write questions as JSONL (atomically: temporary file, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q in questions:
-            f.write(json.dumps(q.to_dict(), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_jsonl_atomic(path, (q.to_dict() for q in questions))
 
 
 def read_questions(path: str) -> list[Question]:

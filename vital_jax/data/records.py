@@ -163,10 +163,15 @@ def append_record(path: str, record: Record) -> None:
 
 def write_records(path: str, records: Iterable[Record]) -> None:
     """Replace `path` with `records` atomically (write a temporary file, fsync, rename)."""
+    write_jsonl_atomic(path, (record.to_dict() for record in records))
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """Replace `path` with one JSON object per line, atomically (temporary file, fsync, rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

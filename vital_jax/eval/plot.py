@@ -308,13 +308,18 @@ def colorbar(height: int, width: int = 16, colormap: str = "viridis") -> Image.I
 
 def save_png(image: Image.Image, path: str) -> str:
     """Write a PNG atomically (temporary file in the same directory, then rename); returns the path."""
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), binary=True)
+
+
+def atomic_write(path: str, write, binary: bool = False) -> str:
+    """Call `write(file)` on a temporary file beside `path`, fsync, then rename it to `path` (readable 0644)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make outputs unreadable to other users
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,21 +32,7 @@ SUMMARY_FILE, K_SWEEP_JSON, K_SWEEP_PNG = "summary.md", "k_sweep.json", "k_sweep
 
 def atomic_write_text(path: str, text: str) -> str:
     """Write `text` to `path` via a temporary file in the same directory, fsync and rename; returns the path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would make reports unreadable to other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return plot.atomic_write(path, lambda f: f.write(text))
 
 
 def _per_example(values, n: int, name: str) -> list:

@@ -39,7 +39,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
                for i in range(0, len(examples), batch_size)]
-    predictor.warm_up(batches)
+    predictor.warm_up(batches, latent_steps)
     summaries, sweep = [], []
     for k in latent_steps:
         logging.info("evaluating %s (%d examples) at K=%d", benchmark, len(examples), k)

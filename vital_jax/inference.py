@@ -111,7 +111,11 @@ class Predictor:
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
         model = self.model
-        self._generate = jax.jit(lambda bp, pre, k: model.generate(bp, pre, k, self.sampling))
+        # One program per K (k_slots static): a masked K_max-step program would make every K cost as much as
+        # K_max, and the K sweep reports latency.
+        self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
+                                                                            k_slots=k_slots),
+                                 static_argnums=(3,))
         self.backbone_params = run.params["backbone"]
 
     def encode(self, images: Sequence, questions: Sequence[str]):
@@ -149,7 +153,7 @@ class Predictor:
         """Generate for an encoded batch (see `encode`); latency covers the device program only."""
         k = jnp.full((self.batch_size,), latent_steps, jnp.int32)
         start = time.perf_counter()
-        tokens, lengths, z = self._generate(self.backbone_params, prefix, k)
+        tokens, lengths, z = self._generate(self.backbone_params, prefix, k, latent_steps)
         tokens = np.asarray(jax.block_until_ready(tokens))
         elapsed = (time.perf_counter() - start) * 1e3
         texts = []
@@ -159,12 +163,12 @@ class Predictor:
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return texts, np.asarray(z)[:n], elapsed / self.batch_size
 
-    def warm_up(self, encoded_batches) -> None:
-        """Compile once per distinct prompt bucket (the program is shared by every K), so that reported
-        latencies exclude compilation."""
+    def warm_up(self, encoded_batches, latent_steps=(0,)) -> None:
+        """Compile once per distinct prompt bucket and K, so that reported latencies exclude compilation."""
         seen = set()
         for prefix, n in encoded_batches:
             width = prefix.input_ids.shape[1]
             if width not in seen:
                 seen.add(width)
-                self.run_encoded(prefix, n, 0)
+                for k in latent_steps:
+                    self.run_encoded(prefix, n, k)

@@ -155,10 +155,15 @@ class VitalModel:
 
     # ------------------------------------------------------------------------------------------ inference
     def generate(self, backbone_params: dict, prefix, latent_steps: jax.Array,
-                 sampling: generation.SamplingConfig, rng=None):
-        """Inference with the backbone (+ LoRA) alone: returns (tokens (B, N), lengths (B,), z (B, K_max, D))."""
-        return latent.generate_answer(self.backbone, backbone_params, prefix, latent_steps, self.config.k_max,
-                                      sampling, rng)
+                 sampling: generation.SamplingConfig, rng=None, k_slots: int | None = None):
+        """Inference with the backbone (+ LoRA) alone: returns (tokens (B, N), lengths (B,), z (B, k_slots, D)).
+
+        k_slots (static, default K_max) is the number of latent steps compiled into the program; examples use
+        `latent_steps` <= k_slots. One program serves every K (masked steps still cost compute); for latency
+        measurements at a single K, pass k_slots = K so the program runs exactly K steps.
+        """
+        k_slots = self.config.k_max if k_slots is None else k_slots
+        return latent.generate_answer(self.backbone, backbone_params, prefix, latent_steps, k_slots, sampling, rng)
 
 
 def add_missing_lora(rng: jax.Array, params: dict, abstract: dict) -> dict:

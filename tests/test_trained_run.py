@@ -108,3 +108,16 @@ def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir,
                                        torch.tensor(grid[None]), latent_steps=k, max_new_tokens=12,
                                        eos_token_ids=eos)
         assert torch_tokens == jax_tokens, k
+
+
+def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path, capsys):
+    from vital_jax import demo
+
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    demo.finish(str(copy), eval_limit=8)
+    out = capsys.readouterr().out
+    assert "| K | accuracy | latency ms/sample |" in out and "| 4 |" in out
+    for path in ("eval/k_sweep.png", "eval/summary.md", "explain/summary.png", "export_hf/model.safetensors",
+                 "export_hf/scaffolding/heads.safetensors"):
+        assert (copy / path).exists(), path

@@ -33,6 +33,7 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.observability import MetricsLogger
 from vital_jax.vital import trainable
+from vital_jax.vital.batch import check_token_ids
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
@@ -230,6 +231,7 @@ def train(config, workdir: str) -> dict:
             continue
         while int(state.step) < phase_end:
             batch_np = next(iterator)
+            check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
             batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
             with jax.set_mesh(mesh):
                 state, metrics = step_fn(state, frozen, batch)

@@ -45,3 +45,24 @@ def test_joint_loss_is_eq7_and_weighted_mean_skips_examples():
     per = jnp.asarray([1.0, 10.0, 4.0])
     assert float(losses.weighted_mean(per, jnp.asarray([True, False, True]))) == 2.5
     assert float(losses.weighted_mean(per, jnp.zeros(3, bool))) == 0.0
+
+
+def test_out_of_vocabulary_token_ids_are_rejected_by_name():
+    import pytest
+
+    from vital_jax.vital.batch import check_token_ids
+
+    batch = dict(prompt_ids=np.array([[1, 2], [3, 4]]), prompt_valid=np.ones((2, 2), bool),
+                 answer_ids=np.array([[5, 0], [6, 7]]), answer_valid=np.array([[True, False], [True, True]]),
+                 step_ids=np.zeros((2, 1, 2), np.int32), step_valid=np.ones((2, 1, 2), bool),
+                 record_index=np.array([10, 11], np.int32))
+    check_token_ids(batch, backbone_vocab=8, decoder_vocab=4)
+    batch["answer_ids"][1, 1] = 8
+    with pytest.raises(ValueError, match=r"answer_ids: token ids \[8\].*record_index \[11\]"):
+        check_token_ids(batch, backbone_vocab=8, decoder_vocab=4)
+    batch["answer_ids"][1, 1] = 7
+    batch["answer_ids"][0, 1] = 99  # padding: not checked
+    check_token_ids(batch, backbone_vocab=8, decoder_vocab=4)
+    batch["step_ids"][0, 0, 0] = 4
+    with pytest.raises(ValueError, match="step_ids.*vocabulary of 4"):
+        check_token_ids(batch, backbone_vocab=8, decoder_vocab=4)

@@ -54,6 +54,22 @@ def prefix_inputs(prompt_ids: np.ndarray, prompt_valid: np.ndarray, image_grid_t
         pixel_patches=None if not grids else jnp.asarray(pixel_patches, jnp.float32), vision_inputs=vis)
 
 
+def check_token_ids(batch: dict, backbone_vocab: int, decoder_vocab: int) -> None:
+    """Host-side guard: a token id outside an embedding table would silently become a NaN embedding inside jit
+    (gathers fill out-of-range rows), so reject it here, naming the batch rows (`record_index`)."""
+    checks = (("prompt_ids", "prompt_valid", backbone_vocab), ("answer_ids", "answer_valid", backbone_vocab),
+              ("step_ids", "step_valid", decoder_vocab))
+    for ids_key, valid_key, vocab in checks:
+        ids = np.asarray(batch[ids_key])
+        bad = ((ids < 0) | (ids >= vocab)) & np.asarray(batch[valid_key], bool)
+        if bad.any():
+            rows = np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]
+            records = np.asarray(batch.get("record_index", np.arange(ids.shape[0])))[rows]
+            raise ValueError(f"{ids_key}: token ids {sorted(set(ids[bad].tolist()))[:5]} are outside the model's "
+                             f"vocabulary of {vocab} (batch rows {rows.tolist()}, record_index {records.tolist()}); "
+                             "was the data tokenised with another tokenizer?")
+
+
 def from_numpy(batch: dict, config: Qwen3VLConfig) -> VitalBatch:
     """Convert a pipeline batch (dict of numpy arrays, see `vital_jax.data.pipeline`) to a VitalBatch."""
     prefix = prefix_inputs(batch["prompt_ids"], batch["prompt_valid"], batch.get("image_grid_thw"),

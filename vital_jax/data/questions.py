@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import zlib
@@ -20,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vital_jax.data import geometry
-from vital_jax.data.records import QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError, write_jsonl_atomic
+from vital_jax.data.records import (QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError, iter_jsonl,
+                                    write_jsonl_atomic)
 
 QUESTIONS_FILE = "questions.jsonl"
 LOCATION_CHOICES = {"horizontal": ("left", "right", "center"), "vertical": ("upper", "middle", "lower")}
@@ -203,13 +203,11 @@ def write_questions(path: str, questions: Iterable[Question]) -> None:
 def read_questions(path: str) -> list[Question]:
     """Questions from JSONL; errors name the file, line number and id."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                out.append(Question.from_dict(data))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise RecordError(f"{path}:{number}: bad question line ({e})") from e
+    for number, data in iter_jsonl(path):
+        try:
+            if isinstance(data, str):
+                raise TypeError(data)
+            out.append(Question.from_dict(data))
+        except TypeError as e:
+            raise RecordError(f"{path}:{number}: bad question line ({e})") from e
     return out

@@ -129,19 +129,27 @@ def read_records(path: str) -> list[Record]:
     if not os.path.isfile(path):
         raise RecordError(f"{path}: records file not found")
     records = []
+    for number, data in iter_jsonl(path):
+        if isinstance(data, str):
+            raise RecordError(f"{path}:{number}: {data}")
+        try:
+            records.append(Record.from_dict(data))
+        except (RecordError, TypeError) as e:
+            raise RecordError(f"{path}:{number}: {e}") from e
+    return records
+
+
+def iter_jsonl(path: str):
+    """(line number, parsed object) per non-empty line of a JSONL file; a malformed line yields its error
+    message (a str) instead, so callers choose to stop or to collect every problem."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from e
-            try:
-                records.append(Record.from_dict(data))
-            except (RecordError, TypeError) as e:
-                raise RecordError(f"{path}:{number}: {e}") from e
-    return records
+                yield number, f"malformed JSON ({e.msg} at column {e.colno})"
 
 
 def append_record(path: str, record: Record) -> None:
@@ -219,19 +227,14 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
         return [f"{path}: records file not found"]
     problems: list[str] = []
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            try:
-                records.append(Record.from_dict(data))
-            except (RecordError, TypeError) as e:
-                problems.append(f"{path}:{number}: {e}")
+    for number, data in iter_jsonl(path):
+        if isinstance(data, str):
+            problems.append(f"{path}:{number}: {data}")
+            continue
+        try:
+            records.append(Record.from_dict(data))
+        except (RecordError, TypeError) as e:
+            problems.append(f"{path}:{number}: {e}")
     try:
         roi = load_roi_arrays(data_dir)
     except RecordError as e:

@@ -11,7 +11,6 @@ Flax, no torch), float32, one 448x448-sized image grid.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 

@@ -47,7 +47,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     from vital_jax.data.roi import load_roi_encoder
     from vital_jax.eval import plot
     from vital_jax.inference import Predictor
-    from vital_jax.models.qwen3_vl import preprocessing, prompt
+    from vital_jax.models.qwen3_vl import preprocessing
     from vital_jax.vital import interpret
 
     model, params = run.model, run.params

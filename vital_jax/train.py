@@ -17,7 +17,6 @@ import signal
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.vital.vital_fixtures import forward, IMG, IM_END, build, make_batch, select
+from tests.vital.vital_fixtures import IMG, build, forward, make_batch, select
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
 from vital_jax.vital.batch import from_numpy

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
 import zlib
 from typing import Iterable, Sequence

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from vital_jax import generation
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig

@@ -18,16 +18,7 @@ def save_tiny_qwen3(path: str, seed: int = 0, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     config = Qwen3Config(**kwargs)
-    config._attn_implementation = "eager"
-    model = Qwen3ForCausalLM(config).eval()
-    # Non-trivial norm weights, so a mapping that drops them cannot pass.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    return model
+    return _build_and_save(Qwen3ForCausalLM, config, path)
 
 
 def save_tiny_qwen3_vl(path: str, seed: int = 0, text: dict | None = None, vision: dict | None = None, **top):
@@ -52,8 +43,13 @@ def save_tiny_qwen3_vl(path: str, seed: int = 0, text: dict | None = None, visio
     kwargs.update(top)
     torch.manual_seed(seed)
     config = Qwen3VLConfig(text_config=text_cfg, vision_config=vision_cfg, **kwargs)
+    return _build_and_save(Qwen3VLForConditionalGeneration, config, path)
+
+
+def _build_and_save(model_cls, config, path: str):
+    """Eager attention, eval mode, non-trivial norm weights (so a mapping that drops them cannot pass), saved."""
     config._attn_implementation = "eager"
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -12,7 +12,6 @@ Every error names the file it is about.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Iterator
@@ -23,6 +22,7 @@ from PIL import Image
 
 from vital_jax.data import nifti
 from vital_jax.data.records import MODALITIES
+from vital_jax.jsonio import read_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MSD_MIN_MASK_PIXELS = 100
@@ -222,13 +222,7 @@ def normalize_mr(volume: np.ndarray) -> np.ndarray:
 def read_msd_dataset_json(task_dir: str) -> dict:
     """The task's dataset.json, checked for the fields ingestion needs."""
     path = os.path.join(task_dir, "dataset.json")
-    if not os.path.isfile(path):
-        raise IngestError(f"{path}: not found; an MSD task folder holds dataset.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise IngestError(f"{path}: malformed JSON ({e})") from e
+    meta = read_json(path, IngestError, "an MSD task folder holds dataset.json")
     for key in ("labels", "modality", "training"):
         if key not in meta:
             raise IngestError(f"{path}: missing field {key!r}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax.numpy as jnp
+from vital_jax.jsonio import read_json
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -16,14 +16,7 @@ class ConfigError(ValueError):
 
 
 def read_config_json(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: not found; expected a HuggingFace model directory")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON: {e}") from e
+    return read_json(os.path.join(model_dir, "config.json"), ConfigError, "expected a HuggingFace model directory")
 
 
 def check_model_type(cfg: dict, expected: tuple[str, ...], source: str) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from vital_jax.jsonio import read_json
 
 # Qwen3-VL preprocessor_config.json values.
 PATCH_SIZE = 16
@@ -344,11 +345,7 @@ def read_preprocessor_config(model_dir: str) -> dict:
     path = flat if os.path.isfile(flat) else nested
     if not os.path.isfile(path):
         raise ValueError(f"{model_dir}: neither preprocessor_config.json nor processor_config.json found")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON: {e}") from e
+    cfg = read_json(path, ValueError)
     if path == nested:
         if not isinstance(cfg.get("image_processor"), dict):
             raise ValueError(f"{path}: has no 'image_processor' entry")

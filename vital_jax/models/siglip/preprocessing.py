@@ -12,13 +12,13 @@ window or rescale such images to 8 bits *before* calling this if their useful ra
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 from PIL import Image
 
 from vital_jax.models.hf_config import ConfigError
+from vital_jax.jsonio import read_json
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -38,13 +38,7 @@ class SiglipPreprocessor:
     def from_pretrained(cls, model_dir: str) -> "SiglipPreprocessor":
         """From `model_dir/preprocessor_config.json` (a SigLIP image processor config)."""
         path = os.path.join(model_dir, PREPROCESSOR_FILE)
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: not found; expected a HuggingFace SigLIP processor directory")
-        try:
-            with open(path) as f:
-                cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON: {e}") from e
+        cfg = read_json(path, ConfigError, "expected a HuggingFace SigLIP processor directory")
         return cls.from_hf_dict(cfg, path)
 
     @classmethod

@@ -22,6 +22,8 @@ def get_config():
         dtype="bfloat16",       # activation dtype
         param_dtype="float32",  # storage dtype of the frozen base weights
         remat=False,            # rematerialise decoder layers in the backward pass
+        scan_layers=False,      # run decoder layers as one nn.scan (stacked params): one compiled layer, and
+                                # remat then bounds memory to one layer; checkpoints keep the per-layer layout
     ))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", train_split="train", eval_split="test", batch_size=8, prompt_buckets=(512, 1024, 2048),

@@ -15,6 +15,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True  # with unrolled layers XLA keeps every layer's recomputation live (issue #6)
     c.vital.remat_latent_steps = True
     c.data.batch_size = 48  # global batch; divide by the data-parallel size for per-device
     c.mesh.shape = (-1, 1, 1)

@@ -43,6 +43,9 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     model = run.model
     merged = jax.tree.map(np.asarray, trainable.merge_lora(run.params["backbone"], model.config.lora)
                           if model.config.lora else run.params["backbone"])
+    # HF checkpoints are per layer: undo the scan layout of a run trained with `model.scan_layers`.
+    merged = qwen3_vl_params.to_layout(merged, scan_layers=False)
+    decoder = qwen3_params.to_layout(jax.tree.map(np.asarray, run.params["decoder"]), scan_layers=False)
     os.makedirs(out_dir, exist_ok=True)
     model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
     for stale in (model_dir.META_FILE,):
@@ -64,8 +67,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     decoder_dir = os.path.join(scaffold, "decoder")
     os.makedirs(decoder_dir, exist_ok=True)
     model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
-    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(
-        jax.tree.map(np.asarray, run.params["decoder"]), qwen3_params.RULES, np_dtype))
+    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype))
     heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
              for top in ("pj_in", "visual_projector")
              for path, leaf in hf_mapping.flatten(run.params[top]).items()}

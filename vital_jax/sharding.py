@@ -55,6 +55,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+SCANNED_LAYERS = "layers"  # the module name of `nn.scan`-ned decoder layers (Qwen3Config.scan_layers)
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated).
@@ -283,6 +284,12 @@ def param_logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...
     if ndim == 0:
         return ()
     module, _, leaf = path.rpartition("/")
+    segments = module.split("/")
+    if SCANNED_LAYERS in segments:
+        # Scanned decoder layers (`model/layers/...`) stack every parameter along a leading layer axis.
+        segments.remove(SCANNED_LAYERS)
+        inner = param_logical_axes("/".join(segments + [leaf]), shape[1:])
+        return None if inner is None else ("layers",) + inner
     if leaf in ("kernel", "bias", "lora_a", "lora_b"):
         for pattern, (fan_in, fan_out) in _LINEAR_RE:
             if pattern.search(module):

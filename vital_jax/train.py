@@ -80,18 +80,27 @@ def resolve_paths(config, workdir: str) -> Paths:
     return paths
 
 
-def load_weights(directory: str, config, load_hf, abstract_fn) -> dict:
-    """A converted vital_jax directory (orbax) or a HF safetensors directory."""
+def load_weights(directory: str, config, params_module) -> dict:
+    """A converted vital_jax directory (orbax) or a HF safetensors directory, in the layer layout of `config`.
+
+    params_module: `qwen3.params` or `qwen3_vl.params` (load_params, abstract_params, loop_layout_config,
+    to_layout). Converted directories hold the loop layout, like the HF checkpoints they came from.
+    """
     if os.path.exists(os.path.join(directory, model_dir.META_FILE)):
-        return model_dir.load_params(directory, abstract_fn(config))
-    return load_hf(directory, config)
+        loop_config = params_module.loop_layout_config(config)
+        params = model_dir.load_params(directory, params_module.abstract_params(loop_config))
+        scan = (config.text if hasattr(config, "text") else config).scan_layers
+        return params_module.to_layout(params, scan)
+    return params_module.load_params(directory, config)
 
 
 def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
-    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                     scan_layers=config.model.scan_layers)
     backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
     decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, dtype=config.model.dtype,
-                                                 param_dtype="float32", remat=config.model.remat)
+                                                 param_dtype="float32", remat=config.model.remat,
+                                                 scan_layers=config.model.scan_layers)
     v = config.vital
     lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
     vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
@@ -99,9 +108,8 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
                                visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
                                train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap)
     model = VitalModel(vital_config, backbone_config, decoder_config)
-    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params.load_params,
-                            qwen3_vl_params.abstract_params)
-    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params.load_params, qwen3_params.abstract_params)
+    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params)
+    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params)
     params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
     return model, params
 

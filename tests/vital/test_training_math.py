@@ -168,3 +168,40 @@ def test_remat_of_layers_and_latent_steps_gives_the_same_training_step(tiny):
         np.testing.assert_allclose(results[0][0][name], results[1][0][name], rtol=1e-5, err_msg=name)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0][1], results[1][1]))
     assert max(diffs) <= 1e-5
+
+
+def test_scanned_layers_give_the_same_loss_and_gradients_as_the_loop_layout(tiny):
+    """`scan_layers` (with remat) through prefix, latent scan, answer and decoder: a re-layout, not a new model.
+
+    Deterministic (no dropout): the two layouts draw per-layer dropout masks differently.
+    """
+    import dataclasses
+
+    from vital_jax.models.qwen3 import params as qwen3_params
+    from vital_jax.models.qwen3_vl import params as vl_params
+
+    model, params = tiny.model, tiny.params
+    scan_model = dataclasses.replace(
+        model, backbone_config=dataclasses.replace(
+            model.backbone_config, text=dataclasses.replace(model.backbone_config.text, scan_layers=True,
+                                                            remat=True)),
+        decoder_config=dataclasses.replace(model.decoder_config, scan_layers=True, remat=True))
+
+    def to_layout(tree, scan):
+        return {**tree, "backbone": vl_params.to_layout(tree["backbone"], scan),
+                "decoder": qwen3_params.to_layout(tree["decoder"], scan)}
+
+    batch, _ = make_batch(model, seed=17, latent_steps=(3, 1))
+    results = []
+    for m, p in ((model, params), (scan_model, to_layout(params, True))):
+        train, frozen = trainable.split(p, trainable.trainable_mask(p))
+        loss = jax.jit(jax.value_and_grad(
+            lambda t, f: m.forward(trainable.merge(t, f), batch, deterministic=True).loss))
+        value, grads = loss(train, frozen)
+        results.append((float(value), to_layout(grads, False)))
+    assert abs(results[0][0] - results[1][0]) <= 1e-5 * abs(results[0][0])
+    assert jax.tree.structure(results[0][1]) == jax.tree.structure(results[1][1])
+    rel = jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))) / (float(jnp.max(jnp.abs(a))) + 1e-12), results[0][1],
+        results[1][1]))
+    assert len(rel) > 10 and max(rel) <= 1e-5

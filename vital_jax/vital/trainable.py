@@ -47,10 +47,18 @@ def merge(trainable: dict, frozen: dict) -> dict:
                         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
+_MATRIX_LEAVES = ("kernel", "lora_a", "lora_b", "embedding")
+
+
 def weight_decay_mask(trainable: dict) -> dict:
-    """Decay matrices, not biases / norm scales / embeddings-free vectors (the usual AdamW practice)."""
-    return jax.tree.map(lambda x: (not isinstance(x, optax.MaskedNode)) and x.ndim >= 2, trainable,
-                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    """Decay matrices (kernels, LoRA adapters, embeddings), not biases or norm scales (the usual AdamW practice).
+
+    By leaf name rather than ndim: with scanned layers a norm scale is (L, D), still a vector per layer.
+    """
+    def decays(path, x):
+        return (not isinstance(x, optax.MaskedNode)) and getattr(path[-1], "key", None) in _MATRIX_LEAVES
+
+    return jax.tree_util.tree_map_with_path(decays, trainable, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def make_optimizer(learning_rate, weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
@@ -79,7 +87,9 @@ def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
             return node
         if "lora_a" in node and "kernel" in node:
             kernel = node["kernel"]
-            delta = lora.scaling * jnp.dot(node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32))
+            # matmul, not dot: scanned layers stack adapters as (L, in, r) @ (L, r, out).
+            delta = lora.scaling * jnp.matmul(node["lora_a"].astype(jnp.float32),
+                                              node["lora_b"].astype(jnp.float32))
             merged = {k: v for k, v in node.items() if not k.startswith("lora_")}
             merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
             return merged

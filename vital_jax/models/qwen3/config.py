@@ -14,7 +14,11 @@ class Qwen3Config:
     """Architecture of a Qwen3 decoder (also the text part of Qwen3-VL) plus runtime precision.
 
     `dtype` is the activation/compute dtype, `param_dtype` the storage dtype of parameters. Norms, softmax
-    and losses are always float32 internally.
+    and losses are always float32 internally. `remat` recomputes each layer in the backward pass;
+    `scan_layers` runs the layers as one `nn.scan` over stacked parameters (`model/layers/...` with a leading
+    layer axis instead of `model/layers_{i}/...`; see `params.stack_layers`), which compiles one layer instead
+    of all of them and is what makes `remat` bound memory: with unrolled layers XLA may schedule every layer's
+    recomputation early, so the backward pass holds all of them at once.
     """
 
     vocab_size: int
@@ -32,6 +36,7 @@ class Qwen3Config:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:

@@ -39,18 +39,18 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). x (B, T, D) -> (B, T, D)."""
 
     config: Qwen3Config
-    layer_idx: int
     lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache: KVCache | None, deterministic: bool = True):
+        """kv_cache: this layer's own single-layer cache (k, v (1, B, S, K, H); see `KVCache.split_layers`)."""
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x_btd)
         attn_out, kv_cache = Attention(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=self.lora,
             name="self_attn",
-        )(h, cos_bth, sin_bth, mask_bts, kv_cache, self.layer_idx, deterministic)
+        )(h, cos_bth, sin_bth, mask_bts, kv_cache, 0, deterministic)
         x_btd = x_btd + attn_out
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x_btd)
         x_btd = x_btd + SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, name="mlp")(
@@ -63,6 +63,8 @@ class DecoderStack(nn.Module):
 
     x (B, T, D); cos, sin (B, T, H); mask (B, T, S) bool. `layer_residual_adds[i]` (B, T, D), if given, is added
     to the residual stream after layer i (Qwen3-VL's deepstack injection). Returns (hidden after final norm, cache).
+    With `config.scan_layers` the layers are one `nn.scan` (parameters `layers/...` with a leading layer axis);
+    otherwise a Python loop over `layers_{i}`. Both give the same numbers.
     """
 
     config: Qwen3Config
@@ -72,17 +74,57 @@ class DecoderStack(nn.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache: KVCache | None = None,
                  layer_residual_adds: Sequence[jax.Array] = (), deterministic: bool = True):
         cfg = self.config
+        if cfg.scan_layers:
+            x_btd, kv_cache = self._scanned_layers(x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds,
+                                                   deterministic)
+            return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_btd), kv_cache
         layer_cls = DecoderLayer
         if cfg.remat:
             # Recompute each layer's activations in the backward pass instead of storing them.
             # static_argnums counts `self`: (self, x, cos, sin, mask, kv_cache, deterministic).
             layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
+        layer_caches = [None] * cfg.num_hidden_layers if kv_cache is None else kv_cache.split_layers()
         for i in range(cfg.num_hidden_layers):
-            x_btd, kv_cache = layer_cls(cfg, i, self.lora, name=f"layers_{i}")(
-                x_btd, cos_bth, sin_bth, mask_bts, kv_cache, deterministic)
+            x_btd, layer_caches[i] = layer_cls(cfg, self.lora, name=f"layers_{i}")(
+                x_btd, cos_bth, sin_bth, mask_bts, layer_caches[i], deterministic)
             if i < len(layer_residual_adds):
                 x_btd = x_btd + layer_residual_adds[i].astype(x_btd.dtype)
+        if kv_cache is not None:
+            kv_cache = kv_cache.join_layers(layer_caches)
         return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_btd), kv_cache
+
+    def _scanned_layers(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds, deterministic):
+        """The layers as one scan: carry x; scanned (layer index, this layer's cache keys/values); broadcast the
+        rotary tables, the mask, the cache bookkeeping and the stacked deepstack adds (n, B, T, D)."""
+        cfg = self.config
+        adds = jnp.stack(list(layer_residual_adds)) if len(layer_residual_adds) else None
+
+        def body(layer, x, layer_xs, cos, sin, mask, cache_meta, adds):
+            index, k, v = layer_xs
+            cache = None if cache_meta is None else cache_meta.replace(k=k[None], v=v[None])
+            x, cache = layer(x, cos, sin, mask, cache, deterministic)
+            if adds is not None:
+                # Layers past the deepstack levels add exactly zero, as the loop form adds nothing.
+                add = jax.lax.dynamic_index_in_dim(adds, jnp.minimum(index, adds.shape[0] - 1), keepdims=False)
+                x = x + jnp.where(index < adds.shape[0], add.astype(x.dtype), jnp.zeros((), x.dtype))
+            return x, (None if cache is None else (cache.k[0], cache.v[0]))
+
+        if cfg.remat:
+            # Inside a scan the recomputation of layer i can only run in backward iteration i, so remat
+            # really bounds the live activations to one layer (plus the saved layer inputs).
+            body = nn.remat(body, prevent_cse=False)
+        scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_hidden_layers)
+        index = jnp.arange(cfg.num_hidden_layers)
+        if kv_cache is None:
+            layer_xs, cache_meta = (index, None, None), None
+        else:
+            layer_xs, cache_meta = (index, kv_cache.k, kv_cache.v), kv_cache.replace(k=None, v=None)
+        x_btd, new_kv = scan(DecoderLayer(cfg, self.lora, name="layers"), x_btd, layer_xs, cos_bth, sin_bth,
+                             mask_bts, cache_meta, adds)
+        if kv_cache is not None:
+            kv_cache = kv_cache.replace(k=new_kv[0], v=new_kv[1])
+        return x_btd, kv_cache
 
 
 def default_positions(token_valid_bt: jax.Array, kv_cache: KVCache | None) -> jax.Array:

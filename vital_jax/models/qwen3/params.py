@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vital_jax.models.hf_mapping import IDENTITY, LINEAR, Rule, load_hf_params
 from vital_jax.models.qwen3.config import Qwen3Config
@@ -33,6 +37,69 @@ def decoder_rules(hf_prefix: str, flax_prefix: str) -> list[Rule]:
 RULES = decoder_rules("model.", "") + [Rule(r"lm_head\.weight", "lm_head/kernel", LINEAR)]
 
 
+# ------------------------------------------------------------------ layer layouts (loop vs. nn.scan)
+# Checkpoints (HF conversion, converted-model dirs, exports) always hold the loop layout `layers_{i}/...`; a
+# model with `scan_layers` uses `layers/...` with a leading layer axis. These convert between the two.
+STACK_PATH = ("model",)  # where Qwen3ForCausalLM keeps its DecoderStack
+_LAYER_KEY = re.compile(r"layers_(\d+)")
+
+
+def _stack(leaves):
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)  # host arrays stay on the host (8B checkpoints load through numpy)
+    return jnp.stack(leaves)
+
+
+def stack_layers(params: dict, stack_path: tuple[str, ...]) -> dict:
+    """The loop layout -> the scan layout: `<stack_path>/layers_{i}/...` become `<stack_path>/layers/...`
+    with a leading axis of size L. A tree already in the scan layout is returned unchanged."""
+    stack = _get_path(params, stack_path)
+    numbered = sorted((int(m.group(1)), k) for k in stack if (m := _LAYER_KEY.fullmatch(k)))
+    if not numbered:
+        return params
+    if [i for i, _ in numbered] != list(range(len(numbered))):
+        raise ValueError(f"{'/'.join(stack_path)}: layers are not numbered 0..L-1: {[k for _, k in numbered]}")
+    layers = [stack[k] for _, k in numbered]
+    new_stack = {k: v for k, v in stack.items() if not _LAYER_KEY.fullmatch(k)}
+    new_stack["layers"] = jax.tree.map(lambda *xs: _stack(xs), *layers)
+    return _set_path(params, stack_path, new_stack)
+
+
+def unstack_layers(params: dict, stack_path: tuple[str, ...]) -> dict:
+    """The scan layout -> the loop layout (inverse of `stack_layers`); a loop-layout tree is returned unchanged."""
+    stack = _get_path(params, stack_path)
+    if "layers" not in stack:
+        return params
+    stacked = stack["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    new_stack = {k: v for k, v in stack.items() if k != "layers"}
+    for i in range(num_layers):
+        new_stack[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return _set_path(params, stack_path, new_stack)
+
+
+def to_layout(params: dict, scan_layers: bool, stack_path: tuple[str, ...] = STACK_PATH) -> dict:
+    """`params` in the layout a model with this `scan_layers` setting expects."""
+    return stack_layers(params, stack_path) if scan_layers else unstack_layers(params, stack_path)
+
+
+def loop_layout_config(config: Qwen3Config) -> Qwen3Config:
+    """`config` with unrolled layers: the layout of checkpoints and converted-model directories."""
+    return dataclasses.replace(config, scan_layers=False)
+
+
+def _get_path(tree: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> dict:
+    if not path:
+        return value
+    return {**tree, path[0]: _set_path(tree[path[0]], path[1:], value)}
+
+
 def abstract_params(config: Qwen3Config) -> dict:
     """The Flax 'params' tree as ShapeDtypeStructs, without allocating weights."""
     from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM
@@ -43,7 +110,10 @@ def abstract_params(config: Qwen3Config) -> dict:
 
 
 def load_params(model_dir: str, config: Qwen3Config) -> dict:
-    """Read a HF Qwen3 checkpoint directory into Flax params (numpy arrays in `config.param_dtype`)."""
+    """Read a HF Qwen3 checkpoint directory into Flax params (numpy arrays in `config.param_dtype`), in the
+    layer layout of `config.scan_layers`."""
     # A tied checkpoint normally has no lm_head.weight; if one is present anyway it duplicates the embedding.
     ignore = [r"lm_head\.weight"] if config.tie_word_embeddings else []
-    return load_hf_params(model_dir, RULES, abstract_params(config), config.param_dtype, ignore=ignore)
+    loop_layout = abstract_params(loop_layout_config(config))
+    params = load_hf_params(model_dir, RULES, loop_layout, config.param_dtype, ignore=ignore)
+    return to_layout(params, config.scan_layers)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import LINEAR, Rule, load_hf_params
+from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.params import decoder_rules
 from vital_jax.models.qwen3_vl import vision_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -35,7 +38,23 @@ def abstract_params(config: Qwen3VLConfig, lora: LoraConfig | None = None) -> di
     return jax.eval_shape(init)
 
 
+STACK_PATH = ("language_model", "model")  # where the text DecoderStack lives
+
+
+def to_layout(params: dict, scan_layers: bool) -> dict:
+    """`params` in the text-decoder layer layout of `scan_layers` (see `qwen3.params.stack_layers`)."""
+    return qwen3_params.to_layout(params, scan_layers, STACK_PATH)
+
+
+def loop_layout_config(config: Qwen3VLConfig) -> Qwen3VLConfig:
+    """`config` with unrolled text layers: the layout of checkpoints and converted-model directories."""
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=False))
+
+
 def load_params(model_dir: str, config: Qwen3VLConfig) -> dict:
-    """Read a HF Qwen3-VL checkpoint directory into Flax params (numpy, `param_dtype`)."""
+    """Read a HF Qwen3-VL checkpoint directory into Flax params (numpy, `param_dtype`), in the text-decoder
+    layer layout of `config.text.scan_layers`."""
     ignore = [r"lm_head\.weight"] if config.text.tie_word_embeddings else []
-    return load_hf_params(model_dir, rules(config), abstract_params(config), config.text.param_dtype, ignore=ignore)
+    params = load_hf_params(model_dir, rules(config), abstract_params(loop_layout_config(config)),
+                            config.text.param_dtype, ignore=ignore)
+    return to_layout(params, config.text.scan_layers)

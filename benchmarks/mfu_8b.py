@@ -5,11 +5,8 @@ decoder, K = 4), with random weights, on whatever accelerator JAX sees.
         [--decoder_config=configs/hf/qwen3_1p7b] [--batch 4 --prompt_len 512 --grid 28 --steps 5]
         [--layers N]   # truncate both LMs to N layers (a quick check of the script)
 
-MFU = model FLOPs per step / step time / peak. Model FLOPs per step, counted from the shapes (no remat
-recompute): the frozen backbone LLM costs 4 N_llm per token (forward 2N + activation gradients 2N; no weight
-gradients), its LoRA adapters 6 N_lora, the frozen vision tower 2 N_vis per patch (forward only: nothing upstream
-trains), the decoder 6 N_dec per token, plus attention 2 * 2 * S_q * S_kv * d per layer (x 3 with a backward).
-XLA's own count (`cost_analysis`, which includes rematerialisation) is printed beside it when available.
+MFU = model FLOPs per step / step time / peak, with the model FLOPs of `vital.accounting.train_step_flops` (the
+same count training logs as `perf/mfu`). XLA's own count (`cost_analysis`, which includes rematerialisation) is printed beside it when available.
 """
 
 from __future__ import annotations
@@ -25,16 +22,14 @@ import numpy as np
 
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import flatten, unflatten
+from vital_jax.observability import peak_flops_per_device
 from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
-from vital_jax.vital import trainable
+from vital_jax.vital import accounting, trainable
 from vital_jax.vital.batch import from_numpy
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-
 
 def random_params(abstract: dict, seed: int = 0) -> dict:
     """Random weights straight on the device in each leaf's dtype (normal * 0.02; ones for norm scales).
@@ -81,29 +76,6 @@ def synthetic_batch(cfg: Qwen3VLConfig, batch: int, prompt_len: int, grid: int, 
         example_valid=np.ones((batch,), bool))
 
 
-def model_flops(model: VitalModel, batch: int, prompt_len: int, grid: int, answer_len: int, k: int,
-                step_len: int) -> float:
-    acc_params = {}
-    for path, spec in flatten(model.abstract_params()).items():
-        parts = path.split("/")
-        key = ("lora" if parts[-1].startswith("lora_") else parts[1]) if parts[0] == "backbone" else parts[0]
-        acc_params[key] = acc_params.get(key, 0) + int(np.prod(spec.shape))
-    text, dec = model.backbone_config.text, model.decoder_config
-    n_llm = acc_params["language_model"] - text.vocab_size * text.hidden_size + acc_params.get("lm_head", 0)
-    tokens = batch * (prompt_len + k + answer_len)
-    flops = tokens * (4 * n_llm + 6 * acc_params.get("lora", 0))
-    flops += 2 * acc_params["visual"] * batch * grid * grid
-    dec_tokens = batch * k * (step_len + 1)
-    flops += 6 * (acc_params["decoder"] - dec.vocab_size * dec.hidden_size * (not dec.tie_word_embeddings)) \
-        * dec_tokens
-    flops += 6 * (acc_params["visual_projector"] + acc_params["pj_in"]) * batch * k
-    seq = prompt_len + k + answer_len
-    attn = 2 * 2 * seq * seq / 2 * text.num_attention_heads * text.head_dim * text.num_hidden_layers * batch
-    attn_dec = 2 * 2 * (step_len + 1) ** 2 / 2 * dec.num_attention_heads * dec.head_dim * dec.num_hidden_layers \
-        * batch * k
-    return flops + 2 * attn + 3 * attn_dec
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
@@ -117,13 +89,16 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
     p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--loop_layers", action="store_true",
+                   help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
     p.add_argument("--smoke", action="store_true", help="tiny vocabulary and vision depth: check the script on CPU")
     args = p.parse_args()
 
     remat = not args.no_remat
     backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
-                                             remat=remat)
-    decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=remat)
+                                             remat=remat, scan_layers=not args.loop_layers)
+    decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=remat,
+                                          scan_layers=not args.loop_layers)
     if args.layers:
         backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
                                                                           num_hidden_layers=args.layers))
@@ -174,8 +149,9 @@ def main():
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
-    flops = model_flops(model, args.batch, args.prompt_len, args.grid, args.answer_len, args.k, args.step_len)
-    peak = next((v for k, v in PEAK_BF16.items() if k in device.device_kind), None)
+    flops = accounting.train_step_flops(model, accounting.account(model), args.batch, args.prompt_len,
+                                        args.batch * args.grid * args.grid, args.answer_len, args.step_len)
+    peak = peak_flops_per_device(device.device_kind)
     print(f"loss {float(metrics['loss']):.3f}; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
           f"{args.batch / step_s:.2f} samples/s")
     print(f"model FLOPs/step {flops / 1e12:.2f} T -> {flops / step_s / 1e12:.1f} TFLOP/s"

@@ -39,5 +39,6 @@ def get_config():
     c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10), min_k=()))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
-    c.logging = ml_collections.ConfigDict(dict(every_steps=10))
+    # peak_tflops_per_device: bf16 peak for perf/mfu; 0 = from the device kind (H100, A100, TPU v4/v5/v6, ...).
+    c.logging = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops_per_device=0.0))
     return c

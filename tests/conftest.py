@@ -28,7 +28,8 @@ def shared_data_dir():
 
 
 def demo_test_config():
-    """The demo config shrunk for tests: 5 phantoms, one epoch per phase, synchronous checkpoints every 4 steps."""
+    """The demo config shrunk for tests: 5 phantoms, one epoch per phase, synchronous checkpoints every 4 steps,
+    and a nominal peak FLOP/s so that MFU is logged on the CPU."""
     from configs import demo as demo_config
 
     c = demo_config.get_config()
@@ -36,6 +37,7 @@ def demo_test_config():
     c.curriculum.epochs = (1, 1, 1)
     c.checkpoint.save_every_steps = 4
     c.checkpoint.async_save = False
+    c.logging.peak_tflops_per_device = 0.01  # a nominal CPU peak, so perf/mfu is logged and checked
     return c
 
 

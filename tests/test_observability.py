@@ -273,6 +273,23 @@ def test_mfu_needs_both_flops_and_peak(tmp_path):
         obs.MetricsLogger(str(tmp_path), 10, is_primary=False, flops_per_step=1.0)
 
 
+def test_flops_given_per_log_call_override_the_constant_and_need_a_peak(tmp_path):
+    """Training passes each step's FLOPs (prompt buckets vary); without a known peak no MFU is reported."""
+    clock = iter([0.0, 2.0, 4.0]).__next__
+    logger = obs.MetricsLogger(str(tmp_path), 10, is_primary=False, peak_flops=1e12, clock=clock)
+    logger.log(0, {})
+    assert logger.log(2, {}, flops=3e11)["perf/mfu"] == pytest.approx(0.3)  # 1 step/s x 0.3 TFLOP / 1 TFLOP/s
+    no_peak = obs.MetricsLogger(str(tmp_path), 10, is_primary=False, clock=iter([0.0, 1.0]).__next__)
+    no_peak.log(0, {})
+    assert "perf/mfu" not in no_peak.log(1, {}, flops=1e12)
+
+
+def test_peak_flops_come_from_the_device_kind():
+    assert obs.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert obs.peak_flops_per_device("TPU v5 lite") == 197e12 and obs.peak_flops_per_device("TPU v5p") == 459e12
+    assert obs.peak_flops_per_device("cpu") is None
+
+
 def test_estimate_flops_per_token_is_6n_plus_12lhs():
     assert obs.estimate_flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
     # Qwen3-1.7B-like: 1.7e9 params, 28 layers, hidden 2048, 4096 tokens.

@@ -67,6 +67,8 @@ def test_demo_curriculum_trains_every_phase_and_losses_fall(trained_demo_run):
     first, last = lines[0], lines[-1]
     for term in ("task_loss", "text_loss", "visual_loss"):
         assert last[term] < first[term], (term, first[term], last[term])
+    # Estimated MFU from the step's model FLOPs and the configured peak (0.01 TFLOP/s per device).
+    assert all(0 < line["perf/mfu"] < 1e3 for line in lines[1:]), [line.get("perf/mfu") for line in lines]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["vital"]["k_max"] == 4

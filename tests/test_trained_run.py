@@ -99,6 +99,12 @@ def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir,
     valid = np.asarray(prefix.token_valid[0])
     assert np.max(np.abs(np.asarray(ours.logits)[0][valid] - theirs.logits.numpy()[0])) <= 1e-4
 
+    # A tokenizer with ids past the model's vocabulary is refused on the host, naming the example.
+    predictor.vocab_size = int(max(ids))
+    with pytest.raises(ValueError, match=r"example 0 .*outside the model's vocabulary"):
+        predictor.encode([image], [question])
+    predictor.vocab_size = run.model.backbone_config.text.vocab_size
+
     eos = predictor.sampling.eos_token_ids
     for k in (0, 2, 4):
         tokens, lengths, _ = run.model.generate(run.params["backbone"], prefix, jnp.full((1,), k, jnp.int32),

@@ -117,6 +117,7 @@ class Predictor:
                                                                             k_slots=k_slots),
                                  static_argnums=(3,))
         self.backbone_params = run.params["backbone"]
+        self.vocab_size = self.model.backbone_config.text.vocab_size
 
     def encode(self, images: Sequence, questions: Sequence[str]):
         """Images + questions -> (PrefixInputs, number of real examples); pads to the batch size."""
@@ -129,6 +130,13 @@ class Predictor:
             patches.append(p)
             grids.append(g)
             rows.append(prompt.tokenize_prompt(self.tokenizer, question, g).input_ids)
+        for i, row in enumerate(rows):
+            # An id past the embedding table would silently become a NaN embedding inside jit.
+            bad = sorted({int(t) for t in row if not 0 <= int(t) < self.vocab_size})
+            if bad:
+                raise ValueError(f"example {i} ({questions[i]!r}): prompt token ids {bad[:5]} are outside the "
+                                 f"model's vocabulary of {self.vocab_size}; does the tokenizer in "
+                                 f"{self.run.paths.tokenizer_dir} belong to this model?")
         while len(rows) < self.batch_size:  # padding examples repeat the first one
             patches.append(patches[0])
             grids.append(grids[0])

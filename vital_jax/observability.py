@@ -316,6 +316,17 @@ class ProgressReporter:
 # ---------------------------------------------------------------------------------------------------------------
 # Throughput and MFU.
 
+# Dense bf16 peak FLOP/s per chip, by a substring of `jax.Device.device_kind` (vendor datasheets, no sparsity).
+PEAK_BF16_FLOPS = (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("B200", 2250e12),
+                   ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+                   ("TPU v5", 459e12), ("TPU v6", 918e12))
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    """The dense bf16 peak of one device of this kind, or None when unknown (CPUs, unlisted chips)."""
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name.lower() in device_kind.lower()), None)
+
+
 def estimate_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> int:
     """Training FLOPs per token of a decoder transformer: 6·N + 12·L·H·S (Kaplan et al. 2020; PaLM App. B).
 
@@ -362,8 +373,9 @@ class MetricsLogger:
         if is_primary is None:
             import jax
             is_primary = jax.process_index() == 0
-        if (flops_per_step is None) != (peak_flops is None):
-            raise ValueError("MFU needs both flops_per_step and peak_flops (or neither)")
+        if flops_per_step is not None and peak_flops is None:
+            # (peak_flops alone is fine: the FLOPs then come with each `log` call.)
+            raise ValueError("MFU needs both flops_per_step and peak_flops")
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops must be positive, got {peak_flops}")
         self.is_primary = is_primary
@@ -383,8 +395,12 @@ class MetricsLogger:
         """Restarts throughput measurement at `step` (after evaluation, checkpointing or another pause)."""
         self._last = (step, self._clock())
 
-    def throughput(self, step: int, samples: int | None = None, tokens: int | None = None) -> dict[str, float]:
-        """The `perf/` metrics since the previous call (empty on the first call), and restarts the clock."""
+    def throughput(self, step: int, samples: int | None = None, tokens: int | None = None,
+                   flops: float | None = None) -> dict[str, float]:
+        """The `perf/` metrics since the previous call (empty on the first call), and restarts the clock.
+
+        flops: model FLOPs per step of the steps since the previous call, when they vary (prompt buckets);
+        overrides the constructor's `flops_per_step`. MFU needs `peak_flops`."""
         now = self._clock()
         last, self._last = self._last, (step, now)
         if last is None or step <= last[0] or now <= last[1]:
@@ -395,16 +411,17 @@ class MetricsLogger:
             out["perf/samples_per_sec"] = samples * steps_per_sec
         if tokens is not None:
             out["perf/tokens_per_sec"] = tokens * steps_per_sec
-        if self.flops_per_step is not None:
-            out["perf/mfu"] = self.flops_per_step * steps_per_sec / self.peak_flops
+        flops = self.flops_per_step if flops is None else flops
+        if flops is not None and self.peak_flops is not None:
+            out["perf/mfu"] = flops * steps_per_sec / self.peak_flops
         return out
 
     def log(self, step: int, metrics: Mapping[str, Any], samples: int | None = None,
-            tokens: int | None = None) -> dict[str, float]:
+            tokens: int | None = None, flops: float | None = None) -> dict[str, float]:
         """Records `metrics` (scalars; numpy/jax values are read here) at `step`; returns the `perf/` metrics.
 
-        Non-numeric values (strings) go to the JSONL file only."""
-        perf = self.throughput(step, samples, tokens)
+        Non-numeric values (strings) go to the JSONL file only. `flops`: see `throughput`."""
+        perf = self.throughput(step, samples, tokens, flops)
         if not self.is_primary:
             return perf
         values = {**{key: to_python_scalar(value) for key, value in metrics.items()}, **perf}

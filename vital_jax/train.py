@@ -30,8 +30,8 @@ from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
-from vital_jax.observability import MetricsLogger
-from vital_jax.vital import trainable
+from vital_jax.observability import MetricsLogger, peak_flops_per_device
+from vital_jax.vital import accounting, trainable
 from vital_jax.vital.batch import check_token_ids
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
@@ -112,6 +112,15 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params)
     params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
     return model, params
+
+
+def peak_flops(config) -> float | None:
+    """Aggregate bf16 peak FLOP/s of all devices for `perf/mfu`: `config.logging.peak_tflops_per_device` or,
+    when 0, the datasheet peak of the device kind; None (no MFU logged) for CPUs and unlisted chips."""
+    per_device = float(config.logging.peak_tflops_per_device) * 1e12
+    if per_device <= 0:
+        per_device = peak_flops_per_device(jax.devices()[0].device_kind) or 0.0
+    return per_device * jax.device_count() if per_device > 0 else None
 
 
 def pipeline_config(config):
@@ -211,7 +220,9 @@ def train(config, workdir: str) -> dict:
     step_fn = jax.jit(functools.partial(train_step, model, optimizer, learning_rate_fn=schedule),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
     preemption = _Preemption()
-    logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital")
+    peak = peak_flops(config)
+    logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital", peak_flops=peak)
+    flops_account = accounting.account(model) if peak else None
     pipe_cfg = pipeline_config(config)
     logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
     last_metrics: dict = {}
@@ -255,7 +266,14 @@ def train(config, workdir: str) -> dict:
                 samples = int(batch_np["example_valid"].sum()) * jax.process_count()
                 tokens = samples * (batch_np["prompt_ids"].shape[1] + config.vital.k_max
                                     + batch_np["answer_ids"].shape[1])
-                last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens))
+                flops = None
+                if flops_account is not None:
+                    n = jax.process_count()
+                    flops = accounting.train_step_flops(
+                        model, flops_account, batch_np["prompt_ids"].shape[0] * n, batch_np["prompt_ids"].shape[1],
+                        batch_np["pixel_patches"].shape[0] * n, batch_np["answer_ids"].shape[1],
+                        batch_np["step_ids"].shape[2])
+                last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens, flops=flops))
             ckpt.save(step, state, iterator.get_state(), force=preemption.requested)
             if preemption.requested:
                 ckpt.close()

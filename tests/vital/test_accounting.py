@@ -52,3 +52,27 @@ def test_inference_needs_only_the_backbone(tmp_path):
     # The traced inference program's only inputs are the backbone's leaves (the batch is closed over).
     assert len(jaxpr.jaxpr.invars) == len(jax.tree.leaves(tiny.params["backbone"]))
     assert np.all(np.asarray(lengths) == 3)
+
+
+def test_train_step_flops_count_each_part_once():
+    """MFU's model FLOPs: LoRA 6N per backbone token, the frozen vision tower 2N per patch, linear in the batch."""
+    import dataclasses
+
+    from vital_jax.vital.accounting import train_step_flops
+
+    paper = _paper_model()  # with 2 + 2 decoder layers: the count is per layer, and tracing 8B shapes is slow
+    model = dataclasses.replace(
+        paper, backbone_config=dataclasses.replace(
+            paper.backbone_config, text=dataclasses.replace(paper.backbone_config.text, num_hidden_layers=2)),
+        decoder_config=dataclasses.replace(paper.decoder_config, num_hidden_layers=2))
+    acc = account(model)
+    shape = dict(prompt_len=1024, answer_len=32, step_len=64)
+    base = train_step_flops(model, acc, num_examples=2, num_patches=2 * 784, **shape)
+    assert train_step_flops(model, acc, num_examples=4, num_patches=4 * 784, **shape) == 2 * base
+    one_more_patch = train_step_flops(model, acc, num_examples=2, num_patches=2 * 784 + 1, **shape)
+    assert one_more_patch - base == 2 * acc.vision_encoder
+    no_lora = dataclasses.replace(acc, lora=0)
+    without = train_step_flops(model, no_lora, num_examples=2, num_patches=2 * 784, **shape)
+    tokens = 2 * (1024 + model.config.k_max + 32)
+    assert acc.lora == 2 * 174_587_904 // 36
+    assert base - without == 6 * acc.lora * tokens

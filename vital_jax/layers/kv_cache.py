@@ -66,20 +66,6 @@ class KVCache:
         """Keys and values (B, S, K, H) of one layer."""
         return self.k[layer], self.v[layer]
 
-    def split_layers(self) -> list["KVCache"]:
-        """One single-layer cache (k, v (1, B, S, K, H)) per layer, sharing valid/lengths/index/offset.
-
-        The decoder stack hands each layer only its own slice: a rematerialised layer then saves its own
-        (B, S, K, H) keys/values for the backward pass rather than a copy of the whole L-layer cache, which
-        would make saved activations grow as L^2.
-        """
-        return [self.replace(k=self.k[i:i + 1], v=self.v[i:i + 1]) for i in range(self.k.shape[0])]
-
-    def join_layers(self, layers: list["KVCache"]) -> "KVCache":
-        """Inverse of `split_layers`: this cache with the keys/values of the given single-layer caches."""
-        return self.replace(k=jnp.concatenate([c.k for c in layers], axis=0),
-                            v=jnp.concatenate([c.v for c in layers], axis=0))
-
     def with_new_slots(self, token_valid_bt: jax.Array) -> "KVCache":
         """Mark the T slots starting at `index` valid/invalid (B, T) bool; used before the layers run so the
         new tokens can attend to themselves."""

@@ -63,7 +63,38 @@ def account(model: VitalModel) -> Accounting:
         counts[key] = counts.get(key, 0) + n
         assert is_trainable(path) == (key in ("lora", "text_decoder", "pj_in", "visual_projector")), path
     counts.setdefault("lm_head", 0)
+    counts.setdefault("lora", 0)
     return Accounting(**counts)
+
+
+def train_step_flops(model: VitalModel, acc: Accounting, num_examples: int, prompt_len: int, num_patches: int,
+                     answer_len: int, step_len: int) -> float:
+    """Model FLOPs of one VITAL train step from the shapes (no remat recompute), for MFU.
+
+    `acc` = `account(model)` (computed once). Per token of the backbone LLM (prompt, K latent steps, answer):
+    4 N_body (frozen: forward 2N + activation gradients 2N, no weight gradients) + 6 N_lora; the LM head only on
+    answer tokens (the prefix and latent steps compute no logits); the frozen vision tower 2 N_vis per patch
+    (forward only: nothing upstream of it trains); the trained decoder 6 N_dec per token of its B x K
+    step chains (N_dec counts its LM head once, tied or not); pj_in and the projector 6 N per latent step;
+    attention 2 * 2 * S_q * S_kv * d per layer, halved for causality, x 2 in the frozen backbone and x 3 in the
+    decoder. Shapes are the padded ones the step computes on. K is the config's K_max (every slot is computed).
+    """
+    text, dec = model.backbone_config.text, model.decoder_config
+    k = model.config.k_max
+    embedding = text.vocab_size * text.hidden_size
+    head = acc.lm_head if acc.lm_head else embedding
+    seq = prompt_len + k + answer_len
+    flops = num_examples * seq * (4 * (acc.llm_backbone - embedding) + 6 * acc.lora)
+    flops += num_examples * answer_len * 4 * head
+    flops += 2 * acc.vision_encoder * num_patches
+    dec_embedding = dec.vocab_size * dec.hidden_size * (not dec.tie_word_embeddings)
+    dec_tokens = num_examples * k * (step_len + 1)
+    flops += 6 * (acc.text_decoder - dec_embedding) * dec_tokens
+    flops += 6 * (acc.visual_projector + acc.pj_in) * num_examples * k
+    attn = 2 * 2 * seq * seq / 2 * text.num_attention_heads * text.head_dim * text.num_hidden_layers * num_examples
+    attn_dec = (2 * 2 * (step_len + 1) ** 2 / 2 * dec.num_attention_heads * dec.head_dim * dec.num_hidden_layers
+                * num_examples * k)
+    return float(flops + 2 * attn + 3 * attn_dec)
 
 
 def format_table(acc: Accounting) -> str:

@@ -39,18 +39,20 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). x (B, T, D) -> (B, T, D)."""
 
     config: Qwen3Config
+    layer_idx: int
     lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache: KVCache | None, deterministic: bool = True):
-        """kv_cache: this layer's own single-layer cache (k, v (1, B, S, K, H); see `KVCache.split_layers`)."""
+        """kv_cache: the stack's cache, of which this layer writes and reads layer `layer_idx` (the scanned
+        stack hands each layer a one-layer cache, so there it is 0)."""
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x_btd)
         attn_out, kv_cache = Attention(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=self.lora,
             name="self_attn",
-        )(h, cos_bth, sin_bth, mask_bts, kv_cache, 0, deterministic)
+        )(h, cos_bth, sin_bth, mask_bts, kv_cache, self.layer_idx, deterministic)
         x_btd = x_btd + attn_out
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x_btd)
         x_btd = x_btd + SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, name="mlp")(
@@ -83,14 +85,11 @@ class DecoderStack(nn.Module):
             # Recompute each layer's activations in the backward pass instead of storing them.
             # static_argnums counts `self`: (self, x, cos, sin, mask, kv_cache, deterministic).
             layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
-        layer_caches = [None] * cfg.num_hidden_layers if kv_cache is None else kv_cache.split_layers()
         for i in range(cfg.num_hidden_layers):
-            x_btd, layer_caches[i] = layer_cls(cfg, self.lora, name=f"layers_{i}")(
-                x_btd, cos_bth, sin_bth, mask_bts, layer_caches[i], deterministic)
+            x_btd, kv_cache = layer_cls(cfg, i, self.lora, name=f"layers_{i}")(
+                x_btd, cos_bth, sin_bth, mask_bts, kv_cache, deterministic)
             if i < len(layer_residual_adds):
                 x_btd = x_btd + layer_residual_adds[i].astype(x_btd.dtype)
-        if kv_cache is not None:
-            kv_cache = kv_cache.join_layers(layer_caches)
         return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_btd), kv_cache
 
     def _scanned_layers(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds, deterministic):
@@ -120,7 +119,7 @@ class DecoderStack(nn.Module):
             layer_xs, cache_meta = (index, None, None), None
         else:
             layer_xs, cache_meta = (index, kv_cache.k, kv_cache.v), kv_cache.replace(k=None, v=None)
-        x_btd, new_kv = scan(DecoderLayer(cfg, self.lora, name="layers"), x_btd, layer_xs, cos_bth, sin_bth,
+        x_btd, new_kv = scan(DecoderLayer(cfg, 0, self.lora, name="layers"), x_btd, layer_xs, cos_bth, sin_bth,
                              mask_bts, cache_meta, adds)
         if kv_cache is not None:
             kv_cache = kv_cache.replace(k=new_kv[0], v=new_kv[1])

@@ -97,6 +97,29 @@ def tiny_params(model):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def scan_layout(model, params):
+    """The same model and parameters with `scan_layers` (and remat) in both decoders."""
+    import dataclasses
+
+    from vital_jax.models.qwen3 import params as qwen3_params
+    from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+
+    text = dataclasses.replace(model.backbone_config.text, scan_layers=True, remat=True)
+    scan_model = dataclasses.replace(
+        model, backbone_config=dataclasses.replace(model.backbone_config, text=text),
+        decoder_config=dataclasses.replace(model.decoder_config, scan_layers=True, remat=True))
+    return scan_model, {**params, "backbone": qwen3_vl_params.to_layout(params["backbone"], True),
+                        "decoder": qwen3_params.to_layout(params["decoder"], True)}
+
+
+def loop_layout(params):
+    from vital_jax.models.qwen3 import params as qwen3_params
+    from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+
+    return {**params, "backbone": qwen3_vl_params.to_layout(params["backbone"], False),
+            "decoder": qwen3_params.to_layout(params["decoder"], False)}
+
+
 def tiny_data(model, seed=0, pad_patches_to=64) -> dict:
     """The pipeline's numpy batch contract for 8 examples (left-padded prompts, packed patches)."""
     import numpy as np
@@ -264,6 +287,18 @@ def run_meshes(args) -> None:
         reports = {name: {"fallbacks": r.fallbacks, "unmatched": r.unmatched}
                    for name, r in (("state", state_report), ("frozen", frozen_report), ("batch", batch_report))}
         jobs.append((shape, (mesh, state_sh, placed), reports, lowered))
+    num_meshes = len(jobs) - 1
+    # The scan layout of the 8B recipe (`scan_layers`, stacked parameters) on the FSDP x tensor mesh.
+    scan_model, scan_params = scan_layout(model, params)
+    _, scan_state, scan_frozen, scan_step_fn = make_step(scan_model)(scan_params)
+    scan_mesh = sharding.make_mesh((2, 2, 2))
+    scan_sh = [sharding.tree_shardings(tree, scan_mesh)[0] for tree in (scan_state, scan_frozen)]
+    scan_sh.append(sharding.batch_shardings(batch, scan_mesh)[0])
+    scan_placed = tuple(sharding.shard(x, sh) for x, sh in zip((scan_state, scan_frozen, batch), scan_sh))
+    with jax.set_mesh(scan_mesh):
+        jobs.append(("scan", (scan_mesh, scan_sh[0], scan_placed), None,
+                     jax.jit(scan_step_fn, in_shardings=tuple(scan_sh),
+                             out_shardings=(scan_sh[0], None)).lower(*scan_placed)))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         compiled = list(pool.map(lambda job: job[3].compile(), jobs))
     compile_seconds = time.time() - t0
@@ -273,8 +308,16 @@ def run_meshes(args) -> None:
     _emit("reference", loss=float(ref_metrics["loss"]), grad_norm=float(ref_metrics["grad_norm"]),
           compile_seconds=compile_seconds, devices=jax.device_count())
 
+    with jax.set_mesh(scan_mesh):
+        scan_new, scan_metrics = compiled[-1](*scan_placed)
+    q = scan_new.params["backbone"]["language_model"]["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
+    _emit("scan_mesh", mesh=[2, 2, 2], loss=float(scan_metrics["loss"]), grad_norm=float(scan_metrics["grad_norm"]),
+          params=compare(flat(loop_layout(scan_new.params)), ref_params),
+          lora_b_spec=[list(a) if isinstance(a, tuple) else a for a in q.sharding.spec])
+
     saved = None
-    for (shape, (mesh, state_sh, placed), reports, _), step in zip(jobs[1:], compiled[1:]):
+    for (shape, (mesh, state_sh, placed), reports, _), step in zip(jobs[1:num_meshes + 1],
+                                                                   compiled[1:num_meshes + 1]):
         with jax.set_mesh(mesh):
             new_state, metrics = step(*placed)
         specs = {}

@@ -228,6 +228,13 @@ def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_mesh
     assert by_mesh[(8, 1, 1)]["max_param_bytes_per_device"] == by_mesh[(8, 1, 1)]["total_param_bytes"]
     assert by_mesh[(2, 2, 2)]["max_param_bytes_per_device"] < 0.5 * by_mesh[(2, 2, 2)]["total_param_bytes"]
 
+    # The scan layout (stacked layers, remat) on the (2, 2, 2) mesh takes the same step as the one-device loop.
+    scan = next(r for r in results if r["kind"] == "scan_mesh")
+    assert scan["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert scan["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert scan["params"]["same_keys"] and scan["params"]["max_rel"] < 1e-5, scan["params"]
+    assert scan["lora_b_spec"] == [None, None, "tensor"]  # (layers, lora_rank, heads)
+
     constrained = next(r for r in results if r["kind"] == "constrain")
     assert constrained["spec"] == [["data", "fsdp"], None, "tensor"] and constrained["shard_shape"] == [2, 3, 2, 5]
 

@@ -48,6 +48,8 @@ def load_run(workdir: str) -> TrainedRun:
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     _tuples(config)
+    if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
+        config.model.scan_layers = False
     paths = train.resolve_paths(config, workdir)
     roi = load_roi_arrays(paths.data_dir)
     roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152

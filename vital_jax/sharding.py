@@ -14,18 +14,13 @@ and every such fallback is listed in the returned `ShardingReport` (and logged):
 The same path rules serve the optimizer state (its `mu`/`nu` trees end with the parameter paths), the frozen tree
 and checkpoint-restore targets; `optax.MaskedNode` leaves carry no array and stay MaskedNode.
 
-Activations: models call `constrain(x, logical_axes)` (a no-op unless a mesh is set with `jax.set_mesh`).
-Recommended call sites (in modeling files owned elsewhere):
-  * `qwen3.modeling.DecoderStack.__call__`, after each layer (and after the deepstack add):
-      `x_btd = constrain(x_btd, ("batch", "length", "act_embed"))`
-  * `layers.attention.Attention.__call__`, after the head reshapes of q and k/v:
-      `q = constrain(q, ("batch", "length", "act_heads", "head_dim"))`,
-      `k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))` (same for v)
-  * `layers.mlp.SwiGLU.__call__`, on `nn.silu(gate) * up`: `constrain(h, ("batch", "length", "act_mlp"))`
-  * `qwen3_vl.vision.Qwen3VLVisionModel.__call__`, after each block: `constrain(x_nd, ("packed", "act_embed"))`
-  * `vital.latent.latent_loop.step`, on the carried z: `constrain(z_next, ("batch", "act_embed"))`
-Without these calls GSPMD still propagates the input and parameter shardings; the constraints pin the layout at
-layer boundaries so the partitioner cannot pick a replicated one.
+Activations: `constrain(x, logical_axes)` pins an activation to its logical axes (a no-op unless a mesh is set
+with `jax.set_mesh`). The models do not call it yet: GSPMD propagates the input and parameter shardings on its
+own, and the 8B step fits with FSDP (`benchmarks/memory_8b.py`). Constraining the residual stream at every
+decoder-layer boundary (`("batch", "length", "act_embed")`) was tried and made the (2, 2, 2) mesh — batch over
+data x fsdp together with tensor parallelism — compute wrong latent states (pinning the latent loop's carry fixed
+the forward pass, but the visual projector's gradients were then wrong); every other mesh in the tests stayed
+exact. Before the models use constraints, the (2, 2, 2) case of `tests/test_sharding.py` must pass with them.
 
 Typical use in training::
 

@@ -73,17 +73,15 @@ def tiny_model():
 
 
 def tiny_params(model):
-    """Random parameters; LoRA B and norm scales perturbed so every trainable leaf gets a gradient at step 1."""
+    """Random parameters; LoRA B and norm scales perturbed so every trainable leaf gets a gradient at step 1.
+
+    Built under one jit: run eagerly, the `init` forward passes compile each of their ~500 operations separately,
+    which took ~15 s of every worker process."""
     import jax
     import jax.numpy as jnp
 
     backbone = model.backbone
     vis = model.backbone_config.vision
-    key = jax.random.PRNGKey(0)
-    text = backbone.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
-    visual = backbone.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), ((1, 2, 2),),
-                           method=backbone.encode_images)["params"]["visual"]
-    params = model.init_params(jax.random.PRNGKey(1), {**text, "visual": visual})
 
     def perturb(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -94,7 +92,16 @@ def tiny_params(model):
             return x + 0.1 * jax.random.normal(seed, x.shape, x.dtype)
         return x
 
-    return jax.tree_util.tree_map_with_path(perturb, params)
+    @jax.jit
+    def build():
+        key = jax.random.PRNGKey(0)
+        text = backbone.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
+        visual = backbone.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), ((1, 2, 2),),
+                               method=backbone.encode_images)["params"]["visual"]
+        params = model.init_params(jax.random.PRNGKey(1), {**text, "visual": visual})
+        return jax.tree_util.tree_map_with_path(perturb, params)
+
+    return build()
 
 
 def tiny_data(model, seed=0, pad_patches_to=64) -> dict:
@@ -248,24 +255,25 @@ def run_meshes(args) -> None:
     optimizer, state, frozen, step_fn = make_step(model)(params)
     batch = from_numpy(data, model.backbone_config)
 
-    # Lower the one-device reference and every mesh first, then compile them two at a time: XLA's CPU compiler is
-    # single-threaded per program and compiling dominates this run.
+    # Lower the one-device reference and every mesh, compiling each (two at a time) while the next one lowers: XLA's
+    # CPU compiler is single-threaded per program and compiling dominates this run.
     t0 = time.time()
-    jobs = [("reference", None, None, jax.jit(step_fn).lower(state, frozen, batch))]
-    for shape in [tuple(int(v) for v in m.split(",")) for m in args.meshes]:
-        mesh = sharding.make_mesh(shape)
-        state_sh, state_report = sharding.tree_shardings(state, mesh)
-        frozen_sh, frozen_report = sharding.tree_shardings(frozen, mesh)
-        batch_sh, batch_report = sharding.batch_shardings(batch, mesh)
-        placed = (sharding.shard(state, state_sh), sharding.shard(frozen, frozen_sh), sharding.shard(batch, batch_sh))
-        with jax.set_mesh(mesh):
-            lowered = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                              out_shardings=(state_sh, None)).lower(*placed)
-        reports = {name: {"fallbacks": r.fallbacks, "unmatched": r.unmatched}
-                   for name, r in (("state", state_report), ("frozen", frozen_report), ("batch", batch_report))}
-        jobs.append((shape, (mesh, state_sh, placed), reports, lowered))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        compiled = list(pool.map(lambda job: job[3].compile(), jobs))
+        jobs = [("reference", None, None, pool.submit(jax.jit(step_fn).lower(state, frozen, batch).compile))]
+        for shape in [tuple(int(v) for v in m.split(",")) for m in args.meshes]:
+            mesh = sharding.make_mesh(shape)
+            state_sh, state_report = sharding.tree_shardings(state, mesh)
+            frozen_sh, frozen_report = sharding.tree_shardings(frozen, mesh)
+            batch_sh, batch_report = sharding.batch_shardings(batch, mesh)
+            placed = (sharding.shard(state, state_sh), sharding.shard(frozen, frozen_sh),
+                      sharding.shard(batch, batch_sh))
+            with jax.set_mesh(mesh):
+                lowered = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                  out_shardings=(state_sh, None)).lower(*placed)
+            reports = {name: {"fallbacks": r.fallbacks, "unmatched": r.unmatched}
+                       for name, r in (("state", state_report), ("frozen", frozen_report), ("batch", batch_report))}
+            jobs.append((shape, (mesh, state_sh, placed), reports, pool.submit(lowered.compile)))
+        compiled = [job[3].result() for job in jobs]
     compile_seconds = time.time() - t0
 
     ref_state, ref_metrics = compiled[0](state, frozen, batch)

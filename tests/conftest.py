@@ -1,6 +1,9 @@
-"""Shared pytest setup: float32 matmuls on CPU, quiet transformers, the shared-data location."""
+"""Shared pytest setup: float32 matmuls on CPU, quiet transformers, the shared-data location, a compilation cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,10 +11,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
+# Most of the suite's time is XLA compiling small programs, and many are compiled more than once: each
+# `python -m vital_jax.train` subprocess (kill -9 and resume, SIGTERM) recompiles what the runs before it compiled,
+# and tests re-jit the same functions. A persistent compilation cache shared by this session and its subprocesses
+# (they inherit the environment) lets a later compilation load the executable instead. It is a fresh directory per
+# session unless JAX_COMPILATION_CACHE_DIR is set; the cache key covers the program, compile options, XLA flags and
+# jax version, so a hit is the executable the compiler would have produced. Every program is cached: each compiles
+# in well under JAX's default 1 s threshold, but together they dominate the run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="vital_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Parity tests compare float32 numerics; make sure no TF32-like reduced precision sneaks in on accelerators.
-jax.config.update("jax_default_matmul_precision", "highest")
+# XLA's CPU backend spends most of a compile in LLVM optimisation passes, which buy nothing for the tests' tiny
+# programs: level 0 halves compile time (tests/multiprocess_worker.py does the same for its processes). Existing
+# flags are kept; subprocesses inherit them.
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _xla_flags:
+    os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()
+
+# Parity tests compare float32 numerics; make sure no TF32-like reduced precision sneaks in on accelerators. Set
+# before jax is imported and through the environment, so that subprocesses (`python -m vital_jax.train`, the CLIs)
+# compile the same programs as this process and share its cache entries.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 
 @pytest.fixture(scope="session")

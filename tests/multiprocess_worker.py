@@ -73,17 +73,15 @@ def tiny_model():
 
 
 def tiny_params(model):
-    """Random parameters; LoRA B and norm scales perturbed so every trainable leaf gets a gradient at step 1."""
+    """Random parameters; LoRA B and norm scales perturbed so every trainable leaf gets a gradient at step 1.
+
+    Built under one jit: run eagerly, the `init` forward passes compile each of their ~500 operations separately,
+    which took ~15 s of every worker process."""
     import jax
     import jax.numpy as jnp
 
     backbone = model.backbone
     vis = model.backbone_config.vision
-    key = jax.random.PRNGKey(0)
-    text = backbone.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
-    visual = backbone.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), ((1, 2, 2),),
-                           method=backbone.encode_images)["params"]["visual"]
-    params = model.init_params(jax.random.PRNGKey(1), {**text, "visual": visual})
 
     def perturb(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -94,7 +92,16 @@ def tiny_params(model):
             return x + 0.1 * jax.random.normal(seed, x.shape, x.dtype)
         return x
 
-    return jax.tree_util.tree_map_with_path(perturb, params)
+    @jax.jit
+    def build():
+        key = jax.random.PRNGKey(0)
+        text = backbone.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
+        visual = backbone.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), ((1, 2, 2),),
+                               method=backbone.encode_images)["params"]["visual"]
+        params = model.init_params(jax.random.PRNGKey(1), {**text, "visual": visual})
+        return jax.tree_util.tree_map_with_path(perturb, params)
+
+    return build()
 
 
 def scan_layout(model, params):
@@ -271,36 +278,37 @@ def run_meshes(args) -> None:
     optimizer, state, frozen, step_fn = make_step(model)(params)
     batch = from_numpy(data, model.backbone_config)
 
-    # Lower the one-device reference and every mesh first, then compile them two at a time: XLA's CPU compiler is
-    # single-threaded per program and compiling dominates this run.
+    # Lower the one-device reference and every mesh, compiling each (two at a time) while the next one lowers: XLA's
+    # CPU compiler is single-threaded per program and compiling dominates this run.
     t0 = time.time()
-    jobs = [("reference", None, None, jax.jit(step_fn).lower(state, frozen, batch))]
-    for shape in [tuple(int(v) for v in m.split(",")) for m in args.meshes]:
-        mesh = sharding.make_mesh(shape)
-        state_sh, state_report = sharding.tree_shardings(state, mesh)
-        frozen_sh, frozen_report = sharding.tree_shardings(frozen, mesh)
-        batch_sh, batch_report = sharding.batch_shardings(batch, mesh)
-        placed = (sharding.shard(state, state_sh), sharding.shard(frozen, frozen_sh), sharding.shard(batch, batch_sh))
-        with jax.set_mesh(mesh):
-            lowered = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                              out_shardings=(state_sh, None)).lower(*placed)
-        reports = {name: {"fallbacks": r.fallbacks, "unmatched": r.unmatched}
-                   for name, r in (("state", state_report), ("frozen", frozen_report), ("batch", batch_report))}
-        jobs.append((shape, (mesh, state_sh, placed), reports, lowered))
-    num_meshes = len(jobs) - 1
-    # The scan layout of the 8B recipe (`scan_layers`, stacked parameters) on the FSDP x tensor mesh.
-    scan_model, scan_params = scan_layout(model, params)
-    _, scan_state, scan_frozen, scan_step_fn = make_step(scan_model)(scan_params)
-    scan_mesh = sharding.make_mesh((2, 2, 2))
-    scan_sh = [sharding.tree_shardings(tree, scan_mesh)[0] for tree in (scan_state, scan_frozen)]
-    scan_sh.append(sharding.batch_shardings(batch, scan_mesh)[0])
-    scan_placed = tuple(sharding.shard(x, sh) for x, sh in zip((scan_state, scan_frozen, batch), scan_sh))
-    with jax.set_mesh(scan_mesh):
-        jobs.append(("scan", (scan_mesh, scan_sh[0], scan_placed), None,
-                     jax.jit(scan_step_fn, in_shardings=tuple(scan_sh),
-                             out_shardings=(scan_sh[0], None)).lower(*scan_placed)))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        compiled = list(pool.map(lambda job: job[3].compile(), jobs))
+        jobs = [("reference", None, None, pool.submit(jax.jit(step_fn).lower(state, frozen, batch).compile))]
+        for shape in [tuple(int(v) for v in m.split(",")) for m in args.meshes]:
+            mesh = sharding.make_mesh(shape)
+            state_sh, state_report = sharding.tree_shardings(state, mesh)
+            frozen_sh, frozen_report = sharding.tree_shardings(frozen, mesh)
+            batch_sh, batch_report = sharding.batch_shardings(batch, mesh)
+            placed = (sharding.shard(state, state_sh), sharding.shard(frozen, frozen_sh),
+                      sharding.shard(batch, batch_sh))
+            with jax.set_mesh(mesh):
+                lowered = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                                  out_shardings=(state_sh, None)).lower(*placed)
+            reports = {name: {"fallbacks": r.fallbacks, "unmatched": r.unmatched}
+                       for name, r in (("state", state_report), ("frozen", frozen_report), ("batch", batch_report))}
+            jobs.append((shape, (mesh, state_sh, placed), reports, pool.submit(lowered.compile)))
+        num_meshes = len(jobs) - 1
+        # The scan layout of the 8B recipe (`scan_layers`, stacked parameters) on the FSDP x tensor mesh.
+        scan_model, scan_params = scan_layout(model, params)
+        _, scan_state, scan_frozen, scan_step_fn = make_step(scan_model)(scan_params)
+        scan_mesh = sharding.make_mesh((2, 2, 2))
+        scan_sh = [sharding.tree_shardings(tree, scan_mesh)[0] for tree in (scan_state, scan_frozen)]
+        scan_sh.append(sharding.batch_shardings(batch, scan_mesh)[0])
+        scan_placed = tuple(sharding.shard(x, sh) for x, sh in zip((scan_state, scan_frozen, batch), scan_sh))
+        with jax.set_mesh(scan_mesh):
+            scan_lowered = jax.jit(scan_step_fn, in_shardings=tuple(scan_sh),
+                                   out_shardings=(scan_sh[0], None)).lower(*scan_placed)
+        jobs.append(("scan", (scan_mesh, scan_sh[0], scan_placed), None, pool.submit(scan_lowered.compile)))
+        compiled = [job[3].result() for job in jobs]
     compile_seconds = time.time() - t0
 
     ref_state, ref_metrics = compiled[0](state, frozen, batch)

@@ -146,6 +146,7 @@ def test_merged_lora_equals_the_adapted_backbone(tiny):
 
 def test_remat_of_layers_and_latent_steps_gives_the_same_training_step(tiny):
     """Rematerialisation (decoder layers and latent steps) changes memory, not numbers — with dropout on."""
+    import concurrent.futures
     import dataclasses
     import functools
 
@@ -159,11 +160,18 @@ def test_remat_of_layers_and_latent_steps_gives_the_same_training_step(tiny):
         decoder_config=dataclasses.replace(model.decoder_config, remat=True))
     opt = trainable.make_optimizer(1e-3)
     batch, _ = make_batch(model, seed=13, latent_steps=(2, 3))
-    results = []
-    for m in (model, remat_model):
-        state, frozen = ts.init_train_state(params, opt, jax.random.PRNGKey(5))
-        state, metrics = jax.jit(functools.partial(ts.train_step, m, opt))(state, frozen, batch)
-        results.append((metrics, state.params))
+    # Compiling the two steps dominates this test and XLA compiles a program on one core: compile them on two threads,
+    # the plain step's while the remat step lowers.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        steps = []
+        for m in (model, remat_model):
+            state, frozen = ts.init_train_state(params, opt, jax.random.PRNGKey(5))
+            lowered = jax.jit(functools.partial(ts.train_step, m, opt)).lower(state, frozen, batch)
+            steps.append((pool.submit(lowered.compile), state, frozen))
+        results = []
+        for compiled, state, frozen in steps:
+            state, metrics = compiled.result()(state, frozen, batch)
+            results.append((metrics, state.params))
     for name in ("loss", "task_loss", "text_loss", "visual_loss", "grad_norm"):
         np.testing.assert_allclose(results[0][0][name], results[1][0][name], rtol=1e-5, err_msg=name)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0][1], results[1][1]))

@@ -352,6 +352,8 @@ def run_meshes(args) -> None:
             _emit("constrain", spec=[list(a) if isinstance(a, tuple) else a for a in y.sharding.spec],
                   shard_shape=list(y.addressable_shards[0].data.shape))
 
+            _emit("fsdp_tensor_matmul", **fsdp_tensor_matmul(mesh))
+
         if args.ckpt:
             checkpointer = ocp.StandardCheckpointer()
             if saved is None:
@@ -371,6 +373,44 @@ def run_meshes(args) -> None:
                       on_target_shardings=bool(on_mesh), leaves=len(restored_flat),
                       q_proj_spec=[list(a) if isinstance(a, tuple) else a for a in q.sharding.spec],
                       q_proj_shard_shape=list(q.addressable_shards[0].data.shape))
+
+
+def fsdp_tensor_matmul(mesh) -> dict:
+    """The partitioning hazard `sharding.constrain_weight` guards against, on the (2, 2, 2) mesh: an o_proj-like
+    `tanh(x) @ W` with x's batch over data x fsdp, W split (tensor, fsdp) and the output asked for over
+    (batch, -, tensor). Returns the largest error of the raw `jnp.dot` (XLA's choice; jax 0.10.2 swaps the batch
+    shards of devices (0,1,t) and (1,0,t)) and of our `Linear`, each against the unsharded result."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vital_jax import sharding
+    from vital_jax.layers.linear import Linear
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Linear(32, name="o_proj")(jnp.tanh(x))
+
+    rng = np.random.RandomState(5)
+    x = rng.randn(8, 1, 32).astype(np.float32)
+    kernel = rng.randn(32, 32).astype(np.float32)
+    expected = np.tanh(x.astype(np.float64)) @ kernel
+    out_axes = ("batch", "length", "act_mlp")
+    x_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    w_sh = NamedSharding(mesh, sharding.spec_for(sharding.param_logical_axes("o_proj/kernel", kernel.shape),
+                                                 kernel.shape, mesh)[0])
+    with jax.set_mesh(mesh):
+        raw = jax.jit(lambda x, w: sharding.constrain(jnp.dot(jnp.tanh(x), w), out_axes))(
+            jax.device_put(x, x_sh), jax.device_put(kernel, w_sh))
+        linear = jax.jit(lambda x, w: sharding.constrain(Block().apply({"params": {"o_proj": {"kernel": w}}}, x),
+                                                         out_axes))(
+            jax.device_put(x, x_sh), jax.device_put(kernel, w_sh))
+    return {"kernel_spec": [list(a) if isinstance(a, tuple) else a for a in w_sh.spec],
+            "raw_dot_max_abs": float(np.max(np.abs(np.asarray(raw) - expected))),
+            "linear_max_abs": float(np.max(np.abs(np.asarray(linear) - expected)))}
 
 
 def run_reference(args) -> None:

@@ -15,12 +15,19 @@ The same path rules serve the optimizer state (its `mu`/`nu` trees end with the 
 and checkpoint-restore targets; `optax.MaskedNode` leaves carry no array and stay MaskedNode.
 
 Activations: `constrain(x, logical_axes)` pins an activation to its logical axes (a no-op unless a mesh is set
-with `jax.set_mesh`). The models do not call it yet: GSPMD propagates the input and parameter shardings on its
-own, and the 8B step fits with FSDP (`benchmarks/memory_8b.py`). Constraining the residual stream at every
-decoder-layer boundary (`("batch", "length", "act_embed")`) was tried and made the (2, 2, 2) mesh — batch over
-data x fsdp together with tensor parallelism — compute wrong latent states (pinning the latent loop's carry fixed
-the forward pass, but the visual projector's gradients were then wrong); every other mesh in the tests stayed
-exact. Before the models use constraints, the (2, 2, 2) case of `tests/test_sharding.py` must pass with them.
+with `jax.set_mesh`). The decoder stacks pin the residual stream `("batch", "length", "act_embed")` at every
+layer boundary (`vital_jax.models.qwen3.modeling.RESIDUAL_AXES`, loop and scan forms), which is also where the
+latent recurrence's z_k leave the backbone.
+
+Weights: every `Linear` and `Embed` pins its weight, where it is used, to the weight's spec without "fsdp"
+(`constrain_weight`, rules `WEIGHT_COMPUTE_RULES`): FSDP's all-gather before the matmul (and reduce-scatter of
+the gradient) is explicit. This is needed for correctness, not only for speed: left to itself, XLA's SPMD
+partitioner (jax 0.10.2; Shardy and GSPMD alike) partitions `x @ W` with x's batch over data x fsdp, W split
+(tensor, fsdp) and the output over (batch, ..., tensor) by swapping the batch shards of devices (data 0,
+fsdp 1) and (data 1, fsdp 0) and never swapping them back, so those examples get each other's results. Any
+consumer asking for the model dimension over "tensor" (the visual projector's fc1 did) triggers it, with or
+without activation constraints. `tests/test_sharding.py` checks the raw pattern and the full train step on the
+(2, 2, 2) mesh.
 
 Typical use in training::
 
@@ -95,15 +102,19 @@ LINEAR_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"linear_fc1", ("embed", "mlp")),  # block MLPs and the (deepstack) patch mergers
     (r"linear_fc2", ("mlp", "embed")),
     (r"patch_embed", (None, "embed")),
-    # VITAL scaffolding
-    (r"pj_in/proj", ("embed", None)),
-    (r"visual_projector/fc1", ("embed", "mlp")),
-    (r"visual_projector/fc2", ("mlp", "embed")),
+    # SigLIP (the ROI-feature encoder): q/k/v_proj share the rules above, its MLP the fc1/fc2 rules below.
+    (r"out_proj", ("heads", "embed")),
+    # VITAL scaffolding: pj_in/proj, visual_projector/fc1, fc2. The heads run as their own root modules, so the
+    # rules match the module name alone (that is the path `constrain_weight` sees); "attn/proj" matched above.
+    (r"proj", ("embed", None)),
+    (r"fc1", ("embed", "mlp")),
+    (r"fc2", ("mlp", "embed")),
 )
 
 EMBEDDING_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"embed_tokens", ("vocab", "embed")),
     (r"pos_embed", (None, "embed")),
+    (r"position_embedding", (None, "embed")),  # SigLIP
 )
 
 _LINEAR_RE = [(re.compile(rf"(^|/)({pattern})$"), axes) for pattern, axes in LINEAR_RULES]
@@ -421,19 +432,70 @@ def batch_shardings(batch, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> tuple[Any, S
 
 
 # -------------------------------------------------------------------------------------------------- activations
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh,
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The spec `constrain` pins: `spec_for`'s, except that a dimension none of whose mesh axes divide it (an
+    odd batch, a packed-patch count) is left to the partitioner (`UNCONSTRAINED`) instead of being forced to
+    replication. A dimension that keeps a dividing prefix of its axes keeps that prefix."""
+    spec, notes = spec_for(logical_axes, shape, mesh, rules)
+    if not notes:
+        return spec
+    sizes = _mesh_sizes(mesh)
+    wanted = [tuple(a for a in axes if a in sizes) for axes in logical_to_mesh_axes(logical_axes, rules)]
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return PartitionSpec(*[PartitionSpec.UNCONSTRAINED if want and entry is None else entry
+                           for entry, want in zip(entries, wanted)])
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
     """`with_sharding_constraint` of x to its logical axes under the current mesh (`jax.set_mesh`); a no-op
-    when no mesh is set. Dimensions the mesh axes do not divide are left unconstrained along those axes."""
+    when no mesh is set. See `activation_spec` for dimensions the mesh axes do not divide."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec, _ = spec_for(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, activation_spec(logical_axes, x.shape, mesh, rules))
+
+
+def _gathered_rules(rules) -> tuple:
+    """The rules with the fsdp axis removed from every entry: how a weight looks while its layer uses it."""
+    out = []
+    for name, axes in rules:
+        if axes is not None:
+            axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "fsdp") or None
+        out.append((name, axes))
+    return tuple(out)
+
+
+WEIGHT_COMPUTE_RULES = _gathered_rules(LOGICAL_AXIS_RULES)
+
+
+def constrain_weight(x: jax.Array, module_path: Sequence[str], leaf: str) -> jax.Array:
+    """A parameter as the layer at `module_path` uses it: gathered over "fsdp", still split over "tensor".
+
+    This is FSDP made explicit (the weight is all-gathered right before its matmul and its gradient
+    reduce-scattered back). Leaving the choice to the SPMD partitioner is not safe: with the batch over
+    data x fsdp and tensor > 1, XLA (jax 0.10.2, Shardy and GSPMD alike) can partition `x @ W` for W split
+    (tensor, fsdp) by permuting the batch shards of x between devices and never permuting them back, so
+    examples get each other's outputs (`tests/test_sharding.py::test_fsdp_tensor_matmul_partitioning`).
+    `module_path` is the module's path (`self.path`; a `layers` segment of scanned layers is ignored, the
+    weight inside the scan body has no layer axis). Without a mesh this is a no-op; under a mesh a weight that no
+    rule covers is an error (left to the partitioner it could hit the bug above).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    segments = [s for s in module_path if s != SCANNED_LAYERS]
+    axes = param_logical_axes("/".join(list(segments) + [leaf]), x.shape)
+    if axes is None:
+        raise ValueError(f"no sharding rule covers the weight {'/'.join(segments + [leaf])} {tuple(x.shape)}; add "
+                         f"its module to LINEAR_RULES / EMBEDDING_RULES in vital_jax/sharding.py")
+    spec, _ = spec_for(axes, x.shape, mesh, WEIGHT_COMPUTE_RULES)
     return jax.lax.with_sharding_constraint(x, spec)
 
 
 __all__ = [
-    "BATCH_AXES", "LINEAR_RULES", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfig", "ShardingReport",
+    "BATCH_AXES", "LINEAR_RULES", "WEIGHT_COMPUTE_RULES", "activation_spec", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfig", "ShardingReport",
     "abstract_with_shardings", "batch_logical_axes", "batch_shardings", "batch_specs", "cast_floating",
-    "constrain", "logical_to_mesh_axes", "make_mesh", "mesh_from_config", "param_logical_axes", "path_str",
+    "constrain", "constrain_weight", "logical_to_mesh_axes", "make_mesh", "mesh_from_config", "param_logical_axes", "path_str",
     "shard", "shardings_for", "spec_for", "tree_shardings", "tree_specs",
 ]

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vital_jax.sharding import constrain_weight
+
 
 # uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), the usual LoRA A init (kaiming-uniform with a=sqrt(5)).
 LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -45,15 +47,18 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         in_features = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        kernel = constrain_weight(kernel, self.path, "kernel")
         x = x.astype(self.dtype)
         y = jnp.dot(x, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + constrain_weight(bias, self.path, "bias").astype(self.dtype)
         if self.lora is not None:
             lora_a = self.param("lora_a", LORA_A_INIT, (in_features, self.lora.rank),
                                 self.param_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), self.param_dtype)
+            lora_a = constrain_weight(lora_a, self.path, "lora_a")
+            lora_b = constrain_weight(lora_b, self.path, "lora_b")
             x_drop = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
             y = y + self.lora.scaling * jnp.dot(jnp.dot(x_drop, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
         return y

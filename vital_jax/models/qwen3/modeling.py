@@ -18,12 +18,17 @@ import jax
 import jax.numpy as jnp
 
 from vital_jax.layers.attention import Attention, make_attention_mask
+from vital_jax.layers.embedding import Embed
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.layers.linear import Linear, LoraConfig
 from vital_jax.layers.mlp import SwiGLU
 from vital_jax.layers.norms import RMSNorm
 from vital_jax.layers.rope import rope_cos_sin, rope_inv_freq
 from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.sharding import constrain
+
+# Logical axes of the residual stream (B, T, D), pinned at every decoder-layer boundary under a mesh.
+RESIDUAL_AXES = ("batch", "length", "act_embed")
 
 
 @flax.struct.dataclass
@@ -76,6 +81,7 @@ class DecoderStack(nn.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache: KVCache | None = None,
                  layer_residual_adds: Sequence[jax.Array] = (), deterministic: bool = True):
         cfg = self.config
+        x_btd = constrain(x_btd, RESIDUAL_AXES)
         if cfg.scan_layers:
             x_btd, kv_cache = self._scanned_layers(x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds,
                                                    deterministic)
@@ -90,6 +96,7 @@ class DecoderStack(nn.Module):
                 x_btd, cos_bth, sin_bth, mask_bts, kv_cache, deterministic)
             if i < len(layer_residual_adds):
                 x_btd = x_btd + layer_residual_adds[i].astype(x_btd.dtype)
+            x_btd = constrain(x_btd, RESIDUAL_AXES)
         return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_btd), kv_cache
 
     def _scanned_layers(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds, deterministic):
@@ -106,6 +113,7 @@ class DecoderStack(nn.Module):
                 # Layers past the deepstack levels add exactly zero, as the loop form adds nothing.
                 add = jax.lax.dynamic_index_in_dim(adds, jnp.minimum(index, adds.shape[0] - 1), keepdims=False)
                 x = x + jnp.where(index < adds.shape[0], add.astype(x.dtype), jnp.zeros((), x.dtype))
+            x = constrain(x, RESIDUAL_AXES)
             return x, (None if cache is None else (cache.k[0], cache.v[0]))
 
         if cfg.remat:
@@ -158,7 +166,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
         self.model = DecoderStack(cfg, self.lora)
         if not cfg.tie_word_embeddings:

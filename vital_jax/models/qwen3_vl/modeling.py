@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vital_jax.layers.embedding import Embed
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.layers.linear import Linear, LoraConfig
 from vital_jax.models.qwen3.modeling import DecoderStack, default_positions, run_decoder
@@ -39,7 +40,7 @@ class TextModel(nn.Module):
 
     def setup(self):
         text = self.config.text
-        self.embed_tokens = nn.Embed(text.vocab_size, text.hidden_size, dtype=text.dtype,
+        self.embed_tokens = Embed(text.vocab_size, text.hidden_size, dtype=text.dtype,
                                      param_dtype=text.param_dtype, embedding_init=nn.initializers.normal(0.02))
         self.model = DecoderStack(text, self.lora)
 

@@ -21,12 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
 from vital_jax.layers.norms import LayerNorm
 from vital_jax.layers.rope import angles_to_cos_sin, apply_rope, rope_inv_freq
 from vital_jax.models.qwen3_vl.vision_config import Qwen3VLVisionConfig
+from vital_jax.sharding import constrain
 
 GridTHW = Sequence[tuple[int, int, int]]
+# Logical axes of the packed patch stream (N, D), pinned at every block boundary under a mesh.
+PACKED_AXES = ("packed", "act_embed")
 
 
 @flax.struct.dataclass
@@ -249,7 +253,7 @@ class Qwen3VLVisionModel(nn.Module):
         # The Conv3d with kernel == stride over one patch is a dense layer; kept in float32 (bf16 NaN reports).
         x_nd = Linear(cfg.hidden_size, use_bias=True, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                       name="patch_embed")(pixel_patches.astype(jnp.float32))
-        table = nn.Embed(cfg.num_position_embeddings, cfg.hidden_size, dtype=jnp.float32,
+        table = Embed(cfg.num_position_embeddings, cfg.hidden_size, dtype=jnp.float32,
                          param_dtype=cfg.param_dtype, name="pos_embed")
         x_nd = x_nd + jnp.einsum("ntd,nt->nd", table(inputs.interp_index), inputs.interp_weight)
         x_nd = x_nd.astype(cfg.dtype)
@@ -264,7 +268,7 @@ class Qwen3VLVisionModel(nn.Module):
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
         deepstack = []
         for i in range(cfg.depth):
-            x_nd = block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_nn)
+            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_nn), PACKED_AXES)
             if i in cfg.deepstack_visual_indexes:
                 # Merger k belongs to block deepstack_visual_indexes[k]; features come out in block order (as HF).
                 k = cfg.deepstack_visual_indexes.index(i)

@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
 from vital_jax.layers.norms import LayerNorm
 from vital_jax.models.siglip.config import SiglipVisionConfig
@@ -78,7 +79,7 @@ class SiglipEmbeddings(nn.Module):
     def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
         cfg = self.config
         x_bnd = _PatchEmbedding(cfg, name="patch_embedding")(pixels_bhwc)
-        pos_nd = nn.Embed(cfg.num_patches, cfg.hidden_size, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        pos_nd = Embed(cfg.num_patches, cfg.hidden_size, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                           name="position_embedding").embedding
         return (x_bnd + pos_nd.astype(jnp.float32)[None]).astype(cfg.dtype)
 

@@ -153,3 +153,22 @@ def test_config_errors_are_clear(tmp_path, assets):
     ckpt_lib.check_workdir_config(workdir, json.loads(_config().to_json_best_effort()))
     with pytest.raises(ckpt_lib.CheckpointError, match="different config.*vital.lora_rank"):
         train.train(_config(vital__lora_rank=2), workdir)
+
+
+def test_workdirs_written_before_a_config_field_existed_resume_only_with_its_old_value(tmp_path):
+    current = json.loads(_config().to_json_best_effort())
+    assert current["model"]["scan_layers"] is False
+    older = json.loads(json.dumps(current))
+    del older["model"]["scan_layers"]  # a workdir from before `model.scan_layers` existed
+    workdir = str(tmp_path / "old")
+    ckpt_lib.check_workdir_config(workdir, older)
+    ckpt_lib.check_workdir_config(workdir, current)  # same behaviour: accepted
+    scanned = json.loads(json.dumps(current))
+    scanned["model"]["scan_layers"] = True
+    with pytest.raises(ckpt_lib.CheckpointError, match="model.scan_layers"):
+        ckpt_lib.check_workdir_config(workdir, scanned)
+    # Only the listed added fields get this leniency: any other difference is still refused.
+    other = json.loads(json.dumps(current))
+    other["model"]["remat"] = not current["model"]["remat"]
+    with pytest.raises(ckpt_lib.CheckpointError, match="model.remat"):
+        ckpt_lib.check_workdir_config(workdir, other)

@@ -124,6 +124,11 @@ class PhaseCheckpointer:
 RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
 
 
+# Fields added to the config after workdirs were written, with the value the older code behaved as. A saved
+# config without the field resumes only if the field has that value now (anything else would train differently).
+ADDED_FIELDS = {"model.scan_layers": False}
+
+
 def check_workdir_config(workdir: str, config_json: dict) -> None:
     """Save the resolved config beside the checkpoints, or refuse a workdir written by a different config."""
     path = os.path.join(workdir, "config.json")
@@ -132,6 +137,8 @@ def check_workdir_config(workdir: str, config_json: dict) -> None:
             previous = json.load(f)
         diffs = _diff(previous, config_json)
         diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS)]
+        diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
+                                          and _lookup(config_json, d) == ADDED_FIELDS[d])]
         if diffs:
             raise CheckpointError(f"{workdir} was written by a different config (fields differ: {', '.join(diffs)}); "
                                   "use a new --workdir or restore the original config")
@@ -140,6 +147,17 @@ def check_workdir_config(workdir: str, config_json: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(config_json, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
 
 
 def _diff(a, b, prefix="") -> list[str]:

@@ -3,16 +3,17 @@
     python -m vital_jax.train --config=configs/ablation.py:task_only --workdir=... [--config.model.* paths]
 
 Variants (Table 2) task_only, semantic (+L_text), visual (+L_visual); (Table 3) k0 .. k4 (K capped at that
-value; k0 is the direct-answer baseline), full_mix, two_phase, three_phase (= the default), reverse.
-Appendix C.5's per-step targets (`vital.visual_target="interpolated"`) also need a global image feature per
-record, which the ROI step does not store yet, so that variant is not offered here. Append `,demo` (e.g. `configs/ablation.py:task_only,demo`) to run a variant on
-the built-in demo instead of the 8B recipe.
+value; k0 is the direct-answer baseline), full_mix, two_phase, three_phase (= the default), reverse; (Appendix C.5,
+Table 15) per_step: step k regresses Normalize(a_k f_ROI + (1 - a_k) f_global) instead of the shared f_ROI, which
+needs the data directory's global_features.npy (`python -m vital_jax.data.roi ... --global_features`; the demo
+writes it). Append `,demo` (e.g. `configs/ablation.py:task_only,demo`) to run a variant on the built-in demo
+instead of the 8B recipe.
 """
 
 from configs import demo, vital_qwen3vl_8b
 
 VARIANTS = ("task_only", "semantic", "visual", "k0", "k1", "k2", "k3", "k4", "full_mix", "two_phase",
-            "three_phase", "reverse")
+            "three_phase", "reverse", "per_step")
 
 
 def get_config(arg: str = "three_phase"):
@@ -34,6 +35,8 @@ def get_config(arg: str = "three_phase"):
     elif name == "two_phase":
         half = total_epochs // 2
         c.curriculum.max_k, c.curriculum.epochs = (2, 4), (half, total_epochs - half)
+    elif name == "per_step":
+        c.vital.visual_target = "interpolated"
     elif name == "reverse":
         # Hard to easy: K = 4 only, then K >= 2, then every K (the mirror image of the default schedule).
         c.curriculum.min_k, c.curriculum.max_k = (4, 2, 1), (4, 4, 4)

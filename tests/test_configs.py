@@ -37,6 +37,10 @@ def test_ablation_variants_validate(variant):
         assert c.vital.latent_steps_cap == int(variant[1:])
     elif variant == "reverse":
         assert tuple(c.curriculum.min_k) == (4, 2, 1)
+    elif variant == "per_step":
+        assert c.vital.visual_target == "interpolated" and train.pipeline_config(c).global_feature
+    if variant != "per_step":
+        assert not train.pipeline_config(c).global_feature
     if variant != "three_phase":
         assert c.to_dict() != default.to_dict()
     assert sum(c.curriculum.epochs) == sum(default.curriculum.epochs)

@@ -137,6 +137,21 @@ def test_non_finite_loss_names_step_and_records_and_keeps_the_last_checkpoint(tm
         assert all(np.all(np.isfinite(np.asarray(v))) for v in state.values())
 
 
+def test_per_step_visual_targets_train_from_the_demo_global_features(tmp_path, assets):
+    """Appendix C.5's ablation end to end: the demo writes global_features.npy, the pipeline batches f_global and
+    the interpolated targets train (one all-K phase, so K > 1 examples mix f_global in)."""
+    workdir = _workdir(tmp_path, assets, "per_step")
+    assert os.path.exists(os.path.join(workdir, "demo", "data", "global_features.npy"))
+    c = _config(vital__visual_target="interpolated", curriculum__max_k=(4,), curriculum__epochs=(1,))
+    c.curriculum.min_k = ()
+    train.train(c, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    visual = [r["visual_loss"] for r in rows]
+    assert visual and all(np.isfinite(visual)) and max(visual) > 0
+    assert os.path.exists(os.path.join(workdir, "phase_1", ckpt_lib.DONE_FILE))
+
+
 def test_config_errors_are_clear(tmp_path, assets):
     res = _run(str(tmp_path / "a"), "--config.vital.no_such_field=1")
     assert res.returncode != 0 and "unknown config field" in res.stderr and "no_such_field" in res.stderr

@@ -45,7 +45,8 @@ def prepare(workdir: str, demo) -> dict[str, str]:
     build(data_cfg)
     if records.load_roi_arrays(paths["data"]) is None:
         logging.info("demo: extracting ROI features with the tiny SigLIP")
-        extract_dataset_rois(paths["data"], paths["roi_encoder"], batch_size=8)
+        # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
+        extract_dataset_rois(paths["data"], paths["roi_encoder"], batch_size=8, global_features=True)
 
     corpus = []
     for record in records.read_records(os.path.join(paths["data"], records.RECORDS_FILE)):

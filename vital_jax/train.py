@@ -130,7 +130,9 @@ def pipeline_config(config):
     return PipelineConfig(batch_size=d.batch_size, prompt_buckets=tuple(d.prompt_buckets),
                           max_answer_tokens=d.max_answer_tokens, max_step_tokens=d.max_step_tokens,
                           k_max_slots=config.vital.k_max, max_pixels=d.max_pixels, min_pixels=d.min_pixels,
-                          num_workers=d.num_workers)
+                          num_workers=d.num_workers,
+                          # Appendix C.5's per-step targets interpolate from each image's f_global.
+                          global_feature=config.vital.visual_target == "interpolated")
 
 
 def min_k(config) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vital_jax.data import pipeline
-from vital_jax.data.records import Record, write_records
+from vital_jax.data.records import Record, RecordError, write_records
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 from vital_jax.models.qwen3_vl.tiny_tokenizer import build_tiny_tokenizer
 
@@ -198,6 +198,34 @@ def test_too_long_answer_and_missing_roi_are_named(dataset, tmp_path):
                   [dataclasses.replace(r, roi_index=-1) if r.id == "rec3" else r for r in written])
     with pytest.raises(pipeline.PipelineError, match=r"no ROI feature row.*\['rec3'\]"):
         pipeline.make_train_iterator(no_roi, tokenizer_dir, CFG, k_max=4, process_index=0, process_count=1)
+
+
+def test_global_feature_rows_follow_roi_index_and_a_missing_file_is_named(dataset, tmp_path):
+    data_dir, tokenizer_dir, records = dataset
+    with_global = dataclasses.replace(CFG, global_feature=True)
+    missing = str(tmp_path / "no_global")
+    _write_dataset(missing)
+    with pytest.raises(pipeline.PipelineError, match=r"global_features.npy not found.*--global_features"):
+        pipeline.make_train_iterator(missing, tokenizer_dir, with_global, k_max=4, process_index=0, process_count=1)
+
+    root = str(tmp_path / "global")
+    written = _write_dataset(root)
+    global_rows = np.random.RandomState(3).randn(len(LAYOUT), DV).astype(np.float32)
+    np.save(os.path.join(root, "global_features.npy"), global_rows)
+    batch = next(pipeline.make_train_iterator(root, tokenizer_dir, with_global, k_max=4, seed=1, process_index=0,
+                                              process_count=1))
+    assert batch["global_feature"].shape == (CFG.batch_size, DV) and batch["global_feature"].dtype == np.float32
+    for row, feature in zip(batch["record_index"], batch["global_feature"]):
+        np.testing.assert_array_equal(feature, global_rows[written[row].roi_index])
+    eval_batch = next(pipeline.make_eval_batches(root, tokenizer_dir, with_global, split="test", process_index=0,
+                                                 process_count=1))
+    np.testing.assert_array_equal(eval_batch["global_feature"][0], global_rows[written[9].roi_index])
+    # Without the option the batch contract is unchanged.
+    assert "global_feature" not in next(pipeline.make_train_iterator(root, tokenizer_dir, CFG, k_max=4,
+                                                                    process_index=0, process_count=1))
+    np.save(os.path.join(root, "global_features.npy"), global_rows[:3])
+    with pytest.raises(RecordError, match=r"global_features.npy: float32 \(3, 16\), expected float32 \(12, 16\)"):
+        pipeline.make_train_iterator(root, tokenizer_dir, with_global, k_max=4, process_index=0, process_count=1)
 
 
 def test_config_rejects_patch_buckets_too_small_for_a_batch():

@@ -15,8 +15,8 @@ from PIL import Image
 
 import transformers
 from vital_jax.data import roi, roi_grid_search
-from vital_jax.data.records import (ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
-                                    RecordError)
+from vital_jax.data.records import (GLOBAL_FEATURES_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
+                                    ROI_TOP_PATCH_SCORES_FILE, RecordError, load_global_features)
 from vital_jax.models.siglip import SiglipPreprocessor
 
 GRID, SIZE, DIM = 4, 56, 8
@@ -265,6 +265,44 @@ def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_p
     assert _snapshot(root).keys() == before.keys()
     np.testing.assert_allclose(np.load(os.path.join(root, ROI_FEATURES_FILE)), features, atol=1e-6)
     assert _read_jsonl(os.path.join(root, "records.jsonl")) == written
+
+
+def test_global_features_average_every_patch_of_the_whole_image(siglip_dir):
+    # Pixel-independent table features: f_global is the normalised mean of all 16 rows, whatever the image.
+    table_global = roi.extract_global_features([_image(80, 100), _image(40, 40, 1)], TABLE_ENCODER, TABLE_PARAMS,
+                                               batch_size=4)
+    np.testing.assert_allclose(table_global, np.stack([_unit(TABLE.mean(0))] * 2), atol=1e-6)
+    # The real encoder: the same as pooling its patch features of the plain-resized image by hand.
+    encoder, params = roi.load_roi_encoder(siglip_dir[0])
+    images = [_image(80, 100, seed) for seed in range(3)]
+    got = roi.extract_global_features(images, encoder, params, batch_size=2)
+    pixels = np.stack([encoder.preprocessor(Image.fromarray(img)) for img in images])
+    patches = np.asarray(encoder.patch_features(params, jnp.asarray(pixels)), np.float64)
+    expected = patches.mean(1) / np.linalg.norm(patches.mean(1), axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(roi.RoiError, match="image 1: .*no such image file"):
+        roi.extract_global_features([images[0], "/nonexistent/x.png"], encoder, params)
+
+
+def test_dataset_extraction_writes_global_features_per_row_image(siglip_dir, tmp_path):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30)),
+                          "r3": ("a", (10, 10, 20, 30))})
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2, global_features=True)
+    global_rows = np.load(os.path.join(root, GLOBAL_FEATURES_FILE))
+    assert global_rows.shape == np.load(os.path.join(root, ROI_FEATURES_FILE)).shape
+    encoder, params = roi.load_roi_encoder(siglip_dir[0])
+    per_image = roi.extract_global_features([os.path.join(root, "a.png"), os.path.join(root, "b.png")], encoder,
+                                            params)
+    # Rows are (image, mask) pairs in first-seen order: (a, box0), (b, box1), (a, box1).
+    np.testing.assert_allclose(global_rows, per_image[[0, 1, 0]], atol=1e-6)
+    assert load_global_features(root).shape == (3, 32)
+    # A rerun without the flag keeps the file aligned with the rewritten rows rather than leaving it stale.
+    os.remove(os.path.join(root, "a.png"))
+    Image.fromarray(_image(80, 100, 7)).save(os.path.join(root, "a.png"))
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+    again = np.load(os.path.join(root, GLOBAL_FEATURES_FILE))
+    assert not np.allclose(again[0], global_rows[0]) and np.allclose(again[1], global_rows[1], atol=1e-6)
 
 
 def test_dataset_extraction_error_leaves_directory_untouched(siglip_dir, tmp_path):

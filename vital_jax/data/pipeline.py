@@ -21,6 +21,8 @@ Batch contract (B = cfg.batch_size examples, one image each; all numpy):
       cfg.end_steps_with_im_end, so the auxiliary decoder learns where a step ends), cut to Ts =
       cfg.max_step_tokens, right-padded; slots k >= latent_steps are all invalid. Kmax = cfg.k_max_slots.
   roi_feature (B, dv) float32        f_ROI (unit norm) of each example.
+  global_feature (B, dv) float32     only with cfg.global_feature: f_global of the example's image (Appendix C.5,
+      global_features.npy), for the per-step visual targets.
   record_index (B,) int32            row of the example in records.jsonl, to name it in errors.
   example_valid (B,) bool            False for padding examples (evaluation only: the last batch of a shard is
       filled by repeating the shard's first example; training drops the incomplete last batch).
@@ -44,7 +46,8 @@ import jax
 from absl import flags
 import numpy as np
 
-from vital_jax.data.records import RECORDS_FILE, Record, load_roi_arrays, read_records
+from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, Record, load_global_features, load_roi_arrays,
+                                    read_records)
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 
 PATCH_DIM = 3 * preprocessing.TEMPORAL_PATCH_SIZE * preprocessing.PATCH_SIZE ** 2  # 1536
@@ -61,6 +64,8 @@ class PipelineConfig:
     max_pixels / min_pixels: the Qwen3-VL resize budget per image (pixels); an image yields at most
       max_pixels / 256 patches. patch_buckets: allowed Np per batch (multiples of 4); empty -> B*max_patches/4,
       /2 and B*max_patches (`patch_bucket_sizes`). num_workers: grain worker processes (0: threads only).
+    global_feature: also emit each example's f_global (needs global_features.npy; `vital.visual_target=
+      "interpolated"` sets it).
     """
 
     batch_size: int = 8
@@ -76,6 +81,7 @@ class PipelineConfig:
     prefetch_buffer_size: int = 16
     system_prompt: str | None = None
     end_steps_with_im_end: bool = True
+    global_feature: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1 or self.k_max_slots < 1 or self.max_answer_tokens < 1 or self.max_step_tokens < 1:
@@ -109,9 +115,11 @@ class PipelineConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def select_records(data_dir: str, split: str | None, k_max: int | None, k_min: int = 1) -> list[tuple[int, Record]]:
+def select_records(data_dir: str, split: str | None, k_max: int | None, k_min: int = 1,
+                   global_feature: bool = False) -> list[tuple[int, Record]]:
     """(row in records.jsonl, record) of the records in `split` (None: all) with k_min <= latent_steps <= k_max
-    (None: no upper bound) that have an ROI row. Raises PipelineError naming records without ROI features."""
+    (None: no upper bound) that have an ROI row. Raises PipelineError naming records without ROI features, or
+    the missing global_features.npy when `global_feature` is asked for."""
     all_records = read_records(os.path.join(data_dir, RECORDS_FILE))
     selected = [(row, r) for row, r in enumerate(all_records)
                 if (split is None or r.split == split) and (k_max is None or r.latent_steps <= k_max)
@@ -122,6 +130,10 @@ def select_records(data_dir: str, split: str | None, k_max: int | None, k_min: i
     if missing:
         raise PipelineError(f"{data_dir}: {len(missing)} record(s) have no ROI feature row (roi_index -1 or past the "
                             f"{num_rows} rows of roi_features.npy), e.g. {missing[:5]}; run vital_jax.data.roi first")
+    if global_feature and load_global_features(data_dir) is None:
+        raise PipelineError(f"{os.path.join(data_dir, GLOBAL_FEATURES_FILE)} not found: per-step visual targets need "
+                            f"f_global; run python -m vital_jax.data.roi --data_dir={data_dir} --encoder_dir=... "
+                            f"--global_features")
     return selected
 
 
@@ -135,16 +147,19 @@ def shard_rows(num_items: int, process_index: int, process_count: int, *, equal:
 
 
 class RecordDataSource:
-    """A grain RandomAccessDataSource: item i -> {record_index, record, roi_feature (dv,) float32, example_valid}.
+    """A grain RandomAccessDataSource: item i -> {record_index, record, roi_feature (dv,) float32, example_valid}
+    (+ global_feature (dv,) float32 with `global_feature`).
 
     `entries` are (row in records.jsonl, record, valid) triples; the ROI arrays are memory-mapped on first access
     (in each worker process, not pickled).
     """
 
-    def __init__(self, data_dir: str, entries: Sequence[tuple[int, Record, bool]]):
+    def __init__(self, data_dir: str, entries: Sequence[tuple[int, Record, bool]], global_feature: bool = False):
         self.data_dir = data_dir
         self.entries = list(entries)
+        self.global_feature = global_feature
         self._roi_features = None
+        self._global_features = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -157,10 +172,18 @@ class RecordDataSource:
         if not np.isfinite(feature).all():
             raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): ROI feature row {record.roi_index} "
                                 f"is not finite")
-        return dict(record_index=row, record=record, roi_feature=feature, example_valid=valid)
+        item = dict(record_index=row, record=record, roi_feature=feature, example_valid=valid)
+        if self.global_feature:
+            if self._global_features is None:
+                self._global_features = load_global_features(self.data_dir)
+            item["global_feature"] = np.asarray(self._global_features[record.roi_index], np.float32)
+            if not np.isfinite(item["global_feature"]).all():
+                raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): global feature row "
+                                    f"{record.roi_index} is not finite")
+        return item
 
     def __getstate__(self):
-        return dict(self.__dict__, _roi_features=None)
+        return dict(self.__dict__, _roi_features=None, _global_features=None)
 
     def __repr__(self) -> str:
         return f"RecordDataSource({self.data_dir!r}, {len(self.entries)} records)"
@@ -196,8 +219,9 @@ class ExampleBuilder:
         except Exception as e:  # any failure (image, tokenizer, lengths) must say which record it was
             raise PipelineError(f"record {record.id!r} (records.jsonl row {item['record_index']}): "
                                 f"{type(e).__name__}: {e}") from e
+        extra = {"global_feature": item["global_feature"]} if "global_feature" in item else {}
         return dict(example, roi_feature=item["roi_feature"], record_index=item["record_index"],
-                    example_valid=item["example_valid"])
+                    example_valid=item["example_valid"], **extra)
 
     def _build(self, record: Record) -> dict:
         cfg, tokenizer = self.cfg, self.tokenizer
@@ -252,11 +276,12 @@ def collate_examples(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int)
     patches, _ = preprocessing.pad_patches(np.concatenate([e["patches"] for e in examples]), grids,
                                            cfg.patch_bucket_sizes)
     stack = lambda key, dtype: np.stack([e[key] for e in examples]).astype(dtype)  # noqa: E731
+    extra = {"global_feature": stack("global_feature", np.float32)} if "global_feature" in examples[0] else {}
     return dict(prompt_ids=prompt_ids, prompt_valid=prompt_valid, pixel_patches=patches, image_grid_thw=grids,
                 answer_ids=answer_ids, answer_valid=answer_valid, latent_steps=stack("latent_steps", np.int32),
                 step_ids=stack("step_ids", np.int32), step_valid=stack("step_valid", bool),
                 roi_feature=stack("roi_feature", np.float32), record_index=stack("record_index", np.int32),
-                example_valid=stack("example_valid", bool))
+                example_valid=stack("example_valid", bool), **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,13 +318,13 @@ def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k
     if not 1 <= k_max <= cfg.k_max_slots:
         raise PipelineError(f"k_max={k_max} must be in 1..k_max_slots={cfg.k_max_slots}")
     process_index, process_count = _process(process_index, process_count)
-    selected = select_records(data_dir, split, k_max, k_min)
+    selected = select_records(data_dir, split, k_max, k_min, cfg.global_feature)
     rows = shard_rows(len(selected), process_index, process_count, equal=True)
     if len(rows) < cfg.batch_size:
         raise PipelineError(f"{data_dir}: process {process_index}/{process_count} gets {len(rows)} records of split "
                             f"{split!r} with latent_steps <= {k_max}, fewer than one batch of {cfg.batch_size}")
     collate = functools.partial(collate_examples, cfg=cfg, pad_id=_pad_id(tokenizer_dir))
-    source = RecordDataSource(data_dir, [(*selected[i], True) for i in rows])
+    source = RecordDataSource(data_dir, [(*selected[i], True) for i in rows], cfg.global_feature)
     ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
           .map(ExampleBuilder(data_dir, tokenizer_dir, cfg))
           .batch(cfg.batch_size, drop_remainder=True, batch_fn=collate))
@@ -326,7 +351,7 @@ def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, sp
     """Evaluation batches in file order: every record of `split` (with latent_steps <= k_max if given) exactly
     once across processes; padding examples (example_valid False) complete the last batch and even out shards."""
     process_index, process_count = _process(process_index, process_count)
-    selected = select_records(data_dir, split, k_max)
+    selected = select_records(data_dir, split, k_max, global_feature=cfg.global_feature)
     if not selected:
         raise PipelineError(f"{data_dir}: no records in split {split!r}" +
                             (f" with latent_steps <= {k_max}" if k_max is not None else ""))
@@ -336,7 +361,7 @@ def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, sp
     # A shorter shard repeats a record as invalid so all processes run the same number of batches.
     entries += [(*selected[rows[0] if rows else 0], False)] * (per_process - len(rows))
     collate = functools.partial(collate_examples, cfg=cfg, pad_id=_pad_id(tokenizer_dir))
-    ds = (grain.MapDataset.source(RecordDataSource(data_dir, entries))
+    ds = (grain.MapDataset.source(RecordDataSource(data_dir, entries, cfg.global_feature))
           .map(ExampleBuilder(data_dir, tokenizer_dir, cfg))
           .batch(cfg.batch_size, drop_remainder=False, batch_fn=collate))
     return iter(_to_iter(ds, cfg))

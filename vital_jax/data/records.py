@@ -5,6 +5,8 @@ A dataset directory holds:
   roi_features.npy            float32 (N, dv), one l2-normalised ROI feature per row (dv = 1152 for MedSigLIP)
   roi_top_patch_ids.npy       int32 (N, 5), the top-5 patches by cosine similarity with the ROI feature (App. A.5.2)
   roi_top_patch_scores.npy    float32 (N, 5), their similarities
+  global_features.npy         optional float32 (N, dv), same rows: the l2-normalised mean of all patch features of
+                              the row's whole image, no mask (f_global of Appendix C.5, for per-step targets)
   the image and mask files that records name by paths relative to the directory.
 
 `roi_index` is the record's row in the three ROI arrays, or -1 before ROI extraction; the arrays are absent until
@@ -27,6 +29,7 @@ ROI_FEATURES_FILE = "roi_features.npy"
 ROI_TOP_PATCH_IDS_FILE = "roi_top_patch_ids.npy"
 ROI_TOP_PATCH_SCORES_FILE = "roi_top_patch_scores.npy"
 ROI_TOP_PATCHES = 5
+GLOBAL_FEATURES_FILE = "global_features.npy"
 
 QUESTION_TYPES = ("yes_no", "identify", "location_choice", "location", "describe", "reasoning")
 # Allowed reasoning depth K per question type (App. A.2, "Question-type-aware prompting"; Table 4).
@@ -213,6 +216,25 @@ def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:
             want = f"{np.dtype(dtype).name} ({rows}, {width if width is not None else 'dv'})"
             raise RecordError(f"{present[key]}: {a.dtype.name} {a.shape}, expected {want}")
     return arrays
+
+
+def load_global_features(data_dir: str) -> np.ndarray | None:
+    """`global_features.npy` memory-mapped, or None when absent. Raises RecordError when it is unreadable or its
+    shape / dtype disagree with roi_features.npy (float32, one row per ROI row, same dv)."""
+    path = os.path.join(data_dir, GLOBAL_FEATURES_FILE)
+    if not os.path.exists(path):
+        return None
+    roi = load_roi_arrays(data_dir)
+    if roi is None:
+        raise RecordError(f"{path} exists but the ROI arrays do not; rerun vital_jax.data.roi")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise RecordError(f"{path}: unreadable .npy file ({e})") from e
+    if array.dtype != np.float32 or array.shape != roi["features"].shape:
+        raise RecordError(f"{path}: {array.dtype.name} {array.shape}, expected float32 {roi['features'].shape} "
+                          f"(the shape of {ROI_FEATURES_FILE})")
+    return array
 
 
 def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:

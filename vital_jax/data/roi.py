@@ -27,8 +27,12 @@ margins relative to the box size, a centred canvas, the 0.5 validity cut, masks 
 Dataset level: `extract_dataset_rois` fills a record directory's `roi_features.npy` (N, dv) float32,
 `roi_top_patch_ids.npy` (N, 5) int32 and `roi_top_patch_scores.npy` (N, 5) float32 (one row per distinct
 (image, mask) pair) and rewrites `records.jsonl` with each record's `roi_index`; every file is replaced atomically.
+With `global_features=True` (or when the directory already has one) it also writes `global_features.npy`, the
+same rows' f_global (Appendix C.5: the l2-normalised mean of all patch features of the whole image, plain resize,
+no mask), which the per-step visual targets (`vital.visual_target="interpolated"`) interpolate from.
 
 CLI: python -m vital_jax.data.roi --data_dir=DIR --encoder_dir=HF_SIGLIP_DIR [--threshold=0.2 --padding=0.05]
+     [--global_features]
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vital_jax.data.records import (RECORDS_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE,
-                                    Record, read_records)
+from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
+                                    ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl.preprocessing import ImageLoadError, load_image
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
@@ -289,6 +293,37 @@ def extract_roi_features(images: Sequence, masks: Sequence, encoder: RoiEncoder,
         roi_patches=np.stack(roi_patches), valid_patches=np.stack(valid_patches))
 
 
+def extract_global_features(images: Sequence, encoder: RoiEncoder, params, batch_size: int = 8,
+                            names: Sequence[str] | None = None) -> np.ndarray:
+    """f_global (Appendix C.5) of N images: the whole image plain-resized to the encoder size (as the full-image
+    pathway encodes it), every patch feature averaged, l2-normalised. Returns (N, dv) float32.
+    Raises RoiError naming the image for an unreadable file or a non-finite feature."""
+    names = [f"image {i}" for i in range(len(images))] if names is None else list(names)
+    if len(names) != len(images):
+        raise ValueError(f"got {len(names)} names for {len(images)} images")
+    if not images:
+        raise ValueError("extract_global_features got no images")
+    size, num_patches = encoder.image_size, encoder.grid_size ** 2
+    features = []
+    for start in range(0, len(images), batch_size):
+        chunk = range(start, min(start + batch_size, len(images)))
+        pixels = np.zeros((batch_size, size, size, 3), np.float32)
+        pool = np.zeros((batch_size, num_patches), bool)
+        for row, i in enumerate(chunk):
+            try:
+                pixels[row] = encoder.preprocessor(Image.fromarray(load_image(images[i])))
+            except ImageLoadError as e:
+                raise RoiError(f"{names[i]}: {e}") from e
+            pool[row] = True
+        pooled = _encode_and_pool(encoder, 1, params, pixels, pool)[0]
+        features.append(np.asarray(pooled)[:len(chunk)])
+    features = np.concatenate(features)
+    bad = np.flatnonzero(~np.isfinite(features).all(1))
+    if bad.size:
+        raise RoiError(f"{names[bad[0]]}: the global feature is not finite ({bad.size} of {len(features)} images)")
+    return features
+
+
 def _collect(out: dict, result, count: int) -> None:
     for key, value in zip(("features", "top_ids", "top_scores", "patch_norms"), result):
         out[key].append(np.asarray(value)[:count])
@@ -419,12 +454,15 @@ def unique_pairs(records: Sequence[Record]) -> tuple[list[tuple[str, str]], list
 
 
 def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2, padding: float = 0.05,
-                         batch_size: int = 8, feature_layer: str = "last_block") -> RoiFeatures:
+                         batch_size: int = 8, feature_layer: str = "last_block",
+                         global_features: bool = False) -> RoiFeatures:
     """Compute ROI features for every record of `data_dir` and write them (the record-directory contract).
 
     Identical (image, mask) pairs share one row. Writes roi_features.npy (M, dv) float32, roi_top_patch_ids.npy
     (M, 5) int32, roi_top_patch_scores.npy (M, 5) float32 and rewrites records.jsonl with `roi_index` set (other
-    fields kept). records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
+    fields kept). With `global_features` (or when global_features.npy already exists: its rows must follow the
+    new roi_index) also global_features.npy (M, dv) float32, f_global of each row's image, each distinct image
+    encoded once. records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
     (RecordError naming file, line and id) before any encoding. All files are first written beside their targets
     and only renamed into place once everything succeeded, so an error leaves the directory as it was;
     re-running recomputes everything.
@@ -443,12 +481,25 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
     result = extract_roi_features([os.path.join(data_dir, image) for image, _ in pairs],
                                   [os.path.join(data_dir, mask) for _, mask in pairs], encoder, params, cfg, names)
 
+    global_rows = None
+    if global_features or os.path.exists(os.path.join(data_dir, GLOBAL_FEATURES_FILE)):
+        image_rows: dict[str, int] = {}
+        image_names = []  # each distinct image named by the first record that uses it
+        for (image, _), name in zip(pairs, names):
+            if image not in image_rows:
+                image_rows[image] = len(image_rows)
+                image_names.append(name)
+        per_image = extract_global_features([os.path.join(data_dir, image) for image in image_rows], encoder,
+                                            params, batch_size, image_names)
+        global_rows = per_image[[image_rows[image] for image, _ in pairs]]
+
     updated = [dataclasses.replace(record, roi_index=row) for record, row in zip(records, roi_index)]
     lines = "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in updated)
     outputs = {
         ROI_FEATURES_FILE: lambda f: np.save(f, result.features.astype(np.float32)),
         ROI_TOP_PATCH_IDS_FILE: lambda f: np.save(f, result.top_ids.astype(np.int32)),
         ROI_TOP_PATCH_SCORES_FILE: lambda f: np.save(f, result.top_scores.astype(np.float32)),
+        **({} if global_rows is None else {GLOBAL_FEATURES_FILE: lambda f: np.save(f, global_rows.astype(np.float32))}),
         # records.jsonl last, so its roi_index never points past arrays that are not in place yet.
         RECORDS_FILE: lambda f: f.write(lines.encode("utf-8")),
     }
@@ -482,10 +533,12 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
-    result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size, f.feature_layer)
+    result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size, f.feature_layer,
+                                  f.global_features)
     counts = {p: int((result.pathway == p).sum()) for p in (FULL, CROP)}
+    with_global = os.path.exists(os.path.join(f.data_dir, GLOBAL_FEATURES_FILE))
     print(f"wrote {len(result.features)} ROI features (dv={result.features.shape[1]}) to {f.data_dir}: "
-          f"{counts[FULL]} full-image, {counts[CROP]} tight-crop")
+          f"{counts[FULL]} full-image, {counts[CROP]} tight-crop" + (", and their global features" if with_global else ""))
 
 
 if __name__ == "__main__":
@@ -497,4 +550,6 @@ if __name__ == "__main__":
     flags.DEFINE_float("padding", 0.05, "crop margin ratio P")
     flags.DEFINE_integer("batch_size", 8, "images per encoder batch")
     flags.DEFINE_enum("feature_layer", "last_block", list(FEATURE_LAYERS), "which SigLIP output to pool")
+    flags.DEFINE_bool("global_features", False, "also write global_features.npy (f_global, Appendix C.5), needed "
+                      "by vital.visual_target='interpolated'")
     app.run(main)

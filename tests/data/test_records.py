@@ -162,6 +162,19 @@ def test_validate_reports_missing_and_mismatched_roi_arrays(tmp_path):
     assert any("expected float32 (2, 5)" in p for p in records.validate_dataset(str(tmp_path)))
 
 
+def test_validate_checks_the_optional_global_features(tmp_path):
+    _write_dataset(tmp_path, n=3, roi_rows=_unit_rows(3))
+    np.save(tmp_path / records.GLOBAL_FEATURES_FILE, _unit_rows(3, seed=1).astype(np.float32))
+    assert records.validate_dataset(str(tmp_path)) == []
+    bad = _unit_rows(3, seed=1).astype(np.float32)
+    bad[2] *= 3.0
+    np.save(tmp_path / records.GLOBAL_FEATURES_FILE, bad)
+    assert any("global_features.npy: 1 row(s) not finite and unit-norm, e.g. rows [2]" in p
+               for p in records.validate_dataset(str(tmp_path)))
+    np.save(tmp_path / records.GLOBAL_FEATURES_FILE, _unit_rows(2).astype(np.float32))
+    assert any("global_features.npy: float32 (2, " in p for p in records.validate_dataset(str(tmp_path)))
+
+
 def test_validate_cli_exit_codes(tmp_path):
     _write_dataset(tmp_path, n=2)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -262,6 +262,18 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
     except RecordError as e:
         problems.append(str(e))
         roi = None
+    if roi is not None:
+        try:
+            global_rows = load_global_features(data_dir)
+        except RecordError as e:
+            problems.append(str(e))
+        else:
+            if global_rows is not None:
+                norms = np.linalg.norm(np.asarray(global_rows, np.float64), axis=1)
+                bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE))
+                if bad.size:
+                    problems.append(f"{os.path.join(data_dir, GLOBAL_FEATURES_FILE)}: {bad.size} row(s) not finite "
+                                    f"and unit-norm, e.g. rows {bad[:5].tolist()}")
     seen: set[str] = set()
     for record in records:
         label = f"record {record.id!r}"

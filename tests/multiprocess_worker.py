@@ -268,7 +268,7 @@ def run_meshes(args) -> None:
     import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding
 
-    from vital_jax import sharding
+    from vital_jax import distributed, sharding
     from vital_jax.vital.batch import from_numpy
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -287,9 +287,11 @@ def run_meshes(args) -> None:
             mesh = sharding.make_mesh(shape)
             state_sh, state_report = sharding.tree_shardings(state, mesh)
             frozen_sh, frozen_report = sharding.tree_shardings(frozen, mesh)
-            batch_sh, batch_report = sharding.batch_shardings(batch, mesh)
+            # The batch as training builds it: each batch shard's patches packed into its own slice.
+            mesh_batch = distributed.global_vital_batch(data, model.backbone_config, mesh)
+            batch_sh, batch_report = sharding.batch_shardings(mesh_batch, mesh)
             placed = (sharding.shard(state, state_sh), sharding.shard(frozen, frozen_sh),
-                      sharding.shard(batch, batch_sh))
+                      sharding.shard(mesh_batch, batch_sh))
             with jax.set_mesh(mesh):
                 lowered = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
                                   out_shardings=(state_sh, None)).lower(*placed)
@@ -302,8 +304,9 @@ def run_meshes(args) -> None:
         _, scan_state, scan_frozen, scan_step_fn = make_step(scan_model)(scan_params)
         scan_mesh = sharding.make_mesh((2, 2, 2))
         scan_sh = [sharding.tree_shardings(tree, scan_mesh)[0] for tree in (scan_state, scan_frozen)]
-        scan_sh.append(sharding.batch_shardings(batch, scan_mesh)[0])
-        scan_placed = tuple(sharding.shard(x, sh) for x, sh in zip((scan_state, scan_frozen, batch), scan_sh))
+        scan_batch = distributed.global_vital_batch(data, model.backbone_config, scan_mesh)
+        scan_sh.append(sharding.batch_shardings(scan_batch, scan_mesh)[0])
+        scan_placed = tuple(sharding.shard(x, sh) for x, sh in zip((scan_state, scan_frozen, scan_batch), scan_sh))
         with jax.set_mesh(scan_mesh):
             scan_lowered = jax.jit(scan_step_fn, in_shardings=tuple(scan_sh),
                                    out_shardings=(scan_sh[0], None)).lower(*scan_placed)
@@ -339,6 +342,7 @@ def run_meshes(args) -> None:
                        if not (isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == mesh.shape)]
         mem = max(sum(s.data.nbytes for x in jax.tree.leaves(new_state.params) for s in x.addressable_shards
                       if s.device == d) for d in mesh.devices.flat)
+        _emit("packing", mesh=list(shape), **packing_facts(placed[2], data, model))
         _emit("mesh", mesh=list(shape), loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
               params=compare(flat(new_state.params), ref_params), opt_state=compare(flat(new_state.opt_state), ref_opt),
               specs=specs, out_of_mesh=out_of_mesh, max_param_bytes_per_device=int(mem),
@@ -373,6 +377,38 @@ def run_meshes(args) -> None:
                       on_target_shardings=bool(on_mesh), leaves=len(restored_flat),
                       q_proj_spec=[list(a) if isinstance(a, tuple) else a for a in q.sharding.spec],
                       q_proj_shard_shape=list(q.addressable_shards[0].data.shape))
+
+
+def packing_facts(batch, data, model) -> dict:
+    """Where `distributed.global_vital_batch` put each example's patches: for every device, whether its slice of
+    the packed patches holds exactly the patches of the examples in its batch rows (then zero padding), and
+    whether those examples' image tokens index merged rows inside that slice; plus whether attention segments
+    are unique across slices."""
+    import numpy as np
+
+    merge = model.backbone_config.vision.merge_unit
+    sizes = [int(np.prod(g)) for g in data["image_grid_thw"]]
+    starts = np.cumsum([0] + sizes)
+    index = np.asarray(batch.prefix.image_feature_index)
+    image_tokens = (np.asarray(batch.prefix.input_ids) == IMG) & np.asarray(batch.prefix.token_valid)
+    local, indexed = True, True
+    for patch_shard in batch.prefix.pixel_patches.addressable_shards:
+        rows = patch_shard.index[0].indices(batch.prefix.pixel_patches.shape[0])
+        examples = [s.index[0] for s in batch.prefix.input_ids.addressable_shards if s.device == patch_shard.device]
+        members = range(*examples[0].indices(index.shape[0]))
+        expected = np.concatenate([data["pixel_patches"][starts[i]:starts[i + 1]] for i in members])
+        got = np.asarray(patch_shard.data)
+        local &= bool(np.array_equal(got[:len(expected)], expected) and not got[len(expected):].any())
+        lo, hi = rows[0] // merge, rows[1] // merge
+        indexed &= all(lo <= int(r) < hi for i in members for r in index[i][image_tokens[i]])
+    by_rows = {}  # slices replicated over "tensor" appear once per device: key them by their rows
+    segment_ids = batch.prefix.vision_inputs.segment_ids
+    for shard in segment_ids.addressable_shards:
+        by_rows[shard.index[0].indices(segment_ids.shape[0])[:2]] = set(np.asarray(shard.data).tolist()) - {0}
+    segments_by_slice = list(by_rows.values())
+    unique = all(not (a & b) for i, a in enumerate(segments_by_slice) for b in segments_by_slice[i + 1:])
+    return {"patches_local": local, "index_local": indexed, "segments_unique": unique,
+            "slices": len(segments_by_slice), "packed_rows": int(batch.prefix.pixel_patches.shape[0])}
 
 
 def fsdp_tensor_matmul(mesh) -> dict:

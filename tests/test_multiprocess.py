@@ -87,6 +87,12 @@ def test_global_batch_in_one_process_equals_the_plain_batch():
     mesh = sharding.make_mesh((-1, 1, 1))
     batch = distributed.global_vital_batch(local, model.backbone_config, mesh)
     assert batch.prefix.pixel_patches.shape == (60, 16)
+    # One batch shard: the patches are in batch order, so the explicit index is the implicit one (the k-th image
+    # token of the batch takes merged row k). Several shards are checked on 8 devices (tests/test_sharding.py).
+    index = np.asarray(batch.prefix.image_feature_index)
+    image_tokens = (local["prompt_ids"] == worker.IMG) & local["prompt_valid"]
+    np.testing.assert_array_equal(index[image_tokens], np.arange(image_tokens.sum()))
+    batch = batch.replace(prefix=batch.prefix.replace(image_feature_index=None))
     got, want = jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree_util.tree_flatten_with_path(expected)[0]
     assert [p for p, _ in got] == [p for p, _ in want]
     for (path, x), (_, y) in zip(got, want):

@@ -265,6 +265,13 @@ def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_mesh
     constrained = next(r for r in results if r["kind"] == "constrain")
     assert constrained["spec"] == [["data", "fsdp"], None, "tensor"] and constrained["shard_shape"] == [2, 3, 2, 5]
 
+    # Training's global batch packs each batch shard's patches into that shard's own slice of the patch array.
+    packings = {tuple(r["mesh"]): r for r in results if r["kind"] == "packing"}
+    assert sorted(packings) == sorted(by_mesh)
+    for shape, r in packings.items():
+        assert r["patches_local"] and r["index_local"] and r["segments_unique"], (shape, r)
+    assert packings[(8, 1, 1)]["slices"] == 8 and packings[(2, 2, 2)]["slices"] == 4
+
     # Our Linear gathers its weight over fsdp (`sharding.constrain_weight`), which keeps the (2, 2, 2) matmul
     # right whatever XLA does with the raw dot (jax 0.10.2 gets the raw one wrong, which is reported, not asserted).
     hazard = next(r for r in results if r["kind"] == "fsdp_tensor_matmul")

@@ -16,10 +16,10 @@ VITAL_DISTRIBUTED=off disables all of it; VITAL_DISTRIBUTED=on forces step 3's a
 jax can detect, e.g. Open MPI).
 
 Global batches: the input pipeline yields each process's own examples (numpy, `vital_jax.data.pipeline` contract,
-shapes bucketed per process). `global_vital_batch` agrees on shapes across processes, assembles the packed image
-patches of the *whole* batch in global example order (the Qwen3-VL model matches the k-th image token of the
-flattened batch with merged patch row k, so every process's images must sit in one packing with padding only at
-the end) and returns a VitalBatch of global `jax.Array`s sharded over the mesh's batch axes.
+shapes bucketed per process). `global_vital_batch` agrees on shapes across processes and returns a VitalBatch of
+global `jax.Array`s sharded over the mesh's batch axes. Image patches never leave their process: the examples of
+each batch shard are packed into that shard's own slice of the patch array (sharded like the batch), and
+`PrefixInputs.image_feature_index` tells the model which merged row each image token takes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -208,9 +209,12 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
     Every process calls it with its own `local` (same batch size everywhere; the process supplies the global rows
     `process_rows` names, in order). Prompts are left-padded to the longest Tp of all processes; the other
-    per-example arrays must agree in shape. Image patches of all processes are gathered (host all-gather) and
-    packed in global example order, padded to process_count x the largest local Np; the packed arrays are sharded
-    over the batch axes when that divides, else replicated (the report of `sharding.batch_specs` is logged).
+    per-example arrays must agree in shape. Image patches stay local: with S batch shards of B/S examples, shard
+    j's examples are packed (in row order) into rows [j * Np_s, (j + 1) * Np_s) of the packed arrays, which are
+    sharded over the batch axes like the examples, so each device holds exactly its own examples' patches and the
+    hosts exchange only a few integers. Np_s is the same for every shard: the pipeline's per-process bucket split
+    over the process's shards, doubled until the fullest shard fits (so shapes stay few). Attention segments are
+    made unique across shards, and `image_feature_index` (B, Tp) gives each image token its merged-feature row.
     Works unchanged in a single process.
     """
     local = {k: np.asarray(v) for k, v in local.items()}
@@ -223,7 +227,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     grids = np.asarray(local["image_grid_thw"], np.int64).reshape(-1, 3) if has_images else np.zeros((0, 3))
     if has_images and len(grids) != b_local:
         raise ValueError(f"image_grid_thw has {len(grids)} rows for {b_local} examples (one image per example)")
-    n_real = int(np.prod(grids, axis=1).sum())
 
     global_b = b_local * nproc
     batch_spec, notes = sharding.spec_for(("batch",), (global_b,), mesh)
@@ -234,16 +237,27 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     if len(rows) != b_local:
         raise ValueError(f"process {jax.process_index()} addresses {len(rows)} of {global_b} batch rows but holds "
                          f"{b_local} examples: the mesh's batch axes must split the batch evenly over processes")
+    batch_axes = () if not len(batch_spec) or batch_spec[0] is None else (
+        (batch_spec[0],) if isinstance(batch_spec[0], str) else tuple(batch_spec[0]))
+    num_shards = math.prod(mesh.shape[a] for a in batch_axes)
+    shard_size = global_b // num_shards
+    my_shards = sorted({int(r) // shard_size for r in rows})
+    sizes = np.prod(grids, axis=1) if has_images else np.zeros((0,), np.int64)
+    shard_patches = [int(sizes[rows // shard_size == j].sum()) for j in my_shards]
+    shard_frames = [int(grids[rows // shard_size == j, 0].sum()) for j in my_shards] if has_images else [0]
 
-    # 1. Agree on shapes: one int vector per process (real patches, local Np, Tp, the fixed trailing dims).
+    # 1. Agree on shapes: one int vector per process (fullest shard, largest Np share, most frames in a shard,
+    #    Tp, the fixed trailing dims).
+    merge = config.vision.merge_unit
+    np_share = local["pixel_patches"].shape[0] // len(my_shards) if has_images else 0
     fixed = [s for k in keys if k not in ("prompt_ids", "prompt_valid") for s in local[k].shape[1:]]
-    n_local_patches = local["pixel_patches"].shape[0] if has_images else 0
-    meta = np.asarray([n_real, n_local_patches, local["prompt_ids"].shape[1], *fixed], np.int64)
-    all_meta = np.asarray(multihost_utils.process_allgather(meta))
-    if (all_meta[:, 3:] != all_meta[:1, 3:]).any():
+    meta = np.asarray([max(shard_patches), np_share, max(shard_frames), local["prompt_ids"].shape[1], *fixed],
+                      np.int64)
+    all_meta = np.asarray(multihost_utils.process_allgather(meta)).reshape(nproc, -1)
+    if (all_meta[:, 4:] != all_meta[:1, 4:]).any():
         raise ValueError(f"per-example array shapes (other than the prompt length) differ between processes: "
-                         f"{all_meta[:, 3:].tolist()} for the trailing dims of {keys}")
-    tp = int(all_meta[:, 2].max())
+                         f"{all_meta[:, 4:].tolist()} for the trailing dims of {keys}")
+    tp = int(all_meta[:, 3].max())
     pad = tp - local["prompt_ids"].shape[1]
     if pad:
         local["prompt_ids"] = np.pad(local["prompt_ids"], ((0, 0), (pad, 0)))
@@ -261,41 +275,48 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     positions = jax.make_array_from_process_local_data(NamedSharding(mesh, pos_spec), positions.astype(np.int32),
                                                        (3, global_b, tp))
 
-    # 3. Packed images: gather every process's real patches and grids, pack them in global row order.
-    pixel_patches = vis = None
+    # 3. Packed images, one slice per batch shard (see the docstring).
+    pixel_patches = vis = feature_index = None
     if has_images:
-        max_real = int(all_meta[:, 0].max())
+        base = max(merge, -(-int(all_meta[:, 1].max()) // merge) * merge)
+        fullest = int(all_meta[:, 0].max())
+        np_shard = base * 2 ** max(0, math.ceil(math.log2(max(fullest, 1) / base)))
+        frames_cap = int(all_meta[:, 2].max())
+        starts = np.concatenate([[0], np.cumsum(sizes)])
         patch_dim = local["pixel_patches"].shape[1]
-        mine = np.zeros((max_real, patch_dim), np.float32)
-        mine[:n_real] = local["pixel_patches"][:n_real]
-        gathered = multihost_utils.process_allgather(
-            {"patches": mine, "grids": grids.astype(np.int64), "rows": rows})
-        order, chunks = [], []
-        for p in range(nproc):
-            sizes = np.prod(gathered["grids"][p], axis=1)
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            for i, row in enumerate(gathered["rows"][p]):
-                order.append(int(row))
-                chunks.append((gathered["patches"][p][starts[i]:starts[i + 1]], tuple(gathered["grids"][p][i])))
-        chunks = [chunks[i] for i in np.argsort(order, kind="stable")]
-        total_real = int(all_meta[:, 0].sum())
-        np_global = max(nproc * int(all_meta[:, 1].max()), total_real)
-        merge = config.vision.merge_unit
-        np_global = -(-np_global // merge) * merge
-        packed = np.zeros((np_global, patch_dim), np.float32)
-        packed[:total_real] = np.concatenate([c for c, _ in chunks]) if chunks else packed[:0]
-        vis_np = vision_inputs([g for _, g in chunks], config.vision, pad_to=np_global)
-        packed_spec, notes = sharding.spec_for(("packed", None), packed.shape, mesh)
-        if notes:
-            logger.info("packed patches: %s", "; ".join(notes))
-        place = lambda x: global_from_host_copy(  # noqa: E731
-            x, NamedSharding(mesh, PartitionSpec(*(tuple(packed_spec)[:1] + (None,) * (x.ndim - 1)))))
-        pixel_patches = place(packed)
-        vis = VisionInputs(segment_ids=place(vis_np.segment_ids), positions=place(vis_np.positions),
-                           interp_index=place(vis_np.interp_index), interp_weight=place(vis_np.interp_weight))
+        image_mask = (local["prompt_ids"] == config.image_token_id) & local["prompt_valid"].astype(bool)
+        index = np.zeros((b_local, tp), np.int32)
+        blocks = []
+        for j in my_shards:
+            members = [i for i in range(b_local) if rows[i] // shard_size == j]
+            packed = np.zeros((np_shard, patch_dim), np.float32)
+            offset = 0
+            for i in members:
+                packed[offset:offset + sizes[i]] = local["pixel_patches"][starts[i]:starts[i + 1]]
+                tokens = np.flatnonzero(image_mask[i])
+                if len(tokens) * merge != sizes[i]:
+                    raise ValueError(f"batch row {int(rows[i])}: {len(tokens)} image tokens in the prompt but "
+                                     f"{int(sizes[i])} patches (grid {grids[i].tolist()}) = {sizes[i] // merge} "
+                                     f"merged features")
+                index[i, tokens] = j * (np_shard // merge) + offset // merge + np.arange(len(tokens))
+                offset += int(sizes[i])
+            block = vision_inputs([tuple(grids[i]) for i in members], config.vision, pad_to=np_shard)
+            segments = np.where(block.segment_ids > 0, block.segment_ids + j * frames_cap, 0).astype(np.int32)
+            blocks.append((packed, dataclasses.replace(block, segment_ids=segments)))
+        np_global = num_shards * np_shard
+        packed_sharding = NamedSharding(mesh, PartitionSpec(batch_spec[0] if batch_axes else None))
+        expected_rows = np.concatenate([np.arange(j * np_shard, (j + 1) * np_shard) for j in my_shards])
+        if not np.array_equal(process_rows(packed_sharding, (np_global,)), expected_rows):
+            raise ValueError("the packed patch rows this process holds do not follow its batch shards")
+        place = lambda parts: jax.make_array_from_process_local_data(  # noqa: E731
+            packed_sharding, np.concatenate(parts), (np_global,) + parts[0].shape[1:])
+        pixel_patches = place([p for p, _ in blocks])
+        vis = VisionInputs(**{field: place([getattr(v, field) for _, v in blocks])
+                              for field in ("segment_ids", "positions", "interp_index", "interp_weight")})
+        feature_index = per_example(index, ("batch", None))
 
     prefix = PrefixInputs(input_ids=arrays["prompt_ids"], token_valid=arrays["prompt_valid"], positions=positions,
-                          pixel_patches=pixel_patches, vision_inputs=vis)
+                          pixel_patches=pixel_patches, vision_inputs=vis, image_feature_index=feature_index)
     return VitalBatch(prefix=prefix, answer_ids=arrays["answer_ids"], answer_valid=arrays["answer_valid"],
                       latent_steps=arrays["latent_steps"], step_ids=arrays["step_ids"],
                       step_valid=arrays["step_valid"], roi_feature=arrays["roi_feature"],

@@ -29,6 +29,9 @@ class PrefixInputs:
     input_ids, token_valid: (B, Tp), left-padded so every prompt ends at slot Tp - 1.
     positions: (3, B, Tp) MRoPE positions (from `mrope.get_rope_index`).
     pixel_patches: (Np, C*T*ps*ps) or None; vision_inputs: the matching `VisionInputs` or None.
+    image_feature_index: (B, Tp) int32 or None: the merged-feature row of each image token when the patches are
+      not packed in batch order (`distributed.global_vital_batch` packs each batch shard's examples into its own
+      slice); None: the k-th image token of the batch takes row k.
     """
 
     input_ids: jax.Array
@@ -36,6 +39,7 @@ class PrefixInputs:
     positions: jax.Array
     pixel_patches: jax.Array | None = None
     vision_inputs: VisionInputs | None = None
+    image_feature_index: jax.Array | None = None
 
 
 def _rngs(rng, *salt):
@@ -55,7 +59,8 @@ def encode_prefix(backbone: Qwen3VLForConditionalGeneration, backbone_params, pr
     batch = prefix.input_ids.shape[0]
     out = backbone.apply({"params": backbone_params}, input_ids=prefix.input_ids, token_valid=prefix.token_valid,
                          positions=prefix.positions, pixel_patches=prefix.pixel_patches,
-                         vision_inputs=prefix.vision_inputs, kv_cache=init_cache(backbone.config, batch, cache_len),
+                         vision_inputs=prefix.vision_inputs, image_feature_index=prefix.image_feature_index,
+                         kv_cache=init_cache(backbone.config, batch, cache_len),
                          return_logits=False, deterministic=deterministic, rngs=_rngs(rng, 0))
     return out.kv_cache, generation.gather_last(out.hidden_states, prefix.token_valid)
 

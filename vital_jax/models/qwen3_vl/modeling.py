@@ -49,13 +49,19 @@ class TextModel(nn.Module):
                            max_position)
 
 
-def scatter_image_features(x_btd: jax.Array, image_mask_bt: jax.Array, features_md: jax.Array) -> jax.Array:
-    """Place features (M, D) at the True positions of image_mask (B, T), in row-major order; zeros elsewhere.
+def scatter_image_features(x_btd: jax.Array, image_mask_bt: jax.Array, features_md: jax.Array,
+                           feature_index_bt: jax.Array | None = None) -> jax.Array:
+    """Place features (M, D) at the True positions of image_mask (B, T); zeros elsewhere.
 
-    The k-th image token of the flattened batch takes row k of `features`; rows beyond the number of image
-    tokens (bucket padding) are never read.
+    Without `feature_index_bt` the k-th image token of the flattened batch (row major) takes row k of `features`;
+    rows beyond the number of image tokens (bucket padding) are never read. With it (B, T) int32, each image token
+    takes the row its entry names (entries at other positions are ignored): for packings that are not in batch
+    order, e.g. each device's examples packed into that device's slice of the patch array.
     """
-    order = jnp.cumsum(image_mask_bt.reshape(-1).astype(jnp.int32)) - 1
+    if feature_index_bt is None:
+        order = jnp.cumsum(image_mask_bt.reshape(-1).astype(jnp.int32)) - 1
+    else:
+        order = feature_index_bt.reshape(-1)
     gathered = jnp.take(features_md, jnp.clip(order, 0, features_md.shape[0] - 1), axis=0)
     gathered = gathered.reshape(x_btd.shape[:2] + (features_md.shape[-1],)).astype(x_btd.dtype)
     return jnp.where(image_mask_bt[..., None], gathered, jnp.zeros_like(x_btd))
@@ -90,13 +96,14 @@ class Qwen3VLForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids=None, inputs_embeds=None, positions=None, token_valid=None,
                  pixel_patches=None, vision_inputs: VisionInputs | None = None, image_features=None,
-                 kv_cache: KVCache | None = None, return_logits: bool = True,
+                 image_feature_index=None, kv_cache: KVCache | None = None, return_logits: bool = True,
                  deterministic: bool = True) -> Qwen3VLOutput:
         """input_ids (B, T) int or inputs_embeds (B, T, D); positions (3, B, T) int (required with images);
         token_valid (B, T) bool; images as pixel_patches (N, C*T*ps*ps) + vision_inputs (from
         `vision.vision_inputs(grids, config.vision, pad_to)`), or precomputed image_features
         (image_embeds (M, D), [deepstack (M, D), ...]). The k-th valid `<|image_pad|>` token of the batch (row
-        major) takes merged feature k; the caller guarantees their counts match (see `prompt.py`)."""
+        major) takes merged feature k (the caller guarantees their counts match, see `prompt.py`), or the row
+        `image_feature_index` (B, T) int32 names (see `scatter_image_features`)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -116,8 +123,9 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 raise ValueError("prompts with images need explicit (3, B, T) positions from mrope.get_rope_index")
             image_embeds, deepstack = image_features
             image_mask = (input_ids == cfg.image_token_id) & token_valid
-            x = jnp.where(image_mask[..., None], scatter_image_features(x, image_mask, image_embeds), x)
-            residual_adds = [scatter_image_features(x, image_mask, f) for f in deepstack]
+            x = jnp.where(image_mask[..., None],
+                          scatter_image_features(x, image_mask, image_embeds, image_feature_index), x)
+            residual_adds = [scatter_image_features(x, image_mask, f, image_feature_index) for f in deepstack]
 
         max_position = None
         if positions is None:

@@ -42,12 +42,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
-from vital_jax import sharding  # noqa: E402
+from vital_jax import distributed, sharding  # noqa: E402
 from vital_jax.layers.linear import LoraConfig  # noqa: E402
 from vital_jax.models.qwen3.config import Qwen3Config  # noqa: E402
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig  # noqa: E402
 from vital_jax.vital import trainable  # noqa: E402
-from vital_jax.vital.batch import from_numpy  # noqa: E402
 from vital_jax.vital.config import VitalConfig  # noqa: E402
 from vital_jax.vital.model import VitalModel  # noqa: E402
 from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E402
@@ -85,8 +84,9 @@ def compile_memory(args, mesh_shape, backbone_layers: int, decoder_layers: int) 
     state, frozen = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
     np_batch = synthetic_batch(model.backbone_config, args.batch, args.prompt_len, 28, args.answer_len, args.k,
                                args.step_len, 1152)
-    batch = from_numpy(np_batch, model.backbone_config)  # ~40 MB of host data: the only concrete inputs
     mesh = sharding.make_mesh(mesh_shape)
+    # As training builds it: each batch shard's patches in its own slice (~40 MB: the only concrete inputs).
+    batch = distributed.global_vital_batch(np_batch, model.backbone_config, mesh)
     state_sh, _ = sharding.tree_shardings(state, mesh)
     frozen_sh, _ = sharding.tree_shardings(frozen, mesh)
     batch_sh, _ = sharding.batch_shardings(batch, mesh)

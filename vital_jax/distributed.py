@@ -214,7 +214,9 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     sharded over the batch axes like the examples, so each device holds exactly its own examples' patches and the
     hosts exchange only a few integers. Np_s is the same for every shard: the pipeline's per-process bucket split
     over the process's shards, doubled until the fullest shard fits (so shapes stay few). Attention segments are
-    made unique across shards, and `image_feature_index` (B, Tp) gives each image token its merged-feature row.
+    made unique across shards, the vision tower attends within each slice (`VisionInputs.num_slices`: scores of
+    (S, Np/S, Np/S), not (Np, Np), which a pod-sized global batch could not hold), and `image_feature_index`
+    (B, Tp) gives each image token its merged-feature row.
     Works unchanged in a single process.
     """
     local = {k: np.asarray(v) for k, v in local.items()}
@@ -312,7 +314,8 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
             packed_sharding, np.concatenate(parts), (np_global,) + parts[0].shape[1:])
         pixel_patches = place([p for p, _ in blocks])
         vis = VisionInputs(**{field: place([getattr(v, field) for _, v in blocks])
-                              for field in ("segment_ids", "positions", "interp_index", "interp_weight")})
+                              for field in ("segment_ids", "positions", "interp_index", "interp_weight")},
+                           num_slices=num_shards)  # attention within each shard's slice only
         feature_index = per_example(index, ("batch", None))
 
     prefix = PrefixInputs(input_ids=arrays["prompt_ids"], token_valid=arrays["prompt_valid"], positions=positions,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from vital_jax.models import hf_config, hf_mapping
-from vital_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, num_patches, vision_inputs
+from vital_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, VisionInputs, num_patches, vision_inputs
 from vital_jax.models.qwen3_vl.vision_config import Qwen3VLVisionConfig
 from vital_jax.models.qwen3_vl.vision_params import (VISION_RULES, abstract_params, load_vision_params,
                                                      rules_for)
@@ -149,6 +149,31 @@ def test_padded_form_matches_hf_and_compiles_once(tower):
         assert valid.sum() == len(real) // 4 and valid[:len(real) // 4].all()
         _assert_matches(ours, _hf_visual(hf, real, grid), rows=valid)
     assert len(traces) == 1
+
+
+def test_slices_attend_within_themselves_and_match_hf(tower):
+    """Two slices of 48 patches (each padded), as `distributed.global_vital_batch` packs two batch shards:
+    attention per slice gives HF's features for the real patches of each. The slices reuse segment ids 1, 2 on
+    purpose: only attention restricted to each slice keeps them apart (one global mask would mix them)."""
+    hf, config, params, _ = tower
+    grids = [((1, 4, 6), (1, 4, 4)), ((1, 8, 4),)]
+    slices, real = [], []
+    for seed, grid in enumerate(grids):
+        pixels = _pixels(config, grid, seed)
+        inputs = vision_inputs(grid, config, pad_to=48)
+        slices.append((np.concatenate([pixels, np.zeros((48 - len(pixels), config.patch_dim), np.float32)]), inputs))
+        real.append(pixels)
+    both = VisionInputs(**{f: np.concatenate([getattr(v, f) for _, v in slices])
+                           for f in ("segment_ids", "positions", "interp_index", "interp_weight")}, num_slices=2)
+    ours = jax.jit(Qwen3VLVisionModel(config).apply)({"params": params}, np.concatenate([p for p, _ in slices]), both)
+    assert ours[0].shape == (24, config.out_hidden_size)
+    for k, (grid, pixels) in enumerate(zip(grids, real)):
+        rows = np.zeros(24, bool)
+        rows[12 * k:12 * k + len(pixels) // 4] = True
+        _assert_matches(ours, _hf_visual(hf, pixels, grid), rows=rows)
+    with pytest.raises(ValueError, match="96 patches do not split into num_slices=5"):
+        Qwen3VLVisionModel(config).apply({"params": params}, np.concatenate([p for p, _ in slices]),
+                                         both.replace(num_slices=5))
 
 
 def test_bf16_is_close_to_fp32(tower):

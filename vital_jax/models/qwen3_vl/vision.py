@@ -41,12 +41,16 @@ class VisionInputs:
     positions:     (N, 2) int32  (row, col) of each patch in its frame's patch grid, for the 2-D rotary.
     interp_index:  (N, 4) int32  rows of the learned position table that bilinear resampling reads...
     interp_weight: (N, 4) f32    ...and their weights (zero for padding).
+    num_slices:    static int S  the patches form S equal slices that no attention segment crosses (each batch
+                   shard's images packed into its own slice, `distributed.global_vital_batch`): attention is then
+                   computed per slice, (S, N/S, N/S) scores instead of (N, N). 1 = one packing.
     """
 
     segment_ids: jax.Array
     positions: jax.Array
     interp_index: jax.Array
     interp_weight: jax.Array
+    num_slices: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def num_patches(self) -> int:
@@ -142,7 +146,7 @@ def num_patches(grid_thw: GridTHW) -> int:
 class VisionAttention(nn.Module):
     """Non-causal MHA with fused qkv (bias), 2-D rotary applied in float32, masked by segment id.
 
-    x (N, D), cos/sin (N, head_dim) float32, mask (N, N) bool -> (N, D).
+    x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) -> (N, D).
     """
 
     num_heads: int
@@ -150,7 +154,7 @@ class VisionAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_nd, cos_nh, sin_nh, mask_nn):
+    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn):
         n, d = x_nd.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         qkv = Linear(3 * d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x_nd)
@@ -158,10 +162,12 @@ class VisionAttention(nn.Module):
         q_nkh, k_nkh, v_nkh = jnp.moveaxis(qkv.reshape(n, 3, heads, head_dim), 1, 0)
         q_nkh = apply_rope(q_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
-        scores = jnp.einsum("nkh,mkh->knm", q_nkh, k_nkh).astype(jnp.float32) * (head_dim ** -0.5)
-        scores = jnp.where(mask_nn[None], scores, jnp.finfo(jnp.float32).min)
+        slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
+        q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
+        scores = jnp.einsum("snkh,smkh->sknm", q, k).astype(jnp.float32) * (head_dim ** -0.5)
+        scores = jnp.where(mask_snn[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_nd = jnp.einsum("knm,mkh->nkh", probs, v_nkh).reshape(n, d)
+        out_nd = jnp.einsum("sknm,smkh->snkh", probs, v).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)
 
 
@@ -188,12 +194,12 @@ class VisionBlock(nn.Module):
     config: Qwen3VLVisionConfig
 
     @nn.compact
-    def __call__(self, x_nd, cos_nh, sin_nh, mask_nn):
+    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn):
         cfg = self.config
         norm = dict(eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(**norm, name="norm1")(x_nd)
         x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, name="attn")(h, cos_nh, sin_nh,
-                                                                                              mask_nn)
+                                                                                              mask_snn)
         h = LayerNorm(**norm, name="norm2")(x_nd)
         return x_nd + VisionMLP(cfg.intermediate_size, cfg.gelu_approximate, cfg.dtype, cfg.param_dtype,
                                 name="mlp")(h)
@@ -254,7 +260,7 @@ class Qwen3VLVisionModel(nn.Module):
         x_nd = Linear(cfg.hidden_size, use_bias=True, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                       name="patch_embed")(pixel_patches.astype(jnp.float32))
         table = Embed(cfg.num_position_embeddings, cfg.hidden_size, dtype=jnp.float32,
-                         param_dtype=cfg.param_dtype, name="pos_embed")
+                      param_dtype=cfg.param_dtype, name="pos_embed")
         x_nd = x_nd + jnp.einsum("ntd,nt->nd", table(inputs.interp_index), inputs.interp_weight)
         x_nd = x_nd.astype(cfg.dtype)
 
@@ -262,13 +268,15 @@ class Qwen3VLVisionModel(nn.Module):
         inv_freq = rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta)
         angles_n2f = inputs.positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)
         cos_nh, sin_nh = angles_to_cos_sin(angles_n2f.reshape(n, -1), jnp.float32)
-        segment_ids = jnp.asarray(inputs.segment_ids)
-        mask_nn = segment_ids[:, None] == segment_ids[None, :]
+        if n % inputs.num_slices:
+            raise ValueError(f"{n} patches do not split into num_slices={inputs.num_slices} equal slices")
+        segment_ids = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)
+        mask_snn = segment_ids[:, :, None] == segment_ids[:, None, :]
 
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
         deepstack = []
         for i in range(cfg.depth):
-            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_nn), PACKED_AXES)
+            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_snn), PACKED_AXES)
             if i in cfg.deepstack_visual_indexes:
                 # Merger k belongs to block deepstack_visual_indexes[k]; features come out in block order (as HF).
                 k = cfg.deepstack_visual_indexes.index(i)

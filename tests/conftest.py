@@ -3,7 +3,6 @@
 import atexit
 import os
 import shutil
-import subprocess
 import tempfile
 
 import pytest
@@ -37,49 +36,6 @@ if "xla_backend_optimization_level" not in _xla_flags:
 # before jax is imported and through the environment, so that subprocesses (`python -m vital_jax.train`, the CLIs)
 # compile the same programs as this process and share its cache entries.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-
-
-# Subprocess-heavy tests start their processes right after collection: the suite is mostly single-threaded XLA
-# compiles, so on a 2-core machine they run on the otherwise idle core, and each test later just collects its
-# results. A test module lists them as EARLY_START = {"test_name": start(workdir) -> handle}; the test takes its
-# handle from the `early_start` fixture, or starts the processes itself when run alone (same code path).
-_early_handles: dict[str, object] = {}
-
-
-def pytest_collection_finish(session):
-    for item in session.items:
-        start = getattr(item.module, "EARLY_START", {}).get(item.name) if hasattr(item, "module") else None
-        if start is not None and item.nodeid not in _early_handles:
-            workdir = tempfile.mkdtemp(prefix="vital_jax_early_")
-            atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-            _early_handles[item.nodeid] = start(workdir)
-
-
-@pytest.fixture
-def early_start(request):
-    """This test's early-started handle (see `pytest_collection_finish`), or None."""
-    return _early_handles.pop(request.node.nodeid, None)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """Processes of tests that never ran (-x stopped the session, an interrupt) must not outlive it."""
-    def kill(obj):
-        if isinstance(obj, subprocess.Popen):
-            if obj.poll() is None:
-                obj.kill()
-                obj.wait()
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                kill(value)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                kill(value)
-        elif hasattr(obj, "__dict__"):
-            kill(vars(obj))
-
-    for handle in _early_handles.values():
-        kill(handle)
-    _early_handles.clear()
 
 
 @pytest.fixture(scope="session")

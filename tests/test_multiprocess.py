@@ -125,26 +125,16 @@ def _results(proc: subprocess.Popen) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
 
 
-def _start_two_processes(workdir: str):
-    """The single-process reference and the two processes of the distributed run, all in the background."""
+def test_two_processes_reproduce_the_single_process_run(tmp_path):
     port = _free_port()
     common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
               "--steps", "2"]
     procs = {
-        "reference": _start(["reference", "--steps", "2"], os.path.join(workdir, "reference.log")),
-        0: _start(["process", "--process_id", "0", *common], os.path.join(workdir, "p0.log")),
-        1: _start(["process", "--process_id", "1", *common], os.path.join(workdir, "p1.log")),
+        "reference": _start(["reference", "--steps", "2"], str(tmp_path / "reference.log")),
+        0: _start(["process", "--process_id", "0", *common], str(tmp_path / "p0.log")),
+        1: _start(["process", "--process_id", "1", *common], str(tmp_path / "p1.log")),
     }
-    return procs, workdir
-
-
-EARLY_START = {"test_two_processes_reproduce_the_single_process_run": _start_two_processes}
-
-
-def test_two_processes_reproduce_the_single_process_run(tmp_path, early_start):
-    # Started after collection (conftest.py), so usually finished by now; the timeout counts from here.
-    procs, logdir = early_start or _start_two_processes(str(tmp_path))
-    deadline = time.time() + 600
+    deadline = time.time() + 300
     try:
         for proc, _ in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.time()))
@@ -156,7 +146,7 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path, early_start):
                 proc.kill()
                 proc.wait()
             err.close()
-    logs = {name: open(os.path.join(logdir, f"{'reference' if name == 'reference' else f'p{name}'}.log")).read()
+    logs = {name: open(tmp_path / f"{'reference' if name == 'reference' else f'p{name}'}.log").read()
             for name in procs}
     failed = {name: proc.returncode for name, (proc, _) in procs.items() if proc.returncode != 0}
     if failed:

@@ -202,40 +202,17 @@ def test_cast_floating_casts_only_float_leaves():
 
 
 # ------------------------------------------------------------------------------------------ 8 devices, subprocess
-class _Worker:
-    """tests/multiprocess_worker.py in the background, its output in files (a pipe could fill and stall it)."""
-
-    def __init__(self, args, workdir):
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("XLA_FLAGS", None)
-        self.out, self.err = (open(os.path.join(workdir, name), "w+") for name in ("worker.out", "worker.err"))
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"), *args],
-                                     stdout=self.out, stderr=self.err, text=True, env=env, cwd=REPO)
-
-    def results(self, timeout) -> list[dict]:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"worker timed out after {timeout}s")
-        finally:
-            self.out.seek(0), self.err.seek(0)
-            stdout, stderr = self.out.read(), self.err.read()
-            self.out.close(), self.err.close()
-        if self.proc.returncode:
-            pytest.fail(f"worker failed ({self.proc.returncode}):\n{stderr[-4000:]}")
-        return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+def _run_worker(args, timeout):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode:
+        pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def _start_mesh_worker(workdir):
-    return _Worker(["meshes", "--devices", "8", "--ckpt", workdir], workdir)
-
-
-EARLY_START = {"test_sharded_train_step_matches_one_device_and_checkpoints_move_between_meshes": _start_mesh_worker}
-
-
-def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_meshes(tmp_path, early_start):
+def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_meshes(tmp_path):
     """One VITAL train step on meshes (8,1,1), (2,4,1), (2,2,2) equals the one-device step.
 
     Tolerance: loss and gradient norm 1e-5 relative; parameters and optimizer state 1e-5 relative to each leaf's
@@ -244,8 +221,7 @@ def test_sharded_train_step_matches_one_device_and_checkpoints_move_between_mesh
     chain through the latent scan and backward pass while any wrong collective (a missing or doubled psum, a
     mis-sliced shard) gives errors of order 1.
     """
-    # Started after collection (conftest.py), so usually finished by now; the timeout counts from here.
-    results = (early_start or _start_mesh_worker(str(tmp_path))).results(timeout=900)
+    results = _run_worker(["meshes", "--devices", "8", "--ckpt", str(tmp_path)], timeout=240)
     reference = next(r for r in results if r["kind"] == "reference")
     assert reference["devices"] == 8
     meshes = [r for r in results if r["kind"] == "mesh"]

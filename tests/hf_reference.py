@@ -57,3 +57,34 @@ def _build_and_save(model_cls, config, path: str):
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return model
+
+
+def prefill_then_vector_steps(model, params, hf_model, ids, vectors, cache_len: int):
+    """Prefill `ids` (B, T) into a fresh cache, then feed `vectors` (B, S, D) one step at a time as input
+    embeddings (as the latent loop does), in our Qwen3 model and in transformers (inputs_embeds +
+    past_key_values, positions T + s).
+
+    Returns (our prefill output, our step logits (B, S, V), our final cache, HF prefill logits, HF step logits),
+    the last two as torch tensors.
+    """
+    import jax.numpy as jnp
+
+    from vital_jax.models.qwen3 import init_cache
+
+    batch, prompt_len = ids.shape
+    prefill = model.apply({"params": params}, input_ids=jnp.asarray(ids),
+                          kv_cache=init_cache(model.config, batch, cache_len))
+    cache, ours = prefill.kv_cache, []
+    for t in range(vectors.shape[1]):
+        step = model.apply({"params": params}, inputs_embeds=jnp.asarray(vectors[:, t:t + 1]), kv_cache=cache)
+        cache = step.kv_cache
+        ours.append(step.logits)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids), use_cache=True)
+        hf_prefill, past, theirs = ref.logits, ref.past_key_values, []
+        for t in range(vectors.shape[1]):
+            ref = hf_model(inputs_embeds=torch.tensor(vectors[:, t:t + 1]), past_key_values=past, use_cache=True,
+                           position_ids=torch.full((batch, 1), prompt_len + t))
+            past = ref.past_key_values
+            theirs.append(ref.logits)
+    return prefill, jnp.concatenate(ours, 1), cache, hf_prefill, torch.cat(theirs, 1)

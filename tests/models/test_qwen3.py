@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hf_reference import save_tiny_qwen3
+from tests.hf_reference import prefill_then_vector_steps, save_tiny_qwen3
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 from vital_jax.models.qwen3.generate import generate
@@ -85,21 +85,8 @@ def test_decode_steps_fed_as_embeddings_match_transformers_cache(gqa2):
     ids = rng.randint(0, config.vocab_size, (2, 5))
     vectors = rng.randn(2, 3, config.hidden_size).astype(np.float32)
     model = Qwen3ForCausalLM(config)
-    out = model.apply({"params": params}, input_ids=jnp.asarray(ids), kv_cache=init_cache(config, 2, 8))
-    cache, ours = out.kv_cache, []
-    for t in range(3):
-        step = model.apply({"params": params}, inputs_embeds=jnp.asarray(vectors[:, t:t + 1]), kv_cache=cache)
-        cache = step.kv_cache
-        ours.append(step.logits)
-    with torch.no_grad():
-        ref = hf_model(torch.tensor(ids), use_cache=True)
-        past, theirs = ref.past_key_values, []
-        for t in range(3):
-            ref = hf_model(inputs_embeds=torch.tensor(vectors[:, t:t + 1]), past_key_values=past, use_cache=True,
-                           position_ids=torch.full((2, 1), 5 + t))
-            past = ref.past_key_values
-            theirs.append(ref.logits)
-    assert _max_diff(jnp.concatenate(ours, 1), torch.cat(theirs, 1)) <= TOL
+    _, ours, _, _, theirs = prefill_then_vector_steps(model, params, hf_model, ids, vectors, 8)
+    assert _max_diff(ours, theirs) <= TOL
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

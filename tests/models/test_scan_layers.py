@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
+from tests.hf_reference import prefill_then_vector_steps, save_tiny_qwen3, save_tiny_qwen3_vl
 from tests.models.test_qwen3_vl import CONFIGS as VL_CONFIGS, IMG, _pixels, _prompt, _theirs
 from vital_jax import sharding
 from vital_jax.layers.linear import LoraConfig
-from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache
+from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index, vision_inputs
 from vital_jax.models.qwen3_vl import init_cache as vl_init_cache
@@ -60,23 +59,10 @@ def test_scanned_qwen3_matches_transformers_full_and_cached(qwen3):
     vectors = rng.randn(2, 2, config.hidden_size).astype(np.float32)
     model = Qwen3ForCausalLM(config)
     full = model.apply({"params": params}, input_ids=jnp.asarray(ids))
-    out = model.apply({"params": params}, input_ids=jnp.asarray(ids), kv_cache=init_cache(config, 2, 9))
-    cache, ours = out.kv_cache, []
-    for t in range(2):
-        step = model.apply({"params": params}, inputs_embeds=jnp.asarray(vectors[:, t:t + 1]), kv_cache=cache)
-        cache = step.kv_cache
-        ours.append(step.logits)
-    with torch.no_grad():
-        ref = hf_model(torch.tensor(ids), use_cache=True)
-        assert _diff(full.logits, ref.logits) <= TOL
-        assert _diff(out.logits, ref.logits) <= TOL
-        past, theirs = ref.past_key_values, []
-        for t in range(2):
-            ref = hf_model(inputs_embeds=torch.tensor(vectors[:, t:t + 1]), past_key_values=past, use_cache=True,
-                           position_ids=torch.full((2, 1), 6 + t))
-            past = ref.past_key_values
-            theirs.append(ref.logits)
-    assert _diff(jnp.concatenate(ours, 1), torch.cat(theirs, 1)) <= TOL
+    out, ours, cache, ref_prefill, theirs = prefill_then_vector_steps(model, params, hf_model, ids, vectors, 9)
+    assert _diff(full.logits, ref_prefill) <= TOL
+    assert _diff(out.logits, ref_prefill) <= TOL
+    assert _diff(ours, theirs) <= TOL
     assert cache.k.shape[0] == config.num_hidden_layers and int(cache.index) == 8
 
 

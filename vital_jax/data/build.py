@@ -16,6 +16,7 @@ The config is an ml_collections ConfigDict (`get_config()`); vital_jax.data.buil
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -29,7 +30,7 @@ from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from vital_jax.data import geometry, ingest, phantoms, questions, records, teacher
+from vital_jax.data import balance, geometry, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
 
@@ -41,12 +42,26 @@ class BuildError(RuntimeError):
     """The build cannot go on; the message says which stage and why."""
 
 
-def _source_images(config, scratch: str) -> Iterator[ingest.SourceImage]:
+def phantom_split_plan(config) -> list[tuple[str | None, int, int]]:
+    """(split or None, phantom count, seed) per phantom draw: one draw split afterwards by `split_fractions`, or,
+    with `phantoms.split_counts`, one draw per split from its own seed (disjoint phantoms by construction)."""
+    p = config.phantoms
+    if not p.split_counts:
+        return [(None, p.count, config.seed)]
+    if len(p.split_counts) != len(records.SPLITS) or min(p.split_counts) < 0:
+        raise BuildError(f"config.phantoms.split_counts={tuple(p.split_counts)}: expected {len(records.SPLITS)} "
+                         f"non-negative counts ({', '.join(records.SPLITS)})")
+    seeds = tuple(p.split_seeds) or tuple(config.seed + j for j in range(len(records.SPLITS)))
+    if len(seeds) != len(records.SPLITS) or len(set(seeds)) != len(seeds):
+        raise BuildError(f"config.phantoms.split_seeds={tuple(p.split_seeds)}: expected {len(records.SPLITS)} "
+                         "distinct seeds")
+    return [(split, count, seed) for split, count, seed in zip(records.SPLITS, p.split_counts, seeds) if count]
+
+
+def _source_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[ingest.SourceImage]:
+    """The source's images; for phantoms drawn per split, `split_of` is filled with image path -> split."""
     if config.source == "phantoms":
-        p = config.phantoms
-        image_dir, mask_dir = phantoms.write_phantom_folder(scratch, p.count, seed=config.seed, size=p.size,
-                                                            modalities=tuple(p.modalities))
-        return ingest.iter_biomedparse(image_dir, mask_dir, source="phantom", normal_anatomy=p.normal_anatomy)
+        return _phantom_images(config, scratch, split_of)
     if config.source == "biomedparse":
         b = config.biomedparse
         return ingest.iter_biomedparse(b.image_dir, b.mask_dir, source=b.source, normal_anatomy=b.normal_anatomy)
@@ -55,6 +70,28 @@ def _source_images(config, scratch: str) -> Iterator[ingest.SourceImage]:
         return ingest.iter_msd(m.task_dir, min_mask_pixels=m.min_mask_pixels, ct_window=tuple(m.ct_window),
                                channel=m.channel, max_cases=m.max_cases or None)
     raise BuildError(f"config.source={config.source!r}: expected phantoms, biomedparse or msd")
+
+
+def _phantom_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[ingest.SourceImage]:
+    p = config.phantoms
+    for split, count, seed in phantom_split_plan(config):
+        name = "phantom" if split is None else f"{split}phantom"
+        image_dir, mask_dir = phantoms.write_phantom_folder(os.path.join(scratch, name), count, seed=seed,
+                                                            size=p.size, modalities=tuple(p.modalities),
+                                                            layout=p.layout, name=name)
+        for image in ingest.iter_biomedparse(image_dir, mask_dir, source="phantom", normal_anatomy=p.normal_anatomy):
+            if split is not None:
+                split_of[f"images/{image.image_id}.png"] = split
+            yield image
+
+
+def _absence_questions(source: ingest.SourceImage, image_rel: str) -> list[questions.Question]:
+    """Presence questions about the lesion types this phantom lacks (their organ's mask is the ROI)."""
+    present = {t.name for t in source.targets}
+    return [questions.absence_question(image_id=source.image_id, image_path=image_rel,
+                                       organ_mask_path=f"masks/{source.image_id}_{organ.replace(' ', '+')}.png",
+                                       target=lesion, organ=organ, modality=source.modality, source=source.source)
+            for lesion, organ in phantoms.LESION_ORGANS.items() if lesion not in present and organ in present]
 
 
 def prepare(config) -> list[questions.Question]:
@@ -70,9 +107,10 @@ def prepare(config) -> list[questions.Question]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     asked: list[questions.Question] = []
+    split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
-        for source in _source_images(config, scratch):
-            image_rel = f"images/{source.image_id}.png"
+        for source in _source_images(config, scratch, split_of):
+            image_rel = f"images/{source.image_id}.png"  # (the key of `split_of`)
             Image.fromarray(source.image).save(os.path.join(out_dir, image_rel))
             for target in source.targets:
                 mask_rel = f"masks/{source.image_id}_{target.name.replace(' ', '+')}.png"
@@ -85,9 +123,15 @@ def prepare(config) -> list[questions.Question]:
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
                         rng=questions.question_rng(config.seed, key)))
+            if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
+                    and "yes_no" in config.question_types):
+                asked += _absence_questions(source, image_rel)
     if not asked:
         raise BuildError(f"config.source={config.source!r}: no image with a target mask was found")
-    asked = questions.assign_splits(asked, tuple(config.split_fractions), seed=config.seed)
+    if split_of:  # phantoms drawn per split: each image keeps the split it was drawn for
+        asked = [dataclasses.replace(q, split=split_of[q.image]) for q in asked]
+    else:
+        asked = questions.assign_splits(asked, tuple(config.split_fractions), seed=config.seed)
     questions.write_questions(path, asked)  # last: its presence marks stage 1 as done
     return asked
 
@@ -113,6 +157,18 @@ def _sort_records(out_dir: str, asked: list[questions.Question]) -> None:
     records.write_records(path, sorted(rows, key=lambda r: order.get(r.id, len(order))))
 
 
+def _balance(config) -> None:
+    """Stage 2b: keep closed-ended records answer-balanced per question text (vital_jax.data.balance); the
+    dropped ones go to balance_dropped.jsonl. Idempotent: a balanced file stays as it is."""
+    path = os.path.join(config.out_dir, records.RECORDS_FILE)
+    kept, dropped = balance.balance_closed_answers(records.read_records(path), seed=config.seed)
+    if dropped:
+        dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
+        previous = records.read_records(dropped_path) if os.path.exists(dropped_path) else []
+        records.write_records(dropped_path, previous + dropped)  # before records.jsonl shrinks: nothing is lost
+        records.write_records(path, kept)
+
+
 def run_roi_stage(config) -> None:
     """Stage 3: the ROI extractor of vital_jax.data.roi (imported only here: it needs the model code)."""
     if importlib.util.find_spec("vital_jax.data.roi") is None:
@@ -129,12 +185,18 @@ def build(config) -> dict:
     if not config.out_dir:
         raise BuildError("config.out_dir is empty: say where the dataset goes")
     asked = prepare(config)
+    dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
+    if os.path.exists(dropped_path):  # answered before and set aside by balancing: not asked again
+        set_aside = {r.id for r in records.read_records(dropped_path)}
+        asked = [q for q in asked if q.id not in set_aside]
     summary = teacher.distill(asked, config.out_dir, _teacher(config), workers=config.teacher.workers,
                               max_regenerations=config.teacher.max_regenerations)
     if summary["failed_unfinished"]:
         raise BuildError(f"{summary['failed_unfinished']} question(s) unfinished (teacher unreachable or bad "
                          f"input, see {os.path.join(config.out_dir, teacher.REJECTED_FILE)}); rerun to retry them")
     _sort_records(config.out_dir, asked)
+    if config.balance_closed_answers:
+        _balance(config)
     if config.roi.enabled:
         run_roi_stage(config)
     problems = records.validate_dataset(config.out_dir)

@@ -20,8 +20,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.question_types = list(QUESTION_TYPES)
     c.split_fractions = (0.8, 0.1, 0.1)
+    # Keep closed-ended records answer-balanced per question text (vital_jax.data.balance), so that the question
+    # alone does not give the answer away.
+    c.balance_closed_answers = False
+    # layout: "standard" or "varied" (phantoms.LAYOUTS). split_counts: () -> `count` phantoms of `seed`, split by
+    # `split_fractions`; (train, val, test) -> that many phantoms per split, each split from its own seed
+    # (split_seeds, default seed, seed + 1, seed + 2), so no phantom of one split is drawn from another's stream.
     c.phantoms = ml_collections.ConfigDict(dict(count=12, size=256, modalities=list(phantoms.PHANTOM_MODALITIES),
-                                                normal_anatomy=True))
+                                                normal_anatomy=True, layout="standard", split_counts=(),
+                                                split_seeds=(), absent_lesion_questions=False))
+    # absent_lesion_questions: also ask "Is there a <lesion> visible?" about every lesion type a phantom lacks
+    # (answer no; questions.absence_question), so presence answers need the image.
     c.biomedparse = ml_collections.ConfigDict(dict(image_dir="", mask_dir="", source="biomedparse",
                                                    normal_anatomy=False))
     c.msd = ml_collections.ConfigDict(dict(task_dir="", min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,

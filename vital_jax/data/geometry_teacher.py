@@ -136,6 +136,12 @@ def _yes_no(q: Question, g: MaskGeometry) -> tuple[str, list[str]]:
         step = f"The {t} covers {_percent(g.area_fraction)} of the image area, a {_size_word(g)} extent."
         verdict = "Yes" if g.area_fraction > threshold else "No"
         return f"{verdict}, the {t} occupies {_percent(g.area_fraction)} of the image area.", [step]
+    if q.template == "yes_no_absent":  # g measures the organ the lesion would be in
+        organ = q.slots["organ"]
+        quality = _CONTRAST_WORDS.get(q.modality, _DEFAULT_CONTRAST)[2]
+        step = (f"The {organ} in {_where(g)} has a {_texture(g)} interior with no focal region of different "
+                f"{quality}.")
+        return f"No, there is no {t} visible in this image.", [step]
     article = "a" if q.target_type == "lesion" else "the"
     step = (f"A {_size_word(g)} {_shape(g)} structure with {_contrast(g, q.modality)} is visible in {_where(g)}, "
             f"consistent with {article} {t}.")

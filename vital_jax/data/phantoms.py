@@ -11,6 +11,13 @@ perturbation; tissue texture is low-pass noise. Each modality renders the same l
 `write_phantom_folder` writes them in the BiomedParse layout (`NAME_MODALITY_SITE.png` and
 `NAME_MODALITY_SITE_TARGET.png`, '+' for spaces, masks 0/255) so ingestion treats phantoms and real data alike.
 Everything is deterministic under (seed, index).
+
+Two layouts: "standard" (the textbook picture above: liver always on the image's left) and "varied" (for
+benchmarks whose answers must need the image, e.g. PhantomVQA): the anatomy is mirrored left-right with
+probability 1/2 (as a situs-inversus or flipped-display scan would show it), organs move and scale more, and each
+lesion is present with probability 1/2 at a random place inside its organ, with a random size; the picture is
+also shown upside down with probability 1/2 and zoomed out (60-100 %) to a random place in the frame, so where a
+structure lies in the image cannot be told from its name.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ IMAGE_SUBDIR, MASK_SUBDIR = "demo", "demo_mask"
 # Target name -> target type. The liver/kidney masks include the lesions inside them (the organ's full extent).
 TARGET_TYPES = {"liver": "organ", "spleen": "organ", "kidney": "organ", "liver tumor": "lesion",
                 "kidney cyst": "lesion"}
+# The organ each lesion grows in: where a reader looks to say that the lesion is absent.
+LESION_ORGANS = {"liver tumor": "liver", "kidney cyst": "kidney"}
 
 # Per-tissue appearance: CT in HU, MRI and ultrasound as relative signal / echogenicity in [0, 1].
 _TISSUES = ("air", "body", "liver", "spleen", "kidney", "liver tumor", "kidney cyst")
@@ -37,6 +46,40 @@ _MRI_SIGNAL = {"air": 0.0, "body": 0.45, "liver": 0.3, "spleen": 0.55, "kidney":
 _US_ECHO = {"air": 0.0, "body": 0.45, "liver": 0.55, "spleen": 0.5, "kidney": 0.35, "liver tumor": 0.22,
             "kidney cyst": 0.03}
 _CT_WINDOW = (40.0, 400.0)  # level, width (HU)
+LAYOUTS = ("standard", "varied")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayoutSpread:
+    """How far a layout lets the anatomy wander: position jitter (pixels at 256 px), organ size scale range,
+    lesion probabilities and radii (pixels at 256 px), and the probability of a left-right mirror."""
+
+    organ_jitter: float
+    organ_scale: tuple[float, float]
+    tumor_probability: float
+    tumor_radius: tuple[float, float]
+    cyst_probability: float
+    cyst_radius: tuple[float, float]
+    mirror_probability: float
+    flip_probability: float = 0.0            # upside-down display
+    zoom: tuple[float, float] = (1.0, 1.0)   # field of view: the body shrinks by this factor and moves freely
+
+
+_SPREADS = {"standard": _LayoutSpread(8.0, (1.0, 1.0), 0.75, (7.0, 13.0), 0.6, (4.5, 6.5), 0.0),
+            "varied": _LayoutSpread(20.0, (0.8, 1.2), 0.5, (5.0, 15.0), 0.5, (4.0, 7.5), 0.5, 0.5, (0.6, 1.0))}
+
+
+def _reframe(rng: np.random.Generator, labels: np.ndarray, masks: dict[str, np.ndarray], zoom: tuple[float, float]):
+    """Shrink the picture by a random factor and place it at a random offset (nearest neighbour; air around)."""
+    z = rng.uniform(*zoom)
+    h, w = labels.shape
+    oy, ox = rng.uniform(0, (1 - z) * h), rng.uniform(0, (1 - z) * w)
+    yy, xx = np.mgrid[0:h, 0:w]
+    sy, sx = np.floor((yy - oy) / z).astype(int), np.floor((xx - ox) / z).astype(int)
+    inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    sy, sx = np.clip(sy, 0, h - 1), np.clip(sx, 0, w - 1)
+    labels = np.where(inside, labels[sy, sx], _TISSUES.index("air"))
+    return labels, {name: inside & mask[sy, sx] for name, mask in masks.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,29 +130,48 @@ def _inner_blob(rng: np.random.Generator, organ: np.ndarray, radius: float) -> n
     raise RuntimeError("could not place a lesion inside its organ; the organ is too small for the lesion size")
 
 
-def _label_map(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _label_map(rng: np.random.Generator, size: int,
+               layout: str = "standard") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Tissue index map (H, W) into _TISSUES and the target masks."""
+    spread = _SPREADS[layout]
     shape = (size, size)
     s = size / 256.0
     jitter = lambda scale: rng.uniform(-scale, scale) * s  # noqa: E731
+    # The standard layout draws exactly what it always drew, so its phantoms stay the same under a seed.
+    scale = (lambda: 1.0) if layout == "standard" else (lambda: rng.uniform(*spread.organ_scale))  # noqa: E731
+    move = 8.0 if layout == "standard" else spread.organ_jitter
     body = _blob(rng, shape, (128 * s + jitter(4), 128 * s + jitter(4)), (92 * s, 118 * s), jitter(0.05) / s,
                  wobble=0.04)
-    liver = _blob(rng, shape, (100 * s + jitter(8), 78 * s + jitter(8)), (rng.uniform(38, 48) * s,
-                  rng.uniform(30, 38) * s), rng.uniform(-0.5, 0.3)) & body
-    spleen = _blob(rng, shape, (92 * s + jitter(8), 182 * s + jitter(8)), (rng.uniform(20, 26) * s,
-                   rng.uniform(12, 16) * s), rng.uniform(0.2, 0.8)) & body & ~liver
-    each_kidney = [_blob(rng, shape, (168 * s + jitter(6), cx * s + jitter(6)), (rng.uniform(17, 21) * s,
-                         rng.uniform(10, 13) * s), rng.uniform(-0.4, 0.4)) & body & ~liver & ~spleen
-                   for cx in (92.0, 166.0)]
+    k = scale()
+    liver = _blob(rng, shape, (100 * s + jitter(move), 78 * s + jitter(move)), (rng.uniform(38, 48) * s * k,
+                  rng.uniform(30, 38) * s * k), rng.uniform(-0.5, 0.3)) & body
+    k = scale()
+    spleen = _blob(rng, shape, (92 * s + jitter(move), 182 * s + jitter(move)), (rng.uniform(20, 26) * s * k,
+                   rng.uniform(12, 16) * s * k), rng.uniform(0.2, 0.8)) & body & ~liver
+    kidney_move = 6.0 if layout == "standard" else 0.6 * spread.organ_jitter
+    each_kidney = []
+    for cx in (92.0, 166.0):
+        k = scale()
+        each_kidney.append(_blob(rng, shape, (168 * s + jitter(kidney_move), cx * s + jitter(kidney_move)),
+                                 (rng.uniform(17, 21) * s * k, rng.uniform(10, 13) * s * k),
+                                 rng.uniform(-0.4, 0.4)) & body & ~liver & ~spleen)
     kidneys = each_kidney[0] | each_kidney[1]
     masks = {"liver": liver, "spleen": spleen, "kidney": kidneys}
-    if rng.uniform() < 0.75:
-        masks["liver tumor"] = _inner_blob(rng, liver, rng.uniform(7, 13) * s)
-    if rng.uniform() < 0.6:
-        masks["kidney cyst"] = _inner_blob(rng, each_kidney[rng.integers(2)], rng.uniform(4.5, 6.5) * s)
+    if rng.uniform() < spread.tumor_probability:
+        masks["liver tumor"] = _inner_blob(rng, liver, rng.uniform(*spread.tumor_radius) * s)
+    if rng.uniform() < spread.cyst_probability:
+        masks["kidney cyst"] = _inner_blob(rng, each_kidney[rng.integers(2)], rng.uniform(*spread.cyst_radius) * s)
     labels = np.where(body, _TISSUES.index("body"), _TISSUES.index("air"))
     for name, mask in masks.items():  # lesions come last, so they overwrite their organ's tissue
         labels[mask] = _TISSUES.index(name)
+    if spread.mirror_probability and rng.uniform() < spread.mirror_probability:
+        labels = labels[:, ::-1].copy()
+        masks = {name: mask[:, ::-1].copy() for name, mask in masks.items()}
+    if spread.flip_probability and rng.uniform() < spread.flip_probability:
+        labels = labels[::-1].copy()
+        masks = {name: mask[::-1].copy() for name, mask in masks.items()}
+    if spread.zoom != (1.0, 1.0):
+        labels, masks = _reframe(rng, labels, masks, spread.zoom)
     return labels, masks
 
 
@@ -171,14 +233,16 @@ def _render_ultrasound(rng, labels):
 _RENDERERS = {"CT": _render_ct, "MRI": _render_mri, "ultrasound": _render_ultrasound}
 
 
-def make_phantom(modality: str, seed: int, index: int = 0, size: int = 256) -> Phantom:
-    """One phantom of `modality` (CT, MRI or ultrasound), a deterministic function of (seed, index, size)."""
+def make_phantom(modality: str, seed: int, index: int = 0, size: int = 256, layout: str = "standard") -> Phantom:
+    """One phantom of `modality` (CT, MRI or ultrasound), a deterministic function of (seed, index, size, layout)."""
+    if layout not in _SPREADS:
+        raise ValueError(f"phantom layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if modality not in _RENDERERS:
         raise ValueError(f"phantom modality {modality!r} is not one of {', '.join(PHANTOM_MODALITIES)}")
     if size < 64:
         raise ValueError(f"phantom size {size} is too small (>= 64 pixels)")
     rng = np.random.default_rng([seed, index, PHANTOM_MODALITIES.index(modality)])
-    labels, masks = _label_map(rng, size)
+    labels, masks = _label_map(rng, size, layout)
     intensity = _RENDERERS[modality](rng, labels)
     image = np.round(intensity * 255.0).astype(np.uint8)
     if modality == "ultrasound":  # tissue outside the sector is not imaged: clip masks to the field of view
@@ -188,13 +252,17 @@ def make_phantom(modality: str, seed: int, index: int = 0, size: int = 256) -> P
     return Phantom(image=image, masks=masks, modality=modality)
 
 
-def phantom_stem(index: int, modality: str) -> str:
-    """`phantomNNNN_MODALITY_abdomen`: the BiomedParse `NAME_MODALITY_SITE` file stem."""
-    return f"phantom{index:04d}_{modality}_{SITE}"
+def phantom_stem(index: int, modality: str, name: str = "phantom") -> str:
+    """`phantomNNNN_MODALITY_abdomen`: the BiomedParse `NAME_MODALITY_SITE` file stem (`name` replaces
+    "phantom", so phantoms of different seeds can share a dataset without clashing ids)."""
+    if not name.isalnum():
+        raise ValueError(f"phantom name {name!r} must be alphanumeric (it becomes part of a file stem)")
+    return f"{name}{index:04d}_{modality}_{SITE}"
 
 
 def write_phantom_folder(root: str, count: int, seed: int = 0, size: int = 256,
-                         modalities: tuple[str, ...] = PHANTOM_MODALITIES, min_mask_pixels: int = 1) -> tuple[str, str]:
+                         modalities: tuple[str, ...] = PHANTOM_MODALITIES, min_mask_pixels: int = 1,
+                         layout: str = "standard", name: str = "phantom") -> tuple[str, str]:
     """Write `count` phantoms (modalities in turn) under `root` in the BiomedParse layout.
 
     Returns (image_dir, mask_dir) = (`root/demo`, `root/demo_mask`). Images are 8-bit grayscale PNGs, masks 0/255
@@ -205,11 +273,11 @@ def write_phantom_folder(root: str, count: int, seed: int = 0, size: int = 256,
     os.makedirs(mask_dir, exist_ok=True)
     for index in range(count):
         modality = modalities[index % len(modalities)]
-        phantom = make_phantom(modality, seed, index, size)
-        stem = phantom_stem(index, modality)
+        phantom = make_phantom(modality, seed, index, size, layout)
+        stem = phantom_stem(index, modality, name)
         Image.fromarray(phantom.image, mode="L").save(os.path.join(image_dir, stem + ".png"))
         for target, mask in phantom.masks.items():
             if mask.sum() >= min_mask_pixels:
-                name = f"{stem}_{target.replace(' ', '+')}.png"
-                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(os.path.join(mask_dir, name))
+                mask_name = f"{stem}_{target.replace(' ', '+')}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(os.path.join(mask_dir, mask_name))
     return image_dir, mask_dir

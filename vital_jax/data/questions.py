@@ -164,6 +164,20 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
                     template=template, slots=slots, choices=choices)
 
 
+def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, target: str, organ: str,
+                     modality: str, source: str) -> Question:
+    """"Is there a {target} visible in this {image}?" about a lesion the image does not show (answer: no).
+
+    Worded exactly like the presence question about a lesion that is there, so only the image tells the two
+    apart. Its mask is the organ the lesion would grow in (`organ`): the region a reader checks, and the ROI.
+    """
+    image_words = MODALITY_PHRASES[modality]
+    return Question(id=f"{image_id}__{slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
+                    question=f"Is there a {target} visible in this {image_words}?", question_type="yes_no",
+                    latent_steps=STEP_RANGES["yes_no"][0], target=target, target_type="lesion", modality=modality,
+                    source=source, normal_anatomy=False, template="yes_no_absent", slots={"organ": organ})
+
+
 def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                   seed: int = 0) -> list[Question]:
     """Questions with `split` set, grouped by image (one image never spans splits), stratified by

@@ -1,0 +1,165 @@
+"""Image-text pretraining data from phantoms: what a small VLM must know before it can learn VQA on them.
+
+PhantomVQA (configs/data/phantom_vqa.py) asks questions about phantoms; a backbone trained from random weights
+needs to have learned to *see* them first, as a real Qwen3-VL has on web and medical image-text data. This
+module writes that earlier stage's data from phantoms of other seeds than the benchmark's (no benchmark image is
+ever seen in pretraining), worded differently from the benchmark's question templates:
+
+  report     "Report the findings of this CT scan."  -> one terse line per structure: where, how big, contrast
+  grounding  "What lies in the upper left part of the image?" -> the structures whose centre is there
+  lesions    "List the abnormalities in this MRI scan." -> the lesions present, or that none is seen
+  structure  "Report the spleen." -> that structure's line of the report
+and, for the auxiliary decoder, reasoning-chain text: the geometry teacher's steps for questions about these
+phantoms (texts.jsonl).
+
+Layout (the contract `vital_jax.pretrain` reads):
+  out_dir/images/ID.png      RGB phantoms
+  out_dir/pairs.jsonl        {"id", "image", "prompt", "text", "split"}   (image relative to out_dir)
+  out_dir/texts.jsonl        {"id", "text", "split"}
+  out_dir/tokenizer/         a byte-level BPE over all of it plus the benchmark templates' wording
+  out_dir/corpus.json        the settings it was built with and counts (a rebuild with other settings is refused)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from vital_jax.data import geometry, phantoms, questions, records
+from vital_jax.data.geometry_teacher import GeometryTeacher
+from vital_jax.data.quality_gate import parse_output
+
+PAIRS_FILE, TEXTS_FILE, TOKENIZER_DIR, SUMMARY_FILE = "pairs.jsonl", "texts.jsonl", "tokenizer", "corpus.json"
+_LESIONS = tuple(name for name, kind in phantoms.TARGET_TYPES.items() if kind == "lesion")
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be built as asked (bad settings, or an existing folder built with other settings)."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Corpus settings. Seeds from 1000 up keep pretraining phantoms apart from PhantomVQA's (seeds 0-2)."""
+    return ml_collections.ConfigDict(dict(seed=1000, num_phantoms=300, phantom_size=128,
+                                          modalities=tuple(phantoms.PHANTOM_MODALITIES), layout="varied",
+                                          val_fraction=0.1))
+
+
+def _size_words(area_fraction: float) -> str:
+    return ("tiny" if area_fraction < 0.01 else "small" if area_fraction < 0.05 else "medium"
+            if area_fraction < 0.15 else "large")
+
+
+def _contrast_word(g: geometry.MaskGeometry) -> str:
+    c = g.contrast
+    return "isodense" if abs(c) < 8 else ("bright" if c > 0 else "dark")
+
+
+def _where(g: geometry.MaskGeometry) -> str:
+    return geometry.region_phrase(g.vertical, g.horizontal).removeprefix("the ").removesuffix(" of the image")
+
+
+def _report_line(target: str, g: geometry.MaskGeometry) -> str:
+    """"liver: upper left part, large, dark." (terse on purpose: not the benchmark's sentences)."""
+    return f"{target}: {_where(g)}, {_size_words(g.area_fraction)}, {_contrast_word(g)}."
+
+
+def _pairs_for(image_rel: str, stem: str, phantom: phantoms.Phantom,
+               measured: dict[str, geometry.MaskGeometry]) -> list[dict]:
+    modality = questions.MODALITY_PHRASES[phantom.modality]
+    lines = [_report_line(t, measured[t]) for t in phantoms.TARGET_TYPES if t in measured]
+    pairs = [dict(prompt=f"Report the findings of this {modality}.", text=" ".join(lines))]
+    present = [t for t in _LESIONS if t in measured]
+    pairs.append(dict(prompt=f"List the abnormalities in this {modality}.",
+                      text=(", ".join(present) + "." if present else "none seen.")))
+    for target, g in measured.items():
+        pairs.append(dict(prompt=f"Report the {target}.", text=_report_line(target, g)))
+    regions: dict[str, list[str]] = {}
+    for target, g in measured.items():
+        regions.setdefault(_where(g), []).append(target)
+    for region, targets in sorted(regions.items()):
+        pairs.append(dict(prompt=f"What lies in the {region} of the image?", text=", ".join(targets) + "."))
+    return [dict(p, id=f"{stem}__{i}", image=image_rel) for i, p in enumerate(pairs)]
+
+
+def _chain_texts(stem: str, image_rel: str, phantom: phantoms.Phantom, rgb: np.ndarray,
+                 measured: dict[str, geometry.MaskGeometry], seed: int, teacher: GeometryTeacher) -> tuple[list, list]:
+    """(reasoning-chain texts, question/answer texts for the tokenizer) from the geometry teacher's answers to
+    every question type about every target of this phantom."""
+    chains, wording = [], []
+    for target, g in measured.items():
+        for question_type in records.QUESTION_TYPES:
+            q = questions.make_question(question_type, image_id=stem, image_path=image_rel, mask_path="",
+                                        target=target, target_type=phantoms.TARGET_TYPES[target],
+                                        modality=phantom.modality, source="phantom", normal_anatomy=True, geo=g,
+                                        rng=questions.question_rng(seed, f"{stem}/{target}/{question_type}"))
+            # The teacher caches by (image, mask) path; each target gets its own key.
+            q = questions.Question.from_dict(dict(q.to_dict(), mask=f"{stem}/{target}"))
+            output = parse_output(teacher.generate(q, rgb, phantom.masks[target]))
+            if isinstance(output, str):
+                raise CorpusError(f"{stem}: the geometry teacher's output did not parse: {output}")
+            chains += list(output.reasoning_chain)
+            wording += [q.question, output.final_answer]
+    return chains, wording
+
+
+def _check_existing(out_dir: str, settings: dict) -> bool:
+    path = os.path.join(out_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        previous = json.load(f)
+    if previous.get("settings") != settings:
+        raise CorpusError(f"{out_dir} holds a corpus built with other settings ({previous.get('settings')}); "
+                          f"use another folder or delete it")
+    return True
+
+
+def build_corpus(out_dir: str, config=None) -> str:
+    """Write the corpus into `out_dir` (see the module docstring); returns `out_dir`.
+
+    Reuses a finished corpus built with the same settings (corpus.json is written last); refuses one built with
+    other settings. Deterministic under the settings.
+    """
+    from vital_jax import demo_assets
+
+    c = default_config() if config is None else config
+    settings = dict(seed=int(c.seed), num_phantoms=int(c.num_phantoms), phantom_size=int(c.phantom_size),
+                    modalities=list(c.modalities), layout=str(c.layout), val_fraction=float(c.val_fraction))
+    if settings["num_phantoms"] < 2:
+        raise CorpusError(f"corpus num_phantoms={settings['num_phantoms']}: need at least 2 (train and val)")
+    if not 0.0 < settings["val_fraction"] < 1.0:
+        raise CorpusError(f"corpus val_fraction={settings['val_fraction']} must lie strictly between 0 and 1")
+    if _check_existing(out_dir, settings):
+        return out_dir
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    n_val = max(1, int(round(settings["num_phantoms"] * settings["val_fraction"])))
+    teacher = GeometryTeacher()
+    pairs, texts, wording = [], [], []
+    for index in range(settings["num_phantoms"]):
+        modality = settings["modalities"][index % len(settings["modalities"])]
+        phantom = phantoms.make_phantom(modality, settings["seed"], index, settings["phantom_size"],
+                                        settings["layout"])
+        split = "val" if index >= settings["num_phantoms"] - n_val else "train"
+        stem = phantoms.phantom_stem(index, modality, "pretrain")
+        image_rel = f"images/{stem}.png"
+        rgb = np.repeat(phantom.image[..., None], 3, axis=-1)
+        Image.fromarray(rgb).save(os.path.join(out_dir, image_rel))
+        measured = {t: geometry.measure(rgb, m) for t, m in phantom.masks.items()}
+        pairs += [dict(p, split=split) for p in _pairs_for(image_rel, stem, phantom, measured)]
+        chains, said = _chain_texts(stem, image_rel, phantom, rgb, measured, settings["seed"], teacher)
+        texts += [dict(id=f"{stem}__chain{i}", text=t, split=split) for i, t in enumerate(dict.fromkeys(chains))]
+        wording += said
+    records.write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), pairs)
+    records.write_jsonl_atomic(os.path.join(out_dir, TEXTS_FILE), texts)
+    corpus = [p["prompt"] for p in pairs] + [p["text"] for p in pairs] + [t["text"] for t in texts] + wording
+    demo_assets.write_tokenizer(os.path.join(out_dir, TOKENIZER_DIR), corpus)
+    summary = dict(settings=settings, pairs=len(pairs), texts=len(texts),
+                   splits={s: sum(p["split"] == s for p in pairs) for s in ("train", "val")})
+    with open(os.path.join(out_dir, SUMMARY_FILE) + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(os.path.join(out_dir, SUMMARY_FILE) + ".tmp", os.path.join(out_dir, SUMMARY_FILE))
+    return out_dir

@@ -31,7 +31,8 @@ def get_config():
     c.vital = ml_collections.ConfigDict(dict(
         k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", visual_target="shared",
         lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,
-        train_decoder=True, latent_steps_cap=-1))
+        train_decoder=True, latent_steps_cap=-1,
+        latent_input="feedback"))  # "pause": learned constant slot inputs instead of z (the pause control)
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999, max_grad_norm=1.0))
     # Phase n trains on records with min_k[n] <= latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from

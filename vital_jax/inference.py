@@ -50,6 +50,8 @@ def load_run(workdir: str) -> TrainedRun:
     _tuples(config)
     if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
         config.model.scan_layers = False
+    if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
+        config.vital.latent_input = "feedback"
     paths = train.resolve_paths(config, workdir)
     roi = load_roi_arrays(paths.data_dir)
     roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152
@@ -115,8 +117,9 @@ class Predictor:
         model = self.model
         # One program per K (k_slots static): a masked K_max-step program would make every K cost as much as
         # K_max, and the K sweep reports latency.
+        pause = run.params.get("pause_embeddings")  # the pause control's learned latent inputs, if any
         self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
-                                                                            k_slots=k_slots),
+                                                                            k_slots=k_slots, pause_embeddings=pause),
                                  static_argnums=(3,))
         self.backbone_params = run.params["backbone"]
         self.vocab_size = self.model.backbone_config.text.vocab_size

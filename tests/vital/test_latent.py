@@ -122,3 +122,47 @@ def test_one_compilation_serves_every_k(tiny):
         batch, _ = make_batch(model, seed=5, latent_steps=(k, max(1, k - 1)))
         assert np.isfinite(float(loss(params, batch)))
     assert len(traces) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_pause(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("vital_pause"), latent_input="pause")
+
+
+def test_pause_control_feeds_learned_vectors_and_shares_the_inference_path(tiny_pause):
+    """The pause control: slot k gets p_k (not z_{k-1}) as its input embedding, in training and inference alike;
+    p_k are trainable and receive gradient; z_k is still the slot's output."""
+    from vital_jax.vital import trainable
+
+    model, params = tiny_pause.model, tiny_pause.params
+    pause = params["pause_embeddings"]
+    assert pause.shape == (model.config.k_max, model.backbone_config.text.hidden_size)
+    batch, data = make_batch(model, seed=6, latent_steps=(2, 3))
+    out = forward(model, params, batch)
+    # Reference: the same cache fed p_1..p_K by hand.
+    bp, backbone = params["backbone"], model.backbone
+    cache_len = batch.prefix.input_ids.shape[1] + model.config.k_max + batch.answer_ids.shape[1]
+    cache, _ = latent.encode_prefix(backbone, bp, batch.prefix, cache_len)
+    for k in range(3):
+        active = k < batch.latent_steps
+        step = backbone.apply({"params": bp}, inputs_embeds=jnp.broadcast_to(pause[k], (2, 1, pause.shape[1])),
+                              token_valid=active[:, None], kv_cache=cache, return_logits=False)
+        cache = step.kv_cache
+        for row in range(2):
+            if bool(active[row]):
+                assert _diff(out.z[row, k], step.hidden_states[row, 0]) <= TOL
+    # Feeding z back instead gives other states: the switch is real.
+    feedback = latent.latent_loop(backbone, bp, latent.encode_prefix(backbone, bp, batch.prefix, cache_len)[0],
+                                  out.z0, batch.latent_steps, model.config.k_max)[0]
+    assert _diff(feedback[:, 1], out.z[:, 1]) > 1e-3
+    # Inference uses the same vectors; it refuses to run without them.
+    sampling = SamplingConfig(max_new_tokens=4)
+    tokens, _, z_inf = jax.jit(lambda bp, pre, k, p: model.generate(bp, pre, k, sampling, pause_embeddings=p))(
+        bp, batch.prefix, batch.latent_steps, pause)
+    np.testing.assert_allclose(out.z, z_inf, atol=TOL)
+    with pytest.raises(ValueError, match="pause_embeddings"):
+        model.generate(bp, batch.prefix, batch.latent_steps, sampling)
+    # Trainable, with gradient.
+    assert trainable.is_trainable("pause_embeddings")
+    grads = jax.grad(lambda p: model.forward(dict(params, pause_embeddings=p), batch).loss)(pause)
+    assert float(jnp.abs(grads[:3]).max()) > 0

@@ -7,6 +7,9 @@ import dataclasses
 from vital_jax.layers.linear import LoraConfig
 
 
+LATENT_INPUTS = ("feedback", "pause")
+
+
 @dataclasses.dataclass(frozen=True)
 class VitalConfig:
     """k_max: latent-step slots compiled into the scan (each example uses its own K <= k_max).
@@ -19,6 +22,10 @@ class VitalConfig:
     remat_latent_steps: recompute each latent step's activations in the backward pass (saves memory ~K_max x).
     latent_steps_cap: -1 (default) uses each record's K; c >= 0 uses min(K, c) — the paper's Table 3 "K" rows
       (c = 0 is the direct-answer baseline: no latent step, so no L_text / L_visual).
+    latent_input: what enters latent slot k. "feedback" (Eq. 1): z_{k-1}, the previous step's last hidden state.
+      "pause": a learned constant vector p_k (K_max x D, `params["pause_embeddings"]`), the pause-token control of
+      the small-scale Coconut replications: the same slots, supervision and curriculum without the recurrence, so
+      a gain of "feedback" over "pause" is the latent loop's own, not extra positions or the curriculum.
     """
 
     k_max: int = 4
@@ -32,11 +39,14 @@ class VitalConfig:
     remat_latent_steps: bool = False
     train_decoder: bool = True
     latent_steps_cap: int = -1
+    latent_input: str = "feedback"
 
     def __post_init__(self):
         if self.visual_loss_reduction not in ("mean", "sum"):
             raise ValueError(f"visual_loss_reduction must be 'mean' or 'sum', got {self.visual_loss_reduction!r}")
         if self.visual_target not in ("shared", "interpolated"):
             raise ValueError(f"visual_target must be 'shared' or 'interpolated', got {self.visual_target!r}")
+        if self.latent_input not in LATENT_INPUTS:
+            raise ValueError(f"latent_input must be one of {LATENT_INPUTS}, got {self.latent_input!r}")
         if self.k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {self.k_max}")

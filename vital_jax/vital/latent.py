@@ -67,17 +67,22 @@ def encode_prefix(backbone: Qwen3VLForConditionalGeneration, backbone_params, pr
 
 def latent_loop(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv_cache: KVCache, z0: jax.Array,
                 latent_steps: jax.Array, k_max: int, deterministic: bool = True, rng=None,
-                remat: bool = False) -> tuple[jax.Array, jax.Array, KVCache]:
+                remat: bool = False, pause_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
     """Eq. (1): z_k = f_theta(z_{k-1}; C_prefix U {z_<k}) for k = 1..K_b, as one scan over K_max slots.
 
     z0 (B, D); latent_steps (B,) int32, each <= k_max. Returns (z (B, K_max, D) with rows k >= K_b repeating
     z_{K_b}, z_last (B, D) = z_{K_b}, kv_cache). Gradients flow through every step and the cache.
+    pause_embeddings (K_max, D) or None: the pause control (VitalConfig.latent_input = "pause"): slot k is fed
+    p_k instead of z_{k-1}; z_k is still that slot's output state.
     """
+    if pause_embeddings is not None and pause_embeddings.shape[0] < k_max:
+        raise ValueError(f"pause_embeddings has {pause_embeddings.shape[0]} rows for {k_max} latent slots")
 
     def step(carry, k):
         cache, z = carry
         active = k < latent_steps
-        out = backbone.apply({"params": backbone_params}, inputs_embeds=z[:, None, :], token_valid=active[:, None],
+        fed = z if pause_embeddings is None else jnp.broadcast_to(pause_embeddings[k].astype(z.dtype), z.shape)
+        out = backbone.apply({"params": backbone_params}, inputs_embeds=fed[:, None, :], token_valid=active[:, None],
                              kv_cache=cache, return_logits=False, deterministic=deterministic,
                              rngs=_rngs(rng, 1, k))
         z_next = jnp.where(active[:, None], out.hidden_states[:, 0].astype(z.dtype), z)
@@ -110,15 +115,17 @@ def answer_logits(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv
 
 
 def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
-                    latent_steps: jax.Array, k_max: int, sampling: generation.SamplingConfig, rng=None):
+                    latent_steps: jax.Array, k_max: int, sampling: generation.SamplingConfig, rng=None,
+                    pause_embeddings: jax.Array | None = None):
     """Inference: the same prefix + latent scan, then greedy/sampled decoding until EOS (K = 0: a plain VLM).
 
     Uses only the backbone (+ LoRA) parameters: the scaffolding is not an input. Returns (tokens (B, N) int32,
-    lengths (B,), z (B, K_max, D)).
+    lengths (B,), z (B, K_max, D)). pause_embeddings: see `latent_loop` (the pause control's learned inputs).
     """
     cache_len = prefix.input_ids.shape[1] + k_max + sampling.max_new_tokens
     kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
-    z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max)
+    z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,
+                                      pause_embeddings=pause_embeddings)
     first_logits = lm_logits(backbone, backbone_params, z_last)
 
     def step_fn(params, ids_b1, valid_b1, cache):

@@ -1,8 +1,9 @@
 """VitalModel: the backbone (+ LoRA), the scaffolding (auxiliary decoder, pj_in, visual projector), the
 training forward with every loss term, and inference.
 
-Parameters are one dict: {"backbone", "decoder", "pj_in", "visual_projector"}. Inference (`generate`) takes
-only `params["backbone"]`: the scaffolding is discarded at deployment (paper §3.5).
+Parameters are one dict: {"backbone", "decoder", "pj_in", "visual_projector"} (+ "pause_embeddings" (K_max, D)
+for the pause control, `VitalConfig.latent_input = "pause"`). Inference (`generate`) takes only
+`params["backbone"]` (and the pause vectors of a pause run): the scaffolding is discarded at deployment (§3.5).
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ class VitalModel:
             "pj_in": self.pj_in.init(jax.random.PRNGKey(0), jnp.zeros((1, d)))["params"],
             "visual_projector": self.visual_projector.init(jax.random.PRNGKey(0), jnp.zeros((1, d)))["params"],
         })
-        return {"backbone": qwen3_vl_params.abstract_params(self.backbone_config, self.config.lora), **scaffolding}
+        out = {"backbone": qwen3_vl_params.abstract_params(self.backbone_config, self.config.lora), **scaffolding}
+        if self.config.latent_input == "pause":
+            out["pause_embeddings"] = jax.ShapeDtypeStruct((self.config.k_max, d), jnp.float32)
+        return out
 
     def init_params(self, rng: jax.Array, backbone_params: dict, decoder_params: dict | None = None) -> dict:
         """Assemble parameters: the converted backbone plus fresh LoRA adapters (B = 0, so the adapted model
@@ -89,12 +93,17 @@ class VitalModel:
         d = self.backbone_config.text.hidden_size
         if decoder_params is None:
             decoder_params = self.decoder.init(rng_dec, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
-        return {
+        params = {
             "backbone": backbone,
             "decoder": decoder_params,
             "pj_in": self.pj_in.init(rng_pj, jnp.zeros((1, d)))["params"],
             "visual_projector": self.visual_projector.init(rng_vp, jnp.zeros((1, d)))["params"],
         }
+        if self.config.latent_input == "pause":
+            # Scaled like token embeddings (normal, std 0.02), so a pause slot starts as an ordinary input.
+            pause_rng = jax.random.fold_in(rng_vp, 1)
+            params["pause_embeddings"] = 0.02 * jax.random.normal(pause_rng, (self.config.k_max, d), jnp.float32)
+        return params
 
     # ------------------------------------------------------------------------------------------- training
     def forward(self, params: dict, batch: VitalBatch, deterministic: bool = True, rng=None) -> VitalOutputs:
@@ -112,7 +121,8 @@ class VitalModel:
         cache_len = prefix.input_ids.shape[1] + k_max + ta
         kv_cache, z0 = latent.encode_prefix(backbone, bp, prefix, cache_len, deterministic, rngs[0])
         z, z_last, kv_cache = latent.latent_loop(backbone, bp, kv_cache, z0, batch.latent_steps, k_max,
-                                                 deterministic, rngs[1], cfg.remat_latent_steps)
+                                                 deterministic, rngs[1], cfg.remat_latent_steps,
+                                                 pause_embeddings=params.get("pause_embeddings"))
         logits = latent.answer_logits(backbone, bp, kv_cache, z_last, batch.answer_ids, batch.answer_valid,
                                       deterministic, rngs[2])
         task, task_w = losses.task_loss(logits, batch.answer_ids, batch.answer_valid)
@@ -155,15 +165,21 @@ class VitalModel:
 
     # ------------------------------------------------------------------------------------------ inference
     def generate(self, backbone_params: dict, prefix, latent_steps: jax.Array,
-                 sampling: generation.SamplingConfig, rng=None, k_slots: int | None = None):
+                 sampling: generation.SamplingConfig, rng=None, k_slots: int | None = None,
+                 pause_embeddings: jax.Array | None = None):
         """Inference with the backbone (+ LoRA) alone: returns (tokens (B, N), lengths (B,), z (B, k_slots, D)).
 
         k_slots (static, default K_max) is the number of latent steps compiled into the program; examples use
         `latent_steps` <= k_slots. One program serves every K (masked steps still cost compute); for latency
         measurements at a single K, pass k_slots = K so the program runs exactly K steps.
+        pause_embeddings: `params["pause_embeddings"]`, required exactly when config.latent_input == "pause".
         """
+        if (pause_embeddings is None) != (self.config.latent_input != "pause"):
+            raise ValueError(f"latent_input={self.config.latent_input!r}: pause_embeddings must be given exactly "
+                             "for the pause control")
         k_slots = self.config.k_max if k_slots is None else k_slots
-        return latent.generate_answer(self.backbone, backbone_params, prefix, latent_steps, k_slots, sampling, rng)
+        return latent.generate_answer(self.backbone, backbone_params, prefix, latent_steps, k_slots, sampling, rng,
+                                      pause_embeddings=pause_embeddings)
 
 
 def add_missing_lora(rng: jax.Array, params: dict, abstract: dict) -> dict:

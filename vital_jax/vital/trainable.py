@@ -24,7 +24,7 @@ def is_trainable(path: str, train_decoder: bool = True) -> bool:
         return path.rsplit("/", 1)[-1].startswith("lora_")
     if top == "decoder":
         return train_decoder
-    return top in ("pj_in", "visual_projector")
+    return top in ("pj_in", "visual_projector", "pause_embeddings")
 
 
 def trainable_mask(params: dict, train_decoder: bool = True) -> dict:

@@ -345,16 +345,14 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
 # ---------------------------------------------------------------------------------------------------- in-domain
 
 def _location_choice(label: str, question: str, answer: str, target: str) -> tuple[str, tuple[str, ...]]:
-    """(the named choice, the choices) of a location_choice record; the target's own name ("left kidney") does
-    not choose."""
-    q = set(re.findall(r"[a-z]+", question.lower()))
+    """(the named choice, the choices) of a location_choice record, read with the scorer's normaliser: the
+    target's own name ("left kidney") does not choose, "central" / "centre" name "center"."""
+    q = set(metrics.normalize_answer(question).split())
     axes = [c for c in LOCATION_CHOICES.values() if set(c) <= q]
     if len(axes) != 1:
         raise BenchmarkError(f"{label}: location_choice question names no choice set: {question!r}")
     choices = axes[0]
-    rest = re.sub(re.escape(target), " ", answer, flags=re.IGNORECASE) if target else answer
-    words = set(re.findall(r"[a-z]+", rest.lower()))
-    words |= {"center"} if words & {"central", "centre"} else set()
+    words = set(metrics.normalize_answer(answer, (target,) if target else ()).split())
     named = [c for c in choices if c in words]
     if len(named) != 1:
         raise BenchmarkError(f"{label}: location_choice answer must name exactly one of {', '.join(choices)}: "
@@ -371,7 +369,7 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     distractors: distinct answers of other records (any split) with the same question type and target type
     (the same question type when those are too few). Distractors and option order are drawn from a generator
     seeded by (seed, record id), so the benchmark is the same on every run and does not depend on `limit`.
-    Scored by `metrics.in_domain_correct` (lowercase + whitespace normalised match).
+    Scored by `metrics.in_domain_correct`.
     """
     if num_options < 2:
         raise ValueError(f"num_options must be >= 2, got {num_options}")
@@ -383,7 +381,7 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     pools: dict[tuple, dict[str, str]] = {}
     for _, r in rows:
         for key in ((r["question_type"], r.get("target_type")), (r["question_type"], None)):
-            pools.setdefault(key, {}).setdefault(metrics.normalize_whitespace_lower(r["answer"]), _text(r["answer"]))
+            pools.setdefault(key, {}).setdefault(metrics.normalize_answer(r["answer"]), _text(r["answer"]))
     out = []
     for label, r in rows:
         if r["split"] != split:
@@ -401,7 +399,7 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
         elif qtype == "location_choice":
             gold, options = _location_choice(label, question, answer, r.get("target", ""))
         else:
-            gold_key = metrics.normalize_whitespace_lower(answer)
+            gold_key = metrics.normalize_answer(answer)
             rng = np.random.default_rng([seed, zlib.crc32(str(r["id"]).encode("utf-8"))])
             distractors: dict[str, str] = {}  # normalised -> text
             for key in ((qtype, r.get("target_type")), (qtype, None)):

@@ -318,8 +318,34 @@ def test_in_domain_widens_to_question_type_when_target_type_has_too_few(tmp_path
     assert sorted(example.options) == ["A round tumor.", "A smooth liver."]
 
 
+def test_in_domain_distractors_are_never_about_the_same_target_and_unique_after_normalisation(tmp_path):
+    describe = "Describe the appearance of the {} in this CT scan."
+    liver = [_record(50 + i, "describe", describe.format("liver"), f"The liver appears as a {size} structure.",
+                     split="test" if i == 0 else "train") for i, size in enumerate(("large", "small", "medium",
+                                                                                    "round", "flat"))]
+    others = [_record(60, "describe", describe.format("spleen"), "The spleen appears as a small structure.",
+                      target="spleen"),
+              _record(61, "describe", describe.format("spleen"), "the spleen appears as a small  structure",
+                      target="spleen", split="train"),                     # the same meaning, written differently
+              _record(62, "describe", describe.format("kidney"), "The kidney appears as a small structure.",
+                      target="kidney", split="train")]
+    data_dir, _ = _in_domain_dir(tmp_path, liver + others)
+    for seed in range(6):
+        examples = {e.id: e for e in load_benchmark("in_domain", data_dir, seed=seed)}
+        first = examples["r50"]
+        # Only the answer is about the liver: the other liver answers could be as true of this image.
+        assert [o for o in first.options if "liver" in o.lower()] == [first.answer]
+        normalised = [metrics.normalize_answer(o) for o in first.options]
+        assert len(set(normalised)) == len(normalised)
+        # Two distinct other-target meanings exist (spleen, kidney), so three options, not four.
+        assert len(first.options) == 3 and first.extra["num_options"] == 3
+        spleen = examples["r60"]
+        assert spleen.extra["num_options"] == 4 and [o for o in spleen.options if "spleen" in o] == [spleen.answer]
+        assert load_benchmark("in_domain", data_dir, seed=seed) == list(examples.values())   # stable
+
+
 @pytest.mark.parametrize("record, message", [
-    (_record(40, "reasoning", "Why?", "Because."), r"records.jsonl:12 \(id 'r40'\): no other 'reasoning' answer"),
+    (_record(40, "reasoning", "Why?", "Because."), r"records.jsonl:12 \(id 'r40'\): no 'reasoning' answer about another target"),
     (_record(41, "yes_no", "Is it?", "Probably."), r"records.jsonl:12 \(id 'r41'\): yes_no answer does not start"),
     (_record(42, "location_choice", "Where is it?", "Left."), r"records.jsonl:12 \(id 'r42'\): .*names no choice"),
     (_record(43, "location_choice", "Is it in the left, right, or center of the image?", "Left or right."),

@@ -360,16 +360,33 @@ def _location_choice(label: str, question: str, answer: str, target: str) -> tup
     return named[0], choices
 
 
+def _distractors(record: dict, gold_key: str, pools: dict, rng: np.random.Generator, wanted: int) -> list[str]:
+    """Up to `wanted` distractor texts for one choice question, unique in meaning: answers of the same question
+    type about *other* targets (an answer about the same target could be as true of this image), never equal to
+    the answer or to each other after `metrics.normalize_answer`; first of the same target type, then of any."""
+    qtype, target = record["question_type"], metrics.normalize_answer(record.get("target", ""))
+    chosen: dict[str, str] = {}  # normalised -> text
+    for key in ((qtype, record.get("target_type")), (qtype, None)):
+        pool = sorted((k, text) for k, (text, targets) in pools.get(key, {}).items()
+                      if k != gold_key and k not in chosen and target not in targets)
+        take = min(wanted - len(chosen), len(pool))
+        if take > 0:
+            chosen.update(pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False)))
+    return list(chosen.values())
+
+
 def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
                    seed: int = 0, num_options: int = 4) -> list[BenchmarkExample]:
     """The held-out split of a vital_jax dataset (`records.jsonl`), every question closed-ended (App. B.4).
 
     yes_no -> options (yes, no), answer its leading yes/no; location_choice -> the choices its question names,
     answer the one the answer names; every other type -> a choice among the answer and up to `num_options - 1`
-    distractors: distinct answers of other records (any split) with the same question type and target type
-    (the same question type when those are too few). Distractors and option order are drawn from a generator
-    seeded by (seed, record id), so the benchmark is the same on every run and does not depend on `limit`.
-    Scored by `metrics.in_domain_correct`.
+    distractors (`_distractors`: answers of the same question type about other targets, same target type first,
+    unique after normalisation). A question with fewer distinct distractors keeps the options it has (at least
+    two; `extra["num_options"]` says how many); one with none cannot be posed as a choice and is an error.
+    Distractors and option order are drawn from a generator seeded by (seed, record id), so the benchmark is the
+    same on every run and does not depend on `limit`. Scored by `metrics.in_domain_correct`; `extra` keeps the
+    record's target (the scorer strips it), source (per-source rows as in Table 1), modality and K.
     """
     if num_options < 2:
         raise ValueError(f"num_options must be >= 2, got {num_options}")
@@ -378,10 +395,13 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     for label, record in _read_jsonl(path):
         _fields(label, record, ("id", "image", "question", "answer", "question_type", "split"))
         rows.append((f"{label} (id {record['id']!r})", record))
-    pools: dict[tuple, dict[str, str]] = {}
+    # (question type, target type or None) -> normalised answer -> (its text, the normalised targets it is about)
+    pools: dict[tuple, dict[str, tuple[str, set]]] = {}
     for _, r in rows:
         for key in ((r["question_type"], r.get("target_type")), (r["question_type"], None)):
-            pools.setdefault(key, {}).setdefault(metrics.normalize_answer(r["answer"]), _text(r["answer"]))
+            entry = pools.setdefault(key, {}).setdefault(metrics.normalize_answer(r["answer"]),
+                                                         (_text(r["answer"]), set()))
+            entry[1].add(metrics.normalize_answer(r.get("target", "")))
     out = []
     for label, r in rows:
         if r["split"] != split:
@@ -399,20 +419,15 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
         elif qtype == "location_choice":
             gold, options = _location_choice(label, question, answer, r.get("target", ""))
         else:
-            gold_key = metrics.normalize_answer(answer)
             rng = np.random.default_rng([seed, zlib.crc32(str(r["id"]).encode("utf-8"))])
-            distractors: dict[str, str] = {}  # normalised -> text
-            for key in ((qtype, r.get("target_type")), (qtype, None)):
-                pool = sorted((k, text) for k, text in pools[key].items() if k != gold_key and k not in distractors)
-                take = min(num_options - 1 - len(distractors), len(pool))
-                if take > 0:
-                    distractors.update(pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False)))
-            texts = list(distractors.values())
-            if not distractors:
-                raise BenchmarkError(f"{label}: no other {qtype!r} answer in {path} to build choices from")
+            texts = _distractors(r, metrics.normalize_answer(answer), pools, rng, num_options - 1)
+            if not texts:
+                raise BenchmarkError(f"{label}: no {qtype!r} answer about another target in {path} to build "
+                                     f"choices from")
             options = tuple(answer if i == 0 else texts[i - 1] for i in rng.permutation(len(texts) + 1))
             gold = answer
             prompt = lettered_prompt(question, options, IN_DOMAIN_CHOICE_INSTRUCTION)
+        extra["num_options"] = len(options)
         image_path = _check_image(label, os.path.join(data_dir, r["image"]), check_images)
         out.append(BenchmarkExample(id=str(r["id"]), image=image_path, question=question, answer=gold,
                                     answer_type="closed", options=tuple(options), match="exact", prompt=prompt,

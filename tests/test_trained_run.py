@@ -29,6 +29,12 @@ def test_evaluate_vqa_rad_slice_writes_the_documented_files(workdir, shared_data
     assert len(lines) == 16 and all(line["latent_steps"] == 2 and "prediction" in line for line in lines)
     metrics = json.load(open(out / "vqa_rad.metrics.json"))
     assert metrics["count"] == 16
+    # Accuracy beside its majority baseline, both closed conventions, open F1 apart (issues #17, #18).
+    assert {"closed_accuracy", "closed_majority_baseline", "closed_accuracy_over_all", "open_token_f1"} <= set(metrics)
+    # Latency is single-example (batch 1); the batched time per example is labelled apart; answers get the
+    # training answer budget.
+    assert metrics["latency_ms"]["batch_size"] == 1 and metrics["batched_ms_per_example"]["batch_size"] == 4
+    assert metrics["meta"]["max_new_tokens"] == load_run(workdir).config.data.max_answer_tokens
     assert (out / "vqa_rad.metrics.md").read_text().strip()
 
 
@@ -44,6 +50,8 @@ def test_k_sweep_on_the_in_domain_split(workdir, tmp_path):
         evaluate(workdir, "in_domain", run.paths.data_dir, str(out), [0], split="nonexistent", run=run)
     sweep = json.load(open(out / "k_sweep.json"))
     assert [p["latent_steps"] for p in sweep["points"]] == [0, 1, 2, 3, 4]
+    assert all(p["latency_ms"]["batch_size"] == 1 and p["batched_ms_per_example"]["batch_size"] == 4 and
+               "closed_accuracy" in p and "open_token_f1" in p for p in sweep["points"])
     assert Image.open(out / "k_sweep.png").size[0] > 0
 
 
@@ -123,7 +131,7 @@ def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path,
     shutil.copytree(workdir, copy)
     demo.finish(str(copy), eval_limit=8)
     out = capsys.readouterr().out
-    assert "| K | accuracy | latency ms/sample |" in out and "| 4 |" in out
+    assert "| K | accuracy | latency ms (batch 1) |" in out and "| 4 |" in out
     for path in ("eval/k_sweep.png", "eval/summary.md", "explain/summary.png", "export_hf/model.safetensors",
                  "export_hf/scaffolding/heads.safetensors"):
         assert (copy / path).exists(), path

@@ -5,7 +5,10 @@
 
 Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, jsonl (see vital_jax.eval.benchmarks). Writes
 `<benchmark>.predictions.jsonl`, `<benchmark>.metrics.json`, `<benchmark>.metrics.md` (per K with --k_sweep, plus
-`k_sweep.json` / `k_sweep.png`: accuracy and per-sample latency against K, the analogue of the paper's Figure 4).
+`k_sweep.json` / `k_sweep.png`: closed accuracy, open token F1 and single-example latency against K, the analogue
+of the paper's Figure 4). Every metrics JSON holds `closed_accuracy` beside `closed_majority_baseline` (and the
+`_over_all` variants, Table 1's VQA-RAD denominator) and, with open questions, `open_token_f1`.
+Latency (`latency_ms`) is one example at a time, compilation excluded; `batched_ms_per_example` is throughput.
 K is always explicit and logged; it is never inferred from the checkpoint.
 """
 
@@ -18,12 +21,25 @@ from absl import app, flags, logging
 
 
 
+DEFAULT_LATENCY_EXAMPLES = 64
+
+
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
-             split: str = "test", limit: int | None = None, batch_size: int = 4, max_new_tokens: int = 32,
-             run=None) -> list[dict]:
-    """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files)."""
+             split: str | None = None, limit: int | None = None, batch_size: int = 4,
+             max_new_tokens: int | None = None, run=None,
+             latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES) -> list[dict]:
+    """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files).
+
+    `split` defaults to the benchmark's own (`benchmarks.default_split`: test, or PMC-VQA's test_clean).
+    `max_new_tokens` defaults to the run's training answer budget (config data.max_answer_tokens), so answers are
+    not cut shorter than the model was trained to give them. Predictions come from batches of `batch_size`, whose
+    time per example is reported as `batched_ms_per_example` (throughput). Latency as the paper measures it is
+    single-example: the first `latency_examples` examples (at least one; None: all) are run again one at a time,
+    after compilation, and their times are `latency_ms`.
+    """
     from vital_jax.eval import KSweepPoint, load_benchmark, write_k_sweep, write_report, write_summary
     from vital_jax.eval import metrics as score_lib
+    from vital_jax.eval.benchmarks import default_split
     from vital_jax.inference import Predictor, load_run
     from vital_jax.observability import ProgressReporter
 
@@ -32,31 +48,48 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     bad = [k for k in latent_steps if not 0 <= k <= k_max]
     if bad:
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run")
+    split = split or default_split(benchmark)
+    if max_new_tokens is None:
+        max_new_tokens = int(run.config.data.max_answer_tokens)
     examples = load_benchmark(benchmark, data_dir, split=split, limit=limit)
     if not examples:
         raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
+    n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
     predictor = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
                for i in range(0, len(examples), batch_size)]
     predictor.warm_up(batches, latent_steps)
+    single, singles = predictor, []
+    if batch_size != 1 and n_timed:
+        single = Predictor(run, batch_size=1, max_new_tokens=max_new_tokens)
+        singles = [single.encode([e.image], [e.prompt]) for e in examples[:n_timed]]
+        single.warm_up(singles, latent_steps)
     summaries, sweep = [], []
     for k in latent_steps:
-        logging.info("evaluating %s (%d examples) at K=%d", benchmark, len(examples), k)
-        predictions, latencies = [], []
+        logging.info("evaluating %s (%d examples) at K=%d, max_new_tokens=%d", benchmark, len(examples), k,
+                     max_new_tokens)
+        predictions, batched = [], []
         progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 10))
         for prefix, n in batches:
             answers, _, ms = predictor.run_encoded(prefix, n, k)
             predictions += answers
-            latencies += [ms] * n
+            batched += [ms * batch_size / n] * n  # the batch's time over its real examples
             progress.update(len(predictions))
         progress.close()
+        if batch_size == 1:
+            latency = batched[:n_timed]
+        else:
+            latency = [single.run_encoded(prefix, n, k)[2] for prefix, n in singles]
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
-        summary = write_report(k_dir, benchmark, examples, predictions, latent_steps=k, latency_ms=latencies,
-                               meta={"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step})
+        meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step,
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
+        summary = write_report(k_dir, benchmark, examples, predictions, latent_steps=k,
+                               latency_ms=latency + [None] * (len(examples) - len(latency)), meta=meta,
+                               batched_ms_per_example=batched, batch_size=batch_size)
         summaries.append(summary)
-        per_example = score_lib.score(examples, predictions)["per_example"]
-        sweep.append(KSweepPoint.from_run(k, [e.correct for e in per_example], latencies))
+        scored = score_lib.score(examples, predictions)
+        sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
     if len(latent_steps) > 1:
         write_k_sweep(out_dir, sweep)
         write_summary(out_dir, summaries)
@@ -76,7 +109,8 @@ def main(argv):
     run = load_run(_CHECKPOINT.value)
     ks = list(range(run.model.config.k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
     summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
-                         _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run)
+                         _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run,
+                         latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value)
     for s in summaries:
         print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}))
     print(f"reports written to {os.path.abspath(_OUT.value)}")
@@ -86,17 +120,22 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
+    global _LATENCY_N
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
     _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
                                      "jsonl)")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "the benchmark's data directory")
-    _SPLIT = flags.DEFINE_string("split", "test", "benchmark split")
+    _SPLIT = flags.DEFINE_string("split", None, "benchmark split (default: test; test_clean for pmc_vqa, whose "
+                                 "2,000 questions Table 1 fits; --split=test reads PMC-VQA's full test.csv)")
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
     _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json/png")
     _OUT = flags.DEFINE_string("out", None, "output directory")
     _LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples")
-    _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch")
-    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "answer length limit")
+    _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch (batched_ms_per_example)")
+    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "answer length limit (default: the run's training "
+                                    "answer budget, config data.max_answer_tokens)")
+    _LATENCY_N = flags.DEFINE_integer("latency_examples", DEFAULT_LATENCY_EXAMPLES,
+                                      "examples timed one at a time (batch 1) for latency_ms; -1: all")
 
 
 if __name__ == "__main__":

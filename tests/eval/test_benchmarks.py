@@ -45,6 +45,21 @@ def test_vqa_rad_test_split_from_shared_data(shared_data_dir):
     assert result["closed"]["accuracy"] == 1.0 and result["open"]["token_f1"] == pytest.approx(1.0)
 
 
+def test_vqa_rad_reports_both_closed_accuracy_conventions_and_the_majority_baseline(shared_data_dir):
+    examples = load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"))
+    result = metrics.score(examples, [e.answer for e in examples])
+    assert result["closed_accuracy"] == 1.0
+    # Table 1's VQA-RAD Acc_closed values are k/451: correct closed answers over every test question.
+    assert result["closed_accuracy_over_all"] == pytest.approx(272 / 451)
+    gold = collections.Counter(e.answer.strip().lower() for e in examples if e.answer_type == "closed")
+    answer, count = gold.most_common(1)[0]
+    assert answer in ("yes", "no") and result["closed_majority_answer"] == answer
+    assert result["closed_majority_baseline"] == pytest.approx(count / 272)
+    assert result["closed_majority_baseline_over_all"] == pytest.approx(count / 451)
+    assert round(0.7428 * 451) / 451 == pytest.approx(0.7428, abs=5e-5)       # VITAL's 74.28 fits k/451 ...
+    assert all(abs(k / 272 - 0.7428) > 5e-5 for k in range(273))             # ... and no k/272
+
+
 def test_vqa_rad_train_split_tolerates_trailing_space_and_integer_answers(shared_data_dir):
     data_dir = os.path.join(shared_data_dir, "vqa_rad")
     with open(os.path.join(data_dir, "trainset.json"), encoding="utf-8") as f:
@@ -182,7 +197,7 @@ def test_pmc_vqa_builds_lettered_prompt_and_answer_letter(tmp_path):
         ["1", "PMC1_F1.jpg", "What is the arrow pointing at?", "Liver", "A:Spleen", "B:Kidney", "C:Liver",
          "D:Heart", ""],                                                       # letter from the answer text
     ])
-    first, second = load_benchmark("pmc_vqa", data_dir)
+    first, second = load_benchmark("pmc_vqa", data_dir, split="test")
     assert first.options == ("CT", "MRI", "PET", "Ultrasound")
     assert (first.answer, first.match, first.answer_type) == ("B", "letter", "closed")
     assert first.prompt.splitlines() == ["Which imaging modality is shown?", "A. CT", "B. MRI", "C. PET",
@@ -201,12 +216,23 @@ def test_pmc_vqa_builds_lettered_prompt_and_answer_letter(tmp_path):
 def test_pmc_vqa_malformed_row_is_named(tmp_path, row, message):
     good = ["0", "PMC1_F1.jpg", "q?", "a", "A:a", "B:b", "C:c", "D:d", "A"]
     with pytest.raises(BenchmarkError, match=message):
-        load_benchmark("pmc_vqa", _pmc_dir(tmp_path, [good, row]))
+        load_benchmark("pmc_vqa", _pmc_dir(tmp_path, [good, row]), split="test")
 
 
 def test_pmc_vqa_missing_file_lists_candidates(tmp_path):
     with pytest.raises(BenchmarkError, match=r"no PMC-VQA test file \(looked for test.csv, test_2.csv"):
+        load_benchmark("pmc_vqa", str(tmp_path), split="test")
+    with pytest.raises(BenchmarkError, match=r"no PMC-VQA test_clean file \(looked for test_clean.csv"):
         load_benchmark("pmc_vqa", str(tmp_path))
+
+
+def test_pmc_vqa_defaults_to_test_clean_and_reads_the_full_test_on_request(tmp_path):
+    row = ["0", "PMC1_F1.jpg", "q?", "a", "A:a", "B:b", "C:c", "D:d", "A"]
+    _pmc_dir(tmp_path, [row, row], name="test.csv")
+    data_dir = _pmc_dir(tmp_path, [row], name="test_clean.csv")
+    assert len(load_benchmark("pmc_vqa", data_dir)) == 1                       # Table 1's 2,000-question split
+    assert len(load_benchmark("pmc_vqa", data_dir, split="test")) == 2
+    assert benchmarks.default_split("pmc_vqa") == "test_clean" and benchmarks.default_split("vqa_rad") == "test"
 
 
 # ---------------------------------------------------------------------------------------------------------- JSONL
@@ -318,8 +344,34 @@ def test_in_domain_widens_to_question_type_when_target_type_has_too_few(tmp_path
     assert sorted(example.options) == ["A round tumor.", "A smooth liver."]
 
 
+def test_in_domain_distractors_are_never_about_the_same_target_and_unique_after_normalisation(tmp_path):
+    describe = "Describe the appearance of the {} in this CT scan."
+    liver = [_record(50 + i, "describe", describe.format("liver"), f"The liver appears as a {size} structure.",
+                     split="test" if i == 0 else "train") for i, size in enumerate(("large", "small", "medium",
+                                                                                    "round", "flat"))]
+    others = [_record(60, "describe", describe.format("spleen"), "The spleen appears as a small structure.",
+                      target="spleen"),
+              _record(61, "describe", describe.format("spleen"), "the spleen appears as a small  structure",
+                      target="spleen", split="train"),                     # the same meaning, written differently
+              _record(62, "describe", describe.format("kidney"), "The kidney appears as a small structure.",
+                      target="kidney", split="train")]
+    data_dir, _ = _in_domain_dir(tmp_path, liver + others)
+    for seed in range(6):
+        examples = {e.id: e for e in load_benchmark("in_domain", data_dir, seed=seed)}
+        first = examples["r50"]
+        # Only the answer is about the liver: the other liver answers could be as true of this image.
+        assert [o for o in first.options if "liver" in o.lower()] == [first.answer]
+        normalised = [metrics.normalize_answer(o) for o in first.options]
+        assert len(set(normalised)) == len(normalised)
+        # Two distinct other-target meanings exist (spleen, kidney), so three options, not four.
+        assert len(first.options) == 3 and first.extra["num_options"] == 3
+        spleen = examples["r60"]
+        assert spleen.extra["num_options"] == 4 and [o for o in spleen.options if "spleen" in o] == [spleen.answer]
+        assert load_benchmark("in_domain", data_dir, seed=seed) == list(examples.values())   # stable
+
+
 @pytest.mark.parametrize("record, message", [
-    (_record(40, "reasoning", "Why?", "Because."), r"records.jsonl:12 \(id 'r40'\): no other 'reasoning' answer"),
+    (_record(40, "reasoning", "Why?", "Because."), r"records.jsonl:12 \(id 'r40'\): no 'reasoning' answer about another target"),
     (_record(41, "yes_no", "Is it?", "Probably."), r"records.jsonl:12 \(id 'r41'\): yes_no answer does not start"),
     (_record(42, "location_choice", "Where is it?", "Left."), r"records.jsonl:12 \(id 'r42'\): .*names no choice"),
     (_record(43, "location_choice", "Is it in the left, right, or center of the image?", "Left or right."),

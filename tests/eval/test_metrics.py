@@ -20,6 +20,14 @@ from vital_jax.eval.benchmarks import BenchmarkExample
     ("2.5 cm", "2.5 cm"),
     ("end.", "end"),
     ("x-ray", "x ray"),
+    ("X\u2010ray", "x ray"),                        # typographic hyphen
+    ("Twenty-one", "21"),                          # compound number words
+    ("twenty one nodules", "21 nodules"),
+    ("ninety", "90"),
+    ("The patient\u2019s left", "patients left"),   # curly apostrophe
+    ("Centre", "center"),                          # spelling variants, one way
+    ("central part", "center part"),
+    ("tumour", "tumor"),
     ("Posterior-Anterior", "posterior anterior"),
     ("patient's (left) side", "patients left side"),
     ("theory", "theory"),              # articles are whole tokens only
@@ -42,7 +50,7 @@ def test_normalize_answer(text, expected):
     ("two", "2", True),
     ("2", "Two", True),
     ("The left", "left", True),
-    ("left side", "left", False),                  # exact after normalisation, no containment
+    ("left side", "left", True),                   # containment of the answer, nothing competing with it
     ("MRI", "mri", True),
     ("CT", "MRI", False),
 ])
@@ -147,7 +155,8 @@ def test_score_splits_closed_and_open_with_counts():
     assert result["open"]["token_recall"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert result["open"]["accuracy"] == 0.5          # exact match, only "free air"
     assert result["overall"] == {"count": 4, "accuracy": 0.5}
-    assert metrics.headline(result) == {"acc_closed": 0.5, "token_f1_open": pytest.approx(0.9)}
+    assert metrics.headline(result) == {"acc_closed": 0.5, "closed_accuracy_over_all": 0.25,
+                                        "closed_majority_baseline": 0.5, "token_f1_open": pytest.approx(0.9)}
     assert result["per_example"][3].parsed == "B"
 
 
@@ -173,3 +182,116 @@ def test_score_of_none_prediction_is_wrong():
     assert result["overall"]["accuracy"] == 0.0
     assert result["open"]["token_f1"] == 0.0
     assert collections.Counter(s.correct for s in result["per_example"]) == {False: 2}
+
+
+# ------------------------------------------------------------------------------- audit cases (issue #18, item 2)
+
+@pytest.mark.parametrize("text, polarity", [
+    ("A pneumothorax is present with no mediastinal shift.", "yes"),   # the "no" is in a subordinate phrase
+    ("No doubt, yes.", "yes"),                                         # "no doubt" affirms
+    ("Yes, there is no effusion", "yes"),                              # the leading word answers
+    ("No, the liver is normal", "no"),
+    ("There is no evidence of a mass", "no"),
+    ("No.", "no"),
+    ("no", "no"),
+    ("Not present", "no"),
+    ("Absent", "no"),
+    ("The liver is not enlarged.", "no"),
+    ("There is a small effusion.", "yes"),
+    ("I think yes.", "yes"),
+    ("The answer is no.", "no"),
+    ("\u201cYes\u201d", "yes"),
+    ("I am not sure", None),                                           # a hedge answers neither
+    ("A mass cannot be excluded.", None),
+    ("maybe yes maybe no", None),                                      # both
+    ("The image shows an aneurysm", None),                             # no polarity stated
+    ("", None),
+])
+def test_yes_no_of_reads_the_answers_polarity(text, polarity):
+    assert metrics.yes_no_of(text) == polarity
+
+
+@pytest.mark.parametrize("prediction, answer, question, correct", [
+    ("A pneumothorax is present with no mediastinal shift.", "no", "Is there a pneumothorax?", False),
+    ("A pneumothorax is present with no mediastinal shift.", "yes", "Is there a pneumothorax?", True),
+    ("No doubt, yes.", "yes", "Is there an effusion?", True),
+    ("The lesion is on the left side.", "left", "Which side is the lesion on?", True),
+    ("The lesion is on the left side.", "left", "Is the lesion on the left or right?", True),
+    ("The lesion is on the left side, not the right.", "left", "Which side?", False),  # competitor + negation
+    ("left or right", "left", "Is the lesion on the left or right?", False),            # hedged between options
+    ("It is on the right.", "left", "Is the lesion on the left or right?", False),
+    ("Both the left and the right", "left", "Is the lesion on the left or right?", False),
+    ("The lesion is not on the left.", "left", "Which side?", False),                     # negated
+    ("Twenty-one", "21", "How many?", True),
+    ("The mass is in the centre.", "center", "Where is the mass?", True),
+    ("CT", "CT with contrast", "Which modality, CT or CT with contrast?", False),
+    ("It is a CT with contrast", "CT with contrast", "Which modality, CT or CT with contrast?", True),
+])
+def test_closed_correct_audit_cases(prediction, answer, question, correct):
+    example = BenchmarkExample(id="0", image="0.png", question=question, answer=answer, answer_type="closed")
+    assert metrics.score_example(example, prediction).correct is correct
+
+
+LR = ("left", "right", "center")
+
+
+@pytest.mark.parametrize("prediction, answer, options, target, correct", [
+    ("The left kidney is located in the right part of the image.", "right", LR, "left kidney", True),
+    ("The left kidney is located in the left part of the image.", "right", LR, "left kidney", False),
+    ("The liver is in the central part of the image.", "center", LR, "liver", True),
+    ("The liver is in the centre of the image.", "center", LR, "liver", True),
+    ("The right lung is in the left part of the image.", "left", LR, "right lung", True),
+    ("Yes, the left kidney lies in the left half.", "yes", ("yes", "no"), "left kidney", True),
+    ("No, the left kidney lies in the right half.", "yes", ("yes", "no"), "left kidney", False),
+    # The target is not stripped when the answer names it: a prediction leaving it out is not credited.
+    ("The main organ shown there is the", "The main organ shown there is the liver.",
+     ("The main organ shown there is the liver.", "The main organ shown there is the spleen."), "liver", False),
+    ("The main organ shown there is the liver.", "The main organ shown there is the liver.",
+     ("The main organ shown there is the liver.", "The main organ shown there is the spleen."), "liver", True),
+])
+def test_in_domain_scoring_strips_the_target_from_prediction_and_answer_alike(prediction, answer, options, target,
+                                                                             correct):
+    example = BenchmarkExample(id="0", image="0.png", question="q?", answer=answer, answer_type="closed",
+                               options=options, match="exact", extra={"target": target})
+    assert metrics.score_example(example, prediction).correct is correct
+
+
+# ---------------------------------------------------------------- accuracy conventions and the majority baseline
+
+def test_closed_accuracy_over_closed_and_over_all_questions():
+    # 3 closed (2 right) + 1 open: Acc_closed = 2/3; the paper's apparent convention divides by all 4.
+    examples = [_example(0, "yes", "closed"), _example(1, "no", "closed"), _example(2, "left", "closed"),
+                _example(3, "free air", "open", "f1")]
+    result = metrics.score(examples, ["yes", "yes", "left", "free air"])
+    assert result["closed_accuracy"] == pytest.approx(2 / 3)
+    assert result["closed_accuracy_over_all"] == pytest.approx(2 / 4)
+    assert result["open_token_f1"] == pytest.approx(1.0)
+
+
+def test_majority_baseline_answers_every_closed_question_with_the_most_frequent_gold():
+    answers = ["yes", "Yes.", "no", "yes", "left", "Left"]
+    examples = [_example(i, a, "closed") for i, a in enumerate(answers)] + [_example(9, "air", "open", "f1")]
+    result = metrics.score(examples, [""] * len(examples))
+    assert result["closed_majority_answer"] == "yes"
+    assert result["closed_majority_baseline"] == pytest.approx(3 / 6)        # max(yes, no) share of the closed
+    assert result["closed_majority_baseline_over_all"] == pytest.approx(3 / 7)
+    assert result["closed_accuracy"] == 0.0
+
+
+def test_majority_baseline_of_letters_and_ties():
+    examples = [_example(i, letter, "closed", "letter", OPTIONS) for i, letter in enumerate("BBAAC")]
+    result = metrics.score(examples, ["B"] * 5)
+    assert result["closed_majority_answer"] == "A"                          # a tie goes to the first in order
+    assert result["closed_majority_baseline"] == pytest.approx(2 / 5)
+    assert "open_token_f1" not in result
+
+
+def test_per_source_groups_in_domain_rows_like_table_1():
+    def example(i, source, answer):
+        return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type="closed",
+                                options=("yes", "no"), match="exact", extra={"source": source})
+    examples = [example(0, "MSD Task03_Liver", "yes"), example(1, "MSD Task09_Spleen", "no"),
+                example(2, "biomedparse", "yes"), example(3, "phantom", "no")]
+    result = metrics.score(examples, ["yes", "yes", "yes", "no"])
+    assert result["per_source"] == {"BiomedParse": {"count": 1, "accuracy": 1.0},
+                                    "MSD": {"count": 2, "accuracy": 0.5}, "phantom": {"count": 1, "accuracy": 1.0}}

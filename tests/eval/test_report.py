@@ -26,7 +26,8 @@ def test_write_report_files_and_content(tmp_path):
     examples, predictions = _examples(), ["Yes.", "not sure", "temporal lobe"]
     latency = [120.0, 80.0, 100.0]
     summary = report.write_report(str(tmp_path), "rad", examples, predictions, latent_steps=4, latency_ms=latency,
-                                  meta={"split": "test", "model": "tiny"})
+                                  meta={"split": "test", "model": "tiny"}, batched_ms_per_example=[40.0] * 3,
+                                  batch_size=4)
     names = sorted(os.listdir(tmp_path))
     assert names == ["rad.metrics.json", "rad.metrics.md", "rad.predictions.jsonl"]   # no temporary files left
 
@@ -45,8 +46,16 @@ def test_write_report_files_and_content(tmp_path):
     assert saved == summary
     assert saved["closed"] == {"count": 2, "accuracy": 0.5}
     assert saved["open"]["token_f1"] == pytest.approx(0.8)
-    assert saved["headline"] == {"acc_closed": 0.5, "token_f1_open": pytest.approx(0.8)}
+    assert saved["headline"] == {"acc_closed": 0.5, "closed_accuracy_over_all": pytest.approx(1 / 3),
+                                 "closed_majority_baseline": 0.5, "token_f1_open": pytest.approx(0.8)}
+    # Closed accuracy two ways, the majority baseline beside it, open token F1 (issues #17, #18).
+    assert saved["closed_accuracy"] == 0.5 and saved["closed_accuracy_over_all"] == pytest.approx(1 / 3)
+    assert saved["closed_majority_baseline"] == 0.5 and saved["closed_majority_baseline_over_all"] == pytest.approx(
+        1 / 3)
+    assert saved["open_token_f1"] == pytest.approx(0.8)
     assert saved["latency_ms"]["mean"] == pytest.approx(100.0) and saved["latency_ms"]["p50"] == pytest.approx(100.0)
+    assert saved["latency_ms"]["batch_size"] == 1
+    assert saved["batched_ms_per_example"]["mean"] == 40.0 and saved["batched_ms_per_example"]["batch_size"] == 4
     assert saved["meta"] == {"split": "test", "model": "tiny", "latent_steps": 4}
     assert "per_example" not in saved
 
@@ -56,7 +65,9 @@ def test_write_report_files_and_content(tmp_path):
     row = dict(zip(header, [c.strip() for c in table[4].strip("|").split("|")]))
     assert row["benchmark"] == "rad" and row["K"] == "4" and row["n"] == "3"
     assert row["Acc closed (%)"] == "50.00" and row["Token-F1 open (%)"] == "80.00"
-    assert row["latency mean (ms)"] == "100.0"
+    assert row["Acc closed / all (%)"] == "33.33" and row["majority closed (%)"] == "50.00"
+    assert row["latency batch 1 (ms)"] == "100.0" and row["batched (ms/example)"] == "40.0 (batch 4)"
+    assert [r["batched_ms_per_example"] for r in rows] == [40.0] * 3
 
 
 def test_write_summary_has_one_row_per_run(tmp_path):
@@ -92,8 +103,9 @@ def test_k_sweep_json_and_png(tmp_path):
                                                title="in-domain")
     saved = json.loads(open(json_path).read())
     assert [p["latent_steps"] for p in saved["points"]] == [0, 1, 2, 3, 4]
-    assert [p["accuracy"] for p in saved["points"]] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
-    assert [p["count"] for p in saved["points"]] == [10] * 5
+    assert [p["closed_accuracy"] for p in saved["points"]] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
+    assert [p["closed_count"] for p in saved["points"]] == [10] * 5
+    assert {p["latency_ms"]["batch_size"] for p in saved["points"]} == {1}
     assert [p["latency_ms"]["mean"] for p in saved["points"]] == pytest.approx([210, 220, 230, 240, 250])
     assert saved["points"][4]["accuracy_gain_vs_k0"] == pytest.approx(0.4)
     assert saved["points"][4]["latency_ratio_vs_k0"] == pytest.approx(250 / 210)
@@ -110,6 +122,36 @@ def test_k_sweep_json_and_png(tmp_path):
         assert blue[:, left:left + report.PANEL_SIZE[0]].sum() > 20
 
 
+def test_k_sweep_keeps_closed_accuracy_and_open_f1_apart_and_labels_latency(tmp_path):
+    from vital_jax.eval import metrics
+    examples = _examples()
+    points = []
+    for k, predictions in enumerate((["no", "no", "right temporal lobe"], ["yes", "no", "temporal lobe"])):
+        scored = metrics.score(examples, predictions)
+        points.append(KSweepPoint.from_scores(k, scored, [300.0 + k], batched_ms_per_example=[90.0, 95.0],
+                                              batch_size=4))
+    saved = json.loads(open(report.write_k_sweep(str(tmp_path), points)[0]).read())
+    first, second = saved["points"]
+    # K=0 gets the open question exactly right: the old mixed accuracy was 2/3 at both K; closed accuracy is not.
+    assert (first["closed_accuracy"], second["closed_accuracy"]) == (0.5, 1.0)
+    assert first["closed_count"] == 2
+    assert (first["open_token_f1"], second["open_token_f1"]) == pytest.approx((1.0, 0.8))
+    assert first["latency_ms"] == {"mean": 300.0, "p50": 300.0, "p90": 300.0, "min": 300.0, "max": 300.0,
+                                   "count": 1, "batch_size": 1}
+    assert second["batched_ms_per_example"]["mean"] == 92.5 and second["batched_ms_per_example"]["batch_size"] == 4
+    assert second["accuracy_gain_vs_k0"] == 0.5
+
+
+def test_metrics_markdown_has_a_per_source_table(tmp_path):
+    examples = [BenchmarkExample(id=str(i), image="x.png", question="q?", answer="yes", answer_type="closed",
+                                 options=("yes", "no"), match="exact", extra={"source": source})
+                for i, source in enumerate(("MSD Task03_Liver", "biomedparse", "biomedparse"))]
+    report.write_report(str(tmp_path), "in_domain", examples, ["yes", "no", "yes"], latent_steps=4)
+    text = (tmp_path / "in_domain.metrics.md").read_text()
+    assert "| in_domain | 4 | BiomedParse | 2 | 50.00 |" in text and "| in_domain | 4 | MSD | 1 | 100.00 |" in text
+    assert report.TABLE_NOTES in text
+
+
 def test_k_sweep_stacks_latency_phases_and_rejects_bad_points():
     points = [KSweepPoint(k, 0.5, (1.0,), latency_breakdown_ms={"prefill": 100.0, "latent": 10.0 * k,
                                                                    "decode": 50.0}) for k in range(3)]
@@ -123,6 +165,8 @@ def test_k_sweep_stacks_latency_phases_and_rejects_bad_points():
         report.k_sweep_summary(points + [points[0]])
     with pytest.raises(ValueError, match="fraction"):
         KSweepPoint(1, 81.0, (1.0,))
+    with pytest.raises(ValueError, match="neither"):
+        KSweepPoint(1, None, (1.0,))
     with pytest.raises(ValueError, match="no latency samples"):
         KSweepPoint(1, 0.5, ())
 

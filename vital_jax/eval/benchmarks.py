@@ -9,7 +9,7 @@ Supported (`BENCHMARKS`), with the files each reads from `data_dir`:
   slake       {split}.json (train / validate / test), imgs/<img_name>; English questions only
   pathvqa     {split}.jsonl or {split}.json with image, question, answer[, answer_type]; images/[{split}/]<image>
   pmc_vqa     {split}.csv, {split}_2.csv, {split}.jsonl or {split}.json with Figure_path, Question, Choice A-D,
-              Answer_label (or a letter / option text in Answer); images/<Figure_path>
+              Answer_label (or a letter / option text in Answer); images/<Figure_path>; default split test_clean
   in_domain   records.jsonl of vital_jax's dataset format, rows of `split`, turned closed-ended (App. B.4)
   jsonl       {split}.jsonl with id, image, question, answer, answer_type[, options, match]; images relative
               to data_dir
@@ -272,10 +272,13 @@ def _strip_option_prefix(text: str, letter: str) -> str:
     return " ".join(text.split())
 
 
-def load_pmc_vqa(data_dir: str, split: str = "test", limit: int | None = None,
+def load_pmc_vqa(data_dir: str, split: str = "test_clean", limit: int | None = None,
                  check_images: bool = True) -> list[BenchmarkExample]:
     """PMC-VQA multiple choice: rows with Figure_path, Question, Choice A..D and the answer letter (Answer_label,
-    or Answer when it is a letter or an option's text). The prompt lists the options; scored by parsed letter."""
+    or Answer when it is a letter or an option's text). The prompt lists the options; scored by parsed letter.
+
+    The default split is `test_clean` (`test_clean.csv`, 2,000 questions): Table 1's PMC-VQA values are
+    multiples of 1/2,000 (61.70 = 1,234 / 2,000). `split="test"` reads the full `test.csv` / `test_2.csv`."""
     path = _first_existing(data_dir, (f"{split}.csv", f"{split}_2.csv", f"{split}.jsonl", f"{split}.json"),
                            f"PMC-VQA {split} file")
     rows = _read_csv(path) if path.endswith(".csv") else _read_json_or_jsonl(path)
@@ -345,21 +348,34 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
 # ---------------------------------------------------------------------------------------------------- in-domain
 
 def _location_choice(label: str, question: str, answer: str, target: str) -> tuple[str, tuple[str, ...]]:
-    """(the named choice, the choices) of a location_choice record; the target's own name ("left kidney") does
-    not choose."""
-    q = set(re.findall(r"[a-z]+", question.lower()))
+    """(the named choice, the choices) of a location_choice record, read with the scorer's normaliser: the
+    target's own name ("left kidney") does not choose, "central" / "centre" name "center"."""
+    q = set(metrics.normalize_answer(question).split())
     axes = [c for c in LOCATION_CHOICES.values() if set(c) <= q]
     if len(axes) != 1:
         raise BenchmarkError(f"{label}: location_choice question names no choice set: {question!r}")
     choices = axes[0]
-    rest = re.sub(re.escape(target), " ", answer, flags=re.IGNORECASE) if target else answer
-    words = set(re.findall(r"[a-z]+", rest.lower()))
-    words |= {"center"} if words & {"central", "centre"} else set()
+    words = set(metrics.normalize_answer(answer, (target,) if target else ()).split())
     named = [c for c in choices if c in words]
     if len(named) != 1:
         raise BenchmarkError(f"{label}: location_choice answer must name exactly one of {', '.join(choices)}: "
                              f"{answer!r}")
     return named[0], choices
+
+
+def _distractors(record: dict, gold_key: str, pools: dict, rng: np.random.Generator, wanted: int) -> list[str]:
+    """Up to `wanted` distractor texts for one choice question, unique in meaning: answers of the same question
+    type about *other* targets (an answer about the same target could be as true of this image), never equal to
+    the answer or to each other after `metrics.normalize_answer`; first of the same target type, then of any."""
+    qtype, target = record["question_type"], metrics.normalize_answer(record.get("target", ""))
+    chosen: dict[str, str] = {}  # normalised -> text
+    for key in ((qtype, record.get("target_type")), (qtype, None)):
+        pool = sorted((k, text) for k, (text, targets) in pools.get(key, {}).items()
+                      if k != gold_key and k not in chosen and target not in targets)
+        take = min(wanted - len(chosen), len(pool))
+        if take > 0:
+            chosen.update(pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False)))
+    return list(chosen.values())
 
 
 def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
@@ -368,10 +384,12 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
 
     yes_no -> options (yes, no), answer its leading yes/no; location_choice -> the choices its question names,
     answer the one the answer names; every other type -> a choice among the answer and up to `num_options - 1`
-    distractors: distinct answers of other records (any split) with the same question type and target type
-    (the same question type when those are too few). Distractors and option order are drawn from a generator
-    seeded by (seed, record id), so the benchmark is the same on every run and does not depend on `limit`.
-    Scored by `metrics.in_domain_correct` (lowercase + whitespace normalised match).
+    distractors (`_distractors`: answers of the same question type about other targets, same target type first,
+    unique after normalisation). A question with fewer distinct distractors keeps the options it has (at least
+    two; `extra["num_options"]` says how many); one with none cannot be posed as a choice and is an error.
+    Distractors and option order are drawn from a generator seeded by (seed, record id), so the benchmark is the
+    same on every run and does not depend on `limit`. Scored by `metrics.in_domain_correct`; `extra` keeps the
+    record's target (the scorer strips it), source (per-source rows as in Table 1), modality and K.
     """
     if num_options < 2:
         raise ValueError(f"num_options must be >= 2, got {num_options}")
@@ -380,10 +398,13 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     for label, record in _read_jsonl(path):
         _fields(label, record, ("id", "image", "question", "answer", "question_type", "split"))
         rows.append((f"{label} (id {record['id']!r})", record))
-    pools: dict[tuple, dict[str, str]] = {}
+    # (question type, target type or None) -> normalised answer -> (its text, the normalised targets it is about)
+    pools: dict[tuple, dict[str, tuple[str, set]]] = {}
     for _, r in rows:
         for key in ((r["question_type"], r.get("target_type")), (r["question_type"], None)):
-            pools.setdefault(key, {}).setdefault(metrics.normalize_whitespace_lower(r["answer"]), _text(r["answer"]))
+            entry = pools.setdefault(key, {}).setdefault(metrics.normalize_answer(r["answer"]),
+                                                         (_text(r["answer"]), set()))
+            entry[1].add(metrics.normalize_answer(r.get("target", "")))
     out = []
     for label, r in rows:
         if r["split"] != split:
@@ -401,20 +422,15 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
         elif qtype == "location_choice":
             gold, options = _location_choice(label, question, answer, r.get("target", ""))
         else:
-            gold_key = metrics.normalize_whitespace_lower(answer)
             rng = np.random.default_rng([seed, zlib.crc32(str(r["id"]).encode("utf-8"))])
-            distractors: dict[str, str] = {}  # normalised -> text
-            for key in ((qtype, r.get("target_type")), (qtype, None)):
-                pool = sorted((k, text) for k, text in pools[key].items() if k != gold_key and k not in distractors)
-                take = min(num_options - 1 - len(distractors), len(pool))
-                if take > 0:
-                    distractors.update(pool[i] for i in sorted(rng.choice(len(pool), size=take, replace=False)))
-            texts = list(distractors.values())
-            if not distractors:
-                raise BenchmarkError(f"{label}: no other {qtype!r} answer in {path} to build choices from")
+            texts = _distractors(r, metrics.normalize_answer(answer), pools, rng, num_options - 1)
+            if not texts:
+                raise BenchmarkError(f"{label}: no {qtype!r} answer about another target in {path} to build "
+                                     f"choices from")
             options = tuple(answer if i == 0 else texts[i - 1] for i in rng.permutation(len(texts) + 1))
             gold = answer
             prompt = lettered_prompt(question, options, IN_DOMAIN_CHOICE_INSTRUCTION)
+        extra["num_options"] = len(options)
         image_path = _check_image(label, os.path.join(data_dir, r["image"]), check_images)
         out.append(BenchmarkExample(id=str(r["id"]), image=image_path, question=question, answer=gold,
                                     answer_type="closed", options=tuple(options), match="exact", prompt=prompt,
@@ -434,11 +450,20 @@ BENCHMARKS: dict[str, Callable[..., list[BenchmarkExample]]] = {
 }
 
 
-def load_benchmark(name: str, data_dir: str, split: str = "test", limit: int | None = None,
+# The split each benchmark is evaluated on unless another is asked for (the one the paper's numbers fit).
+DEFAULT_SPLITS = {"pmc_vqa": "test_clean"}
+
+
+def default_split(name: str) -> str:
+    return DEFAULT_SPLITS.get(name, "test")
+
+
+def load_benchmark(name: str, data_dir: str, split: str | None = None, limit: int | None = None,
                    **kwargs) -> list[BenchmarkExample]:
-    """The examples of benchmark `name` (a key of BENCHMARKS) read from `data_dir`, the first `limit` of them."""
+    """The examples of benchmark `name` (a key of BENCHMARKS) read from `data_dir`, the first `limit` of them;
+    `split` defaults to `default_split(name)` ("test", or "test_clean" for PMC-VQA)."""
     if name not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {name!r} (expected one of {', '.join(sorted(BENCHMARKS))})")
     if not os.path.isdir(data_dir):
         raise BenchmarkError(f"{data_dir}: {name} data directory not found")
-    return BENCHMARKS[name](data_dir, split=split, limit=limit, **kwargs)
+    return BENCHMARKS[name](data_dir, split=split or default_split(name), limit=limit, **kwargs)

@@ -1,13 +1,18 @@
 """Answer normalisation and the scores of App. B.4: closed-ended accuracy, open-ended token F1, PMC-VQA letters.
 
+One normaliser (`normalize_answer`) is applied identically to the ground truth, the prediction and the options.
 How each example is scored is decided by its `BenchmarkExample.match` (set by the loader):
-  "vqa"      closed-ended VQA-RAD / SLAKE / PathVQA: accuracy after `normalize_answer`. A yes/no question counts
-             every example: a wrong yes/no answer and a prediction that says neither yes nor no are both wrong
-             (LLaVA-Med's script drops wrong yes/no answers from the denominator; we do not).
+  "vqa"      closed-ended VQA-RAD / SLAKE / PathVQA (`closed_correct`): a yes/no answer by the polarity the
+             prediction states (`yes_no_of`); any other answer by normalised equality, or by containment of the
+             normalised answer when that is unambiguous (no competing alternative the question offers, no "or", no
+             negation). Every example counts: a wrong yes/no answer and a prediction that says neither yes nor no
+             are both wrong (LLaVA-Med's script drops wrong yes/no answers from the denominator; we do not).
   "letter"   multiple choice (PMC-VQA): the option letter parsed from free text (`parse_choice_letter`);
              an unparseable prediction is wrong.
-  "exact"    in-domain closed-ended (MSD / BiomedParse test splits): the prediction is matched against the ground
-             truth after lowercasing and whitespace normalisation (`in_domain_correct`).
+  "exact"    in-domain closed-ended (MSD / BiomedParse test splits, `in_domain_correct`): normalised equality with
+             the ground truth, or the option the prediction resolves to (a letter, a stated yes/no, the only option
+             it mentions). When the ground truth is a bare choice ("right") the question's target name is removed
+             from answer, options and prediction alike, so "The left kidney is in the right part" says "right".
   "f1"       open-ended: token-level F1 (bag of tokens, Counter intersection) and recall; `correct` is exact match.
 """
 
@@ -19,55 +24,193 @@ import re
 import string
 from typing import Sequence
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
-_WORD_TO_DIGIT = {word: str(i) for i, word in enumerate(NUMBER_WORDS)}
+UNIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS_WORDS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+              "ninety": 90}
+_UNIT_VALUE = {word: i for i, word in enumerate(UNIT_WORDS)}
+# British and other variant spellings, written one way on both sides. "central" is the adjective the in-domain
+# answers use for the "center" choice ("in the central part of the image").
+SPELLING_VARIANTS = {"centre": "center", "central": "center", "centred": "centered", "tumour": "tumor",
+                     "tumours": "tumors", "oedema": "edema", "haemorrhage": "hemorrhage", "haematoma": "hematoma",
+                     "oesophagus": "esophagus", "grey": "gray", "fibre": "fiber", "xray": "x ray"}
+# Typographic apostrophes, quotes and dashes as their ASCII forms (the hyphen then splits words: "x-ray" -> "x ray").
+_TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'",
+                              "\u201c": '"', "\u201d": '"', "\u2010": "-", "\u2011": "-", "\u2012": "-",
+                              "\u2013": "-", "\u2014": "-", "\u2212": "-"})
 _ARTICLES = frozenset({"a", "an", "the"})
 # Every ASCII punctuation mark but the decimal point, which is handled separately so "2.5" stays one number.
 _PUNCT = re.compile("[" + re.escape(string.punctuation.replace(".", "")) + "]")
 _NON_DECIMAL_POINT = re.compile(r"(?<!\d)\.|\.(?!\d)")
 MATCH_KINDS = ("vqa", "letter", "exact", "f1")
 LETTERS = "ABCDEFGHIJ"
+YES_NO = ("yes", "no")
 
 
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation (decimal points between digits stay), drop the articles a/an/the, write number
-    words zero..twenty as digits ("Two." -> "2") and collapse whitespace."""
-    text = str(text).lower()
+def _number_words(tokens: list[str]) -> list[str]:
+    """"twenty one" / "twenty" / "seven" -> "21" / "20" / "7" (0..99)."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token in TENS_WORDS:
+            value = TENS_WORDS[token]
+            if i + 1 < len(tokens) and 1 <= _UNIT_VALUE.get(tokens[i + 1], 0) <= 9:
+                value += _UNIT_VALUE[tokens[i + 1]]
+                i += 1
+            out.append(str(value))
+        else:
+            out.append(str(_UNIT_VALUE[token]) if token in _UNIT_VALUE else token)
+        i += 1
+    return out
+
+
+def _tokens(text: str) -> list[str]:
+    text = str(text).translate(_TYPOGRAPHIC).lower()
     text = _PUNCT.sub(" ", text.replace("'", ""))
     text = _NON_DECIMAL_POINT.sub(" ", text)
-    tokens = [_WORD_TO_DIGIT.get(t, t) for t in text.split() if t not in _ARTICLES]
+    words = [w for t in text.split() if t not in _ARTICLES for w in SPELLING_VARIANTS.get(t, t).split()]
+    return _number_words(words)
+
+
+def _without_phrase(tokens: list[str], phrase: list[str]) -> list[str]:
+    out, i, n = [], 0, len(phrase)
+    while i < len(tokens):
+        if n and tokens[i:i + n] == phrase:
+            i += n
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+def normalize_answer(text: str, strip: Sequence[str] = ()) -> str:
+    """The one answer normaliser, for ground truths, predictions and options alike.
+
+    Lowercase; typographic apostrophes / quotes / dashes as ASCII; drop apostrophes ("patient's" -> "patients")
+    and other punctuation (hyphens split words; decimal points between digits stay); drop the articles a/an/the;
+    spelling variants one way (centre / central -> center, tumour -> tumor, ...); number words 0..99 as digits,
+    compounds included ("Twenty-one" -> "21"); collapse whitespace. Each phrase of `strip` (normalised the same
+    way, e.g. the question's target "left kidney") is removed wherever it occurs as whole words.
+    """
+    tokens = _tokens(text)
+    for phrase in strip:
+        tokens = _without_phrase(tokens, _tokens(phrase))
     return " ".join(tokens)
 
 
-def normalize_whitespace_lower(text: str) -> str:
-    """The in-domain normalisation of App. B.4: lowercase and collapse whitespace; a final period (the dataset's
-    answers are sentences ending in one) is dropped too."""
-    return re.sub(r"[\s.]+$", "", " ".join(str(text).lower().split()))
+def _has_phrase(text: str, phrase: str) -> bool:
+    return bool(phrase) and f" {phrase} " in f" {text} "
+
+
+# ------------------------------------------------------------------------------------------------------ yes / no
+
+_NEGATIONS = frozenset({"no", "not", "none", "absent", "absence", "without", "neither", "nor", "never", "nothing",
+                        "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt", "hasnt", "havent", "nowhere"})
+# Existence predicates and plain assent; not "shows" ("The image shows an aneurysm" may answer another question).
+_AFFIRMATIONS = frozenset({"present", "seen", "visible", "noted", "identified", "evident", "observed", "detected",
+                           "correct", "true", "yeah", "yep", "indeed", "affirmative"})
+# A statement hedged with one of these does not answer yes or no ("I am not sure", "cannot be excluded").
+_HEDGES = frozenset({"sure", "unsure", "certain", "uncertain", "unclear", "maybe", "perhaps", "possibly", "possible",
+                     "probably", "likely", "unlikely", "unknown", "tell", "determine", "know", "cannot", "excluded",
+                     "indeterminate", "equivocal", "difficult"})
+# Words that end the leading clause: "A pneumothorax is present | with no mediastinal shift".
+_CLAUSE_BREAKS = frozenset({"with", "without", "but", "although", "though", "while", "whereas", "except", "and",
+                            "which", "that", "because", "however"})
+_IDIOMS = ("no doubt", "no question")  # a leading "no" that affirms ("No doubt, yes.")
+
+
+def _leading_clause(text: str) -> list[str]:
+    first = re.split(r"[,;:.!?()]", text, maxsplit=1)[0]
+    words = re.findall(r"[a-z0-9]+", first.replace("'", ""))
+    for i, word in enumerate(words):
+        if i > 0 and word in _CLAUSE_BREAKS:
+            return words[:i]
+    return words
 
 
 def yes_no_of(text: str) -> str | None:
-    """"yes" / "no" when the prediction says one of them: its first normalised token, or else the only one of the
-    two it contains; None when it says neither (or both without leading with one)."""
-    tokens = normalize_answer(text).split()
-    if not tokens:
+    """"yes" / "no": the polarity the prediction states, or None when it states none (or states both).
+
+    In order: a leading yes, or a leading no that stands alone ("No.", "No, the liver is normal") -- "no doubt" /
+    "no question" leading are skipped; else a yes or a stand-alone no elsewhere ("I think yes", "the answer is no"),
+    when exactly one of the two is said; else the leading clause (up to the first punctuation mark or "with",
+    "but", "and", ...): a negation ("There is no evidence of a mass", "Not present", "Absent") is no, an
+    affirmation ("A pneumothorax is present with no mediastinal shift") is yes, a hedge ("not sure") is None.
+    So "Yes, there is no effusion" is yes: the leading word answers, the rest describes.
+    """
+    text = " ".join(str(text).translate(_TYPOGRAPHIC).lower().split()).lstrip(" \"'([*-")
+    for idiom in _IDIOMS:
+        if re.match(rf"{idiom}\b", text):
+            text = text[len(idiom):].lstrip(" ,;:.!-")
+    if re.match(r"yes\b", text):
+        return "yes"
+    if re.match(r"no\b\s*(?:[,;:.!?)\-]|$)", text):
+        return "no"
+    said = {"yes"} if re.search(r"\byes\b", text) else set()
+    said |= {"no"} if re.search(r"\bno\b\s*(?:[,;:.!?)]|$)", text) else set()
+    if len(said) == 1:
+        return said.pop()
+    if said:
         return None
-    if tokens[0] in ("yes", "no"):
-        return tokens[0]
-    found = {t for t in tokens if t in ("yes", "no")}
-    return found.pop() if len(found) == 1 else None
+    clause = _leading_clause(text)
+    if not clause or any(w in _HEDGES for w in clause):
+        return None
+    if any(w in _NEGATIONS for w in clause):
+        return "no"
+    if any(w in _AFFIRMATIONS for w in clause) or clause[:2] in (["there", "is"], ["there", "are"]):
+        return "yes"
+    return None
 
 
 def is_yes_no(answer: str) -> bool:
-    return normalize_answer(answer) in ("yes", "no")
+    return normalize_answer(answer) in YES_NO
 
 
-def closed_correct(prediction: str, answer: str) -> bool:
-    """Closed-ended accuracy for one example after `normalize_answer`; yes/no answers via `yes_no_of`."""
+# ------------------------------------------------------------------------------------------ options and closed
+
+def _resolve_option(pred: str, options: Sequence[str]) -> int | None:
+    """The index of the (normalised) option the (normalised) prediction is, or else the only option it mentions
+    as whole words; None when it mentions none or several, says "or", or negates outside the option's own words.
+    Options contained in a longer mentioned option do not count ("CT" inside "CT with contrast")."""
+    for i, o in enumerate(options):
+        if o and pred == o:
+            return i
+    padded = f" {pred} "
+    hits = [i for i, o in enumerate(options) if o and f" {o} " in padded]
+    hits = [i for i in hits if not any(j != i and options[i] != options[j] and _has_phrase(options[j], options[i])
+                                       for j in hits)]
+    if len({options[i] for i in hits}) != 1:
+        return None
+    rest = padded.replace(f" {options[hits[0]]} ", " ").split()
+    if "or" in rest or any(w in _NEGATIONS for w in rest):
+        return None
+    return hits[0]
+
+
+def question_alternatives(question: str) -> tuple[str, ...]:
+    """The words a question offers as alternatives, normalised: either side of each "or" ("Is the lesion on the
+    left or right?" -> ("left", "right"); "CT, MRI or PET" -> ("mri", "pet"))."""
+    tokens = normalize_answer(question).split()
+    out = []
+    for i, t in enumerate(tokens):
+        if t == "or" and 0 < i < len(tokens) - 1:
+            out += [tokens[i - 1], tokens[i + 1]]
+    return tuple(dict.fromkeys(out))
+
+
+def closed_correct(prediction: str, answer: str, options: Sequence[str] = (), question: str = "") -> bool:
+    """Closed-ended accuracy for one example: yes/no answers by `yes_no_of`; other answers by normalised equality,
+    or by containment of the normalised answer when unambiguous: no other of the `options` / alternatives the
+    `question` offers ("left or right") is mentioned, no "or", no negation ("The lesion is on the left side."
+    is "left")."""
     gold = normalize_answer(answer)
-    if gold in ("yes", "no"):
+    if gold in YES_NO:
         return yes_no_of(prediction) == gold
-    return normalize_answer(prediction) == gold
+    gold_words = set(gold.split())
+    competitors = [normalize_answer(o) for o in options] + [w for w in question_alternatives(question)
+                                                            if w not in gold_words]
+    candidates = [gold] + [c for c in dict.fromkeys(competitors) if c and c != gold]
+    return _resolve_option(normalize_answer(prediction), candidates) == 0
 
 
 def token_prf(prediction: str, answer: str) -> tuple[float, float, float]:
@@ -109,20 +252,6 @@ def _strict_letter(text: str, n_options: int) -> int | None:
     return None
 
 
-def _option_mentioned(text: str, options: Sequence[str], normalize) -> int | None:
-    """The option the prediction is, or else the only option it mentions (options contained in a longer mentioned
-    option do not count: "CT" inside "CT with contrast")."""
-    pred = normalize(text)
-    norm = [normalize(o) for o in options]
-    for i, o in enumerate(norm):
-        if o and pred == o:
-            return i
-    padded = f" {pred} "
-    hits = [i for i, o in enumerate(norm) if o and f" {o} " in padded]
-    hits = [i for i in hits if not any(j != i and norm[i] != norm[j] and norm[i] in norm[j] for j in hits)]
-    return hits[0] if len(hits) == 1 else None
-
-
 def parse_choice_letter(prediction: str, options: Sequence[str]) -> str | None:
     """The option letter ("A".."D") a free-text prediction picks, or None when it cannot be told.
 
@@ -134,7 +263,7 @@ def parse_choice_letter(prediction: str, options: Sequence[str]) -> str | None:
         return None
     index = _strict_letter(str(prediction), len(options))
     if index is None:
-        index = _option_mentioned(str(prediction), options, normalize_answer)
+        index = _resolve_option(normalize_answer(prediction), [normalize_answer(o) for o in options])
     return None if index is None else LETTERS[index]
 
 
@@ -142,25 +271,29 @@ def choice_correct(prediction: str, answer_letter: str, options: Sequence[str]) 
     return parse_choice_letter(prediction, options) == answer_letter.strip().upper()
 
 
-def in_domain_correct(prediction: str, answer: str, options: Sequence[str] = ()) -> bool:
-    """In-domain closed-ended match (App. B.4): lowercase + whitespace normalised equality with the ground truth.
+def in_domain_correct(prediction: str, answer: str, options: Sequence[str] = (), target: str | None = None
+                      ) -> bool:
+    """In-domain closed-ended match (App. B.4): `normalize_answer` equality with the ground truth.
 
-    With options (yes/no and choice questions), a prediction that is not verbatim an option is first resolved to
-    one: an option letter ("B", "(B)", "Answer: B"), a leading yes/no ("Yes, the liver is visible." -> "yes"), or
-    the only option it mentions; it is correct when that option is the ground truth.
+    When the ground truth does not name the question's `target` (a bare choice such as "right", which the loader
+    read from "The left kidney is in the right part of the image."), the target's name is removed from answer,
+    options and prediction alike. With options, a prediction that is not verbatim an option is first resolved to
+    one: an option letter ("B", "(B)", "Answer: B"), the yes/no it states ("Yes, the liver is visible." -> "yes"),
+    or the only option it mentions; it is correct when that option is the ground truth.
     """
-    gold = normalize_whitespace_lower(answer)
-    if normalize_whitespace_lower(prediction) == gold:
+    strip = (target,) if target and not _has_phrase(normalize_answer(answer), normalize_answer(target)) else ()
+    gold = normalize_answer(answer, strip)
+    if normalize_answer(prediction, strip) == gold:
         return True
     if not options:
         return False
+    norm = [normalize_answer(o, strip) for o in options]
     index = _strict_letter(str(prediction), len(options))
-    norm = [normalize_whitespace_lower(o) for o in options]
-    if index is None and set(norm) == {"yes", "no"}:
+    if index is None and set(norm) == set(YES_NO):
         said = yes_no_of(prediction)
         index = norm.index(said) if said else None
     if index is None:
-        index = _option_mentioned(str(prediction), options, normalize_whitespace_lower)
+        index = _resolve_option(normalize_answer(prediction, strip), norm)
     return index is not None and norm[index] == gold
 
 
@@ -189,12 +322,14 @@ def score_example(example, prediction: str) -> ExampleScore:
         return ExampleScore(correct=correct, f1=f1, recall=recall)
     if match == "vqa":
         parsed = yes_no_of(prediction) if is_yes_no(example.answer) else None
-        return ExampleScore(correct=closed_correct(prediction, example.answer), parsed=parsed)
+        return ExampleScore(correct=closed_correct(prediction, example.answer, example.options, example.question),
+                            parsed=parsed)
     if match == "letter":
         letter = parse_choice_letter(prediction, example.options)
         return ExampleScore(correct=letter == example.answer.strip().upper(), parsed=letter)
     if match == "exact":
-        return ExampleScore(correct=in_domain_correct(prediction, example.answer, example.options))
+        return ExampleScore(correct=in_domain_correct(prediction, example.answer, example.options,
+                                                      example.extra.get("target")))
     raise ValueError(f"example {example.id!r}: unknown match kind {match!r} (expected one of {MATCH_KINDS})")
 
 
@@ -208,14 +343,47 @@ def _summary(scores: Sequence[ExampleScore], with_f1: bool = True) -> dict:
     return out
 
 
+def _gold_key(example) -> str:
+    # An option letter is its own key: normalised, "A" would be the article and vanish.
+    return example.answer.strip().upper() if example.match == "letter" else normalize_answer(example.answer)
+
+
+def majority_answer(examples: Sequence) -> str | None:
+    """The most frequent normalised ground truth (option letter for multiple choice) among the closed examples
+    (ties: the alphabetically first), or None when there are no closed examples."""
+    counts = collections.Counter(_gold_key(e) for e in examples if e.answer_type == "closed")
+    if not counts:
+        return None
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
+def source_group(source: str) -> str:
+    """The Table 1 row an in-domain source belongs to: "MSD Task03_Liver" -> "MSD", "biomedparse" ->
+    "BiomedParse"; any other source (e.g. "phantom") is its own group."""
+    low = str(source).strip().lower()
+    if low == "msd" or low.startswith("msd "):
+        return "MSD"
+    if low.startswith("biomedparse"):
+        return "BiomedParse"
+    return str(source).strip()
+
+
 def score(examples: Sequence, predictions: Sequence[str]) -> dict:
-    """Scores of a benchmark run: overall and per answer type, with counts.
+    """Scores of a benchmark run: overall and per answer type, with counts, and the comparability numbers.
 
     Returns {"count", "overall": {count, accuracy}, "closed": {count, accuracy}, "open": {count, accuracy,
-    token_f1, token_recall},
-    "closed_yes_no": {...} (closed examples whose answer is yes/no, when there are any), "per_example":
-    [ExampleScore, ...]}. `closed.accuracy` is Acc_closed and `open.token_f1` is Token-F1_open of Table 1;
-    "overall.accuracy" counts open examples by exact match. Types with no examples are left out.
+    token_f1, token_recall}, "closed_yes_no": {...} (closed examples whose answer is yes/no, when there are any),
+    "per_source": {group: {count, accuracy, ...}} (when examples carry extra["source"], grouped by `source_group`
+    as Table 1's in-domain rows), the flat numbers below, "per_example": [ExampleScore, ...]}.
+    Types with no examples are left out; "overall.accuracy" counts open examples by exact match.
+
+    Flat numbers (fractions; present when the subset exists):
+      closed_accuracy                    correct closed / closed questions: Acc_closed as usually defined.
+      closed_accuracy_over_all           correct closed / all questions (closed + open): the denominator Table 1's
+                                         VQA-RAD Acc_closed values fit (every value is k/451, none k/272).
+      closed_majority_baseline           the closed questions answered with `majority_answer`, same scorer.
+      closed_majority_baseline_over_all  the same count / all questions.
+      open_token_f1                      mean token F1 over the open questions (Token-F1_open).
     """
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
@@ -229,15 +397,36 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
               if e.answer_type == "closed" and e.match in ("vqa", "exact") and is_yes_no(e.answer)]
     if yes_no:
         out["closed_yes_no"] = _summary(yes_no)
+    groups = collections.defaultdict(list)
+    for e, s in zip(examples, per_example):
+        if e.extra.get("source"):
+            groups[source_group(e.extra["source"])].append(s)
+    if groups:
+        out["per_source"] = {g: _summary(groups[g]) for g in sorted(groups)}
+    closed = [e for e in examples if e.answer_type == "closed"]
+    if closed:
+        n_correct = sum(s.correct for e, s in zip(examples, per_example) if e.answer_type == "closed")
+        majority = majority_answer(closed)
+        n_majority = sum(score_example(e, majority).correct for e in closed)
+        out.update(closed_accuracy=n_correct / len(closed), closed_accuracy_over_all=n_correct / len(examples),
+                   closed_majority_baseline=n_majority / len(closed),
+                   closed_majority_baseline_over_all=n_majority / len(examples), closed_majority_answer=majority)
+    if "open" in out:
+        out["open_token_f1"] = out["open"]["token_f1"]
     out["per_example"] = per_example
     return out
 
 
 def headline(metrics: dict) -> dict:
-    """The numbers a paper table reports: Acc_closed, Token-F1_open (as fractions), when present."""
+    """The numbers a paper table reports (fractions), when present: Acc_closed over the closed questions, the
+    same correct count over all questions (Table 1's VQA-RAD convention), the closed majority baseline and
+    Token-F1_open."""
     out = {}
     if "closed" in metrics:
         out["acc_closed"] = metrics["closed"]["accuracy"]
+    for key in ("closed_accuracy_over_all", "closed_majority_baseline"):
+        if key in metrics:
+            out[key] = metrics[key]
     if "token_f1" in metrics.get("open", {}):
         out["token_f1_open"] = metrics["open"]["token_f1"]
     return out

@@ -2,14 +2,21 @@
 
 One benchmark run (`write_report`) writes, under `out_dir`:
   {name}.predictions.jsonl   one line per example: id, question, answer, prediction, answer_type, match, correct,
-                             f1, recall, parsed, latent_steps, latency_ms
-  {name}.metrics.json        {"benchmark", "count", "overall", "closed", "open", "closed_yes_no", "headline",
-                             "latency_ms": {mean, p50, p90, min, max}, "meta": {...}}
-  {name}.metrics.md          the same as a markdown table
+                             f1, recall, parsed, latent_steps, latency_ms, batched_ms_per_example
+  {name}.metrics.json        {"benchmark", "count", "overall", "closed", "open", "closed_yes_no", "per_source",
+                             "closed_accuracy", "closed_accuracy_over_all", "closed_majority_baseline",
+                             "closed_majority_baseline_over_all", "closed_majority_answer", "open_token_f1",
+                             "headline", "latency_ms": {mean, p50, p90, min, max, count, batch_size: 1},
+                             "batched_ms_per_example": {..., batch_size}, "meta": {...}} (`metrics.score`
+                             documents the accuracy conventions)
+  {name}.metrics.md          the same as a markdown table (and a per-source table for in-domain runs)
+Latency is single-example latency (batch 1, compilation excluded), what the paper's Figure 4 reports; batched
+time per example (a throughput figure) is kept apart under its own name.
 Several runs are summarised by `write_summary` (summary.md, one row per benchmark). The K sweep (`write_k_sweep`,
-the analogue of the paper's Figure 4) writes k_sweep.json and k_sweep.png: (a) accuracy against mean latency, one
-point per K plus optional baselines (e.g. explicit CoT), (b) latency by K (stacked by phase when given), (c)
-accuracy against K. Every file is written atomically (temporary file, fsync, rename).
+the analogue of the paper's Figure 4) writes k_sweep.json and k_sweep.png: (a) closed accuracy against mean
+single-example latency, one point per K plus optional baselines (e.g. explicit CoT), (b) latency by K (stacked by
+phase when given), (c) closed accuracy against K; open token F1 is reported beside closed accuracy, never mixed
+into it. Every file is written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -56,38 +63,57 @@ def latency_summary(latency_ms: Sequence[float]) -> dict | None:
 
 
 def prediction_rows(examples: Sequence, predictions: Sequence[str], scores: Sequence | None = None,
-                    latent_steps=None, latency_ms=None) -> list[dict]:
-    """The JSON objects of the predictions file (see the module docstring); scores are computed when not given."""
+                    latent_steps=None, latency_ms=None, batched_ms_per_example=None) -> list[dict]:
+    """The JSON objects of the predictions file (see the module docstring); scores are computed when not given.
+    `latency_ms` is single-example latency (None for examples not timed alone), `batched_ms_per_example` the
+    batch's time divided by its size."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if scores is None:
         scores = [metrics_lib.score_example(e, p) for e, p in zip(examples, predictions)]
     steps = _per_example(latent_steps, len(examples), "latent_steps")
     latency = _per_example(latency_ms, len(examples), "latency_ms")
+    batched = _per_example(batched_ms_per_example, len(examples), "batched_ms_per_example")
     rows = []
-    for e, p, s, k, ms in zip(examples, predictions, scores, steps, latency):
+    for e, p, s, k, ms, b in zip(examples, predictions, scores, steps, latency, batched):
         rows.append({"id": e.id, "question": e.question, "answer": e.answer, "prediction": p,
                      "answer_type": e.answer_type, "match": e.match, "correct": bool(s.correct), "f1": s.f1,
                      "recall": s.recall, "parsed": s.parsed, "latent_steps": k,
-                     "latency_ms": None if ms is None else float(ms)})
+                     "latency_ms": None if ms is None else float(ms),
+                     "batched_ms_per_example": None if b is None else float(b)})
     return rows
 
 
 def write_predictions(path: str, examples: Sequence, predictions: Sequence[str], scores: Sequence | None = None,
-                      latent_steps=None, latency_ms=None) -> str:
+                      latent_steps=None, latency_ms=None, batched_ms_per_example=None) -> str:
     """Per-example predictions as JSONL (one object per example, in order)."""
-    rows = prediction_rows(examples, predictions, scores, latent_steps, latency_ms)
+    rows = prediction_rows(examples, predictions, scores, latent_steps, latency_ms, batched_ms_per_example)
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def summarize(name: str, scored: dict, latency_ms=None, meta: Mapping | None = None) -> dict:
+def _timing(values, batch_size: int | None) -> dict | None:
+    if values is None or isinstance(values, (int, float)):
+        return None
+    out = latency_summary(values)
+    if out is not None and batch_size is not None:
+        out["batch_size"] = int(batch_size)
+    return out
+
+
+def summarize(name: str, scored: dict, latency_ms=None, meta: Mapping | None = None,
+              batched_ms_per_example=None, batch_size: int | None = None) -> dict:
     """The JSON-ready metrics of one run: `metrics.score`'s output without per-example scores, plus the headline
-    numbers, a latency summary and free-form `meta` (model, split, K, ...)."""
+    numbers, single-example `latency_ms` (batch 1), `batched_ms_per_example` (batches of `batch_size`; a
+    throughput figure, not a latency) and free-form `meta` (model, split, K, ...)."""
     out = {"benchmark": name, "count": scored["count"]}
     out.update({k: v for k, v in scored.items() if k not in ("count", "per_example")})
     out["headline"] = metrics_lib.headline(scored)
-    if latency_ms is not None and not isinstance(latency_ms, (int, float)):
-        out["latency_ms"] = latency_summary(latency_ms)
+    latency = _timing(latency_ms, 1)
+    if latency is not None:
+        out["latency_ms"] = latency
+    batched = _timing(batched_ms_per_example, batch_size)
+    if batched is not None:
+        out["batched_ms_per_example"] = batched
     out["meta"] = dict(meta or {})
     return out
 
@@ -101,45 +127,76 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
+TABLE_NOTES = (
+    "Acc closed: correct closed answers / closed questions. Acc closed / all: the same count / all n questions, "
+    "the denominator Table 1's VQA-RAD Acc_closed values fit (k/451). Majority closed: every closed question "
+    "answered with the most frequent normalised ground truth, same scorer. Latency: one example at a time (batch "
+    "1, compilation excluded), as the paper's Figure 4; batched: a batch's time / its size (throughput).")
+
+
 def metrics_table(summaries: Sequence[dict]) -> str:
-    """A markdown table, one row per run summary: Acc_closed and Token-F1_open (%, with counts), overall
-    accuracy, yes/no accuracy and mean latency."""
-    header = ("| benchmark | split | K | n | Acc closed (%) | n closed | Token-F1 open (%) | recall open (%) | "
-              "n open | Acc overall (%) | Acc yes/no (%) | latency mean (ms) |")
+    """A markdown table, one row per run summary: Acc_closed (over closed and over all questions) beside the
+    majority baseline, Token-F1_open (%, with counts), overall accuracy, yes/no accuracy, single-example latency
+    and batched time per example."""
+    header = ("| benchmark | split | K | n | Acc closed (%) | n closed | Acc closed / all (%) | majority closed (%) | "
+              "Token-F1 open (%) | recall open (%) | n open | Acc overall (%) | Acc yes/no (%) | "
+              "latency batch 1 (ms) | batched (ms/example) |")
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for s in summaries:
         closed, open_, yes_no = s.get("closed", {}), s.get("open", {}), s.get("closed_yes_no", {})
-        latency = s.get("latency_ms") or {}
+        latency, batched = s.get("latency_ms") or {}, s.get("batched_ms_per_example") or {}
         meta = s.get("meta", {})
         cells = [s["benchmark"], str(meta.get("split", "")), str(meta.get("latent_steps", "")), str(s["count"]),
-                 _pct(closed.get("accuracy")), str(closed.get("count", 0)), _pct(open_.get("token_f1")),
+                 _pct(closed.get("accuracy")), str(closed.get("count", 0)), _pct(s.get("closed_accuracy_over_all")),
+                 _pct(s.get("closed_majority_baseline")), _pct(open_.get("token_f1")),
                  _pct(open_.get("token_recall")), str(open_.get("count", 0)), _pct(s["overall"]["accuracy"]),
-                 _pct(yes_no.get("accuracy")), "–" if not latency else f"{latency['mean']:.1f}"]
+                 _pct(yes_no.get("accuracy")), "–" if not latency else f"{latency['mean']:.1f}",
+                 "–" if not batched else f"{batched['mean']:.1f}" + (
+                     f" (batch {batched['batch_size']})" if "batch_size" in batched else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def per_source_table(summaries: Sequence[dict]) -> str:
+    """A markdown table of accuracy per source group (Table 1's in-domain MSD / BiomedParse rows), one row per
+    run and group; empty when no run has per-source results."""
+    rows = [(s, group, v) for s in summaries for group, v in (s.get("per_source") or {}).items()]
+    if not rows:
+        return ""
+    lines = ["| benchmark | K | source | n | Acc (%) |", "|---|---|---|---|---|"]
+    for s, group, v in rows:
+        lines.append(f"| {s['benchmark']} | {s.get('meta', {}).get('latent_steps', '')} | {group} | {v['count']} | "
+                     f"{_pct(v['accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_metrics_markdown(path: str, summaries: Sequence[dict] | dict, title: str | None = None) -> str:
-    """`metrics_table` of one summary or several, under an optional heading."""
+    """`metrics_table` of one summary or several, under an optional heading, its notes, and `per_source_table`
+    when there are per-source results."""
     if isinstance(summaries, dict):
         summaries = [summaries]
-    text = (f"# {title}\n\n" if title else "") + metrics_table(summaries)
+    text = (f"# {title}\n\n" if title else "") + metrics_table(summaries) + "\n" + TABLE_NOTES + "\n"
+    by_source = per_source_table(summaries)
+    if by_source:
+        text += "\nPer source:\n\n" + by_source
     return atomic_write_text(path, text)
 
 
 def write_report(out_dir: str, name: str, examples: Sequence, predictions: Sequence[str], *, latent_steps=None,
-                 latency_ms=None, meta: Mapping | None = None) -> dict:
+                 latency_ms=None, meta: Mapping | None = None, batched_ms_per_example=None,
+                 batch_size: int | None = None) -> dict:
     """Score a run and write its three files (module docstring); returns the metrics summary.
 
-    `latent_steps` is the K used (one int, or one per example); `latency_ms` one float per example (or None).
+    `latent_steps` is the K used (one int, or one per example); `latency_ms` the single-example latency (one
+    float per example, None where not timed alone); `batched_ms_per_example` the batched time per example.
     """
     scored = metrics_lib.score(examples, predictions)
     meta = dict(meta or {})
     if latent_steps is not None and isinstance(latent_steps, int):
         meta.setdefault("latent_steps", latent_steps)
-    summary = summarize(name, scored, latency_ms, meta)
+    summary = summarize(name, scored, latency_ms, meta, batched_ms_per_example, batch_size)
     write_predictions(os.path.join(out_dir, name + PREDICTIONS_SUFFIX), examples, predictions,
-                      scored["per_example"], latent_steps, latency_ms)
+                      scored["per_example"], latent_steps, latency_ms, batched_ms_per_example)
     write_metrics_json(os.path.join(out_dir, name + METRICS_JSON_SUFFIX), summary)
     write_metrics_markdown(os.path.join(out_dir, name + METRICS_MD_SUFFIX), summary, title=name)
     return summary
@@ -154,36 +211,72 @@ def write_summary(out_dir: str, summaries: Sequence[dict], title: str = "Evaluat
 
 @dataclasses.dataclass(frozen=True)
 class KSweepPoint:
-    """The result of one evaluation at K = `latent_steps`: `accuracy` in [0, 1], per-sample `latency_ms`, and
-    optionally the mean latency per phase (`latency_breakdown_ms`, e.g. {"prefill", "latent", "decode"})."""
+    """The result of one evaluation at K = `latent_steps`.
+
+    `accuracy`: closed-ended accuracy in [0, 1] over `count` closed questions (None when the run has none);
+    `latency_ms`: single-example latencies (batch 1, compilation excluded; the paper's Figure 4 measure);
+    `open_token_f1`: mean token F1 of the open questions, reported beside accuracy and never mixed into it;
+    `batched_ms_per_example` / `batch_size`: batched time per example (throughput), when measured;
+    `latency_breakdown_ms`: optional mean latency per phase (e.g. {"prefill", "latent", "decode"}).
+    """
 
     latent_steps: int
-    accuracy: float
+    accuracy: float | None
     latency_ms: tuple[float, ...]
     count: int | None = None
     latency_breakdown_ms: Mapping[str, float] | None = None
+    open_token_f1: float | None = None
+    batched_ms_per_example: tuple[float, ...] | None = None
+    batch_size: int | None = None
 
     def __post_init__(self):
-        if not 0.0 <= self.accuracy <= 1.0:
-            raise ValueError(f"K={self.latent_steps}: accuracy must be a fraction in [0, 1], got {self.accuracy}")
+        for name in ("accuracy", "open_token_f1"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"K={self.latent_steps}: {name} must be a fraction in [0, 1], got {value}")
+        if self.accuracy is None and self.open_token_f1 is None:
+            raise ValueError(f"K={self.latent_steps}: neither a closed accuracy nor an open token F1")
         if not self.latency_ms:
             raise ValueError(f"K={self.latent_steps}: no latency samples")
         object.__setattr__(self, "latency_ms", tuple(float(v) for v in self.latency_ms))
+        if self.batched_ms_per_example is not None:
+            object.__setattr__(self, "batched_ms_per_example", tuple(float(v) for v in self.batched_ms_per_example))
 
     @classmethod
     def from_run(cls, latent_steps: int, correct: Sequence[bool], latency_ms: Sequence[float],
                  latency_breakdown_ms: Mapping[str, float] | None = None) -> "KSweepPoint":
-        """From per-sample correctness and latency of one run."""
+        """From per-sample correctness of closed questions and single-example latencies of one run."""
         if not correct:
             raise ValueError(f"K={latent_steps}: no samples")
         return cls(latent_steps, sum(map(bool, correct)) / len(correct), tuple(latency_ms), len(correct),
                    latency_breakdown_ms)
 
+    @classmethod
+    def from_scores(cls, latent_steps: int, scored: Mapping, latency_ms: Sequence[float],
+                    batched_ms_per_example: Sequence[float] | None = None, batch_size: int | None = None,
+                    latency_breakdown_ms: Mapping[str, float] | None = None) -> "KSweepPoint":
+        """From `metrics.score`'s output: closed accuracy and open token F1 kept apart."""
+        closed = scored.get("closed")
+        return cls(latent_steps, closed["accuracy"] if closed else None, tuple(latency_ms),
+                   closed["count"] if closed else 0, latency_breakdown_ms, scored.get("open_token_f1"),
+                   None if batched_ms_per_example is None else tuple(batched_ms_per_example), batch_size)
+
+
+def _plotted(points: Sequence[KSweepPoint]) -> tuple[str, list[float]]:
+    """(axis label, % values) of what the sweep plots: closed accuracy, or open token F1 when no run has closed
+    questions."""
+    if all(p.accuracy is not None for p in points):
+        return "closed accuracy (%)", [100 * p.accuracy for p in points]
+    if all(p.open_token_f1 is not None for p in points):
+        return "open token F1 (%)", [100 * p.open_token_f1 for p in points]
+    raise ValueError("the sweep's points do not all report the same metric (closed accuracy or open token F1)")
+
 
 def k_sweep_summary(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[float, float]] | None = None
                     ) -> dict:
-    """JSON-ready sweep: per K accuracy, latency summary and, when K = 0 is present, the accuracy gain (points)
-    and latency ratio against it; `baselines` maps a name to (accuracy, mean latency ms)."""
+    """JSON-ready sweep: per K closed accuracy (over `closed_count` questions), open token F1, single-example
+    latency (batch 1) and batched time per example, and, when K = 0 is present, the accuracy gain (points) and
+    latency ratio against it; `baselines` maps a name to (accuracy, mean latency ms)."""
     points = sorted(points, key=lambda p: p.latent_steps)
     ks = [p.latent_steps for p in points]
     if len(set(ks)) != len(ks):
@@ -191,12 +284,16 @@ def k_sweep_summary(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple
     direct = next((p for p in points if p.latent_steps == 0), None)
     rows = []
     for p in points:
-        row = {"latent_steps": p.latent_steps, "accuracy": p.accuracy, "count": p.count,
-               "latency_ms": latency_summary(p.latency_ms)}
+        row = {"latent_steps": p.latent_steps, "closed_accuracy": p.accuracy, "closed_count": p.count,
+               "open_token_f1": p.open_token_f1, "latency_ms": {**latency_summary(p.latency_ms), "batch_size": 1}}
+        if p.batched_ms_per_example:
+            row["batched_ms_per_example"] = {**latency_summary(p.batched_ms_per_example),
+                                             "batch_size": p.batch_size}
         if p.latency_breakdown_ms:
             row["latency_breakdown_ms"] = dict(p.latency_breakdown_ms)
         if direct is not None:
-            row["accuracy_gain_vs_k0"] = p.accuracy - direct.accuracy
+            if p.accuracy is not None and direct.accuracy is not None:
+                row["accuracy_gain_vs_k0"] = p.accuracy - direct.accuracy
             row["latency_ratio_vs_k0"] = row["latency_ms"]["mean"] / latency_summary(direct.latency_ms)["mean"]
         rows.append(row)
     out = {"points": rows}
@@ -208,11 +305,11 @@ def k_sweep_summary(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple
 
 def k_sweep_figure(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[float, float]] | None = None,
                    title: str = "") -> "plot.Image.Image":
-    """Three panels of PANEL_SIZE side by side (the analogue of Figure 4): (a) accuracy vs latency, (b) latency
-    by K, (c) accuracy vs K."""
+    """Three panels of PANEL_SIZE side by side (the analogue of Figure 4): (a) closed accuracy vs single-example
+    latency, (b) latency by K, (c) closed accuracy vs K (open token F1 when there are no closed questions)."""
     points = sorted(points, key=lambda p: p.latent_steps)
     ks = [p.latent_steps for p in points]
-    accs = [100 * p.accuracy for p in points]
+    metric, accs = _plotted(points)
     means = [float(np.mean(p.latency_ms)) for p in points]
     prefix = f"{title}: " if title else ""
     series = [plot.Series("latent (K)", means, accs)]
@@ -225,8 +322,8 @@ def k_sweep_figure(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[
     all_ms = [x for s in series for x in s.x]
     # A log latency axis once the points span more than 5x (explicit CoT is ~100x slower in the paper).
     x_log = min(all_ms) > 0 and max(all_ms) / min(all_ms) > 5
-    panel_a = plot.line_chart(series, x_label="mean latency (ms)" + (", log scale" if x_log else ""),
-                              y_label="accuracy (%)", title=f"{prefix}(a) accuracy vs latency", size=PANEL_SIZE,
+    panel_a = plot.line_chart(series, x_label="latency, batch 1 (ms)" + (", log scale" if x_log else ""),
+                              y_label=metric, title=f"{prefix}(a) accuracy vs latency", size=PANEL_SIZE,
                               y_range=y_range, point_labels=labels, legend=bool(baselines), x_log=x_log)
     phases = [p.latency_breakdown_ms for p in points]
     if all(phases) and len({tuple(ph) for ph in phases}) == 1:
@@ -234,11 +331,11 @@ def k_sweep_figure(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[
         stacked = True
     else:
         bars, stacked = [plot.Series("mean latency", ks, means)], False
-    panel_b = plot.bar_chart([str(k) for k in ks], bars, x_label="latent steps K", y_label="latency (ms)",
+    panel_b = plot.bar_chart([str(k) for k in ks], bars, x_label="latent steps K", y_label="latency, batch 1 (ms)",
                              title=f"{prefix}(b) latency by K", size=PANEL_SIZE, stacked=stacked,
                              value_labels=not stacked)
     panel_c = plot.line_chart([plot.Series("accuracy", ks, accs)], x_label="latent steps K",
-                              y_label="accuracy (%)", title=f"{prefix}(c) accuracy vs K", size=PANEL_SIZE,
+                              y_label=metric, title=f"{prefix}(c) accuracy vs K", size=PANEL_SIZE,
                               x_ticks=ks if len(ks) > 1 else None, legend=False)
     return plot.hstack([panel_a, panel_b, panel_c], gap=PANEL_GAP)
 

@@ -3,7 +3,7 @@
     python -m vital_jax.evaluate --checkpoint=WORKDIR --benchmark=vqa_rad --data_dir=DIR --latent_steps=4 --out=DIR
     python -m vital_jax.evaluate --checkpoint=WORKDIR --benchmark=in_domain --data_dir=DATASET --k_sweep --out=DIR
 
-Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, jsonl (see vital_jax.eval.benchmarks). Writes
+Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, phantom_vqa, jsonl (see vital_jax.eval.benchmarks). Writes
 `<benchmark>.predictions.jsonl`, `<benchmark>.metrics.json`, `<benchmark>.metrics.md` (per K with --k_sweep, plus
 `k_sweep.json` / `k_sweep.png`: closed accuracy, open token F1 and single-example latency against K, the analogue
 of the paper's Figure 4). Every metrics JSON holds `closed_accuracy` beside `closed_majority_baseline` (and the
@@ -123,7 +123,7 @@ def _define_flags():
     global _LATENCY_N
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
     _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
-                                     "jsonl)")
+                                     "phantom_vqa, jsonl)")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "the benchmark's data directory")
     _SPLIT = flags.DEFINE_string("split", None, "benchmark split (default: test; test_clean for pmc_vqa, whose "
                                  "2,000 questions Table 1 fits; --split=test reads PMC-VQA's full test.csv)")

@@ -393,3 +393,29 @@ def test_registry_rejects_unknown_names_and_missing_directories(tmp_path):
     with pytest.raises(BenchmarkError, match="data directory not found"):
         load_benchmark("vqa_rad", str(tmp_path / "absent"))
     assert set(benchmarks.BENCHMARKS) == {"vqa_rad", "slake", "pathvqa", "pmc_vqa", "in_domain", "jsonl"}
+
+
+def test_phantom_vqa_keeps_free_form_types_open(tmp_path):
+    """phantom_vqa: yes/no and location choices closed as in_domain poses them; the other types as asked, scored
+    by token F1 against the answer text (in_domain would turn them into lettered choices)."""
+    from PIL import Image
+
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    rows = [dict(id="q1", image="a.png", question="Is the liver visible in this CT scan?",
+                 answer="Yes, the liver is visible.", question_type="yes_no", split="test", target="liver"),
+            dict(id="q2", image="a.png", question="Where is the liver located in this CT scan?",
+                 answer="The liver is located in the left part of the image.", question_type="location",
+                 split="test", target="liver"),
+            dict(id="q3", image="a.png", question="Where is the spleen located in this CT scan?",
+                 answer="The spleen is located in the right part of the image.", question_type="location",
+                 split="train", target="spleen")]
+    with open(tmp_path / "records.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    phantom = {e.id: e for e in load_benchmark("phantom_vqa", str(tmp_path))}
+    assert (phantom["q1"].answer_type, phantom["q1"].answer, phantom["q1"].options) == ("closed", "yes", ("yes", "no"))
+    assert phantom["q2"].answer_type == "open" and phantom["q2"].match == "f1"
+    assert phantom["q2"].prompt == rows[1]["question"] and phantom["q2"].answer == rows[1]["answer"]
+    in_domain = {e.id: e for e in load_benchmark("in_domain", str(tmp_path))}
+    assert in_domain["q2"].answer_type == "closed" and len(in_domain["q2"].options) == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -379,7 +380,7 @@ def _distractors(record: dict, gold_key: str, pools: dict, rng: np.random.Genera
 
 
 def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
-                   seed: int = 0, num_options: int = 4) -> list[BenchmarkExample]:
+                   seed: int = 0, num_options: int = 4, open_ended: str = "choice") -> list[BenchmarkExample]:
     """The held-out split of a vital_jax dataset (`records.jsonl`), every question closed-ended (App. B.4).
 
     yes_no -> options (yes, no), answer its leading yes/no; location_choice -> the choices its question names,
@@ -390,7 +391,13 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     Distractors and option order are drawn from a generator seeded by (seed, record id), so the benchmark is the
     same on every run and does not depend on `limit`. Scored by `metrics.in_domain_correct`; `extra` keeps the
     record's target (the scorer strips it), source (per-source rows as in Table 1), modality and K.
+
+    open_ended="f1" keeps the types that are not closed as generated open-ended instead (the question as asked,
+    scored by token F1 against the answer text, App. B.4): how a model trained on free-form answers is scored
+    on them (the `phantom_vqa` benchmark).
     """
+    if open_ended not in ("choice", "f1"):
+        raise ValueError(f"open_ended must be 'choice' or 'f1', got {open_ended!r}")
     if num_options < 2:
         raise ValueError(f"num_options must be >= 2, got {num_options}")
     path = _require_file(os.path.join(data_dir, RECORDS_FILE), RECORDS_FILE)
@@ -421,6 +428,11 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
             gold, options = said, ("yes", "no")
         elif qtype == "location_choice":
             gold, options = _location_choice(label, question, answer, r.get("target", ""))
+        elif open_ended == "f1":
+            image_path = _check_image(label, os.path.join(data_dir, r["image"]), check_images)
+            out.append(BenchmarkExample(id=str(r["id"]), image=image_path, question=question, answer=answer,
+                                        answer_type="open", match="f1", prompt=question, extra=extra))
+            continue
         else:
             rng = np.random.default_rng([seed, zlib.crc32(str(r["id"]).encode("utf-8"))])
             texts = _distractors(r, metrics.normalize_answer(answer), pools, rng, num_options - 1)
@@ -446,6 +458,8 @@ BENCHMARKS: dict[str, Callable[..., list[BenchmarkExample]]] = {
     "pathvqa": load_pathvqa,
     "pmc_vqa": load_pmc_vqa,
     "in_domain": load_in_domain,
+    # PhantomVQA (configs/data/phantom_vqa.py): yes/no and location choices closed, the other types open (F1).
+    "phantom_vqa": functools.partial(load_in_domain, open_ended="f1"),
     "jsonl": load_jsonl,
 }
 

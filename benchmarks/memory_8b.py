@@ -2,11 +2,11 @@
 
 Lowers and compiles `train_step` for Qwen3-VL-8B (+ LoRA r=64) with the Qwen3-1.7B decoder, K = 4, on a
 simulated 8-device CPU mesh, with every input abstract (ShapeDtypeStructs carrying NamedShardings): nothing of
-size 8B is ever allocated. Backbone params bf16, decoder fp32 storage with bf16 compute, decoder layers as one
-`nn.scan` (`scan_layers`, as configs/vital_qwen3vl_8b.py) with remat on for the layers and the latent steps
-(`--loop_layers` compiles the unrolled form instead, whose remat does not bound memory: XLA schedules every
-layer's recomputation early). Two layouts: FSDP over 8 (mesh (1, 8, 1)) and data parallel
-(mesh (8, 1, 1)). Global batch 8 (1 per device), prompt 1024 tokens incl. one 448x448 image (196 tokens),
+size 8B is ever allocated. Backbone params bf16, LoRA adapters and decoder fp32 (master weights) with bf16
+compute, decoder layers as one `nn.scan` (`scan_layers`, as configs/vital_qwen3vl_8b.py) with remat on for the
+layers and the latent steps (`--loop_layers` compiles the unrolled form instead, whose remat does not bound
+memory: XLA schedules every layer's recomputation early). Two layouts: FSDP over 8 (mesh (1, 8, 1)) and data
+parallel (mesh (8, 1, 1)). Global batch 8 (1 per device), prompt 1024 tokens incl. one 448x448 image (196 tokens),
 answer 32, step chains 64 tokens.
 
     python -m benchmarks.memory_8b                     # full depth (36 + 28 layers; ~2-3 min per mesh)
@@ -151,7 +151,7 @@ def main():
     meshes = {"fsdp": (1, 8, 1), "data": (8, 1, 1)}
     print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices; "
           f"global batch {args.batch}, prompt {args.prompt_len} (196 image tokens), answer {args.answer_len}, "
-          f"steps {args.k} x {args.step_len} tokens; bf16 backbone, fp32 decoder (bf16 compute), remat on, "
+          f"steps {args.k} x {args.step_len} tokens; bf16 backbone, fp32 LoRA and decoder (bf16 compute), remat on, "
           f"{'unrolled' if args.loop_layers else 'scanned'} layers")
     target = (FULL_BACKBONE_LAYERS, FULL_DECODER_LAYERS)
     for mesh_name in args.meshes.split(","):

@@ -20,7 +20,7 @@ def get_config():
         tokenizer_dir="",       # directory with tokenizer.json (defaults to backbone_dir)
         roi_encoder_dir="",     # MedSigLIP directory (used by the explain tool's heatmaps, not by training)
         dtype="bfloat16",       # activation dtype
-        param_dtype="float32",  # storage dtype of the frozen base weights
+        param_dtype="float32",  # storage dtype of the frozen base weights (trainables are always float32)
         remat=False,            # rematerialise decoder layers in the backward pass
         scan_layers=False,      # run decoder layers as one nn.scan (stacked params): one compiled layer, and
                                 # remat then bounds memory to one layer; checkpoints keep the per-layer layout

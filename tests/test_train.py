@@ -187,3 +187,27 @@ def test_workdirs_written_before_a_config_field_existed_resume_only_with_its_old
     other["model"]["remat"] = not current["model"]["remat"]
     with pytest.raises(ckpt_lib.CheckpointError, match="model.remat"):
         ckpt_lib.check_workdir_config(workdir, other)
+
+
+def test_a_checkpoint_with_bf16_adapters_restores_into_float32_master_weights(tmp_path):
+    """Checkpoints written before issue #18 hold bf16 adapters and moments: resuming a run and `inference.load_run`
+    (which unflattens the raw saved arrays) both give the float32 trees that training now keeps."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.RandomState(0)
+    old = {"params": {"lora_a": jnp.asarray(rng.randn(8, 4) * 0.1, jnp.bfloat16),
+                      "lora_b": jnp.asarray(rng.randn(4, 8) * 0.1, jnp.bfloat16)},
+           "mu": {"lora_a": jnp.asarray(rng.randn(8, 4) * 1e-3, jnp.bfloat16)}, "step": jnp.int32(3)}
+    template = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, old)
+    ckpt = ckpt_lib.PhaseCheckpointer(str(tmp_path), 1, async_save=False)
+    ckpt.save(3, old, {"epoch": 0}, force=True)
+    resumed, _ = ckpt.restore(3, template)
+    ckpt.close()
+    with ocp.StandardCheckpointer() as c:
+        raw = c.restore(os.path.join(str(tmp_path), "3", "state"))
+    loaded = ckpt_lib.unflatten_state(dict(raw), template)
+    for tree in (resumed, loaded):
+        assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, template)
+        for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(old)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.asarray(got).dtype))

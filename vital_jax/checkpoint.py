@@ -37,7 +37,8 @@ def flatten_state(tree) -> dict[str, jax.Array]:
 
 
 def unflatten_state(flat: dict, template):
-    """Inverse of `flatten_state`, into `template`'s structure; shape mismatches are CheckpointErrors."""
+    """Inverse of `flatten_state`, into `template`'s structure and dtypes (a checkpoint written with bf16 LoRA
+    adapters restores into float32 master weights); shape mismatches are CheckpointErrors."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     problems = []
@@ -49,6 +50,8 @@ def unflatten_state(flat: dict, template):
         value = flat[name]
         if tuple(np.shape(value)) != tuple(np.shape(leaf)):
             problems.append(f"{name}: checkpoint {tuple(np.shape(value))}, model {tuple(np.shape(leaf))}")
+        elif hasattr(leaf, "dtype") and value.dtype != leaf.dtype:
+            value = value.astype(leaf.dtype)
         out.append(value)
     extra = sorted(set(flat) - {".".join(_key_name(k) for k in p) for p, _ in leaves})
     problems += [f"unexpected {name}" for name in extra]

@@ -1,5 +1,6 @@
 """Gradients through the latent recurrence, masked optimizer state, the visual projector (Eq. 5), LoRA merge."""
 
+import functools
 import math
 
 import jax
@@ -219,3 +220,46 @@ def test_scanned_layers_give_the_same_loss_and_gradients_as_the_loop_layout(tiny
         lambda a, b: float(jnp.max(jnp.abs(a - b))) / (float(jnp.max(jnp.abs(a))) + 1e-12), results[0][1],
         results[1][1]))
     assert len(rel) > 10 and max(rel) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    """Both models loaded in bf16 storage with bf16 compute, as configs/vital_qwen3vl_8b.py loads the backbone."""
+    return build(tmp_path_factory.mktemp("vital_bf16"), k_max=2, dtype="bfloat16", param_dtype="bfloat16")
+
+
+def test_trainables_and_adam_moments_are_float32_and_every_adapter_entry_moves_at_lr_2e_5(tiny_bf16):
+    """fp32 master weights (issue #18): over a bf16 base, one AdamW step at the recipe's 2e-5 moves every LoRA entry
+    (in bf16, an update of 2e-5 rounds away for every |a| >= 2**-7), and everything the optimizer holds is fp32."""
+    from vital_jax.vital import train_step as ts
+
+    model, params = tiny_bf16.model, tiny_bf16.params
+    frozen_kernels = [v for p, v in flatten(params).items() if p.startswith("backbone") and p.endswith("kernel")]
+    assert frozen_kernels and all(v.dtype == jnp.bfloat16 for v in frozen_kernels)
+    opt = trainable.make_optimizer(2e-5)
+    step = jax.jit(functools.partial(ts.train_step, model, opt))
+    batch, _ = make_batch(model, seed=21, latent_steps=(1, 2))
+
+    def lora(tree, name):
+        return {p: np.asarray(v) for p, v in flatten(tree).items() if p.endswith(name)}
+
+    # Fresh adapters: lora_b = 0, so lora_a has no gradient yet; a half-trained state (lora_b != 0) trains both.
+    half_trained = jax.tree_util.tree_map_with_path(
+        lambda path, x: (0.02 * jax.random.normal(jax.random.PRNGKey(len(path)), x.shape)).astype(x.dtype)
+        if path[-1].key == "lora_b" else x, params)
+    for name, start in (("fresh", params), ("half-trained", half_trained)):
+        state, frozen = ts.init_train_state(start, opt, jax.random.PRNGKey(5))
+        for tree in (state.params, state.opt_state):
+            dtypes = {x.dtype for x in jax.tree.leaves(tree) if np.ndim(x) > 0}
+            assert dtypes == {jnp.dtype(jnp.float32)}, (name, dtypes)
+        new_state, _ = step(state, frozen, batch)
+        assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+        leaves = ("lora_b",) if name == "fresh" else ("lora_a", "lora_b")
+        for leaf in leaves:
+            before, after = lora(state.params, leaf), lora(new_state.params, leaf)
+            assert len(before) == 7 * model.backbone_config.text.num_hidden_layers  # q k v o gate up down
+            for path in before:
+                stuck = before[path] == after[path]
+                large = np.abs(before[path]) > 0.008
+                assert not stuck.any(), (f"{name} {path}: {int(stuck.sum())} of {stuck.size} entries unchanged "
+                                         f"({int((stuck & large).sum())} of them with |x| > 0.008)")

@@ -28,12 +28,14 @@ class TinyVital:
     params: dict
 
 
-def build(tmp_path, k_max=4, lora_rank=4, **vital_overrides) -> TinyVital:
+def build(tmp_path, k_max=4, lora_rank=4, dtype="float32", param_dtype="float32", **vital_overrides) -> TinyVital:
+    """dtype / param_dtype: compute and storage dtype of both models, as loaded (before training's fp32 copy)."""
     hf_backbone = save_tiny_qwen3_vl(str(tmp_path / "backbone"), seed=3)
     save_tiny_qwen3(str(tmp_path / "decoder"), seed=4, vocab_size=200, hidden_size=48, head_dim=16,
                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
-    backbone_config = Qwen3VLConfig.from_pretrained(str(tmp_path / "backbone"))
-    decoder_config = Qwen3Config.from_pretrained(str(tmp_path / "decoder"))
+    dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+    backbone_config = Qwen3VLConfig.from_pretrained(str(tmp_path / "backbone"), **dtypes)
+    decoder_config = Qwen3Config.from_pretrained(str(tmp_path / "decoder"), **dtypes)
     cfg = VitalConfig(k_max=k_max, roi_dim=ROI_DIM,
                       lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.05) if lora_rank else None,
                       **vital_overrides)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vital_jax import sharding
 from vital_jax.vital import trainable
 from vital_jax.vital.batch import VitalBatch
 from vital_jax.vital.model import VitalModel
@@ -28,8 +29,13 @@ class TrainState:
 
 def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng: jax.Array,
                      train_decoder: bool = True) -> tuple[TrainState, dict]:
-    """Split full params into (TrainState over the trainable tree, frozen tree)."""
+    """Split full params into (TrainState over the trainable tree, frozen tree).
+
+    The trainable tree and its optimizer state are float32 master weights, whatever dtype `params` came in (a
+    16-bit copy would round small AdamW updates away, issue #18); the frozen tree keeps its storage dtype.
+    """
     train, frozen = trainable.split(params, trainable.trainable_mask(params, train_decoder))
+    train = sharding.cast_floating(train, jnp.float32)
     return TrainState(jnp.zeros((), jnp.int32), train, optimizer.init(train), rng), frozen
 
 

@@ -3,6 +3,8 @@
 Trainable: LoRA adapters of every backbone LLM layer, the auxiliary decoder (fully), pj_in and the visual
 projector. Frozen: the vision tower and the backbone base weights. Frozen leaves are replaced by
 `optax.MaskedNode()` in the trainable tree, so they get no gradient computation and carry no optimizer state.
+Trainable leaves are float32 master weights (and so is the AdamW state over them) whatever the frozen base's
+storage dtype; the model casts them to its compute dtype where they are used.
 """
 
 from __future__ import annotations

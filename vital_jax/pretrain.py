@@ -380,7 +380,7 @@ def _backbone_stage(config, corpus_dir: str, tokenizer_dir: str) -> Stage:
     b = config.backbone
     hf = backbone_hf_config(config, tokenizer_dir)
     model_config = Qwen3VLConfig.from_hf_dict(hf, "pretrain backbone")
-    params = demo_assets.init_qwen3_vl_params(hf, config.seed)
+    params = demo_assets.init_qwen3_vl_params(hf, config.seed, jit=True)
     cfg = corpus_lib.CorpusConfig(batch_size=b.batch_size, prompt_buckets=tuple(b.prompt_buckets),
                                   text_buckets=tuple(b.text_buckets), min_pixels=b.image_pixels,
                                   max_pixels=b.image_pixels)
@@ -401,7 +401,7 @@ def _decoder_stage(config, corpus_dir: str, tokenizer_dir: str) -> Stage:
     d = config.decoder
     hf = decoder_hf_config(config, tokenizer_dir)
     model_config = Qwen3Config.from_hf_dict(hf, "pretrain decoder")
-    params = demo_assets.init_qwen3_params(hf, config.seed + 1)
+    params = demo_assets.init_qwen3_params(hf, config.seed + 1, jit=True)
     cfg = corpus_lib.CorpusConfig(batch_size=d.batch_size, text_buckets=tuple(d.text_buckets))
     train = corpus_lib.TextExamples(corpus_dir, config.train_split, cfg, tokenizer_dir)
     val = corpus_lib.TextExamples(corpus_dir, config.val_split, cfg, tokenizer_dir)

@@ -45,7 +45,7 @@ from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl import prompt as prompt_lib
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
-from vital_jax.observability import MetricsLogger, TensorBoardWriter
+from vital_jax.observability import JsonlWriter, MetricsLogger, TensorBoardWriter
 from vital_jax.train import NonFiniteLossError, _Preemption
 from vital_jax.vital import latent, losses, trainable
 from vital_jax.vital.batch import prefix_inputs
@@ -230,7 +230,7 @@ def _make_fns(stage: Stage, optimizer, frozen, schedule):
         (loss, (per_example, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                        bad_examples=~jnp.isfinite(per_example) & weight)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -279,14 +279,17 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         progress.update(data_state["progress"])
         logging.info("%s: resumed from step %d", stage.name, latest)
 
+    # The logger draws progress and measures throughput; the records carry the stage (both stages count steps
+    # from 1) and TensorBoard gets one run per stage.
     logger = MetricsLogger(workdir, sc.steps, desc=f"pretrain/{stage.name}", progress_every=config.logging.every_steps,
-                           tensorboard=False)
+                           tensorboard=False, jsonl=False)
+    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if logger.is_primary else None
     tensorboard = TensorBoardWriter(os.path.join(workdir, "tensorboard", stage.name)) if logger.is_primary else None
 
     def record(step, values, perf=None):
         values = {**values, **(perf or {})}
-        if logger.jsonl is not None:
-            logger.jsonl.write(step, {"stage": stage.name, **values})
+        if jsonl is not None:
+            jsonl.write(step, {"stage": stage.name, **values})
         if tensorboard is not None:
             tensorboard.scalars(step, values)
             tensorboard.flush()
@@ -367,8 +370,9 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
     finally:
         ckpt.close()
         logger.close()
-        if tensorboard is not None:
-            tensorboard.close()
+        for writer in (jsonl, tensorboard):
+            if writer is not None:
+                writer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

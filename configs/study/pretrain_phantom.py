@@ -40,10 +40,10 @@ def get_config(variant: str = ""):
     c.logging = ml_collections.ConfigDict(dict(every_steps=10))
     if variant == "quick":
         c.corpus.num_phantoms = 12
-        c.backbone.update(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_depth=1,
+        c.backbone.update(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vision_depth=1,
                           vision_hidden=32, vision_heads=2, vision_intermediate=64, steps=30, batch_size=4,
                           lr=5e-3)
-        c.decoder.update(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=30, batch_size=4, lr=5e-3)
+        c.decoder.update(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=60, batch_size=4, lr=5e-3)
         c.eval.update(every_steps=10, max_examples=8)
         c.checkpoint.update(save_every_steps=10, async_save=False)
         c.logging.every_steps = 5

@@ -211,3 +211,17 @@ def test_unknown_train_parts_and_missing_corpus_are_errors(corpus_dir, tmp_path)
         pretrain.pretrain(quick_config(corpus_dir, backbone__train_parts="decoder"), str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="phantom_corpus|corpus_dir"):
         pretrain.resolve_corpus(quick_config(str(tmp_path / "missing")), str(tmp_path / "b"))
+
+
+def test_shipped_configs_validate():
+    pretrain.validate_config(pretrain_phantom.get_config())
+    pretrain.validate_config(pretrain_phantom.get_config("quick"))
+    with pytest.raises(ValueError, match="variant"):
+        pretrain_phantom.get_config("nope")
+
+
+def test_non_finite_loss_stops_naming_step_and_examples(corpus_dir, tmp_path):
+    config = quick_config(corpus_dir, stages=("decoder",), decoder__lr=1e30, optimizer__max_grad_norm=1e30)
+    with pytest.raises(pretrain.NonFiniteLossError, match=r"decoder: non-finite loss .* at step \d+; examples "
+                                                          r"\['text"):
+        pretrain.pretrain(config, str(tmp_path))

@@ -186,7 +186,7 @@ def _check_vocab(batch: dict, keys: tuple[tuple[str, str], ...], vocab: int, exa
         bad = ((batch[ids_key] < 0) | (batch[ids_key] >= vocab)) & batch[valid_key]
         if bad.any():
             rows = batch["record_index"][bad.any(axis=1)]
-            raise ConfigError(f"{ids_key}: token ids outside the model's vocabulary of {vocab} in examples "
+            raise corpus_lib.CorpusError(f"{ids_key}: token ids outside the model's vocabulary of {vocab} in examples "
                               f"{examples.ids(rows)}")
 
 
@@ -213,21 +213,23 @@ class Stage:
     example_losses: Callable  # (model, params, device batch) -> (loss (B,), weight (B,))
     device_batch: Callable  # numpy batch -> device batch
     train: corpus_lib.TrainBatches
-    val: corpus_lib._Examples
+    val: corpus_lib.Examples
     stage_config: object  # config.backbone / config.decoder
     token_keys: tuple[tuple[str, str], ...]
     vocab: int
     write_hf: Callable[[dict, str], None]  # (full params, out_dir)
 
 
-def _make_fns(stage: Stage, optimizer, frozen, schedule):
-    def loss_fn(train_params, batch):
+def _make_fns(stage: Stage, optimizer, schedule):
+    # The frozen tree is an argument, not a closure: captured, it would be baked into the program as constants.
+    def loss_fn(train_params, frozen, batch):
         per_example, weight = stage.example_losses(stage.model, trainable.merge(train_params, frozen), batch)
         return losses.weighted_mean(per_example, weight), (per_example, weight)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def train_step(state: StageState, batch):
-        (loss, (per_example, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    def train_step(state: StageState, frozen, batch):
+        (loss, (per_example, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen,
+                                                                                          batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
@@ -235,7 +237,7 @@ def _make_fns(stage: Stage, optimizer, frozen, schedule):
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     @jax.jit
-    def eval_step(train_params, batch):
+    def eval_step(train_params, frozen, batch):
         per_example, weight = stage.example_losses(stage.model, trainable.merge(train_params, frozen), batch)
         w = weight.astype(jnp.float32)
         return jnp.sum(jnp.where(weight, per_example, 0.0)), jnp.sum(w)
@@ -243,10 +245,10 @@ def _make_fns(stage: Stage, optimizer, frozen, schedule):
     return train_step, eval_step
 
 
-def _evaluate(stage: Stage, eval_step, train_params, max_examples: int) -> float:
+def _evaluate(stage: Stage, eval_step, train_params, frozen, max_examples: int) -> float:
     total, count = 0.0, 0.0
     for batch in corpus_lib.eval_batches(stage.val, stage.stage_config.batch_size, max_examples):
-        s, n = eval_step(train_params, stage.device_batch(batch))
+        s, n = eval_step(train_params, frozen, stage.device_batch(batch))
         total, count = total + float(s), count + float(n)
     return total / count if count else float("nan")
 
@@ -269,7 +271,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
     optimizer = trainable.make_optimizer(schedule, o.weight_decay, o.b1, o.b2, o.max_grad_norm,
                                          trainable.weight_decay_mask(train_params))
     state = StageState(jnp.zeros((), jnp.int32), train_params, optimizer.init(train_params))
-    train_step, eval_step = _make_fns(stage, optimizer, frozen, schedule)
+    train_step, eval_step = _make_fns(stage, optimizer, schedule)
     # Carried across resumes in the checkpoint's JSON item beside the loader state.
     progress = {"first_loss": None, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "recent": []}
     latest = ckpt.latest_step()
@@ -307,7 +309,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         while int(state.step) < sc.steps:
             batch_np = next(stage.train)
             _check_vocab(batch_np, stage.token_keys, stage.vocab, stage.train.examples)
-            state, metrics = train_step(state, stage.device_batch(batch_np))
+            state, metrics = train_step(state, frozen, stage.device_batch(batch_np))
             step, loss = int(state.step), float(metrics["loss"])
             if not np.isfinite(loss):
                 ckpt.wait()
@@ -326,7 +328,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
                 record(step, values, logger.log(step, {"loss": loss}, samples=sc.batch_size))
             if step % config.eval.every_steps == 0 or step == sc.steps:
                 t0 = time.perf_counter()
-                progress["val_loss"] = _evaluate(stage, eval_step, state.params, config.eval.max_examples)
+                progress["val_loss"] = _evaluate(stage, eval_step, state.params, frozen, config.eval.max_examples)
                 record(step, {"val_loss": progress["val_loss"]})
                 timed_from = (timed_from[0], timed_from[1] + time.perf_counter() - t0)  # not training time
                 logger.reset_timer(step)
@@ -342,7 +344,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         if ckpt.latest_step() != final_step:
             ckpt.save(final_step, state, {"loader": stage.train.get_state(), "progress": progress}, force=True)
         if progress["val_loss"] is None:
-            progress["val_loss"] = _evaluate(stage, eval_step, state.params, config.eval.max_examples)
+            progress["val_loss"] = _evaluate(stage, eval_step, state.params, frozen, config.eval.max_examples)
         ckpt.wait()
         out_dir = hf_dir(workdir, stage.name)
         tmp = out_dir + ".tmp"

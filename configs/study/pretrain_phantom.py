@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
         steps=600, batch_size=16, lr=2e-3, prompt_buckets=(64, 128), text_buckets=(32, 64, 128)))
     c.decoder = ml_collections.ConfigDict(dict(
         hidden=64, layers=2, head_dim=16, heads=4, kv_heads=1, intermediate=128,
-        steps=400, batch_size=32, lr=2e-3, text_buckets=(32, 64, 128)))
+        steps=1000, batch_size=32, lr=2e-3, text_buckets=(32, 64, 128)))
     c.optimizer = ml_collections.ConfigDict(dict(warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999,
                                                  max_grad_norm=1.0))
     # Validation loss every `every_steps` steps and at the end, over the first `max_examples` of the val split.

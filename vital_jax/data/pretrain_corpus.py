@@ -91,7 +91,7 @@ class CorpusConfig:
         return tuple(sorted({max(block, -(-full // d // block) * block) for d in (2, 1)}))
 
 
-class _Examples:
+class Examples:
     """Shared by pairs and texts: the tokenizer, the special ids and padding of a list of record indices."""
 
     def __init__(self, corpus_dir: str, records: list[dict], cfg: CorpusConfig, tokenizer_dir: str | None):
@@ -131,7 +131,7 @@ class _Examples:
         raise NotImplementedError
 
 
-class PairExamples(_Examples):
+class PairExamples(Examples):
     """The image-text pairs of one split of a corpus; `batch(indices, valid)` -> a pair batch (module doc)."""
 
     def __init__(self, corpus_dir: str, split: str, cfg: CorpusConfig, tokenizer_dir: str | None = None):
@@ -180,7 +180,7 @@ class PairExamples(_Examples):
                     record_index=np.asarray(indices, np.int32), example_valid=np.asarray(valid, bool))
 
 
-class TextExamples(_Examples):
+class TextExamples(Examples):
     """The texts of one split of a corpus, tokenised once; `batch(indices, valid)` -> ids, valid (B, T), ..."""
 
     def __init__(self, corpus_dir: str, split: str, cfg: CorpusConfig, tokenizer_dir: str | None = None):
@@ -198,7 +198,7 @@ class TextExamples(_Examples):
 class TrainBatches:
     """Endless training batches of `examples` in a seeded per-epoch order (module doc); resumable by index."""
 
-    def __init__(self, examples: _Examples, batch_size: int, seed: int):
+    def __init__(self, examples: Examples, batch_size: int, seed: int):
         if len(examples) < batch_size:
             raise CorpusError(f"{len(examples)} training examples are fewer than one batch of {batch_size}")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
@@ -230,7 +230,7 @@ class TrainBatches:
         self.next_index = int(state["next_batch"])
 
 
-def eval_batches(examples: _Examples, batch_size: int, limit: int | None = None) -> Iterator[dict]:
+def eval_batches(examples: Examples, batch_size: int, limit: int | None = None) -> Iterator[dict]:
     """Batches of the first `limit` examples (None: all) in file order; the last batch is filled by repeating
     the first example with example_valid False."""
     n = len(examples) if limit is None else min(limit, len(examples))

@@ -225,3 +225,19 @@ def test_non_finite_loss_stops_naming_step_and_examples(corpus_dir, tmp_path):
     with pytest.raises(pretrain.NonFiniteLossError, match=r"decoder: non-finite loss .* at step \d+; examples "
                                                           r"\['text"):
         pretrain.pretrain(config, str(tmp_path))
+
+
+def test_corpus_loader_order_is_a_function_of_the_batch_index_and_errors_name_records(corpus_dir):
+    cfg = pretrain_corpus.CorpusConfig(batch_size=4)
+    texts = pretrain_corpus.TextExamples(corpus_dir, "train", cfg)
+    run = pretrain_corpus.TrainBatches(texts, 4, seed=3)
+    batches = [next(run) for _ in range(2 * run.batches_per_epoch + 1)]
+    resumed = pretrain_corpus.TrainBatches(texts, 4, seed=3)
+    resumed.set_state({"next_batch": run.batches_per_epoch, "seed": 3})
+    for batch in batches[run.batches_per_epoch:]:
+        np.testing.assert_array_equal(next(resumed)["record_index"], batch["record_index"])
+    epoch = np.concatenate([b["record_index"] for b in batches[:run.batches_per_epoch]])
+    assert len(set(epoch.tolist())) == len(epoch)  # an epoch sees each example at most once
+    short = pretrain_corpus.CorpusConfig(batch_size=4, text_buckets=(4,))
+    with pytest.raises(pretrain_corpus.CorpusError, match=r"record 'text0_\d+': text of \d+ tokens"):
+        pretrain_corpus.TextExamples(corpus_dir, "train", short).batch([0, 1], [True, True])

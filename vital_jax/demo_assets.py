@@ -42,59 +42,126 @@ def write_tokenizer(out_dir: str, corpus: Iterable[str]) -> None:
     build_tiny_tokenizer(out_dir, list(corpus), VOCAB_SIZE, special_token_ids=SPECIAL_TOKEN_IDS)
 
 
-def write_tiny_qwen3_vl(out_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, image_pixels: int = 128 * 128,
-                        tokenizer_dir: str | None = None) -> str:
-    """A tiny random Qwen3-VL (text hidden `hidden`, `layers` decoder layers, a 2-block vision tower with
-    deepstack) whose processor resizes every image to about `image_pixels`."""
+def mrope_section(head_dim: int) -> list[int]:
+    """An MRoPE (T, H, W) split of head_dim/2 frequencies: [4, 2, 2] at head_dim 16 (H and W a quarter each)."""
+    half = head_dim // 2
+    if head_dim % 2 or half < 4:
+        raise ValueError(f"head_dim must be even and >= 8, got {head_dim}")
+    return [half - 2 * (half // 4), half // 4, half // 4]
+
+
+def qwen3_vl_hf_config(hidden: int = 64, layers: int = 2, *, head_dim: int = 16, heads: int | None = None,
+                       kv_heads: int | None = None, intermediate: int | None = None, vision_depth: int = 2,
+                       vision_hidden: int = 32, vision_heads: int = 2, vision_intermediate: int | None = None,
+                       deepstack: tuple[int, ...] = (0,), num_position_embeddings: int = 64,
+                       vocab_size: int = VOCAB_SIZE, special_token_ids: dict[str, int] | None = None) -> dict:
+    """The HF `config.json` dict of a small Qwen3-VL. Defaults: heads = hidden / head_dim, kv_heads = heads / 2,
+    intermediate = 2 * hidden (same for the vision tower); special ids those of the tiny tokenizer."""
     from transformers import Qwen3VLConfig as HFQwen3VLConfig
 
-    from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration, params as vl_params
+    ids = SPECIAL_TOKEN_IDS if special_token_ids is None else special_token_ids
+    heads = heads or hidden // head_dim
+    return HFQwen3VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or max(1, heads // 2), head_dim=head_dim, rms_norm_eps=1e-6,
+                         max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                          "mrope_section": mrope_section(head_dim), "mrope_interleaved": True}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden,
+                           intermediate_size=vision_intermediate or 2 * vision_hidden, num_heads=vision_heads,
+                           patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=hidden,
+                           num_position_embeddings=num_position_embeddings,
+                           deepstack_visual_indexes=list(deepstack)),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END], eos_token_id=ids[IM_END], tie_word_embeddings=False).to_dict()
+
+
+def init_qwen3_vl_params(hf_config: dict, seed: int = 0, jit: bool = False) -> dict:
+    """Random Flax params (float32, per-layer layout) of the Qwen3-VL that `hf_config` describes. jit=True
+    compiles the initialisation once instead of op by op (seconds faster on a CPU; values may differ from the
+    eager ones in the last bit)."""
+    from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
     from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 
-    head_dim = 16
-    hf = HFQwen3VLConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
-                         num_key_value_heads=max(1, hidden // head_dim // 2), head_dim=head_dim, rms_norm_eps=1e-6,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
-                                          "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                           temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=hidden,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=SPECIAL_TOKEN_IDS[IMAGE_PAD], video_token_id=SPECIAL_TOKEN_IDS[VIDEO_PAD],
-        vision_start_token_id=SPECIAL_TOKEN_IDS[VISION_START], vision_end_token_id=SPECIAL_TOKEN_IDS[VISION_END],
-        eos_token_id=SPECIAL_TOKEN_IDS[IM_END], tie_word_embeddings=False).to_dict()
-    config = Qwen3VLConfig.from_hf_dict(hf, "tiny qwen3_vl")
+    config = Qwen3VLConfig.from_hf_dict(hf_config, "small qwen3_vl")
     model = Qwen3VLForConditionalGeneration(config)
     vis = config.vision
-    key = jax.random.PRNGKey(seed)
-    params = model.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
     grid = ((1, vis.spatial_merge_size, vis.spatial_merge_size),)
-    params["visual"] = model.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), grid,
-                                  method=model.encode_images)["params"]["visual"]
-    _write_model(out_dir, hf, params, vl_params.rules(config))
+
+    def init(key):
+        params = model.init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
+        params["visual"] = model.init(key, jnp.zeros((vis.merge_unit, vis.patch_dim)), grid,
+                                      method=model.encode_images)["params"]["visual"]
+        return params
+
+    return (jax.jit(init) if jit else init)(jax.random.PRNGKey(seed))
+
+
+def save_qwen3_vl(out_dir: str, hf_config: dict, params: dict, image_pixels: int,
+                  tokenizer_dir: str | None = None) -> str:
+    """Write a Qwen3-VL HF directory: config.json, model.safetensors (float32), preprocessor_config.json (every
+    image resized to about `image_pixels`) and the tokenizer files of `tokenizer_dir`."""
+    from vital_jax.models.qwen3_vl import params as vl_params
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    config = Qwen3VLConfig.from_hf_dict(hf_config, out_dir)
+    _write_model(out_dir, hf_config, params, vl_params.rules(config))
     vl_preprocessing.write_preprocessor_config(out_dir, min_pixels=image_pixels, max_pixels=image_pixels)
     _copy_tokenizer(tokenizer_dir, out_dir)
     return out_dir
 
 
-def write_tiny_qwen3(out_dir: str, seed: int = 1, hidden: int = 48, layers: int = 2,
-                     tokenizer_dir: str | None = None) -> str:
-    """A tiny random Qwen3 causal LM (tied embeddings, like Qwen3-1.7B) over the same tiny vocabulary."""
+def write_tiny_qwen3_vl(out_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, image_pixels: int = 128 * 128,
+                        tokenizer_dir: str | None = None, **sizes) -> str:
+    """A tiny random Qwen3-VL (text hidden `hidden`, `layers` decoder layers, a 2-block vision tower with
+    deepstack) whose processor resizes every image to about `image_pixels`. `sizes`: the other knobs of
+    `qwen3_vl_hf_config` (head_dim, heads, vision_depth, vision_hidden, ...)."""
+    hf = qwen3_vl_hf_config(hidden, layers, **sizes)
+    return save_qwen3_vl(out_dir, hf, init_qwen3_vl_params(hf, seed), image_pixels, tokenizer_dir)
+
+
+def qwen3_hf_config(hidden: int = 48, layers: int = 2, *, head_dim: int = 16, heads: int | None = None,
+                    kv_heads: int = 1, intermediate: int | None = None, vocab_size: int = VOCAB_SIZE,
+                    eos_token_id: int = SPECIAL_TOKEN_IDS[IM_END]) -> dict:
+    """The HF `config.json` dict of a small Qwen3 causal LM with tied embeddings (like Qwen3-1.7B)."""
     from transformers import Qwen3Config as HFQwen3Config
 
-    from vital_jax.models.qwen3 import Qwen3ForCausalLM, params as qwen3_params
+    return HFQwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads or hidden // head_dim,
+                         num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=True,
+                         eos_token_id=eos_token_id).to_dict()
+
+
+def init_qwen3_params(hf_config: dict, seed: int = 1, jit: bool = False) -> dict:
+    """Random Flax params (float32, per-layer layout) of the Qwen3 that `hf_config` describes (jit: see
+    `init_qwen3_vl_params`)."""
+    from vital_jax.models.qwen3 import Qwen3ForCausalLM
     from vital_jax.models.qwen3.config import Qwen3Config
 
-    hf = HFQwen3Config(vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=hidden // 16, num_key_value_heads=1, head_dim=16,
-                       tie_word_embeddings=True, eos_token_id=SPECIAL_TOKEN_IDS[IM_END]).to_dict()
-    config = Qwen3Config.from_hf_dict(hf, "tiny qwen3")
-    params = Qwen3ForCausalLM(config).init(jax.random.PRNGKey(seed), input_ids=jnp.zeros((1, 1), jnp.int32))
-    _write_model(out_dir, hf, params["params"], qwen3_params.RULES)
+    config = Qwen3Config.from_hf_dict(hf_config, "small qwen3")
+
+    def init(key):
+        return Qwen3ForCausalLM(config).init(key, input_ids=jnp.zeros((1, 1), jnp.int32))["params"]
+
+    return (jax.jit(init) if jit else init)(jax.random.PRNGKey(seed))
+
+
+def save_qwen3(out_dir: str, hf_config: dict, params: dict, tokenizer_dir: str | None = None) -> str:
+    """Write a Qwen3 HF directory: config.json, model.safetensors (float32) and the tokenizer files."""
+    from vital_jax.models.qwen3 import params as qwen3_params
+
+    _write_model(out_dir, hf_config, params, qwen3_params.RULES)
     _copy_tokenizer(tokenizer_dir, out_dir)
     return out_dir
+
+
+def write_tiny_qwen3(out_dir: str, seed: int = 1, hidden: int = 48, layers: int = 2,
+                     tokenizer_dir: str | None = None, **sizes) -> str:
+    """A tiny random Qwen3 causal LM (tied embeddings, like Qwen3-1.7B) over the same tiny vocabulary. `sizes`:
+    the other knobs of `qwen3_hf_config` (head_dim, heads, kv_heads, intermediate)."""
+    hf = qwen3_hf_config(hidden, layers, **sizes)
+    return save_qwen3(out_dir, hf, init_qwen3_params(hf, seed), tokenizer_dir)
 
 
 def write_tiny_siglip(out_dir: str, seed: int = 2, hidden: int = 32, image_size: int = 112) -> str:

@@ -31,8 +31,12 @@ def is_trainable(path: str, train_decoder: bool = True) -> bool:
 
 def trainable_mask(params: dict, train_decoder: bool = True) -> dict:
     """A tree of bools like `params`."""
-    flat = flatten(params)
-    return unflatten({p: is_trainable(p, train_decoder) for p in flat})
+    return mask_from_predicate(params, lambda path: is_trainable(path, train_decoder))
+
+
+def mask_from_predicate(params: dict, predicate) -> dict:
+    """A tree of bools like `params`: predicate('a/b/kernel') for each leaf path."""
+    return unflatten({p: bool(predicate(p)) for p in flatten(params)})
 
 
 def split(params: dict, mask: dict) -> tuple[dict, dict]:

@@ -1,0 +1,243 @@
+"""Pretraining from random initialisation (vital_jax.pretrain) on a tiny phantom corpus: the HF directories it
+writes load in transformers and convert back into vital_jax with logit parity; the loss falls; train_parts
+freezes what it says; an interrupted run resumes to the same weights and a finished stage is not redone."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs.study import pretrain_phantom
+from vital_jax import demo_assets, pretrain
+from vital_jax.data import pretrain_corpus
+from vital_jax.data.phantoms import PHANTOM_MODALITIES, make_phantom
+from vital_jax.models import safetensors_io
+from vital_jax.models.hf_config import ConfigError
+
+TOL = 1e-4
+
+
+def _where(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    return (("upper" if ys.mean() < mask.shape[0] / 2 else "lower") + " "
+            + ("left" if xs.mean() < mask.shape[1] / 2 else "right"))
+
+
+def write_tiny_corpus(out_dir: str, num_train: int = 16, num_val: int = 4, seed: int = 7) -> str:
+    """Phantom PNGs with captions naming each structure's quadrant, one sentence per structure as texts."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    pairs, texts = [], []
+    for i in range(num_train + num_val):
+        modality = PHANTOM_MODALITIES[i % len(PHANTOM_MODALITIES)]
+        phantom = make_phantom(modality, seed, i, size=128)
+        image = f"images/p{i:03d}.png"
+        Image.fromarray(phantom.image).save(os.path.join(out_dir, image))
+        split = "train" if i < num_train else "val"
+        names = sorted(phantom.masks)
+        caption = f"A {modality} image. " + " ".join(f"The {n} is in the {_where(phantom.masks[n])} part."
+                                                     for n in names)
+        pairs.append({"id": f"pair{i}", "image": image, "prompt": "Describe the image.", "text": caption,
+                      "split": split})
+        texts += [{"id": f"text{i}_{j}", "text": f"The {n} is in the {_where(phantom.masks[n])} part of the image.",
+                   "split": split} for j, n in enumerate(names)]
+    for name, rows in ((pretrain_corpus.PAIRS_FILE, pairs), (pretrain_corpus.TEXTS_FILE, texts)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    demo_assets.write_tokenizer(os.path.join(out_dir, pretrain_corpus.TOKENIZER_DIR),
+                                [r["prompt"] for r in pairs] + [r["text"] for r in pairs + texts])
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_tiny_corpus(str(tmp_path_factory.mktemp("pretrain_corpus")))
+
+
+def quick_config(corpus: str, **overrides):
+    c = pretrain_phantom.get_config("quick")
+    c.corpus_dir = corpus
+    for key, value in overrides.items():
+        section, _, field = key.rpartition("__")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def quick_run(corpus_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain_quick"))
+    return workdir, pretrain.pretrain(quick_config(corpus_dir), workdir)
+
+
+def _weights(directory: str) -> dict[str, np.ndarray]:
+    return dict(safetensors_io.iter_tensors(directory))
+
+
+def test_pretraining_writes_summary_metrics_and_lowers_the_loss(quick_run):
+    workdir, summary = quick_run
+    assert not summary["preempted"]
+    with open(os.path.join(workdir, pretrain.SUMMARY_FILE)) as f:
+        assert json.load(f)["stages"].keys() == {"backbone", "decoder"}
+    for name, stage in summary["stages"].items():
+        assert stage["steps"] == quick_config("").get(name).steps and stage["samples_per_sec"] > 0, name
+        assert stage["final_train_loss"] < 0.5 * stage["initial_train_loss"], (name, stage)
+        assert np.isfinite(stage["final_val_loss"]) and stage["final_val_loss"] < 0.6 * stage["initial_train_loss"]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    for name in ("backbone", "decoder"):
+        assert any(r["stage"] == name and "loss" in r for r in records)
+        assert any(r["stage"] == name and "val_loss" in r for r in records)
+        assert os.listdir(os.path.join(workdir, "tensorboard", name))
+
+
+def _hf_inputs(corpus_dir: str, tokenizer_dir: str, image_pixels: int):
+    """One val example's prompt + text as a full sequence, in vital_jax's and HF's input conventions."""
+    cfg = pretrain_corpus.CorpusConfig(batch_size=1, min_pixels=image_pixels, max_pixels=image_pixels)
+    example = pretrain_corpus.PairExamples(corpus_dir, "val", cfg, tokenizer_dir).example(0)
+    ids = np.concatenate([example["prompt_ids"], example["answer_ids"]])[None].astype(np.int64)
+    return ids, example["patches"], example["grid_thw"][None].astype(np.int64)
+
+
+def test_pretrained_backbone_loads_in_transformers_and_converts_back_with_parity(quick_run, corpus_dir, tmp_path):
+    from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
+
+    from conversion.hf_to_flax import convert
+    from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index
+    from vital_jax.models.qwen3_vl import params as vl_params
+    from vital_jax.models.qwen3_vl import vision_inputs
+    from vital_jax.train import load_weights
+
+    workdir, summary = quick_run
+    hf_dir = pretrain.hf_dir(workdir, "backbone")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= set(
+        os.listdir(hf_dir))
+    hf_model = HFQwen3VL.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    convert(hf_dir, str(tmp_path / "converted"))
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path / "converted"))
+    params = load_weights(str(tmp_path / "converted"), config, vl_params)
+
+    ids, patches, grids = _hf_inputs(corpus_dir, hf_dir, pretrain_phantom.get_config("quick").backbone.image_pixels)
+    valid = np.ones(ids.shape, bool)
+    grid_list = [tuple(int(v) for v in g) for g in grids]
+    positions, _ = get_rope_index(ids, valid, grid_list, config.image_token_id)
+    ours = Qwen3VLForConditionalGeneration(config).apply(
+        {"params": params}, input_ids=jnp.asarray(ids), token_valid=jnp.asarray(valid),
+        positions=jnp.asarray(positions), pixel_patches=jnp.asarray(patches),
+        vision_inputs=vision_inputs(grid_list, config.vision))
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                          pixel_values=torch.tensor(patches), image_grid_thw=torch.tensor(grids),
+                          mm_token_type_ids=torch.tensor((ids == config.image_token_id).astype(np.int64)))
+    assert float(np.max(np.abs(np.asarray(ours.logits) - theirs.logits.numpy()))) <= TOL
+    # The directory holds the trained weights: vital_jax's K = 0 loss on it is the run's final val loss.
+    model = Qwen3VLForConditionalGeneration(config)
+    losses = []
+    cfg = pretrain_corpus.CorpusConfig(batch_size=4, min_pixels=128 * 128, max_pixels=128 * 128)
+    val = pretrain_corpus.PairExamples(corpus_dir, "val", cfg, hf_dir)
+    for batch in pretrain_corpus.eval_batches(val, 4):
+        per_example, weight = pretrain.backbone_example_losses(model, params,
+                                                               pretrain.backbone_device_batch(batch, config))
+        losses += list(np.asarray(per_example)[np.asarray(weight)])
+    assert abs(np.mean(losses) - summary["stages"]["backbone"]["final_val_loss"]) < 1e-5
+
+
+def test_pretrained_decoder_loads_in_transformers_with_logit_parity(quick_run):
+    from transformers import Qwen3ForCausalLM as HFQwen3
+
+    from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, load_params
+
+    workdir, _ = quick_run
+    hf_dir = pretrain.hf_dir(workdir, "decoder")
+    hf_model = HFQwen3.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    config = Qwen3Config.from_pretrained(hf_dir)
+    params = load_params(hf_dir, config)
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 11))
+    ours = Qwen3ForCausalLM(config).apply({"params": params}, input_ids=jnp.asarray(ids))
+    with torch.no_grad():
+        theirs = hf_model(input_ids=torch.tensor(ids)).logits.numpy()
+    assert float(np.max(np.abs(np.asarray(ours.logits) - theirs))) <= TOL
+    # Tied embeddings, like Qwen3-1.7B: no lm_head in the file.
+    assert "lm_head.weight" not in _weights(hf_dir)
+
+
+@pytest.mark.parametrize("parts", ["vision", "llm"])
+def test_train_parts_trains_only_its_part(parts, corpus_dir, tmp_path):
+    from vital_jax.models.hf_mapping import flatten
+    from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
+
+    config = quick_config(corpus_dir, stages=("backbone",), backbone__train_parts=parts, backbone__steps=3)
+    summary = pretrain.pretrain(config, str(tmp_path))
+    hf_dir = summary["stages"]["backbone"]["hf_dir"]
+    initial = flatten(demo_assets.init_qwen3_vl_params(
+        pretrain.backbone_hf_config(config, os.path.join(corpus_dir, pretrain_corpus.TOKENIZER_DIR)), config.seed,
+        jit=True))
+    trained = flatten(load_params(hf_dir, Qwen3VLConfig.from_pretrained(hf_dir)))
+    assert trained.keys() == initial.keys()
+    changed = {path for path in trained if not np.array_equal(trained[path], np.asarray(initial[path]))}
+    visual = {path for path in trained if path.startswith("visual/")}
+    if parts == "vision":
+        assert changed == visual
+    else:
+        assert changed == set(trained) - visual
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_skips_finished_stages(quick_run, corpus_dir, tmp_path):
+    reference_dir, _ = quick_run
+    workdir = str(tmp_path)
+    config = quick_config(corpus_dir)
+    first = pretrain.pretrain(config, workdir, stop_after=("backbone", 12))
+    assert first["preempted"] and first["stages"]["backbone"]["step"] == 12
+    assert not os.path.exists(pretrain.hf_dir(workdir, "backbone"))
+    second = pretrain.pretrain(config, workdir)
+    assert not second["preempted"]
+    for stage in ("backbone", "decoder"):
+        ours, reference = _weights(pretrain.hf_dir(workdir, stage)), _weights(pretrain.hf_dir(reference_dir, stage))
+        assert ours.keys() == reference.keys()
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], reference[name], err_msg=f"{stage}: {name}")
+    # Rerunning a finished workdir trains nothing and rewrites nothing.
+    stamp = os.path.getmtime(os.path.join(pretrain.hf_dir(workdir, "backbone"), "model.safetensors"))
+    third = pretrain.pretrain(config, workdir)
+    assert third["stages"] == second["stages"]
+    assert os.path.getmtime(os.path.join(pretrain.hf_dir(workdir, "backbone"), "model.safetensors")) == stamp
+
+
+def test_unknown_train_parts_and_missing_corpus_are_errors(corpus_dir, tmp_path):
+    with pytest.raises(ConfigError, match="train_parts"):
+        pretrain.pretrain(quick_config(corpus_dir, backbone__train_parts="decoder"), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="phantom_corpus|corpus_dir"):
+        pretrain.resolve_corpus(quick_config(str(tmp_path / "missing")), str(tmp_path / "b"))
+
+
+def test_shipped_configs_validate():
+    pretrain.validate_config(pretrain_phantom.get_config())
+    pretrain.validate_config(pretrain_phantom.get_config("quick"))
+    with pytest.raises(ValueError, match="variant"):
+        pretrain_phantom.get_config("nope")
+
+
+def test_non_finite_loss_stops_naming_step_and_examples(corpus_dir, tmp_path):
+    config = quick_config(corpus_dir, stages=("decoder",), decoder__lr=1e30, optimizer__max_grad_norm=1e30)
+    with pytest.raises(pretrain.NonFiniteLossError, match=r"decoder: non-finite loss .* at step \d+; examples "
+                                                          r"\['text"):
+        pretrain.pretrain(config, str(tmp_path))
+
+
+def test_corpus_loader_order_is_a_function_of_the_batch_index_and_errors_name_records(corpus_dir):
+    cfg = pretrain_corpus.CorpusConfig(batch_size=4)
+    texts = pretrain_corpus.TextExamples(corpus_dir, "train", cfg)
+    run = pretrain_corpus.TrainBatches(texts, 4, seed=3)
+    batches = [next(run) for _ in range(2 * run.batches_per_epoch + 1)]
+    resumed = pretrain_corpus.TrainBatches(texts, 4, seed=3)
+    resumed.set_state({"next_batch": run.batches_per_epoch, "seed": 3})
+    for batch in batches[run.batches_per_epoch:]:
+        np.testing.assert_array_equal(next(resumed)["record_index"], batch["record_index"])
+    epoch = np.concatenate([b["record_index"] for b in batches[:run.batches_per_epoch]])
+    assert len(set(epoch.tolist())) == len(epoch)  # an epoch sees each example at most once
+    short = pretrain_corpus.CorpusConfig(batch_size=4, text_buckets=(4,))
+    with pytest.raises(pretrain_corpus.CorpusError, match=r"record 'text0_\d+': text of \d+ tokens"):
+        pretrain_corpus.TextExamples(corpus_dir, "train", short).batch([0, 1], [True, True])

@@ -1,0 +1,494 @@
+"""Pretrain a small backbone and auxiliary decoder from random initialisation:
+`python -m vital_jax.pretrain --config=configs/study/pretrain_phantom.py --workdir=DIR [--config.FIELD=VALUE ...]`.
+
+Two stages (config.stages), each resumable and skipped once done:
+  backbone  a random Qwen3-VL (vision tower + text decoder) of the configured size learns image + prompt -> text
+            on pairs.jsonl: next-token CE on the text tokens (+ <|im_end|>) through exactly VITAL's path at K = 0
+            (`latent.encode_prefix`, then `latent.answer_logits` from z_0), so the pretrained model is what VITAL
+            inference runs. `backbone.train_parts` chooses the trained parameters: "all", "vision"
+            (params["visual"]) or "llm" (language_model + lm_head); the others keep their initial values.
+  decoder   a random Qwen3 causal LM learns texts.jsonl (each text + <|im_end|>; CE on every valid next token).
+Each stage checkpoints into workdir/<stage>_ckpt/ (params, AdamW state, step, loader state), logs train and val
+loss to workdir/metrics.jsonl and TensorBoard (workdir/tensorboard/<stage>/), and ends by writing a HF
+checkpoint directory, workdir/backbone_hf/ or workdir/decoder_hf/ (config.json, model.safetensors, tokenizer,
+preprocessor_config.json), which transformers and every vital_jax tool load like a real checkpoint.
+workdir/pretrain_summary.json holds the losses, steps, throughput and wall time of each stage. SIGTERM saves a
+checkpoint and exits; a non-finite loss stops the run naming the step and the batch's example ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax import demo_assets
+from vital_jax.data import pretrain_corpus as corpus_lib
+from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.qwen3 import Qwen3ForCausalLM
+from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vital_jax.models.qwen3_vl import prompt as prompt_lib
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.observability import JsonlWriter, MetricsLogger, TensorBoardWriter
+from vital_jax.train import NonFiniteLossError, _Preemption
+from vital_jax.vital import latent, losses, trainable
+from vital_jax.vital.batch import prefix_inputs
+
+STAGES = ("backbone", "decoder")
+TRAIN_PARTS = ("all", "vision", "llm")
+SUMMARY_FILE = "pretrain_summary.json"
+STAGE_SUMMARY_FILE = "stage_summary.json"  # inside <stage>_ckpt/, written before the stage is marked done
+
+
+def hf_dir(workdir: str, stage: str) -> str:
+    """Where a stage writes its HF checkpoint directory."""
+    return os.path.join(os.path.abspath(workdir), f"{stage}_hf")
+
+
+def train_parts_predicate(parts: str) -> Callable[[str], bool]:
+    """Flax param path ('visual/blocks_0/...') -> trains, for backbone.train_parts."""
+    if parts == "all":
+        return lambda path: True
+    if parts == "vision":
+        return lambda path: path.split("/", 1)[0] == "visual"
+    if parts == "llm":
+        return lambda path: path.split("/", 1)[0] in ("language_model", "lm_head")
+    raise ConfigError(f"backbone.train_parts must be one of {TRAIN_PARTS}, got {parts!r}")
+
+
+def validate_config(config) -> None:
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown or not config.stages:
+        raise ConfigError(f"config.stages {tuple(config.stages)} must be a non-empty subset of {STAGES}")
+    train_parts_predicate(config.backbone.train_parts)
+    for stage in STAGES:
+        sc = config[stage]
+        if sc.steps < 1 or sc.batch_size < 1 or sc.lr <= 0:
+            raise ConfigError(f"config.{stage}: steps, batch_size and lr must be positive")
+    if config.checkpoint.save_every_steps < 1 or config.eval.every_steps < 1 or config.logging.every_steps < 1:
+        raise ConfigError("config.checkpoint.save_every_steps, eval.every_steps and logging.every_steps must be >= 1")
+    side = math.isqrt(int(config.backbone.image_pixels))
+    if side * side != config.backbone.image_pixels or side % 32:
+        raise ConfigError(f"backbone.image_pixels={config.backbone.image_pixels} must be the square of a multiple "
+                          "of 32 (the patch grid must be even)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus and model construction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _corpus_ready(corpus_dir: str) -> bool:
+    return all(os.path.exists(os.path.join(corpus_dir, name)) for name in
+               (corpus_lib.PAIRS_FILE, corpus_lib.TEXTS_FILE, os.path.join(corpus_lib.TOKENIZER_DIR,
+                                                                           "tokenizer.json")))
+
+
+def resolve_corpus(config, workdir: str) -> str:
+    """config.corpus_dir, or the phantom corpus built (once) into workdir/corpus from config.corpus."""
+    if config.corpus_dir:
+        if not _corpus_ready(config.corpus_dir):
+            raise ConfigError(f"config.corpus_dir={config.corpus_dir!r} lacks {corpus_lib.PAIRS_FILE}, "
+                              f"{corpus_lib.TEXTS_FILE} or {corpus_lib.TOKENIZER_DIR}/tokenizer.json")
+        return os.path.abspath(config.corpus_dir)
+    corpus_dir = os.path.join(workdir, "corpus")
+    if not _corpus_ready(corpus_dir):
+        try:
+            from vital_jax.data import phantom_corpus
+        except ImportError as e:
+            raise ConfigError("config.corpus_dir is empty and vital_jax.data.phantom_corpus (the phantom corpus "
+                              f"generator) is not available ({e}); set config.corpus_dir to a ready corpus") from e
+        logging.info("building the phantom corpus in %s", corpus_dir)
+        phantom_corpus.build_corpus(corpus_dir, config.corpus)
+    return corpus_dir
+
+
+def _vocab(tokenizer_dir: str) -> tuple[int, dict[str, int]]:
+    tokenizer = prompt_lib.load_tokenizer(tokenizer_dir)
+    specials = prompt_lib.special_token_ids(tokenizer)
+    return max(tokenizer.get_vocab_size(), max(specials.values()) + 1), specials
+
+
+def backbone_hf_config(config, tokenizer_dir: str) -> dict:
+    """The HF config.json of the backbone that config.backbone describes, over the corpus tokenizer."""
+    b = config.backbone
+    vocab, specials = _vocab(tokenizer_dir)
+    grid = math.isqrt(int(b.image_pixels)) // 16
+    return demo_assets.qwen3_vl_hf_config(
+        b.hidden, b.layers, head_dim=b.head_dim, heads=b.heads, kv_heads=b.kv_heads, intermediate=b.intermediate,
+        vision_depth=b.vision_depth, vision_hidden=b.vision_hidden, vision_heads=b.vision_heads,
+        vision_intermediate=b.vision_intermediate, deepstack=tuple(b.deepstack), num_position_embeddings=grid * grid,
+        vocab_size=vocab, special_token_ids=specials)
+
+
+def decoder_hf_config(config, tokenizer_dir: str) -> dict:
+    """The HF config.json of the auxiliary decoder that config.decoder describes."""
+    d = config.decoder
+    vocab, specials = _vocab(tokenizer_dir)
+    return demo_assets.qwen3_hf_config(d.hidden, d.layers, head_dim=d.head_dim, heads=d.heads, kv_heads=d.kv_heads,
+                                       intermediate=d.intermediate, vocab_size=vocab,
+                                       eos_token_id=specials[prompt_lib.IM_END])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses (per example, float32) and device batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def backbone_example_losses(model: Qwen3VLForConditionalGeneration, params: dict, batch: dict):
+    """VITAL's task loss at K = 0: prefix (image + prompt) into a cache of Tp + Ta slots, the first text token
+    predicted from z_0, the rest teacher forced. -> (loss (B,), weight (B,) bool)."""
+    prefix = batch["prefix"]
+    cache_len = prefix.input_ids.shape[1] + batch["answer_ids"].shape[1]
+    kv_cache, z0 = latent.encode_prefix(model, params, prefix, cache_len)
+    logits = latent.answer_logits(model, params, kv_cache, z0, batch["answer_ids"], batch["answer_valid"])
+    per_example, has_tokens = losses.task_loss(logits, batch["answer_ids"], batch["answer_valid"])
+    return per_example, has_tokens & batch["example_valid"]
+
+
+def decoder_example_losses(model: Qwen3ForCausalLM, params: dict, batch: dict):
+    """Causal-LM CE over each text's valid next tokens. -> (loss (B,), weight (B,) bool)."""
+    ids, valid = batch["ids"], batch["valid"]
+    out = model.apply({"params": params}, input_ids=ids[:, :-1], token_valid=valid[:, :-1])
+    per_example, has_tokens = losses.token_cross_entropy(out.logits, ids[:, 1:], valid[:, 1:])
+    return per_example, has_tokens & batch["example_valid"]
+
+
+def backbone_device_batch(batch: dict, config: Qwen3VLConfig) -> dict:
+    prefix = prefix_inputs(batch["prompt_ids"], batch["prompt_valid"], batch["image_grid_thw"],
+                           batch["pixel_patches"], config)
+    return dict(prefix=prefix, answer_ids=jnp.asarray(batch["answer_ids"]),
+                answer_valid=jnp.asarray(batch["answer_valid"]), example_valid=jnp.asarray(batch["example_valid"]))
+
+
+def decoder_device_batch(batch: dict, config: Qwen3Config) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in ("ids", "valid", "example_valid")}
+
+
+def _check_vocab(batch: dict, keys: tuple[tuple[str, str], ...], vocab: int, examples) -> None:
+    for ids_key, valid_key in keys:
+        bad = ((batch[ids_key] < 0) | (batch[ids_key] >= vocab)) & batch[valid_key]
+        if bad.any():
+            rows = batch["record_index"][bad.any(axis=1)]
+            raise corpus_lib.CorpusError(f"{ids_key}: token ids outside the model's vocabulary of {vocab} in examples "
+                              f"{examples.ids(rows)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class StageState:
+    step: jax.Array
+    params: dict  # trainable tree, MaskedNode where frozen
+    opt_state: object
+
+
+@dataclasses.dataclass
+class Stage:
+    """What differs between the two stages; `run_stage` does the rest."""
+
+    name: str
+    model: object
+    params: dict  # initial full params
+    mask: dict  # trainable leaves
+    example_losses: Callable  # (model, params, device batch) -> (loss (B,), weight (B,))
+    device_batch: Callable  # numpy batch -> device batch
+    train: corpus_lib.TrainBatches
+    val: corpus_lib.Examples
+    stage_config: object  # config.backbone / config.decoder
+    token_keys: tuple[tuple[str, str], ...]
+    vocab: int
+    write_hf: Callable[[dict, str], None]  # (full params, out_dir)
+
+
+def _make_fns(stage: Stage, optimizer, schedule):
+    # The frozen tree is an argument, not a closure: captured, it would be baked into the program as constants.
+    def loss_fn(train_params, frozen, batch):
+        per_example, weight = stage.example_losses(stage.model, trainable.merge(train_params, frozen), batch)
+        return losses.weighted_mean(per_example, weight), (per_example, weight)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def train_step(state: StageState, frozen, batch):
+        (loss, (per_example, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen,
+                                                                                          batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
+                       bad_examples=~jnp.isfinite(per_example) & weight)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    @jax.jit
+    def eval_step(train_params, frozen, batch):
+        per_example, weight = stage.example_losses(stage.model, trainable.merge(train_params, frozen), batch)
+        w = weight.astype(jnp.float32)
+        return jnp.sum(jnp.where(weight, per_example, 0.0)), jnp.sum(w)
+
+    return train_step, eval_step
+
+
+def _evaluate(stage: Stage, eval_step, train_params, frozen, max_examples: int) -> float:
+    total, count = 0.0, 0.0
+    for batch in corpus_lib.eval_batches(stage.val, stage.stage_config.batch_size, max_examples):
+        s, n = eval_step(train_params, frozen, stage.device_batch(batch))
+        total, count = total + float(s), count + float(n)
+    return total / count if count else float("nan")
+
+
+def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | None = None) -> dict:
+    """Train (or resume, or skip when done) one stage; returns its summary, with "preempted": True when it
+    stopped early (SIGTERM, or `stop_after` steps: a test hook that acts like SIGTERM at that step)."""
+    sc, o = stage.stage_config, config.optimizer
+    ckpt = ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"{stage.name}_ckpt"), config.checkpoint.save_every_steps,
+                                      config.checkpoint.keep, config.checkpoint.async_save)
+    summary_path = os.path.join(ckpt.directory, STAGE_SUMMARY_FILE)
+    if ckpt.done_step() is not None and os.path.exists(summary_path):
+        ckpt.close()
+        logging.info("%s: already complete (step %d)", stage.name, ckpt.done_step())
+        with open(summary_path) as f:
+            return json.load(f)
+
+    schedule = trainable.warmup_cosine_schedule(sc.lr, sc.steps, o.warmup_ratio)
+    train_params, frozen = trainable.split(stage.params, stage.mask)
+    optimizer = trainable.make_optimizer(schedule, o.weight_decay, o.b1, o.b2, o.max_grad_norm,
+                                         trainable.weight_decay_mask(train_params))
+    state = StageState(jnp.zeros((), jnp.int32), train_params, optimizer.init(train_params))
+    train_step, eval_step = _make_fns(stage, optimizer, schedule)
+    # Carried across resumes in the checkpoint's JSON item beside the loader state.
+    progress = {"first_loss": None, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "recent": []}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, state)
+        stage.train.set_state(data_state["loader"])
+        progress.update(data_state["progress"])
+        logging.info("%s: resumed from step %d", stage.name, latest)
+
+    # The logger draws progress and measures throughput; the records carry the stage (both stages count steps
+    # from 1) and TensorBoard gets one run per stage.
+    logger = MetricsLogger(workdir, sc.steps, desc=f"pretrain/{stage.name}", progress_every=config.logging.every_steps,
+                           tensorboard=False, jsonl=False)
+    jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if logger.is_primary else None
+    tensorboard = TensorBoardWriter(os.path.join(workdir, "tensorboard", stage.name)) if logger.is_primary else None
+
+    def record(step, values, perf=None):
+        values = {**values, **(perf or {})}
+        if jsonl is not None:
+            jsonl.write(step, {"stage": stage.name, **values})
+        if tensorboard is not None:
+            tensorboard.scalars(step, values)
+            tensorboard.flush()
+
+    timed_from = None  # (step, time) after this process's first step, which includes compilation
+    preempted = False
+
+    def progress_now(step: int) -> dict:
+        if timed_from is None:
+            return dict(progress)
+        return dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - timed_from[1],
+                    timed_steps=progress["timed_steps"] + step - timed_from[0])
+
+    try:
+        while int(state.step) < sc.steps:
+            batch_np = next(stage.train)
+            _check_vocab(batch_np, stage.token_keys, stage.vocab, stage.train.examples)
+            state, metrics = train_step(state, frozen, stage.device_batch(batch_np))
+            step, loss = int(state.step), float(metrics["loss"])
+            if not np.isfinite(loss):
+                ckpt.wait()
+                bad = np.asarray(metrics["bad_examples"])
+                ids = stage.train.examples.ids(batch_np["record_index"][bad if bad.any() else slice(None)])
+                raise NonFiniteLossError(f"{stage.name}: non-finite loss {loss} at step {step}; examples {ids}. "
+                                         f"The last good checkpoint in {ckpt.directory} is intact.")
+            if timed_from is None:
+                timed_from = (step, time.perf_counter())
+            if progress["first_loss"] is None:
+                progress["first_loss"] = loss
+            progress["recent"] = (progress.get("recent", []) + [loss])[-config.logging.every_steps:]
+            if step % config.logging.every_steps == 0 or step == sc.steps:
+                values = dict(loss=loss, grad_norm=float(metrics["grad_norm"]),
+                              learning_rate=float(metrics["learning_rate"]))
+                record(step, values, logger.log(step, {"loss": loss}, samples=sc.batch_size))
+            if step % config.eval.every_steps == 0 or step == sc.steps:
+                t0 = time.perf_counter()
+                progress["val_loss"] = _evaluate(stage, eval_step, state.params, frozen, config.eval.max_examples)
+                record(step, {"val_loss": progress["val_loss"]})
+                timed_from = (timed_from[0], timed_from[1] + time.perf_counter() - t0)  # not training time
+                logger.reset_timer(step)
+            preempted = preemption.requested or (stop_after is not None and step >= stop_after)
+            ckpt.save(step, state, {"loader": stage.train.get_state(), "progress": progress_now(step)},
+                      force=preempted)
+            if preempted:
+                logging.warning("%s: stopping at step %d; checkpoint saved in %s", stage.name, step,
+                                ckpt.directory)
+                return {"preempted": True, "stage": stage.name, "step": step}
+        progress = progress_now(int(state.step))
+        final_step = int(state.step)
+        if ckpt.latest_step() != final_step:
+            ckpt.save(final_step, state, {"loader": stage.train.get_state(), "progress": progress}, force=True)
+        if progress["val_loss"] is None:
+            progress["val_loss"] = _evaluate(stage, eval_step, state.params, frozen, config.eval.max_examples)
+        ckpt.wait()
+        out_dir = hf_dir(workdir, stage.name)
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stage.write_hf(jax.tree.map(np.asarray, trainable.merge(state.params, frozen)), tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        seconds, timed = progress["train_seconds"], progress["timed_steps"]
+        summary = {
+            "stage": stage.name, "preempted": False, "steps": final_step, "batch_size": sc.batch_size,
+            "initial_train_loss": progress["first_loss"],
+            "final_train_loss": float(np.mean(progress["recent"])) if progress["recent"] else None,
+            "final_val_loss": progress["val_loss"],
+            "steps_per_sec": timed / seconds if seconds > 0 else None,
+            "samples_per_sec": timed * sc.batch_size / seconds if seconds > 0 else None,
+            "train_seconds": seconds, "hf_dir": out_dir,
+            "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+            "total_params": int(sum(x.size for x in jax.tree.leaves(stage.params))),
+        }
+        with open(summary_path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".tmp", summary_path)
+        ckpt.mark_done(final_step)
+        return summary
+    finally:
+        ckpt.close()
+        logger.close()
+        for writer in (jsonl, tensorboard):
+            if writer is not None:
+                writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _backbone_stage(config, corpus_dir: str, tokenizer_dir: str) -> Stage:
+    b = config.backbone
+    hf = backbone_hf_config(config, tokenizer_dir)
+    model_config = Qwen3VLConfig.from_hf_dict(hf, "pretrain backbone")
+    params = demo_assets.init_qwen3_vl_params(hf, config.seed, jit=True)
+    cfg = corpus_lib.CorpusConfig(batch_size=b.batch_size, prompt_buckets=tuple(b.prompt_buckets),
+                                  text_buckets=tuple(b.text_buckets), min_pixels=b.image_pixels,
+                                  max_pixels=b.image_pixels)
+    train = corpus_lib.PairExamples(corpus_dir, config.train_split, cfg, tokenizer_dir)
+    val = corpus_lib.PairExamples(corpus_dir, config.val_split, cfg, tokenizer_dir)
+    return Stage(
+        name="backbone", model=Qwen3VLForConditionalGeneration(model_config), params=params,
+        mask=trainable.mask_from_predicate(params, train_parts_predicate(b.train_parts)),
+        example_losses=backbone_example_losses,
+        device_batch=functools.partial(backbone_device_batch, config=model_config),
+        train=corpus_lib.TrainBatches(train, b.batch_size, config.seed), val=val, stage_config=b,
+        token_keys=(("prompt_ids", "prompt_valid"), ("answer_ids", "answer_valid")),
+        vocab=model_config.text.vocab_size,
+        write_hf=lambda p, out: demo_assets.save_qwen3_vl(out, hf, p, b.image_pixels, tokenizer_dir))
+
+
+def _decoder_stage(config, corpus_dir: str, tokenizer_dir: str) -> Stage:
+    d = config.decoder
+    hf = decoder_hf_config(config, tokenizer_dir)
+    model_config = Qwen3Config.from_hf_dict(hf, "pretrain decoder")
+    params = demo_assets.init_qwen3_params(hf, config.seed + 1, jit=True)
+    cfg = corpus_lib.CorpusConfig(batch_size=d.batch_size, text_buckets=tuple(d.text_buckets))
+    train = corpus_lib.TextExamples(corpus_dir, config.train_split, cfg, tokenizer_dir)
+    val = corpus_lib.TextExamples(corpus_dir, config.val_split, cfg, tokenizer_dir)
+    return Stage(
+        name="decoder", model=Qwen3ForCausalLM(model_config), params=params,
+        mask=trainable.mask_from_predicate(params, lambda path: True),
+        example_losses=decoder_example_losses,
+        device_batch=functools.partial(decoder_device_batch, config=model_config),
+        train=corpus_lib.TrainBatches(train, d.batch_size, config.seed + 1), val=val, stage_config=d,
+        token_keys=(("ids", "valid"),), vocab=model_config.vocab_size,
+        write_hf=lambda p, out: demo_assets.save_qwen3(out, hf, p, tokenizer_dir))
+
+
+def pretrain(config, workdir: str, stop_after: tuple[str, int] | None = None) -> dict:
+    """Run (or resume) the configured stages; returns {"preempted", "stages": {name: summary}, "wall_seconds",
+    "corpus_dir"} and writes it to workdir/pretrain_summary.json when every stage is done.
+
+    stop_after: (stage, step) stops that stage at that step as SIGTERM would (tests of resumption).
+    """
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    start = time.perf_counter()
+    corpus_dir = resolve_corpus(config, workdir)
+    tokenizer_dir = os.path.join(corpus_dir, corpus_lib.TOKENIZER_DIR)
+    preemption = _Preemption()
+    builders = {"backbone": _backbone_stage, "decoder": _decoder_stage}
+    summaries = {}
+    for name in config.stages:
+        stage = builders[name](config, corpus_dir, tokenizer_dir)
+        stop = stop_after[1] if stop_after is not None and stop_after[0] == name else None
+        summaries[name] = run_stage(stage, config, workdir, preemption, stop)
+        if summaries[name]["preempted"]:
+            return {"preempted": True, "stages": summaries, "corpus_dir": corpus_dir}
+    summary = {"preempted": False, "stages": summaries, "corpus_dir": corpus_dir,
+               "wall_seconds": time.perf_counter() - start}
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines: per stage its losses, throughput and HF directory."""
+    lines = []
+    for name, s in summary["stages"].items():
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"{name}: {s['steps']} steps, train loss {fmt(s['initial_train_loss'], '.3f')} -> "
+                     f"{fmt(s['final_train_loss'], '.3f')}, val loss {fmt(s['final_val_loss'], '.3f')}, "
+                     f"{fmt(s['steps_per_sec'], '.2f')} steps/s = {fmt(s['samples_per_sec'], '.1f')} samples/s; "
+                     f"{s['hf_dir']}")
+    return "\n".join(lines)
+
+
+_CONFIG = None
+_WORKDIR = None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        summary = pretrain(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, corpus_lib.CorpusError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if summary["preempted"]:
+        print("preempted; rerun the same command to resume")
+        return
+    print(format_summary(summary))
+    print(f"summary: {os.path.join(os.path.abspath(_WORKDIR.value), SUMMARY_FILE)}")
+
+
+if __name__ == "__main__":
+    from vital_jax.train import parse_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study/pretrain_phantom.py[:quick]",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the HF directories go")
+    app.run(main, flags_parser=parse_flags)

@@ -126,7 +126,9 @@ def build_corpus(out_dir: str, config=None) -> str:
     """
     from vital_jax import demo_assets
 
-    c = default_config() if config is None else config
+    c = default_config()
+    if config is not None:  # a partial config (e.g. a pretraining recipe's `corpus`) keeps the other defaults
+        c.update(dict(config))
     settings = dict(seed=int(c.seed), num_phantoms=int(c.num_phantoms), phantom_size=int(c.phantom_size),
                     modalities=list(c.modalities), layout=str(c.layout), val_fraction=float(c.val_fraction))
     if settings["num_phantoms"] < 2:

@@ -9,10 +9,10 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Built-in synthetic assets (phantoms + tiny random models); see vital_jax/demo.py.
+    # Built-in synthetic assets (vital_jax/demo.py): PhantomVQA with `split_counts` phantoms per split (train, val,
+    # test) and a small VLM pretrained on phantom image-text data (configs/study/pretrain_phantom.py:<pretrain>).
     c.demo = ml_collections.ConfigDict(dict(
-        enabled=False, seed=0, num_phantoms=12, phantom_size=256, image_pixels=128 * 128,
-        backbone_hidden=64, backbone_layers=2, decoder_hidden=48, decoder_layers=2,
+        enabled=False, seed=0, split_counts=(60, 8, 24), phantom_size=128, pretrain="demo",
         finish=True))  # after training: evaluate K=0 / K_max, explain one example, export to HF
     c.model = ml_collections.ConfigDict(dict(
         backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory
@@ -27,7 +27,8 @@ def get_config():
     ))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", train_split="train", eval_split="test", batch_size=8, prompt_buckets=(512, 1024, 2048),
-        max_answer_tokens=64, max_step_tokens=96, min_pixels=65536, max_pixels=448 * 448, num_workers=0))
+        max_answer_tokens=64, max_step_tokens=96, min_pixels=65536, max_pixels=448 * 448, num_workers=0,
+        blind_images=False))  # True: every image mid-gray (the text-only control)
     c.vital = ml_collections.ConfigDict(dict(
         k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", visual_target="shared",
         lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,

@@ -52,12 +52,14 @@ def shared_data_dir():
 
 
 def demo_test_config():
-    """The demo config shrunk for tests: 5 phantoms, one epoch per phase, synchronous checkpoints every 4 steps,
-    and a nominal peak FLOP/s so that MFU is logged on the CPU."""
+    """The demo config shrunk for tests: a few phantoms, the "quick" pretraining, batch 4, one epoch per phase,
+    synchronous checkpoints every 4 steps, and a nominal peak FLOP/s so that MFU is logged on the CPU."""
     from configs import demo as demo_config
 
     c = demo_config.get_config()
-    c.demo.num_phantoms = 5
+    c.demo.split_counts = (6, 2, 3)
+    c.demo.pretrain = "quick"
+    c.data.batch_size = 4
     c.curriculum.epochs = (1, 1, 1)
     c.checkpoint.save_every_steps = 4
     c.checkpoint.async_save = False
@@ -66,7 +68,8 @@ def demo_test_config():
 
 
 # The same settings as command-line overrides, for tests that run `python -m vital_jax.train` in a subprocess.
-DEMO_TEST_OVERRIDES = ["--config.demo.num_phantoms=5", "--config.curriculum.epochs=(1, 1, 1)",
+DEMO_TEST_OVERRIDES = ["--config.demo.split_counts=(6, 2, 3)", "--config.demo.pretrain=quick",
+                       "--config.data.batch_size=4", "--config.curriculum.epochs=(1, 1, 1)",
                        "--config.checkpoint.save_every_steps=4", "--config.checkpoint.async_save=False"]
 
 

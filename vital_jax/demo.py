@@ -1,10 +1,13 @@
-"""The demo's built-in assets: a synthetic phantom dataset with ROI features and tiny random models.
+"""The demo's built-in assets: PhantomVQA with ROI features and a small VLM pretrained here, then the finish.
 
 `prepare(workdir, demo_config)` builds, under `workdir/demo/` (each step skipped when its output exists, so a
 rerun or a resumed run reuses them):
-  data/        phantoms -> questions -> geometry teacher -> records.jsonl, then ROI features (tiny SigLIP)
-  tokenizer/   a byte-level BPE over the dataset's own text with the Qwen special tokens
-  backbone/    a tiny random Qwen3-VL in HF format;  decoder/  a tiny random Qwen3;  roi_encoder/  a tiny SigLIP
+  pretrain/     `vital_jax.pretrain` with `configs/study/pretrain_phantom.py:<demo.pretrain>`: a small Qwen3-VL
+                (all parameters) and Qwen3 decoder trained from random initialisation on phantom image-text data
+                of their own seeds; `pretrain/backbone_hf`, `pretrain/decoder_hf` are HF checkpoint directories
+                (with the tokenizer, a byte-level BPE over that corpus)
+  data/         PhantomVQA (configs/data/phantom_vqa.py) with `demo.split_counts` phantoms per split, then ROI
+                features from a small random SigLIP (roi_encoder/)
 Nothing is downloaded. A user with real checkpoints and data sets `config.demo.enabled = False` and the paths.
 """
 
@@ -20,59 +23,50 @@ from vital_jax import demo_assets
 
 def prepare(workdir: str, demo) -> dict[str, str]:
     """Build (or reuse) the demo assets; returns {data_dir, tokenizer_dir, backbone_dir, decoder_dir, encoder_dir}."""
+    from vital_jax import pretrain
     from vital_jax.data import records
     from vital_jax.data.build import build
-    from vital_jax.data.build_config import default_config
+    from vital_jax.data.build_config import phantom_vqa_config
     from vital_jax.data.roi import extract_dataset_rois
 
     root = os.path.join(os.path.abspath(workdir), "demo")
-    paths = {name: os.path.join(root, name)
-             for name in ("data", "tokenizer", "backbone", "decoder", "roi_encoder")}
+    pretrain_dir = os.path.join(root, "pretrain")
+    paths = {"data_dir": os.path.join(root, "data"), "tokenizer_dir": pretrain.hf_dir(pretrain_dir, "backbone"),
+             "backbone_dir": pretrain.hf_dir(pretrain_dir, "backbone"),
+             "decoder_dir": pretrain.hf_dir(pretrain_dir, "decoder"), "encoder_dir": os.path.join(root, "roi_encoder")}
     done = os.path.join(root, "READY.json")
     if os.path.exists(done):
-        return _named(paths)
+        return paths
 
-    if not os.path.exists(os.path.join(paths["roi_encoder"], "config.json")):
-        demo_assets.write_tiny_siglip(paths["roi_encoder"], seed=demo.seed + 2)
-    data_cfg = default_config()
-    data_cfg.out_dir = paths["data"]
-    data_cfg.source = "phantoms"
+    pre_config = pretrain.default_config(demo.pretrain)
+    pre_config.seed = demo.seed
+    logging.info("demo: pretraining a small Qwen3-VL and Qwen3 on phantom image-text data in %s", pretrain_dir)
+    summary = pretrain.pretrain(pre_config, pretrain_dir)
+    if summary["preempted"]:
+        raise RuntimeError(f"demo pretraining in {pretrain_dir} was interrupted; rerun to resume it")
+    data_cfg = phantom_vqa_config()
+    data_cfg.out_dir = paths["data_dir"]
     data_cfg.seed = demo.seed
-    data_cfg.phantoms.count = demo.num_phantoms
     data_cfg.phantoms.size = demo.phantom_size
-    data_cfg.teacher.kind = "geometry"
-    logging.info("demo: building the phantom dataset in %s", paths["data"])
+    data_cfg.phantoms.split_counts = tuple(demo.split_counts)
+    logging.info("demo: building PhantomVQA in %s", paths["data_dir"])
     build(data_cfg)
-    if records.load_roi_arrays(paths["data"]) is None:
+    if not os.path.exists(os.path.join(paths["encoder_dir"], "config.json")):
+        demo_assets.write_tiny_siglip(paths["encoder_dir"], seed=demo.seed + 2)
+    if records.load_roi_arrays(paths["data_dir"]) is None:
         logging.info("demo: extracting ROI features with the tiny SigLIP")
         # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
-        extract_dataset_rois(paths["data"], paths["roi_encoder"], batch_size=8, global_features=True)
-
-    corpus = []
-    for record in records.read_records(os.path.join(paths["data"], records.RECORDS_FILE)):
-        corpus += [record.question, record.answer, *record.reasoning_chain]
-    if not os.path.exists(os.path.join(paths["tokenizer"], "tokenizer.json")):
-        demo_assets.write_tokenizer(paths["tokenizer"], corpus)
-    if not os.path.exists(os.path.join(paths["backbone"], "config.json")):
-        demo_assets.write_tiny_qwen3_vl(paths["backbone"], seed=demo.seed, hidden=demo.backbone_hidden,
-                                        layers=demo.backbone_layers, image_pixels=demo.image_pixels,
-                                        tokenizer_dir=paths["tokenizer"])
-    if not os.path.exists(os.path.join(paths["decoder"], "config.json")):
-        demo_assets.write_tiny_qwen3(paths["decoder"], seed=demo.seed + 1, hidden=demo.decoder_hidden,
-                                     layers=demo.decoder_layers, tokenizer_dir=paths["tokenizer"])
+        extract_dataset_rois(paths["data_dir"], paths["encoder_dir"], batch_size=16, global_features=True)
     with open(done, "w") as f:
-        json.dump(_named(paths), f, indent=2)
-    return _named(paths)
+        json.dump(paths, f, indent=2)
+    return paths
 
 
-def _named(paths: dict) -> dict[str, str]:
-    return {"data_dir": paths["data"], "tokenizer_dir": paths["tokenizer"], "backbone_dir": paths["backbone"],
-            "decoder_dir": paths["decoder"], "encoder_dir": paths["roi_encoder"]}
-
-
-def finish(workdir: str, eval_limit: int = 24) -> dict:
-    """After training: evaluate the held-out phantom split at K=0 and K=K_max, explain one test example, export
-    the run to HF format, and print where everything is with a short results table."""
+def finish(workdir: str, eval_limit: int | None = None) -> dict:
+    """After training: evaluate the held-out PhantomVQA split (`phantom_vqa`: every test question, or the first
+    `eval_limit`) at K=0 and K=K_max, explain one test example, export the run to HF format, and print the closed
+    accuracy beside its majority-answer baseline (both also in eval/k*/phantom_vqa.metrics.json as
+    `closed_accuracy` and `closed_majority_baseline`) and where everything is."""
     from conversion import vital_export
     from vital_jax.evaluate import evaluate
     from vital_jax.explain import explain_example
@@ -86,7 +80,7 @@ def finish(workdir: str, eval_limit: int = 24) -> dict:
     recs = read_records(os.path.join(run.paths.data_dir, RECORDS_FILE))
     split = "test" if any(r.split == "test" for r in recs) else "val"
     eval_dir = os.path.join(workdir, "eval")
-    summaries = evaluate(workdir, "in_domain", run.paths.data_dir, eval_dir, [0, k_max], split=split,
+    summaries = evaluate(workdir, "phantom_vqa", run.paths.data_dir, eval_dir, [0, k_max], split=split,
                          limit=eval_limit, run=run, latency_examples=8)
     example = next(r for r in recs if r.split == split)
     explain_dir = os.path.join(workdir, "explain")
@@ -95,20 +89,18 @@ def finish(workdir: str, eval_limit: int = 24) -> dict:
     export_dir = os.path.join(workdir, "export_hf")
     vital_export.export_run(workdir, export_dir)
 
-    rows = []
-    for k, s in zip((0, k_max), summaries):
-        overall = s.get("overall", {})
-        acc = overall.get("accuracy", s.get("accuracy"))
-        latency = s.get("latency_ms", {})
-        rows.append((k, acc, latency.get("mean") if isinstance(latency, dict) else latency))
-    lines = ["", "VITAL demo results (tiny random models trained on synthetic phantoms; numbers show the pipeline "
-             "works, not medical accuracy)",
-             f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions)",
-             "  | K | accuracy | latency ms (batch 1) |", "  |---|---|---|"]
-    for k, acc, ms in rows:
-        acc_s = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
-        ms_s = f"{ms:.1f}" if isinstance(ms, (int, float)) else "n/a"
-        lines.append(f"  | {k} | {acc_s} | {ms_s} |")
+    lines = ["", "VITAL demo results (a small Qwen3-VL pretrained here on phantoms, fine-tuned with VITAL on "
+             "PhantomVQA; synthetic data, not medical accuracy)",
+             f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions, "
+             f"{summaries[0].get('closed', {}).get('count', 0)} closed-ended)",
+             "  | K | closed accuracy | majority-answer baseline | open token F1 | latency ms (batch 1) |",
+             "  |---|---|---|---|---|"]
+    pct = lambda v: f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    for k, summary in zip((0, k_max), summaries):
+        latency = (summary.get("latency_ms") or {}).get("mean")
+        lines.append(f"  | {k} | {pct(summary.get('closed_accuracy'))} | "
+                     f"{pct(summary.get('closed_majority_baseline'))} | {pct(summary.get('open_token_f1'))} | "
+                     + (f"{latency:.1f}" if isinstance(latency, (int, float)) else "n/a") + " |")
     lines += ["", f"  example: Q: {example.question}", f"           A (K={k_max}): {explanation['answer']}"]
     lines += [f"           z{i + 1}: {t}" for i, t in enumerate(explanation["step_texts"])]
     lines += ["", "Artefacts:",

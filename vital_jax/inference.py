@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vital_jax import checkpoint as ckpt_lib
+from vital_jax.data.pipeline import blind
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 from vital_jax.vital import trainable
@@ -50,6 +51,8 @@ def load_run(workdir: str) -> TrainedRun:
     _tuples(config)
     if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
         config.model.scan_layers = False
+    if "blind_images" not in config.data:  # nor before the text-only control: images were always seen
+        config.data.blind_images = False
     if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
         config.vital.latent_input = "feedback"
     paths = train.resolve_paths(config, workdir)
@@ -106,6 +109,7 @@ class Predictor:
         self.special = prompt.special_token_ids(self.tokenizer)
         cfg = run.config.data
         self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
+        self.blind_images = bool(cfg.get("blind_images", False))
         # Benchmark prompts (options listed) can be longer than training prompts; extra buckets cost one compile each.
         self.prompt_buckets = tuple(sorted(set(cfg.prompt_buckets) | {256, 512, 1024, 2048, 4096}))
         vis = self.model.backbone_config.vision
@@ -132,6 +136,8 @@ class Predictor:
         patches, grids, rows = [], [], []
         for image, question in zip(images, questions):
             p, g = preprocessing.preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            if self.blind_images:  # a text-only control run is evaluated as it was trained: without the image
+                p = blind(p)
             patches.append(p)
             grids.append(g)
             rows.append(prompt.tokenize_prompt(self.tokenizer, question, g).input_ids)

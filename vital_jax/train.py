@@ -133,7 +133,8 @@ def pipeline_config(config):
                           k_max_slots=config.vital.k_max, max_pixels=d.max_pixels, min_pixels=d.min_pixels,
                           num_workers=d.num_workers,
                           # Appendix C.5's per-step targets interpolate from each image's f_global.
-                          global_feature=config.vital.visual_target == "interpolated")
+                          global_feature=config.vital.visual_target == "interpolated",
+                          blind_images=config.data.blind_images)
 
 
 def min_k(config) -> tuple[int, ...]:

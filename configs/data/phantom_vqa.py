@@ -7,17 +7,8 @@ Train, val and test are drawn from disjoint phantoms (each split from its own se
 and lesions come and go and move, so side, size and presence answers cannot be guessed from the question.
 """
 
-from vital_jax.data.build_config import default_config
+from vital_jax.data.build_config import phantom_vqa_config
 
 
 def get_config():
-    c = default_config()
-    c.source = "phantoms"
-    c.seed = 0
-    c.phantoms.size = 128
-    c.phantoms.layout = "varied"
-    c.phantoms.split_counts = (150, 24, 48)   # phantoms per split (train, val, test)
-    c.phantoms.absent_lesion_questions = True
-    c.balance_closed_answers = True
-    c.teacher.kind = "geometry"
-    return c
+    return phantom_vqa_config()

@@ -257,3 +257,15 @@ def test_worker_processes_resume_and_name_the_failing_record(dataset, tmp_path):
     with pytest.raises(pipeline.PipelineError, match=r"record 'rec4' \(records.jsonl row 4\)"):
         _take(it, 5)  # one epoch holds every record
     it.close()
+
+
+def test_blind_images_keep_the_tokens_and_erase_the_pixels(dataset):
+    """The text-only control: same prompts, grids and patch shapes, every pixel mid-gray."""
+    data_dir, tokenizer_dir, _ = dataset
+    seen = next(pipeline.make_eval_batches(data_dir, tokenizer_dir, CFG, split=None))
+    blind = next(pipeline.make_eval_batches(data_dir, tokenizer_dir, dataclasses.replace(CFG, blind_images=True),
+                                            split=None))
+    for key in ("prompt_ids", "image_grid_thw", "answer_ids"):
+        np.testing.assert_array_equal(seen[key], blind[key])
+    assert seen["pixel_patches"].shape == blind["pixel_patches"].shape
+    assert np.abs(seen["pixel_patches"]).max() > 0 and np.abs(blind["pixel_patches"]).max() == 0

@@ -42,3 +42,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.roi = ml_collections.ConfigDict(dict(enabled=False, encoder_dir="", threshold=0.2, padding=0.05,
                                            batch_size=8))
     return c
+
+
+def phantom_vqa_config() -> ml_collections.ConfigDict:
+    """PhantomVQA (configs/data/phantom_vqa.py returns it): phantoms of the varied layout, train / val / test from
+    disjoint seeds, absent-lesion questions, closed answers balanced per question text, geometry teacher."""
+    c = default_config()
+    c.source = "phantoms"
+    c.seed = 0
+    c.phantoms.size = 128
+    c.phantoms.layout = "varied"
+    c.phantoms.split_counts = (150, 24, 48)   # phantoms per split (train, val, test)
+    c.phantoms.absent_lesion_questions = True
+    c.balance_closed_answers = True
+    c.teacher.kind = "geometry"
+    return c

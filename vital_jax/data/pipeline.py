@@ -53,6 +53,11 @@ from vital_jax.models.qwen3_vl import preprocessing, prompt
 PATCH_DIM = 3 * preprocessing.TEMPORAL_PATCH_SIZE * preprocessing.PATCH_SIZE ** 2  # 1536
 
 
+def blind(patches: np.ndarray) -> np.ndarray:
+    """Patches of a mid-gray image of the same size (normalised pixel value 0): the text-only control."""
+    return np.zeros_like(patches)
+
+
 class PipelineError(ValueError):
     """A record cannot become a training example, or the pipeline is misconfigured; names the record."""
 
@@ -66,6 +71,8 @@ class PipelineConfig:
       /2 and B*max_patches (`patch_bucket_sizes`). num_workers: grain worker processes (0: threads only).
     global_feature: also emit each example's f_global (needs global_features.npy; `vital.visual_target=
       "interpolated"` sets it).
+    blind_images: replace every image's pixels by mid-gray (same size, so the same image tokens): the text-only
+      control, which shows how much of a score the question alone earns.
     """
 
     batch_size: int = 8
@@ -82,6 +89,7 @@ class PipelineConfig:
     system_prompt: str | None = None
     end_steps_with_im_end: bool = True
     global_feature: bool = False
+    blind_images: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1 or self.k_max_slots < 1 or self.max_answer_tokens < 1 or self.max_step_tokens < 1:
@@ -228,6 +236,8 @@ class ExampleBuilder:
         specials = prompt.special_token_ids(tokenizer)
         patches, grid_thw = preprocessing.preprocess_image(os.path.join(self.data_dir, record.image),
                                                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        if cfg.blind_images:
+            patches = blind(patches)
         prompt_ids = prompt.tokenize_prompt(tokenizer, record.question, grid_thw, system=cfg.system_prompt).input_ids
         answer_ids = np.asarray(tokenizer.encode(record.answer + prompt.IM_END, add_special_tokens=False).ids,
                                 np.int32)

@@ -1,0 +1,47 @@
+"""The PhantomVQA learning study (vital_jax.study): the paper's Table 2 / Table 3 rows and the pause control at
+CPU scale, 3 seeds each, from a small backbone pretrained here.
+
+    python -m vital_jax.study --config=configs/study/phantom.py --workdir=/tmp/phantom_study
+    python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=/tmp/phantom_study_quick
+
+Settings were chosen on the val split (`select_split`); the test split is only reported.
+"""
+
+import ml_collections
+
+from configs.study import pretrain_phantom
+
+ALL_ROWS = ("backbone", "text_only", "sft_k0", "task_only", "semantic", "visual", "vital", "pause", "k1", "k2",
+            "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4")
+
+
+def get_config(variant: str = ""):
+    c = ml_collections.ConfigDict()
+    c.rows = ALL_ROWS
+    c.seeds = (0, 1, 2)
+    c.select_split = "val"
+    # PhantomVQA (configs/data/phantom_vqa.py): phantoms per split, drawn from seeds seed, seed + 1, seed + 2.
+    c.data = ml_collections.ConfigDict(dict(seed=0, phantom_size=128, split_counts=(150, 24, 48)))
+    c.pretrain = pretrain_phantom.get_config()
+    # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).
+    c.train = ml_collections.ConfigDict(dict(
+        model=dict(dtype="float32"),
+        data=dict(batch_size=16, prompt_buckets=(64, 96, 128), max_answer_tokens=64, max_step_tokens=64,
+                  min_pixels=128 * 128, max_pixels=128 * 128),
+        vital=dict(lora_rank=16, lora_alpha=32.0, k_max=4),
+        optimizer=dict(lr=2e-3),
+        curriculum=dict(max_k=(1, 2, 4), epochs=(2, 2, 3)),
+        checkpoint=dict(save_every_steps=200, keep=1),
+        logging=dict(every_steps=20)))
+    c.eval = ml_collections.ConfigDict(dict(test_split="test", batch_size=16, latency_examples=8,
+                                            diagnostics_examples=64))
+    if variant == "quick":
+        c.rows = ("backbone", "text_only", "sft_k0", "vital")
+        c.seeds = (0,)
+        c.data.split_counts = (48, 8, 24)
+        c.pretrain = pretrain_phantom.get_config("demo")
+        c.train.curriculum.epochs = (1, 1, 2)
+        c.eval.diagnostics_examples = 16
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} (expected '' or 'quick')")
+    return c

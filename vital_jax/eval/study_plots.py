@@ -1,0 +1,140 @@
+"""Figures of the learning study (`vital_jax.study`), drawn with matplotlib (Agg backend, PNG).
+
+  accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), floors dashed
+  per_type.png           per question type, every Table 2 row and the pause control (mean, error bar = std)
+  step_similarity.png    Appendix C.6: mean cosine similarity of latent steps i, j, task-only vs full VITAL
+  norm_ratio.png         ||z_k|| / mean token-embedding norm per step, task-only vs VITAL vs pause
+  learning_curves.png    training loss against step (first seed) of the Table 2 rows
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+_TYPES = ("yes_no", "location_choice", "identify", "location", "describe", "reasoning")
+_TABLE2 = ("backbone", "sft_k0", "task_only", "semantic", "visual", "vital", "pause")
+
+
+def _stats(runs, get):
+    values = np.asarray([v for v in (get(r) for r in runs) if v is not None], np.float64)
+    if values.size == 0:
+        return np.nan, 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
+    curves = {"3-phase curriculum": ["sft_k0", "k1", "k2", "k3", "vital"],
+              "no curriculum": ["sft_k0", "mix_k1", "mix_k2", "mix_k3", "mix_k4"]}
+    if not any(r in by_row for rows in curves.values() for r in rows[1:]):
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, rows in curves.items():
+        ks, means, stds = [], [], []
+        for k, row in enumerate(rows):
+            if row in by_row:
+                m, s = _stats(by_row[row], lambda r: r["test"]["closed_accuracy"])
+                ks.append(k), means.append(100 * m), stds.append(100 * s)
+        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.axhline(100 * floor["closed"]["majority"], ls="--", color="grey", label="majority answer")
+    ax.axhline(100 * floor["closed"]["chance"], ls=":", color="grey", label="chance")
+    ax.set(xlabel="latent steps K", ylabel="closed accuracy (%)", title="Closed accuracy against K (test)",
+           xticks=range(5), ylim=(0, 100))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def per_type(path: str, by_row: dict, floor: dict) -> str | None:
+    rows = [r for r in _TABLE2 if r in by_row]
+    types = [t for t in _TYPES if t in floor]
+    if not rows or not types:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(types) * len(rows) / 3), 4.0))
+    width = 0.8 / len(rows)
+    x = np.arange(len(types))
+    for i, row in enumerate(rows):
+        stats = [_stats(by_row[row], lambda r, t=t: r["test"]["per_type"].get(t, {}).get("score")) for t in types]
+        ax.bar(x + i * width - 0.4 + width / 2, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
+               capsize=2, label=row)
+    for j, t in enumerate(types):
+        base = floor[t].get("majority", floor[t].get("majority_f1"))
+        ax.hlines(100 * base, j - 0.45, j + 0.45, colors="black", linestyles="--",
+                  label="majority answer / most frequent answer" if j == 0 else None)
+    ax.set(xticks=x, ylabel="closed accuracy / open token F1 (%)", ylim=(0, 100),
+           title="Per question type (test; closed: accuracy, open: token F1)")
+    ax.set_xticklabels(types, rotation=15)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def step_similarity(path: str, by_row: dict) -> str | None:
+    rows = [r for r in ("task_only", "vital", "pause") if r in by_row and by_row[r][0].get("diagnostics")]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.3), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        mats = [np.asarray(r["diagnostics"]["step_similarity"], np.float64) for r in by_row[row]
+                if r.get("diagnostics")]
+        mat = np.nanmean(np.stack(mats), axis=0)
+        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis")
+        k = mat.shape[0]
+        ax.set(title=f"{row}", xticks=range(k), yticks=range(k), xticklabels=[f"z{i + 1}" for i in range(k)],
+               yticklabels=[f"z{i + 1}" for i in range(k)])
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if mat[i, j] < 0.6 else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
+    fig.suptitle("Latent step similarity S (Appendix C.6; clipped to 0-1)")
+    return _save(fig, path)
+
+
+def norm_ratio(path: str, by_row: dict) -> str | None:
+    rows = [r for r in ("task_only", "semantic", "visual", "vital", "pause") if r in by_row
+            and by_row[r][0].get("diagnostics")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    for row in rows:
+        ratios = np.asarray([r["diagnostics"]["norm_ratio_per_step"] for r in by_row[row] if r.get("diagnostics")])
+        ax.plot(range(1, ratios.shape[1] + 1), ratios.mean(0), marker="o", label=row)
+    ax.set(xlabel="latent step k", ylabel="||z_k|| / mean token-embedding norm", title="Latent norm ratio (test)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def learning_curves(path: str, by_row: dict) -> str | None:
+    rows = [r for r in _TABLE2 if r in by_row and by_row[r][0].get("curve") and r != "backbone"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for row in rows:
+        curve = np.asarray([(s, t if t is not None else loss) for s, loss, t in by_row[row][0]["curve"]], np.float64)
+        ax.plot(curve[:, 0], curve[:, 1], label=row)
+    ax.set(xlabel="optimizer step", ylabel="task loss (answer CE)", title="Learning curves (first seed)",
+           yscale="log")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_figures(out_dir: str, by_row: dict, floor: dict) -> dict[str, str]:
+    """Every figure that the results allow; returns name -> path."""
+    made = {"accuracy against K": accuracy_vs_k(os.path.join(out_dir, "accuracy_vs_k.png"), by_row, floor),
+            "per question type": per_type(os.path.join(out_dir, "per_type.png"), by_row, floor),
+            "step similarity": step_similarity(os.path.join(out_dir, "step_similarity.png"), by_row),
+            "norm ratio": norm_ratio(os.path.join(out_dir, "norm_ratio.png"), by_row),
+            "learning curves": learning_curves(os.path.join(out_dir, "learning_curves.png"), by_row)}
+    return {k: v for k, v in made.items() if v}

@@ -1,0 +1,481 @@
+"""Does training with vital_jax work? The paper's ablations at CPU scale on PhantomVQA, with floors beside them.
+
+    python -m vital_jax.study --config=configs/study/phantom.py --workdir=DIR          # the full study
+    python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR    # minutes: a smoke run
+
+Stages (each resumable: a rerun reuses what is finished and says so):
+  1 data       PhantomVQA (configs/data/phantom_vqa.py settings, `config.data`): train / val / test from disjoint
+               phantoms, closed answers balanced per question text, ROI features from a small random SigLIP.
+  2 pretrain   `vital_jax.pretrain`: a small Qwen3-VL (all parameters) and Qwen3 decoder trained from random
+               initialisation on phantom image-text data of other seeds, written as HF checkpoint directories.
+  3 runs       every row x seed: `vital_jax.train.train` from the pretrained checkpoints (LoRA + scaffolding, the
+               paper's recipe), then `vital_jax.evaluate` on the test split (benchmark `phantom_vqa`: yes/no and
+               location choices closed-ended, the other types open-ended token F1, Appendix B.4), plus latent
+               diagnostics (adjacent-step cosine matrix, ||z_k|| / token-embedding norm; Appendix C.6).
+  4 report     report.md (mean +- std over seeds beside the chance and majority floors of the test split, per
+               question type; the McNemar test of the key contrasts on paired test answers), figures, results.json.
+
+Rows (ROWS): Table 2 (backbone without fine-tuning = lr 0; SFT without latent steps; task loss only with latent
+steps; + L_text; + L_visual; full VITAL), Table 3 (K = 1..4 with the 3-phase curriculum and mixed without it) and
+the pause control (learned constant slot inputs instead of fed-back z, same curriculum and supervision).
+Settings are chosen on the val split (`config.select_split`); the test split is only reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = None
+_WORKDIR = None
+RESULTS_FILE, REPORT_FILE = "results.json", "report.md"
+CLOSED_TYPES = ("yes_no", "location_choice")
+OPEN_TYPES = ("identify", "location", "describe", "reasoning")
+
+
+# ----------------------------------------------------------------------------------------------------- rows
+
+def _mix(c):
+    """No curriculum: one phase over every record for the curriculum's total epochs."""
+    c.curriculum.max_k, c.curriculum.epochs, c.curriculum.min_k = (c.vital.k_max,), (sum(c.curriculum.epochs),), ()
+
+
+def _row_backbone(c):
+    c.optimizer.lr = 0.0  # LoRA B = 0: the pretrained backbone exactly
+    c.vital.latent_steps_cap = 0
+
+
+def _row_sft_k0(c):
+    c.vital.latent_steps_cap, c.vital.lambda_text, c.vital.lambda_visual = 0, 0.0, 0.0
+    _mix(c)
+
+
+def _row_text_only(c):
+    _row_sft_k0(c)
+    c.data.blind_images = True
+
+
+def _row_task_only(c):
+    c.vital.lambda_text, c.vital.lambda_visual = 0.0, 0.0
+
+
+def _row_semantic(c):
+    c.vital.lambda_visual = 0.0
+
+
+def _row_visual(c):
+    c.vital.lambda_text = 0.0
+
+
+def _row_vital(c):
+    del c
+
+
+def _row_pause(c):
+    c.vital.latent_input = "pause"
+
+
+def _capped(k: int, curriculum: bool):
+    def row(c):
+        c.vital.latent_steps_cap = k
+        if not curriculum:
+            _mix(c)
+    return row
+
+
+# name -> (table, description, config edit, K used at evaluation (None: vital.k_max))
+ROWS = {
+    "backbone": ("Table 2", "pretrained backbone, no fine-tuning (lr = 0)", _row_backbone, 0),
+    "sft_k0": ("Table 2", "SFT without latent steps (K = 0, task loss only)", _row_sft_k0, 0),
+    "task_only": ("Table 2", "latent steps, task loss only", _row_task_only, None),
+    "semantic": ("Table 2", "latent steps, task + L_text", _row_semantic, None),
+    "visual": ("Table 2", "latent steps, task + L_visual", _row_visual, None),
+    "vital": ("Table 2", "full VITAL (task + L_text + L_visual), 3-phase curriculum", _row_vital, None),
+    "pause": ("control", "pause slots: learned constant inputs, same curriculum and losses", _row_pause, None),
+    "text_only": ("control", "text only: SFT (K = 0) with every image blanked, in training and evaluation",
+                  _row_text_only, 0),
+    **{f"k{k}": ("Table 3", f"VITAL, K capped at {k}, curriculum", _capped(k, True), k) for k in (1, 2, 3)},
+    **{f"mix_k{k}": ("Table 3", f"VITAL, K capped at {k}, no curriculum", _capped(k, False), k) for k in (1, 2, 3, 4)},
+}
+SEED_INDEPENDENT = ("backbone",)  # nothing trains: one run stands for every seed
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on; names the stage and the cause."""
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+def prepare_data(config, workdir: str) -> str:
+    """Stage 1: PhantomVQA with ROI features in workdir/data (reused when complete)."""
+    from vital_jax import demo_assets
+    from vital_jax.data import build as build_lib
+    from vital_jax.data.build_config import phantom_vqa_config
+    from vital_jax.data.records import load_roi_arrays
+    from vital_jax.data.roi import extract_dataset_rois
+
+    data_dir = os.path.join(workdir, "data")
+    encoder_dir = os.path.join(workdir, "roi_encoder")
+    if os.path.exists(os.path.join(data_dir, "STUDY_READY")):
+        logging.info("study: reusing PhantomVQA in %s", data_dir)
+        return data_dir
+    build_config = phantom_vqa_config()
+    build_config.out_dir = data_dir
+    build_config.seed = int(config.data.seed)
+    build_config.phantoms.size = int(config.data.phantom_size)
+    build_config.phantoms.split_counts = tuple(config.data.split_counts)
+    summary = build_lib.build(build_config)
+    logging.info("study: PhantomVQA %s", summary["splits"])
+    if not os.path.exists(os.path.join(encoder_dir, "config.json")):
+        demo_assets.write_tiny_siglip(encoder_dir, seed=int(config.data.seed) + 2)
+    if load_roi_arrays(data_dir) is None:
+        extract_dataset_rois(data_dir, encoder_dir, batch_size=16)
+    with open(os.path.join(data_dir, "STUDY_READY"), "w") as f:
+        json.dump(summary["splits"], f)
+    return data_dir
+
+
+def prepare_backbone(config, workdir: str) -> dict:
+    """Stage 2: the pretrained backbone and decoder (HF directories) from `vital_jax.pretrain`."""
+    from vital_jax import pretrain
+
+    pre_dir = os.path.join(workdir, "pretrain")
+    summary = pretrain.pretrain(config.pretrain, pre_dir)
+    return {"backbone_dir": pretrain.hf_dir(pre_dir, "backbone"), "decoder_dir": pretrain.hf_dir(pre_dir, "decoder"),
+            "summary": summary}
+
+
+def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_collections.ConfigDict:
+    """The training config of one run: configs/base.py + the study's `train` overrides + the row's edit."""
+    from configs import base
+
+    if row not in ROWS:
+        raise StudyError(f"unknown study row {row!r} (expected one of {', '.join(ROWS)})")
+    c = base.get_config()
+    c.update_from_flattened_dict({k: v for k, v in _flatten(config.train.to_dict()).items()})
+    c.seed = int(seed)
+    c.demo.enabled = False
+    c.model.backbone_dir, c.model.decoder_dir = models["backbone_dir"], models["decoder_dir"]
+    c.model.tokenizer_dir = models["backbone_dir"]
+    c.data.data_dir = data_dir
+    ROWS[row][2](c)
+    return c
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _question_types(data_dir: str) -> dict[str, str]:
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
+    return {r.id: r.question_type for r in read_records(os.path.join(data_dir, RECORDS_FILE))}
+
+
+def score_by_type(predictions_path: str, types: dict[str, str]) -> dict:
+    """Per question type: closed accuracy or open token F1 (mean), with counts; and the per-example closed
+    correctness (id -> bool) for paired tests."""
+    per_type = collections.defaultdict(list)
+    closed_correct = {}
+    with open(predictions_path) as f:
+        for line in f:
+            row = json.loads(line)
+            qtype = types[row["id"]]
+            if row["answer_type"] == "closed":
+                per_type[qtype].append(float(bool(row["correct"])))
+                closed_correct[row["id"]] = bool(row["correct"])
+            else:
+                per_type[qtype].append(float(row["f1"]))
+    return {"per_type": {t: {"score": float(np.mean(v)), "count": len(v)} for t, v in per_type.items()},
+            "closed_correct": closed_correct}
+
+
+def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> dict | None:
+    """Appendix C.6 on `limit` examples of `split` at K = k: the mean step-similarity matrix S (K x K) and
+    ||z_k|| / mean token-embedding norm per step. None at K = 0."""
+    from vital_jax.eval.benchmarks import load_benchmark
+    from vital_jax.inference import Predictor
+    from vital_jax.vital import interpret
+
+    if k == 0:
+        return None
+    examples = load_benchmark("phantom_vqa", data_dir, split=split, limit=limit)
+    predictor = Predictor(run, batch_size=8, max_new_tokens=4)
+    sims = interpret.StepSimilarity(k)
+    ratios = []
+    for i in range(0, len(examples), 8):
+        chunk = examples[i:i + 8]
+        _, z, _ = predictor.answer([e.image for e in chunk], [e.prompt for e in chunk], k)
+        z = z[:, :k]
+        valid = np.ones(z.shape[:2], bool)
+        sims.update(z, valid)
+        ratio = interpret.norm_ratio(run.model, run.params, z, valid)
+        ratios.append(np.asarray(ratio["ratio_per_step"]))
+    return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
+
+
+def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
+    """Train + evaluate one (row, seed), or return its saved result (results.json is written last)."""
+    from vital_jax import train as train_lib
+    from vital_jax.evaluate import evaluate
+    from vital_jax.inference import load_run
+
+    run_dir = os.path.join(runs_dir, row, f"seed{seed}")
+    result_path = os.path.join(run_dir, RESULTS_FILE)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            result = json.load(f)
+        result["reused"] = True
+        return result
+    c = run_config(config, row, seed, data_dir, models)
+    start = time.perf_counter()
+    summary = train_lib.train(c, run_dir)
+    if summary.get("preempted"):
+        raise StudyError(f"run {row}/seed{seed} was preempted; rerun the study to resume it")
+    train_s = time.perf_counter() - start
+    k_eval = ROWS[row][3] if ROWS[row][3] is not None else int(c.vital.k_max)
+    run = load_run(run_dir)
+    start = time.perf_counter()
+    splits = {"test": config.eval.test_split, "select": config.select_split}
+    evaluated = {}
+    for name, split in splits.items():
+        metrics = evaluate(run_dir, "phantom_vqa", data_dir, os.path.join(run_dir, f"eval_{split}"), [k_eval],
+                           split=split, batch_size=int(config.eval.batch_size), run=run,
+                           latency_examples=int(config.eval.latency_examples))[0]
+        by_type = score_by_type(os.path.join(run_dir, f"eval_{split}", "phantom_vqa.predictions.jsonl"),
+                                _question_types(data_dir))
+        evaluated[name] = {"closed_accuracy": metrics["closed_accuracy"],
+                           "closed_majority_baseline": metrics["closed_majority_baseline"],
+                           "open_token_f1": metrics.get("open_token_f1"),
+                           "latency_ms": (metrics.get("latency_ms") or {}).get("mean"), **by_type}
+    eval_s = time.perf_counter() - start
+    diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval, int(config.eval.diagnostics_examples))
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
+    result = {"row": row, "seed": seed, "k_eval": k_eval, "steps": int(summary["step"]), "train_s": train_s,
+              "eval_s": eval_s, "samples_per_sec": float(np.median(throughput)) if throughput else None,
+              "test": evaluated["test"], "select": evaluated["select"], "diagnostics": diagnostics,
+              "curve": [(s["step"], s["loss"], s.get("task_loss")) for s in samples if "loss" in s]}
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, result_path)
+    result["reused"] = False
+    return result
+
+
+# -------------------------------------------------------------------------------------------------- floors
+
+def floors(data_dir: str, split: str) -> dict:
+    """Per question type on `split`: chance (mean 1 / number of options) and the majority-answer share for the
+    closed types; the closed-question totals too. The open types' floor is the F1 of always answering the most
+    frequent answer text of the type (what a model that ignores image and question would score)."""
+    from vital_jax.eval import metrics as score_lib
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    examples = load_benchmark("phantom_vqa", data_dir, split=split)
+    by_type = collections.defaultdict(list)
+    types = _question_types(data_dir)
+    for e in examples:
+        by_type[types[e.id]].append(e)
+    out = {}
+    for qtype, group in by_type.items():
+        if group[0].answer_type == "closed":
+            answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in group)
+            out[qtype] = {"chance": float(np.mean([1.0 / len(e.options) for e in group])),
+                          "majority": answers.most_common(1)[0][1] / len(group),
+                          "majority_answer": answers.most_common(1)[0][0], "count": len(group)}
+        else:
+            common = collections.Counter(e.answer for e in group).most_common(1)[0][0]
+            f1 = [score_lib.token_f1(common, e.answer) for e in group]
+            out[qtype] = {"majority_f1": float(np.mean(f1)), "count": len(group)}
+    closed = [e for e in examples if e.answer_type == "closed"]
+    answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in closed)
+    out["closed"] = {"chance": float(np.mean([1.0 / len(e.options) for e in closed])),
+                     "majority": answers.most_common(1)[0][1] / len(closed), "count": len(closed)}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> dict:
+    """Exact McNemar test on paired answers (ids in both): b01 = a right & b wrong, b10 = the reverse."""
+    ids = sorted(set(a) & set(b))
+    n01 = sum(a[i] and not b[i] for i in ids)
+    n10 = sum(b[i] and not a[i] for i in ids)
+    n = n01 + n10
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p": 1.0}
+    tail = sum(math.comb(n, j) for j in range(0, min(n01, n10) + 1)) / 2 ** n
+    return {"a_only": n01, "b_only": n10, "p": min(1.0, 2 * tail)}
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def aggregate(results: list[dict]) -> dict[str, list[dict]]:
+    by_row = collections.defaultdict(list)
+    for r in results:
+        by_row[r["row"]].append(r)
+    return by_row
+
+
+def write_report(workdir: str, config, results: list[dict], floor: dict, pretrain_summary: dict,
+                 provenance: dict) -> str:
+    """report.md + figures under workdir/report/; returns the report's path."""
+    from vital_jax.eval import study_plots
+
+    out_dir = os.path.join(workdir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    by_row = aggregate(results)
+    types = [t for t in CLOSED_TYPES + OPEN_TYPES if t in floor]
+    lines = ["# PhantomVQA learning study", "",
+             f"Command: `{provenance['command']}`  ", f"Commit: `{provenance['commit']}`  ",
+             f"Seeds: {', '.join(str(s) for s in config.seeds)}; test split: `{config.eval.test_split}` "
+             f"({floor['closed']['count']} closed questions); settings chosen on `{config.select_split}`.", "",
+             "Closed: accuracy (%) on yes/no and location-choice questions; open: token F1 (%), Appendix B.4. "
+             "Mean ± std over seeds.", "",
+             "| row | what | K | closed acc | " + " | ".join(types) + " | open F1 |",
+             "|---|---|---|---|" + "---|" * len(types) + "---|"]
+    floor_cells = [f"{100 * floor[t]['majority']:.1f} / {100 * floor[t]['chance']:.1f}" if "majority" in floor[t]
+                   else f"{100 * floor[t]['majority_f1']:.1f}" for t in types]
+    lines.append(f"| *floor* | majority / chance (closed), most frequent answer (open) | – | "
+                 f"{100 * floor['closed']['majority']:.1f} / {100 * floor['closed']['chance']:.1f} | "
+                 + " | ".join(floor_cells) + " | – |")
+    for row in ROWS:
+        if row not in by_row:
+            continue
+        rs = by_row[row]
+        cells = [_mean_std([r["test"]["per_type"].get(t, {}).get("score") for r in rs]) for t in types]
+        lines.append(f"| {row} | {ROWS[row][1]} | {rs[0]['k_eval']} | "
+                     f"{_mean_std([r['test']['closed_accuracy'] for r in rs])} | " + " | ".join(cells) + " | "
+                     f"{_mean_std([r['test']['open_token_f1'] for r in rs])} |")
+    lines += ["", "## Paired tests (McNemar, closed test answers, first seed of each row)", "",
+              "| a | b | a right, b wrong | b right, a wrong | p |", "|---|---|---|---|---|"]
+    for a, b in (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
+                 ("sft_k0", "backbone")):
+        if a in by_row and b in by_row:
+            t = mcnemar(by_row[a][0]["test"]["closed_correct"], by_row[b][0]["test"]["closed_correct"])
+            lines.append(f"| {a} | {b} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |")
+    lines += ["", "## Validation split (for choosing settings)", "", "| row | closed acc | open F1 |",
+              "|---|---|---|"]
+    for row in ROWS:
+        if row in by_row:
+            rs = by_row[row]
+            lines.append(f"| {row} | {_mean_std([r['select']['closed_accuracy'] for r in rs])} | "
+                         f"{_mean_std([r['select']['open_token_f1'] for r in rs])} |")
+    figures = study_plots.write_figures(out_dir, by_row, floor)
+    lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in figures.items()]
+    lines += ["", "## Cost on this machine", "",
+              f"Pretraining: {_pretrain_line(pretrain_summary)}", "",
+              "| row | runs | train s (mean) | eval s (mean) | samples/s (median) | optimizer steps |",
+              "|---|---|---|---|---|---|"]
+    for row in ROWS:
+        if row in by_row:
+            rs = by_row[row]
+            sps = [r["samples_per_sec"] for r in rs if r.get("samples_per_sec")]
+            lines.append(f"| {row} | {len(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
+                         f"{np.mean([r['eval_s'] for r in rs]):.0f} | "
+                         f"{np.median(sps) if sps else float('nan'):.1f} | {rs[0]['steps']} |")
+    path = os.path.join(out_dir, REPORT_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _pretrain_line(summary: dict) -> str:
+    from vital_jax import pretrain
+
+    if not summary or not summary.get("stages"):
+        return "(no summary)"
+    seconds = {name: s.get("train_seconds") for name, s in summary["stages"].items()}
+    return pretrain.format_summary(summary).replace("\n", "; ") + "; seconds: " + ", ".join(
+        f"{name} {v:.0f}" for name, v in seconds.items() if v is not None)
+
+
+def _provenance(argv_config: str) -> dict:
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"command": f"python -m vital_jax.study --config={argv_config} --workdir=DIR", "commit": commit or "unknown"}
+
+
+def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") -> dict:
+    """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}."""
+    from vital_jax import checkpoint as ckpt_lib
+
+    workdir = os.path.abspath(workdir)
+    unknown = [r for r in config.rows if r not in ROWS]
+    if unknown:
+        raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ROWS)})")
+    if not config.seeds:
+        raise StudyError("config.seeds is empty")
+    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    data_dir = prepare_data(config, workdir)
+    models = prepare_backbone(config, workdir)
+    floor = floors(data_dir, config.eval.test_split)
+    runs_dir = os.path.join(workdir, "runs")
+    results = []
+    plan = [(row, seed) for row in config.rows for seed in (config.seeds[:1] if row in SEED_INDEPENDENT
+                                                             else config.seeds)]
+    for i, (row, seed) in enumerate(plan, start=1):
+        start = time.perf_counter()
+        result = run_one(config, row, seed, data_dir, models, runs_dir)
+        results.append(result)
+        what = "reused" if result["reused"] else f"{time.perf_counter() - start:.0f} s"
+        print(f"study run {i}/{len(plan)}: {row} seed {seed} ({what}): closed acc "
+              f"{100 * result['test']['closed_accuracy']:.1f}% (majority {100 * floor['closed']['majority']:.1f}%)",
+              flush=True)
+    report = write_report(workdir, config, results, floor, models["summary"], _provenance(config_arg))
+    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+        json.dump({"floors": floor, "results": results}, f)
+    reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]
+    return {"results": results, "floors": floor, "report": report, "reused": reused}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/study/phantom.py")
+    try:
+        out = study(_CONFIG.value, _WORKDIR.value, config_arg)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if out["reused"]:
+        print(f"reused {len(out['reused'])} finished run(s): {', '.join(out['reused'])}")
+    print(f"report: {out['report']}")
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study/phantom.py[:quick]", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where data, pretrained models, runs and the report go")
+    app.run(main)

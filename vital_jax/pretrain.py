@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo_assets
+from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3ForCausalLM
@@ -65,8 +66,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     # A ready corpus (pairs.jsonl, texts.jsonl, tokenizer/); empty: build the phantom corpus into workdir/corpus.
     c.corpus_dir = ""
-    c.corpus = ml_collections.ConfigDict(dict(seed=1000, num_phantoms=300, phantom_size=128,
-                                              modalities=("CT", "MRI", "ultrasound")))
+    c.corpus = phantom_corpus.default_config()
     c.stages = ("backbone", "decoder")
     c.train_split = "train"
     c.val_split = "val"
@@ -157,11 +157,6 @@ def resolve_corpus(config, workdir: str) -> str:
         return os.path.abspath(config.corpus_dir)
     corpus_dir = os.path.join(workdir, "corpus")
     if not _corpus_ready(corpus_dir):
-        try:
-            from vital_jax.data import phantom_corpus
-        except ImportError as e:
-            raise ConfigError("config.corpus_dir is empty and vital_jax.data.phantom_corpus (the phantom corpus "
-                              f"generator) is not available ({e}); set config.corpus_dir to a ready corpus") from e
         logging.info("building the phantom corpus in %s", corpus_dir)
         phantom_corpus.build_corpus(corpus_dir, config.corpus)
     return corpus_dir

@@ -26,7 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
     # layout: "standard" or "varied" (phantoms.LAYOUTS). split_counts: () -> `count` phantoms of `seed`, split by
     # `split_fractions`; (train, val, test) -> that many phantoms per split, each split from its own seed
     # (split_seeds, default seed, seed + 1, seed + 2), so no phantom of one split is drawn from another's stream.
-    c.phantoms = ml_collections.ConfigDict(dict(count=12, size=256, modalities=list(phantoms.PHANTOM_MODALITIES),
+    c.phantoms = ml_collections.ConfigDict(dict(count=12, size=256, modalities=tuple(phantoms.PHANTOM_MODALITIES),
                                                 normal_anatomy=True, layout="standard", split_counts=(),
                                                 split_seeds=(), absent_lesion_questions=False))
     # absent_lesion_questions: also ask "Is there a <lesion> visible?" about every lesion type a phantom lacks

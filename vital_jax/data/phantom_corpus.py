@@ -43,9 +43,11 @@ class CorpusError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
     """Corpus settings. Seeds from 1000 up keep pretraining phantoms apart from PhantomVQA's (seeds 0-2)."""
+    # chain_phantoms: how many phantoms (the first ones) also give reasoning-chain text for the decoder (-1: all);
+    # the chains are much slower to make than image-text pairs and the decoder needs fewer of them.
     return ml_collections.ConfigDict(dict(seed=1000, num_phantoms=300, phantom_size=128,
                                           modalities=tuple(phantoms.PHANTOM_MODALITIES), layout="varied",
-                                          val_fraction=0.1))
+                                          val_fraction=0.1, chain_phantoms=-1))
 
 
 def _size_words(area_fraction: float) -> str:
@@ -130,7 +132,8 @@ def build_corpus(out_dir: str, config=None) -> str:
     if config is not None:  # a partial config (e.g. a pretraining recipe's `corpus`) keeps the other defaults
         c.update(dict(config))
     settings = dict(seed=int(c.seed), num_phantoms=int(c.num_phantoms), phantom_size=int(c.phantom_size),
-                    modalities=list(c.modalities), layout=str(c.layout), val_fraction=float(c.val_fraction))
+                    modalities=list(c.modalities), layout=str(c.layout), val_fraction=float(c.val_fraction),
+                    chain_phantoms=int(c.chain_phantoms))
     if settings["num_phantoms"] < 2:
         raise CorpusError(f"corpus num_phantoms={settings['num_phantoms']}: need at least 2 (train and val)")
     if not 0.0 < settings["val_fraction"] < 1.0:
@@ -152,9 +155,10 @@ def build_corpus(out_dir: str, config=None) -> str:
         Image.fromarray(rgb).save(os.path.join(out_dir, image_rel))
         measured = {t: geometry.measure(rgb, m) for t, m in phantom.masks.items()}
         pairs += [dict(p, split=split) for p in _pairs_for(image_rel, stem, phantom, measured)]
-        chains, said = _chain_texts(stem, image_rel, phantom, rgb, measured, settings["seed"], teacher)
-        texts += [dict(id=f"{stem}__chain{i}", text=t, split=split) for i, t in enumerate(dict.fromkeys(chains))]
-        wording += said
+        if settings["chain_phantoms"] < 0 or index < settings["chain_phantoms"] or split == "val":
+            chains, said = _chain_texts(stem, image_rel, phantom, rgb, measured, settings["seed"], teacher)
+            texts += [dict(id=f"{stem}__chain{i}", text=t, split=split) for i, t in enumerate(dict.fromkeys(chains))]
+            wording += said
     records.write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), pairs)
     records.write_jsonl_atomic(os.path.join(out_dir, TEXTS_FILE), texts)
     corpus = [p["prompt"] for p in pairs] + [p["text"] for p in pairs] + [t["text"] for t in texts] + wording

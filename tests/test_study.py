@@ -1,0 +1,80 @@
+"""The learning study (vital_jax.study): its rows, floors, paired test and report; and the quick study end to end
+(PhantomVQA -> pretraining -> fine-tuning rows -> evaluation) with resumption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs.study import phantom as study_config
+from vital_jax import study
+
+
+def test_mcnemar_is_the_exact_binomial_test():
+    a = {str(i): True for i in range(10)}
+    b = dict(a, **{str(i): False for i in range(5)})  # a right and b wrong on 5, never the reverse
+    t = study.mcnemar(a, b)
+    assert (t["a_only"], t["b_only"]) == (5, 0)
+    assert math.isclose(t["p"], 2 / 2 ** 5)
+    assert study.mcnemar(a, a)["p"] == 1.0
+    # Only paired ids count.
+    assert study.mcnemar(a, {"0": False})["a_only"] == 1
+
+
+def test_rows_edit_the_training_config_as_described():
+    config = study_config.get_config()
+    models = {"backbone_dir": "/b", "decoder_dir": "/d"}
+    edit = lambda row: study.run_config(config, row, 3, "/data", models)  # noqa: E731
+    base = edit("vital")
+    assert base.seed == 3 and base.model.backbone_dir == "/b" and base.data.data_dir == "/data"
+    assert (base.vital.lambda_text, base.vital.lambda_visual) == (1.0, 0.1)
+    assert base.curriculum.max_k == (1, 2, 4) and base.vital.latent_input == "feedback"
+    assert edit("backbone").optimizer.lr == 0.0
+    sft = edit("sft_k0")
+    assert sft.vital.latent_steps_cap == 0 and sft.curriculum.max_k == (4,)
+    assert sum(sft.curriculum.epochs) == sum(base.curriculum.epochs)  # the same data budget, unscheduled
+    assert edit("text_only").data.blind_images and not base.data.blind_images
+    assert (edit("task_only").vital.lambda_text, edit("task_only").vital.lambda_visual) == (0.0, 0.0)
+    assert edit("semantic").vital.lambda_visual == 0.0 and edit("visual").vital.lambda_text == 0.0
+    assert edit("pause").vital.latent_input == "pause"
+    assert edit("k2").vital.latent_steps_cap == 2 and edit("k2").curriculum.max_k == (1, 2, 4)
+    assert edit("mix_k2").vital.latent_steps_cap == 2 and edit("mix_k2").curriculum.max_k == (4,)
+    with pytest.raises(study.StudyError, match="unknown study row"):
+        edit("k9")
+
+
+def _fake_result(row, seed, closed, ids):
+    rng = np.random.default_rng(seed)
+    correct = {i: bool(rng.uniform() < closed) for i in ids}
+    per_type = {"yes_no": {"score": closed, "count": 10}, "location_choice": {"score": closed, "count": 10},
+                "location": {"score": 0.8, "count": 10}}
+    part = {"closed_accuracy": closed, "closed_majority_baseline": 0.3, "open_token_f1": 0.8, "latency_ms": 3.0,
+            "per_type": per_type, "closed_correct": correct}
+    return {"row": row, "seed": seed, "k_eval": 4, "steps": 10, "train_s": 1.0, "eval_s": 1.0,
+            "samples_per_sec": 50.0, "test": part, "select": part,
+            "diagnostics": {"step_similarity": np.eye(4).tolist(), "norm_ratio_per_step": [1.0, 1.1, 1.2, 1.3]},
+            "curve": [(10, 2.0, 1.5), (20, 1.0, 0.8)], "reused": False}
+
+
+def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
+    ids = [f"q{i}" for i in range(40)]
+    results = [_fake_result(row, seed, closed, ids) for row, closed in (("sft_k0", 0.5), ("vital", 0.7),
+                                                                        ("task_only", 0.6), ("k2", 0.65))
+               for seed in (0, 1)]
+    floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
+             "location_choice": {"chance": 1 / 3, "majority": 0.4, "count": 10},
+             "location": {"majority_f1": 0.6, "count": 10},
+             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
+    config = study_config.get_config()
+    path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"})
+    text = open(path).read()
+    assert "| *floor* |" in text and "45.0" in text  # the per-type majority floor is reported
+    assert "| vital |" in text and "70.0 ± 0.0" in text
+    assert "McNemar" in text and "| vital | sft_k0 |" in text
+    for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
+                 "learning_curves.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000, name

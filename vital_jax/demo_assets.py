@@ -54,9 +54,14 @@ def qwen3_vl_hf_config(hidden: int = 64, layers: int = 2, *, head_dim: int = 16,
                        kv_heads: int | None = None, intermediate: int | None = None, vision_depth: int = 2,
                        vision_hidden: int = 32, vision_heads: int = 2, vision_intermediate: int | None = None,
                        deepstack: tuple[int, ...] = (0,), num_position_embeddings: int = 64,
-                       vocab_size: int = VOCAB_SIZE, special_token_ids: dict[str, int] | None = None) -> dict:
+                       vocab_size: int = VOCAB_SIZE, special_token_ids: dict[str, int] | None = None,
+                       rope_theta: float = 5e6) -> dict:
     """The HF `config.json` dict of a small Qwen3-VL. Defaults: heads = hidden / head_dim, kv_heads = heads / 2,
-    intermediate = 2 * hidden (same for the vision tower); special ids those of the tiny tokenizer."""
+    intermediate = 2 * hidden (same for the vision tower); special ids those of the tiny tokenizer.
+
+    rope_theta: Qwen3-VL's 5e6 suits head_dim 128 (64 frequencies). A small head_dim has few frequencies, and at
+    5e6 the height/width ones of MRoPE barely turn between neighbouring image tokens; a small model that must
+    learn where things are in the image needs a smaller base (e.g. 1e4)."""
     from transformers import Qwen3VLConfig as HFQwen3VLConfig
 
     ids = SPECIAL_TOKEN_IDS if special_token_ids is None else special_token_ids
@@ -66,7 +71,7 @@ def qwen3_vl_hf_config(hidden: int = 64, layers: int = 2, *, head_dim: int = 16,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads or max(1, heads // 2), head_dim=head_dim, rms_norm_eps=1e-6,
                          max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                                           "mrope_section": mrope_section(head_dim), "mrope_interleaved": True}),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden,
                            intermediate_size=vision_intermediate or 2 * vision_hidden, num_heads=vision_heads,

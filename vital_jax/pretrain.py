@@ -75,7 +75,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.backbone = ml_collections.ConfigDict(dict(
         hidden=96, layers=3, head_dim=16, heads=6, kv_heads=2, intermediate=192,
         vision_depth=2, vision_hidden=64, vision_heads=4, vision_intermediate=128, deepstack=(0,),
-        image_pixels=128 * 128, train_parts="all",
+        image_pixels=128 * 128, train_parts="all", rope_theta=5e6,
         steps=600, batch_size=16, lr=2e-3, prompt_buckets=(64, 128), text_buckets=(32, 64, 128)))
     c.decoder = ml_collections.ConfigDict(dict(
         hidden=64, layers=2, head_dim=16, heads=4, kv_heads=1, intermediate=128,
@@ -177,7 +177,7 @@ def backbone_hf_config(config, tokenizer_dir: str) -> dict:
         b.hidden, b.layers, head_dim=b.head_dim, heads=b.heads, kv_heads=b.kv_heads, intermediate=b.intermediate,
         vision_depth=b.vision_depth, vision_hidden=b.vision_hidden, vision_heads=b.vision_heads,
         vision_intermediate=b.vision_intermediate, deepstack=tuple(b.deepstack), num_position_embeddings=grid * grid,
-        vocab_size=vocab, special_token_ids=specials)
+        vocab_size=vocab, special_token_ids=specials, rope_theta=float(b.rope_theta))
 
 
 def decoder_hf_config(config, tokenizer_dir: str) -> dict:

@@ -132,3 +132,16 @@ def test_pretraining_corpus_is_apart_from_the_benchmark(tmp_path, small_vqa):
     c.seed = 7
     with pytest.raises(phantom_corpus.CorpusError, match="other settings"):
         phantom_corpus.build_corpus(out, c)
+
+
+def test_contrast_questions_are_answered_from_the_image(small_vqa):
+    """"Is the liver brighter than the tissue around it?" names no modality; the answer follows the image: the
+    liver is brighter than its surround on CT and darker on T2-like MRI."""
+    recs = read_records(os.path.join(small_vqa, RECORDS_FILE)) + read_records(
+        os.path.join(small_vqa, balance.DROPPED_FILE))
+    liver = [r for r in recs if r.question == "Is the liver brighter than the tissue around it in the image?"]
+    assert {r.modality for r in liver} & {"CT", "MRI"}
+    for r in liver:
+        if r.modality == "ultrasound":  # echogenicity against speckle: either way
+            continue
+        assert r.answer.startswith("Yes" if r.modality == "CT" else "No"), (r.modality, r.answer)

@@ -122,7 +122,7 @@ def prepare(config) -> list[questions.Question]:
                         question_type, image_id=source.image_id, image_path=image_rel, mask_path=mask_rel,
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
-                        rng=questions.question_rng(config.seed, key)))
+                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions))
             if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
                     and "yes_no" in config.question_types):
                 asked += _absence_questions(source, image_rel)

@@ -23,6 +23,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Keep closed-ended records answer-balanced per question text (vital_jax.data.balance), so that the question
     # alone does not give the answer away.
     c.balance_closed_answers = False
+    # Yes/no questions may also ask whether a target is brighter than its surround (questions.make_question).
+    c.contrast_questions = False
     # layout: "standard" or "varied" (phantoms.LAYOUTS). split_counts: () -> `count` phantoms of `seed`, split by
     # `split_fractions`; (train, val, test) -> that many phantoms per split, each split from its own seed
     # (split_seeds, default seed, seed + 1, seed + 2), so no phantom of one split is drawn from another's stream.
@@ -55,5 +57,6 @@ def phantom_vqa_config() -> ml_collections.ConfigDict:
     c.phantoms.split_counts = (150, 24, 48)   # phantoms per split (train, val, test)
     c.phantoms.absent_lesion_questions = True
     c.balance_closed_answers = True
+    c.contrast_questions = True
     c.teacher.kind = "geometry"
     return c

@@ -136,6 +136,10 @@ def _yes_no(q: Question, g: MaskGeometry) -> tuple[str, list[str]]:
         step = f"The {t} covers {_percent(g.area_fraction)} of the image area, a {_size_word(g)} extent."
         verdict = "Yes" if g.area_fraction > threshold else "No"
         return f"{verdict}, the {t} occupies {_percent(g.area_fraction)} of the image area.", [step]
+    if q.template == "yes_no_contrast":
+        step = f"The {t} shows {_contrast(g, q.modality)}."
+        verdict, relation = ("Yes", "brighter") if g.contrast > 0 else ("No", "darker")
+        return f"{verdict}, the {t} is {relation} than the tissue around it in the image.", [step]
     if q.template == "yes_no_absent":  # g measures the organ the lesion would be in
         organ = q.slots["organ"]
         quality = _CONTRAST_WORDS.get(q.modality, _DEFAULT_CONTRAST)[2]

@@ -106,9 +106,18 @@ def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
 
-def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGeometry) -> tuple[str, str, dict]:
-    """A yes/no question whose answer the mask decides: side (only when clearly off-centre), size, or presence."""
+# |inside - surround| mean gray level (0..255) above which a target is clearly brighter or darker than its
+# surround (the geometry teacher's "clearly" starts at 25).
+CLEAR_CONTRAST = 25.0
+
+
+def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGeometry,
+            contrast: bool = False) -> tuple[str, str, dict]:
+    """A yes/no question whose answer the mask decides: side (only when clearly off-centre), size, presence, or
+    (with `contrast`, only when the target is clearly brighter or darker than its surround) brightness."""
     variants = ["presence"]
+    if contrast and abs(geo.contrast) >= CLEAR_CONTRAST:
+        variants.append("contrast")
     if abs(geo.centroid[1] - 0.5) > 0.1:
         variants.append("horizontal_side")
     if abs(geo.centroid[0] - 0.5) > 0.1:
@@ -117,6 +126,8 @@ def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGe
     if sizes:
         variants.append("size")
     variant = _pick(rng, variants)
+    if variant == "contrast":
+        return (f"Is the {target} brighter than the tissue around it in the image?", "yes_no_contrast", {})
     if variant == "horizontal_side":
         side = _pick(rng, ("left", "right"))
         return f"Is the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
@@ -134,8 +145,12 @@ def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGe
 
 def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
                   target_type: str, modality: str, source: str, normal_anatomy: bool,
-                  geo: geometry.MaskGeometry, rng: np.random.Generator) -> Question:
-    """One question of `question_type` about `target`, its K drawn from the type's range (Table 4)."""
+                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False) -> Question:
+    """One question of `question_type` about `target`, its K drawn from the type's range (Table 4).
+
+    contrast_questions: yes/no questions may also ask whether the target is brighter than its surround (asked
+    without naming the modality, so the image has to tell: a liver is brighter than its surround on CT, darker
+    on T2 MRI)."""
     if question_type not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {question_type!r} (expected one of {', '.join(QUESTION_TYPES)})")
     image_words = MODALITY_PHRASES[modality]
@@ -144,7 +159,7 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
     slots: dict = {}
     choices: tuple[str, ...] = ()
     if question_type == "yes_no":
-        text, template, slots = _yes_no(rng, target, target_type, image_words, geo)
+        text, template, slots = _yes_no(rng, target, target_type, image_words, geo, contrast_questions)
     elif question_type == "location_choice":
         axis = _pick(rng, ("horizontal", "vertical"))
         choices = LOCATION_CHOICES[axis]

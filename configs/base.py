@@ -12,7 +12,7 @@ def get_config():
     # Built-in synthetic assets (vital_jax/demo.py): PhantomVQA with `split_counts` phantoms per split (train, val,
     # test) and a small VLM pretrained on phantom image-text data (configs/study/pretrain_phantom.py:<pretrain>).
     c.demo = ml_collections.ConfigDict(dict(
-        enabled=False, seed=0, split_counts=(60, 8, 24), phantom_size=128, pretrain="demo",
+        enabled=False, seed=0, split_counts=(60, 8, 24), phantom_size=96, modalities=("CT", "MRI"), pretrain="demo",
         finish=True))  # after training: evaluate K=0 / K_max, explain one example, export to HF
     c.model = ml_collections.ConfigDict(dict(
         backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory

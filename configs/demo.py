@@ -15,11 +15,11 @@ def get_config():
     c.demo.enabled = True
     c.model.dtype = "float32"
     c.data.batch_size = 16
-    c.data.prompt_buckets = (64, 128)
+    c.data.prompt_buckets = (48, 64, 128)
     c.data.max_answer_tokens = 64
     c.data.max_step_tokens = 64
-    c.data.min_pixels = 128 * 128
-    c.data.max_pixels = 128 * 128
+    c.data.min_pixels = 96 * 96   # the pretrained backbone's image size (a 3 x 3 grid of image tokens)
+    c.data.max_pixels = 96 * 96
     c.vital.lora_rank = 16
     c.vital.lora_alpha = 32.0
     c.optimizer.lr = 2e-3

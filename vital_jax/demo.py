@@ -49,6 +49,7 @@ def prepare(workdir: str, demo) -> dict[str, str]:
     data_cfg.seed = demo.seed
     data_cfg.phantoms.size = demo.phantom_size
     data_cfg.phantoms.split_counts = tuple(demo.split_counts)
+    data_cfg.phantoms.modalities = tuple(demo.modalities)
     logging.info("demo: building PhantomVQA in %s", paths["data_dir"])
     build(data_cfg)
     if not os.path.exists(os.path.join(paths["encoder_dir"], "config.json")):

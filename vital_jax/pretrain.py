@@ -60,8 +60,15 @@ STAGE_SUMMARY_FILE = "stage_summary.json"  # inside <stage>_ckpt/, written befor
 
 def default_config(variant: str = "") -> ml_collections.ConfigDict:
     """The phantom pretraining recipe (configs/study/pretrain_phantom.py returns it). Variants: "" (the study's
-    backbone: ~2 minutes for the backbone stage on 2 CPU cores), "demo" (the quickstart demo's, about half of
-    that), "quick" (tests: a much smaller model for a few steps)."""
+    backbone: about 7 minutes for the backbone stage on 2 CPU cores), "demo" (the quickstart demo's: about 2
+    minutes), "quick" (tests: a much smaller model for a few steps).
+
+    Why these sizes (measured, see docs/results/phantom_study.md): at 96 px a merged image token covers a third
+    of the image side, so "left / center / right" is a whole token; head_dim 32 with rope_theta 1e4 gives MRoPE's
+    height and width frequencies that turn visibly between neighbouring image tokens (at Qwen3-VL's 5e6 and a
+    small head_dim they barely do). Image appearance (CT bright vs MRI dark organs) is learned within a few hundred
+    steps; where structures lie needs thousands, and lesions of a few pixels were not learned in 2,000.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     # A ready corpus (pairs.jsonl, texts.jsonl, tokenizer/); empty: build the phantom corpus into workdir/corpus.
@@ -72,14 +79,15 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.val_split = "val"
     # train_parts: which backbone parameters train, "all" | "vision" (params["visual"]) | "llm" (language model +
     # lm_head); the rest stay at their initial values.
+    c.corpus.update(num_phantoms=1500, phantom_size=96, modalities=("CT", "MRI"), chain_phantoms=200)
     c.backbone = ml_collections.ConfigDict(dict(
-        hidden=96, layers=3, head_dim=16, heads=6, kv_heads=2, intermediate=192,
-        vision_depth=2, vision_hidden=64, vision_heads=4, vision_intermediate=128, deepstack=(0,),
-        image_pixels=128 * 128, train_parts="all", rope_theta=5e6,
-        steps=600, batch_size=16, lr=2e-3, prompt_buckets=(64, 128), text_buckets=(32, 64, 128)))
+        hidden=96, layers=3, head_dim=32, heads=3, kv_heads=1, intermediate=192,
+        vision_depth=3, vision_hidden=64, vision_heads=4, vision_intermediate=128, deepstack=(0,),
+        image_pixels=96 * 96, train_parts="all", rope_theta=1e4,
+        steps=2000, batch_size=16, lr=1e-3, prompt_buckets=(64, 128), text_buckets=(32, 64, 128)))
     c.decoder = ml_collections.ConfigDict(dict(
         hidden=64, layers=2, head_dim=16, heads=4, kv_heads=1, intermediate=128,
-        steps=1000, batch_size=32, lr=2e-3, text_buckets=(32, 64, 128)))
+        steps=500, batch_size=32, lr=2e-3, text_buckets=(32, 64, 128)))
     c.optimizer = ml_collections.ConfigDict(dict(warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999,
                                                  max_grad_norm=1.0))
     # Validation loss every `every_steps` steps and at the end, over the first `max_examples` of the val split.
@@ -87,12 +95,12 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
     c.logging = ml_collections.ConfigDict(dict(every_steps=10))
     if variant == "demo":
-        c.corpus.num_phantoms = 200
-        c.backbone.update(hidden=64, heads=4, intermediate=128, layers=2, steps=400)
-        c.decoder.steps = 500
+        c.corpus.update(num_phantoms=300, chain_phantoms=60)
+        c.backbone.update(steps=600, lr=2e-3)
+        c.decoder.steps = 300
     elif variant == "quick":
-        c.corpus.num_phantoms = 12
-        c.backbone.update(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vision_depth=1,
+        c.corpus.update(num_phantoms=12, chain_phantoms=-1)
+        c.backbone.update(hidden=32, layers=2, head_dim=16, heads=2, kv_heads=1, intermediate=64, vision_depth=1,
                           vision_hidden=32, vision_heads=2, vision_intermediate=64, steps=30, batch_size=4,
                           lr=5e-3)
         c.decoder.update(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=60, batch_size=4, lr=5e-3)

@@ -133,6 +133,7 @@ def prepare_data(config, workdir: str) -> str:
     build_config.seed = int(config.data.seed)
     build_config.phantoms.size = int(config.data.phantom_size)
     build_config.phantoms.split_counts = tuple(config.data.split_counts)
+    build_config.phantoms.modalities = tuple(config.data.modalities)
     summary = build_lib.build(build_config)
     logging.info("study: PhantomVQA %s", summary["splits"])
     if not os.path.exists(os.path.join(encoder_dir, "config.json")):

@@ -21,13 +21,14 @@ def get_config(variant: str = ""):
     c.seeds = (0, 1, 2)
     c.select_split = "val"
     # PhantomVQA (configs/data/phantom_vqa.py): phantoms per split, drawn from seeds seed, seed + 1, seed + 2.
-    c.data = ml_collections.ConfigDict(dict(seed=0, phantom_size=128, split_counts=(150, 24, 48)))
+    c.data = ml_collections.ConfigDict(dict(seed=0, phantom_size=96, modalities=("CT", "MRI"),
+                                            split_counts=(200, 40, 120)))
     c.pretrain = pretrain_phantom.get_config()
     # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).
     c.train = ml_collections.ConfigDict(dict(
         model=dict(dtype="float32"),
-        data=dict(batch_size=16, prompt_buckets=(64, 96, 128), max_answer_tokens=64, max_step_tokens=64,
-                  min_pixels=128 * 128, max_pixels=128 * 128),
+        data=dict(batch_size=16, prompt_buckets=(48, 64, 128), max_answer_tokens=64, max_step_tokens=64,
+                  min_pixels=96 * 96, max_pixels=96 * 96),
         vital=dict(lora_rank=16, lora_alpha=32.0, k_max=4),
         optimizer=dict(lr=2e-3),
         curriculum=dict(max_k=(1, 2, 4), epochs=(2, 2, 3)),
@@ -38,7 +39,7 @@ def get_config(variant: str = ""):
     if variant == "quick":
         c.rows = ("backbone", "text_only", "sft_k0", "vital")
         c.seeds = (0,)
-        c.data.split_counts = (48, 8, 24)
+        c.data.split_counts = (60, 8, 24)
         c.pretrain = pretrain_phantom.get_config("demo")
         c.train.curriculum.epochs = (1, 1, 2)
         c.eval.diagnostics_examples = 16

@@ -22,9 +22,9 @@ def get_config():
     c.data.max_pixels = 96 * 96
     c.vital.lora_rank = 16
     c.vital.lora_alpha = 32.0
-    c.optimizer.lr = 2e-3
+    c.optimizer.lr = 3e-3
     c.curriculum.max_k = (1, 2, 4)
-    c.curriculum.epochs = (1, 1, 2)
+    c.curriculum.epochs = (2, 2, 3)
     c.checkpoint.save_every_steps = 50
     c.logging.every_steps = 10
     return c

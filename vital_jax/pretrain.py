@@ -96,7 +96,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.logging = ml_collections.ConfigDict(dict(every_steps=10))
     if variant == "demo":
         c.corpus.update(num_phantoms=300, chain_phantoms=60)
-        c.backbone.update(steps=600, lr=2e-3)
+        c.backbone.update(steps=400, lr=3e-3)
         c.decoder.steps = 300
     elif variant == "quick":
         c.corpus.update(num_phantoms=12, chain_phantoms=-1)

@@ -10,10 +10,11 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     # Built-in synthetic assets (vital_jax/demo.py): PhantomVQA with `split_counts` phantoms per split (train, val,
-    # test) and a small VLM pretrained on phantom image-text data (configs/study/pretrain_phantom.py:<pretrain>).
+    # test) and a small VLM pretrained on phantom image-text data: "shipped" (vital_jax/assets/phantom_vlm) or a
+    # variant of configs/study/pretrain_phantom.py ("demo", "quick") pretrained in the workdir.
     c.demo = ml_collections.ConfigDict(dict(
-        enabled=False, seed=0, split_counts=(60, 8, 24), phantom_size=96, modalities=("CT", "MRI"), pretrain="demo",
-        finish=True))  # after training: evaluate K=0 / K_max, explain one example, export to HF
+        enabled=False, seed=0, split_counts=(100, 10, 30), phantom_size=96, modalities=("CT", "MRI"),
+        pretrain="shipped", finish=True))  # after training: evaluate K=0 / K_max, explain one example, export to HF
     c.model = ml_collections.ConfigDict(dict(
         backbone_dir="",        # HF Qwen3-VL directory or a converted (conversion.hf_to_flax) directory
         decoder_dir="",         # HF Qwen3 directory or a converted directory

@@ -78,3 +78,43 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
                  "learning_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the
+    lr = 0 backbone, the text-only control and SFT at K = 0."""
+    config = study_config.get_config("quick")
+    config.rows = ("backbone", "text_only", "sft_k0")
+    config.data.split_counts = (30, 4, 16)
+    config.train.curriculum.epochs = (2, 2, 3)
+    config.train.optimizer.lr = 3e-3
+    config.eval.diagnostics_examples = 8
+    workdir = str(tmp_path_factory.mktemp("study"))
+    return config, workdir, study.study(config, workdir, "configs/study/phantom.py:quick")
+
+
+def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
+    config, workdir, out = quick_study
+    by_row = {r["row"]: r for r in out["results"]}
+    assert set(by_row) == set(config.rows)
+    floor = out["floors"]["closed"]
+    # Floors computed in this run, from this test split.
+    assert 0 < floor["majority"] <= floor["majority_by_type"] < 1
+    trained = by_row["sft_k0"]["test"]["closed_accuracy"]
+    untrained = by_row["backbone"]["test"]["closed_accuracy"]
+    assert trained > floor["majority"], (trained, floor)
+    assert trained > untrained
+    # The text-only control (every image blanked) stays near the per-type majority answer.
+    assert by_row["text_only"]["test"]["closed_accuracy"] <= floor["majority_by_type"] + 0.2
+    report = open(out["report"]).read()
+    assert "| sft_k0 |" in report and "| text_only |" in report and "*floor*" in report
+
+
+def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
+    config, workdir, first = quick_study
+    # A run killed before it wrote its result is redone; the others are reused.
+    os.remove(os.path.join(workdir, "runs", "backbone", "seed0", study.RESULTS_FILE))
+    again = study.study(config, workdir, "configs/study/phantom.py:quick")
+    assert sorted(again["reused"]) == ["sft_k0/seed0", "text_only/seed0"]
+    assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]

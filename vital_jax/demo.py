@@ -2,10 +2,11 @@
 
 `prepare(workdir, demo_config)` builds, under `workdir/demo/` (each step skipped when its output exists, so a
 rerun or a resumed run reuses them):
-  pretrain/     `vital_jax.pretrain` with `configs/study/pretrain_phantom.py:<demo.pretrain>`: a small Qwen3-VL
-                (all parameters) and Qwen3 decoder trained from random initialisation on phantom image-text data
-                of their own seeds; `pretrain/backbone_hf`, `pretrain/decoder_hf` are HF checkpoint directories
-                (with the tokenizer, a byte-level BPE over that corpus)
+  models        `demo.pretrain = "shipped"` (default): the small Qwen3-VL (all parameters) and Qwen3 decoder that
+                ship in `vital_jax/assets/phantom_vlm/`, pretrained from random initialisation on phantom
+                image-text data of their own seeds by `vital_jax.pretrain` (configs/study/pretrain_phantom.py;
+                HF checkpoint directories with the tokenizer). Any other value names a pretraining variant
+                (`pretrain.default_config(variant)`, e.g. "demo", "quick") run here into `pretrain/`.
   data/         PhantomVQA (configs/data/phantom_vqa.py) with `demo.split_counts` phantoms per split, then ROI
                 features from a small random SigLIP (roi_encoder/)
 Nothing is downloaded. A user with real checkpoints and data sets `config.demo.enabled = False` and the paths.
@@ -21,22 +22,24 @@ from absl import logging
 from vital_jax import demo_assets
 
 
-def prepare(workdir: str, demo) -> dict[str, str]:
-    """Build (or reuse) the demo assets; returns {data_dir, tokenizer_dir, backbone_dir, decoder_dir, encoder_dir}."""
-    from vital_jax import pretrain
-    from vital_jax.data import records
-    from vital_jax.data.build import build
-    from vital_jax.data.build_config import phantom_vqa_config
-    from vital_jax.data.roi import extract_dataset_rois
+SHIPPED = "shipped"
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "phantom_vlm")
 
-    root = os.path.join(os.path.abspath(workdir), "demo")
-    pretrain_dir = os.path.join(root, "pretrain")
-    paths = {"data_dir": os.path.join(root, "data"), "tokenizer_dir": pretrain.hf_dir(pretrain_dir, "backbone"),
-             "backbone_dir": pretrain.hf_dir(pretrain_dir, "backbone"),
-             "decoder_dir": pretrain.hf_dir(pretrain_dir, "decoder"), "encoder_dir": os.path.join(root, "roi_encoder")}
-    done = os.path.join(root, "READY.json")
-    if os.path.exists(done):
-        return paths
+
+def shipped_models() -> dict[str, str]:
+    """The small backbone and decoder that ship with vital_jax (HF directories made by `vital_jax.pretrain` with
+    configs/study/pretrain_phantom.py; `assets/phantom_vlm/PROVENANCE.json` records the command and commit)."""
+    out = {"backbone_dir": os.path.join(SHIPPED_DIR, "backbone_hf"),
+           "decoder_dir": os.path.join(SHIPPED_DIR, "decoder_hf")}
+    missing = [d for d in out.values() if not os.path.exists(os.path.join(d, "model.safetensors"))]
+    if missing:
+        raise FileNotFoundError(f"the shipped pretrained models are missing ({', '.join(missing)}); reinstall "
+                                f"vital_jax or set config.demo.pretrain='demo' to pretrain them in the workdir")
+    return out
+
+
+def _pretrain_here(pretrain_dir: str, demo) -> None:
+    from vital_jax import pretrain
 
     pre_config = pretrain.default_config(demo.pretrain)
     pre_config.seed = demo.seed
@@ -44,6 +47,27 @@ def prepare(workdir: str, demo) -> dict[str, str]:
     summary = pretrain.pretrain(pre_config, pretrain_dir)
     if summary["preempted"]:
         raise RuntimeError(f"demo pretraining in {pretrain_dir} was interrupted; rerun to resume it")
+
+
+def prepare(workdir: str, demo) -> dict[str, str]:
+    """Build (or reuse) the demo assets; returns {data_dir, tokenizer_dir, backbone_dir, decoder_dir, encoder_dir}."""
+    from vital_jax.data import records
+    from vital_jax.data.build import build
+    from vital_jax.data.build_config import phantom_vqa_config
+    from vital_jax.data.roi import extract_dataset_rois
+
+    root = os.path.join(os.path.abspath(workdir), "demo")
+    done = os.path.join(root, "READY.json")
+    if os.path.exists(done):  # paths are rebuilt from `root`, so a copied demo folder uses its own files
+        with open(done) as f:
+            return _paths(root, json.load(f)["models"])
+    if demo.pretrain == SHIPPED:
+        shipped_models()  # fails now, naming what is missing, rather than later in training
+    else:
+        _pretrain_here(os.path.join(root, "pretrain"), demo)
+    models = SHIPPED if demo.pretrain == SHIPPED else "pretrain"
+    paths = _paths(root, models)
+
     data_cfg = phantom_vqa_config()
     data_cfg.out_dir = paths["data_dir"]
     data_cfg.seed = demo.seed
@@ -59,15 +83,29 @@ def prepare(workdir: str, demo) -> dict[str, str]:
         # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
         extract_dataset_rois(paths["data_dir"], paths["encoder_dir"], batch_size=16, global_features=True)
     with open(done, "w") as f:
-        json.dump(paths, f, indent=2)
+        json.dump({"models": models, **paths}, f, indent=2)
     return paths
+
+
+def _paths(root: str, models: str) -> dict[str, str]:
+    """The demo's paths under `root`; models "shipped" (the package's pair) or "pretrain" (root/pretrain)."""
+    from vital_jax import pretrain
+
+    if models == SHIPPED:
+        backbone, decoder = shipped_models().values()
+    else:
+        backbone = pretrain.hf_dir(os.path.join(root, "pretrain"), "backbone")
+        decoder = pretrain.hf_dir(os.path.join(root, "pretrain"), "decoder")
+    return {"data_dir": os.path.join(root, "data"), "tokenizer_dir": backbone, "backbone_dir": backbone,
+            "decoder_dir": decoder, "encoder_dir": os.path.join(root, "roi_encoder")}
 
 
 def finish(workdir: str, eval_limit: int | None = None) -> dict:
     """After training: evaluate the held-out PhantomVQA split (`phantom_vqa`: every test question, or the first
     `eval_limit`) at K=0 and K=K_max, explain one test example, export the run to HF format, and print the closed
-    accuracy beside its majority-answer baseline (both also in eval/k*/phantom_vqa.metrics.json as
-    `closed_accuracy` and `closed_majority_baseline`) and where everything is."""
+    accuracy beside its majority-answer baselines (also in eval/k*/phantom_vqa.metrics.json as `closed_accuracy`
+    and `closed_majority_baseline`, and with the per-question-type majority in eval/demo_summary.json) and where
+    everything is."""
     from conversion import vital_export
     from vital_jax.evaluate import evaluate
     from vital_jax.explain import explain_example
@@ -90,18 +128,29 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     export_dir = os.path.join(workdir, "export_hf")
     vital_export.export_run(workdir, export_dir)
 
+    from vital_jax import study
+
+    floor = study.floors(run.paths.data_dir, split)["closed"]
     lines = ["", "VITAL demo results (a small Qwen3-VL pretrained here on phantoms, fine-tuned with VITAL on "
              "PhantomVQA; synthetic data, not medical accuracy)",
              f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions, "
              f"{summaries[0].get('closed', {}).get('count', 0)} closed-ended)",
-             "  | K | closed accuracy | majority-answer baseline | open token F1 | latency ms (batch 1) |",
-             "  |---|---|---|---|---|"]
+             "  | K | closed accuracy | majority answer | majority answer per question type | open token F1 | "
+             "latency ms (batch 1) |", "  |---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    results = []
     for k, summary in zip((0, k_max), summaries):
         latency = (summary.get("latency_ms") or {}).get("mean")
         lines.append(f"  | {k} | {pct(summary.get('closed_accuracy'))} | "
-                     f"{pct(summary.get('closed_majority_baseline'))} | {pct(summary.get('open_token_f1'))} | "
+                     f"{pct(summary.get('closed_majority_baseline'))} | {pct(floor['majority_by_type'])} | "
+                     f"{pct(summary.get('open_token_f1'))} | "
                      + (f"{latency:.1f}" if isinstance(latency, (int, float)) else "n/a") + " |")
+        results.append({"latent_steps": k, "closed_accuracy": summary.get("closed_accuracy"),
+                        "closed_majority_baseline": summary.get("closed_majority_baseline"),
+                        "closed_majority_by_type_baseline": floor["majority_by_type"],
+                        "closed_chance": floor["chance"], "open_token_f1": summary.get("open_token_f1")})
+    with open(os.path.join(eval_dir, "demo_summary.json"), "w") as f:
+        json.dump({"split": split, "closed_count": floor["count"], "results": results}, f, indent=2)
     lines += ["", f"  example: Q: {example.question}", f"           A (K={k_max}): {explanation['answer']}"]
     lines += [f"           z{i + 1}: {t}" for i, t in enumerate(explanation["step_texts"])]
     lines += ["", "Artefacts:",

@@ -37,6 +37,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo_assets
 from vital_jax.data import phantom_corpus
@@ -517,12 +518,7 @@ _WORKDIR = None
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cli.begin(argv, _CONFIG, _WORKDIR)
     try:
         summary = pretrain(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, corpus_lib.CorpusError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:

@@ -35,6 +35,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vital_jax import cli
+
 _CONFIG = None
 _WORKDIR = None
 RESULTS_FILE, REPORT_FILE = "results.json", "report.md"
@@ -52,6 +54,7 @@ def _mix(c):
 def _row_backbone(c):
     c.optimizer.lr = 0.0  # LoRA B = 0: the pretrained backbone exactly
     c.vital.latent_steps_cap = 0
+    c.curriculum.max_k, c.curriculum.epochs, c.curriculum.min_k = (c.vital.k_max,), (1,), ()  # nothing to learn
 
 
 def _row_sft_k0(c):
@@ -146,11 +149,20 @@ def prepare_data(config, workdir: str) -> str:
 
 
 def prepare_backbone(config, workdir: str) -> dict:
-    """Stage 2: the pretrained backbone and decoder (HF directories) from `vital_jax.pretrain`."""
-    from vital_jax import pretrain
+    """Stage 2: the pretrained backbone and decoder (HF directories): `vital_jax.pretrain` with config.pretrain
+    into workdir/pretrain, or (config.pretrained = "shipped") the pair that ships with vital_jax."""
+    from vital_jax import demo, pretrain
 
+    if config.pretrained == "shipped":
+        models = demo.shipped_models()
+        with open(os.path.join(demo.SHIPPED_DIR, "PROVENANCE.json")) as f:
+            return dict(models, summary=json.load(f).get("summary", {}))
+    if config.pretrained != "run":
+        raise StudyError(f"config.pretrained={config.pretrained!r}: expected 'run' or 'shipped'")
     pre_dir = os.path.join(workdir, "pretrain")
     summary = pretrain.pretrain(config.pretrain, pre_dir)
+    if summary["preempted"]:
+        raise StudyError(f"pretraining in {pre_dir} was interrupted; rerun the study to resume it")
     return {"backbone_dir": pretrain.hf_dir(pre_dir, "backbone"), "decoder_dir": pretrain.hf_dir(pre_dir, "decoder"),
             "summary": summary}
 
@@ -464,12 +476,7 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv, _CONFIG, _WORKDIR)
     config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/study/phantom.py")
     try:
         out = study(_CONFIG.value, _WORKDIR.value, config_arg)

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import distributed, sharding
 from vital_jax.layers.linear import LoraConfig
@@ -294,13 +295,7 @@ def train(config, workdir: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax logs every save at INFO; progress lines come from the MetricsLogger instead.
-        logging.set_verbosity(logging.WARNING)
+    cli.begin(argv, _CONFIG, _WORKDIR)
     try:
         summary = train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:

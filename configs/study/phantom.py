@@ -23,6 +23,9 @@ def get_config(variant: str = ""):
     # PhantomVQA (configs/data/phantom_vqa.py): phantoms per split, drawn from seeds seed, seed + 1, seed + 2.
     c.data = ml_collections.ConfigDict(dict(seed=0, phantom_size=96, modalities=("CT", "MRI"),
                                             split_counts=(200, 40, 120)))
+    # "run": pretrain with `pretrain` into the workdir; "shipped": the pair in vital_jax/assets/phantom_vlm (made
+    # by that same recipe).
+    c.pretrained = "run"
     c.pretrain = pretrain_phantom.get_config()
     # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).
     c.train = ml_collections.ConfigDict(dict(
@@ -40,7 +43,7 @@ def get_config(variant: str = ""):
         c.rows = ("backbone", "text_only", "sft_k0", "vital")
         c.seeds = (0,)
         c.data.split_counts = (60, 8, 24)
-        c.pretrain = pretrain_phantom.get_config("demo")
+        c.pretrained = "shipped"
         c.train.curriculum.epochs = (1, 1, 2)
         c.eval.diagnostics_examples = 16
     elif variant:

@@ -136,7 +136,8 @@ def test_pretrained_backbone_loads_in_transformers_and_converts_back_with_parity
     # The directory holds the trained weights: vital_jax's K = 0 loss on it is the run's final val loss.
     model = Qwen3VLForConditionalGeneration(config)
     losses = []
-    cfg = pretrain_corpus.CorpusConfig(batch_size=4, min_pixels=128 * 128, max_pixels=128 * 128)
+    pixels = pretrain_phantom.get_config("quick").backbone.image_pixels
+    cfg = pretrain_corpus.CorpusConfig(batch_size=4, min_pixels=pixels, max_pixels=pixels)
     val = pretrain_corpus.PairExamples(corpus_dir, "val", cfg, hf_dir)
     for batch in pretrain_corpus.eval_batches(val, 4):
         per_example, weight = pretrain.backbone_example_losses(model, params,

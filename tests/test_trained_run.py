@@ -131,7 +131,11 @@ def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path,
     shutil.copytree(workdir, copy)
     demo.finish(str(copy), eval_limit=8)
     out = capsys.readouterr().out
-    assert "| K | accuracy | latency ms (batch 1) |" in out and "| 4 |" in out
+    assert "| K | closed accuracy | majority answer | majority answer per question type |" in out and "| 4 |" in out
+    summary = json.load(open(copy / "eval" / "demo_summary.json"))
+    assert [r["latent_steps"] for r in summary["results"]] == [0, 4]
+    assert all({"closed_accuracy", "closed_majority_baseline", "closed_majority_by_type_baseline"} <= set(r)
+               for r in summary["results"])
     for path in ("eval/k_sweep.png", "eval/summary.md", "explain/summary.png", "export_hf/model.safetensors",
                  "export_hf/scaffolding/heads.safetensors"):
         assert (copy / path).exists(), path

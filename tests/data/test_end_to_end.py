@@ -1,6 +1,7 @@
 """The whole data pipeline on the shared BiomedParse demo images: ingestion -> questions -> geometry teacher ->
 ROI features (tiny random SigLIP) -> validated records -> a grain batch with the documented shapes."""
 
+import json
 import os
 
 import numpy as np
@@ -29,7 +30,9 @@ def test_biomedparse_folder_becomes_a_training_batch(shared_data_dir, demo_asset
 
     cfg = PipelineConfig(batch_size=4, prompt_buckets=(128, 256), max_answer_tokens=160, max_step_tokens=160,
                          k_max_slots=4, max_pixels=128 * 128, min_pixels=128 * 128)
-    batch = next(make_train_iterator(config.out_dir, os.path.join(demo_assets, "tokenizer"), cfg, k_max=4))
+    with open(os.path.join(demo_assets, "READY.json")) as f:
+        tokenizer_dir = json.load(f)["tokenizer_dir"]  # the demo backbone's (a byte-level BPE over phantom text)
+    batch = next(make_train_iterator(config.out_dir, tokenizer_dir, cfg, k_max=4))
     b = 4
     tp = batch["prompt_ids"].shape[1]
     assert tp in (128, 256) and batch["prompt_valid"].shape == (b, tp)

@@ -392,7 +392,8 @@ def test_registry_rejects_unknown_names_and_missing_directories(tmp_path):
         load_benchmark("gemex", str(tmp_path))
     with pytest.raises(BenchmarkError, match="data directory not found"):
         load_benchmark("vqa_rad", str(tmp_path / "absent"))
-    assert set(benchmarks.BENCHMARKS) == {"vqa_rad", "slake", "pathvqa", "pmc_vqa", "in_domain", "jsonl"}
+    assert set(benchmarks.BENCHMARKS) == {"vqa_rad", "slake", "pathvqa", "pmc_vqa", "in_domain", "phantom_vqa",
+                                          "jsonl"}
 
 
 def test_phantom_vqa_keeps_free_form_types_open(tmp_path):

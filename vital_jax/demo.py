@@ -19,23 +19,10 @@ import os
 
 from absl import logging
 
-from vital_jax import demo_assets
+from vital_jax import assets, demo_assets
 
 
-SHIPPED = "shipped"
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "phantom_vlm")
-
-
-def shipped_models() -> dict[str, str]:
-    """The small backbone and decoder that ship with vital_jax (HF directories made by `vital_jax.pretrain` with
-    configs/study/pretrain_phantom.py; `assets/phantom_vlm/PROVENANCE.json` records the command and commit)."""
-    out = {"backbone_dir": os.path.join(SHIPPED_DIR, "backbone_hf"),
-           "decoder_dir": os.path.join(SHIPPED_DIR, "decoder_hf")}
-    missing = [d for d in out.values() if not os.path.exists(os.path.join(d, "model.safetensors"))]
-    if missing:
-        raise FileNotFoundError(f"the shipped pretrained models are missing ({', '.join(missing)}); reinstall "
-                                f"vital_jax or set config.demo.pretrain='demo' to pretrain them in the workdir")
-    return out
+SHIPPED = "shipped"  # config.demo.pretrain value: start from vital_jax.assets.phantom_vlm()
 
 
 def _pretrain_here(pretrain_dir: str, demo) -> None:
@@ -62,7 +49,7 @@ def prepare(workdir: str, demo) -> dict[str, str]:
         with open(done) as f:
             return _paths(root, json.load(f)["models"])
     if demo.pretrain == SHIPPED:
-        shipped_models()  # fails now, naming what is missing, rather than later in training
+        assets.phantom_vlm()  # fails now, naming what is missing, rather than later in training
     else:
         _pretrain_here(os.path.join(root, "pretrain"), demo)
     models = SHIPPED if demo.pretrain == SHIPPED else "pretrain"
@@ -92,7 +79,7 @@ def _paths(root: str, models: str) -> dict[str, str]:
     from vital_jax import pretrain
 
     if models == SHIPPED:
-        backbone, decoder = shipped_models().values()
+        backbone, decoder = assets.phantom_vlm().values()
     else:
         backbone = pretrain.hf_dir(os.path.join(root, "pretrain"), "backbone")
         decoder = pretrain.hf_dir(os.path.join(root, "pretrain"), "decoder")
@@ -128,9 +115,9 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     export_dir = os.path.join(workdir, "export_hf")
     vital_export.export_run(workdir, export_dir)
 
-    from vital_jax import study
+    from vital_jax.eval.floors import floors
 
-    floor = study.floors(run.paths.data_dir, split)["closed"]
+    floor = floors(run.paths.data_dir, split)["closed"]
     lines = ["", "VITAL demo results (a small Qwen3-VL pretrained here on phantoms, fine-tuned with VITAL on "
              "PhantomVQA; synthetic data, not medical accuracy)",
              f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions, "

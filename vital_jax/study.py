@@ -36,6 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vital_jax import cli
+from vital_jax.eval.floors import floors, question_types
 
 _CONFIG = None
 _WORKDIR = None
@@ -151,12 +152,10 @@ def prepare_data(config, workdir: str) -> str:
 def prepare_backbone(config, workdir: str) -> dict:
     """Stage 2: the pretrained backbone and decoder (HF directories): `vital_jax.pretrain` with config.pretrain
     into workdir/pretrain, or (config.pretrained = "shipped") the pair that ships with vital_jax."""
-    from vital_jax import demo, pretrain
+    from vital_jax import assets, pretrain
 
     if config.pretrained == "shipped":
-        models = demo.shipped_models()
-        with open(os.path.join(demo.SHIPPED_DIR, "PROVENANCE.json")) as f:
-            return dict(models, summary=json.load(f).get("summary", {}))
+        return dict(assets.phantom_vlm(), summary=assets.phantom_vlm_provenance().get("summary", {}))
     if config.pretrained != "run":
         raise StudyError(f"config.pretrained={config.pretrained!r}: expected 'run' or 'shipped'")
     pre_dir = os.path.join(workdir, "pretrain")
@@ -190,12 +189,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         key = f"{prefix}.{k}" if prefix else k
         out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
     return out
-
-
-def _question_types(data_dir: str) -> dict[str, str]:
-    from vital_jax.data.records import RECORDS_FILE, read_records
-
-    return {r.id: r.question_type for r in read_records(os.path.join(data_dir, RECORDS_FILE))}
 
 
 def score_by_type(predictions_path: str, types: dict[str, str]) -> dict:
@@ -269,7 +262,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
                            split=split, batch_size=int(config.eval.batch_size), run=run,
                            latency_examples=int(config.eval.latency_examples))[0]
         by_type = score_by_type(os.path.join(run_dir, f"eval_{split}", "phantom_vqa.predictions.jsonl"),
-                                _question_types(data_dir))
+                                question_types(data_dir))
         evaluated[name] = {"closed_accuracy": metrics["closed_accuracy"],
                            "closed_majority_baseline": metrics["closed_majority_baseline"],
                            "open_token_f1": metrics.get("open_token_f1"),
@@ -288,42 +281,6 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     os.replace(tmp, result_path)
     result["reused"] = False
     return result
-
-
-# -------------------------------------------------------------------------------------------------- floors
-
-def floors(data_dir: str, split: str) -> dict:
-    """Per question type on `split`: chance (mean 1 / number of options) and the majority-answer share for the
-    closed types; over all closed questions: chance, the majority answer of them all (`evaluate`'s
-    closed_majority_baseline) and `majority_by_type` (each type answered with its own majority answer, the
-    stronger floor: it knows the answer set of each question type). The open types' floor is the F1 of always answering the most
-    frequent answer text of the type (what a model that ignores image and question would score)."""
-    from vital_jax.eval import metrics as score_lib
-    from vital_jax.eval.benchmarks import load_benchmark
-
-    examples = load_benchmark("phantom_vqa", data_dir, split=split)
-    by_type = collections.defaultdict(list)
-    types = _question_types(data_dir)
-    for e in examples:
-        by_type[types[e.id]].append(e)
-    out = {}
-    for qtype, group in by_type.items():
-        if group[0].answer_type == "closed":
-            answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in group)
-            out[qtype] = {"chance": float(np.mean([1.0 / len(e.options) for e in group])),
-                          "majority": answers.most_common(1)[0][1] / len(group),
-                          "majority_answer": answers.most_common(1)[0][0], "count": len(group)}
-        else:
-            common = collections.Counter(e.answer for e in group).most_common(1)[0][0]
-            f1 = [score_lib.token_f1(common, e.answer) for e in group]
-            out[qtype] = {"majority_f1": float(np.mean(f1)), "count": len(group)}
-    closed = [e for e in examples if e.answer_type == "closed"]
-    answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in closed)
-    by_type_hits = sum(out[t]["majority"] * out[t]["count"] for t in out if "majority" in out[t])
-    out["closed"] = {"chance": float(np.mean([1.0 / len(e.options) for e in closed])),
-                     "majority": answers.most_common(1)[0][1] / len(closed),
-                     "majority_by_type": by_type_hits / len(closed), "count": len(closed)}
-    return out
 
 
 # -------------------------------------------------------------------------------------------------- report

@@ -22,6 +22,7 @@ exactly the batches an uninterrupted one would. The incomplete last batch of an 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -91,7 +92,7 @@ class CorpusConfig:
         return tuple(sorted({max(block, -(-full // d // block) * block) for d in (2, 1)}))
 
 
-class Examples:
+class Examples(abc.ABC):
     """Shared by pairs and texts: the tokenizer, the special ids and padding of a list of record indices."""
 
     def __init__(self, corpus_dir: str, records: list[dict], cfg: CorpusConfig, tokenizer_dir: str | None):
@@ -127,8 +128,9 @@ class Examples:
             ids[i, :len(r)], valid[i, :len(r)] = r, True
         return ids, valid
 
+    @abc.abstractmethod
     def batch(self, indices: Sequence[int], valid: Sequence[bool]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The batch of the examples at `indices` (`valid` False marks padding examples)."""
 
 
 class PairExamples(Examples):

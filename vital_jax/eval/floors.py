@@ -1,0 +1,53 @@
+"""Floors for PhantomVQA-style evaluations: what a model scores without learning anything from the image.
+
+Per question type on a split: chance (1 / number of options) and the majority answer for the closed types, the
+most frequent answer's token F1 for the open ones; over all closed questions the pooled majority (`evaluate`'s
+closed_majority_baseline) and the per-type majority (each type answered with its own most frequent answer).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+from vital_jax.data.records import RECORDS_FILE, read_records
+from vital_jax.eval import metrics as score_lib
+from vital_jax.eval.benchmarks import load_benchmark
+
+
+def question_types(data_dir: str) -> dict[str, str]:
+    """Record id -> question type of a vital_jax dataset directory."""
+    return {r.id: r.question_type for r in read_records(os.path.join(data_dir, RECORDS_FILE))}
+
+
+def floors(data_dir: str, split: str) -> dict:
+    """Per question type on `split`: chance (mean 1 / number of options) and the majority-answer share for the
+    closed types; over all closed questions: chance, the majority answer of them all (`evaluate`'s
+    closed_majority_baseline) and `majority_by_type` (each type answered with its own majority answer, the
+    stronger floor: it knows the answer set of each question type). The open types' floor is the F1 of always
+    answering the most frequent answer text of the type (what a model that ignores image and question scores)."""
+    examples = load_benchmark("phantom_vqa", data_dir, split=split)
+    by_type = collections.defaultdict(list)
+    types = question_types(data_dir)
+    for e in examples:
+        by_type[types[e.id]].append(e)
+    out = {}
+    for qtype, group in by_type.items():
+        if group[0].answer_type == "closed":
+            answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in group)
+            out[qtype] = {"chance": float(np.mean([1.0 / len(e.options) for e in group])),
+                          "majority": answers.most_common(1)[0][1] / len(group),
+                          "majority_answer": answers.most_common(1)[0][0], "count": len(group)}
+        else:
+            common = collections.Counter(e.answer for e in group).most_common(1)[0][0]
+            f1 = [score_lib.token_f1(common, e.answer) for e in group]
+            out[qtype] = {"majority_f1": float(np.mean(f1)), "count": len(group)}
+    closed = [e for e in examples if e.answer_type == "closed"]
+    answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in closed)
+    by_type_hits = sum(out[t]["majority"] * out[t]["count"] for t in out if "majority" in out[t])
+    out["closed"] = {"chance": float(np.mean([1.0 / len(e.options) for e in closed])),
+                     "majority": answers.most_common(1)[0][1] / len(closed),
+                     "majority_by_type": by_type_hits / len(closed), "count": len(closed)}
+    return out

@@ -64,7 +64,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     and the shipped backbone: about 13 minutes for the backbone stage on 2 CPU cores, plus ~2 for the corpus),
     "demo" (a smaller one in about 2 minutes), "quick" (tests: a much smaller model for a few steps).
 
-    Why these sizes (measured, see docs/results/phantom_study.md): at 96 px a merged image token covers a third
+    Why these sizes (measured; README, "Does training work?"): at 96 px a merged image token covers a third
     of the image side, so "left / center / right" is a whole token; head_dim 32 with rope_theta 1e4 gives MRoPE's
     height and width frequencies that turn visibly between neighbouring image tokens (at Qwen3-VL's 5e6 and a
     small head_dim they barely do). Image appearance (CT bright vs MRI dark organs) is learned within a few hundred

@@ -27,7 +27,7 @@ DEFAULT_LATENCY_EXAMPLES = 64
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
-             latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES) -> list[dict]:
+             latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES, data_format: str = "auto") -> list[dict]:
     """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files).
 
     `split` defaults to the benchmark's own (`benchmarks.default_split`: test, or PMC-VQA's test_clean).
@@ -35,7 +35,9 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     not cut shorter than the model was trained to give them. Predictions come from batches of `batch_size`, whose
     time per example is reported as `batched_ms_per_example` (throughput). Latency as the paper measures it is
     single-example: the first `latency_examples` examples (at least one; None: all) are run again one at a time,
-    after compilation, and their times are `latency_ms`.
+    after compilation, and their times are `latency_ms`. `data_format` ("auto", "release" or "hf") chooses between
+    a benchmark's original release files and a Hugging Face parquet copy in the same directory (vqa_rad, slake,
+    pathvqa, pmc_vqa; `vital_jax.eval.benchmarks`); "auto" takes the release when both are there.
     """
     from vital_jax.eval import KSweepPoint, load_benchmark, write_k_sweep, write_report, write_summary
     from vital_jax.eval import metrics as score_lib
@@ -51,7 +53,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     split = split or default_split(benchmark)
     if max_new_tokens is None:
         max_new_tokens = int(run.config.data.max_answer_tokens)
-    examples = load_benchmark(benchmark, data_dir, split=split, limit=limit)
+    examples = load_benchmark(benchmark, data_dir, split=split, limit=limit,
+                              **({"format": data_format} if data_format != "auto" else {}))
     if not examples:
         raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
     n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
@@ -110,7 +113,8 @@ def main(argv):
     ks = list(range(run.model.config.k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
     summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
                          _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run,
-                         latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value)
+                         latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
+                         data_format=_DATA_FORMAT.value)
     for s in summaries:
         print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}))
     print(f"reports written to {os.path.abspath(_OUT.value)}")
@@ -120,11 +124,14 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
-    global _LATENCY_N
+    global _LATENCY_N, _DATA_FORMAT
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
     _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
                                      "phantom_vqa, jsonl)")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "the benchmark's data directory")
+    _DATA_FORMAT = flags.DEFINE_enum("data_format", "auto", ["auto", "release", "hf"],
+                                     "vqa_rad/slake/pathvqa/pmc_vqa: the original release files or a Hugging Face "
+                                     "parquet/arrow copy (auto: the release when there is one)")
     _SPLIT = flags.DEFINE_string("split", None, "benchmark split (default: test; test_clean for pmc_vqa, whose "
                                  "2,000 questions Table 1 fits; --split=test reads PMC-VQA's full test.csv)")
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")

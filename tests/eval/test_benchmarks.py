@@ -107,7 +107,7 @@ def test_vqa_rad_small_file_parses_quirks(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, r"testset.json: VQA-RAD test file not found"),
+    (None, r"no VQA-RAD test file \(looked for testset.json; or Hugging Face files data/test-\*.parquet"),
     ("{not json", r"testset.json: malformed JSON"),
     ('{"qid": 1}', r"testset.json: expected a JSON array"),
 ])

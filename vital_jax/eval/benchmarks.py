@@ -6,7 +6,7 @@
 
 Supported (`BENCHMARKS`), with the files each reads from `data_dir`:
   vqa_rad     {split}set.json (trainset.json / testset.json), images/<image_name>         (Lau et al., 2018)
-  slake       {split}.json (train / validate / test), imgs/<img_name>; English questions only
+  slake       train.json / validate.json (or validation.json) / test.json, imgs/<img_name>; English questions only
   pathvqa     {split}.jsonl or {split}.json with image, question, answer[, answer_type]; images/[{split}/]<image>
   pmc_vqa     {split}.csv, {split}_2.csv, {split}.jsonl or {split}.json with Figure_path, Question, Choice A-D,
               Answer_label (or a letter / option text in Answer); images/<Figure_path>; default split test_clean
@@ -14,7 +14,12 @@ Supported (`BENCHMARKS`), with the files each reads from `data_dir`:
   jsonl       {split}.jsonl with id, image, question, answer, answer_type[, options, match]; images relative
               to data_dir
 
-Malformed input raises `BenchmarkError` naming the file and the record (line number or index, and id).
+The first four are also read from Hugging Face Hub copies (format="hf", or "auto" when the release file is not
+there): parquet shards such as data/{split}-*.parquet or `save_to_disk` arrow shards, images inside the table
+(`vital_jax.eval.hf_files`; each loader's docstring names the copies it was written against).
+
+Malformed input raises `BenchmarkError` naming the file and the record (line number or index, and id; the row of a
+parquet / arrow file).
 """
 
 from __future__ import annotations
@@ -180,36 +185,177 @@ def _limited(items: list, limit: int | None) -> list:
 
 
 # -------------------------------------------------------------------------------------------------------- loaders
+#
+# VQA-RAD, SLAKE, PathVQA and PMC-VQA are read from their original releases (JSON / JSONL / CSV beside an image
+# folder) or from the files of a Hugging Face Hub copy (parquet shards, images inside; see `hf_files`). Both
+# routes turn a record into an example with the same function, so closed/open and option rules do not depend on
+# where the data came from.
 
-def load_vqa_rad(data_dir: str, split: str = "test", limit: int | None = None,
-                 check_images: bool = True) -> list[BenchmarkExample]:
+FORMATS = ("auto", "release", "hf")
+
+
+def _release_or_hf(data_dir: str, names: Sequence[str], what: str, split: str,
+                   format: str) -> tuple[str | None, list[str]]:
+    """(the first of `names` in data_dir, []) or (None, the Hugging Face files of `split`).
+
+    format="auto" takes the release file when there is one, else the Hugging Face files; "release" / "hf" only
+    look for the one kind.
+    """
+    if format not in FORMATS:
+        raise BenchmarkError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format != "hf":
+        for name in names:
+            if os.path.isfile(os.path.join(data_dir, name)):
+                return os.path.join(data_dir, name), []
+    if format != "release":
+        from vital_jax.eval import hf_files
+
+        files = hf_files.split_files(data_dir, split)
+        if files:
+            return None, files
+    looked = ([", ".join(names)] if format != "hf" else []) + \
+             ([f"Hugging Face files {_hf_layouts(split)}"] if format != "release" else [])
+    raise BenchmarkError(f"{data_dir}: no {what} (looked for {'; or '.join(looked)})")
+
+
+def _hf_layouts(split: str) -> str:
+    from vital_jax.eval import hf_files
+
+    return hf_files.layouts_text(split)
+
+
+def _free_form_example(label: str, rid, image: str, question, answer, kind, extra: dict) -> BenchmarkExample:
+    """A free-form question. Closed or open as the source says (`kind`: CLOSED / OPEN) or, when it says nothing,
+    closed when the answer is yes or no (PathVQA's own split of the two, and all a Hub copy without an
+    answer_type column allows); closed ones are scored by normalised accuracy, open ones by token F1."""
+    answer = _text(answer)
+    kind = _answer_type(label, kind) if kind is not None else ("closed" if metrics.is_yes_no(answer) else "open")
+    return BenchmarkExample(id=str(rid), image=image, question=str(question).strip(), answer=answer,
+                            answer_type=kind, match="vqa" if kind == "closed" else "f1", extra=extra)
+
+
+# Columns of a Hub copy of a free-form benchmark: {canonical name: accepted column names}, matched after
+# hf_files.column_key. The image column holds an Image struct (bytes, path) or a path under the image folder.
+HF_FREE_FORM_COLUMNS = {"image": ("image", "img_name", "image_name", "img", "image_path"),
+                        "question": ("question",), "answer": ("answer",)}
+HF_FREE_FORM_OPTIONAL = {"answer_type": ("answer_type",), "id": ("qid", "id", "question_id"),
+                         "q_lang": ("q_lang",)}
+
+
+def _hf_image(label: str, value, data_dir: str, folders: Sequence[str], cache, check: bool) -> str:
+    """The path of a Hub image cell: its bytes written to the cache, or its path resolved under data_dir."""
+    from vital_jax.eval import hf_files
+
+    data, name = hf_files.split_image(label, value)
+    if data is not None:
+        return cache.store(label, data)
+    if name:
+        return _resolve_image(label, data_dir, name, folders, check)
+    raise BenchmarkError(f"{label}: the image cell has neither bytes nor a path")
+
+
+def _hf_rows(files: Sequence[str], required: dict, optional: dict, columns: dict | None,
+             one_of: Sequence[tuple[str, ...]] = ()):
+    """(label, row, the file's columns that were mapped) for every row of the files: the row's own columns plus
+    each canonical name of `required` / `optional` (hf_files.resolve_columns) with its column's value; `one_of`
+    groups of optional names of which the file must have at least one."""
+    from vital_jax.eval import hf_files
+
+    for path in files:
+        names, rows = hf_files.read_table(path)
+        found = hf_files.resolve_columns(path, names, required, optional, columns)
+        absent = [" or ".join(group) for group in one_of if not any(name in found for name in group)]
+        if absent:
+            raise hf_files.column_error(path, names, absent)
+        mapped = set(found.values())
+        for i, row in enumerate(rows):
+            yield f"{path}: row {i}", {**row, **{canonical: row[column] for canonical, column in found.items()}}, mapped
+
+
+def _load_hf_free_form(data_dir: str, split: str, files: Sequence[str], folders: Sequence[str], limit: int | None,
+                       check_images: bool, image_cache: str | None, columns: dict | None,
+                       extra_keys: Sequence[str] | None, english_only: bool = False) -> list[BenchmarkExample]:
+    """VQA-RAD, SLAKE or PathVQA from Hub files; `extra_keys` the other columns to keep (None: all scalars)."""
+    from vital_jax.eval import hf_files
+
+    cache = hf_files.ImageCache(image_cache, verify=check_images)
+    canonical = set(HF_FREE_FORM_COLUMNS) | set(HF_FREE_FORM_OPTIONAL)
+    out = []
+    for label, record, mapped in _hf_rows(files, HF_FREE_FORM_COLUMNS, HF_FREE_FORM_OPTIONAL, columns):
+        if limit is not None and len(out) >= limit:
+            break
+        if english_only and record.get("q_lang") not in (None, "en"):
+            continue
+        if record.get("id") is None:
+            record["id"] = f"{split}_{len(out)}"
+        image, question, answer = _fields(label, record, ("image", "question", "answer"))
+        label = f"{label} (id {record['id']!r})"
+        image = _hf_image(label, image, data_dir, folders, cache, check_images)
+        if extra_keys is not None:
+            extra = {k: record[k] for k in extra_keys if k in record}
+        else:
+            # The other scalar columns; those that are the example itself (by either name) are not extras.
+            extra = {k: v for k, v in record.items()
+                     if k not in canonical and k not in mapped and not isinstance(v, (dict, list, bytes))}
+        out.append(_free_form_example(label, record["id"], image, question, answer, record.get("answer_type"),
+                                      extra))
+    return out
+
+
+_VQA_RAD_EXTRA = ("qid", "image_organ", "question_type", "phrase_type")
+
+
+def load_vqa_rad(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
+                 format: str = "auto", image_cache: str | None = None,
+                 columns: dict | None = None) -> list[BenchmarkExample]:
     """VQA-RAD: `{split}set.json`, a JSON array of {qid, image_name, image_organ, answer, answer_type, question_type,
-    question, phrase_type}; closed questions are scored by normalised accuracy, open ones by token F1."""
-    path = _require_file(os.path.join(data_dir, f"{split}set.json"), f"VQA-RAD {split} file")
+    question, phrase_type}, images under `images/`; closed questions are scored by normalised accuracy, open ones
+    by token F1.
+
+    Or a Hugging Face copy (format="hf", or "auto" without the JSON), e.g. flaviagiammarino/vqa-rad:
+    `data/{split}-*.parquet` with image (bytes), question, answer. Without an answer_type column, yes/no answers
+    are closed and the rest open: on the 451 test questions that is 251 closed, where the release's CLOSED type
+    has 272. Images in the table are written to `image_cache` (`hf_files.default_image_cache()` by default);
+    `columns` maps canonical names (HF_FREE_FORM_COLUMNS) to other column names.
+    """
+    path, files = _release_or_hf(data_dir, (f"{split}set.json",), f"VQA-RAD {split} file", split, format)
+    if files:
+        return _limited(_load_hf_free_form(data_dir, split, files, ("images", ""), limit, check_images, image_cache,
+                                           columns, _VQA_RAD_EXTRA), limit)
     out = []
     for label, record in _read_json_list(path):
         qid, image_name, question, answer, kind = _fields(
             label, record, ("qid", "image_name", "question", "answer", "answer_type"))
         label = f"{label} (qid {qid!r})"
-        kind = _answer_type(label, kind)
         image = _check_image(label, os.path.join(data_dir, "images", image_name), check_images)
-        extra = {k: record[k] for k in ("qid", "image_organ", "question_type", "phrase_type") if k in record}
-        out.append(BenchmarkExample(id=str(qid), image=image, question=question.strip(), answer=_text(answer),
-                                    answer_type=kind, match="vqa" if kind == "closed" else "f1", extra=extra))
+        extra = {k: record[k] for k in _VQA_RAD_EXTRA if k in record}
+        out.append(_free_form_example(label, qid, image, question, answer, kind, extra))
     return _limited(out, limit)
 
 
-_SLAKE_SPLIT_FILES = {"train": "train.json", "val": "validate.json", "validate": "validate.json",
-                      "test": "test.json"}
+# BoKelvin/SLAKE on the Hub renamed validate.json to validation.json.
+_SLAKE_SPLIT_FILES = {"train": ("train.json",), "val": ("validate.json", "validation.json"),
+                      "validate": ("validate.json", "validation.json"),
+                      "validation": ("validation.json", "validate.json"), "test": ("test.json",)}
+_SLAKE_EXTRA = ("qid", "img_id", "content_type", "base_type", "modality", "location")
 
 
-def load_slake(data_dir: str, split: str = "test", limit: int | None = None,
-               check_images: bool = True) -> list[BenchmarkExample]:
-    """SLAKE (English subset): `train.json` / `validate.json` / `test.json` arrays of {qid, img_name, question,
-    answer, answer_type, q_lang, ...}; only q_lang == "en" rows are kept; images under `imgs/`."""
+def load_slake(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
+               format: str = "auto", image_cache: str | None = None,
+               columns: dict | None = None) -> list[BenchmarkExample]:
+    """SLAKE (English subset): `train.json` / `validate.json` (or `validation.json`) / `test.json` arrays of {qid,
+    img_name, question, answer, answer_type, q_lang, ...}; only q_lang == "en" rows are kept; images under `imgs/`.
+
+    Or a Hugging Face copy in parquet with the same columns, the image as bytes or an `img_name` under `imgs/`;
+    rows are filtered on q_lang when the table has it (English-only copies have not). Without answer_type, yes/no
+    answers are closed. `image_cache` and `columns` as in `load_vqa_rad`.
+    """
     if split not in _SLAKE_SPLIT_FILES:
         raise BenchmarkError(f"SLAKE split must be one of {sorted(_SLAKE_SPLIT_FILES)}, got {split!r}")
-    path = _require_file(os.path.join(data_dir, _SLAKE_SPLIT_FILES[split]), f"SLAKE {split} file")
+    path, files = _release_or_hf(data_dir, _SLAKE_SPLIT_FILES[split], f"SLAKE {split} file", split, format)
+    if files:
+        return _limited(_load_hf_free_form(data_dir, split, files, ("imgs", ""), limit, check_images, image_cache,
+                                           columns, _SLAKE_EXTRA, english_only=True), limit)
     out = []
     for label, record in _read_json_list(path):
         (lang,) = _fields(label, record, ("q_lang",))
@@ -218,12 +364,9 @@ def load_slake(data_dir: str, split: str = "test", limit: int | None = None,
         image_name, question, answer, kind = _fields(label, record, ("img_name", "question", "answer", "answer_type"))
         qid = record.get("qid", len(out))
         label = f"{label} (qid {qid!r})"
-        kind = _answer_type(label, kind)
         image = _check_image(label, os.path.join(data_dir, "imgs", image_name), check_images)
-        extra = {k: record[k] for k in ("qid", "img_id", "content_type", "base_type", "modality", "location")
-                 if k in record}
-        out.append(BenchmarkExample(id=str(qid), image=image, question=question.strip(), answer=_text(answer),
-                                    answer_type=kind, match="vqa" if kind == "closed" else "f1", extra=extra))
+        extra = {k: record[k] for k in _SLAKE_EXTRA if k in record}
+        out.append(_free_form_example(label, qid, image, question, answer, kind, extra))
     return _limited(out, limit)
 
 
@@ -240,25 +383,29 @@ def _resolve_image(label: str, data_dir: str, name: str, folders: Sequence[str],
     return candidates[0]
 
 
-def load_pathvqa(data_dir: str, split: str = "test", limit: int | None = None,
-                 check_images: bool = True) -> list[BenchmarkExample]:
+def load_pathvqa(data_dir: str, split: str = "test", limit: int | None = None, check_images: bool = True,
+                 format: str = "auto", image_cache: str | None = None,
+                 columns: dict | None = None) -> list[BenchmarkExample]:
     """PathVQA: `{split}.jsonl` or `{split}.json` with {image, question, answer[, answer_type, id]}. Without an
-    answer_type, yes/no answers are closed and the rest open (PathVQA's own split of the two)."""
-    path = _first_existing(data_dir, (f"{split}.jsonl", f"{split}.json"), f"PathVQA {split} file")
+    answer_type, yes/no answers are closed and the rest open (PathVQA's own split of the two).
+
+    Or a Hugging Face copy, e.g. flaviagiammarino/path-vqa (`data/{split}-*.parquet` with image bytes, question,
+    answer; its splits are train, validation and test). `image_cache` and `columns` as in `load_vqa_rad`.
+    """
+    path, files = _release_or_hf(data_dir, (f"{split}.jsonl", f"{split}.json"), f"PathVQA {split} file", split,
+                                 format)
+    folders = ("images/" + split, "images", "")
+    if files:
+        return _limited(_load_hf_free_form(data_dir, split, files, folders, limit, check_images, image_cache,
+                                           columns, None), limit)
     out = []
     for label, record in _read_json_or_jsonl(path):
         image_name, question, answer = _fields(label, record, ("image", "question", "answer"))
         rid = str(record.get("id", f"{split}_{len(out)}"))
         label = f"{label} (id {rid!r})"
-        answer = _text(answer)
-        if record.get("answer_type") is not None:
-            kind = _answer_type(label, record["answer_type"])
-        else:
-            kind = "closed" if metrics.is_yes_no(answer) else "open"
-        image = _resolve_image(label, data_dir, str(image_name), ("images/" + split, "images", ""), check_images)
+        image = _resolve_image(label, data_dir, str(image_name), folders, check_images)
         extra = {k: v for k, v in record.items() if k not in ("image", "question", "answer", "answer_type", "id")}
-        out.append(BenchmarkExample(id=rid, image=image, question=question.strip(), answer=answer, answer_type=kind,
-                                    match="vqa" if kind == "closed" else "f1", extra=extra))
+        out.append(_free_form_example(label, rid, image, question, answer, record.get("answer_type"), extra))
     return _limited(out, limit)
 
 
@@ -273,42 +420,79 @@ def _strip_option_prefix(text: str, letter: str) -> str:
     return " ".join(text.split())
 
 
-def load_pmc_vqa(data_dir: str, split: str = "test_clean", limit: int | None = None,
-                 check_images: bool = True) -> list[BenchmarkExample]:
+def _pmc_vqa_example(label: str, row: dict, rid: str, image_of: Callable[[str, object], str],
+                     figure_name) -> BenchmarkExample:
+    """One PMC-VQA row of the release's columns (Figure_path, Question, Choice A.., Answer_label / Answer);
+    `image_of(label, Figure_path value)` gives the image path."""
+    figure, question = _fields(label, row, ("Figure_path", "Question"))
+    letters = [c for c in metrics.LETTERS if row.get(f"Choice {c}") not in (None, "")]
+    if len(letters) < 2 or letters != list(metrics.LETTERS[:len(letters)]):
+        raise BenchmarkError(f"{label}: needs consecutive options Choice A, Choice B, ...; has "
+                             f"{', '.join('Choice ' + c for c in letters) or 'none'}")
+    options = tuple(_strip_option_prefix(str(row[f"Choice {c}"]), c) for c in letters)
+    raw = row.get("Answer_label") or row.get("Answer")
+    if raw is None or not str(raw).strip():
+        raise BenchmarkError(f"{label}: missing answer (Answer_label or Answer)")
+    raw = str(raw).strip()
+    letter = raw.upper() if raw.upper() in letters else None
+    if letter is None:
+        matches = [c for c, o in zip(letters, options)
+                   if metrics.normalize_answer(o) == metrics.normalize_answer(_strip_option_prefix(raw, raw[:1]))]
+        letter = matches[0] if len(matches) == 1 else None
+    if letter is None:
+        raise BenchmarkError(f"{label}: answer {raw!r} is neither an option letter nor one option's text")
+    image = image_of(f"{label} (id {rid!r})", figure)
+    return BenchmarkExample(id=rid, image=image, question=" ".join(str(question).split()), answer=letter,
+                            answer_type="closed", options=options, match="letter",
+                            prompt=lettered_prompt(str(question), options),
+                            extra={"answer_text": options[letters.index(letter)], "figure": figure_name})
+
+
+# Columns of a Hub copy of PMC-VQA, under the release's names (the CSV's own columns, or e.g. "image", "question",
+# "choice a", "answer label" as in parquet conversions).
+HF_PMC_VQA_COLUMNS = {"Figure_path": ("image", "figure_path", "figure", "img"), "Question": ("question",),
+                      "Choice A": ("choice_a",), "Choice B": ("choice_b",)}
+HF_PMC_VQA_OPTIONAL = {**{f"Choice {c}": (f"choice_{c.lower()}",) for c in metrics.LETTERS[2:]},
+                       "Answer_label": ("answer_label", "label"), "Answer": ("answer", "anwser"),
+                       "index": ("index", "id")}
+
+
+def load_pmc_vqa(data_dir: str, split: str = "test_clean", limit: int | None = None, check_images: bool = True,
+                 format: str = "auto", image_cache: str | None = None,
+                 columns: dict | None = None) -> list[BenchmarkExample]:
     """PMC-VQA multiple choice: rows with Figure_path, Question, Choice A..D and the answer letter (Answer_label,
     or Answer when it is a letter or an option's text). The prompt lists the options; scored by parsed letter.
 
     The default split is `test_clean` (`test_clean.csv`, 2,000 questions): Table 1's PMC-VQA values are
-    multiples of 1/2,000 (61.70 = 1,234 / 2,000). `split="test"` reads the full `test.csv` / `test_2.csv`."""
-    path = _first_existing(data_dir, (f"{split}.csv", f"{split}_2.csv", f"{split}.jsonl", f"{split}.json"),
-                           f"PMC-VQA {split} file")
-    rows = _read_csv(path) if path.endswith(".csv") else _read_json_or_jsonl(path)
+    multiples of 1/2,000 (61.70 = 1,234 / 2,000). `split="test"` reads the full `test.csv` / `test_2.csv`.
+    xmcmic/PMC-VQA on the Hub is this release (CSVs; unzip images.zip into `images/`). Parquet copies are read
+    too (format="hf"): the same columns in any case and spacing, the image as bytes or a Figure_path; `columns`
+    maps the release's names (HF_PMC_VQA_COLUMNS) to others, `image_cache` as in `load_vqa_rad`.
+    """
+    path, files = _release_or_hf(data_dir, (f"{split}.csv", f"{split}_2.csv", f"{split}.jsonl", f"{split}.json"),
+                                 f"PMC-VQA {split} file", split, format)
+    folders = ("images", "figures", "")
     out = []
+    if files:
+        from vital_jax.eval import hf_files
+
+        cache = hf_files.ImageCache(image_cache, verify=check_images)
+        for label, row, _ in _hf_rows(files, HF_PMC_VQA_COLUMNS, HF_PMC_VQA_OPTIONAL, columns,
+                                   one_of=[("Answer_label", "Answer")]):
+            if limit is not None and len(out) >= limit:
+                break
+            figure = row.get("Figure_path")
+            name = figure if isinstance(figure, str) or figure is None else hf_files.split_image(label, figure)[1]
+            out.append(_pmc_vqa_example(
+                label, row, str(row.get("index") or f"{split}_{len(out)}"),
+                lambda where, value: _hf_image(where, value, data_dir, folders, cache, check_images), name))
+        return _limited(out, limit)
+    rows = _read_csv(path) if path.endswith(".csv") else _read_json_or_jsonl(path)
     for label, row in rows:
-        figure, question = _fields(label, row, ("Figure_path", "Question"))
-        letters = [c for c in metrics.LETTERS if row.get(f"Choice {c}") not in (None, "")]
-        if len(letters) < 2 or letters != list(metrics.LETTERS[:len(letters)]):
-            raise BenchmarkError(f"{label}: needs consecutive options Choice A, Choice B, ...; has "
-                                 f"{', '.join('Choice ' + c for c in letters) or 'none'}")
-        options = tuple(_strip_option_prefix(str(row[f"Choice {c}"]), c) for c in letters)
-        raw = row.get("Answer_label") or row.get("Answer")
-        if raw is None or not str(raw).strip():
-            raise BenchmarkError(f"{label}: missing answer (Answer_label or Answer)")
-        raw = str(raw).strip()
-        letter = raw.upper() if raw.upper() in letters else None
-        if letter is None:
-            matches = [c for c, o in zip(letters, options)
-                       if metrics.normalize_answer(o) == metrics.normalize_answer(_strip_option_prefix(raw, raw[:1]))]
-            letter = matches[0] if len(matches) == 1 else None
-        if letter is None:
-            raise BenchmarkError(f"{label}: answer {raw!r} is neither an option letter nor one option's text")
         rid = str(row.get("index") or row.get("id") or f"{split}_{len(out)}")
-        image = _resolve_image(f"{label} (id {rid!r})", data_dir, str(figure), ("images", "figures", ""),
-                               check_images)
-        out.append(BenchmarkExample(id=rid, image=image, question=" ".join(str(question).split()), answer=letter,
-                                    answer_type="closed", options=options, match="letter",
-                                    prompt=lettered_prompt(str(question), options),
-                                    extra={"answer_text": options[letters.index(letter)], "figure": figure}))
+        out.append(_pmc_vqa_example(
+            label, row, rid, lambda where, value: _resolve_image(where, data_dir, str(value), folders, check_images),
+            row.get("Figure_path")))
     return _limited(out, limit)
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vital_jax.data import build, nifti, quality_gate, questions, records
+from tests.medical_files import write_nifti
+from vital_jax.data import build, quality_gate, questions, records
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
 from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
@@ -111,8 +112,8 @@ def test_msd_task_builds(tmp_path):
     label = np.zeros((48, 48, 4), np.uint8)
     label[10:30, 12:28, 1:3] = 1
     hu[label == 1] = 60
-    nifti.write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
-    nifti.write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
+    write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
+    write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
     (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
                                                    "labels": {"0": "background", "1": "spleen"},
                                                    "training": [{"image": "./imagesTr/spleen_1.nii.gz",
@@ -129,8 +130,8 @@ def test_msd_task_builds(tmp_path):
 
 def test_errors_name_the_stage_or_file(tmp_path):
     config = _phantom_config(tmp_path / "e")
-    config.source = "dicom"
-    with pytest.raises(build.BuildError, match="config.source='dicom'"):
+    config.source = "nrrd"
+    with pytest.raises(build.BuildError, match="config.source='nrrd'"):
         build.build(config)
     config = _phantom_config(tmp_path / "r")
     config.roi.enabled = True

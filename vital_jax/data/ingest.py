@@ -1,11 +1,13 @@
 """Ingestion: segmentation datasets -> images with named target masks (App. A.1, "From segmentation to QA tuples").
 
-Two sources, one output type (`SourceImage`: an RGB image and its `Target`s, each a binary mask with a target
+Three sources, one output type (`SourceImage`: an RGB image and its `Target`s, each a binary mask with a target
 name, target type and whether it is normal anatomy):
   BiomedParse layout  `NAME_MODALITY_SITE.png` images and `NAME_MODALITY_SITE_TARGET.png` masks ('+' = space,
                       0/255) in two folders; modality and site are parsed from the name. Phantoms use it too.
   MSD                 a task folder with `dataset.json` and NIfTI-1/-2 volumes; axial slices whose target mask
                       has at least `min_mask_pixels` (100) pixels, CT windowing, label names from dataset.json.
+  DICOM               `images/CASE/` DICOM series with `labels/CASE.nii.gz` label volumes; slices as for MSD,
+                      windowed by the series' WindowCenter/WindowWidth or a per-modality default.
 Volumes are sliced in RAS+ order, shown radiologically (vital_jax.data.volumes): image top = anterior, image
 left = the patient's right. Every error names the file it is about.
 """
@@ -21,7 +23,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vital_jax.data import volumes
+from vital_jax.data import dicom, volumes
 from vital_jax.data.records import MODALITIES
 from vital_jax.jsonio import read_json
 
@@ -266,3 +268,64 @@ def iter_msd(task_dir: str, min_mask_pixels: int = MSD_MIN_MASK_PIXELS, ct_windo
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _dicom_gray(series: dicom.DicomSeries, window: tuple[float, float] | None) -> np.ndarray:
+    """uint8 (Z, H, W) slices: `window` if given, else the series' own window, else CT_WINDOW for CT and the
+    percentile normalisation for other modalities; MONOCHROME1 series are inverted after windowing."""
+    slices = volumes.axial_slices(series.volume.data)
+    window = window or series.window or (CT_WINDOW if series.modality == "CT" else None)
+    gray = volumes.window(slices, *window) if window else volumes.normalize_percentiles(slices)
+    return 255 - gray if series.inverted else gray
+
+
+def dicom_cases(root: str) -> list[tuple[str, str, str]]:
+    """(case id, DICOM folder, label file) of a DICOM source folder, sorted: `root/images/CASE/` (one series,
+    files at any depth) with `root/labels/CASE.nii.gz` (or .nii). A case without its label, or a label without
+    its case, is an error naming the file."""
+    image_root, label_root = os.path.join(root, "images"), os.path.join(root, "labels")
+    for folder in (image_root, label_root):
+        if not os.path.isdir(folder):
+            raise IngestError(f"{folder}: folder not found (a DICOM source holds images/CASE/ and "
+                              "labels/CASE.nii.gz)")
+    cases = sorted(n for n in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, n))
+                   and not n.startswith("."))
+    label_files = {re.sub(r"\.nii(\.gz)?$", "", n): n for n in sorted(os.listdir(label_root))
+                   if re.search(r"\.nii(\.gz)?$", n)}
+    for case, name in label_files.items():
+        if case not in cases:
+            raise IngestError(f"{os.path.join(label_root, name)}: no DICOM folder {os.path.join(image_root, case)} "
+                              "for this label")
+    out = []
+    for case in cases:
+        if case not in label_files:
+            raise IngestError(f"{os.path.join(image_root, case)}: missing mask {os.path.join(label_root, case)}"
+                              ".nii.gz")
+        out.append((case, os.path.join(image_root, case), os.path.join(label_root, label_files[case])))
+    return out
+
+
+def iter_dicom(root: str, labels: dict[str, str], min_mask_pixels: int = MSD_MIN_MASK_PIXELS,
+               window: tuple[float, float] | None = None, max_cases: int | None = None, name: str = "",
+               site: str | None = None) -> Iterator[SourceImage]:
+    """Axial slices of DICOM series with NIfTI label volumes (layout: `dicom_cases`), as `iter_msd` makes them.
+
+    Each series (vital_jax.data.dicom: rescaled, RAS+) must lie on the grid of its label volume after both are
+    in RAS+ order. `labels` maps label values ("1") to target names; values not listed are ignored. Modality is
+    the series' Modality tag (CT, MR, ...); the window is `window`, else the series' WindowCenter/WindowWidth,
+    else soft tissue (CT_WINDOW) for CT or the percentile normalisation for other modalities.
+    """
+    names = {int(k): v for k, v in labels.items() if int(k) > 0}
+    if not names:
+        raise IngestError(f"{root}: no label names given (a mapping such as {{'1': 'liver'}})")
+    name = name or os.path.basename(os.path.normpath(root))
+    site = site or _slug(name)
+    for case_id, folder, label_path in dicom_cases(root)[:max_cases]:
+        try:
+            series = dicom.read_series(folder)
+        except volumes.VolumeError as e:
+            raise IngestError(str(e)) from e
+        modality = parse_modality(series.modality, series.files[0])
+        label = _load_label(label_path, series.volume, translation=series.positioned)
+        yield from _slice_images(_dicom_gray(series, window), volumes.axial_slices(label), names,
+                                 min_mask_pixels, case_id, folder, label_path, modality, site, f"DICOM {name}")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vital_jax.data import build, nifti, quality_gate, questions, records
+from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
+from vital_jax.data import build, quality_gate, questions, records
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
 from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
@@ -111,8 +112,8 @@ def test_msd_task_builds(tmp_path):
     label = np.zeros((48, 48, 4), np.uint8)
     label[10:30, 12:28, 1:3] = 1
     hu[label == 1] = 60
-    nifti.write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
-    nifti.write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
+    write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
+    write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
     (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
                                                    "labels": {"0": "background", "1": "spleen"},
                                                    "training": [{"image": "./imagesTr/spleen_1.nii.gz",
@@ -127,10 +128,30 @@ def test_msd_task_builds(tmp_path):
     assert all(q.normal_anatomy for q in asked)
 
 
+def test_dicom_source_builds(tmp_path):
+    hu = np.full((4, 48, 48), -100, np.int16)  # (slices, rows, columns)
+    hu[1:3, 10:30, 12:28] = 60
+    write_dicom_series(str(tmp_path / "src/images/p1"), hu, window=([40.0], [400.0]))
+    label = (hu.transpose(2, 1, 0) == 60).astype(np.uint8)  # in DICOM's (column, row, slice) voxel order
+    os.makedirs(tmp_path / "src/labels")
+    write_nifti(str(tmp_path / "src/labels/p1.nii.gz"), label, dicom_affine_ras((0.0, 0.0, 0.0)))
+    config = default_config()
+    config.out_dir, config.source, config.dicom.root = str(tmp_path / "out"), "dicom", str(tmp_path / "src")
+    config.dicom.labels, config.dicom.name = {"1": "spleen"}, "Spleen CT"
+    result = build.build(config)
+    rows = records.read_records(str(tmp_path / "out" / records.RECORDS_FILE))
+    assert result["records"] == 2 * len(QUESTION_TYPES)
+    assert {r.source for r in rows} == {"DICOM Spleen CT"} and {r.image for r in rows} == {
+        "images/p1_z001.png", "images/p1_z002.png"}
+
+
 def test_errors_name_the_stage_or_file(tmp_path):
     config = _phantom_config(tmp_path / "e")
+    config.source = "nrrd"
+    with pytest.raises(build.BuildError, match="config.source='nrrd'"):
+        build.build(config)
     config.source = "dicom"
-    with pytest.raises(build.BuildError, match="config.source='dicom'"):
+    with pytest.raises(build.BuildError, match="needs dicom.root"):
         build.build(config)
     config = _phantom_config(tmp_path / "r")
     config.roi.enabled = True

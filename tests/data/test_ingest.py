@@ -1,110 +1,114 @@
-"""Ingestion: the NIfTI reader, MSD slicing and orientation, the BiomedParse layout (shared demo and phantoms),
-and bad inputs each reported with the file's name."""
+"""Ingestion: NIfTI-1/-2 through nibabel in RAS+ order (flipped and permuted storage give the same slices), MSD
+slicing, the BiomedParse layout (shared demo and phantoms), and bad inputs each reported with the file's name.
+DICOM series are in test_dicom.py."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
-import struct
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 
-from vital_jax.data import ingest, nifti, phantoms
+from tests.medical_files import flip_axis, permute_axes, write_nifti
+from vital_jax.data import ingest, phantoms, volumes
 from vital_jax.data.ingest import IngestError
 
 
 # ---------------------------------------------------------------------------------------------------- NIfTI
+# A RAS+ affine with anisotropic voxels and an offset: what load_nifti must give back for every storage order.
+RAS_AFFINE = np.array([[0.7, 0, 0, -10], [0, 0.8, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.uint16, np.int32, np.float64])
-def test_nifti_round_trip(tmp_path, suffix, dtype):
+def test_nifti_round_trip(tmp_path, version, suffix, dtype):
     data = (np.arange(3 * 4 * 5).reshape(3, 4, 5) % 97).astype(dtype)
-    affine = np.array([[-0.7, 0, 0, 10], [0, -0.7, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1]])
-    path = str(tmp_path / f"v{suffix}")
-    nifti.write_nifti(path, data, affine)
-    image = nifti.read_nifti(path)
-    assert image.data.dtype == dtype and image.data.shape == (3, 4, 5)
-    np.testing.assert_array_equal(image.data, data)
-    np.testing.assert_allclose(image.affine, affine, atol=1e-6)
-    assert image.pixdim[1:4] == pytest.approx((0.7, 0.7, 2.5))
+    path = write_nifti(str(tmp_path / f"v{suffix}"), data, RAS_AFFINE, version=version)
+    volume = volumes.load_nifti(path)
+    assert volume.data.dtype == np.float32 and volume.origin == path
+    np.testing.assert_array_equal(volume.data, data.astype(np.float32))
+    np.testing.assert_allclose(volume.affine, RAS_AFFINE, atol=1e-6)
+    labels = volumes.load_nifti(path, labels=True)
+    assert labels.data.dtype == np.int64
+    np.testing.assert_array_equal(labels.data, data.astype(np.int64))
 
 
 def test_nifti_applies_slope_and_intercept(tmp_path):
     stored = np.array([[[0, 1], [2, 3]]], np.int16)
-    nifti.write_nifti(str(tmp_path / "v.nii"), stored, scl_slope=2.0, scl_inter=-1024.0)
-    data = nifti.read_nifti(str(tmp_path / "v.nii")).data
-    assert data.dtype == np.float32
-    np.testing.assert_array_equal(data, stored * 2.0 - 1024.0)
+    path = write_nifti(str(tmp_path / "v.nii"), stored, slope=2.0, inter=-1024.0)
+    np.testing.assert_array_equal(volumes.load_nifti(path).data, stored * 2.0 - 1024.0)
 
 
-def test_nifti_qform_affine_from_quaternion(tmp_path):
-    """A 180-degree rotation about z is the quaternion (b, c, d) = (0, 0, 1): x and y flip sign."""
-    path = str(tmp_path / "q.nii")
-    nifti.write_nifti(path, np.zeros((2, 2, 2), np.uint8), np.diag([2.0, 3.0, 4.0, 1.0]),
-                      header_fields=dict(sform_code=0, qform_code=1, quatern_d=1.0, qoffset_x=5.0, pixdim0=-1.0))
-    affine = nifti.read_nifti(path).affine
-    np.testing.assert_allclose(affine, [[-2, 0, 0, 5], [0, -3, 0, 0], [0, 0, -4, 0], [0, 0, 0, 1]], atol=1e-6)
+def _anatomy():
+    """A RAS-ordered volume with a single bright voxel on the patient's right, anterior, in the top slice."""
+    data = np.zeros((5, 6, 3), np.int16)
+    data[4, 5, 2] = 1000
+    data[1, 2, 0] = 7  # a second marker: left, posterior, bottom slice
+    return data, RAS_AFFINE
 
 
-def test_nifti_reads_big_endian_files(tmp_path):
-    path = str(tmp_path / "le.nii")
-    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
-    nifti.write_nifti(path, data)
-    raw = bytearray(open(path, "rb").read())
-    big = bytearray(raw)
-    # Swap every header field we read, then the data.
-    fields = [(0, "i"), *[(40 + 2 * i, "h") for i in range(8)], (70, "h"), (72, "h"),
-              *[(76 + 4 * i, "f") for i in range(8)], (108, "f"), (112, "f"), (116, "f"), (252, "h"), (254, "h"),
-              *[(256 + 4 * i, "f") for i in range(6)], *[(280 + 4 * i, "f") for i in range(12)]]
-    for offset, fmt in fields:
-        struct.pack_into(">" + fmt, big, offset, *struct.unpack_from("<" + fmt, raw, offset))
-    big[352:] = data.astype(">i2").tobytes(order="F")
-    open(tmp_path / "be.nii", "wb").write(bytes(big))
-    np.testing.assert_array_equal(nifti.read_nifti(str(tmp_path / "be.nii")).data, data)
+@pytest.mark.parametrize("store", [
+    "RAS", "LAS (i flipped)", "LPS (i, j flipped, as DICOM)", "RPI (j, k flipped)", "SRA (axes permuted)",
+    "ILP (permuted and flipped)"])
+@pytest.mark.parametrize("version, suffix", [(1, ".nii"), (2, ".nii.gz")])
+def test_flipped_or_permuted_storage_gives_the_same_canonical_slices(tmp_path, store, version, suffix):
+    data, affine = _anatomy()
+    steps = {"RAS": [], "LAS (i flipped)": [("flip", 0)], "LPS (i, j flipped, as DICOM)": [("flip", 0), ("flip", 1)],
+             "RPI (j, k flipped)": [("flip", 1), ("flip", 2)], "SRA (axes permuted)": [("perm", (2, 0, 1))],
+             "ILP (permuted and flipped)": [("perm", (2, 0, 1)), ("flip", 0), ("flip", 1), ("flip", 2)]}[store]
+    for kind, arg in steps:
+        data, affine = flip_axis(data, affine, arg) if kind == "flip" else permute_axes(data, affine, arg)
+    if store != "RAS":
+        assert nib.aff2axcodes(affine) != ("R", "A", "S")
+    volume = volumes.load_nifti(write_nifti(str(tmp_path / f"v{suffix}"), data, affine, version=version))
+    reference, reference_affine = _anatomy()
+    np.testing.assert_array_equal(volume.data, reference)
+    np.testing.assert_allclose(volume.affine, reference_affine, atol=1e-5)
+    slices = volumes.axial_slices(volume.data)
+    # Radiological display: the right-anterior voxel of the top slice is the image's top-left pixel; the
+    # left-posterior marker of the bottom slice sits right of centre, in the lower half.
+    assert slices.shape == (3, 6, 5) and slices[2, 0, 0] == 1000 and slices[0, 6 - 1 - 2, 5 - 1 - 1] == 7
 
 
 def test_nifti_errors_name_the_file(tmp_path):
-    path = str(tmp_path / "v.nii.gz")
-    nifti.write_nifti(path, np.zeros((4, 4, 4), np.int16))
+    path = write_nifti(str(tmp_path / "v.nii.gz"), np.zeros((4, 4, 4), np.int16))
     raw = gzip.decompress(open(path, "rb").read())
-    (tmp_path / "short.nii").write_bytes(raw[:100])
     (tmp_path / "trunc.nii").write_bytes(raw[:-10])
-    (tmp_path / "magic.nii").write_bytes(raw[:344] + b"xx1\x00" + raw[348:])
+    (tmp_path / "garbage.nii").write_bytes(b"definitely not a NIfTI header" * 20)
     (tmp_path / "bad.nii.gz").write_bytes(b"not gzip at all")
-    code = bytearray(raw)
-    code[70:72] = (32).to_bytes(2, "little")  # complex64: unsupported
-    (tmp_path / "complex.nii").write_bytes(bytes(code))
-    for name, fragment in [("short.nii", "shorter than a NIfTI-1 header"), ("trunc.nii", "data truncated"),
-                           ("magic.nii", "not a single-file NIfTI-1"), ("bad.nii.gz", "cannot read"),
-                           ("complex.nii", "unsupported NIfTI datatype code 32"), ("absent.nii", "not found")]:
-        with pytest.raises(nifti.NiftiError, match=fragment) as e:
-            nifti.read_nifti(str(tmp_path / name))
+    write_nifti(str(tmp_path / "flat.nii"), np.zeros((4, 4), np.int16))
+    write_nifti(str(tmp_path / "half.nii"), np.full((2, 2, 2), 0.5, np.float32))
+    for name, fragment, labels in [
+            ("trunc.nii", "cannot read the voxel data", False), ("garbage.nii", "not a readable NIfTI", False),
+            ("bad.nii.gz", "not a readable NIfTI", False), ("absent.nii", "file not found", False),
+            ("flat.nii", "expected a 3-D volume", False), ("half.nii", "non-integer values", True)]:
+        with pytest.raises(volumes.VolumeError, match=fragment) as e:
+            volumes.load_nifti(str(tmp_path / name), labels=labels)
         assert name in str(e.value)
 
 
-# ------------------------------------------------------------------------------------------------ orientation
-@pytest.mark.parametrize("affine, voxel", [
-    (np.diag([1.0, 1.0, 1.0, 1.0]), (4, 5)),       # RAS: the most right/anterior voxel has the largest i, j
-    (np.diag([-1.0, -1.0, 1.0, 1.0]), (0, 0)),     # LPS-like (DICOM): it has i = j = 0
-])
-def test_axial_slices_show_anterior_up_and_patient_right_on_image_left(affine, voxel):
-    volume = np.zeros((5, 6, 3))
-    volume[voxel[0], voxel[1], 2] = 1.0
-    slices = ingest.axial_slices(volume, affine, "test")
-    assert slices.shape == (3, 6, 5)
-    assert slices[2, 0, 0] == 1.0 and slices.sum() == 1.0
-
-
-def test_axial_slices_find_z_among_permuted_axes():
-    """A volume stored (z, x, y) still slices along z."""
-    affine = np.zeros((4, 4))
-    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = 1.0, 1.0, 1.0, 1.0
-    volume = np.zeros((3, 5, 6))
-    volume[1, 4, 5] = 1.0  # z = 1, most right (x = 4), most anterior (y = 5)
-    slices = ingest.axial_slices(volume, affine, "test")
-    assert slices.shape == (3, 6, 5) and slices[1, 0, 0] == 1.0
+def test_mask_grid_must_match_the_image_and_errors_name_both_files(tmp_path):
+    data, affine = _anatomy()
+    image = volumes.load_nifti(write_nifti(str(tmp_path / "image.nii"), data, affine))
+    # The same grid stored flipped is the same grid.
+    flipped = volumes.load_nifti(write_nifti(str(tmp_path / "flipped.nii"), *flip_axis(data, affine, 0)), True)
+    volumes.check_same_grid(image, flipped)
+    shifted = affine.copy()
+    shifted[0, 3] += 0.7  # one voxel to the right
+    for name, mask_data, mask_affine, fragment in [
+            ("small.nii", data[:4], affine, r"mask shape \(4, 6, 3\) differs"),
+            ("shifted.nii", data, shifted, "mask grid differs"),
+            ("coarse.nii", data, affine @ np.diag([2.0, 1.0, 1.0, 1.0]), "mask grid differs")]:
+        mask = volumes.load_nifti(write_nifti(str(tmp_path / name), mask_data, mask_affine), True)
+        with pytest.raises(volumes.VolumeError, match=fragment) as e:
+            volumes.check_same_grid(image, mask)
+        assert name in str(e.value) and "image.nii" in str(e.value)
+    volumes.check_same_grid(image, volumes.load_nifti(str(tmp_path / "shifted.nii"), True), translation=False)
 
 
 # ---------------------------------------------------------------------------------------------------- MSD
@@ -120,9 +124,9 @@ def _msd_task(root, modality="CT", labels=None):
         label[10:30, 8:20, 1:5] = 1            # 240 px on slices 1..4
         label[12:20, 10:20, 2] = 2             # 80 px: below the threshold
         label[12:24, 10:20, 3] = 2             # 120 px
-        nifti.write_nifti(str(root / f"imagesTr/case_{c}.nii.gz"), ((hu + 1024) // 2).astype(np.int16),
-                          np.diag([1.0, 1.0, 1.0, 1.0]), scl_slope=2.0, scl_inter=-1024.0)
-        nifti.write_nifti(str(root / f"labelsTr/case_{c}.nii.gz"), label, np.diag([1.0, 1.0, 1.0, 1.0]))
+        write_nifti(str(root / f"imagesTr/case_{c}.nii.gz"), ((hu + 1024) // 2).astype(np.int16), slope=2.0,
+                    inter=-1024.0)
+        write_nifti(str(root / f"labelsTr/case_{c}.nii.gz"), label, version=2)
         cases.append({"image": f"./imagesTr/case_{c}.nii.gz", "label": f"./labelsTr/case_{c}.nii.gz"})
     meta = {"name": "Liver", "modality": {"0": modality}, "labels": labels, "training": cases}
     (root / "dataset.json").write_text(json.dumps(meta))
@@ -157,6 +161,24 @@ def test_msd_mr_and_errors(tmp_path):
     (tmp_path / "mr/dataset.json").write_text("{nope")
     with pytest.raises(IngestError, match="dataset.json: malformed JSON"):
         list(ingest.iter_msd(str(tmp_path / "mr")))
+
+
+def test_msd_label_in_another_voxel_order_aligns_and_a_grid_mismatch_names_both_files(tmp_path):
+    _msd_task(tmp_path)
+    reference = list(ingest.iter_msd(str(tmp_path), max_cases=1))
+    label_path = str(tmp_path / "labelsTr/case_0.nii.gz")
+    label = nib.load(label_path)
+    stored = np.asarray(label.dataobj)  # read now: the file is rewritten below
+    data, affine = flip_axis(*permute_axes(stored, label.affine, (2, 0, 1)), 1)
+    write_nifti(label_path, data, affine)
+    again = list(ingest.iter_msd(str(tmp_path), max_cases=1))
+    assert [im.image_id for im in again] == [im.image_id for im in reference]
+    for a, b in zip(again, reference):
+        assert all(np.array_equal(s.mask, t.mask) for s, t in zip(a.targets, b.targets))
+    write_nifti(label_path, stored, np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(IngestError, match="mask grid differs") as e:
+        list(ingest.iter_msd(str(tmp_path)))
+    assert "labelsTr/case_0.nii.gz" in str(e.value) and "imagesTr/case_0.nii.gz" in str(e.value)
 
 
 # -------------------------------------------------------------------------------------------- BiomedParse

@@ -3,9 +3,9 @@
     python -m vital_jax.data.build --config=configs/data/demo_phantoms.py [--config.out_dir=DIR ...]
 
 Stages (each resumable; rerunning the command finishes what is missing):
-  1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse" or "msd"), write `images/ID.png`
-              (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target and question
-              type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
+  1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
+              `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
+              and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
   2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
               `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
   3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
@@ -69,7 +69,14 @@ def _source_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[i
         m = config.msd
         return ingest.iter_msd(m.task_dir, min_mask_pixels=m.min_mask_pixels, ct_window=tuple(m.ct_window),
                                channel=m.channel, max_cases=m.max_cases or None)
-    raise BuildError(f"config.source={config.source!r}: expected phantoms, biomedparse or msd")
+    if config.source == "dicom":
+        d = config.dicom
+        if not d.root or not d.labels:
+            raise BuildError("config.source='dicom' needs dicom.root (images/CASE/ and labels/CASE.nii.gz) and "
+                             "dicom.labels (label value -> target name, e.g. {'1': 'liver'})")
+        return ingest.iter_dicom(d.root, dict(d.labels), min_mask_pixels=d.min_mask_pixels,
+                                 window=tuple(d.window) or None, max_cases=d.max_cases or None, name=d.name)
+    raise BuildError(f"config.source={config.source!r}: expected phantoms, biomedparse, msd or dicom")
 
 
 def _phantom_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[ingest.SourceImage]:

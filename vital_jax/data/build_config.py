@@ -16,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field `build` reads, with defaults; data configs start from this and override."""
     c = ml_collections.ConfigDict()
     c.out_dir = ""
-    c.source = "phantoms"                       # phantoms | biomedparse | msd
+    c.source = "phantoms"                       # phantoms | biomedparse | msd | dicom
     c.seed = 0
     c.question_types = list(QUESTION_TYPES)
     c.split_fractions = (0.8, 0.1, 0.1)
@@ -37,6 +37,11 @@ def default_config() -> ml_collections.ConfigDict:
                                                    normal_anatomy=False))
     c.msd = ml_collections.ConfigDict(dict(task_dir="", min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,
                                            ct_window=ingest.CT_WINDOW, channel=0, max_cases=0))
+    # DICOM series (root/images/CASE/) with NIfTI label volumes (root/labels/CASE.nii.gz); labels maps label
+    # values to target names ({"1": "liver"}); window () = each series' own WindowCenter/WindowWidth, else the
+    # modality default (ingest.iter_dicom); name "" = the root folder's name.
+    c.dicom = ml_collections.ConfigDict(dict(root="", labels={}, min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,
+                                             window=(), max_cases=0, name=""))
     c.teacher = ml_collections.ConfigDict(dict(kind="geometry", workers=2,
                                                max_regenerations=teacher.MAX_REGENERATIONS,
                                                base_url="", model="", api_key_env="OPENAI_API_KEY",

@@ -1,12 +1,15 @@
 """Ingestion: segmentation datasets -> images with named target masks (App. A.1, "From segmentation to QA tuples").
 
-Two sources, one output type (`SourceImage`: an RGB image and its `Target`s, each a binary mask with a target
+Three sources, one output type (`SourceImage`: an RGB image and its `Target`s, each a binary mask with a target
 name, target type and whether it is normal anatomy):
   BiomedParse layout  `NAME_MODALITY_SITE.png` images and `NAME_MODALITY_SITE_TARGET.png` masks ('+' = space,
                       0/255) in two folders; modality and site are parsed from the name. Phantoms use it too.
-  MSD                 a task folder with `dataset.json` and NIfTI volumes; axial slices whose target mask has
-                      at least `min_mask_pixels` (100) pixels, CT windowing, label names from dataset.json.
-Every error names the file it is about.
+  MSD                 a task folder with `dataset.json` and NIfTI-1/-2 volumes; axial slices whose target mask
+                      has at least `min_mask_pixels` (100) pixels, CT windowing, label names from dataset.json.
+  DICOM               `images/CASE/` DICOM series with `labels/CASE.nii.gz` label volumes; slices as for MSD,
+                      windowed by the series' WindowCenter/WindowWidth or a per-modality default.
+Volumes are sliced in RAS+ order, shown radiologically (vital_jax.data.volumes): image top = anterior, image
+left = the patient's right. Every error names the file it is about.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vital_jax.data import nifti
+from vital_jax.data import dicom, volumes
 from vital_jax.data.records import MODALITIES
 from vital_jax.jsonio import read_json
 
@@ -174,51 +177,6 @@ def iter_biomedparse(image_dir: str, mask_dir: str, source: str = "biomedparse",
                           targets=tuple(targets), origin=path)
 
 
-def _axis_codes(affine: np.ndarray) -> list[tuple[int, float]]:
-    """For each voxel axis: (the world axis it mostly follows, 0=x 1=y 2=z in RAS+, the direction's sign)."""
-    directions = affine[:3, :3]
-    codes = []
-    for axis in range(3):
-        world = int(np.argmax(np.abs(directions[:, axis])))
-        codes.append((world, float(np.sign(directions[world, axis]))))
-    return codes
-
-
-def axial_slices(volume: np.ndarray, affine: np.ndarray, origin: str) -> np.ndarray:
-    """(S, H, W) axial slices in radiological display: image top = anterior, image left = patient's right.
-
-    `volume` is (i, j, k) in voxel order; its affine maps voxels to RAS+ world coordinates.
-    """
-    codes = _axis_codes(affine)
-    world_to_voxel = {world: (axis, sign) for axis, (world, sign) in enumerate(codes)}
-    if sorted(world_to_voxel) != [0, 1, 2]:
-        raise IngestError(f"{origin}: oblique affine, voxel axes do not map one-to-one onto x/y/z")
-    (x_axis, x_sign), (y_axis, y_sign), (z_axis, _) = (world_to_voxel[w] for w in (0, 1, 2))
-    out = np.transpose(volume, (z_axis, y_axis, x_axis))
-    # Rows must run anterior -> posterior (decreasing y), columns patient right -> left (decreasing x).
-    if y_sign > 0:
-        out = out[:, ::-1, :]
-    if x_sign > 0:
-        out = out[:, :, ::-1]
-    return out
-
-
-def window_ct(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """uint8 from Hounsfield units through a (level, width) window."""
-    scaled = (hu.astype(np.float64) - (level - width / 2.0)) / width
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def normalize_mr(volume: np.ndarray) -> np.ndarray:
-    """uint8 from MR signal: the 0.5-99.5 percentile range of the nonzero voxels of the whole volume -> 0..255."""
-    nonzero = volume[volume != 0]
-    if nonzero.size == 0:
-        return np.zeros(volume.shape, np.uint8)
-    low, high = np.percentile(nonzero, [0.5, 99.5])
-    scaled = (volume.astype(np.float64) - low) / max(high - low, 1e-6)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def read_msd_dataset_json(task_dir: str) -> dict:
     """The task's dataset.json, checked for the fields ingestion needs."""
     path = os.path.join(task_dir, "dataset.json")
@@ -241,50 +199,133 @@ def _msd_modality(meta: dict, path: str, channel: int) -> str:
     raise IngestError(f"{path}: unknown modality {name!r} for channel {channel}")
 
 
+def _slice_images(gray: np.ndarray, label_slices: np.ndarray, labels: dict[int, str], min_mask_pixels: int,
+                  case_id: str, image_origin: str, label_origin: str, modality: str, site: str,
+                  source: str) -> Iterator[SourceImage]:
+    """One SourceImage per axial slice (uint8 `gray` (Z, H, W), int `label_slices` alike) holding some label with
+    >= `min_mask_pixels` pixels; organ labels are normal anatomy (App. A.1)."""
+    for index in range(gray.shape[0]):
+        targets = []
+        for value, name in labels.items():
+            mask = label_slices[index] == value
+            if mask.sum() >= min_mask_pixels:
+                target_type = classify_target(name)
+                targets.append(Target(name=name, target_type=target_type, mask=np.ascontiguousarray(mask),
+                                      normal_anatomy=target_type == "organ",
+                                      mask_origin=f"{label_origin}[axial {index}]"))
+        if targets:
+            rgb = np.repeat(gray[index][..., None], 3, axis=-1)
+            yield SourceImage(image_id=f"{case_id}_z{index:03d}", image=rgb, modality=modality, site=site,
+                              source=source, targets=tuple(targets), origin=f"{image_origin}[axial {index}]")
+
+
+def _load_label(path: str, image: volumes.Volume, translation: bool = True) -> np.ndarray:
+    """The label volume at `path` in RAS+ order, checked to lie on `image`'s grid."""
+    try:
+        label = volumes.load_nifti(path, labels=True)
+        volumes.check_same_grid(image, label, translation=translation)
+    except volumes.VolumeError as e:
+        raise IngestError(str(e)) from e
+    return label.data
+
+
 def iter_msd(task_dir: str, min_mask_pixels: int = MSD_MIN_MASK_PIXELS, ct_window: tuple[float, float] = CT_WINDOW,
              channel: int = 0, target_names: dict[str, str] | None = None, max_cases: int | None = None,
              site: str | None = None) -> Iterator[SourceImage]:
     """Axial slices of an MSD task's training volumes that hold >= `min_mask_pixels` pixels of some label.
 
-    Each slice is one SourceImage whose targets are the labels (named by dataset.json, or `target_names` keyed
-    by label value) present with enough pixels. CT goes through `ct_window`; MR is percentile-normalised per
-    volume, using `channel` of 4-D volumes. Organ labels are normal anatomy (App. A.1).
+    Volumes and labels are read with nibabel and brought to RAS+ (vital_jax.data.volumes: radiological display,
+    image left = patient's right); each label volume must lie on its image's grid. Each slice is one SourceImage
+    whose targets are the labels (named by dataset.json, or `target_names` keyed by label value) present with
+    enough pixels. CT goes through `ct_window`; MR is percentile-normalised per volume, using `channel` of 4-D
+    volumes. Organ labels are normal anatomy (App. A.1).
     """
     meta = read_msd_dataset_json(task_dir)
     json_path = os.path.join(task_dir, "dataset.json")
     modality = _msd_modality(meta, json_path, channel)
     labels = {int(k): (target_names or {}).get(str(k), v) for k, v in meta["labels"].items() if int(k) > 0}
     task = str(meta.get("name", os.path.basename(os.path.normpath(task_dir))))
-    site = site or re.sub(r"[^a-z0-9]+", "-", task.lower()).strip("-")
+    site = site or _slug(task)
     for case in meta["training"][:max_cases]:
         image_path = os.path.normpath(os.path.join(task_dir, case["image"]))
         label_path = os.path.normpath(os.path.join(task_dir, case["label"]))
         try:
-            image = nifti.read_nifti(image_path)
-            label = nifti.read_nifti(label_path)
-        except nifti.NiftiError as e:
+            image = volumes.load_nifti(image_path)
+        except volumes.VolumeError as e:
             raise IngestError(str(e)) from e
+        label = _load_label(label_path, image)
         volume = image.data
         if volume.ndim == 4:
+            if not 0 <= channel < volume.shape[3]:
+                raise IngestError(f"{image_path}: no channel {channel} in a volume of shape {volume.shape}")
             volume = volume[..., channel]
-        if volume.ndim != 3 or label.data.ndim != 3:
-            raise IngestError(f"{image_path}: expected a 3-D volume (or 4-D with channels), got {image.data.shape}")
-        if volume.shape != label.data.shape:
-            raise IngestError(f"{label_path}: label shape {label.data.shape} differs from image {volume.shape}")
-        slices = axial_slices(volume, image.affine, image_path)
-        label_slices = axial_slices(np.asarray(label.data).astype(np.int64), image.affine, image_path)
-        gray = window_ct(slices, *ct_window) if modality == "CT" else normalize_mr(slices)
+        slices = volumes.axial_slices(volume)
+        gray = volumes.window(slices, *ct_window) if modality == "CT" else volumes.normalize_percentiles(slices)
         case_id = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(image_path))
-        for index in range(slices.shape[0]):
-            targets = []
-            for value, name in labels.items():
-                mask = label_slices[index] == value
-                if mask.sum() >= min_mask_pixels:
-                    target_type = classify_target(name)
-                    targets.append(Target(name=name, target_type=target_type, mask=np.ascontiguousarray(mask),
-                                          normal_anatomy=target_type == "organ",
-                                          mask_origin=f"{label_path}[axial {index}]"))
-            if targets:
-                rgb = np.repeat(np.ascontiguousarray(gray[index])[..., None], 3, axis=-1)
-                yield SourceImage(image_id=f"{case_id}_z{index:03d}", image=rgb, modality=modality, site=site,
-                                  source=f"MSD {task}", targets=tuple(targets), origin=f"{image_path}[axial {index}]")
+        yield from _slice_images(gray, volumes.axial_slices(label), labels, min_mask_pixels, case_id, image_path,
+                                 label_path, modality, site, f"MSD {task}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _dicom_gray(series: dicom.DicomSeries, window: tuple[float, float] | None) -> np.ndarray:
+    """uint8 (Z, H, W) slices: `window` if given, else the series' own window, else CT_WINDOW for CT and the
+    percentile normalisation for other modalities; MONOCHROME1 series are inverted after windowing."""
+    slices = volumes.axial_slices(series.volume.data)
+    window = window or series.window or (CT_WINDOW if series.modality == "CT" else None)
+    gray = volumes.window(slices, *window) if window else volumes.normalize_percentiles(slices)
+    return 255 - gray if series.inverted else gray
+
+
+def dicom_cases(root: str) -> list[tuple[str, str, str]]:
+    """(case id, DICOM folder, label file) of a DICOM source folder, sorted: `root/images/CASE/` (one series,
+    files at any depth) with `root/labels/CASE.nii.gz` (or .nii). A case without its label, or a label without
+    its case, is an error naming the file."""
+    image_root, label_root = os.path.join(root, "images"), os.path.join(root, "labels")
+    for folder in (image_root, label_root):
+        if not os.path.isdir(folder):
+            raise IngestError(f"{folder}: folder not found (a DICOM source holds images/CASE/ and "
+                              "labels/CASE.nii.gz)")
+    cases = sorted(n for n in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, n))
+                   and not n.startswith("."))
+    label_files = {re.sub(r"\.nii(\.gz)?$", "", n): n for n in sorted(os.listdir(label_root))
+                   if re.search(r"\.nii(\.gz)?$", n)}
+    for case, name in label_files.items():
+        if case not in cases:
+            raise IngestError(f"{os.path.join(label_root, name)}: no DICOM folder {os.path.join(image_root, case)} "
+                              "for this label")
+    out = []
+    for case in cases:
+        if case not in label_files:
+            raise IngestError(f"{os.path.join(image_root, case)}: missing mask {os.path.join(label_root, case)}"
+                              ".nii.gz")
+        out.append((case, os.path.join(image_root, case), os.path.join(label_root, label_files[case])))
+    return out
+
+
+def iter_dicom(root: str, labels: dict[str, str], min_mask_pixels: int = MSD_MIN_MASK_PIXELS,
+               window: tuple[float, float] | None = None, max_cases: int | None = None, name: str = "",
+               site: str | None = None) -> Iterator[SourceImage]:
+    """Axial slices of DICOM series with NIfTI label volumes (layout: `dicom_cases`), as `iter_msd` makes them.
+
+    Each series (vital_jax.data.dicom: rescaled, RAS+) must lie on the grid of its label volume after both are
+    in RAS+ order. `labels` maps label values ("1") to target names; values not listed are ignored. Modality is
+    the series' Modality tag (CT, MR, ...); the window is `window`, else the series' WindowCenter/WindowWidth,
+    else soft tissue (CT_WINDOW) for CT or the percentile normalisation for other modalities.
+    """
+    names = {int(k): v for k, v in labels.items() if int(k) > 0}
+    if not names:
+        raise IngestError(f"{root}: no label names given (a mapping such as {{'1': 'liver'}})")
+    name = name or os.path.basename(os.path.normpath(root))
+    site = site or _slug(name)
+    for case_id, folder, label_path in dicom_cases(root)[:max_cases]:
+        try:
+            series = dicom.read_series(folder)
+        except volumes.VolumeError as e:
+            raise IngestError(str(e)) from e
+        modality = parse_modality(series.modality, series.files[0])
+        label = _load_label(label_path, series.volume, translation=series.positioned)
+        yield from _slice_images(_dicom_gray(series, window), volumes.axial_slices(label), names,
+                                 min_mask_pixels, case_id, folder, label_path, modality, site, f"DICOM {name}")

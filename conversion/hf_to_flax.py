@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         prog="python -m conversion.hf_to_flax",
         description="Convert a HuggingFace checkpoint directory (config.json + *.safetensors) into a vital_jax "
                     "Flax model directory (config.json + orbax params + tokenizer files). Supported model types: "
-                    "qwen3, qwen3_vl, siglip / siglip_vision_model.")
+                    "qwen3, qwen3_vl, siglip / siglip_vision_model, sam / sam_vision_model (image encoder only).")
     parser.add_argument("--hf_dir", required=True, help="local HF model directory (no hub downloads)")
     parser.add_argument("--out", required=True, help="output directory (created; must not hold params yet)")
     parser.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],

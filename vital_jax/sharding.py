@@ -104,6 +104,9 @@ LINEAR_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"patch_embed", (None, "embed")),
     # SigLIP (the ROI-feature encoder): q/k/v_proj share the rules above, its MLP the fc1/fc2 rules below.
     (r"out_proj", ("heads", "embed")),
+    # SAM image encoder (MedSynapse-V's anatomical encoder): attn/qkv and attn/proj share the Qwen3-VL rules.
+    (r"mlp/lin1", ("embed", "mlp")),
+    (r"mlp/lin2", ("mlp", "embed")),
     # VITAL scaffolding: pj_in/proj, visual_projector/fc1, fc2. The heads run as their own root modules, so the
     # rules match the module name alone (that is the path `constrain_weight` sees); "attn/proj" matched above.
     (r"proj", ("embed", None)),

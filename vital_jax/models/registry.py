@@ -48,7 +48,17 @@ def _siglip() -> Family:
                   load, None)
 
 
-_FACTORIES = [_qwen3, _qwen3_vl, _siglip]
+def _sam() -> Family:
+    from vital_jax.models.sam import params as p
+    from vital_jax.models.sam.config import SamVisionConfig
+
+    # Only the image encoder is converted (MedSynapse-V's anatomical features); the prompt encoder and mask decoder
+    # of a full SamModel are not kept, so export back to HF is not offered.
+    return Family("sam", ("sam", "sam_vision_model"), SamVisionConfig.from_hf_dict, p.abstract_params, p.load_params,
+                  None)
+
+
+_FACTORIES = [_qwen3, _qwen3_vl, _siglip, _sam]
 
 
 def register(factory: Callable[[], Family]) -> None:

@@ -69,9 +69,14 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
              "location_choice": {"chance": 1 / 3, "majority": 0.4, "count": 10},
              "location": {"majority_f1": 0.6, "count": 10},
              "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
+    for r in results:
+        if r["row"] == "vital":  # answered at each question's own training K as well
+            r["test_record_k"] = dict(r["test"], closed_accuracy=0.9)
     config = study_config.get_config()
     path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"})
     text = open(path).read()
+    own_k = text.split("## Each question answered at its own training K")[1].split("##")[0]
+    assert "| vital | 90.0 ± 0.0 |" in own_k and "| sft_k0 |" not in own_k
     assert "| *floor* |" in text and "45.0" in text  # the per-type majority floor is reported
     assert "| vital |" in text and "70.0 ± 0.0" in text
     assert "McNemar" in text and "| vital | sft_k0 |" in text

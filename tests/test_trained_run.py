@@ -55,6 +55,31 @@ def test_k_sweep_on_the_in_domain_split(workdir, tmp_path):
     assert Image.open(out / "k_sweep.png").size[0] > 0
 
 
+def test_record_k_answers_each_question_at_its_own_trained_k(workdir, tmp_path):
+    """latent_steps="record": one batch mixes records of different K (as training does); each answer must equal
+    the answer of a fixed-K evaluation at that record's K."""
+    from vital_jax.evaluate import RECORD_K, evaluate
+
+    run = load_run(workdir)
+    split = "train"  # the tiny run's train split has records of every K
+    out = tmp_path / "record"
+    evaluate(workdir, "in_domain", run.paths.data_dir, str(out / "mixed"), [RECORD_K], split=split, limit=12,
+             run=run, latency_examples=1)
+    mixed = [json.loads(line) for line in open(out / "mixed" / "in_domain.predictions.jsonl")]
+    ks = sorted({row["latent_steps"] for row in mixed})
+    assert len(ks) > 1, f"the slice should mix several K, got {ks}"
+    evaluate(workdir, "in_domain", run.paths.data_dir, str(out / "fixed"), ks, split=split, limit=12, run=run,
+             latency_examples=1)
+    for k in ks:
+        fixed = {json.loads(line)["id"]: json.loads(line)["prediction"]
+                 for line in open(out / "fixed" / f"k{k}" / "in_domain.predictions.jsonl")}
+        for row in mixed:
+            if row["latent_steps"] == k:
+                assert row["prediction"] == fixed[row["id"]], (row["id"], k)
+    with pytest.raises(ValueError, match="outside 0..K_max"):
+        evaluate(workdir, "in_domain", run.paths.data_dir, str(out / "bad"), ["every"], split=split, run=run)
+
+
 def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
     from vital_jax.explain import explain_dataset, explain_example
 

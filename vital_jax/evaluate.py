@@ -24,11 +24,35 @@ from absl import app, flags, logging
 DEFAULT_LATENCY_EXAMPLES = 64
 
 
+RECORD_K = "record"
+
+
+def record_latent_steps(examples, run) -> list[int]:
+    """K per example for `latent_steps=["record"]`: the K its record was trained with (the length of its
+    reasoning chain, `extra["latent_steps"]`), capped like training (`vital.latent_steps_cap`, else K_max).
+
+    A diagnostic, not the paper's protocol (which answers every question with the same K): it tells a model that
+    fails at a fixed K because short-chain questions never saw that K in training apart from one that fails anyway.
+    """
+    cap = int(run.config.vital.latent_steps_cap)
+    cap = run.model.config.k_max if cap < 0 else min(cap, run.model.config.k_max)
+    steps = []
+    for e in examples:
+        k = e.extra.get("latent_steps")
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"example {e.id!r} has no record K (extra['latent_steps']={k!r}); latent_steps="
+                             f"{RECORD_K!r} needs a benchmark built by vital_jax (in_domain, phantom_vqa)")
+        steps.append(min(k, cap))
+    return steps
+
+
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
              latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES, data_format: str = "auto") -> list[dict]:
     """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files).
+
+    An entry "record" (`RECORD_K`) answers each question with its own record's K (`record_latent_steps`).
 
     `split` defaults to the benchmark's own (`benchmarks.default_split`: test, or PMC-VQA's test_clean).
     `max_new_tokens` defaults to the run's training answer budget (config data.max_answer_tokens), so answers are
@@ -47,9 +71,9 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
 
     run = run or load_run(checkpoint)
     k_max = run.model.config.k_max
-    bad = [k for k in latent_steps if not 0 <= k <= k_max]
+    bad = [k for k in latent_steps if k != RECORD_K and not (isinstance(k, int) and 0 <= k <= k_max)]
     if bad:
-        raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run")
+        raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run (or {RECORD_K!r})")
     split = split or default_split(benchmark)
     if max_new_tokens is None:
         max_new_tokens = int(run.config.data.max_answer_tokens)
@@ -62,20 +86,27 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
                for i in range(0, len(examples), batch_size)]
-    predictor.warm_up(batches, latent_steps)
+    record_steps = record_latent_steps(examples, run) if RECORD_K in latent_steps else None
+    # The compiled program depends on the number of latent slots only; "record" runs the run's K cap of slots.
+    slots = {k: (max(record_steps) if k == RECORD_K else k) for k in latent_steps}
+    predictor.warm_up(batches, sorted(set(slots.values())))
     single, singles = predictor, []
     if batch_size != 1 and n_timed:
         single = Predictor(run, batch_size=1, max_new_tokens=max_new_tokens)
         singles = [single.encode([e.image], [e.prompt]) for e in examples[:n_timed]]
-        single.warm_up(singles, latent_steps)
+        single.warm_up(singles, sorted(set(slots.values())))
     summaries, sweep = [], []
     for k in latent_steps:
-        logging.info("evaluating %s (%d examples) at K=%d, max_new_tokens=%d", benchmark, len(examples), k,
+        logging.info("evaluating %s (%d examples) at K=%s, max_new_tokens=%d", benchmark, len(examples), k,
                      max_new_tokens)
+
+        def steps_of(start, n, k=k):
+            return None if k != RECORD_K else record_steps[start:start + n]
+
         predictions, batched = [], []
         progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 10))
         for prefix, n in batches:
-            answers, _, ms = predictor.run_encoded(prefix, n, k)
+            answers, _, ms = predictor.run_encoded(prefix, n, slots[k], steps_of(len(predictions), n))
             predictions += answers
             batched += [ms * batch_size / n] * n  # the batch's time over its real examples
             progress.update(len(predictions))
@@ -83,17 +114,20 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         if batch_size == 1:
             latency = batched[:n_timed]
         else:
-            latency = [single.run_encoded(prefix, n, k)[2] for prefix, n in singles]
+            latency = [single.run_encoded(prefix, n, slots[k], steps_of(i, n))[2]
+                       for i, (prefix, n) in enumerate(singles)]
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
-        summary = write_report(k_dir, benchmark, examples, predictions, latent_steps=k,
+        summary = write_report(k_dir, benchmark, examples, predictions,
+                               latent_steps=record_steps if k == RECORD_K else k,
                                latency_ms=latency + [None] * (len(examples) - len(latency)), meta=meta,
                                batched_ms_per_example=batched, batch_size=batch_size)
         summaries.append(summary)
-        scored = score_lib.score(examples, predictions)
-        sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
-    if len(latent_steps) > 1:
+        if k != RECORD_K:  # the K sweep is over fixed K
+            scored = score_lib.score(examples, predictions)
+            sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
+    if len(sweep) > 1:
         write_k_sweep(out_dir, sweep)
         write_summary(out_dir, summaries)
     return summaries
@@ -105,12 +139,13 @@ def main(argv):
                        ("out", _OUT)):
         if flag.value is None:
             raise app.UsageError(f"--{name} is required")
-    if _LATENT_STEPS.value is None and not _K_SWEEP.value:
-        raise app.UsageError("give --latent_steps=K (explicitly; it is never inferred) or --k_sweep")
+    if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
+        raise app.UsageError("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
     from vital_jax.inference import load_run
 
     run = load_run(_CHECKPOINT.value)
     ks = list(range(run.model.config.k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
+    ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
     summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
                          _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run,
                          latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
@@ -124,7 +159,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
-    global _LATENCY_N, _DATA_FORMAT
+    global _LATENCY_N, _DATA_FORMAT, _RECORD_K
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
     _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
                                      "phantom_vqa, jsonl)")
@@ -136,6 +171,8 @@ def _define_flags():
                                  "2,000 questions Table 1 fits; --split=test reads PMC-VQA's full test.csv)")
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
     _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json/png")
+    _RECORD_K = flags.DEFINE_bool("record_k", False, "also answer each question with its own record's K (the K it "
+                                  "was trained with; in_domain / phantom_vqa only): a diagnostic beside fixed K")
     _OUT = flags.DEFINE_string("out", None, "output directory")
     _LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples")
     _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch (batched_ms_per_example)")

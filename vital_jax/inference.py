@@ -168,9 +168,19 @@ class Predictor:
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
         return self.run_encoded(*self.encode(images, questions), latent_steps)
 
-    def run_encoded(self, prefix, n: int, latent_steps: int):
-        """Generate for an encoded batch (see `encode`); latency covers the device program only."""
-        k = jnp.full((self.batch_size,), latent_steps, jnp.int32)
+    def run_encoded(self, prefix, n: int, latent_steps: int, per_example_steps=None):
+        """Generate for an encoded batch (see `encode`); latency covers the device program only.
+
+        `per_example_steps` (n ints, each <= latent_steps) gives every example its own K, as in training, where a
+        batch mixes records of different K: the loop runs `latent_steps` slots and masks each example's extra ones.
+        """
+        k = np.full((self.batch_size,), latent_steps, np.int32)
+        if per_example_steps is not None:
+            steps = np.asarray(per_example_steps, np.int32)
+            if steps.shape != (n,) or steps.min(initial=0) < 0 or steps.max(initial=0) > latent_steps:
+                raise ValueError(f"per_example_steps {steps.tolist()} must be {n} values in 0..{latent_steps}")
+            k[:n] = steps
+        k = jnp.asarray(k)
         start = time.perf_counter()
         tokens, lengths, z = self._generate(self.backbone_params, prefix, k, latent_steps)
         tokens = np.asarray(jax.block_until_ready(tokens))

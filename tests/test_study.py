@@ -85,6 +85,21 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
 
 
+def test_study_figures_in_each_format(tmp_path):
+    from vital_jax.eval import study_plots
+
+    results = [_fake_result(row, seed, closed, [f"q{i}" for i in range(40)])
+               for row, closed in (("sft_k0", 0.5), ("vital", 0.7), ("task_only", 0.6)) for seed in (0, 1)]
+    floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
+             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
+    by_row = study.aggregate(results)
+    for fmt, magic in (("svg", b"<svg"), ("pdf", b"%PDF-")):
+        made = study_plots.write_figures(str(tmp_path / fmt), by_row, floor, fmt)
+        assert set(made) >= {"accuracy against K", "step similarity"}
+        for path in made.values():
+            assert path.endswith(f".{fmt}") and magic in open(path, "rb").read(4096), path
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the

@@ -6,8 +6,9 @@
 Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, phantom_vqa, jsonl (see vital_jax.eval.benchmarks). Writes
 `<benchmark>.predictions.jsonl`, `<benchmark>.metrics.json`, `<benchmark>.metrics.md` (per K with --k_sweep, plus
 `k_sweep.json` / `k_sweep.png`: closed accuracy, open token F1 and single-example latency against K, the analogue
-of the paper's Figure 4). Every metrics JSON holds `closed_accuracy` beside `closed_majority_baseline` (and the
-`_over_all` variants, Table 1's VQA-RAD denominator) and, with open questions, `open_token_f1`.
+of the paper's Figure 4; `--figure_format=pdf` or `svg` for a vector figure). Every metrics JSON holds
+`closed_accuracy` beside `closed_majority_baseline` (and the `_over_all` variants, Table 1's VQA-RAD denominator)
+and, with open questions, `open_token_f1`.
 Latency (`latency_ms`) is one example at a time, compilation excluded; `batched_ms_per_example` is throughput.
 K is always explicit and logged; it is never inferred from the checkpoint.
 """
@@ -49,7 +50,8 @@ def record_latent_steps(examples, run) -> list[int]:
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
-             latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES, data_format: str = "auto") -> list[dict]:
+             latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES, data_format: str = "auto",
+             figure_format: str = "png") -> list[dict]:
     """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files).
 
     An entry "record" (`RECORD_K`) answers each question with its own record's K (`record_latent_steps`).
@@ -61,14 +63,17 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     single-example: the first `latency_examples` examples (at least one; None: all) are run again one at a time,
     after compilation, and their times are `latency_ms`. `data_format` ("auto", "release" or "hf") chooses between
     a benchmark's original release files and a Hugging Face parquet copy in the same directory (vqa_rad, slake,
-    pathvqa, pmc_vqa; `vital_jax.eval.benchmarks`); "auto" takes the release when both are there.
+    pathvqa, pmc_vqa; `vital_jax.eval.benchmarks`); "auto" takes the release when both are there. A sweep's figure
+    is k_sweep.<figure_format> (png, pdf or svg).
     """
     from vital_jax.eval import KSweepPoint, load_benchmark, write_k_sweep, write_report, write_summary
+    from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
     from vital_jax.eval.benchmarks import default_split
     from vital_jax.inference import Predictor, load_run
     from vital_jax.observability import ProgressReporter
 
+    figures.check_format(figure_format)
     run = run or load_run(checkpoint)
     k_max = run.model.config.k_max
     bad = [k for k in latent_steps if k != RECORD_K and not (isinstance(k, int) and 0 <= k <= k_max)]
@@ -128,7 +133,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
             scored = score_lib.score(examples, predictions)
             sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
     if len(sweep) > 1:
-        write_k_sweep(out_dir, sweep)
+        write_k_sweep(out_dir, sweep, figure_format=figure_format)
         write_summary(out_dir, summaries)
     return summaries
 
@@ -149,7 +154,7 @@ def main(argv):
     summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
                          _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run,
                          latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
-                         data_format=_DATA_FORMAT.value)
+                         data_format=_DATA_FORMAT.value, figure_format=_FIGURE_FORMAT.value)
     for s in summaries:
         print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}))
     print(f"reports written to {os.path.abspath(_OUT.value)}")
@@ -159,7 +164,9 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
-    global _LATENCY_N, _DATA_FORMAT, _RECORD_K
+    global _LATENCY_N, _DATA_FORMAT, _RECORD_K, _FIGURE_FORMAT
+    from vital_jax.eval.figures import FORMATS
+
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
     _BENCHMARK = flags.DEFINE_string("benchmark", None, "benchmark name (vqa_rad, slake, pathvqa, pmc_vqa, in_domain, "
                                      "phantom_vqa, jsonl)")
@@ -170,7 +177,8 @@ def _define_flags():
     _SPLIT = flags.DEFINE_string("split", None, "benchmark split (default: test; test_clean for pmc_vqa, whose "
                                  "2,000 questions Table 1 fits; --split=test reads PMC-VQA's full test.csv)")
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
-    _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json/png")
+    _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json and "
+                                 "its figure")
     _RECORD_K = flags.DEFINE_bool("record_k", False, "also answer each question with its own record's K (the K it "
                                   "was trained with; in_domain / phantom_vqa only): a diagnostic beside fixed K")
     _OUT = flags.DEFINE_string("out", None, "output directory")
@@ -180,6 +188,7 @@ def _define_flags():
                                     "answer budget, config data.max_answer_tokens)")
     _LATENCY_N = flags.DEFINE_integer("latency_examples", DEFAULT_LATENCY_EXAMPLES,
                                       "examples timed one at a time (batch 1) for latency_ms; -1: all")
+    _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(FORMATS), "format of the K-sweep figure")
 
 
 if __name__ == "__main__":

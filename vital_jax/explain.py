@@ -8,6 +8,9 @@ Single-example mode writes `explanation.json` (answer, each z_k decoded by the r
 ||z_k|| / embedding-norm ratios, the similarity matrix), `step_<k>.png` (cosine of VP(z_k) to every MedSigLIP
 patch, overlaid on the image), `summary.png` (image + one heatmap per step with its decoded text) and
 `step_similarity.png`. Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
+scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
+the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
 The heatmaps need the MedSigLIP encoder: `--encoder_dir` or the run's `model.roi_encoder_dir` (the demo's own).
 """
 
@@ -19,37 +22,98 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from PIL import Image, ImageDraw
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+from PIL import Image
+
+from vital_jax.eval import figures
+
+HEATMAP_ALPHA = 0.5
+CAPTION_WIDTH = 34  # characters per caption line under a 2.6-inch panel
 
 
+def heatmap_range(maps: np.ndarray) -> tuple[float, float]:
+    """The colour scale of an example's heatmaps: lowest to highest cosine over all its K maps, shared by every
+    step so colours compare across steps (a constant map gets a small range around its value)."""
+    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
+    return (lo - 0.01, hi + 0.01) if hi <= lo else (lo, hi)
 
-def _similarity_png(matrix: np.ndarray, path: str, cell: int = 64) -> None:
-    from vital_jax.eval import plot
 
+def _overlay(ax, rgb: np.ndarray, heatmap: np.ndarray, value_range: tuple[float, float]):
+    """The (g, g) heatmap stretched over the image (bilinear), half transparent; returns its AxesImage."""
+    h, w = rgb.shape[:2]
+    ax.imshow(rgb)
+    image = ax.imshow(heatmap, cmap="viridis", vmin=value_range[0], vmax=value_range[1], alpha=HEATMAP_ALPHA,
+                      interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    ax.set_axis_off()
+    return image
+
+
+def _colorbar(fig, image, ax) -> None:
+    """A colour bar of the heatmap's scale, drawn opaque (the overlay's transparency would wash it out)."""
+    bar = fig.colorbar(ScalarMappable(image.norm, image.cmap), ax=ax, fraction=0.046, shrink=0.85)
+    bar.set_label("cosine(VP(z_k), patch)")
+
+
+def step_figure(rgb: np.ndarray, heatmap: np.ndarray, caption: str,
+                value_range: tuple[float, float] | None = None) -> Figure:
+    """One step's heatmap (Figure 3): cosine of VP(z_k) to every MedSigLIP patch over the image, with a colour bar
+    in cosine units from `value_range` (default: this map's min to max) and the caption wrapped above it."""
+    fig, (ax,) = figures.new(size=(3.6, 3.4))
+    image = _overlay(ax, rgb, heatmap, value_range or heatmap_range(heatmap))
+    ax.set_title(figures.wrap(caption, CAPTION_WIDTH, max_lines=3), fontsize=9)
+    _colorbar(fig, image, ax)
+    return fig
+
+
+def summary_figure(rgb: np.ndarray, maps: np.ndarray, question: str, answer: str, step_texts: list[str],
+                   value_range: tuple[float, float] | None = None) -> Figure:
+    """Figure 3 for one example: the image under its question and answer, then one heatmap per step (K, g, g)
+    under the step's decoded text, with one colour bar for all steps (`value_range`, default `heatmap_range`)."""
+    k = len(maps)
+    fig, axes = figures.new(1, k + 1, size=(2.6 * (k + 1) + 0.8, 3.4))
+    axes[0].imshow(rgb)
+    axes[0].set_axis_off()
+    axes[0].set_title(figures.wrap(f"Q: {question} A: {answer}", CAPTION_WIDTH, max_lines=4), fontsize=9)
+    value_range = value_range or heatmap_range(maps)
+    for i, (ax, text) in enumerate(zip(axes[1:], step_texts), start=1):
+        image = _overlay(ax, rgb, maps[i - 1], value_range)
+        ax.set_title(figures.wrap(f"z{i}: {text}", CAPTION_WIDTH, max_lines=4), fontsize=9)
+    if k:
+        _colorbar(fig, image, list(axes[1:]))
+    return fig
+
+
+def similarity_figure(matrix: np.ndarray, title: str = "Latent step similarity") -> Figure:
+    """Figure 11: the (K, K) inter-step cosine similarity, colour scale fixed to -1..1 (`figures.similarity_matrix`)."""
     k = matrix.shape[0]
-    colours = plot.apply_colormap(np.nan_to_num(matrix, nan=0.0), "viridis")
-    img = Image.new("RGB", (k * cell + 40, k * cell + 40), "white")
-    draw = ImageDraw.Draw(img)
-    for i in range(k):
-        for j in range(k):
-            x, y = 40 + j * cell, 40 + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(int(c) for c in colours[i, j][:3]))
-            value = "" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
-            draw.text((x + 8, y + cell // 2 - 6), value, fill="white", font=plot.font(12))
-        draw.text((12, 40 + i * cell + cell // 2 - 6), f"z{i + 1}", fill="black", font=plot.font(12))
-        draw.text((40 + i * cell + cell // 2 - 8, 12), f"z{i + 1}", fill="black", font=plot.font(12))
-    plot.save_png(img, path)
+    fig, (ax,) = figures.new(size=(0.8 * k + 2.4, 0.8 * k + 1.4))
+    figures.similarity_matrix(fig, ax, matrix, title)
+    return fig
+
+
+def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: str, answer: str,
+                   step_texts: list[str], figure_format: str = "png") -> list[str]:
+    """step_<k>.<fmt> for each of the K maps, then summary.<fmt>, all on the same colour scale; returns the step
+    figures' paths."""
+    value_range = heatmap_range(maps)
+    paths = [figures.save(step_figure(rgb, maps[i], f"z{i + 1}: {step_texts[i]}", value_range),
+                          os.path.join(out_dir, f"step_{i + 1}"), figure_format) for i in range(len(maps))]
+    figures.save(summary_figure(rgb, maps, question, answer, step_texts, value_range),
+                 os.path.join(out_dir, "summary"), figure_format)
+    return paths
 
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
-                    encoder_dir: str | None = None, max_text_tokens: int = 24) -> dict:
-    """Answer one question and write its explanation files; returns the explanation dict."""
+                    encoder_dir: str | None = None, max_text_tokens: int = 24, figure_format: str = "png") -> dict:
+    """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
+    dict."""
     from vital_jax.data.roi import load_roi_encoder
-    from vital_jax.eval import plot
     from vital_jax.inference import Predictor
     from vital_jax.models.qwen3_vl import preprocessing
     from vital_jax.vital import interpret
 
+    figures.check_format(figure_format)
     model, params = run.model, run.params
     k = model.config.k_max if latent_steps is None else latent_steps
     predictor = Predictor(run, batch_size=1, max_new_tokens=32)
@@ -79,43 +143,28 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
         patches = encoder.patch_features(enc_params, jnp.asarray(pixels))
         projected = interpret.project_latents(model, params, z)
         maps = np.asarray(interpret.patch_heatmaps(projected, patches))[0]
-        tiles = []
-        for i in range(k):
-            overlay = plot.overlay_heatmap(rgb, maps[i])
-            path = os.path.join(out_dir, f"step_{i + 1}.png")
-            plot.save_png(overlay, path)
-            result["heatmaps"].append({"step": i + 1, "png": path, "grid": list(maps[i].shape),
+        paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format)
+        for i, path in enumerate(paths):
+            result["heatmaps"].append({"step": i + 1, "figure": path, "grid": list(maps[i].shape),
                                        "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
                                                                                   maps[i].shape)]})
-            tiles.append(_captioned(overlay, f"z{i + 1}: {step_texts[i]}"))
-        summary = plot.hstack([_captioned(Image.fromarray(rgb), f"Q: {question} A: {answers[0]}")] + tiles)
-        plot.save_png(summary, os.path.join(out_dir, "summary.png"))
     if k:
-        _similarity_png(sims.matrix()[:k, :k], os.path.join(out_dir, "step_similarity.png"))
+        figures.save(similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
+                     figure_format)
     with open(os.path.join(out_dir, "explanation.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
-def _captioned(image: Image.Image, text: str, size: int = 224) -> Image.Image:
-    from vital_jax.eval import plot
-
-    tile = image.convert("RGB").resize((size, size))
-    out = Image.new("RGB", (size, size + 48), "white")
-    out.paste(tile, (0, 0))
-    draw = ImageDraw.Draw(out)
-    for line_no, start in enumerate(range(0, min(len(text), 96), 32)):
-        draw.text((4, size + 2 + 15 * line_no), text[start:start + 32], fill="black", font=plot.font(11))
-    return out
-
-
 def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit: int | None = None,
-                    batch_size: int = 4) -> np.ndarray:
-    """Figure 11: the inter-step similarity matrix averaged over a dataset split, each record at its own K."""
+                    batch_size: int = 4, figure_format: str = "png") -> np.ndarray:
+    """Figure 11: the inter-step similarity matrix averaged over a dataset split, each record at its own K;
+    writes step_similarity.json and step_similarity.<figure_format>."""
     from vital_jax.data.records import RECORDS_FILE, read_records
     from vital_jax.inference import Predictor
     from vital_jax.vital import interpret
 
+    figures.check_format(figure_format)
     recs = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split][:limit]
     if not recs:
         raise ValueError(f"{data_dir}: no records in split {split!r}")
@@ -132,7 +181,8 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
     with open(os.path.join(out_dir, "step_similarity.json"), "w") as f:
         json.dump({"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}, f,
                   indent=2)
-    _similarity_png(matrix, os.path.join(out_dir, "step_similarity.png"))
+    figures.save(similarity_figure(matrix, f"Latent step similarity ({split}, {len(recs)} records)"),
+                 os.path.join(out_dir, "step_similarity"), figure_format)
     return matrix
 
 
@@ -144,13 +194,14 @@ def main(argv):
 
     run = load_run(_CHECKPOINT.value)
     if _DATA_DIR.value:
-        matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value)
+        matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
+                                 figure_format=_FIGURE_FORMAT.value)
         print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
         return 0
     if not _IMAGE.value or _QUESTION.value is None:
         raise app.UsageError("give --image and --question (or --data_dir for dataset mode)")
     result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, _LATENT_STEPS.value,
-                             _ENCODER_DIR.value)
+                             _ENCODER_DIR.value, figure_format=_FIGURE_FORMAT.value)
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
@@ -161,6 +212,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _IMAGE, _QUESTION, _DATA_DIR, _SPLIT, _LIMIT, _LATENT_STEPS, _ENCODER_DIR, _OUT
+    global _FIGURE_FORMAT
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
     _IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
     _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
@@ -170,6 +222,7 @@ def _define_flags():
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K (default: the run's K_max)")
     _ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
     _OUT = flags.DEFINE_string("out", None, "output directory")
+    _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the figures")
 
 
 if __name__ == "__main__":

@@ -387,6 +387,28 @@ def test_grid_search_cli_writes_json(siglip_dir, tmp_path):
     assert report["num_pairs"] == 3 and len(report["results"]) == 4
     assert all(r["intensity"] > 0 and r["num_pairs"] == 3 for r in report["results"])
     assert "coverage_pct" in done.stdout
+    with open(tmp_path / "grid.png", "rb") as f:                      # the Figure 9 heatmaps beside the JSON
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_figure_has_one_annotated_heatmap_and_colour_bar_per_metric(tmp_path):
+    from vital_jax.eval import figures
+
+    thresholds, paddings = [0.05, 0.1], [0.0, 0.05, 0.1]
+    results = [dict(threshold=t, padding=p, coverage_pct=100 * t + 10 * p, intensity=2750.0 + 10 * p,
+                    snr=None if (t, p) == (0.1, 0.1) else 1.5 + t) for t in thresholds for p in paddings]
+    report = dict(num_pairs=7, feature_layer="last_block", thresholds=thresholds, paddings=paddings,
+                  results=results)
+    fig = roi_grid_search.grid_figure(report)
+    assert len(fig.axes) == 6                                       # coverage, intensity, snr + 3 colour bars
+    coverage, intensity, snr = fig.axes[:3]
+    assert [t.get_text() for t in coverage.get_yticklabels()] == ["T=0.05", "T=0.1"]
+    assert [t.get_text() for t in coverage.get_xticklabels()] == ["P=0", "P=0.05", "P=0.1"]
+    assert [t.get_text() for t in coverage.texts] == ["5.0", "5.5", "6.0", "10.0", "10.5", "11.0"]
+    assert intensity.texts[0].get_text() == "2750" and snr.texts[-1].get_text() == "n/a"
+    assert "7 (image, mask) pairs" in fig._suptitle.get_text()
+    path = figures.save(fig, str(tmp_path / "grid.svg"))
+    assert b"<svg" in open(path, "rb").read(4096)
 
 
 def test_every_biomedparse_demo_mask_extracts(shared_data_dir):

@@ -1,13 +1,12 @@
-"""Report files (predictions JSONL, metrics JSON/markdown, K sweep JSON/PNG) and the PIL chart helpers."""
+"""Report files (predictions JSONL, metrics JSON/markdown, K sweep JSON and figure)."""
 
 import json
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
+from matplotlib.container import BarContainer
 
-from vital_jax.eval import plot, report
+from vital_jax.eval import report
 from vital_jax.eval.benchmarks import BenchmarkExample
 from vital_jax.eval.report import KSweepPoint
 
@@ -98,9 +97,18 @@ def _sweep():
             for k in range(5)]
 
 
-def test_k_sweep_json_and_png(tmp_path):
-    json_path, png_path = report.write_k_sweep(str(tmp_path), _sweep(), baselines={"explicit CoT": (0.4, 3000.0)},
-                                               title="in-domain")
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF-"}
+
+
+def _is_format(path: str, fmt: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return b"<svg" in head if fmt == "svg" else head.startswith(MAGIC[fmt])
+
+
+def test_k_sweep_json_and_figure(tmp_path):
+    json_path, figure_path = report.write_k_sweep(str(tmp_path), _sweep(),
+                                                  baselines={"explicit CoT": (0.4, 3000.0)}, title="in-domain")
     saved = json.loads(open(json_path).read())
     assert [p["latent_steps"] for p in saved["points"]] == [0, 1, 2, 3, 4]
     assert [p["closed_accuracy"] for p in saved["points"]] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
@@ -111,15 +119,45 @@ def test_k_sweep_json_and_png(tmp_path):
     assert saved["points"][4]["latency_ratio_vs_k0"] == pytest.approx(250 / 210)
     assert saved["baselines"] == {"explicit CoT": {"accuracy": 0.4, "latency_ms_mean": 3000.0}}
 
-    with Image.open(png_path) as image:
-        assert image.format == "PNG"
-        assert image.size == (3 * report.PANEL_SIZE[0] + 2 * report.PANEL_GAP, report.PANEL_SIZE[1])
-        pixels = np.asarray(image.convert("RGB"))
-    # Something was drawn in every panel: each holds the series colour, not only white and ink.
-    blue = np.all(pixels == plot.PALETTE[0], axis=-1)
-    for i in range(3):
-        left = i * (report.PANEL_SIZE[0] + report.PANEL_GAP)
-        assert blue[:, left:left + report.PANEL_SIZE[0]].sum() > 20
+    assert figure_path == str(tmp_path / "k_sweep.png") and _is_format(figure_path, "png")
+    assert sorted(os.listdir(tmp_path)) == ["k_sweep.json", "k_sweep.png"]     # no temporary files left
+    fig = report.k_sweep_figure(_sweep(), baselines={"explicit CoT": (0.4, 3000.0)}, title="in-domain")
+    ax_a, ax_b, ax_c = fig.axes
+    assert fig._suptitle.get_text() == "in-domain"
+    latent, cot = ax_a.get_lines()
+    assert list(latent.get_ydata()) == pytest.approx([50, 60, 70, 80, 90])
+    assert list(cot.get_xdata()) == [3000.0] and list(cot.get_ydata()) == pytest.approx([40.0])
+    assert ax_a.get_xscale() == "log"                          # CoT is 14x slower than K=0: a log latency axis
+    assert [t.get_text() for t in ax_a.get_legend().get_texts()] == ["latent (K)", "explicit CoT"]
+    assert [bar.get_height() for bar in ax_b.patches] == pytest.approx([210, 220, 230, 240, 250])
+    assert list(ax_c.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4]
+    assert "closed accuracy" in ax_c.get_ylabel()
+
+
+@pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
+def test_k_sweep_figure_has_the_requested_format(tmp_path, fmt):
+    _, path = report.write_k_sweep(str(tmp_path), _sweep(), figure_format=fmt)
+    assert path == str(tmp_path / f"k_sweep.{fmt}") and os.path.getsize(path) > 1000
+    assert _is_format(path, fmt)
+    assert all(not _is_format(path, other) for other in ("png", "pdf", "svg") if other != fmt)
+
+
+def test_k_sweep_rejects_an_unknown_figure_format_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown figure format 'gif'"):
+        report.write_k_sweep(str(tmp_path), _sweep(), figure_format="gif")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("accuracy, open_f1", [(0.0, None), (None, 0.0), (0.02, None), (1.0, None)])
+def test_k_sweep_accuracy_axes_stay_inside_0_to_100(accuracy, open_f1):
+    points = [KSweepPoint(k, accuracy, (100.0 + k,), open_token_f1=open_f1) for k in range(4)]
+    ax_a, _, ax_c = report.k_sweep_figure(points).axes
+    for ax in (ax_a, ax_c):
+        lo, hi = ax.get_ylim()
+        assert 0.0 <= lo < hi <= 100.0
+        if accuracy == 0.0 or open_f1 == 0.0:
+            assert lo == 0.0                                   # every accuracy is 0: the axis starts at 0
+    assert ax_a.get_xscale() == "linear"                       # latencies within 5x of each other
 
 
 def test_k_sweep_keeps_closed_accuracy_and_open_f1_apart_and_labels_latency(tmp_path):
@@ -157,10 +195,11 @@ def test_k_sweep_stacks_latency_phases_and_rejects_bad_points():
                                                                    "decode": 50.0}) for k in range(3)]
     summary = report.k_sweep_summary(points)
     assert summary["points"][2]["latency_breakdown_ms"] == {"prefill": 100.0, "latent": 20.0, "decode": 50.0}
-    image = report.k_sweep_figure(points)
-    pixels = np.asarray(image)
-    for color in plot.PALETTE[:3]:                   # one colour per phase
-        assert np.all(pixels == color, axis=-1).sum() > 20
+    ax_b = report.k_sweep_figure(points).axes[1]
+    stacks = [c for c in ax_b.containers if isinstance(c, BarContainer)]
+    assert [c.get_label() for c in stacks] == ["prefill", "latent", "decode"]          # one bar series per phase
+    assert [bar.get_y() for bar in stacks[2]] == pytest.approx([100.0, 110.0, 120.0])  # decode on top
+    assert [t.get_text() for t in ax_b.get_legend().get_texts()] == ["prefill", "latent", "decode"]
     with pytest.raises(ValueError, match="duplicate K"):
         report.k_sweep_summary(points + [points[0]])
     with pytest.raises(ValueError, match="fraction"):
@@ -169,88 +208,3 @@ def test_k_sweep_stacks_latency_phases_and_rejects_bad_points():
         KSweepPoint(1, None, (1.0,))
     with pytest.raises(ValueError, match="no latency samples"):
         KSweepPoint(1, 0.5, ())
-
-
-# ---------------------------------------------------------------------------------------------------------- plots
-
-@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.0, 100.0), (41.5, 81.1), (200.0, 3410.0), (-3.0, 7.0),
-                                    (5.0, 5.0), (0.0, 0.0), (0.001, 0.004)])
-def test_nice_ticks_cover_the_range_with_round_steps(lo, hi):
-    ticks = plot.nice_ticks(lo, hi)
-    assert ticks[0] <= lo and ticks[-1] >= hi
-    assert 2 <= len(ticks) <= 8
-    steps = np.diff(ticks)
-    assert np.allclose(steps, steps[0])
-    mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]))
-    assert any(np.isclose(mantissa, m) for m in (1, 2, 2.5, 5))
-
-
-@pytest.mark.parametrize("size", [(480, 360), (300, 200)])
-def test_charts_have_the_requested_size(size):
-    line = plot.line_chart([plot.Series("a", [0, 1, 2], [1.0, 3.0, 2.0]), plot.Series("b", [0, 2], [2.0, 2.5])],
-                           x_label="K", y_label="acc", title="t", size=size)
-    bars = plot.bar_chart(["0", "1"], [plot.Series("ms", [0, 1], [3.0, 4.0])], size=size, value_labels=True)
-    assert line.size == size and bars.size == size
-    assert np.all(np.asarray(line) == plot.PALETTE[1], axis=-1).any()     # the second series is drawn
-
-
-def test_chart_inputs_are_checked():
-    with pytest.raises(ValueError, match="2 x values but 1 y values"):
-        plot.line_chart([plot.Series("a", [0, 1], [1.0])])
-    with pytest.raises(ValueError, match="1 values for 2 labels"):
-        plot.bar_chart(["0", "1"], [plot.Series("a", [0], [1.0])])
-
-
-def test_colormap_endpoints_and_monotone_brightness():
-    table = plot.apply_colormap(np.array([0.0, 1.0, -5.0, 7.0, np.nan]), "viridis")
-    assert table.dtype == np.uint8 and table.shape == (5, 3)
-    assert tuple(table[0]) == plot.COLORMAPS["viridis"][0] and tuple(table[1]) == plot.COLORMAPS["viridis"][-1]
-    assert tuple(table[2]) == tuple(table[0]) and tuple(table[3]) == tuple(table[1]) and tuple(table[4]) == tuple(
-        table[0])
-    ramp = plot.apply_colormap(np.linspace(0, 1, 50), "viridis").astype(float)
-    brightness = ramp @ np.array([0.299, 0.587, 0.114])
-    assert np.all(np.diff(brightness) > 0)                 # viridis is perceptually ordered
-    with pytest.raises(ValueError, match="unknown colour map"):
-        plot.apply_colormap(np.zeros(2), "hot")
-
-
-def test_overlay_heatmap_blends_hot_cell_where_it_is(tmp_path):
-    image = Image.new("RGB", (64, 48), (100, 100, 100))
-    heat = np.zeros((4, 4), np.float32)
-    heat[0, 3] = 1.0                                       # top-right cell
-    out = plot.overlay_heatmap(image, heat, alpha=0.6, colormap="jet")
-    assert out.size == (64, 48) and out.mode == "RGB"
-    pixels = np.asarray(out).astype(int)
-    top_right, bottom_left = pixels[2, 61], pixels[45, 2]
-    low, high = np.array(plot.COLORMAPS["jet"][0]), np.array(plot.COLORMAPS["jet"][-1])
-    assert np.allclose(bottom_left, np.round(100 * 0.4 + low * 0.6), atol=1)
-    assert top_right[0] > bottom_left[0] + 60               # red end of jet where the heat is
-    assert np.array_equal(np.asarray(plot.overlay_heatmap(image, heat, alpha=0.0)), np.asarray(image))
-    path = plot.save_png(out, str(tmp_path / "sub" / "overlay.png"))
-    with Image.open(path) as reread:
-        assert reread.size == (64, 48)
-    with pytest.raises(ValueError, match="2-D"):
-        plot.overlay_heatmap(image, np.zeros((2, 2, 2)))
-
-
-@pytest.mark.parametrize("lo, hi", [(200.0, 3410.0), (210.0, 250.0), (1.0, 1.0), (3.0, 70000.0), (0.5, 0.9)])
-def test_log_ticks_bracket_the_range_with_powers_of_ten_multiples(lo, hi):
-    ticks = plot.log_ticks(lo, hi)
-    assert len(ticks) >= 2 and ticks == sorted(ticks)
-    assert ticks[0] <= lo and ticks[-1] >= hi
-    for t in ticks:
-        mantissa = t / 10 ** np.floor(np.log10(t) + 1e-12)
-        assert any(np.isclose(mantissa, m) for m in (1, 2, 5))
-    with pytest.raises(ValueError, match="positive"):
-        plot.log_ticks(0.0, 10.0)
-
-
-def test_log_x_axis_places_decades_evenly():
-    colors = [(255, 0, 0), (0, 200, 0), (0, 0, 255)]
-    series = [plot.Series(str(x), [x], [1.0], color=c) for x, c in zip((10.0, 100.0, 1000.0), colors)]
-    image = np.asarray(plot.line_chart(series, size=(400, 300), x_log=True, legend=False, y_range=(0.0, 2.0)))
-    centres = [np.argwhere(np.all(image == c, axis=-1))[:, 1].mean() for c in colors]
-    assert centres[1] - centres[0] == pytest.approx(centres[2] - centres[1], abs=1.0)
-    linear = np.asarray(plot.line_chart(series, size=(400, 300), legend=False, y_range=(0.0, 2.0)))
-    centres = [np.argwhere(np.all(linear == c, axis=-1))[:, 1].mean() for c in colors]
-    assert centres[2] - centres[1] > 5 * (centres[1] - centres[0])

@@ -24,6 +24,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from vital_jax.jsonio import atomic_write
+
 RECORDS_FILE = "records.jsonl"
 ROI_FEATURES_FILE = "roi_features.npy"
 ROI_TOP_PATCH_IDS_FILE = "roi_top_patch_ids.npy"
@@ -179,13 +181,7 @@ def write_records(path: str, records: Iterable[Record]) -> None:
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
     """Replace `path` with one JSON object per line, atomically (temporary file, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:

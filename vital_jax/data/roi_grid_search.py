@@ -17,7 +17,8 @@ Cost: the full-image view of a pair does not depend on P, and its crop view does
 encoded at most 1 + len(paddings) times, whatever the grid size.
 
 CLI: python -m vital_jax.data.roi_grid_search --data_dir=DIR --encoder_dir=DIR --thresholds=0.05,0.1,0.2
-       --paddings=0,0.03,0.05,0.1 --num_samples=1000 --out=grid.json
+       --paddings=0,0.03,0.05,0.1 --num_samples=1000 --out=grid.json [--figure_format=png]
+writes grid.json and, beside it, the Figure 9 heatmaps as grid.png (or .pdf / .svg; `grid_figure`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import numpy as np
 
 from vital_jax.data import roi
 from vital_jax.data.records import RECORDS_FILE, read_records
+from vital_jax.eval import figures
+from vital_jax.jsonio import atomic_write
 
 PAPER_THRESHOLDS = (0.05, 0.10, 0.20)
 PAPER_PADDINGS = (0.0, 0.03, 0.05, 0.10)
@@ -124,6 +127,34 @@ def grid_search(data_dir: str, encoder_dir: str, thresholds: Sequence[float] = P
                 paddings=[float(p) for p in paddings], results=results)
 
 
+METRICS = (("coverage_pct", "coverage (%)", "{:.1f}"), ("intensity", "intensity (mean ROI patch norm)", "{:.4g}"),
+           ("snr", "SNR (ROI / background norm)", "{:.3f}"))
+
+
+def _metric_grid(report: dict, key: str) -> list[list[float | None]]:
+    """One metric as rows T x columns P (None where undefined)."""
+    by_setting = {(r["threshold"], r["padding"]): r[key] for r in report["results"]}
+    return [[by_setting.get((t, p)) for p in report["paddings"]] for t in report["thresholds"]]
+
+
+def grid_figure(report: dict):
+    """Figure 9 of a `grid_search` report: coverage, intensity and SNR as heatmaps, rows T, columns P, each value
+    in its cell ("n/a" where undefined) and a colour bar per metric. Each colour scale runs from that metric's
+    lowest to its highest value over the grid (the metrics have different units). Returns the matplotlib
+    Figure."""
+    rows = [f"T={t:g}" for t in report["thresholds"]]
+    cols = [f"P={p:g}" for p in report["paddings"]]
+    width = 1.0 + 0.75 * len(cols)
+    fig, axes = figures.new(1, len(METRICS), size=(len(METRICS) * (width + 1.2), 0.6 * len(rows) + 1.8))
+    for ax, (key, label, fmt) in zip(axes, METRICS):
+        image = figures.annotated_matrix(ax, _metric_grid(report, key), row_labels=rows, col_labels=cols, fmt=fmt)
+        ax.set(xlabel="crop margin P", ylabel="area threshold T", title=label)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"ROI grid search (Figure 9): {report['num_pairs']} (image, mask) pairs, "
+                 f"{report['feature_layer']} features")
+    return fig
+
+
 def format_table(report: dict) -> str:
     """The three Figure 9 heatmaps as text tables (rows T, columns P)."""
     lines = []
@@ -138,16 +169,17 @@ def format_table(report: dict) -> str:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from absl import flags
+    from absl import app, flags
     f = flags.FLAGS
+    figure_path = f"{os.path.splitext(f.out)[0]}.{f.figure_format}"
+    if os.path.abspath(figure_path) == os.path.abspath(f.out):
+        raise app.UsageError(f"--out={f.out} would be overwritten by the figure; give the JSON a .json name")
     report = grid_search(f.data_dir, f.encoder_dir, [float(t) for t in f.thresholds],
                          [float(p) for p in f.paddings], f.num_samples, f.seed, f.batch_size, f.feature_layer)
-    tmp = f"{f.out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as out:
-        json.dump(report, out, indent=2)
-    os.replace(tmp, f.out)
+    atomic_write(f.out, lambda out: json.dump(report, out, indent=2))
+    figures.save(grid_figure(report), figure_path)
     print(format_table(report))
-    print(f"wrote {f.out}")
+    print(f"wrote {f.out} and {figure_path}")
 
 
 if __name__ == "__main__":
@@ -161,5 +193,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "seed of the subset")
     flags.DEFINE_integer("batch_size", 8, "images per encoder batch")
     flags.DEFINE_enum("feature_layer", "last_block", list(roi.FEATURE_LAYERS), "which SigLIP output to measure")
-    flags.DEFINE_string("out", None, "output JSON file", required=True)
+    flags.DEFINE_string("out", None, "output JSON file (the figure goes beside it)", required=True)
+    flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the Figure 9 heatmaps")
     app.run(main)

@@ -1,4 +1,4 @@
-"""Model-agnostic evaluation (App. B.4): benchmark loaders, metrics, report writers and PIL plots.
+"""Model-agnostic evaluation (App. B.4): benchmark loaders, metrics, report writers and matplotlib figures.
 
 A model runner needs three calls:
 

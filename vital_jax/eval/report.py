@@ -1,4 +1,4 @@
-"""Evaluation reports: per-example predictions (JSONL), metrics (JSON, markdown) and the K sweep (JSON + PNG).
+"""Evaluation reports: per-example predictions (JSONL), metrics (JSON, markdown) and the K sweep (JSON + figure).
 
 One benchmark run (`write_report`) writes, under `out_dir`:
   {name}.predictions.jsonl   one line per example: id, question, answer, prediction, answer_type, match, correct,
@@ -13,10 +13,10 @@ One benchmark run (`write_report`) writes, under `out_dir`:
 Latency is single-example latency (batch 1, compilation excluded), what the paper's Figure 4 reports; batched
 time per example (a throughput figure) is kept apart under its own name.
 Several runs are summarised by `write_summary` (summary.md, one row per benchmark). The K sweep (`write_k_sweep`,
-the analogue of the paper's Figure 4) writes k_sweep.json and k_sweep.png: (a) closed accuracy against mean
-single-example latency, one point per K plus optional baselines (e.g. explicit CoT), (b) latency by K (stacked by
-phase when given), (c) closed accuracy against K; open token F1 is reported beside closed accuracy, never mixed
-into it. Every file is written atomically (temporary file, fsync, rename).
+the analogue of the paper's Figure 4) writes k_sweep.json and a matplotlib figure, k_sweep.png (or .pdf / .svg):
+(a) closed accuracy against mean single-example latency, one point per K plus optional baselines (e.g. explicit
+CoT), (b) latency by K (stacked by phase when given), (c) closed accuracy against K; open token F1 is reported
+beside closed accuracy, never mixed into it. Every file is written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -28,18 +28,22 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from vital_jax.eval import metrics as metrics_lib
-from vital_jax.eval import plot
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
-PANEL_SIZE = (480, 360)
-PANEL_GAP = 8
+from vital_jax.eval import figures
+from vital_jax.eval import metrics as metrics_lib
+from vital_jax.jsonio import atomic_write
+
+PANEL_SIZE = (4.8, 3.6)  # inches per K-sweep panel
 PREDICTIONS_SUFFIX, METRICS_JSON_SUFFIX, METRICS_MD_SUFFIX = ".predictions.jsonl", ".metrics.json", ".metrics.md"
-SUMMARY_FILE, K_SWEEP_JSON, K_SWEEP_PNG = "summary.md", "k_sweep.json", "k_sweep.png"
+SUMMARY_FILE, K_SWEEP_JSON = "summary.md", "k_sweep.json"
+K_SWEEP_FIGURE = "k_sweep"  # + .png (default), .pdf or .svg
 
 
 def atomic_write_text(path: str, text: str) -> str:
     """Write `text` to `path` via a temporary file in the same directory, fsync and rename; returns the path."""
-    return plot.atomic_write(path, lambda f: f.write(text))
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def _per_example(values, n: int, name: str) -> list:
@@ -303,49 +307,89 @@ def k_sweep_summary(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple
     return out
 
 
+def _accuracy_limits(values: Sequence[float]) -> tuple[float, float]:
+    """y limits (%) around the plotted accuracies, inside [0, 100]: an accuracy axis never shows a negative
+    value, as matplotlib's own margins would when every accuracy is 0."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return 0.0, 100.0
+    lo, hi = min(finite), max(finite)
+    pad = max(5.0, 0.15 * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
 def k_sweep_figure(points: Sequence[KSweepPoint], baselines: Mapping[str, tuple[float, float]] | None = None,
-                   title: str = "") -> "plot.Image.Image":
-    """Three panels of PANEL_SIZE side by side (the analogue of Figure 4): (a) closed accuracy vs single-example
-    latency, (b) latency by K, (c) closed accuracy vs K (open token F1 when there are no closed questions)."""
+                   title: str = "") -> Figure:
+    """Three panels side by side (the analogue of Figure 4), returned as a matplotlib Figure:
+    (a) closed accuracy vs single-example latency, y from 0 to 100 %, one point per K plus the `baselines` (log
+    latency axis once the points span more than 5x); (b) latency by K, stacked by phase when every point has the
+    same phases; (c) closed accuracy vs K, y zoomed on the data but kept inside 0-100 %. Open token F1 stands in
+    for accuracy when no run has closed questions."""
     points = sorted(points, key=lambda p: p.latent_steps)
     ks = [p.latent_steps for p in points]
     metric, accs = _plotted(points)
     means = [float(np.mean(p.latency_ms)) for p in points]
-    prefix = f"{title}: " if title else ""
-    series = [plot.Series("latent (K)", means, accs)]
-    labels = [[f"K={k}" for k in ks]]
-    for i, (name, (acc, ms)) in enumerate((baselines or {}).items()):
-        series.append(plot.Series(name, [float(ms)], [100 * float(acc)], plot.PALETTE[(i + 1) % len(plot.PALETTE)]))
-        labels.append([name])
-    all_acc = [y for s in series for y in s.y]
-    y_range = (min(all_acc + [0.0]), max(all_acc + [100.0]))
-    all_ms = [x for s in series for x in s.x]
+    baselines = dict(baselines or {})
+    fig, (ax_a, ax_b, ax_c) = figures.new(1, 3, size=(3 * PANEL_SIZE[0], PANEL_SIZE[1]))
+    if title:
+        fig.suptitle(title)
+
+    # clip_on=False: a point at 0 % or 100 % shows whole, on the axis line.
+    ax_a.plot(means, accs, marker="o", label="latent (K)", clip_on=False)
+    for k, ms, acc in zip(ks, means, accs):
+        ax_a.annotate(f"K={k}", (ms, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, (acc, ms) in baselines.items():
+        ax_a.plot([float(ms)], [100 * float(acc)], marker="s", linestyle="none", label=name, clip_on=False)
+        ax_a.annotate(name, (float(ms), 100 * float(acc)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    all_ms = means + [float(ms) for _, ms in baselines.values()]
     # A log latency axis once the points span more than 5x (explicit CoT is ~100x slower in the paper).
     x_log = min(all_ms) > 0 and max(all_ms) / min(all_ms) > 5
-    panel_a = plot.line_chart(series, x_label="latency, batch 1 (ms)" + (", log scale" if x_log else ""),
-                              y_label=metric, title=f"{prefix}(a) accuracy vs latency", size=PANEL_SIZE,
-                              y_range=y_range, point_labels=labels, legend=bool(baselines), x_log=x_log)
+    if x_log:
+        ax_a.set_xscale("log")
+        # Plain numbers at 1, 2 and 5 x 10^n ms; matplotlib's default 2x10^2, 3x10^2, ... labels collide.
+        ax_a.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_a.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_a.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax_a.set(xlabel="latency, batch 1 (ms)" + (", log scale" if x_log else ""), ylabel=metric, ylim=(0.0, 100.0),
+             title="(a) accuracy vs latency")
+    if baselines:
+        ax_a.legend(fontsize=8)
+
+    positions = np.arange(len(ks))
     phases = [p.latency_breakdown_ms for p in points]
     if all(phases) and len({tuple(ph) for ph in phases}) == 1:
-        bars = [plot.Series(name, ks, [float(ph[name]) for ph in phases]) for name in phases[0]]
-        stacked = True
+        bottom = np.zeros(len(ks))
+        for name in phases[0]:
+            values = np.array([float(ph[name]) for ph in phases])
+            ax_b.bar(positions, values, 0.7, bottom=bottom, label=name)
+            bottom += values
+        ax_b.legend(fontsize=8, loc="upper center", ncol=len(phases[0]))
+        ax_b.set_ylim(0.0, 1.25 * float(bottom.max()) if bottom.max() > 0 else 1.0)  # room for the legend
     else:
-        bars, stacked = [plot.Series("mean latency", ks, means)], False
-    panel_b = plot.bar_chart([str(k) for k in ks], bars, x_label="latent steps K", y_label="latency, batch 1 (ms)",
-                             title=f"{prefix}(b) latency by K", size=PANEL_SIZE, stacked=stacked,
-                             value_labels=not stacked)
-    panel_c = plot.line_chart([plot.Series("accuracy", ks, accs)], x_label="latent steps K",
-                              y_label=metric, title=f"{prefix}(c) accuracy vs K", size=PANEL_SIZE,
-                              x_ticks=ks if len(ks) > 1 else None, legend=False)
-    return plot.hstack([panel_a, panel_b, panel_c], gap=PANEL_GAP)
+        bars = ax_b.bar(positions, means, 0.7, label="mean latency")
+        ax_b.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax_b.margins(y=0.12)  # room for the value labels
+    ax_b.set_xticks(positions, [str(k) for k in ks])
+    ax_b.set(xlabel="latent steps K", ylabel="latency, batch 1 (ms)", title="(b) latency by K")
+
+    ax_c.plot(ks, accs, marker="o", clip_on=False)
+    ax_c.set_xticks(ks)
+    ax_c.set(xlabel="latent steps K", ylabel=metric, ylim=_accuracy_limits(accs), title="(c) accuracy vs K")
+    for ax in (ax_a, ax_b, ax_c):
+        ax.grid(alpha=0.3)
+    return fig
 
 
 def write_k_sweep(out_dir: str, points: Sequence[KSweepPoint],
-                  baselines: Mapping[str, tuple[float, float]] | None = None, title: str = "") -> tuple[str, str]:
-    """k_sweep.json (`k_sweep_summary`) and k_sweep.png (`k_sweep_figure`) under out_dir; returns their paths."""
+                  baselines: Mapping[str, tuple[float, float]] | None = None, title: str = "",
+                  figure_format: str = "png") -> tuple[str, str]:
+    """k_sweep.json (`k_sweep_summary`) and the figure k_sweep.<figure_format> (`k_sweep_figure`; png, pdf or
+    svg) under out_dir; returns their paths."""
     if not points:
         raise ValueError("the K sweep needs at least one point")
+    figures.check_format(figure_format)
     summary = k_sweep_summary(points, baselines)
     json_path = atomic_write_text(os.path.join(out_dir, K_SWEEP_JSON), json.dumps(summary, indent=2) + "\n")
-    png_path = plot.save_png(k_sweep_figure(points, baselines, title), os.path.join(out_dir, K_SWEEP_PNG))
-    return json_path, png_path
+    figure_path = figures.save(k_sweep_figure(points, baselines, title), os.path.join(out_dir, K_SWEEP_FIGURE),
+                               figure_format)
+    return json_path, figure_path

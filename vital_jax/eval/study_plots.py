@@ -1,8 +1,9 @@
-"""Figures of the learning study (`vital_jax.study`), drawn with matplotlib (Agg backend, PNG).
+"""Figures of the learning study (`vital_jax.study`), drawn with matplotlib (`figures`; PNG, or PDF / SVG).
 
   accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), floors dashed
   per_type.png           per question type, every Table 2 row and the pause control (mean, error bar = std)
   step_similarity.png    Appendix C.6: mean cosine similarity of latent steps i, j, task-only vs full VITAL
+                         (colour scale fixed to -1..1, `figures.similarity_matrix`)
   norm_ratio.png         ||z_k|| / mean token-embedding norm per step, task-only vs VITAL vs pause
   learning_curves.png    training loss against step (first seed) of the Table 2 rows
 """
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from vital_jax.eval import figures
 
 _TYPES = ("yes_no", "location_choice", "identify", "location", "describe", "reasoning")
 _TABLE2 = ("backbone", "sft_k0", "task_only", "semantic", "visual", "vital", "pause")
@@ -28,20 +27,12 @@ def _stats(runs, get):
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
-
-
 def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
     curves = {"3-phase curriculum": ["sft_k0", "k1", "k2", "k3", "vital"],
               "no curriculum": ["sft_k0", "mix_k1", "mix_k2", "mix_k3", "mix_k4"]}
     if not any(r in by_row for rows in curves.values() for r in rows[1:]):
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, (ax,) = figures.new(size=(5.5, 3.8))
     for label, rows in curves.items():
         ks, means, stds = [], [], []
         for k, row in enumerate(rows):
@@ -54,7 +45,7 @@ def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
     ax.set(xlabel="latent steps K", ylabel="closed accuracy (%)", title="Closed accuracy against K (test)",
            xticks=range(5), ylim=(0, 100))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def per_type(path: str, by_row: dict, floor: dict) -> str | None:
@@ -62,7 +53,7 @@ def per_type(path: str, by_row: dict, floor: dict) -> str | None:
     types = [t for t in _TYPES if t in floor]
     if not rows or not types:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(types) * len(rows) / 3), 4.0))
+    fig, (ax,) = figures.new(size=(max(6.0, 1.2 * len(types) * len(rows) / 3), 4.0))
     width = 0.8 / len(rows)
     x = np.arange(len(types))
     for i, row in enumerate(rows):
@@ -77,29 +68,20 @@ def per_type(path: str, by_row: dict, floor: dict) -> str | None:
            title="Per question type (test; closed: accuracy, open: token F1)")
     ax.set_xticklabels(types, rotation=15)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def step_similarity(path: str, by_row: dict) -> str | None:
     rows = [r for r in ("task_only", "vital", "pause") if r in by_row and by_row[r][0].get("diagnostics")]
     if not rows:
         return None
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.3), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    fig, axes = figures.new(1, len(rows), size=(3.8 * len(rows), 3.6))
+    for ax, row in zip(axes, rows):
         mats = [np.asarray(r["diagnostics"]["step_similarity"], np.float64) for r in by_row[row]
                 if r.get("diagnostics")]
-        mat = np.nanmean(np.stack(mats), axis=0)
-        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis")
-        k = mat.shape[0]
-        ax.set(title=f"{row}", xticks=range(k), yticks=range(k), xticklabels=[f"z{i + 1}" for i in range(k)],
-               yticklabels=[f"z{i + 1}" for i in range(k)])
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if mat[i, j] < 0.6 else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity")
-    fig.suptitle("Latent step similarity S (Appendix C.6; clipped to 0-1)")
-    return _save(fig, path)
+        figures.similarity_matrix(fig, ax, np.nanmean(np.stack(mats), axis=0), row)
+    fig.suptitle("Latent step similarity S (Appendix C.6)")
+    return figures.save(fig, path)
 
 
 def norm_ratio(path: str, by_row: dict) -> str | None:
@@ -107,34 +89,37 @@ def norm_ratio(path: str, by_row: dict) -> str | None:
             and by_row[r][0].get("diagnostics")]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(5.0, 3.5))
+    fig, (ax,) = figures.new(size=(5.0, 3.5))
     for row in rows:
         ratios = np.asarray([r["diagnostics"]["norm_ratio_per_step"] for r in by_row[row] if r.get("diagnostics")])
         ax.plot(range(1, ratios.shape[1] + 1), ratios.mean(0), marker="o", label=row)
     ax.set(xlabel="latent step k", ylabel="||z_k|| / mean token-embedding norm", title="Latent norm ratio (test)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
 def learning_curves(path: str, by_row: dict) -> str | None:
     rows = [r for r in _TABLE2 if r in by_row and by_row[r][0].get("curve") and r != "backbone"]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, (ax,) = figures.new(size=(5.5, 3.6))
     for row in rows:
         curve = np.asarray([(s, t if t is not None else loss) for s, loss, t in by_row[row][0]["curve"]], np.float64)
         ax.plot(curve[:, 0], curve[:, 1], label=row)
     ax.set(xlabel="optimizer step", ylabel="task loss (answer CE)", title="Learning curves (first seed)",
            yscale="log")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return figures.save(fig, path)
 
 
-def write_figures(out_dir: str, by_row: dict, floor: dict) -> dict[str, str]:
-    """Every figure that the results allow; returns name -> path."""
-    made = {"accuracy against K": accuracy_vs_k(os.path.join(out_dir, "accuracy_vs_k.png"), by_row, floor),
-            "per question type": per_type(os.path.join(out_dir, "per_type.png"), by_row, floor),
-            "step similarity": step_similarity(os.path.join(out_dir, "step_similarity.png"), by_row),
-            "norm ratio": norm_ratio(os.path.join(out_dir, "norm_ratio.png"), by_row),
-            "learning curves": learning_curves(os.path.join(out_dir, "learning_curves.png"), by_row)}
+def write_figures(out_dir: str, by_row: dict, floor: dict, figure_format: str = "png") -> dict[str, str]:
+    """Every figure that the results allow, as png, pdf or svg; returns name -> path."""
+    def path(name: str) -> str:
+        return os.path.join(out_dir, f"{name}.{figures.check_format(figure_format)}")
+
+    made = {"accuracy against K": accuracy_vs_k(path("accuracy_vs_k"), by_row, floor),
+            "per question type": per_type(path("per_type"), by_row, floor),
+            "step similarity": step_similarity(path("step_similarity"), by_row),
+            "norm ratio": norm_ratio(path("norm_ratio"), by_row),
+            "learning curves": learning_curves(path("learning_curves"), by_row)}
     return {k: v for k, v in made.items() if v}

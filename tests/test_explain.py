@@ -1,0 +1,78 @@
+"""The explanation figures (Figure 3 heatmaps and summary, Figure 11 step similarity) on synthetic inputs; the
+model-driven path is exercised end to end in test_trained_run.py."""
+
+import os
+
+import numpy as np
+import pytest
+
+from vital_jax import explain
+
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF-"}
+
+
+def _has_format(path: str, fmt: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return b"<svg" in head if fmt == "svg" else head.startswith(MAGIC[fmt])
+
+
+def _inputs(k: int = 3):
+    rgb = np.random.RandomState(0).randint(0, 256, (48, 64, 3)).astype(np.uint8)
+    maps = np.random.RandomState(1).uniform(-0.1, 0.3, (k, 4, 4))
+    maps[1, 0, 3] = 0.8                                              # one hot patch, top right, in step 2
+    return rgb, maps
+
+
+@pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
+def test_write_heatmaps_writes_each_step_and_the_summary_in_the_requested_format(tmp_path, fmt):
+    rgb, maps = _inputs()
+    paths = explain.write_heatmaps(str(tmp_path), rgb, maps, "Where is it?", "top right", ["a", "b", "c"], fmt)
+    assert paths == [str(tmp_path / f"step_{i}.{fmt}") for i in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path)) == sorted([f"step_{i}.{fmt}" for i in (1, 2, 3)] + [f"summary.{fmt}"])
+    for name in os.listdir(tmp_path):
+        assert _has_format(str(tmp_path / name), fmt), name
+
+
+def test_step_figure_overlays_the_map_on_the_image_with_a_colour_bar():
+    rgb, maps = _inputs()
+    fig = explain.step_figure(rgb, maps[1], "z2: the hot patch", value_range=(-0.1, 0.8))
+    assert len(fig.axes) == 2                                        # the overlay and its colour bar
+    ax, bar = fig.axes
+    photo, heat = ax.images
+    assert np.array_equal(photo.get_array(), rgb)
+    assert heat.get_clim() == (-0.1, 0.8) and 0 < heat.get_alpha() < 1
+    assert heat.get_extent() == [-0.5, 63.5, 47.5, -0.5]             # the 4x4 map covers the whole image
+    assert bar.get_ylim() == pytest.approx((-0.1, 0.8)) and "cosine" in bar.get_ylabel()
+    assert explain.step_figure(rgb, maps[0], "z1").axes[0].images[1].get_clim() == (maps[0].min(), maps[0].max())
+
+
+def test_summary_shares_one_colour_scale_and_wraps_captions_at_words():
+    rgb, maps = _inputs()
+    texts = ["the liver lies in the upper left part of the image near the edge", "liver", "left"]
+    question = "Where is the liver in this image, and on which side of the body does it lie?"
+    fig = explain.summary_figure(rgb, maps, question, "left upper quadrant", texts)
+    assert len(fig.axes) == 1 + 3 + 1                                # image, K heatmaps, one colour bar
+    heat_clims = {ax.images[1].get_clim() for ax in fig.axes[1:4]}
+    assert heat_clims == {(maps.min(), maps.max())}
+    for ax, expected in zip(fig.axes[:4], [f"Q: {question} A: left upper quadrant"] +
+                            [f"z{i}: {t}" for i, t in enumerate(texts, start=1)]):
+        lines = ax.get_title().split("\n")
+        assert all(len(line) <= explain.CAPTION_WIDTH for line in lines)
+        assert " ".join(lines).split() == expected.split()           # every word whole, nothing left out
+    assert len(fig.axes[0].get_title().split("\n")) > 1
+
+
+def test_similarity_figure_is_titled_with_its_fixed_range():
+    matrix = np.array([[1.0, 0.2, np.nan], [0.2, 1.0, -0.3], [np.nan, -0.3, 1.0]])
+    fig = explain.similarity_figure(matrix, "Latent step similarity (test, 6 records)")
+    ax, bar = fig.axes
+    assert ax.images[0].get_clim() == (-1.0, 1.0) and bar.get_ylim() == (-1.0, 1.0)
+    assert ax.get_title().startswith("Latent step similarity (test, 6 records)") and "-1 to 1" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["z1", "z2", "z3"]
+    assert [t.get_text() for t in ax.texts].count("n/a") == 2
+
+
+def test_heatmap_range_of_a_constant_map_is_not_empty():
+    lo, hi = explain.heatmap_range(np.full((2, 3, 3), 0.4))
+    assert lo < 0.4 < hi

@@ -37,11 +37,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vital_jax import sharding
+from vital_jax.models.qwen3_vl.cached import PrefixInputs
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.mrope import get_rope_index
 from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
 from vital_jax.vital.batch import VitalBatch
-from vital_jax.vital.latent import PrefixInputs
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vital_jax.models.qwen3_vl.cached import PrefixInputs, prefix_inputs
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
-from vital_jax.models.qwen3_vl.mrope import get_rope_index
-from vital_jax.models.qwen3_vl.vision import vision_inputs
-from vital_jax.vital.latent import PrefixInputs
 
 
 @flax.struct.dataclass
@@ -34,24 +32,6 @@ class VitalBatch:
     roi_feature: jax.Array
     example_valid: jax.Array
     global_feature: jax.Array | None = None
-
-
-def prefix_inputs(prompt_ids: np.ndarray, prompt_valid: np.ndarray, image_grid_thw: np.ndarray | None,
-                  pixel_patches: np.ndarray | None, config: Qwen3VLConfig) -> PrefixInputs:
-    """Host-side: MRoPE positions and vision-tower inputs for left-padded prompts with one image each.
-
-    Padding patches (pixel_patches beyond the grids' patch count) become their own attention segment.
-    """
-    grids = [tuple(int(v) for v in g) for g in image_grid_thw] if image_grid_thw is not None else []
-    positions, _ = get_rope_index(prompt_ids, prompt_valid, grids, config.image_token_id,
-                                  config.vision.spatial_merge_size)
-    vis = None
-    if grids:
-        vis = vision_inputs(grids, config.vision, pad_to=int(pixel_patches.shape[0]))
-    return PrefixInputs(
-        input_ids=jnp.asarray(prompt_ids, jnp.int32), token_valid=jnp.asarray(prompt_valid, bool),
-        positions=jnp.asarray(positions, jnp.int32),
-        pixel_patches=None if not grids else jnp.asarray(pixel_patches, jnp.float32), vision_inputs=vis)
 
 
 def check_token_ids(batch: dict, backbone_vocab: int, decoder_vocab: int) -> None:
@@ -86,3 +66,6 @@ def from_numpy(batch: dict, config: Qwen3VLConfig) -> VitalBatch:
         example_valid=jnp.asarray(batch.get("example_valid", np.ones((b,), bool)), bool),
         global_feature=(jnp.asarray(batch["global_feature"], jnp.float32) if "global_feature" in batch else None),
     )
+
+
+__all__ = ["PrefixInputs", "VitalBatch", "check_token_ids", "from_numpy", "prefix_inputs"]

@@ -2,7 +2,8 @@
 
 Trainable: LoRA adapters of every backbone LLM layer, the auxiliary decoder (fully), pj_in and the visual
 projector. Frozen: the vision tower and the backbone base weights. Frozen leaves are replaced by
-`optax.MaskedNode()` in the trainable tree, so they get no gradient computation and carry no optimizer state.
+`optax.MaskedNode()` in the trainable tree (`vital_jax/freeze.py`), so they get no gradient computation and carry
+no optimizer state.
 Trainable leaves are float32 master weights (and so is the AdamW state over them) whatever the frozen base's
 storage dtype; the model casts them to its compute dtype where they are used.
 """
@@ -13,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vital_jax.freeze import MASKED, mask_from_predicate, merge, split
 from vital_jax.layers.linear import LoraConfig
-from vital_jax.models.hf_mapping import flatten, unflatten
 
-MASKED = optax.MaskedNode()
+__all__ = ["MASKED", "is_trainable", "make_optimizer", "mask_from_predicate", "merge", "merge_lora", "split",
+           "trainable_mask", "warmup_cosine_schedule", "weight_decay_mask"]
 
 
 def is_trainable(path: str, train_decoder: bool = True) -> bool:
@@ -32,25 +34,6 @@ def is_trainable(path: str, train_decoder: bool = True) -> bool:
 def trainable_mask(params: dict, train_decoder: bool = True) -> dict:
     """A tree of bools like `params`."""
     return mask_from_predicate(params, lambda path: is_trainable(path, train_decoder))
-
-
-def mask_from_predicate(params: dict, predicate) -> dict:
-    """A tree of bools like `params`: predicate('a/b/kernel') for each leaf path."""
-    return unflatten({p: bool(predicate(p)) for p in flatten(params)})
-
-
-def split(params: dict, mask: dict) -> tuple[dict, dict]:
-    """(trainable, frozen): the same tree twice, with MaskedNode in place of the other group's leaves."""
-    flat, flat_mask = flatten(params), flatten(mask)
-    trainable = {p: (v if flat_mask[p] else MASKED) for p, v in flat.items()}
-    frozen = {p: (MASKED if flat_mask[p] else v) for p, v in flat.items()}
-    return unflatten(trainable), unflatten(frozen)
-
-
-def merge(trainable: dict, frozen: dict) -> dict:
-    """Inverse of `split`."""
-    return jax.tree.map(lambda t, f: f if isinstance(t, optax.MaskedNode) else t, trainable, frozen,
-                        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 _MATRIX_LEAVES = ("kernel", "lora_a", "lora_b", "embedding")

@@ -1,4 +1,5 @@
-"""Qwen3-VL: vision tower with deepstack, MRoPE text decoder, preprocessing and prompt building."""
+"""Qwen3-VL: vision tower with deepstack, MRoPE text decoder, preprocessing, prompt building, and the cached
+forward (prefill, blocks of input embeddings, teacher forcing, decoding: `cached.py`) the latent methods share."""
 
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, Qwen3VLOutput, init_cache

@@ -1,0 +1,157 @@
+"""Qwen3-VL over an explicit KV cache, the way the latent methods use it: prefill a multimodal prompt, append
+blocks of input embeddings after it, then teacher-force or decode the answer.
+
+Method-agnostic building blocks shared by VITAL (`vital/latent.py`: K latent slots, one per scan step) and
+MedSynapse-V (`medsynapse/memory.py`: N memory vectors in one block); training and generation of each method go
+through the same functions, so they see identical caches.
+
+Positions: the prompt takes explicit MRoPE positions (3, B, Tp) from `mrope.get_rope_index`; every vector or token
+written after it gets `lengths + rope_delta` on all three axes (`KVCache.position_offset`), counting only valid
+slots, as transformers does for generated tokens.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vital_jax import generation
+from vital_jax.layers.kv_cache import KVCache
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, init_cache
+from vital_jax.models.qwen3_vl.mrope import get_rope_index
+from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
+
+
+@flax.struct.dataclass
+class PrefixInputs:
+    """The multimodal prefix of a batch (all arrays; built on the host by `prefix_inputs`).
+
+    input_ids, token_valid: (B, Tp), left-padded so every prompt ends at slot Tp - 1.
+    positions: (3, B, Tp) MRoPE positions (from `mrope.get_rope_index`).
+    pixel_patches: (Np, C*T*ps*ps) or None; vision_inputs: the matching `VisionInputs` or None.
+    image_feature_index: (B, Tp) int32 or None: the merged-feature row of each image token when the patches are
+      not packed in batch order (`distributed.global_vital_batch` packs each batch shard's examples into its own
+      slice); None: the k-th image token of the batch takes row k.
+    """
+
+    input_ids: jax.Array
+    token_valid: jax.Array
+    positions: jax.Array
+    pixel_patches: jax.Array | None = None
+    vision_inputs: VisionInputs | None = None
+    image_feature_index: jax.Array | None = None
+
+
+def prefix_inputs(prompt_ids: np.ndarray, prompt_valid: np.ndarray, image_grid_thw: np.ndarray | None,
+                  pixel_patches: np.ndarray | None, config: Qwen3VLConfig) -> PrefixInputs:
+    """Host-side: MRoPE positions and vision-tower inputs for left-padded prompts with one image each.
+
+    Padding patches (pixel_patches beyond the grids' patch count) become their own attention segment.
+    """
+    grids = [tuple(int(v) for v in g) for g in image_grid_thw] if image_grid_thw is not None else []
+    positions, _ = get_rope_index(prompt_ids, prompt_valid, grids, config.image_token_id,
+                                  config.vision.spatial_merge_size)
+    vis = None
+    if grids:
+        vis = vision_inputs(grids, config.vision, pad_to=int(pixel_patches.shape[0]))
+    return PrefixInputs(
+        input_ids=jnp.asarray(prompt_ids, jnp.int32), token_valid=jnp.asarray(prompt_valid, bool),
+        positions=jnp.asarray(positions, jnp.int32),
+        pixel_patches=None if not grids else jnp.asarray(pixel_patches, jnp.float32), vision_inputs=vis)
+
+
+def fold_rng(rng: jax.Array | None, *salt: int) -> jax.Array | None:
+    """`rng` folded with each salt in turn (None stays None): one dropout stream per call site."""
+    if rng is None:
+        return None
+    for s in salt:
+        rng = jax.random.fold_in(rng, s)
+    return rng
+
+
+def _dropout(rng):
+    return {} if rng is None else {"dropout": rng}
+
+
+def encode_prefix(model: Qwen3VLForConditionalGeneration, params, prefix: PrefixInputs, cache_len: int,
+                  deterministic: bool = True, rng=None) -> tuple[KVCache, jax.Array]:
+    """Encode image + question into a fresh cache of `cache_len` slots.
+
+    Returns (kv_cache, last_hidden (B, D)): the prompt's last post-norm hidden state, which predicts the token
+    after the prompt.
+    """
+    batch = prefix.input_ids.shape[0]
+    out = model.apply({"params": params}, input_ids=prefix.input_ids, token_valid=prefix.token_valid,
+                      positions=prefix.positions, pixel_patches=prefix.pixel_patches,
+                      vision_inputs=prefix.vision_inputs, image_feature_index=prefix.image_feature_index,
+                      kv_cache=init_cache(model.config, batch, cache_len),
+                      return_logits=False, deterministic=deterministic, rngs=_dropout(rng))
+    return out.kv_cache, generation.gather_last(out.hidden_states, prefix.token_valid)
+
+
+def append_embeddings(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, embeds_btd: jax.Array,
+                      valid_bt: jax.Array | None = None, deterministic: bool = True,
+                      rng=None) -> tuple[jax.Array, KVCache]:
+    """Write T input-embedding vectors (B, T, D) into the next T cache slots in one pass.
+
+    Vector t of a row gets position `lengths + rope_delta + t` on all three MRoPE axes (counting valid vectors
+    only) and attends causally to the cache and to the vectors before it, exactly as if the vectors had been
+    inserted into `inputs_embeds` after the cached sequence. valid_bt (B, T) bool: False slots are written but stay
+    invisible and do not advance positions. Returns (post-norm hidden states (B, T, D), kv_cache).
+    """
+    b, t = embeds_btd.shape[:2]
+    valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
+    out = model.apply({"params": params}, inputs_embeds=embeds_btd, token_valid=valid_bt, kv_cache=kv_cache,
+                      return_logits=False, deterministic=deterministic, rngs=_dropout(rng))
+    return out.hidden_states, out.kv_cache
+
+
+def lm_logits(model: Qwen3VLForConditionalGeneration, params, hidden: jax.Array) -> jax.Array:
+    """The LM head on post-norm states (..., D) -> float32 logits (..., V)."""
+    return model.apply({"params": params}, hidden, method=model.logits)
+
+
+def teacher_forced_logits(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache,
+                          last_hidden: jax.Array, answer_ids: jax.Array, answer_valid: jax.Array,
+                          deterministic: bool = True, rng=None) -> jax.Array:
+    """Teacher-forced answer logits (B, Ta, V) float32, where position t predicts answer_ids[:, t].
+
+    The first answer token is predicted from `last_hidden` (B, D), the post-norm state of the cache's last valid
+    slot; answer tokens a_1..a_{Ta-1} are then fed in one parallel pass over the same cache.
+    answer_ids / answer_valid (B, Ta) are right-padded.
+    """
+    out = model.apply({"params": params}, input_ids=answer_ids[:, :-1], token_valid=answer_valid[:, :-1],
+                      kv_cache=kv_cache, deterministic=deterministic, rngs=_dropout(rng))
+    first = lm_logits(model, params, last_hidden[:, None, :])
+    return jnp.concatenate([first, out.logits], axis=1)
+
+
+def token_log_probs(logits: jax.Array, token_ids: jax.Array, token_valid: jax.Array) -> jax.Array:
+    """log p(token) (B, T) float32 from logits (B, T, V); 0 where token_valid is False."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.where(token_valid, picked, 0.0)
+
+
+def decode_step_fn(model: Qwen3VLForConditionalGeneration):
+    """`generation.decode` step: one token per example at position `lengths + rope_delta`."""
+
+    def step_fn(params, ids_b1, valid_b1, kv_cache):
+        out = model.apply({"params": params}, input_ids=ids_b1, token_valid=valid_b1, kv_cache=kv_cache)
+        return out.logits[:, -1], out.kv_cache
+
+    return step_fn
+
+
+def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, last_hidden: jax.Array,
+           sampling: generation.SamplingConfig, rng=None) -> tuple[jax.Array, jax.Array]:
+    """Greedy/sampled decoding after the cache (the jitted `generation.decode` while_loop).
+
+    last_hidden (B, D): the post-norm state of the cache's last valid slot (it predicts the first new token).
+    The cache needs `sampling.max_new_tokens` free slots. Returns (tokens (B, max_new_tokens) int32, lengths (B,)).
+    """
+    first_logits = lm_logits(model, params, last_hidden)
+    return generation.decode(decode_step_fn(model), params, first_logits, kv_cache, sampling, rng)

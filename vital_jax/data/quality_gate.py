@@ -68,13 +68,15 @@ _SPATIAL_RE = re.compile("|".join(SPATIAL_PATTERNS), re.IGNORECASE)
 
 @dataclasses.dataclass(frozen=True)
 class GateContext:
-    """What the gate must know about the sample: its question type, target and whether it is normal anatomy."""
+    """What the gate must know about the sample: its question type, target, whether it is normal anatomy, the
+    choices of a location choice, and its modality."""
 
     question_type: str
     target: str
     target_type: str
     normal_anatomy: bool
     choices: tuple[str, ...] = ()
+    modality: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -312,7 +312,7 @@ class _Outcome:
 
 def _gate_context(q: Question) -> quality_gate.GateContext:
     return quality_gate.GateContext(question_type=q.question_type, target=q.target, target_type=q.target_type,
-                                    normal_anatomy=q.normal_anatomy, choices=q.choices)
+                                    normal_anatomy=q.normal_anatomy, choices=q.choices, modality=q.modality)
 
 
 class _InputCache:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
 from vital_jax.data import build, quality_gate, questions, records
@@ -37,9 +38,12 @@ def test_shared_biomedparse_demo_builds_validated_records(shared_data_dir, tmp_p
     config.biomedparse.image_dir = os.path.join(root, "demo")
     config.biomedparse.mask_dir = os.path.join(root, "demo_mask")
     result = build.build(config)
-    assert result["questions"] == result["records"] == 62 * len(QUESTION_TYPES)
+    # Every target is asked every question type but one: the glandular structure's four regions lie in different
+    # thirds both across and down the image, so no location choice has a single right answer.
+    assert result["questions"] == result["records"] == 62 * len(QUESTION_TYPES) - 1
     assert records.validate_dataset(config.out_dir) == []
     rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    assert not [r for r in rows if r.target == "glandular structure" and r.question_type == "location_choice"]
     assert {r.modality for r in rows} == {"CT", "MRI", "X-Ray", "pathology", "ultrasound", "fundus", "endoscope",
                                          "dermoscopy"}
     split_of_image = collections.defaultdict(set)
@@ -50,23 +54,36 @@ def test_shared_biomedparse_demo_builds_validated_records(shared_data_dir, tmp_p
         # Every stored record is a fixed point of the gate (already normalised, leakage-free).
         context = quality_gate.GateContext(r.question_type, r.target, r.target_type, False,
                                            ("left", "right", "center") if "left, right" in r.question else
-                                           ("upper", "middle", "lower"))
+                                           ("upper", "middle", "lower"), r.modality)
         out = quality_gate.check({"final_answer": r.answer, "reasoning_chain": list(r.reasoning_chain)}, context)
         assert out.accepted and out.output.final_answer == r.answer, (r.id, out.violation)
     assert all(len(s) == 1 for s in split_of_image.values()) and len(split_of_image) == 21
     assert {s for r in rows for s in [r.split]} == {"train", "val", "test"}
     image = Image.open(os.path.join(config.out_dir, rows[0].image))
     assert image.mode == "RGB" and image.size == (1024, 1024)
-    # Location answers name the image-space third of the mask centroid, computed here straight from the file.
+    # Location answers name the image-space third of each separate region's centroid, computed here straight from
+    # the file (a single region: exactly that third; several: each region's third is named).
     for r in (r for r in rows if r.question_type == "location"):
         mask = np.asarray(Image.open(os.path.join(config.out_dir, r.mask))) > 0
-        rows_, cols = np.nonzero(mask)
-        v = ("upper", "middle", "lower")[min(int(3 * (rows_.mean() + 0.5) / mask.shape[0]), 2)]
-        h = ("left", "center", "right")[min(int(3 * (cols.mean() + 0.5) / mask.shape[1]), 2)]
-        words = {"middle": "", "center": ""}
-        expected = " ".join(w for w in (words.get(v, v), words.get(h, h)) if w) or "central"
-        expected = {"upper": "upper central", "lower": "lower central"}.get(expected, expected)
-        assert r.answer == f"The {r.target} is located in the {expected} part of the image.", r.id
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        sizes = np.bincount(labels.ravel())[1:]
+        keep = [i + 1 for i in range(count) if sizes[i] >= min(0.05 * sizes.sum(), 0.2 * sizes.max())]
+        centres = ndimage.center_of_mass(mask, labels, keep) if len(keep) > 1 else [np.argwhere(mask).mean(0)]
+        expected = []
+        for row, col in centres:
+            v = ("upper", "middle", "lower")[min(int(3 * (row + 0.5) / mask.shape[0]), 2)]
+            h = ("left", "center", "right")[min(int(3 * (col + 0.5) / mask.shape[1]), 2)]
+            words = {"middle": "", "center": ""}
+            core = " ".join(w for w in (words.get(v, v), words.get(h, h)) if w) or "central"
+            expected.append({"upper": "upper central", "lower": "lower central"}.get(core, core))
+        if len(centres) == 1:
+            assert r.answer == f"The {r.target} is located in the {expected[0]} part of the image.", r.id
+        elif len(centres) < 4:
+            assert all(f" {core} " in r.answer for core in expected) and "parts of the image" in r.answer or (
+                len(set(expected)) == 1 and f"the {expected[0]} part of the image" in r.answer), (r.id, r.answer)
+        else:  # scattered: the largest region's place is named
+            largest = expected[int(np.argmax([sizes[k - 1] for k in keep]))]
+            assert "scattered" in r.answer and f"the largest in the {largest} part" in r.answer, r.answer
 
 
 def test_demo_config_cli_builds_and_a_rerun_changes_nothing(tmp_path):

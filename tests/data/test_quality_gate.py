@@ -131,3 +131,77 @@ def test_direction_in_the_target_name_is_not_a_choice():
     context = GateContext("location_choice", "left kidney", "organ", False, ("left", "right", "center"))
     result = gate.check(_raw(answer="The left kidney is in the right part of the image.", chain=["x."]), context)
     assert result.accepted, result.violation
+
+
+# ------------------------------------------------------- vocabulary and grammar rounds (API teachers too)
+def _context(target="liver", modality="CT", question_type="describe", target_type="organ"):
+    return GateContext(question_type, target, target_type, normal_anatomy=False, modality=modality)
+
+
+@pytest.mark.parametrize("target, modality, chain, fragment", [
+    ("liver", "CT", ["A hyperechoic region is seen.", "Its margin is smooth."], "'hyperechoic'"),
+    ("liver", "ultrasound", ["It is hypodense to the spleen.", "Its margin is smooth."], "'hypodense'"),
+    ("brain", "CT", ["Its signal intensity is high.", "Smooth."], "'signal intensity'"),
+    ("lung", "MRI", ["The region shows greater lucency.", "Smooth."], "'lucency'"),
+    ("lung opacity", "X-Ray", ["A hazy area of greater lucency.", "Smooth."], "contradicts the lung opacity"),
+    ("COVID-19 infection", "X-Ray", ["Both lung fields are radiolucent.", "x."], "'radiolucent' contradicts"),
+    ("pneumothorax", "X-Ray", ["An area of increased opacity.", "x."], "'increased opacity' contradicts"),
+    ("kidney cyst", "ultrasound", ["A hyperechoic focus.", "x."], "'hyperechoic' contradicts"),
+])
+def test_vocabulary_round_rejects_wrong_modality_words_and_contradicted_names(target, modality, chain, fragment):
+    result = gate.check(_raw(answer="It is visible.", chain=chain), _context(target, modality))
+    assert not result.accepted and result.round == "vocabulary" and fragment in result.violation, result.violation
+    assert "modality" in gate.retry_prompt(result, attempt=1)
+
+
+@pytest.mark.parametrize("target, modality, chain", [
+    ("lung opacity", "X-Ray", ["A hazy area of greater opacity, without lucency.", "Its margin is ill-defined."]),
+    ("liver", "CT", ["It is hyperdense, with higher attenuation than the spleen.", "Smooth."]),
+    ("tumor", "ultrasound", ["A hypoechoic, round mass.", "Posterior acoustic enhancement."]),
+    ("enhancing tumor", "MRI", ["It is hyperintense on this sequence.", "Irregular margin."]),
+    ("non-enhancing tumor", "MRI", ["It is hypointense on this sequence.", "Irregular margin."]),
+    ("liver", "", ["A hyperechoic region: no modality given, no vocabulary check.", "x."]),
+])
+def test_vocabulary_round_accepts_the_modality_s_own_words(target, modality, chain):
+    result = gate.check(_raw(answer="It is visible.", chain=chain), _context(target, modality))
+    assert result.accepted, result.violation
+
+
+@pytest.mark.parametrize("target, answer, chain, fragment", [
+    ("liver", "The liver is a oval structure.", ["x.", "y."], "'a oval' (write 'an oval')"),
+    ("liver", "It has a irregular margin.", ["x.", "y."], "'a irregular'"),
+    ("liver", "It is seen.", ["An large organ.", "y."], "'An large' (write 'a large')"),
+    ("liver", "It is seen.", ["It lies in a upper part of the image.", "y."], "'a upper'"),
+    ("lung", "It is seen.", ["There are two separate region.", "y."], "'two separate region'"),
+    ("lung", "It is seen.", ["There is two regions, one per side.", "y."], "'There is two'"),
+    ("lung", "It is seen.", ["Two separate regions is visible.", "y."], "'Two separate regions is'"),
+    ("lungs", "The lungs is visible.", ["x.", "y."], "'The lungs is' (the lungs is plural)"),
+    ("kidney", "It is seen.", ["The kidney are bright.", "y."], "(the kidney is singular)"),
+    ("neoplastic cells", "It is seen.", ["The neoplastic cells has dark nuclei.", "y."],
+     "'The neoplastic cells has'"),
+])
+def test_grammar_round_rejects_wrong_articles_and_agreement(target, answer, chain, fragment):
+    result = gate.check(_raw(answer=answer, chain=chain), _context(target))
+    assert not result.accepted and result.round == "grammar" and fragment in result.violation, result.violation
+    assert "grammatical" in gate.retry_prompt(result, attempt=1)
+
+
+@pytest.mark.parametrize("target, answer, chain", [
+    ("liver", "An enlarged liver is not seen; it is a uniform, unilateral, one-sided organ.",
+     ["An MRI-like appearance with an X-ray-like density and an H&E-stained look.", "A European convention."]),
+    ("kidney", "Both the liver and the kidney are visible.",
+     ["One of the two regions is larger; the gap between the two regions is narrow.", "Type A cells, grade A."]),
+    ("lungs", "The lungs are visible.", ["There are a few small regions.", "Several region types are seen."]),
+    ("neoplastic cells", "The neoplastic cells are scattered.", ["They are dark.", "Each has a nucleus."]),
+    ("lungs", "The centre of the lungs is in the middle part of the image.", ["x.", "y."]),
+    ("liver", "It is seen.", ["A usual appearance, a useful sign, a uterus-like shape, an hour.", "An 8 mm focus."]),
+])
+def test_grammar_round_leaves_correct_english_alone(target, answer, chain):
+    result = gate.check(_raw(answer=answer, chain=chain), _context(target))
+    assert result.accepted, result.violation
+
+
+def test_identify_answers_of_plural_targets_are_expanded_in_the_plural():
+    context = GateContext("identify", "neoplastic cells", "other", normal_anatomy=False)
+    result = gate.check(_raw(answer="neoplastic cells", chain=["Dark cells fill the image."]), context)
+    assert result.accepted and result.output.final_answer == "The main structures shown are the neoplastic cells."

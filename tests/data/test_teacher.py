@@ -150,7 +150,7 @@ def test_system_prompt_has_every_component_of_appendix_a2():
     p = teacher.SYSTEM_PROMPT
     for phrase in ("You are a teacher", "Teacher-only information", "Never mention or imply", "visible evidence",
                    "image space only", "patient's left", "strict JSON", '"final_answer"', '"reasoning_chain"',
-                   "no code fences"):
+                   "no code fences", "lucency for darker", "separate regions", "midline", "grammatical"):
         assert phrase in p, phrase
 
 
@@ -164,7 +164,7 @@ def test_user_prompt_example_passes_the_gate_with_the_type_step_range(question_t
     assert "Target (teacher-only" in prompt and "Student question: Where is the liver?" in prompt
     assert f"Question type: {question_type}" in prompt
     example = prompt.splitlines()[-1]
-    context = quality_gate.GateContext(question_type, "liver", "organ", False, q.choices)
+    context = quality_gate.GateContext(question_type, "liver", "organ", False, q.choices, q.modality)
     result = quality_gate.check(example, context)
     assert result.accepted, result.violation
     low, high = STEP_RANGES[question_type]

@@ -125,11 +125,13 @@ def prepare(config) -> list[questions.Question]:
                 geo = geometry.measure(source.image, target.mask)
                 for question_type in config.question_types:
                     key = f"{source.image_id}/{target.name}/{question_type}"
-                    asked.append(questions.make_question(
+                    question = questions.make_question(
                         question_type, image_id=source.image_id, image_path=image_rel, mask_path=mask_rel,
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
-                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions))
+                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions)
+                    if question is not None:  # None: the mask cannot answer this type (see make_question)
+                        asked.append(question)
             if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
                     and "yes_no" in config.question_types):
                 asked += _absence_questions(source, image_rel)

@@ -3,6 +3,13 @@
 Both the question templates (which side to ask about) and the offline geometry teacher (what to answer) read
 the target through `measure`. Every location is in IMAGE space (left/right of the picture, upper/lower), never
 patient space.
+
+One location rule serves every question type. A position along an axis is named by the THIRD of the image that
+holds it ("left part", "center", "right part"; "upper", "middle", "lower"); the only half-image words are those of
+a yes/no side question, whose answer states its own definition (left or right of the vertical midline), and such
+a question is asked only where the half and the third agree (`side_of`). A mask made of several separate parts
+(both lungs, scattered glands) is located part by part (`Part`, `where`), never by the centroid of the whole,
+which may fall between the parts.
 """
 
 from __future__ import annotations
@@ -11,12 +18,47 @@ import dataclasses
 import math
 
 import numpy as np
+from scipy import ndimage
 
 # Thirds of the image: centroid coordinate (0..1) -> word.
 HORIZONTAL = ("left", "center", "right")
 VERTICAL = ("upper", "middle", "lower")
-_COMPONENT_GRID = 128          # connected components are counted on a mask downsampled to at most this size
-_MIN_COMPONENT_SHARE = 0.05    # components smaller than this share of the mask are specks, not parts
+AXES = {"horizontal": HORIZONTAL, "vertical": VERTICAL}
+# A connected component (8-connected) is a part of the target when it holds at least 5% of the mask, or, among
+# many similar small pieces (scattered cells), at least a fifth of the largest piece; anything smaller is a speck.
+_MIN_PART_SHARE = 0.05
+_MIN_PART_OF_LARGEST = 0.2
+SCATTERED_PARTS = 4            # from this many parts on, a target is described as scattered, not part by part
+_THIRD_COVERED = 0.05          # a third of the image "holds" a scattered target when >= 5% of its area lies there
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Shape of one connected region (or of the whole mask)."""
+
+    elongation: float                      # sqrt of the ratio of the second-moment eigenvalues, >= 1
+    major_axis: str                        # "horizontal", "vertical" or "oblique"
+    circularity: float                     # 4 pi A / P^2, 1 for a disc
+    solidity: float                        # area / convex-hull area
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One separate region of a target (a connected component that is not a speck)."""
+
+    area_fraction: float                   # of the image
+    share: float                           # of the whole mask
+    centroid: tuple[float, float]          # (row, col) in 0..1
+    bbox: tuple[float, float, float, float]
+    shape: Shape
+
+    @property
+    def horizontal(self) -> str:
+        return third(self.centroid[1], "horizontal")
+
+    @property
+    def vertical(self) -> str:
+        return third(self.centroid[0], "vertical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,22 +68,30 @@ class MaskGeometry:
     area_fraction: float
     centroid: tuple[float, float]          # (row, col) in 0..1
     bbox: tuple[float, float, float, float]  # (top, left, bottom, right) in 0..1
-    elongation: float                      # sqrt of the ratio of the second-moment eigenvalues, >= 1
-    major_axis: str                        # "horizontal", "vertical" or "oblique"
-    circularity: float                     # 4 pi A / P^2, 1 for a disc
-    solidity: float                        # area / convex-hull area
-    components: int
+    elongation: float                      # of the whole mask (see Shape)
+    major_axis: str
+    circularity: float
+    solidity: float
+    components: int                        # len(parts)
     inside_mean: float                     # mean gray level (0..255) inside the mask
     surround_mean: float                   # mean gray level in a ring around the mask
     inside_std: float
+    parts: tuple[Part, ...] = ()           # largest first
+    row_thirds: tuple[float, float, float] = (0.0, 1.0, 0.0)   # share of the mask in the upper/middle/lower third
+    col_thirds: tuple[float, float, float] = (0.0, 1.0, 0.0)   # ... in the left/center/right third
 
     @property
     def horizontal(self) -> str:
-        return HORIZONTAL[min(int(self.centroid[1] * 3), 2)]
+        """The third holding the centroid of the whole mask (for a single part: where it is)."""
+        return third(self.centroid[1], "horizontal")
 
     @property
     def vertical(self) -> str:
-        return VERTICAL[min(int(self.centroid[0] * 3), 2)]
+        return third(self.centroid[0], "vertical")
+
+    @property
+    def scattered(self) -> bool:
+        return self.components >= SCATTERED_PARTS
 
     @property
     def contrast(self) -> float:
@@ -49,15 +99,91 @@ class MaskGeometry:
         return self.inside_mean - self.surround_mean
 
 
+def third(position: float, axis: str) -> str:
+    """The third of the image (word of AXES[axis]) holding `position` (0..1 along that axis)."""
+    return AXES[axis][min(int(position * 3), 2)]
+
+
+def region_core(vertical: str, horizontal: str) -> str:
+    """"upper left", "central", "left", "upper central"...: the words before "part of the image"."""
+    if vertical == "middle" and horizontal == "center":
+        return "central"
+    if vertical == "middle":
+        return horizontal
+    if horizontal == "center":
+        return f"{vertical} central"
+    return f"{vertical} {horizontal}"
+
+
 def region_phrase(vertical: str, horizontal: str) -> str:
     """"the upper left part of the image", "the central part of the image", "the left part of the image"..."""
-    if vertical == "middle" and horizontal == "center":
-        return "the central part of the image"
-    if vertical == "middle":
-        return f"the {horizontal} part of the image"
-    if horizontal == "center":
-        return f"the {vertical} central part of the image"
-    return f"the {vertical} {horizontal} part of the image"
+    return f"the {region_core(vertical, horizontal)} part of the image"
+
+
+def axis_third(g: MaskGeometry, axis: str) -> str | None:
+    """The third along `axis` that holds the target, or None when its parts lie in different thirds (a location
+    choice along that axis has no single answer)."""
+    if g.components <= 1:
+        return g.horizontal if axis == "horizontal" else g.vertical
+    words = {p.horizontal if axis == "horizontal" else p.vertical for p in g.parts}
+    return words.pop() if len(words) == 1 else None
+
+
+def side_of(g: MaskGeometry, axis: str) -> str | None:
+    """The half ("left"/"right", "upper"/"lower") a yes/no side question may ask about, or None. A side is asked
+    only when the whole target lies in an outer third, so the half and the third name the same side."""
+    word = axis_third(g, axis)
+    return None if word in (None, "center", "middle") else word
+
+
+def straddles(g: MaskGeometry, axis: str) -> bool:
+    """Whether the target's parts lie on both sides of the image's midline across `axis`."""
+    index = 1 if axis == "horizontal" else 0
+    positions = [p.centroid[index] for p in g.parts] if g.components > 1 else [g.centroid[index]]
+    return min(positions) < 0.5 <= max(positions)
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _span(shares: tuple[float, float, float], words: tuple[str, str, str]) -> str | None:
+    """"upper two thirds", "left third", ... of the thirds holding >= 5% of the mask; None for all three."""
+    held = [i for i, share in enumerate(shares) if share >= _THIRD_COVERED]
+    low, high = min(held), max(held)
+    if high - low == 2:
+        return None
+    if high == low:
+        return f"{('central' if words[low] == 'center' else words[low])} third"
+    return f"{words[low] if low == 0 else words[high]} two thirds"
+
+
+def span_phrase(g: MaskGeometry) -> str:
+    """The extent of a scattered target: "the whole image", "the upper two thirds of the image", "the lower two
+    thirds of the image, within its central third"..."""
+    vertical, horizontal = _span(g.row_thirds, VERTICAL), _span(g.col_thirds, HORIZONTAL)
+    if vertical and horizontal:
+        return f"the {vertical} of the image, within its {horizontal}"
+    return f"the {vertical or horizontal} of the image" if vertical or horizontal else "the whole image"
+
+
+def part_order(g: MaskGeometry) -> list[Part]:
+    """The parts left to right when they spread more across than down the image, else top to bottom."""
+    rows = [p.centroid[0] for p in g.parts]
+    cols = [p.centroid[1] for p in g.parts]
+    index = 1 if max(cols) - min(cols) >= max(rows) - min(rows) else 0
+    return sorted(g.parts, key=lambda p: p.centroid[index])
+
+
+def where(g: MaskGeometry) -> str:
+    """Where the target is, as a phrase that follows a verb: "in the upper left part of the image", "in the left
+    and right parts of the image", "across the upper two thirds of the image" (scattered)."""
+    if g.components <= 1:
+        return f"in {region_phrase(g.vertical, g.horizontal)}"
+    if g.scattered:
+        return f"across {span_phrase(g)}"
+    cores = list(dict.fromkeys(region_core(p.vertical, p.horizontal) for p in part_order(g)))
+    return f"in the {_join(cores)} part{'s' if len(cores) > 1 else ''} of the image"
 
 
 def box_sum(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -93,40 +219,10 @@ def _convex_hull_area(points: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-def _count_components(mask: np.ndarray) -> int:
-    """4-connected components holding >= 5% of the mask, on a mask reduced to <= 128 px a side (block any)."""
-    factor = max(1, math.ceil(max(mask.shape) / _COMPONENT_GRID))
-    h, w = (mask.shape[0] + factor - 1) // factor, (mask.shape[1] + factor - 1) // factor
-    padded = np.zeros((h * factor, w * factor), bool)
-    padded[:mask.shape[0], :mask.shape[1]] = mask
-    small = padded.reshape(h, factor, w, factor).any(axis=(1, 3))
-    # Label propagation: every pixel takes the smallest label among itself and its 4 neighbours until stable.
-    big = np.iinfo(np.int64).max
-    labels = np.where(small, np.arange(small.size).reshape(small.shape), big)
-    while True:
-        p = np.pad(labels, 1, constant_values=big)
-        nxt = np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        nxt = np.where(small, nxt, big)
-        if np.array_equal(nxt, labels):
-            break
-        labels = nxt
-    _, sizes = np.unique(labels[small], return_counts=True)
-    return int(np.sum(sizes >= _MIN_COMPONENT_SHARE * small.sum()))
-
-
-def measure(image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
-    """Measure `mask` (bool (H, W), non-empty) over `image` (uint8 (H, W) or (H, W, 3); RGB is averaged)."""
-    if mask.ndim != 2 or not mask.any():
-        raise ValueError(f"measure needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels")
-    gray = image.astype(np.float64)
-    if gray.ndim == 3:
-        gray = gray.mean(axis=-1)
-    if gray.shape != mask.shape:
-        raise ValueError(f"image {gray.shape} and mask {mask.shape} differ in size")
-    h, w = mask.shape
+def _shape(mask: np.ndarray) -> Shape:
+    """Shape of a non-empty bool mask (any size; callers crop to the region)."""
     rows, cols = np.nonzero(mask)
     area = rows.size
-    cy, cx = rows.mean(), cols.mean()
     cov = np.cov(np.stack([rows, cols]).astype(np.float64)) if area > 1 else np.zeros((2, 2))
     eigvals, eigvecs = np.linalg.eigh(cov + 1e-9 * np.eye(2))
     elongation = float(math.sqrt(max(eigvals[1], 1e-9) / max(eigvals[0], 1e-9)))
@@ -143,13 +239,59 @@ def measure(image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
     br, bc = np.nonzero(boundary)
     corners = np.concatenate([np.stack([br + dr, bc + dc], 1) for dr in (0, 1) for dc in (0, 1)])
     solidity = min(1.0, area / max(_convex_hull_area(corners), 1.0))
+    return Shape(elongation=elongation, major_axis=major_axis, circularity=circularity, solidity=solidity)
+
+
+def _parts(mask: np.ndarray) -> tuple[Part, ...]:
+    """The target's separate regions (8-connected components that are not specks), largest first."""
+    h, w = mask.shape
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    floor = min(_MIN_PART_SHARE * sizes.sum(), _MIN_PART_OF_LARGEST * sizes.max())
+    parts = []
+    for index, box in enumerate(ndimage.find_objects(labels)):
+        if sizes[index] < floor:
+            continue
+        region = labels[box] == index + 1
+        rows, cols = np.nonzero(region)
+        top, left = box[0].start, box[1].start
+        parts.append(Part(area_fraction=float(sizes[index]) / (h * w), share=float(sizes[index] / sizes.sum()),
+                          centroid=((top + rows.mean() + 0.5) / h, (left + cols.mean() + 0.5) / w),
+                          bbox=(top / h, left / w, box[0].stop / h, box[1].stop / w), shape=_shape(region)))
+    return tuple(sorted(parts, key=lambda p: -p.share))
+
+
+def _thirds(counts: np.ndarray) -> tuple[float, float, float]:
+    """Share of `counts` (mask pixels per row or column) in each third of its axis (by pixel centre)."""
+    n = counts.size
+    index = np.minimum(((np.arange(n) + 0.5) * 3 / n).astype(int), 2)
+    total = counts.sum()
+    return tuple(float(counts[index == i].sum() / total) for i in range(3))
+
+
+def measure(image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
+    """Measure `mask` (bool (H, W), non-empty) over `image` (uint8 (H, W) or (H, W, 3); RGB is averaged)."""
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError(f"measure needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels")
+    gray = image.astype(np.float64)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=-1)
+    if gray.shape != mask.shape:
+        raise ValueError(f"image {gray.shape} and mask {mask.shape} differ in size")
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask)
+    area = rows.size
+    shape = _shape(mask)
+    parts = _parts(mask)
     radius = max(2, int(round(0.03 * max(h, w))))
     ring = (box_sum(mask, radius) > 0) & ~mask
     surround = gray[ring] if ring.any() else gray[mask]
     inside = gray[mask]
-    return MaskGeometry(area_fraction=area / (h * w), centroid=(float(cy + 0.5) / h, float(cx + 0.5) / w),
+    return MaskGeometry(area_fraction=area / (h * w), centroid=(float(rows.mean() + 0.5) / h,
+                                                                float(cols.mean() + 0.5) / w),
                         bbox=(int(rows.min()) / h, int(cols.min()) / w, (int(rows.max()) + 1) / h,
                               (int(cols.max()) + 1) / w),
-                        elongation=elongation, major_axis=major_axis, circularity=circularity, solidity=solidity,
-                        components=_count_components(mask), inside_mean=float(inside.mean()),
-                        surround_mean=float(surround.mean()), inside_std=float(inside.std()))
+                        elongation=shape.elongation, major_axis=shape.major_axis, circularity=shape.circularity,
+                        solidity=shape.solidity, components=len(parts), inside_mean=float(inside.mean()),
+                        surround_mean=float(surround.mean()), inside_std=float(inside.std()), parts=parts,
+                        row_thirds=_thirds(mask.sum(axis=1)), col_thirds=_thirds(mask.sum(axis=0)))

@@ -98,6 +98,8 @@ def _chain_texts(stem: str, image_rel: str, phantom: phantoms.Phantom, rgb: np.n
                                         target=target, target_type=phantoms.TARGET_TYPES[target],
                                         modality=phantom.modality, source="phantom", normal_anatomy=True, geo=g,
                                         rng=questions.question_rng(seed, f"{stem}/{target}/{question_type}"))
+            if q is None:  # a location choice the target's regions cannot answer
+                continue
             # The teacher caches by (image, mask) path; each target gets its own key.
             q = questions.Question.from_dict(dict(q.to_dict(), mask=f"{stem}/{target}"))
             output = parse_output(teacher.generate(q, rgb, phantom.masks[target]))

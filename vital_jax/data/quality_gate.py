@@ -1,4 +1,4 @@
-"""The six-round quality gate every teacher output passes through (App. A.3).
+"""The quality gate every teacher output passes through: the six rounds of App. A.3 and two more.
 
 Rounds, in order; the first that fails names the violation and the sample is retried or rejected:
   1 json_schema          strict JSON object with exactly `final_answer` (str) and `reasoning_chain` (list of str);
@@ -6,11 +6,17 @@ Rounds, in order; the first that fails names the violation and the sample is ret
   2 annotation_leakage   no word betraying the teacher-only view (mask, overlay, segmentation, highlighted, ...)
   3 pathology_terms      for normal anatomy only (App. A.2, "Dataset-specific adaptations"): no lesion/mass/...
   4 spatial_convention   image-space wording only: no "patient's left", "anatomical right", ...
-  5 step_count           len(reasoning_chain) within the question type's K range (Table 4)
-  6 answer_format        the final answer normalised by question type: yes/no casing, bare choices and letters
+  5 vocabulary           (not in the paper) contrast words of the sample's modality only ("hyperechoic" is not a
+                         CT word), and none that contradicts the target's name (a "lung opacity" with "lucency");
+                         vital_jax.data.vocabulary. Skipped when the context names no modality.
+  6 grammar              (not in the paper) a/an, counts with plural nouns, "there is/are", verbs agreeing with
+                         the target's name ("the lungs is"); vital_jax.data.wording
+  7 step_count           len(reasoning_chain) within the question type's K range (Table 4)
+  8 answer_format        the final answer normalised by question type: yes/no casing, bare choices and letters
                          expanded into sentences, short identify answers expanded, image-space phrasing for
                          locations, one final period; an answer that cannot be normalised is a violation.
-The same gate serves the API teacher and the offline geometry teacher (vital_jax.data.geometry_teacher).
+The same gate serves the API teacher and the offline geometry teacher (vital_jax.data.geometry_teacher), so
+both are held to the same wording.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import json
 import re
 
 from vital_jax.data.records import STEP_RANGES
+from vital_jax.data.vocabulary import vocabulary_problems
+from vital_jax.data.wording import grammar_problems, is_plural
 
-ROUNDS = ("json_schema", "annotation_leakage", "pathology_terms", "spatial_convention", "step_count",
-          "answer_format")
+ROUNDS = ("json_schema", "annotation_leakage", "pathology_terms", "spatial_convention", "vocabulary", "grammar",
+          "step_count", "answer_format")
 ANSWER_KEY, CHAIN_KEY = "final_answer", "reasoning_chain"
 
 # Annotation-leakage terms (round 2): anything that reveals the teacher saw a marked-up image or hidden labels.
@@ -68,13 +76,15 @@ _SPATIAL_RE = re.compile("|".join(SPATIAL_PATTERNS), re.IGNORECASE)
 
 @dataclasses.dataclass(frozen=True)
 class GateContext:
-    """What the gate must know about the sample: its question type, target and whether it is normal anatomy."""
+    """What the gate must know about the sample: its question type, target, whether it is normal anatomy, the
+    choices of a location choice, and its modality ("" skips the vocabulary round)."""
 
     question_type: str
     target: str
     target_type: str
     normal_anatomy: bool
     choices: tuple[str, ...] = ()
+    modality: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,13 @@ def _found(regex: re.Pattern, output: TeacherOutput) -> list[str]:
     return hits
 
 
+def _problems(find, output: TeacherOutput) -> list[str]:
+    out = []
+    for text in _texts(output):
+        out += [p for p in find(text) if p not in out]
+    return out
+
+
 def _sentence(text: str) -> str:
     """Collapse whitespace, capitalise the first letter, end with exactly one period."""
     text = " ".join(text.split())
@@ -183,8 +200,12 @@ def normalize_answer(answer: str, context: GateContext) -> str:
             raise ValueError(f"the answer must name exactly one of {', '.join(context.choices)} (it names {what})")
         return _sentence(text)
     if qtype == "identify" and len(bare.split()) < 4:
-        return _sentence(f"The main {_KIND_FOR_IDENTIFY[context.target_type]} shown is the "
-                         f"{re.sub(r'^(?:the|a|an) ', '', bare)}")
+        name = re.sub(r"^(?:the|a|an) ", "", bare)
+        kind = _KIND_FOR_IDENTIFY[context.target_type]
+        if is_plural(name):
+            return _sentence(f"The main {'abnormalities' if kind == 'abnormality' else kind + 's'} shown are the "
+                             f"{name}")
+        return _sentence(f"The main {kind} shown is the {name}")
     if qtype == "location":
         if not re.search(_DIRECTION_WORDS, text, re.IGNORECASE):
             raise ValueError("a location answer must give an image-space position (left, right, upper, lower, "
@@ -215,6 +236,12 @@ def check(raw: str | dict, context: GateContext) -> GateResult:
     if spatial:
         return _reject("spatial_convention", "patient-space wording (use image-space left/right/upper/lower): "
                        + ", ".join(repr(t) for t in spatial))
+    words = _problems(lambda text: vocabulary_problems(text, context.modality, context.target), parsed)
+    if words:
+        return _reject("vocabulary", "; ".join(words))
+    grammar = _problems(lambda text: grammar_problems(text, context.target), parsed)
+    if grammar:
+        return _reject("grammar", "; ".join(grammar))
     low, high = STEP_RANGES[context.question_type]
     steps = len(parsed.reasoning_chain)
     if not low <= steps <= high:
@@ -239,6 +266,12 @@ _REMINDERS = {
                        "as lesion, mass, tumor, nodule, cyst, abnormal or any diagnosis.",
     "spatial_convention": "Use image-space positions only (left, right, upper, lower, center of the image). Never "
                           "use patient-space or anatomical left/right.",
+    "vocabulary": "Use the contrast words of this imaging modality only (CT: attenuation, hyperdense/hypodense; "
+                  "X-ray: opacity/lucency; MRI: signal intensity, hyperintense/hypointense; ultrasound: "
+                  "echogenicity, hyperechoic/hypoechoic; pathology: staining), and never a word that contradicts "
+                  "the target's own name.",
+    "grammar": "Write grammatical English: 'an' before a vowel sound and 'a' before a consonant sound, plural "
+               "nouns after counts, and verbs that agree with their subject.",
     "step_count": "Give exactly the number of reasoning steps required for this question type.",
     "answer_format": "Make final_answer one complete sentence in the required form for this question type.",
 }

@@ -5,6 +5,13 @@ Six question categories, each with its reasoning depth K (App. A.2, "Question-ty
 Templates are conditioned on the target type (organ / lesion / other) and the imaging modality. A `Question` is a
 record without its answer and reasoning chain: the teacher fills those in (`Question.to_record`).
 Everything is deterministic under the seed passed in.
+
+Only questions the mask can answer are asked (geometry.py's location rule): a yes/no side question only when the
+whole target lies in an outer third (so its half and its third agree), a location choice only along an axis
+where all of the target's separate regions share one third (none for a target spread over several thirds both
+ways: `make_question` returns None), and a brightness question only when the target clearly differs from its
+surround in the direction its name allows (vital_jax.data.vocabulary). Articles and verbs agree with the target
+name ("Is there an enhancing tumor", "Are the neoplastic cells").
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from vital_jax.data import geometry
+from vital_jax.data import geometry, vocabulary
 from vital_jax.data.records import (QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError, iter_jsonl,
                                     write_jsonl_atomic)
+from vital_jax.data.wording import Subject, capitalize
 
 QUESTIONS_FILE = "questions.jsonl"
 LOCATION_CHOICES = {"horizontal": ("left", "right", "center"), "vertical": ("upper", "middle", "lower")}
@@ -31,14 +39,15 @@ MODALITY_PHRASES = {"CT": "CT scan", "MRI": "MRI scan", "ultrasound": "ultrasoun
                     "fundus": "fundus photograph", "OCT": "OCT scan", "dermoscopy": "dermoscopic image"}
 KIND_WORDS = {"organ": "organ", "lesion": "abnormality", "other": "structure"}
 
-# Templates per question type; "{target}", "{image}" (modality phrase), "{kind}", "{region}" are filled in.
-# Keys "any" apply to every target type; a target type's own list is added to them.
+# Templates per question type; "{target}", "{image}" (modality phrase), "{kind}", "{where}" (geometry.where: "in the
+# upper left part of the image", "across the upper two thirds of the image") and "{is}" (is/are, agreeing with the
+# target name) are filled in. Keys "any" apply to every target type; a target type's own list is added to them.
 _TEMPLATES = {
-    "identify": {"any": ["What {kind} is shown in {region} in this {image}?",
-                         "Which {kind} can be seen in {region} in this {image}?"]},
-    "location": {"any": ["Where is the {target} located in this {image}?",
-                         "In which part of the image is the {target} found?"],
-                 "lesion": ["Where is the {target} located in this {image}?"]},
+    "identify": {"any": ["What {kind} is shown {where} in this {image}?",
+                         "Which {kind} can be seen {where} in this {image}?"]},
+    "location": {"any": ["Where {is} the {target} located in this {image}?",
+                         "In which part of the image {is} the {target} found?"],
+                 "lesion": ["Where {is} the {target} located in this {image}?"]},
     "describe": {"any": ["Describe the appearance of the {target} in this {image}.",
                          "What are the visual characteristics of the {target} in this {image}?"],
                  "lesion": ["Describe the size, shape and margins of the {target} in this {image}."]},
@@ -111,42 +120,59 @@ def _pick(rng: np.random.Generator, options: Sequence):
 CLEAR_CONTRAST = 25.0
 
 
+def _presence(target: str, target_type: str, image: str) -> str:
+    """"Is there a liver tumor visible...", "Is there an enhancing tumor...", "Are the lungs visible..."."""
+    s = Subject(target)
+    if target_type == "lesion":
+        return f"{'Are there' if s.plural else 'Is there'} {s.indefinite} visible in this {image}?"
+    return f"{capitalize(s.verb('is'))} the {target} visible in this {image}?"
+
+
 def _yes_no(rng, target: str, target_type: str, image: str, geo: geometry.MaskGeometry,
-            contrast: bool = False) -> tuple[str, str, dict]:
-    """A yes/no question whose answer the mask decides: side (only when clearly off-centre), size, presence, or
-    (with `contrast`, only when the target is clearly brighter or darker than its surround) brightness."""
+            contrast: bool = False, modality: str = "") -> tuple[str, str, dict]:
+    """A yes/no question whose answer the mask decides: side (only when the whole target lies in an outer third,
+    geometry.side_of), size, presence, or (with `contrast`, only when the target is clearly brighter or darker
+    than its surround, and not against what its name says on `modality`) brightness."""
+    s = Subject(target)
     variants = ["presence"]
-    if contrast and abs(geo.contrast) >= CLEAR_CONTRAST:
+    direction = 1 if geo.contrast > 0 else -1
+    if (contrast and abs(geo.contrast) >= CLEAR_CONTRAST
+            and vocabulary.implied_contrast(target, modality) != -direction):
         variants.append("contrast")
-    if abs(geo.centroid[1] - 0.5) > 0.1:
+    if geometry.side_of(geo, "horizontal"):
         variants.append("horizontal_side")
-    if abs(geo.centroid[0] - 0.5) > 0.1:
+    if geometry.side_of(geo, "vertical"):
         variants.append("vertical_side")
     sizes = [(t, w) for t, w in SIZE_THRESHOLDS if not t / 1.5 < geo.area_fraction < t * 1.5]
     if sizes:
         variants.append("size")
     variant = _pick(rng, variants)
+    be = capitalize(s.verb("is"))
     if variant == "contrast":
-        return (f"Is the {target} brighter than the tissue around it in the image?", "yes_no_contrast", {})
-    if variant == "horizontal_side":
-        side = _pick(rng, ("left", "right"))
-        return f"Is the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
-    if variant == "vertical_side":
-        side = _pick(rng, ("upper", "lower"))
-        return f"Is the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
+        return (f"{be} the {target} brighter than the tissue around {'them' if s.plural else 'it'} in the image?",
+                "yes_no_contrast", {})
+    if variant in ("horizontal_side", "vertical_side"):
+        side = _pick(rng, ("left", "right") if variant == "horizontal_side" else ("upper", "lower"))
+        return f"{be} the {target} located in the {side} half of the image?", "yes_no_side", {"side": side}
     if variant == "size":
         threshold, words = _pick(rng, sizes)
-        return (f"Does the {target} occupy more than {words} of the image area?", "yes_no_size",
-                {"threshold": threshold})
-    text = (f"Is there a {target} visible in this {image}?" if target_type == "lesion"
-            else f"Is the {target} visible in this {image}?")
-    return text, "yes_no_presence", {}
+        return (f"{capitalize(s.verb('does'))} the {target} occupy more than {words} of the image area?",
+                "yes_no_size", {"threshold": threshold})
+    return _presence(target, target_type, image), "yes_no_presence", {}
+
+
+def _clause(phrase: str) -> str:
+    """A phrase with an inner comma ("across the lower two thirds of the image, within its central third") closes
+    with one, so that what follows it in a template reads as a new clause."""
+    return f"{phrase}," if "," in phrase else phrase
 
 
 def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
                   target_type: str, modality: str, source: str, normal_anatomy: bool,
-                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False) -> Question:
-    """One question of `question_type` about `target`, its K drawn from the type's range (Table 4).
+                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False
+                  ) -> Question | None:
+    """One question of `question_type` about `target`, its K drawn from the type's range (Table 4); None for a
+    location choice that the target cannot answer (its regions lie in different thirds along both axes).
 
     contrast_questions: yes/no questions may also ask whether the target is brighter than its surround (asked
     without naming the modality, so the image has to tell: a liver is brighter than its surround on CT, darker
@@ -158,21 +184,25 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
     steps = int(rng.integers(low, high + 1))
     slots: dict = {}
     choices: tuple[str, ...] = ()
+    be = Subject(target).verb("is")
     if question_type == "yes_no":
-        text, template, slots = _yes_no(rng, target, target_type, image_words, geo, contrast_questions)
+        text, template, slots = _yes_no(rng, target, target_type, image_words, geo, contrast_questions, modality)
     elif question_type == "location_choice":
-        axis = _pick(rng, ("horizontal", "vertical"))
+        axes = tuple(a for a in ("horizontal", "vertical") if geometry.axis_third(geo, a) is not None)
+        if not axes:
+            return None
+        axis = _pick(rng, axes) if len(axes) > 1 else axes[0]
         choices = LOCATION_CHOICES[axis]
         template, slots = "location_choice", {"axis": axis}
-        text = (f"Is the {target} in the left, right, or center of the image?" if axis == "horizontal" else
-                f"Is the {target} in the upper, middle, or lower part of the image?")
+        text = (f"{capitalize(be)} the {target} in the left, right, or center of the image?" if axis == "horizontal"
+                else f"{capitalize(be)} the {target} in the upper, middle, or lower part of the image?")
     else:
         table = _TEMPLATES[question_type]
         options = table.get("any", []) + table.get(target_type, [])
         index = int(rng.integers(len(options)))
         template = f"{question_type}_{index}"
         text = options[index].format(target=target, image=image_words, kind=KIND_WORDS[target_type],
-                                     region=geometry.region_phrase(geo.vertical, geo.horizontal))
+                                     where=_clause(geometry.where(geo)), **{"is": be})
     return Question(id=f"{image_id}__{slug(target)}__{question_type}", image=image_path, mask=mask_path,
                     question=text, question_type=question_type, latent_steps=steps, target=target,
                     target_type=target_type, modality=modality, source=source, normal_anatomy=normal_anatomy,
@@ -188,7 +218,7 @@ def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, ta
     """
     image_words = MODALITY_PHRASES[modality]
     return Question(id=f"{image_id}__{slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
-                    question=f"Is there a {target} visible in this {image_words}?", question_type="yes_no",
+                    question=_presence(target, "lesion", image_words), question_type="yes_no",
                     latent_steps=STEP_RANGES["yes_no"][0], target=target, target_type="lesion", modality=modality,
                     source=source, normal_anatomy=False, template="yes_no_absent", slots={"organ": organ})
 

@@ -2,8 +2,9 @@
 
 Pieces, in the order a sample meets them:
   render_overlay     the teacher-only view: mask in red at alpha 0.4, boundary in yellow (App. A.2)
-  SYSTEM_PROMPT      role, teacher-only information, leakage prevention, image-grounded reasoning, image-space
-                     spatial convention, strict JSON; `user_prompt` adds the target, question, the type's step
+  SYSTEM_PROMPT      role, teacher-only information, leakage prevention, image-grounded reasoning, modality
+                     vocabulary and separate regions, image-space spatial convention (thirds; halves by the
+                     midline), grammar, strict JSON; `user_prompt` adds the target, question, the type's step
                      range and an in-context JSON example
   ChatClient         OpenAI-compatible chat-completions over urllib: API key read from the environment variable
                      the config names (never logged or written), retries with exponential back-off on HTTP 5xx,
@@ -90,9 +91,20 @@ echogenicity, texture, and relation to nearby structures. You may name the targe
 diagnosis, malignancy or benignity, severity, prognosis or treatment that the image does not show. For normal \
 anatomy, describe normal appearance only.
 
+Contrast words belong to the imaging modality: attenuation (hyperdense, hypodense) on CT; opacity for brighter \
+(more attenuating) and lucency for darker on X-ray; signal intensity (hyperintense, hypointense) on MRI; \
+echogenicity (hyperechoic, hypoechoic, anechoic) on ultrasound; staining on pathology. Never use a word that \
+contradicts the target's own name (a lung opacity is not lucent). A target made of several separate regions \
+(both lungs, scattered cells) is described as what it is, with where each region lies, never as one shape at \
+their common centre.
+
 Spatial convention: describe positions in image space only: the left, right, upper, lower or central part of \
-the image. Never use patient-space or radiological wording such as patient's left, patient's right, anatomical \
-left or anatomical right.
+the image, each the third of the image width or height that holds the structure. Say "half" only when the \
+question asks about a half, and then by the image's midline. Never use patient-space or radiological wording \
+such as patient's left, patient's right, anatomical left or anatomical right.
+
+Write grammatical English: "an" before a vowel sound, plural nouns after counts, verbs that agree with their \
+subjects.
 
 Output strict JSON: one object with exactly two fields, "final_answer" (a string) and "reasoning_chain" (a list \
 of strings, one per step). No Markdown, no code fences, no text before or after the object."""
@@ -312,7 +324,7 @@ class _Outcome:
 
 def _gate_context(q: Question) -> quality_gate.GateContext:
     return quality_gate.GateContext(question_type=q.question_type, target=q.target, target_type=q.target_type,
-                                    normal_anatomy=q.normal_anatomy, choices=q.choices)
+                                    normal_anatomy=q.normal_anatomy, choices=q.choices, modality=q.modality)
 
 
 class _InputCache:

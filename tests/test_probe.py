@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,20 +18,19 @@ from vital_jax.data.records import RECORDS_FILE, read_records
 from vital_jax.models.hf_config import ConfigError
 
 
-def test_render_heatmap_colours_the_peak_with_the_matplotlib_colormap():
-    image = np.full((8, 16, 3), 100, np.uint8)
-    heat = np.zeros((2, 2), np.float32)
-    heat[1, 0] = 3.0  # bottom-left cell is the peak
-    out = probe_lib.render_heatmap(image, heat, size=32, alpha=1.0)
-    assert out.shape == (16, 32, 3) and out.dtype == np.uint8  # longer side -> 32, aspect kept
-    viridis = matplotlib.colormaps["viridis"]
-    top, high = (np.asarray(viridis(v)[:3]) * 255 for v in (0.0, 1.0))
-    np.testing.assert_allclose(out[15, 0], high, atol=1)   # corner inside the peak cell: the colormap's top
-    np.testing.assert_allclose(out[0, 31], top, atol=1)    # far corner: its bottom
-    half = probe_lib.render_heatmap(image, heat, size=32, alpha=0.5)
-    np.testing.assert_allclose(half[15, 0], 0.5 * high + 50, atol=1)  # blended with the gray image
-    flat = probe_lib.render_heatmap(image, np.ones((2, 2)), size=16, alpha=1.0)  # no contrast: the bottom colour
-    np.testing.assert_allclose(flat.reshape(-1, 3) - top, 0, atol=1)
+def test_heatmap_images_are_the_explain_step_figures_on_one_colour_scale():
+    from vital_jax import explain
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    maps = rng.normal(size=(2, 3, 3)).astype(np.float32)
+    images = probe_lib.heatmap_images(image, maps, ["left kidney", "bright"])
+    assert len(images) == 2 and all(i.dtype == np.uint8 and i.ndim == 3 and i.shape[-1] == 3 for i in images)
+    # Step 1 drawn by explain on the range of both maps (not its own): the same pixels.
+    shared = explain.step_figure(image, maps[0], "z1: left kidney", explain.heatmap_range(maps))
+    np.testing.assert_array_equal(images[0], probe_lib.figure_rgb(shared))
+    own = explain.step_figure(image, maps[0], "z1: left kidney")
+    assert not np.array_equal(images[0], probe_lib.figure_rgb(own))
 
 
 def test_probe_example_is_the_first_val_record_or_the_named_one(demo_assets):
@@ -94,7 +92,7 @@ def test_training_with_the_probe_writes_heatmaps_and_decoded_steps_at_every_nth_
         images = events.Images(tag)
         assert [e.step for e in images] == expected_steps
         rgb = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
-        assert rgb.shape == (256, 256, 3) and rgb.std() > 0
+        assert rgb.shape[0] > 200 and rgb.shape[1] > 200 and rgb.std() > 0
     texts = text_summaries(events, probe_lib.TEXT_TAG)
     assert [step for step, _ in texts] == expected_steps
     rows = [line for line in texts[-1][1].splitlines() if line.startswith("| z")]

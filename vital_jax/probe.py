@@ -2,8 +2,9 @@
 
 Paper §3.3's two windows on the latent steps z_1..z_K, watched while the model trains:
 
-  probe/heatmap/z<k>   the example's image with cos(VP(z_k), encoder patch) overlaid (a matplotlib colormap);
-                       needs the ROI encoder (`model.roi_encoder_dir`, the demo's own), text only without it
+  probe/heatmap/z<k>   `explain`'s step figure: the example's image with cos(VP(z_k), encoder patch) overlaid,
+                       a colour bar, the decoded step as caption; needs the ROI encoder
+                       (`model.roi_encoder_dir`, the demo's own), text only without it
   probe/latent_steps   a Markdown table: what the auxiliary decoder reads from each z_k beside the teacher's
                        step, under the question, the model's answer and the reference answer
 
@@ -21,11 +22,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image
 
 from vital_jax import distributed
 from vital_jax.data.records import RECORDS_FILE, Record, read_records
@@ -62,21 +61,20 @@ def select_record(data_dir: str, record_id: str = "") -> Record:
     raise ConfigError(f"{data_dir} has no {PROBE_SPLIT!r} records to probe; set config.logging.probe_record")
 
 
-def render_heatmap(image_rgb: np.ndarray, heatmap: np.ndarray, *, size: int = 256, alpha: float = 0.5,
-                   colormap: str = "viridis") -> np.ndarray:
-    """The image resized to `size` on its longer side with a (g, g) heatmap overlaid: min-max normalised,
-    upsampled bilinearly, coloured by a matplotlib colormap and alpha-blended. Returns (H, W, 3) uint8."""
-    image = Image.fromarray(np.asarray(image_rgb, np.uint8)).convert("RGB")
-    scale = size / max(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.BILINEAR)
-    heat = np.asarray(heatmap, np.float32)
-    lo, hi = float(heat.min()), float(heat.max())
-    heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-    heat = np.asarray(Image.fromarray(heat).resize(image.size, Image.BILINEAR))
-    colour = matplotlib.colormaps[colormap](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
-    blended = np.asarray(image, np.float32) * (1.0 - alpha) + colour * alpha
-    return np.round(blended).astype(np.uint8)
+def figure_rgb(fig) -> np.ndarray:
+    """A matplotlib figure (on the Agg canvas, as `eval.figures.new` makes them) drawn to (H, W, 3) uint8."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def heatmap_images(image_rgb: np.ndarray, maps: np.ndarray, step_texts: list[str]) -> list[np.ndarray]:
+    """One RGB array per latent step: `explain`'s step figure, the (g, g) map over the image in one colour scale
+    (cosine units) shared by the K maps, captioned with the step's decoded text."""
+    from vital_jax import explain
+
+    value_range = explain.heatmap_range(maps)
+    return [figure_rgb(explain.step_figure(image_rgb, heatmap, f"z{k}: {text}", value_range))
+            for k, (heatmap, text) in enumerate(zip(maps, step_texts), start=1)]
 
 
 def _cell(text: str) -> str:
@@ -152,6 +150,6 @@ class Probe:
     def write(self, writer, step: int, output: ProbeOutput) -> None:
         """One image per latent step and the text summary, at `step` (writer: `observability.TensorBoardWriter`)."""
         if output.heatmaps is not None:
-            for k, heatmap in enumerate(output.heatmaps, start=1):
-                writer.image(step, IMAGE_TAG.format(k), render_heatmap(self.image_rgb, heatmap))
+            for k, rgb in enumerate(heatmap_images(self.image_rgb, output.heatmaps, output.step_texts), start=1):
+                writer.image(step, IMAGE_TAG.format(k), rgb)
         writer.text(step, TEXT_TAG, markdown(self.record, output))

@@ -43,5 +43,9 @@ def get_config():
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
     # peak_tflops_per_device: bf16 peak for perf/mfu; 0 = from the device kind (H100, A100, TPU v4/v5/v6, ...).
-    c.logging = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops_per_device=0.0))
+    # probe_every_steps: every N steps, TensorBoard gets one fixed example's latent steps as visual-projector
+    # heatmaps over its image and as decoded text (vital_jax/probe.py); 0 = off. probe_record: that example's
+    # record id; "" = the first record of the val split.
+    c.logging = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops_per_device=0.0, probe_every_steps=0,
+                                               probe_record=""))
     return c

@@ -1,96 +1,32 @@
-"""TensorBoard event files read back by an independent decoder, JSONL, progress output, throughput and MFU."""
+"""TensorBoard summaries read back with tensorboard's own reader, JSONL, progress output, throughput and MFU."""
 
 import io
 import json
 import os
 import re
-import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
 from vital_jax import observability as obs
 
 
-# An independent reader: bitwise CRC32C (no table) and a generic protobuf field decoder.
-
-def _crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
-    return crc ^ 0xFFFFFFFF
+def read_events(logdir):
+    """tensorboard's EventAccumulator over `logdir`, everything kept (no sampling of images or text)."""
+    accumulator = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0,
+                                    event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return accumulator
 
 
-def _masked(data: bytes) -> int:
-    crc = _crc32c_bitwise(data)
-    return ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _read_records(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    records, pos = [], 0
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        assert length_crc == _masked(header), f"bad length CRC at byte {pos}"
-        payload = data[pos + 12:pos + 12 + length]
-        (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        assert payload_crc == _masked(payload), f"bad payload CRC at byte {pos}"
-        records.append(payload)
-        pos += 16 + length
-    assert pos == len(data)
-    return records
-
-
-def _read_varint(buf, pos):
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(buf):
-    """{field number: [raw values]}: ints for varints, bytes for fixed32/fixed64/length-delimited."""
-    out, pos = {}, 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
-        elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        out.setdefault(field, []).append(value)
-    return out
-
-
-def _decode_event(payload):
-    fields = _fields(payload)
-    event = {"wall_time": struct.unpack("<d", fields[1][0])[0], "step": fields.get(2, [0])[0]}
-    if 3 in fields:
-        event["file_version"] = fields[3][0].decode()
-    if 5 in fields:
-        event["values"] = {}
-        for value in _fields(fields[5][0])[1]:
-            value_fields = _fields(value)
-            tag = value_fields[1][0].decode()
-            event["values"][tag] = struct.unpack("<f", value_fields[2][0])[0]
-    return event
+def text_summaries(accumulator, tag):
+    """[(step, text)] of a text summary written by `TensorBoardWriter.text(step, tag, ...)`."""
+    return [(e.step, b"".join(e.tensor_proto.string_val).decode())
+            for e in accumulator.Tensors(f"{tag}/text_summary")]
 
 
 class _Clock:
@@ -106,75 +42,59 @@ class _FakeTTY(io.StringIO):
         return True
 
 
-def test_crc32c_matches_known_vectors():
-    assert obs.crc32c(b"123456789") == 0xE3069283
-    assert obs.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4
-    assert obs.crc32c(b"\xff" * 32) == 0x62A8AB43
-    data = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
-    assert obs.crc32c(data) == _crc32c_bitwise(data)
-    assert obs.masked_crc32c(data) == _masked(data)
-
-
-def test_event_file_round_trips_tags_steps_and_values(tmp_path):
-    clock = _Clock(1_700_000_000.25)
-    with obs.TensorBoardWriter(str(tmp_path), clock=clock) as writer:
-        writer.scalars(1, {"loss": np.float32(2.5), "lr": jnp.asarray(3e-4)})
-        clock.now += 1.5
-        writer.scalars(300, {"loss": 1.25, "perf/mfu": 0.4})
-        writer.scalars(2**40, {"grad_norm": 7})
-    (name,) = os.listdir(tmp_path)
-    assert re.fullmatch(r"events\.out\.tfevents\.1700000000\.[^/]+", name)
-    events = [_decode_event(r) for r in _read_records(os.path.join(tmp_path, name))]
-    assert events[0] == {"wall_time": 1_700_000_000.25, "step": 0, "file_version": "brain.Event:2"}
-    assert [e["step"] for e in events[1:]] == [1, 300, 2**40]
-    assert events[2]["wall_time"] == 1_700_000_001.75
-    assert events[1]["values"] == {"loss": 2.5, "lr": pytest.approx(3e-4, rel=1e-6)}
-    assert events[2]["values"] == {"loss": 1.25, "perf/mfu": pytest.approx(0.4, rel=1e-6)}
-    assert events[3]["values"] == {"grad_norm": 7.0}
-
-
-def test_corrupted_event_file_fails_the_crc_check(tmp_path):
+def test_scalars_an_image_and_text_read_back_in_tensorboard(tmp_path):
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[1, 2] = (255, 0, 0)
+    rgb[4, 7] = (0, 200, 50)
     with obs.TensorBoardWriter(str(tmp_path)) as writer:
-        writer.scalars(1, {"loss": 1.0})
-    path = os.path.join(tmp_path, os.listdir(tmp_path)[0])
-    data = bytearray(open(path, "rb").read())
-    data[-6] ^= 0x01  # inside the last float
-    open(path, "wb").write(bytes(data))
-    with pytest.raises(AssertionError, match="payload CRC"):
-        _read_records(path)
+        writer.scalars(1, {"train/loss": np.float32(2.5), "lr": jnp.asarray(3e-4)})
+        writer.scalars(300, {"train/loss": 1.25, "perf/mfu": 0.4})
+        writer.scalars(2**40, {"grad_norm": 7})
+        writer.image(300, "probe/heatmap/z1", rgb)
+        writer.text(300, "probe/latent_steps", "| step | text |\n|---|---|\n| z1 | left kidney |")
+    (name,) = os.listdir(tmp_path)
+    assert re.fullmatch(r"events\.out\.tfevents\.\d+\.[^/]+", name)
+
+    events = read_events(tmp_path)
+    tags = events.Tags()
+    assert sorted(tags["scalars"]) == ["grad_norm", "lr", "perf/mfu", "train/loss"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 300]
+    np.testing.assert_allclose([e.value for e in loss], [2.5, 1.25])
+    assert events.Scalars("lr")[0].value == pytest.approx(3e-4, rel=1e-6)
+    assert [(e.step, e.value) for e in events.Scalars("grad_norm")] == [(2**40, 7.0)]
+
+    assert tags["images"] == ["probe/heatmap/z1"]
+    (image,) = events.Images("probe/heatmap/z1")
+    assert (image.step, image.width, image.height) == (300, 8, 6)
+    decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, rgb)  # PNG: lossless
+
+    assert text_summaries(events, "probe/latent_steps") == [(300, "| step | text |\n|---|---|\n| z1 | left kidney |")]
 
 
 def test_two_writers_in_the_same_second_do_not_overwrite(tmp_path):
-    clock = _Clock()
-    first = obs.TensorBoardWriter(str(tmp_path), clock=clock)
-    second = obs.TensorBoardWriter(str(tmp_path), clock=clock)
+    first = obs.TensorBoardWriter(str(tmp_path))
+    second = obs.TensorBoardWriter(str(tmp_path))
     first.scalars(1, {"a": 1.0})
     second.scalars(1, {"b": 2.0})
     first.close()
     second.close()
-    assert first.path != second.path and len(os.listdir(tmp_path)) == 2
-    assert _decode_event(_read_records(first.path)[1])["values"] == {"a": 1.0}
+    assert len(os.listdir(tmp_path)) == 2
+    events = read_events(tmp_path)
+    assert sorted(events.Tags()["scalars"]) == ["a", "b"]
 
 
-def test_non_scalar_metric_is_rejected_with_its_name(tmp_path):
+def test_bad_summaries_are_rejected_with_their_name(tmp_path):
     with obs.TensorBoardWriter(str(tmp_path)) as writer:
         with pytest.raises(TypeError, match="shape"):
             writer.scalars(1, {"hist": np.ones(3)})
         with pytest.raises(TypeError, match="'name'"):
             writer.scalars(1, {"name": "abc"})
-
-
-def test_event_file_reads_in_tensorboard(tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    with obs.TensorBoardWriter(str(tmp_path)) as writer:
-        for step in (1, 2, 3):
-            writer.scalars(step, {"train/loss": 1.0 / step, "perf/mfu": 0.25})
-    accumulator = event_accumulator.EventAccumulator(str(tmp_path))
-    accumulator.Reload()
-    assert sorted(accumulator.Tags()["scalars"]) == ["perf/mfu", "train/loss"]
-    loss = accumulator.Scalars("train/loss")
-    assert [e.step for e in loss] == [1, 2, 3]
-    np.testing.assert_allclose([e.value for e in loss], [1.0, 0.5, 1 / 3], rtol=1e-6)
+        with pytest.raises(TypeError, match="'heat'.*float32"):
+            writer.image(1, "heat", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="closed"):
+        writer.scalars(2, {"loss": 1.0})
 
 
 def test_jsonl_records_convert_numpy_and_jax_scalars(tmp_path):
@@ -261,11 +181,11 @@ def test_throughput_and_mfu_on_hand_computed_inputs(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 21]
     assert records[1]["perf/mfu"] == pytest.approx(0.5) and "perf/mfu" not in records[0]
-    (event_file,) = os.listdir(tmp_path / "tensorboard")
-    events = [_decode_event(r) for r in _read_records(str(tmp_path / "tensorboard" / event_file))]
-    assert events[2]["step"] == 20
-    assert events[2]["values"] == pytest.approx({"loss": 0.5, "perf/steps_per_sec": 2.5, "perf/samples_per_sec": 20.0,
-                                                 "perf/tokens_per_sec": 2560.0, "perf/mfu": 0.5})
+    events = read_events(tmp_path / "tensorboard")
+    at_20 = {tag: [e.value for e in events.Scalars(tag) if e.step == 20] for tag in events.Tags()["scalars"]}
+    assert at_20 == pytest.approx({"loss": [0.5], "perf/steps_per_sec": [2.5], "perf/samples_per_sec": [20.0],
+                                   "perf/tokens_per_sec": [2560.0], "perf/mfu": [0.5]})
+    assert [e.step for e in events.Scalars("loss")] == [10, 20, 21]
 
 
 def test_mfu_needs_both_flops_and_peak(tmp_path):

@@ -24,7 +24,6 @@ import numpy as np
 from absl import app, flags
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
-from PIL import Image
 
 from vital_jax.eval import figures
 
@@ -122,10 +121,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     valid = jnp.arange(z.shape[1])[None] < k
     tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens,
                                                eos_token_ids=predictor.sampling.eos_token_ids)
-    tokenizer = predictor.tokenizer
-    stop = set(predictor.sampling.eos_token_ids)
-    step_texts = [tokenizer.decode([int(t) for t in tokens[0, i, :int(lengths[0, i])] if int(t) not in stop],
-                                   skip_special_tokens=True).strip() for i in range(k)]
+    step_texts = [predictor.decode(tokens[0, i], lengths[0, i]) for i in range(k)]
     sims = interpret.StepSimilarity(z.shape[1])
     sims.update(z, valid)
     norms = interpret.norm_ratio(model, params, z, valid)
@@ -139,10 +135,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     encoder_dir = encoder_dir or run.paths.encoder_dir
     if k and encoder_dir:
         encoder, enc_params = load_roi_encoder(encoder_dir)
-        pixels = encoder.preprocessor(Image.fromarray(rgb))[None]
-        patches = encoder.patch_features(enc_params, jnp.asarray(pixels))
-        projected = interpret.project_latents(model, params, z)
-        maps = np.asarray(interpret.patch_heatmaps(projected, patches))[0]
+        maps = np.asarray(interpret.latent_heatmaps(model, params, z, encoder.image_patches(enc_params, rgb)))[0]
         paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format)
         for i, path in enumerate(paths):
             result["heatmaps"].append({"step": i + 1, "figure": path, "grid": list(maps[i].shape),

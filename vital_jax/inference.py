@@ -4,7 +4,7 @@ and the demo.
 `load_run(workdir)` rebuilds the model from the run's saved config (`workdir/config.json`), reads the base
 weights from the configured checkpoints and the trained parameters (LoRA + scaffolding) from the latest
 checkpoint of the last phase that has one. `Predictor` batches examples into fixed shapes (prompt and patch
-buckets) so one compiled program serves every batch and every K <= K_max.
+buckets, `PromptEncoder`) so one compiled program serves every batch and every K <= K_max.
 """
 
 from __future__ import annotations
@@ -98,35 +98,36 @@ def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}")
 
 
-class Predictor:
-    """Answer batches of (image, question) with the deployed model: backbone + LoRA, K latent steps, greedy."""
+class PromptEncoder:
+    """(image, question) pairs -> fixed-shape `PrefixInputs` (prompt and patch buckets, so that one compiled
+    program serves every batch). Needs no parameters: the training probe encodes its example with it too."""
 
-    def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
-        self.run = run
-        self.model = run.model
+    def __init__(self, model: VitalModel, data_config, tokenizer_dir: str, batch_size: int):
+        self.model = model
         self.batch_size = batch_size
-        self.tokenizer = prompt.load_tokenizer(run.paths.tokenizer_dir)
+        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer = prompt.load_tokenizer(tokenizer_dir)
         self.special = prompt.special_token_ids(self.tokenizer)
-        cfg = run.config.data
+        cfg = data_config
         self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
         self.blind_images = bool(cfg.get("blind_images", False))
         # Benchmark prompts (options listed) can be longer than training prompts; extra buckets cost one compile each.
         self.prompt_buckets = tuple(sorted(set(cfg.prompt_buckets) | {256, 512, 1024, 2048, 4096}))
-        vis = self.model.backbone_config.vision
+        vis = model.backbone_config.vision
         per_image = self.max_pixels // (vis.patch_size ** 2)
         self.patch_bucket = batch_size * (per_image + 4 * vis.merge_unit)
-        eos = (self.special[prompt.IM_END], self.special[prompt.ENDOFTEXT])
-        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos,
-                                       pad_token_id=self.special[prompt.ENDOFTEXT])
-        model = self.model
-        # One program per K (k_slots static): a masked K_max-step program would make every K cost as much as
-        # K_max, and the K sweep reports latency.
-        pause = run.params.get("pause_embeddings")  # the pause control's learned latent inputs, if any
-        self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
-                                                                            k_slots=k_slots, pause_embeddings=pause),
-                                 static_argnums=(3,))
-        self.backbone_params = run.params["backbone"]
-        self.vocab_size = self.model.backbone_config.text.vocab_size
+        self.vocab_size = model.backbone_config.text.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, int]:
+        """Where an answer ends: <|im_end|> (the chat turn) or <|endoftext|>."""
+        return self.special[prompt.IM_END], self.special[prompt.ENDOFTEXT]
+
+    def decode(self, ids, length: int) -> str:
+        """The text of the first `length` generated tokens, end-of-sequence tokens dropped."""
+        stop = set(self.eos_token_ids)
+        return self.tokenizer.decode([int(t) for t in ids[:int(length)] if int(t) not in stop],
+                                     skip_special_tokens=True).strip()
 
     def encode(self, images: Sequence, questions: Sequence[str]):
         """Images + questions -> (PrefixInputs, number of real examples); pads to the batch size."""
@@ -147,7 +148,7 @@ class Predictor:
             if bad:
                 raise ValueError(f"example {i} ({questions[i]!r}): prompt token ids {bad[:5]} are outside the "
                                  f"model's vocabulary of {self.vocab_size}; does the tokenizer in "
-                                 f"{self.run.paths.tokenizer_dir} belong to this model?")
+                                 f"{self.tokenizer_dir} belong to this model?")
         while len(rows) < self.batch_size:  # padding examples repeat the first one
             patches.append(patches[0])
             grids.append(grids[0])
@@ -163,6 +164,24 @@ class Predictor:
         packed = np.concatenate([packed, np.zeros((self.patch_bucket - packed.shape[0], packed.shape[1]),
                                                   packed.dtype)])
         return prefix_inputs(ids, valid, np.stack(grids), packed, self.model.backbone_config), n
+
+
+class Predictor(PromptEncoder):
+    """Answer batches of (image, question) with the deployed model: backbone + LoRA, K latent steps, greedy."""
+
+    def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
+        super().__init__(run.model, run.config.data, run.paths.tokenizer_dir, batch_size)
+        self.run = run
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
+                                       pad_token_id=self.special[prompt.ENDOFTEXT])
+        model = self.model
+        # One program per K (k_slots static): a masked K_max-step program would make every K cost as much as
+        # K_max, and the K sweep reports latency.
+        pause = run.params.get("pause_embeddings")  # the pause control's learned latent inputs, if any
+        self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
+                                                                            k_slots=k_slots, pause_embeddings=pause),
+                                 static_argnums=(3,))
+        self.backbone_params = run.params["backbone"]
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
@@ -185,11 +204,7 @@ class Predictor:
         tokens, lengths, z = self._generate(self.backbone_params, prefix, k, latent_steps)
         tokens = np.asarray(jax.block_until_ready(tokens))
         elapsed = (time.perf_counter() - start) * 1e3
-        texts = []
-        stop = set(self.sampling.eos_token_ids)
-        for row, length in zip(tokens[:n], np.asarray(lengths)[:n]):
-            ids = [int(t) for t in row[:length] if int(t) not in stop]
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        texts = [self.decode(row, length) for row, length in zip(tokens[:n], np.asarray(lengths)[:n])]
         return texts, np.asarray(z)[:n], elapsed / self.batch_size
 
     def warm_up(self, encoded_batches, latent_steps=(0,)) -> None:

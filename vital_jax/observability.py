@@ -1,4 +1,4 @@
-"""Training observability: TensorBoard event files, JSONL metrics, a progress line, throughput and MFU.
+"""Training observability: TensorBoard summaries, JSONL metrics, a progress line, throughput and MFU.
 
 The training loop makes one `MetricsLogger.log` call per logged step:
 
@@ -11,110 +11,20 @@ The training loop makes one `MetricsLogger.log` call per logged step:
 
 which writes `<workdir>/tensorboard/events.out.tfevents.*`, appends to `<workdir>/metrics.jsonl` and draws a
 progress bar (or log lines when stderr is not a terminal). Only the primary process writes anything.
-
-TensorBoard files are written without tensorflow or tensorboard: each record is TFRecord-framed
-(uint64 length, masked CRC32C of the length, payload, masked CRC32C of the payload) and the payload is an
-`Event` protobuf encoded by hand. The fields used (tensorflow/core/util/event.proto, summary.proto):
-
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }
-    Value   { string tag = 1; float simple_value = 2; }
+Event files are written by tensorboardX (no tensorflow needed); `logger.tensorboard` also takes images and text
+(the training probe, vital_jax/probe.py, writes its heatmaps and decoded latent steps there).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
-
-# ---------------------------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli) and TFRecord framing.
-
-_CRC32C_POLY = 0x82F63B78  # 0x1EDC6F41 bit-reversed: the table below consumes bytes least-significant bit first.
-
-
-def _make_crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC32C (Castagnoli) of `data`, table-driven, one byte at a time. crc32c(b"123456789") == 0xE3069283."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The TFRecord checksum: CRC32C rotated right by 15 bits plus 0xA282EAD8 (mod 2**32).
-
-    TFRecord masks its CRCs because a CRC computed over data that itself contains CRCs is weak."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(payload: bytes) -> bytes:
-    """One TFRecord: uint64 length, uint32 masked CRC of the length, payload, uint32 masked CRC of the payload."""
-    length = struct.pack("<Q", len(payload))
-    return (length + struct.pack("<I", masked_crc32c(length)) + payload
-            + struct.pack("<I", masked_crc32c(payload)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Protobuf wire format, just the pieces an Event needs.
-
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # protobuf encodes a negative int64 as its 64-bit two's complement (10 bytes)
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
-
-
-def _bytes_field(field: int, data: bytes) -> bytes:
-    return _key(field, _LENGTH_DELIMITED) + _varint(len(data)) + data
-
-
-def _summary_value(tag: str, value: float) -> bytes:
-    return _bytes_field(1, tag.encode("utf-8")) + _key(2, _FIXED32) + struct.pack("<f", value)
-
-
-def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-    """A serialized `Event` protobuf: wall_time, step, and either a file_version or a Summary of simple values."""
-    out = _key(1, _FIXED64) + struct.pack("<d", wall_time) + _key(2, _VARINT) + _varint(int(step))
-    if file_version is not None:
-        out += _bytes_field(3, file_version.encode("utf-8"))
-    if scalars:
-        summary = b"".join(_bytes_field(1, _summary_value(tag, value)) for tag, value in scalars.items())
-        out += _bytes_field(5, summary)
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Metric values.
@@ -141,45 +51,53 @@ def _as_float(tag: str, value: Any) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Writers.
 
-class TensorBoardWriter:
-    """Writes scalar summaries to `<logdir>/events.out.tfevents.<unix time>.<hostname>` (no tensorflow needed).
+_WRITER_IDS = itertools.count()
 
-    The file starts with the `brain.Event:2` version record that TensorBoard expects. If a file of that name
-    already exists (two writers in the same second), a numeric suffix is appended instead of overwriting it.
+
+class TensorBoardWriter:
+    """Scalar, image and text summaries in `<logdir>/events.out.tfevents.*`, through tensorboardX's SummaryWriter.
+
+    File names end in `.<pid>.<n>` (as tensorflow's own writer names them), so two writers opened on one logdir
+    in the same second, e.g. a run resumed at once, each get their own file instead of truncating the other's.
     """
 
-    def __init__(self, logdir: str, *, clock: Callable[[], float] = time.time):
-        os.makedirs(logdir, exist_ok=True)
-        self._clock = clock
-        now = clock()
-        base = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}")
-        self.path, suffix = base, 0
-        while True:
-            try:
-                self._file = open(self.path, "xb")
-                break
-            except FileExistsError:
-                suffix += 1
-                self.path = f"{base}.{suffix}"
-        self._file.write(tfrecord_frame(encode_event(now, 0, file_version="brain.Event:2")))
-        self._file.flush()
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter  # here, not at the top: the import takes a second (protobuf)
+
+        self.logdir = logdir
+        self._writer = SummaryWriter(logdir, filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+
+    def _open(self):
+        if self._writer is None:
+            raise ValueError("TensorBoardWriter is closed")
+        return self._writer
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
-        """Writes one Event at `step` holding every (tag, value) in `values` (numeric scalars, stored as float32)."""
-        if self._file is None:
-            raise ValueError("TensorBoardWriter is closed")
+        """One scalar summary per (tag, value) at `step` (numeric scalars: numpy/jax values are read here)."""
+        writer = self._open()
         floats = {str(tag): _as_float(tag, value) for tag, value in values.items()}
-        if floats:
-            self._file.write(tfrecord_frame(encode_event(self._clock(), step, scalars=floats)))
+        for tag, value in floats.items():
+            writer.add_scalar(tag, value, int(step))
+
+    def image(self, step: int, tag: str, rgb: np.ndarray) -> None:
+        """An RGB image summary: `rgb` (H, W, 3) uint8, stored as PNG."""
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+            raise TypeError(f"image {tag!r}: expected (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
+        self._open().add_image(tag, rgb, int(step), dataformats="HWC")
+
+    def text(self, step: int, tag: str, markdown: str) -> None:
+        """A text summary (rendered as Markdown by TensorBoard; stored under `<tag>/text_summary`)."""
+        self._open().add_text(tag, str(markdown), int(step))
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def __enter__(self) -> "TensorBoardWriter":
         return self

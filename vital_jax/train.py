@@ -166,6 +166,8 @@ def validate_config(config) -> None:
                           f"for each of the {len(c.max_k)} phases")
     if config.checkpoint.save_every_steps < 1:
         raise ConfigError("config.checkpoint.save_every_steps must be >= 1")
+    if config.logging.probe_every_steps < 0:
+        raise ConfigError("config.logging.probe_every_steps must be >= 0 (0 = no probe)")
 
 
 class _Preemption:
@@ -228,6 +230,11 @@ def train(config, workdir: str) -> dict:
     peak = peak_flops(config)
     logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital", peak_flops=peak)
     flops_account = accounting.account(model) if peak else None
+    probe = None
+    if config.logging.probe_every_steps:
+        from vital_jax.probe import Probe
+
+        probe = Probe(model, config, paths, mesh)
     pipe_cfg = pipeline_config(config)
     logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
     last_metrics: dict = {}
@@ -279,6 +286,12 @@ def train(config, workdir: str) -> dict:
                         batch_np["pixel_patches"].shape[0] * n, batch_np["answer_ids"].shape[1],
                         batch_np["step_ids"].shape[2])
                 last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens, flops=flops))
+            if probe is not None and step % config.logging.probe_every_steps == 0:
+                output = probe(state.params, frozen)  # every process: the program spans the mesh
+                if logger.tensorboard is not None:
+                    probe.write(logger.tensorboard, step, output)
+                    logger.tensorboard.flush()
+                logger.reset_timer(step)  # the probe is not training time
             ckpt.save(step, state, iterator.get_state(), force=preemption.requested)
             if preemption.requested:
                 ckpt.close()

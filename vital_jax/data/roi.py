@@ -105,6 +105,10 @@ class RoiEncoder:
     def image_size(self) -> int:
         return self.preprocessor.height
 
+    def image_patches(self, params, image_rgb: np.ndarray) -> jax.Array:
+        """(1, grid_size**2, dv) patch features of a whole (H, W, 3) uint8 image (the latent-step heatmaps')."""
+        return self.patch_features(params, jnp.asarray(self.preprocessor(Image.fromarray(image_rgb))[None]))
+
 
 @dataclasses.dataclass(frozen=True)
 class RoiView:

@@ -1,7 +1,7 @@
 """Dual interpretability (paper §3.3) and collapse diagnostics (Appendix C.6), re-attaching the scaffolding.
 
   decode_latents       the textual window: each z_k decoded greedily by the auxiliary decoder from [pj_in(z_k)]
-  patch_heatmaps       the visual window: cos(VP(z_k), patch feature) over the vision encoder's patch grid
+  latent_heatmaps      the visual window: cos(VP(z_k), patch feature) over the vision encoder's patch grid
   retrieve_neighbours  nearest neighbours of VP(z_k) in a bank of ROI features
   step_similarity      Eq. (9): the inter-step cosine-similarity matrix, accumulated over a dataset
   norm_ratio           ||z_k|| against the mean token-embedding norm (feeding back states far larger than
@@ -63,6 +63,12 @@ def patch_heatmaps(projected: jax.Array, patch_features: jax.Array) -> jax.Array
         raise ValueError(f"patch_features has {n} patches, not a square grid")
     sims = jax.vmap(cosine)(projected, patch_features)  # (B, K, Np)
     return sims.reshape(b, k, g, g)
+
+
+def latent_heatmaps(model: VitalModel, params: dict, z: jax.Array, patch_features: jax.Array) -> jax.Array:
+    """The visual window of every latent step (what `explain` draws and the training probe logs):
+    z (B, K, D), patch features (B, g*g, dv) -> (B, K, g, g) cos(VP(z_k), patch)."""
+    return patch_heatmaps(project_latents(model, params, z), patch_features)
 
 
 def retrieve_neighbours(projected: jax.Array, bank: jax.Array, top_n: int = 5) -> tuple[jax.Array, jax.Array]:

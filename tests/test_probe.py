@@ -1,0 +1,103 @@
+"""The training probe: heatmap rendering, the probe example, and a short demo run with the probe on whose
+TensorBoard images and text are read back with tensorboard's own reader."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import demo_test_config
+from tests.test_observability import read_events, text_summaries
+from vital_jax import probe as probe_lib
+from vital_jax import train
+from vital_jax.data.records import RECORDS_FILE, read_records
+from vital_jax.models.hf_config import ConfigError
+
+
+def test_heatmap_images_are_the_explain_step_figures_on_one_colour_scale():
+    from vital_jax import explain
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    maps = rng.normal(size=(2, 3, 3)).astype(np.float32)
+    images = probe_lib.heatmap_images(image, maps, ["left kidney", "bright"])
+    assert len(images) == 2 and all(i.dtype == np.uint8 and i.ndim == 3 and i.shape[-1] == 3 for i in images)
+    # Step 1 drawn by explain on the range of both maps (not its own): the same pixels.
+    shared = explain.step_figure(image, maps[0], "z1: left kidney", explain.heatmap_range(maps))
+    np.testing.assert_array_equal(images[0], probe_lib.figure_rgb(shared))
+    own = explain.step_figure(image, maps[0], "z1: left kidney")
+    assert not np.array_equal(images[0], probe_lib.figure_rgb(own))
+
+
+def test_probe_example_is_the_first_val_record_or_the_named_one(demo_assets):
+    data = os.path.join(demo_assets, "data")
+    records = read_records(os.path.join(data, RECORDS_FILE))
+    first_val = next(r for r in records if r.split == "val")
+    assert probe_lib.select_record(data) == first_val
+    assert probe_lib.select_record(data, records[3].id) == records[3]
+    with pytest.raises(ConfigError, match="probe_record='nope'"):
+        probe_lib.select_record(data, "nope")
+
+
+def test_markdown_lists_every_decoded_step_beside_the_teacher_step(demo_assets):
+    data = os.path.join(demo_assets, "data")
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE)) if len(r.reasoning_chain) >= 2)
+    k = len(record.reasoning_chain)
+    texts = [f"step | {i}\nline" for i in range(k)]
+    text = probe_lib.markdown(record, probe_lib.ProbeOutput("yes", texts, None))
+    rows = [line for line in text.splitlines() if line.startswith("| z")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| z{i + 1}" for i in range(k)]
+    assert rows[0] == f"| z1 | step \\| 0 line | {' '.join(record.reasoning_chain[0].split())} |"
+    assert record.question.split()[0] in text and "**A:** yes" in text
+
+
+def test_training_with_the_probe_writes_heatmaps_and_decoded_steps_at_every_nth_step(tmp_path, demo_assets,
+                                                                                      monkeypatch):
+    workdir = tmp_path / "probe_run"
+    shutil.copytree(demo_assets, workdir / "demo")
+    c = demo_test_config()
+    c.curriculum.max_k, c.curriculum.epochs, c.curriculum.min_k = (4,), (1,), ()
+    c.logging.probe_every_steps = 2
+    data = os.path.join(str(workdir), "demo", "data")
+    # A multi-step record (the first val record is K = 1), named by id: one heatmap per latent step.
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE))
+                  if r.split == "val" and r.latent_steps > 1)
+    c.logging.probe_record = record.id
+    probes = []
+
+    class RecordingProbe(probe_lib.Probe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probes.append(self)
+
+    monkeypatch.setattr(probe_lib, "Probe", RecordingProbe)
+    summary = train.train(c, str(workdir))
+    total = summary["step"]
+    assert total >= 4, "too few steps to see the probe repeat"
+    expected_steps = list(range(2, total + 1, 2))
+
+    (probe,) = probes
+    assert probe.record == record and probe.k == record.latent_steps
+    assert probe._run._cache_size() == 1  # compiled once, reused at every probe step
+
+    events = read_events(workdir / "tensorboard")
+    tags = events.Tags()
+    image_tags = [probe_lib.IMAGE_TAG.format(k) for k in range(1, record.latent_steps + 1)]
+    assert sorted(tags["images"]) == sorted(image_tags)
+    for tag in image_tags:
+        images = events.Images(tag)
+        assert [e.step for e in images] == expected_steps
+        rgb = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
+        assert rgb.shape[0] > 200 and rgb.shape[1] > 200 and rgb.std() > 0
+    texts = text_summaries(events, probe_lib.TEXT_TAG)
+    assert [step for step, _ in texts] == expected_steps
+    rows = [line for line in texts[-1][1].splitlines() if line.startswith("| z")]
+    assert len(rows) == record.latent_steps
+    assert " ".join(record.question.split()) in texts[-1][1]
+    # The scalars are still there, at the logged steps.
+    logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert [e.step for e in events.Scalars("loss")] == logged

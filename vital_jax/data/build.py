@@ -6,6 +6,7 @@ Stages (each resumable; rerunning the command finishes what is missing):
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
+              Images pass the checks every stage applies (vital_jax.data.images).
   2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
               `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
   3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
@@ -30,7 +31,7 @@ from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from vital_jax.data import balance, geometry, ingest, phantoms, questions, records, teacher
+from vital_jax.data import balance, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
 
@@ -101,6 +102,14 @@ def _absence_questions(source: ingest.SourceImage, image_rel: str) -> list[quest
             for lesion, organ in phantoms.LESION_ORGANS.items() if lesion not in present and organ in present]
 
 
+def _check_source_image(source: ingest.SourceImage) -> None:
+    """The size limits of vital_jax.data.images, for images made from arrays (volume slices) as for files."""
+    try:
+        images.check_size(source.image.shape[0], source.image.shape[1], source.origin)
+    except images.ImageError as e:
+        raise ingest.IngestError(str(e)) from e
+
+
 def prepare(config) -> list[questions.Question]:
     """Stage 1: write images, masks and questions.jsonl into `config.out_dir` (or read questions.jsonl back)."""
     out_dir = config.out_dir
@@ -117,6 +126,7 @@ def prepare(config) -> list[questions.Question]:
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
         for source in _source_images(config, scratch, split_of):
+            _check_source_image(source)
             image_rel = f"images/{source.image_id}.png"  # (the key of `split_of`)
             Image.fromarray(source.image).save(os.path.join(out_dir, image_rel))
             for target in source.targets:

@@ -186,3 +186,44 @@ def test_errors_name_the_stage_or_file(tmp_path):
     config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
     with pytest.raises(IngestError, match="a_CT_liver_liver.png: empty mask"):
         build.build(config)
+
+
+def _biomedparse_source(tmp_path, masks: dict[str, list[str]], size=32):
+    """A BiomedParse-layout folder pair: image stem -> mask file names (target part, with suffix), each mask a
+    different square so that no two are alike."""
+    image_dir, mask_dir = tmp_path / "src", tmp_path / "src_mask"
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    for n, (stem, targets) in enumerate(masks.items()):
+        Image.fromarray(np.full((size, size, 3), 40 + 20 * n, np.uint8)).save(image_dir / f"{stem}.png")
+        for k, target in enumerate(targets):
+            mask = np.zeros((size, size), np.uint8)
+            mask[2 + 3 * k:8 + 3 * k, 4 + 4 * k:12 + 4 * k] = 255
+            Image.fromarray(mask).save(mask_dir / f"{stem}_{target}")
+    config = default_config()
+    config.out_dir, config.source = str(tmp_path / "out"), "biomedparse"
+    config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
+    return config
+
+
+def test_target_names_that_normalise_alike_get_distinct_question_ids(tmp_path):
+    # "left kidney" (left+kidney) and "left-kidney" both slug to left-kidney.
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["left+kidney.png", "left-kidney.png", "liver.png"]})
+    result = build.build(config)
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    assert result["records"] == len(rows) == 3 * len(QUESTION_TYPES) and len({r.id for r in rows}) == len(rows)
+    assert {r.id for r in rows if r.question_type == "yes_no"} == {
+        "a_CT_abdomen__left-kidney-1__yes_no", "a_CT_abdomen__left-kidney-2__yes_no", "a_CT_abdomen__liver__yes_no"}
+    assert {r.target for r in rows} == {"left kidney", "left-kidney", "liver"}
+    assert questions.target_keys(["left-kidney", "left kidney"]) == questions.target_keys(["left kidney",
+                                                                                          "left-kidney"])
+
+
+def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tmp_path):
+    # Two mask files for one target of one image: both would ask the same questions under the same ids.
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["liver.bmp", "liver.png"]})
+    with pytest.raises(build.BuildError, match=r"question id 'a_CT_abdomen__liver__yes_no' is made twice") as e:
+        build.build(config)
+    assert "a_CT_abdomen_liver.bmp" in str(e.value) and "a_CT_abdomen_liver.png" in str(e.value)
+    assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
+

@@ -119,3 +119,10 @@ def test_small_datasets_get_an_image_in_every_split():
     assert sorted(splits.values()) == ["test", "train", "val"]
     no_test = questions.assign_splits(qs, (0.9, 0.1, 0.0), seed=0)
     assert "test" not in {q.split for q in no_test}
+
+
+def test_target_keys_tell_apart_names_with_one_slug():
+    keys = questions.target_keys(["left kidney", "Left_Kidney", "left-kidney-1", "liver", "liver"])
+    assert keys == {"Left_Kidney": "left-kidney-2", "left kidney": "left-kidney-3", "left-kidney-1": "left-kidney-1",
+                    "liver": "liver"}
+    assert len(set(keys.values())) == len(keys)

@@ -6,7 +6,9 @@ Stages (each resumable; rerunning the command finishes what is missing):
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
-              Images pass the checks every stage applies (vital_jax.data.images).
+              Images pass the checks every stage applies (vital_jax.data.images); question ids are unique (target
+              names of one image that normalise alike are told apart), and a duplicate id stops the build,
+              naming both sources.
   2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
               `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
   3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
@@ -96,10 +98,14 @@ def _phantom_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[
 def _absence_questions(source: ingest.SourceImage, image_rel: str) -> list[questions.Question]:
     """Presence questions about the lesion types this phantom lacks (their organ's mask is the ROI)."""
     present = {t.name for t in source.targets}
+    absent = [(lesion, organ) for lesion, organ in phantoms.LESION_ORGANS.items()
+              if lesion not in present and organ in present]
+    keys = questions.target_keys(lesion for lesion, _ in absent)
     return [questions.absence_question(image_id=source.image_id, image_path=image_rel,
                                        organ_mask_path=f"masks/{source.image_id}_{organ.replace(' ', '+')}.png",
-                                       target=lesion, organ=organ, modality=source.modality, source=source.source)
-            for lesion, organ in phantoms.LESION_ORGANS.items() if lesion not in present and organ in present]
+                                       target=lesion, organ=organ, modality=source.modality, source=source.source,
+                                       target_key=keys[lesion])
+            for lesion, organ in absent]
 
 
 def _check_source_image(source: ingest.SourceImage) -> None:
@@ -108,6 +114,16 @@ def _check_source_image(source: ingest.SourceImage) -> None:
         images.check_size(source.image.shape[0], source.image.shape[1], source.origin)
     except images.ImageError as e:
         raise ingest.IngestError(str(e)) from e
+
+
+def _check_unique(asked: list[questions.Question], origins: list[str]) -> None:
+    """BuildError naming both sources of the first question id that two questions share."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(asked):
+        j = first.setdefault(q.id, i)
+        if j != i:
+            raise BuildError(f"question id {q.id!r} is made twice: from {origins[j]} and from {origins[i]}; "
+                             "rename one of the two")
 
 
 def prepare(config) -> list[questions.Question]:
@@ -123,14 +139,22 @@ def prepare(config) -> list[questions.Question]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     asked: list[questions.Question] = []
+    origins: list[str] = []  # where each question came from, for the duplicate check
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
         for source in _source_images(config, scratch, split_of):
             _check_source_image(source)
             image_rel = f"images/{source.image_id}.png"  # (the key of `split_of`)
             Image.fromarray(source.image).save(os.path.join(out_dir, image_rel))
+            keys = questions.target_keys(t.name for t in source.targets)
+            mask_of: dict[str, ingest.Target] = {}
             for target in source.targets:
                 mask_rel = f"masks/{source.image_id}_{target.name.replace(' ', '+')}.png"
+                other = mask_of.setdefault(mask_rel, target)
+                if other.name != target.name:  # "a b" and "a+b": one file would overwrite the other
+                    raise BuildError(f"{source.origin}: targets {other.name!r} ({other.mask_origin}) and "
+                                     f"{target.name!r} ({target.mask_origin}) would both be saved as {mask_rel}; "
+                                     "rename one of the two")
                 Image.fromarray(target.mask.astype(np.uint8) * 255).save(os.path.join(out_dir, mask_rel))
                 geo = geometry.measure(source.image, target.mask)
                 for question_type in config.question_types:
@@ -139,14 +163,19 @@ def prepare(config) -> list[questions.Question]:
                         question_type, image_id=source.image_id, image_path=image_rel, mask_path=mask_rel,
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
-                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions)
+                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions,
+                        target_key=keys[target.name])
                     if question is not None:  # None: the mask cannot answer this type (see make_question)
                         asked.append(question)
+                        origins.append(f"{source.origin} (target {target.name!r}, mask {target.mask_origin})")
             if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
                     and "yes_no" in config.question_types):
-                asked += _absence_questions(source, image_rel)
+                absent = _absence_questions(source, image_rel)
+                asked += absent
+                origins += [f"{source.origin} (absent lesion {q.target!r})" for q in absent]
     if not asked:
         raise BuildError(f"config.source={config.source!r}: no image with a target mask was found")
+    _check_unique(asked, origins)
     if split_of:  # phantoms drawn per split: each image keeps the split it was drawn for
         asked = [dataclasses.replace(q, split=split_of[q.image]) for q in asked]
     else:

@@ -111,6 +111,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def target_keys(names: Iterable[str]) -> dict[str, str]:
+    """The id piece of each distinct target name of one image: its `slug`, or, where several names share a slug
+    ("left kidney", "Left_Kidney"), the slug with -1, -2, ... in the names' sorted order (skipping a suffixed
+    slug another name already has), so the question ids of one image are unique by construction."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for name in sorted(set(names)):
+        groups[slug(name)].append(name)
+    keys, taken = {}, set(groups)
+    for key, group in sorted(groups.items()):
+        if len(group) == 1:
+            keys[group[0]] = key
+            continue
+        n = 0
+        for name in group:
+            n += 1
+            while f"{key}-{n}" in taken:
+                n += 1
+            keys[name] = f"{key}-{n}"
+            taken.add(keys[name])
+    return keys
+
+
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
@@ -169,10 +191,13 @@ def _clause(phrase: str) -> str:
 
 def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
                   target_type: str, modality: str, source: str, normal_anatomy: bool,
-                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False
-                  ) -> Question | None:
+                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False,
+                  target_key: str | None = None) -> Question | None:
     """One question of `question_type` about `target`, its K drawn from the type's range (Table 4); None for a
     location choice that the target cannot answer (its regions lie in different thirds along both axes).
+
+    Its id is IMAGE__KEY__TYPE with KEY = `target_key` (from `target_keys`, unique within the image), else
+    `slug(target)`.
 
     contrast_questions: yes/no questions may also ask whether the target is brighter than its surround (asked
     without naming the modality, so the image has to tell: a liver is brighter than its surround on CT, darker
@@ -203,21 +228,21 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
         template = f"{question_type}_{index}"
         text = options[index].format(target=target, image=image_words, kind=KIND_WORDS[target_type],
                                      where=_clause(geometry.where(geo)), **{"is": be})
-    return Question(id=f"{image_id}__{slug(target)}__{question_type}", image=image_path, mask=mask_path,
+    return Question(id=f"{image_id}__{target_key or slug(target)}__{question_type}", image=image_path, mask=mask_path,
                     question=text, question_type=question_type, latent_steps=steps, target=target,
                     target_type=target_type, modality=modality, source=source, normal_anatomy=normal_anatomy,
                     template=template, slots=slots, choices=choices)
 
 
 def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, target: str, organ: str,
-                     modality: str, source: str) -> Question:
+                     modality: str, source: str, target_key: str | None = None) -> Question:
     """"Is there a {target} visible in this {image}?" about a lesion the image does not show (answer: no).
 
     Worded exactly like the presence question about a lesion that is there, so only the image tells the two
     apart. Its mask is the organ the lesion would grow in (`organ`): the region a reader checks, and the ROI.
     """
     image_words = MODALITY_PHRASES[modality]
-    return Question(id=f"{image_id}__{slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
+    return Question(id=f"{image_id}__{target_key or slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
                     question=_presence(target, "lesion", image_words), question_type="yes_no",
                     latent_steps=STEP_RANGES["yes_no"][0], target=target, target_type="lesion", modality=modality,
                     source=source, normal_anatomy=False, template="yes_no_absent", slots={"organ": organ})

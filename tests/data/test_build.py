@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -227,3 +228,19 @@ def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tm
     assert "a_CT_abdomen_liver.bmp" in str(e.value) and "a_CT_abdomen_liver.png" in str(e.value)
     assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
 
+
+def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_split_is_warned(tmp_path, caplog):
+    # Every image its own modality: no stratum is shared, which once sent all six images to train.
+    stems = ["a_CT_x", "b_MRI_x", "c_ultrasound_x", "d_X-Ray_x", "e_pathology_x", "f_fundus_x"]
+    config = _biomedparse_source(tmp_path, {stem: ["liver.png"] for stem in stems})
+    build.build(config)
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    split_of = collections.defaultdict(set)
+    for r in rows:
+        split_of[r.image].add(r.split)
+    assert all(len(s) == 1 for s in split_of.values())  # split by image: none crosses splits
+    assert collections.Counter(s for (s,) in split_of.values()) == {"train": 4, "val": 1, "test": 1}
+    with caplog.at_level(logging.WARNING):
+        result = build.build(_phantom_config(tmp_path / "two", count=2))
+    assert result["splits"]["test"] == 0 and result["splits"]["val"] > 0
+    assert "split 'test' is empty (2 image(s) in all" in caplog.text

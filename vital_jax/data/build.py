@@ -8,7 +8,7 @@ Stages (each resumable; rerunning the command finishes what is missing):
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
               Images pass the checks every stage applies (vital_jax.data.images); question ids are unique (target
               names of one image that normalise alike are told apart), and a duplicate id stops the build,
-              naming both sources.
+              naming both sources; an empty split is warned about.
   2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
               `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
   3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
@@ -19,6 +19,7 @@ The config is an ml_collections ConfigDict (`get_config()`); vital_jax.data.buil
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import importlib.util
@@ -180,8 +181,21 @@ def prepare(config) -> list[questions.Question]:
         asked = [dataclasses.replace(q, split=split_of[q.image]) for q in asked]
     else:
         asked = questions.assign_splits(asked, tuple(config.split_fractions), seed=config.seed)
+    _warn_empty_splits(asked)
     questions.write_questions(path, asked)  # last: its presence marks stage 1 as done
     return asked
+
+
+def _warn_empty_splits(asked: list[questions.Question]) -> None:
+    per_split = collections.defaultdict(set)
+    for q in asked:
+        per_split[q.split].add(q.image)
+    count = len(set().union(*per_split.values()))
+    for split in records.SPLITS:
+        if not per_split[split]:
+            logging.warning("split %r is empty (%d image(s) in all, split by image as %s); training or evaluating "
+                            "on it will fail", split, count,
+                            ", ".join(f"{s} {len(per_split[s])}" for s in records.SPLITS))
 
 
 def _teacher(config) -> teacher.Teacher:

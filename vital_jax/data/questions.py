@@ -255,7 +255,9 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
 
     Images are visited in a seeded random order; each goes to the split whose strata are least filled relative
     to their targets (fraction x stratum size), summed over the image's questions. Relative filling gives a
-    small dataset an image in every split with a non-zero fraction before train takes the rest.
+    small dataset an image in every split with a non-zero fraction before train takes the rest; where it does not
+    (strata that only one image holds), a split left without an image takes one from the split holding the most,
+    as long as there are at least as many images as splits with a non-zero fraction.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
@@ -275,6 +277,19 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
         best = max(range(len(SPLITS)), key=lambda j: (scores[j], fractions[j], -j))
         assigned[best].update(strata)
         split_of[image] = SPLITS[best]
+    # Strata held by one image only (every image its own modality) score all splits alike and ties go to train,
+    # so a small dataset could land in train whole: give each split with a non-zero fraction an image while
+    # another split has two, taking the donor's smallest image (the last visited among equals).
+    wanted = [j for j in range(len(SPLITS)) if fractions[j] > 0]
+    members = {j: [image for image in order if split_of[image] == SPLITS[j]] for j in wanted}
+    for j in wanted:
+        donor = max(wanted, key=lambda d: (len(members[d]), fractions[d]))
+        if members[j] or len(members[donor]) < 2:
+            continue
+        image = min(reversed(members[donor]), key=lambda im: len(by_image[im]))
+        members[donor].remove(image)
+        members[j].append(image)
+        split_of[image] = SPLITS[j]
     return [dataclasses.replace(q, split=split_of[q.image]) for q in questions]
 
 

@@ -229,6 +229,40 @@ def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tm
     assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
 
 
+def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    first = build.build(config)
+    path = tmp_path / "x" / records.RECORDS_FILE
+    built = path.read_text()
+    # The same build again resumes: every stage is reused.
+    again = build.build(_phantom_config(tmp_path / "x"))
+    assert again["distill"]["skipped_finished"] == first["questions"] and path.read_text() == built
+    changed = _phantom_config(tmp_path / "x", seed=1)
+    with pytest.raises(build.BuildError, match=r"built from other inputs.*config\.seed: 0 -> 1.*on_change=rebuild"):
+        build.build(changed)
+    assert path.read_text() == built  # refused before touching anything
+    changed.on_change = "rebuild"
+    build.build(changed)
+    build.build(_phantom_config(tmp_path / "fresh", seed=1))
+    assert path.read_text() == (tmp_path / "fresh" / records.RECORDS_FILE).read_text() != built
+
+
+def test_a_changed_source_file_is_refused_naming_it_and_a_touched_one_is_not(tmp_path):
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["liver.png"], "b_MRI_brain": ["tumor.png"]})
+    build.build(config)
+    mask = tmp_path / "src_mask" / "b_MRI_brain_tumor.png"
+    os.utime(mask, ns=(1, 1))  # same content, other mtime: still the same build
+    assert build.build(config)["distill"]["skipped_finished"] == 2 * len(QUESTION_TYPES)
+    values = np.zeros((32, 32), np.uint8)
+    values[10:20, 10:20] = 255
+    Image.fromarray(values).save(mask)
+    Image.new("RGB", (32, 32)).save(tmp_path / "src" / "c_CT_chest.png")
+    with pytest.raises(build.BuildError, match=r"files of config\.biomedparse\.image_dir: 1 added \(c_CT_chest\.png\)"
+                                               r"; files of config\.biomedparse\.mask_dir: 1 changed "
+                                               r"\(b_MRI_brain_tumor\.png\)"):
+        build.build(config)
+
+
 def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_split_is_warned(tmp_path, caplog):
     # Every image its own modality: no stratum is shared, which once sent all six images to train.
     stems = ["a_CT_x", "b_MRI_x", "c_ultrasound_x", "d_X-Ray_x", "e_pathology_x", "f_fundus_x"]

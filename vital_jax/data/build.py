@@ -3,6 +3,10 @@
     python -m vital_jax.data.build --config=configs/data/demo_phantoms.py [--config.out_dir=DIR ...]
 
 Stages (each resumable; rerunning the command finishes what is missing):
+  0 inputs    the build's inputs (the config fields that shape the outputs, and the source files' sizes and
+              hashes; vital_jax.data.build_inputs) are recorded in `out_dir/build_inputs.json`. A rerun with the
+              same inputs resumes; with other inputs it is refused, naming what changed, unless
+              `config.on_change = "rebuild"`, which deletes the old outputs first.
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
@@ -25,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Iterator
@@ -34,7 +39,7 @@ from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from vital_jax.data import balance, geometry, images, ingest, phantoms, questions, records, teacher
+from vital_jax.data import balance, build_inputs, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
 
@@ -242,10 +247,55 @@ def run_roi_stage(config) -> None:
                              padding=config.roi.padding, batch_size=config.roi.batch_size)
 
 
+# What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json.
+OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED_FILE, teacher.SUMMARY_FILE,
+                balance.DROPPED_FILE, records.ROI_FEATURES_FILE, records.ROI_TOP_PATCH_IDS_FILE,
+                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE)
+OUTPUT_FOLDERS = ("images", "masks")
+
+
+def _has_outputs(out_dir: str) -> bool:
+    return (any(os.path.exists(os.path.join(out_dir, name)) for name in OUTPUT_FILES) or
+            any(os.path.isdir(os.path.join(out_dir, name)) and os.listdir(os.path.join(out_dir, name))
+                for name in OUTPUT_FOLDERS))
+
+
+def check_inputs(config) -> None:
+    """Stage 0: record the build's inputs in out_dir; a folder built from other inputs is refused, naming what
+    changed, or with config.on_change = "rebuild" emptied of the old outputs first."""
+    if config.on_change not in ("refuse", "rebuild"):
+        raise BuildError(f"config.on_change={config.on_change!r}: expected 'refuse' or 'rebuild'")
+    out_dir = config.out_dir
+    previous = build_inputs.read(out_dir)
+    current = build_inputs.fingerprint(config, previous)
+    built = _has_outputs(out_dir)  # without outputs there is nothing to be stale
+    if built and previous is None:
+        logging.warning("%s holds outputs of a build that did not record its inputs: they are reused as they are, "
+                        "unchecked; rebuild into an empty folder to be sure they match this config", out_dir)
+    changes = build_inputs.differences(previous, current) if built and previous is not None else []
+    if changes and config.on_change == "refuse":
+        raise BuildError(
+            f"{out_dir} was built from other inputs, so its files would be stale: " + "; ".join(changes[:10]) +
+            ("; ..." if len(changes) > 10 else "") + ". Rebuild it with --config.on_change=rebuild (deletes its "
+            "questions, records, images, masks and ROI arrays), build into another out_dir, or, to keep its files "
+            f"as they are, delete {os.path.join(out_dir, build_inputs.INPUTS_FILE)}")
+    if changes:
+        logging.warning("%s: inputs changed (%s); deleting the old outputs and rebuilding", out_dir,
+                        "; ".join(changes[:10]))
+        for name in OUTPUT_FILES:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        for name in OUTPUT_FOLDERS:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    build_inputs.write(out_dir, current)
+
+
 def build(config) -> dict:
-    """Run the four stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
+    """Run the stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
     if not config.out_dir:
         raise BuildError("config.out_dir is empty: say where the dataset goes")
+    check_inputs(config)
     asked = prepare(config)
     dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
     if os.path.exists(dropped_path):  # answered before and set aside by balancing: not asked again

@@ -28,7 +28,7 @@ from PIL import Image
 import transformers
 from vital_jax.data import pipeline, roi
 from vital_jax.data.records import Record, write_records
-from vital_jax.models.qwen3_vl.preprocessing import load_image
+from vital_jax.data.images import load_image
 from vital_jax.models.qwen3_vl.tiny_tokenizer import build_tiny_tokenizer
 
 QUESTION = "Is there an abnormal bright region in the left lobe of the liver?"

@@ -107,9 +107,9 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
                     encoder_dir: str | None = None, max_text_tokens: int = 24, figure_format: str = "png") -> dict:
     """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
     dict."""
+    from vital_jax.data.images import load_image
     from vital_jax.data.roi import load_roi_encoder
     from vital_jax.inference import Predictor
-    from vital_jax.models.qwen3_vl import preprocessing
     from vital_jax.vital import interpret
 
     figures.check_format(figure_format)
@@ -126,7 +126,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     sims.update(z, valid)
     norms = interpret.norm_ratio(model, params, z, valid)
     os.makedirs(out_dir, exist_ok=True)
-    rgb = preprocessing.load_image(image_path)
+    rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
     result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
               "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
               "embedding_norm": float(norms["embedding_norm"]),

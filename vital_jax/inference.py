@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vital_jax import checkpoint as ckpt_lib
+from vital_jax.data.images import load_image
 from vital_jax.data.pipeline import blind
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import preprocessing, prompt
@@ -135,8 +136,14 @@ class PromptEncoder:
         if n > self.batch_size:
             raise ValueError(f"{n} examples > batch size {self.batch_size}")
         patches, grids, rows = [], [], []
-        for image, question in zip(images, questions):
-            p, g = preprocessing.preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        for index, (image, question) in enumerate(zip(images, questions)):
+            # The checks and 16-bit window every stage applies (vital_jax.data.images); errors name the file.
+            rgb = load_image(image)
+            try:
+                p, g = preprocessing.preprocess_image(rgb, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            except preprocessing.ImagePreprocessError as e:
+                name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"example {index}"
+                raise preprocessing.ImagePreprocessError(f"{name}: {e}") from e
             if self.blind_images:  # a text-only control run is evaluated as it was trained: without the image
                 p = blind(p)
             patches.append(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -186,3 +187,94 @@ def test_errors_name_the_stage_or_file(tmp_path):
     config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
     with pytest.raises(IngestError, match="a_CT_liver_liver.png: empty mask"):
         build.build(config)
+
+
+def _biomedparse_source(tmp_path, masks: dict[str, list[str]], size=32):
+    """A BiomedParse-layout folder pair: image stem -> mask file names (target part, with suffix), each mask a
+    different square so that no two are alike."""
+    image_dir, mask_dir = tmp_path / "src", tmp_path / "src_mask"
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    for n, (stem, targets) in enumerate(masks.items()):
+        Image.fromarray(np.full((size, size, 3), 40 + 20 * n, np.uint8)).save(image_dir / f"{stem}.png")
+        for k, target in enumerate(targets):
+            mask = np.zeros((size, size), np.uint8)
+            mask[2 + 3 * k:8 + 3 * k, 4 + 4 * k:12 + 4 * k] = 255
+            Image.fromarray(mask).save(mask_dir / f"{stem}_{target}")
+    config = default_config()
+    config.out_dir, config.source = str(tmp_path / "out"), "biomedparse"
+    config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
+    return config
+
+
+def test_target_names_that_normalise_alike_get_distinct_question_ids(tmp_path):
+    # "left kidney" (left+kidney) and "left-kidney" both slug to left-kidney.
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["left+kidney.png", "left-kidney.png", "liver.png"]})
+    result = build.build(config)
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    assert result["records"] == len(rows) == 3 * len(QUESTION_TYPES) and len({r.id for r in rows}) == len(rows)
+    assert {r.id for r in rows if r.question_type == "yes_no"} == {
+        "a_CT_abdomen__left-kidney-1__yes_no", "a_CT_abdomen__left-kidney-2__yes_no", "a_CT_abdomen__liver__yes_no"}
+    assert {r.target for r in rows} == {"left kidney", "left-kidney", "liver"}
+    assert questions.target_keys(["left-kidney", "left kidney"]) == questions.target_keys(["left kidney",
+                                                                                          "left-kidney"])
+
+
+def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tmp_path):
+    # Two mask files for one target of one image: both would ask the same questions under the same ids.
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["liver.bmp", "liver.png"]})
+    with pytest.raises(build.BuildError, match=r"question id 'a_CT_abdomen__liver__yes_no' is made twice") as e:
+        build.build(config)
+    assert "a_CT_abdomen_liver.bmp" in str(e.value) and "a_CT_abdomen_liver.png" in str(e.value)
+    assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
+
+
+def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    first = build.build(config)
+    path = tmp_path / "x" / records.RECORDS_FILE
+    built = path.read_text()
+    # The same build again resumes: every stage is reused.
+    again = build.build(_phantom_config(tmp_path / "x"))
+    assert again["distill"]["skipped_finished"] == first["questions"] and path.read_text() == built
+    changed = _phantom_config(tmp_path / "x", seed=1)
+    with pytest.raises(build.BuildError, match=r"built from other inputs.*config\.seed: 0 -> 1.*on_change=rebuild"):
+        build.build(changed)
+    assert path.read_text() == built  # refused before touching anything
+    changed.on_change = "rebuild"
+    build.build(changed)
+    build.build(_phantom_config(tmp_path / "fresh", seed=1))
+    assert path.read_text() == (tmp_path / "fresh" / records.RECORDS_FILE).read_text() != built
+
+
+def test_a_changed_source_file_is_refused_naming_it_and_a_touched_one_is_not(tmp_path):
+    config = _biomedparse_source(tmp_path, {"a_CT_abdomen": ["liver.png"], "b_MRI_brain": ["tumor.png"]})
+    build.build(config)
+    mask = tmp_path / "src_mask" / "b_MRI_brain_tumor.png"
+    os.utime(mask, ns=(1, 1))  # same content, other mtime: still the same build
+    assert build.build(config)["distill"]["skipped_finished"] == 2 * len(QUESTION_TYPES)
+    values = np.zeros((32, 32), np.uint8)
+    values[10:20, 10:20] = 255
+    Image.fromarray(values).save(mask)
+    Image.new("RGB", (32, 32)).save(tmp_path / "src" / "c_CT_chest.png")
+    with pytest.raises(build.BuildError, match=r"files of config\.biomedparse\.image_dir: 1 added \(c_CT_chest\.png\)"
+                                               r"; files of config\.biomedparse\.mask_dir: 1 changed "
+                                               r"\(b_MRI_brain_tumor\.png\)"):
+        build.build(config)
+
+
+def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_split_is_warned(tmp_path, caplog):
+    # Every image its own modality: no stratum is shared, which once sent all six images to train.
+    stems = ["a_CT_x", "b_MRI_x", "c_ultrasound_x", "d_X-Ray_x", "e_pathology_x", "f_fundus_x"]
+    config = _biomedparse_source(tmp_path, {stem: ["liver.png"] for stem in stems})
+    build.build(config)
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    split_of = collections.defaultdict(set)
+    for r in rows:
+        split_of[r.image].add(r.split)
+    assert all(len(s) == 1 for s in split_of.values())  # split by image: none crosses splits
+    assert collections.Counter(s for (s,) in split_of.values()) == {"train": 4, "val": 1, "test": 1}
+    with caplog.at_level(logging.WARNING):
+        result = build.build(_phantom_config(tmp_path / "two", count=2))
+    assert result["splits"]["test"] == 0 and result["splits"]["val"] > 0
+    assert "split 'test' is empty (2 image(s) in all" in caplog.text

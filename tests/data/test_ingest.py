@@ -241,8 +241,12 @@ def test_rgba_is_converted_and_names_parsed(tmp_path):
         m / "a_CT_liver_liver+tumor.png", m / "a_PET_liver_tumor.png"), "unknown modality 'PET'", "a_PET_liver.png"),
     (lambda i, m: Image.new("L", (20, 16)).save(m / "b_CT_liver_liver.png"), "no image b_CT_liver",
      "b_CT_liver_liver.png"),
-    (lambda i, m: Image.fromarray(np.zeros((16, 20), np.uint16)).save(i / "a_CT_liver.png"), "not 8-bit",
+    (lambda i, m: os.remove(i / "a_CT_liver.png") or Image.fromarray(np.zeros((16, 20), np.float32)).save(
+        i / "a_CT_liver.tif"), "image mode 'F'", "a_CT_liver.tif"),
+    (lambda i, m: Image.new("RGB", (20, 4)).save(i / "a_CT_liver.png"), "image of 20x4 pixels is too small",
      "a_CT_liver.png"),
+    (lambda i, m: Image.new("RGB", (20, 16)).save(i / "a_CT_liver.jpg"), "two images named 'a_CT_liver'",
+     "a_CT_liver.jpg"),
 ])
 def test_bad_inputs_name_the_file(tmp_path, break_it, fragment, culprit):
     image_dir, mask_dir = _layout(tmp_path)

@@ -182,7 +182,8 @@ def test_corrupt_image_error_names_the_record(dataset, tmp_path):
     _write_dataset(broken)
     with open(os.path.join(broken, "img10.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(pipeline.PipelineError, match=r"record 'rec10' \(records.jsonl row 10\).*cannot decode"):
+    with pytest.raises(pipeline.PipelineError,
+                       match=r"record 'rec10' \(records.jsonl row 10\).*img10.png: corrupt or unreadable image"):
         list(pipeline.make_eval_batches(broken, tokenizer_dir, CFG, split="test", process_index=0, process_count=1))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vital_jax.data import geometry, questions
-from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
+from vital_jax.data.records import MODALITIES, QUESTION_TYPES, STEP_RANGES
 
 
 def _geo(center=(0.5, 0.5), radius=0.1, size=100):
@@ -119,3 +119,22 @@ def test_small_datasets_get_an_image_in_every_split():
     assert sorted(splits.values()) == ["test", "train", "val"]
     no_test = questions.assign_splits(qs, (0.9, 0.1, 0.0), seed=0)
     assert "test" not in {q.split for q in no_test}
+
+
+def test_images_whose_strata_are_their_own_still_fill_every_split():
+    # Each image its own modality: every split scores alike for every image, and ties go to train.
+    qs = [_ask(t, key=f"{i}{t}", modality=m, image=f"images/{i}.png") for i, m in enumerate(MODALITIES[:6])
+          for t in QUESTION_TYPES]
+    split_of = {}
+    for q in questions.assign_splits(qs, (0.8, 0.1, 0.1), seed=0):
+        assert split_of.setdefault(q.image, q.split) == q.split  # one split per image
+    assert collections.Counter(split_of.values()) == {"train": 4, "val": 1, "test": 1}
+    two = {q.image: q.split for q in questions.assign_splits(qs[:2 * len(QUESTION_TYPES)], (0.8, 0.1, 0.1))}
+    assert sorted(two.values()) == ["train", "val"]  # too few images for three splits: test stays empty
+
+
+def test_target_keys_tell_apart_names_with_one_slug():
+    keys = questions.target_keys(["left kidney", "Left_Kidney", "left-kidney-1", "liver", "liver"])
+    assert keys == {"Left_Kidney": "left-kidney-2", "left kidney": "left-kidney-3", "left-kidney-1": "left-kidney-1",
+                    "liver": "liver"}
+    assert len(set(keys.values())) == len(keys)

@@ -25,13 +25,20 @@ def _record(i: int, **overrides) -> Record:
     return Record(**fields)
 
 
+def _mask(size):
+    """A 0/255 mask of PIL `size` (width, height) with a few foreground pixels."""
+    mask = np.zeros(size[::-1], np.uint8)
+    mask[1:4, 1:4] = 255
+    return Image.fromarray(mask)
+
+
 def _write_dataset(root, n=3, roi_rows=None, size=(16, 12)):
     os.makedirs(root / "images", exist_ok=True)
     os.makedirs(root / "masks", exist_ok=True)
     rows = []
     for i in range(n):
         Image.new("RGB", size).save(root / f"images/img{i}.png")
-        Image.new("L", size).save(root / f"masks/img{i}_liver.png")
+        _mask(size).save(root / f"masks/img{i}_liver.png")
         rows.append(_record(i, roi_index=i if roi_rows is not None else -1))
     records.write_records(str(root / records.RECORDS_FILE), rows)
     if roi_rows is not None:
@@ -129,7 +136,7 @@ def test_validate_reports_every_bad_record_by_id(tmp_path):
     roi[2, 0] = np.nan      # non-finite
     rows = _write_dataset(tmp_path, n=5, roi_rows=roi)
     os.remove(tmp_path / "images/img0.png")                                   # s0: missing image
-    Image.new("L", (5, 5)).save(tmp_path / "masks/img3_liver.png")            # s3: mask size differs
+    _mask((5, 5)).save(tmp_path / "masks/img3_liver.png")                     # s3: mask size differs
     (tmp_path / "masks/img4_liver.png").write_bytes(b"not a png")           # s4: corrupt mask
     extra = [dict(rows[0].to_dict(), id="s5", roi_index=9),                   # out of range
              dict(rows[1].to_dict()),                                         # duplicate id s1
@@ -143,11 +150,12 @@ def test_validate_reports_every_bad_record_by_id(tmp_path):
     text = "\n".join(problems)
     expected = ["record 's0': image file missing", "record 's1': ROI feature row 1 has norm 2.0000",
                 "record 's2': ROI feature row 2 is not finite", "record 's3': mask size (5, 5) != image size",
-                "record 's4': mask file unreadable", "record 's5': roi_index=9 out of range",
+                "record 's4': mask file unusable", "record 's5': roi_index=9 out of range",
                 "record 's1': duplicate id", "record 's6': latent_steps=3 != len(reasoning_chain)=2",
                 "record 's8': unknown modality 'PET'", ":10: malformed JSON"]
     for fragment in expected:
         assert fragment in text, f"{fragment!r} not reported in:\n{text}"
+    assert "img4_liver.png: corrupt or unreadable mask" in text
     # Plus two repeats: the duplicate s1 has s1's bad ROI row, and s5 names s0's missing image.
     assert len(problems) == len(expected) + 2
 

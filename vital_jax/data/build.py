@@ -3,9 +3,16 @@
     python -m vital_jax.data.build --config=configs/data/demo_phantoms.py [--config.out_dir=DIR ...]
 
 Stages (each resumable; rerunning the command finishes what is missing):
+  0 inputs    the build's inputs (the config fields that shape the outputs, and the source files' sizes and
+              hashes; vital_jax.data.build_inputs) are recorded in `out_dir/build_inputs.json`. A rerun with the
+              same inputs resumes; with other inputs it is refused, naming what changed, unless
+              `config.on_change = "rebuild"`, which deletes the old outputs first.
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
+              Images pass the checks every stage applies (vital_jax.data.images); question ids are unique (target
+              names of one image that normalise alike are told apart), and a duplicate id stops the build,
+              naming both sources; an empty split is warned about.
   2 teacher   `config.teacher.kind`: "geometry" (offline) or "api" (OpenAI-compatible); gated, appended to
               `records.jsonl` with roi_index = -1; finished ids are skipped on a rerun.
   3 roi       only if `config.roi.enabled`: `vital_jax.data.roi.extract_dataset_rois(out_dir, encoder_dir, ...)`
@@ -16,11 +23,13 @@ The config is an ml_collections ConfigDict (`get_config()`); vital_jax.data.buil
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Iterator
@@ -30,7 +39,7 @@ from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from vital_jax.data import balance, geometry, ingest, phantoms, questions, records, teacher
+from vital_jax.data import balance, build_inputs, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
 
@@ -95,10 +104,32 @@ def _phantom_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[
 def _absence_questions(source: ingest.SourceImage, image_rel: str) -> list[questions.Question]:
     """Presence questions about the lesion types this phantom lacks (their organ's mask is the ROI)."""
     present = {t.name for t in source.targets}
+    absent = [(lesion, organ) for lesion, organ in phantoms.LESION_ORGANS.items()
+              if lesion not in present and organ in present]
+    keys = questions.target_keys(lesion for lesion, _ in absent)
     return [questions.absence_question(image_id=source.image_id, image_path=image_rel,
                                        organ_mask_path=f"masks/{source.image_id}_{organ.replace(' ', '+')}.png",
-                                       target=lesion, organ=organ, modality=source.modality, source=source.source)
-            for lesion, organ in phantoms.LESION_ORGANS.items() if lesion not in present and organ in present]
+                                       target=lesion, organ=organ, modality=source.modality, source=source.source,
+                                       target_key=keys[lesion])
+            for lesion, organ in absent]
+
+
+def _check_source_image(source: ingest.SourceImage) -> None:
+    """The size limits of vital_jax.data.images, for images made from arrays (volume slices) as for files."""
+    try:
+        images.check_size(source.image.shape[0], source.image.shape[1], source.origin)
+    except images.ImageError as e:
+        raise ingest.IngestError(str(e)) from e
+
+
+def _check_unique(asked: list[questions.Question], origins: list[str]) -> None:
+    """BuildError naming both sources of the first question id that two questions share."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(asked):
+        j = first.setdefault(q.id, i)
+        if j != i:
+            raise BuildError(f"question id {q.id!r} is made twice: from {origins[j]} and from {origins[i]}; "
+                             "rename one of the two")
 
 
 def prepare(config) -> list[questions.Question]:
@@ -114,13 +145,22 @@ def prepare(config) -> list[questions.Question]:
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     asked: list[questions.Question] = []
+    origins: list[str] = []  # where each question came from, for the duplicate check
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
         for source in _source_images(config, scratch, split_of):
+            _check_source_image(source)
             image_rel = f"images/{source.image_id}.png"  # (the key of `split_of`)
             Image.fromarray(source.image).save(os.path.join(out_dir, image_rel))
+            keys = questions.target_keys(t.name for t in source.targets)
+            mask_of: dict[str, ingest.Target] = {}
             for target in source.targets:
                 mask_rel = f"masks/{source.image_id}_{target.name.replace(' ', '+')}.png"
+                other = mask_of.setdefault(mask_rel, target)
+                if other.name != target.name:  # "a b" and "a+b": one file would overwrite the other
+                    raise BuildError(f"{source.origin}: targets {other.name!r} ({other.mask_origin}) and "
+                                     f"{target.name!r} ({target.mask_origin}) would both be saved as {mask_rel}; "
+                                     "rename one of the two")
                 Image.fromarray(target.mask.astype(np.uint8) * 255).save(os.path.join(out_dir, mask_rel))
                 geo = geometry.measure(source.image, target.mask)
                 for question_type in config.question_types:
@@ -129,20 +169,38 @@ def prepare(config) -> list[questions.Question]:
                         question_type, image_id=source.image_id, image_path=image_rel, mask_path=mask_rel,
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
-                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions)
+                        rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions,
+                        target_key=keys[target.name])
                     if question is not None:  # None: the mask cannot answer this type (see make_question)
                         asked.append(question)
+                        origins.append(f"{source.origin} (target {target.name!r}, mask {target.mask_origin})")
             if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
                     and "yes_no" in config.question_types):
-                asked += _absence_questions(source, image_rel)
+                absent = _absence_questions(source, image_rel)
+                asked += absent
+                origins += [f"{source.origin} (absent lesion {q.target!r})" for q in absent]
     if not asked:
         raise BuildError(f"config.source={config.source!r}: no image with a target mask was found")
+    _check_unique(asked, origins)
     if split_of:  # phantoms drawn per split: each image keeps the split it was drawn for
         asked = [dataclasses.replace(q, split=split_of[q.image]) for q in asked]
     else:
         asked = questions.assign_splits(asked, tuple(config.split_fractions), seed=config.seed)
+    _warn_empty_splits(asked)
     questions.write_questions(path, asked)  # last: its presence marks stage 1 as done
     return asked
+
+
+def _warn_empty_splits(asked: list[questions.Question]) -> None:
+    per_split = collections.defaultdict(set)
+    for q in asked:
+        per_split[q.split].add(q.image)
+    count = len(set().union(*per_split.values()))
+    for split in records.SPLITS:
+        if not per_split[split]:
+            logging.warning("split %r is empty (%d image(s) in all, split by image as %s); training or evaluating "
+                            "on it will fail", split, count,
+                            ", ".join(f"{s} {len(per_split[s])}" for s in records.SPLITS))
 
 
 def _teacher(config) -> teacher.Teacher:
@@ -189,10 +247,55 @@ def run_roi_stage(config) -> None:
                              padding=config.roi.padding, batch_size=config.roi.batch_size)
 
 
+# What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json.
+OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED_FILE, teacher.SUMMARY_FILE,
+                balance.DROPPED_FILE, records.ROI_FEATURES_FILE, records.ROI_TOP_PATCH_IDS_FILE,
+                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE)
+OUTPUT_FOLDERS = ("images", "masks")
+
+
+def _has_outputs(out_dir: str) -> bool:
+    return (any(os.path.exists(os.path.join(out_dir, name)) for name in OUTPUT_FILES) or
+            any(os.path.isdir(os.path.join(out_dir, name)) and os.listdir(os.path.join(out_dir, name))
+                for name in OUTPUT_FOLDERS))
+
+
+def check_inputs(config) -> None:
+    """Stage 0: record the build's inputs in out_dir; a folder built from other inputs is refused, naming what
+    changed, or with config.on_change = "rebuild" emptied of the old outputs first."""
+    if config.on_change not in ("refuse", "rebuild"):
+        raise BuildError(f"config.on_change={config.on_change!r}: expected 'refuse' or 'rebuild'")
+    out_dir = config.out_dir
+    previous = build_inputs.read(out_dir)
+    current = build_inputs.fingerprint(config, previous)
+    built = _has_outputs(out_dir)  # without outputs there is nothing to be stale
+    if built and previous is None:
+        logging.warning("%s holds outputs of a build that did not record its inputs: they are reused as they are, "
+                        "unchecked; rebuild into an empty folder to be sure they match this config", out_dir)
+    changes = build_inputs.differences(previous, current) if built and previous is not None else []
+    if changes and config.on_change == "refuse":
+        raise BuildError(
+            f"{out_dir} was built from other inputs, so its files would be stale: " + "; ".join(changes[:10]) +
+            ("; ..." if len(changes) > 10 else "") + ". Rebuild it with --config.on_change=rebuild (deletes its "
+            "questions, records, images, masks and ROI arrays), build into another out_dir, or, to keep its files "
+            f"as they are, delete {os.path.join(out_dir, build_inputs.INPUTS_FILE)}")
+    if changes:
+        logging.warning("%s: inputs changed (%s); deleting the old outputs and rebuilding", out_dir,
+                        "; ".join(changes[:10]))
+        for name in OUTPUT_FILES:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        for name in OUTPUT_FOLDERS:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    build_inputs.write(out_dir, current)
+
+
 def build(config) -> dict:
-    """Run the four stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
+    """Run the stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
     if not config.out_dir:
         raise BuildError("config.out_dir is empty: say where the dataset goes")
+    check_inputs(config)
     asked = prepare(config)
     dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
     if os.path.exists(dropped_path):  # answered before and set aside by balancing: not asked again

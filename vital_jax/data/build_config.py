@@ -16,6 +16,9 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field `build` reads, with defaults; data configs start from this and override."""
     c = ml_collections.ConfigDict()
     c.out_dir = ""
+    # When out_dir holds a build from other inputs (config or source files; build_inputs.json): "refuse" (stop,
+    # naming what changed) or "rebuild" (delete its outputs, then build).
+    c.on_change = "refuse"
     c.source = "phantoms"                       # phantoms | biomedparse | msd | dicom
     c.seed = 0
     c.question_types = list(QUESTION_TYPES)

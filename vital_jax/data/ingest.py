@@ -21,9 +21,8 @@ from typing import Iterator
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from vital_jax.data import dicom, volumes
+from vital_jax.data import dicom, images, volumes
 from vital_jax.data.records import MODALITIES
 from vital_jax.jsonio import read_json
 
@@ -98,37 +97,21 @@ def classify_target(name: str) -> str:
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """uint8 (H, W, 3). 8-bit gray, palette and RGBA images are converted (alpha dropped); 16-bit and float
-    images are refused, since converting them to 8 bits needs a window this function cannot guess."""
+    """uint8 (H, W, 3) by the rules every stage shares (vital_jax.data.images: size limits, modes, the window of
+    16-bit images); an IngestError naming the file otherwise."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "LA", "P", "RGB", "RGBA", "1"):
-                raise IngestError(f"{path}: image mode {im.mode} is not 8-bit; window it to 8 bits first")
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError as e:
-        raise IngestError(f"{path}: image file not found") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise IngestError(f"{path}: corrupt or unreadable image ({e})") from e
+        return images.load_image(path)
+    except images.ImageError as e:
+        raise IngestError(str(e)) from e
 
 
 def load_mask(path: str, image_shape: tuple[int, int]) -> np.ndarray:
-    """bool (H, W) from a 0/255 (or 0/1) mask file; errors for other values, a size mismatch or an empty mask."""
+    """bool (H, W) from a 0/255 (or 0/1) mask file (vital_jax.data.images.load_mask); an IngestError naming the
+    file for other values, a size mismatch or an empty mask."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            values = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise IngestError(f"{path}: corrupt or unreadable mask ({e})") from e
-    if values.shape != tuple(image_shape):
-        raise IngestError(f"{path}: mask size {values.shape[::-1]} differs from its image's {tuple(image_shape)[::-1]}")
-    levels = set(np.unique(values).tolist())
-    if not (levels <= {0, 255} or levels <= {0, 1}):
-        raise IngestError(f"{path}: not a binary mask (values {sorted(levels)[:6]}...; expected 0/255)")
-    mask = values > 0
-    if not mask.any():
-        raise IngestError(f"{path}: empty mask (no foreground pixel)")
-    return mask
+        return images.load_mask(path, image_shape)
+    except images.ImageError as e:
+        raise IngestError(str(e)) from e
 
 
 def parse_biomedparse_stem(stem: str, origin: str) -> tuple[str, str, str]:
@@ -150,8 +133,13 @@ def iter_biomedparse(image_dir: str, mask_dir: str, source: str = "biomedparse",
     for folder in (image_dir, mask_dir):
         if not os.path.isdir(folder):
             raise IngestError(f"{folder}: folder not found")
-    images = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
-    stems = {os.path.splitext(n)[0]: n for n in images}
+    stems: dict[str, str] = {}
+    for name in sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES)):
+        stem = os.path.splitext(name)[0]
+        if stem in stems:  # both would become images/STEM.png and share their questions' ids
+            raise IngestError(f"{os.path.join(image_dir, stems[stem])} and {os.path.join(image_dir, name)}: two "
+                              f"images named {stem!r}; keep one")
+        stems[stem] = name
     masks_by_stem: dict[str, list[tuple[str, str]]] = {s: [] for s in stems}
     for name in sorted(os.listdir(mask_dir)):
         if not name.lower().endswith(IMAGE_SUFFIXES):

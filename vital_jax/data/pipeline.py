@@ -2,8 +2,8 @@
 
   RecordDataSource (records.jsonl + ROI arrays; split and curriculum K filter; process shard)
     -> [train: seeded global shuffle, reshuffled every epoch, repeated]
-    -> ExampleBuilder (per record: image -> Qwen3-VL patches, chat prompt ids, answer ids, per-step reasoning ids,
-       f_ROI row; any error is re-raised naming the record id)
+    -> ExampleBuilder (per record: image (read by vital_jax.data.images) -> Qwen3-VL patches, chat prompt ids,
+       answer ids, per-step reasoning ids, f_ROI row; any error is re-raised naming the record id)
     -> batch + collate_examples (bucketed fixed shapes)
     -> grain iterator (get_state / set_state: a resumed run sees the same data order).
 
@@ -46,6 +46,7 @@ import jax
 from absl import flags
 import numpy as np
 
+from vital_jax.data import images
 from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, Record, load_global_features, load_roi_arrays,
                                     read_records)
 from vital_jax.models.qwen3_vl import preprocessing, prompt
@@ -234,8 +235,8 @@ class ExampleBuilder:
     def _build(self, record: Record) -> dict:
         cfg, tokenizer = self.cfg, self.tokenizer
         specials = prompt.special_token_ids(tokenizer)
-        patches, grid_thw = preprocessing.preprocess_image(os.path.join(self.data_dir, record.image),
-                                                           min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        rgb = images.load_image(os.path.join(self.data_dir, record.image))
+        patches, grid_thw = preprocessing.preprocess_image(rgb, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         if cfg.blind_images:
             patches = blind(patches)
         prompt_ids = prompt.tokenize_prompt(tokenizer, record.question, grid_thw, system=cfg.system_prompt).input_ids

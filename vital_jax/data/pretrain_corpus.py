@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from vital_jax.data import images
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 
 PAIRS_FILE = "pairs.jsonl"
@@ -144,8 +145,8 @@ class PairExamples(Examples):
         """-> prompt_ids (Lp,), patches (N, 1536), grid_thw (3,), answer_ids (La,); errors name the record."""
         record = self.records[index]
         try:
-            patches, grid = preprocessing.preprocess_image(os.path.join(self.corpus_dir, record["image"]),
-                                                           min_pixels=self.cfg.min_pixels,
+            rgb = images.load_image(os.path.join(self.corpus_dir, record["image"]))
+            patches, grid = preprocessing.preprocess_image(rgb, min_pixels=self.cfg.min_pixels,
                                                            max_pixels=self.cfg.max_pixels)
             prompt_ids = prompt.tokenize_prompt(self.tokenizer, record["prompt"], grid).input_ids
             return dict(prompt_ids=prompt_ids, patches=patches, grid_thw=grid.astype(np.int32),

@@ -111,6 +111,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def target_keys(names: Iterable[str]) -> dict[str, str]:
+    """The id piece of each distinct target name of one image: its `slug`, or, where several names share a slug
+    ("left kidney", "Left_Kidney"), the slug with -1, -2, ... in the names' sorted order (skipping a suffixed
+    slug another name already has), so the question ids of one image are unique by construction."""
+    groups: dict[str, list[str]] = collections.defaultdict(list)
+    for name in sorted(set(names)):
+        groups[slug(name)].append(name)
+    keys, taken = {}, set(groups)
+    for key, group in sorted(groups.items()):
+        if len(group) == 1:
+            keys[group[0]] = key
+            continue
+        n = 0
+        for name in group:
+            n += 1
+            while f"{key}-{n}" in taken:
+                n += 1
+            keys[name] = f"{key}-{n}"
+            taken.add(keys[name])
+    return keys
+
+
 def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
@@ -169,10 +191,13 @@ def _clause(phrase: str) -> str:
 
 def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
                   target_type: str, modality: str, source: str, normal_anatomy: bool,
-                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False
-                  ) -> Question | None:
+                  geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False,
+                  target_key: str | None = None) -> Question | None:
     """One question of `question_type` about `target`, its K drawn from the type's range (Table 4); None for a
     location choice that the target cannot answer (its regions lie in different thirds along both axes).
+
+    Its id is IMAGE__KEY__TYPE with KEY = `target_key` (from `target_keys`, unique within the image), else
+    `slug(target)`.
 
     contrast_questions: yes/no questions may also ask whether the target is brighter than its surround (asked
     without naming the modality, so the image has to tell: a liver is brighter than its surround on CT, darker
@@ -203,21 +228,21 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
         template = f"{question_type}_{index}"
         text = options[index].format(target=target, image=image_words, kind=KIND_WORDS[target_type],
                                      where=_clause(geometry.where(geo)), **{"is": be})
-    return Question(id=f"{image_id}__{slug(target)}__{question_type}", image=image_path, mask=mask_path,
+    return Question(id=f"{image_id}__{target_key or slug(target)}__{question_type}", image=image_path, mask=mask_path,
                     question=text, question_type=question_type, latent_steps=steps, target=target,
                     target_type=target_type, modality=modality, source=source, normal_anatomy=normal_anatomy,
                     template=template, slots=slots, choices=choices)
 
 
 def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, target: str, organ: str,
-                     modality: str, source: str) -> Question:
+                     modality: str, source: str, target_key: str | None = None) -> Question:
     """"Is there a {target} visible in this {image}?" about a lesion the image does not show (answer: no).
 
     Worded exactly like the presence question about a lesion that is there, so only the image tells the two
     apart. Its mask is the organ the lesion would grow in (`organ`): the region a reader checks, and the ROI.
     """
     image_words = MODALITY_PHRASES[modality]
-    return Question(id=f"{image_id}__{slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
+    return Question(id=f"{image_id}__{target_key or slug(target)}__yes_no", image=image_path, mask=organ_mask_path,
                     question=_presence(target, "lesion", image_words), question_type="yes_no",
                     latent_steps=STEP_RANGES["yes_no"][0], target=target, target_type="lesion", modality=modality,
                     source=source, normal_anatomy=False, template="yes_no_absent", slots={"organ": organ})
@@ -230,7 +255,9 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
 
     Images are visited in a seeded random order; each goes to the split whose strata are least filled relative
     to their targets (fraction x stratum size), summed over the image's questions. Relative filling gives a
-    small dataset an image in every split with a non-zero fraction before train takes the rest.
+    small dataset an image in every split with a non-zero fraction before train takes the rest; where it does not
+    (strata that only one image holds), a split left without an image takes one from the split holding the most,
+    as long as there are at least as many images as splits with a non-zero fraction.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
@@ -250,6 +277,19 @@ def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, 
         best = max(range(len(SPLITS)), key=lambda j: (scores[j], fractions[j], -j))
         assigned[best].update(strata)
         split_of[image] = SPLITS[best]
+    # Strata held by one image only (every image its own modality) score all splits alike and ties go to train,
+    # so a small dataset could land in train whole: give each split with a non-zero fraction an image while
+    # another split has two, taking the donor's smallest image (the last visited among equals).
+    wanted = [j for j in range(len(SPLITS)) if fractions[j] > 0]
+    members = {j: [image for image in order if split_of[image] == SPLITS[j]] for j in wanted}
+    for j in wanted:
+        donor = max(wanted, key=lambda d: (len(members[d]), fractions[d]))
+        if members[j] or len(members[donor]) < 2:
+            continue
+        image = min(reversed(members[donor]), key=lambda im: len(by_image[im]))
+        members[donor].remove(image)
+        members[j].append(image)
+        split_of[image] = SPLITS[j]
     return [dataclasses.replace(q, split=split_of[q.image]) for q in questions]
 
 

@@ -22,8 +22,8 @@ import os
 from typing import Iterable
 
 import numpy as np
-from PIL import Image
 
+from vital_jax.data import images
 from vital_jax.jsonio import atomic_write
 
 RECORDS_FILE = "records.jsonl"
@@ -236,9 +236,10 @@ def load_global_features(data_dir: str) -> np.ndarray | None:
 def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
     """Every problem of a dataset directory, one message per problem, each naming the record id (empty: valid).
 
-    Checks each record's fields, duplicate ids, that image and mask files exist, are readable and have the same
-    size (headers only; `check_files=False` skips the files), and for `roi_index >= 0` that the ROI row exists, is
-    finite and unit-norm. A malformed line of records.jsonl is reported by line number and validation goes on.
+    Checks each record's fields, duplicate ids, that its image passes the checks every stage applies
+    (vital_jax.data.images: readable, size limits, modes), that its mask is a non-empty 0/255 mask of the image's
+    size (`check_files=False` skips the files), and for `roi_index >= 0` that the ROI row exists, is finite and
+    unit-norm. A malformed line of records.jsonl is reported by line number and validation goes on.
     """
     path = os.path.join(data_dir, RECORDS_FILE)
     if not os.path.isfile(path):
@@ -271,32 +272,41 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
                     problems.append(f"{os.path.join(data_dir, GLOBAL_FEATURES_FILE)}: {bad.size} row(s) not finite "
                                     f"and unit-norm, e.g. rows {bad[:5].tolist()}")
     seen: set[str] = set()
+    checked: dict[str, tuple | str] = {}
     for record in records:
         label = f"record {record.id!r}"
         if record.id in seen:
             problems.append(f"{label}: duplicate id")
         seen.add(record.id)
         if check_files:
-            problems.extend(f"{label}: {p}" for p in _file_problems(data_dir, record))
+            problems.extend(f"{label}: {p}" for p in _file_problems(data_dir, record, checked))
         if record.roi_index >= 0:
             problems.extend(f"{label}: {p}" for p in _roi_problems(roi, record.roi_index))
     return problems
 
 
-def _file_problems(data_dir: str, record: Record) -> list[str]:
-    sizes, out = {}, []
+def _file_problems(data_dir: str, record: Record, checked: dict[str, tuple | str]) -> list[str]:
+    """The image and mask checks every stage applies (vital_jax.data.images), each file checked once
+    (`checked`: path -> image shape, mask shape or the problem)."""
+    out, shapes = [], {}
     for name in ("image", "mask"):
         path = os.path.join(data_dir, getattr(record, name))
-        if not os.path.isfile(path):
-            out.append(f"{name} file missing: {path}")
-            continue
-        try:
-            with Image.open(path) as im:
-                sizes[name] = im.size
-        except (OSError, ValueError) as e:
-            out.append(f"{name} file unreadable: {path} ({e})")
-    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
-        out.append(f"mask size {sizes['mask']} != image size {sizes['image']}")
+        if path not in checked:
+            try:
+                if not os.path.isfile(path):
+                    checked[path] = f"{name} file missing: {path}"
+                elif name == "image":
+                    checked[path] = images.load_image(path).shape[:2]
+                else:
+                    checked[path] = images.load_mask(path, None).shape
+            except images.ImageError as e:
+                checked[path] = f"{name} file unusable: {e}"
+        if isinstance(checked[path], str):
+            out.append(checked[path])
+        else:
+            shapes[name] = checked[path]
+    if len(shapes) == 2 and shapes["image"] != shapes["mask"]:
+        out.append(f"mask size {shapes['mask'][::-1]} != image size {shapes['image'][::-1]}")
     return out
 
 

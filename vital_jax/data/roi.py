@@ -50,10 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vital_jax.data.images import ImageError, load_image
 from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
                                     ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
 from vital_jax.models.hf_config import ConfigError
-from vital_jax.models.qwen3_vl.preprocessing import ImageLoadError, load_image
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
 from vital_jax.models.siglip.preprocessing import PREPROCESSOR_FILE
 
@@ -249,7 +249,7 @@ def extract_roi_features(images: Sequence, masks: Sequence, encoder: RoiEncoder,
                          names: Sequence[str] | None = None) -> RoiFeatures:
     """Adaptive ROI features (A.5.2) for N (image, mask) pairs, batched and jitted with fixed batch shapes.
 
-    images: paths, PIL images or uint8 arrays (anything `qwen3_vl.preprocessing.load_image` takes; RGBA is
+    images: paths, PIL images or uint8 arrays (anything `vital_jax.data.images.load_image` takes; RGBA is
       composited on white). masks: paths, PIL images or (H, W) arrays, same size as their image; nonzero (or
       >= 128 for 8-bit images) is ROI. names: per pair, used in error messages (default "example i").
     Returns RoiFeatures (see there); features are L2-normalised float32 (N, dv).
@@ -316,7 +316,7 @@ def extract_global_features(images: Sequence, encoder: RoiEncoder, params, batch
         for row, i in enumerate(chunk):
             try:
                 pixels[row] = encoder.preprocessor(Image.fromarray(load_image(images[i])))
-            except ImageLoadError as e:
+            except ImageError as e:
                 raise RoiError(f"{names[i]}: {e}") from e
             pool[row] = True
         pooled = _encode_and_pool(encoder, 1, params, pixels, pool)[0]
@@ -336,7 +336,7 @@ def _collect(out: dict, result, count: int) -> None:
 def _view_for(image, mask, encoder: RoiEncoder, cfg: RoiConfig, name: str) -> RoiView:
     try:
         rgb = load_image(image)
-    except ImageLoadError as e:
+    except ImageError as e:
         raise RoiError(f"{name}: {e}") from e
     return prepare_view(rgb, load_mask(mask, name), encoder, cfg, name)
 

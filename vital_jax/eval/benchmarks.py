@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vital_jax.data import images
 from vital_jax.data.questions import LOCATION_CHOICES
 from vital_jax.data.records import RECORDS_FILE
 from vital_jax.eval import metrics
@@ -160,8 +161,15 @@ def _fields(label: str, record, names: Sequence[str]) -> list:
 
 
 def _check_image(label: str, path: str, check: bool) -> str:
+    """`path`, checked (when `check`) by the header checks every stage applies (vital_jax.data.images: mode,
+    size), so a bad image stops the loader, naming the record and the file, before any example is encoded."""
     if check and not os.path.isfile(path):
         raise BenchmarkError(f"{label}: image not found: {path}")
+    if check:
+        try:
+            images.check_file(path)
+        except images.ImageError as e:
+            raise BenchmarkError(f"{label}: {e}") from e
     return path
 
 
@@ -376,7 +384,7 @@ def _resolve_image(label: str, data_dir: str, name: str, folders: Sequence[str],
     candidates = [os.path.join(data_dir, folder, n) for folder in folders for n in names]
     for path in candidates:
         if os.path.isfile(path):
-            return path
+            return _check_image(label, path, check)
     if check:
         raise BenchmarkError(f"{label}: image {name!r} not found under {data_dir} (looked in "
                              f"{', '.join(f or '.' for f in folders)})")
@@ -520,11 +528,10 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
         prompt = record.get("prompt") or (lettered_prompt(question, options) if match == "letter" else question)
         extra = {k: v for k, v in record.items()
                  if k not in ("id", "image", "question", "answer", "answer_type", "options", "match", "prompt")}
+        image = _check_image(label, os.path.join(data_dir, image), check_images)  # its errors name the record
         try:
-            out.append(BenchmarkExample(id=str(rid), image=_check_image(label, os.path.join(data_dir, image),
-                                                                        check_images),
-                                        question=question, answer=answer, answer_type=kind, options=options,
-                                        match=match, prompt=prompt, extra=extra))
+            out.append(BenchmarkExample(id=str(rid), image=image, question=question, answer=answer,
+                                        answer_type=kind, options=options, match=match, prompt=prompt, extra=extra))
         except BenchmarkError as e:
             raise BenchmarkError(f"{label}: {e}") from e
     return _limited(out, limit)

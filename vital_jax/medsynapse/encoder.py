@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vital_jax.data.images import load_image
 from vital_jax.data.roi import load_mask
 from vital_jax.models import hf_config, model_dir
-from vital_jax.models.qwen3_vl.preprocessing import load_image
 from vital_jax.models.sam import SamPreprocessor, SamVisionConfig, SamVisionEncoder, load_sam_vision
 from vital_jax.models.sam import params as sam_params
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel, load_siglip_vision

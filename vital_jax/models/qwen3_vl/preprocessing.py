@@ -44,7 +44,7 @@ MIN_SIDE = 8
 # smart_resize rejects more elongated images (transformers does the same).
 MAX_ASPECT_RATIO = 200
 
-_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class ImageLoadError(ValueError):
@@ -61,15 +61,14 @@ class ImagePreprocessError(ValueError):
 
 
 def load_image(source, *, alpha: str = "white") -> np.ndarray:
-    """Path, PIL image or uint8/uint16 array -> RGB uint8 array (H, W, 3).
+    """Path, PIL image or uint8 array -> RGB uint8 array (H, W, 3).
 
-    Modes: RGB as is; L/P/CMYK/YCbCr/1 through PIL's conversion; 16-bit ('I;16*', and 'I', which is what 16-bit
-    files decode to in some Pillow versions) scaled from [0, 65535] to [0, 255] with rounding (PIL's own convert
-    would clip everything above 255 to white). Transparency (an alpha band, or a palette/`transparency` key):
-    alpha="white" composites onto a white background, which is what transformers 5.23's `convert_to_rgb` (and
-    qwen-vl-utils) do, so results match the HF processor fed the same RGBA image; alpha="drop" discards the alpha
-    band as `PIL.Image.convert("RGB")` does. Arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8, or
-    (H, W) uint16 (treated as 16-bit gray).
+    Modes: RGB as is; L/P/CMYK/YCbCr/1 through PIL's conversion. Images of more than 8 bits per pixel are
+    refused: turning them into 8 bits needs a window, and vital_jax.data.images.load_image applies the one every
+    stage of the framework shares (pass its output here). Transparency (an alpha band, or a palette/`transparency`
+    key): alpha="white" composites onto a white background, which is what transformers 5.23's `convert_to_rgb`
+    (and qwen-vl-utils) do, so results match the HF processor fed the same RGBA image; alpha="drop" discards the
+    alpha band as `PIL.Image.convert("RGB")` does. Arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8.
     Raises ImageLoadError naming the file for unreadable / truncated files and unsupported modes or dtypes.
     """
     if alpha not in ("white", "drop"):
@@ -99,10 +98,9 @@ def _open_image_file(path: str) -> Image.Image:
 def _image_to_rgb(img: Image.Image, alpha: str, name: str) -> np.ndarray:
     if img.width == 0 or img.height == 0:
         raise ImageLoadError(f"{name}: empty image of size {img.size}")
-    if img.mode in _16BIT_MODES or img.mode == "I":
-        return _gray16_to_rgb(np.asarray(img), name)
-    if img.mode == "F":
-        raise ImageLoadError(f"{name}: float ('F' mode) images have no defined value range; convert to 8-bit first")
+    if img.mode in _WIDE_MODES:
+        raise ImageLoadError(f"{name}: mode {img.mode!r} has more than 8 bits per pixel; window it to 8 bits first "
+                             "(vital_jax.data.images.load_image does, as every vital_jax stage)")
     has_alpha = "A" in img.getbands() or "a" in img.getbands() or img.info.get("transparency") is not None
     try:
         if has_alpha and alpha == "white":
@@ -114,22 +112,11 @@ def _image_to_rgb(img: Image.Image, alpha: str, name: str) -> np.ndarray:
         raise ImageLoadError(f"{name}: cannot convert mode {img.mode!r} to RGB: {e}") from e
 
 
-def _gray16_to_rgb(values: np.ndarray, name: str) -> np.ndarray:
-    values = values.astype(np.int64)
-    lo, hi = int(values.min()), int(values.max())
-    if lo < 0 or hi > 65535:
-        raise ImageLoadError(f"{name}: integer image values span [{lo}, {hi}], outside the 16-bit range; "
-                             "rescale it to 8 or 16 bits first")
-    gray = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535): 257*k maps back to k
-    return np.repeat(gray[:, :, None], 3, axis=2)
-
-
 def _array_to_rgb(array: np.ndarray, alpha: str) -> np.ndarray:
     name = f"<array shape={array.shape} dtype={array.dtype}>"
-    if array.dtype == np.uint16 and array.ndim == 2:
-        return _gray16_to_rgb(array, name)
     if array.dtype != np.uint8:
-        raise ImageLoadError(f"{name}: expected uint8 (H, W[, C]) or uint16 (H, W) pixels")
+        raise ImageLoadError(f"{name}: expected uint8 (H, W[, C]) pixels; window wider images to 8 bits first "
+                             "(vital_jax.data.images.load_image)")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
@@ -226,8 +213,13 @@ def preprocess_image(image, *, patch_size: int = PATCH_SIZE, merge_size: int = M
     """
     rgb = load_image(image, alpha=alpha)
     height, width = rgb.shape[:2]
-    target_h, target_w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels,
-                                      max_pixels=max_pixels, min_side=min_side)
+    try:
+        target_h, target_w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels,
+                                          max_pixels=max_pixels, min_side=min_side)
+    except ImagePreprocessError as e:
+        if isinstance(image, (str, os.PathLike)):  # say which file
+            raise ImagePreprocessError(f"{os.fspath(image)}: {e}") from e
+        raise
     if (target_h, target_w) != (height, width):
         rgb = np.asarray(Image.fromarray(rgb).resize((target_w, target_h), resample=Image.Resampling.BICUBIC))
     # Rescale in float64 then store float32, as transformers' `rescale` does, so values agree bit for bit.

@@ -5,7 +5,6 @@ freezes what it says; an interrupted run resumes to the same weights and a finis
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,5 +1,7 @@
 """Every shipped training config loads and validates; the ablation variants change what the paper's tables vary."""
 
+import re
+
 import pytest
 
 from configs import ablation, base, demo, vital_qwen3vl_8b
@@ -57,6 +59,22 @@ def test_unknown_ablation_and_bad_curriculum_are_errors():
     c = demo.get_config()
     c.curriculum.min_k = (2, 1, 5)
     with pytest.raises(ConfigError, match="min_k"):
+        train.validate_config(c)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.batch_size", 0, "data.batch_size=0"),
+    ("curriculum.epochs", (2, -1, 1), "epochs"),
+    ("data.prompt_buckets", (), "prompt_buckets"),
+    ("logging.every_steps", 0, "logging.every_steps=0"),
+    ("checkpoint.keep", 0, "checkpoint.keep=0"),
+    ("data.max_answer_tokens", -3, "data.max_answer_tokens=-3"),
+])
+def test_impossible_values_are_config_errors_before_anything_runs(field, value, message):
+    c = demo.get_config()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train.validate_config(c)
 
 

@@ -155,6 +155,8 @@ def phase_steps(config, data_dir: str) -> list[int]:
 
 
 def validate_config(config) -> None:
+    """Every impossible value is a ConfigError before anything runs (not, say, a division by a zero batch size
+    once the data has been read)."""
     c = config.curriculum
     if len(c.max_k) != len(c.epochs) or not c.max_k:
         raise ConfigError(f"config.curriculum: max_k {tuple(c.max_k)} and epochs {tuple(c.epochs)} must be "
@@ -164,10 +166,33 @@ def validate_config(config) -> None:
     if c.min_k and (len(c.min_k) != len(c.max_k) or any(lo < 1 or lo > hi for lo, hi in zip(c.min_k, c.max_k))):
         raise ConfigError(f"config.curriculum.min_k {tuple(c.min_k)} must be empty or give 1 <= min_k <= max_k "
                           f"for each of the {len(c.max_k)} phases")
-    if config.checkpoint.save_every_steps < 1:
-        raise ConfigError("config.checkpoint.save_every_steps must be >= 1")
+    if any(e < 1 for e in c.epochs):
+        raise ConfigError(f"config.curriculum.epochs {tuple(c.epochs)} must each be >= 1")
+    d = config.data
+    at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
+                    "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
+                    "vital.k_max": config.vital.k_max, "checkpoint.keep": config.checkpoint.keep,
+                    "checkpoint.save_every_steps": config.checkpoint.save_every_steps,
+                    "logging.every_steps": config.logging.every_steps}
+    bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
+    if bad:
+        raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
+    if not d.prompt_buckets or min(d.prompt_buckets) < 1:
+        raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
+    if d.max_pixels < d.min_pixels:
+        raise ConfigError(f"config.data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
+    if d.num_workers < 0 or config.vital.lora_rank < 0:
+        raise ConfigError("config.data.num_workers and vital.lora_rank must be >= 0")
     if config.logging.probe_every_steps < 0:
         raise ConfigError("config.logging.probe_every_steps must be >= 0 (0 = no probe)")
+    if not 0.0 <= config.optimizer.warmup_ratio <= 1.0:
+        raise ConfigError(f"config.optimizer.warmup_ratio={config.optimizer.warmup_ratio} must lie in [0, 1]")
+    from vital_jax.data.pipeline import PipelineError
+
+    try:
+        pipeline_config(config)
+    except PipelineError as e:
+        raise ConfigError(f"config.data: {e}") from e
 
 
 class _Preemption:

@@ -123,6 +123,29 @@ def test_jsonl_appends_when_a_run_resumes(tmp_path):
     assert json.loads(lines[3])["loss"] == 1.0
 
 
+def test_jsonl_rewind_moves_the_records_after_the_resumed_step_aside(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with obs.JsonlWriter(str(path)) as writer:
+        for step in (1, 2, 3, 4):
+            writer.write(step, {"loss": 1.0 / step, "stage": "backbone"})
+        writer.write(2, {"loss": 0.5, "stage": "decoder"})
+        writer.write(3, {"loss": 0.4, "stage": "decoder"})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-line
+    with obs.JsonlWriter(str(path)) as writer:
+        assert writer.rewind(2, where={"stage": "decoder"}) == 2  # only that stage's rows (and the torn line)
+        assert writer.rewind(2) == 2
+        writer.write(3, {"loss": 0.3, "stage": "backbone"})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in rows] == [(1, "backbone"), (2, "backbone"), (2, "decoder"),
+                                                        (3, "backbone")]
+    assert rows[-1]["loss"] == 0.3
+    rewound = (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()
+    assert rewound[1] == '{"step": 4, "lo' and len(rewound) == 4  # nothing lost
+    assert sorted((json.loads(r)["step"], json.loads(r)["stage"]) for r in rewound if r != rewound[1]) == [
+        (3, "backbone"), (3, "decoder"), (4, "backbone")]
+
+
 def test_progress_bar_redraws_one_line_on_a_terminal():
     stream, clock = _FakeTTY(), _Clock(0.0)
     progress = obs.ProgressReporter(100, "train", stream=stream, every=10, clock=clock)

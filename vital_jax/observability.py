@@ -109,8 +109,8 @@ class TensorBoardWriter:
 class JsonlWriter:
     """Appends one JSON object per line, `{"step": ..., "time": ..., **metrics}`, flushed after every line.
 
-    The file is opened in append mode, so a run resumed from a checkpoint continues the same file; steps between
-    the checkpoint and a crash then appear twice, and readers should keep the last record of each step. A line
+    The file is opened in append mode, so a run resumed from a checkpoint continues the same file; `rewind` to
+    the checkpoint's step first moves out the records logged after it, so that each step appears once. A line
     left half-written by a crash is terminated before the first new record so it cannot corrupt it. numpy and
     jax scalars become Python numbers; non-finite floats are written as NaN / Infinity (which Python's json and
     pandas read back)."""
@@ -134,6 +134,41 @@ class JsonlWriter:
         record.update({str(key): to_python_scalar(value) for key, value in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def rewind(self, step: int, where: Mapping[str, Any] | None = None) -> int:
+        """Resuming from a checkpoint at `step`: move the records after it (among those whose fields equal
+        `where`, e.g. one pretraining stage) and any half-written lines out of the file, into
+        `<name>.rewound.jsonl` beside it (appended: nothing is lost). The file is rewritten atomically. Returns
+        how many lines were moved."""
+        if self._file is None:
+            raise ValueError("JsonlWriter is closed")
+        self._file.close()
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        keep, moved = [], []
+        for line in (line if line.endswith("\n") else line + "\n" for line in lines if line.strip()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                moved.append(line)
+                continue
+            rewound = (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+                       and all(record.get(k) == v for k, v in (where or {}).items()))
+            (moved if rewound else keep).append(line)
+        if moved:
+            root, ext = os.path.splitext(self.path)
+            with open(f"{root}.rewound{ext}", "a", encoding="utf-8") as f:
+                f.writelines(moved)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        return len(moved)
 
     def close(self) -> None:
         if self._file is not None:

@@ -1,10 +1,12 @@
 """The training entry point end to end on the demo assets: curriculum checkpoints, falling losses, kill -9 and
-resume, SIGTERM, non-finite loss, config errors."""
+resume, SIGTERM, non-finite loss, config errors, failed starts, a workdir in use, unreadable checkpoints."""
 
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,36 +159,43 @@ def test_config_errors_are_clear(tmp_path, assets):
     assert res.returncode != 0 and "unknown config field" in res.stderr and "no_such_field" in res.stderr
     res = _run(str(tmp_path / "b"), "--config.vital.k_max=four")
     assert res.returncode != 0 and "k_max" in res.stderr
+    res = _run(str(tmp_path / "zero"), "--config.data.batch_size=0")
+    assert res.returncode == 1 and "data.batch_size=0: must be >= 1" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not os.path.exists(str(tmp_path / "zero" / "config.json"))
     c = _config(demo__enabled=False)
     c.model.backbone_dir = str(tmp_path / "missing")
     c.model.decoder_dir = c.model.tokenizer_dir = c.data.data_dir = assets
     with pytest.raises(ConfigError, match="backbone_dir=.*missing.* does not exist"):
         train.train(c, str(tmp_path / "c"))
-    # A workdir written by another config is refused, never silently re-initialised.
+    # A workdir whose checkpoints another config wrote is refused, never silently re-initialised.
+    from vital_jax import workdir as workdir_lib
+
     workdir = _workdir(tmp_path, assets, "other")
-    os.makedirs(workdir, exist_ok=True)
-    ckpt_lib.check_workdir_config(workdir, json.loads(_config().to_json_best_effort()))
+    os.makedirs(os.path.join(workdir, "phase_1", "4"))
+    workdir_lib.check_workdir_config(workdir, json.loads(_config().to_json_best_effort()))
     with pytest.raises(ckpt_lib.CheckpointError, match="different config.*vital.lora_rank"):
         train.train(_config(vital__lora_rank=2), workdir)
 
 
 def test_workdirs_written_before_a_config_field_existed_resume_only_with_its_old_value(tmp_path):
+    from vital_jax import workdir as workdir_lib
+
     current = json.loads(_config().to_json_best_effort())
     assert current["model"]["scan_layers"] is False
     older = json.loads(json.dumps(current))
     del older["model"]["scan_layers"]  # a workdir from before `model.scan_layers` existed
     workdir = str(tmp_path / "old")
-    ckpt_lib.check_workdir_config(workdir, older)
-    ckpt_lib.check_workdir_config(workdir, current)  # same behaviour: accepted
+    workdir_lib.check_workdir_config(workdir, older)
+    workdir_lib.check_workdir_config(workdir, current)  # same behaviour: accepted
     scanned = json.loads(json.dumps(current))
     scanned["model"]["scan_layers"] = True
     with pytest.raises(ckpt_lib.CheckpointError, match="model.scan_layers"):
-        ckpt_lib.check_workdir_config(workdir, scanned)
+        workdir_lib.check_workdir_config(workdir, scanned)
     # Only the listed added fields get this leniency: any other difference is still refused.
     other = json.loads(json.dumps(current))
     other["model"]["remat"] = not current["model"]["remat"]
     with pytest.raises(ckpt_lib.CheckpointError, match="model.remat"):
-        ckpt_lib.check_workdir_config(workdir, other)
+        workdir_lib.check_workdir_config(workdir, other)
 
 
 def test_a_checkpoint_with_bf16_adapters_restores_into_float32_master_weights(tmp_path):
@@ -211,3 +220,74 @@ def test_a_checkpoint_with_bf16_adapters_restores_into_float32_master_weights(tm
         assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, template)
         for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(old)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.asarray(got).dtype))
+
+
+def test_a_start_that_fails_records_no_config_and_the_corrected_command_runs(tmp_path, assets):
+    workdir = _workdir(tmp_path, assets, "failed_start")
+    wrong = _config(demo__enabled=False)
+    wrong.data.data_dir = str(tmp_path / "no_such_data")
+    wrong.model.backbone_dir = wrong.model.decoder_dir = os.path.join(workdir, "demo", "pretrain", "backbone_hf")
+    with pytest.raises(ConfigError, match="data_dir=.*no_such_data"):
+        train.train(wrong, workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+    # The corrected command (the demo, one short phase) is not refused as "written by a different config".
+    fixed = _config(curriculum__max_k=(1,), curriculum__epochs=(1,))
+    summary = train.train(fixed, workdir)
+    assert not summary["preempted"] and summary["step"] > 0
+    assert json.load(open(os.path.join(workdir, "config.json")))["curriculum"]["max_k"] == [1]
+
+
+def test_a_second_run_is_refused_while_a_run_holds_the_workdir(tmp_path, assets):
+    workdir = _workdir(tmp_path, assets, "busy")
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # stands for a running train
+    try:
+        with open(os.path.join(workdir, "RUNNING.lock"), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": first.pid, "process_start": _process_start(first.pid),
+                       "since": "2025-01-01 00:00:00"}, f)
+        res = _run(workdir)
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"is in use by another run (pid {first.pid}" in res.stderr and "Traceback" not in res.stderr
+        assert not os.path.exists(os.path.join(workdir, "phase_1"))  # refused before anything was written
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _process_start(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except OSError:
+        return None
+
+
+def test_resume_falls_back_past_unreadable_checkpoints_and_logs_each_step_once(tmp_path, trained_demo_run, caplog):
+    ref_step, ref_state = _final_state(trained_demo_run)
+    workdir = str(tmp_path / "corrupted")
+    shutil.copytree(trained_demo_run, workdir)
+    phase3 = os.path.join(workdir, "phase_3")
+    steps = sorted((int(d) for d in os.listdir(phase3) if d.isdigit()), reverse=True)
+    for path in glob.glob(os.path.join(phase3, str(steps[0]), "state", "**", "d", "*"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)  # the final checkpoint's tensors, cut short
+    for step in steps[1:]:
+        with open(os.path.join(phase3, str(step), "data", "metadata"), "w") as f:
+            f.write("\x00garbage{")  # and the iterator state of the ones before it
+    summary = train.train(_config(), workdir)
+    # Phase 3 had nothing readable: it is trained again from phase 2's last checkpoint, to the same weights.
+    assert summary["step"] == ref_step
+    step, state = _final_state(workdir)
+    for name in ref_state:
+        np.testing.assert_allclose(np.asarray(state[name]), np.asarray(ref_state[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    skipped = [r.getMessage() for r in caplog.records if "cannot read checkpoint" in r.getMessage()]
+    assert len(skipped) == len(steps) and all("moved to" in m for m in skipped), skipped
+    assert sorted(d.split(".")[0] for d in os.listdir(phase3) if ".unreadable-" in d) == sorted(map(str, steps))
+    # metrics.jsonl holds each step once; the rows of the phase trained again were moved aside, not lost.
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    logged = [r["step"] for r in rows]
+    assert logged == sorted(set(logged)) and rows[-1]["step"] == ref_step
+    original = [json.loads(line)["step"] for line in open(os.path.join(trained_demo_run, "metrics.jsonl"))]
+    assert logged == original
+    rewound = [json.loads(line) for line in open(os.path.join(workdir, "metrics.rewound.jsonl"))]
+    assert rewound and all(r["phase"] == 3 for r in rewound)

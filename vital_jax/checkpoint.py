@@ -5,22 +5,35 @@ state; the frozen backbone is never written (it comes from the converted base ch
 flattened to `{dotted.path: array}` so the optimizer's MaskedNode placeholders (frozen leaves) need no special
 handling, and restored into the structure of a freshly initialised template state (with its shardings, so a
 checkpoint restores onto a different mesh).
+
+Resuming reads the newest checkpoint that can be read: one that cannot (a truncated tensor file, a garbage
+iterator state) is moved aside to `<step>.unreadable-<time>` with a warning, never deleted. A save that fails
+raises one CheckpointError naming the cause, after waiting for the save's background work.
 """
 
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
+import sys
+import time
+import warnings
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 DONE_FILE = "DONE.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incompatible with the model, or the workdir belongs to another run."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read back (truncated, corrupted, not written by orbax)."""
 
 
 def _key_name(key) -> str:
@@ -63,45 +76,105 @@ def unflatten_state(flat: dict, template):
 
 
 class PhaseCheckpointer:
-    """Save/restore the train state and data-iterator state of one curriculum phase."""
+    """Save/restore the train state and data-iterator state of one curriculum phase.
+
+    Use it as a context manager (or call `close`): leaving on an exception waits for the in-flight save without
+    raising again, so the process does not exit while orbax's threads are still writing."""
 
     def __init__(self, directory: str, save_every_steps: int, keep: int = 2, async_save: bool = True):
+        _quiet_orbax_failure_aftermath()
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every_steps, max_to_keep=keep,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        self._saving: int | None = None  # the step of the last save started (async: maybe still in flight)
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Save (every `save_every_steps`, or now with `force`). Async: call `wait()` before relying on it."""
+        """Save (every `save_every_steps`, or now with `force`). Async: call `wait()` before relying on it.
+        A failed save (this one, or an async one before it) raises CheckpointError."""
         flat = flatten_state(state)
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
-                                                               data=ocp.args.JsonSave(data_state)), force=force)
+        if self._saving is not None and (force or self.manager.should_save(step)):
+            self.wait()  # orbax would wait for the previous save here too, but then blame this step for its error
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                                    data=ocp.args.JsonSave(data_state)), force=force)
+        except Exception as e:  # noqa: BLE001 - OSError, TensorStore's ValueError, orbax's own errors
+            raise self._save_failed(step, e) from e
+        if saved:
+            self._saving = step
+        return saved
 
     def restore(self, step: int, template) -> tuple[object, dict]:
-        """Restore into `template`'s structure, dtypes and shardings. Returns (state, data_state)."""
+        """Restore into `template`'s structure, dtypes and shardings. Returns (state, data_state).
+
+        UnreadableCheckpointError when the checkpoint's files cannot be read, CheckpointError when they hold a
+        different model/optimizer."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flatten_state(template))
         try:
             saved = self.manager.item_metadata(step)["state"]
             saved_shapes = {k: tuple(v.shape) for k, v in dict(saved).items()}
         except Exception as e:  # noqa: BLE001 - orbax raises several types for unreadable metadata
-            raise CheckpointError(f"{self.directory}: cannot read checkpoint {step}: {e}") from e
+            raise UnreadableCheckpointError(f"{self.directory}: cannot read checkpoint {step}: "
+                                            f"{_first_line(e)}") from e
         want = {k: tuple(v.shape) for k, v in abstract.items()}
         if saved_shapes != want:
             diff = [f"{k}: saved {saved_shapes.get(k)}, model {want.get(k)}"
                     for k in sorted(set(saved_shapes) | set(want)) if saved_shapes.get(k) != want.get(k)]
             raise CheckpointError(f"{self.directory}: checkpoint {step} does not match the model/optimizer "
                                   f"(different config?): " + "; ".join(diff[:12]))
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      data=ocp.args.JsonRestore()))
-        return unflatten_state(dict(restored["state"]), template), dict(restored["data"])
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            data_state = restored["data"]
+            if not isinstance(data_state, dict):
+                raise ValueError(f"the data item holds {type(data_state).__name__}, not an iterator state")
+        except Exception as e:  # noqa: BLE001 - TensorStore's ValueError, JSONDecodeError, OSError, ...
+            raise UnreadableCheckpointError(f"{self.directory}: cannot read checkpoint {step}: "
+                                            f"{_first_line(e)}") from e
+        return unflatten_state(dict(restored["state"]), template), dict(data_state)
+
+    def restore_latest(self, template) -> tuple[int, object, dict] | None:
+        """The newest checkpoint that can be read, as (step, state, data_state); None when there is none.
+
+        Each unreadable checkpoint on the way is moved aside to `<step>.unreadable-<time>` (never deleted) with a
+        warning naming it and why. A checkpoint of a different model/optimizer is a CheckpointError: the older
+        ones would differ as well."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, template)
+            except UnreadableCheckpointError as e:
+                aside = self._move_aside(step)
+                logging.warning("%s; skipped it (moved to %s) and trying the checkpoint before it", e, aside)
+                continue
+            return step, state, data_state
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        path = os.path.join(self.directory, str(step))
+        aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:  # one process renames; the others skip the same unreadable step
+            os.rename(path, aside)
+        self.manager.reload()
+        return aside
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the last save is durable; a failed save raises CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(self._saving, e) from e
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        # The failed save leaves orbax coroutines that were never started; Python would warn about each at exit.
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+        return CheckpointError(f"{self.directory}: saving checkpoint {step if step is not None else '?'} failed: "
+                               f"{_first_line(error)}")
 
     def mark_done(self, final_step: int) -> None:
         """Record that the phase finished at `final_step` (written after its last checkpoint is durable)."""
@@ -119,54 +192,96 @@ class PhaseCheckpointer:
             return int(json.load(f)["final_step"])
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the last save (CheckpointError if it failed) and release the manager; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        except CheckpointError:
+            self._release()
+            raise
         self.manager.close()
 
+    def abort(self) -> None:
+        """`close` after an error: wait for the save in flight and release the manager, raising nothing (the
+        error being handled is the one to report)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - a failed save is what brought us here, or is reported by then
+            pass
+        self._release()
 
-# Fields that may differ between runs sharing a workdir (how long / how often, not what is trained).
-RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
+    def _release(self) -> None:
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - close() re-raises a failed save's error before releasing
+            pass
+
+    def __enter__(self) -> PhaseCheckpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
-# Fields added to the config after workdirs were written, with the value the older code behaved as. A saved
-# config without the field resumes only if the field has that value now (anything else would train differently).
-ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False}
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0].split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
 
 
-def check_workdir_config(workdir: str, config_json: dict) -> None:
-    """Save the resolved config beside the checkpoints, or refuse a workdir written by a different config."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        diffs = _diff(previous, config_json)
-        diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS)]
-        diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
-                                          and _lookup(config_json, d) == ADDED_FIELDS[d])]
-        if diffs:
-            raise CheckpointError(f"{workdir} was written by a different config (fields differ: {', '.join(diffs)}); "
-                                  "use a new --workdir or restore the original config")
+_quiet_installed = False
+
+
+def _quiet_orbax_failure_aftermath() -> None:
+    """Keep a failed save to the one CheckpointError that PhaseCheckpointer raises.
+
+    When one tensor write of a save fails, orbax (`asyncio_utils._run_sync_via_new_loop`) closes its event loop
+    while the save's other TensorStore writes are still in flight; as each completes, TensorStore's asyncio
+    callback finds the loop closed and Python prints an unraisable `RuntimeError: Event loop is closed`
+    traceback, hundreds for a real model's state. Those are dropped, as are asyncio's reports of that loop's
+    abandoned tasks ("Task exception was never retrieved") and coroutines. Orbax's threads also each log the
+    failure with a traceback: those are dropped unless logging is at DEBUG (`--verbosity=1`)."""
+    global _quiet_installed
+    if _quiet_installed:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(config_json, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    _quiet_installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_aftermath(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
+    py_logging.getLogger("asyncio").addFilter(_drop_orbax_abandoned_tasks)
 
 
-_MISSING = object()
+def _orbax_aftermath(unraisable) -> bool:
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        tb = unraisable.exc_traceback
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+                return True
+            tb = tb.tb_next
+        return False
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine of a closed loop, finalised late
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
-def _lookup(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return _MISSING
-        tree = tree[key]
-    return tree
+def _drop_orbax_tracebacks(record: py_logging.LogRecord) -> bool:
+    if (record.levelno >= py_logging.ERROR and record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
+            and not logging.get_absl_logger().isEnabledFor(py_logging.DEBUG)):
+        return False
+    return True
 
 
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [prefix]
+def _drop_orbax_abandoned_tasks(record: py_logging.LogRecord) -> bool:
+    return not (record.levelno >= py_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.getMessage())

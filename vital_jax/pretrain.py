@@ -13,7 +13,9 @@ loss to workdir/metrics.jsonl and TensorBoard (workdir/tensorboard/<stage>/), an
 checkpoint directory, workdir/backbone_hf/ or workdir/decoder_hf/ (config.json, model.safetensors, tokenizer,
 preprocessor_config.json), which transformers and every vital_jax tool load like a real checkpoint.
 workdir/pretrain_summary.json holds the losses, steps, throughput and wall time of each stage. SIGTERM saves a
-checkpoint and exits; a non-finite loss stops the run naming the step and the batch's example ids.
+checkpoint and exits; a non-finite loss stops the run naming the step and the batch's example ids. Workdir
+handling is train's: one run at a time, the config recorded once the first step has run, unreadable checkpoints
+moved aside, metrics after the resumed checkpoint moved to metrics.rewound.jsonl.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ml_collections import config_flags
 from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo_assets
+from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
 from vital_jax.models.hf_config import ConfigError
@@ -140,6 +143,12 @@ def validate_config(config) -> None:
         sc = config[stage]
         if sc.steps < 1 or sc.batch_size < 1 or sc.lr <= 0:
             raise ConfigError(f"config.{stage}: steps, batch_size and lr must be positive")
+        for field in ("prompt_buckets", "text_buckets"):
+            buckets = tuple(sc.get(field, (1,)))
+            if not buckets or min(buckets) < 1:
+                raise ConfigError(f"config.{stage}.{field} {buckets} must be one or more positive lengths")
+    if config.checkpoint.keep < 1 or config.eval.max_examples < 1:
+        raise ConfigError("config.checkpoint.keep and eval.max_examples must be >= 1")
     if config.checkpoint.save_every_steps < 1 or config.eval.every_steps < 1 or config.logging.every_steps < 1:
         raise ConfigError("config.checkpoint.save_every_steps, eval.every_steps and logging.every_steps must be >= 1")
     side = math.isqrt(int(config.backbone.image_pixels))
@@ -328,9 +337,13 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
     train_step, eval_step = _make_fns(stage, optimizer, schedule)
     # Carried across resumes in the checkpoint's JSON item beside the loader state.
     progress = {"first_loss": None, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "recent": []}
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
+    try:
+        found = ckpt.restore_latest(state)
+    except BaseException:
+        ckpt.abort()
+        raise
+    if found is not None:
+        latest, state, data_state = found
         stage.train.set_state(data_state["loader"])
         progress.update(data_state["progress"])
         logging.info("%s: resumed from step %d", stage.name, latest)
@@ -340,6 +353,8 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
     logger = MetricsLogger(workdir, sc.steps, desc=f"pretrain/{stage.name}", progress_every=config.logging.every_steps,
                            tensorboard=False, jsonl=False)
     jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if logger.is_primary else None
+    if jsonl is not None:  # this stage's rows logged after the checkpoint by the run that stopped: each step once
+        jsonl.rewind(int(state.step), where={"stage": stage.name})
     tensorboard = TensorBoardWriter(os.path.join(workdir, "tensorboard", stage.name)) if logger.is_primary else None
 
     def record(step, values, perf=None):
@@ -352,6 +367,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
 
     timed_from = None  # (step, time) after this process's first step, which includes compilation
     preempted = False
+    config_json = json.loads(config.to_json_best_effort())
 
     def progress_now(step: int) -> dict:
         if timed_from is None:
@@ -373,6 +389,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
                                          f"The last good checkpoint in {ckpt.directory} is intact.")
             if timed_from is None:
                 timed_from = (step, time.perf_counter())
+                workdir_lib.record_workdir_config(workdir, config_json)  # training has started
             if progress["first_loss"] is None:
                 progress["first_loss"] = loss
             progress["recent"] = (progress.get("recent", []) + [loss])[-config.logging.every_steps:]
@@ -423,6 +440,9 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         os.replace(summary_path + ".tmp", summary_path)
         ckpt.mark_done(final_step)
         return summary
+    except BaseException:
+        ckpt.abort()  # wait for a save in flight; the error being raised is the one to report
+        raise
     finally:
         ckpt.close()
         logger.close()
@@ -483,7 +503,12 @@ def pretrain(config, workdir: str, stop_after: tuple[str, int] | None = None) ->
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    with workdir_lib.WorkdirLock(workdir):
+        return _pretrain(config, workdir, stop_after)
+
+
+def _pretrain(config, workdir: str, stop_after: tuple[str, int] | None) -> dict:
+    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()), record=False)
     start = time.perf_counter()
     corpus_dir = resolve_corpus(config, workdir)
     tokenizer_dir = os.path.join(corpus_dir, corpus_lib.TOKENIZER_DIR)

@@ -445,7 +445,7 @@ def _provenance(argv_config: str) -> dict:
 
 def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") -> dict:
     """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}."""
-    from vital_jax import checkpoint as ckpt_lib
+    from vital_jax import workdir as workdir_lib
 
     workdir = os.path.abspath(workdir)
     unknown = [r for r in config.rows if r not in ROWS]
@@ -453,7 +453,7 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
         raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ROWS)})")
     if not config.seeds:
         raise StudyError("config.seeds is empty")
-    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
     data_dir = prepare_data(config, workdir)
     models = prepare_backbone(config, workdir)
     floor = floors(data_dir, config.eval.test_split)

@@ -3,12 +3,15 @@
 The 3-phase curriculum (paper §3.5): phase n trains on the records with K <= curriculum.max_k[n] for
 curriculum.epochs[n] epochs, warm-starting from phase n-1, and checkpoints into `workdir/phase_<n>/` (trainable
 params, optimizer state, step, RNG and the grain iterator state). Rerunning the same command resumes from the
-latest checkpoint with the same data order; SIGTERM saves and exits cleanly; a non-finite loss stops the run
-naming the step and the batch's record ids, leaving the last good checkpoint intact.
+latest checkpoint with the same data order (an unreadable checkpoint is moved aside and the one before it used;
+metrics logged after the checkpoint are moved to metrics.rewound.jsonl); SIGTERM saves and exits cleanly; a
+non-finite loss stops the run naming the step and the batch's record ids, leaving the last good checkpoint
+intact. One run at a time uses a workdir, and its config is recorded there once the first step has run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,6 +27,7 @@ from ml_collections import config_flags
 from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import distributed, sharding
+from vital_jax import workdir as workdir_lib
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models import model_dir
 from vital_jax.models.hf_config import ConfigError
@@ -214,15 +218,47 @@ def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
     return [recs[int(r)].id for r in rows if 0 <= int(r) < len(recs)]
 
 
-def train(config, workdir: str) -> dict:
-    """Run (or resume) the whole curriculum; returns a summary with the final metrics and checkpoint dirs."""
-    from vital_jax.data.pipeline import make_train_iterator
-    from vital_jax.data.records import load_roi_arrays
+def phase_checkpointer(config, workdir: str, phase: int) -> ckpt_lib.PhaseCheckpointer:
+    """The checkpoints of curriculum phase `phase` (from 1): workdir/phase_<phase>/."""
+    return ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"phase_{phase}"), config.checkpoint.save_every_steps,
+                                      config.checkpoint.keep, config.checkpoint.async_save)
 
+
+def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]:
+    """Where the curriculum resumes: (phase, state, iterator state) of the newest checkpoint that can be read, or
+    (1, `state`, None) when there is none. The last phase with checkpoints is tried first; when none of them can
+    be read (each is moved aside with a warning: `PhaseCheckpointer.restore_latest`), the phase before it."""
+    for phase in range(len(config.curriculum.max_k), 0, -1):
+        directory = os.path.join(workdir, f"phase_{phase}")
+        if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+            continue
+        with phase_checkpointer(config, workdir, phase) as ckpt:
+            found = ckpt.restore_latest(state)
+        if found is not None:
+            step, state, data_state = found
+            logging.info("phase %d: resuming from step %d", phase, step)
+            return phase, state, data_state
+    return 1, state, None
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) the whole curriculum; returns a summary with the final metrics and checkpoint dirs.
+
+    Holds the workdir's lock (`workdir_lib.WorkdirLock`) throughout; every checkpointer opened is closed on the
+    way out, after an error too (waiting for a save in flight instead of exiting under orbax's threads)."""
     validate_config(config)
     distributed.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
-    ckpt_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    with workdir_lib.WorkdirLock(workdir), contextlib.ExitStack() as checkpointers:
+        return _train(config, workdir, checkpointers)
+
+
+def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
+    from vital_jax.data.pipeline import make_train_iterator
+    from vital_jax.data.records import load_roi_arrays
+
+    config_json = json.loads(config.to_json_best_effort())
+    workdir_lib.check_workdir_config(workdir, config_json, record=False)
     paths = resolve_paths(config, workdir)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:
@@ -262,28 +298,33 @@ def train(config, workdir: str) -> dict:
         probe = Probe(model, config, paths, mesh)
     pipe_cfg = pipeline_config(config)
     logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
+    resume_phase, state, data_state = resume_point(config, workdir, state)
+    if logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped: each step once
+        logger.jsonl.rewind(int(state.step))
+    recorded = False
     last_metrics: dict = {}
     phase_start = 0
     for phase, (max_k, n_steps) in enumerate(zip(config.curriculum.max_k, steps_per_phase), start=1):
         phase_end = phase_start + n_steps
-        ckpt = ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"phase_{phase}"),
-                                          config.checkpoint.save_every_steps, config.checkpoint.keep,
-                                          config.checkpoint.async_save)
+        if phase < resume_phase:  # finished; a later phase's checkpoint holds the state
+            phase_start = phase_end
+            continue
+        ckpt = checkpointers.enter_context(phase_checkpointer(config, workdir, phase))
         iterator = make_train_iterator(paths.data_dir, paths.tokenizer_dir, pipe_cfg, k_max=int(max_k),
                                        split=config.data.train_split, seed=config.seed + phase,
                                        num_epochs=int(config.curriculum.epochs[phase - 1]),
                                        k_min=min_k(config)[phase - 1])
-        done = ckpt.done_step()
-        latest = ckpt.latest_step()
-        if latest is not None:
-            state, data_state = ckpt.restore(latest, state)
+        if phase == resume_phase and data_state is not None:
             iterator.set_state(data_state)
-            logging.info("phase %d: resumed from step %d", phase, latest)
-        if done is not None:
+        done = ckpt.done_step()
+        if done is not None and done == int(state.step):
             logging.info("phase %d: already complete (step %d)", phase, done)
             ckpt.close()
             phase_start = phase_end
             continue
+        if done is not None:
+            logging.warning("phase %d: finished at step %d, but that checkpoint could not be read; training it "
+                            "again from step %d", phase, done, int(state.step))
         while int(state.step) < phase_end:
             batch_np = next(iterator)
             check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
@@ -297,6 +338,10 @@ def train(config, workdir: str) -> dict:
                 ids = _record_ids(paths.data_dir, batch_np["record_index"][batch_np["example_valid"]])
                 raise NonFiniteLossError(f"non-finite loss {loss} at step {step} (phase {phase}); batch records: "
                                          f"{ids}. The last good checkpoint in {ckpt.directory} is intact.")
+            if not recorded:  # training has started: from now on this workdir belongs to this config
+                if distributed.is_primary():
+                    workdir_lib.record_workdir_config(workdir, config_json)
+                recorded = True
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}
                 last_metrics["phase"] = phase

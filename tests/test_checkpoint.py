@@ -1,0 +1,98 @@
+"""PhaseCheckpointer on a small state: resuming past unreadable checkpoints, and a failed save reported once."""
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vital_jax import checkpoint as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state(seed):
+    rng = np.random.RandomState(seed)
+    return {"params": {"w": jnp.asarray(rng.randn(64, 32), jnp.float32)}, "step": jnp.int32(seed)}
+
+
+def _save_steps(directory, steps):
+    with ckpt_lib.PhaseCheckpointer(directory, 1, keep=len(steps), async_save=False) as ckpt:
+        for step in steps:
+            ckpt.save(step, _state(step), {"next": step}, force=True)
+
+
+def test_resume_skips_unreadable_checkpoints_and_moves_them_aside(tmp_path, caplog):
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1, 2, 3))
+    for path in glob.glob(os.path.join(directory, "3", "state", "**", "d", "*"), recursive=True):
+        with open(path, "r+b") as f:  # truncated tensor files (a disk that filled up, a copy cut short)
+            f.truncate(os.path.getsize(path) // 2)
+    with open(os.path.join(directory, "2", "data", "metadata"), "w") as f:
+        f.write("\x00garbage{")  # an iterator state that is not JSON
+    with ckpt_lib.PhaseCheckpointer(directory, 1, keep=3, async_save=False) as ckpt:
+        step, state, data_state = ckpt.restore_latest(_state(0))
+        assert ckpt.manager.all_steps() == [1]
+    assert step == 1 and data_state == {"next": 1}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(_state(1)["params"]["w"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot read checkpoint 3" in w and "unreadable" in w for w in warnings), warnings
+    assert any("cannot read checkpoint 2" in w for w in warnings), warnings
+    # Nothing is deleted: the unreadable checkpoints are kept beside, under names orbax does not take for steps.
+    aside = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.unreadable-*")))
+    assert [name.split(".")[0] for name in aside] == ["2", "3"]
+    assert os.path.exists(os.path.join(directory, aside[0], "data", "metadata"))
+
+
+def test_no_readable_checkpoint_resumes_from_nothing_and_a_different_model_is_still_an_error(tmp_path):
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1,))
+    with ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False) as ckpt:
+        with pytest.raises(ckpt_lib.CheckpointError, match="does not match the model"):
+            ckpt.restore_latest({"params": {"w": jnp.zeros((8, 8))}, "step": jnp.int32(0)})
+    assert os.path.isdir(os.path.join(directory, "1"))  # a mismatch is not unreadable: nothing moved
+    with open(os.path.join(directory, "1", "data", "metadata"), "w") as f:
+        f.write("[1, 2")
+    with ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False) as ckpt:
+        assert ckpt.restore_latest(_state(0)) is None
+
+
+# A save that fails while TensorStore writes are in flight: a file-size limit makes every tensor file write fail
+# (EFBIG), as a full disk does. Before, this printed one "Event loop is closed" traceback per write still in
+# flight, plus orbax's thread tracebacks; now it is one error naming the cause.
+_FAILING_SAVE = textwrap.dedent("""
+    import resource, signal, sys
+    import jax.numpy as jnp
+    import numpy as np
+    from vital_jax import checkpoint as ckpt_lib
+
+    state = {f"w{i}": jnp.asarray(np.random.rand(256, 64).astype(np.float32)) for i in range(100)}
+    try:
+        with ckpt_lib.PhaseCheckpointer(sys.argv[1], 1, async_save=sys.argv[2] == "async") as ckpt:
+            ckpt.save(1, state, {"next": 1})
+            ckpt.wait()
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
+            for step in range(2, 5):
+                ckpt.save(step, state, {"next": step})
+    except ckpt_lib.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE/EFBIG behaviour is Linux's")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failed_save_is_one_error_naming_the_cause(tmp_path, mode):
+    res = subprocess.run([sys.executable, "-c", _FAILING_SAVE, str(tmp_path / "phase_1"), mode], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+    lines = res.stderr.splitlines()
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Event loop is closed" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "saving checkpoint 2 failed" in errors[0] and "File too large" in errors[0], lines
+    assert len(lines) <= 3, lines

@@ -1,0 +1,87 @@
+"""A run's workdir: which recorded config binds it, and the lock that keeps a second run out."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax import workdir as workdir_lib
+
+CONFIG = {"data": {"batch_size": 8}, "vital": {"lora_rank": 64}, "checkpoint": {"keep": 2}}
+
+
+def _with(**changes):
+    config = json.loads(json.dumps(CONFIG))
+    for dotted, value in changes.items():
+        section, field = dotted.split("__")
+        config[section][field] = value
+    return config
+
+
+def test_a_recorded_config_without_checkpoints_binds_nothing(tmp_path):
+    workdir = str(tmp_path)
+    workdir_lib.record_workdir_config(workdir, _with(data__batch_size=0))  # a start that failed
+    workdir_lib.check_workdir_config(workdir, CONFIG, record=False)  # the corrected command is accepted ...
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))  # ... and records its own later
+    workdir_lib.record_workdir_config(workdir, CONFIG)
+    workdir_lib.record_workdir_config(workdir, _with(vital__lora_rank=2))  # recording never overwrites
+    assert json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE))) == CONFIG
+    # Once a checkpoint exists, the recorded config binds: a different one is refused, a resumable field is not.
+    os.makedirs(os.path.join(workdir, "phase_1", "4"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="different config.*vital.lora_rank"):
+        workdir_lib.check_workdir_config(workdir, _with(vital__lora_rank=2), record=False)
+    workdir_lib.check_workdir_config(workdir, _with(checkpoint__keep=5), record=False)
+
+
+def test_the_study_records_and_binds_its_config_at_once(tmp_path):
+    workdir = str(tmp_path)
+    workdir_lib.check_workdir_config(workdir, CONFIG)
+    with pytest.raises(ckpt_lib.CheckpointError, match="data.batch_size"):
+        workdir_lib.check_workdir_config(workdir, _with(data__batch_size=4))
+
+
+def _write_lock(workdir, **holder):
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w") as f:
+        json.dump(holder, f)
+
+
+def test_a_second_run_on_a_workdir_is_refused_while_the_first_runs(tmp_path):
+    workdir = str(tmp_path)
+    with workdir_lib.WorkdirLock(workdir):
+        with pytest.raises(workdir_lib.WorkdirInUseError, match=rf"in use by another run \(pid {os.getpid()} "):
+            workdir_lib.WorkdirLock(workdir).acquire()
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))  # released on the way out
+    # A run in another process on this host, still running.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _write_lock(workdir, host=socket.gethostname(), pid=other.pid,
+                    process_start=workdir_lib._process_start(other.pid), since="2025-01-01 00:00:00")
+        with pytest.raises(workdir_lib.WorkdirInUseError, match=f"pid {other.pid}.*still running"):
+            workdir_lib.WorkdirLock(workdir).acquire()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_killed_runs_lock_is_taken_over_and_another_hosts_lock_names_the_file(tmp_path, caplog):
+    workdir = str(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid no longer runs: the lock of a run killed with -9
+    _write_lock(workdir, host=socket.gethostname(), pid=gone.pid, process_start=1, since="2025-01-01 00:00:00")
+    with workdir_lib.WorkdirLock(workdir):
+        holder = json.load(open(os.path.join(workdir, workdir_lib.LOCK_FILE)))
+        assert holder["pid"] == os.getpid()
+    assert any("taking over the lock" in r.getMessage() for r in caplog.records)
+    if workdir_lib._process_start(os.getpid()) is not None:  # /proc: a pid reused by a later process is told apart
+        _write_lock(workdir, host=socket.gethostname(), pid=os.getpid(), process_start=-1,
+                    since="2025-01-01 00:00:00")
+        with workdir_lib.WorkdirLock(workdir):
+            pass
+    lock = os.path.join(workdir, workdir_lib.LOCK_FILE)
+    _write_lock(workdir, host="elsewhere-" + socket.gethostname(), pid=1, since="2025-01-01 00:00:00")
+    with pytest.raises(workdir_lib.WorkdirInUseError, match=f"on host elsewhere-.*delete {lock}"):
+        workdir_lib.WorkdirLock(workdir).acquire()

@@ -1,0 +1,216 @@
+"""A run's workdir beyond its checkpoints: the config it was trained with, and the lock of the run using it.
+
+train and pretrain record the resolved config (`workdir/config.json`) once training has started and refuse a
+later run whose config differs in what is trained; `WorkdirLock` lets one run at a time use a workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import jax
+from absl import logging
+
+from vital_jax.checkpoint import CheckpointError
+
+CONFIG_FILE = "config.json"
+LOCK_FILE = "RUNNING.lock"
+
+# Fields that may differ between runs sharing a workdir (how long / how often, not what is trained).
+RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
+
+
+# Fields added to the config after workdirs were written, with the value the older code behaved as. A saved
+# config without the field resumes only if the field has that value now (anything else would train differently).
+ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False}
+
+
+def check_workdir_config(workdir: str, config_json: dict, record: bool = True) -> None:
+    """Refuse a workdir whose recorded config differs from `config_json` (beyond RESUMABLE_FIELDS).
+
+    record=True also records `config_json` when none is (the study). The training commands pass record=False and
+    call `record_workdir_config` once training has started, so a run that fails before its first step leaves
+    nothing that refuses the corrected command. For them, a recorded config with no checkpoint beside it (a start
+    that failed under an older version, or a run stopped before its first checkpoint) binds nothing: it is
+    replaced, with a warning naming the fields that differ."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        diffs = _diff(previous, config_json)
+        diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS)]
+        diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
+                                          and _lookup(config_json, d) == ADDED_FIELDS[d])]
+        if diffs and not record and not has_checkpoints(workdir):
+            logging.warning("%s: recorded by a run that saved no checkpoint; replacing it (fields differ: %s)",
+                            path, ", ".join(diffs))
+            os.remove(path)
+            return
+        if diffs:
+            raise CheckpointError(f"{workdir} was written by a different config (fields differ: {', '.join(diffs)}); "
+                                  "use a new --workdir or restore the original config")
+        return
+    if record:
+        record_workdir_config(workdir, config_json)
+
+
+def record_workdir_config(workdir: str, config_json: dict) -> None:
+    """Write `config_json` to workdir/config.json unless a config is recorded already."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config_json, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether any `workdir/<dir>/<step>` checkpoint exists (train's phase_<n>/, pretrain's <stage>_ckpt/)."""
+    if not os.path.isdir(workdir):
+        return False
+    for entry in os.scandir(workdir):
+        if entry.is_dir() and any(sub.name.isdigit() and sub.is_dir() for sub in os.scandir(entry.path)):
+            return True
+    return False
+
+
+class WorkdirInUseError(CheckpointError):
+    """Another run holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """One run at a time in a workdir: `workdir/RUNNING.lock` records the host, pid and start of the run holding it.
+
+    A second run refuses to start with a WorkdirInUseError naming the holder, instead of both crashing at their
+    first save. A lock left by a run that was killed is stale and taken over with a warning: on the same host
+    when its pid no longer runs (or runs a process started later, a reused pid). A lock from another host cannot
+    be checked, so the error says which file to delete once that run is over. Only process 0 of a multi-process
+    run takes the lock."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+        self._held = False
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if jax.process_index() != 0:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = _this_process()
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(self.path)
+                if holder is None:  # just created by another run and not yet written, or left empty by a crash
+                    if _age_seconds(self.path) < 10:
+                        time.sleep(0.1)
+                        continue
+                elif not _lock_is_stale(holder):
+                    raise WorkdirInUseError(_in_use_message(os.path.dirname(self.path), self.path, holder)) from None
+                logging.warning("%s: taking over the lock of a run that no longer runs (%s)", self.path,
+                                _describe(holder))
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise WorkdirInUseError(f"{self.path}: could not take the workdir's lock (another run keeps taking it)")
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it."""
+        if not self._held:
+            return
+        self._held = False
+        holder = _read_lock(self.path)
+        if holder is not None and holder == _this_process(holder.get("since")):
+            os.remove(self.path)
+
+
+def _this_process(since: str | None = None) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+            "since": since or time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (Linux /proc), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _read_lock(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder and "host" in holder else None
+
+
+def _age_seconds(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _lock_is_stale(holder: dict) -> bool:
+    if holder["host"] != socket.gethostname():
+        return False  # cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # running, as another user
+    start = _process_start(int(holder["pid"]))
+    return start is not None and holder.get("process_start") is not None and start != holder["process_start"]
+
+
+def _describe(holder: dict) -> str:
+    return f"pid {holder['pid']} on host {holder['host']}, since {holder.get('since', '?')}"
+
+
+def _in_use_message(workdir: str, path: str, holder: dict) -> str:
+    if holder["host"] == socket.gethostname():
+        return (f"{workdir} is in use by another run ({_describe(holder)}, still running); wait for it to finish, "
+                "stop it, or use another --workdir")
+    return (f"{workdir} is in use by another run ({_describe(holder)}); wait for it to finish or use another "
+            f"--workdir. If that run is no longer running, delete {path}")
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]

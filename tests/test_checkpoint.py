@@ -71,14 +71,17 @@ _FAILING_SAVE = textwrap.dedent("""
     from vital_jax import checkpoint as ckpt_lib
 
     state = {f"w{i}": jnp.asarray(np.random.rand(256, 64).astype(np.float32)) for i in range(100)}
+    ckpt = ckpt_lib.PhaseCheckpointer(sys.argv[1], 1, async_save=sys.argv[2] == "async")
     try:
-        with ckpt_lib.PhaseCheckpointer(sys.argv[1], 1, async_save=sys.argv[2] == "async") as ckpt:
+        try:
             ckpt.save(1, state, {"next": 1})
             ckpt.wait()
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))
             for step in range(2, 5):
                 ckpt.save(step, state, {"next": step})
+        finally:
+            ckpt.close()
     except ckpt_lib.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -4,6 +4,10 @@ freezes what it says; an interrupted run resumes to the same weights and a finis
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -189,11 +193,19 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_finished_stages(q
     reference_dir, _ = quick_run
     workdir = str(tmp_path)
     config = quick_config(corpus_dir)
-    first = pretrain.pretrain(config, workdir, stop_after=("backbone", 12))
-    assert first["preempted"] and first["stages"]["backbone"]["step"] == 12
+    first = pretrain.pretrain(config, workdir, stop_after=("backbone", 15))
+    assert first["preempted"] and first["stages"]["backbone"]["step"] == 15
     assert not os.path.exists(pretrain.hf_dir(workdir, "backbone"))
+    # As if killed before its step-15 checkpoint: the rerun resumes from step 10 and logs step 15 again.
+    shutil.rmtree(os.path.join(workdir, "backbone_ckpt", "15"))
     second = pretrain.pretrain(config, workdir)
     assert not second["preempted"]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    for stage in ("backbone", "decoder"):
+        keys = [(r["step"], "val_loss" in r) for r in rows if r["stage"] == stage]
+        assert len(keys) == len(set(keys)), keys  # each step once ...
+    rewound = [json.loads(line) for line in open(os.path.join(workdir, "metrics.rewound.jsonl"))]
+    assert {(r["stage"], r["step"]) for r in rewound} == {("backbone", 15)}  # ... the first run's kept beside
     for stage in ("backbone", "decoder"):
         ours, reference = _weights(pretrain.hf_dir(workdir, stage)), _weights(pretrain.hf_dir(reference_dir, stage))
         assert ours.keys() == reference.keys()
@@ -211,6 +223,24 @@ def test_unknown_train_parts_and_missing_corpus_are_errors(corpus_dir, tmp_path)
         pretrain.pretrain(quick_config(corpus_dir, backbone__train_parts="decoder"), str(tmp_path / "a"))
     with pytest.raises(ConfigError, match="phantom_corpus|corpus_dir"):
         pretrain.resolve_corpus(quick_config(str(tmp_path / "missing")), str(tmp_path / "b"))
+
+
+def test_a_failed_start_binds_nothing_and_a_busy_workdir_is_refused(corpus_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    with pytest.raises(ConfigError, match="corpus_dir"):
+        pretrain.pretrain(quick_config(str(tmp_path / "missing")), workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+    with pytest.raises(ConfigError, match="corpus_dir"):  # a different config: not "written by a different config"
+        pretrain.pretrain(quick_config(str(tmp_path / "missing"), backbone__steps=7), workdir)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with open(os.path.join(workdir, "RUNNING.lock"), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": running.pid, "since": "2025-01-01 00:00:00"}, f)
+        with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {running.pid}"):
+            pretrain.pretrain(quick_config(corpus_dir), workdir)
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_shipped_configs_validate():

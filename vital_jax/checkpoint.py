@@ -101,13 +101,14 @@ class PhaseCheckpointer:
         flat = flatten_state(state)
         if self._saving is not None and (force or self.manager.should_save(step)):
             self.wait()  # orbax would wait for the previous save here too, but then blame this step for its error
+        previous, self._saving = self._saving, step
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
                                                                     data=ocp.args.JsonSave(data_state)), force=force)
         except Exception as e:  # noqa: BLE001 - OSError, TensorStore's ValueError, orbax's own errors
             raise self._save_failed(step, e) from e
-        if saved:
-            self._saving = step
+        if not saved:
+            self._saving = previous
         return saved
 
     def restore(self, step: int, template) -> tuple[object, dict]:

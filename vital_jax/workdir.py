@@ -15,6 +15,7 @@ import jax
 from absl import logging
 
 from vital_jax.checkpoint import CheckpointError
+from vital_jax.jsonio import read_json
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
@@ -38,8 +39,7 @@ def check_workdir_config(workdir: str, config_json: dict, record: bool = True) -
     replaced, with a warning naming the fields that differ."""
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = read_json(path, CheckpointError)
         diffs = _diff(previous, config_json)
         diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS)]
         diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING

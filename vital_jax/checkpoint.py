@@ -172,6 +172,8 @@ class PhaseCheckpointer:
             raise self._save_failed(self._saving, e) from e
 
     def _save_failed(self, step: int | None, error: Exception) -> CheckpointError:
+        global _a_save_failed
+        _a_save_failed = True
         # The failed save leaves orbax coroutines that were never started; Python would warn about each at exit.
         warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
         return CheckpointError(f"{self.directory}: saving checkpoint {step if step is not None else '?'} failed: "
@@ -238,6 +240,7 @@ def _first_line(error: BaseException) -> str:
 
 
 _quiet_installed = False
+_a_save_failed = False
 
 
 def _quiet_orbax_failure_aftermath() -> None:
@@ -246,9 +249,10 @@ def _quiet_orbax_failure_aftermath() -> None:
     When one tensor write of a save fails, orbax (`asyncio_utils._run_sync_via_new_loop`) closes its event loop
     while the save's other TensorStore writes are still in flight; as each completes, TensorStore's asyncio
     callback finds the loop closed and Python prints an unraisable `RuntimeError: Event loop is closed`
-    traceback, hundreds for a real model's state. Those are dropped, as are asyncio's reports of that loop's
-    abandoned tasks ("Task exception was never retrieved") and coroutines. Orbax's threads also each log the
-    failure with a traceback: those are dropped unless logging is at DEBUG (`--verbosity=1`)."""
+    traceback, hundreds for a real model's state. Those are dropped, as are the loop's coroutines finalised late
+    and asyncio's reports of its abandoned futures ("Future exception was never retrieved": those that name
+    orbax, and after a failed save all of them, as the process is ending with that error). Orbax's threads also
+    each log the failure with a traceback: those are dropped unless logging is at DEBUG (`--verbosity=1`)."""
     global _quiet_installed
     if _quiet_installed:
         return
@@ -285,4 +289,13 @@ def _drop_orbax_tracebacks(record: py_logging.LogRecord) -> bool:
 
 
 def _drop_orbax_abandoned_tasks(record: py_logging.LogRecord) -> bool:
-    return not (record.levelno >= py_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.getMessage())
+    if record.levelno < py_logging.ERROR:
+        return True
+    if _a_save_failed or f"{os.sep}orbax{os.sep}" in record.getMessage():
+        return False
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True

@@ -39,16 +39,13 @@ from vital_jax.data import images
 from vital_jax.data.questions import LOCATION_CHOICES
 from vital_jax.data.records import RECORDS_FILE
 from vital_jax.eval import metrics
+from vital_jax.eval.errors import BenchmarkError
 
 ANSWER_TYPES = ("closed", "open")
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 IN_DOMAIN_CHOICE_INSTRUCTION = "Answer with one of the options."
 # Question types of the in-domain dataset that are closed-ended as generated (App. B.4 keeps them as they are).
 IN_DOMAIN_NATIVE_CLOSED = ("yes_no", "location_choice")
-
-
-class BenchmarkError(ValueError):
-    """A benchmark file is missing or malformed; the message names the file and the record."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from vital_jax.eval.benchmarks import BenchmarkError
+from vital_jax.eval.errors import BenchmarkError
 
 LAYOUTS = ("data/{split}-*.parquet", "{split}-*.parquet", "data/{split}.parquet", "{split}.parquet",
            "default/{split}/*.parquet", "{split}/*.parquet", "{split}/*.arrow")

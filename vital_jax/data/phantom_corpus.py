@@ -61,11 +61,20 @@ def _contrast_word(g: geometry.MaskGeometry) -> str:
 
 
 def _where(g: geometry.MaskGeometry) -> str:
-    return geometry.region_phrase(g.vertical, g.horizontal).removeprefix("the ").removesuffix(" of the image")
+    """"in the upper left part", "in the left and right parts" (two kidneys), "across the upper two thirds"
+    (scattered): the benchmark's own location rule (geometry.where), so a target of several regions is never
+    placed at the centre of its whole mask, which may lie between its parts."""
+    return geometry.where(g).removesuffix(" of the image")
+
+
+def _region_cores(g: geometry.MaskGeometry) -> list[str]:
+    """The image regions ("upper left", "central"...) holding the centre of one of the target's parts."""
+    parts = g.parts if g.components > 1 else [g]
+    return list(dict.fromkeys(geometry.region_core(p.vertical, p.horizontal) for p in parts))
 
 
 def _report_line(target: str, g: geometry.MaskGeometry) -> str:
-    """"liver: upper left part, large, dark." (terse on purpose: not the benchmark's sentences)."""
+    """"liver: in the upper left part, large, dark." (terse on purpose: not the benchmark's sentences)."""
     return f"{target}: {_where(g)}, {_size_words(g.area_fraction)}, {_contrast_word(g)}."
 
 
@@ -81,9 +90,10 @@ def _pairs_for(image_rel: str, stem: str, phantom: phantoms.Phantom,
         pairs.append(dict(prompt=f"Report the {target}.", text=_report_line(target, g)))
     regions: dict[str, list[str]] = {}
     for target, g in measured.items():
-        regions.setdefault(_where(g), []).append(target)
-    for region, targets in sorted(regions.items()):
-        pairs.append(dict(prompt=f"What lies in the {region} of the image?", text=", ".join(targets) + "."))
+        for core in _region_cores(g):
+            regions.setdefault(core, []).append(target)
+    for core, targets in sorted(regions.items()):
+        pairs.append(dict(prompt=f"What lies in the {core} part of the image?", text=", ".join(targets) + "."))
     return [dict(p, id=f"{stem}__{i}", image=image_rel) for i, p in enumerate(pairs)]
 
 

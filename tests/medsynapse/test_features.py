@@ -1,0 +1,95 @@
+"""The stored E_ana features and counterfactual regions: the same arrays as computing them per batch, reused when
+nothing changed, rebuilt when the records change, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+
+from tests.medsynapse.test_encoder import SIGLIP_KW, _save
+from vital_jax.data import records as records_lib
+from vital_jax.medsynapse import encoder as ana
+from vital_jax.medsynapse import features
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("siglip"))
+    _save(transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**SIGLIP_KW), path,
+          {"image_processor_type": "SiglipImageProcessor", "size": {"height": 56, "width": 56}}, seed=0)
+    return path, *ana.load_anatomical_encoder("siglip", path)
+
+
+def _record(i: int, image: str, mask: str) -> records_lib.Record:
+    return records_lib.Record(id=f"r{i}", image=image, mask=mask, question="Where is the liver?", answer="left",
+                              reasoning_chain=("a step.",), latent_steps=1, question_type="location",
+                              target="liver", target_type="organ", modality="CT", source="test", split="train")
+
+
+def _dataset(root: str) -> str:
+    rng = np.random.RandomState(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for name in ("a", "b"):
+        Image.fromarray(rng.randint(0, 255, (40, 48, 3), np.uint8)).save(os.path.join(root, "images", f"{name}.png"))
+    for name, cols in (("left", slice(0, 24)), ("right", slice(24, 48))):
+        mask = np.zeros((40, 48), np.uint8)
+        mask[:, cols] = 255
+        Image.fromarray(mask).save(os.path.join(root, "images", f"{name}.png"))
+    # Records 0 and 1 share image a (one encoding) but have different masks.
+    recs = [_record(0, "images/a.png", "images/left.png"), _record(1, "images/a.png", "images/right.png"),
+            _record(2, "images/b.png", "images/left.png")]
+    records_lib.write_records(os.path.join(root, records_lib.RECORDS_FILE), recs)
+    return root
+
+
+def test_store_holds_each_records_features_and_regions(siglip, tmp_path):
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    store = features.build_feature_store(data_dir, encoder, params, str(tmp_path / "store"), encoder_id=path,
+                                         batch_size=2)
+    assert store.features.shape == (2, *encoder.grid, encoder.feature_dim)
+    got = store.gather(np.array([2, 0, 1]))
+    for row, (image, mask) in zip(range(3), (("b", "left"), ("a", "left"), ("a", "right"))):
+        pixels = encoder.preprocess(os.path.join(data_dir, "images", f"{image}.png"))[None]
+        direct = np.asarray(encoder.feature_map(params, pixels))[0]
+        np.testing.assert_allclose(got["feature_map"][row], direct, atol=1e-5)
+        regions = ana.RecordRegionMasks()(encoder, params, os.path.join(data_dir, "images", f"{image}.png"),
+                                          os.path.join(data_dir, "images", f"{mask}.png"))
+        assert (got["region_masks"][row] == regions.masks).all()
+    assert got["region_valid"].all() and (got["region_confidence"] == 1.0).all()
+    assert not (got["region_masks"][1] & got["region_masks"][2]).any()  # left and right halves of image a
+    with pytest.raises(features.FeatureStoreError, match="outside the store's 3 records"):
+        store.gather(np.array([3]))
+
+
+def test_store_is_reused_and_rebuilt_when_the_records_change(siglip, tmp_path):
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    out = str(tmp_path / "store")
+    features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    stamp = os.path.getmtime(os.path.join(out, features.FEATURES_FILE))
+    features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    assert os.path.getmtime(os.path.join(out, features.FEATURES_FILE)) == stamp
+    recs = records_lib.read_records(os.path.join(data_dir, records_lib.RECORDS_FILE))
+    records_lib.write_records(os.path.join(data_dir, records_lib.RECORDS_FILE), recs[:2])
+    store = features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    assert len(store.image_rows) == 2 and store.features.shape[0] == 1
+
+
+def test_store_in_half_precision_and_bad_inputs(siglip, tmp_path):
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    store = features.build_feature_store(data_dir, encoder, params, str(tmp_path / "half"), dtype="float16")
+    assert store.features.dtype == np.float16 and store.gather(np.array([0]))["feature_map"].dtype == np.float32
+    with pytest.raises(features.FeatureStoreError, match="dtype"):
+        features.build_feature_store(data_dir, encoder, params, str(tmp_path / "x"), dtype="int8")
+    with open(os.path.join(data_dir, "images", "b.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(features.FeatureStoreError, match="b.png"):
+        features.build_feature_store(data_dir, encoder, params, str(tmp_path / "bad"))
+    with pytest.raises(features.FeatureStoreError, match="no feature_index.json"):
+        features.FeatureStore.load(str(tmp_path / "bad"))

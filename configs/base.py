@@ -8,6 +8,7 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.method = "vital"  # or "medsynapse" (add its section with `medsynapse_section`, as configs/medsynapse_*.py do)
     c.seed = 0
     # Built-in synthetic assets (vital_jax/demo.py): PhantomVQA with `split_counts` phantoms per split (train, val,
     # test) and a small VLM pretrained on phantom image-text data: "shipped" (vital_jax/assets/phantom_vlm) or a
@@ -49,3 +50,23 @@ def get_config():
     c.logging = ml_collections.ConfigDict(dict(every_steps=10, peak_tflops_per_device=0.0, probe_every_steps=0,
                                                probe_record=""))
     return c
+
+
+def medsynapse_section():
+    """MedSynapse-V's fields (arXiv 2604.26283 §2-3 defaults); `c.medsynapse = medsynapse_section()`.
+
+    encoder: E_ana, "siglip" (MedSigLIP / SigLIP patch grid) or "sam" (SAM-1 ViT, MedSAM's architecture); its
+      directory is model.roi_encoder_dir (or the demo's SigLIP). store_dtype: of the stored feature maps.
+    regions: where Eq. 5's removed region comes from ("record": the dataset's masks; "encoder": a mask head), the
+      feature-cell coverage that puts a cell in a region, and how many regions are removed.
+    sampler: P_phi (N = 16 meta-queries, 2 cross-attention layers); output_rms scales its initial output to the
+      token embeddings' size (0 = plain LeCun init).
+    warmup: Stage I (Eq. 2), lr 2e-4 for 3 epochs, "sum" = the paper's summed answer NLL per example.
+    """
+    return ml_collections.ConfigDict(dict(
+        stages=("warmup",),
+        encoder=dict(kind="siglip", feature_layer="", dtype="float32", store_dtype="float32"),
+        regions=dict(source="record", threshold=0.5, top_k=1),
+        sampler=dict(num_queries=16, num_layers=2, num_heads=8, mlp_ratio=4, output_rms=0.02, dropout=0.0),
+        warmup=dict(lr=2e-4, epochs=3, weight_decay=0.01, warmup_ratio=0.03, max_grad_norm=1.0, reduction="sum"),
+    ))

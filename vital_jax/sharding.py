@@ -107,6 +107,8 @@ LINEAR_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     # SAM image encoder (MedSynapse-V's anatomical encoder): attn/qkv and attn/proj share the Qwen3-VL rules.
     (r"mlp/lin1", ("embed", "mlp")),
     (r"mlp/lin2", ("mlp", "embed")),
+    # MedSynapse-V's memory sampler P_phi: its attention and MLP share the rules above; d_f -> d_h out.
+    (r"output_proj", ("embed", None)),
     # VITAL scaffolding: pj_in/proj, visual_projector/fc1, fc2. The heads run as their own root modules, so the
     # rules match the module name alone (that is the path `constrain_weight` sees); "attn/proj" matched above.
     (r"proj", ("embed", None)),

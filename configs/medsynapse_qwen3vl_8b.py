@@ -1,0 +1,21 @@
+"""MedSynapse-V's recipe (arXiv 2604.26283, §3 implementation details): Qwen3-VL-8B-Instruct, a frozen anatomical
+encoder, P_phi with N = 16 meta-queries and 2 layers; Stage I lr 2e-4 for 3 epochs.
+
+The paper's E_ana is MedSAM3; vital_jax offers SAM-1 ViT (MedSAM v1's architecture) and (Med)SigLIP (README,
+"MedSynapse-V"). Point the paths at local checkpoints and the built dataset:
+    python -m vital_jax.train --config=configs/medsynapse_qwen3vl_8b.py --workdir=/ckpt/medsynapse_8b \\
+        --config.model.backbone_dir=/models/Qwen3-VL-8B-Instruct --config.model.roi_encoder_dir=/models/medsam_vit_b \\
+        --config.data.data_dir=/data/vital_61k
+"""
+
+from configs import base, vital_qwen3vl_8b
+
+
+def get_config():
+    c = vital_qwen3vl_8b.get_config()
+    c.method = "medsynapse"
+    c.medsynapse = base.medsynapse_section()
+    c.medsynapse.encoder.kind = "sam"
+    c.medsynapse.encoder.store_dtype = "float16"  # 64 x 64 x 256 per image: 2 MiB instead of 4
+    c.data.batch_size = 32
+    return c

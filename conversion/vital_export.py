@@ -36,7 +36,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     """Merge LoRA and write the serving directory; returns {"model": out_dir, "files": [...]}."""
     import ml_dtypes
 
-    from vital_jax.inference import load_run
+    from vital_jax.run import load_run
 
     run = load_run(workdir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)

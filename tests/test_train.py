@@ -199,7 +199,7 @@ def test_workdirs_written_before_a_config_field_existed_resume_only_with_its_old
 
 
 def test_a_checkpoint_with_bf16_adapters_restores_into_float32_master_weights(tmp_path):
-    """Checkpoints written before issue #18 hold bf16 adapters and moments: resuming a run and `inference.load_run`
+    """Checkpoints written before issue #18 hold bf16 adapters and moments: resuming a run and `run.load_run`
     (which unflattens the raw saved arrays) both give the float32 trees that training now keeps."""
     import jax
     import jax.numpy as jnp

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vital_jax.inference import Predictor, load_run
+from vital_jax.inference import Predictor
+from vital_jax.run import load_run
 
 
 @pytest.fixture(scope="module")

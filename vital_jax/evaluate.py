@@ -70,7 +70,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
     from vital_jax.eval.benchmarks import default_split
-    from vital_jax.inference import Predictor, load_run
+    from vital_jax.inference import Predictor
+    from vital_jax.run import load_run
     from vital_jax.observability import ProgressReporter
 
     figures.check_format(figure_format)
@@ -146,7 +147,7 @@ def main(argv):
             raise app.UsageError(f"--{name} is required")
     if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
         raise app.UsageError("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
-    from vital_jax.inference import load_run
+    from vital_jax.run import load_run
 
     run = load_run(_CHECKPOINT.value)
     ks = list(range(run.model.config.k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]

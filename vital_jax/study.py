@@ -237,7 +237,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     """Train + evaluate one (row, seed), or return its saved result (results.json is written last)."""
     from vital_jax import train as train_lib
     from vital_jax.evaluate import evaluate
-    from vital_jax.inference import load_run
+    from vital_jax.run import load_run
 
     run_dir = os.path.join(runs_dir, row, f"seed{seed}")
     result_path = os.path.join(run_dir, RESULTS_FILE)

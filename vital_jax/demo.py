@@ -20,9 +20,7 @@ import dataclasses
 import json
 import os
 
-from absl import logging
-
-from vital_jax import assets, demo_assets
+from vital_jax import assets, cli, demo_assets
 from vital_jax import run as run_lib
 from vital_jax.run import SHIPPED
 
@@ -32,7 +30,7 @@ def _pretrain_here(pretrain_dir: str, demo) -> None:
 
     pre_config = pretrain.default_config(demo.pretrain)
     pre_config.seed = demo.seed
-    logging.info("demo: pretraining a small Qwen3-VL and Qwen3 on phantom image-text data in %s", pretrain_dir)
+    cli.status(f"demo: pretraining a small Qwen3-VL and Qwen3 on phantom image-text data in {pretrain_dir}...")
     summary = pretrain.pretrain(pre_config, pretrain_dir)
     if summary["preempted"]:
         raise RuntimeError(f"demo pretraining in {pretrain_dir} was interrupted; rerun to resume it")
@@ -63,12 +61,13 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
     data_cfg.phantoms.size = demo.phantom_size
     data_cfg.phantoms.split_counts = tuple(demo.split_counts)
     data_cfg.phantoms.modalities = tuple(demo.modalities)
-    logging.info("demo: building PhantomVQA in %s", paths.data_dir)
+    cli.status(f"demo: building the PhantomVQA dataset ({sum(demo.split_counts)} phantoms) in {paths.data_dir}...")
     build(data_cfg)
     if not os.path.exists(os.path.join(paths.encoder_dir, "config.json")):
+        cli.status("demo: writing a small random SigLIP as the ROI encoder...")
         demo_assets.write_tiny_siglip(paths.encoder_dir, seed=demo.seed + 2)
     if records.load_roi_arrays(paths.data_dir) is None:
-        logging.info("demo: extracting ROI features with the tiny SigLIP")
+        cli.status("demo: extracting ROI features with it...")
         # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
         extract_dataset_rois(paths.data_dir, paths.encoder_dir, batch_size=16, global_features=True)
     with open(done, "w") as f:
@@ -86,11 +85,12 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     from vital_jax.evaluate import evaluate
     from vital_jax.explain import explain_example
 
-    workdir = os.path.abspath(workdir)
-    run = run_lib.load_run(workdir)
-    k_max = run.model.config.k_max
     from vital_jax.data.records import RECORDS_FILE, read_records
 
+    workdir = os.path.abspath(workdir)
+    cli.status("demo: loading the trained run for evaluation...")
+    run = run_lib.load_run(workdir)
+    k_max = run.model.config.k_max
     recs = read_records(os.path.join(run.paths.data_dir, RECORDS_FILE))
     split = "test" if any(r.split == "test" for r in recs) else "val"
     eval_dir = os.path.join(workdir, "eval")
@@ -98,9 +98,11 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
                          limit=eval_limit, run=run, latency_examples=8)
     example = next(r for r in recs if r.split == split)
     explain_dir = os.path.join(workdir, "explain")
+    cli.status(f"demo: explaining one {split} example (decoded latent steps, heatmaps)...")
     explanation = explain_example(run, os.path.join(run.paths.data_dir, example.image), example.question,
                                   explain_dir, k_max)
     export_dir = os.path.join(workdir, "export_hf")
+    cli.status(f"demo: exporting the run to HF format in {export_dir}...")
     vital_export.export_run(workdir, export_dir)
 
     from vital_jax.eval.floors import floors

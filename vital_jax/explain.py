@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from vital_jax import cli
 from vital_jax.eval import figures
 
 def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: str, answer: str,
@@ -114,21 +115,37 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
 
 
 def main(argv):
-    del argv
-    if _CHECKPOINT.value is None or _OUT.value is None:
-        raise app.UsageError("--checkpoint and --out are required")
-    from vital_jax.run import load_run
+    from vital_jax.checkpoint import CheckpointError
+    from vital_jax.models.hf_config import ConfigError
+    from vital_jax.run import load_run, read_config
 
-    run = load_run(_CHECKPOINT.value)
-    if _DATA_DIR.value:
-        matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
+    cli.no_positional(argv)
+    cli.require(checkpoint=_CHECKPOINT.value, out=_OUT.value)
+    dataset = bool(_DATA_DIR.value)
+    if not dataset and (not _IMAGE.value or _QUESTION.value is None):
+        cli.usage("give --image and --question (or --data_dir for dataset mode)")
+    for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value)):
+        if path and not os.path.exists(path):
+            cli.usage(f"--{flag}={path}: no such file or directory")
+    cli.quiet_libraries()
+    try:
+        k_max = int(read_config(_CHECKPOINT.value).vital.k_max)  # the recorded config: no model loaded yet
+        k = _LATENT_STEPS.value
+        if k is not None and not 0 <= k <= k_max:
+            cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this run")
+        cli.status(f"loading the run in {_CHECKPOINT.value}...")
+        run = load_run(_CHECKPOINT.value)
+        if dataset:
+            cli.status(f"answering the {_SPLIT.value} split at K={k_max} and averaging the step similarity...")
+            matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
+                                     figure_format=_FIGURE_FORMAT.value)
+            print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
+            return 0
+        cli.status("answering, decoding the latent steps and drawing their heatmaps (compiling first)...")
+        result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, k, _ENCODER_DIR.value,
                                  figure_format=_FIGURE_FORMAT.value)
-        print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
-        return 0
-    if not _IMAGE.value or _QUESTION.value is None:
-        raise app.UsageError("give --image and --question (or --data_dir for dataset mode)")
-    result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, _LATENT_STEPS.value,
-                             _ENCODER_DIR.value, figure_format=_FIGURE_FORMAT.value)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        cli.fail(e)
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
@@ -154,4 +171,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

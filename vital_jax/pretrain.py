@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 
@@ -550,9 +549,7 @@ def main(argv):
     try:
         summary = pretrain(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, corpus_lib.CorpusError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
     if summary["preempted"]:
         print("preempted; rerun the same command to resume")
         return

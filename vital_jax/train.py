@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -28,6 +27,7 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo, distributed, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.cli import NonFiniteLossError
+from vital_jax.jsonio import atomic_write
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.observability import MetricsLogger, peak_flops_per_device
 from vital_jax.run import build_model, resolve_paths
@@ -151,7 +151,7 @@ def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]
             found = ckpt.restore_latest(state)
         if found is not None:
             step, state, data_state = found
-            logging.info("phase %d: resuming from step %d", phase, step)
+            cli.status(f"phase {phase}: resuming from step {step}")
             return phase, state, data_state
     return 1, state, None
 
@@ -181,6 +181,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
     roi_dim = int(roi["features"].shape[1])
+    cli.status(f"loading the backbone and decoder ({paths.backbone_dir}, {paths.decoder_dir})...")
     model, params = build_model(config, paths, roi_dim)
     steps_per_phase = phase_steps(config, paths.data_dir)
     if not all(steps_per_phase):
@@ -214,11 +215,11 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
 
         probe = Probe(model, config, paths, mesh)
     pipe_cfg = pipeline_config(config)
-    logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
+    cli.status(f"training {total} steps over {len(steps_per_phase)} phases {tuple(steps_per_phase)}")
     resume_phase, state, data_state = resume_point(config, workdir, state)
     if logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped: each step once
         logger.jsonl.rewind(int(state.step))
-    recorded = False
+    recorded = compiled = False
     last_metrics: dict = {}
     phase_start = 0
     for phase, (max_k, n_steps) in enumerate(zip(config.curriculum.max_k, steps_per_phase), start=1):
@@ -246,6 +247,9 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             batch_np = next(iterator)
             check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
             batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
+            if not compiled:
+                cli.status("compiling the train step (the first step waits for it)...")
+                compiled = True
             with jax.set_mesh(mesh):
                 state, metrics = step_fn(state, frozen, batch)
             step = int(state.step)
@@ -294,18 +298,39 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     return {"preempted": False, "step": int(state.step), "metrics": last_metrics, "paths": dataclasses.asdict(paths)}
 
 
+SUMMARY_FILE = "train_summary.json"
+
+
+def format_summary(summary: dict, workdir: str, phases: int) -> str:
+    """What a finished (or preempted) run tells its user: where it stopped, its last losses and where things are."""
+    if summary["preempted"]:
+        return f"preempted at step {summary['step']}: checkpoint saved in {workdir}; rerun the same command to resume"
+    line = f"training finished at step {summary['step']}"
+    m = summary.get("metrics") or {}
+    if "loss" in m:
+        parts = [f"{name.removesuffix('_loss')} {m[name]:.4f}" for name in ("task_loss", "text_loss", "visual_loss")
+                 if name in m]
+        line += f"; last logged loss {m['loss']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
+    return "\n".join([line, f"  checkpoints  {workdir}/phase_1 .. phase_{phases}",
+                      f"  metrics      {workdir}/metrics.jsonl, TensorBoard: {workdir}/tensorboard",
+                      f"  summary      {workdir}/{SUMMARY_FILE}"])
+
+
 def main(argv):
+    from vital_jax.data.pipeline import PipelineError
+
     cli.begin(argv, _CONFIG, _WORKDIR)
+    workdir = os.path.abspath(_WORKDIR.value)
     try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
-    config = _CONFIG.value
-    if config.demo.enabled and config.demo.finish and not summary["preempted"]:
-        demo.finish(_WORKDIR.value)
+        summary = train(_CONFIG.value, workdir)
+        if distributed.is_primary():
+            atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+        print(format_summary(summary, workdir, len(_CONFIG.value.curriculum.max_k)), flush=True)
+        config = _CONFIG.value
+        if config.demo.enabled and config.demo.finish and not summary["preempted"]:
+            demo.finish(workdir)
+    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, FileNotFoundError) as e:
+        cli.fail(e)
 
 
 if __name__ == "__main__":

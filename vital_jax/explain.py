@@ -133,6 +133,11 @@ def main(argv):
         k = _LATENT_STEPS.value
         if k is not None and not 0 <= k <= k_max:
             cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this run")
+        if dataset:
+            from vital_jax.data.records import RECORDS_FILE, read_records
+
+            if not any(r.split == _SPLIT.value for r in read_records(os.path.join(_DATA_DIR.value, RECORDS_FILE))):
+                cli.usage(f"--split={_SPLIT.value}: {_DATA_DIR.value} has no records in that split")
         cli.status(f"loading the run in {_CHECKPOINT.value}...")
         run = load_run(_CHECKPOINT.value)
         if dataset:

@@ -40,7 +40,7 @@ _WORKDIR = None
 
 
 def _define_flags():
-    """Flags exist only when this module runs as a program (importing it, as evaluate/explain do, defines none)."""
+    """Flags exist only when this module runs as a program (importing it, as the study does, defines none)."""
     global _CONFIG, _WORKDIR
     _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
                                               lock_config=True)

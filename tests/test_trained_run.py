@@ -179,11 +179,12 @@ def _command(module, *args):
 def test_evaluate_command_prints_its_headline_numbers_and_no_library_logging(workdir, tmp_path):
     run_data = load_run(workdir).paths.data_dir
     res = _command("vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=phantom_vqa",
-                   f"--data_dir={run_data}", "--latent_steps=2", "--limit=8", "--latency_examples=1",
+                   f"--data_dir={run_data}", "--latent_steps=2", "--latency_examples=1",
                    f"--out={tmp_path / 'eval'}")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.load(open(tmp_path / "eval" / "phantom_vqa.metrics.json"))
     out = res.stdout
+    assert metrics["closed"]["count"] and metrics["open"]["count"], metrics  # the test split has both kinds
     assert f"phantom_vqa, test split, K=2: {metrics['count']} questions" in out
     assert f"{100 * metrics['closed_accuracy']:.1f}%, n={metrics['closed']['count']}; floors: majority answer" in out
     assert "majority per type" in out and "accuracy = the normalised answer" in out

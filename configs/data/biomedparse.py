@@ -1,7 +1,8 @@
 """A BiomedParse-layout folder pair -> a vital_jax dataset, answered offline by the geometry teacher.
 
     python -m vital_jax.data.build --config=configs/data/biomedparse.py --config.out_dir=/data/vital_bp \
-        --config.biomedparse.image_dir=/data/BiomedParse/train --config.biomedparse.mask_dir=/data/BiomedParse/train_mask
+        --config.biomedparse.image_dir=/data/BiomedParse/train \
+        --config.biomedparse.mask_dir=/data/BiomedParse/train_mask
 
 Images are `NAME_MODALITY_SITE.png` and masks `NAME_MODALITY_SITE_TARGET.png` (0/255; '+' stands for a space in
 the target name), as in BiomedParse's release (vital_jax.data.ingest); modality and site come from the names.

@@ -8,13 +8,14 @@ files, loadable with transformers' `from_pretrained`. Tensors are produced and w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from vital_jax import cli
+from vital_jax.checkpoint import CheckpointError
 from vital_jax.models import hf_config, hf_mapping, model_dir, registry, safetensors_io
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -49,7 +50,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m conversion.flax_to_hf",
         description="Export a vital_jax Flax model directory (from conversion.hf_to_flax) to a HuggingFace "
                     "checkpoint directory that transformers' from_pretrained loads.")
@@ -61,18 +62,22 @@ def main(argv=None) -> int:
                         help="dtype of the written tensors (default float32)")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        cli.usage(f"--checkpoint={args.checkpoint}: no such directory")
+    cli.quiet_libraries()
     try:
         from conversion import vital_export
 
         if vital_export.is_training_workdir(args.checkpoint):
+            cli.status(f"loading the VITAL run in {args.checkpoint}, merging LoRA and writing {args.out}...")
             result = vital_export.export_run(args.checkpoint, args.out, args.dtype)
             print(f"exported the VITAL run {args.checkpoint} (LoRA merged) to {args.out}: "
                   f"{', '.join(result['files'])} + scaffolding/")
             return 0
         files = export(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
-    except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError, CheckpointError,
+            ValueError) as e:
+        cli.fail(e)
     print(f"exported {args.checkpoint} to {args.out}: {', '.join(files)}")
     return 0
 

@@ -9,10 +9,11 @@ config.json + an orbax checkpoint of the params + the tokenizer/processor files 
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
 
+from vital_jax import cli
 from vital_jax.models import hf_config, model_dir, registry
 from vital_jax.models.hf_mapping import ConversionError
 from vital_jax.models.safetensors_io import SafetensorsError
@@ -32,7 +33,7 @@ def convert(hf_dir: str, out_dir: str, param_dtype: str = "float32") -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m conversion.hf_to_flax",
         description="Convert a HuggingFace checkpoint directory (config.json + *.safetensors) into a vital_jax "
                     "Flax model directory (config.json + orbax params + tokenizer files). Supported model types: "
@@ -42,12 +43,13 @@ def main(argv=None) -> int:
     parser.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],
                         help="storage dtype of the converted parameters (default float32)")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.hf_dir):
+        cli.usage(f"--hf_dir={args.hf_dir}: no such directory")
     start = time.time()
     try:
         summary = convert(args.hf_dir, args.out, args.param_dtype)
     except (ConversionError, SafetensorsError, hf_config.ConfigError, model_dir.ModelDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        cli.fail(e)
     print(f"converted {summary['family']} ({summary['parameters']:,} parameters) from {args.hf_dir} "
           f"to {args.out} in {time.time() - start:.1f}s; copied {', '.join(summary['copied_files'])}")
     return 0

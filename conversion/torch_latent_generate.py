@@ -1,6 +1,12 @@
 """VITAL inference in PyTorch on an exported HF model (python -m conversion.flax_to_hf --checkpoint=WORKDIR):
 prefix -> K latent steps -> greedy decoding, for users who serve with transformers.
 
+    python -m conversion.torch_latent_generate --model=EXPORT_DIR --image=scan.png --question="Where is the liver?"
+
+The command prepares the prompt as training did (vital_jax's image preprocessing, the export's
+preprocessor_config.json and the pixel budget recorded in vital.json, and its chat template), so it needs
+torch and transformers but not torchvision. From Python:
+
     from transformers import Qwen3VLForConditionalGeneration
     from conversion.torch_latent_generate import latent_generate
     model = Qwen3VLForConditionalGeneration.from_pretrained(export_dir).eval()
@@ -15,6 +21,9 @@ delta), and the first answer token comes from `lm_head(z_K)`. torch is imported 
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Sequence
 
 
@@ -53,3 +62,74 @@ def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps
             past, logits = out.past_key_values, out.logits[:, -1]
             position += 1
     return tokens
+
+
+def prepare_inputs(model_dir: str, image: str, question: str):
+    """(input_ids (1, T), pixel_values (N, 1536), image_grid_thw (1, 3)) as torch tensors, and the tokenizer, for
+    one image and question: the export's preprocessor settings, with the pixel budget the run was trained with
+    (vital.json's min_pixels / max_pixels, when the export records them)."""
+    import torch
+
+    from vital_jax.data.images import load_image
+    from vital_jax.models.qwen3_vl import preprocessing, prompt
+
+    settings = preprocessing.read_preprocessor_config(model_dir)
+    settings.update(_vital_json(model_dir).get("pixels", {}))
+    patches, grid = preprocessing.preprocess_image(load_image(image), **settings)
+    tokenizer = prompt.load_tokenizer(model_dir)
+    ids = prompt.tokenize_prompt(tokenizer, question, grid, merge_size=settings["merge_size"]).input_ids
+    return (torch.tensor(ids[None], dtype=torch.long), torch.tensor(patches), torch.tensor(grid[None]),
+            tokenizer)
+
+
+def _vital_json(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "vital.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{model_dir}: no vital.json; export a VITAL run with python -m conversion.flax_to_hf "
+                         "--checkpoint=WORKDIR --out=DIR")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    from vital_jax import cli
+
+    parser = cli.ArgumentParser(prog="python -m conversion.torch_latent_generate",
+                                description="Answer one image + question with an exported VITAL model in PyTorch "
+                                            "(transformers), K latent steps then greedy decoding.")
+    parser.add_argument("--model", required=True, help="an exported run (python -m conversion.flax_to_hf "
+                                                       "--checkpoint=WORKDIR --out=DIR)")
+    parser.add_argument("--image", required=True, help="image file (PNG, JPEG, 16-bit PNG, ...)")
+    parser.add_argument("--question", required=True, help="the question")
+    parser.add_argument("--latent_steps", type=int, default=None, help="K (default: the run's K_max)")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit (default 32)")
+    args = parser.parse_args(argv)
+    for flag, path in (("model", args.model), ("image", args.image)):
+        if not os.path.exists(path):
+            cli.usage(f"--{flag}={path}: no such file or directory")
+    try:
+        import torch  # noqa: F401
+        from transformers import Qwen3VLForConditionalGeneration
+    except ImportError as e:
+        cli.fail(f"{e}; this command needs torch and transformers (pip install torch transformers)")
+    from vital_jax.models.qwen3_vl import prompt
+
+    try:
+        k_max = int(_vital_json(args.model)["k_max"])
+        k = k_max if args.latent_steps is None else args.latent_steps
+        if not 0 <= k <= k_max:
+            cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this model")
+        input_ids, pixel_values, grid, tokenizer = prepare_inputs(args.model, args.image, args.question)
+    except ValueError as e:  # a malformed export or image: PromptError, ImageError, ImagePreprocessError
+        cli.fail(e)
+    print(f"loading {args.model} with transformers...", file=sys.stderr, flush=True)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(args.model).eval()
+    special = prompt.special_token_ids(tokenizer)
+    eos = (special[prompt.IM_END], special[prompt.ENDOFTEXT])
+    tokens = latent_generate(model, input_ids, pixel_values, grid, k, args.max_new_tokens, eos)
+    print(tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,8 @@
 
 Layout of the output directory:
   config.json, model.safetensors, tokenizer / preprocessor files   the deployable model (backbone + merged LoRA)
-  vital.json                     {"k_max", "image_token_id", ...}: what the latent loop needs at inference
+  vital.json                     {"k_max", "image_token_id", "pixels", ...}: what the latent loop and the prompt
+                                 need at inference (`torch_latent_generate`)
   scaffolding/decoder/           the auxiliary text decoder as a HF Qwen3 directory
   scaffolding/heads.safetensors  pj_in.* and visual_projector.* (Flax layout: kernels are (in, out))
 The scaffolding is for interpretability only; inference uses the top-level model and `torch_latent_generate`.
@@ -36,7 +37,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     """Merge LoRA and write the serving directory; returns {"model": out_dir, "files": [...]}."""
     import ml_dtypes
 
-    from vital_jax.inference import load_run
+    from vital_jax.run import load_run
 
     run = load_run(workdir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -62,7 +63,10 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     with open(os.path.join(out_dir, "vital.json"), "w") as f:
         json.dump({"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
                    "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
-                   "lora_merged": model.config.lora is not None}, f, indent=2)
+                   "lora_merged": model.config.lora is not None,
+                   # the pixel budget of training, which the export's preprocessor_config.json may not state
+                   "pixels": {"min_pixels": int(run.config.data.min_pixels),
+                              "max_pixels": int(run.config.data.max_pixels)}}, f, indent=2)
     scaffold = os.path.join(out_dir, "scaffolding")
     decoder_dir = os.path.join(scaffold, "decoder")
     os.makedirs(decoder_dir, exist_ok=True)

@@ -87,3 +87,20 @@ def test_reverse_curriculum_selects_hard_records_first(demo_assets):
     hard = select_records(data, "train", 4, 4)
     assert hard and all(r.latent_steps == 4 for _, r in hard)
     assert len(select_records(data, "train", 4, 2)) > len(hard)
+
+
+@pytest.mark.parametrize("name", ["demo_phantoms", "phantom_vqa", "biomedparse", "msd"])
+def test_data_configs_set_only_fields_the_builder_reads(name):
+    import importlib
+
+    from vital_jax.data.build_config import default_config
+
+    config = importlib.import_module(f"configs.data.{name}").get_config()
+    defaults = default_config()
+
+    def fields(c, prefix=""):
+        return {f"{prefix}{k}" for k, v in c.items()} | {f for k, v in c.items() if hasattr(v, "items")
+                                                         for f in fields(v, f"{prefix}{k}.")}
+
+    assert fields(config) == fields(defaults)
+    assert config.source in ("phantoms", "biomedparse", "msd", "dicom")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vital_jax import explain
+from vital_jax.eval import figures
 
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF-"}
 
@@ -36,7 +37,7 @@ def test_write_heatmaps_writes_each_step_and_the_summary_in_the_requested_format
 
 def test_step_figure_overlays_the_map_on_the_image_with_a_colour_bar():
     rgb, maps = _inputs()
-    fig = explain.step_figure(rgb, maps[1], "z2: the hot patch", value_range=(-0.1, 0.8))
+    fig = figures.step_figure(rgb, maps[1], "z2: the hot patch", value_range=(-0.1, 0.8))
     assert len(fig.axes) == 2                                        # the overlay and its colour bar
     ax, bar = fig.axes
     photo, heat = ax.images
@@ -44,28 +45,28 @@ def test_step_figure_overlays_the_map_on_the_image_with_a_colour_bar():
     assert heat.get_clim() == (-0.1, 0.8) and 0 < heat.get_alpha() < 1
     assert heat.get_extent() == [-0.5, 63.5, 47.5, -0.5]             # the 4x4 map covers the whole image
     assert bar.get_ylim() == pytest.approx((-0.1, 0.8)) and "cosine" in bar.get_ylabel()
-    assert explain.step_figure(rgb, maps[0], "z1").axes[0].images[1].get_clim() == (maps[0].min(), maps[0].max())
+    assert figures.step_figure(rgb, maps[0], "z1").axes[0].images[1].get_clim() == (maps[0].min(), maps[0].max())
 
 
 def test_summary_shares_one_colour_scale_and_wraps_captions_at_words():
     rgb, maps = _inputs()
     texts = ["the liver lies in the upper left part of the image near the edge", "liver", "left"]
     question = "Where is the liver in this image, and on which side of the body does it lie?"
-    fig = explain.summary_figure(rgb, maps, question, "left upper quadrant", texts)
+    fig = figures.summary_figure(rgb, maps, question, "left upper quadrant", texts)
     assert len(fig.axes) == 1 + 3 + 1                                # image, K heatmaps, one colour bar
     heat_clims = {ax.images[1].get_clim() for ax in fig.axes[1:4]}
     assert heat_clims == {(maps.min(), maps.max())}
     for ax, expected in zip(fig.axes[:4], [f"Q: {question} A: left upper quadrant"] +
                             [f"z{i}: {t}" for i, t in enumerate(texts, start=1)]):
         lines = ax.get_title().split("\n")
-        assert all(len(line) <= explain.CAPTION_WIDTH for line in lines)
+        assert all(len(line) <= figures.CAPTION_WIDTH for line in lines)
         assert " ".join(lines).split() == expected.split()           # every word whole, nothing left out
     assert len(fig.axes[0].get_title().split("\n")) > 1
 
 
 def test_similarity_figure_is_titled_with_its_fixed_range():
     matrix = np.array([[1.0, 0.2, np.nan], [0.2, 1.0, -0.3], [np.nan, -0.3, 1.0]])
-    fig = explain.similarity_figure(matrix, "Latent step similarity (test, 6 records)")
+    fig = figures.similarity_figure(matrix, "Latent step similarity (test, 6 records)")
     ax, bar = fig.axes
     assert ax.images[0].get_clim() == (-1.0, 1.0) and bar.get_ylim() == (-1.0, 1.0)
     assert ax.get_title().startswith("Latent step similarity (test, 6 records)") and "-1 to 1" in ax.get_title()
@@ -74,5 +75,5 @@ def test_similarity_figure_is_titled_with_its_fixed_range():
 
 
 def test_heatmap_range_of_a_constant_map_is_not_empty():
-    lo, hi = explain.heatmap_range(np.full((2, 3, 3), 0.4))
+    lo, hi = figures.heatmap_range(np.full((2, 3, 3), 0.4))
     assert lo < 0.4 < hi

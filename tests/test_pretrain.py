@@ -112,7 +112,7 @@ def test_pretrained_backbone_loads_in_transformers_and_converts_back_with_parity
     from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index
     from vital_jax.models.qwen3_vl import params as vl_params
     from vital_jax.models.qwen3_vl import vision_inputs
-    from vital_jax.train import load_weights
+    from vital_jax.run import load_weights
 
     workdir, summary = quick_run
     hf_dir = pretrain.hf_dir(workdir, "backbone")

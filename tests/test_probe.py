@@ -19,17 +19,17 @@ from vital_jax.models.hf_config import ConfigError
 
 
 def test_heatmap_images_are_the_explain_step_figures_on_one_colour_scale():
-    from vital_jax import explain
+    from vital_jax.eval import figures
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
     maps = rng.normal(size=(2, 3, 3)).astype(np.float32)
     images = probe_lib.heatmap_images(image, maps, ["left kidney", "bright"])
     assert len(images) == 2 and all(i.dtype == np.uint8 and i.ndim == 3 and i.shape[-1] == 3 for i in images)
-    # Step 1 drawn by explain on the range of both maps (not its own): the same pixels.
-    shared = explain.step_figure(image, maps[0], "z1: left kidney", explain.heatmap_range(maps))
+    # Step 1 drawn as explain draws it, on the range of both maps (not its own): the same pixels.
+    shared = figures.step_figure(image, maps[0], "z1: left kidney", figures.heatmap_range(maps))
     np.testing.assert_array_equal(images[0], probe_lib.figure_rgb(shared))
-    own = explain.step_figure(image, maps[0], "z1: left kidney")
+    own = figures.step_figure(image, maps[0], "z1: left kidney")
     assert not np.array_equal(images[0], probe_lib.figure_rgb(own))
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vital_jax.inference import Predictor, load_run
+from vital_jax.inference import Predictor
+from vital_jax.run import load_run
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,45 @@ def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path,
     for path in ("eval/k_sweep.png", "eval/summary.md", "explain/summary.png", "export_hf/model.safetensors",
                  "export_hf/scaffolding/heads.safetensors"):
         assert (copy / path).exists(), path
+
+
+def _command(module, *args):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=repo,
+                          env=dict(os.environ, PYTHONPATH=repo), timeout=600)
+
+
+def test_evaluate_command_prints_its_headline_numbers_and_no_library_logging(workdir, tmp_path):
+    run_data = load_run(workdir).paths.data_dir
+    res = _command("vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=phantom_vqa",
+                   f"--data_dir={run_data}", "--latent_steps=2", "--latency_examples=1",
+                   f"--out={tmp_path / 'eval'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "eval" / "phantom_vqa.metrics.json"))
+    out = res.stdout
+    assert metrics["closed"]["count"] and metrics["open"]["count"], metrics  # the test split has both kinds
+    assert f"phantom_vqa, test split, K=2: {metrics['count']} questions" in out
+    assert f"{100 * metrics['closed_accuracy']:.1f}%, n={metrics['closed']['count']}; floors: majority answer" in out
+    assert "majority per type" in out and "accuracy = the normalised answer" in out
+    assert all(f"  {qtype} " in out for qtype in metrics["per_question_type"])
+    assert "loading the run" in res.stderr and "compiling generation" in res.stderr
+    assert "Traceback" not in res.stderr and not any(line[:1] == "I" and line[1:5].isdigit()
+                                                     for line in res.stderr.splitlines()), res.stderr[-3000:]
+
+
+def test_torch_latent_generate_command_answers_as_vital_jax_does(workdir, tmp_path):
+    from conversion import vital_export
+
+    run = load_run(workdir)
+    vital_export.export_run(workdir, str(tmp_path / "export"))
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[1])
+    question = "Is there a kidney in the image?"
+    res = _command("conversion.torch_latent_generate", f"--model={tmp_path / 'export'}", f"--image={image}",
+                   f"--question={question}", "--latent_steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = Predictor(run, batch_size=1, max_new_tokens=32).answer([image], [question], 2)[0][0]
+    assert res.stdout.strip() == expected

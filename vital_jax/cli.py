@@ -1,16 +1,109 @@
-"""What the config + workdir commands (train, pretrain, study) share at start-up."""
+"""What the commands share: flag parsing whose errors are one line, quiet third-party logging, progress lines,
+one-line failures, and (for train and pretrain) SIGTERM handling.
+
+Output convention: progress goes to stderr as plain lines (`status`, and the training progress of
+`observability.ProgressReporter`), results to stdout; a failure the user can fix (a flag, a file, a value) is one
+line `error: ...` on stderr and a non-zero exit status, never a traceback.
+"""
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+import argparse
+import os
+import signal
+import sys
+from typing import NoReturn
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+HELP_HINT = "(--help lists the flags)"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the batch's records."""
+
+
+def fail(message, code: int = 1) -> NoReturn:
+    """Exit with one line `error: <message>` on stderr."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def usage(message: str) -> NoReturn:
+    """A wrong or missing argument: one line and exit status 2, as for an unknown flag."""
+    fail(f"{message} {HELP_HINT}", 2)
+
+
+def status(message: str) -> None:
+    """A progress line on stderr ("compiling the train step..."), from the primary process only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """WARNING verbosity for absl logging unless --verbosity was given: orbax (and grain) log every checkpoint
+    save and restore at INFO. Our own progress lines are printed (`status`), so they still show."""
+    if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def no_positional(argv) -> None:
+    if len(argv) > 1:
+        usage(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def require(**values) -> None:
+    """Each keyword names a flag that must have been given (its value is not None)."""
+    missing = [f"--{name}" for name, value in values.items() if value is None]
+    if missing:
+        usage(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
 def begin(argv, config_flag, workdir_flag) -> None:
-    """No positional arguments, --config and --workdir given, and WARNING verbosity unless --verbosity was set
-    (orbax logs every save at INFO; progress lines come from the MetricsLogger instead)."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if config_flag.value is None or workdir_flag.value is None:
-        raise app.UsageError("--config and --workdir are required")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    """No positional arguments, --config and --workdir given, and third-party logging quiet (`quiet_libraries`;
+    progress lines come from the MetricsLogger and `status` instead)."""
+    no_positional(argv)
+    require(config=config_flag.value, workdir=workdir_flag.value)
+    try:  # ml_collections reports a config file that failed to load only when the config is first used
+        config_flag.value.keys()
+    except OSError as e:
+        path = config_flags.get_config_filename(flags.FLAGS[config_flag.name]).split(":", 1)[0]  # no ":variant"
+        why = "no such file" if not os.path.exists(path) else " ".join(str(e).split())
+        fail(f"--config={path}: {why}", 2)
+    quiet_libraries()
+
+
+def parse_flags(argv):
+    """absl flag parsing with a readable message for an unknown `--config.FIELD` (ml_collections raises a bare
+    AttributeError/KeyError deep in its override code)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        fail(f"unknown config field in {overrides}: {e}. See configs/base.py for every field.", 2)
+    except flags.Error as e:
+        usage(" ".join(str(e).split()))
+    except Exception as e:  # noqa: BLE001 - a config file that fails to load (ml_collections re-raises its error)
+        fail(f"{type(e).__name__}: {' '.join(str(e).split())}", 2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the commands' one-line errors (argparse prints its usage block and the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage(message)
+
+
+class Preemption:
+    """SIGTERM sets a flag; the training loop saves a checkpoint at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True

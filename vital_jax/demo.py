@@ -1,4 +1,5 @@
-"""The demo's built-in assets: PhantomVQA with ROI features and a small VLM pretrained here, then the finish.
+"""The demo, orchestrated from above by `python -m vital_jax.train --config=configs/demo.py`: its assets before
+training (`prepare`), then evaluation, an explanation and the HF export after it (`finish`).
 
 `prepare(workdir, demo_config)` builds, under `workdir/demo/` (each step skipped when its output exists, so a
 rerun or a resumed run reuses them):
@@ -9,20 +10,19 @@ rerun or a resumed run reuses them):
                 (`pretrain.default_config(variant)`, e.g. "demo", "quick") run here into `pretrain/`.
   data/         PhantomVQA (configs/data/phantom_vqa.py) with `demo.split_counts` phantoms per split, then ROI
                 features from a small random SigLIP (roi_encoder/)
-Nothing is downloaded. A user with real checkpoints and data sets `config.demo.enabled = False` and the paths.
+and records them in READY.json, where `run.resolve_paths` finds them. Nothing is downloaded. A user with real
+checkpoints and data sets `config.demo.enabled = False` and the paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
-from absl import logging
-
-from vital_jax import assets, demo_assets
-
-
-SHIPPED = "shipped"  # config.demo.pretrain value: start from vital_jax.assets.phantom_vlm()
+from vital_jax import assets, cli, demo_assets
+from vital_jax import run as run_lib
+from vital_jax.run import SHIPPED
 
 
 def _pretrain_here(pretrain_dir: str, demo) -> None:
@@ -30,61 +30,49 @@ def _pretrain_here(pretrain_dir: str, demo) -> None:
 
     pre_config = pretrain.default_config(demo.pretrain)
     pre_config.seed = demo.seed
-    logging.info("demo: pretraining a small Qwen3-VL and Qwen3 on phantom image-text data in %s", pretrain_dir)
+    cli.status(f"demo: pretraining a small Qwen3-VL and Qwen3 on phantom image-text data in {pretrain_dir}...")
     summary = pretrain.pretrain(pre_config, pretrain_dir)
     if summary["preempted"]:
         raise RuntimeError(f"demo pretraining in {pretrain_dir} was interrupted; rerun to resume it")
 
 
-def prepare(workdir: str, demo) -> dict[str, str]:
-    """Build (or reuse) the demo assets; returns {data_dir, tokenizer_dir, backbone_dir, decoder_dir, encoder_dir}."""
+def prepare(workdir: str, demo) -> run_lib.Paths:
+    """Build (or reuse) the demo assets; returns their paths (`run.resolve_paths` reads them back later)."""
     from vital_jax.data import records
     from vital_jax.data.build import build
     from vital_jax.data.build_config import phantom_vqa_config
     from vital_jax.data.roi import extract_dataset_rois
 
-    root = os.path.join(os.path.abspath(workdir), "demo")
-    done = os.path.join(root, "READY.json")
+    root = os.path.join(os.path.abspath(workdir), run_lib.DEMO_DIR)
+    done = os.path.join(root, run_lib.DEMO_READY_FILE)
     if os.path.exists(done):  # paths are rebuilt from `root`, so a copied demo folder uses its own files
         with open(done) as f:
-            return _paths(root, json.load(f)["models"])
+            return run_lib.demo_paths(root, json.load(f)["models"])
     if demo.pretrain == SHIPPED:
         assets.phantom_vlm()  # fails now, naming what is missing, rather than later in training
     else:
         _pretrain_here(os.path.join(root, "pretrain"), demo)
     models = SHIPPED if demo.pretrain == SHIPPED else "pretrain"
-    paths = _paths(root, models)
+    paths = run_lib.demo_paths(root, models)
 
     data_cfg = phantom_vqa_config()
-    data_cfg.out_dir = paths["data_dir"]
+    data_cfg.out_dir = paths.data_dir
     data_cfg.seed = demo.seed
     data_cfg.phantoms.size = demo.phantom_size
     data_cfg.phantoms.split_counts = tuple(demo.split_counts)
     data_cfg.phantoms.modalities = tuple(demo.modalities)
-    logging.info("demo: building PhantomVQA in %s", paths["data_dir"])
+    cli.status(f"demo: building the PhantomVQA dataset ({sum(demo.split_counts)} phantoms) in {paths.data_dir}...")
     build(data_cfg)
-    if not os.path.exists(os.path.join(paths["encoder_dir"], "config.json")):
-        demo_assets.write_tiny_siglip(paths["encoder_dir"], seed=demo.seed + 2)
-    if records.load_roi_arrays(paths["data_dir"]) is None:
-        logging.info("demo: extracting ROI features with the tiny SigLIP")
+    if not os.path.exists(os.path.join(paths.encoder_dir, "config.json")):
+        cli.status("demo: writing a small random SigLIP as the ROI encoder...")
+        demo_assets.write_tiny_siglip(paths.encoder_dir, seed=demo.seed + 2)
+    if records.load_roi_arrays(paths.data_dir) is None:
+        cli.status("demo: extracting ROI features with it...")
         # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
-        extract_dataset_rois(paths["data_dir"], paths["encoder_dir"], batch_size=16, global_features=True)
+        extract_dataset_rois(paths.data_dir, paths.encoder_dir, batch_size=16, global_features=True)
     with open(done, "w") as f:
-        json.dump({"models": models, **paths}, f, indent=2)
+        json.dump({"models": models, **dataclasses.asdict(paths)}, f, indent=2)
     return paths
-
-
-def _paths(root: str, models: str) -> dict[str, str]:
-    """The demo's paths under `root`; models "shipped" (the package's pair) or "pretrain" (root/pretrain)."""
-    from vital_jax import pretrain
-
-    if models == SHIPPED:
-        backbone, decoder = assets.phantom_vlm().values()
-    else:
-        backbone = pretrain.hf_dir(os.path.join(root, "pretrain"), "backbone")
-        decoder = pretrain.hf_dir(os.path.join(root, "pretrain"), "decoder")
-    return {"data_dir": os.path.join(root, "data"), "tokenizer_dir": backbone, "backbone_dir": backbone,
-            "decoder_dir": decoder, "encoder_dir": os.path.join(root, "roi_encoder")}
 
 
 def finish(workdir: str, eval_limit: int | None = None) -> dict:
@@ -96,13 +84,13 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     from conversion import vital_export
     from vital_jax.evaluate import evaluate
     from vital_jax.explain import explain_example
-    from vital_jax.inference import load_run
 
-    workdir = os.path.abspath(workdir)
-    run = load_run(workdir)
-    k_max = run.model.config.k_max
     from vital_jax.data.records import RECORDS_FILE, read_records
 
+    workdir = os.path.abspath(workdir)
+    cli.status("demo: loading the trained run for evaluation...")
+    run = run_lib.load_run(workdir)
+    k_max = run.model.config.k_max
     recs = read_records(os.path.join(run.paths.data_dir, RECORDS_FILE))
     split = "test" if any(r.split == "test" for r in recs) else "val"
     eval_dir = os.path.join(workdir, "eval")
@@ -110,9 +98,11 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
                          limit=eval_limit, run=run, latency_examples=8)
     example = next(r for r in recs if r.split == split)
     explain_dir = os.path.join(workdir, "explain")
+    cli.status(f"demo: explaining one {split} example (decoded latent steps, heatmaps)...")
     explanation = explain_example(run, os.path.join(run.paths.data_dir, example.image), example.question,
                                   explain_dir, k_max)
     export_dir = os.path.join(workdir, "export_hf")
+    cli.status(f"demo: exporting the run to HF format in {export_dir}...")
     vital_export.export_run(workdir, export_dir)
 
     from vital_jax.eval.floors import floors

@@ -15,11 +15,11 @@ K is always explicit and logged; it is never inferred from the checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
 
+from vital_jax import cli
 
 
 DEFAULT_LATENCY_EXAMPLES = 64
@@ -70,22 +70,27 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
     from vital_jax.eval.benchmarks import default_split
-    from vital_jax.inference import Predictor, load_run
+    from vital_jax.inference import Predictor
+    from vital_jax.run import load_run, read_config
     from vital_jax.observability import ProgressReporter
 
     figures.check_format(figure_format)
-    run = run or load_run(checkpoint)
-    k_max = run.model.config.k_max
+    # Every argument is checked against the run's recorded config and the benchmark files before the model loads.
+    config = run.config if run is not None else read_config(checkpoint)
+    k_max = int(config.vital.k_max)
     bad = [k for k in latent_steps if k != RECORD_K and not (isinstance(k, int) and 0 <= k <= k_max)]
     if bad:
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run (or {RECORD_K!r})")
     split = split or default_split(benchmark)
     if max_new_tokens is None:
-        max_new_tokens = int(run.config.data.max_answer_tokens)
+        max_new_tokens = int(config.data.max_answer_tokens)
     examples = load_benchmark(benchmark, data_dir, split=split, limit=limit,
                               **({"format": data_format} if data_format != "auto" else {}))
     if not examples:
         raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
+    if run is None:
+        cli.status(f"loading the run in {checkpoint}...")
+        run = load_run(checkpoint)
     n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
     predictor = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
@@ -94,6 +99,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     record_steps = record_latent_steps(examples, run) if RECORD_K in latent_steps else None
     # The compiled program depends on the number of latent slots only; "record" runs the run's K cap of slots.
     slots = {k: (max(record_steps) if k == RECORD_K else k) for k in latent_steps}
+    cli.status(f"compiling generation for K in {sorted(set(slots.values()))} (one program per prompt length)...")
     predictor.warm_up(batches, sorted(set(slots.values())))
     single, singles = predictor, []
     if batch_size != 1 and n_timed:
@@ -109,7 +115,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
             return None if k != RECORD_K else record_steps[start:start + n]
 
         predictions, batched = [], []
-        progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 10))
+        progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 4))
         for prefix, n in batches:
             answers, _, ms = predictor.run_encoded(prefix, n, slots[k], steps_of(len(predictions), n))
             predictions += answers
@@ -139,24 +145,35 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
 
 
 def main(argv):
-    del argv
-    for name, flag in (("checkpoint", _CHECKPOINT), ("benchmark", _BENCHMARK), ("data_dir", _DATA_DIR),
-                       ("out", _OUT)):
-        if flag.value is None:
-            raise app.UsageError(f"--{name} is required")
-    if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
-        raise app.UsageError("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
-    from vital_jax.inference import load_run
+    from vital_jax.eval.errors import BenchmarkError
+    from vital_jax.eval.report import ACCURACY_MEANS, headline_text
+    from vital_jax.models.hf_config import ConfigError
+    from vital_jax.checkpoint import CheckpointError
+    from vital_jax.run import read_config
 
-    run = load_run(_CHECKPOINT.value)
-    ks = list(range(run.model.config.k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
-    ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
-    summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
-                         _LIMIT.value, _BATCH.value, _MAX_NEW.value, run=run,
-                         latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
-                         data_format=_DATA_FORMAT.value, figure_format=_FIGURE_FORMAT.value)
+    cli.no_positional(argv)
+    cli.require(checkpoint=_CHECKPOINT.value, benchmark=_BENCHMARK.value, data_dir=_DATA_DIR.value, out=_OUT.value)
+    if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
+        cli.usage("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
+    cli.quiet_libraries()
+    try:
+        k_max = int(read_config(_CHECKPOINT.value).vital.k_max)  # the recorded config: no model loaded yet
+        ks = list(range(k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
+        ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
+        summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
+                             _LIMIT.value, _BATCH.value, _MAX_NEW.value,
+                             latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
+                             data_format=_DATA_FORMAT.value, figure_format=_FIGURE_FORMAT.value)
+        majority_by_type = None
+        if _BENCHMARK.value == "phantom_vqa":
+            from vital_jax.eval.floors import floors
+
+            majority_by_type = floors(_DATA_DIR.value, summaries[0]["meta"]["split"])["closed"]["majority_by_type"]
+    except (ConfigError, CheckpointError, BenchmarkError, ValueError, FileNotFoundError) as e:
+        cli.fail(e)
     for s in summaries:
-        print(json.dumps({k: v for k, v in s.items() if not isinstance(v, (list, dict))}))
+        print(headline_text(s, majority_by_type))
+    print(f"({ACCURACY_MEANS})")
     print(f"reports written to {os.path.abspath(_OUT.value)}")
     return 0
 
@@ -193,4 +210,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -22,83 +22,18 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from matplotlib.cm import ScalarMappable
-from matplotlib.figure import Figure
 
+from vital_jax import cli
 from vital_jax.eval import figures
-
-HEATMAP_ALPHA = 0.5
-CAPTION_WIDTH = 34  # characters per caption line under a 2.6-inch panel
-
-
-def heatmap_range(maps: np.ndarray) -> tuple[float, float]:
-    """The colour scale of an example's heatmaps: lowest to highest cosine over all its K maps, shared by every
-    step so colours compare across steps (a constant map gets a small range around its value)."""
-    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
-    return (lo - 0.01, hi + 0.01) if hi <= lo else (lo, hi)
-
-
-def _overlay(ax, rgb: np.ndarray, heatmap: np.ndarray, value_range: tuple[float, float]):
-    """The (g, g) heatmap stretched over the image (bilinear), half transparent; returns its AxesImage."""
-    h, w = rgb.shape[:2]
-    ax.imshow(rgb)
-    image = ax.imshow(heatmap, cmap="viridis", vmin=value_range[0], vmax=value_range[1], alpha=HEATMAP_ALPHA,
-                      interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-    ax.set_axis_off()
-    return image
-
-
-def _colorbar(fig, image, ax) -> None:
-    """A colour bar of the heatmap's scale, drawn opaque (the overlay's transparency would wash it out)."""
-    bar = fig.colorbar(ScalarMappable(image.norm, image.cmap), ax=ax, fraction=0.046, shrink=0.85)
-    bar.set_label("cosine(VP(z_k), patch)")
-
-
-def step_figure(rgb: np.ndarray, heatmap: np.ndarray, caption: str,
-                value_range: tuple[float, float] | None = None) -> Figure:
-    """One step's heatmap (Figure 3): cosine of VP(z_k) to every MedSigLIP patch over the image, with a colour bar
-    in cosine units from `value_range` (default: this map's min to max) and the caption wrapped above it."""
-    fig, (ax,) = figures.new(size=(3.6, 3.4))
-    image = _overlay(ax, rgb, heatmap, value_range or heatmap_range(heatmap))
-    ax.set_title(figures.wrap(caption, CAPTION_WIDTH, max_lines=3), fontsize=9)
-    _colorbar(fig, image, ax)
-    return fig
-
-
-def summary_figure(rgb: np.ndarray, maps: np.ndarray, question: str, answer: str, step_texts: list[str],
-                   value_range: tuple[float, float] | None = None) -> Figure:
-    """Figure 3 for one example: the image under its question and answer, then one heatmap per step (K, g, g)
-    under the step's decoded text, with one colour bar for all steps (`value_range`, default `heatmap_range`)."""
-    k = len(maps)
-    fig, axes = figures.new(1, k + 1, size=(2.6 * (k + 1) + 0.8, 3.4))
-    axes[0].imshow(rgb)
-    axes[0].set_axis_off()
-    axes[0].set_title(figures.wrap(f"Q: {question} A: {answer}", CAPTION_WIDTH, max_lines=4), fontsize=9)
-    value_range = value_range or heatmap_range(maps)
-    for i, (ax, text) in enumerate(zip(axes[1:], step_texts), start=1):
-        image = _overlay(ax, rgb, maps[i - 1], value_range)
-        ax.set_title(figures.wrap(f"z{i}: {text}", CAPTION_WIDTH, max_lines=4), fontsize=9)
-    if k:
-        _colorbar(fig, image, list(axes[1:]))
-    return fig
-
-
-def similarity_figure(matrix: np.ndarray, title: str = "Latent step similarity") -> Figure:
-    """Figure 11: the (K, K) inter-step cosine similarity, colour scale fixed to -1..1 (`figures.similarity_matrix`)."""
-    k = matrix.shape[0]
-    fig, (ax,) = figures.new(size=(0.8 * k + 2.4, 0.8 * k + 1.4))
-    figures.similarity_matrix(fig, ax, matrix, title)
-    return fig
-
 
 def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: str, answer: str,
                    step_texts: list[str], figure_format: str = "png") -> list[str]:
     """step_<k>.<fmt> for each of the K maps, then summary.<fmt>, all on the same colour scale; returns the step
     figures' paths."""
-    value_range = heatmap_range(maps)
-    paths = [figures.save(step_figure(rgb, maps[i], f"z{i + 1}: {step_texts[i]}", value_range),
+    value_range = figures.heatmap_range(maps)
+    paths = [figures.save(figures.step_figure(rgb, maps[i], f"z{i + 1}: {step_texts[i]}", value_range),
                           os.path.join(out_dir, f"step_{i + 1}"), figure_format) for i in range(len(maps))]
-    figures.save(summary_figure(rgb, maps, question, answer, step_texts, value_range),
+    figures.save(figures.summary_figure(rgb, maps, question, answer, step_texts, value_range),
                  os.path.join(out_dir, "summary"), figure_format)
     return paths
 
@@ -142,7 +77,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
                                        "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
                                                                                   maps[i].shape)]})
     if k:
-        figures.save(similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
+        figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
                      figure_format)
     with open(os.path.join(out_dir, "explanation.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -174,27 +109,48 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
     with open(os.path.join(out_dir, "step_similarity.json"), "w") as f:
         json.dump({"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}, f,
                   indent=2)
-    figures.save(similarity_figure(matrix, f"Latent step similarity ({split}, {len(recs)} records)"),
+    figures.save(figures.similarity_figure(matrix, f"Latent step similarity ({split}, {len(recs)} records)"),
                  os.path.join(out_dir, "step_similarity"), figure_format)
     return matrix
 
 
 def main(argv):
-    del argv
-    if _CHECKPOINT.value is None or _OUT.value is None:
-        raise app.UsageError("--checkpoint and --out are required")
-    from vital_jax.inference import load_run
+    from vital_jax.checkpoint import CheckpointError
+    from vital_jax.models.hf_config import ConfigError
+    from vital_jax.run import load_run, read_config
 
-    run = load_run(_CHECKPOINT.value)
-    if _DATA_DIR.value:
-        matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
+    cli.no_positional(argv)
+    cli.require(checkpoint=_CHECKPOINT.value, out=_OUT.value)
+    dataset = bool(_DATA_DIR.value)
+    if not dataset and (not _IMAGE.value or _QUESTION.value is None):
+        cli.usage("give --image and --question (or --data_dir for dataset mode)")
+    for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value)):
+        if path and not os.path.exists(path):
+            cli.usage(f"--{flag}={path}: no such file or directory")
+    cli.quiet_libraries()
+    try:
+        k_max = int(read_config(_CHECKPOINT.value).vital.k_max)  # the recorded config: no model loaded yet
+        k = _LATENT_STEPS.value
+        if k is not None and not 0 <= k <= k_max:
+            cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this run")
+        if dataset:
+            from vital_jax.data.records import RECORDS_FILE, read_records
+
+            if not any(r.split == _SPLIT.value for r in read_records(os.path.join(_DATA_DIR.value, RECORDS_FILE))):
+                cli.usage(f"--split={_SPLIT.value}: {_DATA_DIR.value} has no records in that split")
+        cli.status(f"loading the run in {_CHECKPOINT.value}...")
+        run = load_run(_CHECKPOINT.value)
+        if dataset:
+            cli.status(f"answering the {_SPLIT.value} split at K={k_max} and averaging the step similarity...")
+            matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
+                                     figure_format=_FIGURE_FORMAT.value)
+            print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
+            return 0
+        cli.status("answering, decoding the latent steps and drawing their heatmaps (compiling first)...")
+        result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, k, _ENCODER_DIR.value,
                                  figure_format=_FIGURE_FORMAT.value)
-        print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
-        return 0
-    if not _IMAGE.value or _QUESTION.value is None:
-        raise app.UsageError("give --image and --question (or --data_dir for dataset mode)")
-    result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, _LATENT_STEPS.value,
-                             _ENCODER_DIR.value, figure_format=_FIGURE_FORMAT.value)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        cli.fail(e)
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
@@ -220,4 +176,4 @@ def _define_flags():
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

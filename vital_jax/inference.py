@@ -1,95 +1,27 @@
-"""Load a trained VITAL run and answer (image, question) pairs with any K: shared by evaluate, explain, export
-and the demo.
+"""Answer (image, question) pairs with a trained VITAL run (`run.load_run`) at any K: shared by evaluate,
+explain, the study and the demo.
 
-`load_run(workdir)` rebuilds the model from the run's saved config (`workdir/config.json`), reads the base
-weights from the configured checkpoints and the trained parameters (LoRA + scaffolding) from the latest
-checkpoint of the last phase that has one. `Predictor` batches examples into fixed shapes (prompt and patch
-buckets, `PromptEncoder`) so one compiled program serves every batch and every K <= K_max.
+`Predictor` batches examples into fixed shapes (prompt and patch buckets, `PromptEncoder`) so one compiled
+program serves every batch and every K <= K_max.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from vital_jax import checkpoint as ckpt_lib
 from vital_jax.data.images import load_image
 from vital_jax.data.pipeline import blind
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import preprocessing, prompt
-from vital_jax.vital import trainable
+from vital_jax.run import TrainedRun
 from vital_jax.vital.batch import prefix_inputs
 from vital_jax.vital.model import VitalModel
-
-
-@dataclasses.dataclass
-class TrainedRun:
-    config: ml_collections.ConfigDict
-    model: VitalModel
-    params: dict  # full parameters (backbone incl. LoRA, decoder, pj_in, visual_projector)
-    paths: object  # train.Paths
-    step: int
-
-
-def load_run(workdir: str) -> TrainedRun:
-    """Rebuild model and parameters of the training run in `workdir` (raises CheckpointError if none)."""
-    from vital_jax import train
-    from vital_jax.data.records import load_roi_arrays
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ckpt_lib.CheckpointError(f"{workdir}: no config.json; not a vital_jax training workdir")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    _tuples(config)
-    if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
-        config.model.scan_layers = False
-    if "blind_images" not in config.data:  # nor before the text-only control: images were always seen
-        config.data.blind_images = False
-    if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
-        config.vital.latent_input = "feedback"
-    paths = train.resolve_paths(config, workdir)
-    roi = load_roi_arrays(paths.data_dir)
-    roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152
-    model, params = train.build_model(config, paths, roi_dim)
-    mask = trainable.trainable_mask(params, config.vital.train_decoder)
-    train_params, frozen = trainable.split(params, mask)
-    for phase in range(len(config.curriculum.max_k), 0, -1):
-        directory = os.path.join(workdir, f"phase_{phase}")
-        if not os.path.isdir(directory):
-            continue
-        ckpt = ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False)
-        step = ckpt.latest_step()
-        if step is None:
-            ckpt.close()
-            continue
-        abstract = {"params": train_params}
-        flat = ckpt_lib.flatten_state(abstract)
-        import orbax.checkpoint as ocp
-
-        with ocp.StandardCheckpointer() as c:
-            saved = c.restore(os.path.join(directory, str(step), "state"))
-        restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
-        ckpt.close()
-        return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step)
-    raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
-
-
-def _tuples(config) -> None:
-    """JSON turns tuples into lists; the training config uses tuples for these fields."""
-    config.curriculum.max_k = tuple(config.curriculum.max_k)
-    config.curriculum.epochs = tuple(config.curriculum.epochs)
-    config.curriculum.min_k = tuple(config.curriculum.get("min_k", ()))
-    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
-    config.mesh.shape = tuple(config.mesh.shape)
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 
@@ -40,11 +39,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vital_jax import cli
+from vital_jax import run as run_lib
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo_assets
 from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
+from vital_jax.cli import NonFiniteLossError
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3ForCausalLM
 from vital_jax.models.qwen3.config import Qwen3Config
@@ -52,7 +53,6 @@ from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl import prompt as prompt_lib
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.observability import JsonlWriter, MetricsLogger, TensorBoardWriter
-from vital_jax.train import NonFiniteLossError, _Preemption
 from vital_jax.vital import latent, losses, trainable
 from vital_jax.vital.batch import prefix_inputs
 
@@ -119,8 +119,8 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
 
 
 def hf_dir(workdir: str, stage: str) -> str:
-    """Where a stage writes its HF checkpoint directory."""
-    return os.path.join(os.path.abspath(workdir), f"{stage}_hf")
+    """Where a stage writes its HF checkpoint directory (`run.pretrain_hf_dir`, where the demo looks too)."""
+    return run_lib.pretrain_hf_dir(workdir, stage)
 
 
 def train_parts_predicate(parts: str) -> Callable[[str], bool]:
@@ -512,7 +512,7 @@ def _pretrain(config, workdir: str, stop_after: tuple[str, int] | None) -> dict:
     start = time.perf_counter()
     corpus_dir = resolve_corpus(config, workdir)
     tokenizer_dir = os.path.join(corpus_dir, corpus_lib.TOKENIZER_DIR)
-    preemption = _Preemption()
+    preemption = cli.Preemption()
     builders = {"backbone": _backbone_stage, "decoder": _decoder_stage}
     summaries = {}
     for name in config.stages:
@@ -549,9 +549,7 @@ def main(argv):
     try:
         summary = pretrain(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, corpus_lib.CorpusError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
     if summary["preempted"]:
         print("preempted; rerun the same command to resume")
         return
@@ -560,9 +558,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vital_jax.train import parse_flags
-
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study/pretrain_phantom.py[:quick]",
                                               lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the HF directories go")
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

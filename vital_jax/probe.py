@@ -2,9 +2,9 @@
 
 Paper §3.3's two windows on the latent steps z_1..z_K, watched while the model trains:
 
-  probe/heatmap/z<k>   `explain`'s step figure: the example's image with cos(VP(z_k), encoder patch) overlaid,
-                       a colour bar, the decoded step as caption; needs the ROI encoder
-                       (`model.roi_encoder_dir`, the demo's own), text only without it
+  probe/heatmap/z<k>   `explain`'s step figure (`eval.figures.step_figure`): the example's image with
+                       cos(VP(z_k), encoder patch) overlaid, a colour bar, the decoded step as caption; needs the
+                       ROI encoder (`model.roi_encoder_dir`, the demo's own), text only without it
   probe/latent_steps   a Markdown table: what the auxiliary decoder reads from each z_k beside the teacher's
                        step, under the question, the model's answer and the reference answer
 
@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vital_jax import distributed
 from vital_jax.data.records import RECORDS_FILE, Record, read_records
+from vital_jax.eval import figures
 from vital_jax.generation import SamplingConfig
 from vital_jax.inference import PromptEncoder
 from vital_jax.models.hf_config import ConfigError
@@ -68,12 +69,10 @@ def figure_rgb(fig) -> np.ndarray:
 
 
 def heatmap_images(image_rgb: np.ndarray, maps: np.ndarray, step_texts: list[str]) -> list[np.ndarray]:
-    """One RGB array per latent step: `explain`'s step figure, the (g, g) map over the image in one colour scale
-    (cosine units) shared by the K maps, captioned with the step's decoded text."""
-    from vital_jax import explain
-
-    value_range = explain.heatmap_range(maps)
-    return [figure_rgb(explain.step_figure(image_rgb, heatmap, f"z{k}: {text}", value_range))
+    """One RGB array per latent step: the step figure `explain` draws (`figures.step_figure`), the (g, g) map over
+    the image in one colour scale (cosine units) shared by the K maps, captioned with the step's decoded text."""
+    value_range = figures.heatmap_range(maps)
+    return [figure_rgb(figures.step_figure(image_rgb, heatmap, f"z{k}: {text}", value_range))
             for k, (heatmap, text) in enumerate(zip(maps, step_texts), start=1)]
 
 

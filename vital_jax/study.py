@@ -36,6 +36,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vital_jax import cli
+from vital_jax.checkpoint import CheckpointError
+from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
 
 _CONFIG = None
@@ -237,7 +239,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     """Train + evaluate one (row, seed), or return its saved result (results.json is written last)."""
     from vital_jax import train as train_lib
     from vital_jax.evaluate import evaluate
-    from vital_jax.inference import load_run
+    from vital_jax.run import load_run
 
     run_dir = os.path.join(runs_dir, row, f"seed{seed}")
     result_path = os.path.join(run_dir, RESULTS_FILE)
@@ -481,9 +483,8 @@ def main(argv):
     config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/study/phantom.py")
     try:
         out = study(_CONFIG.value, _WORKDIR.value, config_arg)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (StudyError, ConfigError, CheckpointError) as e:
+        cli.fail(e)
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished run(s): {', '.join(out['reused'])}")
     print(f"report: {out['report']}")
@@ -492,4 +493,4 @@ def main(argv):
 if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study/phantom.py[:quick]", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "where data, pretrained models, runs and the report go")
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -16,8 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import sys
 
 import jax
 import numpy as np
@@ -26,20 +24,15 @@ from ml_collections import config_flags
 
 from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import distributed, sharding
+from vital_jax import demo, distributed, sharding
 from vital_jax import workdir as workdir_lib
-from vital_jax.layers.linear import LoraConfig
-from vital_jax.models import model_dir
+from vital_jax.cli import NonFiniteLossError
+from vital_jax.jsonio import atomic_write
 from vital_jax.models.hf_config import ConfigError
-from vital_jax.models.qwen3 import params as qwen3_params
-from vital_jax.models.qwen3.config import Qwen3Config
-from vital_jax.models.qwen3_vl import params as qwen3_vl_params
-from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.observability import MetricsLogger, peak_flops_per_device
+from vital_jax.run import build_model, resolve_paths
 from vital_jax.vital import accounting, trainable
 from vital_jax.vital.batch import check_token_ids
-from vital_jax.vital.config import VitalConfig
-from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
 
 _CONFIG = None
@@ -47,77 +40,11 @@ _WORKDIR = None
 
 
 def _define_flags():
-    """Flags exist only when this module runs as a program (importing it, as evaluate/explain do, defines none)."""
+    """Flags exist only when this module runs as a program (importing it, as the study does, defines none)."""
     global _CONFIG, _WORKDIR
     _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
                                               lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the resolved config go")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the batch's records."""
-
-
-@dataclasses.dataclass
-class Paths:
-    data_dir: str
-    tokenizer_dir: str
-    backbone_dir: str
-    decoder_dir: str
-    encoder_dir: str = ""
-
-
-def resolve_paths(config, workdir: str) -> Paths:
-    """Demo assets (built on first use) or the configured paths, each checked to exist."""
-    if config.demo.enabled:
-        from vital_jax import demo
-
-        p = demo.prepare(workdir, config.demo)
-        return Paths(p["data_dir"], p["tokenizer_dir"], p["backbone_dir"], p["decoder_dir"], p["encoder_dir"])
-    paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
-                  config.model.backbone_dir, config.model.decoder_dir, config.model.roi_encoder_dir)
-    for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
-                        ("model.backbone_dir", paths.backbone_dir), ("model.decoder_dir", paths.decoder_dir)):
-        if not path:
-            raise ConfigError(f"config.{field} is empty (or set config.demo.enabled=True for the built-in demo)")
-        if not os.path.isdir(path):
-            raise ConfigError(f"config.{field}={path!r} does not exist")
-    return paths
-
-
-def load_weights(directory: str, config, params_module) -> dict:
-    """A converted vital_jax directory (orbax) or a HF safetensors directory, in the layer layout of `config`.
-
-    params_module: `qwen3.params` or `qwen3_vl.params` (load_params, abstract_params, loop_layout_config,
-    to_layout). Converted directories hold the loop layout, like the HF checkpoints they came from.
-    """
-    if os.path.exists(os.path.join(directory, model_dir.META_FILE)):
-        loop_config = params_module.loop_layout_config(config)
-        params = model_dir.load_params(directory, params_module.abstract_params(loop_config))
-        scan = (config.text if hasattr(config, "text") else config).scan_layers
-        return params_module.to_layout(params, scan)
-    return params_module.load_params(directory, config)
-
-
-def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
-    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                     scan_layers=config.model.scan_layers)
-    backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
-    decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, dtype=config.model.dtype,
-                                                 param_dtype="float32", remat=config.model.remat,
-                                                 scan_layers=config.model.scan_layers)
-    v = config.vital
-    lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
-    vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
-                               roi_dim=roi_dim, vp_dropout=v.vp_dropout, visual_loss_reduction=v.visual_loss_reduction,
-                               visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
-                               train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap,
-                               latent_input=v.latent_input)
-    model = VitalModel(vital_config, backbone_config, decoder_config)
-    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params)
-    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params)
-    params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
-    return model, params
 
 
 def peak_flops(config) -> float | None:
@@ -199,18 +126,6 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.data: {e}") from e
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
-
-
 def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
     from vital_jax.data.records import RECORDS_FILE, read_records
 
@@ -236,7 +151,7 @@ def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]
             found = ckpt.restore_latest(state)
         if found is not None:
             step, state, data_state = found
-            logging.info("phase %d: resuming from step %d", phase, step)
+            cli.status(f"phase {phase}: resuming from step {step}")
             return phase, state, data_state
     return 1, state, None
 
@@ -259,11 +174,14 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
 
     config_json = json.loads(config.to_json_best_effort())
     workdir_lib.check_workdir_config(workdir, config_json, record=False)
+    if config.demo.enabled:  # the demo's dataset and models, built on first use
+        demo.prepare(workdir, config.demo)
     paths = resolve_paths(config, workdir)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
     roi_dim = int(roi["features"].shape[1])
+    cli.status(f"loading the backbone and decoder ({paths.backbone_dir}, {paths.decoder_dir})...")
     model, params = build_model(config, paths, roi_dim)
     steps_per_phase = phase_steps(config, paths.data_dir)
     if not all(steps_per_phase):
@@ -287,7 +205,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     frozen = sharding.shard(frozen, sharding.shardings_for(frozen, mesh))
     step_fn = jax.jit(functools.partial(train_step, model, optimizer, learning_rate_fn=schedule),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
-    preemption = _Preemption()
+    preemption = cli.Preemption()
     peak = peak_flops(config)
     logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital", peak_flops=peak)
     flops_account = accounting.account(model) if peak else None
@@ -297,11 +215,11 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
 
         probe = Probe(model, config, paths, mesh)
     pipe_cfg = pipeline_config(config)
-    logging.info("training %d steps over %d phases %s", total, len(steps_per_phase), steps_per_phase)
+    cli.status(f"training {total} steps over {len(steps_per_phase)} phases {tuple(steps_per_phase)}")
     resume_phase, state, data_state = resume_point(config, workdir, state)
     if logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped: each step once
         logger.jsonl.rewind(int(state.step))
-    recorded = False
+    recorded = compiled = False
     last_metrics: dict = {}
     phase_start = 0
     for phase, (max_k, n_steps) in enumerate(zip(config.curriculum.max_k, steps_per_phase), start=1):
@@ -329,6 +247,9 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             batch_np = next(iterator)
             check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
             batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
+            if not compiled:
+                cli.status("compiling the train step (the first step waits for it)...")
+                compiled = True
             with jax.set_mesh(mesh):
                 state, metrics = step_fn(state, frozen, batch)
             step = int(state.step)
@@ -377,37 +298,41 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     return {"preempted": False, "step": int(state.step), "metrics": last_metrics, "paths": dataclasses.asdict(paths)}
 
 
+SUMMARY_FILE = "train_summary.json"
+
+
+def format_summary(summary: dict, workdir: str, phases: int) -> str:
+    """What a finished (or preempted) run tells its user: where it stopped, its last losses and where things are."""
+    if summary["preempted"]:
+        return f"preempted at step {summary['step']}: checkpoint saved in {workdir}; rerun the same command to resume"
+    line = f"training finished at step {summary['step']}"
+    m = summary.get("metrics") or {}
+    if "loss" in m:
+        parts = [f"{name.removesuffix('_loss')} {m[name]:.4f}" for name in ("task_loss", "text_loss", "visual_loss")
+                 if name in m]
+        line += f"; last logged loss {m['loss']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
+    return "\n".join([line, f"  checkpoints  {workdir}/phase_1 .. phase_{phases}",
+                      f"  metrics      {workdir}/metrics.jsonl, TensorBoard: {workdir}/tensorboard",
+                      f"  summary      {workdir}/{SUMMARY_FILE}"])
+
+
 def main(argv):
+    from vital_jax.data.pipeline import PipelineError
+
     cli.begin(argv, _CONFIG, _WORKDIR)
+    workdir = os.path.abspath(_WORKDIR.value)
     try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=2))
-    config = _CONFIG.value
-    if config.demo.enabled and config.demo.finish and not summary["preempted"]:
-        from vital_jax import demo
-
-        demo.finish(_WORKDIR.value)
-
-
-def parse_flags(argv):
-    """absl flag parsing with a readable message for an unknown `--config.FIELD` (ml_collections raises a bare
-    AttributeError/KeyError deep in its override code)."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        print(f"error: unknown config field in {overrides}: {e}. See configs/base.py for every field.",
-              file=sys.stderr)
-        sys.exit(2)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = train(_CONFIG.value, workdir)
+        if distributed.is_primary():
+            atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+        print(format_summary(summary, workdir, len(_CONFIG.value.curriculum.max_k)), flush=True)
+        config = _CONFIG.value
+        if config.demo.enabled and config.demo.finish and not summary["preempted"]:
+            demo.finish(workdir)
+    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, FileNotFoundError) as e:
+        cli.fail(e)
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

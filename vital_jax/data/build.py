@@ -39,6 +39,7 @@ from absl import app, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from vital_jax import cli
 from vital_jax.data import balance, build_inputs, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
@@ -322,7 +323,7 @@ def build(config) -> dict:
 def main(argv) -> int:
     del argv
     if _CONFIG.value is None:
-        raise app.UsageError("--config=configs/data/<name>.py is required")
+        cli.usage("--config=configs/data/<name>.py is required")
     config = default_config()
     config.update(_CONFIG.value)
     try:
@@ -339,4 +340,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/data/*.py file with get_config()")
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

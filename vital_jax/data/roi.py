@@ -556,4 +556,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("feature_layer", "last_block", list(FEATURE_LAYERS), "which SigLIP output to pool")
     flags.DEFINE_bool("global_features", False, "also write global_features.npy (f_global, Appendix C.5), needed "
                       "by vital.visual_target='interpolated'")
-    app.run(main)
+    from vital_jax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

@@ -169,11 +169,13 @@ def format_table(report: dict) -> str:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from absl import app, flags
+    from absl import flags
+
+    from vital_jax import cli
     f = flags.FLAGS
     figure_path = f"{os.path.splitext(f.out)[0]}.{f.figure_format}"
     if os.path.abspath(figure_path) == os.path.abspath(f.out):
-        raise app.UsageError(f"--out={f.out} would be overwritten by the figure; give the JSON a .json name")
+        cli.usage(f"--out={f.out} would be overwritten by the figure; give the JSON a .json name")
     report = grid_search(f.data_dir, f.encoder_dir, [float(t) for t in f.thresholds],
                          [float(p) for p in f.paddings], f.num_samples, f.seed, f.batch_size, f.feature_layer)
     atomic_write(f.out, lambda out: json.dump(report, out, indent=2))
@@ -195,4 +197,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("feature_layer", "last_block", list(roi.FEATURE_LAYERS), "which SigLIP output to measure")
     flags.DEFINE_string("out", None, "output JSON file (the figure goes beside it)", required=True)
     flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the Figure 9 heatmaps")
-    app.run(main)
+    from vital_jax import cli
+
+    app.run(main, flags_parser=cli.parse_flags)

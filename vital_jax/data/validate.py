@@ -36,4 +36,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from vital_jax import cli
+
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -20,6 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
 from vital_jax.jsonio import atomic_write
@@ -117,3 +118,71 @@ def similarity_matrix(fig: Figure, ax: Axes, matrix, title: str = "Latent step s
     lo, hi = SIMILARITY_RANGE
     ax.set_title(f"{title}\n(cosine, colour scale {lo:g} to {hi:g})", fontsize=10)
     fig.colorbar(image, ax=ax, label="cosine similarity", fraction=0.046)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Explanation figures: the latent steps' heatmaps over the image (Figure 3) and their similarity (Figure 11), drawn
+# by explain and by the training probe.
+
+HEATMAP_ALPHA = 0.5
+CAPTION_WIDTH = 34  # characters per caption line under a 2.6-inch panel
+
+
+def heatmap_range(maps: np.ndarray) -> tuple[float, float]:
+    """The colour scale of an example's heatmaps: lowest to highest cosine over all its K maps, shared by every
+    step so colours compare across steps (a constant map gets a small range around its value)."""
+    lo, hi = float(np.nanmin(maps)), float(np.nanmax(maps))
+    return (lo - 0.01, hi + 0.01) if hi <= lo else (lo, hi)
+
+
+def _overlay_heatmap(ax, rgb: np.ndarray, heatmap: np.ndarray, value_range: tuple[float, float]):
+    """The (g, g) heatmap stretched over the image (bilinear), half transparent; returns its AxesImage."""
+    h, w = rgb.shape[:2]
+    ax.imshow(rgb)
+    image = ax.imshow(heatmap, cmap="viridis", vmin=value_range[0], vmax=value_range[1], alpha=HEATMAP_ALPHA,
+                      interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    ax.set_axis_off()
+    return image
+
+
+def _heatmap_colorbar(fig, image, ax) -> None:
+    """A colour bar of the heatmap's scale, drawn opaque (the overlay's transparency would wash it out)."""
+    bar = fig.colorbar(ScalarMappable(image.norm, image.cmap), ax=ax, fraction=0.046, shrink=0.85)
+    bar.set_label("cosine(VP(z_k), patch)")
+
+
+def step_figure(rgb: np.ndarray, heatmap: np.ndarray, caption: str,
+                value_range: tuple[float, float] | None = None) -> Figure:
+    """One step's heatmap (Figure 3): cosine of VP(z_k) to every MedSigLIP patch over the image, with a colour bar
+    in cosine units from `value_range` (default: this map's min to max) and the caption wrapped above it."""
+    fig, (ax,) = new(size=(3.6, 3.4))
+    image = _overlay_heatmap(ax, rgb, heatmap, value_range or heatmap_range(heatmap))
+    ax.set_title(wrap(caption, CAPTION_WIDTH, max_lines=3), fontsize=9)
+    _heatmap_colorbar(fig, image, ax)
+    return fig
+
+
+def summary_figure(rgb: np.ndarray, maps: np.ndarray, question: str, answer: str, step_texts: list[str],
+                   value_range: tuple[float, float] | None = None) -> Figure:
+    """Figure 3 for one example: the image under its question and answer, then one heatmap per step (K, g, g)
+    under the step's decoded text, with one colour bar for all steps (`value_range`, default `heatmap_range`)."""
+    k = len(maps)
+    fig, axes = new(1, k + 1, size=(2.6 * (k + 1) + 0.8, 3.4))
+    axes[0].imshow(rgb)
+    axes[0].set_axis_off()
+    axes[0].set_title(wrap(f"Q: {question} A: {answer}", CAPTION_WIDTH, max_lines=4), fontsize=9)
+    value_range = value_range or heatmap_range(maps)
+    for i, (ax, text) in enumerate(zip(axes[1:], step_texts), start=1):
+        image = _overlay_heatmap(ax, rgb, maps[i - 1], value_range)
+        ax.set_title(wrap(f"z{i}: {text}", CAPTION_WIDTH, max_lines=4), fontsize=9)
+    if k:
+        _heatmap_colorbar(fig, image, list(axes[1:]))
+    return fig
+
+
+def similarity_figure(matrix: np.ndarray, title: str = "Latent step similarity") -> Figure:
+    """Figure 11: the (K, K) inter-step cosine similarity, colour scale fixed to -1..1 (`similarity_matrix`)."""
+    k = matrix.shape[0]
+    fig, (ax,) = new(size=(0.8 * k + 2.4, 0.8 * k + 1.4))
+    similarity_matrix(fig, ax, matrix, title)
+    return fig

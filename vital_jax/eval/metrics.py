@@ -374,7 +374,9 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
     Returns {"count", "overall": {count, accuracy}, "closed": {count, accuracy}, "open": {count, accuracy,
     token_f1, token_recall}, "closed_yes_no": {...} (closed examples whose answer is yes/no, when there are any),
     "per_source": {group: {count, accuracy, ...}} (when examples carry extra["source"], grouped by `source_group`
-    as Table 1's in-domain rows), the flat numbers below, "per_example": [ExampleScore, ...]}.
+    as Table 1's in-domain rows), "per_question_type": {type: {count, accuracy, token_f1 (open ones), closed,
+    open (counts)}} (when examples carry extra["question_type"]), the flat numbers below,
+    "per_example": [ExampleScore, ...]}.
     Types with no examples are left out; "overall.accuracy" counts open examples by exact match.
 
     Flat numbers (fractions; present when the subset exists):
@@ -383,6 +385,8 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
                                          VQA-RAD Acc_closed values fit (every value is k/451, none k/272).
       closed_majority_baseline           the closed questions answered with `majority_answer`, same scorer.
       closed_majority_baseline_over_all  the same count / all questions.
+      closed_chance                      mean 1 / number of options over the closed questions (when they all list
+                                         their options): what guessing scores.
       open_token_f1                      mean token F1 over the open questions (Token-F1_open).
     """
     if len(examples) != len(predictions):
@@ -403,6 +407,14 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
             groups[source_group(e.extra["source"])].append(s)
     if groups:
         out["per_source"] = {g: _summary(groups[g]) for g in sorted(groups)}
+    by_type = collections.defaultdict(list)
+    for e, s in zip(examples, per_example):
+        if e.extra.get("question_type"):
+            by_type[str(e.extra["question_type"])].append((e, s))
+    if by_type:
+        out["per_question_type"] = {
+            t: {**_summary([s for _, s in rows]), "closed": sum(e.answer_type == "closed" for e, _ in rows),
+                "open": sum(e.answer_type == "open" for e, _ in rows)} for t, rows in sorted(by_type.items())}
     closed = [e for e in examples if e.answer_type == "closed"]
     if closed:
         n_correct = sum(s.correct for e, s in zip(examples, per_example) if e.answer_type == "closed")
@@ -411,6 +423,8 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
         out.update(closed_accuracy=n_correct / len(closed), closed_accuracy_over_all=n_correct / len(examples),
                    closed_majority_baseline=n_majority / len(closed),
                    closed_majority_baseline_over_all=n_majority / len(examples), closed_majority_answer=majority)
+        if all(e.options for e in closed):
+            out["closed_chance"] = sum(1.0 / len(e.options) for e in closed) / len(closed)
     if "open" in out:
         out["open_token_f1"] = out["open"]["token_f1"]
     out["per_example"] = per_example

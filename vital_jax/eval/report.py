@@ -206,6 +206,46 @@ def write_report(out_dir: str, name: str, examples: Sequence, predictions: Seque
     return summary
 
 
+ACCURACY_MEANS = ("accuracy = the normalised answer equals the reference (closed questions: the option's text, the "
+                  "yes/no stated or the option letter); open questions are scored by token F1")
+
+
+def headline_text(summary: dict, majority_by_type: float | None = None) -> str:
+    """A run's headline numbers as a few lines for the terminal: overall, closed (beside the majority-answer and
+    chance floors; `majority_by_type` adds PhantomVQA's per-type majority, `eval.floors`), open, each question
+    type, and latency."""
+    meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
+    types = summary.get("per_question_type") or {}
+    width = max([9, *map(len, types)])
+    k = meta.get("latent_steps", "per record")
+    split = f", {meta['split']} split" if meta.get("split") else ""
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"{summary['benchmark']}{split}, K={k}: {summary['count']} questions"]
+    lines.append(f"  {'overall':<{width}} {pct(summary['overall']['accuracy']):>6}, n={summary['count']} "
+                 "(exact match, open questions included)")
+    if closed:
+        floors = [f"majority answer {pct(summary['closed_majority_baseline'])}"]
+        if majority_by_type is not None:
+            floors.append(f"majority per type {pct(majority_by_type)}")
+        if "closed_chance" in summary:
+            floors.append(f"chance {pct(summary['closed_chance'])}")
+        lines.append(f"  {'closed':<{width}} {pct(closed['accuracy']):>6}, n={closed['count']}; "
+                     f"floors: {', '.join(floors)}")
+    if open_:
+        lines.append(f"  {'open':<{width}} {pct(open_['token_f1']):>6} token F1, n={open_['count']}")
+    for qtype, v in types.items():
+        if v["open"] and not v["closed"]:
+            score = f"{pct(v['token_f1']):>6} token F1"
+        else:
+            score = f"{pct(v['accuracy']):>6}" + (f" (open ones: token F1 {pct(v['token_f1'])})" if v["open"] else "")
+        lines.append(f"  {qtype:<{width}} {score}, n={v['count']}")
+    latency = summary.get("latency_ms")
+    if latency:
+        lines.append(f"  {'latency':<{width}} {latency['mean']:.1f} ms per question (batch 1, mean over "
+                     f"{latency['count']})")
+    return "\n".join(lines)
+
+
 def write_summary(out_dir: str, summaries: Sequence[dict], title: str = "Evaluation") -> str:
     """summary.md: one table row per benchmark run."""
     return write_metrics_markdown(os.path.join(out_dir, SUMMARY_FILE), list(summaries), title=title)

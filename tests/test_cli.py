@@ -1,0 +1,83 @@
+"""The commands as a new user meets them: a wrong argument is one line on stderr and a non-zero exit status, found
+before any model is loaded; --help works for each."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args, cwd=REPO):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def _one_line_error(res, *needles):
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A workdir with only the config a demo run records (K_max = 4): enough for every argument check, and a
+    command that tried to load the model would fail differently (the demo's assets are not there)."""
+    from configs import demo
+
+    workdir = tmp_path_factory.mktemp("recorded_run")
+    (workdir / "config.json").write_text(demo.get_config().to_json_best_effort())
+    data = tmp_path_factory.mktemp("jsonl_benchmark")
+    (data / "train.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "question": "q?", "answer": "yes",
+                                                  "answer_type": "closed"}) + "\n")
+    return str(workdir), str(data)
+
+
+@pytest.mark.parametrize("module, args, needles", [
+    ("vital_jax.train", ["--config=configs/demo.py", "--workdir=/tmp/x", "--bogus=1"], ["bogus"]),
+    ("vital_jax.train", ["--config=configs/demo.py"], ["--workdir is required"]),
+    ("vital_jax.train", ["--config=configs/no_such.py", "--workdir=/tmp/x"], ["configs/no_such.py: no such file"]),
+    ("vital_jax.train", ["--config=configs/demo.py", "--workdir=/tmp/x", "--config.vital.no_such=1"],
+     ["unknown config field"]),
+    ("vital_jax.pretrain", ["--workdir=/tmp/x"], ["--config is required"]),
+    ("vital_jax.study", ["--config=configs/study/phantom.py", "--workdir=/tmp/x", "stray"], ["unexpected"]),
+    ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=/tmp/x",
+                            "--latent_steps=1"], ["/no/such/run", "config.json"]),
+    ("vital_jax.evaluate", ["--checkpoint=/tmp"], ["--benchmark", "required"]),
+    ("vital_jax.explain", ["--out=/tmp/x"], ["--checkpoint is required"]),
+    ("vital_jax.data.build", [], ["--config"]),
+    ("vital_jax.data.validate", [], ["--data_dir"]),
+    ("conversion.flax_to_hf", ["--checkpoint=/no/such/dir", "--out=/tmp/x"], ["/no/such/dir"]),
+    ("conversion.hf_to_flax", ["--out=/tmp/x"], ["--hf_dir"]),
+    ("conversion.torch_latent_generate", ["--model=/no/such/export", "--image=x.png", "--question=q"],
+     ["/no/such/export"]),
+])
+def test_a_wrong_argument_is_one_line_and_a_failure(module, args, needles):
+    _one_line_error(_run(module, *args), *needles)
+
+
+def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
+    workdir, data = recorded_run
+    common = [f"--checkpoint={workdir}", "--benchmark=jsonl", f"--data_dir={data}", f"--out={workdir}/eval"]
+    _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=9"), "outside 0..K_max=4")
+    _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=2", "--split=test"), "test")
+
+
+def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):
+    workdir, _ = recorded_run
+    common = [f"--checkpoint={workdir}", "--question=Where?", f"--out={workdir}/explain"]
+    _one_line_error(_run("vital_jax.explain", *common, "--image=/no/such.png"), "/no/such.png")
+    image = os.path.join(REPO, "vital_jax", "assets", "phantom_vlm", "PROVENANCE.json")  # any existing file
+    _one_line_error(_run("vital_jax.explain", *common, f"--image={image}", "--latent_steps=7"), "outside 0..K_max=4")
+
+
+def test_torch_latent_generate_is_a_command():
+    res = _run("conversion.torch_latent_generate", "--help")
+    assert res.returncode == 0, res.stderr
+    assert all(flag in res.stdout for flag in ("--model", "--image", "--question", "--latent_steps"))

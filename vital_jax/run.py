@@ -1,0 +1,190 @@
+"""A VITAL run: its paths, its model and its parameters, for every command that trains or reads one.
+
+    paths = resolve_paths(config, workdir)            # data, tokenizer, backbone, decoder, ROI encoder
+    model, params = build_model(config, paths, roi_dim)  # VitalModel + base weights + fresh VITAL parameters
+    run = load_run(workdir)                           # a trained run: saved config, model, trained parameters
+
+train, evaluate, explain, the HF export and the demo all go through here, so that a run directory has one
+owner. A demo run's assets live in `workdir/demo/` (built by `vital_jax.demo.prepare`, which records them in
+READY.json); every other run names its checkpoints and data in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from vital_jax import assets
+from vital_jax import checkpoint as ckpt_lib
+from vital_jax.layers.linear import LoraConfig
+from vital_jax.models import model_dir
+from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.vital import trainable
+from vital_jax.vital.config import VitalConfig
+from vital_jax.vital.model import VitalModel
+from vital_jax.workdir import CONFIG_FILE
+
+DEMO_DIR = "demo"
+DEMO_READY_FILE = "READY.json"  # written by `demo.prepare` when the demo's assets are complete
+SHIPPED = "shipped"  # config.demo.pretrain value: start from vital_jax.assets.phantom_vlm()
+
+
+@dataclasses.dataclass
+class Paths:
+    data_dir: str
+    tokenizer_dir: str
+    backbone_dir: str
+    decoder_dir: str
+    encoder_dir: str = ""
+
+
+def pretrain_hf_dir(workdir: str, stage: str) -> str:
+    """Where `vital_jax.pretrain` writes a stage's ("backbone", "decoder") HF checkpoint directory."""
+    return os.path.join(os.path.abspath(workdir), f"{stage}_hf")
+
+
+def demo_paths(root: str, models: str) -> Paths:
+    """The demo's paths under `root` (workdir/demo); models "shipped" (the package's pair) or "pretrain"
+    (pretrained into root/pretrain)."""
+    if models == SHIPPED:
+        backbone, decoder = assets.phantom_vlm().values()
+    else:
+        backbone = pretrain_hf_dir(os.path.join(root, "pretrain"), "backbone")
+        decoder = pretrain_hf_dir(os.path.join(root, "pretrain"), "decoder")
+    return Paths(os.path.join(root, "data"), backbone, backbone, decoder, os.path.join(root, "roi_encoder"))
+
+
+def resolve_paths(config, workdir: str) -> Paths:
+    """The demo's assets (`config.demo.enabled`; built beforehand by `demo.prepare`) or the configured paths,
+    each checked to exist."""
+    if config.demo.enabled:
+        root = os.path.join(os.path.abspath(workdir), DEMO_DIR)
+        ready = os.path.join(root, DEMO_READY_FILE)
+        if not os.path.exists(ready):
+            raise ConfigError(f"{root}: the demo's assets are not built (python -m vital_jax.train "
+                              "--config=configs/demo.py builds them)")
+        with open(ready) as f:  # paths are rebuilt from `root`, so a copied demo folder uses its own files
+            return demo_paths(root, json.load(f)["models"])
+    paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
+                  config.model.backbone_dir, config.model.decoder_dir, config.model.roi_encoder_dir)
+    for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
+                        ("model.backbone_dir", paths.backbone_dir), ("model.decoder_dir", paths.decoder_dir)):
+        if not path:
+            raise ConfigError(f"config.{field} is empty (or set config.demo.enabled=True for the built-in demo)")
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.{field}={path!r} does not exist")
+    return paths
+
+
+def load_weights(directory: str, config, params_module) -> dict:
+    """A converted vital_jax directory (orbax) or a HF safetensors directory, in the layer layout of `config`.
+
+    params_module: `qwen3.params` or `qwen3_vl.params` (load_params, abstract_params, loop_layout_config,
+    to_layout). Converted directories hold the loop layout, like the HF checkpoints they came from.
+    """
+    if os.path.exists(os.path.join(directory, model_dir.META_FILE)):
+        loop_config = params_module.loop_layout_config(config)
+        params = model_dir.load_params(directory, params_module.abstract_params(loop_config))
+        scan = (config.text if hasattr(config, "text") else config).scan_layers
+        return params_module.to_layout(params, scan)
+    return params_module.load_params(directory, config)
+
+
+def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
+    """The VitalModel of a run config, with the base weights of `paths` and freshly initialised VITAL parameters
+    (LoRA, pj_in, visual projector) from `config.seed`."""
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                     scan_layers=config.model.scan_layers)
+    backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
+    decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, dtype=config.model.dtype,
+                                                 param_dtype="float32", remat=config.model.remat,
+                                                 scan_layers=config.model.scan_layers)
+    v = config.vital
+    lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
+    vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
+                               roi_dim=roi_dim, vp_dropout=v.vp_dropout, visual_loss_reduction=v.visual_loss_reduction,
+                               visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
+                               train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap,
+                               latent_input=v.latent_input)
+    model = VitalModel(vital_config, backbone_config, decoder_config)
+    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params)
+    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params)
+    params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
+    return model, params
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    config: ml_collections.ConfigDict
+    model: VitalModel
+    params: dict  # full parameters (backbone incl. LoRA, decoder, pj_in, visual_projector)
+    paths: Paths
+    step: int
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run recorded in `workdir` (CheckpointError if there is none), with the fields that
+    later versions added set to what older runs trained with."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ckpt_lib.CheckpointError(f"{workdir}: no {CONFIG_FILE}; not a vital_jax training workdir")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    _tuples(config)
+    if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
+        config.model.scan_layers = False
+    if "blind_images" not in config.data:  # nor before the text-only control: images were always seen
+        config.data.blind_images = False
+    if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
+        config.vital.latent_input = "feedback"
+    return config
+
+
+def load_run(workdir: str) -> TrainedRun:
+    """Rebuild model and parameters of the training run in `workdir` (raises CheckpointError if none): base weights
+    from the configured checkpoints, trained parameters (LoRA + scaffolding) from the latest checkpoint of the
+    last phase that has one."""
+    from vital_jax.data.records import load_roi_arrays
+
+    config = read_config(workdir)
+    paths = resolve_paths(config, workdir)
+    roi = load_roi_arrays(paths.data_dir)
+    roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152
+    model, params = build_model(config, paths, roi_dim)
+    mask = trainable.trainable_mask(params, config.vital.train_decoder)
+    train_params, frozen = trainable.split(params, mask)
+    for phase in range(len(config.curriculum.max_k), 0, -1):
+        directory = os.path.join(workdir, f"phase_{phase}")
+        if not os.path.isdir(directory):
+            continue
+        ckpt = ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            ckpt.close()
+            continue
+        abstract = {"params": train_params}
+        flat = ckpt_lib.flatten_state(abstract)
+        with ocp.StandardCheckpointer() as c:
+            saved = c.restore(os.path.join(directory, str(step), "state"))
+        restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
+        ckpt.close()
+        return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step)
+    raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
+
+
+def _tuples(config) -> None:
+    """JSON turns tuples into lists; the training config uses tuples for these fields."""
+    config.curriculum.max_k = tuple(config.curriculum.max_k)
+    config.curriculum.epochs = tuple(config.curriculum.epochs)
+    config.curriculum.min_k = tuple(config.curriculum.get("min_k", ()))
+    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
+    config.mesh.shape = tuple(config.mesh.shape)

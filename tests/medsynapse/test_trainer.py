@@ -13,7 +13,7 @@ from configs import medsynapse_demo
 from tests.conftest import demo_test_config
 from vital_jax.medsynapse import trainer
 from vital_jax.models.hf_config import ConfigError
-from vital_jax.train import load_weights
+from vital_jax.run import load_weights
 
 
 def _config(lr=None):

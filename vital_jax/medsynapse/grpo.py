@@ -43,6 +43,8 @@ Where the paper is silent, and what this module does (every choice is a `GRPOCon
   (the skeleton's; it also adapts the MLP projections: pass another `LoraConfig` to the backbone for that).
   AdamW lr 1e-5, no weight decay, global-norm clipping at 1.0 (the skeleton's; the paper gives none). 200 steps;
   the paper's "rollout batch size of 32" is read as 32 prompts (x G = 4 = 128 trajectories).
+* The scorer applies the LM head `logprob_chunk` (128) completion positions at a time, each chunk rematerialised
+  in the backward pass: the float32 logits of a whole rollout batch (128 x 1,024 x 151,936) would not fit.
 * The log-ratio is clipped to +-`max_log_ratio` (20) before exp: it only guards against inf, and the old-policy
   log-probs come from the scorer, not from the sampler, so the two never drift apart by numerics.
 """
@@ -101,6 +103,7 @@ class GRPOConfig:
     num_updates: int = 1
     max_log_ratio: float = 20.0
     counterfactual_top_k: int = 1  # regions removed for M' (Eq. 5: the highest-confidence one)
+    logprob_chunk: int = 128  # completion positions per LM-head chunk in the scorer (0: all at once)
     reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
 
     def __post_init__(self):
@@ -272,13 +275,15 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
 
 
 def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
-                      memory_cbnd: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+                      memory_cbnd: jax.Array, tokens: jax.Array, valid: jax.Array, logprob_chunk: int = 0
+                      ) -> jax.Array:
     """log pi(o_t | X, q, M_c, o_<t) (C, R, T) float32 (0 at padding) for C memory variants at once.
 
     prefix (B, Tp); memory_cbnd (C, B, N, D): C memories per prompt (C = 2 for [M; M'] in r_causal, C = 1 for
     the ratio); tokens / valid (R, T) with R = B * G, trajectory b * G + g belonging to prompt b. The prompts are
     prefilled once, their cache tiled C times for the memory block, then repeated G times for the completions,
     which are teacher-forced in one parallel pass. Used for the old policy, the loss, r_causal and the reference.
+    logprob_chunk: positions per LM-head chunk (0: all at once; see `_chunked_log_probs`).
     """
     c, b, n, d = memory_cbnd.shape
     r, t = tokens.shape
@@ -293,9 +298,36 @@ def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params
         last_hidden = hidden[:, -1]
     g = r // b
     ids, ids_valid = jnp.tile(tokens, (c, 1)), jnp.tile(valid, (c, 1))
-    logits = cached.teacher_forced_logits(backbone, backbone_params, repeat_cache(kv_cache, g),
-                                          jnp.repeat(last_hidden, g, axis=0), ids, ids_valid)
-    return cached.token_log_probs(logits, ids, ids_valid).reshape(c, r, t)
+    out = backbone.apply({"params": backbone_params}, input_ids=ids[:, :-1], token_valid=ids_valid[:, :-1],
+                         kv_cache=repeat_cache(kv_cache, g), return_logits=False)
+    # hidden t predicts token t: the memory block's last state, then the teacher-forced completion's states.
+    hidden = jnp.concatenate([jnp.repeat(last_hidden, g, axis=0)[:, None], out.hidden_states], axis=1)
+    return _chunked_log_probs(backbone, backbone_params, hidden, ids, ids_valid, logprob_chunk).reshape(c, r, t)
+
+
+def _chunked_log_probs(backbone, params, hidden_rtd, ids, valid, chunk: int) -> jax.Array:
+    """log p(ids) (R, T) from post-norm states, the LM head applied `chunk` positions at a time (0: at once).
+
+    At the paper's scale the float32 logits of a rollout batch (R x 1,024 x 151,936) do not fit; chunks are a
+    `lax.map` with each chunk rematerialised in the backward pass, so only one chunk's logits live at a time.
+    """
+    r, t, d = hidden_rtd.shape
+    if not chunk or t <= chunk:
+        return cached.token_log_probs(cached.lm_logits(backbone, params, hidden_rtd), ids, valid)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((r, n, chunk) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        h, i, v = args
+        return cached.token_log_probs(cached.lm_logits(backbone, params, h), i, v)
+
+    log_probs = jax.lax.map(one, (split(hidden_rtd), split(ids), split(valid)))  # (n, R, chunk)
+    return jnp.moveaxis(log_probs, 0, 1).reshape(r, n * chunk)[:, :t]
 
 
 def score_rollout(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig, params: dict, batch: PromptBatch,
@@ -306,17 +338,18 @@ def score_rollout(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig,
     theta = params["backbone"]
     if config.reward.lambda_causal:
         stacked = jnp.stack([rollout_.memory, rollout_.counterfactual_memory])
-        log_probs = score_completions(backbone, theta, batch.prefix, stacked, rollout_.tokens, rollout_.valid)
+        log_probs = score_completions(backbone, theta, batch.prefix, stacked, rollout_.tokens, rollout_.valid,
+                                      config.logprob_chunk)
         r_causal = reward_lib.causal_reward(log_probs[0], log_probs[1], rollout_.valid,
                                             config.reward.causal_reduction, config.reward.causal_clip)
     else:
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid)
+                                      rollout_.valid, config.logprob_chunk)
         r_causal = jnp.zeros(rollout_.tokens.shape[:1], jnp.float32)
     ref = None
     if config.kl_beta:
         ref = score_completions(backbone, without_lora(theta), batch.prefix, rollout_.memory[None],
-                                rollout_.tokens, rollout_.valid)[0]
+                                rollout_.tokens, rollout_.valid, config.logprob_chunk)[0]
     return Scores(log_probs[0], r_causal, ref)
 
 
@@ -403,7 +436,7 @@ def policy_gradient(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfi
     def loss_fn(train):
         theta = freeze.merge(train, frozen)["backbone"]
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid)[0]
+                                      rollout_.valid, config.logprob_chunk)[0]
         return policy_loss(log_probs, old_log_probs, advantages, rollout_.valid, trajectory_valid,
                            config.clip_epsilon, config.kl_beta, ref_log_probs, config.kl_estimator,
                            config.max_log_ratio)

@@ -11,7 +11,6 @@ storage dtype; the model casts them to its compute dtype where they are used.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from vital_jax.freeze import MASKED, mask_from_predicate, merge, split

@@ -66,3 +66,25 @@ class Linear(nn.Module):
             x_drop = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
             y = y + self.lora.scaling * jnp.dot(jnp.dot(x_drop, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
         return y
+
+
+def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
+    """Fold every adapter into its base kernel, W' = W + (alpha / r) A B, and drop the LoRA leaves.
+
+    The result has exactly the base model's tree (what the HF exporter expects).
+    """
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return node
+        if "lora_a" in node and "kernel" in node:
+            kernel = node["kernel"]
+            # matmul, not dot: scanned layers stack adapters as (L, in, r) @ (L, r, out).
+            delta = lora.scaling * jnp.matmul(node["lora_a"].astype(jnp.float32),
+                                              node["lora_b"].astype(jnp.float32))
+            merged = {k: v for k, v in node.items() if not k.startswith("lora_")}
+            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            return merged
+        return {k: visit(v) for k, v in node.items()}
+
+    return visit(backbone_params)

@@ -11,11 +11,10 @@ storage dtype; the model casts them to its compute dtype where they are used.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from vital_jax.freeze import MASKED, mask_from_predicate, merge, split
-from vital_jax.layers.linear import LoraConfig
+from vital_jax.layers.linear import merge_lora
 
 __all__ = ["MASKED", "is_trainable", "make_optimizer", "mask_from_predicate", "merge", "merge_lora", "split",
            "trainable_mask", "warmup_cosine_schedule", "weight_decay_mask"]
@@ -63,25 +62,3 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_ratio: float
     """Linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
     warmup = max(1, int(round(total_steps * warmup_ratio)))
     return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
-
-
-def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
-    """Fold every adapter into its base kernel, W' = W + (alpha / r) A B, and drop the LoRA leaves.
-
-    The result has exactly the base model's tree (what the HF exporter expects).
-    """
-
-    def visit(node):
-        if not isinstance(node, dict):
-            return node
-        if "lora_a" in node and "kernel" in node:
-            kernel = node["kernel"]
-            # matmul, not dot: scanned layers stack adapters as (L, in, r) @ (L, r, out).
-            delta = lora.scaling * jnp.matmul(node["lora_a"].astype(jnp.float32),
-                                              node["lora_b"].astype(jnp.float32))
-            merged = {k: v for k, v in node.items() if not k.startswith("lora_")}
-            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-            return merged
-        return {k: visit(v) for k, v in node.items()}
-
-    return visit(backbone_params)

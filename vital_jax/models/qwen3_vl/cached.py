@@ -35,6 +35,9 @@ class PrefixInputs:
     image_feature_index: (B, Tp) int32 or None: the merged-feature row of each image token when the patches are
       not packed in batch order (`distributed.global_vital_batch` packs each batch shard's examples into its own
       slice); None: the k-th image token of the batch takes row k.
+    image_features: (image_embeds (M, D), [deepstack (M, D), ...]) already computed by the vision tower, used
+      instead of pixel_patches when those are None (a caller that needs the merged visual tokens itself, e.g.
+      MedSynapse-V's A_psi, runs the tower once and passes them here).
     """
 
     input_ids: jax.Array
@@ -43,6 +46,7 @@ class PrefixInputs:
     pixel_patches: jax.Array | None = None
     vision_inputs: VisionInputs | None = None
     image_feature_index: jax.Array | None = None
+    image_features: tuple | None = None
 
 
 def prefix_inputs(prompt_ids: np.ndarray, prompt_valid: np.ndarray, image_grid_thw: np.ndarray | None,
@@ -86,7 +90,8 @@ def encode_prefix(model: Qwen3VLForConditionalGeneration, params, prefix: Prefix
     batch = prefix.input_ids.shape[0]
     out = model.apply({"params": params}, input_ids=prefix.input_ids, token_valid=prefix.token_valid,
                       positions=prefix.positions, pixel_patches=prefix.pixel_patches,
-                      vision_inputs=prefix.vision_inputs, image_feature_index=prefix.image_feature_index,
+                      vision_inputs=prefix.vision_inputs, image_features=prefix.image_features,
+                      image_feature_index=prefix.image_feature_index,
                       kv_cache=init_cache(model.config, batch, cache_len),
                       return_logits=False, deterministic=deterministic, rngs=_dropout(rng))
     return out.kv_cache, generation.gather_last(out.hidden_states, prefix.token_valid)

@@ -1,0 +1,98 @@
+"""Export the deployable parts of MedSynapse-V (backbone + A_psi; no E_ana, no P_phi) for serving with transformers.
+
+Layout of the output directory:
+  config.json, model.safetensors, tokenizer / processor files   the backbone (Stage II's LoRA merged) as a HF
+                                                                Qwen3-VL directory, loadable by from_pretrained
+  autonomous.safetensors     A_psi in float32, Flax layout (kernels are (in, out)):
+                               autonomous.queries (N, D), autonomous.norm.{scale,bias} (D,),
+                               autonomous.fc1.{kernel (D, H), bias (H,)}, autonomous.fc2.{kernel (H, D), bias (D,)}
+  medsynapse.json            {"format": "medsynapse-v-autonomous", "version": 1, "num_memory": N,
+                              "hidden_size": D, "mlp_hidden": H, "layer_norm_eps", "activation": "gelu_erf",
+                              "pooling": "learned_query_attention", "image_token_id", "lora_merged"}
+What A_psi computes from those weights, and where its N vectors go (a block of input embeddings right after the
+prompt, positions t + rope_delta on all three MRoPE axes, then the answer), is `vital_jax/medsynapse/autonomous.py`
+and `conversion/torch_medsynapse_generate.py` (the PyTorch reference, which reads this directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from vital_jax.layers.linear import LoraConfig, merge_lora
+from vital_jax.medsynapse.autonomous import AutonomousConfig
+from vital_jax.models import hf_mapping, model_dir, safetensors_io
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+FORMAT = "medsynapse-v-autonomous"
+VERSION = 1
+META_FILE = "medsynapse.json"
+AUTONOMOUS_FILE = "autonomous.safetensors"
+PREFIX = "autonomous."
+
+
+def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLConfig, params: dict,
+                      autonomous_config: AutonomousConfig, lora: LoraConfig | None = None,
+                      dtype: str = "float32") -> dict:
+    """Write the serving directory from params {"backbone", "autonomous", ...} (anything else, e.g. P_phi, is not
+    written). backbone_dir: the backbone's HF directory, whose config.json and tokenizer / processor files are
+    copied. lora: the adapters' config when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
+    backbone's tensors (A_psi is always float32). Returns {"model": out_dir, "files": [...]}."""
+    import ml_dtypes
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    backbone = merge_lora(params["backbone"], lora) if lora is not None else params["backbone"]
+    backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
+    os.makedirs(out_dir, exist_ok=True)
+    model_dir.copy_side_files(backbone_dir, out_dir)
+    stale = os.path.join(out_dir, model_dir.META_FILE)
+    if os.path.exists(stale):
+        os.remove(stale)
+    files = safetensors_io.write_safetensors(
+        out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype))
+    tensors = {PREFIX + path.replace("/", "."): np.asarray(leaf, np.float32)
+               for path, leaf in hf_mapping.flatten(params["autonomous"]).items()}
+    _check_autonomous(tensors, autonomous_config)
+    tmp = os.path.join(out_dir, ".autonomous")
+    safetensors_io.write_safetensors(tmp, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
+                                           for n, a in sorted(tensors.items())])
+    os.replace(os.path.join(tmp, safetensors_io.SINGLE_FILE), os.path.join(out_dir, AUTONOMOUS_FILE))
+    os.rmdir(tmp)
+    meta = {"format": FORMAT, "version": VERSION, "num_memory": autonomous_config.num_queries,
+            "hidden_size": autonomous_config.hidden_size, "mlp_hidden": autonomous_config.mlp_width,
+            "layer_norm_eps": autonomous_config.layer_norm_eps, "activation": "gelu_erf",
+            "pooling": "learned_query_attention", "image_token_id": backbone_config.image_token_id,
+            "lora_merged": lora is not None}
+    with open(os.path.join(out_dir, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
+
+
+def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:
+    n, d, h = cfg.num_queries, cfg.hidden_size, cfg.mlp_width
+    want = {"queries": (n, d), "norm.scale": (d,), "norm.bias": (d,), "fc1.kernel": (d, h), "fc1.bias": (h,),
+            "fc2.kernel": (h, d), "fc2.bias": (d,)}
+    got = {k[len(PREFIX):]: tuple(v.shape) for k, v in tensors.items()}
+    if got != want:
+        raise ValueError(f"A_psi parameters {got} do not match its config {cfg} ({want})")
+
+
+def load_autonomous(export_dir: str) -> tuple[AutonomousConfig, dict]:
+    """(config, Flax params) of the exported A_psi, for serving the export from JAX."""
+    with open(os.path.join(export_dir, META_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{export_dir}: not a {FORMAT} v{VERSION} export ({meta.get('format')}, "
+                         f"{meta.get('version')})")
+    cfg = AutonomousConfig(hidden_size=meta["hidden_size"], num_queries=meta["num_memory"],
+                           mlp_hidden=meta["mlp_hidden"], layer_norm_eps=meta["layer_norm_eps"])
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(export_dir, AUTONOMOUS_FILE))
+    _check_autonomous(tensors, cfg)
+    return cfg, hf_mapping.unflatten({k[len(PREFIX):].replace(".", "/"): v for k, v in tensors.items()})
+

@@ -1,0 +1,88 @@
+"""MedSynapse-V inference in PyTorch on an exported model (`conversion/medsynapse_export.py`): no encoder, no P_phi;
+A_psi makes the memory from Qwen3-VL's own visual tokens, then greedy decoding. For users who serve with
+transformers, and the reference the JAX generation is tested against token for token.
+
+    from transformers import Qwen3VLForConditionalGeneration
+    from conversion.torch_medsynapse_generate import load_autonomous, medsynapse_generate
+    model = Qwen3VLForConditionalGeneration.from_pretrained(export_dir).eval()
+    autonomous = load_autonomous(export_dir)
+    tokens = medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_thw, eos_token_ids=[...])
+
+Inputs are what the Qwen3-VL processor produces for ONE prompt (batch 1): input_ids (1, T) ending with
+`<|im_start|>assistant\\n`, pixel_values (N, 1536), image_grid_thw (n_images, 3). Steps (§2.4, Eq. 6 and §2.2's
+injection): the vision tower's merged tokens of all the prompt's images -> A_psi -> M_auto (N, D); the prompt is
+run with its images; M_auto is fed as one block of `inputs_embeds` at positions `T + i + rope_delta` (i < N) on all
+three MRoPE axes (explicitly: transformers would otherwise lose the delta); the first answer token comes from the
+state at m_N. The vision tower runs twice here (once for A_psi, once inside the prompt's forward), which costs
+time, not correctness. torch is imported here only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+
+def load_autonomous(export_dir: str):
+    """A_psi as a torch module (float32) from `autonomous.safetensors` + `medsynapse.json`."""
+    import torch
+    from safetensors.torch import load_file
+
+    with open(os.path.join(export_dir, "medsynapse.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != "medsynapse-v-autonomous" or meta.get("version") != 1:
+        raise ValueError(f"{export_dir}: not a MedSynapse-V autonomous export: {meta}")
+    weights = load_file(os.path.join(export_dir, "autonomous.safetensors"))
+
+    class AutonomousMemory(torch.nn.Module):
+        """Visual tokens (L, D) -> memory (N, D): LayerNorm, N-query attention pooling, fc1 -> exact GELU -> fc2."""
+
+        def __init__(self):
+            super().__init__()
+            self.eps = meta["layer_norm_eps"]
+            for name, tensor in weights.items():
+                self.register_buffer(name.removeprefix("autonomous.").replace(".", "_"), tensor.float())
+
+        def forward(self, tokens):
+            h = torch.nn.functional.layer_norm(tokens.float(), (tokens.shape[-1],), self.norm_scale,
+                                               self.norm_bias, self.eps)
+            weights = torch.softmax(h @ self.queries.T / math.sqrt(h.shape[-1]), dim=0)  # (L, N)
+            pooled = weights.T @ h
+            x = torch.nn.functional.gelu(pooled @ self.fc1_kernel + self.fc1_bias)
+            return x @ self.fc2_kernel + self.fc2_bias
+
+    return AutonomousMemory().eval()
+
+
+def medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_thw, max_new_tokens: int = 32,
+                        eos_token_ids: Sequence[int] = ()) -> list[int]:
+    """Greedy answer token ids (including the EOS that stopped it, if any)."""
+    import torch
+
+    if input_ids.shape[0] != 1:
+        raise ValueError("medsynapse_generate takes one prompt (batch 1); loop over examples for more")
+    with torch.no_grad():
+        visual = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output, dim=0)
+        memory = autonomous(visual)[None].to(model.dtype)  # (1, N, D)
+        model.model.rope_deltas = None
+        out = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                    mm_token_type_ids=(input_ids == model.config.image_token_id).long(), use_cache=True)
+        delta = int(model.model.rope_deltas.reshape(-1)[0])
+        position, n = input_ids.shape[1], memory.shape[1]
+        pos = (torch.arange(position, position + n) + delta).view(1, 1, n).expand(3, 1, n)
+        out = model(inputs_embeds=memory, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        position += n
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(torch.argmax(logits, dim=-1)[0])
+            tokens.append(token)
+            if token in eos_token_ids:
+                break
+            pos = torch.full((3, 1, 1), position + delta, dtype=torch.long)
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, position_ids=pos, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+            position += 1
+    return tokens

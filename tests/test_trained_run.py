@@ -157,9 +157,10 @@ def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path,
     shutil.copytree(workdir, copy)
     demo.finish(str(copy), eval_limit=8)
     out = capsys.readouterr().out
-    assert "| K | closed accuracy | majority answer | majority answer per question type |" in out and "| 4 |" in out
+    assert "| K | closed accuracy | majority answer | majority answer per question type | chance |" in out and "| 4 |" in out
     summary = json.load(open(copy / "eval" / "demo_summary.json"))
-    assert [r["latent_steps"] for r in summary["results"]] == [0, 4]
+    assert [r["latent_steps"] for r in summary["results"]] == [0, 4, "record"]
+    assert "| each question's own K |" in out
     assert all({"closed_accuracy", "closed_majority_baseline", "closed_majority_by_type_baseline"} <= set(r)
                for r in summary["results"])
     for path in ("eval/k_sweep.png", "eval/summary.md", "explain/summary.png", "export_hf/model.safetensors",

@@ -67,6 +67,8 @@ def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
     common = [f"--checkpoint={workdir}", "--benchmark=jsonl", f"--data_dir={data}", f"--out={workdir}/eval"]
     _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=9"), "outside 0..K_max=4")
     _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=2", "--split=test"), "test")
+    _one_line_error(_run("vital_jax.evaluate", *common), "--latent_steps=K")
+    _one_line_error(_run("vital_jax.evaluate", *common, "--memory=autonomous"), "VITAL run")
 
 
 def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):

@@ -1,7 +1,10 @@
-"""Evaluate a trained VITAL run on a medical VQA benchmark (Appendix B.4 metrics), at one K or a K sweep.
+"""Evaluate a trained VITAL run on a medical VQA benchmark (Appendix B.4 metrics), at one K or a K sweep, or a
+MedSynapse-V run with one or both of its memory branches.
 
     python -m vital_jax.evaluate --checkpoint=WORKDIR --benchmark=vqa_rad --data_dir=DIR --latent_steps=4 --out=DIR
     python -m vital_jax.evaluate --checkpoint=WORKDIR --benchmark=in_domain --data_dir=DATASET --k_sweep --out=DIR
+    python -m vital_jax.evaluate --checkpoint=MEDSYNAPSE_WORKDIR --benchmark=vqa_rad --data_dir=DIR \
+        --memory=autonomous,sampler --out=DIR
 
 Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, phantom_vqa, jsonl (see vital_jax.eval.benchmarks). Writes
 `<benchmark>.predictions.jsonl`, `<benchmark>.metrics.json`, `<benchmark>.metrics.md` (per K with --k_sweep, plus
@@ -47,6 +50,41 @@ def record_latent_steps(examples, run) -> list[int]:
     return steps
 
 
+def _answer_all(predict, batches, total: int, batch_size: int, desc: str) -> tuple[list[str], list[float]]:
+    """Answer every encoded batch. predict(encoded, n real examples, index of its first example) -> (answers, ms
+    per example of the batch). Returns (predictions, the batched time per real example)."""
+    from vital_jax.observability import ProgressReporter
+
+    predictions, batched = [], []
+    progress = ProgressReporter(total, desc=desc, every=max(1, total // 4), unit="question")
+    for encoded, n in batches:
+        answers, ms = predict(encoded, n, len(predictions))
+        predictions += answers
+        batched += [ms * batch_size / n] * n  # the batch's time over its real examples
+        progress.update(len(predictions))
+    progress.close()
+    return predictions, batched
+
+
+def _single_latency(predict_single, singles, batched: list[float], batch_size: int, n_timed: int) -> list[float]:
+    """Latency as the paper measures it: the first `n_timed` examples one at a time (batch 1, compiled)."""
+    if batch_size == 1:
+        return batched[:n_timed]
+    return [predict_single(encoded, n, i)[1] for i, (encoded, n) in enumerate(singles)]
+
+
+def _load_examples(benchmark: str, data_dir: str, split: str | None, limit: int | None, data_format: str):
+    from vital_jax.eval import load_benchmark
+    from vital_jax.eval.benchmarks import default_split
+
+    split = split or default_split(benchmark)
+    examples = load_benchmark(benchmark, data_dir, split=split, limit=limit,
+                              **({"format": data_format} if data_format != "auto" else {}))
+    if not examples:
+        raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
+    return split, examples
+
+
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
@@ -66,13 +104,11 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     pathvqa, pmc_vqa; `vital_jax.eval.benchmarks`); "auto" takes the release when both are there. A sweep's figure
     is k_sweep.<figure_format> (png, pdf or svg).
     """
-    from vital_jax.eval import KSweepPoint, load_benchmark, write_k_sweep, write_report, write_summary
+    from vital_jax.eval import KSweepPoint, write_k_sweep, write_report, write_summary
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
-    from vital_jax.eval.benchmarks import default_split
     from vital_jax.inference import Predictor
     from vital_jax.run import load_run, read_config
-    from vital_jax.observability import ProgressReporter
 
     figures.check_format(figure_format)
     # Every argument is checked against the run's recorded config and the benchmark files before the model loads.
@@ -81,13 +117,9 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     bad = [k for k in latent_steps if k != RECORD_K and not (isinstance(k, int) and 0 <= k <= k_max)]
     if bad:
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run (or {RECORD_K!r})")
-    split = split or default_split(benchmark)
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
-    examples = load_benchmark(benchmark, data_dir, split=split, limit=limit,
-                              **({"format": data_format} if data_format != "auto" else {}))
-    if not examples:
-        raise ValueError(f"{benchmark} in {data_dir}: split {split!r} has no examples")
+    split, examples = _load_examples(benchmark, data_dir, split, limit, data_format)
     if run is None:
         cli.status(f"loading the run in {checkpoint}...")
         run = load_run(checkpoint)
@@ -114,19 +146,13 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         def steps_of(start, n, k=k):
             return None if k != RECORD_K else record_steps[start:start + n]
 
-        predictions, batched = [], []
-        progress = ProgressReporter(len(examples), desc=f"{benchmark} K={k}", every=max(1, len(examples) // 4))
-        for prefix, n in batches:
-            answers, _, ms = predictor.run_encoded(prefix, n, slots[k], steps_of(len(predictions), n))
-            predictions += answers
-            batched += [ms * batch_size / n] * n  # the batch's time over its real examples
-            progress.update(len(predictions))
-        progress.close()
-        if batch_size == 1:
-            latency = batched[:n_timed]
-        else:
-            latency = [single.run_encoded(prefix, n, slots[k], steps_of(i, n))[2]
-                       for i, (prefix, n) in enumerate(singles)]
+        def predict(encoded, n, start, predictor_=predictor, k=k):
+            answers, _, ms = predictor_.run_encoded(encoded, n, slots[k], steps_of(start, n))
+            return answers, ms
+
+        predictions, batched = _answer_all(predict, batches, len(examples), batch_size, f"{benchmark} K={k}")
+        latency = _single_latency(lambda enc, n, i, k=k: predict(enc, n, i, single, k), singles, batched,
+                                  batch_size, n_timed)
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
@@ -144,6 +170,70 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     return summaries
 
 
+
+def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, memories: list[str],
+                        split: str | None = None, limit: int | None = None, batch_size: int = 4,
+                        max_new_tokens: int | None = None, trained=None,
+                        latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES,
+                        data_format: str = "auto") -> list[dict]:
+    """Evaluate a MedSynapse-V run (`config.method = "medsynapse"`) with each memory branch in `memories`:
+    "autonomous" (the deployed model: backbone + LoRA + A_psi, no encoder) and/or "sampler" (the teacher branch,
+    P_phi over E_ana's features; E_ana runs on each image). Same benchmarks, metrics, floors and report files as
+    `evaluate`; with several branches each writes into out_dir/<memory>/. Returns the per-branch summaries."""
+    from vital_jax.eval import write_report
+    from vital_jax.medsynapse import predict as predict_lib
+    from vital_jax.medsynapse import trainer
+    from vital_jax.medsynapse.encoder import anatomical_encoder_from_config
+    from vital_jax.run import load_weights, read_config
+
+    config = trained.config if trained is not None else read_config(checkpoint)
+    done = trained.stages_done if trained is not None else trainer.finished_stages(checkpoint)
+    for memory in memories:
+        predict_lib.check_memory(memory, done)
+    if max_new_tokens is None:
+        max_new_tokens = int(config.data.max_answer_tokens)
+    split, examples = _load_examples(benchmark, data_dir, split, limit, data_format)
+    if trained is None:
+        cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
+        trained = trainer.load_trained(checkpoint, load_weights)
+    encoder = encoder_params = None
+    if "sampler" in memories:
+        section = dict(config.medsynapse.encoder)
+        section.update(dir=trained.paths.encoder_dir, feature_layer=section.get("feature_layer") or None)
+        encoder, encoder_params = anatomical_encoder_from_config(section)
+    n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
+    summaries = []
+    for memory in memories:
+        def make(size, memory=memory):
+            return predict_lib.MemoryPredictor(trained, memory, size, max_new_tokens, encoder, encoder_params)
+
+        predictor = make(batch_size)
+        batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
+                                    [e.prompt for e in examples[i:i + batch_size]])
+                   for i in range(0, len(examples), batch_size)]
+        cli.status(f"compiling generation with memory={memory} (one program per prompt length)...")
+        predictor.warm_up(batches)
+        single, singles = predictor, []
+        if batch_size != 1 and n_timed:
+            single = make(1)
+            singles = [single.encode([e.image], [e.prompt]) for e in examples[:n_timed]]
+            single.warm_up(singles)
+        logging.info("evaluating %s (%d examples) with memory=%s, max_new_tokens=%d", benchmark, len(examples),
+                     memory, max_new_tokens)
+        predictions, batched = _answer_all(lambda enc, n, start: predictor.run_encoded(enc, n), batches,
+                                           len(examples), batch_size, f"{benchmark} memory={memory}")
+        latency = _single_latency(lambda enc, n, i: single.run_encoded(enc, n), singles, batched, batch_size,
+                                  n_timed)
+        meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "method": "medsynapse",
+                "memory": memory, "stages": list(trained.stages_done), "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "latency_examples": len(latency)}
+        summaries.append(write_report(os.path.join(out_dir, memory) if len(memories) > 1 else out_dir, benchmark,
+                                      examples, predictions, latency_ms=latency + [None] * (len(examples) -
+                                                                                            len(latency)),
+                                      meta=meta, batched_ms_per_example=batched, batch_size=batch_size))
+    return summaries
+
+
 def main(argv):
     from vital_jax.eval.errors import BenchmarkError
     from vital_jax.eval.report import ACCURACY_MEANS, headline_text
@@ -153,17 +243,31 @@ def main(argv):
 
     cli.no_positional(argv)
     cli.require(checkpoint=_CHECKPOINT.value, benchmark=_BENCHMARK.value, data_dir=_DATA_DIR.value, out=_OUT.value)
-    if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
-        cli.usage("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
     cli.quiet_libraries()
+    common = dict(split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
+                  latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
+                  data_format=_DATA_FORMAT.value)
     try:
-        k_max = int(read_config(_CHECKPOINT.value).vital.k_max)  # the recorded config: no model loaded yet
-        ks = list(range(k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
-        ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
-        summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks, _SPLIT.value,
-                             _LIMIT.value, _BATCH.value, _MAX_NEW.value,
-                             latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
-                             data_format=_DATA_FORMAT.value, figure_format=_FIGURE_FORMAT.value)
+        config = read_config(_CHECKPOINT.value)  # the recorded config: no model loaded yet
+        if config.get("method", "vital") == "medsynapse":
+            if _LATENT_STEPS.value is not None or _K_SWEEP.value or _RECORD_K.value:
+                cli.usage("a MedSynapse-V run has no latent steps: give --memory=autonomous and/or sampler "
+                          "instead of --latent_steps / --k_sweep / --record_k")
+            if not _MEMORY.value:
+                cli.usage("give --memory=autonomous (the deployed model, no encoder), --memory=sampler (P_phi over "
+                          "E_ana's features) or --memory=autonomous,sampler (explicitly; it is never inferred)")
+            summaries = evaluate_medsynapse(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value,
+                                            list(_MEMORY.value), **common)
+        else:
+            if _MEMORY.value:
+                cli.usage("--memory is for MedSynapse-V runs; this is a VITAL run: give --latent_steps=K")
+            if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
+                cli.usage("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
+            k_max = int(config.vital.k_max)
+            ks = list(range(k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
+            ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
+            summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks,
+                                 figure_format=_FIGURE_FORMAT.value, **common)
         majority_by_type = None
         if _BENCHMARK.value == "phantom_vqa":
             from vital_jax.eval.floors import floors
@@ -181,7 +285,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
-    global _LATENCY_N, _DATA_FORMAT, _RECORD_K, _FIGURE_FORMAT
+    global _LATENCY_N, _DATA_FORMAT, _RECORD_K, _FIGURE_FORMAT, _MEMORY
     from vital_jax.eval.figures import FORMATS
 
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
@@ -196,6 +300,9 @@ def _define_flags():
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
     _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json and "
                                  "its figure")
+    _MEMORY = flags.DEFINE_list("memory", None, "MedSynapse-V runs: the memory branch(es) to answer with, "
+                                "autonomous (backbone + LoRA + A_psi, no encoder) and/or sampler (P_phi over "
+                                "E_ana's features)")
     _RECORD_K = flags.DEFINE_bool("record_k", False, "also answer each question with its own record's K (the K it "
                                   "was trained with; in_domain / phantom_vqa only): a diagnostic beside fixed K")
     _OUT = flags.DEFINE_string("out", None, "output directory")

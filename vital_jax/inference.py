@@ -19,9 +19,9 @@ from vital_jax.data.images import load_image
 from vital_jax.data.pipeline import blind
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import preprocessing, prompt
+from vital_jax.models.qwen3_vl.cached import prefix_inputs
+from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.run import TrainedRun
-from vital_jax.vital.batch import prefix_inputs
-from vital_jax.vital.model import VitalModel
 
 
 def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -35,8 +35,8 @@ class PromptEncoder:
     """(image, question) pairs -> fixed-shape `PrefixInputs` (prompt and patch buckets, so that one compiled
     program serves every batch). Needs no parameters: the training probe encodes its example with it too."""
 
-    def __init__(self, model: VitalModel, data_config, tokenizer_dir: str, batch_size: int):
-        self.model = model
+    def __init__(self, backbone_config: Qwen3VLConfig, data_config, tokenizer_dir: str, batch_size: int):
+        self.backbone_config = backbone_config
         self.batch_size = batch_size
         self.tokenizer_dir = tokenizer_dir
         self.tokenizer = prompt.load_tokenizer(tokenizer_dir)
@@ -46,10 +46,10 @@ class PromptEncoder:
         self.blind_images = bool(cfg.get("blind_images", False))
         # Benchmark prompts (options listed) can be longer than training prompts; extra buckets cost one compile each.
         self.prompt_buckets = tuple(sorted(set(cfg.prompt_buckets) | {256, 512, 1024, 2048, 4096}))
-        vis = model.backbone_config.vision
+        vis = backbone_config.vision
         per_image = self.max_pixels // (vis.patch_size ** 2)
         self.patch_bucket = batch_size * (per_image + 4 * vis.merge_unit)
-        self.vocab_size = model.backbone_config.text.vocab_size
+        self.vocab_size = backbone_config.text.vocab_size
 
     @property
     def eos_token_ids(self) -> tuple[int, int]:
@@ -102,15 +102,16 @@ class PromptEncoder:
             raise ValueError(f"{packed.shape[0]} image patches exceed the bucket {self.patch_bucket}")
         packed = np.concatenate([packed, np.zeros((self.patch_bucket - packed.shape[0], packed.shape[1]),
                                                   packed.dtype)])
-        return prefix_inputs(ids, valid, np.stack(grids), packed, self.model.backbone_config), n
+        return prefix_inputs(ids, valid, np.stack(grids), packed, self.backbone_config), n
 
 
 class Predictor(PromptEncoder):
     """Answer batches of (image, question) with the deployed model: backbone + LoRA, K latent steps, greedy."""
 
     def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
-        super().__init__(run.model, run.config.data, run.paths.tokenizer_dir, batch_size)
+        super().__init__(run.model.backbone_config, run.config.data, run.paths.tokenizer_dir, batch_size)
         self.run = run
+        self.model = run.model
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
         model = self.model

@@ -204,10 +204,11 @@ class ProgressReporter:
     BAR_WIDTH = 24
 
     def __init__(self, total_steps: int, desc: str = "train", stream: TextIO | None = None, every: int = 100,
-                 *, clock: Callable[[], float] = time.perf_counter):
+                 *, clock: Callable[[], float] = time.perf_counter, unit: str = "step"):
         if total_steps <= 0 or every <= 0:
             raise ValueError(f"total_steps and every must be positive, got {total_steps} and {every}")
         self.total_steps, self.desc, self.every = total_steps, desc, every
+        self.unit = unit  # what is counted, in the plain-line form ("step 5/10", "question 5/10")
         self.stream = sys.stderr if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
         self.interactive = bool(isatty and isatty())
@@ -254,7 +255,7 @@ class ProgressReporter:
             if not due:
                 return
             self._last_printed_step = step
-            self.stream.write(f"{self.desc} step {step}/{self.total_steps} ({fraction:.1%}) "
+            self.stream.write(f"{self.desc} {self.unit} {step}/{self.total_steps} ({fraction:.1%}) "
                               + " ".join(details) + "\n")
         self.stream.flush()
 

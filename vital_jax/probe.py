@@ -111,7 +111,7 @@ class Probe:
         self.record = select_record(paths.data_dir, config.logging.probe_record)
         self.k = min(self.record.latent_steps, model.config.k_max)
         self.mesh = mesh
-        self.prompts = PromptEncoder(model, config.data, paths.tokenizer_dir, batch_size=1)
+        self.prompts = PromptEncoder(model.backbone_config, config.data, paths.tokenizer_dir, batch_size=1)
         image_path = os.path.join(paths.data_dir, self.record.image)
         self.image_rgb = preprocessing.load_image(image_path)
         replicated = NamedSharding(mesh, PartitionSpec())

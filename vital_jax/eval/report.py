@@ -217,10 +217,10 @@ def headline_text(summary: dict, majority_by_type: float | None = None) -> str:
     meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
     types = summary.get("per_question_type") or {}
     width = max([9, *map(len, types)])
-    k = meta.get("latent_steps", "per record")
+    setting = f"memory={meta['memory']}" if "memory" in meta else f"K={meta.get('latent_steps', 'per record')}"
     split = f", {meta['split']} split" if meta.get("split") else ""
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
-    lines = [f"{summary['benchmark']}{split}, K={k}: {summary['count']} questions"]
+    lines = [f"{summary['benchmark']}{split}, {setting}: {summary['count']} questions"]
     lines.append(f"  {'overall':<{width}} {pct(summary['overall']['accuracy']):>6}, n={summary['count']} "
                  "(exact match, open questions included)")
     if closed:

@@ -7,7 +7,8 @@ per second of each, measured in the same run.
 
 vital_jax: `grpo.rollout` under jit: M and M' from P_phi, each prompt prefilled once with its memory block, the
 cache repeated G times, then the on-device while_loop decode (temperature 1, no top-k / top-p, no EOS, so every
-completion has exactly `--new_tokens` tokens). Compile excluded; median of `--repeats` runs, each with a new key.
+completion has exactly `--new_tokens` tokens). Compile excluded; median of `--repeats` runs, each with a new key,
+alternating run by run with transformers' (so that load from other processes hits both alike).
 
 transformers: the same weights (the model directory is written from the Flax params as HF safetensors and read by
 `Qwen3VLForConditionalGeneration.from_pretrained`), the B prompts batched, `generate(do_sample=True,
@@ -90,12 +91,15 @@ def hf_generate(args, path, config, ids, patches, grids):
     return run
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
+def interleaved_seconds(fns: dict, repeats: int) -> dict:
+    """Wall time of each fn(i) for i < repeats, the functions alternating so that load from other processes on a
+    shared machine hits them alike."""
+    out = {name: [] for name in fns}
     for i in range(repeats):
-        start = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i)
+            out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -113,7 +117,7 @@ def main(argv=None):
     p.add_argument("--feature_dim", type=int, default=64)
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: roll out with unmerged LoRA on q, k, v, o")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds of measurement)")
     args = p.parse_args(argv)
     if args.quick:
@@ -129,13 +133,13 @@ def main(argv=None):
     out = jax.block_until_ready(rollout(jax.random.PRNGKey(100)))  # warm-up
     if int(out.lengths.sum()) != tokens:
         raise RuntimeError(f"the rollout generated {int(out.lengths.sum())} tokens, expected {tokens}")
-    jax_s = timed(lambda i: jax.block_until_ready(rollout(jax.random.PRNGKey(i))), args.repeats)
-
     generate = hf_generate(args, path, config, ids, patches, grids)
     out = generate()  # warm-up
     if tuple(out.shape) != (args.prompts * args.generations, args.prompt + args.new_tokens):
         raise RuntimeError(f"transformers generated {tuple(out.shape)}")
-    hf_s = timed(lambda i: generate(), args.repeats)
+    seconds = interleaved_seconds({"jax": lambda i: jax.block_until_ready(rollout(jax.random.PRNGKey(i))),
+                                   "hf": lambda i: generate()}, args.repeats)
+    jax_s, hf_s = seconds["jax"], seconds["hf"]
 
     import torch
 

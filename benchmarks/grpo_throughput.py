@@ -13,9 +13,11 @@ alternating run by run with transformers' (so that load from other processes hit
 transformers: the same weights (the model directory is written from the Flax params as HF safetensors and read by
 `Qwen3VLForConditionalGeneration.from_pretrained`), the B prompts batched, `generate(do_sample=True,
 temperature=1, top_k=0, top_p=1, num_return_sequences=G, min_new_tokens = max_new_tokens)`: what a GRPO loop on
-transformers does (TRL without vLLM). It prefills every one of the B * G rows and has no memory block, so it does
-slightly less work per completion than the rollout (N = 16 extra positions, P_phi run twice): the ratio is
-conservative. torch on CPU, float32, `--threads` intra-op threads (default: torch's own, all cores).
+transformers does (TRL without vLLM). It prefills all B * G rows (the image and prompt G times; the rollout
+prefills B and copies the cache, one of the things measured here) and has no memory block (the rollout also runs
+P_phi on F and F ⊙ B̄ and writes N = 16 memory positions). torch on CPU, float32, `--threads` intra-op threads
+(default: torch's own, all cores); on a shared machine torch's multi-threaded speed varies most, so compare
+`--threads 1` too.
 """
 
 from __future__ import annotations

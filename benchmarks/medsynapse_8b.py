@@ -51,7 +51,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import demo_assets, distributed, sharding  # noqa: E402

@@ -117,7 +117,7 @@ def build_encoder(args, seed: int = 3):
 # --------------------------------------------------------------------------------------------------- programs
 def build_programs(args):
     """{name: (jitted fn, args tuple)} for the four inference programs, plus a description of the setup."""
-    path, config, params = tiny_backbone(tempfile.mkdtemp(), args.hidden, args.layers, args.grid)
+    _, config, params = tiny_backbone(tempfile.mkdtemp(), args.hidden, args.layers, args.grid)
     backbone = Qwen3VLForConditionalGeneration(config)
     ids, patches, grids = image_prompts(config, 1, args.prompt, args.grid)
     prefix = prefix_inputs(ids, np.ones(ids.shape, bool), grids, patches, config)

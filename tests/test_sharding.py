@@ -94,6 +94,41 @@ def test_parameter_specs_follow_the_logical_axis_rules(tiny):
     assert set(flat) == set(flatten(abstract))
 
 
+def test_medsynapse_sampler_autonomous_and_stage2_lora_leaves_all_have_rules():
+    """Every leaf MedSynapse-V trains or freezes (P_phi, A_psi, the backbone's Stage II adapters, scanned layers)
+    gets a spec from a rule; the learned query matrices are replicated on purpose, the rest sharded."""
+    from vital_jax import demo_assets
+    from vital_jax.medsynapse import grpo
+    from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
+    from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
+    from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    config = Qwen3VLConfig.from_hf_dict(demo_assets.qwen3_vl_hf_config(64, 2), "tiny", scan_layers=True)
+    key = jax.random.PRNGKey(0)
+    sampler = DiagnosticMemorySampler(SamplerConfig(hidden_size=64, num_heads=4))
+    autonomous = AutonomousMemory(AutonomousConfig(hidden_size=64))
+    tree = {"backbone": qwen3_vl_params.abstract_params(config, grpo.STAGE2_LORA),
+            "sampler": jax.eval_shape(sampler.init, key, jnp.zeros((1, 4, 4, 32)))["params"],
+            "autonomous": jax.eval_shape(autonomous.init, key, jnp.zeros((1, 3, 64)), jnp.ones((1, 3), bool))["params"]}
+    specs, report = sharding.tree_specs(tree, MESH_SIZES)
+    assert not report, str(report)
+    flat = flatten(specs)
+    q = "backbone/language_model/model/layers/self_attn/q_proj"
+    expected = {
+        "sampler/probes": P(), "autonomous/queries": P(),
+        "sampler/layers_0/cross_attn/q_proj/kernel": P("fsdp", "tensor"),
+        "sampler/layers_1/fc1/kernel": P("fsdp", "tensor"),
+        "sampler/output_proj/kernel": P("fsdp"),
+        "sampler/final_norm/scale": P(),
+        "autonomous/fc1/kernel": P("fsdp", "tensor"), "autonomous/fc2/kernel": P("tensor", "fsdp"),
+        "autonomous/norm/scale": P(),
+        f"{q}/lora_a": P(None, "fsdp"), f"{q}/lora_b": P(None, None, "tensor"),
+    }
+    for path, spec in expected.items():
+        assert flat[path] == spec, (path, flat[path])
+
+
 def test_non_divisible_dimensions_fall_back_and_are_reported(tiny, caplog):
     _, abstract = tiny
     sizes = {"data": 1, "fsdp": 3, "tensor": 2}  # embed 32 / 3 does not divide; vocab 64 / 2 does

@@ -7,7 +7,7 @@ dimension and tensor-parallel over "tensor" along heads / mlp / vocab.
 Parameters get a spec in two steps, as in MaxText / flax's `logical_axis_rules`:
   1. `param_logical_axes(path, shape)`: a rule table over the parameter path names each dimension with a logical
      axis (`.../q_proj/kernel` (D, N*H) -> ("embed", "heads"); LoRA adapters and biases inherit their kernel's
-     names; norm scales are ("norm",));
+     names; norm scales are ("norm",), MedSynapse-V's learned query matrices ("queries", None));
   2. `LOGICAL_AXIS_RULES` maps logical axes to mesh axes ("embed" -> fsdp, "heads" -> tensor, ...).
 A dimension that the mesh axes do not divide keeps the longest dividing prefix of its mesh axes, or is replicated,
 and every such fallback is listed in the returned `ShardingReport` (and logged): nothing is silently replicated.
@@ -71,6 +71,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("lora_rank", None),
     ("norm", None),
+    ("queries", None),
     # activations and batches
     ("batch", BATCH_AXES),
     ("packed", BATCH_AXES),  # the packed image patches (Np, P) of a batch
@@ -121,6 +122,11 @@ EMBEDDING_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"pos_embed", (None, "embed")),
     (r"position_embedding", (None, "embed")),  # SigLIP
 )
+
+# Learned query matrices (N, width) read directly, not through a Linear: MedSynapse-V's meta-query probes Q_0
+# (`sampler/probes`, N x d_f) and A_psi's pooling queries (`autonomous/queries`, N x D). N = 16 rows that every
+# example reads whole, 256 KB at 8B: replicated on purpose, like the norm scales.
+QUERY_PARAMS = ("probes", "queries")
 
 _LINEAR_RE = [(re.compile(rf"(^|/)({pattern})$"), axes) for pattern, axes in LINEAR_RULES]
 _EMBEDDING_RE = [(re.compile(rf"(^|/)({pattern})$"), axes) for pattern, axes in EMBEDDING_RULES]
@@ -313,6 +319,8 @@ def param_logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...
                 return axes
     if leaf in ("scale", "bias") and ndim == 1 and "norm" in module.rsplit("/", 1)[-1]:
         return ("norm",)
+    if leaf in QUERY_PARAMS and ndim == 2:
+        return ("queries", None)
     return None
 
 

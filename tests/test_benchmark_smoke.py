@@ -1,0 +1,51 @@
+"""CI smoke test of MedSynapse-V's benchmarks: the `--quick` variant of each runs to its final report line.
+
+Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
+timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
+compilation cache (tests/conftest.py). Only the printed lines are checked, not the numbers (a busy CI machine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = r"[0-9]+(\.[0-9]+)?"
+
+
+def run_quick(name: str) -> list[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, f"{name} --quick failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    return res.stdout.strip().splitlines()
+
+
+def test_medsynapse_latency_quick_prints_the_table_and_ratios_against_the_backbone():
+    lines = run_quick("medsynapse_latency")
+    for program in ("backbone", "teacher", "deployed", "vital K=4"):
+        assert any(re.match(rf"{program} +{NUMBER} +{NUMBER} ", line) for line in lines), (program, lines)
+    ratio = rf"latency {NUMBER}x \(of the minima {NUMBER}x\), peak memory {NUMBER}x$"
+    assert [line.split(":")[0] for line in lines[-3:]] == [
+        "ratio teacher / backbone", "ratio deployed / backbone", "ratio vital K=4 / backbone"], lines
+    assert all(re.search(ratio, line) for line in lines[-3:]), lines[-3:]
+
+
+def test_grpo_throughput_quick_prints_both_rates_and_the_ratio():
+    lines = run_quick("grpo_throughput")
+    assert re.search(rf"grpo.rollout .* -> +{NUMBER} tokens/s$", lines[-3]), lines
+    assert re.search(rf"transformers generate: .* -> +{NUMBER} tokens/s$", lines[-2]), lines
+    assert re.fullmatch(rf"ratio vital_jax / transformers: {NUMBER}x tokens/s", lines[-1]), lines
+
+
+def test_medsynapse_8b_quick_compiles_every_stage_and_every_leaf_has_a_sharding_rule():
+    lines = run_quick("medsynapse_8b")
+    summary = lines.index("summary, per device at 2 layers:")
+    for stage, line in zip(("stage1", "stage2", "stage3"), lines[summary + 1:]):
+        assert re.fullmatch(rf"  {stage}: peak {NUMBER} (MiB|GiB) \(.*\), lower \+ compile {NUMBER}s", line), line
+    assert len(lines) == summary + 4, lines[summary:]
+    checks = [line for line in lines if re.match(r"  stage[123] (trainable state|frozen) ", line)]
+    assert len(checks) == 6 and all("every parameter has a rule" in line for line in checks), checks

@@ -330,9 +330,12 @@ def train_medsynapse(config, workdir: str) -> dict:
     from vital_jax.run import load_weights
 
     trainer.validate_config(config)
-    if config.demo.enabled:
+    if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
         demo.prepare(workdir, config.demo)
-    paths = trainer.resolve_paths(config, workdir)
+        p = resolve_paths(config, workdir)
+        paths = trainer.Paths(p.data_dir, p.tokenizer_dir, p.backbone_dir, p.encoder_dir)
+    else:
+        paths = trainer.configured_paths(config)
 
     def preempt(signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")

@@ -14,7 +14,8 @@ kill -9 in any stage) skips the finished stages, restoring the parameters each o
 checkpoint, and resumes the current stage from its newest checkpoint with the same data order; metrics rows logged
 after that checkpoint are moved to metrics.rewound.jsonl. Metrics go to the workdir's metrics.jsonl / TensorBoard
 with one step count across stages (stage I's steps first, then II's, then III's), each row carrying its `stage`.
-The run records its config in workdir/config.json once its first step has run, and holds the workdir's lock.
+The run holds the workdir's lock and, once its first step has run, records its config (workdir/config.json; a
+later run with a different config is refused) and its paths (workdir/paths.json).
 
 The anatomical encoder runs once per dataset, before any stage (`features.build_feature_store`, in
 workdir/anatomical/): every stage reads F = E_ana(X) and the counterfactual regions from that store, so no
@@ -33,7 +34,7 @@ III below their epochs (demos and tests).
 Reading a trained run (evaluation, export):
 
     run = trainer.load_trained(workdir, load_weights)       # -> TrainedMedSynapse
-    run.config       the recorded config (ml_collections)     run.paths     Paths (data, tokenizer, backbone, E_ana)
+    run.config       the recorded config (ml_collections)     run.paths     the Paths it trained with (paths.json)
     run.backbone     Qwen3VLForConditionalGeneration, built with Stage II's LoraConfig when "ccr" is done
                      (`run.backbone.lora`), else without LoRA
     run.sampler      DiagnosticMemorySampler (P_phi)          run.autonomous  AutonomousMemory (A_psi) or None
@@ -42,10 +43,11 @@ Reading a trained run (evaluation, export):
     run.stages_done  the finished stages, in order            run.steps     {stage: its final step}
 
 The A_psi branch is `deploy.make_generate(run.backbone, run.autonomous, sampling)(deploy.deployable_params(
-run.params), prefix)`; the teacher branch is `memory.generate` with M = P_phi(F), F from the stored features
-(`features.FeatureStore.load(os.path.join(workdir, FEATURES_DIR))`) or computed by `anatomical_encoder(run.config,
-run.paths)`. Each done stage's final checkpoint contributes the parameters it trained; a workdir without a
-finished stage is a CheckpointError naming it.
+run.params), prefix)`; the teacher branch is `memory.generate` with M = P_phi(F): F of the training records is
+stored (`features.FeatureStore.load(os.path.join(workdir, FEATURES_DIR))`), F of other images comes from
+`anatomical_encoder(run.config, run.paths)` (its `preprocess` and `feature_map`). Stages count as finished in config
+order up to the first without its done marker; each finished stage's final checkpoint contributes the parameters
+it trained. A workdir without a finished stage is a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -64,11 +67,10 @@ from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import freeze, sharding
-from vital_jax import run as run_lib
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
-from vital_jax.data.records import RECORDS_FILE, Record, read_records
+from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import grpo, imt, stage1
@@ -235,8 +237,6 @@ def pipeline_config(config, batch_size: int | None = None) -> PipelineConfig:
     """The shared input pipeline, for MedSynapse-V: prompts (image + question) and reference answers. Records
     carry K-step chains for VITAL; MedSynapse-V reads every record whatever its K (k_max_slots = the records'
     largest K) and ignores the chains and ROI rows."""
-    from vital_jax.data.records import MAX_LATENT_STEPS
-
     d = config.data
     return PipelineConfig(batch_size=batch_size or d.batch_size, prompt_buckets=tuple(d.prompt_buckets),
                           max_answer_tokens=d.max_answer_tokens, max_step_tokens=d.max_step_tokens,
@@ -264,13 +264,10 @@ def stage_totals(config, data_dir: str) -> dict[str, int]:
     return totals
 
 
-def resolve_paths(config, workdir: str) -> Paths:
-    """The demo's assets (`config.demo.enabled`, built beforehand by `vital_jax.demo.prepare`; E_ana is the
-    demo's small SigLIP) or the configured paths (data.data_dir, model.backbone_dir, model.tokenizer_dir or the
-    backbone's, model.roi_encoder_dir for E_ana), each checked to exist. No decoder: MedSynapse-V has none."""
-    if config.demo.enabled:
-        p = run_lib.resolve_paths(config, workdir)
-        return Paths(p.data_dir, p.tokenizer_dir, p.backbone_dir, p.encoder_dir)
+def configured_paths(config) -> Paths:
+    """The paths a config names (data.data_dir, model.backbone_dir, model.tokenizer_dir or the backbone's,
+    model.roi_encoder_dir for E_ana), each checked to exist; MedSynapse-V has no decoder. (The demo's assets are
+    resolved by the train command, which builds them.)"""
     paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
                   config.model.backbone_dir, config.model.roi_encoder_dir)
     for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
@@ -670,15 +667,19 @@ class TrainedMedSynapse:
     steps: dict[str, int]
 
 
-def read_config(workdir: str):
-    """The config a MedSynapse-V run recorded in `workdir` (CheckpointError if there is none or it is not one)."""
-    config = run_lib.read_config(workdir)
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a MedSynapse-V run recorded in `workdir` (CheckpointError if there is none or it is another
+    method's), with JSON's lists turned back into the tuples the config uses."""
+    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                                                 ckpt_lib.CheckpointError, "not a vital_jax training workdir"))
     if config.get("method") != "medsynapse" or "medsynapse" not in config:
-        raise ckpt_lib.CheckpointError(f"{workdir}: its config.json is not a MedSynapse-V run's "
+        raise ckpt_lib.CheckpointError(f"{workdir}: its {workdir_lib.CONFIG_FILE} is not a MedSynapse-V run's "
                                        f"(method={config.get('method')!r})")
     m = config.medsynapse
     m.stages = tuple(m.stages)
     m.ccr.lora.targets = tuple(m.ccr.lora.targets)
+    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
+    config.mesh.shape = tuple(config.mesh.shape)
     return config
 
 
@@ -718,7 +719,7 @@ def load_trained(workdir: str, load_weights) -> TrainedMedSynapse:
     if not done:
         raise ckpt_lib.CheckpointError(f"{workdir}: no finished MedSynapse-V stage (no stage_*/"
                                        f"{ckpt_lib.DONE_FILE}); train it first")
-    paths = trained_paths(config, workdir)
+    paths = trained_paths(workdir)
     bb_config = backbone_config(config, paths)
     lora = lora_config(config) if "ccr" in done else None
     backbone = Qwen3VLForConditionalGeneration(bb_config, lora)
@@ -737,17 +738,14 @@ def load_trained(workdir: str, load_weights) -> TrainedMedSynapse:
     return TrainedMedSynapse(config, paths, backbone, sampler, autonomous, params, tuple(done), steps)
 
 
-def trained_paths(config, workdir: str) -> Paths:
-    """The paths the run in `workdir` trained with (its paths.json); a demo run whose assets live in its own
-    workdir/demo/ reads them from there, so a copied demo workdir uses its own files."""
-    if config.demo.enabled and os.path.exists(os.path.join(workdir, run_lib.DEMO_DIR, run_lib.DEMO_READY_FILE)):
-        return resolve_paths(config, workdir)
-    recorded = read_json(os.path.join(workdir, PATHS_FILE), ckpt_lib.CheckpointError,
-                         "recorded at a run's first step")
+def trained_paths(workdir: str) -> Paths:
+    """The paths the run in `workdir` trained with (its paths.json)."""
+    path = os.path.join(workdir, PATHS_FILE)
+    recorded = read_json(path, ckpt_lib.CheckpointError, "recorded at a MedSynapse-V run's first step")
     try:
         return Paths(**recorded)
     except TypeError as e:
-        raise ckpt_lib.CheckpointError(f"{os.path.join(workdir, PATHS_FILE)}: not a MedSynapse-V paths record ({e})")
+        raise ckpt_lib.CheckpointError(f"{path}: not a MedSynapse-V paths record ({e})") from e
 
 
 def _done_step(directory: str) -> int | None:

@@ -576,8 +576,8 @@ def train(config, workdir: str, paths: Paths, load_weights, on_first_step=None, 
         def first_step():
             if jax.process_index() == 0:
                 workdir_lib.record_workdir_config(workdir, config_json)
-                atomic_write(os.path.join(workdir, PATHS_FILE),
-                             lambda f: json.dump(dataclasses.asdict(paths), f, indent=2))
+                absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
+                atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))
             if on_first_step is not None:
                 on_first_step()
 

@@ -55,18 +55,40 @@ def get_config():
 def medsynapse_section():
     """MedSynapse-V's fields (arXiv 2604.26283 §2-3 defaults); `c.medsynapse = medsynapse_section()`.
 
+    stages: which of ("warmup", "ccr", "imt") run, in this order (a prefix or an ordered subset starting at warmup).
     encoder: E_ana, "siglip" (MedSigLIP / SigLIP patch grid) or "sam" (SAM-1 ViT, MedSAM's architecture); its
       directory is model.roi_encoder_dir (or the demo's SigLIP). store_dtype: of the stored feature maps.
     regions: where Eq. 5's removed region comes from ("record": the dataset's masks; "encoder": a mask head), the
-      feature-cell coverage that puts a cell in a region, and how many regions are removed.
+      feature-cell coverage that puts a cell in a region, and how many regions are removed (Stage II's M').
     sampler: P_phi (N = 16 meta-queries, 2 cross-attention layers); output_rms scales its initial output to the
       token embeddings' size (0 = plain LeCun init).
-    warmup: Stage I (Eq. 2), lr 2e-4 for 3 epochs, "sum" = the paper's summed answer NLL per example.
+    warmup: Stage I (Eq. 2), lr 2e-4 for 3 epochs, "sum" = the paper's summed answer NLL per example. max_steps caps
+      the stage (0: all epochs).
+    ccr: Stage II (Eq. 3-5), GRPO on LoRA adapters (rank 64, alpha 128, q/k/v/o): 200 steps of rollout_prompts
+      prompts (0: data.batch_size; the paper's rollout batch is 32) x num_generations = 4 completions of up to
+      1,024 tokens, lr 1e-5, clip 0.2, R = 1.0 r_acc + 0.5 r_causal, no KL term (kl_beta 0; the skeleton's 0.02
+      with kl_estimator "k1" is an option). schedule "constant" or "warmup_cosine" (the paper gives none).
+      closed_match / open_ended_match: how r_acc scores closed (yes/no, location choice) and open records
+      (`medsynapse/reward.py`). logprob_chunk: completion positions per LM-head chunk in the scorer.
+    imt: Stage III (Eq. 6-8), A_psi trains: lr 1e-4 for 3 epochs (max_steps caps them), JSD beta 0.5, one on-policy
+      rollout per example of up to max_new_tokens at `temperature`. A_psi: N = sampler.num_queries queries,
+      an MLP of width mlp_hidden (0: the backbone's hidden size), output_rms its initial output scale (0: LeCun).
     """
     return ml_collections.ConfigDict(dict(
-        stages=("warmup",),
+        stages=("warmup", "ccr", "imt"),
         encoder=dict(kind="siglip", feature_layer="", dtype="float32", store_dtype="float32"),
         regions=dict(source="record", threshold=0.5, top_k=1),
         sampler=dict(num_queries=16, num_layers=2, num_heads=8, mlp_ratio=4, output_rms=0.02, dropout=0.0),
-        warmup=dict(lr=2e-4, epochs=3, weight_decay=0.01, warmup_ratio=0.03, max_grad_norm=1.0, reduction="sum"),
+        warmup=dict(lr=2e-4, epochs=3, max_steps=0, weight_decay=0.01, warmup_ratio=0.03, max_grad_norm=1.0,
+                    reduction="sum"),
+        ccr=dict(steps=200, rollout_prompts=0, num_generations=4, max_new_tokens=1024,
+                 lr=1e-5, schedule="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                 clip_epsilon=0.2, kl_beta=0.0, kl_estimator="k3", num_updates=1,
+                 temperature=1.0, top_p=1.0, top_k=0,
+                 lambda_acc=1.0, lambda_causal=0.5, causal_reduction="sum", causal_clip=5.0,
+                 closed_match="exact", open_ended_match="exact", logprob_chunk=128,
+                 lora=dict(rank=64, alpha=128.0, targets=("q", "k", "v", "o"))),
+        imt=dict(lr=1e-4, epochs=3, max_steps=0, schedule="warmup_cosine", warmup_ratio=0.03, weight_decay=0.01,
+                 max_grad_norm=1.0, beta=0.5, max_new_tokens=1024, temperature=1.0, mlp_hidden=0,
+                 output_rms=0.02),
     ))

@@ -1,5 +1,11 @@
 """MedSynapse-V's recipe (arXiv 2604.26283, §3 implementation details): Qwen3-VL-8B-Instruct, a frozen anatomical
-encoder, P_phi with N = 16 meta-queries and 2 layers; Stage I lr 2e-4 for 3 epochs.
+encoder, P_phi with N = 16 meta-queries and 2 layers.
+
+  Stage I    P_phi, lr 2e-4, 3 epochs.
+  Stage II   GRPO on LoRA rank 64 (alpha 128) on q/k/v/o: G = 4, clip 0.2, R = 1.0 r_acc + 0.5 r_causal, 200 steps
+             of 32 prompts (the paper's rollout batch), completions up to 1,024 tokens, lr 1e-5 (constant: the paper
+             gives no schedule), no KL term.
+  Stage III  A_psi, JSD beta 0.5, lr 1e-4, 3 epochs, one on-policy rollout of up to 1,024 tokens per example.
 
 The paper's E_ana is MedSAM3; vital_jax offers SAM-1 ViT (MedSAM v1's architecture) and (Med)SigLIP (README,
 "MedSynapse-V"). Point the paths at local checkpoints and the built dataset:
@@ -14,8 +20,9 @@ from configs import base, vital_qwen3vl_8b
 def get_config():
     c = vital_qwen3vl_8b.get_config()
     c.method = "medsynapse"
-    c.medsynapse = base.medsynapse_section()
+    c.medsynapse = base.medsynapse_section()  # the paper's values are the section's defaults
     c.medsynapse.encoder.kind = "sam"
     c.medsynapse.encoder.store_dtype = "float16"  # 64 x 64 x 256 per image: 2 MiB instead of 4
     c.data.batch_size = 32
+    c.medsynapse.ccr.rollout_prompts = 32
     return c

@@ -45,6 +45,8 @@ def recorded_run(tmp_path_factory):
     ("vital_jax.train", ["--config=configs/no_such.py", "--workdir=/tmp/x"], ["configs/no_such.py: no such file"]),
     ("vital_jax.train", ["--config=configs/demo.py", "--workdir=/tmp/x", "--config.vital.no_such=1"],
      ["unknown config field"]),
+    ("vital_jax.train", ["--config=configs/medsynapse_demo.py", "--workdir=/tmp/x",
+                         "--config.medsynapse.ccr.num_generations=1"], ["config.medsynapse.ccr.num_generations"]),
     ("vital_jax.pretrain", ["--workdir=/tmp/x"], ["--config is required"]),
     ("vital_jax.study", ["--config=configs/study/phantom.py", "--workdir=/tmp/x", "stray"], ["unexpected"]),
     ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=/tmp/x",

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from configs import ablation, base, demo, vital_qwen3vl_8b
+from configs import ablation, base, demo, medsynapse_demo, medsynapse_qwen3vl_8b, vital_qwen3vl_8b
 from vital_jax import train
 from vital_jax.models.hf_config import ConfigError
 
@@ -104,3 +104,44 @@ def test_data_configs_set_only_fields_the_builder_reads(name):
 
     assert fields(config) == fields(defaults)
     assert config.source in ("phantoms", "biomedparse", "msd", "dicom")
+
+
+@pytest.mark.parametrize("get_config", [medsynapse_demo.get_config, medsynapse_qwen3vl_8b.get_config])
+def test_medsynapse_recipes_validate(get_config):
+    from vital_jax.medsynapse import trainer
+
+    c = get_config()
+    trainer.validate_config(c)
+    assert tuple(c.medsynapse.stages) == trainer.STAGES
+    with pytest.raises(ConfigError, match="method"):  # VITAL's trainer refuses another method's config
+        train.validate_config(c)
+
+
+def test_medsynapse_paper_recipe_follows_section_3():
+    c = medsynapse_qwen3vl_8b.get_config()
+    m = c.medsynapse
+    assert (m.sampler.num_queries, m.sampler.num_layers) == (16, 2)
+    assert (m.warmup.lr, m.warmup.epochs) == (2e-4, 3)
+    ccr = m.ccr
+    assert (ccr.num_generations, ccr.clip_epsilon, ccr.lambda_acc, ccr.lambda_causal) == (4, 0.2, 1.0, 0.5)
+    assert (ccr.steps, ccr.rollout_prompts, ccr.max_new_tokens, ccr.lr, ccr.kl_beta) == (200, 32, 1024, 1e-5, 0.0)
+    assert (ccr.lora.rank, tuple(ccr.lora.targets)) == (64, ("q", "k", "v", "o"))
+    assert (m.imt.lr, m.imt.epochs, m.imt.beta, m.imt.max_steps) == (1e-4, 3, 0.5, 0)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ccr.steps", 0), ("ccr.top_p", 0.0), ("ccr.causal_reduction", "mean"), ("ccr.open_ended_match", "bleu"),
+    ("ccr.lora.rank", 0), ("ccr.warmup_ratio", 2.0), ("imt.epochs", 0), ("imt.lr", -1.0), ("imt.schedule", "step"),
+    ("warmup.max_steps", -1),
+])
+def test_impossible_medsynapse_values_are_config_errors_naming_the_field(field, value):
+    from vital_jax.medsynapse import trainer
+
+    c = medsynapse_demo.get_config()
+    *parents, leaf = field.split(".")
+    section = c.medsynapse
+    for name in parents:
+        section = section[name]
+    section[leaf] = value
+    with pytest.raises(ConfigError, match=re.escape(f"config.medsynapse.{field}")):
+        trainer.validate_config(c)

@@ -1,5 +1,8 @@
 """Train VITAL: `python -m vital_jax.train --config=configs/<name>.py --workdir=DIR [--config.FIELD=VALUE ...]`.
 
+A config with `method = "medsynapse"` (configs/medsynapse_*.py) runs MedSynapse-V's three stages instead
+(`vital_jax/medsynapse/trainer.py`: a checkpoint folder per stage, the same resume, SIGTERM and error handling).
+
 The 3-phase curriculum (paper §3.5): phase n trains on the records with K <= curriculum.max_k[n] for
 curriculum.epochs[n] epochs, warm-starting from phase n-1, and checkpoints into `workdir/phase_<n>/` (trainable
 params, optimizer state, step, RNG and the grain iterator state). Rerunning the same command resumes from the
@@ -16,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -88,6 +92,9 @@ def phase_steps(config, data_dir: str) -> list[int]:
 def validate_config(config) -> None:
     """Every impossible value is a ConfigError before anything runs (not, say, a division by a zero batch size
     once the data has been read)."""
+    if config.get("method", "vital") != "vital":
+        raise ConfigError(f"config.method={config.method!r}: VITAL's trainer trains method 'vital' (a MedSynapse-V "
+                          "config runs through `python -m vital_jax.train`, which dispatches on the method)")
     c = config.curriculum
     if len(c.max_k) != len(c.epochs) or not c.max_k:
         raise ConfigError(f"config.curriculum: max_k {tuple(c.max_k)} and epochs {tuple(c.epochs)} must be "
@@ -316,11 +323,54 @@ def format_summary(summary: dict, workdir: str, phases: int) -> str:
                       f"  summary      {workdir}/{SUMMARY_FILE}"])
 
 
+def train_medsynapse(config, workdir: str) -> dict:
+    """`config.method == "medsynapse"`: build the demo's assets when enabled, resolve the paths and run
+    `medsynapse.trainer.train` (which holds the workdir's lock and records the config); SIGTERM saves and exits."""
+    from vital_jax.medsynapse import trainer
+    from vital_jax.run import load_weights
+
+    trainer.validate_config(config)
+    if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
+        demo.prepare(workdir, config.demo)
+        p = resolve_paths(config, workdir)
+        paths = trainer.Paths(p.data_dir, p.tokenizer_dir, p.backbone_dir, p.encoder_dir)
+    else:
+        paths = trainer.configured_paths(config)
+
+    def preempt(signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        trainer.request_preemption()
+
+    signal.signal(signal.SIGTERM, preempt)
+    cli.status(f"MedSynapse-V stages {tuple(config.medsynapse.stages)} in {workdir} (the first step of each stage "
+               "waits for its compilation)...")
+    summary = trainer.train(config, workdir, paths, load_weights)
+    return dict(summary, paths=dataclasses.asdict(paths))
+
+
+def _main_medsynapse(config, workdir: str) -> None:
+    from vital_jax.data.pipeline import PipelineError
+    from vital_jax.data.records import RecordError
+    from vital_jax.medsynapse import trainer
+    from vital_jax.medsynapse.features import FeatureStoreError
+
+    try:
+        summary = train_medsynapse(config, workdir)
+        if distributed.is_primary():
+            atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+        print(trainer.format_summary(summary, workdir), flush=True)
+    except (ConfigError, ckpt_lib.CheckpointError, trainer.NonFiniteLossError, PipelineError, RecordError,
+            FeatureStoreError, FileNotFoundError) as e:
+        cli.fail(e)
+
+
 def main(argv):
     from vital_jax.data.pipeline import PipelineError
 
     cli.begin(argv, _CONFIG, _WORKDIR)
     workdir = os.path.abspath(_WORKDIR.value)
+    if _CONFIG.value.method == "medsynapse":
+        return _main_medsynapse(_CONFIG.value, workdir)
     try:
         summary = train(_CONFIG.value, workdir)
         if distributed.is_primary():

@@ -1,22 +1,40 @@
-"""MedSynapse-V's staged trainer on the phantom demo: Stage I learns (against the same run at lr = 0), resumes
-exactly after a preemption, and skips a finished stage."""
+"""MedSynapse-V's staged trainer on the phantom demo: Stage I learns (against the same run at lr = 0); all three stages
+run from one call, each checkpointing its own trained parameters and logging into one metrics file; a crash in
+Stage II and a preemption in Stage III resume exactly without redoing Stage I; `load_trained` assembles what the
+finished stages trained; `python -m vital_jax.train` dispatches a MedSynapse-V config."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import medsynapse_demo
-from tests.conftest import demo_test_config
-from vital_jax.medsynapse import trainer
+from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config
+from vital_jax.checkpoint import CheckpointError
+from vital_jax.data.pipeline import make_train_iterator
+from vital_jax.generation import SamplingConfig
+from vital_jax.medsynapse import deploy, trainer
 from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.hf_mapping import flatten
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.run import load_weights
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRPO_KEYS = ("reward_mean", "reward_std", "r_acc", "r_causal", "advantage_mean", "advantage_std", "advantage_min",
+             "advantage_max", "zero_variance_groups", "completion_length", "truncated_fraction", "clip_fraction",
+             "ratio_mean", "kl", "loss", "grad_norm")
+IMT_KEYS = ("loss", "grad_norm", "trajectory_length", "student_memory_rms", "teacher_memory_rms", "memory_gap_rms")
 
-def _config(lr=None):
+
+def _config(lr=None, stages=("warmup",)):
     c = medsynapse_demo.get_config()
     shrunk = demo_test_config()
     c.demo = shrunk.demo
@@ -24,9 +42,23 @@ def _config(lr=None):
     c.checkpoint.save_every_steps = 2
     c.checkpoint.async_save = False
     c.logging.every_steps = 1
-    c.medsynapse.warmup.epochs = 2
+    m = c.medsynapse
+    m.stages = stages
+    m.warmup.epochs = 2
     if lr is not None:
-        c.medsynapse.warmup.lr = lr
+        m.warmup.lr = lr
+    m.ccr.steps = 4
+    m.ccr.num_generations = 2
+    m.ccr.max_new_tokens = 8
+    m.ccr.lora.rank, m.ccr.lora.alpha = 4, 8.0
+    m.imt.max_steps = 3
+    m.imt.max_new_tokens = 8
+    return c
+
+
+def _three_stage_config():
+    c = _config(stages=trainer.STAGES)
+    c.medsynapse.warmup.max_steps = 3
     return c
 
 
@@ -36,10 +68,16 @@ def _paths(demo_root: str) -> trainer.Paths:
     return trainer.Paths(p["data_dir"], p["tokenizer_dir"], p["backbone_dir"], p["encoder_dir"])
 
 
+def _rows(workdir, name="metrics.jsonl") -> list[dict]:
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def _losses(workdir: str) -> dict[int, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
 
 
 def _run(config, workdir, paths, **kw):
@@ -47,10 +85,40 @@ def _run(config, workdir, paths, **kw):
     return trainer.train(config, str(workdir), paths, load_weights, **kw)
 
 
+def _saved_params(workdir, stage: str) -> list[str]:
+    """The parameter paths a stage's final checkpoint holds."""
+    with open(os.path.join(workdir, f"stage_{stage}", "DONE.json")) as f:
+        step = json.load(f)["final_step"]
+    with ocp.StandardCheckpointer() as c:
+        saved = c.restore(os.path.join(workdir, f"stage_{stage}", str(step), "state"))
+    return [k for k in saved if k.startswith("params.")]
+
+
+def _assert_trees_equal(a, b, exact=True):
+    fa, fb = flatten(a), flatten(b)
+    assert sorted(fa) == sorted(fb)
+    for path in fa:
+        if exact:
+            assert np.array_equal(np.asarray(fa[path]), np.asarray(fb[path])), path
+        else:
+            np.testing.assert_allclose(np.asarray(fa[path]), np.asarray(fb[path]), rtol=1e-5, atol=1e-6,
+                                       err_msg=path)
+
+
 @pytest.fixture(scope="module")
 def paths(demo_assets):
     return _paths(demo_assets)
 
+
+@pytest.fixture(scope="module")
+def three_stage_run(paths, tmp_path_factory):
+    """One uninterrupted run of all three stages (3 + 4 + 3 steps), read by several tests."""
+    workdir = tmp_path_factory.mktemp("three_stages")
+    summary = _run(_three_stage_config(), workdir, paths)
+    return str(workdir), summary
+
+
+# ---- Stage I ----------------------------------------------------------------------------------------------------
 
 def test_stage1_lowers_the_answer_loss_compared_with_lr_zero(paths, tmp_path):
     trained = _run(_config(), tmp_path / "trained", paths)
@@ -72,6 +140,8 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     resumed_dir = tmp_path / "resumed"
     first = _run(config, resumed_dir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
+    with pytest.raises(CheckpointError, match="no finished MedSynapse-V stage"):
+        trainer.load_trained(str(resumed_dir), load_weights)
     second = _run(config, resumed_dir, paths)
     assert not second["preempted"]
     assert second["stages"]["warmup"]["steps"] == straight["stages"]["warmup"]["steps"]
@@ -83,15 +153,159 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     third = _run(config, resumed_dir, paths)  # finished: nothing runs, nothing is logged again
     assert third["stages"]["warmup"]["metrics"] == {}
     assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows
+    # A warmup-only run: P_phi on the plain backbone, no LoRA, no A_psi, no encoder.
+    run = trainer.load_trained(str(resumed_dir), load_weights)
+    assert run.stages_done == ("warmup",) and run.steps == {"warmup": straight["stages"]["warmup"]["steps"]}
+    assert sorted(run.params) == ["backbone", "sampler"] and run.autonomous is None and run.backbone.lora is None
+    assert not [p for p in flatten(run.params["backbone"]) if "lora_" in p]
     shutil.rmtree(resumed_dir)
+    with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
+        trainer.load_trained(str(tmp_path / "nothing"), load_weights)
 
 
 def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
-    config = _config()
-    config.medsynapse.stages = ("imt",)
-    with pytest.raises(ConfigError, match="stages"):
-        _run(config, tmp_path / "x", paths)
-    config = _config()
-    config.medsynapse.warmup.epochs = 0
-    with pytest.raises(ConfigError, match="epochs"):
-        _run(config, tmp_path / "y", paths)
+    for field, value, needle in [("stages", ("imt",), "stages"), ("warmup.epochs", 0, "epochs"),
+                                 ("ccr.num_generations", 1, "ccr.num_generations"),
+                                 ("ccr.kl_estimator", "k2", "ccr.kl_estimator"),
+                                 ("ccr.lora.targets", ("q", "qkv"), "ccr.lora.targets"),
+                                 ("ccr.schedule", "linear", "ccr.schedule"),
+                                 ("imt.beta", 1.5, "imt.beta"), ("imt.max_new_tokens", 0, "imt.max_new_tokens")]:
+        config = _config(stages=trainer.STAGES)
+        *parents, leaf = field.split(".")
+        section = config.medsynapse
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            _run(config, tmp_path / "x", paths)
+    assert not os.path.exists(tmp_path / "x")  # refused before anything was written
+
+
+# ---- Stages I-III -----------------------------------------------------------------------------------------------
+
+def test_three_stages_run_from_one_call_each_checkpointing_and_logging(three_stage_run):
+    workdir, summary = three_stage_run
+    assert not summary["preempted"] and summary["step"] == 10
+    assert {s: r["steps"] for s, r in summary["stages"].items()} == {"warmup": 3, "ccr": 4, "imt": 3}
+    for stage, steps in (("warmup", 3), ("ccr", 4), ("imt", 3)):
+        with open(os.path.join(workdir, f"stage_{stage}", "DONE.json")) as f:
+            assert json.load(f)["final_step"] == steps
+    rows = _rows(workdir)
+    assert [(r["stage"], r["step"]) for r in rows] == ([("warmup", s) for s in (1, 2, 3)]
+                                                       + [("ccr", s) for s in (4, 5, 6, 7)]
+                                                       + [("imt", s) for s in (8, 9, 10)])
+    for row in rows:
+        keys = {"warmup": ("loss", "grad_norm", "memory_rms"), "ccr": GRPO_KEYS, "imt": IMT_KEYS}[row["stage"]]
+        assert all(np.isfinite(row[k]) for k in keys), row
+        assert "trajectory" not in row and "lengths" not in row
+    ccr = [r for r in rows if r["stage"] == "ccr"]
+    assert all(r["ratio_mean"] == pytest.approx(1.0, abs=1e-5) for r in ccr)  # one update per rollout batch
+    assert any(abs(r["r_causal"]) > 0 for r in ccr)  # the intervention changes the answers' likelihood
+    assert all(0 < r["completion_length"] <= 8 for r in ccr)
+    # Each stage's checkpoint holds the parameters it trained and nothing else.
+    assert all(k.startswith("params.sampler.") for k in _saved_params(workdir, "warmup"))
+    lora = _saved_params(workdir, "ccr")
+    assert lora and all(k.startswith("params.backbone.") and k.rsplit(".", 1)[1] in ("lora_a", "lora_b")
+                        for k in lora)
+    assert all(k.startswith("params.autonomous.") for k in _saved_params(workdir, "imt"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["medsynapse"]["stages"] == list(trainer.STAGES)
+
+
+def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
+    workdir, _ = three_stage_run
+    run = trainer.load_trained(workdir, load_weights)
+    assert run.stages_done == trainer.STAGES and run.steps == {"warmup": 3, "ccr": 4, "imt": 3}
+    assert sorted(run.params) == ["autonomous", "backbone", "sampler"]  # E_ana is never part of a run
+    assert run.backbone.lora.rank == 4 and run.autonomous is not None
+    flat = flatten(run.params["backbone"])
+    base = flatten(load_weights(run.paths.backbone_dir, run.backbone.config, qwen3_vl_params))
+    for path, value in base.items():  # the base weights are the backbone's own, bit for bit
+        assert np.array_equal(np.asarray(flat[path]), np.asarray(value)), path
+    lora_b = [p for p in flat if p.endswith("lora_b")]
+    assert lora_b and all(float(jnp.max(jnp.abs(flat[p]))) > 0 for p in lora_b)  # Stage II moved every adapter
+    fresh = trainer._init_autonomous(run.autonomous, run.config.seed + 4)
+    for path, value in flatten(fresh).items():  # Stage III trained every leaf of A_psi
+        assert not np.array_equal(np.asarray(value), np.asarray(flatten(run.params["autonomous"])[path])), path
+    # The deployed model (backbone + LoRA + A_psi) generates from the loaded tree.
+    cfg = trainer.pipeline_config(run.config)
+    batch = next(make_train_iterator(run.paths.data_dir, run.paths.tokenizer_dir, cfg, k_max=cfg.k_max_slots))
+    prefix = trainer.batch_prefix(batch, run.backbone.config)
+    generate = deploy.make_generate(run.backbone, run.autonomous, SamplingConfig(max_new_tokens=3))
+    tokens, lengths = generate(deploy.deployable_params(run.params), prefix)
+    assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1
+
+
+class _Crash(RuntimeError):
+    """Stands for a kill -9: the process dies after logging a step and before checkpointing it."""
+
+
+def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_stage_run, paths, tmp_path):
+    straight_dir, _ = three_stage_run
+    config = _three_stage_config()
+    workdir = str(tmp_path / "resumed")
+
+    def crash(stage, step):
+        if (stage, step) == ("ccr", 3):  # checkpoints every 2 steps: the rerun restarts from Stage II's step 2
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _run(config, workdir, paths, on_step=crash)
+    run = trainer.load_trained(workdir, load_weights)
+    assert run.stages_done == ("warmup",) and run.backbone.lora is None and "autonomous" not in run.params
+
+    def preempt(stage, step):
+        if (stage, step) == ("imt", 1):
+            trainer.request_preemption()
+
+    second = _run(config, workdir, paths, on_step=preempt)
+    assert second["preempted"] and second["stages"]["imt"]["steps"] == 1
+    assert second["stages"]["warmup"]["metrics"] == {}  # Stage I is not redone
+    assert second["stages"]["ccr"]["steps"] == 4
+    after_ccr = trainer.load_trained(workdir, load_weights)
+    assert after_ccr.stages_done == ("warmup", "ccr") and after_ccr.backbone.lora is not None
+    assert sorted(after_ccr.params) == ["backbone", "sampler"] and after_ccr.autonomous is None
+
+    third = _run(config, workdir, paths)
+    assert not third["preempted"] and {s: r["steps"] for s, r in third["stages"].items()} == \
+        {"warmup": 3, "ccr": 4, "imt": 3}
+    assert third["stages"]["ccr"]["metrics"] == {}
+    # Every step logged once, with the uninterrupted run's numbers; the crashed step's row was moved aside.
+    expected = {r["step"]: r for r in _rows(straight_dir)}
+    got = {r["step"]: r for r in _rows(workdir)}
+    assert sorted(got) == sorted(expected) and len(_rows(workdir)) == len(got)
+    for step, row in expected.items():
+        assert got[step]["stage"] == row["stage"]
+        keys = GRPO_KEYS if row["stage"] == "ccr" else ("loss", "grad_norm")
+        for key in keys:
+            assert got[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (step, key)
+    assert [(r["stage"], r["step"]) for r in _rows(workdir, "metrics.rewound.jsonl")] == [("ccr", 6)]
+    # ... and the same trained parameters; Stage III left the backbone (+ LoRA) and P_phi as Stage II had them.
+    final, reference = trainer.load_trained(workdir, load_weights), trainer.load_trained(straight_dir, load_weights)
+    for top in ("backbone", "sampler", "autonomous"):
+        _assert_trees_equal(final.params[top], reference.params[top], exact=False)
+    for top in ("backbone", "sampler"):
+        _assert_trees_equal(final.params[top], after_ccr.params[top])
+
+
+def test_train_command_dispatches_a_medsynapse_config(demo_assets, tmp_path):
+    workdir = tmp_path / "cli"
+    shutil.copytree(demo_assets, workdir / "demo")
+    shrink = ["--config.logging.every_steps=1", "--config.medsynapse.warmup.max_steps=1",
+              "--config.medsynapse.ccr.steps=1", "--config.medsynapse.ccr.num_generations=2",
+              "--config.medsynapse.ccr.max_new_tokens=4", "--config.medsynapse.ccr.lora.rank=4",
+              "--config.medsynapse.imt.max_steps=1", "--config.medsynapse.imt.max_new_tokens=4"]
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/medsynapse_demo.py",
+                          f"--workdir={workdir}", *DEMO_TEST_OVERRIDES, *shrink], capture_output=True, text=True,
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MedSynapse-V training finished at step 3" in res.stdout, res.stdout
+    with open(workdir / "train_summary.json") as f:
+        summary = json.load(f)
+    assert list(summary["stages"]) == list(trainer.STAGES) and not summary["preempted"]
+    assert summary["paths"]["encoder_dir"].endswith("roi_encoder")
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["method"] == "medsynapse"
+    assert [r["stage"] for r in _rows(str(workdir))] == list(trainer.STAGES)
+    for stage in trainer.STAGES:
+        assert os.path.isfile(workdir / f"stage_{stage}" / "DONE.json")

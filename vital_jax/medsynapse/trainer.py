@@ -1,46 +1,102 @@
-"""MedSynapse-V's three stages as one resumable run: `train(config, workdir, paths)`.
+"""MedSynapse-V's three stages as one resumable run: `train(config, workdir, paths, load_weights)`.
 
 Stages (config.medsynapse.stages, in this order; a run may stop after any):
-  warmup  Stage I, semantic alignment (Eq. 2): P_phi trains, backbone frozen.  -> workdir/stage_warmup/
+  warmup  Stage I, semantic alignment (Eq. 2): P_phi trains, backbone frozen.             -> workdir/stage_warmup/
+  ccr     Stage II, causal counterfactual refinement (Eq. 3-5): GRPO on the backbone's
+          LoRA adapters (`grpo.py`); P_phi and the base weights frozen.                     -> workdir/stage_ccr/
+  imt     Stage III, intrinsic memory transition (Eq. 6-8): A_psi trains (`imt.py`); the
+          backbone with Stage II's LoRA and P_phi frozen.                                   -> workdir/stage_imt/
 
-Each stage checkpoints into its own folder (orbax, like VITAL's curriculum phases: trainable state, optimizer,
-step, RNG and the grain iterator state) and marks it done at its end; rerunning the same command skips finished
-stages, restores the trained parameters they produced and resumes the current stage from its newest checkpoint.
-Metrics go to the workdir's metrics.jsonl / TensorBoard with one step count across stages (stage I's steps come
-first), each row carrying its `stage`.
+Each stage starts from what the stages before it produced, checkpoints into its own folder (orbax, as VITAL's
+curriculum phases: the stage's trainable tree, its optimizer state, step, RNG and the grain iterator state; frozen
+weights are never written) and marks itself done at its end. Rerunning the same command (after a preemption or a
+kill -9 in any stage) skips the finished stages, restoring the parameters each one trained from its final
+checkpoint, and resumes the current stage from its newest checkpoint with the same data order; metrics rows logged
+after that checkpoint are moved to metrics.rewound.jsonl. Metrics go to the workdir's metrics.jsonl / TensorBoard
+with one step count across stages (stage I's steps first, then II's, then III's), each row carrying its `stage`.
+The run holds the workdir's lock and, once its first step has run, records its config (workdir/config.json; a
+later run with a different config is refused) and its paths (workdir/paths.json).
 
 The anatomical encoder runs once per dataset, before any stage (`features.build_feature_store`, in
 workdir/anatomical/): every stage reads F = E_ana(X) and the counterfactual regions from that store, so no
 training program contains the encoder.
+
+Data: every stage reads the records of `config.data.train_split` through the shared input pipeline (image +
+question prompts, reference answers; chains and ROI rows unused). Stage II's prompts are batches of
+`ccr.rollout_prompts` records; r_acc compares the decoded completion with the record's answer, closed-ended for
+yes/no and location-choice records, open-ended otherwise (`reward.accuracy_reward`). Stage III reuses the same data.
+
+Where the paper is silent (all config fields): Stage II runs `ccr.steps` steps (paper 200) of one rollout batch
+each, cycling through the data, at a constant lr (paper 1e-5; `ccr.schedule = "warmup_cosine"` anneals it);
+Stages I and III use warmup-cosine schedules (3 % warmup, the authors' skeleton's); `max_steps` caps Stage I or
+III below their epochs (demos and tests).
+
+Reading a trained run (evaluation, export):
+
+    run = trainer.load_trained(workdir, load_weights)       # -> TrainedMedSynapse
+    run.config       the recorded config (ml_collections)     run.paths     the Paths it trained with (paths.json)
+    run.backbone     Qwen3VLForConditionalGeneration, built with Stage II's LoraConfig when "ccr" is done
+                     (`run.backbone.lora`), else without LoRA
+    run.sampler      DiagnosticMemorySampler (P_phi)          run.autonomous  AutonomousMemory (A_psi) or None
+    run.params       {"backbone" (base weights + LoRA leaves if Stage II ran), "sampler", and "autonomous" if
+                     Stage III ran}; never the encoder
+    run.stages_done  the finished stages, in order            run.steps     {stage: its final step}
+
+The A_psi branch is `deploy.make_generate(run.backbone, run.autonomous, sampling)(deploy.deployable_params(
+run.params), prefix)`; the teacher branch is `memory.generate` with M = P_phi(F): F of the training records is
+stored (`features.FeatureStore.load(os.path.join(workdir, FEATURES_DIR))`), F of other images comes from
+`anatomical_encoder(run.config, run.paths)` (its `preprocess` and `feature_map`). Stages count as finished in config
+order up to the first without its done marker; each finished stage's final checkpoint contributes the parameters
+it trained. A workdir without a finished stage is a CheckpointError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import sharding
+from vital_jax import freeze, sharding
+from vital_jax import workdir as workdir_lib
+from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
-from vital_jax.medsynapse import stage1
+from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
+from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.layers.linear import LoraConfig
+from vital_jax.medsynapse import grpo, imt, stage1
+from vital_jax.medsynapse import reward as reward_lib
+from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
 from vital_jax.medsynapse.encoder import anatomical_encoder_from_config, region_mask_provider_from_config
 from vital_jax.medsynapse.features import FeatureStore, build_feature_store
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.qwen3_vl.cached import prefix_inputs
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 from vital_jax.observability import MetricsLogger
 
-STAGES = ("warmup",)
+STAGES = ("warmup", "ccr", "imt")
+SCHEDULES = ("constant", "warmup_cosine")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FEATURES_DIR = "anatomical"
+SUMMARY_FILE = "train_summary.json"
+PATHS_FILE = "paths.json"  # the Paths a run trained with, recorded beside its config
+# What each stage trains (the rest of its parameter tree is frozen and never checkpointed).
+TRAINABLE = {"warmup": stage1.is_trainable, "ccr": grpo.is_trainable, "imt": imt.is_trainable}
+# Stage III's step returns its sampled trajectories for inspection; they are arrays, not metrics.
+IMT_ARRAYS = ("trajectory", "lengths")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,7 +115,8 @@ class Paths:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything the stages share: the frozen modules and weights, the feature store, the sampler."""
+    """Everything the stages share: the frozen modules and weights, the feature store, the sampler, the records
+    (for r_acc's reference answers and error messages) and the tokenizer's end-of-answer ids."""
 
     config: object
     paths: Paths
@@ -68,10 +125,24 @@ class Setup:
     sampler: DiagnosticMemorySampler
     store: FeatureStore
     pipeline: PipelineConfig
+    records: list[Record]
+    tokenizer: object
+    eos_token_ids: tuple[int, int]  # <|im_end|>, <|endoftext|>
+    pad_token_id: int
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.medsynapse.{field}: {message}")
 
 
 def validate_config(config) -> None:
-    """Impossible MedSynapse-V settings are a ConfigError before anything loads."""
+    """Impossible MedSynapse-V settings are a ConfigError naming the field, before anything loads."""
     m = config.medsynapse
     unknown = [s for s in m.stages if s not in STAGES]
     if not m.stages or unknown or list(m.stages) != [s for s in STAGES if s in m.stages]:
@@ -82,23 +153,165 @@ def validate_config(config) -> None:
                           "sampler it trains)")
     if m.sampler.num_queries < 1 or m.sampler.num_layers < 1:
         raise ConfigError("config.medsynapse.sampler: num_queries and num_layers must be >= 1")
-    if m.warmup.epochs < 1 or m.warmup.lr < 0:
-        raise ConfigError(f"config.medsynapse.warmup: epochs={m.warmup.epochs} must be >= 1 and lr >= 0")
-    if m.warmup.reduction not in stage1.REDUCTIONS:
+    w = m.warmup
+    if w.epochs < 1 or w.lr < 0:
+        raise ConfigError(f"config.medsynapse.warmup: epochs={w.epochs} must be >= 1 and lr >= 0")
+    if w.reduction not in stage1.REDUCTIONS:
         raise ConfigError(f"config.medsynapse.warmup.reduction must be one of {stage1.REDUCTIONS}")
+    _check(w.max_steps >= 0, "warmup.max_steps", f"{w.max_steps} must be >= 0 (0: all epochs)")
+
+    c = m.ccr
+    for field, value in (("steps", c.steps), ("max_new_tokens", c.max_new_tokens), ("num_updates", c.num_updates)):
+        _check(value >= 1, f"ccr.{field}", f"{value} must be >= 1")
+    _check(c.num_generations >= 2, "ccr.num_generations", f"{c.num_generations} must be >= 2 (GRPO normalises "
+           "rewards within a group)")
+    for field, value in (("rollout_prompts", c.rollout_prompts), ("lr", c.lr), ("weight_decay", c.weight_decay),
+                         ("kl_beta", c.kl_beta), ("temperature", c.temperature), ("top_k", c.top_k),
+                         ("lambda_acc", c.lambda_acc), ("lambda_causal", c.lambda_causal),
+                         ("logprob_chunk", c.logprob_chunk)):
+        _check(value >= 0, f"ccr.{field}", f"{value} must be >= 0")
+    for field, value in (("max_grad_norm", c.max_grad_norm), ("clip_epsilon", c.clip_epsilon),
+                         ("causal_clip", c.causal_clip)):
+        _check(value > 0, f"ccr.{field}", f"{value} must be > 0")
+    _check(0 < c.top_p <= 1, "ccr.top_p", f"{c.top_p} must lie in (0, 1]")
+    _check(c.kl_estimator in grpo.KL_ESTIMATORS, "ccr.kl_estimator", f"must be one of {grpo.KL_ESTIMATORS}")
+    _check(c.causal_reduction in reward_lib.CAUSAL_REDUCTIONS, "ccr.causal_reduction",
+           f"must be one of {reward_lib.CAUSAL_REDUCTIONS}")
+    _check(c.closed_match in reward_lib.CLOSED_MATCHES, "ccr.closed_match",
+           f"must be one of {reward_lib.CLOSED_MATCHES}")
+    _check(c.open_ended_match in reward_lib.OPEN_MATCHES, "ccr.open_ended_match",
+           f"must be one of {reward_lib.OPEN_MATCHES}")
+    _check(c.lora.rank >= 1, "ccr.lora.rank", f"{c.lora.rank} must be >= 1")
+    _check(c.lora.alpha > 0, "ccr.lora.alpha", f"{c.lora.alpha} must be > 0")
+    targets = tuple(c.lora.targets)
+    _check(bool(targets) and all(t in LORA_TARGETS for t in targets), "ccr.lora.targets",
+           f"{targets} must be a non-empty subset of {LORA_TARGETS}")
+
+    i = m.imt
+    for field, value in (("epochs", i.epochs), ("max_new_tokens", i.max_new_tokens)):
+        _check(value >= 1, f"imt.{field}", f"{value} must be >= 1")
+    for field, value in (("lr", i.lr), ("max_steps", i.max_steps), ("weight_decay", i.weight_decay),
+                         ("temperature", i.temperature), ("mlp_hidden", i.mlp_hidden),
+                         ("output_rms", i.output_rms)):
+        _check(value >= 0, f"imt.{field}", f"{value} must be >= 0")
+    _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
+    _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
+    for section in ("ccr", "imt"):
+        s = m[section]
+        _check(s.schedule in SCHEDULES, f"{section}.schedule", f"{s.schedule!r} must be one of {SCHEDULES}")
+        _check(0 <= s.warmup_ratio <= 1, f"{section}.warmup_ratio", f"{s.warmup_ratio} must lie in [0, 1]")
 
 
-def pipeline_config(config) -> PipelineConfig:
+def lora_config(config) -> LoraConfig:
+    """Stage II's adapters (dropout off: see grpo.py)."""
+    lora = config.medsynapse.ccr.lora
+    return LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha), dropout=0.0, targets=tuple(lora.targets))
+
+
+def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int) -> grpo.GRPOConfig:
+    c = config.medsynapse.ccr
+    reward = reward_lib.RewardConfig(lambda_acc=c.lambda_acc, lambda_causal=c.lambda_causal,
+                                     causal_reduction=c.causal_reduction, causal_clip=c.causal_clip,
+                                     closed_match=c.closed_match, open_ended_match=c.open_ended_match)
+    return grpo.GRPOConfig(num_generations=c.num_generations, max_new_tokens=c.max_new_tokens,
+                           temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                           eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
+                           clip_epsilon=c.clip_epsilon, kl_beta=c.kl_beta, kl_estimator=c.kl_estimator,
+                           num_updates=c.num_updates, counterfactual_top_k=config.medsynapse.regions.top_k,
+                           logprob_chunk=c.logprob_chunk, reward=reward)
+
+
+def learning_rate(lr: float, schedule: str, warmup_ratio: float, total: int):
+    """A constant lr, or linear warmup over `warmup_ratio` of `total` steps (at least one) then cosine to 0."""
+    if schedule == "constant" or total < 2:
+        return optax.constant_schedule(lr)
+    warmup = min(max(1, int(warmup_ratio * total)), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+
+
+def rollout_prompts(config) -> int:
+    return config.medsynapse.ccr.rollout_prompts or config.data.batch_size
+
+
+def pipeline_config(config, batch_size: int | None = None) -> PipelineConfig:
     """The shared input pipeline, for MedSynapse-V: prompts (image + question) and reference answers. Records
     carry K-step chains for VITAL; MedSynapse-V reads every record whatever its K (k_max_slots = the records'
     largest K) and ignores the chains and ROI rows."""
-    from vital_jax.data.records import MAX_LATENT_STEPS
-
     d = config.data
-    return PipelineConfig(batch_size=d.batch_size, prompt_buckets=tuple(d.prompt_buckets),
+    return PipelineConfig(batch_size=batch_size or d.batch_size, prompt_buckets=tuple(d.prompt_buckets),
                           max_answer_tokens=d.max_answer_tokens, max_step_tokens=d.max_step_tokens,
                           k_max_slots=MAX_LATENT_STEPS, max_pixels=d.max_pixels, min_pixels=d.min_pixels,
                           num_workers=d.num_workers, blind_images=d.blind_images)
+
+
+def stage_totals(config, data_dir: str) -> dict[str, int]:
+    """Optimizer steps of each configured stage: epochs x full batches of this process's records (capped by
+    max_steps) for Stages I and III, `ccr.steps` for Stage II. A split too small for one batch is a ConfigError."""
+    m = config.medsynapse
+    n = len(select_records(data_dir, config.data.train_split, None, k_min=1)) // jax.process_count()
+    totals = {}
+    for stage in m.stages:
+        size = rollout_prompts(config) if stage == "ccr" else config.data.batch_size
+        if n < size:
+            raise ConfigError(f"{data_dir}: split {config.data.train_split!r} has {n} records, fewer than one "
+                              f"{stage} batch of {size}")
+        if stage == "ccr":
+            totals[stage] = int(m.ccr.steps)
+        else:
+            section = m[stage]
+            total = int(section.epochs) * (n // size)
+            totals[stage] = min(total, int(section.max_steps)) if section.max_steps else total
+    return totals
+
+
+def configured_paths(config) -> Paths:
+    """The paths a config names (data.data_dir, model.backbone_dir, model.tokenizer_dir or the backbone's,
+    model.roi_encoder_dir for E_ana), each checked to exist; MedSynapse-V has no decoder. (The demo's assets are
+    resolved by the train command, which builds them.)"""
+    paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
+                  config.model.backbone_dir, config.model.roi_encoder_dir)
+    for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
+                        ("model.backbone_dir", paths.backbone_dir), ("model.roi_encoder_dir", paths.encoder_dir)):
+        if not path:
+            raise ConfigError(f"config.{field} is empty (or set config.demo.enabled=True for the built-in demo)")
+        if not os.path.isdir(path):
+            raise ConfigError(f"config.{field}={path!r} does not exist")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Modules and batches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def backbone_config(config, paths: Paths) -> Qwen3VLConfig:
+    return Qwen3VLConfig.from_pretrained(paths.backbone_dir, dtype=config.model.dtype,
+                                         param_dtype=config.model.param_dtype, remat=config.model.remat,
+                                         scan_layers=config.model.scan_layers)
+
+
+def anatomical_encoder(config, paths: Paths):
+    """E_ana and its weights, as configured (config.medsynapse.encoder, weights from paths.encoder_dir)."""
+    m = config.medsynapse
+    section = dict(m.encoder)
+    section["dir"] = paths.encoder_dir
+    section["feature_layer"] = m.encoder.feature_layer or None
+    return anatomical_encoder_from_config(section)
+
+
+def build_sampler(config, hidden_size: int) -> DiagnosticMemorySampler:
+    s = config.medsynapse.sampler
+    return DiagnosticMemorySampler(SamplerConfig(
+        hidden_size=hidden_size, num_queries=s.num_queries, num_layers=s.num_layers, num_heads=s.num_heads,
+        mlp_ratio=s.mlp_ratio, output_rms=s.output_rms or None, dropout=s.dropout))
+
+
+def build_autonomous(config, hidden_size: int) -> AutonomousMemory:
+    """A_psi with as many memory vectors as P_phi, so that M_auto stands in for M_pri slot for slot."""
+    i = config.medsynapse.imt
+    return AutonomousMemory(AutonomousConfig(hidden_size=hidden_size,
+                                             num_queries=config.medsynapse.sampler.num_queries,
+                                             mlp_hidden=i.mlp_hidden or None, output_rms=i.output_rms or None))
 
 
 def build_setup(config, workdir: str, paths: Paths, load_weights) -> Setup:
@@ -106,102 +319,156 @@ def build_setup(config, workdir: str, paths: Paths, load_weights) -> Setup:
 
     load_weights(directory, config, params_module) -> params: how a model directory (HF or converted) is read."""
     m = config.medsynapse
-    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                     scan_layers=config.model.scan_layers)
-    backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
-    backbone = Qwen3VLForConditionalGeneration(backbone_config)
-    backbone_params = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params)
-    encoder_section = dict(m.encoder)
-    encoder_section["dir"] = paths.encoder_dir
-    encoder_section["feature_layer"] = m.encoder.feature_layer or None
-    encoder, encoder_params = anatomical_encoder_from_config(encoder_section)
+    bb_config = backbone_config(config, paths)
+    backbone = Qwen3VLForConditionalGeneration(bb_config)
+    backbone_params = load_weights(paths.backbone_dir, bb_config, qwen3_vl_params)
+    encoder, encoder_params = anatomical_encoder(config, paths)
     store = build_feature_store(paths.data_dir, encoder, encoder_params, os.path.join(workdir, FEATURES_DIR),
                                 encoder_id=os.path.abspath(paths.encoder_dir),
                                 provider=region_mask_provider_from_config(m.regions),
                                 dtype=m.encoder.store_dtype)
     del encoder_params  # no stage needs E_ana's weights once F is stored
-    s = m.sampler
-    sampler = DiagnosticMemorySampler(SamplerConfig(
-        hidden_size=backbone_config.text.hidden_size, num_queries=s.num_queries, num_layers=s.num_layers,
-        num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, output_rms=s.output_rms or None, dropout=s.dropout))
-    return Setup(config, paths, backbone, backbone_params, sampler, store, pipeline_config(config))
+    tokenizer = prompt.load_tokenizer(paths.tokenizer_dir)
+    specials = prompt.special_token_ids(tokenizer)
+    return Setup(config, paths, backbone, backbone_params, build_sampler(config, bb_config.text.hidden_size), store,
+                 pipeline_config(config), read_records(os.path.join(paths.data_dir, RECORDS_FILE)), tokenizer,
+                 (specials[prompt.IM_END], specials[prompt.ENDOFTEXT]), specials[prompt.ENDOFTEXT])
+
+
+def batch_prefix(batch_np: dict, config: Qwen3VLConfig):
+    """The image + question prefix of a pipeline batch (MRoPE positions and vision inputs, built on the host)."""
+    return prefix_inputs(batch_np["prompt_ids"], batch_np["prompt_valid"], batch_np.get("image_grid_thw"),
+                         batch_np.get("pixel_patches"), config)
 
 
 def warmup_batch(batch_np: dict, setup: Setup) -> stage1.WarmupBatch:
     """A pipeline batch (numpy) + its records' stored F -> the device batch of Stage I."""
-    prefix = prefix_inputs(batch_np["prompt_ids"], batch_np["prompt_valid"], batch_np.get("image_grid_thw"),
-                           batch_np.get("pixel_patches"), setup.backbone.config)
     stored = setup.store.gather(batch_np["record_index"])
-    return stage1.WarmupBatch(prefix=prefix, feature_map=jnp.asarray(stored["feature_map"]),
+    return stage1.WarmupBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
                               answer_ids=jnp.asarray(batch_np["answer_ids"], jnp.int32),
                               answer_valid=jnp.asarray(batch_np["answer_valid"], bool),
                               example_valid=jnp.asarray(batch_np["example_valid"], bool))
 
 
-def stage_steps(config, data_dir: str, epochs: int) -> int:
-    n = len(select_records(data_dir, config.data.train_split, None, k_min=1)) // jax.process_count()
-    return int(epochs) * (n // config.data.batch_size)
+def prompt_batch(batch_np: dict, setup: Setup) -> grpo.PromptBatch:
+    """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's rollout prompts."""
+    stored = setup.store.gather(batch_np["record_index"])
+    return grpo.PromptBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
+                            region_masks=jnp.asarray(stored["region_masks"], bool),
+                            region_confidence=jnp.asarray(stored["region_confidence"], jnp.float32),
+                            region_valid=jnp.asarray(stored["region_valid"], bool),
+                            example_valid=jnp.asarray(batch_np["example_valid"], bool))
+
+
+def imt_batch(batch_np: dict, setup: Setup) -> imt.IMTBatch:
+    """A pipeline batch + its records' stored F (the teacher's input) -> Stage III's batch."""
+    stored = setup.store.gather(batch_np["record_index"])
+    return imt.IMTBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
+                        example_valid=jnp.asarray(batch_np["example_valid"], bool))
+
+
+def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):
+    """r_acc of one rollout batch (host): each completion decoded (end-of-answer tokens dropped, special tokens
+    skipped) against its record's answer; closed-ended for yes/no and location-choice records."""
+    records = [setup.records[int(r)] for r in batch_np["record_index"]]
+    stop = set(setup.eos_token_ids)
+
+    def decode(ids: list[int]) -> str:
+        return setup.tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
+
+    return reward_lib.text_accuracy_fn(decode, [r.answer for r in records], config.num_generations,
+                                       [r.question_type not in CLOSED_TYPES for r in records], config.reward)
+
+
+def _init_sampler(sampler: DiagnosticMemorySampler, store: FeatureStore, seed: int) -> dict:
+    feature_map = jnp.zeros((1, *store.grid, store.feature_dim), jnp.float32)
+    return sampler.init(jax.random.PRNGKey(seed), feature_map)["params"]
+
+
+def _init_autonomous(autonomous: AutonomousMemory, seed: int) -> dict:
+    d = autonomous.config.hidden_size
+    return autonomous.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, d)), jnp.ones((1, 1), bool))["params"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage loop
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _checkpointer(config, workdir: str, stage: str) -> ckpt_lib.PhaseCheckpointer:
-    return ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"stage_{stage}"), config.checkpoint.save_every_steps,
+    return ckpt_lib.PhaseCheckpointer(stage_dir(workdir, stage), config.checkpoint.save_every_steps,
                                       config.checkpoint.keep, config.checkpoint.async_save)
 
 
-def _record_ids(data_dir: str, rows) -> list[str]:
-    from vital_jax.data.records import RECORDS_FILE, read_records
-
-    recs = read_records(os.path.join(data_dir, RECORDS_FILE))
-    return [recs[int(r)].id for r in rows if 0 <= int(r) < len(recs)]
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, f"stage_{stage}")
 
 
-def _init_sampler(setup: Setup, seed: int) -> dict:
-    feature_map = jnp.zeros((1, *setup.store.grid, setup.store.feature_dim), jnp.float32)
-    return setup.sampler.init(jax.random.PRNGKey(seed), feature_map)["params"]
+@dataclasses.dataclass
+class _Loop:
+    """What the stages of one `train` call share besides the Setup."""
+
+    setup: Setup
+    workdir: str
+    mesh: object
+    logger: MetricsLogger
+    on_first_step: Callable[[], None] | None
+    on_step: Callable[[str, int], None] | None
 
 
-def _run_stage(setup: Setup, workdir: str, stage: str, state, step_fn, make_batch, total: int, offset: int,
-               logger: MetricsLogger, epochs: int, seed: int, on_first_step=None):
+def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int, pipeline: PipelineConfig,
+               epochs: int | None, seed: int, finite: tuple[str, ...] = ("loss",)):
     """The loop every stage shares: resume, iterate, step, check the loss, log, checkpoint, mark done.
-    Returns (final state, preempted, last metrics)."""
-    config = setup.config
-    with _checkpointer(config, workdir, stage) as ckpt:
-        iterator = make_train_iterator(setup.paths.data_dir, setup.paths.tokenizer_dir, setup.pipeline,
-                                       k_max=setup.pipeline.k_max_slots, split=config.data.train_split, seed=seed,
-                                       num_epochs=epochs)
+
+    step_fn(state, batch_np) -> (state, metrics: scalars). epochs: of the data iterator (None: repeat). finite:
+    the metrics that must stay finite. Returns (final state, preempted, last logged metrics; {} when the stage
+    was already complete)."""
+    setup, config = loop.setup, loop.setup.config
+    with _checkpointer(config, loop.workdir, stage) as ckpt:
         found = ckpt.restore_latest(state)
         if found is not None:
             step, state, data_state = found
-            iterator.set_state(data_state)
             logging.info("%s: resuming from step %d", stage, step)
         done = ckpt.done_step()
         if done is not None and done == int(state.step):
             logging.info("%s: already complete (step %d)", stage, done)
             return state, False, {}
-        if logger.jsonl is not None:
-            logger.jsonl.rewind(offset + int(state.step))
+        if done is not None:
+            logging.warning("%s: finished at step %d, but that checkpoint could not be read; training it again from "
+                            "step %d", stage, done, int(state.step))
+        iterator = make_train_iterator(setup.paths.data_dir, setup.paths.tokenizer_dir, pipeline,
+                                       k_max=pipeline.k_max_slots, split=config.data.train_split, seed=seed,
+                                       num_epochs=epochs)
+        if found is not None:
+            iterator.set_state(data_state)
+        if loop.logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped
+            loop.logger.jsonl.rewind(offset + int(state.step))
         last: dict = {}
         while int(state.step) < total:
             batch_np = next(iterator)
-            state, metrics = step_fn(state, make_batch(batch_np))
+            state, metrics = step_fn(state, batch_np)
             step = int(state.step)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
+            bad = {k: float(metrics[k]) for k in finite if not np.isfinite(float(metrics[k]))}
+            if bad:
                 ckpt.wait()
-                ids = _record_ids(setup.paths.data_dir, batch_np["record_index"][batch_np["example_valid"]])
-                raise NonFiniteLossError(f"{stage}: non-finite loss {loss} at step {step}; batch records: {ids}. "
-                                         f"The last good checkpoint in {ckpt.directory} is intact.")
-            if on_first_step is not None:
-                on_first_step()
-                on_first_step = None
-            if step % config.logging.every_steps == 0 or step == total:
+                rows = batch_np["record_index"][batch_np["example_valid"]]
+                ids = [setup.records[int(r)].id for r in rows if 0 <= int(r) < len(setup.records)]
+                raise NonFiniteLossError(f"{stage}: non-finite {bad} at step {step}; batch records: {ids}. The "
+                                         f"last good checkpoint in {ckpt.directory} is intact.")
+            if loop.on_first_step is not None:
+                loop.on_first_step()
+                loop.on_first_step = None
+            if (offset + step) % config.logging.every_steps == 0 or step == total:
                 last = {k: float(v) for k, v in metrics.items()}
                 last["stage"] = stage
                 samples = int(batch_np["example_valid"].sum()) * jax.process_count()
-                last.update(logger.log(offset + step, last, samples=samples))
+                last.update(loop.logger.log(offset + step, last, samples=samples))
+            if loop.on_step is not None:
+                loop.on_step(stage, step)
             ckpt.save(step, state, iterator.get_state(), force=_preempted())
             if _preempted():
                 ckpt.wait()
+                logging.warning("%s: preempted; checkpoint at step %d saved in %s", stage, step, ckpt.directory)
                 return state, True, last
         if ckpt.latest_step() != int(state.step):
             ckpt.save(int(state.step), state, iterator.get_state(), force=True)
@@ -221,44 +488,269 @@ def _preempted() -> bool:
     return _PREEMPTION["requested"]
 
 
-def train(config, workdir: str, paths: Paths, load_weights, on_first_step=None) -> dict:
-    """Run (or resume) the configured stages; returns {"preempted", "stages": {stage: {"steps", "metrics"}}}.
+# --------------------------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------------------------
 
-    load_weights: see `build_setup`. on_first_step: called once after the first optimizer step of this process
-    (the CLI records the workdir's config then)."""
+
+def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
+    """Stage I: P_phi on the frozen backbone. Returns (state, preempted, metrics, trained phi)."""
+    setup, config = loop.setup, loop.setup.config
+    w = config.medsynapse.warmup
+    optimizer = stage1.make_optimizer(learning_rate(w.lr, "warmup_cosine", w.warmup_ratio, total), w.weight_decay,
+                                      w.max_grad_norm)
+    params = {"sampler": _init_sampler(setup.sampler, setup.store, config.seed), "backbone": frozen_backbone}
+    state, frozen = stage1.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
+    jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction)
+
+    def step(state, batch_np):
+        with jax.set_mesh(loop.mesh):
+            return jitted(state, frozen, warmup_batch(batch_np, setup))
+
+    state, preempted, last = _run_stage(loop, "warmup", state, step, total, offset, setup.pipeline, w.epochs,
+                                        config.seed + 1)
+    return state, preempted, last, state.params["sampler"]
+
+
+def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone: dict, sampler_params: dict,
+         total: int, offset: int):
+    """Stage II: GRPO on LoRA adapters added to the frozen backbone, P_phi frozen. Returns (state, preempted,
+    metrics, the backbone's params with the trained adapters)."""
+    setup, config = loop.setup, loop.setup.config
+    c = config.medsynapse.ccr
+    cfg = grpo_config(config, setup.eos_token_ids, setup.pad_token_id)
+    optimizer = grpo.make_optimizer(learning_rate(c.lr, c.schedule, c.warmup_ratio, total), c.weight_decay,
+                                    c.max_grad_norm)
+    with_lora = grpo.add_lora(jax.random.PRNGKey(config.seed + 5), frozen_backbone, backbone.config, backbone.lora)
+    state, frozen = grpo.init_train_state({"sampler": sampler_params, "backbone": with_lora}, optimizer,
+                                          jax.random.PRNGKey(config.seed + 2))
+    grpo_step = grpo.make_grpo_step(backbone, setup.sampler, cfg, optimizer)
+
+    def step(state, batch_np):
+        with jax.set_mesh(loop.mesh):
+            return grpo_step(state, frozen, prompt_batch(batch_np, setup), accuracy_fn(batch_np, setup, cfg))
+
+    state, preempted, last = _run_stage(loop, "ccr", state, step, total, offset,
+                                        pipeline_config(config, rollout_prompts(config)), None, config.seed + 2,
+                                        finite=("loss", "reward_mean"))
+    return state, preempted, last, freeze.merge(state.params, frozen)["backbone"]
+
+
+def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params: dict, sampler_params: dict,
+         autonomous: AutonomousMemory, total: int, offset: int):
+    """Stage III: A_psi distilled from the privileged branch; backbone (+ LoRA) and P_phi frozen."""
+    setup, config = loop.setup, loop.setup.config
+    i = config.medsynapse.imt
+    optimizer = imt.make_optimizer(learning_rate(i.lr, i.schedule, i.warmup_ratio, total), i.weight_decay,
+                                   i.max_grad_norm)
+    params = {"backbone": backbone_params, "sampler": sampler_params,
+              "autonomous": _init_autonomous(autonomous, config.seed + 4)}
+    state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 3))
+    sampling = imt.rollout_sampling(setup.eos_token_ids, i.max_new_tokens, i.temperature)
+    jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta)
+
+    def step(state, batch_np):
+        with jax.set_mesh(loop.mesh):
+            state, metrics = jitted(state, frozen, imt_batch(batch_np, setup))
+        return state, {k: v for k, v in metrics.items() if k not in IMT_ARRAYS}
+
+    state, preempted, last = _run_stage(loop, "imt", state, step, total, offset, setup.pipeline, i.epochs,
+                                        config.seed + 3)
+    return state, preempted, last
+
+
+def train(config, workdir: str, paths: Paths, load_weights, on_first_step=None, on_step=None) -> dict:
+    """Run (or resume) the configured stages. Returns {"preempted", "step" (global), "stages": {stage: {"steps",
+    "metrics"}}} for the stages reached (a stage that was already complete reports empty metrics).
+
+    load_weights: see `build_setup`. on_first_step: called once after the first optimizer step of this process.
+    on_step(stage, step): called after every optimizer step, before its checkpoint (tests preempt or crash there).
+    Holds the workdir's lock; at the first step records the config (workdir/config.json) and the paths
+    (workdir/paths.json, for `load_trained`), and refuses a workdir recorded by a different config."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
+    with workdir_lib.WorkdirLock(workdir):
+        config_json = json.loads(config.to_json_best_effort())
+        workdir_lib.check_workdir_config(workdir, config_json, record=False)
+
+        def first_step():
+            if jax.process_index() == 0:
+                workdir_lib.record_workdir_config(workdir, config_json)
+                absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
+                atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))
+            if on_first_step is not None:
+                on_first_step()
+
+        return _train(config, workdir, paths, load_weights, first_step, on_step)
+
+
+def _train(config, workdir: str, paths: Paths, load_weights, on_first_step, on_step) -> dict:
     setup = build_setup(config, workdir, paths, load_weights)
     m = config.medsynapse
-    totals = {"warmup": stage_steps(config, paths.data_dir, m.warmup.epochs)}
-    if not all(totals.values()):
-        raise ConfigError(f"{paths.data_dir}: split {config.data.train_split!r} has no full batch of "
-                          f"{config.data.batch_size} records")
+    totals = stage_totals(config, paths.data_dir)
     mesh = sharding.mesh_from_config(config)
     frozen_backbone = sharding.shard(setup.backbone_params, sharding.shardings_for(setup.backbone_params, mesh))
-    logger = MetricsLogger(workdir, sum(totals[s] for s in m.stages), progress_every=config.logging.every_steps,
+    logger = MetricsLogger(workdir, sum(totals.values()), progress_every=config.logging.every_steps,
                            desc="medsynapse")
-    summary: dict = {"preempted": False, "stages": {}}
+    loop = _Loop(setup, workdir, mesh, logger, on_first_step, on_step)
+    summary: dict = {"preempted": False, "step": 0, "stages": {}}
     offset = 0
-    try:
-        # Stage I: P_phi on the frozen backbone.
-        w = m.warmup
-        total = totals["warmup"]
-        schedule = optax.warmup_cosine_decay_schedule(0.0, w.lr, max(1, int(w.warmup_ratio * total)), total)
-        optimizer = stage1.make_optimizer(schedule, w.weight_decay, w.max_grad_norm)
-        params = {"sampler": _init_sampler(setup, config.seed), "backbone": frozen_backbone}
-        state, frozen = stage1.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
-        jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction)
 
-        def warmup_step(state, batch):
-            with jax.set_mesh(mesh):
-                return jitted(state, frozen, batch)
-
-        state, preempted, last = _run_stage(setup, workdir, "warmup", state, warmup_step,
-                                            lambda b: warmup_batch(b, setup), total, offset, logger, w.epochs,
-                                            config.seed + 1, on_first_step)
-        summary["stages"]["warmup"] = {"steps": int(state.step), "metrics": last}
+    def record(stage, state, preempted, last):
+        nonlocal offset
+        summary["stages"][stage] = {"steps": int(state.step), "metrics": last}
+        summary["step"] = offset + int(state.step)
         summary["preempted"] = preempted
+        offset += totals[stage]
+        return preempted
+
+    try:
+        state, preempted, last, sampler_params = _warmup(loop, frozen_backbone, totals["warmup"], offset)
+        if record("warmup", state, preempted, last):
+            return summary
+        backbone, backbone_params = setup.backbone, frozen_backbone
+        if "ccr" in m.stages:
+            backbone = Qwen3VLForConditionalGeneration(setup.backbone.config, lora_config(config))
+            state, preempted, last, backbone_params = _ccr(loop, backbone, frozen_backbone, sampler_params,
+                                                           totals["ccr"], offset)
+            if record("ccr", state, preempted, last):
+                return summary
+        if "imt" in m.stages:
+            autonomous = build_autonomous(config, setup.backbone.config.text.hidden_size)
+            state, preempted, last = _imt(loop, backbone, backbone_params, sampler_params, autonomous,
+                                          totals["imt"], offset)
+            record("imt", state, preempted, last)
     finally:
         logger.close()
     return summary
+
+
+def format_summary(summary: dict, workdir: str) -> str:
+    """What a finished (or preempted) run tells its user: where each stage stopped, its last numbers, where
+    things are."""
+    if summary["preempted"]:
+        stage = list(summary["stages"])[-1]
+        return (f"preempted in stage {stage} at step {summary['stages'][stage]['steps']}: checkpoint saved in "
+                f"{stage_dir(workdir, stage)}; rerun the same command to resume")
+    shown = {"warmup": (("loss", "answer NLL"),), "ccr": (("reward_mean", "reward"), ("r_acc", "r_acc"),
+                                                          ("r_causal", "r_causal")),
+             "imt": (("loss", "JSD"),)}
+    lines = [f"MedSynapse-V training finished at step {summary['step']}"]
+    for stage, result in summary["stages"].items():
+        m = result["metrics"]
+        numbers = ", ".join(f"{label} {m[key]:.4f}" for key, label in shown[stage] if key in m)
+        lines.append(f"  {stage:<7}      {result['steps']} steps" + (f"; last logged {numbers}" if numbers
+                                                                      else " (already complete)"))
+    stages = list(summary["stages"])
+    lines += [f"  checkpoints  {stage_dir(workdir, stages[0])} .. {stage_dir(workdir, stages[-1])}",
+              f"  metrics      {workdir}/metrics.jsonl, TensorBoard: {workdir}/tensorboard",
+              f"  summary      {workdir}/{SUMMARY_FILE}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A trained run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainedMedSynapse:
+    """A MedSynapse-V workdir's modules and trained parameters (see the module docstring)."""
+
+    config: object
+    paths: Paths
+    backbone: Qwen3VLForConditionalGeneration
+    sampler: DiagnosticMemorySampler
+    autonomous: AutonomousMemory | None
+    params: dict
+    stages_done: tuple[str, ...]
+    steps: dict[str, int]
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a MedSynapse-V run recorded in `workdir` (CheckpointError if there is none or it is another
+    method's), with JSON's lists turned back into the tuples the config uses."""
+    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                                                 ckpt_lib.CheckpointError, "not a vital_jax training workdir"))
+    if config.get("method") != "medsynapse" or "medsynapse" not in config:
+        raise ckpt_lib.CheckpointError(f"{workdir}: its {workdir_lib.CONFIG_FILE} is not a MedSynapse-V run's "
+                                       f"(method={config.get('method')!r})")
+    m = config.medsynapse
+    m.stages = tuple(m.stages)
+    m.ccr.lora.targets = tuple(m.ccr.lora.targets)
+    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
+    config.mesh.shape = tuple(config.mesh.shape)
+    return config
+
+
+def _restore_trained(directory: str, step: int, params: dict, predicate) -> dict:
+    """`params` with the leaves `predicate` selects replaced by those of the stage checkpoint at `step`."""
+    train, frozen = freeze.split(params, freeze.mask_from_predicate(params, predicate))
+    abstract = {"params": sharding.cast_floating(train, jnp.float32)}
+    wanted = ckpt_lib.flatten_state(abstract)
+    path = os.path.join(directory, str(step), "state")
+    if not os.path.isdir(path):
+        raise ckpt_lib.CheckpointError(f"{directory}: marked done at step {step}, but {path} does not exist")
+    with ocp.StandardCheckpointer() as c:
+        saved = c.restore(path)
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise ckpt_lib.CheckpointError(f"{path}: lacks {len(missing)} trained parameters of this config "
+                                       f"({missing[:3]}); a different config?")
+    restored = ckpt_lib.unflatten_state({k: saved[k] for k in wanted}, abstract)["params"]
+    return freeze.merge(restored, frozen)
+
+
+def load_trained(workdir: str, load_weights) -> TrainedMedSynapse:
+    """Rebuild the modules and trained parameters of the MedSynapse-V run in `workdir`: base weights from the
+    configured backbone, then each finished stage's trained parameters from its final checkpoint (P_phi from
+    Stage I, the LoRA adapters from Stage II, A_psi from Stage III). Stages count as finished in config order up
+    to the first that is not (its DONE marker). load_weights: as for `train`."""
+    workdir = os.path.abspath(workdir)
+    config = read_config(workdir)
+    validate_config(config)
+    done, steps = [], {}
+    for stage in config.medsynapse.stages:
+        step = _done_step(stage_dir(workdir, stage))
+        if step is None:
+            break
+        done.append(stage)
+        steps[stage] = step
+    if not done:
+        raise ckpt_lib.CheckpointError(f"{workdir}: no finished MedSynapse-V stage (no stage_*/"
+                                       f"{ckpt_lib.DONE_FILE}); train it first")
+    paths = trained_paths(workdir)
+    bb_config = backbone_config(config, paths)
+    lora = lora_config(config) if "ccr" in done else None
+    backbone = Qwen3VLForConditionalGeneration(bb_config, lora)
+    store = FeatureStore.load(os.path.join(workdir, FEATURES_DIR))
+    sampler = build_sampler(config, bb_config.text.hidden_size)
+    params = {"backbone": load_weights(paths.backbone_dir, bb_config, qwen3_vl_params),
+              "sampler": _init_sampler(sampler, store, config.seed)}
+    autonomous = None
+    if lora is not None:
+        params["backbone"] = grpo.add_lora(jax.random.PRNGKey(0), params["backbone"], bb_config, lora)
+    if "imt" in done:
+        autonomous = build_autonomous(config, bb_config.text.hidden_size)
+        params["autonomous"] = _init_autonomous(autonomous, config.seed + 4)
+    for stage in done:
+        params = _restore_trained(stage_dir(workdir, stage), steps[stage], params, TRAINABLE[stage])
+    return TrainedMedSynapse(config, paths, backbone, sampler, autonomous, params, tuple(done), steps)
+
+
+def trained_paths(workdir: str) -> Paths:
+    """The paths the run in `workdir` trained with (its paths.json)."""
+    path = os.path.join(workdir, PATHS_FILE)
+    recorded = read_json(path, ckpt_lib.CheckpointError, "recorded at a MedSynapse-V run's first step")
+    try:
+        return Paths(**recorded)
+    except TypeError as e:
+        raise ckpt_lib.CheckpointError(f"{path}: not a MedSynapse-V paths record ({e})") from e
+
+
+def _done_step(directory: str) -> int | None:
+    path = os.path.join(directory, ckpt_lib.DONE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["final_step"])

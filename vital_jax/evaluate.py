@@ -183,11 +183,10 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
     from vital_jax.eval import write_report
     from vital_jax.medsynapse import predict as predict_lib
     from vital_jax.medsynapse import trainer
-    from vital_jax.medsynapse.encoder import anatomical_encoder_from_config
-    from vital_jax.run import load_weights, read_config
+    from vital_jax.run import load_weights
 
-    config = trained.config if trained is not None else read_config(checkpoint)
-    done = trained.stages_done if trained is not None else trainer.finished_stages(checkpoint)
+    config = trained.config if trained is not None else trainer.read_config(checkpoint)
+    done = trained.stages_done if trained is not None else tuple(trainer.finished_stages(checkpoint, config))
     for memory in memories:
         predict_lib.check_memory(memory, done)
     if max_new_tokens is None:
@@ -198,9 +197,7 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
         trained = trainer.load_trained(checkpoint, load_weights)
     encoder = encoder_params = None
     if "sampler" in memories:
-        section = dict(config.medsynapse.encoder)
-        section.update(dir=trained.paths.encoder_dir, feature_layer=section.get("feature_layer") or None)
-        encoder, encoder_params = anatomical_encoder_from_config(section)
+        encoder, encoder_params = trainer.anatomical_encoder(config, trained.paths)
     n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
     summaries = []
     for memory in memories:

@@ -30,7 +30,7 @@ from vital_jax import distributed
 from vital_jax.data.records import RECORDS_FILE, Record, read_records
 from vital_jax.eval import figures
 from vital_jax.generation import SamplingConfig
-from vital_jax.inference import PromptEncoder
+from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 from vital_jax.vital import interpret, trainable

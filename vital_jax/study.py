@@ -17,7 +17,9 @@ Stages (each resumable: a rerun reuses what is finished and says so):
 
 Rows (ROWS): Table 2 (backbone without fine-tuning = lr 0; SFT without latent steps; task loss only with latent
 steps; + L_text; + L_visual; full VITAL), Table 3 (K = 1..4 with the 3-phase curriculum and mixed without it) and
-the pause control (learned constant slot inputs instead of fed-back z, same curriculum and supervision).
+the pause control (learned constant slot inputs instead of fed-back z, same curriculum and supervision), and
+MedSynapse-V's stages on the same data and backbone (MEDSYNAPSE_ROWS: Stage I; + CCR; + IMT, deployed without the
+encoder), trained by `medsynapse.trainer` and evaluated by `evaluate.evaluate_medsynapse`.
 Settings are chosen on the val split (`config.select_split`); the test split is only reported.
 """
 
@@ -98,7 +100,7 @@ def _capped(k: int, curriculum: bool):
     return row
 
 
-# name -> (table, description, config edit, K used at evaluation (None: vital.k_max))
+# name -> (table, description, config edit, K used at evaluation (None: vital.k_max)); MEDSYNAPSE_ROWS below
 ROWS = {
     "backbone": ("Table 2", "pretrained backbone, no fine-tuning (lr = 0)", _row_backbone, 0),
     "sft_k0": ("Table 2", "SFT without latent steps (K = 0, task loss only)", _row_sft_k0, 0),
@@ -113,6 +115,19 @@ ROWS = {
     **{f"mix_k{k}": ("Table 3", f"VITAL, K capped at {k}, no curriculum", _capped(k, False), k) for k in (1, 2, 3, 4)},
 }
 SEED_INDEPENDENT = ("backbone",)  # nothing trains: one run stands for every seed
+
+# MedSynapse-V beside VITAL (issue #15, item 9), on the same data and backbone: name -> (description, the stages
+# trained, the memory branch answering). Each row is its own run (a later row retrains the earlier stages: the
+# runs stay independent, like every other row).
+MEDSYNAPSE_ROWS = {
+    "ms_warmup": ("MedSynapse-V Stage I (P_phi aligned), answered with P_phi(E_ana(X))", ("warmup",), "sampler"),
+    "ms_ccr": ("MedSynapse-V + CCR (GRPO on LoRA), answered with P_phi(E_ana(X))", ("warmup", "ccr"), "sampler"),
+    "ms_imt": ("MedSynapse-V + IMT, deployed: A_psi on the VLM's own tokens, no encoder", ("warmup", "ccr", "imt"),
+               "autonomous"),
+}
+
+
+ALL_ROWS = (*ROWS, *MEDSYNAPSE_ROWS)
 
 
 class StudyError(RuntimeError):
@@ -172,8 +187,8 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
     """The training config of one run: configs/base.py + the study's `train` overrides + the row's edit."""
     from configs import base
 
-    if row not in ROWS:
-        raise StudyError(f"unknown study row {row!r} (expected one of {', '.join(ROWS)})")
+    if row not in ROWS and row not in MEDSYNAPSE_ROWS:
+        raise StudyError(f"unknown study row {row!r} (expected one of {', '.join(ALL_ROWS)})")
     c = base.get_config()
     c.update_from_flattened_dict({k: v for k, v in _flatten(config.train.to_dict()).items()})
     c.seed = int(seed)
@@ -181,7 +196,13 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
     c.model.backbone_dir, c.model.decoder_dir = models["backbone_dir"], models["decoder_dir"]
     c.model.tokenizer_dir = models["backbone_dir"]
     c.data.data_dir = data_dir
-    ROWS[row][2](c)
+    if row in MEDSYNAPSE_ROWS:
+        c.method = "medsynapse"
+        c.medsynapse = base.medsynapse_section()
+        c.medsynapse.update_from_flattened_dict(_flatten(config.medsynapse.to_dict()))
+        c.medsynapse.stages = MEDSYNAPSE_ROWS[row][1]
+    else:
+        ROWS[row][2](c)
     return c
 
 
@@ -235,6 +256,44 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
     return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
 
 
+def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict, run_dir: str) -> dict:
+    """Train + evaluate one MedSynapse-V (row, seed): its stages from the study's backbone, E_ana = the study's
+    SigLIP (the ROI encoder of the data stage), then the row's memory branch on the test and select splits."""
+    from vital_jax.evaluate import evaluate_medsynapse
+    from vital_jax.medsynapse import trainer
+    from vital_jax.run import load_weights
+
+    c = run_config(config, row, seed, data_dir, models)
+    paths = trainer.Paths(data_dir, models["backbone_dir"], models["backbone_dir"], models["encoder_dir"])
+    start = time.perf_counter()
+    summary = trainer.train(c, run_dir, paths, load_weights)
+    if summary.get("preempted"):
+        raise StudyError(f"run {row}/seed{seed} was preempted; rerun the study to resume it")
+    train_s = time.perf_counter() - start
+    memory = MEDSYNAPSE_ROWS[row][2]
+    trained = trainer.load_trained(run_dir, load_weights)
+    start = time.perf_counter()
+    evaluated = {}
+    for name, split in {"test": config.eval.test_split, "select": config.select_split}.items():
+        out_dir = os.path.join(run_dir, f"eval_{split}")
+        metrics = evaluate_medsynapse(run_dir, "phantom_vqa", data_dir, out_dir, [memory], split=split,
+                                      batch_size=int(config.eval.batch_size), trained=trained,
+                                      latency_examples=int(config.eval.latency_examples))[0]
+        by_type = score_by_type(os.path.join(out_dir, "phantom_vqa.predictions.jsonl"), question_types(data_dir))
+        evaluated[name] = {"closed_accuracy": metrics["closed_accuracy"],
+                           "closed_majority_baseline": metrics["closed_majority_baseline"],
+                           "open_token_f1": metrics.get("open_token_f1"),
+                           "latency_ms": (metrics.get("latency_ms") or {}).get("mean"), **by_type}
+    eval_s = time.perf_counter() - start
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
+    return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": int(summary["step"]),
+            "train_s": train_s, "eval_s": eval_s,
+            "samples_per_sec": float(np.median(throughput)) if throughput else None,
+            "test": evaluated["test"], "select": evaluated["select"], "diagnostics": None,
+            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s and s.get("stage") == "warmup"]}
+
+
 def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
     """Train + evaluate one (row, seed), or return its saved result (results.json is written last)."""
     from vital_jax import train as train_lib
@@ -246,10 +305,15 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     if os.path.exists(result_path):
         with open(result_path) as f:
             result = json.load(f)
-        if result["k_eval"] > 0 and "test_record_k" not in result:  # a result written before this evaluation
+        if row in ROWS and result["k_eval"] > 0 and "test_record_k" not in result:  # written before that evaluation
             result["test_record_k"] = _evaluate_record_k(config, load_run(run_dir), run_dir, data_dir)
             _write_json(result_path, result)
         result["reused"] = True
+        return result
+    if row in MEDSYNAPSE_ROWS:
+        result = run_one_medsynapse(config, row, seed, data_dir, models, run_dir)
+        _write_json(result_path, result)
+        result["reused"] = False
         return result
     c = run_config(config, row, seed, data_dir, models)
     start = time.perf_counter()
@@ -362,12 +426,13 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
                  f"most frequent answer (open) | – | {100 * floor['closed']['majority_by_type']:.1f} / "
                  f"{100 * floor['closed']['majority']:.1f} / {100 * floor['closed']['chance']:.1f} | "
                  + " | ".join(floor_cells) + " | – |")
-    for row in ROWS:
+    for row in ALL_ROWS:
         if row not in by_row:
             continue
         rs = by_row[row]
         cells = [_mean_std([r["test"]["per_type"].get(t, {}).get("score") for r in rs]) for t in types]
-        lines.append(f"| {row} | {ROWS[row][1]} | {rs[0]['k_eval']} | "
+        what, k = (ROWS[row][1], rs[0]["k_eval"]) if row in ROWS else (MEDSYNAPSE_ROWS[row][0], "–")
+        lines.append(f"| {row} | {what} | {k} | "
                      f"{_mean_std([r['test']['closed_accuracy'] for r in rs])} | " + " | ".join(cells) + " | "
                      f"{_mean_std([r['test']['open_token_f1'] for r in rs])} |")
     record_rows = [row for row in ROWS if row in by_row and all("test_record_k" in r for r in by_row[row])]
@@ -393,7 +458,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             lines.append(f"| {a} | {b} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |")
     lines += ["", "## Validation split (for choosing settings)", "", "| row | closed acc | open F1 |",
               "|---|---|---|"]
-    for row in ROWS:
+    for row in ALL_ROWS:
         if row in by_row:
             rs = by_row[row]
             lines.append(f"| {row} | {_mean_std([r['select']['closed_accuracy'] for r in rs])} | "
@@ -404,7 +469,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
               f"Pretraining: {_pretrain_line(pretrain_summary)}", "",
               "| row | runs | train s (mean) | eval s (mean) | samples/s (median) | optimizer steps |",
               "|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in ALL_ROWS:
         if row in by_row:
             rs = by_row[row]
             sps = [r["samples_per_sec"] for r in rs if r.get("samples_per_sec")]
@@ -450,14 +515,15 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
     from vital_jax import workdir as workdir_lib
 
     workdir = os.path.abspath(workdir)
-    unknown = [r for r in config.rows if r not in ROWS]
+    unknown = [r for r in config.rows if r not in ALL_ROWS]
     if unknown:
-        raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ROWS)})")
+        raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ALL_ROWS)})")
     if not config.seeds:
         raise StudyError("config.seeds is empty")
     workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
     data_dir = prepare_data(config, workdir)
-    models = prepare_backbone(config, workdir)
+    # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
+    models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
     floor = floors(data_dir, config.eval.test_split)
     runs_dir = os.path.join(workdir, "runs")
     results = []

@@ -309,3 +309,59 @@ def test_train_command_dispatches_a_medsynapse_config(demo_assets, tmp_path):
     assert [r["stage"] for r in _rows(str(workdir))] == list(trainer.STAGES)
     for stage in trainer.STAGES:
         assert os.path.isfile(workdir / f"stage_{stage}" / "DONE.json")
+
+
+# ---- Evaluation of a trained run --------------------------------------------------------------------------------
+
+def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_stored_features(three_stage_run,
+                                                                                             tmp_path):
+    from vital_jax.data.records import RECORDS_FILE, read_records
+    from vital_jax.eval import load_benchmark
+    from vital_jax.evaluate import evaluate_medsynapse
+    from vital_jax.medsynapse import memory as memory_lib
+    from vital_jax.medsynapse import predict
+    from vital_jax.medsynapse.features import FeatureStore
+
+    workdir, _ = three_stage_run
+    run = trainer.load_trained(workdir, load_weights)
+    out = tmp_path / "eval"
+    summaries = evaluate_medsynapse(workdir, "phantom_vqa", run.paths.data_dir, str(out), ["autonomous", "sampler"],
+                                    split="train", limit=5, batch_size=2, trained=run, latency_examples=2)
+    assert [s["meta"]["memory"] for s in summaries] == ["autonomous", "sampler"]
+    for s, memory in zip(summaries, ("autonomous", "sampler")):
+        assert s["count"] == 5 and "overall" in s and s["meta"]["stages"] == list(trainer.STAGES)
+        assert len((out / memory / "phantom_vqa.predictions.jsonl").read_text().splitlines()) == 5
+
+    # The deployed predictor's program gets exactly the backbone (+ LoRA) and A_psi.
+    assert sorted(predict.MemoryPredictor(run, "autonomous", 2, 4).params) == ["autonomous", "backbone"]
+    with pytest.raises(ValueError, match="Stage III"):
+        predict.check_memory("autonomous", ("warmup", "ccr"))
+
+    # The teacher branch runs E_ana on the image at evaluation: the same F as the store training read, and the
+    # same answer as memory.generate with the stored F.
+    encoder, encoder_params = trainer.anatomical_encoder(run.config, run.paths)
+    teacher = predict.MemoryPredictor(run, "sampler", 2, 6, encoder, encoder_params)
+    examples = load_benchmark("phantom_vqa", run.paths.data_dir, split="train", limit=2)
+    rows = {r.id: i for i, r in enumerate(read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)))}
+    encoded, n = teacher.encode([e.image for e in examples], [e.prompt for e in examples])
+    stored = FeatureStore.load(os.path.join(workdir, trainer.FEATURES_DIR)).gather(
+        np.asarray([rows[e.id] for e in examples]))["feature_map"]
+    prefix, pixels = encoded
+    np.testing.assert_allclose(np.asarray(encoder.feature_map(encoder_params, pixels)), stored, atol=1e-5)
+    memory = run.sampler.apply({"params": run.params["sampler"]}, jnp.asarray(stored))
+    tokens, lengths = memory_lib.generate(run.backbone, run.params["backbone"], prefix, memory, teacher.sampling)
+    expected = [teacher.decode(t, length) for t, length in zip(np.asarray(tokens), np.asarray(lengths))]
+    assert teacher.run_encoded(encoded, n)[0] == expected
+
+
+def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(three_stage_run, tmp_path):
+    workdir, _ = three_stage_run
+    data_dir = trainer.load_trained(workdir, load_weights).paths.data_dir
+    common = [sys.executable, "-m", "vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=phantom_vqa",
+              f"--data_dir={data_dir}", f"--out={tmp_path}/eval", "--split=train", "--limit=4"]
+    wrong = subprocess.run(common + ["--latent_steps=2"], capture_output=True, text=True, cwd=REPO)
+    assert wrong.returncode == 2 and "--memory" in wrong.stderr and "Traceback" not in wrong.stderr
+    right = subprocess.run(common + ["--memory=autonomous", "--latency_examples=1"], capture_output=True, text=True,
+                           cwd=REPO)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert "memory=autonomous: 4 questions" in right.stdout and "closed" in right.stdout

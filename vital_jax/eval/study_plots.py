@@ -1,7 +1,8 @@
 """Figures of the learning study (`vital_jax.study`), drawn with matplotlib (`figures`; PNG, or PDF / SVG).
 
   accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), floors dashed
-  per_type.png           per question type, every Table 2 row and the pause control (mean, error bar = std)
+  per_type.png           per question type, every Table 2 row, the pause control and the MedSynapse-V rows
+                         (mean, error bar = std)
   step_similarity.png    Appendix C.6: mean cosine similarity of latent steps i, j, task-only vs full VITAL
                          (colour scale fixed to -1..1, `figures.similarity_matrix`)
   norm_ratio.png         ||z_k|| / mean token-embedding norm per step, task-only vs VITAL vs pause
@@ -18,6 +19,7 @@ from vital_jax.eval import figures
 
 _TYPES = ("yes_no", "location_choice", "identify", "location", "describe", "reasoning")
 _TABLE2 = ("backbone", "sft_k0", "task_only", "semantic", "visual", "vital", "pause")
+_MEDSYNAPSE = ("ms_warmup", "ms_ccr", "ms_imt")
 
 
 def _stats(runs, get):
@@ -49,7 +51,7 @@ def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
 
 
 def per_type(path: str, by_row: dict, floor: dict) -> str | None:
-    rows = [r for r in _TABLE2 if r in by_row]
+    rows = [r for r in _TABLE2 + _MEDSYNAPSE if r in by_row]
     types = [t for t in _TYPES if t in floor]
     if not rows or not types:
         return None

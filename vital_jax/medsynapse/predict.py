@@ -9,7 +9,7 @@
                        latency of this branch is the cost the paper's Stage III removes).
 
 Both answer greedily (the evaluation protocol of VITAL's predictor) and batch examples into fixed shapes
-(`inference.PromptEncoder`), so one compiled program serves every batch of a prompt bucket.
+(`prompt_encoder.PromptEncoder`), so one compiled program serves every batch of a prompt bucket.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vital_jax.generation import SamplingConfig
-from vital_jax.inference import PromptEncoder
+from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.medsynapse import deploy
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.encoder import AnatomicalEncoder

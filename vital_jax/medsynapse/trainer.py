@@ -701,21 +701,37 @@ def _restore_trained(directory: str, step: int, params: dict, predicate) -> dict
     return freeze.merge(restored, frozen)
 
 
-def load_trained(workdir: str, load_weights) -> TrainedMedSynapse:
-    """Rebuild the modules and trained parameters of the MedSynapse-V run in `workdir`: base weights from the
-    configured backbone, then each finished stage's trained parameters from its final checkpoint (P_phi from
-    Stage I, the LoRA adapters from Stage II, A_psi from Stage III). Stages count as finished in config order up
-    to the first that is not (its DONE marker). load_weights: as for `train`."""
-    workdir = os.path.abspath(workdir)
-    config = read_config(workdir)
-    validate_config(config)
-    done, steps = [], {}
+def finished_stages(workdir: str, config=None) -> dict[str, int]:
+    """{stage: final step} of the run's finished stages, in config order up to the first that is not (its DONE
+    marker). Reads only the recorded config and the markers: no model is loaded."""
+    config = read_config(workdir) if config is None else config
+    steps = {}
     for stage in config.medsynapse.stages:
         step = _done_step(stage_dir(workdir, stage))
         if step is None:
             break
-        done.append(stage)
         steps[stage] = step
+    return steps
+
+
+def load_trained(workdir: str, load_weights, upto: str | None = None) -> TrainedMedSynapse:
+    """Rebuild the modules and trained parameters of the MedSynapse-V run in `workdir`: base weights from the
+    configured backbone, then each finished stage's trained parameters from its final checkpoint (P_phi from
+    Stage I, the LoRA adapters from Stage II, A_psi from Stage III). Stages count as finished in config order up
+    to the first that is not (its DONE marker). load_weights: as for `train`. upto: the model as it was when that
+    stage finished (the study evaluates one run after each stage); a stage that has not finished is an error."""
+    workdir = os.path.abspath(workdir)
+    config = read_config(workdir)
+    validate_config(config)
+    steps = finished_stages(workdir, config)
+    if upto is not None:
+        if upto not in STAGES:
+            raise ValueError(f"upto={upto!r}: expected one of {STAGES}")
+        if upto not in steps:
+            raise ckpt_lib.CheckpointError(f"{workdir}: stage {upto!r} has not finished (finished: "
+                                           f"{tuple(steps) or 'none'})")
+        steps = {s: v for s, v in steps.items() if STAGES.index(s) <= STAGES.index(upto)}
+    done = list(steps)
     if not done:
         raise ckpt_lib.CheckpointError(f"{workdir}: no finished MedSynapse-V stage (no stage_*/"
                                        f"{ckpt_lib.DONE_FILE}); train it first")

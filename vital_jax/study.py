@@ -116,17 +116,18 @@ ROWS = {
 }
 SEED_INDEPENDENT = ("backbone",)  # nothing trains: one run stands for every seed
 
-# MedSynapse-V beside VITAL (issue #15, item 9), on the same data and backbone: name -> (description, the stages
-# trained, the memory branch answering). Each row is its own run (a later row retrains the earlier stages: the
-# runs stay independent, like every other row).
+# MedSynapse-V beside VITAL (issue #15, item 9), on the same data: name -> (description, the last stage of the
+# model evaluated, the memory branch answering). MedSynapse-V starts from an instruction-tuned VLM (the paper's
+# Qwen3-VL-8B-Instruct already answers VQA; no stage of it teaches the backbone the task), so here its backbone is
+# the same seed's sft_k0 model (LoRA merged, exported as HF): the rows are read against sft_k0, their starting
+# point. One three-stage run per seed (runs/medsynapse/seed<s>) serves the three rows, each evaluating the model as
+# it was when its stage finished (`trainer.load_trained(upto=...)`).
 MEDSYNAPSE_ROWS = {
-    "ms_warmup": ("MedSynapse-V Stage I (P_phi aligned), answered with P_phi(E_ana(X))", ("warmup",), "sampler"),
-    "ms_ccr": ("MedSynapse-V + CCR (GRPO on LoRA), answered with P_phi(E_ana(X))", ("warmup", "ccr"), "sampler"),
-    "ms_imt": ("MedSynapse-V + IMT, deployed: A_psi on the VLM's own tokens, no encoder", ("warmup", "ccr", "imt"),
-               "autonomous"),
+    "ms_warmup": ("MedSynapse-V Stage I (P_phi aligned) on sft_k0's model, answered with P_phi(E_ana(X))",
+                  "warmup", "sampler"),
+    "ms_ccr": ("MedSynapse-V + CCR (GRPO on LoRA), answered with P_phi(E_ana(X))", "ccr", "sampler"),
+    "ms_imt": ("MedSynapse-V + IMT, deployed: A_psi on the VLM's own tokens, no encoder", "imt", "autonomous"),
 }
-
-
 ALL_ROWS = (*ROWS, *MEDSYNAPSE_ROWS)
 
 
@@ -200,7 +201,7 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
         c.method = "medsynapse"
         c.medsynapse = base.medsynapse_section()
         c.medsynapse.update_from_flattened_dict(_flatten(config.medsynapse.to_dict()))
-        c.medsynapse.stages = MEDSYNAPSE_ROWS[row][1]
+        c.model.backbone_dir = c.model.tokenizer_dir = models["medsynapse_backbone_dir"]
     else:
         ROWS[row][2](c)
     return c
@@ -256,26 +257,42 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
     return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
 
 
-def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict, run_dir: str) -> dict:
-    """Train + evaluate one MedSynapse-V (row, seed): its stages from the study's backbone, E_ana = the study's
-    SigLIP (the ROI encoder of the data stage), then the row's memory branch on the test and select splits."""
+def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str) -> str:
+    """The HF directory of this seed's sft_k0 model with its LoRA merged (MedSynapse-V's starting backbone),
+    training sft_k0 first if the study has not."""
+    from conversion import vital_export
+
+    run_one(config, "sft_k0", seed, data_dir, models, runs_dir)
+    run_dir = os.path.join(runs_dir, "sft_k0", f"seed{seed}")
+    out_dir = os.path.join(run_dir, "export_hf")
+    if not os.path.exists(os.path.join(out_dir, "vital.json")):  # written last by the export
+        vital_export.export_run(run_dir, out_dir)
+    return out_dir
+
+
+def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
+    """Train (or reuse) this seed's three-stage MedSynapse-V run, then evaluate the model as it was when the row's
+    stage finished, with the row's memory branch, on the test and select splits. E_ana is the study's SigLIP (the
+    data stage's ROI encoder)."""
     from vital_jax.evaluate import evaluate_medsynapse
     from vital_jax.medsynapse import trainer
     from vital_jax.run import load_weights
 
-    c = run_config(config, row, seed, data_dir, models)
-    paths = trainer.Paths(data_dir, models["backbone_dir"], models["backbone_dir"], models["encoder_dir"])
+    backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir)
+    c = run_config(config, row, seed, data_dir, dict(models, medsynapse_backbone_dir=backbone_dir))
+    run_dir = os.path.join(runs_dir, "medsynapse", f"seed{seed}")
+    paths = trainer.Paths(data_dir, backbone_dir, backbone_dir, models["encoder_dir"])
     start = time.perf_counter()
     summary = trainer.train(c, run_dir, paths, load_weights)
     if summary.get("preempted"):
-        raise StudyError(f"run {row}/seed{seed} was preempted; rerun the study to resume it")
+        raise StudyError(f"MedSynapse-V run {run_dir} was preempted; rerun the study to resume it")
     train_s = time.perf_counter() - start
-    memory = MEDSYNAPSE_ROWS[row][2]
-    trained = trainer.load_trained(run_dir, load_weights)
+    _, upto, memory = MEDSYNAPSE_ROWS[row]
+    trained = trainer.load_trained(run_dir, load_weights, upto=upto)
     start = time.perf_counter()
     evaluated = {}
     for name, split in {"test": config.eval.test_split, "select": config.select_split}.items():
-        out_dir = os.path.join(run_dir, f"eval_{split}")
+        out_dir = os.path.join(runs_dir, row, f"seed{seed}", f"eval_{split}")
         metrics = evaluate_medsynapse(run_dir, "phantom_vqa", data_dir, out_dir, [memory], split=split,
                                       batch_size=int(config.eval.batch_size), trained=trained,
                                       latency_examples=int(config.eval.latency_examples))[0]
@@ -287,11 +304,11 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
     eval_s = time.perf_counter() - start
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
-    return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": int(summary["step"]),
+    return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": trained.steps[upto],
             "train_s": train_s, "eval_s": eval_s,
             "samples_per_sec": float(np.median(throughput)) if throughput else None,
             "test": evaluated["test"], "select": evaluated["select"], "diagnostics": None,
-            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s and s.get("stage") == "warmup"]}
+            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s and s.get("stage") == upto]}
 
 
 def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
@@ -311,7 +328,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         result["reused"] = True
         return result
     if row in MEDSYNAPSE_ROWS:
-        result = run_one_medsynapse(config, row, seed, data_dir, models, run_dir)
+        result = run_one_medsynapse(config, row, seed, data_dir, models, runs_dir)
         _write_json(result_path, result)
         result["reused"] = False
         return result
@@ -520,7 +537,10 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
         raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ALL_ROWS)})")
     if not config.seeds:
         raise StudyError("config.seeds is empty")
-    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()))
+    # Rows and seeds may grow (finished runs are reused); the MedSynapse-V settings may be added to a study
+    # recorded before it had those rows.
+    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()), extendable=("rows", "seeds"),
+                                     new_sections=("medsynapse",))
     data_dir = prepare_data(config, workdir)
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))

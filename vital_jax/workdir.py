@@ -29,8 +29,13 @@ RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
 ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False}
 
 
-def check_workdir_config(workdir: str, config_json: dict, record: bool = True) -> None:
+def check_workdir_config(workdir: str, config_json: dict, record: bool = True, extendable: tuple[str, ...] = (),
+                         new_sections: tuple[str, ...] = ()) -> None:
     """Refuse a workdir whose recorded config differs from `config_json` (beyond RESUMABLE_FIELDS).
+
+    extendable: further fields that may differ (the study's rows and seeds: a study grows by runs it has not done).
+    new_sections: sections that may be added when the recorded config has none (a newer study's rows' settings);
+    once recorded, they must match like any other field.
 
     record=True also records `config_json` when none is (the study). The training commands pass record=False and
     call `record_workdir_config` once training has started, so a run that fails before its first step leaves
@@ -41,7 +46,9 @@ def check_workdir_config(workdir: str, config_json: dict, record: bool = True) -
     if os.path.exists(path):
         previous = read_json(path, CheckpointError)
         diffs = _diff(previous, config_json)
-        diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS)]
+        diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS + extendable)]
+        diffs = [d for d in diffs if not any((d == f or d.startswith(f + ".")) and _lookup(previous, f) is _MISSING
+                                             for f in new_sections)]
         diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
                                           and _lookup(config_json, d) == ADDED_FIELDS[d])]
         if diffs and not record and not has_checkpoints(workdir):

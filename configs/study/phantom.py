@@ -9,10 +9,11 @@ Settings were chosen on the val split (`select_split`); the test split is only r
 
 import ml_collections
 
+from configs import medsynapse_demo
 from configs.study import pretrain_phantom
 
 ALL_ROWS = ("backbone", "text_only", "sft_k0", "task_only", "semantic", "visual", "vital", "pause", "k1", "k2",
-            "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4")
+            "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4", "ms_warmup", "ms_ccr", "ms_imt")
 
 
 def get_config(variant: str = ""):
@@ -41,8 +42,14 @@ def get_config(variant: str = ""):
         logging=dict(every_steps=20)))
     c.eval = ml_collections.ConfigDict(dict(test_split="test", batch_size=16, latency_examples=8,
                                             diagnostics_examples=64))
+    # MedSynapse-V rows (ms_*): the demo's settings (configs/medsynapse_demo.py; E_ana = the study's SigLIP), on
+    # the backbone of the same seed's sft_k0 run; overrides of configs/base.py's medsynapse section.
+    c.medsynapse = medsynapse_demo.get_config().medsynapse
     if variant == "quick":
-        c.rows = ("backbone", "text_only", "sft_k0", "vital")
+        c.rows = ("backbone", "text_only", "sft_k0", "vital", "ms_imt")
+        c.medsynapse.warmup.epochs = 1
+        c.medsynapse.ccr.steps = 6
+        c.medsynapse.imt.max_steps = 20
         c.seeds = (0,)
         c.data.split_counts = (60, 8, 24)
         c.pretrained = "shipped"

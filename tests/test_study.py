@@ -45,6 +45,11 @@ def test_rows_edit_the_training_config_as_described():
     assert edit("mix_k2").vital.latent_steps_cap == 2 and edit("mix_k2").curriculum.max_k == (4,)
     with pytest.raises(study.StudyError, match="unknown study row"):
         edit("k9")
+    # MedSynapse-V rows: the method's section with the study's overrides, on the same seed's SFT backbone.
+    ms = study.run_config(config, "ms_ccr", 3, "/data", dict(models, medsynapse_backbone_dir="/sft"))
+    assert ms.method == "medsynapse" and ms.model.backbone_dir == ms.model.tokenizer_dir == "/sft"
+    assert ms.medsynapse.stages == ("warmup", "ccr", "imt") and ms.medsynapse.sampler.num_heads == 4
+    assert ms.seed == 3 and ms.data.data_dir == "/data"
 
 
 def _fake_result(row, seed, closed, ids):
@@ -103,9 +108,11 @@ def test_study_figures_in_each_format(tmp_path):
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the
-    lr = 0 backbone, the text-only control and SFT at K = 0."""
+    lr = 0 backbone, the text-only control, SFT at K = 0 and MedSynapse-V deployed after its three stages (a few
+    steps each, from the SFT model)."""
     config = study_config.get_config("quick")
-    config.rows = ("backbone", "text_only", "sft_k0")
+    config.rows = ("backbone", "text_only", "sft_k0", "ms_imt")
+    config.medsynapse.warmup.max_steps, config.medsynapse.ccr.steps, config.medsynapse.imt.max_steps = 10, 3, 5
     config.data.split_counts = (30, 4, 16)
     config.train.curriculum.epochs = (2, 2, 3)
     config.train.optimizer.lr = 3e-3
@@ -129,6 +136,11 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
     assert by_row["text_only"]["test"]["closed_accuracy"] <= floor["majority_by_type"] + 0.2
     report = open(out["report"]).read()
     assert "| sft_k0 |" in report and "| text_only |" in report and "*floor*" in report
+    # MedSynapse-V's row: trained from sft_k0's exported model, answered by the deployed branch (A_psi).
+    ms = by_row["ms_imt"]
+    assert ms["memory"] == "autonomous" and 0 <= ms["test"]["closed_accuracy"] <= 1 and "| ms_imt |" in report
+    ms_paths = json.load(open(os.path.join(workdir, "runs", "medsynapse", "seed0", "paths.json")))
+    assert ms_paths["backbone_dir"] == os.path.join(workdir, "runs", "sft_k0", "seed0", "export_hf")
 
 
 def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
@@ -136,5 +148,5 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     # A run killed before it wrote its result is redone; the others are reused.
     os.remove(os.path.join(workdir, "runs", "backbone", "seed0", study.RESULTS_FILE))
     again = study.study(config, workdir, "configs/study/phantom.py:quick")
-    assert sorted(again["reused"]) == ["sft_k0/seed0", "text_only/seed0"]
+    assert sorted(again["reused"]) == ["ms_imt/seed0", "sft_k0/seed0", "text_only/seed0"]
     assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]

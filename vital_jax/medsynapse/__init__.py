@@ -5,6 +5,8 @@ memory vectors that enter the backbone's sequence between the question and the a
 KV cache as VITAL's latent slots. Stage I aligns P_phi, Stage II refines the LoRA adapters with GRPO and a causal
 counterfactual reward, Stage III distils the memory into an autonomous module A_psi so that inference needs no encoder.
 
-Modules: encoder (E_ana interface and implementations), sampler (P_phi), memory (injection into the backbone),
-stage1 (Stage I), autonomous (A_psi), imt (Stage III), deploy (inference without the encoder).
+Modules: encoder (E_ana interface and implementations), features (E_ana's maps stored once per dataset), sampler
+(P_phi), memory (injection into the backbone), stage1 (Stage I), grpo + reward (Stage II), autonomous (A_psi), imt
+(Stage III), trainer (the three stages as one resumable run, `load_trained`), deploy (inference without the
+encoder), predict (answers with either memory branch, for `vital_jax.evaluate`).
 """

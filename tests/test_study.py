@@ -108,11 +108,11 @@ def test_study_figures_in_each_format(tmp_path):
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the
-    lr = 0 backbone, the text-only control, SFT at K = 0 and MedSynapse-V deployed after its three stages (a few
-    steps each, from the SFT model)."""
+    lr = 0 backbone, the text-only control, SFT at K = 0 and MedSynapse-V's Stage I (10 steps from the SFT model,
+    answered with P_phi's memory: the study's MedSynapse-V path; its later stages are tests/medsynapse's)."""
     config = study_config.get_config("quick")
-    config.rows = ("backbone", "text_only", "sft_k0", "ms_imt")
-    config.medsynapse.warmup.max_steps, config.medsynapse.ccr.steps, config.medsynapse.imt.max_steps = 10, 3, 5
+    config.rows = ("backbone", "text_only", "sft_k0", "ms_warmup")
+    config.medsynapse.stages, config.medsynapse.warmup.max_steps = ("warmup",), 10
     config.data.split_counts = (30, 4, 16)
     config.train.curriculum.epochs = (2, 2, 3)
     config.train.optimizer.lr = 3e-3
@@ -136,9 +136,9 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
     assert by_row["text_only"]["test"]["closed_accuracy"] <= floor["majority_by_type"] + 0.2
     report = open(out["report"]).read()
     assert "| sft_k0 |" in report and "| text_only |" in report and "*floor*" in report
-    # MedSynapse-V's row: trained from sft_k0's exported model, answered by the deployed branch (A_psi).
-    ms = by_row["ms_imt"]
-    assert ms["memory"] == "autonomous" and 0 <= ms["test"]["closed_accuracy"] <= 1 and "| ms_imt |" in report
+    # MedSynapse-V's row: trained from sft_k0's exported model, answered with P_phi(E_ana(X)).
+    ms = by_row["ms_warmup"]
+    assert ms["memory"] == "sampler" and 0 <= ms["test"]["closed_accuracy"] <= 1 and "| ms_warmup |" in report
     ms_paths = json.load(open(os.path.join(workdir, "runs", "medsynapse", "seed0", "paths.json")))
     assert ms_paths["backbone_dir"] == os.path.join(workdir, "runs", "sft_k0", "seed0", "export_hf")
 
@@ -148,5 +148,5 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     # A run killed before it wrote its result is redone; the others are reused.
     os.remove(os.path.join(workdir, "runs", "backbone", "seed0", study.RESULTS_FILE))
     again = study.study(config, workdir, "configs/study/phantom.py:quick")
-    assert sorted(again["reused"]) == ["ms_imt/seed0", "sft_k0/seed0", "text_only/seed0"]
+    assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0", "text_only/seed0"]
     assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]

@@ -26,6 +26,7 @@ Settings are chosen on the val split (`config.select_split`); the test split is 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vital_jax import cli
+from vital_jax import cli, compilation_cache
 from vital_jax.checkpoint import CheckpointError
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
@@ -493,6 +494,9 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             lines.append(f"| {row} | {len(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
                          f"{np.mean([r['eval_s'] for r in rs]):.0f} | "
                          f"{np.median(sps) if sps else float('nan'):.1f} | {rs[0]['steps']} |")
+    total_s = sum(r["train_s"] + r["eval_s"] for r in results)
+    lines += ["", f"All {len(results)} runs: {total_s / 60:.0f} min of training and evaluation (the sum of the "
+              "times above, as measured when each run was made; data preparation and pretraining not included)."]
     path = os.path.join(out_dir, REPORT_FILE)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -539,8 +543,16 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
         raise StudyError("config.seeds is empty")
     # Rows and seeds may grow (finished runs are reused); the MedSynapse-V settings may be added to a study
     # recorded before it had those rows.
-    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()), extendable=("rows", "seeds"),
-                                     new_sections=("medsynapse",))
+    # The compilation cache changes no number, so a workdir may be resumed with it on or off.
+    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
+                                     extendable=("rows", "seeds", "compilation_cache"), new_sections=("medsynapse",))
+    cache = (compilation_cache.persistent(os.path.join(workdir, "xla_cache")) if config.get("compilation_cache")
+             else contextlib.nullcontext())
+    with cache:
+        return _study(config, workdir, config_arg)
+
+
+def _study(config, workdir: str, config_arg: str) -> dict:
     data_dir = prepare_data(config, workdir)
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
@@ -567,13 +579,14 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
 def main(argv):
     cli.begin(argv, _CONFIG, _WORKDIR)
     config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/study/phantom.py")
+    start = time.perf_counter()
     try:
         out = study(_CONFIG.value, _WORKDIR.value, config_arg)
     except (StudyError, ConfigError, CheckpointError) as e:
         cli.fail(e)
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished run(s): {', '.join(out['reused'])}")
-    print(f"report: {out['report']}")
+    print(f"report: {out['report']} ({(time.perf_counter() - start) / 60:.0f} min)")
 
 
 if __name__ == "__main__":

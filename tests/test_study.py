@@ -77,6 +77,7 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     for r in results:
         if r["row"] == "vital":  # answered at each question's own training K as well
             r["test_record_k"] = dict(r["test"], closed_accuracy=0.9)
+        r["commit"] = "old" if r["row"] == "k2" else "abc"
     config = study_config.get_config()
     path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"})
     text = open(path).read()
@@ -85,6 +86,8 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     assert "| *floor* |" in text and "45.0" in text  # the per-type majority floor is reported
     assert "| vital |" in text and "70.0 ± 0.0" in text
     assert "McNemar" in text and "| vital | sft_k0 |" in text
+    assert "Reused runs made at other commits: `old` (2)" in text  # the k2 runs came from other code
+    assert "All 8 runs: 0 min of training and evaluation" in text
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
                  "learning_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
@@ -118,7 +121,7 @@ def quick_study(tmp_path_factory):
     config.train.optimizer.lr = 3e-3
     config.eval.diagnostics_examples = 8
     workdir = str(tmp_path_factory.mktemp("study"))
-    return config, workdir, study.study(config, workdir, "configs/study/phantom.py:quick")
+    return config, workdir, study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
 
 
 def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
@@ -147,6 +150,13 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     config, workdir, first = quick_study
     # A run killed before it wrote its result is redone; the others are reused.
     os.remove(os.path.join(workdir, "runs", "backbone", "seed0", study.RESULTS_FILE))
-    again = study.study(config, workdir, "configs/study/phantom.py:quick")
+    again = study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
     assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0", "text_only/seed0"]
     assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]
+
+
+def test_command_line_keeps_the_overrides_and_hides_the_workdir():
+    line = study.command_line(["--config=configs/study/phantom.py", "--workdir=/home/me/run",
+                               "--config.pretrained=shipped"])
+    assert line == ("python -m vital_jax.study --config=configs/study/phantom.py --workdir=DIR "
+                    "--config.pretrained=shipped")

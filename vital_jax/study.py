@@ -258,12 +258,12 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
     return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
 
 
-def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str) -> str:
+def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str, commit: str = "unknown") -> str:
     """The HF directory of this seed's sft_k0 model with its LoRA merged (MedSynapse-V's starting backbone),
     training sft_k0 first if the study has not."""
     from conversion import vital_export
 
-    run_one(config, "sft_k0", seed, data_dir, models, runs_dir)
+    run_one(config, "sft_k0", seed, data_dir, models, runs_dir, commit)
     run_dir = os.path.join(runs_dir, "sft_k0", f"seed{seed}")
     out_dir = os.path.join(run_dir, "export_hf")
     if not os.path.exists(os.path.join(out_dir, "vital.json")):  # written last by the export
@@ -271,7 +271,8 @@ def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str) 
     return out_dir
 
 
-def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
+def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str,
+                       commit: str = "unknown") -> dict:
     """Train (or reuse) this seed's three-stage MedSynapse-V run, then evaluate the model as it was when the row's
     stage finished, with the row's memory branch, on the test and select splits. E_ana is the study's SigLIP (the
     data stage's ROI encoder)."""
@@ -279,7 +280,7 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
     from vital_jax.medsynapse import trainer
     from vital_jax.run import load_weights
 
-    backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir)
+    backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir, commit)
     c = run_config(config, row, seed, data_dir, dict(models, medsynapse_backbone_dir=backbone_dir))
     run_dir = os.path.join(runs_dir, "medsynapse", f"seed{seed}")
     paths = trainer.Paths(data_dir, backbone_dir, backbone_dir, models["encoder_dir"])
@@ -297,23 +298,19 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
         metrics = evaluate_medsynapse(run_dir, "phantom_vqa", data_dir, out_dir, [memory], split=split,
                                       batch_size=int(config.eval.batch_size), trained=trained,
                                       latency_examples=int(config.eval.latency_examples))[0]
-        by_type = score_by_type(os.path.join(out_dir, "phantom_vqa.predictions.jsonl"), question_types(data_dir))
-        evaluated[name] = {"closed_accuracy": metrics["closed_accuracy"],
-                           "closed_majority_baseline": metrics["closed_majority_baseline"],
-                           "open_token_f1": metrics.get("open_token_f1"),
-                           "latency_ms": (metrics.get("latency_ms") or {}).get("mean"), **by_type}
+        evaluated[name] = _split_scores(metrics, out_dir, data_dir)
     eval_s = time.perf_counter() - start
-    samples = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
+    samples = _metric_lines(run_dir)
     return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": trained.steps[upto],
-            "train_s": train_s, "eval_s": eval_s,
-            "samples_per_sec": float(np.median(throughput)) if throughput else None,
+            "train_s": train_s, "eval_s": eval_s, "samples_per_sec": _median_throughput(samples),
             "test": evaluated["test"], "select": evaluated["select"], "diagnostics": None,
             "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s and s.get("stage") == upto]}
 
 
-def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str) -> dict:
-    """Train + evaluate one (row, seed), or return its saved result (results.json is written last)."""
+def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str,
+            commit: str = "unknown") -> dict:
+    """Train + evaluate one (row, seed), or return its saved result (results.json is written last). A new result
+    records `commit` (the code it was made with)."""
     from vital_jax import train as train_lib
     from vital_jax.evaluate import evaluate
     from vital_jax.run import load_run
@@ -329,7 +326,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         result["reused"] = True
         return result
     if row in MEDSYNAPSE_ROWS:
-        result = run_one_medsynapse(config, row, seed, data_dir, models, runs_dir)
+        result = dict(run_one_medsynapse(config, row, seed, data_dir, models, runs_dir, commit), commit=commit)
         _write_json(result_path, result)
         result["reused"] = False
         return result
@@ -348,20 +345,14 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         metrics = evaluate(run_dir, "phantom_vqa", data_dir, os.path.join(run_dir, f"eval_{split}"), [k_eval],
                            split=split, batch_size=int(config.eval.batch_size), run=run,
                            latency_examples=int(config.eval.latency_examples))[0]
-        by_type = score_by_type(os.path.join(run_dir, f"eval_{split}", "phantom_vqa.predictions.jsonl"),
-                                question_types(data_dir))
-        evaluated[name] = {"closed_accuracy": metrics["closed_accuracy"],
-                           "closed_majority_baseline": metrics["closed_majority_baseline"],
-                           "open_token_f1": metrics.get("open_token_f1"),
-                           "latency_ms": (metrics.get("latency_ms") or {}).get("mean"), **by_type}
+        evaluated[name] = _split_scores(metrics, os.path.join(run_dir, f"eval_{split}"), data_dir)
     if k_eval > 0:
         evaluated["test_record_k"] = _evaluate_record_k(config, run, run_dir, data_dir)
     eval_s = time.perf_counter() - start
     diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval, int(config.eval.diagnostics_examples))
-    samples = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
+    samples = _metric_lines(run_dir)
     result = {"row": row, "seed": seed, "k_eval": k_eval, "steps": int(summary["step"]), "train_s": train_s,
-              "eval_s": eval_s, "samples_per_sec": float(np.median(throughput)) if throughput else None,
+              "eval_s": eval_s, "samples_per_sec": _median_throughput(samples), "commit": commit,
               "test": evaluated["test"], "select": evaluated["select"], "diagnostics": diagnostics,
               "curve": [(s["step"], s["loss"], s.get("task_loss")) for s in samples if "loss" in s]}
     if "test_record_k" in evaluated:
@@ -369,6 +360,26 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     _write_json(result_path, result)
     result["reused"] = False
     return result
+
+
+def _split_scores(metrics: dict, eval_dir: str, data_dir: str) -> dict:
+    """One split's entry of a run's result: evaluate's closed accuracy beside its floor, open F1, mean latency,
+    and the per-type scores of the predictions it wrote to eval_dir."""
+    by_type = score_by_type(os.path.join(eval_dir, "phantom_vqa.predictions.jsonl"), question_types(data_dir))
+    return {"closed_accuracy": metrics["closed_accuracy"],
+            "closed_majority_baseline": metrics["closed_majority_baseline"],
+            "open_token_f1": metrics.get("open_token_f1"),
+            "latency_ms": (metrics.get("latency_ms") or {}).get("mean"), **by_type}
+
+
+def _metric_lines(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _median_throughput(samples: list[dict]) -> float | None:
+    throughput = [s["perf/samples_per_sec"] for s in samples if "perf/samples_per_sec" in s]
+    return float(np.median(throughput)) if throughput else None
 
 
 def _evaluate_record_k(config, run, run_dir: str, data_dir: str) -> dict:
@@ -432,6 +443,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     types = [t for t in CLOSED_TYPES + OPEN_TYPES if t in floor]
     lines = ["# PhantomVQA learning study", "",
              f"Command: `{provenance['command']}`  ", f"Commit: `{provenance['commit']}`  ",
+             *_earlier_commits(results, provenance["commit"]),
              f"Seeds: {', '.join(str(s) for s in config.seeds)}; test split: `{config.eval.test_split}` "
              f"({floor['closed']['count']} closed questions); settings chosen on `{config.select_split}`.", "",
              "Closed: accuracy (%) on yes/no and location-choice questions; open: token F1 (%), Appendix B.4. "
@@ -504,6 +516,15 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     return path
 
 
+def _earlier_commits(results: list[dict], commit: str) -> list[str]:
+    """A report line naming the commits of reused runs made with other code (none when all match)."""
+    counts = collections.Counter(r.get("commit", "unknown (made before runs recorded one)") for r in results)
+    counts.pop(commit, None)
+    if not counts:
+        return []
+    return ["Reused runs made at other commits: " + ", ".join(f"`{c}` ({n})" for c, n in counts.items()) + "  "]
+
+
 def _step_ranges() -> str:
     from vital_jax.data.records import STEP_RANGES
 
@@ -520,19 +541,33 @@ def _pretrain_line(summary: dict) -> str:
         f"{name} {v:.0f}" for name, v in seconds.items() if v is not None)
 
 
-def _provenance(argv_config: str) -> dict:
+def _provenance(command: str) -> dict:
+    """{"command", "commit"}: the commit is HEAD, marked when tracked files had uncommitted changes."""
     import subprocess
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+                                cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=root).stdout.strip()
     except OSError:
-        commit = ""
-    return {"command": f"python -m vital_jax.study --config={argv_config} --workdir=DIR", "commit": commit or "unknown"}
+        commit, dirty = "", ""
+    if commit and dirty:
+        commit += " (with uncommitted changes)"
+    return {"command": command, "commit": commit or "unknown"}
 
 
-def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") -> dict:
-    """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}."""
+def command_line(argv: list[str]) -> str:
+    """The study's command as given (argv without the program), its --workdir shown as DIR."""
+    args = ["--workdir=DIR" if a.startswith("--workdir=") else a for a in argv]
+    return " ".join(["python -m vital_jax.study"] + args)
+
+
+def study(config, workdir: str, command: str = "python -m vital_jax.study --config=configs/study/phantom.py "
+                                                "--workdir=DIR") -> dict:
+    """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}. `command` is shown in
+    the report; each run made now records the commit it was made at."""
     from vital_jax import workdir as workdir_lib
 
     workdir = os.path.abspath(workdir)
@@ -549,10 +584,10 @@ def study(config, workdir: str, config_arg: str = "configs/study/phantom.py") ->
     cache = (compilation_cache.persistent(os.path.join(workdir, "xla_cache")) if config.get("compilation_cache")
              else contextlib.nullcontext())
     with cache:
-        return _study(config, workdir, config_arg)
+        return _study(config, workdir, _provenance(command))
 
 
-def _study(config, workdir: str, config_arg: str) -> dict:
+def _study(config, workdir: str, provenance: dict) -> dict:
     data_dir = prepare_data(config, workdir)
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
@@ -563,13 +598,13 @@ def _study(config, workdir: str, config_arg: str) -> dict:
                                                              else config.seeds)]
     for i, (row, seed) in enumerate(plan, start=1):
         start = time.perf_counter()
-        result = run_one(config, row, seed, data_dir, models, runs_dir)
+        result = run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"])
         results.append(result)
         what = "reused" if result["reused"] else f"{time.perf_counter() - start:.0f} s"
         print(f"study run {i}/{len(plan)}: {row} seed {seed} ({what}): closed acc "
               f"{100 * result['test']['closed_accuracy']:.1f}% (majority {100 * floor['closed']['majority']:.1f}%)",
               flush=True)
-    report = write_report(workdir, config, results, floor, models["summary"], _provenance(config_arg))
+    report = write_report(workdir, config, results, floor, models["summary"], provenance)
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
         json.dump({"floors": floor, "results": results}, f)
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]
@@ -578,10 +613,9 @@ def _study(config, workdir: str, config_arg: str) -> dict:
 
 def main(argv):
     cli.begin(argv, _CONFIG, _WORKDIR)
-    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "configs/study/phantom.py")
     start = time.perf_counter()
     try:
-        out = study(_CONFIG.value, _WORKDIR.value, config_arg)
+        out = study(_CONFIG.value, _WORKDIR.value, command_line(sys.argv[1:]))
     except (StudyError, ConfigError, CheckpointError) as e:
         cli.fail(e)
     if out["reused"]:

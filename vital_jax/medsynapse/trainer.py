@@ -341,30 +341,33 @@ def batch_prefix(batch_np: dict, config: Qwen3VLConfig):
                          batch_np.get("pixel_patches"), config)
 
 
+def _stored_batch(batch_np: dict, setup: Setup) -> tuple[dict, dict]:
+    """What every stage's batch holds: (the records' stored arrays (numpy), the fields prefix, feature_map (F) and
+    example_valid on the device)."""
+    stored = setup.store.gather(batch_np["record_index"])
+    return stored, dict(prefix=batch_prefix(batch_np, setup.backbone.config),
+                        feature_map=jnp.asarray(stored["feature_map"]),
+                        example_valid=jnp.asarray(batch_np["example_valid"], bool))
+
+
 def warmup_batch(batch_np: dict, setup: Setup) -> stage1.WarmupBatch:
     """A pipeline batch (numpy) + its records' stored F -> the device batch of Stage I."""
-    stored = setup.store.gather(batch_np["record_index"])
-    return stage1.WarmupBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
-                              answer_ids=jnp.asarray(batch_np["answer_ids"], jnp.int32),
-                              answer_valid=jnp.asarray(batch_np["answer_valid"], bool),
-                              example_valid=jnp.asarray(batch_np["example_valid"], bool))
+    _, common = _stored_batch(batch_np, setup)
+    return stage1.WarmupBatch(**common, answer_ids=jnp.asarray(batch_np["answer_ids"], jnp.int32),
+                              answer_valid=jnp.asarray(batch_np["answer_valid"], bool))
 
 
 def prompt_batch(batch_np: dict, setup: Setup) -> grpo.PromptBatch:
     """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's rollout prompts."""
-    stored = setup.store.gather(batch_np["record_index"])
-    return grpo.PromptBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
-                            region_masks=jnp.asarray(stored["region_masks"], bool),
+    stored, common = _stored_batch(batch_np, setup)
+    return grpo.PromptBatch(**common, region_masks=jnp.asarray(stored["region_masks"], bool),
                             region_confidence=jnp.asarray(stored["region_confidence"], jnp.float32),
-                            region_valid=jnp.asarray(stored["region_valid"], bool),
-                            example_valid=jnp.asarray(batch_np["example_valid"], bool))
+                            region_valid=jnp.asarray(stored["region_valid"], bool))
 
 
 def imt_batch(batch_np: dict, setup: Setup) -> imt.IMTBatch:
     """A pipeline batch + its records' stored F (the teacher's input) -> Stage III's batch."""
-    stored = setup.store.gather(batch_np["record_index"])
-    return imt.IMTBatch(prefix=batch_prefix(batch_np, setup.backbone.config), feature_map=jnp.asarray(stored["feature_map"]),
-                        example_valid=jnp.asarray(batch_np["example_valid"], bool))
+    return imt.IMTBatch(**_stored_batch(batch_np, setup)[1])
 
 
 def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):

@@ -47,11 +47,11 @@ if "--keep_licm" not in sys.argv:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import xla_memory  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import demo_assets, distributed, sharding  # noqa: E402
 from vital_jax.medsynapse import grpo, imt, stage1  # noqa: E402
@@ -190,15 +190,7 @@ def compile_memory(args, mesh, stage: str, layers: int, reports: dict) -> dict:
     with jax.set_mesh(mesh):
         shapes = Shapes(args, mesh, layers)
         fn, fn_args = PROGRAMS[stage](shapes, reports)
-        t0 = time.perf_counter()
-        lowered = fn.lower(*fn_args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    out = {f: float(getattr(mem, f"{f}_size_in_bytes")) for f in FIELDS}
-    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
-    return out
+    return xla_memory.compile_measured(fn, fn_args, FIELDS, mesh)[1]
 
 
 def peak(m: dict) -> float:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import xla_memory
 from vital_jax import demo_assets
 from vital_jax.generation import SamplingConfig
 from vital_jax.medsynapse import deploy
@@ -87,8 +88,7 @@ def image_prompts(config: Qwen3VLConfig, batch: int, prompt_len: int, grid: int,
 def compiled_memory(compiled) -> dict:
     """argument / output / temp bytes of a compiled program and their sum (the program's peak live bytes; no
     argument is donated here, so nothing aliases)."""
-    mem = compiled.memory_analysis()
-    out = {f: float(getattr(mem, f"{f}_size_in_bytes")) for f in MEMORY_FIELDS}
+    out = xla_memory.memory_bytes(compiled, MEMORY_FIELDS)
     out["peak"] = sum(out[f] for f in MEMORY_FIELDS)
     return out
 

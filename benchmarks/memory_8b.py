@@ -36,11 +36,11 @@ if "--keep_licm" not in sys.argv:
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import xla_memory  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import distributed, sharding  # noqa: E402
 from vital_jax.layers.linear import LoraConfig  # noqa: E402
@@ -93,16 +93,7 @@ def compile_memory(args, mesh_shape, backbone_layers: int, decoder_layers: int) 
     args_abstract = (abstract(state, state_sh), abstract(frozen, frozen_sh), abstract(batch, batch_sh))
     step = jax.jit(functools.partial(train_step, model, optimizer), donate_argnums=(0,),
                    in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None))
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        lowered = step.lower(*args_abstract)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    out = {f: float(getattr(mem, f"{f}_size_in_bytes")) for f in FIELDS}
-    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
-    return out
+    return xla_memory.compile_measured(step, args_abstract, FIELDS, mesh)[1]
 
 
 def peak(m: dict) -> float:

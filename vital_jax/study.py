@@ -205,6 +205,11 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
         c.model.backbone_dir = c.model.tokenizer_dir = models["medsynapse_backbone_dir"]
     else:
         ROWS[row][2](c)
+        # Rows without the curriculum train one phase over every record; `epochs_without_curriculum` (0: the
+        # curriculum's total) lets them match the curriculum rows' number of optimizer steps instead.
+        mixed = row != "backbone" and len(c.curriculum.max_k) == 1
+        if mixed and config.get("epochs_without_curriculum"):
+            c.curriculum.epochs = (int(config.epochs_without_curriculum),)
     return c
 
 

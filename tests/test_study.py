@@ -36,14 +36,15 @@ def test_rows_edit_the_training_config_as_described():
     assert edit("backbone").optimizer.lr == 0.0
     sft = edit("sft_k0")
     assert sft.vital.latent_steps_cap == 0 and sft.curriculum.max_k == (4,)
-    # Without the curriculum: one phase of `epochs_without_curriculum` epochs (the phantom study's 2 match the
-    # curriculum rows' updates), or the curriculum's total epochs when it is 0; the backbone row stays at 1.
-    assert sft.curriculum.epochs == (config.epochs_without_curriculum,) == (2,)
+    # Without the curriculum: one phase of the curriculum's total epochs, or of `epochs_without_curriculum` when
+    # that is set; the backbone row (nothing trains) stays at 1.
+    assert config.epochs_without_curriculum == 0
+    assert sft.curriculum.epochs == (sum(base.curriculum.epochs),) == (3,)
+    config.epochs_without_curriculum = 2
+    assert edit("sft_k0").curriculum.epochs == (2,)
     assert edit("mix_k2").curriculum.epochs == edit("text_only").curriculum.epochs == (2,)
     assert edit("backbone").curriculum.epochs == (1,)
     config.epochs_without_curriculum = 0
-    assert edit("sft_k0").curriculum.epochs == (sum(base.curriculum.epochs),)
-    config.epochs_without_curriculum = 2
     assert edit("text_only").data.blind_images and not base.data.blind_images
     assert (edit("task_only").vital.lambda_text, edit("task_only").vital.lambda_visual) == (0.0, 0.0)
     assert edit("semantic").vital.lambda_visual == 0.0 and edit("visual").vital.lambda_text == 0.0

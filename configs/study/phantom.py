@@ -30,8 +30,9 @@ def get_config(variant: str = ""):
     # budget (3.2 h measured before the compilation cache, which saves ~50 s of the 52 runs' each: ~2.5 h); both
     # ways of cutting it
     # lost the signal the study exists to measure, SFT at K = 0 above the text-only control (closed accuracy, 3
-    # seeds): 120 phantoms x 3 epochs 33.7 vs 35.3 %, 200 phantoms x 2 epochs 35.3 vs 38.6 %. The budget needs a
-    # faster train step (issue #16), not a smaller study.
+    # seeds): 120 phantoms x 3 epochs 33.7 vs 35.3 %, 200 phantoms x 2 epochs 35.3 vs 38.6 %, while these sizes
+    # give 51.2 +- 1.3 vs 39.3 +- 0.9 % (same code, ~190 s per run). The budget needs a faster train step (issue
+    # #16), not a smaller study.
     c.pretrained = "run"
     c.pretrain = pretrain_phantom.get_config()
     # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).

@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache, switched on for one piece of work (a study, a test session).
+"""JAX's persistent compilation cache, switched on for one piece of work (the study; the test suite sets the
+same cache for its whole session, subprocesses included, through the environment in tests/conftest.py).
 
 XLA compiles every program of a run (train step per prompt bucket and K, evaluation's prefill and decode) from
 scratch in each process, and on a CPU that is tens of seconds per run. A study trains the same programs for every

@@ -36,7 +36,7 @@ from vital_jax.models.hf_config import ConfigError
 from vital_jax.observability import MetricsLogger, peak_flops_per_device
 from vital_jax.run import build_model, resolve_paths
 from vital_jax.vital import accounting, trainable
-from vital_jax.vital.batch import check_token_ids
+from vital_jax.vital.batch import check_token_ids, latent_slots, slice_latent_slots
 from vital_jax.vital.train_step import init_train_state, train_step
 
 _CONFIG = None
@@ -235,6 +235,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             phase_start = phase_end
             continue
         ckpt = checkpointers.enter_context(phase_checkpointer(config, workdir, phase))
+        # One program per phase, running only the slots its records can use (phase 1 of the curriculum: one).
+        slots = latent_slots(config.vital.k_max, int(max_k), config.vital.latent_steps_cap)
         iterator = make_train_iterator(paths.data_dir, paths.tokenizer_dir, pipe_cfg, k_max=int(max_k),
                                        split=config.data.train_split, seed=config.seed + phase,
                                        num_epochs=int(config.curriculum.epochs[phase - 1]),
@@ -251,7 +253,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             logging.warning("phase %d: finished at step %d, but that checkpoint could not be read; training it "
                             "again from step %d", phase, done, int(state.step))
         while int(state.step) < phase_end:
-            batch_np = next(iterator)
+            batch_np = slice_latent_slots(next(iterator), slots, config.vital.latent_steps_cap)
             check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
             batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
             if not compiled:
@@ -274,7 +276,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                 last_metrics = {k: float(v) for k, v in metrics.items()}
                 last_metrics["phase"] = phase
                 samples = int(batch_np["example_valid"].sum()) * jax.process_count()
-                tokens = samples * (batch_np["prompt_ids"].shape[1] + config.vital.k_max
+                tokens = samples * (batch_np["prompt_ids"].shape[1] + slots
                                     + batch_np["answer_ids"].shape[1])
                 flops = None
                 if flops_account is not None:
@@ -282,7 +284,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                     flops = accounting.train_step_flops(
                         model, flops_account, batch_np["prompt_ids"].shape[0] * n, batch_np["prompt_ids"].shape[1],
                         batch_np["pixel_patches"].shape[0] * n, batch_np["answer_ids"].shape[1],
-                        batch_np["step_ids"].shape[2])
+                        batch_np["step_ids"].shape[2], latent_slots=slots)
                 last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens, flops=flops))
             if probe is not None and step % config.logging.probe_every_steps == 0:
                 output = probe(state.params, frozen)  # every process: the program spans the mesh

@@ -76,3 +76,11 @@ def test_train_step_flops_count_each_part_once():
     tokens = 2 * (1024 + model.config.k_max + 32)
     assert acc.lora == 2 * 174_587_904 // 36
     assert base - without == 6 * acc.lora * tokens
+    # Fewer latent slots: the decoder's share shrinks with them; without lambda_text it is not computed at all.
+    fewer = train_step_flops(model, acc, num_examples=2, num_patches=2 * 784, latent_slots=1, **shape)
+    assert fewer < base
+    silent = dataclasses.replace(model, config=dataclasses.replace(model.config, lambda_text=0.0))
+    no_text = train_step_flops(silent, acc, num_examples=2, num_patches=2 * 784, **shape)
+    decoder_tokens = 2 * model.config.k_max * (64 + 1)
+    assert base - no_text > 6 * (acc.text_decoder - model.decoder_config.vocab_size * model.decoder_config.hidden_size
+                                 * (not model.decoder_config.tie_word_embeddings)) * decoder_tokens - 1

@@ -166,3 +166,60 @@ def test_pause_control_feeds_learned_vectors_and_shares_the_inference_path(tiny_
     assert trainable.is_trainable("pause_embeddings")
     grads = jax.grad(lambda p: model.forward(dict(params, pause_embeddings=p), batch).loss)(pause)
     assert float(jnp.abs(grads[:3]).max()) > 0
+
+
+def test_fewer_latent_slots_compute_the_same_forward(tiny):
+    """A curriculum phase runs only the slots its K needs (slice_latent_slots): every term equals the K_max program's,
+    and an example that needs more slots than kept is an error naming it."""
+    from vital_jax.vital.batch import latent_slots, slice_latent_slots
+
+    model, params = tiny.model, tiny.params
+    _, data = make_batch(model, seed=6, latent_steps=(1, 2))
+    full = forward(model, params, from_numpy(data, model.backbone_config))
+    assert latent_slots(model.config.k_max, 2) == 2 and latent_slots(4, 4, latent_steps_cap=0) == 0
+    two = slice_latent_slots(data, 2)
+    assert two["step_ids"].shape[1] == 2
+    out = forward(model, params, from_numpy(two, model.backbone_config))
+    assert out.z.shape[1] == 2
+    for name in ("loss", "task_per_example", "text_per_example", "visual_per_example"):
+        assert _diff(getattr(out, name), getattr(full, name)) <= TOL, name
+    assert _diff(out.z, full.z[:, :2]) <= TOL
+    with pytest.raises(ValueError, match=r"record_index \[1\].*latent_steps \[2\]"):
+        slice_latent_slots(data, 1)
+    # With the cap, K_b = min(K, cap) must fit: K = 0 runs no latent slot at all and answers like the K_max program.
+    zero = slice_latent_slots(data, 0, latent_steps_cap=0)
+    capped = build_capped(model, 0)
+    assert _diff(forward(capped, params, from_numpy(zero, model.backbone_config)).answer_logits,
+                 forward(capped, params, from_numpy(data, model.backbone_config)).answer_logits) <= TOL
+
+
+def build_capped(model, cap):
+    import dataclasses
+
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, latent_steps_cap=cap))
+
+
+def test_a_term_with_zero_weight_is_not_computed(tiny):
+    """lambda_text = 0 (lambda_visual = 0): the decoder (projector) does not run, the term is 0 and unlogged; the task
+    loss and its gradients are those of the full model."""
+    import dataclasses
+
+    import optax
+
+    from vital_jax.vital.train_step import init_train_state, train_step
+
+    model, params = tiny.model, tiny.params
+    batch, _ = make_batch(model, seed=7, latent_steps=(1, 3))
+    task_only = dataclasses.replace(model, config=dataclasses.replace(model.config, lambda_text=0.0,
+                                                                     lambda_visual=0.0))
+    out, full = forward(task_only, params, batch), forward(model, params, batch)
+    assert float(out.text_loss) == 0.0 and float(out.visual_loss) == 0.0 and float(full.text_loss) > 0
+    assert _diff(out.loss, full.task_loss) <= TOL
+    # Nothing of the decoder is in the program: its parameters may be anything, even NaN.
+    poisoned = {**params, "decoder": jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params["decoder"]),
+                "visual_projector": jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params["visual_projector"])}
+    assert np.isfinite(float(forward(task_only, poisoned, batch).loss))
+    optimizer = optax.sgd(0.0)
+    state, frozen = init_train_state(params, optimizer, jax.random.PRNGKey(0))
+    _, metrics = jax.jit(lambda s, f, b: train_step(task_only, optimizer, s, f, b))(state, frozen, batch)
+    assert "text_loss" not in metrics and "visual_loss" not in metrics and "task_loss" in metrics

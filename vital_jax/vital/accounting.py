@@ -68,7 +68,7 @@ def account(model: VitalModel) -> Accounting:
 
 
 def train_step_flops(model: VitalModel, acc: Accounting, num_examples: int, prompt_len: int, num_patches: int,
-                     answer_len: int, step_len: int) -> float:
+                     answer_len: int, step_len: int, latent_slots: int | None = None) -> float:
     """Model FLOPs of one VITAL train step from the shapes (no remat recompute), for MFU.
 
     `acc` = `account(model)` (computed once). Per token of the backbone LLM (prompt, K latent steps, answer):
@@ -77,10 +77,13 @@ def train_step_flops(model: VitalModel, acc: Accounting, num_examples: int, prom
     (forward only: nothing upstream of it trains); the trained decoder 6 N_dec per token of its B x K
     step chains (N_dec counts its LM head once, tied or not); pj_in and the projector 6 N per latent step;
     attention 2 * 2 * S_q * S_kv * d per layer, halved for causality, x 2 in the frozen backbone and x 3 in the
-    decoder. Shapes are the padded ones the step computes on. K is the config's K_max (every slot is computed).
+    decoder. Shapes are the padded ones the step computes on. K = `latent_slots` (default K_max): every slot the
+    program runs is computed. A loss term with weight 0 is not computed (`VitalModel.forward`), so neither is its
+    head: the decoder without lambda_text, the projector without lambda_visual.
     """
     text, dec = model.backbone_config.text, model.decoder_config
-    k = model.config.k_max
+    k = model.config.k_max if latent_slots is None else latent_slots
+    with_text, with_visual = model.config.lambda_text != 0, model.config.lambda_visual != 0
     embedding = text.vocab_size * text.hidden_size
     head = acc.lm_head if acc.lm_head else embedding
     seq = prompt_len + k + answer_len
@@ -88,12 +91,12 @@ def train_step_flops(model: VitalModel, acc: Accounting, num_examples: int, prom
     flops += num_examples * answer_len * 4 * head
     flops += 2 * acc.vision_encoder * num_patches
     dec_embedding = dec.vocab_size * dec.hidden_size * (not dec.tie_word_embeddings)
-    dec_tokens = num_examples * k * (step_len + 1)
+    dec_tokens = num_examples * k * (step_len + 1) * with_text
     flops += 6 * (acc.text_decoder - dec_embedding) * dec_tokens
-    flops += 6 * (acc.visual_projector + acc.pj_in) * num_examples * k
+    flops += 6 * (acc.visual_projector * with_visual + acc.pj_in * with_text) * num_examples * k
     attn = 2 * 2 * seq * seq / 2 * text.num_attention_heads * text.head_dim * text.num_hidden_layers * num_examples
     attn_dec = (2 * 2 * (step_len + 1) ** 2 / 2 * dec.num_attention_heads * dec.head_dim * dec.num_hidden_layers
-                * num_examples * k)
+                * num_examples * k * with_text)
     return float(flops + 2 * attn + 3 * attn_dec)
 
 

@@ -17,8 +17,9 @@ class VitalBatch:
 
     prefix: PrefixInputs (image + question, left-padded to Tp).
     answer_ids, answer_valid: (B, Ta) right-padded answer tokens (ending with <|im_end|>), Ta >= 2.
-    latent_steps: (B,) int32 K_b <= K_max.
-    step_ids, step_valid: (B, K_max, Ts) reasoning-chain tokens of each step (decoder vocabulary).
+    latent_steps: (B,) int32 K_b <= K.
+    step_ids, step_valid: (B, K, Ts) reasoning-chain tokens of each step (decoder vocabulary); K <= K_max is the
+        number of latent slots the program runs (`latent_slots`).
     roi_feature: (B, dv) float32 unit-norm f_ROI. global_feature: (B, dv) or None (Appendix C.5 only).
     example_valid: (B,) bool, False for padding examples.
     """
@@ -48,6 +49,29 @@ def check_token_ids(batch: dict, backbone_vocab: int, decoder_vocab: int) -> Non
             raise ValueError(f"{ids_key}: token ids {sorted(set(ids[bad].tolist()))[:5]} are outside the model's "
                              f"vocabulary of {vocab} (batch rows {rows.tolist()}, record_index {records.tolist()}); "
                              "was the data tokenised with another tokenizer?")
+
+
+def latent_slots(k_max: int, phase_max_k: int, latent_steps_cap: int = -1) -> int:
+    """Latent slots a training program needs: the phase's largest K, capped by `latent_steps_cap` (>= 0)."""
+    return min(k_max, phase_max_k, latent_steps_cap if latent_steps_cap >= 0 else k_max)
+
+
+def slice_latent_slots(batch: dict, slots: int, latent_steps_cap: int = -1) -> dict:
+    """Host side: keep the first `slots` step slots of a pipeline batch (step_ids / step_valid (B, K_max, Ts)).
+
+    The scan and the auxiliary decoder then run `slots` steps instead of K_max: slots past every example's K_b only
+    cost compute (they are masked out of every term). An example whose K_b (after the cap) needs more slots is an
+    error naming it, never a silent cut.
+    """
+    steps = np.asarray(batch["latent_steps"])
+    if latent_steps_cap >= 0:
+        steps = np.minimum(steps, latent_steps_cap)
+    over = np.nonzero((steps > slots) & np.asarray(batch.get("example_valid", np.ones(len(steps), bool))))[0]
+    if over.size:
+        records = np.asarray(batch.get("record_index", np.arange(len(steps))))[over]
+        raise ValueError(f"batch rows {over.tolist()} (record_index {records.tolist()}) have latent_steps "
+                         f"{steps[over].tolist()}, more than the {slots} latent slots of this phase")
+    return {**batch, "step_ids": batch["step_ids"][:, :slots], "step_valid": batch["step_valid"][:, :slots]}
 
 
 def from_numpy(batch: dict, config: Qwen3VLConfig) -> VitalBatch:

@@ -40,10 +40,10 @@ class VitalOutputs:
     task_per_example: jax.Array
     text_per_example: jax.Array
     visual_per_example: jax.Array
-    z: jax.Array  # (B, K_max, D) latent states
+    z: jax.Array  # (B, K, D) latent states, K = the batch's step slots (<= K_max)
     z0: jax.Array  # (B, D)
     answer_logits: jax.Array  # (B, Ta, V)
-    valid_steps: jax.Array  # (B, K_max)
+    valid_steps: jax.Array  # (B, K)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +107,20 @@ class VitalModel:
 
     # ------------------------------------------------------------------------------------------- training
     def forward(self, params: dict, batch: VitalBatch, deterministic: bool = True, rng=None) -> VitalOutputs:
-        """Prefix -> K-step latent scan -> teacher-forced answer, and the three supervision terms (Eq. 7)."""
+        """Prefix -> K-step latent scan -> teacher-forced answer, and the three supervision terms (Eq. 7).
+
+        The batch's step slots (batch.step_ids.shape[1], <= config.k_max) are the latent slots compiled into the
+        program: a curriculum phase with K <= 1 runs one slot, not K_max (`slice_latent_slots`); every example's
+        latent_steps (after latent_steps_cap) must fit them. A term whose weight (lambda_text, lambda_visual) is 0
+        is not computed: its per-example value and batch loss are 0 (its weight False), and the train step does
+        not log it.
+        """
         cfg = self.config
         backbone, bp = self.backbone, params["backbone"]
         prefix = batch.prefix
-        k_max = cfg.k_max
+        k_max = batch.step_ids.shape[1]  # the latent slots of this program
+        if k_max > cfg.k_max:
+            raise ValueError(f"the batch has {k_max} latent step slots; the config's k_max is {cfg.k_max}")
         ta = batch.answer_ids.shape[1]
         if ta < 2:
             raise ValueError("answers need >= 2 token slots (the answer and <|im_end|>)")
@@ -127,8 +136,13 @@ class VitalModel:
                                       deterministic, rngs[2])
         task, task_w = losses.task_loss(logits, batch.answer_ids, batch.answer_valid)
         valid_steps = losses.step_mask(batch.latent_steps, k_max)
-        text, text_w = self._text_loss(params, z, batch, valid_steps)
-        visual, visual_w = self._visual_loss(params, z, batch, valid_steps, deterministic, rngs[3])
+        # A zero-weighted term would cost the auxiliary decoder's forward and backward over B x K slots (more
+        # tokens than the backbone's at the study's sizes) for a loss that moves nothing.
+        off = (jnp.zeros(task.shape, jnp.float32), jnp.zeros(task.shape, bool))
+        text, text_w = (self._text_loss(params, z, batch, valid_steps) if cfg.lambda_text != 0 and k_max
+                        else off)
+        visual, visual_w = (self._visual_loss(params, z, batch, valid_steps, deterministic, rngs[3])
+                            if cfg.lambda_visual != 0 and k_max else off)
         ex = batch.example_valid
         l_task = losses.weighted_mean(task, task_w & ex)
         l_text = losses.weighted_mean(text, text_w & ex)
@@ -139,8 +153,6 @@ class VitalModel:
     def _text_loss(self, params, z, batch: VitalBatch, valid_steps):
         """Eq. (3)-(4): decoder input [pj_in(z_k); Embed_dec(e_k)], all B x K_max sequences in one batch."""
         b, k, ts = batch.step_ids.shape
-        if k != self.config.k_max:
-            raise ValueError(f"step_ids has {k} step slots; the config's k_max is {self.config.k_max}")
         decoder = self.decoder
         h0 = self.pj_in.apply({"params": params["pj_in"]}, z)  # (B, K, Ddec)
         emb = decoder.apply({"params": params["decoder"]}, batch.step_ids, method=decoder.embed)
@@ -160,7 +172,7 @@ class VitalModel:
             if batch.global_feature is None:
                 raise ValueError("visual_target='interpolated' needs batch.global_feature (Appendix C.5)")
             targets = losses.interpolated_targets(batch.roi_feature, batch.global_feature, batch.latent_steps,
-                                                  self.config.k_max)
+                                                  z.shape[1])
         return losses.visual_loss(projected, targets, valid_steps, self.config.visual_loss_reduction)
 
     # ------------------------------------------------------------------------------------------ inference

@@ -56,11 +56,13 @@ def train_step(model: VitalModel, optimizer: optax.GradientTransformation, state
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss, "task_loss": out.task_loss, "text_loss": out.text_loss, "visual_loss": out.visual_loss,
-        "grad_norm": global_norm(grads),
-        **latent_diagnostics(out.z, out.valid_steps),
-    }
+    metrics = {"loss": loss, "task_loss": out.task_loss, "grad_norm": global_norm(grads),
+               **latent_diagnostics(out.z, out.valid_steps)}
+    # A term with weight 0 is not computed (VitalModel.forward): logging its 0 would read as a perfect fit.
+    if model.config.lambda_text != 0:
+        metrics["text_loss"] = out.text_loss
+    if model.config.lambda_visual != 0:
+        metrics["visual_loss"] = out.visual_loss
     if learning_rate_fn is not None:
         metrics["learning_rate"] = learning_rate_fn(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

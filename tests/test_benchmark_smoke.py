@@ -1,4 +1,5 @@
-"""CI smoke test of MedSynapse-V's benchmarks: the `--quick` variant of each runs to its final report line.
+"""CI smoke test of the benchmarks (MedSynapse-V's and the train-step profile): the `--quick` variant of each runs
+to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -49,3 +50,17 @@ def test_medsynapse_8b_quick_compiles_every_stage_and_every_leaf_has_a_sharding_
     assert len(lines) == summary + 4, lines[summary:]
     checks = [line for line in lines if re.match(r"  stage[123] (trainable state|frozen) ", line)]
     assert len(checks) == 6 and all("every parameter has a rule" in line for line in checks), checks
+
+
+def test_profile_train_step_quick_attributes_the_step_to_model_parts():
+    lines = run_quick("profile_train_step")
+    header = next(i for i, line in enumerate(lines) if line.startswith("part "))
+    rows = lines[header + 1:-1]
+    parts = {re.split(r"\s{2,}", row)[0] for row in rows}
+    # A VITAL step with LoRA dropout and both auxiliary terms: each of these parts executes ops.
+    for part in ("vision tower", "auxiliary decoder", "LoRA dropout (RNG + mask)", "MLP"):
+        assert part in parts, (part, rows)
+    shares = [float(row.split()[-1].rstrip("%")) for row in rows]
+    assert abs(sum(shares) - 100.0) < 1.0, rows
+    assert re.fullmatch(rf"summed op time {NUMBER} ms per step; wall {NUMBER} ms per step \(ratio {NUMBER}\)",
+                        lines[-1]), lines[-1]

@@ -8,9 +8,10 @@ Method: the jitted step (`vital.train_step.train_step`, AdamW) runs `--steps` ti
 XLA:CPU's per-op trace events on (`--xla_cpu_enable_xprof_traceme`); every executed HLO op is attributed, through
 the `op_name` metadata of the compiled program, to a part of the model (vision tower, attention, MLP, LoRA dropout,
 LM head and loss, auxiliary decoder, ...) and to the forward pass (`jvp(...)`), the backward pass
-(`transpose(jvp(...))`) or neither (optimizer, glue). Ops nested in a loop count once, inside the loop's op.
-The table is ms per step and share of the summed op time; the last line compares that sum with the step's wall
-time (the rest is dispatch, and time when two ops ran at once on the two cores counts twice).
+(`transpose(jvp(...))`) or neither (optimizer, glue). Ops nested in a loop count once, inside the loop's op: the
+latent `lax.scan` is one row holding everything its body runs. The table is ms per step and share of the summed
+op time; the last line compares that sum with the step's wall time (the rest is dispatch; two ops running at
+once on the two cores count twice).
 
 Batches are synthetic with the study's shapes (`--batch`, `--prompt`, `--answer`, `--step_tokens`, a 96 x 96
 image): every example has K = `--latent_slots` steps and full chains, so nothing is padding.
@@ -53,6 +54,9 @@ from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E40
 # (part, pattern on the op's op_name), first match wins: the order puts the specific before the general.
 PARTS = (
     ("LoRA dropout (RNG + mask)", r"Dropout|_bernoulli|threefry|random_bits"),
+    # A loop's own event covers every op inside it: at the top level that is the latent scan (or, with
+    # scan_layers, a layer stack), whatever its body holds.
+    ("latent scan / scanned layers (whole loop)", r"/while$"),
     ("vision tower", r"/visual/|VisionModel|vision"),
     ("auxiliary decoder", r"Qwen3ForCausalLM|/decoder/|pj_in|PjIn"),
     ("visual projector", r"VisualProjector|visual_projector"),
@@ -100,9 +104,9 @@ def top_level_op_events(trace: dict, names: dict[str, str]) -> list[dict]:
     return out
 
 
-def profile(step, args_fn, steps: int) -> tuple[dict, float, float]:
-    """Run `step(*args_fn())` `steps` times under the profiler -> ({(part, direction): ms per step}, summed op ms
-    per step, wall ms per step)."""
+def profile(step, args_fn, steps: int) -> tuple[dict, dict, float, float]:
+    """Run `step(*args_fn())` `steps` times under the profiler -> ({(part, direction): ms per step}, {op_name: ms
+    per step}, summed op ms per step, wall ms per step)."""
     compiled = step.lower(*args_fn()).compile()
     names = hlo_op_names(compiled.as_text())
     for _ in range(2):  # compile and warm up outside the trace
@@ -124,11 +128,12 @@ def profile(step, args_fn, steps: int) -> tuple[dict, float, float]:
     if not events:
         raise RuntimeError("the trace has no per-op events: was XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true "
                            "set before jax started (it is, when this script is run as a module)?")
-    table = collections.defaultdict(float)
+    table, by_op = collections.defaultdict(float), collections.defaultdict(float)
     for e in events:
         op_name = names[e["name"]]
         table[(part_of(op_name), direction_of(op_name))] += e["dur"] / 1000 / steps
-    return dict(table), sum(table.values()), wall
+        by_op[op_name] += e["dur"] / 1000 / steps
+    return dict(table), dict(by_op), sum(table.values()), wall
 
 
 def build(args, tmp: str):
@@ -198,6 +203,7 @@ def main(argv=None):
     p.add_argument("--lambda_visual", type=float, default=0.1)
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--top_ops", type=int, default=0, help="also list the N most expensive ops by op_name")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.prompt, args.image, args.answer, args.step_tokens, args.steps = 2, 32, 64, 8, 8, 2
@@ -214,7 +220,7 @@ def main(argv=None):
     def args_fn():
         return holder["state"], frozen, batch
 
-    table, total, wall = profile(step, args_fn, args.steps)
+    table, by_op, total, wall = profile(step, args_fn, args.steps)
     by_part = collections.defaultdict(float)
     for (part, _), ms in table.items():
         by_part[part] += ms
@@ -226,6 +232,8 @@ def main(argv=None):
         cells = [table.get((part, d), 0.0) for d in ("forward", "backward", "-")]
         print(f"{part:44s} " + " ".join(f"{c:9.2f}" for c in cells)
               + f" {by_part[part]:9.2f} {100 * by_part[part] / total:5.1f}%")
+    for op_name in sorted(by_op, key=by_op.get, reverse=True)[:args.top_ops]:
+        print(f"  {by_op[op_name]:7.2f} ms  [{part_of(op_name)}] {op_name[:150]}")
     print(f"summed op time {total:.1f} ms per step; wall {wall:.1f} ms per step "
           f"(ratio {total / wall:.2f})")
 

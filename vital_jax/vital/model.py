@@ -151,7 +151,7 @@ class VitalModel:
         return VitalOutputs(total, l_task, l_text, l_visual, task, text, visual, z, z0, logits, valid_steps)
 
     def _text_loss(self, params, z, batch: VitalBatch, valid_steps):
-        """Eq. (3)-(4): decoder input [pj_in(z_k); Embed_dec(e_k)], all B x K_max sequences in one batch."""
+        """Eq. (3)-(4): decoder input [pj_in(z_k); Embed_dec(e_k)], all B x K sequences (K slots) in one batch."""
         b, k, ts = batch.step_ids.shape
         decoder = self.decoder
         h0 = self.pj_in.apply({"params": params["pj_in"]}, z)  # (B, K, Ddec)

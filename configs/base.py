@@ -73,6 +73,8 @@ def medsynapse_section():
     imt: Stage III (Eq. 6-8), A_psi trains: lr 1e-4 for 3 epochs (max_steps caps them), JSD beta 0.5, one on-policy
       rollout per example of up to max_new_tokens at `temperature`. A_psi: N = sampler.num_queries queries,
       an MLP of width mlp_hidden (0: the backbone's hidden size), output_rms its initial output scale (0: LeCun).
+      memory_match: weight of a term the paper does not have, ||M_auto - M_pri||^2 / ||M_pri||^2 (0: off, Eq. 7
+      alone; `medsynapse/imt.py`).
     """
     return ml_collections.ConfigDict(dict(
         stages=("warmup", "ccr", "imt"),
@@ -90,5 +92,5 @@ def medsynapse_section():
                  lora=dict(rank=64, alpha=128.0, targets=("q", "k", "v", "o"))),
         imt=dict(lr=1e-4, epochs=3, max_steps=0, schedule="warmup_cosine", warmup_ratio=0.03, weight_decay=0.01,
                  max_grad_norm=1.0, beta=0.5, max_new_tokens=1024, temperature=1.0, mlp_hidden=0,
-                 output_rms=0.02),
+                 output_rms=0.02, memory_match=0.0),
     ))

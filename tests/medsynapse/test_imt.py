@@ -243,6 +243,43 @@ def test_train_steps_move_only_psi_and_lower_the_divergence(setup):
     assert float(history[-1]["memory_gap_rms"]) >= 0
 
 
+def test_memory_match_adds_the_relative_error_of_the_students_memory_and_training_closes_it(setup):
+    """memory_match = w: the loss is Eq. (7) + w ||M_auto - M_pri||^2 / ||M_pri||^2 (numpy reference, mean over
+    valid examples); its gradient still reaches psi only; training with it lowers that error, which the default
+    (w = 0) leaves alone."""
+    tiny, sampler, autonomous, batch, params = setup
+    tokens, lengths = imt.rollout(tiny.model, autonomous, params, batch.prefix, SAMPLING, jax.random.PRNGKey(5))
+    half = batch.replace(example_valid=jnp.asarray([False, True]))
+    loss = jax.jit(lambda p, w: imt.imt_loss(tiny.model, sampler, autonomous, p, half, tokens, lengths,
+                                             memory_match=w)[0], static_argnums=1)
+    _, m_auto = autonomous_lib.autonomous_memory(tiny.model, autonomous, params, batch.prefix)
+    m_pri = np.asarray(sampler.apply({"params": params["sampler"]}, batch.feature_map), np.float64)
+    m_auto = np.asarray(m_auto, np.float64)
+    error = ((m_auto - m_pri) ** 2).sum(axis=(1, 2)) / (m_pri ** 2).sum(axis=(1, 2))
+    assert float(loss(params, 2.0)) - float(loss(params, 0.0)) == pytest.approx(2.0 * error[1], rel=1e-4)
+    g = jax.grad(lambda p: imt.imt_loss(tiny.model, sampler, autonomous, p, batch, tokens, lengths,
+                                        memory_match=2.0)[0])(params)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g["sampler"]))
+    with pytest.raises(ValueError, match="memory_match must be >= 0"):
+        imt.imt_loss(tiny.model, sampler, autonomous, params, batch, tokens, lengths, memory_match=-1.0)
+
+    greedy = SamplingConfig(max_new_tokens=3, eos_token_ids=(IM_END,))
+    optimizer = imt.make_optimizer(3e-2, weight_decay=0.0)
+    errors = {}
+    for w in (0.0, 5.0):
+        state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(2))
+        step = imt.make_train_step(tiny.model, sampler, autonomous, optimizer, greedy, memory_match=w)
+        history = []
+        for _ in range(6):
+            state, metrics = step(state, frozen, batch)
+            history.append(float(metrics["memory_match_error"]))
+        errors[w] = history
+        assert float(metrics["loss"]) == pytest.approx(float(metrics["jsd"]) + w * history[-1], rel=1e-4, abs=1e-6)
+    assert errors[0.0][0] == pytest.approx(errors[5.0][0], rel=1e-5)  # the same start
+    assert errors[5.0][-1] < 0.5 * errors[5.0][0], errors
+    assert errors[5.0][-1] < errors[0.0][-1], errors
+
+
 def test_init_train_state_wants_the_three_stage_iii_trees(setup):
     _, _, _, _, params = setup
     with pytest.raises(ValueError, match="Stage III params"):

@@ -26,6 +26,12 @@ greedy) up to Stage II's 1,024 tokens (`rollout_sampling`); a trajectory ends at
 later positions do not; the per-trajectory mean of Eq. (7) is averaged over the batch's valid examples; AdamW as
 in Stage I (global-norm clip 1.0, weight decay 0.01 on kernels and A_psi's queries).
 
+Memory matching (`memory_match` w > 0, off by default; not in the paper): the loss adds w times the relative
+squared error of the student's memory against the teacher's, ||M_auto - M_pri||^2 / ||M_pri||^2 per example (over
+its N x D block), averaged over valid examples. Eq. (7) compares the two branches only through the answer
+distributions they induce; on PhantomVQA that left A_psi's memories nearly orthogonal to P_phi's at a matching
+JSD (README, "Where the deployed model goes wrong"), and this term asks for the teacher's memory itself.
+
 Memory: both branches' logits are (B, T, V) float32 at every position (the full vocabulary is the point of Eq. 7):
 at 8B with T = 1,024 that is 0.6 GB per example and branch, so shard the batch or lower max_new_tokens.
 """
@@ -171,37 +177,61 @@ def trajectory_valid(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
 
 
-def teacher_logits(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler, params: dict,
-                   prompt: PromptState, feature_map: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
-    """pi^+ at every position of y^, teacher forced: (B, T, V) float32 under stop_gradient."""
-    memory = teacher_memory(sampler, params["sampler"], feature_map)
-    return jax.lax.stop_gradient(_score(backbone, params["backbone"], prompt, memory, tokens, valid))
+def teacher_logits(backbone: Qwen3VLForConditionalGeneration, params: dict, prompt: PromptState,
+                   m_pri: jax.Array, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """pi^+ at every position of y^ given M_pri (`teacher_memory`), teacher forced: (B, T, V) float32 under
+    stop_gradient."""
+    return jax.lax.stop_gradient(_score(backbone, params["backbone"], prompt, m_pri, tokens, valid))
+
+
+def memory_match_error(memory: jax.Array, target: jax.Array) -> jax.Array:
+    """||M_auto - M_pri||^2 / ||M_pri||^2 per example over its (N, D) block: (B, N, D) x 2 -> (B,) float32."""
+    memory, target = memory.astype(jnp.float32), jax.lax.stop_gradient(target).astype(jnp.float32)
+    return jnp.sum(jnp.square(memory - target), axis=(1, 2)) / jnp.maximum(jnp.sum(jnp.square(target), axis=(1, 2)),
+                                                                           1e-12)
 
 
 def student_loss(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
                  prompt: PromptState, teacher: jax.Array, tokens: jax.Array, valid: jax.Array,
-                 example_valid: jax.Array, beta: float = BETA):
+                 example_valid: jax.Array, beta: float = BETA, target_memory: jax.Array | None = None,
+                 memory_match: float = 0.0):
     """Eq. (7) given the teacher's logits (B, T, V): the student branch scores y^ with M_auto and is compared
-    position by position. Returns (loss, aux) with aux = {"jsd_per_example" (B,), "memory" (B, N, D)}."""
+    position by position, plus `memory_match` x the memory-matching error against `target_memory` (M_pri, needed
+    when memory_match > 0). Returns (loss, aux) with aux = {"jsd_per_example" (B,), "memory" (B, N, D)} and, with
+    a target, "memory_match_per_example" (B,)."""
     memory = student_memory(autonomous, params["autonomous"], prompt)
     student = _score(backbone, params["backbone"], prompt, memory, tokens, valid)
     jsd_bt = jnp.where(valid, generalized_jsd(teacher, student, beta), 0.0)
     per_example = jsd_bt.sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1)
-    loss = jnp.where(example_valid, per_example, 0.0).sum() / jnp.maximum(example_valid.sum(), 1)
-    return loss, {"jsd_per_example": per_example, "memory": memory}
+    n_valid = jnp.maximum(example_valid.sum(), 1)
+    loss = jnp.where(example_valid, per_example, 0.0).sum() / n_valid
+    aux = {"jsd_per_example": per_example, "memory": memory}
+    if memory_match < 0:
+        raise ValueError(f"memory_match must be >= 0, got {memory_match}")
+    if memory_match > 0 and target_memory is None:
+        raise ValueError("memory_match > 0 needs target_memory (M_pri)")
+    if target_memory is not None:
+        match = memory_match_error(memory, target_memory)
+        aux["memory_match_per_example"] = match
+        if memory_match > 0:
+            loss = loss + memory_match * jnp.where(example_valid, match, 0.0).sum() / n_valid
+    return loss, aux
 
 
 def imt_loss(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
              autonomous: AutonomousMemory, params: dict, batch: IMTBatch, tokens: jax.Array, lengths: jax.Array,
-             beta: float = BETA):
+             beta: float = BETA, memory_match: float = 0.0):
     """Eq. (7) in float32 for a given trajectory y^ (tokens (B, T), lengths (B,)), from params {"backbone",
-    "sampler", "autonomous"}. Returns (loss, aux) as `student_loss`. Differentiable in params["autonomous"] only:
-    the gradient with respect to "sampler" is exactly zero (the teacher is stop_gradient)."""
+    "sampler", "autonomous"} (+ memory_match x the memory-matching error). Returns (loss, aux) as `student_loss`.
+    Differentiable in params["autonomous"] only: the gradient with respect to "sampler" is exactly zero (the
+    teacher is stop_gradient)."""
     prompt = encode_prompt(backbone, params["backbone"], batch.prefix, autonomous.config.num_queries,
                            tokens.shape[1])
     valid = trajectory_valid(tokens, lengths)
-    teacher = teacher_logits(backbone, sampler, params, prompt, batch.feature_map, tokens, valid)
-    return student_loss(backbone, autonomous, params, prompt, teacher, tokens, valid, batch.example_valid, beta)
+    m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
+    teacher = teacher_logits(backbone, params, prompt, m_pri, tokens, valid)
+    return student_loss(backbone, autonomous, params, prompt, teacher, tokens, valid, batch.example_valid, beta,
+                        m_pri, memory_match)
 
 
 def is_trainable(path: str) -> bool:
@@ -235,29 +265,33 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng:
 def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
                sampling: generation.SamplingConfig, state: TrainState, frozen: dict, batch: IMTBatch,
-               beta: float = BETA) -> tuple[TrainState, dict]:
+               beta: float = BETA, memory_match: float = 0.0) -> tuple[TrainState, dict]:
     """One on-policy IMT step: sample y^ ~ pi^- with the current psi, score it in both branches, one AdamW step
-    on psi. Returns (new state, metrics: loss (= mean JSD), grad_norm, trajectory_length, student_memory_rms,
-    teacher_memory_rms, memory_gap_rms (RMS of M_auto - M_pri), tokens, trajectory (B, T) int32, lengths (B,))."""
+    on psi. Returns (new state, metrics: loss (mean JSD + memory_match x memory_match_error), jsd,
+    memory_match_error (mean relative squared error of M_auto against M_pri, logged whatever its weight),
+    grad_norm, trajectory_length, student_memory_rms, teacher_memory_rms, memory_gap_rms (RMS of M_auto - M_pri),
+    tokens, trajectory (B, T) int32, lengths (B,))."""
     step_rng = jax.random.fold_in(state.rng, state.step)
     params = freeze.merge(state.params, frozen)
     prompt = encode_prompt(backbone, params["backbone"], batch.prefix, autonomous.config.num_queries,
                            sampling.max_new_tokens)
     tokens, lengths = sample_trajectory(backbone, autonomous, params, prompt, sampling, step_rng)
     valid = trajectory_valid(tokens, lengths)
-    teacher = teacher_logits(backbone, sampler, params, prompt, batch.feature_map, tokens, valid)
+    m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
+    teacher = teacher_logits(backbone, params, prompt, m_pri, tokens, valid)
 
     def loss_fn(train_params):
         return student_loss(backbone, autonomous, freeze.merge(train_params, frozen), prompt, teacher, tokens,
-                            valid, batch.example_valid, beta)
+                            valid, batch.example_valid, beta, m_pri, memory_match)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
     counted = batch.example_valid
     n_valid = jnp.maximum(counted.sum(), 1)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    mean = lambda x: jnp.where(counted, x, 0.0).sum() / n_valid  # noqa: E731
+    metrics = {"loss": loss, "jsd": mean(aux["jsd_per_example"]),
+               "memory_match_error": mean(aux["memory_match_per_example"]), "grad_norm": optax.tree.norm(grads),
                "trajectory_length": jnp.where(counted, lengths, 0).sum() / n_valid,
                "tokens": jnp.where(counted, lengths, 0).sum(),
                "student_memory_rms": jnp.sqrt(jnp.mean(jnp.square(aux["memory"]))),
@@ -269,6 +303,8 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
 
 def make_train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                     autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
-                    sampling: generation.SamplingConfig, beta: float = BETA):
-    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling and beta are fixed."""
-    return jax.jit(functools.partial(train_step, backbone, sampler, autonomous, optimizer, sampling, beta=beta))
+                    sampling: generation.SamplingConfig, beta: float = BETA, memory_match: float = 0.0):
+    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling, beta and memory_match are
+    fixed."""
+    return jax.jit(functools.partial(train_step, backbone, sampler, autonomous, optimizer, sampling, beta=beta,
+                                     memory_match=memory_match))

@@ -192,7 +192,7 @@ def validate_config(config) -> None:
         _check(value >= 1, f"imt.{field}", f"{value} must be >= 1")
     for field, value in (("lr", i.lr), ("max_steps", i.max_steps), ("weight_decay", i.weight_decay),
                          ("temperature", i.temperature), ("mlp_hidden", i.mlp_hidden),
-                         ("output_rms", i.output_rms)):
+                         ("output_rms", i.output_rms), ("memory_match", i.memory_match)):
         _check(value >= 0, f"imt.{field}", f"{value} must be >= 0")
     _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
     _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
@@ -550,7 +550,8 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
               "autonomous": _init_autonomous(autonomous, config.seed + 4)}
     state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 3))
     sampling = imt.rollout_sampling(setup.eos_token_ids, i.max_new_tokens, i.temperature)
-    jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta)
+    jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta,
+                                 memory_match=i.memory_match)
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):

@@ -148,8 +148,8 @@ def build(args, tmp: str):
 
         pair = dict(assets.phantom_vlm())
         backbone_dir, decoder_dir = pair["backbone_dir"], pair["decoder_dir"]
-    backbone_config = Qwen3VLConfig.from_pretrained(backbone_dir)
-    decoder_config = Qwen3Config.from_pretrained(decoder_dir)
+    backbone_config = Qwen3VLConfig.from_pretrained(backbone_dir, attention_impl=args.attention_impl)
+    decoder_config = Qwen3Config.from_pretrained(decoder_dir, attention_impl=args.attention_impl)
     cfg = VitalConfig(k_max=args.k_max, roi_dim=32, lambda_text=args.lambda_text, lambda_visual=args.lambda_visual,
                       lora=LoraConfig(args.lora_rank, 2.0 * args.lora_rank, args.lora_dropout))
     model = VitalModel(cfg, backbone_config, decoder_config)
@@ -203,6 +203,7 @@ def main(argv=None):
     p.add_argument("--lambda_visual", type=float, default=0.1)
     p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--attention_impl", default="xla", choices=("xla", "dot_product"))
     p.add_argument("--top_ops", type=int, default=0, help="also list the N most expensive ops by op_name")
     args = p.parse_args(argv)
     if args.quick:
@@ -226,7 +227,7 @@ def main(argv=None):
         by_part[part] += ms
     print(f"VITAL train step: batch {args.batch}, prompt {args.prompt}, answer {args.answer}, "
           f"{args.latent_slots} latent slots x {args.step_tokens} step tokens, LoRA r{args.lora_rank} "
-          f"dropout {args.lora_dropout}, lambda_text {args.lambda_text}, lambda_visual {args.lambda_visual}")
+          f"dropout {args.lora_dropout}, attention {args.attention_impl}, lambda_text {args.lambda_text}, lambda_visual {args.lambda_visual}")
     print(f"{'part':44s} {'forward':>9s} {'backward':>9s} {'other':>9s} {'total ms':>9s} {'share':>6s}")
     for part in sorted(by_part, key=by_part.get, reverse=True):
         cells = [table.get((part, d), 0.0) for d in ("forward", "backward", "-")]

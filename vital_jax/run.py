@@ -103,11 +103,9 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     """The VitalModel of a run config, with the base weights of `paths` and freshly initialised VITAL parameters
     (LoRA, pj_in, visual projector) from `config.seed`."""
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                     scan_layers=config.model.scan_layers)
+                     scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl)
     backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
-    decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, dtype=config.model.dtype,
-                                                 param_dtype="float32", remat=config.model.remat,
-                                                 scan_layers=config.model.scan_layers)
+    decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, **{**overrides, "param_dtype": "float32"})
     v = config.vital
     lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
     vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
@@ -146,6 +144,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         config.data.blind_images = False
     if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
         config.vital.latent_input = "feedback"
+    if "attention_impl" not in config.model:  # nor before the switch: the reference einsums
+        config.model.attention_impl = "xla"
     return config
 
 

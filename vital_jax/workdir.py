@@ -20,8 +20,8 @@ from vital_jax.jsonio import read_json
 CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
 
-# Fields that may differ between runs sharing a workdir (how long / how often, not what is trained).
-RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish")
+# Fields that may differ between runs sharing a workdir (how long / how often / which kernel, not what is trained).
+RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl")
 
 
 # Fields added to the config after workdirs were written, with the value the older code behaved as. A saved

@@ -23,12 +23,46 @@ def make_attention_mask(query_slots_t: jax.Array, key_valid_bs: jax.Array) -> ja
     return causal_ts[None, :, :] & key_valid_bs[:, None, :]
 
 
+# `attention_impl` values: how the scores, softmax and weighted sum are computed (the projections, qk-norm, RoPE
+# and the cache are the same for all).
+ATTENTION_IMPLS = ("xla", "dot_product")
+
+
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, impl: str = "xla",
+           dtype=jnp.float32) -> jax.Array:
+    """softmax(q k^T / sqrt(h) + mask) v with grouped-query heads -> (B, T, N * H).
+
+    q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (query head i reads kv head i // (N // K));
+    mask (B, T, S) bool. impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype`
+    (the parity reference); "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel
+    where the backend has one (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and
+    which computes the softmax in the inputs' dtype. A query row with no visible key (left padding) gives a
+    meaningless output under either; callers mask those rows.
+    """
+    b, t, n, h = q_btnh.shape
+    kh = k_bskh.shape[2]
+    if impl == "dot_product":
+        out = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+                                           mask=mask_bts[:, None, :, :])
+        return out.reshape(b, t, n * h)
+    if impl != "xla":
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    # q head i uses kv head i // (n // kh): group the query heads by their kv head.
+    q_btkgh = q_btnh.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32) * (h ** -0.5)
+    big_neg = jnp.finfo(jnp.float32).min
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, big_neg)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n * h)
+
+
 class Attention(nn.Module):
     """Qwen3 attention: q/k/v/o without bias, RMSNorm over head_dim on q and k *before* RoPE, GQA.
 
     Inputs: x (B, T, D); cos, sin (B, T, H); mask (B, T, S) bool, S = T without a cache or the cache length.
     With `kv_cache`, the new keys/values are written at `kv_cache.index` for layer `layer_idx` and the
     queries attend over the whole cached layer. Returns (out (B, T, D), kv_cache or None).
+    `attention_impl`: see `attend` (prefill, training and every decode step use the same one).
     """
 
     num_heads: int
@@ -38,6 +72,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraConfig | None = None
+    attention_impl: str = "xla"
 
     def _proj(self, name: str, features: int) -> Linear:
         lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
@@ -61,11 +96,5 @@ class Attention(nn.Module):
             k, v = kv_cache.layer(layer_idx)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
-        # q head i uses kv head i // (n // kh): group the query heads by their kv head.
-        q_btkgh = q.reshape(b, t, kh, n // kh, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k).astype(jnp.float32) * (h ** -0.5)
-        big_neg = jnp.finfo(jnp.float32).min
-        scores = jnp.where(mask_bts[:, None, None, :, :], scores, big_neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n * h)
+        out = attend(q, k, v, mask_bts, self.attention_impl, self.dtype)
         return self._proj("o", d)(out, deterministic), kv_cache

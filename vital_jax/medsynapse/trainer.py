@@ -287,7 +287,8 @@ def configured_paths(config) -> Paths:
 def backbone_config(config, paths: Paths) -> Qwen3VLConfig:
     return Qwen3VLConfig.from_pretrained(paths.backbone_dir, dtype=config.model.dtype,
                                          param_dtype=config.model.param_dtype, remat=config.model.remat,
-                                         scan_layers=config.model.scan_layers)
+                                         scan_layers=config.model.scan_layers,
+                                         attention_impl=config.model.get("attention_impl", "xla"))
 
 
 def anatomical_encoder(config, paths: Paths):

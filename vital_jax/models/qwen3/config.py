@@ -6,6 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from vital_jax.layers.attention import ATTENTION_IMPLS
 from vital_jax.models import hf_config
 
 
@@ -18,7 +19,9 @@ class Qwen3Config:
     `scan_layers` runs the layers as one `nn.scan` over stacked parameters (`model/layers/...` with a leading
     layer axis instead of `model/layers_{i}/...`; see `params.stack_layers`), which compiles one layer instead
     of all of them and is what makes `remat` bound memory: with unrolled layers XLA may schedule every layer's
-    recomputation early, so the backward pass holds all of them at once.
+    recomputation early, so the backward pass holds all of them at once. `attention_impl` chooses how attention
+    is computed (`vital_jax.layers.attention.attend`: "xla", the reference, or "dot_product", the fused
+    `jax.nn.dot_product_attention`).
     """
 
     vocab_size: int
@@ -37,8 +40,11 @@ class Qwen3Config:
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: str = "xla"
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise hf_config.ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise hf_config.ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

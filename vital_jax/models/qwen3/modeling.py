@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         attn_out, kv_cache = Attention(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=self.lora,
-            name="self_attn",
+            attention_impl=cfg.attention_impl, name="self_attn",
         )(h, cos_bth, sin_bth, mask_bts, kv_cache, self.layer_idx, deterministic)
         x_btd = x_btd + attn_out
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x_btd)

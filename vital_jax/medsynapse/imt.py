@@ -199,23 +199,27 @@ def student_loss(backbone: Qwen3VLForConditionalGeneration, autonomous: Autonomo
     position by position, plus `memory_match` x the memory-matching error against `target_memory` (M_pri, needed
     when memory_match > 0). Returns (loss, aux) with aux = {"jsd_per_example" (B,), "memory" (B, N, D)} and, with
     a target, "memory_match_per_example" (B,)."""
-    memory = student_memory(autonomous, params["autonomous"], prompt)
-    student = _score(backbone, params["backbone"], prompt, memory, tokens, valid)
-    jsd_bt = jnp.where(valid, generalized_jsd(teacher, student, beta), 0.0)
-    per_example = jsd_bt.sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1)
-    n_valid = jnp.maximum(example_valid.sum(), 1)
-    loss = jnp.where(example_valid, per_example, 0.0).sum() / n_valid
-    aux = {"jsd_per_example": per_example, "memory": memory}
     if memory_match < 0:
         raise ValueError(f"memory_match must be >= 0, got {memory_match}")
     if memory_match > 0 and target_memory is None:
         raise ValueError("memory_match > 0 needs target_memory (M_pri)")
+    memory = student_memory(autonomous, params["autonomous"], prompt)
+    student = _score(backbone, params["backbone"], prompt, memory, tokens, valid)
+    jsd_bt = jnp.where(valid, generalized_jsd(teacher, student, beta), 0.0)
+    per_example = jsd_bt.sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1)
+    loss = valid_mean(per_example, example_valid)
+    aux = {"jsd_per_example": per_example, "memory": memory}
     if target_memory is not None:
         match = memory_match_error(memory, target_memory)
         aux["memory_match_per_example"] = match
         if memory_match > 0:
-            loss = loss + memory_match * jnp.where(example_valid, match, 0.0).sum() / n_valid
+            loss = loss + memory_match * valid_mean(match, example_valid)
     return loss, aux
+
+
+def valid_mean(per_example: jax.Array, example_valid: jax.Array) -> jax.Array:
+    """Mean of (B,) values over the valid examples (0 when there are none)."""
+    return jnp.where(example_valid, per_example, 0.0).sum() / jnp.maximum(example_valid.sum(), 1)
 
 
 def imt_loss(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
@@ -289,9 +293,9 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
     new_params = optax.apply_updates(state.params, updates)
     counted = batch.example_valid
     n_valid = jnp.maximum(counted.sum(), 1)
-    mean = lambda x: jnp.where(counted, x, 0.0).sum() / n_valid  # noqa: E731
-    metrics = {"loss": loss, "jsd": mean(aux["jsd_per_example"]),
-               "memory_match_error": mean(aux["memory_match_per_example"]), "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, "jsd": valid_mean(aux["jsd_per_example"], counted),
+               "memory_match_error": valid_mean(aux["memory_match_per_example"], counted),
+               "grad_norm": optax.tree.norm(grads),
                "trajectory_length": jnp.where(counted, lengths, 0).sum() / n_valid,
                "tokens": jnp.where(counted, lengths, 0).sum(),
                "student_memory_rms": jnp.sqrt(jnp.mean(jnp.square(aux["memory"]))),

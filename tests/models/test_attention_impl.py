@@ -1,6 +1,7 @@
 """The attention switch (`attention_impl`): "dot_product" (jax.nn.dot_product_attention) matches the reference
 einsums and transformers in float32 (max abs diff <= 1e-4), in prefill, cached decode, padding, Qwen3-VL with images
-and the VITAL latent loop; the config carries it to the text decoder only."""
+and the VITAL latent loop; the config carries it to both Qwen3-VL towers (the vision tower's per-slice attention goes
+through the same `attend`)."""
 
 import dataclasses
 
@@ -17,6 +18,7 @@ from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 from vital_jax.models.qwen3_vl import Qwen3VLConfig
 from vital_jax.models.qwen3_vl import load_params as load_vl_params
+from vital_jax.models.qwen3_vl.vision_config import Qwen3VLVisionConfig
 
 TOL = 1e-4
 
@@ -88,7 +90,7 @@ def test_qwen3_with_dot_product_attention_matches_transformers_in_prefill_decode
 def test_qwen3_vl_with_dot_product_attention_matches_transformers_with_images(tmp_path):
     hf_model = save_tiny_qwen3_vl(str(tmp_path), seed=4)
     config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="dot_product")
-    assert config.text.attention_impl == "dot_product"
+    assert config.text.attention_impl == config.vision.attention_impl == "dot_product"
     params = load_vl_params(str(tmp_path), config)
     rng = np.random.RandomState(1)
     grids = [(1, 4, 6), (1, 8, 4)]
@@ -127,11 +129,13 @@ def test_vital_latent_loop_with_dot_product_attention_equals_the_reference(tmp_p
     np.testing.assert_array_equal(np.asarray(gen[0][0]), np.asarray(gen[1][0]))
 
 
-def test_attention_impl_is_validated_and_reaches_the_text_decoder_only(tmp_path):
+def test_attention_impl_is_validated_and_reaches_both_towers(tmp_path):
     save_tiny_qwen3_vl(str(tmp_path), seed=2)
     config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="dot_product", remat=True)
-    assert config.text.attention_impl == "dot_product" and config.vision.remat
-    assert not hasattr(config.vision, "attention_impl")
+    assert config.text.attention_impl == config.vision.attention_impl == "dot_product" and config.vision.remat
+    assert Qwen3VLConfig.from_pretrained(str(tmp_path)).vision.attention_impl == "xla"
     with pytest.raises(ConfigError, match="attention_impl='flash' is not one of"):
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="flash")
+    with pytest.raises(ConfigError, match="vision_config.*attention_impl='flash' is not one of"):
+        Qwen3VLVisionConfig.from_pretrained(str(tmp_path), attention_impl="flash")
     assert ATTENTION_IMPLS == ("xla", "dot_product")

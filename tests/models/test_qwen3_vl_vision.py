@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -151,11 +153,14 @@ def test_padded_form_matches_hf_and_compiles_once(tower):
     assert len(traces) == 1
 
 
-def test_slices_attend_within_themselves_and_match_hf(tower):
+@pytest.mark.parametrize("attention_impl", ["xla", "dot_product"])
+def test_slices_attend_within_themselves_and_match_hf(tower, attention_impl):
     """Two slices of 48 patches (each padded), as `distributed.global_vital_batch` packs two batch shards:
     attention per slice gives HF's features for the real patches of each. The slices reuse segment ids 1, 2 on
-    purpose: only attention restricted to each slice keeps them apart (one global mask would mix them)."""
+    purpose: only attention restricted to each slice keeps them apart (one global mask would mix them). Both
+    attention implementations (the `attention_impl` switch) give HF's numbers."""
     hf, config, params, _ = tower
+    config = dataclasses.replace(config, attention_impl=attention_impl)
     grids = [((1, 4, 6), (1, 4, 4)), ((1, 8, 4),)]
     slices, real = [], []
     for seed, grid in enumerate(grids):

@@ -35,9 +35,8 @@ class Qwen3VLConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLConfig":
-        """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat) apply to both towers;
-        `scan_layers` and `attention_impl` only to the text decoder (the frozen vision tower has no backward pass
-        to bound, and its per-image attention is its own)."""
+        """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat, attention_impl) apply to both
+        towers; `scan_layers` only to the text decoder (the frozen vision tower has no backward pass to bound)."""
         hf_config.check_model_type(cfg, ("qwen3_vl",), source)
         text_cfg = dict(cfg["text_config"])
         # transformers keeps tie_word_embeddings at the top level of the composite config.
@@ -46,8 +45,7 @@ class Qwen3VLConfig:
             text_cfg["eos_token_id"] = cfg["eos_token_id"]
         rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
         text = Qwen3Config.from_hf_dict(text_cfg, f"{source}:text_config", ("qwen3_vl_text",), **overrides)
-        # The vision tower attends per image with its own module (no attention_impl yet).
-        vision_overrides = {k: v for k, v in overrides.items() if k not in ("scan_layers", "attention_impl")}
+        vision_overrides = {k: v for k, v in overrides.items() if k != "scan_layers"}
         vision = Qwen3VLVisionConfig.from_hf_dict(cfg["vision_config"], f"{source}:vision_config",
                                                   **vision_overrides)
         return cls(

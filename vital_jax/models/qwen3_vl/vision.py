@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vital_jax.layers.attention import attend
 from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
 from vital_jax.layers.norms import LayerNorm
@@ -147,11 +148,13 @@ class VisionAttention(nn.Module):
     """Non-causal MHA with fused qkv (bias), 2-D rotary applied in float32, masked by segment id.
 
     x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) -> (N, D).
+    Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the text decoder.
     """
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x_nd, cos_nh, sin_nh, mask_snn):
@@ -164,10 +167,7 @@ class VisionAttention(nn.Module):
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
-        scores = jnp.einsum("snkh,smkh->sknm", q, k).astype(jnp.float32) * (head_dim ** -0.5)
-        scores = jnp.where(mask_snn[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out_nd = jnp.einsum("sknm,smkh->snkh", probs, v).reshape(n, d)
+        out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)
 
 
@@ -198,8 +198,8 @@ class VisionBlock(nn.Module):
         cfg = self.config
         norm = dict(eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(**norm, name="norm1")(x_nd)
-        x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, name="attn")(h, cos_nh, sin_nh,
-                                                                                              mask_snn)
+        x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, cfg.attention_impl,
+                                        name="attn")(h, cos_nh, sin_nh, mask_snn)
         h = LayerNorm(**norm, name="norm2")(x_nd)
         return x_nd + VisionMLP(cfg.intermediate_size, cfg.gelu_approximate, cfg.dtype, cfg.param_dtype,
                                 name="mlp")(h)

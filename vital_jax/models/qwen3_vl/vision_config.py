@@ -7,6 +7,7 @@ import math
 
 import jax.numpy as jnp
 
+from vital_jax.layers.attention import ATTENTION_IMPLS
 from vital_jax.models import hf_config
 
 # HF activation names -> whether the tanh approximation of GELU is used.
@@ -19,6 +20,8 @@ class Qwen3VLVisionConfig:
 
     `dtype` is the activation dtype of the blocks and mergers; patch embedding, position embeddings, rotary
     tables, norms and softmax are always computed in float32. `param_dtype` is the storage dtype.
+    `attention_impl` is the same switch as the text decoder's (`vital_jax.layers.attention.attend`): each slice of
+    packed patches is one attention "batch" row with its block-diagonal (per-image) mask.
     """
 
     depth: int
@@ -38,9 +41,12 @@ class Qwen3VLVisionConfig:
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention_impl: str = "xla"
 
     def __post_init__(self):
         problems = []
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         elif self.head_dim % 4:

@@ -1,5 +1,5 @@
-"""CI smoke test of the benchmarks (MedSynapse-V's and the train-step profile): the `--quick` variant of each runs
-to its final report line.
+"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the peer inference comparison): the
+`--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -64,3 +64,13 @@ def test_profile_train_step_quick_attributes_the_step_to_model_parts():
     assert abs(sum(shares) - 100.0) < 1.0, rows
     assert re.fullmatch(rf"summed op time {NUMBER} ms per step; wall {NUMBER} ms per step \(ratio {NUMBER}\)",
                         lines[-1]), lines[-1]
+
+
+def test_peer_inference_quick_checks_both_sides_answer_alike_and_prints_the_ratios():
+    """The script exits non-zero when vital_jax's first answer tokens differ from transformers' (same weights)."""
+    lines = run_quick("peer_inference")
+    for k in (0, 4):
+        assert any(re.match(rf"K={k}: vital_jax +{NUMBER} ms \(compile {NUMBER} s\) +transformers +{NUMBER} ms +"
+                            rf"ratio {NUMBER}x$", line) for line in lines), (k, lines)
+    assert re.fullmatch(rf"latent overhead K=4 / K=0: vital_jax {NUMBER}, transformers {NUMBER}", lines[-2]), lines
+    assert re.fullmatch(rf"ratio at K=4 \(transformers / vital_jax\): {NUMBER}x", lines[-1]), lines

@@ -16,6 +16,7 @@ parameters only (with global-norm clipping, as `trainable.make_optimizer`), back
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import tempfile
@@ -38,61 +39,84 @@ from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
 
 IMG, VS, VE = 190, 188, 189
-B, K, GRID, ANSWER, STEP, ROI_DIM, RANK = 2, 4, (1, 8, 8), 8, 8, 32, 8
 LR, WD, CLIP = 1e-4, 0.01, 1.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_hf(path: str):
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The model and batch both sides train (the defaults are this script's tiny step; `peer_train_step` sets the
+    issue-#16 sizes). Text token ids are drawn from [0, 180) whatever the vocabulary (190/188/189 are the image
+    tokens)."""
+
+    batch: int = 2
+    latent_steps: int = 4
+    grid: tuple[int, int, int] = (1, 8, 8)
+    answer: int = 8
+    step_chain: int = 8
+    roi_dim: int = 32
+    lora_rank: int = 8
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_head_dim: int = 32
+    mrope_section: tuple[int, int, int] = (8, 4, 4)  # sums to text_head_dim / 2
+    vocab: int = 200
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    decoder_hidden: int = 64
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    decoder_head_dim: int = 16
+
+
+def build_hf(path: str, sizes: Sizes = Sizes()):
     backbone = save_tiny_qwen3_vl(
         f"{path}/backbone", seed=3,
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4],
-                                   "mrope_interleaved": True}),
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4))
-    decoder = save_tiny_qwen3(f"{path}/decoder", seed=4, vocab_size=200, hidden_size=64, head_dim=16,
-                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+        text=dict(vocab_size=sizes.vocab, hidden_size=sizes.text_hidden, intermediate_size=2 * sizes.text_hidden,
+                  num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
+                  num_key_value_heads=sizes.text_kv_heads, head_dim=sizes.text_head_dim,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                   "mrope_section": list(sizes.mrope_section), "mrope_interleaved": True}),
+        vision=dict(depth=sizes.vision_depth, hidden_size=sizes.vision_hidden,
+                    intermediate_size=2 * sizes.vision_hidden, num_heads=sizes.vision_heads,
+                    deepstack_visual_indexes=list(range(min(2, sizes.vision_depth)))))
+    decoder = save_tiny_qwen3(f"{path}/decoder", seed=4, vocab_size=200, hidden_size=sizes.decoder_hidden,
+                              head_dim=sizes.decoder_head_dim, num_hidden_layers=sizes.decoder_layers,
+                              num_attention_heads=sizes.decoder_heads, num_key_value_heads=sizes.decoder_heads // 2,
+                              intermediate_size=2 * sizes.decoder_hidden)
     return backbone, decoder
 
 
-def synthetic(patch_dim: int, seed: int = 0) -> dict:
+def synthetic(patch_dim: int, seed: int = 0, sizes: Sizes = Sizes()) -> dict:
     """Equal-length prompts (no padding), every example with K latent steps and full chains."""
+    b, k, grid = sizes.batch, sizes.latent_steps, sizes.grid
     rng = np.random.RandomState(seed)
-    n_img = int(np.prod(GRID)) // 4
+    n_img = int(np.prod(grid)) // 4
     rows = [list(rng.randint(0, 180, 5)) + [VS] + [IMG] * n_img + [VE] + list(rng.randint(0, 180, 9))
-            for _ in range(B)]
+            for _ in range(b)]
     prompt = np.asarray(rows, np.int32)
-    roi = rng.randn(B, ROI_DIM).astype(np.float32)
+    roi = rng.randn(b, sizes.roi_dim).astype(np.float32)
     return dict(prompt_ids=prompt, prompt_valid=np.ones(prompt.shape, bool),
-                pixel_patches=rng.randn(B * int(np.prod(GRID)), patch_dim).astype(np.float32),
-                image_grid_thw=np.asarray([GRID] * B, np.int32),
-                answer_ids=rng.randint(0, 180, (B, ANSWER)).astype(np.int32),
-                answer_valid=np.ones((B, ANSWER), bool), latent_steps=np.full((B,), K, np.int32),
-                step_ids=rng.randint(0, 180, (B, K, STEP)).astype(np.int32),
-                step_valid=np.ones((B, K, STEP), bool),
-                roi_feature=roi / np.linalg.norm(roi, axis=1, keepdims=True), example_valid=np.ones((B,), bool))
-
-
-def time_steps(step, n: int) -> tuple[float, float]:
-    """(first call seconds, median seconds of the next n calls)."""
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
+                pixel_patches=rng.randn(b * int(np.prod(grid)), patch_dim).astype(np.float32),
+                image_grid_thw=np.asarray([grid] * b, np.int32),
+                answer_ids=rng.randint(0, 180, (b, sizes.answer)).astype(np.int32),
+                answer_valid=np.ones((b, sizes.answer), bool), latent_steps=np.full((b,), k, np.int32),
+                step_ids=rng.randint(0, 180, (b, k, sizes.step_chain)).astype(np.int32),
+                step_valid=np.ones((b, k, sizes.step_chain), bool),
+                roi_feature=roi / np.linalg.norm(roi, axis=1, keepdims=True), example_valid=np.ones((b,), bool))
 
 
 # --------------------------------------------------------------------------------------------------- JAX
-def jax_step(path: str, data: dict):
-    backbone_config = Qwen3VLConfig.from_pretrained(f"{path}/backbone")
-    decoder_config = Qwen3Config.from_pretrained(f"{path}/decoder")
-    model = VitalModel(VitalConfig(k_max=K, roi_dim=ROI_DIM, lora=LoraConfig(RANK, 2.0 * RANK, 0.05)),
-                       backbone_config, decoder_config)
+def jax_step(path: str, data: dict, sizes: Sizes = Sizes(), **model_overrides):
+    """model_overrides: Qwen3VLConfig / Qwen3Config fields (e.g. attention_impl) for both models."""
+    backbone_config = Qwen3VLConfig.from_pretrained(f"{path}/backbone", **model_overrides)
+    decoder_config = Qwen3Config.from_pretrained(f"{path}/decoder", **model_overrides)
+    rank = sizes.lora_rank
+    model = VitalModel(VitalConfig(k_max=sizes.latent_steps, roi_dim=sizes.roi_dim,
+                                   lora=LoraConfig(rank, 2.0 * rank, 0.05)), backbone_config, decoder_config)
     params = model.init_params(jax.random.PRNGKey(0), load_params(f"{path}/backbone", backbone_config),
                                load_qwen3(f"{path}/decoder", decoder_config))
     train_params, _ = trainable.split(params, trainable.trainable_mask(params))
@@ -149,14 +173,32 @@ def add_lora(backbone, rank: int, alpha: float, dropout: float) -> None:
                     setattr(parent, name, LoraLinear(getattr(parent, name), rank, alpha, dropout))
 
 
-def torch_step(backbone, decoder, data: dict):
+def add_peft_lora(backbone, rank: int, alpha: float, dropout: float):
+    """The same adapters through peft (what a PyTorch user of VITAL writes): LoRA on the 7 projections of the text
+    decoder's layers only (the regex keeps peft away from the vision tower's `mlp` linears). Returns the peft
+    model, whose base model is `backbone` with its linears wrapped."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = "|".join(LORA_TARGETS)
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                            target_modules=rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({targets})")
+    return get_peft_model(backbone, config)
+
+
+def torch_step(backbone, decoder, data: dict, sizes: Sizes = Sizes(), lora: str = "plain"):
+    """lora: "plain" (this file's LoraLinear) or "peft" (`add_peft_lora`)."""
     from transformers import DynamicCache
 
+    B, K, ANSWER, STEP, RANK = sizes.batch, sizes.latent_steps, sizes.answer, sizes.step_chain, sizes.lora_rank
     torch.manual_seed(0)
     backbone.requires_grad_(False)
-    add_lora(backbone, RANK, 2.0 * RANK, 0.05)
+    if lora == "peft":
+        add_peft_lora(backbone, RANK, 2.0 * RANK, 0.05)  # wraps backbone's linears in place
+    else:
+        add_lora(backbone, RANK, 2.0 * RANK, 0.05)
     d, d_dec = backbone.config.text_config.hidden_size, decoder.config.hidden_size
-    pj_in, vp = nn.Linear(d, d_dec), TorchVisualProjector(d, ROI_DIM)
+    pj_in, vp = nn.Linear(d, d_dec), TorchVisualProjector(d, sizes.roi_dim)
     modules = [backbone, decoder, pj_in, vp]
     for m in modules:
         m.train()
@@ -213,6 +255,41 @@ def torch_step(backbone, decoder, data: dict):
     return run, holder, sum(p.numel() for p in params)
 
 
+def compare(sizes: Sizes, steps: int, lora: str = "plain", **model_overrides) -> float:
+    """Build both sides at `sizes`, time `steps` train steps of each (after a first call that compiles / warms
+    up; the two alternate step by step, so background load hits both alike), print one line per side and the
+    ratio last; returns the ratio (torch seconds per step / jax seconds per step)."""
+    with tempfile.TemporaryDirectory() as path:
+        hf_backbone, hf_decoder = build_hf(path, sizes)
+        vis = hf_backbone.config.vision_config
+        data = synthetic(vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2, sizes=sizes)
+        j_run, j_out = jax_step(path, data, sizes, **model_overrides)
+        t_run, t_out, n_train = torch_step(hf_backbone, hf_decoder, data, sizes, lora)
+    b = sizes.batch
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, K {sizes.latent_steps}, prompt "
+          f"{data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, step chains {sizes.step_chain}; "
+          f"{n_train:,} trainable params (LoRA r={sizes.lora_rank} + decoder + heads)")
+    first = {}
+    for name, run in (("jax", j_run), ("torch", t_run)):
+        t0 = time.perf_counter()
+        run()
+        first[name] = time.perf_counter() - t0
+    times = {"jax": [], "torch": []}
+    for _ in range(steps):
+        for name, run in (("jax", j_run), ("torch", t_run)):
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    j_s, t_s = float(np.median(times["jax"])), float(np.median(times["torch"]))
+    print(f"jax   train step: first call (compile) {first['jax']:.1f}s, then {j_s * 1e3:.1f} ms/step "
+          f"(median of {steps}) = {b / j_s:.1f} samples/s; loss {j_out['loss']:.3f}")
+    print(f"torch train step: first call {first['torch']:.2f}s, then {t_s * 1e3:.1f} ms/step "
+          f"(median of {steps}) = {b / t_s:.1f} samples/s; loss {t_out['loss']:.3f}")
+    print(f"ratio jax/torch samples/s: {t_s / j_s:.2f}x")
+    return t_s / j_s
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
@@ -220,22 +297,7 @@ def main():
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    with tempfile.TemporaryDirectory() as path:
-        hf_backbone, hf_decoder = build_hf(path)
-        vis = hf_backbone.config.vision_config
-        data = synthetic(vis.in_channels * vis.temporal_patch_size * vis.patch_size ** 2)
-        j_run, j_out = jax_step(path, data)
-        t_run, t_out, n_train = torch_step(hf_backbone, hf_decoder, data)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); batch {B}, K {K}, prompt {data['prompt_ids'].shape[1]} tokens, "
-          f"answer {ANSWER}, step chains {STEP}; {n_train:,} trainable params (LoRA r={RANK} + decoder + heads)")
-    j_first, j_s = time_steps(j_run, args.steps)
-    t_first, t_s = time_steps(t_run, args.steps)
-    print(f"jax   train step: first call (compile) {j_first:.1f}s, then {j_s * 1e3:.1f} ms/step "
-          f"(median of {args.steps}) = {B / j_s:.1f} samples/s; loss {j_out['loss']:.3f}")
-    print(f"torch train step: first call {t_first:.2f}s, then {t_s * 1e3:.1f} ms/step "
-          f"(median of {args.steps}) = {B / t_s:.1f} samples/s; loss {t_out['loss']:.3f}")
-    print(f"ratio jax/torch samples/s: {t_s / j_s:.2f}x")
+    compare(Sizes(), args.steps)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the peer inference comparison): the
+"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons): the
 `--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
@@ -74,3 +74,11 @@ def test_peer_inference_quick_checks_both_sides_answer_alike_and_prints_the_rati
                             rf"ratio {NUMBER}x$", line) for line in lines), (k, lines)
     assert re.fullmatch(rf"latent overhead K=4 / K=0: vital_jax {NUMBER}, transformers {NUMBER}", lines[-2]), lines
     assert re.fullmatch(rf"ratio at K=4 \(transformers / vital_jax\): {NUMBER}x", lines[-1]), lines
+
+
+def test_peer_train_step_quick_trains_both_sides_with_peft_adapters_and_prints_the_ratio():
+    lines = run_quick("peer_train_step")
+    assert any("LoRA: peft" in line for line in lines), lines
+    assert re.match(rf"jax +train step: first call \(compile\) {NUMBER}s, then {NUMBER} ms/step", lines[-3]), lines
+    assert re.match(rf"torch train step: first call {NUMBER}s, then {NUMBER} ms/step", lines[-2]), lines
+    assert re.fullmatch(rf"ratio jax/torch samples/s: {NUMBER}x", lines[-1]), lines

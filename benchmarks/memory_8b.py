@@ -7,7 +7,10 @@ compute, decoder layers as one `nn.scan` (`scan_layers`, as configs/vital_qwen3v
 layers and the latent steps (`--loop_layers` compiles the unrolled form instead, whose remat does not bound
 memory: XLA schedules every layer's recomputation early). Two layouts: FSDP over 8 (mesh (1, 8, 1)) and data
 parallel (mesh (8, 1, 1)). Global batch 8 (1 per device), prompt 1024 tokens incl. one 448x448 image (196 tokens),
-answer 32, step chains 64 tokens.
+answer 32, step chains 64 tokens. Each compiled program also reports its executed matmul FLOPs
+(`benchmarks.xla_flops`: every dot of every device's program, scan bodies times their trip counts) against the
+model FLOPs of `vital.accounting.train_step_flops`: the ratio shows recompute (remat re-runs each layer's forward:
+4N -> 6N per token for the frozen backbone, 6N -> 8N for adapters) and any hidden waste.
 
     python -m benchmarks.memory_8b                     # full depth (36 + 28 layers; ~2-3 min per mesh)
     python -m benchmarks.memory_8b --layers 2 4        # compile truncated models and extrapolate per layer
@@ -40,13 +43,13 @@ import functools  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import xla_memory  # noqa: E402
+from benchmarks import xla_flops, xla_memory  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import distributed, sharding  # noqa: E402
 from vital_jax.layers.linear import LoraConfig  # noqa: E402
 from vital_jax.models.qwen3.config import Qwen3Config  # noqa: E402
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig  # noqa: E402
-from vital_jax.vital import trainable  # noqa: E402
+from vital_jax.vital import accounting, trainable  # noqa: E402
 from vital_jax.vital.config import VitalConfig  # noqa: E402
 from vital_jax.vital.model import VitalModel  # noqa: E402
 from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E402
@@ -54,6 +57,7 @@ from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E40
 GIB = 2**30
 H100_BYTES = 80e9  # "80 GB" H100; ~79.1 GiB usable, less the CUDA context and XLA's reserve
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+FLOP_FIELDS = ("matmul_flops", "model_flops")  # global, per step
 FULL_BACKBONE_LAYERS, FULL_DECODER_LAYERS = 36, 28
 
 
@@ -93,7 +97,13 @@ def compile_memory(args, mesh_shape, backbone_layers: int, decoder_layers: int) 
     args_abstract = (abstract(state, state_sh), abstract(frozen, frozen_sh), abstract(batch, batch_sh))
     step = jax.jit(functools.partial(train_step, model, optimizer), donate_argnums=(0,),
                    in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None))
-    return xla_memory.compile_measured(step, args_abstract, FIELDS, mesh)[1]
+    compiled, measured = xla_memory.compile_measured(step, args_abstract, FIELDS, mesh)
+    # Executed dots of every device's program (each computes its shards) against the model FLOPs of the step.
+    measured["matmul_flops"] = xla_flops.matmul_flops(compiled.as_text()) * mesh.size
+    measured["model_flops"] = accounting.train_step_flops(
+        model, accounting.account(model), args.batch, args.prompt_len, args.batch * 28 * 28, args.answer_len,
+        args.step_len)
+    return measured
 
 
 def peak(m: dict) -> float:
@@ -106,7 +116,7 @@ def fit(points: dict, target: tuple[int, int]) -> dict:
     keys = list(points)
     a = np.array([[1.0, lb, ld] for lb, ld in keys])
     out = {}
-    for f in FIELDS:
+    for f in FIELDS + FLOP_FIELDS:
         coef = np.linalg.solve(a, np.array([points[k][f] for k in keys]))
         out[f] = float(coef @ np.array([1.0, *target]))
         out[f"{f}_per_backbone_layer"], out[f"{f}_per_decoder_layer"] = float(coef[1]), float(coef[2])
@@ -120,6 +130,8 @@ def report(name: str, m: dict, note: str = "") -> None:
           f"alias {m['alias'] / GIB:6.2f} GiB | temp {m['temp'] / GIB:6.2f} GiB | code "
           f"{m['generated_code'] / 2**20:5.1f} MiB -> peak {p / GIB:6.2f} GiB/device: {fits} in an 80 GB H100"
           f" (headroom {(H100_BYTES - p) / GIB:+.1f} GiB){note}")
+    print(f"    executed matmul FLOPs {m['matmul_flops']:.4g} = {m['matmul_flops'] / m['model_flops']:.2f}x the model "
+          f"FLOPs of vital.accounting ({m['model_flops']:.4g}, which count no remat recompute)")
 
 
 def main():

@@ -26,13 +26,11 @@ def get_config(variant: str = ""):
                                             split_counts=(200, 20, 80)))
     # "run": pretrain with `pretrain` into the workdir; "shipped": the pair in vital_jax/assets/phantom_vlm (made
     # by that same recipe).
-    # Sizes: 200 training phantoms (~3,900 questions), 3 epochs. On 2 CPU cores this is over the issue's 2-hour
-    # budget (3.2 h measured before the compilation cache, which saves ~50 s of the 52 runs' each: ~2.5 h); both
-    # ways of cutting it
-    # lost the signal the study exists to measure, SFT at K = 0 above the text-only control (closed accuracy, 3
-    # seeds): 120 phantoms x 3 epochs 33.7 vs 35.3 %, 200 phantoms x 2 epochs 35.3 vs 38.6 %, while these sizes
-    # give 51.2 +- 1.3 vs 39.3 +- 0.9 % (same code, ~190 s per run). The budget needs a faster train step (issue
-    # #16), not a smaller study.
+    # Sizes: 200 training phantoms (~3,900 questions), 3 epochs. The full study took 138 min on 2 CPU cores
+    # (docs/results/phantom_study), over the issue's 2-hour budget; both ways of cutting it lost the signal the
+    # study exists to measure, SFT at K = 0 above the text-only control (closed accuracy, 3 seeds): 120 phantoms x
+    # 3 epochs 33.7 vs 35.3 %, 200 phantoms x 2 epochs 35.3 vs 38.6 %, while these sizes give 50.9 +- 1.6 vs
+    # 39.6 +- 1.4 %. The rest of the budget needs a faster train step (issue #16), not a smaller study.
     c.pretrained = "run"
     c.pretrain = pretrain_phantom.get_config()
     # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).

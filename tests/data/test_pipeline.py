@@ -270,3 +270,43 @@ def test_blind_images_keep_the_tokens_and_erase_the_pixels(dataset):
         np.testing.assert_array_equal(seen[key], blind[key])
     assert seen["pixel_patches"].shape == blind["pixel_patches"].shape
     assert np.abs(seen["pixel_patches"]).max() > 0 and np.abs(blind["pixel_patches"]).max() == 0
+
+
+def test_the_roi_arrays_load_once_however_many_threads_read_the_first_items(dataset, monkeypatch):
+    """grain reads items from several threads; the lazy np.load of the ROI arrays happens once, under a lock
+    (np.load parses headers with ast.literal_eval, which CPython 3.11.7 cannot run in two threads at once), and the
+    source still pickles for worker processes (without its arrays or its lock)."""
+    import pickle
+    import threading
+    import time
+
+    from vital_jax.data import records as records_lib
+
+    data_dir, _, written = dataset
+    calls = []
+    real = records_lib.load_roi_arrays
+
+    def slow_load(path):
+        calls.append(threading.get_ident())
+        time.sleep(0.05)  # wide enough a window for every thread to arrive while the first one loads
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "load_roi_arrays", slow_load)
+    source = pipeline.RecordDataSource(data_dir, [(i, r, True) for i, r in enumerate(written)])
+    items, start = {}, threading.Barrier(8)
+
+    def read(i):
+        start.wait()
+        items[i] = source[i % len(written)]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(items) == 8
+    roi = real(data_dir)["features"]
+    for i, item in items.items():
+        np.testing.assert_array_equal(item["roi_feature"], roi[written[i % len(written)].roi_index])
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._roi_features is None and copy[0]["record_index"] == 0 and len(calls) == 2

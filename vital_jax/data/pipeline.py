@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -160,7 +161,9 @@ class RecordDataSource:
     (+ global_feature (dv,) float32 with `global_feature`).
 
     `entries` are (row in records.jsonl, record, valid) triples; the ROI arrays are memory-mapped on first access
-    (in each worker process, not pickled).
+    (in each worker process, not pickled), under a lock: grain reads items from several threads, and `np.load`
+    parses each .npy header with `ast.literal_eval`, which CPython 3.11 (before 3.11.8) cannot run in two threads
+    at once ("SystemError: AST constructor recursion depth mismatch").
     """
 
     def __init__(self, data_dir: str, entries: Sequence[tuple[int, Record, bool]], global_feature: bool = False):
@@ -169,22 +172,28 @@ class RecordDataSource:
         self.global_feature = global_feature
         self._roi_features = None
         self._global_features = None
+        self._load_lock = threading.Lock()
+
+    def _load_arrays(self) -> None:
+        with self._load_lock:
+            if self._roi_features is None:
+                self._roi_features = load_roi_arrays(self.data_dir)["features"]
+            if self.global_feature and self._global_features is None:
+                self._global_features = load_global_features(self.data_dir)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
         row, record, valid = self.entries[index]
-        if self._roi_features is None:
-            self._roi_features = load_roi_arrays(self.data_dir)["features"]
+        if self._roi_features is None or (self.global_feature and self._global_features is None):
+            self._load_arrays()
         feature = np.asarray(self._roi_features[record.roi_index], np.float32)
         if not np.isfinite(feature).all():
             raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): ROI feature row {record.roi_index} "
                                 f"is not finite")
         item = dict(record_index=row, record=record, roi_feature=feature, example_valid=valid)
         if self.global_feature:
-            if self._global_features is None:
-                self._global_features = load_global_features(self.data_dir)
             item["global_feature"] = np.asarray(self._global_features[record.roi_index], np.float32)
             if not np.isfinite(item["global_feature"]).all():
                 raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): global feature row "
@@ -192,7 +201,13 @@ class RecordDataSource:
         return item
 
     def __getstate__(self):
-        return dict(self.__dict__, _roi_features=None, _global_features=None)
+        state = dict(self.__dict__, _roi_features=None, _global_features=None)
+        del state["_load_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RecordDataSource({self.data_dir!r}, {len(self.entries)} records)"

@@ -18,7 +18,6 @@ timed programs are known to compute the same thing. Timings are the best of `--r
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
@@ -26,10 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks.qwen3_vl_latency import IMAGE, _build, _prompt
+from benchmarks.qwen3_vl_latency import IMAGE, build_models_and_prompt
 from vital_jax.generation import SamplingConfig
-from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, load_params
-from vital_jax.models.qwen3_vl.preprocessing import preprocess_image
 from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
 
@@ -95,17 +92,8 @@ def main(argv=None):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    path = tempfile.mkdtemp()
-    hf_model = _build(path, args)
-    config = Qwen3VLConfig.from_pretrained(path)
-    params = jax.device_put(load_params(path, config))
-    backbone = Qwen3VLForConditionalGeneration(config)
-
-    rng = np.random.RandomState(0)
-    image = rng.randint(0, 256, (args.image, args.image, 3), dtype=np.uint8)
-    patches, grid = preprocess_image(image)
-    grid = tuple(int(g) for g in grid)
-    ids = _prompt(rng, patches.shape[0] // config.merge_unit, args.text, args.vocab).astype(np.int32)
+    hf_model, config, params, backbone, patches, grid, ids = build_models_and_prompt(args)
+    ids = ids.astype(np.int32)
     prefix = prefix_inputs(ids, np.ones(ids.shape, bool), np.asarray([grid]), patches, config)
     sampling = SamplingConfig(max_new_tokens=args.answer)
     infer = jax.jit(lambda bp, pre, kk, slots: latent.generate_answer(backbone, bp, pre, kk, slots, sampling)[0],

@@ -85,6 +85,21 @@ def _prompt(rng, image_tokens, text_tokens, vocab):
                            [VISION_END], rng.randint(FIRST_TEXT_ID, vocab, text_tokens - half)])[None]
 
 
+def build_models_and_prompt(args):
+    """The random checkpoint at `args`' sizes, in transformers and in vital_jax, and one prompt around one random
+    `args.image`-pixel image: (hf_model, config, params, Flax model, pixel patches, grid (t, h, w), ids (1, L))."""
+    path = tempfile.mkdtemp()
+    hf_model = _build(path, args)
+    config = Qwen3VLConfig.from_pretrained(path)
+    params = jax.device_put(load_params(path, config))
+    rng = np.random.RandomState(0)
+    image = rng.randint(0, 256, (args.image, args.image, 3), dtype=np.uint8)
+    patches, grid = preprocess_image(image)
+    ids = _prompt(rng, patches.shape[0] // config.merge_unit, args.text, args.vocab)
+    return (hf_model, config, params, Qwen3VLForConditionalGeneration(config), patches,
+            tuple(int(g) for g in grid), ids)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=256)
@@ -101,17 +116,8 @@ def main():
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    path = tempfile.mkdtemp()
-    hf_model = _build(path, args)
-    config = Qwen3VLConfig.from_pretrained(path)
-    params = jax.device_put(load_params(path, config))
-    model = Qwen3VLForConditionalGeneration(config)
-
-    rng = np.random.RandomState(0)
-    image = rng.randint(0, 256, (args.image, args.image, 3), dtype=np.uint8)
-    patches, grid = preprocess_image(image)
-    grids = [tuple(int(g) for g in grid)]
-    ids = _prompt(rng, patches.shape[0] // config.merge_unit, args.text, args.vocab)
+    hf_model, config, params, model, patches, grid, ids = build_models_and_prompt(args)
+    grids = [grid]
     positions, delta = get_rope_index(ids, None, grids, IMAGE)
     max_len = ids.shape[1] + args.steps + 1
     vis = vision_inputs(grids, config.vision)

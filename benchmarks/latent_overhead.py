@@ -25,7 +25,7 @@ from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
 
 
-def _best_ms(fns: dict, rounds: int) -> dict:
+def best_ms(fns: dict, rounds: int) -> dict:
     """Best-of-N wall time of each function, the functions interleaved round by round so that load from other
     processes affects them alike (the minimum is the least disturbed run)."""
     best = {name: float("inf") for name in fns}
@@ -78,7 +78,7 @@ def main():
         fns[("shared", k)] = lambda kk=kk: infer(params, prefix, kk, k_max)
     for fn in fns.values():
         jax.block_until_ready(fn())  # compile, and a warm-up run
-    best = _best_ms(fns, args.repeats)
+    best = best_ms(fns, args.repeats)
     latencies = {k: best[("per_k", k)] for k in range(k_max + 1)}
     shared = {k: best[("shared", k)] for k in range(k_max + 1)}
 
@@ -99,7 +99,7 @@ def main():
     tok = jnp.zeros((1, 1), jnp.int32)
     jax.block_until_ready(latent_step(params, kv, z0))
     jax.block_until_ready(decode_step(params, kv, tok))
-    steps = _best_ms({"latent": lambda: latent_step(params, kv, z0)[0],
+    steps = best_ms({"latent": lambda: latent_step(params, kv, z0)[0],
                       "decode": lambda: decode_step(params, kv, tok)[0]}, args.repeats * 4)
     t_latent, t_decode = steps["latent"], steps["decode"]
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks.latent_overhead import best_ms
 from benchmarks.qwen3_vl_latency import IMAGE, build_models_and_prompt
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
@@ -59,17 +60,6 @@ def torch_generate(hf_model, ids: np.ndarray, patches: np.ndarray, grid: tuple, 
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     return tokens
-
-
-def _best_ms(fns: dict, repeats: int) -> dict:
-    """Best-of-N wall milliseconds per function, the functions interleaved so background load hits them alike."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def main(argv=None):
@@ -112,7 +102,7 @@ def main(argv=None):
             raise SystemExit(f"K={k}: vital_jax answered {list(ours)} but transformers {theirs}")
         fns[("vital_jax", k)] = lambda kk=kk, k=k: jax.block_until_ready(infer(params, prefix, kk, k))
         fns[("transformers", k)] = lambda k=k: torch_generate(hf_model, ids, patches, grid, k, args.answer)
-    best = _best_ms(fns, args.repeats)
+    best = best_ms(fns, args.repeats)
 
     print(f"config: text {args.hidden} x {args.layers} layers, vision {args.vision_hidden} x {args.vision_depth}, "
           f"{args.image}x{args.image} image ({patches.shape[0] // config.merge_unit} tokens), prompt {ids.shape[1]} "

@@ -25,7 +25,11 @@ def test_mcnemar_is_the_exact_binomial_test():
     assert study.mcnemar(a, {"0": False})["a_only"] == 1
 
 
-def test_rows_edit_the_training_config_as_described():
+def test_rows_edit_the_training_config_as_described(monkeypatch):
+    from vital_jax import train as train_lib
+
+    # The curriculum's optimizer steps per phase on this (pretend) data: the mix rows stop after their sum.
+    monkeypatch.setattr(train_lib, "phase_steps", lambda c, data_dir, capped=True: [10, 20, 30])
     config = study_config.get_config()
     models = {"backbone_dir": "/b", "decoder_dir": "/d"}
     edit = lambda row: study.run_config(config, row, 3, "/data", models)  # noqa: E731
@@ -33,7 +37,9 @@ def test_rows_edit_the_training_config_as_described():
     assert base.seed == 3 and base.model.backbone_dir == "/b" and base.data.data_dir == "/data"
     assert (base.vital.lambda_text, base.vital.lambda_visual) == (1.0, 0.1)
     assert base.curriculum.max_k == (1, 2, 4) and base.vital.latent_input == "feedback"
-    assert edit("backbone").optimizer.lr == 0.0
+    assert edit("backbone").optimizer.lr == 0.0 and edit("backbone").curriculum.max_steps == 1
+    assert base.curriculum.max_steps == edit("sft_k0").curriculum.max_steps == edit("k2").curriculum.max_steps == 0
+    assert [edit(f"mix_k{k}").curriculum.max_steps for k in (1, 2, 3, 4)] == [60] * 4
     sft = edit("sft_k0")
     assert sft.vital.latent_steps_cap == 0 and sft.curriculum.max_k == (4,)
     # Without the curriculum: one phase of the curriculum's total epochs, or of `epochs_without_curriculum` when
@@ -58,6 +64,17 @@ def test_rows_edit_the_training_config_as_described():
     assert ms.method == "medsynapse" and ms.model.backbone_dir == ms.model.tokenizer_dir == "/sft"
     assert ms.medsynapse.stages == ("warmup", "ccr", "imt") and ms.medsynapse.sampler.num_heads == 4
     assert ms.seed == 3 and ms.data.data_dir == "/data"
+
+
+def test_parallel_jobs_keep_each_seeds_medsynapse_rows_together_after_its_sft_run():
+    plan = [("backbone", 0), ("sft_k0", 0), ("sft_k0", 1), ("vital", 0), ("ms_warmup", 0), ("ms_imt", 0),
+            ("ms_warmup", 1), ("ms_warmup", 2)]
+    jobs = study._jobs(plan)
+    assert jobs[:3] == [([("ms_warmup", 0), ("ms_imt", 0)], ("sft_k0", 0)), ([("ms_warmup", 1)], ("sft_k0", 1)),
+                        ([("ms_warmup", 2)], None)]  # seed 2's sft_k0 is not in the plan: trained by that job
+    assert jobs[3:5] == [([("sft_k0", 0)], None), ([("sft_k0", 1)], None)]
+    assert sorted(jobs[5:]) == [([("backbone", 0)], None), ([("vital", 0)], None)]
+    assert sorted(run for runs, _ in jobs for run in runs) == sorted(plan)
 
 
 def _fake_result(row, seed, closed, ids):
@@ -136,6 +153,7 @@ def quick_study(tmp_path_factory):
     # The session's own compilation cache (tests/conftest.py, every program) serves the study better than the
     # study's (workdir/xla_cache, programs over 0.5 s), which would replace it while the study runs.
     config.compilation_cache = False
+    config.parallel_runs = 1  # one after another here; the rerun below takes the parallel path
     workdir = str(tmp_path_factory.mktemp("study"))
     return config, workdir, study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
 
@@ -164,11 +182,22 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
 
 def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     config, workdir, first = quick_study
-    # A run killed before it wrote its result is redone; the others are reused.
+    # A run killed before it wrote its result is redone; the others are reused. The redo runs in a worker process
+    # (parallel_runs 2) with its output in workdir/logs, and gives the same answers (lr 0: the backbone itself).
+    before = {r["row"]: r for r in first["results"]}["backbone"]["test"]["closed_correct"]
     os.remove(os.path.join(workdir, "runs", "backbone", "seed0", study.RESULTS_FILE))
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    config.parallel_runs = 2
     again = study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
     assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0", "text_only/seed0"]
+    redone = {r["row"]: r for r in again["results"]}["backbone"]
+    assert redone["steps"] == 1 and redone["test"]["closed_correct"] == before
+    assert "training 1 steps" in open(os.path.join(workdir, "logs", "backbone-seed0.log")).read()
     assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]
+    invocations = study._invocations(workdir)
+    assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(4, 1), (1, 2)]
+    assert "Wall clock:" in open(again["report"]).read()
 
 
 def test_command_line_keeps_the_overrides_and_hides_the_workdir():

@@ -299,3 +299,20 @@ def test_resume_falls_back_past_unreadable_checkpoints_and_logs_each_step_once(t
     assert logged == original
     rewound = [json.loads(line) for line in open(os.path.join(workdir, "metrics.rewound.jsonl"))]
     assert rewound and all(r["phase"] == 3 for r in rewound)
+
+
+def test_max_steps_cuts_the_curriculum_where_its_budget_runs_out(monkeypatch):
+    from vital_jax.data import pipeline
+
+    # Records per phase (K <= 1, <= 2, <= 4) at batch size 2: 5, 10 and 20 steps per epoch.
+    sizes = {1: 10, 2: 20, 4: 40}
+    monkeypatch.setattr(pipeline, "select_records", lambda data_dir, split, max_k, low=1: list(range(sizes[max_k])))
+    c = _config(data__batch_size=2, curriculum__max_k=(1, 2, 4), curriculum__epochs=(1, 2, 1))
+    assert train.phase_steps(c, "/data") == [5, 20, 20]
+    for budget, expected in ((0, [5, 20, 20]), (1, [1, 0, 0]), (12, [5, 7, 0]), (30, [5, 20, 5]), (99, [5, 20, 20])):
+        c.curriculum.max_steps = budget
+        assert train.phase_steps(c, "/data") == expected
+        assert train.phase_steps(c, "/data", capped=False) == [5, 20, 20]
+    c.curriculum.max_steps = -1
+    with pytest.raises(ConfigError, match="curriculum.max_steps=-1"):
+        train.validate_config(c)

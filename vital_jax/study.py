@@ -21,6 +21,10 @@ the pause control (learned constant slot inputs instead of fed-back z, same curr
 MedSynapse-V's stages on the same data and backbone (MEDSYNAPSE_ROWS: Stage I; + CCR; + IMT, deployed without the
 encoder), trained by `medsynapse.trainer` and evaluated by `evaluate.evaluate_medsynapse`.
 Settings are chosen on the val split (`config.select_split`); the test split is only reported.
+
+Runs: `config.parallel_runs` at a time, each in a spawned worker process with XLA on one thread and its output in
+workdir/logs/<row>-seed<seed>.log (1: one after another in this process). Each study command appends its wall
+clock to workdir/invocations.jsonl, which the report's cost section sums.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def _mix(c):
 def _row_backbone(c):
     c.optimizer.lr = 0.0  # LoRA B = 0: the pretrained backbone exactly
     c.vital.latent_steps_cap = 0
-    c.curriculum.max_k, c.curriculum.epochs, c.curriculum.min_k = (c.vital.k_max,), (1,), ()  # nothing to learn
+    # Nothing to learn: one step at lr 0 (AdamW's update and decay both scale with lr) writes the checkpoint.
+    c.curriculum.max_k, c.curriculum.epochs, c.curriculum.min_k = (c.vital.k_max,), (1,), ()
+    c.curriculum.max_steps = 1
 
 
 def _row_sft_k0(c):
@@ -206,11 +212,21 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
     else:
         ROWS[row][2](c)
         # Rows without the curriculum train one phase over every record; `epochs_without_curriculum` (0: the
-        # curriculum's total) lets them match the curriculum rows' number of optimizer steps instead.
+        # curriculum's total) sets its epochs, and the rows in `match_curriculum_steps` stop after the curriculum
+        # rows' number of optimizer steps.
         mixed = row != "backbone" and len(c.curriculum.max_k) == 1
         if mixed and config.get("epochs_without_curriculum"):
             c.curriculum.epochs = (int(config.epochs_without_curriculum),)
+        if row in config.get("match_curriculum_steps", ()):
+            c.curriculum.max_steps = curriculum_steps(config, data_dir, models)
     return c
+
+
+def curriculum_steps(config, data_dir: str, models: dict) -> int:
+    """Optimizer steps of a curriculum row (full VITAL's) on this data."""
+    from vital_jax.train import phase_steps
+
+    return sum(phase_steps(run_config(config, "vital", 0, data_dir, models), data_dir))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -513,7 +529,15 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
                          f"{np.median(sps) if sps else float('nan'):.1f} | {rs[0]['steps']} |")
     total_s = sum(r["train_s"] + r["eval_s"] for r in results)
     lines += ["", f"All {len(results)} runs: {total_s / 60:.0f} min of training and evaluation (the sum of the "
-              "times above, as measured when each run was made; data preparation and pretraining not included)."]
+              "times above, as measured when each run was made, side by side when the study ran runs in parallel; "
+              "data preparation and pretraining not included)."]
+    invocations = [i for i in _invocations(workdir) if i["runs_made"]]
+    if invocations:
+        wall = sum(i["wall_s"] for i in invocations)
+        lines += ["", f"Wall clock: {wall / 60:.0f} min over {len(invocations)} study command(s) that made runs ("
+                  + "; ".join(f"{i['runs_made']} runs in {i['wall_s'] / 60:.0f} min, {i['parallel_runs']} at a "
+                              f"time, commit {i['commit'][:7]}" for i in invocations)
+                  + "), data preparation included."]
     path = os.path.join(out_dir, REPORT_FILE)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -583,9 +607,10 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
         raise StudyError("config.seeds is empty")
     # Rows and seeds may grow (finished runs are reused); the MedSynapse-V settings may be added to a study
     # recorded before it had those rows.
-    # The compilation cache changes no number, so a workdir may be resumed with it on or off.
+    # The compilation cache changes no number, so a workdir may be resumed with it on or off; how many runs
+    # train at once is the machine's business too.
     workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
-                                     extendable=("rows", "seeds", "compilation_cache"), new_sections=("medsynapse",))
+                                     extendable=("rows", "seeds", "compilation_cache", "parallel_runs"), new_sections=("medsynapse",))
     cache = (compilation_cache.persistent(os.path.join(workdir, "xla_cache")) if config.get("compilation_cache")
              else contextlib.nullcontext())
     with cache:
@@ -593,27 +618,166 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
 
 
 def _study(config, workdir: str, provenance: dict) -> dict:
+    started = time.perf_counter()
     data_dir = prepare_data(config, workdir)
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
     floor = floors(data_dir, config.eval.test_split)
     runs_dir = os.path.join(workdir, "runs")
-    results = []
     plan = [(row, seed) for row in config.rows for seed in (config.seeds[:1] if row in SEED_INDEPENDENT
                                                              else config.seeds)]
-    for i, (row, seed) in enumerate(plan, start=1):
-        start = time.perf_counter()
-        result = run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"])
-        results.append(result)
-        what = "reused" if result["reused"] else f"{time.perf_counter() - start:.0f} s"
-        print(f"study run {i}/{len(plan)}: {row} seed {seed} ({what}): closed acc "
+    done: dict[tuple[str, int], dict] = {}
+
+    def report_run(result: dict, seconds: float) -> None:
+        done[(result["row"], result["seed"])] = result
+        what = "reused" if result["reused"] else f"{seconds:.0f} s"
+        print(f"study run {len(done)}/{len(plan)}: {result['row']} seed {result['seed']} ({what}): closed acc "
               f"{100 * result['test']['closed_accuracy']:.1f}% (majority {100 * floor['closed']['majority']:.1f}%)",
               flush=True)
+
+    parallel = int(config.get("parallel_runs", 1))
+    if parallel > 1:
+        _run_parallel(config, workdir, plan, data_dir, models, runs_dir, provenance["commit"], parallel, report_run)
+    else:
+        for row, seed in plan:
+            start = time.perf_counter()
+            report_run(run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"]),
+                       time.perf_counter() - start)
+    results = [done[key] for key in plan]
+    _log_invocation(workdir, provenance["commit"], parallel, sum(not r["reused"] for r in results),
+                    time.perf_counter() - started)
     report = write_report(workdir, config, results, floor, models["summary"], provenance)
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
         json.dump({"floors": floor, "results": results}, f)
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]
     return {"results": results, "floors": floor, "report": report, "reused": reused}
+
+
+# -------------------------------------------------------------------------------------- runs side by side
+
+# Each worker runs XLA on one thread. At the study's sizes a train step is many small ops: XLA's Eigen thread pool
+# keeps ~1.2 of 2 cores busy and one thread is no slower per run, so two runs at once nearly halve the study.
+WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
+INVOCATIONS_FILE = "invocations.jsonl"
+
+
+def _jobs(plan: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], tuple[str, int] | None]]:
+    """The plan as jobs [(runs done one after another in one worker, the run it must wait for)]: the MedSynapse-V
+    rows of a seed share one three-stage run, so they form one job, after that seed's sft_k0 (their backbone)
+    when the plan trains it; every other run is a job of its own."""
+    jobs, medsynapse = [], collections.defaultdict(list)
+    for row, seed in plan:
+        if row in MEDSYNAPSE_ROWS:
+            medsynapse[seed].append((row, seed))
+        else:
+            jobs.append(([(row, seed)], None))
+    for seed, runs in medsynapse.items():
+        jobs.append((runs, ("sft_k0", seed) if ("sft_k0", seed) in plan else None))
+    # The longest chains first (sft_k0, then the MedSynapse-V job waiting for it: a stage run of three), so that
+    # no worker is left alone with a long job at the end.
+    return sorted(jobs, key=lambda job: 0 if job[0][0][0] in MEDSYNAPSE_ROWS else 1 if job[0][0][0] == "sft_k0"
+                  else 2)
+
+
+def _run_job(config_dict: dict, workdir: str, runs: list[tuple[str, int]], data_dir: str, models: dict,
+             runs_dir: str, commit: str) -> list[tuple[dict, float]]:
+    """In a worker process: run_one for each run, its output in workdir/logs/<row>-seed<seed>.log."""
+    config = ml_collections.ConfigDict(config_dict)
+    log_dir = os.path.join(workdir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    out = []
+    cache = (compilation_cache.persistent(os.path.join(workdir, "xla_cache")) if config.get("compilation_cache")
+             else contextlib.nullcontext())
+    with cache:
+        for row, seed in runs:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            with open(os.path.join(log_dir, f"{row}-seed{seed}.log"), "a") as log:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                start = time.perf_counter()
+                out.append((run_one(config, row, seed, data_dir, models, runs_dir, commit),
+                            time.perf_counter() - start))
+                sys.stdout.flush()
+                sys.stderr.flush()
+    return out
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_dir: str, commit: str,
+                  workers: int, report_run) -> None:
+    """The plan's jobs on `workers` processes (spawned, XLA on one thread each); a job waiting for another run
+    starts once that run is done. A failed run stops the study, naming the run and its log."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    finished: set[tuple[str, int]] = set()
+    for row, seed in plan:  # finished runs are read here, without a worker
+        if os.path.exists(os.path.join(runs_dir, row, f"seed{seed}", RESULTS_FILE)):
+            report_run(run_one(config, row, seed, data_dir, models, runs_dir, commit), 0.0)
+            finished.add((row, seed))
+    waiting = _jobs([key for key in plan if key not in finished])
+    if not waiting:
+        return
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    print(f"study: {len(plan)} runs, {workers} at a time (logs in {os.path.join(workdir, 'logs')})", flush=True)
+    with _environment(XLA_FLAGS=f"{flags_now} {WORKER_XLA_FLAGS}".strip()), cf.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running: dict = {}
+        try:
+            while waiting or running:
+                for job in [j for j in waiting if j[1] is None or j[1] in finished]:
+                    if len(running) >= workers:
+                        break
+                    waiting.remove(job)
+                    running[pool.submit(_run_job, config.to_dict(), workdir, job[0], data_dir, models, runs_dir,
+                                        commit)] = job
+                if not running:
+                    raise StudyError(f"runs wait for runs that are not in the plan: {waiting}")
+                ready, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in ready:
+                    runs, _ = running.pop(future)
+                    try:
+                        outcomes = future.result()
+                    except Exception as e:  # the worker's traceback is in its log
+                        logs = ", ".join(os.path.join(workdir, "logs", f"{r}-seed{s}.log") for r, s in runs)
+                        raise StudyError(f"run {runs[0][0]}/seed{runs[0][1]} failed: {type(e).__name__}: {e} "
+                                         f"(log: {logs})") from e
+                    for result, seconds in outcomes:
+                        finished.add((result["row"], result["seed"]))
+                        report_run(result, seconds)
+        except BaseException:
+            for future in running:
+                future.cancel()
+            raise
+
+
+def _log_invocation(workdir: str, commit: str, parallel_runs: int, runs_made: int, seconds: float) -> None:
+    """One line per study command in workdir/invocations.jsonl: the report's wall-clock cost."""
+    with open(os.path.join(workdir, INVOCATIONS_FILE), "a") as f:
+        f.write(json.dumps({"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
+                            "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
+def _invocations(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, INVOCATIONS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv):

@@ -78,14 +78,22 @@ def min_k(config) -> tuple[int, ...]:
     return tuple(config.curriculum.min_k) or (1,) * len(config.curriculum.max_k)
 
 
-def phase_steps(config, data_dir: str) -> list[int]:
-    """Optimizer steps of each phase: epochs x (this process's records with min_k <= K <= max_k) // batch size."""
+def phase_steps(config, data_dir: str, capped: bool = True) -> list[int]:
+    """Optimizer steps of each phase: epochs x (this process's records with min_k <= K <= max_k) // batch size,
+    cut (capped=True) so that their total is at most curriculum.max_steps (0: no cap); phases beyond the cap get 0."""
     from vital_jax.data.pipeline import select_records
 
     steps = []
     for max_k, epochs, low in zip(config.curriculum.max_k, config.curriculum.epochs, min_k(config)):
         n = len(select_records(data_dir, config.data.train_split, max_k, low)) // jax.process_count()
         steps.append(int(epochs) * (n // config.data.batch_size))
+    budget = int(config.curriculum.get("max_steps", 0))
+    if capped and budget > 0:
+        out = []
+        for n in steps:
+            out.append(min(n, budget))
+            budget -= out[-1]
+        steps = out
     return steps
 
 
@@ -106,6 +114,8 @@ def validate_config(config) -> None:
                           f"for each of the {len(c.max_k)} phases")
     if any(e < 1 for e in c.epochs):
         raise ConfigError(f"config.curriculum.epochs {tuple(c.epochs)} must each be >= 1")
+    if c.get("max_steps", 0) < 0:
+        raise ConfigError(f"config.curriculum.max_steps={c.max_steps} must be >= 0 (0 = every epoch)")
     d = config.data
     at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
                     "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
@@ -190,9 +200,10 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     roi_dim = int(roi["features"].shape[1])
     cli.status(f"loading the backbone and decoder ({paths.backbone_dir}, {paths.decoder_dir})...")
     model, params = build_model(config, paths, roi_dim)
+    full_steps = phase_steps(config, paths.data_dir, capped=False)
+    if not all(full_steps):
+        raise ConfigError(f"{paths.data_dir}: a curriculum phase has no full batch of records ({full_steps})")
     steps_per_phase = phase_steps(config, paths.data_dir)
-    if not all(steps_per_phase):
-        raise ConfigError(f"{paths.data_dir}: a curriculum phase has no full batch of records ({steps_per_phase})")
     total = sum(steps_per_phase)
     schedule = trainable.warmup_cosine_schedule(config.optimizer.lr, total, config.optimizer.warmup_ratio)
     o = config.optimizer

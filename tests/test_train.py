@@ -316,3 +316,20 @@ def test_max_steps_cuts_the_curriculum_where_its_budget_runs_out(monkeypatch):
     c.curriculum.max_steps = -1
     with pytest.raises(ConfigError, match="curriculum.max_steps=-1"):
         train.validate_config(c)
+
+
+def test_max_steps_ends_training_early_and_every_phase_still_has_its_checkpoint(tmp_path, assets):
+    from vital_jax.run import load_run
+
+    workdir = _workdir(tmp_path, assets, "budget")
+    full = train.phase_steps(_config(), train.resolve_paths(_config(), workdir).data_dir)
+    assert full[0] > 3  # the budget ends inside phase 1: phases 2 and 3 take no step
+    summary = train.train(_config(curriculum__max_steps=3), workdir)
+    assert summary["step"] == 3 and not summary["preempted"]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert max(steps) == 3
+    for phase in (1, 2, 3):
+        done = json.load(open(os.path.join(workdir, f"phase_{phase}", ckpt_lib.DONE_FILE)))
+        assert done["final_step"] == 3, phase
+    assert load_run(workdir).params  # the run loads like any finished one
+    assert train.train(_config(curriculum__max_steps=3), workdir)["step"] == 3  # a rerun finds it complete

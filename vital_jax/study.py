@@ -673,10 +673,17 @@ def _jobs(plan: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], tupl
             jobs.append(([(row, seed)], None))
     for seed, runs in medsynapse.items():
         jobs.append((runs, ("sft_k0", seed) if ("sft_k0", seed) in plan else None))
-    # The longest chains first (sft_k0, then the MedSynapse-V job waiting for it: a stage run of three), so that
-    # no worker is left alone with a long job at the end.
-    return sorted(jobs, key=lambda job: 0 if job[0][0][0] in MEDSYNAPSE_ROWS else 1 if job[0][0][0] == "sft_k0"
-                  else 2)
+    # Order: a MedSynapse-V job as soon as its sft_k0 is done (three stages: the longest job), then seed by seed,
+    # each seed's sft_k0 first. Seed by seed, the two runs in flight are different rows (each compiles its own
+    # programs) and a row's later seeds find its programs in the compilation cache; two seeds of one row started
+    # together would both compile the same programs.
+    seeds = list(dict.fromkeys(seed for _, seed in plan))
+
+    def order(job):
+        (row, seed), index = job[0][0], plan.index(job[0][0])
+        return (0, 0, 0, index) if row in MEDSYNAPSE_ROWS else (1, seeds.index(seed), row != "sft_k0", index)
+
+    return sorted(jobs, key=order)
 
 
 def _run_job(config_dict: dict, workdir: str, runs: list[tuple[str, int]], data_dir: str, models: dict,

@@ -136,18 +136,18 @@ def test_study_figures_in_each_format(tmp_path):
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the
-    lr = 0 backbone, the text-only control, SFT at K = 0 and MedSynapse-V's Stage I (10 steps from the SFT model,
+    lr = 0 backbone, SFT at K = 0 and MedSynapse-V's Stage I (10 steps from the SFT model,
     answered with P_phi's memory: the study's MedSynapse-V path; its later stages are tests/medsynapse's)."""
     config = study_config.get_config("quick")
-    config.rows = ("backbone", "text_only", "sft_k0", "ms_warmup")
+    config.rows = ("backbone", "sft_k0", "ms_warmup")
     config.medsynapse.stages, config.medsynapse.warmup.max_steps = ("warmup",), 10
-    config.data.split_counts = (30, 4, 16)
+    # 60 training phantoms: with 30 (and the text-only row beside them, in the same time) sft_k0 beat the majority
+    # answer by one or two of the 47 closed test questions (21.3 vs 19.1 %; once 17.0 %, below it); with 60 it
+    # answered 44.7 % (21 of 47). The text-only control is the full study's (and test_rows_edit's) business.
+    config.data.split_counts = (60, 4, 16)
     config.train.curriculum.epochs = (2, 2, 3)
     config.train.optimizer.lr = 3e-3
-    # 64 answer slots, as when this fixture was sized: at 30 training phantoms and 47 closed test questions the
-    # margin over the majority answer is a few questions, and the 48 slots of the full study draw other LoRA dropout
-    # masks (their shape changes), enough to move sft_k0 across the floor in one CI run (17.0 vs 19.1 %).
-    config.train.data.max_answer_tokens = 64
+    config.train.data.max_answer_tokens = 64  # as when this fixture was sized
     config.eval.diagnostics_examples = 8
     config.eval.latency_examples = 1  # the report's latency column only needs a number here
     # The session's own compilation cache (tests/conftest.py, every program) serves the study better than the
@@ -169,10 +169,8 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
     untrained = by_row["backbone"]["test"]["closed_accuracy"]
     assert trained > floor["majority"], (trained, floor)
     assert trained > untrained
-    # The text-only control (every image blanked) stays near the per-type majority answer.
-    assert by_row["text_only"]["test"]["closed_accuracy"] <= floor["majority_by_type"] + 0.2
     report = open(out["report"]).read()
-    assert "| sft_k0 |" in report and "| text_only |" in report and "*floor*" in report
+    assert "| sft_k0 |" in report and "| backbone |" in report and "*floor*" in report
     # MedSynapse-V's row: trained from sft_k0's exported model, answered with P_phi(E_ana(X)).
     ms = by_row["ms_warmup"]
     assert ms["memory"] == "sampler" and 0 <= ms["test"]["closed_accuracy"] <= 1 and "| ms_warmup |" in report
@@ -190,13 +188,13 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     config.unlock()
     config.parallel_runs = 2
     again = study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
-    assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0", "text_only/seed0"]
+    assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0"]
     redone = {r["row"]: r for r in again["results"]}["backbone"]
     assert redone["steps"] == 1 and redone["test"]["closed_correct"] == before
     assert "training 1 steps" in open(os.path.join(workdir, "logs", "backbone-seed0.log")).read()
     assert json.load(open(os.path.join(workdir, study.RESULTS_FILE)))["results"]
     invocations = study._invocations(workdir)
-    assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(4, 1), (1, 2)]
+    assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
     assert "Wall clock:" in open(again["report"]).read()
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -196,6 +197,71 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     invocations = study._invocations(workdir)
     assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
     assert "Wall clock:" in open(again["report"]).read()
+
+
+def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_path, monkeypatch):
+    # Each (fake) run takes a minute of a fake clock; with a 1.5-minute limit the second run still starts (at
+    # minute 1), the third does not, no report is written, and the same command then does the rest.
+    clock = [0.0]
+    made = []
+
+    def run_one(config, row, seed, data_dir, models, runs_dir, commit):
+        path = os.path.join(runs_dir, row, f"seed{seed}", study.RESULTS_FILE)
+        if os.path.exists(path):
+            return dict(json.load(open(path)), reused=True)
+        clock[0] += 60.0
+        made.append((row, seed))
+        os.makedirs(os.path.dirname(path))
+        result = {"row": row, "seed": seed, "test": {"closed_accuracy": 0.5}}
+        json.dump(result, open(path, "w"))
+        return dict(result, reused=False)
+
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(study, "run_one", run_one)
+    monkeypatch.setattr(study, "prepare_data", lambda config, workdir: "/data")
+    monkeypatch.setattr(study, "prepare_backbone", lambda config, workdir: {"summary": {}})
+    monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5}})
+    monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a: os.path.join(workdir, "r.md"))
+    config = study_config.get_config()
+    config.rows, config.seeds, config.parallel_runs, config.stop_after_minutes = ("sft_k0",), (0, 1, 2), 1, 1.5
+    first = study.study(config, str(tmp_path))
+    assert made == [("sft_k0", 0), ("sft_k0", 1)]
+    assert first["report"] is None and first["left"] == ["sft_k0/seed2"]
+    config.stop_after_minutes = 0.0  # may differ between the parts of one study
+    again = study.study(config, str(tmp_path))
+    assert made[2:] == [("sft_k0", 2)] and again["left"] == [] and again["report"]
+    assert sorted(again["reused"]) == ["sft_k0/seed0", "sft_k0/seed1"]
+    assert [i["runs_made"] for i in study._invocations(str(tmp_path))] == [2, 1]
+    config.stop_after_minutes = -1.0
+    with pytest.raises(study.StudyError, match="stop_after_minutes"):
+        study.study(config, str(tmp_path))
+
+
+def test_answering_at_the_records_own_k_is_not_redone_when_the_cap_makes_it_the_fixed_k(monkeypatch):
+    import types
+
+    from vital_jax import evaluate as evaluate_lib
+
+    examples = [types.SimpleNamespace(id=f"q{k}", extra={"latent_steps": k}) for k in (1, 2, 3, 4)]
+    monkeypatch.setattr(evaluate_lib, "_load_examples", lambda *a: ("test", examples))
+
+    def evaluate(*a, **kw):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(evaluate_lib, "evaluate", evaluate)
+    config = study_config.get_config()
+    fixed = {"closed_accuracy": 0.6, "closed_majority_baseline": 0.3, "open_token_f1": 0.8, "latency_ms": 2.0,
+             "per_type": {"yes_no": {"score": 0.6, "count": 2}}, "closed_correct": {"q1": True}}
+
+    def run(cap):
+        return types.SimpleNamespace(config=ml_collections.ConfigDict({"vital": {"latent_steps_cap": cap}}),
+                                     model=types.SimpleNamespace(config=types.SimpleNamespace(k_max=4)))
+
+    same = study._evaluate_record_k(config, run(1), "/run", "/data", 1, fixed)
+    assert same == {"closed_accuracy": 0.6, "open_token_f1": 0.8, "per_type": fixed["per_type"],
+                    "closed_correct": {"q1": True}, "same_as_fixed_k": True}
+    with pytest.raises(AssertionError, match="evaluated again"):  # a cap of 2: questions get K = 1 or 2
+        study._evaluate_record_k(config, run(2), "/run", "/data", 2, fixed)
 
 
 def test_command_line_keeps_the_overrides_and_hides_the_workdir():

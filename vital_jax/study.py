@@ -24,7 +24,9 @@ Settings are chosen on the val split (`config.select_split`); the test split is 
 
 Runs: `config.parallel_runs` at a time, each in a spawned worker process with XLA on one thread and its output in
 workdir/logs/<row>-seed<seed>.log (1: one after another in this process). Each study command appends its wall
-clock to workdir/invocations.jsonl, which the report's cost section sums.
+clock to workdir/invocations.jsonl, which the report's cost section sums. `config.stop_after_minutes` (0: none)
+runs the study in parts: no run starts after that many minutes, the runs in flight finish, and the same command
+later continues (the report is written once every run is done).
 """
 
 from __future__ import annotations
@@ -368,7 +370,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
                            latency_examples=int(config.eval.latency_examples))[0]
         evaluated[name] = _split_scores(metrics, os.path.join(run_dir, f"eval_{split}"), data_dir)
     if k_eval > 0:
-        evaluated["test_record_k"] = _evaluate_record_k(config, run, run_dir, data_dir)
+        evaluated["test_record_k"] = _evaluate_record_k(config, run, run_dir, data_dir, k_eval, evaluated["test"])
     eval_s = time.perf_counter() - start
     diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval, int(config.eval.diagnostics_examples))
     samples = _metric_lines(run_dir)
@@ -403,12 +405,21 @@ def _median_throughput(samples: list[dict]) -> float | None:
     return float(np.median(throughput)) if throughput else None
 
 
-def _evaluate_record_k(config, run, run_dir: str, data_dir: str) -> dict:
+def _evaluate_record_k(config, run, run_dir: str, data_dir: str, k_eval: int | None = None,
+                       fixed_scores: dict | None = None) -> dict:
     """The test split answered with each question's own training K (`evaluate.RECORD_K`), beside the paper's fixed
     K: training gives a yes/no question (a 1-step chain) one latent step, and the paper's protocol then answers it
-    with K_max; this evaluation tells that mismatch apart from a model that fails anyway."""
-    from vital_jax.evaluate import RECORD_K, evaluate
+    with K_max; this evaluation tells that mismatch apart from a model that fails anyway.
 
+    When every question's capped K is `k_eval` (a cap of 1: every chain has at least one step) the two
+    evaluations are the same computation, so `fixed_scores` (the fixed-K test scores) are returned instead."""
+    from vital_jax.evaluate import RECORD_K, _load_examples, evaluate, record_latent_steps
+
+    if fixed_scores is not None:
+        _, examples = _load_examples("phantom_vqa", data_dir, config.eval.test_split, None, "auto")
+        if set(record_latent_steps(examples, run)) == {k_eval}:
+            keep = ("closed_accuracy", "open_token_f1", "per_type", "closed_correct")
+            return {**{k: fixed_scores[k] for k in keep}, "same_as_fixed_k": True}
     out_dir = os.path.join(run_dir, "eval_test_record_k")
     metrics = evaluate(run_dir, "phantom_vqa", data_dir, out_dir, [RECORD_K], split=config.eval.test_split,
                        batch_size=int(config.eval.batch_size), run=run, latency_examples=1)[0]
@@ -498,7 +509,8 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         for row in record_rows:
             rs = [r["test_record_k"] for r in by_row[row]]
             cells = [_mean_std([r["per_type"].get(t, {}).get("score") for r in rs]) for t in types]
-            lines.append(f"| {row} | {_mean_std([r['closed_accuracy'] for r in rs])} | " + " | ".join(cells)
+            same = " (= fixed K: a cap of 1)" if all(r.get("same_as_fixed_k") for r in rs) else ""
+            lines.append(f"| {row}{same} | {_mean_std([r['closed_accuracy'] for r in rs])} | " + " | ".join(cells)
                          + f" | {_mean_std([r['open_token_f1'] for r in rs])} |")
     lines += ["", "## Paired tests (McNemar, closed test answers, first seed of each row)", "",
               "| a | b | a right, b wrong | b right, a wrong | p |", "|---|---|---|---|---|"]
@@ -610,7 +622,8 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
     # The compilation cache changes no number, so a workdir may be resumed with it on or off; how many runs
     # train at once is the machine's business too.
     workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
-                                     extendable=("rows", "seeds", "compilation_cache", "parallel_runs"),
+                                     extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
+                                                 "stop_after_minutes"),
                                      new_sections=("medsynapse",))
     with _compilation_cache(config, workdir):
         return _study(config, workdir, _provenance(command))
@@ -642,21 +655,37 @@ def _study(config, workdir: str, provenance: dict) -> dict:
               flush=True)
 
     parallel = int(config.get("parallel_runs", 1))
+    minutes = float(config.get("stop_after_minutes", 0))
+    if minutes < 0:
+        raise StudyError(f"config.stop_after_minutes must be >= 0 (0: no limit), got {minutes}")
+
+    def may_start() -> bool:  # a new run starts only before the time limit; runs in flight finish
+        return not minutes or time.perf_counter() - started < 60 * minutes
+
     if parallel > 1:
-        _run_parallel(config, workdir, plan, data_dir, models, runs_dir, provenance["commit"], parallel, report_run)
+        _run_parallel(config, workdir, plan, data_dir, models, runs_dir, provenance["commit"], parallel, report_run,
+                      may_start)
     else:
         for row, seed in plan:
+            if not (may_start() or os.path.exists(os.path.join(runs_dir, row, f"seed{seed}", RESULTS_FILE))):
+                continue
             start = time.perf_counter()
             report_run(run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"]),
                        time.perf_counter() - start)
-    results = [done[key] for key in plan]
-    _log_invocation(workdir, provenance["commit"], parallel, sum(not r["reused"] for r in results),
+    _log_invocation(workdir, provenance["commit"], parallel, sum(not r["reused"] for r in done.values()),
                     time.perf_counter() - started)
+    left = [f"{row}/seed{seed}" for row, seed in plan if (row, seed) not in done]
+    if left:
+        print(f"study: stopped at the time limit (stop_after_minutes={minutes:g}) with {len(left)} of {len(plan)} "
+              f"runs left; the same command continues", flush=True)
+        return {"results": list(done.values()), "floors": floor, "report": None, "left": left,
+                "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
+    results = [done[key] for key in plan]
     report = write_report(workdir, config, results, floor, models["summary"], provenance)
     with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
         json.dump({"floors": floor, "results": results}, f)
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]
-    return {"results": results, "floors": floor, "report": report, "reused": reused}
+    return {"results": results, "floors": floor, "report": report, "reused": reused, "left": []}
 
 
 # -------------------------------------------------------------------------------------- runs side by side
@@ -730,9 +759,10 @@ def _environment(**values):
 
 
 def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_dir: str, commit: str,
-                  workers: int, report_run) -> None:
+                  workers: int, report_run, may_start=lambda: True) -> None:
     """The plan's jobs on `workers` processes (spawned, XLA on one thread each); a job waiting for another run
-    starts once that run is done. A failed run stops the study, naming the run and its log."""
+    starts once that run is done, and only while may_start() (the jobs in flight then finish). A failed run stops
+    the study, naming the run and its log."""
     import concurrent.futures as cf
     import multiprocessing
 
@@ -752,12 +782,14 @@ def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_
         try:
             while waiting or running:
                 for job in [j for j in waiting if j[1] is None or j[1] in finished]:
-                    if len(running) >= workers:
+                    if len(running) >= workers or not may_start():
                         break
                     waiting.remove(job)
                     running[pool.submit(_run_job, config.to_dict(), workdir, job[0], data_dir, models, runs_dir,
                                         commit)] = job
                 if not running:
+                    if not may_start():
+                        return
                     raise StudyError(f"runs wait for runs that are not in the plan: {waiting}")
                 ready, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in ready:
@@ -801,7 +833,11 @@ def main(argv):
         cli.fail(e)
     if out["reused"]:
         print(f"reused {len(out['reused'])} finished run(s): {', '.join(out['reused'])}")
-    print(f"report: {out['report']} ({(time.perf_counter() - start) / 60:.0f} min)")
+    if out["left"]:
+        print(f"not run yet ({len(out['left'])}): {', '.join(out['left'])}; no report until they are "
+              f"({(time.perf_counter() - start) / 60:.0f} min)")
+    else:
+        print(f"report: {out['report']} ({(time.perf_counter() - start) / 60:.0f} min)")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,41 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
         study.study(config, str(tmp_path))
 
 
+def test_a_worker_is_told_to_stop_when_the_study_process_dies(tmp_path):
+    # The study process (here: a stand-in) is killed with SIGKILL; its worker must not train on, orphaned: it gets
+    # SIGTERM, the trainers' preemption signal (here a handler that leaves a mark).
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mark, ready = tmp_path / "stopped", tmp_path / "ready"
+    worker = (f"import signal, sys, time\nfrom vital_jax import study\n"
+              f"signal.signal(signal.SIGTERM, lambda *a: (open({str(mark)!r}, 'w').close(), sys.exit(0)))\n"
+              f"study._stop_with_parent(poll_s=0.1, grace_s=30)\nopen({str(ready)!r}, 'w').close()\n"
+              f"time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"w = subprocess.Popen([sys.executable, '-c', {worker!r}])\n"
+                               f"print(w.pid, flush=True)\ntime.sleep(180)\n"], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:  # the worker imports vital_jax, starts its watchdog
+        time.sleep(0.2)
+    assert ready.exists() and not mark.exists()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while not mark.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert mark.exists(), "the orphaned worker was not stopped"
+    finally:
+        try:
+            os.kill(worker_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_answering_at_the_records_own_k_is_not_redone_when_the_cap_makes_it_the_fixed_k(monkeypatch):
     import types
 

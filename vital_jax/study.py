@@ -725,6 +725,7 @@ def _jobs(plan: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], tupl
 def _run_job(config_dict: dict, workdir: str, runs: list[tuple[str, int]], data_dir: str, models: dict,
              runs_dir: str, commit: str) -> list[tuple[dict, float]]:
     """In a worker process: run_one for each run, its output in workdir/logs/<row>-seed<seed>.log."""
+    _stop_with_parent()
     config = ml_collections.ConfigDict(config_dict)
     log_dir = os.path.join(workdir, "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -742,6 +743,25 @@ def _run_job(config_dict: dict, workdir: str, runs: list[tuple[str, int]], data_
                 sys.stdout.flush()
                 sys.stderr.flush()
     return out
+
+
+def _stop_with_parent(poll_s: float = 1.0, grace_s: float = 300.0) -> None:
+    """In a worker: when the study process dies (killed, or a session's end) the worker would train on, orphaned,
+    holding its run's workdir. A watchdog thread sends the worker SIGTERM instead, which the trainers treat as
+    preemption (checkpoint, exit); the rerun resumes from that checkpoint. After `grace_s` it exits regardless."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager

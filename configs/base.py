@@ -43,8 +43,10 @@ def get_config():
     # Phase n trains on records with min_k[n] <= latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from
     # phase n-1 (min_k may be left empty: 1 for every phase). max_steps > 0 stops the whole curriculum after that
     # many optimizer steps (the learning-rate schedule spans them; later phases are skipped): equal-step
-    # comparisons and smoke runs.
-    c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10), min_k=(), max_steps=0))
+    # comparisons and smoke runs. compile_ahead: the later phases' train steps compile in a background thread while
+    # the first phase compiles and trains (the phase boundaries then do not wait for XLA; same results).
+    c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10), min_k=(), max_steps=0,
+                                                   compile_ahead=True))
     c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
     # peak_tflops_per_device: bf16 peak for perf/mfu; 0 = from the device kind (H100, A100, TPU v4/v5/v6, ...).

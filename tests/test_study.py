@@ -206,7 +206,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     made = []
 
     def run_one(config, row, seed, data_dir, models, runs_dir, commit):
-        path = os.path.join(runs_dir, row, f"seed{seed}", study.RESULTS_FILE)
+        path = os.path.join(study.run_dir_of(runs_dir, row, seed), study.RESULTS_FILE)
         if os.path.exists(path):
             return dict(json.load(open(path)), reused=True)
         clock[0] += 60.0
@@ -278,7 +278,7 @@ def test_answering_at_the_records_own_k_is_not_redone_when_the_cap_makes_it_the_
     from vital_jax import evaluate as evaluate_lib
 
     examples = [types.SimpleNamespace(id=f"q{k}", extra={"latent_steps": k}) for k in (1, 2, 3, 4)]
-    monkeypatch.setattr(evaluate_lib, "_load_examples", lambda *a: ("test", examples))
+    monkeypatch.setattr(evaluate_lib, "load_examples", lambda *a: ("test", examples))
 
     def evaluate(*a, **kw):
         raise AssertionError("evaluated again")

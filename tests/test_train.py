@@ -107,6 +107,8 @@ def test_kill_minus_9_and_resume_equals_an_uninterrupted_run(tmp_path, assets, t
     assert f"training finished at step {ref_step}" in res.stdout and '"preempted"' not in res.stdout
     assert json.load(open(os.path.join(workdir, train.SUMMARY_FILE)))["step"] == ref_step
     assert "resuming from step" in res.stderr and "compiling the train step" in res.stderr
+    # Resumed in phase 2, it compiled phase 3's train step while phase 2 trained (and got the same parameters).
+    assert "phase 3: its train step was compiled ahead" in res.stderr, res.stderr[-3000:]
     assert not re.search(r"^I\d{4} ", res.stderr, re.M), res.stderr[-3000:]
     step, state = _final_state(workdir)
     assert step == ref_step and sorted(state) == sorted(ref_state)
@@ -333,3 +335,95 @@ def test_max_steps_ends_training_early_and_every_phase_still_has_its_checkpoint(
         assert done["final_step"] == 3, phase
     assert load_run(workdir).params  # the run loads like any finished one
     assert train.train(_config(curriculum__max_steps=3), workdir)["step"] == 3  # a rerun finds it complete
+
+
+def test_batch_shapes_of_another_width_and_k_are_those_of_a_real_batch(assets):
+    """The abstract batch a later program is compiled for equals the abstract of a real batch of that prompt
+    width and number of latent slots, shardings included."""
+    import jax
+
+    from vital_jax import distributed, sharding
+    from vital_jax.data.pipeline import make_train_iterator
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+    from vital_jax.run import resolve_paths
+    from vital_jax.vital.batch import slice_latent_slots
+
+    config = _config()
+    paths = resolve_paths(config, os.path.dirname(assets))
+    model_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir)
+    mesh = sharding.mesh_from_config(config)
+    records = next(make_train_iterator(paths.data_dir, paths.tokenizer_dir, train.pipeline_config(config), k_max=1,
+                                       num_epochs=1))
+    narrow = slice_latent_slots(records, 1)
+    width = narrow["prompt_ids"].shape[1]
+    wide_width = width + 16
+    pad = wide_width - width
+    wide = dict(records, prompt_ids=np.pad(narrow["prompt_ids"], ((0, 0), (pad, 0)),
+                                          constant_values=narrow["prompt_ids"][0, 0]),
+                prompt_valid=np.pad(narrow["prompt_valid"], ((0, 0), (pad, 0))))
+    assert not narrow["prompt_valid"][:, 0].all()  # left padding: the pad column holds the pad id
+    real = distributed.global_vital_batch(slice_latent_slots(wide, 2), model_config, mesh)
+    made = train.batch_shapes(distributed.global_vital_batch(narrow, model_config, mesh), wide_width, 2)
+    assert jax.tree.structure(made) == jax.tree.structure(real)
+    for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(real)):
+        assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+
+
+def test_programs_compiled_ahead_are_the_jitted_step_and_others_fall_through():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from vital_jax import sharding
+    from vital_jax.vital.batch import VitalBatch
+
+    mesh = sharding.mesh_from_config(_config())
+
+    def step(state, frozen, batch):
+        x = batch.prefix.input_ids.astype(jnp.float32).sum() + batch.step_ids.astype(jnp.float32).sum()
+        return state * frozen + x, {"loss": x}
+
+    step_fn = jax.jit(step, donate_argnums=(0,))
+
+    def make(width, slots):
+        from vital_jax.models.qwen3_vl.cached import PrefixInputs
+
+        prefix = PrefixInputs(input_ids=jnp.ones((2, width), jnp.int32), token_valid=jnp.ones((2, width), bool),
+                              positions=jnp.zeros((3, 2, width), jnp.int32))
+        return VitalBatch(prefix=prefix, answer_ids=jnp.ones((2, 3), jnp.int32), answer_valid=jnp.ones((2, 3), bool),
+                          latent_steps=jnp.ones((2,), jnp.int32), step_ids=jnp.ones((2, slots, 5), jnp.int32),
+                          step_valid=jnp.ones((2, slots, 5), bool), roi_feature=jnp.zeros((2, 4)),
+                          example_valid=jnp.ones((2,), bool))
+
+    first = make(8, 1)
+    args = train._abstract(jnp.ones(3)), train._abstract(jnp.full(3, 2.0))
+    calls = []
+
+    def widths(values):
+        calls.append(values)
+        return values
+
+    ahead = train.AheadPrograms(step_fn, args, functools.partial(train.batch_shapes, first),
+                                [(1, lambda: widths([8, 16])), (4, lambda: widths([8]))], mesh,
+                                skip_key=train._shape_key(first))
+    try:
+        assert ahead.get(make(16, 1)) is not None and ahead.get(make(8, 4)) is not None
+        assert ahead.get(first) is None  # the caller compiles that one itself
+        assert ahead.get(make(32, 1)) is None and ahead.get(make(8, 2)) is None  # not in the plan
+        program = ahead.get(make(8, 4))
+        with jax.set_mesh(mesh):
+            got = program(jnp.ones(3), jnp.full(3, 2.0), make(8, 4))
+            want = step_fn(jnp.ones(3), jnp.full(3, 2.0), make(8, 4))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        assert calls == [[8, 16], [8]]
+    finally:
+        ahead.close()
+
+    def failing(state, frozen, batch):
+        raise TypeError("this step does not trace")
+
+    broken = train.AheadPrograms(jax.jit(failing), args, functools.partial(train.batch_shapes, first),
+                                 [(4, lambda: [8])], mesh)
+    with pytest.raises(TypeError, match="does not trace"):
+        broken.get(make(8, 4))

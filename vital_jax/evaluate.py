@@ -73,7 +73,9 @@ def _single_latency(predict_single, singles, batched: list[float], batch_size: i
     return [predict_single(encoded, n, i)[1] for i, (encoded, n) in enumerate(singles)]
 
 
-def _load_examples(benchmark: str, data_dir: str, split: str | None, limit: int | None, data_format: str):
+def load_examples(benchmark: str, data_dir: str, split: str | None, limit: int | None, data_format: str = "auto"):
+    """(split, examples) of `benchmark` in `data_dir`: `split` None is the benchmark's default split; an empty split
+    is an error naming the directory."""
     from vital_jax.eval import load_benchmark
     from vital_jax.eval.benchmarks import default_split
 
@@ -107,7 +109,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     from vital_jax.eval import KSweepPoint, write_k_sweep, write_report, write_summary
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
-    from vital_jax.inference import Predictor
+    from vital_jax.inference import Predictor, warm_up_all
     from vital_jax.run import load_run, read_config
 
     figures.check_format(figure_format)
@@ -119,7 +121,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         raise ValueError(f"latent_steps {bad} outside 0..K_max={k_max} of this run (or {RECORD_K!r})")
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
-    split, examples = _load_examples(benchmark, data_dir, split, limit, data_format)
+    split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
     if run is None:
         cli.status(f"loading the run in {checkpoint}...")
         run = load_run(checkpoint)
@@ -132,12 +134,14 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     # The compiled program depends on the number of latent slots only; "record" runs the run's K cap of slots.
     slots = {k: (max(record_steps) if k == RECORD_K else k) for k in latent_steps}
     cli.status(f"compiling generation for K in {sorted(set(slots.values()))} (one program per prompt length)...")
-    predictor.warm_up(batches, sorted(set(slots.values())))
+    programs = sorted(set(slots.values()))
+    calls = predictor.warm_up_calls(batches, programs)
     single, singles = predictor, []
     if batch_size != 1 and n_timed:
         single = Predictor(run, batch_size=1, max_new_tokens=max_new_tokens)
         singles = [single.encode([e.image], [e.prompt]) for e in examples[:n_timed]]
-        single.warm_up(singles, sorted(set(slots.values())))
+        calls += single.warm_up_calls(singles, programs)
+    warm_up_all(calls)
     summaries, sweep = [], []
     for k in latent_steps:
         logging.info("evaluating %s (%d examples) at K=%s, max_new_tokens=%d", benchmark, len(examples), k,
@@ -191,7 +195,7 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
         predict_lib.check_memory(memory, done)
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
-    split, examples = _load_examples(benchmark, data_dir, split, limit, data_format)
+    split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
     if trained is None:
         cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
         trained = trainer.load_trained(checkpoint, load_weights)

@@ -281,13 +281,22 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
     return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
 
 
+def run_dir_of(runs_dir: str, row: str, seed: int) -> str:
+    """Where one (row, seed) run lives; its results.json there marks it finished."""
+    return os.path.join(runs_dir, row, f"seed{seed}")
+
+
+def _finished(runs_dir: str, row: str, seed: int) -> bool:
+    return os.path.exists(os.path.join(run_dir_of(runs_dir, row, seed), RESULTS_FILE))
+
+
 def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str, commit: str = "unknown") -> str:
     """The HF directory of this seed's sft_k0 model with its LoRA merged (MedSynapse-V's starting backbone),
     training sft_k0 first if the study has not."""
     from conversion import vital_export
 
     run_one(config, "sft_k0", seed, data_dir, models, runs_dir, commit)
-    run_dir = os.path.join(runs_dir, "sft_k0", f"seed{seed}")
+    run_dir = run_dir_of(runs_dir, "sft_k0", seed)
     out_dir = os.path.join(run_dir, "export_hf")
     if not os.path.exists(os.path.join(out_dir, "vital.json")):  # written last by the export
         vital_export.export_run(run_dir, out_dir)
@@ -305,7 +314,7 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
 
     backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir, commit)
     c = run_config(config, row, seed, data_dir, dict(models, medsynapse_backbone_dir=backbone_dir))
-    run_dir = os.path.join(runs_dir, "medsynapse", f"seed{seed}")
+    run_dir = run_dir_of(runs_dir, "medsynapse", seed)
     paths = trainer.Paths(data_dir, backbone_dir, backbone_dir, models["encoder_dir"])
     start = time.perf_counter()
     summary = trainer.train(c, run_dir, paths, load_weights)
@@ -317,7 +326,7 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
     start = time.perf_counter()
     evaluated = {}
     for name, split in {"test": config.eval.test_split, "select": config.select_split}.items():
-        out_dir = os.path.join(runs_dir, row, f"seed{seed}", f"eval_{split}")
+        out_dir = os.path.join(run_dir_of(runs_dir, row, seed), f"eval_{split}")
         metrics = evaluate_medsynapse(run_dir, "phantom_vqa", data_dir, out_dir, [memory], split=split,
                                       batch_size=int(config.eval.batch_size), trained=trained,
                                       latency_examples=int(config.eval.latency_examples))[0]
@@ -338,7 +347,7 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     from vital_jax.evaluate import evaluate
     from vital_jax.run import load_run
 
-    run_dir = os.path.join(runs_dir, row, f"seed{seed}")
+    run_dir = run_dir_of(runs_dir, row, seed)
     result_path = os.path.join(run_dir, RESULTS_FILE)
     if os.path.exists(result_path):
         with open(result_path) as f:
@@ -413,10 +422,10 @@ def _evaluate_record_k(config, run, run_dir: str, data_dir: str, k_eval: int | N
 
     When every question's capped K is `k_eval` (a cap of 1: every chain has at least one step) the two
     evaluations are the same computation, so `fixed_scores` (the fixed-K test scores) are returned instead."""
-    from vital_jax.evaluate import RECORD_K, _load_examples, evaluate, record_latent_steps
+    from vital_jax.evaluate import RECORD_K, evaluate, load_examples, record_latent_steps
 
     if fixed_scores is not None:
-        _, examples = _load_examples("phantom_vqa", data_dir, config.eval.test_split, None, "auto")
+        _, examples = load_examples("phantom_vqa", data_dir, config.eval.test_split, None, "auto")
         if set(record_latent_steps(examples, run)) == {k_eval}:
             keep = ("closed_accuracy", "open_token_f1", "per_type", "closed_correct")
             return {**{k: fixed_scores[k] for k in keep}, "same_as_fixed_k": True}
@@ -667,7 +676,7 @@ def _study(config, workdir: str, provenance: dict) -> dict:
                       may_start)
     else:
         for row, seed in plan:
-            if not (may_start() or os.path.exists(os.path.join(runs_dir, row, f"seed{seed}", RESULTS_FILE))):
+            if not (may_start() or _finished(runs_dir, row, seed)):
                 continue
             start = time.perf_counter()
             report_run(run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"]),
@@ -788,7 +797,7 @@ def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_
 
     finished: set[tuple[str, int]] = set()
     for row, seed in plan:  # finished runs are read here, without a worker
-        if os.path.exists(os.path.join(runs_dir, row, f"seed{seed}", RESULTS_FILE)):
+        if _finished(runs_dir, row, seed):
             report_run(run_one(config, row, seed, data_dir, models, runs_dir, commit), 0.0)
             finished.add((row, seed))
     waiting = _jobs([key for key in plan if key not in finished])

@@ -173,6 +173,118 @@ def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]
     return 1, state, None
 
 
+def _abstract(tree):
+    """Shapes, dtypes and shardings of a tree of arrays: what a program is compiled for."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _shape_key(tree) -> tuple:
+    return jax.tree.structure(tree), tuple((tuple(x.shape), x.dtype) for x in jax.tree.leaves(tree))
+
+
+def batch_shapes(batch, prompt_width: int, slots: int):
+    """The abstract VitalBatch (shapes, dtypes, shardings) of `batch` with another prompt width Tp (the last axis
+    of the prefix's input_ids, token_valid, positions and image_feature_index: `PrefixInputs`) and `slots` latent
+    slots (step_ids, step_valid (B, slots, Ts)); every other input keeps its shape."""
+    def resized(x, axis: int, n: int):
+        shape = list(x.shape)
+        shape[axis] = n
+        return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=x.sharding)
+
+    a = _abstract(batch)
+    p = a.prefix
+    prefix = p.replace(input_ids=resized(p.input_ids, -1, prompt_width),
+                       token_valid=resized(p.token_valid, -1, prompt_width),
+                       positions=resized(p.positions, -1, prompt_width),
+                       image_feature_index=(None if p.image_feature_index is None
+                                            else resized(p.image_feature_index, -1, prompt_width)))
+    return a.replace(prefix=prefix, step_ids=resized(a.step_ids, 1, slots), step_valid=resized(a.step_valid, 1, slots))
+
+
+class AheadPrograms:
+    """Train-step programs compiled in a background thread before the batches that need them arrive.
+
+    Every curriculum phase (its number of latent slots, `latent_slots`) and every prompt width its records can
+    have (`pipeline.prompt_widths`) is its own XLA program. Compiled at first use, each stalls training: at the
+    demo's sizes on 2 CPU cores 30-55 s, about a third of the demo's training time, at the phase boundaries and
+    wherever a batch of a new width first appears. Started at the run's first step (whose program the main thread
+    is compiling), the thread works through `plan` in order: for each phase, it asks for the prompt widths, then
+    compiles one program per width (`shapes(width, slots)` gives the abstract batch). `get` hands a program to
+    the training loop, waiting for it when it is being compiled; batches of shapes outside the plan (another patch
+    bucket) go through the jitted function as before. A compilation error is raised where the program is used.
+    """
+
+    def __init__(self, step_fn, args, shapes, plan, mesh, skip_key=None):
+        """step_fn: the jitted train step; args: abstract (state, frozen); shapes(width, slots) -> abstract batch;
+        plan: [(slots, widths() -> list[int])] in the order the phases come; skip_key: the program being compiled
+        by the caller."""
+        import concurrent.futures
+        import threading
+
+        self._programs: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+        def work():
+            for slots, widths in plan:
+                if self._stop.is_set():
+                    return
+                try:
+                    jobs = []
+                    for width in widths():
+                        abstract_batch = shapes(width, slots)
+                        key = _shape_key(abstract_batch)
+                        with self._lock:
+                            if key == skip_key or key in self._programs:
+                                continue
+                            self._programs[key] = future = concurrent.futures.Future()
+                        jobs.append((future, abstract_batch))
+                except Exception as e:  # the data's widths: surfaced by the data pipeline itself when it reads them
+                    logging.warning("compiling ahead stopped: %s", e)
+                    return
+                for future, abstract_batch in jobs:
+                    if self._stop.is_set():
+                        future.cancel()
+                        continue
+                    try:
+                        with jax.set_mesh(mesh):
+                            future.set_result(step_fn.lower(*args, abstract_batch).compile())
+                    except Exception as e:  # raised where the program is used (`get`)
+                        future.set_exception(e)
+
+        # Not a daemon: a process must not exit while XLA compiles in another thread (it aborts).
+        self._thread = threading.Thread(target=work, name="compile-ahead")
+        self._thread.start()
+
+    def get(self, batch):
+        """The program compiled ahead for `batch`'s shapes (after its compilation, if in progress), or None."""
+        with self._lock:
+            future = self._programs.get(_shape_key(batch))
+        return None if future is None or future.cancelled() else future.result()
+
+    def close(self) -> None:
+        """Compile nothing more, waiting for the compilation in progress, if any (one program: a preempted run
+        has saved its checkpoint before it gets here)."""
+        self._stop.set()
+        self._thread.join()
+
+
+def _compile_ahead(config, paths, pipe_cfg, step_fn, state, frozen, batch, mesh, phase: int,
+                   steps_per_phase) -> AheadPrograms:
+    """AheadPrograms for phase `phase` (from 1; its first batch is `batch`) and the phases after it that train."""
+    from vital_jax.data.pipeline import prompt_widths
+
+    plan = []
+    for p in range(phase, len(steps_per_phase) + 1):
+        if steps_per_phase[p - 1]:
+            max_k = int(config.curriculum.max_k[p - 1])
+            widths = functools.partial(prompt_widths, paths.data_dir, paths.tokenizer_dir, pipe_cfg,
+                                       config.data.train_split, max_k, min_k(config)[p - 1])
+            plan.append((latent_slots(config.vital.k_max, max_k, config.vital.latent_steps_cap), widths))
+    return AheadPrograms(step_fn, (_abstract(state), _abstract(frozen)), functools.partial(batch_shapes, batch),
+                         plan, mesh, skip_key=_shape_key(batch))
+
+
 def train(config, workdir: str) -> dict:
     """Run (or resume) the whole curriculum; returns a summary with the final metrics and checkpoint dirs.
 
@@ -238,6 +350,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     if logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped: each step once
         logger.jsonl.rewind(int(state.step))
     recorded = compiled = False
+    ahead = None  # AheadPrograms: the later phases' train steps, compiled while this one trains
+    ahead_used: set[int] = set()
     last_metrics: dict = {}
     phase_start = 0
     for phase, (max_k, n_steps) in enumerate(zip(config.curriculum.max_k, steps_per_phase), start=1):
@@ -270,8 +384,17 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             if not compiled:
                 cli.status("compiling the train step (the first step waits for it)...")
                 compiled = True
+                if config.curriculum.compile_ahead:
+                    ahead = checkpointers.enter_context(contextlib.closing(
+                        _compile_ahead(config, paths, pipe_cfg, step_fn, state, frozen, batch, mesh, phase,
+                                       steps_per_phase)))
+            program = ahead.get(batch) if ahead is not None else None
+            if program is not None and phase not in ahead_used:
+                cli.status(f"phase {phase}: its train step was compiled ahead")
+                ahead_used.add(phase)
+            program = program or step_fn
             with jax.set_mesh(mesh):
-                state, metrics = step_fn(state, frozen, batch)
+                state, metrics = program(state, frozen, batch)
             step = int(state.step)
             loss = float(metrics["loss"])
             if not np.isfinite(loss):

@@ -310,3 +310,18 @@ def test_the_roi_arrays_load_once_however_many_threads_read_the_first_items(data
         np.testing.assert_array_equal(item["roi_feature"], roi[written[i % len(written)].roi_index])
     copy = pickle.loads(pickle.dumps(source))
     assert copy._roi_features is None and copy[0]["record_index"] == 0 and len(calls) == 2
+
+
+def test_prompt_widths_are_the_widths_the_records_batches_get(dataset):
+    """Each record alone in a batch takes its own width, so the widths of batch-1 batches are the exact set; a
+    bucket too small for a record is an error naming it."""
+    data_dir, tokenizer_dir, _ = dataset
+    cfg = dataclasses.replace(CFG, batch_size=1, prompt_buckets=(28, 30, 32, 40, 128))
+    for split, k_min, k_max in (("train", 1, 1), ("train", 1, 4), ("train", 2, 3), ("test", 1, 4)):
+        batches = pipeline.make_train_iterator(data_dir, tokenizer_dir, cfg, k_max=k_max, split=split, k_min=k_min,
+                                               num_epochs=1, process_index=0, process_count=1)
+        seen = sorted({b["prompt_ids"].shape[1] for b in batches})
+        assert pipeline.prompt_widths(data_dir, tokenizer_dir, cfg, split, k_max, k_min) == seen, (split, k_max)
+    assert len(pipeline.prompt_widths(data_dir, tokenizer_dir, cfg, "train", 4)) >= 2  # the test can fail
+    with pytest.raises(pipeline.PipelineError, match=r"records.jsonl row \d+: prompt of \d+ tokens"):
+        pipeline.prompt_widths(data_dir, tokenizer_dir, dataclasses.replace(cfg, prompt_buckets=(29,)), "train", 4)

@@ -409,3 +409,11 @@ def test_batch_prompts_right_pads(tokenizer_dir):
         assert mask[row].sum() == len(prompt.input_ids) and (input_ids[row, ~mask[row]] == 185).all()
     with pytest.raises(pr.PromptError, match="more than length"):
         pr.batch_prompts(prompts, pad_id=185, length=8)
+
+
+@pytest.mark.parametrize("size,budget", [((64, 64), (4096, 96 * 96)), ((480, 640), (65536, 448 * 448)),
+                                         ((1000, 300), (65536, 448 * 448)), ((50, 70), (4096, 200 * 200))])
+def test_grid_for_size_is_the_grid_preprocessing_gives(size, budget):
+    rgb = np.random.RandomState(0).randint(0, 256, (*size, 3), np.uint8)
+    _, grid = pp.preprocess_image(rgb, min_pixels=budget[0], max_pixels=budget[1])
+    np.testing.assert_array_equal(pp.grid_for_size(*size, min_pixels=budget[0], max_pixels=budget[1]), grid)

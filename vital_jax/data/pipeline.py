@@ -337,6 +337,31 @@ def _pad_id(tokenizer_dir: str) -> int:
     return prompt.special_token_ids(prompt.load_tokenizer(tokenizer_dir))[prompt.ENDOFTEXT]
 
 
+def prompt_widths(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str | None, k_max: int | None,
+                  k_min: int = 1) -> list[int]:
+    """The prompt widths (`cfg.prompt_buckets`) that batches of the selected records can have, ascending.
+
+    A batch is as wide as the smallest bucket that fits its longest prompt (`collate_examples`), in every process
+    (`distributed.global_vital_batch` pads to the widest), so the widths are the buckets of the records' own
+    prompt lengths, over the whole split. Each prompt is tokenised as `ExampleBuilder` does it, its image tokens
+    counted from the image file's header (no pixels are decoded). A compiled program per width can thus be made
+    before the first batch of that width arrives (`vital_jax.train.AheadPrograms`)."""
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    widths = set()
+    for row, record in select_records(data_dir, split, k_max, k_min):
+        try:
+            height, width = images.check_file(os.path.join(data_dir, record.image))
+            grid = preprocessing.grid_for_size(height, width, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+            length = len(prompt.tokenize_prompt(tokenizer, record.question, grid, system=cfg.system_prompt).input_ids)
+        except Exception as e:  # as in ExampleBuilder: say which record
+            raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): {type(e).__name__}: {e}") from e
+        fitting = [t for t in sorted(cfg.prompt_buckets) if t >= length]
+        if not fitting:
+            raise PipelineError(f"record at records.jsonl row {row}: prompt of {length} tokens is longer than the "
+                                f"largest prompt bucket {max(cfg.prompt_buckets)}")
+        widths.add(fitting[0])
+    return sorted(widths)
+
 def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                        seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                        num_epochs: int | None = None, k_min: int = 1) -> grain.IterDataset:

@@ -174,6 +174,14 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH_SIZE * MERGE_SI
     return target_h, target_w
 
 
+def grid_for_size(height: int, width: int, *, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
+    """grid_thw (3,) int64 that `preprocess_image` gives an image of height x width pixels, without its pixels
+    (so a prompt's number of image tokens can be known from the file's header)."""
+    target_h, target_w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels,
+                                      max_pixels=max_pixels, min_side=min_side)
+    return np.array([1, target_h // patch_size, target_w // patch_size], dtype=np.int64)
+
 def patchify(image_hwc: np.ndarray, *, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
              temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Normalised image (H, W, C) -> (patches (gh*gw, C*T*ps*ps) float32, grid_thw (3,) int64 = [1, gh, gw]).

@@ -510,9 +510,101 @@ def run_process(args) -> None:
     jax.distributed.shutdown()
 
 
+# --------------------------------------------------------------------------------- MedSynapse-V Stage II (GRPO)
+GRPO_FEATURES = (3, 4, 16)  # Hf, Wf, df of the stored E_ana feature maps
+
+
+def grpo_setup():
+    """(backbone module with LoRA, sampler, params {"sampler", "backbone"}, GRPO config, optimizer, the global
+    batch's numpy rows (pipeline batch + stored F and regions), accuracy_fn) for a 2-step Stage II run."""
+    import jax
+    import numpy as np
+
+    from vital_jax.medsynapse import grpo
+    from vital_jax.medsynapse import reward as reward_lib
+    from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
+
+    model = tiny_model()
+    params = tiny_params(model)
+    sampler = DiagnosticMemorySampler(SamplerConfig(hidden_size=model.backbone_config.text.hidden_size,
+                                                    num_queries=3, num_heads=4, output_rms=0.5))
+    rng = np.random.RandomState(11)
+    b = len(GRIDS)
+    data = tiny_data(model)
+    data["feature_map"] = rng.randn(b, *GRPO_FEATURES).astype(np.float32)
+    regions = np.zeros((b, 2, *GRPO_FEATURES[:2]), bool)
+    regions[:, 0, :2, :2], regions[:, 1, :, 3] = True, True
+    data["region_masks"], data["region_valid"] = regions, np.ones((b, 2), bool)
+    data["region_confidence"] = rng.rand(b, 2).astype(np.float32)
+    sampler_params = jax.jit(sampler.init)(jax.random.PRNGKey(3), data["feature_map"][:1])["params"]
+    config = grpo.GRPOConfig(num_generations=2, max_new_tokens=3, eos_token_ids=(IM_END,), pad_token_id=0,
+                             reward=reward_lib.RewardConfig(lambda_causal=0.5))
+
+    def accuracy(tokens, lengths):  # a reward every process can compute from its own rows alone
+        return ((tokens[:, 0] % 3 == 0) | (lengths == 1)).astype(np.float32)
+
+    return (model.backbone, sampler, {"sampler": sampler_params, "backbone": params["backbone"]}, config,
+            grpo.make_optimizer(1e-2), data, accuracy)
+
+
+def _grpo_run(mesh, rows, steps):
+    import jax
+    import numpy as np
+
+    from vital_jax import distributed, sharding
+    from vital_jax.medsynapse import grpo
+
+    backbone, sampler, params, config, optimizer, data, accuracy = grpo_setup()
+    state, frozen = grpo.init_train_state(params, optimizer, jax.random.PRNGKey(7))
+    local = select_rows(data, rows, pad_patches_to=None)
+    for key in ("feature_map", "region_masks", "region_valid", "region_confidence"):
+        local[key] = data[key][list(rows)]
+    vb = distributed.global_vital_batch(local, backbone.config, mesh)
+    batch = grpo.PromptBatch(prefix=vb.prefix, example_valid=vb.example_valid,
+                             **{k: distributed.global_per_example(local[k], mesh)
+                                for k in ("feature_map", "region_masks", "region_confidence", "region_valid")})
+    to_global = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x, s: distributed.global_from_host_copy(jax.device_get(x), s), tree,
+        sharding.tree_shardings(tree, mesh)[0])
+    state, frozen = to_global(state), to_global(frozen)
+    step = grpo.make_grpo_step(backbone, sampler, config, optimizer)
+    history = []
+    with jax.set_mesh(mesh):
+        for _ in range(steps):
+            state, metrics = step(state, frozen, batch, accuracy)
+            history.append({k: metrics[k] for k in ("reward_mean", "r_acc", "r_causal", "loss", "grad_norm")})
+        replicated = jax.jit(lambda t: t, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                             )(state.params)
+    return history, checksum(replicated)
+
+
+def run_grpo(args) -> None:
+    """Stage II (GRPO) steps: one process on one device (--num_processes unset) or this process's share of the
+    global batch on a multi-process mesh; every process prints its metrics and the adapters' checksum."""
+    import jax
+    import numpy as np
+
+    from vital_jax import distributed, sharding
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    if args.num_processes:
+        distributed.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                                 initialization_timeout=60)
+        mesh = sharding.make_mesh(tuple(int(v) for v in args.mesh.split(",")))
+    else:
+        mesh = sharding.make_mesh((1, 1, 1))
+    global_b = len(GRIDS)
+    batch_spec, _ = sharding.spec_for(("batch",), (global_b,), mesh)
+    rows = distributed.process_rows(jax.sharding.NamedSharding(mesh, batch_spec), (global_b,))
+    history, total = _grpo_run(mesh, rows, args.steps)
+    _emit("result", process_id=jax.process_index(), num_processes=jax.process_count(), history=history,
+          checksum=total, rows=[int(r) for r in rows], devices=jax.device_count())
+    if args.num_processes:
+        jax.distributed.shutdown()
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("meshes", "reference", "process"))
+    parser.add_argument("mode", choices=("meshes", "reference", "process", "grpo"))
     parser.add_argument("--devices", type=int, default=1, help="CPU devices of this process")
     parser.add_argument("--meshes", nargs="*", default=["8,1,1", "2,4,1", "2,2,2"])
     parser.add_argument("--ckpt", default="")
@@ -524,7 +616,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     _setup_env(args.devices)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    {"meshes": run_meshes, "reference": run_reference, "process": run_process}[args.mode](args)
+    {"meshes": run_meshes, "reference": run_reference, "process": run_process, "grpo": run_grpo}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -125,16 +125,10 @@ def _results(proc: subprocess.Popen) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.read().splitlines() if line.startswith("{")]
 
 
-def test_two_processes_reproduce_the_single_process_run(tmp_path):
-    port = _free_port()
-    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
-              "--steps", "2"]
-    procs = {
-        "reference": _start(["reference", "--steps", "2"], str(tmp_path / "reference.log")),
-        0: _start(["process", "--process_id", "0", *common], str(tmp_path / "p0.log")),
-        1: _start(["process", "--process_id", "1", *common], str(tmp_path / "p1.log")),
-    }
-    deadline = time.time() + 300
+def _run_all(procs: dict, tmp_path, timeout: float = 300) -> dict:
+    """Wait for the started workers (killing any still running at the deadline); fail naming the ones that
+    failed, with their logs; returns each worker's first result line."""
+    deadline = time.time() + timeout
     try:
         for proc, _ in procs.values():
             proc.wait(timeout=max(1.0, deadline - time.time()))
@@ -156,9 +150,21 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
                     "training cannot be tested here.")
         tails = "\n".join(f"--- {name} (rc {rc}) ---\n{logs[name][-3000:]}" for name, rc in failed.items())
         pytest.fail(f"worker(s) failed or timed out: {failed}{hint}\n{tails}")
+    return {name: _results(proc)[0] for name, (proc, _) in procs.items()}
 
-    reference = _results(procs["reference"][0])[0]
-    results = [_results(procs[i][0])[0] for i in (0, 1)]
+
+def test_two_processes_reproduce_the_single_process_run(tmp_path):
+    port = _free_port()
+    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
+              "--steps", "2"]
+    procs = {
+        "reference": _start(["reference", "--steps", "2"], str(tmp_path / "reference.log")),
+        0: _start(["process", "--process_id", "0", *common], str(tmp_path / "p0.log")),
+        1: _start(["process", "--process_id", "1", *common], str(tmp_path / "p1.log")),
+    }
+    out = _run_all(procs, tmp_path)
+    reference = out["reference"]
+    results = [out[i] for i in (0, 1)]
     assert reference["num_processes"] == 1 and reference["devices"] == 1
     for i, r in enumerate(results):
         assert r["process_id"] == i and r["num_processes"] == 2
@@ -172,3 +178,30 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
     assert sorted(results[0]["rows"] + results[1]["rows"]) == list(range(8))
     # Process 1's prompts are shorter: the global batch left-pads them to the longest prompt of all processes.
     assert results[1]["local_prompt_len"] < results[1]["global_prompt_len"] == results[0]["global_prompt_len"]
+
+
+def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
+    """MedSynapse-V's Stage II on a global batch split over 2 processes x 2 devices (mesh data 2, fsdp 2): each
+    process decodes and scores only its own prompts' completions (`grpo.host_accuracy`), and the rewards,
+    losses and trained adapters equal one process on one device (1e-5 relative: float32 reduction order)."""
+    port = _free_port()
+    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
+              "--steps", "2"]
+    procs = {
+        "reference": _start(["grpo", "--steps", "2"], str(tmp_path / "reference.log")),
+        0: _start(["grpo", "--process_id", "0", *common], str(tmp_path / "p0.log")),
+        1: _start(["grpo", "--process_id", "1", *common], str(tmp_path / "p1.log")),
+    }
+    out = _run_all(procs, tmp_path)
+    reference = out["reference"]
+    assert reference["num_processes"] == 1 and reference["devices"] == 1
+    assert sorted(out[0]["rows"] + out[1]["rows"]) == list(range(8)) and out[0]["rows"] != out[1]["rows"]
+    for i in (0, 1):
+        assert out[i]["num_processes"] == 2 and out[i]["devices"] == 4
+        for got, want in zip(out[i]["history"], reference["history"]):
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (i, key, got, want)
+        assert out[i]["checksum"] == pytest.approx(reference["checksum"], rel=1e-6)
+    # The run trained, and the rewards are not all one value (so a mis-assigned row would show).
+    assert reference["checksum"] != pytest.approx(out[0]["checksum"] + 1.0)
+    assert 0 < reference["history"][0]["r_acc"] < 1

@@ -204,6 +204,44 @@ _PER_EXAMPLE = ("prompt_ids", "prompt_valid", "answer_ids", "answer_valid", "lat
                 "step_valid", "roi_feature", "example_valid", "global_feature")
 
 
+def global_per_example(local: np.ndarray, mesh: Mesh, logical_axes: Sequence[str | None] | None = None) -> jax.Array:
+    """This process's rows of a per-example array (B_local, ...) -> the global array (B_local x processes, ...),
+    sharded over the batch axes like `global_vital_batch`'s per-example arrays (the process holds the global
+    rows `process_rows` names, in order). logical_axes: default ("batch", None, ...)."""
+    local = np.asarray(local)
+    axes = tuple(logical_axes) if logical_axes is not None else ("batch",) + (None,) * (local.ndim - 1)
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    spec, _ = sharding.spec_for(axes, global_shape, mesh)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
+
+def host_rows(x: jax.Array, rows: Sequence[int]) -> np.ndarray:
+    """Rows `rows` (along axis 0, in that order) of a global array, read from this process's shards: with several
+    processes a batch-sharded array is not addressable as a whole, but each process holds its own examples' rows.
+    Every other axis must be unsharded; a row no local shard holds is an error naming it."""
+    rows = [int(r) for r in rows]
+    if x.is_fully_addressable:
+        return np.asarray(x)[rows]
+    out = np.zeros((len(rows),) + tuple(x.shape[1:]), x.dtype)
+    found = np.zeros(len(rows), bool)
+    where: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        where.setdefault(r, []).append(i)
+    for shard in x.addressable_shards:
+        if any(index.indices(size) != (0, size, 1) for index, size in zip(shard.index[1:], x.shape[1:])):
+            raise ValueError(f"host_rows: an array of shape {x.shape} is sharded beyond its first axis "
+                             f"({shard.index})")
+        start, stop, _ = shard.index[0].indices(x.shape[0])
+        data = None
+        for r in range(start, stop):
+            if r in where:
+                data = np.asarray(shard.data) if data is None else data
+                out[where[r]], found[where[r]] = data[r - start], True
+    if not found.all():
+        missing = [r for r, ok in zip(rows, found) if not ok]
+        raise ValueError(f"process {jax.process_index()} holds no shard of rows {missing[:8]} of an array of shape "
+                         f"{x.shape}")
+    return out
+
 def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, mesh: Mesh) -> VitalBatch:
     """This process's pipeline batch (numpy dict) -> the global VitalBatch, sharded over the batch axes.
 
@@ -267,8 +305,7 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
     # 2. Per-example arrays: each process's rows.
     def per_example(x, spec_axes):
-        spec, _ = sharding.spec_for(spec_axes, (global_b,) + x.shape[1:], mesh)
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, (global_b,) + x.shape[1:])
+        return global_per_example(x, mesh, spec_axes)
 
     arrays = {k: per_example(local[k], ("batch",) + (None,) * (local[k].ndim - 1)) for k in keys}
     positions, _ = get_rope_index(local["prompt_ids"], local["prompt_valid"], [tuple(g) for g in grids],
@@ -327,6 +364,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 
 __all__ = [
-    "DistributedPlan", "global_from_host_copy", "global_vital_batch", "host_local_to_global", "is_primary",
+    "DistributedPlan", "global_from_host_copy", "global_per_example", "global_vital_batch", "host_rows", "host_local_to_global", "is_primary",
     "maybe_initialize_distributed", "plan_distributed", "process_rows",
 ]

@@ -21,6 +21,7 @@ from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config
 from vital_jax.checkpoint import CheckpointError
 from vital_jax.data.pipeline import make_train_iterator
 from vital_jax.generation import SamplingConfig
+from vital_jax.models.qwen3_vl.cached import prefix_inputs
 from vital_jax.medsynapse import deploy, trainer
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.hf_mapping import flatten
@@ -230,7 +231,8 @@ def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     # The deployed model (backbone + LoRA + A_psi) generates from the loaded tree.
     cfg = trainer.pipeline_config(run.config)
     batch = next(make_train_iterator(run.paths.data_dir, run.paths.tokenizer_dir, cfg, k_max=cfg.k_max_slots))
-    prefix = trainer.batch_prefix(batch, run.backbone.config)
+    prefix = prefix_inputs(batch["prompt_ids"], batch["prompt_valid"], batch["image_grid_thw"], batch["pixel_patches"],
+                           run.backbone.config)
     generate = deploy.make_generate(run.backbone, run.autonomous, SamplingConfig(max_new_tokens=3))
     tokens, lengths = generate(deploy.deployable_params(run.params), prefix)
     assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1

@@ -490,6 +490,35 @@ def _masked_stats(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.sqrt(jnp.where(mask, jnp.square(x - mean), 0.0).sum() / n)
 
 
+def host_accuracy(accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], rollout_: Rollout,
+                  example_valid: jax.Array, g: int) -> jax.Array:
+    """r_acc (B G,) of a rollout, computed on the host by `accuracy_fn` over this process's trajectories.
+
+    In one process that is every trajectory. With several processes each holds only its own prompts' rows
+    (the batch is sharded over them: `distributed.global_vital_batch`), so each decodes and scores the
+    trajectories of its own prompts (the rows its pipeline batch, and so `accuracy_fn`'s reference answers, are
+    about) and the scores are assembled into one global array with the batch's sharding."""
+    from vital_jax import distributed
+
+    if rollout_.tokens.is_fully_addressable:
+        r_acc = np.asarray(accuracy_fn(np.asarray(rollout_.tokens), np.asarray(rollout_.lengths)), np.float32)
+        if r_acc.shape != rollout_.lengths.shape:
+            raise ValueError(f"accuracy_fn returned shape {r_acc.shape}, expected {rollout_.lengths.shape}")
+        return jnp.asarray(r_acc)
+    batch_sharding = example_valid.sharding
+    prompts = distributed.process_rows(batch_sharding, example_valid.shape)
+    rows = (prompts[:, None] * g + np.arange(g)[None]).reshape(-1)
+    local = np.asarray(accuracy_fn(distributed.host_rows(rollout_.tokens, rows),
+                                   distributed.host_rows(rollout_.lengths, rows)), np.float32)
+    if local.shape != rows.shape:
+        raise ValueError(f"accuracy_fn returned shape {local.shape}, expected {rows.shape} (this process's "
+                         f"{len(prompts)} prompts x {g} completions)")
+    sharding_ = jax.sharding.NamedSharding(batch_sharding.mesh, batch_sharding.spec)
+    if not np.array_equal(distributed.process_rows(sharding_, rollout_.lengths.shape), rows):
+        raise ValueError("the trajectories of this process's prompts are not the rows it holds of a (B G,) array "
+                         "sharded like the batch")
+    return jax.make_array_from_process_local_data(sharding_, local, rollout_.lengths.shape)
+
 def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: PromptBatch,
               accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[TrainState, dict]:
     """One Stage II step: rollout -> scores (old policy, r_causal) -> r_acc on the host -> rewards and group
@@ -499,9 +528,7 @@ def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: Prompt
     g = cfg.num_generations
     rollout_ = fns.rollout(state.params, frozen, batch, jax.random.fold_in(state.rng, state.step))
     scores = fns.score(state.params, frozen, batch, rollout_)
-    r_acc = jnp.asarray(accuracy_fn(np.asarray(rollout_.tokens), np.asarray(rollout_.lengths)), jnp.float32)
-    if r_acc.shape != rollout_.lengths.shape:
-        raise ValueError(f"accuracy_fn returned shape {r_acc.shape}, expected {rollout_.lengths.shape}")
+    r_acc = host_accuracy(accuracy_fn, rollout_, batch.example_valid, g)
     rewards = reward_lib.combine(r_acc, scores.r_causal, cfg.reward)
     advantages, zero_variance = group_advantages(rewards, g, cfg.advantage_epsilon, cfg.std_ddof)
     trajectory_valid = jnp.repeat(batch.example_valid, g)

@@ -66,7 +66,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import freeze, sharding
+from vital_jax import distributed, freeze, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
@@ -82,10 +82,10 @@ from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
-from vital_jax.models.qwen3_vl.cached import prefix_inputs
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 from vital_jax.observability import MetricsLogger
+from vital_jax.vital.batch import VitalBatch
 
 STAGES = ("warmup", "ccr", "imt")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -336,39 +336,38 @@ def build_setup(config, workdir: str, paths: Paths, load_weights) -> Setup:
                  (specials[prompt.IM_END], specials[prompt.ENDOFTEXT]), specials[prompt.ENDOFTEXT])
 
 
-def batch_prefix(batch_np: dict, config: Qwen3VLConfig):
-    """The image + question prefix of a pipeline batch (MRoPE positions and vision inputs, built on the host)."""
-    return prefix_inputs(batch_np["prompt_ids"], batch_np["prompt_valid"], batch_np.get("image_grid_thw"),
-                         batch_np.get("pixel_patches"), config)
+def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, VitalBatch, dict]:
+    """What every stage's batch holds: (the records' stored arrays (numpy), the global VITAL-layout batch, the
+    fields prefix, feature_map (F) and example_valid).
 
-
-def _stored_batch(batch_np: dict, setup: Setup) -> tuple[dict, dict]:
-    """What every stage's batch holds: (the records' stored arrays (numpy), the fields prefix, feature_map (F) and
-    example_valid on the device)."""
+    The batch is global and sharded over the mesh's batch axes like VITAL's (`distributed.global_vital_batch`:
+    each process supplies its own rows, the images packed per batch shard), so every stage trains data-parallel
+    over the mesh and across processes; the stored arrays follow the same rows (`distributed.global_per_example`).
+    """
     stored = setup.store.gather(batch_np["record_index"])
-    return stored, dict(prefix=batch_prefix(batch_np, setup.backbone.config),
-                        feature_map=jnp.asarray(stored["feature_map"]),
-                        example_valid=jnp.asarray(batch_np["example_valid"], bool))
+    batch = distributed.global_vital_batch(batch_np, setup.backbone.config, mesh)
+    return stored, batch, dict(prefix=batch.prefix,
+                               feature_map=distributed.global_per_example(stored["feature_map"], mesh),
+                               example_valid=batch.example_valid)
 
 
-def warmup_batch(batch_np: dict, setup: Setup) -> stage1.WarmupBatch:
-    """A pipeline batch (numpy) + its records' stored F -> the device batch of Stage I."""
-    _, common = _stored_batch(batch_np, setup)
-    return stage1.WarmupBatch(**common, answer_ids=jnp.asarray(batch_np["answer_ids"], jnp.int32),
-                              answer_valid=jnp.asarray(batch_np["answer_valid"], bool))
+def warmup_batch(batch_np: dict, setup: Setup, mesh) -> stage1.WarmupBatch:
+    """A pipeline batch (numpy) + its records' stored F -> the global device batch of Stage I."""
+    _, batch, common = _stored_batch(batch_np, setup, mesh)
+    return stage1.WarmupBatch(**common, answer_ids=batch.answer_ids, answer_valid=batch.answer_valid)
 
 
-def prompt_batch(batch_np: dict, setup: Setup) -> grpo.PromptBatch:
-    """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's rollout prompts."""
-    stored, common = _stored_batch(batch_np, setup)
-    return grpo.PromptBatch(**common, region_masks=jnp.asarray(stored["region_masks"], bool),
-                            region_confidence=jnp.asarray(stored["region_confidence"], jnp.float32),
-                            region_valid=jnp.asarray(stored["region_valid"], bool))
+def prompt_batch(batch_np: dict, setup: Setup, mesh) -> grpo.PromptBatch:
+    """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's global rollout prompts."""
+    stored, _, common = _stored_batch(batch_np, setup, mesh)
+    rows = {k: distributed.global_per_example(np.asarray(stored[k], dtype), mesh)
+            for k, dtype in (("region_masks", bool), ("region_confidence", np.float32), ("region_valid", bool))}
+    return grpo.PromptBatch(**common, **rows)
 
 
-def imt_batch(batch_np: dict, setup: Setup) -> imt.IMTBatch:
-    """A pipeline batch + its records' stored F (the teacher's input) -> Stage III's batch."""
-    return imt.IMTBatch(**_stored_batch(batch_np, setup)[1])
+def imt_batch(batch_np: dict, setup: Setup, mesh) -> imt.IMTBatch:
+    """A pipeline batch + its records' stored F (the teacher's input) -> Stage III's global batch."""
+    return imt.IMTBatch(**_stored_batch(batch_np, setup, mesh)[2])
 
 
 def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):
@@ -509,7 +508,7 @@ def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
-            return jitted(state, frozen, warmup_batch(batch_np, setup))
+            return jitted(state, frozen, warmup_batch(batch_np, setup, loop.mesh))
 
     state, preempted, last = _run_stage(loop, "warmup", state, step, total, offset, setup.pipeline, w.epochs,
                                         config.seed + 1)
@@ -532,7 +531,7 @@ def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
-            return grpo_step(state, frozen, prompt_batch(batch_np, setup), accuracy_fn(batch_np, setup, cfg))
+            return grpo_step(state, frozen, prompt_batch(batch_np, setup, loop.mesh), accuracy_fn(batch_np, setup, cfg))
 
     state, preempted, last = _run_stage(loop, "ccr", state, step, total, offset,
                                         pipeline_config(config, rollout_prompts(config)), None, config.seed + 2,
@@ -556,7 +555,7 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
-            state, metrics = jitted(state, frozen, imt_batch(batch_np, setup))
+            state, metrics = jitted(state, frozen, imt_batch(batch_np, setup, loop.mesh))
         return state, {k: v for k, v in metrics.items() if k not in IMT_ARRAYS}
 
     state, preempted, last = _run_stage(loop, "imt", state, step, total, offset, setup.pipeline, i.epochs,

@@ -66,7 +66,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import distributed, freeze, sharding
+from vital_jax import freeze, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
@@ -85,7 +85,6 @@ from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 from vital_jax.observability import MetricsLogger
-from vital_jax.vital.batch import VitalBatch
 
 STAGES = ("warmup", "ccr", "imt")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -336,7 +335,7 @@ def build_setup(config, workdir: str, paths: Paths, load_weights) -> Setup:
                  (specials[prompt.IM_END], specials[prompt.ENDOFTEXT]), specials[prompt.ENDOFTEXT])
 
 
-def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, VitalBatch, dict]:
+def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, object, dict]:
     """What every stage's batch holds: (the records' stored arrays (numpy), the global VITAL-layout batch, the
     fields prefix, feature_map (F) and example_valid).
 
@@ -344,6 +343,8 @@ def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, VitalBatch,
     each process supplies its own rows, the images packed per batch shard), so every stage trains data-parallel
     over the mesh and across processes; the stored arrays follow the same rows (`distributed.global_per_example`).
     """
+    from vital_jax import distributed  # here: it imports vital_jax.vital (its batch type); medsynapse must not
+
     stored = setup.store.gather(batch_np["record_index"])
     batch = distributed.global_vital_batch(batch_np, setup.backbone.config, mesh)
     return stored, batch, dict(prefix=batch.prefix,
@@ -359,6 +360,8 @@ def warmup_batch(batch_np: dict, setup: Setup, mesh) -> stage1.WarmupBatch:
 
 def prompt_batch(batch_np: dict, setup: Setup, mesh) -> grpo.PromptBatch:
     """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's global rollout prompts."""
+    from vital_jax import distributed
+
     stored, _, common = _stored_batch(batch_np, setup, mesh)
     rows = {k: distributed.global_per_example(np.asarray(stored[k], dtype), mesh)
             for k, dtype in (("region_masks", bool), ("region_confidence", np.float32), ("region_valid", bool))}

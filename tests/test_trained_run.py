@@ -93,8 +93,29 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
     assert grid == [8, 8]  # the tiny SigLIP's 112 px / patch 14 grid
     for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):
         assert (tmp_path / "x" / name).exists()
+    # The answer came from the run's shared single-example predictor (the one evaluation compiles), at the
+    # training answer budget, and a second explanation compiles nothing new.
+    shared = run.predictors[(1, int(run.config.data.max_answer_tokens))]
+    programs = shared._generate._cache_size()
+    assert explain_example(run, image, "Where is the liver?", str(tmp_path / "y"), latent_steps=3) == {
+        **result, "heatmaps": [dict(h, figure=h["figure"].replace(str(tmp_path / "x"), str(tmp_path / "y")))
+                               for h in result["heatmaps"]]}
+    assert shared._generate._cache_size() == programs
     matrix = explain_dataset(run, run.paths.data_dir, str(tmp_path / "d"), split="train", limit=6)
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0, atol=1e-5)
+
+
+def test_shared_predictor_is_built_once_per_run_and_shape(workdir):
+    from vital_jax.inference import shared_predictor
+
+    run = load_run(workdir)
+    predictor = shared_predictor(run, 1, 8)
+    assert shared_predictor(run, 1, 8) is predictor
+    assert shared_predictor(run, 2, 8) is not predictor and shared_predictor(run, 1, 9) is not predictor
+    run.params = {**run.params, "backbone": dict(run.params["backbone"])}  # new parameters: a new predictor
+    rebuilt = shared_predictor(run, 1, 8)
+    assert rebuilt is not predictor and rebuilt.backbone_params is run.params["backbone"]
+    assert load_run(workdir).predictors == {}  # each loaded run has its own
 
 
 def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir, tmp_path):

@@ -109,7 +109,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     from vital_jax.eval import KSweepPoint, write_k_sweep, write_report, write_summary
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
-    from vital_jax.inference import Predictor, warm_up_all
+    from vital_jax.inference import shared_predictor, warm_up_all
     from vital_jax.run import load_run, read_config
 
     figures.check_format(figure_format)
@@ -126,7 +126,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         cli.status(f"loading the run in {checkpoint}...")
         run = load_run(checkpoint)
     n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
-    predictor = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    predictor = shared_predictor(run, batch_size, max_new_tokens)
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
                for i in range(0, len(examples), batch_size)]
@@ -138,7 +138,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     calls = predictor.warm_up_calls(batches, programs)
     single, singles = predictor, []
     if batch_size != 1 and n_timed:
-        single = Predictor(run, batch_size=1, max_new_tokens=max_new_tokens)
+        single = shared_predictor(run, 1, max_new_tokens)
         singles = [single.encode([e.image], [e.prompt]) for e in examples[:n_timed]]
         calls += single.warm_up_calls(singles, programs)
     warm_up_all(calls)

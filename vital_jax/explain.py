@@ -39,18 +39,22 @@ def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: st
 
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
-                    encoder_dir: str | None = None, max_text_tokens: int = 24, figure_format: str = "png") -> dict:
+                    encoder_dir: str | None = None, max_text_tokens: int = 24, figure_format: str = "png",
+                    max_new_tokens: int | None = None) -> dict:
     """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
-    dict."""
+    dict. The answer gets `max_new_tokens` tokens (default: the run's training answer budget, as in `evaluate`,
+    whose compiled single-example program it then reuses)."""
     from vital_jax.data.images import load_image
     from vital_jax.data.roi import load_roi_encoder
-    from vital_jax.inference import Predictor
+    from vital_jax.inference import shared_predictor
     from vital_jax.vital import interpret
 
     figures.check_format(figure_format)
     model, params = run.model, run.params
     k = model.config.k_max if latent_steps is None else latent_steps
-    predictor = Predictor(run, batch_size=1, max_new_tokens=32)
+    if max_new_tokens is None:
+        max_new_tokens = int(run.config.data.max_answer_tokens)
+    predictor = shared_predictor(run, 1, max_new_tokens)
     answers, z, _ = predictor.answer([image_path], [question], k)
     z = jnp.asarray(z[:, :max(k, 1)])
     valid = jnp.arange(z.shape[1])[None] < k

@@ -80,6 +80,16 @@ class Predictor(PromptEncoder):
         return calls
 
 
+def shared_predictor(run: TrainedRun, batch_size: int, max_new_tokens: int) -> Predictor:
+    """The run's Predictor for (batch_size, max_new_tokens), built once (`TrainedRun.predictors`) so its compiled
+    programs serve every later caller; rebuilt if `run.params` were replaced since."""
+    key = (batch_size, max_new_tokens)
+    predictor = run.predictors.get(key)
+    if predictor is None or predictor.backbone_params is not run.params["backbone"]:
+        predictor = run.predictors[key] = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return predictor
+
+
 def warm_up_all(calls, workers: int = 2) -> None:
     """Run warm-up calls (`Predictor.warm_up_calls`) `workers` at a time. XLA compiles different programs in
     parallel threads: the demo's six evaluation programs took 24 s one at a time and 19 s two at a time on 2 CPU

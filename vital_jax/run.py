@@ -127,6 +127,9 @@ class TrainedRun:
     params: dict  # full parameters (backbone incl. LoRA, decoder, pj_in, visual_projector)
     paths: Paths
     step: int
+    # Predictors built for this run (`inference.shared_predictor`), by (batch_size, max_new_tokens): evaluation and
+    # the explanation that follows it reuse one compiled program instead of compiling it twice.
+    predictors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import faulthandler
 import json
 import os
 import sys
@@ -614,6 +615,9 @@ def main(argv=None) -> None:
     parser.add_argument("--coordinator")
     parser.add_argument("--mesh", default="2,2,1")
     args = parser.parse_args(argv)
+    # A worker that is still running after 150 s writes every thread's Python stack to its log (and again every
+    # 150 s), so a hang inside the suite shows where it waits.
+    faulthandler.dump_traceback_later(150, repeat=True)
     _setup_env(args.devices)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     {"meshes": run_meshes, "reference": run_reference, "process": run_process, "grpo": run_grpo}[args.mode](args)

@@ -179,3 +179,30 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
     # Process 1's prompts are shorter: the global batch left-pads them to the longest prompt of all processes.
     assert results[1]["local_prompt_len"] < results[1]["global_prompt_len"] == results[0]["global_prompt_len"]
 
+
+
+def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
+    """MedSynapse-V's Stage II on a global batch split over 2 processes x 2 devices (mesh data 2, fsdp 2): each
+    process decodes and scores only its own prompts' completions (`grpo.host_accuracy`), and the rewards,
+    losses and trained adapters equal one process on one device (1e-5 relative: float32 reduction order)."""
+    port = _free_port()
+    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
+              "--steps", "2"]
+    procs = {
+        "reference": _start(["grpo", "--steps", "2"], str(tmp_path / "reference.log")),
+        0: _start(["grpo", "--process_id", "0", *common], str(tmp_path / "p0.log")),
+        1: _start(["grpo", "--process_id", "1", *common], str(tmp_path / "p1.log")),
+    }
+    out = _run_all(procs, tmp_path)
+    reference = out["reference"]
+    assert reference["num_processes"] == 1 and reference["devices"] == 1
+    assert sorted(out[0]["rows"] + out[1]["rows"]) == list(range(8)) and out[0]["rows"] != out[1]["rows"]
+    for i in (0, 1):
+        assert out[i]["num_processes"] == 2 and out[i]["devices"] == 4
+        for got, want in zip(out[i]["history"], reference["history"]):
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (i, key, got, want)
+        assert out[i]["checksum"] == pytest.approx(reference["checksum"], rel=1e-6)
+    # The run trained, and the rewards are not all one value (so a mis-assigned row would show).
+    assert reference["checksum"] != pytest.approx(out[0]["checksum"] + 1.0)
+    assert 0 < reference["history"][0]["r_acc"] < 1

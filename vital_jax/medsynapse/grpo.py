@@ -463,6 +463,7 @@ class GRPOFunctions(NamedTuple):
     rollout: Callable  # (train, frozen, batch, rng) -> Rollout
     score: Callable  # (train, frozen, batch, rollout) -> Scores
     update: Callable  # (state, frozen, batch, rollout, old_log_probs, advantages, ref_log_probs) -> (state, metrics)
+    advantages: Callable  # (r_acc, scores, rollout, example_valid) -> (advantages (B G,), metrics of the rollout)
 
 
 def _merged(fn):
@@ -481,6 +482,7 @@ def grpo_functions(backbone: Qwen3VLForConditionalGeneration, sampler: Diagnosti
         rollout=jax.jit(_merged(functools.partial(rollout, backbone, sampler, config))),
         score=jax.jit(_merged(functools.partial(score_rollout, backbone, config))),
         update=jax.jit(functools.partial(update, backbone, config, optimizer)),
+        advantages=jax.jit(functools.partial(advantages_and_metrics, config)),
     )
 
 
@@ -519,6 +521,35 @@ def host_accuracy(accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], r
                          "sharded like the batch")
     return jax.make_array_from_process_local_data(sharding_, local, rollout_.lengths.shape)
 
+def advantages_and_metrics(cfg: GRPOConfig, r_acc: jax.Array, scores: Scores, rollout_: Rollout,
+                           example_valid: jax.Array) -> tuple[jax.Array, dict]:
+    """Rewards (Eq. 4-5) -> group-normalised advantages (B G,) (0 for padding prompts' trajectories) and the
+    rollout's metrics (replicated scalars). One jitted program: on a multi-process mesh a chain of eager ops on
+    the sharded rewards would be a chain of small collective programs, and processes that dispatch those in
+    different interleavings over their devices deadlock (seen with 2 processes x 2 CPU devices under load)."""
+    g = cfg.num_generations
+    rewards = reward_lib.combine(r_acc, scores.r_causal, cfg.reward)
+    advantages, zero_variance = group_advantages(rewards, g, cfg.advantage_epsilon, cfg.std_ddof)
+    trajectory_valid = jnp.repeat(example_valid, g)
+    advantages = jnp.where(trajectory_valid, advantages, 0.0)
+    reward_mean, reward_std = _masked_stats(rewards, trajectory_valid)
+    r_causal_mean, r_causal_std = _masked_stats(scores.r_causal, trajectory_valid)
+    adv_mean, adv_std = _masked_stats(advantages, trajectory_valid)
+    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+    truncated = (rollout_.lengths == cfg.max_new_tokens) & ~jnp.isin(rollout_.tokens[:, -1], eos)
+    return advantages, {
+        "reward_mean": reward_mean, "reward_std": reward_std,
+        "r_acc": _masked_stats(r_acc, trajectory_valid)[0],
+        "r_causal": r_causal_mean, "r_causal_std": r_causal_std,
+        "advantage_mean": adv_mean, "advantage_std": adv_std,
+        "advantage_min": jnp.min(jnp.where(trajectory_valid, advantages, jnp.inf)),
+        "advantage_max": jnp.max(jnp.where(trajectory_valid, advantages, -jnp.inf)),
+        "zero_variance_groups": (zero_variance & example_valid).sum(),
+        "completion_length": _masked_stats(rollout_.lengths.astype(jnp.float32), trajectory_valid)[0],
+        "truncated_fraction": _masked_stats(truncated.astype(jnp.float32), trajectory_valid)[0],
+    }
+
+
 def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: PromptBatch,
               accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[TrainState, dict]:
     """One Stage II step: rollout -> scores (old policy, r_causal) -> r_acc on the host -> rewards and group
@@ -529,35 +560,18 @@ def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: Prompt
     rollout_ = fns.rollout(state.params, frozen, batch, jax.random.fold_in(state.rng, state.step))
     scores = fns.score(state.params, frozen, batch, rollout_)
     r_acc = host_accuracy(accuracy_fn, rollout_, batch.example_valid, g)
-    rewards = reward_lib.combine(r_acc, scores.r_causal, cfg.reward)
-    advantages, zero_variance = group_advantages(rewards, g, cfg.advantage_epsilon, cfg.std_ddof)
-    trajectory_valid = jnp.repeat(batch.example_valid, g)
-    advantages = jnp.where(trajectory_valid, advantages, 0.0)
-
+    advantages, metrics = fns.advantages(r_acc, scores, rollout_, batch.example_valid)
     update_metrics = []
     for _ in range(cfg.num_updates):
         state, m = fns.update(state, frozen, batch, rollout_, scores.old_log_probs, advantages, scores.ref_log_probs)
         update_metrics.append(m)
-
-    reward_mean, reward_std = _masked_stats(rewards, trajectory_valid)
-    r_causal_mean, r_causal_std = _masked_stats(scores.r_causal, trajectory_valid)
-    adv_mean, adv_std = _masked_stats(advantages, trajectory_valid)
-    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-    truncated = (rollout_.lengths == cfg.max_new_tokens) & ~jnp.isin(rollout_.tokens[:, -1], eos)
-    metrics = {
-        "reward_mean": reward_mean, "reward_std": reward_std,
-        "r_acc": _masked_stats(r_acc, trajectory_valid)[0],
-        "r_causal": r_causal_mean, "r_causal_std": r_causal_std,
-        "advantage_mean": adv_mean, "advantage_std": adv_std,
-        "advantage_min": jnp.min(jnp.where(trajectory_valid, advantages, jnp.inf)),
-        "advantage_max": jnp.max(jnp.where(trajectory_valid, advantages, -jnp.inf)),
-        "zero_variance_groups": (zero_variance & batch.example_valid).sum(),
-        "completion_length": _masked_stats(rollout_.lengths.astype(jnp.float32), trajectory_valid)[0],
-        "truncated_fraction": _masked_stats(truncated.astype(jnp.float32), trajectory_valid)[0],
-    }
+    # Every metric is a replicated scalar: averaged on the host, so no further device program runs (with several
+    # processes each eager op would be one more collective program, see `advantages_and_metrics`).
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    update_metrics = jax.device_get(update_metrics)
     for key in update_metrics[0]:
-        metrics[key] = jnp.mean(jnp.stack([m[key] for m in update_metrics]))
-    return state, {k: float(v) for k, v in metrics.items()}
+        metrics[key] = float(np.mean([m[key] for m in update_metrics]))
+    return state, metrics
 
 
 def make_grpo_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,

@@ -180,7 +180,6 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
     assert results[1]["local_prompt_len"] < results[1]["global_prompt_len"] == results[0]["global_prompt_len"]
 
 
-
 def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
     """MedSynapse-V's Stage II on a global batch split over 2 processes x 2 devices (mesh data 2, fsdp 2): each
     process decodes and scores only its own prompts' completions (`grpo.host_accuracy`), and the rewards,

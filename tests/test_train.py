@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import train
+from vital_jax import sharding, train
 from vital_jax.models.hf_config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,7 +397,7 @@ def test_programs_compiled_ahead_are_the_jitted_step_and_others_fall_through():
                           example_valid=jnp.ones((2,), bool))
 
     first = make(8, 1)
-    args = train._abstract(jnp.ones(3)), train._abstract(jnp.full(3, 2.0))
+    args = sharding.abstract_of(jnp.ones(3)), sharding.abstract_of(jnp.full(3, 2.0))
     calls = []
 
     def widths(values):

@@ -395,6 +395,12 @@ def abstract_with_shardings(tree, shardings) -> Any:
                         tree, shardings, is_leaf=_is_masked)
 
 
+def abstract_of(tree) -> Any:
+    """ShapeDtypeStructs with each array's own shape, dtype and sharding: what a program is compiled for
+    (`jax.jit(...).lower(*abstract_of(args))` compiles for those arrays without them)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def shard(tree, shardings) -> Any:
     """Place a (host or device) tree onto `shardings` (single-process; use `distributed` helpers across hosts)."""
     return jax.tree.map(lambda x, s: x if _is_masked(x) else jax.device_put(x, s), tree, shardings,

@@ -173,11 +173,6 @@ def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]
     return 1, state, None
 
 
-def _abstract(tree):
-    """Shapes, dtypes and shardings of a tree of arrays: what a program is compiled for."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def _shape_key(tree) -> tuple:
     return jax.tree.structure(tree), tuple((tuple(x.shape), x.dtype) for x in jax.tree.leaves(tree))
 
@@ -191,7 +186,7 @@ def batch_shapes(batch, prompt_width: int, slots: int):
         shape[axis] = n
         return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=x.sharding)
 
-    a = _abstract(batch)
+    a = sharding.abstract_of(batch)
     p = a.prefix
     prefix = p.replace(input_ids=resized(p.input_ids, -1, prompt_width),
                        token_valid=resized(p.token_valid, -1, prompt_width),
@@ -281,7 +276,7 @@ def _compile_ahead(config, paths, pipe_cfg, step_fn, state, frozen, batch, mesh,
             widths = functools.partial(prompt_widths, paths.data_dir, paths.tokenizer_dir, pipe_cfg,
                                        config.data.train_split, max_k, min_k(config)[p - 1])
             plan.append((latent_slots(config.vital.k_max, max_k, config.vital.latent_steps_cap), widths))
-    return AheadPrograms(step_fn, (_abstract(state), _abstract(frozen)), functools.partial(batch_shapes, batch),
+    return AheadPrograms(step_fn, sharding.abstract_of((state, frozen)), functools.partial(batch_shapes, batch),
                          plan, mesh, skip_key=_shape_key(batch))
 
 

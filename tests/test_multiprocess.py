@@ -153,16 +153,21 @@ def _run_all(procs: dict, tmp_path, timeout: float = 300) -> dict:
     return {name: _results(proc)[0] for name, (proc, _) in procs.items()}
 
 
-def test_two_processes_reproduce_the_single_process_run(tmp_path):
-    port = _free_port()
-    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
-              "--steps", "2"]
+def _two_processes_and_reference(reference_mode: str, process_mode: str, tmp_path) -> dict:
+    """Two train steps three ways at once: `reference_mode` on one device, and `process_mode` as processes 0 and 1
+    of a 2-process x 2-device mesh (data 2, fsdp 2) on a loopback coordinator; each worker's result line."""
+    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{_free_port()}",
+              "--mesh", "2,2,1", "--steps", "2"]
     procs = {
-        "reference": _start(["reference", "--steps", "2"], str(tmp_path / "reference.log")),
-        0: _start(["process", "--process_id", "0", *common], str(tmp_path / "p0.log")),
-        1: _start(["process", "--process_id", "1", *common], str(tmp_path / "p1.log")),
+        "reference": _start([reference_mode, "--steps", "2"], str(tmp_path / "reference.log")),
+        0: _start([process_mode, "--process_id", "0", *common], str(tmp_path / "p0.log")),
+        1: _start([process_mode, "--process_id", "1", *common], str(tmp_path / "p1.log")),
     }
-    out = _run_all(procs, tmp_path)
+    return _run_all(procs, tmp_path)
+
+
+def test_two_processes_reproduce_the_single_process_run(tmp_path):
+    out = _two_processes_and_reference("reference", "process", tmp_path)
     reference = out["reference"]
     results = [out[i] for i in (0, 1)]
     assert reference["num_processes"] == 1 and reference["devices"] == 1
@@ -184,15 +189,7 @@ def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
     """MedSynapse-V's Stage II on a global batch split over 2 processes x 2 devices (mesh data 2, fsdp 2): each
     process decodes and scores only its own prompts' completions (`grpo.host_accuracy`), and the rewards,
     losses and trained adapters equal one process on one device (1e-5 relative: float32 reduction order)."""
-    port = _free_port()
-    common = ["--devices", "2", "--num_processes", "2", "--coordinator", f"127.0.0.1:{port}", "--mesh", "2,2,1",
-              "--steps", "2"]
-    procs = {
-        "reference": _start(["grpo", "--steps", "2"], str(tmp_path / "reference.log")),
-        0: _start(["grpo", "--process_id", "0", *common], str(tmp_path / "p0.log")),
-        1: _start(["grpo", "--process_id", "1", *common], str(tmp_path / "p1.log")),
-    }
-    out = _run_all(procs, tmp_path)
+    out = _two_processes_and_reference("grpo", "grpo", tmp_path)
     reference = out["reference"]
     assert reference["num_processes"] == 1 and reference["devices"] == 1
     assert sorted(out[0]["rows"] + out[1]["rows"]) == list(range(8)) and out[0]["rows"] != out[1]["rows"]

@@ -24,6 +24,11 @@ from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "sk-test-5ecret-never-written"
+# The client's timeout, and how long the "slow" script's server waits before answering: far apart, so that under a
+# fully loaded machine (the suite's two workers and their training subprocesses) an ordinary answer is never late
+# (with 0.4 s, two answers of a CI run were, and the retry count was off by two) and a slow one always is.
+CLIENT_TIMEOUT_S = 2.0
+SLOW_ANSWER_S = 3 * CLIENT_TIMEOUT_S
 
 
 class _TeacherServer:
@@ -87,7 +92,7 @@ class _TeacherServer:
         if isinstance(action, int):
             return action, None
         if action == "slow":
-            time.sleep(1.0)
+            time.sleep(SLOW_ANSWER_S)
         if action == "paced":
             time.sleep(0.03)
         if action == "leaky":
@@ -126,7 +131,7 @@ def _dataset(root, tokens, question_type="yes_no"):
 
 def _client(server, **overrides):
     config = dict(base_url=server.base_url, model="teacher-model", api_key_env="VITAL_TEST_TEACHER_KEY",
-                  timeout_s=0.4, max_retries=3, backoff_s=0.01)
+                  timeout_s=CLIENT_TIMEOUT_S, max_retries=3, backoff_s=0.01)
     config.update(overrides)
     return teacher.ChatClient(teacher.ApiConfig(**config))
 

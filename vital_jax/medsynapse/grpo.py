@@ -521,6 +521,7 @@ def host_accuracy(accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], r
                          "sharded like the batch")
     return jax.make_array_from_process_local_data(sharding_, local, rollout_.lengths.shape)
 
+
 def advantages_and_metrics(cfg: GRPOConfig, r_acc: jax.Array, scores: Scores, rollout_: Rollout,
                            example_valid: jax.Array) -> tuple[jax.Array, dict]:
     """Rewards (Eq. 4-5) -> group-normalised advantages (B G,) (0 for padding prompts' trajectories) and the

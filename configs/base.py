@@ -81,6 +81,9 @@ def medsynapse_section():
       an MLP of width mlp_hidden (0: the backbone's hidden size), output_rms its initial output scale (0: LeCun).
       memory_match: weight of a term the paper does not have, ||M_auto - M_pri||^2 / ||M_pri||^2 (0: off, Eq. 7
       alone; `medsynapse/imt.py`).
+      init: where A_psi starts (the paper is silent): "teacher_mean" (its slot offsets at the per-slot mean of
+      M_pri over the training images, fc2 at 0: the student starts as the teacher on an average image;
+      `autonomous.teacher_mean_init`) or "random".
     """
     return ml_collections.ConfigDict(dict(
         stages=("warmup", "ccr", "imt"),
@@ -98,5 +101,5 @@ def medsynapse_section():
                  lora=dict(rank=64, alpha=128.0, targets=("q", "k", "v", "o"))),
         imt=dict(lr=1e-4, epochs=3, max_steps=0, schedule="warmup_cosine", warmup_ratio=0.03, weight_decay=0.01,
                  max_grad_norm=1.0, beta=0.5, max_new_tokens=1024, temperature=1.0, mlp_hidden=0,
-                 output_rms=0.02, memory_match=0.0),
+                 output_rms=0.02, memory_match=0.0, init="teacher_mean"),
     ))

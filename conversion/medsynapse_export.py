@@ -5,8 +5,9 @@ Layout of the output directory:
                                                                 Qwen3-VL directory, loadable by from_pretrained
   autonomous.safetensors     A_psi in float32, Flax layout (kernels are (in, out)):
                                autonomous.queries (N, D), autonomous.norm.{scale,bias} (D,),
-                               autonomous.fc1.{kernel (D, H), bias (H,)}, autonomous.fc2.{kernel (H, D), bias (D,)}
-  medsynapse.json            {"format": "medsynapse-v-autonomous", "version": 1, "num_memory": N,
+                               autonomous.fc1.{kernel (D, H), bias (H,)}, autonomous.fc2.{kernel (H, D), bias (D,)},
+                               autonomous.slot_bias (N, D) (added to slot n's MLP output; new in version 2)
+  medsynapse.json            {"format": "medsynapse-v-autonomous", "version": 2, "num_memory": N,
                               "hidden_size": D, "mlp_hidden": H, "layer_norm_eps", "activation": "gelu_erf",
                               "pooling": "learned_query_attention", "image_token_id", "lora_merged"}
 What A_psi computes from those weights, and where its N vectors go (a block of input embeddings right after the
@@ -29,7 +30,7 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 
 FORMAT = "medsynapse-v-autonomous"
-VERSION = 1
+VERSION = 2
 META_FILE = "medsynapse.json"
 AUTONOMOUS_FILE = "autonomous.safetensors"
 PREFIX = "autonomous."
@@ -75,7 +76,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
 def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:
     n, d, h = cfg.num_queries, cfg.hidden_size, cfg.mlp_width
     want = {"queries": (n, d), "norm.scale": (d,), "norm.bias": (d,), "fc1.kernel": (d, h), "fc1.bias": (h,),
-            "fc2.kernel": (h, d), "fc2.bias": (d,)}
+            "fc2.kernel": (h, d), "fc2.bias": (d,), "slot_bias": (n, d)}
     got = {k[len(PREFIX):]: tuple(v.shape) for k, v in tensors.items()}
     if got != want:
         raise ValueError(f"A_psi parameters {got} do not match its config {cfg} ({want})")

@@ -32,12 +32,13 @@ def load_autonomous(export_dir: str):
 
     with open(os.path.join(export_dir, "medsynapse.json")) as f:
         meta = json.load(f)
-    if meta.get("format") != "medsynapse-v-autonomous" or meta.get("version") != 1:
+    if meta.get("format") != "medsynapse-v-autonomous" or meta.get("version") != 2:
         raise ValueError(f"{export_dir}: not a MedSynapse-V autonomous export: {meta}")
     weights = load_file(os.path.join(export_dir, "autonomous.safetensors"))
 
     class AutonomousMemory(torch.nn.Module):
-        """Visual tokens (L, D) -> memory (N, D): LayerNorm, N-query attention pooling, fc1 -> exact GELU -> fc2."""
+        """Visual tokens (L, D) -> memory (N, D): LayerNorm, N-query attention pooling, fc1 -> exact GELU -> fc2,
+        plus each slot's offset."""
 
         def __init__(self):
             super().__init__()
@@ -51,7 +52,7 @@ def load_autonomous(export_dir: str):
             weights = torch.softmax(h @ self.queries.T / math.sqrt(h.shape[-1]), dim=0)  # (L, N)
             pooled = weights.T @ h
             x = torch.nn.functional.gelu(pooled @ self.fc1_kernel + self.fc1_bias)
-            return x @ self.fc2_kernel + self.fc2_bias
+            return x @ self.fc2_kernel + self.fc2_bias + self.slot_bias
 
     return AutonomousMemory().eval()
 

@@ -27,7 +27,8 @@ RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.atten
 # Fields added to the config after workdirs were written, with the value the older code behaved as. A saved
 # config without the field resumes only if the field has that value now (anything else would train differently).
 ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False,
-                "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0}
+                "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0,
+                "medsynapse.imt.init": "random"}
 
 
 def check_workdir_config(workdir: str, config_json: dict, record: bool = True, extendable: tuple[str, ...] = (),

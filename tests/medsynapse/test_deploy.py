@@ -62,10 +62,11 @@ def setup(tmp_path_factory):
     with_lora = {p: base[p] if p in base else (0.3 * rng.randn(*s.shape)).astype(np.float32)
                  for p, s in flatten(qwen3_vl_params.abstract_params(tiny.config, LORA)).items()}
     assert any("lora_b" in p for p in with_lora)
+    psi = autonomous.init(jax.random.PRNGKey(1), jnp.zeros((1, 2, d)), jnp.ones((1, 2), bool))["params"]
+    # A trained A_psi's slot offsets are not the init's zeros: an export or a reference that dropped them must fail.
+    psi = {**psi, "slot_bias": jnp.asarray(0.5 * rng.randn(3, d).astype(np.float32))}
     stage3 = {"backbone": unflatten(with_lora),
-              "sampler": sampler.init(jax.random.PRNGKey(0), features)["params"],
-              "autonomous": autonomous.init(jax.random.PRNGKey(1), jnp.zeros((1, 2, d)),
-                                            jnp.ones((1, 2), bool))["params"]}
+              "sampler": sampler.init(jax.random.PRNGKey(0), features)["params"], "autonomous": psi}
     return dict(path=path, tiny=tiny, autonomous=autonomous, sampler=sampler, features=features, stage3=stage3,
                 lora_model=Qwen3VLForConditionalGeneration(tiny.config, LORA),
                 batch=_multi_image_batch(tiny.config))

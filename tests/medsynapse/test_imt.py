@@ -125,6 +125,30 @@ def test_autonomous_memory_handles_a_variable_number_of_visual_tokens_padding_an
         module.apply({"params": params}, jnp.zeros((1, 3, 23)), jnp.ones((1, 3), bool))
 
 
+def test_teacher_mean_init_starts_every_input_at_the_mean_memory_and_fc2_trains_first():
+    cfg = AutonomousConfig(hidden_size=12, num_queries=3, mlp_hidden=10)
+    module = AutonomousMemory(cfg)
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randn(2, 5, 12).astype(np.float32))
+    valid = jnp.asarray(np.array([[True] * 5, [False] * 5]))  # the second row has no visual token
+    params = module.init(jax.random.PRNGKey(0), tokens, valid)["params"]
+    assert np.array_equal(params["slot_bias"], np.zeros((3, 12)))  # random init: the MLP alone, as before
+    mean = rng.randn(3, 12).astype(np.float32)
+    started = autonomous_lib.teacher_mean_init(params, mean)
+    out = np.asarray(module.apply({"params": started}, tokens, valid))
+    np.testing.assert_array_equal(out, np.broadcast_to(mean, out.shape))  # every image, and no image at all
+    for key in ("queries", "norm", "fc1"):  # the rest keeps its random init
+        assert jax.tree.all(jax.tree.map(np.array_equal, started[key], params[key]))
+
+    def loss(p):
+        return jnp.sum(jnp.square(module.apply({"params": p}, tokens, valid) - 1.0))
+
+    grads = jax.grad(loss)(started)
+    assert float(jnp.abs(grads["fc2"]["kernel"]).max()) > 0 and float(jnp.abs(grads["slot_bias"]).max()) > 0
+    with pytest.raises(ValueError, match="mean memory"):
+        autonomous_lib.teacher_mean_init(params, mean[:2])
+
+
 # ---- Stage III on the tiny backbone -----------------------------------------------------------------------------
 
 SAMPLING = SamplingConfig(max_new_tokens=5, temperature=1.0, eos_token_ids=(IM_END,))

@@ -238,6 +238,33 @@ def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1
 
 
+def test_stage_iii_can_start_a_psi_at_the_teachers_mean_memory(three_stage_run, paths, tmp_path):
+    """imt.init = "teacher_mean": A_psi starts at the per-slot mean of P_phi(F) over the training images (checked here
+    at lr = 0, where Stage III leaves it there), whatever the input."""
+    straight_dir, _ = three_stage_run
+    workdir = tmp_path / "teacher_mean"
+    shutil.copytree(straight_dir, workdir, ignore=shutil.ignore_patterns("stage_imt"))
+    os.remove(workdir / "config.json")  # the finished Stages I and II are reused under Stage III's new settings
+    config = _three_stage_config()
+    config.medsynapse.imt.init, config.medsynapse.imt.lr = "teacher_mean", 0.0
+    _run(config, workdir, paths)
+    run = trainer.load_trained(str(workdir), load_weights)
+    setup = trainer.build_setup(run.config, str(workdir), paths, load_weights)
+    split = run.config.data.train_split
+    images = sorted({int(setup.store.image_rows[i]) for i, r in enumerate(setup.records) if r.split == split})
+    assert len(images) >= 3 and len(images) < len([r for r in setup.records if r.split == split])
+    everything = setup.sampler.apply({"params": run.params["sampler"]}, jnp.asarray(setup.store.features[images]))
+    want = np.mean(np.asarray(everything, np.float64), axis=0)  # each image once, however many questions it has
+    # Batches of len - 1 images: the last one is padded.
+    got = trainer.mean_teacher_memory(setup, run.params["sampler"], split, batch_size=len(images) - 1)
+    assert got.shape == (run.autonomous.config.num_queries, run.autonomous.config.hidden_size)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert float(np.abs(want).max()) > 1e-3
+    tokens = jnp.asarray(np.random.RandomState(0).randn(2, 7, run.autonomous.config.hidden_size), jnp.float32)
+    memory = run.autonomous.apply({"params": run.params["autonomous"]}, tokens, jnp.ones((2, 7), bool))
+    np.testing.assert_allclose(np.asarray(memory), np.broadcast_to(got, memory.shape), atol=1e-6)
+
+
 class _Crash(RuntimeError):
     """Stands for a kill -9: the process dies after logging a step and before checkpointing it."""
 

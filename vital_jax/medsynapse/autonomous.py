@@ -10,7 +10,7 @@ From a variable number of visual tokens to N vectors: learned-query attention po
     h_l = LayerNorm(v_l)                          every visual token l of the example (all of its images)
     a_nl = softmax_l(h_l . q_n / sqrt(D))          over the example's valid visual tokens only
     p_n = sum_l a_nl h_l                           N pooled vectors (D)
-    m_n = fc2(gelu(fc1(p_n)))                      the 2-layer MLP, D -> mlp_hidden -> D
+    m_n = fc2(gelu(fc1(p_n))) + s_n                the 2-layer MLP, D -> mlp_hidden -> D, plus slot n's offset
 
 Why this and not adaptive pooling into N contiguous bins:
 * The token count varies with the image size (native dynamic resolution), an example may hold several images,
@@ -23,7 +23,15 @@ Why this and not adaptive pooling into N contiguous bins:
 * It adds only the N x D queries (65 K at 8B) to the paper's "2-layer MLP + LayerNorm", and no key/value
   projections. Pooling before the MLP runs the MLP on N vectors instead of thousands of tokens, so inference
   costs a standard VLM plus N extra positions.
-An example without visual tokens (text only) pools to zero, so its memory is the learned constant fc2(gelu(b1)).
+An example without visual tokens (text only) pools to zero, so its memory is the learned constant
+fc2(gelu(b1)) + s_n.
+
+The slot offsets s (N x D, one per memory slot) let A_psi give each slot the constant part of the teacher's slot:
+P_phi's N probes make N distinct vectors even for an average image, while the shared MLP alone could separate the
+slots only through their pooled inputs (convex mixtures of the same few visual tokens). Stage III can start A_psi
+at the teacher's mean memory (`teacher_mean_init`): s = the per-slot mean of M_pri over the training images and
+fc2 = 0, so the deployed model starts as the privileged branch does on an average image rather than from random
+memories it has never seen, and Eq. (7) then trains the image-dependent part.
 
 Initialisation: queries ~ N(0, 1), so the pooling logits start with unit spread (N distinct soft pools rather
 than N copies of the mean); fc2's kernel ~ normal(output_rms / sqrt(mlp_hidden)), so the memory starts at the
@@ -66,7 +74,7 @@ class AutonomousMemory(nn.Module):
     """A_psi: visual tokens (B, L, D) + valid (B, L) bool -> memory M_auto (B, N, D) float32.
 
     Parameters: `queries` (N, D), `norm` (LayerNorm scale/bias (D,)), `fc1` (D -> mlp_hidden), `fc2`
-    (mlp_hidden -> D), kernels (in, out) with biases.
+    (mlp_hidden -> D), kernels (in, out) with biases, `slot_bias` (N, D) (zeros at init).
     """
 
     config: AutonomousConfig
@@ -90,7 +98,23 @@ class AutonomousMemory(nn.Module):
         x = nn.gelu(x, approximate=False)
         init = (nn.initializers.lecun_normal() if cfg.output_rms is None
                 else nn.initializers.normal(cfg.output_rms / math.sqrt(cfg.mlp_width)))
-        return Linear(cfg.hidden_size, use_bias=True, kernel_init=init, name="fc2")(x).astype(jnp.float32)
+        x = Linear(cfg.hidden_size, use_bias=True, kernel_init=init, name="fc2")(x).astype(jnp.float32)
+        slot_bias = self.param("slot_bias", nn.initializers.zeros, (cfg.num_queries, cfg.hidden_size), jnp.float32)
+        return x + slot_bias
+
+
+def teacher_mean_init(params: dict, mean_memory: jax.Array) -> dict:
+    """A_psi's params started at the teacher's mean memory: slot_bias = mean_memory (N, D) (the per-slot mean of
+    M_pri over the training images), fc2's kernel and bias = 0, so M_auto = mean_memory for every input. The
+    other leaves keep their random init: fc2's gradient is non-zero from the first step (it multiplies the
+    non-zero gelu(fc1(p))), and fc1 / queries / norm receive gradients once fc2 has moved, as a LoRA factor
+    started at zero does."""
+    mean_memory = jnp.asarray(mean_memory, jnp.float32)
+    if mean_memory.shape != params["slot_bias"].shape:
+        raise ValueError(f"mean memory {mean_memory.shape} does not match A_psi's slots "
+                         f"{params['slot_bias'].shape} (N, D)")
+    fc2 = {k: jnp.zeros_like(v) for k, v in params["fc2"].items()}
+    return {**params, "fc2": fc2, "slot_bias": mean_memory}
 
 
 def visual_tokens(backbone: Qwen3VLForConditionalGeneration, backbone_params,

@@ -60,6 +60,8 @@ BETA = 0.5
 LEARNING_RATE = 1e-4
 EPOCHS = 3
 MAX_NEW_TOKENS = 1024  # the paper's max generation length (Stage II), reused for Stage III's rollouts
+# How A_psi starts (the paper is silent): "random", or "teacher_mean" (`autonomous.teacher_mean_init`).
+INITS = ("random", "teacher_mean")
 
 
 def rollout_sampling(eos_token_ids: tuple[int, ...], max_new_tokens: int = MAX_NEW_TOKENS,

@@ -73,6 +73,7 @@ from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_
 from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.linear import LoraConfig
+from vital_jax.medsynapse import autonomous as autonomous_lib
 from vital_jax.medsynapse import grpo, imt, stage1
 from vital_jax.medsynapse import reward as reward_lib
 from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
@@ -195,6 +196,7 @@ def validate_config(config) -> None:
         _check(value >= 0, f"imt.{field}", f"{value} must be >= 0")
     _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
     _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
+    _check(i.init in imt.INITS, "imt.init", f"{i.init!r} must be one of {imt.INITS}")
     for section in ("ccr", "imt"):
         s = m[section]
         _check(s.schedule in SCHEDULES, f"{section}.schedule", f"{s.schedule!r} must be one of {SCHEDULES}")
@@ -391,6 +393,30 @@ def _init_sampler(sampler: DiagnosticMemorySampler, store: FeatureStore, seed: i
     return sampler.init(jax.random.PRNGKey(seed), feature_map)["params"]
 
 
+def mean_teacher_memory(setup: Setup, sampler_params: dict, split: str, batch_size: int = 64) -> np.ndarray:
+    """The per-slot mean of the teacher's memory M_pri = P_phi(F) over the distinct images of `split`'s records
+    (N, D) float32: A_psi's starting point under `imt.init = "teacher_mean"`.
+
+    Computed on host-local arrays from the stored F (no backbone, no encoder), identically on every process (each
+    holds the whole store), so it needs no collective. Every image counts once, however many questions it has."""
+    rows = sorted({int(setup.store.image_rows[row]) for row, r in enumerate(setup.records) if r.split == split})
+    if not rows:
+        raise ConfigError(f"{setup.paths.data_dir}: no records in split {split!r} to take the teacher's mean "
+                          "memory over (medsynapse.imt.init = 'teacher_mean')")
+    apply = jax.jit(lambda params, f: setup.sampler.apply({"params": params}, f))
+    device = jax.local_devices()[0]
+    local_params = jax.device_put(jax.tree.map(np.asarray, sampler_params), device)
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = np.asarray(setup.store.features[rows[start:start + batch_size]], np.float32)
+        n = len(chunk)
+        if n < batch_size:  # one compiled shape: the padded rows' memories are dropped below
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+        memory = np.asarray(apply(local_params, jax.device_put(chunk, device)), np.float64)
+        total = total + memory[:n].sum(axis=0)
+    return (total / len(rows)).astype(np.float32)
+
+
 def _init_autonomous(autonomous: AutonomousMemory, seed: int) -> dict:
     d = autonomous.config.hidden_size
     return autonomous.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1, d)), jnp.ones((1, 1), bool))["params"]
@@ -549,8 +575,11 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
     i = config.medsynapse.imt
     optimizer = imt.make_optimizer(learning_rate(i.lr, i.schedule, i.warmup_ratio, total), i.weight_decay,
                                    i.max_grad_norm)
-    params = {"backbone": backbone_params, "sampler": sampler_params,
-              "autonomous": _init_autonomous(autonomous, config.seed + 4)}
+    autonomous_params = _init_autonomous(autonomous, config.seed + 4)
+    if i.init == "teacher_mean":
+        autonomous_params = autonomous_lib.teacher_mean_init(
+            autonomous_params, mean_teacher_memory(setup, sampler_params, config.data.train_split))
+    params = {"backbone": backbone_params, "sampler": sampler_params, "autonomous": autonomous_params}
     state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 3))
     sampling = imt.rollout_sampling(setup.eos_token_ids, i.max_new_tokens, i.temperature)
     jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta,

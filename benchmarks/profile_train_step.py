@@ -3,6 +3,7 @@
     python -m benchmarks.profile_train_step                  # the study's sizes (the shipped phantom VLM)
     python -m benchmarks.profile_train_step --lora_dropout 0 --latent_slots 0 --lambda_text 0
     python -m benchmarks.profile_train_step --quick          # tiny random model (CI smoke test)
+    python -m benchmarks.profile_train_step --peer           # peer_train_step's model and batch (issue #16)
 
 Method: the jitted step (`vital.train_step.train_step`, AdamW) runs `--steps` times under `jax.profiler` with
 XLA:CPU's per-op trace events on (`--xla_cpu_enable_xprof_traceme`); every executed HLO op is attributed, through
@@ -138,7 +139,13 @@ def profile(step, args_fn, steps: int) -> tuple[dict, dict, float, float]:
 
 def build(args, tmp: str):
     """(model, params, numpy batch) at the requested sizes."""
-    if args.quick:
+    if args.peer:  # benchmarks.peer_train_step's model and batch (issue #16's sizes)
+        from benchmarks.peer_train_step import PEER
+        from benchmarks.train_step import build_hf, synthetic
+
+        build_hf(tmp, PEER)
+        backbone_dir, decoder_dir = f"{tmp}/backbone", f"{tmp}/decoder"
+    elif args.quick:
         from benchmarks.train_step import build_hf
 
         build_hf(tmp)
@@ -155,6 +162,8 @@ def build(args, tmp: str):
     model = VitalModel(cfg, backbone_config, decoder_config)
     params = model.init_params(jax.random.PRNGKey(0), load_params(backbone_dir, backbone_config),
                                load_qwen3(decoder_dir, decoder_config))
+    if args.peer:
+        return model, params, synthetic(backbone_config.vision.patch_dim, sizes=PEER)
     return model, params, synthetic_batch(args, backbone_config, decoder_config.vocab_size)
 
 
@@ -191,6 +200,8 @@ def preprocessing_ids(backbone_config) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny random model and batch (CI smoke test)")
+    p.add_argument("--peer", action="store_true",
+                   help="benchmarks.peer_train_step's random model and batch (issue #16's sizes) instead of the study's")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=48, help="prompt tokens, image included")
@@ -208,6 +219,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.prompt, args.image, args.answer, args.step_tokens, args.steps = 2, 32, 64, 8, 8, 2
+    if args.peer:
+        from benchmarks.peer_train_step import PEER
+
+        args.batch, args.prompt, args.image, args.answer = PEER.batch, 5 + 2 + 196 + 9, 448, PEER.answer
+        args.step_tokens, args.k_max, args.latent_slots, args.lora_rank = PEER.step_chain, 4, 4, PEER.lora_rank
     if not 0 <= args.latent_slots <= args.k_max:
         p.error(f"--latent_slots must be in 0..--k_max ({args.k_max})")
     with tempfile.TemporaryDirectory() as tmp:

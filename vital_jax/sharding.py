@@ -123,10 +123,11 @@ EMBEDDING_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"position_embedding", (None, "embed")),  # SigLIP
 )
 
-# Learned query matrices (N, width) read directly, not through a Linear: MedSynapse-V's meta-query probes Q_0
-# (`sampler/probes`, N x d_f) and A_psi's pooling queries (`autonomous/queries`, N x D). N = 16 rows that every
-# example reads whole, 256 KB at 8B: replicated on purpose, like the norm scales.
-QUERY_PARAMS = ("probes", "queries")
+# Learned per-slot matrices (N, width) read directly, not through a Linear: MedSynapse-V's meta-query probes Q_0
+# (`sampler/probes`, N x d_f), A_psi's pooling queries (`autonomous/queries`, N x D) and its slot offsets
+# (`autonomous/slot_bias`, N x D). N = 16 rows that every example reads whole, 256 KB at 8B: replicated on
+# purpose, like the norm scales.
+QUERY_PARAMS = ("probes", "queries", "slot_bias")
 
 _LINEAR_RE = [(re.compile(rf"(^|/)({pattern})$"), axes) for pattern, axes in LINEAR_RULES]
 _EMBEDDING_RE = [(re.compile(rf"(^|/)({pattern})$"), axes) for pattern, axes in EMBEDDING_RULES]

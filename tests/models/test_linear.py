@@ -1,0 +1,60 @@
+"""LoRA's input dropout (`layers.linear.lora_dropout`): 16-bit masks, unbiased, and what `Linear` does with it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vital_jax.layers.linear import DROPOUT_BITS, Linear, LoraConfig, lora_dropout
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])
+def test_lora_dropout_keeps_the_quantised_fraction_and_is_unbiased(rate):
+    x = jnp.asarray(np.random.RandomState(0).rand(64, 301).astype(np.float32) + 0.5)  # odd width: a half word
+    out = np.asarray(lora_dropout(x, rate, jax.random.PRNGKey(1)))
+    keep = round((1 - rate) * 2 ** DROPOUT_BITS) / 2 ** DROPOUT_BITS
+    kept = out != 0
+    # Binomial with n = 19,264: 5 standard deviations.
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / kept.size)
+    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / keep, rtol=1e-6)
+    # Both 16-bit halves of every draw are used, independently: the kept fraction holds at even and odd columns.
+    for half in (0, 1):
+        assert abs(kept[:, half::2].mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / kept[:, half::2].size)
+    # Averaged over masks the output is x (inverted dropout's expectation), per element.
+    x1 = jnp.ones((4, 8), jnp.float32)
+    mean = np.mean([np.asarray(lora_dropout(x1, rate, jax.random.PRNGKey(s))) for s in range(2000)], axis=0)
+    assert np.abs(mean - 1.0).max() < 6 * np.sqrt((1 - keep) / keep / 2000)
+    # Another key, another mask; the same key, the same mask.
+    assert not np.array_equal(out, np.asarray(lora_dropout(x, rate, jax.random.PRNGKey(2))))
+    np.testing.assert_array_equal(out, np.asarray(lora_dropout(x, rate, jax.random.PRNGKey(1))))
+
+
+def test_lora_dropout_rejects_impossible_rates_and_passes_rate_zero_through():
+    x = jnp.ones((2, 3))
+    assert lora_dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+    for rate in (1.0, -0.1, 1 - 1e-7):
+        with pytest.raises(ValueError, match="dropout rate"):
+            lora_dropout(x, rate, jax.random.PRNGKey(0))
+
+
+def test_linear_applies_dropout_to_the_adapter_input_only_in_training():
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    layer = Linear(9, lora=lora)  # in 4 -> out 9, rank 4: A B (4, 9) has full row rank, so x_drop is recoverable
+    x = jnp.asarray(np.random.RandomState(0).rand(16, 4).astype(np.float32) + 0.5)
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    params = {**params, "lora_b": jnp.asarray(np.random.RandomState(1).randn(4, 9).astype(np.float32))}
+    base = np.asarray(x @ params["kernel"])
+    ab = np.asarray(params["lora_a"] @ params["lora_b"], np.float64)
+    np.testing.assert_allclose(layer.apply({"params": params}, x), base + lora.scaling * np.asarray(x) @ ab,
+                               atol=1e-5)  # eval: no dropout
+    train = layer.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(7)})
+    # The frozen path sees x itself; the adapter sees x with entries dropped (0) or kept and scaled by 1 / q.
+    x_drop = (np.asarray(train, np.float64) - base) / lora.scaling @ np.linalg.pinv(ab)
+    q = round(0.5 * 2 ** DROPOUT_BITS) / 2 ** DROPOUT_BITS
+    dropped = np.abs(x_drop) < 1e-3
+    np.testing.assert_allclose(x_drop[~dropped], np.asarray(x)[~dropped] / q, rtol=1e-3)
+    assert 0.25 < dropped.mean() < 0.75
+    again = layer.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(8)})
+    assert not np.allclose(np.asarray(again), np.asarray(train))

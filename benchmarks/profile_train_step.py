@@ -54,7 +54,7 @@ from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E40
 
 # (part, pattern on the op's op_name), first match wins: the order puts the specific before the general.
 PARTS = (
-    ("LoRA dropout (RNG + mask)", r"Dropout|_bernoulli|threefry|random_bits"),
+    ("LoRA dropout (RNG + mask)", r"lora_dropout|Dropout|_bernoulli|threefry|random_bits"),
     # A loop's own event covers every op inside it: at the top level that is the latent scan (or, with
     # scan_layers, a layer stack), whatever its body holds.
     ("latent scan / scanned layers (whole loop)", r"/while$"),

@@ -291,12 +291,17 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     merge = config.vision.merge_unit
     np_share = local["pixel_patches"].shape[0] // len(my_shards) if has_images else 0
     fixed = [s for k in keys if k not in ("prompt_ids", "prompt_valid") for s in local[k].shape[1:]]
-    meta = np.asarray([max(shard_patches), np_share, max(shard_frames), local["prompt_ids"].shape[1], *fixed],
-                      np.int64)
+    # The patches per frame when all of this process's frames have one size (-1: no images here, 0: several
+    # sizes): attention per frame needs every process to agree on it (`VisionInputs.frame_patches`).
+    frame_sizes = (set() if not has_images else {int(h) * int(w) for _, h, w in grids}
+                   if config.vision.frame_attention else {0})
+    local_frame = -1 if not frame_sizes else frame_sizes.pop() if len(frame_sizes) == 1 else 0
+    meta = np.asarray([max(shard_patches), np_share, max(shard_frames), local["prompt_ids"].shape[1], local_frame,
+                       *fixed], np.int64)
     all_meta = np.asarray(multihost_utils.process_allgather(meta)).reshape(nproc, -1)
-    if (all_meta[:, 4:] != all_meta[:1, 4:]).any():
+    if (all_meta[:, 5:] != all_meta[:1, 5:]).any():
         raise ValueError(f"per-example array shapes (other than the prompt length) differ between processes: "
-                         f"{all_meta[:, 4:].tolist()} for the trailing dims of {keys}")
+                         f"{all_meta[:, 5:].tolist()} for the trailing dims of {keys}")
     tp = int(all_meta[:, 3].max())
     pad = tp - local["prompt_ids"].shape[1]
     if pad:
@@ -350,9 +355,13 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
         place = lambda parts: jax.make_array_from_process_local_data(  # noqa: E731
             packed_sharding, np.concatenate(parts), (np_global,) + parts[0].shape[1:])
         pixel_patches = place([p for p, _ in blocks])
+        frames = {int(f) for f in all_meta[:, 4] if f != -1}
+        frame_patches = frames.pop() if len(frames) == 1 else 0
         vis = VisionInputs(**{field: place([getattr(v, field) for _, v in blocks])
                               for field in ("segment_ids", "positions", "interp_index", "interp_weight")},
-                           num_slices=num_shards)  # attention within each shard's slice only
+                           num_slices=num_shards,  # attention within each shard's slice only ...
+                           # ... and within each frame when all frames have one size dividing the slices
+                           frame_patches=frame_patches if frame_patches > 0 and np_shard % frame_patches == 0 else 0)
         feature_index = per_example(index, ("batch", None))
 
     prefix = PrefixInputs(input_ids=arrays["prompt_ids"], token_valid=arrays["prompt_valid"], positions=positions,

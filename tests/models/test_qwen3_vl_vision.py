@@ -129,8 +129,12 @@ def test_images_do_not_attend_to_each_other(tower):
     assert not np.allclose(np.asarray(a[0])[first // 4:], np.asarray(b[0])[first // 4:])
 
 
-def test_padded_form_matches_hf_and_compiles_once(tower):
+@pytest.mark.parametrize("frame_attention", [False, True])
+def test_padded_form_matches_hf_and_compiles_once(tower, frame_attention):
+    """One program for every image size under pad_to with frame_attention off; with it on, one per layout (here
+    the 4 x 4 image alone fills whole 16-patch frames of the 96 patches: a second program)."""
     hf, config, params, _ = tower
+    config = dataclasses.replace(config, frame_attention=frame_attention)
     model = Qwen3VLVisionModel(config)
     traces = []
 
@@ -150,7 +154,7 @@ def test_padded_form_matches_hf_and_compiles_once(tower):
         valid = np.asarray(inputs.merged_valid(config.merge_unit))
         assert valid.sum() == len(real) // 4 and valid[:len(real) // 4].all()
         _assert_matches(ours, _hf_visual(hf, real, grid), rows=valid)
-    assert len(traces) == 1
+    assert len(traces) == (2 if frame_attention else 1)
 
 
 @pytest.mark.parametrize("attention_impl", ["xla", "dot_product"])
@@ -179,6 +183,35 @@ def test_slices_attend_within_themselves_and_match_hf(tower, attention_impl):
     with pytest.raises(ValueError, match="96 patches do not split into num_slices=5"):
         Qwen3VLVisionModel(config).apply({"params": params}, np.concatenate([p for p, _ in slices]),
                                          both.replace(num_slices=5))
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "dot_product"])
+def test_equal_frames_attend_per_frame_and_match_hf(tower, attention_impl):
+    """Frames of one size (two images and a two-frame video of 4 x 6 patches): attention runs per frame with no
+    mask (`frame_patches`), padded by whole frames or not at all, and gives HF's features and the masked path's;
+    padding that is not a whole number of frames keeps the masked path."""
+    hf, config, params, _ = tower
+    config = dataclasses.replace(config, attention_impl=attention_impl)
+    model = Qwen3VLVisionModel(config)
+    grid = ((1, 4, 6), (1, 4, 6), (2, 4, 6))
+    real = _pixels(config, grid, seed=4)
+    reference = _hf_visual(hf, real, grid)
+    apply = jax.jit(model.apply)
+    for pad_to, frame_patches in ((None, 24), (144, 24), (128, 0)):
+        inputs = vision_inputs(grid, config, pad_to=pad_to)
+        assert inputs.frame_patches == frame_patches
+        pad = 0 if pad_to is None else pad_to - len(real)
+        junk = 100 * np.random.default_rng(5).standard_normal((pad, config.patch_dim)).astype(np.float32)
+        pixels = np.concatenate([real, junk])
+        ours = apply({"params": params}, pixels, inputs)
+        rows = np.asarray(inputs.merged_valid(config.merge_unit))
+        _assert_matches(ours, reference, rows=rows)
+        masked = apply({"params": params}, pixels, inputs.replace(frame_patches=0))
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(masked)):
+            np.testing.assert_allclose(np.asarray(a)[rows], np.asarray(b)[rows], atol=1e-5, rtol=0)
+    assert vision_inputs(((1, 4, 6), (1, 8, 4)), config).frame_patches == 0  # several frame sizes
+    with pytest.raises(ValueError, match="not whole frames of frame_patches=40"):
+        model.apply({"params": params}, real, vision_inputs(grid, config).replace(frame_patches=40))
 
 
 def test_bf16_is_close_to_fp32(tower):

@@ -57,10 +57,11 @@ def lora_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     if keep_units == 0:
         raise ValueError(f"dropout rate {rate} keeps less than 1 / 2^{DROPOUT_BITS} of the elements")
     n = x.shape[-1]
-    words = jax.random.bits(rng, (*x.shape[:-1], (n + 1) // 2), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :n]
-    keep = halves < jnp.uint16(keep_units)
-    return jnp.where(keep, x * jnp.asarray(scale / keep_units, x.dtype), jnp.zeros((), x.dtype))
+    with jax.named_scope("lora_dropout"):  # one name for profiles (benchmarks/profile_train_step.py)
+        words = jax.random.bits(rng, (*x.shape[:-1], (n + 1) // 2), jnp.uint32)
+        halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :n]
+        keep = halves < jnp.uint16(keep_units)
+        return jnp.where(keep, x * jnp.asarray(scale / keep_units, x.dtype), jnp.zeros((), x.dtype))
 
 
 class Linear(nn.Module):

@@ -45,6 +45,11 @@ class VisionInputs:
     num_slices:    static int S  the patches form S equal slices that no attention segment crosses (each batch
                    shard's images packed into its own slice, `distributed.global_vital_batch`): attention is then
                    computed per slice, (S, N/S, N/S) scores instead of (N, N). 1 = one packing.
+    frame_patches: static int P  when every frame has P patches and the padding is a whole number of P-patch
+                   blocks (so no frame crosses a multiple of P): attention is computed per frame, (N/P, P, P)
+                   scores with no mask, as HF's cu_seqlens splits it. 0 = frames of several sizes: per slice with
+                   the block-diagonal segment mask. Padding blocks then attend within their own block instead
+                   of to all padding; their outputs are ignored either way (`merged_valid`).
     """
 
     segment_ids: jax.Array
@@ -52,6 +57,7 @@ class VisionInputs:
     interp_index: jax.Array
     interp_weight: jax.Array
     num_slices: int = flax.struct.field(pytree_node=False, default=1)
+    frame_patches: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def num_patches(self) -> int:
@@ -132,11 +138,22 @@ def vision_inputs(grid_thw: GridTHW, config: Qwen3VLVisionConfig, pad_to: int | 
         taps.append(np.zeros((pad, 4)))
         weights.append(np.zeros((pad, 4)))
     return VisionInputs(
+        frame_patches=uniform_frame_patches(grid, pad_to) if config.frame_attention else 0,
         segment_ids=np.concatenate(segments).astype(np.int32),
         positions=np.concatenate(positions).astype(np.int32),
         interp_index=np.concatenate(taps).astype(np.int32),
         interp_weight=np.concatenate(weights).astype(np.float32),
     )
+
+
+def uniform_frame_patches(grid_thw: GridTHW, pad_to: int | None = None) -> int:
+    """P when every frame of `grid_thw` has P patches and the packing (padded to `pad_to`) is a whole number of
+    P-patch blocks, else 0: `VisionInputs.frame_patches`."""
+    sizes = {int(h) * int(w) for _, h, w in grid_thw}
+    if len(sizes) != 1:
+        return 0
+    p = sizes.pop()
+    return p if pad_to is None or pad_to % p == 0 else 0
 
 
 def num_patches(grid_thw: GridTHW) -> int:
@@ -270,8 +287,16 @@ class Qwen3VLVisionModel(nn.Module):
         cos_nh, sin_nh = angles_to_cos_sin(angles_n2f.reshape(n, -1), jnp.float32)
         if n % inputs.num_slices:
             raise ValueError(f"{n} patches do not split into num_slices={inputs.num_slices} equal slices")
-        segment_ids = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)
-        mask_snn = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if inputs.frame_patches:
+            p = inputs.frame_patches
+            if n % p or (n // inputs.num_slices) % p:
+                raise ValueError(f"{n} patches in {inputs.num_slices} slice(s) are not whole frames of "
+                                 f"frame_patches={p}")
+            # One group per frame: a constant all-True mask, which XLA folds away (no select over the scores).
+            mask_snn = jnp.ones((n // p, p, p), bool)
+        else:
+            segment_ids = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)
+            mask_snn = segment_ids[:, :, None] == segment_ids[:, None, :]
 
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
         deepstack = []

@@ -22,6 +22,10 @@ class Qwen3VLVisionConfig:
     tables, norms and softmax are always computed in float32. `param_dtype` is the storage dtype.
     `attention_impl` is the same switch as the text decoder's (`vital_jax.layers.attention.attend`): each slice of
     packed patches is one attention "batch" row with its block-diagonal (per-image) mask.
+    `frame_attention`: when every frame of a call has the same patch count P (and padding is whole P-blocks),
+    attend per frame, (N/P, P, P) scores with no mask, instead (`vision.VisionInputs.frame_patches`). P is static,
+    so calls whose frames switch between one size and several compile one program per layout; False keeps a single
+    program for every image size under `pad_to` (variable-resolution data).
     """
 
     depth: int
@@ -42,6 +46,7 @@ class Qwen3VLVisionConfig:
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention_impl: str = "xla"
+    frame_attention: bool = True
 
     def __post_init__(self):
         problems = []

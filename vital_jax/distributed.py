@@ -40,7 +40,7 @@ from vital_jax import sharding
 from vital_jax.models.qwen3_vl.cached import PrefixInputs
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.mrope import get_rope_index
-from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
+from vital_jax.models.qwen3_vl.vision import VisionInputs, uniform_frame_patches, vision_inputs
 from vital_jax.vital.batch import VitalBatch
 
 logger = logging.getLogger(__name__)
@@ -293,9 +293,8 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
     fixed = [s for k in keys if k not in ("prompt_ids", "prompt_valid") for s in local[k].shape[1:]]
     # The patches per frame when all of this process's frames have one size (-1: no images here, 0: several
     # sizes): attention per frame needs every process to agree on it (`VisionInputs.frame_patches`).
-    frame_sizes = (set() if not has_images else {int(h) * int(w) for _, h, w in grids}
-                   if config.vision.frame_attention else {0})
-    local_frame = -1 if not frame_sizes else frame_sizes.pop() if len(frame_sizes) == 1 else 0
+    local_frame = (-1 if not has_images else uniform_frame_patches([tuple(g) for g in grids])
+                   if config.vision.frame_attention else 0)
     meta = np.asarray([max(shard_patches), np_share, max(shard_frames), local["prompt_ids"].shape[1], local_frame,
                        *fixed], np.int64)
     all_meta = np.asarray(multihost_utils.process_allgather(meta)).reshape(nproc, -1)

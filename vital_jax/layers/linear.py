@@ -40,8 +40,8 @@ class LoraConfig:
 
 # Dropout masks are drawn 16 bits per element: the keep probability is quantised to 1/65536 (0.95 -> 62259/65536,
 # off by 3e-6) and one 32-bit draw of the generator serves two elements. The generator (threefry on CPU) is what
-# costs: at the learning study's sizes Flax's 32-bit-uniform `nn.Dropout` was a sixth of the train step on CPU, and
-# halving the draws halves that (benchmarks/README.md).
+# costs: at the learning study's sizes Flax's 32-bit-uniform `nn.Dropout` was a sixth of the train step on CPU;
+# half the draws made the masks 2.4x faster in isolation (benchmarks/README.md has the step-level numbers).
 DROPOUT_BITS = 16
 
 

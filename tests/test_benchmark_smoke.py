@@ -1,5 +1,5 @@
-"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons): the
-`--quick` variant of each runs to its final report line.
+"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons, the host
+allocator comparison): the `--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -82,3 +82,12 @@ def test_peer_train_step_quick_trains_both_sides_with_peft_adapters_and_prints_t
     assert re.match(rf"jax +train step: first call \(compile\) {NUMBER}s, then {NUMBER} ms/step", lines[-3]), lines
     assert re.match(rf"torch train step: first call {NUMBER}s, then {NUMBER} ms/step", lines[-2]), lines
     assert re.fullmatch(rf"ratio jax/torch samples/s: {NUMBER}x", lines[-1]), lines
+
+
+def test_host_memory_quick_times_both_allocator_settings_in_their_own_processes():
+    lines = run_quick("host_memory")
+    assert "one process per setting" in lines[0], lines
+    for label in ("vision tower forward", "train step"):
+        assert any(re.fullmatch(rf"{label}: default +{NUMBER} ms \(min {NUMBER}\) +kept +{NUMBER} ms \(min "
+                                rf"{NUMBER}\) +ratio {NUMBER}x", line) for line in lines), (label, lines)
+    assert re.fullmatch(rf"ratio default / kept, train step: {NUMBER}x", lines[-1]), lines

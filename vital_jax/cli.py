@@ -50,6 +50,19 @@ def quiet_libraries() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
+def tune_host_memory() -> None:
+    """Keep freed host memory for reuse when `VITAL_JAX_HOST_MALLOC=keep` (`host_memory`: opt-in, it speeds up
+    XLA:CPU programs that write large fresh buffers); every command that runs jitted programs calls it first."""
+    from vital_jax import host_memory
+
+    try:
+        line = host_memory.apply_environment()
+    except ValueError as e:
+        fail(e, 2)
+    if line:  # not `status`: that would start JAX's backend before train's jax.distributed.initialize
+        print(line, file=sys.stderr, flush=True)
+
+
 def no_positional(argv) -> None:
     if len(argv) > 1:
         usage(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -63,8 +76,8 @@ def require(**values) -> None:
 
 
 def begin(argv, config_flag, workdir_flag) -> None:
-    """No positional arguments, --config and --workdir given, and third-party logging quiet (`quiet_libraries`;
-    progress lines come from the MetricsLogger and `status` instead)."""
+    """No positional arguments, --config and --workdir given, third-party logging quiet (`quiet_libraries`;
+    progress lines come from the MetricsLogger and `status` instead), host memory kept if asked (`tune_host_memory`)."""
     no_positional(argv)
     require(config=config_flag.value, workdir=workdir_flag.value)
     try:  # ml_collections reports a config file that failed to load only when the config is first used
@@ -74,6 +87,7 @@ def begin(argv, config_flag, workdir_flag) -> None:
         why = "no such file" if not os.path.exists(path) else " ".join(str(e).split())
         fail(f"--config={path}: {why}", 2)
     quiet_libraries()
+    tune_host_memory()
 
 
 def parse_flags(argv):

@@ -245,6 +245,7 @@ def main(argv):
     cli.no_positional(argv)
     cli.require(checkpoint=_CHECKPOINT.value, benchmark=_BENCHMARK.value, data_dir=_DATA_DIR.value, out=_OUT.value)
     cli.quiet_libraries()
+    cli.tune_host_memory()
     common = dict(split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,
                   latency_examples=None if _LATENCY_N.value < 0 else _LATENCY_N.value,
                   data_format=_DATA_FORMAT.value)

@@ -132,6 +132,7 @@ def main(argv):
         if path and not os.path.exists(path):
             cli.usage(f"--{flag}={path}: no such file or directory")
     cli.quiet_libraries()
+    cli.tune_host_memory()
     try:
         k_max = int(read_config(_CHECKPOINT.value).vital.k_max)  # the recorded config: no model loaded yet
         k = _LATENT_STEPS.value

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from vital_jax import assets
 from vital_jax import checkpoint as ckpt_lib
+from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models import model_dir
 from vital_jax.models.hf_config import ConfigError
@@ -104,6 +105,10 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     (LoRA, pj_in, visual projector) from `config.seed`."""
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
                      scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl)
+    try:
+        check_attention_backend(config.model.attention_impl)
+    except ValueError as e:
+        raise ConfigError(f"model.attention_impl: {e}") from None
     backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
     decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, **{**overrides, "param_dtype": "float32"})
     v = config.vital

@@ -1,9 +1,12 @@
 """The attention switch (`attention_impl`): "dot_product" (jax.nn.dot_product_attention) matches the reference
 einsums and transformers in float32 (max abs diff <= 1e-4), in prefill, cached decode, padding, Qwen3-VL with images
 and the VITAL latent loop; the config carries it to both Qwen3-VL towers (the vision tower's per-slice attention goes
-through the same `attend`)."""
+through the same `attend`). "pallas_flash" (JAX's Pallas TPU flash-attention kernels) runs here in Pallas' TPU
+interpret mode (`pallas_interpret`): forward and gradients against the reference, Qwen3 prefill and decode and
+Qwen3-VL with images against transformers; outside interpret mode on a CPU it refuses with a clear error."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import torch
 
 from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
 from tests.models.test_qwen3_vl import IMG, _ours, _pixels, _prompt, _theirs
-from vital_jax.layers.attention import ATTENTION_IMPLS, attend
+from vital_jax.layers.attention import ATTENTION_IMPLS, attend, pallas_interpret
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 from vital_jax.models.qwen3_vl import Qwen3VLConfig
@@ -138,4 +141,97 @@ def test_attention_impl_is_validated_and_reaches_both_towers(tmp_path):
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="flash")
     with pytest.raises(ConfigError, match="vision_config.*attention_impl='flash' is not one of"):
         Qwen3VLVisionConfig.from_pretrained(str(tmp_path), attention_impl="flash")
-    assert ATTENTION_IMPLS == ("xla", "dot_product")
+    assert ATTENTION_IMPLS == ("xla", "dot_product", "pallas_flash")
+    assert Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="pallas_flash").vision.attention_impl == \
+        "pallas_flash"
+
+
+# ------------------------------------------------------------------------------------------- pallas_flash
+def _masked_case(rng, b, t, s, heads, kv_heads, h):
+    q = jnp.asarray(rng.randn(b, t, heads, h).astype(np.float32))
+    k = jnp.asarray(rng.randn(b, s, kv_heads, h).astype(np.float32))
+    v = jnp.asarray(rng.randn(b, s, kv_heads, h).astype(np.float32))
+    query_slots = np.arange(s - t, s)  # the queries are the last t slots of a cache of s (decode: t = 1)
+    key_valid = rng.rand(b, s) > 0.3
+    key_valid[:, -1] = True
+    mask = (np.arange(s)[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
+    return q, k, v, jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("b, t, s, heads, kv_heads, h", [
+    (2, 5, 9, 4, 2, 16),      # GQA, ragged lengths padded to one block, a causal mask with a cache offset
+    (1, 1, 20, 4, 4, 32),     # one decode query
+    (1, 130, 133, 2, 1, 16),  # two query blocks and two key blocks (128 + padding)
+])
+def test_pallas_flash_attend_and_its_gradients_equal_the_reference(b, t, s, heads, kv_heads, h):
+    q, k, v, mask = _masked_case(np.random.RandomState(t + s), b, t, s, heads, kv_heads, h)
+    seen = jnp.asarray(np.asarray(mask).any(-1))[:, :, None]  # rows with no visible key are the callers' to mask
+
+    def loss(impl, q, k, v):
+        return jnp.sum(jnp.where(seen, attend(q, k, v, mask, impl), 0.0) ** 2)
+
+    ref, ref_grads = jax.value_and_grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    with pallas_interpret():
+        out = jax.jit(lambda q, k, v: attend(q, k, v, mask, "pallas_flash"))(q, k, v)
+        val, grads = jax.jit(jax.value_and_grad(functools.partial(loss, "pallas_flash"), argnums=(0, 1, 2)))(q, k, v)
+    assert out.shape == (b, t, heads * h)
+    assert _diff(np.where(seen, out, 0.0), np.where(seen, attend(q, k, v, mask, "xla"), 0.0)) <= 1e-5
+    assert abs(float(val) - float(ref)) <= 1e-4 * abs(float(ref))
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert _diff(got, want) <= 1e-4, name
+
+
+def test_pallas_flash_outside_interpret_mode_needs_a_tpu():
+    """The commands check when they build the model (`run.build_model`); compiling the kernel on a CPU outside
+    interpret mode fails in JAX's own words."""
+    from vital_jax.layers.attention import check_backend
+    from vital_jax.run import build_model
+
+    for impl in ("xla", "dot_product"):
+        check_backend(impl)
+    message = "attention_impl='pallas_flash' is JAX's Pallas TPU flash-attention kernel and needs a TPU .*pallas_interpret"
+    with pytest.raises(ValueError, match=message):
+        check_backend("pallas_flash")
+    with pallas_interpret():
+        check_backend("pallas_flash")
+    config = type("Config", (), {})()
+    config.model = type("Model", (), dict(dtype="float32", param_dtype="float32", remat=False, scan_layers=False,
+                                          attention_impl="pallas_flash"))()
+    with pytest.raises(ConfigError, match="model.attention_impl: " + message):
+        build_model(config, paths=None, roi_dim=4)
+    q, k, v, mask = _masked_case(np.random.RandomState(0), 1, 2, 4, 2, 2, 8)
+    with pytest.raises(ValueError, match="interpret mode"):
+        attend(q, k, v, mask, "pallas_flash")
+
+
+def test_qwen3_with_pallas_flash_matches_transformers_in_prefill_and_decode(qwen3):
+    hf_model, config, params = qwen3
+    model = Qwen3ForCausalLM(dataclasses.replace(config, attention_impl="pallas_flash"))
+    ids = np.random.RandomState(3).randint(0, config.vocab_size, (2, 7))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids))
+    with pallas_interpret():
+        step = jax.jit(lambda p, i, c: model.apply({"params": p}, input_ids=i, kv_cache=c))
+        out = step(params, jnp.asarray(ids[:, :6]), init_cache(config, 2, 8))
+        last = step(params, jnp.asarray(ids[:, 6:]), out.kv_cache)
+    assert _diff(jnp.concatenate([out.logits, last.logits], axis=1), ref.logits) <= TOL
+
+
+def test_qwen3_vl_with_pallas_flash_matches_transformers_with_images(tmp_path):
+    """Both towers: the text decoder's causal, left-padded prefill and the vision tower's per-frame attention."""
+    hf_model = save_tiny_qwen3_vl(str(tmp_path), seed=4)
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="pallas_flash")
+    params = load_vl_params(str(tmp_path), config)
+    rng = np.random.RandomState(1)
+    grids = [(1, 4, 6)]
+    rows = [_prompt(rng, grids, [3, 5]), _prompt(rng, grids, [2, 3])]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((2, width), np.int64)
+    valid = np.zeros((2, width), bool)
+    for b, row in enumerate(rows):  # left padding
+        ids[b, width - len(row):], valid[b, width - len(row):] = row, True
+    pixels = _pixels(rng, grids * 2, config)
+    with pallas_interpret():
+        ours = _ours(config, params, ids, valid, grids * 2, pixels)
+    theirs = _theirs(hf_model, ids, valid, grids * 2, pixels)
+    assert _diff(np.asarray(ours.logits)[valid], theirs.logits.numpy()[valid]) <= TOL

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +28,73 @@ def make_attention_mask(query_slots_t: jax.Array, key_valid_bs: jax.Array) -> ja
 
 # `attention_impl` values: how the scores, softmax and weighted sum are computed (the projections, qk-norm, RoPE
 # and the cache are the same for all).
-ATTENTION_IMPLS = ("xla", "dot_product")
+ATTENTION_IMPLS = ("xla", "dot_product", "pallas_flash")
+
+# Pallas' TPU flash-attention kernel tiles queries in blocks of up to 128 rows (a multiple of 8, TPU sublanes) and
+# keys in blocks of 128 (TPU lanes); shorter or ragged sequences are padded to whole blocks.
+FLASH_BLOCK = 128
+_FLASH_INTERPRET = contextvars.ContextVar("pallas_flash_interpret", default=False)
+
+
+@contextlib.contextmanager
+def pallas_interpret():
+    """Within the block, "pallas_flash" attention traced on a non-TPU backend runs in Pallas' TPU interpret mode
+    (`jax.experimental.pallas.tpu.force_tpu_interpret_mode`): the kernel's own program, simulated on the CPU, slowly.
+    For parity tests and debugging; outside it, "pallas_flash" needs a TPU."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    token = _FLASH_INTERPRET.set(True)
+    try:
+        with pltpu.force_tpu_interpret_mode():
+            yield
+    finally:
+        _FLASH_INTERPRET.reset(token)
+
+
+def check_backend(impl: str) -> None:
+    """ValueError if `impl` cannot run on JAX's default backend here: "pallas_flash" is a TPU kernel (outside
+    `pallas_interpret()`). The commands call it when they build a model; inside `attend` it cannot be checked,
+    because building parameters traces the model abstractly (no kernel runs) on any host. Elsewhere the kernel's
+    own error says "Only interpret mode is supported on CPU backend" when the program is compiled."""
+    if impl == "pallas_flash" and jax.default_backend() != "tpu" and not _FLASH_INTERPRET.get():
+        raise ValueError(
+            f"attention_impl='pallas_flash' is JAX's Pallas TPU flash-attention kernel and needs a TPU (JAX's "
+            f"backend is {jax.default_backend()!r}); use 'xla' or 'dot_product' here, or run under "
+            f"vital_jax.layers.attention.pallas_interpret() to simulate the kernel on the CPU")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype):
+    """JAX's Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu.flash_attention`, forward and backward
+    kernels): the (T, S) probabilities are never materialised, only tiles of them in VMEM. Arbitrary boolean masks
+    enter as an additive bias (B, N, T, S) (causal + padding + latent-step validity, cache offsets included; a
+    segment-id form would avoid the bias but cannot express a query at cache slot 300 seeing keys 0..300).
+    GQA: the kernel wants as many kv heads as query heads, so kv head j is repeated for its N / K query heads."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    b, t, n, h = q_btnh.shape
+    s, kh = k_bskh.shape[1], k_bskh.shape[2]
+    block_q = min(FLASH_BLOCK, _round_up(t, 8))
+    t_pad, s_pad = _round_up(t, block_q), _round_up(s, FLASH_BLOCK)
+    q_bnth = jnp.pad(jnp.transpose(q_btnh, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
+    k_bnsh, v_bnsh = (jnp.pad(jnp.repeat(jnp.transpose(x, (0, 2, 1, 3)), n // kh, axis=1).astype(q_btnh.dtype),
+                              ((0, 0), (0, 0), (0, s_pad - s), (0, 0))) for x in (k_bskh, v_bskh))
+    # Padded keys are masked; padded query rows see every real key (any finite row) and are cut off below.
+    visible = jnp.pad(mask_bts, ((0, 0), (0, t_pad - t), (0, s_pad - s)))
+    visible = visible.at[:, t:, :s].set(True)
+    # The kernel's own mask value: finite, so a row with no visible key gives a (meaningless) finite output.
+    bias_bnts = jnp.broadcast_to(jnp.where(visible, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))[:, None],
+                                 (b, n, t_pad, s_pad)).astype(jnp.float32)
+    blocks = tpu_flash.BlockSizes(
+        block_q=block_q, block_k_major=FLASH_BLOCK, block_k=FLASH_BLOCK, block_b=1,
+        block_q_major_dkv=block_q, block_k_major_dkv=FLASH_BLOCK, block_k_dkv=FLASH_BLOCK, block_q_dkv=block_q,
+        block_k_major_dq=FLASH_BLOCK, block_k_dq=FLASH_BLOCK, block_q_dq=block_q)
+    out_bnth = tpu_flash.flash_attention(q_bnth, k_bnsh, v_bnsh, ab=bias_bnts, sm_scale=h ** -0.5,
+                                         block_sizes=blocks)
+    return jnp.transpose(out_bnth[:, :, :t], (0, 2, 1, 3)).reshape(b, t, n * h).astype(dtype)
 
 
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, impl: str = "xla",
@@ -36,8 +105,9 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     mask (B, T, S) bool. impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype`
     (the parity reference); "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel
     where the backend has one (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and
-    which computes the softmax in the inputs' dtype. A query row with no visible key (left padding) gives a
-    meaningless output under either; callers mask those rows.
+    which computes the softmax in the inputs' dtype; "pallas_flash": JAX's Pallas flash-attention kernel for TPUs
+    (`_pallas_flash`; on other backends only under `pallas_interpret()`, see `check_backend`). A query row with no visible key (left
+    padding) gives a meaningless output under any of them; callers mask those rows.
     """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
@@ -45,6 +115,8 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         out = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
                                            mask=mask_bts[:, None, :, :])
         return out.reshape(b, t, n * h)
+    if impl == "pallas_flash":
+        return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
     if impl != "xla":
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     # q head i uses kv head i // (n // kh): group the query heads by their kv head.

@@ -73,6 +73,7 @@ from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
 from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
 from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import autonomous as autonomous_lib
 from vital_jax.medsynapse import grpo, imt, stage1
@@ -287,10 +288,15 @@ def configured_paths(config) -> Paths:
 
 
 def backbone_config(config, paths: Paths) -> Qwen3VLConfig:
+    impl = config.model.get("attention_impl", "xla")
+    try:
+        check_attention_backend(impl)
+    except ValueError as e:
+        raise ConfigError(f"model.attention_impl: {e}") from None
     return Qwen3VLConfig.from_pretrained(paths.backbone_dir, dtype=config.model.dtype,
                                          param_dtype=config.model.param_dtype, remat=config.model.remat,
                                          scan_layers=config.model.scan_layers,
-                                         attention_impl=config.model.get("attention_impl", "xla"))
+                                         attention_impl=impl)
 
 
 def anatomical_encoder(config, paths: Paths):

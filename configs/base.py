@@ -26,7 +26,7 @@ def get_config():
         remat=False,            # rematerialise decoder layers in the backward pass
         scan_layers=False,      # run decoder layers as one nn.scan (stacked params): one compiled layer, and
                                 # remat then bounds memory to one layer; checkpoints keep the per-layer layout
-        attention_impl="xla",   # attention (both towers): "xla" (reference einsums, f32 softmax) or "dot_product"
+        attention_impl="xla",   # attention (both towers): "xla" (reference einsums, f32 softmax), "dot_product" or "pallas_flash" (TPU)
                                 # (jax.nn.dot_product_attention: cuDNN flash on NVIDIA GPUs); same weights
     ))
     c.data = ml_collections.ConfigDict(dict(

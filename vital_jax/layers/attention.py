@@ -67,11 +67,12 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype):
+def _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt=None):
     """JAX's Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu.flash_attention`, forward and backward
-    kernels): the (T, S) probabilities are never materialised, only tiles of them in VMEM. Arbitrary boolean masks
-    enter as an additive bias (B, N, T, S) (causal + padding + latent-step validity, cache offsets included; a
-    segment-id form would avoid the bias but cannot express a query at cache slot 300 seeing keys 0..300).
+    kernels): the (T, S) probabilities are never materialised, only tiles of them in VMEM. With `segment_ids_bt`
+    (self-attention within groups: the vision tower's frames) the kernel's own segment ids mask and no (T, S)
+    array exists at all; otherwise the boolean mask enters as an additive bias (B, N, T, S) (causal + padding +
+    latent-step validity with cache offsets, which segment ids cannot express).
     GQA: the kernel wants as many kv heads as query heads, so kv head j is repeated for its N / K query heads."""
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
@@ -82,27 +83,36 @@ def _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype):
     q_bnth = jnp.pad(jnp.transpose(q_btnh, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, t_pad - t), (0, 0)))
     k_bnsh, v_bnsh = (jnp.pad(jnp.repeat(jnp.transpose(x, (0, 2, 1, 3)), n // kh, axis=1).astype(q_btnh.dtype),
                               ((0, 0), (0, 0), (0, s_pad - s), (0, 0))) for x in (k_bskh, v_bskh))
-    # Padded keys are masked; padded query rows see every real key (any finite row) and are cut off below.
-    visible = jnp.pad(mask_bts, ((0, 0), (0, t_pad - t), (0, s_pad - s)))
-    visible = visible.at[:, t:, :s].set(True)
-    # The kernel's own mask value: finite, so a row with no visible key gives a (meaningless) finite output.
-    bias_bnts = jnp.broadcast_to(jnp.where(visible, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))[:, None],
-                                 (b, n, t_pad, s_pad)).astype(jnp.float32)
+    if segment_ids_bt is not None:
+        # Padding positions form their own segment (-1; real ids are >= 0): padded rows see only padded keys.
+        bias_bnts = None
+        segments = tpu_flash.SegmentIds(
+            q=jnp.pad(segment_ids_bt.astype(jnp.int32), ((0, 0), (0, t_pad - t)), constant_values=-1),
+            kv=jnp.pad(segment_ids_bt.astype(jnp.int32), ((0, 0), (0, s_pad - s)), constant_values=-1))
+    else:
+        # Padded keys are masked; padded query rows see every real key (any finite row) and are cut off below.
+        visible = jnp.pad(mask_bts, ((0, 0), (0, t_pad - t), (0, s_pad - s)))
+        visible = visible.at[:, t:, :s].set(True)
+        # The kernel's own mask value: finite, so a row with no visible key gives a (meaningless) finite output.
+        bias_bnts = jnp.broadcast_to(jnp.where(visible, 0.0, -0.7 * float(jnp.finfo(jnp.float32).max))[:, None],
+                                     (b, n, t_pad, s_pad)).astype(jnp.float32)
+        segments = None
     blocks = tpu_flash.BlockSizes(
         block_q=block_q, block_k_major=FLASH_BLOCK, block_k=FLASH_BLOCK, block_b=1,
         block_q_major_dkv=block_q, block_k_major_dkv=FLASH_BLOCK, block_k_dkv=FLASH_BLOCK, block_q_dkv=block_q,
         block_k_major_dq=FLASH_BLOCK, block_k_dq=FLASH_BLOCK, block_q_dq=block_q)
-    out_bnth = tpu_flash.flash_attention(q_bnth, k_bnsh, v_bnsh, ab=bias_bnts, sm_scale=h ** -0.5,
-                                         block_sizes=blocks)
+    out_bnth = tpu_flash.flash_attention(q_bnth, k_bnsh, v_bnsh, ab=bias_bnts, segment_ids=segments,
+                                         sm_scale=h ** -0.5, block_sizes=blocks)
     return jnp.transpose(out_bnth[:, :, :t], (0, 2, 1, 3)).reshape(b, t, n * h).astype(dtype)
 
 
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, impl: str = "xla",
-           dtype=jnp.float32) -> jax.Array:
+           dtype=jnp.float32, segment_ids_bt: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(h) + mask) v with grouped-query heads -> (B, T, N * H).
 
     q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (query head i reads kv head i // (N // K));
-    mask (B, T, S) bool. impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype`
+    mask (B, T, S) bool. segment_ids (B, T) int, optional, for self-attention within groups (T = S, mask =
+    equal ids): "pallas_flash" then uses the kernel's segment ids instead of the mask. impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype`
     (the parity reference); "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel
     where the backend has one (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and
     which computes the softmax in the inputs' dtype; "pallas_flash": JAX's Pallas flash-attention kernel for TPUs
@@ -116,7 +126,7 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
                                            mask=mask_bts[:, None, :, :])
         return out.reshape(b, t, n * h)
     if impl == "pallas_flash":
-        return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
+        return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt)
     if impl != "xla":
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     # q head i uses kv head i // (n // kh): group the query heads by their kv head.

@@ -164,8 +164,10 @@ def num_patches(grid_thw: GridTHW) -> int:
 class VisionAttention(nn.Module):
     """Non-causal MHA with fused qkv (bias), 2-D rotary applied in float32, masked by segment id.
 
-    x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) -> (N, D).
-    Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the text decoder.
+    x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) and the
+    segment ids it was made of, (S, N/S) int (mask = equal ids; "pallas_flash" reads the ids, the others the mask)
+    -> (N, D). Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the
+    text decoder.
     """
 
     num_heads: int
@@ -174,7 +176,7 @@ class VisionAttention(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn):
+    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn, segments_sn):
         n, d = x_nd.shape
         heads, head_dim = self.num_heads, d // self.num_heads
         qkv = Linear(3 * d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x_nd)
@@ -184,7 +186,7 @@ class VisionAttention(nn.Module):
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
-        out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype).reshape(n, d)
+        out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype, segment_ids_bt=segments_sn).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)
 
 
@@ -211,12 +213,12 @@ class VisionBlock(nn.Module):
     config: Qwen3VLVisionConfig
 
     @nn.compact
-    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn):
+    def __call__(self, x_nd, cos_nh, sin_nh, mask_snn, segments_sn):
         cfg = self.config
         norm = dict(eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(**norm, name="norm1")(x_nd)
         x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, cfg.attention_impl,
-                                        name="attn")(h, cos_nh, sin_nh, mask_snn)
+                                        name="attn")(h, cos_nh, sin_nh, mask_snn, segments_sn)
         h = LayerNorm(**norm, name="norm2")(x_nd)
         return x_nd + VisionMLP(cfg.intermediate_size, cfg.gelu_approximate, cfg.dtype, cfg.param_dtype,
                                 name="mlp")(h)
@@ -294,14 +296,15 @@ class Qwen3VLVisionModel(nn.Module):
                                  f"frame_patches={p}")
             # One group per frame: a constant all-True mask, which XLA folds away (no select over the scores).
             mask_snn = jnp.ones((n // p, p, p), bool)
+            segments_sn = jnp.zeros((n // p, p), jnp.int32)
         else:
-            segment_ids = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)
-            mask_snn = segment_ids[:, :, None] == segment_ids[:, None, :]
+            segments_sn = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)
+            mask_snn = segments_sn[:, :, None] == segments_sn[:, None, :]
 
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
         deepstack = []
         for i in range(cfg.depth):
-            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_snn), PACKED_AXES)
+            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_snn, segments_sn), PACKED_AXES)
             if i in cfg.deepstack_visual_indexes:
                 # Merger k belongs to block deepstack_visual_indexes[k]; features come out in block order (as HF).
                 k = cfg.deepstack_visual_indexes.index(i)

@@ -281,3 +281,49 @@ def test_qwen3_vl_vision_tower_with_pallas_flash_uses_segment_ids_for_images_of_
     assert _diff(np.asarray(embeds)[:merged], ref.pooler_output.numpy()) <= TOL
     for ours, theirs in zip(deepstack, ref.deepstack_features):
         assert _diff(np.asarray(ours)[:merged], theirs.numpy()) <= TOL
+
+
+# --------------------------------------------------------------------------------------------- query blocks
+def test_xla_attention_in_query_blocks_equals_one_block_with_masks_and_gradients():
+    """Blocks of 4 queries over 11 (the last block shorter), a causal mask over a longer cache, GQA: the same
+    output and gradients as one block."""
+    q, k, v, mask = _masked_case(np.random.RandomState(5), 2, 11, 15, 4, 2, 16)
+    seen = jnp.asarray(np.asarray(mask).any(-1))[:, :, None]
+
+    def loss(chunk, q, k, v):
+        return jnp.sum(jnp.where(seen, attend(q, k, v, mask, "xla", query_chunk=chunk), 0.0) ** 2)
+
+    whole, whole_grads = jax.value_and_grad(functools.partial(loss, 0), argnums=(0, 1, 2))(q, k, v)
+    blocked, blocked_grads = jax.jit(jax.value_and_grad(functools.partial(loss, 4), argnums=(0, 1, 2)))(q, k, v)
+    assert _diff(attend(q, k, v, mask, "xla", query_chunk=4), attend(q, k, v, mask, "xla")) <= 1e-6
+    assert abs(float(blocked) - float(whole)) <= 1e-5 * abs(float(whole))
+    for got, want in zip(blocked_grads, whole_grads):
+        assert _diff(got, want) <= 1e-5
+    # The blocks are real: the traced program attends 3 times.
+    program = str(jax.make_jaxpr(lambda q: attend(q, k, v, mask, "xla", query_chunk=4))(q))
+    assert program.count("exp") == 3 and str(jax.make_jaxpr(lambda q: attend(q, k, v, mask, "xla"))(q)).count(
+        "exp") == 1
+
+
+@pytest.mark.parametrize("frame_attention", [True, False])
+def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_attention):
+    """`attention_query_chunk` reaches the vision tower only (the text config has no such field) and keeps its
+    features equal to transformers', per frame and with the block-diagonal mask of mixed sizes."""
+    hf_model = save_tiny_qwen3_vl(str(tmp_path), seed=6)
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_query_chunk=8, frame_attention=frame_attention)
+    assert config.vision.attention_query_chunk == 8 and not hasattr(config.text, "attention_query_chunk")
+    params = load_vl_params(str(tmp_path), config)
+    grids = [(1, 4, 6), (1, 4, 6)] if frame_attention else [(1, 4, 6), (1, 8, 4)]
+    pixels = _pixels(np.random.RandomState(3), grids, config)
+    inputs = vision_inputs(grids, config.vision)
+    assert bool(inputs.frame_patches) == frame_attention
+    model = Qwen3VLForConditionalGeneration(config)
+    embeds, deepstack = jax.jit(lambda p, x, v: model.apply({"params": p}, x, v, method=model.encode_images))(
+        params, jnp.asarray(pixels), inputs)
+    with torch.no_grad():
+        ref = hf_model.model.visual(torch.from_numpy(pixels), grid_thw=torch.tensor(grids))
+    assert _diff(embeds, ref.pooler_output.numpy()) <= TOL
+    for ours, theirs in zip(deepstack, ref.deepstack_features):
+        assert _diff(ours, theirs.numpy()) <= TOL
+    with pytest.raises(ConfigError, match="attention_query_chunk=-1 must be >= 0"):
+        Qwen3VLConfig.from_pretrained(str(tmp_path), attention_query_chunk=-1)

@@ -9,6 +9,9 @@ from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl.vision_config import Qwen3VLVisionConfig
 
 
+VISION_ONLY_OVERRIDES = ("frame_attention", "attention_query_chunk")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig:
     """text: the decoder (Qwen3 layers); vision: the ViT; mrope_section: (T, H, W) frequency counts."""
@@ -36,7 +39,8 @@ class Qwen3VLConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLConfig":
         """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat, attention_impl) apply to both
-        towers; `scan_layers` only to the text decoder (the frozen vision tower has no backward pass to bound)."""
+        towers; `scan_layers` only to the text decoder (the frozen vision tower has no backward pass to bound),
+        `frame_attention` and `attention_query_chunk` only to the vision tower."""
         hf_config.check_model_type(cfg, ("qwen3_vl",), source)
         text_cfg = dict(cfg["text_config"])
         # transformers keeps tie_word_embeddings at the top level of the composite config.
@@ -44,7 +48,8 @@ class Qwen3VLConfig:
         if "eos_token_id" not in text_cfg and "eos_token_id" in cfg:
             text_cfg["eos_token_id"] = cfg["eos_token_id"]
         rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
-        text = Qwen3Config.from_hf_dict(text_cfg, f"{source}:text_config", ("qwen3_vl_text",), **overrides)
+        text_overrides = {k: v for k, v in overrides.items() if k not in VISION_ONLY_OVERRIDES}
+        text = Qwen3Config.from_hf_dict(text_cfg, f"{source}:text_config", ("qwen3_vl_text",), **text_overrides)
         vision_overrides = {k: v for k, v in overrides.items() if k != "scan_layers"}
         vision = Qwen3VLVisionConfig.from_hf_dict(cfg["vision_config"], f"{source}:vision_config",
                                                   **vision_overrides)

@@ -174,6 +174,7 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(self, x_nd, cos_nh, sin_nh, mask_snn, segments_sn):
@@ -186,7 +187,8 @@ class VisionAttention(nn.Module):
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
-        out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype, segment_ids_bt=segments_sn).reshape(n, d)
+        out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype, segment_ids_bt=segments_sn,
+                        query_chunk=self.query_chunk if self.attention_impl == "xla" else 0).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)
 
 
@@ -218,7 +220,8 @@ class VisionBlock(nn.Module):
         norm = dict(eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(**norm, name="norm1")(x_nd)
         x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, cfg.attention_impl,
-                                        name="attn")(h, cos_nh, sin_nh, mask_snn, segments_sn)
+                                        cfg.attention_query_chunk, name="attn")(h, cos_nh, sin_nh, mask_snn,
+                                                                                 segments_sn)
         h = LayerNorm(**norm, name="norm2")(x_nd)
         return x_nd + VisionMLP(cfg.intermediate_size, cfg.gelu_approximate, cfg.dtype, cfg.param_dtype,
                                 name="mlp")(h)

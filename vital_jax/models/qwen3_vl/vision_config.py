@@ -26,6 +26,9 @@ class Qwen3VLVisionConfig:
     attend per frame, (N/P, P, P) scores with no mask, instead (`vision.VisionInputs.frame_patches`). P is static,
     so calls whose frames switch between one size and several compile one program per layout; False keeps a single
     program for every image size under `pad_to` (variable-resolution data).
+    `attention_query_chunk` (attention_impl "xla" only): > 0 computes each frame's attention in blocks of that many
+    queries (`attention._xla_attend_in_query_blocks`: same numbers, faster on CPU where the full score array
+    does not stay in cache); 0 = one block.
     """
 
     depth: int
@@ -47,11 +50,14 @@ class Qwen3VLVisionConfig:
     remat: bool = False
     attention_impl: str = "xla"
     frame_attention: bool = True
+    attention_query_chunk: int = 0
 
     def __post_init__(self):
         problems = []
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.attention_query_chunk < 0:
+            problems.append(f"attention_query_chunk={self.attention_query_chunk} must be >= 0 (0 = one block)")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         elif self.head_dim % 4:

@@ -3,7 +3,8 @@ steps -> a fixed-length greedy answer, vital_jax's jitted `latent.generate_answe
 DynamicCache stepping the same loop (issue #16: goal >= 2x at K = 4, latent overhead K = 4 / K = 0 <= 1.10).
 
     python -m benchmarks.peer_inference [--hidden 512 --layers 8 --vision_hidden 256 --vision_depth 4
-                                         --image 448 --text 32 --answer 16 --repeats 5 --torch_threads N --quick]
+                                         --image 448 --text 32 --answer 16 --repeats 5 --torch_threads N
+                                         --vision_query_chunk Q --quick]
 
 The model is a random Qwen3-VL built with transformers (`benchmarks.qwen3_vl_latency._build`: SDPA attention,
 its fastest CPU path), saved and read back by `vital_jax.models.qwen3_vl.load_params`. The transformers side is the
@@ -74,6 +75,8 @@ def main(argv=None):
     parser.add_argument("--answer", type=int, default=16, help="greedy answer tokens (no EOS)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--vision_query_chunk", type=int, default=0,
+                        help="vital_jax's Qwen3VLVisionConfig.attention_query_chunk (0 = the default, one block)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -106,7 +109,8 @@ def main(argv=None):
 
     print(f"config: text {args.hidden} x {args.layers} layers, vision {args.vision_hidden} x {args.vision_depth}, "
           f"{args.image}x{args.image} image ({patches.shape[0] // config.merge_unit} tokens), prompt {ids.shape[1]} "
-          f"tokens, answer {args.answer} tokens, float32, torch threads {torch.get_num_threads()}, "
+          f"tokens, answer {args.answer} tokens, float32, vision query blocks {args.vision_query_chunk or 'off'}, "
+          f"torch threads {torch.get_num_threads()}, "
           f"jax {jax.devices()[0].platform}")
     for k in (0, 4):
         jms, tms = best[("vital_jax", k)], best[("transformers", k)]

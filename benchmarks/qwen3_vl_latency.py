@@ -90,7 +90,7 @@ def build_models_and_prompt(args):
     `args.image`-pixel image: (hf_model, config, params, Flax model, pixel patches, grid (t, h, w), ids (1, L))."""
     path = tempfile.mkdtemp()
     hf_model = _build(path, args)
-    config = Qwen3VLConfig.from_pretrained(path)
+    config = Qwen3VLConfig.from_pretrained(path, attention_query_chunk=getattr(args, "vision_query_chunk", 0))
     params = jax.device_put(load_params(path, config))
     rng = np.random.RandomState(0)
     image = rng.randint(0, 256, (args.image, args.image, 3), dtype=np.uint8)

@@ -45,7 +45,9 @@ def main():
     args = p.parse_args()
 
     vision = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16").vision
-    vision = dataclasses.replace(vision, depth=args.depth,
+    # frame_attention off: this compares the two masked layouts for images of any size (equal-size frames would
+    # otherwise attend per frame in both, and the comparison would be of one program with itself).
+    vision = dataclasses.replace(vision, depth=args.depth, frame_attention=False,
                                  deepstack_visual_indexes=tuple(i for i in vision.deepstack_visual_indexes
                                                                 if i < args.depth))
     grids = [(1, args.grid, args.grid)] * args.images

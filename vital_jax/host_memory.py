@@ -80,8 +80,9 @@ def apply_environment() -> str | None:
 
 def restore_defaults() -> None:
     """Large blocks mmap'ed and freed memory trimmed again (M_MMAP_MAX 65,536, M_TRIM_THRESHOLD 128 KiB, glibc's
-    initial values), for benchmarks that compare the two settings in one process. glibc's sliding mmap threshold
-    stays off once mallopt was called; blocks above 32 MiB, which it never covers, are mmap'ed either way."""
+    initial values), so that a process (the tests) can switch back. Not a fresh process's state: glibc's sliding
+    mmap threshold stays off once mallopt was called, which is why `benchmarks/host_memory.py` measures each
+    setting in its own process; blocks above 32 MiB, which that threshold never covers, are mmap'ed either way."""
     libc = _glibc()
     if libc is None:
         raise HostMallocError("not glibc: nothing to restore")

@@ -1,5 +1,5 @@
-"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons, the host
-allocator comparison): the `--quick` variant of each runs to its final report line.
+"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons and the
+inference floor, the host allocator comparison): the `--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -74,6 +74,17 @@ def test_peer_inference_quick_checks_both_sides_answer_alike_and_prints_the_rati
                             rf"ratio {NUMBER}x$", line) for line in lines), (k, lines)
     assert re.fullmatch(rf"latent overhead K=4 / K=0: vital_jax {NUMBER}, transformers {NUMBER}", lines[-2]), lines
     assert re.fullmatch(rf"ratio at K=4 \(transformers / vital_jax\): {NUMBER}x", lines[-1]), lines
+
+
+def test_inference_floor_quick_times_each_phase_against_this_machines_limits():
+    """Also exits non-zero when vital_jax's first answer tokens differ from transformers'."""
+    lines = run_quick("inference_floor")
+    assert re.fullmatch(rf"this machine: matmul {NUMBER} GFLOP/s, weight streaming {NUMBER} GB/s; .*", lines[1]), lines
+    for phase in ("vision tower", "prefix \\(vision \\+ prefill\\)", "4 latent steps", "4 answer tokens",
+                  "whole program"):
+        assert any(re.match(rf"{phase} +{NUMBER} +{NUMBER} ", line) for line in lines), (phase, lines)
+    assert re.fullmatch(rf"most any implementation could reach here \(transformers / floor\): {NUMBER}x",
+                        lines[-1]), lines
 
 
 def test_peer_train_step_quick_trains_both_sides_with_peft_adapters_and_prints_the_ratio():

@@ -134,29 +134,52 @@ def test_study_figures_in_each_format(tmp_path):
             assert path.endswith(f".{fmt}") and magic in open(path, "rb").read(4096), path
 
 
+# The quick study shrunk further, as command-line overrides of configs/study/phantom.py:quick: one seed, the
+# lr = 0 backbone, SFT at K = 0 and MedSynapse-V's Stage I (10 steps from the SFT model, answered with P_phi's
+# memory: the study's MedSynapse-V path; its later stages are tests/medsynapse's).
+# 60 training phantoms: with 30 (and the text-only row beside them, in the same time) sft_k0 beat the majority
+# answer by one or two of the 47 closed test questions (21.3 vs 19.1 %; once 17.0 %, below it); with 60 it
+# answered 44.7 % (21 of 47). The text-only control is the full study's (and test_rows_edit's) business.
+# max_answer_tokens as when this was sized; latency_examples 1: the report's latency column only needs a number.
+# The session's own compilation cache (tests/conftest.py, every program) serves the study better than the study's
+# (workdir/xla_cache, programs over 0.5 s), which would replace it while the study runs.
+QUICK_STUDY_OVERRIDES = {
+    "rows": ("backbone", "sft_k0", "ms_warmup"), "medsynapse.stages": ("warmup",), "medsynapse.warmup.max_steps": 10,
+    "data.split_counts": (60, 4, 16), "train.curriculum.epochs": (2, 2, 3), "train.optimizer.lr": 3e-3,
+    "train.data.max_answer_tokens": 64, "eval.diagnostics_examples": 8, "eval.latency_examples": 1,
+    "compilation_cache": False, "parallel_runs": 1}  # parallel_runs 1: one after another; the rerun goes parallel
+QUICK_STUDY_COMMAND = "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR"
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
-    """The quick study shrunk further: the shipped pretrained backbone, a small PhantomVQA, one seed, the
-    lr = 0 backbone, SFT at K = 0 and MedSynapse-V's Stage I (10 steps from the SFT model,
-    answered with P_phi's memory: the study's MedSynapse-V path; its later stages are tests/medsynapse's)."""
-    config = study_config.get_config("quick")
-    config.rows = ("backbone", "sft_k0", "ms_warmup")
-    config.medsynapse.stages, config.medsynapse.warmup.max_steps = ("warmup",), 10
-    # 60 training phantoms: with 30 (and the text-only row beside them, in the same time) sft_k0 beat the majority
-    # answer by one or two of the 47 closed test questions (21.3 vs 19.1 %; once 17.0 %, below it); with 60 it
-    # answered 44.7 % (21 of 47). The text-only control is the full study's (and test_rows_edit's) business.
-    config.data.split_counts = (60, 4, 16)
-    config.train.curriculum.epochs = (2, 2, 3)
-    config.train.optimizer.lr = 3e-3
-    config.train.data.max_answer_tokens = 64  # as when this fixture was sized
-    config.eval.diagnostics_examples = 8
-    config.eval.latency_examples = 1  # the report's latency column only needs a number here
-    # The session's own compilation cache (tests/conftest.py, every program) serves the study better than the
-    # study's (workdir/xla_cache, programs over 0.5 s), which would replace it while the study runs.
-    config.compilation_cache = False
-    config.parallel_runs = 1  # one after another here; the rerun below takes the parallel path
+    """The study command itself, run on the quick study shrunk further (QUICK_STUDY_OVERRIDES): PhantomVQA ->
+    the shipped pretrained backbone -> three runs -> evaluation -> report. It runs in its own process with XLA's
+    default LLVM optimisation: the session's level 0 (tests/conftest.py) halves compile times but makes this
+    fixture's ~500 training steps 2.3x slower, and they are most of its time."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = str(tmp_path_factory.mktemp("study"))
-    return config, workdir, study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_backend_optimization_level=0", "").strip())
+    overrides = [f"--config.{key}={value!r}" for key, value in QUICK_STUDY_OVERRIDES.items()]
+    res = subprocess.run([sys.executable, "-m", "vital_jax.study", "--config=configs/study/phantom.py:quick",
+                          f"--workdir={workdir}", *overrides], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, f"the study command failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    config = study_config.get_config("quick")
+    for key, value in QUICK_STUDY_OVERRIDES.items():
+        *parents, leaf = key.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        section[leaf] = value
+    out = json.load(open(os.path.join(workdir, study.RESULTS_FILE)))
+    out["report"] = os.path.join(workdir, "report", study.REPORT_FILE)
+    assert f"report: {out['report']}" in res.stdout, res.stdout[-2000:]
+    return config, workdir, out
 
 
 def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
@@ -188,7 +211,7 @@ def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):
     config = config.copy_and_resolve_references()
     config.unlock()
     config.parallel_runs = 2
-    again = study.study(config, workdir, "python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=DIR")
+    again = study.study(config, workdir, QUICK_STUDY_COMMAND)
     assert sorted(again["reused"]) == ["ms_warmup/seed0", "sft_k0/seed0"]
     redone = {r["row"]: r for r in again["results"]}["backbone"]
     assert redone["steps"] == 1 and redone["test"]["closed_correct"] == before

@@ -21,7 +21,6 @@ implementation could gain over transformers on this machine at these sizes. The 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,5 @@
-"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons and the
-inference floor, the host allocator comparison): the `--quick` variant of each runs to its final report line.
+"""CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons and their
+floors, the host allocator comparison): the `--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -83,6 +83,17 @@ def test_inference_floor_quick_times_each_phase_against_this_machines_limits():
     for phase in ("vision tower", "prefix \\(vision \\+ prefill\\)", "4 latent steps", "4 answer tokens",
                   "whole program"):
         assert any(re.match(rf"{phase} +{NUMBER} +{NUMBER} ", line) for line in lines), (phase, lines)
+    assert re.fullmatch(rf"most any implementation could reach here \(transformers / floor\): {NUMBER}x",
+                        lines[-1]), lines
+
+
+def test_train_floor_quick_counts_the_steps_work_and_prints_the_ceiling():
+    lines = run_quick("train_floor")
+    assert re.fullmatch(rf"work per step: model {NUMBER} GFLOP \(vital.accounting\), XLA's dots {NUMBER} GFLOP "
+                        rf"\({NUMBER}x\)", lines[-4]), lines
+    assert re.match(rf"vital_jax {NUMBER} ms/step .* transformers \+ peft {NUMBER} ms/step .* floor {NUMBER} ms$",
+                    lines[-3]), lines
+    assert re.fullmatch(rf"ratio today \(transformers / vital_jax\): {NUMBER}x", lines[-2]), lines
     assert re.fullmatch(rf"most any implementation could reach here \(transformers / floor\): {NUMBER}x",
                         lines[-1]), lines
 

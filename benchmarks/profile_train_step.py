@@ -229,7 +229,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model, params, batch_np = build(args, tmp)
     optimizer = trainable.make_optimizer(1e-4, 0.01, max_grad_norm=1.0)
-    state, frozen = init_train_state(params, optimizer, jax.random.PRNGKey(1))
+    # On the device once, as the trainer's `sharding.shard` does (numpy leaves would be copied in at every call).
+    state, frozen = jax.device_put(init_train_state(params, optimizer, jax.random.PRNGKey(1)))
     batch = from_numpy(batch_np, model.backbone_config)
     step = jax.jit(functools.partial(train_step, model, optimizer))
     holder = {"state": state}

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import xla_flops
 from benchmarks.latent_overhead import best_ms
-from benchmarks.peer_inference import QUICK, torch_generate
+from benchmarks.peer_inference import QUICK, add_size_arguments, torch_generate
 from benchmarks.qwen3_vl_latency import build_models_and_prompt
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import cached
@@ -69,18 +69,8 @@ def nbytes(tree) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--vision_hidden", type=int, default=256)
-    parser.add_argument("--vision_depth", type=int, default=4)
-    parser.add_argument("--image", type=int, default=448)
-    parser.add_argument("--text", type=int, default=32)
-    parser.add_argument("--answer", type=int, default=16)
+    add_size_arguments(parser)
     parser.add_argument("--latent_steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--vision_query_chunk", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():

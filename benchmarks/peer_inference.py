@@ -63,8 +63,8 @@ def torch_generate(hf_model, ids: np.ndarray, patches: np.ndarray, grid: tuple, 
     return tokens
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser()
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, prompt and timing arguments shared with `benchmarks.inference_floor` (issue #16's sizes)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -74,10 +74,15 @@ def main(argv=None):
     parser.add_argument("--text", type=int, default=32, help="text tokens around the image")
     parser.add_argument("--answer", type=int, default=16, help="greedy answer tokens (no EOS)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--vision_query_chunk", type=int, default=0,
                         help="vital_jax's Qwen3VLVisionConfig.attention_query_chunk (0 = the default, one block)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    add_size_arguments(parser)
+    parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():

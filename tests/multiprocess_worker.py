@@ -576,14 +576,23 @@ def _grpo_run(mesh, rows, steps):
             history.append({k: metrics[k] for k in ("reward_mean", "r_acc", "r_causal", "loss", "grad_norm")})
         replicated = jax.jit(lambda t: t, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                              )(state.params)
-    return history, checksum(replicated)
+    # `distributed.host_copy` (what `medsynapse.trainer.mean_teacher_memory` reads P_phi with) on P_phi's
+    # parameters laid out over the mesh's data axis, i.e. across the two processes where there are two.
+    data_axis = lambda x: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, jax.sharding.PartitionSpec("data") if x.ndim and x.shape[0] % 2 == 0 else jax.sharding.PartitionSpec())
+    across = jax.tree.map(lambda x: distributed.global_from_host_copy(np.asarray(x), data_axis(x)),
+                          jax.device_get(frozen["sampler"]))
+    host = distributed.host_copy(across)
+    gathered = sum(not x.is_fully_addressable for x in jax.tree.leaves(across))
+    return history, checksum(replicated), {"checksum": checksum(host), "gathered_leaves": int(gathered),
+                                           "numpy": all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))}
 
 
 def run_grpo(args) -> None:
     """Stage II (GRPO) steps: one process on one device (--num_processes unset) or this process's share of the
-    global batch on a multi-process mesh; every process prints its metrics and the adapters' checksum."""
+    global batch on a multi-process mesh; every process prints its metrics, the adapters' checksum and that of
+    its `distributed.host_copy` of P_phi."""
     import jax
-    import numpy as np
 
     from vital_jax import distributed, sharding
 
@@ -597,9 +606,9 @@ def run_grpo(args) -> None:
     global_b = len(GRIDS)
     batch_spec, _ = sharding.spec_for(("batch",), (global_b,), mesh)
     rows = distributed.process_rows(jax.sharding.NamedSharding(mesh, batch_spec), (global_b,))
-    history, total = _grpo_run(mesh, rows, args.steps)
+    history, total, host_copy = _grpo_run(mesh, rows, args.steps)
     _emit("result", process_id=jax.process_index(), num_processes=jax.process_count(), history=history,
-          checksum=total, rows=[int(r) for r in rows], devices=jax.device_count())
+          checksum=total, rows=[int(r) for r in rows], devices=jax.device_count(), host_copy=host_copy)
     if args.num_processes:
         jax.distributed.shutdown()
 

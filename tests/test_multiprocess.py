@@ -202,3 +202,9 @@ def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
     # The run trained, and the rewards are not all one value (so a mis-assigned row would show).
     assert reference["checksum"] != pytest.approx(out[0]["checksum"] + 1.0)
     assert 0 < reference["history"][0]["r_acc"] < 1
+    # `distributed.host_copy` (mean_teacher_memory's read of P_phi): leaves sharded across the two processes are
+    # gathered whole on each, equal to the single process's copy.
+    assert reference["host_copy"]["gathered_leaves"] == 0 and reference["host_copy"]["numpy"]
+    for i in (0, 1):
+        assert out[i]["host_copy"]["gathered_leaves"] > 0 and out[i]["host_copy"]["numpy"], out[i]["host_copy"]
+        assert out[i]["host_copy"]["checksum"] == reference["host_copy"]["checksum"]

@@ -214,6 +214,18 @@ def global_per_example(local: np.ndarray, mesh: Mesh, logical_axes: Sequence[str
     spec, _ = sharding.spec_for(axes, global_shape, mesh)
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
 
+def host_copy(tree):
+    """The whole of every array of `tree` as a numpy array on this process. A leaf sharded across processes (not
+    fully addressable) is gathered with a collective, so every process must call this with the same tree, in the
+    same order; the other leaves are read locally."""
+    def to_host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(to_host, tree)
+
+
 def host_rows(x: jax.Array, rows: Sequence[int]) -> np.ndarray:
     """Rows `rows` (along axis 0, in that order) of a global array, read from this process's shards: with several
     processes a batch-sharded array is not addressable as a whole, but each process holds its own examples' rows.

@@ -64,7 +64,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import freeze, sharding
@@ -410,16 +409,12 @@ def mean_teacher_memory(setup: Setup, sampler_params: dict, split: str, batch_si
     if not rows:
         raise ConfigError(f"{setup.paths.data_dir}: no records in split {split!r} to take the teacher's mean "
                           "memory over (medsynapse.imt.init = 'teacher_mean')")
+    from vital_jax import distributed  # here, as in `_stored_batch`
+
     apply = jax.jit(lambda params, f: setup.sampler.apply({"params": params}, f))
     device = jax.local_devices()[0]
-    # P_phi's parameters as host arrays: a leaf sharded across processes is gathered (every process makes the same
-    # calls in the same order), the rest are read directly.
-    def to_host(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    local_params = jax.device_put(jax.tree.map(to_host, sampler_params), device)
+    # P_phi's parameters whole on this process (leaves sharded across processes gathered; every process calls this).
+    local_params = jax.device_put(distributed.host_copy(sampler_params), device)
     total = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = np.asarray(setup.store.features[rows[start:start + batch_size]], np.float32)

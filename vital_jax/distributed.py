@@ -214,6 +214,7 @@ def global_per_example(local: np.ndarray, mesh: Mesh, logical_axes: Sequence[str
     spec, _ = sharding.spec_for(axes, global_shape, mesh)
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, global_shape)
 
+
 def host_copy(tree):
     """The whole of every array of `tree` as a numpy array on this process. A leaf sharded across processes (not
     fully addressable) is gathered with a collective, so every process must call this with the same tree, in the

@@ -113,3 +113,24 @@ def test_host_memory_quick_times_both_allocator_settings_in_their_own_processes(
         assert any(re.fullmatch(rf"{label}: default +{NUMBER} ms \(min {NUMBER}\) +kept +{NUMBER} ms \(min "
                                 rf"{NUMBER}\) +ratio {NUMBER}x", line) for line in lines), (label, lines)
     assert re.fullmatch(rf"ratio default / kept, train step: {NUMBER}x", lines[-1]), lines
+
+
+def test_mfu_8b_quick_trains_a_truncated_8b_shaped_step_and_counts_its_flops():
+    """The accelerator benchmark of issue #16 at one layer: on CPU its optimized program keeps its dots, so the
+    executed-FLOP line (remat included) must appear, and at least the model FLOPs."""
+    lines = run_quick("mfu_8b")
+    assert re.fullmatch(rf"loss {NUMBER}; step {NUMBER} ms \(median of 1\); {NUMBER} samples/s", lines[-3]), lines
+    model = re.fullmatch(rf"model FLOPs/step ({NUMBER}) T -> {NUMBER} TFLOP/s", lines[-2])
+    executed = re.fullmatch(rf"executed matmul FLOPs/step ({NUMBER}) T \(({NUMBER})x model, remat included\) -> "
+                            rf"{NUMBER} TFLOP/s", lines[-1])
+    assert model and executed, lines[-2:]
+    assert float(executed.group(3)) >= 1.0, lines[-1]
+
+
+def test_latency_8b_quick_times_k0_and_k4_and_their_parts():
+    lines = run_quick("latency_8b")
+    assert re.fullmatch(rf"prefix \(vision tower \+ prefill\): {NUMBER} ms", lines[-5]), lines
+    assert re.fullmatch(rf"one answer token: -?{NUMBER} ms; one latent step: -?{NUMBER} ms", lines[-4]), lines
+    for line, k in zip(lines[-3:-1], (0, 4)):
+        assert re.fullmatch(rf"K={k}: +{NUMBER} ms +\(compile {NUMBER} s\)", line), lines
+    assert re.fullmatch(rf"latent overhead K=4 / K=0: {NUMBER} \(paper, 8B: 353 / 325 = 1.086\)", lines[-1]), lines

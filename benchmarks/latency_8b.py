@@ -37,14 +37,19 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=28, help="patch grid side (28 = a 448x448 image)")
     p.add_argument("--answer", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--scan_layers", action="store_true",
+                   help="decode with the layers as one scan over stacked weights, as trained (slower: each token "
+                        "copies every layer's weights); the default is the layout `inference.Predictor` decodes in")
     args = p.parse_args(argv)
     if args.quick:
         args.prompt_len, args.grid, args.answer, args.repeats = 32, 4, 3, 1
 
-    model = paper_model(args, remat=False)
+    # Unrolled layers unless asked otherwise: the layout evaluation decodes in (`qwen3_vl_params.unrolled`).
+    model = paper_model(args, remat=False, scan_layers=args.scan_layers)
     config, backbone = model.backbone_config, model.backbone
     device = jax.devices()[0]
-    print(f"device: {device.device_kind}; jax {jax.__version__}; attention {args.attention}")
+    print(f"device: {device.device_kind}; jax {jax.__version__}; attention {args.attention}; "
+          f"text layers {'scanned' if args.scan_layers else 'unrolled'}")
     start = time.perf_counter()
     params = random_params(model.abstract_params()["backbone"])
     jax.block_until_ready(params)

@@ -86,20 +86,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=4, help="K_max, the latent steps")
     p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
     p.add_argument("--attention", default="xla", help="attention_impl of both LMs and the vision tower")
-    p.add_argument("--loop_layers", action="store_true",
-                   help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
     p.add_argument("--quick", action="store_true",
                    help="one layer, tiny vocabulary and vision depth, small inputs: the CI smoke test")
 
 
-def paper_model(args: argparse.Namespace, remat: bool) -> VitalModel:
+def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool) -> VitalModel:
     """VITAL at the paper's shapes: Qwen3-VL-8B (bf16 weights) + LoRA r64 on every projection, the Qwen3-1.7B
     auxiliary decoder (float32 master weights, bf16 compute), K_max = args.k."""
     backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
-                                             remat=remat, scan_layers=not args.loop_layers,
+                                             remat=remat, scan_layers=scan_layers,
                                              attention_impl=args.attention)
     decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=remat,
-                                          scan_layers=not args.loop_layers, attention_impl=args.attention)
+                                          scan_layers=scan_layers, attention_impl=args.attention)
     layers = 1 if args.quick else args.layers
     if layers:
         backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
@@ -126,12 +124,14 @@ def main(argv=None):
     p.add_argument("--step_len", type=int, default=48)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--loop_layers", action="store_true",
+                   help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.prompt_len, args.grid, args.answer_len, args.step_len, args.steps = 1, 32, 4, 4, 4, 1
 
     remat = not args.no_remat
-    model = paper_model(args, remat=remat)
+    model = paper_model(args, remat=remat, scan_layers=not args.loop_layers)
     backbone = model.backbone_config
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; remat {remat}; "

@@ -1,6 +1,7 @@
 """A trained tiny run, used as a user would: evaluate (VQA-RAD slice, in-domain K sweep), explain, export to
 HF, and the PyTorch latent-generation reference against vital_jax."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -114,8 +115,35 @@ def test_shared_predictor_is_built_once_per_run_and_shape(workdir):
     assert shared_predictor(run, 2, 8) is not predictor and shared_predictor(run, 1, 9) is not predictor
     run.params = {**run.params, "backbone": dict(run.params["backbone"])}  # new parameters: a new predictor
     rebuilt = shared_predictor(run, 1, 8)
-    assert rebuilt is not predictor and rebuilt.backbone_params is run.params["backbone"]
+    assert rebuilt is not predictor and rebuilt.source_params is run.params["backbone"]
     assert load_run(workdir).predictors == {}  # each loaded run has its own
+
+
+def test_a_run_trained_with_scanned_layers_is_decoded_unrolled_with_the_same_answers(workdir):
+    """The 8B recipe trains with `scan_layers`; its Predictor decodes with the layers unrolled (a scan would copy
+    every layer's weights at each answer token) and must answer exactly as the run's own layout does."""
+    from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+    from vital_jax.run import TrainedRun
+
+    run = load_run(workdir)
+    config = run.model.backbone_config
+    scanned_config = dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=True))
+    stacked = qwen3_vl_params.to_layout(run.params["backbone"], True)
+    assert "layers" in stacked["language_model"]["model"]
+    scanned = TrainedRun(run.config, dataclasses.replace(run.model, backbone_config=scanned_config),
+                         {**run.params, "backbone": stacked}, run.paths, run.step)
+    predictor = Predictor(scanned, batch_size=2, max_new_tokens=6)
+    assert predictor.model.backbone_config.text.scan_layers is False
+    assert "layers" not in predictor.backbone_params["language_model"]["model"]
+    assert predictor.source_params is stacked  # shared_predictor's test for replaced parameters
+    images_dir = os.path.join(run.paths.data_dir, "images")
+    images = [os.path.join(images_dir, name) for name in sorted(os.listdir(images_dir))[:2]]
+    questions = ["Where is the liver?", "Is there a lesion?"]
+    reference = Predictor(run, batch_size=2, max_new_tokens=6)
+    for k in (0, 3):
+        ours, z, _ = predictor.answer(images, questions, k)
+        theirs, z_ref, _ = reference.answer(images, questions, k)
+        assert ours == theirs and np.array_equal(z, z_ref), k
 
 
 def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir, tmp_path):

@@ -7,8 +7,8 @@ compiled program serves every batch and every K <= K_max.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 import time
 from collections.abc import Sequence
 
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vital_jax.generation import SamplingConfig
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
 from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.run import TrainedRun
@@ -28,7 +29,12 @@ class Predictor(PromptEncoder):
     def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
         super().__init__(run.model.backbone_config, run.config.data, run.paths.tokenizer_dir, batch_size)
         self.run = run
-        self.model = run.model
+        # Decode with unrolled text layers: a run trained with `scan_layers` (the 8B recipe) would otherwise copy
+        # every layer's weights out of the stacks at each answer token (`qwen3_vl_params.unrolled`).
+        self.source_params = run.params["backbone"]
+        backbone_config, self.backbone_params = qwen3_vl_params.unrolled(run.model.backbone_config,
+                                                                         self.source_params)
+        self.model = dataclasses.replace(run.model, backbone_config=backbone_config)
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
         model = self.model
@@ -38,7 +44,6 @@ class Predictor(PromptEncoder):
         self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
                                                                             k_slots=k_slots, pause_embeddings=pause),
                                  static_argnums=(3,))
-        self.backbone_params = run.params["backbone"]
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
@@ -85,7 +90,7 @@ def shared_predictor(run: TrainedRun, batch_size: int, max_new_tokens: int) -> P
     programs serve every later caller; rebuilt if `run.params` were replaced since."""
     key = (batch_size, max_new_tokens)
     predictor = run.predictors.get(key)
-    if predictor is None or predictor.backbone_params is not run.params["backbone"]:
+    if predictor is None or predictor.source_params is not run.params["backbone"]:
         predictor = run.predictors[key] = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return predictor
 

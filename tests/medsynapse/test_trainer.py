@@ -5,6 +5,7 @@ finished stages trained; `python -m vital_jax.train` dispatches a MedSynapse-V c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -381,6 +382,19 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     tokens, lengths = memory_lib.generate(run.backbone, run.params["backbone"], prefix, memory, teacher.sampling)
     expected = [teacher.decode(t, length) for t, length in zip(np.asarray(tokens), np.asarray(lengths))]
     assert teacher.run_encoded(encoded, n)[0] == expected
+
+    # A run trained with `scan_layers` is decoded with the layers unrolled, and answers as the run's own layout.
+    config = run.backbone.config
+    scanned = dataclasses.replace(
+        run, backbone=type(run.backbone)(dataclasses.replace(config, text=dataclasses.replace(
+            config.text, scan_layers=True)), run.backbone.lora),
+        params={**run.params, "backbone": qwen3_vl_params.to_layout(run.params["backbone"], True)})
+    assert "layers" in scanned.params["backbone"]["language_model"]["model"]
+    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, 6)
+    assert "layers" not in deployed.params["backbone"]["language_model"]["model"]
+    encoded, n = deployed.encode([e.image for e in examples], [e.prompt for e in examples])
+    assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(run, "autonomous", 2, 6).run_encoded(
+        encoded, n)[0]
 
 
 def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(three_stage_run, tmp_path):

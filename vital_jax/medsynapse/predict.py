@@ -26,7 +26,9 @@ from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.medsynapse import deploy
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.encoder import AnatomicalEncoder
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
+from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 
 MEMORIES = ("autonomous", "sampler")
 
@@ -57,14 +59,18 @@ class MemoryPredictor(PromptEncoder):
         self.encoder = encoder if memory == "sampler" else None
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
-        backbone, sampler, sampling = trained.backbone, trained.sampler, self.sampling
+        # Decode with unrolled text layers, as VITAL's Predictor does (`qwen3_vl_params.unrolled`: under
+        # `scan_layers` every answer token would copy each layer's weights out of the stacks).
+        config, backbone_params = qwen3_vl_params.unrolled(trained.backbone.config, trained.params["backbone"])
+        backbone = Qwen3VLForConditionalGeneration(config, trained.backbone.lora)
+        sampler, sampling = trained.sampler, self.sampling
         if memory == "autonomous":
             # Exactly the deployable tree: a tree still holding P_phi would be refused by deploy.generate.
-            self.params = deploy.deployable_params(trained.params)
+            self.params = deploy.deployable_params({**trained.params, "backbone": backbone_params})
             generate = deploy.make_generate(backbone, trained.autonomous, sampling)
             self._generate = lambda prefix, pixels: generate(self.params, prefix)
         else:
-            self.params = {"backbone": trained.params["backbone"], "sampler": trained.params["sampler"],
+            self.params = {"backbone": backbone_params, "sampler": trained.params["sampler"],
                            "encoder": encoder_params}
             encoder_ = self.encoder
 

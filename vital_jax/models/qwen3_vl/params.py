@@ -51,6 +51,20 @@ def loop_layout_config(config: Qwen3VLConfig) -> Qwen3VLConfig:
     return dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=False))
 
 
+def unrolled(config: Qwen3VLConfig, params: dict) -> tuple[Qwen3VLConfig, dict]:
+    """`config` and `params` with the text layers unrolled: the layout to decode in.
+
+    Under `scan_layers` each decode step slices every layer's weights out of the stacked arrays, and XLA
+    materialises the slices (one `dynamic-slice` per weight and layer in the while loop's body), so every answer
+    token copies the whole text decoder before it reads it. Unrolled, each layer reads its own arrays: on CPU
+    (hidden 1024 x 8 layers, float32) 14.2 instead of 26.8 ms per token. Training keeps the scan (it bounds
+    remat's memory). The stacked arrays are sliced into new ones: while the caller keeps `params`, both are held.
+    """
+    if not config.text.scan_layers:
+        return config, params
+    return loop_layout_config(config), to_layout(params, False)
+
+
 def load_params(model_dir: str, config: Qwen3VLConfig) -> dict:
     """Read a HF Qwen3-VL checkpoint directory into Flax params (numpy, `param_dtype`), in the text-decoder
     layer layout of `config.text.scan_layers`."""

@@ -4,7 +4,7 @@ decoder, K = 4), with random weights, on whatever accelerator JAX sees.
     python -m benchmarks.mfu_8b [--backbone_config=configs/hf/qwen3_vl_8b_instruct]
         [--decoder_config=configs/hf/qwen3_1p7b] [--batch 4 --prompt_len 512 --grid 28 --steps 5]
         [--layers N]   # truncate both LMs to N layers (a quick check of the script)
-        [--quick]      # one layer, tiny vocabulary and vision depth, small batch: the CI smoke test
+        [--quick]      # demo-sized one-layer towers, small batch: the CI smoke test of the script
 
 MFU = model FLOPs per step / step time / peak, with the model FLOPs of `vital.accounting.train_step_flops` (the
 same count training logs as `perf/mfu`). The executed matmul FLOPs of the optimized program (`benchmarks.xla_flops`,
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import xla_flops as xla_flops_lib
+from vital_jax import demo_assets
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import flatten, unflatten
 from vital_jax.observability import peak_flops_per_device
@@ -87,29 +88,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
     p.add_argument("--attention", default="xla", help="attention_impl of both LMs and the vision tower")
     p.add_argument("--quick", action="store_true",
-                   help="one layer, tiny vocabulary and vision depth, small inputs: the CI smoke test")
+                   help="demo-sized one-layer towers and small inputs: the CI smoke test of the script")
 
 
 def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool) -> VitalModel:
     """VITAL at the paper's shapes: Qwen3-VL-8B (bf16 weights) + LoRA r64 on every projection, the Qwen3-1.7B
     auxiliary decoder (float32 master weights, bf16 compute), K_max = args.k."""
-    backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
-                                             remat=remat, scan_layers=scan_layers,
-                                             attention_impl=args.attention)
-    decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=remat,
-                                          scan_layers=scan_layers, attention_impl=args.attention)
-    layers = 1 if args.quick else args.layers
-    if layers:
-        backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
-                                                                          num_hidden_layers=layers))
-        decoder = dataclasses.replace(decoder, num_hidden_layers=layers)
-    if args.quick:
-        backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text, vocab_size=4096),
-                                       vision=dataclasses.replace(backbone.vision, depth=2,
-                                                                  deepstack_visual_indexes=(0, 1)),
+    backbone_overrides = dict(dtype="bfloat16", param_dtype="bfloat16", remat=remat, scan_layers=scan_layers,
+                              attention_impl=args.attention)
+    decoder_overrides = dict(backbone_overrides, param_dtype="float32")
+    if args.quick:  # the CI smoke test of the script's plumbing: demo-sized towers, one layer each
+        tiny = demo_assets.qwen3_vl_hf_config(64, 1, vocab_size=4096, vision_depth=2, deepstack=(0, 1))
+        backbone = dataclasses.replace(Qwen3VLConfig.from_hf_dict(tiny, "quick", **backbone_overrides),
                                        image_token_id=4000, video_token_id=4001, vision_start_token_id=4002,
-                                       vision_end_token_id=4003)
-        decoder = dataclasses.replace(decoder, vocab_size=4096)
+                                       vision_end_token_id=4003)  # out of the synthetic prompts' id range
+        decoder = Qwen3Config.from_hf_dict(demo_assets.qwen3_hf_config(48, 1, vocab_size=4096), "quick",
+                                           **decoder_overrides)
+    else:
+        backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, **backbone_overrides)
+        decoder = Qwen3Config.from_pretrained(args.decoder_config, **decoder_overrides)
+    if args.layers:
+        backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
+                                                                          num_hidden_layers=args.layers))
+        decoder = dataclasses.replace(decoder, num_hidden_layers=args.layers)
     return VitalModel(VitalConfig(k_max=args.k, roi_dim=1152, remat_latent_steps=remat,
                                   lora=LoraConfig(64, 128.0, 0.05)), backbone, decoder)
 

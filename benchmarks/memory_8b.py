@@ -64,9 +64,9 @@ FULL_BACKBONE_LAYERS, FULL_DECODER_LAYERS = 36, 28
 def build_model(args, backbone_layers: int, decoder_layers: int) -> VitalModel:
     scan = not args.loop_layers
     backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
-                                             remat=True, scan_layers=scan)
+                                             remat=True, scan_layers=scan, remat_policy=args.remat_policy)
     decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=True,
-                                          scan_layers=scan)
+                                          scan_layers=scan, remat_policy=args.remat_policy)
     backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
                                                                       num_hidden_layers=backbone_layers))
     decoder = dataclasses.replace(decoder, num_hidden_layers=decoder_layers)
@@ -147,6 +147,7 @@ def main():
                    help="compile truncated models at N1, N2 layers and extrapolate to 36 + 28 layers")
     p.add_argument("--meshes", default="fsdp,data", help="comma list of: fsdp (1,8,1), data (8,1,1)")
     p.add_argument("--loop_layers", action="store_true", help="unrolled decoder layers instead of nn.scan")
+    p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")
     p.add_argument("--keep_licm", action="store_true",
                    help="keep XLA:CPU's while-loop-invariant code motion (hoists f32 copies of all bf16 weights)")
     args = p.parse_args()
@@ -154,7 +155,8 @@ def main():
     meshes = {"fsdp": (1, 8, 1), "data": (8, 1, 1)}
     print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices; "
           f"global batch {args.batch}, prompt {args.prompt_len} (196 image tokens), answer {args.answer_len}, "
-          f"steps {args.k} x {args.step_len} tokens; bf16 backbone, fp32 LoRA and decoder (bf16 compute), remat on, "
+          f"steps {args.k} x {args.step_len} tokens; bf16 backbone, fp32 LoRA and decoder (bf16 compute), remat on "
+          f"({args.remat_policy}), "
           f"{'unrolled' if args.loop_layers else 'scanned'} layers")
     target = (FULL_BACKBONE_LAYERS, FULL_DECODER_LAYERS)
     for mesh_name in args.meshes.split(","):

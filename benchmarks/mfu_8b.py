@@ -91,11 +91,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="demo-sized one-layer towers and small inputs: the CI smoke test of the script")
 
 
-def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool) -> VitalModel:
+def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_policy: str = "full") -> VitalModel:
     """VITAL at the paper's shapes: Qwen3-VL-8B (bf16 weights) + LoRA r64 on every projection, the Qwen3-1.7B
     auxiliary decoder (float32 master weights, bf16 compute), K_max = args.k."""
     backbone_overrides = dict(dtype="bfloat16", param_dtype="bfloat16", remat=remat, scan_layers=scan_layers,
-                              attention_impl=args.attention)
+                              attention_impl=args.attention, remat_policy=remat_policy)
     decoder_overrides = dict(backbone_overrides, param_dtype="float32")
     if args.quick:  # the CI smoke test of the script's plumbing: demo-sized towers, one layer each
         tiny = demo_assets.qwen3_vl_hf_config(64, 1, vocab_size=4096, vision_depth=2, deepstack=(0, 1))
@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--step_len", type=int, default=48)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_remat", action="store_true")
+    p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")
     p.add_argument("--loop_layers", action="store_true",
                    help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
     args = p.parse_args(argv)
@@ -132,10 +133,11 @@ def main(argv=None):
         args.batch, args.prompt_len, args.grid, args.answer_len, args.step_len, args.steps = 1, 32, 4, 4, 4, 1
 
     remat = not args.no_remat
-    model = paper_model(args, remat=remat, scan_layers=not args.loop_layers)
+    model = paper_model(args, remat=remat, scan_layers=not args.loop_layers, remat_policy=args.remat_policy)
     backbone = model.backbone_config
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; remat {remat}; "
+    print(f"device: {device.device_kind} x{jax.device_count()}; jax {jax.__version__}; remat {remat} "
+          f"({args.remat_policy}); "
           f"attention {args.attention}")
     t0 = time.perf_counter()
     params = random_params(model.abstract_params())

@@ -104,7 +104,8 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     """The VitalModel of a run config, with the base weights of `paths` and freshly initialised VITAL parameters
     (LoRA, pj_in, visual projector) from `config.seed`."""
     overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                     scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl)
+                     scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl,
+                     remat_policy=config.model.remat_policy)
     try:
         check_attention_backend(config.model.attention_impl)
     except ValueError as e:
@@ -154,6 +155,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         config.vital.latent_input = "feedback"
     if "attention_impl" not in config.model:  # nor before the switch: the reference einsums
         config.model.attention_impl = "xla"
+    if "remat_policy" not in config.model:  # nor before the policy: remat kept nothing
+        config.model.remat_policy = "full"
     return config
 
 

@@ -21,7 +21,8 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
 
 # Fields that may differ between runs sharing a workdir (how long / how often / which kernel, not what is trained).
-RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl", "curriculum.compile_ahead")
+RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl", "model.remat_policy",
+                    "curriculum.compile_ahead")
 
 
 # Fields added to the config after workdirs were written, with the value the older code behaved as. A saved

@@ -155,3 +155,16 @@ def test_stacked_parameters_shard_like_their_layers_and_decay_like_them():
     for i in range(3):
         one = trainable.merge_lora({"proj": {k: v[i] for k, v in stacked.items()}}, lora)["proj"]["kernel"]
         np.testing.assert_allclose(merged[i], one, rtol=1e-6)
+
+
+def test_remat_policy_is_validated_and_reaches_the_text_decoder_only(tmp_path):
+    from vital_jax.models.hf_config import ConfigError
+    from vital_jax.models.qwen3.config import REMAT_POLICIES
+
+    save_tiny_qwen3_vl(str(tmp_path), seed=2)
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path), remat=True, remat_policy="dots")
+    assert config.text.remat_policy == "dots" and config.vision.remat  # the vision tower has no such field
+    assert Qwen3VLConfig.from_pretrained(str(tmp_path)).text.remat_policy == "full"
+    with pytest.raises(ConfigError, match="remat_policy='offload' is not one of"):
+        Qwen3VLConfig.from_pretrained(str(tmp_path), remat_policy="offload")
+    assert tuple(REMAT_POLICIES) == ("full", "dots") and REMAT_POLICIES["full"] is None

@@ -146,37 +146,47 @@ def test_merged_lora_equals_the_adapted_backbone(tiny):
 
 
 def test_remat_of_layers_and_latent_steps_gives_the_same_training_step(tiny):
-    """Rematerialisation (decoder layers and latent steps) changes memory, not numbers — with dropout on."""
+    """Rematerialisation (decoder layers and latent steps; both `remat_policy`s) changes memory, not numbers —
+    with dropout on."""
     import concurrent.futures
     import dataclasses
     import functools
 
+    from benchmarks.xla_flops import matmul_flops
     from vital_jax.vital import train_step as ts
 
     model, params = tiny.model, tiny.params
-    remat_model = dataclasses.replace(
-        model, config=dataclasses.replace(model.config, remat_latent_steps=True),
-        backbone_config=dataclasses.replace(model.backbone_config,
-                                            text=dataclasses.replace(model.backbone_config.text, remat=True)),
-        decoder_config=dataclasses.replace(model.decoder_config, remat=True))
+
+    def remat_model(policy):
+        text = dataclasses.replace(model.backbone_config.text, remat=True, remat_policy=policy)
+        return dataclasses.replace(
+            model, config=dataclasses.replace(model.config, remat_latent_steps=True),
+            backbone_config=dataclasses.replace(model.backbone_config, text=text),
+            decoder_config=dataclasses.replace(model.decoder_config, remat=True, remat_policy=policy))
+
     opt = trainable.make_optimizer(1e-3)
     batch, _ = make_batch(model, seed=13, latent_steps=(2, 3))
-    # Compiling the two steps dominates this test and XLA compiles a program on one core: compile them on two threads,
-    # the plain step's while the remat step lowers.
+    # Compiling the steps dominates this test and XLA compiles a program on one core: compile them on two threads,
+    # one step's while the next lowers.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         steps = []
-        for m in (model, remat_model):
+        for m in (model, remat_model("full"), remat_model("dots")):
             state, frozen = ts.init_train_state(params, opt, jax.random.PRNGKey(5))
             lowered = jax.jit(functools.partial(ts.train_step, m, opt)).lower(state, frozen, batch)
             steps.append((pool.submit(lowered.compile), state, frozen))
-        results = []
+        results, executed_flops = [], []
         for compiled, state, frozen in steps:
             state, metrics = compiled.result()(state, frozen, batch)
             results.append((metrics, state.params))
-    for name in ("loss", "task_loss", "text_loss", "visual_loss", "grad_norm"):
-        np.testing.assert_allclose(results[0][0][name], results[1][0][name], rtol=1e-5, err_msg=name)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0][1], results[1][1]))
-    assert max(diffs) <= 1e-5
+            executed_flops.append(matmul_flops(compiled.result().as_text()))
+    # Full remat runs every layer's matmuls again in the backward pass; "dots" keeps their outputs instead.
+    assert executed_flops[1] > executed_flops[0] and executed_flops[2] < executed_flops[1], executed_flops
+    for remat_result in results[1:]:
+        for name in ("loss", "task_loss", "text_loss", "visual_loss", "grad_norm"):
+            np.testing.assert_allclose(results[0][0][name], remat_result[0][name], rtol=1e-5, err_msg=name)
+        diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0][1],
+                                             remat_result[1]))
+        assert max(diffs) <= 1e-5
 
 
 def test_scanned_layers_give_the_same_loss_and_gradients_as_the_loop_layout(tiny):

@@ -295,7 +295,7 @@ def backbone_config(config, paths: Paths) -> Qwen3VLConfig:
     return Qwen3VLConfig.from_pretrained(paths.backbone_dir, dtype=config.model.dtype,
                                          param_dtype=config.model.param_dtype, remat=config.model.remat,
                                          scan_layers=config.model.scan_layers,
-                                         attention_impl=impl)
+                                         remat_policy=config.model.get("remat_policy", "full"), attention_impl=impl)
 
 
 def anatomical_encoder(config, paths: Paths):

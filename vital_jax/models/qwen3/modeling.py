@@ -24,7 +24,7 @@ from vital_jax.layers.linear import Linear, LoraConfig
 from vital_jax.layers.mlp import SwiGLU
 from vital_jax.layers.norms import RMSNorm
 from vital_jax.layers.rope import rope_cos_sin, rope_inv_freq
-from vital_jax.models.qwen3.config import Qwen3Config
+from vital_jax.models.qwen3.config import REMAT_POLICIES, Qwen3Config
 from vital_jax.sharding import constrain
 
 # Logical axes of the residual stream (B, T, D), pinned at every decoder-layer boundary under a mesh.
@@ -90,7 +90,7 @@ class DecoderStack(nn.Module):
         if cfg.remat:
             # Recompute each layer's activations in the backward pass instead of storing them.
             # static_argnums counts `self`: (self, x, cos, sin, mask, kv_cache, deterministic).
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(6,))
+            layer_cls = nn.remat(DecoderLayer, static_argnums=(6,), policy=REMAT_POLICIES[cfg.remat_policy])
         for i in range(cfg.num_hidden_layers):
             x_btd, kv_cache = layer_cls(cfg, i, self.lora, name=f"layers_{i}")(
                 x_btd, cos_bth, sin_bth, mask_bts, kv_cache, deterministic)
@@ -119,7 +119,7 @@ class DecoderStack(nn.Module):
         if cfg.remat:
             # Inside a scan the recomputation of layer i can only run in backward iteration i, so remat
             # really bounds the live activations to one layer (plus the saved layer inputs).
-            body = nn.remat(body, prevent_cse=False)
+            body = nn.remat(body, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat_policy])
         scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_hidden_layers)
         index = jnp.arange(cfg.num_hidden_layers)

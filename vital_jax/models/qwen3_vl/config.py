@@ -10,6 +10,7 @@ from vital_jax.models.qwen3_vl.vision_config import Qwen3VLVisionConfig
 
 
 VISION_ONLY_OVERRIDES = ("frame_attention", "attention_query_chunk")
+TEXT_ONLY_OVERRIDES = ("scan_layers", "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Qwen3VLConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLConfig":
         """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat, attention_impl) apply to both
-        towers; `scan_layers` only to the text decoder (the frozen vision tower has no backward pass to bound),
+        towers; `scan_layers` and `remat_policy` only to the text decoder (the frozen vision tower has no backward pass
+        to bound),
         `frame_attention` and `attention_query_chunk` only to the vision tower."""
         hf_config.check_model_type(cfg, ("qwen3_vl",), source)
         text_cfg = dict(cfg["text_config"])
@@ -50,7 +52,7 @@ class Qwen3VLConfig:
         rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}
         text_overrides = {k: v for k, v in overrides.items() if k not in VISION_ONLY_OVERRIDES}
         text = Qwen3Config.from_hf_dict(text_cfg, f"{source}:text_config", ("qwen3_vl_text",), **text_overrides)
-        vision_overrides = {k: v for k, v in overrides.items() if k != "scan_layers"}
+        vision_overrides = {k: v for k, v in overrides.items() if k not in TEXT_ONLY_OVERRIDES}
         vision = Qwen3VLVisionConfig.from_hf_dict(cfg["vision_config"], f"{source}:vision_config",
                                                   **vision_overrides)
         return cls(

@@ -29,7 +29,6 @@ if "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import glob  # noqa: E402
 import gzip  # noqa: E402

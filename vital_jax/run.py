@@ -103,13 +103,13 @@ def load_weights(directory: str, config, params_module) -> dict:
 def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     """The VitalModel of a run config, with the base weights of `paths` and freshly initialised VITAL parameters
     (LoRA, pj_in, visual projector) from `config.seed`."""
-    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                     scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl,
-                     remat_policy=config.model.remat_policy)
     try:
         check_attention_backend(config.model.attention_impl)
     except ValueError as e:
         raise ConfigError(f"model.attention_impl: {e}") from None
+    overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                     scan_layers=config.model.scan_layers, attention_impl=config.model.attention_impl,
+                     remat_policy=config.model.remat_policy)
     backbone_config = Qwen3VLConfig.from_pretrained(paths.backbone_dir, **overrides)
     decoder_config = Qwen3Config.from_pretrained(paths.decoder_dir, **{**overrides, "param_dtype": "float32"})
     v = config.vital

@@ -1,4 +1,4 @@
-"""Inference latency of VITAL at the paper's 8B shapes, K = 0 (a plain LoRA-tuned VLM) against K = 1, 2, 4, on
+"""Inference latency of VITAL at the paper's 8B shapes, K = 0 (a plain LoRA-tuned VLM) against K = k (4), on
 whatever accelerator JAX sees; the paper's Fig. 4 reports 325 ms (K = 0) and 353 ms (K = 4) for Qwen3-VL-8B
 (its answers' lengths, hardware and serving stack unstated).
 

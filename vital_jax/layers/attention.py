@@ -132,13 +132,21 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if 0 < query_chunk < t:
         return _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk)
-    # q head i uses kv head i // (n // kh): group the query heads by their kv head.
-    q_btkgh = q_btnh.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh).astype(jnp.float32) * (h ** -0.5)
-    big_neg = jnp.finfo(jnp.float32).min
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, big_neg)
+    # Head-major and 4-D: q head i uses kv head i // g, so the g query heads of kv head j become g * T rows of one
+    # (B, K, g T, H) x (B, K, H, S) batched matmul, and the mask is tiled to those rows. Why this layout: XLA:CPU
+    # ran the same math written as 5-D einsums over the (B, T, N, H) inputs (scores "bkgts") with layout copies of
+    # the whole score array and a slow masked select over its 5-D view; transposing the small q, k, v instead
+    # measured 1.6x faster for the vision tower's (2, 8, 784, 784) attention (52 -> 33 ms forward, 181 -> 106 ms
+    # with the backward) and 1.2-1.7x for text prefill, decode unchanged (benchmarks/README.md).
+    g, s = n // kh, k_bskh.shape[1]
+    q_bkrh = jnp.transpose(q_btnh.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4)).reshape(b, kh, g * t, h)
+    k_bksh, v_bksh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_bskh, v_bskh))
+    scores = jnp.matmul(q_bkrh, jnp.swapaxes(k_bksh, -1, -2)).astype(jnp.float32) * (h ** -0.5)
+    mask_brs = jnp.tile(mask_bts, (1, g, 1)) if g > 1 else mask_bts
+    scores = jnp.where(mask_brs[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n * h)
+    out_bkgth = jnp.matmul(probs, v_bksh).reshape(b, kh, g, t, h)
+    return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n * h)
 
 
 def _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk: int):

@@ -129,9 +129,11 @@ def teacher_forced_logits(model: Qwen3VLForConditionalGeneration, params, kv_cac
     answer_ids / answer_valid (B, Ta) are right-padded.
     """
     out = model.apply({"params": params}, input_ids=answer_ids[:, :-1], token_valid=answer_valid[:, :-1],
-                      kv_cache=kv_cache, deterministic=deterministic, rngs=_dropout(rng))
-    first = lm_logits(model, params, last_hidden[:, None, :])
-    return jnp.concatenate([first, out.logits], axis=1)
+                      kv_cache=kv_cache, return_logits=False, deterministic=deterministic, rngs=_dropout(rng))
+    # One LM head over all Ta positions: the head's weight (D x V, the largest matrix at small model sizes) is
+    # read once per pass instead of twice, forward and backward (two calls cost 1.7x one on CPU).
+    hidden = jnp.concatenate([last_hidden[:, None, :].astype(out.hidden_states.dtype), out.hidden_states], axis=1)
+    return lm_logits(model, params, hidden)
 
 
 def token_log_probs(logits: jax.Array, token_ids: jax.Array, token_valid: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import torch
 
 from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
 from tests.models.test_qwen3_vl import IMG, _ours, _pixels, _prompt, _theirs
-from vital_jax.layers.attention import ATTENTION_IMPLS, attend, pallas_interpret
+from vital_jax.layers.attention import ATTENTION_IMPLS, attend, pallas_interpret, query_chunk_for_score_budget
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 from vital_jax.models.qwen3_vl import Qwen3VLConfig
@@ -305,13 +305,26 @@ def test_xla_attention_in_query_blocks_equals_one_block_with_masks_and_gradients
         "exp") == 1
 
 
+def test_score_budget_gives_the_fewest_equal_query_blocks_that_fit():
+    mib = 2 ** 20
+    # 2 frames x 8 heads x 784^2 float32 scores = 37.5 MiB: two blocks of 392 rows under 20 MiB, one under 40.
+    assert query_chunk_for_score_budget(2, 8, 784, 784, 20 * mib) == 392
+    assert query_chunk_for_score_budget(2, 8, 784, 784, 40 * mib) == 0
+    assert query_chunk_for_score_budget(4, 8, 784, 784, 20 * mib) == 196
+    assert query_chunk_for_score_budget(1, 1, 10, 10, 4 * 10 * 3) == 3  # 3 rows (120 bytes) per block, 4 blocks
+    assert query_chunk_for_score_budget(2, 8, 784, 784, 0) == 0
+
+
 @pytest.mark.parametrize("frame_attention", [True, False])
-def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_attention):
-    """`attention_query_chunk` reaches the vision tower only (the text config has no such field) and keeps its
+@pytest.mark.parametrize("blocks_from", ["attention_query_chunk", "attention_score_block_mib"])
+def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_attention, blocks_from):
+    """`attention_query_chunk` (8 rows) or `attention_score_block_mib` (a budget that asks for blocks) reaches
+    the vision tower only (the text config has no such field), splits its attention into blocks and keeps its
     features equal to transformers', per frame and with the block-diagonal mask of mixed sizes."""
     hf_model = save_tiny_qwen3_vl(str(tmp_path), seed=6)
-    config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_query_chunk=8, frame_attention=frame_attention)
-    assert config.vision.attention_query_chunk == 8 and not hasattr(config.text, "attention_query_chunk")
+    value = 8 if blocks_from == "attention_query_chunk" else 1e-3  # 1 KiB: several blocks of any tiny frame's scores
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path), frame_attention=frame_attention, **{blocks_from: value})
+    assert getattr(config.vision, blocks_from) == value and not hasattr(config.text, blocks_from)
     params = load_vl_params(str(tmp_path), config)
     grids = [(1, 4, 6), (1, 4, 6)] if frame_attention else [(1, 4, 6), (1, 8, 4)]
     pixels = _pixels(np.random.RandomState(3), grids, config)
@@ -325,5 +338,11 @@ def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_att
     assert _diff(embeds, ref.pooler_output.numpy()) <= TOL
     for ours, theirs in zip(deepstack, ref.deepstack_features):
         assert _diff(ours, theirs.numpy()) <= TOL
+    # The blocks are real: each layer's attention has more than one softmax.
+    program = str(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, inputs, method=model.encode_images))(
+        params, jnp.asarray(pixels)))
+    assert program.count(" exp ") > config.vision.depth
     with pytest.raises(ConfigError, match="attention_query_chunk=-1 must be >= 0"):
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_query_chunk=-1)
+    with pytest.raises(ConfigError, match="attention_score_block_mib=-1 must be >= 0"):
+        Qwen3VLConfig.from_pretrained(str(tmp_path), attention_score_block_mib=-1)

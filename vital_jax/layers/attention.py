@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import flax.linen as nn
 import jax
@@ -150,6 +151,16 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out_bkgth = jnp.matmul(probs, v_bksh).reshape(b, kh, g, t, h)
     return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n * h)
+
+
+def query_chunk_for_score_budget(batch: int, heads: int, queries: int, keys: int, budget_bytes: float) -> int:
+    """Query rows per block so that each block's float32 scores (batch x heads x rows x keys) fit `budget_bytes`,
+    in the fewest equal blocks: 0 (one block) when all of them fit or the budget is 0. For `attend`'s
+    query_chunk."""
+    if budget_bytes <= 0:
+        return 0
+    blocks = math.ceil(4 * batch * heads * queries * keys / budget_bytes)
+    return 0 if blocks <= 1 else math.ceil(queries / blocks)
 
 
 def _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk: int):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vital_jax.layers.attention import attend
+from vital_jax.layers.attention import attend, query_chunk_for_score_budget
 from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
 from vital_jax.layers.norms import LayerNorm
@@ -175,6 +175,7 @@ class VisionAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     query_chunk: int = 0
+    score_block_mib: float = 0.0
 
     @nn.compact
     def __call__(self, x_nd, cos_nh, sin_nh, mask_snn, segments_sn):
@@ -187,8 +188,12 @@ class VisionAttention(nn.Module):
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
+        query_chunk = 0
+        if self.attention_impl == "xla":
+            query_chunk = self.query_chunk or query_chunk_for_score_budget(
+                slices, heads, per_slice, per_slice, self.score_block_mib * 2 ** 20)
         out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype, segment_ids_bt=segments_sn,
-                        query_chunk=self.query_chunk if self.attention_impl == "xla" else 0).reshape(n, d)
+                        query_chunk=query_chunk).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)
 
 
@@ -220,8 +225,8 @@ class VisionBlock(nn.Module):
         norm = dict(eps=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(**norm, name="norm1")(x_nd)
         x_nd = x_nd + VisionAttention(cfg.num_heads, cfg.dtype, cfg.param_dtype, cfg.attention_impl,
-                                        cfg.attention_query_chunk, name="attn")(h, cos_nh, sin_nh, mask_snn,
-                                                                                 segments_sn)
+                                        cfg.attention_query_chunk, cfg.attention_score_block_mib,
+                                        name="attn")(h, cos_nh, sin_nh, mask_snn, segments_sn)
         h = LayerNorm(**norm, name="norm2")(x_nd)
         return x_nd + VisionMLP(cfg.intermediate_size, cfg.gelu_approximate, cfg.dtype, cfg.param_dtype,
                                 name="mlp")(h)

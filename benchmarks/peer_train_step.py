@@ -1,7 +1,7 @@
 """The VITAL train step against its PyTorch peer (transformers + peft), same process, same random checkpoint, at
 issue #16's sizes (goal: >= 1.5x samples/s on a 2-core CPU).
 
-    python -m benchmarks.peer_train_step [--steps 5 --torch_threads N --attention_impl xla|dot_product --quick]
+    python -m benchmarks.peer_train_step [--steps 5 --warmup 8 --torch_threads N --attention_impl xla|dot_product --quick]
 
 Both sides: a random Qwen3-VL built with transformers (text 512 x 8 layers, vision 256 x 4 blocks, vocabulary
 32,000) with LoRA r64 (alpha 128, dropout 0.05) on all 7 projections of every text layer, a Qwen3 auxiliary
@@ -32,14 +32,16 @@ QUICK = Sizes(grid=(1, 4, 4), answer=4, step_chain=4, lora_rank=4, text_hidden=6
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps of each side after the first call "
+                   "(both speed up over their first ~8 steps here)")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
     p.add_argument("--attention_impl", default="xla", help="vital_jax's attention (xla | dot_product)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps, for the CI smoke test")
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    sizes, steps = (QUICK, 2) if args.quick else (PEER, args.steps)
-    compare(sizes, steps, lora="peft", attention_impl=args.attention_impl)
+    sizes, steps, warmup = (QUICK, 2, 0) if args.quick else (PEER, args.steps, args.warmup)
+    compare(sizes, steps, lora="peft", warmup=warmup, attention_impl=args.attention_impl)
 
 
 if __name__ == "__main__":

@@ -258,10 +258,14 @@ def torch_step(backbone, decoder, data: dict, sizes: Sizes = Sizes(), lora: str 
     return run, holder, sum(p.numel() for p in params)
 
 
-def compare(sizes: Sizes, steps: int, lora: str = "plain", **model_overrides) -> float:
-    """Build both sides at `sizes`, time `steps` train steps of each (after a first call that compiles / warms
-    up; the two alternate step by step, so background load hits both alike), print one line per side and the
-    ratio last; returns the ratio (torch seconds per step / jax seconds per step)."""
+def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **model_overrides) -> float:
+    """Build both sides at `sizes`, time `steps` train steps of each (after a first call that compiles and
+    `warmup` untimed steps; the two alternate step by step, so background load hits both alike), print one line
+    per side and the ratio last; returns the ratio (torch seconds per step / jax seconds per step).
+
+    Why the warm-up: both sides speed up over their first ~8 steps on this CPU (at the peer sizes, one run
+    alternating: jax 1,164 -> 927 ms, torch 1,259 -> 1,116 ms; glibc's malloc raises its mmap threshold as large
+    buffers are freed, so later steps page-fault less), and a training run lives in the steady state."""
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config
@@ -278,6 +282,9 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", **model_overrides) ->
         t0 = time.perf_counter()
         run()
         first[name] = time.perf_counter() - t0
+    for _ in range(warmup):
+        j_run()
+        t_run()
     times = {"jax": [], "torch": []}
     for _ in range(steps):
         for name, run in (("jax", j_run), ("torch", t_run)):
@@ -286,9 +293,9 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", **model_overrides) ->
             times[name].append(time.perf_counter() - t0)
     j_s, t_s = float(np.median(times["jax"])), float(np.median(times["torch"]))
     print(f"jax   train step: first call (compile) {first['jax']:.1f}s, then {j_s * 1e3:.1f} ms/step "
-          f"(median of {steps}) = {b / j_s:.1f} samples/s; loss {j_out['loss']:.3f}")
+          f"(median of {steps} after {warmup} warm-up) = {b / j_s:.1f} samples/s; loss {j_out['loss']:.3f}")
     print(f"torch train step: first call {first['torch']:.2f}s, then {t_s * 1e3:.1f} ms/step "
-          f"(median of {steps}) = {b / t_s:.1f} samples/s; loss {t_out['loss']:.3f}")
+          f"(median of {steps} after {warmup} warm-up) = {b / t_s:.1f} samples/s; loss {t_out['loss']:.3f}")
     print(f"ratio jax/torch samples/s: {t_s / j_s:.2f}x")
     return t_s / j_s
 
@@ -296,11 +303,12 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", **model_overrides) ->
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps of each side after the first call")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    compare(Sizes(), args.steps)
+    compare(Sizes(), args.steps, warmup=args.warmup)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     # the whole score array and a slow masked select over its 5-D view; transposing the small q, k, v instead
     # measured 1.6x faster for the vision tower's (2, 8, 784, 784) attention (52 -> 33 ms forward, 181 -> 106 ms
     # with the backward) and 1.2-1.7x for text prefill, decode unchanged (benchmarks/README.md).
-    g, s = n // kh, k_bskh.shape[1]
+    g = n // kh
     q_bkrh = jnp.transpose(q_btnh.reshape(b, t, kh, g, h), (0, 2, 3, 1, 4)).reshape(b, kh, g * t, h)
     k_bksh, v_bksh = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_bskh, v_bskh))
     # 1/sqrt(H) scales q, not the scores: XLA:CPU's fused attention (one YNN fusion of both dots and the softmax,

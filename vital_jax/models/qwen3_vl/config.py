@@ -41,7 +41,8 @@ class Qwen3VLConfig:
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLConfig":
         """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat, attention_impl) apply to both
         towers; `scan_layers` and `remat_policy` only to the text decoder (the frozen vision tower has no backward
-        pass to bound), `frame_attention`, `attention_query_chunk` and `attention_score_block_mib` only to the vision tower."""
+        pass to bound), `frame_attention`, `attention_query_chunk` and `attention_score_block_mib` only to the
+        vision tower."""
         hf_config.check_model_type(cfg, ("qwen3_vl",), source)
         text_cfg = dict(cfg["text_config"])
         # transformers keeps tie_word_embeddings at the top level of the composite config.

@@ -1,7 +1,7 @@
 """How fast could `peer_train_step`'s step run on this machine? Its time against a floor from this CPU's measured
 matmul rate, in the same process (issue #16: is the 1.5x train-step goal within reach here?).
 
-    python -m benchmarks.train_floor [--steps 5 --quick]
+    python -m benchmarks.train_floor [--steps 5 --warmup 8 --quick]
 
 Both sides are `benchmarks.peer_train_step`'s (vital_jax's jitted `train_step`; transformers + peft), at its sizes.
 The step's work is counted two ways: the model FLOPs of `vital.accounting.train_step_flops` (what any
@@ -31,9 +31,11 @@ from vital_jax.vital import accounting
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps of each side after the first call (as "
+                   "peer_train_step: both sides speed up over their first ~8 steps here)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps, for the CI smoke test")
     args = p.parse_args(argv)
-    sizes, steps = (QUICK, 2) if args.quick else (PEER, args.steps)
+    sizes, steps, warmup = (QUICK, 2, 0) if args.quick else (PEER, args.steps, args.warmup)
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config
@@ -41,11 +43,12 @@ def main(argv=None):
         j_run, j_out = jax_step(path, data, sizes)
         t_run, _, _ = torch_step(hf_backbone, hf_decoder, data, sizes, "peft")
     times = {"jax": [], "torch": []}
-    for i in range(steps + 1):  # the first call of each compiles / warms up and is not counted
+    untimed = 1 + warmup  # the first call of each compiles, the next `warmup` reach the steady state
+    for i in range(untimed + steps):
         for name, run in (("jax", j_run), ("torch", t_run)):
             t0 = time.perf_counter()
             run()
-            if i:
+            if i >= untimed:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     j_ms, t_ms = float(np.median(times["jax"])), float(np.median(times["torch"]))
 

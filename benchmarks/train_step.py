@@ -264,8 +264,9 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
     per side and the ratio last; returns the ratio (torch seconds per step / jax seconds per step).
 
     Why the warm-up: both sides speed up over their first ~8 steps on this CPU (at the peer sizes, one run
-    alternating: jax 1,164 -> 927 ms, torch 1,259 -> 1,116 ms; likely glibc's malloc raising its mmap threshold as large
-    buffers are freed, so that later steps page-fault less: not verified), and a training run lives in the steady state."""
+    alternating: jax 1,164 -> 927 ms, torch 1,259 -> 1,116 ms; likely glibc's malloc raising its mmap threshold
+    as large buffers are freed, so that later steps page-fault less: not verified), and a training run lives in
+    the steady state."""
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config

@@ -85,3 +85,38 @@ def test_a_killed_runs_lock_is_taken_over_and_another_hosts_lock_names_the_file(
     _write_lock(workdir, host="elsewhere-" + socket.gethostname(), pid=1, since="2025-01-01 00:00:00")
     with pytest.raises(workdir_lib.WorkdirInUseError, match=f"on host elsewhere-.*delete {lock}"):
         workdir_lib.WorkdirLock(workdir).acquire()
+
+
+def test_a_recorded_config_reads_back_with_the_fields_added_since_at_their_old_values(tmp_path):
+    """`run.read_config` fills every field of ADDED_FIELDS / ADDED_RESUMABLE_FIELDS that a workdir written before it
+    lacks, with the value older code behaved as; sections the run never had (a VITAL run's medsynapse) stay absent,
+    and recorded values are kept."""
+    from vital_jax.run import read_config
+
+    from configs import demo
+
+    recorded = json.loads(demo.get_config().to_json())
+    for dotted in {**workdir_lib.ADDED_FIELDS, **workdir_lib.ADDED_RESUMABLE_FIELDS}:
+        section, *rest = dotted.split(".")
+        if section in recorded and len(rest) == 1:
+            recorded[section].pop(rest[0], None)
+    recorded.pop("medsynapse", None)
+    recorded["model"]["attention_impl"] = "dot_product"
+    (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(recorded))
+    config = read_config(str(tmp_path))
+    assert config.model.attention_impl == "dot_product"  # recorded: kept
+    assert config.model.remat_policy == "full" and config.model.scan_layers is False
+    assert config.vital.latent_input == "feedback" and config.data.blind_images is False
+    assert config.curriculum.max_steps == 0
+    assert "medsynapse" not in config
+    for dotted, value in {**workdir_lib.ADDED_FIELDS, **workdir_lib.ADDED_RESUMABLE_FIELDS}.items():
+        if not dotted.startswith("medsynapse.") and dotted != "model.attention_impl":
+            section, name = dotted.split(".")
+            assert config[section][name] == value, dotted
+
+    # A MedSynapse-V run recorded before the IMT options existed gets them at their old values.
+    recorded["medsynapse"] = {"imt": {"lr": 1e-4}}
+    (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(recorded))
+    config = read_config(str(tmp_path))
+    assert config.medsynapse.imt.memory_match == 0.0 and config.medsynapse.imt.init == "random"
+    assert config.medsynapse.imt.lr == 1e-4

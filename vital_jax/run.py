@@ -32,7 +32,7 @@ from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.vital import trainable
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
-from vital_jax.workdir import CONFIG_FILE
+from vital_jax.workdir import CONFIG_FILE, fill_added_fields
 
 DEMO_DIR = "demo"
 DEMO_READY_FILE = "READY.json"  # written by `demo.prepare` when the demo's assets are complete
@@ -147,16 +147,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     _tuples(config)
-    if "scan_layers" not in config.model:  # workdirs written before the field existed trained unrolled layers
-        config.model.scan_layers = False
-    if "blind_images" not in config.data:  # nor before the text-only control: images were always seen
-        config.data.blind_images = False
-    if "latent_input" not in config.vital:  # nor before the pause control existed: z was always fed back
-        config.vital.latent_input = "feedback"
-    if "attention_impl" not in config.model:  # nor before the switch: the reference einsums
-        config.model.attention_impl = "xla"
-    if "remat_policy" not in config.model:  # nor before the policy: remat kept nothing
-        config.model.remat_policy = "full"
+    fill_added_fields(config)
     return config
 
 

@@ -30,6 +30,21 @@ RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.atten
 ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False,
                 "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0,
                 "medsynapse.imt.init": "random"}
+# Added fields that runs may also switch between (RESUMABLE_FIELDS), with the value older code behaved as.
+ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full"}
+
+
+def fill_added_fields(config) -> None:
+    """Give a recorded config (a ConfigDict read back from a workdir) every field added since it was written, with
+    the value the older code behaved as (ADDED_FIELDS, ADDED_RESUMABLE_FIELDS). A field whose section the config
+    does not have (a VITAL run's `medsynapse.*`) stays absent."""
+    for dotted, value in {**ADDED_FIELDS, **ADDED_RESUMABLE_FIELDS}.items():
+        *sections, name = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node[section] if node is not None and section in node else None
+        if node is not None and name not in node:
+            node[name] = value
 
 
 def check_workdir_config(workdir: str, config_json: dict, record: bool = True, extendable: tuple[str, ...] = (),

@@ -44,7 +44,8 @@ def main(argv=None):
     if args.quick:
         args.prompt_len, args.grid, args.answer, args.repeats = 32, 4, 3, 1
 
-    # Unrolled layers unless asked otherwise: the layout evaluation decodes in (`qwen3_vl_params.unrolled`).
+    # Unrolled layers unless asked otherwise: the layout evaluation decodes in (`qwen3_vl_params.decoding_layout`,
+    # which with these bf16 weights keeps the adapters, so unrolling is all it changes).
     model = paper_model(args, remat=False, scan_layers=args.scan_layers)
     config, backbone = model.backbone_config, model.backbone
     device = jax.devices()[0]

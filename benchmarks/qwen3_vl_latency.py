@@ -30,6 +30,7 @@ import torch
 from tests.hf_reference import save_tiny_qwen3_vl
 from vital_jax.models.qwen3_vl import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index, init_cache,
                                        load_params, vision_inputs)
+from vital_jax.models.qwen3_vl.params import decoding_layout
 from vital_jax.models.qwen3_vl.preprocessing import preprocess_image
 
 IMAGE, VISION_START, VISION_END = 190, 188, 189  # token ids of save_tiny_qwen3_vl
@@ -87,11 +88,13 @@ def _prompt(rng, image_tokens, text_tokens, vocab):
 
 def build_models_and_prompt(args):
     """The random checkpoint at `args`' sizes, in transformers and in vital_jax, and one prompt around one random
-    `args.image`-pixel image: (hf_model, config, params, Flax model, pixel patches, grid (t, h, w), ids (1, L))."""
+    `args.image`-pixel image: (hf_model, config, params, Flax model, pixel patches, grid (t, h, w), ids (1, L)).
+    vital_jax's side is in the layout evaluation decodes in (`qwen3_vl_params.decoding_layout`: fused projections)."""
     path = tempfile.mkdtemp()
     hf_model = _build(path, args)
     config = Qwen3VLConfig.from_pretrained(path, attention_query_chunk=getattr(args, "vision_query_chunk", 0))
-    params = jax.device_put(load_params(path, config))
+    config, params, _ = decoding_layout(config, load_params(path, config))
+    params = jax.device_put(params)
     rng = np.random.RandomState(0)
     image = rng.randint(0, 256, (args.image, args.image, 3), dtype=np.uint8)
     patches, grid = preprocess_image(image)

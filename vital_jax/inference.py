@@ -29,12 +29,14 @@ class Predictor(PromptEncoder):
     def __init__(self, run: TrainedRun, batch_size: int = 4, max_new_tokens: int = 32):
         super().__init__(run.model.backbone_config, run.config.data, run.paths.tokenizer_dir, batch_size)
         self.run = run
-        # Decode with unrolled text layers: a run trained with `scan_layers` (the 8B recipe) would otherwise copy
-        # every layer's weights out of the stacks at each answer token (`qwen3_vl_params.unrolled`).
+        # Decode in `qwen3_vl_params.decoding_layout`: unrolled text layers (a run trained with `scan_layers`, the
+        # 8B recipe, would otherwise copy every layer's weights out of the stacks at each answer token), float32
+        # adapters folded in, fused projections.
         self.source_params = run.params["backbone"]
-        backbone_config, self.backbone_params = qwen3_vl_params.unrolled(run.model.backbone_config,
-                                                                         self.source_params)
-        self.model = dataclasses.replace(run.model, backbone_config=backbone_config)
+        backbone_config, self.backbone_params, lora = qwen3_vl_params.decoding_layout(
+            run.model.backbone_config, self.source_params, run.model.config.lora)
+        self.model = dataclasses.replace(run.model, backbone_config=backbone_config,
+                                         config=dataclasses.replace(run.model.config, lora=lora))
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
         model = self.model

@@ -305,6 +305,33 @@ def test_xla_attention_in_query_blocks_equals_one_block_with_masks_and_gradients
         "exp") == 1
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_xla_attention_of_one_query_equals_the_general_path_with_gradients(heads, kv_heads):
+    """One query position (decode and latent steps) takes `_xla_attend_one_query`, which reads the cache as a
+    (B, S, K H) matrix against a block-diagonal query; the general path is reached with the same query written
+    twice (T = 2): the same output and gradients, in float32 and bfloat16."""
+    q, k, v, mask = _masked_case(np.random.RandomState(heads + kv_heads), 3, 1, 13, heads, kv_heads, 16)
+
+    def one(q, k, v):
+        return attend(q, k, v, mask, "xla")
+
+    def general(q, k, v):
+        return attend(jnp.concatenate([q, q], 1), k, v, jnp.concatenate([mask, mask], 1), "xla")[:, :1]
+
+    transposed = [e.invars[0].aval.size for e in jax.make_jaxpr(one)(q, k, v).jaxpr.eqns
+                  if e.primitive.name == "transpose"]
+    assert max(transposed, default=0) < k.size  # no copy of the cache: only q and the probabilities move
+    assert _diff(jax.jit(one)(q, k, v), general(q, k, v)) <= 1e-6
+    weights = jnp.asarray(np.random.RandomState(1).randn(3, 1, heads * 16).astype(np.float32))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (one, general)]
+    for got, want in zip(*grads):
+        assert _diff(got, want) <= 1e-5
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    got16 = attend(q16, k16, v16, mask, "xla", jnp.bfloat16)
+    assert got16.dtype == jnp.bfloat16
+    assert _diff(got16, general(q16, k16, v16)) <= 2e-2
+
+
 def test_score_budget_gives_the_fewest_equal_query_blocks_that_fit():
     mib = 2 ** 20
     # 2 frames x 8 heads x 784^2 float32 scores = 37.5 MiB: two blocks of 392 rows under 20 MiB, one under 40.

@@ -11,6 +11,7 @@ from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index, init_cache,
                                        load_params, vision_inputs)
 from vital_jax.models.qwen3_vl.generate import generate
+from vital_jax.models.qwen3_vl.params import decoding_layout
 
 TOL = 1e-4
 IMG, VS, VE = 190, 188, 189
@@ -120,10 +121,16 @@ def test_padded_batch_with_different_images_matches_transformers(converted):
         assert _diff(np.asarray(ours.logits)[b][valid[b]], alone.logits[0]) <= TOL
 
 
-def test_cached_decode_with_ids_and_embeddings_matches_transformers(base):
+@pytest.mark.parametrize("layout", ["checkpoint", "decoding"])
+def test_cached_decode_with_ids_and_embeddings_matches_transformers(base, layout):
     """Prefill with an image, then steps fed token ids and input vectors at position lengths + rope_delta,
-    against transformers' cached path with explicit (3, B, 1) positions."""
+    against transformers' cached path with explicit (3, B, 1) positions; in the layout of the checkpoint and in
+    the one evaluation decodes in (`decoding_layout`: fused q|k|v and gate|up)."""
     hf_model, config, params = base
+    if layout == "decoding":
+        config, params, _ = decoding_layout(config, params)
+        assert config.text.fused_projections and "qkv_proj" in params["language_model"]["model"]["layers_0"][
+            "self_attn"]
     rng = np.random.RandomState(2)
     grids = [(1, 4, 6)]
     ids = _prompt(rng, grids, [3, 4])[None]

@@ -133,6 +133,8 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if 0 < query_chunk < t:
         return _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk)
+    if t == 1:
+        return _xla_attend_one_query(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
     # Head-major and 4-D: q head i uses kv head i // g, so the g query heads of kv head j become g * T rows of one
     # (B, K, g T, H) x (B, K, H, S) batched matmul, and the mask is tiled to those rows. Why this layout: XLA:CPU
     # ran the same math written as 5-D einsums over the (B, T, N, H) inputs (scores "bkgts") with layout copies of
@@ -151,6 +153,29 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out_bkgth = jnp.matmul(probs, v_bksh).reshape(b, kh, g, t, h)
     return jnp.transpose(out_bkgth, (0, 3, 1, 2, 4)).reshape(b, t, n * h)
+
+
+def _xla_attend_one_query(q_b1nh, k_bskh, v_bskh, mask_b1s, dtype):
+    """The "xla" attention of one query position (a decode or latent step) over a cache, with no copy of it.
+
+    The general path transposes k and v to (B, K, S, H), and XLA:CPU materialises that copy of every layer's cache
+    at every step (~1 ms per answer token at the benchmark's sizes, an eighth of the step). Here the cache is read
+    as it lies, a (B, S, K H) matrix, and multiplied by a block-diagonal (K H, K g) query matrix whose block j holds
+    the g query heads of kv head j: K times the score FLOPs (a decode step has few), the off-diagonal products
+    exactly zero, so the scores are the same numbers. Likewise the output: probs (B, K g, S) x values (B, S, K H),
+    of which the diagonal (K g, H) blocks are kept."""
+    b, _, n, h = q_b1nh.shape
+    s, kh = k_bskh.shape[1], k_bskh.shape[2]
+    g = n // kh
+    eye = jnp.eye(kh, dtype=q_b1nh.dtype)
+    q_bkgh = q_b1nh.reshape(b, kh, g, h) * jnp.asarray(h ** -0.5, q_b1nh.dtype)
+    q_blockdiag = jnp.einsum("bkgh,kj->bkhjg", q_bkgh, eye).reshape(b, kh * h, kh * g)
+    scores = jnp.matmul(k_bskh.reshape(b, s, kh * h).astype(q_b1nh.dtype), q_blockdiag).astype(jnp.float32)
+    scores = jnp.where(mask_b1s[:, 0, :, None], scores, jnp.finfo(jnp.float32).min)   # (B, S, K g)
+    probs = jax.nn.softmax(scores, axis=1).astype(dtype)
+    out = jnp.matmul(jnp.swapaxes(probs, 1, 2), v_bskh.reshape(b, s, kh * h).astype(dtype))   # (B, K g, K H)
+    out_bkgh = jnp.einsum("bkgjh,kj->bkgh", out.reshape(b, kh, g, kh, h), eye.astype(dtype))
+    return out_bkgh.reshape(b, 1, n * h)
 
 
 def query_chunk_for_score_budget(batch: int, heads: int, queries: int, keys: int, budget_bytes: float) -> int:
@@ -193,6 +218,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraConfig | None = None
     attention_impl: str = "xla"
+    fused_qkv: bool = False
 
     def _proj(self, name: str, features: int) -> Linear:
         lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
@@ -203,9 +229,14 @@ class Attention(nn.Module):
                  layer_idx: int = 0, deterministic: bool = True):
         b, t, d = x_btd.shape
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self._proj("q", n * h)(x_btd, deterministic).reshape(b, t, n, h)
-        k = self._proj("k", kh * h)(x_btd, deterministic).reshape(b, t, kh, h)
-        v = self._proj("v", kh * h)(x_btd, deterministic).reshape(b, t, kh, h)
+        if self.fused_qkv:
+            qkv = self._proj("qkv", (n + 2 * kh) * h)(x_btd, deterministic)
+            q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
+        else:
+            q = self._proj("q", n * h)(x_btd, deterministic)
+            k = self._proj("k", kh * h)(x_btd, deterministic)
+            v = self._proj("v", kh * h)(x_btd, deterministic)
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
         q = RMSNorm(self.rms_norm_eps, self.param_dtype, name="q_norm")(q)
         k = RMSNorm(self.rms_norm_eps, self.param_dtype, name="k_norm")(k)
         q = apply_rope(q, cos_bth.astype(q.dtype), sin_bth.astype(q.dtype))

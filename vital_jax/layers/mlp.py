@@ -16,6 +16,7 @@ class SwiGLU(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraConfig | None = None
+    fused_gate_up: bool = False
 
     def _proj(self, name: str, features: int) -> Linear:
         lora = self.lora if (self.lora is not None and name in self.lora.targets) else None
@@ -24,6 +25,9 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         hidden = x.shape[-1]
-        gate = self._proj("gate", self.intermediate_size)(x, deterministic)
-        up = self._proj("up", self.intermediate_size)(x, deterministic)
+        if self.fused_gate_up:
+            gate, up = jnp.split(self._proj("gate_up", 2 * self.intermediate_size)(x, deterministic), 2, axis=-1)
+        else:
+            gate = self._proj("gate", self.intermediate_size)(x, deterministic)
+            up = self._proj("up", self.intermediate_size)(x, deterministic)
         return self._proj("down", hidden)(nn.silu(gate) * up, deterministic)

@@ -59,10 +59,11 @@ class MemoryPredictor(PromptEncoder):
         self.encoder = encoder if memory == "sampler" else None
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
-        # Decode with unrolled text layers, as VITAL's Predictor does (`qwen3_vl_params.unrolled`: under
-        # `scan_layers` every answer token would copy each layer's weights out of the stacks).
-        config, backbone_params = qwen3_vl_params.unrolled(trained.backbone.config, trained.params["backbone"])
-        backbone = Qwen3VLForConditionalGeneration(config, trained.backbone.lora)
+        # Decode in `qwen3_vl_params.decoding_layout`, as VITAL's Predictor does (unrolled text layers, float32
+        # adapters folded in, fused projections).
+        config, backbone_params, lora = qwen3_vl_params.decoding_layout(
+            trained.backbone.config, trained.params["backbone"], trained.backbone.lora)
+        backbone = Qwen3VLForConditionalGeneration(config, lora)
         sampler, sampling = trained.sampler, self.sampling
         if memory == "autonomous":
             # Exactly the deployable tree: a tree still holding P_phi would be refused by deploy.generate.

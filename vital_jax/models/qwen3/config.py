@@ -30,7 +30,11 @@ class Qwen3Config:
     of all of them and is what makes `remat` bound memory: with unrolled layers XLA may schedule every layer's
     recomputation early, so the backward pass holds all of them at once. `attention_impl` chooses how attention
     is computed (`vital_jax.layers.attention.attend`: "xla", the reference, or "dot_product", the fused
-    `jax.nn.dot_product_attention`).
+    `jax.nn.dot_product_attention`). `fused_projections` holds each layer's q|k|v kernels as one `qkv_proj` and
+    gate|up as one `gate_up_proj` (columns concatenated in that order; `params.fuse_projections`): fewer, larger
+    matrix-vector products per decode step, the same numbers. A decoding layout (`qwen3_vl.params.decoding_layout`),
+    not a checkpoint one: HF checkpoints, converted directories and training keep the projections apart, which is
+    where LoRA adapts them one by one.
     """
 
     vocab_size: int
@@ -51,6 +55,7 @@ class Qwen3Config:
     scan_layers: bool = False
     attention_impl: str = "xla"
     remat_policy: str = "full"
+    fused_projections: bool = False
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:

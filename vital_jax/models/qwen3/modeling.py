@@ -29,6 +29,8 @@ from vital_jax.sharding import constrain
 
 # Logical axes of the residual stream (B, T, D), pinned at every decoder-layer boundary under a mesh.
 RESIDUAL_AXES = ("batch", "length", "act_embed")
+# The projections `Qwen3Config.fused_projections` joins (into qkv_proj and gate_up_proj).
+FUSED_TARGETS = ("q", "k", "v", "gate", "up")
 
 
 @flax.struct.dataclass
@@ -52,15 +54,19 @@ class DecoderLayer(nn.Module):
         """kv_cache: the stack's cache, of which this layer writes and reads layer `layer_idx` (the scanned
         stack hands each layer a one-layer cache, so there it is 0)."""
         cfg = self.config
+        if cfg.fused_projections and self.lora is not None and set(self.lora.targets) & set(FUSED_TARGETS):
+            raise ValueError(f"fused_projections: LoRA on {sorted(set(self.lora.targets) & set(FUSED_TARGETS))} "
+                             f"cannot adapt a fused projection; fold the adapters in first (layers.linear.merge_lora)")
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x_btd)
         attn_out, kv_cache = Attention(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             rms_norm_eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=self.lora,
-            attention_impl=cfg.attention_impl, name="self_attn",
+            attention_impl=cfg.attention_impl, fused_qkv=cfg.fused_projections, name="self_attn",
         )(h, cos_bth, sin_bth, mask_bts, kv_cache, self.layer_idx, deterministic)
         x_btd = x_btd + attn_out
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x_btd)
-        x_btd = x_btd + SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, name="mlp")(
+        x_btd = x_btd + SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, cfg.fused_projections,
+                               name="mlp")(
             h, deterministic)
         return x_btd, kv_cache
 

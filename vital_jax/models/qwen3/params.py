@@ -88,6 +88,39 @@ def loop_layout_config(config: Qwen3Config) -> Qwen3Config:
     return dataclasses.replace(config, scan_layers=False)
 
 
+# ------------------------------------------------------------------ fused projections (a decoding layout)
+# `Qwen3Config.fused_projections`: per layer, (module, fused name, its parts in column order).
+FUSED_PROJECTIONS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                     ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(params: dict, stack_path: tuple[str, ...] = STACK_PATH) -> dict:
+    """Each layer's q|k|v and gate|up kernels concatenated along their output (last) axis into `qkv_proj` and
+    `gate_up_proj`, in the loop or the scan layout: the tree `fused_projections` models expect. The parts must be
+    plain kernels (fold LoRA adapters in first: `layers.linear.merge_lora`); a fused tree is returned unchanged."""
+    stack = _get_path(params, stack_path)
+    new_stack = {}
+    for name, layer in stack.items():
+        if name != "layers" and not _LAYER_KEY.fullmatch(name):
+            new_stack[name] = layer
+            continue
+        layer = dict(layer)
+        for module, fused, parts in FUSED_PROJECTIONS:
+            block = dict(layer[module])
+            if fused in block:
+                continue
+            for part in parts:
+                if set(block[part]) != {"kernel"}:
+                    raise ValueError(f"{'/'.join(stack_path)}/{name}/{module}/{part} holds {sorted(block[part])}: "
+                                     f"only a plain kernel can be fused (merge LoRA adapters first)")
+            kernels = [block.pop(part)["kernel"] for part in parts]
+            concat = np.concatenate if all(isinstance(k, np.ndarray) for k in kernels) else jnp.concatenate
+            block[fused] = {"kernel": concat(kernels, axis=-1)}
+            layer[module] = block
+        new_stack[name] = layer
+    return _set_path(params, stack_path, new_stack)
+
+
 def _get_path(tree: dict, path: tuple[str, ...]) -> dict:
     for key in path:
         tree = tree[key]

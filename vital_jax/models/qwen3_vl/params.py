@@ -7,9 +7,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from vital_jax.layers.linear import LoraConfig
+from vital_jax.layers.linear import LoraConfig, merge_lora
 from vital_jax.models.hf_mapping import LINEAR, Rule, load_hf_params
 from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3.modeling import FUSED_TARGETS
 from vital_jax.models.qwen3.params import decoder_rules
 from vital_jax.models.qwen3_vl import vision_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -51,18 +52,37 @@ def loop_layout_config(config: Qwen3VLConfig) -> Qwen3VLConfig:
     return dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=False))
 
 
-def unrolled(config: Qwen3VLConfig, params: dict) -> tuple[Qwen3VLConfig, dict]:
-    """`config` and `params` with the text layers unrolled: the layout to decode in.
+def decoding_layout(config: Qwen3VLConfig, params: dict, lora: LoraConfig | None = None
+                    ) -> tuple[Qwen3VLConfig, dict, LoraConfig | None]:
+    """(config, params, lora) in the layout to decode in: the same numbers, fewer and larger weight reads.
 
-    Under `scan_layers` each decode step slices every layer's weights out of the stacked arrays, and XLA
-    materialises the slices (one `dynamic-slice` per weight and layer in the while loop's body), so every answer
-    token copies the whole text decoder before it reads it. Unrolled, each layer reads its own arrays: on CPU
-    (hidden 1024 x 8 layers, float32) 14.2 instead of 26.8 ms per token. Training keeps the scan (it bounds
-    remat's memory). The stacked arrays are sliced into new ones: while the caller keeps `params`, both are held.
+    1. Unrolled text layers. Under `scan_layers` each decode step slices every layer's weights out of the stacked
+       arrays, and XLA materialises the slices (one `dynamic-slice` per weight and layer in the while loop's body),
+       so every answer token copies the whole text decoder before it reads it. Unrolled, each layer reads its own
+       arrays: on CPU (hidden 1024 x 8 layers, float32) 14.2 instead of 26.8 ms per token. Training keeps the
+       scan (it bounds remat's memory).
+    2. With float32 weights, LoRA adapters folded into their kernels (`merge_lora`; returned lora None): a step
+       then reads each projection once instead of kernel + A + B (at rank 64 and hidden 512 the adapters are a
+       quarter of the kernel's bytes). Each merged weight differs from W + (alpha / r) A B by float32 rounding
+       only. Weights stored in another dtype keep their adapters: bf16's 8 mantissa bits would round small
+       deltas away (issue #18), so the merge would change the model.
+    3. Then, without adapters on them, the text layers' q|k|v and gate|up kernels fused
+       (`Qwen3Config.fused_projections`): two matrix-vector products per layer instead of five, measured 1.8 %
+       of the K = 4 inference program on the 2-core CPU (benchmarks/README.md).
+    New arrays are made: while the caller keeps `params`, both are held.
     """
-    if not config.text.scan_layers:
-        return config, params
-    return loop_layout_config(config), to_layout(params, False)
+    if config.text.scan_layers:
+        config, params = loop_layout_config(config), to_layout(params, False)
+    if lora is not None and jnp.dtype(config.text.param_dtype) == jnp.float32:
+        params = {**params, "language_model": merge_lora(params["language_model"], lora)}
+        if any("lora_" in "/".join(map(str, path)) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
+            raise ValueError("decoding_layout: LoRA leaves outside the text decoder (the vision tower is never "
+                             "adapted by this model)")
+        lora = None
+    if lora is None or not set(lora.targets) & set(FUSED_TARGETS):
+        params = qwen3_params.fuse_projections(params, STACK_PATH)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, fused_projections=True))
+    return config, params, lora
 
 
 def load_params(model_dir: str, config: Qwen3VLConfig) -> dict:

@@ -54,9 +54,10 @@ class DecoderLayer(nn.Module):
         """kv_cache: the stack's cache, of which this layer writes and reads layer `layer_idx` (the scanned
         stack hands each layer a one-layer cache, so there it is 0)."""
         cfg = self.config
-        if cfg.fused_projections and self.lora is not None and set(self.lora.targets) & set(FUSED_TARGETS):
-            raise ValueError(f"fused_projections: LoRA on {sorted(set(self.lora.targets) & set(FUSED_TARGETS))} "
-                             f"cannot adapt a fused projection; fold the adapters in first (layers.linear.merge_lora)")
+        adapted = set(self.lora.targets) & set(FUSED_TARGETS) if self.lora is not None else set()
+        if cfg.fused_projections and adapted:
+            raise ValueError(f"fused_projections: LoRA on {sorted(adapted)} cannot adapt a fused projection; fold "
+                             f"the adapters in first (layers.linear.merge_lora)")
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x_btd)
         attn_out, kv_cache = Attention(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
@@ -65,9 +66,8 @@ class DecoderLayer(nn.Module):
         )(h, cos_bth, sin_bth, mask_bts, kv_cache, self.layer_idx, deterministic)
         x_btd = x_btd + attn_out
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x_btd)
-        x_btd = x_btd + SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, cfg.fused_projections,
-                               name="mlp")(
-            h, deterministic)
+        mlp = SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, self.lora, cfg.fused_projections, name="mlp")
+        x_btd = x_btd + mlp(h, deterministic)
         return x_btd, kv_cache
 
 

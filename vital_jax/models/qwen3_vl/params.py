@@ -74,11 +74,7 @@ def decoding_layout(config: Qwen3VLConfig, params: dict, lora: LoraConfig | None
     if config.text.scan_layers:
         config, params = loop_layout_config(config), to_layout(params, False)
     if lora is not None and jnp.dtype(config.text.param_dtype) == jnp.float32:
-        params = {**params, "language_model": merge_lora(params["language_model"], lora)}
-        if any("lora_" in "/".join(map(str, path)) for path, _ in jax.tree_util.tree_leaves_with_path(params)):
-            raise ValueError("decoding_layout: LoRA leaves outside the text decoder (the vision tower is never "
-                             "adapted by this model)")
-        lora = None
+        params, lora = merge_lora(params, lora), None
     if lora is None or not set(lora.targets) & set(FUSED_TARGETS):
         params = qwen3_params.fuse_projections(params, STACK_PATH)
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, fused_projections=True))

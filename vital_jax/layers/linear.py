@@ -100,13 +100,13 @@ class Linear(nn.Module):
 def low_rank_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """(x @ a) @ b for x (..., in), a (in, r), b (r, out) -> (..., out), with its own backward pass.
 
-    Why not plain autodiff: JAX transposes `x @ a @ b` into weight gradients whose left operand is a large array
-    contracted over its rows: db = (dy^T h)^T (dy: (..., out)) and da = x^T dh (x: (..., in)). XLA:CPU's dots want
-    the left operand's contracted dimension minor, so it wrote each adapted projection's dy, and the dropped-out
-    input saved for the backward pass, transposed: strided copies fused into their producers (at
-    `benchmarks.peer_train_step`'s sizes ~6-7 ms per MLP projection each way). Here both weight gradients keep the
-    rank-r arrays (h, dh: (..., r)) on the left: db = h^T dy, da = (dh^T x)^T. The peer step, A/B in one process:
-    893 -> 828 ms (db), then 815 -> 785 ms (da).
+    Why not plain autodiff: JAX transposes `h @ b` with respect to b as db = (dy^T h)^T, whose left operand is the
+    large cotangent dy (..., out) contracted over its rows. XLA:CPU's dots want the left operand's contracted
+    dimension minor, so it wrote every adapted projection's dy transposed, a strided copy fused into dy's producer
+    (at `benchmarks.peer_train_step`'s sizes ~7 ms per MLP projection). Both weight gradients here keep the rank-r
+    arrays (h, dh: (..., r)) on the left: db = h^T dy and da = (dh^T x)^T (written x^T dh, it is the saved input x
+    that XLA stores transposed in the forward pass instead). The peer step, A/B in one process: 893 -> 828 ms
+    (db), and 815 -> 785 ms for da's form against x^T dh.
     """
     return jnp.dot(jnp.dot(x, a), b)
 

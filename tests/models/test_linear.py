@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vital_jax.layers.linear import DROPOUT_BITS, Linear, LoraConfig, lora_dropout, low_rank_product
+from vital_jax.layers.linear import (DROPOUT_BITS, Linear, LoraConfig, lora_dropout, low_rank_product, random_uint16,
+                                     threefry2x32)
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5])
@@ -20,16 +21,38 @@ def test_lora_dropout_keeps_the_quantised_fraction_and_is_unbiased(rate):
     # Binomial with n = 19,264: 5 standard deviations.
     assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / kept.size)
     np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / keep, rtol=1e-6)
-    # Both 16-bit halves of every draw are used, independently: the kept fraction holds at even and odd columns.
-    for half in (0, 1):
-        assert abs(kept[:, half::2].mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / kept[:, half::2].size)
+    # All four 16-bit quarters of every hash evaluation are used, independently: the kept fraction holds at every
+    # column position mod 4.
+    for quarter in range(4):
+        column = kept[:, quarter::4]
+        assert abs(column.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / column.size)
     # Averaged over masks the output is x (inverted dropout's expectation), per element.
     x1 = jnp.ones((4, 8), jnp.float32)
-    mean = np.mean([np.asarray(lora_dropout(x1, rate, jax.random.PRNGKey(s))) for s in range(2000)], axis=0)
+    masks = jax.jit(jax.vmap(lambda key: lora_dropout(x1, rate, key)))(jax.vmap(jax.random.PRNGKey)(jnp.arange(2000)))
+    mean = np.asarray(masks).mean(axis=0)
     assert np.abs(mean - 1.0).max() < 6 * np.sqrt((1 - keep) / keep / 2000)
     # Another key, another mask; the same key, the same mask.
     assert not np.array_equal(out, np.asarray(lora_dropout(x, rate, jax.random.PRNGKey(2))))
     np.testing.assert_array_equal(out, np.asarray(lora_dropout(x, rate, jax.random.PRNGKey(1))))
+
+
+def test_threefry2x32_is_jax_randoms_hash_and_compiles_without_a_loop():
+    # jax.random.bits (partitionable Threefry, 32 bits) of shape (n,) XORs the hash's two words at counters (0, i).
+    n = 1001
+    with jax.threefry_partitionable(True):
+        for seed in (0, 1, 12345):
+            key = jax.random.PRNGKey(seed)
+            word1, word2 = threefry2x32(key[0], key[1], jnp.zeros(n, jnp.uint32), jnp.arange(n, dtype=jnp.uint32))
+            np.testing.assert_array_equal(np.asarray(word1 ^ word2), np.asarray(jax.random.bits(key, (n,),
+                                                                                                  jnp.uint32)))
+    # Typed keys give the same values as their raw words; the counters are the flat index (rows differ).
+    values = np.asarray(random_uint16(jax.random.PRNGKey(3), (3, 5, 301)))
+    np.testing.assert_array_equal(values, np.asarray(random_uint16(jax.random.key(3), (3, 5, 301))))
+    assert values.dtype == np.uint16 and len({values[i, j].tobytes() for i in range(3) for j in range(5)}) == 15
+    assert abs(values.mean() / 65535 - 0.5) < 0.01
+    # The reason it exists: jax.random lowers Threefry on CPU as a while loop whose carries XLA copies each round.
+    compiled = jax.jit(lambda k: random_uint16(k, (64, 512))).lower(jax.random.PRNGKey(0)).compile().as_text()
+    assert " while(" not in compiled
 
 
 def test_lora_dropout_rejects_impossible_rates_and_passes_rate_zero_through():

@@ -9,6 +9,7 @@ where they are used.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -39,15 +40,13 @@ class LoraConfig:
 
 
 # Dropout masks are drawn 16 bits per element: the keep probability is quantised to 1/65536 (0.95 -> 62259/65536,
-# off by 3e-6) and one 32-bit draw of the generator serves two elements. The generator (threefry on CPU) is what
-# costs: at the learning study's sizes Flax's 32-bit-uniform `nn.Dropout` was a sixth of the train step on CPU;
-# half the draws made the masks 2.4x faster in isolation (benchmarks/README.md has the step-level numbers).
+# off by 3e-6) and one Threefry-2x32 evaluation (two 32-bit words) serves four elements.
 DROPOUT_BITS = 16
 
 
 def lora_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Inverted dropout of x (..., n): each element kept with probability q = round((1 - rate) 2^16) / 2^16 and
-    scaled by 1/q (so E[output] = x exactly), else 0. Masks come from ceil(n / 2) 32-bit draws per row."""
+    scaled by 1/q (so E[output] = x exactly), else 0. Masks come from `random_uint16`."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
     scale = 1 << DROPOUT_BITS
@@ -56,12 +55,63 @@ def lora_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
         return x
     if keep_units == 0:
         raise ValueError(f"dropout rate {rate} keeps less than 1 / 2^{DROPOUT_BITS} of the elements")
-    n = x.shape[-1]
     with jax.named_scope("lora_dropout"):  # one name for profiles (benchmarks/profile_train_step.py)
-        words = jax.random.bits(rng, (*x.shape[:-1], (n + 1) // 2), jnp.uint32)
-        halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :n]
-        keep = halves < jnp.uint16(keep_units)
+        keep = random_uint16(rng, x.shape) < jnp.uint16(keep_units)
         return jnp.where(keep, x * jnp.asarray(scale / keep_units, x.dtype), jnp.zeros((), x.dtype))
+
+
+def random_uint16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint16 values of `shape`, four per Threefry-2x32 evaluation of (key, flat counter).
+
+    Why not `jax.random.bits`: JAX lowers Threefry on CPU as a 5-iteration while loop whose carried arrays XLA
+    copies at every iteration (the masks of one peer train step were ~26,000 copies), and its 32-bit draws XOR the
+    hash's two output words into one. The same hash written out here (`threefry2x32`) is one elementwise loop
+    that XLA fuses with the mask's use, and both words are kept: the peer train step ran 768 -> 725 ms (A/B in one
+    process; at rate 0 it runs ~700 ms). The counters are the iota of `shape`, so the masks partition with the data
+    under sharding as the partitionable `jax.random` ones do.
+    """
+    *lead, n = shape
+    per_row = -(-n // 4)
+    count = math.prod(lead) * per_row
+    if count >= 2 ** 32:
+        raise ValueError(f"random_uint16: {shape} needs {count} counters, more than 2^32")
+    counter = jnp.zeros((*lead, per_row), jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(lead) + 1)):  # flat row-major index, from iotas (no reshape of a 1-D range)
+        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, counter.shape, axis) * jnp.uint32(stride)
+        stride *= counter.shape[axis]
+    key1, key2 = _threefry_key(rng)
+    words = jnp.stack(threefry2x32(key1, key2, jnp.zeros_like(counter), counter), axis=-1)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # (*lead, per_row, 2, 2)
+    return halves.reshape(*lead, 4 * per_row)[..., :n]
+
+
+def _threefry_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two uint32 key words of a Threefry key (raw uint32[2] or typed); other generators' keys are hashed
+    into two words with their own implementation."""
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    if data.shape != (2,) or data.dtype != jnp.uint32:
+        data = jax.random.bits(rng, (2,), jnp.uint32)
+    return data[0], data[1]
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 with 20 rounds (Salmon et al., 2011), the hash behind `jax.random`'s default generator, on
+    uint32 arrays: (key words, counter words) -> two output words, elementwise."""
+    injected = (key1, key2, key1 ^ key2 ^ jnp.uint32(0x1BD11BDA))
+    x1, x2 = x1 + injected[0], x2 + injected[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x1 = x1 + x2
+            x2 = jax.lax.shift_left(x2, jnp.uint32(rotation)) | jax.lax.shift_right_logical(
+                x2, jnp.uint32(32 - rotation))
+            x2 = x1 ^ x2
+        x1 = x1 + injected[(group + 1) % 3]
+        x2 = x2 + injected[(group + 2) % 3] + jnp.uint32(group + 1)
+    return x1, x2
 
 
 class Linear(nn.Module):

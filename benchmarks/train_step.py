@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.machine import cpu_description
 from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.qwen3 import Qwen3Config
@@ -274,7 +275,7 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
         j_run, j_out = jax_step(path, data, sizes, **model_overrides)
         t_run, t_out, n_train = torch_step(hf_backbone, hf_decoder, data, sizes, lora)
     b = sizes.batch
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+    print(f"{cpu_description()}; jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, K {sizes.latent_steps}, prompt "
           f"{data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, step chains {sizes.step_chain}; "
           f"{n_train:,} trainable params (LoRA r={sizes.lora_rank} + decoder + heads)")

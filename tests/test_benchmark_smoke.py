@@ -69,6 +69,7 @@ def test_profile_train_step_quick_attributes_the_step_to_model_parts():
 def test_peer_inference_quick_checks_both_sides_answer_alike_and_prints_the_ratios():
     """The script exits non-zero when vital_jax's first answer tokens differ from transformers' (same weights)."""
     lines = run_quick("peer_inference")
+    assert any(re.search(r"\d+ CPUs, (AVX-512|AVX2|no AVX2)", line) for line in lines), lines
     for k in (0, 4):
         assert any(re.match(rf"K={k}: vital_jax +{NUMBER} ms \(compile {NUMBER} s\) +transformers +{NUMBER} ms +"
                             rf"ratio {NUMBER}x$", line) for line in lines), (k, lines)
@@ -101,6 +102,8 @@ def test_train_floor_quick_counts_the_steps_work_and_prints_the_ceiling():
 def test_peer_train_step_quick_trains_both_sides_with_peft_adapters_and_prints_the_ratio():
     lines = run_quick("peer_train_step")
     assert any("LoRA: peft" in line for line in lines), lines
+    # The header names the CPU: the ratio moves with the machine kind (benchmarks.machine).
+    assert any(re.search(r"\d+ CPUs, (AVX-512|AVX2|no AVX2)", line) for line in lines), lines
     assert re.match(rf"jax +train step: first call \(compile\) {NUMBER}s, then {NUMBER} ms/step", lines[-3]), lines
     assert re.match(rf"torch train step: first call {NUMBER}s, then {NUMBER} ms/step", lines[-2]), lines
     assert re.fullmatch(rf"ratio jax/torch samples/s: {NUMBER}x", lines[-1]), lines

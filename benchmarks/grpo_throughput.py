@@ -4,6 +4,8 @@ per second of each, measured in the same run.
 
     python -m benchmarks.grpo_throughput [--hidden 256 --layers 4 --prompts 4 --generations 4 --new_tokens 64]
     python -m benchmarks.grpo_throughput --quick        # tiny sizes, for CI
+    python -m benchmarks.grpo_throughput --scan_layers --lora_rank 16 --compare_relayout
+                                                        # the 8B recipe's layout: relaid out vs. decoded as held
 
 vital_jax: `grpo.rollout` under jit: M and M' from P_phi, each prompt prefilled once with its memory block, the
 cache repeated G times, then the on-device while_loop decode (temperature 1, no top-k / top-p, no EOS, so every
@@ -23,6 +25,7 @@ P_phi on F and F ⊙ B̄ and writes N = 16 memory positions). torch on CPU, floa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import tempfile
 import time
@@ -36,14 +39,19 @@ from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import grpo
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.cached import prefix_inputs
 
 QUICK = dict(hidden=64, layers=2, prompt=24, grid=4, prompts=2, generations=2, new_tokens=8, repeats=2,
              feature_grid=4)
 
 
-def jax_rollout(args, config, params, ids, patches, grids):
-    """(run(rng) -> Rollout, tokens generated per call) for the jitted GRPO rollout."""
+def jax_rollout(args, config, params, ids, patches, grids, relayout: bool = True):
+    """run(rng) -> Rollout for the jitted GRPO rollout; `relayout` False decodes in the layout the policy is held
+    in (`GRPOConfig.rollout_relayout`), for `--compare_relayout`."""
+    if args.scan_layers:
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=True))
+        params = qwen3_vl_params.to_layout(params, True)
     lora = None
     if args.lora_rank:
         lora = LoraConfig(args.lora_rank, 2.0 * args.lora_rank, 0.0, targets=("q", "k", "v", "o"))
@@ -63,7 +71,8 @@ def jax_rollout(args, config, params, ids, patches, grids):
                              region_valid=jnp.ones((b, 1), bool), example_valid=jnp.ones((b,), bool))
     all_params = {"sampler": jax.jit(sampler.init)(jax.random.PRNGKey(3), feature_map[:1])["params"],
                   "backbone": params}
-    cfg = grpo.GRPOConfig(num_generations=g, max_new_tokens=args.new_tokens, temperature=1.0)
+    cfg = grpo.GRPOConfig(num_generations=g, max_new_tokens=args.new_tokens, temperature=1.0,
+                          rollout_relayout=relayout)
     compiled = jax.jit(functools.partial(grpo.rollout, backbone, sampler, cfg)).lower(
         all_params, batch, jax.random.PRNGKey(0)).compile()
     return lambda key: compiled(all_params, batch, key)
@@ -118,6 +127,10 @@ def main(argv=None):
     p.add_argument("--feature_grid", type=int, default=16, help="side of E_ana's feature map fed to P_phi")
     p.add_argument("--feature_dim", type=int, default=64)
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: roll out with unmerged LoRA on q, k, v, o")
+    p.add_argument("--scan_layers", action="store_true",
+                   help="hold the policy with its text layers scanned, as the 8B recipe trains it")
+    p.add_argument("--compare_relayout", action="store_true",
+                   help="also time the rollout decoding in the layout the policy is held in (rollout_relayout=False)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds of measurement)")
@@ -139,8 +152,12 @@ def main(argv=None):
     out = generate()  # warm-up
     if tuple(out.shape) != (args.prompts * args.generations, args.prompt + args.new_tokens):
         raise RuntimeError(f"transformers generated {tuple(out.shape)}")
-    seconds = interleaved_seconds({"jax": lambda i: jax.block_until_ready(rollout(jax.random.PRNGKey(i))),
-                                   "hf": lambda i: generate()}, args.repeats)
+    fns = {"jax": lambda i: jax.block_until_ready(rollout(jax.random.PRNGKey(i))), "hf": lambda i: generate()}
+    if args.compare_relayout:
+        as_held = jax_rollout(args, config, params, ids, patches, grids, relayout=False)
+        jax.block_until_ready(as_held(jax.random.PRNGKey(100)))  # warm-up
+        fns["as_held"] = lambda i: jax.block_until_ready(as_held(jax.random.PRNGKey(i)))
+    seconds = interleaved_seconds(fns, args.repeats)
     jax_s, hf_s = seconds["jax"], seconds["hf"]
 
     import torch
@@ -149,10 +166,15 @@ def main(argv=None):
     print(f"config: text hidden {config.text.hidden_size}, {args.layers} layers, {args.prompts} prompts x "
           f"{args.generations} completions x {args.new_tokens} new tokens (= {tokens} tokens per rollout), prompt "
           f"{args.prompt} tokens ({args.grid * args.grid // 4} image), N = {args.memory} memory vectors, "
-          f"LoRA rank {args.lora_rank or 'none'}, sampling at temperature 1, fp32, "
+          f"LoRA rank {args.lora_rank or 'none'}, text layers {'scanned' if args.scan_layers else 'unrolled'}, "
+          f"sampling at temperature 1, fp32, "
           f"{jax.devices()[0].platform}; torch {torch.get_num_threads()} threads")
     print(f"vital_jax grpo.rollout (jit, compile {compile_s:.1f}s excluded): median {np.median(jax_s) * 1e3:8.1f} ms "
           f"per rollout -> {jax_tps:9.1f} tokens/s")
+    if args.compare_relayout:
+        held_s = float(np.median(seconds["as_held"]))
+        print(f"vital_jax, decoded in the layout held (no relayout): median {held_s * 1e3:8.1f} ms per rollout -> "
+              f"{tokens / held_s:9.1f} tokens/s ({held_s / float(np.median(jax_s)):.2f}x the relaid-out time)")
     print(f"transformers generate:                           median {np.median(hf_s) * 1e3:8.1f} ms "
           f"per rollout -> {hf_tps:9.1f} tokens/s")
     print(f"ratio vital_jax / transformers: {jax_tps / hf_tps:.2f}x tokens/s")

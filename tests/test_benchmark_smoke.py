@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"[0-9]+(\.[0-9]+)?"
 
 
-def run_quick(name: str) -> list[str]:
+def run_quick(name: str, *extra: str) -> list[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick"], cwd=REPO, env=env,
+    res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", *extra], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, f"{name} --quick failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res.stdout.strip().splitlines()
@@ -36,8 +36,11 @@ def test_medsynapse_latency_quick_prints_the_table_and_ratios_against_the_backbo
 
 
 def test_grpo_throughput_quick_prints_both_rates_and_the_ratio():
-    lines = run_quick("grpo_throughput")
-    assert re.search(rf"grpo.rollout .* -> +{NUMBER} tokens/s$", lines[-3]), lines
+    """In the 8B recipe's layout (scanned text layers, LoRA), with the rollout decoded as held beside it."""
+    lines = run_quick("grpo_throughput", "--scan_layers", "--lora_rank", "4", "--compare_relayout")
+    assert "text layers scanned" in lines[-5], lines
+    assert re.search(rf"grpo.rollout .* -> +{NUMBER} tokens/s$", lines[-4]), lines
+    assert re.search(rf"no relayout\): .* -> +{NUMBER} tokens/s \({NUMBER}x the relaid-out time\)$", lines[-3]), lines
     assert re.search(rf"transformers generate: .* -> +{NUMBER} tokens/s$", lines[-2]), lines
     assert re.fullmatch(rf"ratio vital_jax / transformers: {NUMBER}x tokens/s", lines[-1]), lines
 

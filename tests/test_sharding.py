@@ -94,6 +94,23 @@ def test_parameter_specs_follow_the_logical_axis_rules(tiny):
     assert set(flat) == set(flatten(abstract))
 
 
+def test_the_decoding_layouts_fused_projections_have_rules(tiny):
+    """Decode loops inside sharded training programs run in `decoding_layout` (fused q|k|v and gate|up)."""
+    from vital_jax import demo_assets
+    from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+    from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+
+    config = Qwen3VLConfig.from_hf_dict(demo_assets.qwen3_vl_hf_config(64, 2), "tiny")
+    fused = jax.eval_shape(lambda p: qwen3_vl_params.decoding_layout(config, p)[1],
+                           qwen3_vl_params.abstract_params(config))
+    specs, report = sharding.tree_specs(fused, MESH_SIZES)
+    assert not report, str(report)
+    flat = flatten(specs)
+    layer = "language_model/model/layers_1"
+    assert flat[f"{layer}/self_attn/qkv_proj/kernel"] == P("fsdp", "tensor")
+    assert flat[f"{layer}/mlp/gate_up_proj/kernel"] == P("fsdp", "tensor")
+
+
 def test_medsynapse_sampler_autonomous_and_stage2_lora_leaves_all_have_rules():
     """Every leaf MedSynapse-V trains or freezes (P_phi, A_psi, the backbone's Stage II adapters, scanned layers)
     gets a spec from a rule; the learned query matrices are replicated on purpose, the rest sharded."""

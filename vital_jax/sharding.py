@@ -95,6 +95,11 @@ LINEAR_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"o_proj", ("heads", "embed")),
     (r"(gate_proj|up_proj)", ("embed", "mlp")),
     (r"down_proj", ("mlp", "embed")),
+    # The decoding layout's fused q|k|v and gate|up (`Qwen3Config.fused_projections`; decode loops run in it, also
+    # inside training programs): split across the fused dimension, correct but not aligned with the parts, so
+    # under tensor > 1 a step reshards the parts it splits off.
+    (r"qkv_proj", ("embed", "heads")),
+    (r"gate_up_proj", ("embed", "mlp")),
     (r"lm_head", ("embed", "vocab")),
     # Qwen3-VL vision tower: fused qkv rows are q|k|v, so "heads" splits the fused dimension (correct, not
     # head-aligned; fine for a frozen tower that is mostly FSDP-sharded).
@@ -487,6 +492,13 @@ def _gathered_rules(rules) -> tuple:
 
 
 WEIGHT_COMPUTE_RULES = _gathered_rules(LOGICAL_AXIS_RULES)
+
+
+def fsdp_sharded() -> bool:
+    """Whether the program being traced runs under a mesh whose "fsdp" axis spans more than one device (its weights
+    are then gathered where they are used, `constrain_weight`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and dict(mesh.shape).get("fsdp", 1) > 1
 
 
 def constrain_weight(x: jax.Array, module_path: Sequence[str], leaf: str) -> jax.Array:

@@ -104,3 +104,67 @@ def test_fused_projections_refuse_adapters_on_their_parts(checkpoint):
     params = _with_random_adapters(config, load_params(checkpoint, config), LORA)
     with pytest.raises(ValueError, match=r"language_model/model/layers_0/self_attn/q_proj holds \['kernel', 'lora_a'"):
         qwen3_params.fuse_projections(params, STACK_PATH)
+
+
+def while_bodies_hold(jaxpr, primitive: str) -> bool:
+    """Whether any `while` loop of `jaxpr` (at any depth) runs an equation of `primitive` in its body."""
+    def contains(jx, name):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == name:
+                return True
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                if contains(sub, name):
+                    return True
+        return False
+
+    def find(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name == "while" and contains(eqn.params["body_jaxpr"].jaxpr, primitive):
+                return True
+            if any(find(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
+                return True
+        return False
+
+    return find(jaxpr.jaxpr)
+
+
+def test_decode_relays_a_training_layout_out_inside_the_program(checkpoint):
+    """`cached.decode` under jit, from a cache the scanned LoRA model wrote: relaid out its token loop runs no layer
+    scan (each step would otherwise slice every layer's weights out of the stacks) and produces the tokens and
+    lengths of the training layout; the default relays out unless the weights are FSDP-sharded; a tree already in
+    the decoding layout comes back as it is."""
+    from vital_jax import generation
+    from vital_jax.models.qwen3_vl import cached
+
+    config = Qwen3VLConfig.from_pretrained(checkpoint, scan_layers=True)
+    params = _with_random_adapters(config, load_params(checkpoint, config), LORA)
+    model = Qwen3VLForConditionalGeneration(config, LORA)
+    rng = np.random.RandomState(5)
+    grids = [(1, 4, 6)] * 2
+    ids = np.stack([_prompt(rng, grids[:1], [3, 4]) for _ in grids])
+    prefix = cached.prefix_inputs(ids, np.ones(ids.shape, bool), np.asarray(grids), _pixels(rng, grids, config),
+                                  config)
+    sampling = generation.SamplingConfig(max_new_tokens=6)
+
+    def run(p, relayout):
+        kv_cache, last_hidden = cached.encode_prefix(model, p, prefix, ids.shape[1] + 6)
+        return cached.decode(model, p, kv_cache, last_hidden, sampling, relayout=relayout)
+
+    for relayout, scans in ((True, False), (None, False), (False, True)):
+        assert while_bodies_hold(jax.make_jaxpr(lambda p: run(p, relayout))(params), "scan") == scans
+    # The default (None) keeps FSDP-sharded weights as they are: each step gathers them anyway.
+    for fsdp, scans in ((2, True), (1, False)):
+        mesh = jax.sharding.AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"),
+                                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        with jax.sharding.use_abstract_mesh(mesh):
+            assert while_bodies_hold(jax.make_jaxpr(lambda p: run(p, None))(params), "scan") == scans
+    want = jax.jit(lambda p: run(p, False))(params)
+    got = jax.jit(lambda p: run(p, True))(params)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+    dec_model, dec_params = cached.decoding_model(model, params)
+    assert dec_model.lora is None and dec_model.config.text.fused_projections
+    again_model, again_params = cached.decoding_model(dec_model, dec_params)
+    assert again_model is dec_model
+    assert all(a is b for a, b in zip(jax.tree.leaves(again_params), jax.tree.leaves(dec_params), strict=True))

@@ -1,11 +1,15 @@
 """Interpretability outputs: shapes, the heatmap's patch grid, retrieval, Eq. (9), decoding latents."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.models.test_decoding_layout import while_bodies_hold
 from tests.vital.vital_fixtures import forward, ROI_DIM, build, make_batch
+from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.vital import interpret
 
 
@@ -26,6 +30,27 @@ def test_decode_latents_matches_feeding_pj_in_then_tokens(tiny):
     logits = model.decoder.apply({"params": params["decoder"]},
                                  inputs_embeds=jnp.concatenate([h0, emb], axis=1)).logits
     np.testing.assert_array_equal(np.argmax(logits[0, :-1], -1), tokens[1, 2])
+
+
+def test_decode_latents_of_a_scanned_decoder_unrolls_it_once(tiny):
+    """A decoder trained with scanned layers (the 8B recipe) decodes the same tokens, and no layer scan runs inside
+    the token loop: `qwen3.params.decoding_layout` unrolled it before the loop."""
+    model, params = tiny.model, tiny.params
+    batch, _ = make_batch(model, seed=12, latent_steps=(3, 1))
+    z = forward(model, params, batch).z
+    scanned = dataclasses.replace(model, decoder_config=dataclasses.replace(model.decoder_config, scan_layers=True))
+    scanned_params = {**params, "decoder": qwen3_params.to_layout(params["decoder"], True)}
+    assert "layers" in scanned_params["decoder"]["model"]
+
+    def run(m, p):
+        return interpret.decode_latents(m, p, z, max_new_tokens=5)
+
+    want = jax.jit(lambda p: run(model, p))(params)
+    got = jax.jit(lambda p: run(scanned, p))(scanned_params)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not while_bodies_hold(jax.make_jaxpr(lambda p: run(scanned, p))(scanned_params), "scan")
+    # (`while_bodies_hold` sees a scan where one runs: test_decoding_layout's relayout=False case.)
 
 
 def test_heatmap_is_computed_on_the_patch_grid_in_raster_order():

@@ -104,6 +104,10 @@ class GRPOConfig:
     max_log_ratio: float = 20.0
     counterfactual_top_k: int = 1  # regions removed for M' (Eq. 5: the highest-confidence one)
     logprob_chunk: int = 128  # completion positions per LM-head chunk in the scorer (0: all at once)
+    # Decode the rollouts in the decoding layout (`cached.decode`'s relayout): one copy of the text weights per
+    # rollout instead of one per token under `scan_layers`. None: unless the weights are FSDP-sharded; False saves
+    # the copy's memory.
+    rollout_relayout: bool | None = None
     reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
 
     def __post_init__(self):
@@ -264,7 +268,8 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
     cache_len = batch.prefix.input_ids.shape[1] + m.shape[1] + t
     kv_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, cache_len)
     tokens, lengths = cached.decode(backbone, params["backbone"], repeat_cache(kv_cache, g),
-                                    jnp.repeat(last_hidden, g, axis=0), config.sampling, rng)
+                                    jnp.repeat(last_hidden, g, axis=0), config.sampling, rng,
+                                    relayout=config.rollout_relayout)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     return Rollout(m, m_prime, tokens, valid, lengths)
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vital_jax import generation
-from vital_jax.models.qwen3.modeling import init_cache
+from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM, init_cache
 from vital_jax.vital.model import VitalModel
 
 
@@ -28,13 +29,15 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
                    eos_token_ids: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
     """Greedy text for every latent state. z (B, K, D) -> (tokens (B, K, N) int32, lengths (B, K)).
 
-    The decoder sees exactly what it was trained on: [pj_in(z_k)] first, then its own tokens.
+    The decoder sees exactly what it was trained on: [pj_in(z_k)] first, then its own tokens. It decodes in
+    `qwen3.params.decoding_layout` (the same numbers; a decoder trained with scanned layers is unrolled once here
+    instead of having each layer sliced out of its stack at every token).
     """
     b, k, _ = z.shape
-    decoder = model.decoder
-    dp = params["decoder"]
+    decoder_config, dp = qwen3_params.decoding_layout(model.decoder_config, params["decoder"])
+    decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)
-    cache = init_cache(model.decoder_config, b * k, 1 + max_new_tokens)
+    cache = init_cache(decoder_config, b * k, 1 + max_new_tokens)
     out = decoder.apply({"params": dp}, inputs_embeds=h0, kv_cache=cache)
 
     def step_fn(p, ids_b1, valid_b1, kv):

@@ -121,6 +121,15 @@ def fuse_projections(params: dict, stack_path: tuple[str, ...] = STACK_PATH) -> 
     return _set_path(params, stack_path, new_stack)
 
 
+def decoding_layout(config: Qwen3Config, params: dict) -> tuple[Qwen3Config, dict]:
+    """(config, params) of a Qwen3ForCausalLM without adapters in the layout to decode in: unrolled layers (a scan
+    over stacked weights slices every layer's weights out of the stacks at each token) with fused q|k|v and gate|up.
+    The same numbers; traceable, so a jitted program can relay out once before its token loop. (Qwen3-VL's
+    backbone, which may carry LoRA adapters, has its own: `qwen3_vl.params.decoding_layout`.)"""
+    params = fuse_projections(to_layout(params, False))
+    return dataclasses.replace(config, scan_layers=False, fused_projections=True), params
+
+
 def _get_path(tree: dict, path: tuple[str, ...]) -> dict:
     for key in path:
         tree = tree[key]

@@ -22,7 +22,7 @@ LOCK_FILE = "RUNNING.lock"
 
 # Fields that may differ between runs sharing a workdir (how long / how often / which kernel, not what is trained).
 RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl", "model.remat_policy",
-                    "curriculum.compile_ahead")
+                    "curriculum.compile_ahead", "medsynapse.rollout_relayout")
 
 
 # Fields added to the config after workdirs were written, with the value the older code behaved as. A saved
@@ -31,7 +31,8 @@ ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "d
                 "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0,
                 "medsynapse.imt.init": "random"}
 # Added fields that runs may also switch between (RESUMABLE_FIELDS), with the value older code behaved as.
-ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full"}
+ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full",
+                          "medsynapse.rollout_relayout": False}
 
 
 def fill_added_fields(config) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.medsynapse.medsynapse_fixtures import build_backbone, make_batch
+from tests.models.test_decoding_layout import while_bodies_hold
 from vital_jax import freeze
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import grpo
@@ -18,6 +19,7 @@ from vital_jax.medsynapse import reward as reward_lib
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.hf_mapping import flatten, unflatten
 from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q", "k", "v", "o"))
 FEATURES = (3, 4, 16)  # Hf, Wf, df
@@ -153,6 +155,19 @@ def setup(tmp_path_factory):
                  for i, (p, x) in enumerate(sorted(flat.items()))}
     adapted = {"sampler": params["sampler"], "backbone": unflatten(perturbed)}
     return dict(tiny=tiny, model=model, sampler=sampler, batch=batch, params=params, adapted=adapted)
+
+
+@pytest.mark.parametrize("relayout, scans", [(None, False), (True, False), (False, True)])
+def test_a_scanned_policy_rolls_out_relaid_out_unless_told_not_to(setup, relayout, scans):
+    """`GRPOConfig.rollout_relayout`: the decode loop of a policy held with scanned layers runs no layer scan
+    (relaid out once per rollout) unless False."""
+    tiny, sampler, batch, params = setup["tiny"], setup["sampler"], setup["batch"], setup["adapted"]
+    config = dataclasses.replace(tiny.config, text=dataclasses.replace(tiny.config.text, scan_layers=True))
+    model = Qwen3VLForConditionalGeneration(config, LORA)
+    scanned = {**params, "backbone": qwen3_vl_params.to_layout(params["backbone"], True)}
+    cfg = grpo.GRPOConfig(num_generations=2, max_new_tokens=3, rollout_relayout=relayout)
+    jaxpr = jax.make_jaxpr(lambda p: grpo.rollout(model, sampler, cfg, p, batch, jax.random.PRNGKey(0)))(scanned)
+    assert while_bodies_hold(jaxpr, "scan") == scans
 
 
 def _row_tokens(rollout_, g, b_count, k):

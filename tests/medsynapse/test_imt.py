@@ -1,6 +1,7 @@
 """Stage III, Intrinsic Memory Transition (Eq. 6-8): the generalised JSD, A_psi on variable visual tokens, the loss
 over an on-policy student trajectory, and a train step in which only A_psi moves."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.medsynapse.medsynapse_fixtures import IM_END, build_backbone, make_batch
+from tests.models.test_decoding_layout import while_bodies_hold
 from vital_jax import freeze
 from vital_jax.generation import SamplingConfig
 from vital_jax.medsynapse import autonomous as autonomous_lib
@@ -17,6 +19,8 @@ from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.hf_mapping import flatten
+from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 
 
 def _np_jsd(t_logits, s_logits, beta):
@@ -302,6 +306,20 @@ def test_memory_match_adds_the_relative_error_of_the_students_memory_and_trainin
     assert errors[0.0][0] == pytest.approx(errors[5.0][0], rel=1e-5)  # the same start
     assert errors[5.0][-1] < 0.5 * errors[5.0][0], errors
     assert errors[5.0][-1] < errors[0.0][-1], errors
+
+
+@pytest.mark.parametrize("relayout, scans", [(None, False), (False, True)])
+def test_the_student_rollout_of_a_scanned_backbone_is_relaid_out_unless_told_not_to(setup, relayout, scans):
+    """`make_train_step(relayout=...)` (the trainer passes `medsynapse.rollout_relayout`): with scanned text layers
+    the step's decode loop runs no layer scan unless relayout is False."""
+    tiny, sampler, autonomous, batch, params = setup
+    config = dataclasses.replace(tiny.config, text=dataclasses.replace(tiny.config.text, scan_layers=True))
+    scanned = {**params, "backbone": qwen3_vl_params.to_layout(params["backbone"], True)}
+    optimizer = imt.make_optimizer(1e-3, weight_decay=0.0)
+    state, frozen = imt.init_train_state(scanned, optimizer, jax.random.PRNGKey(2))
+    step = imt.make_train_step(Qwen3VLForConditionalGeneration(config), sampler, autonomous, optimizer,
+                               imt.rollout_sampling((IM_END,), 3), relayout=relayout)
+    assert while_bodies_hold(jax.make_jaxpr(step)(state, frozen, batch), "scan") == scans
 
 
 def test_init_train_state_wants_the_three_stage_iii_trees(setup):

@@ -408,3 +408,13 @@ def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(thre
                            cwd=REPO)
     assert right.returncode == 0, right.stderr[-2000:]
     assert "memory=autonomous: 4 questions" in right.stdout and "closed" in right.stdout
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_rollout_relayout_reaches_stage_ii(value):
+    """`medsynapse.rollout_relayout` (unset: decided by the mesh) is what Stage II's GRPOConfig decodes with; Stage
+    III passes the same field to `imt.make_train_step` (its layout is tested in test_imt)."""
+    config = medsynapse_demo.get_config()
+    assert config.medsynapse.rollout_relayout is None
+    config.medsynapse.rollout_relayout = value
+    assert trainer.grpo_config(config, (1,), 0).rollout_relayout is value

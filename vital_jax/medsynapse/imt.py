@@ -157,13 +157,14 @@ def teacher_memory(sampler: DiagnosticMemorySampler, sampler_params, feature_map
 
 def sample_trajectory(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
                       prompt: PromptState, sampling: generation.SamplingConfig,
-                      rng=None) -> tuple[jax.Array, jax.Array]:
+                      rng=None, relayout: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """y^ ~ pi^-(. | X, q, M_auto) from the shared prompt cache. Returns (tokens (B, T) int32, lengths (B,) int32),
-    T = sampling.max_new_tokens; `lengths` counts the tokens up to and including the first EOS."""
+    T = sampling.max_new_tokens; `lengths` counts the tokens up to and including the first EOS. relayout: the
+    decode loop's layout (`cached.decode`; None: relaid out unless the weights are FSDP-sharded)."""
     bp = jax.lax.stop_gradient(params["backbone"])
     memory = jax.lax.stop_gradient(student_memory(autonomous, params["autonomous"], prompt))
     kv_cache, last_hidden = _with_memory(backbone, bp, prompt, memory)
-    return cached.decode(backbone, bp, kv_cache, last_hidden, sampling, rng)
+    return cached.decode(backbone, bp, kv_cache, last_hidden, sampling, rng, relayout=relayout)
 
 
 def rollout(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
@@ -271,7 +272,8 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng:
 def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
                sampling: generation.SamplingConfig, state: TrainState, frozen: dict, batch: IMTBatch,
-               beta: float = BETA, memory_match: float = 0.0) -> tuple[TrainState, dict]:
+               beta: float = BETA, memory_match: float = 0.0, relayout: bool | None = None
+               ) -> tuple[TrainState, dict]:
     """One on-policy IMT step: sample y^ ~ pi^- with the current psi, score it in both branches, one AdamW step
     on psi. Returns (new state, metrics: loss (mean JSD + memory_match x memory_match_error), jsd,
     memory_match_error (mean relative squared error of M_auto against M_pri, logged whatever its weight),
@@ -281,7 +283,7 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
     params = freeze.merge(state.params, frozen)
     prompt = encode_prompt(backbone, params["backbone"], batch.prefix, autonomous.config.num_queries,
                            sampling.max_new_tokens)
-    tokens, lengths = sample_trajectory(backbone, autonomous, params, prompt, sampling, step_rng)
+    tokens, lengths = sample_trajectory(backbone, autonomous, params, prompt, sampling, step_rng, relayout)
     valid = trajectory_valid(tokens, lengths)
     m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
     teacher = teacher_logits(backbone, params, prompt, m_pri, tokens, valid)
@@ -309,8 +311,9 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
 
 def make_train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                     autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
-                    sampling: generation.SamplingConfig, beta: float = BETA, memory_match: float = 0.0):
-    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling, beta and memory_match are
-    fixed."""
+                    sampling: generation.SamplingConfig, beta: float = BETA, memory_match: float = 0.0,
+                    relayout: bool | None = None):
+    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling, beta, memory_match and the
+    rollout's `relayout` (`sample_trajectory`) are fixed."""
     return jax.jit(functools.partial(train_step, backbone, sampler, autonomous, optimizer, sampling, beta=beta,
-                                     memory_match=memory_match))
+                                     memory_match=memory_match, relayout=relayout))

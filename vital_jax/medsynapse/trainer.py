@@ -220,7 +220,8 @@ def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int) -> gr
                            eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
                            clip_epsilon=c.clip_epsilon, kl_beta=c.kl_beta, kl_estimator=c.kl_estimator,
                            num_updates=c.num_updates, counterfactual_top_k=config.medsynapse.regions.top_k,
-                           logprob_chunk=c.logprob_chunk, reward=reward)
+                           logprob_chunk=c.logprob_chunk, rollout_relayout=config.medsynapse.rollout_relayout,
+                           reward=reward)
 
 
 def learning_rate(lr: float, schedule: str, warmup_ratio: float, total: int):
@@ -592,7 +593,7 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
     state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 3))
     sampling = imt.rollout_sampling(setup.eos_token_ids, i.max_new_tokens, i.temperature)
     jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta,
-                                 memory_match=i.memory_match)
+                                 memory_match=i.memory_match, relayout=config.medsynapse.rollout_relayout)
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):

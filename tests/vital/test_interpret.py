@@ -34,7 +34,7 @@ def test_decode_latents_matches_feeding_pj_in_then_tokens(tiny):
 
 def test_decode_latents_of_a_scanned_decoder_unrolls_it_once(tiny):
     """A decoder trained with scanned layers (the 8B recipe) decodes the same tokens, and no layer scan runs inside
-    the token loop: `qwen3.params.decoding_layout` unrolled it before the loop."""
+    the token loop: `qwen3.params.decoding_layout` unrolled it before the loop (relayout=False keeps the scan)."""
     model, params = tiny.model, tiny.params
     batch, _ = make_batch(model, seed=12, latent_steps=(3, 1))
     z = forward(model, params, batch).z
@@ -50,7 +50,8 @@ def test_decode_latents_of_a_scanned_decoder_unrolls_it_once(tiny):
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not while_bodies_hold(jax.make_jaxpr(lambda p: run(scanned, p))(scanned_params), "scan")
-    # (`while_bodies_hold` sees a scan where one runs: test_decoding_layout's relayout=False case.)
+    held = jax.make_jaxpr(lambda p: interpret.decode_latents(scanned, p, z, 5, relayout=False))(scanned_params)
+    assert while_bodies_hold(held, "scan")
 
 
 def test_heatmap_is_computed_on_the_patch_grid_in_raster_order():

@@ -17,6 +17,7 @@ import numpy as np
 from vital_jax import generation
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM, init_cache
+from vital_jax.sharding import fsdp_sharded
 from vital_jax.vital.model import VitalModel
 
 
@@ -26,15 +27,18 @@ def project_latents(model: VitalModel, params: dict, z: jax.Array) -> jax.Array:
 
 
 def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens: int = 32,
-                   eos_token_ids: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+                   eos_token_ids: tuple[int, ...] = (), relayout: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """Greedy text for every latent state. z (B, K, D) -> (tokens (B, K, N) int32, lengths (B, K)).
 
-    The decoder sees exactly what it was trained on: [pj_in(z_k)] first, then its own tokens. It decodes in
+    The decoder sees exactly what it was trained on: [pj_in(z_k)] first, then its own tokens. relayout: decode in
     `qwen3.params.decoding_layout` (the same numbers; a decoder trained with scanned layers is unrolled once here
-    instead of having each layer sliced out of its stack at every token).
+    instead of having each layer sliced out of its stack at every token); None, as the backbone's
+    `cached.decode`: unless the weights are FSDP-sharded.
     """
     b, k, _ = z.shape
-    decoder_config, dp = qwen3_params.decoding_layout(model.decoder_config, params["decoder"])
+    decoder_config, dp = model.decoder_config, params["decoder"]
+    if relayout or (relayout is None and not fsdp_sharded()):
+        decoder_config, dp = qwen3_params.decoding_layout(decoder_config, dp)
     decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)
     cache = init_cache(decoder_config, b * k, 1 + max_new_tokens)

@@ -88,7 +88,7 @@ def medsynapse_section():
       M_pri over the training images, fc2 at 0: the student starts as the teacher on an average image;
       `autonomous.teacher_mean_init`) or "random".
     rollout_relayout: the layout Stages II and III decode their rollouts in (`cached.decode`): unset (None)
-      relays the backbone out once per rollout unless its weights are FSDP-sharded; True / False force it. Relaid
+      relays the backbone out once per rollout unless the mesh splits its weights; True / False force it. Relaid
       out, a model trained with scanned layers decodes ~1.9x faster on CPU and holds a copy of its text weights
       while the rollout runs (README, `scan_layers`).
     """

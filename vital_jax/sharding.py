@@ -494,11 +494,11 @@ def _gathered_rules(rules) -> tuple:
 WEIGHT_COMPUTE_RULES = _gathered_rules(LOGICAL_AXIS_RULES)
 
 
-def fsdp_sharded() -> bool:
-    """Whether the program being traced runs under a mesh whose "fsdp" axis spans more than one device (its weights
-    are then gathered where they are used, `constrain_weight`)."""
+def weights_sharded() -> bool:
+    """Whether the program being traced runs under a mesh that splits weights: an "fsdp" axis (weights gathered where
+    they are used, `constrain_weight`) or a "tensor" axis of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and dict(mesh.shape).get("fsdp", 1) > 1
+    return not mesh.empty and any(dict(mesh.shape).get(axis, 1) > 1 for axis in ("fsdp", "tensor"))
 
 
 def constrain_weight(x: jax.Array, module_path: Sequence[str], leaf: str) -> jax.Array:

@@ -131,7 +131,7 @@ def while_bodies_hold(jaxpr, primitive: str) -> bool:
 def test_decode_relays_a_training_layout_out_inside_the_program(checkpoint):
     """`cached.decode` under jit, from a cache the scanned LoRA model wrote: relaid out its token loop runs no layer
     scan (each step would otherwise slice every layer's weights out of the stacks) and produces the tokens and
-    lengths of the training layout; the default relays out unless the weights are FSDP-sharded; a tree already in
+    lengths of the training layout; the default relays out unless the mesh splits the weights; a tree already in
     the decoding layout comes back as it is."""
     from vital_jax import generation
     from vital_jax.models.qwen3_vl import cached
@@ -152,9 +152,9 @@ def test_decode_relays_a_training_layout_out_inside_the_program(checkpoint):
 
     for relayout, scans in ((True, False), (None, False), (False, True)):
         assert while_bodies_hold(jax.make_jaxpr(lambda p: run(p, relayout))(params), "scan") == scans
-    # The default (None) keeps FSDP-sharded weights as they are: each step gathers them anyway.
-    for fsdp, scans in ((2, True), (1, False)):
-        mesh = jax.sharding.AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"),
+    # The default (None) keeps weights split over fsdp or tensor as they are.
+    for shape, scans in (((1, 2, 1), True), ((1, 1, 2), True), ((2, 1, 1), False)):
+        mesh = jax.sharding.AbstractMesh(shape, ("data", "fsdp", "tensor"),
                                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
         with jax.sharding.use_abstract_mesh(mesh):
             assert while_bodies_hold(jax.make_jaxpr(lambda p: run(p, None))(params), "scan") == scans

@@ -105,7 +105,7 @@ class GRPOConfig:
     counterfactual_top_k: int = 1  # regions removed for M' (Eq. 5: the highest-confidence one)
     logprob_chunk: int = 128  # completion positions per LM-head chunk in the scorer (0: all at once)
     # Decode the rollouts in the decoding layout (`cached.decode`'s relayout): one copy of the text weights per
-    # rollout instead of one per token under `scan_layers`. None: unless the weights are FSDP-sharded; False saves
+    # rollout instead of one per token under `scan_layers`. None: unless the mesh splits the weights; False saves
     # the copy's memory.
     rollout_relayout: bool | None = None
     reward: reward_lib.RewardConfig = reward_lib.RewardConfig()

@@ -160,7 +160,7 @@ def sample_trajectory(backbone: Qwen3VLForConditionalGeneration, autonomous: Aut
                       rng=None, relayout: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """y^ ~ pi^-(. | X, q, M_auto) from the shared prompt cache. Returns (tokens (B, T) int32, lengths (B,) int32),
     T = sampling.max_new_tokens; `lengths` counts the tokens up to and including the first EOS. relayout: the
-    decode loop's layout (`cached.decode`; None: relaid out unless the weights are FSDP-sharded)."""
+    decode loop's layout (`cached.decode`; None: relaid out unless the mesh splits the weights)."""
     bp = jax.lax.stop_gradient(params["backbone"])
     memory = jax.lax.stop_gradient(student_memory(autonomous, params["autonomous"], prompt))
     kv_cache, last_hidden = _with_memory(backbone, bp, prompt, memory)

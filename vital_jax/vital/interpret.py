@@ -17,7 +17,7 @@ import numpy as np
 from vital_jax import generation
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM, init_cache
-from vital_jax.sharding import fsdp_sharded
+from vital_jax.sharding import weights_sharded
 from vital_jax.vital.model import VitalModel
 
 
@@ -33,11 +33,11 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
     The decoder sees exactly what it was trained on: [pj_in(z_k)] first, then its own tokens. relayout: decode in
     `qwen3.params.decoding_layout` (the same numbers; a decoder trained with scanned layers is unrolled once here
     instead of having each layer sliced out of its stack at every token); None, as the backbone's
-    `cached.decode`: unless the weights are FSDP-sharded.
+    `cached.decode`: unless the mesh splits the weights.
     """
     b, k, _ = z.shape
     decoder_config, dp = model.decoder_config, params["decoder"]
-    if relayout or (relayout is None and not fsdp_sharded()):
+    if relayout or (relayout is None and not weights_sharded()):
         decoder_config, dp = qwen3_params.decoding_layout(decoder_config, dp)
     decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)

@@ -24,7 +24,7 @@ from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, 
 from vital_jax.models.qwen3_vl.mrope import get_rope_index
 from vital_jax.models.qwen3_vl.params import decoding_layout
 from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
-from vital_jax.sharding import fsdp_sharded
+from vital_jax.sharding import weights_sharded
 
 
 @flax.struct.dataclass
@@ -181,14 +181,15 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     decoder before reading it (on CPU 26.8 instead of 14.2 ms per token at hidden 1024 x 8 layers; at 8B, bf16,
     ~14 GB copied per token). Relaid out, the copy is made once per call. The price is memory: while the loop
     runs, the relaid-out text weights (unstacked; merged where float32 LoRA is folded in) live beside the
-    originals. None (the default) relays out unless the weights are FSDP-sharded (`sharding.fsdp_sharded`): there
-    every step gathers each layer's weights anyway, the scan's slice copies only the local shard, and XLA hoists
-    the unrolled layers' gathers out of the loop, so all of them stay live at full size (medsynapse_8b's Stage III
-    on CPU: 10.2 -> 48.0 GiB per device). False decodes in the given layout.
+    originals. None (the default) relays out unless the mesh splits the weights (`sharding.weights_sharded`). Under
+    FSDP every step gathers each layer's weights anyway, the scan's slice copies only the local shard, and XLA
+    hoists the unrolled layers' gathers out of the loop, so all of them stay live at full size (medsynapse_8b's
+    Stage III on CPU: 10.2 -> 48.0 GiB per device); under tensor parallelism the fused q|k|v and gate|up would be
+    split across their parts, which every step would then reshard. False decodes in the given layout.
     """
     first_logits = lm_logits(model, params, last_hidden)
     if relayout is None:
-        relayout = not fsdp_sharded()
+        relayout = not weights_sharded()
     if relayout:
         model, params = decoding_model(model, params)
     return generation.decode(decode_step_fn(model), params, first_logits, kv_cache, sampling, rng)

@@ -62,7 +62,9 @@ def main(argv=None):
     def program(k: int, answer: int):
         sampling = SamplingConfig(max_new_tokens=answer)
         steps = jnp.full((1,), k, jnp.int32)
-        fn = jax.jit(lambda bp, pre: latent.generate_answer(backbone, bp, pre, steps, k, sampling)[0])
+        # --scan_layers decodes in the scan, as held (relayout=False): what it measures.
+        fn = jax.jit(lambda bp, pre: latent.generate_answer(backbone, bp, pre, steps, k, sampling,
+                                                            relayout=False if args.scan_layers else None)[0])
         start = time.perf_counter()
         jax.block_until_ready(fn(params, prefix))
         return (lambda: fn(params, prefix)), time.perf_counter() - start

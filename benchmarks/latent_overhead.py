@@ -21,6 +21,7 @@ import numpy as np
 from vital_jax import demo_assets
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
 
@@ -50,7 +51,9 @@ def main():
     path = demo_assets.write_tiny_qwen3_vl(tempfile.mkdtemp(), hidden=args.hidden, layers=args.layers,
                                            image_pixels=(16 * args.grid) ** 2)
     config = Qwen3VLConfig.from_pretrained(path)
-    params = jax.device_put(load_params(path, config))
+    # In the layout evaluation decodes in (`inference.Predictor`), made once on the host.
+    config, params, _ = qwen3_vl_params.decoding_layout(config, load_params(path, config))
+    params = jax.device_put(params)
     from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 
     backbone = Qwen3VLForConditionalGeneration(config)

@@ -45,6 +45,7 @@ from vital_jax.medsynapse.encoder import SamAnatomicalEncoder, SiglipAnatomicalE
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
 from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, load_params
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.cached import prefix_inputs
 from vital_jax.models.sam import SamPreprocessor, SamVisionConfig, SamVisionEncoder
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel
@@ -118,6 +119,9 @@ def build_encoder(args, seed: int = 3):
 def build_programs(args):
     """{name: (jitted fn, args tuple)} for the four inference programs, plus a description of the setup."""
     _, config, params = tiny_backbone(tempfile.mkdtemp(), args.hidden, args.layers, args.grid)
+    # The layout evaluation decodes in (MemoryPredictor, Predictor), made once here; left to `cached.decode`'s
+    # in-program relayout, every call would also pay for fusing the projections.
+    config, params, _ = qwen3_vl_params.decoding_layout(config, params)
     backbone = Qwen3VLForConditionalGeneration(config)
     ids, patches, grids = image_prompts(config, 1, args.prompt, args.grid)
     prefix = prefix_inputs(ids, np.ones(ids.shape, bool), grids, patches, config)

@@ -79,15 +79,16 @@ def answer_logits(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv
 
 def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
                     latent_steps: jax.Array, k_max: int, sampling: generation.SamplingConfig, rng=None,
-                    pause_embeddings: jax.Array | None = None):
+                    pause_embeddings: jax.Array | None = None, relayout: bool | None = None):
     """Inference: the same prefix + latent scan, then greedy/sampled decoding until EOS (K = 0: a plain VLM).
 
     Uses only the backbone (+ LoRA) parameters: the scaffolding is not an input. Returns (tokens (B, N) int32,
     lengths (B,), z (B, K_max, D)). pause_embeddings: see `latent_loop` (the pause control's learned inputs).
+    relayout: the answer loop's layout (`cached.decode`).
     """
     cache_len = prefix.input_ids.shape[1] + k_max + sampling.max_new_tokens
     kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
     z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,
                                       pause_embeddings=pause_embeddings)
-    tokens, lengths = cached.decode(backbone, backbone_params, kv_cache, z_last, sampling, rng)
+    tokens, lengths = cached.decode(backbone, backbone_params, kv_cache, z_last, sampling, rng, relayout=relayout)
     return tokens, lengths, z

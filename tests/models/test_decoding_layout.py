@@ -106,8 +106,9 @@ def test_fused_projections_refuse_adapters_on_their_parts(checkpoint):
         qwen3_params.fuse_projections(params, STACK_PATH)
 
 
-def while_bodies_hold(jaxpr, primitive: str) -> bool:
-    """Whether any `while` loop of `jaxpr` (at any depth) runs an equation of `primitive` in its body."""
+def while_bodies_hold(jaxpr, primitive: str, loop: str = "while") -> bool:
+    """Whether any `loop` ("while" or "scan") of `jaxpr` (at any depth) runs an equation of `primitive` in its
+    body."""
     def contains(jx, name):
         for eqn in jx.eqns:
             if eqn.primitive.name == name:
@@ -119,7 +120,8 @@ def while_bodies_hold(jaxpr, primitive: str) -> bool:
 
     def find(jx):
         for eqn in jx.eqns:
-            if eqn.primitive.name == "while" and contains(eqn.params["body_jaxpr"].jaxpr, primitive):
+            if eqn.primitive.name == loop and any(contains(sub, primitive)
+                                                  for sub in jax.core.jaxprs_in_params(eqn.params)):
                 return True
             if any(find(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
                 return True

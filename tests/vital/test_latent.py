@@ -1,13 +1,17 @@
 """The VITAL latent loop (Eq. 1-2): reference parity with transformers, train/inference parity, mixed-K batch
 invariance, one compilation for every K."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from tests.models.test_decoding_layout import while_bodies_hold
 from tests.vital.vital_fixtures import IMG, build, forward, make_batch, select
+from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
 from vital_jax.vital.batch import from_numpy
@@ -78,6 +82,32 @@ def test_training_forward_and_inference_share_the_latent_path(tiny):
     np.testing.assert_array_equal(np.argmax(np.asarray(out.answer_logits), -1), tokens)
     first = latent.lm_logits(model.backbone, params["backbone"], out.z[np.arange(2), batch.latent_steps - 1])
     assert _diff(first, out.answer_logits[:, 0]) <= TOL
+
+
+def test_a_scanned_backbone_generates_relaid_out_with_the_same_latents_and_tokens(tiny):
+    """`generate_answer` relays a backbone held with scanned layers out once (the default; the training probe's
+    case): neither the latent scan's steps nor the answer loop's tokens run a layer scan, and z and the tokens are
+    those of the layout held (relayout=False, where both do)."""
+    model, params = tiny.model, tiny.params
+    scanned = dataclasses.replace(model, backbone_config=dataclasses.replace(
+        model.backbone_config, text=dataclasses.replace(model.backbone_config.text, scan_layers=True)))
+    backbone_params = qwen3_vl_params.to_layout(params["backbone"], True)
+    batch, _ = make_batch(model, seed=4, latent_steps=(2, 3))
+    sampling = SamplingConfig(max_new_tokens=4)
+
+    def run(bp, relayout):
+        return latent.generate_answer(scanned.backbone, bp, batch.prefix, batch.latent_steps, 3, sampling,
+                                      relayout=relayout)
+
+    for relayout, scans in ((None, False), (False, True)):
+        jaxpr = jax.make_jaxpr(lambda bp: run(bp, relayout))(backbone_params)
+        assert while_bodies_hold(jaxpr, "scan") == scans
+        assert while_bodies_hold(jaxpr, "scan", loop="scan") == scans
+    held = jax.jit(lambda bp: run(bp, False))(backbone_params)
+    relaid = jax.jit(lambda bp: run(bp, None))(backbone_params)
+    np.testing.assert_array_equal(np.asarray(relaid[0]), np.asarray(held[0]))
+    np.testing.assert_array_equal(np.asarray(relaid[1]), np.asarray(held[1]))
+    assert _diff(relaid[2], held[2]) <= TOL
 
 
 def test_mixed_k_batch_equals_examples_run_alone(tiny):

@@ -17,7 +17,7 @@ import numpy as np
 from vital_jax import generation
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM, init_cache
-from vital_jax.sharding import weights_sharded
+from vital_jax.models.qwen3_vl import cached
 from vital_jax.vital.model import VitalModel
 
 
@@ -37,7 +37,7 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
     """
     b, k, _ = z.shape
     decoder_config, dp = model.decoder_config, params["decoder"]
-    if relayout or (relayout is None and not weights_sharded()):
+    if cached.resolve_relayout(relayout):
         decoder_config, dp = qwen3_params.decoding_layout(decoder_config, dp)
     decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)

@@ -84,8 +84,11 @@ def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, 
 
     Uses only the backbone (+ LoRA) parameters: the scaffolding is not an input. Returns (tokens (B, N) int32,
     lengths (B,), z (B, K_max, D)). pause_embeddings: see `latent_loop` (the pause control's learned inputs).
-    relayout: the answer loop's layout (`cached.decode`).
+    relayout: the layout to run in (`cached.decode`); relaid out, the whole program runs in the decoding layout,
+    so the K latent steps (one token each, like answer tokens) no longer slice a scanned model's layers either.
     """
+    if cached.resolve_relayout(relayout):
+        backbone, backbone_params = cached.decoding_model(backbone, backbone_params)
     cache_len = prefix.input_ids.shape[1] + k_max + sampling.max_new_tokens
     kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
     z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,

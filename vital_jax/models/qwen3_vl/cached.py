@@ -167,6 +167,12 @@ def decoding_model(model: Qwen3VLForConditionalGeneration, params
     return Qwen3VLForConditionalGeneration(config, lora), params
 
 
+def resolve_relayout(relayout: bool | None) -> bool:
+    """A decode loop's `relayout` argument: True / False as given; None (the default everywhere) relays out unless
+    the mesh splits the weights (see `decode`)."""
+    return (not weights_sharded()) if relayout is None else relayout
+
+
 def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, last_hidden: jax.Array,
            sampling: generation.SamplingConfig, rng=None, relayout: bool | None = None
            ) -> tuple[jax.Array, jax.Array]:
@@ -188,8 +194,6 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     split across their parts, which every step would then reshard. False decodes in the given layout.
     """
     first_logits = lm_logits(model, params, last_hidden)
-    if relayout is None:
-        relayout = not weights_sharded()
-    if relayout:
+    if resolve_relayout(relayout):
         model, params = decoding_model(model, params)
     return generation.decode(decode_step_fn(model), params, first_logits, kv_cache, sampling, rng)

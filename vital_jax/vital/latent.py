@@ -93,5 +93,6 @@ def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, 
     kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
     z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,
                                       pause_embeddings=pause_embeddings)
-    tokens, lengths = cached.decode(backbone, backbone_params, kv_cache, z_last, sampling, rng, relayout=relayout)
+    # The layout was decided above, for the whole program.
+    tokens, lengths = cached.decode(backbone, backbone_params, kv_cache, z_last, sampling, rng, relayout=False)
     return tokens, lengths, z

@@ -4,7 +4,8 @@ P_phi, the backbone's base weights and the encoder are frozen; only the LoRA ada
 
   rollout  (jitted)  M = P_phi(F), M' = P_phi(F ⊙ B̄) (Eq. 5's intervention: the most confident region zeroed);
                      each prompt is prefilled once ([Enc(X); Enc(q); m_1..m_N] through `memory.inject`), its cache
-                     repeated G times, and G completions decoded by the on-device while_loop (`generation.decode`).
+                     repeated G times, and G completions decoded by the on-device while_loop (`generation.decode`),
+                     the policy relaid out for it once per rollout (`rollout_relayout`, `cached.decode`).
   score    (jitted)  one teacher-forced scorer (`score_completions`) gives every log-prob: here log pi(o | M) and
                      log pi(o | M') stacked on the batch axis (after one shared prefill of the prompts), once per
                      rollout batch. The first row is the old policy's log-probs; their difference is r_causal.

@@ -191,8 +191,9 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     FSDP every step gathers each layer's weights anyway and the scan's slice copies only the local shard, while
     the unrolled layers' gathered weights all end up live at once, at full size (medsynapse_8b's Stage III on CPU:
     10.2 -> 48.0 GiB per device, the extra being the whole gathered text decoder; the gathers do not depend on the
-    activations, and nothing orders them one layer at a time as the scan does); under tensor parallelism the fused q|k|v and gate|up would be
-    split across their parts, which every step would then reshard. False decodes in the given layout.
+    activations, and nothing orders them one layer at a time as the scan does). Under tensor parallelism the
+    fused q|k|v and gate|up would be split across their parts, which every step would then reshard. False
+    decodes in the given layout.
     """
     first_logits = lm_logits(model, params, last_hidden)
     if resolve_relayout(relayout):

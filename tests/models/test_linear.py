@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vital_jax.layers.linear import (DROPOUT_BITS, Linear, LoraConfig, lora_dropout, low_rank_product, random_uint16,
-                                     threefry2x32)
+from vital_jax.layers.attention import Attention
+from vital_jax.layers.linear import (DROPOUT_BITS, Linear, LoraConfig, apply_lora_dropout, lora_dropout,
+                                     lora_dropout_keeps, low_rank_product, random_uint16, threefry2x32)
+from vital_jax.layers.mlp import SwiGLU
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5])
@@ -82,6 +84,88 @@ def test_linear_applies_dropout_to_the_adapter_input_only_in_training():
     assert 0.25 < dropped.mean() < 0.75
     again = layer.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(8)})
     assert not np.allclose(np.asarray(again), np.asarray(train))
+
+
+def test_one_draw_gives_independent_masks_of_each_input_and_linear_applies_a_given_mask():
+    rate = 0.3
+    q = round((1 - rate) * 2 ** DROPOUT_BITS) / 2 ** DROPOUT_BITS
+    shapes = [(8, 50, 64), (8, 50, 64), (8, 50, 160)]
+    keeps = lora_dropout_keeps(jax.random.PRNGKey(4), rate, shapes)
+    assert [k.shape for k in keeps] == shapes and all(k.dtype == jnp.bool_ for k in keeps)
+    for keep in keeps:
+        keep = np.asarray(keep)
+        assert abs(keep.mean() - q) < 5 * np.sqrt(q * (1 - q) / keep.size)
+    # Two inputs of the same shape get different masks, agreeing only as often as independent ones would.
+    agree = (np.asarray(keeps[0]) == np.asarray(keeps[1])).mean()
+    assert abs(agree - (q * q + (1 - q) ** 2)) < 0.01
+    with pytest.raises(ValueError, match="leading dimensions"):
+        lora_dropout_keeps(jax.random.PRNGKey(4), rate, [(8, 50, 64), (8, 49, 64)])
+    # Linear with a given mask: y = x W + s (dropout(x) A) B with exactly that mask.
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=rate)
+    layer = Linear(6, lora=lora)
+    x = jnp.asarray(np.random.RandomState(0).randn(8, 50, 64).astype(np.float32))
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    params = {**params, "lora_b": jnp.asarray(np.random.RandomState(1).randn(4, 6).astype(np.float32))}
+    got = layer.apply({"params": params}, x, deterministic=False, dropout_keep=keeps[0])
+    x_drop = np.where(np.asarray(keeps[0]), np.asarray(x) / q, 0.0)
+    want = np.asarray(x) @ np.asarray(params["kernel"]) + lora.scaling * (
+        x_drop @ np.asarray(params["lora_a"]) @ np.asarray(params["lora_b"]))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(apply_lora_dropout(x, keeps[0], rate)), x_drop, rtol=1e-6)
+
+
+def _threefry_draws(fn, *args) -> int:
+    """How many Threefry hashes the traced program writes out (each has 20 rotations, i.e. 20 shift_lefts)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+
+    def count(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "shift_left"
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                n += count(sub)
+        return n
+
+    shifts = count(jaxpr.jaxpr)
+    assert shifts % 20 == 0, shifts
+    return shifts // 20
+
+
+@pytest.mark.parametrize("module", ["attention", "mlp"])
+def test_an_adapted_attention_or_mlp_draws_its_dropout_masks_once(module):
+    """Every adapted projection of the module gets a mask (training differs from eval in each projection's
+    adapter path), yet the program holds one Threefry draw, not one per projection: each draw is ~260 HLO ops,
+    and XLA's compile time grows with them."""
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.2)
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, 32).astype(np.float32))
+    if module == "attention":
+        layer = Attention(num_heads=4, num_kv_heads=2, head_dim=8, lora=lora)
+        cos, sin = jnp.ones((2, 5, 8)), jnp.zeros((2, 5, 8))
+        mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
+        args = (x, cos, sin, mask)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    else:
+        layer, args, names = SwiGLU(48, lora=lora), (x,), ("gate_proj", "up_proj", "down_proj")
+    params = layer.init(jax.random.PRNGKey(0), *args)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.ones_like(v) * 0.1 if path[-1].key == "lora_b" else v, params)
+
+    def train(params, name=None):
+        # Zero every adapter but `name`'s, so the output differs from eval only through that projection's mask.
+        if name is not None:
+            params = {k: ({**v, "lora_b": jnp.zeros_like(v["lora_b"])} if k != name and "lora_b" in v else v)
+                      for k, v in params.items()}
+        return layer.apply({"params": params}, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+
+    assert _threefry_draws(train, params) == 1
+    evaluate = lambda params, name: layer.apply(  # noqa: E731
+        {"params": {k: ({**v, "lora_b": jnp.zeros_like(v["lora_b"])} if k != name and "lora_b" in v else v)
+                    for k, v in params.items()}}, *args)
+    for name in names:
+        trained, evaluated = train(params, name), evaluate(params, name)
+        trained = trained[0] if module == "attention" else trained
+        evaluated = evaluated[0] if module == "attention" else evaluated
+        assert not np.allclose(np.asarray(trained), np.asarray(evaluated), atol=1e-4), name
 
 
 @pytest.mark.parametrize("dtype, leading", [(jnp.float32, (7,)), (jnp.float32, (2, 5)), (jnp.bfloat16, (2, 5))])

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vital_jax.layers.kv_cache import KVCache
-from vital_jax.layers.linear import Linear, LoraConfig
+from vital_jax.layers.linear import Linear, LoraConfig, adapter_dropout_keeps
 from vital_jax.layers.norms import RMSNorm
 from vital_jax.layers.rope import apply_rope
 
@@ -229,13 +229,15 @@ class Attention(nn.Module):
                  layer_idx: int = 0, deterministic: bool = True):
         b, t, d = x_btd.shape
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
+        keeps = adapter_dropout_keeps(self, self.lora, deterministic, {
+            "q": x_btd.shape, "k": x_btd.shape, "v": x_btd.shape, "o": (b, t, n * h)})
         if self.fused_qkv:
             qkv = self._proj("qkv", (n + 2 * kh) * h)(x_btd, deterministic)
             q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
         else:
-            q = self._proj("q", n * h)(x_btd, deterministic)
-            k = self._proj("k", kh * h)(x_btd, deterministic)
-            v = self._proj("v", kh * h)(x_btd, deterministic)
+            q = self._proj("q", n * h)(x_btd, deterministic, keeps.get("q"))
+            k = self._proj("k", kh * h)(x_btd, deterministic, keeps.get("k"))
+            v = self._proj("v", kh * h)(x_btd, deterministic, keeps.get("v"))
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
         q = RMSNorm(self.rms_norm_eps, self.param_dtype, name="q_norm")(q)
         k = RMSNorm(self.rms_norm_eps, self.param_dtype, name="k_norm")(k)
@@ -248,4 +250,4 @@ class Attention(nn.Module):
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
         out = attend(q, k, v, mask_bts, self.attention_impl, self.dtype)
-        return self._proj("o", d)(out, deterministic), kv_cache
+        return self._proj("o", d)(out, deterministic, keeps.get("o")), kv_cache

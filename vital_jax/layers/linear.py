@@ -9,6 +9,7 @@ where they are used.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import flax.linen as nn
@@ -44,20 +45,52 @@ class LoraConfig:
 DROPOUT_BITS = 16
 
 
+def _keep_units(rate: float) -> int:
+    """The keep probability in units of 2^-16 (`DROPOUT_BITS`); 2^16 means nothing is dropped."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    keep_units = round((1.0 - rate) * (1 << DROPOUT_BITS))
+    if keep_units == 0:
+        raise ValueError(f"dropout rate {rate} keeps less than 1 / 2^{DROPOUT_BITS} of the elements")
+    return keep_units
+
+
 def lora_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Inverted dropout of x (..., n): each element kept with probability q = round((1 - rate) 2^16) / 2^16 and
     scaled by 1/q (so E[output] = x exactly), else 0. Masks come from `random_uint16`."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    scale = 1 << DROPOUT_BITS
-    keep_units = round((1.0 - rate) * scale)
-    if keep_units == scale:
+    if _keep_units(rate) == 1 << DROPOUT_BITS:
         return x
-    if keep_units == 0:
-        raise ValueError(f"dropout rate {rate} keeps less than 1 / 2^{DROPOUT_BITS} of the elements")
+    (keep,) = lora_dropout_keeps(rng, rate, [x.shape])
+    return apply_lora_dropout(x, keep, rate)
+
+
+def lora_dropout_keeps(rng: jax.Array, rate: float, shapes) -> list[jax.Array]:
+    """Independent keep masks (bool) for several adapter inputs of shapes (*lead, n_i) with the same leading
+    dimensions, from one `random_uint16` draw of (*lead, sum n_i) split along its last axis.
+
+    Why one draw: each draw is the whole Threefry written out (~260 HLO ops), and XLA's compile time grows with
+    every copy. A module whose projections all take adapters (attention's q, k, v, o; the MLP's gate, up, down)
+    draws once instead of once per projection: at `benchmarks.peer_train_step`'s sizes (8 unrolled text layers)
+    the masks made the train step's compile ~2x as long with a draw per projection.
+    """
+    shapes = [tuple(shape) for shape in shapes]
+    lead = shapes[0][:-1]
+    if any(shape[:-1] != lead for shape in shapes):
+        raise ValueError(f"lora_dropout_keeps: the shapes {shapes} do not share their leading dimensions")
+    with jax.named_scope("lora_dropout"):
+        keep = random_uint16(rng, (*lead, sum(shape[-1] for shape in shapes))) < jnp.uint16(_keep_units(rate))
+    bounds = list(itertools.accumulate(shape[-1] for shape in shapes))[:-1]
+    return jnp.split(keep, bounds, axis=-1)
+
+
+def apply_lora_dropout(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """x where `keep`, scaled by 1/q (q: the quantised keep probability of `rate`), else 0."""
+    keep_units = _keep_units(rate)
+    if keep_units == 1 << DROPOUT_BITS:
+        return x
     with jax.named_scope("lora_dropout"):  # one name for profiles (benchmarks/profile_train_step.py)
-        keep = random_uint16(rng, x.shape) < jnp.uint16(keep_units)
-        return jnp.where(keep, x * jnp.asarray(scale / keep_units, x.dtype), jnp.zeros((), x.dtype))
+        scale = jnp.asarray((1 << DROPOUT_BITS) / keep_units, x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 
 def random_uint16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -125,7 +158,9 @@ class Linear(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, dropout_keep: jax.Array | None = None) -> jax.Array:
+        """dropout_keep: the adapter's dropout mask (x's shape, bool) when the caller drew it (`adapter_dropout_keeps`);
+        otherwise the layer draws its own."""
         in_features = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
         kernel = constrain_weight(kernel, self.path, "kernel")
@@ -139,11 +174,29 @@ class Linear(nn.Module):
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), LORA_PARAM_DTYPE)
             lora_a = constrain_weight(lora_a, self.path, "lora_a")
             lora_b = constrain_weight(lora_b, self.path, "lora_b")
-            x_drop = x if deterministic or self.lora.dropout == 0.0 else lora_dropout(
-                x, self.lora.dropout, self.make_rng("dropout"))
+            if deterministic or self.lora.dropout == 0.0:
+                x_drop = x
+            elif dropout_keep is not None:
+                x_drop = apply_lora_dropout(x, dropout_keep, self.lora.dropout)
+            else:
+                x_drop = lora_dropout(x, self.lora.dropout, self.make_rng("dropout"))
             y = y + self.lora.scaling * low_rank_product(x_drop, lora_a.astype(self.dtype),
                                                          lora_b.astype(self.dtype))
         return y
+
+
+def adapter_dropout_keeps(module: nn.Module, lora: LoraConfig | None, deterministic: bool,
+                          inputs: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
+    """The dropout masks of a module's adapted projections, from one draw (`lora_dropout_keeps`) with the
+    module's own "dropout" rng: {projection name: keep mask of its input's shape}, for the names in `inputs`
+    (name -> input shape) that `lora` targets; {} when nothing is dropped. Pass each to its `Linear`."""
+    if lora is None or deterministic or lora.dropout == 0.0:
+        return {}
+    names = [name for name in inputs if name in lora.targets]
+    if not names:
+        return {}
+    keeps = lora_dropout_keeps(module.make_rng("dropout"), lora.dropout, [inputs[name] for name in names])
+    return dict(zip(names, keeps))
 
 
 @jax.custom_vjp

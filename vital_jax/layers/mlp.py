@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vital_jax.layers.linear import Linear, LoraConfig
+from vital_jax.layers.linear import Linear, LoraConfig, adapter_dropout_keeps
 
 
 class SwiGLU(nn.Module):
@@ -25,9 +25,11 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         hidden = x.shape[-1]
+        keeps = adapter_dropout_keeps(self, self.lora, deterministic, {
+            "gate": x.shape, "up": x.shape, "down": (*x.shape[:-1], self.intermediate_size)})
         if self.fused_gate_up:
             gate, up = jnp.split(self._proj("gate_up", 2 * self.intermediate_size)(x, deterministic), 2, axis=-1)
         else:
-            gate = self._proj("gate", self.intermediate_size)(x, deterministic)
-            up = self._proj("up", self.intermediate_size)(x, deterministic)
-        return self._proj("down", hidden)(nn.silu(gate) * up, deterministic)
+            gate = self._proj("gate", self.intermediate_size)(x, deterministic, keeps.get("gate"))
+            up = self._proj("up", self.intermediate_size)(x, deterministic, keeps.get("up"))
+        return self._proj("down", hidden)(nn.silu(gate) * up, deterministic, keeps.get("down"))

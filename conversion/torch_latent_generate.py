@@ -26,6 +26,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from conversion.torch_decoding import greedy_continue
+
 
 def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps: int, max_new_tokens: int = 32,
                     eos_token_ids: Sequence[int] = ()) -> list[int]:
@@ -50,18 +52,7 @@ def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps
                         output_hidden_states=True)
             past, z = out.past_key_values, out.hidden_states[-1][:, -1:]
             position += 1
-        logits = model.lm_head(z)[:, -1]
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(torch.argmax(logits, dim=-1)[0])
-            tokens.append(token)
-            if token in eos_token_ids:
-                break
-            pos = torch.full((3, 1, 1), position + delta, dtype=torch.long)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, position_ids=pos, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
-            position += 1
-    return tokens
+        return greedy_continue(model, past, model.lm_head(z)[:, -1], position, delta, max_new_tokens, eos_token_ids)
 
 
 def prepare_inputs(model_dir: str, image: str, question: str):

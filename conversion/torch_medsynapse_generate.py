@@ -24,6 +24,8 @@ import math
 import os
 from collections.abc import Sequence
 
+from conversion.torch_decoding import greedy_continue
+
 
 def load_autonomous(export_dir: str):
     """A_psi as a torch module (float32) from `autonomous.safetensors` + `medsynapse.json`."""
@@ -74,16 +76,5 @@ def medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_t
         position, n = input_ids.shape[1], memory.shape[1]
         pos = (torch.arange(position, position + n) + delta).view(1, 1, n).expand(3, 1, n)
         out = model(inputs_embeds=memory, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-        position += n
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(torch.argmax(logits, dim=-1)[0])
-            tokens.append(token)
-            if token in eos_token_ids:
-                break
-            pos = torch.full((3, 1, 1), position + delta, dtype=torch.long)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=past, position_ids=pos, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
-            position += 1
-    return tokens
+        return greedy_continue(model, out.past_key_values, out.logits[:, -1], position + n, delta, max_new_tokens,
+                               eos_token_ids)

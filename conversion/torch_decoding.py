@@ -1,0 +1,27 @@
+"""Greedy decoding over a transformers Qwen3-VL cache, shared by the PyTorch reference generators
+(`torch_latent_generate`, `torch_medsynapse_generate`). torch is never imported here: the caller's tensors are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def greedy_continue(model, past, logits, position: int, rope_delta: int, max_new_tokens: int,
+                    eos_token_ids: Sequence[int]) -> list[int]:
+    """Greedy token ids from `logits` (1, V) on: each chosen token is fed at position `position + rope_delta` on all
+    three MRoPE axes (explicitly: transformers would otherwise lose the delta), `position` counting up from the
+    first new token. Stops after an EOS (kept) or `max_new_tokens`. Call under `torch.no_grad()`."""
+    import torch
+
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(torch.argmax(logits, dim=-1)[0])
+        tokens.append(token)
+        if token in eos_token_ids:
+            break
+        pos = torch.full((3, 1, 1), position + rope_delta, dtype=torch.long)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        position += 1
+    return tokens

@@ -5,6 +5,7 @@ decoder, K = 4), with random weights, on whatever accelerator JAX sees.
         [--decoder_config=configs/hf/qwen3_1p7b] [--batch 4 --prompt_len 512 --grid 28 --steps 5]
         [--layers N]   # truncate both LMs to N layers (a quick check of the script)
         [--quick]      # demo-sized one-layer towers, small batch: the CI smoke test of the script
+        [--trace_dir DIR]  # then one more step under jax.profiler, its trace and program kept in DIR
 
 MFU = model FLOPs per step / step time / peak, with the model FLOPs of `vital.accounting.train_step_flops` (the
 same count training logs as `perf/mfu`). The executed matmul FLOPs of the optimized program (`benchmarks.xla_flops`,
@@ -14,8 +15,15 @@ rematerialisation included) are printed beside them where XLA keeps its dots as 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
+import json
+import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -80,6 +88,52 @@ def synthetic_batch(cfg: Qwen3VLConfig, batch: int, prompt_len: int, grid: int, 
         example_valid=np.ones((batch,), bool))
 
 
+def device_kernel_ms(events: list[dict]) -> tuple[collections.Counter, int]:
+    """(ms summed per event name over the trace's accelerator processes, how many such processes) from a perfetto
+    trace's events: the processes named "/device:..." (the host's are "/host:CPU"), their complete ("X") events."""
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    by_name = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids:
+            by_name[e["name"]] += e.get("dur", 0.0) / 1000.0
+    return by_name, len(device_pids)
+
+
+def trace_one_step(compiled, state, frozen, batch, trace_dir: str, top: int = 12):
+    """One more step under `jax.profiler`, kept for a later look at where an accelerator's step time goes:
+    `trace_dir/step.trace.json.gz` (the perfetto trace: the device's kernels by name, with their HLO ops) and
+    `trace_dir/step_hlo.txt.gz` (the optimized program, whose op_name metadata maps each HLO op to the model code,
+    as `benchmarks.profile_train_step` reads it on CPU). Both sit at the top of `trace_dir` (the device tool brings
+    back files at most two folders below $OUT). Prints the `top` kernels of the device lanes by time. Returns the
+    new state (the step donates its input state)."""
+    os.makedirs(trace_dir, exist_ok=True)
+    with gzip.open(os.path.join(trace_dir, "step_hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    with tempfile.TemporaryDirectory() as raw:
+        jax.profiler.start_trace(raw, create_perfetto_trace=True)
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics["loss"])
+        jax.profiler.stop_trace()
+        found = glob.glob(os.path.join(raw, "**", "*.trace.json.gz"), recursive=True)
+        found = [f for f in found if not os.path.basename(f).startswith("perfetto")] or found
+        if not found:
+            raise RuntimeError(f"jax.profiler wrote no trace under {raw}")
+        path = os.path.join(trace_dir, "step.trace.json.gz")
+        shutil.copyfile(found[0], path)
+    with gzip.open(path) as f:
+        by_name, lanes = device_kernel_ms(json.load(f)["traceEvents"])
+    print(f"trace of one step: {path} ({os.path.getsize(path) / 2**20:.1f} MiB), program: step_hlo.txt.gz")
+    if not by_name:
+        print("trace: no accelerator lanes (/device:...) in this trace: the host ran the step")
+        return state
+    total = sum(by_name.values())
+    print(f"trace: {len(by_name)} kernels on {lanes} device lanes, {total:.1f} ms summed; top {top}:")
+    for name, ms in by_name.most_common(top):
+        print(f"  {ms:9.2f} ms {100 * ms / total:5.1f} %  {name[:110]}")
+    return state
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model-shape arguments shared by the 8B benchmarks (this one and `latency_8b`)."""
     p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
@@ -128,6 +182,8 @@ def main(argv=None):
     p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")
     p.add_argument("--loop_layers", action="store_true",
                    help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
+    p.add_argument("--trace_dir", default="",
+                   help="after the timed steps, trace one more into this folder (`trace_one_step`)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.prompt_len, args.grid, args.answer_len, args.step_len, args.steps = 1, 32, 4, 4, 4, 1
@@ -171,6 +227,8 @@ def main(argv=None):
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
+    if args.trace_dir:
+        state = trace_one_step(compiled, state, frozen, batch, args.trace_dir)
     flops = accounting.train_step_flops(model, accounting.account(model), args.batch, args.prompt_len,
                                         args.batch * args.grid * args.grid, args.answer_len, args.step_len)
     peak = peak_flops_per_device(device.device_kind)

@@ -8,6 +8,7 @@ compilation cache (tests/conftest.py). Only the printed lines are checked, not t
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import subprocess
@@ -121,10 +122,15 @@ def test_host_memory_quick_times_both_allocator_settings_in_their_own_processes(
     assert re.fullmatch(rf"ratio default / kept, train step: {NUMBER}x", lines[-1]), lines
 
 
-def test_mfu_8b_quick_trains_a_truncated_8b_shaped_step_and_counts_its_flops():
+def test_mfu_8b_quick_trains_a_truncated_8b_shaped_step_and_counts_its_flops(tmp_path):
     """The accelerator benchmark of issue #16 at one layer: on CPU its optimized program keeps its dots, so the
-    executed-FLOP line (remat included) must appear, and at least the model FLOPs."""
-    lines = run_quick("mfu_8b")
+    executed-FLOP line (remat included) must appear, and at least the model FLOPs. With --trace_dir it keeps one
+    traced step and its program at the folder's top (where the device tool can bring them back)."""
+    lines = run_quick("mfu_8b", f"--trace_dir={tmp_path}")
+    assert sorted(os.listdir(tmp_path)) == ["step.trace.json.gz", "step_hlo.txt.gz"], os.listdir(tmp_path)
+    with gzip.open(tmp_path / "step_hlo.txt.gz", "rt") as f:
+        assert "HloModule" in f.read(200)
+    assert "trace: no accelerator lanes (/device:...) in this trace: the host ran the step" in lines, lines
     assert re.fullmatch(rf"loss {NUMBER}; step {NUMBER} ms \(median of 1\); {NUMBER} samples/s", lines[-3]), lines
     model = re.fullmatch(rf"model FLOPs/step ({NUMBER}) T -> {NUMBER} TFLOP/s", lines[-2])
     executed = re.fullmatch(rf"executed matmul FLOPs/step ({NUMBER}) T \(({NUMBER})x model, remat included\) -> "
@@ -140,3 +146,16 @@ def test_latency_8b_quick_times_k0_and_k4_and_their_parts():
     for line, k in zip(lines[-3:-1], (0, 4)):
         assert re.fullmatch(rf"K={k}: +{NUMBER} ms +\(compile {NUMBER} s\)", line), lines
     assert re.fullmatch(rf"latent overhead K=4 / K=0: {NUMBER} \(paper, 8B: 353 / 325 = 1.086\)", lines[-1]), lines
+
+
+def test_device_kernel_ms_sums_only_the_accelerator_lanes():
+    from benchmarks.mfu_8b import device_kernel_ms
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 1, "name": "gemm", "dur": 1500.0}, {"ph": "X", "pid": 1, "name": "gemm", "dur": 500.0},
+              {"ph": "X", "pid": 1, "name": "loop_fusion", "dur": 250.0},
+              {"ph": "X", "pid": 2, "name": "gemm", "dur": 9000.0}, {"ph": "i", "pid": 1, "name": "marker"}]
+    by_name, lanes = device_kernel_ms(events)
+    assert lanes == 1 and dict(by_name) == {"gemm": 2.0, "loop_fusion": 0.25}
+    assert device_kernel_ms(events[1:2] + events[5:6]) == ({}, 0)

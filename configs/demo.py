@@ -25,9 +25,9 @@ def get_config():
     c.vital.lora_rank = 16
     c.vital.lora_alpha = 32.0
     # No LoRA dropout (the paper's 0.05): on a CPU its random masks cost a sixth of every step and lengthen the
-    # compile (x1.2 with one Threefry draw per attention / MLP block; x2 when each projection drew its own), and in a
-    # 600-step run on 1,900 records it did not help: without it closed accuracy at K = 4 was 43.2 % against 27.2 %
-    # (README).
+    # compile (x1.2 with one Threefry draw per attention / MLP block; x1.6-2 when each projection drew its own), and
+    # in a 600-step run on 1,900 records it did not help: without it closed accuracy at K = 4 was 43.2 % against
+    # 27.2 % (README).
     c.vital.lora_dropout = 0.0
     c.optimizer.lr = 3e-3
     c.curriculum.max_k = (1, 2, 4)

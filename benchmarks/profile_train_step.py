@@ -4,6 +4,7 @@
     python -m benchmarks.profile_train_step --lora_dropout 0 --latent_slots 0 --lambda_text 0
     python -m benchmarks.profile_train_step --quick          # tiny random model (CI smoke test)
     python -m benchmarks.profile_train_step --peer           # peer_train_step's model and batch (issue #16)
+    python -m benchmarks.profile_train_step --from_trace DIR # a step traced elsewhere (`mfu_8b --trace_dir`)
 
 Method: the jitted step (`vital.train_step.train_step`, AdamW) runs `--steps` times under `jax.profiler` with
 XLA:CPU's per-op trace events on (`--xla_cpu_enable_xprof_traceme`); every executed HLO op is attributed, through
@@ -13,6 +14,11 @@ LM head and loss, auxiliary decoder, ...) and to the forward pass (`jvp(...)`), 
 latent `lax.scan` is one row holding everything its body runs. The table is ms per step and share of the summed
 op time; the last line compares that sum with the step's wall time (the rest is dispatch; two ops running at
 once on the two cores count twice).
+
+`--from_trace DIR` attributes a step traced on another machine instead (`benchmarks.mfu_8b --trace_dir`, e.g. an
+accelerator lease: DIR holds step.trace.json.gz and the optimized program step_hlo.txt.gz): the events of the
+trace's device lanes ("/device:...", else the host's) are matched to HLO instructions by their `hlo_op` argument or
+their name, and the table is ms of that one step (device time; no wall time). Unmatched time is printed apart.
 
 Batches are synthetic with the study's shapes (`--batch`, `--prompt`, `--answer`, `--step_tokens`, a 96 x 96
 image): every example has K = `--latent_slots` steps and full chains, so nothing is padding.
@@ -102,6 +108,58 @@ def top_level_op_events(trace: dict, names: dict[str, str]) -> list[dict]:
         out.append(e)
         open_until[lane] = e["ts"] + e["dur"]
     return out
+
+
+def attribute_trace(events: list[dict], names: dict[str, str]) -> tuple[dict, dict, float, float]:
+    """A saved trace's events -> ({(part, direction): ms}, {op_name: ms}, matched ms, unmatched ms) over its device
+    lanes (processes named "/device:..."; a GPU's kernels carry their HLO instruction in args["hlo_op"]) or, when it
+    has none, the host's top-level op events (XLA:CPU's, named by instruction). `names`: `hlo_op_names` of the
+    program that ran."""
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    if device_pids:
+        lane_events = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+    else:
+        lane_events = top_level_op_events({"traceEvents": events}, names)
+    table, by_op = collections.defaultdict(float), collections.defaultdict(float)
+    unmatched = 0.0
+    for e in lane_events:
+        ms = e.get("dur", 0.0) / 1000
+        instruction = e.get("args", {}).get("hlo_op") or e.get("name")
+        op_name = names.get(instruction)
+        if op_name is None:
+            unmatched += ms
+            continue
+        table[(part_of(op_name), direction_of(op_name))] += ms
+        by_op[op_name] += ms
+    return dict(table), dict(by_op), sum(table.values()), unmatched
+
+
+def print_table(table: dict, by_op: dict, total: float, top_ops: int) -> None:
+    """The by-part table (forward / backward / other columns, ms and share of `total`), then the `top_ops` ops."""
+    by_part = collections.defaultdict(float)
+    for (part, _), ms in table.items():
+        by_part[part] += ms
+    print(f"{'part':44s} {'forward':>9s} {'backward':>9s} {'other':>9s} {'total ms':>9s} {'share':>6s}")
+    for part in sorted(by_part, key=by_part.get, reverse=True):
+        cells = [table.get((part, d), 0.0) for d in ("forward", "backward", "-")]
+        print(f"{part:44s} " + " ".join(f"{c:9.2f}" for c in cells)
+              + f" {by_part[part]:9.2f} {100 * by_part[part] / total:5.1f}%")
+    for op_name in sorted(by_op, key=by_op.get, reverse=True)[:top_ops]:
+        print(f"  {by_op[op_name]:7.2f} ms  [{part_of(op_name)}] {op_name[:150]}")
+
+
+def from_trace(trace_dir: str, top_ops: int) -> None:
+    """Attribute the one step `benchmarks.mfu_8b --trace_dir` kept in `trace_dir`."""
+    with gzip.open(os.path.join(trace_dir, "step_hlo.txt.gz"), "rt") as f:
+        names = hlo_op_names(f.read())
+    with gzip.open(os.path.join(trace_dir, "step.trace.json.gz")) as f:
+        events = json.load(f)["traceEvents"]
+    table, by_op, total, unmatched = attribute_trace(events, names)
+    print(f"traced step in {trace_dir}: {total:.1f} ms of events matched to the program's ops, {unmatched:.1f} ms "
+          f"not matched")
+    if total:
+        print_table(table, by_op, total, top_ops)
 
 
 def profile(step, args_fn, steps: int) -> tuple[dict, dict, float, float]:
@@ -215,7 +273,11 @@ def main(argv=None):
     p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--attention_impl", default="xla", choices=("xla", "dot_product"))
     p.add_argument("--top_ops", type=int, default=0, help="also list the N most expensive ops by op_name")
+    p.add_argument("--from_trace", default="", help="attribute a step traced by `mfu_8b --trace_dir` in this folder")
     args = p.parse_args(argv)
+    if args.from_trace:
+        from_trace(args.from_trace, args.top_ops)
+        return 0
     if args.quick:
         args.batch, args.prompt, args.image, args.answer, args.step_tokens, args.steps = 2, 32, 64, 8, 8, 2
     if args.peer:
@@ -238,19 +300,10 @@ def main(argv=None):
         return holder["state"], frozen, batch
 
     table, by_op, total, wall = profile(step, args_fn, args.steps)
-    by_part = collections.defaultdict(float)
-    for (part, _), ms in table.items():
-        by_part[part] += ms
     print(f"VITAL train step: batch {args.batch}, prompt {args.prompt}, answer {args.answer}, "
           f"{args.latent_slots} latent slots x {args.step_tokens} step tokens, LoRA r{args.lora_rank} "
           f"dropout {args.lora_dropout}, attention {args.attention_impl}, lambda_text {args.lambda_text}, lambda_visual {args.lambda_visual}")
-    print(f"{'part':44s} {'forward':>9s} {'backward':>9s} {'other':>9s} {'total ms':>9s} {'share':>6s}")
-    for part in sorted(by_part, key=by_part.get, reverse=True):
-        cells = [table.get((part, d), 0.0) for d in ("forward", "backward", "-")]
-        print(f"{part:44s} " + " ".join(f"{c:9.2f}" for c in cells)
-              + f" {by_part[part]:9.2f} {100 * by_part[part] / total:5.1f}%")
-    for op_name in sorted(by_op, key=by_op.get, reverse=True)[:args.top_ops]:
-        print(f"  {by_op[op_name]:7.2f} ms  [{part_of(op_name)}] {op_name[:150]}")
+    print_table(table, by_op, total, args.top_ops)
     print(f"summed op time {total:.1f} ms per step; wall {wall:.1f} ms per step "
           f"(ratio {total / wall:.2f})")
 

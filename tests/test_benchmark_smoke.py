@@ -159,3 +159,22 @@ def test_device_kernel_ms_sums_only_the_accelerator_lanes():
     by_name, lanes = device_kernel_ms(events)
     assert lanes == 1 and dict(by_name) == {"gemm": 2.0, "loop_fusion": 0.25}
     assert device_kernel_ms(events[1:2] + events[5:6]) == ({}, 0)
+
+
+def test_a_saved_trace_is_attributed_to_model_parts_through_the_programs_op_names(monkeypatch):
+    # Importing the profiler module sets XLA:CPU's per-op trace flag in the environment unless it is there: set it
+    # for this test only, so later subprocesses of this worker keep the suite's flags.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true")
+    from benchmarks.profile_train_step import attribute_trace
+
+    names = {"fusion.1": "jit(train_step)/jvp(VitalModel.forward)/layers_0/self_attn/q_proj/dot_general",
+             "fusion.2": "jit(train_step)/transpose(jvp(VitalModel.forward))/layers_0/mlp/down_proj/dot_general"}
+    events = [{"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 4, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 3, "name": "sm90_gemm_a", "dur": 1000.0, "args": {"hlo_op": "fusion.1"}},
+              {"ph": "X", "pid": 3, "name": "fusion.2", "dur": 3000.0},  # named by its instruction
+              {"ph": "X", "pid": 3, "name": "memcpy", "dur": 500.0},
+              {"ph": "X", "pid": 4, "name": "fusion.1", "dur": 9000.0}]  # host lanes are ignored beside a device's
+    table, by_op, matched, unmatched = attribute_trace(events, names)
+    assert table == {("attention projections", "forward"): 1.0, ("MLP", "backward"): 3.0}
+    assert (matched, unmatched) == (4.0, 0.5) and sorted(by_op.values()) == [1.0, 3.0]

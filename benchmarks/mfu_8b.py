@@ -88,16 +88,22 @@ def synthetic_batch(cfg: Qwen3VLConfig, batch: int, prompt_len: int, grid: int, 
         example_valid=np.ones((batch,), bool))
 
 
+def device_pids(events: list[dict]) -> set:
+    """The process ids of a trace's accelerator lanes: the processes named "/device:..." (the host's are
+    "/host:CPU")."""
+    return {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+            and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+
+
 def device_kernel_ms(events: list[dict]) -> tuple[collections.Counter, int]:
-    """(ms summed per event name over the trace's accelerator processes, how many such processes) from a perfetto
-    trace's events: the processes named "/device:..." (the host's are "/host:CPU"), their complete ("X") events."""
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    """(ms summed per event name over the trace's accelerator processes (`device_pids`), how many such processes)
+    from a perfetto trace's complete ("X") events."""
+    lanes = device_pids(events)
     by_name = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids:
+        if e.get("ph") == "X" and e.get("pid") in lanes:
             by_name[e["name"]] += e.get("dur", 0.0) / 1000.0
-    return by_name, len(device_pids)
+    return by_name, len(lanes)
 
 
 def trace_one_step(compiled, state, frozen, batch, trace_dir: str, top: int = 12):

@@ -115,10 +115,11 @@ def attribute_trace(events: list[dict], names: dict[str, str]) -> tuple[dict, di
     lanes (processes named "/device:..."; a GPU's kernels carry their HLO instruction in args["hlo_op"]) or, when it
     has none, the host's top-level op events (XLA:CPU's, named by instruction). `names`: `hlo_op_names` of the
     program that ran."""
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-    if device_pids:
-        lane_events = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+    from benchmarks.mfu_8b import device_pids
+
+    lanes = device_pids(events)
+    if lanes:
+        lane_events = [e for e in events if e.get("ph") == "X" and e.get("pid") in lanes]
     else:
         lane_events = top_level_op_events({"traceEvents": events}, names)
     table, by_op = collections.defaultdict(float), collections.defaultdict(float)

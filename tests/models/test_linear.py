@@ -150,21 +150,20 @@ def test_an_adapted_attention_or_mlp_draws_its_dropout_masks_once(module):
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.ones_like(v) * 0.1 if path[-1].key == "lora_b" else v, params)
 
-    def train(params, name=None):
-        # Zero every adapter but `name`'s, so the output differs from eval only through that projection's mask.
-        if name is not None:
-            params = {k: ({**v, "lora_b": jnp.zeros_like(v["lora_b"])} if k != name and "lora_b" in v else v)
-                      for k, v in params.items()}
-        return layer.apply({"params": params}, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    def only(name):
+        """The params with every adapter but `name`'s zeroed: training then differs from eval only through that
+        projection's mask."""
+        return {k: ({**v, "lora_b": jnp.zeros_like(v["lora_b"])} if k != name and "lora_b" in v else v)
+                for k, v in params.items()}
 
-    assert _threefry_draws(train, params) == 1
-    evaluate = lambda params, name: layer.apply(  # noqa: E731
-        {"params": {k: ({**v, "lora_b": jnp.zeros_like(v["lora_b"])} if k != name and "lora_b" in v else v)
-                    for k, v in params.items()}}, *args)
+    def run(params, deterministic=False):
+        out = layer.apply({"params": params}, *args, deterministic=deterministic,
+                          rngs={"dropout": jax.random.PRNGKey(1)})
+        return out[0] if module == "attention" else out
+
+    assert _threefry_draws(run, params) == 1
     for name in names:
-        trained, evaluated = train(params, name), evaluate(params, name)
-        trained = trained[0] if module == "attention" else trained
-        evaluated = evaluated[0] if module == "attention" else evaluated
+        trained, evaluated = run(only(name)), run(only(name), deterministic=True)
         assert not np.allclose(np.asarray(trained), np.asarray(evaluated), atol=1e-4), name
 
 

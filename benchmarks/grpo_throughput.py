@@ -6,9 +6,12 @@ per second of each, measured in the same run.
     python -m benchmarks.grpo_throughput --quick        # tiny sizes, for CI
     python -m benchmarks.grpo_throughput --scan_layers --lora_rank 16 --compare_relayout
                                                         # the 8B recipe's layout: relaid out vs. decoded as held
+    python -m benchmarks.grpo_throughput --prompt 1024 --compare_prompt_copies
+                                                        # one prompt cache per prompt vs. a copy per completion
 
-vital_jax: `grpo.rollout` under jit: M and M' from P_phi, each prompt prefilled once with its memory block, the
-cache repeated G times, then the on-device while_loop decode (temperature 1, no top-k / top-p, no EOS, so every
+vital_jax: `grpo.rollout` under jit: M and M' from P_phi, each prompt prefilled once with its memory block, its
+cache shared by the G completions (`GRPOConfig.shared_prompt_cache`; `--compare_prompt_copies` also times a copy
+per completion and prints both programs' temporary memory as XLA plans it), then the on-device while_loop decode (temperature 1, no top-k / top-p, no EOS, so every
 completion has exactly `--new_tokens` tokens). Compile excluded; median of `--repeats` runs, each with a new key,
 alternating run by run with transformers' (so that load from other processes hits both alike).
 
@@ -46,9 +49,11 @@ QUICK = dict(hidden=64, layers=2, prompt=24, grid=4, prompts=2, generations=2, n
              feature_grid=4)
 
 
-def jax_rollout(args, config, params, ids, patches, grids, relayout: bool = True):
-    """run(rng) -> Rollout for the jitted GRPO rollout; `relayout` False decodes in the layout the policy is held
-    in (`GRPOConfig.rollout_relayout`), for `--compare_relayout`."""
+def jax_rollout(args, config, params, ids, patches, grids, relayout: bool = True, shared_prompt_cache: bool = True):
+    """run(rng) -> Rollout for the jitted GRPO rollout, with `run.temp_bytes` (XLA's temporary buffers); `relayout`
+    False decodes in the layout the policy is held in (`GRPOConfig.rollout_relayout`), for `--compare_relayout`;
+    `shared_prompt_cache` False gives each completion its own copy of the prompt's cache, for
+    `--compare_prompt_copies`."""
     if args.scan_layers:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, scan_layers=True))
         params = qwen3_vl_params.to_layout(params, True)
@@ -72,10 +77,15 @@ def jax_rollout(args, config, params, ids, patches, grids, relayout: bool = True
     all_params = {"sampler": jax.jit(sampler.init)(jax.random.PRNGKey(3), feature_map[:1])["params"],
                   "backbone": params}
     cfg = grpo.GRPOConfig(num_generations=g, max_new_tokens=args.new_tokens, temperature=1.0,
-                          rollout_relayout=relayout)
+                          rollout_relayout=relayout, shared_prompt_cache=shared_prompt_cache)
     compiled = jax.jit(functools.partial(grpo.rollout, backbone, sampler, cfg)).lower(
         all_params, batch, jax.random.PRNGKey(0)).compile()
-    return lambda key: compiled(all_params, batch, key)
+
+    def run(key):
+        return compiled(all_params, batch, key)
+
+    run.temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    return run
 
 
 def hf_generate(args, path, config, ids, patches, grids):
@@ -131,6 +141,9 @@ def main(argv=None):
                    help="hold the policy with its text layers scanned, as the 8B recipe trains it")
     p.add_argument("--compare_relayout", action="store_true",
                    help="also time the rollout decoding in the layout the policy is held in (rollout_relayout=False)")
+    p.add_argument("--compare_prompt_copies", action="store_true",
+                   help="also time the rollout with a copy of the prompt cache per completion "
+                        "(shared_prompt_cache=False)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds of measurement)")
@@ -157,6 +170,10 @@ def main(argv=None):
         as_held = jax_rollout(args, config, params, ids, patches, grids, relayout=False)
         jax.block_until_ready(as_held(jax.random.PRNGKey(100)))  # warm-up
         fns["as_held"] = lambda i: jax.block_until_ready(as_held(jax.random.PRNGKey(i)))
+    if args.compare_prompt_copies:
+        copies = jax_rollout(args, config, params, ids, patches, grids, shared_prompt_cache=False)
+        jax.block_until_ready(copies(jax.random.PRNGKey(100)))  # warm-up
+        fns["copies"] = lambda i: jax.block_until_ready(copies(jax.random.PRNGKey(i)))
     seconds = interleaved_seconds(fns, args.repeats)
     jax_s, hf_s = seconds["jax"], seconds["hf"]
 
@@ -175,6 +192,12 @@ def main(argv=None):
         held_s = float(np.median(seconds["as_held"]))
         print(f"vital_jax, decoded in the layout held (no relayout): median {held_s * 1e3:8.1f} ms per rollout -> "
               f"{tokens / held_s:9.1f} tokens/s ({held_s / float(np.median(jax_s)):.2f}x the relaid-out time)")
+    if args.compare_prompt_copies:
+        copies_s = float(np.median(seconds["copies"]))
+        print(f"vital_jax, a prompt cache copy per completion:   median {copies_s * 1e3:8.1f} ms per rollout -> "
+              f"{tokens / copies_s:9.1f} tokens/s ({copies_s / float(np.median(jax_s)):.2f}x the shared-prompt "
+              f"time); XLA temporaries {rollout.temp_bytes / 2**20:.1f} MiB shared, {copies.temp_bytes / 2**20:.1f} "
+              f"MiB copied ({copies.temp_bytes / rollout.temp_bytes:.2f}x)")
     print(f"transformers generate:                           median {np.median(hf_s) * 1e3:8.1f} ms "
           f"per rollout -> {hf_tps:9.1f} tokens/s")
     print(f"ratio vital_jax / transformers: {jax_tps / hf_tps:.2f}x tokens/s")

@@ -8,7 +8,10 @@ ever allocated):
   Stage I    `stage1.make_train_step`: P_phi (N = 16, 2 layers) on the frozen backbone, Eq. (2).
   Stage II   the GRPO update (`grpo.grpo_functions(...).update`, Eq. 3): LoRA r64 on q, k, v, o, rollout-batch
              shapes (32 prompts x G = 4 trajectories of `--new_tokens`, paper: 1,024) scored teacher forced with
-             M inside the differentiated loss, one AdamW step.
+             M inside the differentiated loss, one AdamW step. Each prompt's cache is shared by its G trajectories
+             (`GRPOConfig.shared_prompt_cache`; `--stage2_prompt_copies`: a copy per trajectory, for comparison).
+  Stage II rollout  `grpo.grpo_functions(...).rollout`: M and M' from P_phi, one prefill per prompt, G sampled
+             completions of `--new_tokens` in the on-device decode loop (the same prompt-cache switch).
   Stage III  `imt.make_train_step`: the student's on-policy rollout (`--new_tokens`), both branches' full-vocabulary
              logits, Eq. (7)-(8), one AdamW step on A_psi.
 
@@ -65,7 +68,7 @@ GIB, MIB = 2**30, 2**20
 H100_BYTES = 80e9
 FIELDS = ("argument", "output", "temp", "generated_code")
 FULL_LAYERS = 36
-STAGES = ("stage1", "stage2", "stage3")
+STAGES = ("stage1", "stage2", "stage2_rollout", "stage3")
 QUICK = dict(prompt_len=64, grid=8, answer_len=8, new_tokens=8, batch=8, stage2_prompts=8, generations=2,
              feature_grid=8, feature_dim=32, sampler_heads=4)
 
@@ -132,33 +135,50 @@ def stage1_program(shapes: Shapes, reports: dict):
     return step, (state, frozen, abstract_batch(batch, shapes.mesh))
 
 
-def stage2_program(shapes: Shapes, reports: dict):
-    """Stage II's jitted GRPO update and its abstract (state, frozen, batch, rollout, old_log_probs, advantages)."""
+def _stage2_inputs(shapes: Shapes, reports: dict):
+    """Stage II's modules, GRPO config, abstract (state, frozen) and prompt batch, shared by its two programs."""
     a = shapes.args
     backbone = Qwen3VLForConditionalGeneration(shapes.config, grpo.STAGE2_LORA)
     params = {"sampler": shapes.sampler_params,
               "backbone": qwen3_vl_params.abstract_params(shapes.config, grpo.STAGE2_LORA)}
     optimizer = grpo.make_optimizer()
     state, frozen = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
-    b, g, t = a.stage2_prompts, a.generations, a.new_tokens
-    r = b * g
+    b = a.stage2_prompts
     prefix, _, _, example_valid = shapes.prompts(b)
-    grid = shapes.feature[:2]
     sds = jax.ShapeDtypeStruct
     batch = grpo.PromptBatch(prefix=prefix, feature_map=shapes.feature_map(b),
-                             region_masks=sds((b, 1, *grid), jnp.bool_), region_confidence=sds((b, 1), jnp.float32),
-                             region_valid=sds((b, 1), jnp.bool_), example_valid=example_valid)
+                             region_masks=sds((b, 1, *shapes.feature[:2]), jnp.bool_),
+                             region_confidence=sds((b, 1), jnp.float32), region_valid=sds((b, 1), jnp.bool_),
+                             example_valid=example_valid)
+    state, _ = abstract_sharded(state, shapes.mesh, "stage2 trainable state (LoRA r64 q,k,v,o)", reports)
+    frozen, _ = abstract_sharded(frozen, shapes.mesh, "stage2 frozen (P_phi, backbone)", reports)
+    config = grpo.GRPOConfig(num_generations=a.generations, max_new_tokens=a.new_tokens,
+                             shared_prompt_cache=not a.stage2_prompt_copies)
+    fns = grpo.grpo_functions(backbone, shapes.sampler, config, optimizer)
+    return fns, state, frozen, abstract_batch(batch, shapes.mesh)
+
+
+def stage2_program(shapes: Shapes, reports: dict):
+    """Stage II's jitted GRPO update and its abstract (state, frozen, batch, rollout, old_log_probs, advantages)."""
+    a = shapes.args
+    fns, state, frozen, batch = _stage2_inputs(shapes, reports)
+    b, g, t = a.stage2_prompts, a.generations, a.new_tokens
+    r = b * g
+    sds = jax.ShapeDtypeStruct
     memory = sds((b, a.memory, shapes.d), jnp.float32)
     rollout = grpo.Rollout(memory=memory, counterfactual_memory=memory, tokens=sds((r, t), jnp.int32),
                            valid=sds((r, t), jnp.bool_), lengths=sds((r,), jnp.int32))
-    state, _ = abstract_sharded(state, shapes.mesh, "stage2 trainable state (LoRA r64 q,k,v,o)", reports)
-    frozen, _ = abstract_sharded(frozen, shapes.mesh, "stage2 frozen (P_phi, backbone)", reports)
-    config = grpo.GRPOConfig(num_generations=g, max_new_tokens=t)
-    update = grpo.grpo_functions(backbone, shapes.sampler, config, optimizer).update
     per_trajectory = abstract_batch({"old_log_probs": sds((r, t), jnp.float32), "advantages": sds((r,), jnp.float32)},
                                     shapes.mesh)
-    return update, (state, frozen, abstract_batch(batch, shapes.mesh), abstract_batch(rollout, shapes.mesh),
-                    per_trajectory["old_log_probs"], per_trajectory["advantages"], None)
+    return fns.update, (state, frozen, batch, abstract_batch(rollout, shapes.mesh), per_trajectory["old_log_probs"],
+                        per_trajectory["advantages"], None)
+
+
+def stage2_rollout_program(shapes: Shapes, reports: dict):
+    """Stage II's jitted rollout (M and M', one prefill per prompt, G sampled completions of `--new_tokens` in the
+    decode loop) and its abstract (trainable, frozen, batch, rng)."""
+    fns, state, frozen, batch = _stage2_inputs(shapes, reports)
+    return fns.rollout, (state.params, frozen, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
 def stage3_program(shapes: Shapes, reports: dict):
@@ -182,7 +202,8 @@ def stage3_program(shapes: Shapes, reports: dict):
     return step, (state, frozen, abstract_batch(batch, shapes.mesh))
 
 
-PROGRAMS = {"stage1": stage1_program, "stage2": stage2_program, "stage3": stage3_program}
+PROGRAMS = {"stage1": stage1_program, "stage2": stage2_program, "stage2_rollout": stage2_rollout_program,
+            "stage3": stage3_program}
 
 
 def compile_memory(args, mesh, stage: str, layers: int, reports: dict) -> dict:
@@ -236,11 +257,14 @@ def sharding_check(reports: dict) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
-    p.add_argument("--stages", default="stage1,stage2,stage3", help=f"comma list of {STAGES}")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {STAGES}")
     p.add_argument("--mesh", type=int, nargs=3, default=(1, 8, 1), metavar=("DATA", "FSDP", "TENSOR"))
     p.add_argument("--batch", type=int, default=8, help="global batch of Stages I and III (over 8 devices)")
     p.add_argument("--stage2_prompts", type=int, default=32, help="Stage II rollout batch in prompts (paper: 32)")
     p.add_argument("--generations", type=int, default=4, help="G (paper: 4)")
+    p.add_argument("--stage2_prompt_copies", action="store_true",
+                   help="Stage II with a copy of the prompt cache per completion (GRPOConfig.shared_prompt_cache "
+                        "False), for comparison")
     p.add_argument("--new_tokens", type=int, default=1024, help="rollout length of Stages II and III (paper: 1,024)")
     p.add_argument("--prompt_len", type=int, default=1024, help="prompt tokens incl. the image")
     p.add_argument("--grid", type=int, default=28, help="image patches per side (28: 448 x 448, 196 tokens)")

@@ -37,11 +37,15 @@ def test_medsynapse_latency_quick_prints_the_table_and_ratios_against_the_backbo
 
 
 def test_grpo_throughput_quick_prints_both_rates_and_the_ratio():
-    """In the 8B recipe's layout (scanned text layers, LoRA), with the rollout decoded as held beside it."""
-    lines = run_quick("grpo_throughput", "--scan_layers", "--lora_rank", "4", "--compare_relayout")
-    assert "text layers scanned" in lines[-5], lines
-    assert re.search(rf"grpo.rollout .* -> +{NUMBER} tokens/s$", lines[-4]), lines
-    assert re.search(rf"no relayout\): .* -> +{NUMBER} tokens/s \({NUMBER}x the relaid-out time\)$", lines[-3]), lines
+    """In the 8B recipe's layout (scanned text layers, LoRA), with the rollout decoded as held and the rollout with
+    a prompt cache copy per completion beside it."""
+    lines = run_quick("grpo_throughput", "--scan_layers", "--lora_rank", "4", "--compare_relayout",
+                      "--compare_prompt_copies")
+    assert "text layers scanned" in lines[-6], lines
+    assert re.search(rf"grpo.rollout .* -> +{NUMBER} tokens/s$", lines[-5]), lines
+    assert re.search(rf"no relayout\): .* -> +{NUMBER} tokens/s \({NUMBER}x the relaid-out time\)$", lines[-4]), lines
+    assert re.search(rf"copy per completion: .* \({NUMBER}x the shared-prompt time\); XLA temporaries {NUMBER} MiB "
+                     rf"shared, {NUMBER} MiB copied \({NUMBER}x\)$", lines[-3]), lines
     assert re.search(rf"transformers generate: .* -> +{NUMBER} tokens/s$", lines[-2]), lines
     assert re.fullmatch(rf"ratio vital_jax / transformers: {NUMBER}x tokens/s", lines[-1]), lines
 
@@ -49,11 +53,11 @@ def test_grpo_throughput_quick_prints_both_rates_and_the_ratio():
 def test_medsynapse_8b_quick_compiles_every_stage_and_every_leaf_has_a_sharding_rule():
     lines = run_quick("medsynapse_8b")
     summary = lines.index("summary, per device at 2 layers:")
-    for stage, line in zip(("stage1", "stage2", "stage3"), lines[summary + 1:]):
+    for stage, line in zip(("stage1", "stage2", "stage2_rollout", "stage3"), lines[summary + 1:]):
         assert re.fullmatch(rf"  {stage}: peak {NUMBER} (MiB|GiB) \(.*\), lower \+ compile {NUMBER}s", line), line
-    assert len(lines) == summary + 4, lines[summary:]
+    assert len(lines) == summary + 5, lines[summary:]
     checks = [line for line in lines if re.match(r"  stage[123] (trainable state|frozen) ", line)]
-    assert len(checks) == 6 and all("every parameter has a rule" in line for line in checks), checks
+    assert len(checks) == 8 and all("every parameter has a rule" in line for line in checks), checks
 
 
 def test_profile_train_step_quick_attributes_the_step_to_model_parts():

@@ -12,6 +12,7 @@ import pytest
 from tests.medsynapse.medsynapse_fixtures import build_backbone, make_batch
 from tests.models.test_decoding_layout import while_bodies_hold
 from vital_jax import freeze
+from vital_jax.layers.kv_cache import KVCache
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import grpo
 from vital_jax.medsynapse import memory as memory_lib
@@ -201,6 +202,36 @@ def test_jitted_rollout_at_temperature_zero_matches_a_step_by_step_greedy_refere
             assert out.valid[r].tolist() == [i < stop for i in range(t)]
     assert int(out.lengths[0]) <= 3  # row 0 stops at the EOS it was given
     np.testing.assert_allclose(out.memory, m, atol=1e-5)
+
+
+def test_a_shared_prompt_cache_gives_the_rollouts_scores_and_gradients_of_a_copy_per_completion(setup):
+    """`GRPOConfig.shared_prompt_cache`: G completions read their prompt's cache (prompt + memory) from one copy;
+    with False each completion gets its own. Sampled rollouts, r_causal, the old log-probs and Eq. (3)'s
+    gradients agree (float32 summation order aside)."""
+    model, sampler, batch, params = setup["model"], setup["sampler"], setup["batch"], setup["adapted"]
+    train, frozen = freeze.split(params, freeze.mask_from_predicate(params, grpo.is_trainable))
+    results = []
+    for shared in (True, False):
+        config = grpo.GRPOConfig(num_generations=3, max_new_tokens=5, shared_prompt_cache=shared)
+        fns = grpo.grpo_functions(model, sampler, config, grpo.make_optimizer())
+        rollout_ = fns.rollout(train, frozen, batch, jax.random.PRNGKey(9))
+        scores = fns.score(train, frozen, batch, rollout_)
+        adv = jnp.asarray(np.random.RandomState(0).randn(6).astype(np.float32))
+        (loss, _), grads = jax.jit(lambda tr, f, r, o, a: grpo.policy_gradient(
+            model, config, tr, f, batch, r, o, a))(train, frozen, rollout_, scores.old_log_probs, adv)
+        results.append((rollout_, scores, loss, grads))
+    (r1, s1, l1, g1), (r2, s2, l2, g2) = results
+    assert r1.tokens.tolist() == r2.tokens.tolist() and r1.lengths.tolist() == r2.lengths.tolist()
+    np.testing.assert_allclose(s1.old_log_probs, s2.old_log_probs, atol=1e-5)
+    np.testing.assert_allclose(s1.r_causal, s2.r_causal, atol=1e-5)
+    assert float(l1) == pytest.approx(float(l2), abs=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # The shared cache holds each prompt once: (L, B, Tp + N, K, H) beside (L, B * G, T, K, H) of new slots.
+    prompt = KVCache.init(2, 2, 7, 2, 4)
+    shared, copied = grpo.group_cache(prompt, 3, 5, True), grpo.group_cache(prompt, 3, 5, False)
+    assert shared.prefix_k.shape == (2, 2, 7, 2, 4) and shared.k.shape == (2, 6, 5, 2, 4)
+    assert copied.prefix_k is None and copied.k.shape == (2, 6, 12, 2, 4)
 
 
 def test_r_causal_and_old_log_probs_match_two_direct_forwards(setup):

@@ -178,6 +178,93 @@ def _xla_attend_one_query(q_b1nh, k_bskh, v_bskh, mask_b1s, dtype):
     return out_bkgh.reshape(b, 1, n * h)
 
 
+def attend_shared_prefix(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,
+                         prefix_k_pskh: jax.Array, prefix_v_pskh: jax.Array, prefix_valid_ps: jax.Array,
+                         impl: str = "xla", dtype=jnp.float32) -> jax.Array:
+    """`attend` over [a prompt shared by G rows; each row's own keys], one softmax over both -> (B, T, N * H).
+
+    q (B, T, N, H) with B = P * G, row b continuing prompt b // G; k, v (B, S, K, H) and mask (B, T, S): the rows'
+    own slots (as `attend`); prefix_k, prefix_v (P, Sp, K, H) and prefix_valid (P, Sp) bool: the prompts, visible
+    to every query of their G rows (they precede all own slots). The same numbers as `attend` over each row's copy
+    of its prompt followed by its own slots (up to float32 summation order). "xla" reads each prompt's keys and
+    values once for its G rows (`KVCache.share_prefix`): the G query rows of a prompt are stacked into one matrix
+    against them. The other impls take their kernel's inputs as they are, so they get the prompt repeated per row
+    (made per layer, then dropped: the cache still holds it once).
+    """
+    b, t, n, h = q_btnh.shape
+    p, sp, kh = prefix_k_pskh.shape[:3]
+    if b % p:
+        raise ValueError(f"attend_shared_prefix: {b} query rows do not divide into {p} prompts")
+    group = b // p
+    if impl != "xla":
+        k_full = jnp.concatenate([jnp.repeat(prefix_k_pskh, group, axis=0).astype(k_bskh.dtype), k_bskh], axis=1)
+        v_full = jnp.concatenate([jnp.repeat(prefix_v_pskh, group, axis=0).astype(v_bskh.dtype), v_bskh], axis=1)
+        prefix_mask = jnp.broadcast_to(jnp.repeat(prefix_valid_ps, group, axis=0)[:, None, :], (b, t, sp))
+        return attend(q_btnh, k_full, v_full, jnp.concatenate([prefix_mask, mask_bts], axis=2), impl, dtype)
+    if t == 1:
+        return _xla_attend_one_query_shared_prefix(q_btnh, k_bskh, v_bskh, mask_bts, prefix_k_pskh, prefix_v_pskh,
+                                                   prefix_valid_ps, dtype)
+    s, g = k_bskh.shape[1], n // kh
+    neg = jnp.finfo(jnp.float32).min
+    # Layout (P, K, G, g T, ...): a prompt's G rows x g query heads of kv head j are one block of rows, so the
+    # prefix products are one (G g T, H) x (H, Sp) matmul per (prompt, kv head).
+    q = q_btnh * jnp.asarray(h ** -0.5, q_btnh.dtype)
+    q_pkwrh = jnp.transpose(q.reshape(p, group, t, kh, g, h), (0, 3, 1, 4, 2, 5)).reshape(p, kh, group, g * t, h)
+    pk_pkhs = jnp.transpose(prefix_k_pskh, (0, 2, 3, 1)).astype(q.dtype)
+    pv_pksh = jnp.transpose(prefix_v_pskh, (0, 2, 1, 3)).astype(dtype)
+    k_pkwhs = jnp.transpose(k_bskh.reshape(p, group, s, kh, h), (0, 3, 1, 4, 2)).astype(q.dtype)
+    v_pkwsh = jnp.transpose(v_bskh.reshape(p, group, s, kh, h), (0, 3, 1, 2, 4)).astype(dtype)
+    scores_prefix = jnp.matmul(q_pkwrh.reshape(p, kh, group * g * t, h), pk_pkhs).astype(jnp.float32)
+    scores_prefix = jnp.where(prefix_valid_ps[:, None, None, :], scores_prefix, neg).reshape(p, kh, group, g * t, sp)
+    own_mask = jnp.broadcast_to(mask_bts.reshape(p, 1, group, 1, t, s), (p, 1, group, g, t, s))
+    scores_own = jnp.where(own_mask.reshape(p, 1, group, g * t, s),
+                           jnp.matmul(q_pkwrh, k_pkwhs).astype(jnp.float32), neg)
+    probs_prefix, probs_own = _softmax_over_two(scores_prefix, scores_own, axis=-1)
+    out = (jnp.matmul(probs_prefix.astype(dtype).reshape(p, kh, group * g * t, sp), pv_pksh)
+           .reshape(p, kh, group, g * t, h) + jnp.matmul(probs_own.astype(dtype), v_pkwsh))
+    out = jnp.transpose(out.reshape(p, kh, group, g, t, h), (0, 2, 4, 1, 3, 5))   # (P, G, T, K, g, H)
+    return out.reshape(b, t, n * h)
+
+
+def _softmax_over_two(scores_a: jax.Array, scores_b: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """softmax over the concatenation of two score arrays along `axis`, returned as its two parts (float32), without
+    building the concatenation."""
+    top = jax.lax.stop_gradient(jnp.maximum(scores_a.max(axis, keepdims=True), scores_b.max(axis, keepdims=True)))
+    exp_a, exp_b = jnp.exp(scores_a - top), jnp.exp(scores_b - top)
+    total = exp_a.sum(axis, keepdims=True) + exp_b.sum(axis, keepdims=True)
+    return exp_a / total, exp_b / total
+
+
+def _xla_attend_one_query_shared_prefix(q_b1nh, k_bskh, v_bskh, mask_b1s, prefix_k_pskh, prefix_v_pskh,
+                                        prefix_valid_ps, dtype):
+    """`attend_shared_prefix` for one query per row (a decode step), reading both caches as they lie, as
+    `_xla_attend_one_query` does: the prompt's (Sp, K H) matrix is multiplied by the block-diagonal query matrices
+    of its G rows side by side, (K H, G K g), so each prompt is read once per step for all its rows."""
+    b, _, n, h = q_b1nh.shape
+    p, sp, kh = prefix_k_pskh.shape[:3]
+    s, group, g = k_bskh.shape[1], b // p, n // kh
+    neg = jnp.finfo(jnp.float32).min
+    eye = jnp.eye(kh, dtype=q_b1nh.dtype)
+    q_bkgh = q_b1nh.reshape(b, kh, g, h) * jnp.asarray(h ** -0.5, q_b1nh.dtype)
+    q_own = jnp.einsum("bkgh,kj->bjhkg", q_bkgh, eye).reshape(b, kh * h, kh * g)
+    q_prefix = jnp.einsum("pwkgh,kj->pjhwkg", q_bkgh.reshape(p, group, kh, g, h), eye).reshape(
+        p, kh * h, group * kh * g)
+    scores_prefix = jnp.matmul(prefix_k_pskh.reshape(p, sp, kh * h).astype(q_b1nh.dtype), q_prefix)
+    scores_prefix = jnp.where(prefix_valid_ps[:, :, None], scores_prefix.astype(jnp.float32), neg)
+    scores_own = jnp.matmul(k_bskh.reshape(b, s, kh * h).astype(q_b1nh.dtype), q_own).astype(jnp.float32)
+    scores_own = jnp.where(mask_b1s[:, 0, :, None], scores_own, neg)                         # (B, S, K g)
+    # Both as (P, G, slots, K g) for the joint softmax over the slot axis.
+    scores_prefix = jnp.transpose(scores_prefix.reshape(p, sp, group, kh * g), (0, 2, 1, 3))
+    probs_prefix, probs_own = _softmax_over_two(scores_prefix, scores_own.reshape(p, group, s, kh * g), axis=2)
+    probs_prefix = jnp.transpose(probs_prefix, (0, 2, 1, 3)).reshape(p, sp, group * kh * g).astype(dtype)
+    out_prefix = jnp.matmul(jnp.swapaxes(probs_prefix, 1, 2), prefix_v_pskh.reshape(p, sp, kh * h).astype(dtype))
+    out_own = jnp.matmul(jnp.swapaxes(probs_own.reshape(b, s, kh * g).astype(dtype), 1, 2),
+                         v_bskh.reshape(b, s, kh * h).astype(dtype))                        # (B, K g, K H)
+    out = out_prefix.reshape(b, kh * g, kh * h) + out_own
+    out_bkgh = jnp.einsum("bkgjh,kj->bkgh", out.reshape(b, kh, g, kh, h), eye.astype(dtype))
+    return out_bkgh.reshape(b, 1, n * h)
+
+
 def query_chunk_for_score_budget(batch: int, heads: int, queries: int, keys: int, budget_bytes: float) -> int:
     """Query rows per block so that each block's float32 scores (batch x heads x rows x keys) fit `budget_bytes`,
     in the fewest equal blocks: 0 (one block) when all of them fit or the budget is 0. For `attend`'s
@@ -206,7 +293,7 @@ class Attention(nn.Module):
 
     Inputs: x (B, T, D); cos, sin (B, T, H); mask (B, T, S) bool, S = T without a cache or the cache length.
     With `kv_cache`, the new keys/values are written at `kv_cache.index` for layer `layer_idx` and the
-    queries attend over the whole cached layer. Returns (out (B, T, D), kv_cache or None).
+    queries attend over the whole cached layer (and its shared prefix, if it has one: `attend_shared_prefix`). Returns (out (B, T, D), kv_cache or None).
     `attention_impl`: see `attend` (prefill, training and every decode step use the same one).
     """
 
@@ -249,5 +336,10 @@ class Attention(nn.Module):
             k, v = kv_cache.layer(layer_idx)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
 
-        out = attend(q, k, v, mask_bts, self.attention_impl, self.dtype)
+        if kv_cache is not None and kv_cache.has_shared_prefix:
+            prefix_k, prefix_v = kv_cache.prefix_layer(layer_idx)
+            out = attend_shared_prefix(q, k, v, mask_bts, prefix_k, prefix_v, kv_cache.prefix_valid,
+                                       self.attention_impl, self.dtype)
+        else:
+            out = attend(q, k, v, mask_bts, self.attention_impl, self.dtype)
         return self._proj("o", d)(out, deterministic, keeps.get("o")), kv_cache

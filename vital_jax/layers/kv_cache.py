@@ -11,6 +11,13 @@ Layout (L layers, B batch, S slots, K kv heads, H head dim):
                              stores its MRoPE `rope_delta` here, so every token or vector after the prompt gets
                              position `lengths + rope_delta` on all three axes.
 
+A shared prefix (`share_prefix`): G rows that continue one prompt (GRPO's G completions) hold that prompt's keys
+and values once, in prefix_k / prefix_v (L, P, Sp, K, H) with P = B / G prompts and prefix_valid (P, Sp); row b
+continues prompt b // G. k / v / valid then hold only the rows' own slots after the prompt, `index` counts those,
+and `lengths` counts both parts (positions continue after the prompt). Attention reads the prefix once per
+prompt instead of once per row (`layers.attention.attend_shared_prefix`): G times less cache memory and reads for
+the prompt. Without a prefix these three fields are None.
+
 Because it is a pytree of fixed-shape arrays, the cache can be the carry of `jax.lax.scan` (the VITAL latent
 loop) or `jax.lax.while_loop` (generation) and is never grown by concatenation inside jitted code.
 """
@@ -30,6 +37,9 @@ class KVCache:
     lengths: jax.Array
     index: jax.Array
     position_offset: jax.Array
+    prefix_k: jax.Array | None = None
+    prefix_v: jax.Array | None = None
+    prefix_valid: jax.Array | None = None
 
     @classmethod
     def init(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -44,6 +54,30 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
             position_offset=jnp.zeros((batch,), jnp.int32),
         )
+
+    @classmethod
+    def share_prefix(cls, prefix: "KVCache", group: int, new_slots: int) -> "KVCache":
+        """A cache for `group` continuations of each of prefix's P rows (B = P * group rows, row b continuing
+        prompt b // group), with `new_slots` empty slots per row after the prompt.
+
+        Every slot of `prefix` becomes the shared part (build it with exactly the prompt's slots: its unwritten
+        slots would stay invisible but still be read). The rows start where their prompt ends: the same lengths,
+        position offsets and hence positions as a copy of the prompt cache per row (`jnp.repeat` of each field)."""
+        if prefix.prefix_k is not None:
+            raise ValueError("share_prefix: the prefix cache already has a shared prefix of its own")
+        num_layers, rows, _, num_kv_heads, head_dim = prefix.k.shape
+        tail = cls.init(num_layers, rows * group, new_slots, num_kv_heads, head_dim, prefix.k.dtype)
+        return tail.replace(lengths=jnp.repeat(prefix.lengths, group), prefix_k=prefix.k, prefix_v=prefix.v,
+                            position_offset=jnp.repeat(prefix.position_offset, group),
+                            prefix_valid=prefix.valid)
+
+    @property
+    def has_shared_prefix(self) -> bool:
+        return self.prefix_k is not None
+
+    def prefix_layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """The shared prefix's keys and values (P, Sp, K, H) of one layer."""
+        return self.prefix_k[layer], self.prefix_v[layer]
 
     def next_positions(self, token_valid_bt: jax.Array) -> jax.Array:
         """Positions (B, T) of T new tokens: valid ones count up from `lengths + position_offset`, padding

@@ -4,8 +4,9 @@ P_phi, the backbone's base weights and the encoder are frozen; only the LoRA ada
 
   rollout  (jitted)  M = P_phi(F), M' = P_phi(F ⊙ B̄) (Eq. 5's intervention: the most confident region zeroed);
                      each prompt is prefilled once ([Enc(X); Enc(q); m_1..m_N] through `memory.inject`), its cache
-                     repeated G times, and G completions decoded by the on-device while_loop (`generation.decode`),
-                     the policy relaid out for it once per rollout (`rollout_relayout`, `cached.decode`).
+                     shared by its G completions (`group_cache`: held and read once per prompt), and G completions
+                     decoded by the on-device while_loop (`generation.decode`), the policy relaid out for it once per
+                     rollout (`rollout_relayout`, `cached.decode`).
   score    (jitted)  one teacher-forced scorer (`score_completions`) gives every log-prob: here log pi(o | M) and
                      log pi(o | M') stacked on the batch axis (after one shared prefill of the prompts), once per
                      rollout batch. The first row is the old policy's log-probs; their difference is r_causal.
@@ -109,6 +110,10 @@ class GRPOConfig:
     # rollout instead of one per token under `scan_layers`. None: unless the mesh splits the weights; False saves
     # the copy's memory.
     rollout_relayout: bool | None = None
+    # Rollouts and the scorer keep each prompt's cache once for its G completions (`KVCache.share_prefix`;
+    # attention reads it once per prompt). False: every completion gets its own copy of the prompt's cache
+    # (`repeat_cache`), G times the memory and reads for the prompt part; the same numbers up to float32 rounding.
+    shared_prompt_cache: bool = True
     reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
 
     def __post_init__(self):
@@ -258,17 +263,32 @@ def memories(sampler: DiagnosticMemorySampler, sampler_params, batch: PromptBatc
     return both[:b], both[b:]
 
 
+def group_cache(prompt_cache: KVCache, group: int, new_slots: int, shared: bool) -> KVCache:
+    """A cache for `group` continuations of each prompt in `prompt_cache` (whose slots are exactly the prompts'),
+    with `new_slots` free slots per continuation: the prompt shared by its rows (`KVCache.share_prefix`) or, with
+    shared=False, copied to each row (`repeat_cache`) followed by the free slots."""
+    if shared:
+        return KVCache.share_prefix(prompt_cache, group, new_slots)
+    free = jnp.zeros(prompt_cache.k.shape[:2] + (new_slots,) + prompt_cache.k.shape[3:], prompt_cache.k.dtype)
+    whole = prompt_cache.replace(k=jnp.concatenate([prompt_cache.k, free], axis=2),
+                                 v=jnp.concatenate([prompt_cache.v, free], axis=2),
+                                 valid=jnp.pad(prompt_cache.valid, ((0, 0), (0, new_slots))))
+    return repeat_cache(whole, group)
+
+
 def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler, config: GRPOConfig,
             params: dict, batch: PromptBatch, rng: jax.Array) -> Rollout:
-    """G completions per prompt: prefill [prompt; M] once per prompt, repeat the cache G times, decode on device.
+    """G completions per prompt: prefill [prompt; M] once per prompt, one cache for its G completions
+    (`group_cache`), decode on device.
 
     params: {"sampler", "backbone"} (merged). Returns a `Rollout` with R = B * G trajectories.
     """
     m, m_prime = memories(sampler, params["sampler"], batch, config.counterfactual_top_k)
     g, t = config.num_generations, config.max_new_tokens
-    cache_len = batch.prefix.input_ids.shape[1] + m.shape[1] + t
-    kv_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, cache_len)
-    tokens, lengths = cached.decode(backbone, params["backbone"], repeat_cache(kv_cache, g),
+    prompt_len = batch.prefix.input_ids.shape[1] + m.shape[1]
+    prompt_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, prompt_len)
+    tokens, lengths = cached.decode(backbone, params["backbone"],
+                                    group_cache(prompt_cache, g, t, config.shared_prompt_cache),
                                     jnp.repeat(last_hidden, g, axis=0), config.sampling, rng,
                                     relayout=config.rollout_relayout)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
@@ -281,22 +301,22 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
 
 
 def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
-                      memory_cbnd: jax.Array, tokens: jax.Array, valid: jax.Array, logprob_chunk: int = 0
-                      ) -> jax.Array:
+                      memory_cbnd: jax.Array, tokens: jax.Array, valid: jax.Array, logprob_chunk: int = 0,
+                      shared_prompt_cache: bool = True) -> jax.Array:
     """log pi(o_t | X, q, M_c, o_<t) (C, R, T) float32 (0 at padding) for C memory variants at once.
 
     prefix (B, Tp); memory_cbnd (C, B, N, D): C memories per prompt (C = 2 for [M; M'] in r_causal, C = 1 for
     the ratio); tokens / valid (R, T) with R = B * G, trajectory b * G + g belonging to prompt b. The prompts are
-    prefilled once, their cache tiled C times for the memory block, then repeated G times for the completions,
-    which are teacher-forced in one parallel pass. Used for the old policy, the loss, r_causal and the reference.
+    prefilled once, their cache tiled C times for the memory block, then shared by (or, with
+    shared_prompt_cache=False, repeated for) the G completions (`group_cache`), which are teacher-forced in one
+    parallel pass. Used for the old policy, the loss, r_causal and the reference.
     logprob_chunk: positions per LM-head chunk (0: all at once; see `_chunked_log_probs`).
     """
     c, b, n, d = memory_cbnd.shape
     r, t = tokens.shape
     if r % b:
         raise ValueError(f"{r} trajectories do not divide into {b} prompts")
-    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, prefix,
-                                                 prefix.input_ids.shape[1] + n + t)
+    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, prefix, prefix.input_ids.shape[1] + n)
     kv_cache, last_hidden = tile_cache(kv_cache, c), jnp.tile(last_hidden, (c, 1))
     if n:
         hidden, kv_cache = cached.append_embeddings(backbone, backbone_params, kv_cache,
@@ -305,7 +325,7 @@ def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params
     g = r // b
     ids, ids_valid = jnp.tile(tokens, (c, 1)), jnp.tile(valid, (c, 1))
     out = backbone.apply({"params": backbone_params}, input_ids=ids[:, :-1], token_valid=ids_valid[:, :-1],
-                         kv_cache=repeat_cache(kv_cache, g), return_logits=False)
+                         kv_cache=group_cache(kv_cache, g, t - 1, shared_prompt_cache), return_logits=False)
     # hidden t predicts token t: the memory block's last state, then the teacher-forced completion's states.
     hidden = jnp.concatenate([jnp.repeat(last_hidden, g, axis=0)[:, None], out.hidden_states], axis=1)
     return _chunked_log_probs(backbone, backbone_params, hidden, ids, ids_valid, logprob_chunk).reshape(c, r, t)
@@ -345,17 +365,18 @@ def score_rollout(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig,
     if config.reward.lambda_causal:
         stacked = jnp.stack([rollout_.memory, rollout_.counterfactual_memory])
         log_probs = score_completions(backbone, theta, batch.prefix, stacked, rollout_.tokens, rollout_.valid,
-                                      config.logprob_chunk)
+                                      config.logprob_chunk, config.shared_prompt_cache)
         r_causal = reward_lib.causal_reward(log_probs[0], log_probs[1], rollout_.valid,
                                             config.reward.causal_reduction, config.reward.causal_clip)
     else:
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid, config.logprob_chunk)
+                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache)
         r_causal = jnp.zeros(rollout_.tokens.shape[:1], jnp.float32)
     ref = None
     if config.kl_beta:
         ref = score_completions(backbone, without_lora(theta), batch.prefix, rollout_.memory[None],
-                                rollout_.tokens, rollout_.valid, config.logprob_chunk)[0]
+                                rollout_.tokens, rollout_.valid, config.logprob_chunk,
+                                config.shared_prompt_cache)[0]
     return Scores(log_probs[0], r_causal, ref)
 
 
@@ -442,7 +463,7 @@ def policy_gradient(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfi
     def loss_fn(train):
         theta = freeze.merge(train, frozen)["backbone"]
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid, config.logprob_chunk)[0]
+                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache)[0]
         return policy_loss(log_probs, old_log_probs, advantages, rollout_.valid, trajectory_valid,
                            config.clip_epsilon, config.kl_beta, ref_log_probs, config.kl_estimator,
                            config.max_log_ratio)

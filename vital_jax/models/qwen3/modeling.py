@@ -106,14 +106,19 @@ class DecoderStack(nn.Module):
         return RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x_btd), kv_cache
 
     def _scanned_layers(self, x_btd, cos_bth, sin_bth, mask_bts, kv_cache, layer_residual_adds, deterministic):
-        """The layers as one scan: carry x; scanned (layer index, this layer's cache keys/values); broadcast the
-        rotary tables, the mask, the cache bookkeeping and the stacked deepstack adds (n, B, T, D)."""
+        """The layers as one scan: carry x; scanned (layer index, this layer's cache keys/values and shared-prefix
+        keys/values); broadcast the rotary tables, the mask, the cache bookkeeping and the stacked deepstack adds
+        (n, B, T, D)."""
         cfg = self.config
         adds = jnp.stack(list(layer_residual_adds)) if len(layer_residual_adds) else None
 
         def body(layer, x, layer_xs, cos, sin, mask, cache_meta, adds):
-            index, k, v = layer_xs
-            cache = None if cache_meta is None else cache_meta.replace(k=k[None], v=v[None])
+            index, k, v, prefix_k, prefix_v = layer_xs
+            cache = None
+            if cache_meta is not None:
+                cache = cache_meta.replace(k=k[None], v=v[None])
+                if prefix_k is not None:
+                    cache = cache.replace(prefix_k=prefix_k[None], prefix_v=prefix_v[None])
             x, cache = layer(x, cos, sin, mask, cache, deterministic)
             if adds is not None:
                 # Layers past the deepstack levels add exactly zero, as the loop form adds nothing.
@@ -130,9 +135,11 @@ class DecoderStack(nn.Module):
                        in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_hidden_layers)
         index = jnp.arange(cfg.num_hidden_layers)
         if kv_cache is None:
-            layer_xs, cache_meta = (index, None, None), None
+            layer_xs, cache_meta = (index, None, None, None, None), None
         else:
-            layer_xs, cache_meta = (index, kv_cache.k, kv_cache.v), kv_cache.replace(k=None, v=None)
+            # Per-layer arrays are scanned over (the shared prefix's too, read only); the bookkeeping is broadcast.
+            layer_xs = (index, kv_cache.k, kv_cache.v, kv_cache.prefix_k, kv_cache.prefix_v)
+            cache_meta = kv_cache.replace(k=None, v=None, prefix_k=None, prefix_v=None)
         x_btd, new_kv = scan(DecoderLayer(cfg, 0, self.lora, name="layers"), x_btd, layer_xs, cos_bth, sin_bth,
                              mask_bts, cache_meta, adds)
         if kv_cache is not None:

@@ -64,7 +64,8 @@ def test_shared_prefix_attention_equals_a_copy_per_row_with_gradients(prompts, g
 
     assert _diff(jax.jit(shared)(*args), copied(*args)) <= 1e-6
     weights = jnp.asarray(np.random.RandomState(1).randn(*q.shape[:2], heads * 16).astype(np.float32))
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=range(5))(*args) for f in (shared, copied)]
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=range(5)))(*args)
+             for f in (shared, copied)]
     for got, want in zip(*grads):
         assert _diff(got, want) <= 1e-5
     program = jax.make_jaxpr(shared)(*args).jaxpr

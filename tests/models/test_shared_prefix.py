@@ -36,14 +36,14 @@ def _case(rng, prompts, group, t, s, sp, heads, kv_heads, h):
     return (*arrays, jnp.asarray(mask), jnp.asarray(prefix_valid))
 
 
-def _copied(q, k, v, mask, prefix_k, prefix_v, prefix_valid, impl="xla"):
+def _copied(q, k, v, mask, prefix_k, prefix_v, prefix_valid, impl="xla", dtype=jnp.float32):
     """The reference: each row's own copy of its prompt in front of its own slots, through `attend`."""
     b, t = q.shape[:2]
     group, sp = b // prefix_k.shape[0], prefix_k.shape[1]
     keys = jnp.concatenate([jnp.repeat(prefix_k, group, 0), k], 1)
     values = jnp.concatenate([jnp.repeat(prefix_v, group, 0), v], 1)
     prefix_mask = jnp.broadcast_to(jnp.repeat(prefix_valid, group, 0)[:, None], (b, t, sp))
-    return attend(q, keys, values, jnp.concatenate([prefix_mask, mask], 2), impl)
+    return attend(q, keys, values, jnp.concatenate([prefix_mask, mask], 2), impl, dtype)
 
 
 @pytest.mark.parametrize("prompts, group, t, heads, kv_heads", [
@@ -78,6 +78,11 @@ def test_shared_prefix_attention_equals_a_copy_per_row_with_gradients(prompts, g
     # The other implementations get the prompt repeated per row, with the same result.
     dot = attend_shared_prefix(q, k, v, mask, prefix_k, prefix_v, prefix_valid, "dot_product")
     assert _diff(dot, copied(*args)) <= 1e-5
+    # bfloat16 inputs and compute: float32 scores and softmax, bfloat16 out, as `attend`.
+    args16 = [x.astype(jnp.bfloat16) for x in args]
+    got16 = attend_shared_prefix(*args16[:3], mask, *args16[3:], prefix_valid, "xla", jnp.bfloat16)
+    assert got16.dtype == jnp.bfloat16
+    assert _diff(got16, _copied(*args16[:3], mask, *args16[3:], prefix_valid, "xla", jnp.bfloat16)) <= 2e-2
 
 
 def test_a_cache_sharing_a_prompt_continues_its_positions_and_refuses_a_second_prefix():

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vital_jax.layers.kv_cache import KVCache
+from vital_jax.sharding import weights_sharded
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ def select_next_token(logits_bv: jax.Array, rng: jax.Array, cfg: SamplingConfig)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, neg, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def resolve_relayout(relayout: bool | None) -> bool:
+    """A decode loop's `relayout` argument (decode in a model's one-token layout, e.g. `qwen3_vl.cached.decode`'s,
+    which explains the trade-off): True / False as given; None (the default everywhere) relays out unless the mesh
+    splits the weights (`sharding.weights_sharded`)."""
+    return (not weights_sharded()) if relayout is None else relayout
 
 
 def decode(step_fn: Callable, params, first_logits_bv: jax.Array, kv_cache: KVCache, cfg: SamplingConfig,

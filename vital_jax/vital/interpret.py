@@ -37,7 +37,7 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
     """
     b, k, _ = z.shape
     decoder_config, dp = model.decoder_config, params["decoder"]
-    if cached.resolve_relayout(relayout):
+    if generation.resolve_relayout(relayout):
         decoder_config, dp = qwen3_params.decoding_layout(decoder_config, dp)
     decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)

@@ -87,7 +87,7 @@ def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, 
     relayout: the layout to run in (`cached.decode`); relaid out, the whole program runs in the decoding layout,
     so the K latent steps (one token each, like answer tokens) no longer slice a scanned model's layers either.
     """
-    if cached.resolve_relayout(relayout):
+    if generation.resolve_relayout(relayout):
         backbone, backbone_params = cached.decoding_model(backbone, backbone_params)
     cache_len = prefix.input_ids.shape[1] + k_max + sampling.max_new_tokens
     kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)

@@ -24,7 +24,6 @@ from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, 
 from vital_jax.models.qwen3_vl.mrope import get_rope_index
 from vital_jax.models.qwen3_vl.params import decoding_layout
 from vital_jax.models.qwen3_vl.vision import VisionInputs, vision_inputs
-from vital_jax.sharding import weights_sharded
 
 
 @flax.struct.dataclass
@@ -167,12 +166,6 @@ def decoding_model(model: Qwen3VLForConditionalGeneration, params
     return Qwen3VLForConditionalGeneration(config, lora), params
 
 
-def resolve_relayout(relayout: bool | None) -> bool:
-    """A decode loop's `relayout` argument: True / False as given; None (the default everywhere) relays out unless
-    the mesh splits the weights (see `decode`)."""
-    return (not weights_sharded()) if relayout is None else relayout
-
-
 def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, last_hidden: jax.Array,
            sampling: generation.SamplingConfig, rng=None, relayout: bool | None = None
            ) -> tuple[jax.Array, jax.Array]:
@@ -196,6 +189,6 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     decodes in the given layout.
     """
     first_logits = lm_logits(model, params, last_hidden)
-    if resolve_relayout(relayout):
+    if generation.resolve_relayout(relayout):
         model, params = decoding_model(model, params)
     return generation.decode(decode_step_fn(model), params, first_logits, kv_cache, sampling, rng)

@@ -114,12 +114,13 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (query head i reads kv head i // (N // K));
     mask (B, T, S) bool. segment_ids (B, T) int, optional, for self-attention within groups (T = S, mask =
     equal ids): "pallas_flash" then uses the kernel's segment ids instead of the mask. query_chunk > 0 ("xla"
-    only): queries in blocks of that many rows, each against all keys (`_xla_attend_in_query_blocks`). impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype`
-    (the parity reference); "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel
-    where the backend has one (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and
-    which computes the softmax in the inputs' dtype; "pallas_flash": JAX's Pallas flash-attention kernel for TPUs
-    (`_pallas_flash`; on other backends only under `pallas_interpret()`, see `check_backend`). A query row with no visible key (left
-    padding) gives a meaningless output under any of them; callers mask those rows.
+    only): queries in blocks of that many rows, each against all keys (`_xla_attend_in_query_blocks`).
+    impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype` (the parity reference);
+    "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel where the backend has one
+    (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and which computes the softmax
+    in the inputs' dtype; "pallas_flash": JAX's Pallas flash-attention kernel for TPUs (`_pallas_flash`; on other
+    backends only under `pallas_interpret()`, see `check_backend`). A query row with no visible key (left padding)
+    gives a meaningless output under any of them; callers mask those rows.
     """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
@@ -293,7 +294,8 @@ class Attention(nn.Module):
 
     Inputs: x (B, T, D); cos, sin (B, T, H); mask (B, T, S) bool, S = T without a cache or the cache length.
     With `kv_cache`, the new keys/values are written at `kv_cache.index` for layer `layer_idx` and the
-    queries attend over the whole cached layer (and its shared prefix, if it has one: `attend_shared_prefix`). Returns (out (B, T, D), kv_cache or None).
+    queries attend over the whole cached layer (and its shared prefix, if it has one: `attend_shared_prefix`).
+    Returns (out (B, T, D), kv_cache or None).
     `attention_impl`: see `attend` (prefill, training and every decode step use the same one).
     """
 

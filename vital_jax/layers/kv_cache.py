@@ -11,7 +11,7 @@ Layout (L layers, B batch, S slots, K kv heads, H head dim):
                              stores its MRoPE `rope_delta` here, so every token or vector after the prompt gets
                              position `lengths + rope_delta` on all three axes.
 
-A shared prefix (`share_prefix`): G rows that continue one prompt (GRPO's G completions) hold that prompt's keys
+A shared prefix (`share_prefix`): G rows that continue one prompt (G sampled completions of it) hold its keys
 and values once, in prefix_k / prefix_v (L, P, Sp, K, H) with P = B / G prompts and prefix_valid (P, Sp); row b
 continues prompt b // G. k / v / valid then hold only the rows' own slots after the prompt, `index` counts those,
 and `lengths` counts both parts (positions continue after the prompt). Attention reads the prefix once per

@@ -75,9 +75,16 @@ def test_shared_prefix_attention_equals_a_copy_per_row_with_gradients(prompts, g
         # queries and the scores are smaller than the cache when, as in real models, Sp > G * N)
         transposed = [e.invars[0].aval.size for e in program.eqns if e.primitive.name == "transpose"]
         assert max(transposed, default=0) < prefix_k.size
-    # The other implementations get the prompt repeated per row, with the same result.
+    # The other implementations get the prompt repeated per row for several queries (the same result), and one
+    # query takes the "xla" path (no prompt repeated per row in its program either).
     dot = attend_shared_prefix(q, k, v, mask, prefix_k, prefix_v, prefix_valid, "dot_product")
     assert _diff(dot, copied(*args)) <= 1e-5
+    dot_program = jax.make_jaxpr(lambda *a: attend_shared_prefix(
+        *a[:3], mask, *a[3:], prefix_valid, "dot_product"))(*args).jaxpr
+    largest = max(int(np.prod(var.aval.shape)) for eqn in dot_program.eqns for var in eqn.outvars)
+    assert (largest >= group * prefix_k.size) == (t > 1), (largest, t)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attend_shared_prefix(q, k, v, mask, prefix_k, prefix_v, prefix_valid, "flash")
     # bfloat16 inputs and compute: float32 scores and softmax, bfloat16 out, as `attend`.
     args16 = [x.astype(jnp.bfloat16) for x in args]
     got16 = attend_shared_prefix(*args16[:3], mask, *args16[3:], prefix_valid, "xla", jnp.bfloat16)

@@ -189,15 +189,20 @@ def attend_shared_prefix(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array
     to every query of their G rows (they precede all own slots). The same numbers as `attend` over each row's copy
     of its prompt followed by its own slots (up to float32 summation order). "xla" reads each prompt's keys and
     values once for its G rows (`KVCache.share_prefix`): the G query rows of a prompt are stacked into one matrix
-    against them. The other impls take their kernel's inputs as they are, so they get the prompt repeated per row
-    (made per layer, then dropped: the cache still holds it once).
+    against them. The other impls take their kernel's inputs as they are, so for several queries per row (the
+    teacher-forced scorer, where the attention's FLOPs dwarf the copy) they get the prompt repeated per row, made
+    per layer and dropped (the cache still holds it once). One query per row (a decode step) takes the "xla" path
+    whatever `impl`: it is a matrix-vector product bound by reading the cache, which a fused kernel does not speed
+    up, while repeating the prompt for it would write and read G copies of it at every step.
     """
     b, t, n, h = q_btnh.shape
     p, sp, kh = prefix_k_pskh.shape[:3]
     if b % p:
         raise ValueError(f"attend_shared_prefix: {b} query rows do not divide into {p} prompts")
     group = b // p
-    if impl != "xla":
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl != "xla" and t > 1:
         k_full = jnp.concatenate([jnp.repeat(prefix_k_pskh, group, axis=0).astype(k_bskh.dtype), k_bskh], axis=1)
         v_full = jnp.concatenate([jnp.repeat(prefix_v_pskh, group, axis=0).astype(v_bskh.dtype), v_bskh], axis=1)
         prefix_mask = jnp.broadcast_to(jnp.repeat(prefix_valid_ps, group, axis=0)[:, None, :], (b, t, sp))

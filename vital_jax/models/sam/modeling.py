@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vital_jax.layers.linear import Linear
+from vital_jax.layers.patch_embed import PatchEmbedding
 from vital_jax.layers.norms import LayerNorm
 from vital_jax.models.sam.config import NECK_LAYER_NORM_EPS, SamVisionConfig
 
@@ -48,27 +49,6 @@ def _relative_index(size: int) -> np.ndarray:
     """(size, size) int: row q, column k -> q - k + size - 1, the row of a (2 * size - 1, H) table."""
     coords = np.arange(size)
     return coords[:, None] - coords[None, :] + size - 1
-
-
-class _PatchEmbedding(nn.Module):
-    """Conv2d with kernel = stride = patch and a bias: (B, S, S, C) -> (B, G, G, D) float32."""
-
-    config: SamVisionConfig
-
-    @nn.compact
-    def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
-        cfg = self.config
-        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
-        b, height, width, _ = pixels_bhwc.shape
-        gh, gw = height // p, width // p
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, d), cfg.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), cfg.param_dtype)
-        # A stride-P conv with a PxP kernel is a matmul over non-overlapping patches flattened (ph, pw, c), in
-        # float32 at full precision (a low-precision patch embedding of raw pixels is a known source of drift).
-        patches = pixels_bhwc.astype(jnp.float32).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, gh, gw, p * p * c)
-        return jnp.dot(patches, kernel.astype(jnp.float32).reshape(p * p * c, d),
-                       precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
 
 
 class SamVisionAttention(nn.Module):
@@ -221,7 +201,8 @@ class SamVisionEncoder(nn.Module):
             raise ValueError(f"SamVisionEncoder expects channels-last pixel_values of shape (B, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}); got {tuple(pixel_values_bhwc.shape)}. "
                              "(HF tensors are (B, C, H, W): transpose them with .transpose(0, 2, 3, 1).)")
-        x = _PatchEmbedding(cfg, name="patch_embed")(pixel_values_bhwc)
+        x = PatchEmbedding(cfg.patch_size, cfg.num_channels, cfg.hidden_size, cfg.param_dtype,
+                           name="patch_embed")(pixel_values_bhwc)
         if cfg.use_abs_pos:
             g = cfg.grid_size
             pos = self.param("pos_embed", nn.initializers.zeros, (1, g, g, cfg.hidden_size), cfg.param_dtype)

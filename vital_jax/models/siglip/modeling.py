@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
+from vital_jax.layers.patch_embed import PatchEmbedding
 from vital_jax.layers.norms import LayerNorm
 from vital_jax.models.siglip.config import SiglipVisionConfig
 
@@ -47,28 +48,6 @@ def _multihead_attention(q_btd: jax.Array, k_bsd: jax.Array, v_bsd: jax.Array, n
     return jnp.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, d)
 
 
-class _PatchEmbedding(nn.Module):
-    """Conv2d with kernel = stride = patch, no padding: (B, H, W, C) -> (B, N, D) float32, raster order."""
-
-    config: SiglipVisionConfig
-
-    @nn.compact
-    def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
-        cfg = self.config
-        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
-        b, height, width, _ = pixels_bhwc.shape
-        gh, gw = height // p, width // p
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, d), cfg.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), cfg.param_dtype)
-        # A stride-P conv with a PxP kernel is a matmul over non-overlapping patches, flattened (ph, pw, c) to
-        # match the HWIO kernel. Done in float32 at full precision: a low-precision patch embedding of raw pixels
-        # is a known source of NaNs/drift in ViTs.
-        patches = pixels_bhwc.astype(jnp.float32).reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, gh * gw, p * p * c)
-        return jnp.dot(patches, kernel.astype(jnp.float32).reshape(p * p * c, d),
-                       precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
-
-
 class SiglipEmbeddings(nn.Module):
     """Patch embedding + learned position embedding (one per patch, no CLS). (B, H, W, C) -> (B, N, D) in
     `config.dtype`."""
@@ -78,7 +57,9 @@ class SiglipEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, pixels_bhwc: jax.Array) -> jax.Array:
         cfg = self.config
-        x_bnd = _PatchEmbedding(cfg, name="patch_embedding")(pixels_bhwc)
+        x_bghd = PatchEmbedding(cfg.patch_size, cfg.num_channels, cfg.hidden_size, cfg.param_dtype,
+                                name="patch_embedding")(pixels_bhwc)
+        x_bnd = x_bghd.reshape(x_bghd.shape[0], -1, cfg.hidden_size)  # raster order
         pos_nd = Embed(cfg.num_patches, cfg.hidden_size, dtype=jnp.float32, param_dtype=cfg.param_dtype,
                           name="position_embedding").embedding
         return (x_bnd + pos_nd.astype(jnp.float32)[None]).astype(cfg.dtype)

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -181,6 +182,16 @@ def test_wrong_input_and_configs_raise(tmp_path):
         SamVisionConfig.from_hf_dict({"model_type": "sam_vision_model", **TINY_KW, "global_attn_indexes": [5]})
     with pytest.raises(ConfigError, match="expected one of"):
         SamVisionConfig.from_hf_dict({"model_type": "siglip_vision_model"})
+    # The ViT checks shared with SigLIP (`hf_config.check_vit_shapes`, `with_overrides`) name the file.
+    for bad, needle in [({"num_attention_heads": 5}, "hidden_size=32 is not a multiple of num_attention_heads=5"),
+                        ({"patch_size": 5}, "image_size=64 is not a multiple of patch_size=5"),
+                        ({"hidden_act": "relu"}, "hidden_act='relu' is not supported")]:
+        with pytest.raises(ConfigError, match=f"my/config.json: {needle}"):
+            SamVisionConfig.from_hf_dict({"model_type": "sam_vision_model", **TINY_KW, **bad}, "my/config.json")
+    with pytest.raises(ConfigError, match=r"my/config.json: unknown override\(s\) \['dtpye'\]"):
+        SamVisionConfig.from_hf_dict({"model_type": "sam_vision_model", **TINY_KW}, "my/config.json", dtpye="bf16")
+    assert SamVisionConfig.from_hf_dict({"model_type": "sam_vision_model", **TINY_KW},
+                                        dtype="bfloat16").dtype == jnp.bfloat16
     # A checkpoint whose config says 3 layers but holds 2 names every missing tensor.
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)

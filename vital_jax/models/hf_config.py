@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -41,3 +42,41 @@ def as_dtype(name):
             raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
         return _DTYPES[name]
     return name
+
+
+# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU); the ViT encoders
+# (SAM, SigLIP) implement these three.
+GELU_APPROXIMATE = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
+
+
+def square_size(value, key: str, source: str) -> int:
+    """An image_size / patch_size given as an int or as a square [n, n] pair -> n; ConfigError otherwise."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{source}: non-square {key}={value} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def check_vit_shapes(hidden_size: int, num_attention_heads: int, image_size: int, patch_size: int,
+                     hidden_act: str) -> None:
+    """ConfigError unless the heads divide the width, the patches tile the image and the activation is a GELU."""
+    if hidden_size % num_attention_heads:
+        raise ConfigError(f"hidden_size={hidden_size} is not a multiple of num_attention_heads={num_attention_heads}")
+    if image_size % patch_size:
+        raise ConfigError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    if hidden_act not in GELU_APPROXIMATE:
+        raise ConfigError(f"hidden_act={hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATE)}")
+
+
+def with_overrides(cls, fields: dict, overrides: dict, source: str):
+    """`cls(**fields)` with `overrides` applied on top (dtype names converted: "bfloat16" -> jnp.bfloat16); an
+    unknown override or a ConfigError of the class is reported against `source`."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{source}: unknown override(s) {sorted(unknown)}")
+    fields = dict(fields, **{k: (as_dtype(v) if k in ("dtype", "param_dtype") else v) for k, v in overrides.items()})
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

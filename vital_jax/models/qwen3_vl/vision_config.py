@@ -10,10 +10,6 @@ import jax.numpy as jnp
 from vital_jax.layers.attention import ATTENTION_IMPLS
 from vital_jax.models import hf_config
 
-# HF activation names -> whether the tanh approximation of GELU is used.
-_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
-
-
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLVisionConfig:
     """Architecture of the Qwen3-VL ViT (patch embed, blocks, 2x2 merger, deepstack mergers) plus precision.
@@ -73,8 +69,9 @@ class Qwen3VLVisionConfig:
             problems.append(f"head_dim={self.head_dim} must be a multiple of 4 for the 2-D rotary embedding")
         if self.num_grid_per_side ** 2 != self.num_position_embeddings:
             problems.append(f"num_position_embeddings={self.num_position_embeddings} is not a perfect square")
-        if self.hidden_act not in _GELU_APPROXIMATE:
-            problems.append(f"hidden_act={self.hidden_act!r} is not supported (use one of {sorted(_GELU_APPROXIMATE)})")
+        if self.hidden_act not in hf_config.GELU_APPROXIMATE:
+            problems.append(f"hidden_act={self.hidden_act!r} is not supported "
+                            f"(use one of {sorted(hf_config.GELU_APPROXIMATE)})")
         # HF silently skips a deepstack index >= depth; here it is an error so a bad config cannot go unnoticed.
         bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
         if bad:
@@ -108,7 +105,7 @@ class Qwen3VLVisionConfig:
 
     @property
     def gelu_approximate(self) -> bool:
-        return _GELU_APPROXIMATE[self.hidden_act]
+        return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLVisionConfig":

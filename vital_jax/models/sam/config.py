@@ -16,9 +16,6 @@ _HF_DEFAULTS = dict(hidden_size=768, output_channels=256, num_hidden_layers=12, 
                     qkv_bias=True, mlp_ratio=4.0, mlp_dim=None, use_abs_pos=True, use_rel_pos=True, window_size=14,
                     global_attn_indexes=(2, 5, 8, 11))
 
-# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU, SAM's default).
-_GELU_APPROXIMATE = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
-
 # The neck's two LayerNorms (HF `SamLayerNorm`, channels-first) use their constructor default, not
 # `layer_norm_eps` from the config.
 NECK_LAYER_NORM_EPS = 1e-6
@@ -56,15 +53,8 @@ class SamVisionConfig:
     param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise hf_config.ConfigError(f"hidden_size={self.hidden_size} is not a multiple of "
-                                        f"num_attention_heads={self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise hf_config.ConfigError(f"image_size={self.image_size} is not a multiple of "
-                                        f"patch_size={self.patch_size}")
-        if self.hidden_act not in _GELU_APPROXIMATE:
-            raise hf_config.ConfigError(f"hidden_act={self.hidden_act!r} is not supported; "
-                                        f"use one of {sorted(_GELU_APPROXIMATE)}")
+        hf_config.check_vit_shapes(self.hidden_size, self.num_attention_heads, self.image_size, self.patch_size,
+                                   self.hidden_act)
         if self.window_size < 0:
             raise hf_config.ConfigError(f"window_size={self.window_size} must be >= 0 (0: every layer global)")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_hidden_layers]
@@ -87,7 +77,7 @@ class SamVisionConfig:
 
     @property
     def gelu_approximate(self) -> bool:
-        return _GELU_APPROXIMATE[self.hidden_act]
+        return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "SamVisionConfig":
@@ -107,14 +97,7 @@ class SamVisionConfig:
         else:
             vision = cfg
         get = lambda key: vision[key] if vision.get(key) is not None else _HF_DEFAULTS[key]  # noqa: E731
-        sizes = {}
-        for key in ("image_size", "patch_size"):
-            value = get(key)
-            if isinstance(value, (list, tuple)):
-                if len(value) != 2 or value[0] != value[1]:
-                    raise hf_config.ConfigError(f"{source}: non-square {key}={value} is not supported")
-                value = value[0]
-            sizes[key] = int(value)
+        sizes = {key: hf_config.square_size(get(key), key, source) for key in ("image_size", "patch_size")}
         hidden = int(get("hidden_size"))
         mlp_dim = vision.get("mlp_dim")
         fields = dict(
@@ -134,15 +117,7 @@ class SamVisionConfig:
             global_attn_indexes=tuple(int(i) for i in get("global_attn_indexes")),
             **sizes,
         )
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise hf_config.ConfigError(f"{source}: unknown override(s) {sorted(unknown)}")
-        fields.update({k: (hf_config.as_dtype(v) if k in ("dtype", "param_dtype") else v)
-                       for k, v in overrides.items()})
-        try:
-            return cls(**fields)
-        except hf_config.ConfigError as e:
-            raise hf_config.ConfigError(f"{source}: {e}") from None
+        return hf_config.with_overrides(cls, fields, overrides, source)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **overrides) -> "SamVisionConfig":

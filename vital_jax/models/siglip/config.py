@@ -14,10 +14,6 @@ _HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1
                     num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
                     layer_norm_eps=1e-6, vision_use_head=True)
 
-# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU).
-_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
-
-
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig:
     """Architecture of a SigLIP / MedSigLIP vision encoder plus runtime precision.
@@ -41,15 +37,8 @@ class SiglipVisionConfig:
     param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise hf_config.ConfigError(f"hidden_size={self.hidden_size} is not a multiple of "
-                                        f"num_attention_heads={self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise hf_config.ConfigError(f"image_size={self.image_size} is not a multiple of "
-                                        f"patch_size={self.patch_size}")
-        if self.hidden_act not in _GELU_APPROXIMATE:
-            raise hf_config.ConfigError(f"hidden_act={self.hidden_act!r} is not supported; "
-                                        f"use one of {sorted(_GELU_APPROXIMATE)}")
+        hf_config.check_vit_shapes(self.hidden_size, self.num_attention_heads, self.image_size, self.patch_size,
+                                   self.hidden_act)
 
     @property
     def head_dim(self) -> int:
@@ -67,7 +56,7 @@ class SiglipVisionConfig:
 
     @property
     def gelu_approximate(self) -> bool:
-        return _GELU_APPROXIMATE[self.hidden_act]
+        return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "SiglipVisionConfig":
@@ -88,14 +77,7 @@ class SiglipVisionConfig:
         else:
             vision = cfg
         get = lambda key: vision.get(key, _HF_DEFAULTS[key])  # noqa: E731
-        sizes = {}
-        for key in ("image_size", "patch_size"):
-            value = get(key)
-            if isinstance(value, (list, tuple)):
-                if len(value) != 2 or value[0] != value[1]:
-                    raise hf_config.ConfigError(f"{source}: non-square {key}={value} is not supported")
-                value = value[0]
-            sizes[key] = int(value)
+        sizes = {key: hf_config.square_size(get(key), key, source) for key in ("image_size", "patch_size")}
         fields = dict(
             hidden_size=int(get("hidden_size")),
             intermediate_size=int(get("intermediate_size")),
@@ -107,15 +89,7 @@ class SiglipVisionConfig:
             use_head=bool(get("vision_use_head")),
             **sizes,
         )
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise hf_config.ConfigError(f"{source}: unknown override(s) {sorted(unknown)}")
-        fields.update({k: (hf_config.as_dtype(v) if k in ("dtype", "param_dtype") else v)
-                       for k, v in overrides.items()})
-        try:
-            return cls(**fields)
-        except hf_config.ConfigError as e:
-            raise hf_config.ConfigError(f"{source}: {e}") from None
+        return hf_config.with_overrides(cls, fields, overrides, source)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **overrides) -> "SiglipVisionConfig":

@@ -44,8 +44,8 @@ def as_dtype(name):
     return name
 
 
-# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU); the ViT encoders
-# (SAM, SigLIP) implement these three.
+# HF activation name -> whether it is the tanh approximation of GELU (False: exact erf GELU); the vision encoders
+# (SAM, SigLIP, Qwen3-VL's tower) implement these three.
 GELU_APPROXIMATE = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
 
 

@@ -142,3 +142,28 @@ def test_arrays_follow_the_same_rules():
         images.load_image(np.zeros((8, 1700), np.uint8))
     with pytest.raises(images.ImageError, match="uint8"):
         images.load_image(np.zeros((10, 10, 3), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK"])
+def test_the_data_loader_and_the_backbone_preprocessor_read_a_file_to_the_same_pixels(tmp_path, mode):
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (24, 30, 4), dtype=np.uint8)
+    rgba[:6, :, 3] = 0  # a fully transparent band: white under both
+    image = Image.fromarray(rgba, "RGBA").convert(mode)
+    if mode == "P":
+        image.info["transparency"] = int(np.asarray(image)[0, 0])  # a palette transparency key
+    path = tmp_path / f"img_{mode}.{'tif' if mode == 'CMYK' else 'png'}"
+    image.save(path, **({"transparency": image.info["transparency"]} if mode == "P" else {}))
+    data_pixels = images.load_image(str(path))
+    np.testing.assert_array_equal(data_pixels, preprocessing.load_image(str(path)))
+    assert data_pixels.shape == (24, 30, 3) and data_pixels.dtype == np.uint8
+    if mode in ("RGBA", "LA", "P"):
+        assert (data_pixels[:6] == 255).all()
+    # A truncated file (fails while decoding, after the header): each reader's own error type, naming the file.
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "whole.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:-200])
+    with pytest.raises(images.ImageError, match=r"truncated.png: corrupt or unreadable image"):
+        images.load_image(str(truncated))
+    with pytest.raises(preprocessing.ImageLoadError, match=r"truncated.png: corrupt or unreadable image"):
+        preprocessing.load_image(str(truncated))

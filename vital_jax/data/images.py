@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 from PIL import Image
+from vital_jax import image_io
 
 MIN_SIDE = 8
 MAX_ASPECT_RATIO = 200
@@ -67,7 +68,7 @@ def load_image(source) -> np.ndarray:
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        return _to_rgb(_open(path), path)
+        return _to_rgb(image_io.open_file(path, ImageError), path)
     if isinstance(source, Image.Image):
         return _to_rgb(source, getattr(source, "filename", None) or f"<PIL image mode={source.mode} "
                                                                      f"size={source.size}>")
@@ -85,8 +86,8 @@ def check_file(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             mode, (width, height) = img.mode, img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from e
+    except image_io.PIL_READ_ERRORS as e:
+        raise ImageError(f"{path}: corrupt or unreadable image ({e})") from e
     check_mode(mode, path)
     check_size(height, width, path)
     return height, width
@@ -95,14 +96,11 @@ def check_file(path: str) -> tuple[int, int]:
 def load_mask(path: str, image_shape: tuple[int, int] | None) -> np.ndarray:
     """bool (H, W) from a 0/255 (or 0/1) mask file of the image's (H, W) (any size when `image_shape` is None);
     ImageError for other values, a size mismatch or an empty mask."""
+    img = image_io.open_file(path, ImageError, kind="mask")
     try:
-        with Image.open(path) as img:
-            img.load()
-            values = np.asarray(img.convert("L") if img.mode not in _MASK_MODES else img)
-    except FileNotFoundError as e:
-        raise ImageError(f"{path}: mask file not found") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: corrupt or unreadable mask ({e})") from e
+        values = np.asarray(img.convert("L") if img.mode not in _MASK_MODES else img)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{path}: cannot read mode {img.mode!r} as a mask ({e})") from e
     if image_shape is not None and values.shape != tuple(image_shape):
         raise ImageError(f"{path}: mask size {values.shape[::-1]} differs from its image's "
                          f"{tuple(image_shape)[::-1]}")
@@ -122,31 +120,12 @@ def window_wide(values: np.ndarray) -> np.ndarray:
     return volumes.normalize_percentiles(values, *WINDOW_PERCENTILES)
 
 
-def _open(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated data only fails here, not in Image.open
-            return img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: corrupt or unreadable image ({e})") from e
-
-
 def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
     check_mode(img.mode, name)
     check_size(img.height, img.width, name)
     if img.mode in WIDE_MODES:
         return np.repeat(window_wide(np.asarray(img))[:, :, None], 3, axis=2)
-    has_alpha = any(band in ("A", "a") for band in img.getbands()) or img.info.get("transparency") is not None
-    try:
-        if has_alpha:
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ImageError(f"{name}: cannot convert mode {img.mode!r} to RGB ({e})") from e
+    return np.asarray(image_io.to_rgb(img, name, ImageError))
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:

@@ -69,6 +69,17 @@ def check_vit_shapes(hidden_size: int, num_attention_heads: int, image_size: int
         raise ConfigError(f"hidden_act={hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATE)}")
 
 
+def image_mean_std(cfg: dict, default_mean: tuple[float, ...], default_std: tuple[float, ...],
+                   source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A preprocessor config's (image_mean, image_std): three numbers each (or one for every channel)."""
+    mean, std = cfg.get("image_mean", default_mean), cfg.get("image_std", default_std)
+    mean = tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
+    std = tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3))
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"{source}: image_mean/image_std must have 3 entries, got {mean} / {std}")
+    return mean, std
+
+
 def with_overrides(cls, fields: dict, overrides: dict, source: str):
     """`cls(**fields)` with `overrides` applied on top (dtype names converted: "bfloat16" -> jnp.bfloat16); an
     unknown override or a ConfigError of the class is reported against `source`."""

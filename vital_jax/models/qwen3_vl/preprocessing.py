@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from vital_jax import image_io
 from vital_jax.jsonio import read_json
 
 # Qwen3-VL preprocessor_config.json values.
@@ -74,7 +75,8 @@ def load_image(source, *, alpha: str = "white") -> np.ndarray:
     if alpha not in ("white", "drop"):
         raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
     if isinstance(source, (str, os.PathLike)):
-        return _image_to_rgb(_open_image_file(os.fspath(source)), alpha, name=os.fspath(source))
+        return _image_to_rgb(image_io.open_file(os.fspath(source), ImageLoadError), alpha,
+                             name=os.fspath(source))
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", None) or f"<PIL image mode={source.mode} size={source.size}>"
         return _image_to_rgb(source, alpha, name=name)
@@ -84,32 +86,13 @@ def load_image(source, *, alpha: str = "white") -> np.ndarray:
                          "pass a file path, a PIL.Image.Image or a uint8 numpy array")
 
 
-def _open_image_file(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise ImageLoadError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated data only fails here, not in Image.open
-            return img.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image (truncated or corrupt?): {e}") from e
-
-
 def _image_to_rgb(img: Image.Image, alpha: str, name: str) -> np.ndarray:
     if img.width == 0 or img.height == 0:
         raise ImageLoadError(f"{name}: empty image of size {img.size}")
     if img.mode in _WIDE_MODES:
         raise ImageLoadError(f"{name}: mode {img.mode!r} has more than 8 bits per pixel; window it to 8 bits first "
                              "(vital_jax.data.images.load_image does, as every vital_jax stage)")
-    has_alpha = "A" in img.getbands() or "a" in img.getbands() or img.info.get("transparency") is not None
-    try:
-        if has_alpha and alpha == "white":
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-        return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ImageLoadError(f"{name}: cannot convert mode {img.mode!r} to RGB: {e}") from e
+    return np.asarray(image_io.to_rgb(img, name, ImageLoadError, alpha=alpha))
 
 
 def _array_to_rgb(array: np.ndarray, alpha: str) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vital_jax.jsonio import read_json
+from vital_jax.models import hf_config
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.siglip.preprocessing import to_rgb
 
@@ -64,11 +65,7 @@ class SamPreprocessor:
             raise ConfigError(f"{source}: size={size} is not supported; expected {{'longest_edge': N}}")
         if set(pad) != {"height", "width"} or pad["height"] != pad["width"]:
             raise ConfigError(f"{source}: pad_size={pad} is not supported; expected a square {{'height', 'width'}}")
-        mean, std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
-        mean = tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
-        std = tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3))
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"{source}: image_mean/image_std must have 3 entries, got {mean} / {std}")
+        mean, std = hf_config.image_mean_std(cfg, IMAGENET_MEAN, IMAGENET_STD, source)
         return cls(longest_edge=int(size["longest_edge"]), pad_size=int(pad["height"]),
                    resample=int(cfg.get("resample", Image.Resampling.BILINEAR)),
                    rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), image_mean=mean, image_std=std)

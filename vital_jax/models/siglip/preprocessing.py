@@ -17,8 +17,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from vital_jax.models.hf_config import ConfigError
+from vital_jax import image_io
 from vital_jax.jsonio import read_json
+from vital_jax.models import hf_config
+from vital_jax.models.hf_config import ConfigError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -56,11 +58,7 @@ class SiglipPreprocessor:
         size = cfg.get("size", {"height": 224, "width": 224})
         if set(size) != {"height", "width"}:
             raise ConfigError(f"{source}: size={size} is not supported; expected {{'height': H, 'width': W}}")
-        mean, std = cfg.get("image_mean", [0.5] * 3), cfg.get("image_std", [0.5] * 3)
-        mean = tuple(float(m) for m in (mean if isinstance(mean, list) else [mean] * 3))
-        std = tuple(float(s) for s in (std if isinstance(std, list) else [std] * 3))
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"{source}: image_mean/image_std must have 3 entries, got {mean} / {std}")
+        mean, std = hf_config.image_mean_std(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), source)
         return cls(height=int(size["height"]), width=int(size["width"]),
                    resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
                    rescale_factor=float(cfg.get("rescale_factor", 1 / 255)), image_mean=mean, image_std=std)
@@ -74,11 +72,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of a PIL image; transparency is composited onto a white background (as HF does)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    name = getattr(image, "filename", None) or f"<PIL image mode={image.mode} size={image.size}>"
+    return image_io.to_rgb(image, name, ValueError)
 
 
 def preprocess_image(image: Image.Image, size: int | tuple[int, int] = 224,

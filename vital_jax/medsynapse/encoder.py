@@ -105,12 +105,25 @@ class AnatomicalEncoder(abc.ABC):
         return None
 
 
-def _pil(image) -> Image.Image:
-    return Image.fromarray(load_image(image))
+class _VitEncoder(AnatomicalEncoder):
+    """What the SigLIP and SAM encoders share: a `model` whose config gives the square canvas (`image_size`) and
+    its patch grid (`grid_size`), and a `preprocessor` that turns a PIL image into that canvas."""
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.model.config.grid_size, self.model.config.grid_size
+
+    def preprocess(self, image) -> np.ndarray:
+        # Through the data loader first: the checks and the 16-bit window every stage applies.
+        return self.preprocessor(Image.fromarray(load_image(image)))
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipAnatomicalEncoder(AnatomicalEncoder):
+class SiglipAnatomicalEncoder(_VitEncoder):
     """The SigLIP / MedSigLIP patch grid as E_ana: (B, S, S, 3) -> (B, g, g, hidden_size), g = S / patch.
 
     feature_layer: "post_layernorm" (HF's `last_hidden_state`, the default: the final layer's output, as §2.2
@@ -130,19 +143,8 @@ class SiglipAnatomicalEncoder(AnatomicalEncoder):
                                         f"does not match the encoder's image_size {size}")
 
     @property
-    def image_size(self) -> int:
-        return self.model.config.image_size
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.model.config.grid_size, self.model.config.grid_size
-
-    @property
     def feature_dim(self) -> int:
         return self.model.config.hidden_size
-
-    def preprocess(self, image) -> np.ndarray:
-        return self.preprocessor(_pil(image))
 
     def content_size(self, height: int, width: int) -> tuple[int, int]:
         return self.image_size, self.image_size  # plain resize: the image fills the canvas
@@ -158,7 +160,7 @@ class SiglipAnatomicalEncoder(AnatomicalEncoder):
 
 
 @dataclasses.dataclass(frozen=True)
-class SamAnatomicalEncoder(AnatomicalEncoder):
+class SamAnatomicalEncoder(_VitEncoder):
     """The SAM-1 (MedSAM) image encoder as E_ana: (B, S, S, 3) -> (B, g, g, df), g = S / patch.
 
     feature_layer: "neck" (the image embedding SAM's mask decoder reads, df = output_channels; the default) or
@@ -177,20 +179,9 @@ class SamAnatomicalEncoder(AnatomicalEncoder):
                                         f"encoder's image_size {self.model.config.image_size}")
 
     @property
-    def image_size(self) -> int:
-        return self.model.config.image_size
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.model.config.grid_size, self.model.config.grid_size
-
-    @property
     def feature_dim(self) -> int:
         cfg = self.model.config
         return cfg.output_channels if self.feature_layer == "neck" else cfg.hidden_size
-
-    def preprocess(self, image) -> np.ndarray:
-        return self.preprocessor(_pil(image))
 
     def content_size(self, height: int, width: int) -> tuple[int, int]:
         return self.preprocessor.content_size(height, width)

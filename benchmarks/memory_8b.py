@@ -37,21 +37,15 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 if "--keep_licm" not in sys.argv:
     os.environ["XLA_FLAGS"] += " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
 
-import dataclasses  # noqa: E402
 import functools  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import xla_flops, xla_memory  # noqa: E402
-from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
+from benchmarks.mfu_8b import add_model_arguments, paper_model, synthetic_batch  # noqa: E402
 from vital_jax import distributed, sharding  # noqa: E402
-from vital_jax.layers.linear import LoraConfig  # noqa: E402
-from vital_jax.models.qwen3.config import Qwen3Config  # noqa: E402
-from vital_jax.models.qwen3_vl.config import Qwen3VLConfig  # noqa: E402
 from vital_jax.vital import accounting, trainable  # noqa: E402
-from vital_jax.vital.config import VitalConfig  # noqa: E402
-from vital_jax.vital.model import VitalModel  # noqa: E402
 from vital_jax.vital.train_step import init_train_state, train_step  # noqa: E402
 
 GIB = 2**30
@@ -59,19 +53,6 @@ H100_BYTES = 80e9  # "80 GB" H100; ~79.1 GiB usable, less the CUDA context and X
 FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 FLOP_FIELDS = ("matmul_flops", "model_flops")  # global, per step
 FULL_BACKBONE_LAYERS, FULL_DECODER_LAYERS = 36, 28
-
-
-def build_model(args, backbone_layers: int, decoder_layers: int) -> VitalModel:
-    scan = not args.loop_layers
-    backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16",
-                                             remat=True, scan_layers=scan, remat_policy=args.remat_policy)
-    decoder = Qwen3Config.from_pretrained(args.decoder_config, dtype="bfloat16", param_dtype="float32", remat=True,
-                                          scan_layers=scan, remat_policy=args.remat_policy)
-    backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
-                                                                      num_hidden_layers=backbone_layers))
-    decoder = dataclasses.replace(decoder, num_hidden_layers=decoder_layers)
-    return VitalModel(VitalConfig(k_max=args.k, roi_dim=1152, remat_latent_steps=True,
-                                  lora=LoraConfig(64, 128.0, 0.05)), backbone, decoder)
 
 
 def abstract(tree, shardings):
@@ -82,7 +63,8 @@ def abstract(tree, shardings):
 
 def compile_memory(args, mesh_shape, backbone_layers: int, decoder_layers: int) -> dict:
     """Lower + compile the step for abstract inputs on `mesh_shape`; returns per-device bytes and timings."""
-    model = build_model(args, backbone_layers, decoder_layers)
+    model = paper_model(args, remat=True, scan_layers=not args.loop_layers, remat_policy=args.remat_policy,
+                        layers=(backbone_layers, decoder_layers))
     optimizer = trainable.make_optimizer(2e-5)
     params = model.abstract_params()
     state, frozen = jax.eval_shape(lambda p: init_train_state(p, optimizer, jax.random.PRNGKey(0)), params)
@@ -136,15 +118,11 @@ def report(name: str, m: dict, note: str = "") -> None:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
-    p.add_argument("--decoder_config", default="configs/hf/qwen3_1p7b")
+    add_model_arguments(p, layer_pairs=True)
     p.add_argument("--batch", type=int, default=8, help="global batch (over 8 devices)")
     p.add_argument("--prompt_len", type=int, default=1024)
     p.add_argument("--answer_len", type=int, default=32)
     p.add_argument("--step_len", type=int, default=64)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--layers", type=int, nargs=2, metavar=("N1", "N2"),
-                   help="compile truncated models at N1, N2 layers and extrapolate to 36 + 28 layers")
     p.add_argument("--meshes", default="fsdp,data", help="comma list of: fsdp (1,8,1), data (8,1,1)")
     p.add_argument("--loop_layers", action="store_true", help="unrolled decoder layers instead of nn.scan")
     p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")

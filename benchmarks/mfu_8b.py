@@ -140,20 +140,32 @@ def trace_one_step(compiled, state, frozen, batch, trace_dir: str, top: int = 12
     return state
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model-shape arguments shared by the 8B benchmarks (this one and `latency_8b`)."""
+def add_model_arguments(p: argparse.ArgumentParser, layer_pairs: bool = False) -> None:
+    """The model-shape arguments shared by the 8B benchmarks (this one, `latency_8b`, `memory_8b`).
+
+    layer_pairs: `--layers N1 N2` (memory_8b: compile at two depths and extrapolate) instead of `--layers N`.
+    """
     p.add_argument("--backbone_config", default="configs/hf/qwen3_vl_8b_instruct")
     p.add_argument("--decoder_config", default="configs/hf/qwen3_1p7b")
     p.add_argument("--k", type=int, default=4, help="K_max, the latent steps")
-    p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
+    if layer_pairs:
+        p.add_argument("--layers", type=int, nargs=2, metavar=("N1", "N2"),
+                       help="compile truncated models at N1, N2 layers and extrapolate to the full depth")
+    else:
+        p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
     p.add_argument("--attention", default="xla", help="attention_impl of both LMs and the vision tower")
     p.add_argument("--quick", action="store_true",
                    help="demo-sized one-layer towers and small inputs: the CI smoke test of the script")
 
 
-def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_policy: str = "full") -> VitalModel:
+def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_policy: str = "full",
+                layers: tuple[int, int] | None = None) -> VitalModel:
     """VITAL at the paper's shapes: Qwen3-VL-8B (bf16 weights) + LoRA r64 on every projection, the Qwen3-1.7B
-    auxiliary decoder (float32 master weights, bf16 compute), K_max = args.k."""
+    auxiliary decoder (float32 master weights, bf16 compute), K_max = args.k.
+
+    layers: (backbone text layers, decoder layers) to truncate the two LMs to; None: `args.layers` for both, when
+    set (the vision tower keeps its depth either way).
+    """
     backbone_overrides = dict(dtype="bfloat16", param_dtype="bfloat16", remat=remat, scan_layers=scan_layers,
                               attention_impl=args.attention, remat_policy=remat_policy)
     decoder_overrides = dict(backbone_overrides, param_dtype="float32")
@@ -167,10 +179,12 @@ def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_
     else:
         backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, **backbone_overrides)
         decoder = Qwen3Config.from_pretrained(args.decoder_config, **decoder_overrides)
-    if args.layers:
+    if layers is None and args.layers:
+        layers = (args.layers, args.layers)
+    if layers is not None:
         backbone = dataclasses.replace(backbone, text=dataclasses.replace(backbone.text,
-                                                                          num_hidden_layers=args.layers))
-        decoder = dataclasses.replace(decoder, num_hidden_layers=args.layers)
+                                                                          num_hidden_layers=layers[0]))
+        decoder = dataclasses.replace(decoder, num_hidden_layers=layers[1])
     return VitalModel(VitalConfig(k_max=args.k, roi_dim=1152, remat_latent_steps=remat,
                                   lora=LoraConfig(64, 128.0, 0.05)), backbone, decoder)
 

@@ -29,8 +29,9 @@ def get_config():
                                 # matmuls' outputs: no matmul recomputed, more memory); same numbers either way
         scan_layers=False,      # run decoder layers as one nn.scan (stacked params): one compiled layer, and
                                 # remat then bounds memory to one layer; checkpoints keep the per-layer layout
-        attention_impl="xla",   # attention (both towers): "xla" (reference einsums, f32 softmax), "dot_product" or "pallas_flash" (TPU)
-                                # (jax.nn.dot_product_attention: cuDNN flash on NVIDIA GPUs); same weights
+        attention_impl="xla",   # attention (both towers): "xla" (reference einsums, f32 softmax), "dot_product"
+                                # (jax.nn.dot_product_attention, XLA), "cudnn" (flash, NVIDIA GPUs, bf16) or
+                                # "pallas_flash" (TPU); same weights
     ))
     c.data = ml_collections.ConfigDict(dict(
         data_dir="", train_split="train", eval_split="test", batch_size=8, prompt_buckets=(512, 1024, 2048),

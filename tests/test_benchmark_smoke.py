@@ -143,6 +143,15 @@ def test_mfu_8b_quick_trains_a_truncated_8b_shaped_step_and_counts_its_flops(tmp
     assert float(executed.group(3)) >= 1.0, lines[-1]
 
 
+def test_attention_kernels_quick_compares_the_impls_here_and_names_those_it_cannot_run():
+    lines = run_quick("attention_kernels")
+    assert any(line.startswith("cudnn: not run here: attention_impl='cudnn'") for line in lines), lines
+    for impl in ("xla", "dot_product"):
+        rows = [line for line in lines if re.match(rf" +{impl} +forward\+backward +{NUMBER} ms \| max \|diff\|", line)]
+        assert len(rows) == 2, (impl, lines)   # text prefill and vision tower
+    assert re.fullmatch(rf"ratio xla / dot_product \(text prefill, forward\+backward\): {NUMBER}x", lines[-1]), lines
+
+
 def test_latency_8b_quick_times_k0_and_k4_and_their_parts():
     lines = run_quick("latency_8b")
     assert re.fullmatch(rf"prefix \(vision tower \+ prefill\): {NUMBER} ms", lines[-5]), lines

@@ -3,7 +3,10 @@ einsums and transformers in float32 (max abs diff <= 1e-4), in prefill, cached d
 and the VITAL latent loop; the config carries it to both Qwen3-VL towers (the vision tower's per-slice attention goes
 through the same `attend`). "pallas_flash" (JAX's Pallas TPU flash-attention kernels) runs here in Pallas' TPU
 interpret mode (`pallas_interpret`): forward and gradients against the reference, Qwen3 prefill and decode and
-Qwen3-VL with images against transformers; outside interpret mode on a CPU it refuses with a clear error."""
+Qwen3-VL with images against transformers; outside interpret mode on a CPU it refuses with a clear error. "cudnn"
+(cuDNN's flash attention, NVIDIA GPUs only) cannot run here: its tests replace the kernel by JAX's XLA formulation of
+the same function behind a stand-in that enforces cuDNN's input constraints, so they check what reaches the kernel
+(dtype, even lengths, the mask, which calls) and that the padding and routing around it change no number."""
 
 import dataclasses
 import functools
@@ -143,7 +146,7 @@ def test_attention_impl_is_validated_and_reaches_both_towers(tmp_path):
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="flash")
     with pytest.raises(ConfigError, match="vision_config.*attention_impl='flash' is not one of"):
         Qwen3VLVisionConfig.from_pretrained(str(tmp_path), attention_impl="flash")
-    assert ATTENTION_IMPLS == ("xla", "dot_product", "pallas_flash")
+    assert ATTENTION_IMPLS == ("xla", "dot_product", "cudnn", "pallas_flash")
     assert Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl="pallas_flash").vision.attention_impl == \
         "pallas_flash"
 
@@ -373,3 +376,98 @@ def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_att
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_query_chunk=-1)
     with pytest.raises(ConfigError, match="attention_score_block_mib=-1 must be >= 0"):
         Qwen3VLConfig.from_pretrained(str(tmp_path), attention_score_block_mib=-1)
+
+
+# ------------------------------------------------------------------------------------------------- cudnn
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
+    """`jax.nn.dot_product_attention(implementation="cudnn")` computed by its "xla" implementation, after the checks
+    cuDNN's bf16/fp16 flash kernels make (jax's cudnn/fused_attention_stablehlo: dtype, head dim, even T and S with a
+    bias in training) and those of the call this module must make (a (B, 1, T, S) bool mask, the kernel asked for
+    by name). Returns the list of (q shape, k shape) of every such call; other calls pass through."""
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def stand_in(query, key, value, *, mask=None, implementation=None, **kwargs):
+        if implementation != "cudnn":   # "dot_product", the references
+            return original(query, key, value, mask=mask, implementation=implementation, **kwargs)
+        assert query.dtype == key.dtype == value.dtype and query.dtype in (jnp.bfloat16, jnp.float16)
+        (b, t, _, h), s = query.shape, key.shape[1]
+        assert h <= 256 and h % 8 == 0 and t % 2 == 0 and s % 2 == 0, (query.shape, key.shape)
+        assert mask is not None and mask.dtype == jnp.bool_ and mask.shape == (b, 1, t, s) and not kwargs
+        calls.append((query.shape, key.shape))
+        return original(query, key, value, mask=mask, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    return calls
+
+
+def _bf16_case(seed, b, t, s, heads, kv_heads, h):
+    return tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                 for x in _masked_case(np.random.RandomState(seed), b, t, s, heads, kv_heads, h))
+
+
+@pytest.mark.parametrize("t, s, heads, kv_heads", [(5, 9, 4, 2), (6, 8, 8, 2), (7, 7, 4, 4), (4, 11, 6, 1)])
+def test_cudnn_attend_pads_odd_lengths_and_equals_dot_product_forward_and_backward(cudnn_stand_in, t, s, heads,
+                                                                                      kv_heads):
+    q, k, v, mask = _bf16_case(t * 100 + s, 2, t, s, heads, kv_heads, 16)
+    seen = np.asarray(mask).any(-1)
+
+    def loss(impl, q, k, v):
+        out = attend(q, k, v, mask, impl).astype(jnp.float32)
+        return jnp.sum(jnp.where(jnp.asarray(seen)[:, :, None], out, 0.0) ** 2), out
+
+    (_, ours), grads = jax.value_and_grad(functools.partial(loss, "cudnn"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, ref), ref_grads = jax.value_and_grad(functools.partial(loss, "dot_product"), argnums=(0, 1, 2),
+                                             has_aux=True)(q, k, v)
+    assert cudnn_stand_in == [((2, t + t % 2, heads, 16), (2, s + s % 2, kv_heads, 16))]
+    # The extra key is masked (weight exactly 0) and the extra query row dropped: the same bf16 numbers.
+    assert _diff(np.asarray(ours)[seen], np.asarray(ref)[seen]) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == jnp.bfloat16 and _diff(g, r) <= 1e-6
+    # And the float32 reference, within bfloat16's resolution.
+    f32 = attend(*(x.astype(jnp.float32) for x in (q, k, v)), mask, "xla")
+    assert _diff(np.asarray(ours)[seen], np.asarray(f32)[seen]) <= 3e-2
+
+
+def test_cudnn_takes_the_xla_one_query_path_for_a_decode_step_and_refuses_float32(cudnn_stand_in):
+    q, k, v, mask = _bf16_case(3, 2, 1, 12, 8, 2, 16)
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v, mask, "cudnn")), np.asarray(attend(q, k, v, mask, "xla")))
+    assert cudnn_stand_in == []
+    q32, k32, v32, mask = _masked_case(np.random.RandomState(0), 1, 4, 6, 2, 2, 8)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs bfloat16 or float16 .* got float32"):
+        attend(q32, k32, v32, mask, "cudnn")
+
+
+def test_cudnn_needs_an_nvidia_gpu():
+    from vital_jax.layers.attention import check_backend
+
+    with pytest.raises(ValueError, match="attention_impl='cudnn' is cuDNN's fused flash attention and needs an "
+                                         "NVIDIA GPU .*'cpu'"):
+        check_backend("cudnn")
+
+
+def test_qwen3_vl_in_bfloat16_with_cudnn_equals_dot_product_through_the_kernel_in_both_towers(tmp_path,
+                                                                                              cudnn_stand_in):
+    """A prefill (every attention has several queries, so each layer of both towers calls the kernel) gives
+    dot_product's bf16 numbers."""
+    save_tiny_qwen3_vl(str(tmp_path), seed=4)
+    configs = {impl: Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl=impl, dtype="bfloat16")
+               for impl in ("cudnn", "dot_product")}
+    params = load_vl_params(str(tmp_path), configs["cudnn"])
+    rng = np.random.RandomState(1)
+    grids = [(1, 4, 6), (1, 8, 4)]
+    rows = [_prompt(rng, grids[:1], [3, 5]), _prompt(rng, grids[1:], [2, 4])]
+    width = max(len(r) for r in rows)
+    ids, valid = np.zeros((2, width), np.int64), np.zeros((2, width), bool)
+    for b, row in enumerate(rows):  # left padding
+        ids[b, width - len(row):], valid[b, width - len(row):] = row, True
+    pixels = _pixels(rng, grids, configs["cudnn"])
+    ours = _ours(configs["cudnn"], params, ids, valid, grids, pixels)
+    ref = _ours(configs["dot_product"], params, ids, valid, grids, pixels)
+    assert _diff(np.asarray(ours.logits)[valid], np.asarray(ref.logits)[valid]) <= 1e-6
+    vision, text = configs["cudnn"].vision, configs["cudnn"].text
+    text_calls = [k_shape for q_shape, k_shape in cudnn_stand_in if q_shape[0] == 2]   # the vision tower: 1 row
+    assert len(text_calls) == text.num_hidden_layers and all(k[2] == text.num_key_value_heads for k in text_calls)
+    assert len(cudnn_stand_in) - len(text_calls) >= vision.depth   # per layer, each group of equal-sized frames
+    assert all(q_shape[1] > 1 for q_shape, _ in cudnn_stand_in)

@@ -29,7 +29,7 @@ def make_attention_mask(query_slots_t: jax.Array, key_valid_bs: jax.Array) -> ja
 
 # `attention_impl` values: how the scores, softmax and weighted sum are computed (the projections, qk-norm, RoPE
 # and the cache are the same for all).
-ATTENTION_IMPLS = ("xla", "dot_product", "pallas_flash")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "pallas_flash")
 
 # Pallas' TPU flash-attention kernel tiles queries in blocks of up to 128 rows (a multiple of 8, TPU sublanes) and
 # keys in blocks of 128 (TPU lanes); shorter or ragged sequences are padded to whole blocks.
@@ -54,14 +54,19 @@ def pallas_interpret():
 
 def check_backend(impl: str) -> None:
     """ValueError if `impl` cannot run on JAX's default backend here: "pallas_flash" is a TPU kernel (outside
-    `pallas_interpret()`). The commands call it when they build a model; inside `attend` it cannot be checked,
-    because building parameters traces the model abstractly (no kernel runs) on any host. Elsewhere the kernel's
-    own error says "Only interpret mode is supported on CPU backend" when the program is compiled."""
-    if impl == "pallas_flash" and jax.default_backend() != "tpu" and not _FLASH_INTERPRET.get():
+    `pallas_interpret()`), "cudnn" an NVIDIA GPU one. The commands call it when they build a model; inside `attend`
+    it cannot be checked, because building parameters traces the model abstractly (no kernel runs) on any host.
+    Elsewhere the kernel's own error comes when the program is compiled ("Only interpret mode is supported on CPU
+    backend"; cuDNN's "... not supported")."""
+    backend = jax.default_backend()
+    if impl == "pallas_flash" and backend != "tpu" and not _FLASH_INTERPRET.get():
         raise ValueError(
             f"attention_impl='pallas_flash' is JAX's Pallas TPU flash-attention kernel and needs a TPU (JAX's "
-            f"backend is {jax.default_backend()!r}); use 'xla' or 'dot_product' here, or run under "
+            f"backend is {backend!r}); use 'xla' or 'dot_product' here, or run under "
             f"vital_jax.layers.attention.pallas_interpret() to simulate the kernel on the CPU")
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention_impl='cudnn' is cuDNN's fused flash attention and needs an NVIDIA GPU (JAX's "
+                         f"backend is {backend!r}); use 'xla' or 'dot_product' here")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -107,6 +112,26 @@ def _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt=None):
     return jnp.transpose(out_bnth[:, :, :t], (0, 2, 1, 3)).reshape(b, t, n * h).astype(dtype)
 
 
+def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
+    """cuDNN's fused flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`: the (T, S) scores are
+    never materialised, forward or backward. bfloat16 / float16 only (cuDNN has no float32 flash kernel), head dim
+    <= 256 and a multiple of 8 (both Qwen3-VL towers: 128 and 72). The (B, T, S) mask enters as an additive
+    (B, 1, T, S) bias (JAX converts it); cuDNN's training kernels with a bias take only even T and S, so an odd
+    length gets one more query row (dropped) and one more key (masked)."""
+    if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 activations (the model config's dtype); "
+                         f"got {q_btnh.dtype}: use 'xla' or 'dot_product' for float32")
+    b, t, n, h = q_btnh.shape
+    pad_t, pad_s = t % 2, k_bskh.shape[1] % 2
+    k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+    if pad_t or pad_s:
+        q_btnh = jnp.pad(q_btnh, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+        k_bskh, v_bskh = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bskh, v_bskh))
+        mask_bts = jnp.pad(mask_bts, ((0, 0), (0, pad_t), (0, pad_s)))   # False: the extra key is never visible
+    out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None, :, :], implementation="cudnn")
+    return out[:, :t].reshape(b, t, n * h)
+
+
 def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, impl: str = "xla",
            dtype=jnp.float32, segment_ids_bt: jax.Array | None = None, query_chunk: int = 0) -> jax.Array:
     """softmax(q k^T / sqrt(h) + mask) v with grouped-query heads -> (B, T, N * H).
@@ -116,11 +141,13 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     equal ids): "pallas_flash" then uses the kernel's segment ids instead of the mask. query_chunk > 0 ("xla"
     only): queries in blocks of that many rows, each against all keys (`_xla_attend_in_query_blocks`).
     impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype` (the parity reference);
-    "dot_product": `jax.nn.dot_product_attention`, which XLA lowers to a fused kernel where the backend has one
-    (cuDNN flash attention on NVIDIA GPUs for bf16/fp16; the same math elsewhere) and which computes the softmax
-    in the inputs' dtype; "pallas_flash": JAX's Pallas flash-attention kernel for TPUs (`_pallas_flash`; on other
-    backends only under `pallas_interpret()`, see `check_backend`). A query row with no visible key (left padding)
-    gives a meaningless output under any of them; callers mask those rows.
+    "dot_product": `jax.nn.dot_product_attention` with its default implementation, which is JAX's own XLA
+    formulation on every backend (jax 0.10: "defaults to None, which currently falls back to xla"; no fused kernel)
+    and computes the softmax in the inputs' dtype; "cudnn": the same function with implementation="cudnn", cuDNN's
+    fused flash attention on NVIDIA GPUs (`_cudnn`; bf16 / fp16; one query row takes the "xla" path, as below);
+    "pallas_flash": JAX's Pallas flash-attention kernel for TPUs (`_pallas_flash`; on other backends only under
+    `pallas_interpret()`, see `check_backend`). A query row with no visible key (left padding) gives a meaningless
+    output under any of them; callers mask those rows.
     """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
@@ -130,7 +157,11 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         return out.reshape(b, t, n * h)
     if impl == "pallas_flash":
         return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt)
-    if impl != "xla":
+    if impl == "cudnn" and t > 1:
+        # One query (a decode or latent step) is a matrix-vector product bound by reading the cache, which a flash
+        # kernel (tiles of query rows) does not speed up: it takes the "xla" one-query path below.
+        return _cudnn(q_btnh, k_bskh, v_bskh, mask_bts)
+    if impl not in ("xla", "cudnn"):
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if 0 < query_chunk < t:
         return _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk)

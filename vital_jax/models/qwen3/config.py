@@ -29,8 +29,9 @@ class Qwen3Config:
     layer axis instead of `model/layers_{i}/...`; see `params.stack_layers`), which compiles one layer instead
     of all of them and is what makes `remat` bound memory: with unrolled layers XLA may schedule every layer's
     recomputation early, so the backward pass holds all of them at once. `attention_impl` chooses how attention
-    is computed (`vital_jax.layers.attention.attend`: "xla", the reference, or "dot_product", the fused
-    `jax.nn.dot_product_attention`). `fused_projections` holds each layer's q|k|v kernels as one `qkv_proj` and
+    is computed (`vital_jax.layers.attention.attend`: "xla", the reference; "dot_product",
+    `jax.nn.dot_product_attention`'s XLA formulation; "cudnn", cuDNN's flash attention on NVIDIA GPUs; "pallas_flash",
+    the Pallas TPU kernel). `fused_projections` holds each layer's q|k|v kernels as one `qkv_proj` and
     gate|up as one `gate_up_proj` (columns concatenated in that order; `params.fuse_projections`): fewer, larger
     matrix-vector products per decode step, the same numbers. A decoding layout (`qwen3_vl.params.decoding_layout`),
     not a checkpoint one: HF checkpoints, converted directories and training keep the projections apart, which is

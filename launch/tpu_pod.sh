@@ -2,7 +2,7 @@
 # Launch VITAL training on every host of a Cloud TPU pod slice (one process per TPU VM host).
 #
 # Usage:
-#   TPU_NAME=vital-v5p-64 ZONE=us-east5-a CONFIG=configs/vital_8b.py WORKDIR=gs://my-bucket/runs/vital-8b \
+#   TPU_NAME=vital-v5p-64 ZONE=us-east5-a CONFIG=configs/vital_qwen3vl_8b.py WORKDIR=gs://my-bucket/runs/vital-8b \
 #     launch/tpu_pod.sh [extra flags passed to vital_jax.train, e.g. --config.train.steps=1000]
 #
 # Optional environment:
@@ -22,7 +22,7 @@ set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME (the TPU VM / pod slice name)}"
 : "${ZONE:?set ZONE (e.g. us-east5-a)}"
-: "${CONFIG:?set CONFIG (e.g. configs/vital_8b.py)}"
+: "${CONFIG:?set CONFIG (e.g. configs/vital_qwen3vl_8b.py)}"
 : "${WORKDIR:?set WORKDIR (e.g. gs://bucket/runs/name)}"
 REPO_DIR="${REPO_DIR:-~/vital_jax}"
 LOG_DIR="${LOG_DIR:-/tmp/vital_logs}"

@@ -145,3 +145,20 @@ def test_impossible_medsynapse_values_are_config_errors_naming_the_field(field, 
     section[leaf] = value
     with pytest.raises(ConfigError, match=re.escape(f"config.medsynapse.{field}")):
         trainer.validate_config(c)
+
+
+def test_every_config_file_the_docs_and_launch_scripts_name_exists():
+    """A launcher example naming a config that is not there fails only on the cluster; the docs are checked here."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    named = {}
+    for folder, names in ((".", ["README.md"]), ("launch", os.listdir(os.path.join(repo, "launch"))),
+                          ("benchmarks", ["README.md"])):
+        for name in names:
+            with open(os.path.join(repo, folder, name), encoding="utf-8") as f:
+                for path in re.findall(r"\bconfigs/[\w/]+\.py\b", f.read()):
+                    named.setdefault(path, f"{folder}/{name}")
+    assert len(named) >= 5, named   # the pattern still finds the recipes
+    missing = {path: where for path, where in named.items() if not os.path.isfile(os.path.join(repo, path))}
+    assert not missing, missing

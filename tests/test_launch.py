@@ -1,0 +1,106 @@
+"""The cluster launchers (launch/slurm_gpu.sbatch, launch/tpu_pod.sh), run here with the cluster's commands
+replaced by stubs on PATH (`scontrol`, `srun`, `gcloud`, and `python` itself, which records what it was started
+with): each task's environment and command line, and the plan `vital_jax.distributed` makes from that environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+
+import pytest
+
+from vital_jax import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/vital_qwen3vl_8b.py"
+
+# `python` as the launched task sees it: one JSON line of its arguments and the VITAL_* environment.
+PYTHON_STUB = """#!/bin/bash
+exec "$REAL_PYTHON" -c 'import json, os, sys
+print("STUB", json.dumps({"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
+                                                if k.startswith(("VITAL_", "SLURM_"))}}))' "$@"
+"""
+# `srun` without a cluster: runs the command once per task, with the task's SLURM_PROCID / SLURM_LOCALID.
+SRUN_STUB = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+per_node="${SLURM_NTASKS_PER_NODE%%(*}"
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_STEP_NODELIST="$SLURM_JOB_NODELIST" "$@" || exit $?
+done
+"""
+SCONTROL_STUB = """#!/bin/bash
+[[ "$1 $2" == "show hostnames" ]] && printf 'gpu-node-7\\ngpu-node-8\\n'
+"""
+GCLOUD_STUB = """#!/bin/bash
+"$REAL_PYTHON" -c 'import json, sys; print("STUB", json.dumps(sys.argv[1:]))' "$@"
+"""
+
+
+def _stubs(tmp_path, **scripts) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in scripts.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    import sys
+
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "REAL_PYTHON": sys.executable, "HOME": str(tmp_path)}
+
+
+def _run(script: str, env: dict, *args: str) -> list:
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line.removeprefix("STUB ")) for line in res.stdout.splitlines() if line.startswith("STUB ")]
+
+
+@pytest.mark.parametrize("tasks_per_node", ["2(x2)", "1"])
+def test_slurm_launcher_gives_every_task_the_coordinator_its_rank_and_its_gpus(tmp_path, tasks_per_node):
+    per_node = int(tasks_per_node[0])
+    env = dict(_stubs(tmp_path, python=PYTHON_STUB, srun=SRUN_STUB, scontrol=SCONTROL_STUB),
+               CONFIG=CONFIG, WORKDIR="/shared/runs/x", SLURM_JOB_ID="31337", SLURM_JOB_NODELIST="gpu-node-[7-8]",
+               SLURM_NTASKS=str(2 * per_node), SLURM_NTASKS_PER_NODE=tasks_per_node, SLURM_JOB_NUM_NODES="2",
+               SLURM_SUBMIT_DIR=REPO)
+    tasks = _run("slurm_gpu.sbatch", env, "--config.train.steps=3", "--config.seed=1 2")
+    assert len(tasks) == 2 * per_node
+    for rank, task in enumerate(tasks):
+        assert task["argv"] == ["-m", "vital_jax.train", f"--config={CONFIG}", "--workdir=/shared/runs/x",
+                                "--config.train.steps=3", "--config.seed=1 2"]
+        vital = task["env"]
+        assert vital["VITAL_COORDINATOR"] == f"gpu-node-7:{12000 + 31337 % 20000}"
+        assert (vital["VITAL_NUM_PROCESSES"], vital["VITAL_PROCESS_ID"]) == (str(2 * per_node), str(rank))
+        plan = distributed.plan_distributed(env=task["env"], tpu_vm=False)
+        assert plan.method == "explicit" and plan.kwargs["process_id"] == rank
+        assert plan.kwargs["num_processes"] == 2 * per_node
+        if per_node == 1:   # each process drives every GPU of its node
+            assert vital["VITAL_LOCAL_DEVICE_IDS"] == "all" and "local_device_ids" not in plan.kwargs
+            assert plan.kwargs["cluster_detection_method"] == "deactivate"
+        else:               # one GPU each: the task's local rank
+            assert plan.kwargs["local_device_ids"] == [rank % per_node]
+
+
+def test_slurm_launcher_refuses_to_start_without_a_config(tmp_path):
+    env = dict(_stubs(tmp_path, python=PYTHON_STUB, srun=SRUN_STUB, scontrol=SCONTROL_STUB), WORKDIR="/w")
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "set CONFIG" in res.stderr
+
+
+def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path):
+    env = dict(_stubs(tmp_path, gcloud=GCLOUD_STUB), TPU_NAME="vital-v5p-64", ZONE="us-east5-a", PROJECT="proj",
+               CONFIG=CONFIG, WORKDIR="gs://bucket/runs/x", SETUP="1")
+    (call,) = _run("tpu_pod.sh", env, "--config.train.steps=3", "--config.note=a b")
+    assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "vital-v5p-64"]
+    assert "--zone=us-east5-a" in call and "--project=proj" in call and "--worker=all" in call
+    remote = next(arg for arg in call if arg.startswith("--command=")).removeprefix("--command=")
+    setup, _, rest = remote.partition(" && pip install -q -e '.[tpu]' && ")
+    assert setup == "cd ~/vital_jax" and rest
+    train = rest.split(" && ", 1)[1].split(" 2>&1 | tee ")[0]
+    # The remote shell sees the extra flags as the arguments given here, spaces included.
+    assert shlex.split(train) == ["python", "-m", "vital_jax.train", f"--config={CONFIG}",
+                                  "--workdir=gs://bucket/runs/x", "--config.train.steps=3", "--config.note=a b"]
+    assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"

@@ -165,7 +165,7 @@ def _masked_case(rng, b, t, s, heads, kv_heads, h):
 
 @pytest.mark.parametrize("b, t, s, heads, kv_heads, h", [
     (2, 5, 9, 4, 2, 16),      # GQA, ragged lengths padded to one block, a causal mask with a cache offset
-    (1, 1, 20, 4, 4, 32),     # one decode query
+    (1, 1, 20, 4, 4, 32),     # one decode query (the "xla" one-query path, below)
     (1, 130, 133, 2, 1, 16),  # two query blocks and two key blocks (128 + padding)
 ])
 def test_pallas_flash_attend_and_its_gradients_equal_the_reference(b, t, s, heads, kv_heads, h):
@@ -227,6 +227,23 @@ def test_pallas_flash_outside_interpret_mode_needs_a_tpu():
     q, k, v, mask = _masked_case(np.random.RandomState(0), 1, 2, 4, 2, 2, 8)
     with pytest.raises(ValueError, match="interpret mode"):
         attend(q, k, v, mask, "pallas_flash")
+
+
+@pytest.mark.parametrize("impl", ["pallas_flash", "cudnn"])
+def test_one_query_under_a_kernel_impl_reads_the_cache_as_it_lies(impl):
+    """A decode / latent step under "pallas_flash" or "cudnn" is the "xla" one-query path: the same numbers, and the
+    program repeats, pads or transposes no copy of the cache (pallas_flash's kernel inputs would: (B, N, 128, H))."""
+    b, s, heads, kv_heads, h = 2, 20, 8, 2, 16
+    q, k, v, mask = _masked_case(np.random.RandomState(5), b, 1, s, heads, kv_heads, h)
+    if impl == "cudnn":
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v, mask, impl)), np.asarray(attend(q, k, v, mask, "xla")))
+    program = str(jax.make_jaxpr(lambda q, k, v: attend(q, k, v, mask, impl))(q, k, v))
+    for shape in ((b, heads, 128, h), (b, heads, s, h), (b, kv_heads, s, h), (b, kv_heads, h, s)):
+        assert f"[{','.join(map(str, shape))}]" not in program, shape
+    prefill = str(jax.make_jaxpr(lambda q, k, v: attend(q, k, v, jnp.ones((b, 2, s), bool), "pallas_flash"))(
+        jnp.concatenate([q, q], axis=1).astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)))
+    assert f"[{b},{heads},128,{h}]" in prefill   # two queries take the kernel: the check above can fail
 
 
 def test_qwen3_with_pallas_flash_matches_transformers_in_prefill_and_decode(qwen3):

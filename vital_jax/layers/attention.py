@@ -144,10 +144,10 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     "dot_product": `jax.nn.dot_product_attention` with its default implementation, which is JAX's own XLA
     formulation on every backend (jax 0.10: "defaults to None, which currently falls back to xla"; no fused kernel)
     and computes the softmax in the inputs' dtype; "cudnn": the same function with implementation="cudnn", cuDNN's
-    fused flash attention on NVIDIA GPUs (`_cudnn`; bf16 / fp16; one query row takes the "xla" path, as below);
-    "pallas_flash": JAX's Pallas flash-attention kernel for TPUs (`_pallas_flash`; on other backends only under
-    `pallas_interpret()`, see `check_backend`). A query row with no visible key (left padding) gives a meaningless
-    output under any of them; callers mask those rows.
+    fused flash attention on NVIDIA GPUs (`_cudnn`; bf16 / fp16); "pallas_flash": JAX's Pallas flash-attention
+    kernel for TPUs (`_pallas_flash`; on other backends only under `pallas_interpret()`, see `check_backend`). Under
+    both kernels one query row (T = 1: decode and latent steps) takes the "xla" one-query path. A query row with no
+    visible key (left padding) gives a meaningless output under any of them; callers mask those rows.
     """
     b, t, n, h = q_btnh.shape
     kh = k_bskh.shape[2]
@@ -155,14 +155,18 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         out = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
                                            mask=mask_bts[:, None, :, :])
         return out.reshape(b, t, n * h)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if t == 1 and impl in ("cudnn", "pallas_flash"):
+        # One query (a decode or latent step) is a matrix-vector product bound by reading the cache. A flash kernel
+        # (tiles of query rows) does not speed it up, and its inputs would copy the cache at every step and layer
+        # (pallas_flash: kv heads repeated per query head, transposed and padded to 128 keys, and a float32 bias;
+        # cudnn: the bias). The "xla" one-query path reads the cache as it lies.
+        return _xla_attend_one_query(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
     if impl == "pallas_flash":
         return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt)
-    if impl == "cudnn" and t > 1:
-        # One query (a decode or latent step) is a matrix-vector product bound by reading the cache, which a flash
-        # kernel (tiles of query rows) does not speed up: it takes the "xla" one-query path below.
+    if impl == "cudnn":
         return _cudnn(q_btnh, k_bskh, v_bskh, mask_bts)
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if 0 < query_chunk < t:
         return _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk)
     if t == 1:

@@ -10,8 +10,9 @@ tower's (one 448x448 image: 784 patches, 16 heads of 72, one row, no mask beyond
 bf16 q, k, v and mask; the loss is the sum of squares of the output over the rows that see a key. An impl that
 cannot run here ("cudnn" off an NVIDIA GPU, "pallas_flash" off a TPU: `attention.check_backend`) is reported as such
 and left out. Run before an MFU measurement on a GPU: it shows whether "cudnn" agrees with the reference at these
-shapes (max |diff| of the outputs and of dq, dk, dv) and what it saves per layer, within seconds. The last line is
-the time ratio of the last impl against "xla" for the text case.
+shapes (max |diff| of the outputs and of dq, dk, dv) and what it saves per layer in time and in XLA's temporary
+buffers (the materialised scores), within seconds. The last line is the time ratio of the last impl against "xla"
+for the text case.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import xla_memory
 from vital_jax.layers.attention import ATTENTION_IMPLS, attend, check_backend
 
 
@@ -76,12 +78,14 @@ def compare(name: str, case, impls: list[str], repeats: int) -> dict[str, float]
     times = {}
     for impl in impls:
         fn = step_fn(impl, mask)
-        (_, out), grads = fn(q, k, v)
+        compiled, memory = xla_memory.compile_measured(fn, (q, k, v), ("temp",))
+        (_, out), grads = compiled(q, k, v)
         seen = np.asarray(mask.any(-1))
         out_diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))[seen]))
-        times[impl] = best_ms(fn, (q, k, v), repeats)
+        times[impl] = best_ms(compiled, (q, k, v), repeats)
         print(f"  {impl:12s} forward+backward {times[impl]:9.3f} ms | max |diff| vs xla: output {out_diff:.3g}, "
-              f"dq/dk/dv {relative_diff(grads, ref_grads):.3g} of their largest entry")
+              f"dq/dk/dv {relative_diff(grads, ref_grads):.3g} of their largest entry | XLA temporaries "
+              f"{memory['temp'] / 2**20:.1f} MiB")
     return times
 
 

@@ -147,7 +147,8 @@ def test_attention_kernels_quick_compares_the_impls_here_and_names_those_it_cann
     lines = run_quick("attention_kernels")
     assert any(line.startswith("cudnn: not run here: attention_impl='cudnn'") for line in lines), lines
     for impl in ("xla", "dot_product"):
-        rows = [line for line in lines if re.match(rf" +{impl} +forward\+backward +{NUMBER} ms \| max \|diff\|", line)]
+        row = rf" +{impl} +forward\+backward +{NUMBER} ms \| max \|diff\|.* \| XLA temporaries {NUMBER} MiB$"
+        rows = [line for line in lines if re.match(row, line)]
         assert len(rows) == 2, (impl, lines)   # text prefill and vision tower
     assert re.fullmatch(rf"ratio xla / dot_product \(text prefill, forward\+backward\): {NUMBER}x", lines[-1]), lines
 

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import signal
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -479,19 +480,19 @@ def train_medsynapse(config, workdir: str) -> dict:
     return dict(summary, paths=dataclasses.asdict(paths))
 
 
-def _main_medsynapse(config, workdir: str) -> None:
-    from vital_jax.data.pipeline import PipelineError
-    from vital_jax.data.records import RecordError
-    from vital_jax.medsynapse import trainer
-    from vital_jax.medsynapse.features import FeatureStoreError
-
+def _run_command(workdir: str, train_fn: Callable[[], dict], describe: Callable[[dict], str], errors: tuple,
+                 then: Callable[[dict], None] | None = None) -> None:
+    """A training command's body: train, write the summary (process 0), print it, then `then(summary)`. An error a
+    user can act on (`errors`: the config, the data, a checkpoint, a non-finite loss) ends the command with its
+    message instead of a traceback (`cli.fail`)."""
     try:
-        summary = train_medsynapse(config, workdir)
+        summary = train_fn()
         if distributed.is_primary():
             atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
-        print(trainer.format_summary(summary, workdir), flush=True)
-    except (ConfigError, ckpt_lib.CheckpointError, trainer.NonFiniteLossError, PipelineError, RecordError,
-            FeatureStoreError, FileNotFoundError) as e:
+        print(describe(summary), flush=True)
+        if then is not None:
+            then(summary)
+    except errors as e:
         cli.fail(e)
 
 
@@ -499,19 +500,25 @@ def main(argv):
     from vital_jax.data.pipeline import PipelineError
 
     cli.begin(argv, _CONFIG, _WORKDIR)
-    workdir = os.path.abspath(_WORKDIR.value)
-    if _CONFIG.value.method == "medsynapse":
-        return _main_medsynapse(_CONFIG.value, workdir)
-    try:
-        summary = train(_CONFIG.value, workdir)
-        if distributed.is_primary():
-            atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
-        print(format_summary(summary, workdir, len(_CONFIG.value.curriculum.max_k)), flush=True)
-        config = _CONFIG.value
+    config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    if config.method == "medsynapse":
+        from vital_jax.data.records import RecordError
+        from vital_jax.medsynapse import trainer
+        from vital_jax.medsynapse.features import FeatureStoreError
+
+        return _run_command(workdir, lambda: train_medsynapse(config, workdir),
+                            lambda summary: trainer.format_summary(summary, workdir),
+                            (ConfigError, ckpt_lib.CheckpointError, trainer.NonFiniteLossError, PipelineError,
+                             RecordError, FeatureStoreError, FileNotFoundError))
+
+    def finish_demo(summary):
         if config.demo.enabled and config.demo.finish and not summary["preempted"]:
             demo.finish(workdir)
-    except (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, FileNotFoundError) as e:
-        cli.fail(e)
+
+    _run_command(workdir, lambda: train(config, workdir),
+                 lambda summary: format_summary(summary, workdir, len(config.curriculum.max_k)),
+                 (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, FileNotFoundError),
+                 then=finish_demo)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks import xla_flops as xla_flops_lib
 from vital_jax import demo_assets
+from vital_jax.layers.attention import check_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import flatten, unflatten
 from vital_jax.observability import peak_flops_per_device
@@ -166,6 +167,7 @@ def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_
     layers: (backbone text layers, decoder layers) to truncate the two LMs to; None: `args.layers` for both, when
     set (the vision tower keeps its depth either way).
     """
+    check_backend(args.attention)   # "cudnn" needs an NVIDIA GPU, "pallas_flash" a TPU: say so before compiling
     backbone_overrides = dict(dtype="bfloat16", param_dtype="bfloat16", remat=remat, scan_layers=scan_layers,
                               attention_impl=args.attention, remat_policy=remat_policy)
     decoder_overrides = dict(backbone_overrides, param_dtype="float32")

@@ -362,6 +362,27 @@ def test_score_budget_gives_the_fewest_equal_query_blocks_that_fit():
     assert query_chunk_for_score_budget(2, 8, 784, 784, 0) == 0
 
 
+@pytest.mark.parametrize("backend, blocks", [("cpu", True), ("gpu", False), ("tpu", False)])
+def test_the_default_score_budget_splits_the_vision_attention_on_cpus_only(monkeypatch, backend, blocks):
+    """attention_score_block_mib=None (the default): CPU_SCORE_BLOCK_MIB of float32 scores per block on a CPU
+    backend, one block on accelerators; an explicit budget applies everywhere."""
+    from vital_jax.layers import attention
+    from vital_jax.models.qwen3_vl.vision import VisionAttention
+
+    assert {f.name: f.default for f in dataclasses.fields(Qwen3VLVisionConfig)}["attention_score_block_mib"] is None
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert attention.default_score_block_mib() == (attention.CPU_SCORE_BLOCK_MIB if blocks else 0.0)
+    frames, patches, heads, head_dim = 4, 784, 4, 8   # 4 x 4 x 784^2 float32 scores: 37.5 MiB, two 20 MiB blocks
+    x = jnp.zeros((frames * patches, heads * head_dim))
+    cos, sin = jnp.ones((frames * patches, head_dim)), jnp.zeros((frames * patches, head_dim))
+    mask, segments = jnp.ones((frames, patches, patches), bool), jnp.zeros((frames, patches), jnp.int32)
+    for budget, softmaxes in ((None, 2 if blocks else 1), (0.0, 1), (1.0, 38)):
+        layer = VisionAttention(heads, score_block_mib=budget)
+        params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, cos, sin, mask, segments)
+        program = str(jax.make_jaxpr(layer.apply)(params, x, cos, sin, mask, segments))
+        assert program.count(" exp ") == softmaxes, (budget, program.count(" exp "))
+
+
 @pytest.mark.parametrize("frame_attention", [True, False])
 @pytest.mark.parametrize("blocks_from", ["attention_query_chunk", "attention_score_block_mib"])
 def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_attention, blocks_from):

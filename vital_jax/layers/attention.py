@@ -306,6 +306,17 @@ def _xla_attend_one_query_shared_prefix(q_b1nh, k_bskh, v_bskh, mask_b1s, prefix
     return out_bkgh.reshape(b, 1, n * h)
 
 
+# The "xla" attention's score budget where none is configured (`default_score_block_mib`).
+CPU_SCORE_BLOCK_MIB = 20.0
+
+
+def default_score_block_mib() -> float:
+    """CPU_SCORE_BLOCK_MIB on a CPU backend, 0 (one block) on GPUs and TPUs. The blocks are a CPU-cache measure: a
+    softmax's passes over a block of float32 scores that fits the L3 cache run fast (benchmarks/README.md), while an
+    accelerator runs one large batched matmul better than many small unrolled ones (and has no such cache)."""
+    return CPU_SCORE_BLOCK_MIB if jax.default_backend() == "cpu" else 0.0
+
+
 def query_chunk_for_score_budget(batch: int, heads: int, queries: int, keys: int, budget_bytes: float) -> int:
     """Query rows per block so that each block's float32 scores (batch x heads x rows x keys) fit `budget_bytes`,
     in the fewest equal blocks: 0 (one block) when all of them fit or the budget is 0. For `attend`'s

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vital_jax.layers.attention import attend, query_chunk_for_score_budget
+from vital_jax.layers.attention import attend, default_score_block_mib, query_chunk_for_score_budget
 from vital_jax.layers.embedding import Embed
 from vital_jax.layers.linear import Linear
 from vital_jax.layers.norms import LayerNorm
@@ -175,7 +175,7 @@ class VisionAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     query_chunk: int = 0
-    score_block_mib: float = 0.0
+    score_block_mib: float | None = 0.0   # None: `attention.default_score_block_mib()` (by backend)
 
     @nn.compact
     def __call__(self, x_nd, cos_nh, sin_nh, mask_snn, segments_sn):
@@ -190,8 +190,9 @@ class VisionAttention(nn.Module):
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
         query_chunk = 0
         if self.attention_impl == "xla":
+            budget_mib = default_score_block_mib() if self.score_block_mib is None else self.score_block_mib
             query_chunk = self.query_chunk or query_chunk_for_score_budget(
-                slices, heads, per_slice, per_slice, self.score_block_mib * 2 ** 20)
+                slices, heads, per_slice, per_slice, budget_mib * 2 ** 20)
         out_nd = attend(q, k, v, mask_snn, self.attention_impl, self.dtype, segment_ids_bt=segments_sn,
                         query_chunk=query_chunk).reshape(n, d)
         return Linear(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out_nd)

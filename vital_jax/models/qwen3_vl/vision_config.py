@@ -26,7 +26,9 @@ class Qwen3VLVisionConfig:
     queries (`attention._xla_attend_in_query_blocks`: same numbers, faster on CPU where the full score array
     does not stay in cache); 0 = one block, or the blocks `attention_score_block_mib` asks for.
     `attention_score_block_mib` (attention_impl "xla", attention_query_chunk 0): split each call's queries into the
-    fewest equal blocks whose float32 scores (frames x heads x rows x patches) fit this many MiB; 0 = one block.
+    fewest equal blocks whose float32 scores (frames x heads x rows x patches) fit this many MiB; 0 = one block;
+    None (the default): 20 on a CPU backend, one block on GPUs and TPUs (`attention.default_score_block_mib`: the
+    blocks serve the CPU's caches, while an accelerator runs one large batched matmul better than many small ones).
     Why 20: on this project's 2-core CPU (32 MiB of L3) the vision attention ran fastest with blocks of ~19 MiB
     (two 448^2 frames, 8 heads: 25 -> 15 ms; one frame of 16 heads: 54 -> 26 ms; one frame of 8 heads, 19 MiB,
     stays one block), and slower with much smaller ones (benchmarks/README.md).
@@ -52,7 +54,7 @@ class Qwen3VLVisionConfig:
     attention_impl: str = "xla"
     frame_attention: bool = True
     attention_query_chunk: int = 0
-    attention_score_block_mib: float = 20.0
+    attention_score_block_mib: float | None = None
 
     def __post_init__(self):
         problems = []
@@ -60,7 +62,7 @@ class Qwen3VLVisionConfig:
             problems.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.attention_query_chunk < 0:
             problems.append(f"attention_query_chunk={self.attention_query_chunk} must be >= 0 (0 = one block)")
-        if self.attention_score_block_mib < 0:
+        if self.attention_score_block_mib is not None and self.attention_score_block_mib < 0:
             problems.append(f"attention_score_block_mib={self.attention_score_block_mib} must be >= 0 (0 = one block)")
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")

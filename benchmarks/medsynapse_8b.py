@@ -54,7 +54,7 @@ import dataclasses  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import xla_memory  # noqa: E402
+from benchmarks import xla_collectives, xla_memory  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import demo_assets, distributed, sharding  # noqa: E402
 from vital_jax.medsynapse import grpo, imt, stage1  # noqa: E402
@@ -67,6 +67,8 @@ from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration  
 GIB, MIB = 2**30, 2**20
 H100_BYTES = 80e9
 FIELDS = ("argument", "output", "temp", "generated_code")
+COLLECTIVE_FIELDS = ("collectives_program", "collectives_per_decode_step")
+RELAYOUT = {"auto": None, "true": True, "false": False}   # --rollout_relayout -> GRPOConfig / imt relayout
 FULL_LAYERS = 36
 STAGES = ("stage1", "stage2", "stage2_rollout", "stage3")
 QUICK = dict(prompt_len=64, grid=8, answer_len=8, new_tokens=8, batch=8, stage2_prompts=8, generations=2,
@@ -153,7 +155,8 @@ def _stage2_inputs(shapes: Shapes, reports: dict):
     state, _ = abstract_sharded(state, shapes.mesh, "stage2 trainable state (LoRA r64 q,k,v,o)", reports)
     frozen, _ = abstract_sharded(frozen, shapes.mesh, "stage2 frozen (P_phi, backbone)", reports)
     config = grpo.GRPOConfig(num_generations=a.generations, max_new_tokens=a.new_tokens,
-                             shared_prompt_cache=not a.stage2_prompt_copies)
+                             shared_prompt_cache=not a.stage2_prompt_copies,
+                             rollout_relayout=RELAYOUT[a.rollout_relayout])
     fns = grpo.grpo_functions(backbone, shapes.sampler, config, optimizer)
     return fns, state, frozen, abstract_batch(batch, shapes.mesh)
 
@@ -198,7 +201,7 @@ def stage3_program(shapes: Shapes, reports: dict):
     frozen, _ = abstract_sharded(frozen, shapes.mesh, "stage3 frozen (backbone, P_phi)", reports)
     eos = shapes.config.text.eos_token_ids or (0,)
     step = imt.make_train_step(backbone, shapes.sampler, autonomous, optimizer,
-                               imt.rollout_sampling(tuple(eos), a.new_tokens))
+                               imt.rollout_sampling(tuple(eos), a.new_tokens), relayout=RELAYOUT[a.rollout_relayout])
     return step, (state, frozen, abstract_batch(batch, shapes.mesh))
 
 
@@ -207,11 +210,18 @@ PROGRAMS = {"stage1": stage1_program, "stage2": stage2_program, "stage2_rollout"
 
 
 def compile_memory(args, mesh, stage: str, layers: int, reports: dict) -> dict:
-    """Lower + compile one stage's program at `layers` text layers; per-device bytes and timings."""
+    """Lower + compile one stage's program at `layers` text layers; per-device bytes, timings and the bytes its
+    collectives move per device: once per program, and per iteration of its decode loops (Stages II's rollout and
+    III: loops that stop at EOS, so XLA knows no trip count)."""
     with jax.set_mesh(mesh):
         shapes = Shapes(args, mesh, layers)
         fn, fn_args = PROGRAMS[stage](shapes, reports)
-    return xla_memory.compile_measured(fn, fn_args, FIELDS, mesh)[1]
+    compiled, measured = xla_memory.compile_measured(fn, fn_args, FIELDS, mesh)
+    moved = xla_collectives.collective_bytes(compiled.as_text())
+    measured["collectives_program"] = float(sum(moved["program"].values()))
+    measured["collectives_per_decode_step"] = float(sum(sum(c.values()) for c in moved["loops"].values()))
+    measured["decode_loops"] = len(moved["loops"])
+    return measured
 
 
 def peak(m: dict) -> float:
@@ -223,7 +233,8 @@ def fit(points: dict, target: int) -> dict:
     """m = a + b * L per field through two (L, m) points, evaluated at `target`; also b per field."""
     (l1, m1), (l2, m2) = sorted(points.items())
     out = {}
-    for f in FIELDS:
+    out["decode_loops"] = m2["decode_loops"]
+    for f in FIELDS + COLLECTIVE_FIELDS:
         slope = (m2[f] - m1[f]) / (l2 - l1)
         out[f] = m1[f] + slope * (target - l1)
         out[f"{f}_per_layer"] = slope
@@ -240,6 +251,12 @@ def report(name: str, m: dict) -> None:
     print(f"  {name}: argument {size(m['argument'])} | output {size(m['output'])} | temp {size(m['temp'])} | code "
           f"{size(m['generated_code'])} -> peak {size(p)}/device: {fits} in an 80 GB H100 (headroom "
           f"{(H100_BYTES - p) / GIB:+.1f} GiB)")
+    if m["decode_loops"]:
+        print(f"    collectives per device: {size(m['collectives_per_decode_step']).strip()} per decode step "
+              f"({m['collectives_per_decode_step']:.0f} bytes), {size(m['collectives_program']).strip()} once per "
+              f"call (outside the decode loop)")
+    elif m["collectives_program"]:
+        print(f"    collectives per device: {size(m['collectives_program']).strip()} per call")
 
 
 def sharding_check(reports: dict) -> None:
@@ -278,6 +295,8 @@ def main(argv=None):
                    help="compile at N1 and N2 text layers and extrapolate linearly to 36")
     p.add_argument("--keep_licm", action="store_true",
                    help="keep XLA:CPU's while-loop-invariant code motion (hoists f32 copies of all bf16 weights)")
+    p.add_argument("--rollout_relayout", choices=tuple(RELAYOUT), default="auto",
+                   help="the layout Stages II and III decode in (medsynapse.rollout_relayout; auto: the default)")
     p.add_argument("--quick", action="store_true", help="a tiny 2-layer Qwen3-VL and small shapes (checks the script)")
     args = p.parse_args(argv)
     if args.quick:

@@ -58,6 +58,19 @@ def test_medsynapse_8b_quick_compiles_every_stage_and_every_leaf_has_a_sharding_
     assert len(lines) == summary + 5, lines[summary:]
     checks = [line for line in lines if re.match(r"  stage[123] (trainable state|frozen) ", line)]
     assert len(checks) == 8 and all("every parameter has a rule" in line for line in checks), checks
+    # Under FSDP (the default mesh) the rollouts decode in the layout held (`rollout_relayout` unset): every
+    # decode step gathers the layers' weights again.
+    per_step = [float(x) for x in re.findall(r"per decode step \((\d+) bytes\)", "\n".join(lines))]
+    assert len(per_step) == 2 and all(x > 100 * 1024 for x in per_step), lines
+
+
+def test_medsynapse_8b_relaid_out_rollouts_move_nothing_per_decode_step():
+    """Relaid out, the text layers and the output head (`cached.output_head_gathered`) are gathered once per call:
+    what the Stage II and III decode loops still move is the step's token ids and stop flags (bytes, not weights;
+    laid out as held, hundreds of KiB even at these sizes, above)."""
+    lines = run_quick("medsynapse_8b", "--stages=stage2_rollout,stage3", "--rollout_relayout=true")
+    per_step = re.findall(r"per decode step \((\d+) bytes\), ([\d.]+) (?:MiB|GiB) once per call", "\n".join(lines))
+    assert len(per_step) == 2 and all(int(n) < 1024 and float(once) > 0 for n, once in per_step), lines
 
 
 def test_profile_train_step_quick_attributes_the_step_to_model_parts():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vital_jax import generation
+from vital_jax import generation, sharding
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration, init_cache
@@ -166,6 +166,32 @@ def decoding_model(model: Qwen3VLForConditionalGeneration, params
     return Qwen3VLForConditionalGeneration(config, lora), params
 
 
+def output_head_gathered(model: Qwen3VLForConditionalGeneration, params: dict) -> dict:
+    """`params` with the output head's weight (`lm_head`, or the tied embedding table) as the token step uses it
+    (`sharding.constrain_weight`: gathered over "fsdp"), for a token loop to receive. Without a mesh that splits
+    weights, `params` unchanged. Why: the head is read at every token and sits outside the decoder layers, so
+    neither layout (`decoding_model`) moves its gather out of the loop; the step's own constraint would all-gather
+    it at every token (V x D, the largest matrix: 1.2 GB of bf16 at 8B; `benchmarks.medsynapse_8b` counts the
+    collectives per decode step). Gathered here, before the loop, it is gathered once per call."""
+    if not sharding.weights_sharded():
+        return params
+    if model.config.text.tie_word_embeddings:
+        path, leaf = ("language_model", "embed_tokens"), "embedding"
+    else:
+        path, leaf = ("lm_head",), "kernel"
+    node = params
+    for name in path:
+        node = node[name]
+    gathered = sharding.constrain_weight(node[leaf], path, leaf)
+
+    def replace(tree, names):
+        if not names:
+            return {**tree, leaf: gathered}
+        return {**tree, names[0]: replace(tree[names[0]], names[1:])}
+
+    return replace(params, path)
+
+
 def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, last_hidden: jax.Array,
            sampling: generation.SamplingConfig, rng=None, relayout: bool | None = None
            ) -> tuple[jax.Array, jax.Array]:
@@ -191,4 +217,5 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     first_logits = lm_logits(model, params, last_hidden)
     if generation.resolve_relayout(relayout):
         model, params = decoding_model(model, params)
-    return generation.decode(decode_step_fn(model), params, first_logits, kv_cache, sampling, rng)
+    return generation.decode(decode_step_fn(model), output_head_gathered(model, params), first_logits, kv_cache,
+                             sampling, rng)

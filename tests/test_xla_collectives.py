@@ -1,0 +1,57 @@
+"""benchmarks/xla_collectives: the bytes a compiled program's collectives move per device, once per call and per
+iteration of each loop of unknown length. Run in a subprocess: the 4 CPU devices must be set before jax starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROGRAM = r"""
+import json, os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from benchmarks.xla_collectives import collective_bytes
+
+mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+split, whole = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
+
+def program(w, x, layers):
+    # A decode-like loop of unknown length whose carried weight stays split: gathered whole at every iteration.
+    def cond(c):
+        i, w, x = c
+        return (i < 5) & (jnp.max(x) < 1e30)
+    def body(c):
+        i, w, x = c
+        full = jax.lax.with_sharding_constraint(w, whole)
+        return i + 1, jax.lax.with_sharding_constraint(w * 1.5, split), jnp.tanh(x @ full)
+    _, w, x = jax.lax.while_loop(cond, body, (0, w, x))
+    # A scan of 3 known iterations, each gathering one (16, 32) layer: counted 3 times, per call.
+    def layer(x, wi):
+        return jnp.tanh(x @ jax.lax.with_sharding_constraint(wi, whole)), None
+    return jax.lax.scan(layer, x, layers)[0], w
+
+w = jax.device_put(jnp.ones((32, 32), jnp.float32), split)
+layers = jax.device_put(jnp.ones((3, 32, 32), jnp.bfloat16), NamedSharding(mesh, P(None, "fsdp", None)))
+x = jax.device_put(jnp.ones((8, 32), jnp.float32), whole)
+with jax.set_mesh(mesh):
+    compiled = jax.jit(program, out_shardings=(whole, split)).lower(w, x, layers.astype(jnp.float32)).compile()
+moved = collective_bytes(compiled.as_text())
+print(json.dumps({"program": dict(moved["program"]), "loops": [dict(c) for c in moved["loops"].values()]}))
+"""
+
+
+def test_collectives_are_counted_per_call_and_per_iteration_of_an_unbounded_loop():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # The while loop: one (32, 32) float32 weight gathered per iteration, nothing else.
+    assert out["loops"] == [{"all-gather": 32 * 32 * 4}], out
+    # Per call: the scan's three (32, 32) float32 layers.
+    assert out["program"].get("all-gather") == 3 * 32 * 32 * 4, out

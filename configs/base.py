@@ -91,7 +91,8 @@ def medsynapse_section():
     rollout_relayout: the layout Stages II and III decode their rollouts in (`cached.decode`): unset (None)
       relays the backbone out once per rollout unless the mesh splits its weights; True / False force it. Relaid
       out, a model trained with scanned layers decodes ~1.9x faster on CPU and holds a copy of its text weights
-      while the rollout runs (README, `scan_layers`).
+      while the rollout runs (README, `scan_layers`); under FSDP, as held, every decode step all-gathers every
+      layer again, which is why the 8B recipe sets True.
     """
     return ml_collections.ConfigDict(dict(
         stages=("warmup", "ccr", "imt"),

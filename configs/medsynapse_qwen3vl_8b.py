@@ -25,4 +25,12 @@ def get_config():
     c.medsynapse.encoder.store_dtype = "float16"  # 64 x 64 x 256 per image: 2 MiB instead of 4
     c.data.batch_size = 32
     c.medsynapse.ccr.rollout_prompts = 32
+    # Stages II and III decode 1,024-token rollouts relaid out even under FSDP (the library's default keeps the
+    # layout held when the mesh splits the weights): as held every decode step all-gathers every text layer again,
+    # 26 GiB per device per token by benchmarks.medsynapse_8b's count (CPU, 8 x FSDP; float32 there, about half in
+    # bf16 on a GPU), relaid out ~33 KB (token ids and stop flags) after one gather per call. The price is the
+    # gathered text decoder held during the loop: peak 11.6 -> 38.7 GiB per device in Stage II and 11.2 -> 48.9 GiB
+    # in Stage III by XLA:CPU's buffer assignment, an upper bound for an 80 GB GPU (XLA:CPU keeps float32 copies of
+    # bf16 weights). Set False on smaller cards.
+    c.medsynapse.rollout_relayout = True
     return c

@@ -127,6 +127,7 @@ def test_medsynapse_paper_recipe_follows_section_3():
     assert (ccr.steps, ccr.rollout_prompts, ccr.max_new_tokens, ccr.lr, ccr.kl_beta) == (200, 32, 1024, 1e-5, 0.0)
     assert (ccr.lora.rank, tuple(ccr.lora.targets)) == (64, ("q", "k", "v", "o"))
     assert (m.imt.lr, m.imt.epochs, m.imt.beta, m.imt.max_steps) == (1e-4, 3, 0.5, 0)
+    assert m.rollout_relayout is True   # 8 x 80 GB under FSDP: gather once per rollout, not at every token
 
 
 @pytest.mark.parametrize("field,value", [

@@ -207,12 +207,13 @@ def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, la
     ~14 GB copied per token). Relaid out, the copy is made once per call. The price is memory: while the loop
     runs, the relaid-out text weights (unstacked; merged where float32 LoRA is folded in) live beside the
     originals. None (the default) relays out unless the mesh splits the weights (`sharding.weights_sharded`). Under
-    FSDP every step gathers each layer's weights anyway and the scan's slice copies only the local shard, while
-    the unrolled layers' gathered weights all end up live at once, at full size (medsynapse_8b's Stage III on CPU:
-    10.2 -> 48.0 GiB per device, the extra being the whole gathered text decoder; the gathers do not depend on the
-    activations, and nothing orders them one layer at a time as the scan does). Under tensor parallelism the
-    fused q|k|v and gate|up would be split across their parts, which every step would then reshard. False
-    decodes in the given layout.
+    FSDP the unrolled layers' gathered weights all end up live at once, at full size (the gathers do not depend on
+    the activations, and nothing orders them one layer at a time as the scan does): medsynapse_8b's Stage III on
+    CPU, 11.2 -> 48.9 GiB per device. As held, on the other hand, every step all-gathers every layer again (26 GiB
+    per device per step by the same count), so a mesh with the memory to spare should pass True (the 8B MedSynapse-V
+    recipe does). Under tensor parallelism the fused q|k|v and gate|up would be split across their parts, which
+    every step would then reshard. False decodes in the given layout. The output head is gathered once per call in
+    either layout (`output_head_gathered`).
     """
     first_logits = lm_logits(model, params, last_hidden)
     if generation.resolve_relayout(relayout):

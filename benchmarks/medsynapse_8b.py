@@ -30,7 +30,10 @@ The text layers are one `nn.scan`, so full depth compiles about as fast as a tru
 each stage compiles at N1 and N2 text layers and each memory figure is fitted as a + b * L and evaluated at 36 (the
 vision tower keeps its 27 blocks); take N1 >= 2: XLA compiles a one-step scan differently (its temporaries at one
 layer exceed those at two). The sharding rules are checked on every stage's trainable and frozen trees: leaves
-without a rule and dimensions that fell back to replication are listed.
+without a rule and dimensions that fell back to replication are listed. Each program's collectives are counted per
+device (`benchmarks.xla_collectives`): per call, and per decode step for the rollouts' token loops, which shows
+what a layout costs in communication (`--rollout_relayout true|false|auto`: the layout Stages II and III decode in;
+auto is the library's default, held under FSDP).
 
 Caveats (as benchmarks/memory_8b.py): this is the CPU backend's buffer assignment. XLA:CPU has no bf16 matmul and
 its while-loop-invariant code motion would hoist an f32 copy of every stacked bf16 weight out of the layer scan,

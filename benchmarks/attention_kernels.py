@@ -18,7 +18,6 @@ for the text case.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax

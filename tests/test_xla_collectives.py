@@ -55,3 +55,53 @@ def test_collectives_are_counted_per_call_and_per_iteration_of_an_unbounded_loop
     assert out["loops"] == [{"all-gather": 32 * 32 * 4}], out
     # Per call: the scan's three (32, 32) float32 layers.
     assert out["program"].get("all-gather") == 3 * 32 * 32 * 4, out
+
+
+# Loop-invariant code motion off, as medsynapse_8b compiles (benchmarks/memory_8b.py says why): whether XLA hoists
+# a loop-invariant gather itself is its own heuristic (it weighs the buffer's growth), which this must not rely on.
+HEAD_PROGRAM = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+                           " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from benchmarks.xla_collectives import collective_bytes
+from vital_jax import sharding
+
+mesh = sharding.make_mesh((1, 4, 1))
+gather_first = sys.argv[1] == "gathered"
+
+def program(params, x):
+    if gather_first:
+        params = sharding.gathered_before_loop(params, ("lm_head",), "kernel")
+    def cond(c):
+        i, x = c
+        return (i < 5) & (jnp.max(x) < 1e30)
+    def body(c):   # a token step: the head read through its layer's constraint, as `Linear` does
+        i, x = c
+        kernel = sharding.constrain_weight(params["lm_head"]["kernel"], ("lm_head",), "kernel")
+        return i + 1, jnp.tanh(x @ kernel @ kernel.T)
+    return jax.lax.while_loop(cond, body, (0, x))[1]
+
+kernel = jax.device_put(jnp.ones((64, 256), jnp.float32), NamedSharding(mesh, P("fsdp", None)))
+x = jax.device_put(jnp.ones((8, 64), jnp.float32), NamedSharding(mesh, P()))
+with jax.set_mesh(mesh):
+    compiled = jax.jit(program).lower({"lm_head": {"kernel": kernel}}, x).compile()
+moved = collective_bytes(compiled.as_text())
+print(json.dumps({"program": dict(moved["program"]), "loops": [dict(c) for c in moved["loops"].values()]}))
+"""
+
+
+def test_a_head_gathered_before_the_loop_is_gathered_once_not_at_every_iteration():
+    """`sharding.gathered_before_loop` (the output heads of `cached.decode` and `interpret.decode_latents`)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    out = {}
+    for mode in ("gathered", "as_held"):
+        res = subprocess.run([sys.executable, "-c", HEAD_PROGRAM, mode], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    head_bytes = 64 * 256 * 4
+    assert out["as_held"]["loops"][0].get("all-gather", 0) >= head_bytes, out   # the check below can fail
+    assert out["gathered"]["loops"][0].get("all-gather", 0) == 0, out
+    assert out["gathered"]["program"].get("all-gather", 0) >= head_bytes, out

@@ -525,9 +525,27 @@ def constrain_weight(x: jax.Array, module_path: Sequence[str], leaf: str) -> jax
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def gathered_before_loop(params: dict, path: Sequence[str], leaf: str) -> dict:
+    """`params` with the weight params[path[0]]...[path[-1]][leaf] as its layer uses it (`constrain_weight`), for a
+    token loop to receive as an argument; without a mesh that splits weights, `params` unchanged.
+
+    Why: a weight read at every token whose gather nothing outside the loop performs (an output head) is otherwise
+    all-gathered by its layer's constraint at every iteration; gathered here, before the loop, it is gathered once
+    per call (and the constraint inside finds it gathered)."""
+    if not weights_sharded():
+        return params
+
+    def replace(tree: dict, names: Sequence[str]) -> dict:
+        if not names:
+            return {**tree, leaf: constrain_weight(tree[leaf], path, leaf)}
+        return {**tree, names[0]: replace(tree[names[0]], names[1:])}
+
+    return replace(params, list(path))
+
+
 __all__ = [
     "BATCH_AXES", "LINEAR_RULES", "WEIGHT_COMPUTE_RULES", "activation_spec", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfig", "ShardingReport",
     "abstract_with_shardings", "batch_logical_axes", "batch_shardings", "batch_specs", "cast_floating",
-    "constrain", "constrain_weight", "logical_to_mesh_axes", "make_mesh", "mesh_from_config", "param_logical_axes", "path_str",
+    "constrain", "constrain_weight", "gathered_before_loop", "logical_to_mesh_axes", "make_mesh", "mesh_from_config", "param_logical_axes", "path_str",
     "shard", "shardings_for", "spec_for", "tree_shardings", "tree_specs",
 ]

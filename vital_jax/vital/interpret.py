@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vital_jax import generation
+from vital_jax import generation, sharding
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.modeling import Qwen3ForCausalLM, init_cache
-from vital_jax.models.qwen3_vl import cached
 from vital_jax.vital.model import VitalModel
 
 
@@ -49,6 +48,9 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
         return step.logits[:, -1], step.kv_cache
 
     sampling = generation.SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    # The decoder's output head gathered once, not at every token (as `qwen3_vl.cached.output_head_gathered`).
+    head = ("embed_tokens", "embedding") if decoder_config.tie_word_embeddings else ("lm_head", "kernel")
+    dp = sharding.gathered_before_loop(dp, head[:1], head[1])
     tokens, lengths = generation.decode(step_fn, dp, out.logits[:, -1], out.kv_cache, sampling)
     return tokens.reshape(b, k, -1), lengths.reshape(b, k)
 

@@ -167,29 +167,14 @@ def decoding_model(model: Qwen3VLForConditionalGeneration, params
 
 
 def output_head_gathered(model: Qwen3VLForConditionalGeneration, params: dict) -> dict:
-    """`params` with the output head's weight (`lm_head`, or the tied embedding table) as the token step uses it
-    (`sharding.constrain_weight`: gathered over "fsdp"), for a token loop to receive. Without a mesh that splits
-    weights, `params` unchanged. Why: the head is read at every token and sits outside the decoder layers, so
-    neither layout (`decoding_model`) moves its gather out of the loop; the step's own constraint would all-gather
-    it at every token (V x D, the largest matrix: 1.2 GB of bf16 at 8B; `benchmarks.medsynapse_8b` counts the
-    collectives per decode step). Gathered here, before the loop, it is gathered once per call."""
-    if not sharding.weights_sharded():
-        return params
+    """`params` with the output head's weight (`lm_head`, or the tied embedding table) gathered for a token loop
+    (`sharding.gathered_before_loop`). The head is read at every token and sits outside the decoder layers, so
+    neither layout (`decoding_model`) gathers it before the loop; left to the step's own constraint, only XLA's
+    loop-invariant code motion keeps it from being all-gathered at every token (V x D, the largest matrix: 1.2 GB
+    of bf16 at 8B; with the pass off, as `benchmarks.medsynapse_8b` compiles, 2.3 GiB per decode step on CPU)."""
     if model.config.text.tie_word_embeddings:
-        path, leaf = ("language_model", "embed_tokens"), "embedding"
-    else:
-        path, leaf = ("lm_head",), "kernel"
-    node = params
-    for name in path:
-        node = node[name]
-    gathered = sharding.constrain_weight(node[leaf], path, leaf)
-
-    def replace(tree, names):
-        if not names:
-            return {**tree, leaf: gathered}
-        return {**tree, names[0]: replace(tree[names[0]], names[1:])}
-
-    return replace(params, path)
+        return sharding.gathered_before_loop(params, ("language_model", "embed_tokens"), "embedding")
+    return sharding.gathered_before_loop(params, ("lm_head",), "kernel")
 
 
 def decode(model: Qwen3VLForConditionalGeneration, params, kv_cache: KVCache, last_hidden: jax.Array,

@@ -544,8 +544,9 @@ def gathered_before_loop(params: dict, path: Sequence[str], leaf: str) -> dict:
 
 
 __all__ = [
-    "BATCH_AXES", "LINEAR_RULES", "WEIGHT_COMPUTE_RULES", "activation_spec", "LOGICAL_AXIS_RULES", "MESH_AXES", "MeshConfig", "ShardingReport",
-    "abstract_with_shardings", "batch_logical_axes", "batch_shardings", "batch_specs", "cast_floating",
-    "constrain", "constrain_weight", "gathered_before_loop", "logical_to_mesh_axes", "make_mesh", "mesh_from_config", "param_logical_axes", "path_str",
-    "shard", "shardings_for", "spec_for", "tree_shardings", "tree_specs",
+    "BATCH_AXES", "LINEAR_RULES", "WEIGHT_COMPUTE_RULES", "activation_spec", "LOGICAL_AXIS_RULES", "MESH_AXES",
+    "MeshConfig", "ShardingReport", "abstract_with_shardings", "batch_logical_axes", "batch_shardings", "batch_specs",
+    "cast_floating", "constrain", "constrain_weight", "gathered_before_loop", "logical_to_mesh_axes", "make_mesh",
+    "mesh_from_config", "param_logical_axes", "path_str", "shard", "shardings_for", "spec_for", "tree_shardings",
+    "tree_specs",
 ]

@@ -14,13 +14,21 @@
 # Logs go to $OUT (or ./accelerator_logs). The device tool stops a call after 600 s, so run it as two calls, the
 # train part first (it is what the issue still needs):
 #     bash benchmarks/accelerator_run.sh train [dots_batch] [cudnn_batch]   # attention check + two mfu_8b, <= 500 s
+#                                           (batches by default 16 on a 141 GB card, 6 on an 80 GB one: see below)
 #     bash benchmarks/accelerator_run.sh inference                           # latency_8b, at most 240 s
 # (`all`, the default, runs both in one go, where no such limit applies.)
 # The first lease's results (README, "On one H200"): full remat 22.9 % MFU at batch 16, 26.3 % at 32.
 set -u
 part=${1:-all}
-dots_batch=${2:-16}
-cudnn_batch=${3:-16}
+# The batch of the dots-remat steps, by the card's memory unless given. From the first lease (H200, full remat:
+# 37.9 GiB of arguments, 7.8 GiB + 0.76 GiB per sample of temporaries) and memory_8b (dots keeps ~2.6 GiB more per
+# 512-token sample): ~46 + 3.4 GiB per sample. With XLA_PYTHON_CLIENT_MEM_FRACTION 0.92 an H200 (141 GB) holds ~121
+# GiB, batch 16 (~100 GiB); an H100 (80 GB) ~73 GiB, batch 6 (~66 GiB; 8 would be ~73, too close).
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | sed -n 1p | tr -dc 0-9)
+default_batch=16
+if [ -n "$gpu_mib" ] && [ "$gpu_mib" -lt 100000 ]; then default_batch=6; fi
+dots_batch=${2:-$default_batch}
+cudnn_batch=${3:-$default_batch}
 case "$part" in all|inference|train) ;; *) echo "unknown part '$part' (all | inference | train)" >&2; exit 2 ;; esac
 out=${OUT:-accelerator_logs}
 mkdir -p "$out"

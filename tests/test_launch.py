@@ -1,6 +1,7 @@
 """The cluster launchers (launch/slurm_gpu.sbatch, launch/tpu_pod.sh), run here with the cluster's commands
 replaced by stubs on PATH (`scontrol`, `srun`, `gcloud`, and `python` itself, which records what it was started
-with): each task's environment and command line, and the plan `vital_jax.distributed` makes from that environment."""
+with): each task's environment and command line, and the plan `vital_jax.distributed` makes from that environment.
+Also the GPU-lease plan (benchmarks/accelerator_run.sh) with `nvidia-smi` stubbed: the commands it would run."""
 
 from __future__ import annotations
 
@@ -104,3 +105,35 @@ def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path)
     assert shlex.split(train) == ["python", "-m", "vital_jax.train", f"--config={CONFIG}",
                                   "--workdir=gs://bucket/runs/x", "--config.train.steps=3", "--config.note=a b"]
     assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"
+
+
+@pytest.mark.parametrize("memory_mib, batch", [("81559", "6"), ("143771", "16")])
+def test_the_accelerator_plan_sizes_its_batch_by_the_cards_memory(tmp_path, memory_mib, batch):
+    """benchmarks/accelerator_run.sh (issue #16's GPU measurements) with `nvidia-smi` reporting an 80 GB or a 141 GB
+    card and `python3` / `timeout` stubbed: the commands it would run, batches included, and explicit batches win."""
+    nvidia_smi = f"""#!/bin/bash
+if [[ "$*" == *nounits* ]]; then echo {memory_mib}; else echo "NVIDIA GPU, {memory_mib} MiB"; fi
+"""
+    echo = """#!/bin/bash
+echo "STUB $*"
+"""
+    skip_timeout = """#!/bin/bash
+shift; exec "$@"
+"""
+    env = dict(_stubs(tmp_path, **{"nvidia-smi": nvidia_smi, "python3": echo, "timeout": skip_timeout}),
+               OUT=str(tmp_path / "out"))
+
+    def commands(*args):
+        res = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "accelerator_run.sh"), *args], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return [line.removeprefix("STUB ") for line in res.stdout.splitlines() if line.startswith("STUB -m")]
+
+    assert commands("train") == [
+        f"-m benchmarks.attention_kernels --batch {batch}",
+        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy dots --trace_dir {tmp_path / 'out'}/trace_dots",
+        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy dots --attention cudnn"]
+    assert commands("train", "12", "20")[1:] == [
+        f"-m benchmarks.mfu_8b --batch 12 --remat_policy dots --trace_dir {tmp_path / 'out'}/trace_dots",
+        "-m benchmarks.mfu_8b --batch 20 --remat_policy dots --attention cudnn"]
+    assert commands("inference") == ["-m benchmarks.latency_8b --repeats 8"]

@@ -18,13 +18,14 @@ for the text case.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import xla_memory
+from benchmarks.latent_overhead import best_ms
 from vital_jax.layers.attention import ATTENTION_IMPLS, attend, check_backend
 
 
@@ -54,16 +55,6 @@ def step_fn(impl: str, mask):
     return jax.jit(lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v))
 
 
-def best_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
-
-
 def relative_diff(a, b) -> float:
     """max |a - b| / max |b| over the leaves of two trees (the gradients' scale grows with the loss's)."""
     return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))) /
@@ -75,16 +66,18 @@ def compare(name: str, case, impls: list[str], repeats: int) -> dict[str, float]
     print(f"{name}: q {tuple(q.shape)}, k/v {tuple(k.shape)}, bf16")
     (_, ref_out), ref_grads = step_fn("xla", mask)(q, k, v)
     times = {}
+    seen = np.asarray(mask.any(-1))
+    programs, rows = {}, {}
     for impl in impls:
-        fn = step_fn(impl, mask)
-        compiled, memory = xla_memory.compile_measured(fn, (q, k, v), ("temp",))
-        (_, out), grads = compiled(q, k, v)
-        seen = np.asarray(mask.any(-1))
+        compiled, memory = xla_memory.compile_measured(step_fn(impl, mask), (q, k, v), ("temp",))
+        (_, out), grads = compiled(q, k, v)   # also the warm-up call
         out_diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32))[seen]))
-        times[impl] = best_ms(compiled, (q, k, v), repeats)
-        print(f"  {impl:12s} forward+backward {times[impl]:9.3f} ms | max |diff| vs xla: output {out_diff:.3g}, "
-              f"dq/dk/dv {relative_diff(grads, ref_grads):.3g} of their largest entry | XLA temporaries "
-              f"{memory['temp'] / 2**20:.1f} MiB")
+        programs[impl] = functools.partial(compiled, q, k, v)
+        rows[impl] = (f"max |diff| vs xla: output {out_diff:.3g}, dq/dk/dv {relative_diff(grads, ref_grads):.3g} "
+                      f"of their largest entry | XLA temporaries {memory['temp'] / 2**20:.1f} MiB")
+    times = best_ms(programs, repeats)   # interleaved round by round, so load affects every impl alike
+    for impl in impls:
+        print(f"  {impl:12s} forward+backward {times[impl]:9.3f} ms | {rows[impl]}")
     return times
 
 

@@ -10,6 +10,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -47,8 +48,6 @@ def _stubs(tmp_path, **scripts) -> dict:
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    import sys
-
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "REAL_PYTHON": sys.executable, "HOME": str(tmp_path)}
 
 

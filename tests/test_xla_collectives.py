@@ -10,6 +10,15 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+def _run(program: str, *args: str) -> dict:
+    """The JSON line a program prints, run in its own process (its device count is set before jax starts)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", program, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 PROGRAM = r"""
 import json, os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -46,11 +55,7 @@ print(json.dumps({"program": dict(moved["program"]), "loops": [dict(c) for c in 
 
 
 def test_collectives_are_counted_per_call_and_per_iteration_of_an_unbounded_loop():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    res = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = _run(PROGRAM)
     # The while loop: one (32, 32) float32 weight gathered per iteration, nothing else.
     assert out["loops"] == [{"all-gather": 32 * 32 * 4}], out
     # Per call: the scan's three (32, 32) float32 layers.
@@ -94,13 +99,7 @@ print(json.dumps({"program": dict(moved["program"]), "loops": [dict(c) for c in 
 
 def test_a_head_gathered_before_the_loop_is_gathered_once_not_at_every_iteration():
     """`sharding.gathered_before_loop` (the output heads of `cached.decode` and `interpret.decode_latents`)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    out = {}
-    for mode in ("gathered", "as_held"):
-        res = subprocess.run([sys.executable, "-c", HEAD_PROGRAM, mode], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-3000:]
-        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    out = {mode: _run(HEAD_PROGRAM, mode) for mode in ("gathered", "as_held")}
     head_bytes = 64 * 256 * 4
     assert out["as_held"]["loops"][0].get("all-gather", 0) >= head_bytes, out   # the check below can fail
     assert out["gathered"]["loops"][0].get("all-gather", 0) == 0, out

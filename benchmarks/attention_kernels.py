@@ -6,8 +6,8 @@ sees: each one's forward + backward time and its largest difference from "xla" (
 
 Two cases, as the train step calls `layers.attention.attend`: the text decoder's prefill (Qwen3-VL-8B's text: 32
 query heads over 8 kv heads of 128, a causal mask with left padding, `batch` rows of `prompt_len`) and the vision
-tower's (one 448x448 image: 784 patches, 16 heads of 72, one row, no mask beyond the frame). Every impl gets the same
-bf16 q, k, v and mask; the loss is the sum of squares of the output over the rows that see a key. An impl that
+tower's (one 448x448 image: 784 patches, 16 heads of 72, one row, no mask: every patch of a frame sees the frame,
+as the tower calls it). Every impl gets the same bf16 q, k, v and mask; the loss is the sum of squares of the output over the rows that see a key. An impl that
 cannot run here ("cudnn" off an NVIDIA GPU, "pallas_flash" off a TPU: `attention.check_backend`) is reported as such
 and left out. Run before an MFU measurement on a GPU: it shows whether "cudnn" agrees with the reference at these
 shapes (max |diff| of the outputs and of dq, dk, dv) and what it saves per layer in time and in XLA's temporary
@@ -40,16 +40,22 @@ def text_case(rng, batch: int, length: int, heads: int, kv_heads: int, head_dim:
 
 
 def vision_case(rng, patches: int, heads: int, head_dim: int):
+    """q, k, v bf16 of one frame and no mask (`vision.VisionAttention` under per-frame attention)."""
     q, k, v = (jnp.asarray(rng.standard_normal((1, patches, heads, head_dim)), jnp.bfloat16) for _ in range(3))
-    return q, k, v, jnp.ones((1, patches, patches), bool)
+    return q, k, v, None
+
+
+def rows_seeing_a_key(q, mask) -> np.ndarray:
+    """(B, T) bool: the query rows with a visible key (all of them without a mask). mask: a concrete array."""
+    return np.ones(q.shape[:2], bool) if mask is None else np.asarray(mask).any(-1)
 
 
 def step_fn(impl: str, mask):
     """jit of (q, k, v) -> (output, (dq, dk, dv)) for the sum of squares of the output over rows that see a key."""
-    seen = mask.any(-1)[:, :, None]
 
     def loss(q, k, v):
         out = attend(q, k, v, mask, impl, jnp.bfloat16)
+        seen = jnp.asarray(rows_seeing_a_key(q, mask))[:, :, None]
         return jnp.sum(jnp.where(seen, out.astype(jnp.float32), 0.0) ** 2), out
 
     return jax.jit(lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v))
@@ -66,7 +72,7 @@ def compare(name: str, case, impls: list[str], repeats: int) -> dict[str, float]
     print(f"{name}: q {tuple(q.shape)}, k/v {tuple(k.shape)}, bf16")
     (_, ref_out), ref_grads = step_fn("xla", mask)(q, k, v)
     times = {}
-    seen = np.asarray(mask.any(-1))
+    seen = rows_seeing_a_key(q, mask)
     programs, rows = {}, {}
     for impl in impls:
         compiled, memory = xla_memory.compile_measured(step_fn(impl, mask), (q, k, v), ("temp",))

@@ -421,8 +421,9 @@ def test_vision_tower_with_query_blocks_matches_transformers(tmp_path, frame_att
 def cudnn_stand_in(monkeypatch):
     """`jax.nn.dot_product_attention(implementation="cudnn")` computed by its "xla" implementation, after the checks
     cuDNN's bf16/fp16 flash kernels make (jax's cudnn/fused_attention_stablehlo: dtype, head dim, even T and S with a
-    bias in training) and those of the call this module must make (a (B, 1, T, S) bool mask, the kernel asked for
-    by name). Returns the list of (q shape, k shape) of every such call; other calls pass through."""
+    bias in training) and those of the call this module must make (a (B, 1, T, S) bool mask or none, the kernel
+    asked for by name). Returns the list of (q shape, k shape, whether a mask was given) of every such call; other
+    calls pass through."""
     original = jax.nn.dot_product_attention
     calls = []
 
@@ -431,9 +432,11 @@ def cudnn_stand_in(monkeypatch):
             return original(query, key, value, mask=mask, implementation=implementation, **kwargs)
         assert query.dtype == key.dtype == value.dtype and query.dtype in (jnp.bfloat16, jnp.float16)
         (b, t, _, h), s = query.shape, key.shape[1]
-        assert h <= 256 and h % 8 == 0 and t % 2 == 0 and s % 2 == 0, (query.shape, key.shape)
-        assert mask is not None and mask.dtype == jnp.bool_ and mask.shape == (b, 1, t, s) and not kwargs
-        calls.append((query.shape, key.shape))
+        assert h <= 256 and h % 8 == 0 and not kwargs, (query.shape, key.shape, kwargs)
+        if mask is not None:   # a bias: even lengths only
+            assert t % 2 == 0 and s % 2 == 0, (query.shape, key.shape)
+            assert mask.dtype == jnp.bool_ and mask.shape == (b, 1, t, s)
+        calls.append((query.shape, key.shape, mask is not None))
         return original(query, key, value, mask=mask, implementation="xla")
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
@@ -458,7 +461,7 @@ def test_cudnn_attend_pads_odd_lengths_and_equals_dot_product_forward_and_backwa
     (_, ours), grads = jax.value_and_grad(functools.partial(loss, "cudnn"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
     (_, ref), ref_grads = jax.value_and_grad(functools.partial(loss, "dot_product"), argnums=(0, 1, 2),
                                              has_aux=True)(q, k, v)
-    assert cudnn_stand_in == [((2, t + t % 2, heads, 16), (2, s + s % 2, kv_heads, 16))]
+    assert cudnn_stand_in == [((2, t + t % 2, heads, 16), (2, s + s % 2, kv_heads, 16), True)]
     # The extra key is masked (weight exactly 0) and the extra query row dropped: the same bf16 numbers.
     assert _diff(np.asarray(ours)[seen], np.asarray(ref)[seen]) <= 1e-6
     for g, r in zip(grads, ref_grads):
@@ -505,7 +508,55 @@ def test_qwen3_vl_in_bfloat16_with_cudnn_equals_dot_product_through_the_kernel_i
     ref = _ours(configs["dot_product"], params, ids, valid, grids, pixels)
     assert _diff(np.asarray(ours.logits)[valid], np.asarray(ref.logits)[valid]) <= 1e-6
     vision, text = configs["cudnn"].vision, configs["cudnn"].text
-    text_calls = [k_shape for q_shape, k_shape in cudnn_stand_in if q_shape[0] == 2]   # the vision tower: 1 row
+    text_calls = [k_shape for q_shape, k_shape, _ in cudnn_stand_in if q_shape[0] == 2]   # the vision tower: 1 row
     assert len(text_calls) == text.num_hidden_layers and all(k[2] == text.num_key_value_heads for k in text_calls)
     assert len(cudnn_stand_in) - len(text_calls) >= vision.depth   # per layer, each group of equal-sized frames
-    assert all(q_shape[1] > 1 for q_shape, _ in cudnn_stand_in)
+    assert all(q_shape[1] > 1 for q_shape, _, _ in cudnn_stand_in)
+
+
+@pytest.mark.parametrize("t, s", [(5, 9), (6, 8)])
+def test_cudnn_without_a_mask_calls_the_kernel_without_a_bias_at_any_length(cudnn_stand_in, t, s):
+    """mask None (every key visible): no padding and no bias reach the kernel (cuDNN's even-length rule is for a
+    bias); forward and gradients equal dot_product's with an all-True mask."""
+    q, k, v, _ = _bf16_case(t * 10 + s, 2, t, s, 4, 2, 16)
+    everything = jnp.ones((2, t, s), bool)
+
+    def loss(impl, mask, q, k, v):
+        out = attend(q, k, v, mask, impl).astype(jnp.float32)
+        return jnp.sum(out ** 2), out
+
+    (_, ours), grads = jax.value_and_grad(functools.partial(loss, "cudnn", None), argnums=(0, 1, 2),
+                                          has_aux=True)(q, k, v)
+    (_, ref), ref_grads = jax.value_and_grad(functools.partial(loss, "dot_product", everything), argnums=(0, 1, 2),
+                                             has_aux=True)(q, k, v)
+    assert cudnn_stand_in == [((2, t, 4, 16), (2, s, 2, 16), False)]
+    assert _diff(ours, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+        assert _diff(g, r) <= 1e-6
+    # The other impls read None as "every key visible" too.
+    for impl in ("xla", "dot_product"):
+        f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
+        assert _diff(attend(*f32, None, impl), attend(*f32, everything, "xla")) <= 1e-6
+
+
+def test_vision_frames_under_cudnn_reach_the_kernel_without_a_mask(tmp_path, cudnn_stand_in):
+    """Equal-sized frames (per-frame attention) give the kernel no mask at all; frames of several sizes keep the
+    block-diagonal mask as a bias. Both equal dot_product's bf16 features."""
+    save_tiny_qwen3_vl(str(tmp_path), seed=6)
+    for grids, masked in ([(1, 4, 6), (1, 4, 6)], False), ([(1, 4, 6), (1, 8, 4)], True):
+        features = {}
+        for impl in ("cudnn", "dot_product"):
+            config = Qwen3VLConfig.from_pretrained(str(tmp_path), attention_impl=impl, dtype="bfloat16",
+                                                   frame_attention=True)
+            params = load_vl_params(str(tmp_path), config)
+            inputs = vision_inputs(grids, config.vision)
+            assert bool(inputs.frame_patches) != masked
+            model = Qwen3VLForConditionalGeneration(config)
+            pixels = _pixels(np.random.RandomState(3), grids, config)
+            if impl == "cudnn":
+                cudnn_stand_in.clear()   # loading traced the model on shapes of its own
+            features[impl] = model.apply({"params": params}, jnp.asarray(pixels), inputs,
+                                         method=model.encode_images)[0]
+        assert _diff(features["cudnn"], features["dot_product"]) <= 1e-6
+        assert len(cudnn_stand_in) == config.vision.depth
+        assert {has_mask for _, _, has_mask in cudnn_stand_in} == {masked}

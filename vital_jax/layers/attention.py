@@ -116,14 +116,19 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
     """cuDNN's fused flash attention, `jax.nn.dot_product_attention(implementation="cudnn")`: the (T, S) scores are
     never materialised, forward or backward. bfloat16 / float16 only (cuDNN has no float32 flash kernel), head dim
     <= 256 and a multiple of 8 (both Qwen3-VL towers: 128 and 72). The (B, T, S) mask enters as an additive
-    (B, 1, T, S) bias (JAX converts it); cuDNN's training kernels with a bias take only even T and S, so an odd
-    length gets one more query row (dropped) and one more key (masked)."""
+    (B, 1, T, S) bias (JAX converts it, and the backward pass then also computes that bias's gradient); cuDNN's
+    training kernels with a bias take only even T and S, so an odd length gets one more query row (dropped) and one
+    more key (masked). mask None (every key visible: the vision tower's frames) calls the kernel without a bias,
+    at any length."""
     if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 activations (the model config's dtype); "
                          f"got {q_btnh.dtype}: use 'xla' or 'dot_product' for float32")
     b, t, n, h = q_btnh.shape
-    pad_t, pad_s = t % 2, k_bskh.shape[1] % 2
     k_bskh, v_bskh = k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype)
+    if mask_bts is None:
+        out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, implementation="cudnn")
+        return out.reshape(b, t, n * h)
+    pad_t, pad_s = t % 2, k_bskh.shape[1] % 2
     if pad_t or pad_s:
         q_btnh = jnp.pad(q_btnh, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
         k_bskh, v_bskh = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bskh, v_bskh))
@@ -132,12 +137,13 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
     return out[:, :t].reshape(b, t, n * h)
 
 
-def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, impl: str = "xla",
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array | None, impl: str = "xla",
            dtype=jnp.float32, segment_ids_bt: jax.Array | None = None, query_chunk: int = 0) -> jax.Array:
     """softmax(q k^T / sqrt(h) + mask) v with grouped-query heads -> (B, T, N * H).
 
     q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (query head i reads kv head i // (N // K));
-    mask (B, T, S) bool. segment_ids (B, T) int, optional, for self-attention within groups (T = S, mask =
+    mask (B, T, S) bool, or None when every query sees every key (no mask array at all: "cudnn" then runs its
+    kernel without a bias, the others are unchanged, an all-True mask being folded away by XLA). segment_ids (B, T) int, optional, for self-attention within groups (T = S, mask =
     equal ids): "pallas_flash" then uses the kernel's segment ids instead of the mask. query_chunk > 0 ("xla"
     only): queries in blocks of that many rows, each against all keys (`_xla_attend_in_query_blocks`).
     impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype` (the parity reference);
@@ -153,10 +159,14 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
     kh = k_bskh.shape[2]
     if impl == "dot_product":
         out = jax.nn.dot_product_attention(q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
-                                           mask=mask_bts[:, None, :, :])
+                                           mask=None if mask_bts is None else mask_bts[:, None, :, :])
         return out.reshape(b, t, n * h)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "cudnn" and t > 1:
+        return _cudnn(q_btnh, k_bskh, v_bskh, mask_bts)
+    if mask_bts is None:
+        mask_bts = jnp.ones((b, t, k_bskh.shape[1]), bool)
     if t == 1 and impl in ("cudnn", "pallas_flash"):
         # One query (a decode or latent step) is a matrix-vector product bound by reading the cache. A flash kernel
         # (tiles of query rows) does not speed it up, and its inputs would copy the cache at every step and layer
@@ -165,8 +175,6 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
         return _xla_attend_one_query(q_btnh, k_bskh, v_bskh, mask_bts, dtype)
     if impl == "pallas_flash":
         return _pallas_flash(q_btnh, k_bskh, v_bskh, mask_bts, dtype, segment_ids_bt)
-    if impl == "cudnn":
-        return _cudnn(q_btnh, k_bskh, v_bskh, mask_bts)
     if 0 < query_chunk < t:
         return _xla_attend_in_query_blocks(q_btnh, k_bskh, v_bskh, mask_bts, dtype, query_chunk)
     if t == 1:

@@ -164,9 +164,9 @@ def num_patches(grid_thw: GridTHW) -> int:
 class VisionAttention(nn.Module):
     """Non-causal MHA with fused qkv (bias), 2-D rotary applied in float32, masked by segment id.
 
-    x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) and the
-    segment ids it was made of, (S, N/S) int (mask = equal ids; "pallas_flash" reads the ids, the others the mask)
-    -> (N, D). Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the
+    x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) or None
+    (each slice is one frame: every patch sees every other; no mask array) and the segment ids it was made of,
+    (S, N/S) int (mask = equal ids; "pallas_flash" reads the ids, the others the mask) -> (N, D). Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the
     text decoder.
     """
 
@@ -186,7 +186,7 @@ class VisionAttention(nn.Module):
         q_nkh, k_nkh, v_nkh = jnp.moveaxis(qkv.reshape(n, 3, heads, head_dim), 1, 0)
         q_nkh = apply_rope(q_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
         k_nkh = apply_rope(k_nkh[None].astype(jnp.float32), cos_nh[None], sin_nh[None])[0].astype(self.dtype)
-        slices, per_slice = mask_snn.shape[0], mask_snn.shape[1]
+        slices, per_slice = segments_sn.shape
         q, k, v = (t.reshape(slices, per_slice, heads, head_dim) for t in (q_nkh, k_nkh, v_nkh))
         query_chunk = 0
         if self.attention_impl == "xla":
@@ -303,8 +303,9 @@ class Qwen3VLVisionModel(nn.Module):
             if n % p or (n // inputs.num_slices) % p:
                 raise ValueError(f"{n} patches in {inputs.num_slices} slice(s) are not whole frames of "
                                  f"frame_patches={p}")
-            # One group per frame: a constant all-True mask, which XLA folds away (no select over the scores).
-            mask_snn = jnp.ones((n // p, p, p), bool)
+            # One group per frame: no mask (XLA would fold an all-True one away; cuDNN would still be given it as
+            # a bias and compute that bias's gradient).
+            mask_snn = None
             segments_sn = jnp.zeros((n // p, p), jnp.int32)
         else:
             segments_sn = jnp.asarray(inputs.segment_ids).reshape(inputs.num_slices, -1)

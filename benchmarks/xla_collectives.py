@@ -15,7 +15,7 @@ import collections
 import math
 import re
 
-from benchmarks.xla_flops import _INSTR, _TRIP, _callees, _computations
+from benchmarks.xla_flops import INSTRUCTION, KNOWN_TRIP_COUNT, callees, computations
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
@@ -38,7 +38,7 @@ def _opcode_collective(opcode: str) -> str | None:
 def _own_bytes(lines) -> collections.Counter:
     out = collections.Counter()
     for line in lines:
-        instr = _INSTR.match(line)
+        instr = INSTRUCTION.match(line)
         if instr is None:
             continue
         _, shape, opcode, _ = instr.groups()
@@ -51,7 +51,7 @@ def _own_bytes(lines) -> collections.Counter:
 def collective_bytes(hlo_text: str) -> dict:
     """{"program": Counter(kind -> bytes per execution, outside loops of unknown trip count),
     "loops": {while instruction: Counter(kind -> bytes per iteration of its body)}} for one device."""
-    comps, entry = _computations(hlo_text)
+    comps, entry = computations(hlo_text)
     memo: dict[str, tuple[collections.Counter, dict]] = {}
 
     def visit(name: str) -> tuple[collections.Counter, dict]:
@@ -60,8 +60,8 @@ def collective_bytes(hlo_text: str) -> dict:
             return memo[name]
         total, loops = _own_bytes(comps[name][1]), {}
         for line in comps[name][1]:
-            instr = _INSTR.match(line)
-            if instr is not None and instr.group(3) == "while" and _TRIP.search(line) is None:
+            instr = INSTRUCTION.match(line)
+            if instr is not None and instr.group(3) == "while" and KNOWN_TRIP_COUNT.search(line) is None:
                 per_iteration = collections.Counter()
                 for part in ("condition", "body"):   # both run at every iteration
                     sub, inner = visit(re.search(rf"\b{part}=%([\w.\-]+)", line).group(1))
@@ -69,7 +69,7 @@ def collective_bytes(hlo_text: str) -> dict:
                     loops.update(inner)
                 loops[instr.group(1)] = per_iteration
                 continue
-            for callee, times in _callees(line):
+            for callee, times in callees(line):
                 sub, inner = visit(callee)
                 for kind, n in sub.items():
                     total[kind] += n * times

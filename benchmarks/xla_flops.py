@@ -7,6 +7,9 @@ layers. This reads the optimized HLO text (`Compiled.as_text()`) instead: every 
 the known trip counts of the while loops around it (XLA records `known_trip_count` on a while whose count it
 proved; a while without one is an error rather than a guess). Only dots are counted: they are what model FLOPs
 (`vital.accounting`) count, and elementwise work is negligible beside them at model sizes.
+
+The HLO text reader (`computations`, `callees`, `INSTRUCTION`, `KNOWN_TRIP_COUNT`) is public: `xla_collectives`
+reads the same text with it.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import re
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$")
 _PARAM = re.compile(r"([\w.\-]+): \w+\[([\d,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
+# One instruction line: (result name, result shape, opcode, the rest from the operands on).
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _CALL_LISTS = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 class HloFlopsError(ValueError):
@@ -31,7 +35,7 @@ def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-def _computations(hlo_text: str) -> tuple[dict, str]:
+def computations(hlo_text: str) -> tuple[dict, str]:
     """{name: (param shapes {name: dims}, instruction lines)} in file order, and the ENTRY computation's name."""
     comps, entry, current = {}, None, None
     for line in hlo_text.splitlines():
@@ -50,7 +54,7 @@ def _computations(hlo_text: str) -> tuple[dict, str]:
     return comps, entry
 
 
-def _callees(line: str) -> list[tuple[str, int]]:
+def callees(line: str) -> list[tuple[str, int]]:
     """(computation, times per execution of `line`) for every computation the instruction calls."""
     called = [(name, kind) for kind, name in _CALLS.findall(line)]
     for kind, names in _CALL_LISTS.findall(line):
@@ -58,7 +62,7 @@ def _callees(line: str) -> list[tuple[str, int]]:
     out = []
     for name, kind in called:
         if kind in ("body", "condition"):
-            trip = _TRIP.search(line)
+            trip = KNOWN_TRIP_COUNT.search(line)
             if trip is None:
                 raise HloFlopsError(f"while loop without a known trip count: {line.strip()[:200]}")
             out.append((name, int(trip.group(1)) + (kind == "condition")))
@@ -80,12 +84,12 @@ def _dot_flops(operands: str, attrs: str, result_dims: tuple[int, ...], shapes: 
 
 def matmul_flops(hlo_text: str) -> float:
     """Executed dot FLOPs of the (optimized, per-device) HLO module `hlo_text`, loops counted by trip count."""
-    comps, entry = _computations(hlo_text)
+    comps, entry = computations(hlo_text)
     runs = collections.Counter({entry: 1})
     # HLO text lists a computation after everything it calls, so callers come first in reverse order.
     for name in reversed(list(comps)):
         for line in comps[name][1]:
-            for callee, times in _callees(line):
+            for callee, times in callees(line):
                 runs[callee] += runs[name] * times
     total = 0.0
     for name, (params, lines) in comps.items():
@@ -93,7 +97,7 @@ def matmul_flops(hlo_text: str) -> float:
             continue
         shapes = dict(params)
         for line in lines:
-            instr = _INSTR.match(line)
+            instr = INSTRUCTION.match(line)
             if instr is None:
                 continue
             result, shape, opcode, rest = instr.groups()

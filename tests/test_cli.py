@@ -53,6 +53,13 @@ def recorded_run(tmp_path_factory):
                             "--latent_steps=1"], ["/no/such/run", "config.json"]),
     ("vital_jax.evaluate", ["--checkpoint=/tmp"], ["--benchmark", "required"]),
     ("vital_jax.explain", ["--out=/tmp/x"], ["--checkpoint is required"]),
+    # An output path that is a file: refused before any work (it used to fail once the results were ready).
+    ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=README.md",
+                            "--latent_steps=1"], ["--out=README.md exists and is not a directory"]),
+    ("vital_jax.explain", ["--checkpoint=/no/such/run", "--data_dir=/tmp", "--out=README.md"],
+     ["--out=README.md exists and is not a directory"]),
+    ("vital_jax.train", ["--config=configs/demo.py", "--workdir=README.md"],
+     ["--workdir=README.md exists and is not a directory"]),
     ("vital_jax.data.build", [], ["--config"]),
     ("vital_jax.data.validate", [], ["--data_dir"]),
     ("conversion.flax_to_hf", ["--checkpoint=/no/such/dir", "--out=/tmp/x"], ["/no/such/dir"]),

@@ -257,3 +257,68 @@ def test_torch_latent_generate_command_answers_as_vital_jax_does(workdir, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     expected = Predictor(run, batch_size=1, max_new_tokens=32).answer([image], [question], 2)[0][0]
     assert res.stdout.strip() == expected
+
+
+def _copy_run(workdir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def _same_params(a, b):
+    import jax
+
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_load_run_takes_a_relative_workdir_and_loads_without_the_training_data(workdir, tmp_path, monkeypatch):
+    """orbax wants absolute paths; the ROI dimension comes from the checkpoint, so a run whose training data is
+    gone still loads (it used to guess 1152 and fail on a shape mismatch that blamed the config)."""
+    run = load_run(workdir)
+    copy = _copy_run(workdir, tmp_path)
+    shutil.rmtree(copy / "demo" / "data")
+    monkeypatch.chdir(tmp_path)
+    moved = load_run("run")
+    assert moved.step == run.step and moved.phase == len(run.config.curriculum.max_k)
+    assert _same_params(moved.params, run.params)
+    from vital_jax.models.hf_config import ConfigError
+
+    assert moved.paths.decoder_dir.startswith(str(copy))   # the test demo pretrains its own models
+    shutil.rmtree(moved.paths.decoder_dir)
+    with pytest.raises(ConfigError, match="the demo's decoder is missing"):
+        load_run("run")
+
+
+def test_load_run_warns_about_an_unfinished_run_and_refuses_lost_checkpoints(workdir, tmp_path, caplog):
+    run = load_run(workdir)
+    copy = _copy_run(workdir, tmp_path)
+    last = len(run.config.curriculum.max_k)
+    shutil.rmtree(copy / f"phase_{last}")
+    (copy / f"phase_{last}").mkdir()   # the phase started, no checkpoint yet
+    with caplog.at_level("WARNING"):
+        partial = load_run(str(copy))
+    assert partial.phase == last - 1 and partial.step < run.step
+    assert f"phase_{last} of {last} has no checkpoint" in caplog.text
+    # The run had finished (the train command's summary says where): a checkpoint is missing, not pending.
+    (copy / "train_summary.json").write_text(json.dumps({"preempted": False, "step": run.step}))
+    with pytest.raises(Exception, match=f"says training finished at step {run.step}, but the latest checkpoint is "
+                                        f"step {partial.step} of phase_{last - 1}"):
+        load_run(str(copy))
+
+
+def test_load_run_names_a_malformed_config_or_demo_record(workdir, tmp_path):
+    from vital_jax.checkpoint import CheckpointError
+    from vital_jax.models.hf_config import ConfigError
+
+    copy = _copy_run(workdir, tmp_path)
+    ready = copy / "demo" / "READY.json"
+    ready.write_text('{"models": ')
+    with pytest.raises(ConfigError, match=f"{ready}: malformed JSON"):
+        load_run(str(copy))
+    config = copy / "config.json"
+    config.write_text('{"data": ')
+    with pytest.raises(CheckpointError, match=f"{config}: malformed JSON"):
+        load_run(str(copy))
+    config.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a recorded training config"):
+        load_run(str(copy))

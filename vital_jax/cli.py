@@ -75,11 +75,20 @@ def require(**values) -> None:
         usage(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
+def require_directories(**paths) -> None:
+    """Each keyword names a flag whose value is a directory the command writes into (created if missing): a path
+    that exists as something else is a usage error now, before any work, not an OSError once results are ready."""
+    for name, path in paths.items():
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            usage(f"--{name}={path} exists and is not a directory")
+
+
 def begin(argv, config_flag, workdir_flag) -> None:
     """No positional arguments, --config and --workdir given, third-party logging quiet (`quiet_libraries`;
     progress lines come from the MetricsLogger and `status` instead), host memory kept if asked (`tune_host_memory`)."""
     no_positional(argv)
     require(config=config_flag.value, workdir=workdir_flag.value)
+    require_directories(workdir=workdir_flag.value)
     try:  # ml_collections reports a config file that failed to load only when the config is first used
         config_flag.value.keys()
     except OSError as e:

@@ -159,7 +159,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
                                   batch_size, n_timed)
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step,
-                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
+                "phase": run.phase, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
         summary = write_report(k_dir, benchmark, examples, predictions,
                                latent_steps=record_steps if k == RECORD_K else k,
                                latency_ms=latency + [None] * (len(examples) - len(latency)), meta=meta,
@@ -244,6 +244,7 @@ def main(argv):
 
     cli.no_positional(argv)
     cli.require(checkpoint=_CHECKPOINT.value, benchmark=_BENCHMARK.value, data_dir=_DATA_DIR.value, out=_OUT.value)
+    cli.require_directories(out=_OUT.value)
     cli.quiet_libraries()
     cli.tune_host_memory()
     common = dict(split=_SPLIT.value, limit=_LIMIT.value, batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value,

@@ -125,6 +125,7 @@ def main(argv):
 
     cli.no_positional(argv)
     cli.require(checkpoint=_CHECKPOINT.value, out=_OUT.value)
+    cli.require_directories(out=_OUT.value)
     dataset = bool(_DATA_DIR.value)
     if not dataset and (not _IMAGE.value or _QUESTION.value is None):
         cli.usage("give --image and --question (or --data_dir for dataset mode)")

@@ -12,15 +12,16 @@ READY.json); every other run names its checkpoints and data in the config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from vital_jax import assets
 from vital_jax import checkpoint as ckpt_lib
+from vital_jax.jsonio import read_json
 from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models import model_dir
@@ -32,7 +33,7 @@ from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.vital import trainable
 from vital_jax.vital.config import VitalConfig
 from vital_jax.vital.model import VitalModel
-from vital_jax.workdir import CONFIG_FILE, fill_added_fields
+from vital_jax.workdir import CONFIG_FILE, SUMMARY_FILE, fill_added_fields
 
 DEMO_DIR = "demo"
 DEMO_READY_FILE = "READY.json"  # written by `demo.prepare` when the demo's assets are complete
@@ -73,8 +74,16 @@ def resolve_paths(config, workdir: str) -> Paths:
         if not os.path.exists(ready):
             raise ConfigError(f"{root}: the demo's assets are not built (python -m vital_jax.train "
                               "--config=configs/demo.py builds them)")
-        with open(ready) as f:  # paths are rebuilt from `root`, so a copied demo folder uses its own files
-            return demo_paths(root, json.load(f)["models"])
+        ready_record = read_json(ready, ConfigError)
+        if not isinstance(ready_record, dict) or ready_record.get("models") not in (SHIPPED, "pretrain"):
+            raise ConfigError(f"{ready}: not a demo record (no \"models\": {SHIPPED!r} or 'pretrain'); rebuild "
+                              "the demo's assets by rerunning python -m vital_jax.train --config=configs/demo.py")
+        # Paths are rebuilt from `root`, so a copied demo folder uses its own files.
+        paths = demo_paths(root, ready_record["models"])
+        for name, path in (("backbone", paths.backbone_dir), ("decoder", paths.decoder_dir)):
+            if not os.path.isdir(path):
+                raise ConfigError(f"{path}: the demo's {name} is missing ({ready} says the assets were built)")
+        return paths
     paths = Paths(config.data.data_dir, config.model.tokenizer_dir or config.model.backbone_dir,
                   config.model.backbone_dir, config.model.decoder_dir, config.model.roi_encoder_dir)
     for field, path in (("data.data_dir", paths.data_dir), ("model.tokenizer_dir", paths.tokenizer_dir),
@@ -133,6 +142,7 @@ class TrainedRun:
     params: dict  # full parameters (backbone incl. LoRA, decoder, pj_in, visual_projector)
     paths: Paths
     step: int
+    phase: int = 0   # the curriculum phase (from 1) whose checkpoint the parameters came from
     # Predictors built for this run (`inference.shared_predictor`), by (batch_size, max_new_tokens): evaluation and
     # the explanation that follows it reuse one compiled program instead of compiling it twice.
     predictors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -144,9 +154,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise ckpt_lib.CheckpointError(f"{workdir}: no {CONFIG_FILE}; not a vital_jax training workdir")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    _tuples(config)
+    recorded = read_json(path, ckpt_lib.CheckpointError)
+    if not isinstance(recorded, dict):
+        raise ckpt_lib.CheckpointError(f"{path}: not a recorded training config (a JSON object)")
+    config = ml_collections.ConfigDict(recorded)
+    try:
+        _tuples(config)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ckpt_lib.CheckpointError(f"{path}: not a recorded training config ({e})") from None
     fill_added_fields(config)
     return config
 
@@ -154,33 +169,72 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str) -> TrainedRun:
     """Rebuild model and parameters of the training run in `workdir` (raises CheckpointError if none): base weights
     from the configured checkpoints, trained parameters (LoRA + scaffolding) from the latest checkpoint of the
-    last phase that has one."""
-    from vital_jax.data.records import load_roi_arrays
+    last phase that has one.
 
+    A run whose last phase has no checkpoint yet (stopped early, or still training) loads with a warning naming
+    the phase and step it is; a run whose train_summary.json says it finished at another step (checkpoints removed
+    or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
+    run loads without its training data.
+    """
+    workdir = os.path.abspath(workdir)   # orbax takes absolute paths only
     config = read_config(workdir)
     paths = resolve_paths(config, workdir)
-    roi = load_roi_arrays(paths.data_dir)
-    roi_dim = int(roi["features"].shape[1]) if roi is not None else 1152
-    model, params = build_model(config, paths, roi_dim)
+    phases = len(config.curriculum.max_k)
+    found = _latest_checkpoint(workdir, phases)
+    if found is None:
+        raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
+    phase, step = found
+    _check_finished(workdir, phase, phases, step)
+    state_dir = os.path.join(workdir, f"phase_{phase}", str(step), "state")
+    with ocp.StandardCheckpointer() as c:
+        saved = c.restore(state_dir)
+    if ROI_DIM_KEY not in saved:
+        raise ckpt_lib.CheckpointError(f"{state_dir}: no {ROI_DIM_KEY}; not a VITAL training checkpoint")
+    model, params = build_model(config, paths, int(saved[ROI_DIM_KEY].shape[0]))
     mask = trainable.trainable_mask(params, config.vital.train_decoder)
     train_params, frozen = trainable.split(params, mask)
-    for phase in range(len(config.curriculum.max_k), 0, -1):
+    abstract = {"params": train_params}
+    flat = ckpt_lib.flatten_state(abstract)
+    missing = sorted(k for k in flat if k not in saved)
+    if missing:
+        raise ckpt_lib.CheckpointError(f"{state_dir}: checkpoint does not match the run's config ({len(missing)} "
+                                       f"parameters missing, e.g. {missing[0]})")
+    restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
+    return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step, phase)
+
+
+# The visual projector's output bias: its length is the ROI feature dimension dv the run trained with.
+ROI_DIM_KEY = "params.visual_projector.fc2.bias"
+
+
+def _latest_checkpoint(workdir: str, phases: int) -> tuple[int, int] | None:
+    """(phase, step) of the latest checkpoint of the last phase that has one, or None."""
+    for phase in range(phases, 0, -1):
         directory = os.path.join(workdir, f"phase_{phase}")
         if not os.path.isdir(directory):
             continue
         ckpt = ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False)
         step = ckpt.latest_step()
-        if step is None:
-            ckpt.close()
-            continue
-        abstract = {"params": train_params}
-        flat = ckpt_lib.flatten_state(abstract)
-        with ocp.StandardCheckpointer() as c:
-            saved = c.restore(os.path.join(directory, str(step), "state"))
-        restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
         ckpt.close()
-        return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step)
-    raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
+        if step is not None:
+            return phase, step
+    return None
+
+
+def _check_finished(workdir: str, phase: int, phases: int, step: int) -> None:
+    """Refuse a finished run whose checkpoints no longer reach its recorded end; warn about an unfinished one."""
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        summary = read_json(summary_path, ckpt_lib.CheckpointError)
+        finished_at = summary.get("step") if isinstance(summary, dict) and summary.get("preempted") is False else None
+        # A later step is a run resumed since (longer curriculum); an earlier one lost checkpoints.
+        if isinstance(finished_at, int) and step < finished_at:
+            raise ckpt_lib.CheckpointError(
+                f"{workdir}: {SUMMARY_FILE} says training finished at step {finished_at}, but the latest "
+                f"checkpoint is step {step} of phase_{phase} (checkpoints removed or damaged since?)")
+    if phase < phases:
+        logging.warning("%s: the run did not finish its curriculum (phase_%d of %d has no checkpoint); loading "
+                        "phase_%d's step %d", workdir, phase + 1, phases, phase, step)
 
 
 def _tuples(config) -> None:

@@ -437,7 +437,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     return {"preempted": False, "step": int(state.step), "metrics": last_metrics, "paths": dataclasses.asdict(paths)}
 
 
-SUMMARY_FILE = "train_summary.json"
+SUMMARY_FILE = workdir_lib.SUMMARY_FILE
 
 
 def format_summary(summary: dict, workdir: str, phases: int) -> str:

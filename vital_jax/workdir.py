@@ -19,6 +19,7 @@ from vital_jax.jsonio import read_json
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
+SUMMARY_FILE = "train_summary.json"   # written by the train command when a run ends (finished or preempted)
 
 # Fields that may differ between runs sharing a workdir (how long / how often / which kernel, not what is trained).
 RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl", "model.remat_policy",

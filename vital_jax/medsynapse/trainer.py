@@ -92,7 +92,7 @@ STAGES = ("warmup", "ccr", "imt")
 SCHEDULES = ("constant", "warmup_cosine")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 FEATURES_DIR = "anatomical"
-SUMMARY_FILE = "train_summary.json"
+SUMMARY_FILE = workdir_lib.SUMMARY_FILE
 PATHS_FILE = "paths.json"  # the Paths a run trained with, recorded beside its config
 # What each stage trains (the rest of its parameter tree is frozen and never checkpointed).
 TRAINABLE = {"warmup": stage1.is_trainable, "ccr": grpo.is_trainable, "imt": imt.is_trainable}

@@ -16,6 +16,7 @@ import numpy as np
 
 from vital_jax import cli
 from vital_jax.checkpoint import CheckpointError
+from vital_jax.jsonio import atomic_write
 from vital_jax.models import hf_config, hf_mapping, model_dir, registry, safetensors_io
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -25,6 +26,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
     """Export `checkpoint` (a converted-model directory) to `out_dir`; returns written weight files."""
     import ml_dtypes
 
+    safetensors_io.check_export_dir(out_dir, checkpoint)
     cfg = hf_config.read_config_json(checkpoint)
     source = f"{checkpoint}/config.json"
     family = registry.family_for(cfg, source)
@@ -44,8 +46,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
     cfg = dict(cfg)
     cfg["dtype"] = dtype
     cfg.pop("torch_dtype", None)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(cfg, f, indent=2))
     return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
 
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a vital_jax converted-model directory, or a VITAL training workdir (LoRA is merged "
                              "into the backbone and the scaffolding is written under scaffolding/)")
-    parser.add_argument("--out", required=True, help="output HF directory (created)")
+    parser.add_argument("--out", required=True, help="output HF directory (created; must hold no weights yet)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
                         help="dtype of the written tensors (default float32)")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")

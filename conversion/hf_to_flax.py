@@ -2,7 +2,7 @@
 
     python -m conversion.hf_to_flax --hf_dir=/ckpt/Qwen3-1.7B --out=/models/qwen3_1p7b_flax [--param_dtype=bfloat16]
 
-Reads single-file or sharded safetensors tensor by tensor (memory-mapped, no torch), checks every tensor
+Reads single-file or sharded safetensors tensor by tensor (the safetensors library, no torch), checks every tensor
 against the architecture in config.json, reports all unknown/missing/mis-shaped tensors together, and writes
 config.json + an orbax checkpoint of the params + the tokenizer/processor files (see vital_jax.models.model_dir).
 """
@@ -21,6 +21,9 @@ from vital_jax.models.safetensors_io import SafetensorsError
 
 def convert(hf_dir: str, out_dir: str, param_dtype: str = "float32") -> dict:
     """Convert `hf_dir` into `out_dir`; returns a small summary dict."""
+    if os.path.realpath(out_dir) == os.path.realpath(hf_dir):
+        raise model_dir.ModelDirError(f"{out_dir}: the conversion would write into its own source; give another "
+                                      "--out")
     cfg = hf_config.read_config_json(hf_dir)
     source = f"{hf_dir}/config.json"
     family = registry.family_for(cfg, source)

@@ -23,6 +23,7 @@ import os
 import jax
 import numpy as np
 
+from vital_jax.jsonio import atomic_write
 from vital_jax.layers.linear import LoraConfig, merge_lora
 from vital_jax.medsynapse.autonomous import AutonomousConfig
 from vital_jax.models import hf_mapping, model_dir, safetensors_io
@@ -45,6 +46,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     backbone's tensors (A_psi is always float32). Returns {"model": out_dir, "files": [...]}."""
     import ml_dtypes
 
+    safetensors_io.check_export_dir(out_dir, backbone_dir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     backbone = merge_lora(params["backbone"], lora) if lora is not None else params["backbone"]
     backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
@@ -68,8 +70,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
             "layer_norm_eps": autonomous_config.layer_norm_eps, "activation": "gelu_erf",
             "pooling": "learned_query_attention", "image_token_id": backbone_config.image_token_id,
             "lora_merged": lora is not None}
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
     return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
 
 

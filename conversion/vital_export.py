@@ -19,10 +19,13 @@ import shutil
 import jax
 import numpy as np
 
+from vital_jax.jsonio import atomic_write
 from vital_jax.models import hf_mapping, model_dir, safetensors_io
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.vital import trainable
+
+VITAL_FILE = "vital.json"
 
 
 def is_training_workdir(path: str) -> bool:
@@ -39,6 +42,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
 
     from vital_jax.run import load_run
 
+    safetensors_io.check_export_dir(out_dir, workdir)
     run = load_run(workdir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     model = run.model
@@ -59,14 +63,6 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
                 shutil.copy2(src, os.path.join(out_dir, name))
     files = safetensors_io.write_safetensors(
         out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype))
-    backbone_cfg = model.backbone_config
-    with open(os.path.join(out_dir, "vital.json"), "w") as f:
-        json.dump({"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
-                   "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
-                   "lora_merged": model.config.lora is not None,
-                   # the pixel budget of training, which the export's preprocessor_config.json may not state
-                   "pixels": {"min_pixels": int(run.config.data.min_pixels),
-                              "max_pixels": int(run.config.data.max_pixels)}}, f, indent=2)
     scaffold = os.path.join(out_dir, "scaffolding")
     decoder_dir = os.path.join(scaffold, "decoder")
     os.makedirs(decoder_dir, exist_ok=True)
@@ -78,4 +74,13 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
     safetensors_io.write_safetensors(scaffold, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
                                                 for n, a in sorted(heads.items())])
     os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(scaffold, "heads.safetensors"))
+    backbone_cfg = model.backbone_config
+    record = {"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
+              "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
+              "lora_merged": model.config.lora is not None,
+              # the pixel budget of training, which the export's preprocessor_config.json may not state
+              "pixels": {"min_pixels": int(run.config.data.min_pixels),
+                         "max_pixels": int(run.config.data.max_pixels)}}
+    # Written last and atomically: its presence marks a complete export (`study.sft_backbone` relies on it).
+    atomic_write(os.path.join(out_dir, VITAL_FILE), lambda f: json.dump(record, f, indent=2))
     return {"model": out_dir, "files": files}

@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 from vital_jax import assets, cli, demo_assets
 from vital_jax import run as run_lib
+from vital_jax.jsonio import atomic_write
 from vital_jax.run import SHIPPED
 
 
@@ -70,8 +72,8 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
         cli.status("demo: extracting ROI features with it...")
         # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
         extract_dataset_rois(paths.data_dir, paths.encoder_dir, batch_size=16, global_features=True)
-    with open(done, "w") as f:
-        json.dump({"models": models, **dataclasses.asdict(paths)}, f, indent=2)
+    # Atomic: its presence means the assets are complete (a torn file would stop every later run).
+    atomic_write(done, lambda f: json.dump({"models": models, **dataclasses.asdict(paths)}, f, indent=2))
     return paths
 
 
@@ -106,6 +108,7 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
                                   explain_dir, k_max)
     export_dir = os.path.join(workdir, "export_hf")
     cli.status(f"demo: exporting the run to HF format in {export_dir}...")
+    shutil.rmtree(export_dir, ignore_errors=True)   # the demo's own export of an earlier finish: made again
     vital_export.export_run(workdir, export_dir)
 
     from vital_jax.eval.floors import floors
@@ -131,8 +134,9 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
                         "closed_majority_baseline": summary.get("closed_majority_baseline"),
                         "closed_majority_by_type_baseline": floor["majority_by_type"],
                         "closed_chance": floor["chance"], "open_token_f1": summary.get("open_token_f1")})
-    with open(os.path.join(eval_dir, "demo_summary.json"), "w") as f:
-        json.dump({"split": split, "closed_count": floor["count"], "results": results}, f, indent=2)
+    atomic_write(os.path.join(eval_dir, "demo_summary.json"),
+                 lambda f: json.dump({"split": split, "closed_count": floor["count"], "results": results}, f,
+                                     indent=2))
     lines += ["", f"  example: Q: {example.question}", f"           A (K={k_max}): {explanation['answer']}"]
     lines += [f"           z{i + 1}: {t}" for i, t in enumerate(explanation["step_texts"])]
     lines += ["", "Artefacts:",

@@ -158,8 +158,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         latency = _single_latency(lambda enc, n, i, k=k: predict(enc, n, i, single, k), singles, batched,
                                   batch_size, n_timed)
         k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
-        meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step,
-                "phase": run.phase, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
+        meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step, "phase": run.phase,
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
         summary = write_report(k_dir, benchmark, examples, predictions,
                                latent_steps=record_steps if k == RECORD_K else k,
                                latency_ms=latency + [None] * (len(examples) - len(latency)), meta=meta,

@@ -25,6 +25,7 @@ from absl import app, flags
 
 from vital_jax import cli
 from vital_jax.eval import figures
+from vital_jax.jsonio import atomic_write
 
 def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: str, answer: str,
                    step_texts: list[str], figure_format: str = "png") -> list[str]:
@@ -83,8 +84,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     if k:
         figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
                      figure_format)
-    with open(os.path.join(out_dir, "explanation.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
     return result
 
 
@@ -110,9 +110,8 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
         sims.update(jnp.asarray(z), jnp.ones(z.shape[:2], bool))
     matrix = sims.matrix()
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "step_similarity.json"), "w") as f:
-        json.dump({"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}, f,
-                  indent=2)
+    record = {"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}
+    atomic_write(os.path.join(out_dir, "step_similarity.json"), lambda f: json.dump(record, f, indent=2))
     figures.save(figures.similarity_figure(matrix, f"Latent step similarity ({split}, {len(recs)} records)"),
                  os.path.join(out_dir, "step_similarity"), figure_format)
     return matrix

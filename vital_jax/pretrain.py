@@ -45,6 +45,7 @@ from vital_jax import demo_assets
 from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
+from vital_jax.jsonio import atomic_write
 from vital_jax.cli import NonFiniteLossError
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3ForCausalLM
@@ -523,8 +524,7 @@ def _pretrain(config, workdir: str, stop_after: tuple[str, int] | None) -> dict:
             return {"preempted": True, "stages": summaries, "corpus_dir": corpus_dir}
     summary = {"preempted": False, "stages": summaries, "corpus_dir": corpus_dir,
                "wall_seconds": time.perf_counter() - start}
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
     return summary
 
 

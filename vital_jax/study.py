@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -46,6 +47,7 @@ from ml_collections import config_flags
 
 from vital_jax import cli, compilation_cache
 from vital_jax.checkpoint import CheckpointError
+from vital_jax.jsonio import atomic_write
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
 
@@ -171,8 +173,7 @@ def prepare_data(config, workdir: str) -> str:
         demo_assets.write_tiny_siglip(encoder_dir, seed=int(config.data.seed) + 2)
     if load_roi_arrays(data_dir) is None:
         extract_dataset_rois(data_dir, encoder_dir, batch_size=16)
-    with open(os.path.join(data_dir, "STUDY_READY"), "w") as f:
-        json.dump(summary["splits"], f)
+    atomic_write(os.path.join(data_dir, "STUDY_READY"), lambda f: json.dump(summary["splits"], f))
     return data_dir
 
 
@@ -298,7 +299,8 @@ def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str, 
     run_one(config, "sft_k0", seed, data_dir, models, runs_dir, commit)
     run_dir = run_dir_of(runs_dir, "sft_k0", seed)
     out_dir = os.path.join(run_dir, "export_hf")
-    if not os.path.exists(os.path.join(out_dir, "vital.json")):  # written last by the export
+    if not os.path.exists(os.path.join(out_dir, vital_export.VITAL_FILE)):  # written last by the export
+        shutil.rmtree(out_dir, ignore_errors=True)   # an interrupted export of this study's own run
         vital_export.export_run(run_dir, out_dir)
     return out_dir
 
@@ -691,8 +693,8 @@ def _study(config, workdir: str, provenance: dict) -> dict:
                 "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
     results = [done[key] for key in plan]
     report = write_report(workdir, config, results, floor, models["summary"], provenance)
-    with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-        json.dump({"floors": floor, "results": results}, f)
+    atomic_write(os.path.join(workdir, RESULTS_FILE),
+                 lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]
     return {"results": results, "floors": floor, "report": report, "reused": reused, "left": []}
 

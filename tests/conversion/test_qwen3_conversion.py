@@ -135,3 +135,81 @@ def test_cli_help_describes_the_tools():
     for module in ("conversion.hf_to_flax", "conversion.flax_to_hf"):
         res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 0 and "--out" in res.stdout and "HuggingFace" in res.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
+    (lambda c: c.update(model_type="qwen3_vl"), "missing field 'text_config'"),   # another architecture's type
+    (lambda c: c.update(num_hidden_layers="two"), "num_hidden_layers='two' is not an integer"),
+    (lambda c: c.update(rms_norm_eps="small"), "rms_norm_eps='small' is not a number"),
+])
+def test_a_config_json_with_a_missing_or_mistyped_field_is_named(tmp_path, change, message):
+    save_tiny_qwen3(str(tmp_path / "hf"))
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=f"{path}: expected a JSON object, got list"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    save_tiny_qwen3(str(tmp_path / "hf"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{weights}: not a readable safetensors file"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+    weights.write_bytes(b"")
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{weights}: not a readable safetensors file"):
+        hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+def test_an_export_never_mixes_with_earlier_weights_or_writes_into_its_source(tmp_path):
+    """A second export into a folder with weights (a sharded index beside a single file would make transformers
+    and vital_jax load different tensors) and an export or conversion into its own source are refused before
+    anything is written."""
+    hf_dir, flax_dir, out = tmp_path / "hf", tmp_path / "flax", tmp_path / "out"
+    save_tiny_qwen3(str(hf_dir), tie_word_embeddings=False)
+    with pytest.raises(model_dir.ModelDirError, match="would write into its own source"):
+        hf_to_flax.convert(str(hf_dir), str(hf_dir))
+    assert not (hf_dir / model_dir.PARAMS_DIR).exists()
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    files = flax_to_hf.export(str(flax_dir), str(out), max_shard_gb=20_000 / 2**30)
+    assert len(files) > 1
+    before = sorted(os.listdir(out))
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{out}: already holds weights"):
+        flax_to_hf.export(str(flax_dir), str(out), dtype="bfloat16")
+    assert sorted(os.listdir(out)) == before
+    with pytest.raises(safetensors_io.SafetensorsError, match="would overwrite its own source"):
+        flax_to_hf.export(str(flax_dir), str(flax_dir))
+
+
+def test_a_damaged_converted_directory_is_named(tmp_path):
+    hf_dir, flax_dir = tmp_path / "hf", tmp_path / "flax"
+    save_tiny_qwen3(str(hf_dir))
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    config = Qwen3Config.from_pretrained(str(flax_dir))
+    meta = flax_dir / model_dir.META_FILE
+    record = meta.read_text()
+    meta.write_text('{"format": ')
+    with pytest.raises(model_dir.ModelDirError, match=f"{meta}: malformed JSON"):
+        model_dir.load_params(str(flax_dir), abstract_params(config))
+    meta.unlink()   # a conversion interrupted before its record
+    with pytest.raises(model_dir.ModelDirError, match="an unfinished conversion"):
+        model_dir.load_params(str(flax_dir), abstract_params(config))
+    meta.write_text(record)
+    params = flax_dir / model_dir.PARAMS_DIR
+    data = [os.path.join(root, name) for root, _, names in os.walk(params) for name in names
+            if os.path.getsize(os.path.join(root, name)) > 1000 and "metadata" not in name]
+    assert data
+    for path in data:   # the arrays' data files, truncated
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    with pytest.raises(model_dir.ModelDirError, match=f"{params}"):
+        model_dir.load_params(str(flax_dir), abstract_params(config))
+    shutil.rmtree(params)
+    with pytest.raises(model_dir.ModelDirError, match=f"{params}: missing"):
+        model_dir.load_params(str(flax_dir), abstract_params(config))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 
 import jax.numpy as jnp
@@ -17,7 +19,42 @@ class ConfigError(ValueError):
 
 
 def read_config_json(model_dir: str) -> dict:
-    return read_json(os.path.join(model_dir, "config.json"), ConfigError, "expected a HuggingFace model directory")
+    path = os.path.join(model_dir, "config.json")
+    cfg = read_json(path, ConfigError, "expected a HuggingFace model directory")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def reads_hf_fields(from_hf_dict):
+    """For a config class's `from_hf_dict(cls, cfg, source, ...)` (under @classmethod): a field it needs that is
+    missing, a sub-config that is not an object, or an integer / float field of another type is a ConfigError
+    naming `source`, not a KeyError from the middle of the reader or a TypeError deep in the model."""
+    signature = inspect.signature(from_hf_dict)
+
+    @functools.wraps(from_hf_dict)
+    def read(cls, cfg, *args, **kwargs):
+        bound = signature.bind(cls, cfg, *args, **kwargs)
+        bound.apply_defaults()
+        source = bound.arguments["source"]
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        try:
+            config = from_hf_dict(cls, cfg, *args, **kwargs)
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
+        except (AttributeError, TypeError) as e:
+            raise ConfigError(f"{source}: cannot read the config ({e})") from None
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (field.type == "int" and not (number and isinstance(value, int))) or (
+                    field.type == "float" and not number):
+                kind = "an integer" if field.type == "int" else "a number"
+                raise ConfigError(f"{source}: {field.name}={value!r} is not {kind}")
+        return config
+
+    return read
 
 
 def check_model_type(cfg: dict, expected: tuple[str, ...], source: str) -> None:

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vital_jax.jsonio import atomic_write, read_json
+
 FORMAT_VERSION = 1
 META_FILE = "vital_jax.json"
 PARAMS_DIR = "params"
@@ -46,23 +48,27 @@ def save(out_dir: str, params, hf_config: dict, param_dtype: str) -> None:
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise ModelDirError(f"{out_dir}: already holds converted params; choose a new output directory")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(hf_config, f, indent=2))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
         ckptr.wait_until_finished()
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
-                   "param_dtype": param_dtype}, f, indent=2)
+    # Written last: a directory without it is an unfinished conversion (`read_meta` says so).
+    atomic_write(os.path.join(out_dir, META_FILE),
+                 lambda f: json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
+                                      "param_dtype": param_dtype}, f, indent=2))
 
 
 def read_meta(model_dir: str) -> dict:
     path = os.path.join(model_dir, META_FILE)
     if not os.path.exists(path):
-        raise ModelDirError(f"{model_dir}: no {META_FILE}; not a vital_jax converted-model directory "
-                            "(convert a HF checkpoint with `python -m conversion.hf_to_flax`)")
-    with open(path) as f:
-        meta = json.load(f)
+        unfinished = os.path.isdir(os.path.join(model_dir, PARAMS_DIR))
+        raise ModelDirError(f"{model_dir}: no {META_FILE}; " + (
+            "an unfinished conversion (params/ without its record): convert again into a new directory"
+            if unfinished else "not a vital_jax converted-model directory (convert a HF checkpoint with "
+                               "`python -m conversion.hf_to_flax`)"))
+    meta = read_json(path, ModelDirError)
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{path}: not a converted-model record (a JSON object)")
     if meta.get("format") != FORMAT_VERSION:
         raise ModelDirError(f"{path}: format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
     return meta
@@ -75,16 +81,22 @@ def load_params(model_dir: str, abstract_params) -> dict:
     """
     read_meta(model_dir)
     path = os.path.abspath(os.path.join(model_dir, PARAMS_DIR))
+    if not os.path.isdir(path):
+        raise ModelDirError(f"{path}: missing; the converted-model directory has no parameters")
     with ocp.StandardCheckpointer() as ckptr:
         try:
             saved = ckptr.metadata(path)
             saved_tree = saved.item_metadata if hasattr(saved, "item_metadata") else saved
-            _check_same_shapes(saved_tree, abstract_params, model_dir)
+        except Exception as e:   # orbax raises its own and tensorstore's errors for a damaged checkpoint
+            raise ModelDirError(f"{path}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from e
+        if saved_tree is None:
+            raise ModelDirError(f"{path}: unreadable orbax checkpoint (no metadata)")
+        _check_same_shapes(saved_tree, abstract_params, model_dir)
+        try:
             return ckptr.restore(path, abstract_params)
-        except (ValueError, KeyError) as e:
-            if isinstance(e, ModelDirError):
-                raise
-            raise ModelDirError(f"{model_dir}: params do not match the model config: {e}") from e
+        except Exception as e:   # the tree matched, so the data files are damaged (truncated, missing)
+            raise ModelDirError(f"{path}: the parameters' data cannot be read; the checkpoint is damaged "
+                                f"({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _check_same_shapes(saved_tree, abstract_params, model_dir: str) -> None:

@@ -1,30 +1,35 @@
-"""Streaming safetensors reader/writer on numpy + ml_dtypes (bf16 included), without torch.
+"""HF safetensors checkpoint directories (one `model.safetensors` or shards with an index), read and written
+through the `safetensors` library's numpy API (bf16 as ml_dtypes' bfloat16), without torch.
 
-Reading memory-maps each file and hands out one tensor at a time, so converting a checkpoint never holds two
-full copies of the weights. The format is 8 bytes (little-endian u64 header size), a JSON header
-`{name: {dtype, shape, data_offsets}}`, then the raw little-endian tensor bytes.
+Reading opens each file once to list its tensors and reads one tensor at a time, so converting a checkpoint
+never holds two full copies of the weights. Writing produces one shard's tensors at a time (at most
+`max_shard_bytes` in memory beside the source), writes the shard to a temporary file and renames it; the index
+is written last, atomically.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from vital_jax.jsonio import atomic_write
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-{:05d}-of-{:05d}.safetensors"
 
 
 class SafetensorsError(ValueError):
@@ -33,28 +38,27 @@ class SafetensorsError(ValueError):
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one tensor lives: file path, dtype, shape and byte range inside the data section."""
+    """Where one tensor lives: its file, its name there, dtype and shape."""
 
     path: str
+    name: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    start: int
-    end: int
 
 
-def _read_header(path: str) -> tuple[dict, int]:
+def _file_tensors(path: str) -> dict[str, TensorRef]:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise SafetensorsError(f"{path}: truncated safetensors file (no header size)")
-            (size,) = struct.unpack("<Q", raw)
-            if size > 100 * 2**20:
-                raise SafetensorsError(f"{path}: implausible safetensors header size {size}")
-            header = json.loads(f.read(size))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SafetensorsError(f"{path}: malformed safetensors header: {e}") from e
-    return header, 8 + size
+        with safe_open(path, framework="numpy") as f:
+            refs = {}
+            for key in f.keys():
+                view = f.get_slice(key)
+                dtype = view.get_dtype()
+                if dtype not in _DTYPES:
+                    raise SafetensorsError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+                refs[key] = TensorRef(path, key, _DTYPES[dtype], tuple(view.get_shape()))
+            return refs
+    except SafetensorError as e:
+        raise SafetensorsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def index_tensors(model_dir: str) -> dict[str, TensorRef]:
@@ -62,11 +66,11 @@ def index_tensors(model_dir: str) -> dict[str, TensorRef]:
     index_path = os.path.join(model_dir, INDEX_FILE)
     if os.path.exists(index_path):
         try:
-            with open(index_path) as f:
+            with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise SafetensorsError(f"{index_path}: malformed safetensors index: {e!r}") from e
-        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(model_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
@@ -79,30 +83,22 @@ def index_tensors(model_dir: str) -> dict[str, TensorRef]:
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             raise SafetensorsError(f"{path}: listed in {INDEX_FILE} but missing")
-        header, data_start = _read_header(path)
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if info["dtype"] not in _DTYPES:
-                raise SafetensorsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            refs[key] = TensorRef(path, _DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin,
-                                  data_start + end)
+        refs.update(_file_tensors(path))
     return refs
 
 
 def read_tensor(ref: TensorRef) -> np.ndarray:
-    """One tensor as a read-only memory-mapped numpy array (no copy until it is transformed)."""
-    count = int(np.prod(ref.shape)) if ref.shape else 1
-    if ref.end - ref.start != count * ref.dtype.itemsize:
-        raise SafetensorsError(f"{ref.path}: byte range of a {ref.shape} {ref.dtype} tensor is inconsistent")
-    mm = np.memmap(ref.path, dtype=np.uint8, mode="r", offset=ref.start, shape=(ref.end - ref.start,))
-    return mm.view(ref.dtype).reshape(ref.shape)
+    """One tensor as a numpy array."""
+    try:
+        with safe_open(ref.path, framework="numpy") as f:
+            return f.get_tensor(ref.name)
+    except SafetensorError as e:
+        raise SafetensorsError(f"{ref.path}: cannot read tensor {ref.name} ({e})") from e
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A tensor to write: its name, shape, dtype and a thunk producing it (called once, when written)."""
+    """A tensor to write: its name, shape, dtype and a thunk producing it (called once, when its shard is written)."""
 
     name: str
     shape: tuple[int, ...]
@@ -110,65 +106,75 @@ class TensorSpec:
     produce: Callable[[], np.ndarray]
 
 
+def _nbytes(spec: TensorSpec) -> int:
+    return int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+
+
 def write_safetensors(model_dir: str, specs: Iterable[TensorSpec], max_shard_bytes: int = 5 * 2**30,
                       metadata: dict[str, str] | None = None) -> list[str]:
     """Write tensors as HF safetensors, sharded with an index when larger than `max_shard_bytes`.
 
-    Tensors are produced and written one at a time. Returns the written file names.
+    Each shard's tensors are produced when it is written (and released after), so memory holds one shard.
+    Returns the written file names.
     """
-    specs = list(specs)
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + _nbytes(spec) > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(spec)
-        size += nbytes
+        size += _nbytes(spec)
     os.makedirs(model_dir, exist_ok=True)
-    if len(shards) == 1:
-        names = [SINGLE_FILE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    total = 0
+    names = [SINGLE_FILE] if len(shards) == 1 else [SHARD_PATTERN.format(i + 1, len(shards))
+                                                    for i in range(len(shards))]
+    weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
         _write_file(os.path.join(model_dir, fname), shard, metadata or {"format": "pt"})
-        for spec in shard:
-            weight_map[spec.name] = fname
-            total += int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        weight_map.update((spec.name, fname) for spec in shard)
+        total += sum(_nbytes(spec) for spec in shard)
     if len(shards) > 1:
-        with open(os.path.join(model_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        atomic_write(os.path.join(model_dir, INDEX_FILE),
+                     lambda f: json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2))
     return names
 
 
 def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
-    header: dict = {"__metadata__": metadata}
-    offset = 0
+    tensors = {}
     for spec in specs:
-        nbytes = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
-        header[spec.name] = {"dtype": _NAMES[np.dtype(spec.dtype)], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
+        array = np.ascontiguousarray(spec.produce(), dtype=spec.dtype)
+        if tuple(array.shape) != tuple(spec.shape):
+            raise SafetensorsError(f"{path}: tensor {spec.name} produced shape {array.shape}, declared {spec.shape}")
+        tensors[spec.name] = array
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for spec in specs:
-            array = np.ascontiguousarray(spec.produce(), dtype=spec.dtype)
-            if tuple(array.shape) != tuple(spec.shape):
-                raise SafetensorsError(f"{path}: tensor {spec.name} produced shape {array.shape}, "
-                                       f"declared {spec.shape}")
-            f.write(array.tobytes())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_export_dir(out_dir: str, *sources: str) -> None:
+    """Refuse to export into `out_dir` when it is one of `sources` (the directories the export reads) or already
+    holds safetensors weights anywhere below it: a second export's files would mix with the first's (a sharded
+    index beside a single file: transformers and vital_jax would load different weights)."""
+    real = os.path.realpath(out_dir)
+    for source in sources:
+        if real == os.path.realpath(source):
+            raise SafetensorsError(f"{out_dir}: the export would overwrite its own source; give another --out")
+    if not os.path.isdir(out_dir):
+        return
+    weights = sorted(os.path.relpath(os.path.join(root, name), out_dir)
+                     for root, _, names in os.walk(out_dir) for name in names
+                     if name.endswith(".safetensors") or name == INDEX_FILE)
+    if weights:
+        raise SafetensorsError(f"{out_dir}: already holds weights ({', '.join(weights[:3])}"
+                               f"{', ...' if len(weights) > 3 else ''}); export into a new or empty directory")
 
 
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, memory-mapped array) for every tensor of a checkpoint directory, in name order."""
+    """(name, array) for every tensor of a checkpoint directory, in name order."""
     refs = index_tensors(model_dir)
     for name in sorted(refs):
         yield name, read_tensor(refs[name])

@@ -69,6 +69,7 @@ class Qwen3Config:
                 f"num_key_value_heads={self.num_key_value_heads}")
 
     @classmethod
+    @hf_config.reads_hf_fields
     def from_hf_dict(cls, cfg: dict, source: str = "config", model_types: tuple[str, ...] = ("qwen3",),
                      **overrides) -> "Qwen3Config":
         """Read the fields of a HF Qwen3 config dict. `model_types` lets Qwen3-VL read its `text_config`."""

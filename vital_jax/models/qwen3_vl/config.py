@@ -38,6 +38,7 @@ class Qwen3VLConfig:
         return self.vision.spatial_merge_size ** 2
 
     @classmethod
+    @hf_config.reads_hf_fields
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLConfig":
         """Read a HF Qwen3-VL config dict. `overrides` (dtype, param_dtype, remat, attention_impl) apply to both
         towers; `scan_layers` and `remat_policy` only to the text decoder (the frozen vision tower has no backward

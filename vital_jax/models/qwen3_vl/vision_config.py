@@ -110,6 +110,7 @@ class Qwen3VLVisionConfig:
         return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
+    @hf_config.reads_hf_fields
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "Qwen3VLVisionConfig":
         """From a `vision_config` dict, or a whole Qwen3-VL config dict (its `vision_config` is used)."""
         if cfg.get("model_type") == "qwen3_vl" and "vision_config" in cfg:

@@ -80,6 +80,7 @@ class SamVisionConfig:
         return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
+    @hf_config.reads_hf_fields
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "SamVisionConfig":
         """From a `sam` (vision part under "vision_config") or `sam_vision_model` config dict.
 

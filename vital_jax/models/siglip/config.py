@@ -59,6 +59,7 @@ class SiglipVisionConfig:
         return hf_config.GELU_APPROXIMATE[self.hidden_act]
 
     @classmethod
+    @hf_config.reads_hf_fields
     def from_hf_dict(cls, cfg: dict, source: str = "config", **overrides) -> "SiglipVisionConfig":
         """From a `siglip` (vision part under "vision_config") or `siglip_vision_model` config dict.
 

@@ -10,14 +10,32 @@ from typing import IO, Callable
 
 
 def read_json(path: str, error: type[Exception], missing_hint: str = "") -> object:
-    """Parse `path`; a missing file or malformed JSON raises `error` with the path (and `missing_hint`)."""
+    """Parse `path`; a missing file, bytes that are not UTF-8 or malformed JSON raise `error` with the path (and
+    `missing_hint`)."""
     if not os.path.isfile(path):
         raise error(f"{path}: not found" + (f"; {missing_hint}" if missing_hint else ""))
+    text = read_text(path, error)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: malformed JSON: {e}") from e
+
+
+def read_text(path: str, error: type[Exception]) -> str:
+    """The UTF-8 text of `path`; bytes that are not UTF-8 raise `error` naming the path, line and column."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: {utf8_problem(data, e)}") from e
+
+
+def utf8_problem(data: bytes, e: UnicodeDecodeError) -> str:
+    """What is wrong with `data` (one line or a whole file), for a message: the bad byte and its column."""
+    column = e.start - data.rfind(b"\n", 0, e.start)  # 1-based; rfind gives -1 on the first line
+    return f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})"
 
 
 def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False) -> str:

@@ -96,6 +96,27 @@ def test_read_records_names_line_and_id(tmp_path):
         records.read_records(str(tmp_path / "absent.jsonl"))
 
 
+def test_a_line_that_is_not_utf8_or_not_an_object_is_named_by_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = json.dumps(_record(0).to_dict()).encode("utf-8")
+    path.write_bytes(good + b"\n" + good.replace(b"liver", b"liv\xffer", 1) + b"\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: not UTF-8 text \(byte 0xff at column \d+\)"):
+        records.read_records(str(path))
+    # A JSON string is a line that is not a record, not the text of an error.
+    path.write_bytes(good + b"\n" + b'"just a string"\n')
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: not a JSON object \(a JSON string\)"):
+        records.read_records(str(path))
+
+
+def test_validate_reports_a_line_that_is_not_utf8_and_goes_on(tmp_path):
+    _write_dataset(tmp_path, n=2)
+    with open(tmp_path / records.RECORDS_FILE, "ab") as f:
+        f.write(b'{"id": "s\xff9"}\n["an", "array"]\n')
+    problems = records.validate_dataset(str(tmp_path))
+    assert [p.split(records.RECORDS_FILE)[1] for p in problems] == [
+        ":3: not UTF-8 text (byte 0xff at column 10)", ":4: not a JSON object (a JSON array)"]
+
+
 def test_append_after_torn_line_keeps_the_new_record(tmp_path):
     """A crash mid-write leaves a torn last line; the next append must not glue its record onto it."""
     path = tmp_path / "r.jsonl"

@@ -25,8 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vital_jax.data import geometry, vocabulary
-from vital_jax.data.records import (QUESTION_TYPES, SPLITS, STEP_RANGES, Record, RecordError, iter_jsonl,
-                                    write_jsonl_atomic)
+from vital_jax.data.records import (QUESTION_TYPES, SPLITS, STEP_RANGES, LineError, Record, RecordError,
+                                    iter_jsonl, write_jsonl_atomic)
 from vital_jax.data.wording import Subject, capitalize
 
 QUESTIONS_FILE = "questions.jsonl"
@@ -302,9 +302,9 @@ def read_questions(path: str) -> list[Question]:
     """Questions from JSONL; errors name the file, line number and id."""
     out = []
     for number, data in iter_jsonl(path):
+        if isinstance(data, LineError):
+            raise RecordError(f"{path}:{number}: bad question line ({data})")
         try:
-            if isinstance(data, str):
-                raise TypeError(data)
             out.append(Question.from_dict(data))
         except TypeError as e:
             raise RecordError(f"{path}:{number}: bad question line ({e})") from e

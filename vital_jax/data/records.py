@@ -19,12 +19,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from vital_jax.data import images
-from vital_jax.jsonio import atomic_write
+from vital_jax.jsonio import atomic_write, utf8_problem
 
 RECORDS_FILE = "records.jsonl"
 ROI_FEATURES_FILE = "roi_features.npy"
@@ -135,7 +135,7 @@ def read_records(path: str) -> list[Record]:
         raise RecordError(f"{path}: records file not found")
     records = []
     for number, data in iter_jsonl(path):
-        if isinstance(data, str):
+        if isinstance(data, LineError):
             raise RecordError(f"{path}:{number}: {data}")
         try:
             records.append(Record.from_dict(data))
@@ -144,17 +144,42 @@ def read_records(path: str) -> list[Record]:
     return records
 
 
-def iter_jsonl(path: str):
-    """(line number, parsed object) per non-empty line of a JSONL file; a malformed line yields its error
-    message (a str) instead, so callers choose to stop or to collect every problem."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+@dataclasses.dataclass(frozen=True)
+class LineError:
+    """What `iter_jsonl` yields for a line that is not a JSON object: why (the caller adds the file and line)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict | LineError]]:
+    """(line number, parsed object) per non-empty line of a JSONL file. A line that is not UTF-8, not JSON or not
+    a JSON object yields a `LineError` instead, so callers choose to stop or to collect every problem."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, LineError(utf8_problem(raw, e))
+                continue
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError as e:
-                yield number, f"malformed JSON ({e.msg} at column {e.colno})"
+                yield number, LineError(f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if isinstance(data, dict):
+                yield number, data
+            else:
+                yield number, LineError(f"not a JSON object (a JSON {_json_kind(data)})")
+
+
+def _json_kind(value) -> str:
+    kinds = {str: "string", list: "array", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def append_record(path: str, record: Record) -> None:
@@ -247,7 +272,7 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
     problems: list[str] = []
     records: list[Record] = []
     for number, data in iter_jsonl(path):
-        if isinstance(data, str):
+        if isinstance(data, LineError):
             problems.append(f"{path}:{number}: {data}")
             continue
         try:

@@ -280,3 +280,19 @@ def test_killed_run_restarts_and_yields_every_sample_exactly_once(server, tmp_pa
     ids = [r.id for r in records.read_records(str(out))]
     assert sorted(ids) == sorted(q.id for q in qs) and len(ids) == len(set(ids)) == 60
     assert summary["skipped_finished"] == written and summary["accepted"] == 60 - written
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{bad json", r"rejected\.jsonl:2: malformed JSON"),
+    ('{"question_type": "yes_no", "final": true}', r"rejected\.jsonl:2: rejection entry without an \"id\""),
+    ('"q000_a"', r"rejected\.jsonl:2: not a JSON object"),
+])
+def test_a_bad_line_of_the_rejection_log_is_named_and_nothing_is_written(tmp_path, line, message):
+    qs = _dataset(tmp_path, ["a", "b", "c"])
+    log = tmp_path / teacher.REJECTED_FILE
+    entry = {"id": qs[0].id, "question_type": "yes_no", "final": True, "error": None, "attempts": 5, "reasons": []}
+    log.write_text("\n".join([json.dumps(entry), line, json.dumps({**entry, "id": qs[1].id})]) + "\n")
+    before = log.read_text()
+    with pytest.raises(records.RecordError, match=message):
+        teacher.distill(qs, str(tmp_path), teacher.make_teacher("geometry"), workers=1)
+    assert log.read_text() == before and not (tmp_path / records.RECORDS_FILE).exists()

@@ -385,14 +385,19 @@ def _recover_jsonl(path: str) -> None:
 
 
 def _finished_ids(records_path: str, rejected_path: str) -> set[str]:
+    """Ids accepted in records.jsonl or finally rejected in the rejection log; RecordError naming the file and
+    line for a line of either that cannot be read."""
     done = {r.id for r in records.read_records(records_path)} if os.path.exists(records_path) else set()
     if os.path.exists(rejected_path):
-        with open(rejected_path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    entry = json.loads(line)
-                    if entry.get("final"):
-                        done.add(entry["id"])
+        for number, entry in records.iter_jsonl(rejected_path):
+            if isinstance(entry, records.LineError):
+                raise records.RecordError(f"{rejected_path}:{number}: {entry}; fix or delete the line (a deleted "
+                                          "rejection is asked again)")
+            if not isinstance(entry.get("id"), str) or not entry["id"]:
+                raise records.RecordError(f"{rejected_path}:{number}: rejection entry without an \"id\" string; fix "
+                                          "or delete the line (a deleted rejection is asked again)")
+            if entry.get("final"):
+                done.add(entry["id"])
     return done
 
 

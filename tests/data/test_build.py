@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
-from vital_jax.data import build, quality_gate, questions, records
+from vital_jax.data import build, build_inputs, quality_gate, questions, records
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
 from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
@@ -245,6 +245,20 @@ def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt
     build.build(changed)
     build.build(_phantom_config(tmp_path / "fresh", seed=1))
     assert path.read_text() == (tmp_path / "fresh" / records.RECORDS_FILE).read_text() != built
+
+
+def test_a_truncated_build_inputs_file_is_named_and_the_outputs_are_kept(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    build.build(config)
+    inputs = tmp_path / "x" / build_inputs.INPUTS_FILE
+    inputs.write_text(inputs.read_text()[:40])
+    built = (tmp_path / "x" / records.RECORDS_FILE).read_text()
+    with pytest.raises(build_inputs.InputsError, match=r"build_inputs\.json: malformed JSON: .*delete it to reuse"):
+        build.build(config)
+    inputs.write_text("[]")
+    with pytest.raises(build_inputs.InputsError, match=r"build_inputs\.json: expected a JSON object"):
+        build.build(config)
+    assert (tmp_path / "x" / records.RECORDS_FILE).read_text() == built
 
 
 def test_a_changed_source_file_is_refused_naming_it_and_a_touched_one_is_not(tmp_path):

@@ -328,7 +328,7 @@ def main(argv) -> int:
     config.update(_CONFIG.value)
     try:
         result = build(config)
-    except (BuildError, ingest.IngestError, records.RecordError) as e:
+    except (BuildError, build_inputs.InputsError, ingest.IngestError, records.RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

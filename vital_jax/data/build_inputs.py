@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 
+from vital_jax.jsonio import atomic_write, read_json
+
 INPUTS_FILE = "build_inputs.json"
 VERSION = 1
 SOURCES = ("phantoms", "biomedparse", "msd", "dicom")
@@ -32,21 +34,30 @@ _IGNORED_SECTIONS = ("roi",)
 _SHOWN = 3  # file names shown per kind of change
 
 
+class InputsError(ValueError):
+    """build_inputs.json cannot be read; the message names it and says what to do."""
+
+
 def read(out_dir: str) -> dict | None:
-    """The recorded inputs of the build in `out_dir`, or None when it has none."""
+    """The recorded inputs of the build in `out_dir`, or None when it has none; InputsError naming the file when
+    it is not UTF-8 JSON holding an object (a truncated write, an edit)."""
     path = os.path.join(out_dir, INPUTS_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    hint = (f"; it records the inputs {out_dir} was built from: delete it to reuse the folder's outputs as they "
+            "are (unchecked against this config), or build into an empty out_dir")
+    try:
+        recorded = read_json(path, InputsError)
+    except InputsError as e:
+        raise InputsError(f"{e}{hint}") from e
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(k, {}), dict) for k in ("config", "files")):
+        raise InputsError(f"{path}: expected a JSON object with objects \"config\" and \"files\"{hint}")
+    return recorded
 
 
 def write(out_dir: str, inputs: dict) -> None:
-    """Record `inputs` in `out_dir` (atomically: temporary file, rename)."""
-    path = os.path.join(out_dir, INPUTS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(inputs, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    """Record `inputs` in `out_dir` (atomically: temporary file, fsync, rename)."""
+    atomic_write(os.path.join(out_dir, INPUTS_FILE), lambda f: json.dump(inputs, f, indent=1, sort_keys=True))
 
 
 def fingerprint(config, previous: dict | None = None) -> dict:

@@ -94,11 +94,31 @@ GOOD_RAD = {"qid": 5, "image_name": "a.jpg", "question": "How many? ", "answer":
     ({**GOOD_RAD, "answer_type": "MAYBE"}, r"testset.json: record 1 \(qid 5\): answer_type must be CLOSED or OPEN"),
     ({**GOOD_RAD, "image_name": "missing.jpg"}, r"record 1 \(qid 5\): image not found: .*missing.jpg"),
     ("not a record", r"testset.json: record 1: a record must be a JSON object"),
+    ({**GOOD_RAD, "image_name": 123}, r"testset.json: record 1 \(id 5\): field image_name must be a string, got int"),
+    ({**GOOD_RAD, "question": {"text": "x"}}, r"record 1 \(id 5\): field question must be a string, got dict"),
+    ({**GOOD_RAD, "answer": ["2"]}, r"record 1 \(id 5\): field answer must be a string or a number, got list"),
 ])
 def test_vqa_rad_malformed_record_is_named(tmp_path, record, message):
     data_dir = _vqa_rad_dir(tmp_path, [GOOD_RAD, record])
     with pytest.raises(BenchmarkError, match=message):
         load_benchmark("vqa_rad", data_dir)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "testset.json").write_bytes(b'[\n{"qid": 5, "question": "Is th\xff?"}]')
+    with pytest.raises(BenchmarkError, match=r"testset.json:2: not UTF-8 text \(byte 0xff at column 30\)"):
+        load_benchmark("vqa_rad", str(tmp_path / "vqa"))
+    data_dir, _ = _in_domain_dir(tmp_path / "in_domain")
+    with open(os.path.join(data_dir, "records.jsonl"), "ab") as f:
+        f.write(b'{"id": "r\xff"}\n')
+    with pytest.raises(BenchmarkError, match=r"records.jsonl:12: not UTF-8 text \(byte 0xff at column 10\)"):
+        load_benchmark("in_domain", data_dir)
+    data_dir = _pmc_dir(tmp_path / "pmc", [["0", "PMC1_F1.jpg", "q?", "a", "A:a", "B:b", "C:c", "D:d", "A"]])
+    with open(os.path.join(data_dir, "test_2.csv"), "ab") as f:
+        f.write(b'1,PMC1_F1.jpg,q\xe9?,a,A:a,B:b,C:c,D:d,A\n')
+    with pytest.raises(BenchmarkError, match=r"test_2.csv:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_benchmark("pmc_vqa", data_dir, split="test")
 
 
 def test_vqa_rad_small_file_parses_quirks(tmp_path):
@@ -261,6 +281,11 @@ def test_generic_jsonl_open_closed_and_choice(tmp_path):
     ({"id": "z", "image": "img/2.png", "question": "q", "answer": "a", "answer_type": "closed"},
      r"test.jsonl:2 \(id 'z'\): image not found"),
     ("[1, 2", r"test.jsonl:2: malformed JSON"),
+    ('"just a string"', r"test.jsonl:2: not a JSON object \(a JSON string\)"),
+    ({"id": "z", "image": "img/1.png", "question": ["Is", "this"], "answer": "a", "answer_type": "closed"},
+     r"test.jsonl:2 \(id 'z'\): field question must be a string, got list"),
+    ({"id": "z", "image": "img/1.png", "question": "q", "answer": "a", "answer_type": "closed", "prompt": ["q"]},
+     r"test.jsonl:2 \(id 'z'\): prompt must be a string"),
 ])
 def test_generic_jsonl_malformed_line_is_named(tmp_path, row, message):
     _image(str(tmp_path / "img" / "1.png"))

@@ -27,9 +27,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import json
+import io
 import os
 import re
+import reprlib
 import zlib
 from typing import Callable, Sequence
 
@@ -37,9 +38,10 @@ import numpy as np
 
 from vital_jax.data import images
 from vital_jax.data.questions import LOCATION_CHOICES
-from vital_jax.data.records import RECORDS_FILE
+from vital_jax.data.records import RECORDS_FILE, LineError, iter_jsonl
 from vital_jax.eval import metrics
 from vital_jax.eval.errors import BenchmarkError
+from vital_jax.jsonio import read_json, read_text
 
 ANSWER_TYPES = ("closed", "open")
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -110,11 +112,7 @@ def _first_existing(data_dir: str, names: Sequence[str], what: str) -> str:
 
 def _read_json_list(path: str) -> list[tuple[str, dict]]:
     """(label, record) pairs of a JSON array file; the label names the file and index for error messages."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise BenchmarkError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    data = read_json(path, BenchmarkError)
     if not isinstance(data, list):
         raise BenchmarkError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
@@ -122,14 +120,10 @@ def _read_json_list(path: str) -> list[tuple[str, dict]]:
 
 def _read_jsonl(path: str) -> list[tuple[str, dict]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from e
+    for number, record in iter_jsonl(path):
+        if isinstance(record, LineError):
+            raise BenchmarkError(f"{path}:{number}: {record}")
+        out.append((f"{path}:{number}", record))
     return out
 
 
@@ -138,14 +132,19 @@ def _read_json_or_jsonl(path: str) -> list[tuple[str, dict]]:
 
 
 def _read_csv(path: str) -> list[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        # Line numbers count the header as line 1 (quoted newlines inside fields aside).
-        return [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
+    reader = csv.DictReader(io.StringIO(read_text(path, BenchmarkError), newline=""))
+    # Line numbers count the header as line 1 (quoted newlines inside fields aside).
+    return [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
 
 
-def _fields(label: str, record, names: Sequence[str]) -> list:
-    """The named fields of a record; a missing or empty one is a BenchmarkError naming the record."""
+# Fields that may be numbers as well as text: answers (VQA-RAD has integer answers) and ids (VQA-RAD's qid).
+_TEXT_OR_NUMBER_FIELDS = ("answer", "id", "qid", "index")
+
+
+def _fields(label: str, record, names: Sequence[str], unchecked: Sequence[str] = ()) -> list:
+    """The named fields of a record; a missing or empty one, or one that is not a string (a string or a number
+    for `_TEXT_OR_NUMBER_FIELDS`), is a BenchmarkError naming the record. `unchecked`: fields whose type the
+    caller checks (a Hub image cell is a struct or a path)."""
     if not isinstance(record, dict):
         raise BenchmarkError(f"{label}: a record must be a JSON object, got {type(record).__name__}")
     rid = next((record[k] for k in ("id", "qid", "index") if k in record), None)
@@ -154,6 +153,12 @@ def _fields(label: str, record, names: Sequence[str]) -> list:
                                                              record[n].strip())]
     if missing:
         raise BenchmarkError(f"{where}: missing or empty field(s) {', '.join(missing)}")
+    for name in names:
+        value, numbers = record[name], name in _TEXT_OR_NUMBER_FIELDS
+        if name not in unchecked and not (isinstance(value, str) or numbers and isinstance(value, (int, float))
+                                          and not isinstance(value, bool)):
+            raise BenchmarkError(f"{where}: field {name} must be a string{' or a number' if numbers else ''}, got "
+                                 f"{type(value).__name__} {reprlib.repr(value)}")
     return [record[n] for n in names]
 
 
@@ -293,7 +298,7 @@ def _load_hf_free_form(data_dir: str, split: str, files: Sequence[str], folders:
             continue
         if record.get("id") is None:
             record["id"] = f"{split}_{len(out)}"
-        image, question, answer = _fields(label, record, ("image", "question", "answer"))
+        image, question, answer = _fields(label, record, ("image", "question", "answer"), unchecked=("image",))
         label = f"{label} (id {record['id']!r})"
         image = _hf_image(label, image, data_dir, folders, cache, check_images)
         if extra_keys is not None:
@@ -429,7 +434,7 @@ def _pmc_vqa_example(label: str, row: dict, rid: str, image_of: Callable[[str, o
                      figure_name) -> BenchmarkExample:
     """One PMC-VQA row of the release's columns (Figure_path, Question, Choice A.., Answer_label / Answer);
     `image_of(label, Figure_path value)` gives the image path."""
-    figure, question = _fields(label, row, ("Figure_path", "Question"))
+    figure, question = _fields(label, row, ("Figure_path", "Question"), unchecked=("Figure_path",))
     letters = [c for c in metrics.LETTERS if row.get(f"Choice {c}") not in (None, "")]
     if len(letters) < 2 or letters != list(metrics.LETTERS[:len(letters)]):
         raise BenchmarkError(f"{label}: needs consecutive options Choice A, Choice B, ...; has "
@@ -522,6 +527,8 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
         else:
             match = "vqa" if kind == "closed" else "f1"
         match = record.get("match", match)
+        if record.get("prompt") is not None and not isinstance(record["prompt"], str):
+            raise BenchmarkError(f"{label}: prompt must be a string, got {type(record['prompt']).__name__}")
         prompt = record.get("prompt") or (lettered_prompt(question, options) if match == "letter" else question)
         extra = {k: v for k, v in record.items()
                  if k not in ("id", "image", "question", "answer", "answer_type", "options", "match", "prompt")}

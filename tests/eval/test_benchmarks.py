@@ -5,6 +5,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -102,6 +103,17 @@ def test_vqa_rad_malformed_record_is_named(tmp_path, record, message):
     data_dir = _vqa_rad_dir(tmp_path, [GOOD_RAD, record])
     with pytest.raises(BenchmarkError, match=message):
         load_benchmark("vqa_rad", data_dir)
+
+
+def test_a_truncated_image_is_named_with_its_record_before_any_model_loads(tmp_path):
+    data_dir = _vqa_rad_dir(tmp_path, [GOOD_RAD, {**GOOD_RAD, "qid": 6, "image_name": "cut.png"}])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "images" / "cut.png")
+    data = (tmp_path / "images" / "cut.png").read_bytes()
+    (tmp_path / "images" / "cut.png").write_bytes(data[:len(data) // 2])  # the header is whole, the pixels are not
+    with pytest.raises(BenchmarkError, match=r"testset.json: record 1 \(qid 6\): .*cut.png: corrupt or unreadable"):
+        load_benchmark("vqa_rad", data_dir)
+    assert len(load_benchmark("vqa_rad", data_dir, check_images=False)) == 2
 
 
 def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path):

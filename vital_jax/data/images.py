@@ -78,18 +78,25 @@ def load_image(source) -> np.ndarray:
                      "or a numpy array")
 
 
-def check_file(path: str) -> tuple[int, int]:
+def check_file(path: str, decode: bool = False) -> tuple[int, int]:
     """(height, width) of an image file after the checks `load_image` makes from the header (exists, readable,
-    mode, size); the pixels are not decoded, so this is cheap enough for every image of a benchmark."""
+    mode, size); the pixels are not decoded, so this is cheap enough for every image of a benchmark. `decode`
+    then decodes them too (truncated or corrupt data only fails then), without converting them."""
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
-            mode, (width, height) = img.mode, img.size
+        img = Image.open(path)
     except image_io.PIL_READ_ERRORS as e:
         raise ImageError(f"{path}: corrupt or unreadable image ({e})") from e
-    check_mode(mode, path)
-    check_size(height, width, path)
+    with img:
+        mode, (width, height) = img.mode, img.size
+        check_mode(mode, path)
+        check_size(height, width, path)
+        if decode:
+            try:
+                img.load()
+            except image_io.PIL_READ_ERRORS as e:
+                raise ImageError(f"{path}: corrupt or unreadable image ({e})") from e
     return height, width
 
 

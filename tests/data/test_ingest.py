@@ -163,6 +163,29 @@ def test_msd_mr_and_errors(tmp_path):
         list(ingest.iter_msd(str(tmp_path / "mr")))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("labels", ["background", "liver"], r"field 'labels': expected a mapping label value -> target name"),
+    ("labels", {"0": "background", "one": "liver"}, r"field 'labels': key 'one' is not a label value"),
+    ("labels", {"1": ["liver"]}, r"field 'labels': the target name of label '1' must be a non-empty string"),
+    ("modality", {"0": 1}, r"field 'modality' must map channels to modality names"),
+    ("training", "imagesTr", r"field 'training' must be a list .* got str"),
+    ("training", [{"label": "./labelsTr/case_0.nii.gz"}], r"field 'training' entry 0 needs 'image'"),
+    ("training", ["./imagesTr/case_0.nii.gz"], r"field 'training' entry 0 must be an object"),
+])
+def test_wrong_field_types_in_msd_dataset_json_are_named(tmp_path, field, value, message):
+    _msd_task(tmp_path)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(IngestError, match=r"dataset\.json: " + message):
+        list(ingest.iter_msd(str(tmp_path)))
+
+
+def test_a_label_map_with_keys_and_names_swapped_is_named():
+    with pytest.raises(IngestError, match=r"/data/ct: label names \{'liver': '1'\}: key 'liver' is not a label value"):
+        list(ingest.iter_dicom("/data/ct", {"liver": "1"}))
+    assert ingest.label_names({"0": "background", "1": "liver", 2: "spleen"}, "x") == {1: "liver", 2: "spleen"}
+
+
 def test_msd_label_in_another_voxel_order_aligns_and_a_grid_mismatch_names_both_files(tmp_path):
     _msd_task(tmp_path)
     reference = list(ingest.iter_msd(str(tmp_path), max_cases=1))

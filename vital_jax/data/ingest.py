@@ -166,13 +166,55 @@ def iter_biomedparse(image_dir: str, mask_dir: str, source: str = "biomedparse",
 
 
 def read_msd_dataset_json(task_dir: str) -> dict:
-    """The task's dataset.json, checked for the fields ingestion needs."""
+    """The task's dataset.json, checked for the fields ingestion needs and their types; an IngestError naming the
+    file and the field otherwise."""
     path = os.path.join(task_dir, "dataset.json")
     meta = read_json(path, IngestError, "an MSD task folder holds dataset.json")
+    if not isinstance(meta, dict):
+        raise IngestError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("labels", "modality", "training"):
         if key not in meta:
             raise IngestError(f"{path}: missing field {key!r}")
+    label_names(meta["labels"], f"{path}: field 'labels'")
+    modality = meta["modality"]
+    if not isinstance(modality, dict) or not all(isinstance(v, str) for v in modality.values()):
+        raise IngestError(f"{path}: field 'modality' must map channels to modality names, e.g. {{\"0\": \"CT\"}}; "
+                          f"got {modality!r}")
+    training = meta["training"]
+    if not isinstance(training, list):
+        raise IngestError(f"{path}: field 'training' must be a list of {{\"image\": ..., \"label\": ...}} objects, "
+                          f"got {type(training).__name__}")
+    for i, case in enumerate(training):
+        if not isinstance(case, dict):
+            raise IngestError(f"{path}: field 'training' entry {i} must be an object, got {type(case).__name__}")
+        for key in ("image", "label"):
+            if not isinstance(case.get(key), str) or not case[key].strip():
+                raise IngestError(f"{path}: field 'training' entry {i} needs {key!r}, a path relative to the task "
+                                  f"folder; got {case.get(key)!r}")
     return meta
+
+
+def label_names(labels, where: str) -> dict[int, str]:
+    """{label value: target name} of a mapping from label values ("1" or 1) to target names, without the
+    background (0); an IngestError naming `where` (a file and field, or an argument) for anything else."""
+    example = "label value -> target name, e.g. {'1': 'liver'}"
+    if not isinstance(labels, dict):
+        raise IngestError(f"{where}: expected a mapping {example}; got {type(labels).__name__} {labels!r}")
+    out = {}
+    for key, name in labels.items():
+        value = None
+        if isinstance(key, int) and not isinstance(key, bool):
+            value = key
+        elif isinstance(key, str) and re.fullmatch(r"\d+", key.strip()):
+            value = int(key)
+        if value is None:
+            raise IngestError(f"{where}: key {key!r} is not a label value (a non-negative integer); expected a "
+                              f"mapping {example}")
+        if not isinstance(name, str) or not name.strip():
+            raise IngestError(f"{where}: the target name of label {key!r} must be a non-empty string, got {name!r}")
+        if value > 0:
+            out[value] = name
+    return out
 
 
 def _msd_modality(meta: dict, path: str, channel: int) -> str:
@@ -231,7 +273,8 @@ def iter_msd(task_dir: str, min_mask_pixels: int = MSD_MIN_MASK_PIXELS, ct_windo
     meta = read_msd_dataset_json(task_dir)
     json_path = os.path.join(task_dir, "dataset.json")
     modality = _msd_modality(meta, json_path, channel)
-    labels = {int(k): (target_names or {}).get(str(k), v) for k, v in meta["labels"].items() if int(k) > 0}
+    labels = {value: (target_names or {}).get(str(value), name)
+              for value, name in label_names(meta["labels"], f"{json_path}: field 'labels'").items()}
     task = str(meta.get("name", os.path.basename(os.path.normpath(task_dir))))
     site = site or _slug(task)
     for case in meta["training"][:max_cases]:
@@ -303,7 +346,7 @@ def iter_dicom(root: str, labels: dict[str, str], min_mask_pixels: int = MSD_MIN
     the series' Modality tag (CT, MR, ...); the window is `window`, else the series' WindowCenter/WindowWidth,
     else soft tissue (CT_WINDOW) for CT or the percentile normalisation for other modalities.
     """
-    names = {int(k): v for k, v in labels.items() if int(k) > 0}
+    names = label_names(labels, f"{root}: label names {labels!r}")
     if not names:
         raise IngestError(f"{root}: no label names given (a mapping such as {{'1': 'liver'}})")
     name = name or os.path.basename(os.path.normpath(root))

@@ -189,6 +189,35 @@ def test_errors_name_the_stage_or_file(tmp_path):
         build.build(config)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("teacher.kind", "gpt", r"config\.teacher\.kind='gpt': expected 'geometry' or 'api'"),
+    ("split_fractions", (0.5, 0.6, 0.1), r"config\.split_fractions=\(0\.5, 0\.6, 0\.1\): expected 3 non-negative"),
+    ("question_types", ["yes_no", "why"], r"config\.question_types: unknown \['why'\]"),
+    ("phantoms.layout", "spiral", r"config\.phantoms\.layout='spiral'"),
+    ("roi.enabled", True, r"roi\.encoder_dir"),
+])
+def test_a_bad_config_value_stops_the_build_before_anything_is_written(tmp_path, field, value, message):
+    config = _phantom_config(tmp_path / "x")
+    section, _, name = field.rpartition(".")
+    setattr(config[section] if section else config, name, value)
+    with pytest.raises(build.BuildError, match=message):
+        build.build(config)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):
+    config = _phantom_config(tmp_path / "x")
+    config.split_fractions = (0.5, 0.6, 0.1)
+    monkeypatch.setattr(build, "_CONFIG", type("Flag", (), {"value": config}), raising=False)
+    assert build.main([]) == 1
+    assert capsys.readouterr().err.startswith("error: config.split_fractions=(0.5, 0.6, 0.1)")
+    config.split_fractions = (0.8, 0.1, 0.1)
+    os.makedirs(tmp_path / "x")
+    (tmp_path / "x" / build_inputs.INPUTS_FILE).write_text('{"version": 1, "con')  # a ValueError subclass
+    assert build.main([]) == 1
+    assert "build_inputs.json: malformed JSON" in capsys.readouterr().err
+
+
 def _biomedparse_source(tmp_path, masks: dict[str, list[str]], size=32):
     """A BiomedParse-layout folder pair: image stem -> mask file names (target part, with suffix), each mask a
     different square so that no two are alike."""

@@ -6,7 +6,8 @@ Stages (each resumable; rerunning the command finishes what is missing):
   0 inputs    the build's inputs (the config fields that shape the outputs, and the source files' sizes and
               hashes; vital_jax.data.build_inputs) are recorded in `out_dir/build_inputs.json`. A rerun with the
               same inputs resumes; with other inputs it is refused, naming what changed, unless
-              `config.on_change = "rebuild"`, which deletes the old outputs first.
+              `config.on_change = "rebuild"`, which deletes the old outputs first. Every config value is checked
+              before this stage, so a mistake stops the build before anything is written.
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
@@ -68,6 +69,71 @@ def phantom_split_plan(config) -> list[tuple[str | None, int, int]]:
     return [(split, count, seed) for split, count, seed in zip(records.SPLITS, p.split_counts, seeds) if count]
 
 
+def check_config(config) -> None:
+    """Every config value, checked before anything is written: a mistake that a later stage found only after
+    stage 1 had written images would leave a folder that the corrected rerun refuses as built from other inputs.
+    Raises BuildError naming the field (IngestError for dicom.labels)."""
+    if not config.out_dir:
+        raise BuildError("config.out_dir is empty: say where the dataset goes")
+    if config.on_change not in ("refuse", "rebuild"):
+        raise BuildError(f"config.on_change={config.on_change!r}: expected 'refuse' or 'rebuild'")
+    if config.source not in build_inputs.SOURCES:
+        raise BuildError(f"config.source={config.source!r}: expected {', '.join(build_inputs.SOURCES)}")
+    unknown = sorted(set(config.question_types) - set(QUESTION_TYPES))
+    if unknown or not config.question_types:
+        raise BuildError(f"config.question_types: {f'unknown {unknown}' if unknown else 'empty'} (expected some of "
+                         f"{', '.join(QUESTION_TYPES)})")
+    fractions = tuple(config.split_fractions)
+    if (len(fractions) != len(records.SPLITS) or not all(isinstance(f, (int, float)) for f in fractions)
+            or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0)):
+        raise BuildError(f"config.split_fractions={fractions}: expected {len(records.SPLITS)} non-negative fractions "
+                         f"({', '.join(records.SPLITS)}) summing to 1")
+    _check_source_config(config)
+    _teacher(config)
+    t = config.teacher
+    if t.workers < 1 or t.max_regenerations < 0:
+        raise BuildError(f"config.teacher: workers={t.workers} must be >= 1 and max_regenerations="
+                         f"{t.max_regenerations} >= 0")
+    if config.roi.enabled:
+        _check_roi_config(config)
+
+
+def _check_source_config(config) -> None:
+    """The settings of `config.source` that `_source_images` reads."""
+    if config.source == "phantoms":
+        p = config.phantoms
+        phantom_split_plan(config)
+        if not p.split_counts and p.count < 1:
+            raise BuildError(f"config.phantoms.count={p.count}: expected at least 1 phantom")
+        if p.layout not in phantoms.LAYOUTS:
+            raise BuildError(f"config.phantoms.layout={p.layout!r}: expected one of {', '.join(phantoms.LAYOUTS)}")
+        unknown = sorted(set(p.modalities) - set(phantoms.PHANTOM_MODALITIES))
+        if unknown or not p.modalities:
+            raise BuildError(f"config.phantoms.modalities: {f'unknown {unknown}' if unknown else 'empty'} (expected "
+                             f"some of {', '.join(phantoms.PHANTOM_MODALITIES)})")
+        if p.size < phantoms.MIN_SIZE:
+            raise BuildError(f"config.phantoms.size={p.size}: expected at least {phantoms.MIN_SIZE} pixels")
+    elif config.source == "biomedparse":
+        if not config.biomedparse.image_dir or not config.biomedparse.mask_dir:
+            raise BuildError("config.source='biomedparse' needs biomedparse.image_dir and biomedparse.mask_dir")
+    elif config.source == "msd":
+        m = config.msd
+        if not m.task_dir:
+            raise BuildError("config.source='msd' needs msd.task_dir (a folder holding dataset.json)")
+        if len(m.ct_window) != 2 or m.ct_window[1] <= 0:
+            raise BuildError(f"config.msd.ct_window={tuple(m.ct_window)}: expected (level, width) with width > 0")
+        if m.channel < 0:
+            raise BuildError(f"config.msd.channel={m.channel}: expected a channel index >= 0")
+    elif config.source == "dicom":
+        d = config.dicom
+        if not d.root or not d.labels:
+            raise BuildError("config.source='dicom' needs dicom.root (images/CASE/ and labels/CASE.nii.gz) and "
+                             "dicom.labels (label value -> target name, e.g. {'1': 'liver'})")
+        ingest.label_names(dict(d.labels), "config.dicom.labels")
+        if d.window and (len(d.window) != 2 or d.window[1] <= 0):
+            raise BuildError(f"config.dicom.window={tuple(d.window)}: expected () or (level, width) with width > 0")
+
+
 def _source_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[ingest.SourceImage]:
     """The source's images; for phantoms drawn per split, `split_of` is filled with image path -> split."""
     if config.source == "phantoms":
@@ -81,9 +147,6 @@ def _source_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[i
                                channel=m.channel, max_cases=m.max_cases or None)
     if config.source == "dicom":
         d = config.dicom
-        if not d.root or not d.labels:
-            raise BuildError("config.source='dicom' needs dicom.root (images/CASE/ and labels/CASE.nii.gz) and "
-                             "dicom.labels (label value -> target name, e.g. {'1': 'liver'})")
         return ingest.iter_dicom(d.root, dict(d.labels), min_mask_pixels=d.min_mask_pixels,
                                  window=tuple(d.window) or None, max_cases=d.max_cases or None, name=d.name)
     raise BuildError(f"config.source={config.source!r}: expected phantoms, biomedparse, msd or dicom")
@@ -140,9 +203,6 @@ def prepare(config) -> list[questions.Question]:
     if os.path.exists(path):
         logging.info("%s exists: reusing its questions", path)
         return questions.read_questions(path)
-    unknown = sorted(set(config.question_types) - set(QUESTION_TYPES))
-    if unknown:
-        raise BuildError(f"config.question_types: unknown {unknown} (expected some of {', '.join(QUESTION_TYPES)})")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     asked: list[questions.Question] = []
@@ -237,12 +297,16 @@ def _balance(config) -> None:
         records.write_records(path, kept)
 
 
-def run_roi_stage(config) -> None:
-    """Stage 3: the ROI extractor of vital_jax.data.roi (imported only here: it needs the model code)."""
+def _check_roi_config(config) -> None:
     if importlib.util.find_spec("vital_jax.data.roi") is None:
         raise BuildError("config.roi.enabled but vital_jax.data.roi is not installed")
     if not config.roi.encoder_dir:
         raise BuildError("config.roi.enabled needs roi.encoder_dir (a HF MedSigLIP/SigLIP directory)")
+
+
+def run_roi_stage(config) -> None:
+    """Stage 3: the ROI extractor of vital_jax.data.roi (imported only here: it needs the model code)."""
+    _check_roi_config(config)
     roi = importlib.import_module("vital_jax.data.roi")
     roi.extract_dataset_rois(config.out_dir, config.roi.encoder_dir, threshold=config.roi.threshold,
                              padding=config.roi.padding, batch_size=config.roi.batch_size)
@@ -264,8 +328,6 @@ def _has_outputs(out_dir: str) -> bool:
 def check_inputs(config) -> None:
     """Stage 0: record the build's inputs in out_dir; a folder built from other inputs is refused, naming what
     changed, or with config.on_change = "rebuild" emptied of the old outputs first."""
-    if config.on_change not in ("refuse", "rebuild"):
-        raise BuildError(f"config.on_change={config.on_change!r}: expected 'refuse' or 'rebuild'")
     out_dir = config.out_dir
     previous = build_inputs.read(out_dir)
     current = build_inputs.fingerprint(config, previous)
@@ -294,8 +356,7 @@ def check_inputs(config) -> None:
 
 def build(config) -> dict:
     """Run the stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
-    if not config.out_dir:
-        raise BuildError("config.out_dir is empty: say where the dataset goes")
+    check_config(config)
     check_inputs(config)
     asked = prepare(config)
     dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
@@ -328,7 +389,7 @@ def main(argv) -> int:
     config.update(_CONFIG.value)
     try:
         result = build(config)
-    except (BuildError, build_inputs.InputsError, ingest.IngestError, records.RecordError) as e:
+    except (BuildError, ValueError) as e:  # ValueError: IngestError, RecordError, InputsError, ImageError, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

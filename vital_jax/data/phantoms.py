@@ -47,6 +47,7 @@ _US_ECHO = {"air": 0.0, "body": 0.45, "liver": 0.55, "spleen": 0.5, "kidney": 0.
             "kidney cyst": 0.03}
 _CT_WINDOW = (40.0, 400.0)  # level, width (HU)
 LAYOUTS = ("standard", "varied")
+MIN_SIZE = 64  # pixels per side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +240,8 @@ def make_phantom(modality: str, seed: int, index: int = 0, size: int = 256, layo
         raise ValueError(f"phantom layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if modality not in _RENDERERS:
         raise ValueError(f"phantom modality {modality!r} is not one of {', '.join(PHANTOM_MODALITIES)}")
-    if size < 64:
-        raise ValueError(f"phantom size {size} is too small (>= 64 pixels)")
+    if size < MIN_SIZE:
+        raise ValueError(f"phantom size {size} is too small (>= {MIN_SIZE} pixels)")
     rng = np.random.default_rng([seed, index, PHANTOM_MODALITIES.index(modality)])
     labels, masks = _label_map(rng, size, layout)
     intensity = _RENDERERS[modality](rng, labels)

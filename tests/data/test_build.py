@@ -218,6 +218,15 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch
     assert "build_inputs.json: malformed JSON" in capsys.readouterr().err
 
 
+def test_an_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "data").write_text("my notes")
+    with pytest.raises(build.BuildError, match=r"config\.out_dir='.*/data' is a file, not a folder"):
+        build.build(_phantom_config(tmp_path / "data"))
+    with pytest.raises(build.BuildError, match=r"config\.out_dir='.*/data/x': cannot create the folder"):
+        build.build(_phantom_config(tmp_path / "data" / "x"))
+    assert (tmp_path / "data").read_text() == "my notes"
+
+
 def _biomedparse_source(tmp_path, masks: dict[str, list[str]], size=32):
     """A BiomedParse-layout folder pair: image stem -> mask file names (target part, with suffix), each mask a
     different square so that no two are alike."""

@@ -75,6 +75,9 @@ def check_config(config) -> None:
     Raises BuildError naming the field (IngestError for dicom.labels)."""
     if not config.out_dir:
         raise BuildError("config.out_dir is empty: say where the dataset goes")
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise BuildError(f"config.out_dir={config.out_dir!r} is a file, not a folder: name a folder (it is created "
+                         "if missing)")
     if config.on_change not in ("refuse", "rebuild"):
         raise BuildError(f"config.on_change={config.on_change!r}: expected 'refuse' or 'rebuild'")
     if config.source not in build_inputs.SOURCES:
@@ -350,7 +353,10 @@ def check_inputs(config) -> None:
                 os.remove(os.path.join(out_dir, name))
         for name in OUTPUT_FOLDERS:
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission
+        raise BuildError(f"config.out_dir={out_dir!r}: cannot create the folder ({e})") from e
     build_inputs.write(out_dir, current)
 
 

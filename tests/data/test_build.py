@@ -227,6 +227,18 @@ def test_an_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
     assert (tmp_path / "data").read_text() == "my notes"
 
 
+def test_a_build_that_never_finished_its_first_stage_is_built_over_with_other_inputs(tmp_path, caplog):
+    build.check_inputs(_phantom_config(tmp_path / "x"))       # as if stage 1 of this build had been interrupted
+    os.makedirs(tmp_path / "x" / "images")
+    Image.new("RGB", (16, 16)).save(tmp_path / "x" / "images" / "left_over.png")
+    with caplog.at_level(logging.WARNING):
+        result = build.build(_phantom_config(tmp_path / "x", seed=1))
+    assert "an unfinished build (no questions.jsonl yet) from other inputs (config.seed: 0 -> 1)" in caplog.text
+    assert result["records"] > 0 and (tmp_path / "x" / "images" / "left_over.png").exists()  # nothing deleted
+    with pytest.raises(build.BuildError, match=r"built from other inputs.*config\.seed: 1 -> 0"):  # finished: refused
+        build.build(_phantom_config(tmp_path / "x"))
+
+
 def _biomedparse_source(tmp_path, masks: dict[str, list[str]], size=32):
     """A BiomedParse-layout folder pair: image stem -> mask file names (target part, with suffix), each mask a
     different square so that no two are alike."""

@@ -6,8 +6,8 @@ Stages (each resumable; rerunning the command finishes what is missing):
   0 inputs    the build's inputs (the config fields that shape the outputs, and the source files' sizes and
               hashes; vital_jax.data.build_inputs) are recorded in `out_dir/build_inputs.json`. A rerun with the
               same inputs resumes; with other inputs it is refused, naming what changed, unless
-              `config.on_change = "rebuild"`, which deletes the old outputs first. Every config value is checked
-              before this stage, so a mistake stops the build before anything is written.
+              `config.on_change = "rebuild"`, which deletes the old outputs first, or stage 1 never finished. Every
+              config value is checked before this stage, so a mistake stops the build before anything is written.
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
@@ -322,6 +322,11 @@ OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED
 OUTPUT_FOLDERS = ("images", "masks")
 
 
+def _prepared(out_dir: str) -> bool:
+    """Whether stage 1 finished: questions.jsonl, written last by `prepare`, or a file of a later stage exists."""
+    return any(os.path.exists(os.path.join(out_dir, name)) for name in OUTPUT_FILES)
+
+
 def _has_outputs(out_dir: str) -> bool:
     return (any(os.path.exists(os.path.join(out_dir, name)) for name in OUTPUT_FILES) or
             any(os.path.isdir(os.path.join(out_dir, name)) and os.listdir(os.path.join(out_dir, name))
@@ -330,7 +335,8 @@ def _has_outputs(out_dir: str) -> bool:
 
 def check_inputs(config) -> None:
     """Stage 0: record the build's inputs in out_dir; a folder built from other inputs is refused, naming what
-    changed, or with config.on_change = "rebuild" emptied of the old outputs first."""
+    changed, or with config.on_change = "rebuild" emptied of the old outputs first. A build that never finished
+    stage 1 (no questions.jsonl, nothing later) is not refused: its images and masks are written again."""
     out_dir = config.out_dir
     previous = build_inputs.read(out_dir)
     current = build_inputs.fingerprint(config, previous)
@@ -339,6 +345,13 @@ def check_inputs(config) -> None:
         logging.warning("%s holds outputs of a build that did not record its inputs: they are reused as they are, "
                         "unchecked; rebuild into an empty folder to be sure they match this config", out_dir)
     changes = build_inputs.differences(previous, current) if built and previous is not None else []
+    if changes and config.on_change == "refuse" and not _prepared(out_dir):
+        # Nothing but images and masks of an interrupted stage 1, which this build writes again. None is deleted:
+        # one it does not write again stays, unused (it may be the user's, there before the first build).
+        logging.warning("%s: an unfinished build (no %s yet) from other inputs (%s); building over its images and "
+                        "masks (--config.on_change=rebuild deletes them first)", out_dir, questions.QUESTIONS_FILE,
+                        "; ".join(changes[:10]))
+        changes = []
     if changes and config.on_change == "refuse":
         raise BuildError(
             f"{out_dir} was built from other inputs, so its files would be stale: " + "; ".join(changes[:10]) +

@@ -42,6 +42,7 @@ from vital_jax.data.geometry import box_sum
 from vital_jax.data.geometry_teacher import GeometryTeacher
 from vital_jax.data.questions import Question
 from vital_jax.data.records import STEP_RANGES
+from vital_jax.jsonio import atomic_write
 
 OVERLAY_COLOR = (255, 0, 0)
 CONTOUR_COLOR = (255, 255, 0)
@@ -475,8 +476,7 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
     if client is not None:
         stats.transport_retries = client.retries - retries_before
     summary = stats.summary()
-    with open(os.path.join(data_dir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write(os.path.join(data_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
     return summary
 
 

@@ -322,3 +322,22 @@ def test_load_run_names_a_malformed_config_or_demo_record(workdir, tmp_path):
     config.write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a recorded training config"):
         load_run(str(copy))
+
+
+def test_floors_of_a_split_without_closed_questions_are_none(workdir, tmp_path):
+    """A dataset of open questions only (BiomedParse's builds none closed) has no closed floor; `floors` said so
+    with an IndexError before."""
+    from vital_jax.data.records import RECORDS_FILE, read_records, write_records
+    from vital_jax.eval.floors import floors
+
+    run = load_run(workdir)
+    data = tmp_path / "data"
+    shutil.copytree(run.paths.data_dir, data)
+    records = read_records(str(data / RECORDS_FILE))
+    open_only = [r for r in records if r.question_type not in ("yes_no", "location_choice")]   # phantom_vqa's open
+    assert open_only and len(open_only) < len(records)
+    write_records(str(data / RECORDS_FILE), open_only)
+    split = open_only[0].split
+    out = floors(str(data), split)
+    assert out["closed"] == {"chance": None, "majority": None, "majority_by_type": None, "count": 0}
+    assert all("majority_f1" in v for k, v in out.items() if k != "closed")

@@ -24,7 +24,6 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax.jsonio import read_json
 from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
-from vital_jax.models import model_dir
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3.config import Qwen3Config
@@ -96,16 +95,8 @@ def resolve_paths(config, workdir: str) -> Paths:
 
 
 def load_weights(directory: str, config, params_module) -> dict:
-    """A converted vital_jax directory (orbax) or a HF safetensors directory, in the layer layout of `config`.
-
-    params_module: `qwen3.params` or `qwen3_vl.params` (load_params, abstract_params, loop_layout_config,
-    to_layout). Converted directories hold the loop layout, like the HF checkpoints they came from.
-    """
-    if os.path.exists(os.path.join(directory, model_dir.META_FILE)):
-        loop_config = params_module.loop_layout_config(config)
-        params = model_dir.load_params(directory, params_module.abstract_params(loop_config))
-        scan = (config.text if hasattr(config, "text") else config).scan_layers
-        return params_module.to_layout(params, scan)
+    """A HF safetensors directory or a converted vital_jax directory (`params_module.load_params` reads both), in
+    the layer layout of `config`. params_module: `qwen3.params` or `qwen3_vl.params`."""
     return params_module.load_params(directory, config)
 
 

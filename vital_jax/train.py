@@ -294,7 +294,7 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
-    from vital_jax.data.pipeline import make_train_iterator
+    from vital_jax.data.pipeline import check_answer_lengths, make_train_iterator
     from vital_jax.data.records import load_roi_arrays
 
     config_json = json.loads(config.to_json_best_effort())
@@ -306,6 +306,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
     roi_dim = int(roi["features"].shape[1])
+    check_answer_lengths(paths.data_dir, paths.tokenizer_dir, pipeline_config(config), config.data.train_split)
     cli.status(f"loading the backbone and decoder ({paths.backbone_dir}, {paths.decoder_dir})...")
     model, params = build_model(config, paths, roi_dim)
     full_steps = phase_steps(config, paths.data_dir, capped=False)

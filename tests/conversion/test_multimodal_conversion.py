@@ -1,16 +1,21 @@
 """Qwen3-VL round trip and SigLIP conversion through the same CLIs."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
+from conversion import hf_to_flax
 from tests.hf_reference import save_tiny_qwen3_vl
 from vital_jax.models import model_dir, registry, safetensors_io
 from vital_jax.models.hf_config import read_config_json
+from vital_jax.models.hf_mapping import ConversionError, flatten
+from vital_jax.models.qwen3_vl import Qwen3VLConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,3 +83,45 @@ def test_siglip_full_model_converts_with_the_cli(tmp_path):
     with torch.no_grad():
         ref = hf_model.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
     assert np.max(np.abs(np.asarray(ours.last_hidden_state) - ref.last_hidden_state.numpy())) <= 1e-4
+
+
+def _leaves_equal(a, b):
+    flat_a, flat_b = flatten(a), flatten(b)
+    assert sorted(flat_a) == sorted(flat_b)
+    for name in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), err_msg=name)
+
+
+def test_every_loader_reads_a_converted_directory_as_its_hf_original(tmp_path):
+    """`qwen3_vl.load_params` (the README's snippet) and `load_siglip_vision` (the ROI encoder) take a directory
+    converted by hf_to_flax like the HF one it came from: the same parameters, in the layout asked for; SigLIP's
+    MAP head is dropped when not wanted; a converted directory of another shape is a ConversionError."""
+    from transformers import SiglipVisionConfig as HFSiglipVisionConfig
+    from transformers import SiglipVisionModel as HFSiglipVisionModel
+
+    from vital_jax.models.qwen3_vl import load_params as load_vl_params
+    from vital_jax.models.siglip.params import load_siglip_vision
+
+    hf_vl, flax_vl = tmp_path / "hf_vl", tmp_path / "flax_vl"
+    save_tiny_qwen3_vl(str(hf_vl), seed=3)
+    hf_to_flax.convert(str(hf_vl), str(flax_vl))
+    for scan in (False, True):
+        config = Qwen3VLConfig.from_pretrained(str(hf_vl), scan_layers=scan)
+        _leaves_equal(load_vl_params(str(flax_vl), config), load_vl_params(str(hf_vl), config))
+
+    hf_sig, flax_sig = tmp_path / "hf_siglip", tmp_path / "flax_siglip"
+    torch.manual_seed(0)
+    HFSiglipVisionModel(HFSiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+                        ).save_pretrained(str(hf_sig))
+    hf_to_flax.convert(str(hf_sig), str(flax_sig))
+    for use_head in (True, False):
+        config, ours = load_siglip_vision(str(flax_sig), use_head=use_head)
+        _, ref = load_siglip_vision(str(hf_sig), use_head=use_head)
+        assert ("head" in ours) == use_head
+        _leaves_equal(ours, ref)
+
+    other = Qwen3VLConfig.from_pretrained(str(hf_vl))
+    other = dataclasses.replace(other, text=dataclasses.replace(other.text, num_hidden_layers=1))
+    with pytest.raises(ConversionError, match="unexpected parameter"):
+        load_vl_params(str(flax_vl), other)

@@ -201,6 +201,23 @@ def test_too_long_answer_and_missing_roi_are_named(dataset, tmp_path):
         pipeline.make_train_iterator(no_roi, tokenizer_dir, CFG, k_max=4, process_index=0, process_count=1)
 
 
+def test_answers_longer_than_the_budget_are_found_before_training_with_the_length_to_set(dataset, tmp_path):
+    data_dir, tokenizer_dir, records = dataset
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    train = [r for r in records if r.split == "train"]
+    lengths = {r.id: len(tokenizer.encode(r.answer + "<|im_end|>", add_special_tokens=False).ids) for r in train}
+    longest = max(lengths.values())
+    pipeline.check_answer_lengths(data_dir, tokenizer_dir, dataclasses.replace(CFG, max_answer_tokens=longest),
+                                  "train")
+    budget = longest - 1
+    over = [i for i, n in lengths.items() if n > budget]
+    with pytest.raises(pipeline.PipelineError, match=rf"{len(over)} answer\(s\) of split 'train' are longer than "
+                                                     rf"max_answer_tokens={budget}.*the longest {longest} tokens.*"
+                                                     rf"set data.max_answer_tokens >= {longest}"):
+        pipeline.check_answer_lengths(data_dir, tokenizer_dir, dataclasses.replace(CFG, max_answer_tokens=budget),
+                                      "train")
+
+
 def test_global_feature_rows_follow_roi_index_and_a_missing_file_is_named(dataset, tmp_path):
     data_dir, tokenizer_dir, records = dataset
     with_global = dataclasses.replace(CFG, global_feature=True)

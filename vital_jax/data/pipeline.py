@@ -362,6 +362,22 @@ def prompt_widths(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split:
         widths.add(fitting[0])
     return sorted(widths)
 
+def check_answer_lengths(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str | None) -> None:
+    """Every answer of the split fits `cfg.max_answer_tokens` (with its <|im_end|>), checked before training starts:
+    `ExampleBuilder` would otherwise stop the run at the first batch holding a longer one, possibly phases in.
+    Raises PipelineError naming the longest answer's record and the length to set."""
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    selected = select_records(data_dir, split, None, 0)
+    lengths = [len(ids) for ids in (e.ids for e in tokenizer.encode_batch(
+        [r.answer + prompt.IM_END for _, r in selected], add_special_tokens=False))]
+    too_long = [(n, row, r) for n, (row, r) in zip(lengths, selected) if n > cfg.max_answer_tokens]
+    if too_long:
+        n, row, record = max(too_long, key=lambda t: t[0])
+        raise PipelineError(f"{data_dir}: {len(too_long)} answer(s) of split {split!r} are longer than "
+                            f"max_answer_tokens={cfg.max_answer_tokens} with <|im_end|>, the longest {n} tokens "
+                            f"(record {record.id!r}, records.jsonl row {row}); set data.max_answer_tokens >= {n}")
+
+
 def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                        seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                        num_epochs: int | None = None, k_min: int = 1) -> grain.IterDataset:

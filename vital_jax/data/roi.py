@@ -429,7 +429,8 @@ class _SiglipPatchFeatures:
 
 def load_roi_encoder(encoder_dir: str, feature_layer: str = "last_block", dtype=jnp.float32
                      ) -> tuple[RoiEncoder, dict]:
-    """A HF SigLIP / MedSigLIP directory (config.json, safetensors, preprocessor_config.json) -> (encoder, params).
+    """A SigLIP / MedSigLIP directory (config.json, HF safetensors or params converted by hf_to_flax,
+    preprocessor_config.json) -> (encoder, params).
 
     The MAP head is not loaded (ROI features use patch tokens only).
     """
@@ -536,9 +537,14 @@ def write_files_atomically(directory: str, writers: dict[str, Callable]) -> None
 def main(argv: Sequence[str]) -> None:
     del argv
     from absl import flags
+    from vital_jax import cli
+
     f = flags.FLAGS
-    result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size, f.feature_layer,
-                                  f.global_features)
+    try:   # bad input (records, images, the encoder directory) is one error line naming it, not a traceback
+        result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size,
+                                      f.feature_layer, f.global_features)
+    except (ValueError, OSError) as e:
+        cli.fail(e)
     counts = {p: int((result.pathway == p).sum()) for p in (FULL, CROP)}
     with_global = os.path.exists(os.path.join(f.data_dir, GLOBAL_FEATURES_FILE))
     print(f"wrote {len(result.features)} ROI features (dv={result.features.shape[1]}) to {f.data_dir}: "
@@ -549,7 +555,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("data_dir", None, "record directory holding records.jsonl", required=True)
-    flags.DEFINE_string("encoder_dir", None, "HF SigLIP/MedSigLIP directory", required=True)
+    flags.DEFINE_string("encoder_dir", None, "SigLIP/MedSigLIP directory (HF, or converted by hf_to_flax)",
+                        required=True)
     flags.DEFINE_float("threshold", 0.2, "area threshold T")
     flags.DEFINE_float("padding", 0.05, "crop margin ratio P")
     flags.DEFINE_integer("batch_size", 8, "images per encoder batch")

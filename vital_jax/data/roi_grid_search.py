@@ -176,8 +176,11 @@ def main(argv: Sequence[str]) -> None:
     figure_path = f"{os.path.splitext(f.out)[0]}.{f.figure_format}"
     if os.path.abspath(figure_path) == os.path.abspath(f.out):
         cli.usage(f"--out={f.out} would be overwritten by the figure; give the JSON a .json name")
-    report = grid_search(f.data_dir, f.encoder_dir, [float(t) for t in f.thresholds],
-                         [float(p) for p in f.paddings], f.num_samples, f.seed, f.batch_size, f.feature_layer)
+    try:   # bad input (records, images, the encoder directory) is one error line naming it, not a traceback
+        report = grid_search(f.data_dir, f.encoder_dir, [float(t) for t in f.thresholds],
+                             [float(p) for p in f.paddings], f.num_samples, f.seed, f.batch_size, f.feature_layer)
+    except (ValueError, OSError) as e:
+        cli.fail(e)
     atomic_write(f.out, lambda out: json.dump(report, out, indent=2))
     figures.save(grid_figure(report), figure_path)
     print(format_table(report))
@@ -188,7 +191,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("data_dir", None, "record directory holding records.jsonl", required=True)
-    flags.DEFINE_string("encoder_dir", None, "HF SigLIP/MedSigLIP directory", required=True)
+    flags.DEFINE_string("encoder_dir", None, "SigLIP/MedSigLIP directory (HF, or converted by hf_to_flax)",
+                        required=True)
     flags.DEFINE_list("thresholds", [str(t) for t in PAPER_THRESHOLDS], "area thresholds T")
     flags.DEFINE_list("paddings", [str(p) for p in PAPER_PADDINGS], "crop margin ratios P")
     flags.DEFINE_integer("num_samples", 1000, "random distinct (image, mask) pairs to evaluate")

@@ -26,7 +26,8 @@ def floors(data_dir: str, split: str) -> dict:
     """Per question type on `split`: chance (mean 1 / number of options) and the majority-answer share for the
     closed types; over all closed questions: chance, the majority answer of them all (`evaluate`'s
     closed_majority_baseline) and `majority_by_type` (each type answered with its own majority answer, the
-    stronger floor: it knows the answer set of each question type). The open types' floor is the F1 of always
+    stronger floor: it knows the answer set of each question type; None when the split has no closed question).
+    The open types' floor is the F1 of always
     answering the most frequent answer text of the type (what a model that ignores image and question scores)."""
     examples = load_benchmark("phantom_vqa", data_dir, split=split)
     by_type = collections.defaultdict(list)
@@ -45,6 +46,9 @@ def floors(data_dir: str, split: str) -> dict:
             f1 = [score_lib.token_f1(common, e.answer) for e in group]
             out[qtype] = {"majority_f1": float(np.mean(f1)), "count": len(group)}
     closed = [e for e in examples if e.answer_type == "closed"]
+    if not closed:   # a dataset of open questions only (e.g. BiomedParse's): no closed floor to state
+        out["closed"] = {"chance": None, "majority": None, "majority_by_type": None, "count": 0}
+        return out
     answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in closed)
     by_type_hits = sum(out[t]["majority"] * out[t]["count"] for t in out if "majority" in out[t])
     out["closed"] = {"chance": float(np.mean([1.0 / len(e.options) for e in closed])),

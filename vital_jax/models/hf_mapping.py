@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from vital_jax.models import model_dir as converted
 from vital_jax.models import safetensors_io
 
 
@@ -87,7 +88,9 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict, dtype,
                    ignore: Iterable[str] = (), rename: Callable[[str], str] | None = None) -> dict:
-    """Read a HF checkpoint directory into a nested dict of numpy arrays shaped like `abstract_params`.
+    """Read a HF checkpoint directory into a nested dict of numpy arrays shaped like `abstract_params`; a
+    directory converted by `conversion.hf_to_flax` (`model_dir.is_converted`) is read from its saved Flax tree
+    with the same checks (`_load_converted`), so every family's loader takes either.
 
     abstract_params: the Flax 'params' tree of ShapeDtypeStructs (from `jax.eval_shape`).
     ignore: regexes of HF names that may be present and are skipped (e.g. a tied `lm_head.weight`).
@@ -95,6 +98,8 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
     Raises ConversionError listing every unknown, missing or mis-shaped tensor.
     """
     rules = list(rules)
+    if converted.is_converted(model_dir):
+        return _load_converted(model_dir, rules, abstract_params, dtype, ignore)
     compiled = [(r, r.hf_regex()) for r in rules]
     ignored = [re.compile(p + r"\Z") for p in ignore]
     expected = flatten(abstract_params)
@@ -139,6 +144,34 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
         raise ConversionError(model_dir, problems)
     return unflatten(out)
 
+
+
+def _load_converted(directory: str, rules: list[Rule], abstract_params: dict, dtype, ignore: Iterable[str]) -> dict:
+    """`load_hf_params` for a converted-model directory (`model_dir`): its saved Flax tree, checked like a HF one.
+    Saved parameters that `abstract_params` lacks are allowed when their HF name (through `rules`) matches
+    `ignore` (e.g. SigLIP's MAP head when only patch tokens are wanted); any other difference is a problem."""
+    saved = flatten(converted.restore_saved(directory))
+    expected = flatten(abstract_params)
+    ignored = [re.compile(p + r"\Z") for p in ignore]
+    reverse = [(r, r.flax_regex()) for r in rules]
+    out: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for path in sorted(saved):
+        shape = tuple(saved[path].shape)
+        if path not in expected:
+            match = next(((r, m) for r, rx in reverse if (m := rx.match(path))), None)
+            if match is None or not any(p.match(match[0].hf_name(match[1].groupdict())) for p in ignored):
+                problems.append(f"unexpected parameter {path} {shape}: this config lacks it")
+            continue
+        if shape != tuple(expected[path].shape):
+            problems.append(f"parameter {path} has shape {shape}; expected {tuple(expected[path].shape)}")
+            continue
+        out[path] = np.asarray(saved.pop(path), dtype=dtype)
+    problems += [f"missing parameter {path} {tuple(expected[path].shape)}"
+                 for path in sorted(set(expected) - set(saved) - set(out))]
+    if problems:
+        raise ConversionError(directory, problems)
+    return unflatten(out)
 
 def to_hf_specs(params: dict, rules: Iterable[Rule], dtype,
                 rename: Callable[[str], str] | None = None) -> list[safetensors_io.TensorSpec]:

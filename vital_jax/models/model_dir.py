@@ -74,29 +74,55 @@ def read_meta(model_dir: str) -> dict:
     return meta
 
 
-def load_params(model_dir: str, abstract_params) -> dict:
-    """Restore the params tree; `abstract_params` (ShapeDtypeStructs) fixes structure, shapes and dtypes.
-
-    A checkpoint whose tree or shapes differ from `abstract_params` raises a ModelDirError naming the directory.
-    """
+def _params_path(model_dir: str) -> str:
     read_meta(model_dir)
     path = os.path.abspath(os.path.join(model_dir, PARAMS_DIR))
     if not os.path.isdir(path):
         raise ModelDirError(f"{path}: missing; the converted-model directory has no parameters")
+    return path
+
+
+def _damaged(path: str, e: Exception) -> ModelDirError:
+    return ModelDirError(f"{path}: the parameters cannot be read; the checkpoint is damaged "
+                         f"({type(e).__name__}: {str(e)[:300]})")
+
+
+def load_params(model_dir: str, abstract_params) -> dict:
+    """Restore the params tree; `abstract_params` (ShapeDtypeStructs) fixes structure, shapes and dtypes.
+
+    A checkpoint whose tree or shapes differ from `abstract_params` raises a ModelDirError naming the directory;
+    a missing or damaged one, a ModelDirError naming what is missing or damaged.
+    """
+    path = _params_path(model_dir)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             saved = ckptr.metadata(path)
             saved_tree = saved.item_metadata if hasattr(saved, "item_metadata") else saved
         except Exception as e:   # orbax raises its own and tensorstore's errors for a damaged checkpoint
-            raise ModelDirError(f"{path}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from e
+            raise _damaged(path, e) from e
         if saved_tree is None:
             raise ModelDirError(f"{path}: unreadable orbax checkpoint (no metadata)")
         _check_same_shapes(saved_tree, abstract_params, model_dir)
         try:
             return ckptr.restore(path, abstract_params)
         except Exception as e:   # the tree matched, so the data files are damaged (truncated, missing)
-            raise ModelDirError(f"{path}: the parameters' data cannot be read; the checkpoint is damaged "
-                                f"({type(e).__name__}: {str(e)[:300]})") from e
+            raise _damaged(path, e) from e
+
+
+def restore_saved(model_dir: str) -> dict:
+    """The params tree as saved (its own structure and dtypes), for readers that select from it
+    (`hf_mapping.load_hf_params`); errors as `load_params`."""
+    path = _params_path(model_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path)
+        except Exception as e:
+            raise _damaged(path, e) from e
+
+
+def is_converted(directory: str) -> bool:
+    """Whether `directory` is a converted-model directory (it has the record `save` writes last)."""
+    return os.path.exists(os.path.join(directory, META_FILE))
 
 
 def _check_same_shapes(saved_tree, abstract_params, model_dir: str) -> None:

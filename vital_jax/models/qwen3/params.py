@@ -152,8 +152,8 @@ def abstract_params(config: Qwen3Config) -> dict:
 
 
 def load_params(model_dir: str, config: Qwen3Config) -> dict:
-    """Read a HF Qwen3 checkpoint directory into Flax params (numpy arrays in `config.param_dtype`), in the
-    layer layout of `config.scan_layers`."""
+    """Read a HF Qwen3 checkpoint directory (or one converted by `conversion.hf_to_flax`) into Flax params
+    (numpy arrays in `config.param_dtype`), in the layer layout of `config.scan_layers`."""
     # A tied checkpoint normally has no lm_head.weight; if one is present anyway it duplicates the embedding.
     ignore = [r"lm_head\.weight"] if config.tie_word_embeddings else []
     loop_layout = abstract_params(loop_layout_config(config))

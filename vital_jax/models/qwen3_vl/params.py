@@ -82,8 +82,8 @@ def decoding_layout(config: Qwen3VLConfig, params: dict, lora: LoraConfig | None
 
 
 def load_params(model_dir: str, config: Qwen3VLConfig) -> dict:
-    """Read a HF Qwen3-VL checkpoint directory into Flax params (numpy, `param_dtype`), in the text-decoder
-    layer layout of `config.text.scan_layers`."""
+    """Read a HF Qwen3-VL checkpoint directory (or one converted by `conversion.hf_to_flax`) into Flax params
+    (numpy, `param_dtype`), in the text-decoder layer layout of `config.text.scan_layers`."""
     ignore = [r"lm_head\.weight"] if config.text.tie_word_embeddings else []
     params = load_hf_params(model_dir, rules(config), abstract_params(loop_layout_config(config)),
                             config.text.param_dtype, ignore=ignore)

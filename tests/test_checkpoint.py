@@ -42,6 +42,8 @@ def test_resume_skips_unreadable_checkpoints_and_moves_them_aside(tmp_path, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("cannot read checkpoint 3" in w and "unreadable" in w for w in warnings), warnings
     assert any("cannot read checkpoint 2" in w for w in warnings), warnings
+    # One readable line each: no TensorStore spec (a page of JSON) pasted in.
+    assert not any("TensorStore(" in w or "tensorstore_spec" in w or "bound method" in w for w in warnings)
     # Nothing is deleted: the unreadable checkpoints are kept beside, under names orbax does not take for steps.
     aside = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.unreadable-*")))
     assert [name.split(".")[0] for name in aside] == ["2", "3"]

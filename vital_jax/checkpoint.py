@@ -235,8 +235,13 @@ class PhaseCheckpointer:
 
 
 def _first_line(error: BaseException) -> str:
+    """The error's first line, without the TensorStore spec that orbax and TensorStore append (a page of JSON, as
+    " [tensorstore_spec=..." or the repr of a bound `spec` method)."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0].split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
+    line = text.splitlines()[0]
+    for tail in (" [tensorstore_spec=", "<bound method", "TensorStore({"):
+        line = line.split(tail)[0]
+    return line.rstrip(" :,(") or type(error).__name__
 
 
 _quiet_installed = False

@@ -109,6 +109,9 @@ def test_rebuilding_reuses_the_balanced_records(small_vqa):
     config.phantoms.split_counts = (36, 6, 18)
     summary = build(config)
     assert summary["distill"]["accepted"] == 0
+    # The rerun reports the whole build, as the first run did: the answers balancing set aside count as asked
+    # (the teacher may also have rejected some).
+    assert summary["set_aside"] > 0 and summary["questions"] >= summary["records"] + summary["set_aside"]
     assert open(os.path.join(small_vqa, RECORDS_FILE)).read() == before
 
 

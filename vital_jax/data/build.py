@@ -374,10 +374,12 @@ def check_inputs(config) -> None:
 
 
 def build(config) -> dict:
-    """Run the stages; returns {"questions", "distill" (teacher summary), "records", "splits"}."""
+    """Run the stages; returns {"questions" (all the build asked, this run or before), "records", "set_aside"
+    (answered, then left out by answer balancing), "splits", "distill" (this run's teacher summary)}."""
     check_config(config)
     check_inputs(config)
     asked = prepare(config)
+    all_questions = len(asked)
     dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
     if os.path.exists(dropped_path):  # answered before and set aside by balancing: not asked again
         set_aside = {r.id for r in records.read_records(dropped_path)}
@@ -397,7 +399,9 @@ def build(config) -> dict:
         raise BuildError(f"{config.out_dir}: {len(problems)} problem(s), first: " + "; ".join(problems[:5]))
     rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
     splits = {s: sum(r.split == s for r in rows) for s in records.SPLITS}
-    return {"questions": len(asked), "records": len(rows), "splits": splits, "distill": summary}
+    set_aside = len(records.read_records(dropped_path)) if os.path.exists(dropped_path) else 0
+    return {"questions": all_questions, "records": len(rows), "set_aside": set_aside, "splits": splits,
+            "distill": summary}
 
 
 def main(argv) -> int:

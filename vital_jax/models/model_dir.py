@@ -126,10 +126,7 @@ def is_converted(directory: str) -> bool:
 
 
 def _check_same_shapes(saved_tree, abstract_params, model_dir: str) -> None:
-    from vital_jax.models.hf_mapping import flatten
-
-    saved = {k: tuple(v.shape) for k, v in flatten(dict(saved_tree)).items()}
-    want = {k: tuple(v.shape) for k, v in flatten(dict(abstract_params)).items()}
+    saved, want = _shapes(dict(saved_tree)), _shapes(dict(abstract_params))
     problems = [f"missing {k} {s}" for k, s in sorted(want.items()) if k not in saved]
     problems += [f"unexpected {k} {s}" for k, s in sorted(saved.items()) if k not in want]
     problems += [f"{k}: saved {saved[k]}, expected {s}" for k, s in sorted(want.items())
@@ -137,6 +134,12 @@ def _check_same_shapes(saved_tree, abstract_params, model_dir: str) -> None:
     if problems:
         raise ModelDirError(f"{model_dir}: params do not match the config ({len(problems)} problem(s)):\n  "
                             + "\n  ".join(problems))
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{'a/b/c': shape} of a params tree's leaves (arrays, ShapeDtypeStructs or orbax's array metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def as_numpy(params):

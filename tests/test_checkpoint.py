@@ -101,3 +101,20 @@ def test_a_failed_save_is_one_error_naming_the_cause(tmp_path, mode):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "saving checkpoint 2 failed" in errors[0] and "File too large" in errors[0], lines
     assert len(lines) <= 3, lines
+
+
+@pytest.mark.parametrize("torn", ["", '{"final_st', "[1]", '{"final_step": "x"}'])
+def test_an_unreadable_done_marker_means_not_done_and_is_written_anew(tmp_path, caplog, torn):
+    """A torn DONE.json (a crash mid-write) is warned about and read as 'not finished', so the phase is finished
+    again from its last checkpoint, instead of a JSONDecodeError on every later run."""
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1, 2))
+    with ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False) as ckpt:
+        ckpt.mark_done(2)
+        assert ckpt.done_step() == 2
+        with open(os.path.join(directory, ckpt_lib.DONE_FILE), "w") as f:
+            f.write(torn)
+        assert ckpt.done_step() is None and ckpt_lib.done_step(directory) is None
+        assert "unreadable completion marker" in caplog.text and ckpt_lib.DONE_FILE in caplog.text
+        ckpt.mark_done(2)
+        assert ckpt.done_step() == 2

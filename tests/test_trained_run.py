@@ -341,3 +341,22 @@ def test_floors_of_a_split_without_closed_questions_are_none(workdir, tmp_path):
     out = floors(str(data), split)
     assert out["closed"] == {"chance": None, "majority": None, "majority_by_type": None, "count": 0}
     assert all("majority_f1" in v for k, v in out.items() if k != "closed")
+
+
+def test_a_torn_demo_record_is_rebuilt_not_a_traceback(demo_assets, tmp_path, caplog):
+    """READY.json cut short (a crash mid-write on an older version, a bad copy): prepare warns and rebuilds the
+    record, reusing every asset it finds."""
+    from tests.conftest import demo_test_config
+    from vital_jax import demo
+    from vital_jax.run import DEMO_READY_FILE, resolve_paths
+
+    shutil.copytree(demo_assets, tmp_path / "demo")
+    ready = tmp_path / "demo" / DEMO_READY_FILE
+    record = json.loads(ready.read_text())
+    ready.write_text('{"models": "pret')
+    config = demo_test_config()
+    with caplog.at_level("WARNING"):
+        paths = demo.prepare(str(tmp_path), config.demo)
+    assert "building the demo's assets again" in caplog.text and str(ready) in caplog.text
+    assert json.loads(ready.read_text())["models"] == record["models"]
+    assert paths == resolve_paths(config, str(tmp_path))

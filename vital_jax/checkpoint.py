@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vital_jax.jsonio import atomic_write, read_json
+
 DONE_FILE = "DONE.json"
 
 
@@ -182,17 +184,10 @@ class PhaseCheckpointer:
     def mark_done(self, final_step: int) -> None:
         """Record that the phase finished at `final_step` (written after its last checkpoint is durable)."""
         self.wait()
-        tmp = os.path.join(self.directory, DONE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"final_step": int(final_step)}, f)
-        os.replace(tmp, os.path.join(self.directory, DONE_FILE))
+        atomic_write(os.path.join(self.directory, DONE_FILE), lambda f: json.dump({"final_step": int(final_step)}, f))
 
     def done_step(self) -> int | None:
-        path = os.path.join(self.directory, DONE_FILE)
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return int(json.load(f)["final_step"])
+        return done_step(self.directory)
 
     def close(self) -> None:
         """Wait for the last save (CheckpointError if it failed) and release the manager; idempotent."""
@@ -232,6 +227,22 @@ class PhaseCheckpointer:
             self.close()
         else:
             self.abort()
+
+
+def done_step(directory: str) -> int | None:
+    """The final step a phase's DONE marker in `directory` records, or None: no marker, or one that cannot be read
+    (a torn write), which is warned about and treated as not done, so that the run finishes the phase again from
+    its last checkpoint and writes the marker anew."""
+    path = os.path.join(directory, DONE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        record = read_json(path, CheckpointError)
+        return int(record["final_step"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        logging.warning("%s: unreadable completion marker (%s); treating the phase as not finished", path,
+                        _first_line(e))
+        return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,9 +21,12 @@ import json
 import os
 import shutil
 
+from absl import logging
+
 from vital_jax import assets, cli, demo_assets
 from vital_jax import run as run_lib
 from vital_jax.jsonio import atomic_write
+from vital_jax.models.hf_config import ConfigError
 from vital_jax.run import SHIPPED
 
 
@@ -48,8 +51,10 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
     root = os.path.join(os.path.abspath(workdir), run_lib.DEMO_DIR)
     done = os.path.join(root, run_lib.DEMO_READY_FILE)
     if os.path.exists(done):  # paths are rebuilt from `root`, so a copied demo folder uses its own files
-        with open(done) as f:
-            return run_lib.demo_paths(root, json.load(f)["models"])
+        try:
+            return run_lib.demo_paths(root, run_lib.demo_models(root))
+        except ConfigError as e:   # a torn record: every step below reuses what it finds, so this is cheap
+            logging.warning("%s; building the demo's assets again", e)
     if demo.pretrain == SHIPPED:
         assets.phantom_vlm()  # fails now, naming what is missing, rather than later in training
     else:

@@ -64,6 +64,17 @@ def demo_paths(root: str, models: str) -> Paths:
     return Paths(os.path.join(root, "data"), backbone, backbone, decoder, os.path.join(root, "roi_encoder"))
 
 
+def demo_models(root: str) -> str:
+    """Which models ("shipped" or "pretrain") the demo's READY.json in `root` (workdir/demo) records; ConfigError
+    naming the file when it cannot be read (`demo.prepare` then builds the assets again)."""
+    ready = os.path.join(root, DEMO_READY_FILE)
+    record = read_json(ready, ConfigError)
+    if not isinstance(record, dict) or record.get("models") not in (SHIPPED, "pretrain"):
+        raise ConfigError(f"{ready}: not a demo record (no \"models\": {SHIPPED!r} or 'pretrain'); rebuild the "
+                          "demo's assets by rerunning python -m vital_jax.train --config=configs/demo.py")
+    return record["models"]
+
+
 def resolve_paths(config, workdir: str) -> Paths:
     """The demo's assets (`config.demo.enabled`; built beforehand by `demo.prepare`) or the configured paths,
     each checked to exist."""
@@ -73,12 +84,8 @@ def resolve_paths(config, workdir: str) -> Paths:
         if not os.path.exists(ready):
             raise ConfigError(f"{root}: the demo's assets are not built (python -m vital_jax.train "
                               "--config=configs/demo.py builds them)")
-        ready_record = read_json(ready, ConfigError)
-        if not isinstance(ready_record, dict) or ready_record.get("models") not in (SHIPPED, "pretrain"):
-            raise ConfigError(f"{ready}: not a demo record (no \"models\": {SHIPPED!r} or 'pretrain'); rebuild "
-                              "the demo's assets by rerunning python -m vital_jax.train --config=configs/demo.py")
         # Paths are rebuilt from `root`, so a copied demo folder uses its own files.
-        paths = demo_paths(root, ready_record["models"])
+        paths = demo_paths(root, demo_models(root))
         for name, path in (("backbone", paths.backbone_dir), ("decoder", paths.decoder_dir)):
             if not os.path.isdir(path):
                 raise ConfigError(f"{path}: the demo's {name} is missing ({ready} says the assets were built)")

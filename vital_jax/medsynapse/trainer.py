@@ -753,7 +753,7 @@ def finished_stages(workdir: str, config=None) -> dict[str, int]:
     config = read_config(workdir) if config is None else config
     steps = {}
     for stage in config.medsynapse.stages:
-        step = _done_step(stage_dir(workdir, stage))
+        step = ckpt_lib.done_step(stage_dir(workdir, stage))
         if step is None:
             break
         steps[stage] = step
@@ -810,9 +810,3 @@ def trained_paths(workdir: str) -> Paths:
         raise ckpt_lib.CheckpointError(f"{path}: not a MedSynapse-V paths record ({e})") from e
 
 
-def _done_step(directory: str) -> int | None:
-    path = os.path.join(directory, ckpt_lib.DONE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return int(json.load(f)["final_step"])

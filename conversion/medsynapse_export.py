@@ -47,6 +47,14 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     import ml_dtypes
 
     safetensors_io.check_export_dir(out_dir, backbone_dir)
+    # A_psi is checked before anything is written: a run that never reached Stage III has none, and a folder left
+    # with only the backbone would load as a plain VLM (and refuse the next export).
+    if "autonomous" not in params:
+        raise ValueError("no A_psi parameters (params['autonomous']): the run has not finished Stage III (imt); "
+                         "train it first")
+    tensors = {PREFIX + path.replace("/", "."): np.asarray(leaf, np.float32)
+               for path, leaf in hf_mapping.flatten(params["autonomous"]).items()}
+    _check_autonomous(tensors, autonomous_config)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     backbone = merge_lora(params["backbone"], lora) if lora is not None else params["backbone"]
     backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
@@ -57,9 +65,6 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
         os.remove(stale)
     files = safetensors_io.write_safetensors(
         out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype))
-    tensors = {PREFIX + path.replace("/", "."): np.asarray(leaf, np.float32)
-               for path, leaf in hf_mapping.flatten(params["autonomous"]).items()}
-    _check_autonomous(tensors, autonomous_config)
     tmp = os.path.join(out_dir, ".autonomous")
     safetensors_io.write_safetensors(tmp, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
                                            for n, a in sorted(tensors.items())])

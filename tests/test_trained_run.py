@@ -360,3 +360,21 @@ def test_a_torn_demo_record_is_rebuilt_not_a_traceback(demo_assets, tmp_path, ca
     assert "building the demo's assets again" in caplog.text and str(ready) in caplog.text
     assert json.loads(ready.read_text())["models"] == record["models"]
     assert paths == resolve_paths(config, str(tmp_path))
+
+
+def test_a_damaged_final_checkpoint_is_named_with_what_to_do(workdir, tmp_path):
+    """Evaluation (load_run; MedSynapse-V's load_trained reads through the same `restore_saved_state`) of a run
+    whose last checkpoint's files are truncated: one error naming the checkpoint, not orbax's traceback."""
+    import glob
+
+    from vital_jax.checkpoint import UnreadableCheckpointError
+
+    run = load_run(workdir)
+    copy = _copy_run(workdir, tmp_path)
+    state = copy / f"phase_{run.phase}" / str(run.step) / "state"
+    for path in glob.glob(str(state / "**" / "d" / "*"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UnreadableCheckpointError, match=f"{state}: cannot read the checkpoint .*rerunning the "
+                                                         "training command moves it aside"):
+        load_run(str(copy))

@@ -229,6 +229,18 @@ class PhaseCheckpointer:
             self.abort()
 
 
+def restore_saved_state(path: str) -> dict:
+    """The flat {name: array} state of the checkpoint at `path` (<phase dir>/<step>/state), as saved, for readers
+    of a finished run (evaluation, export). UnreadableCheckpointError naming it when its files cannot be read."""
+    try:
+        with ocp.StandardCheckpointer() as c:
+            return c.restore(path)
+    except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise several types for damaged files
+        raise UnreadableCheckpointError(
+            f"{path}: cannot read the checkpoint ({_first_line(e)}); rerunning the training command moves it aside "
+            "and trains again from the checkpoint before it") from e
+
+
 def done_step(directory: str) -> int | None:
     """The final step a phase's DONE marker in `directory` records, or None: no marker, or one that cannot be read
     (a torn write), which is warned about and treated as not done, so that the run finishes the phase again from

@@ -16,7 +16,6 @@ import os
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax import assets
@@ -184,8 +183,7 @@ def load_run(workdir: str) -> TrainedRun:
     phase, step = found
     _check_finished(workdir, phase, phases, step)
     state_dir = os.path.join(workdir, f"phase_{phase}", str(step), "state")
-    with ocp.StandardCheckpointer() as c:
-        saved = c.restore(state_dir)
+    saved = ckpt_lib.restore_saved_state(state_dir)
     if ROI_DIM_KEY not in saved:
         raise ckpt_lib.CheckpointError(f"{state_dir}: no {ROI_DIM_KEY}; not a VITAL training checkpoint")
     model, params = build_model(config, paths, int(saved[ROI_DIM_KEY].shape[0]))

@@ -165,6 +165,19 @@ def test_lora_merged_or_not_the_deployed_model_generates_the_same_answers(setup)
     assert not np.array_equal(np.asarray(base[0]), np.asarray(a[0]))  # the adapters do change the answers
 
 
+def test_an_export_without_a_psi_writes_nothing(setup, tmp_path):
+    """Parameters of a run that never reached Stage III (no A_psi): refused before the backbone is written, so the
+    folder is not left as a plain VLM that the next export would refuse."""
+    from conversion import medsynapse_export
+
+    out = tmp_path / "export"
+    no_psi = {k: v for k, v in setup["stage3"].items() if k != "autonomous"}
+    with pytest.raises(ValueError, match="not finished Stage III"):
+        medsynapse_export.export_deployable(str(out), str(setup["path"]), setup["tiny"].config, no_psi,
+                                            setup["autonomous"].config, lora=LORA)
+    assert not out.exists()
+
+
 def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(setup, tmp_path):
     from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
 

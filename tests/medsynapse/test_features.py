@@ -93,3 +93,18 @@ def test_store_in_half_precision_and_bad_inputs(siglip, tmp_path):
         features.build_feature_store(data_dir, encoder, params, str(tmp_path / "bad"))
     with pytest.raises(features.FeatureStoreError, match="no feature_index.json"):
         features.FeatureStore.load(str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("torn", ['{"fingerprint": "ab', "[1, 2]", '{"fingerprint": "x"}'])
+def test_a_torn_index_is_named_on_load_and_rebuilt_by_the_builder(siglip, tmp_path, caplog, torn):
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    out = str(tmp_path / "store")
+    features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    index = os.path.join(out, features.INDEX_FILE)
+    with open(index, "w") as f:
+        f.write(torn)
+    with pytest.raises(features.FeatureStoreError, match=f"{index}: unreadable"):
+        features.FeatureStore.load(out)
+    store = features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    assert len(store.image_rows) == 3 and "its index is unreadable" in caplog.text

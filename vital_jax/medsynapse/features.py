@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from vital_jax.data.records import RECORDS_FILE, read_records
+from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.medsynapse.encoder import (AnatomicalEncoder, RecordRegionMasks, RegionMaskProvider,
                                           stack_region_masks)
 
@@ -69,9 +70,12 @@ class FeatureStore:
     def load(cls, directory: str) -> "FeatureStore":
         index_path = os.path.join(directory, INDEX_FILE)
         if not os.path.exists(index_path):
-            raise FeatureStoreError(f"{directory}: no {INDEX_FILE}; build the store first (build_feature_store)")
-        with open(index_path) as f:
-            index = json.load(f)
+            raise FeatureStoreError(f"{directory}: no {INDEX_FILE}; build the store first (build_feature_store; "
+                                    "the MedSynapse-V training command builds it)")
+        index = _read_index(index_path)
+        if index is None:
+            raise FeatureStoreError(f"{index_path}: unreadable (a torn write?); delete it, and the training command "
+                                    "rebuilds the store")
         try:
             features = np.load(os.path.join(directory, FEATURES_FILE), mmap_mode="r", allow_pickle=False)
             masks = np.load(os.path.join(directory, MASKS_FILE), allow_pickle=False)
@@ -108,6 +112,20 @@ class FeatureStore:
                     region_valid=self.valid[rows])
 
 
+def _read_index(path: str) -> dict | None:
+    """The store's index, or None when it cannot be read as one (malformed JSON, not an object, no image rows):
+    the store is derived data, rebuilt rather than trusted."""
+    try:
+        index = read_json(path, FeatureStoreError)
+    except FeatureStoreError as e:
+        logging.warning("%s", e)
+        return None
+    if not isinstance(index, dict) or not isinstance(index.get("image_rows"), list):
+        logging.warning("%s: not a feature-store index (no image_rows list)", path)
+        return None
+    return index
+
+
 def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: str, *, encoder_id: str = "",
                         provider: RegionMaskProvider | None = None, batch_size: int = 8,
                         dtype: str = "float32") -> FeatureStore:
@@ -127,11 +145,12 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     fingerprint = _fingerprint(data_dir, encoder, encoder_id, provider, dtype)
     index_path = os.path.join(out_dir, INDEX_FILE)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            if json.load(f).get("fingerprint") == fingerprint:
-                logging.info("anatomical features: reusing %s", out_dir)
-                return FeatureStore.load(out_dir)
-        logging.warning("%s was built from other records or another encoder: rebuilding it", out_dir)
+        index = _read_index(index_path)
+        if index is not None and index.get("fingerprint") == fingerprint:
+            logging.info("anatomical features: reusing %s", out_dir)
+            return FeatureStore.load(out_dir)
+        logging.warning("%s: rebuilding it (%s)", out_dir, "its index is unreadable" if index is None else
+                        "built from other records or another encoder")
         os.remove(index_path)  # the index goes first: an interrupted rebuild never looks complete
     os.makedirs(out_dir, exist_ok=True)
 
@@ -168,8 +187,5 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     np.save(os.path.join(out_dir, VALID_FILE), valid, allow_pickle=False)
     index = dict(fingerprint=fingerprint, encoder_id=encoder_id, images=images,
                  image_rows=[image_row[os.path.normpath(r.image)] for r in records])
-    tmp = index_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp, index_path)
+    atomic_write(index_path, lambda f: json.dump(index, f))   # last: its presence marks a complete store
     return FeatureStore.load(out_dir)

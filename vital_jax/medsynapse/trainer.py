@@ -62,7 +62,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
@@ -737,8 +736,7 @@ def _restore_trained(directory: str, step: int, params: dict, predicate) -> dict
     path = os.path.join(directory, str(step), "state")
     if not os.path.isdir(path):
         raise ckpt_lib.CheckpointError(f"{directory}: marked done at step {step}, but {path} does not exist")
-    with ocp.StandardCheckpointer() as c:
-        saved = c.restore(path)
+    saved = ckpt_lib.restore_saved_state(path)
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise ckpt_lib.CheckpointError(f"{path}: lacks {len(missing)} trained parameters of this config "

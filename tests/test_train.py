@@ -342,7 +342,7 @@ def test_batch_shapes_of_another_width_and_k_are_those_of_a_real_batch(assets):
     width and number of latent slots, shardings included."""
     import jax
 
-    from vital_jax import distributed, sharding
+    from vital_jax import distributed
     from vital_jax.data.pipeline import make_train_iterator
     from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
     from vital_jax.run import resolve_paths
@@ -375,7 +375,6 @@ def test_programs_compiled_ahead_are_the_jitted_step_and_others_fall_through():
     import jax
     import jax.numpy as jnp
 
-    from vital_jax import sharding
     from vital_jax.vital.batch import VitalBatch
 
     mesh = sharding.mesh_from_config(_config())

@@ -145,7 +145,6 @@ def load_hf_params(model_dir: str, rules: Iterable[Rule], abstract_params: dict,
     return unflatten(out)
 
 
-
 def _load_converted(directory: str, rules: list[Rule], abstract_params: dict, dtype, ignore: Iterable[str]) -> dict:
     """`load_hf_params` for a converted-model directory (`model_dir`): its saved Flax tree, checked like a HF one.
     Saved parameters that `abstract_params` lacks are allowed when their HF name (through `rules`) matches
@@ -172,6 +171,7 @@ def _load_converted(directory: str, rules: list[Rule], abstract_params: dict, dt
     if problems:
         raise ConversionError(directory, problems)
     return unflatten(out)
+
 
 def to_hf_specs(params: dict, rules: Iterable[Rule], dtype,
                 rename: Callable[[str], str] | None = None) -> list[safetensors_io.TensorSpec]:

@@ -779,6 +779,9 @@ def load_trained(workdir: str, load_weights, upto: str | None = None) -> Trained
     if not done:
         raise ckpt_lib.CheckpointError(f"{workdir}: no finished MedSynapse-V stage (no stage_*/"
                                        f"{ckpt_lib.DONE_FILE}); train it first")
+    if upto is None and len(done) < len(config.medsynapse.stages):
+        logging.warning("%s: loading the model as it was after stage %r; stage(s) %s of the run have not finished",
+                        workdir, done[-1], tuple(s for s in config.medsynapse.stages if s not in done))
     paths = trained_paths(workdir)
     bb_config = backbone_config(config, paths)
     lora = lora_config(config) if "ccr" in done else None

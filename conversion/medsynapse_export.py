@@ -17,13 +17,15 @@ and `conversion/torch_medsynapse_generate.py` (the PyTorch reference, which read
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from vital_jax.jsonio import atomic_write
+from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.linear import LoraConfig, merge_lora
 from vital_jax.medsynapse.autonomous import AutonomousConfig
 from vital_jax.models import hf_mapping, model_dir, safetensors_io
@@ -88,18 +90,53 @@ def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:
         raise ValueError(f"A_psi parameters {got} do not match its config {cfg} ({want})")
 
 
+class ExportError(ValueError):
+    """An export's medsynapse.json or autonomous.safetensors is malformed or does not match the other; the message
+    names the file."""
+
+
 def load_autonomous(export_dir: str) -> tuple[AutonomousConfig, dict]:
     """(config, Flax params) of the exported A_psi, for serving the export from JAX."""
-    with open(os.path.join(export_dir, META_FILE)) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{export_dir}: not a {FORMAT} v{VERSION} export ({meta.get('format')}, "
-                         f"{meta.get('version')})")
-    cfg = AutonomousConfig(hidden_size=meta["hidden_size"], num_queries=meta["num_memory"],
-                           mlp_hidden=meta["mlp_hidden"], layer_norm_eps=meta["layer_norm_eps"])
     from safetensors.numpy import load_file
 
-    tensors = load_file(os.path.join(export_dir, AUTONOMOUS_FILE))
-    _check_autonomous(tensors, cfg)
+    cfg = read_autonomous_config(export_dir)
+    tensors = read_autonomous_tensors(export_dir, cfg, load_file)
     return cfg, hf_mapping.unflatten({k[len(PREFIX):].replace(".", "/"): v for k, v in tensors.items()})
 
+
+def read_autonomous_config(export_dir: str) -> AutonomousConfig:
+    """A_psi's config from the export's medsynapse.json (this loader's and the PyTorch reference's). A missing file
+    is a FileNotFoundError; a malformed one, another format or a missing or mistyped size an ExportError."""
+    path = os.path.join(export_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, f"no {META_FILE}: not a MedSynapse-V export", path)
+    meta = read_json(path, ExportError)
+    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{path}: not a {FORMAT} v{VERSION} export (format, version: {found})")
+    for key in ("num_memory", "hidden_size", "mlp_hidden", "layer_norm_eps"):
+        if key not in meta:
+            raise ExportError(f"{path}: no {key!r}; the export is incomplete, export the run again")
+        value, integer = meta[key], key != "layer_norm_eps"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value <= 0:
+            raise ExportError(f"{path}: {key} is {value!r}, not a positive {'integer' if integer else 'number'}")
+    return AutonomousConfig(hidden_size=meta["hidden_size"], num_queries=meta["num_memory"],
+                            mlp_hidden=meta["mlp_hidden"], layer_norm_eps=meta["layer_norm_eps"])
+
+
+def read_autonomous_tensors(export_dir: str, cfg: AutonomousConfig, load_file: Callable[[str], dict]) -> dict:
+    """The export's autonomous.safetensors read by `load_file` (safetensors.numpy's or safetensors.torch's), its
+    tensor names and shapes checked against `cfg` (from medsynapse.json). A missing file is a FileNotFoundError; an
+    unreadable or mismatched one an ExportError naming it."""
+    from safetensors import SafetensorError
+
+    path = os.path.join(export_dir, AUTONOMOUS_FILE)
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise ExportError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        _check_autonomous(tensors, cfg)
+    except ValueError as e:
+        raise ExportError(f"{path}: does not match {META_FILE}: {e}") from e
+    return tensors

@@ -19,9 +19,7 @@ time, not correctness. torch is imported here only.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 
 from conversion.torch_decoding import greedy_continue
@@ -32,11 +30,11 @@ def load_autonomous(export_dir: str):
     import torch
     from safetensors.torch import load_file
 
-    with open(os.path.join(export_dir, "medsynapse.json")) as f:
-        meta = json.load(f)
-    if meta.get("format") != "medsynapse-v-autonomous" or meta.get("version") != 2:
-        raise ValueError(f"{export_dir}: not a MedSynapse-V autonomous export: {meta}")
-    weights = load_file(os.path.join(export_dir, "autonomous.safetensors"))
+    # The JAX loader's reading and checks, so a damaged export fails here naming its file, not in forward().
+    from conversion.medsynapse_export import read_autonomous_config, read_autonomous_tensors
+
+    config = read_autonomous_config(export_dir)
+    weights = read_autonomous_tensors(export_dir, config, load_file)
 
     class AutonomousMemory(torch.nn.Module):
         """Visual tokens (L, D) -> memory (N, D): LayerNorm, N-query attention pooling, fc1 -> exact GELU -> fc2,
@@ -44,7 +42,7 @@ def load_autonomous(export_dir: str):
 
         def __init__(self):
             super().__init__()
-            self.eps = meta["layer_norm_eps"]
+            self.eps = config.layer_norm_eps
             for name, tensor in weights.items():
                 self.register_buffer(name.removeprefix("autonomous.").replace(".", "_"), tensor.float())
 

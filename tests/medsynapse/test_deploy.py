@@ -224,3 +224,87 @@ def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(set
         theirs = medsynapse_generate(hf, torch_psi, ids, pixels, grid, SAMPLING.max_new_tokens, (IM_END,))
         assert theirs == tokens[row, :lengths[row]].tolist(), row
     assert lengths.min() >= 2  # answers long enough that the decode loop is exercised
+
+
+def _autonomous_export(directory, n=3, d=8, h=5):
+    """A minimal export folder for the A_psi loaders: medsynapse.json and autonomous.safetensors (no backbone)."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    meta = {"format": "medsynapse-v-autonomous", "version": 2, "num_memory": n, "hidden_size": d, "mlp_hidden": h,
+            "layer_norm_eps": 1e-5, "activation": "gelu_erf", "pooling": "learned_query_attention",
+            "image_token_id": IMG, "lora_merged": False}
+    (directory / "medsynapse.json").write_text(json.dumps(meta))
+    shapes = {"queries": (n, d), "norm.scale": (d,), "norm.bias": (d,), "fc1.kernel": (d, h), "fc1.bias": (h,),
+              "fc2.kernel": (h, d), "fc2.bias": (d,), "slot_bias": (n, d)}
+    rng = np.random.RandomState(0)
+    save_file({f"autonomous.{k}": rng.randn(*s).astype(np.float32) for k, s in shapes.items()},
+              str(directory / "autonomous.safetensors"))
+    return directory
+
+
+def _load_with(loader, export_dir):
+    from conversion import medsynapse_export, torch_medsynapse_generate
+
+    module = medsynapse_export if loader == "jax" else torch_medsynapse_generate
+    return module.load_autonomous(str(export_dir))
+
+
+@pytest.mark.parametrize("loader", ["jax", "torch"])
+def test_autonomous_loaders_read_a_well_formed_export(loader, tmp_path):
+    loaded = _load_with(loader, _autonomous_export(tmp_path / "export"))
+    if loader == "jax":
+        cfg, params = loaded
+        assert cfg.num_queries == 3 and params["slot_bias"].shape == (3, 8)
+    else:
+        assert loaded(torch.zeros(4, 8)).shape == (3, 8)
+
+
+def _malformed_meta(export_dir):
+    (export_dir / "medsynapse.json").write_text('{"format": "medsynapse-v-auto')
+    return ValueError, "medsynapse.json: malformed JSON"
+
+
+def _meta_without_eps(export_dir):
+    meta = json.loads((export_dir / "medsynapse.json").read_text())
+    del meta["layer_norm_eps"]
+    (export_dir / "medsynapse.json").write_text(json.dumps(meta))
+    return ValueError, "medsynapse.json: .*layer_norm_eps"
+
+
+def _truncated_weights(export_dir):
+    weights = export_dir / "autonomous.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    return ValueError, "autonomous.safetensors: .*incomplete metadata"
+
+
+def _weights_without_slot_bias(export_dir):
+    # The torch module used to load this and fail later, in the forward pass, on the missing attribute.
+    from safetensors.numpy import load_file, save_file
+
+    weights = str(export_dir / "autonomous.safetensors")
+    tensors = load_file(weights)
+    del tensors["autonomous.slot_bias"]
+    save_file(tensors, weights)
+    return ValueError, "autonomous.safetensors: .*slot_bias"
+
+
+def _weights_not_matching_meta(export_dir):
+    meta = json.loads((export_dir / "medsynapse.json").read_text())
+    (export_dir / "medsynapse.json").write_text(json.dumps({**meta, "num_memory": 4}))
+    return ValueError, "autonomous.safetensors: .*queries"
+
+
+def _missing_weights(export_dir):
+    (export_dir / "autonomous.safetensors").unlink()
+    return FileNotFoundError, "autonomous.safetensors"
+
+
+@pytest.mark.parametrize("loader", ["jax", "torch"])
+@pytest.mark.parametrize("damage", [_malformed_meta, _meta_without_eps, _truncated_weights,
+                                    _weights_without_slot_bias, _weights_not_matching_meta, _missing_weights])
+def test_autonomous_loaders_name_the_file_of_a_damaged_export(loader, damage, tmp_path):
+    export_dir = _autonomous_export(tmp_path / "export")
+    error, message = damage(export_dir)
+    with pytest.raises(error, match=re.escape(f"{export_dir}/") + message):
+        _load_with(loader, export_dir)

@@ -3,6 +3,7 @@ writes load in transformers and convert back into vital_jax with logit parity; t
 freezes what it says; an interrupted run resumes to the same weights and a finished stage is not redone."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -216,6 +217,34 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_finished_stages(q
     third = pretrain.pretrain(config, workdir)
     assert third["stages"] == second["stages"]
     assert os.path.getmtime(os.path.join(pretrain.hf_dir(workdir, "backbone"), "model.safetensors")) == stamp
+
+
+def test_a_done_stage_whose_summary_is_corrupt_or_hf_dir_is_gone_is_rewritten_from_its_checkpoint(
+        quick_run, corpus_dir, tmp_path, caplog):
+    reference_dir, reference = quick_run
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(reference_dir, workdir)
+    summary_path = os.path.join(workdir, "backbone_ckpt", pretrain.STAGE_SUMMARY_FILE)
+    with open(summary_path, "w") as f:
+        f.write('{"stage": "backb')  # torn
+    shutil.rmtree(pretrain.hf_dir(workdir, "decoder"))
+    with caplog.at_level(logging.WARNING):
+        rerun = pretrain.pretrain(quick_config(corpus_dir), workdir)
+    assert f"{summary_path}: malformed JSON" in caplog.text
+    assert f"{pretrain.hf_dir(workdir, 'decoder')}: no config.json" in caplog.text
+    for stage in ("backbone", "decoder"):
+        # Restored from the final checkpoint, 0 steps trained: the same losses and weights, in this workdir.
+        ours = rerun["stages"][stage]
+        assert ours["hf_dir"] == pretrain.hf_dir(workdir, stage)
+        timing = ("hf_dir", "train_seconds", "steps_per_sec", "samples_per_sec")  # as of the final checkpoint
+        assert {k: v for k, v in ours.items() if k not in timing} == {
+            k: v for k, v in reference["stages"][stage].items() if k not in timing}
+        with open(os.path.join(workdir, f"{stage}_ckpt", pretrain.STAGE_SUMMARY_FILE)) as f:
+            assert json.load(f) == ours
+        weights, expected = _weights(ours["hf_dir"]), _weights(pretrain.hf_dir(reference_dir, stage))
+        assert weights.keys() == expected.keys()
+        for name in weights:
+            np.testing.assert_array_equal(weights[name], expected[name], err_msg=f"{stage}: {name}")
 
 
 def test_unknown_train_parts_and_missing_corpus_are_errors(corpus_dir, tmp_path):

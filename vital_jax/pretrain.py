@@ -45,8 +45,9 @@ from vital_jax import demo_assets
 from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
-from vital_jax.jsonio import atomic_write
+from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.cli import NonFiniteLossError
+from vital_jax.models import safetensors_io
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3 import Qwen3ForCausalLM
 from vital_jax.models.qwen3.config import Qwen3Config
@@ -317,6 +318,20 @@ def _evaluate(stage: Stage, eval_step, train_params, frozen, max_examples: int) 
     return total / count if count else float("nan")
 
 
+def _finished_stage_summary(summary_path: str, out_dir: str) -> dict:
+    """The summary of a stage marked done; a ValueError says what is wrong when the summary cannot be read or the
+    HF directory lacks its config or weights."""
+    summary = read_json(summary_path, ValueError)
+    if not isinstance(summary, dict):
+        raise ValueError(f"{summary_path}: not a JSON object")
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise ValueError(f"{out_dir}: no config.json")
+    if not any(os.path.isfile(os.path.join(out_dir, name))
+               for name in (safetensors_io.SINGLE_FILE, safetensors_io.INDEX_FILE)):
+        raise ValueError(f"{out_dir}: no {safetensors_io.SINGLE_FILE} or {safetensors_io.INDEX_FILE}")
+    return summary
+
+
 def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | None = None) -> dict:
     """Train (or resume, or skip when done) one stage; returns its summary, with "preempted": True when it
     stopped early (SIGTERM, or `stop_after` steps: a test hook that acts like SIGTERM at that step)."""
@@ -325,10 +340,16 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
                                       config.checkpoint.keep, config.checkpoint.async_save)
     summary_path = os.path.join(ckpt.directory, STAGE_SUMMARY_FILE)
     if ckpt.done_step() is not None and os.path.exists(summary_path):
-        ckpt.close()
-        logging.info("%s: already complete (step %d)", stage.name, ckpt.done_step())
-        with open(summary_path) as f:
-            return json.load(f)
+        try:
+            summary = _finished_stage_summary(summary_path, hf_dir(workdir, stage.name))
+        except ValueError as e:
+            # Restoring the final checkpoint below trains 0 steps and writes the summary and HF directory again.
+            logging.warning("%s: finished at step %d, but %s; writing its outputs again from the final checkpoint",
+                            stage.name, ckpt.done_step(), e)
+        else:
+            ckpt.close()
+            logging.info("%s: already complete (step %d)", stage.name, ckpt.done_step())
+            return summary
 
     schedule = trainable.warmup_cosine_schedule(sc.lr, sc.steps, o.warmup_ratio)
     train_params, frozen = trainable.split(stage.params, stage.mask)
@@ -436,9 +457,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
             "total_params": int(sum(x.size for x in jax.tree.leaves(stage.params))),
         }
-        with open(summary_path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".tmp", summary_path)
+        atomic_write(summary_path, lambda f: json.dump(summary, f, indent=2))
         ckpt.mark_done(final_step)
         return summary
     except BaseException:

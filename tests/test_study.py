@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -258,6 +259,52 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     config.stop_after_minutes = -1.0
     with pytest.raises(study.StudyError, match="stop_after_minutes"):
         study.study(config, str(tmp_path))
+
+
+def test_an_unreadable_run_result_is_moved_aside_and_the_run_evaluated_again(tmp_path, monkeypatch, caplog):
+    from vital_jax import evaluate as evaluate_lib
+    from vital_jax import run as run_lib
+    from vital_jax import train as train_lib
+
+    runs_dir = str(tmp_path / "runs")
+    run_dir = study.run_dir_of(runs_dir, "backbone", 0)
+    os.makedirs(run_dir)
+    open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
+    result_path = os.path.join(run_dir, study.RESULTS_FILE)
+    torn = '{"row": "backbone", "seed": 0, "k_e'
+    with open(result_path, "w") as f:
+        f.write(torn)
+    # The run's training finished: train() finds its checkpoints done and returns; then it is evaluated again.
+    trained, evaluated = [], []
+    monkeypatch.setattr(study, "run_config", lambda *a: ml_collections.ConfigDict({"vital": {"k_max": 4}}))
+    monkeypatch.setattr(train_lib, "train", lambda c, workdir: trained.append(workdir) or {"step": 1})
+    monkeypatch.setattr(run_lib, "load_run", lambda workdir: "run")
+    monkeypatch.setattr(evaluate_lib, "evaluate", lambda *a, **kw: evaluated.append(kw["split"]) or [{}])
+    monkeypatch.setattr(study, "_split_scores", lambda metrics, eval_dir, data_dir: {"closed_accuracy": 0.5})
+    monkeypatch.setattr(study, "latent_diagnostics", lambda *a: None)
+    with caplog.at_level(logging.WARNING):
+        result = study.run_one(study_config.get_config(), "backbone", 0, "/data", {}, runs_dir)
+    assert trained == [run_dir] and evaluated == ["test", "val"] and not result["reused"]
+    assert f"{result_path}: malformed JSON" in caplog.text
+    aside = [name for name in os.listdir(run_dir) if name.startswith(study.RESULTS_FILE + ".unreadable-")]
+    assert len(aside) == 1 and open(os.path.join(run_dir, aside[0])).read() == torn  # kept, not deleted
+    assert json.load(open(result_path))["test"] == {"closed_accuracy": 0.5}
+    # The parallel path asks first whether a run is finished: an unreadable result is not.
+    with open(result_path, "w") as f:
+        f.write(torn)
+    assert not study._finished(runs_dir, "backbone", 0) and not os.path.exists(result_path)
+
+
+def test_a_torn_line_in_invocations_is_skipped_with_a_warning_and_later_lines_are_kept(tmp_path, caplog):
+    path = tmp_path / study.INVOCATIONS_FILE
+    study._log_invocation(str(tmp_path), "abc", 1, 3, 60.0)
+    with open(path, "a") as f:
+        f.write('{"commit": "abc", "parallel_runs": 2, "ru')  # the study was killed while appending
+    study._log_invocation(str(tmp_path), "abc", 2, 1, 30.0)
+    with caplog.at_level(logging.WARNING):
+        invocations = study._invocations(str(tmp_path))
+    assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
+    assert f"{path}:2: malformed JSON" in caplog.text
 
 
 def test_a_worker_is_told_to_stop_when_the_study_process_dies(tmp_path):

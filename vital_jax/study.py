@@ -47,7 +47,7 @@ from ml_collections import config_flags
 
 from vital_jax import cli, compilation_cache
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.jsonio import atomic_write
+from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
 
@@ -288,7 +288,25 @@ def run_dir_of(runs_dir: str, row: str, seed: int) -> str:
 
 
 def _finished(runs_dir: str, row: str, seed: int) -> bool:
-    return os.path.exists(os.path.join(run_dir_of(runs_dir, row, seed), RESULTS_FILE))
+    return _saved_result(os.path.join(run_dir_of(runs_dir, row, seed), RESULTS_FILE)) is not None
+
+
+def _saved_result(result_path: str) -> dict | None:
+    """A run's results.json; None when it has none. An unreadable one (a damaged or truncated file) is moved aside
+    to results.json.unreadable-<time>, with a warning, and the run counts as not finished: `run_one` then finds its
+    training done in its checkpoints and evaluates it again."""
+    if not os.path.exists(result_path):
+        return None
+    try:
+        result = read_json(result_path, ValueError)
+        if not isinstance(result, dict):
+            raise ValueError(f"{result_path}: not a JSON object")
+    except ValueError as e:
+        aside = f"{result_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(result_path, aside)
+        logging.warning("%s; moved it to %s: the run is evaluated again", e, aside)
+        return None
+    return result
 
 
 def sft_backbone(config, seed: int, data_dir: str, models: dict, runs_dir: str, commit: str = "unknown") -> str:
@@ -351,9 +369,8 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
 
     run_dir = run_dir_of(runs_dir, row, seed)
     result_path = os.path.join(run_dir, RESULTS_FILE)
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
+    result = _saved_result(result_path)
+    if result is not None:
         if row in ROWS and result["k_eval"] > 0 and "test_record_k" not in result:  # written before that evaluation
             result["test_record_k"] = _evaluate_record_k(config, load_run(run_dir), run_dir, data_dir)
             _write_json(result_path, result)
@@ -439,10 +456,7 @@ def _evaluate_record_k(config, run, run_dir: str, data_dir: str, k_eval: int | N
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f))
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -706,6 +720,7 @@ def _study(config, workdir: str, provenance: dict) -> dict:
 # (sft_k0 + vital, 200 steps each with compiles: 193 s side by side, 245 s one after the other).
 WORKER_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 INVOCATIONS_FILE = "invocations.jsonl"
+_INVOCATION_KEYS = ("commit", "parallel_runs", "runs_made", "wall_s")  # what the report reads
 
 
 def _jobs(plan: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], tuple[str, int] | None]]:
@@ -842,17 +857,37 @@ def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_
 
 def _log_invocation(workdir: str, commit: str, parallel_runs: int, runs_made: int, seconds: float) -> None:
     """One line per study command in workdir/invocations.jsonl: the report's wall-clock cost."""
-    with open(os.path.join(workdir, INVOCATIONS_FILE), "a") as f:
-        f.write(json.dumps({"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
-                            "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    line = json.dumps({"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
+                       "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+    with open(os.path.join(workdir, INVOCATIONS_FILE), "a+b") as f:
+        # A torn last line (a kill mid-append) is ended first, so it stays one bad line instead of swallowing this.
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _invocations(workdir: str) -> list[dict]:
+    """The study commands logged in workdir/invocations.jsonl; a line that cannot be read (what a kill while
+    appending leaves) is skipped with a warning naming it: the report's wall clock then misses that command."""
+    from vital_jax.data.records import LineError, iter_jsonl
+
     path = os.path.join(workdir, INVOCATIONS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    invocations = []
+    for number, entry in iter_jsonl(path):
+        if not isinstance(entry, LineError):
+            missing = [k for k in _INVOCATION_KEYS if k not in entry]
+            if not missing:
+                invocations.append(entry)
+                continue
+            entry = LineError(f"no {', '.join(missing)}")
+        logging.warning("%s:%d: %s; skipped (the report's wall clock leaves that command out)", path, number, entry)
+    return invocations
 
 
 def main(argv):

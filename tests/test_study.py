@@ -244,7 +244,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     monkeypatch.setattr(study, "run_one", run_one)
     monkeypatch.setattr(study, "prepare_data", lambda config, workdir: "/data")
     monkeypatch.setattr(study, "prepare_backbone", lambda config, workdir: {"summary": {}})
-    monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5}})
+    monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5, "count": 10}})
     monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a: os.path.join(workdir, "r.md"))
     config = study_config.get_config()
     config.rows, config.seeds, config.parallel_runs, config.stop_after_minutes = ("sft_k0",), (0, 1, 2), 1, 1.5
@@ -305,6 +305,23 @@ def test_a_torn_line_in_invocations_is_skipped_with_a_warning_and_later_lines_ar
         invocations = study._invocations(str(tmp_path))
     assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
     assert f"{path}:2: malformed JSON" in caplog.text
+
+
+def test_a_split_without_closed_questions_is_refused_before_pretraining(tmp_path, monkeypatch):
+    # A val split of 2 phantoms can hold no closed question; the study's numbers are closed accuracies.
+    def prepare_backbone(config, workdir):
+        raise AssertionError("pretraining started")
+
+    open_only = {"identify": {"majority_f1": 0.2, "count": 28},
+                 "closed": {"chance": None, "majority": None, "majority_by_type": None, "count": 0}}
+    closed = {"yes_no": {"chance": 0.5, "majority": 0.5, "majority_answer": "yes", "count": 10},
+              "closed": {"chance": 0.5, "majority": 0.5, "majority_by_type": 0.5, "count": 10}}
+    monkeypatch.setattr(study, "prepare_data", lambda config, workdir: "/data")
+    monkeypatch.setattr(study, "prepare_backbone", prepare_backbone)
+    monkeypatch.setattr(study, "floors", lambda data_dir, split: open_only if split == "val" else closed)
+    config = study_config.get_config("quick")
+    with pytest.raises(study.StudyError, match=r"split 'val' .*no closed-ended question.*split_counts"):
+        study.study(config, str(tmp_path))
 
 
 def test_a_worker_is_told_to_stop_when_the_study_process_dies(tmp_path):

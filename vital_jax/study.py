@@ -194,6 +194,25 @@ def prepare_backbone(config, workdir: str) -> dict:
             "summary": summary}
 
 
+def study_floors(config, data_dir: str) -> dict:
+    """The test split's floors, after checking that the test and select splits hold closed-ended questions: the
+    study's numbers (closed accuracy beside its floors, the McNemar tests, the settings chosen on the select split)
+    are about them, so a split without any is refused before anything trains."""
+    from vital_jax.data.records import SPLITS
+
+    split_floors = {split: floors(data_dir, split) for split in dict.fromkeys((config.eval.test_split,
+                                                                               config.select_split))}
+    for split, floor in split_floors.items():
+        if floor["closed"]["count"] == 0:
+            questions = sum(f["count"] for t, f in floor.items() if t != "closed")
+            raise StudyError(
+                f"{data_dir}: split {split!r} has no closed-ended question (yes/no, location choice) among its "
+                f"{questions} questions, and the study measures closed accuracy on it; give that split more "
+                f"phantoms (config.data.split_counts={tuple(config.data.split_counts)}: "
+                f"{', '.join(SPLITS)}) in a new --workdir")
+    return split_floors[config.eval.test_split]
+
+
 def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_collections.ConfigDict:
     """The training config of one run: configs/base.py + the study's `train` overrides + the row's edit."""
     from configs import base
@@ -664,9 +683,9 @@ def _compilation_cache(config, workdir: str):
 def _study(config, workdir: str, provenance: dict) -> dict:
     started = time.perf_counter()
     data_dir = prepare_data(config, workdir)
+    floor = study_floors(config, data_dir)
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
-    floor = floors(data_dir, config.eval.test_split)
     runs_dir = os.path.join(workdir, "runs")
     plan = [(row, seed) for row in config.rows for seed in (config.seeds[:1] if row in SEED_INDEPENDENT
                                                              else config.seeds)]

@@ -86,8 +86,12 @@ def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:
     want = {"queries": (n, d), "norm.scale": (d,), "norm.bias": (d,), "fc1.kernel": (d, h), "fc1.bias": (h,),
             "fc2.kernel": (h, d), "fc2.bias": (d,), "slot_bias": (n, d)}
     got = {k[len(PREFIX):]: tuple(v.shape) for k, v in tensors.items()}
-    if got != want:
-        raise ValueError(f"A_psi parameters {got} do not match its config {cfg} ({want})")
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
+    problems += [f"unexpected {k} {s}" for k, s in got.items() if k not in want]
+    problems += [f"{k}: {got[k]}, expected {s}" for k, s in want.items() if k in got and got[k] != s]
+    if problems:
+        raise ValueError(f"A_psi parameters do not match its config (num_memory={n}, hidden_size={d}, "
+                         f"mlp_hidden={h}): " + "; ".join(problems))
 
 
 class ExportError(ValueError):

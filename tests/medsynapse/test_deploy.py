@@ -286,13 +286,13 @@ def _weights_without_slot_bias(export_dir):
     tensors = load_file(weights)
     del tensors["autonomous.slot_bias"]
     save_file(tensors, weights)
-    return ValueError, "autonomous.safetensors: .*slot_bias"
+    return ValueError, "autonomous.safetensors: .*missing slot_bias"
 
 
 def _weights_not_matching_meta(export_dir):
     meta = json.loads((export_dir / "medsynapse.json").read_text())
     (export_dir / "medsynapse.json").write_text(json.dumps({**meta, "num_memory": 4}))
-    return ValueError, "autonomous.safetensors: .*queries"
+    return ValueError, r"autonomous.safetensors: .*queries: \(3, 8\), expected \(4, 8\)"
 
 
 def _missing_weights(export_dir):

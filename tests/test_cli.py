@@ -52,6 +52,11 @@ def recorded_run(tmp_path_factory):
     ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=/tmp/x",
                             "--latent_steps=1"], ["/no/such/run", "config.json"]),
     ("vital_jax.evaluate", ["--checkpoint=/tmp"], ["--benchmark", "required"]),
+    *[("vital_jax.evaluate", ["--checkpoint=/x", "--benchmark=vqa_rad", "--data_dir=/x", "--out=/tmp/x",
+                              "--latent_steps=1", f"--{flag}=0"], [f"--{flag}=0: 0 is not a positive integer"])
+      for flag in ("batch_size", "max_new_tokens", "limit")],
+    ("vital_jax.explain", ["--checkpoint=/x", "--out=/tmp/x", "--data_dir=/tmp", "--limit=-1"],
+     ["--limit=-1: -1 is not a positive integer"]),
     ("vital_jax.explain", ["--out=/tmp/x"], ["--checkpoint is required"]),
     # An output path that is a file: refused before any work (it used to fail once the results were ready).
     ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=README.md",

@@ -24,6 +24,19 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the batch's records."""
 
 
+def non_finite_loss(what: str, directory: str, newest: int | None) -> NonFiniteLossError:
+    """The error a training loop raises on a non-finite loss: `what` (the loss, step and records) and what a rerun
+    will do. The loss of step k is computed from the parameters after update k - 1, so the newest checkpoint holds
+    the parameters that gave it: they may already have diverged, and then a rerun stops at the same step."""
+    if newest is None:
+        then = f"No checkpoint of this phase was saved yet in {directory}; a rerun starts it again."
+    else:
+        then = (f"A rerun resumes from {directory}/{newest}, the parameters this loss was computed from: if they "
+                f"have diverged (a learning rate too high: see the loss curve), it stops here again; a run with "
+                f"another config needs a new --workdir.")
+    return NonFiniteLossError(f"{what}. {then}")
+
+
 def fail(message, code: int = 1) -> NoReturn:
     """Exit with one line `error: <message>` on stderr."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -309,12 +309,14 @@ def _define_flags():
     _RECORD_K = flags.DEFINE_bool("record_k", False, "also answer each question with its own record's K (the K it "
                                   "was trained with; in_domain / phantom_vqa only): a diagnostic beside fixed K")
     _OUT = flags.DEFINE_string("out", None, "output directory")
-    _LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples")
-    _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch (batched_ms_per_example)")
+    _LIMIT = flags.DEFINE_integer("limit", None, "evaluate only the first N examples", lower_bound=1)
+    _BATCH = flags.DEFINE_integer("batch_size", 4, "examples per generation batch (batched_ms_per_example)",
+                                  lower_bound=1)
     _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "answer length limit (default: the run's training "
-                                    "answer budget, config data.max_answer_tokens)")
+                                    "answer budget, config data.max_answer_tokens)", lower_bound=1)
     _LATENCY_N = flags.DEFINE_integer("latency_examples", DEFAULT_LATENCY_EXAMPLES,
-                                      "examples timed one at a time (batch 1) for latency_ms; -1: all")
+                                      "examples timed one at a time (batch 1) for latency_ms; -1: all",
+                                      lower_bound=-1)
     _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(FORMATS), "format of the K-sweep figure")
 
 

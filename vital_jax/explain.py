@@ -172,7 +172,7 @@ def _define_flags():
     _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
     _DATA_DIR = flags.DEFINE_string("data_dir", None, "a vital_jax dataset directory (dataset mode)")
     _SPLIT = flags.DEFINE_string("split", "test", "dataset split (dataset mode)")
-    _LIMIT = flags.DEFINE_integer("limit", None, "dataset mode: at most N records")
+    _LIMIT = flags.DEFINE_integer("limit", None, "dataset mode: at most N records", lower_bound=1)
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K (default: the run's K_max)")
     _ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
     _OUT = flags.DEFINE_string("out", None, "output directory")

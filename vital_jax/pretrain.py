@@ -407,8 +407,8 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
                 ckpt.wait()
                 bad = np.asarray(metrics["bad_examples"])
                 ids = stage.train.examples.ids(batch_np["record_index"][bad if bad.any() else slice(None)])
-                raise NonFiniteLossError(f"{stage.name}: non-finite loss {loss} at step {step}; examples {ids}. "
-                                         f"The last good checkpoint in {ckpt.directory} is intact.")
+                raise cli.non_finite_loss(f"{stage.name}: non-finite loss {loss} at step {step}; examples {ids}",
+                                          ckpt.directory, ckpt.latest_step())
             if timed_from is None:
                 timed_from = (step, time.perf_counter())
                 workdir_lib.record_workdir_config(workdir, config_json)  # training has started

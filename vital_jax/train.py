@@ -8,8 +8,9 @@ curriculum.epochs[n] epochs, warm-starting from phase n-1, and checkpoints into 
 params, optimizer state, step, RNG and the grain iterator state). Rerunning the same command resumes from the
 latest checkpoint with the same data order (an unreadable checkpoint is moved aside and the one before it used;
 metrics logged after the checkpoint are moved to metrics.rewound.jsonl); SIGTERM saves and exits cleanly; a
-non-finite loss stops the run naming the step and the batch's record ids, leaving the last good checkpoint
-intact. One run at a time uses a workdir, and its config is recorded there once the first step has run.
+non-finite loss stops the run naming the step, the batch's record ids and the checkpoint a rerun resumes from
+(which may hold the diverged parameters). One run at a time uses a workdir, and its config is recorded there once the
+first step has run.
 """
 
 from __future__ import annotations
@@ -397,8 +398,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             if not np.isfinite(loss):
                 ckpt.wait()
                 ids = _record_ids(paths.data_dir, batch_np["record_index"][batch_np["example_valid"]])
-                raise NonFiniteLossError(f"non-finite loss {loss} at step {step} (phase {phase}); batch records: "
-                                         f"{ids}. The last good checkpoint in {ckpt.directory} is intact.")
+                raise cli.non_finite_loss(f"non-finite loss {loss} at step {step} (phase {phase}); batch records: "
+                                          f"{ids}", ckpt.directory, ckpt.latest_step())
             if not recorded:  # training has started: from now on this workdir belongs to this config
                 if distributed.is_primary():
                     workdir_lib.record_workdir_config(workdir, config_json)
@@ -502,15 +503,18 @@ def main(argv):
 
     cli.begin(argv, _CONFIG, _WORKDIR)
     config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+    from vital_jax.data.records import RecordError
+    from vital_jax.models.qwen3_vl.prompt import PromptError
+
+    # Errors a user can act on (config, data, checkpoints, a non-finite loss): one line, not a traceback.
+    errors = (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, RecordError, PromptError,
+              FileNotFoundError)
     if config.method == "medsynapse":
-        from vital_jax.data.records import RecordError
         from vital_jax.medsynapse import trainer
         from vital_jax.medsynapse.features import FeatureStoreError
 
         return _run_command(workdir, lambda: train_medsynapse(config, workdir),
-                            lambda summary: trainer.format_summary(summary, workdir),
-                            (ConfigError, ckpt_lib.CheckpointError, trainer.NonFiniteLossError, PipelineError,
-                             RecordError, FeatureStoreError, FileNotFoundError))
+                            lambda summary: trainer.format_summary(summary, workdir), errors + (FeatureStoreError,))
 
     def finish_demo(summary):
         if config.demo.enabled and config.demo.finish and not summary["preempted"]:
@@ -518,8 +522,7 @@ def main(argv):
 
     _run_command(workdir, lambda: train(config, workdir),
                  lambda summary: format_summary(summary, workdir, len(config.curriculum.max_k)),
-                 (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, FileNotFoundError),
-                 then=finish_demo)
+                 errors, then=finish_demo)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ import optax
 from absl import logging
 
 from vital_jax import checkpoint as ckpt_lib
-from vital_jax import freeze, sharding
+from vital_jax import cli, freeze, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
@@ -97,10 +97,6 @@ PATHS_FILE = "paths.json"  # the Paths a run trained with, recorded beside its c
 TRAINABLE = {"warmup": stage1.is_trainable, "ccr": grpo.is_trainable, "imt": imt.is_trainable}
 # Stage III's step returns its sampled trajectories for inspection; they are arrays, not metrics.
 IMT_ARRAYS = ("trajectory", "lengths")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A stage's loss became NaN/inf; the message names the stage, the step and the batch's records."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,8 +490,8 @@ def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int,
                 ckpt.wait()
                 rows = batch_np["record_index"][batch_np["example_valid"]]
                 ids = [setup.records[int(r)].id for r in rows if 0 <= int(r) < len(setup.records)]
-                raise NonFiniteLossError(f"{stage}: non-finite {bad} at step {step}; batch records: {ids}. The "
-                                         f"last good checkpoint in {ckpt.directory} is intact.")
+                raise cli.non_finite_loss(f"{stage}: non-finite {bad} at step {step}; batch records: {ids}",
+                                          ckpt.directory, ckpt.latest_step())
             if loop.on_first_step is not None:
                 loop.on_first_step()
                 loop.on_first_step = None

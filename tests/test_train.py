@@ -306,6 +306,25 @@ def test_resume_falls_back_past_unreadable_checkpoints_and_logs_each_step_once(t
     assert rewound and all(r["phase"] == 3 for r in rewound)
 
 
+def test_a_run_does_not_resume_on_other_training_records(tmp_path, trained_demo_run):
+    """The records a run started with are recorded at its first step; resuming after they changed (records added
+    or removed) is refused before anything is loaded: the data order, the schedule and the checkpoint's iterator
+    position are functions of them (removed records used to end in grain's IndexError, added ones went unseen)."""
+    from vital_jax.data.records import RECORDS_FILE, read_records, write_records
+
+    workdir = str(tmp_path / "changed")
+    shutil.copytree(trained_demo_run, workdir)
+    assert json.load(open(os.path.join(workdir, "train_records.json")))["records"] > 0
+    records_path = os.path.join(workdir, "demo", "data", RECORDS_FILE)
+    records = read_records(records_path)
+    train_rows = [i for i, r in enumerate(records) if r.split == "train"]
+    write_records(records_path, [r for i, r in enumerate(records) if i != train_rows[-1]])
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"training records changed since this run started \("
+                                                       rf"train_records.json: {len(train_rows)} records, now "
+                                                       rf"{len(train_rows) - 1}"):
+        train.train(_config(), workdir)
+
+
 def test_max_steps_cuts_the_curriculum_where_its_budget_runs_out(monkeypatch):
     from vital_jax.data import pipeline
 

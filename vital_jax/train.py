@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -143,6 +144,16 @@ def validate_config(config) -> None:
         pipeline_config(config)
     except PipelineError as e:
         raise ConfigError(f"config.data: {e}") from e
+
+
+def _train_records_fingerprint(data_dir: str, split: str) -> dict:
+    """{"records", "sha256"} of the records of `split` (id, latent steps, ROI row, in file order): what the data
+    order and the schedule are made from (`workdir.check_train_records`)."""
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
+    rows = [(r.id, r.latent_steps, r.roi_index) for r in read_records(os.path.join(data_dir, RECORDS_FILE))
+            if r.split == split]
+    return {"records": len(rows), "sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
 
 
 def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
@@ -303,6 +314,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     if config.demo.enabled:  # the demo's dataset and models, built on first use
         demo.prepare(workdir, config.demo)
     paths = resolve_paths(config, workdir)
+    train_records = _train_records_fingerprint(paths.data_dir, config.data.train_split)
+    workdir_lib.check_train_records(workdir, train_records, record=False)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
@@ -365,7 +378,13 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                                        num_epochs=int(config.curriculum.epochs[phase - 1]),
                                        k_min=min_k(config)[phase - 1])
         if phase == resume_phase and data_state is not None:
-            iterator.set_state(data_state)
+            try:
+                iterator.set_state(data_state)
+            except (IndexError, KeyError, ValueError) as e:   # grain: a position outside today's records
+                raise ckpt_lib.CheckpointError(
+                    f"{ckpt.directory}: the checkpoint's data position does not fit phase {phase}'s records today "
+                    f"({e}); the records changed since it was saved: restore them, or train in a new "
+                    "--workdir") from e
         done = ckpt.done_step()
         if done is not None and done == int(state.step):
             logging.info("phase %d: already complete (step %d)", phase, done)
@@ -403,6 +422,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             if not recorded:  # training has started: from now on this workdir belongs to this config
                 if distributed.is_primary():
                     workdir_lib.record_workdir_config(workdir, config_json)
+                    workdir_lib.check_train_records(workdir, train_records, record=True)
                 recorded = True
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}

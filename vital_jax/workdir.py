@@ -15,7 +15,7 @@ import jax
 from absl import logging
 
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.jsonio import read_json
+from vital_jax.jsonio import atomic_write, read_json
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
@@ -93,6 +93,30 @@ def record_workdir_config(workdir: str, config_json: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(config_json, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+TRAIN_RECORDS_FILE = "train_records.json"
+
+
+def check_train_records(workdir: str, fingerprint: dict, record: bool) -> None:
+    """The training records a run started with (`fingerprint`: {"records", "sha256"} of the split it trains on)
+    are the ones it resumes with: the data order and the learning-rate schedule are functions of them, and a
+    checkpoint's iterator position only means something in the same list. Records them (record=True, at the first
+    step) or raises CheckpointError naming the change. Runs from before this record existed are not checked."""
+    path = os.path.join(workdir, TRAIN_RECORDS_FILE)
+    if record:
+        if not os.path.exists(path):
+            atomic_write(path, lambda f: json.dump(fingerprint, f, indent=2))
+        return
+    if not os.path.exists(path):
+        return
+    recorded = read_json(path, CheckpointError)
+    if recorded != fingerprint:
+        raise CheckpointError(
+            f"{workdir}: the training records changed since this run started ({TRAIN_RECORDS_FILE}: "
+            f"{recorded.get('records') if isinstance(recorded, dict) else '?'} records, now "
+            f"{fingerprint['records']}, or the same number with other contents); resuming would continue its "
+            "data order and schedule on other data. Restore the dataset, or train in a new --workdir")
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -322,6 +322,31 @@ def test_corrupt_image_bytes_are_named_by_file_and_row(tmp_path):
         load_benchmark("vqa_rad", str(tmp_path))
 
 
+def test_image_cells_the_loader_cannot_use_are_named_by_row_when_the_benchmark_loads(tmp_path):
+    """Too small or of a float mode (the release route's loader refuses those too), an image struct whose bytes are
+    not bytes, a text cell that is not UTF-8: each a BenchmarkError naming the file and row, before any model."""
+    path = tmp_path / "data" / "test-00000-of-00001.parquet"
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, format="PNG")
+    floats = io.BytesIO()
+    Image.new("F", (32, 32)).save(floats, format="TIFF")
+    for data, message in ((tiny.getvalue(), "image of 1x1 pixels is too small"),
+                          (floats.getvalue(), "image mode 'F'")):
+        _write_parquet(path, [{"image": _hub_image(_png()), "question": "Is it?", "answer": "yes"},
+                              {"image": _hub_image(data), "question": "Is it?", "answer": "no"}])
+        with pytest.raises(BenchmarkError, match=re.escape(str(path)) + r": row 1 \(id 'test_1'\): .*" + message):
+            load_benchmark("pathvqa", str(tmp_path))
+    _write_parquet(path, [{"image": {"bytes": "notbytes", "path": None}, "question": "Is it?", "answer": "no"}])
+    with pytest.raises(BenchmarkError, match=re.escape(str(path)) + r": row 0 .*bytes are a str, not bytes"):
+        load_benchmark("pathvqa", str(tmp_path))
+    bad_text = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, 1], np.int32).tobytes()),
+                                                      pa.py_buffer(b"\xff")])
+    table = pa.table({"image": pa.array([_hub_image(_png())]), "question": bad_text, "answer": pa.array(["yes"])})
+    pq.write_table(table, str(path))
+    with pytest.raises(BenchmarkError, match=re.escape(str(path)) + ": a text cell is not UTF-8"):
+        load_benchmark("pathvqa", str(tmp_path))
+
+
 def test_missing_columns_list_what_is_expected_and_what_the_file_has(tmp_path):
     path = _write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet",
                           [{"image": _hub_image(_png()), "query": "Is it?", "label": "yes"}])

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vital_jax.data import images
 from vital_jax.eval.errors import BenchmarkError
 
 LAYOUTS = ("data/{split}-*.parquet", "{split}-*.parquet", "data/{split}.parquet", "{split}.parquet",
@@ -126,6 +127,8 @@ def _rows(path: str, batches) -> Iterator[dict]:
             yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise BenchmarkError(f"{path}: unreadable data ({e})") from e
+    except UnicodeDecodeError as e:   # a string column holding bytes that are not UTF-8
+        raise BenchmarkError(f"{path}: a text cell is not UTF-8 ({e})") from e
 
 
 def split_image(label: str, value) -> tuple[bytes | None, str | None]:
@@ -137,7 +140,11 @@ def split_image(label: str, value) -> tuple[bytes | None, str | None]:
         value = value[0]
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        return (bytes(data) if data else None), (str(path) if path else None)
+        if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BenchmarkError(f"{label}: the image struct's bytes are a {type(data).__name__}, not bytes")
+        if path is not None and not isinstance(path, str):
+            raise BenchmarkError(f"{label}: the image struct's path is a {type(path).__name__}, not a string")
+        return (bytes(data) if data else None), (path or None)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value), None
     if isinstance(value, str):
@@ -173,8 +180,14 @@ class ImageCache:
                 kind = image.format or "bin"
                 if self.verify:
                     image.load()
+                size, mode = (image.height, image.width), image.mode
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
             raise BenchmarkError(f"{label}: image bytes cannot be decoded ({type(e).__name__}: {e})") from e
+        try:   # what the release route's loader checks too, named by row here rather than by cache file later
+            images.check_mode(mode, "image")
+            images.check_size(*size, "image")
+        except images.ImageError as e:
+            raise BenchmarkError(f"{label}: {e}") from e
         path = os.path.join(self.cache_dir, digest[:2], digest + _EXTENSIONS.get(kind, "." + kind.lower()))
         if not os.path.isfile(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -3,6 +3,7 @@ HF, and the PyTorch latent-generation reference against vital_jax."""
 
 import dataclasses
 import json
+import re
 import os
 import shutil
 
@@ -378,3 +379,16 @@ def test_a_damaged_final_checkpoint_is_named_with_what_to_do(workdir, tmp_path):
     with pytest.raises(UnreadableCheckpointError, match=f"{state}: cannot read the checkpoint .*rerunning the "
                                                          "training command moves it aside"):
         load_run(str(copy))
+
+
+def test_a_prompt_longer_than_every_bucket_names_its_image_and_question(workdir):
+    from vital_jax.inference import shared_predictor
+
+    run = load_run(workdir)
+    predictor = shared_predictor(run, 2, 4)
+    images_dir = os.path.join(run.paths.data_dir, "images")
+    image = os.path.join(images_dir, sorted(os.listdir(images_dir))[0])
+    long_question = "Where is the liver? " * 2000
+    with pytest.raises(ValueError, match=re.escape(f"{image}, question 'Where is the liver? Where") +
+                       r".*\.\.\.: the prompt is \d+ tokens, more than the largest prompt bucket \d+"):
+        predictor.encode([image, image], ["Where is the liver?", long_question])

@@ -81,6 +81,14 @@ class PromptEncoder:
                 raise ValueError(f"example {i} ({questions[i]!r}): prompt token ids {bad[:5]} are outside the "
                                  f"model's vocabulary of {self.vocab_size}; does the tokenizer in "
                                  f"{self.tokenizer_dir} belong to this model?")
+        longest = max(range(n), key=lambda i: len(rows[i]))
+        if len(rows[longest]) > max(self.prompt_buckets):
+            image = images[longest]
+            name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"example {longest}"
+            question = questions[longest]
+            raise ValueError(f"{name}, question {question[:80]!r}{'...' if len(question) > 80 else ''}: the prompt "
+                             f"is {len(rows[longest])} tokens, more than the largest prompt bucket "
+                             f"{max(self.prompt_buckets)}")
         while len(rows) < self.batch_size:  # padding examples repeat the first one
             patches.append(patches[0])
             grids.append(grids[0])

@@ -92,6 +92,8 @@ def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):
     workdir, _ = recorded_run
     common = [f"--checkpoint={workdir}", "--question=Where?", f"--out={workdir}/explain"]
     _one_line_error(_run("vital_jax.explain", *common, "--image=/no/such.png"), "/no/such.png")
+    _one_line_error(_run("vital_jax.explain", *[a for a in common if not a.startswith("--question")],
+                         "--question=  ", "--image=/no/such.png"), "--question is empty")
     image = os.path.join(REPO, "vital_jax", "assets", "phantom_vlm", "PROVENANCE.json")  # any existing file
     _one_line_error(_run("vital_jax.explain", *common, f"--image={image}", "--latent_steps=7"), "outside 0..K_max=4")
 

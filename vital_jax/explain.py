@@ -128,6 +128,8 @@ def main(argv):
     dataset = bool(_DATA_DIR.value)
     if not dataset and (not _IMAGE.value or _QUESTION.value is None):
         cli.usage("give --image and --question (or --data_dir for dataset mode)")
+    if not dataset and not _QUESTION.value.strip():
+        cli.usage("--question is empty")
     for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value)):
         if path and not os.path.exists(path):
             cli.usage(f"--{flag}={path}: no such file or directory")

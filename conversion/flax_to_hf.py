@@ -22,7 +22,7 @@ from vital_jax.models import hf_config, hf_mapping, model_dir, registry, safeten
 _NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
-def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 5.0) -> list[str]:
+def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 2.0) -> list[str]:
     """Export `checkpoint` (a converted-model directory) to `out_dir`; returns written weight files."""
     import ml_dtypes
 
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output HF directory (created; must hold no weights yet)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
                         help="dtype of the written tensors (default float32)")
-    parser.add_argument("--max_shard_gb", type=float, default=5.0, help="shard size limit in GiB (default 5)")
+    parser.add_argument("--max_shard_gb", type=float, default=2.0,
+                        help="shard size limit in GiB (default 2; one shard is held in memory while written)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         cli.usage(f"--checkpoint={args.checkpoint}: no such directory")

@@ -59,3 +59,20 @@ def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False)
             os.unlink(tmp)
         raise
     return path
+
+
+def append_json_line(path: str, value) -> None:
+    """Append `value` as one JSON line and fsync, so a crash loses at most the line being written.
+
+    A torn last line (a crash mid-write) is ended with a newline first, so it stays one malformed line that
+    readers report (or skip) instead of swallowing the line appended after it.
+    """
+    line = json.dumps(value, ensure_ascii=False) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())

@@ -47,7 +47,7 @@ from ml_collections import config_flags
 
 from vital_jax import cli, compilation_cache
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.jsonio import append_json_line, atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
 
@@ -876,17 +876,9 @@ def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_
 
 def _log_invocation(workdir: str, commit: str, parallel_runs: int, runs_made: int, seconds: float) -> None:
     """One line per study command in workdir/invocations.jsonl: the report's wall-clock cost."""
-    line = json.dumps({"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
-                       "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
-    with open(os.path.join(workdir, INVOCATIONS_FILE), "a+b") as f:
-        # A torn last line (a kill mid-append) is ended first, so it stays one bad line instead of swallowing this.
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    append_json_line(os.path.join(workdir, INVOCATIONS_FILE),
+                     {"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
+                      "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def _invocations(workdir: str) -> list[dict]:

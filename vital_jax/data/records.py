@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from vital_jax.data import images
-from vital_jax.jsonio import atomic_write, utf8_problem
+from vital_jax.jsonio import append_json_line, atomic_write, utf8_problem
 
 RECORDS_FILE = "records.jsonl"
 ROI_FEATURES_FILE = "roi_features.npy"
@@ -183,20 +183,9 @@ def _json_kind(value) -> str:
 
 
 def append_record(path: str, record: Record) -> None:
-    """Append one record as one line and fsync, so a crash loses at most the record being written.
-
-    A torn last line (a crash mid-write) is completed with a newline first, so it stays one malformed line that
-    `read_records` reports instead of corrupting the record appended after it.
-    """
-    line = json.dumps(record.to_dict(), ensure_ascii=False) + "\n"
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one record as one line and fsync (`jsonio.append_json_line`: a torn last line stays one malformed
+    line that `read_records` reports, instead of corrupting the record appended after it)."""
+    append_json_line(path, record.to_dict())
 
 
 def write_records(path: str, records: Iterable[Record]) -> None:

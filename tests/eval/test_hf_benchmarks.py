@@ -189,6 +189,20 @@ def test_slake_hub_copy_reads_like_the_release(tmp_path, image_column):
     assert all(_same_pixels(h.image, r.image) for h, r in zip(from_hub, from_release))
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"q_lang": 1}, r"q_lang is a int \(1\), expected a language code"),       # used to drop every row silently
+    ({"answer": float("nan")}, r"field answer is nan \(missing in the source\?\)"),   # used to become "nan"
+    ({"qid": {"a": 1}}, r"the id column holds a dict"),                         # used to become its repr
+])
+def test_hub_cells_of_the_wrong_kind_are_named_not_turned_into_text(tmp_path, change, message):
+    # A parquet column has one type: the whole column is of the wrong kind, and the first row is named.
+    rows = [{**{k: v for k, v in r.items() if k != "img_name"}, "image": _hub_image(_png()), **change}
+            for r in SLAKE_ROWS]
+    path = _write_parquet(tmp_path / "hub" / "data" / "validation-00000-of-00001.parquet", rows)
+    with pytest.raises(BenchmarkError, match=re.escape(path) + r": row 0.*" + message):
+        load_benchmark("slake", str(tmp_path / "hub"), split="val")
+
+
 def test_slake_release_as_renamed_on_the_hub(tmp_path):
     """BoKelvin/SLAKE ships validation.json (renamed from validate.json)."""
     release_dir, _ = _slake_release(tmp_path, json_name="validation.json")

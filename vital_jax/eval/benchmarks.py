@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import functools
 import io
+import math
 import os
 import re
 import reprlib
@@ -159,6 +160,8 @@ def _fields(label: str, record, names: Sequence[str], unchecked: Sequence[str] =
                                           and not isinstance(value, bool)):
             raise BenchmarkError(f"{where}: field {name} must be a string{' or a number' if numbers else ''}, got "
                                  f"{type(value).__name__} {reprlib.repr(value)}")
+        if isinstance(value, float) and not math.isfinite(value):   # how a table writes a missing number
+            raise BenchmarkError(f"{where}: field {name} is {value} (missing in the source?)")
     return [record[n] for n in names]
 
 
@@ -303,10 +306,17 @@ def _load_hf_free_form(data_dir: str, split: str, files: Sequence[str], folders:
     for label, record, mapped in _hf_rows(files, HF_FREE_FORM_COLUMNS, HF_FREE_FORM_OPTIONAL, columns):
         if limit is not None and len(out) >= limit:
             break
-        if english_only and record.get("q_lang") not in (None, "en"):
+        language = record.get("q_lang")
+        if language is not None and not isinstance(language, str):
+            raise BenchmarkError(f"{label}: q_lang is a {type(language).__name__} ({language!r}), expected a "
+                                 "language code such as 'en'")
+        if english_only and language not in (None, "en"):
             continue
         if record.get("id") is None:
             record["id"] = f"{split}_{len(out)}"
+        elif isinstance(record["id"], bool) or not isinstance(record["id"], (str, int)):
+            raise BenchmarkError(f"{label}: the id column holds a {type(record['id']).__name__} "
+                                 f"({reprlib.repr(record['id'])}), expected a string or an integer")
         image, question, answer = _fields(label, record, ("image", "question", "answer"), unchecked=("image",))
         label = f"{label} (id {record['id']!r})"
         image = _hf_image(label, image, data_dir, folders, cache, check_images)

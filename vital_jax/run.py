@@ -169,8 +169,8 @@ def load_run(workdir: str) -> TrainedRun:
     last phase that has one.
 
     A run whose last phase has no checkpoint yet (stopped early, or still training) loads with a warning naming
-    the phase and step it is; a run whose train_summary.json says it finished at another step (checkpoints removed
-    or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
+    the phase and step it loads; a run whose train_summary.json says it finished at a later step (checkpoints
+    removed or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
     run loads without its training data.
     """
     workdir = os.path.abspath(workdir)   # orbax takes absolute paths only

@@ -89,10 +89,7 @@ def record_workdir_config(workdir: str, config_json: dict) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.exists(path):
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(config_json, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: json.dump(config_json, f, indent=2, sort_keys=True))
 
 
 TRAIN_RECORDS_FILE = "train_records.json"

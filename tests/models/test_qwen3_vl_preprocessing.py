@@ -219,7 +219,8 @@ def test_truncated_png_names_the_file(tmp_path):
 
 
 def test_bad_sizes_and_budgets_raise_clear_errors():
-    with pytest.raises(pp.ImagePreprocessError, match="too small"):
+    # Sizes read width x height, as PIL's and data.images' messages do: this image is 4 rows of 50 pixels.
+    with pytest.raises(pp.ImagePreprocessError, match="image of 50x4 pixels is too small"):
         pp.preprocess_image(Image.fromarray(_random_rgb(4, 50)))
     with pytest.raises(pp.ImagePreprocessError, match="aspect ratio"):
         pp.smart_resize(10, 2500)

@@ -127,10 +127,10 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH_SIZE * MERGE_SI
     min_pixels is tiny), or a result above max_pixels (the `max(factor, ...)` clamp on a very elongated image).
     """
     if min(height, width) < min_side:
-        raise ImagePreprocessError(f"image of {height}x{width} pixels is too small: both sides must be at least "
+        raise ImagePreprocessError(f"image of {width}x{height} pixels is too small: both sides must be at least "
                                    f"min_side={min_side}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ImagePreprocessError(f"image of {height}x{width} pixels has aspect ratio "
+        raise ImagePreprocessError(f"image of {width}x{height} pixels has aspect ratio "
                                    f"{max(height, width) / min(height, width):.1f} > {MAX_ASPECT_RATIO}")
     if min_pixels > max_pixels:
         raise ImagePreprocessError(f"min_pixels={min_pixels} exceeds max_pixels={max_pixels}")
@@ -148,11 +148,11 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH_SIZE * MERGE_SI
         target_h = math.ceil(height * scale / factor) * factor
         target_w = math.ceil(width * scale / factor) * factor
     if target_h == 0 or target_w == 0:
-        raise ImagePreprocessError(f"image of {height}x{width} pixels rounds to {target_h}x{target_w} with "
+        raise ImagePreprocessError(f"image of {width}x{height} pixels rounds to {target_w}x{target_h} with "
                                    f"factor={factor} and min_pixels={min_pixels}; raise min_pixels")
     if target_h * target_w > max_pixels:
-        raise ImagePreprocessError(f"image of {height}x{width} pixels cannot fit max_pixels={max_pixels}: its "
-                                   f"short side is clamped to {factor}, giving {target_h}x{target_w}; raise "
+        raise ImagePreprocessError(f"image of {width}x{height} pixels cannot fit max_pixels={max_pixels}: its "
+                                   f"short side is clamped to {factor}, giving {target_w}x{target_h}; raise "
                                    f"max_pixels or crop the image")
     return target_h, target_w
 
@@ -176,10 +176,11 @@ def patchify(image_hwc: np.ndarray, *, patch_size: int = PATCH_SIZE, merge_size:
     """
     height, width, channels = image_hwc.shape
     if height % patch_size or width % patch_size:
-        raise ImagePreprocessError(f"image of {height}x{width} is not a multiple of patch_size={patch_size}")
+        raise ImagePreprocessError(f"image of {width}x{height} pixels is not a multiple of patch_size={patch_size}")
     grid_h, grid_w = height // patch_size, width // patch_size
     if grid_h % merge_size or grid_w % merge_size:
-        raise ImagePreprocessError(f"patch grid {grid_h}x{grid_w} is not divisible by merge_size={merge_size}; "
+        raise ImagePreprocessError(f"patch grid of {grid_h} rows x {grid_w} columns is not divisible by "
+                                   f"merge_size={merge_size}; "
                                    f"resize to multiples of {patch_size * merge_size} pixels (smart_resize)")
     blocks = image_hwc.astype(np.float32, copy=False).reshape(
         grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size, channels)

@@ -219,6 +219,19 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_finished_stages(q
     assert os.path.getmtime(os.path.join(pretrain.hf_dir(workdir, "backbone"), "model.safetensors")) == stamp
 
 
+def test_a_finished_workdir_copied_elsewhere_names_its_own_hf_dirs(quick_run, corpus_dir, tmp_path):
+    reference_dir, reference = quick_run
+    workdir = str(tmp_path / "copied")
+    shutil.copytree(reference_dir, workdir)
+    summary = pretrain.pretrain(quick_config(corpus_dir), workdir)
+    for stage in ("backbone", "decoder"):
+        ours = summary["stages"][stage]
+        assert ours["hf_dir"] == pretrain.hf_dir(workdir, stage) != reference["stages"][stage]["hf_dir"]
+        assert {k: v for k, v in ours.items() if k != "hf_dir"} == {
+            k: v for k, v in reference["stages"][stage].items() if k != "hf_dir"}  # nothing trained again
+    assert pretrain.hf_dir(workdir, "decoder") in pretrain.format_summary(summary)
+
+
 def test_a_done_stage_whose_summary_is_corrupt_or_hf_dir_is_gone_is_rewritten_from_its_checkpoint(
         quick_run, corpus_dir, tmp_path, caplog):
     reference_dir, reference = quick_run

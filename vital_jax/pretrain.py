@@ -319,7 +319,7 @@ def _evaluate(stage: Stage, eval_step, train_params, frozen, max_examples: int) 
 
 
 def _finished_stage_summary(summary_path: str, out_dir: str) -> dict:
-    """The summary of a stage marked done; a ValueError says what is wrong when the summary cannot be read or the
+    """The summary of a stage marked done, naming `out_dir`; a ValueError says what is wrong when the summary cannot be read or the
     HF directory lacks its config or weights."""
     summary = read_json(summary_path, ValueError)
     if not isinstance(summary, dict):
@@ -329,7 +329,9 @@ def _finished_stage_summary(summary_path: str, out_dir: str) -> dict:
     if not any(os.path.isfile(os.path.join(out_dir, name))
                for name in (safetensors_io.SINGLE_FILE, safetensors_io.INDEX_FILE)):
         raise ValueError(f"{out_dir}: no {safetensors_io.SINGLE_FILE} or {safetensors_io.INDEX_FILE}")
-    return summary
+    # The directory where this workdir holds it now: a workdir copied or moved after it finished still names its
+    # old place in the stored summary.
+    return {**summary, "hf_dir": out_dir}
 
 
 def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | None = None) -> dict:

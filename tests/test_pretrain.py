@@ -113,7 +113,6 @@ def test_pretrained_backbone_loads_in_transformers_and_converts_back_with_parity
     from vital_jax.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index
     from vital_jax.models.qwen3_vl import params as vl_params
     from vital_jax.models.qwen3_vl import vision_inputs
-    from vital_jax.run import load_weights
 
     workdir, summary = quick_run
     hf_dir = pretrain.hf_dir(workdir, "backbone")
@@ -122,7 +121,7 @@ def test_pretrained_backbone_loads_in_transformers_and_converts_back_with_parity
     hf_model = HFQwen3VL.from_pretrained(hf_dir, attn_implementation="eager").eval()
     convert(hf_dir, str(tmp_path / "converted"))
     config = Qwen3VLConfig.from_pretrained(str(tmp_path / "converted"))
-    params = load_weights(str(tmp_path / "converted"), config, vl_params)
+    params = vl_params.load_params(str(tmp_path / "converted"), config)
 
     ids, patches, grids = _hf_inputs(corpus_dir, hf_dir, pretrain_phantom.get_config("quick").backbone.image_pixels)
     valid = np.ones(ids.shape, bool)

@@ -187,7 +187,6 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
     from vital_jax.eval import write_report
     from vital_jax.medsynapse import predict as predict_lib
     from vital_jax.medsynapse import trainer
-    from vital_jax.run import load_weights
 
     config = trained.config if trained is not None else trainer.read_config(checkpoint)
     done = trained.stages_done if trained is not None else tuple(trainer.finished_stages(checkpoint, config))
@@ -198,7 +197,7 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
     if trained is None:
         cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
-        trained = trainer.load_trained(checkpoint, load_weights)
+        trained = trainer.load_trained(checkpoint)
     encoder = encoder_params = None
     if "sampler" in memories:
         encoder, encoder_params = trainer.anatomical_encoder(config, trained.paths)

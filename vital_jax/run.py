@@ -100,12 +100,6 @@ def resolve_paths(config, workdir: str) -> Paths:
     return paths
 
 
-def load_weights(directory: str, config, params_module) -> dict:
-    """A HF safetensors directory or a converted vital_jax directory (`params_module.load_params` reads both), in
-    the layer layout of `config`. params_module: `qwen3.params` or `qwen3_vl.params`."""
-    return params_module.load_params(directory, config)
-
-
 def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     """The VitalModel of a run config, with the base weights of `paths` and freshly initialised VITAL parameters
     (LoRA, pj_in, visual projector) from `config.seed`."""
@@ -126,8 +120,8 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
                                train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap,
                                latent_input=v.latent_input)
     model = VitalModel(vital_config, backbone_config, decoder_config)
-    backbone = load_weights(paths.backbone_dir, backbone_config, qwen3_vl_params)
-    decoder = load_weights(paths.decoder_dir, decoder_config, qwen3_params)
+    backbone = qwen3_vl_params.load_params(paths.backbone_dir, backbone_config)  # HF or converted
+    decoder = qwen3_params.load_params(paths.decoder_dir, decoder_config)
     params = model.init_params(jax.random.PRNGKey(config.seed), backbone, decoder)
     return model, params
 

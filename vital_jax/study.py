@@ -349,19 +349,18 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
     data stage's ROI encoder)."""
     from vital_jax.evaluate import evaluate_medsynapse
     from vital_jax.medsynapse import trainer
-    from vital_jax.run import load_weights
 
     backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir, commit)
     c = run_config(config, row, seed, data_dir, dict(models, medsynapse_backbone_dir=backbone_dir))
     run_dir = run_dir_of(runs_dir, "medsynapse", seed)
     paths = trainer.Paths(data_dir, backbone_dir, backbone_dir, models["encoder_dir"])
     start = time.perf_counter()
-    summary = trainer.train(c, run_dir, paths, load_weights)
+    summary = trainer.train(c, run_dir, paths)
     if summary.get("preempted"):
         raise StudyError(f"MedSynapse-V run {run_dir} was preempted; rerun the study to resume it")
     train_s = time.perf_counter() - start
     _, upto, memory = MEDSYNAPSE_ROWS[row]
-    trained = trainer.load_trained(run_dir, load_weights, upto=upto)
+    trained = trainer.load_trained(run_dir, upto=upto)
     start = time.perf_counter()
     evaluated = {}
     for name, split in {"test": config.eval.test_split, "select": config.select_split}.items():

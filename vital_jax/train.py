@@ -481,7 +481,6 @@ def train_medsynapse(config, workdir: str) -> dict:
     """`config.method == "medsynapse"`: build the demo's assets when enabled, resolve the paths and run
     `medsynapse.trainer.train` (which holds the workdir's lock and records the config); SIGTERM saves and exits."""
     from vital_jax.medsynapse import trainer
-    from vital_jax.run import load_weights
 
     trainer.validate_config(config)
     if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
@@ -498,7 +497,7 @@ def train_medsynapse(config, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, preempt)
     cli.status(f"MedSynapse-V stages {tuple(config.medsynapse.stages)} in {workdir} (the first step of each stage "
                "waits for its compilation)...")
-    summary = trainer.train(config, workdir, paths, load_weights)
+    summary = trainer.train(config, workdir, paths)
     return dict(summary, paths=dataclasses.asdict(paths))
 
 

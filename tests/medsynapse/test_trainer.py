@@ -27,7 +27,6 @@ from vital_jax.medsynapse import deploy, trainer
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.hf_mapping import flatten
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
-from vital_jax.run import load_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRPO_KEYS = ("reward_mean", "reward_std", "r_acc", "r_causal", "advantage_mean", "advantage_std", "advantage_min",
@@ -84,7 +83,7 @@ def _losses(workdir: str) -> dict[int, float]:
 
 def _run(config, workdir, paths, **kw):
     trainer._PREEMPTION["requested"] = False
-    return trainer.train(config, str(workdir), paths, load_weights, **kw)
+    return trainer.train(config, str(workdir), paths, **kw)
 
 
 def _saved_params(workdir, stage: str) -> list[str]:
@@ -143,7 +142,7 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     first = _run(config, resumed_dir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
     with pytest.raises(CheckpointError, match="no finished MedSynapse-V stage"):
-        trainer.load_trained(str(resumed_dir), load_weights)
+        trainer.load_trained(str(resumed_dir))
     second = _run(config, resumed_dir, paths)
     assert not second["preempted"]
     assert second["stages"]["warmup"]["steps"] == straight["stages"]["warmup"]["steps"]
@@ -156,13 +155,13 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     assert third["stages"]["warmup"]["metrics"] == {}
     assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows
     # A warmup-only run: P_phi on the plain backbone, no LoRA, no A_psi, no encoder.
-    run = trainer.load_trained(str(resumed_dir), load_weights)
+    run = trainer.load_trained(str(resumed_dir))
     assert run.stages_done == ("warmup",) and run.steps == {"warmup": straight["stages"]["warmup"]["steps"]}
     assert sorted(run.params) == ["backbone", "sampler"] and run.autonomous is None and run.backbone.lora is None
     assert not [p for p in flatten(run.params["backbone"]) if "lora_" in p]
     shutil.rmtree(resumed_dir)
     with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
-        trainer.load_trained(str(tmp_path / "nothing"), load_weights)
+        trainer.load_trained(str(tmp_path / "nothing"))
 
 
 def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
@@ -216,12 +215,12 @@ def test_three_stages_run_from_one_call_each_checkpointing_and_logging(three_sta
 
 def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     workdir, _ = three_stage_run
-    run = trainer.load_trained(workdir, load_weights)
+    run = trainer.load_trained(workdir)
     assert run.stages_done == trainer.STAGES and run.steps == {"warmup": 3, "ccr": 4, "imt": 3}
     assert sorted(run.params) == ["autonomous", "backbone", "sampler"]  # E_ana is never part of a run
     assert run.backbone.lora.rank == 4 and run.autonomous is not None
     flat = flatten(run.params["backbone"])
-    base = flatten(load_weights(run.paths.backbone_dir, run.backbone.config, qwen3_vl_params))
+    base = flatten(qwen3_vl_params.load_params(run.paths.backbone_dir, run.backbone.config))
     for path, value in base.items():  # the base weights are the backbone's own, bit for bit
         assert np.array_equal(np.asarray(flat[path]), np.asarray(value)), path
     lora_b = [p for p in flat if p.endswith("lora_b")]
@@ -249,8 +248,8 @@ def test_stage_iii_can_start_a_psi_at_the_teachers_mean_memory(three_stage_run, 
     config = _three_stage_config()
     config.medsynapse.imt.init, config.medsynapse.imt.lr = "teacher_mean", 0.0
     _run(config, workdir, paths)
-    run = trainer.load_trained(str(workdir), load_weights)
-    setup = trainer.build_setup(run.config, str(workdir), paths, load_weights)
+    run = trainer.load_trained(str(workdir))
+    setup = trainer.build_setup(run.config, str(workdir), paths)
     split = run.config.data.train_split
     images = sorted({int(setup.store.image_rows[i]) for i, r in enumerate(setup.records) if r.split == split})
     assert len(images) >= 3 and len(images) < len([r for r in setup.records if r.split == split])
@@ -282,7 +281,7 @@ def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_
 
     with pytest.raises(_Crash):
         _run(config, workdir, paths, on_step=crash)
-    run = trainer.load_trained(workdir, load_weights)
+    run = trainer.load_trained(workdir)
     assert run.stages_done == ("warmup",) and run.backbone.lora is None and "autonomous" not in run.params
 
     def preempt(stage, step):
@@ -294,7 +293,7 @@ def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_
     assert second["stages"]["warmup"]["metrics"] == {}  # Stage I is not redone
     assert second["stages"]["ccr"]["steps"] == 4
     with caplog.at_level("WARNING"):
-        after_ccr = trainer.load_trained(workdir, load_weights)
+        after_ccr = trainer.load_trained(workdir)
     assert "after stage 'ccr'; stage(s) ('imt',) of the run have not finished" in caplog.text   # said, not silent
     assert after_ccr.stages_done == ("warmup", "ccr") and after_ccr.backbone.lora is not None
     assert sorted(after_ccr.params) == ["backbone", "sampler"] and after_ccr.autonomous is None
@@ -314,7 +313,7 @@ def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_
             assert got[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-6), (step, key)
     assert [(r["stage"], r["step"]) for r in _rows(workdir, "metrics.rewound.jsonl")] == [("ccr", 6)]
     # ... and the same trained parameters; Stage III left the backbone (+ LoRA) and P_phi as Stage II had them.
-    final, reference = trainer.load_trained(workdir, load_weights), trainer.load_trained(straight_dir, load_weights)
+    final, reference = trainer.load_trained(workdir), trainer.load_trained(straight_dir)
     for top in ("backbone", "sampler", "autonomous"):
         _assert_trees_equal(final.params[top], reference.params[top], exact=False)
     for top in ("backbone", "sampler"):
@@ -356,7 +355,7 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     from vital_jax.medsynapse.features import FeatureStore
 
     workdir, _ = three_stage_run
-    run = trainer.load_trained(workdir, load_weights)
+    run = trainer.load_trained(workdir)
     out = tmp_path / "eval"
     summaries = evaluate_medsynapse(workdir, "phantom_vqa", run.paths.data_dir, str(out), ["autonomous", "sampler"],
                                     split="train", limit=5, batch_size=2, trained=run, latency_examples=2)
@@ -402,7 +401,7 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
 
 def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(three_stage_run, tmp_path):
     workdir, _ = three_stage_run
-    data_dir = trainer.load_trained(workdir, load_weights).paths.data_dir
+    data_dir = trainer.load_trained(workdir).paths.data_dir
     common = [sys.executable, "-m", "vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=phantom_vqa",
               f"--data_dir={data_dir}", f"--out={tmp_path}/eval", "--split=train", "--limit=4"]
     wrong = subprocess.run(common + ["--latent_steps=2"], capture_output=True, text=True, cwd=REPO)

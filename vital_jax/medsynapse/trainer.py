@@ -1,4 +1,4 @@
-"""MedSynapse-V's three stages as one resumable run: `train(config, workdir, paths, load_weights)`.
+"""MedSynapse-V's three stages as one resumable run: `train(config, workdir, paths)`.
 
 Stages (config.medsynapse.stages, in this order; a run may stop after any):
   warmup  Stage I, semantic alignment (Eq. 2): P_phi trains, backbone frozen.             -> workdir/stage_warmup/
@@ -33,7 +33,7 @@ III below their epochs (demos and tests).
 
 Reading a trained run (evaluation, export):
 
-    run = trainer.load_trained(workdir, load_weights)       # -> TrainedMedSynapse
+    run = trainer.load_trained(workdir)                     # -> TrainedMedSynapse
     run.config       the recorded config (ml_collections)     run.paths     the Paths it trained with (paths.json)
     run.backbone     Qwen3VLForConditionalGeneration, built with Stage II's LoraConfig when "ccr" is done
                      (`run.backbone.lora`), else without LoRA
@@ -318,14 +318,13 @@ def build_autonomous(config, hidden_size: int) -> AutonomousMemory:
                                              mlp_hidden=i.mlp_hidden or None, output_rms=i.output_rms or None))
 
 
-def build_setup(config, workdir: str, paths: Paths, load_weights) -> Setup:
-    """Load the backbone (frozen base weights) and E_ana, build the feature store, define P_phi.
-
-    load_weights(directory, config, params_module) -> params: how a model directory (HF or converted) is read."""
+def build_setup(config, workdir: str, paths: Paths) -> Setup:
+    """Load the backbone (frozen base weights; a HF or converted directory) and E_ana, build the feature store,
+    define P_phi."""
     m = config.medsynapse
     bb_config = backbone_config(config, paths)
     backbone = Qwen3VLForConditionalGeneration(bb_config)
-    backbone_params = load_weights(paths.backbone_dir, bb_config, qwen3_vl_params)
+    backbone_params = qwen3_vl_params.load_params(paths.backbone_dir, bb_config)
     encoder, encoder_params = anatomical_encoder(config, paths)
     store = build_feature_store(paths.data_dir, encoder, encoder_params, os.path.join(workdir, FEATURES_DIR),
                                 encoder_id=os.path.abspath(paths.encoder_dir),
@@ -600,11 +599,11 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
     return state, preempted, last
 
 
-def train(config, workdir: str, paths: Paths, load_weights, on_first_step=None, on_step=None) -> dict:
+def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) -> dict:
     """Run (or resume) the configured stages. Returns {"preempted", "step" (global), "stages": {stage: {"steps",
     "metrics"}}} for the stages reached (a stage that was already complete reports empty metrics).
 
-    load_weights: see `build_setup`. on_first_step: called once after the first optimizer step of this process.
+    on_first_step: called once after the first optimizer step of this process.
     on_step(stage, step): called after every optimizer step, before its checkpoint (tests preempt or crash there).
     Holds the workdir's lock; at the first step records the config (workdir/config.json) and the paths
     (workdir/paths.json, for `load_trained`), and refuses a workdir recorded by a different config."""
@@ -622,11 +621,11 @@ def train(config, workdir: str, paths: Paths, load_weights, on_first_step=None, 
             if on_first_step is not None:
                 on_first_step()
 
-        return _train(config, workdir, paths, load_weights, first_step, on_step)
+        return _train(config, workdir, paths, first_step, on_step)
 
 
-def _train(config, workdir: str, paths: Paths, load_weights, on_first_step, on_step) -> dict:
-    setup = build_setup(config, workdir, paths, load_weights)
+def _train(config, workdir: str, paths: Paths, on_first_step, on_step) -> dict:
+    setup = build_setup(config, workdir, paths)
     m = config.medsynapse
     totals = stage_totals(config, paths.data_dir)
     mesh = sharding.mesh_from_config(config)
@@ -754,11 +753,11 @@ def finished_stages(workdir: str, config=None) -> dict[str, int]:
     return steps
 
 
-def load_trained(workdir: str, load_weights, upto: str | None = None) -> TrainedMedSynapse:
+def load_trained(workdir: str, upto: str | None = None) -> TrainedMedSynapse:
     """Rebuild the modules and trained parameters of the MedSynapse-V run in `workdir`: base weights from the
     configured backbone, then each finished stage's trained parameters from its final checkpoint (P_phi from
     Stage I, the LoRA adapters from Stage II, A_psi from Stage III). Stages count as finished in config order up
-    to the first that is not (its DONE marker). load_weights: as for `train`. upto: the model as it was when that
+    to the first that is not (its DONE marker). upto: the model as it was when that
     stage finished (the study evaluates one run after each stage); a stage that has not finished is an error."""
     workdir = os.path.abspath(workdir)
     config = read_config(workdir)
@@ -784,7 +783,7 @@ def load_trained(workdir: str, load_weights, upto: str | None = None) -> Trained
     backbone = Qwen3VLForConditionalGeneration(bb_config, lora)
     store = FeatureStore.load(os.path.join(workdir, FEATURES_DIR))
     sampler = build_sampler(config, bb_config.text.hidden_size)
-    params = {"backbone": load_weights(paths.backbone_dir, bb_config, qwen3_vl_params),
+    params = {"backbone": qwen3_vl_params.load_params(paths.backbone_dir, bb_config),
               "sampler": _init_sampler(sampler, store, config.seed)}
     autonomous = None
     if lora is not None:

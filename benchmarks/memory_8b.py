@@ -125,7 +125,8 @@ def main():
     p.add_argument("--step_len", type=int, default=64)
     p.add_argument("--meshes", default="fsdp,data", help="comma list of: fsdp (1,8,1), data (8,1,1)")
     p.add_argument("--loop_layers", action="store_true", help="unrolled decoder layers instead of nn.scan")
-    p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")
+    p.add_argument("--remat_policy", default="full",
+                   help="what remat keeps: full, dots or projections (Qwen3Config.remat_policy)")
     p.add_argument("--keep_licm", action="store_true",
                    help="keep XLA:CPU's while-loop-invariant code motion (hoists f32 copies of all bf16 weights)")
     args = p.parse_args()

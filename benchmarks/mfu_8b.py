@@ -201,7 +201,8 @@ def main(argv=None):
     p.add_argument("--step_len", type=int, default=48)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no_remat", action="store_true")
-    p.add_argument("--remat_policy", default="full", help="what remat keeps: full or dots (Qwen3Config.remat_policy)")
+    p.add_argument("--remat_policy", default="full",
+                   help="what remat keeps: full, dots or projections (Qwen3Config.remat_policy)")
     p.add_argument("--loop_layers", action="store_true",
                    help="unrolled decoder layers (compiles every layer; the default scans one compiled layer)")
     p.add_argument("--trace_dir", default="",

@@ -25,8 +25,10 @@ def get_config():
         dtype="bfloat16",       # activation dtype
         param_dtype="float32",  # storage dtype of the frozen base weights (trainables are always float32)
         remat=False,            # rematerialise decoder layers in the backward pass
-        remat_policy="full",    # what remat keeps: "full" (only each layer's input) or "dots" (also the weight
-                                # matmuls' outputs: no matmul recomputed, more memory); same numbers either way
+        remat_policy="full",    # what remat keeps: "full" (only each layer's input), "dots" (also every weight
+                                # matmul's output: no matmul recomputed, more memory) or "projections" (each
+                                # projection's output once, base + adapter: about half of dots' extra memory, the
+                                # rank-r adapter products recomputed); same numbers under each
         scan_layers=False,      # run decoder layers as one nn.scan (stacked params): one compiled layer, and
                                 # remat then bounds memory to one layer; checkpoints keep the per-layer layout
         attention_impl="xla",   # attention (both towers): "xla" (reference einsums, f32 softmax), "dot_product"

@@ -106,10 +106,11 @@ def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path)
     assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"
 
 
-@pytest.mark.parametrize("memory_mib, batch", [("81559", "6"), ("143771", "16")])
-def test_the_accelerator_plan_sizes_its_batch_by_the_cards_memory(tmp_path, memory_mib, batch):
+@pytest.mark.parametrize("memory_mib, batch, policy", [("81559", "10", "projections"), ("143771", "16", "dots")])
+def test_the_accelerator_plan_sizes_its_batch_by_the_cards_memory(tmp_path, memory_mib, batch, policy):
     """benchmarks/accelerator_run.sh (issue #16's GPU measurements) with `nvidia-smi` reporting an 80 GB or a 141 GB
-    card and `python3` / `timeout` stubbed: the commands it would run, batches included, and explicit batches win."""
+    card and `python3` / `timeout` stubbed: the commands it would run, batches and remat policy included, and
+    explicit arguments win."""
     nvidia_smi = f"""#!/bin/bash
 if [[ "$*" == *nounits* ]]; then echo {memory_mib}; else echo "NVIDIA GPU, {memory_mib} MiB"; fi
 """
@@ -128,11 +129,12 @@ shift; exec "$@"
         assert res.returncode == 0, res.stderr
         return [line.removeprefix("STUB ") for line in res.stdout.splitlines() if line.startswith("STUB -m")]
 
+    trace = f"--trace_dir {tmp_path / 'out'}/trace_step"
     assert commands("train") == [
         f"-m benchmarks.attention_kernels --batch {batch}",
-        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy dots --trace_dir {tmp_path / 'out'}/trace_dots",
-        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy dots --attention cudnn"]
-    assert commands("train", "12", "20")[1:] == [
-        f"-m benchmarks.mfu_8b --batch 12 --remat_policy dots --trace_dir {tmp_path / 'out'}/trace_dots",
-        "-m benchmarks.mfu_8b --batch 20 --remat_policy dots --attention cudnn"]
+        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy {policy} {trace}",
+        f"-m benchmarks.mfu_8b --batch {batch} --remat_policy {policy} --attention cudnn"]
+    assert commands("train", "12", "20", "full")[1:] == [
+        f"-m benchmarks.mfu_8b --batch 12 --remat_policy full {trace}",
+        "-m benchmarks.mfu_8b --batch 20 --remat_policy full --attention cudnn"]
     assert commands("inference") == ["-m benchmarks.latency_8b --repeats 8"]

@@ -157,6 +157,33 @@ def test_stacked_parameters_shard_like_their_layers_and_decay_like_them():
         np.testing.assert_allclose(merged[i], one, rtol=1e-6)
 
 
+def test_remat_policies_keep_what_they_name(qwen3):
+    """What each policy saves for the backward pass: the residuals of `jax.vjp` (the leaves of its backward
+    function) that are per-layer activations, (layers, B, T, features). "projections" keeps the projections'
+    outputs the backward pass reads, once each (base and adapter summed), and the layer input; "dots" keeps the base and adapter
+    products apart (and the rank-r products); "full" only the layer input."""
+    _, config, _, _ = qwen3
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
+    ids = jnp.zeros((2, 7), jnp.int32)
+    params = Qwen3ForCausalLM(config, lora).init(jax.random.PRNGKey(0), ids)["params"]
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+
+    def saved_activations(policy):
+        cfg = dataclasses.replace(config, remat=True, remat_policy=policy)
+        _, backward = jax.vjp(lambda p: Qwen3ForCausalLM(cfg, lora).apply({"params": p}, input_ids=ids).logits, params)
+        return sorted(x.shape[-1] for x in jax.tree.leaves(backward) if x.shape[:3] == (layers, 2, 7))
+
+    assert saved_activations("full") == [hidden]
+    projections = saved_activations("projections")
+    # The layer input, q k v o, gate up; not down's output: it is only added to the residual stream, whose sum
+    # the next layer saves as its input.
+    assert projections == sorted([hidden, q, kv, kv, hidden, inter, inter])
+    dots = saved_activations("dots")
+    assert sum(dots) > sum(projections) and dots.count(lora.rank) == 7, dots
+
+
 def test_remat_policy_is_validated_and_reaches_the_text_decoder_only(tmp_path):
     from vital_jax.models.hf_config import ConfigError
     from vital_jax.models.qwen3.config import REMAT_POLICIES
@@ -167,4 +194,4 @@ def test_remat_policy_is_validated_and_reaches_the_text_decoder_only(tmp_path):
     assert Qwen3VLConfig.from_pretrained(str(tmp_path)).text.remat_policy == "full"
     with pytest.raises(ConfigError, match="remat_policy='offload' is not one of"):
         Qwen3VLConfig.from_pretrained(str(tmp_path), remat_policy="offload")
-    assert tuple(REMAT_POLICIES) == ("full", "dots") and REMAT_POLICIES["full"] is None
+    assert tuple(REMAT_POLICIES) == ("full", "dots", "projections") and REMAT_POLICIES["full"] is None

@@ -15,6 +15,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vital_jax.sharding import constrain_weight
 
@@ -147,6 +148,10 @@ def threefry2x32(key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array)
     return x1, x2
 
 
+# `jax.ad_checkpoint.checkpoint_name` of every Linear's output (no effect outside a rematerialised function).
+PROJECTION_NAME = "projection"
+
+
 class Linear(nn.Module):
     """y = x @ kernel (+ bias) (+ scaling * dropout(x) @ lora_a @ lora_b). Input (..., in) -> (..., out)."""
 
@@ -182,7 +187,9 @@ class Linear(nn.Module):
                 x_drop = lora_dropout(x, self.lora.dropout, self.make_rng("dropout"))
             y = y + self.lora.scaling * low_rank_product(x_drop, lora_a.astype(self.dtype),
                                                          lora_b.astype(self.dtype))
-        return y
+        # The name the "projections" remat policy saves (`qwen3.config.REMAT_POLICIES`): the output with the
+        # adapter's product added, one array where saving every dot keeps the base and adapter outputs apart.
+        return checkpoint_name(y, PROJECTION_NAME)
 
 
 def adapter_dropout_keeps(module: nn.Module, lora: LoraConfig | None, deterministic: bool,

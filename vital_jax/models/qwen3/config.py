@@ -8,14 +8,19 @@ import jax
 import jax.numpy as jnp
 
 from vital_jax.layers.attention import ATTENTION_IMPLS
+from vital_jax.layers.linear import PROJECTION_NAME
 from vital_jax.models import hf_config
 
 # What a rematerialised layer keeps from its forward pass (`remat_policy`), besides its input: "full" nothing (every
 # matmul runs again in the backward pass, ~1.4x the model FLOPs of an 8B step), "dots" the outputs of the weight
 # matmuls (projections and MLP; `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`): only attention and the
 # elementwise work run again, for the memory of those outputs (at Qwen3-VL-8B with LoRA on all seven projections,
-# bf16: ~78k values per token and layer, the base and adapter matmuls' outputs, ~5.6 MB per token over 36 layers).
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# bf16: ~78k values per token and layer, the base and adapter matmuls' outputs, ~5.6 MB per token over 36 layers),
+# "projections" each projection's output with its adapter's product added (`layers.linear.PROJECTION_NAME`): about
+# half of what "dots" keeps (~39k values per token and layer at 8B), for running the rank-r adapter products and
+# attention again.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION_NAME)}
 
 
 @dataclasses.dataclass(frozen=True)

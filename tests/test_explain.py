@@ -77,3 +77,36 @@ def test_similarity_figure_is_titled_with_its_fixed_range():
 def test_heatmap_range_of_a_constant_map_is_not_empty():
     lo, hi = figures.heatmap_range(np.full((2, 3, 3), 0.4))
     assert lo < 0.4 < hi
+
+
+def test_dataset_mode_answers_with_the_k_it_is_given(tmp_path, monkeypatch):
+    """explain --data_dir --latent_steps=2 gave the K_max x K_max matrix of K_max steps: the K was ignored."""
+    import json
+    import types
+
+    from vital_jax import inference
+    from vital_jax.data.records import RECORDS_FILE, Record, write_records
+
+    asked = []
+
+    class FakePredictor:
+        def __init__(self, run, batch_size):
+            pass
+
+        def answer(self, images, questions, latent_steps):
+            asked.append(latent_steps)
+            z = np.random.RandomState(len(asked)).normal(size=(len(images), latent_steps, 8))
+            return ["yes"] * len(images), z, None
+
+    monkeypatch.setattr(inference, "Predictor", FakePredictor)
+    records = [Record(id=f"r{i}", image="a.png", mask="m.png", question="Is it there?", answer="Yes.",
+                      reasoning_chain=("It is there.",), latent_steps=1, question_type="yes_no", target="liver",
+                      target_type="organ", modality="CT", source="phantom", split="test") for i in range(5)]
+    write_records(str(tmp_path / RECORDS_FILE), records)
+    run = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(k_max=4)))
+    matrix = explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out"), latent_steps=2)
+    assert asked == [2, 2] and matrix.shape == (2, 2)
+    assert json.loads((tmp_path / "out" / "step_similarity.json").read_text())["latent_steps"] == 2
+    assert explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out")).shape == (4, 4)   # default: K_max
+    with pytest.raises(ValueError, match="1..K_max=4"):
+        explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out"), latent_steps=0)

@@ -89,9 +89,10 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
 
 
 def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit: int | None = None,
-                    batch_size: int = 4, figure_format: str = "png") -> np.ndarray:
-    """Figure 11: the inter-step similarity matrix averaged over a dataset split, each record at its own K;
-    writes step_similarity.json and step_similarity.<figure_format>."""
+                    batch_size: int = 4, figure_format: str = "png", latent_steps: int | None = None) -> np.ndarray:
+    """Figure 11: the inter-step similarity matrix averaged over a dataset split, every record answered with
+    `latent_steps` steps (default: the run's K_max, as the paper's K = 4); writes step_similarity.json and
+    step_similarity.<figure_format>."""
     from vital_jax.data.records import RECORDS_FILE, read_records
     from vital_jax.inference import Predictor
     from vital_jax.vital import interpret
@@ -100,17 +101,19 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
     recs = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split][:limit]
     if not recs:
         raise ValueError(f"{data_dir}: no records in split {split!r}")
+    k = run.model.config.k_max if latent_steps is None else latent_steps
+    if not 1 <= k <= run.model.config.k_max:
+        raise ValueError(f"latent_steps={k}: the step similarity needs 1..K_max={run.model.config.k_max} steps")
     predictor = Predictor(run, batch_size=batch_size)
-    sims = interpret.StepSimilarity(run.model.config.k_max)
-    k_max = run.model.config.k_max
+    sims = interpret.StepSimilarity(k)
     for i in range(0, len(recs), batch_size):
         chunk = recs[i:i + batch_size]
-        _, z, _ = predictor.answer([os.path.join(data_dir, r.image) for r in chunk], [r.question for r in chunk],
-                                   k_max)
-        sims.update(jnp.asarray(z), jnp.ones(z.shape[:2], bool))
+        _, z, _ = predictor.answer([os.path.join(data_dir, r.image) for r in chunk], [r.question for r in chunk], k)
+        z = jnp.asarray(z)[:, :k]
+        sims.update(z, jnp.ones(z.shape[:2], bool))
     matrix = sims.matrix()
     os.makedirs(out_dir, exist_ok=True)
-    record = {"split": split, "records": len(recs), "latent_steps": k_max, "matrix": matrix.tolist()}
+    record = {"split": split, "records": len(recs), "latent_steps": k, "matrix": matrix.tolist()}
     atomic_write(os.path.join(out_dir, "step_similarity.json"), lambda f: json.dump(record, f, indent=2))
     figures.save(figures.similarity_figure(matrix, f"Latent step similarity ({split}, {len(recs)} records)"),
                  os.path.join(out_dir, "step_similarity"), figure_format)
@@ -140,6 +143,8 @@ def main(argv):
         k = _LATENT_STEPS.value
         if k is not None and not 0 <= k <= k_max:
             cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this run")
+        if dataset and k == 0:
+            cli.usage("--latent_steps=0: dataset mode averages the similarity of latent steps, give K >= 1")
         if dataset:
             from vital_jax.data.records import RECORDS_FILE, read_records
 
@@ -148,9 +153,10 @@ def main(argv):
         cli.status(f"loading the run in {_CHECKPOINT.value}...")
         run = load_run(_CHECKPOINT.value)
         if dataset:
-            cli.status(f"answering the {_SPLIT.value} split at K={k_max} and averaging the step similarity...")
+            cli.status(f"answering the {_SPLIT.value} split at K={k_max if k is None else k} and averaging the "
+                       "step similarity...")
             matrix = explain_dataset(run, _DATA_DIR.value, _OUT.value, _SPLIT.value, _LIMIT.value,
-                                     figure_format=_FIGURE_FORMAT.value)
+                                     figure_format=_FIGURE_FORMAT.value, latent_steps=k)
             print(f"averaged step similarity ({matrix.shape[0]}x{matrix.shape[0]}) written to {_OUT.value}")
             return 0
         cli.status("answering, decoding the latent steps and drawing their heatmaps (compiling first)...")

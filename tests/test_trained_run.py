@@ -392,3 +392,19 @@ def test_a_prompt_longer_than_every_bucket_names_its_image_and_question(workdir)
     with pytest.raises(ValueError, match=re.escape(f"{image}, question 'Where is the liver? Where") +
                        r".*\.\.\.: the prompt is \d+ tokens, more than the largest prompt bucket \d+"):
         predictor.encode([image, image], ["Where is the liver?", long_question])
+
+
+def test_evaluate_command_states_the_per_type_floor_of_the_questions_it_answered(workdir, tmp_path):
+    """With --limit, the printed per-type majority floor was the whole split's, beside accuracy on the first N."""
+    from vital_jax.eval.floors import floors
+
+    run_data = load_run(workdir).paths.data_dir
+    whole = floors(run_data, "test")["closed"]["majority_by_type"]
+    limit = next(n for n in range(2, 200) if floors(run_data, "test", n)["closed"]["majority_by_type"] not in
+                 (None, whole))
+    res = _command("vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=phantom_vqa",
+                   f"--data_dir={run_data}", "--latent_steps=0", "--latency_examples=1", f"--limit={limit}",
+                   f"--out={tmp_path / 'eval'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    limited = floors(run_data, "test", limit)["closed"]["majority_by_type"]
+    assert f"majority per type {100 * limited:.1f}%" in res.stdout, (limit, whole, res.stdout)

@@ -274,7 +274,8 @@ def main(argv):
         if _BENCHMARK.value == "phantom_vqa":
             from vital_jax.eval.floors import floors
 
-            majority_by_type = floors(_DATA_DIR.value, summaries[0]["meta"]["split"])["closed"]["majority_by_type"]
+            majority_by_type = floors(_DATA_DIR.value, summaries[0]["meta"]["split"],
+                                      _LIMIT.value)["closed"]["majority_by_type"]
     except (ConfigError, CheckpointError, BenchmarkError, ValueError, FileNotFoundError) as e:
         cli.fail(e)
     for s in summaries:

@@ -22,14 +22,14 @@ def question_types(data_dir: str) -> dict[str, str]:
     return {r.id: r.question_type for r in read_records(os.path.join(data_dir, RECORDS_FILE))}
 
 
-def floors(data_dir: str, split: str) -> dict:
-    """Per question type on `split`: chance (mean 1 / number of options) and the majority-answer share for the
-    closed types; over all closed questions: chance, the majority answer of them all (`evaluate`'s
-    closed_majority_baseline) and `majority_by_type` (each type answered with its own majority answer, the
-    stronger floor: it knows the answer set of each question type; None when the split has no closed question).
-    The open types' floor is the F1 of always
-    answering the most frequent answer text of the type (what a model that ignores image and question scores)."""
-    examples = load_benchmark("phantom_vqa", data_dir, split=split)
+def floors(data_dir: str, split: str, limit: int | None = None) -> dict:
+    """Per question type on `split` (its first `limit` questions, the ones `evaluate --limit` answers): chance
+    (mean 1 / number of options) and the majority-answer share for the closed types; over all closed questions:
+    chance, the majority answer of them all (`evaluate`'s closed_majority_baseline) and `majority_by_type` (each
+    type answered with its own majority answer, the stronger floor: it knows the answer set of each question
+    type; None when the split has no closed question). The open types' floor is the F1 of always answering the
+    most frequent answer text of the type (what a model that ignores image and question scores)."""
+    examples = load_benchmark("phantom_vqa", data_dir, split=split, limit=limit)
     by_type = collections.defaultdict(list)
     types = question_types(data_dir)
     for e in examples:

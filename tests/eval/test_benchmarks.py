@@ -298,6 +298,9 @@ def test_generic_jsonl_open_closed_and_choice(tmp_path):
      r"test.jsonl:2 \(id 'z'\): field question must be a string, got list"),
     ({"id": "z", "image": "img/1.png", "question": "q", "answer": "a", "answer_type": "closed", "prompt": ["q"]},
      r"test.jsonl:2 \(id 'z'\): prompt must be a string"),
+    # Predictions are matched to questions by id: a repeated one (also 1 after "1") would pair them wrongly.
+    ({"id": "a", "image": "img/1.png", "question": "q2", "answer": "no", "answer_type": "closed"},
+     r"test.jsonl:2 \(id 'a'\): the same id as .*test.jsonl:1; ids must be unique"),
 ])
 def test_generic_jsonl_malformed_line_is_named(tmp_path, row, message):
     _image(str(tmp_path / "img" / "1.png"))

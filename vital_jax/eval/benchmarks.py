@@ -527,15 +527,17 @@ def load_pmc_vqa(data_dir: str, split: str = "test_clean", limit: int | None = N
 
 def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
                check_images: bool = True) -> list[BenchmarkExample]:
-    """A generic benchmark: `{split}.jsonl` of {id, image, question, answer, answer_type} (+ optional `options`,
-    a list, with the answer then an option letter or text, `match` to override the scoring, `prompt`); image
-    paths relative to data_dir."""
+    """A generic benchmark: `{split}.jsonl` of {id (unique), image, question, answer, answer_type} (+ optional
+    `options`, a list, with the answer then an option letter or text, `match` to override the scoring, `prompt`);
+    image paths relative to data_dir."""
     path = _require_file(os.path.join(data_dir, f"{split}.jsonl"), f"{split}.jsonl")
-    out = []
+    out, seen = [], {}
     for label, record in _read_jsonl(path):
         rid, image, question, answer, kind = _fields(label, record, ("id", "image", "question", "answer",
                                                                       "answer_type"))
-        label = f"{label} (id {rid!r})"
+        if str(rid) in seen:  # predictions are matched to questions by id
+            raise BenchmarkError(f"{label} (id {rid!r}): the same id as {seen[str(rid)]}; ids must be unique")
+        seen[str(rid)], label = label, f"{label} (id {rid!r})"
         kind = _answer_type(label, kind)
         options = record.get("options") or ()
         if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):

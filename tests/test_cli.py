@@ -88,6 +88,34 @@ def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
     _one_line_error(_run("vital_jax.evaluate", *common, "--memory=autonomous"), "VITAL run")
 
 
+def test_evaluate_refuses_an_out_holding_another_evaluations_results(recorded_run, tmp_path):
+    """Results of another checkpoint were overwritten, and a K sweep of another benchmark replaced k_sweep.json
+    and summary.md beside the first one's per-K files, silently; a rerun of the same evaluation still goes on
+    (to the model, which this config-only workdir does not have)."""
+    from PIL import Image
+
+    workdir, _ = recorded_run
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "question": "q?", "answer": "yes",
+                                                     "answer_type": "closed"}) + "\n")
+    out = tmp_path / "eval"
+    (out / "k0").mkdir(parents=True)
+
+    def result(path, benchmark, checkpoint):
+        path.write_text(json.dumps({"benchmark": benchmark, "meta": {"checkpoint": checkpoint, "split": "test"}}))
+
+    common = [f"--checkpoint={workdir}", "--benchmark=jsonl", f"--data_dir={tmp_path}", f"--out={out}"]
+    result(out / "jsonl.metrics.json", "jsonl", "/another/run")
+    _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=1"), "another evaluation's results",
+                    str(out / "jsonl.metrics.json"), "/another/run")
+    result(out / "jsonl.metrics.json", "jsonl", workdir)
+    result(out / "k0" / "vqa_rad.metrics.json", "vqa_rad", workdir)
+    _one_line_error(_run("vital_jax.evaluate", *common, "--k_sweep"), "another evaluation's results",
+                    str(out / "k0" / "vqa_rad.metrics.json"))
+    res = _run("vital_jax.evaluate", *common, "--latent_steps=1")   # the same evaluation again: not refused
+    assert "another evaluation" not in res.stderr and "loading the run" in res.stderr, res.stderr[-3000:]
+
+
 def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):
     workdir, _ = recorded_run
     common = [f"--checkpoint={workdir}", "--question=Where?", f"--out={workdir}/explain"]

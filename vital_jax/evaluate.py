@@ -87,6 +87,29 @@ def load_examples(benchmark: str, data_dir: str, split: str | None, limit: int |
     return split, examples
 
 
+def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, result_dirs: list[str],
+                  sweep: bool) -> None:
+    """ValueError when `out_dir` holds another evaluation's results (another checkpoint, split or benchmark) that
+    this one would overwrite (its metrics files in `result_dirs`) or, for a K sweep, whose per-K files would sit
+    beside this sweep's k_sweep.json and summary.md. A rerun of the same evaluation replaces its own files."""
+    import glob
+
+    from vital_jax.eval.report import METRICS_JSON_SUFFIX
+    from vital_jax.jsonio import read_json
+
+    ours = [os.path.join(d, benchmark + METRICS_JSON_SUFFIX) for d in result_dirs]
+    swept = glob.glob(os.path.join(out_dir, "k*", "*" + METRICS_JSON_SUFFIX)) if sweep else []
+    for path in sorted(set(ours + swept)):
+        if not os.path.isfile(path):
+            continue
+        found = read_json(path, ValueError)
+        meta = found.get("meta", {}) if isinstance(found, dict) else {}
+        name = os.path.basename(path)[:-len(METRICS_JSON_SUFFIX)]
+        if (name, meta.get("checkpoint"), meta.get("split")) != (benchmark, os.path.abspath(checkpoint), split):
+            raise ValueError(f"--out={out_dir} holds another evaluation's results ({path}: {name} of "
+                             f"{meta.get('checkpoint')}, split {meta.get('split')}); give a new --out or move them")
+
+
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
@@ -122,6 +145,9 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
+    k_dirs = {k: os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir for k in latent_steps}
+    check_out_dir(out_dir, benchmark, checkpoint, split, list(k_dirs.values()),
+                  sweep=len([k for k in latent_steps if k != RECORD_K]) > 1)
     if run is None:
         cli.status(f"loading the run in {checkpoint}...")
         run = load_run(checkpoint)
@@ -157,7 +183,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         predictions, batched = _answer_all(predict, batches, len(examples), batch_size, f"{benchmark} K={k}")
         latency = _single_latency(lambda enc, n, i, k=k: predict(enc, n, i, single, k), singles, batched,
                                   batch_size, n_timed)
-        k_dir = os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir
+        k_dir = k_dirs[k]
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step, "phase": run.phase,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
         summary = write_report(k_dir, benchmark, examples, predictions,

@@ -91,6 +91,9 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
                                                                                       "images")))[0])
     result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=3)
     assert len(result["step_texts"]) == 3 and len(result["heatmaps"]) == 3
+    # The ||z_k|| / embedding-norm ratios the module docstring promises in explanation.json.
+    assert result["norm_ratio_per_step"] == pytest.approx([n / result["embedding_norm"]
+                                                           for n in result["z_norm_per_step"]], rel=1e-5)
     grid = run.model.config.roi_dim and result["heatmaps"][0]["grid"]
     assert grid == [8, 8]  # the tiny SigLIP's 112 px / patch 14 grid
     for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):

@@ -70,6 +70,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
               "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
               "embedding_norm": float(norms["embedding_norm"]),
+              "norm_ratio_per_step": [float(x) for x in np.asarray(norms["ratio_per_step"])[:k]],
               "step_similarity": np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist()[:k],
               "heatmaps": []}
     encoder_dir = encoder_dir or run.paths.encoder_dir

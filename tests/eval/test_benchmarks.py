@@ -276,11 +276,16 @@ def test_generic_jsonl_open_closed_and_choice(tmp_path):
         {"id": "b", "image": "img/1.png", "question": "What organ?", "answer": "liver", "answer_type": "OPEN"},
         {"id": "c", "image": "img/1.png", "question": "Which?", "answer": "b", "answer_type": "closed",
          "options": ["left", "right"], "source": "x"},
+        # An option's text as the answer: the model is shown the options too, and the answer scores as its letter.
+        {"id": "d", "image": "img/1.png", "question": "Which side?", "answer": "The Right.", "answer_type": "closed",
+         "options": ["left", "right"]},
     ])
-    a, b, c = load_benchmark("jsonl", str(tmp_path))
-    assert (a.match, b.match, c.match) == ("vqa", "f1", "letter")
+    a, b, c, d = load_benchmark("jsonl", str(tmp_path))
+    assert (a.match, b.match, c.match, d.match) == ("vqa", "f1", "letter", "letter")
     assert c.answer == "B" and c.options == ("left", "right") and c.extra == {"source": "x"}
     assert c.prompt.splitlines()[:3] == ["Which?", "A. left", "B. right"]
+    assert d.answer == "B" and d.prompt.splitlines()[:3] == ["Which side?", "A. left", "B. right"]
+    assert metrics.score_example(d, "right").correct and not metrics.score_example(d, "A").correct
     assert a.image == str(tmp_path / "img" / "1.png")
 
 
@@ -288,6 +293,12 @@ def test_generic_jsonl_open_closed_and_choice(tmp_path):
     ({"id": "z", "image": "img/1.png", "question": "q", "answer": "a"}, r"test.jsonl:2 \(id 'z'\): missing .*type"),
     ({"id": "z", "image": "img/1.png", "question": "q", "answer": "a", "answer_type": "closed", "options": "ab"},
      r"test.jsonl:2 \(id 'z'\): options must be a list"),
+    ({"id": "z", "image": "img/1.png", "question": "q", "answer": "up", "answer_type": "closed",
+      "options": ["left", "right"]}, r"test.jsonl:2 \(id 'z'\): answer 'up' is neither an option letter nor one of"),
+    ({"id": "z", "image": "img/1.png", "question": "q", "answer": "A", "answer_type": "closed", "options": ["", "no"]},
+     r"test.jsonl:2 \(id 'z'\): options must be .* distinct, non-empty"),
+    ({"id": "z", "image": "img/1.png", "question": "q", "answer": "A", "answer_type": "closed",
+      "options": ["yes", "Yes."]}, r"test.jsonl:2 \(id 'z'\): options must be .* distinct, non-empty"),
     ({"id": "z", "image": "img/1.png", "question": "q", "answer": "a", "answer_type": "closed", "match": "bleu"},
      r"test.jsonl:2 \(id 'z'\): .*match must be one of"),
     ({"id": "z", "image": "img/2.png", "question": "q", "answer": "a", "answer_type": "closed"},

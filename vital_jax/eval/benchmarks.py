@@ -525,11 +525,28 @@ def load_pmc_vqa(data_dir: str, split: str = "test_clean", limit: int | None = N
     return _limited(out, limit)
 
 
+def _option_letter(label: str, answer: str, options: tuple[str, ...]) -> str:
+    """The letter of a multiple-choice answer given as a letter or as an option's text."""
+    keys = [metrics.normalize_answer(o) for o in options]
+    if len(options) > len(metrics.LETTERS) or not all(keys) or len(set(keys)) < len(keys):
+        raise BenchmarkError(f"{label}: options must be 1 to {len(metrics.LETTERS)} distinct, non-empty texts "
+                             f"(after normalisation), got {list(options)}")
+    if answer.strip().upper() in metrics.LETTERS[:len(options)]:
+        return answer.strip().upper()
+    if metrics.normalize_answer(answer) in keys:
+        return metrics.LETTERS[keys.index(metrics.normalize_answer(answer))]
+    raise BenchmarkError(f"{label}: answer {answer!r} is neither an option letter nor one of the options "
+                         f"{list(options)}")
+
+
 def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
                check_images: bool = True) -> list[BenchmarkExample]:
     """A generic benchmark: `{split}.jsonl` of {id (unique), image, question, answer, answer_type} (+ optional
-    `options`, a list, with the answer then an option letter or text, `match` to override the scoring, `prompt`);
-    image paths relative to data_dir."""
+    `options`, a list, with the answer then an option letter or an option's text, `match` to override the scoring,
+    `prompt`); image paths relative to data_dir. With options the question is multiple choice: the prompt lists
+    them lettered (unless `prompt` is given) and the answer is scored as its letter (`match` "letter", which also
+    accepts the option's text); the options must be distinct and non-empty after normalisation, at most
+    len(metrics.LETTERS)."""
     path = _require_file(os.path.join(data_dir, f"{split}.jsonl"), f"{split}.jsonl")
     out, seen = [], {}
     for label, record in _read_jsonl(path):
@@ -543,8 +560,8 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
         if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
             raise BenchmarkError(f"{label}: options must be a list of strings")
         options, answer = tuple(" ".join(o.split()) for o in options), _text(answer)
-        if options and answer.upper() in metrics.LETTERS[:len(options)]:
-            match, answer = "letter", answer.upper()
+        if options:
+            match, answer = "letter", _option_letter(label, answer, options)
         else:
             match = "vqa" if kind == "closed" else "f1"
         match = record.get("match", match)

@@ -88,6 +88,20 @@ def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
     _one_line_error(_run("vital_jax.evaluate", *common, "--memory=autonomous"), "VITAL run")
 
 
+def test_evaluate_checks_record_k_before_loading_the_model(recorded_run, tmp_path):
+    """--record_k on a benchmark whose questions carry no record K: one error line, before the model loads."""
+    from PIL import Image
+
+    workdir, _ = recorded_run
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "question": "q?", "answer": "yes",
+                                                     "answer_type": "closed"}) + "\n")
+    res = _run("vital_jax.evaluate", f"--checkpoint={workdir}", "--benchmark=jsonl", f"--data_dir={tmp_path}",
+               f"--out={tmp_path / 'eval'}", "--latent_steps=1", "--record_k")
+    _one_line_error(res, "example 'a' has no record K")
+    assert "loading the run" not in res.stderr
+
+
 def test_evaluate_refuses_an_out_holding_another_evaluations_results(recorded_run, tmp_path):
     """Results of another checkpoint were overwritten, and a K sweep of another benchmark replaced k_sweep.json
     and summary.md beside the first one's per-K files, silently; a rerun of the same evaluation still goes on

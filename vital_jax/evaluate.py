@@ -31,15 +31,15 @@ DEFAULT_LATENCY_EXAMPLES = 64
 RECORD_K = "record"
 
 
-def record_latent_steps(examples, run) -> list[int]:
+def record_latent_steps(examples, config) -> list[int]:
     """K per example for `latent_steps=["record"]`: the K its record was trained with (the length of its
     reasoning chain, `extra["latent_steps"]`), capped like training (`vital.latent_steps_cap`, else K_max).
 
     A diagnostic, not the paper's protocol (which answers every question with the same K): it tells a model that
     fails at a fixed K because short-chain questions never saw that K in training apart from one that fails anyway.
     """
-    cap = int(run.config.vital.latent_steps_cap)
-    cap = run.model.config.k_max if cap < 0 else min(cap, run.model.config.k_max)
+    k_max, cap = int(config.vital.k_max), int(config.vital.latent_steps_cap)  # config: the run's recorded one
+    cap = k_max if cap < 0 else min(cap, k_max)
     steps = []
     for e in examples:
         k = e.extra.get("latent_steps")
@@ -145,6 +145,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
+    record_steps = record_latent_steps(examples, config) if RECORD_K in latent_steps else None
     k_dirs = {k: os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir for k in latent_steps}
     check_out_dir(out_dir, benchmark, checkpoint, split, list(k_dirs.values()),
                   sweep=len([k for k in latent_steps if k != RECORD_K]) > 1)
@@ -156,7 +157,6 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],
                                 [e.prompt for e in examples[i:i + batch_size]])
                for i in range(0, len(examples), batch_size)]
-    record_steps = record_latent_steps(examples, run) if RECORD_K in latent_steps else None
     # The compiled program depends on the number of latent slots only; "record" runs the run's K cap of slots.
     slots = {k: (max(record_steps) if k == RECORD_K else k) for k in latent_steps}
     cli.status(f"compiling generation for K in {sorted(set(slots.values()))} (one program per prompt length)...")

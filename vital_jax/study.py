@@ -463,7 +463,7 @@ def _evaluate_record_k(config, run, run_dir: str, data_dir: str, k_eval: int | N
 
     if fixed_scores is not None:
         _, examples = load_examples("phantom_vqa", data_dir, config.eval.test_split, None, "auto")
-        if set(record_latent_steps(examples, run)) == {k_eval}:
+        if set(record_latent_steps(examples, run.config)) == {k_eval}:
             keep = ("closed_accuracy", "open_token_f1", "per_type", "closed_correct")
             return {**{k: fixed_scores[k] for k in keep}, "same_as_fixed_k": True}
     out_dir = os.path.join(run_dir, "eval_test_record_k")

@@ -411,3 +411,6 @@ def test_evaluate_command_states_the_per_type_floor_of_the_questions_it_answered
     assert res.returncode == 0, res.stderr[-3000:]
     limited = floors(run_data, "test", limit)["closed"]["majority_by_type"]
     assert f"majority per type {100 * limited:.1f}%" in res.stdout, (limit, whole, res.stdout)
+    # ... and the files hold it too (it was printed only).
+    written = json.load(open(tmp_path / "eval" / "phantom_vqa.metrics.json"))
+    assert written["closed_majority_by_type_baseline"] == pytest.approx(limited)

@@ -296,16 +296,10 @@ def main(argv):
             ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
             summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks,
                                  figure_format=_FIGURE_FORMAT.value, **common)
-        majority_by_type = None
-        if _BENCHMARK.value == "phantom_vqa":
-            from vital_jax.eval.floors import floors
-
-            majority_by_type = floors(_DATA_DIR.value, summaries[0]["meta"]["split"],
-                                      _LIMIT.value)["closed"]["majority_by_type"]
     except (ConfigError, CheckpointError, BenchmarkError, ValueError, FileNotFoundError) as e:
         cli.fail(e)
     for s in summaries:
-        print(headline_text(s, majority_by_type))
+        print(headline_text(s))
     print(f"({ACCURACY_MEANS})")
     print(f"reports written to {os.path.abspath(_OUT.value)}")
     return 0

@@ -286,6 +286,21 @@ def test_majority_baseline_of_letters_and_ties():
     assert "open_token_f1" not in result
 
 
+def test_majority_by_type_answers_each_closed_question_with_its_types_most_frequent_gold():
+    def example(i, qtype, answer):
+        return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type="closed",
+                                match="vqa", extra={"question_type": qtype})
+    # Pooled, "yes" is the majority (3 of 7); per type: yes_no -> yes (3 of 4), location -> left (2 of 3).
+    examples = [example(0, "yes_no", "yes"), example(1, "yes_no", "yes"), example(2, "yes_no", "yes"),
+                example(3, "yes_no", "no"), example(4, "location", "left"), example(5, "location", "left"),
+                example(6, "location", "right")]
+    result = metrics.score(examples, [""] * len(examples))
+    assert result["closed_majority_baseline"] == pytest.approx(3 / 7)
+    assert result["closed_majority_by_type_baseline"] == pytest.approx(5 / 7)
+    untyped = [_example(0, "yes", "closed")] + examples[1:]
+    assert "closed_majority_by_type_baseline" not in metrics.score(untyped, [""] * len(untyped))
+
+
 def test_per_source_groups_in_domain_rows_like_table_1():
     def example(i, source, answer):
         return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type="closed",

@@ -385,6 +385,10 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
                                          VQA-RAD Acc_closed values fit (every value is k/451, none k/272).
       closed_majority_baseline           the closed questions answered with `majority_answer`, same scorer.
       closed_majority_baseline_over_all  the same count / all questions.
+      closed_majority_by_type_baseline   each closed question answered with the majority answer of its question
+                                         type, same scorer (when every closed example carries
+                                         extra["question_type"]): the stronger floor, which knows each type's
+                                         answer set (PhantomVQA's, `eval.floors`).
       closed_chance                      mean 1 / number of options over the closed questions (when they all list
                                          their options): what guessing scores.
       open_token_f1                      mean token F1 over the open questions (Token-F1_open).
@@ -423,6 +427,12 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
         out.update(closed_accuracy=n_correct / len(closed), closed_accuracy_over_all=n_correct / len(examples),
                    closed_majority_baseline=n_majority / len(closed),
                    closed_majority_baseline_over_all=n_majority / len(examples), closed_majority_answer=majority)
+        if all(e.extra.get("question_type") for e in closed):
+            typed = collections.defaultdict(list)
+            for e in closed:
+                typed[str(e.extra["question_type"])].append(e)
+            n_typed = sum(score_example(e, majority_answer(group)).correct for group in typed.values() for e in group)
+            out["closed_majority_by_type_baseline"] = n_typed / len(closed)
         if all(e.options for e in closed):
             out["closed_chance"] = sum(1.0 / len(e.options) for e in closed) / len(closed)
     if "open" in out:

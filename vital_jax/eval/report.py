@@ -5,7 +5,8 @@ One benchmark run (`write_report`) writes, under `out_dir`:
                              f1, recall, parsed, latent_steps, latency_ms, batched_ms_per_example
   {name}.metrics.json        {"benchmark", "count", "overall", "closed", "open", "closed_yes_no", "per_source",
                              "closed_accuracy", "closed_accuracy_over_all", "closed_majority_baseline",
-                             "closed_majority_baseline_over_all", "closed_majority_answer", "open_token_f1",
+                             "closed_majority_baseline_over_all", "closed_majority_answer",
+                             "closed_majority_by_type_baseline" (benchmarks with question types), "open_token_f1",
                              "headline", "latency_ms": {mean, p50, p90, min, max, count, batch_size: 1},
                              "batched_ms_per_example": {..., batch_size}, "meta": {...}} (`metrics.score`
                              documents the accuracy conventions)
@@ -210,10 +211,10 @@ ACCURACY_MEANS = ("accuracy = the normalised answer equals the reference (closed
                   "yes/no stated or the option letter); open questions are scored by token F1")
 
 
-def headline_text(summary: dict, majority_by_type: float | None = None) -> str:
-    """A run's headline numbers as a few lines for the terminal: overall, closed (beside the majority-answer and
-    chance floors; `majority_by_type` adds PhantomVQA's per-type majority, `eval.floors`), open, each question
-    type, and latency."""
+def headline_text(summary: dict) -> str:
+    """A run's headline numbers as a few lines for the terminal: overall, closed (beside the majority-answer,
+    per-type majority (benchmarks with question types) and chance floors), open, each question type, and
+    latency."""
     meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
     types = summary.get("per_question_type") or {}
     width = max([9, *map(len, types)])
@@ -225,8 +226,8 @@ def headline_text(summary: dict, majority_by_type: float | None = None) -> str:
                  "(exact match, open questions included)")
     if closed:
         floors = [f"majority answer {pct(summary['closed_majority_baseline'])}"]
-        if majority_by_type is not None:
-            floors.append(f"majority per type {pct(majority_by_type)}")
+        if "closed_majority_by_type_baseline" in summary:
+            floors.append(f"majority per type {pct(summary['closed_majority_by_type_baseline'])}")
         if "closed_chance" in summary:
             floors.append(f"chance {pct(summary['closed_chance'])}")
         lines.append(f"  {'closed':<{width}} {pct(closed['accuracy']):>6}, n={closed['count']}; "

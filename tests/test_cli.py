@@ -79,6 +79,15 @@ def test_a_wrong_argument_is_one_line_and_a_failure(module, args, needles):
     _one_line_error(_run(module, *args), *needles)
 
 
+def test_train_names_a_malformed_multi_process_variable_before_any_work(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, VITAL_COORDINATOR="127.0.0.1:1", VITAL_NUM_PROCESSES="two",
+               VITAL_PROCESS_ID="0")
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/demo.py",
+                          f"--workdir={tmp_path}/run"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    _one_line_error(res, "VITAL_NUM_PROCESSES='two' is not an integer")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
     workdir, data = recorded_run
     common = [f"--checkpoint={workdir}", "--benchmark=jsonl", f"--data_dir={data}", f"--out={workdir}/eval"]

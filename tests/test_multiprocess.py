@@ -47,6 +47,23 @@ def test_explicit_arguments_and_environment():
     assert distributed.plan_distributed(env={**env, "VITAL_DISTRIBUTED": "off"}).method == "none"
 
 
+@pytest.mark.parametrize("env, needle", [
+    ({"VITAL_NUM_PROCESSES": "two"}, "VITAL_NUM_PROCESSES='two' is not an integer"),
+    ({"VITAL_PROCESS_ID": "first"}, "VITAL_PROCESS_ID='first' is not an integer"),
+    ({"VITAL_NUM_PROCESSES": "0"}, "VITAL_NUM_PROCESSES=0: set the number of processes"),
+    ({"VITAL_PROCESS_ID": "-1"}, r"VITAL_PROCESS_ID=-1 is outside \[0, 2\)"),
+    ({"VITAL_NUM_PROCESSES": "1", "VITAL_PROCESS_ID": "3"}, "VITAL_PROCESS_ID=3 is outside"),
+    ({"VITAL_LOCAL_DEVICE_IDS": "0,a"}, "VITAL_LOCAL_DEVICE_IDS='0,a'"),
+    ({"VITAL_LOCAL_DEVICE_IDS": "-1"}, "VITAL_LOCAL_DEVICE_IDS='-1'"),
+    ({"VITAL_LOCAL_DEVICE_IDS": "0,0"}, "VITAL_LOCAL_DEVICE_IDS='0,0'"),
+    ({"VITAL_DISTRIBUTED": "disable"}, "VITAL_DISTRIBUTED='disable': set on, off or auto"),
+])
+def test_a_malformed_environment_is_one_error_naming_the_variable(env, needle):
+    base = {"VITAL_COORDINATOR": "h:1", "VITAL_NUM_PROCESSES": "2", "VITAL_PROCESS_ID": "0"}
+    with pytest.raises(distributed.DistributedSetupError, match=needle):
+        distributed.plan_distributed(env={**base, **env}, tpu_vm=False)
+
+
 def test_slurm_detection_and_gpus_per_task():
     base = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "5",
             "SLURM_LOCALID": "5", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "8"}

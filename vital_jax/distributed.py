@@ -51,8 +51,15 @@ ENV_PROCESS_ID = "VITAL_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "VITAL_LOCAL_DEVICE_IDS"
 ENV_DISTRIBUTED = "VITAL_DISTRIBUTED"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_SWITCH_OFF = ("off", "0", "false", "no")
+_SWITCH_ON = ("on", "1", "true", "yes")
 _TPU_ENV_HINTS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
                   "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")
+
+
+class DistributedSetupError(ValueError):
+    """The multi-process setup (arguments or VITAL_* / SLURM_* environment) is malformed or inconsistent; the
+    message names the variable and the value to set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +72,24 @@ class DistributedPlan:
     reason: str
 
 
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name].strip())
+    except ValueError:
+        raise DistributedSetupError(f"{name}={env[name]!r} is not an integer") from None
+
+
 def _local_device_ids(value: str | None) -> list[int] | None:
     if value is None or value.strip().lower() in ("", "all"):
         return None
-    return [int(v) for v in value.split(",") if v.strip()]
+    try:
+        ids = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        ids = None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise DistributedSetupError(f"{ENV_LOCAL_DEVICE_IDS}={value!r}: set distinct device indices >= 0 separated by commas "
+                                    "(e.g. 0,1) or 'all'")
+    return ids
 
 
 def _slurm_node_gpus(env: Mapping[str, str]) -> list[int] | None:
@@ -93,26 +114,32 @@ def plan_distributed(coordinator_address: str | None = None, num_processes: int 
     """Decide (without side effects) how to initialise; see the module docstring for the order."""
     env = os.environ if env is None else env
     switch = env.get(ENV_DISTRIBUTED, "auto").strip().lower()
-    if switch in ("off", "0", "false", "no"):
+    if switch not in _SWITCH_OFF + _SWITCH_ON + ("auto", ""):
+        raise DistributedSetupError(f"{ENV_DISTRIBUTED}={env[ENV_DISTRIBUTED]!r}: set on, off or auto")
+    if switch in _SWITCH_OFF:
         return DistributedPlan("none", {}, f"{ENV_DISTRIBUTED}={switch}")
     coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
     if num_processes is None and env.get(ENV_NUM_PROCESSES):
-        num_processes = int(env[ENV_NUM_PROCESSES])
+        num_processes = _env_int(env, ENV_NUM_PROCESSES)
     if process_id is None and env.get(ENV_PROCESS_ID):
-        process_id = int(env[ENV_PROCESS_ID])
+        process_id = _env_int(env, ENV_PROCESS_ID)
     if local_device_ids is None:
         local_device_ids = _local_device_ids(env.get(ENV_LOCAL_DEVICE_IDS))
 
     if coordinator_address is not None or num_processes is not None or process_id is not None:
+        if num_processes is not None and num_processes < 1:
+            raise DistributedSetupError(f"num_processes / {ENV_NUM_PROCESSES}={num_processes}: set the number of "
+                                        "processes, >= 1")
+        if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+            raise DistributedSetupError(f"process_id / {ENV_PROCESS_ID}={process_id} is outside [0, {num_processes}) "
+                                        f"for {num_processes} process(es): set it to 0 .. {num_processes - 1}")
         if num_processes == 1:
             return DistributedPlan("none", {}, "explicit single process")
         missing = [name for name, value in (("coordinator_address / " + ENV_COORDINATOR, coordinator_address),
                                             ("num_processes / " + ENV_NUM_PROCESSES, num_processes),
                                             ("process_id / " + ENV_PROCESS_ID, process_id)) if value is None]
         if missing:
-            raise ValueError("explicit multi-process setup is incomplete; missing: " + ", ".join(missing))
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id {process_id} is outside [0, {num_processes})")
+            raise DistributedSetupError("explicit multi-process setup is incomplete; missing: " + ", ".join(missing))
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
         if local_device_ids is not None:
             kwargs["local_device_ids"] = list(local_device_ids)
@@ -135,12 +162,12 @@ def plan_distributed(coordinator_address: str | None = None, num_processes: int 
             # One task per node: jax would otherwise pick only GPU SLURM_LOCALID (= 0) of each node.
             gpus = _slurm_node_gpus(env)
             if gpus is None:
-                raise ValueError("SLURM job with one task per node: cannot tell the node's GPUs; set "
-                                 f"{ENV_LOCAL_DEVICE_IDS}=0,1,... (or SLURM --gpus-per-node)")
+                raise DistributedSetupError("SLURM job with one task per node: cannot tell the node's GPUs; set "
+                                            f"{ENV_LOCAL_DEVICE_IDS}=0,1,... (or SLURM --gpus-per-node)")
             kwargs["local_device_ids"] = gpus
         return DistributedPlan("slurm", kwargs, f"SLURM task {env['SLURM_PROCID']}/{tasks}")
 
-    if switch in ("on", "1", "true", "yes"):
+    if switch in _SWITCH_ON:
         return DistributedPlan("auto", {}, f"{ENV_DISTRIBUTED}={switch}: jax cluster auto-detection")
     if _on_tpu_vm(env) if tpu_vm is None else tpu_vm:
         return DistributedPlan("tpu", {}, "Cloud TPU VM: jax reads the pod topology")
@@ -385,6 +412,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 
 __all__ = [
-    "DistributedPlan", "global_from_host_copy", "global_per_example", "global_vital_batch", "host_rows", "host_local_to_global", "is_primary",
-    "maybe_initialize_distributed", "plan_distributed", "process_rows",
+    "DistributedPlan", "DistributedSetupError", "global_from_host_copy", "global_per_example", "global_vital_batch",
+    "host_rows", "host_local_to_global", "is_primary", "maybe_initialize_distributed", "plan_distributed", "process_rows",
 ]

@@ -527,7 +527,7 @@ def main(argv):
 
     # Errors a user can act on (config, data, checkpoints, a non-finite loss): one line, not a traceback.
     errors = (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, RecordError, PromptError,
-              FileNotFoundError)
+              FileNotFoundError, distributed.DistributedSetupError)
     if config.method == "medsynapse":
         from vital_jax.medsynapse import trainer
         from vital_jax.medsynapse.features import FeatureStoreError

@@ -190,6 +190,25 @@ def test_config_errors_are_clear(tmp_path, assets):
         train.train(_config(vital__lora_rank=2), workdir)
 
 
+def test_a_mesh_that_does_not_fit_the_devices_or_the_batch_is_one_config_error_before_any_work(tmp_path):
+    import jax
+
+    n = jax.device_count()
+    workdir = str(tmp_path / "mesh")
+    for shape, needle in [((n + 1, 1, 1), f"needs {n + 1} devices"), ((1.5, 1, 1), "sizes must be integers"),
+                          ((0, 1, 1), "positive or -1"), ((-1, -1, 1), "at most one axis"), ((n, 1), "2 entries")]:
+        with pytest.raises(ConfigError, match=rf"config.mesh.shape=.*{needle}.*set --config.mesh.shape"):
+            train.train(_config(mesh__shape=shape), workdir)
+    # The global batch must split over data x fsdp: 6 examples on 4 devices, from the command line.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+                          *OVERRIDES, "--config.data.batch_size=6", "--config.mesh.shape=(2,2,1)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "config.data.batch_size=6" in res.stderr and "a multiple of 4" in res.stderr, res.stderr[-3000:]
+    assert not os.path.exists(workdir)  # refused before the demo's assets or anything else were written
+
+
 def test_workdirs_written_before_a_config_field_existed_resume_only_with_its_old_value(tmp_path):
     from vital_jax import workdir as workdir_lib
 

@@ -149,6 +149,8 @@ class MeshConfig:
     def __post_init__(self):
         if len(self.shape) != len(self.axis_names):
             raise ValueError(f"mesh shape {self.shape} has {len(self.shape)} entries for axes {self.axis_names}")
+        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in self.shape):
+            raise ValueError(f"mesh shape {self.shape}: sizes must be integers")
         if sum(1 for s in self.shape if s == -1) > 1:
             raise ValueError(f"mesh shape {self.shape}: at most one axis may be -1")
         bad = [s for s in self.shape if s != -1 and s < 1]
@@ -165,7 +167,7 @@ class MeshConfig:
             return cls()
         shape = _get(mesh_cfg, "shape", None)
         names = _get(mesh_cfg, "axis_names", None)
-        return cls(shape=tuple(int(s) for s in shape) if shape is not None else cls.shape,
+        return cls(shape=tuple(shape) if shape is not None else cls.shape,
                    axis_names=tuple(names) if names is not None else MESH_AXES)
 
     def resolve(self, num_devices: int) -> tuple[int, ...]:

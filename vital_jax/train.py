@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import signal
 from collections.abc import Callable
@@ -144,6 +145,27 @@ def validate_config(config) -> None:
         pipeline_config(config)
     except PipelineError as e:
         raise ConfigError(f"config.data: {e}") from e
+
+
+def check_mesh(config) -> None:
+    """`config.mesh.shape` against the devices of all processes, and the global batch (data.batch_size x
+    processes) against the mesh's batch axes (data x fsdp): a ConfigError naming the value to set, before any
+    model is loaded. Call it after `distributed.maybe_initialize_distributed` (it counts every process's devices)."""
+    devices = jax.device_count()
+    shape = tuple(config.mesh.shape)
+    try:
+        data, fsdp, _ = sharding.MeshConfig.from_config(config).resolve(devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh.shape={shape}: {e}; set --config.mesh.shape to three positive integers "
+                          f"(data, fsdp, tensor) whose product is {devices}, one of them may be -1 for the remaining "
+                          f"devices, e.g. '(-1, 1, 1)'") from None
+    global_batch = config.data.batch_size * jax.process_count()
+    if global_batch % (data * fsdp):
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} x {jax.process_count()} process(es) = "
+                          f"{global_batch} examples per step do not split over the mesh's data x fsdp = {data} x "
+                          f"{fsdp} = {data * fsdp} batch shards (config.mesh.shape={shape}): set data.batch_size to "
+                          f"a multiple of {data * fsdp // math.gcd(data * fsdp, jax.process_count())} or change the "
+                          "mesh")
 
 
 def _train_records_fingerprint(data_dir: str, split: str) -> dict:
@@ -300,6 +322,7 @@ def train(config, workdir: str) -> dict:
     way out, after an error too (waiting for a save in flight instead of exiting under orbax's threads)."""
     validate_config(config)
     distributed.maybe_initialize_distributed()
+    check_mesh(config)
     workdir = os.path.abspath(workdir)
     with workdir_lib.WorkdirLock(workdir), contextlib.ExitStack() as checkpointers:
         return _train(config, workdir, checkpointers)

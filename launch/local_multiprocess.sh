@@ -23,6 +23,12 @@ set -euo pipefail
 : "${WORKDIR:?set WORKDIR}"
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROC="${DEVICES_PER_PROC:-1}"
+for var in NUM_PROCESSES DEVICES_PER_PROC ${GPUS_PER_PROC:+GPUS_PER_PROC}; do
+  if [[ ! "${!var}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "[local_multiprocess] $var='${!var}': set a positive integer" >&2
+    exit 2
+  fi
+done
 MODULE="${MODULE:-vital_jax.train}"
 LOG_DIR="${LOG_DIR:-$WORKDIR/logs}"
 PORT="${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"

@@ -106,6 +106,17 @@ def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path)
     assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"
 
 
+@pytest.mark.parametrize("variable, value", [("NUM_PROCESSES", "0"), ("NUM_PROCESSES", "two"),
+                                             ("DEVICES_PER_PROC", "-1"), ("GPUS_PER_PROC", "x")])
+def test_local_launcher_refuses_a_process_or_device_count_that_is_not_a_positive_integer(tmp_path, variable, value):
+    env = dict(_stubs(tmp_path, python=PYTHON_STUB), CONFIG=CONFIG, WORKDIR=str(tmp_path / "run"), PORT="1",
+               **{variable: value})
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"{variable}='{value}': set a positive integer" in res.stderr, res.stderr
+    assert "STUB" not in res.stdout and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("memory_mib, batch, policy", [("81559", "10", "projections"), ("143771", "16", "dots")])
 def test_the_accelerator_plan_sizes_its_batch_by_the_cards_memory(tmp_path, memory_mib, batch, policy):
     """benchmarks/accelerator_run.sh (issue #16's GPU measurements) with `nvidia-smi` reporting an 80 GB or a 141 GB

@@ -30,7 +30,12 @@ for var in NUM_PROCESSES DEVICES_PER_PROC ${GPUS_PER_PROC:+GPUS_PER_PROC}; do
   fi
 done
 MODULE="${MODULE:-vital_jax.train}"
+# Relative paths are the caller's: anchor them before the `cd` to the repository root below (a CONFIG that is not
+# there, e.g. configs/demo.py from elsewhere, stays relative to the repository).
+[[ "$WORKDIR" == /* || "$WORKDIR" == *://* ]] || WORKDIR="$PWD/$WORKDIR"
+if [[ "$CONFIG" != /* && -e "${CONFIG%%:*}" ]]; then CONFIG="$PWD/$CONFIG"; fi
 LOG_DIR="${LOG_DIR:-$WORKDIR/logs}"
+[[ "$LOG_DIR" == /* ]] || LOG_DIR="$PWD/$LOG_DIR"
 PORT="${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 mkdir -p "$LOG_DIR"
 cd "$(dirname "$0")/.."

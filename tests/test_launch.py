@@ -117,6 +117,26 @@ def test_local_launcher_refuses_a_process_or_device_count_that_is_not_a_positive
     assert "STUB" not in res.stdout and not (tmp_path / "run").exists()
 
 
+def test_local_launcher_takes_relative_paths_from_where_it_is_started(tmp_path):
+    """A relative WORKDIR (and a CONFIG found there) is the caller's, not the repository's, where the launcher runs
+    its processes; its logs land where the processes write them."""
+    caller = tmp_path / "caller"
+    (caller / "mine").mkdir(parents=True)
+    (caller / "mine" / "config.py").write_text("")
+    env = dict(_stubs(tmp_path, python=PYTHON_STUB), CONFIG="mine/config.py:variant", WORKDIR="runs/my run",
+               NUM_PROCESSES="2", PORT="1")
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "--config.seed=3"], env=env,
+                         cwd=caller, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    logs = caller / "runs" / "my run" / "logs"
+    for rank in range(2):
+        (line,) = [x for x in (logs / f"process_{rank}.log").read_text().splitlines() if x.startswith("STUB ")]
+        task = json.loads(line.removeprefix("STUB "))
+        assert task["argv"] == ["-m", "vital_jax.train", f"--config={caller}/mine/config.py:variant",
+                                f"--workdir={caller}/runs/my run", "--config.seed=3"]
+        assert task["env"]["VITAL_PROCESS_ID"] == str(rank) and task["env"]["VITAL_NUM_PROCESSES"] == "2"
+
+
 @pytest.mark.parametrize("memory_mib, batch, policy", [("81559", "10", "projections"), ("143771", "16", "dots")])
 def test_the_accelerator_plan_sizes_its_batch_by_the_cards_memory(tmp_path, memory_mib, batch, policy):
     """benchmarks/accelerator_run.sh (issue #16's GPU measurements) with `nvidia-smi` reporting an 80 GB or a 141 GB

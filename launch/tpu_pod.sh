@@ -49,7 +49,8 @@ extra=""
 for arg in "$@"; do extra+=" $(printf '%q' "$arg")"; done
 
 train="python -m vital_jax.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$extra"
-remote="cd $REPO_DIR && ${setup}mkdir -p $LOG_DIR && $train 2>&1 | tee $LOG_DIR/host_\$(hostname).log"
+# pipefail: the command's exit status is training's, not tee's (which would report a failed run as a success).
+remote="set -o pipefail && cd $REPO_DIR && ${setup}mkdir -p $LOG_DIR && $train 2>&1 | tee $LOG_DIR/host_\$(hostname).log"
 
 echo "[tpu_pod] $TPU_NAME ($ZONE), all workers: $train"
 exec "${GCLOUD[@]}" ssh "${TARGET[@]}" --worker=all --command="$remote"

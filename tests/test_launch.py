@@ -98,12 +98,30 @@ def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path)
     assert "--zone=us-east5-a" in call and "--project=proj" in call and "--worker=all" in call
     remote = next(arg for arg in call if arg.startswith("--command=")).removeprefix("--command=")
     setup, _, rest = remote.partition(" && pip install -q -e '.[tpu]' && ")
-    assert setup == "cd ~/vital_jax" and rest
+    assert setup == "set -o pipefail && cd ~/vital_jax" and rest
     train = rest.split(" && ", 1)[1].split(" 2>&1 | tee ")[0]
     # The remote shell sees the extra flags as the arguments given here, spaces included.
     assert shlex.split(train) == ["python", "-m", "vital_jax.train", f"--config={CONFIG}",
                                   "--workdir=gs://bucket/runs/x", "--config.train.steps=3", "--config.note=a b"]
     assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"
+
+
+def test_tpu_pod_launcher_fails_when_training_fails_on_a_worker(tmp_path):
+    """The remote command pipes training through `tee` into the host's log: its exit status must be training's."""
+    run_remote = """#!/bin/bash
+for arg in "$@"; do [[ "$arg" == --command=* ]] && exec bash -c "${arg#--command=}"; done
+"""
+    failing_python = """#!/bin/bash
+echo "training failed" >&2; exit 3
+"""
+    env = dict(_stubs(tmp_path, gcloud=run_remote, python=failing_python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
+               WORKDIR="gs://bucket/x", LOG_DIR=str(tmp_path / "logs"))
+    (tmp_path / "vital_jax").mkdir()  # REPO_DIR on the "host": ~/vital_jax, HOME is tmp_path
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, (res.returncode, res.stdout, res.stderr)
+    (log,) = (tmp_path / "logs").iterdir()
+    assert "training failed" in log.read_text()
 
 
 @pytest.mark.parametrize("variable, value", [("NUM_PROCESSES", "0"), ("NUM_PROCESSES", "two"),

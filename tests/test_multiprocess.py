@@ -225,3 +225,35 @@ def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
     for i in (0, 1):
         assert out[i]["host_copy"]["gathered_leaves"] > 0 and out[i]["host_copy"]["numpy"], out[i]["host_copy"]
         assert out[i]["host_copy"]["checksum"] == reference["host_copy"]["checksum"]
+
+
+def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_path):
+    """`launch/local_multiprocess.sh` on a fresh demo workdir: process 0 builds the demo's assets while process 1
+    waits (two builders writing the same files left every record twice). The run is stopped just after (a train
+    split with no records), so both processes must fail with that config error and nothing else."""
+    from tests.conftest import DEMO_TEST_OVERRIDES
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
+               CONFIG="configs/demo.py", WORKDIR=str(workdir), PORT=str(_free_port()))
+    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
+        env.pop(key, None)
+    overrides = [o for o in DEMO_TEST_OVERRIDES if not o.startswith("--config.demo.pretrain")]  # the shipped VLM
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *overrides,
+                          "--config.data.train_split=no_such_split"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    for log in logs:
+        assert "a curriculum phase has no full batch of records" in log and "Traceback" not in log, log[-3000:]
+    assert (workdir / "demo" / "READY.json").exists()
+    # A demo that pretrains its own VLM cannot be built by several processes (pretraining is single-process): one
+    # config error on each, before anything is built.
+    env.update(WORKDIR=str(tmp_path / "pretrain"), PORT=str(_free_port()))
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *DEMO_TEST_OVERRIDES],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    for i in range(2):
+        log = (tmp_path / "pretrain" / "logs" / f"process_{i}.log").read_text()
+        assert "error: config.demo.pretrain='quick'" in log and "Traceback" not in log, log[-3000:]
+    assert not (tmp_path / "pretrain" / "demo").exists()

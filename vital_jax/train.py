@@ -28,6 +28,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vital_jax import cli
@@ -166,6 +167,22 @@ def check_mesh(config) -> None:
                           f"{fsdp} = {data * fsdp} batch shards (config.mesh.shape={shape}): set data.batch_size to "
                           f"a multiple of {data * fsdp // math.gcd(data * fsdp, jax.process_count())} or change the "
                           "mesh")
+
+
+def prepare_demo(workdir: str, demo_config) -> None:
+    """`demo.prepare` on process 0 while the other processes wait: they all read the same workdir, and two
+    builders writing the same files at once leave a broken dataset (every record twice)."""
+    from vital_jax.run import DEMO_DIR, DEMO_READY_FILE, SHIPPED
+
+    ready = os.path.exists(os.path.join(workdir, DEMO_DIR, DEMO_READY_FILE))
+    if jax.process_count() > 1 and demo_config.pretrain != SHIPPED and not ready:
+        raise ConfigError(f"config.demo.pretrain={demo_config.pretrain!r}: the demo pretrains its backbone in one "
+                          "process only; build the assets with one process first (the same command without the "
+                          "launcher; they are reused) or set config.demo.pretrain='shipped'")
+    if distributed.is_primary():
+        demo.prepare(workdir, demo_config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vital_jax.train: the demo's assets are built")
 
 
 def _train_records_fingerprint(data_dir: str, split: str) -> dict:
@@ -335,7 +352,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     config_json = json.loads(config.to_json_best_effort())
     workdir_lib.check_workdir_config(workdir, config_json, record=False)
     if config.demo.enabled:  # the demo's dataset and models, built on first use
-        demo.prepare(workdir, config.demo)
+        prepare_demo(workdir, config.demo)
     paths = resolve_paths(config, workdir)
     train_records = _train_records_fingerprint(paths.data_dir, config.data.train_split)
     workdir_lib.check_train_records(workdir, train_records, record=False)

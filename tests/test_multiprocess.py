@@ -257,3 +257,21 @@ def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_
         log = (tmp_path / "pretrain" / "logs" / f"process_{i}.log").read_text()
         assert "error: config.demo.pretrain='quick'" in log and "Traceback" not in log, log[-3000:]
     assert not (tmp_path / "pretrain" / "demo").exists()
+
+
+def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
+    """`python -m vital_jax.train` with a MedSynapse-V config through the local launcher: each process joins the
+    distributed run before anything else (it used to train alone, the two racing on one workdir), so a mesh of
+    4 devices is refused on 2 processes x 1 device naming the 2 devices of the whole run."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
+               CONFIG="configs/medsynapse_demo.py", WORKDIR=str(tmp_path / "run"), PORT=str(_free_port()))
+    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
+        env.pop(key, None)
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
+                          "--config.mesh.shape=(4,1,1)"], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1
+    for i in range(2):
+        log = (tmp_path / "run" / "logs" / f"process_{i}.log").read_text()
+        assert "mesh shape (4, 1, 1) needs 4 devices; there are 2" in log and "Traceback" not in log, log[-3000:]
+    assert not (tmp_path / "run" / "demo").exists()

@@ -518,13 +518,16 @@ def format_summary(summary: dict, workdir: str, phases: int) -> str:
 
 
 def train_medsynapse(config, workdir: str) -> dict:
-    """`config.method == "medsynapse"`: build the demo's assets when enabled, resolve the paths and run
-    `medsynapse.trainer.train` (which holds the workdir's lock and records the config); SIGTERM saves and exits."""
+    """`config.method == "medsynapse"`: join the other processes (`distributed.maybe_initialize_distributed`), build
+    the demo's assets when enabled, resolve the paths and run `medsynapse.trainer.train` (which holds the workdir's
+    lock and records the config); SIGTERM saves and exits."""
     from vital_jax.medsynapse import trainer
 
     trainer.validate_config(config)
+    distributed.maybe_initialize_distributed()
+    check_mesh(config)
     if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
-        demo.prepare(workdir, config.demo)
+        prepare_demo(workdir, config.demo)
         p = resolve_paths(config, workdir)
         paths = trainer.Paths(p.data_dir, p.tokenizer_dir, p.backbone_dir, p.encoder_dir)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -275,3 +276,39 @@ def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
         log = (tmp_path / "run" / "logs" / f"process_{i}.log").read_text()
         assert "mesh shape (4, 1, 1) needs 4 devices; there are 2" in log and "Traceback" not in log, log[-3000:]
     assert not (tmp_path / "run" / "demo").exists()
+
+
+def test_sigterm_to_one_of_two_train_processes_stops_both_at_one_checkpoint(tmp_path):
+    """A preemption that reaches one process (or the processes a step apart) stops every process at the same step:
+    saving a checkpoint is collective, so a process saving alone waited for the others forever."""
+    import signal
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
+               CONFIG="configs/demo.py", WORKDIR=str(workdir), PORT=str(_free_port()))
+    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
+        env.pop(key, None)
+    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
+                                 "--config.demo.split_counts=(24, 2, 3)", "--config.data.batch_size=2",
+                                 "--config.logging.every_steps=1", "--config.demo.finish=False",
+                                 "--config.checkpoint.async_save=False"], env=env, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
+            assert launcher.poll() is None and time.time() < deadline, "the run ended or never trained"
+            time.sleep(1)
+        lock = json.loads((workdir / "RUNNING.lock").read_text())
+        children = subprocess.run(["pgrep", "-f", "--", f"--workdir={workdir}"], capture_output=True, text=True).stdout
+        others = [int(p) for p in children.split() if int(p) != lock["pid"]]
+        assert len(others) == 1, (children, lock)
+        os.kill(others[0], signal.SIGTERM)  # process 1 only
+        assert launcher.wait(timeout=240) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert all("preempted at step" in log for log in logs), [log[-2000:] for log in logs]
+    step = int(re.search(r"preempted at step (\d+)", logs[0]).group(1))
+    assert f"preempted at step {step}" in logs[1] and list(workdir.glob(f"phase_*/{step}"))

@@ -484,8 +484,11 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                     probe.write(logger.tensorboard, step, output)
                     logger.tensorboard.flush()
                 logger.reset_timer(step)  # the probe is not training time
-            ckpt.save(step, state, iterator.get_state(), force=preemption.requested)
-            if preemption.requested:
+            stop = preemption.requested
+            if jax.process_count() > 1:  # SIGTERM may reach one process or arrive a step apart: saving is collective
+                stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
+            ckpt.save(step, state, iterator.get_state(), force=stop)
+            if stop:
                 ckpt.close()
                 logger.close()
                 logging.warning("preempted: checkpoint at step %d saved in %s", step, ckpt.directory)

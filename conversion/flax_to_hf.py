@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         cli.usage(f"--checkpoint={args.checkpoint}: no such directory")
+    cli.require_directories(out=args.out)
     cli.quiet_libraries()
     try:
         from conversion import vital_export
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             return 0
         files = export(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
     except (hf_mapping.ConversionError, hf_config.ConfigError, model_dir.ModelDirError, CheckpointError,
-            ValueError) as e:
+            ValueError, OSError) as e:
         cli.fail(e)
     print(f"exported {args.checkpoint} to {args.out}: {', '.join(files)}")
     return 0

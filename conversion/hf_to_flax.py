@@ -48,10 +48,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isdir(args.hf_dir):
         cli.usage(f"--hf_dir={args.hf_dir}: no such directory")
+    cli.require_directories(out=args.out)
     start = time.time()
     try:
         summary = convert(args.hf_dir, args.out, args.param_dtype)
-    except (ConversionError, SafetensorsError, hf_config.ConfigError, model_dir.ModelDirError) as e:
+    except (ConversionError, SafetensorsError, hf_config.ConfigError, model_dir.ModelDirError, OSError) as e:
         cli.fail(e)
     print(f"converted {summary['family']} ({summary['parameters']:,} parameters) from {args.hf_dir} "
           f"to {args.out} in {time.time() - start:.1f}s; copied {', '.join(summary['copied_files'])}")

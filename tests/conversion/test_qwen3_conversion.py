@@ -213,3 +213,18 @@ def test_a_damaged_converted_directory_is_named(tmp_path):
     shutil.rmtree(params)
     with pytest.raises(model_dir.ModelDirError, match=f"{params}: missing"):
         model_dir.load_params(str(flax_dir), abstract_params(config))
+
+
+def test_an_out_that_is_a_file_or_below_one_is_one_error_line(tmp_path):
+    hf_dir, flax_dir, blocker = tmp_path / "hf", tmp_path / "flax", tmp_path / "a_file"
+    save_tiny_qwen3(str(hf_dir))
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    blocker.write_text("keep me")
+    for out, code in ((blocker, 2), (blocker / "sub", 1)):
+        for args in (("conversion.hf_to_flax", f"--hf_dir={hf_dir}"),
+                     ("conversion.flax_to_hf", f"--checkpoint={flax_dir}")):
+            res = subprocess.run([sys.executable, "-m", *args, f"--out={out}"], capture_output=True, text=True,
+                                 cwd=REPO)
+            assert res.returncode == code, res.stderr
+            assert "Traceback" not in res.stderr and res.stderr.startswith("error: ") and str(blocker) in res.stderr
+    assert blocker.read_text() == "keep me"

@@ -29,8 +29,7 @@ def convert(hf_dir: str, out_dir: str, param_dtype: str = "float32") -> dict:
     family = registry.family_for(cfg, source)
     config = family.config_from_hf(cfg, source, param_dtype=param_dtype)
     params = family.load_hf(hf_dir, config)
-    model_dir.save(out_dir, params, cfg, param_dtype)
-    copied = model_dir.copy_side_files(hf_dir, out_dir)
+    copied = model_dir.save(out_dir, params, cfg, param_dtype, side_files_from=hf_dir)
     count = sum(int(x.size) for x in __import__("jax").tree.leaves(params))
     return {"family": family.name, "parameters": count, "copied_files": copied}
 

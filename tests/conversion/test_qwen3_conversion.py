@@ -228,3 +228,22 @@ def test_an_out_that_is_a_file_or_below_one_is_one_error_line(tmp_path):
             assert res.returncode == code, res.stderr
             assert "Traceback" not in res.stderr and res.stderr.startswith("error: ") and str(blocker) in res.stderr
     assert blocker.read_text() == "keep me"
+
+
+def test_the_conversion_record_is_written_after_the_side_files(tmp_path, monkeypatch):
+    """vital_jax.json marks a finished conversion: a copy of the tokenizer files that fails (a kill) leaves a
+    directory read as unfinished, and a converted source's own record never replaces the new one."""
+    hf_dir, flax_dir = tmp_path / "hf", tmp_path / "flax"
+    save_tiny_qwen3(str(hf_dir))
+    (hf_dir / "tokenizer.json").write_text("{}")
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    summary = hf_to_flax.convert(str(flax_dir), str(tmp_path / "bf16"), "bfloat16")
+    assert "tokenizer.json" in summary["copied_files"]
+    assert model_dir.read_meta(str(tmp_path / "bf16"))["param_dtype"] == "bfloat16"
+
+    def interrupted(src, dst, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil, "copy2", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hf_to_flax.convert(str(hf_dir), str(tmp_path / "killed"))
+    assert not model_dir.is_converted(str(tmp_path / "killed"))

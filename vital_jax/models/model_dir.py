@@ -42,8 +42,9 @@ def copy_side_files(src_dir: str, out_dir: str) -> list[str]:
     return copied
 
 
-def save(out_dir: str, params, hf_config: dict, param_dtype: str) -> None:
-    """Write `params` (a nested dict of arrays) and the HF config to `out_dir` (created; must be empty/new)."""
+def save(out_dir: str, params, hf_config: dict, param_dtype: str, side_files_from: str | None = None) -> list[str]:
+    """Write `params` (a nested dict of arrays) and the HF config to `out_dir` (created; must be empty/new), with
+    the side files of `side_files_from` (`copy_side_files`) copied before the record; returns their names."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
         raise ModelDirError(f"{out_dir}: already holds converted params; choose a new output directory")
@@ -52,10 +53,13 @@ def save(out_dir: str, params, hf_config: dict, param_dtype: str) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
         ckptr.wait_until_finished()
-    # Written last: a directory without it is an unfinished conversion (`read_meta` says so).
+    copied = copy_side_files(side_files_from, out_dir) if side_files_from else []
+    # Written last, after the side files (a converted source's own record among them): a directory without it is
+    # an unfinished conversion (`read_meta` says so).
     atomic_write(os.path.join(out_dir, META_FILE),
                  lambda f: json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
                                       "param_dtype": param_dtype}, f, indent=2))
+    return copied
 
 
 def read_meta(model_dir: str) -> dict:

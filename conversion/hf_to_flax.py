@@ -25,6 +25,7 @@ def convert(hf_dir: str, out_dir: str, param_dtype: str = "float32") -> dict:
         raise model_dir.ModelDirError(f"{out_dir}: the conversion would write into its own source; give another "
                                       "--out")
     cfg = hf_config.read_config_json(hf_dir)
+    model_dir.check_output_dir(out_dir, cfg)
     source = f"{hf_dir}/config.json"
     family = registry.family_for(cfg, source)
     config = family.config_from_hf(cfg, source, param_dtype=param_dtype)
@@ -41,7 +42,8 @@ def main(argv=None) -> int:
                     "Flax model directory (config.json + orbax params + tokenizer files). Supported model types: "
                     "qwen3, qwen3_vl, siglip / siglip_vision_model, sam / sam_vision_model (image encoder only).")
     parser.add_argument("--hf_dir", required=True, help="local HF model directory (no hub downloads)")
-    parser.add_argument("--out", required=True, help="output directory (created; must not hold params yet)")
+    parser.add_argument("--out", required=True, help="output directory (created; must not hold params, weights or "
+                                                     "another model's config.json yet)")
     parser.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"],
                         help="storage dtype of the converted parameters (default float32)")
     args = parser.parse_args(argv)

@@ -247,3 +247,25 @@ def test_the_conversion_record_is_written_after_the_side_files(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         hf_to_flax.convert(str(hf_dir), str(tmp_path / "killed"))
     assert not model_dir.is_converted(str(tmp_path / "killed"))
+
+
+def test_a_conversion_never_writes_over_another_checkpoint(tmp_path):
+    """An --out holding a HF checkpoint (weights, or only its config.json) is refused before anything is written:
+    the conversion would replace its config.json, and its record would make loaders read the new params instead
+    of the weights beside them. The same config.json alone (a conversion killed before its params) is rerun."""
+    source, other = tmp_path / "source", tmp_path / "other"
+    save_tiny_qwen3(str(source), seed=1, tie_word_embeddings=True)
+    save_tiny_qwen3(str(other), seed=2, tie_word_embeddings=False)
+    before = {name: (other / name).read_bytes() for name in os.listdir(other)}
+    with pytest.raises(model_dir.ModelDirError, match=f"{other}: holds weights \\(model.safetensors\\)"):
+        hf_to_flax.convert(str(source), str(other))
+    (other / "model.safetensors").unlink()
+    with pytest.raises(model_dir.ModelDirError, match=f"{other / 'config.json'}: the config of another model"):
+        hf_to_flax.convert(str(source), str(other))
+    assert {name: (other / name).read_bytes() for name in os.listdir(other)} == {
+        k: v for k, v in before.items() if k != "model.safetensors"}
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    shutil.copy(source / "config.json", rerun / "config.json")
+    hf_to_flax.convert(str(source), str(rerun))
+    assert model_dir.is_converted(str(rerun))

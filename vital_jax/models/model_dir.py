@@ -46,8 +46,7 @@ def save(out_dir: str, params, hf_config: dict, param_dtype: str, side_files_fro
     """Write `params` (a nested dict of arrays) and the HF config to `out_dir` (created; must be empty/new), with
     the side files of `side_files_from` (`copy_side_files`) copied before the record; returns their names."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
-        raise ModelDirError(f"{out_dir}: already holds converted params; choose a new output directory")
+    check_output_dir(out_dir, hf_config)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(hf_config, f, indent=2))
     with ocp.StandardCheckpointer() as ckptr:
@@ -60,6 +59,24 @@ def save(out_dir: str, params, hf_config: dict, param_dtype: str, side_files_fro
                  lambda f: json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
                                       "param_dtype": param_dtype}, f, indent=2))
     return copied
+
+
+def check_output_dir(out_dir: str, hf_config: dict) -> None:
+    """Refuse to convert into `out_dir` when it holds converted params, weight files or another model's
+    config.json: the conversion would overwrite that config.json and its record would hide the weights beside it
+    (every loader reads a converted directory's params first). A conversion interrupted before its record (the
+    same config.json, no params yet) may be run again into the same directory."""
+    if os.path.exists(os.path.join(out_dir, PARAMS_DIR)):
+        raise ModelDirError(f"{out_dir}: already holds converted params; choose a new output directory")
+    if not os.path.isdir(out_dir):
+        return
+    weights = sorted(name for name in os.listdir(out_dir) if name.endswith(_SKIP_SUFFIXES))
+    if weights:
+        raise ModelDirError(f"{out_dir}: holds weights ({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''}"
+                            "); convert into a new or empty directory")
+    config = os.path.join(out_dir, "config.json")
+    if os.path.exists(config) and read_json(config, ModelDirError) != hf_config:
+        raise ModelDirError(f"{config}: the config of another model; convert into a new or empty directory")
 
 
 def read_meta(model_dir: str) -> dict:

@@ -18,7 +18,8 @@ import numpy as np
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m conversion.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "vital_conversion_demo"))
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "vital_conversion_demo"),
+                        help="where the demo writes its hf/, flax/ and export/ folders (replaced on a rerun)")
     args = parser.parse_args()
 
     import torch
@@ -33,9 +34,10 @@ def main() -> int:
     from vital_jax.models.qwen3.params import abstract_params
 
     hf_dir, flax_dir, export_dir = (os.path.join(args.workdir, d) for d in ("hf", "flax", "export"))
-    if os.path.exists(flax_dir):
-        import shutil
-        shutil.rmtree(args.workdir)
+    import shutil
+    for stale in (hf_dir, flax_dir, export_dir):  # a rerun's: the demo's own folders only, not the whole workdir
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
     torch.manual_seed(0)
     hf_config = HFConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)

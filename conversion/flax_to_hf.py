@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
         if vital_export.is_training_workdir(args.checkpoint):
             cli.status(f"loading the VITAL run in {args.checkpoint}, merging LoRA and writing {args.out}...")
-            result = vital_export.export_run(args.checkpoint, args.out, args.dtype)
+            result = vital_export.export_run(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30))
             print(f"exported the VITAL run {args.checkpoint} (LoRA merged) to {args.out}: "
                   f"{', '.join(result['files'])} + scaffolding/")
             return 0

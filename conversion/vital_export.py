@@ -36,8 +36,10 @@ def is_training_workdir(path: str) -> bool:
         return "vital" in json.load(f)
 
 
-def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
-    """Merge LoRA and write the serving directory; returns {"model": out_dir, "files": [...]}."""
+def export_run(workdir: str, out_dir: str, dtype: str = "float32",
+               max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES) -> dict:
+    """Merge LoRA and write the serving directory (the backbone and the decoder sharded above `max_shard_bytes`);
+    returns {"model": out_dir, "files": [...]}."""
     import ml_dtypes
 
     from vital_jax.run import load_run
@@ -62,12 +64,14 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32") -> dict:
             if os.path.exists(src):
                 shutil.copy2(src, os.path.join(out_dir, name))
     files = safetensors_io.write_safetensors(
-        out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype))
+        out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype),
+        max_shard_bytes)
     scaffold = os.path.join(out_dir, "scaffolding")
     decoder_dir = os.path.join(scaffold, "decoder")
     os.makedirs(decoder_dir, exist_ok=True)
     model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
-    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype))
+    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype),
+                                     max_shard_bytes)
     heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
              for top in ("pj_in", "visual_projector")
              for path, leaf in hf_mapping.flatten(run.params[top]).items()}

@@ -414,3 +414,13 @@ def test_evaluate_command_states_the_per_type_floor_of_the_questions_it_answered
     # ... and the files hold it too (it was printed only).
     written = json.load(open(tmp_path / "eval" / "phantom_vqa.metrics.json"))
     assert written["closed_majority_by_type_baseline"] == pytest.approx(limited)
+
+
+def test_flax_to_hf_shards_a_run_export_at_max_shard_gb(workdir, tmp_path):
+    from conversion import flax_to_hf
+    from vital_jax.models import safetensors_io
+
+    out = tmp_path / "export"
+    assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}", "--max_shard_gb=0.000001"]) == 0
+    for folder in (out, out / "scaffolding" / "decoder"):
+        assert (folder / safetensors_io.INDEX_FILE).exists() and not (folder / safetensors_io.SINGLE_FILE).exists()

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
         description="Export a vital_jax Flax model directory (from conversion.hf_to_flax) to a HuggingFace "
                     "checkpoint directory that transformers' from_pretrained loads.")
     parser.add_argument("--checkpoint", required=True,
-                        help="a vital_jax converted-model directory, or a VITAL training workdir (LoRA is merged "
-                             "into the backbone and the scaffolding is written under scaffolding/)")
+                        help="a vital_jax converted-model directory, a VITAL training workdir (LoRA is merged "
+                             "into the backbone and the scaffolding is written under scaffolding/) or a MedSynapse-V "
+                             "one (LoRA merged, A_psi in autonomous.safetensors; conversion/medsynapse_export.py)")
     parser.add_argument("--out", required=True, help="output HF directory (created; must hold no weights yet)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
                         help="dtype of the written tensors (default float32)")
@@ -69,8 +70,15 @@ def main(argv=None) -> int:
     cli.require_directories(out=args.out)
     cli.quiet_libraries()
     try:
-        from conversion import vital_export
+        from conversion import medsynapse_export, vital_export
 
+        if medsynapse_export.is_medsynapse_workdir(args.checkpoint):
+            cli.status(f"loading the MedSynapse-V run in {args.checkpoint}, merging LoRA and writing {args.out}...")
+            result = medsynapse_export.export_run(args.checkpoint, args.out, args.dtype,
+                                                  int(args.max_shard_gb * 2**30))
+            print(f"exported the MedSynapse-V run {args.checkpoint} (LoRA merged, A_psi) to {args.out}: "
+                  f"{', '.join(result['files'])}")
+            return 0
         if vital_export.is_training_workdir(args.checkpoint):
             cli.status(f"loading the VITAL run in {args.checkpoint}, merging LoRA and writing {args.out}...")
             result = vital_export.export_run(args.checkpoint, args.out, args.dtype, int(args.max_shard_gb * 2**30))

@@ -41,11 +41,12 @@ PREFIX = "autonomous."
 
 def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLConfig, params: dict,
                       autonomous_config: AutonomousConfig, lora: LoraConfig | None = None,
-                      dtype: str = "float32") -> dict:
+                      dtype: str = "float32", max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES) -> dict:
     """Write the serving directory from params {"backbone", "autonomous", ...} (anything else, e.g. P_phi, is not
     written). backbone_dir: the backbone's HF directory, whose config.json and tokenizer / processor files are
     copied. lora: the adapters' config when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
-    backbone's tensors (A_psi is always float32). Returns {"model": out_dir, "files": [...]}."""
+    backbone's tensors (A_psi is always float32), sharded above `max_shard_bytes`. Returns {"model": out_dir,
+    "files": [...]}."""
     import ml_dtypes
 
     safetensors_io.check_export_dir(out_dir, backbone_dir)
@@ -66,7 +67,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     if os.path.exists(stale):
         os.remove(stale)
     files = safetensors_io.write_safetensors(
-        out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype))
+        out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype), max_shard_bytes)
     tmp = os.path.join(out_dir, ".autonomous")
     safetensors_io.write_safetensors(tmp, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
                                            for n, a in sorted(tensors.items())])
@@ -79,6 +80,25 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
             "lora_merged": lora is not None}
     atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
     return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
+
+
+def is_medsynapse_workdir(path: str) -> bool:
+    """Whether `path` is a MedSynapse-V training workdir (its recorded config has method "medsynapse")."""
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and read_json(cfg, ExportError).get("method") == "medsynapse"
+
+
+def export_run(workdir: str, out_dir: str, dtype: str = "float32",
+               max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES) -> dict:
+    """`export_deployable` of the MedSynapse-V run in `workdir` (`trainer.load_trained`: Stage II's LoRA merged,
+    Stage III's A_psi; a run without Stage III is refused before anything is written)."""
+    from vital_jax.medsynapse import trainer
+    from vital_jax.run import load_weights
+
+    run = trainer.load_trained(workdir, load_weights)
+    return export_deployable(out_dir, run.paths.backbone_dir, run.backbone.config, run.params,
+                             run.autonomous.config if run.autonomous is not None else None, run.backbone.lora,
+                             dtype, max_shard_bytes)
 
 
 def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:

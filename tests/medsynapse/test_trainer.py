@@ -238,6 +238,31 @@ def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1
 
 
+def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_path):
+    """`python -m conversion.flax_to_hf --checkpoint=<MedSynapse-V workdir>` writes medsynapse_export's layout (it
+    took the run for a VITAL one: "no training checkpoint found in phase_*/"); a run without Stage III writes
+    nothing."""
+    from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
+
+    from conversion import flax_to_hf, medsynapse_export
+
+    workdir, _ = three_stage_run
+    out = tmp_path / "export"
+    assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}"]) == 0
+    assert {"model.safetensors", "autonomous.safetensors", "medsynapse.json", "tokenizer.json"} <= set(os.listdir(out))
+    run = trainer.load_trained(workdir, load_weights)
+    _, psi = medsynapse_export.load_autonomous(str(out))
+    _assert_trees_equal(psi, run.params["autonomous"])
+    HFQwen3VL.from_pretrained(str(out))
+
+    no_imt = tmp_path / "no_imt"
+    shutil.copytree(workdir, no_imt)
+    shutil.rmtree(trainer.stage_dir(str(no_imt), "imt"))
+    with pytest.raises(SystemExit):
+        flax_to_hf.main([f"--checkpoint={no_imt}", f"--out={tmp_path / 'refused'}"])
+    assert not (tmp_path / "refused").exists()
+
+
 def test_stage_iii_can_start_a_psi_at_the_teachers_mean_memory(three_stage_run, paths, tmp_path):
     """imt.init = "teacher_mean": A_psi starts at the per-slot mean of P_phi(F) over the training images (checked here
     at lr = 0, where Stage III leaves it there), whatever the input."""

@@ -142,6 +142,8 @@ def test_cli_help_describes_the_tools():
     (lambda c: c.update(model_type="qwen3_vl"), "missing field 'text_config'"),   # another architecture's type
     (lambda c: c.update(num_hidden_layers="two"), "num_hidden_layers='two' is not an integer"),
     (lambda c: c.update(rms_norm_eps="small"), "rms_norm_eps='small' is not a number"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6}), "unsupported rope_type 'yarn'"),
+    (lambda c: c.update(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
 ])
 def test_a_config_json_with_a_missing_or_mistyped_field_is_named(tmp_path, change, message):
     save_tiny_qwen3(str(tmp_path / "hf"))

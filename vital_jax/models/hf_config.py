@@ -28,8 +28,9 @@ def read_config_json(model_dir: str) -> dict:
 
 def reads_hf_fields(from_hf_dict):
     """For a config class's `from_hf_dict(cls, cfg, source, ...)` (under @classmethod): a field it needs that is
-    missing, a sub-config that is not an object, or an integer / float field of another type is a ConfigError
-    naming `source`, not a KeyError from the middle of the reader or a TypeError deep in the model."""
+    missing, a sub-config that is not an object, an integer / float field of another type or a value the model
+    does not support is a ConfigError naming `source`, not a KeyError from the middle of the reader or a TypeError
+    deep in the model."""
     signature = inspect.signature(from_hf_dict)
 
     @functools.wraps(from_hf_dict)
@@ -45,6 +46,10 @@ def reads_hf_fields(from_hf_dict):
             raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
         except (AttributeError, TypeError) as e:
             raise ConfigError(f"{source}: cannot read the config ({e})") from None
+        except ConfigError as e:  # a value the model does not support (rope_type, a section sum, ...)
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
         for field in dataclasses.fields(config):
             value = getattr(config, field.name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)

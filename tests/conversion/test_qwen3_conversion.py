@@ -187,6 +187,13 @@ def test_an_export_never_mixes_with_earlier_weights_or_writes_into_its_source(tm
     assert sorted(os.listdir(out)) == before
     with pytest.raises(safetensors_io.SafetensorsError, match="would overwrite its own source"):
         flax_to_hf.export(str(flax_dir), str(flax_dir))
+    other = tmp_path / "other"   # another converted model: its config.json and record were replaced / removed
+    save_tiny_qwen3(str(tmp_path / "hf_other"), seed=3)
+    hf_to_flax.convert(str(tmp_path / "hf_other"), str(other))
+    before = {name: (other / name).read_bytes() for name in os.listdir(other) if (other / name).is_file()}
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{other}: holds a converted model"):
+        flax_to_hf.export(str(flax_dir), str(other))
+    assert {name: (other / name).read_bytes() for name in os.listdir(other) if (other / name).is_file()} == before
 
 
 def test_a_damaged_converted_directory_is_named(tmp_path):

@@ -163,13 +163,19 @@ def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) ->
 def check_export_dir(out_dir: str, *sources: str) -> None:
     """Refuse to export into `out_dir` when it is one of `sources` (the directories the export reads) or already
     holds safetensors weights anywhere below it: a second export's files would mix with the first's (a sharded
-    index beside a single file: transformers and vital_jax would load different weights)."""
+    index beside a single file: transformers and vital_jax would load different weights). A converted-model
+    directory is refused too: the export would replace its config.json and remove its record."""
+    from vital_jax.models import model_dir
+
     real = os.path.realpath(out_dir)
     for source in sources:
         if real == os.path.realpath(source):
             raise SafetensorsError(f"{out_dir}: the export would overwrite its own source; give another --out")
     if not os.path.isdir(out_dir):
         return
+    if model_dir.is_converted(out_dir) or os.path.isdir(os.path.join(out_dir, model_dir.PARAMS_DIR)):
+        raise SafetensorsError(f"{out_dir}: holds a converted model ({model_dir.PARAMS_DIR}/); export into a new or "
+                               "empty directory")
     weights = sorted(os.path.relpath(os.path.join(root, name), out_dir)
                      for root, _, names in os.walk(out_dir) for name in names
                      if name.endswith(".safetensors") or name == INDEX_FILE)

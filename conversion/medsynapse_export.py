@@ -93,9 +93,8 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     """`export_deployable` of the MedSynapse-V run in `workdir` (`trainer.load_trained`: Stage II's LoRA merged,
     Stage III's A_psi; a run without Stage III is refused before anything is written)."""
     from vital_jax.medsynapse import trainer
-    from vital_jax.run import load_weights
 
-    run = trainer.load_trained(workdir, load_weights)
+    run = trainer.load_trained(workdir)
     return export_deployable(out_dir, run.paths.backbone_dir, run.backbone.config, run.params,
                              run.autonomous.config if run.autonomous is not None else None, run.backbone.lora,
                              dtype, max_shard_bytes)

@@ -250,7 +250,7 @@ def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_pa
     out = tmp_path / "export"
     assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}"]) == 0
     assert {"model.safetensors", "autonomous.safetensors", "medsynapse.json", "tokenizer.json"} <= set(os.listdir(out))
-    run = trainer.load_trained(workdir, load_weights)
+    run = trainer.load_trained(workdir)
     _, psi = medsynapse_export.load_autonomous(str(out))
     _assert_trees_equal(psi, run.params["autonomous"])
     HFQwen3VL.from_pretrained(str(out))

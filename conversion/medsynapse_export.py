@@ -163,3 +163,9 @@ def read_autonomous_tensors(export_dir: str, cfg: AutonomousConfig, load_file: C
     except ValueError as e:
         raise ExportError(f"{path}: does not match {META_FILE}: {e}") from e
     return tensors
+
+
+if __name__ == "__main__":
+    # A library module: running it did nothing and exited 0. The command that exports a run is flax_to_hf.
+    raise SystemExit("error: conversion.medsynapse_export is a library module; export a training workdir with "
+                     "python -m conversion.flax_to_hf --checkpoint=WORKDIR --out=DIR")

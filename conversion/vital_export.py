@@ -88,3 +88,9 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     # Written last and atomically: its presence marks a complete export (`study.sft_backbone` relies on it).
     atomic_write(os.path.join(out_dir, VITAL_FILE), lambda f: json.dump(record, f, indent=2))
     return {"model": out_dir, "files": files}
+
+
+if __name__ == "__main__":
+    # A library module: running it did nothing and exited 0. The command that exports a run is flax_to_hf.
+    raise SystemExit("error: conversion.vital_export is a library module; export a training workdir with "
+                     "python -m conversion.flax_to_hf --checkpoint=WORKDIR --out=DIR")

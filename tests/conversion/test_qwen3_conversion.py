@@ -135,6 +135,9 @@ def test_cli_help_describes_the_tools():
     for module in ("conversion.hf_to_flax", "conversion.flax_to_hf"):
         res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 0 and "--out" in res.stdout and "HuggingFace" in res.stdout
+    for module in ("conversion.vital_export", "conversion.medsynapse_export"):  # library modules: say where to go
+        res = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 1 and "python -m conversion.flax_to_hf" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("change, message", [
@@ -167,6 +170,17 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(safetensors_io.SafetensorsError, match=f"{weights}: not a readable safetensors file"):
         hf_to_flax.convert(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/model.safetensors", "/tmp/model.safetensors", 7])
+def test_a_sharded_index_names_files_beside_it_only(tmp_path, shard):
+    """An index whose weight_map points elsewhere (a path, a parent directory, not a string) is refused: shards
+    live beside their index, and reading a path would read whatever file it names."""
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / safetensors_io.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{model_dir / safetensors_io.INDEX_FILE}: "):
+        safetensors_io.index_tensors(str(model_dir))
 
 
 def test_an_export_never_mixes_with_earlier_weights_or_writes_into_its_source(tmp_path):

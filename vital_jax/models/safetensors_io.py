@@ -69,6 +69,8 @@ def index_tensors(model_dir: str) -> dict[str, TensorRef]:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
+            if not all(isinstance(name, str) for name in files):
+                raise TypeError(f"weight_map values must be file names, got {files}")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise SafetensorsError(f"{index_path}: malformed safetensors index: {e!r}") from e
     elif os.path.exists(os.path.join(model_dir, SINGLE_FILE)):
@@ -80,6 +82,9 @@ def index_tensors(model_dir: str) -> dict[str, TensorRef]:
             "Expected a HuggingFace checkpoint directory saved with safetensors.")
     refs: dict[str, TensorRef] = {}
     for name in files:
+        if os.path.basename(name) != name or name in (".", ".."):
+            # Shards live beside their index: a path would read (or probe) files outside the checkpoint.
+            raise SafetensorsError(f"{index_path}: shard {name!r} is not a file name in {model_dir}")
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             raise SafetensorsError(f"{path}: listed in {INDEX_FILE} but missing")

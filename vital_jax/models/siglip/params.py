@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vital_jax.jsonio import atomic_write
 from vital_jax.models import hf_config, safetensors_io
 from vital_jax.models.hf_mapping import IDENTITY, LINEAR, ConversionError, Rule, Transform, load_hf_params, to_hf_specs
 from vital_jax.models.siglip.config import SiglipVisionConfig
@@ -126,6 +127,5 @@ def save_siglip_vision(model_dir: str, config: SiglipVisionConfig, params: dict,
     """
     specs = to_hf_specs(params, RULES, np.dtype(dtype), rename=(lambda n: prefix + n) if prefix else None)
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf_dict(config), f, indent=2)
+    atomic_write(os.path.join(model_dir, "config.json"), lambda f: json.dump(config_to_hf_dict(config), f, indent=2))
     return safetensors_io.write_safetensors(model_dir, specs)

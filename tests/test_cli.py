@@ -111,6 +111,27 @@ def test_evaluate_checks_record_k_before_loading_the_model(recorded_run, tmp_pat
     assert "loading the run" not in res.stderr
 
 
+def test_medsynapse_evaluation_refuses_an_out_holding_another_evaluations_results(tmp_path):
+    """The --out check of VITAL's evaluate, for MedSynapse-V runs too (their results overwrote another run's)."""
+    import types
+
+    from PIL import Image
+
+    from configs import medsynapse_demo
+    from vital_jax import evaluate
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "a", "image": "a.png", "question": "q?", "answer": "yes",
+                                                     "answer_type": "closed"}) + "\n")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "jsonl.metrics.json").write_text(json.dumps({"meta": {"checkpoint": "/another/run", "split": "test"}}))
+    trained = types.SimpleNamespace(config=medsynapse_demo.get_config(), stages_done=("warmup", "ccr", "imt"))
+    with pytest.raises(ValueError, match="another evaluation's results .*/another/run"):
+        evaluate.evaluate_medsynapse(str(tmp_path / "run"), "jsonl", str(tmp_path), str(out), ["autonomous"],
+                                     trained=trained)
+
+
 def test_evaluate_refuses_an_out_holding_another_evaluations_results(recorded_run, tmp_path):
     """Results of another checkpoint were overwritten, and a K sweep of another benchmark replaced k_sweep.json
     and summary.md beside the first one's per-K files, silently; a rerun of the same evaluation still goes on

@@ -376,8 +376,8 @@ def test_answering_at_the_records_own_k_is_not_redone_when_the_cap_makes_it_the_
              "per_type": {"yes_no": {"score": 0.6, "count": 2}}, "closed_correct": {"q1": True}}
 
     def run(cap):
-        return types.SimpleNamespace(config=ml_collections.ConfigDict({"vital": {"latent_steps_cap": cap}}),
-                                     model=types.SimpleNamespace(config=types.SimpleNamespace(k_max=4)))
+        return types.SimpleNamespace(config=ml_collections.ConfigDict({"vital": {"latent_steps_cap": cap,
+                                                                                  "k_max": 4}}))
 
     same = study._evaluate_record_k(config, run(1), "/run", "/data", 1, fixed)
     assert same == {"closed_accuracy": 0.6, "open_token_f1": 0.8, "per_type": fixed["per_type"],

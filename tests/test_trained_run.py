@@ -81,6 +81,14 @@ def test_record_k_answers_each_question_at_its_own_trained_k(workdir, tmp_path):
                 assert row["prediction"] == fixed[row["id"]], (row["id"], k)
     with pytest.raises(ValueError, match="outside 0..K_max"):
         evaluate(workdir, "in_domain", run.paths.data_dir, str(out / "bad"), ["every"], split=split, run=run)
+    # One fixed K beside each question's own: both rows in summary.md, the second labelled (it had no summary.md,
+    # and a record-K row had an empty K cell).
+    both = evaluate(workdir, "in_domain", run.paths.data_dir, str(out / "both"), [ks[0], RECORD_K], split=split,
+                    limit=4, run=run, latency_examples=1)
+    assert [s["meta"]["latent_steps"] for s in both] == [ks[0], "per record"]
+    rows = [line for line in (out / "both" / "summary.md").read_text().splitlines()
+            if line.startswith(f"| in_domain | {split} |")]  # the metrics table (the per-source one follows)
+    assert [row.split(" | ")[2] for row in rows] == [str(ks[0]), "per record"]
 
 
 def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):

@@ -196,6 +196,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
             sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
     if len(sweep) > 1:
         write_k_sweep(out_dir, sweep, figure_format=figure_format)
+    if len(summaries) > 1:  # a K sweep, or one K beside each question's own (record) K
         write_summary(out_dir, summaries)
     return summaries
 
@@ -221,6 +222,8 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
     if max_new_tokens is None:
         max_new_tokens = int(config.data.max_answer_tokens)
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
+    memory_dirs = {m: os.path.join(out_dir, m) if len(memories) > 1 else out_dir for m in memories}
+    check_out_dir(out_dir, benchmark, checkpoint, split, list(memory_dirs.values()), sweep=False)
     if trained is None:
         cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
         trained = trainer.load_trained(checkpoint)
@@ -253,7 +256,7 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "method": "medsynapse",
                 "memory": memory, "stages": list(trained.stages_done), "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "latency_examples": len(latency)}
-        summaries.append(write_report(os.path.join(out_dir, memory) if len(memories) > 1 else out_dir, benchmark,
+        summaries.append(write_report(memory_dirs[memory], benchmark,
                                       examples, predictions, latency_ms=latency + [None] * (len(examples) -
                                                                                             len(latency)),
                                       meta=meta, batched_ms_per_example=batched, batch_size=batch_size))

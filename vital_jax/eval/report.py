@@ -187,6 +187,10 @@ def write_metrics_markdown(path: str, summaries: Sequence[dict] | dict, title: s
     return atomic_write_text(path, text)
 
 
+# meta["latent_steps"] of a run that answered each example with its own K.
+PER_EXAMPLE_K = "per record"
+
+
 def write_report(out_dir: str, name: str, examples: Sequence, predictions: Sequence[str], *, latent_steps=None,
                  latency_ms=None, meta: Mapping | None = None, batched_ms_per_example=None,
                  batch_size: int | None = None) -> dict:
@@ -197,8 +201,8 @@ def write_report(out_dir: str, name: str, examples: Sequence, predictions: Seque
     """
     scored = metrics_lib.score(examples, predictions)
     meta = dict(meta or {})
-    if latent_steps is not None and isinstance(latent_steps, int):
-        meta.setdefault("latent_steps", latent_steps)
+    if latent_steps is not None:  # one K, or one per example (each question's own record K)
+        meta.setdefault("latent_steps", latent_steps if isinstance(latent_steps, int) else PER_EXAMPLE_K)
     summary = summarize(name, scored, latency_ms, meta, batched_ms_per_example, batch_size)
     write_predictions(os.path.join(out_dir, name + PREDICTIONS_SUFFIX), examples, predictions,
                       scored["per_example"], latent_steps, latency_ms, batched_ms_per_example)
@@ -218,7 +222,7 @@ def headline_text(summary: dict) -> str:
     meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
     types = summary.get("per_question_type") or {}
     width = max([9, *map(len, types)])
-    setting = f"memory={meta['memory']}" if "memory" in meta else f"K={meta.get('latent_steps', 'per record')}"
+    setting = f"memory={meta['memory']}" if "memory" in meta else f"K={meta.get('latent_steps', PER_EXAMPLE_K)}"
     split = f", {meta['split']} split" if meta.get("split") else ""
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     lines = [f"{summary['benchmark']}{split}, {setting}: {summary['count']} questions"]

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +158,12 @@ def test_evaluate_refuses_an_out_holding_another_evaluations_results(recorded_ru
     _one_line_error(_run("vital_jax.evaluate", *common, "--k_sweep"), "another evaluation's results",
                     str(out / "k0" / "vqa_rad.metrics.json"))
     res = _run("vital_jax.evaluate", *common, "--latent_steps=1")   # the same evaluation again: not refused
+    assert "another evaluation" not in res.stderr and "loading the run" in res.stderr, res.stderr[-3000:]
+    # A workdir's own eval folder, after the workdir was copied or moved: its results record the old path.
+    own = os.path.join(workdir, "eval")
+    os.makedirs(own, exist_ok=True)
+    result(Path(own) / "jsonl.metrics.json", "jsonl", "/where/the/workdir/was")
+    res = _run("vital_jax.evaluate", *common[:-1], f"--out={own}", "--latent_steps=1")
     assert "another evaluation" not in res.stderr and "loading the run" in res.stderr, res.stderr[-3000:]
 
 

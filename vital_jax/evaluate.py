@@ -91,12 +91,16 @@ def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, res
                   sweep: bool) -> None:
     """ValueError when `out_dir` holds another evaluation's results (another checkpoint, split or benchmark) that
     this one would overwrite (its metrics files in `result_dirs`) or, for a K sweep, whose per-K files would sit
-    beside this sweep's k_sweep.json and summary.md. A rerun of the same evaluation replaces its own files."""
+    beside this sweep's k_sweep.json and summary.md. A rerun of the same evaluation replaces its own files. An
+    `out_dir` inside the checkpoint (a workdir's own eval folder) holds that workdir's results whatever path they
+    record: a workdir copied or moved after an evaluation keeps its old path in them."""
     import glob
 
     from vital_jax.eval.report import METRICS_JSON_SUFFIX
     from vital_jax.jsonio import read_json
 
+    checkpoint = os.path.abspath(checkpoint)
+    own_folder = os.path.commonpath([os.path.abspath(out_dir), checkpoint]) == checkpoint
     ours = [os.path.join(d, benchmark + METRICS_JSON_SUFFIX) for d in result_dirs]
     swept = glob.glob(os.path.join(out_dir, "k*", "*" + METRICS_JSON_SUFFIX)) if sweep else []
     for path in sorted(set(ours + swept)):
@@ -105,7 +109,8 @@ def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, res
         found = read_json(path, ValueError)
         meta = found.get("meta", {}) if isinstance(found, dict) else {}
         name = os.path.basename(path)[:-len(METRICS_JSON_SUFFIX)]
-        if (name, meta.get("checkpoint"), meta.get("split")) != (benchmark, os.path.abspath(checkpoint), split):
+        same_run = own_folder or meta.get("checkpoint") == checkpoint
+        if (name, meta.get("split")) != (benchmark, split) or not same_run:
             raise ValueError(f"--out={out_dir} holds another evaluation's results ({path}: {name} of "
                              f"{meta.get('checkpoint')}, split {meta.get('split')}); give a new --out or move them")
 

@@ -40,7 +40,8 @@ out=${OUT:-accelerator_logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
+  python3 -c "import jax, flax, optax
+print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
 } 2>&1 | tee "$out/env.log"
 if [ "$part" != inference ]; then
   timeout 80 python3 -m benchmarks.attention_kernels --batch "$batch" 2>&1 | tee "$out/attention_kernels.log"

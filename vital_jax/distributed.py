@@ -87,8 +87,8 @@ def _local_device_ids(value: str | None) -> list[int] | None:
     except ValueError:
         ids = None
     if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise DistributedSetupError(f"{ENV_LOCAL_DEVICE_IDS}={value!r}: set distinct device indices >= 0 separated by commas "
-                                    "(e.g. 0,1) or 'all'")
+        raise DistributedSetupError(f"{ENV_LOCAL_DEVICE_IDS}={value!r}: set distinct device indices >= 0 separated "
+                                    "by commas (e.g. 0,1) or 'all'")
     return ids
 
 
@@ -413,5 +413,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 __all__ = [
     "DistributedPlan", "DistributedSetupError", "global_from_host_copy", "global_per_example", "global_vital_batch",
-    "host_rows", "host_local_to_global", "is_primary", "maybe_initialize_distributed", "plan_distributed", "process_rows",
+    "host_rows", "host_local_to_global", "is_primary", "maybe_initialize_distributed", "plan_distributed",
+    "process_rows",
 ]

@@ -319,8 +319,8 @@ def _evaluate(stage: Stage, eval_step, train_params, frozen, max_examples: int) 
 
 
 def _finished_stage_summary(summary_path: str, out_dir: str) -> dict:
-    """The summary of a stage marked done, naming `out_dir`; a ValueError says what is wrong when the summary cannot be read or the
-    HF directory lacks its config or weights."""
+    """The summary of a stage marked done, naming `out_dir`; a ValueError says what is wrong when the summary
+    cannot be read or the HF directory lacks its config or weights."""
     summary = read_json(summary_path, ValueError)
     if not isinstance(summary, dict):
         raise ValueError(f"{summary_path}: not a JSON object")

@@ -160,8 +160,8 @@ def test_stacked_parameters_shard_like_their_layers_and_decay_like_them():
 def test_remat_policies_keep_what_they_name(qwen3):
     """What each policy saves for the backward pass: the residuals of `jax.vjp` (the leaves of its backward
     function) that are per-layer activations, (layers, B, T, features). "projections" keeps the projections'
-    outputs the backward pass reads, once each (base and adapter summed), and the layer input; "dots" keeps the base and adapter
-    products apart (and the rank-r products); "full" only the layer input."""
+    outputs the backward pass reads, once each (base and adapter summed), and the layer input; "dots" keeps the
+    base and adapter products apart (and the rank-r products); "full" only the layer input."""
     _, config, _, _ = qwen3
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0)
     ids = jnp.zeros((2, 7), jnp.int32)

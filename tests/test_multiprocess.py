@@ -128,6 +128,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launcher_env(config: str, workdir, **extra: str) -> dict:
+    """The environment of a `launch/local_multiprocess.sh` run of two processes: this repository importable, no
+    multi-process variables or XLA flags of this test process (the launcher sets its own), then `extra`."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
+               CONFIG=config, WORKDIR=str(workdir), PORT=str(_free_port()))
+    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
 def _start(args: list[str], log_path: str) -> tuple[subprocess.Popen, object]:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
@@ -235,10 +245,7 @@ def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_
     from tests.conftest import DEMO_TEST_OVERRIDES
 
     workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
-               CONFIG="configs/demo.py", WORKDIR=str(workdir), PORT=str(_free_port()))
-    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
-        env.pop(key, None)
+    env = _launcher_env("configs/demo.py", workdir)
     overrides = [o for o in DEMO_TEST_OVERRIDES if not o.startswith("--config.demo.pretrain")]  # the shipped VLM
     res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *overrides,
                           "--config.data.train_split=no_such_split"], env=env, cwd=REPO, capture_output=True,
@@ -264,10 +271,7 @@ def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
     """`python -m vital_jax.train` with a MedSynapse-V config through the local launcher: each process joins the
     distributed run before anything else (it used to train alone, the two racing on one workdir), so a mesh of
     4 devices is refused on 2 processes x 1 device naming the 2 devices of the whole run."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
-               CONFIG="configs/medsynapse_demo.py", WORKDIR=str(tmp_path / "run"), PORT=str(_free_port()))
-    for key in ("XLA_FLAGS", "VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
-        env.pop(key, None)
+    env = _launcher_env("configs/medsynapse_demo.py", tmp_path / "run")
     res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
                           "--config.mesh.shape=(4,1,1)"], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=600)
@@ -284,11 +288,8 @@ def test_sigterm_to_one_of_two_train_processes_stops_both_at_one_checkpoint(tmp_
     import signal
 
     workdir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), NUM_PROCESSES="2",
-               CONFIG="configs/demo.py", WORKDIR=str(workdir), PORT=str(_free_port()),
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # a few steps only: compile time is what counts
-    for key in ("VITAL_COORDINATOR", "VITAL_NUM_PROCESSES", "VITAL_PROCESS_ID", "VITAL_DISTRIBUTED"):
-        env.pop(key, None)
+    # A few steps only: compile time is what counts.
+    env = _launcher_env("configs/demo.py", workdir, XLA_FLAGS="--xla_backend_optimization_level=0")
     launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
                                  "--config.demo.split_counts=(24, 2, 3)", "--config.data.batch_size=2",
                                  "--config.logging.every_steps=1", "--config.demo.finish=False",

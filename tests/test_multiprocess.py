@@ -138,6 +138,17 @@ def _launcher_env(config: str, workdir, **extra: str) -> dict:
     return {**env, **extra}
 
 
+def _both_processes_refuse(env: dict, workdir, args: list[str], message: str) -> None:
+    """The launcher run fails, each process's log saying `message` without a traceback, and no demo was built."""
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    for i in range(2):
+        log = (workdir / "logs" / f"process_{i}.log").read_text()
+        assert message in log and "Traceback" not in log, log[-3000:]
+    assert not (workdir / "demo").exists()
+
+
 def _start(args: list[str], log_path: str) -> tuple[subprocess.Popen, object]:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
@@ -257,29 +268,16 @@ def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_
     assert (workdir / "demo" / "READY.json").exists()
     # A demo that pretrains its own VLM cannot be built by several processes (pretraining is single-process): one
     # config error on each, before anything is built.
-    env.update(WORKDIR=str(tmp_path / "pretrain"), PORT=str(_free_port()))
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *DEMO_TEST_OVERRIDES],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 1
-    for i in range(2):
-        log = (tmp_path / "pretrain" / "logs" / f"process_{i}.log").read_text()
-        assert "error: config.demo.pretrain='quick'" in log and "Traceback" not in log, log[-3000:]
-    assert not (tmp_path / "pretrain" / "demo").exists()
+    _both_processes_refuse(_launcher_env("configs/demo.py", tmp_path / "pretrain"), tmp_path / "pretrain",
+                           DEMO_TEST_OVERRIDES, "error: config.demo.pretrain='quick'")
 
 
 def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
     """`python -m vital_jax.train` with a MedSynapse-V config through the local launcher: each process joins the
     distributed run before anything else (it used to train alone, the two racing on one workdir), so a mesh of
     4 devices is refused on 2 processes x 1 device naming the 2 devices of the whole run."""
-    env = _launcher_env("configs/medsynapse_demo.py", tmp_path / "run")
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
-                          "--config.mesh.shape=(4,1,1)"], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 1
-    for i in range(2):
-        log = (tmp_path / "run" / "logs" / f"process_{i}.log").read_text()
-        assert "mesh shape (4, 1, 1) needs 4 devices; there are 2" in log and "Traceback" not in log, log[-3000:]
-    assert not (tmp_path / "run" / "demo").exists()
+    _both_processes_refuse(_launcher_env("configs/medsynapse_demo.py", tmp_path / "run"), tmp_path / "run",
+                           ["--config.mesh.shape=(4,1,1)"], "mesh shape (4, 1, 1) needs 4 devices; there are 2")
 
 
 def test_sigterm_to_one_of_two_train_processes_stops_both_at_one_checkpoint(tmp_path):

@@ -68,6 +68,10 @@ def medsynapse_section():
     """MedSynapse-V's fields (arXiv 2604.26283 §2-3 defaults); `c.medsynapse = medsynapse_section()`.
 
     stages: which of ("warmup", "ccr", "imt") run, in this order (a prefix or an ordered subset starting at warmup).
+    memory_position: where the N memory vectors enter the prompt (Eq. 1 puts them after Enc(q) and before y; the
+      chat template's turn markers are the paper's silence): "assistant_turn" after `<|im_start|>assistant\n`, so
+      y_1 is predicted from m_N's state; "user_turn" right after the question, before `<|im_end|>\n<|im_start|>
+      assistant\n`, so y_1 is predicted from the assistant header's state as without memory (`medsynapse/memory.py`).
     encoder: E_ana, "siglip" (MedSigLIP / SigLIP patch grid) or "sam" (SAM-1 ViT, MedSAM's architecture); its
       directory is model.roi_encoder_dir (or the demo's SigLIP). store_dtype: of the stored feature maps.
     regions: where Eq. 5's removed region comes from ("record": the dataset's masks; "encoder": a mask head), the
@@ -98,6 +102,7 @@ def medsynapse_section():
     """
     return ml_collections.ConfigDict(dict(
         stages=("warmup", "ccr", "imt"),
+        memory_position="assistant_turn",
         rollout_relayout=config_dict.placeholder(bool),
         encoder=dict(kind="siglip", feature_layer="", dtype="float32", store_dtype="float32"),
         regions=dict(source="record", threshold=0.5, top_k=1),

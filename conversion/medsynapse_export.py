@@ -7,12 +7,16 @@ Layout of the output directory:
                                autonomous.queries (N, D), autonomous.norm.{scale,bias} (D,),
                                autonomous.fc1.{kernel (D, H), bias (H,)}, autonomous.fc2.{kernel (H, D), bias (D,)},
                                autonomous.slot_bias (N, D) (added to slot n's MLP output; new in version 2)
-  medsynapse.json            {"format": "medsynapse-v-autonomous", "version": 2, "num_memory": N,
+  medsynapse.json            {"format": "medsynapse-v-autonomous", "version": 3, "num_memory": N,
                               "hidden_size": D, "mlp_hidden": H, "layer_norm_eps", "activation": "gelu_erf",
-                              "pooling": "learned_query_attention", "image_token_id", "lora_merged"}
-What A_psi computes from those weights, and where its N vectors go (a block of input embeddings right after the
-prompt, positions t + rope_delta on all three MRoPE axes, then the answer), is `vital_jax/medsynapse/autonomous.py`
-and `conversion/torch_medsynapse_generate.py` (the PyTorch reference, which reads this directory).
+                              "pooling": "learned_query_attention", "image_token_id", "lora_merged",
+                              "memory_position", "prompt_tail"}
+                             (version 3 added the last two; a version-2 export is read with prompt_tail 0)
+What A_psi computes from those weights, and where its N vectors go (a block of input embeddings after the prompt's
+first T - prompt_tail tokens, followed by the prompt's last prompt_tail tokens (the run's memory_position: 0 for
+"assistant_turn", the assistant header's length for "user_turn"), positions continuing at t + rope_delta on all
+three MRoPE axes, then the answer), is `vital_jax/medsynapse/{autonomous,memory}.py` and
+`conversion/torch_medsynapse_generate.py` (the PyTorch reference, which reads this directory).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 
 FORMAT = "medsynapse-v-autonomous"
-VERSION = 2
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 META_FILE = "medsynapse.json"
 AUTONOMOUS_FILE = "autonomous.safetensors"
 PREFIX = "autonomous."
@@ -41,9 +46,10 @@ PREFIX = "autonomous."
 
 def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLConfig, params: dict,
                       autonomous_config: AutonomousConfig, lora: LoraConfig | None = None,
-                      dtype: str = "float32", max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES) -> dict:
+                      dtype: str = "float32", max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES,
+                      memory_position: str = "assistant_turn", prompt_tail: int = 0) -> dict:
     """Write the serving directory from params {"backbone", "autonomous", ...} (anything else, e.g. P_phi, is not
-    written). backbone_dir: the backbone's HF directory, whose config.json and tokenizer / processor files are
+    written). memory_position / prompt_tail: where the run put its memory (`memory.inject`). backbone_dir: the backbone's HF directory, whose config.json and tokenizer / processor files are
     copied. lora: the adapters' config when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
     backbone's tensors (A_psi is always float32), sharded above `max_shard_bytes`. Returns {"model": out_dir,
     "files": [...]}."""
@@ -77,7 +83,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
             "hidden_size": autonomous_config.hidden_size, "mlp_hidden": autonomous_config.mlp_width,
             "layer_norm_eps": autonomous_config.layer_norm_eps, "activation": "gelu_erf",
             "pooling": "learned_query_attention", "image_token_id": backbone_config.image_token_id,
-            "lora_merged": lora is not None}
+            "lora_merged": lora is not None, "memory_position": memory_position, "prompt_tail": int(prompt_tail)}
     atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
     return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
 
@@ -93,11 +99,13 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     """`export_deployable` of the MedSynapse-V run in `workdir` (`trainer.load_trained`: Stage II's LoRA merged,
     Stage III's A_psi; a run without Stage III is refused before anything is written)."""
     from vital_jax.medsynapse import trainer
+    from vital_jax.models.qwen3_vl import prompt
 
     run = trainer.load_trained(workdir)
+    tail = trainer.memory_prompt_tail(run.config, prompt.load_tokenizer(run.paths.tokenizer_dir))
     return export_deployable(out_dir, run.paths.backbone_dir, run.backbone.config, run.params,
                              run.autonomous.config if run.autonomous is not None else None, run.backbone.lora,
-                             dtype, max_shard_bytes)
+                             dtype, max_shard_bytes, trainer.memory_position(run.config), tail)
 
 
 def _check_autonomous(tensors: dict, cfg: AutonomousConfig) -> None:
@@ -119,24 +127,44 @@ class ExportError(ValueError):
 
 
 def load_autonomous(export_dir: str) -> tuple[AutonomousConfig, dict]:
-    """(config, Flax params) of the exported A_psi, for serving the export from JAX."""
+    """(config, Flax params) of the exported A_psi, for serving the export from JAX (where its memory goes:
+    `read_prompt_tail`, checked here too, so that a damaged export fails on loading as with the PyTorch loader)."""
     from safetensors.numpy import load_file
 
     cfg = read_autonomous_config(export_dir)
+    read_prompt_tail(export_dir)
     tensors = read_autonomous_tensors(export_dir, cfg, load_file)
     return cfg, hf_mapping.unflatten({k[len(PREFIX):].replace(".", "/"): v for k, v in tensors.items()})
+
+
+def _read_meta(export_dir: str) -> tuple[str, dict]:
+    path = os.path.join(export_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, f"no {META_FILE}: not a MedSynapse-V export", path)
+    meta = read_json(path, ExportError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{path}: not a {FORMAT} export of version {READABLE_VERSIONS} (format, version: "
+                          f"{found})")
+    return path, meta
+
+
+def read_prompt_tail(export_dir: str) -> int:
+    """How many of the prompt's last tokens follow the memory (`memory.inject`'s prompt_tail) in this export:
+    0 for a version-2 export (the memory after the whole prompt)."""
+    path, meta = _read_meta(export_dir)
+    if meta["version"] == 2:
+        return 0
+    tail = meta.get("prompt_tail")
+    if isinstance(tail, bool) or not isinstance(tail, int) or tail < 0:
+        raise ExportError(f"{path}: prompt_tail is {tail!r}, not an integer >= 0; export the run again")
+    return tail
 
 
 def read_autonomous_config(export_dir: str) -> AutonomousConfig:
     """A_psi's config from the export's medsynapse.json (this loader's and the PyTorch reference's). A missing file
     is a FileNotFoundError; a malformed one, another format or a missing or mistyped size an ExportError."""
-    path = os.path.join(export_dir, META_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, f"no {META_FILE}: not a MedSynapse-V export", path)
-    meta = read_json(path, ExportError)
-    if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
-        found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else type(meta).__name__
-        raise ExportError(f"{path}: not a {FORMAT} v{VERSION} export (format, version: {found})")
+    path, meta = _read_meta(export_dir)
     for key in ("num_memory", "hidden_size", "mlp_hidden", "layer_norm_eps"):
         if key not in meta:
             raise ExportError(f"{path}: no {key!r}; the export is incomplete, export the run again")

@@ -10,10 +10,11 @@ transformers, and the reference the JAX generation is tested against token for t
 
 Inputs are what the Qwen3-VL processor produces for ONE prompt (batch 1): input_ids (1, T) ending with
 `<|im_start|>assistant\\n`, pixel_values (N, 1536), image_grid_thw (n_images, 3). Steps (§2.4, Eq. 6 and §2.2's
-injection): the vision tower's merged tokens of all the prompt's images -> A_psi -> M_auto (N, D); the prompt is
-run with its images; M_auto is fed as one block of `inputs_embeds` at positions `T + i + rope_delta` (i < N) on all
-three MRoPE axes (explicitly: transformers would otherwise lose the delta); the first answer token comes from the
-state at m_N. The vision tower runs twice here (once for A_psi, once inside the prompt's forward), which costs
+injection): the vision tower's merged tokens of all the prompt's images -> A_psi -> M_auto (N, D); the prompt's
+first T - S tokens are run with its images (S = the export's prompt_tail: 0, or the assistant header's length when
+the run put its memory inside the user turn); M_auto and the embeddings of the prompt's last S tokens are fed as one
+block of `inputs_embeds` at positions `T - S + i + rope_delta` (i < N + S) on all three MRoPE axes (explicitly:
+transformers would otherwise lose the delta); the first answer token comes from the block's last state. The vision tower runs twice here (once for A_psi, once inside the prompt's forward), which costs
 time, not correctness. torch is imported here only.
 """
 
@@ -31,18 +32,20 @@ def load_autonomous(export_dir: str):
     from safetensors.torch import load_file
 
     # The JAX loader's reading and checks, so a damaged export fails here naming its file, not in forward().
-    from conversion.medsynapse_export import read_autonomous_config, read_autonomous_tensors
+    from conversion.medsynapse_export import read_autonomous_config, read_autonomous_tensors, read_prompt_tail
 
     config = read_autonomous_config(export_dir)
     weights = read_autonomous_tensors(export_dir, config, load_file)
+    prompt_tail = read_prompt_tail(export_dir)
 
     class AutonomousMemory(torch.nn.Module):
         """Visual tokens (L, D) -> memory (N, D): LayerNorm, N-query attention pooling, fc1 -> exact GELU -> fc2,
-        plus each slot's offset."""
+        plus each slot's offset. `prompt_tail`: the prompt tokens that follow the memory (`medsynapse_generate`)."""
 
         def __init__(self):
             super().__init__()
             self.eps = config.layer_norm_eps
+            self.prompt_tail = prompt_tail
             for name, tensor in weights.items():
                 self.register_buffer(name.removeprefix("autonomous.").replace(".", "_"), tensor.float())
 
@@ -67,12 +70,15 @@ def medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_t
     with torch.no_grad():
         visual = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output, dim=0)
         memory = autonomous(visual)[None].to(model.dtype)  # (1, N, D)
+        tail = autonomous.prompt_tail
+        head, tail_ids = input_ids[:, :input_ids.shape[1] - tail], input_ids[:, input_ids.shape[1] - tail:]
         model.model.rope_deltas = None
-        out = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                    mm_token_type_ids=(input_ids == model.config.image_token_id).long(), use_cache=True)
+        out = model(input_ids=head, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                    mm_token_type_ids=(head == model.config.image_token_id).long(), use_cache=True)
         delta = int(model.model.rope_deltas.reshape(-1)[0])
-        position, n = input_ids.shape[1], memory.shape[1]
+        block = torch.cat([memory, model.get_input_embeddings()(tail_ids)], dim=1)
+        position, n = head.shape[1], block.shape[1]
         pos = (torch.arange(position, position + n) + delta).view(1, 1, n).expand(3, 1, n)
-        out = model(inputs_embeds=memory, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
+        out = model(inputs_embeds=block, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
         return greedy_continue(model, out.past_key_values, out.logits[:, -1], position + n, delta, max_new_tokens,
                                eos_token_ids)

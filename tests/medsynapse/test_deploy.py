@@ -178,7 +178,10 @@ def test_an_export_without_a_psi_writes_nothing(setup, tmp_path):
     assert not out.exists()
 
 
-def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(setup, tmp_path):
+@pytest.mark.parametrize("position,prompt_tail", [("assistant_turn", 0), ("user_turn", 2)])
+def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(setup, tmp_path, position, prompt_tail):
+    """user_turn: the prompt's last 2 tokens (both rows end with 2 text tokens after their last image) follow the memory;
+    the PyTorch reference reads that from the export."""
     from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
 
     from conversion import medsynapse_export
@@ -187,10 +190,13 @@ def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(set
     tiny, autonomous, data = setup["tiny"], setup["autonomous"], setup["batch"]
     out = tmp_path / "export"
     result = medsynapse_export.export_deployable(str(out), str(setup["path"]), tiny.config, setup["stage3"],
-                                                 autonomous.config, lora=LORA)
+                                                 autonomous.config, lora=LORA, memory_position=position,
+                                                 prompt_tail=prompt_tail)
     assert sorted(result["files"]) == ["autonomous.safetensors", "medsynapse.json", "model.safetensors"]
     meta = json.loads((out / "medsynapse.json").read_text())
     assert meta["num_memory"] == 3 and meta["lora_merged"] is True
+    assert (meta["memory_position"], meta["prompt_tail"]) == (position, prompt_tail)
+    assert medsynapse_export.read_prompt_tail(str(out)) == prompt_tail
     from safetensors.numpy import load_file
     names = list(load_file(str(out / "model.safetensors"))) + list(load_file(str(out / "autonomous.safetensors")))
     assert not [n for n in names if re.search(r"sampler|encoder|probes|lora", n)]
@@ -204,7 +210,7 @@ def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(set
     assert cfg.num_queries == 3 and cfg.mlp_width == 40
     jax.tree.map(np.testing.assert_array_equal, loaded_psi, params["autonomous"])
 
-    tokens, lengths = deploy.make_generate(tiny.model, AutonomousMemory(cfg), SAMPLING)(
+    tokens, lengths = deploy.make_generate(tiny.model, AutonomousMemory(cfg), SAMPLING, prompt_tail)(
         {"backbone": loaded_backbone, "autonomous": loaded_psi}, data["prefix"])
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     _, memory = autonomous_lib.autonomous_memory(tiny.model, autonomous, params, data["prefix"])
@@ -256,6 +262,8 @@ def test_autonomous_loaders_read_a_well_formed_export(loader, tmp_path):
     if loader == "jax":
         cfg, params = loaded
         assert cfg.num_queries == 3 and params["slot_bias"].shape == (3, 8)
+        from conversion import medsynapse_export
+        assert medsynapse_export.read_prompt_tail(str(tmp_path / "export")) == 0  # version 2: after the prompt
     else:
         assert loaded(torch.zeros(4, 8)).shape == (3, 8)
 
@@ -270,6 +278,12 @@ def _meta_without_eps(export_dir):
     del meta["layer_norm_eps"]
     (export_dir / "medsynapse.json").write_text(json.dumps(meta))
     return ValueError, "medsynapse.json: .*layer_norm_eps"
+
+
+def _bad_prompt_tail(export_dir):
+    meta = json.loads((export_dir / "medsynapse.json").read_text())
+    (export_dir / "medsynapse.json").write_text(json.dumps({**meta, "version": 3, "prompt_tail": -1}))
+    return ValueError, "medsynapse.json: prompt_tail is -1"
 
 
 def _truncated_weights(export_dir):
@@ -301,7 +315,7 @@ def _missing_weights(export_dir):
 
 
 @pytest.mark.parametrize("loader", ["jax", "torch"])
-@pytest.mark.parametrize("damage", [_malformed_meta, _meta_without_eps, _truncated_weights,
+@pytest.mark.parametrize("damage", [_malformed_meta, _meta_without_eps, _bad_prompt_tail, _truncated_weights,
                                     _weights_without_slot_bias, _weights_not_matching_meta, _missing_weights])
 def test_autonomous_loaders_name_the_file_of_a_damaged_export(loader, damage, tmp_path):
     export_dir = _autonomous_export(tmp_path / "export")

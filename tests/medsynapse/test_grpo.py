@@ -279,6 +279,28 @@ def test_r_causal_and_old_log_probs_match_two_direct_forwards(setup):
     np.testing.assert_allclose(scores2.r_causal, expected, atol=1e-7)
 
 
+def test_user_turn_memory_scores_match_direct_forwards(setup):
+    """With the memory inside the user turn (config.prompt_tail > 0), the scorer's log pi(o | M) and r_causal equal
+    memory.answer_log_probs with the same prompt_tail, and differ from the "assistant_turn" placement."""
+    model, sampler, params, batch = setup["model"], setup["sampler"], setup["adapted"], setup["batch"]
+    g, tail = 2, 2
+    config = grpo.GRPOConfig(num_generations=g, max_new_tokens=5, eos_token_ids=(187,), prompt_tail=tail)
+    fns = grpo.grpo_functions(model, sampler, config, grpo.make_optimizer())
+    train, frozen = freeze.split(params, freeze.mask_from_predicate(params, grpo.is_trainable))
+    rollout_ = fns.rollout(train, frozen, batch, jax.random.PRNGKey(3))
+    scores = fns.score(train, frozen, batch, rollout_)
+    m, m_prime = grpo.memories(sampler, params["sampler"], batch)
+    direct_log_probs = jax.jit(lambda mem, ids, valid, t: memory_lib.answer_log_probs(
+        model, params["backbone"], batch.prefix, mem, ids, valid, prompt_tail=t), static_argnums=3)
+    for k in range(g):
+        ids, valid = _row_tokens(rollout_, g, 2, k)
+        lp_m, lp_mp = direct_log_probs(m, ids, valid, tail), direct_log_probs(m_prime, ids, valid, tail)
+        idx = np.arange(2) * g + k
+        np.testing.assert_allclose(scores.old_log_probs[idx], lp_m, atol=2e-5)
+        np.testing.assert_allclose(scores.r_causal[idx], np.asarray((lp_m - lp_mp).sum(-1)), atol=1e-4)
+        assert float(jnp.max(jnp.abs(direct_log_probs(m, ids, valid, 0) - lp_m))) > 1e-3
+
+
 def test_step_zero_ratio_is_one_and_the_lora_gradients_are_not_zero(setup):
     model, sampler, batch, params = setup["model"], setup["sampler"], setup["batch"], setup["params"]
     config = grpo.GRPOConfig(num_generations=4, max_new_tokens=4, kl_beta=0.02)

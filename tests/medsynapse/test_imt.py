@@ -216,6 +216,29 @@ def test_loss_is_the_jsd_of_both_branches_on_the_students_own_trajectory(setup):
     assert per_example.min() > 1e-4  # the two memories really condition the answer differently
 
 
+def test_user_turn_branches_follow_the_memory_paths_with_the_prompt_tail(setup):
+    """With the memory inside the user turn (prompt_tail > 0) the shared-cache rollout is memory.generate and the
+    loss the JSD of memory.answer_logits, both with the same prompt_tail."""
+    tiny, sampler, autonomous, batch, params = setup
+    rng, tail = jax.random.PRNGKey(3), 2
+    tokens, lengths = jax.jit(lambda p, pre, r: imt.rollout(tiny.model, autonomous, p, pre, SAMPLING, r,
+                                                            prompt_tail=tail))(params, batch.prefix, rng)
+    _, m_auto = autonomous_lib.autonomous_memory(tiny.model, autonomous, params, batch.prefix)
+    ref_tokens, ref_lengths = jax.jit(lambda p, pre, m, r: memory_lib.generate(
+        tiny.model, p, pre, m, SAMPLING, r, prompt_tail=tail))(tiny.params, batch.prefix, m_auto, rng)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_array_equal(lengths, ref_lengths)
+    loss, aux = jax.jit(lambda p, b, t, n: imt.imt_loss(tiny.model, sampler, autonomous, p, b, t, n,
+                                                        prompt_tail=tail))(params, batch, tokens, lengths)
+    valid = np.arange(tokens.shape[1])[None] < np.asarray(lengths)[:, None]
+    m_pri = sampler.apply({"params": params["sampler"]}, batch.feature_map)
+    logits = jax.jit(lambda m: memory_lib.answer_logits(tiny.model, tiny.params, batch.prefix, m, tokens,
+                                                        jnp.asarray(valid), prompt_tail=tail))
+    jsd = _np_jsd(np.asarray(logits(m_pri)), np.asarray(logits(m_auto)), imt.BETA)[0]
+    np.testing.assert_allclose(aux["jsd_per_example"], np.where(valid, jsd, 0).sum(1) / valid.sum(1), rtol=1e-4,
+                               atol=1e-7)
+
+
 def test_gradients_reach_psi_only(setup):
     """d loss / d phi is exactly zero although the loss depends on phi (the teacher is a fixed target); every A_psi
     weight gets a gradient."""

@@ -25,6 +25,7 @@ from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl.cached import prefix_inputs
 from vital_jax.medsynapse import deploy, trainer
 from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.hf_mapping import flatten
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 
@@ -170,7 +171,8 @@ def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
                                  ("ccr.kl_estimator", "k2", "ccr.kl_estimator"),
                                  ("ccr.lora.targets", ("q", "qkv"), "ccr.lora.targets"),
                                  ("ccr.schedule", "linear", "ccr.schedule"),
-                                 ("imt.beta", 1.5, "imt.beta"), ("imt.max_new_tokens", 0, "imt.max_new_tokens")]:
+                                 ("imt.beta", 1.5, "imt.beta"), ("imt.max_new_tokens", 0, "imt.max_new_tokens"),
+                                 ("memory_position", "before_image", "memory_position")]:
         config = _config(stages=trainer.STAGES)
         *parents, leaf = field.split(".")
         section = config.medsynapse
@@ -180,6 +182,24 @@ def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
             _run(config, tmp_path / "x", paths)
     assert not os.path.exists(tmp_path / "x")  # refused before anything was written
+
+
+def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
+    """memory_position "user_turn" (the memory before the assistant header): from the same P_phi start on the same
+    batch, Stage I's first loss differs from the "assistant_turn" run's, and the run records the placement that
+    evaluation and export read back (`memory_prompt_tail`)."""
+    first = {}
+    for position in ("assistant_turn", "user_turn"):
+        config = _config()
+        config.medsynapse.memory_position = position
+        config.medsynapse.warmup.max_steps = 1
+        _run(config, tmp_path / position, paths)
+        first[position] = _losses(tmp_path / position)[1]
+        recorded = trainer.read_config(str(tmp_path / position))
+        tail = trainer.memory_prompt_tail(recorded, prompt.load_tokenizer(paths.tokenizer_dir))
+        assert tail == (prompt.user_turn_end_length(prompt.load_tokenizer(paths.tokenizer_dir))
+                        if position == "user_turn" else 0)
+    assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
 
 # ---- Stages I-III -----------------------------------------------------------------------------------------------

@@ -364,6 +364,12 @@ def test_prompt_ids_match_hf_processor(case, tokenizer_dir, hf_processor):
     assert (tokens.input_ids[tokens.image_positions] == TINY_SPECIAL_TOKEN_IDS[pr.IMAGE_PAD]).all()
     header = pr.load_tokenizer(tokenizer_dir).encode(f"{pr.IM_START}assistant\n").ids
     np.testing.assert_array_equal(tokens.input_ids[tokens.prompt_length - len(header):tokens.prompt_length], header)
+    # MedSynapse-V's "user_turn" memory goes before the prompt's last user_turn_end_length tokens: they decode to
+    # the end of the user turn and the assistant header, whatever the question.
+    closing = pr.user_turn_end_length(pr.load_tokenizer(tokenizer_dir))
+    assert pr.load_tokenizer(tokenizer_dir).decode(
+        tokens.input_ids[tokens.prompt_length - closing:tokens.prompt_length].tolist(),
+        skip_special_tokens=False) == f"{pr.IM_END}\n{pr.IM_START}assistant\n"
     if answer is None:
         assert tokens.prompt_length == len(tokens.input_ids)
     else:

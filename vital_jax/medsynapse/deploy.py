@@ -38,23 +38,24 @@ def deployable_params(params: dict, lora: LoraConfig | None = None) -> dict:
 
 
 def generate(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
-             prefix: PrefixInputs, sampling: generation.SamplingConfig, rng=None) -> tuple[jax.Array, jax.Array]:
-    """Answers for a batch of prompts with M_auto injected. params: exactly {"backbone", "autonomous"} (a tree
+             prefix: PrefixInputs, sampling: generation.SamplingConfig, rng=None,
+             prompt_tail: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Answers for a batch of prompts with M_auto injected (where: `memory.inject`'s prompt_tail). params: exactly {"backbone", "autonomous"} (a tree
     that still holds P_phi or an encoder is refused, so a deployment cannot silently carry them).
     Returns (tokens (B, max_new_tokens) int32, lengths (B,) int32)."""
     if set(params) != set(DEPLOYED):
         raise ValueError(f"deployed params are exactly {list(DEPLOYED)}, got {sorted(params)}; "
                          "use deployable_params")
     prefix, memory = autonomous_lib.autonomous_memory(backbone, autonomous, params, prefix)
-    return memory_lib.generate(backbone, params["backbone"], prefix, memory, sampling, rng)
+    return memory_lib.generate(backbone, params["backbone"], prefix, memory, sampling, rng, prompt_tail)
 
 
 def make_generate(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory,
-                  sampling: generation.SamplingConfig):
+                  sampling: generation.SamplingConfig, prompt_tail: int = 0):
     """`generate` jitted over (params, prefix, rng=None)."""
 
     @jax.jit
     def run(params, prefix, rng=None):
-        return generate(backbone, autonomous, params, prefix, sampling, rng)
+        return generate(backbone, autonomous, params, prefix, sampling, rng, prompt_tail)
 
     return run

@@ -114,6 +114,8 @@ class GRPOConfig:
     # attention reads it once per prompt). False: every completion gets its own copy of the prompt's cache
     # (`repeat_cache`), G times the memory and reads for the prompt part; the same numbers up to float32 rounding.
     shared_prompt_cache: bool = True
+    # Where the memory sits: the prompt's last `prompt_tail` tokens follow it (`memory.inject`; 0: after the prompt).
+    prompt_tail: int = 0
     reward: reward_lib.RewardConfig = reward_lib.RewardConfig()
 
     def __post_init__(self):
@@ -286,7 +288,8 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
     m, m_prime = memories(sampler, params["sampler"], batch, config.counterfactual_top_k)
     g, t = config.num_generations, config.max_new_tokens
     prompt_len = batch.prefix.input_ids.shape[1] + m.shape[1]
-    prompt_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, prompt_len)
+    prompt_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, prompt_len,
+                                                  prompt_tail=config.prompt_tail)
     tokens, lengths = cached.decode(backbone, params["backbone"],
                                     group_cache(prompt_cache, g, t, config.shared_prompt_cache),
                                     jnp.repeat(last_hidden, g, axis=0), config.sampling, rng,
@@ -302,7 +305,7 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
 
 def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
                       memory_cbnd: jax.Array, tokens: jax.Array, valid: jax.Array, logprob_chunk: int = 0,
-                      shared_prompt_cache: bool = True) -> jax.Array:
+                      shared_prompt_cache: bool = True, prompt_tail: int = 0) -> jax.Array:
     """log pi(o_t | X, q, M_c, o_<t) (C, R, T) float32 (0 at padding) for C memory variants at once.
 
     prefix (B, Tp); memory_cbnd (C, B, N, D): C memories per prompt (C = 2 for [M; M'] in r_causal, C = 1 for
@@ -310,18 +313,19 @@ def score_completions(backbone: Qwen3VLForConditionalGeneration, backbone_params
     prefilled once, their cache tiled C times for the memory block, then shared by (or, with
     shared_prompt_cache=False, repeated for) the G completions (`group_cache`), which are teacher-forced in one
     parallel pass. Used for the old policy, the loss, r_causal and the reference.
-    logprob_chunk: positions per LM-head chunk (0: all at once; see `_chunked_log_probs`).
+    logprob_chunk: positions per LM-head chunk (0: all at once; see `_chunked_log_probs`). prompt_tail: the
+    prompt's last tokens written after the memory (`memory.inject`; 0: none, and none without memory).
     """
     c, b, n, d = memory_cbnd.shape
     r, t = tokens.shape
     if r % b:
         raise ValueError(f"{r} trajectories do not divide into {b} prompts")
-    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, prefix, prefix.input_ids.shape[1] + n)
+    head, tail_ids = memory_lib.split_prompt(prefix, prompt_tail if n else 0)
+    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, head, prefix.input_ids.shape[1] + n)
     kv_cache, last_hidden = tile_cache(kv_cache, c), jnp.tile(last_hidden, (c, 1))
-    if n:
-        hidden, kv_cache = cached.append_embeddings(backbone, backbone_params, kv_cache,
-                                                    memory_cbnd.reshape(c * b, n, d))
-        last_hidden = hidden[:, -1]
+    kv_cache, last_hidden = memory_lib.write_memory(
+        backbone, backbone_params, kv_cache, last_hidden, memory_cbnd.reshape(c * b, n, d),
+        None if tail_ids is None else jnp.tile(tail_ids, (c, 1)))
     g = r // b
     ids, ids_valid = jnp.tile(tokens, (c, 1)), jnp.tile(valid, (c, 1))
     out = backbone.apply({"params": backbone_params}, input_ids=ids[:, :-1], token_valid=ids_valid[:, :-1],
@@ -365,18 +369,20 @@ def score_rollout(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig,
     if config.reward.lambda_causal:
         stacked = jnp.stack([rollout_.memory, rollout_.counterfactual_memory])
         log_probs = score_completions(backbone, theta, batch.prefix, stacked, rollout_.tokens, rollout_.valid,
-                                      config.logprob_chunk, config.shared_prompt_cache)
+                                      config.logprob_chunk, config.shared_prompt_cache,
+                                      prompt_tail=config.prompt_tail)
         r_causal = reward_lib.causal_reward(log_probs[0], log_probs[1], rollout_.valid,
                                             config.reward.causal_reduction, config.reward.causal_clip)
     else:
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache)
+                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache,
+                                      prompt_tail=config.prompt_tail)
         r_causal = jnp.zeros(rollout_.tokens.shape[:1], jnp.float32)
     ref = None
     if config.kl_beta:
         ref = score_completions(backbone, without_lora(theta), batch.prefix, rollout_.memory[None],
                                 rollout_.tokens, rollout_.valid, config.logprob_chunk,
-                                config.shared_prompt_cache)[0]
+                                config.shared_prompt_cache, prompt_tail=config.prompt_tail)[0]
     return Scores(log_probs[0], r_causal, ref)
 
 
@@ -463,7 +469,8 @@ def policy_gradient(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfi
     def loss_fn(train):
         theta = freeze.merge(train, frozen)["backbone"]
         log_probs = score_completions(backbone, theta, batch.prefix, rollout_.memory[None], rollout_.tokens,
-                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache)[0]
+                                      rollout_.valid, config.logprob_chunk, config.shared_prompt_cache,
+                                      prompt_tail=config.prompt_tail)[0]
         return policy_loss(log_probs, old_log_probs, advantages, rollout_.valid, trajectory_valid,
                            config.clip_epsilon, config.kl_beta, ref_log_probs, config.kl_estimator,
                            config.max_log_ratio)

@@ -49,6 +49,7 @@ import optax
 from vital_jax import freeze, generation, sharding
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.medsynapse import autonomous as autonomous_lib
+from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.autonomous import AutonomousMemory
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler
 from vital_jax.medsynapse.stage1 import TrainState
@@ -114,30 +115,34 @@ class IMTBatch:
 @flax.struct.dataclass
 class PromptState:
     """What every branch shares: the prefix carrying its image features, the student's input (visual tokens
-    (B, Tp, D) + valid (B, Tp)), and the prompt cache (Tp + N + T slots) with its last post-norm state (B, D)."""
+    (B, Tp, D) + valid (B, Tp)), and the prompt cache (Tp + N + T slots) with its last post-norm state (B, D).
+    tail_ids (B, S) or None: the prompt's last tokens, not yet in the cache, that each branch writes after its
+    memory (`memory.split_prompt`)."""
 
     prefix: PrefixInputs
     visual_tokens: jax.Array
     visual_valid: jax.Array
     kv_cache: KVCache
     last_hidden: jax.Array
+    tail_ids: jax.Array | None = None
 
 
 def encode_prompt(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
-                  num_memory: int, max_new_tokens: int) -> PromptState:
-    """Run the vision tower once and prefill the prompt into a cache with room for N memory slots and T tokens."""
+                  num_memory: int, max_new_tokens: int, prompt_tail: int = 0) -> PromptState:
+    """Run the vision tower once and prefill the prompt into a cache with room for N memory slots and T tokens
+    (with prompt_tail > 0 only its head: `memory.inject`)."""
     prefix, tokens, valid = autonomous_lib.visual_tokens(backbone, backbone_params, prefix)
     cache_len = prefix.input_ids.shape[1] + num_memory + max_new_tokens
-    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, prefix, cache_len)
-    return PromptState(prefix, tokens, valid, kv_cache, last_hidden)
+    head, tail_ids = memory_lib.split_prompt(prefix, prompt_tail if num_memory else 0)
+    kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, head, cache_len)
+    return PromptState(prefix, tokens, valid, kv_cache, last_hidden, tail_ids)
 
 
 def _with_memory(backbone, backbone_params, prompt: PromptState, memory: jax.Array) -> tuple[KVCache, jax.Array]:
-    """`memory.inject` continued from the shared prompt cache: the memory block, then the state at m_N."""
-    if memory.shape[1] == 0:
-        return prompt.kv_cache, prompt.last_hidden
-    hidden, kv_cache = cached.append_embeddings(backbone, backbone_params, prompt.kv_cache, memory)
-    return kv_cache, hidden[:, -1]
+    """`memory.inject` continued from the shared prompt cache: the memory block (and the prompt's tail), then the
+    state of its last slot."""
+    return memory_lib.write_memory(backbone, backbone_params, prompt.kv_cache, prompt.last_hidden, memory,
+                                   prompt.tail_ids)
 
 
 def _score(backbone, backbone_params, prompt: PromptState, memory, tokens, valid) -> jax.Array:
@@ -168,10 +173,11 @@ def sample_trajectory(backbone: Qwen3VLForConditionalGeneration, autonomous: Aut
 
 
 def rollout(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
-            prefix: PrefixInputs, sampling: generation.SamplingConfig, rng=None) -> tuple[jax.Array, jax.Array]:
+            prefix: PrefixInputs, sampling: generation.SamplingConfig, rng=None,
+            prompt_tail: int = 0) -> tuple[jax.Array, jax.Array]:
     """The student's on-policy trajectory for a batch of prompts: (tokens (B, T) int32, lengths (B,) int32)."""
     prompt = encode_prompt(backbone, params["backbone"], prefix, autonomous.config.num_queries,
-                           sampling.max_new_tokens)
+                           sampling.max_new_tokens, prompt_tail)
     return sample_trajectory(backbone, autonomous, params, prompt, sampling, rng)
 
 
@@ -227,13 +233,13 @@ def valid_mean(per_example: jax.Array, example_valid: jax.Array) -> jax.Array:
 
 def imt_loss(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
              autonomous: AutonomousMemory, params: dict, batch: IMTBatch, tokens: jax.Array, lengths: jax.Array,
-             beta: float = BETA, memory_match: float = 0.0):
+             beta: float = BETA, memory_match: float = 0.0, prompt_tail: int = 0):
     """Eq. (7) in float32 for a given trajectory y^ (tokens (B, T), lengths (B,)), from params {"backbone",
     "sampler", "autonomous"} (+ memory_match x the memory-matching error). Returns (loss, aux) as `student_loss`.
     Differentiable in params["autonomous"] only: the gradient with respect to "sampler" is exactly zero (the
     teacher is stop_gradient)."""
     prompt = encode_prompt(backbone, params["backbone"], batch.prefix, autonomous.config.num_queries,
-                           tokens.shape[1])
+                           tokens.shape[1], prompt_tail)
     valid = trajectory_valid(tokens, lengths)
     m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
     teacher = teacher_logits(backbone, params, prompt, m_pri, tokens, valid)
@@ -272,8 +278,8 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng:
 def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
                sampling: generation.SamplingConfig, state: TrainState, frozen: dict, batch: IMTBatch,
-               beta: float = BETA, memory_match: float = 0.0, relayout: bool | None = None
-               ) -> tuple[TrainState, dict]:
+               beta: float = BETA, memory_match: float = 0.0, relayout: bool | None = None,
+               prompt_tail: int = 0) -> tuple[TrainState, dict]:
     """One on-policy IMT step: sample y^ ~ pi^- with the current psi, score it in both branches, one AdamW step
     on psi. Returns (new state, metrics: loss (mean JSD + memory_match x memory_match_error), jsd,
     memory_match_error (mean relative squared error of M_auto against M_pri, logged whatever its weight),
@@ -282,7 +288,7 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
     step_rng = jax.random.fold_in(state.rng, state.step)
     params = freeze.merge(state.params, frozen)
     prompt = encode_prompt(backbone, params["backbone"], batch.prefix, autonomous.config.num_queries,
-                           sampling.max_new_tokens)
+                           sampling.max_new_tokens, prompt_tail)
     tokens, lengths = sample_trajectory(backbone, autonomous, params, prompt, sampling, step_rng, relayout)
     valid = trajectory_valid(tokens, lengths)
     m_pri = teacher_memory(sampler, params["sampler"], batch.feature_map)
@@ -312,8 +318,8 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
 def make_train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                     autonomous: AutonomousMemory, optimizer: optax.GradientTransformation,
                     sampling: generation.SamplingConfig, beta: float = BETA, memory_match: float = 0.0,
-                    relayout: bool | None = None):
-    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling, beta, memory_match and the
-    rollout's `relayout` (`sample_trajectory`) are fixed."""
+                    relayout: bool | None = None, prompt_tail: int = 0):
+    """`train_step` jitted over (state, frozen, batch); modules, optimizer, sampling, beta, memory_match, the
+    rollout's `relayout` (`sample_trajectory`) and the memory's place (`prompt_tail`) are fixed."""
     return jax.jit(functools.partial(train_step, backbone, sampler, autonomous, optimizer, sampling, beta=beta,
-                                     memory_match=memory_match, relayout=relayout))
+                                     memory_match=memory_match, relayout=relayout, prompt_tail=prompt_tail))

@@ -26,6 +26,7 @@ from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.medsynapse import deploy
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.encoder import AnatomicalEncoder
+from vital_jax.medsynapse.trainer import memory_prompt_tail
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
@@ -65,10 +66,12 @@ class MemoryPredictor(PromptEncoder):
             trained.backbone.config, trained.params["backbone"], trained.backbone.lora)
         backbone = Qwen3VLForConditionalGeneration(config, lora)
         sampler, sampling = trained.sampler, self.sampling
+        # The memory goes where the run trained it (config medsynapse.memory_position).
+        prompt_tail = memory_prompt_tail(trained.config, self.tokenizer)
         if memory == "autonomous":
             # Exactly the deployable tree: a tree still holding P_phi would be refused by deploy.generate.
             self.params = deploy.deployable_params({**trained.params, "backbone": backbone_params})
-            generate = deploy.make_generate(backbone, trained.autonomous, sampling)
+            generate = deploy.make_generate(backbone, trained.autonomous, sampling, prompt_tail)
             self._generate = lambda prefix, pixels: generate(self.params, prefix)
         else:
             self.params = {"backbone": backbone_params, "sampler": trained.params["sampler"],
@@ -79,7 +82,8 @@ class MemoryPredictor(PromptEncoder):
             def teacher(params, prefix, pixels):
                 feature_map = encoder_.feature_map(params["encoder"], pixels)
                 memory_bnd = sampler.apply({"params": params["sampler"]}, feature_map)
-                return memory_lib.generate(backbone, params["backbone"], prefix, memory_bnd, sampling)
+                return memory_lib.generate(backbone, params["backbone"], prefix, memory_bnd, sampling,
+                                           prompt_tail=prompt_tail)
 
             self._generate = lambda prefix, pixels: teacher(self.params, prefix, pixels)
 

@@ -58,19 +58,21 @@ def is_trainable(path: str) -> bool:
 
 
 def warmup_loss(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler, params: dict,
-                batch: WarmupBatch, reduction: str = "sum", deterministic: bool = True, rng=None):
+                batch: WarmupBatch, reduction: str = "sum", deterministic: bool = True, rng=None,
+                prompt_tail: int = 0):
     """Eq. (2) in float32. Returns (loss, aux) with aux = {"nll_per_example" (B,), "tokens" (B,), "memory_rms"}.
 
     reduction: "sum" (default, the paper): each example's summed answer NLL, averaged over valid examples;
     "token_mean" (the authors' skeleton, a plain token-level cross entropy): the NLL summed over the batch's
-    answer tokens divided by their number.
+    answer tokens divided by their number. prompt_tail: where the memory sits (`memory.inject`; 0: after the
+    prompt).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     sampler_rngs = {} if rng is None else {"dropout": rng}
     memory = sampler.apply({"params": params["sampler"]}, batch.feature_map, deterministic, rngs=sampler_rngs)
     log_probs = memory_lib.answer_log_probs(backbone, params["backbone"], batch.prefix, memory, batch.answer_ids,
-                                            batch.answer_valid)
+                                            batch.answer_valid, prompt_tail=prompt_tail)
     counted = batch.answer_valid & batch.example_valid[:, None]
     nll = -jnp.where(counted, log_probs, 0.0).sum(axis=1)
     tokens = counted.sum(axis=1)
@@ -109,13 +111,13 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng:
 
 def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
                optimizer: optax.GradientTransformation, state: TrainState, frozen: dict, batch: WarmupBatch,
-               reduction: str = "sum") -> tuple[TrainState, dict]:
+               reduction: str = "sum", prompt_tail: int = 0) -> tuple[TrainState, dict]:
     """One AdamW step on phi. Returns (new state, metrics: loss, grad_norm, memory_rms, answer_tokens)."""
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(train_params):
         return warmup_loss(backbone, sampler, freeze.merge(train_params, frozen), batch, reduction,
-                           deterministic=False, rng=step_rng)
+                           deterministic=False, rng=step_rng, prompt_tail=prompt_tail)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -126,6 +128,8 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
 
 
 def make_train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemorySampler,
-                    optimizer: optax.GradientTransformation, reduction: str = "sum"):
-    """`train_step` jitted over (state, frozen, batch); the modules, optimizer and reduction are fixed."""
-    return jax.jit(functools.partial(train_step, backbone, sampler, optimizer, reduction=reduction))
+                    optimizer: optax.GradientTransformation, reduction: str = "sum", prompt_tail: int = 0):
+    """`train_step` jitted over (state, frozen, batch); the modules, optimizer, reduction and the memory's place
+    are fixed."""
+    return jax.jit(functools.partial(train_step, backbone, sampler, optimizer, reduction=reduction,
+                                     prompt_tail=prompt_tail))

@@ -75,6 +75,7 @@ from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import autonomous as autonomous_lib
 from vital_jax.medsynapse import grpo, imt, stage1
+from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse import reward as reward_lib
 from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
 from vital_jax.medsynapse.encoder import anatomical_encoder_from_config, region_mask_provider_from_config
@@ -125,6 +126,7 @@ class Setup:
     tokenizer: object
     eos_token_ids: tuple[int, int]  # <|im_end|>, <|endoftext|>
     pad_token_id: int
+    prompt_tail: int  # where the memory sits (`memory.inject`; `prompt_tail`)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,10 +195,23 @@ def validate_config(config) -> None:
     _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
     _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
     _check(i.init in imt.INITS, "imt.init", f"{i.init!r} must be one of {imt.INITS}")
+    _check(memory_position(config) in memory_lib.MEMORY_POSITIONS, "memory_position",
+           f"{memory_position(config)!r} must be one of {memory_lib.MEMORY_POSITIONS}")
     for section in ("ccr", "imt"):
         s = m[section]
         _check(s.schedule in SCHEDULES, f"{section}.schedule", f"{s.schedule!r} must be one of {SCHEDULES}")
         _check(0 <= s.warmup_ratio <= 1, f"{section}.warmup_ratio", f"{s.warmup_ratio} must lie in [0, 1]")
+
+
+def memory_position(config) -> str:
+    """Where the run writes its memory (`memory.MEMORY_POSITIONS`); runs recorded before the field existed wrote
+    it after the whole prompt."""
+    return config.medsynapse.get("memory_position", "assistant_turn")
+
+
+def memory_prompt_tail(config, tokenizer) -> int:
+    """`memory.inject`'s prompt_tail for this run: the prompt tokens written after the memory."""
+    return prompt.user_turn_end_length(tokenizer) if memory_position(config) == "user_turn" else 0
 
 
 def lora_config(config) -> LoraConfig:
@@ -205,7 +220,8 @@ def lora_config(config) -> LoraConfig:
     return LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha), dropout=0.0, targets=tuple(lora.targets))
 
 
-def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int) -> grpo.GRPOConfig:
+def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int,
+                prompt_tail: int = 0) -> grpo.GRPOConfig:
     c = config.medsynapse.ccr
     reward = reward_lib.RewardConfig(lambda_acc=c.lambda_acc, lambda_causal=c.lambda_causal,
                                      causal_reduction=c.causal_reduction, causal_clip=c.causal_clip,
@@ -216,7 +232,7 @@ def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int) -> gr
                            clip_epsilon=c.clip_epsilon, kl_beta=c.kl_beta, kl_estimator=c.kl_estimator,
                            num_updates=c.num_updates, counterfactual_top_k=config.medsynapse.regions.top_k,
                            logprob_chunk=c.logprob_chunk, rollout_relayout=config.medsynapse.rollout_relayout,
-                           reward=reward)
+                           prompt_tail=prompt_tail, reward=reward)
 
 
 def learning_rate(lr: float, schedule: str, warmup_ratio: float, total: int):
@@ -335,7 +351,8 @@ def build_setup(config, workdir: str, paths: Paths) -> Setup:
     specials = prompt.special_token_ids(tokenizer)
     return Setup(config, paths, backbone, backbone_params, build_sampler(config, bb_config.text.hidden_size), store,
                  pipeline_config(config), read_records(os.path.join(paths.data_dir, RECORDS_FILE)), tokenizer,
-                 (specials[prompt.IM_END], specials[prompt.ENDOFTEXT]), specials[prompt.ENDOFTEXT])
+                 (specials[prompt.IM_END], specials[prompt.ENDOFTEXT]), specials[prompt.ENDOFTEXT],
+                 memory_prompt_tail(config, tokenizer))
 
 
 def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, object, dict]:
@@ -537,7 +554,8 @@ def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
                                       w.max_grad_norm)
     params = {"sampler": _init_sampler(setup.sampler, setup.store, config.seed), "backbone": frozen_backbone}
     state, frozen = stage1.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
-    jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction)
+    jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction,
+                                    prompt_tail=setup.prompt_tail)
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
@@ -554,7 +572,7 @@ def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone
     metrics, the backbone's params with the trained adapters)."""
     setup, config = loop.setup, loop.setup.config
     c = config.medsynapse.ccr
-    cfg = grpo_config(config, setup.eos_token_ids, setup.pad_token_id)
+    cfg = grpo_config(config, setup.eos_token_ids, setup.pad_token_id, setup.prompt_tail)
     optimizer = grpo.make_optimizer(learning_rate(c.lr, c.schedule, c.warmup_ratio, total), c.weight_decay,
                                     c.max_grad_norm)
     with_lora = grpo.add_lora(jax.random.PRNGKey(config.seed + 5), frozen_backbone, backbone.config, backbone.lora)
@@ -587,7 +605,8 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
     state, frozen = imt.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 3))
     sampling = imt.rollout_sampling(setup.eos_token_ids, i.max_new_tokens, i.temperature)
     jitted = imt.make_train_step(backbone, setup.sampler, autonomous, optimizer, sampling, beta=i.beta,
-                                 memory_match=i.memory_match, relayout=config.medsynapse.rollout_relayout)
+                                 memory_match=i.memory_match, relayout=config.medsynapse.rollout_relayout,
+                                 prompt_tail=setup.prompt_tail)
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):

@@ -139,6 +139,20 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
+def user_turn_end_length(tokenizer) -> int:
+    """How many tokens every prompt ends with after the question: `<|im_end|>\n<|im_start|>assistant\n`.
+
+    Read off a rendered prompt (text-only, so it holds for any question: `<|im_end|>` is a special token, which the
+    tokenizer never merges with the question's text), and checked against the header tokenised alone.
+    """
+    backend = _backend(tokenizer)
+    tail = backend.encode(f"{IM_END}\n{IM_START}assistant\n", add_special_tokens=False).ids
+    rendered = backend.encode(render_prompt("?", np.zeros((0, 3), np.int64)), add_special_tokens=False).ids
+    if len(rendered) <= len(tail) or rendered[-len(tail):] != tail:
+        raise PromptError("this tokenizer does not end a rendered prompt with the assistant header's own tokens")
+    return len(tail)
+
+
 def tokenize_prompt(tokenizer, question: str, grid_thw: np.ndarray, *, answer: str | None = None,
                     system: str | None = None, merge_size: int = 2) -> PromptTokens:
     """Render (see `render_prompt`) and tokenise one prompt; check its image tokens against grid_thw.

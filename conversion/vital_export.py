@@ -37,15 +37,17 @@ def is_training_workdir(path: str) -> bool:
 
 
 def export_run(workdir: str, out_dir: str, dtype: str = "float32",
-               max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES) -> dict:
+               max_shard_bytes: int = safetensors_io.DEFAULT_SHARD_BYTES, run=None) -> dict:
     """Merge LoRA and write the serving directory (the backbone and the decoder sharded above `max_shard_bytes`);
-    returns {"model": out_dir, "files": [...]}."""
+    returns {"model": out_dir, "files": [...]}. `run`: the workdir's `run.TrainedRun` already loaded, else it is
+    loaded here."""
     import ml_dtypes
 
     from vital_jax.run import load_run
 
     safetensors_io.check_export_dir(out_dir, workdir)
-    run = load_run(workdir)
+    if run is None:
+        run = load_run(workdir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     model = run.model
     merged = jax.tree.map(np.asarray, trainable.merge_lora(run.params["backbone"], model.config.lora)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -270,6 +271,36 @@ def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_
     # config error on each, before anything is built.
     _both_processes_refuse(_launcher_env("configs/demo.py", tmp_path / "pretrain"), tmp_path / "pretrain",
                            DEMO_TEST_OVERRIDES, "error: config.demo.pretrain='quick'")
+
+
+def test_two_train_processes_finish_the_demo_on_process_0_only(tmp_path):
+    """After training, process 0 alone evaluates, explains and exports the run while process 1 waits for it (both
+    did all of it, writing eval/ and export_hf/ at once), and neither exits before the artefacts are written."""
+    workdir = tmp_path / "run"
+    # Two train steps on a 2 x 2 mesh (the fsdp axis spans the processes); compile time is what counts.
+    env = _launcher_env("configs/demo.py", workdir, DEVICES_PER_PROC="2",
+                        XLA_FLAGS="--xla_backend_optimization_level=0")
+    args = ["--config.demo.split_counts=(24, 1, 1)", "--config.data.batch_size=2", "--config.curriculum.max_steps=2",
+            "--config.mesh.shape=(2,2,1)", "--config.checkpoint.async_save=False"]
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert res.returncode == 0, [log[-3000:] for log in logs]
+    assert all("Traceback" not in log for log in logs), [log[-3000:] for log in logs]
+    assert "Artefacts:" in logs[0] and "Artefacts:" not in logs[1], logs[1][-3000:]
+    assert "demo: process 0 writes the artefacts" in logs[1] and "process 1 waits for it" in logs[1]
+    assert "phantom_vqa K=0" not in logs[1]  # no evaluation on process 1
+    assert json.loads((workdir / "eval" / "demo_summary.json").read_text())["results"]
+    assert (workdir / "export_hf" / "vital.json").exists() and (workdir / "explain" / "explanation.json").exists()
+    # The rerun of the finished run finishes again; when process 0 fails to, process 1 fails too, saying so.
+    shutil.rmtree(workdir / "eval")
+    (workdir / "eval").write_text("")  # a file where the evaluation writes its folder
+    env["PORT"] = str(_free_port())
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    log = (workdir / "logs" / "process_1.log").read_text()
+    assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
+    assert f"error: process 0 could not finish the demo in {workdir}; its log says why" in log, log[-3000:]
 
 
 def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):

@@ -82,12 +82,12 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
     return paths
 
 
-def finish(workdir: str, eval_limit: int | None = None) -> dict:
+def finish(workdir: str, eval_limit: int | None = None, run: run_lib.TrainedRun | None = None) -> dict:
     """After training: evaluate the held-out PhantomVQA split (`phantom_vqa`: every test question, or the first
     `eval_limit`) at K=0 and K=K_max, explain one test example, export the run to HF format, and print the closed
     accuracy beside its majority-answer baselines (also in eval/k*/phantom_vqa.metrics.json as `closed_accuracy`
     and `closed_majority_baseline`, and with the per-question-type majority in eval/demo_summary.json) and where
-    everything is."""
+    everything is. `run`: the workdir's run already loaded (`run.load_run`), else it is loaded here."""
     from conversion import vital_export
     from vital_jax.evaluate import RECORD_K, evaluate
     from vital_jax.explain import explain_example
@@ -95,8 +95,9 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     from vital_jax.data.records import RECORDS_FILE, read_records
 
     workdir = os.path.abspath(workdir)
-    cli.status("demo: loading the trained run for evaluation...")
-    run = run_lib.load_run(workdir)
+    if run is None:
+        cli.status("demo: loading the trained run for evaluation...")
+        run = run_lib.load_run(workdir)
     k_max = run.model.config.k_max
     recs = read_records(os.path.join(run.paths.data_dir, RECORDS_FILE))
     split = "test" if any(r.split == "test" for r in recs) else "val"
@@ -114,7 +115,7 @@ def finish(workdir: str, eval_limit: int | None = None) -> dict:
     export_dir = os.path.join(workdir, "export_hf")
     cli.status(f"demo: exporting the run to HF format in {export_dir}...")
     shutil.rmtree(export_dir, ignore_errors=True)   # the demo's own export of an earlier finish: made again
-    vital_export.export_run(workdir, export_dir)
+    vital_export.export_run(workdir, export_dir, run=run)
 
     from vital_jax.eval.floors import floors
 

@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -254,6 +255,19 @@ def host_copy(tree):
     return jax.tree.map(to_host, tree)
 
 
+def local_copy(tree):
+    """`tree` with each leaf sharded across processes replaced by a whole copy on this process's default device
+    (gathered with a collective, as in `host_copy`: every process must call this with the same tree); the other
+    leaves are returned as they are. What lets one process compute alone with parameters restored on a mesh that
+    spans every process (a computation on them would wait for the other processes)."""
+    def to_local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(to_local, tree)
+
+
 def host_rows(x: jax.Array, rows: Sequence[int]) -> np.ndarray:
     """Rows `rows` (along axis 0, in that order) of a global array, read from this process's shards: with several
     processes a batch-sharded array is not addressable as a whole, but each process holds its own examples' rows.
@@ -413,6 +427,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 __all__ = [
     "DistributedPlan", "DistributedSetupError", "global_from_host_copy", "global_per_example", "global_vital_batch",
-    "host_rows", "host_local_to_global", "is_primary", "maybe_initialize_distributed", "plan_distributed",
+    "host_rows", "host_local_to_global", "is_primary", "local_copy", "maybe_initialize_distributed", "plan_distributed",
     "process_rows",
 ]

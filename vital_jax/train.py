@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 import jax
@@ -39,7 +40,7 @@ from vital_jax.cli import NonFiniteLossError
 from vital_jax.jsonio import atomic_write
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.observability import MetricsLogger, peak_flops_per_device
-from vital_jax.run import build_model, resolve_paths
+from vital_jax.run import build_model, load_run, resolve_paths
 from vital_jax.vital import accounting, trainable
 from vital_jax.vital.batch import check_token_ids, latent_slots, slice_latent_slots
 from vital_jax.vital.train_step import init_train_state, train_step
@@ -183,6 +184,37 @@ def prepare_demo(workdir: str, demo_config) -> None:
         demo.prepare(workdir, demo_config)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("vital_jax.train: the demo's assets are built")
+
+
+def finish_demo(workdir: str) -> None:
+    """`demo.finish` (evaluation, explanation, HF export) on process 0 while the other processes wait: run by every
+    process, the work was done once per process and they all wrote eval/ and export_hf/ at once.
+
+    Every process loads the run first: the checkpoint's arrays lie on a mesh spanning all processes, so restoring
+    them (orbax's barriers) and copying them whole to one device of each process (`distributed.local_copy`) are
+    collectives. Process 0 then works on its own device alone. The others wait for it at a barrier rather than
+    exit: one that exits first waits in jax's distributed shutdown for process 0 and times out, and the run would
+    look done before its artefacts are. The barrier carries process 0's outcome, so a failed finish fails all."""
+    if jax.process_count() == 1:
+        demo.finish(workdir)
+        return
+    cli.status("demo: loading the trained run for evaluation...")
+    run = load_run(workdir)
+    run = dataclasses.replace(run, params=distributed.local_copy(run.params))
+    error = None
+    if distributed.is_primary():
+        try:
+            demo.finish(workdir, run=run)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
+            error = e
+    else:
+        print(f"demo: process 0 writes the artefacts (evaluation, explanation, HF export) in {workdir}; process "
+              f"{jax.process_index()} waits for it", file=sys.stderr, flush=True)
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))  # also the barrier
+    if error is not None:
+        raise error
+    if not ok:
+        cli.fail(f"process 0 could not finish the demo in {workdir}; its log says why")
 
 
 def _train_records_fingerprint(data_dir: str, split: str) -> dict:
@@ -581,13 +613,13 @@ def main(argv):
         return _run_command(workdir, lambda: train_medsynapse(config, workdir),
                             lambda summary: trainer.format_summary(summary, workdir), errors + (FeatureStoreError,))
 
-    def finish_demo(summary):
+    def then_finish_demo(summary):
         if config.demo.enabled and config.demo.finish and not summary["preempted"]:
-            demo.finish(workdir)
+            finish_demo(workdir)
 
     _run_command(workdir, lambda: train(config, workdir),
                  lambda summary: format_summary(summary, workdir, len(config.curriculum.max_k)),
-                 errors, then=finish_demo)
+                 errors, then=then_finish_demo)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -149,10 +149,12 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.data: {e}") from e
 
 
-def check_mesh(config) -> None:
-    """`config.mesh.shape` against the devices of all processes, and the global batch (data.batch_size x
+def check_mesh(config, batches: Mapping[str, int] | None = None) -> None:
+    """`config.mesh.shape` against the devices of all processes, and each global batch (a per-process batch x
     processes) against the mesh's batch axes (data x fsdp): a ConfigError naming the value to set, before any
-    model is loaded. Call it after `distributed.maybe_initialize_distributed` (it counts every process's devices)."""
+    model is loaded. batches: {config field: its per-process batch size}, by default {"data.batch_size": ...}
+    (MedSynapse-V's stages: `medsynapse.trainer.stage_batches`). Call it after
+    `distributed.maybe_initialize_distributed` (it counts every process's devices)."""
     devices = jax.device_count()
     shape = tuple(config.mesh.shape)
     try:
@@ -161,13 +163,13 @@ def check_mesh(config) -> None:
         raise ConfigError(f"config.mesh.shape={shape}: {e}; set --config.mesh.shape to three positive integers "
                           f"(data, fsdp, tensor) whose product is {devices}, one of them may be -1 for the remaining "
                           f"devices, e.g. '(-1, 1, 1)'") from None
-    global_batch = config.data.batch_size * jax.process_count()
-    if global_batch % (data * fsdp):
-        raise ConfigError(f"config.data.batch_size={config.data.batch_size} x {jax.process_count()} process(es) = "
-                          f"{global_batch} examples per step do not split over the mesh's data x fsdp = {data} x "
-                          f"{fsdp} = {data * fsdp} batch shards (config.mesh.shape={shape}): set data.batch_size to "
-                          f"a multiple of {data * fsdp // math.gcd(data * fsdp, jax.process_count())} or change the "
-                          "mesh")
+    processes = jax.process_count()
+    for field, size in (batches if batches is not None else {"data.batch_size": config.data.batch_size}).items():
+        if size * processes % (data * fsdp):
+            raise ConfigError(f"config.{field}={size} x {processes} process(es) = {size * processes} examples per "
+                              f"step do not split over the mesh's data x fsdp = {data} x {fsdp} = {data * fsdp} "
+                              f"batch shards (config.mesh.shape={shape}): set {field} to a multiple of "
+                              f"{data * fsdp // math.gcd(data * fsdp, processes)} or change the mesh")
 
 
 def prepare_demo(workdir: str, demo_config) -> None:
@@ -560,7 +562,7 @@ def train_medsynapse(config, workdir: str) -> dict:
 
     trainer.validate_config(config)
     distributed.maybe_initialize_distributed()
-    check_mesh(config)
+    check_mesh(config, trainer.stage_batches(config))
     if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
         prepare_demo(workdir, config.demo)
         p = resolve_paths(config, workdir)

@@ -202,6 +202,28 @@ def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
     assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
 
+def test_each_stage_batch_that_does_not_split_over_the_mesh_is_one_config_error_before_any_work(tmp_path):
+    """Stages I and III batch data.batch_size records, Stage II ccr.rollout_prompts prompts: each must split over the
+    mesh's data x fsdp shards. A rollout batch that did not failed with a traceback once Stage I had trained."""
+    config = _config(stages=trainer.STAGES)
+    assert trainer.stage_batches(config) == {"data.batch_size": 4}  # rollout_prompts 0: data.batch_size's prompts
+    config.medsynapse.ccr.rollout_prompts = 2
+    assert trainer.stage_batches(config) == {"data.batch_size": 4, "medsynapse.ccr.rollout_prompts": 2}
+    config.medsynapse.stages = ("warmup", "imt")
+    assert trainer.stage_batches(config) == {"data.batch_size": 4}  # no Stage II
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/medsynapse_demo.py",
+                          f"--workdir={workdir}", *DEMO_TEST_OVERRIDES, "--config.mesh.shape=(2,2,1)",
+                          "--config.medsynapse.ccr.rollout_prompts=2"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert ("error: config.medsynapse.ccr.rollout_prompts=2 x 1 process(es) = 2 examples per step do not split over "
+            "the mesh's data x fsdp = 2 x 2 = 4 batch shards (config.mesh.shape=(2, 2, 1)): set "
+            "medsynapse.ccr.rollout_prompts to a multiple of 4") in res.stderr, res.stderr[-3000:]
+    assert not os.path.exists(workdir)  # refused before the demo's assets or any model were loaded
+
+
 # ---- Stages I-III -----------------------------------------------------------------------------------------------
 
 def test_three_stages_run_from_one_call_each_checkpointing_and_logging(three_stage_run):

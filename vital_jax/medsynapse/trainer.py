@@ -247,6 +247,16 @@ def rollout_prompts(config) -> int:
     return config.medsynapse.ccr.rollout_prompts or config.data.batch_size
 
 
+def stage_batches(config) -> dict[str, int]:
+    """{config field: records per process in one step} of the configured stages, what must split over the mesh's
+    batch axes (`train.check_mesh`): `data.batch_size` for Stages I and III, `medsynapse.ccr.rollout_prompts` for
+    Stage II's prompts (when set; 0 is data.batch_size)."""
+    batches = {"data.batch_size": config.data.batch_size}  # Stage I always runs (`validate_config`)
+    if "ccr" in config.medsynapse.stages and config.medsynapse.ccr.rollout_prompts:
+        batches["medsynapse.ccr.rollout_prompts"] = config.medsynapse.ccr.rollout_prompts
+    return batches
+
+
 def pipeline_config(config, batch_size: int | None = None) -> PipelineConfig:
     """The shared input pipeline, for MedSynapse-V: prompts (image + question) and reference answers. Records
     carry K-step chains for VITAL; MedSynapse-V reads every record whatever its K (k_max_slots = the records'

@@ -7,10 +7,11 @@
 #
 # Optional environment:
 #   PROJECT   gcloud project (default: gcloud's configured project)
-#   REPO_DIR  checkout on the TPU hosts (default: ~/vital_jax)
+#   REPO_DIR  checkout on the TPU hosts (default: ~/vital_jax; a leading ~/ is the home directory on the hosts)
 #   SYNC=1    first copy this checkout (git archive of HEAD) to REPO_DIR on every host
 #   SETUP=1   first run `pip install -e '.[tpu]'` in REPO_DIR on every host
-#   LOG_DIR   per-host log directory on the hosts (default: /tmp/vital_logs); each host writes host_<hostname>.log
+#   LOG_DIR   per-host log directory on the hosts (default: /tmp/vital_logs; ~/ as for REPO_DIR); each host writes
+#             host_<hostname>.log
 #
 # Every host runs the same command; `vital_jax.train` calls `vital_jax.distributed.maybe_initialize_distributed()`,
 # which on a TPU VM calls `jax.distributed.initialize()` without arguments (jax reads the pod topology from the TPU
@@ -29,13 +30,24 @@ LOG_DIR="${LOG_DIR:-/tmp/vital_logs}"
 GCLOUD=(gcloud compute tpus tpu-vm)
 TARGET=("$TPU_NAME" "--zone=$ZONE" ${PROJECT:+"--project=$PROJECT"})
 
+# A path quoted for the remote shell (spaces and all), a leading ~/ still the remote user's home: "$HOME"/<rest>.
+remote_path() {
+  case "$1" in
+    "~") printf '"$HOME"' ;;
+    "~/"*) printf '"$HOME"/%q' "${1#"~/"}" ;;
+    *) printf '%q' "$1" ;;
+  esac
+}
+repo_dir="$(remote_path "$REPO_DIR")"
+log_dir="$(remote_path "$LOG_DIR")"
+
 if [[ "${SYNC:-0}" == "1" ]]; then
   here="$(cd "$(dirname "$0")/.." && pwd)"
   archive="$(mktemp /tmp/vital_jax.XXXXXX.tar.gz)"
   git -C "$here" archive --format=tar.gz -o "$archive" HEAD
   "${GCLOUD[@]}" scp "${TARGET[@]}" --worker=all "$archive" "$TPU_NAME:/tmp/vital_jax.tar.gz"
   "${GCLOUD[@]}" ssh "${TARGET[@]}" --worker=all \
-    --command="mkdir -p $REPO_DIR && tar -xzf /tmp/vital_jax.tar.gz -C $REPO_DIR"
+    --command="mkdir -p $repo_dir && tar -xzf /tmp/vital_jax.tar.gz -C $repo_dir"
   rm -f "$archive"
 fi
 
@@ -50,7 +62,8 @@ for arg in "$@"; do extra+=" $(printf '%q' "$arg")"; done
 
 train="python -m vital_jax.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$extra"
 # pipefail: the command's exit status is training's, not tee's (which would report a failed run as a success).
-remote="set -o pipefail && cd $REPO_DIR && ${setup}mkdir -p $LOG_DIR && $train 2>&1 | tee $LOG_DIR/host_\$(hostname).log"
+remote="set -o pipefail && cd $repo_dir && ${setup}mkdir -p $log_dir"
+remote+=" && $train 2>&1 | tee $log_dir/host_\$(hostname).log"
 
 echo "[tpu_pod] $TPU_NAME ($ZONE), all workers: $train"
 exec "${GCLOUD[@]}" ssh "${TARGET[@]}" --worker=all --command="$remote"

@@ -98,7 +98,7 @@ def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path)
     assert "--zone=us-east5-a" in call and "--project=proj" in call and "--worker=all" in call
     remote = next(arg for arg in call if arg.startswith("--command=")).removeprefix("--command=")
     setup, _, rest = remote.partition(" && pip install -q -e '.[tpu]' && ")
-    assert setup == "set -o pipefail && cd ~/vital_jax" and rest
+    assert setup == 'set -o pipefail && cd "$HOME"/vital_jax' and rest  # the default REPO_DIR, ~/vital_jax
     train = rest.split(" && ", 1)[1].split(" 2>&1 | tee ")[0]
     # The remote shell sees the extra flags as the arguments given here, spaces included.
     assert shlex.split(train) == ["python", "-m", "vital_jax.train", f"--config={CONFIG}",
@@ -122,6 +122,32 @@ echo "training failed" >&2; exit 3
     assert res.returncode == 3, (res.returncode, res.stdout, res.stderr)
     (log,) = (tmp_path / "logs").iterdir()
     assert "training failed" in log.read_text()
+
+
+def test_tpu_pod_launcher_quotes_the_checkout_and_log_paths_for_the_hosts(tmp_path):
+    """REPO_DIR and LOG_DIR with spaces (and a quote) reach the remote shell as one path each, a leading ~/ still the
+    home directory on the host: `gcloud` runs the remote commands here (HOME is tmp_path), `tar` records what it
+    would extract where, `python` where it was started."""
+    run_remote = """#!/bin/bash
+for arg in "$@"; do [[ "$arg" == --command=* ]] && exec bash -c "${arg#--command=}"; done
+exit 0  # scp: the archive stays here
+"""
+    tar = """#!/bin/bash
+"$REAL_PYTHON" -c 'import json, sys; print("STUB", json.dumps({"tar": sys.argv[1:]}))' "$@"
+"""
+    python = """#!/bin/bash
+exec "$REAL_PYTHON" -c 'import json, os, sys
+print("STUB", json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd()}))' "$@"
+"""
+    env = dict(_stubs(tmp_path, gcloud=run_remote, tar=tar, python=python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
+               WORKDIR="gs://bucket/x", REPO_DIR="~/my repo", LOG_DIR=str(tmp_path / "vital's logs"), SYNC="1")
+    extract, task = _run("tpu_pod.sh", env, "--config.note=a b")
+    repo = tmp_path / "my repo"
+    assert extract == {"tar": ["-xzf", "/tmp/vital_jax.tar.gz", "-C", str(repo)]} and repo.is_dir()
+    assert task == {"argv": ["-m", "vital_jax.train", f"--config={CONFIG}", "--workdir=gs://bucket/x",
+                             "--config.note=a b"], "cwd": str(repo)}
+    (log,) = (tmp_path / "vital's logs").iterdir()
+    assert log.name.startswith("host_") and "STUB" in log.read_text()
 
 
 @pytest.mark.parametrize("variable, value", [("NUM_PROCESSES", "0"), ("NUM_PROCESSES", "two"),

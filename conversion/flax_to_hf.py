@@ -37,17 +37,17 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
     params = model_dir.load_params(checkpoint, family.abstract_params(config))
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(_NP_DTYPES[dtype])
     specs = hf_mapping.to_hf_specs(params, family.export_rules(config), np_dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    model_dir.copy_side_files(checkpoint, out_dir)
-    for name in (model_dir.META_FILE,):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
-    cfg = dict(cfg)
-    cfg["dtype"] = dtype
-    cfg.pop("torch_dtype", None)
-    atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(cfg, f, indent=2))
-    return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
+    with safetensors_io.writing_export(out_dir):
+        model_dir.copy_side_files(checkpoint, out_dir)
+        for name in (model_dir.META_FILE,):
+            path = os.path.join(out_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        cfg = dict(cfg)
+        cfg["dtype"] = dtype
+        cfg.pop("torch_dtype", None)
+        atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(cfg, f, indent=2))
+        return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
 
 
 def main(argv=None) -> int:
@@ -59,7 +59,9 @@ def main(argv=None) -> int:
                         help="a vital_jax converted-model directory, a VITAL training workdir (LoRA is merged "
                              "into the backbone and the scaffolding is written under scaffolding/) or a MedSynapse-V "
                              "one (LoRA merged, A_psi in autonomous.safetensors; conversion/medsynapse_export.py)")
-    parser.add_argument("--out", required=True, help="output HF directory (created; must hold no weights yet)")
+    parser.add_argument("--out", required=True,
+                        help="output HF directory (created; must hold no weights yet, unless an interrupted export "
+                             "left them: that export is redone)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_NP_DTYPES),
                         help="dtype of the written tensors (default float32)")
     parser.add_argument("--max_shard_gb", type=float, default=2.0,

@@ -67,24 +67,26 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     backbone = merge_lora(params["backbone"], lora) if lora is not None else params["backbone"]
     backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
-    os.makedirs(out_dir, exist_ok=True)
-    model_dir.copy_side_files(backbone_dir, out_dir)
-    stale = os.path.join(out_dir, model_dir.META_FILE)
-    if os.path.exists(stale):
-        os.remove(stale)
-    files = safetensors_io.write_safetensors(
-        out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype), max_shard_bytes)
-    tmp = os.path.join(out_dir, ".autonomous")
-    safetensors_io.write_safetensors(tmp, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
-                                           for n, a in sorted(tensors.items())])
-    os.replace(os.path.join(tmp, safetensors_io.SINGLE_FILE), os.path.join(out_dir, AUTONOMOUS_FILE))
-    os.rmdir(tmp)
-    meta = {"format": FORMAT, "version": VERSION, "num_memory": autonomous_config.num_queries,
-            "hidden_size": autonomous_config.hidden_size, "mlp_hidden": autonomous_config.mlp_width,
-            "layer_norm_eps": autonomous_config.layer_norm_eps, "activation": "gelu_erf",
-            "pooling": "learned_query_attention", "image_token_id": backbone_config.image_token_id,
-            "lora_merged": lora is not None, "memory_position": memory_position, "prompt_tail": int(prompt_tail)}
-    atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
+    with safetensors_io.writing_export(out_dir):
+        model_dir.copy_side_files(backbone_dir, out_dir)
+        stale = os.path.join(out_dir, model_dir.META_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
+        files = safetensors_io.write_safetensors(
+            out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype),
+            max_shard_bytes)
+        tmp = os.path.join(out_dir, ".autonomous")
+        safetensors_io.write_safetensors(tmp, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
+                                               for n, a in sorted(tensors.items())])
+        os.replace(os.path.join(tmp, safetensors_io.SINGLE_FILE), os.path.join(out_dir, AUTONOMOUS_FILE))
+        os.rmdir(tmp)
+        meta = {"format": FORMAT, "version": VERSION, "num_memory": autonomous_config.num_queries,
+                "hidden_size": autonomous_config.hidden_size, "mlp_hidden": autonomous_config.mlp_width,
+                "layer_norm_eps": autonomous_config.layer_norm_eps, "activation": "gelu_erf",
+                "pooling": "learned_query_attention", "image_token_id": backbone_config.image_token_id,
+                "lora_merged": lora is not None, "memory_position": memory_position,
+                "prompt_tail": int(prompt_tail)}
+        atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
     return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
 
 

@@ -55,40 +55,40 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     # HF checkpoints are per layer: undo the scan layout of a run trained with `model.scan_layers`.
     merged = qwen3_vl_params.to_layout(merged, scan_layers=False)
     decoder = qwen3_params.to_layout(jax.tree.map(np.asarray, run.params["decoder"]), scan_layers=False)
-    os.makedirs(out_dir, exist_ok=True)
-    model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
-    for stale in (model_dir.META_FILE,):
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
-    if os.path.isdir(run.paths.tokenizer_dir):
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            src = os.path.join(run.paths.tokenizer_dir, name)
-            if os.path.exists(src):
-                shutil.copy2(src, os.path.join(out_dir, name))
-    files = safetensors_io.write_safetensors(
-        out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype),
-        max_shard_bytes)
-    scaffold = os.path.join(out_dir, "scaffolding")
-    decoder_dir = os.path.join(scaffold, "decoder")
-    os.makedirs(decoder_dir, exist_ok=True)
-    model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
-    safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype),
-                                     max_shard_bytes)
-    heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
-             for top in ("pj_in", "visual_projector")
-             for path, leaf in hf_mapping.flatten(run.params[top]).items()}
-    safetensors_io.write_safetensors(scaffold, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
-                                                for n, a in sorted(heads.items())])
-    os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(scaffold, "heads.safetensors"))
-    backbone_cfg = model.backbone_config
-    record = {"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
-              "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
-              "lora_merged": model.config.lora is not None,
-              # the pixel budget of training, which the export's preprocessor_config.json may not state
-              "pixels": {"min_pixels": int(run.config.data.min_pixels),
-                         "max_pixels": int(run.config.data.max_pixels)}}
-    # Written last and atomically: its presence marks a complete export (`study.sft_backbone` relies on it).
-    atomic_write(os.path.join(out_dir, VITAL_FILE), lambda f: json.dump(record, f, indent=2))
+    with safetensors_io.writing_export(out_dir):
+        model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
+        for stale in (model_dir.META_FILE,):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        if os.path.isdir(run.paths.tokenizer_dir):
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                src = os.path.join(run.paths.tokenizer_dir, name)
+                if os.path.exists(src):
+                    shutil.copy2(src, os.path.join(out_dir, name))
+        files = safetensors_io.write_safetensors(
+            out_dir, hf_mapping.to_hf_specs(merged, qwen3_vl_params.rules(model.backbone_config), np_dtype),
+            max_shard_bytes)
+        scaffold = os.path.join(out_dir, "scaffolding")
+        decoder_dir = os.path.join(scaffold, "decoder")
+        os.makedirs(decoder_dir, exist_ok=True)
+        model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
+        safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype),
+                                         max_shard_bytes)
+        heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
+                 for top in ("pj_in", "visual_projector")
+                 for path, leaf in hf_mapping.flatten(run.params[top]).items()}
+        safetensors_io.write_safetensors(scaffold, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
+                                                    for n, a in sorted(heads.items())])
+        os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(scaffold, "heads.safetensors"))
+        backbone_cfg = model.backbone_config
+        record = {"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
+                  "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
+                  "lora_merged": model.config.lora is not None,
+                  # the pixel budget of training, which the export's preprocessor_config.json may not state
+                  "pixels": {"min_pixels": int(run.config.data.min_pixels),
+                             "max_pixels": int(run.config.data.max_pixels)}}
+        # Written last and atomically: its presence marks a complete export (`study.sft_backbone` relies on it).
+        atomic_write(os.path.join(out_dir, VITAL_FILE), lambda f: json.dump(record, f, indent=2))
     return {"model": out_dir, "files": files}
 
 

@@ -292,3 +292,44 @@ def test_a_conversion_never_writes_over_another_checkpoint(tmp_path):
     shutil.copy(source / "config.json", rerun / "config.json")
     hf_to_flax.convert(str(source), str(rerun))
     assert model_dir.is_converted(str(rerun))
+
+
+def test_an_interrupted_sharded_export_is_redone_and_a_finished_one_still_refused(tmp_path, monkeypatch):
+    """A kill mid-shard left shards and a `.tmp` file, and the rerun into the same --out was refused as "already
+    holds weights". The rerun now redoes the export (no mix of the two runs' shards, no `.tmp` left, a file of the
+    user's kept); a finished export and another checkpoint are refused as before."""
+    hf_dir, flax_dir, out = tmp_path / "hf", tmp_path / "flax", tmp_path / "out"
+    save_tiny_qwen3(str(hf_dir), tie_word_embeddings=False)
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    write_file, written = safetensors_io._write_file, []
+
+    def killed_in_second_shard(path, specs, metadata):
+        if written:
+            with open(path + ".tmp", "wb") as f:   # what a kill mid-write leaves: a partial temporary file
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        written.append(path)
+        write_file(path, specs, metadata)
+    monkeypatch.setattr(safetensors_io, "_write_file", killed_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        flax_to_hf.export(str(flax_dir), str(out), max_shard_gb=20_000 / 2**30)
+    assert len(written) == 1 and any(name.endswith(".tmp") for name in os.listdir(out))
+    monkeypatch.setattr(safetensors_io, "_write_file", write_file)
+
+    # Rerun through the CLI, with other settings: a single file this time, whose loaders must not see old shards.
+    assert flax_to_hf.main([f"--checkpoint={flax_dir}", f"--out={out}", "--dtype=bfloat16"]) == 0
+    clean = tmp_path / "clean"   # the same export into a new directory
+    flax_to_hf.export(str(flax_dir), str(clean), dtype="bfloat16")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(clean) + ["notes.txt"])
+    assert "model.safetensors" in os.listdir(out) and (out / "notes.txt").read_text() == "keep me"
+    for name in os.listdir(clean):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{out}: already holds weights"):
+        flax_to_hf.export(str(flax_dir), str(out))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    with pytest.raises(safetensors_io.SafetensorsError, match=f"{hf_dir}: already holds weights"):
+        flax_to_hf.export(str(flax_dir), str(hf_dir))

@@ -4,11 +4,13 @@ through the `safetensors` library's numpy API (bf16 as ml_dtypes' bfloat16), wit
 Reading opens each file once to list its tensors and reads one tensor at a time, so converting a checkpoint
 never holds two full copies of the weights. Writing produces one shard's tensors at a time (at most
 `max_shard_bytes` in memory beside the source), writes the shard to a temporary file and renames it; the index
-is written last, atomically.
+is written last, atomically. An export directory is marked unfinished while it is written (`writing_export`), so
+that an export killed midway is redone by the next one instead of refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from vital_jax.jsonio import atomic_write
+from vital_jax.jsonio import atomic_write, read_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -30,6 +32,8 @@ _DTYPES = {
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model-{:05d}-of-{:05d}.safetensors"
+# Present while an export writes its directory (`writing_export`): what the directory held before it began.
+UNFINISHED_FILE = ".vital_jax_export_unfinished.json"
 
 
 class SafetensorsError(ValueError):
@@ -169,7 +173,8 @@ def check_export_dir(out_dir: str, *sources: str) -> None:
     """Refuse to export into `out_dir` when it is one of `sources` (the directories the export reads) or already
     holds safetensors weights anywhere below it: a second export's files would mix with the first's (a sharded
     index beside a single file: transformers and vital_jax would load different weights). A converted-model
-    directory is refused too: the export would replace its config.json and remove its record."""
+    directory is refused too: the export would replace its config.json and remove its record. A directory marked
+    by an interrupted export (`writing_export`) is accepted: the next export redoes it."""
     from vital_jax.models import model_dir
 
     real = os.path.realpath(out_dir)
@@ -181,12 +186,66 @@ def check_export_dir(out_dir: str, *sources: str) -> None:
     if model_dir.is_converted(out_dir) or os.path.isdir(os.path.join(out_dir, model_dir.PARAMS_DIR)):
         raise SafetensorsError(f"{out_dir}: holds a converted model ({model_dir.PARAMS_DIR}/); export into a new or "
                                "empty directory")
+    if os.path.isfile(os.path.join(out_dir, UNFINISHED_FILE)):
+        return   # an interrupted export: its weights are its own, and `writing_export` writes them again
     weights = sorted(os.path.relpath(os.path.join(root, name), out_dir)
                      for root, _, names in os.walk(out_dir) for name in names
                      if name.endswith(".safetensors") or name == INDEX_FILE)
     if weights:
         raise SafetensorsError(f"{out_dir}: already holds weights ({', '.join(weights[:3])}"
                                f"{', ...' if len(weights) > 3 else ''}); export into a new or empty directory")
+
+
+@contextlib.contextmanager
+def writing_export(out_dir: str) -> Iterator[None]:
+    """Mark `out_dir` (checked by `check_export_dir`) as an unfinished export while the body writes it.
+
+    The mark, written before anything else, lists the files and folders `out_dir` held then (no weights: the check
+    refused them). An export killed midway (a kill mid-shard leaves shards, `*.safetensors.tmp` files) leaves the
+    mark; the next export into `out_dir` removes the weights and temporary files that the list does not name (the
+    interrupted export's own) and writes everything again. Nothing the list names, and no other file, is removed:
+    the rest of what an export writes (config.json, tokenizer files, its record) is written over. The mark is
+    removed last, so a directory without it is a finished export, refused by `check_export_dir` as before.
+    """
+    mark = os.path.join(out_dir, UNFINISHED_FILE)
+    if os.path.isfile(mark):
+        _remove_unfinished(out_dir, mark)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        held = _entries(out_dir)
+        atomic_write(mark, lambda f: json.dump({"held_before": held}, f, indent=2))
+    yield
+    os.remove(mark)
+
+
+def _entries(root: str) -> list[str]:
+    """Files and folders below `root`, relative to it (symlinked folders are listed, not followed)."""
+    out = []
+    for parent, dirs, files in os.walk(root):
+        out += [os.path.relpath(os.path.join(parent, name), root) for name in dirs + files]
+    return sorted(out)
+
+
+def _is_partial_output(name: str) -> bool:
+    # Weights and shards, their temporary files (`_write_file`) and jsonio.atomic_write's (the index, records).
+    return (name.endswith((".safetensors", ".safetensors.tmp")) or name == INDEX_FILE
+            or name.startswith(".tmp-"))
+
+
+def _remove_unfinished(out_dir: str, mark: str) -> None:
+    record = read_json(mark, SafetensorsError)
+    if not isinstance(record, dict) or not isinstance(record.get("held_before"), list):
+        raise SafetensorsError(f"{mark}: not the record of an unfinished export (no 'held_before' list); delete "
+                               f"{out_dir} by hand if it holds only that export's files")
+    held = set(record["held_before"])
+    for parent, dirs, files in os.walk(out_dir, topdown=False):
+        for name in files:
+            if os.path.relpath(os.path.join(parent, name), out_dir) not in held and _is_partial_output(name):
+                os.unlink(os.path.join(parent, name))
+        for name in dirs:
+            path = os.path.join(parent, name)
+            if os.path.relpath(path, out_dir) not in held and not os.path.islink(path) and not os.listdir(path):
+                os.rmdir(path)   # a folder the interrupted export made (scaffolding/decoder), left empty
 
 
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, np.ndarray]]:

@@ -432,3 +432,28 @@ def test_flax_to_hf_shards_a_run_export_at_max_shard_gb(workdir, tmp_path):
     assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}", "--max_shard_gb=0.000001"]) == 0
     for folder in (out, out / "scaffolding" / "decoder"):
         assert (folder / safetensors_io.INDEX_FILE).exists() and not (folder / safetensors_io.SINGLE_FILE).exists()
+
+
+def test_a_run_export_killed_in_the_scaffolding_is_redone_by_the_next(workdir, tmp_path, monkeypatch):
+    """A kill while the decoder's weights were written (the backbone's already in place) left a folder the next
+    export refused ("already holds weights"); it now writes the export again, leaving no temporary file."""
+    from conversion import flax_to_hf
+    from vital_jax.models import safetensors_io
+
+    out = tmp_path / "export"
+    write_file = safetensors_io._write_file
+
+    def killed_in_the_decoder(path, specs, metadata):
+        if os.path.join("scaffolding", "decoder") in path:
+            open(path + ".tmp", "wb").close()
+            raise KeyboardInterrupt
+        write_file(path, specs, metadata)
+    monkeypatch.setattr(safetensors_io, "_write_file", killed_in_the_decoder)
+    with pytest.raises(KeyboardInterrupt):
+        flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}"])
+    assert (out / safetensors_io.SINGLE_FILE).exists()
+    monkeypatch.setattr(safetensors_io, "_write_file", write_file)
+    assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}"]) == 0
+    files = [os.path.relpath(os.path.join(root, name), out) for root, _, names in os.walk(out) for name in names]
+    assert not [f for f in files if f.endswith(".tmp") or f == safetensors_io.UNFINISHED_FILE], files
+    assert {"vital.json", "scaffolding/heads.safetensors", "scaffolding/decoder/model.safetensors"} <= set(files)

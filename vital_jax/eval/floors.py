@@ -3,6 +3,7 @@
 Per question type on a split: chance (1 / number of options) and the majority answer for the closed types, the
 most frequent answer's token F1 for the open ones; over all closed questions the pooled majority (`evaluate`'s
 closed_majority_baseline) and the per-type majority (each type answered with its own most frequent answer).
+Ties between answers go to the alphabetically first, as in `evaluate`'s scores (`metrics.most_frequent`).
 """
 
 from __future__ import annotations
@@ -37,21 +38,20 @@ def floors(data_dir: str, split: str, limit: int | None = None) -> dict:
     out = {}
     for qtype, group in by_type.items():
         if group[0].answer_type == "closed":
-            answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in group)
+            answer, hits = score_lib.most_frequent(score_lib.gold_key(e) for e in group)
             out[qtype] = {"chance": float(np.mean([1.0 / len(e.options) for e in group])),
-                          "majority": answers.most_common(1)[0][1] / len(group),
-                          "majority_answer": answers.most_common(1)[0][0], "count": len(group)}
+                          "majority": hits / len(group), "majority_answer": answer, "count": len(group)}
         else:
-            common = collections.Counter(e.answer for e in group).most_common(1)[0][0]
+            common, _ = score_lib.most_frequent(e.answer for e in group)
             f1 = [score_lib.token_f1(common, e.answer) for e in group]
             out[qtype] = {"majority_f1": float(np.mean(f1)), "count": len(group)}
     closed = [e for e in examples if e.answer_type == "closed"]
     if not closed:   # a dataset of open questions only (e.g. BiomedParse's): no closed floor to state
         out["closed"] = {"chance": None, "majority": None, "majority_by_type": None, "count": 0}
         return out
-    answers = collections.Counter(score_lib.normalize_answer(e.answer) for e in closed)
+    _, hits = score_lib.most_frequent(score_lib.gold_key(e) for e in closed)
     by_type_hits = sum(out[t]["majority"] * out[t]["count"] for t in out if "majority" in out[t])
     out["closed"] = {"chance": float(np.mean([1.0 / len(e.options) for e in closed])),
-                     "majority": answers.most_common(1)[0][1] / len(closed),
+                     "majority": hits / len(closed),
                      "majority_by_type": by_type_hits / len(closed), "count": len(closed)}
     return out

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import re
 import string
-from typing import Sequence
+from typing import Iterable, Sequence
 
 UNIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
               "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
@@ -343,18 +343,31 @@ def _summary(scores: Sequence[ExampleScore], with_f1: bool = True) -> dict:
     return out
 
 
-def _gold_key(example) -> str:
-    # An option letter is its own key: normalised, "A" would be the article and vanish.
+def gold_key(example) -> str:
+    """What a ground truth is counted as when answers are tallied: its normalised text, or the option letter for
+    multiple choice (normalised, "A" would be the article and vanish)."""
     return example.answer.strip().upper() if example.match == "letter" else normalize_answer(example.answer)
 
 
-def majority_answer(examples: Sequence) -> str | None:
-    """The most frequent normalised ground truth (option letter for multiple choice) among the closed examples
-    (ties: the alphabetically first), or None when there are no closed examples."""
-    counts = collections.Counter(_gold_key(e) for e in examples if e.answer_type == "closed")
+def most_frequent(answers: Iterable[str]) -> tuple[str | None, int]:
+    """The most frequent of `answers` and its count; (None, 0) when there are none.
+
+    A tie goes to the alphabetically first answer, whatever the order of the examples. This is the one tie rule of
+    every majority answer: `majority_answer` (evaluate's closed_majority_answer and majority baselines) and the
+    floors of `eval.floors` (each question type's majority answer, the open types' most frequent answer), so that
+    reports name the same majority answer for the same split.
+    """
+    counts = collections.Counter(answers)
     if not counts:
-        return None
-    return min(counts, key=lambda a: (-counts[a], a))
+        return None, 0
+    answer = min(counts, key=lambda a: (-counts[a], a))
+    return answer, counts[answer]
+
+
+def majority_answer(examples: Sequence) -> str | None:
+    """The most frequent `gold_key` among the closed examples (ties: the alphabetically first, `most_frequent`), or
+    None when there are no closed examples."""
+    return most_frequent(gold_key(e) for e in examples if e.answer_type == "closed")[0]
 
 
 def source_group(source: str) -> str:

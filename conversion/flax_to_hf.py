@@ -8,7 +8,6 @@ files, loadable with transformers' `from_pretrained`. Tensors are produced and w
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -16,7 +15,6 @@ import numpy as np
 
 from vital_jax import cli
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.jsonio import atomic_write
 from vital_jax.models import hf_config, hf_mapping, model_dir, registry, safetensors_io
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -43,10 +41,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 os.remove(path)
-        cfg = dict(cfg)
-        cfg["dtype"] = dtype
-        cfg.pop("torch_dtype", None)
-        atomic_write(os.path.join(out_dir, "config.json"), lambda f: json.dump(cfg, f, indent=2))
+        hf_config.write_dtype(out_dir, np_dtype.name)
         return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
 
 

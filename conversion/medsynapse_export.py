@@ -32,7 +32,7 @@ import numpy as np
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.linear import LoraConfig, merge_lora
 from vital_jax.medsynapse.autonomous import AutonomousConfig
-from vital_jax.models import hf_mapping, model_dir, safetensors_io
+from vital_jax.models import hf_config, hf_mapping, model_dir, safetensors_io
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 
@@ -69,6 +69,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
     with safetensors_io.writing_export(out_dir):
         model_dir.copy_side_files(backbone_dir, out_dir)
+        hf_config.write_dtype(out_dir, np_dtype.name)
         stale = os.path.join(out_dir, model_dir.META_FILE)
         if os.path.exists(stale):
             os.remove(stale)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from vital_jax.jsonio import atomic_write
-from vital_jax.models import hf_mapping, model_dir, safetensors_io
+from vital_jax.models import hf_config, hf_mapping, model_dir, safetensors_io
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.vital import trainable
@@ -57,6 +57,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     decoder = qwen3_params.to_layout(jax.tree.map(np.asarray, run.params["decoder"]), scan_layers=False)
     with safetensors_io.writing_export(out_dir):
         model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
+        hf_config.write_dtype(out_dir, np_dtype.name)
         for stale in (model_dir.META_FILE,):
             if os.path.exists(os.path.join(out_dir, stale)):
                 os.remove(os.path.join(out_dir, stale))
@@ -72,6 +73,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
         decoder_dir = os.path.join(scaffold, "decoder")
         os.makedirs(decoder_dir, exist_ok=True)
         model_dir.copy_side_files(run.paths.decoder_dir, decoder_dir)
+        hf_config.write_dtype(decoder_dir, np_dtype.name)
         safetensors_io.write_safetensors(decoder_dir, hf_mapping.to_hf_specs(decoder, qwen3_params.RULES, np_dtype),
                                          max_shard_bytes)
         heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)

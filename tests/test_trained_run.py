@@ -434,6 +434,23 @@ def test_flax_to_hf_shards_a_run_export_at_max_shard_gb(workdir, tmp_path):
         assert (folder / safetensors_io.INDEX_FILE).exists() and not (folder / safetensors_io.SINGLE_FILE).exists()
 
 
+def test_a_bf16_export_of_a_run_records_bfloat16_in_its_configs(workdir, tmp_path):
+    """The backbone's and the decoder's config.json were the source's (no dtype in the demo's, "bfloat16" in
+    text_config only in the Hub's Qwen3-VL-8B): they now say the dtype the weights were written in, and
+    transformers loads them as such with dtype="auto"."""
+    from transformers import Qwen3ForCausalLM, Qwen3VLForConditionalGeneration
+
+    from conversion import vital_export
+
+    out = tmp_path / "export"
+    vital_export.export_run(workdir, str(out), dtype="bfloat16")
+    decoder = out / "scaffolding" / "decoder"
+    for folder in (out, decoder):
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16", folder
+    assert Qwen3VLForConditionalGeneration.from_pretrained(str(out), dtype="auto").dtype == torch.bfloat16
+    assert Qwen3ForCausalLM.from_pretrained(str(decoder), dtype="auto").dtype == torch.bfloat16
+
+
 def test_a_run_export_killed_in_the_scaffolding_is_redone_by_the_next(workdir, tmp_path, monkeypatch):
     """A kill while the decoder's weights were written (the backbone's already in place) left a folder the next
     export refused ("already holds weights"); it now writes the export again, leaving no temporary file."""

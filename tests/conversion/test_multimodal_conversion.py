@@ -125,3 +125,28 @@ def test_every_loader_reads_a_converted_directory_as_its_hf_original(tmp_path):
     other = dataclasses.replace(other, text=dataclasses.replace(other.text, num_hidden_layers=1))
     with pytest.raises(ConversionError, match="unexpected parameter"):
         load_vl_params(str(flax_vl), other)
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_an_exports_config_names_the_dtype_its_weights_were_written_in(tmp_path, dtype, torch_dtype):
+    """The Hub's Qwen3-VL-8B config.json has no top-level dtype and "dtype": "bfloat16" in text_config: an export's
+    config.json says the exported dtype at the top and in the sub-config (as transformers 5's save_pretrained
+    writes it), so from_pretrained(dtype="auto") loads the weights as they were written."""
+    import json
+
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from conversion import flax_to_hf
+
+    hf_dir, flax_dir, out_dir = tmp_path / "hf", tmp_path / "flax", tmp_path / "out"
+    save_tiny_qwen3_vl(str(hf_dir))
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.pop("dtype")
+    cfg["text_config"]["dtype"] = "bfloat16" if dtype == "float32" else "float32"   # another dtype than the export's
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    hf_to_flax.convert(str(hf_dir), str(flax_dir))
+    flax_to_hf.export(str(flax_dir), str(out_dir), dtype=dtype)
+    written = json.loads((out_dir / "config.json").read_text())
+    assert (written["dtype"], written["text_config"]["dtype"]) == (dtype, dtype)
+    assert "torch_dtype" not in written and "dtype" not in written["vision_config"]
+    assert Qwen3VLForConditionalGeneration.from_pretrained(str(out_dir), dtype="auto").dtype == torch_dtype

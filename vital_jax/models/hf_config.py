@@ -1,14 +1,15 @@
-"""Reading HF `config.json` files with errors that name the file."""
+"""Reading HF `config.json` files with errors that name the file; stamping an export's with its weights' dtype."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
+import json
 import os
 
 import jax.numpy as jnp
-from vital_jax.jsonio import read_json
+from vital_jax.jsonio import atomic_write, read_json
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -24,6 +25,21 @@ def read_config_json(model_dir: str) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def write_dtype(model_dir: str, dtype: str) -> None:
+    """Rewrite `model_dir/config.json` to say its weights were written in `dtype` ("float32", "bfloat16",
+    "float16"), as transformers 5's save_pretrained records it: `dtype` at the top level (what
+    `from_pretrained(dtype="auto")` loads the model as) and in each sub-config that names one; the older
+    `torch_dtype` key is dropped (transformers reads it only where `dtype` is missing or null). An export's config
+    is its source's, whose dtype (missing, null, or that of other weights) says nothing about the exported ones."""
+    def stamped(cfg: dict) -> dict:
+        return {**{k: v for k, v in cfg.items() if k != "torch_dtype"}, "dtype": dtype}
+
+    cfg = stamped(read_config_json(model_dir))
+    cfg.update({k: stamped(v) for k, v in cfg.items()
+                if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v)})
+    atomic_write(os.path.join(model_dir, "config.json"), lambda f: json.dump(cfg, f, indent=2))
 
 
 def reads_hf_fields(from_hf_dict):

@@ -202,6 +202,33 @@ def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
     assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
 
+def test_memory_cost_scores_the_four_memories_of_a_stage_one_run(paths, tmp_path):
+    """`python -m vital_jax.medsynapse.memory_cost`: with Stage I at lr = 0 the trained P_phi is the initial one,
+    so their NLLs agree, while no memory, zero memory and P_phi's memory differ; the JSON has every condition."""
+    config = _config(lr=0.0)
+    config.medsynapse.warmup.max_steps = 1
+    workdir = tmp_path / "run"
+    _run(config, workdir, paths)
+    out = tmp_path / "cost.json"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost", f"--workdir={workdir}",
+                          "--split=val", "--limit=5", f"--out={out}"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "per example" in res.stdout and "trained_sampler" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["examples"] == 5 and result["memory_position"] == "assistant_turn"
+    c = {name: v["nll_per_example"] for name, v in result["conditions"].items()}
+    assert sorted(c) == sorted(("no_memory", "zero_memory", "initial_sampler", "trained_sampler"))
+    assert all(np.isfinite(v) and v > 0 for v in c.values())
+    assert c["trained_sampler"] == pytest.approx(c["initial_sampler"], rel=1e-5)
+    assert abs(c["no_memory"] - c["initial_sampler"]) > 1e-3 and abs(c["zero_memory"] - c["no_memory"]) > 1e-3
+    missing = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost",
+                              f"--workdir={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=300)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+
+
 def test_each_stage_batch_that_does_not_split_over_the_mesh_is_one_config_error_before_any_work(tmp_path):
     """Stages I and III batch data.batch_size records, Stage II ccr.rollout_prompts prompts: each must split over the
     mesh's data x fsdp shards. A rollout batch that did not failed with a traceback once Stage I had trained."""

@@ -365,7 +365,8 @@ def build_setup(config, workdir: str, paths: Paths) -> Setup:
                  memory_prompt_tail(config, tokenizer))
 
 
-def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, object, dict]:
+def _stored_batch(batch_np: dict, store: FeatureStore, backbone_config: Qwen3VLConfig,
+                  mesh) -> tuple[dict, object, dict]:
     """What every stage's batch holds: (the records' stored arrays (numpy), the global VITAL-layout batch, the
     fields prefix, feature_map (F) and example_valid).
 
@@ -375,16 +376,17 @@ def _stored_batch(batch_np: dict, setup: Setup, mesh) -> tuple[dict, object, dic
     """
     from vital_jax import distributed  # here: it imports vital_jax.vital (its batch type); medsynapse must not
 
-    stored = setup.store.gather(batch_np["record_index"])
-    batch = distributed.global_vital_batch(batch_np, setup.backbone.config, mesh)
+    stored = store.gather(batch_np["record_index"])
+    batch = distributed.global_vital_batch(batch_np, backbone_config, mesh)
     return stored, batch, dict(prefix=batch.prefix,
                                feature_map=distributed.global_per_example(stored["feature_map"], mesh),
                                example_valid=batch.example_valid)
 
 
-def warmup_batch(batch_np: dict, setup: Setup, mesh) -> stage1.WarmupBatch:
+def warmup_batch(batch_np: dict, store: FeatureStore, backbone_config: Qwen3VLConfig,
+                 mesh) -> stage1.WarmupBatch:
     """A pipeline batch (numpy) + its records' stored F -> the global device batch of Stage I."""
-    _, batch, common = _stored_batch(batch_np, setup, mesh)
+    _, batch, common = _stored_batch(batch_np, store, backbone_config, mesh)
     return stage1.WarmupBatch(**common, answer_ids=batch.answer_ids, answer_valid=batch.answer_valid)
 
 
@@ -392,7 +394,7 @@ def prompt_batch(batch_np: dict, setup: Setup, mesh) -> grpo.PromptBatch:
     """A pipeline batch + its records' stored F and counterfactual regions -> Stage II's global rollout prompts."""
     from vital_jax import distributed
 
-    stored, _, common = _stored_batch(batch_np, setup, mesh)
+    stored, _, common = _stored_batch(batch_np, setup.store, setup.backbone.config, mesh)
     rows = {k: distributed.global_per_example(np.asarray(stored[k], dtype), mesh)
             for k, dtype in (("region_masks", bool), ("region_confidence", np.float32), ("region_valid", bool))}
     return grpo.PromptBatch(**common, **rows)
@@ -400,7 +402,7 @@ def prompt_batch(batch_np: dict, setup: Setup, mesh) -> grpo.PromptBatch:
 
 def imt_batch(batch_np: dict, setup: Setup, mesh) -> imt.IMTBatch:
     """A pipeline batch + its records' stored F (the teacher's input) -> Stage III's global batch."""
-    return imt.IMTBatch(**_stored_batch(batch_np, setup, mesh)[2])
+    return imt.IMTBatch(**_stored_batch(batch_np, setup.store, setup.backbone.config, mesh)[2])
 
 
 def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):
@@ -416,7 +418,8 @@ def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):
                                        [r.question_type not in CLOSED_TYPES for r in records], config.reward)
 
 
-def _init_sampler(sampler: DiagnosticMemorySampler, store: FeatureStore, seed: int) -> dict:
+def init_sampler_params(sampler: DiagnosticMemorySampler, store: FeatureStore, seed: int) -> dict:
+    """P_phi's parameters as Stage I starts them (seed: the run's)."""
     feature_map = jnp.zeros((1, *store.grid, store.feature_dim), jnp.float32)
     return sampler.init(jax.random.PRNGKey(seed), feature_map)["params"]
 
@@ -562,14 +565,14 @@ def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
     w = config.medsynapse.warmup
     optimizer = stage1.make_optimizer(learning_rate(w.lr, "warmup_cosine", w.warmup_ratio, total), w.weight_decay,
                                       w.max_grad_norm)
-    params = {"sampler": _init_sampler(setup.sampler, setup.store, config.seed), "backbone": frozen_backbone}
+    params = {"sampler": init_sampler_params(setup.sampler, setup.store, config.seed), "backbone": frozen_backbone}
     state, frozen = stage1.init_train_state(params, optimizer, jax.random.PRNGKey(config.seed + 1))
     jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction,
                                     prompt_tail=setup.prompt_tail)
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
-            return jitted(state, frozen, warmup_batch(batch_np, setup, loop.mesh))
+            return jitted(state, frozen, warmup_batch(batch_np, setup.store, setup.backbone.config, loop.mesh))
 
     state, preempted, last = _run_stage(loop, "warmup", state, step, total, offset, setup.pipeline, w.epochs,
                                         config.seed + 1)
@@ -813,7 +816,7 @@ def load_trained(workdir: str, upto: str | None = None) -> TrainedMedSynapse:
     store = FeatureStore.load(os.path.join(workdir, FEATURES_DIR))
     sampler = build_sampler(config, bb_config.text.hidden_size)
     params = {"backbone": qwen3_vl_params.load_params(paths.backbone_dir, bb_config),
-              "sampler": _init_sampler(sampler, store, config.seed)}
+              "sampler": init_sampler_params(sampler, store, config.seed)}
     autonomous = None
     if lora is not None:
         params["backbone"] = grpo.add_lora(jax.random.PRNGKey(0), params["backbone"], bb_config, lora)

@@ -14,8 +14,9 @@ injection): the vision tower's merged tokens of all the prompt's images -> A_psi
 first T - S tokens are run with its images (S = the export's prompt_tail: 0, or the assistant header's length when
 the run put its memory inside the user turn); M_auto and the embeddings of the prompt's last S tokens are fed as one
 block of `inputs_embeds` at positions `T - S + i + rope_delta` (i < N + S) on all three MRoPE axes (explicitly:
-transformers would otherwise lose the delta); the first answer token comes from the block's last state. The vision tower runs twice here (once for A_psi, once inside the prompt's forward), which costs
-time, not correctness. torch is imported here only.
+transformers would otherwise lose the delta); the first answer token comes from the block's last state. The
+vision tower runs twice here (once for A_psi, once inside the prompt's forward), which costs time, not
+correctness. torch is imported here only.
 """
 
 from __future__ import annotations

@@ -180,8 +180,8 @@ def test_an_export_without_a_psi_writes_nothing(setup, tmp_path):
 
 @pytest.mark.parametrize("position,prompt_tail", [("assistant_turn", 0), ("user_turn", 2)])
 def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(setup, tmp_path, position, prompt_tail):
-    """user_turn: the prompt's last 2 tokens (both rows end with 2 text tokens after their last image) follow the memory;
-    the PyTorch reference reads that from the export."""
+    """user_turn: the prompt's last 2 tokens (both rows end with 2 text tokens after their last image) follow the
+    memory; the PyTorch reference reads that from the export."""
     from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
 
     from conversion import medsynapse_export

@@ -40,8 +40,9 @@ def deployable_params(params: dict, lora: LoraConfig | None = None) -> dict:
 def generate(backbone: Qwen3VLForConditionalGeneration, autonomous: AutonomousMemory, params: dict,
              prefix: PrefixInputs, sampling: generation.SamplingConfig, rng=None,
              prompt_tail: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Answers for a batch of prompts with M_auto injected (where: `memory.inject`'s prompt_tail). params: exactly {"backbone", "autonomous"} (a tree
-    that still holds P_phi or an encoder is refused, so a deployment cannot silently carry them).
+    """Answers for a batch of prompts with M_auto injected (where: `memory.inject`'s prompt_tail). params: exactly
+    {"backbone", "autonomous"} (a tree that still holds P_phi or an encoder is refused, so a deployment cannot
+    silently carry them).
     Returns (tokens (B, max_new_tokens) int32, lengths (B,) int32)."""
     if set(params) != set(DEPLOYED):
         raise ValueError(f"deployed params are exactly {list(DEPLOYED)}, got {sorted(params)}; "

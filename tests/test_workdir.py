@@ -119,5 +119,6 @@ def test_a_recorded_config_reads_back_with_the_fields_added_since_at_their_old_v
     (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(recorded))
     config = read_config(str(tmp_path))
     assert config.medsynapse.imt.memory_match == 0.0 and config.medsynapse.imt.init == "random"
+    assert config.medsynapse.memory_position == "assistant_turn"  # older code wrote the memory after the prompt
     assert config.medsynapse.rollout_relayout is False  # older code decoded rollouts in the layout held
     assert config.medsynapse.imt.lr == 1e-4

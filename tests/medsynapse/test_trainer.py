@@ -307,6 +307,36 @@ def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1
 
 
+def test_a_run_recorded_before_the_newer_fields_loads_exports_and_resumes(three_stage_run, paths, tmp_path):
+    """A workdir whose config.json predates medsynapse.memory_position, imt.init and imt.memory_match (every run
+    trained before them): `load_trained` failed on it with a traceback (AttributeError: 'memory_match') in evaluate
+    and the HF export, and the same training command was refused ("fields differ: medsynapse.memory_position").
+    The fields read back at the values older code trained with."""
+    from conversion import medsynapse_export
+
+    workdir = tmp_path / "old"
+    shutil.copytree(three_stage_run[0], workdir)
+    recorded = json.loads((workdir / "config.json").read_text())
+    del recorded["medsynapse"]["memory_position"]
+    for field in ("init", "memory_match"):
+        del recorded["medsynapse"]["imt"][field]
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    run = trainer.load_trained(str(workdir))
+    assert run.stages_done == trainer.STAGES and trainer.memory_position(run.config) == "assistant_turn"
+    assert run.config.medsynapse.imt.init == "random" and run.config.medsynapse.imt.memory_match == 0.0
+    medsynapse_export.export_run(str(workdir), str(tmp_path / "export"))
+    meta = json.loads((tmp_path / "export" / "medsynapse.json").read_text())
+    assert (meta["memory_position"], meta["prompt_tail"]) == ("assistant_turn", 0)
+    # The command older code ran (the added fields at the values it trained with) resumes it: nothing is left.
+    config = _three_stage_config()
+    config.medsynapse.imt.init = "random"
+    summary = _run(config, workdir, paths)
+    assert not summary["preempted"] and {s: r["steps"] for s, r in summary["stages"].items()} == run.steps
+    config.medsynapse.memory_position = "user_turn"  # a placement the run was not trained with is still refused
+    with pytest.raises(CheckpointError, match=r"fields differ: medsynapse\.memory_position"):
+        _run(config, workdir, paths)
+
+
 def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_path):
     """`python -m conversion.flax_to_hf --checkpoint=<MedSynapse-V workdir>` writes medsynapse_export's layout (it
     took the run for a VITAL one: "no training checkpoint found in phase_*/"); a run without Stage III writes

@@ -741,17 +741,25 @@ class TrainedMedSynapse:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a MedSynapse-V run recorded in `workdir` (CheckpointError if there is none or it is another
-    method's), with JSON's lists turned back into the tuples the config uses."""
-    config = ml_collections.ConfigDict(read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
-                                                 ckpt_lib.CheckpointError, "not a vital_jax training workdir"))
+    method's), with JSON's lists turned back into the tuples the config uses and the fields added since the run
+    was recorded set to what older code trained with (`workdir.fill_added_fields`)."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    recorded = read_json(path, ckpt_lib.CheckpointError, "not a vital_jax training workdir")
+    if not isinstance(recorded, dict):
+        raise ckpt_lib.CheckpointError(f"{path}: not a recorded training config (a JSON object)")
+    config = ml_collections.ConfigDict(recorded)
     if config.get("method") != "medsynapse" or "medsynapse" not in config:
         raise ckpt_lib.CheckpointError(f"{workdir}: its {workdir_lib.CONFIG_FILE} is not a MedSynapse-V run's "
                                        f"(method={config.get('method')!r})")
-    m = config.medsynapse
-    m.stages = tuple(m.stages)
-    m.ccr.lora.targets = tuple(m.ccr.lora.targets)
-    config.data.prompt_buckets = tuple(config.data.prompt_buckets)
-    config.mesh.shape = tuple(config.mesh.shape)
+    try:
+        m = config.medsynapse
+        m.stages = tuple(m.stages)
+        m.ccr.lora.targets = tuple(m.ccr.lora.targets)
+        config.data.prompt_buckets = tuple(config.data.prompt_buckets)
+        config.mesh.shape = tuple(config.mesh.shape)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ckpt_lib.CheckpointError(f"{path}: not a recorded MedSynapse-V config ({e})") from None
+    workdir_lib.fill_added_fields(config)
     return config
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -219,16 +218,6 @@ def finish_demo(workdir: str) -> None:
         cli.fail(f"process 0 could not finish the demo in {workdir}; its log says why")
 
 
-def _train_records_fingerprint(data_dir: str, split: str) -> dict:
-    """{"records", "sha256"} of the records of `split` (id, latent steps, ROI row, in file order): what the data
-    order and the schedule are made from (`workdir.check_train_records`)."""
-    from vital_jax.data.records import RECORDS_FILE, read_records
-
-    rows = [(r.id, r.latent_steps, r.roi_index) for r in read_records(os.path.join(data_dir, RECORDS_FILE))
-            if r.split == split]
-    return {"records": len(rows), "sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
-
-
 def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
     from vital_jax.data.records import RECORDS_FILE, read_records
 
@@ -388,7 +377,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     if config.demo.enabled:  # the demo's dataset and models, built on first use
         prepare_demo(workdir, config.demo)
     paths = resolve_paths(config, workdir)
-    train_records = _train_records_fingerprint(paths.data_dir, config.data.train_split)
+    train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
     workdir_lib.check_train_records(workdir, train_records, record=False)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:

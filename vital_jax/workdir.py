@@ -6,6 +6,7 @@ later run whose config differs in what is trained; `WorkdirLock` lets one run at
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -93,6 +94,16 @@ def record_workdir_config(workdir: str, config_json: dict) -> None:
 
 
 TRAIN_RECORDS_FILE = "train_records.json"
+
+
+def train_records_fingerprint(data_dir: str, split: str) -> dict:
+    """{"records", "sha256"} of the records of `split` (id, latent steps, ROI row, in file order): what a run's
+    data order and schedule are made from (`check_train_records`; VITAL's and MedSynapse-V's training)."""
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
+    rows = [(r.id, r.latent_steps, r.roi_index) for r in read_records(os.path.join(data_dir, RECORDS_FILE))
+            if r.split == split]
+    return {"records": len(rows), "sha256": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}
 
 
 def check_train_records(workdir: str, fingerprint: dict, record: bool) -> None:

@@ -165,6 +165,32 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
         trainer.load_trained(str(tmp_path / "nothing"))
 
 
+def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths, tmp_path):
+    """A preempted run resumed on a dataset whose train split changed went on silently: the checkpoint's data
+    position applied to other records, and the stage's schedule length recomputed from them. It is refused, as
+    VITAL's, and the run's checkpoint is kept for the restored dataset."""
+    from vital_jax.data.records import RECORDS_FILE
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(paths.data_dir, data_dir)
+    paths = dataclasses.replace(paths, data_dir=str(data_dir))
+    config = _config()
+    config.medsynapse.warmup.max_steps = 2
+    workdir = tmp_path / "run"
+    first = _run(config, workdir, paths, on_first_step=trainer.request_preemption)
+    assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
+    records = (data_dir / RECORDS_FILE).read_text()
+    lines = records.splitlines(keepends=True)
+    train = [i for i, line in enumerate(lines) if json.loads(line)["split"] == config.data.train_split]
+    (data_dir / RECORDS_FILE).write_text("".join(line for i, line in enumerate(lines) if i != train[0]))
+    with pytest.raises(CheckpointError, match=r"training records changed since this run started "
+                                              rf"\(train_records.json: {len(train)} records, now {len(train) - 1}"):
+        _run(config, workdir, paths)
+    assert os.path.isdir(workdir / "stage_warmup" / "1")
+    (data_dir / RECORDS_FILE).write_text(records)  # the dataset restored: the run resumes
+    assert not _run(config, workdir, paths)["preempted"]
+
+
 def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
     for field, value, needle in [("stages", ("imt",), "stages"), ("warmup.epochs", 0, "epochs"),
                                  ("ccr.num_generations", 1, "ccr.num_generations"),

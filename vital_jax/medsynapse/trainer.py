@@ -15,7 +15,8 @@ checkpoint, and resumes the current stage from its newest checkpoint with the sa
 after that checkpoint are moved to metrics.rewound.jsonl. Metrics go to the workdir's metrics.jsonl / TensorBoard
 with one step count across stages (stage I's steps first, then II's, then III's), each row carrying its `stage`.
 The run holds the workdir's lock and, once its first step has run, records its config (workdir/config.json; a
-later run with a different config is refused) and its paths (workdir/paths.json).
+later run with a different config is refused), its paths (workdir/paths.json) and its training records
+(workdir/train_records.json; a rerun after they changed is refused, as VITAL's).
 
 The anatomical encoder runs once per dataset, before any stage (`features.build_feature_store`, in
 workdir/anatomical/): every stage reads F = E_ana(X) and the counterfactual regions from that store, so no
@@ -637,17 +638,22 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
 
     on_first_step: called once after the first optimizer step of this process.
     on_step(stage, step): called after every optimizer step, before its checkpoint (tests preempt or crash there).
-    Holds the workdir's lock; at the first step records the config (workdir/config.json) and the paths
-    (workdir/paths.json, for `load_trained`), and refuses a workdir recorded by a different config."""
+    Holds the workdir's lock; at the first step records the config (workdir/config.json), the paths
+    (workdir/paths.json, for `load_trained`) and the training records (workdir/train_records.json), and refuses a
+    workdir recorded by a different config or whose training records changed since (a resumed stage would go on
+    with another data order and schedule)."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
     with workdir_lib.WorkdirLock(workdir):
         config_json = json.loads(config.to_json_best_effort())
         workdir_lib.check_workdir_config(workdir, config_json, record=False)
+        train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
+        workdir_lib.check_train_records(workdir, train_records, record=False)
 
         def first_step():
             if jax.process_index() == 0:
                 workdir_lib.record_workdir_config(workdir, config_json)
+                workdir_lib.check_train_records(workdir, train_records, record=True)
                 absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
                 atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))
             if on_first_step is not None:

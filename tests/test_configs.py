@@ -134,6 +134,10 @@ def test_medsynapse_paper_recipe_follows_section_3():
     ("ccr.steps", 0), ("ccr.top_p", 0.0), ("ccr.causal_reduction", "mean"), ("ccr.open_ended_match", "bleu"),
     ("ccr.lora.rank", 0), ("ccr.warmup_ratio", 2.0), ("imt.epochs", 0), ("imt.lr", -1.0), ("imt.schedule", "step"),
     ("warmup.max_steps", -1),
+    # Each of these trained silently (dropout 2) or failed with a traceback, some only after Stage I had trained.
+    ("sampler.dropout", 2.0), ("sampler.num_heads", 0), ("encoder.kind", "vit"), ("encoder.feature_layer", "neck"),
+    ("encoder.dtype", "int8"), ("encoder.store_dtype", "float64"), ("regions.source", "sam"),
+    ("regions.threshold", 0.0), ("regions.top_k", 0), ("warmup.warmup_ratio", 1.5),
 ])
 def test_impossible_medsynapse_values_are_config_errors_naming_the_field(field, value):
     from vital_jax.medsynapse import trainer
@@ -163,3 +167,22 @@ def test_every_config_file_the_docs_and_launch_scripts_name_exists():
     assert len(named) >= 5, named   # the pattern still finds the recipes
     missing = {path: where for path, where in named.items() if not os.path.isfile(os.path.join(repo, path))}
     assert not missing, missing
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.batch_size", 0, "data.batch_size=0"),
+    ("logging.every_steps", 0, "logging.every_steps=0"),             # a ZeroDivisionError traceback at step 1
+    ("checkpoint.save_every_steps", 0, "checkpoint.save_every_steps=0"),  # "saving checkpoint 1 failed" after step 1
+    ("data.prompt_buckets", (), "prompt_buckets"),
+    ("data.max_pixels", 100, "data.max_pixels=100"),
+])
+def test_impossible_run_values_of_a_medsynapse_config_are_config_errors_before_anything_runs(field, value, message):
+    """The data, checkpoint and logging fields that VITAL's `train.validate_config` checks were not checked for a
+    MedSynapse-V run."""
+    from vital_jax.medsynapse import trainer
+
+    c = medsynapse_demo.get_config()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        trainer.validate_config(c)

@@ -210,6 +210,17 @@ def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
     assert not os.path.exists(tmp_path / "x")  # refused before anything was written
 
 
+def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_before_training(paths, tmp_path):
+    """P_phi attends over F's channels (the demo SigLIP's 32): 5 heads failed inside the first traced step with a
+    traceback."""
+    config = _config()
+    config.medsynapse.sampler.num_heads = 5
+    with pytest.raises(ConfigError, match=r"config\.medsynapse\.sampler\.num_heads=5 must divide E_ana's feature "
+                                          r"dim 32"):
+        _run(config, tmp_path / "run", paths)
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
 def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
     """memory_position "user_turn" (the memory before the assistant header): from the same P_phi start on the same
     batch, Stage I's first loss differs from the "assistant_turn" run's, and the run records the placement that

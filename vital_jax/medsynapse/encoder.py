@@ -56,6 +56,8 @@ from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, Sigl
 from vital_jax.models.siglip import params as siglip_params
 
 KINDS = ("siglip", "sam")
+# Which layer's output is F, per kind (the first is the default; see the encoder classes).
+FEATURE_LAYERS = {"siglip": ("post_layernorm", "last_block"), "sam": ("neck", "encoder")}
 REGION_SOURCES = ("record", "encoder")
 
 
@@ -135,8 +137,8 @@ class SiglipAnatomicalEncoder(_VitEncoder):
     feature_layer: str = "post_layernorm"
 
     def __post_init__(self):
-        if self.feature_layer not in ("post_layernorm", "last_block"):
-            raise ValueError(f"feature_layer must be 'post_layernorm' or 'last_block', got {self.feature_layer!r}")
+        if self.feature_layer not in FEATURE_LAYERS["siglip"]:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS['siglip']}, got {self.feature_layer!r}")
         size = self.model.config.image_size
         if (self.preprocessor.height, self.preprocessor.width) != (size, size):
             raise hf_config.ConfigError(f"preprocessor size {self.preprocessor.height}x{self.preprocessor.width} "
@@ -172,8 +174,8 @@ class SamAnatomicalEncoder(_VitEncoder):
     feature_layer: str = "neck"
 
     def __post_init__(self):
-        if self.feature_layer not in ("neck", "encoder"):
-            raise ValueError(f"feature_layer must be 'neck' or 'encoder', got {self.feature_layer!r}")
+        if self.feature_layer not in FEATURE_LAYERS["sam"]:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS['sam']}, got {self.feature_layer!r}")
         if self.preprocessor.pad_size != self.model.config.image_size:
             raise hf_config.ConfigError(f"preprocessor pad_size {self.preprocessor.pad_size} does not match the "
                                         f"encoder's image_size {self.model.config.image_size}")
@@ -366,7 +368,7 @@ class EncoderRegionMasks(RegionMaskProvider):
         pixels = jnp.asarray(encoder.preprocess(image))[None]
         regions = encoder.region_masks(params, pixels)
         if regions is None:
-            raise ValueError(f"{type(encoder).__name__} has no mask head; use region_masks.source = 'record' "
+            raise ValueError(f"{type(encoder).__name__} has no mask head; use regions.source = 'record' "
                              "(the dataset's masks, or masks precomputed offline written as the records' masks)")
         return regions
 

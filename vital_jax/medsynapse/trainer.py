@@ -69,7 +69,7 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax import cli, freeze, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
-from vital_jax.data.pipeline import PipelineConfig, make_train_iterator, select_records
+from vital_jax.data.pipeline import PipelineConfig, PipelineError, make_train_iterator, select_records
 from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.attention import check_backend as check_attention_backend
@@ -79,10 +79,12 @@ from vital_jax.medsynapse import grpo, imt, stage1
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse import reward as reward_lib
 from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory
-from vital_jax.medsynapse.encoder import anatomical_encoder_from_config, region_mask_provider_from_config
+from vital_jax.medsynapse.encoder import (FEATURE_LAYERS, KINDS, REGION_SOURCES, anatomical_encoder_from_config,
+                                          region_mask_provider_from_config)
+from vital_jax.medsynapse.features import DTYPES as STORE_DTYPES
 from vital_jax.medsynapse.features import FeatureStore, build_feature_store
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig
-from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.hf_config import ConfigError, as_dtype
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -140,8 +142,33 @@ def _check(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"config.medsynapse.{field}: {message}")
 
 
+def _validate_run_fields(config) -> None:
+    """The data, checkpoint and logging fields every stage reads (as `train.validate_config` checks VITAL's)."""
+    d = config.data
+    at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
+                    "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
+                    "checkpoint.keep": config.checkpoint.keep,
+                    "checkpoint.save_every_steps": config.checkpoint.save_every_steps,
+                    "logging.every_steps": config.logging.every_steps}
+    bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
+    if bad:
+        raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
+    if not d.prompt_buckets or min(d.prompt_buckets) < 1:
+        raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
+    if d.max_pixels < d.min_pixels:
+        raise ConfigError(f"config.data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
+    if d.num_workers < 0:
+        raise ConfigError(f"config.data.num_workers={d.num_workers} must be >= 0")
+    try:
+        pipeline_config(config)
+    except PipelineError as e:
+        raise ConfigError(f"config.data: {e}") from e
+
+
 def validate_config(config) -> None:
-    """Impossible MedSynapse-V settings are a ConfigError naming the field, before anything loads."""
+    """Impossible MedSynapse-V settings (and impossible data, checkpoint and logging fields) are a ConfigError
+    naming the field, before anything loads."""
+    _validate_run_fields(config)
     m = config.medsynapse
     unknown = [s for s in m.stages if s not in STAGES]
     if not m.stages or unknown or list(m.stages) != [s for s in STAGES if s in m.stages]:
@@ -152,12 +179,34 @@ def validate_config(config) -> None:
                           "sampler it trains)")
     if m.sampler.num_queries < 1 or m.sampler.num_layers < 1:
         raise ConfigError("config.medsynapse.sampler: num_queries and num_layers must be >= 1")
+    s = m.sampler
+    _check(s.num_heads >= 1, "sampler.num_heads", f"{s.num_heads} must be >= 1")
+    _check(s.mlp_ratio > 0, "sampler.mlp_ratio", f"{s.mlp_ratio} must be > 0")
+    _check(s.output_rms >= 0, "sampler.output_rms", f"{s.output_rms} must be >= 0 (0: plain init)")
+    _check(0 <= s.dropout < 1, "sampler.dropout", f"{s.dropout} must lie in [0, 1)")
+    e = m.encoder
+    _check(e.kind in KINDS, "encoder.kind", f"{e.kind!r} must be one of {KINDS}")
+    layers = FEATURE_LAYERS[e.kind]
+    _check(not e.feature_layer or e.feature_layer in layers, "encoder.feature_layer",
+           f"{e.feature_layer!r} must be empty (the encoder's default, {layers[0]!r}) or one of {layers}")
+    try:
+        as_dtype(e.dtype)
+    except ConfigError as err:
+        raise ConfigError(f"config.medsynapse.encoder.dtype: {err}") from None
+    _check(e.store_dtype in STORE_DTYPES, "encoder.store_dtype", f"{e.store_dtype!r} must be one of {STORE_DTYPES}")
+    r = m.regions
+    _check(r.source in REGION_SOURCES, "regions.source", f"{r.source!r} must be one of {REGION_SOURCES}")
+    _check(0 < r.threshold <= 1, "regions.threshold", f"{r.threshold} must lie in (0, 1]")
+    _check(r.top_k >= 1, "regions.top_k", f"{r.top_k} must be >= 1")
     w = m.warmup
     if w.epochs < 1 or w.lr < 0:
         raise ConfigError(f"config.medsynapse.warmup: epochs={w.epochs} must be >= 1 and lr >= 0")
     if w.reduction not in stage1.REDUCTIONS:
         raise ConfigError(f"config.medsynapse.warmup.reduction must be one of {stage1.REDUCTIONS}")
     _check(w.max_steps >= 0, "warmup.max_steps", f"{w.max_steps} must be >= 0 (0: all epochs)")
+    _check(w.weight_decay >= 0, "warmup.weight_decay", f"{w.weight_decay} must be >= 0")
+    _check(0 <= w.warmup_ratio <= 1, "warmup.warmup_ratio", f"{w.warmup_ratio} must lie in [0, 1]")
+    _check(w.max_grad_norm > 0, "warmup.max_grad_norm", f"{w.max_grad_norm} must be > 0")
 
     c = m.ccr
     for field, value in (("steps", c.steps), ("max_new_tokens", c.max_new_tokens), ("num_updates", c.num_updates)):
@@ -353,6 +402,9 @@ def build_setup(config, workdir: str, paths: Paths) -> Setup:
     backbone = Qwen3VLForConditionalGeneration(bb_config)
     backbone_params = qwen3_vl_params.load_params(paths.backbone_dir, bb_config)
     encoder, encoder_params = anatomical_encoder(config, paths)
+    if encoder.feature_dim % m.sampler.num_heads:  # P_phi attends over F's channels, split into its heads
+        raise ConfigError(f"config.medsynapse.sampler.num_heads={m.sampler.num_heads} must divide E_ana's feature "
+                          f"dim {encoder.feature_dim} ({paths.encoder_dir})")
     store = build_feature_store(paths.data_dir, encoder, encoder_params, os.path.join(workdir, FEATURES_DIR),
                                 encoder_id=os.path.abspath(paths.encoder_dir),
                                 provider=region_mask_provider_from_config(m.regions),

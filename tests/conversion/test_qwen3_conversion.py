@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -68,10 +69,14 @@ def test_sharded_checkpoint_converts_and_bf16_export(tmp_path):
     specs = [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a) for n, a in sorted(tensors.items())]
     files = safetensors_io.write_safetensors(str(sharded), specs, max_shard_bytes=40_000)
     assert len(files) > 2 and os.path.exists(sharded / safetensors_io.INDEX_FILE)
+    # Readable by other users (a serving account), as the index and config beside them: safetensors writes 0600.
+    for name in files + [safetensors_io.INDEX_FILE]:
+        assert stat.S_IMODE(os.stat(sharded / name).st_mode) == 0o644, name
 
     summary = hf_to_flax.convert(str(sharded), str(tmp_path / "flax"), "bfloat16")
     assert summary["family"] == "qwen3"
     flax_to_hf.export(str(tmp_path / "flax"), str(tmp_path / "out"), dtype="bfloat16")
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o644
     exported = _all_tensors(str(tmp_path / "out"))
     for name, array in tensors.items():
         assert exported[name].dtype.name == "bfloat16"

@@ -163,6 +163,7 @@ def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) ->
     tmp = path + ".tmp"
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: the weights would be unreadable to other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

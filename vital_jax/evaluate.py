@@ -259,7 +259,8 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
         latency = _single_latency(lambda enc, n, i: single.run_encoded(enc, n), singles, batched, batch_size,
                                   n_timed)
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "method": "medsynapse",
-                "memory": memory, "stages": list(trained.stages_done), "max_new_tokens": max_new_tokens,
+                "memory": memory, "memory_position": trainer.memory_position(trained.config),
+                "stages": list(trained.stages_done), "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "latency_examples": len(latency)}
         summaries.append(write_report(memory_dirs[memory], benchmark,
                                       examples, predictions, latency_ms=latency + [None] * (len(examples) -

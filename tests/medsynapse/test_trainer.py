@@ -523,6 +523,7 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     assert [s["meta"]["memory"] for s in summaries] == ["autonomous", "sampler"]
     for s, memory in zip(summaries, ("autonomous", "sampler")):
         assert s["count"] == 5 and "overall" in s and s["meta"]["stages"] == list(trainer.STAGES)
+        assert s["meta"]["memory_position"] == "assistant_turn"  # where the answers' memory went, as trained
         assert len((out / memory / "phantom_vqa.predictions.jsonl").read_text().splitlines()) == 5
 
     # The deployed predictor's program gets exactly the backbone (+ LoRA) and A_psi.

@@ -43,8 +43,10 @@ Reading a trained run (evaluation, export):
                      Stage III ran}; never the encoder
     run.stages_done  the finished stages, in order            run.steps     {stage: its final step}
 
-The A_psi branch is `deploy.make_generate(run.backbone, run.autonomous, sampling)(deploy.deployable_params(
-run.params), prefix)`; the teacher branch is `memory.generate` with M = P_phi(F): F of the training records is
+The A_psi branch is `deploy.make_generate(run.backbone, run.autonomous, sampling, tail)(deploy.deployable_params(
+run.params), prefix)`; the teacher branch is `memory.generate(..., prompt_tail=tail)` with M = P_phi(F), where
+tail = `memory_prompt_tail(run.config, prompt.load_tokenizer(run.paths.tokenizer_dir))` puts the memory where
+the run trained it (leaving it out, 0, is right for "assistant_turn" runs only). F of the training records is
 stored (`features.FeatureStore.load(os.path.join(workdir, FEATURES_DIR))`), F of other images comes from
 `anatomical_encoder(run.config, run.paths)` (its `preprocess` and `feature_map`). Stages count as finished in config
 order up to the first without its done marker; each finished stage's final checkpoint contributes the parameters

@@ -70,11 +70,10 @@ def main(argv=None) -> int:
         from conversion import medsynapse_export, vital_export
 
         if medsynapse_export.is_medsynapse_workdir(args.checkpoint):
-            cli.status(f"loading the MedSynapse-V run in {args.checkpoint}, merging LoRA and writing {args.out}...")
+            cli.status(f"loading the MedSynapse-V run in {args.checkpoint} and writing {args.out}...")
             result = medsynapse_export.export_run(args.checkpoint, args.out, args.dtype,
                                                   int(args.max_shard_gb * 2**30))
-            print(f"exported the MedSynapse-V run {args.checkpoint} (LoRA merged, A_psi) to {args.out}: "
-                  f"{', '.join(result['files'])}")
+            print(medsynapse_export.describe_export(args.checkpoint, result))
             return 0
         if vital_export.is_training_workdir(args.checkpoint):
             cli.status(f"loading the VITAL run in {args.checkpoint}, merging LoRA and writing {args.out}...")

@@ -52,7 +52,7 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
     written). memory_position / prompt_tail: where the run put its memory (`memory.inject`). backbone_dir: the
     backbone's HF directory, whose config.json and tokenizer / processor files are copied. lora: the adapters' config when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
     backbone's tensors (A_psi is always float32), sharded above `max_shard_bytes`. Returns {"model": out_dir,
-    "files": [...]}."""
+    "files": [...], "meta": what medsynapse.json records}."""
     import ml_dtypes
 
     safetensors_io.check_export_dir(out_dir, backbone_dir)
@@ -88,7 +88,15 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
                 "lora_merged": lora is not None, "memory_position": memory_position,
                 "prompt_tail": int(prompt_tail)}
         atomic_write(os.path.join(out_dir, META_FILE), lambda f: json.dump(meta, f, indent=2))
-    return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE]}
+    return {"model": out_dir, "files": files + [AUTONOMOUS_FILE, META_FILE], "meta": meta}
+
+
+def describe_export(workdir: str, result: dict) -> str:
+    """The line the export command prints: what went into `result` (`export_deployable`'s), from where."""
+    meta = result["meta"]
+    backbone = "LoRA merged" if meta["lora_merged"] else "no LoRA (Stage II did not run)"
+    return (f"exported the MedSynapse-V run {workdir} ({backbone}, A_psi, memory at {meta['memory_position']}) to "
+            f"{result['model']}: {', '.join(result['files'])}")
 
 
 def is_medsynapse_workdir(path: str) -> bool:

@@ -232,6 +232,24 @@ def test_export_round_trips_and_torch_generation_matches_jax_token_for_token(set
     assert lengths.min() >= 2  # answers long enough that the decode loop is exercised
 
 
+def test_the_export_command_says_whether_lora_was_merged_and_where_the_memory_goes(setup, tmp_path):
+    """A run without Stage II (stages warmup, imt) was reported as exported "(LoRA merged, A_psi)"."""
+    from conversion import medsynapse_export
+
+    tiny, autonomous = setup["tiny"], setup["autonomous"]
+    plain = {**setup["stage3"], "backbone": tiny.params}
+    out = tmp_path / "plain"
+    result = medsynapse_export.export_deployable(str(out), str(setup["path"]), tiny.config, plain,
+                                                 autonomous.config, memory_position="user_turn", prompt_tail=2)
+    assert result["meta"] == json.loads((out / "medsynapse.json").read_text())
+    assert medsynapse_export.describe_export("RUN", result) == (
+        f"exported the MedSynapse-V run RUN (no LoRA (Stage II did not run), A_psi, memory at user_turn) to {out}: "
+        "model.safetensors, autonomous.safetensors, medsynapse.json")
+    merged = medsynapse_export.export_deployable(str(tmp_path / "merged"), str(setup["path"]), tiny.config,
+                                                 setup["stage3"], autonomous.config, lora=LORA)
+    assert "(LoRA merged, A_psi, memory at assistant_turn)" in medsynapse_export.describe_export("RUN", merged)
+
+
 def _autonomous_export(directory, n=3, d=8, h=5):
     """A minimal export folder for the A_psi loaders: medsynapse.json and autonomous.safetensors (no backbone)."""
     from safetensors.numpy import save_file

@@ -374,7 +374,7 @@ def test_a_run_recorded_before_the_newer_fields_loads_exports_and_resumes(three_
         _run(config, workdir, paths)
 
 
-def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_path):
+def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_path, capsys):
     """`python -m conversion.flax_to_hf --checkpoint=<MedSynapse-V workdir>` writes medsynapse_export's layout (it
     took the run for a VITAL one: "no training checkpoint found in phase_*/"); a run without Stage III writes
     nothing."""
@@ -385,6 +385,7 @@ def test_flax_to_hf_exports_a_medsynapse_run_for_serving(three_stage_run, tmp_pa
     workdir, _ = three_stage_run
     out = tmp_path / "export"
     assert flax_to_hf.main([f"--checkpoint={workdir}", f"--out={out}"]) == 0
+    assert "(LoRA merged, A_psi, memory at assistant_turn)" in capsys.readouterr().out
     assert {"model.safetensors", "autonomous.safetensors", "medsynapse.json", "tokenizer.json"} <= set(os.listdir(out))
     run = trainer.load_trained(workdir)
     _, psi = medsynapse_export.load_autonomous(str(out))

@@ -88,6 +88,9 @@ def test_read_records_names_line_and_id(tmp_path):
     path.write_text(good + "\n\n{not json\n")
     with pytest.raises(RecordError, match=r"r\.jsonl:3: malformed JSON"):
         records.read_records(str(path))
+    path.write_text(good + '\n{"id": "a\tb"}\n')  # a raw tab inside a string: json's message ends in "at"
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: malformed JSON \(Invalid control character at column \d+\)"):
+        records.read_records(str(path))
     extra = dict(_record(0).to_dict(), colour="red")
     path.write_text(json.dumps(extra) + "\n")
     with pytest.raises(RecordError, match=r"unknown fields \['colour'\]"):

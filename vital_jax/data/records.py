@@ -169,7 +169,9 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict | LineError]]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                yield number, LineError(f"malformed JSON ({e.msg} at column {e.colno})")
+                # Some of json's messages end in "at" ("Invalid control character at"), meant for its own ": line".
+                reason = e.msg.removesuffix(" at")
+                yield number, LineError(f"malformed JSON ({reason} at column {e.colno})")
                 continue
             if isinstance(data, dict):
                 yield number, data

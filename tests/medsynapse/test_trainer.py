@@ -221,13 +221,15 @@ def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_befo
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
-def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
+def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(paths, tmp_path):
     """memory_position "user_turn" (the memory before the assistant header): from the same P_phi start on the same
     batch, Stage I's first loss differs from the "assistant_turn" run's, and the run records the placement that
-    evaluation and export read back (`memory_prompt_tail`)."""
+    evaluation and export read back (`memory_prompt_tail`). Then `python -m vital_jax.medsynapse.memory_cost` on
+    the user_turn run (Stage I at lr = 0, so its trained P_phi is the initial one and their NLLs agree, while no
+    memory, zero memory and P_phi's memory differ)."""
     first = {}
     for position in ("assistant_turn", "user_turn"):
-        config = _config()
+        config = _config(lr=0.0)
         config.medsynapse.memory_position = position
         config.medsynapse.warmup.max_steps = 1
         _run(config, tmp_path / position, paths)
@@ -238,23 +240,15 @@ def test_the_memory_position_reaches_the_training_step(paths, tmp_path):
                         if position == "user_turn" else 0)
     assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
-
-def test_memory_cost_scores_the_four_memories_of_a_stage_one_run(paths, tmp_path):
-    """`python -m vital_jax.medsynapse.memory_cost`: with Stage I at lr = 0 the trained P_phi is the initial one,
-    so their NLLs agree, while no memory, zero memory and P_phi's memory differ; the JSON has every condition."""
-    config = _config(lr=0.0)
-    config.medsynapse.warmup.max_steps = 1
-    workdir = tmp_path / "run"
-    _run(config, workdir, paths)
     out = tmp_path / "cost.json"
     env = dict(os.environ, PYTHONPATH=REPO)
-    res = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost", f"--workdir={workdir}",
-                          "--split=val", "--limit=5", f"--out={out}"], capture_output=True, text=True, cwd=REPO,
-                         env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost",
+                          f"--workdir={tmp_path / 'user_turn'}", "--split=val", "--limit=5", f"--out={out}"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "per example" in res.stdout and "trained_sampler" in res.stdout
     result = json.loads(out.read_text())
-    assert result["examples"] == 5 and result["memory_position"] == "assistant_turn"
+    assert result["examples"] == 5 and result["memory_position"] == "user_turn"
     c = {name: v["nll_per_example"] for name, v in result["conditions"].items()}
     assert sorted(c) == sorted(("no_memory", "zero_memory", "initial_sampler", "trained_sampler"))
     assert all(np.isfinite(v) and v > 0 for v in c.values())

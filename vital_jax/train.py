@@ -121,21 +121,9 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.curriculum.epochs {tuple(c.epochs)} must each be >= 1")
     if c.get("max_steps", 0) < 0:
         raise ConfigError(f"config.curriculum.max_steps={c.max_steps} must be >= 0 (0 = every epoch)")
-    d = config.data
-    at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
-                    "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
-                    "vital.k_max": config.vital.k_max, "checkpoint.keep": config.checkpoint.keep,
-                    "checkpoint.save_every_steps": config.checkpoint.save_every_steps,
-                    "logging.every_steps": config.logging.every_steps}
-    bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
-    if bad:
-        raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
-    if not d.prompt_buckets or min(d.prompt_buckets) < 1:
-        raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
-    if d.max_pixels < d.min_pixels:
-        raise ConfigError(f"config.data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
-    if d.num_workers < 0 or config.vital.lora_rank < 0:
-        raise ConfigError("config.data.num_workers and vital.lora_rank must be >= 0")
+    workdir_lib.check_run_fields(config, {"vital.k_max": config.vital.k_max})
+    if config.vital.lora_rank < 0:
+        raise ConfigError(f"config.vital.lora_rank={config.vital.lora_rank} must be >= 0")
     if config.logging.probe_every_steps < 0:
         raise ConfigError("config.logging.probe_every_steps must be >= 0 (0 = no probe)")
     if not 0.0 <= config.optimizer.warmup_ratio <= 1.0:

@@ -17,6 +17,7 @@ from absl import logging
 
 from vital_jax.checkpoint import CheckpointError
 from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.models.hf_config import ConfigError
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "RUNNING.lock"
@@ -273,3 +274,24 @@ def _diff(a, b, prefix="") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
         return out
     return [] if a == b else [prefix]
+
+
+def check_run_fields(config, more_at_least_one: dict | None = None) -> None:
+    """The data, checkpoint and logging fields every trainer reads (VITAL's `train.validate_config`, MedSynapse-V's
+    `medsynapse.trainer.validate_config`): a ConfigError naming the field. more_at_least_one: the trainer's own
+    {field: value} that must be >= 1 too."""
+    d = config.data
+    at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
+                    "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
+                    "checkpoint.keep": config.checkpoint.keep,
+                    "checkpoint.save_every_steps": config.checkpoint.save_every_steps,
+                    "logging.every_steps": config.logging.every_steps, **(more_at_least_one or {})}
+    bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
+    if bad:
+        raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
+    if not d.prompt_buckets or min(d.prompt_buckets) < 1:
+        raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
+    if d.max_pixels < d.min_pixels:
+        raise ConfigError(f"config.data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
+    if d.num_workers < 0:
+        raise ConfigError(f"config.data.num_workers={d.num_workers} must be >= 0")

@@ -146,21 +146,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 def _validate_run_fields(config) -> None:
     """The data, checkpoint and logging fields every stage reads (as `train.validate_config` checks VITAL's)."""
-    d = config.data
-    at_least_one = {"data.batch_size": d.batch_size, "data.max_answer_tokens": d.max_answer_tokens,
-                    "data.max_step_tokens": d.max_step_tokens, "data.min_pixels": d.min_pixels,
-                    "checkpoint.keep": config.checkpoint.keep,
-                    "checkpoint.save_every_steps": config.checkpoint.save_every_steps,
-                    "logging.every_steps": config.logging.every_steps}
-    bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
-    if bad:
-        raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
-    if not d.prompt_buckets or min(d.prompt_buckets) < 1:
-        raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
-    if d.max_pixels < d.min_pixels:
-        raise ConfigError(f"config.data.max_pixels={d.max_pixels} is below data.min_pixels={d.min_pixels}")
-    if d.num_workers < 0:
-        raise ConfigError(f"config.data.num_workers={d.num_workers} must be >= 0")
+    workdir_lib.check_run_fields(config)
     try:
         pipeline_config(config)
     except PipelineError as e:

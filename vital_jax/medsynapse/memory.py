@@ -69,13 +69,12 @@ def write_memory(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv_
     memory (B, N, D); tail_ids (B, S) or None (`split_prompt`). Returns (kv_cache, the post-norm state of the
     block's last slot (B, D), which predicts y_1); with nothing to write, the inputs unchanged.
     """
-    blocks = [memory] if memory.shape[1] else []
+    block = memory
     if tail_ids is not None:
         tail = backbone.apply({"params": backbone_params}, tail_ids, method=backbone.embed)
-        blocks.append(tail.astype(memory.dtype))
-    if not blocks:
+        block = jnp.concatenate([memory, tail.astype(memory.dtype)], axis=1)
+    if block.shape[1] == 0:
         return kv_cache, last_hidden
-    block = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
     hidden, kv_cache = cached.append_embeddings(backbone, backbone_params, kv_cache, block, None, deterministic, rng)
     return kv_cache, hidden[:, -1]
 

@@ -146,6 +146,21 @@ def test_jsonl_rewind_moves_the_records_after_the_resumed_step_aside(tmp_path):
         (3, "backbone"), (3, "decoder"), (4, "backbone")]
 
 
+def test_jsonl_last_is_the_newest_matching_record_without_step_and_time(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with obs.JsonlWriter(str(path)) as writer:
+        assert writer.last() == {}
+        writer.write(1, {"loss": 1.0, "stage": "warmup"})
+        writer.write(2, {"loss": 0.5, "stage": "warmup"})
+        writer.write(3, {"reward_mean": 0.25, "stage": "ccr"})
+        assert writer.last({"stage": "warmup"}) == {"loss": 0.5, "stage": "warmup"}  # read before close: flushed
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-line is skipped
+    with obs.JsonlWriter(str(path)) as writer:
+        assert writer.last() == {"reward_mean": 0.25, "stage": "ccr"}
+        assert writer.last({"stage": "imt"}) == {}
+
+
 def test_progress_bar_redraws_one_line_on_a_terminal():
     stream, clock = _FakeTTY(), _Clock(0.0)
     progress = obs.ProgressReporter(100, "train", stream=stream, every=10, clock=clock)

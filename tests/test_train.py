@@ -375,7 +375,9 @@ def test_max_steps_ends_training_early_and_every_phase_still_has_its_checkpoint(
         done = json.load(open(os.path.join(workdir, f"phase_{phase}", ckpt_lib.DONE_FILE)))
         assert done["final_step"] == 3, phase
     assert load_run(workdir).params  # the run loads like any finished one
-    assert train.train(_config(curriculum__max_steps=3), workdir)["step"] == 3  # a rerun finds it complete
+    rerun = train.train(_config(curriculum__max_steps=3), workdir)  # a rerun finds it complete, trains nothing
+    assert rerun["step"] == 3 and rerun["metrics"] == summary["metrics"]   # and reports what the run logged
+    assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == steps
 
 
 def test_batch_shapes_of_another_width_and_k_are_those_of_a_real_batch(assets):

@@ -170,6 +170,23 @@ class JsonlWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         return len(moved)
 
+    def last(self, where: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The metrics of the last record whose fields equal `where` (without its "step" and "time"); {} when
+        there is none. A rerun of a finished stage logs nothing, and reports what its last run logged."""
+        if self._file is None:
+            raise ValueError("JsonlWriter is closed")
+        self._file.flush()
+        found: dict[str, Any] = {}
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:   # a line half-written by a crash
+                    continue
+                if isinstance(record, dict) and all(record.get(k) == v for k, v in (where or {}).items()):
+                    found = record
+        return {k: v for k, v in found.items() if k not in ("step", "time")}
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -509,6 +509,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         ckpt.mark_done(int(state.step))
         ckpt.close()
         phase_start = phase_end
+    if not last_metrics and logger.jsonl is not None:  # a rerun of a finished run: what its last run logged
+        last_metrics = logger.jsonl.last()
     logger.close()
     return {"preempted": False, "step": int(state.step), "metrics": last_metrics, "paths": dataclasses.asdict(paths)}
 

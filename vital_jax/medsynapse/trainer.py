@@ -528,8 +528,8 @@ def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int,
     """The loop every stage shares: resume, iterate, step, check the loss, log, checkpoint, mark done.
 
     step_fn(state, batch_np) -> (state, metrics: scalars). epochs: of the data iterator (None: repeat). finite:
-    the metrics that must stay finite. Returns (final state, preempted, last logged metrics; {} when the stage
-    was already complete)."""
+    the metrics that must stay finite. Returns (final state, preempted, last logged metrics; when the stage was
+    already complete, those its last run logged in metrics.jsonl)."""
     setup, config = loop.setup, loop.setup.config
     with _checkpointer(config, loop.workdir, stage) as ckpt:
         found = ckpt.restore_latest(state)
@@ -539,7 +539,7 @@ def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int,
         done = ckpt.done_step()
         if done is not None and done == int(state.step):
             logging.info("%s: already complete (step %d)", stage, done)
-            return state, False, {}
+            return state, False, loop.logger.jsonl.last({"stage": stage}) if loop.logger.jsonl is not None else {}
         if done is not None:
             logging.warning("%s: finished at step %d, but that checkpoint could not be read; training it again from "
                             "step %d", stage, done, int(state.step))
@@ -674,7 +674,7 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
 
 def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) -> dict:
     """Run (or resume) the configured stages. Returns {"preempted", "step" (global), "stages": {stage: {"steps",
-    "metrics"}}} for the stages reached (a stage that was already complete reports empty metrics).
+    "metrics"}}} for the stages reached (a stage that was already complete reports what its last run logged).
 
     on_first_step: called once after the first optimizer step of this process.
     on_step(stage, step): called after every optimizer step, before its checkpoint (tests preempt or crash there).

@@ -131,6 +131,32 @@ def test_medsynapse_evaluation_refuses_an_out_holding_another_evaluations_result
     with pytest.raises(ValueError, match="another evaluation's results .*/another/run"):
         evaluate.evaluate_medsynapse(str(tmp_path / "run"), "jsonl", str(tmp_path), str(out), ["autonomous"],
                                      trained=trained)
+    # The same run's report of the other memory branch was replaced too.
+    (out / "jsonl.metrics.json").write_text(json.dumps({"meta": {"checkpoint": str(tmp_path / "run"),
+                                                                 "split": "test", "memory": "sampler"}}))
+    with pytest.raises(ValueError, match="another evaluation's results .*split test, memory sampler"):
+        evaluate.evaluate_medsynapse(str(tmp_path / "run"), "jsonl", str(tmp_path), str(out), ["autonomous"],
+                                     trained=trained)
+
+
+def test_the_out_check_refuses_a_report_of_another_k_and_lets_its_own_be_replaced(tmp_path):
+    """Evaluating K=4 into the --out of the same run's K=0 report replaced it silently."""
+    from vital_jax import evaluate
+
+    out, run = tmp_path / "eval", str(tmp_path / "run")
+    (out / "k0").mkdir(parents=True)
+    report = {"meta": {"checkpoint": run, "split": "test", "latent_steps": 0}}
+    (out / "jsonl.metrics.json").write_text(json.dumps(report))
+    (out / "k0" / "jsonl.metrics.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="jsonl.metrics.json: jsonl of .*run, split test, latent_steps 0\\)"):
+        evaluate.check_out_dir(str(out), "jsonl", run, "test", {str(out): {"latent_steps": 4}}, sweep=False)
+    with pytest.raises(ValueError, match="latent_steps 0"):
+        evaluate.check_out_dir(str(out), "jsonl", run, "test", {str(out): {"latent_steps": "per record"}},
+                               sweep=False)
+    evaluate.check_out_dir(str(out), "jsonl", run, "test", {str(out): {"latent_steps": 0}}, sweep=False)
+    # A sweep writes k0/ with K=0 again: its own report, replaced.
+    evaluate.check_out_dir(str(out), "jsonl", run, "test", {str(out / f"k{k}"): {"latent_steps": k}
+                                                             for k in (0, 2)}, sweep=True)
 
 
 def test_evaluate_refuses_an_out_holding_another_evaluations_results(recorded_run, tmp_path):

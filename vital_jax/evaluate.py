@@ -87,11 +87,12 @@ def load_examples(benchmark: str, data_dir: str, split: str | None, limit: int |
     return split, examples
 
 
-def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, result_dirs: list[str],
+def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, result_dirs: dict[str, dict],
                   sweep: bool) -> None:
-    """ValueError when `out_dir` holds another evaluation's results (another checkpoint, split or benchmark) that
-    this one would overwrite (its metrics files in `result_dirs`) or, for a K sweep, whose per-K files would sit
-    beside this sweep's k_sweep.json and summary.md. A rerun of the same evaluation replaces its own files. An
+    """ValueError when `out_dir` holds another evaluation's results (another checkpoint, split or benchmark, or in
+    one of `result_dirs` another setting: {dir: the report meta it will hold, {"latent_steps": K} or {"memory":
+    branch}}) that this one would overwrite, or, for a K sweep, whose per-K files would sit beside this sweep's
+    k_sweep.json and summary.md. A rerun of the same evaluation replaces its own files. An
     `out_dir` inside the checkpoint (a workdir's own eval folder) holds that workdir's results whatever path they
     record: a workdir copied or moved after an evaluation keeps its old path in them."""
     import glob
@@ -101,18 +102,22 @@ def check_out_dir(out_dir: str, benchmark: str, checkpoint: str, split: str, res
 
     checkpoint = os.path.abspath(checkpoint)
     own_folder = os.path.commonpath([os.path.abspath(out_dir), checkpoint]) == checkpoint
-    ours = [os.path.join(d, benchmark + METRICS_JSON_SUFFIX) for d in result_dirs]
+    ours = {os.path.join(d, benchmark + METRICS_JSON_SUFFIX): setting for d, setting in result_dirs.items()}
     swept = glob.glob(os.path.join(out_dir, "k*", "*" + METRICS_JSON_SUFFIX)) if sweep else []
-    for path in sorted(set(ours + swept)):
+    for path in sorted(set(ours) | set(swept)):
         if not os.path.isfile(path):
             continue
         found = read_json(path, ValueError)
         meta = found.get("meta", {}) if isinstance(found, dict) else {}
         name = os.path.basename(path)[:-len(METRICS_JSON_SUFFIX)]
         same_run = own_folder or meta.get("checkpoint") == checkpoint
-        if (name, meta.get("split")) != (benchmark, split) or not same_run:
+        # (a report older than the field it lacks is taken to hold this setting)
+        other = {k: meta[k] for k, v in ours.get(path, {}).items() if meta.get(k, v) != v}
+        if (name, meta.get("split")) != (benchmark, split) or not same_run or other:
+            held = "".join(f", {k} {v}" for k, v in other.items())
             raise ValueError(f"--out={out_dir} holds another evaluation's results ({path}: {name} of "
-                             f"{meta.get('checkpoint')}, split {meta.get('split')}); give a new --out or move them")
+                             f"{meta.get('checkpoint')}, split {meta.get('split')}{held}); give a new --out or "
+                             "move them")
 
 
 def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, latent_steps: list[int],
@@ -137,6 +142,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     from vital_jax.eval import KSweepPoint, write_k_sweep, write_report, write_summary
     from vital_jax.eval import figures
     from vital_jax.eval import metrics as score_lib
+    from vital_jax.eval.report import PER_EXAMPLE_K
     from vital_jax.inference import shared_predictor, warm_up_all
     from vital_jax.run import load_run, read_config
 
@@ -152,7 +158,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
     record_steps = record_latent_steps(examples, config) if RECORD_K in latent_steps else None
     k_dirs = {k: os.path.join(out_dir, f"k{k}") if len(latent_steps) > 1 else out_dir for k in latent_steps}
-    check_out_dir(out_dir, benchmark, checkpoint, split, list(k_dirs.values()),
+    check_out_dir(out_dir, benchmark, checkpoint, split,
+                  {d: {"latent_steps": PER_EXAMPLE_K if k == RECORD_K else k} for k, d in k_dirs.items()},
                   sweep=len([k for k in latent_steps if k != RECORD_K]) > 1)
     if run is None:
         cli.status(f"loading the run in {checkpoint}...")
@@ -228,7 +235,8 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
         max_new_tokens = int(config.data.max_answer_tokens)
     split, examples = load_examples(benchmark, data_dir, split, limit, data_format)
     memory_dirs = {m: os.path.join(out_dir, m) if len(memories) > 1 else out_dir for m in memories}
-    check_out_dir(out_dir, benchmark, checkpoint, split, list(memory_dirs.values()), sweep=False)
+    check_out_dir(out_dir, benchmark, checkpoint, split, {d: {"memory": m} for m, d in memory_dirs.items()},
+                  sweep=False)
     if trained is None:
         cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
         trained = trainer.load_trained(checkpoint)

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a vital_jax converted-model directory, a VITAL training workdir (LoRA is merged "
                              "into the backbone and the scaffolding is written under scaffolding/) or a MedSynapse-V "
-                             "one (LoRA merged, A_psi in autonomous.safetensors; conversion/medsynapse_export.py)")
+                             "one (LoRA merged when Stage II ran, A_psi in autonomous.safetensors; "
+                             "conversion/medsynapse_export.py)")
     parser.add_argument("--out", required=True,
                         help="output HF directory (created; must hold no weights yet, unless an interrupted export "
                              "left them: that export is redone)")

@@ -375,6 +375,35 @@ def test_a_torn_demo_record_is_rebuilt_not_a_traceback(demo_assets, tmp_path, ca
     assert paths == resolve_paths(config, str(tmp_path))
 
 
+def test_a_deleted_demo_asset_is_built_again_not_trusted_to_be_there(demo_assets, tmp_path, caplog):
+    """READY.json was trusted: with demo/roi_encoder deleted, every rerun failed. prepare now names what is missing
+    and builds it (the same encoder: written from the demo's seed), reusing the rest."""
+    from safetensors.numpy import load_file
+
+    from tests.conftest import demo_test_config
+    from vital_jax import demo
+    from vital_jax.data.records import ROI_FEATURES_FILE
+
+    shutil.copytree(demo_assets, tmp_path / "demo")
+    encoder = tmp_path / "demo" / "roi_encoder"
+    original = load_file(str(encoder / "model.safetensors"))
+    features = tmp_path / "demo" / "data" / ROI_FEATURES_FILE
+    features_written = features.stat().st_mtime_ns
+    shutil.rmtree(encoder)
+    with caplog.at_level("WARNING"):
+        paths = demo.prepare(str(tmp_path), demo_test_config().demo)
+    assert f"{encoder / 'config.json'} is missing; building what is missing" in caplog.text
+    assert paths.encoder_dir == str(encoder)
+    rebuilt = load_file(str(encoder / "model.safetensors"))
+    assert sorted(rebuilt) == sorted(original)
+    assert all(np.array_equal(rebuilt[k], original[k]) for k in original)
+    assert features.stat().st_mtime_ns == features_written   # the features it had made are kept
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert demo.prepare(str(tmp_path), demo_test_config().demo) == paths
+    assert "missing" not in caplog.text
+
+
 def test_a_damaged_final_checkpoint_is_named_with_what_to_do(workdir, tmp_path):
     """Evaluation (load_run; MedSynapse-V's load_trained reads through the same `restore_saved_state`) of a run
     whose last checkpoint's files are truncated: one error naming the checkpoint, not orbax's traceback."""

@@ -41,6 +41,19 @@ def _pretrain_here(pretrain_dir: str, demo) -> None:
         raise RuntimeError(f"demo pretraining in {pretrain_dir} was interrupted; rerun to resume it")
 
 
+def _missing_assets(paths: run_lib.Paths) -> list[str]:
+    """The files of the demo's assets that are not there (its backbone, decoder, ROI encoder, records and ROI
+    features)."""
+    from vital_jax.data import records
+
+    wanted = [os.path.join(paths.backbone_dir, "config.json"), os.path.join(paths.decoder_dir, "config.json"),
+              os.path.join(paths.encoder_dir, "config.json"), os.path.join(paths.data_dir, records.RECORDS_FILE),
+              *(os.path.join(paths.data_dir, name) for name in (records.ROI_FEATURES_FILE,
+                                                                records.ROI_TOP_PATCH_IDS_FILE,
+                                                                records.ROI_TOP_PATCH_SCORES_FILE))]
+    return [path for path in wanted if not os.path.exists(path)]
+
+
 def prepare(workdir: str, demo) -> run_lib.Paths:
     """Build (or reuse) the demo assets; returns their paths (`run.resolve_paths` reads them back later)."""
     from vital_jax.data import records
@@ -52,7 +65,13 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
     done = os.path.join(root, run_lib.DEMO_READY_FILE)
     if os.path.exists(done):  # paths are rebuilt from `root`, so a copied demo folder uses its own files
         try:
-            return run_lib.demo_paths(root, run_lib.demo_models(root))
+            paths = run_lib.demo_paths(root, run_lib.demo_models(root))
+            missing = _missing_assets(paths)
+            if not missing:
+                return paths
+            # A deleted part would fail every later run; every step below reuses what it finds.
+            logging.warning("%s says the demo's assets are built, but %s is missing; building what is missing",
+                            done, missing[0])
         except ConfigError as e:   # a torn record: every step below reuses what it finds, so this is cheap
             logging.warning("%s; building the demo's assets again", e)
     if demo.pretrain == SHIPPED:

@@ -250,85 +250,48 @@ def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):
         assert out[i]["host_copy"]["checksum"] == reference["host_copy"]["checksum"]
 
 
-def test_two_train_processes_build_the_demo_once_through_the_local_launcher(tmp_path):
-    """`launch/local_multiprocess.sh` on a fresh demo workdir: process 0 builds the demo's assets while process 1
-    waits (two builders writing the same files left every record twice). The run is stopped just after (a train
-    split with no records), so both processes must fail with that config error and nothing else."""
+def test_a_demo_that_pretrains_is_refused_by_each_of_two_processes_before_anything_is_built(tmp_path):
+    """A demo that pretrains its own VLM cannot be built by several processes (pretraining is single-process): one
+    config error on each, before anything is built."""
     from tests.conftest import DEMO_TEST_OVERRIDES
 
-    workdir = tmp_path / "run"
-    env = _launcher_env("configs/demo.py", workdir)
-    overrides = [o for o in DEMO_TEST_OVERRIDES if not o.startswith("--config.demo.pretrain")]  # the shipped VLM
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *overrides,
-                          "--config.data.train_split=no_such_split"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
-    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
-    for log in logs:
-        assert "a curriculum phase has no full batch of records" in log and "Traceback" not in log, log[-3000:]
-    assert (workdir / "demo" / "READY.json").exists()
-    # A demo that pretrains its own VLM cannot be built by several processes (pretraining is single-process): one
-    # config error on each, before anything is built.
     _both_processes_refuse(_launcher_env("configs/demo.py", tmp_path / "pretrain"), tmp_path / "pretrain",
                            DEMO_TEST_OVERRIDES, "error: config.demo.pretrain='quick'")
 
 
-def test_two_train_processes_finish_the_demo_on_process_0_only(tmp_path):
-    """After training, process 0 alone evaluates, explains and exports the run while process 1 waits for it (both
-    did all of it, writing eval/ and export_hf/ at once), and neither exits before the artefacts are written."""
-    workdir = tmp_path / "run"
-    # Two train steps on a 2 x 2 mesh (the fsdp axis spans the processes); compile time is what counts.
-    env = _launcher_env("configs/demo.py", workdir, DEVICES_PER_PROC="2",
-                        XLA_FLAGS="--xla_backend_optimization_level=0")
-    args = ["--config.demo.split_counts=(24, 1, 1)", "--config.data.batch_size=2", "--config.curriculum.max_steps=2",
-            "--config.mesh.shape=(2,2,1)", "--config.checkpoint.async_save=False"]
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
-    assert res.returncode == 0, [log[-3000:] for log in logs]
-    assert all("Traceback" not in log for log in logs), [log[-3000:] for log in logs]
-    assert "Artefacts:" in logs[0] and "Artefacts:" not in logs[1], logs[1][-3000:]
-    assert "demo: process 0 writes the artefacts" in logs[1] and "process 1 waits for it" in logs[1]
-    assert "phantom_vqa K=0" not in logs[1]  # no evaluation on process 1
-    assert json.loads((workdir / "eval" / "demo_summary.json").read_text())["results"]
-    assert (workdir / "export_hf" / "vital.json").exists() and (workdir / "explain" / "explanation.json").exists()
-    # The rerun of the finished run finishes again; when process 0 fails to, process 1 fails too, saying so.
-    shutil.rmtree(workdir / "eval")
-    (workdir / "eval").write_text("")  # a file where the evaluation writes its folder
-    env["PORT"] = str(_free_port())
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    log = (workdir / "logs" / "process_1.log").read_text()
-    assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
-    assert f"error: process 0 could not finish the demo in {workdir}; its log says why" in log, log[-3000:]
-
-
-def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
-    """`python -m vital_jax.train` with a MedSynapse-V config through the local launcher: each process joins the
-    distributed run before anything else (it used to train alone, the two racing on one workdir), so a mesh of
-    4 devices is refused on 2 processes x 1 device naming the 2 devices of the whole run."""
-    _both_processes_refuse(_launcher_env("configs/medsynapse_demo.py", tmp_path / "run"), tmp_path / "run",
-                           ["--config.mesh.shape=(4,1,1)"], "mesh shape (4, 1, 1) needs 4 devices; there are 2")
-
-
-def test_sigterm_to_one_of_two_train_processes_stops_both_at_one_checkpoint(tmp_path):
-    """A preemption that reaches one process (or the processes a step apart) stops every process at the same step:
-    saving a checkpoint is collective, so a process saving alone waited for the others forever."""
+def test_two_train_processes_build_stop_resume_and_finish_the_demo(tmp_path):
+    """The demo through `launch/local_multiprocess.sh`, one launch after another on one workdir (one test: each
+    launch is mostly start-up and compilation):
+    1. process 0 builds the demo's assets while process 1 waits (two builders writing the same files left every
+       record twice);
+    2. SIGTERM to process 1 alone stops both at the same step with one checkpoint (saving is collective: a process
+       saving alone waited for the others forever);
+    3. the rerun resumes there and, after training, process 0 alone evaluates, explains and exports the run while
+       process 1 waits for it (both did all of it, writing eval/ and export_hf/ at once), and neither exits before
+       the artefacts are written;
+    4. a rerun whose finish fails on process 0 fails on process 1 too, saying so."""
     import signal
 
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
     workdir = tmp_path / "run"
-    # A few steps only: compile time is what counts.
-    env = _launcher_env("configs/demo.py", workdir, XLA_FLAGS="--xla_backend_optimization_level=0")
-    launcher = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"),
-                                 "--config.demo.split_counts=(24, 2, 3)", "--config.data.batch_size=2",
-                                 "--config.logging.every_steps=1", "--config.demo.finish=False",
-                                 "--config.checkpoint.async_save=False"], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A 2 x 2 mesh (the fsdp axis spans the processes), a few steps: start-up and compile time are what count.
+    env = _launcher_env("configs/demo.py", workdir, DEVICES_PER_PROC="2",
+                        XLA_FLAGS="--xla_backend_optimization_level=0")
+    args = ["--config.demo.split_counts=(24, 1, 1)", "--config.data.batch_size=2", "--config.curriculum.max_steps=12",
+            "--config.mesh.shape=(2,2,1)", "--config.checkpoint.async_save=False", "--config.logging.every_steps=1"]
+    launch = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args]
+
+    def logs() -> list[str]:
+        return [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+
+    launcher = subprocess.Popen(launch, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     try:
         deadline = time.time() + 400
         while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
-            assert launcher.poll() is None and time.time() < deadline, "the run ended or never trained"
-            time.sleep(1)
+            assert launcher.poll() is None and time.time() < deadline, ("the run ended or never trained", logs())
+            time.sleep(0.2)
         lock = json.loads((workdir / "RUNNING.lock").read_text())
         children = subprocess.run(["pgrep", "-f", "--", f"--workdir={workdir}"], capture_output=True, text=True).stdout
         others = [int(p) for p in children.split() if int(p) != lock["pid"]]
@@ -339,7 +302,40 @@ def test_sigterm_to_one_of_two_train_processes_stops_both_at_one_checkpoint(tmp_
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
-    logs = [(workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)]
-    assert all("preempted at step" in log for log in logs), [log[-2000:] for log in logs]
-    step = int(re.search(r"preempted at step (\d+)", logs[0]).group(1))
-    assert f"preempted at step {step}" in logs[1] and list(workdir.glob(f"phase_*/{step}"))
+    records = read_records(str(workdir / "demo" / "data" / RECORDS_FILE))
+    assert (workdir / "demo" / "READY.json").exists() and len({r.id for r in records}) == len(records)
+    first = logs()
+    assert all("preempted at step" in log for log in first), [log[-2000:] for log in first]
+    step = int(re.search(r"preempted at step (\d+)", first[0]).group(1))
+    assert step < 12 and f"preempted at step {step}" in first[1] and list(workdir.glob(f"phase_*/{step}"))
+
+    env["PORT"] = str(_free_port())
+    res = subprocess.run(launch, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    finished = logs()
+    assert res.returncode == 0, [log[-3000:] for log in finished]
+    assert all("Traceback" not in log for log in finished), [log[-3000:] for log in finished]
+    assert all("training finished at step 12" in log for log in finished), [log[-3000:] for log in finished]
+    assert "Artefacts:" in finished[0] and "Artefacts:" not in finished[1], finished[1][-3000:]
+    assert "demo: process 0 writes the artefacts" in finished[1] and "process 1 waits for it" in finished[1]
+    assert "phantom_vqa K=0" not in finished[1]  # no evaluation on process 1
+    assert json.loads((workdir / "eval" / "demo_summary.json").read_text())["results"]
+    assert (workdir / "export_hf" / "vital.json").exists() and (workdir / "explain" / "explanation.json").exists()
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))   # each step logged once, across the stop
+
+    # The rerun of the finished run finishes again; when process 0 fails to, process 1 fails too, saying so.
+    shutil.rmtree(workdir / "eval")
+    (workdir / "eval").write_text("")  # a file where the evaluation writes its folder
+    env["PORT"] = str(_free_port())
+    res = subprocess.run(launch, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = logs()[1]
+    assert res.returncode == 1 and "Traceback" not in log, log[-3000:]
+    assert f"error: process 0 could not finish the demo in {workdir}; its log says why" in log, log[-3000:]
+
+
+def test_two_medsynapse_train_processes_join_one_distributed_run(tmp_path):
+    """`python -m vital_jax.train` with a MedSynapse-V config through the local launcher: each process joins the
+    distributed run before anything else (it used to train alone, the two racing on one workdir), so a mesh of
+    4 devices is refused on 2 processes x 1 device naming the 2 devices of the whole run."""
+    _both_processes_refuse(_launcher_env("configs/medsynapse_demo.py", tmp_path / "run"), tmp_path / "run",
+                           ["--config.mesh.shape=(4,1,1)"], "mesh shape (4, 1, 1) needs 4 devices; there are 2")

@@ -308,8 +308,8 @@ def test_memory_match_adds_the_relative_error_of_the_students_memory_and_trainin
     m_auto = np.asarray(m_auto, np.float64)
     error = ((m_auto - m_pri) ** 2).sum(axis=(1, 2)) / (m_pri ** 2).sum(axis=(1, 2))
     assert float(loss(params, 2.0)) - float(loss(params, 0.0)) == pytest.approx(2.0 * error[1], rel=1e-4)
-    g = jax.grad(lambda p: imt.imt_loss(tiny.model, sampler, autonomous, p, batch, tokens, lengths,
-                                        memory_match=2.0)[0])(params)
+    g = jax.jit(jax.grad(lambda p: imt.imt_loss(tiny.model, sampler, autonomous, p, batch, tokens, lengths,
+                                                memory_match=2.0)[0]))(params)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g["sampler"]))
     with pytest.raises(ValueError, match="memory_match must be >= 0"):
         imt.imt_loss(tiny.model, sampler, autonomous, params, batch, tokens, lengths, memory_match=-1.0)

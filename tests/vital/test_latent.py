@@ -172,18 +172,21 @@ def test_pause_control_feeds_learned_vectors_and_shares_the_inference_path(tiny_
     # Reference: the same cache fed p_1..p_K by hand.
     bp, backbone = params["backbone"], model.backbone
     cache_len = batch.prefix.input_ids.shape[1] + model.config.k_max + batch.answer_ids.shape[1]
-    cache, _ = latent.encode_prefix(backbone, bp, batch.prefix, cache_len)
+    # (jitted: eager dispatch compiles each operation on its own, and that was most of this test's time)
+    cache, _ = jax.jit(latent.encode_prefix, static_argnums=(0, 3))(backbone, bp, batch.prefix, cache_len)
+    one_step = jax.jit(lambda bp, embeds, valid, cache: backbone.apply(
+        {"params": bp}, inputs_embeds=embeds, token_valid=valid, kv_cache=cache, return_logits=False))
     for k in range(3):
         active = k < batch.latent_steps
-        step = backbone.apply({"params": bp}, inputs_embeds=jnp.broadcast_to(pause[k], (2, 1, pause.shape[1])),
-                              token_valid=active[:, None], kv_cache=cache, return_logits=False)
+        step = one_step(bp, jnp.broadcast_to(pause[k], (2, 1, pause.shape[1])), active[:, None], cache)
         cache = step.kv_cache
         for row in range(2):
             if bool(active[row]):
                 assert _diff(out.z[row, k], step.hidden_states[row, 0]) <= TOL
     # Feeding z back instead gives other states: the switch is real.
-    feedback = latent.latent_loop(backbone, bp, latent.encode_prefix(backbone, bp, batch.prefix, cache_len)[0],
-                                  out.z0, batch.latent_steps, model.config.k_max)[0]
+    feedback = jax.jit(lambda bp, prefix, z0, steps: latent.latent_loop(
+        backbone, bp, latent.encode_prefix(backbone, bp, prefix, cache_len)[0], z0, steps, model.config.k_max)[0])(
+        bp, batch.prefix, out.z0, batch.latent_steps)
     assert _diff(feedback[:, 1], out.z[:, 1]) > 1e-3
     # Inference uses the same vectors; it refuses to run without them.
     sampling = SamplingConfig(max_new_tokens=4)
@@ -194,7 +197,7 @@ def test_pause_control_feeds_learned_vectors_and_shares_the_inference_path(tiny_
         model.generate(bp, batch.prefix, batch.latent_steps, sampling)
     # Trainable, with gradient.
     assert trainable.is_trainable("pause_embeddings")
-    grads = jax.grad(lambda p: model.forward(dict(params, pause_embeddings=p), batch).loss)(pause)
+    grads = jax.jit(jax.grad(lambda p: model.forward(dict(params, pause_embeddings=p), batch).loss))(pause)
     assert float(jnp.abs(grads[:3]).max()) > 0
 
 

@@ -251,10 +251,11 @@ def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(pat
     result = json.loads(out.read_text())
     assert result["examples"] == 5 and result["memory_position"] == "user_turn"
     c = {name: v["nll_per_example"] for name, v in result["conditions"].items()}
-    assert sorted(c) == sorted(("no_memory", "zero_memory", "initial_sampler", "trained_sampler"))
+    assert sorted(c) == sorted(("no_memory", "zero_memory", "text_memory", "initial_sampler", "trained_sampler"))
     assert all(np.isfinite(v) and v > 0 for v in c.values())
     assert c["trained_sampler"] == pytest.approx(c["initial_sampler"], rel=1e-5)
     assert abs(c["no_memory"] - c["initial_sampler"]) > 1e-3 and abs(c["zero_memory"] - c["no_memory"]) > 1e-3
+    assert min(abs(c["text_memory"] - c[name]) for name in ("no_memory", "zero_memory", "initial_sampler")) > 1e-3
     missing = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost",
                               f"--workdir={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=REPO,
                              env=env, timeout=300)

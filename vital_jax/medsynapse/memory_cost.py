@@ -5,10 +5,12 @@
 Stage I's own baseline, the same run at lr = 0, still writes N vectors into a prompt the backbone never saw
 vectors in; the model the memory has to improve on is the backbone answering from the prompt alone. This reads
 the run's Stage I (its frozen base backbone and trained P_phi) and scores the reference answers of `split`,
-teacher forced, under four memories written where the run writes its memory (`medsynapse.memory_position`):
+teacher forced, under five memories written where the run writes its memory (`medsynapse.memory_position`):
 
   no_memory         the prompt alone (N = 0): the backbone as Stage I received it
   zero_memory       N zero vectors
+  text_memory       the token embeddings of N tokens of plain text (TEXT_MEMORY, cycled to N): what writing N
+                    tokens the backbone knows costs there, the reference for what a memory could cost at least
   initial_sampler   P_phi(F) with P_phi as Stage I initialises it (the run's seed)
   trained_sampler   P_phi(F) with the P_phi Stage I trained
 
@@ -38,7 +40,9 @@ from vital_jax.medsynapse import trainer
 from vital_jax.medsynapse.features import FeatureStore
 from vital_jax.models.qwen3_vl import prompt
 
-CONDITIONS = ("no_memory", "zero_memory", "initial_sampler", "trained_sampler")
+CONDITIONS = ("no_memory", "zero_memory", "text_memory", "initial_sampler", "trained_sampler")
+# text_memory's tokens: an instruction-like sentence that asks for nothing the answer does not already need.
+TEXT_MEMORY = "Look at the image carefully and answer the question about the scan shown here."
 
 
 @dataclasses.dataclass
@@ -55,7 +59,7 @@ class _Totals:
 
 
 def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> dict:
-    """The four conditions' answer NLL over `split` (at most `limit` examples) for the run in `workdir`.
+    """The conditions' (CONDITIONS) answer NLL over `split` (at most `limit` examples) for the run in `workdir`.
 
     Returns {"workdir", "split", "examples", "memory_position", "num_memory", "conditions": {name: {
     "nll_per_example", "nll_per_token", "first_token_nll"}}}.
@@ -65,7 +69,11 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
     run = trainer.load_trained(workdir, upto="warmup")  # the frozen base backbone and Stage I's P_phi
     config, paths = run.config, run.paths
     store = FeatureStore.load(os.path.join(workdir, trainer.FEATURES_DIR))
-    prompt_tail = trainer.memory_prompt_tail(config, prompt.load_tokenizer(paths.tokenizer_dir))
+    tokenizer = prompt.load_tokenizer(paths.tokenizer_dir)
+    prompt_tail = trainer.memory_prompt_tail(config, tokenizer)
+    num_memory = int(config.medsynapse.sampler.num_queries)
+    text_ids = tokenizer.encode(TEXT_MEMORY, add_special_tokens=False).ids
+    text_ids = jnp.asarray((text_ids * num_memory)[:num_memory], jnp.int32)[None]   # (1, N)
     samplers = {"initial_sampler": trainer.init_sampler_params(run.sampler, store, config.seed),
                 "trained_sampler": run.params["sampler"]}
     backbone, sampler = run.backbone, run.sampler
@@ -73,6 +81,10 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
     @jax.jit
     def sampler_memory(sampler_params, feature_map):
         return sampler.apply({"params": sampler_params}, feature_map)
+
+    @jax.jit
+    def text_embeddings(backbone_params, ids):
+        return backbone.apply({"params": backbone_params}, ids, method=backbone.embed).astype(jnp.float32)
 
     @jax.jit
     def answer_nll(backbone_params, memory, batch):
@@ -98,6 +110,7 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
             shape = memories["trained_sampler"].shape
             memories["no_memory"] = jnp.zeros((shape[0], 0, shape[2]), jnp.float32)
             memories["zero_memory"] = jnp.zeros(shape, jnp.float32)
+            memories["text_memory"] = jnp.broadcast_to(text_embeddings(run.params["backbone"], text_ids), shape)
             scored = {name: answer_nll(run.params["backbone"], memories[name], batch) for name in CONDITIONS}
         valid = np.asarray(batch_np["example_valid"], bool)
         if limit is not None:
@@ -114,7 +127,7 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
         raise ValueError(f"{paths.data_dir}: split {split!r} has no records")
     return {"workdir": os.path.abspath(workdir), "split": split, "examples": seen,
             "memory_position": trainer.memory_position(config),
-            "num_memory": int(config.medsynapse.sampler.num_queries),
+            "num_memory": num_memory,
             "conditions": {name: totals[name].summary() for name in CONDITIONS}}
 
 
@@ -137,7 +150,7 @@ def main(argv):
     cli.quiet_libraries()
     out = _OUT.value or os.path.join(_WORKDIR.value, f"memory_cost_{_SPLIT.value}.json")
     try:
-        cli.status(f"scoring the {_SPLIT.value} split's answers under four memories...")
+        cli.status(f"scoring the {_SPLIT.value} split's answers under {len(CONDITIONS)} memories...")
         result = memory_cost(_WORKDIR.value, _SPLIT.value, _LIMIT.value)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         cli.fail(e)

@@ -15,7 +15,7 @@ from configs.study import pretrain_phantom
 # The paper's Table 2 and Table 3 rows, the pause and text-only controls.
 PAPER_ROWS = ("backbone", "text_only", "sft_k0", "task_only", "semantic", "visual", "vital", "pause", "k1", "k2",
               "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4")
-# MedSynapse-V's stages on the same backbone: the `medsynapse` variant adds them (~10 % more time).
+# MedSynapse-V's stages on the same backbone: the `medsynapse` variant adds them (~10 min per seed on 2 cores).
 MEDSYNAPSE_ROWS = ("ms_warmup", "ms_ccr", "ms_imt")
 
 
@@ -70,6 +70,11 @@ def get_config(variant: str = ""):
     # MedSynapse-V rows (ms_*): the demo's settings (configs/medsynapse_demo.py; E_ana = the study's SigLIP), on
     # the backbone of the same seed's sft_k0 run; overrides of configs/base.py's medsynapse section.
     c.medsynapse = medsynapse_demo.get_config().medsynapse
+    # Stage I for 27 epochs of the 3,792 training questions (~102K examples, 6,399 steps, ~6 min on 2 cores), of the
+    # order of the paper's 3 epochs over 50K pairs (150K), not the demo's 3 epochs (11K): after 3 epochs P_phi's
+    # memory still cost the frozen sft_k0 model 2.3 nats per answer (val) and 20+ points of closed accuracy; after
+    # 27, 1.0 nats (README, "Stage I was too short"; docs/results/medsynapse_stage1_length).
+    c.medsynapse.warmup.epochs = 27
     if variant == "medsynapse":
         c.rows = PAPER_ROWS + MEDSYNAPSE_ROWS
     elif variant == "quick":

@@ -83,8 +83,9 @@ def test_scanned_remat_gradients_equal_the_loop_layout_with_lora(qwen3):
         logits = Qwen3ForCausalLM(cfg, lora).apply({"params": p}, input_ids=ids).logits
         return -jnp.mean(jax.nn.log_softmax(logits[:, :-1]) * jax.nn.one_hot(ids[:, 1:], cfg.vocab_size))
 
-    loop_loss, loop_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(loop_params, loop_config)
-    scan_loss, scan_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(scan_params, dataclasses.replace(config, remat=True))
+    loss_and_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    loop_loss, loop_grads = loss_and_grads(loop_params, loop_config)
+    scan_loss, scan_grads = loss_and_grads(scan_params, dataclasses.replace(config, remat=True))
     assert abs(float(loop_loss) - float(scan_loss)) <= 1e-6
     scan_grads = qwen3_params.to_layout(scan_grads, scan_layers=False)
     assert jax.tree.structure(scan_grads) == jax.tree.structure(loop_grads)

@@ -83,10 +83,6 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
         return sampler.apply({"params": sampler_params}, feature_map)
 
     @jax.jit
-    def text_embeddings(backbone_params, ids):
-        return backbone.apply({"params": backbone_params}, ids, method=backbone.embed).astype(jnp.float32)
-
-    @jax.jit
     def answer_nll(backbone_params, memory, batch):
         """(summed NLL (B,), answer tokens (B,), first token's NLL (B,)) of the reference answers."""
         log_probs = memory_lib.answer_log_probs(backbone, backbone_params, batch.prefix, memory, batch.answer_ids,
@@ -100,6 +96,9 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
                                    split=split, seed=config.seed, num_epochs=1)
     totals = {name: _Totals() for name in CONDITIONS}
     mesh = sharding.mesh_from_config(config)
+    with jax.set_mesh(mesh):   # text_memory's vectors, (1, N, D): the same for every batch
+        text_memory = jax.jit(lambda p, ids: backbone.apply({"params": p}, ids, method=backbone.embed))(
+            run.params["backbone"], text_ids).astype(jnp.float32)
     seen = 0
     for batch_np in iterator:
         if limit is not None and seen >= limit:
@@ -110,7 +109,7 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
             shape = memories["trained_sampler"].shape
             memories["no_memory"] = jnp.zeros((shape[0], 0, shape[2]), jnp.float32)
             memories["zero_memory"] = jnp.zeros(shape, jnp.float32)
-            memories["text_memory"] = jnp.broadcast_to(text_embeddings(run.params["backbone"], text_ids), shape)
+            memories["text_memory"] = jnp.broadcast_to(text_memory, shape)
             scored = {name: answer_nll(run.params["backbone"], memories[name], batch) for name in CONDITIONS}
         valid = np.asarray(batch_np["example_valid"], bool)
         if limit is not None:

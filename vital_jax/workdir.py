@@ -52,10 +52,12 @@ def fill_added_fields(config) -> None:
 
 
 def check_workdir_config(workdir: str, config_json: dict, record: bool = True, extendable: tuple[str, ...] = (),
-                         new_sections: tuple[str, ...] = ()) -> None:
+                         new_sections: tuple[str, ...] = (), appendable: tuple[str, ...] = ()) -> None:
     """Refuse a workdir whose recorded config differs from `config_json` (beyond RESUMABLE_FIELDS).
 
     extendable: further fields that may differ (the study's rows and seeds: a study grows by runs it has not done).
+    appendable: list fields that may grow at their end (MedSynapse-V's stages: a finished Stage I run goes on with
+    CCR); `record_appended_fields` records the longer list once the run trains.
     new_sections: sections that may be added when the recorded config has none (a newer study's rows' settings);
     once recorded, they must match like any other field.
 
@@ -73,14 +75,17 @@ def check_workdir_config(workdir: str, config_json: dict, record: bool = True, e
                                              for f in new_sections)]
         diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
                                           and _lookup(config_json, d) == ADDED_FIELDS[d])]
+        diffs = [d for d in diffs if not (d in appendable and _appended(_lookup(previous, d), _lookup(config_json, d)))]
         if diffs and not record and not has_checkpoints(workdir):
             logging.warning("%s: recorded by a run that saved no checkpoint; replacing it (fields differ: %s)",
                             path, ", ".join(diffs))
             os.remove(path)
             return
         if diffs:
-            raise CheckpointError(f"{workdir} was written by a different config (fields differ: {', '.join(diffs)}); "
-                                  "use a new --workdir or restore the original config")
+            grow = [f"{d} may only grow at its end (recorded {_lookup(previous, d)})" for d in diffs if d in appendable]
+            raise CheckpointError(f"{workdir} was written by a different config (fields differ: {', '.join(diffs)}"
+                                  f"{'; ' + '; '.join(grow) if grow else ''}); use a new --workdir or restore the "
+                                  "original config")
         return
     if record:
         record_workdir_config(workdir, config_json)
@@ -92,6 +97,30 @@ def record_workdir_config(workdir: str, config_json: dict) -> None:
     if os.path.exists(path):
         return
     atomic_write(path, lambda f: json.dump(config_json, f, indent=2, sort_keys=True))
+
+
+def record_appended_fields(workdir: str, config_json: dict, fields: tuple[str, ...]) -> None:
+    """Record in workdir/config.json the `fields` (lists) that `config_json` extends at their end
+    (`check_workdir_config(appendable=)`, which accepted them); the rest of the recorded config is kept."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    recorded = read_json(path, CheckpointError)
+    grown = [f for f in fields if _lookup(recorded, f) != _lookup(config_json, f)
+             and _appended(_lookup(recorded, f), _lookup(config_json, f))]
+    if not grown:
+        return
+    for dotted in grown:
+        *sections, name = dotted.split(".")
+        node = recorded
+        for section in sections:
+            node = node[section]
+        node[name] = _lookup(config_json, dotted)
+    atomic_write(path, lambda f: json.dump(recorded, f, indent=2, sort_keys=True))
+
+
+def _appended(before, after) -> bool:
+    """`after` is the list `before` with more items at its end."""
+    return (isinstance(before, list) and isinstance(after, list) and len(after) > len(before)
+            and after[:len(before)] == before)
 
 
 TRAIN_RECORDS_FILE = "train_records.json"

@@ -681,18 +681,21 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
     Holds the workdir's lock; at the first step records the config (workdir/config.json), the paths
     (workdir/paths.json, for `load_trained`) and the training records (workdir/train_records.json), and refuses a
     workdir recorded by a different config or whose training records changed since (a resumed stage would go on
-    with another data order and schedule)."""
+    with another data order and schedule). The one change accepted: more stages after the recorded ones (a
+    finished Stage I run continued with CCR and IMT), recorded at the first step of the new stages."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
     with workdir_lib.WorkdirLock(workdir):
         config_json = json.loads(config.to_json_best_effort())
-        workdir_lib.check_workdir_config(workdir, config_json, record=False)
+        # A run may go on with later stages (a Stage I run continued with CCR), not change the ones it has.
+        workdir_lib.check_workdir_config(workdir, config_json, record=False, appendable=("medsynapse.stages",))
         train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
         workdir_lib.check_train_records(workdir, train_records, record=False)
 
         def first_step():
             if jax.process_index() == 0:
                 workdir_lib.record_workdir_config(workdir, config_json)
+                workdir_lib.record_appended_fields(workdir, config_json, ("medsynapse.stages",))
                 workdir_lib.check_train_records(workdir, train_records, record=True)
                 absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
                 atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))

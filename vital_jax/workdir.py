@@ -104,8 +104,7 @@ def record_appended_fields(workdir: str, config_json: dict, fields: tuple[str, .
     (`check_workdir_config(appendable=)`, which accepted them); the rest of the recorded config is kept."""
     path = os.path.join(workdir, CONFIG_FILE)
     recorded = read_json(path, CheckpointError)
-    grown = [f for f in fields if _lookup(recorded, f) != _lookup(config_json, f)
-             and _appended(_lookup(recorded, f), _lookup(config_json, f))]
+    grown = [f for f in fields if _appended(_lookup(recorded, f), _lookup(config_json, f))]
     if not grown:
         return
     for dotted in grown:

@@ -68,10 +68,32 @@ def test_rows_edit_the_training_config_as_described(monkeypatch):
     assert ms.seed == 3 and ms.data.data_dir == "/data"
 
 
+def test_a_medsynapse_rows_train_call_runs_the_stages_up_to_its_own(tmp_path):
+    """So that a row's train time is its own stage's cost (the whole chain was billed to ms_warmup before)."""
+    stages, run_dir = ("warmup", "ccr", "imt"), str(tmp_path)
+    assert study._stages_through(stages, "warmup", run_dir) == ("warmup",)
+    assert study._stages_through(stages, "ccr", run_dir) == ("warmup", "ccr")
+    assert study._stages_through(("warmup", "imt"), "imt", run_dir) == ("warmup", "imt")
+    with pytest.raises(study.StudyError, match="needs stage 'ccr'"):
+        study._stages_through(("warmup", "imt"), "ccr", run_dir)
+
+    def recorded(*listed):
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"medsynapse": {"stages": list(listed)}}, f)
+
+    recorded("warmup")   # a Stage I run: the ccr row's call adds its stage
+    assert study._stages_through(stages, "ccr", run_dir) == ("warmup", "ccr")
+    recorded(*stages)    # made all at once by an older study: a recorded list may not shrink
+    assert study._stages_through(stages, "warmup", run_dir) == stages
+    recorded("warmup", "imt")   # not this chain: the trainer refuses it, naming the recorded stages
+    assert study._stages_through(stages, "ccr", run_dir) == ("warmup", "ccr")
+
+
 def test_parallel_jobs_keep_each_seeds_medsynapse_rows_together_after_its_sft_run():
-    plan = [("backbone", 0), ("sft_k0", 0), ("sft_k0", 1), ("vital", 0), ("ms_warmup", 0), ("ms_imt", 0),
+    plan = [("backbone", 0), ("sft_k0", 0), ("sft_k0", 1), ("vital", 0), ("ms_imt", 0), ("ms_warmup", 0),
             ("ms_warmup", 1), ("ms_warmup", 2)]
     jobs = study._jobs(plan)
+    # A seed's MedSynapse-V rows in stage order (each row's call trains its own stage), whatever the plan's order.
     assert jobs[:3] == [([("ms_warmup", 0), ("ms_imt", 0)], ("sft_k0", 0)), ([("ms_warmup", 1)], ("sft_k0", 1)),
                         ([("ms_warmup", 2)], None)]  # seed 2's sft_k0 is not in the plan: trained by that job
     # Then seed by seed, each seed's sft_k0 first: the runs in flight together are different rows.

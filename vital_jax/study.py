@@ -46,6 +46,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vital_jax import cli, compilation_cache
+from vital_jax import workdir as workdir_lib
 from vital_jax.checkpoint import CheckpointError
 from vital_jax.jsonio import append_json_line, atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
@@ -353,13 +354,14 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
     backbone_dir = sft_backbone(config, seed, data_dir, models, runs_dir, commit)
     c = run_config(config, row, seed, data_dir, dict(models, medsynapse_backbone_dir=backbone_dir))
     run_dir = run_dir_of(runs_dir, "medsynapse", seed)
+    _, upto, memory = MEDSYNAPSE_ROWS[row]
+    c.medsynapse.stages = _stages_through(tuple(c.medsynapse.stages), upto, run_dir)
     paths = trainer.Paths(data_dir, backbone_dir, backbone_dir, models["encoder_dir"])
     start = time.perf_counter()
     summary = trainer.train(c, run_dir, paths)
     if summary.get("preempted"):
         raise StudyError(f"MedSynapse-V run {run_dir} was preempted; rerun the study to resume it")
     train_s = time.perf_counter() - start
-    _, upto, memory = MEDSYNAPSE_ROWS[row]
     trained = trainer.load_trained(run_dir, upto=upto)
     start = time.perf_counter()
     evaluated = {}
@@ -370,11 +372,27 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
                                       latency_examples=int(config.eval.latency_examples))[0]
         evaluated[name] = _split_scores(metrics, out_dir, data_dir)
     eval_s = time.perf_counter() - start
-    samples = _metric_lines(run_dir)
+    samples = [s for s in _metric_lines(run_dir) if s.get("stage") == upto]
     return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": trained.steps[upto],
             "train_s": train_s, "eval_s": eval_s, "samples_per_sec": _median_throughput(samples),
             "test": evaluated["test"], "select": evaluated["select"], "diagnostics": None,
-            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s and s.get("stage") == upto]}
+            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s]}
+
+
+def _stages_through(stages: tuple[str, ...], upto: str, run_dir: str) -> tuple[str, ...]:
+    """The stages a MedSynapse-V row's `train` call runs: the configured ones up to the row's own, so that the
+    call's time is what that stage cost (the stages before it are done and only restored; `_jobs` runs a seed's
+    rows in stage order). A run recorded with more stages (made all at once, by an older study) keeps its list: a
+    recorded list may only grow."""
+    if upto not in stages:
+        raise StudyError(f"a MedSynapse-V row needs stage {upto!r}; config.medsynapse.stages is {stages}")
+    through = stages[:stages.index(upto) + 1]
+    path = os.path.join(run_dir, workdir_lib.CONFIG_FILE)
+    if os.path.exists(path):
+        recorded = tuple(read_json(path, StudyError).get("medsynapse", {}).get("stages", ()))
+        if len(recorded) > len(through) and recorded[:len(through)] == through:
+            return recorded
+    return through
 
 
 def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: str,
@@ -582,6 +600,10 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             lines.append(f"| {row} | {len(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
                          f"{np.mean([r['eval_s'] for r in rs]):.0f} | "
                          f"{np.median(sps) if sps else float('nan'):.1f} | {rs[0]['steps']} |")
+    if any(row in by_row for row in MEDSYNAPSE_ROWS):
+        lines += ["", "MedSynapse-V rows share one run per seed: a row's train time, samples/s and steps are its own "
+                  "stage's (the stages before it are in their rows; runs made before 2026-12-06 billed the whole "
+                  "chain to the first row trained)."]
     total_s = sum(r["train_s"] + r["eval_s"] for r in results)
     lines += ["", f"All {len(results)} runs: {total_s / 60:.0f} min of training and evaluation (the sum of the "
               "times above, as measured when each run was made, side by side when the study ran runs in parallel; "
@@ -652,8 +674,6 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
                                                 "--workdir=DIR") -> dict:
     """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}. `command` is shown in
     the report; each run made now records the commit it was made at."""
-    from vital_jax import workdir as workdir_lib
-
     workdir = os.path.abspath(workdir)
     unknown = [r for r in config.rows if r not in ALL_ROWS]
     if unknown:
@@ -752,6 +772,7 @@ def _jobs(plan: list[tuple[str, int]]) -> list[tuple[list[tuple[str, int]], tupl
         else:
             jobs.append(([(row, seed)], None))
     for seed, runs in medsynapse.items():
+        runs.sort(key=lambda run: list(MEDSYNAPSE_ROWS).index(run[0]))  # stage order: each row trains its stage
         jobs.append((runs, ("sft_k0", seed) if ("sft_k0", seed) in plan else None))
     # Order: a MedSynapse-V job as soon as its sft_k0 is done (three stages: the longest job), then seed by seed,
     # each seed's sft_k0 first. Seed by seed, the two runs in flight are different rows (each compiles its own

@@ -99,15 +99,17 @@ def record_workdir_config(workdir: str, config_json: dict) -> None:
     atomic_write(path, lambda f: json.dump(config_json, f, indent=2, sort_keys=True))
 
 
-def record_appended_fields(workdir: str, config_json: dict, fields: tuple[str, ...]) -> None:
+def record_appended_fields(workdir: str, config_json: dict, fields: tuple[str, ...],
+                           with_fields: tuple[str, ...] = ()) -> None:
     """Record in workdir/config.json the `fields` (lists) that `config_json` extends at their end
-    (`check_workdir_config(appendable=)`, which accepted them); the rest of the recorded config is kept."""
+    (`check_workdir_config(appendable=)`, which accepted them) and, when one grew, `with_fields` (the settings of
+    what the longer list adds); the rest of the recorded config is kept."""
     path = os.path.join(workdir, CONFIG_FILE)
     recorded = read_json(path, CheckpointError)
     grown = [f for f in fields if _appended(_lookup(recorded, f), _lookup(config_json, f))]
     if not grown:
         return
-    for dotted in grown:
+    for dotted in grown + [f for f in with_fields if _lookup(config_json, f) is not _MISSING]:
         *sections, name = dotted.split(".")
         node = recorded
         for section in sections:

@@ -161,20 +161,29 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     assert run.stages_done == ("warmup",) and run.steps == {"warmup": straight["stages"]["warmup"]["steps"]}
     assert sorted(run.params) == ["backbone", "sampler"] and run.autonomous is None and run.backbone.lora is None
     assert not [p for p in flatten(run.params["backbone"]) if "lora_" in p]
-    # The finished Stage I run goes on with CCR (it was refused: another config), Stage I not redone; the
-    # recorded config then lists both stages, and the stages the run has may not change.
+    # The finished Stage I run goes on with CCR (it was refused: another config), Stage I not redone, with CCR
+    # settings other than the ones recorded beside Stage I (CCR never ran with them); the recorded config then
+    # lists both stages and CCR's settings as they trained, and the stages the run has may not change.
     longer = config.copy_and_resolve_references()
     longer.medsynapse.stages = ("warmup", "ccr")
+    longer.medsynapse.ccr.steps = 3
     fourth = _run(longer, resumed_dir, paths)
-    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 4
-    assert trainer.read_config(str(resumed_dir)).medsynapse.stages == ["warmup", "ccr"]
+    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 3
+    recorded = trainer.read_config(str(resumed_dir)).medsynapse
+    assert recorded.stages == ["warmup", "ccr"] and recorded.ccr.steps == 3
     assert trainer.load_trained(str(resumed_dir)).stages_done == ("warmup", "ccr")
-    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 4  # CCR's steps, logged once
+    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 3  # CCR's steps, logged once
     for stages in (("warmup",), ("warmup", "imt")):
         other = config.copy_and_resolve_references()
         other.medsynapse.stages = stages
         with pytest.raises(CheckpointError, match=r"medsynapse.stages may only grow at its end \(recorded "
                                                   r"\['warmup', 'ccr'\]\)"):
+            _run(other, resumed_dir, paths)
+    for edit in ({"ccr.steps": 4}, {"warmup.lr": 2 * config.medsynapse.warmup.lr}):  # what ran binds
+        other = longer.copy_and_resolve_references()
+        other.medsynapse.stages = ("warmup", "ccr", "imt")
+        other.medsynapse.update_from_flattened_dict(edit)
+        with pytest.raises(CheckpointError, match=f"fields differ: medsynapse.{next(iter(edit))}\\)"):
             _run(other, resumed_dir, paths)
     shutil.rmtree(resumed_dir)
     with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):

@@ -682,20 +682,23 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
     (workdir/paths.json, for `load_trained`) and the training records (workdir/train_records.json), and refuses a
     workdir recorded by a different config or whose training records changed since (a resumed stage would go on
     with another data order and schedule). The one change accepted: more stages after the recorded ones (a
-    finished Stage I run continued with CCR and IMT), recorded at the first step of the new stages."""
+    finished Stage I run continued with CCR and IMT), with any settings of their own (`medsynapse.ccr`, `.imt`:
+    they never ran), recorded at the first step of the new stages."""
     validate_config(config)
     workdir = os.path.abspath(workdir)
     with workdir_lib.WorkdirLock(workdir):
         config_json = json.loads(config.to_json_best_effort())
         # A run may go on with later stages (a Stage I run continued with CCR), not change the ones it has.
-        workdir_lib.check_workdir_config(workdir, config_json, record=False, appendable=("medsynapse.stages",))
+        added = _added_stage_sections(workdir, config.medsynapse.stages)
+        workdir_lib.check_workdir_config(workdir, config_json, record=False, extendable=added,
+                                         appendable=("medsynapse.stages",))
         train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
         workdir_lib.check_train_records(workdir, train_records, record=False)
 
         def first_step():
             if jax.process_index() == 0:
                 workdir_lib.record_workdir_config(workdir, config_json)
-                workdir_lib.record_appended_fields(workdir, config_json, ("medsynapse.stages",))
+                workdir_lib.record_appended_fields(workdir, config_json, ("medsynapse.stages",), with_fields=added)
                 workdir_lib.check_train_records(workdir, train_records, record=True)
                 absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
                 atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))
@@ -703,6 +706,16 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
                 on_first_step()
 
         return _train(config, workdir, paths, first_step, on_step)
+
+
+def _added_stage_sections(workdir: str, stages) -> tuple[str, ...]:
+    """The config sections of the stages that `stages` adds to the run recorded in `workdir` (none when nothing is
+    recorded): Stage I's section always binds, every later stage has its own (`medsynapse.ccr`, `medsynapse.imt`)."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return ()
+    recorded = read_json(path, ckpt_lib.CheckpointError).get("medsynapse", {}).get("stages", [])
+    return tuple(f"medsynapse.{stage}" for stage in stages if stage not in recorded and stage != "warmup")
 
 
 def _train(config, workdir: str, paths: Paths, on_first_step, on_step) -> dict:

@@ -14,6 +14,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = r"[0-9]+(\.[0-9]+)?"
 

@@ -15,6 +15,8 @@ import pytest
 from configs.study import phantom as study_config
 from vital_jax import study
 
+pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+
 
 def test_mcnemar_is_the_exact_binomial_test():
     a = {str(i): True for i in range(10)}

@@ -21,6 +21,8 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax import sharding, train
 from vital_jax.models.hf_config import ConfigError
 
+pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = DEMO_TEST_OVERRIDES
 

@@ -16,6 +16,8 @@ from PIL import Image
 from vital_jax.inference import Predictor
 from vital_jax.run import load_run
 
+pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def workdir(trained_demo_run):

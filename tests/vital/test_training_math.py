@@ -14,6 +14,8 @@ from vital_jax.models.hf_mapping import flatten
 from vital_jax.vital import trainable
 from vital_jax.vital.heads import VisualProjector
 
+pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -119,7 +119,8 @@ def _fake_result(row, seed, closed, ids):
 def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     ids = [f"q{i}" for i in range(40)]
     results = [_fake_result(row, seed, closed, ids) for row, closed in (("sft_k0", 0.5), ("vital", 0.7),
-                                                                        ("task_only", 0.6), ("k2", 0.65))
+                                                                        ("task_only", 0.6), ("k2", 0.65),
+                                                                        ("ms_imt", 0.45))
                for seed in (0, 1)]
     floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
              "location_choice": {"chance": 1 / 3, "majority": 0.4, "count": 10},
@@ -136,9 +137,11 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     assert "| vital | 90.0 ± 0.0 |" in own_k and "| sft_k0 |" not in own_k
     assert "| *floor* |" in text and "45.0" in text  # the per-type majority floor is reported
     assert "| vital |" in text and "70.0 ± 0.0" in text
-    assert "McNemar" in text and "| vital | sft_k0 |" in text
+    assert "McNemar" in text and "| vital | sft_k0 |" in text and "| ms_imt | sft_k0 |" in text
+    assert "| ms_imt | ms_ccr |" not in text  # a pair is tested when the study has both rows
+    assert "a row's train time, samples/s and steps are its own stage's" in text
     assert "Reused runs made at other commits: `old` (2)" in text  # the k2 runs came from other code
-    assert "All 8 runs: 0 min of training and evaluation" in text
+    assert "All 10 runs: 0 min of training and evaluation" in text
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
                  "learning_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name

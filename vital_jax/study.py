@@ -141,6 +141,10 @@ MEDSYNAPSE_ROWS = {
     "ms_imt": ("MedSynapse-V + IMT, deployed: A_psi on the VLM's own tokens, no encoder", "imt", "autonomous"),
 }
 ALL_ROWS = (*ROWS, *MEDSYNAPSE_ROWS)
+# The report's McNemar tests (a, b): what each method adds to the model it starts from, stage by stage.
+PAIRED_TESTS = (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
+                ("sft_k0", "backbone"), ("ms_warmup", "sft_k0"), ("ms_ccr", "ms_warmup"), ("ms_imt", "ms_ccr"),
+                ("ms_imt", "sft_k0"))
 
 
 class StudyError(RuntimeError):
@@ -575,8 +579,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
                          + f" | {_mean_std([r['open_token_f1'] for r in rs])} |")
     lines += ["", "## Paired tests (McNemar, closed test answers, first seed of each row)", "",
               "| a | b | a right, b wrong | b right, a wrong | p |", "|---|---|---|---|---|"]
-    for a, b in (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
-                 ("sft_k0", "backbone")):
+    for a, b in PAIRED_TESTS:
         if a in by_row and b in by_row:
             t = mcnemar(by_row[a][0]["test"]["closed_correct"], by_row[b][0]["test"]["closed_correct"])
             lines.append(f"| {a} | {b} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |")

@@ -38,20 +38,6 @@ if "xla_backend_optimization_level" not in _xla_flags:
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 
-def pytest_configure(config):
-    # pytest-xdist hands whole files to its workers (--dist loadfile), by default the files with the most tests
-    # first. The long files have few tests (a study, multi-process runs), so they came last and the run ended with
-    # one worker alone on them for minutes. Collection order instead, with the `slow` files first (below).
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    """The files with a `slow` test first (each keeps its own order), so that the two workers end together."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
-
-
 @pytest.fixture(scope="session")
 def shared_data_dir():
     """`../shared/data` (or $VITAL_SHARED_DATA). Missing data fails under CI=true instead of skipping."""

@@ -27,7 +27,7 @@ from vital_jax.models.hf_mapping import flatten
 from vital_jax.vital import trainable
 from vital_jax.vital.batch import from_numpy
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_SIZES = {"data": 2, "fsdp": 4, "tensor": 2}

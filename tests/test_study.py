@@ -15,7 +15,7 @@ import pytest
 from configs.study import phantom as study_config
 from vital_jax import study
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 
 def test_mcnemar_is_the_exact_binomial_test():

@@ -21,7 +21,7 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax import sharding, train
 from vital_jax.models.hf_config import ConfigError
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = DEMO_TEST_OVERRIDES

@@ -16,7 +16,7 @@ from PIL import Image
 from vital_jax.inference import Predictor
 from vital_jax.run import load_run
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 
 @pytest.fixture(scope="module")

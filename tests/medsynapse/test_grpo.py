@@ -22,7 +22,7 @@ from vital_jax.models.hf_mapping import flatten, unflatten
 from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q", "k", "v", "o"))
 FEATURES = (3, 4, 16)  # Hf, Wf, df

@@ -29,7 +29,7 @@ from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.hf_mapping import flatten
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRPO_KEYS = ("reward_mean", "reward_std", "r_acc", "r_causal", "advantage_mean", "advantage_std", "advantage_min",

@@ -16,7 +16,7 @@ from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
 from vital_jax.vital.batch import from_numpy
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 TOL = 1e-4
 

@@ -14,7 +14,7 @@ from vital_jax.models.hf_mapping import flatten
 from vital_jax.vital import trainable
 from vital_jax.vital.heads import VisualProjector
 
-pytestmark = pytest.mark.slow  # minutes in all: run first in the suite (tests/conftest.py)
+pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 
 @pytest.fixture(scope="module")

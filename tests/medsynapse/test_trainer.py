@@ -366,6 +366,39 @@ def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     assert tokens.shape == (cfg.batch_size, 3) and int(jnp.min(lengths)) >= 1
 
 
+def test_a_branch_keeps_the_run_up_to_a_finished_stage_for_its_later_stages_to_train_again(three_stage_run, tmp_path):
+    """Several CCR / IMT variants on one Stage I: a branch holds the run up to the stage (checkpoints, features,
+    paths, its metrics rows, the recorded stages ending there) and the original is left as it was."""
+    from vital_jax.medsynapse import branch
+
+    workdir, _ = three_stage_run
+    before = sorted(os.listdir(workdir))
+    out = tmp_path / "after_ccr"
+    result = branch.branch(workdir, "ccr", str(out))
+    assert result["stages"] == ("warmup", "ccr") and result["steps"] == {"warmup": 3, "ccr": 4}
+    assert sorted(os.listdir(workdir)) == before and not os.path.exists(str(out) + ".partial")
+    assert not (out / "stage_imt").exists() and (out / trainer.FEATURES_DIR).is_dir()
+    assert [(r["stage"], r["step"]) for r in _rows(str(out))] == [("warmup", s) for s in (1, 2, 3)] + [
+        ("ccr", s) for s in (4, 5, 6, 7)]
+    recorded, original = trainer.read_config(str(out)), trainer.read_config(workdir)
+    assert recorded.medsynapse.stages == ["warmup", "ccr"] and recorded.medsynapse.imt == original.medsynapse.imt
+    got, expected = trainer.load_trained(str(out)), trainer.load_trained(workdir, upto="ccr")
+    assert got.stages_done == ("warmup", "ccr") and got.autonomous is None
+    for part in ("sampler", "backbone"):
+        flat = flatten(expected.params[part])
+        for path, value in flatten(got.params[part]).items():
+            assert np.array_equal(np.asarray(value), np.asarray(flat[path])), (part, path)
+    # The command line; a stage the source has not finished, and a used --out, are refused.
+    res = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.branch", f"--workdir={out}", "--stage=warmup",
+                          f"--out={tmp_path / 'after_warmup'}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "after stage 'warmup'" in res.stdout and "3 metrics rows" in res.stdout, res.stderr
+    assert trainer.finished_stages(str(tmp_path / "after_warmup")) == {"warmup": 3}
+    with pytest.raises(CheckpointError, match="stage 'ccr' has not finished \\(finished: \\('warmup',\\)\\)"):
+        branch.branch(str(tmp_path / "after_warmup"), "ccr", str(tmp_path / "nothing"))
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        branch.branch(workdir, "warmup", str(out))
+
+
 def test_a_run_recorded_before_the_newer_fields_loads_exports_and_resumes(three_stage_run, paths, tmp_path):
     """A workdir whose config.json predates medsynapse.memory_position, imt.init and imt.memory_match (every run
     trained before them): `load_trained` failed on it with a traceback (AttributeError: 'memory_match') in evaluate

@@ -1,0 +1,111 @@
+"""Branch a MedSynapse-V run at a finished stage: a new workdir that holds the run up to that stage, so that the
+stages after it can train again with other settings while the original run stays as it is.
+
+    python -m vital_jax.medsynapse.branch --workdir=RUN --stage=warmup --out=RUN_ccr200
+    python -m vital_jax.train --config=CONFIG --workdir=RUN_ccr200 \\
+        --config.medsynapse.stages='("warmup","ccr")' --config.medsynapse.ccr.steps=200
+
+The branch gets the kept stages' checkpoint folders, the anatomical feature store, the recorded paths and training
+records, the metrics rows the kept stages logged, and the recorded config with `medsynapse.stages` ending at
+`--stage`. Its later stages are then appended stages (`trainer.train`): their settings may differ from the
+original run's, what the kept stages trained may not. Not copied: TensorBoard events (the branch's start with its
+new stages), evaluations, exports and the summary. The copy is made beside `--out` and renamed into place, so an
+interrupted branch leaves no half-made workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from absl import app, flags, logging
+
+from vital_jax import cli
+from vital_jax import workdir as workdir_lib
+from vital_jax.checkpoint import CheckpointError
+from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.medsynapse import trainer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def branch(workdir: str, stage: str, out: str) -> dict:
+    """Copy the MedSynapse-V run in `workdir`, up to and including its finished `stage`, into the new workdir `out`.
+    Returns {"out", "stages": the kept stages, "steps": {stage: final step}, "metrics_rows": rows copied}."""
+    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    config = trainer.read_config(workdir)
+    if stage not in trainer.STAGES:
+        raise ValueError(f"--stage={stage!r}: expected one of {trainer.STAGES}")
+    finished = trainer.finished_stages(workdir, config)
+    if stage not in finished:
+        raise CheckpointError(f"{workdir}: stage {stage!r} has not finished (finished: {tuple(finished) or 'none'});"
+                              " a branch starts after a finished stage")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists and is not an empty directory; branch into a new one")
+    kept = [s for s in config.medsynapse.stages if trainer.STAGES.index(s) <= trainer.STAGES.index(stage)]
+    partial = out.rstrip(os.sep) + ".partial"
+    with workdir_lib.WorkdirLock(workdir):  # not while a run trains there
+        shutil.rmtree(partial, ignore_errors=True)  # what an interrupted branch left
+        os.makedirs(partial)
+        for name in (trainer.FEATURES_DIR, *(os.path.basename(trainer.stage_dir(workdir, s)) for s in kept)):
+            shutil.copytree(os.path.join(workdir, name), os.path.join(partial, name))
+        shutil.copy2(os.path.join(workdir, trainer.PATHS_FILE), os.path.join(partial, trainer.PATHS_FILE))
+        records = os.path.join(workdir, workdir_lib.TRAIN_RECORDS_FILE)
+        if os.path.exists(records):  # runs made before it was recorded have none; the next stage records it
+            shutil.copy2(records, os.path.join(partial, workdir_lib.TRAIN_RECORDS_FILE))
+        recorded = read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), CheckpointError)
+        recorded["medsynapse"]["stages"] = kept
+        atomic_write(os.path.join(partial, workdir_lib.CONFIG_FILE),
+                     lambda f: json.dump(recorded, f, indent=2, sort_keys=True))
+        rows = _kept_metrics(os.path.join(workdir, METRICS_FILE), set(kept))
+        atomic_write(os.path.join(partial, METRICS_FILE), lambda f: f.writelines(rows))
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.rename(partial, out)
+    return {"out": out, "stages": tuple(kept), "steps": {s: finished[s] for s in kept}, "metrics_rows": len(rows)}
+
+
+def _kept_metrics(path: str, stages: set[str]) -> list[str]:
+    """The lines of a run's metrics.jsonl logged by `stages` (a line that does not parse, e.g. one cut short by a
+    kill, is left out with a warning naming it)."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                logging.warning("%s:%d: not a JSON line (%s); not copied", path, number, e)
+                continue
+            if row.get("stage") in stages:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+def main(argv):
+    cli.no_positional(argv)
+    cli.require(workdir=_WORKDIR.value, stage=_STAGE.value, out=_OUT.value)
+    try:
+        result = branch(_WORKDIR.value, _STAGE.value, _OUT.value)
+    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+        cli.fail(e)
+    steps = ", ".join(f"{s} {n} steps" for s, n in result["steps"].items())
+    print(f"branched {os.path.abspath(_WORKDIR.value)} after stage {_STAGE.value!r} into {result['out']} ({steps}; "
+          f"{result['metrics_rows']} metrics rows); train its next stages with "
+          f"--workdir={result['out']} --config.medsynapse.stages='(...)' and their settings")
+    return 0
+
+
+def _define_flags():
+    """Flags exist only when this module runs as a program (importing it defines none)."""
+    global _WORKDIR, _STAGE, _OUT
+    _WORKDIR = flags.DEFINE_string("workdir", None, "a MedSynapse-V run")
+    _STAGE = flags.DEFINE_enum("stage", None, list(trainer.STAGES), "the last stage the branch keeps (finished)")
+    _OUT = flags.DEFINE_string("out", None, "the new workdir (must not exist, or be empty)")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -390,12 +390,12 @@ def _stages_through(stages: tuple[str, ...], upto: str, run_dir: str) -> tuple[s
     recorded list may only grow."""
     if upto not in stages:
         raise StudyError(f"a MedSynapse-V row needs stage {upto!r}; config.medsynapse.stages is {stages}")
+    from vital_jax.medsynapse import trainer
+
     through = stages[:stages.index(upto) + 1]
-    path = os.path.join(run_dir, workdir_lib.CONFIG_FILE)
-    if os.path.exists(path):
-        recorded = tuple(read_json(path, StudyError).get("medsynapse", {}).get("stages", ()))
-        if len(recorded) > len(through) and recorded[:len(through)] == through:
-            return recorded
+    recorded = trainer.recorded_stages(run_dir) or ()
+    if len(recorded) > len(through) and recorded[:len(through)] == through:
+        return recorded
     return through
 
 

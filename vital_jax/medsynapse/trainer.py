@@ -708,13 +708,20 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
         return _train(config, workdir, paths, first_step, on_step)
 
 
+def recorded_stages(workdir: str) -> tuple[str, ...] | None:
+    """The stages the run in `workdir` recorded in its config.json (None when nothing is recorded yet)."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    return tuple(read_json(path, ckpt_lib.CheckpointError).get("medsynapse", {}).get("stages", ()))
+
+
 def _added_stage_sections(workdir: str, stages) -> tuple[str, ...]:
     """The config sections of the stages that `stages` adds to the run recorded in `workdir` (none when nothing is
     recorded): Stage I's section always binds, every later stage has its own (`medsynapse.ccr`, `medsynapse.imt`)."""
-    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-    if not os.path.exists(path):
+    recorded = recorded_stages(workdir)
+    if recorded is None:
         return ()
-    recorded = read_json(path, ckpt_lib.CheckpointError).get("medsynapse", {}).get("stages", [])
     return tuple(f"medsynapse.{stage}" for stage in stages if stage not in recorded and stage != "warmup")
 
 

@@ -64,8 +64,9 @@ def test_rows_edit_the_training_config_as_described(monkeypatch):
     with pytest.raises(study.StudyError, match="unknown study row"):
         edit("k9")
     # MedSynapse-V rows: the method's section with the study's overrides, on the same seed's SFT backbone.
-    ms = study.run_config(config, "ms_ccr", 3, "/data", dict(models, medsynapse_backbone_dir="/sft"))
+    ms = study.run_config(config, "ms_ccr", 3, "/data", dict(models, medsynapse_backbone_dir="/sft", encoder_dir="/e"))
     assert ms.method == "medsynapse" and ms.model.backbone_dir == ms.model.tokenizer_dir == "/sft"
+    assert ms.model.roi_encoder_dir == "/e"   # E_ana, recorded with the run's config
     assert ms.medsynapse.stages == ("warmup", "ccr", "imt") and ms.medsynapse.sampler.num_heads == 4
     assert ms.seed == 3 and ms.data.data_dir == "/data"
 
@@ -228,6 +229,9 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
     assert ms["memory"] == "sampler" and 0 <= ms["test"]["closed_accuracy"] <= 1 and "| ms_warmup |" in report
     ms_paths = json.load(open(os.path.join(workdir, "runs", "medsynapse", "seed0", "paths.json")))
     assert ms_paths["backbone_dir"] == os.path.join(workdir, "runs", "sft_k0", "seed0", "export_hf")
+    # Its recorded config names every path it trained with (so the train command can continue it).
+    ms_config = json.load(open(os.path.join(workdir, "runs", "medsynapse", "seed0", "config.json")))
+    assert ms_config["model"]["roi_encoder_dir"] == ms_paths["encoder_dir"] == os.path.join(workdir, "roi_encoder")
 
 
 def test_a_rerun_of_the_study_reuses_every_finished_run(quick_study):

@@ -236,6 +236,9 @@ def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_c
         c.medsynapse = base.medsynapse_section()
         c.medsynapse.update_from_flattened_dict(_flatten(config.medsynapse.to_dict()))
         c.model.backbone_dir = c.model.tokenizer_dir = models["medsynapse_backbone_dir"]
+        # E_ana: recorded in the run's config like the other paths, so `python -m vital_jax.train` can continue a
+        # study's run from its recorded config (with the field empty it refused both ways: missing, then differing).
+        c.model.roi_encoder_dir = models["encoder_dir"]
     else:
         ROWS[row][2](c)
         # Rows without the curriculum train one phase over every record; `epochs_without_curriculum` (0: the

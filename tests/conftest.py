@@ -7,6 +7,8 @@ import tempfile
 
 import pytest
 
+from tests import fast_compile
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,12 +27,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# XLA's CPU backend spends most of a compile in LLVM optimisation passes, which buy nothing for the tests' tiny
-# programs: level 0 halves compile time (tests/multiprocess_worker.py does the same for its processes). Existing
-# flags are kept; subprocesses inherit them.
-_xla_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_backend_optimization_level" not in _xla_flags:
-    os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()
+# Faster compiles for the suite's tiny programs (tests/fast_compile.py: XLA CPU optimisation level 0 and the older
+# fusion emitter). Existing flags are kept; subprocesses inherit them.
+os.environ["XLA_FLAGS"] = fast_compile.added_to(os.environ.get("XLA_FLAGS", ""))
 
 # Parity tests compare float32 numerics; make sure no TF32-like reduced precision sneaks in on accelerators. Set
 # before jax is imported and through the environment, so that subprocesses (`python -m vital_jax.train`, the CLIs)

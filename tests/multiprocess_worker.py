@@ -28,13 +28,13 @@ import zlib
 
 
 def _setup_env(devices: int) -> None:
-    """Fix the CPU device count before jax starts; a low XLA CPU optimisation level halves compile time here and
-    applies equally to the reference and the sharded runs."""
+    """Fix the CPU device count before jax starts; the suite's fast-compile flags (tests/fast_compile.py) apply
+    equally to the reference and the sharded runs."""
+    from tests import fast_compile
+
     flags = os.environ.get("XLA_FLAGS", "")
     flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
-    if "xla_backend_optimization_level" not in flags:
-        flags += " --xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    os.environ["XLA_FLAGS"] = f"{fast_compile.added_to(flags)} --xla_force_host_platform_device_count={devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if "jax" in sys.modules:
         raise RuntimeError("multiprocess_worker must set up XLA_FLAGS before jax is imported")
@@ -627,8 +627,8 @@ def main(argv=None) -> None:
     # A worker that is still running after 150 s writes every thread's Python stack to its log (and again every
     # 150 s), so a hang inside the suite shows where it waits.
     faulthandler.dump_traceback_later(150, repeat=True)
-    _setup_env(args.devices)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _setup_env(args.devices)
     {"meshes": run_meshes, "reference": run_reference, "process": run_process, "grpo": run_grpo}[args.mode](args)
 
 

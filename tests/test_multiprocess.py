@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests import fast_compile
 from vital_jax import distributed
 
 pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
@@ -278,8 +279,7 @@ def test_two_train_processes_build_stop_resume_and_finish_the_demo(tmp_path):
 
     workdir = tmp_path / "run"
     # A 2 x 2 mesh (the fsdp axis spans the processes), a few steps: start-up and compile time are what count.
-    env = _launcher_env("configs/demo.py", workdir, DEVICES_PER_PROC="2",
-                        XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = _launcher_env("configs/demo.py", workdir, DEVICES_PER_PROC="2", XLA_FLAGS=fast_compile.added_to(""))
     args = ["--config.demo.split_counts=(24, 1, 1)", "--config.data.batch_size=2", "--config.curriculum.max_steps=12",
             "--config.mesh.shape=(2,2,1)", "--config.checkpoint.async_save=False", "--config.logging.every_steps=1"]
     launch = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), *args]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs.study import phantom as study_config
+from tests import fast_compile
 from vital_jax import study
 
 pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
@@ -184,15 +185,14 @@ QUICK_STUDY_COMMAND = "python -m vital_jax.study --config=configs/study/phantom.
 def quick_study(tmp_path_factory):
     """The study command itself, run on the quick study shrunk further (QUICK_STUDY_OVERRIDES): PhantomVQA ->
     the shipped pretrained backbone -> three runs -> evaluation -> report. It runs in its own process with XLA's
-    default LLVM optimisation: the session's level 0 (tests/conftest.py) halves compile times but makes this
-    fixture's ~500 training steps 2.3x slower, and they are most of its time."""
+    default optimisation: the session's fast-compile flags (tests/fast_compile.py) halve compile times but make
+    this fixture's ~500 training steps 2.3x slower, and they are most of its time."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = str(tmp_path_factory.mktemp("study"))
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_backend_optimization_level=0", "").strip())
+    env = dict(os.environ, XLA_FLAGS=fast_compile.without(os.environ.get("XLA_FLAGS", "")))
     overrides = [f"--config.{key}={value!r}" for key, value in QUICK_STUDY_OVERRIDES.items()]
     res = subprocess.run([sys.executable, "-m", "vital_jax.study", "--config=configs/study/phantom.py:quick",
                           f"--workdir={workdir}", *overrides], cwd=repo, env=env, capture_output=True, text=True,
@@ -335,6 +335,22 @@ def test_a_torn_line_in_invocations_is_skipped_with_a_warning_and_later_lines_ar
     with caplog.at_level(logging.WARNING):
         invocations = study._invocations(str(tmp_path))
     assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
+    assert f"{path}:2: malformed JSON" in caplog.text
+
+
+def test_a_torn_line_in_a_runs_metrics_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    from vital_jax.observability import JsonlWriter
+
+    path = tmp_path / "metrics.jsonl"
+    with JsonlWriter(str(path)) as writer:
+        writer.write(1, {"perf/samples_per_sec": 10.0})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "perf/sampl')  # the run was killed while logging
+    with JsonlWriter(str(path)) as writer:   # a resumed run ends the torn line before its own
+        writer.write(2, {"perf/samples_per_sec": 30.0})
+    with caplog.at_level(logging.WARNING):
+        rows = study._metric_lines(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2] and study._median_throughput(rows) == 20.0
     assert f"{path}:2: malformed JSON" in caplog.text
 
 

@@ -48,6 +48,7 @@ from ml_collections import config_flags
 from vital_jax import cli, compilation_cache
 from vital_jax import workdir as workdir_lib
 from vital_jax.checkpoint import CheckpointError
+from vital_jax.data.records import LineError, iter_jsonl
 from vital_jax.jsonio import append_json_line, atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
@@ -467,8 +468,16 @@ def _split_scores(metrics: dict, eval_dir: str, data_dir: str) -> dict:
 
 
 def _metric_lines(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """A run's logged metrics; a line that cannot be read (one a kill cut short) is skipped with a warning naming
+    it, rather than failing the study's evaluation of a finished run."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    rows = []
+    for number, row in iter_jsonl(path):
+        if isinstance(row, LineError):
+            logging.warning("%s:%d: %s; skipped (the run's throughput and curve leave it out)", path, number, row)
+        else:
+            rows.append(row)
+    return rows
 
 
 def _median_throughput(samples: list[dict]) -> float | None:
@@ -910,8 +919,6 @@ def _log_invocation(workdir: str, commit: str, parallel_runs: int, runs_made: in
 def _invocations(workdir: str) -> list[dict]:
     """The study commands logged in workdir/invocations.jsonl; a line that cannot be read (what a kill while
     appending leaves) is skipped with a warning naming it: the report's wall clock then misses that command."""
-    from vital_jax.data.records import LineError, iter_jsonl
-
     path = os.path.join(workdir, INVOCATIONS_FILE)
     if not os.path.exists(path):
         return []

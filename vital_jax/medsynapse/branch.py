@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from vital_jax import cli
 from vital_jax import workdir as workdir_lib
 from vital_jax.checkpoint import CheckpointError
+from vital_jax.data.records import LineError, iter_jsonl
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.medsynapse import trainer
 
@@ -72,15 +73,11 @@ def _kept_metrics(path: str, stages: set[str]) -> list[str]:
     if not os.path.exists(path):
         return []
     kept = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                logging.warning("%s:%d: not a JSON line (%s); not copied", path, number, e)
-                continue
-            if row.get("stage") in stages:
-                kept.append(line if line.endswith("\n") else line + "\n")
+    for number, row in iter_jsonl(path):
+        if isinstance(row, LineError):
+            logging.warning("%s:%d: %s; not copied", path, number, row)
+        elif row.get("stage") in stages:
+            kept.append(json.dumps(row) + "\n")
     return kept
 
 

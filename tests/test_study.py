@@ -145,7 +145,7 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     assert "Reused runs made at other commits: `old` (2)" in text  # the k2 runs came from other code
     assert "All 10 runs: 0 min of training and evaluation" in text
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
-                 "learning_curves.png"):
+                 "learning_curves.png", "medsynapse_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
 
 
@@ -157,9 +157,18 @@ def test_study_figures_in_each_format(tmp_path):
     floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
              "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
     by_row = study.aggregate(results)
+    assert "MedSynapse-V stage curves" not in study_plots.write_figures(str(tmp_path / "none"), by_row, floor)
+    # Each MedSynapse-V stage's curve on its own axis: the metric the study logs for it (an older result holds
+    # its stage's loss, with no "curve_metric").
+    for row, metric in (("ms_warmup", "loss"), ("ms_ccr", study.MEDSYNAPSE_CURVE_METRICS["ccr"]), ("ms_imt", None)):
+        result = _fake_result(row, 0, 0.4, [f"q{i}" for i in range(40)])
+        if metric:
+            result["curve_metric"] = metric
+        results.append(result)
+    by_row = study.aggregate(results)
     for fmt, magic in (("svg", b"<svg"), ("pdf", b"%PDF-")):
         made = study_plots.write_figures(str(tmp_path / fmt), by_row, floor, fmt)
-        assert set(made) >= {"accuracy against K", "step similarity"}
+        assert set(made) >= {"accuracy against K", "step similarity", "MedSynapse-V stage curves"}
         for path in made.values():
             assert path.endswith(f".{fmt}") and magic in open(path, "rb").read(4096), path
 

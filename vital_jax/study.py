@@ -141,6 +141,9 @@ MEDSYNAPSE_ROWS = {
     "ms_ccr": ("MedSynapse-V + CCR (GRPO on LoRA), answered with P_phi(E_ana(X))", "ccr", "sampler"),
     "ms_imt": ("MedSynapse-V + IMT, deployed: A_psi on the VLM's own tokens, no encoder", "imt", "autonomous"),
 }
+# What each MedSynapse-V stage's learning curve shows (a logged metric of that stage): Stage I's answer NLL (its
+# loss), CCR's mean reward R (its GRPO surrogate loss says little), IMT's mean JSD (its loss may add memory_match).
+MEDSYNAPSE_CURVE_METRICS = {"warmup": "loss", "ccr": "reward_mean", "imt": "jsd"}
 ALL_ROWS = (*ROWS, *MEDSYNAPSE_ROWS)
 # The report's McNemar tests (a, b): what each method adds to the model it starts from, stage by stage.
 PAIRED_TESTS = (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
@@ -381,10 +384,12 @@ def run_one_medsynapse(config, row: str, seed: int, data_dir: str, models: dict,
         evaluated[name] = _split_scores(metrics, out_dir, data_dir)
     eval_s = time.perf_counter() - start
     samples = [s for s in _metric_lines(run_dir) if s.get("stage") == upto]
+    curve_metric = MEDSYNAPSE_CURVE_METRICS[upto]
     return {"row": row, "seed": seed, "k_eval": 0, "memory": memory, "steps": trained.steps[upto],
             "train_s": train_s, "eval_s": eval_s, "samples_per_sec": _median_throughput(samples),
             "test": evaluated["test"], "select": evaluated["select"], "diagnostics": None,
-            "curve": [(s["step"], s["loss"], None) for s in samples if "loss" in s]}
+            "curve": [(s["step"], s[curve_metric], None) for s in samples if curve_metric in s],
+            "curve_metric": curve_metric}
 
 
 def _stages_through(stages: tuple[str, ...], upto: str, run_dir: str) -> tuple[str, ...]:

@@ -7,6 +7,8 @@
                          (colour scale fixed to -1..1, `figures.similarity_matrix`)
   norm_ratio.png         ||z_k|| / mean token-embedding norm per step, task-only vs VITAL vs pause
   learning_curves.png    training loss against step (first seed) of the Table 2 rows
+  medsynapse_curves.png  one panel per MedSynapse-V stage (first seed): Stage I's answer NLL, CCR's mean reward,
+                         IMT's mean JSD against the stage's step (each its own quantity, so its own axis)
 """
 
 from __future__ import annotations
@@ -114,6 +116,28 @@ def learning_curves(path: str, by_row: dict) -> str | None:
     return figures.save(fig, path)
 
 
+# The y-axis of a MedSynapse-V stage's curve, by the metric the study logged for it (study.MEDSYNAPSE_CURVE_METRICS;
+# a result without "curve_metric", from an older study, holds its stage's loss).
+_MEDSYNAPSE_CURVE_LABELS = {("ms_warmup", "loss"): "Stage I: answer NLL", ("ms_ccr", "reward_mean"): "CCR: mean reward R",
+                            ("ms_ccr", "loss"): "CCR: GRPO loss", ("ms_imt", "jsd"): "IMT: mean JSD",
+                            ("ms_imt", "loss"): "IMT: loss"}
+
+
+def medsynapse_curves(path: str, by_row: dict) -> str | None:
+    rows = [r for r in _MEDSYNAPSE if r in by_row and by_row[r][0].get("curve")]
+    if not rows:
+        return None
+    fig, axes = figures.new(1, len(rows), size=(3.2 * len(rows) + 0.6, 3.2))
+    for ax, row in zip(axes, rows):
+        first = by_row[row][0]
+        curve = np.asarray([(s, value) for s, value, _ in first["curve"]], np.float64)
+        ax.plot(curve[:, 0], curve[:, 1], marker="." if len(curve) < 20 else None)
+        label = _MEDSYNAPSE_CURVE_LABELS[(row, first.get("curve_metric", "loss"))]
+        ax.set(xlabel="optimizer step (the run's)", ylabel=label, title=f"{row}: {label.split(':')[0]}")
+    fig.suptitle("MedSynapse-V stages (first seed)")
+    return figures.save(fig, path)
+
+
 def write_figures(out_dir: str, by_row: dict, floor: dict, figure_format: str = "png") -> dict[str, str]:
     """Every figure that the results allow, as png, pdf or svg; returns name -> path."""
     def path(name: str) -> str:
@@ -123,5 +147,6 @@ def write_figures(out_dir: str, by_row: dict, floor: dict, figure_format: str = 
             "per question type": per_type(path("per_type"), by_row, floor),
             "step similarity": step_similarity(path("step_similarity"), by_row),
             "norm ratio": norm_ratio(path("norm_ratio"), by_row),
-            "learning curves": learning_curves(path("learning_curves"), by_row)}
+            "learning curves": learning_curves(path("learning_curves"), by_row),
+            "MedSynapse-V stage curves": medsynapse_curves(path("medsynapse_curves"), by_row)}
     return {k: v for k, v in made.items() if v}

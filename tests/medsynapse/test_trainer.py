@@ -80,8 +80,8 @@ def _rows(workdir, name="metrics.jsonl") -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _losses(workdir: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+def _losses(workdir: str, stage: str | None = None) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r and stage in (None, r["stage"])}
 
 
 def _run(config, workdir, paths, **kw):
@@ -137,10 +137,12 @@ def test_stage1_lowers_the_answer_loss_compared_with_lr_zero(paths, tmp_path):
     assert os.path.isfile(os.path.join(tmp_path / "trained", trainer.FEATURES_DIR, "feature_index.json"))
 
 
-def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tmp_path):
-    config = _config()
-    config.medsynapse.warmup.epochs = 1
-    straight = _run(config, tmp_path / "straight", paths)
+def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(three_stage_run, paths, tmp_path):
+    # The uninterrupted run is the three-stage run's Stage I (its config without the later stages: the same 3 steps
+    # and compiled programs); this run is preempted after step 1 and the rerun trains steps 2 and 3.
+    straight_dir, straight = three_stage_run
+    config = _three_stage_config()
+    config.medsynapse.stages = ("warmup",)
     resumed_dir = tmp_path / "resumed"
     first = _run(config, resumed_dir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
@@ -149,8 +151,8 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     second = _run(config, resumed_dir, paths)
     assert not second["preempted"]
     assert second["stages"]["warmup"]["steps"] == straight["stages"]["warmup"]["steps"]
-    expected, got = _losses(str(tmp_path / "straight")), _losses(str(resumed_dir))
-    assert sorted(got) == sorted(expected)
+    expected, got = _losses(straight_dir, "warmup"), _losses(str(resumed_dir))
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     rows = sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl")))
@@ -168,13 +170,13 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     # lists both stages and CCR's settings as they trained, and the stages the run has may not change.
     longer = config.copy_and_resolve_references()
     longer.medsynapse.stages = ("warmup", "ccr")
-    longer.medsynapse.ccr.steps = 3
+    longer.medsynapse.ccr.steps = 1  # not the recorded 4; one step: each prompt width is one more program
     fourth = _run(longer, resumed_dir, paths)
-    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 3
+    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 1
     recorded = trainer.read_config(str(resumed_dir)).medsynapse
-    assert recorded.stages == ["warmup", "ccr"] and recorded.ccr.steps == 3
+    assert recorded.stages == ["warmup", "ccr"] and recorded.ccr.steps == 1
     assert trainer.load_trained(str(resumed_dir)).stages_done == ("warmup", "ccr")
-    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 3  # CCR's steps, logged once
+    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 1  # CCR's step, logged once
     for stages in (("warmup",), ("warmup", "imt")):
         other = config.copy_and_resolve_references()
         other.medsynapse.stages = stages

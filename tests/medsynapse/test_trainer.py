@@ -214,7 +214,7 @@ def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths
     shutil.copytree(paths.data_dir, data_dir)
     paths = dataclasses.replace(paths, data_dir=str(data_dir))
     config = _config()
-    config.medsynapse.warmup.max_steps = 2
+    config.medsynapse.warmup.max_steps = 3  # the three-stage run's Stage I: its compiled steps serve this run
     workdir = tmp_path / "run"
     first = _run(config, workdir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
@@ -260,23 +260,26 @@ def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_befo
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
-def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(paths, tmp_path):
+def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(three_stage_run, paths, tmp_path):
     """memory_position "user_turn" (the memory before the assistant header): from the same P_phi start on the same
-    batch, Stage I's first loss differs from the "assistant_turn" run's, and the run records the placement that
-    evaluation and export read back (`memory_prompt_tail`). Then `python -m vital_jax.medsynapse.memory_cost` on
-    the user_turn run (Stage I at lr = 0, so its trained P_phi is the initial one and their NLLs agree, while no
-    memory, zero memory and P_phi's memory differ)."""
+    batch, Stage I's first loss differs from the "assistant_turn" run's (the three-stage run: a step's loss is taken
+    before its update, so that run's lr does not enter it), and each run records the placement that evaluation and
+    export read back (`memory_prompt_tail`). Then `python -m vital_jax.medsynapse.memory_cost` on the user_turn run
+    (Stage I at lr = 0, so its trained P_phi is the initial one and their NLLs agree, while no memory, zero memory
+    and P_phi's memory differ)."""
+    runs = {"assistant_turn": three_stage_run[0], "user_turn": str(tmp_path / "user_turn")}
+    config = _config(lr=0.0)
+    config.medsynapse.memory_position = "user_turn"
+    config.medsynapse.warmup.max_steps = 1
+    _run(config, runs["user_turn"], paths)
+    tokenizer = prompt.load_tokenizer(paths.tokenizer_dir)
     first = {}
-    for position in ("assistant_turn", "user_turn"):
-        config = _config(lr=0.0)
-        config.medsynapse.memory_position = position
-        config.medsynapse.warmup.max_steps = 1
-        _run(config, tmp_path / position, paths)
-        first[position] = _losses(tmp_path / position)[1]
-        recorded = trainer.read_config(str(tmp_path / position))
-        tail = trainer.memory_prompt_tail(recorded, prompt.load_tokenizer(paths.tokenizer_dir))
-        assert tail == (prompt.user_turn_end_length(prompt.load_tokenizer(paths.tokenizer_dir))
-                        if position == "user_turn" else 0)
+    for position, workdir in runs.items():
+        first[position] = _losses(workdir, "warmup")[1]
+        recorded = trainer.read_config(workdir)
+        assert trainer.memory_position(recorded) == position
+        assert trainer.memory_prompt_tail(recorded, tokenizer) == (
+            prompt.user_turn_end_length(tokenizer) if position == "user_turn" else 0)
     assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
     out = tmp_path / "cost.json"

@@ -479,6 +479,7 @@ def test_stage_iii_can_start_a_psi_at_the_teachers_mean_memory(three_stage_run, 
     os.remove(workdir / "config.json")  # the finished Stages I and II are reused under Stage III's new settings
     config = _three_stage_config()
     config.medsynapse.imt.init, config.medsynapse.imt.lr = "teacher_mean", 0.0
+    config.medsynapse.imt.max_steps = 1  # at lr = 0 no step moves A_psi: one step (one program to compile) shows it
     _run(config, workdir, paths)
     run = trainer.load_trained(str(workdir))
     setup = trainer.build_setup(run.config, str(workdir), paths)

@@ -556,25 +556,33 @@ def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_
         _assert_trees_equal(final.params[top], after_ccr.params[top])
 
 
-def test_train_command_dispatches_a_medsynapse_config(demo_assets, tmp_path):
+def test_train_command_dispatches_a_medsynapse_config(three_stage_run, demo_assets, tmp_path):
+    """`python -m vital_jax.train` with a MedSynapse-V config runs its stages. Its settings are the three-stage
+    run's (Stage II for one step: its schedule is constant), so the command compiles nothing that run did not (the
+    session's compilation cache) and its Stage I repeats that run's losses."""
     workdir = tmp_path / "cli"
     shutil.copytree(demo_assets, workdir / "demo")
-    shrink = ["--config.logging.every_steps=1", "--config.medsynapse.warmup.max_steps=1",
-              "--config.medsynapse.ccr.steps=1", "--config.medsynapse.ccr.num_generations=2",
-              "--config.medsynapse.ccr.max_new_tokens=4", "--config.medsynapse.ccr.lora.rank=4",
-              "--config.medsynapse.imt.max_steps=1", "--config.medsynapse.imt.max_new_tokens=4"]
+    shrink = ["--config.logging.every_steps=1", "--config.medsynapse.warmup.epochs=2",
+              "--config.medsynapse.warmup.max_steps=3", "--config.medsynapse.ccr.steps=1",
+              "--config.medsynapse.ccr.num_generations=2", "--config.medsynapse.ccr.max_new_tokens=8",
+              "--config.medsynapse.ccr.lora.rank=4", "--config.medsynapse.ccr.lora.alpha=8.0",
+              "--config.medsynapse.imt.max_steps=3", "--config.medsynapse.imt.max_new_tokens=8"]
     res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/medsynapse_demo.py",
                           f"--workdir={workdir}", *DEMO_TEST_OVERRIDES, *shrink], capture_output=True, text=True,
                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "MedSynapse-V training finished at step 3" in res.stdout, res.stdout
+    assert "MedSynapse-V training finished at step 7" in res.stdout, res.stdout
+    expected, got = _losses(three_stage_run[0], "warmup"), _losses(str(workdir), "warmup")
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     with open(workdir / "train_summary.json") as f:
         summary = json.load(f)
     assert list(summary["stages"]) == list(trainer.STAGES) and not summary["preempted"]
     assert summary["paths"]["encoder_dir"].endswith("roi_encoder")
     with open(workdir / "config.json") as f:
         assert json.load(f)["method"] == "medsynapse"
-    assert [r["stage"] for r in _rows(str(workdir))] == list(trainer.STAGES)
+    assert [r["stage"] for r in _rows(str(workdir))] == ["warmup"] * 3 + ["ccr"] + ["imt"] * 3
     for stage in trainer.STAGES:
         assert os.path.isfile(workdir / f"stage_{stage}" / "DONE.json")
 

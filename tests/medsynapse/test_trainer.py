@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -617,7 +618,8 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     # The teacher branch runs E_ana on the image at evaluation: the same F as the store training read, and the
     # same answer as memory.generate with the stored F.
     encoder, encoder_params = trainer.anatomical_encoder(run.config, run.paths)
-    teacher = predict.MemoryPredictor(run, "sampler", 2, 6, encoder, encoder_params)
+    max_new_tokens = int(run.config.data.max_answer_tokens)  # evaluate's: these predictors reuse its programs
+    teacher = predict.MemoryPredictor(run, "sampler", 2, max_new_tokens, encoder, encoder_params)
     examples = load_benchmark("phantom_vqa", run.paths.data_dir, split="train", limit=2)
     rows = {r.id: i for i, r in enumerate(read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)))}
     encoded, n = teacher.encode([e.image for e in examples], [e.prompt for e in examples])
@@ -626,7 +628,10 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     prefix, pixels = encoded
     np.testing.assert_allclose(np.asarray(encoder.feature_map(encoder_params, pixels)), stored, atol=1e-5)
     memory = run.sampler.apply({"params": run.params["sampler"]}, jnp.asarray(stored))
-    tokens, lengths = memory_lib.generate(run.backbone, run.params["backbone"], prefix, memory, teacher.sampling)
+    # Jitted: run op by op, this reference compiled each of its few hundred operations (most of the test's time).
+    reference = jax.jit(lambda params, prefix, memory: memory_lib.generate(run.backbone, params, prefix, memory,
+                                                                           teacher.sampling))
+    tokens, lengths = reference(run.params["backbone"], prefix, memory)
     expected = [teacher.decode(t, length) for t, length in zip(np.asarray(tokens), np.asarray(lengths))]
     assert teacher.run_encoded(encoded, n)[0] == expected
 
@@ -637,11 +642,11 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
             config.text, scan_layers=True)), run.backbone.lora),
         params={**run.params, "backbone": qwen3_vl_params.to_layout(run.params["backbone"], True)})
     assert "layers" in scanned.params["backbone"]["language_model"]["model"]
-    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, 6)
+    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, max_new_tokens)
     assert "layers" not in deployed.params["backbone"]["language_model"]["model"]
     encoded, n = deployed.encode([e.image for e in examples], [e.prompt for e in examples])
-    assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(run, "autonomous", 2, 6).run_encoded(
-        encoded, n)[0]
+    assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(
+        run, "autonomous", 2, max_new_tokens).run_encoded(encoded, n)[0]
 
 
 def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(three_stage_run, tmp_path):
@@ -651,8 +656,9 @@ def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(thre
               f"--data_dir={data_dir}", f"--out={tmp_path}/eval", "--split=train", "--limit=4"]
     wrong = subprocess.run(common + ["--latent_steps=2"], capture_output=True, text=True, cwd=REPO)
     assert wrong.returncode == 2 and "--memory" in wrong.stderr and "Traceback" not in wrong.stderr
-    right = subprocess.run(common + ["--memory=autonomous", "--latency_examples=1"], capture_output=True, text=True,
-                           cwd=REPO)
+    # Batches of 2, as the evaluation test's: the command finds those programs in the session's compilation cache.
+    right = subprocess.run(common + ["--memory=autonomous", "--batch_size=2", "--latency_examples=1"],
+                           capture_output=True, text=True, cwd=REPO)
     assert right.returncode == 0, right.stderr[-2000:]
     assert "memory=autonomous: 4 questions" in right.stdout and "closed" in right.stdout
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -80,8 +81,8 @@ def _rows(workdir, name="metrics.jsonl") -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _losses(workdir: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r}
+def _losses(workdir: str, stage: str | None = None) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(workdir) if "loss" in r and stage in (None, r["stage"])}
 
 
 def _run(config, workdir, paths, **kw):
@@ -124,9 +125,19 @@ def three_stage_run(paths, tmp_path_factory):
 
 # ---- Stage I ----------------------------------------------------------------------------------------------------
 
+def _learning_config(lr=None):
+    """Stage I for one epoch (22 steps) in one prompt width, checkpointed only at its end: what it learns does not
+    depend on the widths, and each width is one more compile of each run's step (most of its time)."""
+    c = _config(lr)
+    c.medsynapse.warmup.epochs = 1
+    c.data.prompt_buckets = (max(c.data.prompt_buckets),)
+    c.checkpoint.save_every_steps = 1000
+    return c
+
+
 def test_stage1_lowers_the_answer_loss_compared_with_lr_zero(paths, tmp_path):
-    trained = _run(_config(), tmp_path / "trained", paths)
-    _run(_config(lr=0.0), tmp_path / "frozen", paths)
+    trained = _run(_learning_config(), tmp_path / "trained", paths)
+    _run(_learning_config(lr=0.0), tmp_path / "frozen", paths)
     assert not trained["preempted"] and trained["stages"]["warmup"]["steps"] > 4
     a, b = _losses(str(tmp_path / "trained")), _losses(str(tmp_path / "frozen"))
     assert sorted(a) == sorted(b)
@@ -137,10 +148,12 @@ def test_stage1_lowers_the_answer_loss_compared_with_lr_zero(paths, tmp_path):
     assert os.path.isfile(os.path.join(tmp_path / "trained", trainer.FEATURES_DIR, "feature_index.json"))
 
 
-def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tmp_path):
-    config = _config()
-    config.medsynapse.warmup.epochs = 1
-    straight = _run(config, tmp_path / "straight", paths)
+def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(three_stage_run, paths, tmp_path):
+    # The uninterrupted run is the three-stage run's Stage I (its config without the later stages: the same 3 steps
+    # and compiled programs); this run is preempted after step 1 and the rerun trains steps 2 and 3.
+    straight_dir, straight = three_stage_run
+    config = _three_stage_config()
+    config.medsynapse.stages = ("warmup",)
     resumed_dir = tmp_path / "resumed"
     first = _run(config, resumed_dir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
@@ -149,8 +162,8 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     second = _run(config, resumed_dir, paths)
     assert not second["preempted"]
     assert second["stages"]["warmup"]["steps"] == straight["stages"]["warmup"]["steps"]
-    expected, got = _losses(str(tmp_path / "straight")), _losses(str(resumed_dir))
-    assert sorted(got) == sorted(expected)
+    expected, got = _losses(straight_dir, "warmup"), _losses(str(resumed_dir))
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     rows = sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl")))
@@ -168,13 +181,13 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(paths, tm
     # lists both stages and CCR's settings as they trained, and the stages the run has may not change.
     longer = config.copy_and_resolve_references()
     longer.medsynapse.stages = ("warmup", "ccr")
-    longer.medsynapse.ccr.steps = 3
+    longer.medsynapse.ccr.steps = 1  # not the recorded 4; one step: each prompt width is one more program
     fourth = _run(longer, resumed_dir, paths)
-    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 3
+    assert fourth["stages"]["warmup"] == third["stages"]["warmup"] and fourth["stages"]["ccr"]["steps"] == 1
     recorded = trainer.read_config(str(resumed_dir)).medsynapse
-    assert recorded.stages == ["warmup", "ccr"] and recorded.ccr.steps == 3
+    assert recorded.stages == ["warmup", "ccr"] and recorded.ccr.steps == 1
     assert trainer.load_trained(str(resumed_dir)).stages_done == ("warmup", "ccr")
-    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 3  # CCR's steps, logged once
+    assert sum(1 for _ in open(os.path.join(resumed_dir, "metrics.jsonl"))) == rows + 1  # CCR's step, logged once
     for stages in (("warmup",), ("warmup", "imt")):
         other = config.copy_and_resolve_references()
         other.medsynapse.stages = stages
@@ -202,7 +215,7 @@ def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths
     shutil.copytree(paths.data_dir, data_dir)
     paths = dataclasses.replace(paths, data_dir=str(data_dir))
     config = _config()
-    config.medsynapse.warmup.max_steps = 2
+    config.medsynapse.warmup.max_steps = 3  # the three-stage run's Stage I: its compiled steps serve this run
     workdir = tmp_path / "run"
     first = _run(config, workdir, paths, on_first_step=trainer.request_preemption)
     assert first["preempted"] and first["stages"]["warmup"]["steps"] == 1
@@ -248,23 +261,26 @@ def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_befo
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
-def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(paths, tmp_path):
+def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(three_stage_run, paths, tmp_path):
     """memory_position "user_turn" (the memory before the assistant header): from the same P_phi start on the same
-    batch, Stage I's first loss differs from the "assistant_turn" run's, and the run records the placement that
-    evaluation and export read back (`memory_prompt_tail`). Then `python -m vital_jax.medsynapse.memory_cost` on
-    the user_turn run (Stage I at lr = 0, so its trained P_phi is the initial one and their NLLs agree, while no
-    memory, zero memory and P_phi's memory differ)."""
+    batch, Stage I's first loss differs from the "assistant_turn" run's (the three-stage run: a step's loss is taken
+    before its update, so that run's lr does not enter it), and each run records the placement that evaluation and
+    export read back (`memory_prompt_tail`). Then `python -m vital_jax.medsynapse.memory_cost` on the user_turn run
+    (Stage I at lr = 0, so its trained P_phi is the initial one and their NLLs agree, while no memory, zero memory
+    and P_phi's memory differ)."""
+    runs = {"assistant_turn": three_stage_run[0], "user_turn": str(tmp_path / "user_turn")}
+    config = _config(lr=0.0)
+    config.medsynapse.memory_position = "user_turn"
+    config.medsynapse.warmup.max_steps = 1
+    _run(config, runs["user_turn"], paths)
+    tokenizer = prompt.load_tokenizer(paths.tokenizer_dir)
     first = {}
-    for position in ("assistant_turn", "user_turn"):
-        config = _config(lr=0.0)
-        config.medsynapse.memory_position = position
-        config.medsynapse.warmup.max_steps = 1
-        _run(config, tmp_path / position, paths)
-        first[position] = _losses(tmp_path / position)[1]
-        recorded = trainer.read_config(str(tmp_path / position))
-        tail = trainer.memory_prompt_tail(recorded, prompt.load_tokenizer(paths.tokenizer_dir))
-        assert tail == (prompt.user_turn_end_length(prompt.load_tokenizer(paths.tokenizer_dir))
-                        if position == "user_turn" else 0)
+    for position, workdir in runs.items():
+        first[position] = _losses(workdir, "warmup")[1]
+        recorded = trainer.read_config(workdir)
+        assert trainer.memory_position(recorded) == position
+        assert trainer.memory_prompt_tail(recorded, tokenizer) == (
+            prompt.user_turn_end_length(tokenizer) if position == "user_turn" else 0)
     assert abs(first["user_turn"] - first["assistant_turn"]) > 1e-4, first
 
     out = tmp_path / "cost.json"
@@ -464,6 +480,7 @@ def test_stage_iii_can_start_a_psi_at_the_teachers_mean_memory(three_stage_run, 
     os.remove(workdir / "config.json")  # the finished Stages I and II are reused under Stage III's new settings
     config = _three_stage_config()
     config.medsynapse.imt.init, config.medsynapse.imt.lr = "teacher_mean", 0.0
+    config.medsynapse.imt.max_steps = 1  # at lr = 0 no step moves A_psi: one step (one program to compile) shows it
     _run(config, workdir, paths)
     run = trainer.load_trained(str(workdir))
     setup = trainer.build_setup(run.config, str(workdir), paths)
@@ -540,25 +557,33 @@ def test_a_crash_in_stage_ii_and_a_preemption_in_stage_iii_resume_exactly(three_
         _assert_trees_equal(final.params[top], after_ccr.params[top])
 
 
-def test_train_command_dispatches_a_medsynapse_config(demo_assets, tmp_path):
+def test_train_command_dispatches_a_medsynapse_config(three_stage_run, demo_assets, tmp_path):
+    """`python -m vital_jax.train` with a MedSynapse-V config runs its stages. Its settings are the three-stage
+    run's (Stage II for one step: its schedule is constant), so the command compiles nothing that run did not (the
+    session's compilation cache) and its Stage I repeats that run's losses."""
     workdir = tmp_path / "cli"
     shutil.copytree(demo_assets, workdir / "demo")
-    shrink = ["--config.logging.every_steps=1", "--config.medsynapse.warmup.max_steps=1",
-              "--config.medsynapse.ccr.steps=1", "--config.medsynapse.ccr.num_generations=2",
-              "--config.medsynapse.ccr.max_new_tokens=4", "--config.medsynapse.ccr.lora.rank=4",
-              "--config.medsynapse.imt.max_steps=1", "--config.medsynapse.imt.max_new_tokens=4"]
+    shrink = ["--config.logging.every_steps=1", "--config.medsynapse.warmup.epochs=2",
+              "--config.medsynapse.warmup.max_steps=3", "--config.medsynapse.ccr.steps=1",
+              "--config.medsynapse.ccr.num_generations=2", "--config.medsynapse.ccr.max_new_tokens=8",
+              "--config.medsynapse.ccr.lora.rank=4", "--config.medsynapse.ccr.lora.alpha=8.0",
+              "--config.medsynapse.imt.max_steps=3", "--config.medsynapse.imt.max_new_tokens=8"]
     res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/medsynapse_demo.py",
                           f"--workdir={workdir}", *DEMO_TEST_OVERRIDES, *shrink], capture_output=True, text=True,
                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "MedSynapse-V training finished at step 3" in res.stdout, res.stdout
+    assert "MedSynapse-V training finished at step 7" in res.stdout, res.stdout
+    expected, got = _losses(three_stage_run[0], "warmup"), _losses(str(workdir), "warmup")
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     with open(workdir / "train_summary.json") as f:
         summary = json.load(f)
     assert list(summary["stages"]) == list(trainer.STAGES) and not summary["preempted"]
     assert summary["paths"]["encoder_dir"].endswith("roi_encoder")
     with open(workdir / "config.json") as f:
         assert json.load(f)["method"] == "medsynapse"
-    assert [r["stage"] for r in _rows(str(workdir))] == list(trainer.STAGES)
+    assert [r["stage"] for r in _rows(str(workdir))] == ["warmup"] * 3 + ["ccr"] + ["imt"] * 3
     for stage in trainer.STAGES:
         assert os.path.isfile(workdir / f"stage_{stage}" / "DONE.json")
 
@@ -593,7 +618,8 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     # The teacher branch runs E_ana on the image at evaluation: the same F as the store training read, and the
     # same answer as memory.generate with the stored F.
     encoder, encoder_params = trainer.anatomical_encoder(run.config, run.paths)
-    teacher = predict.MemoryPredictor(run, "sampler", 2, 6, encoder, encoder_params)
+    max_new_tokens = int(run.config.data.max_answer_tokens)  # evaluate's: these predictors reuse its programs
+    teacher = predict.MemoryPredictor(run, "sampler", 2, max_new_tokens, encoder, encoder_params)
     examples = load_benchmark("phantom_vqa", run.paths.data_dir, split="train", limit=2)
     rows = {r.id: i for i, r in enumerate(read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)))}
     encoded, n = teacher.encode([e.image for e in examples], [e.prompt for e in examples])
@@ -602,7 +628,10 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     prefix, pixels = encoded
     np.testing.assert_allclose(np.asarray(encoder.feature_map(encoder_params, pixels)), stored, atol=1e-5)
     memory = run.sampler.apply({"params": run.params["sampler"]}, jnp.asarray(stored))
-    tokens, lengths = memory_lib.generate(run.backbone, run.params["backbone"], prefix, memory, teacher.sampling)
+    # Jitted: run op by op, this reference compiled each of its few hundred operations (most of the test's time).
+    reference = jax.jit(lambda params, prefix, memory: memory_lib.generate(run.backbone, params, prefix, memory,
+                                                                           teacher.sampling))
+    tokens, lengths = reference(run.params["backbone"], prefix, memory)
     expected = [teacher.decode(t, length) for t, length in zip(np.asarray(tokens), np.asarray(lengths))]
     assert teacher.run_encoded(encoded, n)[0] == expected
 
@@ -613,11 +642,11 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
             config.text, scan_layers=True)), run.backbone.lora),
         params={**run.params, "backbone": qwen3_vl_params.to_layout(run.params["backbone"], True)})
     assert "layers" in scanned.params["backbone"]["language_model"]["model"]
-    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, 6)
+    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, max_new_tokens)
     assert "layers" not in deployed.params["backbone"]["language_model"]["model"]
     encoded, n = deployed.encode([e.image for e in examples], [e.prompt for e in examples])
-    assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(run, "autonomous", 2, 6).run_encoded(
-        encoded, n)[0]
+    assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(
+        run, "autonomous", 2, max_new_tokens).run_encoded(encoded, n)[0]
 
 
 def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(three_stage_run, tmp_path):
@@ -627,8 +656,9 @@ def test_evaluate_command_answers_a_medsynapse_run_and_refuses_latent_steps(thre
               f"--data_dir={data_dir}", f"--out={tmp_path}/eval", "--split=train", "--limit=4"]
     wrong = subprocess.run(common + ["--latent_steps=2"], capture_output=True, text=True, cwd=REPO)
     assert wrong.returncode == 2 and "--memory" in wrong.stderr and "Traceback" not in wrong.stderr
-    right = subprocess.run(common + ["--memory=autonomous", "--latency_examples=1"], capture_output=True, text=True,
-                           cwd=REPO)
+    # Batches of 2, as the evaluation test's: the command finds those programs in the session's compilation cache.
+    right = subprocess.run(common + ["--memory=autonomous", "--batch_size=2", "--latency_examples=1"],
+                           capture_output=True, text=True, cwd=REPO)
     assert right.returncode == 0, right.stderr[-2000:]
     assert "memory=autonomous: 4 questions" in right.stdout and "closed" in right.stdout
 

@@ -45,7 +45,7 @@ from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl.cached import prefix_inputs
 
-QUICK = dict(hidden=64, layers=2, prompt=24, grid=4, prompts=2, generations=2, new_tokens=8, repeats=2,
+QUICK = dict(hidden=64, layers=1, prompt=24, grid=4, prompts=2, generations=2, new_tokens=8, repeats=1,
              feature_grid=4)
 
 
@@ -146,7 +146,7 @@ def main(argv=None):
                         "(shared_prompt_cache=False)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds of measurement)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a few seconds of measurement)")
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)

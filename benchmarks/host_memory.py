@@ -80,10 +80,10 @@ def child(setting: str, quick: bool, rounds: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds, for the CI smoke test")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 round, for the CI smoke test")
     p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # the child processes
     args = p.parse_args(argv)
-    sizes, rounds = (QUICK, 2) if args.quick else (PEER, args.rounds)
+    sizes, rounds = (QUICK, 1) if args.quick else (PEER, args.rounds)
     if jax.default_backend() != "cpu":
         raise SystemExit(f"this benchmark measures the CPU backend; JAX's is {jax.default_backend()}")
     if args.setting:

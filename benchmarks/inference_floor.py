@@ -15,7 +15,8 @@ and the whole `latent.generate_answer` program. Limits of the machine, measured 
   token, the LM head) plus the keys and values written so far.
 
 The floor of the whole program is the sum of the phases' floors; `transformers / floor` is the most any
-implementation could gain over transformers on this machine at these sizes. The last line prints it.
+implementation could gain over transformers on this machine at these sizes. The last line prints it. `--quick`
+(the CI smoke test) measures the limits on small matrices, once each: its rates and floors mean nothing.
 """
 
 from __future__ import annotations
@@ -37,26 +38,32 @@ from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
 
 
-def matmul_gflops(m: int, repeats: int) -> float:
-    """Best rate of XLA's float32 matmul on this machine, GFLOP/s: the better of (m, 2048) x (2048, 2048) and a
-    square 2048^3 product."""
+# --quick measures the machine's limits on small matrices: a smoke run's rates mean nothing, and drawing the 256 MiB
+# matrix alone takes seconds.
+QUICK_MATMUL_SIDE, QUICK_STREAM_SHAPE = 256, (256, 1024)
+
+
+def matmul_gflops(m: int, repeats: int, side: int = 2048) -> float:
+    """Best rate of XLA's float32 matmul on this machine, GFLOP/s: the better of (m, side) x (side, side) and a
+    square side^3 product."""
     rng = np.random.default_rng(0)
-    b = jnp.asarray(rng.standard_normal((2048, 2048)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((side, side)), jnp.float32)
     dot = jax.jit(jnp.dot)
     rates = []
-    for rows in (m, 2048):
-        a = jnp.asarray(rng.standard_normal((rows, 2048)), jnp.float32)
+    for rows in (m, side):
+        a = jnp.asarray(rng.standard_normal((rows, side)), jnp.float32)
         jax.block_until_ready(dot(a, b))
         ms = best_ms({"dot": lambda a=a: dot(a, b)}, repeats)["dot"]
-        rates.append(2 * rows * 2048 * 2048 / (ms * 1e-3) / 1e9)
+        rates.append(2 * rows * side * side / (ms * 1e-3) / 1e9)
     return max(rates)
 
 
-def weight_stream_gbs(repeats: int) -> float:
-    """GB/s of a float32 matrix-vector product over a 256 MiB matrix: how fast decoding can read weights."""
+def weight_stream_gbs(repeats: int, shape: tuple[int, int] = (4096, 16384)) -> float:
+    """GB/s of a float32 matrix-vector product over a `shape` matrix (by default 256 MiB): how fast decoding can
+    read weights."""
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.standard_normal((4096, 16384)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((1, 4096)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, shape[0])), jnp.float32)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(x, w))
     ms = best_ms({"matvec": lambda: dot(x, w)}, repeats)["matvec"]
@@ -106,8 +113,11 @@ def main(argv=None):
         "transformers (whole)": lambda: torch_generate(hf_model, ids, patches, grid, k, args.answer),
     }, args.repeats)
 
-    gflops = matmul_gflops(ids.shape[1], args.repeats)
-    gbs = weight_stream_gbs(args.repeats)
+    if args.quick:
+        gflops = matmul_gflops(ids.shape[1], args.repeats, QUICK_MATMUL_SIDE)
+        gbs = weight_stream_gbs(args.repeats, QUICK_STREAM_SHAPE)
+    else:
+        gflops, gbs = matmul_gflops(ids.shape[1], args.repeats), weight_stream_gbs(args.repeats)
     flops = {name: xla_flops.matmul_flops(fn.lower(*a).compile().as_text()) for name, fn, a in (
         ("vision tower", vision, (params, prefix.pixel_patches, prefix.vision_inputs)),
         ("prefix (vision + prefill)", encode, (params, prefix)))}

@@ -4,7 +4,7 @@ whatever accelerator JAX sees; the paper's Fig. 4 reports 325 ms (K = 0) and 353
 
     python -m benchmarks.latency_8b [--prompt_len 256 --grid 28 --answer 16 --repeats 10] [--attention dot_product]
         [--layers N]   # truncate the LM to N layers
-        [--quick]      # demo-sized one-layer towers, a short prompt: the CI smoke test of the script
+        [--quick]      # the phantom VLM's towers at one layer, a short prompt: the CI smoke test of the script
 
 One jitted `latent.generate_answer` per K (K is the static slot count of the latent scan), batch 1, bf16 weights,
 LoRA r64 unmerged on every projection (the deployed model: backbone + adapters, no scaffolding), random weights,

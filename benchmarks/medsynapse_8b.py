@@ -24,7 +24,7 @@ Global batch 8 (1 per device) for Stages I and III, 32 prompts (4 per device, 16
     python -m benchmarks.medsynapse_8b                          # full depth: ~20 s per stage on 2 CPU cores
     python -m benchmarks.medsynapse_8b --layers 2 4             # truncated backbones, extrapolated to 36 layers
     python -m benchmarks.medsynapse_8b --new_tokens 256         # shorter rollouts than the paper's 1,024
-    python -m benchmarks.medsynapse_8b --quick                  # a tiny Qwen3-VL: checks the script (CI)
+    python -m benchmarks.medsynapse_8b --quick                  # the shipped tiny Qwen3-VL: checks the script (CI)
 
 The text layers are one `nn.scan`, so full depth compiles about as fast as a truncated model. With `--layers N1 N2`
 each stage compiles at N1 and N2 text layers and each memory figure is fitted as a + b * L and evaluated at 36 (the
@@ -59,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import xla_collectives, xla_memory  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
-from vital_jax import demo_assets, distributed, sharding  # noqa: E402
+from vital_jax import assets, distributed, sharding  # noqa: E402
 from vital_jax.medsynapse import grpo, imt, stage1  # noqa: E402
 from vital_jax.medsynapse.autonomous import AutonomousConfig, AutonomousMemory  # noqa: E402
 from vital_jax.medsynapse.sampler import DiagnosticMemorySampler, SamplerConfig  # noqa: E402
@@ -79,12 +79,13 @@ QUICK = dict(prompt_len=64, grid=8, answer_len=8, new_tokens=8, batch=8, stage2_
 
 
 def backbone_config(args, layers: int) -> Qwen3VLConfig:
-    """Qwen3-VL-8B (or the --quick tiny model) with `layers` text layers: bf16, remat, scanned layers."""
+    """Qwen3-VL-8B (or, --quick, the shipped phantom VLM's backbone) with `layers` text layers: bf16, remat,
+    scanned layers."""
     kw = dict(dtype="bfloat16", param_dtype="bfloat16", remat=True, scan_layers=True)
-    if args.quick:
-        config = Qwen3VLConfig.from_hf_dict(demo_assets.qwen3_vl_hf_config(64, layers), "quick", **kw)
-    else:
-        config = Qwen3VLConfig.from_pretrained(args.backbone_config, **kw)
+    # The quick model's config.json is read as the 8B's is: building one with transformers' config classes would
+    # import torch (seconds) for nothing else.
+    model_dir = assets.phantom_vlm()["backbone_dir"] if args.quick else args.backbone_config
+    config = Qwen3VLConfig.from_pretrained(model_dir, **kw)
     return dataclasses.replace(config, text=dataclasses.replace(config.text, num_hidden_layers=layers))
 
 
@@ -300,7 +301,8 @@ def main(argv=None):
                    help="keep XLA:CPU's while-loop-invariant code motion (hoists f32 copies of all bf16 weights)")
     p.add_argument("--rollout_relayout", choices=tuple(RELAYOUT), default="auto",
                    help="the layout Stages II and III decode in (medsynapse.rollout_relayout; auto: the default)")
-    p.add_argument("--quick", action="store_true", help="a tiny 2-layer Qwen3-VL and small shapes (checks the script)")
+    p.add_argument("--quick", action="store_true",
+                   help="the shipped tiny Qwen3-VL (vital_jax.assets) at 2 layers and small shapes (checks the script)")
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
@@ -310,7 +312,7 @@ def main(argv=None):
         p.error(f"unknown stages {unknown}; choose from {STAGES}")
 
     mesh = sharding.make_mesh(tuple(args.mesh))
-    model = "tiny Qwen3-VL (--quick)" if args.quick else "Qwen3-VL-8B"
+    model = "the phantom VLM's tiny Qwen3-VL (--quick)" if args.quick else "Qwen3-VL-8B"
     print(f"jax {jax.__version__}, {jax.device_count()} simulated {jax.devices()[0].platform} devices, mesh "
           f"{tuple(args.mesh)} (data, fsdp, tensor); {model}, bf16 frozen backbone, remat, scanned layers; prompt "
           f"{args.prompt_len} tokens ({args.grid ** 2 // 4} image), E_ana feature map {args.feature_grid}x"

@@ -55,8 +55,8 @@ from vital_jax.vital.model import VitalModel
 
 MIB = 2**20
 MEMORY_FIELDS = ("argument", "output", "temp")
-QUICK = dict(hidden=64, layers=2, prompt=48, grid=8, answer=4, repeats=3, encoder_image=64, encoder_hidden=32,
-             encoder_layers=2, encoder_window=2)
+QUICK = dict(hidden=64, layers=1, prompt=48, grid=8, answer=4, repeats=1, encoder_image=64, encoder_hidden=32,
+             encoder_layers=2, encoder_window=2)  # two encoder blocks: a windowed one and a global one
 
 
 # ------------------------------------------------------------------------------------------ shared with grpo_throughput
@@ -208,7 +208,7 @@ def main(argv=None):
     p.add_argument("--encoder_channels", type=int, default=64, help="SAM neck channels (ViT-B: 256)")
     p.add_argument("--encoder_window", type=int, default=8, help="SAM window size (ViT-B: 14)")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats (a few seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)

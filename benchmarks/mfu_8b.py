@@ -4,7 +4,7 @@ decoder, K = 4), with random weights, on whatever accelerator JAX sees.
     python -m benchmarks.mfu_8b [--backbone_config=configs/hf/qwen3_vl_8b_instruct]
         [--decoder_config=configs/hf/qwen3_1p7b] [--batch 4 --prompt_len 512 --grid 28 --steps 5]
         [--layers N]   # truncate both LMs to N layers (a quick check of the script)
-        [--quick]      # demo-sized one-layer towers, small batch: the CI smoke test of the script
+        [--quick]      # the phantom VLM's towers at one layer, small batch: the CI smoke test of the script
         [--trace_dir DIR]  # then one more step under jax.profiler, its trace and program kept in DIR
 
 MFU = model FLOPs per step / step time / peak, with the model FLOPs of `vital.accounting.train_step_flops` (the
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import xla_flops as xla_flops_lib
-from vital_jax import demo_assets
+from vital_jax import assets
 from vital_jax.layers.attention import check_backend
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.hf_mapping import flatten, unflatten
@@ -156,7 +156,7 @@ def add_model_arguments(p: argparse.ArgumentParser, layer_pairs: bool = False) -
         p.add_argument("--layers", type=int, default=0, help="truncate both LMs to this many layers (0 = all)")
     p.add_argument("--attention", default="xla", help="attention_impl of both LMs and the vision tower")
     p.add_argument("--quick", action="store_true",
-                   help="demo-sized one-layer towers and small inputs: the CI smoke test of the script")
+                   help="the phantom VLM's towers at one layer and small inputs: the CI smoke test of the script")
 
 
 def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_policy: str = "full",
@@ -171,13 +171,17 @@ def paper_model(args: argparse.Namespace, remat: bool, scan_layers: bool, remat_
     backbone_overrides = dict(dtype="bfloat16", param_dtype="bfloat16", remat=remat, scan_layers=scan_layers,
                               attention_impl=args.attention, remat_policy=remat_policy)
     decoder_overrides = dict(backbone_overrides, param_dtype="float32")
-    if args.quick:  # the CI smoke test of the script's plumbing: demo-sized towers, one layer each
-        tiny = demo_assets.qwen3_vl_hf_config(64, 1, vocab_size=4096, vision_depth=2, deepstack=(0, 1))
-        backbone = dataclasses.replace(Qwen3VLConfig.from_hf_dict(tiny, "quick", **backbone_overrides),
-                                       image_token_id=4000, video_token_id=4001, vision_start_token_id=4002,
-                                       vision_end_token_id=4003)  # out of the synthetic prompts' id range
-        decoder = Qwen3Config.from_hf_dict(demo_assets.qwen3_hf_config(48, 1, vocab_size=4096), "quick",
-                                           **decoder_overrides)
+    if args.quick:  # the CI smoke test of the script's plumbing: the shipped phantom VLM's towers, one layer each
+        # Read from their config.json files as the 8B's are (transformers' config classes would import torch, seconds
+        # for nothing else). The vocabularies hold the synthetic prompts' ids (< 1000), the image tokens lie above.
+        pair = assets.phantom_vlm()
+        backbone = Qwen3VLConfig.from_pretrained(pair["backbone_dir"], **backbone_overrides)
+        backbone = dataclasses.replace(
+            backbone, text=dataclasses.replace(backbone.text, vocab_size=4096, num_hidden_layers=1),
+            vision=dataclasses.replace(backbone.vision, depth=1, deepstack_visual_indexes=(0,)),
+            image_token_id=4000, video_token_id=4001, vision_start_token_id=4002, vision_end_token_id=4003)
+        decoder = dataclasses.replace(Qwen3Config.from_pretrained(pair["decoder_dir"], **decoder_overrides),
+                                      vocab_size=4096, num_hidden_layers=1)
     else:
         backbone = Qwen3VLConfig.from_pretrained(args.backbone_config, **backbone_overrides)
         decoder = Qwen3Config.from_pretrained(args.decoder_config, **decoder_overrides)

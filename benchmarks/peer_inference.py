@@ -33,7 +33,7 @@ from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
 
-QUICK = dict(hidden=64, layers=2, vision_hidden=64, vision_depth=2, image=128, text=8, answer=4, repeats=2,
+QUICK = dict(hidden=64, layers=1, vision_hidden=64, vision_depth=2, image=128, text=8, answer=4, repeats=1,
              vocab=600)
 
 
@@ -77,7 +77,7 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vision_query_chunk", type=int, default=0,
                         help="vital_jax's Qwen3VLVisionConfig.attention_query_chunk (0 = the default, one block)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
 
 
 def main(argv=None):

@@ -36,11 +36,11 @@ def main(argv=None):
                    "(both speed up over their first ~8 steps here)")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
     p.add_argument("--attention_impl", default="xla", help="vital_jax's attention (xla | dot_product)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps, for the CI smoke test")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 timed step, for the CI smoke test")
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    sizes, steps, warmup = (QUICK, 2, 0) if args.quick else (PEER, args.steps, args.warmup)
+    sizes, steps, warmup = (QUICK, 1, 0) if args.quick else (PEER, args.steps, args.warmup)
     compare(sizes, steps, lora="peft", warmup=warmup, attention_impl=args.attention_impl)
 
 

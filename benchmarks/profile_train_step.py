@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_train_step                  # the study's sizes (the shipped phantom VLM)
     python -m benchmarks.profile_train_step --lora_dropout 0 --latent_slots 0 --lambda_text 0
-    python -m benchmarks.profile_train_step --quick          # tiny random model (CI smoke test)
+    python -m benchmarks.profile_train_step --quick          # tiny random model, one step (CI smoke test)
     python -m benchmarks.profile_train_step --peer           # peer_train_step's model and batch (issue #16)
     python -m benchmarks.profile_train_step --from_trace DIR # a step traced elsewhere (`mfu_8b --trace_dir`)
 
@@ -203,10 +203,11 @@ def build(args, tmp: str):
 
         build_hf(tmp, PEER)
         backbone_dir, decoder_dir = f"{tmp}/backbone", f"{tmp}/decoder"
-    elif args.quick:
+    elif args.quick:  # peer_train_step's smoke-test model: one layer per tower, every part of the step
+        from benchmarks.peer_train_step import QUICK
         from benchmarks.train_step import build_hf
 
-        build_hf(tmp)
+        build_hf(tmp, QUICK)
         backbone_dir, decoder_dir = f"{tmp}/backbone", f"{tmp}/decoder"
     else:
         from vital_jax import assets
@@ -257,7 +258,7 @@ def preprocessing_ids(backbone_config) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a tiny random model and batch (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="a tiny random model and batch, one step (CI smoke test)")
     p.add_argument("--peer", action="store_true",
                    help="benchmarks.peer_train_step's random model and batch (issue #16's sizes) instead of the study's")
     p.add_argument("--steps", type=int, default=5)
@@ -280,7 +281,7 @@ def main(argv=None):
         from_trace(args.from_trace, args.top_ops)
         return 0
     if args.quick:
-        args.batch, args.prompt, args.image, args.answer, args.step_tokens, args.steps = 2, 32, 64, 8, 8, 2
+        args.batch, args.prompt, args.image, args.answer, args.step_tokens, args.steps = 2, 32, 64, 8, 8, 1
     if args.peer:
         from benchmarks.peer_train_step import PEER
 

@@ -8,8 +8,9 @@ The step's work is counted two ways: the model FLOPs of `vital.accounting.train_
 implementation must compute: forward and activation gradients through the frozen backbone, weight gradients of
 the adapters, decoder and heads, the frozen vision tower forward) and XLA's executed dot FLOPs of the compiled
 step (`benchmarks.xla_flops`). The floor is the model FLOPs at the best float32 matmul rate XLA reaches on this
-machine (`benchmarks.inference_floor.matmul_gflops`); `transformers / floor` is the most any implementation could
-gain over transformers + peft here. The last line prints it.
+machine (`benchmarks.inference_floor.matmul_gflops`; `--quick`: on small matrices, a rate that means nothing);
+`transformers / floor` is the most any implementation could gain over transformers + peft here. The last line
+prints it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from benchmarks import xla_flops
-from benchmarks.inference_floor import matmul_gflops
+from benchmarks.inference_floor import QUICK_MATMUL_SIDE, matmul_gflops
 from benchmarks.peer_train_step import PEER, QUICK
 from benchmarks.train_step import build_hf, jax_step, synthetic, torch_step
 from vital_jax.vital import accounting
@@ -33,9 +34,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=8, help="untimed steps of each side after the first call (as "
                    "peer_train_step: both sides speed up over their first ~8 steps here)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps, for the CI smoke test")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 timed step, for the CI smoke test")
     args = p.parse_args(argv)
-    sizes, steps, warmup = (QUICK, 2, 0) if args.quick else (PEER, args.steps, args.warmup)
+    sizes, steps, warmup = (QUICK, 1, 0) if args.quick else (PEER, args.steps, args.warmup)
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config
@@ -58,7 +59,7 @@ def main(argv=None):
     model_flops = accounting.train_step_flops(model, accounting.account(model), b, prompt_len, num_patches,
                                               sizes.answer, sizes.step_chain)
     dot_flops = xla_flops.matmul_flops(j_out["lower"]().compile().as_text())
-    gflops = matmul_gflops(prompt_len * b, 3)
+    gflops = matmul_gflops(prompt_len * b, 1, QUICK_MATMUL_SIDE) if args.quick else matmul_gflops(prompt_len * b, 3)
     floor_ms = model_flops / gflops / 1e6
     print(f"batch {b}, K {sizes.latent_steps}, prompt {prompt_len} tokens, {num_patches} patches, answer "
           f"{sizes.answer}, step chains {sizes.step_chain}, LoRA r{sizes.lora_rank}; float32, jax "

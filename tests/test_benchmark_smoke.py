@@ -3,8 +3,8 @@ floors, the host allocator comparison): the `--quick` variant of each runs to it
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
-compilation cache (tests/conftest.py), and compile with XLA:CPU's older fusion emitters (`run_quick`). Only the
-printed lines are checked, not the numbers (a busy CI machine).
+compilation cache (tests/conftest.py): they compile with tests/fast_compile.py's flags (XLA CPU level 0, the older
+fusion emitters). Only the printed lines are checked, not the numbers (a busy CI machine).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ NUMBER = r"[0-9]+(\.[0-9]+)?"
 
 def run_quick(name: str, *extra: str) -> list[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    # Most of a quick run is XLA:CPU compiling. Its older fusion emitters compile these programs 2-3x faster than
-    # the default (MLIR) ones, with the same collectives and buffers within bytes; only printed lines are checked.
-    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
     res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", *extra], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, f"{name} --quick failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"

@@ -118,9 +118,9 @@ def learning_curves(path: str, by_row: dict) -> str | None:
 
 # The y-axis of a MedSynapse-V stage's curve, by the metric the study logged for it (study.MEDSYNAPSE_CURVE_METRICS;
 # a result without "curve_metric", from an older study, holds its stage's loss).
-_MEDSYNAPSE_CURVE_LABELS = {("ms_warmup", "loss"): "Stage I: answer NLL", ("ms_ccr", "reward_mean"): "CCR: mean reward R",
-                            ("ms_ccr", "loss"): "CCR: GRPO loss", ("ms_imt", "jsd"): "IMT: mean JSD",
-                            ("ms_imt", "loss"): "IMT: loss"}
+_MEDSYNAPSE_CURVE_LABELS = {("ms_warmup", "loss"): "Stage I: answer NLL",
+                            ("ms_ccr", "reward_mean"): "CCR: mean reward R", ("ms_ccr", "loss"): "CCR: GRPO loss",
+                            ("ms_imt", "jsd"): "IMT: mean JSD", ("ms_imt", "loss"): "IMT: loss"}
 
 
 def medsynapse_curves(path: str, by_row: dict) -> str | None:

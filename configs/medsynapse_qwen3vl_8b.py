@@ -3,8 +3,8 @@ encoder, P_phi with N = 16 meta-queries and 2 layers.
 
   Stage I    P_phi, lr 2e-4, 3 epochs.
   Stage II   GRPO on LoRA rank 64 (alpha 128) on q/k/v/o: G = 4, clip 0.2, R = 1.0 r_acc + 0.5 r_causal, 200 steps
-             of 32 prompts (the paper's rollout batch), completions up to 1,024 tokens, lr 1e-5 (constant: the paper
-             gives no schedule), no KL term.
+             of 32 prompts (the paper's rollout batch), completions up to 1,024 tokens, lr 1e-5 (constant; the authors'
+             skeleton's: the paper gives no Stage II lr or schedule), no KL term.
   Stage III  A_psi, JSD beta 0.5, lr 1e-4, 3 epochs, one on-policy rollout of up to 1,024 tokens per example.
 
 The paper's E_ana is MedSAM3; vital_jax offers SAM-1 ViT (MedSAM v1's architecture) and (Med)SigLIP (README,

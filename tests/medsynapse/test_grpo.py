@@ -113,13 +113,19 @@ def test_accuracy_reward_uses_the_evaluation_normaliser_and_the_open_ended_optio
     assert reward_lib.accuracy_reward("Twenty-one", "21") == 1.0
     assert reward_lib.accuracy_reward("left kidney", "right kidney") == 0.0
     assert reward_lib.accuracy_reward("Yes, it is.", "yes") == 0.0  # Eq. (4): exact match by default
-    assert reward_lib.accuracy_reward("Yes, it is.", "yes", config=reward_lib.RewardConfig(closed_match="closed")) == 1
+    closed = reward_lib.RewardConfig(closed_match="closed")  # as evaluation scores it: against the options posed
+    assert reward_lib.accuracy_reward("Yes, it is.", "yes", config=closed, options=("yes", "no")) == 1
+    assert reward_lib.accuracy_reward("No.", "yes", config=closed, options=("yes", "no")) == 0
+    assert reward_lib.accuracy_reward("The kidney is on the left.", "left", config=closed, options=("left", "right"),
+                                      target="kidney") == 1
+    assert reward_lib.accuracy_reward("Left or right.", "left", config=closed, options=("left", "right")) == 0
     f1 = reward_lib.RewardConfig(open_ended_match="f1")
     assert reward_lib.accuracy_reward("Lung mass, left.", "left lung mass", True, f1) == pytest.approx(1.0)
     assert reward_lib.accuracy_reward("left lung", "left lung mass", True, f1) == pytest.approx(0.8)
     assert reward_lib.accuracy_reward("left lung", "left lung mass", True) == 0.0
     words = {1: "the", 2: "Liver", 3: "spleen", 9: "<eos>"}
-    fn = reward_lib.text_accuracy_fn(lambda ids: " ".join(words[i] for i in ids), ["liver", "spleen"], 2)
+    fn = reward_lib.text_accuracy_fn(lambda ids: " ".join(words[i] for i in ids),
+                                     [reward_lib.Reference("liver"), reward_lib.Reference("spleen")], 2)
     tokens = np.array([[1, 2, 9], [3, 9, 0], [3, 9, 0], [3, 2, 3]])
     np.testing.assert_array_equal(fn(tokens, np.array([2, 1, 1, 2])), [1.0, 0.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="trajectories"):

@@ -231,6 +231,62 @@ def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths
     assert not _run(config, workdir, paths)["preempted"]
 
 
+# Closed questions as PhantomVQA asks them (data.questions' templates): (question type, question, answer, target).
+CLOSED_RECORDS = (
+    ("yes_no", "Is the liver located in the left half of the image?",
+     "Yes, the liver is located in the left half of the image.", "liver"),
+    ("yes_no", "Is there a lesion in the kidney in this CT scan?", "No, there is no lesion in the kidney.", "kidney"),
+    ("yes_no", "Is the spleen brighter than its surroundings?", "Yes.", "spleen"),
+    ("location_choice", "Is the liver in the left, right, or center of the image?",
+     "The liver is in the right part of the image.", "liver"),
+    ("location_choice", "Is the spleen in the left, right, or center of the image?",
+     "The spleen is in the center of the image.", "spleen"),
+    ("location_choice", "Is the kidney cyst in the upper, middle, or lower part of the image?",
+     "The kidney cyst is in the lower part of the image.", "kidney cyst"),
+)
+
+
+def test_the_closed_reward_scores_each_record_as_evaluation_scores_it(paths, tmp_path):
+    # closed_match="closed": r_acc of a closed record = what the phantom_vqa benchmark counts as right, for the
+    # record's own answer, each option bare or in a sentence, and answers naming two options or none.
+    from vital_jax.data.records import RECORDS_FILE, RecordError, read_records
+    from vital_jax.eval.benchmarks import load_benchmark
+    from vital_jax.eval.metrics import score_example
+    from vital_jax.medsynapse import reward as reward_lib
+
+    demo = read_records(os.path.join(paths.data_dir, RECORDS_FILE))
+    base = next(r for r in demo if r.split == "train")
+    records = [dataclasses.replace(base, id=f"closed{i}", question_type=kind, question=q, answer=a, target=t,
+                                   latent_steps=1, reasoning_chain=base.reasoning_chain[:1])
+               for i, (kind, q, a, t) in enumerate(CLOSED_RECORDS)]
+    records.append(dataclasses.replace(base, id="open0", split="train"))
+    os.symlink(os.path.join(paths.data_dir, "images"), tmp_path / "images")
+    with open(tmp_path / RECORDS_FILE, "w") as f:
+        f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in records)
+    config = reward_lib.RewardConfig(closed_match="closed")
+    references = trainer.reward_references(records, "train", config)
+    examples = {e.id: e for e in load_benchmark("phantom_vqa", str(tmp_path), split="train")}
+    rewarded = 0
+    for i, r in enumerate(records[:-1]):
+        ref, example = references[i], examples[r.id]
+        first, second = example.options[:2]
+        for prediction in (r.answer, *example.options, f"{first.capitalize()}.", f"It is {first}, not {second}.",
+                           f"The {r.target} is in the {first} part.", f"{first} or {second}", ""):
+            reward = reward_lib.accuracy_reward(prediction, ref.answer, ref.open_ended, config, ref.options, ref.target)
+            assert reward == float(score_example(example, prediction).correct), (r.id, prediction, ref)
+            rewarded += reward == 1.0
+    assert rewarded >= 2 * len(CLOSED_RECORDS), rewarded
+    # The open record, and every record under the default (Eq. 4: the answer text itself).
+    assert references[len(records) - 1] == reward_lib.Reference(base.answer, True)
+    exact = trainer.reward_references(records, "train", reward_lib.RewardConfig())
+    assert [ref.answer for ref in exact.values()] == [r.answer for r in records] and not exact[0].options
+    assert set(trainer.reward_references(records, "val", config)) == set()
+    # A closed record the benchmarks could not pose is named before any training.
+    bad = dataclasses.replace(records[3], question="Where is the liver?")
+    with pytest.raises(RecordError, match="record 'closed3'.*names no choice set.*closed_match"):
+        trainer.reward_references([bad], "train", config)
+
+
 def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
     for field, value, needle in [("stages", ("imt",), "stages"), ("warmup.epochs", 0, "epochs"),
                                  ("ccr.num_generations", 1, "ccr.num_generations"),

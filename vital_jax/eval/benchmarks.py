@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vital_jax.data import images
+from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.questions import LOCATION_CHOICES
 from vital_jax.data.records import RECORDS_FILE, LineError, iter_jsonl
 from vital_jax.eval import metrics
@@ -581,6 +582,22 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
 
 # ---------------------------------------------------------------------------------------------------- in-domain
 
+def closed_question(label: str, question_type: str, question: str, answer: str, target: str = ""
+                    ) -> tuple[str, tuple[str, ...]]:
+    """(ground truth, options) as the in-domain benchmarks pose a yes_no or location_choice record and score it
+    (`metrics.in_domain_correct(prediction, ground truth, options, target)`): a yes/no answer ("Yes, the liver is
+    visible.") becomes "yes" of ("yes", "no"), a location choice the side it names of the choices the question
+    offers. label names the record in errors (BenchmarkError: an answer that states neither)."""
+    if question_type == "yes_no":
+        said = metrics.yes_no_of(answer)
+        if said is None:
+            raise BenchmarkError(f"{label}: yes_no answer does not start with yes or no: {answer!r}")
+        return said, ("yes", "no")
+    if question_type == "location_choice":
+        return _location_choice(label, question, answer, target)
+    raise ValueError(f"{label}: {question_type!r} is not a closed question type ({', '.join(CLOSED_TYPES)})")
+
+
 def _location_choice(label: str, question: str, answer: str, target: str) -> tuple[str, tuple[str, ...]]:
     """(the named choice, the choices) of a location_choice record, read with the scorer's normaliser: the
     target's own name ("left kidney") does not choose, "central" / "centre" name "center"."""
@@ -654,13 +671,8 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
         qtype, answer, question = r["question_type"], _text(r["answer"]), _text(r["question"])
         prompt, extra = question, {"question_type": qtype, "answer_text": answer}
         extra.update({k: r[k] for k in ("target", "target_type", "modality", "source", "latent_steps") if k in r})
-        if qtype == "yes_no":
-            said = metrics.yes_no_of(answer)
-            if said is None:
-                raise BenchmarkError(f"{label}: yes_no answer does not start with yes or no: {answer!r}")
-            gold, options = said, ("yes", "no")
-        elif qtype == "location_choice":
-            gold, options = _location_choice(label, question, answer, r.get("target", ""))
+        if qtype in CLOSED_TYPES:
+            gold, options = closed_question(label, qtype, question, answer, r.get("target", ""))
         elif open_ended == "f1":
             image_path = _check_image(label, os.path.join(data_dir, r["image"]), check_images)
             out.append(BenchmarkExample(id=str(r["id"]), image=image_path, question=question, answer=answer,

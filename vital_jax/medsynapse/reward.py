@@ -11,8 +11,10 @@ Where the paper is silent, and the choices made (each a config option):
 * Open-ended answers (the SLAKE / PathVQA part of the RL set): Eq. (4) is an indicator, so exact match of the
   normalised answer is the default for every example. `open_ended_match="f1"` gives open-ended examples the
   token-level F1 of evaluation instead (a dense reward in [0, 1]; exact match is rare for free text).
-  `closed_match="closed"` scores closed-ended examples as evaluation does (`closed_correct`: a yes/no by the
-  polarity it states, other answers by unambiguous containment) instead of strict equality.
+  `closed_match="closed"` scores closed-ended examples as evaluation does instead of strict equality: against the
+  ground truth and options the in-domain benchmarks pose the record with (`eval.benchmarks.closed_question`: "Yes,
+  the liver is visible." is "yes" of yes / no), by `metrics.in_domain_correct` (a yes/no by the polarity it
+  states, a choice by the only option it names).
 * r_causal's reduction: "sum" (default, Eq. 5 as written) or "mean_clipped" (the authors' public skeleton: the sum
   divided by the completion length, then clipped to +-`causal_clip`, 5 there).
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vital_jax.eval.metrics import closed_correct, normalize_answer, token_f1
+from vital_jax.eval.metrics import in_domain_correct, normalize_answer, token_f1
 
 CAUSAL_REDUCTIONS = ("sum", "mean_clipped")
 CLOSED_MATCHES = ("exact", "closed")
@@ -71,37 +73,46 @@ def combine(r_acc: jnp.ndarray, r_causal: jnp.ndarray, config: RewardConfig) -> 
             + config.lambda_causal * jnp.asarray(r_causal, jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What one prompt's completions are scored against: y* (`answer`), whether the question is open-ended, and for a
+    closed one scored as evaluation does (`closed_match="closed"`) the options and target that
+    `metrics.in_domain_correct` takes (`answer` then being the option that is right)."""
+
+    answer: str
+    open_ended: bool = False
+    options: tuple[str, ...] = ()
+    target: str = ""
+
+
 def accuracy_reward(prediction: str, answer: str, open_ended: bool = False, config: RewardConfig = RewardConfig(),
-                    options: Sequence[str] = (), question: str = "") -> float:
-    """r_acc of Eq. (4) for one decoded completion against the reference answer y*."""
+                    options: Sequence[str] = (), target: str = "") -> float:
+    """r_acc of Eq. (4) for one decoded completion against the reference answer y* (options / target: `Reference`)."""
     if open_ended and config.open_ended_match == "f1":
         return float(token_f1(prediction, answer))
     if not open_ended and config.closed_match == "closed":
-        return float(closed_correct(prediction, answer, options, question))
+        return float(in_domain_correct(prediction, answer, options, target or None))
     return float(normalize_answer(prediction) == normalize_answer(answer))
 
 
-def text_accuracy_fn(decode: Callable[[list[int]], str], answers: Sequence[str], num_generations: int,
-                     open_ended: Sequence[bool] | None = None, config: RewardConfig = RewardConfig()
-                     ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def text_accuracy_fn(decode: Callable[[list[int]], str], references: Sequence[Reference], num_generations: int,
+                     config: RewardConfig = RewardConfig()) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The host-side r_acc of one rollout batch: (tokens (B*G, T), lengths (B*G,)) -> r_acc (B*G,) float32.
 
-    decode: token ids -> text (e.g. a tokenizer's decode with special tokens skipped). answers: y* of the B prompts;
-    trajectory b * G + g answers prompt b. Tokens past each length (after EOS) are ignored.
+    decode: token ids -> text (e.g. a tokenizer's decode with special tokens skipped). references: those of the B
+    prompts; trajectory b * G + g answers prompt b. Tokens past each length (after EOS) are ignored.
     """
-    open_ended = [False] * len(answers) if open_ended is None else list(open_ended)
-    if len(open_ended) != len(answers):
-        raise ValueError(f"{len(answers)} answers but {len(open_ended)} open_ended flags")
+    references = list(references)
 
     def fn(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        if tokens.shape[0] != len(answers) * num_generations:
-            raise ValueError(f"{tokens.shape[0]} trajectories for {len(answers)} prompts x G={num_generations}")
+        if tokens.shape[0] != len(references) * num_generations:
+            raise ValueError(f"{tokens.shape[0]} trajectories for {len(references)} prompts x G={num_generations}")
         out = np.zeros((tokens.shape[0],), np.float32)
         for r in range(tokens.shape[0]):
-            b = r // num_generations
+            ref = references[r // num_generations]
             text = decode([int(t) for t in tokens[r, :int(lengths[r])]])
-            out[r] = accuracy_reward(text, answers[b], open_ended[b], config)
+            out[r] = accuracy_reward(text, ref.answer, ref.open_ended, config, ref.options, ref.target)
         return out
 
     return fn

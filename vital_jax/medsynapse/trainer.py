@@ -25,10 +25,12 @@ training program contains the encoder.
 Data: every stage reads the records of `config.data.train_split` through the shared input pipeline (image +
 question prompts, reference answers; chains and ROI rows unused). Stage II's prompts are batches of
 `ccr.rollout_prompts` records; r_acc compares the decoded completion with the record's answer, closed-ended for
-yes/no and location-choice records, open-ended otherwise (`reward.accuracy_reward`). Stage III reuses the same data.
+yes/no and location-choice records, open-ended otherwise (`reward.accuracy_reward`; `reward_references`). Stage III
+reuses the same data.
 
 Where the paper is silent (all config fields): Stage II runs `ccr.steps` steps (paper 200) of one rollout batch
-each, cycling through the data, at a constant lr (paper 1e-5; `ccr.schedule = "warmup_cosine"` anneals it);
+each, cycling through the data, at a constant lr (1e-5, the authors' skeleton's: the paper gives no Stage II lr;
+`ccr.schedule = "warmup_cosine"` anneals it);
 Stages I and III use warmup-cosine schedules (3 % warmup, the authors' skeleton's); `max_steps` caps Stage I or
 III below their epochs (demos and tests).
 
@@ -72,7 +74,7 @@ from vital_jax import cli, freeze, sharding
 from vital_jax import workdir as workdir_lib
 from vital_jax.data.balance import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, PipelineError, make_train_iterator, select_records
-from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, read_records
+from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, RecordError, read_records
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.layers.attention import check_backend as check_attention_backend
 from vital_jax.layers.linear import LoraConfig
@@ -258,12 +260,18 @@ def lora_config(config) -> LoraConfig:
     return LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha), dropout=0.0, targets=tuple(lora.targets))
 
 
+def reward_config(config) -> reward_lib.RewardConfig:
+    """Stage II's reward settings (`medsynapse.ccr`)."""
+    c = config.medsynapse.ccr
+    return reward_lib.RewardConfig(lambda_acc=c.lambda_acc, lambda_causal=c.lambda_causal,
+                                   causal_reduction=c.causal_reduction, causal_clip=c.causal_clip,
+                                   closed_match=c.closed_match, open_ended_match=c.open_ended_match)
+
+
 def grpo_config(config, eos_token_ids: tuple[int, ...], pad_token_id: int,
                 prompt_tail: int = 0) -> grpo.GRPOConfig:
     c = config.medsynapse.ccr
-    reward = reward_lib.RewardConfig(lambda_acc=c.lambda_acc, lambda_causal=c.lambda_causal,
-                                     causal_reduction=c.causal_reduction, causal_clip=c.causal_clip,
-                                     closed_match=c.closed_match, open_ended_match=c.open_ended_match)
+    reward = reward_config(config)
     return grpo.GRPOConfig(num_generations=c.num_generations, max_new_tokens=c.max_new_tokens,
                            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                            eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
@@ -446,17 +454,45 @@ def imt_batch(batch_np: dict, setup: Setup, mesh) -> imt.IMTBatch:
     return imt.IMTBatch(**_stored_batch(batch_np, setup.store, setup.backbone.config, mesh)[2])
 
 
-def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig):
+def reward_references(records: list[Record], split: str, config: reward_lib.RewardConfig
+                      ) -> dict[int, reward_lib.Reference]:
+    """r_acc's reference for each record of `split`, by its index in `records`: the record's answer, closed-ended for
+    yes/no and location-choice records. With `closed_match="closed"` a closed record's reference is what the
+    in-domain benchmarks score it against (`benchmarks.closed_question`: its ground truth, options and target), so
+    a reward of 1 is an answer that evaluation counts as right; computed for the whole split before training, so a
+    record that evaluation could not score either is named before the first step (RecordError)."""
+    from vital_jax.eval.benchmarks import closed_question
+    from vital_jax.eval.errors import BenchmarkError
+
+    out = {}
+    for index, r in enumerate(records):
+        if r.split != split:
+            continue
+        closed = r.question_type in CLOSED_TYPES
+        if closed and config.closed_match == "closed":
+            try:
+                answer, options = closed_question(f"record {r.id!r}", r.question_type, r.question, r.answer,
+                                                  r.target)
+            except BenchmarkError as e:
+                raise RecordError(f"{e}; ccr.closed_match='closed' scores closed records as the in-domain "
+                                  "benchmarks do, which cannot pose this one") from e
+            out[index] = reward_lib.Reference(answer, False, tuple(options), r.target)
+        else:
+            out[index] = reward_lib.Reference(r.answer, not closed)
+    return out
+
+
+def accuracy_fn(batch_np: dict, setup: Setup, config: grpo.GRPOConfig,
+                references: dict[int, reward_lib.Reference]):
     """r_acc of one rollout batch (host): each completion decoded (end-of-answer tokens dropped, special tokens
-    skipped) against its record's answer; closed-ended for yes/no and location-choice records."""
-    records = [setup.records[int(r)] for r in batch_np["record_index"]]
+    skipped) against its record's reference (`reward_references`)."""
     stop = set(setup.eos_token_ids)
 
     def decode(ids: list[int]) -> str:
         return setup.tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip()
 
-    return reward_lib.text_accuracy_fn(decode, [r.answer for r in records], config.num_generations,
-                                       [r.question_type not in CLOSED_TYPES for r in records], config.reward)
+    return reward_lib.text_accuracy_fn(decode, [references[int(r)] for r in batch_np["record_index"]],
+                                       config.num_generations, config.reward)
 
 
 def init_sampler_params(sampler: DiagnosticMemorySampler, store: FeatureStore, seed: int) -> dict:
@@ -621,9 +657,9 @@ def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
 
 
 def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone: dict, sampler_params: dict,
-         total: int, offset: int):
-    """Stage II: GRPO on LoRA adapters added to the frozen backbone, P_phi frozen. Returns (state, preempted,
-    metrics, the backbone's params with the trained adapters)."""
+         references: dict[int, reward_lib.Reference], total: int, offset: int):
+    """Stage II: GRPO on LoRA adapters added to the frozen backbone, P_phi frozen (references: r_acc's, of
+    `reward_references`). Returns (state, preempted, metrics, the backbone's params with the trained adapters)."""
     setup, config = loop.setup, loop.setup.config
     c = config.medsynapse.ccr
     cfg = grpo_config(config, setup.eos_token_ids, setup.pad_token_id, setup.prompt_tail)
@@ -636,7 +672,8 @@ def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone
 
     def step(state, batch_np):
         with jax.set_mesh(loop.mesh):
-            return grpo_step(state, frozen, prompt_batch(batch_np, setup, loop.mesh), accuracy_fn(batch_np, setup, cfg))
+            return grpo_step(state, frozen, prompt_batch(batch_np, setup, loop.mesh),
+                             accuracy_fn(batch_np, setup, cfg, references))
 
     state, preempted, last = _run_stage(loop, "ccr", state, step, total, offset,
                                         pipeline_config(config, rollout_prompts(config)), None, config.seed + 2,
@@ -728,6 +765,9 @@ def _added_stage_sections(workdir: str, stages) -> tuple[str, ...]:
 def _train(config, workdir: str, paths: Paths, on_first_step, on_step) -> dict:
     setup = build_setup(config, workdir, paths)
     m = config.medsynapse
+    # Before Stage I: a record Stage II's reward cannot score is named before any training.
+    references = (reward_references(setup.records, config.data.train_split, reward_config(config))
+                  if "ccr" in m.stages else {})
     totals = stage_totals(config, paths.data_dir)
     mesh = sharding.mesh_from_config(config)
     frozen_backbone = sharding.shard(setup.backbone_params, sharding.shardings_for(setup.backbone_params, mesh))
@@ -753,7 +793,7 @@ def _train(config, workdir: str, paths: Paths, on_first_step, on_step) -> dict:
         if "ccr" in m.stages:
             backbone = Qwen3VLForConditionalGeneration(setup.backbone.config, lora_config(config))
             state, preempted, last, backbone_params = _ccr(loop, backbone, frozen_backbone, sampler_params,
-                                                           totals["ccr"], offset)
+                                                           references, totals["ccr"], offset)
             if record("ccr", state, preempted, last):
                 return summary
         if "imt" in m.stages:

@@ -40,7 +40,8 @@ def get_config():
         max_answer_tokens=64, max_step_tokens=96, min_pixels=65536, max_pixels=448 * 448, num_workers=0,
         blind_images=False))  # True: every image mid-gray (the text-only control)
     c.vital = ml_collections.ConfigDict(dict(
-        k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", visual_target="shared",
+        k_max=4, lambda_text=1.0, lambda_visual=0.1, visual_loss_reduction="mean", task_loss_reduction="token",
+        visual_target="shared",
         lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,
         train_decoder=True, latent_steps_cap=-1,
         latent_input="feedback"))  # "pause": learned constant slot inputs instead of z (the pause control)

@@ -17,6 +17,8 @@ def get_config():
     c.model.remat = True
     c.model.scan_layers = True  # with unrolled layers XLA keeps every layer's recomputation live (issue #6)
     c.vital.remat_latent_steps = True
-    c.data.batch_size = 48  # global batch; divide by the data-parallel size for per-device
+    # Per process (every host of a multi-host run loads this many; the global batch is 48 x processes, split
+    # over the mesh's data x fsdp axes). The paper gives no batch size; 48 per host is ours.
+    c.data.batch_size = 48
     c.mesh.shape = (-1, 1, 1)
     return c

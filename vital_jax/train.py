@@ -357,7 +357,7 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
-    from vital_jax.data.pipeline import check_answer_lengths, make_train_iterator
+    from vital_jax.data.pipeline import check_answer_lengths, long_reasoning_steps, make_train_iterator
     from vital_jax.data.records import load_roi_arrays
 
     config_json = json.loads(config.to_json_best_effort())
@@ -372,6 +372,9 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
     roi_dim = int(roi["features"].shape[1])
     check_answer_lengths(paths.data_dir, paths.tokenizer_dir, pipeline_config(config), config.data.train_split)
+    cut = long_reasoning_steps(paths.data_dir, paths.tokenizer_dir, pipeline_config(config), config.data.train_split)
+    if cut and distributed.is_primary():
+        logging.warning("%s", cut)
     cli.status(f"loading the backbone and decoder ({paths.backbone_dir}, {paths.decoder_dir})...")
     model, params = build_model(config, paths, roi_dim)
     full_steps = phase_steps(config, paths.data_dir, capped=False)

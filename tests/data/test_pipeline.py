@@ -218,6 +218,24 @@ def test_answers_longer_than_the_budget_are_found_before_training_with_the_lengt
                                       "train")
 
 
+def test_reasoning_steps_longer_than_the_budget_are_reported_with_the_length_to_set(dataset):
+    data_dir, tokenizer_dir, records = dataset
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    lengths = {(r.id, k): len(tokenizer.encode(step + "<|im_end|>", add_special_tokens=False).ids)
+               for r in records if r.split == "train" for k, step in enumerate(r.reasoning_chain)}
+    longest = max(lengths.values())
+    assert pipeline.long_reasoning_steps(data_dir, tokenizer_dir, dataclasses.replace(CFG, max_step_tokens=longest),
+                                         "train") is None
+    budget = longest - 1
+    over = [key for key, n in lengths.items() if n > budget]
+    record_id, k = next(key for key, n in lengths.items() if n == longest)
+    message = pipeline.long_reasoning_steps(data_dir, tokenizer_dir, dataclasses.replace(CFG, max_step_tokens=budget),
+                                            "train")
+    assert (f"{len(over)} of the {len(lengths)} reasoning steps of split 'train' are longer than max_step_tokens="
+            f"{budget}") in message
+    assert f"step {k + 1} of record {record_id!r}" in message and f"data.max_step_tokens >= {longest}" in message
+
+
 def test_global_feature_rows_follow_roi_index_and_a_missing_file_is_named(dataset, tmp_path):
     data_dir, tokenizer_dir, records = dataset
     with_global = dataclasses.replace(CFG, global_feature=True)

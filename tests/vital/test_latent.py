@@ -234,6 +234,30 @@ def build_capped(model, cap):
     return dataclasses.replace(model, config=dataclasses.replace(model.config, latent_steps_cap=cap))
 
 
+def test_task_loss_is_the_token_mean_over_the_batchs_answer_tokens_or_the_example_mean(tiny):
+    """L_task, "the standard next-token cross-entropy loss computed only over answer tokens" (§3.5): by default the
+    mean over every valid answer token of the batch (computed here from the answer logits, as transformers' causal-LM
+    loss does); `task_loss_reduction="example"` averages each answer's token mean over the examples. Answers of 2
+    and 6 tokens, so the two differ; padding examples count in neither."""
+    model, params = tiny.model, tiny.params
+    batch, data = make_batch(model, seed=5, latent_steps=(1, 3, 2), grids=((1, 4, 4), (1, 4, 6), (1, 4, 4)),
+                             answer_len=(2, 6, 4))
+    batch = batch.replace(example_valid=jnp.asarray([True, True, False]))
+    assert model.config.task_loss_reduction == "token"
+    out = forward(model, params, batch)
+    logp = torch.log_softmax(torch.from_numpy(np.asarray(out.answer_logits, np.float32)), dim=-1)
+    labels = torch.from_numpy(np.where(data["answer_valid"], data["answer_ids"], -100)[:2].astype(np.int64))
+    reference = torch.nn.functional.nll_loss(logp[:2].reshape(-1, logp.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+    assert abs(float(out.task_loss) - float(reference)) <= 1e-5
+    per_example = [float(torch.nn.functional.nll_loss(logp[i], labels[i], ignore_index=-100)) for i in range(2)]
+    example = dataclasses.replace(model, config=dataclasses.replace(model.config, task_loss_reduction="example"))
+    by_example = forward(example, params, batch)
+    assert abs(float(by_example.task_loss) - np.mean(per_example)) <= 1e-5
+    assert abs(float(by_example.task_loss) - float(out.task_loss)) > 1e-3
+    assert _diff(by_example.task_per_example, out.task_per_example) == 0.0
+
+
 def test_a_term_with_zero_weight_is_not_computed(tiny):
     """lambda_text = 0 (lambda_visual = 0): the decoder (projector) does not run, the term is 0 and unlogged; the task
     loss and its gradients are those of the full model."""

@@ -2,8 +2,10 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vital_jax.vital import losses
+from vital_jax.vital.config import VitalConfig
 
 
 def test_token_cross_entropy_averages_valid_tokens_only():
@@ -45,6 +47,16 @@ def test_joint_loss_is_eq7_and_weighted_mean_skips_examples():
     per = jnp.asarray([1.0, 10.0, 4.0])
     assert float(losses.weighted_mean(per, jnp.asarray([True, False, True]))) == 2.5
     assert float(losses.weighted_mean(per, jnp.zeros(3, bool))) == 0.0
+
+
+def test_token_mean_weighs_each_example_by_its_tokens():
+    # Example token means 1 (2 tokens), 10 (excluded), 4 (6 tokens): every counted token once.
+    per, counts = jnp.asarray([1.0, 10.0, 4.0]), jnp.asarray([2, 3, 6])
+    weight = jnp.asarray([True, False, True])
+    assert float(losses.token_mean(per, counts, weight)) == (1.0 * 2 + 4.0 * 6) / 8
+    assert float(losses.token_mean(per, counts, jnp.zeros(3, bool))) == 0.0
+    with pytest.raises(ValueError, match="task_loss_reduction"):
+        VitalConfig(task_loss_reduction="sum")
 
 
 def test_out_of_vocabulary_token_ids_are_rejected_by_name():

@@ -378,6 +378,27 @@ def check_answer_lengths(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig,
                             f"(record {record.id!r}, records.jsonl row {row}); set data.max_answer_tokens >= {n}")
 
 
+def long_reasoning_steps(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str | None) -> str | None:
+    """What training will cut: the reasoning steps of the split longer than `cfg.max_step_tokens` (with the
+    <|im_end|> of `end_steps_with_im_end`), which `ExampleBuilder` truncates to that many tokens (L_text then
+    supervises their beginning only, without the end marker). None when every step fits; else one message naming
+    how many, the longest step's record and the value that keeps them whole (the train command warns with it)."""
+    tokenizer = prompt.load_tokenizer(tokenizer_dir)
+    suffix = prompt.IM_END if cfg.end_steps_with_im_end else ""
+    steps = [(row, r, k) for row, r in select_records(data_dir, split, None, 0)
+             for k in range(len(r.reasoning_chain))]
+    lengths = [len(e.ids) for e in tokenizer.encode_batch([r.reasoning_chain[k] + suffix for _, r, k in steps],
+                                                          add_special_tokens=False)]
+    too_long = [(n, row, r, k) for n, (row, r, k) in zip(lengths, steps) if n > cfg.max_step_tokens]
+    if not too_long:
+        return None
+    n, row, record, k = max(too_long, key=lambda t: t[0])
+    return (f"{data_dir}: {len(too_long)} of the {len(steps)} reasoning steps of split {split!r} are longer than "
+            f"max_step_tokens={cfg.max_step_tokens} and are cut to it (L_text supervises their first "
+            f"{cfg.max_step_tokens} tokens); the longest, step {k + 1} of record {record.id!r} (records.jsonl row "
+            f"{row}), has {n} tokens: set data.max_step_tokens >= {n} to keep every step whole")
+
+
 def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                        seed: int = 0, process_index: int | None = None, process_count: int | None = None,
                        num_epochs: int | None = None, k_min: int = 1) -> grain.IterDataset:

@@ -21,7 +21,8 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
 
 
 def task_loss(answer_logits: jax.Array, answer_ids: jax.Array, answer_valid: jax.Array):
-    """L_task: next-token CE over answer tokens only (Eq. 2 teacher forced). (B, Ta, V) -> per example (B,)."""
+    """L_task: next-token CE over answer tokens only (Eq. 2 teacher forced). (B, Ta, V) -> per example (B,): each
+    answer's token mean (the batch value: `token_mean` or `weighted_mean`, `VitalConfig.task_loss_reduction`)."""
     return token_cross_entropy(answer_logits, answer_ids, answer_valid)
 
 
@@ -73,6 +74,13 @@ def weighted_mean(per_example: jax.Array, weight: jax.Array) -> jax.Array:
     """Batch mean over the examples with weight True (0 if none)."""
     weight = weight.astype(jnp.float32)
     return (per_example * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def token_mean(per_example_mean: jax.Array, token_count: jax.Array, weight: jax.Array) -> jax.Array:
+    """The mean over every token of the examples with weight True, from their token means (B,) and token counts
+    (B,): sum_b mean_b n_b / sum_b n_b (0 if no token)."""
+    tokens = jnp.where(weight, token_count, 0).astype(jnp.float32)
+    return (per_example_mean * tokens).sum() / jnp.maximum(tokens.sum(), 1.0)
 
 
 def joint_loss(l_task, l_text, l_visual, lambda_text: float, lambda_visual: float):

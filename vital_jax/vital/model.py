@@ -144,7 +144,10 @@ class VitalModel:
         visual, visual_w = (self._visual_loss(params, z, batch, valid_steps, deterministic, rngs[3])
                             if cfg.lambda_visual != 0 and k_max else off)
         ex = batch.example_valid
-        l_task = losses.weighted_mean(task, task_w & ex)
+        if cfg.task_loss_reduction == "token":
+            l_task = losses.token_mean(task, batch.answer_valid.sum(axis=-1), task_w & ex)
+        else:
+            l_task = losses.weighted_mean(task, task_w & ex)
         l_text = losses.weighted_mean(text, text_w & ex)
         l_visual = losses.weighted_mean(visual, visual_w & ex)
         total = losses.joint_loss(l_task, l_text, l_visual, cfg.lambda_text, cfg.lambda_visual)

@@ -30,9 +30,10 @@ def get_config():
     # 27.2 % (README).
     c.vital.lora_dropout = 0.0
     # L_task as each answer's token mean, averaged over the examples, instead of the paper's token mean over the
-    # batch (base config): PhantomVQA's closed answers (11-15 tokens) are a third to half as long as its descriptions and
-    # reasoning answers (32-35), and at this scale the token mean left them too little of the gradient: closed accuracy 40.7 / 32.1 / 49.4 % at K = 0 / 4 / own K
-    # against 49.4 / 40.7 / 53.1 % (one run each, same seeds; README "Numerics").
+    # batch (base config): PhantomVQA's closed answers (11-15 tokens) are a third to half as long as its
+    # descriptions and reasoning answers (32-35), and at this scale the token mean left them too little of the
+    # gradient: closed accuracy 40.7 / 32.1 / 49.4 % at K = 0 / 4 / own K against 49.4 / 40.7 / 53.1 % (one run
+    # each, same seeds; README "Numerics").
     c.vital.task_loss_reduction = "example"
     c.optimizer.lr = 3e-3
     c.curriculum.max_k = (1, 2, 4)

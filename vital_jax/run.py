@@ -116,7 +116,8 @@ def build_model(config, paths: Paths, roi_dim: int) -> tuple[VitalModel, dict]:
     lora = LoraConfig(rank=v.lora_rank, alpha=v.lora_alpha, dropout=v.lora_dropout) if v.lora_rank else None
     vital_config = VitalConfig(k_max=v.k_max, lambda_text=v.lambda_text, lambda_visual=v.lambda_visual,
                                roi_dim=roi_dim, vp_dropout=v.vp_dropout, visual_loss_reduction=v.visual_loss_reduction,
-                               task_loss_reduction=v.task_loss_reduction, visual_target=v.visual_target, lora=lora, remat_latent_steps=v.remat_latent_steps,
+                               task_loss_reduction=v.task_loss_reduction, visual_target=v.visual_target, lora=lora,
+                               remat_latent_steps=v.remat_latent_steps,
                                train_decoder=v.train_decoder, latent_steps_cap=v.latent_steps_cap,
                                latent_input=v.latent_input)
     model = VitalModel(vital_config, backbone_config, decoder_config)

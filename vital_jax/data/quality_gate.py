@@ -216,8 +216,8 @@ def normalize_answer(answer: str, context: GateContext) -> str:
 
 
 def check(raw: str | dict, context: GateContext) -> GateResult:
-    """Run the eight rounds (module docstring) on a raw teacher output (JSON text or a parsed dict) and return the first violation or
-    the accepted, normalised output."""
+    """Run the eight rounds (module docstring) on a raw teacher output (JSON text or a parsed dict) and return the
+    first violation or the accepted, normalised output."""
     if context.question_type not in STEP_RANGES:
         raise ValueError(f"unknown question type {context.question_type!r}")
     parsed = parse_output(raw)

@@ -149,11 +149,18 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
 
 
-def test_study_figures_in_each_format(tmp_path):
+def test_study_figures_in_each_format(tmp_path, monkeypatch):
     from vital_jax.eval import study_plots
 
     results = [_fake_result(row, seed, closed, [f"q{i}" for i in range(40)])
                for row, closed in (("sft_k0", 0.5), ("vital", 0.7), ("task_only", 0.6)) for seed in (0, 1)]
+    # Figure 11's panels: task-only, + L_visual and VITAL (the pause control beside them when it ran).
+    drawn = []
+    monkeypatch.setattr(study_plots.figures, "similarity_matrix", lambda fig, ax, m, title: drawn.append(title))
+    study_plots.step_similarity(str(tmp_path / "s.png"), study.aggregate(
+        results + [_fake_result("visual", 0, 0.6, [f"q{i}" for i in range(40)])]))
+    assert drawn == ["task_only", "visual", "vital"]
+    monkeypatch.undo()
     floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
              "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
     by_row = study.aggregate(results)

@@ -106,6 +106,17 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
                                                            for n in result["z_norm_per_step"]], rel=1e-5)
     grid = run.model.config.roi_dim and result["heatmaps"][0]["grid"]
     assert grid == [8, 8]  # the tiny SigLIP's 112 px / patch 14 grid
+    # Each step decoded up to the step budget the decoder trained with; a step is "cut" when it reached it without
+    # its end token, and a shorter budget cuts the same steps' texts to their beginnings.
+    budget = int(run.config.data.max_step_tokens)
+    assert result["step_text_budget"] == budget and set(result["step_texts_cut"]) <= {1, 2, 3}
+    short = explain_example(run, image, "Where is the liver?", str(tmp_path / "s"), latent_steps=3,
+                            max_text_tokens=2)
+    assert short["step_text_budget"] == 2
+    for i, (whole, cut) in enumerate(zip(result["step_texts"], short["step_texts"]), start=1):
+        assert whole.startswith(cut), (whole, cut)
+        if whole != cut:  # the two-token text stopped before the step's end
+            assert i in short["step_texts_cut"], (i, whole, cut)
     for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):
         assert (tmp_path / "x" / name).exists()
     # The answer came from the run's shared single-example predictor (the one evaluation compiles), at the

@@ -67,7 +67,8 @@ def _answer_all(predict, batches, total: int, batch_size: int, desc: str) -> tup
 
 
 def _single_latency(predict_single, singles, batched: list[float], batch_size: int, n_timed: int) -> list[float]:
-    """Latency as the paper measures it: the first `n_timed` examples one at a time (batch 1, compiled)."""
+    """Single-example latency: the first `n_timed` examples one at a time (batch 1, compiled; the timer starts
+    after the image and prompt are prepared on the host). The paper gives no protocol for its Figure 4."""
     if batch_size == 1:
         return batched[:n_timed]
     return [predict_single(encoded, n, i)[1] for i, (encoded, n) in enumerate(singles)]

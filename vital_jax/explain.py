@@ -40,11 +40,14 @@ def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: st
 
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
-                    encoder_dir: str | None = None, max_text_tokens: int = 24, figure_format: str = "png",
+                    encoder_dir: str | None = None, max_text_tokens: int | None = None, figure_format: str = "png",
                     max_new_tokens: int | None = None) -> dict:
     """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
     dict. The answer gets `max_new_tokens` tokens (default: the run's training answer budget, as in `evaluate`,
-    whose compiled single-example program it then reuses)."""
+    whose compiled single-example program it then reuses); each step's text `max_text_tokens` (default: the run's
+    `data.max_step_tokens`, the length its decoder was trained to write a step in; as the training probe). A step
+    text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
+    to a few lines and end them with an ellipsis; explanation.json holds them whole)."""
     from vital_jax.data.images import load_image
     from vital_jax.data.roi import load_roi_encoder
     from vital_jax.inference import shared_predictor
@@ -59,15 +62,20 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     answers, z, _ = predictor.answer([image_path], [question], k)
     z = jnp.asarray(z[:, :max(k, 1)])
     valid = jnp.arange(z.shape[1])[None] < k
-    tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens,
-                                               eos_token_ids=predictor.sampling.eos_token_ids)
+    if max_text_tokens is None:
+        max_text_tokens = int(run.config.data.max_step_tokens)
+    eos = predictor.sampling.eos_token_ids
+    tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens, eos_token_ids=eos)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     step_texts = [predictor.decode(tokens[0, i], lengths[0, i]) for i in range(k)]
+    cut = [i + 1 for i in range(k) if lengths[0, i] == 0 or int(tokens[0, i, lengths[0, i] - 1]) not in eos]
     sims = interpret.StepSimilarity(z.shape[1])
     sims.update(z, valid)
     norms = interpret.norm_ratio(model, params, z, valid)
     os.makedirs(out_dir, exist_ok=True)
     rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
     result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
+              "step_text_budget": max_text_tokens, "step_texts_cut": cut,
               "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
               "embedding_norm": float(norms["embedding_norm"]),
               "norm_ratio_per_step": [float(x) for x in np.asarray(norms["ratio_per_step"])[:k]],

@@ -11,7 +11,9 @@ Stages (each resumable: a rerun reuses what is finished and says so):
   3 runs       every row x seed: `vital_jax.train.train` from the pretrained checkpoints (LoRA + scaffolding, the
                paper's recipe), then `vital_jax.evaluate` on the test split (benchmark `phantom_vqa`: yes/no and
                location choices closed-ended, the other types open-ended token F1, Appendix B.4), plus latent
-               diagnostics (adjacent-step cosine matrix, ||z_k|| / token-embedding norm; Appendix C.6).
+               diagnostics (Appendix C.6's step-similarity matrix S, Eq. 9: the mean cosine of z_i and z_j over
+               the first `eval.diagnostics_examples` test questions; and ours, not the paper's: ||z_k|| / mean
+               token-embedding norm per step).
   4 report     report.md (mean +- std over seeds beside the chance and majority floors of the test split, per
                question type; the McNemar test of the key contrasts on paired test answers), figures, results.json.
 
@@ -301,7 +303,7 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
     examples = load_benchmark("phantom_vqa", data_dir, split=split, limit=limit)
     predictor = Predictor(run, batch_size=8, max_new_tokens=4)
     sims = interpret.StepSimilarity(k)
-    ratios = []
+    ratios, counts = [], []
     for i in range(0, len(examples), 8):
         chunk = examples[i:i + 8]
         _, z, _ = predictor.answer([e.image for e in chunk], [e.prompt for e in chunk], k)
@@ -310,7 +312,10 @@ def latent_diagnostics(run, data_dir: str, split: str, k: int, limit: int) -> di
         sims.update(z, valid)
         ratio = interpret.norm_ratio(run.model, run.params, z, valid)
         ratios.append(np.asarray(ratio["ratio_per_step"]))
-    return {"step_similarity": sims.matrix().tolist(), "norm_ratio_per_step": np.mean(ratios, 0).tolist()}
+        counts.append(len(chunk))
+    # Each batch's per-step mean weighs by its examples (a short last batch is not a full one).
+    return {"step_similarity": sims.matrix().tolist(),
+            "norm_ratio_per_step": np.average(ratios, axis=0, weights=counts).tolist()}
 
 
 def run_dir_of(runs_dir: str, row: str, seed: int) -> str:

@@ -59,6 +59,19 @@ def test_token_mean_weighs_each_example_by_its_tokens():
         VitalConfig(task_loss_reduction="sum")
 
 
+def test_adjacent_step_cosine_is_over_valid_pairs_and_undefined_without_one():
+    from vital_jax.vital.train_step import latent_diagnostics
+
+    z = jnp.asarray([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]]])
+    # Example 0: K = 3 (pairs 1-2: 0, 2-3: 1/sqrt 2); example 1: K = 2 (pair 1-2: 1).
+    valid = jnp.asarray([[True, True, True], [True, True, False]])
+    out = latent_diagnostics(z, valid)
+    np.testing.assert_allclose(float(out["adjacent_step_cosine"]), (0.0 + 2 ** -0.5 + 1.0) / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(out["z_norm"]), (1 + 1 + 2 ** 0.5 + 1 + 1) / 5, rtol=1e-6)
+    assert np.isnan(float(latent_diagnostics(z, valid.at[:, 1:].set(False))["adjacent_step_cosine"]))
+    assert "adjacent_step_cosine" not in latent_diagnostics(z[:, :1], valid[:, :1])  # one slot: no pair at all
+
+
 def test_out_of_vocabulary_token_ids_are_rejected_by_name():
     import pytest
 

@@ -377,7 +377,8 @@ def patch_similarity_map(feature: np.ndarray, patch_features: np.ndarray) -> np.
     """Cosine similarity of every patch to a feature, as a map: feature (dv,), patch_features (Np, dv) with Np a
     square number (raster order) -> (grid, grid) float32 in [-1, 1]. Zero-norm patches get 0.
 
-    Used for patch-level activation heatmaps (A.5.1, Figure 8) and for the visual window of interpretability.
+    A.5.1's patch-level activation map (Figure 8) of an ROI feature; no command draws it (the visual window of
+    `explain` compares VP(z_k) with the patches through `vital.interpret`).
     """
     feature = np.asarray(feature, np.float32)
     patch_features = np.asarray(patch_features, np.float32)

@@ -263,7 +263,8 @@ class KSweepPoint:
     """The result of one evaluation at K = `latent_steps`.
 
     `accuracy`: closed-ended accuracy in [0, 1] over `count` closed questions (None when the run has none);
-    `latency_ms`: single-example latencies (batch 1, compilation excluded; the paper's Figure 4 measure);
+    `latency_ms`: single-example latencies (batch 1, compilation and host-side image / prompt preparation
+    excluded; the paper's Figure 4 reports ms per sample without a protocol);
     `open_token_f1`: mean token F1 of the open questions, reported beside accuracy and never mixed into it;
     `batched_ms_per_example` / `batch_size`: batched time per example (throughput), when measured;
     `latency_breakdown_ms`: optional mean latency per phase (e.g. {"prefill", "latent", "decode"}).

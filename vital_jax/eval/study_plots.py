@@ -3,9 +3,11 @@
   accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), floors dashed
   per_type.png           per question type, every Table 2 row, the pause control and the MedSynapse-V rows
                          (mean, error bar = std)
-  step_similarity.png    Appendix C.6: mean cosine similarity of latent steps i, j, task-only vs full VITAL
-                         (colour scale fixed to -1..1, `figures.similarity_matrix`)
-  norm_ratio.png         ||z_k|| / mean token-embedding norm per step, task-only vs VITAL vs pause
+  step_similarity.png    Appendix C.6 (Figure 11): mean cosine similarity of latent steps i, j, for task-only,
+                         + L_visual and full VITAL as the paper's three panels, and the pause control (colour scale
+                         fixed to -1..1, `figures.similarity_matrix`)
+  norm_ratio.png         ||z_k|| / mean token-embedding norm per step (ours, not a paper quantity), task-only vs
+                         VITAL vs pause
   learning_curves.png    training loss against step (first seed) of the Table 2 rows
   medsynapse_curves.png  one panel per MedSynapse-V stage (first seed): Stage I's answer NLL, CCR's mean reward,
                          IMT's mean JSD against the stage's step (each its own quantity, so its own axis)
@@ -76,7 +78,7 @@ def per_type(path: str, by_row: dict, floor: dict) -> str | None:
 
 
 def step_similarity(path: str, by_row: dict) -> str | None:
-    rows = [r for r in ("task_only", "vital", "pause") if r in by_row and by_row[r][0].get("diagnostics")]
+    rows = [r for r in ("task_only", "visual", "vital", "pause") if r in by_row and by_row[r][0].get("diagnostics")]
     if not rows:
         return None
     fig, axes = figures.new(1, len(rows), size=(3.8 * len(rows), 3.6))

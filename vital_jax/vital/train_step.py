@@ -69,13 +69,20 @@ def train_step(model: VitalModel, optimizer: optax.GradientTransformation, state
 
 
 def latent_diagnostics(z: jax.Array, valid_steps: jax.Array) -> dict:
-    """Collapse diagnostics (Appendix C.6): mean ||z_k|| over valid steps and the mean cosine similarity of
-    consecutive valid steps (1.0 = the loop is a no-op)."""
+    """Collapse diagnostics (Appendix C.6), measured in the training forward (dropout on): mean ||z_k|| over valid
+    steps and the mean cosine similarity of consecutive valid steps (1.0 = the loop is a no-op). A program with one
+    latent slot (phase 1 of the curriculum) has no consecutive steps and logs no cosine; a batch of such programs
+    whose examples all have K <= 1 logs NaN (undefined), not a number that would read as diverse steps."""
     z = z.astype(jnp.float32)
     norms = jnp.linalg.norm(z, axis=-1)
     mean_norm = jnp.where(valid_steps, norms, 0.0).sum() / jnp.maximum(valid_steps.sum(), 1)
+    out = {"z_norm": mean_norm}
+    if z.shape[1] < 2:
+        return out
     unit = z / jnp.maximum(norms[..., None], 1e-12)
     cos = jnp.sum(unit[:, 1:] * unit[:, :-1], axis=-1)
     pair_valid = valid_steps[:, 1:] & valid_steps[:, :-1]
-    mean_cos = jnp.where(pair_valid, cos, 0.0).sum() / jnp.maximum(pair_valid.sum(), 1)
-    return {"z_norm": mean_norm, "adjacent_step_cosine": mean_cos}
+    pairs = pair_valid.sum()
+    mean_cos = jnp.where(pair_valid, cos, 0.0).sum() / jnp.maximum(pairs, 1)
+    out["adjacent_step_cosine"] = jnp.where(pairs > 0, mean_cos, jnp.nan)
+    return out

@@ -131,6 +131,32 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0, atol=1e-5)
 
 
+def test_explain_compares_vp_with_the_encoder_output_the_roi_targets_came_from(workdir, tmp_path, monkeypatch):
+    # A dataset whose ROI features pooled SigLIP's post-layernorm output: the heatmaps use that output too.
+    import dataclasses
+    import shutil
+
+    from vital_jax.data import roi
+    from vital_jax.data.records import ROI_PROVENANCE_FILE
+    from vital_jax.explain import explain_example
+
+    run = load_run(workdir)
+    assert json.load(open(os.path.join(run.paths.data_dir, ROI_PROVENANCE_FILE)))["feature_layer"] == "last_block"
+    data_dir = str(tmp_path / "data")
+    shutil.copytree(run.paths.data_dir, data_dir)
+    provenance = json.load(open(os.path.join(data_dir, ROI_PROVENANCE_FILE)))
+    with open(os.path.join(data_dir, ROI_PROVENANCE_FILE), "w") as f:
+        json.dump(dict(provenance, feature_layer="post_layernorm"), f)
+    run.paths = dataclasses.replace(run.paths, data_dir=data_dir)
+    asked = []
+    real = roi.load_roi_encoder
+    monkeypatch.setattr(roi, "load_roi_encoder", lambda d, layer="last_block", **kw: asked.append(layer) or real(
+        d, layer, **kw))
+    image = os.path.join(data_dir, "images", sorted(os.listdir(os.path.join(data_dir, "images")))[0])
+    explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=2)
+    assert asked == ["post_layernorm"]
+
+
 def test_shared_predictor_is_built_once_per_run_and_shape(workdir):
     from vital_jax.inference import shared_predictor
 

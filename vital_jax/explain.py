@@ -49,6 +49,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
     to a few lines and end them with an ellipsis; explanation.json holds them whole)."""
     from vital_jax.data.images import load_image
+    from vital_jax.data.records import roi_feature_layer
     from vital_jax.data.roi import load_roi_encoder
     from vital_jax.inference import shared_predictor
     from vital_jax.vital import interpret
@@ -83,7 +84,8 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
               "heatmaps": []}
     encoder_dir = encoder_dir or run.paths.encoder_dir
     if k and encoder_dir:
-        encoder, enc_params = load_roi_encoder(encoder_dir)
+        # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
+        encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))
         maps = np.asarray(interpret.latent_heatmaps(model, params, z, encoder.image_patches(enc_params, rgb)))[0]
         paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format)
         for i, path in enumerate(paths):

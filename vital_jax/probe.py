@@ -123,9 +123,11 @@ class Probe:
         self.prefix = jax.tree.map(everywhere, prefix)
         self.patch_features = None
         if paths.encoder_dir:
+            from vital_jax.data.records import roi_feature_layer
             from vital_jax.data.roi import load_roi_encoder
 
-            encoder, encoder_params = load_roi_encoder(paths.encoder_dir)
+            # The encoder output the ROI targets were pooled from: VP(z_k) is compared in that space.
+            encoder, encoder_params = load_roi_encoder(paths.encoder_dir, roi_feature_layer(paths.data_dir))
             self.patch_features = everywhere(encoder.image_patches(encoder_params, self.image_rgb))
         else:
             logging.warning("training probe: no ROI encoder (config.model.roi_encoder_dir), so no heatmaps; "

@@ -267,6 +267,23 @@ def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_p
     assert _read_jsonl(os.path.join(root, "records.jsonl")) == written
 
 
+def test_the_dataset_records_how_its_roi_features_were_made(siglip_dir, tmp_path):
+    from vital_jax.data.records import ROI_PROVENANCE_FILE, roi_feature_layer
+
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
+    assert roi_feature_layer(root) == "last_block"  # nothing recorded: the default, as older datasets
+    roi.extract_dataset_rois(root, siglip_dir[0], threshold=0.1, batch_size=2, feature_layer="post_layernorm")
+    provenance = json.load(open(os.path.join(root, ROI_PROVENANCE_FILE)))
+    assert provenance == {"encoder_dir": os.path.abspath(siglip_dir[0]), "feature_layer": "post_layernorm",
+                          "threshold": 0.1, "padding": 0.05, "dim": 32, "global_features": False}
+    assert roi_feature_layer(root) == "post_layernorm"
+    with open(os.path.join(root, ROI_PROVENANCE_FILE), "w") as f:
+        f.write('{"feature_layer": ')
+    with pytest.raises(RecordError, match=f"{ROI_PROVENANCE_FILE}: malformed JSON"):
+        roi_feature_layer(root)
+
+
 def test_global_features_average_every_patch_of_the_whole_image(siglip_dir):
     # Pixel-independent table features: f_global is the normalised mean of all 16 rows, whatever the image.
     table_global = roi.extract_global_features([_image(80, 100), _image(40, 40, 1)], TABLE_ENCODER, TABLE_PARAMS,

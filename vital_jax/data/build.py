@@ -318,7 +318,7 @@ def run_roi_stage(config) -> None:
 # What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json.
 OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED_FILE, teacher.SUMMARY_FILE,
                 balance.DROPPED_FILE, records.ROI_FEATURES_FILE, records.ROI_TOP_PATCH_IDS_FILE,
-                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE)
+                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE, records.ROI_PROVENANCE_FILE)
 OUTPUT_FOLDERS = ("images", "masks")
 
 

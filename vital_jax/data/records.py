@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from vital_jax.data import images
-from vital_jax.jsonio import append_json_line, atomic_write, utf8_problem
+from vital_jax.jsonio import append_json_line, atomic_write, read_json, utf8_problem
 
 RECORDS_FILE = "records.jsonl"
 ROI_FEATURES_FILE = "roi_features.npy"
@@ -32,6 +32,10 @@ ROI_TOP_PATCH_IDS_FILE = "roi_top_patch_ids.npy"
 ROI_TOP_PATCH_SCORES_FILE = "roi_top_patch_scores.npy"
 ROI_TOP_PATCHES = 5
 GLOBAL_FEATURES_FILE = "global_features.npy"
+# How the ROI features were made (`data.roi.extract_dataset_rois`): the encoder directory, its feature layer and the
+# A.5 settings, so a tool comparing model outputs with encoder patches (explain's heatmaps, the training probe)
+# encodes them the same way.
+ROI_PROVENANCE_FILE = "roi_features.json"
 
 QUESTION_TYPES = ("yes_no", "identify", "location_choice", "location", "describe", "reasoning")
 # Allowed reasoning depth K per question type (App. A.2, "Question-type-aware prompting"; Table 4).
@@ -198,6 +202,20 @@ def write_records(path: str, records: Iterable[Record]) -> None:
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
     """Replace `path` with one JSON object per line, atomically (temporary file, fsync, rename)."""
     atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def roi_feature_layer(data_dir: str) -> str:
+    """The encoder output the dataset's ROI features pool (`ROI_PROVENANCE_FILE`): "last_block" (A.5.2, the
+    default) or "post_layernorm". A dataset written before the file existed was made with "last_block" unless its
+    builder chose otherwise, which nothing recorded; a malformed file is a RecordError naming it."""
+    if not data_dir or not os.path.exists(os.path.join(data_dir, ROI_PROVENANCE_FILE)):
+        return "last_block"
+    path = os.path.join(data_dir, ROI_PROVENANCE_FILE)
+    provenance = read_json(path, RecordError)
+    layer = provenance.get("feature_layer") if isinstance(provenance, dict) else None
+    if not isinstance(layer, str):
+        raise RecordError(f"{path}: expected a JSON object with a string 'feature_layer'")
+    return layer
 
 
 def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:

@@ -51,8 +51,8 @@ import numpy as np
 from PIL import Image
 
 from vital_jax.data.images import ImageError, load_image
-from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
-                                    ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
+from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_PROVENANCE_FILE,
+                                    ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
 from vital_jax.models.siglip.preprocessing import PREPROCESSOR_FILE
@@ -465,7 +465,8 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
     """Compute ROI features for every record of `data_dir` and write them (the record-directory contract).
 
     Identical (image, mask) pairs share one row. Writes roi_features.npy (M, dv) float32, roi_top_patch_ids.npy
-    (M, 5) int32, roi_top_patch_scores.npy (M, 5) float32 and rewrites records.jsonl with `roi_index` set (other
+    (M, 5) int32, roi_top_patch_scores.npy (M, 5) float32, roi_features.json (the encoder directory, feature layer
+    and settings: `records.roi_feature_layer` reads it back) and rewrites records.jsonl with `roi_index` set (other
     fields kept). With `global_features` (or when global_features.npy already exists: its rows must follow the
     new roi_index) also global_features.npy (M, dv) float32, f_global of each row's image, each distinct image
     encoded once. records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
@@ -501,7 +502,11 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
 
     updated = [dataclasses.replace(record, roi_index=row) for record, row in zip(records, roi_index)]
     lines = "".join(json.dumps(record.to_dict(), ensure_ascii=False) + "\n" for record in updated)
+    provenance = {"encoder_dir": os.path.abspath(encoder_dir), "feature_layer": feature_layer,
+                  "threshold": threshold, "padding": padding, "dim": int(result.features.shape[1]),
+                  "global_features": global_rows is not None}
     outputs = {
+        ROI_PROVENANCE_FILE: lambda f: f.write(json.dumps(provenance, indent=2).encode("utf-8")),
         ROI_FEATURES_FILE: lambda f: np.save(f, result.features.astype(np.float32)),
         ROI_TOP_PATCH_IDS_FILE: lambda f: np.save(f, result.top_ids.astype(np.int32)),
         ROI_TOP_PATCH_SCORES_FILE: lambda f: np.save(f, result.top_scores.astype(np.float32)),

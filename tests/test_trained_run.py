@@ -117,6 +117,27 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
         assert whole.startswith(cut), (whole, cut)
         if whole != cut:  # the two-token text stopped before the step's end
             assert i in short["step_texts_cut"], (i, whole, cut)
+    # The visual window's retrieval: per step, the dataset's ROI features nearest to VP(z_k) by cosine, named by
+    # the first record that uses each.
+    from vital_jax.data.records import RECORDS_FILE, ROI_FEATURES_FILE, read_records
+    from vital_jax.explain import roi_neighbours
+    from vital_jax.vital import interpret
+
+    _, z, _ = run.predictors[(1, int(run.config.data.max_answer_tokens))].answer([image], ["Where is the liver?"], 3)
+    z = jnp.asarray(z[:, :3])
+    near = roi_neighbours(run, z, 3)
+    assert result["neighbours"] == near and len(near) == 3
+    vp = np.asarray(interpret.project_latents(run.model, run.params, z), np.float64)[0]
+    bank = np.load(os.path.join(run.paths.data_dir, ROI_FEATURES_FILE)).astype(np.float64)
+    cos = (vp / np.linalg.norm(vp, axis=-1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).T
+    first = {}
+    for record in read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)):
+        first.setdefault(record.roi_index, record)
+    for k in range(3):
+        assert [n["roi_row"] for n in near[k]] == np.argsort(-cos[k], kind="stable")[:3].tolist()
+        assert [n["cosine"] for n in near[k]] == pytest.approx(np.sort(cos[k])[::-1][:3], abs=1e-5)
+        assert [n["record"] for n in near[k]] == [first[n["roi_row"]].id for n in near[k]]
+    assert roi_neighbours(run, z, 0) is None
     for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):
         assert (tmp_path / "x" / name).exists()
     # The answer came from the run's shared single-example predictor (the one evaluation compiles), at the

@@ -7,7 +7,9 @@ the inter-step similarity matrix (Appendix C.6, Figure 11).
 Single-example mode writes `explanation.json` (answer, each z_k decoded by the re-attached text decoder, the
 ||z_k|| / embedding-norm ratios, the similarity matrix), `step_<k>.png` (cosine of VP(z_k) to every MedSigLIP
 patch, overlaid on the image), `summary.png` (image + one heatmap per step with its decoded text) and
-`step_similarity.png`. Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+`step_similarity.png`; and, when the run's dataset has ROI features, the visual window's retrieval (§3.3): for
+each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
+target, image, split). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
@@ -39,15 +41,45 @@ def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: st
     return paths
 
 
+def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
+    """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D): per step, the `top_n` ROI
+    features of the run's dataset nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record", "target",
+    "image", "split"} (the first record using that ROI row). None when the dataset has no ROI features here."""
+    from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records
+    from vital_jax.vital import interpret
+
+    data_dir = run.paths.data_dir
+    arrays = load_roi_arrays(data_dir) if data_dir and os.path.isdir(data_dir) else None
+    if arrays is None or top_n < 1:
+        return None
+    first = {}
+    for record in read_records(os.path.join(data_dir, RECORDS_FILE)):
+        first.setdefault(record.roi_index, record)
+    projected = interpret.project_latents(run.model, run.params, jnp.asarray(z))[0]
+    scores, rows = (np.asarray(x) for x in interpret.retrieve_neighbours(projected, jnp.asarray(arrays["features"]),
+                                                                         top_n))
+    out = []
+    for step_scores, step_rows in zip(scores, rows):
+        step = []
+        for score, row in zip(step_scores, step_rows):
+            record = first.get(int(row))
+            step.append({"roi_row": int(row), "cosine": float(score),
+                         **({"record": record.id, "target": record.target, "image": record.image,
+                             "split": record.split} if record is not None else {})})
+        out.append(step)
+    return out
+
+
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
                     encoder_dir: str | None = None, max_text_tokens: int | None = None, figure_format: str = "png",
-                    max_new_tokens: int | None = None) -> dict:
+                    max_new_tokens: int | None = None, neighbours: int = 3) -> dict:
     """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
     dict. The answer gets `max_new_tokens` tokens (default: the run's training answer budget, as in `evaluate`,
     whose compiled single-example program it then reuses); each step's text `max_text_tokens` (default: the run's
     `data.max_step_tokens`, the length its decoder was trained to write a step in; as the training probe). A step
     text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
-    to a few lines and end them with an ellipsis; explanation.json holds them whole)."""
+    to a few lines and end them with an ellipsis; explanation.json holds them whole). `neighbours`: how many ROI
+    features of the run's dataset to retrieve per step (`roi_neighbours`; 0: none)."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import roi_feature_layer
     from vital_jax.data.roi import load_roi_encoder
@@ -95,6 +127,9 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     if k:
         figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
                      figure_format)
+        nearest = roi_neighbours(run, z[:, :k], neighbours)
+        if nearest is not None:
+            result["neighbours"] = nearest
     atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
     return result
 
@@ -172,12 +207,16 @@ def main(argv):
             return 0
         cli.status("answering, decoding the latent steps and drawing their heatmaps (compiling first)...")
         result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, k, _ENCODER_DIR.value,
-                                 figure_format=_FIGURE_FORMAT.value)
+                                 figure_format=_FIGURE_FORMAT.value, neighbours=_NEIGHBOURS.value)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         cli.fail(e)
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
+        if result.get("neighbours"):
+            near = result["neighbours"][i - 1][0]
+            print(f"      nearest ROI: {near.get('target', '?')} (record {near.get('record', '?')}, "
+                  f"cosine {near['cosine']:.3f})")
     print(f"explanation written to {os.path.abspath(_OUT.value)}")
     return 0
 
@@ -185,7 +224,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _IMAGE, _QUESTION, _DATA_DIR, _SPLIT, _LIMIT, _LATENT_STEPS, _ENCODER_DIR, _OUT
-    global _FIGURE_FORMAT
+    global _FIGURE_FORMAT, _NEIGHBOURS
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
     _IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
     _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
@@ -196,6 +235,8 @@ def _define_flags():
     _ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
     _OUT = flags.DEFINE_string("out", None, "output directory")
     _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the figures")
+    _NEIGHBOURS = flags.DEFINE_integer("neighbours", 3, "single-example mode: ROI features of the run's dataset "
+                                       "retrieved per step by cosine to VP(z_k) (0: none)", lower_bound=0)
 
 
 if __name__ == "__main__":

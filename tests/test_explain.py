@@ -30,9 +30,13 @@ def test_write_heatmaps_writes_each_step_and_the_summary_in_the_requested_format
     rgb, maps = _inputs()
     paths = explain.write_heatmaps(str(tmp_path), rgb, maps, "Where is it?", "top right", ["a", "b", "c"], fmt)
     assert paths == [str(tmp_path / f"step_{i}.{fmt}") for i in (1, 2, 3)]
-    assert sorted(os.listdir(tmp_path)) == sorted([f"step_{i}.{fmt}" for i in (1, 2, 3)] + [f"summary.{fmt}"])
+    assert sorted(os.listdir(tmp_path)) == sorted([f"step_{i}.{fmt}" for i in (1, 2, 3)] + [f"summary.{fmt}",
+                                                                                           explain.HEATMAPS_FILE])
     for name in os.listdir(tmp_path):
-        assert _has_format(str(tmp_path / name), fmt), name
+        if name != explain.HEATMAPS_FILE:
+            assert _has_format(str(tmp_path / name), fmt), name
+    saved = np.load(tmp_path / explain.HEATMAPS_FILE)   # the numbers the figures draw
+    assert saved.dtype == np.float32 and np.array_equal(saved, maps.astype(np.float32))
 
 
 def test_step_figure_overlays_the_map_on_the_image_with_a_colour_bar():
@@ -62,6 +66,35 @@ def test_summary_shares_one_colour_scale_and_wraps_captions_at_words():
         assert all(len(line) <= figures.CAPTION_WIDTH for line in lines)
         assert " ".join(lines).split() == expected.split()           # every word whole, nothing left out
     assert len(fig.axes[0].get_title().split("\n")) > 1
+
+
+def test_the_ground_truth_mask_is_figure_12s_last_panel_and_each_heatmap_is_scored_against_it(tmp_path):
+    from PIL import Image
+
+    rgb, maps = _inputs()
+    mask = np.zeros(rgb.shape[:2], bool)
+    mask[:24, 32:] = True                                            # the top-right quarter: cells (0-1, 2-3)
+    fig = figures.summary_figure(rgb, maps, "Where is it?", "top right", ["a", "b", "c"], mask=mask)
+    assert len(fig.axes) == 1 + 3 + 1 + 1                            # image, K heatmaps, ground truth, colour bar
+    truth = fig.axes[4]
+    assert truth.get_title() == "ground truth" and np.array_equal(truth.images[0].get_array(), rgb)
+    assert np.array_equal(~np.ma.getmaskarray(truth.images[1].get_array()), mask)
+    inside = np.zeros((4, 4), bool)
+    inside[:2, 2:] = True
+    scores = explain.mask_agreement(maps, mask)
+    assert [s["peak_in_mask"] for s in scores] == [bool(inside[np.unravel_index(np.argmax(m), m.shape)])
+                                                   for m in maps]
+    assert scores[1]["peak_in_mask"]                                 # the hot patch of step 2 is in the region
+    for s, m in zip(scores, maps):
+        assert s["mean_inside"] == pytest.approx(m[inside].mean()) and s["mean_outside"] == pytest.approx(
+            m[~inside].mean())
+    # A mask of another size is refused, naming both files.
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "mask.png")
+    with pytest.raises(ValueError, match=r"--mask=.*mask.png: 10x10 pixels, the image .*image.png 64x48"):
+        explain.check_mask(str(tmp_path / "mask.png"), str(tmp_path / "image.png"))
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    assert np.array_equal(explain.check_mask(str(tmp_path / "mask.png"), str(tmp_path / "image.png")), mask)
 
 
 def test_similarity_figure_is_titled_with_its_fixed_range():

@@ -138,6 +138,18 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
         assert [n["cosine"] for n in near[k]] == pytest.approx(np.sort(cos[k])[::-1][:3], abs=1e-5)
         assert [n["record"] for n in near[k]] == [first[n["roi_row"]].id for n in near[k]]
     assert roi_neighbours(run, z, 0) is None
+    # Figure 12: with the record's ground-truth mask, each heatmap is scored against it (explain.mask_agreement on
+    # the heatmaps it drew, heatmaps.npy).
+    from vital_jax.explain import HEATMAPS_FILE, mask_agreement
+    from vital_jax.data.roi import load_mask
+
+    record = read_records(os.path.join(run.paths.data_dir, RECORDS_FILE))[0]
+    masked = explain_example(run, os.path.join(run.paths.data_dir, record.image), record.question,
+                             str(tmp_path / "m"), latent_steps=2,
+                             mask_path=os.path.join(run.paths.data_dir, record.mask))
+    maps = np.load(tmp_path / "m" / HEATMAPS_FILE)
+    expected = mask_agreement(maps, load_mask(os.path.join(run.paths.data_dir, record.mask)))
+    assert [{k: h[k] for k in expected[0]} for h in masked["heatmaps"]] == expected
     for name in ("summary.png", "step_1.png", "step_similarity.png", "explanation.json"):
         assert (tmp_path / "x" / name).exists()
     # The answer came from the run's shared single-example predictor (the one evaluation compiles), at the

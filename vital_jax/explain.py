@@ -7,7 +7,9 @@ the inter-step similarity matrix (Appendix C.6, Figure 11).
 Single-example mode writes `explanation.json` (answer, each z_k decoded by the re-attached text decoder, the
 ||z_k|| / embedding-norm ratios, the similarity matrix), `step_<k>.png` (cosine of VP(z_k) to every MedSigLIP
 patch, overlaid on the image), `summary.png` (image + one heatmap per step with its decoded text) and
-`step_similarity.png`; and, when the run's dataset has ROI features, the visual window's retrieval (§3.3): for
+`step_similarity.png`, `heatmaps.npy` (the K maps drawn); with `--mask` (the image's ground truth) Figure 12's
+green ground-truth panel in the summary and, per step, whether the heatmap's peak lies in the region and its mean
+cosine inside and outside; and, when the run's dataset has ROI features, the visual window's retrieval (§3.3): for
 each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
 target, image, split). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
@@ -30,15 +32,52 @@ from vital_jax.eval import figures
 from vital_jax.jsonio import atomic_write
 
 def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: str, answer: str,
-                   step_texts: list[str], figure_format: str = "png") -> list[str]:
-    """step_<k>.<fmt> for each of the K maps, then summary.<fmt>, all on the same colour scale; returns the step
-    figures' paths."""
+                   step_texts: list[str], figure_format: str = "png", mask: np.ndarray | None = None) -> list[str]:
+    """step_<k>.<fmt> for each of the K maps, then summary.<fmt> (with the ground-truth mask in green as its last
+    panel when given, Figure 12), all on the same colour scale, and heatmaps.npy (K, g, g) float32, the numbers
+    drawn; returns the step figures' paths."""
     value_range = figures.heatmap_range(maps)
     paths = [figures.save(figures.step_figure(rgb, maps[i], f"z{i + 1}: {step_texts[i]}", value_range),
                           os.path.join(out_dir, f"step_{i + 1}"), figure_format) for i in range(len(maps))]
-    figures.save(figures.summary_figure(rgb, maps, question, answer, step_texts, value_range),
+    figures.save(figures.summary_figure(rgb, maps, question, answer, step_texts, value_range, mask),
                  os.path.join(out_dir, "summary"), figure_format)
+    atomic_write(os.path.join(out_dir, HEATMAPS_FILE), lambda f: np.save(f, np.asarray(maps, np.float32)),
+                 binary=True)
     return paths
+
+
+HEATMAPS_FILE = "heatmaps.npy"
+
+
+def check_mask(mask_path: str, image_path: str) -> np.ndarray:
+    """The ground-truth mask (H, W) bool of `image_path`; a ValueError naming both files when it cannot be read or
+    is not the image's size."""
+    from vital_jax.data.images import load_image
+    from vital_jax.data.roi import load_mask
+
+    mask = load_mask(mask_path, "--mask")
+    size = load_image(image_path).shape[:2]
+    if mask.shape != size:
+        raise ValueError(f"--mask={mask_path}: {mask.shape[1]}x{mask.shape[0]} pixels, the image {image_path} "
+                         f"{size[1]}x{size[0]}; the mask must be the image's")
+    return mask
+
+
+def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
+    """How each step's heatmap (K, g, g) sits on the ground-truth mask (H, W) bool, the mask read on the heatmap's
+    grid (`roi.area_downsample`: the fraction of each cell inside it; a cell is inside from half): whether the
+    peak cell is inside (the pointing game) and the mean cosine of the cells inside and outside (None when there
+    are none)."""
+    from vital_jax.data.roi import area_downsample
+
+    inside = area_downsample(mask.astype(np.float32), maps.shape[-1]) >= 0.5
+    out = []
+    for heat in np.asarray(maps, np.float64):
+        peak = np.unravel_index(np.argmax(heat), heat.shape)
+        out.append({"peak_in_mask": bool(inside[peak]),
+                    "mean_inside": float(heat[inside].mean()) if inside.any() else None,
+                    "mean_outside": float(heat[~inside].mean()) if (~inside).any() else None})
+    return out
 
 
 def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
@@ -72,14 +111,16 @@ def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
                     encoder_dir: str | None = None, max_text_tokens: int | None = None, figure_format: str = "png",
-                    max_new_tokens: int | None = None, neighbours: int = 3) -> dict:
+                    max_new_tokens: int | None = None, neighbours: int = 3, mask_path: str | None = None) -> dict:
     """Answer one question and write its explanation files (figures as png, pdf or svg); returns the explanation
     dict. The answer gets `max_new_tokens` tokens (default: the run's training answer budget, as in `evaluate`,
     whose compiled single-example program it then reuses); each step's text `max_text_tokens` (default: the run's
     `data.max_step_tokens`, the length its decoder was trained to write a step in; as the training probe). A step
     text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
     to a few lines and end them with an ellipsis; explanation.json holds them whole). `neighbours`: how many ROI
-    features of the run's dataset to retrieve per step (`roi_neighbours`; 0: none)."""
+    features of the run's dataset to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
+    region (a mask of the image's size): drawn as the summary's last panel (Figure 12) and compared with each
+    heatmap (`mask_agreement`, in the heatmap entries)."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import roi_feature_layer
     from vital_jax.data.roi import load_roi_encoder
@@ -87,6 +128,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     from vital_jax.vital import interpret
 
     figures.check_format(figure_format)
+    mask = check_mask(mask_path, image_path) if mask_path is not None else None
     model, params = run.model, run.params
     k = model.config.k_max if latent_steps is None else latent_steps
     if max_new_tokens is None:
@@ -119,11 +161,13 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
         # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
         encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))
         maps = np.asarray(interpret.latent_heatmaps(model, params, z, encoder.image_patches(enc_params, rgb)))[0]
-        paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format)
+        paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format, mask)
+        agreement = mask_agreement(maps[:k], mask) if mask is not None else [{}] * k
         for i, path in enumerate(paths):
             result["heatmaps"].append({"step": i + 1, "figure": path, "grid": list(maps[i].shape),
                                        "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
-                                                                                  maps[i].shape)]})
+                                                                                  maps[i].shape)],
+                                       **agreement[i]})
     if k:
         figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
                      figure_format)
@@ -179,7 +223,10 @@ def main(argv):
         cli.usage("give --image and --question (or --data_dir for dataset mode)")
     if not dataset and not _QUESTION.value.strip():
         cli.usage("--question is empty")
-    for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value)):
+    if dataset and _MASK.value:
+        cli.usage("--mask is for single-example mode (the image's ground truth); dataset mode takes none")
+    for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value),
+                       ("mask", _MASK.value)):
         if path and not os.path.exists(path):
             cli.usage(f"--{flag}={path}: no such file or directory")
     cli.quiet_libraries()
@@ -196,6 +243,8 @@ def main(argv):
 
             if not any(r.split == _SPLIT.value for r in read_records(os.path.join(_DATA_DIR.value, RECORDS_FILE))):
                 cli.usage(f"--split={_SPLIT.value}: {_DATA_DIR.value} has no records in that split")
+        if _MASK.value:  # readable and of the image's size, before the model loads
+            check_mask(_MASK.value, _IMAGE.value)
         cli.status(f"loading the run in {_CHECKPOINT.value}...")
         run = load_run(_CHECKPOINT.value)
         if dataset:
@@ -207,7 +256,8 @@ def main(argv):
             return 0
         cli.status("answering, decoding the latent steps and drawing their heatmaps (compiling first)...")
         result = explain_example(run, _IMAGE.value, _QUESTION.value, _OUT.value, k, _ENCODER_DIR.value,
-                                 figure_format=_FIGURE_FORMAT.value, neighbours=_NEIGHBOURS.value)
+                                 figure_format=_FIGURE_FORMAT.value, neighbours=_NEIGHBOURS.value,
+                                 mask_path=_MASK.value)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         cli.fail(e)
     print(f"answer: {result['answer']}")
@@ -224,7 +274,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _IMAGE, _QUESTION, _DATA_DIR, _SPLIT, _LIMIT, _LATENT_STEPS, _ENCODER_DIR, _OUT
-    global _FIGURE_FORMAT, _NEIGHBOURS
+    global _FIGURE_FORMAT, _NEIGHBOURS, _MASK
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
     _IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
     _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
@@ -235,6 +285,8 @@ def _define_flags():
     _ENCODER_DIR = flags.DEFINE_string("encoder_dir", None, "MedSigLIP directory for the heatmaps")
     _OUT = flags.DEFINE_string("out", None, "output directory")
     _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the figures")
+    _MASK = flags.DEFINE_string("mask", None, "single-example mode: the ground-truth mask of the image (Figure 12: "
+                                "drawn beside the heatmaps and compared with each)")
     _NEIGHBOURS = flags.DEFINE_integer("neighbours", 3, "single-example mode: ROI features of the run's dataset "
                                        "retrieved per step by cosine to VP(z_k) (0: none)", lower_bound=0)
 

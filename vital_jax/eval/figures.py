@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from vital_jax.jsonio import atomic_write
@@ -163,11 +164,13 @@ def step_figure(rgb: np.ndarray, heatmap: np.ndarray, caption: str,
 
 
 def summary_figure(rgb: np.ndarray, maps: np.ndarray, question: str, answer: str, step_texts: list[str],
-                   value_range: tuple[float, float] | None = None) -> Figure:
+                   value_range: tuple[float, float] | None = None, mask: np.ndarray | None = None) -> Figure:
     """Figure 3 for one example: the image under its question and answer, then one heatmap per step (K, g, g)
-    under the step's decoded text, with one colour bar for all steps (`value_range`, default `heatmap_range`)."""
+    under the step's decoded text, with one colour bar for all steps (`value_range`, default `heatmap_range`);
+    with `mask` (H, W) bool, Figure 12's last panel: the ground-truth region in green over the image."""
     k = len(maps)
-    fig, axes = new(1, k + 1, size=(2.6 * (k + 1) + 0.8, 3.4))
+    panels = k + 1 + (mask is not None)
+    fig, axes = new(1, panels, size=(2.6 * panels + 0.8, 3.4))
     axes[0].imshow(rgb)
     axes[0].set_axis_off()
     axes[0].set_title(wrap(f"Q: {question} A: {answer}", CAPTION_WIDTH, max_lines=4), fontsize=9)
@@ -175,8 +178,16 @@ def summary_figure(rgb: np.ndarray, maps: np.ndarray, question: str, answer: str
     for i, (ax, text) in enumerate(zip(axes[1:], step_texts), start=1):
         image = _overlay_heatmap(ax, rgb, maps[i - 1], value_range)
         ax.set_title(wrap(f"z{i}: {text}", CAPTION_WIDTH, max_lines=4), fontsize=9)
+    if mask is not None:
+        ax = axes[k + 1]
+        ax.imshow(rgb)
+        ax.imshow(np.ma.masked_where(~mask, np.ones(mask.shape)), cmap=ListedColormap(["lime"]), alpha=0.35,
+                  vmin=0, vmax=1)
+        ax.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+        ax.set_axis_off()
+        ax.set_title("ground truth", fontsize=9)
     if k:
-        _heatmap_colorbar(fig, image, list(axes[1:]))
+        _heatmap_colorbar(fig, image, list(axes[1:k + 1]))
     return fig
 
 

@@ -96,6 +96,7 @@ def test_evaluate_checks_k_and_the_split_before_loading_the_model(recorded_run):
     _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=2", "--split=test"), "test")
     _one_line_error(_run("vital_jax.evaluate", *common), "--latent_steps=K")
     _one_line_error(_run("vital_jax.evaluate", *common, "--memory=autonomous"), "VITAL run")
+    _one_line_error(_run("vital_jax.evaluate", *common, "--latent_steps=2", "--latency_breakdown"), "--k_sweep")
 
 
 def test_evaluate_checks_record_k_before_loading_the_model(recorded_run, tmp_path):

@@ -60,6 +60,33 @@ def test_k_sweep_on_the_in_domain_split(workdir, tmp_path):
     assert Image.open(out / "k_sweep.png").size[0] > 0
 
 
+def test_k_sweep_latency_breakdown_times_the_generate_programs_phases(workdir, tmp_path):
+    # Figure 4(b): prefill, latent steps and decoding per K, from programs of the generate program's own code up
+    # to each phase and the whole program (best of 3 each), so their sum is that program's time, near the
+    # single-example latency measured beside it.
+    from vital_jax.evaluate import evaluate
+    from vital_jax.inference import shared_predictor
+
+    run = load_run(workdir)
+    out = tmp_path / "sweep"
+    evaluate(workdir, "in_domain", run.paths.data_dir, str(out), [0, 2], split="train", limit=2, run=run,
+             latency_examples=2, latency_breakdown=True)
+    points = json.load(open(out / "k_sweep.json"))["points"]
+    for point in points:
+        phases = point["latency_breakdown_ms"]
+        assert set(phases) == {"prefill", "latent", "decode"} and min(phases.values()) >= 0, phases
+        assert phases["prefill"] > 0 and (phases["latent"] > 0) == (point["latent_steps"] > 0), phases
+        assert 0.5 < sum(phases.values()) / point["latency_ms"]["mean"] < 2.0, (phases, point["latency_ms"])
+    # The phase program up to the latent steps computes the z that generation returns.
+    single = shared_predictor(run, 1, int(run.config.data.max_answer_tokens))
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    prefix, n = single.encode([image], ["Where is the liver?"])
+    _, z, _ = single.run_encoded(prefix, n, 2)
+    z_phase = single._phases(single.backbone_params, prefix, jnp.full((1,), 2, jnp.int32), 2, "latent")[0]
+    np.testing.assert_allclose(np.asarray(z_phase), z, atol=1e-5)
+
+
 def test_record_k_answers_each_question_at_its_own_trained_k(workdir, tmp_path):
     """latent_steps="record": one batch mixes records of different K (as training does); each answer must equal
     the answer of a fixed-K evaluation at that record's K."""

@@ -125,7 +125,7 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
              split: str | None = None, limit: int | None = None, batch_size: int = 4,
              max_new_tokens: int | None = None, run=None,
              latency_examples: int | None = DEFAULT_LATENCY_EXAMPLES, data_format: str = "auto",
-             figure_format: str = "png") -> list[dict]:
+             figure_format: str = "png", latency_breakdown: bool = False) -> list[dict]:
     """Evaluate at each K in `latent_steps`; returns the per-K summaries (and writes the report files).
 
     An entry "record" (`RECORD_K`) answers each question with its own record's K (`record_latent_steps`).
@@ -138,7 +138,9 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
     after compilation, and their times are `latency_ms`. `data_format` ("auto", "release" or "hf") chooses between
     a benchmark's original release files and a Hugging Face parquet copy in the same directory (vqa_rad, slake,
     pathvqa, pmc_vqa; `vital_jax.eval.benchmarks`); "auto" takes the release when both are there. A sweep's figure
-    is k_sweep.<figure_format> (png, pdf or svg).
+    is k_sweep.<figure_format> (png, pdf or svg). `latency_breakdown`: also time each fixed K's phases on the
+    latency examples (`Predictor.phase_latency`: prefill, latent steps, decode; two more programs per prompt width
+    and K), reported as `latency_breakdown_ms` in k_sweep.json and drawn as the sweep figure's panel (b), Figure 4(b).
     """
     from vital_jax.eval import KSweepPoint, write_k_sweep, write_report, write_summary
     from vital_jax.eval import figures
@@ -206,7 +208,12 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
         summaries.append(summary)
         if k != RECORD_K:  # the K sweep is over fixed K
             scored = score_lib.score(examples, predictions)
-            sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size))
+            phases = None
+            if latency_breakdown:
+                timed = singles if singles else batches[:n_timed]
+                per_example = [single.phase_latency(enc, k) for enc, _ in timed[:len(latency)]]
+                phases = {name: sum(p[name] for p in per_example) / len(per_example) for name in per_example[0]}
+            sweep.append(KSweepPoint.from_scores(k, scored, latency, batched, batch_size, phases))
     if len(sweep) > 1:
         write_k_sweep(out_dir, sweep, figure_format=figure_format)
     if len(summaries) > 1:  # a K sweep, or one K beside each question's own (record) K
@@ -307,13 +314,15 @@ def main(argv):
         else:
             if _MEMORY.value:
                 cli.usage("--memory is for MedSynapse-V runs; this is a VITAL run: give --latent_steps=K")
+            if _BREAKDOWN.value and not _K_SWEEP.value:
+                cli.usage("--latency_breakdown is the K sweep's Figure 4(b): give it with --k_sweep")
             if _LATENT_STEPS.value is None and not _K_SWEEP.value and not _RECORD_K.value:
                 cli.usage("give --latent_steps=K (explicitly; it is never inferred), --k_sweep or --record_k")
             k_max = int(config.vital.k_max)
             ks = list(range(k_max + 1)) if _K_SWEEP.value else [_LATENT_STEPS.value]
             ks = [k for k in ks if k is not None] + ([RECORD_K] if _RECORD_K.value else [])
             summaries = evaluate(_CHECKPOINT.value, _BENCHMARK.value, _DATA_DIR.value, _OUT.value, ks,
-                                 figure_format=_FIGURE_FORMAT.value, **common)
+                                 figure_format=_FIGURE_FORMAT.value, latency_breakdown=_BREAKDOWN.value, **common)
     except (ConfigError, CheckpointError, BenchmarkError, ValueError, FileNotFoundError) as e:
         cli.fail(e)
     for s in summaries:
@@ -326,7 +335,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _BENCHMARK, _DATA_DIR, _SPLIT, _LATENT_STEPS, _K_SWEEP, _OUT, _LIMIT, _BATCH, _MAX_NEW
-    global _LATENCY_N, _DATA_FORMAT, _RECORD_K, _FIGURE_FORMAT, _MEMORY
+    global _LATENCY_N, _DATA_FORMAT, _RECORD_K, _FIGURE_FORMAT, _MEMORY, _BREAKDOWN
     from vital_jax.eval.figures import FORMATS
 
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir (python -m vital_jax.train --workdir)")
@@ -341,6 +350,9 @@ def _define_flags():
     _LATENT_STEPS = flags.DEFINE_integer("latent_steps", None, "K, the number of latent steps (0 = plain VLM answer)")
     _K_SWEEP = flags.DEFINE_bool("k_sweep", False, "evaluate every K = 0..K_max and write k_sweep.json and "
                                  "its figure")
+    _BREAKDOWN = flags.DEFINE_bool("latency_breakdown", False, "with --k_sweep: also time each K's prefill, latent "
+                                   "steps and decoding on the latency examples (Figure 4b; two more compiled "
+                                   "programs per prompt width and K)")
     _MEMORY = flags.DEFINE_list("memory", None, "MedSynapse-V runs: the memory branch(es) to answer with, "
                                 "autonomous (backbone + LoRA + A_psi, no encoder) and/or sampler (P_phi over "
                                 "E_ana's features)")

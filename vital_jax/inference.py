@@ -21,6 +21,7 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
 from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.run import TrainedRun
+from vital_jax.vital import latent
 
 
 class Predictor(PromptEncoder):
@@ -46,6 +47,9 @@ class Predictor(PromptEncoder):
         self._generate = jax.jit(lambda bp, pre, k, k_slots: model.generate(bp, pre, k, self.sampling,
                                                                             k_slots=k_slots, pause_embeddings=pause),
                                  static_argnums=(3,))
+        # The program's part before decoding, up to a phase (`latent.answer_phases`), for `phase_latency`.
+        self._phases = jax.jit(lambda bp, pre, k, k_slots, until: latent.answer_phases(
+            model.backbone, bp, pre, k, k_slots, max_new_tokens, pause, until=until)[2], static_argnums=(3, 4))
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
@@ -70,6 +74,30 @@ class Predictor(PromptEncoder):
         elapsed = (time.perf_counter() - start) * 1e3
         texts = [self.decode(row, length) for row, length in zip(tokens[:n], np.asarray(lengths)[:n])]
         return texts, np.asarray(z)[:n], elapsed / self.batch_size
+
+    def phase_latency(self, prefix, latent_steps: int, repeats: int = 3) -> dict[str, float]:
+        """Figure 4(b)'s latency breakdown of one encoded batch at K = latent_steps, in ms per example: "prefill"
+        (vision tower + prompt into the cache), "latent" (the K steps) and "decode" (the answer to its end token),
+        from the best of `repeats` calls of three programs: the generate program's code up to each of the first two
+        phases (compiled on first use, once per prompt width and K) and the whole program. Differences of best
+        times: a phase shorter than the timing noise reads 0, never negative."""
+        k = jnp.full((self.batch_size,), latent_steps, jnp.int32)
+
+        def best(call) -> float:
+            jax.block_until_ready(call())  # compiled, and the timing below excludes it
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                times.append((time.perf_counter() - start) * 1e3 / self.batch_size)
+            return min(times)
+
+        bp = self.backbone_params
+        prefill = best(lambda: self._phases(bp, prefix, k, latent_steps, "prefill"))
+        through_latent = best(lambda: self._phases(bp, prefix, k, latent_steps, "latent")) if latent_steps else prefill
+        whole = best(lambda: self._generate(bp, prefix, k, latent_steps))
+        return {"prefill": prefill, "latent": max(through_latent - prefill, 0.0),
+                "decode": max(whole - max(through_latent, prefill), 0.0)}
 
     def warm_up(self, encoded_batches, latent_steps=(0,)) -> None:
         """Compile once per distinct prompt bucket and K, so that reported latencies exclude compilation."""

@@ -87,12 +87,27 @@ def generate_answer(backbone: Qwen3VLForConditionalGeneration, backbone_params, 
     relayout: the layout to run in (`cached.decode`); relaid out, the whole program runs in the decoding layout,
     so the K latent steps (one token each, like answer tokens) no longer slice a scanned model's layers either.
     """
-    if generation.resolve_relayout(relayout):
-        backbone, backbone_params = cached.decoding_model(backbone, backbone_params)
-    cache_len = prefix.input_ids.shape[1] + k_max + sampling.max_new_tokens
-    kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
-    z, z_last, kv_cache = latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,
-                                      pause_embeddings=pause_embeddings)
-    # The layout was decided above, for the whole program.
+    backbone, backbone_params, (z, z_last, kv_cache) = answer_phases(
+        backbone, backbone_params, prefix, latent_steps, k_max, sampling.max_new_tokens, pause_embeddings, relayout)
+    # The layout was decided in `answer_phases`, for the whole program.
     tokens, lengths = cached.decode(backbone, backbone_params, kv_cache, z_last, sampling, rng, relayout=False)
     return tokens, lengths, z
+
+
+def answer_phases(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs,
+                  latent_steps: jax.Array, k_max: int, max_new_tokens: int, pause_embeddings: jax.Array | None = None,
+                  relayout: bool | None = None, until: str = "latent"):
+    """`generate_answer` up to its decoding, the same code (so a program of it times that part, Figure 4b):
+    the layout (relayout, as there), the prefix into a cache sized for k_max + max_new_tokens more positions
+    ("prefill"), then the latent loop ("latent"). Returns (backbone, params in that layout, outputs): outputs are
+    encode_prefix's (kv_cache, z0) until "prefill", latent_loop's (z, z_last, kv_cache) until "latent"."""
+    if until not in ("prefill", "latent"):
+        raise ValueError(f"until must be 'prefill' or 'latent', got {until!r}")
+    if generation.resolve_relayout(relayout):
+        backbone, backbone_params = cached.decoding_model(backbone, backbone_params)
+    cache_len = prefix.input_ids.shape[1] + k_max + max_new_tokens
+    kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
+    if until == "prefill":
+        return backbone, backbone_params, (kv_cache, z0)
+    return backbone, backbone_params, latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,
+                                                  pause_embeddings=pause_embeddings)

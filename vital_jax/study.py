@@ -50,7 +50,8 @@ from ml_collections import config_flags
 from vital_jax import cli, compilation_cache
 from vital_jax import workdir as workdir_lib
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.data.records import LineError, iter_jsonl
+from vital_jax.data.questions import CLOSED_TYPES
+from vital_jax.data.records import QUESTION_TYPES, LineError, iter_jsonl
 from vital_jax.jsonio import append_json_line, atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.eval.floors import floors, question_types
@@ -58,8 +59,7 @@ from vital_jax.eval.floors import floors, question_types
 _CONFIG = None
 _WORKDIR = None
 RESULTS_FILE, REPORT_FILE = "results.json", "report.md"
-CLOSED_TYPES = ("yes_no", "location_choice")
-OPEN_TYPES = ("identify", "location", "describe", "reasoning")
+OPEN_TYPES = tuple(t for t in QUESTION_TYPES if t not in CLOSED_TYPES)  # in the report's column order
 
 
 # ----------------------------------------------------------------------------------------------------- rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import types
 
 import numpy as np
 import pytest
@@ -63,6 +64,42 @@ def test_location_choice_offers_coarse_regions():
     q = _ask("location_choice")
     assert q.choices in (("left", "right", "center"), ("upper", "middle", "lower"))
     assert all(c in q.question for c in q.choices) and q.slots["axis"] in ("horizontal", "vertical")
+
+
+def test_a_closed_answer_is_read_one_way_for_the_balancer_the_benchmark_and_the_gate():
+    from vital_jax.data import balance, quality_gate
+    from vital_jax.eval.benchmarks import BenchmarkError, closed_question
+
+    horizontal = "Is the left kidney in the left, right, or center of the image?"
+    vertical = "Is the liver in the upper, middle, or lower part of the image?"
+    cases = [("yes_no", "Is the liver visible?", "Yes, the liver is visible.", "liver", ("yes", ("yes", "no"))),
+             ("yes_no", "Is there a cyst?", "  no.", "cyst", ("no", ("yes", "no"))),
+             # The target's own "left" does not choose; "central" names "center".
+             ("location_choice", horizontal, "The left kidney is right of the midline.", "left kidney",
+              ("right", ("left", "right", "center"))),
+             ("location_choice", horizontal, "The left kidney is central.", "left kidney",
+              ("center", ("left", "right", "center"))),
+             ("location_choice", vertical, "It lies in the LOWER part.", "liver", ("lower", ("upper", "middle", "lower")))]
+    for qtype, question, answer, target, want in cases:
+        assert questions.closed_answer(qtype, question, answer, target) == want
+        assert closed_question("r", qtype, question, answer, target) == want
+        record = types.SimpleNamespace(id="r1", question=question, answer=answer, question_type=qtype, target=target)
+        assert balance.closed_answer(record) == want[0]
+    gate = quality_gate.GateContext(question_type="location_choice", target="left kidney", target_type="organ",
+                                    normal_anatomy=True, choices=("left", "right", "center"))
+    assert quality_gate.normalize_answer("The left kidney is central.", gate) == "The left kidney is central."
+    with pytest.raises(ValueError, match="exactly one of left, right, center"):
+        quality_gate.normalize_answer("The left kidney is visible.", gate)
+    bad = [("yes_no", "Is the liver visible?", "There is no liver.", "liver", "does not start with yes or no"),
+           ("location_choice", "Where is the liver?", "Left.", "liver", "names no choice set"),
+           ("location_choice", vertical, "The upper and middle parts.", "liver", "exactly one of upper, middle"),
+           ("location_choice", horizontal, "The left kidney is visible.", "left kidney", "exactly one of left"),
+           ("identify", "What is shown?", "The liver.", "liver", "not a closed-ended question type")]
+    for qtype, question, answer, target, message in bad:
+        with pytest.raises(ValueError, match=message):
+            questions.closed_answer(qtype, question, answer, target)
+        with pytest.raises(BenchmarkError, match=f"record 7: .*{message}"):
+            closed_question("record 7", qtype, question, answer, target)
 
 
 def test_yes_no_asks_about_sides_only_when_the_target_is_off_centre():

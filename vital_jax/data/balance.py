@@ -12,39 +12,25 @@ Dropped records are not lost: `build` writes them to `balance_dropped.jsonl`.
 from __future__ import annotations
 
 import collections
-import re
 import zlib
 from typing import Sequence
 
 import numpy as np
 
-from vital_jax.data.questions import LOCATION_CHOICES
+from vital_jax.data import questions
+from vital_jax.data.questions import CLOSED_TYPES
 from vital_jax.data.records import Record
 
-CLOSED_TYPES = ("yes_no", "location_choice")
 DROPPED_FILE = "balance_dropped.jsonl"
 
 
 def closed_answer(record: Record) -> str:
-    """The short answer of a closed-ended record: "yes"/"no", or the location choice its answer names (the
-    target's own name, e.g. "left kidney", does not choose)."""
-    if record.question_type == "yes_no":
-        word = re.match(r"\s*([a-z]+)", record.answer.lower())
-        if not word or word.group(1) not in ("yes", "no"):
-            raise ValueError(f"record {record.id!r}: yes/no answer does not start with yes or no: {record.answer!r}")
-        return word.group(1)
-    if record.question_type == "location_choice":
-        asked = set(re.findall(r"[a-z]+", record.question.lower()))
-        rest = re.sub(re.escape(record.target), " ", record.answer, flags=re.IGNORECASE) if record.target else \
-            record.answer
-        words = set(re.findall(r"[a-z]+", rest.lower()))
-        words |= {"center"} if words & {"central", "centre"} else set()
-        for choices in LOCATION_CHOICES.values():
-            named = [c for c in choices if c in words]
-            if set(choices) <= asked and len(named) == 1:
-                return named[0]
-        raise ValueError(f"record {record.id!r}: cannot read the location choice of {record.answer!r}")
-    raise ValueError(f"record {record.id!r}: {record.question_type!r} is not a closed-ended question type")
+    """The short answer of a closed-ended record ("yes" / "no", or the location choice its answer names:
+    `questions.closed_answer`); ValueError names the record."""
+    try:
+        return questions.closed_answer(record.question_type, record.question, record.answer, record.target)[0]
+    except ValueError as e:
+        raise ValueError(f"record {record.id!r}: {e}") from None
 
 
 def balance_closed_answers(records: Sequence[Record], seed: int = 0) -> tuple[list[Record], list[Record]]:

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import re
 
+from vital_jax.data import questions
 from vital_jax.data.records import STEP_RANGES
 from vital_jax.data.vocabulary import vocabulary_problems
 from vital_jax.data.wording import grammar_problems, is_plural
@@ -190,11 +191,7 @@ def normalize_answer(answer: str, context: GateContext) -> str:
         if bare in letters or bare in context.choices:
             choice = letters.get(bare, bare)
             return _sentence(f"The {context.target} is in {_choice_phrase(choice)}")
-        # The target's own name may hold a direction ("left kidney"); only the rest of the answer chooses.
-        rest = re.sub(re.escape(context.target), " ", text, flags=re.IGNORECASE) if context.target else text
-        words = set(re.findall(r"[a-z]+", rest.lower()))
-        words |= {"center"} if words & {"central", "centre"} else set()
-        named = [c for c in context.choices if c in words]
+        named = questions.named_choices(text, context.choices, context.target)
         if len(named) != 1:
             what = "none" if not named else " and ".join(named)
             raise ValueError(f"the answer must name exactly one of {', '.join(context.choices)} (it names {what})")

@@ -31,6 +31,7 @@ from vital_jax.data.wording import Subject, capitalize
 
 QUESTIONS_FILE = "questions.jsonl"
 LOCATION_CHOICES = {"horizontal": ("left", "right", "center"), "vertical": ("upper", "middle", "lower")}
+CLOSED_TYPES = ("yes_no", "location_choice")  # the closed-ended question types (App. B.4)
 # Area thresholds a yes/no size question may ask about, with their words.
 SIZE_THRESHOLDS = ((0.05, "a twentieth"), (0.1, "a tenth"), (0.25, "a quarter"))
 
@@ -99,6 +100,37 @@ class Question:
     @classmethod
     def from_dict(cls, data: dict) -> "Question":
         return cls(**{**data, "choices": tuple(data.get("choices", ()))})
+
+
+def named_choices(answer: str, choices: Sequence[str], target: str = "") -> list[str]:
+    """The choices an answer names, in `choices`' order. The target's own name may hold a direction ("left
+    kidney"), so it does not choose; "central" / "centre" name "center"."""
+    rest = re.sub(re.escape(target), " ", answer, flags=re.IGNORECASE) if target else answer
+    words = set(re.findall(r"[a-z]+", rest.lower()))
+    words |= {"center"} if words & {"central", "centre"} else set()
+    return [c for c in choices if c in words]
+
+
+def closed_answer(question_type: str, question: str, answer: str, target: str = "") -> tuple[str, tuple[str, ...]]:
+    """(short answer, options) of a closed-ended record, the one reading the answer balancer, the in-domain
+    benchmarks and MedSynapse-V's reward share: a yes/no answer ("Yes, the liver is visible.", which the quality
+    gate makes start with Yes or No) is "yes" of ("yes", "no"); a location choice is the one choice its answer
+    names of the choice set its question offers (`LOCATION_CHOICES`). ValueError says what cannot be read."""
+    if question_type == "yes_no":
+        word = re.match(r"\s*(yes|no)\b", answer, re.IGNORECASE)
+        if not word:
+            raise ValueError(f"yes_no answer does not start with yes or no: {answer!r}")
+        return word.group(1).lower(), ("yes", "no")
+    if question_type == "location_choice":
+        asked = set(re.findall(r"[a-z]+", question.lower()))
+        axes = [c for c in LOCATION_CHOICES.values() if set(c) <= asked]
+        if len(axes) != 1:
+            raise ValueError(f"location_choice question names no choice set: {question!r}")
+        named = named_choices(answer, axes[0], target)
+        if len(named) != 1:
+            raise ValueError(f"location_choice answer must name exactly one of {', '.join(axes[0])}: {answer!r}")
+        return named[0], axes[0]
+    raise ValueError(f"{question_type!r} is not a closed-ended question type ({', '.join(CLOSED_TYPES)})")
 
 
 def question_rng(seed: int, key: str) -> np.random.Generator:

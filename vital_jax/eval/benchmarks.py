@@ -38,8 +38,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vital_jax.data import images
-from vital_jax.data.balance import CLOSED_TYPES
-from vital_jax.data.questions import LOCATION_CHOICES
+from vital_jax.data import questions
+from vital_jax.data.questions import CLOSED_TYPES
 from vital_jax.data.records import RECORDS_FILE, LineError, iter_jsonl
 from vital_jax.eval import metrics
 from vital_jax.eval.errors import BenchmarkError
@@ -585,33 +585,14 @@ def load_jsonl(data_dir: str, split: str = "test", limit: int | None = None,
 def closed_question(label: str, question_type: str, question: str, answer: str, target: str = ""
                     ) -> tuple[str, tuple[str, ...]]:
     """(ground truth, options) as the in-domain benchmarks pose a yes_no or location_choice record and score it
-    (`metrics.in_domain_correct(prediction, ground truth, options, target)`): a yes/no answer ("Yes, the liver is
-    visible.") becomes "yes" of ("yes", "no"), a location choice the side it names of the choices the question
-    offers. label names the record in errors (BenchmarkError: an answer that states neither)."""
-    if question_type == "yes_no":
-        said = metrics.yes_no_of(answer)
-        if said is None:
-            raise BenchmarkError(f"{label}: yes_no answer does not start with yes or no: {answer!r}")
-        return said, ("yes", "no")
-    if question_type == "location_choice":
-        return _location_choice(label, question, answer, target)
-    raise ValueError(f"{label}: {question_type!r} is not a closed question type ({', '.join(CLOSED_TYPES)})")
-
-
-def _location_choice(label: str, question: str, answer: str, target: str) -> tuple[str, tuple[str, ...]]:
-    """(the named choice, the choices) of a location_choice record, read with the scorer's normaliser: the
-    target's own name ("left kidney") does not choose, "central" / "centre" name "center"."""
-    q = set(metrics.normalize_answer(question).split())
-    axes = [c for c in LOCATION_CHOICES.values() if set(c) <= q]
-    if len(axes) != 1:
-        raise BenchmarkError(f"{label}: location_choice question names no choice set: {question!r}")
-    choices = axes[0]
-    words = set(metrics.normalize_answer(answer, (target,) if target else ()).split())
-    named = [c for c in choices if c in words]
-    if len(named) != 1:
-        raise BenchmarkError(f"{label}: location_choice answer must name exactly one of {', '.join(choices)}: "
-                             f"{answer!r}")
-    return named[0], choices
+    (`metrics.in_domain_correct(prediction, ground truth, options, target)`): the record's closed answer as the
+    data pipeline reads it (`questions.closed_answer`: "Yes, the liver is visible." is "yes" of ("yes", "no"), a
+    location choice the side its answer names of the choices the question offers). label names the record in
+    errors (BenchmarkError)."""
+    try:
+        return questions.closed_answer(question_type, question, answer, target)
+    except ValueError as e:
+        raise BenchmarkError(f"{label}: {e}") from None
 
 
 def _distractors(record: dict, gold_key: str, pools: dict, rng: np.random.Generator, wanted: int) -> list[str]:

@@ -72,7 +72,7 @@ from absl import logging
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import cli, freeze, sharding
 from vital_jax import workdir as workdir_lib
-from vital_jax.data.balance import CLOSED_TYPES
+from vital_jax.data.questions import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, PipelineError, make_train_iterator, select_records
 from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, RecordError, read_records
 from vital_jax.jsonio import atomic_write, read_json

@@ -7,7 +7,8 @@ sees: each one's forward + backward time and its largest difference from "xla" (
 Two cases, as the train step calls `layers.attention.attend`: the text decoder's prefill (Qwen3-VL-8B's text: 32
 query heads over 8 kv heads of 128, a causal mask with left padding, `batch` rows of `prompt_len`) and the vision
 tower's (one 448x448 image: 784 patches, 16 heads of 72, one row, no mask: every patch of a frame sees the frame,
-as the tower calls it). Every impl gets the same bf16 q, k, v and mask; the loss is the sum of squares of the output over the rows that see a key. An impl that
+as the tower calls it). Every impl gets the same bf16 q, k, v and mask; the loss is the sum of squares of the output
+over the rows that see a key. An impl that
 cannot run here ("cudnn" off an NVIDIA GPU, "pallas_flash" off a TPU: `attention.check_backend`) is reported as such
 and left out. Run before an MFU measurement on a GPU: it shows whether "cudnn" agrees with the reference at these
 shapes (max |diff| of the outputs and of dq, dk, dv) and what it saves per layer in time and in XLA's temporary

@@ -12,7 +12,8 @@ per second of each, measured in the same run.
 vital_jax: `grpo.rollout` under jit: M and M' from P_phi, each prompt prefilled once with its memory block, its
 cache shared by the G completions (`GRPOConfig.shared_prompt_cache`; `--compare_prompt_copies` also times a copy
 per completion and prints both programs' temporary memory as XLA plans it), then the on-device while_loop decode
-(temperature 1, no top-k / top-p, no EOS, so every completion has exactly `--new_tokens` tokens). Compile excluded; median of `--repeats` runs, each with a new key,
+(temperature 1, no top-k / top-p, no EOS, so every completion has exactly `--new_tokens` tokens). Compile excluded;
+median of `--repeats` runs, each with a new key,
 alternating run by run with transformers' (so that load from other processes hits both alike).
 
 transformers: the same weights (the model directory is written from the Flax params as HF safetensors and read by

@@ -1,7 +1,8 @@
 """The VITAL train step against its PyTorch peer (transformers + peft), same process, same random checkpoint, at
 issue #16's sizes (goal: >= 1.5x samples/s on a 2-core CPU).
 
-    python -m benchmarks.peer_train_step [--steps 5 --warmup 8 --torch_threads N --attention_impl xla|dot_product --quick]
+    python -m benchmarks.peer_train_step [--steps 5 --warmup 8 --torch_threads N \
+        --attention_impl xla|dot_product --quick]
 
 Both sides: a random Qwen3-VL built with transformers (text 512 x 8 layers, vision 256 x 4 blocks, vocabulary
 32,000) with LoRA r64 (alpha 128, dropout 0.05) on all 7 projections of every text layer, a Qwen3 auxiliary

@@ -260,7 +260,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny random model and batch, one step (CI smoke test)")
     p.add_argument("--peer", action="store_true",
-                   help="benchmarks.peer_train_step's random model and batch (issue #16's sizes) instead of the study's")
+                   help="benchmarks.peer_train_step's random model and batch (issue #16's sizes) instead of the "
+                        "study's")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=48, help="prompt tokens, image included")
@@ -304,7 +305,8 @@ def main(argv=None):
     table, by_op, total, wall = profile(step, args_fn, args.steps)
     print(f"VITAL train step: batch {args.batch}, prompt {args.prompt}, answer {args.answer}, "
           f"{args.latent_slots} latent slots x {args.step_tokens} step tokens, LoRA r{args.lora_rank} "
-          f"dropout {args.lora_dropout}, attention {args.attention_impl}, lambda_text {args.lambda_text}, lambda_visual {args.lambda_visual}")
+          f"dropout {args.lora_dropout}, attention {args.attention_impl}, lambda_text {args.lambda_text}, "
+          f"lambda_visual {args.lambda_visual}")
     print_table(table, by_op, total, args.top_ops)
     print(f"summed op time {total:.1f} ms per step; wall {wall:.1f} ms per step "
           f"(ratio {total / wall:.2f})")

@@ -50,7 +50,8 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
                       memory_position: str = "assistant_turn", prompt_tail: int = 0) -> dict:
     """Write the serving directory from params {"backbone", "autonomous", ...} (anything else, e.g. P_phi, is not
     written). memory_position / prompt_tail: where the run put its memory (`memory.inject`). backbone_dir: the
-    backbone's HF directory, whose config.json and tokenizer / processor files are copied. lora: the adapters' config when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
+    backbone's HF directory, whose config.json and tokenizer / processor files are copied. lora: the adapters' config
+    when params["backbone"] holds LoRA leaves (they are merged). dtype: of the
     backbone's tensors (A_psi is always float32), sharded above `max_shard_bytes`. Returns {"model": out_dir,
     "files": [...], "meta": what medsynapse.json records}."""
     import ml_dtypes

@@ -454,7 +454,8 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
     if k_eval > 0:
         evaluated["test_record_k"] = _evaluate_record_k(config, run, run_dir, data_dir, k_eval, evaluated["test"])
     eval_s = time.perf_counter() - start
-    diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval, int(config.eval.diagnostics_examples))
+    diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval,
+                                     int(config.eval.diagnostics_examples))
     samples = _metric_lines(run_dir)
     result = {"row": row, "seed": seed, "k_eval": k_eval, "steps": int(summary["step"]), "train_s": train_s,
               "eval_s": eval_s, "samples_per_sec": _median_throughput(samples), "commit": commit,
@@ -592,7 +593,8 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
                   "A.2), so a fixed K_max asks short-chain questions "
                   "with a number of latent steps they never saw. Here each test question gets its own record's K "
                   "(capped like training).", "",
-                  "| row | closed acc | " + " | ".join(types) + " | open F1 |", "|---|---|" + "---|" * len(types) + "---|"]
+                  "| row | closed acc | " + " | ".join(types) + " | open F1 |",
+                  "|---|---|" + "---|" * len(types) + "---|"]
         for row in record_rows:
             rs = [r["test_record_k"] for r in by_row[row]]
             cells = [_mean_std([r["per_type"].get(t, {}).get("score") for r in rs]) for t in types]

@@ -79,7 +79,8 @@ def test_a_closed_answer_is_read_one_way_for_the_balancer_the_benchmark_and_the_
               ("right", ("left", "right", "center"))),
              ("location_choice", horizontal, "The left kidney is central.", "left kidney",
               ("center", ("left", "right", "center"))),
-             ("location_choice", vertical, "It lies in the LOWER part.", "liver", ("lower", ("upper", "middle", "lower")))]
+             ("location_choice", vertical, "It lies in the LOWER part.", "liver",
+              ("lower", ("upper", "middle", "lower")))]
     for qtype, question, answer, target, want in cases:
         assert questions.closed_answer(qtype, question, answer, target) == want
         assert closed_question("r", qtype, question, answer, target) == want

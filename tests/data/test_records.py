@@ -139,7 +139,8 @@ def test_append_is_durable_when_the_writer_is_killed(tmp_path):
     template = json.dumps(_record(0).to_dict())
     code = ("import json, os\nfrom vital_jax.data import records\n"
             f"d = json.loads({template!r})\n"
-            f"for i in range(5): records.append_record({str(path)!r}, records.Record.from_dict(dict(d, id=f's{{i}}')))\n"
+            f"for i in range(5):\n"
+            f"    records.append_record({str(path)!r}, records.Record.from_dict(dict(d, id=f's{{i}}')))\n"
             "os._exit(9)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), capture_output=True, text=True, timeout=60)

@@ -157,8 +157,8 @@ def test_slake_keeps_english_questions(tmp_path):
     rows = [
         {"qid": 1, "img_name": "xmlab1/source.jpg", "question": "Is this a CT?", "answer": "Yes",
          "answer_type": "CLOSED", "q_lang": "en", "modality": "CT"},
-        {"qid": 2, "img_name": "xmlab1/source.jpg", "question": "这是CT吗?", "answer": "是", "answer_type": "CLOSED",
-         "q_lang": "zh"},
+        {"qid": 2, "img_name": "xmlab1/source.jpg", "question": "这是CT吗?", "answer": "是",
+         "answer_type": "CLOSED", "q_lang": "zh"},
         {"qid": 3, "img_name": "xmlab1/source.jpg", "question": "Which organ?", "answer": "Liver",
          "answer_type": "OPEN", "q_lang": "en"},
     ]
@@ -422,7 +422,8 @@ def test_in_domain_distractors_are_never_about_the_same_target_and_unique_after_
 
 
 @pytest.mark.parametrize("record, message", [
-    (_record(40, "reasoning", "Why?", "Because."), r"records.jsonl:12 \(id 'r40'\): no 'reasoning' answer about another target"),
+    (_record(40, "reasoning", "Why?", "Because."),
+     r"records.jsonl:12 \(id 'r40'\): no 'reasoning' answer about another target"),
     (_record(41, "yes_no", "Is it?", "Probably."), r"records.jsonl:12 \(id 'r41'\): yes_no answer does not start"),
     (_record(42, "location_choice", "Where is it?", "Left."), r"records.jsonl:12 \(id 'r42'\): .*names no choice"),
     (_record(43, "location_choice", "Is it in the left, right, or center of the image?", "Left or right."),

@@ -214,7 +214,8 @@ def test_pallas_flash_outside_interpret_mode_needs_a_tpu():
 
     for impl in ("xla", "dot_product"):
         check_backend(impl)
-    message = "attention_impl='pallas_flash' is JAX's Pallas TPU flash-attention kernel and needs a TPU .*pallas_interpret"
+    message = ("attention_impl='pallas_flash' is JAX's Pallas TPU flash-attention kernel and needs a TPU "
+               ".*pallas_interpret")
     with pytest.raises(ValueError, match=message):
         check_backend("pallas_flash")
     with pallas_interpret():

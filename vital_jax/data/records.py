@@ -119,7 +119,8 @@ class Record:
         label = f"record {data.get('id')!r}"
         missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
         if missing or unknown:
-            parts = ([f"missing fields {missing}"] if missing else []) + ([f"unknown fields {unknown}"] if unknown else [])
+            parts = (([f"missing fields {missing}"] if missing else []) +
+                     ([f"unknown fields {unknown}"] if unknown else []))
             raise RecordError(f"{label}: " + "; ".join(parts))
         chain = data["reasoning_chain"]
         if not isinstance(chain, list):

@@ -554,7 +554,8 @@ def main(argv: Sequence[str]) -> None:
     counts = {p: int((result.pathway == p).sum()) for p in (FULL, CROP)}
     with_global = os.path.exists(os.path.join(f.data_dir, GLOBAL_FEATURES_FILE))
     print(f"wrote {len(result.features)} ROI features (dv={result.features.shape[1]}) to {f.data_dir}: "
-          f"{counts[FULL]} full-image, {counts[CROP]} tight-crop" + (", and their global features" if with_global else ""))
+          f"{counts[FULL]} full-image, {counts[CROP]} tight-crop" +
+          (", and their global features" if with_global else ""))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
 
     q (B, T, N, H); k, v (B, S, K, H) with N a multiple of K (query head i reads kv head i // (N // K));
     mask (B, T, S) bool, or None when every query sees every key (no mask array at all: "cudnn" then runs its
-    kernel without a bias, the others are unchanged, an all-True mask being folded away by XLA). segment_ids (B, T) int, optional, for self-attention within groups (T = S, mask =
+    kernel without a bias, the others are unchanged, an all-True mask being folded away by XLA). segment_ids (B, T)
+    int, optional, for self-attention within groups (T = S, mask =
     equal ids): "pallas_flash" then uses the kernel's segment ids instead of the mask. query_chunk > 0 ("xla"
     only): queries in blocks of that many rows, each against all keys (`_xla_attend_in_query_blocks`).
     impl "xla": this module's own einsums, float32 scores and softmax whatever `dtype` (the parity reference);

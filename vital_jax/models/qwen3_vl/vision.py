@@ -166,7 +166,8 @@ class VisionAttention(nn.Module):
 
     x (N, D), cos/sin (N, head_dim) float32, mask (S, N/S, N/S) bool (attention within each of S slices) or None
     (each slice is one frame: every patch sees every other; no mask array) and the segment ids it was made of,
-    (S, N/S) int (mask = equal ids; "pallas_flash" reads the ids, the others the mask) -> (N, D). Each slice is one row of `attend`'s batch, so `attention_impl` switches the vision tower like the
+    (S, N/S) int (mask = equal ids; "pallas_flash" reads the ids, the others the mask) -> (N, D). Each slice is one
+    row of `attend`'s batch, so `attention_impl` switches the vision tower like the
     text decoder.
     """
 
@@ -314,7 +315,8 @@ class Qwen3VLVisionModel(nn.Module):
         block_cls = nn.remat(VisionBlock) if cfg.remat else VisionBlock
         deepstack = []
         for i in range(cfg.depth):
-            x_nd = constrain(block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_snn, segments_sn), PACKED_AXES)
+            x_nd = block_cls(cfg, name=f"blocks_{i}")(x_nd, cos_nh, sin_nh, mask_snn, segments_sn)
+            x_nd = constrain(x_nd, PACKED_AXES)
             if i in cfg.deepstack_visual_indexes:
                 # Merger k belongs to block deepstack_visual_indexes[k]; features come out in block order (as HF).
                 k = cfg.deepstack_visual_indexes.index(i)

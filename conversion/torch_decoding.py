@@ -25,3 +25,10 @@ def greedy_continue(model, past, logits, position: int, rope_delta: int, max_new
         past, logits = out.past_key_values, out.logits[:, -1]
         position += 1
     return tokens
+
+
+if __name__ == "__main__":
+    # A library module: running it did nothing and exited 0. The command that generates with an export is
+    # torch_latent_generate.
+    raise SystemExit("error: conversion.torch_decoding is a library module; generate with an exported VITAL model "
+                     "with python -m conversion.torch_latent_generate --model=DIR --image=IMAGE --question=TEXT")

@@ -83,3 +83,10 @@ def medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_t
         out = model(inputs_embeds=block, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
         return greedy_continue(model, out.past_key_values, out.logits[:, -1], position + n, delta, max_new_tokens,
                                eos_token_ids)
+
+
+if __name__ == "__main__":
+    # A library module (no command line): running it did nothing and exited 0.
+    raise SystemExit("error: conversion.torch_medsynapse_generate is a library module: load_autonomous(export_dir) "
+                     "and medsynapse_generate(...) (see its docstring); evaluate a MedSynapse-V run with "
+                     "python -m vital_jax.evaluate --memory=autonomous")

@@ -12,7 +12,8 @@
 #   GPUS_PER_PROC     on a GPU machine, give process i the GPUs [i*G, (i+1)*G) via VITAL_LOCAL_DEVICE_IDS
 #   PORT              coordinator port (default: a free port)
 #   LOG_DIR           per-process logs process_<i>.log (default: $WORKDIR/logs); process 0's is shown here
-#   MODULE            python module to run (default vital_jax.train)
+#   MODULE            python module to run (default vital_jax.train, which trains either method); it must call
+#                     vital_jax.distributed.maybe_initialize_distributed() (pretrain and study are one process)
 #
 # Each process gets VITAL_COORDINATOR=127.0.0.1:$PORT, VITAL_NUM_PROCESSES and VITAL_PROCESS_ID, read by
 # `vital_jax.distributed.maybe_initialize_distributed()`. CPU processes use gloo collectives. Ctrl-C stops all of
@@ -62,10 +63,13 @@ done
 # Show process 0's log here as it grows.
 tail -n +1 -F "$LOG_DIR/process_0.log" 2>/dev/null &
 tail_pid=$!
+disown "$tail_pid"  # not a job `wait -n` waits for
 
+# Whichever process ends first with an error stops the others now (process 0 may be blocked in a collective or in
+# jax.distributed.initialize waiting for the failed one, and would otherwise hold them until its own timeout).
 status=0
-for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
+for ((n = 0; n < NUM_PROCESSES; n++)); do
+  if ! wait -n; then
     status=1
     cleanup
   fi

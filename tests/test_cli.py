@@ -66,6 +66,11 @@ def recorded_run(tmp_path_factory):
      ["--out=README.md exists and is not a directory"]),
     ("vital_jax.train", ["--config=configs/demo.py", "--workdir=README.md"],
      ["--workdir=README.md exists and is not a directory"]),
+    # A bucket URL would become a local directory "gs:" on each host (abspath): refused, naming the mount to use.
+    ("vital_jax.train", ["--config=configs/demo.py", "--workdir=gs://bucket/run"],
+     ["--workdir=gs://bucket/run is a URL", "mount the bucket"]),
+    ("vital_jax.study", ["--config=configs/study/phantom.py", "--workdir=s3://bucket/study"],
+     ["--workdir=s3://bucket/study is a URL"]),
     ("vital_jax.data.build", [], ["--config"]),
     ("vital_jax.data.roi", ["--data_dir=/no/such/data", "--encoder_dir=/x"], ["/no/such/data/records.jsonl"]),
     ("vital_jax.data.roi_grid_search", ["--data_dir=/no/such/data", "--encoder_dir=/x", "--out=/tmp/x/grid.json"],

@@ -65,11 +65,11 @@ def test_slurm_launcher_gives_every_task_the_coordinator_its_rank_and_its_gpus(t
                CONFIG=CONFIG, WORKDIR="/shared/runs/x", SLURM_JOB_ID="31337", SLURM_JOB_NODELIST="gpu-node-[7-8]",
                SLURM_NTASKS=str(2 * per_node), SLURM_NTASKS_PER_NODE=tasks_per_node, SLURM_JOB_NUM_NODES="2",
                SLURM_SUBMIT_DIR=REPO)
-    tasks = _run("slurm_gpu.sbatch", env, "--config.train.steps=3", "--config.seed=1 2")
+    tasks = _run("slurm_gpu.sbatch", env, "--config.curriculum.max_steps=3", "--config.seed=1 2")
     assert len(tasks) == 2 * per_node
     for rank, task in enumerate(tasks):
         assert task["argv"] == ["-m", "vital_jax.train", f"--config={CONFIG}", "--workdir=/shared/runs/x",
-                                "--config.train.steps=3", "--config.seed=1 2"]
+                                "--config.curriculum.max_steps=3", "--config.seed=1 2"]
         vital = task["env"]
         assert vital["VITAL_COORDINATOR"] == f"gpu-node-7:{12000 + 31337 % 20000}"
         assert (vital["VITAL_NUM_PROCESSES"], vital["VITAL_PROCESS_ID"]) == (str(2 * per_node), str(rank))
@@ -92,17 +92,18 @@ def test_slurm_launcher_refuses_to_start_without_a_config(tmp_path):
 
 def test_tpu_pod_launcher_runs_the_same_quoted_command_on_every_worker(tmp_path):
     env = dict(_stubs(tmp_path, gcloud=GCLOUD_STUB), TPU_NAME="vital-v5p-64", ZONE="us-east5-a", PROJECT="proj",
-               CONFIG=CONFIG, WORKDIR="gs://bucket/runs/x", SETUP="1")
-    (call,) = _run("tpu_pod.sh", env, "--config.train.steps=3", "--config.note=a b")
+               CONFIG=CONFIG, WORKDIR="/mnt/gcs/runs/x", SETUP="1")
+    (call,) = _run("tpu_pod.sh", env, "--config.curriculum.max_steps=3", "--config.note=a b")
     assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "vital-v5p-64"]
     assert "--zone=us-east5-a" in call and "--project=proj" in call and "--worker=all" in call
     remote = next(arg for arg in call if arg.startswith("--command=")).removeprefix("--command=")
-    setup, _, rest = remote.partition(" && pip install -q -e '.[tpu]' && ")
+    setup, _, rest = remote.partition(" && python3 -m pip install -q -e '.[tpu]' && ")
     assert setup == 'set -o pipefail && cd "$HOME"/vital_jax' and rest  # the default REPO_DIR, ~/vital_jax
     train = rest.split(" && ", 1)[1].split(" 2>&1 | tee ")[0]
     # The remote shell sees the extra flags as the arguments given here, spaces included.
-    assert shlex.split(train) == ["python", "-m", "vital_jax.train", f"--config={CONFIG}",
-                                  "--workdir=gs://bucket/runs/x", "--config.train.steps=3", "--config.note=a b"]
+    # python3: stock TPU VM images have no `python`.
+    assert shlex.split(train) == ["python3", "-m", "vital_jax.train", f"--config={CONFIG}",
+                                  "--workdir=/mnt/gcs/runs/x", "--config.curriculum.max_steps=3", "--config.note=a b"]
     assert distributed.plan_distributed(env={}, tpu_vm=True).method == "tpu"
 
 
@@ -114,8 +115,8 @@ for arg in "$@"; do [[ "$arg" == --command=* ]] && exec bash -c "${arg#--command
     failing_python = """#!/bin/bash
 echo "training failed" >&2; exit 3
 """
-    env = dict(_stubs(tmp_path, gcloud=run_remote, python=failing_python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
-               WORKDIR="gs://bucket/x", LOG_DIR=str(tmp_path / "logs"))
+    env = dict(_stubs(tmp_path, gcloud=run_remote, python3=failing_python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
+               WORKDIR="/mnt/gcs/x", LOG_DIR=str(tmp_path / "logs"))
     (tmp_path / "vital_jax").mkdir()  # REPO_DIR on the "host": ~/vital_jax, HOME is tmp_path
     res = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
@@ -130,7 +131,8 @@ def test_tpu_pod_launcher_quotes_the_checkout_and_log_paths_for_the_hosts(tmp_pa
     would extract where, `python` where it was started."""
     run_remote = """#!/bin/bash
 for arg in "$@"; do [[ "$arg" == --command=* ]] && exec bash -c "${arg#--command=}"; done
-exit 0  # scp: the archive stays here
+# scp: the archive stays here; its arguments are recorded
+"$REAL_PYTHON" -c 'import json, sys; print("STUB", json.dumps({"gcloud": sys.argv[1:]}))' "$@"
 """
     tar = """#!/bin/bash
 "$REAL_PYTHON" -c 'import json, sys; print("STUB", json.dumps({"tar": sys.argv[1:]}))' "$@"
@@ -139,15 +141,29 @@ exit 0  # scp: the archive stays here
 exec "$REAL_PYTHON" -c 'import json, os, sys
 print("STUB", json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd()}))' "$@"
 """
-    env = dict(_stubs(tmp_path, gcloud=run_remote, tar=tar, python=python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
-               WORKDIR="gs://bucket/x", REPO_DIR="~/my repo", LOG_DIR=str(tmp_path / "vital's logs"), SYNC="1")
-    extract, task = _run("tpu_pod.sh", env, "--config.note=a b")
+    env = dict(_stubs(tmp_path, gcloud=run_remote, tar=tar, python3=python), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
+               WORKDIR="/mnt/gcs/x", REPO_DIR="~/my repo", LOG_DIR=str(tmp_path / "vital's logs"), SYNC="1",
+               PROJECT="p")
+    copy, extract, task = _run("tpu_pod.sh", env, "--config.note=a b")
+    # `tpu-vm scp SRC... DEST`: the TPU is named in DEST only (gcloud would read a bare name as a source file).
+    assert copy["gcloud"][:4] == ["compute", "tpus", "tpu-vm", "scp"]
+    positional = [a for a in copy["gcloud"][4:] if not a.startswith("--")]
+    assert positional[-1] == "v:/tmp/vital_jax.tar.gz" and len(positional) == 2, copy
+    assert positional[0].endswith(".tar.gz") and {"--zone=z", "--project=p", "--worker=all"} <= set(copy["gcloud"])
     repo = tmp_path / "my repo"
     assert extract == {"tar": ["-xzf", "/tmp/vital_jax.tar.gz", "-C", str(repo)]} and repo.is_dir()
-    assert task == {"argv": ["-m", "vital_jax.train", f"--config={CONFIG}", "--workdir=gs://bucket/x",
+    assert task == {"argv": ["-m", "vital_jax.train", f"--config={CONFIG}", "--workdir=/mnt/gcs/x",
                              "--config.note=a b"], "cwd": str(repo)}
     (log,) = (tmp_path / "vital's logs").iterdir()
     assert log.name.startswith("host_") and "STUB" in log.read_text()
+
+
+def test_tpu_pod_launcher_refuses_a_bucket_url_as_workdir(tmp_path):
+    env = dict(_stubs(tmp_path, gcloud=GCLOUD_STUB), TPU_NAME="v", ZONE="z", CONFIG=CONFIG,
+               WORKDIR="gs://bucket/runs/x")
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_pod.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "is a URL: mount the bucket" in res.stderr and "STUB" not in res.stdout
 
 
 @pytest.mark.parametrize("variable, value", [("NUM_PROCESSES", "0"), ("NUM_PROCESSES", "two"),
@@ -159,6 +175,21 @@ def test_local_launcher_refuses_a_process_or_device_count_that_is_not_a_positive
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and f"{variable}='{value}': set a positive integer" in res.stderr, res.stderr
     assert "STUB" not in res.stdout and not (tmp_path / "run").exists()
+
+
+def test_local_launcher_stops_every_process_when_a_later_one_fails(tmp_path):
+    """Process 1 fails at once while process 0 would wait (as in a collective, for the failed peer) far longer than
+    the test allows: the launcher must stop process 0 then, not when process 0 ends by itself."""
+    python = """#!/bin/bash
+if [[ "$VITAL_PROCESS_ID" == 1 ]]; then echo "process 1 failed" >&2; exit 4; fi
+exec sleep 600
+"""
+    env = dict(_stubs(tmp_path, python=python), CONFIG=CONFIG, WORKDIR=str(tmp_path / "run"), NUM_PROCESSES="2",
+               PORT="1")
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh")], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "a process failed" in res.stderr, (res.stdout, res.stderr)
+    assert "process 1 failed" in (tmp_path / "run" / "logs" / "process_1.log").read_text()
 
 
 def test_local_launcher_takes_relative_paths_from_where_it_is_started(tmp_path):

@@ -122,3 +122,21 @@ def test_a_recorded_config_reads_back_with_the_fields_added_since_at_their_old_v
     assert config.medsynapse.memory_position == "assistant_turn"  # older code wrote the memory after the prompt
     assert config.medsynapse.rollout_relayout is False  # older code decoded rollouts in the layout held
     assert config.medsynapse.imt.lr == 1e-4
+
+
+def test_a_url_workdir_is_refused_by_the_library_entry_points_too(tmp_path, monkeypatch):
+    """train(), pretrain() and MedSynapse-V's trainer take workdirs from Python as well as from the command line:
+    a URL is a ConfigError before anything is written (abspath would make gs://b/run a local ./gs:/b/run)."""
+    from vital_jax.models.hf_config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("gs://bucket/run", "s3://b/r", "file:///tmp/x"):
+        with pytest.raises(ConfigError, match=f"workdir {url} is a URL"):
+            workdir_lib.local_workdir(url)
+    assert workdir_lib.local_workdir("runs/gs_like:name") == str(tmp_path / "runs" / "gs_like:name")
+    from configs import demo
+    from vital_jax import train as train_lib
+
+    with pytest.raises(ConfigError, match="is a URL"):
+        train_lib.train(demo.get_config(), "gs://bucket/run")
+    assert os.listdir(tmp_path) == []

@@ -90,8 +90,13 @@ def require(**values) -> None:
 
 def require_directories(**paths) -> None:
     """Each keyword names a flag whose value is a directory the command writes into (created if missing): a path
-    that exists as something else is a usage error now, before any work, not an OSError once results are ready."""
+    that exists as something else, or a URL (`jsonio.url_problem`), is a usage error now, before any work, not an
+    OSError (or a directory named "gs:") once results are ready."""
+    from vital_jax.jsonio import url_problem
+
     for name, path in paths.items():
+        if path is not None and url_problem(path):
+            usage(f"--{name}={url_problem(path)}")
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             usage(f"--{name}={path} exists and is not a directory")
 

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import IO, Callable
+
+
+def url_problem(path: str) -> str | None:
+    """Why `path` cannot be a directory vital_jax writes into, or None: a URL (gs://bucket/run, s3://...). The
+    workdir's lock, metrics, JSON files and reports are written with local file operations, so a bucket must be
+    mounted on every host (gcsfuse, a shared filesystem) and its mount path given."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+        return (f"{path} is a URL: vital_jax writes its lock, metrics and reports with local file operations; "
+                "mount the bucket on every host (e.g. gcsfuse) and give the mount's path")
+    return None
 
 
 def read_json(path: str, error: type[Exception], missing_hint: str = "") -> object:

@@ -524,7 +524,7 @@ def pretrain(config, workdir: str, stop_after: tuple[str, int] | None = None) ->
     stop_after: (stage, step) stops that stage at that step as SIGTERM would (tests of resumption).
     """
     validate_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.local_workdir(workdir)
     with workdir_lib.WorkdirLock(workdir):
         return _pretrain(config, workdir, stop_after)
 

@@ -701,7 +701,7 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
                                                 "--workdir=DIR") -> dict:
     """Run (or resume) the whole study; returns {"results", "floors", "report", "reused"}. `command` is shown in
     the report; each run made now records the commit it was made at."""
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.local_workdir(workdir)
     unknown = [r for r in config.rows if r not in ALL_ROWS]
     if unknown:
         raise StudyError(f"config.rows: unknown {unknown} (expected some of {', '.join(ALL_ROWS)})")

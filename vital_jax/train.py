@@ -351,7 +351,7 @@ def train(config, workdir: str) -> dict:
     validate_config(config)
     distributed.maybe_initialize_distributed()
     check_mesh(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.local_workdir(workdir)
     with workdir_lib.WorkdirLock(workdir), contextlib.ExitStack() as checkpointers:
         return _train(config, workdir, checkpointers)
 

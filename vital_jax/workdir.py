@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 from vital_jax.checkpoint import CheckpointError
-from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.jsonio import atomic_write, read_json, url_problem
 from vital_jax.models.hf_config import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -37,6 +37,14 @@ ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "d
 # Added fields that runs may also switch between (RESUMABLE_FIELDS), with the value older code behaved as.
 ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full",
                           "medsynapse.rollout_relayout": False}
+
+
+def local_workdir(workdir: str) -> str:
+    """The absolute path of a run's workdir; a URL is refused (ConfigError, `jsonio.url_problem`): abspath would
+    turn gs://bucket/run into a local ./gs:/bucket/run on every host, each writing its own."""
+    if url_problem(workdir):
+        raise ConfigError(f"workdir {url_problem(workdir)}")
+    return os.path.abspath(workdir)
 
 
 def fill_added_fields(config) -> None:

@@ -143,6 +143,10 @@ def test_cli_help_describes_the_tools():
     for module in ("conversion.vital_export", "conversion.medsynapse_export"):  # library modules: say where to go
         res = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 1 and "python -m conversion.flax_to_hf" in res.stderr, res.stderr
+    for module, pointer in (("conversion.torch_decoding", "python -m conversion.torch_latent_generate"),
+                            ("conversion.torch_medsynapse_generate", "medsynapse_generate(")):
+        res = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 1 and "is a library module" in res.stderr and pointer in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("change, message", [

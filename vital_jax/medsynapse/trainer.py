@@ -722,7 +722,7 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
     finished Stage I run continued with CCR and IMT), with any settings of their own (`medsynapse.ccr`, `.imt`:
     they never ran), recorded at the first step of the new stages."""
     validate_config(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.local_workdir(workdir)
     with workdir_lib.WorkdirLock(workdir):
         config_json = json.loads(config.to_json_best_effort())
         # A run may go on with later stages (a Stage I run continued with CCR), not change the ones it has.

@@ -26,7 +26,7 @@ NUMBER = r"[0-9]+(\.[0-9]+)?"
 def run_quick(name: str, *extra: str) -> list[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", *extra], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=240)
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{name} --quick failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res.stdout.strip().splitlines()
 

@@ -293,7 +293,7 @@ def test_two_train_processes_build_stop_resume_and_finish_the_demo(tmp_path):
         deadline = time.time() + 400
         while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
             assert launcher.poll() is None and time.time() < deadline, ("the run ended or never trained", logs())
-            time.sleep(0.2)
+            time.sleep(0.05)  # the SIGTERM below must land before step 12: poll often
         lock = json.loads((workdir / "RUNNING.lock").read_text())
         children = subprocess.run(["pgrep", "-f", "--", f"--workdir={workdir}"], capture_output=True, text=True).stdout
         others = [int(p) for p in children.split() if int(p) != lock["pid"]]

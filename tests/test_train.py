@@ -131,7 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, assets):
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "preempted at step" in out
     assert json.load(open(os.path.join(workdir, train.SUMMARY_FILE)))["preempted"] is True

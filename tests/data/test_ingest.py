@@ -83,10 +83,16 @@ def test_nifti_errors_name_the_file(tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(b"not gzip at all")
     write_nifti(str(tmp_path / "flat.nii"), np.zeros((4, 4), np.int16))
     write_nifti(str(tmp_path / "half.nii"), np.full((2, 2, 2), 0.5, np.float32))
+    # NaN outside the body, as preprocessed MR often has: the windowing would make them 0 and a percentile-normalised
+    # slice all black.
+    nan_outside = np.ones((4, 4, 4), np.float32)
+    nan_outside[0, :, :], nan_outside[1, 0, 0] = np.nan, np.inf
+    write_nifti(str(tmp_path / "nan.nii.gz"), nan_outside)
     for name, fragment, labels in [
             ("trunc.nii", "cannot read the voxel data", False), ("garbage.nii", "not a readable NIfTI", False),
             ("bad.nii.gz", "not a readable NIfTI", False), ("absent.nii", "file not found", False),
-            ("flat.nii", "expected a 3-D volume", False), ("half.nii", "non-integer values", True)]:
+            ("flat.nii", "expected a 3-D volume", False), ("half.nii", "non-integer values", True),
+            ("nan.nii.gz", "17 of 64 voxels are NaN or infinite", False)]:
         with pytest.raises(volumes.VolumeError, match=fragment) as e:
             volumes.load_nifti(str(tmp_path / name), labels=labels)
         assert name in str(e.value)

@@ -283,6 +283,20 @@ def test_killed_run_restarts_and_yields_every_sample_exactly_once(server, tmp_pa
     assert summary["skipped_finished"] == written and summary["accepted"] == 60 - written
 
 
+def test_a_whole_last_line_without_its_newline_is_kept_and_a_torn_one_dropped(tmp_path):
+    """A record whose newline is missing (a hand edit, another tool) is a record: it gets its newline. Only a line
+    that is not whole JSON (a crash mid-append) is dropped before distillation appends."""
+    whole, torn = tmp_path / "whole.jsonl", tmp_path / "torn.jsonl"
+    whole.write_text('{"id": "a"}\n{"id": "b"}')
+    torn.write_text('{"id": "a"}\n{"id": "b", "ima')
+    for path in (whole, torn):
+        teacher._recover_jsonl(str(path))
+    assert whole.read_text() == '{"id": "a"}\n{"id": "b"}\n' and torn.read_text() == '{"id": "a"}\n'
+    (tmp_path / "split.jsonl").write_bytes(b'{"id": "a"}\n{"id": "\xc3')  # torn inside a UTF-8 character
+    teacher._recover_jsonl(str(tmp_path / "split.jsonl"))
+    assert (tmp_path / "split.jsonl").read_text() == '{"id": "a"}\n'
+
+
 @pytest.mark.parametrize("line, message", [
     ("{bad json", r"rejected\.jsonl:2: malformed JSON"),
     ('{"question_type": "yes_no", "final": true}', r"rejected\.jsonl:2: rejection entry without an \"id\""),

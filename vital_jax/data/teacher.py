@@ -372,7 +372,8 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
 
 
 def _recover_jsonl(path: str) -> None:
-    """Drop a torn last line (a crash mid-append) so the file is whole lines again; the lost sample is redone."""
+    """Make the file whole lines again: a last line without its newline that is whole JSON (a hand edit, another
+    tool) gets the newline; one that is not (a crash mid-append) is dropped, and its sample is redone."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     with open(path, "rb+") as f:
@@ -381,8 +382,15 @@ def _recover_jsonl(path: str) -> None:
             return
         data = f.seek(0) or f.read()
         keep = data.rfind(b"\n") + 1
-        logging.warning("%s: dropping a torn last line of %d bytes (an interrupted write)", path, len(data) - keep)
-        f.truncate(keep)
+        try:
+            json.loads(data[keep:].decode("utf-8"))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError: torn mid-line
+            logging.warning("%s: dropping a torn last line of %d bytes (an interrupted write)", path,
+                            len(data) - keep)
+            f.truncate(keep)
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
 
 
 def _finished_ids(records_path: str, rejected_path: str) -> set[str]:

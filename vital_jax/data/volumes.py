@@ -50,7 +50,7 @@ def canonical(image: nib.spatialimages.SpatialImage, origin: str) -> nib.spatial
 
 def load_nifti(path: str, labels: bool = False) -> Volume:
     """A NIfTI-1 or NIfTI-2 file (.nii, .nii.gz) in RAS+ order: float32 values with scl_slope / scl_inter applied,
-    or (`labels`) int64 label values, which must be whole numbers."""
+    which must be finite, or (`labels`) int64 label values, which must be whole numbers."""
     try:
         image = nib.load(path)
     except FileNotFoundError as e:
@@ -71,6 +71,13 @@ def load_nifti(path: str, labels: bool = False) -> Volume:
             if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
                 raise VolumeError(f"{path}: label volume holds non-integer values")
         data = data.astype(np.int64)
+    else:
+        # NaN (common outside the brain in preprocessed MR) would pass the windowing as 0, and one NaN makes a
+        # percentile-normalised slice all black: slices and questions would be made from blank images.
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise VolumeError(f"{path}: {bad} of {data.size} voxels are NaN or infinite; replace them with a value "
+                              f"the modality's background has (e.g. 0 or the minimum) before ingesting")
     return Volume(data=data, affine=np.asarray(image.affine, np.float64), origin=path)
 
 

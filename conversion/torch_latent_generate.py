@@ -21,7 +21,6 @@ delta), and the first answer token comes from `lm_head(z_K)`. torch is imported 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -78,8 +77,12 @@ def _vital_json(model_dir: str) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"{model_dir}: no vital.json; export a VITAL run with python -m conversion.flax_to_hf "
                          "--checkpoint=WORKDIR --out=DIR")
-    with open(path) as f:
-        return json.load(f)
+    from vital_jax.jsonio import read_json
+
+    config = read_json(path, ValueError)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
 
 
 def main(argv=None) -> int:

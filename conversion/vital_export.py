@@ -19,7 +19,8 @@ import shutil
 import jax
 import numpy as np
 
-from vital_jax.jsonio import atomic_write
+from vital_jax.checkpoint import CheckpointError
+from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.models import hf_config, hf_mapping, model_dir, safetensors_io
 from vital_jax.models.qwen3 import params as qwen3_params
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
@@ -32,8 +33,8 @@ def is_training_workdir(path: str) -> bool:
     cfg = os.path.join(path, "config.json")
     if not os.path.exists(cfg):
         return False
-    with open(cfg) as f:
-        return "vital" in json.load(f)
+    config = read_json(cfg, CheckpointError)
+    return isinstance(config, dict) and "vital" in config
 
 
 def export_run(workdir: str, out_dir: str, dtype: str = "float32",

@@ -298,6 +298,19 @@ def test_non_finite_loss_stops_naming_step_and_examples(corpus_dir, tmp_path):
         pretrain.pretrain(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("line, message", [
+    (b'["not", "an object"]', r"lines\.jsonl:2: not a JSON object"),
+    (b'{"id": "t1", "text": "caf\xe9", "split": "train"}', r"lines\.jsonl:2: .*UTF-8"),
+    (b'{"id": "t1", "text": ', r"lines\.jsonl:2: malformed JSON"),
+    (b'{"id": "t1", "text": 5, "split": "train"}', r"lines\.jsonl:2: missing or non-string field\(s\) \['text'\]"),
+])
+def test_a_bad_corpus_line_is_named_by_file_and_line(tmp_path, line, message):
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b'{"id": "t0", "text": "a", "split": "train"}\n' + line + b"\n")
+    with pytest.raises(pretrain_corpus.CorpusError, match=message):
+        pretrain_corpus.read_jsonl(str(path), ("id", "text", "split"))
+
+
 def test_corpus_loader_order_is_a_function_of_the_batch_index_and_errors_name_records(corpus_dir):
     cfg = pretrain_corpus.CorpusConfig(batch_size=4)
     texts = pretrain_corpus.TextExamples(corpus_dir, "train", cfg)

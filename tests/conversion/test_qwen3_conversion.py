@@ -149,6 +149,18 @@ def test_cli_help_describes_the_tools():
         assert res.returncode == 1 and "is a library module" in res.stderr and pointer in res.stderr, res.stderr
 
 
+def test_a_malformed_run_or_export_json_is_named(tmp_path):
+    from conversion import torch_latent_generate, vital_export
+    from vital_jax.checkpoint import CheckpointError
+
+    (tmp_path / "config.json").write_text('{"vital": ')
+    (tmp_path / "vital.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json: malformed JSON"):
+        vital_export.is_training_workdir(str(tmp_path))
+    with pytest.raises(ValueError, match=r"vital\.json: not a JSON object"):
+        torch_latent_generate._vital_json(str(tmp_path))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
     (lambda c: c.update(model_type="qwen3_vl"), "missing field 'text_config'"),   # another architecture's type

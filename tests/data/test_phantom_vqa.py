@@ -135,6 +135,10 @@ def test_pretraining_corpus_is_apart_from_the_benchmark(tmp_path, small_vqa):
     c.seed = 7
     with pytest.raises(phantom_corpus.CorpusError, match="other settings"):
         phantom_corpus.build_corpus(out, c)
+    with open(os.path.join(out, phantom_corpus.SUMMARY_FILE), "a") as f:  # a summary that no longer parses
+        f.write("}")
+    with pytest.raises(phantom_corpus.CorpusError, match=f"{phantom_corpus.SUMMARY_FILE}: malformed JSON"):
+        phantom_corpus.build_corpus(out, c)
 
 
 def test_contrast_questions_are_answered_from_the_image(small_vqa):

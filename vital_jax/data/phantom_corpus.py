@@ -32,6 +32,7 @@ from PIL import Image
 from vital_jax.data import geometry, phantoms, questions, records
 from vital_jax.data.geometry_teacher import GeometryTeacher
 from vital_jax.data.quality_gate import parse_output
+from vital_jax.jsonio import read_json
 
 PAIRS_FILE, TEXTS_FILE, TOKENIZER_DIR, SUMMARY_FILE = "pairs.jsonl", "texts.jsonl", "tokenizer", "corpus.json"
 _LESIONS = tuple(name for name, kind in phantoms.TARGET_TYPES.items() if kind == "lesion")
@@ -124,8 +125,9 @@ def _check_existing(out_dir: str, settings: dict) -> bool:
     path = os.path.join(out_dir, SUMMARY_FILE)
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        previous = json.load(f)
+    previous = read_json(path, CorpusError)
+    if not isinstance(previous, dict):
+        raise CorpusError(f"{path}: not a JSON object; delete {out_dir} to rebuild the corpus")
     if previous.get("settings") != settings:
         raise CorpusError(f"{out_dir} holds a corpus built with other settings ({previous.get('settings')}); "
                           f"use another folder or delete it")

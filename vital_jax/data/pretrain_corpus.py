@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from vital_jax.data import images
+from vital_jax.data.records import LineError, iter_jsonl
 from vital_jax.models.qwen3_vl import preprocessing, prompt
 
 PAIRS_FILE = "pairs.jsonl"
@@ -49,19 +49,14 @@ def read_jsonl(path: str, fields: Sequence[str], split: str | None = None) -> li
     if not os.path.isfile(path):
         raise CorpusError(f"{path}: not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{line_no}: not JSON: {e}") from e
-            missing = [k for k in fields if not isinstance(record.get(k), str)]
-            if missing:
-                raise CorpusError(f"{path}:{line_no}: missing or non-string field(s) {missing}")
-            if split is None or record["split"] == split:
-                out.append(record)
+    for line_no, record in iter_jsonl(path):  # a line that is not UTF-8, JSON or an object is a LineError
+        if isinstance(record, LineError):
+            raise CorpusError(f"{path}:{line_no}: {record}")
+        missing = [k for k in fields if not isinstance(record.get(k), str)]
+        if missing:
+            raise CorpusError(f"{path}:{line_no}: missing or non-string field(s) {missing}")
+        if split is None or record["split"] == split:
+            out.append(record)
     return out
 
 

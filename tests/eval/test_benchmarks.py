@@ -244,11 +244,26 @@ def test_pmc_vqa_builds_lettered_prompt_and_answer_letter(tmp_path):
     (["1", "PMC1_F1.jpg", "q?", "zebra", "A:a", "B:b", "C:c", "D:d", ""],
      r"test_2.csv:3: answer 'zebra' is neither an option letter"),
     (["1", "", "q?", "a", "A:a", "B:b", "C:c", "D:d", "A"], r"test_2.csv:3 \(id '1'\): missing .*Figure_path"),
+    # An unquoted comma shifts the columns: the extra field was dropped silently.
+    (["1", "PMC1_F1.jpg", "q?", "a", "A:a", "B:b", "C:c, and d", "D:d", "A", "extra"],
+     r"test_2.csv:3: 1 field\(s\) more than the header's 9 columns"),
 ])
 def test_pmc_vqa_malformed_row_is_named(tmp_path, row, message):
     good = ["0", "PMC1_F1.jpg", "q?", "a", "A:a", "B:b", "C:c", "D:d", "A"]
     with pytest.raises(BenchmarkError, match=message):
         load_benchmark("pmc_vqa", _pmc_dir(tmp_path, [good, row]), split="test")
+
+
+def test_pmc_vqa_json_options_must_be_text_or_numbers(tmp_path):
+    _image(str(tmp_path / "images" / "PMC1_F1.jpg"))
+    row = {"index": 0, "Figure_path": "PMC1_F1.jpg", "Question": "How many?", "Choice A": 1, "Choice B": ["x"],
+           "Answer_label": "A"}
+    (tmp_path / "test.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(BenchmarkError, match=r"test.jsonl:1.*Choice B must be text or a number"):
+        load_benchmark("pmc_vqa", str(tmp_path), split="test")
+    (tmp_path / "test.jsonl").write_text(json.dumps({**row, "Choice B": 2}) + "\n")
+    (example,) = load_benchmark("pmc_vqa", str(tmp_path), split="test")
+    assert example.options == ("1", "2") and example.answer == "A"
 
 
 def test_pmc_vqa_missing_file_lists_candidates(tmp_path):
@@ -430,6 +445,12 @@ def test_in_domain_distractors_are_never_about_the_same_target_and_unique_after_
      r"records.jsonl:12 \(id 'r43'\): .*exactly one of left, right, center"),
     ({"id": "r44", "image": "images/0.png", "question": "q", "answer": "a", "split": "test"},
      r"records.jsonl:12 \(id 'r44'\): missing .*question_type"),
+    # An unknown type was posed as a multiple choice, a non-string target compared as text.
+    (_record(45, "bogus", "What?", "The liver."), r"records.jsonl:12 \(id 'r45'\): question_type 'bogus' is not one"),
+    (_record(46, "identify", "What?", "The liver.", target=None),
+     r"records.jsonl:12 \(id 'r46'\): field\(s\) target must be strings"),
+    ({**_record(47, "identify", "What?", "The liver."), "modality": 5},
+     r"records.jsonl:12 \(id 'r47'\): field\(s\) modality must be strings"),
 ])
 def test_in_domain_malformed_record_is_named(tmp_path, record, message):
     data_dir, _ = _in_domain_dir(tmp_path, [record])

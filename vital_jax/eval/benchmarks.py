@@ -40,7 +40,7 @@ import numpy as np
 from vital_jax.data import images
 from vital_jax.data import questions
 from vital_jax.data.questions import CLOSED_TYPES
-from vital_jax.data.records import RECORDS_FILE, LineError, iter_jsonl
+from vital_jax.data.records import QUESTION_TYPES, RECORDS_FILE, LineError, iter_jsonl
 from vital_jax.eval import metrics
 from vital_jax.eval.errors import BenchmarkError
 from vital_jax.jsonio import read_json, read_text
@@ -136,7 +136,12 @@ def _read_json_or_jsonl(path: str) -> list[tuple[str, dict]]:
 def _read_csv(path: str) -> list[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(read_text(path, BenchmarkError), newline=""))
     # Line numbers count the header as line 1 (quoted newlines inside fields aside).
-    return [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
+    rows = [(f"{path}:{i + 2}", row) for i, row in enumerate(reader)]
+    for label, row in rows:
+        if None in row:  # DictReader files a row's extra fields under None: an unquoted comma shifted its columns
+            raise BenchmarkError(f"{label}: {len(row[None])} field(s) more than the header's "
+                                 f"{len(reader.fieldnames)} columns (an unquoted comma?)")
+    return rows
 
 
 # Fields that may be numbers as well as text: answers (VQA-RAD has integer answers) and ids (VQA-RAD's qid).
@@ -459,6 +464,11 @@ def _pmc_vqa_example(label: str, row: dict, rid: str, image_of: Callable[[str, o
     if len(letters) < 2 or letters != list(metrics.LETTERS[:len(letters)]):
         raise BenchmarkError(f"{label}: needs consecutive options Choice A, Choice B, ...; has "
                              f"{', '.join('Choice ' + c for c in letters) or 'none'}")
+    # A list or a mapping would become its repr as an option's text; numbers are options as they read.
+    wrong = [f"Choice {c}" for c in letters if isinstance(row[f"Choice {c}"], bool)
+             or not isinstance(row[f"Choice {c}"], (str, int, float))]
+    if wrong:
+        raise BenchmarkError(f"{label}: {', '.join(wrong)} must be text or a number")
     options = tuple(_strip_option_prefix(str(row[f"Choice {c}"]), c) for c in letters)
     raw = row.get("Answer_label") or row.get("Answer")
     if raw is None or not str(raw).strip():
@@ -635,7 +645,16 @@ def load_in_domain(data_dir: str, split: str = "test", limit: int | None = None,
     rows = []
     for label, record in _read_jsonl(path):
         _fields(label, record, ("id", "image", "question", "answer", "question_type", "split"))
-        rows.append((f"{label} (id {record['id']!r})", record))
+        label = f"{label} (id {record['id']!r})"
+        # An unknown type would be posed as a multiple choice; a non-string target would be compared as text.
+        if record["question_type"] not in QUESTION_TYPES:
+            raise BenchmarkError(f"{label}: question_type {record['question_type']!r} is not one of "
+                                 f"{', '.join(QUESTION_TYPES)}")
+        wrong = [k for k in ("target", "target_type", "modality", "source") if k in record
+                 and not isinstance(record[k], str)]
+        if wrong:
+            raise BenchmarkError(f"{label}: field(s) {', '.join(wrong)} must be strings")
+        rows.append((label, record))
     # (question type, target type or None) -> normalised answer -> (its text, the normalised targets it is about)
     pools: dict[tuple, dict[str, tuple[str, set]]] = {}
     for _, r in rows:

@@ -91,6 +91,9 @@ def test_the_ground_truth_mask_is_figure_12s_last_panel_and_each_heatmap_is_scor
     # A mask of another size is refused, naming both files.
     Image.fromarray(rgb).save(tmp_path / "image.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "mask.png")
+    with pytest.raises(ValueError, match=r"--mask: .*mask.png: empty mask"):  # nothing to score a heatmap against
+        explain.check_mask(str(tmp_path / "mask.png"), str(tmp_path / "image.png"))
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "mask.png")
     with pytest.raises(ValueError, match=r"--mask=.*mask.png: 10x10 pixels, the image .*image.png 64x48"):
         explain.check_mask(str(tmp_path / "mask.png"), str(tmp_path / "image.png"))
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")

@@ -120,6 +120,23 @@ def test_empty_mask_names_the_record():
                                  TABLE_ENCODER, TABLE_PARAMS, names=["record 'a'", "record 'b'"])
 
 
+def test_a_mask_file_is_read_as_validation_reads_it(tmp_path):
+    """A grey (anti-aliased) mask file was thresholded at 128 here while `validate` refuses it: now both refuse
+    it, naming the record and the file; 0/1 and 0/255 files read the same."""
+    from PIL import Image
+
+    grey = np.zeros((20, 20), np.uint8)
+    grey[5:10, 5:10] = 255
+    grey[5, 5] = 128
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    with pytest.raises(roi.RoiError, match=r"rec3: .*grey\.png: not a binary mask"):
+        roi.load_mask(str(tmp_path / "grey.png"), "rec3")
+    Image.fromarray((grey > 0).astype(np.uint8)).save(tmp_path / "ones.png")
+    Image.fromarray((grey > 0).astype(np.uint8) * 255).save(tmp_path / "full.png")
+    np.testing.assert_array_equal(roi.load_mask(str(tmp_path / "ones.png")), grey > 0)
+    np.testing.assert_array_equal(roi.load_mask(str(tmp_path / "full.png")), grey > 0)
+
+
 def test_mask_size_mismatch_names_the_record():
     with pytest.raises(roi.RoiError, match="rec7: mask is 40x50"):
         roi.extract_roi_features([_image(50, 60)], [_mask(50, 40, 0, 0, 10, 10)], TABLE_ENCODER, TABLE_PARAMS,

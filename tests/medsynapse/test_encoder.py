@@ -165,7 +165,7 @@ def test_record_region_masks_map_the_record_mask_through_the_encoder_geometry(ch
     assert regions.masks.shape == (1, 8, 8) and (regions.masks[0] == expected).all()
     assert regions.confidence.tolist() == [1.0]
 
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask_path)
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(mask_path)
     with pytest.raises(ValueError, match="mask is 10x10"):
         provider(sam, params, image_path, mask_path)
     with pytest.raises(ValueError, match="needs the record's segmentation mask"):

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from vital_jax.data import images as images_lib  # (`images` names the image lists below)
 from vital_jax.data.images import ImageError, load_image
 from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_PROVENANCE_FILE,
                                     ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
@@ -342,18 +343,18 @@ def _view_for(image, mask, encoder: RoiEncoder, cfg: RoiConfig, name: str) -> Ro
 
 
 def load_mask(source, name: str = "mask") -> np.ndarray:
-    """Path, PIL image or array -> (H, W) bool. 8-bit masks (0/255 PNGs) are ROI where >= 128; bool and other
-    integer arrays where nonzero. Raises RoiError naming `name` (and the file) when it cannot be read."""
+    """Path, PIL image or array -> (H, W) bool. A file is read as the dataset's validation reads it
+    (`images.load_mask`: 0/255 or 0/1 values only, at least one foreground pixel), so this command accepts no mask
+    `validate` refuses (it thresholded grey, anti-aliased masks at 128). In memory: 8-bit masks are ROI where
+    >= 128; bool and other integer arrays where nonzero. Raises RoiError naming `name` (and the file)."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise RoiError(f"{name}: mask file {path} not found")
         try:
-            with Image.open(path) as img:
-                img.load()
-                source = img.copy()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise RoiError(f"{name}: cannot decode mask {path}: {e}") from e
+            return images_lib.load_mask(path, None)
+        except ImageError as e:  # its message starts with the path
+            raise RoiError(str(e) if name == path else f"{name}: {e}") from e
     if isinstance(source, Image.Image):
         if source.mode not in ("1", "L", "I", "I;16", "P"):
             source = source.convert("L")

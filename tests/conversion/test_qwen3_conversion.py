@@ -204,6 +204,29 @@ def test_a_sharded_index_names_files_beside_it_only(tmp_path, shard):
         safetensors_io.index_tensors(str(model_dir))
 
 
+def test_shards_must_hold_each_tensor_once_and_where_the_index_says(tmp_path):
+    """A tensor in two shards (which copy loads would depend on the reading order) or in another shard than the
+    index names is refused, naming the files; a consistent index reads."""
+    from safetensors.numpy import save_file
+
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    a, b = np.zeros((2, 2), np.float32), np.ones((3,), np.float32)
+    save_file({"w": a}, str(model_dir / "s1.safetensors"))
+    save_file({"v": b}, str(model_dir / "s2.safetensors"))
+    index = model_dir / safetensors_io.INDEX_FILE
+    index.write_text(json.dumps({"weight_map": {"w": "s1.safetensors", "v": "s2.safetensors"}}))
+    assert {k: r.shape for k, r in safetensors_io.index_tensors(str(model_dir)).items()} == {"w": (2, 2), "v": (3,)}
+    index.write_text(json.dumps({"weight_map": {"w": "s2.safetensors", "v": "s1.safetensors"}}))
+    with pytest.raises(safetensors_io.SafetensorsError, match=r"2 tensor\(s\) not where the index says: v \(index: "
+                                                              r"s1.safetensors, found: s2.safetensors\)"):
+        safetensors_io.index_tensors(str(model_dir))
+    save_file({"v": b, "w": a}, str(model_dir / "s2.safetensors"))
+    index.write_text(json.dumps({"weight_map": {"w": "s1.safetensors", "v": "s2.safetensors"}}))
+    with pytest.raises(safetensors_io.SafetensorsError, match=r"s2.safetensors: tensor w is also in .*s1.safetensors"):
+        safetensors_io.index_tensors(str(model_dir))
+
+
 def test_an_export_never_mixes_with_earlier_weights_or_writes_into_its_source(tmp_path):
     """A second export into a folder with weights (a sharded index beside a single file would make transformers
     and vital_jax load different tensors) and an export or conversion into its own source are refused before

@@ -92,7 +92,17 @@ def index_tensors(model_dir: str) -> dict[str, TensorRef]:
         path = os.path.join(model_dir, name)
         if not os.path.exists(path):
             raise SafetensorsError(f"{path}: listed in {INDEX_FILE} but missing")
-        refs.update(_file_tensors(path))
+        for key, ref in _file_tensors(path).items():
+            if key in refs:  # which copy is the weight would depend on the order the shards are read
+                raise SafetensorsError(f"{path}: tensor {key} is also in {refs[key].path}")
+            refs[key] = ref
+    if len(files) > 1 or os.path.exists(index_path):
+        wrong = [f"{key} (index: {shard}, found: {os.path.basename(refs[key].path) if key in refs else 'nowhere'})"
+                 for key, shard in sorted(weight_map.items())
+                 if key not in refs or os.path.basename(refs[key].path) != shard]
+        if wrong:
+            raise SafetensorsError(f"{index_path}: {len(wrong)} tensor(s) not where the index says: "
+                                   f"{', '.join(wrong[:5])}")
     return refs
 
 

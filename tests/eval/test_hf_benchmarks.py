@@ -419,6 +419,10 @@ def test_images_are_written_once_and_reused(tmp_path):
     assert load_benchmark("pathvqa", str(tmp_path)) == first and os.stat(path).st_mtime_ns == mtime
     files = [f for _, _, names in os.walk(tmp_path / "cache") for f in names]
     assert files == [os.path.basename(path)]
+    # A cached file cut short (a crash of an older version, a full disk) is written again, not trusted.
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    assert load_benchmark("pathvqa", str(tmp_path)) == first and open(path, "rb").read() == _png((7, 7, 7))
 
 
 def test_a_path_only_image_cell_is_resolved_under_the_image_folder(tmp_path):

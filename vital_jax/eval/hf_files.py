@@ -189,12 +189,21 @@ class ImageCache:
         except images.ImageError as e:
             raise BenchmarkError(f"{label}: {e}") from e
         path = os.path.join(self.cache_dir, digest[:2], digest + _EXTENSIONS.get(kind, "." + kind.lower()))
-        if not os.path.isfile(path):
+        # A cached file is named by its bytes' digest; one of another size was cut short (a crash before this
+        # write-then-rename existed, a full disk) and is written again rather than trusted.
+        if not os.path.isfile(path) or os.path.getsize(path) != len(data):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # Write then rename, so that a concurrent or interrupted load never leaves half an image at `path`.
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
         self._paths[digest] = path
         return path

@@ -6,13 +6,15 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from vital_jax.data import balance, phantom_corpus, phantoms
 from vital_jax.data.build import build
-from vital_jax.data.records import RECORDS_FILE, read_records
+from vital_jax.data.questions import QUESTIONS_FILE, read_questions
+from vital_jax.data.records import RECORDS_FILE, read_records, write_records
 from configs.data import phantom_vqa
 
 
@@ -113,6 +115,25 @@ def test_rebuilding_reuses_the_balanced_records(small_vqa):
     # (the teacher may also have rejected some).
     assert summary["set_aside"] > 0 and summary["questions"] >= summary["records"] + summary["set_aside"]
     assert open(os.path.join(small_vqa, RECORDS_FILE)).read() == before
+
+
+def test_balancing_stopped_between_its_two_writes_sets_each_record_aside_once(small_vqa, tmp_path):
+    """balance_dropped.jsonl is written before records.jsonl shrinks; a build stopped between the two rewrites the
+    set-aside records on its rerun: they must not be set aside twice."""
+    from vital_jax.data import build as build_lib
+
+    out = tmp_path / "copy"
+    shutil.copytree(small_vqa, out)
+    kept = read_records(str(out / RECORDS_FILE))
+    dropped = read_records(str(out / balance.DROPPED_FILE))
+    # As if stopped before records.jsonl was rewritten: the distilled records, in question order, as balancing read
+    order = {q.id: i for i, q in enumerate(read_questions(str(out / QUESTIONS_FILE)))}
+    write_records(str(out / RECORDS_FILE), sorted(kept + dropped, key=lambda r: order[r.id]))
+    config = phantom_vqa.get_config()
+    config.out_dir = str(out)
+    build_lib._balance(config)
+    assert [r.id for r in read_records(str(out / balance.DROPPED_FILE))] == [r.id for r in dropped]
+    assert sorted(r.id for r in read_records(str(out / RECORDS_FILE))) == sorted(r.id for r in kept)
 
 
 def test_pretraining_corpus_is_apart_from_the_benchmark(tmp_path, small_vqa):

@@ -296,8 +296,10 @@ def _balance(config) -> None:
     if dropped:
         dropped_path = os.path.join(config.out_dir, balance.DROPPED_FILE)
         previous = records.read_records(dropped_path) if os.path.exists(dropped_path) else []
-        records.write_records(dropped_path, previous + dropped)  # before records.jsonl shrinks: nothing is lost
-        records.write_records(path, kept)
+        # A build stopped between the two writes set these records aside already: keep one copy of each.
+        seen = {r.id for r in previous}
+        records.write_records(dropped_path, previous + [r for r in dropped if r.id not in seen])  # before
+        records.write_records(path, kept)  # records.jsonl shrinks: nothing is lost
 
 
 def _check_roi_config(config) -> None:

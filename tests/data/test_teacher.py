@@ -37,18 +37,28 @@ class _TeacherServer:
 
     SCRIPTS = {"good": ["good"], "leaky": ["leaky", "good"], "alwaysleaky": ["leaky"],
                "malformed": ["malformed", "good"], "steps": ["wrong_steps", "good"], "flaky": [500, 500, "good"],
-               "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403]}
+               "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403],
+               **{f"redirect{code}": [code] for code in (301, 302, 303, 307, 308)}}
 
     def __init__(self):
         self.calls = collections.Counter()
         self.prompts = collections.defaultdict(list)
         self.auth = []
+        self.requests = []          # (method, path, Authorization) of every request, whatever its method
+        self.redirect_to = None     # the Location of the redirect scripts' answers
         self.lock = threading.Lock()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def parse_request(self):
+                parsed = super().parse_request()
+                if parsed:
+                    with server.lock:
+                        server.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                return parsed
 
             def do_POST(self):
                 try:
@@ -57,6 +67,8 @@ class _TeacherServer:
                     payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
                                          if status == 200 else {"error": "boom"}).encode()
                     self.send_response(status)
+                    if 300 <= status < 400:
+                        self.send_header("Location", server.redirect_to)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -211,6 +223,56 @@ def test_client_does_not_retry_client_errors_and_needs_its_key(server, monkeypat
     refused = _client(server, base_url="http://127.0.0.1:9", api_key_env="", max_retries=1)
     with pytest.raises(teacher.TeacherTransportError, match="failed after 2 attempts"):
         refused.complete([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_naming_its_host_and_the_key_never_reaches_it(server, monkeypatch, tmp_path, status):
+    """urllib follows 301/302/303 of a POST (as a GET) with the Authorization header copied: to another host, the
+    key would leak there."""
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    elsewhere = _TeacherServer()
+    try:
+        server.redirect_to = elsewhere.base_url.replace("127.0.0.1", "localhost") + "/chat/completions"
+        q, = _dataset(tmp_path, [f"redirect{status}"])
+        sleeps = []
+        api = teacher.ApiTeacher(teacher.ChatClient(_client(server).config, sleep=sleeps.append))
+        port = elsewhere.httpd.server_address[1]
+        with pytest.raises(teacher.TeacherTransportError,
+                           match=rf"HTTP {status} .*a redirect to host 'localhost:{port}'; not followed") as error:
+            api.generate(q, np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), bool))
+        assert API_KEY not in str(error.value) and server.calls[q.question] == 1 and sleeps == []
+        assert elsewhere.requests == []
+    finally:
+        elsewhere.close()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:s3cret@api.example.com/v1/chat/completions", "https://***@api.example.com/v1/chat/completions"),
+    ("https://s3cret@api.example.com:8443/v1", "https://***@api.example.com:8443/v1"),
+    ("https://api.example.com/v1?key=s3cret&x=1", "https://api.example.com/v1?***"),
+    ("https://api.example.com/v1#s3cret", "https://api.example.com/v1#***"),
+    ("http://127.0.0.1:8000/v1/chat/completions", "http://127.0.0.1:8000/v1/chat/completions"),
+    ("user:s3cret@api.example.com/v1", "<not a URL>"),
+    ("http://[::1/s3cret", "<not a URL>"),
+])
+def test_redact_url_hides_userinfo_query_and_fragment(url, shown):
+    assert teacher.redact_url(url) == shown
+
+
+def test_credentials_in_base_url_or_a_malformed_key_are_never_written(server, monkeypatch, tmp_path):
+    q, = _dataset(tmp_path, ["good"])
+    host = server.base_url.split("//")[1].split(":")[0]
+    inputs = (q, np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), bool))
+    # http.client quotes the password (a nonnumeric port) and a URL with a space; urllib an unknown URL type.
+    for base_url in (f"http://user:s3cret@{host}/v1", "http://127.0.0.1:9/v1?key=s3cret x", "s3cret@nowhere/v1"):
+        client = _client(server, base_url=base_url, api_key_env="", max_retries=0)
+        with pytest.raises(teacher.TeacherTransportError) as error:
+            teacher.ApiTeacher(client).generate(*inputs)
+        assert "s3cret" not in str(error.value), str(error.value)
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY + "\n")
+    with pytest.raises(teacher.TeacherTransportError, match="control characters") as error:
+        teacher.ApiTeacher(_client(server, max_retries=0)).generate(*inputs)
+    assert API_KEY not in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------------- runs

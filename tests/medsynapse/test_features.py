@@ -3,7 +3,9 @@ nothing changed, rebuilt when the records change, and clear errors for bad input
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from tests.medsynapse.test_encoder import SIGLIP_KW, _save
 from vital_jax.data import records as records_lib
 from vital_jax.medsynapse import encoder as ana
-from vital_jax.medsynapse import features
+from vital_jax.medsynapse import features, trainer
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,20 @@ def test_store_is_reused_and_rebuilt_when_the_records_change(siglip, tmp_path):
     records_lib.write_records(os.path.join(data_dir, records_lib.RECORDS_FILE), recs[:2])
     store = features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
     assert len(store.image_rows) == 2 and store.features.shape[0] == 1
+    # A store written before the index recorded its records' sha256 is reused (its fingerprint covers the
+    # records) and gains it, so that readers without the encoder can check it.
+    stamp = os.path.getmtime(os.path.join(out, features.FEATURES_FILE))
+    index_path = os.path.join(out, features.INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    del index["records_sha256"]
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    assert os.path.getmtime(os.path.join(out, features.FEATURES_FILE)) == stamp
+    with open(index_path) as f:
+        assert json.load(f)["records_sha256"] == features.records_sha256(
+            os.path.join(data_dir, records_lib.RECORDS_FILE))
 
 
 def test_store_in_half_precision_and_bad_inputs(siglip, tmp_path):
@@ -92,7 +108,7 @@ def test_store_in_half_precision_and_bad_inputs(siglip, tmp_path):
     with pytest.raises(features.FeatureStoreError, match="b.png"):
         features.build_feature_store(data_dir, encoder, params, str(tmp_path / "bad"))
     with pytest.raises(features.FeatureStoreError, match="no feature_index.json"):
-        features.FeatureStore.load(str(tmp_path / "bad"))
+        features.FeatureStore.load(str(tmp_path / "bad"), os.path.join(data_dir, records_lib.RECORDS_FILE))
 
 
 @pytest.mark.parametrize("torn", ['{"fingerprint": "ab', "[1, 2]", '{"fingerprint": "x"}'])
@@ -105,6 +121,86 @@ def test_a_torn_index_is_named_on_load_and_rebuilt_by_the_builder(siglip, tmp_pa
     with open(index, "w") as f:
         f.write(torn)
     with pytest.raises(features.FeatureStoreError, match=f"{index}: unreadable"):
-        features.FeatureStore.load(out)
+        features.FeatureStore.load(out, os.path.join(data_dir, records_lib.RECORDS_FILE))
     store = features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
     assert len(store.image_rows) == 3 and "its index is unreadable" in caplog.text
+
+
+# A store written by hand (no encoder: these tests are about reading): 2 images on a 4x4 grid, 3 records of 2
+# regions each, built from the records.jsonl it is given.
+GRID = (4, 4)
+
+
+def _hand_store(root) -> tuple[str, str]:
+    """-> (store directory, records.jsonl path)."""
+    data_dir, store = os.path.join(root, "data"), os.path.join(root, "store")
+    os.makedirs(data_dir)
+    os.makedirs(store)
+    records_path = os.path.join(data_dir, records_lib.RECORDS_FILE)
+    records_lib.write_records(records_path, [_record(i, f"images/{i // 2}.png", "images/m.png") for i in range(3)])
+    np.save(os.path.join(store, features.FEATURES_FILE), np.zeros((2, *GRID, 8), np.float32))
+    np.save(os.path.join(store, features.MASKS_FILE), np.ones((3, 2, *GRID), bool))
+    np.save(os.path.join(store, features.CONFIDENCE_FILE), np.ones((3, 2), np.float32))
+    np.save(os.path.join(store, features.VALID_FILE), np.ones((3, 2), bool))
+    _write_index(store, fingerprint="by hand", records_sha256=features.records_sha256(records_path),
+                 image_rows=[0, 0, 1])
+    return store, records_path
+
+
+def _write_index(store: str, **index) -> None:
+    with open(os.path.join(store, features.INDEX_FILE), "w") as f:
+        json.dump(index, f)
+
+
+def test_a_hand_written_store_loads(tmp_path):
+    store, records_path = _hand_store(str(tmp_path))   # the baseline that the tests below corrupt one part of
+    loaded = features.FeatureStore.load(store, records_path)
+    assert loaded.grid == GRID and loaded.image_rows.tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("name, array, message", [
+    (features.FEATURES_FILE, np.zeros((2, *GRID, 8), np.float64), "expected .* float32 or float16"),
+    (features.FEATURES_FILE, np.zeros((2, 16, 8), np.float32), r"expected \(num_images, Hf, Wf, df\)"),
+    (features.MASKS_FILE, np.ones((3, 2, 5, 5), bool), r"expected bool \(3 records .*, 4, 4 as"),
+    (features.MASKS_FILE, np.ones((3, 2, *GRID), np.float64), "float64 .*expected bool"),
+    (features.MASKS_FILE, np.ones((2, 2, *GRID), bool), r"expected bool \(3 records of the index"),
+    (features.CONFIDENCE_FILE, np.ones((3, 3), np.float32), r"expected float32 \(3, 2\)"),
+    (features.CONFIDENCE_FILE, np.ones((3, 2), np.float64), r"float64 \(3, 2\), expected float32"),
+    (features.VALID_FILE, np.ones((3,), bool), r"bool \(3,\), expected bool \(3, 2\)"),
+    (features.VALID_FILE, np.ones((3, 2), np.uint8), r"uint8 .*expected bool"),
+])
+def test_load_refuses_an_array_whose_rank_dtype_grid_or_regions_disagree(tmp_path, name, array, message):
+    store, records_path = _hand_store(str(tmp_path))
+    np.save(os.path.join(store, name), array)
+    with pytest.raises(features.FeatureStoreError, match=f"{os.path.join(store, name)}: .*{message}"):
+        features.FeatureStore.load(store, records_path)
+
+
+@pytest.mark.parametrize("row", [-1, 2, "1", 1.0, True, None])
+def test_load_refuses_an_image_row_that_is_negative_or_not_an_integer_naming_the_entry(tmp_path, row):
+    store, records_path = _hand_store(str(tmp_path))
+    _write_index(store, fingerprint="by hand", records_sha256=features.records_sha256(records_path),
+                 image_rows=[0, row, 1])
+    index_path = os.path.join(store, features.INDEX_FILE)
+    with pytest.raises(features.FeatureStoreError,
+                       match=rf"{index_path}: image_rows\[1\] = {re.escape(repr(row))} is not a row"):
+        features.FeatureStore.load(store, records_path)
+
+
+def test_a_store_built_from_other_records_of_the_same_count_is_refused_by_load_trained(tmp_path):
+    store, records_path = _hand_store(str(tmp_path))
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    os.rename(store, os.path.join(workdir, trainer.FEATURES_DIR))
+    store = os.path.join(workdir, trainer.FEATURES_DIR)
+    paths = trainer.Paths(data_dir=os.path.dirname(records_path), tokenizer_dir="", backbone_dir="",
+                          encoder_dir="")
+    assert len(trainer.load_feature_store(workdir, paths).image_rows) == 3
+    recs = records_lib.read_records(records_path)
+    records_lib.write_records(records_path, recs[::-1])   # as many records, in another order
+    with pytest.raises(features.FeatureStoreError,
+                       match=f"{store}: built from other records than {records_path}.*delete {store} and rerun"):
+        trainer.load_feature_store(workdir, paths)
+    _write_index(store, fingerprint="by hand", image_rows=[0, 0, 1])   # a store from before the sha256
+    with pytest.raises(features.FeatureStoreError, match=f"{store}: its feature_index.json records no fingerprint"):
+        trainer.load_feature_store(workdir, paths)

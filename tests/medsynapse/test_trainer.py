@@ -653,7 +653,6 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     from vital_jax.evaluate import evaluate_medsynapse
     from vital_jax.medsynapse import memory as memory_lib
     from vital_jax.medsynapse import predict
-    from vital_jax.medsynapse.features import FeatureStore
 
     workdir, _ = three_stage_run
     run = trainer.load_trained(workdir)
@@ -679,7 +678,7 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
     examples = load_benchmark("phantom_vqa", run.paths.data_dir, split="train", limit=2)
     rows = {r.id: i for i, r in enumerate(read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)))}
     encoded, n = teacher.encode([e.image for e in examples], [e.prompt for e in examples])
-    stored = FeatureStore.load(os.path.join(workdir, trainer.FEATURES_DIR)).gather(
+    stored = trainer.load_feature_store(workdir, run.paths).gather(
         np.asarray([rows[e.id] for e in examples]))["feature_map"]
     prefix, pixels = encoded
     np.testing.assert_allclose(np.asarray(encoder.feature_map(encoder_params, pixels)), stored, atol=1e-5)

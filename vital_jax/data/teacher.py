@@ -8,7 +8,8 @@ Pieces, in the order a sample meets them:
                      range and an in-context JSON example
   ChatClient         OpenAI-compatible chat-completions over urllib: API key read from the environment variable
                      the config names (never logged or written), retries with exponential back-off on HTTP 5xx,
-                     429 and timeouts
+                     429 and timeouts; redirects refused (urllib would send the key to the new host), and
+                     credentials in base_url (userinfo, query) never written (`redact_url`)
   ApiTeacher         overlay + prompts + client; `GeometryTeacher` (geometry_teacher.py) has the same interface
   distill            bounded thread pool; every output through the quality gate, up to 4 regenerations whose
                      prompt names the violation; accepted records appended one per line (resumable: a rerun skips
@@ -30,6 +31,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, Protocol, Sequence
 
@@ -197,12 +199,59 @@ class ApiConfig:
     max_tokens: int | None = None
 
 
+def redact_url(url: str) -> str:
+    """`url` as messages, logs and rejected.jsonl may show it: userinfo, query and fragment replaced by *** (a
+    user may have put credentials there: https://user:key@host/v1, ?key=...); anything that is not a URL with a
+    host is not shown at all."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<not a URL>"
+    if not parts.scheme or not parts.netloc:
+        return "<not a URL>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}" if at else host, parts.path,
+                                    "***" if parts.query else "", "***" if parts.fragment else ""))
+
+
+def _without_url_secrets(text: str, url: str) -> str:
+    """`text` (an exception's) with the parts of `url` that may be credentials replaced by ***: http.client quotes
+    them (`nonnumeric port: 'key@host'` for https://user:key@host)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return text
+    userinfo = parts.netloc.rpartition("@")[0]
+    secrets = {userinfo, *userinfo.split(":", 1), parts.query, parts.fragment} - {""}
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _host(url: str, location: str) -> str:
+    """The host (and port) a redirect from `url` to `location` (absolute or relative) points at, no userinfo."""
+    try:
+        return urllib.parse.urlsplit(urllib.parse.urljoin(url, location)).netloc.rpartition("@")[2]
+    except ValueError:
+        return "<an unparseable Location>"
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib copies the Authorization header to the new URL, which may be another host.
+    Without a new request the 3xx response reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class ChatClient:
-    """POST {base_url}/chat/completions with urllib; returns the first choice's message content."""
+    """POST {base_url}/chat/completions with urllib; returns the first choice's message content. A redirect is an
+    error, not followed; base_url appears in messages only through `redact_url`."""
 
     def __init__(self, config: ApiConfig, sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self._sleep = sleep
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         self.retries = 0  # transport retries so far (all threads; an int += is atomic enough for a statistic)
 
     def _headers(self) -> dict[str, str]:
@@ -212,6 +261,9 @@ class ChatClient:
             if not key:
                 raise TeacherTransportError(f"environment variable {self.config.api_key_env} is not set "
                                             "(it must hold the teacher API key)")
+            if not key.isprintable() or key != key.strip():  # http.client's error would quote the whole header
+                raise TeacherTransportError(f"environment variable {self.config.api_key_env}: the teacher API key "
+                                            "holds whitespace or control characters (a pasted newline?)")
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
@@ -223,26 +275,34 @@ class ChatClient:
             body["max_tokens"] = self.config.max_tokens
         data = json.dumps(body).encode("utf-8")
         url = self.config.base_url.rstrip("/") + "/chat/completions"
+        shown = redact_url(url)
         last_error = ""
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.retries += 1
                 self._sleep(self.config.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+                request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
+            except ValueError as e:  # its message quotes the whole URL
+                raise TeacherTransportError(f"base_url {shown}: not an http(s) URL") from e
+            try:
+                with self._opener.open(request, timeout=self.config.timeout_s) as response:
                     payload = json.loads(response.read().decode("utf-8"))
                 return _message_content(payload)
             except urllib.error.HTTPError as e:
                 last_error = f"HTTP {e.code} {e.reason}"
+                if 300 <= e.code < 400 and e.headers.get("Location"):
+                    raise TeacherTransportError(
+                        f"{shown}: {last_error}, a redirect to host {_host(url, e.headers['Location'])!r}; not "
+                        "followed (it would carry the API key there): set base_url to the endpoint itself") from e
                 if e.code < 500 and e.code != 429:
-                    raise TeacherTransportError(f"{url}: {last_error} (not retried)") from e
+                    raise TeacherTransportError(f"{shown}: {last_error} (not retried)") from e
             except (urllib.error.URLError, TimeoutError, socket.timeout, http.client.HTTPException,
                     ConnectionError) as e:
-                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                last_error = _without_url_secrets(f"{type(e).__name__}: {getattr(e, 'reason', e)}", url)
             except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
                 last_error = f"malformed API response ({e})"
-        raise TeacherTransportError(f"{url}: failed after {self.config.max_retries + 1} attempts ({last_error})")
+        raise TeacherTransportError(f"{shown}: failed after {self.config.max_retries + 1} attempts ({last_error})")
 
 
 def _message_content(payload) -> str:

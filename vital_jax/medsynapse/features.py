@@ -10,9 +10,12 @@ Layout of a store directory (written by `build_feature_store`, read by `FeatureS
   region_masks.npy          (num_records, R, Hf, Wf)   bool, each record's candidate regions on the feature grid
   region_confidence.npy     (num_records, R)           float32
   region_valid.npy          (num_records, R)           bool (False: a padding slot)
-  feature_index.json        {"fingerprint": ..., "image_rows": [row of anatomical_features per record], ...}
+  feature_index.json        {"fingerprint": ..., "records_sha256": ..., "image_rows": [row of anatomical_features
+                            per record], ...}
 Rows follow records.jsonl (the pipeline's `record_index`). The index is written last, so a store whose index
 exists is complete; a store built from other records or another encoder (a different fingerprint) is rebuilt.
+`records_sha256` (of records.jsonl's bytes) lets a reader without the encoder (`FeatureStore.load`, as
+`trainer.load_trained` does) refuse a store built from other records, even ones with the same count.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ class FeatureStoreError(ValueError):
     """A store cannot be built or read (a missing file, a record whose image or mask fails, a foreign store)."""
 
 
+def records_sha256(records_path: str) -> str:
+    """sha256 of records.jsonl's bytes: what the index records of the records a store was built from."""
+    h = hashlib.sha256()
+    with open(records_path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
 def _fingerprint(data_dir: str, encoder: AnatomicalEncoder, encoder_id: str, provider: RegionMaskProvider,
                  dtype: str) -> str:
     h = hashlib.sha256()
@@ -67,7 +78,10 @@ class FeatureStore:
     valid: np.ndarray         # (num_records, R) bool
 
     @classmethod
-    def load(cls, directory: str) -> "FeatureStore":
+    def load(cls, directory: str, records_path: str) -> "FeatureStore":
+        """Open the store in `directory`, built from `records_path` (its records.jsonl); FeatureStoreError naming
+        the file for anything that disagrees: another records.jsonl, an array's rank, dtype, grid or region count,
+        or an image row that is not an integer row of anatomical_features.npy."""
         index_path = os.path.join(directory, INDEX_FILE)
         if not os.path.exists(index_path):
             raise FeatureStoreError(f"{directory}: no {INDEX_FILE}; build the store first (build_feature_store; "
@@ -76,6 +90,7 @@ class FeatureStore:
         if index is None:
             raise FeatureStoreError(f"{index_path}: unreadable (a torn write?); delete it, and the training command "
                                     "rebuilds the store")
+        _check_records(directory, index, records_path)
         try:
             features = np.load(os.path.join(directory, FEATURES_FILE), mmap_mode="r", allow_pickle=False)
             masks = np.load(os.path.join(directory, MASKS_FILE), allow_pickle=False)
@@ -84,12 +99,8 @@ class FeatureStore:
         except (OSError, ValueError) as e:
             raise FeatureStoreError(f"{directory}: an array of the feature store cannot be read ({e}); delete the "
                                     "folder to rebuild it") from e
-        image_rows = np.asarray(index["image_rows"], np.int64)
-        n = len(image_rows)
-        if masks.shape[0] != n or confidence.shape[0] != n or valid.shape[0] != n or (
-                n and int(image_rows.max()) >= features.shape[0]):
-            raise FeatureStoreError(f"{directory}: the store's arrays disagree with its index ({n} records); delete "
-                                    "the folder to rebuild it")
+        _check_arrays(directory, len(index["image_rows"]), features, masks, confidence, valid)
+        image_rows = _image_rows(index_path, index["image_rows"], features.shape[0])
         return cls(directory, features, image_rows, masks, confidence, valid)
 
     @property
@@ -126,6 +137,58 @@ def _read_index(path: str) -> dict | None:
     return index
 
 
+def _check_records(directory: str, index: dict, records_path: str) -> None:
+    """The store was built from the records now in `records_path`: rows are record indices, so a store of other
+    records (even as many) would hand every record another record's features and regions."""
+    rebuild = (f"rebuild the store from the current records: delete {directory} and rerun the MedSynapse-V "
+               "training command with the run's config (it builds the store before any stage)")
+    recorded = index.get("records_sha256")
+    if not isinstance(recorded, str):
+        raise FeatureStoreError(f"{directory}: its {INDEX_FILE} records no fingerprint of the records it was built "
+                                f"from (a store written before it was recorded), so it cannot be checked against "
+                                f"{records_path}; rerun the training command (it adds the fingerprint when the "
+                                f"records are unchanged) or {rebuild}")
+    try:
+        current = records_sha256(records_path)
+    except OSError as e:
+        raise FeatureStoreError(f"{directory}: cannot read the records it must match ({e})") from e
+    if current != recorded:
+        raise FeatureStoreError(f"{directory}: built from other records than {records_path} (their sha256 differs "
+                                f"from the one in {INDEX_FILE}); restore the records it was built from, or {rebuild}")
+
+
+def _image_rows(index_path: str, rows: list, num_images: int) -> np.ndarray:
+    """The index's image_rows as (num_records,) int64; each must be an integer row of anatomical_features.npy (a
+    negative one would wrap around to another image in numpy indexing)."""
+    for i, row in enumerate(rows):
+        if type(row) is not int or not 0 <= row < num_images:  # type(): True is an int, and not a row
+            raise FeatureStoreError(f"{index_path}: image_rows[{i}] = {row!r} is not a row of {FEATURES_FILE} (an "
+                                    f"integer in [0, {num_images})); delete the folder to rebuild the store")
+    return np.asarray(rows, np.int64).reshape(-1)
+
+
+def _check_arrays(directory: str, num_records: int, features: np.ndarray, masks: np.ndarray,
+                  confidence: np.ndarray, valid: np.ndarray) -> None:
+    """Rank, dtype and shape of every array against each other and the index's `num_records` (module
+    docstring's layout): a mask on another grid or a region count that `confidence` disagrees with would be
+    broadcast or truncated silently downstream."""
+    def fail(name: str, array: np.ndarray, expected: str) -> None:
+        raise FeatureStoreError(f"{os.path.join(directory, name)}: {array.dtype} {tuple(array.shape)}, expected "
+                                f"{expected}; delete the folder to rebuild the store")
+
+    if features.ndim != 4 or features.dtype.name not in DTYPES:
+        fail(FEATURES_FILE, features, f"(num_images, Hf, Wf, df) {' or '.join(DTYPES)}")
+    grid = features.shape[1:3]
+    if masks.ndim != 4 or masks.dtype != np.bool_ or masks.shape[0] != num_records or masks.shape[2:] != grid:
+        fail(MASKS_FILE, masks, f"bool ({num_records} records of the index, R, {grid[0]}, {grid[1]} as "
+                                f"{FEATURES_FILE})")
+    regions = (num_records, masks.shape[1])
+    if confidence.dtype != np.float32 or confidence.shape != regions:
+        fail(CONFIDENCE_FILE, confidence, f"float32 {regions} (records, regions of {MASKS_FILE})")
+    if valid.dtype != np.bool_ or valid.shape != regions:
+        fail(VALID_FILE, valid, f"bool {regions} (records, regions of {MASKS_FILE})")
+
+
 def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: str, *, encoder_id: str = "",
                         provider: RegionMaskProvider | None = None, batch_size: int = 8,
                         dtype: str = "float32") -> FeatureStore:
@@ -139,16 +202,21 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     if dtype not in DTYPES:
         raise FeatureStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     provider = provider or RecordRegionMasks()
-    records = read_records(os.path.join(data_dir, RECORDS_FILE))
+    records_path = os.path.join(data_dir, RECORDS_FILE)
+    records = read_records(records_path)
     if not records:
-        raise FeatureStoreError(f"{os.path.join(data_dir, RECORDS_FILE)}: no records")
+        raise FeatureStoreError(f"{records_path}: no records")
     fingerprint = _fingerprint(data_dir, encoder, encoder_id, provider, dtype)
+    records_hash = records_sha256(records_path)
     index_path = os.path.join(out_dir, INDEX_FILE)
     if os.path.exists(index_path):
         index = _read_index(index_path)
         if index is not None and index.get("fingerprint") == fingerprint:
             logging.info("anatomical features: reusing %s", out_dir)
-            return FeatureStore.load(out_dir)
+            if "records_sha256" not in index:  # a store from before it was recorded: the fingerprint vouches for it
+                index["records_sha256"] = records_hash
+                atomic_write(index_path, lambda f: json.dump(index, f))
+            return FeatureStore.load(out_dir, records_path)
         logging.warning("%s: rebuilding it (%s)", out_dir, "its index is unreadable" if index is None else
                         "built from other records or another encoder")
         os.remove(index_path)  # the index goes first: an interrupted rebuild never looks complete
@@ -185,7 +253,7 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     np.save(os.path.join(out_dir, MASKS_FILE), masks, allow_pickle=False)
     np.save(os.path.join(out_dir, CONFIDENCE_FILE), confidence, allow_pickle=False)
     np.save(os.path.join(out_dir, VALID_FILE), valid, allow_pickle=False)
-    index = dict(fingerprint=fingerprint, encoder_id=encoder_id, images=images,
+    index = dict(fingerprint=fingerprint, records_sha256=records_hash, encoder_id=encoder_id, images=images,
                  image_rows=[image_row[os.path.normpath(r.image)] for r in records])
     atomic_write(index_path, lambda f: json.dump(index, f))   # last: its presence marks a complete store
-    return FeatureStore.load(out_dir)
+    return FeatureStore.load(out_dir, records_path)

@@ -37,7 +37,6 @@ from vital_jax.data.pipeline import make_train_iterator
 from vital_jax.jsonio import atomic_write
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse import trainer
-from vital_jax.medsynapse.features import FeatureStore
 from vital_jax.models.qwen3_vl import prompt
 
 CONDITIONS = ("no_memory", "zero_memory", "text_memory", "initial_sampler", "trained_sampler")
@@ -68,7 +67,7 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
         raise ValueError("memory_cost runs on one process (it reads the scores of its own batches)")
     run = trainer.load_trained(workdir, upto="warmup")  # the frozen base backbone and Stage I's P_phi
     config, paths = run.config, run.paths
-    store = FeatureStore.load(os.path.join(workdir, trainer.FEATURES_DIR))
+    store = trainer.load_feature_store(workdir, paths)
     tokenizer = prompt.load_tokenizer(paths.tokenizer_dir)
     prompt_tail = trainer.memory_prompt_tail(config, tokenizer)
     num_memory = int(config.medsynapse.sampler.num_queries)

@@ -49,10 +49,10 @@ The A_psi branch is `deploy.make_generate(run.backbone, run.autonomous, sampling
 run.params), prefix)`; the teacher branch is `memory.generate(..., prompt_tail=tail)` with M = P_phi(F), where
 tail = `memory_prompt_tail(run.config, prompt.load_tokenizer(run.paths.tokenizer_dir))` puts the memory where
 the run trained it (leaving it out, 0, is right for "assistant_turn" runs only). F of the training records is
-stored (`features.FeatureStore.load(os.path.join(workdir, FEATURES_DIR))`), F of other images comes from
-`anatomical_encoder(run.config, run.paths)` (its `preprocess` and `feature_map`). Stages count as finished in config
-order up to the first without its done marker; each finished stage's final checkpoint contributes the parameters
-it trained. A workdir without a finished stage is a CheckpointError naming it.
+stored (`load_feature_store(workdir, run.paths)`, checked against the records it was built from), F of other
+images comes from `anatomical_encoder(run.config, run.paths)` (its `preprocess` and `feature_map`). Stages count
+as finished in config order up to the first without its done marker; each finished stage's final checkpoint
+contributes the parameters it trained. A workdir without a finished stage is a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -930,7 +930,7 @@ def load_trained(workdir: str, upto: str | None = None) -> TrainedMedSynapse:
     bb_config = backbone_config(config, paths)
     lora = lora_config(config) if "ccr" in done else None
     backbone = Qwen3VLForConditionalGeneration(bb_config, lora)
-    store = FeatureStore.load(os.path.join(workdir, FEATURES_DIR))
+    store = load_feature_store(workdir, paths)
     sampler = build_sampler(config, bb_config.text.hidden_size)
     params = {"backbone": qwen3_vl_params.load_params(paths.backbone_dir, bb_config),
               "sampler": init_sampler_params(sampler, store, config.seed)}
@@ -943,6 +943,14 @@ def load_trained(workdir: str, upto: str | None = None) -> TrainedMedSynapse:
     for stage in done:
         params = _restore_trained(stage_dir(workdir, stage), steps[stage], params, TRAINABLE[stage])
     return TrainedMedSynapse(config, paths, backbone, sampler, autonomous, params, tuple(done), steps)
+
+
+def load_feature_store(workdir: str, paths: Paths) -> FeatureStore:
+    """The run's stored F and regions (workdir/anatomical/), refused (FeatureStoreError naming the store and how to
+    rebuild it) when they were built from other records than `paths.data_dir`'s records.jsonl now holds: the
+    store's rows are record indices, and another records.jsonl of the same length would pair every record with
+    another's features."""
+    return FeatureStore.load(os.path.join(workdir, FEATURES_DIR), os.path.join(paths.data_dir, RECORDS_FILE))
 
 
 def trained_paths(workdir: str) -> Paths:

@@ -342,3 +342,18 @@ def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_sp
         result = build.build(_phantom_config(tmp_path / "two", count=2))
     assert result["splits"]["test"] == 0 and result["splits"]["val"] > 0
     assert "split 'test' is empty (2 image(s) in all" in caplog.text
+
+
+def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them_is_seen(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    config.teacher.kind, config.teacher.model = "api", "m"
+    config.teacher.base_url = "https://user:sk-secret@api.example.com/v1?key=sk-other"
+    recorded = build_inputs.fingerprint(config)
+    text = json.dumps(recorded)
+    assert "sk-secret" not in text and "sk-other" not in text and "user" not in text
+    assert recorded["config"]["teacher.base_url"].startswith("https://***@api.example.com/v1?***")
+    config.teacher.base_url = "https://user:sk-changed@api.example.com/v1?key=sk-other"
+    (change,) = build_inputs.differences(recorded, build_inputs.fingerprint(config))
+    assert change.startswith("config.teacher.base_url:") and "sk-changed" not in change
+    config.teacher.base_url = "https://api.example.com/v1"  # nothing to hide: recorded as it is
+    assert build_inputs.fingerprint(config)["config"]["teacher.base_url"] == "https://api.example.com/v1"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 
+from vital_jax.data import teacher
 from vital_jax.jsonio import atomic_write, read_json
 
 INPUTS_FILE = "build_inputs.json"
@@ -67,6 +68,10 @@ def fingerprint(config, previous: dict | None = None) -> dict:
     skipped = _IGNORED | set(FOLDERS.get(config.source, ()))
     sections = tuple(s for s in SOURCES if s != config.source) + _IGNORED_SECTIONS
     kept = {k: v for k, v in flat.items() if k not in skipped and not k.startswith(tuple(s + "." for s in sections))}
+    url = kept.get("teacher.base_url")
+    if isinstance(url, str) and url and teacher.redact_url(url) != url:
+        # Credentials in the URL (userinfo, query) are never written; their digest still tells a change apart.
+        kept["teacher.base_url"] = f"{teacher.redact_url(url)} (sha256 {hashlib.sha256(url.encode()).hexdigest()[:16]})"
     known = (previous or {}).get("files", {})
     files = {field: _files(flat[field], field in _RECURSIVE, known.get(field, {}))
              for field in FOLDERS.get(config.source, ()) if flat.get(field)}

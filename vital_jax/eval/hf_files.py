@@ -24,7 +24,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from typing import Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -33,6 +32,7 @@ from PIL import Image
 
 from vital_jax.data import images
 from vital_jax.eval.errors import BenchmarkError
+from vital_jax.jsonio import atomic_write
 
 LAYOUTS = ("data/{split}-*.parquet", "{split}-*.parquet", "data/{split}.parquet", "{split}.parquet",
            "default/{split}/*.parquet", "{split}/*.parquet", "{split}/*.arrow")
@@ -192,18 +192,7 @@ class ImageCache:
         # A cached file is named by its bytes' digest; one of another size was cut short (a crash before this
         # write-then-rename existed, a full disk) and is written again rather than trusted.
         if not os.path.isfile(path) or os.path.getsize(path) != len(data):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             # Write then rename, so that a concurrent or interrupted load never leaves half an image at `path`.
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            atomic_write(path, lambda f: f.write(data), binary=True)
         self._paths[digest] = path
         return path

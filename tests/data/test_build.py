@@ -195,9 +195,15 @@ def test_errors_name_the_stage_or_file(tmp_path):
     ("question_types", ["yes_no", "why"], r"config\.question_types: unknown \['why'\]"),
     ("phantoms.layout", "spiral", r"config\.phantoms\.layout='spiral'"),
     ("roi.enabled", True, r"roi\.encoder_dir"),
+    # The client appends /chat/completions to base_url: a query would come before it (and hold a key, not shown).
+    ("teacher.base_url", "https://api.example.com/v1?key=sk-secret",
+     r"base_url=https://api\.example\.com/v1\?\*\*\*: expected the API's base URL"),
+    ("teacher.base_url", "api.example.com/v1", r"base_url=<not a URL>: expected the API's base URL"),
 ])
 def test_a_bad_config_value_stops_the_build_before_anything_is_written(tmp_path, field, value, message):
     config = _phantom_config(tmp_path / "x")
+    if field == "teacher.base_url":
+        config.teacher.kind, config.teacher.model = "api", "m"
     section, _, name = field.rpartition(".")
     setattr(config[section] if section else config, name, value)
     with pytest.raises(build.BuildError, match=message):

@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import urllib.parse
 from typing import Iterator
 
 import numpy as np
@@ -272,6 +273,12 @@ def _teacher(config) -> teacher.Teacher:
     if t.kind == "api":
         if not t.base_url or not t.model:
             raise BuildError("config.teacher.kind='api' needs teacher.base_url and teacher.model")
+        parts = urllib.parse.urlsplit(t.base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            # The client appends /chat/completions: a query (?key=...) would end up before it.
+            raise BuildError(f"config.teacher.base_url={teacher.redact_url(t.base_url)}: expected the API's base "
+                             "URL, http(s)://host/path without a query or fragment (e.g. https://api.openai.com/v1); "
+                             "the key goes in the environment variable teacher.api_key_env names")
         return teacher.make_teacher("api", teacher.ApiConfig(base_url=t.base_url, model=t.model,
                                                              api_key_env=t.api_key_env, timeout_s=t.timeout_s,
                                                              max_retries=t.max_retries, backoff_s=t.backoff_s))

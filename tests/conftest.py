@@ -94,3 +94,19 @@ def trained_demo_run(tmp_path_factory, demo_assets):
     summary = train.train(demo_test_config(), str(workdir))
     assert not summary["preempted"]
     return str(workdir)
+
+
+def record_batch_preparation(module, events: list, monkeypatch) -> None:
+    """Make `module`'s training loop append "prepare" to `events` each time it prepares a batch (`BatchAhead`), so a
+    test can place the preparation of batch N+1 against what the loop does after step N's results are read."""
+    from vital_jax.batch_ahead import BatchAhead
+
+    class Recording(BatchAhead):
+        def __init__(self, iterator, prepare, data_state):
+            def recorded(raw):
+                events.append("prepare")
+                return prepare(raw)
+
+            super().__init__(iterator, recorded, data_state)
+
+    monkeypatch.setattr(module, "BatchAhead", Recording)

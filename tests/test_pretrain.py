@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from configs.study import pretrain_phantom
+from tests.conftest import record_batch_preparation
 from vital_jax import demo_assets, pretrain
 from vital_jax.data import pretrain_corpus
 from vital_jax.data.phantoms import PHANTOM_MODALITIES, make_phantom
@@ -216,6 +217,21 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_finished_stages(q
     third = pretrain.pretrain(config, workdir)
     assert third["stages"] == second["stages"]
     assert os.path.getmtime(os.path.join(pretrain.hf_dir(workdir, "backbone"), "model.safetensors")) == stamp
+
+
+def test_each_batch_is_prepared_while_the_step_before_it_runs(corpus_dir, tmp_path, monkeypatch):
+    events = []
+    record_batch_preparation(pretrain, events, monkeypatch)
+    log = pretrain.MetricsLogger.log
+
+    def recorded_log(self, step, *args, **kwargs):
+        events.append(f"log {step}")
+        return log(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.MetricsLogger, "log", recorded_log)
+    config = quick_config(corpus_dir, stages=("backbone",), backbone__steps=3, logging__every_steps=1)
+    assert not pretrain.pretrain(config, str(tmp_path))["preempted"]
+    assert events == ["prepare", "prepare", "log 1", "prepare", "log 2", "log 3"]  # none past the last step
 
 
 def test_a_finished_workdir_copied_elsewhere_names_its_own_hf_dirs(quick_run, corpus_dir, tmp_path):

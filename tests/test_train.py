@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config
+from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config, record_batch_preparation
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import sharding, train
 from vital_jax.models.hf_config import ConfigError
@@ -380,6 +380,24 @@ def test_max_steps_ends_training_early_and_every_phase_still_has_its_checkpoint(
     rerun = train.train(_config(curriculum__max_steps=3), workdir)  # a rerun finds it complete, trains nothing
     assert rerun["step"] == 3 and rerun["metrics"] == summary["metrics"]   # and reports what the run logged
     assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == steps
+
+
+def test_each_batch_is_prepared_while_the_step_before_it_runs(tmp_path, assets, monkeypatch):
+    """The loop reads and copies batch N+1 after dispatching step N and before reading its loss (logged right
+    after the read), not after: the host's work overlaps the devices'."""
+    events = []
+    record_batch_preparation(train, events, monkeypatch)
+    log = train.MetricsLogger.log
+
+    def recorded_log(self, step, *args, **kwargs):
+        events.append(f"log {step}")
+        return log(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train.MetricsLogger, "log", recorded_log)
+    workdir = _workdir(tmp_path, assets, "ahead")
+    summary = train.train(_config(curriculum__max_steps=3, logging__every_steps=1), workdir)
+    assert summary["step"] == 3
+    assert events == ["prepare", "prepare", "log 1", "prepare", "log 2", "log 3"]  # none past the last step
 
 
 def test_batch_shapes_of_another_width_and_k_are_those_of_a_real_batch(assets):

@@ -46,6 +46,7 @@ from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
 from vital_jax.data import pretrain_corpus as corpus_lib
 from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.batch_ahead import BatchAhead
 from vital_jax.cli import NonFiniteLossError
 from vital_jax.models import safetensors_io
 from vital_jax.models.hf_config import ConfigError
@@ -399,11 +400,19 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         return dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - timed_from[1],
                     timed_steps=progress["timed_steps"] + step - timed_from[0])
 
+    def prepare(batch_np):
+        _check_vocab(batch_np, stage.token_keys, stage.vocab, stage.train.examples)
+        return batch_np, stage.device_batch(batch_np)
+
+    batches = BatchAhead(stage.train, prepare, stage.train.get_state)
     try:
-        while int(state.step) < sc.steps:
-            batch_np = next(stage.train)
-            _check_vocab(batch_np, stage.token_keys, stage.vocab, stage.train.examples)
-            state, metrics = train_step(state, frozen, stage.device_batch(batch_np))
+        step = int(state.step)
+        while step < sc.steps:
+            prepared = batches.take()
+            batch_np = prepared.host
+            state, metrics = train_step(state, frozen, prepared.device)
+            if step + 1 < sc.steps:  # during this step, not after it (batch_ahead)
+                batches.prepare_next()
             step, loss = int(state.step), float(metrics["loss"])
             if not np.isfinite(loss):
                 ckpt.wait()
@@ -428,7 +437,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
                 timed_from = (timed_from[0], timed_from[1] + time.perf_counter() - t0)  # not training time
                 logger.reset_timer(step)
             preempted = preemption.requested or (stop_after is not None and step >= stop_after)
-            ckpt.save(step, state, {"loader": stage.train.get_state(), "progress": progress_now(step)},
+            ckpt.save(step, state, {"loader": prepared.data_state, "progress": progress_now(step)},
                       force=preempted)
             if preempted:
                 logging.warning("%s: stopping at step %d; checkpoint saved in %s", stage.name, step,

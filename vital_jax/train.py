@@ -35,6 +35,7 @@ from vital_jax import cli
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo, distributed, sharding
 from vital_jax import workdir as workdir_lib
+from vital_jax.batch_ahead import BatchAhead
 from vital_jax.cli import NonFiniteLossError
 from vital_jax.jsonio import atomic_write
 from vital_jax.models.hf_config import ConfigError
@@ -448,10 +449,16 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         if done is not None:
             logging.warning("phase %d: finished at step %d, but that checkpoint could not be read; training it "
                             "again from step %d", phase, done, int(state.step))
-        while int(state.step) < phase_end:
-            batch_np = slice_latent_slots(next(iterator), slots, config.vital.latent_steps_cap)
-            check_token_ids(batch_np, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
-            batch = distributed.global_vital_batch(batch_np, model.backbone_config, mesh)
+        def prepare(raw, slots=slots):
+            host = slice_latent_slots(raw, slots, config.vital.latent_steps_cap)
+            check_token_ids(host, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
+            return host, distributed.global_vital_batch(host, model.backbone_config, mesh)
+
+        batches = BatchAhead(iterator, prepare, iterator.get_state)
+        step = int(state.step)
+        while step < phase_end:
+            prepared = batches.take()
+            batch_np, batch = prepared.host, prepared.device
             if not compiled:
                 cli.status("compiling the train step (the first step waits for it)...")
                 compiled = True
@@ -466,6 +473,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             program = program or step_fn
             with jax.set_mesh(mesh):
                 state, metrics = program(state, frozen, batch)
+            if step + 1 < phase_end:  # during this step, not after it (batch_ahead)
+                batches.prepare_next()
             step = int(state.step)
             loss = float(metrics["loss"])
             if not np.isfinite(loss):
@@ -501,7 +510,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             stop = preemption.requested
             if jax.process_count() > 1:  # SIGTERM may reach one process or arrive a step apart: saving is collective
                 stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
-            ckpt.save(step, state, iterator.get_state(), force=stop)
+            ckpt.save(step, state, prepared.data_state, force=stop)
             if stop:
                 ckpt.close()
                 logger.close()

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import medsynapse_demo
-from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config
+from tests.conftest import DEMO_TEST_OVERRIDES, demo_test_config, record_batch_preparation
 from vital_jax.checkpoint import CheckpointError
 from vital_jax.data.pipeline import make_train_iterator
 from vital_jax.generation import SamplingConfig
@@ -203,6 +203,16 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(three_sta
     shutil.rmtree(resumed_dir)
     with pytest.raises(CheckpointError, match=str(tmp_path / "nothing")):
         trainer.load_trained(str(tmp_path / "nothing"))
+
+
+def test_each_batch_is_prepared_while_the_step_before_it_runs(paths, tmp_path, monkeypatch):
+    """on_step is called once the step's metrics were read; the next batch must be prepared before that."""
+    events = []
+    record_batch_preparation(trainer, events, monkeypatch)
+    config = _config()
+    config.medsynapse.warmup.max_steps = 3
+    _run(config, tmp_path, paths, on_step=lambda stage, step: events.append(f"{stage} {step}"))
+    assert events == ["prepare", "prepare", "warmup 1", "prepare", "warmup 2", "warmup 3"]  # none past the last
 
 
 def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths, tmp_path):

@@ -72,6 +72,7 @@ from absl import logging
 from vital_jax import checkpoint as ckpt_lib
 from vital_jax import cli, freeze, sharding
 from vital_jax import workdir as workdir_lib
+from vital_jax.batch_ahead import BatchAhead
 from vital_jax.data.questions import CLOSED_TYPES
 from vital_jax.data.pipeline import PipelineConfig, PipelineError, make_train_iterator, select_records
 from vital_jax.data.records import MAX_LATENT_STEPS, RECORDS_FILE, Record, RecordError, read_records
@@ -559,11 +560,12 @@ class _Loop:
     on_step: Callable[[str, int], None] | None
 
 
-def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int, pipeline: PipelineConfig,
+def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, offset: int, pipeline: PipelineConfig,
                epochs: int | None, seed: int, finite: tuple[str, ...] = ("loss",)):
     """The loop every stage shares: resume, iterate, step, check the loss, log, checkpoint, mark done.
 
-    step_fn(state, batch_np) -> (state, metrics: scalars). epochs: of the data iterator (None: repeat). finite:
+    prepare(batch_np) -> the step's inputs (made during the previous step, `batch_ahead`); step_fn(state,
+    inputs) -> (state, metrics: scalars). epochs: of the data iterator (None: repeat). finite:
     the metrics that must stay finite. Returns (final state, preempted, last logged metrics; when the stage was
     already complete, those its last run logged in metrics.jsonl)."""
     setup, config = loop.setup, loop.setup.config
@@ -587,9 +589,18 @@ def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int,
         if loop.logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped
             loop.logger.jsonl.rewind(offset + int(state.step))
         last: dict = {}
-        while int(state.step) < total:
-            batch_np = next(iterator)
-            state, metrics = step_fn(state, batch_np)
+        def prepare_on_mesh(batch_np):
+            with jax.set_mesh(loop.mesh):
+                return batch_np, prepare(batch_np)
+
+        batches = BatchAhead(iterator, prepare_on_mesh, iterator.get_state)
+        step = int(state.step)
+        while step < total:
+            prepared = batches.take()
+            batch_np = prepared.host
+            state, metrics = step_fn(state, prepared.device)
+            if step + 1 < total:  # during this step, not after it
+                batches.prepare_next()
             step = int(state.step)
             bad = {k: float(metrics[k]) for k in finite if not np.isfinite(float(metrics[k]))}
             if bad:
@@ -608,7 +619,7 @@ def _run_stage(loop: _Loop, stage: str, state, step_fn, total: int, offset: int,
                 last.update(loop.logger.log(offset + step, last, samples=samples))
             if loop.on_step is not None:
                 loop.on_step(stage, step)
-            ckpt.save(step, state, iterator.get_state(), force=_preempted())
+            ckpt.save(step, state, prepared.data_state, force=_preempted())
             if _preempted():
                 ckpt.wait()
                 logging.warning("%s: preempted; checkpoint at step %d saved in %s", stage, step, ckpt.directory)
@@ -647,12 +658,15 @@ def _warmup(loop: _Loop, frozen_backbone: dict, total: int, offset: int):
     jitted = stage1.make_train_step(setup.backbone, setup.sampler, optimizer, reduction=w.reduction,
                                     prompt_tail=setup.prompt_tail)
 
-    def step(state, batch_np):
-        with jax.set_mesh(loop.mesh):
-            return jitted(state, frozen, warmup_batch(batch_np, setup.store, setup.backbone.config, loop.mesh))
+    def prepare(batch_np):
+        return warmup_batch(batch_np, setup.store, setup.backbone.config, loop.mesh)
 
-    state, preempted, last = _run_stage(loop, "warmup", state, step, total, offset, setup.pipeline, w.epochs,
-                                        config.seed + 1)
+    def step(state, batch):
+        with jax.set_mesh(loop.mesh):
+            return jitted(state, frozen, batch)
+
+    state, preempted, last = _run_stage(loop, "warmup", state, prepare, step, total, offset, setup.pipeline,
+                                        w.epochs, config.seed + 1)
     return state, preempted, last, state.params["sampler"]
 
 
@@ -670,12 +684,14 @@ def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone
                                           jax.random.PRNGKey(config.seed + 2))
     grpo_step = grpo.make_grpo_step(backbone, setup.sampler, cfg, optimizer)
 
-    def step(state, batch_np):
-        with jax.set_mesh(loop.mesh):
-            return grpo_step(state, frozen, prompt_batch(batch_np, setup, loop.mesh),
-                             accuracy_fn(batch_np, setup, cfg, references))
+    def prepare(batch_np):
+        return prompt_batch(batch_np, setup, loop.mesh), accuracy_fn(batch_np, setup, cfg, references)
 
-    state, preempted, last = _run_stage(loop, "ccr", state, step, total, offset,
+    def step(state, inputs):
+        with jax.set_mesh(loop.mesh):
+            return grpo_step(state, frozen, *inputs)
+
+    state, preempted, last = _run_stage(loop, "ccr", state, prepare, step, total, offset,
                                         pipeline_config(config, rollout_prompts(config)), None, config.seed + 2,
                                         finite=("loss", "reward_mean"))
     return state, preempted, last, freeze.merge(state.params, frozen)["backbone"]
@@ -699,13 +715,16 @@ def _imt(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, backbone_params
                                  memory_match=i.memory_match, relayout=config.medsynapse.rollout_relayout,
                                  prompt_tail=setup.prompt_tail)
 
-    def step(state, batch_np):
+    def prepare(batch_np):
+        return imt_batch(batch_np, setup, loop.mesh)
+
+    def step(state, batch):
         with jax.set_mesh(loop.mesh):
-            state, metrics = jitted(state, frozen, imt_batch(batch_np, setup, loop.mesh))
+            state, metrics = jitted(state, frozen, batch)
         return state, {k: v for k, v in metrics.items() if k not in IMT_ARRAYS}
 
-    state, preempted, last = _run_stage(loop, "imt", state, step, total, offset, setup.pipeline, i.epochs,
-                                        config.seed + 3)
+    state, preempted, last = _run_stage(loop, "imt", state, prepare, step, total, offset, setup.pipeline,
+                                        i.epochs, config.seed + 3)
     return state, preempted, last
 
 

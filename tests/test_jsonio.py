@@ -1,4 +1,6 @@
-"""jsonio: errors that name the file (and line) for every kind of bad JSON file."""
+"""jsonio: errors that name the file (and line) for every kind of bad JSON file; durable directory renames."""
+
+import errno
 
 import pytest
 
@@ -21,3 +23,18 @@ def test_read_json_names_the_file_for_missing_malformed_and_non_utf8(tmp_path):
         jsonio.read_json(str(path), _Bad)
     path.write_text('{"a": "caf\u00e9"}', encoding="utf-8")
     assert jsonio.read_json(str(path), _Bad) == {"a": "caf\u00e9"}
+
+
+def test_fsync_directory_tolerates_only_filesystems_that_cannot_sync_a_directory(tmp_path, monkeypatch):
+    jsonio.fsync_directory(str(tmp_path))
+    failure = {}
+
+    def fsync(fd):
+        raise OSError(failure["errno"], "fsync failed")
+
+    monkeypatch.setattr(jsonio.os, "fsync", fsync)
+    failure["errno"] = errno.EINVAL  # a filesystem that cannot sync a directory: nothing stronger to ask
+    jsonio.fsync_directory(str(tmp_path))
+    failure["errno"] = errno.EIO  # a real failure is not hidden
+    with pytest.raises(OSError, match="fsync failed"):
+        jsonio.fsync_directory(str(tmp_path))

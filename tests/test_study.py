@@ -454,3 +454,29 @@ def test_command_line_keeps_the_overrides_and_hides_the_workdir():
                                "--config.pretrained=shipped"])
     assert line == ("python -m vital_jax.study --config=configs/study/phantom.py --workdir=DIR "
                     "--config.pretrained=shipped")
+
+
+def test_preparing_the_data_again_redoes_an_roi_extraction_killed_between_its_renames(tmp_path, monkeypatch):
+    from vital_jax.data import records, roi
+
+    class Killed(BaseException):  # kill -9: nothing of the code under test runs after it
+        pass
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(src) == f".{records.RECORDS_FILE}.tmp-{os.getpid()}":  # the ROI stage's, not the build's
+            raise Killed("killed before renaming records.jsonl")
+        real_replace(src, dst)
+
+    config = study_config.get_config()
+    config.data.split_counts, config.data.phantom_size = (6, 2, 2), 64
+    with monkeypatch.context() as patched:
+        patched.setattr(roi.os, "replace", replace)
+        with pytest.raises(Killed):
+            study.prepare_data(config, str(tmp_path))
+    data_dir = os.path.join(str(tmp_path), "data")
+    assert records.interrupted_roi_write(data_dir)  # new arrays beside the build's roi_index -1 records
+    assert study.prepare_data(config, str(tmp_path)) == data_dir
+    assert not records.interrupted_roi_write(data_dir) and records.validate_dataset(data_dir) == []
+    assert all(r.roi_index >= 0 for r in records.read_records(os.path.join(data_dir, records.RECORDS_FILE)))

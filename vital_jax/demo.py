@@ -17,6 +17,7 @@ checkpoints and data sets `config.demo.enabled = False` and the paths.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -87,6 +88,12 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
     data_cfg.phantoms.size = demo.phantom_size
     data_cfg.phantoms.split_counts = tuple(demo.split_counts)
     data_cfg.phantoms.modalities = tuple(demo.modalities)
+    # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
+    extract_rois = functools.partial(extract_dataset_rois, paths.data_dir, paths.encoder_dir, batch_size=16,
+                                     global_features=True)
+    if records.interrupted_roi_write(paths.data_dir):  # killed mid-rename: redone first, as the build refuses it
+        cli.status("demo: redoing the interrupted ROI extraction...")
+        extract_rois()
     cli.status(f"demo: building the PhantomVQA dataset ({sum(demo.split_counts)} phantoms) in {paths.data_dir}...")
     build(data_cfg)
     if not os.path.exists(os.path.join(paths.encoder_dir, "config.json")):
@@ -94,8 +101,7 @@ def prepare(workdir: str, demo) -> run_lib.Paths:
         demo_assets.write_tiny_siglip(paths.encoder_dir, seed=demo.seed + 2)
     if records.load_roi_arrays(paths.data_dir) is None:
         cli.status("demo: extracting ROI features with it...")
-        # With f_global too, so the per-step visual-target ablation (configs/ablation.py:per_step,demo) runs.
-        extract_dataset_rois(paths.data_dir, paths.encoder_dir, batch_size=16, global_features=True)
+        extract_rois()
     # Atomic: its presence means the assets are complete (a torn file would stop every later run).
     atomic_write(done, lambda f: json.dump({"models": models, **dataclasses.asdict(paths)}, f, indent=2))
     return paths

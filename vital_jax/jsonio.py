@@ -1,8 +1,10 @@
 """Small file helpers shared across the package: reading a JSON file with an error that names it (model configs,
-processors, data ingestion) and replacing a file atomically (reports, datasets, figures)."""
+processors, data ingestion), replacing a file atomically (reports, datasets, figures) and making renames in a
+directory durable."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -70,6 +72,21 @@ def atomic_write(path: str, write: Callable[[IO], object], binary: bool = False)
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_directory(path: str) -> None:
+    """fsync the directory `path`, so renames and removals in it survive a power loss (a file's own fsync covers
+    its data, not its name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (some network and FUSE mounts) refuse to fsync a directory; there is no stronger way
+        # to ask for durability there, and refusing to write at all would be worse.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def append_json_line(path: str, value) -> None:

@@ -164,7 +164,7 @@ def prepare_data(config, workdir: str) -> str:
     from vital_jax import demo_assets
     from vital_jax.data import build as build_lib
     from vital_jax.data.build_config import phantom_vqa_config
-    from vital_jax.data.records import load_roi_arrays
+    from vital_jax.data.records import interrupted_roi_write, load_roi_arrays
     from vital_jax.data.roi import extract_dataset_rois
 
     data_dir = os.path.join(workdir, "data")
@@ -178,6 +178,8 @@ def prepare_data(config, workdir: str) -> str:
     build_config.phantoms.size = int(config.data.phantom_size)
     build_config.phantoms.split_counts = tuple(config.data.split_counts)
     build_config.phantoms.modalities = tuple(config.data.modalities)
+    if interrupted_roi_write(data_dir):  # killed mid-rename: redone first, as the build refuses the folder
+        extract_dataset_rois(data_dir, encoder_dir, batch_size=16)
     summary = build_lib.build(build_config)
     logging.info("study: PhantomVQA %s", summary["splits"])
     if not os.path.exists(os.path.join(encoder_dir, "config.json")):

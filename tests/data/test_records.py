@@ -195,6 +195,32 @@ def test_validate_reports_missing_and_mismatched_roi_arrays(tmp_path):
     assert any("expected float32 (2, 5)" in p for p in records.validate_dataset(str(tmp_path)))
 
 
+def test_an_interrupted_roi_write_is_refused_by_every_loader_and_reported_once(tmp_path):
+    _write_dataset(tmp_path, n=3, roi_rows=_unit_rows(3))
+    np.save(tmp_path / records.GLOBAL_FEATURES_FILE, _unit_rows(3, seed=1).astype(np.float32))
+    journal = tmp_path / records.ROI_WRITE_JOURNAL
+    journal.write_text(json.dumps({"targets": {records.ROI_FEATURES_FILE: ".roi_features.npy.tmp-7",
+                                               records.RECORDS_FILE: ".records.jsonl.tmp-7"}}))
+    expected = (f"{journal}: an ROI write was interrupted while renaming its files into place, so the ROI arrays, "
+                f"roi_features.json and records.jsonl (its roi_index) may come from different runs; rerun python -m "
+                f"vital_jax.data.roi --data_dir={tmp_path} --encoder_dir=ENCODER_DIR, which rewrites them all and "
+                f"removes the journal")
+    for load in (records.load_roi_arrays, records.load_global_features, records.roi_feature_layer):
+        with pytest.raises(RecordError) as raised:
+            load(str(tmp_path))
+        assert str(raised.value) == expected
+    # One problem, not a row check per record against arrays that may belong to other records.
+    assert records.validate_dataset(str(tmp_path)) == [expected]
+    # A journal that lists global_features.npy asks for it again; an unreadable one still refuses.
+    journal.write_text(json.dumps({"targets": {records.GLOBAL_FEATURES_FILE: ".global_features.npy.tmp-7"}}))
+    assert records.validate_dataset(str(tmp_path)) == [expected.replace("ENCODER_DIR,", "ENCODER_DIR "
+                                                                        "--global_features,")]
+    journal.write_text('{"targets": ')
+    assert records.validate_dataset(str(tmp_path)) == [expected]
+    journal.unlink()
+    assert records.validate_dataset(str(tmp_path)) == []
+
+
 def test_validate_checks_the_optional_global_features(tmp_path):
     _write_dataset(tmp_path, n=3, roi_rows=_unit_rows(3))
     np.save(tmp_path / records.GLOBAL_FEATURES_FILE, _unit_rows(3, seed=1).astype(np.float32))

@@ -1,9 +1,11 @@
-"""Adaptive ROI features (A.5): pathways, validity mask, pooling, top-k, errors, atomic dataset writing."""
+"""Adaptive ROI features (A.5): pathways, validity mask, pooling, top-k, errors, atomic dataset writing
+(one unit under a journal: a crash between renames is refused until the command reruns)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,9 +16,10 @@ import torch
 from PIL import Image
 
 import transformers
-from vital_jax.data import roi, roi_grid_search
-from vital_jax.data.records import (GLOBAL_FEATURES_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
-                                    ROI_TOP_PATCH_SCORES_FILE, RecordError, load_global_features)
+from vital_jax.data import pipeline, records as records_lib, roi, roi_grid_search
+from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_PROVENANCE_FILE,
+                                    ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, ROI_WRITE_JOURNAL, RecordError,
+                                    load_global_features)
 from vital_jax.models.siglip import SiglipPreprocessor
 
 GRID, SIZE, DIM = 4, 56, 8
@@ -285,7 +288,7 @@ def test_dataset_extraction_dedupes_pairs_and_rewrites_records(siglip_dir, tmp_p
 
 
 def test_the_dataset_records_how_its_roi_features_were_made(siglip_dir, tmp_path):
-    from vital_jax.data.records import ROI_PROVENANCE_FILE, roi_feature_layer
+    from vital_jax.data.records import roi_feature_layer
 
     root = str(tmp_path / "ds")
     _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
@@ -346,6 +349,163 @@ def test_dataset_extraction_error_leaves_directory_untouched(siglip_dir, tmp_pat
     with pytest.raises(roi.RoiError, match="record 'bad_empty'.*empty"):
         roi.extract_dataset_rois(root, siglip_dir[0])
     assert _snapshot(root) == before  # no arrays, no temporaries, records.jsonl byte-identical
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 or a power loss: no cleanup of the code under test runs after it."""
+
+
+def _crash_before_renaming(monkeypatch, target: str) -> None:
+    """Make a rename onto `target` die like a killed process; the renames before it are done."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == target:
+            raise _Killed(f"killed before renaming {target}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(roi.os, "replace", replace)
+
+
+def _temporaries(root):
+    return sorted(name for name in os.listdir(root) if ".tmp-" in name)
+
+
+def _crashed_dataset(siglip_dir, root, target, monkeypatch):
+    """A dataset with ROI and global features whose second ROI run (another image a.png) died before renaming
+    `target` (rename order: roi_features.json, the arrays, global_features.npy, records.jsonl)."""
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30)),
+                          "r2": ("a", (10, 10, 20, 30))})
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2, global_features=True)
+    Image.fromarray(_image(80, 100, 7)).save(os.path.join(root, "a.png"))
+    with monkeypatch.context() as patched:
+        _crash_before_renaming(patched, target)
+        with pytest.raises(_Killed):
+            roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+
+
+@pytest.mark.parametrize("target", [ROI_FEATURES_FILE, RECORDS_FILE])
+def test_a_crash_between_renames_is_refused_naming_the_journal(siglip_dir, tmp_path, monkeypatch, target):
+    root = str(tmp_path / "ds")
+    _crashed_dataset(siglip_dir, root, target, monkeypatch)
+    journal = os.path.join(root, ROI_WRITE_JOURNAL)
+    assert os.path.exists(journal)
+    # The journal names every target and its temporary, in rename order.
+    listed = json.load(open(journal))["targets"]
+    assert list(listed) == [ROI_PROVENANCE_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
+                            ROI_TOP_PATCH_SCORES_FILE, GLOBAL_FEATURES_FILE, RECORDS_FILE]
+    assert listed[RECORDS_FILE] == f".{RECORDS_FILE}.tmp-{os.getpid()}"
+    message = (re.escape(journal) + ": an ROI write was interrupted .* may come from different runs; rerun python -m "
+               r"vital_jax\.data\.roi --data_dir=" + re.escape(root) + " --encoder_dir=ENCODER_DIR --global_features")
+    with pytest.raises(RecordError, match=message):
+        records_lib.load_roi_arrays(root)
+    with pytest.raises(RecordError, match=message):
+        load_global_features(root)
+    with pytest.raises(RecordError, match=message):
+        records_lib.roi_feature_layer(root)
+    with pytest.raises(RecordError, match=message):  # the training pipeline, before it reads any tokenizer
+        pipeline.make_train_iterator(root, str(tmp_path / "no_tokenizer"), pipeline.PipelineConfig(), k_max=4,
+                                     process_index=0, process_count=1)
+    problems = records_lib.validate_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(f"{journal}: an ROI write was interrupted"), problems
+
+
+def test_rerunning_after_a_crash_restores_one_generation_and_clears_the_leftovers(siglip_dir, tmp_path,
+                                                                                 monkeypatch):
+    root = str(tmp_path / "ds")
+    _crashed_dataset(siglip_dir, root, ROI_TOP_PATCH_SCORES_FILE, monkeypatch)
+    assert _temporaries(root)  # the crash left the temporaries it had not renamed yet
+    # Temporaries of other killed runs: of a file this run writes, and of one only the journal names.
+    strays = [f".{ROI_FEATURES_FILE}.tmp-999999", f".{GLOBAL_FEATURES_FILE}.tmp-424242"]
+    for name in strays:
+        open(os.path.join(root, name), "wb").close()
+    journal = json.load(open(os.path.join(root, ROI_WRITE_JOURNAL)))
+    with open(os.path.join(root, ROI_WRITE_JOURNAL), "w") as f:  # as if the crashed run had written one more file
+        json.dump({"targets": {**journal["targets"], "extra.npy": ".extra.npy.tmp-1"}}, f)
+    open(os.path.join(root, ".extra.npy.tmp-1"), "wb").close()
+    open(os.path.join(root, ".notes.tmp-12"), "wb").close()  # someone else's file: not ours to remove
+
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+    assert not os.path.exists(os.path.join(root, ROI_WRITE_JOURNAL))
+    assert _temporaries(root) == [".notes.tmp-12"]
+    assert records_lib.validate_dataset(root) == []
+    # One generation: the rerun's files are those of a clean run on the same inputs.
+    clean = str(tmp_path / "clean")
+    _write_dataset(clean, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30)),
+                           "r2": ("a", (10, 10, 20, 30))})
+    Image.fromarray(_image(80, 100, 7)).save(os.path.join(clean, "a.png"))
+    roi.extract_dataset_rois(clean, siglip_dir[0], batch_size=2, global_features=True)
+    for name in (ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, GLOBAL_FEATURES_FILE):
+        np.testing.assert_allclose(np.load(os.path.join(root, name)), np.load(os.path.join(clean, name)), atol=1e-6)
+    assert _read_jsonl(os.path.join(root, RECORDS_FILE)) == _read_jsonl(os.path.join(clean, RECORDS_FILE))
+    assert records_lib.load_roi_arrays(root)["features"].shape == (3, 32)
+
+
+def _failing_writer(f):
+    f.write(b"partial")
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("second_failure", ["writing a temporary", "crash between renames"])
+def test_a_failed_rerun_after_a_crash_keeps_the_journal(siglip_dir, tmp_path, monkeypatch, second_failure):
+    """The journal goes only with a complete new generation, so a second failure cannot hide the first."""
+    root = str(tmp_path / "ds")
+    _crashed_dataset(siglip_dir, root, RECORDS_FILE, monkeypatch)
+    writers = {ROI_FEATURES_FILE: lambda f: np.save(f, np.eye(3, dtype=np.float32)),
+               RECORDS_FILE: lambda f: f.write(b"")}
+    if second_failure == "writing a temporary":
+        before = {name: data for name, data in _snapshot(root).items() if ".tmp-" not in name}
+        with pytest.raises(OSError, match="disk full"):
+            roi.write_files_atomically(root, {**writers, RECORDS_FILE: _failing_writer})
+        assert _snapshot(root) == before  # the old files and journal untouched, every temporary gone
+    else:
+        with monkeypatch.context() as patched:
+            _crash_before_renaming(patched, RECORDS_FILE)
+            with pytest.raises(_Killed):
+                roi.write_files_atomically(root, writers)
+    with pytest.raises(RecordError, match=f"{ROI_WRITE_JOURNAL}: an ROI write was interrupted"):
+        records_lib.load_roi_arrays(root)
+
+
+@pytest.mark.parametrize("failure", ["writing a temporary", "writing the journal"])
+def test_a_failure_before_the_renames_leaves_the_old_files_and_no_journal(siglip_dir, tmp_path, monkeypatch,
+                                                                         failure):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+    before = _snapshot(root)
+    writers = {ROI_FEATURES_FILE: lambda f: np.save(f, np.eye(3, dtype=np.float32)),
+               RECORDS_FILE: lambda f: f.write(b"")}
+    if failure == "writing a temporary":
+        writers[ROI_TOP_PATCH_IDS_FILE] = _failing_writer
+    else:
+        def no_space(path, write, binary=False):
+            raise OSError(f"{path}: disk full")
+
+        monkeypatch.setattr(roi, "atomic_write", no_space)
+    with pytest.raises(OSError, match="disk full"):
+        roi.write_files_atomically(root, writers)
+    assert _snapshot(root) == before  # byte-identical, no journal, no temporaries
+    assert records_lib.load_roi_arrays(root)["features"].shape == (2, 32)
+
+
+def test_every_rename_happens_under_the_journal_which_goes_after_the_last(siglip_dir, tmp_path, monkeypatch):
+    root = str(tmp_path / "ds")
+    _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
+    journal = os.path.join(root, ROI_WRITE_JOURNAL)
+    renamed, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if os.path.dirname(dst) == root and os.path.basename(dst) != ROI_WRITE_JOURNAL:
+            renamed.append((os.path.basename(dst), os.path.exists(journal)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(roi.os, "replace", replace)
+    roi.extract_dataset_rois(root, siglip_dir[0], batch_size=2)
+    assert renamed == [(name, True) for name in (ROI_PROVENANCE_FILE, ROI_FEATURES_FILE, ROI_TOP_PATCH_IDS_FILE,
+                                                 ROI_TOP_PATCH_SCORES_FILE, RECORDS_FILE)]
+    assert not os.path.exists(journal) and _temporaries(root) == []
+    assert records_lib.validate_dataset(root) == []
 
 
 def test_malformed_records_line_is_named(siglip_dir, tmp_path):

@@ -324,10 +324,12 @@ def run_roi_stage(config) -> None:
                              padding=config.roi.padding, batch_size=config.roi.batch_size)
 
 
-# What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json.
+# What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json. The ROI write
+# journal goes last, so a rebuild killed midway never leaves the ROI files it warns about without it.
 OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED_FILE, teacher.SUMMARY_FILE,
                 balance.DROPPED_FILE, records.ROI_FEATURES_FILE, records.ROI_TOP_PATCH_IDS_FILE,
-                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE, records.ROI_PROVENANCE_FILE)
+                records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE, records.ROI_PROVENANCE_FILE,
+                records.ROI_WRITE_JOURNAL)
 OUTPUT_FOLDERS = ("images", "masks")
 
 

@@ -7,6 +7,9 @@ A dataset directory holds:
   roi_top_patch_scores.npy    float32 (N, 5), their similarities
   global_features.npy         optional float32 (N, dv), same rows: the l2-normalised mean of all patch features of
                               the row's whole image, no mask (f_global of Appendix C.5, for per-step targets)
+  roi_features.json           how the ROI features were made (encoder directory, feature layer, A.5 settings)
+  .roi_write_pending.json     only while the ROI stage renames its files into place; left by a crash, it means the
+                              files above may come from different runs, and every loader refuses the directory
   the image and mask files that records name by paths relative to the directory.
 
 `roi_index` is the record's row in the three ROI arrays, or -1 before ROI extraction; the arrays are absent until
@@ -36,6 +39,10 @@ GLOBAL_FEATURES_FILE = "global_features.npy"
 # A.5 settings, so a tool comparing model outputs with encoder patches (explain's heatmaps, the training probe)
 # encodes them the same way.
 ROI_PROVENANCE_FILE = "roi_features.json"
+# The ROI stage writes its files (the arrays, ROI_PROVENANCE_FILE, records.jsonl last) one rename after another, so
+# it lists them here first (`roi.write_files_atomically`) and removes this journal once all are in place: a crash
+# between two renames would otherwise leave new arrays beside the old records' roi_index, unnoticed.
+ROI_WRITE_JOURNAL = ".roi_write_pending.json"
 
 QUESTION_TYPES = ("yes_no", "identify", "location_choice", "location", "describe", "reasoning")
 # Allowed reasoning depth K per question type (App. A.2, "Question-type-aware prompting"; Table 4).
@@ -205,11 +212,47 @@ def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
     atomic_write(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def pending_roi_write(data_dir: str) -> list[str] | None:
+    """The files an unfinished ROI write was renaming into place (its `ROI_WRITE_JOURNAL`), or None when there is
+    no journal. A journal that cannot be parsed gives [] (it still marks the directory as unfinished)."""
+    path = os.path.join(data_dir, ROI_WRITE_JOURNAL)
+    if not os.path.exists(path):
+        return None
+    try:
+        journal = read_json(path, RecordError)
+    except RecordError:
+        return []
+    targets = journal.get("targets") if isinstance(journal, dict) else None  # {target name: its temporary}
+    if not isinstance(targets, dict):
+        return []
+    # Names only: the ROI writer deletes stray temporaries named after these, so none may point elsewhere.
+    return [name for name in targets if name == os.path.basename(name)]
+
+
+def interrupted_roi_write(data_dir: str) -> str | None:
+    """Why the directory's ROI files cannot be used, when an ROI write stopped between its renames (its journal
+    `ROI_WRITE_JOURNAL` is still there), or None. The message names the journal and the command that repairs it."""
+    targets = pending_roi_write(data_dir)
+    if targets is None:
+        return None
+    flag = " --global_features" if GLOBAL_FEATURES_FILE in targets else ""
+    return (f"{os.path.join(data_dir, ROI_WRITE_JOURNAL)}: an ROI write was interrupted while renaming its files "
+            f"into place, so the ROI arrays, {ROI_PROVENANCE_FILE} and {RECORDS_FILE} (its roi_index) may come from "
+            f"different runs; rerun python -m vital_jax.data.roi --data_dir={data_dir} --encoder_dir=ENCODER_DIR"
+            f"{flag}, which rewrites them all and removes the journal")
+
+
 def roi_feature_layer(data_dir: str) -> str:
     """The encoder output the dataset's ROI features pool (`ROI_PROVENANCE_FILE`): "last_block" (A.5.2, the
     default) or "post_layernorm". A dataset written before the file existed was made with "last_block" unless its
-    builder chose otherwise, which nothing recorded; a malformed file is a RecordError naming it."""
-    if not data_dir or not os.path.exists(os.path.join(data_dir, ROI_PROVENANCE_FILE)):
+    builder chose otherwise, which nothing recorded; a malformed file, or an interrupted ROI write (the file may
+    not describe the arrays), is a RecordError naming it."""
+    if not data_dir:
+        return "last_block"
+    problem = interrupted_roi_write(data_dir)
+    if problem:
+        raise RecordError(problem)
+    if not os.path.exists(os.path.join(data_dir, ROI_PROVENANCE_FILE)):
         return "last_block"
     path = os.path.join(data_dir, ROI_PROVENANCE_FILE)
     provenance = read_json(path, RecordError)
@@ -222,8 +265,12 @@ def roi_feature_layer(data_dir: str) -> str:
 def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:
     """The three ROI arrays memory-mapped (`features`, `top_patch_ids`, `top_patch_scores`), or None if none exist.
 
-    Raises RecordError when only some exist or their shapes/dtypes disagree with the contract.
+    Raises RecordError when only some exist, their shapes/dtypes disagree with the contract, or an ROI write was
+    interrupted between its renames (`interrupted_roi_write`: the arrays may not match records.jsonl's roi_index).
     """
+    problem = interrupted_roi_write(data_dir)
+    if problem:
+        raise RecordError(problem)
     files = {"features": ROI_FEATURES_FILE, "top_patch_ids": ROI_TOP_PATCH_IDS_FILE,
              "top_patch_scores": ROI_TOP_PATCH_SCORES_FILE}
     present = {k: os.path.join(data_dir, v) for k, v in files.items() if os.path.exists(os.path.join(data_dir, v))}
@@ -274,7 +321,8 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
     Checks each record's fields, duplicate ids, that its image passes the checks every stage applies
     (vital_jax.data.images: readable, size limits, modes), that its mask is a non-empty 0/255 mask of the image's
     size (`check_files=False` skips the files), and for `roi_index >= 0` that the ROI row exists, is finite and
-    unit-norm. A malformed line of records.jsonl is reported by line number and validation goes on.
+    unit-norm (after an interrupted ROI write: one problem naming its journal instead). A malformed line of
+    records.jsonl is reported by line number and validation goes on.
     """
     path = os.path.join(data_dir, RECORDS_FILE)
     if not os.path.isfile(path):
@@ -289,11 +337,16 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
             records.append(Record.from_dict(data))
         except (RecordError, TypeError) as e:
             problems.append(f"{path}:{number}: {e}")
-    try:
-        roi = load_roi_arrays(data_dir)
-    except RecordError as e:
-        problems.append(str(e))
-        roi = None
+    # After an interrupted ROI write, rows may belong to other records: one problem, not a row check per record.
+    interrupted = interrupted_roi_write(data_dir)
+    roi = None
+    if interrupted:
+        problems.append(interrupted)
+    else:
+        try:
+            roi = load_roi_arrays(data_dir)
+        except RecordError as e:
+            problems.append(str(e))
     if roi is not None:
         try:
             global_rows = load_global_features(data_dir)
@@ -315,7 +368,7 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
         seen.add(record.id)
         if check_files:
             problems.extend(f"{label}: {p}" for p in _file_problems(data_dir, record, checked))
-        if record.roi_index >= 0:
+        if record.roi_index >= 0 and not interrupted:
             problems.extend(f"{label}: {p}" for p in _roi_problems(roi, record.roi_index))
     return problems
 

@@ -26,7 +26,8 @@ margins relative to the box size, a centred canvas, the 0.5 validity cut, masks 
 
 Dataset level: `extract_dataset_rois` fills a record directory's `roi_features.npy` (N, dv) float32,
 `roi_top_patch_ids.npy` (N, 5) int32 and `roi_top_patch_scores.npy` (N, 5) float32 (one row per distinct
-(image, mask) pair) and rewrites `records.jsonl` with each record's `roi_index`; every file is replaced atomically.
+(image, mask) pair) and rewrites `records.jsonl` with each record's `roi_index`; the files are replaced as one unit
+(a crash between two renames leaves a journal that the loaders refuse until the command is rerun).
 With `global_features=True` (or when the directory already has one) it also writes `global_features.npy`, the
 same rows' f_global (Appendix C.5: the l2-normalised mean of all patch features of the whole image, plain resize,
 no mask), which the per-step visual targets (`vital.visual_target="interpolated"`) interpolate from.
@@ -53,7 +54,9 @@ from PIL import Image
 from vital_jax.data import images as images_lib  # (`images` names the image lists below)
 from vital_jax.data.images import ImageError, load_image
 from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_PROVENANCE_FILE,
-                                    ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, Record, read_records)
+                                    ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, ROI_WRITE_JOURNAL, Record,
+                                    pending_roi_write, read_records)
+from vital_jax.jsonio import atomic_write, fsync_directory
 from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
 from vital_jax.models.siglip.preprocessing import PREPROCESSOR_FILE
@@ -472,8 +475,9 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
     new roi_index) also global_features.npy (M, dv) float32, f_global of each row's image, each distinct image
     encoded once. records.jsonl is read with `records.read_records`, so a record breaking the contract is reported
     (RecordError naming file, line and id) before any encoding. All files are first written beside their targets
-    and only renamed into place once everything succeeded, so an error leaves the directory as it was;
-    re-running recomputes everything.
+    and only renamed into place once everything succeeded, so an error leaves the directory as it was; a crash
+    during the renames leaves a journal that loaders refuse (`write_files_atomically`). Re-running recomputes
+    everything (and clears what an interrupted run left).
     Returns the RoiFeatures of the distinct pairs.
     """
     cfg = RoiConfig(threshold=threshold, padding=padding, batch_size=batch_size)
@@ -520,9 +524,19 @@ def extract_dataset_rois(data_dir: str, encoder_dir: str, threshold: float = 0.2
 
 
 def write_files_atomically(directory: str, writers: dict[str, Callable]) -> None:
-    """Write each `name -> writer(binary file)` to a temporary file in `directory`, fsync all, then rename them
-    over their targets in order. On any error before the renames, the temporaries are removed and the targets are
-    untouched."""
+    """Write each `name -> writer(binary file)` to a temporary file `.NAME.tmp-PID` in `directory`, fsync all, then
+    rename them over their targets in order, as one unit: the renames happen under a journal
+    (`records.ROI_WRITE_JOURNAL`, listing each target and its temporary) that is removed only once all are durable.
+
+    An error before the renames removes the temporaries and leaves the targets (and a leftover journal) as they
+    were. A crash during them leaves the journal, so `records.load_roi_arrays` (validation, the pipeline, training)
+    refuses the mix of old and new files. A leftover journal is replaced by this write's own, so it goes only once
+    this write's files are all in place; stray temporaries of earlier writes (of these names or a journal's) are
+    removed first.
+    """
+    leftover = pending_roi_write(directory) or []
+    _remove_stray_temporaries(directory, [*writers, *leftover])
+    journal = os.path.join(directory, ROI_WRITE_JOURNAL)
     temporaries = {}
     try:
         for name, write in writers.items():
@@ -532,6 +546,9 @@ def write_files_atomically(directory: str, writers: dict[str, Callable]) -> None
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+        listing = {"targets": {name: os.path.basename(tmp) for name, tmp in temporaries.items()}}
+        atomic_write(journal, lambda f: json.dump(listing, f, indent=2))
+        fsync_directory(directory)  # the journal's name is durable before any rename it covers
     except BaseException:
         for tmp in temporaries.values():
             if os.path.exists(tmp):
@@ -539,6 +556,17 @@ def write_files_atomically(directory: str, writers: dict[str, Callable]) -> None
         raise
     for name, tmp in temporaries.items():
         os.replace(tmp, os.path.join(directory, name))
+    fsync_directory(directory)  # every rename is durable before the journal that covers them goes
+    os.remove(journal)
+    fsync_directory(directory)  # else a power loss could bring the journal back and fail a complete directory
+
+
+def _remove_stray_temporaries(directory: str, names: Sequence[str]) -> None:
+    """Remove `.NAME.tmp-PID` files (`write_files_atomically`'s temporaries) left by writes that were killed."""
+    prefixes = tuple(f".{name}.tmp-" for name in names)
+    for entry in os.listdir(directory):
+        if any(entry.startswith(prefix) and entry[len(prefix):].isdigit() for prefix in prefixes):
+            os.remove(os.path.join(directory, entry))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,6 +86,54 @@ def test_a_killed_runs_lock_is_taken_over_and_another_hosts_lock_names_the_file(
     _write_lock(workdir, host="elsewhere-" + socket.gethostname(), pid=1, since="2025-01-01 00:00:00")
     with pytest.raises(workdir_lib.WorkdirInUseError, match=f"on host elsewhere-.*delete {lock}"):
         workdir_lib.WorkdirLock(workdir).acquire()
+
+
+def test_a_lock_left_empty_by_a_run_killed_while_starting_is_taken_over_once_old(tmp_path, caplog):
+    lock = os.path.join(str(tmp_path), workdir_lib.LOCK_FILE)
+    open(lock, "w").close()  # created, never written: killed between the two
+    old = time.time() - 2 * workdir_lib._UNWRITTEN_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+        assert json.load(open(lock))["pid"] == os.getpid()
+    assert any("left empty or unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_two_runs_that_find_the_same_stale_lock_do_not_both_take_the_workdir(tmp_path, monkeypatch):
+    """Run B finds a dead run's lock; before B removes it, run A takes it over. B must then find A's lock and
+    refuse, not remove it (which left both training in one workdir)."""
+    workdir = str(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _write_lock(workdir, host=socket.gethostname(), pid=gone.pid, process_start=1, since="2025-01-01 00:00:00")
+    first = workdir_lib.WorkdirLock(workdir)
+    is_stale = workdir_lib._lock_is_stale
+    interleaved = []
+
+    def stale_then_a_takes_over(holder):
+        if not interleaved:  # B has read the dead run's lock and judged it: A runs now
+            interleaved.append(True)
+            first.acquire()
+        return is_stale(holder)
+
+    monkeypatch.setattr(workdir_lib, "_lock_is_stale", stale_then_a_takes_over)
+    with pytest.raises(workdir_lib.WorkdirInUseError, match="still running"):
+        workdir_lib.WorkdirLock(workdir).acquire()  # B
+    assert interleaved and json.load(open(os.path.join(workdir, workdir_lib.LOCK_FILE)))["pid"] == os.getpid()
+    first.release()
+
+
+def test_training_records_bind_a_workdir_only_once_a_checkpoint_holds_a_data_position(tmp_path, caplog):
+    workdir = str(tmp_path)
+    before, after = {"records": 12, "sha256": "a" * 64}, {"records": 11, "sha256": "b" * 64}
+    workdir_lib.check_train_records(workdir, before, record=True)
+    # Stopped before its first checkpoint (a record's NaN loss), the record fixed: the rerun starts afresh.
+    workdir_lib.check_train_records(workdir, after, record=False)
+    assert any("saved no checkpoint" in r.getMessage() for r in caplog.records)
+    workdir_lib.check_train_records(workdir, after, record=True)
+    assert json.load(open(os.path.join(workdir, workdir_lib.TRAIN_RECORDS_FILE))) == after
+    os.makedirs(os.path.join(workdir, "phase_1", "4"))  # now it has a checkpoint to resume
+    with pytest.raises(ckpt_lib.CheckpointError, match="the training records changed since this run started"):
+        workdir_lib.check_train_records(workdir, before, record=False)
 
 
 def test_a_recorded_config_reads_back_with_the_fields_added_since_at_their_old_values(tmp_path):

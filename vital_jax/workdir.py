@@ -6,6 +6,7 @@ later run whose config differs in what is trained; `WorkdirLock` lets one run at
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -150,7 +151,9 @@ def check_train_records(workdir: str, fingerprint: dict, record: bool) -> None:
     """The training records a run started with (`fingerprint`: {"records", "sha256"} of the split it trains on)
     are the ones it resumes with: the data order and the learning-rate schedule are functions of them, and a
     checkpoint's iterator position only means something in the same list. Records them (record=True, at the first
-    step) or raises CheckpointError naming the change. Runs from before this record existed are not checked."""
+    step) or raises CheckpointError naming the change. Runs from before this record existed are not checked, and a
+    record with no checkpoint beside it (a run stopped before its first save, e.g. by a record's non-finite loss)
+    binds nothing: there is no data position to continue, so it is replaced, with a warning."""
     path = os.path.join(workdir, TRAIN_RECORDS_FILE)
     if record:
         if not os.path.exists(path):
@@ -159,6 +162,11 @@ def check_train_records(workdir: str, fingerprint: dict, record: bool) -> None:
     if not os.path.exists(path):
         return
     recorded = read_json(path, CheckpointError)
+    if recorded != fingerprint and not has_checkpoints(workdir):
+        logging.warning("%s: recorded by a run that saved no checkpoint; the training records changed since, so "
+                        "it is replaced", path)
+        os.remove(path)
+        return
     if recorded != fingerprint:
         raise CheckpointError(
             f"{workdir}: the training records changed since this run started ({TRAIN_RECORDS_FILE}: "
@@ -212,23 +220,39 @@ class WorkdirLock:
             except FileExistsError:
                 holder = _read_lock(self.path)
                 if holder is None:  # just created by another run and not yet written, or left empty by a crash
-                    if _age_seconds(self.path) < 10:
+                    if _age_seconds(self.path) < _UNWRITTEN_LOCK_SECONDS:
                         time.sleep(0.1)
                         continue
                 elif not _lock_is_stale(holder):
                     raise WorkdirInUseError(_in_use_message(os.path.dirname(self.path), self.path, holder)) from None
-                logging.warning("%s: taking over the lock of a run that no longer runs (%s)", self.path,
-                                _describe(holder))
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+                if self._take_over(holder):
+                    logging.warning("%s: taking over the lock of a run that no longer runs (%s)", self.path,
+                                    "its lock file was left empty or unreadable" if holder is None
+                                    else _describe(holder))
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())  # a lock left empty by a power loss would keep every run waiting 10 s
             self._held = True
             return
         raise WorkdirInUseError(f"{self.path}: could not take the workdir's lock (another run keeps taking it)")
+
+    def _take_over(self, stale: dict | None) -> bool:
+        """Remove the lock file if it still holds `stale` (what this process found and judged stale; None: an empty
+        or unreadable file older than `_UNWRITTEN_LOCK_SECONDS`). Two runs that found the same stale lock would
+        otherwise both remove "it", the second removing the lock the first had just taken, and both would train in
+        one workdir: the check and the removal happen under an exclusive flock on a file beside the lock (stale
+        locks are only taken over on their own host, where flock serialises processes)."""
+        with open(self.path + _TAKEOVER_SUFFIX, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file closes
+            current = _read_lock(self.path)
+            if not os.path.exists(self.path) or current != stale:
+                return False  # gone, or another run's lock by now: the caller tries again
+            if stale is None and _age_seconds(self.path) < _UNWRITTEN_LOCK_SECONDS:
+                return False
+            os.remove(self.path)
+            return True
 
     def release(self) -> None:
         """Remove the lock if this process still holds it."""
@@ -238,6 +262,12 @@ class WorkdirLock:
         holder = _read_lock(self.path)
         if holder is not None and holder == _this_process(holder.get("since")):
             os.remove(self.path)
+
+
+# A lock file that is still empty (or unreadable) this long after it was created was left by a run killed between
+# creating and writing it; younger, it may be a starting run's.
+_UNWRITTEN_LOCK_SECONDS = 10
+_TAKEOVER_SUFFIX = ".takeover"
 
 
 def _this_process(since: str | None = None) -> dict:

@@ -86,7 +86,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
         backbone_cfg = model.backbone_config
         record = {"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
                   "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
-                  "lora_merged": model.config.lora is not None,
+                  "curriculum_finished": run.finished, "lora_merged": model.config.lora is not None,
                   # the pixel budget of training, which the export's preprocessor_config.json may not state
                   "pixels": {"min_pixels": int(run.config.data.min_pixels),
                              "max_pixels": int(run.config.data.max_pixels)}}

@@ -40,6 +40,7 @@ def test_evaluate_vqa_rad_slice_writes_the_documented_files(workdir, shared_data
     # training answer budget.
     assert metrics["latency_ms"]["batch_size"] == 1 and metrics["batched_ms_per_example"]["batch_size"] == 4
     assert metrics["meta"]["max_new_tokens"] == load_run(workdir).config.data.max_answer_tokens
+    assert metrics["meta"]["finished"] is True
     assert (out / "vqa_rad.metrics.md").read_text().strip()
 
 
@@ -406,13 +407,20 @@ def test_load_run_takes_a_relative_workdir_and_loads_without_the_training_data(w
 
 def test_load_run_warns_about_an_unfinished_run_and_refuses_lost_checkpoints(workdir, tmp_path, caplog):
     run = load_run(workdir)
+    assert run.finished
     copy = _copy_run(workdir, tmp_path)
     last = len(run.config.curriculum.max_k)
+    # Stopped inside the last phase (killed or preempted after its latest checkpoint): no completion marker.
+    (copy / f"phase_{last}" / "DONE.json").unlink()
+    with caplog.at_level("WARNING"):
+        stopped = load_run(str(copy))
+    assert stopped.step == run.step and not stopped.finished
+    assert f"phase_{last}, the last, has no completion marker for step {run.step}" in caplog.text
     shutil.rmtree(copy / f"phase_{last}")
     (copy / f"phase_{last}").mkdir()   # the phase started, no checkpoint yet
     with caplog.at_level("WARNING"):
         partial = load_run(str(copy))
-    assert partial.phase == last - 1 and partial.step < run.step
+    assert partial.phase == last - 1 and partial.step < run.step and not partial.finished
     assert f"phase_{last} of {last} has no checkpoint" in caplog.text
     # The run had finished (the train command's summary says where): a checkpoint is missing, not pending.
     (copy / "train_summary.json").write_text(json.dumps({"preempted": False, "step": run.step}))
@@ -606,3 +614,4 @@ def test_a_run_export_killed_in_the_scaffolding_is_redone_by_the_next(workdir, t
     files = [os.path.relpath(os.path.join(root, name), out) for root, _, names in os.walk(out) for name in names]
     assert not [f for f in files if f.endswith(".tmp") or f == safetensors_io.UNFINISHED_FILE], files
     assert {"vital.json", "scaffolding/heads.safetensors", "scaffolding/decoder/model.safetensors"} <= set(files)
+    assert json.loads((out / "vital.json").read_text())["curriculum_finished"] is True

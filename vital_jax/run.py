@@ -135,6 +135,9 @@ class TrainedRun:
     paths: Paths
     step: int
     phase: int = 0   # the curriculum phase (from 1) whose checkpoint the parameters came from
+    # Whether that is the end of the curriculum: the last phase's completion marker records this step. False for a
+    # run still training, stopped or preempted (evaluation and export record it beside the step).
+    finished: bool = True
     # Predictors built for this run (`inference.shared_predictor`), by (batch_size, max_new_tokens): evaluation and
     # the explanation that follows it reuse one compiled program instead of compiling it twice.
     predictors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -163,9 +166,10 @@ def load_run(workdir: str) -> TrainedRun:
     from the configured checkpoints, trained parameters (LoRA + scaffolding) from the latest checkpoint of the
     last phase that has one.
 
-    A run whose last phase has no checkpoint yet (stopped early, or still training) loads with a warning naming
-    the phase and step it loads; a run whose train_summary.json says it finished at a later step (checkpoints
-    removed or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
+    A run that has not finished its curriculum (a phase without a checkpoint, or a last phase whose completion
+    marker does not record this step: still training, stopped, preempted) loads with a warning naming the phase
+    and step it loads, and `finished=False`; a run whose train_summary.json says it finished at a later step
+    (checkpoints removed or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
     run loads without its training data.
     """
     workdir = os.path.abspath(workdir)   # orbax takes absolute paths only
@@ -176,7 +180,7 @@ def load_run(workdir: str) -> TrainedRun:
     if found is None:
         raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
     phase, step = found
-    _check_finished(workdir, phase, phases, step)
+    finished = _check_finished(workdir, phase, phases, step)
     state_dir = os.path.join(workdir, f"phase_{phase}", str(step), "state")
     saved = ckpt_lib.restore_saved_state(state_dir)
     if ROI_DIM_KEY not in saved:
@@ -191,7 +195,7 @@ def load_run(workdir: str) -> TrainedRun:
         raise ckpt_lib.CheckpointError(f"{state_dir}: checkpoint does not match the run's config ({len(missing)} "
                                        f"parameters missing, e.g. {missing[0]})")
     restored = ckpt_lib.unflatten_state({k: saved[k] for k in flat}, abstract)["params"]
-    return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step, phase)
+    return TrainedRun(config, model, trainable.merge(restored, frozen), paths, step, phase, finished)
 
 
 # The visual projector's output bias: its length is the ROI feature dimension dv the run trained with.
@@ -212,8 +216,9 @@ def _latest_checkpoint(workdir: str, phases: int) -> tuple[int, int] | None:
     return None
 
 
-def _check_finished(workdir: str, phase: int, phases: int, step: int) -> None:
-    """Refuse a finished run whose checkpoints no longer reach its recorded end; warn about an unfinished one."""
+def _check_finished(workdir: str, phase: int, phases: int, step: int) -> bool:
+    """Refuse a finished run whose checkpoints no longer reach its recorded end; warn about an unfinished one.
+    Returns whether the run finished its curriculum at `step`."""
     summary_path = os.path.join(workdir, SUMMARY_FILE)
     if os.path.exists(summary_path):
         summary = read_json(summary_path, ckpt_lib.CheckpointError)
@@ -226,6 +231,13 @@ def _check_finished(workdir: str, phase: int, phases: int, step: int) -> None:
     if phase < phases:
         logging.warning("%s: the run did not finish its curriculum (phase_%d of %d has no checkpoint); loading "
                         "phase_%d's step %d", workdir, phase + 1, phases, phase, step)
+        return False
+    done = ckpt_lib.done_step(os.path.join(workdir, f"phase_{phase}"))
+    if done != step:
+        logging.warning("%s: the run did not finish its curriculum (phase_%d, the last, has no completion marker "
+                        "for step %d: still training, stopped or preempted); loading that step", workdir, phase, step)
+        return False
+    return True
 
 
 def _tuples(config) -> None:

@@ -50,6 +50,26 @@ def test_resume_skips_unreadable_checkpoints_and_moves_them_aside(tmp_path, capl
     assert os.path.exists(os.path.join(directory, aside[0], "data", "metadata"))
 
 
+@pytest.mark.parametrize("error", [MemoryError(), PermissionError(13, "Permission denied"),
+                                   RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.0GiB")],
+                         ids=["host memory", "access", "device memory"])
+def test_a_restore_that_fails_for_memory_or_access_moves_no_checkpoint_aside(tmp_path, monkeypatch, error):
+    """Moved aside as unreadable, every checkpoint would go in turn and training would start again from step 0."""
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1, 2))
+
+    def fails(*args, **kwargs):
+        raise error
+
+    with ckpt_lib.PhaseCheckpointer(directory, 1, keep=2, async_save=False) as ckpt:
+        monkeypatch.setattr(ckpt.manager, "restore", fails)
+        with pytest.raises(ckpt_lib.CheckpointError, match="could not restore checkpoint 2 .*memory or access") as e:
+            ckpt.restore_latest(_state(0))
+        assert not isinstance(e.value, ckpt_lib.UnreadableCheckpointError)
+    assert not glob.glob(os.path.join(directory, "*.unreadable-*"))
+    assert os.path.isdir(os.path.join(directory, "1")) and os.path.isdir(os.path.join(directory, "2"))
+
+
 def test_no_readable_checkpoint_resumes_from_nothing_and_a_different_model_is_still_an_error(tmp_path):
     directory = str(tmp_path / "phase_1")
     _save_steps(directory, (1,))

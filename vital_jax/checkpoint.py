@@ -38,6 +38,23 @@ class UnreadableCheckpointError(CheckpointError):
     """A checkpoint's files cannot be read back (truncated, corrupted, not written by orbax)."""
 
 
+# Errors of a restore that say nothing about the checkpoint's files: memory ran out (the device's, while the
+# template and the restored state are both held; the host's), the filesystem refused access or timed out (a network
+# mount). Treated as unreadable, `restore_latest` would move every checkpoint aside in turn and train from step 0.
+_NOT_ABOUT_THE_FILES = (MemoryError, PermissionError, TimeoutError)
+_NOT_ABOUT_THE_FILES_CODES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                              "Out of memory", "out of memory")
+
+
+def _about_the_files(error: BaseException) -> bool:
+    """Whether a restore error (or one it was raised from) can mean damaged files, rather than memory or access."""
+    while error is not None:
+        if isinstance(error, _NOT_ABOUT_THE_FILES) or any(c in str(error) for c in _NOT_ABOUT_THE_FILES_CODES):
+            return False
+        error = error.__cause__ or error.__context__
+    return True
+
+
 def _key_name(key) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -117,14 +134,13 @@ class PhaseCheckpointer:
         """Restore into `template`'s structure, dtypes and shardings. Returns (state, data_state).
 
         UnreadableCheckpointError when the checkpoint's files cannot be read, CheckpointError when they hold a
-        different model/optimizer."""
+        different model/optimizer or the restore failed for want of memory or access (`_about_the_files`)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flatten_state(template))
         try:
             saved = self.manager.item_metadata(step)["state"]
             saved_shapes = {k: tuple(v.shape) for k, v in dict(saved).items()}
         except Exception as e:  # noqa: BLE001 - orbax raises several types for unreadable metadata
-            raise UnreadableCheckpointError(f"{self.directory}: cannot read checkpoint {step}: "
-                                            f"{_first_line(e)}") from e
+            raise self._restore_failed(step, e) from e
         want = {k: tuple(v.shape) for k, v in abstract.items()}
         if saved_shapes != want:
             diff = [f"{k}: saved {saved_shapes.get(k)}, model {want.get(k)}"
@@ -138,9 +154,15 @@ class PhaseCheckpointer:
             if not isinstance(data_state, dict):
                 raise ValueError(f"the data item holds {type(data_state).__name__}, not an iterator state")
         except Exception as e:  # noqa: BLE001 - TensorStore's ValueError, JSONDecodeError, OSError, ...
-            raise UnreadableCheckpointError(f"{self.directory}: cannot read checkpoint {step}: "
-                                            f"{_first_line(e)}") from e
+            raise self._restore_failed(step, e) from e
         return unflatten_state(dict(restored["state"]), template), dict(data_state)
+
+    def _restore_failed(self, step: int, error: Exception) -> CheckpointError:
+        if _about_the_files(error):
+            return UnreadableCheckpointError(f"{self.directory}: cannot read checkpoint {step}: {_first_line(error)}")
+        return CheckpointError(f"{self.directory}: could not restore checkpoint {step} ({_first_line(error)}); "
+                               "left where it is, since the error is about memory or access, not its files: free "
+                               "memory (or fix the filesystem's access) and rerun")
 
     def restore_latest(self, template) -> tuple[int, object, dict] | None:
         """The newest checkpoint that can be read, as (step, state, data_state); None when there is none.

@@ -70,6 +70,26 @@ def test_a_restore_that_fails_for_memory_or_access_moves_no_checkpoint_aside(tmp
     assert os.path.isdir(os.path.join(directory, "1")) and os.path.isdir(os.path.join(directory, "2"))
 
 
+def test_a_checkpoint_another_process_cannot_read_is_skipped_by_every_process(tmp_path, monkeypatch, caplog):
+    """Each process reads its own shards; one that skipped to an older step alone would train on as a replica of
+    another state. Here this process reads step 2, the other process cannot."""
+    from jax.experimental import multihost_utils
+
+    monkeypatch.setattr(ckpt_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.asarray(False)]))
+    assert ckpt_lib._readable_everywhere(True) is False
+    monkeypatch.undo()  # orbax asks jax for the process count too
+
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1, 2))
+    monkeypatch.setattr(ckpt_lib, "_readable_everywhere", lambda here, steps=iter((False, True)): here and next(steps))
+    with ckpt_lib.PhaseCheckpointer(directory, 1, keep=2, async_save=False) as ckpt:
+        step, _, data_state = ckpt.restore_latest(_state(0))
+    assert step == 1 and data_state == {"next": 1}
+    assert "checkpoint 2 is unreadable on another process" in caplog.text
+    assert [os.path.basename(p).split(".")[0] for p in glob.glob(os.path.join(directory, "*.unreadable-*"))] == ["2"]
+
+
 def test_no_readable_checkpoint_resumes_from_nothing_and_a_different_model_is_still_an_error(tmp_path):
     directory = str(tmp_path / "phase_1")
     _save_steps(directory, (1,))

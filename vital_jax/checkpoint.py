@@ -172,15 +172,21 @@ class PhaseCheckpointer:
         ones would differ as well."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, data_state = self.restore(step, template)
+                found, problem = self.restore(step, template), None
             except UnreadableCheckpointError as e:
+                found, problem = None, e
+            if not _readable_everywhere(problem is None):
                 aside = self._move_aside(step)
-                logging.warning("%s; skipped it (moved to %s) and trying the checkpoint before it", e, aside)
+                logging.warning("%s; skipped it (moved to %s) and trying the checkpoint before it",
+                                problem or f"{self.directory}: checkpoint {step} is unreadable on another process",
+                                aside)
                 continue
-            return step, state, data_state
+            return step, *found
         return None
 
     def _move_aside(self, step: int) -> str:
+        """Rename `step` to `<step>.unreadable-<time>` (process 0 only; every process reaches here for the same
+        step, `_readable_everywhere`) and reload the manager's list of steps."""
         path = os.path.join(self.directory, str(step))
         aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:  # one process renames; the others skip the same unreadable step
@@ -277,6 +283,17 @@ def done_step(directory: str) -> int | None:
         logging.warning("%s: unreadable completion marker (%s); treating the phase as not finished", path,
                         _first_line(e))
         return None
+
+
+def _readable_everywhere(readable_here: bool) -> bool:
+    """Whether every process could read the checkpoint. Each process reads its own shards: one that fails would
+    skip to an older step while the others resume from this one, and the processes would train on as replicas of
+    different states. So a checkpoint any process cannot read is skipped by all."""
+    if jax.process_count() == 1:
+        return readable_here
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(readable_here))))
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ import collections
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
+from vital_jax import workdir
 from vital_jax.data import build, build_inputs, quality_gate, questions, records
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
@@ -222,6 +224,33 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch
     (tmp_path / "x" / build_inputs.INPUTS_FILE).write_text('{"version": 1, "con')  # a ValueError subclass
     assert build.main([]) == 1
     assert "build_inputs.json: malformed JSON" in capsys.readouterr().err
+
+
+def test_a_second_build_of_a_busy_out_dir_is_refused_and_the_command_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Two builds of one out_dir at once both asked the teacher every question and appended every record twice."""
+    config = _phantom_config(tmp_path / "x")
+    build.build(config)
+    lock = tmp_path / "x" / workdir.LOCK_FILE
+    assert not lock.exists()  # released on the way out
+    built = (tmp_path / "x" / records.RECORDS_FILE).read_text()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": running.pid, "since": "2025-01-01 00:00:00"}))
+        with pytest.raises(workdir.WorkdirInUseError, match=f"{tmp_path / 'x'} is in use by another run \\(pid "
+                                                            f"{running.pid}"):
+            build.build(config)
+        monkeypatch.setattr(build, "_CONFIG", type("Flag", (), {"value": config}), raising=False)
+        assert build.main([]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'x'} is in use by another run") and err.count("\n") == 1
+    finally:
+        running.kill()
+        running.wait()
+    assert (tmp_path / "x" / records.RECORDS_FILE).read_text() == built
+    # A build inside a folder whose lock this process holds (the demo's data under the training run's workdir).
+    with workdir.WorkdirLock(str(tmp_path)):
+        assert build.build(_phantom_config(tmp_path / "nested"))["records"] == len(built.splitlines())
 
 
 def test_an_out_dir_that_is_a_file_is_refused_by_name(tmp_path):

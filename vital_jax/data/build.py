@@ -45,6 +45,7 @@ from vital_jax import cli
 from vital_jax.data import balance, build_inputs, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
+from vital_jax.workdir import WorkdirInUseError, WorkdirLock
 
 # Defined only when run as a program, so that importing `build` (the demo, tests) defines no absl flags.
 _CONFIG = None
@@ -377,17 +378,31 @@ def check_inputs(config) -> None:
                 os.remove(os.path.join(out_dir, name))
         for name in OUTPUT_FOLDERS:
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    _make_out_dir(out_dir)
+    build_inputs.write(out_dir, current)
+
+
+def _make_out_dir(out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a file on the way, no permission
         raise BuildError(f"config.out_dir={out_dir!r}: cannot create the folder ({e})") from e
-    build_inputs.write(out_dir, current)
 
 
 def build(config) -> dict:
     """Run the stages; returns {"questions" (all the build asked, this run or before), "records", "set_aside"
-    (answered, then left out by answer balancing), "splits", "distill" (this run's teacher summary)}."""
+    (answered, then left out by answer balancing), "splits", "distill" (this run's teacher summary)}.
+
+    One build at a time in an out_dir (out_dir/RUNNING.lock, as a training workdir's): a second one is refused
+    with WorkdirInUseError naming the first. Two at once both paid the teacher for every question and appended
+    every record twice."""
     check_config(config)
+    _make_out_dir(config.out_dir)  # here, for the error naming config.out_dir: the lock would create it too
+    with WorkdirLock(config.out_dir):  # no stage reads RUNNING.lock; on_change="rebuild" leaves it in place
+        return _build(config)
+
+
+def _build(config) -> dict:
     check_inputs(config)
     asked = prepare(config)
     all_questions = len(asked)
@@ -423,7 +438,8 @@ def main(argv) -> int:
     config.update(_CONFIG.value)
     try:
         result = build(config)
-    except (BuildError, ValueError) as e:  # ValueError: IngestError, RecordError, InputsError, ImageError, ...
+    # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on.
+    except (BuildError, ValueError, WorkdirInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

@@ -314,7 +314,7 @@ def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tm
     assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
 
 
-def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path):
+def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path, caplog):
     config = _phantom_config(tmp_path / "x")
     first = build.build(config)
     path = tmp_path / "x" / records.RECORDS_FILE
@@ -326,10 +326,22 @@ def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt
     with pytest.raises(build.BuildError, match=r"built from other inputs.*config\.seed: 0 -> 1.*on_change=rebuild"):
         build.build(changed)
     assert path.read_text() == built  # refused before touching anything
+    inputs = (tmp_path / "x" / build_inputs.INPUTS_FILE).read_text()
+    images = sorted(os.listdir(tmp_path / "x" / "images"))
     changed.on_change = "rebuild"
-    build.build(changed)
+    with caplog.at_level(logging.WARNING):
+        build.build(changed)
     build.build(_phantom_config(tmp_path / "fresh", seed=1))
     assert path.read_text() == (tmp_path / "fresh" / records.RECORDS_FILE).read_text() != built
+    # The replaced outputs (the teacher's answers may have been paid for) are moved aside, not deleted.
+    [aside] = [n for n in os.listdir(tmp_path / "x") if n.startswith(build.REPLACED_PREFIX)]
+    assert f"moved the old outputs into {tmp_path / 'x' / aside}" in caplog.text
+    assert (tmp_path / "x" / aside / records.RECORDS_FILE).read_text() == built
+    assert (tmp_path / "x" / aside / build_inputs.INPUTS_FILE).read_text() == inputs
+    assert sorted(os.listdir(tmp_path / "x" / aside / "images")) == images
+    config.on_change = "rebuild"  # back to the first inputs, within the same second or not: another folder
+    assert build.build(config)["records"] == first["records"] and path.read_text() == built
+    assert len([n for n in os.listdir(tmp_path / "x") if n.startswith(build.REPLACED_PREFIX)]) == 2
 
 
 def test_a_truncated_build_inputs_file_is_named_and_the_outputs_are_kept(tmp_path):

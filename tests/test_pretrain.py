@@ -282,6 +282,29 @@ def test_unknown_train_parts_and_missing_corpus_are_errors(corpus_dir, tmp_path)
         pretrain.resolve_corpus(quick_config(str(tmp_path / "missing")), str(tmp_path / "b"))
 
 
+def test_the_workdir_corpus_is_reused_only_when_finished_with_the_same_settings(tmp_path):
+    """Its data files were taken as the mark of a built corpus: a corpus killed while saving its tokenizer, or built
+    with other corpus settings by a run stopped before its first checkpoint, was used as it was."""
+    from vital_jax.data import phantom_corpus
+
+    config = quick_config("", corpus__num_phantoms=2, corpus__phantom_size=64, corpus__chain_phantoms=0)
+    workdir = str(tmp_path / "w")
+    corpus_dir = pretrain.resolve_corpus(config, workdir)
+    tokenizer = os.path.join(corpus_dir, pretrain_corpus.TOKENIZER_DIR, "tokenizer.json")
+    with open(tokenizer) as f:
+        built = f.read()
+    assert pretrain.resolve_corpus(config, workdir) == corpus_dir  # finished: reused
+    os.remove(os.path.join(corpus_dir, phantom_corpus.SUMMARY_FILE))  # killed while saving the tokenizer
+    with open(tokenizer, "w") as f:
+        f.write(built[:100])
+    assert pretrain.resolve_corpus(config, workdir) == corpus_dir
+    with open(tokenizer) as f:
+        assert f.read() == built  # built again
+    config.corpus.seed = 7
+    with pytest.raises(phantom_corpus.CorpusError, match="other settings"):
+        pretrain.resolve_corpus(config, workdir)
+
+
 def test_a_failed_start_binds_nothing_and_a_busy_workdir_is_refused(corpus_dir, tmp_path):
     workdir = str(tmp_path / "w")
     with pytest.raises(ConfigError, match="corpus_dir"):

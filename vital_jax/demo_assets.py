@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 
 import jax
@@ -170,28 +171,38 @@ def write_tiny_qwen3(out_dir: str, seed: int = 1, hidden: int = 48, layers: int 
 
 
 def write_tiny_siglip(out_dir: str, seed: int = 2, hidden: int = 32, image_size: int = 112) -> str:
-    """A tiny random SigLIP vision tower (patch 14: an 8x8 grid at 112 px) with its preprocessor config."""
+    """A tiny random SigLIP vision tower (patch 14: an 8x8 grid at 112 px) with its preprocessor config.
+
+    Written into `out_dir`.tmp and renamed into place whole, so `out_dir` exists only complete: the demo and the
+    study reuse an encoder they find (by its config.json), and one cut short by a kill failed every later run.
+    `out_dir` must not exist or be empty."""
     from vital_jax.models.siglip import SiglipVisionModel
     from vital_jax.models.siglip.config import SiglipVisionConfig
     from vital_jax.models.siglip.params import save_siglip_vision
 
     config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                                 num_attention_heads=2, image_size=image_size, patch_size=14, use_head=False)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory; write the tiny SigLIP into a new one")
     model = SiglipVisionModel(config)
     params = model.init(jax.random.PRNGKey(seed), model.dummy_input())["params"]
-    save_siglip_vision(out_dir, config, jax.tree.map(np.asarray, params))
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
-                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                   "size": {"height": image_size, "width": image_size}}, f, indent=2)
+    staging = out_dir.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
+    save_siglip_vision(staging, config, jax.tree.map(np.asarray, params))
+    preprocessor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                    "size": {"height": image_size, "width": image_size}}
+    with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty (checked above)
+    os.rename(staging, out_dir)
     return out_dir
 
 
 def _copy_tokenizer(tokenizer_dir: str | None, out_dir: str) -> None:
     if tokenizer_dir is None:
         return
-    import shutil
-
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))

@@ -172,17 +172,20 @@ def _corpus_ready(corpus_dir: str) -> bool:
 
 
 def resolve_corpus(config, workdir: str) -> str:
-    """config.corpus_dir, or the phantom corpus built (once) into workdir/corpus from config.corpus."""
+    """config.corpus_dir, or the phantom corpus built (once) into workdir/corpus from config.corpus: a finished one
+    built with the same settings is reused, a torn one built again, one built with other settings refused."""
     if config.corpus_dir:
         if not _corpus_ready(config.corpus_dir):
             raise ConfigError(f"config.corpus_dir={config.corpus_dir!r} lacks {corpus_lib.PAIRS_FILE}, "
                               f"{corpus_lib.TEXTS_FILE} or {corpus_lib.TOKENIZER_DIR}/tokenizer.json")
         return os.path.abspath(config.corpus_dir)
     corpus_dir = os.path.join(workdir, "corpus")
-    if not _corpus_ready(corpus_dir):
+    # Always through build_corpus: its corpus.json (written last, with the settings) tells a finished corpus of
+    # these settings from a torn one or one of other settings (a run stopped before its first checkpoint binds no
+    # config); the data files alone cannot.
+    if not os.path.exists(os.path.join(corpus_dir, phantom_corpus.SUMMARY_FILE)):
         logging.info("building the phantom corpus in %s", corpus_dir)
-        phantom_corpus.build_corpus(corpus_dir, config.corpus)
-    return corpus_dir
+    return phantom_corpus.build_corpus(corpus_dir, config.corpus)
 
 
 def _vocab(tokenizer_dir: str) -> tuple[int, dict[str, int]]:

@@ -7,6 +7,7 @@ import collections
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
+from vital_jax import workdir
 from vital_jax.data import build, build_inputs, quality_gate, questions, records
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
@@ -224,6 +226,33 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch
     assert "build_inputs.json: malformed JSON" in capsys.readouterr().err
 
 
+def test_a_second_build_of_a_busy_out_dir_is_refused_and_the_command_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Two builds of one out_dir at once both asked the teacher every question and appended every record twice."""
+    config = _phantom_config(tmp_path / "x")
+    build.build(config)
+    lock = tmp_path / "x" / workdir.LOCK_FILE
+    assert not lock.exists()  # released on the way out
+    built = (tmp_path / "x" / records.RECORDS_FILE).read_text()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": running.pid, "since": "2025-01-01 00:00:00"}))
+        with pytest.raises(workdir.WorkdirInUseError, match=f"{tmp_path / 'x'} is in use by another run \\(pid "
+                                                            f"{running.pid}"):
+            build.build(config)
+        monkeypatch.setattr(build, "_CONFIG", type("Flag", (), {"value": config}), raising=False)
+        assert build.main([]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'x'} is in use by another run") and err.count("\n") == 1
+    finally:
+        running.kill()
+        running.wait()
+    assert (tmp_path / "x" / records.RECORDS_FILE).read_text() == built
+    # A build inside a folder whose lock this process holds (the demo's data under the training run's workdir).
+    with workdir.WorkdirLock(str(tmp_path)):
+        assert build.build(_phantom_config(tmp_path / "nested"))["records"] == len(built.splitlines())
+
+
 def test_an_out_dir_that_is_a_file_is_refused_by_name(tmp_path):
     (tmp_path / "data").write_text("my notes")
     with pytest.raises(build.BuildError, match=r"config\.out_dir='.*/data' is a file, not a folder"):
@@ -285,7 +314,7 @@ def test_a_duplicate_question_id_stops_the_question_stage_naming_both_sources(tm
     assert not os.path.exists(os.path.join(config.out_dir, questions.QUESTIONS_FILE))
 
 
-def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path):
+def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt(tmp_path, caplog):
     config = _phantom_config(tmp_path / "x")
     first = build.build(config)
     path = tmp_path / "x" / records.RECORDS_FILE
@@ -297,10 +326,22 @@ def test_other_inputs_in_a_built_folder_are_refused_naming_the_change_or_rebuilt
     with pytest.raises(build.BuildError, match=r"built from other inputs.*config\.seed: 0 -> 1.*on_change=rebuild"):
         build.build(changed)
     assert path.read_text() == built  # refused before touching anything
+    inputs = (tmp_path / "x" / build_inputs.INPUTS_FILE).read_text()
+    images = sorted(os.listdir(tmp_path / "x" / "images"))
     changed.on_change = "rebuild"
-    build.build(changed)
+    with caplog.at_level(logging.WARNING):
+        build.build(changed)
     build.build(_phantom_config(tmp_path / "fresh", seed=1))
     assert path.read_text() == (tmp_path / "fresh" / records.RECORDS_FILE).read_text() != built
+    # The replaced outputs (the teacher's answers may have been paid for) are moved aside, not deleted.
+    [aside] = [n for n in os.listdir(tmp_path / "x") if n.startswith(build.REPLACED_PREFIX)]
+    assert f"moved the old outputs into {tmp_path / 'x' / aside}" in caplog.text
+    assert (tmp_path / "x" / aside / records.RECORDS_FILE).read_text() == built
+    assert (tmp_path / "x" / aside / build_inputs.INPUTS_FILE).read_text() == inputs
+    assert sorted(os.listdir(tmp_path / "x" / aside / "images")) == images
+    config.on_change = "rebuild"  # back to the first inputs, within the same second or not: another folder
+    assert build.build(config)["records"] == first["records"] and path.read_text() == built
+    assert len([n for n in os.listdir(tmp_path / "x") if n.startswith(build.REPLACED_PREFIX)]) == 2
 
 
 def test_a_truncated_build_inputs_file_is_named_and_the_outputs_are_kept(tmp_path):

@@ -96,6 +96,33 @@ def test_store_is_reused_and_rebuilt_when_the_records_change(siglip, tmp_path):
             os.path.join(data_dir, records_lib.RECORDS_FILE))
 
 
+def test_every_region_array_is_on_disk_before_the_index_vouches_for_it(siglip, tmp_path, monkeypatch):
+    """They were written with np.save and never fsynced, then the index atomically: after a power loss the index
+    could stand beside empty arrays."""
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    out = str(tmp_path / "store")
+    synced, unsynced_at_index = set(), []
+    real_fsync, real_atomic_write = os.fsync, features.atomic_write
+
+    def fsync(fd):
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def atomic_write(target, write, binary=False):
+        if os.path.basename(target) == features.INDEX_FILE:
+            unsynced_at_index.extend(name for name in (features.MASKS_FILE, features.CONFIDENCE_FILE,
+                                                       features.VALID_FILE)
+                                     if os.stat(os.path.join(out, name)).st_ino not in synced)
+        return real_atomic_write(target, write, binary=binary)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(features, "atomic_write", atomic_write)
+    store = features.build_feature_store(data_dir, encoder, params, out, encoder_id=path)
+    assert unsynced_at_index == [] and os.path.exists(os.path.join(out, features.INDEX_FILE))
+    assert store.masks.shape[0] == 3
+
+
 def test_store_in_half_precision_and_bad_inputs(siglip, tmp_path):
     path, encoder, params = siglip
     data_dir = _dataset(str(tmp_path / "data"))

@@ -6,8 +6,9 @@ Stages (each resumable; rerunning the command finishes what is missing):
   0 inputs    the build's inputs (the config fields that shape the outputs, and the source files' sizes and
               hashes; vital_jax.data.build_inputs) are recorded in `out_dir/build_inputs.json`. A rerun with the
               same inputs resumes; with other inputs it is refused, naming what changed, unless
-              `config.on_change = "rebuild"`, which deletes the old outputs first, or stage 1 never finished. Every
-              config value is checked before this stage, so a mistake stops the build before anything is written.
+              `config.on_change = "rebuild"`, which first moves the old outputs (and their build_inputs.json) into
+              `out_dir/replaced-<UTC time>/`, or stage 1 never finished. Every config value is checked before this
+              stage, so a mistake stops the build before anything is written.
   1 prepare   ingest the source (`config.source`: "phantoms", "biomedparse", "msd" or "dicom"), write
               `images/ID.png` (RGB) and `masks/ID_TARGET.png` (0/255) into `out_dir`, make one question per target
               and question type, assign grouped stratified splits, write `questions.jsonl`. Skipped when it exists.
@@ -30,9 +31,9 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
+import time
 import urllib.parse
 from typing import Iterator
 
@@ -45,6 +46,7 @@ from vital_jax import cli
 from vital_jax.data import balance, build_inputs, geometry, images, ingest, phantoms, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.records import QUESTION_TYPES
+from vital_jax.workdir import WorkdirInUseError, WorkdirLock
 
 # Defined only when run as a program, so that importing `build` (the demo, tests) defines no absl flags.
 _CONFIG = None
@@ -324,13 +326,14 @@ def run_roi_stage(config) -> None:
                              padding=config.roi.padding, batch_size=config.roi.batch_size)
 
 
-# What a build writes into out_dir (deleted by on_change = "rebuild"), besides build_inputs.json. The ROI write
-# journal goes last, so a rebuild killed midway never leaves the ROI files it warns about without it.
+# What a build writes into out_dir (moved aside by on_change = "rebuild"), besides build_inputs.json. The ROI
+# write journal goes last, so a rebuild killed midway never leaves the ROI files it warns about without it.
 OUTPUT_FILES = (questions.QUESTIONS_FILE, records.RECORDS_FILE, teacher.REJECTED_FILE, teacher.SUMMARY_FILE,
                 balance.DROPPED_FILE, records.ROI_FEATURES_FILE, records.ROI_TOP_PATCH_IDS_FILE,
                 records.ROI_TOP_PATCH_SCORES_FILE, records.GLOBAL_FEATURES_FILE, records.ROI_PROVENANCE_FILE,
                 records.ROI_WRITE_JOURNAL)
 OUTPUT_FOLDERS = ("images", "masks")
+REPLACED_PREFIX = "replaced-"
 
 
 def _prepared(out_dir: str) -> bool:
@@ -347,7 +350,9 @@ def _has_outputs(out_dir: str) -> bool:
 def check_inputs(config) -> None:
     """Stage 0: record the build's inputs in out_dir; a folder built from other inputs is refused, naming what
     changed, or with config.on_change = "rebuild" emptied of the old outputs first. A build that never finished
-    stage 1 (no questions.jsonl, nothing later) is not refused: its images and masks are written again."""
+    stage 1 (no questions.jsonl, nothing later) is not refused: its images and masks are written again. Old
+    outputs are moved into out_dir/replaced-<UTC time>/, never deleted: the teacher's answers may have been paid
+    for."""
     out_dir = config.out_dir
     previous = build_inputs.read(out_dir)
     current = build_inputs.fingerprint(config, previous)
@@ -360,34 +365,60 @@ def check_inputs(config) -> None:
         # Nothing but images and masks of an interrupted stage 1, which this build writes again. None is deleted:
         # one it does not write again stays, unused (it may be the user's, there before the first build).
         logging.warning("%s: an unfinished build (no %s yet) from other inputs (%s); building over its images and "
-                        "masks (--config.on_change=rebuild deletes them first)", out_dir, questions.QUESTIONS_FILE,
+                        "masks (--config.on_change=rebuild moves them aside first)", out_dir, questions.QUESTIONS_FILE,
                         "; ".join(changes[:10]))
         changes = []
     if changes and config.on_change == "refuse":
         raise BuildError(
             f"{out_dir} was built from other inputs, so its files would be stale: " + "; ".join(changes[:10]) +
-            ("; ..." if len(changes) > 10 else "") + ". Rebuild it with --config.on_change=rebuild (deletes its "
-            "questions, records, images, masks and ROI arrays), build into another out_dir, or, to keep its files "
-            f"as they are, delete {os.path.join(out_dir, build_inputs.INPUTS_FILE)}")
+            ("; ..." if len(changes) > 10 else "") + ". Rebuild it with --config.on_change=rebuild (moves its "
+            f"questions, records, images, masks and ROI arrays into {os.path.join(out_dir, REPLACED_PREFIX)}<UTC "
+            "time>/), build into another out_dir, or, to keep its files as they are, delete "
+            f"{os.path.join(out_dir, build_inputs.INPUTS_FILE)}")
     if changes:
-        logging.warning("%s: inputs changed (%s); deleting the old outputs and rebuilding", out_dir,
-                        "; ".join(changes[:10]))
-        for name in OUTPUT_FILES:
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-        for name in OUTPUT_FOLDERS:
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+        aside = _move_outputs_aside(out_dir)
+        logging.warning("%s: inputs changed (%s); moved the old outputs into %s (delete it when they are not "
+                        "needed) and rebuilding", out_dir, "; ".join(changes[:10]), aside)
+    _make_out_dir(out_dir)
+    build_inputs.write(out_dir, current)
+
+
+def _move_outputs_aside(out_dir: str) -> str:
+    """Rename the outputs into a new out_dir/replaced-<UTC time>/ (within out_dir: cheap) and build_inputs.json
+    last, so a kill midway leaves the rest to be moved by the rerun; returns that folder."""
+    stem = os.path.join(out_dir, REPLACED_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    aside, n = stem, 1
+    while os.path.exists(aside):  # a second rebuild within the same second
+        n += 1
+        aside = f"{stem}-{n}"
+    os.makedirs(aside)
+    for name in OUTPUT_FILES + OUTPUT_FOLDERS + (build_inputs.INPUTS_FILE,):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
+    return aside
+
+
+def _make_out_dir(out_dir: str) -> None:
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a file on the way, no permission
         raise BuildError(f"config.out_dir={out_dir!r}: cannot create the folder ({e})") from e
-    build_inputs.write(out_dir, current)
 
 
 def build(config) -> dict:
     """Run the stages; returns {"questions" (all the build asked, this run or before), "records", "set_aside"
-    (answered, then left out by answer balancing), "splits", "distill" (this run's teacher summary)}."""
+    (answered, then left out by answer balancing), "splits", "distill" (this run's teacher summary)}.
+
+    One build at a time in an out_dir (out_dir/RUNNING.lock, as a training workdir's): a second one is refused
+    with WorkdirInUseError naming the first. Two at once both paid the teacher for every question and appended
+    every record twice."""
     check_config(config)
+    _make_out_dir(config.out_dir)  # here, for the error naming config.out_dir: the lock would create it too
+    with WorkdirLock(config.out_dir):  # no stage reads RUNNING.lock; on_change="rebuild" leaves it in place
+        return _build(config)
+
+
+def _build(config) -> dict:
     check_inputs(config)
     asked = prepare(config)
     all_questions = len(asked)
@@ -423,7 +454,8 @@ def main(argv) -> int:
     config.update(_CONFIG.value)
     try:
         result = build(config)
-    except (BuildError, ValueError) as e:  # ValueError: IngestError, RecordError, InputsError, ImageError, ...
+    # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on.
+    except (BuildError, ValueError, WorkdirInUseError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

@@ -17,7 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.out_dir = ""
     # When out_dir holds a build from other inputs (config or source files; build_inputs.json): "refuse" (stop,
-    # naming what changed) or "rebuild" (delete its outputs, then build).
+    # naming what changed) or "rebuild" (move its outputs into out_dir/replaced-<UTC time>/, then build).
     c.on_change = "refuse"
     c.source = "phantoms"                       # phantoms | biomedparse | msd | dicom
     c.seed = 0

@@ -9,7 +9,7 @@
           (hidden ones skipped). A file whose size and mtime are unchanged keeps its recorded hash, as git's
           index does, so checking a resumed build reads no file; a touched but identical file is no change.
 A rerun whose inputs differ is a different build: `differences` says how, and the builder refuses it or, with
-config.on_change = "rebuild", deletes the old outputs first.
+config.on_change = "rebuild", moves the old outputs into out_dir/replaced-<UTC time>/ first.
 """
 
 from __future__ import annotations

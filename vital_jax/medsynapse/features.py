@@ -250,9 +250,11 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
         except (OSError, ValueError) as e:
             raise FeatureStoreError(f"record {record.id!r}: no regions for the counterfactual: {e}") from e
     masks, confidence, valid = stack_region_masks(regions)
-    np.save(os.path.join(out_dir, MASKS_FILE), masks, allow_pickle=False)
-    np.save(os.path.join(out_dir, CONFIDENCE_FILE), confidence, allow_pickle=False)
-    np.save(os.path.join(out_dir, VALID_FILE), valid, allow_pickle=False)
+    # Written atomically and fsynced before the index vouches for them (features.flush above is an msync): after a
+    # power loss, an index beside empty region arrays was taken for a complete store.
+    for name, array in ((MASKS_FILE, masks), (CONFIDENCE_FILE, confidence), (VALID_FILE, valid)):
+        atomic_write(os.path.join(out_dir, name), lambda f, array=array: np.save(f, array, allow_pickle=False),
+                     binary=True)
     index = dict(fingerprint=fingerprint, records_sha256=records_hash, encoder_id=encoder_id, images=images,
                  image_rows=[image_row[os.path.normpath(r.image)] for r in records])
     atomic_write(index_path, lambda f: json.dump(index, f))   # last: its presence marks a complete store

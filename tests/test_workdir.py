@@ -88,6 +88,14 @@ def test_a_killed_runs_lock_is_taken_over_and_another_hosts_lock_names_the_file(
         workdir_lib.WorkdirLock(workdir).acquire()
 
 
+def test_taking_the_lock_outside_a_distributed_run_does_not_start_jax(tmp_path, monkeypatch):
+    """A dataset build takes the lock too: starting JAX's backends for it would, on a GPU, reserve most of the
+    GPU's memory for as long as the build asks its teacher."""
+    monkeypatch.setattr(workdir_lib.jax, "process_index", lambda: pytest.fail("jax.process_index() was called"))
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+        assert os.path.exists(os.path.join(str(tmp_path), workdir_lib.LOCK_FILE))
+
+
 def test_a_lock_left_empty_by_a_run_killed_while_starting_is_taken_over_once_old(tmp_path, caplog):
     lock = os.path.join(str(tmp_path), workdir_lib.LOCK_FILE)
     open(lock, "w").close()  # created, never written: killed between the two

@@ -196,10 +196,11 @@ class WorkdirLock:
     first save. A lock left by a run that was killed is stale and taken over with a warning: on the same host
     when its pid no longer runs (or runs a process started later, a reused pid). A lock from another host cannot
     be checked, so the error says which file to delete once that run is over. Only process 0 of a multi-process
-    run takes the lock."""
+    run takes the lock. `flag`: the command-line setting that names the directory, for the error's advice."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, flag: str = "--workdir"):
         self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+        self.flag = flag
         self._held = False
 
     def __enter__(self) -> WorkdirLock:
@@ -210,7 +211,9 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
-        if jax.process_index() != 0:
+        # Without jax.distributed this is the only process; asking jax would start its backends (on a GPU, reserving
+        # most of its memory) for a command that may never use them (a dataset build asking a teacher for hours).
+        if jax.distributed.is_initialized() and jax.process_index() != 0:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = _this_process()
@@ -224,7 +227,8 @@ class WorkdirLock:
                         time.sleep(0.1)
                         continue
                 elif not _lock_is_stale(holder):
-                    raise WorkdirInUseError(_in_use_message(os.path.dirname(self.path), self.path, holder)) from None
+                    raise WorkdirInUseError(_in_use_message(os.path.dirname(self.path), self.path, holder,
+                                                            self.flag)) from None
                 if self._take_over(holder):
                     logging.warning("%s: taking over the lock of a run that no longer runs (%s)", self.path,
                                     "its lock file was left empty or unreadable" if holder is None
@@ -317,12 +321,12 @@ def _describe(holder: dict) -> str:
     return f"pid {holder['pid']} on host {holder['host']}, since {holder.get('since', '?')}"
 
 
-def _in_use_message(workdir: str, path: str, holder: dict) -> str:
+def _in_use_message(workdir: str, path: str, holder: dict, flag: str) -> str:
     if holder["host"] == socket.gethostname():
         return (f"{workdir} is in use by another run ({_describe(holder)}, still running); wait for it to finish, "
-                "stop it, or use another --workdir")
+                f"stop it, or use another {flag}")
     return (f"{workdir} is in use by another run ({_describe(holder)}); wait for it to finish or use another "
-            f"--workdir. If that run is no longer running, delete {path}")
+            f"{flag}. If that run is no longer running, delete {path}")
 
 
 _MISSING = object()

@@ -244,6 +244,7 @@ def test_a_second_build_of_a_busy_out_dir_is_refused_and_the_command_says_so_in_
         assert build.main([]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / 'x'} is in use by another run") and err.count("\n") == 1
+        assert "use another --config.out_dir" in err  # the build's setting, not a --workdir it has none of
     finally:
         running.kill()
         running.wait()

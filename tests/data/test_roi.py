@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -529,6 +530,20 @@ def test_cli_writes_roi_files(siglip_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 full-image, 1 tight-crop" in done.stdout
     assert [r["roi_index"] for r in _read_jsonl(os.path.join(root, "records.jsonl"))] == [0, 1]
+    assert not os.path.exists(os.path.join(root, "RUNNING.lock"))  # held while writing, released after
+    # Not while another writer (a build, another ROI command) holds the directory: two would mix their files.
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with open(os.path.join(root, "RUNNING.lock"), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": running.pid, "since": "2025-01-01 00:00:00"}, f)
+        before = _snapshot(root)
+        busy = subprocess.run(done.args, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        running.kill()
+        running.wait()
+    assert busy.returncode == 1 and busy.stderr.count("\n") == 1, busy.stderr[-2000:]
+    assert f"{root} is in use by another run" in busy.stderr and "use another --data_dir" in busy.stderr
+    assert _snapshot(root) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

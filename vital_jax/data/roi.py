@@ -574,11 +574,15 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags
     from vital_jax import cli
 
+    from vital_jax.workdir import WorkdirInUseError, WorkdirLock
+
     f = flags.FLAGS
     try:   # bad input (records, images, the encoder directory) is one error line naming it, not a traceback
-        result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size,
-                                      f.feature_layer, f.global_features)
-    except (ValueError, OSError) as e:
+        # Not while a build (or another ROI command) writes the directory: two writers would mix their files.
+        with WorkdirLock(f.data_dir, flag="--data_dir"):
+            result = extract_dataset_rois(f.data_dir, f.encoder_dir, f.threshold, f.padding, f.batch_size,
+                                          f.feature_layer, f.global_features)
+    except (ValueError, OSError, WorkdirInUseError) as e:
         cli.fail(e)
     counts = {p: int((result.pathway == p).sum()) for p in (FULL, CROP)}
     with_global = os.path.exists(os.path.join(f.data_dir, GLOBAL_FEATURES_FILE))

@@ -200,7 +200,8 @@ def evaluate(checkpoint: str, benchmark: str, data_dir: str, out_dir: str, laten
                                   batch_size, n_timed)
         k_dir = k_dirs[k]
         meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "step": run.step, "phase": run.phase,
-                "finished": run.finished, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "latency_examples": len(latency)}
+                "finished": run.finished, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "latency_examples": len(latency)}
         summary = write_report(k_dir, benchmark, examples, predictions,
                                latent_steps=record_steps if k == RECORD_K else k,
                                latency_ms=latency + [None] * (len(examples) - len(latency)), meta=meta,

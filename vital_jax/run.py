@@ -169,8 +169,8 @@ def load_run(workdir: str) -> TrainedRun:
     A run that has not finished its curriculum (a phase without a checkpoint, or a last phase whose completion
     marker does not record this step: still training, stopped, preempted) loads with a warning naming the phase
     and step it loads, and `finished=False`; a run whose train_summary.json says it finished at a later step
-    (checkpoints removed or damaged since) is refused. The visual projector's ROI dimension comes from the checkpoint itself, so the
-    run loads without its training data.
+    (checkpoints removed or damaged since) is refused. The visual projector's ROI dimension comes from the
+    checkpoint itself, so the run loads without its training data.
     """
     workdir = os.path.abspath(workdir)   # orbax takes absolute paths only
     config = read_config(workdir)

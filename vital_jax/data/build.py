@@ -414,7 +414,8 @@ def build(config) -> dict:
     every record twice."""
     check_config(config)
     _make_out_dir(config.out_dir)  # here, for the error naming config.out_dir: the lock would create it too
-    with WorkdirLock(config.out_dir, flag="--config.out_dir"):  # no stage reads RUNNING.lock; on_change="rebuild" leaves it in place
+    # No stage reads RUNNING.lock; on_change="rebuild" leaves it in place.
+    with WorkdirLock(config.out_dir, flag="--config.out_dir"):
         return _build(config)
 
 

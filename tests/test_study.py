@@ -387,6 +387,28 @@ def test_a_split_without_closed_questions_is_refused_before_pretraining(tmp_path
         study.study(config, str(tmp_path))
 
 
+def test_a_second_study_in_a_busy_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Two studies in one workdir would build the same data, encoder and runs at once."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from vital_jax import workdir as workdir_lib
+
+    monkeypatch.setattr(study, "prepare_data", lambda config, workdir: pytest.fail("the data was prepared"))
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / workdir_lib.LOCK_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": running.pid, "since": "2025-01-01 00:00:00"}))
+        with pytest.raises(workdir_lib.WorkdirInUseError, match=f"in use by another run \\(pid {running.pid}"):
+            study.study(study_config.get_config("quick"), str(tmp_path))
+    finally:
+        running.kill()
+        running.wait()
+    assert not (tmp_path / workdir_lib.CONFIG_FILE).exists()
+
+
 def test_a_worker_is_told_to_stop_when_the_study_process_dies(tmp_path):
     # The study process (here: a stand-in) is killed with SIGKILL; its worker must not train on, orphaned: it gets
     # SIGTERM, the trainers' preemption signal (here a handler that leaves a mark).

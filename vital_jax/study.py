@@ -713,12 +713,15 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
     # recorded before it had those rows.
     # The compilation cache changes no number, so a workdir may be resumed with it on or off; how many runs
     # train at once is the machine's business too.
-    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
-                                     extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
-                                                 "stop_after_minutes"),
-                                     new_sections=("medsynapse",))
-    with _compilation_cache(config, workdir):
-        return _study(config, workdir, _provenance(command))
+    # One study at a time in a workdir: two would build the same data, encoder and runs at once (each run's own
+    # workdir under runs/ has its own lock).
+    with workdir_lib.WorkdirLock(workdir):
+        workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
+                                         extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
+                                                     "stop_after_minutes"),
+                                         new_sections=("medsynapse",))
+        with _compilation_cache(config, workdir):
+            return _study(config, workdir, _provenance(command))
 
 
 def _compilation_cache(config, workdir: str):

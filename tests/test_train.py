@@ -400,6 +400,24 @@ def test_each_batch_is_prepared_while_the_step_before_it_runs(tmp_path, assets, 
     assert events == ["prepare", "prepare", "log 1", "prepare", "log 2", "log 3"]  # none past the last step
 
 
+def test_the_medsynapse_demo_builds_its_assets_under_the_workdirs_lock(tmp_path, monkeypatch):
+    """As VITAL's demo does: two runs starting at once would otherwise build the same assets at the same time."""
+    from configs import medsynapse_demo
+    from vital_jax import workdir as workdir_lib
+
+    lock = tmp_path / workdir_lib.LOCK_FILE
+    holders = []
+
+    def prepare_demo(workdir, demo):
+        holders.append(json.loads(lock.read_text())["pid"])
+        raise RuntimeError("the assets are not built in this test")
+
+    monkeypatch.setattr(train, "prepare_demo", prepare_demo)
+    with pytest.raises(RuntimeError, match="not built in this test"):
+        train.train_medsynapse(medsynapse_demo.get_config(), str(tmp_path))
+    assert holders == [os.getpid()] and not lock.exists()  # released on the way out
+
+
 def test_batch_shapes_of_another_width_and_k_are_those_of_a_real_batch(assets):
     """The abstract batch a later program is compiled for equals the abstract of a real batch of that prompt
     width and number of latent slots, shardings included."""

@@ -555,7 +555,10 @@ def train_medsynapse(config, workdir: str) -> dict:
     distributed.maybe_initialize_distributed()
     check_mesh(config, trainer.stage_batches(config))
     if config.demo.enabled:  # the demo's dataset and backbone, built on first use; its small SigLIP is E_ana
-        prepare_demo(workdir, config.demo)
+        # Under the workdir's lock, as VITAL's demo builds: two runs would build the same assets at once. The
+        # trainer takes the lock again; a run that starts in between is refused there.
+        with workdir_lib.WorkdirLock(workdir_lib.local_workdir(workdir)):
+            prepare_demo(workdir, config.demo)
         p = resolve_paths(config, workdir)
         paths = trainer.Paths(p.data_dir, p.tokenizer_dir, p.backbone_dir, p.encoder_dir)
     else:

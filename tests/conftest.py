@@ -97,9 +97,19 @@ def trained_demo_run(tmp_path_factory, demo_assets):
 
 
 def record_batch_preparation(module, events: list, monkeypatch) -> None:
-    """Make `module`'s training loop append "prepare" to `events` each time it prepares a batch (`BatchAhead`), so a
-    test can place the preparation of batch N+1 against what the loop does after step N's results are read."""
+    """Make `module`'s training loop append "prepare" to `events` each time it prepares a batch (`BatchAhead`) and
+    "log N" each time it logs step N's metrics (`MetricsLogger.log`, after the step's results are read), so a test
+    can place the preparation of batch N+1 against the read of step N."""
     from vital_jax.batch_ahead import BatchAhead
+    from vital_jax.observability import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def recorded_log(self, step, *args, **kwargs):
+        events.append(f"log {step}")
+        return log(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(MetricsLogger, "log", recorded_log)
 
     class Recording(BatchAhead):
         def __init__(self, iterator, prepare, data_state):

@@ -387,13 +387,6 @@ def test_each_batch_is_prepared_while_the_step_before_it_runs(tmp_path, assets, 
     after the read), not after: the host's work overlaps the devices'."""
     events = []
     record_batch_preparation(train, events, monkeypatch)
-    log = train.MetricsLogger.log
-
-    def recorded_log(self, step, *args, **kwargs):
-        events.append(f"log {step}")
-        return log(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(train.MetricsLogger, "log", recorded_log)
     workdir = _workdir(tmp_path, assets, "ahead")
     summary = train.train(_config(curriculum__max_steps=3, logging__every_steps=1), workdir)
     assert summary["step"] == 3

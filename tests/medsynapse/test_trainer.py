@@ -206,13 +206,12 @@ def test_stage1_resumes_exactly_after_a_preemption_and_skips_when_done(three_sta
 
 
 def test_each_batch_is_prepared_while_the_step_before_it_runs(paths, tmp_path, monkeypatch):
-    """on_step is called once the step's metrics were read; the next batch must be prepared before that."""
     events = []
     record_batch_preparation(trainer, events, monkeypatch)
     config = _config()
     config.medsynapse.warmup.max_steps = 3
-    _run(config, tmp_path, paths, on_step=lambda stage, step: events.append(f"{stage} {step}"))
-    assert events == ["prepare", "prepare", "warmup 1", "prepare", "warmup 2", "warmup 3"]  # none past the last
+    _run(config, tmp_path, paths)
+    assert events == ["prepare", "prepare", "log 1", "prepare", "log 2", "log 3"]  # none past the last step
 
 
 def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths, tmp_path):

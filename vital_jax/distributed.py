@@ -203,6 +203,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective: every process calls it at the same point; one process:
+    `flag`). For decisions that must be the same everywhere: stop and save (SIGTERM may reach one process, or
+    arrive a step apart), give up on a batch one process could not prepare."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
 # ------------------------------------------------------------------------------------------------ global arrays
 def process_rows(named_sharding: NamedSharding, global_shape: Sequence[int], axis: int = 0) -> np.ndarray:
     """Sorted indices along `axis` of the global array that this process's devices hold (what its local data
@@ -426,7 +435,7 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 
 __all__ = [
-    "DistributedPlan", "DistributedSetupError", "global_from_host_copy", "global_per_example", "global_vital_batch",
+    "DistributedPlan", "DistributedSetupError", "any_process", "global_from_host_copy", "global_per_example", "global_vital_batch",
     "host_rows", "host_local_to_global", "is_primary", "local_copy", "maybe_initialize_distributed", "plan_distributed",
     "process_rows",
 ]

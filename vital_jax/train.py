@@ -507,9 +507,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                     probe.write(logger.tensorboard, step, output)
                     logger.tensorboard.flush()
                 logger.reset_timer(step)  # the probe is not training time
-            stop = preemption.requested
-            if jax.process_count() > 1:  # SIGTERM may reach one process or arrive a step apart: saving is collective
-                stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
+            # SIGTERM may reach one process or arrive a step apart: saving is collective.
+            stop = distributed.any_process(preemption.requested)
             ckpt.save(step, state, prepared.data_state, force=stop)
             if stop:
                 ckpt.close()

@@ -112,11 +112,11 @@ def record_batch_preparation(module, events: list, monkeypatch) -> None:
     monkeypatch.setattr(MetricsLogger, "log", recorded_log)
 
     class Recording(BatchAhead):
-        def __init__(self, iterator, prepare, data_state):
-            def recorded(raw):
+        def __init__(self, iterator, data_state, place, **kwargs):
+            def recorded(host):
                 events.append("prepare")
-                return prepare(raw)
+                return place(host)
 
-            super().__init__(iterator, recorded, data_state)
+            super().__init__(iterator, data_state, recorded, **kwargs)
 
     monkeypatch.setattr(module, "BatchAhead", Recording)

@@ -191,6 +191,10 @@ class PhaseCheckpointer:
         aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:  # one process renames; the others skip the same unreadable step
             os.rename(path, aside)
+        if jax.process_count() > 1:  # no process may list the step after the rename: orbax would save on some only
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vital_jax.checkpoint: {path} moved aside")
         self.manager.reload()
         return aside
 

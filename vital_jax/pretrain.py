@@ -403,11 +403,11 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
         return dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - timed_from[1],
                     timed_steps=progress["timed_steps"] + step - timed_from[0])
 
-    def prepare(batch_np):
+    def check(batch_np):
         _check_vocab(batch_np, stage.token_keys, stage.vocab, stage.train.examples)
-        return batch_np, stage.device_batch(batch_np)
+        return batch_np
 
-    batches = BatchAhead(stage.train, prepare, stage.train.get_state)
+    batches = BatchAhead(stage.train, stage.train.get_state, check=check, place=stage.device_batch)
     try:
         step = int(state.step)
         while step < sc.steps:

@@ -449,12 +449,14 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         if done is not None:
             logging.warning("phase %d: finished at step %d, but that checkpoint could not be read; training it "
                             "again from step %d", phase, done, int(state.step))
-        def prepare(raw, slots=slots):
+        def check(raw, slots=slots):
             host = slice_latent_slots(raw, slots, config.vital.latent_steps_cap)
             check_token_ids(host, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)
-            return host, distributed.global_vital_batch(host, model.backbone_config, mesh)
+            return host
 
-        batches = BatchAhead(iterator, prepare, iterator.get_state)
+        batches = BatchAhead(iterator, iterator.get_state, check=check,
+                             place=lambda host: distributed.global_vital_batch(host, model.backbone_config, mesh),
+                             any_process=distributed.any_process if jax.process_count() > 1 else None)
         step = int(state.step)
         while step < phase_end:
             prepared = batches.take()

@@ -568,6 +568,8 @@ def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, off
     inputs) -> (state, metrics: scalars). epochs: of the data iterator (None: repeat). finite:
     the metrics that must stay finite. Returns (final state, preempted, last logged metrics; when the stage was
     already complete, those its last run logged in metrics.jsonl)."""
+    from vital_jax import distributed  # here, as in `_stored_batch`
+
     setup, config = loop.setup, loop.setup.config
     with _checkpointer(config, loop.workdir, stage) as ckpt:
         found = ckpt.restore_latest(state)
@@ -589,11 +591,13 @@ def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, off
         if loop.logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped
             loop.logger.jsonl.rewind(offset + int(state.step))
         last: dict = {}
-        def prepare_on_mesh(batch_np):
-            with jax.set_mesh(loop.mesh):
-                return batch_np, prepare(batch_np)
 
-        batches = BatchAhead(iterator, prepare_on_mesh, iterator.get_state)
+        def place(batch_np):
+            with jax.set_mesh(loop.mesh):
+                return prepare(batch_np)
+
+        batches = BatchAhead(iterator, iterator.get_state, place=place,
+                             any_process=distributed.any_process if jax.process_count() > 1 else None)
         step = int(state.step)
         while step < total:
             prepared = batches.take()
@@ -619,8 +623,10 @@ def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, off
                 last.update(loop.logger.log(offset + step, last, samples=samples))
             if loop.on_step is not None:
                 loop.on_step(stage, step)
-            ckpt.save(step, state, prepared.data_state, force=_preempted())
-            if _preempted():
+            # SIGTERM may reach one process or arrive a step apart: saving is collective, so all stop or none.
+            stop = distributed.any_process(_preempted())
+            ckpt.save(step, state, prepared.data_state, force=stop)
+            if stop:
                 ckpt.wait()
                 logging.warning("%s: preempted; checkpoint at step %d saved in %s", stage, step, ckpt.directory)
                 return state, True, last

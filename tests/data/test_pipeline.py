@@ -150,10 +150,29 @@ def test_iterator_state_resumes_exactly(dataset):
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_the_processes_batches_of_a_step_are_the_batch_of_one_process_with_their_total_size(dataset):
+    """Two processes of batch 2 train, step by step and across an epoch boundary, on the records one process of
+    batch 4 trains on. Shuffling each process's fixed shard with a shared seed made each step's global batch pairs
+    of consecutive records (an image's questions), the same pairs every epoch."""
+    data_dir, tokenizer_dir, _ = dataset
+
+    def batches(batch_size, process_index, process_count):
+        it = pipeline.make_train_iterator(data_dir, tokenizer_dir, dataclasses.replace(CFG, batch_size=batch_size),
+                                          k_max=4, seed=5, process_index=process_index, process_count=process_count,
+                                          num_epochs=2)
+        return [sorted(int(i) for i in batch["record_index"]) for batch in it]
+
+    whole = batches(4, 0, 1)
+    parts = [batches(2, p, 2) for p in range(2)]
+    assert len(whole) == 4 and all(len(part) >= len(whole) for part in parts)  # 18 records: 4 global steps
+    for step, batch in enumerate(whole):
+        assert sorted(parts[0][step] + parts[1][step]) == batch, step
+
+
 def test_process_shards_partition_records(dataset):
     data_dir, tokenizer_dir, records = dataset
     train = [set(_epoch_order(data_dir, tokenizer_dir, process_index=p, process_count=2)) for p in range(2)]
-    assert not train[0] & train[1] and len(train[0]) == len(train[1]) == 4  # 9 records: 4 each, 1 dropped
+    assert not train[0] & train[1] and len(train[0]) == len(train[1]) == 4  # 9 records: 2 batches of 2 each
     assert train[0] | train[1] <= {i for i, r in enumerate(records) if r.split == "train"}
 
     test_rows = [i for i, r in enumerate(records) if r.split == "test"]

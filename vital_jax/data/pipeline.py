@@ -147,13 +147,11 @@ def select_records(data_dir: str, split: str | None, k_max: int | None, k_min: i
     return selected
 
 
-def shard_rows(num_items: int, process_index: int, process_count: int, *, equal: bool) -> list[int]:
-    """Positions of this process's items, dealt round-robin. equal=True truncates every shard to
-    floor(num_items / process_count); equal=False keeps them all (shards differ in length by at most one)."""
+def shard_rows(num_items: int, process_index: int, process_count: int) -> list[int]:
+    """Positions of this process's items, dealt round-robin (shards differ in length by at most one)."""
     if not 0 <= process_index < process_count:
         raise PipelineError(f"process_index {process_index} is outside [0, {process_count})")
-    rows = list(range(process_index, num_items, process_count))
-    return rows[:num_items // process_count] if equal else rows
+    return list(range(process_index, num_items, process_count))
 
 
 class RecordDataSource:
@@ -406,15 +404,24 @@ def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k
     if not 1 <= k_max <= cfg.k_max_slots:
         raise PipelineError(f"k_max={k_max} must be in 1..k_max_slots={cfg.k_max_slots}")
     process_index, process_count = _process(process_index, process_count)
+    if not 0 <= process_index < process_count:
+        raise PipelineError(f"process_index {process_index} is outside [0, {process_count})")
     selected = select_records(data_dir, split, k_max, k_min, cfg.global_feature)
-    rows = shard_rows(len(selected), process_index, process_count, equal=True)
-    if len(rows) < cfg.batch_size:
-        raise PipelineError(f"{data_dir}: process {process_index}/{process_count} gets {len(rows)} records of split "
-                            f"{split!r} with latent_steps <= {k_max}, fewer than one batch of {cfg.batch_size}")
+    if len(selected) // process_count < cfg.batch_size:
+        raise PipelineError(f"{data_dir}: process {process_index}/{process_count} gets "
+                            f"{len(selected) // process_count} records of split {split!r} with latent_steps <= "
+                            f"{k_max}, fewer than one batch of {cfg.batch_size}")
     collate = functools.partial(collate_examples, cfg=cfg, pad_id=_pad_id(tokenizer_dir))
-    source = RecordDataSource(data_dir, [(*selected[i], True) for i in rows], cfg.global_feature)
-    ds = (grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
-          .map(ExampleBuilder(data_dir, tokenizer_dir, cfg))
+    source = RecordDataSource(data_dir, [(*row, True) for row in selected], cfg.global_feature)
+    # One shuffled stream of all the records (reshuffled each epoch), dealt round-robin: with P processes of
+    # batch B, the global batch of step t is positions [t*B*P, (t+1)*B*P) of that stream, the batch one process
+    # of batch B*P would train on. Shuffling each process's fixed shard with a common seed instead gave every
+    # process the same permutation: each global batch was P consecutive records (records.jsonl keeps an image's
+    # questions together), the same blocks every epoch.
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = (ds.map(ExampleBuilder(data_dir, tokenizer_dir, cfg))
           .batch(cfg.batch_size, drop_remainder=True, batch_fn=collate))
     return _to_iter(ds, cfg)
 
@@ -424,8 +431,10 @@ def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, 
                         num_epochs: int | None = None, k_min: int = 1) -> grain.DatasetIterator:
     """Training batches of records with latent_steps <= k_max (the curriculum phase) from `split`.
 
-    Seeded global shuffle of this process's shard, reshuffled each epoch; num_epochs None repeats forever; the
-    incomplete last batch is dropped. Batches cross epoch boundaries. The returned iterator's `get_state()` (a
+    Seeded shuffle of all the records, reshuffled each epoch; num_epochs None repeats forever; the incomplete
+    last batch is dropped. Batches cross epoch boundaries. With several processes, process p takes positions
+    p, p + P, ... of that one stream, so the P processes' batches of a step together are the batch of one process
+    with P times the batch size (`make_train_dataset`). The returned iterator's `get_state()` (a
     small JSON-able dict) and `set_state()` resume the exact batch sequence. process_index / process_count
     default to jax.process_index() / jax.process_count().
     """
@@ -443,7 +452,7 @@ def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, sp
     if not selected:
         raise PipelineError(f"{data_dir}: no records in split {split!r}" +
                             (f" with latent_steps <= {k_max}" if k_max is not None else ""))
-    rows = shard_rows(len(selected), process_index, process_count, equal=False)
+    rows = shard_rows(len(selected), process_index, process_count)
     per_process = -(-len(selected) // process_count)
     entries = [(*selected[i], True) for i in rows]
     # A shorter shard repeats a record as invalid so all processes run the same number of batches.

@@ -310,3 +310,33 @@ def test_per_source_groups_in_domain_rows_like_table_1():
     result = metrics.score(examples, ["yes", "yes", "yes", "no"])
     assert result["per_source"] == {"BiomedParse": {"count": 1, "accuracy": 1.0},
                                     "MSD": {"count": 2, "accuracy": 0.5}, "phantom": {"count": 1, "accuracy": 1.0}}
+
+
+# ------------------------------------------------------------------- scoring audit: yes/no stated both ways, hedges
+
+@pytest.mark.parametrize("text", ["Yes or no", "Yes/No", "Yes.\nNo.", "Yes, no", "No/Yes", "No or yes",
+                                  "No. The answer is yes.", "yes\nno"])
+def test_yes_no_of_is_none_when_the_prediction_states_both(text):
+    assert metrics.yes_no_of(text) is None
+
+
+@pytest.mark.parametrize("text, polarity", [
+    ("Possibly yes", None),                          # a hedge before a leading-position yes
+    ("maybe yes", None),
+    ("Probably yes.", None),
+    ("Probably not", None),                          # ... and before a negation: the same rule on every path
+    ("Yes, probably.", None),                        # the bare answer word continues into its next clause
+    ("No, I am not sure.", None),
+    ("I think it is probably yes", None),            # a yes said mid-sentence, hedged in its clause
+    ("Yes, there is a mass, likely a cyst.", "yes"),  # the hedge describes the finding, not the answer
+    ("Yes, there is no effusion", "yes"),            # "no" before a noun is not an answer
+    ("No doubt, yes.", "yes"),
+])
+def test_yes_no_of_reads_a_hedged_answer_as_none_on_every_path(text, polarity):
+    assert metrics.yes_no_of(text) == polarity
+
+
+def test_answering_yes_or_no_to_every_yes_no_question_scores_nothing():
+    examples = [_example(i, answer, "closed") for i, answer in enumerate(["yes", "yes", "no"])]
+    assert metrics.score(examples, ["Yes or no"] * 3)["closed_accuracy"] == 0.0
+    assert metrics.score(examples, ["Yes/No"] * 3)["closed_accuracy"] == 0.0

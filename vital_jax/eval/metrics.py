@@ -119,41 +119,68 @@ _CLAUSE_BREAKS = frozenset({"with", "without", "but", "although", "though", "whi
 _IDIOMS = ("no doubt", "no question")  # a leading "no" that affirms ("No doubt, yes.")
 
 
+# Where a clause ends: punctuation or a slash ("Yes/No"). Line breaks are spaces by then.
+_CLAUSE_END = r"[,;:.!?()/]"
+# "no" as an answer of its own rather than a determiner ("No.", "yes or no", "Yes/No"; not "no effusion").
+_STANDALONE_NO = re.compile(r"\bno\b(?=\s*(?:[,;:.!?)/]|-\s|$|or\b))")
+_YES = re.compile(r"\byes\b")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.replace("'", ""))
+
+
 def _leading_clause(text: str) -> list[str]:
-    first = re.split(r"[,;:.!?()]", text, maxsplit=1)[0]
-    words = re.findall(r"[a-z0-9]+", first.replace("'", ""))
+    words = _words(re.split(_CLAUSE_END, text, maxsplit=1)[0])
     for i, word in enumerate(words):
         if i > 0 and word in _CLAUSE_BREAKS:
             return words[:i]
     return words
 
 
+def _answer_clause(text: str, start: int) -> list[str]:
+    """The words of the clause around position `start`, continued into the next clause when it is the bare answer
+    word ("Yes, probably." is hedged; "Yes, there is a mass, likely a cyst" is not)."""
+    clauses = re.split(_CLAUSE_END, text)
+    ends = [m.end() for m in re.finditer(_CLAUSE_END, text)] + [len(text) + 1]
+    index = next(i for i, end in enumerate(ends) if start < end)
+    words = _words(clauses[index])
+    if words in (["yes"], ["no"]) and index + 1 < len(clauses):
+        words += _words(clauses[index + 1])
+    return words
+
+
+def _hedged(words: Iterable[str]) -> bool:
+    return any(w in _HEDGES for w in words)
+
+
 def yes_no_of(text: str) -> str | None:
-    """"yes" / "no": the polarity the prediction states, or None when it states none (or states both).
+    """"yes" / "no": the polarity the prediction states, or None when it states none, states both, or hedges.
 
     In order: a leading yes, or a leading no that stands alone ("No.", "No, the liver is normal") -- "no doubt" /
-    "no question" leading are skipped; else a yes or a stand-alone no elsewhere ("I think yes", "the answer is no"),
-    when exactly one of the two is said; else the leading clause (up to the first punctuation mark or "with",
-    "but", "and", ...): a negation ("There is no evidence of a mass", "Not present", "Absent") is no, an
-    affirmation ("A pneumothorax is present with no mediastinal shift") is yes, a hedge ("not sure") is None.
-    So "Yes, there is no effusion" is yes: the leading word answers, the rest describes.
+    "no question" leading are skipped; else a yes or a stand-alone no elsewhere ("I think yes", "the answer is
+    no"); else the leading clause (up to the first punctuation mark or "with", "but", "and", ...): a negation
+    ("There is no evidence of a mass", "Not present", "Absent") is no, an affirmation ("A pneumothorax is present
+    with no mediastinal shift") is yes. So "Yes, there is no effusion" is yes: the leading word answers, the rest
+    describes ("no" before a noun is not an answer).
+
+    Ambiguous, None: both a yes and a stand-alone no anywhere ("Yes or no", "Yes/No", "Yes.\nNo.", "No/Yes",
+    "maybe yes maybe no"). Hedged, None, on every path: a hedge word ("possibly", "probably", "not sure", "cannot
+    be excluded", ...) in the clause that states the answer, taken on into the next clause when it is the bare
+    word ("Possibly yes", "Yes, probably", "Probably not", "I am not sure").
     """
     text = " ".join(str(text).translate(_TYPOGRAPHIC).lower().split()).lstrip(" \"'([*-")
     for idiom in _IDIOMS:
         if re.match(rf"{idiom}\b", text):
             text = text[len(idiom):].lstrip(" ,;:.!-")
-    if re.match(r"yes\b", text):
-        return "yes"
-    if re.match(r"no\b\s*(?:[,;:.!?)\-]|$)", text):
-        return "no"
-    said = {"yes"} if re.search(r"\byes\b", text) else set()
-    said |= {"no"} if re.search(r"\bno\b\s*(?:[,;:.!?)]|$)", text) else set()
-    if len(said) == 1:
-        return said.pop()
-    if said:
+    yes, no = _YES.search(text), _STANDALONE_NO.search(text)
+    if yes and no:
         return None
+    said = yes or no
+    if said:
+        return None if _hedged(_answer_clause(text, said.start())) else said.group(0)
     clause = _leading_clause(text)
-    if not clause or any(w in _HEDGES for w in clause):
+    if not clause or _hedged(clause):
         return None
     if any(w in _NEGATIONS for w in clause):
         return "no"

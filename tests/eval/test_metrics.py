@@ -340,3 +340,85 @@ def test_answering_yes_or_no_to_every_yes_no_question_scores_nothing():
     examples = [_example(i, answer, "closed") for i, answer in enumerate(["yes", "yes", "no"])]
     assert metrics.score(examples, ["Yes or no"] * 3)["closed_accuracy"] == 0.0
     assert metrics.score(examples, ["Yes/No"] * 3)["closed_accuracy"] == 0.0
+
+
+# ------------------------------------------------ scoring audit: the question's alternatives as whole phrases
+
+@pytest.mark.parametrize("question, alternatives", [
+    ("Where is the abnormality, left lung or right lung?", ("left lung", "right lung")),   # a wh-piece is no item
+    ("Is the gastric bubble shown on the left or right side of the patient?", ("left side", "right side")),
+    ("Are there multiple or just 1 metastatic focus?", ("multiple metastatic focus", "1 metastatic focus")),
+    ("Is this a T1 weighted, T2 weighted, or FLAIR image?", ("t1 weighted", "t2 weighted", "flair")),
+    ("Is the abnormality hyper dense or hypo dense?", ("hyper dense", "hypo dense")),
+    ("Is the CSF enhanced or non enhanced?", ("enhanced", "non enhanced")),             # the subject is no part
+    ("Was this image taken with or without contrast?", ("with contrast", "without contrast")),
+    ("Is this a contrast CT or a non-contrast CT?", ("contrast ct", "non contrast ct")),
+    ("Which is highlighted in this image, white or gray matter?", ("white matter", "gray matter")),
+    ("What is the cause of this finding: medical process or physical injury?", ("medical process",
+                                                                                "physical injury")),
+    ("Is this a pneumonia vs. pleural effusion?", ("pneumonia effusion", "pleural effusion")),
+    ("Does this image use contrast or not?", ("contrast",)),
+    ("Is the lesion on the left or right?", ("left", "right")),
+    ("Is the mass 2.5 cm or 3 cm?", ("2.5 cm", "3 cm")),
+    ("Where is the lesion?", ()),
+])
+def test_question_alternatives_reads_the_choice_list_as_whole_phrases(question, alternatives):
+    assert metrics.question_alternatives(question) == alternatives
+
+
+LUNGS = "Where is the abnormality, left lung or right lung?"
+FOCI = "Are there multiple or just 1 metastatic focus?"          # VQA-RAD test qid 401, answer "one"
+BUBBLE = "Is the gastric bubble shown on the left or right side of the patient?"   # qid 2735, answer "Right side"
+
+
+@pytest.mark.parametrize("prediction, answer, question", [
+    ("Left lung and right lung", "Right Lung", LUNGS),   # both alternatives
+    ("right and left", "right", ""),                     # the gold and another side: no question needed
+    ("CT, MRI", "ct", "What is the modality?"),          # the gold and another modality
+    ("Axial and coronal", "axial", ""),
+    ("Just one, not multiple", "one", FOCI),
+    ("left or right side", "Right side", BUBBLE),
+    ("T2 weighted FLAIR image", "FLAIR", "Is this a T1 weighted, T2 weighted, or FLAIR image?"),
+])
+def test_closed_correct_reads_a_prediction_naming_two_answers_as_wrong(prediction, answer, question):
+    assert not metrics.closed_correct(prediction, answer, question=question)
+
+
+@pytest.mark.parametrize("prediction, answer, question, correct", [
+    ("Just one", "one", FOCI, True),                 # "just" is scaffolding, not a competitor
+    ("just 1", "one", FOCI, True),
+    ("There is just one focus", "one", FOCI, True),
+    ("Multiple", "one", FOCI, False),
+    ("Right", "Right side", BUBBLE, True),           # the gold's distinguishing word, "side" shared
+    ("right", "Right side", BUBBLE, True),
+    ("On the right", "Right side", BUBBLE, True),
+    ("On the left", "Right side", BUBBLE, False),
+    ("side", "Right side", BUBBLE, False),
+    ("Right", "Right Lung", LUNGS, True),
+    ("With", "With contrast", "Was this image taken with or without contrast?", True),
+    ("Without contrast", "With contrast", "Was this image taken with or without contrast?", False),
+    ("The CSF is non-enhanced", "Non-enhanced", "Is the CSF enhanced or non enhanced?", True),
+    ("Enhanced", "Non-enhanced", "Is the CSF enhanced or non enhanced?", False),
+    ("non contrast", "non-contrast", "Is this a contrast or non contrast CT?", True),
+    ("contrast", "non-contrast", "Is this a contrast or non contrast CT?", False),
+    ("Right", "Right side", "Which side is the gastric bubble on?", False),   # no alternatives offered
+])
+def test_closed_correct_accepts_the_answers_distinguishing_words_when_the_question_offers_alternatives(
+        prediction, answer, question, correct):
+    assert metrics.closed_correct(prediction, answer, question=question) is correct
+
+
+def test_closed_scoring_of_the_vqa_rad_questions_the_audit_found(shared_data_dir):
+    import os
+
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    examples = {e.id: e for e in load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"),
+                                                check_images=False)}
+    foci, bubble = examples["401"], examples["2735"]
+    assert (foci.answer, bubble.answer) == ("one", "Right side")
+    for prediction in ("Just one", "just 1", "There is just one focus"):
+        assert metrics.score_example(foci, prediction).correct, prediction
+    for prediction in ("Right", "right", "On the right"):
+        assert metrics.score_example(bubble, prediction).correct, prediction
+    assert not metrics.score_example(bubble, "Left or right").correct

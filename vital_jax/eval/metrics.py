@@ -3,9 +3,11 @@
 One normaliser (`normalize_answer`) is applied identically to the ground truth, the prediction and the options.
 How each example is scored is decided by its `BenchmarkExample.match` (set by the loader):
   "vqa"      closed-ended VQA-RAD / SLAKE / PathVQA (`closed_correct`): a yes/no answer by the polarity the
-             prediction states (`yes_no_of`); any other answer by normalised equality, or by containment of the
-             normalised answer when that is unambiguous (no competing alternative the question offers, no "or", no
-             negation). Every example counts: a wrong yes/no answer and a prediction that says neither yes nor no
+             prediction states (`yes_no_of`; stating both, or hedging, is neither); any other answer by normalised
+             equality, or when the prediction names the answer (its words, or its distinguishing words when the
+             question offers alternatives: "On the right" to "left or right side?") and nothing competing with it
+             (another alternative the question offers, another option, another side / modality / plane), no "or",
+             no negation. Every example counts: a wrong yes/no answer and a prediction that says neither yes nor no
              are both wrong (LLaVA-Med's script drops wrong yes/no answers from the denominator; we do not).
   "letter"   multiple choice (PMC-VQA): the option letter parsed from free text (`parse_choice_letter`);
              an unparseable prediction is wrong.
@@ -214,30 +216,152 @@ def _resolve_option(pred: str, options: Sequence[str]) -> int | None:
     return hits[0]
 
 
+_AUXILIARIES = frozenset({"is", "are", "was", "were", "be", "been", "am", "do", "does", "did", "has", "have", "had",
+                          "can", "could", "would", "should", "will", "may", "might"})
+# Words that frame a question's choice list and are never part of an alternative it offers: auxiliaries, wh-words,
+# pronouns, the prepositions around a list ("on the left or right side OF the patient"), the image and the
+# patient, participles after it ("... or MRI USED to take the image"), "just" / "only" ("multiple or just 1").
+_SCAFFOLDING = _AUXILIARIES | {
+    "what", "which", "where", "when", "who", "whom", "whose", "why", "how", "this", "that", "these", "those", "there",
+    "it", "its", "they", "their", "you", "we", "i", "of", "in", "on", "at", "to", "from", "for", "by", "into", "onto",
+    "than", "as", "about", "and", "image", "images", "patient", "patients", "seen", "shown", "located", "taken",
+    "used", "found", "noted", "just", "only"}
+_WH_WORDS = frozenset({"what", "which", "where", "when", "who", "whom", "whose", "why", "how"})
+# Small answer vocabularies whose members exclude each other: a prediction naming the gold's member and another
+# ("right and left", "CT, MRI") does not answer, whatever the question lists.
+ANSWER_KINDS = (("left", "right"), ("ct", "mri", "x ray", "ultrasound", "pet"), ("axial", "sagittal", "coronal"),
+                ("male", "female"), ("ap", "pa"))
+
+
+def _choice_list(clause: str) -> list[list[str]]:
+    """The alternatives of one clause holding "or", as lists of normalised words (rules: `question_alternatives`)."""
+    pieces, separators = [], []
+    for i, comma_piece in enumerate(clause.split(",")):
+        for j, piece in enumerate(re.split(r"\bor\b", comma_piece)):
+            if i or j:
+                separators.append("or" if j else ",")
+            pieces.append(normalize_answer(piece).split())
+    last_or = max(i for i, s in enumerate(separators) if s == "or")
+    first_or = separators.index("or")
+    tail = pieces[last_or + 1]
+    start = next((i for i, w in enumerate(tail) if w not in _SCAFFOLDING), len(tail))
+    end = next((i for i in range(start + 1, len(tail)) if tail[i] in _SCAFFOLDING), len(tail))
+    last = tail[start:end] or tail[:1]
+    items = [p for p in pieces[first_or + 1:last_or + 1] if p]   # between the first and the last "or"
+    items = [[w for w in p if w not in _SCAFFOLDING] or p for p in items]
+    head = []
+    for k in range(first_or, -1, -1):   # back from the first "or" over comma-separated items
+        piece = pieces[k]
+        if not piece:
+            continue
+        if not any(w in _SCAFFOLDING for w in piece):
+            head.insert(0, piece)
+        elif k == first_or or piece[0] not in _WH_WORDS:   # "Is this T1, T2 or FLAIR": the item ends the piece
+            cut = max(i for i, w in enumerate(piece) if w in _SCAFFOLDING) + 1
+            run = piece[cut:] or piece[-1:]
+            if cut == 1 and piece[0] in _AUXILIARIES and len(run) > 1:   # "Is [the] CSF enhanced or ...": subject
+                run = run[1:]
+            longest = max(map(len, head + items + [last]))
+            head.insert(0, run[max(len(run) - longest, 0):])
+            break
+        else:                            # "Where is the abnormality, left lung or right lung": not an item
+            break
+        if k == 0 or separators[k - 1] != ",":
+            break
+    alternatives = head + items + [last]
+    if len(last) > 1:                    # "left or right side": "left side" or "right side"
+        alternatives = [a + last[1:] if len(a) == 1 and a[0] not in last else a for a in alternatives]
+    return [a for a in alternatives if any(w not in _SCAFFOLDING and w not in ("no", "not") for w in a)]
+
+
 def question_alternatives(question: str) -> tuple[str, ...]:
-    """The words a question offers as alternatives, normalised: either side of each "or" ("Is the lesion on the
-    left or right?" -> ("left", "right"); "CT, MRI or PET" -> ("mri", "pet"))."""
-    tokens = normalize_answer(question).split()
+    """The alternatives a question offers, as whole normalised phrases, in order (empty when it offers none).
+
+    Each clause (up to ?, !, ;, :, or a full stop) holding "or" (or "vs", "versus") is read as a list whose items
+    are separated by commas and "or", with the question's scaffolding (`_SCAFFOLDING`: auxiliaries, wh-words,
+    pronouns, prepositions, "image", "patient", ...) left out:
+      - the item after the last "or" runs up to the first scaffolding word ("right side | of the patient");
+      - the item before the first "or" starts after the last scaffolding word of its piece ("on the | left"),
+        without its first word when that follows the opening auxiliary ("Is the CSF | enhanced": the subject),
+        and reaches back no further than the longest other item ("Is the stomach wall thickening symmetric or
+        asymmetric" -> "symmetric"); comma-separated items before it are whole when they hold no scaffolding
+        ("T1 weighted, T2 weighted, or FLAIR"), and a piece starting with a wh-word is the question, not an item
+        ("Where is the abnormality, left lung or right lung?" -> ("left lung", "right lung"));
+      - a one-word item takes the words after the last item's first word, as English elides them ("on the left or
+        right side" -> ("left side", "right side"); "with or without contrast"; "multiple or just 1 metastatic
+        focus" -> ("multiple metastatic focus", "1 metastatic focus")). Where that reading is wrong ("pneumonia or
+        pleural effusion" -> "pneumonia effusion") the added words are shared, and shared words never tell
+        alternatives apart (`closed_correct`);
+      - items of scaffolding and negation only ("... or not") are dropped.
+    """
+    text = re.sub(r"\b(?:vs|versus)\b\.?", " or ", str(question).translate(_TYPOGRAPHIC).lower())
     out = []
-    for i, t in enumerate(tokens):
-        if t == "or" and 0 < i < len(tokens) - 1:
-            out += [tokens[i - 1], tokens[i + 1]]
-    return tuple(dict.fromkeys(out))
+    for clause in re.split(r"[?!;:]|\.(?!\d)", text):
+        if re.search(r"\bor\b", clause):
+            out += [" ".join(a) for a in _choice_list(clause)]
+    return tuple(dict.fromkeys(a for a in out if a))
+
+
+def _own_alternative(gold_words: set[str], alternatives: Sequence[str]) -> int | None:
+    """The index of the alternative the answer is: the one sharing most words with it, then with fewest words of
+    its own; None when it shares none or two alternatives tie."""
+    keys = [(len(set(a.split()) & gold_words), -len(set(a.split()) - gold_words)) for a in alternatives]
+    best = max(keys, default=(0, 0))
+    return keys.index(best) if best[0] and keys.count(best) == 1 else None
+
+
+def _named_competitor(pred: list[str], gold: str, competitor: str, own: set[str]) -> bool:
+    """Whether the prediction names `competitor`: all of its words that are not the gold's own (`own`); one whose
+    words are all the gold's ("CT" against "CT with contrast") when it appears outside the gold's phrase."""
+    keys = set(competitor.split()) - own
+    if keys:
+        return keys <= set(pred)
+    return _has_phrase(" ".join(_without_phrase(pred, gold.split())), competitor)
 
 
 def closed_correct(prediction: str, answer: str, options: Sequence[str] = (), question: str = "") -> bool:
-    """Closed-ended accuracy for one example: yes/no answers by `yes_no_of`; other answers by normalised equality,
-    or by containment of the normalised answer when unambiguous: no other of the `options` / alternatives the
-    `question` offers ("left or right") is mentioned, no "or", no negation ("The lesion is on the left side."
-    is "left")."""
+    """Closed-ended accuracy for one example: yes/no answers by `yes_no_of`; any other answer by normalised
+    equality, or when the prediction names the answer and nothing that competes with it.
+
+    Names the answer: holds the normalised answer as whole words, or, when the `question` offers alternatives
+    (`question_alternatives`), the answer's distinguishing words: its words that no competing alternative or option
+    has, scaffolding dropped ("Right side" to "...on the left or right side?" is named by "On the right"; "one" by
+    "just 1"). Competitors: the other `options`, the question's alternatives other than the one the answer is
+    (the alternative sharing most words with it, fewest extra), and the other members of an `ANSWER_KINDS`
+    vocabulary the answer names (left / right, CT / MRI / ...). Wrong when the prediction names a competitor too
+    ("Left lung and right lung", "CT, MRI", "right and left": ambiguous), says "or", or holds a negation outside
+    the answer's words ("The lesion is on the left side." is "left"; "not on the left" is not).
+    """
     gold = normalize_answer(answer)
     if gold in YES_NO:
         return yes_no_of(prediction) == gold
-    gold_words = set(gold.split())
-    competitors = [normalize_answer(o) for o in options] + [w for w in question_alternatives(question)
-                                                            if w not in gold_words]
-    candidates = [gold] + [c for c in dict.fromkeys(competitors) if c and c != gold]
-    return _resolve_option(normalize_answer(prediction), candidates) == 0
+    text = normalize_answer(prediction)
+    if text == gold:
+        return True
+    pred, gold_words = text.split(), set(gold.split())
+    alternatives = question_alternatives(question)
+    own_index = _own_alternative(gold_words, alternatives)
+    own = gold_words | (set(alternatives[own_index].split()) if own_index is not None else set())
+    competitors = [a for i, a in enumerate(alternatives) if i != own_index]
+    competitors += [o for o in dict.fromkeys(normalize_answer(o) for o in options) if o and o != gold]
+    if _has_phrase(text, gold):
+        rest = _without_phrase(pred, gold.split())
+    else:
+        rivals = set().union(*(c.split() for c in competitors)) if competitors else set()
+        keys = gold_words - rivals
+        keys = (keys - _SCAFFOLDING) or keys
+        if not alternatives or not keys or not keys <= set(pred):
+            return False
+        rest = [w for w in pred if w not in keys]
+    if "or" in rest or any(w in _NEGATIONS for w in rest):
+        return False
+    if any(_named_competitor(pred, gold, c, own) for c in competitors):
+        return False
+    for kind in ANSWER_KINDS:
+        if any(_has_phrase(gold, m) for m in kind) and any(
+                _has_phrase(text, m) and not _has_phrase(gold, m) for m in kind):
+            return False
+    return True
 
 
 def token_prf(prediction: str, answer: str) -> tuple[float, float, float]:

@@ -422,3 +422,36 @@ def test_closed_scoring_of_the_vqa_rad_questions_the_audit_found(shared_data_dir
     for prediction in ("Right", "right", "On the right"):
         assert metrics.score_example(bubble, prediction).correct, prediction
     assert not metrics.score_example(bubble, "Left or right").correct
+
+
+# ------------------------------------------------------------------ scoring audit: signs survive normalisation
+
+@pytest.mark.parametrize("text, expected", [
+    ("HER2+", "her2+"),
+    ("HER2-", "her2-"),
+    ("HER2\u2212", "her2-"),                       # the minus sign
+    ("ER+ PR-", "er+ pr-"),
+    ("ER-/PR-", "er- pr-"),
+    (">5 mm", "more than 5 mm"),
+    ("<5 mm", "less than 5 mm"),
+    ("\u22652 cm", "at least 2 cm"),
+    ("-5 HU", "-5 hu"),                            # a negative number keeps its minus
+    ("(-2.5)", "-2.5"),
+    # Hyphens that are no sign split or vanish as before.
+    ("T2-weighted", "t2 weighted"),
+    ("non-contrast", "non contrast"),
+    ("5-10 mm", "5 10 mm"),                        # a range
+    ("pre- and post-contrast", "pre and post contrast"),   # a suspended hyphen
+    ("T1- or T2-weighted", "t1 or t2 weighted"),
+    ("the lesion- single or multilobulated", "lesion single or multilobulated"),   # a dash after a word
+    ("liver \u2013 normal", "liver normal"),
+])
+def test_normalize_answer_keeps_signs_that_carry_meaning(text, expected):
+    assert metrics.normalize_answer(text) == expected
+
+
+@pytest.mark.parametrize("a, b", [("HER2+", "HER2-"), ("ER+ PR-", "ER- PR+"), (">5 mm", "<5 mm"), ("-5", "5")])
+def test_answers_differing_only_in_sign_are_different_answers(a, b):
+    assert metrics.normalize_answer(a) != metrics.normalize_answer(b)
+    assert metrics.token_f1(a, b) < 1.0
+    assert not metrics.closed_correct(a, b) and metrics.closed_correct(a, a)

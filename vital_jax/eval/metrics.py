@@ -44,6 +44,19 @@ _ARTICLES = frozenset({"a", "an", "the"})
 # Every ASCII punctuation mark but the decimal point, which is handled separately so "2.5" stays one number.
 _PUNCT = re.compile("[" + re.escape(string.punctuation.replace(".", "")) + "]")
 _NON_DECIMAL_POINT = re.compile(r"(?<!\d)\.|\.(?!\d)")
+# Signs that carry meaning survive punctuation, so "HER2+" is not "HER2-" nor ">5 mm" "<5 mm". A + or - (or the
+# minus sign) right after a code -- a token with a digit or a capital, or of at most 3 letters ("HER2", "ER", "pr")
+# -- and not followed by a word character stays on it: "ER+ PR-" -> "er+ pr-", so a bag of tokens tells it from
+# "ER- PR+". A hyphen inside a word still splits it ("T2-weighted", "non-contrast"); a suspended one ("pre- and
+# post-contrast", "T1- or T2-weighted") and a dash after a word ("the lesion- single or ...") are punctuation. A
+# minus before a number that follows no token stays on the number ("-5 HU"; "5-10 mm" is a range: "5 10"). En and
+# em dashes are punctuation. Comparisons become words: "<5 mm" -> "less than 5 mm".
+_SIGN_AFTER_TOKEN = re.compile(r"(?<![A-Za-z0-9])([A-Za-z0-9]+)([+\-\u2212])(?![A-Za-z0-9+\-\u2212])"
+                               r"(?!\s*(?:(?:and|or|to)\b|&))", re.IGNORECASE)
+_NEGATIVE_NUMBER = re.compile(r"(?<![A-Za-z0-9.])[\-\u2212](?=\.?\d)")
+_PLUS_MARK, _MINUS_MARK = "\x01", "\x02"   # signs kept while punctuation is dropped
+_COMPARISONS = (("<=", " at most "), ("\u2264", " at most "), (">=", " at least "), ("\u2265", " at least "),
+                ("<", " less than "), (">", " more than "))
 MATCH_KINDS = ("vqa", "letter", "exact", "f1")
 LETTERS = "ABCDEFGHIJ"
 YES_NO = ("yes", "no")
@@ -66,10 +79,22 @@ def _number_words(tokens: list[str]) -> list[str]:
     return out
 
 
+def _is_code(token: str) -> bool:
+    return len(token) <= 3 or any(c.isdigit() or c.isupper() for c in token)
+
+
+def _marked_signs(text: str) -> str:
+    for sign, words in _COMPARISONS:
+        text = text.replace(sign, words)
+    text = _SIGN_AFTER_TOKEN.sub(lambda m: m.group(1) + (_PLUS_MARK if m.group(2) == "+" else _MINUS_MARK)
+                                 if _is_code(m.group(1)) else m.group(0), text)
+    return _NEGATIVE_NUMBER.sub(_MINUS_MARK, text)
+
+
 def _tokens(text: str) -> list[str]:
-    text = str(text).translate(_TYPOGRAPHIC).lower()
+    text = _marked_signs(str(text)).translate(_TYPOGRAPHIC).lower()
     text = _PUNCT.sub(" ", text.replace("'", ""))
-    text = _NON_DECIMAL_POINT.sub(" ", text)
+    text = _NON_DECIMAL_POINT.sub(" ", text).replace(_PLUS_MARK, "+").replace(_MINUS_MARK, "-")
     words = [w for t in text.split() if t not in _ARTICLES for w in SPELLING_VARIANTS.get(t, t).split()]
     return _number_words(words)
 
@@ -88,8 +113,11 @@ def _without_phrase(tokens: list[str], phrase: list[str]) -> list[str]:
 def normalize_answer(text: str, strip: Sequence[str] = ()) -> str:
     """The one answer normaliser, for ground truths, predictions and options alike.
 
-    Lowercase; typographic apostrophes / quotes / dashes as ASCII; drop apostrophes ("patient's" -> "patients")
-    and other punctuation (hyphens split words; decimal points between digits stay); drop the articles a/an/the;
+    Signs stay on their token (`_SIGN_AFTER_TOKEN`): "HER2+" -> "her2+", "ER- PR+" -> "er- pr+", "-5 HU" -> "-5
+    hu"; comparisons become words: "<5 mm" -> "less than 5 mm" (">", "<=", ">=": "more than", "at most", "at
+    least"). Lowercase; typographic apostrophes / quotes / dashes as ASCII; drop apostrophes ("patient's" ->
+    "patients") and other punctuation (a hyphen inside a word splits it: "T2-weighted" -> "t2 weighted"; decimal
+    points between digits stay); drop the articles a/an/the;
     spelling variants one way (centre / central -> center, tumour -> tumor, ...); number words 0..99 as digits,
     compounds included ("Twenty-one" -> "21"); collapse whitespace. Each phrase of `strip` (normalised the same
     way, e.g. the question's target "left kidney") is removed wherever it occurs as whole words.

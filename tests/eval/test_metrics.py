@@ -122,7 +122,8 @@ def test_parse_choice_letter(prediction, letter):
      ("The main organ shown is the liver.", "The main organ shown is the spleen."), False),
 ])
 def test_in_domain_correct(prediction, answer, options, correct):
-    assert metrics.in_domain_correct(prediction, answer, options) is correct
+    # Options listed under letters in the prompt, so "B" can answer (without letters it cannot: below).
+    assert metrics.in_domain_correct(prediction, answer, options, lettered=True) is correct
 
 
 def _example(i, answer, answer_type, match="vqa", options=()):
@@ -455,3 +456,34 @@ def test_answers_differing_only_in_sign_are_different_answers(a, b):
     assert metrics.normalize_answer(a) != metrics.normalize_answer(b)
     assert metrics.token_f1(a, b) < 1.0
     assert not metrics.closed_correct(a, b) and metrics.closed_correct(a, a)
+
+
+# ------------------------------------------- scoring audit: a bare letter answers only a question posed with letters
+
+@pytest.mark.parametrize("prediction, answer, options", [
+    ("B", "no", ("yes", "no")),
+    ("(B)", "no", ("yes", "no")),
+    ("Answer: B", "right", ("left", "right", "center")),
+    ("B", "right", ("left", "right", "center")),
+])
+def test_in_domain_correct_reads_a_letter_only_when_the_options_were_lettered(prediction, answer, options):
+    assert not metrics.in_domain_correct(prediction, answer, options)
+    assert metrics.in_domain_correct(prediction, answer, options, lettered=True)
+
+
+def test_in_domain_scoring_reads_letters_for_lettered_choices_only(tmp_path):
+    from tests.eval.test_benchmarks import _in_domain_dir
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    data_dir, _ = _in_domain_dir(tmp_path)
+    by_id = {e.id: e for e in load_benchmark("in_domain", data_dir, split="test")}
+    yes_no, side, identify = by_id["r0"], by_id["r1"], by_id["r10"]   # answers: yes, right, a lettered choice
+    assert not metrics.score_example(yes_no, "A").correct               # "A" was read as the first option, yes
+    assert not metrics.score_example(side, "B").correct                 # "B" was read as "right"
+    assert metrics.score_example(side, "Right").correct
+    letter = metrics.LETTERS[identify.options.index(identify.answer)]
+    assert metrics.score_example(identify, letter).correct
+    assert metrics.score_example(identify, f"({letter})").correct
+    assert not metrics.poses_lettered_options(yes_no.prompt, yes_no.options)
+    assert not metrics.poses_lettered_options(side.prompt, side.options)
+    assert metrics.poses_lettered_options(identify.prompt, identify.options)

@@ -12,9 +12,10 @@ How each example is scored is decided by its `BenchmarkExample.match` (set by th
   "letter"   multiple choice (PMC-VQA): the option letter parsed from free text (`parse_choice_letter`);
              an unparseable prediction is wrong.
   "exact"    in-domain closed-ended (MSD / BiomedParse test splits, `in_domain_correct`): normalised equality with
-             the ground truth, or the option the prediction resolves to (a letter, a stated yes/no, the only option
-             it mentions). When the ground truth is a bare choice ("right") the question's target name is removed
-             from answer, options and prediction alike, so "The left kidney is in the right part" says "right".
+             the ground truth, or the option the prediction resolves to (a letter when the prompt listed the
+             options under letters, a stated yes/no, the only option it mentions). When the ground truth is a bare
+             choice ("right") the question's target name is removed from answer, options and prediction alike, so
+             "The left kidney is in the right part" says "right".
   "f1"       open-ended: token-level F1 (bag of tokens, Counter intersection) and recall; `correct` is exact match.
 """
 
@@ -450,15 +451,29 @@ def choice_correct(prediction: str, answer_letter: str, options: Sequence[str]) 
     return parse_choice_letter(prediction, options) == answer_letter.strip().upper()
 
 
-def in_domain_correct(prediction: str, answer: str, options: Sequence[str] = (), target: str | None = None
-                      ) -> bool:
+def lettered_option(index: int, option: str) -> str:
+    """The line that poses option `index` under its letter in a prompt: "B. right"."""
+    return f"{LETTERS[index]}. {option}"
+
+
+def poses_lettered_options(prompt: str, options: Sequence[str]) -> bool:
+    """Whether `prompt` lists every one of `options` on its own line under its letter (`lettered_option`, as
+    `benchmarks.lettered_prompt` writes them): only then can a bare letter ("B") answer the question."""
+    lines = {line.strip() for line in str(prompt).splitlines()}
+    return bool(options) and all(lettered_option(i, o) in lines for i, o in enumerate(options))
+
+
+def in_domain_correct(prediction: str, answer: str, options: Sequence[str] = (), target: str | None = None,
+                      lettered: bool = False) -> bool:
     """In-domain closed-ended match (App. B.4): `normalize_answer` equality with the ground truth.
 
     When the ground truth does not name the question's `target` (a bare choice such as "right", which the loader
     read from "The left kidney is in the right part of the image."), the target's name is removed from answer,
     options and prediction alike. With options, a prediction that is not verbatim an option is first resolved to
-    one: an option letter ("B", "(B)", "Answer: B"), the yes/no it states ("Yes, the liver is visible." -> "yes"),
-    or the only option it mentions; it is correct when that option is the ground truth.
+    one: an option letter ("B", "(B)", "Answer: B") when the question listed its options under letters
+    (`lettered`; a yes/no or location question asked as it is has none, so "B" there is no answer), the yes/no it
+    states ("Yes, the liver is visible." -> "yes"), or the only option it mentions; it is correct when that option
+    is the ground truth.
     """
     strip = (target,) if target and not _has_phrase(normalize_answer(answer), normalize_answer(target)) else ()
     gold = normalize_answer(answer, strip)
@@ -467,7 +482,7 @@ def in_domain_correct(prediction: str, answer: str, options: Sequence[str] = (),
     if not options:
         return False
     norm = [normalize_answer(o, strip) for o in options]
-    index = _strict_letter(str(prediction), len(options))
+    index = _strict_letter(str(prediction), len(options)) if lettered else None
     if index is None and set(norm) == set(YES_NO):
         said = yes_no_of(prediction)
         index = norm.index(said) if said else None
@@ -508,7 +523,8 @@ def score_example(example, prediction: str) -> ExampleScore:
         return ExampleScore(correct=letter == example.answer.strip().upper(), parsed=letter)
     if match == "exact":
         return ExampleScore(correct=in_domain_correct(prediction, example.answer, example.options,
-                                                      example.extra.get("target")))
+                                                      example.extra.get("target"),
+                                                      poses_lettered_options(example.prompt, example.options)))
     raise ValueError(f"example {example.id!r}: unknown match kind {match!r} (expected one of {MATCH_KINDS})")
 
 

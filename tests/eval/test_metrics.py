@@ -309,8 +309,11 @@ def test_per_source_groups_in_domain_rows_like_table_1():
     examples = [example(0, "MSD Task03_Liver", "yes"), example(1, "MSD Task09_Spleen", "no"),
                 example(2, "biomedparse", "yes"), example(3, "phantom", "no")]
     result = metrics.score(examples, ["yes", "yes", "yes", "no"])
-    assert result["per_source"] == {"BiomedParse": {"count": 1, "accuracy": 1.0},
-                                    "MSD": {"count": 2, "accuracy": 0.5}, "phantom": {"count": 1, "accuracy": 1.0}}
+    closed = {"open_count": 0}
+    assert result["per_source"] == {
+        "BiomedParse": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, **closed},
+        "MSD": {"count": 2, "closed_count": 2, "closed_accuracy": 0.5, **closed},
+        "phantom": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, **closed}}
 
 
 # ------------------------------------------------------------------- scoring audit: yes/no stated both ways, hedges
@@ -487,3 +490,29 @@ def test_in_domain_scoring_reads_letters_for_lettered_choices_only(tmp_path):
     assert not metrics.poses_lettered_options(yes_no.prompt, yes_no.options)
     assert not metrics.poses_lettered_options(side.prompt, side.options)
     assert metrics.poses_lettered_options(identify.prompt, identify.options)
+
+
+# ------------------------------------- scoring audit: per type and per source, closed and open are never pooled
+
+def _typed(i, qtype, answer, answer_type, source="phantom"):
+    return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type=answer_type,
+                            match="vqa" if answer_type == "closed" else "f1",
+                            extra={"question_type": qtype, "source": source})
+
+
+def test_per_type_and_per_source_report_closed_accuracy_and_open_token_f1_apart():
+    # PRES: 2 closed (1 right) and 2 open (F1 0.8 and 0.5, neither an exact match). The pooled "accuracy" was
+    # 1/4 -- a closed accuracy of 50 % and open answers scored by exact match, printed as one number.
+    examples = [_typed(0, "PRES", "yes", "closed"), _typed(1, "PRES", "no", "closed"),
+                _typed(2, "PRES", "right temporal lobe", "open"), _typed(3, "PRES", "free air", "open"),
+                _typed(4, "SIZE", "left", "closed")]
+    predictions = ["yes", "yes", "temporal lobe", "air", "left"]
+    result = metrics.score(examples, predictions)
+    assert result["per_question_type"] == {
+        "PRES": {"count": 4, "closed_count": 2, "closed_accuracy": 0.5, "open_count": 2,
+                 "open_token_f1": pytest.approx((0.8 + 2 / 3) / 2)},
+        "SIZE": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, "open_count": 0}}
+    assert result["per_source"]["phantom"] == {"count": 5, "closed_count": 3, "closed_accuracy": pytest.approx(2 / 3),
+                                               "open_count": 2, "open_token_f1": pytest.approx((0.8 + 2 / 3) / 2)}
+    for group in (*result["per_question_type"].values(), *result["per_source"].values()):
+        assert "accuracy" not in group

@@ -538,6 +538,19 @@ def _summary(scores: Sequence[ExampleScore], with_f1: bool = True) -> dict:
     return out
 
 
+def _closed_and_open(rows: Sequence[tuple]) -> dict:
+    """A group's scores with closed and open questions kept apart, never pooled: {count, closed_count,
+    closed_accuracy (when it has closed questions), open_count, open_token_f1 (when it has open ones)}."""
+    closed = [s.correct for e, s in rows if e.answer_type == "closed"]
+    f1s = [s.f1 for e, s in rows if e.answer_type == "open" and s.f1 is not None]
+    out = {"count": len(rows), "closed_count": len(closed), "open_count": len(rows) - len(closed)}
+    if closed:
+        out["closed_accuracy"] = sum(closed) / len(closed)
+    if f1s:
+        out["open_token_f1"] = sum(f1s) / len(f1s)
+    return out
+
+
 def gold_key(example) -> str:
     """What a ground truth is counted as when answers are tallied: its normalised text, or the option letter for
     multiple choice (normalised, "A" would be the article and vanish)."""
@@ -581,10 +594,10 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
 
     Returns {"count", "overall": {count, accuracy}, "closed": {count, accuracy}, "open": {count, accuracy,
     token_f1, token_recall}, "closed_yes_no": {...} (closed examples whose answer is yes/no, when there are any),
-    "per_source": {group: {count, accuracy, ...}} (when examples carry extra["source"], grouped by `source_group`
-    as Table 1's in-domain rows), "per_question_type": {type: {count, accuracy, token_f1 (open ones), closed,
-    open (counts)}} (when examples carry extra["question_type"]), the flat numbers below,
-    "per_example": [ExampleScore, ...]}.
+    "per_source": {group: {...}} (when examples carry extra["source"], grouped by `source_group` as Table 1's
+    in-domain rows) and "per_question_type": {type: {...}} (when examples carry extra["question_type"]), each
+    group's {count, closed_count, closed_accuracy, open_count, open_token_f1} with closed accuracy and open token F1
+    kept apart (`_closed_and_open`), the flat numbers below, "per_example": [ExampleScore, ...]}.
     Types with no examples are left out; "overall.accuracy" counts open examples by exact match.
 
     Flat numbers (fractions; present when the subset exists):
@@ -613,20 +626,16 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
               if e.answer_type == "closed" and e.match in ("vqa", "exact") and is_yes_no(e.answer)]
     if yes_no:
         out["closed_yes_no"] = _summary(yes_no)
-    groups = collections.defaultdict(list)
+    groups, by_type = collections.defaultdict(list), collections.defaultdict(list)
     for e, s in zip(examples, per_example):
         if e.extra.get("source"):
-            groups[source_group(e.extra["source"])].append(s)
-    if groups:
-        out["per_source"] = {g: _summary(groups[g]) for g in sorted(groups)}
-    by_type = collections.defaultdict(list)
-    for e, s in zip(examples, per_example):
+            groups[source_group(e.extra["source"])].append((e, s))
         if e.extra.get("question_type"):
             by_type[str(e.extra["question_type"])].append((e, s))
+    if groups:
+        out["per_source"] = {g: _closed_and_open(groups[g]) for g in sorted(groups)}
     if by_type:
-        out["per_question_type"] = {
-            t: {**_summary([s for _, s in rows]), "closed": sum(e.answer_type == "closed" for e, _ in rows),
-                "open": sum(e.answer_type == "open" for e, _ in rows)} for t, rows in sorted(by_type.items())}
+        out["per_question_type"] = {t: _closed_and_open(rows) for t, rows in sorted(by_type.items())}
     closed = [e for e in examples if e.answer_type == "closed"]
     if closed:
         n_correct = sum(s.correct for e, s in zip(examples, per_example) if e.answer_type == "closed")

@@ -516,3 +516,31 @@ def test_per_type_and_per_source_report_closed_accuracy_and_open_token_f1_apart(
                                                "open_count": 2, "open_token_f1": pytest.approx((0.8 + 2 / 3) / 2)}
     for group in (*result["per_question_type"].values(), *result["per_source"].values()):
         assert "accuracy" not in group
+
+
+# -------------------------- scoring audit: the per-type majority floor is for vital_jax's own question types only
+
+def test_majority_by_type_floor_is_left_out_for_annotated_question_types():
+    def example(i, qtype, answer):
+        return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type="closed",
+                                extra={"question_type": qtype})
+    # VQA-RAD-like types: a composite type with one closed question is its own majority, "right" by construction.
+    annotated = [example(0, "PRES", "yes"), example(1, "PRES", "yes"), example(2, "PRES", "no"),
+                 example(3, "ATTRIB, PRES", "no")]
+    assert "closed_majority_by_type_baseline" not in metrics.score(annotated, [""] * 4)
+    own = [example(0, "yes_no", "yes"), example(1, "yes_no", "yes"), example(2, "location_choice", "left")]
+    assert metrics.score(own, [""] * 3)["closed_majority_by_type_baseline"] == 1.0
+
+
+def test_vqa_rad_has_no_majority_by_type_floor(shared_data_dir):
+    import os
+
+    from vital_jax.eval.benchmarks import load_benchmark
+    from vital_jax.eval.report import headline_text, summarize
+
+    examples = load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"), check_images=False)
+    result = metrics.score(examples, ["yes"] * len(examples))
+    assert "closed_majority_by_type_baseline" not in result   # was 57.7 % beside the pooled majority's 48.9 %
+    assert result["closed_majority_baseline"] == pytest.approx(133 / 272)
+    text = headline_text(summarize("vqa_rad", result, meta={"split": "test"}))
+    assert "majority per type" not in text and "majorities counted on this split" in text

@@ -190,6 +190,7 @@ def test_metrics_markdown_has_a_per_source_table(tmp_path):
     assert "| in_domain | 4 | BiomedParse | 2 | 50.00 | 0 | – |" in text
     assert "| in_domain | 4 | MSD | 1 | 100.00 | 0 | – |" in text
     assert report.TABLE_NOTES in text
+    assert "counted on the evaluated split itself" in report.TABLE_NOTES
 
 
 def test_per_type_and_per_source_lines_keep_closed_accuracy_and_open_token_f1_apart(tmp_path):

@@ -27,6 +27,8 @@ import re
 import string
 from typing import Iterable, Sequence
 
+from vital_jax.data.records import QUESTION_TYPES
+
 UNIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
               "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
 TENS_WORDS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
@@ -607,9 +609,12 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
       closed_majority_baseline           the closed questions answered with `majority_answer`, same scorer.
       closed_majority_baseline_over_all  the same count / all questions.
       closed_majority_by_type_baseline   each closed question answered with the majority answer of its question
-                                         type, same scorer (when every closed example carries
-                                         extra["question_type"]): the stronger floor, which knows each type's
-                                         answer set (PhantomVQA's, `eval.floors`).
+                                         type, same scorer, when every closed example's extra["question_type"]
+                                         is one of vital_jax's own types (`records.QUESTION_TYPES`: phantom_vqa,
+                                         in_domain): the stronger floor, which knows each type's answer set
+                                         (PhantomVQA's, `eval.floors`). Not for VQA-RAD's annotated types.
+    Every majority answer is counted on the evaluated examples themselves (the split scored, not a training split):
+    a floor that knows the evaluated split's answer distribution.
       closed_chance                      mean 1 / number of options over the closed questions (when they all list
                                          their options): what guessing scores.
       open_token_f1                      mean token F1 over the open questions (Token-F1_open).
@@ -644,7 +649,9 @@ def score(examples: Sequence, predictions: Sequence[str]) -> dict:
         out.update(closed_accuracy=n_correct / len(closed), closed_accuracy_over_all=n_correct / len(examples),
                    closed_majority_baseline=n_majority / len(closed),
                    closed_majority_baseline_over_all=n_majority / len(examples), closed_majority_answer=majority)
-        if all(e.extra.get("question_type") for e in closed):
+        # Only where the types are vital_jax's own (one question template and answer set each): VQA-RAD's annotated
+        # types include composites ("ATTRIB, PRES") of 1-3 closed questions, each its own trivially "right" majority.
+        if all(str(e.extra.get("question_type")) in QUESTION_TYPES for e in closed):
             typed = collections.defaultdict(list)
             for e in closed:
                 typed[str(e.extra["question_type"])].append(e)

@@ -6,7 +6,7 @@ One benchmark run (`write_report`) writes, under `out_dir`:
   {name}.metrics.json        {"benchmark", "count", "overall", "closed", "open", "closed_yes_no", "per_source",
                              "closed_accuracy", "closed_accuracy_over_all", "closed_majority_baseline",
                              "closed_majority_baseline_over_all", "closed_majority_answer",
-                             "closed_majority_by_type_baseline" (benchmarks with question types), "open_token_f1",
+                             "closed_majority_by_type_baseline" (vital_jax datasets' types), "open_token_f1",
                              "headline", "latency_ms": {mean, p50, p90, min, max, count, batch_size: 1},
                              "batched_ms_per_example": {..., batch_size}, "meta": {...}} (`metrics.score`
                              documents the accuracy conventions)
@@ -135,8 +135,10 @@ def _pct(value: float | None) -> str:
 TABLE_NOTES = (
     "Acc closed: correct closed answers / closed questions. Acc closed / all: the same count / all n questions, "
     "the denominator Table 1's VQA-RAD Acc_closed values fit (k/451). Majority closed: every closed question "
-    "answered with the most frequent normalised ground truth, same scorer. Latency: one example at a time (batch "
-    "1, compilation excluded), as the paper's Figure 4; batched: a batch's time / its size (throughput).")
+    "answered with the most frequent normalised ground truth, same scorer; majority answers (this one and the "
+    "per-question-type one of vital_jax datasets) are counted on the evaluated split itself. Latency: one example "
+    "at a time (batch 1, compilation excluded), as the paper's Figure 4; batched: a batch's time / its size "
+    "(throughput).")
 
 
 def metrics_table(summaries: Sequence[dict]) -> str:
@@ -220,7 +222,7 @@ ACCURACY_MEANS = ("accuracy = the normalised answer equals the reference (closed
 
 def headline_text(summary: dict) -> str:
     """A run's headline numbers as a few lines for the terminal: overall, closed (beside the majority-answer,
-    per-type majority (benchmarks with question types) and chance floors), open, each question type (its closed
+    per-type majority (vital_jax datasets) and chance floors), open, each question type (its closed
     accuracy and its open token F1, apart), and latency."""
     meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
     types = summary.get("per_question_type") or {}
@@ -238,7 +240,7 @@ def headline_text(summary: dict) -> str:
         if "closed_chance" in summary:
             floors.append(f"chance {pct(summary['closed_chance'])}")
         lines.append(f"  {'closed':<{width}} {pct(closed['accuracy']):>6}, n={closed['count']}; "
-                     f"floors: {', '.join(floors)}")
+                     f"floors: {', '.join(floors)} (majorities counted on this split)")
     if open_:
         lines.append(f"  {'open':<{width}} {pct(open_['token_f1']):>6} token F1, n={open_['count']}")
     for qtype, v in types.items():   # closed accuracy and open token F1 apart, as for the whole run

@@ -144,7 +144,7 @@ def finish(workdir: str, eval_limit: int | None = None, run: run_lib.TrainedRun 
 
     from vital_jax.eval.floors import floors
 
-    floor = floors(run.paths.data_dir, split)["closed"]
+    floor = floors(run.paths.data_dir, split, limit=eval_limit)["closed"]   # of the questions evaluated
     lines = ["", "VITAL demo results (a small Qwen3-VL pretrained here on phantoms, fine-tuned with VITAL on "
              "PhantomVQA; synthetic data, not medical accuracy)",
              f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions, "

@@ -122,7 +122,8 @@ def test_parse_choice_letter(prediction, letter):
      ("The main organ shown is the liver.", "The main organ shown is the spleen."), False),
 ])
 def test_in_domain_correct(prediction, answer, options, correct):
-    assert metrics.in_domain_correct(prediction, answer, options) is correct
+    # Options listed under letters in the prompt, so "B" can answer (without letters it cannot: below).
+    assert metrics.in_domain_correct(prediction, answer, options, lettered=True) is correct
 
 
 def _example(i, answer, answer_type, match="vqa", options=()):
@@ -308,5 +309,238 @@ def test_per_source_groups_in_domain_rows_like_table_1():
     examples = [example(0, "MSD Task03_Liver", "yes"), example(1, "MSD Task09_Spleen", "no"),
                 example(2, "biomedparse", "yes"), example(3, "phantom", "no")]
     result = metrics.score(examples, ["yes", "yes", "yes", "no"])
-    assert result["per_source"] == {"BiomedParse": {"count": 1, "accuracy": 1.0},
-                                    "MSD": {"count": 2, "accuracy": 0.5}, "phantom": {"count": 1, "accuracy": 1.0}}
+    closed = {"open_count": 0}
+    assert result["per_source"] == {
+        "BiomedParse": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, **closed},
+        "MSD": {"count": 2, "closed_count": 2, "closed_accuracy": 0.5, **closed},
+        "phantom": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, **closed}}
+
+
+# ------------------------------------------------------------------- scoring audit: yes/no stated both ways, hedges
+
+@pytest.mark.parametrize("text", ["Yes or no", "Yes/No", "Yes.\nNo.", "Yes, no", "No/Yes", "No or yes",
+                                  "No. The answer is yes.", "yes\nno"])
+def test_yes_no_of_is_none_when_the_prediction_states_both(text):
+    assert metrics.yes_no_of(text) is None
+
+
+@pytest.mark.parametrize("text, polarity", [
+    ("Possibly yes", None),                          # a hedge before a leading-position yes
+    ("maybe yes", None),
+    ("Probably yes.", None),
+    ("Probably not", None),                          # ... and before a negation: the same rule on every path
+    ("Yes, probably.", None),                        # the bare answer word continues into its next clause
+    ("No, I am not sure.", None),
+    ("I think it is probably yes", None),            # a yes said mid-sentence, hedged in its clause
+    ("Yes, there is a mass, likely a cyst.", "yes"),  # the hedge describes the finding, not the answer
+    ("Yes, there is no effusion", "yes"),            # "no" before a noun is not an answer
+    ("No doubt, yes.", "yes"),
+])
+def test_yes_no_of_reads_a_hedged_answer_as_none_on_every_path(text, polarity):
+    assert metrics.yes_no_of(text) == polarity
+
+
+def test_answering_yes_or_no_to_every_yes_no_question_scores_nothing():
+    examples = [_example(i, answer, "closed") for i, answer in enumerate(["yes", "yes", "no"])]
+    assert metrics.score(examples, ["Yes or no"] * 3)["closed_accuracy"] == 0.0
+    assert metrics.score(examples, ["Yes/No"] * 3)["closed_accuracy"] == 0.0
+
+
+# ------------------------------------------------ scoring audit: the question's alternatives as whole phrases
+
+@pytest.mark.parametrize("question, alternatives", [
+    ("Where is the abnormality, left lung or right lung?", ("left lung", "right lung")),   # a wh-piece is no item
+    ("Is the gastric bubble shown on the left or right side of the patient?", ("left side", "right side")),
+    ("Are there multiple or just 1 metastatic focus?", ("multiple metastatic focus", "1 metastatic focus")),
+    ("Is this a T1 weighted, T2 weighted, or FLAIR image?", ("t1 weighted", "t2 weighted", "flair")),
+    ("Is the abnormality hyper dense or hypo dense?", ("hyper dense", "hypo dense")),
+    ("Is the CSF enhanced or non enhanced?", ("enhanced", "non enhanced")),             # the subject is no part
+    ("Was this image taken with or without contrast?", ("with contrast", "without contrast")),
+    ("Is this a contrast CT or a non-contrast CT?", ("contrast ct", "non contrast ct")),
+    ("Which is highlighted in this image, white or gray matter?", ("white matter", "gray matter")),
+    ("What is the cause of this finding: medical process or physical injury?", ("medical process",
+                                                                                "physical injury")),
+    ("Is this a pneumonia vs. pleural effusion?", ("pneumonia effusion", "pleural effusion")),
+    ("Does this image use contrast or not?", ("contrast",)),
+    ("Is the lesion on the left or right?", ("left", "right")),
+    ("Is the mass 2.5 cm or 3 cm?", ("2.5 cm", "3 cm")),
+    ("Where is the lesion?", ()),
+])
+def test_question_alternatives_reads_the_choice_list_as_whole_phrases(question, alternatives):
+    assert metrics.question_alternatives(question) == alternatives
+
+
+LUNGS = "Where is the abnormality, left lung or right lung?"
+FOCI = "Are there multiple or just 1 metastatic focus?"          # VQA-RAD test qid 401, answer "one"
+BUBBLE = "Is the gastric bubble shown on the left or right side of the patient?"   # qid 2735, answer "Right side"
+
+
+@pytest.mark.parametrize("prediction, answer, question", [
+    ("Left lung and right lung", "Right Lung", LUNGS),   # both alternatives
+    ("right and left", "right", ""),                     # the gold and another side: no question needed
+    ("CT, MRI", "ct", "What is the modality?"),          # the gold and another modality
+    ("Axial and coronal", "axial", ""),
+    ("Just one, not multiple", "one", FOCI),
+    ("left or right side", "Right side", BUBBLE),
+    ("T2 weighted FLAIR image", "FLAIR", "Is this a T1 weighted, T2 weighted, or FLAIR image?"),
+])
+def test_closed_correct_reads_a_prediction_naming_two_answers_as_wrong(prediction, answer, question):
+    assert not metrics.closed_correct(prediction, answer, question=question)
+
+
+@pytest.mark.parametrize("prediction, answer, question, correct", [
+    ("Just one", "one", FOCI, True),                 # "just" is scaffolding, not a competitor
+    ("just 1", "one", FOCI, True),
+    ("There is just one focus", "one", FOCI, True),
+    ("Multiple", "one", FOCI, False),
+    ("Right", "Right side", BUBBLE, True),           # the gold's distinguishing word, "side" shared
+    ("right", "Right side", BUBBLE, True),
+    ("On the right", "Right side", BUBBLE, True),
+    ("On the left", "Right side", BUBBLE, False),
+    ("side", "Right side", BUBBLE, False),
+    ("Right", "Right Lung", LUNGS, True),
+    ("With", "With contrast", "Was this image taken with or without contrast?", True),
+    ("Without contrast", "With contrast", "Was this image taken with or without contrast?", False),
+    ("The CSF is non-enhanced", "Non-enhanced", "Is the CSF enhanced or non enhanced?", True),
+    ("Enhanced", "Non-enhanced", "Is the CSF enhanced or non enhanced?", False),
+    ("non contrast", "non-contrast", "Is this a contrast or non contrast CT?", True),
+    ("contrast", "non-contrast", "Is this a contrast or non contrast CT?", False),
+    ("Right", "Right side", "Which side is the gastric bubble on?", False),   # no alternatives offered
+])
+def test_closed_correct_accepts_the_answers_distinguishing_words_when_the_question_offers_alternatives(
+        prediction, answer, question, correct):
+    assert metrics.closed_correct(prediction, answer, question=question) is correct
+
+
+def test_closed_scoring_of_the_vqa_rad_questions_the_audit_found(shared_data_dir):
+    import os
+
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    examples = {e.id: e for e in load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"),
+                                                check_images=False)}
+    foci, bubble = examples["401"], examples["2735"]
+    assert (foci.answer, bubble.answer) == ("one", "Right side")
+    for prediction in ("Just one", "just 1", "There is just one focus"):
+        assert metrics.score_example(foci, prediction).correct, prediction
+    for prediction in ("Right", "right", "On the right"):
+        assert metrics.score_example(bubble, prediction).correct, prediction
+    assert not metrics.score_example(bubble, "Left or right").correct
+
+
+# ------------------------------------------------------------------ scoring audit: signs survive normalisation
+
+@pytest.mark.parametrize("text, expected", [
+    ("HER2+", "her2+"),
+    ("HER2-", "her2-"),
+    ("HER2\u2212", "her2-"),                       # the minus sign
+    ("ER+ PR-", "er+ pr-"),
+    ("ER-/PR-", "er- pr-"),
+    (">5 mm", "more than 5 mm"),
+    ("<5 mm", "less than 5 mm"),
+    ("\u22652 cm", "at least 2 cm"),
+    ("-5 HU", "-5 hu"),                            # a negative number keeps its minus
+    ("(-2.5)", "-2.5"),
+    # Hyphens that are no sign split or vanish as before.
+    ("T2-weighted", "t2 weighted"),
+    ("non-contrast", "non contrast"),
+    ("5-10 mm", "5 10 mm"),                        # a range
+    ("pre- and post-contrast", "pre and post contrast"),   # a suspended hyphen
+    ("T1- or T2-weighted", "t1 or t2 weighted"),
+    ("the lesion- single or multilobulated", "lesion single or multilobulated"),   # a dash after a word
+    ("liver \u2013 normal", "liver normal"),
+])
+def test_normalize_answer_keeps_signs_that_carry_meaning(text, expected):
+    assert metrics.normalize_answer(text) == expected
+
+
+@pytest.mark.parametrize("a, b", [("HER2+", "HER2-"), ("ER+ PR-", "ER- PR+"), (">5 mm", "<5 mm"), ("-5", "5")])
+def test_answers_differing_only_in_sign_are_different_answers(a, b):
+    assert metrics.normalize_answer(a) != metrics.normalize_answer(b)
+    assert metrics.token_f1(a, b) < 1.0
+    assert not metrics.closed_correct(a, b) and metrics.closed_correct(a, a)
+
+
+# ------------------------------------------- scoring audit: a bare letter answers only a question posed with letters
+
+@pytest.mark.parametrize("prediction, answer, options", [
+    ("B", "no", ("yes", "no")),
+    ("(B)", "no", ("yes", "no")),
+    ("Answer: B", "right", ("left", "right", "center")),
+    ("B", "right", ("left", "right", "center")),
+])
+def test_in_domain_correct_reads_a_letter_only_when_the_options_were_lettered(prediction, answer, options):
+    assert not metrics.in_domain_correct(prediction, answer, options)
+    assert metrics.in_domain_correct(prediction, answer, options, lettered=True)
+
+
+def test_in_domain_scoring_reads_letters_for_lettered_choices_only(tmp_path):
+    from tests.eval.test_benchmarks import _in_domain_dir
+    from vital_jax.eval.benchmarks import load_benchmark
+
+    data_dir, _ = _in_domain_dir(tmp_path)
+    by_id = {e.id: e for e in load_benchmark("in_domain", data_dir, split="test")}
+    yes_no, side, identify = by_id["r0"], by_id["r1"], by_id["r10"]   # answers: yes, right, a lettered choice
+    assert not metrics.score_example(yes_no, "A").correct               # "A" was read as the first option, yes
+    assert not metrics.score_example(side, "B").correct                 # "B" was read as "right"
+    assert metrics.score_example(side, "Right").correct
+    letter = metrics.LETTERS[identify.options.index(identify.answer)]
+    assert metrics.score_example(identify, letter).correct
+    assert metrics.score_example(identify, f"({letter})").correct
+    assert not metrics.poses_lettered_options(yes_no.prompt, yes_no.options)
+    assert not metrics.poses_lettered_options(side.prompt, side.options)
+    assert metrics.poses_lettered_options(identify.prompt, identify.options)
+
+
+# ------------------------------------- scoring audit: per type and per source, closed and open are never pooled
+
+def _typed(i, qtype, answer, answer_type, source="phantom"):
+    return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type=answer_type,
+                            match="vqa" if answer_type == "closed" else "f1",
+                            extra={"question_type": qtype, "source": source})
+
+
+def test_per_type_and_per_source_report_closed_accuracy_and_open_token_f1_apart():
+    # PRES: 2 closed (1 right) and 2 open (F1 0.8 and 0.5, neither an exact match). The pooled "accuracy" was
+    # 1/4 -- a closed accuracy of 50 % and open answers scored by exact match, printed as one number.
+    examples = [_typed(0, "PRES", "yes", "closed"), _typed(1, "PRES", "no", "closed"),
+                _typed(2, "PRES", "right temporal lobe", "open"), _typed(3, "PRES", "free air", "open"),
+                _typed(4, "SIZE", "left", "closed")]
+    predictions = ["yes", "yes", "temporal lobe", "air", "left"]
+    result = metrics.score(examples, predictions)
+    assert result["per_question_type"] == {
+        "PRES": {"count": 4, "closed_count": 2, "closed_accuracy": 0.5, "open_count": 2,
+                 "open_token_f1": pytest.approx((0.8 + 2 / 3) / 2)},
+        "SIZE": {"count": 1, "closed_count": 1, "closed_accuracy": 1.0, "open_count": 0}}
+    assert result["per_source"]["phantom"] == {"count": 5, "closed_count": 3, "closed_accuracy": pytest.approx(2 / 3),
+                                               "open_count": 2, "open_token_f1": pytest.approx((0.8 + 2 / 3) / 2)}
+    for group in (*result["per_question_type"].values(), *result["per_source"].values()):
+        assert "accuracy" not in group
+
+
+# -------------------------- scoring audit: the per-type majority floor is for vital_jax's own question types only
+
+def test_majority_by_type_floor_is_left_out_for_annotated_question_types():
+    def example(i, qtype, answer):
+        return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type="closed",
+                                extra={"question_type": qtype})
+    # VQA-RAD-like types: a composite type with one closed question is its own majority, "right" by construction.
+    annotated = [example(0, "PRES", "yes"), example(1, "PRES", "yes"), example(2, "PRES", "no"),
+                 example(3, "ATTRIB, PRES", "no")]
+    assert "closed_majority_by_type_baseline" not in metrics.score(annotated, [""] * 4)
+    own = [example(0, "yes_no", "yes"), example(1, "yes_no", "yes"), example(2, "location_choice", "left")]
+    assert metrics.score(own, [""] * 3)["closed_majority_by_type_baseline"] == 1.0
+
+
+def test_vqa_rad_has_no_majority_by_type_floor(shared_data_dir):
+    import os
+
+    from vital_jax.eval.benchmarks import load_benchmark
+    from vital_jax.eval.report import headline_text, summarize
+
+    examples = load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"), check_images=False)
+    result = metrics.score(examples, ["yes"] * len(examples))
+    assert "closed_majority_by_type_baseline" not in result   # was 57.7 % beside the pooled majority's 48.9 %
+    assert result["closed_majority_baseline"] == pytest.approx(133 / 272)
+    text = headline_text(summarize("vqa_rad", result, meta={"split": "test"}))
+    assert "majority per type" not in text and "majorities counted on this split" in text

@@ -186,8 +186,28 @@ def test_metrics_markdown_has_a_per_source_table(tmp_path):
                 for i, source in enumerate(("MSD Task03_Liver", "biomedparse", "biomedparse"))]
     report.write_report(str(tmp_path), "in_domain", examples, ["yes", "no", "yes"], latent_steps=4)
     text = (tmp_path / "in_domain.metrics.md").read_text()
-    assert "| in_domain | 4 | BiomedParse | 2 | 50.00 |" in text and "| in_domain | 4 | MSD | 1 | 100.00 |" in text
+    assert "| benchmark | K | source | n closed | Acc closed (%) | n open | Token-F1 open (%) |" in text
+    assert "| in_domain | 4 | BiomedParse | 2 | 50.00 | 0 | – |" in text
+    assert "| in_domain | 4 | MSD | 1 | 100.00 | 0 | – |" in text
     assert report.TABLE_NOTES in text
+    assert "counted on the evaluated split itself" in report.TABLE_NOTES
+
+
+def test_per_type_and_per_source_lines_keep_closed_accuracy_and_open_token_f1_apart(tmp_path):
+    def example(i, qtype, answer, answer_type):
+        return BenchmarkExample(id=str(i), image="x.png", question="q?", answer=answer, answer_type=answer_type,
+                                match="vqa" if answer_type == "closed" else "f1",
+                                extra={"question_type": qtype, "source": "phantom"})
+    examples = [example(0, "PRES", "yes", "closed"), example(1, "PRES", "no", "closed"),
+                example(2, "PRES", "free air", "open"), example(3, "describe", "right temporal lobe", "open")]
+    summary = report.write_report(str(tmp_path), "rad", examples, ["yes", "yes", "air", "temporal lobe"],
+                                  meta={"split": "test"})
+    lines = report.headline_text(summary).splitlines()
+    assert "  PRES       50.0% closed, n=2; 66.7% token F1 open, n=1" in lines
+    assert "  describe   80.0% token F1 open, n=1" in lines
+    assert not any("open ones" in line for line in lines)        # the pooled "PRES 33.3% (open ones: ...)" line
+    text = (tmp_path / "rad.metrics.md").read_text()
+    assert "| rad |  | phantom | 2 | 50.00 | 2 | 73.33 |" in text
 
 
 def test_k_sweep_stacks_latency_phases_and_rejects_bad_points():

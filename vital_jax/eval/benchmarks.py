@@ -91,8 +91,8 @@ class BenchmarkExample:
 
 
 def lettered_prompt(question: str, options: Sequence[str], instruction: str = CHOICE_INSTRUCTION) -> str:
-    """The question, then one "A. option" line per option, then the instruction."""
-    lines = [question.strip()] + [f"{metrics.LETTERS[i]}. {o}" for i, o in enumerate(options)]
+    """The question, then one "A. option" line per option (`metrics.lettered_option`), then the instruction."""
+    lines = [question.strip()] + [metrics.lettered_option(i, o) for i, o in enumerate(options)]
     return "\n".join(lines + ([instruction] if instruction else []))
 
 

@@ -3,7 +3,8 @@
 Per question type on a split: chance (1 / number of options) and the majority answer for the closed types, the
 most frequent answer's token F1 for the open ones; over all closed questions the pooled majority (`evaluate`'s
 closed_majority_baseline) and the per-type majority (each type answered with its own most frequent answer).
-Ties between answers go to the alphabetically first, as in `evaluate`'s scores (`metrics.most_frequent`).
+Ties between answers go to the alphabetically first, as in `evaluate`'s scores (`metrics.most_frequent`). Every
+majority answer is counted on the split evaluated (the floor knows its answer distribution), not on a training split.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ One benchmark run (`write_report`) writes, under `out_dir`:
   {name}.metrics.json        {"benchmark", "count", "overall", "closed", "open", "closed_yes_no", "per_source",
                              "closed_accuracy", "closed_accuracy_over_all", "closed_majority_baseline",
                              "closed_majority_baseline_over_all", "closed_majority_answer",
-                             "closed_majority_by_type_baseline" (benchmarks with question types), "open_token_f1",
+                             "closed_majority_by_type_baseline" (vital_jax datasets' types), "open_token_f1",
                              "headline", "latency_ms": {mean, p50, p90, min, max, count, batch_size: 1},
                              "batched_ms_per_example": {..., batch_size}, "meta": {...}} (`metrics.score`
                              documents the accuracy conventions)
@@ -135,8 +135,10 @@ def _pct(value: float | None) -> str:
 TABLE_NOTES = (
     "Acc closed: correct closed answers / closed questions. Acc closed / all: the same count / all n questions, "
     "the denominator Table 1's VQA-RAD Acc_closed values fit (k/451). Majority closed: every closed question "
-    "answered with the most frequent normalised ground truth, same scorer. Latency: one example at a time (batch "
-    "1, compilation excluded), as the paper's Figure 4; batched: a batch's time / its size (throughput).")
+    "answered with the most frequent normalised ground truth, same scorer; majority answers (this one and the "
+    "per-question-type one of vital_jax datasets) are counted on the evaluated split itself. Latency: one example "
+    "at a time (batch 1, compilation excluded), as the paper's Figure 4; batched: a batch's time / its size "
+    "(throughput).")
 
 
 def metrics_table(summaries: Sequence[dict]) -> str:
@@ -163,15 +165,18 @@ def metrics_table(summaries: Sequence[dict]) -> str:
 
 
 def per_source_table(summaries: Sequence[dict]) -> str:
-    """A markdown table of accuracy per source group (Table 1's in-domain MSD / BiomedParse rows), one row per
-    run and group; empty when no run has per-source results."""
+    """A markdown table per source group (Table 1's in-domain MSD / BiomedParse rows), one row per run and group:
+    closed accuracy over the group's closed questions and token F1 over its open ones, never pooled; empty when no
+    run has per-source results."""
     rows = [(s, group, v) for s in summaries for group, v in (s.get("per_source") or {}).items()]
     if not rows:
         return ""
-    lines = ["| benchmark | K | source | n | Acc (%) |", "|---|---|---|---|---|"]
+    lines = ["| benchmark | K | source | n closed | Acc closed (%) | n open | Token-F1 open (%) |",
+             "|---|---|---|---|---|---|---|"]
     for s, group, v in rows:
-        lines.append(f"| {s['benchmark']} | {s.get('meta', {}).get('latent_steps', '')} | {group} | {v['count']} | "
-                     f"{_pct(v['accuracy'])} |")
+        lines.append(f"| {s['benchmark']} | {s.get('meta', {}).get('latent_steps', '')} | {group} | "
+                     f"{v['closed_count']} | {_pct(v.get('closed_accuracy'))} | {v['open_count']} | "
+                     f"{_pct(v.get('open_token_f1'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,8 +222,8 @@ ACCURACY_MEANS = ("accuracy = the normalised answer equals the reference (closed
 
 def headline_text(summary: dict) -> str:
     """A run's headline numbers as a few lines for the terminal: overall, closed (beside the majority-answer,
-    per-type majority (benchmarks with question types) and chance floors), open, each question type, and
-    latency."""
+    per-type majority (vital_jax datasets) and chance floors), open, each question type (its closed
+    accuracy and its open token F1, apart), and latency."""
     meta, closed, open_ = summary.get("meta", {}), summary.get("closed"), summary.get("open")
     types = summary.get("per_question_type") or {}
     width = max([9, *map(len, types)])
@@ -235,15 +240,14 @@ def headline_text(summary: dict) -> str:
         if "closed_chance" in summary:
             floors.append(f"chance {pct(summary['closed_chance'])}")
         lines.append(f"  {'closed':<{width}} {pct(closed['accuracy']):>6}, n={closed['count']}; "
-                     f"floors: {', '.join(floors)}")
+                     f"floors: {', '.join(floors)} (majorities counted on this split)")
     if open_:
         lines.append(f"  {'open':<{width}} {pct(open_['token_f1']):>6} token F1, n={open_['count']}")
-    for qtype, v in types.items():
-        if v["open"] and not v["closed"]:
-            score = f"{pct(v['token_f1']):>6} token F1"
-        else:
-            score = f"{pct(v['accuracy']):>6}" + (f" (open ones: token F1 {pct(v['token_f1'])})" if v["open"] else "")
-        lines.append(f"  {qtype:<{width}} {score}, n={v['count']}")
+    for qtype, v in types.items():   # closed accuracy and open token F1 apart, as for the whole run
+        scores = ([(pct(v["closed_accuracy"]), f"closed, n={v['closed_count']}")] if "closed_accuracy" in v else []) \
+            + ([(pct(v["open_token_f1"]), f"token F1 open, n={v['open_count']}")] if "open_token_f1" in v else [])
+        text = "; ".join(f"{value:>{6 if i == 0 else 0}} {what}" for i, (value, what) in enumerate(scores))
+        lines.append(f"  {qtype:<{width}} {text or 'n=' + str(v['count'])}")
     latency = summary.get("latency_ms")
     if latency:
         lines.append(f"  {'latency':<{width}} {latency['mean']:.1f} ms per question (batch 1, mean over "

@@ -148,27 +148,32 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
         assert whole.startswith(cut), (whole, cut)
         if whole != cut:  # the two-token text stopped before the step's end
             assert i in short["step_texts_cut"], (i, whole, cut)
-    # The visual window's retrieval: per step, the dataset's ROI features nearest to VP(z_k) by cosine, named by
-    # the first record that uses each.
+    # The visual window's retrieval: per step, the training split's ROI features (less the image's own) nearest to
+    # VP(z_k) by cosine, named by the first training record that uses each.
     from vital_jax.data.records import RECORDS_FILE, ROI_FEATURES_FILE, read_records
     from vital_jax.explain import roi_neighbours
     from vital_jax.vital import interpret
 
     _, z, _ = run.predictors[(1, int(run.config.data.max_answer_tokens))].answer([image], ["Where is the liver?"], 3)
     z = jnp.asarray(z[:, :3])
-    near = roi_neighbours(run, z, 3)
-    assert result["neighbours"] == near and len(near) == 3
-    vp = np.asarray(interpret.project_latents(run.model, run.params, z), np.float64)[0]
-    bank = np.load(os.path.join(run.paths.data_dir, ROI_FEATURES_FILE)).astype(np.float64)
-    cos = (vp / np.linalg.norm(vp, axis=-1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).T
-    first = {}
+    bank_info, near = roi_neighbours(run, z, 3, image)
+    assert result["neighbours"] == near and result["neighbour_bank"] == bank_info and len(near) == 3
+    first, own = {}, set()
     for record in read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)):
-        first.setdefault(record.roi_index, record)
+        if os.path.join(run.paths.data_dir, record.image) == image:
+            own.add(record.roi_index)
+        if record.split == "train":
+            first.setdefault(record.roi_index, record)
+    rows = np.asarray(sorted(set(first) - own))
+    assert bank_info == {"split": "train", "roi_rows": len(rows), "excluded_image_rows": len(set(first) & own)}
+    vp = np.asarray(interpret.project_latents(run.model, run.params, z), np.float64)[0]
+    bank = np.load(os.path.join(run.paths.data_dir, ROI_FEATURES_FILE)).astype(np.float64)[rows]
+    cos = (vp / np.linalg.norm(vp, axis=-1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).T
     for k in range(3):
-        assert [n["roi_row"] for n in near[k]] == np.argsort(-cos[k], kind="stable")[:3].tolist()
+        assert [n["roi_row"] for n in near[k]] == rows[np.argsort(-cos[k], kind="stable")[:3]].tolist()
         assert [n["cosine"] for n in near[k]] == pytest.approx(np.sort(cos[k])[::-1][:3], abs=1e-5)
         assert [n["record"] for n in near[k]] == [first[n["roi_row"]].id for n in near[k]]
-    assert roi_neighbours(run, z, 0) is None
+    assert roi_neighbours(run, z, 0, image) is None
     # Figure 12: with the record's ground-truth mask, each heatmap is scored against it (explain.mask_agreement on
     # the heatmaps it drew, heatmaps.npy).
     from vital_jax.explain import HEATMAPS_FILE, mask_agreement

@@ -11,7 +11,8 @@ patch, overlaid on the image), `summary.png` (image + one heatmap per step with 
 green ground-truth panel in the summary and, per step, whether the heatmap's peak lies in the region and its mean
 cosine inside and outside; and, when the run's dataset has ROI features, the visual window's retrieval (§3.3): for
 each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
-target, image, split). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+target, image, split), from a bank of the training split's ROI features less those of the image's own records
+(`neighbour_bank`: its split and size). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
@@ -80,10 +81,17 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     return out
 
 
-def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
-    """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D): per step, the `top_n` ROI
-    features of the run's dataset nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record", "target",
-    "image", "split"} (the first record using that ROI row). None when the dataset has no ROI features here."""
+def roi_neighbours(run, z, top_n: int, image_path: str) -> tuple[dict, list[list[dict]]] | None:
+    """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D) of the image `image_path`:
+    per step, the `top_n` ROI features nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record",
+    "target", "image", "split"} (the first bank record using that ROI row). None when the dataset has no ROI
+    features here.
+
+    The bank is the ROI rows of the records of the run's training split (`config.data.train_split`) only, less
+    the rows of records on `image_path` itself: held-out rows (val, test) would let an explanation of a held-out
+    record retrieve its own ground-truth region, or other annotations the model was never trained on. Returns
+    ({"split", "roi_rows" in the bank, "excluded_image_rows": rows left out for being on the query's image},
+    the per-step neighbours); an empty bank gives empty lists."""
     from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records
     from vital_jax.vital import interpret
 
@@ -91,22 +99,34 @@ def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
     arrays = load_roi_arrays(data_dir) if data_dir and os.path.isdir(data_dir) else None
     if arrays is None or top_n < 1:
         return None
-    first = {}
+    split = str(run.config.data.train_split)
+    query_image = os.path.realpath(image_path)
+    first, on_query_image = {}, set()  # first: ROI row -> the first training record using it
     for record in read_records(os.path.join(data_dir, RECORDS_FILE)):
-        first.setdefault(record.roi_index, record)
+        if record.roi_index < 0:
+            continue
+        if os.path.realpath(os.path.join(data_dir, record.image)) == query_image:
+            on_query_image.add(record.roi_index)
+        if record.split == split:
+            first.setdefault(record.roi_index, record)
+    bank_rows = np.asarray(sorted(set(first) - on_query_image), np.int64)
+    bank = {"split": split, "roi_rows": int(bank_rows.size), "excluded_image_rows": len(set(first) & on_query_image)}
+    k = z.shape[1]
+    if not bank_rows.size:
+        return bank, [[] for _ in range(k)]
     projected = interpret.project_latents(run.model, run.params, jnp.asarray(z))[0]
-    scores, rows = (np.asarray(x) for x in interpret.retrieve_neighbours(projected, jnp.asarray(arrays["features"]),
-                                                                         top_n))
+    features = jnp.asarray(arrays["features"][bank_rows])
+    scores, positions = (np.asarray(x) for x in interpret.retrieve_neighbours(projected, features, top_n))
     out = []
-    for step_scores, step_rows in zip(scores, rows):
+    for step_scores, step_positions in zip(scores, positions):
         step = []
-        for score, row in zip(step_scores, step_rows):
-            record = first.get(int(row))
-            step.append({"roi_row": int(row), "cosine": float(score),
-                         **({"record": record.id, "target": record.target, "image": record.image,
-                             "split": record.split} if record is not None else {})})
+        for score, position in zip(step_scores, step_positions):
+            row = int(bank_rows[int(position)])
+            record = first[row]
+            step.append({"roi_row": row, "cosine": float(score), "record": record.id, "target": record.target,
+                         "image": record.image, "split": record.split})
         out.append(step)
-    return out
+    return bank, out
 
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
@@ -118,7 +138,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     `data.max_step_tokens`, the length its decoder was trained to write a step in; as the training probe). A step
     text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
     to a few lines and end them with an ellipsis; explanation.json holds them whole). `neighbours`: how many ROI
-    features of the run's dataset to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
+    features of the run's training split to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
     region (a mask of the image's size): drawn as the summary's last panel (Figure 12) and compared with each
     heatmap (`mask_agreement`, in the heatmap entries)."""
     from vital_jax.data.images import load_image
@@ -171,9 +191,9 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     if k:
         figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
                      figure_format)
-        nearest = roi_neighbours(run, z[:, :k], neighbours)
+        nearest = roi_neighbours(run, z[:, :k], neighbours, image_path)
         if nearest is not None:
-            result["neighbours"] = nearest
+            result["neighbour_bank"], result["neighbours"] = nearest
     atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
     return result
 
@@ -263,7 +283,7 @@ def main(argv):
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
-        if result.get("neighbours"):
+        if result.get("neighbours") and result["neighbours"][i - 1]:
             near = result["neighbours"][i - 1][0]
             print(f"      nearest ROI: {near.get('target', '?')} (record {near.get('record', '?')}, "
                   f"cosine {near['cosine']:.3f})")

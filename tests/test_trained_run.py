@@ -200,6 +200,26 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0, atol=1e-5)
 
 
+def test_explain_at_k_0_explains_the_answer_without_latent_steps(workdir, tmp_path):
+    """explain --latent_steps=0 was accepted, then crashed decoding zero latent states (ZeroDivisionError)."""
+    from vital_jax.explain import explain_example
+    from vital_jax.inference import shared_predictor
+
+    run = load_run(workdir)
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=0)
+    answer = shared_predictor(run, 1, int(run.config.data.max_answer_tokens)).answer(
+        [image], ["Where is the liver?"], 0)[0][0]
+    assert result["answer"] == answer and result["latent_steps"] == 0
+    for field in ("step_texts", "step_texts_cut", "z_norm_per_step", "norm_ratio_per_step", "step_similarity",
+                  "heatmaps"):
+        assert result[field] == [], field
+    assert "neighbours" not in result and result["embedding_norm"] is None
+    assert sorted(os.listdir(tmp_path / "x")) == ["explanation.json"]
+    assert json.loads((tmp_path / "x" / "explanation.json").read_text()) == result
+
+
 def test_explain_compares_vp_with_the_encoder_output_the_roi_targets_came_from(workdir, tmp_path, monkeypatch):
     # A dataset whose ROI features pooled SigLIP's post-layernorm output: the heatmaps use that output too.
     import dataclasses

@@ -16,6 +16,7 @@ target, image, split), from a bank of the training split's ROI features less tho
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
+At `--latent_steps=0` there are no latent steps: only `explanation.json`, with the answer and empty per-step fields.
 The heatmaps need the MedSigLIP encoder: `--encoder_dir` or the run's `model.roi_encoder_dir` (the demo's own).
 """
 
@@ -140,7 +141,8 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     to a few lines and end them with an ellipsis; explanation.json holds them whole). `neighbours`: how many ROI
     features of the run's training split to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
     region (a mask of the image's size): drawn as the summary's last panel (Figure 12) and compared with each
-    heatmap (`mask_agreement`, in the heatmap entries)."""
+    heatmap (`mask_agreement`, in the heatmap entries). At `latent_steps=0` only the answer is explained:
+    explanation.json with empty per-step fields, and no figures."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import roi_feature_layer
     from vital_jax.data.roi import load_roi_encoder
@@ -155,45 +157,50 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
         max_new_tokens = int(run.config.data.max_answer_tokens)
     predictor = shared_predictor(run, 1, max_new_tokens)
     answers, z, _ = predictor.answer([image_path], [question], k)
-    z = jnp.asarray(z[:, :max(k, 1)])
-    valid = jnp.arange(z.shape[1])[None] < k
     if max_text_tokens is None:
         max_text_tokens = int(run.config.data.max_step_tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    # At K = 0 the answer follows the prompt directly: no latent step to decode, compare, measure or draw, so the
+    # per-step fields stay empty (and there is no z_k to set the embedding norm against).
+    result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": [],
+              "step_text_budget": max_text_tokens, "step_texts_cut": [], "z_norm_per_step": [],
+              "embedding_norm": None, "norm_ratio_per_step": [], "step_similarity": [], "heatmaps": []}
+    if not k:
+        atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
+        return result
+    z = jnp.asarray(z[:, :k])
+    valid = jnp.ones(z.shape[:2], bool)
     eos = predictor.sampling.eos_token_ids
     tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens, eos_token_ids=eos)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     step_texts = [predictor.decode(tokens[0, i], lengths[0, i]) for i in range(k)]
-    cut = [i + 1 for i in range(k) if lengths[0, i] == 0 or int(tokens[0, i, lengths[0, i] - 1]) not in eos]
-    sims = interpret.StepSimilarity(z.shape[1])
+    sims = interpret.StepSimilarity(k)
     sims.update(z, valid)
     norms = interpret.norm_ratio(model, params, z, valid)
-    os.makedirs(out_dir, exist_ok=True)
+    result.update(step_texts=step_texts,
+                  step_texts_cut=[i + 1 for i in range(k)
+                                  if lengths[0, i] == 0 or int(tokens[0, i, lengths[0, i] - 1]) not in eos],
+                  z_norm_per_step=[float(x) for x in np.asarray(norms["z_norm_per_step"])],
+                  embedding_norm=float(norms["embedding_norm"]),
+                  norm_ratio_per_step=[float(x) for x in np.asarray(norms["ratio_per_step"])],
+                  step_similarity=np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist())
     rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
-    result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
-              "step_text_budget": max_text_tokens, "step_texts_cut": cut,
-              "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
-              "embedding_norm": float(norms["embedding_norm"]),
-              "norm_ratio_per_step": [float(x) for x in np.asarray(norms["ratio_per_step"])[:k]],
-              "step_similarity": np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist()[:k],
-              "heatmaps": []}
     encoder_dir = encoder_dir or run.paths.encoder_dir
-    if k and encoder_dir:
+    if encoder_dir:
         # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
         encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))
         maps = np.asarray(interpret.latent_heatmaps(model, params, z, encoder.image_patches(enc_params, rgb)))[0]
-        paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format, mask)
-        agreement = mask_agreement(maps[:k], mask) if mask is not None else [{}] * k
+        paths = write_heatmaps(out_dir, rgb, maps, question, answers[0], step_texts, figure_format, mask)
+        agreement = mask_agreement(maps, mask) if mask is not None else [{}] * k
         for i, path in enumerate(paths):
             result["heatmaps"].append({"step": i + 1, "figure": path, "grid": list(maps[i].shape),
                                        "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
                                                                                   maps[i].shape)],
                                        **agreement[i]})
-    if k:
-        figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
-                     figure_format)
-        nearest = roi_neighbours(run, z[:, :k], neighbours, image_path)
-        if nearest is not None:
-            result["neighbour_bank"], result["neighbours"] = nearest
+    figures.save(figures.similarity_figure(sims.matrix()), os.path.join(out_dir, "step_similarity"), figure_format)
+    nearest = roi_neighbours(run, z, neighbours, image_path)
+    if nearest is not None:
+        result["neighbour_bank"], result["neighbours"] = nearest
     atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
     return result
 

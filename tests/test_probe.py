@@ -101,3 +101,23 @@ def test_training_with_the_probe_writes_heatmaps_and_decoded_steps_at_every_nth_
     # The scalars are still there, at the logged steps.
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
     assert [e.step for e in events.Scalars("loss")] == logged
+
+
+def _probe(workdir: str, model=None, **path_changes) -> probe_lib.Probe:
+    """The probe of the trained demo run in `workdir` (its model unless `model` is given, its paths changed by
+    `path_changes`), as training builds it."""
+    import dataclasses
+
+    from vital_jax import sharding
+    from vital_jax.run import load_run
+
+    run = load_run(workdir)
+    return probe_lib.Probe(model or run.model, run.config, dataclasses.replace(run.paths, **path_changes),
+                           sharding.mesh_from_config(run.config))
+
+
+def test_a_run_without_an_roi_encoder_dir_probes_with_the_encoder_its_roi_features_came_from(trained_demo_run):
+    """model.roi_encoder_dir is empty outside the demo: the probe drew no heatmaps though the dataset's
+    roi_features.json names the encoder."""
+    probe = _probe(trained_demo_run, encoder_dir="")
+    assert probe.patch_features is not None and probe.patch_features.shape[1] == 8 * 8  # the tiny SigLIP's grid

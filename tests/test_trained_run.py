@@ -246,6 +246,29 @@ def test_explain_compares_vp_with_the_encoder_output_the_roi_targets_came_from(w
     assert asked == ["post_layernorm"]
 
 
+def test_explain_draws_heatmaps_with_the_recorded_encoder_and_refuses_a_foreign_one(workdir, tmp_path):
+    """A run without model.roi_encoder_dir (the default outside the demo) drew no heatmaps, and gave no warning,
+    though the dataset's roi_features.json names the encoder; an encoder of another architecture was used."""
+    from vital_jax.data.records import ROI_PROVENANCE_FILE
+    from vital_jax.demo_assets import write_tiny_siglip
+    from vital_jax.explain import explain_example
+    from vital_jax.models.hf_config import ConfigError
+
+    run = load_run(workdir)
+    recorded = json.load(open(os.path.join(run.paths.data_dir, ROI_PROVENANCE_FILE)))["encoder_dir"]
+    assert os.path.isdir(recorded)
+    run.paths = dataclasses.replace(run.paths, encoder_dir="")
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=2)
+    assert len(result["heatmaps"]) == 2 and result["heatmaps"][0]["grid"] == [8, 8]
+    # A tiny SigLIP of the same width at 224 px (a 16x16 grid): another feature space, refused before answering.
+    other = write_tiny_siglip(str(tmp_path / "other"), image_size=224)
+    with pytest.raises(ConfigError, match=r"image_size 224 \(recorded: 112\)"):
+        explain_example(run, image, "Where is the liver?", str(tmp_path / "y"), latent_steps=2, encoder_dir=other)
+    assert not (tmp_path / "y").exists()
+
+
 def test_shared_predictor_is_built_once_per_run_and_shape(workdir):
     from vital_jax.inference import shared_predictor
 

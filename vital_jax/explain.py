@@ -17,7 +17,10 @@ Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps o
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
 At `--latent_steps=0` there are no latent steps: only `explanation.json`, with the answer and empty per-step fields.
-The heatmaps need the MedSigLIP encoder: `--encoder_dir` or the run's `model.roi_encoder_dir` (the demo's own).
+The heatmaps need the MedSigLIP encoder: `--encoder_dir`, else the run's `model.roi_encoder_dir` (the demo's own),
+else the one the dataset's ROI features were extracted with (its roi_features.json), when it is still there;
+without one a warning says so. An encoder of another architecture than that recorded one is refused
+(`data.roi.heatmap_encoder_dir`).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     explanation.json with empty per-step fields, and no figures."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import roi_feature_layer
-    from vital_jax.data.roi import load_roi_encoder
+    from vital_jax.data.roi import heatmap_encoder_dir, load_roi_encoder
     from vital_jax.inference import shared_predictor
     from vital_jax.vital import interpret
 
@@ -153,6 +156,9 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     mask = check_mask(mask_path, image_path) if mask_path is not None else None
     model, params = run.model, run.params
     k = model.config.k_max if latent_steps is None else latent_steps
+    if k:  # checked before the model answers: a foreign encoder is refused before anything compiles
+        encoder_dir = heatmap_encoder_dir(run.paths.data_dir, encoder_dir or run.paths.encoder_dir,
+                                          "--encoder_dir (or the run's config.model.roi_encoder_dir)")
     if max_new_tokens is None:
         max_new_tokens = int(run.config.data.max_answer_tokens)
     predictor = shared_predictor(run, 1, max_new_tokens)
@@ -185,7 +191,6 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
                   norm_ratio_per_step=[float(x) for x in np.asarray(norms["ratio_per_step"])],
                   step_similarity=np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist())
     rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
-    encoder_dir = encoder_dir or run.paths.encoder_dir
     if encoder_dir:
         # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
         encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))

@@ -4,7 +4,8 @@ Paper §3.3's two windows on the latent steps z_1..z_K, watched while the model 
 
   probe/heatmap/z<k>   `explain`'s step figure (`eval.figures.step_figure`): the example's image with
                        cos(VP(z_k), encoder patch) overlaid, a colour bar, the decoded step as caption; needs the
-                       ROI encoder (`model.roi_encoder_dir`, the demo's own), text only without it
+                       ROI encoder (`model.roi_encoder_dir`, the demo's own, else the one the dataset's ROI
+                       features were extracted with: `data.roi.heatmap_encoder_dir`), text only without it
   probe/latent_steps   a Markdown table: what the auxiliary decoder reads from each z_k beside the teacher's
                        step, under the question, the model's answer and the reference answer
 
@@ -27,7 +28,8 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vital_jax import distributed
-from vital_jax.data.records import RECORDS_FILE, Record, read_records
+from vital_jax.data.records import RECORDS_FILE, Record, read_records, roi_feature_layer
+from vital_jax.data.roi import heatmap_encoder_dir, load_roi_encoder
 from vital_jax.eval import figures
 from vital_jax.generation import SamplingConfig
 from vital_jax.prompt_encoder import PromptEncoder
@@ -122,16 +124,14 @@ class Probe:
         prefix, _ = self.prompts.encode([image_path], [self.record.question])
         self.prefix = jax.tree.map(everywhere, prefix)
         self.patch_features = None
-        if paths.encoder_dir:
-            from vital_jax.data.records import roi_feature_layer
-            from vital_jax.data.roi import load_roi_encoder
-
+        # The run's encoder, else the one the dataset's ROI features came from; None (with a warning) without one.
+        encoder_dir = heatmap_encoder_dir(paths.data_dir, paths.encoder_dir, "config.model.roi_encoder_dir")
+        if encoder_dir:
             # The encoder output the ROI targets were pooled from: VP(z_k) is compared in that space.
-            encoder, encoder_params = load_roi_encoder(paths.encoder_dir, roi_feature_layer(paths.data_dir))
+            encoder, encoder_params = load_roi_encoder(encoder_dir, roi_feature_layer(paths.data_dir))
             self.patch_features = everywhere(encoder.image_patches(encoder_params, self.image_rgb))
         else:
-            logging.warning("training probe: no ROI encoder (config.model.roi_encoder_dir), so no heatmaps; "
-                            "the decoded latent steps are still written")
+            logging.warning("training probe: no heatmaps; the decoded latent steps are still written")
         sampling = SamplingConfig(max_new_tokens=config.data.max_answer_tokens,
                                   eos_token_ids=self.prompts.eos_token_ids,
                                   pad_token_id=self.prompts.special[prompt.ENDOFTEXT])

@@ -103,21 +103,45 @@ def test_training_with_the_probe_writes_heatmaps_and_decoded_steps_at_every_nth_
     assert [e.step for e in events.Scalars("loss")] == logged
 
 
-def _probe(workdir: str, model=None, **path_changes) -> probe_lib.Probe:
-    """The probe of the trained demo run in `workdir` (its model unless `model` is given, its paths changed by
-    `path_changes`), as training builds it."""
+def _probe(workdir: str, record_id: str = "", latent_steps_cap: int | None = None, **path_changes):
+    """(the trained demo run in `workdir`, its probe as training builds it): of the record `record_id` (default:
+    the first val record), the model's K capped at `latent_steps_cap` when given, the paths changed by
+    `path_changes`."""
     import dataclasses
 
     from vital_jax import sharding
     from vital_jax.run import load_run
 
     run = load_run(workdir)
-    return probe_lib.Probe(model or run.model, run.config, dataclasses.replace(run.paths, **path_changes),
-                           sharding.mesh_from_config(run.config))
+    run.config.logging.probe_record = record_id
+    model = run.model
+    if latent_steps_cap is not None:
+        model = dataclasses.replace(model, config=dataclasses.replace(model.config, latent_steps_cap=latent_steps_cap))
+    return run, probe_lib.Probe(model, run.config, dataclasses.replace(run.paths, **path_changes),
+                                sharding.mesh_from_config(run.config))
 
 
 def test_a_run_without_an_roi_encoder_dir_probes_with_the_encoder_its_roi_features_came_from(trained_demo_run):
     """model.roi_encoder_dir is empty outside the demo: the probe drew no heatmaps though the dataset's
     roi_features.json names the encoder."""
-    probe = _probe(trained_demo_run, encoder_dir="")
+    _, probe = _probe(trained_demo_run, encoder_dir="")
     assert probe.patch_features is not None and probe.patch_features.shape[1] == 8 * 8  # the tiny SigLIP's grid
+
+
+def test_the_probe_runs_its_record_at_the_k_training_capped_it_to(trained_demo_run):
+    """The probe ran its record at min(K, K_max), ignoring vital.latent_steps_cap: a run trained at K <= 2 (the
+    paper's Table 3 rows, the study's controls) was probed at K steps it never trained."""
+    from vital_jax.vital import trainable
+
+    data = os.path.join(trained_demo_run, "demo", "data")
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE)) if r.split == "val" and r.latent_steps > 2)
+    outputs = {}
+    for cap in (2, 0):
+        run, probe = _probe(trained_demo_run, record.id, latent_steps_cap=cap)
+        assert probe.k == cap
+        outputs[cap] = probe(*trainable.split(run.params, trainable.trainable_mask(run.params,
+                                                                                  run.config.vital.train_decoder)))
+    assert len(outputs[2].step_texts) == 2 and outputs[2].heatmaps.shape == (2, 8, 8)
+    # K = 0 (the no-latent control): the answer alone, no step to decode or draw.
+    assert outputs[0].answer and outputs[0].step_texts == [] and outputs[0].heatmaps is None
+    assert not [line for line in probe_lib.markdown(record, outputs[0]).splitlines() if line.startswith("| z")]

@@ -145,3 +145,19 @@ def test_the_probe_runs_its_record_at_the_k_training_capped_it_to(trained_demo_r
     # K = 0 (the no-latent control): the answer alone, no step to decode or draw.
     assert outputs[0].answer and outputs[0].step_texts == [] and outputs[0].heatmaps is None
     assert not [line for line in probe_lib.markdown(record, outputs[0]).splitlines() if line.startswith("| z")]
+
+
+def test_the_probe_reads_a_16_bit_image_as_the_pipeline_and_the_predictor_do(trained_demo_run, tmp_path):
+    """The probe read its image with qwen3_vl.preprocessing.load_image, which refuses 16-bit files that the
+    pipeline, the predictor and explain window to 8 bits (vital_jax.data.images.load_image)."""
+    from vital_jax.data.images import load_image
+
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(trained_demo_run, "demo", "data"), data)
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE)) if r.split == "val")
+    path = os.path.join(data, record.image)
+    gray = np.asarray(Image.open(path).convert("L"), np.uint16) * 16  # 12-bit data in a 16-bit file
+    Image.fromarray(gray).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    _, probe = _probe(trained_demo_run, record.id, data_dir=data)
+    np.testing.assert_array_equal(probe.image_rgb, load_image(path))

@@ -29,13 +29,14 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vital_jax import distributed
+from vital_jax.data.images import load_image
 from vital_jax.data.records import RECORDS_FILE, Record, read_records, roi_feature_layer
 from vital_jax.data.roi import heatmap_encoder_dir, load_roi_encoder
 from vital_jax.eval import figures
 from vital_jax.generation import SamplingConfig
 from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.models.hf_config import ConfigError
-from vital_jax.models.qwen3_vl import preprocessing, prompt
+from vital_jax.models.qwen3_vl import prompt
 from vital_jax.vital import interpret, trainable
 from vital_jax.vital.batch import trained_latent_steps
 from vital_jax.vital.model import VitalModel
@@ -120,7 +121,8 @@ class Probe:
         self.mesh = mesh
         self.prompts = PromptEncoder(model.backbone_config, config.data, paths.tokenizer_dir, batch_size=1)
         image_path = os.path.join(paths.data_dir, self.record.image)
-        self.image_rgb = preprocessing.load_image(image_path)
+        # The loader the pipeline and the predictor read images with: its checks, and its window of 16-bit files.
+        self.image_rgb = load_image(image_path)
         replicated = NamedSharding(mesh, PartitionSpec())
 
         def everywhere(x):  # the same host copy on every process -> one replicated global array

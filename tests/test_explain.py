@@ -146,3 +146,58 @@ def test_dataset_mode_answers_with_the_k_it_is_given(tmp_path, monkeypatch):
     assert explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out")).shape == (4, 4)   # default: K_max
     with pytest.raises(ValueError, match="1..K_max=4"):
         explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out"), latent_steps=0)
+
+
+def _roi_dataset(root, rows):
+    """records.jsonl + the three ROI arrays: rows = (id, split, image, roi_index); ROI feature r is the r-th unit
+    vector, so a latent state equal to it is nearest that row."""
+    from vital_jax.data import records as records_lib
+
+    records = [records_lib.Record(id=rid, image=image, mask=f"masks/{rid}.png", question="Where is the liver?",
+                                  answer="left", reasoning_chain=("It is there.",), latent_steps=1,
+                                  question_type="location_choice", target=f"organ of {rid}", target_type="organ",
+                                  modality="CT", source="phantom", split=split, roi_index=row)
+               for rid, split, image, row in rows]
+    records_lib.write_records(str(root / records_lib.RECORDS_FILE), records)
+    n = max(row for *_, row in rows) + 1
+    np.save(root / records_lib.ROI_FEATURES_FILE, np.eye(n, 8, dtype=np.float32))
+    np.save(root / records_lib.ROI_TOP_PATCH_IDS_FILE, np.zeros((n, records_lib.ROI_TOP_PATCHES), np.int32))
+    np.save(root / records_lib.ROI_TOP_PATCH_SCORES_FILE, np.zeros((n, records_lib.ROI_TOP_PATCHES), np.float32))
+
+
+def test_nearest_rois_come_from_the_training_split_less_the_explained_images_own(tmp_path, monkeypatch):
+    """The bank was every ROI row (train, val, test): explaining a test record retrieved its own ground-truth
+    region; and a training image's own rows were retrieved as its neighbours."""
+    import types
+
+    import ml_collections
+
+    from vital_jax.vital import interpret
+
+    # Rows 0, 1 train (images a, b), 2 val (c), 3 test (d, two records).
+    _roi_dataset(tmp_path, [("t0", "train", "images/a.png", 0), ("t1", "train", "images/b.png", 1),
+                            ("v0", "val", "images/c.png", 2), ("s0", "test", "images/d.png", 3),
+                            ("s1", "test", "images/d.png", 3)])
+    monkeypatch.setattr(interpret, "project_latents", lambda model, params, z: z)  # VP(z) = z
+    run = types.SimpleNamespace(paths=types.SimpleNamespace(data_dir=str(tmp_path)), model=None, params=None,
+                                config=ml_collections.ConfigDict({"data": {"train_split": "train"}}))
+    eye = np.eye(4, 8, dtype=np.float32)
+    # Explaining test image d with z_1 = its own ROI feature, z_2 = the val one, a little of row 1 in each.
+    z = (eye[[3, 2]] + 0.5 * eye[1])[None]
+    bank, near = explain.roi_neighbours(run, z, 3, str(tmp_path / "images" / "d.png"))
+    assert bank == {"split": "train", "roi_rows": 2, "excluded_image_rows": 0}
+    for step in near:
+        assert [n["roi_row"] for n in step] == [1, 0]
+        assert [n["record"] for n in step] == ["t1", "t0"] and {n["split"] for n in step} == {"train"}
+    # Explaining training image a: its own row 0 is not retrieved, however close.
+    bank, near = explain.roi_neighbours(run, eye[[0]][None], 3, str(tmp_path / "images" / ".." / "images" / "a.png"))
+    assert bank == {"split": "train", "roi_rows": 1, "excluded_image_rows": 1}
+    assert [n["roi_row"] for n in near[0]] == [1]
+    # The run's own training split names the bank.
+    run.config.data.train_split = "val"
+    bank, near = explain.roi_neighbours(run, eye[[3]][None], 3, str(tmp_path / "images" / "d.png"))
+    assert bank["split"] == "val" and [n["record"] for n in near[0]] == ["v0"]
+    # Nothing left to retrieve from: empty lists, and the bank says why.
+    bank, near = explain.roi_neighbours(run, eye[[2, 3]][None], 3, str(tmp_path / "images" / "c.png"))
+    assert bank == {"split": "val", "roi_rows": 0, "excluded_image_rows": 1} and near == [[], []]
+    assert explain.roi_neighbours(run, z, 0, str(tmp_path / "images" / "d.png")) is None

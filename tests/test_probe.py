@@ -101,3 +101,63 @@ def test_training_with_the_probe_writes_heatmaps_and_decoded_steps_at_every_nth_
     # The scalars are still there, at the logged steps.
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
     assert [e.step for e in events.Scalars("loss")] == logged
+
+
+def _probe(workdir: str, record_id: str = "", latent_steps_cap: int | None = None, **path_changes):
+    """(the trained demo run in `workdir`, its probe as training builds it): of the record `record_id` (default:
+    the first val record), the model's K capped at `latent_steps_cap` when given, the paths changed by
+    `path_changes`."""
+    import dataclasses
+
+    from vital_jax import sharding
+    from vital_jax.run import load_run
+
+    run = load_run(workdir)
+    run.config.logging.probe_record = record_id
+    model = run.model
+    if latent_steps_cap is not None:
+        model = dataclasses.replace(model, config=dataclasses.replace(model.config, latent_steps_cap=latent_steps_cap))
+    return run, probe_lib.Probe(model, run.config, dataclasses.replace(run.paths, **path_changes),
+                                sharding.mesh_from_config(run.config))
+
+
+def test_a_run_without_an_roi_encoder_dir_probes_with_the_encoder_its_roi_features_came_from(trained_demo_run):
+    """model.roi_encoder_dir is empty outside the demo: the probe drew no heatmaps though the dataset's
+    roi_features.json names the encoder."""
+    _, probe = _probe(trained_demo_run, encoder_dir="")
+    assert probe.patch_features is not None and probe.patch_features.shape[1] == 8 * 8  # the tiny SigLIP's grid
+
+
+def test_the_probe_runs_its_record_at_the_k_training_capped_it_to(trained_demo_run):
+    """The probe ran its record at min(K, K_max), ignoring vital.latent_steps_cap: a run trained at K <= 2 (the
+    paper's Table 3 rows, the study's controls) was probed at K steps it never trained."""
+    from vital_jax.vital import trainable
+
+    data = os.path.join(trained_demo_run, "demo", "data")
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE)) if r.split == "val" and r.latent_steps > 2)
+    outputs = {}
+    for cap in (2, 0):
+        run, probe = _probe(trained_demo_run, record.id, latent_steps_cap=cap)
+        assert probe.k == cap
+        outputs[cap] = probe(*trainable.split(run.params, trainable.trainable_mask(run.params,
+                                                                                  run.config.vital.train_decoder)))
+    assert len(outputs[2].step_texts) == 2 and outputs[2].heatmaps.shape == (2, 8, 8)
+    # K = 0 (the no-latent control): the answer alone, no step to decode or draw.
+    assert outputs[0].answer and outputs[0].step_texts == [] and outputs[0].heatmaps is None
+    assert not [line for line in probe_lib.markdown(record, outputs[0]).splitlines() if line.startswith("| z")]
+
+
+def test_the_probe_reads_a_16_bit_image_as_the_pipeline_and_the_predictor_do(trained_demo_run, tmp_path):
+    """The probe read its image with qwen3_vl.preprocessing.load_image, which refuses 16-bit files that the
+    pipeline, the predictor and explain window to 8 bits (vital_jax.data.images.load_image)."""
+    from vital_jax.data.images import load_image
+
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(trained_demo_run, "demo", "data"), data)
+    record = next(r for r in read_records(os.path.join(data, RECORDS_FILE)) if r.split == "val")
+    path = os.path.join(data, record.image)
+    gray = np.asarray(Image.open(path).convert("L"), np.uint16) * 16  # 12-bit data in a 16-bit file
+    Image.fromarray(gray).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    _, probe = _probe(trained_demo_run, record.id, data_dir=data)
+    np.testing.assert_array_equal(probe.image_rgb, load_image(path))

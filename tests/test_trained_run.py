@@ -148,27 +148,32 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
         assert whole.startswith(cut), (whole, cut)
         if whole != cut:  # the two-token text stopped before the step's end
             assert i in short["step_texts_cut"], (i, whole, cut)
-    # The visual window's retrieval: per step, the dataset's ROI features nearest to VP(z_k) by cosine, named by
-    # the first record that uses each.
+    # The visual window's retrieval: per step, the training split's ROI features (less the image's own) nearest to
+    # VP(z_k) by cosine, named by the first training record that uses each.
     from vital_jax.data.records import RECORDS_FILE, ROI_FEATURES_FILE, read_records
     from vital_jax.explain import roi_neighbours
     from vital_jax.vital import interpret
 
     _, z, _ = run.predictors[(1, int(run.config.data.max_answer_tokens))].answer([image], ["Where is the liver?"], 3)
     z = jnp.asarray(z[:, :3])
-    near = roi_neighbours(run, z, 3)
-    assert result["neighbours"] == near and len(near) == 3
-    vp = np.asarray(interpret.project_latents(run.model, run.params, z), np.float64)[0]
-    bank = np.load(os.path.join(run.paths.data_dir, ROI_FEATURES_FILE)).astype(np.float64)
-    cos = (vp / np.linalg.norm(vp, axis=-1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).T
-    first = {}
+    bank_info, near = roi_neighbours(run, z, 3, image)
+    assert result["neighbours"] == near and result["neighbour_bank"] == bank_info and len(near) == 3
+    first, own = {}, set()
     for record in read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)):
-        first.setdefault(record.roi_index, record)
+        if os.path.join(run.paths.data_dir, record.image) == image:
+            own.add(record.roi_index)
+        if record.split == "train":
+            first.setdefault(record.roi_index, record)
+    rows = np.asarray(sorted(set(first) - own))
+    assert bank_info == {"split": "train", "roi_rows": len(rows), "excluded_image_rows": len(set(first) & own)}
+    vp = np.asarray(interpret.project_latents(run.model, run.params, z), np.float64)[0]
+    bank = np.load(os.path.join(run.paths.data_dir, ROI_FEATURES_FILE)).astype(np.float64)[rows]
+    cos = (vp / np.linalg.norm(vp, axis=-1, keepdims=True)) @ (bank / np.linalg.norm(bank, axis=-1, keepdims=True)).T
     for k in range(3):
-        assert [n["roi_row"] for n in near[k]] == np.argsort(-cos[k], kind="stable")[:3].tolist()
+        assert [n["roi_row"] for n in near[k]] == rows[np.argsort(-cos[k], kind="stable")[:3]].tolist()
         assert [n["cosine"] for n in near[k]] == pytest.approx(np.sort(cos[k])[::-1][:3], abs=1e-5)
         assert [n["record"] for n in near[k]] == [first[n["roi_row"]].id for n in near[k]]
-    assert roi_neighbours(run, z, 0) is None
+    assert roi_neighbours(run, z, 0, image) is None
     # Figure 12: with the record's ground-truth mask, each heatmap is scored against it (explain.mask_agreement on
     # the heatmaps it drew, heatmaps.npy).
     from vital_jax.explain import HEATMAPS_FILE, mask_agreement
@@ -195,6 +200,26 @@ def test_explain_writes_text_heatmaps_and_similarity(workdir, tmp_path):
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0, atol=1e-5)
 
 
+def test_explain_at_k_0_explains_the_answer_without_latent_steps(workdir, tmp_path):
+    """explain --latent_steps=0 was accepted, then crashed decoding zero latent states (ZeroDivisionError)."""
+    from vital_jax.explain import explain_example
+    from vital_jax.inference import shared_predictor
+
+    run = load_run(workdir)
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=0)
+    answer = shared_predictor(run, 1, int(run.config.data.max_answer_tokens)).answer(
+        [image], ["Where is the liver?"], 0)[0][0]
+    assert result["answer"] == answer and result["latent_steps"] == 0
+    for field in ("step_texts", "step_texts_cut", "z_norm_per_step", "norm_ratio_per_step", "step_similarity",
+                  "heatmaps"):
+        assert result[field] == [], field
+    assert "neighbours" not in result and result["embedding_norm"] is None
+    assert sorted(os.listdir(tmp_path / "x")) == ["explanation.json"]
+    assert json.loads((tmp_path / "x" / "explanation.json").read_text()) == result
+
+
 def test_explain_compares_vp_with_the_encoder_output_the_roi_targets_came_from(workdir, tmp_path, monkeypatch):
     # A dataset whose ROI features pooled SigLIP's post-layernorm output: the heatmaps use that output too.
     import dataclasses
@@ -219,6 +244,29 @@ def test_explain_compares_vp_with_the_encoder_output_the_roi_targets_came_from(w
     image = os.path.join(data_dir, "images", sorted(os.listdir(os.path.join(data_dir, "images")))[0])
     explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=2)
     assert asked == ["post_layernorm"]
+
+
+def test_explain_draws_heatmaps_with_the_recorded_encoder_and_refuses_a_foreign_one(workdir, tmp_path):
+    """A run without model.roi_encoder_dir (the default outside the demo) drew no heatmaps, and gave no warning,
+    though the dataset's roi_features.json names the encoder; an encoder of another architecture was used."""
+    from vital_jax.data.records import ROI_PROVENANCE_FILE
+    from vital_jax.demo_assets import write_tiny_siglip
+    from vital_jax.explain import explain_example
+    from vital_jax.models.hf_config import ConfigError
+
+    run = load_run(workdir)
+    recorded = json.load(open(os.path.join(run.paths.data_dir, ROI_PROVENANCE_FILE)))["encoder_dir"]
+    assert os.path.isdir(recorded)
+    run.paths = dataclasses.replace(run.paths, encoder_dir="")
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[0])
+    result = explain_example(run, image, "Where is the liver?", str(tmp_path / "x"), latent_steps=2)
+    assert len(result["heatmaps"]) == 2 and result["heatmaps"][0]["grid"] == [8, 8]
+    # A tiny SigLIP of the same width at 224 px (a 16x16 grid): another feature space, refused before answering.
+    other = write_tiny_siglip(str(tmp_path / "other"), image_size=224)
+    with pytest.raises(ConfigError, match=r"image_size 224 \(recorded: 112\)"):
+        explain_example(run, image, "Where is the liver?", str(tmp_path / "y"), latent_steps=2, encoder_dir=other)
+    assert not (tmp_path / "y").exists()
 
 
 def test_shared_predictor_is_built_once_per_run_and_shape(workdir):

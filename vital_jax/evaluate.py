@@ -38,15 +38,16 @@ def record_latent_steps(examples, config) -> list[int]:
     A diagnostic, not the paper's protocol (which answers every question with the same K): it tells a model that
     fails at a fixed K because short-chain questions never saw that K in training apart from one that fails anyway.
     """
+    from vital_jax.vital.batch import trained_latent_steps
+
     k_max, cap = int(config.vital.k_max), int(config.vital.latent_steps_cap)  # config: the run's recorded one
-    cap = k_max if cap < 0 else min(cap, k_max)
     steps = []
     for e in examples:
         k = e.extra.get("latent_steps")
         if not isinstance(k, int) or k < 0:
             raise ValueError(f"example {e.id!r} has no record K (extra['latent_steps']={k!r}); latent_steps="
                              f"{RECORD_K!r} needs a benchmark built by vital_jax (in_domain, phantom_vqa)")
-        steps.append(min(k, cap))
+        steps.append(trained_latent_steps(k, k_max, cap))
     return steps
 
 

@@ -11,11 +11,16 @@ patch, overlaid on the image), `summary.png` (image + one heatmap per step with 
 green ground-truth panel in the summary and, per step, whether the heatmap's peak lies in the region and its mean
 cosine inside and outside; and, when the run's dataset has ROI features, the visual window's retrieval (§3.3): for
 each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
-target, image, split). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+target, image, split), from a bank of the training split's ROI features less those of the image's own records
+(`neighbour_bank`: its split and size). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
-The heatmaps need the MedSigLIP encoder: `--encoder_dir` or the run's `model.roi_encoder_dir` (the demo's own).
+At `--latent_steps=0` there are no latent steps: only `explanation.json`, with the answer and empty per-step fields.
+The heatmaps need the MedSigLIP encoder: `--encoder_dir`, else the run's `model.roi_encoder_dir` (the demo's own),
+else the one the dataset's ROI features were extracted with (its roi_features.json), when it is still there;
+without one a warning says so. An encoder of another architecture than that recorded one is refused
+(`data.roi.heatmap_encoder_dir`).
 """
 
 from __future__ import annotations
@@ -80,10 +85,17 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     return out
 
 
-def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
-    """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D): per step, the `top_n` ROI
-    features of the run's dataset nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record", "target",
-    "image", "split"} (the first record using that ROI row). None when the dataset has no ROI features here."""
+def roi_neighbours(run, z, top_n: int, image_path: str) -> tuple[dict, list[list[dict]]] | None:
+    """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D) of the image `image_path`:
+    per step, the `top_n` ROI features nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record",
+    "target", "image", "split"} (the first bank record using that ROI row). None when the dataset has no ROI
+    features here.
+
+    The bank is the ROI rows of the records of the run's training split (`config.data.train_split`) only, less
+    the rows of records on `image_path` itself: held-out rows (val, test) would let an explanation of a held-out
+    record retrieve its own ground-truth region, or other annotations the model was never trained on. Returns
+    ({"split", "roi_rows" in the bank, "excluded_image_rows": rows left out for being on the query's image},
+    the per-step neighbours); an empty bank gives empty lists."""
     from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records
     from vital_jax.vital import interpret
 
@@ -91,22 +103,34 @@ def roi_neighbours(run, z, top_n: int) -> list[list[dict]] | None:
     arrays = load_roi_arrays(data_dir) if data_dir and os.path.isdir(data_dir) else None
     if arrays is None or top_n < 1:
         return None
-    first = {}
+    split = str(run.config.data.train_split)
+    query_image = os.path.realpath(image_path)
+    first, on_query_image = {}, set()  # first: ROI row -> the first training record using it
     for record in read_records(os.path.join(data_dir, RECORDS_FILE)):
-        first.setdefault(record.roi_index, record)
+        if record.roi_index < 0:
+            continue
+        if os.path.realpath(os.path.join(data_dir, record.image)) == query_image:
+            on_query_image.add(record.roi_index)
+        if record.split == split:
+            first.setdefault(record.roi_index, record)
+    bank_rows = np.asarray(sorted(set(first) - on_query_image), np.int64)
+    bank = {"split": split, "roi_rows": int(bank_rows.size), "excluded_image_rows": len(set(first) & on_query_image)}
+    k = z.shape[1]
+    if not bank_rows.size:
+        return bank, [[] for _ in range(k)]
     projected = interpret.project_latents(run.model, run.params, jnp.asarray(z))[0]
-    scores, rows = (np.asarray(x) for x in interpret.retrieve_neighbours(projected, jnp.asarray(arrays["features"]),
-                                                                         top_n))
+    features = jnp.asarray(arrays["features"][bank_rows])
+    scores, positions = (np.asarray(x) for x in interpret.retrieve_neighbours(projected, features, top_n))
     out = []
-    for step_scores, step_rows in zip(scores, rows):
+    for step_scores, step_positions in zip(scores, positions):
         step = []
-        for score, row in zip(step_scores, step_rows):
-            record = first.get(int(row))
-            step.append({"roi_row": int(row), "cosine": float(score),
-                         **({"record": record.id, "target": record.target, "image": record.image,
-                             "split": record.split} if record is not None else {})})
+        for score, position in zip(step_scores, step_positions):
+            row = int(bank_rows[int(position)])
+            record = first[row]
+            step.append({"roi_row": row, "cosine": float(score), "record": record.id, "target": record.target,
+                         "image": record.image, "split": record.split})
         out.append(step)
-    return out
+    return bank, out
 
 
 def explain_example(run, image_path: str, question: str, out_dir: str, latent_steps: int | None = None,
@@ -118,12 +142,13 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     `data.max_step_tokens`, the length its decoder was trained to write a step in; as the training probe). A step
     text that reached the budget without its end token is listed in `step_texts_cut` (the figures wrap long texts
     to a few lines and end them with an ellipsis; explanation.json holds them whole). `neighbours`: how many ROI
-    features of the run's dataset to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
+    features of the run's training split to retrieve per step (`roi_neighbours`; 0: none). `mask_path`: the ground-truth
     region (a mask of the image's size): drawn as the summary's last panel (Figure 12) and compared with each
-    heatmap (`mask_agreement`, in the heatmap entries)."""
+    heatmap (`mask_agreement`, in the heatmap entries). At `latent_steps=0` only the answer is explained:
+    explanation.json with empty per-step fields, and no figures."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import roi_feature_layer
-    from vital_jax.data.roi import load_roi_encoder
+    from vital_jax.data.roi import heatmap_encoder_dir, load_roi_encoder
     from vital_jax.inference import shared_predictor
     from vital_jax.vital import interpret
 
@@ -131,49 +156,56 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     mask = check_mask(mask_path, image_path) if mask_path is not None else None
     model, params = run.model, run.params
     k = model.config.k_max if latent_steps is None else latent_steps
+    if k:  # checked before the model answers: a foreign encoder is refused before anything compiles
+        encoder_dir = heatmap_encoder_dir(run.paths.data_dir, encoder_dir or run.paths.encoder_dir,
+                                          "--encoder_dir (or the run's config.model.roi_encoder_dir)")
     if max_new_tokens is None:
         max_new_tokens = int(run.config.data.max_answer_tokens)
     predictor = shared_predictor(run, 1, max_new_tokens)
     answers, z, _ = predictor.answer([image_path], [question], k)
-    z = jnp.asarray(z[:, :max(k, 1)])
-    valid = jnp.arange(z.shape[1])[None] < k
     if max_text_tokens is None:
         max_text_tokens = int(run.config.data.max_step_tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    # At K = 0 the answer follows the prompt directly: no latent step to decode, compare, measure or draw, so the
+    # per-step fields stay empty (and there is no z_k to set the embedding norm against).
+    result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": [],
+              "step_text_budget": max_text_tokens, "step_texts_cut": [], "z_norm_per_step": [],
+              "embedding_norm": None, "norm_ratio_per_step": [], "step_similarity": [], "heatmaps": []}
+    if not k:
+        atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
+        return result
+    z = jnp.asarray(z[:, :k])
+    valid = jnp.ones(z.shape[:2], bool)
     eos = predictor.sampling.eos_token_ids
     tokens, lengths = interpret.decode_latents(model, params, z, max_new_tokens=max_text_tokens, eos_token_ids=eos)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     step_texts = [predictor.decode(tokens[0, i], lengths[0, i]) for i in range(k)]
-    cut = [i + 1 for i in range(k) if lengths[0, i] == 0 or int(tokens[0, i, lengths[0, i] - 1]) not in eos]
-    sims = interpret.StepSimilarity(z.shape[1])
+    sims = interpret.StepSimilarity(k)
     sims.update(z, valid)
     norms = interpret.norm_ratio(model, params, z, valid)
-    os.makedirs(out_dir, exist_ok=True)
+    result.update(step_texts=step_texts,
+                  step_texts_cut=[i + 1 for i in range(k)
+                                  if lengths[0, i] == 0 or int(tokens[0, i, lengths[0, i] - 1]) not in eos],
+                  z_norm_per_step=[float(x) for x in np.asarray(norms["z_norm_per_step"])],
+                  embedding_norm=float(norms["embedding_norm"]),
+                  norm_ratio_per_step=[float(x) for x in np.asarray(norms["ratio_per_step"])],
+                  step_similarity=np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist())
     rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
-    result = {"question": question, "answer": answers[0], "latent_steps": k, "step_texts": step_texts,
-              "step_text_budget": max_text_tokens, "step_texts_cut": cut,
-              "z_norm_per_step": [float(x) for x in np.asarray(norms["z_norm_per_step"])[:k]],
-              "embedding_norm": float(norms["embedding_norm"]),
-              "norm_ratio_per_step": [float(x) for x in np.asarray(norms["ratio_per_step"])[:k]],
-              "step_similarity": np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist()[:k],
-              "heatmaps": []}
-    encoder_dir = encoder_dir or run.paths.encoder_dir
-    if k and encoder_dir:
+    if encoder_dir:
         # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
         encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))
         maps = np.asarray(interpret.latent_heatmaps(model, params, z, encoder.image_patches(enc_params, rgb)))[0]
-        paths = write_heatmaps(out_dir, rgb, maps[:k], question, answers[0], step_texts, figure_format, mask)
-        agreement = mask_agreement(maps[:k], mask) if mask is not None else [{}] * k
+        paths = write_heatmaps(out_dir, rgb, maps, question, answers[0], step_texts, figure_format, mask)
+        agreement = mask_agreement(maps, mask) if mask is not None else [{}] * k
         for i, path in enumerate(paths):
             result["heatmaps"].append({"step": i + 1, "figure": path, "grid": list(maps[i].shape),
                                        "peak": [int(v) for v in np.unravel_index(np.argmax(maps[i]),
                                                                                   maps[i].shape)],
                                        **agreement[i]})
-    if k:
-        figures.save(figures.similarity_figure(sims.matrix()[:k, :k]), os.path.join(out_dir, "step_similarity"),
-                     figure_format)
-        nearest = roi_neighbours(run, z[:, :k], neighbours)
-        if nearest is not None:
-            result["neighbours"] = nearest
+    figures.save(figures.similarity_figure(sims.matrix()), os.path.join(out_dir, "step_similarity"), figure_format)
+    nearest = roi_neighbours(run, z, neighbours, image_path)
+    if nearest is not None:
+        result["neighbour_bank"], result["neighbours"] = nearest
     atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
     return result
 
@@ -263,7 +295,7 @@ def main(argv):
     print(f"answer: {result['answer']}")
     for i, text in enumerate(result["step_texts"], start=1):
         print(f"  z{i}: {text}")
-        if result.get("neighbours"):
+        if result.get("neighbours") and result["neighbours"][i - 1]:
             near = result["neighbours"][i - 1][0]
             print(f"      nearest ROI: {near.get('target', '?')} (record {near.get('record', '?')}, "
                   f"cosine {near['cosine']:.3f})")

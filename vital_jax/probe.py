@@ -4,14 +4,16 @@ Paper §3.3's two windows on the latent steps z_1..z_K, watched while the model 
 
   probe/heatmap/z<k>   `explain`'s step figure (`eval.figures.step_figure`): the example's image with
                        cos(VP(z_k), encoder patch) overlaid, a colour bar, the decoded step as caption; needs the
-                       ROI encoder (`model.roi_encoder_dir`, the demo's own), text only without it
+                       ROI encoder (`model.roi_encoder_dir`, the demo's own, else the one the dataset's ROI
+                       features were extracted with: `data.roi.heatmap_encoder_dir`), text only without it
   probe/latent_steps   a Markdown table: what the auxiliary decoder reads from each z_k beside the teacher's
                        step, under the question, the model's answer and the reference answer
 
-The example is the record `logging.probe_record` or, when that is empty, the first record of the val split, and
-it runs at its own K. Everything that does not change during training (the prompt's prefix inputs, the encoder's
-patch features) is computed once at setup; one jitted program (latent generation, `interpret.decode_latents`,
-`interpret.latent_heatmaps`) then serves every call. All processes run it, the primary writes.
+The example is the record `logging.probe_record` or, when that is empty, the first record of the val split, and it
+runs at its own K as training runs it (capped by `vital.latent_steps_cap`; at K = 0, the answer alone). Everything
+that does not change during training (the prompt's prefix inputs, the encoder's patch features) is computed once at
+setup; one jitted program (latent generation, `interpret.decode_latents`, `interpret.latent_heatmaps`) then serves
+every call. All processes run it, the primary writes.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vital_jax import distributed
-from vital_jax.data.records import RECORDS_FILE, Record, read_records
+from vital_jax.data.images import load_image
+from vital_jax.data.records import RECORDS_FILE, Record, read_records, roi_feature_layer
+from vital_jax.data.roi import heatmap_encoder_dir, load_roi_encoder
 from vital_jax.eval import figures
 from vital_jax.generation import SamplingConfig
 from vital_jax.prompt_encoder import PromptEncoder
 from vital_jax.models.hf_config import ConfigError
-from vital_jax.models.qwen3_vl import preprocessing, prompt
+from vital_jax.models.qwen3_vl import prompt
 from vital_jax.vital import interpret, trainable
+from vital_jax.vital.batch import trained_latent_steps
 from vital_jax.vital.model import VitalModel
 
 IMAGE_TAG = "probe/heatmap/z{}"
@@ -99,6 +104,8 @@ def _probe(model: VitalModel, sampling: SamplingConfig, k: int, step_tokens: int
     latent_steps = jnp.full((prefix.input_ids.shape[0],), k, jnp.int32)
     tokens, lengths, z = model.generate(params["backbone"], prefix, latent_steps, sampling, k_slots=k,
                                         pause_embeddings=params.get("pause_embeddings"))
+    if not k:  # a run capped at K = 0 answers with no latent step: nothing to decode or draw
+        return tokens, lengths, None, None, None
     step_ids, step_lengths = interpret.decode_latents(model, params, z, step_tokens, sampling.eos_token_ids)
     maps = None if patch_features is None else interpret.latent_heatmaps(model, params, z, patch_features)
     return tokens, lengths, step_ids, step_lengths, maps
@@ -109,11 +116,13 @@ class Probe:
 
     def __init__(self, model: VitalModel, config, paths, mesh):
         self.record = select_record(paths.data_dir, config.logging.probe_record)
-        self.k = min(self.record.latent_steps, model.config.k_max)
+        # The K training runs this record with (`vital.latent_steps_cap` included), so the probe shows that model.
+        self.k = trained_latent_steps(self.record.latent_steps, model.config.k_max, model.config.latent_steps_cap)
         self.mesh = mesh
         self.prompts = PromptEncoder(model.backbone_config, config.data, paths.tokenizer_dir, batch_size=1)
         image_path = os.path.join(paths.data_dir, self.record.image)
-        self.image_rgb = preprocessing.load_image(image_path)
+        # The loader the pipeline and the predictor read images with: its checks, and its window of 16-bit files.
+        self.image_rgb = load_image(image_path)
         replicated = NamedSharding(mesh, PartitionSpec())
 
         def everywhere(x):  # the same host copy on every process -> one replicated global array
@@ -122,16 +131,15 @@ class Probe:
         prefix, _ = self.prompts.encode([image_path], [self.record.question])
         self.prefix = jax.tree.map(everywhere, prefix)
         self.patch_features = None
-        if paths.encoder_dir:
-            from vital_jax.data.records import roi_feature_layer
-            from vital_jax.data.roi import load_roi_encoder
-
+        # The run's encoder, else the one the dataset's ROI features came from; None (with a warning) without one.
+        encoder_dir = (heatmap_encoder_dir(paths.data_dir, paths.encoder_dir, "config.model.roi_encoder_dir")
+                       if self.k else None)
+        if encoder_dir:
             # The encoder output the ROI targets were pooled from: VP(z_k) is compared in that space.
-            encoder, encoder_params = load_roi_encoder(paths.encoder_dir, roi_feature_layer(paths.data_dir))
+            encoder, encoder_params = load_roi_encoder(encoder_dir, roi_feature_layer(paths.data_dir))
             self.patch_features = everywhere(encoder.image_patches(encoder_params, self.image_rgb))
-        else:
-            logging.warning("training probe: no ROI encoder (config.model.roi_encoder_dir), so no heatmaps; "
-                            "the decoded latent steps are still written")
+        elif self.k:
+            logging.warning("training probe: no heatmaps; the decoded latent steps are still written")
         sampling = SamplingConfig(max_new_tokens=config.data.max_answer_tokens,
                                   eos_token_ids=self.prompts.eos_token_ids,
                                   pad_token_id=self.prompts.special[prompt.ENDOFTEXT])
@@ -143,8 +151,11 @@ class Probe:
         with jax.set_mesh(self.mesh):
             tokens, lengths, step_ids, step_lengths, maps = self._run(train_params, frozen, self.prefix,
                                                                       self.patch_features)
+        answer = self.prompts.decode(np.asarray(tokens)[0], np.asarray(lengths)[0])
+        if step_ids is None:  # K = 0
+            return ProbeOutput(answer=answer, step_texts=[], heatmaps=None)
         step_ids, step_lengths = np.asarray(step_ids)[0], np.asarray(step_lengths)[0]
-        return ProbeOutput(answer=self.prompts.decode(np.asarray(tokens)[0], np.asarray(lengths)[0]),
+        return ProbeOutput(answer=answer,
                            step_texts=[self.prompts.decode(step_ids[i], step_lengths[i]) for i in range(self.k)],
                            heatmaps=None if maps is None else np.asarray(maps, np.float32)[0])
 

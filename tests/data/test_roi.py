@@ -640,3 +640,69 @@ def test_every_biomedparse_demo_mask_extracts(shared_data_dir):
         box = out.boxes[i]
         assert box[0] <= top and box[1] <= left and bottom <= box[2] and right <= box[3], mask_names[i]
     assert set(out.pathway) == {"full", "crop"}
+
+
+def _encoder_config(directory, full: bool = False, **fields) -> str:
+    """A SigLIP config.json (the tiny demo encoder's, `fields` changed; `full`: as a whole SiglipModel's
+    vision_config); the heatmap encoder's checks read nothing else."""
+    from vital_jax.models.siglip import SiglipVisionConfig
+    from vital_jax.models.siglip.params import config_to_hf_dict
+
+    vision = config_to_hf_dict(SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=112, patch_size=14,
+                                                             use_head=False), **fields}))
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model_type": "siglip", "vision_config": vision, "text_config": {}} if full else vision, f)
+    return str(directory)
+
+
+def test_the_heatmap_encoder_is_the_recorded_one_unless_given_and_a_foreign_one_is_refused(tmp_path, caplog):
+    """explain and the probe read only the feature layer from roi_features.json: without --encoder_dir / a run
+    roi_encoder_dir there were no heatmaps (silently), and another encoder of the same width gave cosines in
+    another feature space."""
+    data = tmp_path / "data"
+    data.mkdir()
+    recorded = _encoder_config(tmp_path / "recorded")
+
+    def record(encoder_dir, dim=32):
+        (data / ROI_PROVENANCE_FILE).write_text(json.dumps({"encoder_dir": str(encoder_dir), "dim": dim,
+                                                            "feature_layer": "last_block"}))
+
+    record(recorded)
+    hint = "--encoder_dir=DIR"
+    # None given: the recorded encoder.
+    assert roi.heatmap_encoder_dir(str(data), None, hint) == recorded
+    assert roi.heatmap_encoder_dir(str(data), "", hint) == recorded
+    # The recorded one, or a copy with the same config (a warning: the weights may differ), or the same encoder
+    # as a whole SiglipModel.
+    assert roi.heatmap_encoder_dir(str(data), recorded, hint) == recorded
+    for name, full in (("copy", False), ("full", True)):
+        caplog.clear()
+        copy = _encoder_config(tmp_path / name, full=full)
+        assert roi.heatmap_encoder_dir(str(data), copy, hint) == copy
+        assert f"ROI encoder {copy} is not {recorded}" in caplog.text
+    # Another architecture, even of the same width: refused, naming what differs and the recorded encoder.
+    for name, change, what in (("deeper", dict(num_hidden_layers=3), "num_hidden_layers 3 (recorded: 2)"),
+                               ("wider", dict(hidden_size=48, intermediate_size=96), "hidden_size 48 (recorded: 32)"),
+                               ("finer", dict(patch_size=16), "patch_size 16 (recorded: 14)"),
+                               ("larger", dict(image_size=224), "image_size 224 (recorded: 112)")):
+        other = _encoder_config(tmp_path / name, **change)
+        with pytest.raises(roi.ConfigError, match=re.escape(what) + ".*" + re.escape(str(recorded))):
+            roi.heatmap_encoder_dir(str(data), other, hint)
+    # The recorded encoder gone: none given is no heatmaps, with a warning saying how to get them; a given one is
+    # checked against the recorded feature width.
+    gone = tmp_path / "gone"
+    record(gone)
+    caplog.clear()
+    assert roi.heatmap_encoder_dir(str(data), None, hint) is None
+    assert "no heatmaps" in caplog.text and str(gone) in caplog.text and hint in caplog.text
+    assert roi.heatmap_encoder_dir(str(data), str(tmp_path / "deeper"), hint) == str(tmp_path / "deeper")
+    with pytest.raises(roi.ConfigError, match="hidden_size 48, but the dataset's ROI features .* are 32-dim"):
+        roi.heatmap_encoder_dir(str(data), str(tmp_path / "wider"), hint)
+    # A dataset from before roi_features.json: a given encoder is used as is; none is no heatmaps, with a warning.
+    os.remove(data / ROI_PROVENANCE_FILE)
+    assert roi.heatmap_encoder_dir(str(data), str(tmp_path / "wider"), hint) == str(tmp_path / "wider")
+    caplog.clear()
+    assert roi.heatmap_encoder_dir(str(data), None, hint) is None
+    assert f"has no {ROI_PROVENANCE_FILE}" in caplog.text and hint in caplog.text

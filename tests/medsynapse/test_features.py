@@ -231,3 +231,57 @@ def test_a_store_built_from_other_records_of_the_same_count_is_refused_by_load_t
     _write_index(store, fingerprint="by hand", image_rows=[0, 0, 1])   # a store from before the sha256
     with pytest.raises(features.FeatureStoreError, match=f"{store}: its feature_index.json records no fingerprint"):
         trainer.load_feature_store(workdir, paths)
+
+
+def test_in_a_run_of_several_processes_process_0_builds_the_store_and_the_others_load_it(siglip, tmp_path,
+                                                                                          monkeypatch):
+    """Every process built the store into the same workdir: the dataset encoded once per process, a rebuild's
+    removal of the index failing on all but one, open_memmap(mode="w+") truncating features under another's
+    mapping. One process of two is played at a time (jax's process index and barrier stand-ins)."""
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    process, encoded, barriers = [0], [], []
+
+    class Recording:  # E_ana, noting which process encodes an image
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def preprocess(self, image_path):
+            encoded.append(process[0])
+            return encoder.preprocess(image_path)
+
+    def barrier(built):  # process 0 reports its own outcome; process 1 gets `outcome`, what process 0 reported
+        barriers.append((process[0], built, os.path.exists(os.path.join(out, features.INDEX_FILE))))
+        return outcome[0] if process[0] else built
+
+    monkeypatch.setattr(features, "_process_position", lambda: (process[0], 2))
+    monkeypatch.setattr(features, "_primary_outcome", barrier)
+    recording = Recording()
+
+    def build(who, directory, **kw):
+        process[0] = who
+        return features.build_feature_store(data_dir, recording, params, directory, encoder_id=path, **kw)
+
+    out, outcome = str(tmp_path / "store"), [True]
+    first = build(0, out)
+    assert encoded == [0, 0] and barriers == [(0, True, True)]  # both images, by process 0, before the barrier
+    second = build(1, out)
+    assert encoded == [0, 0] and barriers[1] == (1, True, True)  # process 1 encoded nothing: it loaded the store
+    np.testing.assert_array_equal(second.features, first.features)
+    np.testing.assert_array_equal(second.masks, first.masks)
+    # Process 0 failed: it raises its own error after telling the others, which stop naming it.
+    os.remove(os.path.join(data_dir, "images", "b.png"))
+    with pytest.raises(features.FeatureStoreError, match="b.png: cannot be encoded"):
+        build(0, str(tmp_path / "failed"))
+    assert barriers[-1][:2] == (0, False)
+    outcome[0] = False
+    with pytest.raises(features.FeatureStoreError, match="process 0 could not build .* process 1 stops"):
+        build(1, str(tmp_path / "failed"))
+    # A store process 1 would not have built (here: another dtype), or none at all (an unshared workdir): an error,
+    # never a build of its own.
+    outcome[0], encoded[:] = True, []
+    with pytest.raises(features.FeatureStoreError, match="not the one process 1 would build"):
+        build(1, out, dtype="float16")
+    with pytest.raises(features.FeatureStoreError, match="process 1 finds no readable feature_index.json"):
+        build(1, str(tmp_path / "elsewhere"))
+    assert encoded == []

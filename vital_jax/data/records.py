@@ -242,24 +242,30 @@ def interrupted_roi_write(data_dir: str) -> str | None:
             f"{flag}, which rewrites them all and removes the journal")
 
 
-def roi_feature_layer(data_dir: str) -> str:
-    """The encoder output the dataset's ROI features pool (`ROI_PROVENANCE_FILE`): "last_block" (A.5.2, the
-    default) or "post_layernorm". A dataset written before the file existed was made with "last_block" unless its
-    builder chose otherwise, which nothing recorded; a malformed file, or an interrupted ROI write (the file may
-    not describe the arrays), is a RecordError naming it."""
-    if not data_dir:
-        return "last_block"
+def roi_provenance(data_dir: str) -> dict | None:
+    """How the dataset's ROI features were made (`ROI_PROVENANCE_FILE`: encoder_dir, feature_layer, dim, the A.5
+    settings), or None for a dataset written before the file existed; a malformed file, or an interrupted ROI write
+    (the file may not describe the arrays), is a RecordError naming it."""
     problem = interrupted_roi_write(data_dir)
     if problem:
         raise RecordError(problem)
-    if not os.path.exists(os.path.join(data_dir, ROI_PROVENANCE_FILE)):
-        return "last_block"
     path = os.path.join(data_dir, ROI_PROVENANCE_FILE)
+    if not os.path.exists(path):
+        return None
     provenance = read_json(path, RecordError)
-    layer = provenance.get("feature_layer") if isinstance(provenance, dict) else None
-    if not isinstance(layer, str):
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("feature_layer"), str):
         raise RecordError(f"{path}: expected a JSON object with a string 'feature_layer'")
-    return layer
+    return provenance
+
+
+def roi_feature_layer(data_dir: str) -> str:
+    """The encoder output the dataset's ROI features pool (`roi_provenance`): "last_block" (A.5.2, the default) or
+    "post_layernorm". A dataset written before the file existed was made with "last_block" unless its builder
+    chose otherwise, which nothing recorded."""
+    if not data_dir:
+        return "last_block"
+    provenance = roi_provenance(data_dir)
+    return "last_block" if provenance is None else provenance["feature_layer"]
 
 
 def load_roi_arrays(data_dir: str) -> dict[str, np.ndarray] | None:

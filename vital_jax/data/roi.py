@@ -49,16 +49,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from vital_jax.data import images as images_lib  # (`images` names the image lists below)
 from vital_jax.data.images import ImageError, load_image
 from vital_jax.data.records import (GLOBAL_FEATURES_FILE, RECORDS_FILE, ROI_FEATURES_FILE, ROI_PROVENANCE_FILE,
                                     ROI_TOP_PATCH_IDS_FILE, ROI_TOP_PATCH_SCORES_FILE, ROI_WRITE_JOURNAL, Record,
-                                    pending_roi_write, read_records)
+                                    pending_roi_write, read_records, roi_provenance)
 from vital_jax.jsonio import atomic_write, fsync_directory
-from vital_jax.models.hf_config import ConfigError
-from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionModel, load_siglip_vision
+from vital_jax.models.hf_config import ConfigError, read_config_json
+from vital_jax.models.siglip import SiglipPreprocessor, SiglipVisionConfig, SiglipVisionModel, load_siglip_vision
 from vital_jax.models.siglip.preprocessing import PREPROCESSOR_FILE
 
 FULL, CROP = "full", "crop"
@@ -446,6 +447,71 @@ def load_roi_encoder(encoder_dir: str, feature_layer: str = "last_block", dtype=
     preprocessor = SiglipPreprocessor.from_pretrained(encoder_dir)
     params = jax.tree.map(jnp.asarray, params)
     return siglip_roi_encoder(SiglipVisionModel(config), preprocessor, feature_layer), params
+
+
+# What makes two ROI encoders give patch features in different spaces, read from their config.json: the model type
+# of the vision tower (a full SigLIP's vision_config and a SiglipVisionModel with the same weights are the same
+# encoder), its width, patch and input size, depth and shape.
+ENCODER_FIELDS = ("model_type", "hidden_size", "patch_size", "image_size", "num_hidden_layers", "intermediate_size",
+                  "num_attention_heads")
+
+
+def _encoder_signature(encoder_dir: str) -> dict:
+    config = SiglipVisionConfig.from_pretrained(encoder_dir)  # a ConfigError naming the file if it is no SigLIP
+    raw = read_config_json(encoder_dir)
+    vision = raw["vision_config"] if raw["model_type"] == "siglip" else raw
+    return {field: (vision.get("model_type", "siglip_vision_model") if field == "model_type" else
+                    getattr(config, field)) for field in ENCODER_FIELDS}
+
+
+def heatmap_encoder_dir(data_dir: str, encoder_dir: str | None, how_to_give: str) -> str | None:
+    """The ROI encoder whose patch features VP(z_k) is compared with (explain's heatmaps, the training probe):
+    `encoder_dir` when given, else the one the dataset's ROI features were extracted with (`ROI_PROVENANCE_FILE`'s
+    encoder_dir) when it is still there. None, with a warning saying how to get the heatmaps (`how_to_give`: the
+    flag or config field that names an encoder), when there is neither.
+
+    The visual projector was trained towards the recorded encoder's features, so a given encoder that differs
+    from it in architecture (`ENCODER_FIELDS` of config.json) is a ConfigError: its cosines would be in another
+    feature space, or fail on shapes. Another directory with an equal config is used with a warning (its weights
+    may still differ); when the recorded directory is gone, the given encoder's width is checked against the
+    recorded feature dim."""
+    provenance = roi_provenance(data_dir) if data_dir else None
+    recorded = provenance.get("encoder_dir") if provenance is not None else None
+    source = os.path.join(data_dir, ROI_PROVENANCE_FILE)
+    if not encoder_dir:
+        if isinstance(recorded, str) and os.path.isdir(recorded):
+            return recorded
+        where = (f"{source} records {recorded}, which is not there" if isinstance(recorded, str) else
+                 f"{data_dir} has no {ROI_PROVENANCE_FILE} naming the encoder its ROI features came from")
+        logging.warning("no heatmaps of the latent steps: no ROI encoder given and %s; give %s (the MedSigLIP the "
+                        "dataset's ROI features were extracted with) to draw them", where, how_to_give)
+        return None
+    if not isinstance(recorded, str):
+        return encoder_dir  # a dataset from before the provenance file: nothing to check against
+    if os.path.isdir(recorded):
+        if os.path.realpath(recorded) == os.path.realpath(encoder_dir):
+            return encoder_dir
+        given, expected = _encoder_signature(encoder_dir), _encoder_signature(recorded)
+        differ = [f"{field} {given[field]!r} (recorded: {expected[field]!r})" for field in ENCODER_FIELDS
+                  if given[field] != expected[field]]
+        if differ:
+            raise ConfigError(f"ROI encoder {encoder_dir}: {', '.join(differ)}; the dataset's ROI features were "
+                              f"extracted with {recorded} ({source}), the space the visual projector was trained "
+                              f"to, so heatmaps from this encoder would compare VP(z_k) with another feature space; "
+                              f"give that encoder, or none ({how_to_give} unset) to use it")
+        logging.warning("ROI encoder %s is not %s, the one the dataset's ROI features were extracted with (%s), "
+                        "though their configs agree; the heatmaps assume their weights do too", encoder_dir,
+                        recorded, source)
+        return encoder_dir
+    width = _encoder_signature(encoder_dir)["hidden_size"]
+    if isinstance(provenance.get("dim"), int) and width != provenance["dim"]:
+        raise ConfigError(f"ROI encoder {encoder_dir}: hidden_size {width}, but the dataset's ROI features "
+                          f"({source}) are {provenance['dim']}-dimensional, extracted with {recorded}; give the "
+                          "encoder they were extracted with")
+    logging.warning("ROI encoder %s: the one the dataset's ROI features were extracted with (%s, in %s) is gone, so "
+                    "only its width could be checked; the heatmaps assume it is the same encoder", encoder_dir,
+                    recorded, source)
+    return encoder_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,19 @@ def _check_arrays(directory: str, num_records: int, features: np.ndarray, masks:
         fail(VALID_FILE, valid, f"bool {regions} (records, regions of {MASKS_FILE})")
 
 
+def _process_position() -> tuple[int, int]:
+    """(this process's index, the number of processes): one place, so a test can play a process of many."""
+    return jax.process_index(), jax.process_count()
+
+
+def _primary_outcome(built: bool) -> bool:
+    """Process 0's `built`, on every process; a collective, so also the barrier the others wait at while process 0
+    builds."""
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(built)))
+
+
 def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: str, *, encoder_id: str = "",
                         provider: RegionMaskProvider | None = None, batch_size: int = 8,
                         dtype: str = "float32") -> FeatureStore:
@@ -198,10 +211,53 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     encoder_id: what identifies the encoder's weights (its directory), part of the fingerprint. provider: where
     regions come from (default: the records' own masks, `RecordRegionMasks`). dtype: of the stored features
     (float16 halves a large store; F is cast back to float32 when gathered).
+
+    In a run of several processes every process calls this at the same point: process 0 builds (or reuses) the
+    store while the others wait, then each loads it. Built by every process, the dataset was encoded once per
+    process into the same files: a rebuild's removal of the index failed on all but one, and one process's
+    `open_memmap(mode="w+")` truncated the features under another's mapping. The workdir must be on a filesystem
+    all processes share (as the checkpoints'). A failure on process 0 is raised there and reported by the others.
     """
     if dtype not in DTYPES:
         raise FeatureStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     provider = provider or RecordRegionMasks()
+    index, count = _process_position()
+    if count == 1:
+        return _build_or_reuse(data_dir, encoder, params, out_dir, encoder_id, provider, batch_size, dtype)
+    error = None
+    if index == 0:
+        try:
+            _build_or_reuse(data_dir, encoder, params, out_dir, encoder_id, provider, batch_size, dtype)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
+            error = e
+    built = _primary_outcome(error is None)
+    if error is not None:
+        raise error
+    if not built:
+        raise FeatureStoreError(f"{out_dir}: process 0 could not build the anatomical feature store (its log says "
+                                f"why); process {index} stops with it")
+    return _load_built(data_dir, encoder, out_dir, encoder_id, provider, dtype, index)
+
+
+def _load_built(data_dir: str, encoder: AnatomicalEncoder, out_dir: str, encoder_id: str,
+                provider: RegionMaskProvider, dtype: str, process: int) -> FeatureStore:
+    """The store process 0 has just built: loaded, never built here; one of another fingerprint (process 0 saw
+    other records or another encoder) or none at all (a workdir not shared with process 0) is an error."""
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    index = _read_index(index_path) if os.path.exists(index_path) else None
+    if index is None:
+        raise FeatureStoreError(f"{out_dir}: process 0 built the anatomical feature store, but process {process} "
+                                f"finds no readable {INDEX_FILE} there; every process must see the same workdir (a "
+                                "shared filesystem)")
+    if index.get("fingerprint") != _fingerprint(data_dir, encoder, encoder_id, provider, dtype):
+        raise FeatureStoreError(f"{out_dir}: the store process 0 built is not the one process {process} would build "
+                                "(other records, encoder, regions or dtype); the processes must share the run's "
+                                "data, encoder and config")
+    return FeatureStore.load(out_dir, os.path.join(data_dir, RECORDS_FILE))
+
+
+def _build_or_reuse(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: str, encoder_id: str,
+                    provider: RegionMaskProvider, batch_size: int, dtype: str) -> FeatureStore:
     records_path = os.path.join(data_dir, RECORDS_FILE)
     records = read_records(records_path)
     if not records:

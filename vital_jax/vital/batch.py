@@ -51,9 +51,16 @@ def check_token_ids(batch: dict, backbone_vocab: int, decoder_vocab: int) -> Non
                              "was the data tokenised with another tokenizer?")
 
 
+def trained_latent_steps(record_k: int, k_max: int, latent_steps_cap: int = -1) -> int:
+    """The K that training runs a record of K = `record_k` with: capped by `latent_steps_cap` (>= 0; the model
+    caps each example's K so, `VitalModel.forward`) and by K_max. What evaluation's per-record K and the training
+    probe use, so that they show the model at the K it was trained at."""
+    return min(record_k, k_max, latent_steps_cap if latent_steps_cap >= 0 else k_max)
+
+
 def latent_slots(k_max: int, phase_max_k: int, latent_steps_cap: int = -1) -> int:
     """Latent slots a training program needs: the phase's largest K, capped by `latent_steps_cap` (>= 0)."""
-    return min(k_max, phase_max_k, latent_steps_cap if latent_steps_cap >= 0 else k_max)
+    return trained_latent_steps(phase_max_k, k_max, latent_steps_cap)
 
 
 def slice_latent_slots(batch: dict, slots: int, latent_steps_cap: int = -1) -> dict:

@@ -436,6 +436,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 __all__ = [
     "DistributedPlan", "DistributedSetupError", "any_process", "global_from_host_copy", "global_per_example",
-    "global_vital_batch", "host_rows", "host_local_to_global", "is_primary", "local_copy", "maybe_initialize_distributed", "plan_distributed",
-    "process_rows",
+    "global_vital_batch", "host_rows", "host_local_to_global", "is_primary", "local_copy",
+    "maybe_initialize_distributed", "plan_distributed", "process_rows",
 ]

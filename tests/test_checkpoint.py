@@ -76,7 +76,8 @@ def test_a_checkpoint_another_process_cannot_read_is_skipped_by_every_process(tm
     from jax.experimental import multihost_utils
 
     monkeypatch.setattr(ckpt_lib.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.asarray(False)]))
+    # Gathered: each process's "could not read" (`distributed.any_process`); the other one could not.
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x), np.asarray(True)]))
     assert ckpt_lib._readable_everywhere(True) is False
     monkeypatch.undo()  # orbax asks jax for the process count too
 

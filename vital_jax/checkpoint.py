@@ -295,9 +295,9 @@ def _readable_everywhere(readable_here: bool) -> bool:
     different states. So a checkpoint any process cannot read is skipped by all."""
     if jax.process_count() == 1:
         return readable_here
-    from jax.experimental import multihost_utils
+    from vital_jax import distributed  # here: it imports the model packages, which a checkpoint does not need
 
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(readable_here))))
+    return not distributed.any_process(not readable_here)
 
 
 def _first_line(error: BaseException) -> str:

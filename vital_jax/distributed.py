@@ -29,7 +29,7 @@ import importlib.util
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +201,43 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
 def is_primary() -> bool:
     """True on process 0, the one that writes logs, metrics and exports."""
     return jax.process_index() == 0
+
+
+class PrimaryFailedError(RuntimeError):
+    """Process 0's part of a step that it does alone failed (`on_primary`); its log says why."""
+
+
+def process_position() -> tuple[int, int]:
+    """(this process's index, the number of processes): one place, so a test can play one process of many."""
+    return jax.process_index(), jax.process_count()
+
+
+def _primary_outcome(ok: bool) -> bool:
+    """Process 0's `ok`, on every process; a collective, so also the barrier the others wait at."""
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def on_primary(work: Callable[[], object], what: str, error_type: type[Exception] = PrimaryFailedError):
+    """`work()` on process 0 alone while the other processes wait for it (one process: just `work()`), for what
+    must happen once for all of them (a build into a shared directory, writing artefacts). The barrier carries
+    process 0's outcome: process 0 raises its own error once the others know, and they raise `error_type` saying
+    process 0 could not `what` (else they would wait at the barrier until jax's timeout, or go on without it).
+    Returns what `work` returned on process 0, None on the others."""
+    index, count = process_position()
+    if count == 1:
+        return work()
+    result = error = None
+    if index == 0:
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
+            error = e
+    ok = _primary_outcome(error is None)
+    if error is not None:
+        raise error
+    if not ok:
+        raise error_type(f"process 0 could not {what}; its log says why; process {index} stops with it")
+    return result
 
 
 def any_process(flag: bool) -> bool:
@@ -435,7 +472,7 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 
 __all__ = [
-    "DistributedPlan", "DistributedSetupError", "any_process", "global_from_host_copy", "global_per_example",
-    "global_vital_batch", "host_rows", "host_local_to_global", "is_primary", "local_copy",
-    "maybe_initialize_distributed", "plan_distributed", "process_rows",
+    "DistributedPlan", "DistributedSetupError", "PrimaryFailedError", "any_process", "global_from_host_copy",
+    "global_per_example", "global_vital_batch", "host_rows", "host_local_to_global", "is_primary", "local_copy",
+    "maybe_initialize_distributed", "on_primary", "plan_distributed", "process_position", "process_rows",
 ]

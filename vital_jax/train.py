@@ -170,10 +170,7 @@ def prepare_demo(workdir: str, demo_config) -> None:
         raise ConfigError(f"config.demo.pretrain={demo_config.pretrain!r}: the demo pretrains its backbone in one "
                           "process only; build the assets with one process first (the same command without the "
                           "launcher; they are reused) or set config.demo.pretrain='shipped'")
-    if distributed.is_primary():
-        demo.prepare(workdir, demo_config)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("vital_jax.train: the demo's assets are built")
+    distributed.on_primary(lambda: demo.prepare(workdir, demo_config), f"build the demo's assets in {workdir}")
 
 
 def finish_demo(workdir: str) -> None:
@@ -184,27 +181,18 @@ def finish_demo(workdir: str) -> None:
     them (orbax's barriers) and copying them whole to one device of each process (`distributed.local_copy`) are
     collectives. Process 0 then works on its own device alone. The others wait for it at a barrier rather than
     exit: one that exits first waits in jax's distributed shutdown for process 0 and times out, and the run would
-    look done before its artefacts are. The barrier carries process 0's outcome, so a failed finish fails all."""
+    look done before its artefacts are. The barrier carries process 0's outcome, so a failed finish fails all
+    (`distributed.on_primary`)."""
     if jax.process_count() == 1:
         demo.finish(workdir)
         return
     cli.status("demo: loading the trained run for evaluation...")
     run = load_run(workdir)
     run = dataclasses.replace(run, params=distributed.local_copy(run.params))
-    error = None
-    if distributed.is_primary():
-        try:
-            demo.finish(workdir, run=run)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
-            error = e
-    else:
+    if not distributed.is_primary():
         print(f"demo: process 0 writes the artefacts (evaluation, explanation, HF export) in {workdir}; process "
               f"{jax.process_index()} waits for it", file=sys.stderr, flush=True)
-    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))  # also the barrier
-    if error is not None:
-        raise error
-    if not ok:
-        cli.fail(f"process 0 could not finish the demo in {workdir}; its log says why")
+    distributed.on_primary(lambda: demo.finish(workdir, run=run), f"finish the demo in {workdir}")
 
 
 def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
@@ -602,7 +590,7 @@ def main(argv):
 
     # Errors a user can act on (config, data, checkpoints, a non-finite loss): one line, not a traceback.
     errors = (ConfigError, ckpt_lib.CheckpointError, NonFiniteLossError, PipelineError, RecordError, PromptError,
-              FileNotFoundError, distributed.DistributedSetupError)
+              FileNotFoundError, distributed.DistributedSetupError, distributed.PrimaryFailedError)
     if config.method == "medsynapse":
         from vital_jax.medsynapse import trainer
         from vital_jax.medsynapse.features import FeatureStoreError

@@ -13,6 +13,7 @@ import transformers
 from PIL import Image
 
 from tests.medsynapse.test_encoder import SIGLIP_KW, _save
+from vital_jax import distributed
 from vital_jax.data import records as records_lib
 from vital_jax.medsynapse import encoder as ana
 from vital_jax.medsynapse import features, trainer
@@ -254,8 +255,8 @@ def test_in_a_run_of_several_processes_process_0_builds_the_store_and_the_others
         barriers.append((process[0], built, os.path.exists(os.path.join(out, features.INDEX_FILE))))
         return outcome[0] if process[0] else built
 
-    monkeypatch.setattr(features, "_process_position", lambda: (process[0], 2))
-    monkeypatch.setattr(features, "_primary_outcome", barrier)
+    monkeypatch.setattr(distributed, "process_position", lambda: (process[0], 2))
+    monkeypatch.setattr(distributed, "_primary_outcome", barrier)
     recording = Recording()
 
     def build(who, directory, **kw):

@@ -189,19 +189,6 @@ def _check_arrays(directory: str, num_records: int, features: np.ndarray, masks:
         fail(VALID_FILE, valid, f"bool {regions} (records, regions of {MASKS_FILE})")
 
 
-def _process_position() -> tuple[int, int]:
-    """(this process's index, the number of processes): one place, so a test can play a process of many."""
-    return jax.process_index(), jax.process_count()
-
-
-def _primary_outcome(built: bool) -> bool:
-    """Process 0's `built`, on every process; a collective, so also the barrier the others wait at while process 0
-    builds."""
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(built)))
-
-
 def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: str, *, encoder_id: str = "",
                         provider: RegionMaskProvider | None = None, batch_size: int = 8,
                         dtype: str = "float32") -> FeatureStore:
@@ -221,22 +208,14 @@ def build_feature_store(data_dir: str, encoder: AnatomicalEncoder, params, out_d
     if dtype not in DTYPES:
         raise FeatureStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     provider = provider or RecordRegionMasks()
-    index, count = _process_position()
-    if count == 1:
-        return _build_or_reuse(data_dir, encoder, params, out_dir, encoder_id, provider, batch_size, dtype)
-    error = None
-    if index == 0:
-        try:
-            _build_or_reuse(data_dir, encoder, params, out_dir, encoder_id, provider, batch_size, dtype)
-        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
-            error = e
-    built = _primary_outcome(error is None)
-    if error is not None:
-        raise error
-    if not built:
-        raise FeatureStoreError(f"{out_dir}: process 0 could not build the anatomical feature store (its log says "
-                                f"why); process {index} stops with it")
-    return _load_built(data_dir, encoder, out_dir, encoder_id, provider, dtype, index)
+    from vital_jax import distributed  # here: it imports vital_jax.vital (its batch type); medsynapse must not
+
+    store = distributed.on_primary(
+        lambda: _build_or_reuse(data_dir, encoder, params, out_dir, encoder_id, provider, batch_size, dtype),
+        f"build the anatomical feature store in {out_dir}", FeatureStoreError)
+    if store is not None:  # built (or reused) here: the only process, or process 0
+        return store
+    return _load_built(data_dir, encoder, out_dir, encoder_id, provider, dtype, distributed.process_position()[0])
 
 
 def _load_built(data_dir: str, encoder: AnatomicalEncoder, out_dir: str, encoder_id: str,

@@ -450,6 +450,15 @@ def fsdp_tensor_matmul(mesh) -> dict:
             "linear_max_abs": float(np.max(np.abs(np.asarray(linear) - expected)))}
 
 
+def logged_work(model, batch, samples: int) -> dict:
+    """What the trainer logs of a step's work (`train.step_work`) for the global `batch`."""
+    from vital_jax.train import step_work
+    from vital_jax.vital import accounting
+
+    tokens, flops = step_work(model, accounting.account(model), batch, samples, model.config.k_max)
+    return dict(samples=samples, tokens=tokens, flops=flops)
+
+
 def run_reference(args) -> None:
     import jax
 
@@ -465,7 +474,7 @@ def run_reference(args) -> None:
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
     _emit("result", process_id=0, num_processes=1, losses=losses, checksum=checksum(state.params),
-          devices=jax.device_count())
+          devices=jax.device_count(), logged_work=logged_work(model, batch, 8))
 
 
 def run_process(args) -> None:
@@ -507,7 +516,8 @@ def run_process(args) -> None:
           checksum=checksum(replicated), rows=[int(r) for r in rows],
           local_prompt_len=int(local["prompt_ids"].shape[1]),
           global_prompt_len=int(batch.prefix.input_ids.shape[1]), devices=jax.device_count(),
-          local_devices=jax.local_device_count(), primary=distributed.is_primary())
+          local_devices=jax.local_device_count(), primary=distributed.is_primary(),
+          logged_work=logged_work(model, batch, distributed.process_sum(local["example_valid"].sum())))
     jax.distributed.shutdown()
 
 

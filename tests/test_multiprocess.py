@@ -226,6 +226,11 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
     assert sorted(results[0]["rows"] + results[1]["rows"]) == list(range(8))
     # Process 1's prompts are shorter: the global batch left-pads them to the longest prompt of all processes.
     assert results[1]["local_prompt_len"] < results[1]["global_prompt_len"] == results[0]["global_prompt_len"]
+    # The logged throughput counts the global batch on every process (it counted process 0's examples x 2 and its
+    # own prompt width): all examples, each with the global prompt width, and one FLOP count for the step.
+    assert results[0]["logged_work"] == results[1]["logged_work"]
+    assert results[1]["logged_work"]["tokens"] == reference["logged_work"]["tokens"]
+    assert results[1]["logged_work"]["samples"] == reference["logged_work"]["samples"] == 8
 
 
 def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):

@@ -249,6 +249,14 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
 
 
+def process_sum(value: int) -> int:
+    """`value` summed over all processes (a collective like `any_process`; one process: `value`). For counts each
+    process knows of its own rows only, e.g. the valid examples of a global batch in the logged throughput."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(int(value), np.int32))))
+
+
 # ------------------------------------------------------------------------------------------------ global arrays
 def process_rows(named_sharding: NamedSharding, global_shape: Sequence[int], axis: int = 0) -> np.ndarray:
     """Sorted indices along `axis` of the global array that this process's devices hold (what its local data

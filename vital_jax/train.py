@@ -42,7 +42,8 @@ from vital_jax.models.hf_config import ConfigError
 from vital_jax.observability import MetricsLogger, peak_flops_per_device
 from vital_jax.run import build_model, load_run, resolve_paths
 from vital_jax.vital import accounting, trainable
-from vital_jax.vital.batch import check_token_ids, latent_slots, slice_latent_slots
+from vital_jax.vital.batch import VitalBatch, check_token_ids, latent_slots, slice_latent_slots
+from vital_jax.vital.model import VitalModel
 from vital_jax.vital.train_step import init_train_state, train_step
 
 _CONFIG = None
@@ -55,6 +56,22 @@ def _define_flags():
     _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
                                               lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the resolved config go")
+
+
+def step_work(model: VitalModel, flops_account, batch: VitalBatch, samples: int, slots: int
+              ) -> tuple[int, float | None]:
+    """(tokens, model FLOPs) of one train step for the logged throughput and MFU, from the global `batch` (the
+    shapes the step computes on: every process's prompts left-padded to the longest of all, each batch shard's
+    patch slice) and `samples`, the valid examples of all processes. Tokens: prompt, latent slots and answer of
+    each valid example. FLOPs: None without `flops_account` (no peak to compare with)."""
+    tokens = samples * (batch.prefix.input_ids.shape[1] + slots + batch.answer_ids.shape[1])
+    if flops_account is None:
+        return tokens, None
+    patches = 0 if batch.prefix.pixel_patches is None else batch.prefix.pixel_patches.shape[0]
+    flops = accounting.train_step_flops(model, flops_account, batch.prefix.input_ids.shape[0],
+                                        batch.prefix.input_ids.shape[1], patches, batch.answer_ids.shape[1],
+                                        batch.step_ids.shape[2], latent_slots=slots)
+    return tokens, flops
 
 
 def peak_flops(config) -> float | None:
@@ -480,16 +497,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}
                 last_metrics["phase"] = phase
-                samples = int(batch_np["example_valid"].sum()) * jax.process_count()
-                tokens = samples * (batch_np["prompt_ids"].shape[1] + slots
-                                    + batch_np["answer_ids"].shape[1])
-                flops = None
-                if flops_account is not None:
-                    n = jax.process_count()
-                    flops = accounting.train_step_flops(
-                        model, flops_account, batch_np["prompt_ids"].shape[0] * n, batch_np["prompt_ids"].shape[1],
-                        batch_np["pixel_patches"].shape[0] * n, batch_np["answer_ids"].shape[1],
-                        batch_np["step_ids"].shape[2], latent_slots=slots)
+                samples = distributed.process_sum(batch_np["example_valid"].sum())
+                tokens, flops = step_work(model, flops_account, batch, samples, slots)
                 last_metrics.update(logger.log(step, last_metrics, samples=samples, tokens=tokens, flops=flops))
             if probe is not None and step % config.logging.probe_every_steps == 0:
                 output = probe(state.params, frozen)  # every process: the program spans the mesh

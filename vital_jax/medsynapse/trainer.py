@@ -619,7 +619,7 @@ def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, off
             if (offset + step) % config.logging.every_steps == 0 or step == total:
                 last = {k: float(v) for k, v in metrics.items()}
                 last["stage"] = stage
-                samples = int(batch_np["example_valid"].sum()) * jax.process_count()
+                samples = distributed.process_sum(batch_np["example_valid"].sum())
                 last.update(loop.logger.log(offset + step, last, samples=samples))
             if loop.on_step is not None:
                 loop.on_step(stage, step)

@@ -377,3 +377,26 @@ def test_an_interrupted_sharded_export_is_redone_and_a_finished_one_still_refuse
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     with pytest.raises(safetensors_io.SafetensorsError, match=f"{hf_dir}: already holds weights"):
         flax_to_hf.export(str(flax_dir), str(hf_dir))
+
+
+def test_each_written_shard_is_on_disk_before_its_name_and_the_index(tmp_path, monkeypatch):
+    """Shards were renamed into place unsynced: after a power loss an export's names could point at empty files."""
+    synced, order = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def replace(src, dst):
+        order.append((os.path.basename(dst), os.stat(src).st_ino in synced))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    specs = [safetensors_io.TensorSpec(f"w{i}", (256,), np.float32, lambda i=i: np.full((256,), i, np.float32))
+             for i in range(3)]
+    names = safetensors_io.write_safetensors(str(tmp_path / "out"), specs, max_shard_bytes=1024)
+    assert len(names) == 3 and [name for name, _ in order][-1] == safetensors_io.INDEX_FILE
+    assert all(was_synced for _, was_synced in order), order
+    assert _all_tensors(str(tmp_path / "out"))["w2"].tolist() == [2.0] * 256

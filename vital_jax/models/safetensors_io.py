@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.jsonio import atomic_write, fsync_directory, read_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -174,7 +174,14 @@ def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) ->
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)  # safetensors writes 0600: the weights would be unreadable to other users
+        # Durable before the rename: after a power loss the name must not point at a file whose data never landed.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

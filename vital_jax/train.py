@@ -363,7 +363,8 @@ def train(config, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
-    from vital_jax.data.pipeline import check_answer_lengths, long_reasoning_steps, make_train_iterator
+    from vital_jax.data.pipeline import (PipelineError, check_answer_lengths, long_reasoning_steps,
+                                         make_train_iterator)
     from vital_jax.data.records import load_roi_arrays
 
     config_json = json.loads(config.to_json_best_effort())
@@ -440,6 +441,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         if phase == resume_phase and data_state is not None:
             try:
                 iterator.set_state(data_state)
+            except PipelineError as e:  # saved under another data order
+                raise ckpt_lib.CheckpointError(f"{ckpt.directory}: {e}") from e
             except (IndexError, KeyError, ValueError) as e:   # grain: a position outside today's records
                 raise ckpt_lib.CheckpointError(
                     f"{ckpt.directory}: the checkpoint's data position does not fit phase {phase}'s records today "

@@ -289,6 +289,27 @@ def test_config_rejects_patch_buckets_too_small_for_a_batch():
     assert CFG.patch_bucket_sizes == (20, 36, 72)  # B * 36 patches / 4, / 2, / 1, in multiples of 4
 
 
+def test_a_loader_state_records_its_data_order_and_another_order_is_refused(dataset):
+    """The multi-process order changed (each process's own shuffled shard -> one stream dealt round-robin) and
+    nothing in a checkpoint said which order its position counted in: a resumed run took it in the new order."""
+    data_dir, tokenizer_dir, _ = dataset
+    make = lambda count: pipeline.make_train_iterator(data_dir, tokenizer_dir, CFG, k_max=2, seed=7,  # noqa: E731
+                                                      process_index=0, process_count=count)
+    it = make(1)
+    _take(it, 1)
+    state = it.get_state()
+    assert state["data_order"] == pipeline.DATA_ORDER and isinstance(state["position"], dict)
+    # Saved before the order was recorded (grain's own state): one process's order never changed, so it resumes.
+    expected = [b["record_index"].tolist() for b in _take(it, 2)]
+    legacy = make(1)
+    legacy.set_state(state["position"])
+    assert [b["record_index"].tolist() for b in _take(legacy, 2)] == expected
+    with pytest.raises(pipeline.PipelineError, match="data order 1.*2 processes.*new --workdir"):
+        make(2).set_state(state["position"])
+    with pytest.raises(pipeline.PipelineError, match="data order 99"):
+        make(1).set_state({**state, "data_order": 99})
+
+
 def test_worker_processes_resume_and_name_the_failing_record(dataset, tmp_path):
     data_dir, tokenizer_dir, _ = dataset
     cfg = dataclasses.replace(CFG, num_workers=1)

@@ -426,20 +426,68 @@ def make_train_dataset(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k
     return _to_iter(ds, cfg)
 
 
+# The version of the order a seed gives the training batches, recorded in every loader state (a checkpoint's):
+# resuming a position into another order would skip some records and repeat others. 1 (no field: states saved
+# before it was recorded): each process shuffled its own round-robin shard; 2: one shuffled stream of all the
+# records dealt round-robin. With one process the two orders are the same.
+DATA_ORDER = 2
+
+
+class TrainIterator:
+    """A training iterator whose `get_state()` records `DATA_ORDER` beside grain's position and whose
+    `set_state()` refuses a position saved under another order (PipelineError), unless the orders agree for
+    this run's number of processes. Iterates like the grain iterator it wraps."""
+
+    def __init__(self, iterator: grain.DatasetIterator, process_count: int):
+        self._iterator = iterator
+        self._process_count = process_count
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop the wrapped iterator's worker processes, if it has any."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def get_state(self) -> dict:
+        return {"data_order": DATA_ORDER, "position": self._iterator.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if "data_order" in state:
+            order, position = state["data_order"], state.get("position")
+        else:  # saved before the order was recorded: grain's state itself
+            order, position = 1, state
+        if order != DATA_ORDER and not (order == 1 and self._process_count == 1):
+            raise PipelineError(
+                f"the loader position was saved under data order {order!r}, this version deals the records in "
+                f"order {DATA_ORDER} (vital_jax.data.pipeline.DATA_ORDER) with {self._process_count} processes: "
+                "resuming there would skip some records and repeat others; finish the run with the version that "
+                "started it, or train in a new --workdir")
+        if not isinstance(position, dict):
+            raise PipelineError(f"the loader position {position!r} is not an iterator state")
+        self._iterator.set_state(position)
+
+
 def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
                         seed: int = 0, process_index: int | None = None, process_count: int | None = None,
-                        num_epochs: int | None = None, k_min: int = 1) -> grain.DatasetIterator:
+                        num_epochs: int | None = None, k_min: int = 1) -> TrainIterator:
     """Training batches of records with latent_steps <= k_max (the curriculum phase) from `split`.
 
     Seeded shuffle of all the records, reshuffled each epoch; num_epochs None repeats forever; the incomplete
     last batch is dropped. Batches cross epoch boundaries. With several processes, process p takes positions
     p, p + P, ... of that one stream, so the P processes' batches of a step together are the batch of one process
     with P times the batch size (`make_train_dataset`). The returned iterator's `get_state()` (a
-    small JSON-able dict) and `set_state()` resume the exact batch sequence. process_index / process_count
-    default to jax.process_index() / jax.process_count().
+    small JSON-able dict, with the `DATA_ORDER` it was saved under) and `set_state()` resume the exact batch
+    sequence. process_index / process_count default to jax.process_index() / jax.process_count().
     """
-    return iter(make_train_dataset(data_dir, tokenizer_dir, cfg, k_max, split, seed, process_index, process_count,
-                                   num_epochs, k_min))
+    process_index, process_count = _process(process_index, process_count)
+    return TrainIterator(iter(make_train_dataset(data_dir, tokenizer_dir, cfg, k_max, split, seed, process_index,
+                                                 process_count, num_epochs, k_min)), process_count)
 
 
 def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str = "test",

@@ -587,7 +587,10 @@ def _run_stage(loop: _Loop, stage: str, state, prepare, step_fn, total: int, off
                                        k_max=pipeline.k_max_slots, split=config.data.train_split, seed=seed,
                                        num_epochs=epochs)
         if found is not None:
-            iterator.set_state(data_state)
+            try:
+                iterator.set_state(data_state)
+            except PipelineError as e:  # saved under another data order
+                raise ckpt_lib.CheckpointError(f"{ckpt.directory}: {e}") from e
         if loop.logger.jsonl is not None:  # rows logged after that checkpoint by the run that stopped
             loop.logger.jsonl.rewind(offset + int(state.step))
         last: dict = {}

@@ -196,3 +196,24 @@ def test_remat_policy_is_validated_and_reaches_the_text_decoder_only(tmp_path):
     with pytest.raises(ConfigError, match="remat_policy='offload' is not one of"):
         Qwen3VLConfig.from_pretrained(str(tmp_path), remat_policy="offload")
     assert tuple(REMAT_POLICIES) == ("full", "dots", "projections") and REMAT_POLICIES["full"] is None
+
+
+def test_lora_a_starts_at_the_same_scale_scanned_or_not(qwen3):
+    """Each layer's A ~ U(+-1/sqrt(in)) in both layouts. The stacked (L, in, r) shape was read as a receptive
+    field: fan_in = in * L, so scanned adapters started sqrt(L) smaller than unrolled ones (the 8B recipes scan)."""
+    from vital_jax.layers.linear import LORA_A_INIT
+    from vital_jax.vital.model import add_missing_lora
+
+    _, config, params, _ = qwen3
+    lora = LoraConfig(rank=8, alpha=16.0)
+    model = Qwen3ForCausalLM(config, lora)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 1), jnp.int32)))
+    stacked = add_missing_lora(jax.random.PRNGKey(0), params, abstract["params"])
+    a = np.asarray(stacked["model"]["layers"]["self_attn"]["q_proj"]["lora_a"])
+    bound = 1 / np.sqrt(config.hidden_size)
+    assert a.shape == (3, config.hidden_size, 8)
+    for layer in a:  # uniform on +-bound: the largest entry is near the bound, the std bound / sqrt(3)
+        assert 0.95 * bound < np.abs(layer).max() <= bound
+        assert np.std(layer) == pytest.approx(bound / np.sqrt(3), rel=0.15)
+    one = np.asarray(LORA_A_INIT(jax.random.PRNGKey(1), (config.hidden_size, 8)))
+    assert 0.95 * bound < np.abs(one).max() <= bound

@@ -37,10 +37,6 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", max_shard_gb: 
     specs = hf_mapping.to_hf_specs(params, family.export_rules(config), np_dtype)
     with safetensors_io.writing_export(out_dir):
         model_dir.copy_side_files(checkpoint, out_dir)
-        for name in (model_dir.META_FILE,):
-            path = os.path.join(out_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
         hf_config.write_dtype(out_dir, np_dtype.name)
         return safetensors_io.write_safetensors(out_dir, specs, int(max_shard_gb * 2**30))
 

@@ -66,14 +66,12 @@ def export_deployable(out_dir: str, backbone_dir: str, backbone_config: Qwen3VLC
                for path, leaf in hf_mapping.flatten(params["autonomous"]).items()}
     _check_autonomous(tensors, autonomous_config)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    backbone = merge_lora(params["backbone"], lora) if lora is not None else params["backbone"]
+    # Merged straight into the export's dtype (a bf16 merge written in float32 loses small updates to rounding).
+    backbone = merge_lora(params["backbone"], lora, np_dtype) if lora is not None else params["backbone"]
     backbone = qwen3_vl_params.to_layout(jax.tree.map(np.asarray, backbone), scan_layers=False)
     with safetensors_io.writing_export(out_dir):
         model_dir.copy_side_files(backbone_dir, out_dir)
         hf_config.write_dtype(out_dir, np_dtype.name)
-        stale = os.path.join(out_dir, model_dir.META_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
         files = safetensors_io.write_safetensors(
             out_dir, hf_mapping.to_hf_specs(backbone, qwen3_vl_params.rules(backbone_config), np_dtype),
             max_shard_bytes)

@@ -25,13 +25,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from conversion.torch_decoding import greedy_continue
 
 
 def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps: int, max_new_tokens: int = 32,
-                    eos_token_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy answer token ids (including the EOS that stopped it, if any)."""
+                    eos_token_ids: Sequence[int] = (), pause_embeddings=None) -> list[int]:
+    """Greedy answer token ids (including the EOS that stopped it, if any). pause_embeddings (K_max, D), for a run
+    trained with `vital.latent_input = "pause"` (`read_pause_embeddings`): slot k is fed p_k instead of z_{k-1}."""
     import torch
+
+    if pause_embeddings is not None and pause_embeddings.shape[0] < latent_steps:
+        raise ValueError(f"pause_embeddings has {pause_embeddings.shape[0]} rows for {latent_steps} latent steps")
 
     if input_ids.shape[0] != 1:
         raise ValueError("latent_generate takes one prompt (batch 1); loop over examples for more")
@@ -45,9 +51,10 @@ def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps
         past = out.past_key_values
         z = out.hidden_states[-1][:, -1:]  # post-norm: what the latent loop feeds back
         position = input_ids.shape[1]
-        for _ in range(latent_steps):
+        for k in range(latent_steps):
             pos = torch.full((3, 1, 1), position + delta, dtype=torch.long)
-            out = model(inputs_embeds=z, past_key_values=past, position_ids=pos, use_cache=True,
+            fed = z if pause_embeddings is None else pause_embeddings[k].to(z.dtype).reshape(1, 1, -1)
+            out = model(inputs_embeds=fed, past_key_values=past, position_ids=pos, use_cache=True,
                         output_hidden_states=True)
             past, z = out.past_key_values, out.hidden_states[-1][:, -1:]
             position += 1
@@ -70,6 +77,32 @@ def prepare_inputs(model_dir: str, image: str, question: str):
     ids = prompt.tokenize_prompt(tokenizer, question, grid, merge_size=settings["merge_size"]).input_ids
     return (torch.tensor(ids[None], dtype=torch.long), torch.tensor(patches), torch.tensor(grid[None]),
             tokenizer)
+
+
+def read_pause_embeddings(model_dir: str):
+    """The pause vectors (K_max, D) torch tensor of an export whose run fed its latent slots learned constants
+    (vital.json "latent_input": "pause"); None for a feedback run (exports made before the field was recorded
+    are feedback runs or lack the vectors: a pause run's export without them is refused, naming the file)."""
+    import torch
+
+    from conversion.vital_export import HEADS_FILE, PAUSE_TENSOR
+    from vital_jax.models import safetensors_io
+
+    if _vital_json(model_dir).get("latent_input", "feedback") != "pause":
+        return None
+    path = os.path.join(model_dir, HEADS_FILE)
+    tensors = safetensors_io.read_file(path) if os.path.exists(path) else {}
+    if PAUSE_TENSOR not in tensors:
+        raise ValueError(f"{path}: no {PAUSE_TENSOR}, which this pause run's latent slots are fed (vital.json "
+                         "latent_input); export the run again")
+    return torch.tensor(np.asarray(tensors[PAUSE_TENSOR], np.float32))
+
+
+def default_latent_steps(model_dir: str) -> int:
+    """The K the run trained its records with at most: K_max, capped by `vital.latent_steps_cap` when set."""
+    record = _vital_json(model_dir)
+    k_max, cap = int(record["k_max"]), int(record.get("latent_steps_cap", -1))
+    return min(k_max, cap) if cap >= 0 else k_max
 
 
 def _vital_json(model_dir: str) -> dict:
@@ -95,7 +128,8 @@ def main(argv=None) -> int:
                                                        "--checkpoint=WORKDIR --out=DIR)")
     parser.add_argument("--image", required=True, help="image file (PNG, JPEG, 16-bit PNG, ...)")
     parser.add_argument("--question", required=True, help="the question")
-    parser.add_argument("--latent_steps", type=int, default=None, help="K (default: the run's K_max)")
+    parser.add_argument("--latent_steps", type=int, default=None,
+                        help="K (default: the run's K_max, or its vital.latent_steps_cap when it set one)")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit (default 32)")
     args = parser.parse_args(argv)
     for flag, path in (("model", args.model), ("image", args.image)):
@@ -110,9 +144,10 @@ def main(argv=None) -> int:
 
     try:
         k_max = int(_vital_json(args.model)["k_max"])
-        k = k_max if args.latent_steps is None else args.latent_steps
+        k = default_latent_steps(args.model) if args.latent_steps is None else args.latent_steps
         if not 0 <= k <= k_max:
             cli.usage(f"--latent_steps={k} is outside 0..K_max={k_max} of this model")
+        pause = read_pause_embeddings(args.model)
         input_ids, pixel_values, grid, tokenizer = prepare_inputs(args.model, args.image, args.question)
     except ValueError as e:  # a malformed export or image: PromptError, ImageError, ImagePreprocessError
         cli.fail(e)
@@ -120,7 +155,7 @@ def main(argv=None) -> int:
     model = Qwen3VLForConditionalGeneration.from_pretrained(args.model).eval()
     special = prompt.special_token_ids(tokenizer)
     eos = (special[prompt.IM_END], special[prompt.ENDOFTEXT])
-    tokens = latent_generate(model, input_ids, pixel_values, grid, k, args.max_new_tokens, eos)
+    tokens = latent_generate(model, input_ids, pixel_values, grid, k, args.max_new_tokens, eos, pause)
     print(tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip())
     return 0
 

@@ -6,8 +6,11 @@ Layout of the output directory:
   vital.json                     {"k_max", "image_token_id", "pixels", ...}: what the latent loop and the prompt
                                  need at inference (`torch_latent_generate`)
   scaffolding/decoder/           the auxiliary text decoder as a HF Qwen3 directory
-  scaffolding/heads.safetensors  pj_in.* and visual_projector.* (Flax layout: kernels are (in, out))
-The scaffolding is for interpretability only; inference uses the top-level model and `torch_latent_generate`.
+  scaffolding/heads.safetensors  pj_in.* and visual_projector.* (Flax layout: kernels are (in, out)), and for a
+                                 run with `vital.latent_input = "pause"` the slots' inputs `pause_embeddings`
+                                 (K_max, D)
+The decoder and the heads are for interpretability only; inference uses the top-level model (and, for a pause
+run, the pause vectors, as vital.json's "latent_input" says) with `torch_latent_generate`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.vital import trainable
 
 VITAL_FILE = "vital.json"
+HEADS_FILE = os.path.join("scaffolding", "heads.safetensors")
+PAUSE_TENSOR = "pause_embeddings"
 
 
 def is_training_workdir(path: str) -> bool:
@@ -51,7 +56,9 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
         run = load_run(workdir)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     model = run.model
-    merged = jax.tree.map(np.asarray, trainable.merge_lora(run.params["backbone"], model.config.lora)
+    # Merged straight into the export's dtype: a bf16-stored backbone merged into bf16 and then written in
+    # float32 would have lost most of a small update to rounding.
+    merged = jax.tree.map(np.asarray, trainable.merge_lora(run.params["backbone"], model.config.lora, np_dtype)
                           if model.config.lora else run.params["backbone"])
     # HF checkpoints are per layer: undo the scan layout of a run trained with `model.scan_layers`.
     merged = qwen3_vl_params.to_layout(merged, scan_layers=False)
@@ -59,9 +66,6 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
     with safetensors_io.writing_export(out_dir):
         model_dir.copy_side_files(run.paths.backbone_dir, out_dir)
         hf_config.write_dtype(out_dir, np_dtype.name)
-        for stale in (model_dir.META_FILE,):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
         if os.path.isdir(run.paths.tokenizer_dir):
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 src = os.path.join(run.paths.tokenizer_dir, name)
@@ -80,13 +84,17 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32",
         heads = {f"{top}.{path.replace('/', '.')}": np.asarray(leaf)
                  for top in ("pj_in", "visual_projector")
                  for path, leaf in hf_mapping.flatten(run.params[top]).items()}
+        if model.config.latent_input == "pause":  # the latent slots' inputs: serving without them feeds z back
+            heads[PAUSE_TENSOR] = np.asarray(run.params["pause_embeddings"])
         safetensors_io.write_safetensors(scaffold, [safetensors_io.TensorSpec(n, a.shape, a.dtype, lambda a=a: a)
                                                     for n, a in sorted(heads.items())])
-        os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(scaffold, "heads.safetensors"))
+        os.replace(os.path.join(scaffold, safetensors_io.SINGLE_FILE), os.path.join(out_dir, HEADS_FILE))
         backbone_cfg = model.backbone_config
         record = {"k_max": model.config.k_max, "image_token_id": backbone_cfg.image_token_id,
                   "spatial_merge_size": backbone_cfg.vision.spatial_merge_size, "trained_step": run.step,
                   "curriculum_finished": run.finished, "lora_merged": model.config.lora is not None,
+                  # what a latent slot is fed (z_{k-1}, or heads.safetensors' pause vectors) and the K it trained at
+                  "latent_input": model.config.latent_input, "latent_steps_cap": model.config.latent_steps_cap,
                   # the pixel budget of training, which the export's preprocessor_config.json may not state
                   "pixels": {"min_pixels": int(run.config.data.min_pixels),
                              "max_pixels": int(run.config.data.max_pixels)}}

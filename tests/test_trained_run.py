@@ -362,6 +362,56 @@ def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir,
         assert torch_tokens == jax_tokens, k
 
 
+def test_a_pause_run_exports_its_pause_vectors_and_torch_feeds_them_as_vital_jax_does(workdir, tmp_path):
+    """The pause control's slots are fed learned vectors: its export held only pj_in and the projector, recorded
+    no latent_input, and the torch path fed z_{k-1} back to a model that never saw it."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from conversion import vital_export
+    from conversion.torch_latent_generate import default_latent_steps, latent_generate, read_pause_embeddings
+    from vital_jax.models import safetensors_io
+    from vital_jax.models.qwen3_vl import preprocessing, prompt
+    from vital_jax.vital.model import VitalModel
+
+    run = load_run(workdir)
+    model = VitalModel(dataclasses.replace(run.model.config, latent_input="pause", latent_steps_cap=2),
+                       run.model.backbone_config, run.model.decoder_config)
+    d = run.model.backbone_config.text.hidden_size
+    pause = np.random.RandomState(0).randn(model.config.k_max, d).astype(np.float32)
+    paused = dataclasses.replace(run, model=model, params={**run.params, "pause_embeddings": jnp.asarray(pause)},
+                                 predictors={})
+    out = tmp_path / "export"
+    vital_export.export_run(workdir, str(out), run=paused)
+    heads = safetensors_io.read_file(str(out / vital_export.HEADS_FILE))
+    np.testing.assert_array_equal(heads[vital_export.PAUSE_TENSOR], pause)
+    record = json.load(open(out / vital_export.VITAL_FILE))
+    assert record["latent_input"] == "pause" and default_latent_steps(str(out)) == 2
+    assert torch.equal(read_pause_embeddings(str(out)), torch.tensor(pause))
+
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
+    predictor = Predictor(run, batch_size=1, max_new_tokens=8)
+    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
+                                                                                      "images")))[1])
+    question = "Is there a kidney in the image?"
+    patches, grid = preprocessing.preprocess_image(image, min_pixels=run.config.data.min_pixels,
+                                                   max_pixels=run.config.data.max_pixels)
+    ids = prompt.tokenize_prompt(predictor.tokenizer, question, grid).input_ids
+    prefix, _ = predictor.encode([image], [question])
+    eos = predictor.sampling.eos_token_ids
+    k = jnp.full((1,), 3, jnp.int32)
+    tokens, lengths, z = model.generate(paused.params["backbone"], prefix, k, predictor.sampling,
+                                        pause_embeddings=paused.params["pause_embeddings"])
+    _, _, z_feedback = run.model.generate(run.params["backbone"], prefix, k, predictor.sampling)
+    assert not np.allclose(np.asarray(z)[0, 1:3], np.asarray(z_feedback)[0, 1:3], atol=1e-3)  # the inputs matter
+    torch_tokens = latent_generate(hf, torch.tensor(ids[None], dtype=torch.long), torch.tensor(patches),
+                                   torch.tensor(grid[None]), latent_steps=3, max_new_tokens=8, eos_token_ids=eos,
+                                   pause_embeddings=read_pause_embeddings(str(out)))
+    assert torch_tokens == [int(t) for t in np.asarray(tokens)[0, :int(lengths[0])]]
+    (out / vital_export.HEADS_FILE).unlink()
+    with pytest.raises(ValueError, match="heads.safetensors: no pause_embeddings"):
+        read_pause_embeddings(str(out))
+
+
 def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path, capsys):
     from vital_jax import demo
 

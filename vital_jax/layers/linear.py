@@ -245,8 +245,11 @@ def _low_rank_backward(residuals, dy):
 low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)
 
 
-def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
-    """Fold every adapter into its base kernel, W' = W + (alpha / r) A B, and drop the LoRA leaves.
+def merge_lora(backbone_params: dict, lora: LoraConfig, dtype=None) -> dict:
+    """Fold every adapter into its base kernel, W' = W + (alpha / r) A B (summed in float32), and drop the LoRA
+    leaves. `dtype`: the merged kernels' dtype; None keeps each kernel's own. Merged into a bf16 kernel, every
+    entry of the update below half an ulp of W rounds away (issue #18): a float32 export of a bf16-stored run
+    passes float32 here, so the update survives.
 
     The result has exactly the base model's tree (what the HF exporter expects).
     """
@@ -260,7 +263,7 @@ def merge_lora(backbone_params: dict, lora: LoraConfig) -> dict:
             delta = lora.scaling * jnp.matmul(node["lora_a"].astype(jnp.float32),
                                               node["lora_b"].astype(jnp.float32))
             merged = {k: v for k, v in node.items() if not k.startswith("lora_")}
-            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            merged["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype if dtype is None else dtype)
             return merged
         return {k: visit(v) for k, v in node.items()}
 

@@ -28,8 +28,10 @@ DEPLOYED = ("backbone", "autonomous")
 def deployable_params(params: dict, lora: LoraConfig | None = None) -> dict:
     """The deployed tree {"backbone", "autonomous"} out of a training tree (P_phi under "sampler", and anything
     else, e.g. an encoder, is left behind). With `lora`, the adapters are folded into the backbone's kernels
-    (the tree then has exactly the base model's leaves); without, they stay and the backbone module must be
-    built with the same LoraConfig."""
+    (the tree then has exactly the base model's leaves), in the kernels' own dtype: a bf16 backbone loses the
+    update's entries below half an ulp of W (`merge_lora`), so keep its adapters (no `lora`, as
+    `qwen3_vl_params.decoding_layout` does); without, they stay and the backbone module must be built with the
+    same LoraConfig."""
     missing = [k for k in DEPLOYED if k not in params]
     if missing:
         raise ValueError(f"a deployable model needs {list(DEPLOYED)}; missing {missing}")

@@ -32,11 +32,14 @@ class ModelDirError(ValueError):
 
 
 def copy_side_files(src_dir: str, out_dir: str) -> list[str]:
-    """Copy config.json, tokenizer and processor files (not weights) from `src_dir`; returns their names."""
+    """Copy config.json, tokenizer and processor files (not weights) from `src_dir`; returns their names. A
+    converted directory's record (META_FILE) is not a side file: it describes its own directory, and a copy
+    would make the destination read as a converted one whose params/ are missing."""
     copied = []
     for name in sorted(os.listdir(src_dir)):
         path = os.path.join(src_dir, name)
-        if os.path.isfile(path) and not name.endswith(_SKIP_SUFFIXES) and os.path.getsize(path) < 64 * 2**20:
+        if (os.path.isfile(path) and not name.endswith(_SKIP_SUFFIXES) and name != META_FILE
+                and os.path.getsize(path) < 64 * 2**20):
             shutil.copy2(path, os.path.join(out_dir, name))
             copied.append(name)
     return copied
@@ -53,8 +56,8 @@ def save(out_dir: str, params, hf_config: dict, param_dtype: str, side_files_fro
         ckptr.save(os.path.join(out_dir, PARAMS_DIR), params)
         ckptr.wait_until_finished()
     copied = copy_side_files(side_files_from, out_dir) if side_files_from else []
-    # Written last, after the side files (a converted source's own record among them): a directory without it is
-    # an unfinished conversion (`read_meta` says so).
+    # Written last, after the side files: a directory without it is an unfinished conversion (`read_meta` says
+    # so).
     atomic_write(os.path.join(out_dir, META_FILE),
                  lambda f: json.dump({"format": FORMAT_VERSION, "model_type": hf_config.get("model_type"),
                                       "param_dtype": param_dtype}, f, indent=2))

@@ -266,6 +266,13 @@ def _remove_unfinished(out_dir: str, mark: str) -> None:
                 os.rmdir(path)   # a folder the interrupted export made (scaffolding/decoder), left empty
 
 
+def read_file(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (a missing or unreadable file is a SafetensorsError naming it)."""
+    if not os.path.isfile(path):
+        raise SafetensorsError(f"{path}: no such file")
+    return {name: read_tensor(ref) for name, ref in _file_tensors(path).items()}
+
+
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of a checkpoint directory, in name order."""
     refs = index_tensors(model_dir)

@@ -222,3 +222,27 @@ def test_image_token_count_mismatch_is_an_error(base):
         get_rope_index(ids, None, [(1, 4, 6)], IMG)
     with pytest.raises(ValueError, match="image grids"):
         get_rope_index(ids, None, [(1, 4, 4), (1, 4, 4)], IMG)
+
+
+def test_a_tie_flag_in_text_config_alone_is_read_as_transformers_reads_it(tmp_path):
+    """transformers ties the head by the top-level tie_word_embeddings only (default False). vital_jax fell back
+    to text_config's: such a config was tied here and untied there, the checkpoint's lm_head.weight dropped."""
+    import json
+
+    from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
+
+    save_tiny_qwen3_vl(str(tmp_path), seed=5)  # untied: model.safetensors holds lm_head.weight
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("tie_word_embeddings", None)
+    cfg["text_config"]["tie_word_embeddings"] = True
+    path.write_text(json.dumps(cfg))
+    hf_model = HFQwen3VL.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    assert not hf_model.config.tie_word_embeddings
+    config = Qwen3VLConfig.from_pretrained(str(tmp_path))
+    assert not config.text.tie_word_embeddings
+    rng = np.random.RandomState(1)
+    ids = _prompt(rng, [], [5])[None]
+    valid = np.ones(ids.shape, bool)
+    ours = _ours(config, load_params(str(tmp_path), config), ids, valid, [], None)
+    assert _diff(ours.logits, _theirs(hf_model, ids, valid, [], None).logits) <= TOL

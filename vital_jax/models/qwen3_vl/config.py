@@ -46,8 +46,10 @@ class Qwen3VLConfig:
         vision tower."""
         hf_config.check_model_type(cfg, ("qwen3_vl",), source)
         text_cfg = dict(cfg["text_config"])
-        # transformers keeps tie_word_embeddings at the top level of the composite config.
-        text_cfg["tie_word_embeddings"] = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
+        # transformers reads tie_word_embeddings at the top level of the composite config only (default False);
+        # text_config's copy is ignored there. Falling back to it made a config that sets it in text_config alone
+        # tied here, untied in transformers: the checkpoint's own lm_head.weight was dropped.
+        text_cfg["tie_word_embeddings"] = cfg.get("tie_word_embeddings", False)
         if "eos_token_id" not in text_cfg and "eos_token_id" in cfg:
             text_cfg["eos_token_id"] = cfg["eos_token_id"]
         rope = text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {}

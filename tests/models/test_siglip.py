@@ -154,6 +154,19 @@ def test_export_roundtrip_loads_in_transformers_and_in_prefixed_layout(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, params_prefixed, params)
 
 
+def test_an_export_in_another_dtype_than_its_params_says_the_written_one(tmp_path):
+    """config.json named the params' storage dtype: bf16 params written in float32 said bfloat16, and
+    transformers' dtype="auto" then loaded float32 weights rounded to bf16."""
+    _, path = _hf_vision(tmp_path, seed=6)
+    config, params = load_siglip_vision(path, dtype=jnp.bfloat16)
+    out_dir = str(tmp_path / "f32")
+    save_siglip_vision(out_dir, config, params, dtype=np.float32)
+    assert json.load(open(os.path.join(out_dir, "config.json")))["dtype"] == "float32"
+    assert transformers.SiglipVisionModel.from_pretrained(out_dir, dtype="auto").dtype == torch.float32
+    save_siglip_vision(str(tmp_path / "bf16"), *load_siglip_vision(path), dtype=jnp.bfloat16)
+    assert json.load(open(os.path.join(str(tmp_path / "bf16"), "config.json")))["dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("mode,src_size,out_size", [
     ("RGB", (37, 23), 56),      # (width, height): upsampling, non-square source
     ("RGB", (301, 190), 56),    # downsampling

@@ -107,15 +107,16 @@ def load_siglip_vision(model_dir: str, dtype=jnp.float32, **overrides) -> tuple[
     return config, params
 
 
-def config_to_hf_dict(config: SiglipVisionConfig) -> dict:
-    """A transformers-5 `SiglipVisionModel` config.json dict for `config`."""
+def config_to_hf_dict(config: SiglipVisionConfig, dtype=None) -> dict:
+    """A transformers-5 `SiglipVisionModel` config.json dict for `config`; `dtype`: the dtype its weights are
+    written in (default the config's param_dtype), which `from_pretrained(dtype="auto")` loads them as."""
     return dict(
         architectures=["SiglipVisionModel"], model_type="siglip_vision_model",
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_channels=config.num_channels, image_size=config.image_size, patch_size=config.patch_size,
         hidden_act=config.hidden_act, layer_norm_eps=config.layer_norm_eps, vision_use_head=config.use_head,
-        attention_dropout=0.0, dtype=jnp.dtype(config.param_dtype).name,
+        attention_dropout=0.0, dtype=jnp.dtype(config.param_dtype if dtype is None else dtype).name,
     )
 
 
@@ -127,5 +128,8 @@ def save_siglip_vision(model_dir: str, config: SiglipVisionConfig, params: dict,
     """
     specs = to_hf_specs(params, RULES, np.dtype(dtype), rename=(lambda n: prefix + n) if prefix else None)
     os.makedirs(model_dir, exist_ok=True)
-    atomic_write(os.path.join(model_dir, "config.json"), lambda f: json.dump(config_to_hf_dict(config), f, indent=2))
+    # The dtype written, not the params' storage one: "auto" loading would read bf16 weights saved in float32 as
+    # bf16 (and the reverse).
+    hf = config_to_hf_dict(config, dtype)
+    atomic_write(os.path.join(model_dir, "config.json"), lambda f: json.dump(hf, f, indent=2))
     return safetensors_io.write_safetensors(model_dir, specs)

@@ -147,6 +147,7 @@ def test_stacked_parameters_shard_like_their_layers_and_decay_like_them():
     mask = trainable.weight_decay_mask(tree)
     assert mask["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert not mask["model"]["layers"]["input_layernorm"]["scale"] and not mask["model"]["norm"]["scale"]
+    assert not trainable.weight_decay_mask({"pause_embeddings": jnp.ones((3, 8))})["pause_embeddings"]  # documented
 
     rng = np.random.RandomState(0)
     lora = LoraConfig(rank=2, alpha=4.0)

@@ -41,7 +41,9 @@ _MATRIX_LEAVES = ("kernel", "lora_a", "lora_b", "embedding")
 def weight_decay_mask(trainable: dict) -> dict:
     """Decay matrices (kernels, LoRA adapters, embeddings), not biases or norm scales (the usual AdamW practice).
 
-    By leaf name rather than ndim: with scanned layers a norm scale is (L, D), still a vector per layer.
+    By leaf name rather than ndim: with scanned layers a norm scale is (L, D), still a vector per layer. The pause
+    control's `pause_embeddings` (K_max, D) do not decay: each row is one learned input vector, a constant offset
+    like a bias, and the study's pause arm was trained so (decaying them would pull the control's inputs to 0).
     """
     def decays(path, x):
         return (not isinstance(x, optax.MaskedNode)) and getattr(path[-1], "key", None) in _MATRIX_LEAVES

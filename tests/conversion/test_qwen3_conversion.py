@@ -400,3 +400,31 @@ def test_each_written_shard_is_on_disk_before_its_name_and_the_index(tmp_path, m
     assert len(names) == 3 and [name for name, _ in order][-1] == safetensors_io.INDEX_FILE
     assert all(was_synced for _, was_synced in order), order
     assert _all_tensors(str(tmp_path / "out"))["w2"].tolist() == [2.0] * 256
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_vl"])
+def test_fields_a_config_omits_take_transformers_defaults(tmp_path, family):
+    """rope_theta and head_dim missing from config.json: vital_jax read 1e6 and hidden / heads, transformers 1e4
+    (Qwen3) or 5e5 (Qwen3-VL's text decoder) and 128, so the two built different models from one file."""
+    from transformers import AutoConfig
+
+    from tests.hf_reference import save_tiny_qwen3_vl
+    from vital_jax.models.qwen3_vl import Qwen3VLConfig
+
+    if family == "qwen3":
+        save_tiny_qwen3(str(tmp_path), head_dim=128)
+    else:
+        save_tiny_qwen3_vl(str(tmp_path), text=dict(head_dim=128, rope_parameters={
+            "rope_type": "default", "rope_theta": 1e6, "mrope_section": [32, 16, 16], "mrope_interleaved": True}))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    text = cfg if family == "qwen3" else cfg["text_config"]
+    for key in ("rope_theta", "head_dim"):
+        text.pop(key, None)
+    rope = text.get("rope_parameters") or {}
+    rope.pop("rope_theta", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    theirs = AutoConfig.from_pretrained(str(tmp_path))
+    theirs = theirs if family == "qwen3" else theirs.text_config
+    ours = Qwen3Config.from_pretrained(str(tmp_path)) if family == "qwen3" else (
+        Qwen3VLConfig.from_pretrained(str(tmp_path)).text)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.head_dim == theirs.head_dim == 128

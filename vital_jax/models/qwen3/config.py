@@ -23,6 +23,12 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_bat
                   "projections": jax.checkpoint_policies.save_only_these_names(PROJECTION_NAME)}
 
 
+# transformers' defaults (5.x) for fields a config.json may omit: head_dim 128 whatever the hidden size, and a
+# rope_theta of the model type's own.
+HF_DEFAULT_HEAD_DIM = 128
+HF_DEFAULT_ROPE_THETA = {"qwen3": 1e4, "qwen3_vl_text": 5e5}
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """Architecture of a Qwen3 decoder (also the text part of Qwen3-VL) plus runtime precision.
@@ -79,6 +85,7 @@ class Qwen3Config:
                      **overrides) -> "Qwen3Config":
         """Read the fields of a HF Qwen3 config dict. `model_types` lets Qwen3-VL read its `text_config`."""
         hf_config.check_model_type(cfg, model_types, source)
+        model_type = cfg.get("model_type", model_types[0])
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         fields = dict(
@@ -88,9 +95,10 @@ class Qwen3Config:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            # A field config.json leaves out takes transformers' default for it, so both read one model.
+            head_dim=cfg.get("head_dim", HF_DEFAULT_HEAD_DIM),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=hf_config.rope_theta(cfg, 1e6),
+            rope_theta=hf_config.rope_theta(cfg, HF_DEFAULT_ROPE_THETA.get(model_type, 1e4)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 40960),
             eos_token_ids=eos,

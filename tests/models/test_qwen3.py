@@ -173,6 +173,23 @@ def test_bf16_forward_stays_close_to_fp32(gqa2):
     assert np.mean(np.argmax(out.logits, -1) == np.argmax(ref, -1)) >= 0.9
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_logits_are_float32_products_not_rounded_to_bf16(gqa2, tied):
+    """The output head's bf16 product was rounded to bf16 before the cast: logits of 16-32 off by up to 0.125,
+    noise that MedSynapse-V's r_causal (a difference of two log-probability sums) adds up."""
+    _, config, params = gqa2
+    config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, tie_word_embeddings=tied)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    if tied:
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+    ids = jnp.asarray(np.random.RandomState(9).randint(0, config.vocab_size, (2, 12)))
+    out = _forward(config, params, input_ids=ids)
+    weight = params["embed_tokens"]["embedding"].T if tied else params["lm_head"]["kernel"]
+    exact = jnp.dot(out.hidden_states.astype(jnp.float32), weight.astype(jnp.float32))  # bf16 x bf16 is exact
+    assert out.logits.dtype == jnp.float32 and _max_diff(out.logits, exact) <= 1e-5 * float(jnp.abs(exact).max())
+    assert _max_diff(exact, exact.astype(jnp.bfloat16)) > 1e-3  # what rounding to bf16 would have lost
+
+
 def test_remat_gives_same_loss_and_gradients(gqa2):
     _, config, params = gqa2
     ids = jnp.asarray(np.random.RandomState(8).randint(0, config.vocab_size, (2, 8)))

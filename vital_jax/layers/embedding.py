@@ -20,6 +20,9 @@ class Embed(nn.Embed):
     """ids (...) -> (..., D) with `__call__`; `attend`: (..., D) -> (..., V) logits against the gathered table."""
 
     def attend(self, query: jax.Array) -> jax.Array:
+        """Float32 logits whatever the compute dtype (the product accumulates in float32 and is not rounded back):
+        a bf16 logit of 16-32 is off by up to 0.06-0.125, noise that sums of log-probabilities over hundreds of
+        tokens add up (MedSynapse-V's r_causal is a difference of two such sums)."""
         table = constrain_weight(self.embedding, self.path, "embedding")
         query, table = self.promote_dtype(query, table, dtype=self.dtype)
-        return jnp.dot(query, table.T)
+        return jnp.dot(query, table.T, preferred_element_type=jnp.float32)

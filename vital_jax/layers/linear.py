@@ -166,6 +166,9 @@ class Linear(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     lora: LoraConfig | None = None
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    # The product's output dtype (it accumulates in float32 either way); None: `dtype`. Output heads ask float32:
+    # see `Embed.attend`.
+    output_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True, dropout_keep: jax.Array | None = None) -> jax.Array:
@@ -175,7 +178,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
         kernel = constrain_weight(kernel, self.path, "kernel")
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.output_dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + constrain_weight(bias, self.path, "bias").astype(self.dtype)

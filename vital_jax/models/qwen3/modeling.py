@@ -183,17 +183,19 @@ class Qwen3ForCausalLM(nn.Module):
                                      embedding_init=nn.initializers.normal(0.02))
         self.model = DecoderStack(cfg, self.lora)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.lm_head = Linear(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                  output_dtype=jnp.float32)
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         """Token embeddings (B, T, D) in the compute dtype."""
         return self.embed_tokens(input_ids_bt)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """LM head on post-norm hidden states (B, T, D) -> float32 logits (B, T, V)."""
+        """LM head on post-norm hidden states (B, T, D) -> float32 logits (B, T, V), accumulated and kept in float32
+        whatever the compute dtype (`Embed.attend`)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden_btd).astype(jnp.float32)
-        return self.lm_head(hidden_btd).astype(jnp.float32)
+            return self.embed_tokens.attend(hidden_btd)
+        return self.lm_head(hidden_btd)
 
     def __call__(self, input_ids=None, inputs_embeds=None, positions=None, token_valid=None,
                  kv_cache: KVCache | None = None, return_logits: bool = True,

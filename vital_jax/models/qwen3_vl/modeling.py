@@ -78,17 +78,19 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.language_model = TextModel(self.config, self.lora)
         if not self.config.text.tie_word_embeddings:
             text = self.config.text
-            self.lm_head = Linear(text.vocab_size, dtype=text.dtype, param_dtype=text.param_dtype)
+            self.lm_head = Linear(text.vocab_size, dtype=text.dtype, param_dtype=text.param_dtype,
+                                  output_dtype=jnp.float32)
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
         """Token embeddings (B, T, D)."""
         return self.language_model.embed_tokens(input_ids_bt)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """LM head on post-norm hidden states -> float32 logits (B, T, V)."""
+        """LM head on post-norm hidden states -> float32 logits (B, T, V), accumulated and kept in float32 whatever
+        the compute dtype (`Embed.attend`)."""
         if self.config.text.tie_word_embeddings:
-            return self.language_model.embed_tokens.attend(hidden_btd).astype(jnp.float32)
-        return self.lm_head(hidden_btd).astype(jnp.float32)
+            return self.language_model.embed_tokens.attend(hidden_btd)
+        return self.lm_head(hidden_btd)
 
     def encode_images(self, pixel_patches: jax.Array, vision_inputs: VisionInputs):
         """Vision tower: (N, C*T*ps*ps) patches -> (image_embeds (M, D), deepstack list of (M, D)), M = N/4."""

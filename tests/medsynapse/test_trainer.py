@@ -422,6 +422,29 @@ def test_three_stages_run_from_one_call_each_checkpointing_and_logging(three_sta
         assert json.load(f)["medsynapse"]["stages"] == list(trainer.STAGES)
 
 
+def test_a_stage_ii_step_is_one_rollout_batch_whatever_its_updates(paths, tmp_path):
+    """ccr.steps counts rollout batches (the paper's "200 steps with a rollout batch size of 32"). It counted
+    optimizer updates: with 2 updates per batch, 3 steps ran 2 rollout batches and stopped at step 4, and the
+    schedule spanned 3 of the 6 updates (the last at lr 0)."""
+    config = _config(stages=("warmup", "ccr"))
+    config.medsynapse.warmup.max_steps = 1
+    config.data.prompt_buckets = (max(config.data.prompt_buckets),)  # one compile of each stage's programs
+    c = config.medsynapse.ccr
+    c.steps, c.num_updates, c.schedule = 3, 2, "warmup_cosine"
+    summary = _run(config, tmp_path, paths)
+    assert not summary["preempted"] and summary["stages"]["ccr"]["steps"] == 3 and summary["step"] == 4
+    assert [(r["stage"], r["step"]) for r in _rows(str(tmp_path))] == [("warmup", 1)] + [
+        ("ccr", s) for s in (2, 3, 4)]
+    with open(tmp_path / "stage_ccr" / "DONE.json") as f:
+        assert json.load(f)["final_step"] == 3
+    with ocp.StandardCheckpointer() as ckpt:
+        saved = flatten(ckpt.restore(str(tmp_path / "stage_ccr" / "3" / "state")))
+    counts = {int(v) for k, v in saved.items() if k.endswith(".count")}
+    assert counts == {6}, counts  # 3 rollout batches x 2 updates
+    rates = [float(v) for k, v in saved.items() if k.endswith("hyperparams.learning_rate")]
+    assert len(rates) == 1 and rates[0] > 0  # the last update's: the schedule spans all 6 updates
+
+
 def test_load_trained_assembles_what_each_stage_trained(three_stage_run):
     workdir, _ = three_stage_run
     run = trainer.load_trained(workdir)

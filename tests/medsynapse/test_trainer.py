@@ -315,6 +315,17 @@ def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
     assert not os.path.exists(tmp_path / "x")  # refused before anything was written
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_an_imt_beta_at_either_end_is_a_config_error_saying_eq_8_vanishes_there(beta):
+    """JSD_beta is identically 0 at beta = 0 and 1: accepted, Stage III trained A_psi on a zero loss."""
+    config = _config(stages=trainer.STAGES)
+    trainer.validate_config(config)  # beta 0.5, the paper's
+    config.medsynapse.imt.beta = beta
+    with pytest.raises(ConfigError, match=rf"config\.medsynapse\.imt\.beta: {beta} must lie in \(0, 1\): "
+                                          r"Eq\. \(8\)'s JSD_beta is identically 0"):
+        trainer.validate_config(config)
+
+
 def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_before_training(paths, tmp_path):
     """P_phi attends over F's channels (the demo SigLIP's 32): 5 heads failed inside the first traced step with a
     traceback."""

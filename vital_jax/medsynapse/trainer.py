@@ -235,7 +235,8 @@ def validate_config(config) -> None:
                          ("output_rms", i.output_rms), ("memory_match", i.memory_match)):
         _check(value >= 0, f"imt.{field}", f"{value} must be >= 0")
     _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
-    _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
+    _check(0 < i.beta < 1, "imt.beta", f"{i.beta} must lie in (0, 1): Eq. (8)'s JSD_beta is identically 0 at beta "
+           "= 0 and 1, so Stage III would train nothing (a one-sided KL is another loss, not these ends)")
     _check(i.init in imt.INITS, "imt.init", f"{i.init!r} must be one of {imt.INITS}")
     _check(memory_position(config) in memory_lib.MEMORY_POSITIONS, "memory_position",
            f"{memory_position(config)!r} must be one of {memory_lib.MEMORY_POSITIONS}")

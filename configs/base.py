@@ -87,6 +87,7 @@ def medsynapse_section():
       with kl_estimator "k1" is an option). schedule "constant" or "warmup_cosine" (the paper gives none).
       closed_match / open_ended_match: how r_acc scores closed (yes/no, location choice) and open records
       (`medsynapse/reward.py`). logprob_chunk: completion positions per LM-head chunk in the scorer.
+      num_updates: optimizer updates per rollout batch (a step stays one rollout batch).
     imt: Stage III (Eq. 6-8), A_psi trains: lr 1e-4 for 3 epochs (max_steps caps them), JSD beta 0.5, one on-policy
       rollout per example of up to max_new_tokens at `temperature`. A_psi: N = sampler.num_queries queries,
       an MLP of width mlp_hidden (0: the backbone's hidden size), output_rms its initial output scale (0: LeCun).

@@ -3,6 +3,7 @@ nothing changed, rebuilt when the records change, and clear errors for bad input
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -95,6 +96,26 @@ def test_store_is_reused_and_rebuilt_when_the_records_change(siglip, tmp_path):
     with open(index_path) as f:
         assert json.load(f)["records_sha256"] == features.records_sha256(
             os.path.join(data_dir, records_lib.RECORDS_FILE))
+
+
+def test_store_is_rebuilt_for_another_feature_layer_or_compute_dtype(siglip, tmp_path):
+    """SigLIP's two feature layers share grid and dim: a key of shapes alone reused a store of post_layernorm
+    features for a run that computes last_block ones (Stage I trained P_phi on another F than evaluation's)."""
+    path, encoder, params = siglip
+    data_dir = _dataset(str(tmp_path / "data"))
+    out = str(tmp_path / "store")
+    first = np.array(features.build_feature_store(data_dir, encoder, params, out, encoder_id=path).features)
+    last_block = dataclasses.replace(encoder, feature_layer="last_block")
+    second = features.build_feature_store(data_dir, last_block, params, out, encoder_id=path)
+    pixels = last_block.preprocess(os.path.join(data_dir, "images", "a.png"))[None]
+    np.testing.assert_allclose(second.features[0], np.asarray(last_block.feature_map(params, pixels))[0], atol=1e-5)
+    assert not np.allclose(second.features, first, atol=1e-3)
+    # The key is deterministic (a fresh load of the same encoder reuses the store) and covers the compute dtype.
+    reloaded = ana.load_anatomical_encoder("siglip", path, "last_block")[0]
+    bf16 = ana.load_anatomical_encoder("siglip", path, "last_block", dtype="bfloat16")[0]
+    key = features._fingerprint(data_dir, last_block, path, ana.RecordRegionMasks(), "float32")
+    assert features._fingerprint(data_dir, reloaded, path, ana.RecordRegionMasks(), "float32") == key
+    assert features._fingerprint(data_dir, bf16, path, ana.RecordRegionMasks(), "float32") != key
 
 
 def test_every_region_array_is_on_disk_before_the_index_vouches_for_it(siglip, tmp_path, monkeypatch):

@@ -315,6 +315,17 @@ def test_impossible_stage_settings_are_config_errors(paths, tmp_path):
     assert not os.path.exists(tmp_path / "x")  # refused before anything was written
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_an_imt_beta_at_either_end_is_a_config_error_saying_eq_8_vanishes_there(beta):
+    """JSD_beta is identically 0 at beta = 0 and 1: accepted, Stage III trained A_psi on a zero loss."""
+    config = _config(stages=trainer.STAGES)
+    trainer.validate_config(config)  # beta 0.5, the paper's
+    config.medsynapse.imt.beta = beta
+    with pytest.raises(ConfigError, match=rf"config\.medsynapse\.imt\.beta: {beta} must lie in \(0, 1\): "
+                                          r"Eq\. \(8\)'s JSD_beta is identically 0"):
+        trainer.validate_config(config)
+
+
 def test_sampler_heads_that_do_not_split_e_anas_channels_are_a_config_error_before_training(paths, tmp_path):
     """P_phi attends over F's channels (the demo SigLIP's 32): 5 heads failed inside the first traced step with a
     traceback."""
@@ -420,6 +431,29 @@ def test_three_stages_run_from_one_call_each_checkpointing_and_logging(three_sta
     assert all(k.startswith("params.autonomous.") for k in _saved_params(workdir, "imt"))
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["medsynapse"]["stages"] == list(trainer.STAGES)
+
+
+def test_a_stage_ii_step_is_one_rollout_batch_whatever_its_updates(paths, tmp_path):
+    """ccr.steps counts rollout batches (the paper's "200 steps with a rollout batch size of 32"). It counted
+    optimizer updates: with 2 updates per batch, 3 steps ran 2 rollout batches and stopped at step 4, and the
+    schedule spanned 3 of the 6 updates (the last at lr 0)."""
+    config = _config(stages=("warmup", "ccr"))
+    config.medsynapse.warmup.max_steps = 1
+    config.data.prompt_buckets = (max(config.data.prompt_buckets),)  # one compile of each stage's programs
+    c = config.medsynapse.ccr
+    c.steps, c.num_updates, c.schedule = 3, 2, "warmup_cosine"
+    summary = _run(config, tmp_path, paths)
+    assert not summary["preempted"] and summary["stages"]["ccr"]["steps"] == 3 and summary["step"] == 4
+    assert [(r["stage"], r["step"]) for r in _rows(str(tmp_path))] == [("warmup", 1)] + [
+        ("ccr", s) for s in (2, 3, 4)]
+    with open(tmp_path / "stage_ccr" / "DONE.json") as f:
+        assert json.load(f)["final_step"] == 3
+    with ocp.StandardCheckpointer() as ckpt:
+        saved = flatten(ckpt.restore(str(tmp_path / "stage_ccr" / "3" / "state")))
+    counts = {int(v) for k, v in saved.items() if k.endswith(".count")}
+    assert counts == {6}, counts  # 3 rollout batches x 2 updates
+    rates = [float(v) for k, v in saved.items() if k.endswith("hyperparams.learning_rate")]
+    assert len(rates) == 1 and rates[0] > 0  # the last update's: the schedule spans all 6 updates
 
 
 def test_load_trained_assembles_what_each_stage_trained(three_stage_run):

@@ -42,6 +42,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +106,34 @@ class AnatomicalEncoder(abc.ABC):
     def region_masks(self, params, pixels_bhwc: jax.Array) -> "RegionMasks | None":
         """Regions from the encoder's own mask head, or None when it has none (the default)."""
         return None
+
+    def settings(self) -> dict:
+        """Everything F depends on besides the weights, as JSON data: the class and its dataclass fields (the
+        model's config, compute dtype included, the preprocessing, the feature layer).
+
+        The feature store's key (`features.build_feature_store`): SigLIP's two feature layers share grid and
+        dim, so a key of shapes alone reused a store of one layer for the other. Dtypes are written by name and a
+        value that is not plain data is refused: its repr (a function's, say) could hold a memory address, and a
+        key that differs every run would rebuild the store every run.
+        """
+        return {"class": type(self).__name__, **_settings_json(self)}
+
+
+def _settings_json(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_settings_json(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A flax module's `parent` and `name` say where it sits in a bigger module, not what it computes.
+        skip = ("parent", "name") if isinstance(value, nn.Module) else ()
+        return {f.name: _settings_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.name not in skip}
+    try:
+        return jnp.dtype(value).name  # jnp.float32 and friends are classes, not np.dtype instances
+    except TypeError:
+        raise TypeError(f"cannot describe {type(value).__name__} {value!r} as plain data (the feature store's key "
+                        "needs every setting of the encoder as JSON)") from None
 
 
 class _VitEncoder(AnatomicalEncoder):

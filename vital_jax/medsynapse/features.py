@@ -13,7 +13,8 @@ Layout of a store directory (written by `build_feature_store`, read by `FeatureS
   feature_index.json        {"fingerprint": ..., "records_sha256": ..., "image_rows": [row of anatomical_features
                             per record], ...}
 Rows follow records.jsonl (the pipeline's `record_index`). The index is written last, so a store whose index
-exists is complete; a store built from other records or another encoder (a different fingerprint) is rebuilt.
+exists is complete; a store built from other records or another encoder (its weights or settings: feature layer,
+compute dtype) or other regions (a different fingerprint) is rebuilt.
 `records_sha256` (of records.jsonl's bytes) lets a reader without the encoder (`FeatureStore.load`, as
 `trainer.load_trained` does) refuse a store built from other records, even ones with the same count.
 """
@@ -57,10 +58,12 @@ def records_sha256(records_path: str) -> str:
 
 def _fingerprint(data_dir: str, encoder: AnatomicalEncoder, encoder_id: str, provider: RegionMaskProvider,
                  dtype: str) -> str:
+    """The store's key: the records, the encoder's weights (`encoder_id`) and settings (its feature layer and
+    compute dtype among them: `AnatomicalEncoder.settings`), the regions' provider and the stored dtype."""
     h = hashlib.sha256()
     with open(os.path.join(data_dir, RECORDS_FILE), "rb") as f:
         h.update(f.read())
-    h.update(json.dumps(dict(encoder=type(encoder).__name__, encoder_id=encoder_id, image_size=encoder.image_size,
+    h.update(json.dumps(dict(encoder=encoder.settings(), encoder_id=encoder_id, image_size=encoder.image_size,
                              grid=list(encoder.grid), feature_dim=encoder.feature_dim, provider=repr(provider),
                              dtype=dtype), sort_keys=True).encode())
     return h.hexdigest()
@@ -230,8 +233,8 @@ def _load_built(data_dir: str, encoder: AnatomicalEncoder, out_dir: str, encoder
                                 "shared filesystem)")
     if index.get("fingerprint") != _fingerprint(data_dir, encoder, encoder_id, provider, dtype):
         raise FeatureStoreError(f"{out_dir}: the store process 0 built is not the one process {process} would build "
-                                "(other records, encoder, regions or dtype); the processes must share the run's "
-                                "data, encoder and config")
+                                "(other records, encoder, encoder settings, regions or dtype); the processes must "
+                                "share the run's data, encoder and config")
     return FeatureStore.load(out_dir, os.path.join(data_dir, RECORDS_FILE))
 
 
@@ -253,7 +256,7 @@ def _build_or_reuse(data_dir: str, encoder: AnatomicalEncoder, params, out_dir: 
                 atomic_write(index_path, lambda f: json.dump(index, f))
             return FeatureStore.load(out_dir, records_path)
         logging.warning("%s: rebuilding it (%s)", out_dir, "its index is unreadable" if index is None else
-                        "built from other records or another encoder")
+                        "built from other records, another encoder or its settings, other regions or dtype")
         os.remove(index_path)  # the index goes first: an interrupted rebuild never looks complete
     os.makedirs(out_dir, exist_ok=True)
 

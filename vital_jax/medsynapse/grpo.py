@@ -26,7 +26,9 @@ Where the paper is silent, and what this module does (every choice is a `GRPOCon
   off (`lora_b` zeroed, `without_lora`): no second copy of the backbone.
 * Updates per rollout batch: 1 (`num_updates`). With one update the policy that is optimised is the one that
   sampled, so rho = 1 and Eq. (3) is a policy gradient with group-normalised advantages; the clip acts from the
-  second update on. Each update uses the whole rollout batch (no mini-batches).
+  second update on. Each update uses the whole rollout batch (no mini-batches). A step is one rollout batch
+  whatever `num_updates` (the paper's "200 steps with a rollout batch size of 32"): `TrainState.step` counts
+  rollout batches, optax's own count (which a learning-rate schedule reads) counts the updates.
 * Reward for open-ended answers: exact match of the normalised answer, as Eq. (4) writes it; token F1 is an
   option (`RewardConfig.open_ended_match="f1"`). See `reward.py`, which also offers the skeleton's
   length-normalised, clipped r_causal (`causal_reduction="mean_clipped"`).
@@ -480,14 +482,20 @@ def policy_gradient(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfi
 
 def update(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig, optimizer: optax.GradientTransformation,
            state: TrainState, frozen: dict, batch: PromptBatch, rollout_: Rollout, old_log_probs: jax.Array,
-           advantages: jax.Array, ref_log_probs: jax.Array | None = None) -> tuple[TrainState, dict]:
-    """One AdamW step on Eq. (3). Returns (new state, metrics: loss, grad_norm and `policy_loss`'s aux)."""
+           advantages: jax.Array, ref_log_probs: jax.Array | None = None,
+           ends_rollout: bool | jax.Array = True) -> tuple[TrainState, dict]:
+    """One AdamW step on Eq. (3). Returns (new state, metrics: loss, grad_norm and `policy_loss`'s aux).
+
+    ends_rollout: whether this is the last update on its rollout batch, which advances `state.step` (it counts
+    rollout batches, see the module docstring). An argument of the program, not a constant: the first and last
+    updates of a rollout batch share one compiled update."""
     (loss, aux), grads = policy_gradient(backbone, config, state.params, frozen, batch, rollout_, old_log_probs,
                                          advantages, ref_log_probs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    step = state.step + jnp.asarray(ends_rollout, state.step.dtype)
+    return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
 
 class GRPOFunctions(NamedTuple):
@@ -496,7 +504,8 @@ class GRPOFunctions(NamedTuple):
     config: GRPOConfig
     rollout: Callable  # (train, frozen, batch, rng) -> Rollout
     score: Callable  # (train, frozen, batch, rollout) -> Scores
-    update: Callable  # (state, frozen, batch, rollout, old_log_probs, advantages, ref_log_probs) -> (state, metrics)
+    # (state, frozen, batch, rollout, old_log_probs, advantages, ref_log_probs, ends_rollout) -> (state, metrics)
+    update: Callable
     advantages: Callable  # (r_acc, scores, rollout, example_valid) -> (advantages (B G,), metrics of the rollout)
 
 
@@ -589,7 +598,8 @@ def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: Prompt
               accuracy_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[TrainState, dict]:
     """One Stage II step: rollout -> scores (old policy, r_causal) -> r_acc on the host -> rewards and group
     advantages -> `num_updates` updates. accuracy_fn: (tokens (R, T), lengths (R,)) numpy -> r_acc (R,)
-    (`reward.text_accuracy_fn` for decoded answers). Returns (new state, metrics as Python floats)."""
+    (`reward.text_accuracy_fn` for decoded answers). Returns (new state, metrics as Python floats); the state's
+    step is one more (one rollout batch), its optimizer's count `num_updates` more."""
     cfg = fns.config
     g = cfg.num_generations
     rollout_ = fns.rollout(state.params, frozen, batch, jax.random.fold_in(state.rng, state.step))
@@ -597,8 +607,9 @@ def grpo_step(fns: GRPOFunctions, state: TrainState, frozen: dict, batch: Prompt
     r_acc = host_accuracy(accuracy_fn, rollout_, batch.example_valid, g)
     advantages, metrics = fns.advantages(r_acc, scores, rollout_, batch.example_valid)
     update_metrics = []
-    for _ in range(cfg.num_updates):
-        state, m = fns.update(state, frozen, batch, rollout_, scores.old_log_probs, advantages, scores.ref_log_probs)
+    for i in range(cfg.num_updates):
+        state, m = fns.update(state, frozen, batch, rollout_, scores.old_log_probs, advantages, scores.ref_log_probs,
+                              i == cfg.num_updates - 1)
         update_metrics.append(m)
     # Every metric is a replicated scalar: averaged on the host, so no further device program runs (with several
     # processes each eager op would be one more collective program, see `advantages_and_metrics`).

@@ -29,8 +29,9 @@ yes/no and location-choice records, open-ended otherwise (`reward.accuracy_rewar
 reuses the same data.
 
 Where the paper is silent (all config fields): Stage II runs `ccr.steps` steps (paper 200) of one rollout batch
-each, cycling through the data, at a constant lr (1e-5, the authors' skeleton's: the paper gives no Stage II lr;
-`ccr.schedule = "warmup_cosine"` anneals it);
+each, cycling through the data, each step `ccr.num_updates` optimizer updates on its batch (its checkpoints, logged
+step and stage total count rollout batches), at a constant lr (1e-5, the authors' skeleton's: the paper gives no
+Stage II lr; `ccr.schedule = "warmup_cosine"` anneals it over the stage's steps x num_updates updates);
 Stages I and III use warmup-cosine schedules (3 % warmup, the authors' skeleton's); `max_steps` caps Stage I or
 III below their epochs (demos and tests).
 
@@ -234,7 +235,8 @@ def validate_config(config) -> None:
                          ("output_rms", i.output_rms), ("memory_match", i.memory_match)):
         _check(value >= 0, f"imt.{field}", f"{value} must be >= 0")
     _check(i.max_grad_norm > 0, "imt.max_grad_norm", f"{i.max_grad_norm} must be > 0")
-    _check(0 <= i.beta <= 1, "imt.beta", f"{i.beta} must lie in [0, 1]")
+    _check(0 < i.beta < 1, "imt.beta", f"{i.beta} must lie in (0, 1): Eq. (8)'s JSD_beta is identically 0 at beta "
+           "= 0 and 1, so Stage III would train nothing (a one-sided KL is another loss, not these ends)")
     _check(i.init in imt.INITS, "imt.init", f"{i.init!r} must be one of {imt.INITS}")
     _check(memory_position(config) in memory_lib.MEMORY_POSITIONS, "memory_position",
            f"{memory_position(config)!r} must be one of {memory_lib.MEMORY_POSITIONS}")
@@ -316,8 +318,9 @@ def pipeline_config(config, batch_size: int | None = None) -> PipelineConfig:
 
 
 def stage_totals(config, data_dir: str) -> dict[str, int]:
-    """Optimizer steps of each configured stage: epochs x full batches of this process's records (capped by
-    max_steps) for Stages I and III, `ccr.steps` for Stage II. A split too small for one batch is a ConfigError."""
+    """Steps of each configured stage: optimizer steps, epochs x full batches of this process's records (capped by
+    max_steps), for Stages I and III; rollout batches, `ccr.steps`, for Stage II (each of `ccr.num_updates`
+    optimizer steps). A split too small for one batch is a ConfigError."""
     m = config.medsynapse
     n = len(select_records(data_dir, config.data.train_split, None, k_min=1)) // jax.process_count()
     totals = {}
@@ -686,8 +689,9 @@ def _ccr(loop: _Loop, backbone: Qwen3VLForConditionalGeneration, frozen_backbone
     setup, config = loop.setup, loop.setup.config
     c = config.medsynapse.ccr
     cfg = grpo_config(config, setup.eos_token_ids, setup.pad_token_id, setup.prompt_tail)
-    optimizer = grpo.make_optimizer(learning_rate(c.lr, c.schedule, c.warmup_ratio, total), c.weight_decay,
-                                    c.max_grad_norm)
+    # `total` counts rollout batches; the schedule reads optax's count of updates, num_updates per batch.
+    optimizer = grpo.make_optimizer(learning_rate(c.lr, c.schedule, c.warmup_ratio, total * c.num_updates),
+                                    c.weight_decay, c.max_grad_norm)
     with_lora = grpo.add_lora(jax.random.PRNGKey(config.seed + 5), frozen_backbone, backbone.config, backbone.lora)
     state, frozen = grpo.init_train_state({"sampler": sampler_params, "backbone": with_lora}, optimizer,
                                           jax.random.PRNGKey(config.seed + 2))

@@ -8,6 +8,12 @@ Table 15) per_step: step k regresses Normalize(a_k f_ROI + (1 - a_k) f_global) i
 needs the data directory's global_features.npy (`python -m vital_jax.data.roi ... --global_features`; the demo
 writes it). Append `,demo` (e.g. `configs/ablation.py:task_only,demo`) to run a variant on the built-in demo
 instead of the 8B recipe.
+
+Training budgets: the paper gives no epochs for the other schedules. Here every schedule keeps the default's 20
+epochs in all (full_mix 20 over every K; two_phase 10 + 10; reverse 10 / 5 / 5, the default's epochs reversed),
+so, as the phases hold different numbers of records (Table 12: ~19.6K / 39.4K / 52.2K), their sample passes
+differ from three_phase's: full_mix 1.28x, two_phase 1.12x, reverse 0.65x. Set `curriculum.epochs` to compare at
+equal passes instead.
 """
 
 from configs import demo, vital_qwen3vl_8b

@@ -3,8 +3,9 @@
     python -m vital_jax.train --config=configs/demo.py --workdir=/tmp/vital_demo
 
 It ends with the held-out test questions answered at K = 0 and K = K_max, closed accuracy printed beside the
-majority-answer baseline. With real checkpoints and data, copy this file, set demo.enabled = False and the
-model/data paths.
+majority-answer baseline. Its settings are the demo's (lr 3e-3, LoRA r16, float32, 96 x 96 images, short
+epochs), not the paper's: for real checkpoints and data start from `configs/vital_qwen3vl_8b.py` (the paper's
+recipe) and set the model / data paths there.
 """
 
 from configs import base

@@ -17,8 +17,10 @@ def get_config():
     c.model.remat = True
     c.model.scan_layers = True  # with unrolled layers XLA keeps every layer's recomputation live (issue #6)
     c.vital.remat_latent_steps = True
-    # Per process (every host of a multi-host run loads this many; the global batch is 48 x processes, split
-    # over the mesh's data x fsdp axes). The paper gives no batch size; 48 per host is ours.
+    # Per process (every process of a multi-process run loads this many; the global batch is 48 x processes,
+    # split over the mesh's data x fsdp axes). The paper gives no batch size; 48 per process is ours. With one
+    # process per GPU (launch/slurm_gpu.sbatch's default) that is 48 per GPU, more than an 80 GB card holds at
+    # 8B (launch/README.md): lower it there, or run one process per host.
     c.data.batch_size = 48
     c.mesh.shape = (-1, 1, 1)
     return c

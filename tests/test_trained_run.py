@@ -309,13 +309,27 @@ def test_a_run_trained_with_scanned_layers_is_decoded_unrolled_with_the_same_ans
         assert ours == theirs and np.array_equal(z, z_ref), k
 
 
+def _one_example(run, predictor):
+    """One demo image and question as both sides take them: (image, question, prompt ids, patches, grid) for
+    transformers and the predictor's prefix for vital_jax."""
+    from vital_jax.models.qwen3_vl import preprocessing, prompt
+
+    images = os.path.join(run.paths.data_dir, "images")
+    image = os.path.join(images, sorted(os.listdir(images))[1])
+    question = "Is there a kidney in the image?"
+    patches, grid = preprocessing.preprocess_image(image, min_pixels=run.config.data.min_pixels,
+                                                   max_pixels=run.config.data.max_pixels)
+    ids = prompt.tokenize_prompt(predictor.tokenizer, question, grid).input_ids
+    prefix, _ = predictor.encode([image], [question])
+    return image, question, ids, patches, grid, prefix
+
+
 def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir, tmp_path):
     from transformers import Qwen3VLForConditionalGeneration
 
     from conversion import vital_export
     from conversion.torch_latent_generate import latent_generate
     from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration as FlaxQwen3VL
-    from vital_jax.models.qwen3_vl import preprocessing, prompt
     from vital_jax.vital import trainable
 
     run = load_run(workdir)
@@ -325,15 +339,9 @@ def test_export_loads_in_transformers_and_torch_latent_generate_matches(workdir,
     assert (out / "scaffolding" / "decoder" / "model.safetensors").exists()
 
     predictor = Predictor(run, batch_size=1, max_new_tokens=12)
-    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
-                                                                                      "images")))[1])
-    question = "Is there a kidney in the image?"
-    patches, grid = preprocessing.preprocess_image(image, min_pixels=run.config.data.min_pixels,
-                                                   max_pixels=run.config.data.max_pixels)
-    ids = prompt.tokenize_prompt(predictor.tokenizer, question, grid).input_ids
+    image, question, ids, patches, grid, prefix = _one_example(run, predictor)
 
     # Merged-LoRA logits: transformers on the export == vital_jax on the merged params.
-    prefix, _ = predictor.encode([image], [question])
     merged = trainable.merge_lora(run.params["backbone"], run.model.config.lora)
     ours = FlaxQwen3VL(run.model.backbone_config).apply(
         {"params": merged}, input_ids=prefix.input_ids, token_valid=prefix.token_valid,
@@ -370,7 +378,6 @@ def test_a_pause_run_exports_its_pause_vectors_and_torch_feeds_them_as_vital_jax
     from conversion import vital_export
     from conversion.torch_latent_generate import default_latent_steps, latent_generate, read_pause_embeddings
     from vital_jax.models import safetensors_io
-    from vital_jax.models.qwen3_vl import preprocessing, prompt
     from vital_jax.vital.model import VitalModel
 
     run = load_run(workdir)
@@ -390,13 +397,7 @@ def test_a_pause_run_exports_its_pause_vectors_and_torch_feeds_them_as_vital_jax
 
     hf = Qwen3VLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
     predictor = Predictor(run, batch_size=1, max_new_tokens=8)
-    image = os.path.join(run.paths.data_dir, "images", sorted(os.listdir(os.path.join(run.paths.data_dir,
-                                                                                      "images")))[1])
-    question = "Is there a kidney in the image?"
-    patches, grid = preprocessing.preprocess_image(image, min_pixels=run.config.data.min_pixels,
-                                                   max_pixels=run.config.data.max_pixels)
-    ids = prompt.tokenize_prompt(predictor.tokenizer, question, grid).input_ids
-    prefix, _ = predictor.encode([image], [question])
+    _, _, ids, patches, grid, prefix = _one_example(run, predictor)
     eos = predictor.sampling.eos_token_ids
     k = jnp.full((1,), 3, jnp.int32)
     tokens, lengths, z = model.generate(paused.params["backbone"], prefix, k, predictor.sampling,

@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vital_jax import cli

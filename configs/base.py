@@ -45,8 +45,12 @@ def get_config():
         lora_rank=64, lora_alpha=128.0, lora_dropout=0.05, vp_dropout=0.1, remat_latent_steps=False,
         train_decoder=True, latent_steps_cap=-1,
         latent_input="feedback"))  # "pause": learned constant slot inputs instead of z (the pause control)
+    # schedule_scope: "curriculum" = one warmup-cosine schedule over all phases, AdamW's moments carried from phase
+    # to phase (one run); "phase" = each phase its own warmup-cosine over its steps and fresh moments at its start
+    # (separate runs, each warm-started from the previous phase's weights: the paper's other reading, README).
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=2e-5, warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999, max_grad_norm=1.0))
+        lr=2e-5, warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999, max_grad_norm=1.0,
+        schedule_scope="curriculum"))
     # Phase n trains on records with min_k[n] <= latent_steps <= max_k[n] for epochs[n] epochs, warm-starting from
     # phase n-1 (min_k may be left empty: 1 for every phase). max_steps > 0 stops the whole curriculum after that
     # many optimizer steps (the learning-rate schedule spans them; later phases are skipped): equal-step

@@ -119,6 +119,34 @@ def test_kill_minus_9_and_resume_equals_an_uninterrupted_run(tmp_path, assets, t
                                    err_msg=name)
 
 
+def test_a_phase_scoped_schedule_restarts_each_phase_and_resumes_at_a_phase_boundary(tmp_path, assets):
+    """optimizer.schedule_scope="phase": each phase warms up from lr 0 again and starts from fresh AdamW moments
+    (separate runs warm-started from each other); a run resumed from phase 1's final checkpoint restarts phase
+    2's moments as the uninterrupted run did, and ends with the same parameters."""
+    c = _config(optimizer__schedule_scope="phase", logging__every_steps=1)
+    workdir = _workdir(tmp_path, assets, "per_phase")
+    train.train(c, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    starts = [row for prev, row in zip(rows, rows[1:]) if row["phase"] != prev["phase"]]
+    assert len(starts) == 2 and all(row["learning_rate"] == 0.0 for row in [rows[0], *starts])
+    assert all(row["learning_rate"] > 0 for row in rows if row not in starts and row is not rows[0])
+    ref_step, ref_state = _final_state(workdir)
+    # Adam's bias-correction count restarted with phase 3's moments; the schedule's count is the global step.
+    counts = sorted(int(np.asarray(v)) for k, v in ref_state.items() if "count" in k)
+    assert counts == sorted([sum(row["phase"] == 3 for row in rows), ref_step]), (counts, sorted(ref_state))
+
+    resumed = _workdir(tmp_path, assets, "per_phase_resumed")
+    shutil.copytree(os.path.join(workdir, "phase_1"), os.path.join(resumed, "phase_1"))
+    for name in ("config.json", "train_records.json"):
+        shutil.copy(os.path.join(workdir, name), os.path.join(resumed, name))
+    train.train(c, resumed)
+    step, state = _final_state(resumed)
+    assert step == ref_step
+    for name in ref_state:
+        np.testing.assert_allclose(np.asarray(state[name]), np.asarray(ref_state[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, assets):
     workdir = _workdir(tmp_path, assets, "preempted")
     proc = _run(workdir, "--config.checkpoint.save_every_steps=1000", wait=False)

@@ -145,6 +145,9 @@ def validate_config(config) -> None:
         raise ConfigError("config.logging.probe_every_steps must be >= 0 (0 = no probe)")
     if not 0.0 <= config.optimizer.warmup_ratio <= 1.0:
         raise ConfigError(f"config.optimizer.warmup_ratio={config.optimizer.warmup_ratio} must lie in [0, 1]")
+    if config.optimizer.schedule_scope not in trainable.SCHEDULE_SCOPES:
+        raise ConfigError(f"config.optimizer.schedule_scope={config.optimizer.schedule_scope!r} must be one of "
+                          f"{trainable.SCHEDULE_SCOPES}")
     from vital_jax.data.pipeline import PipelineError
 
     try:
@@ -388,8 +391,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         raise ConfigError(f"{paths.data_dir}: a curriculum phase has no full batch of records ({full_steps})")
     steps_per_phase = phase_steps(config, paths.data_dir)
     total = sum(steps_per_phase)
-    schedule = trainable.warmup_cosine_schedule(config.optimizer.lr, total, config.optimizer.warmup_ratio)
     o = config.optimizer
+    schedule = trainable.curriculum_schedule(o.lr, steps_per_phase, o.warmup_ratio, o.schedule_scope)
     train_params, _ = trainable.split(params, trainable.trainable_mask(params, config.vital.train_decoder))
     optimizer = trainable.make_optimizer(schedule, o.weight_decay, o.b1, o.b2, o.max_grad_norm,
                                          trainable.weight_decay_mask(train_params))
@@ -406,6 +409,9 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     frozen = sharding.shard(frozen, sharding.shardings_for(frozen, mesh))
     step_fn = jax.jit(functools.partial(train_step, model, optimizer, learning_rate_fn=schedule),
                       donate_argnums=(0,), out_shardings=(state_shardings, None))
+    # "phase" schedule scope: each phase after the first starts from fresh AdamW moments (a separate run).
+    restart_moments = jax.jit(lambda s: s.replace(opt_state=trainable.fresh_moments(s.opt_state)),
+                              donate_argnums=(0,), out_shardings=state_shardings)
     preemption = cli.Preemption()
     peak = peak_flops(config)
     logger = MetricsLogger(workdir, total, progress_every=config.logging.every_steps, desc="vital", peak_flops=peak)
@@ -456,6 +462,10 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
         if done is not None:
             logging.warning("phase %d: finished at step %d, but that checkpoint could not be read; training it "
                             "again from step %d", phase, done, int(state.step))
+        if o.schedule_scope == "phase" and phase > 1 and int(state.step) == phase_start:
+            logging.info("phase %d: AdamW's moments start afresh (optimizer.schedule_scope='phase')", phase)
+            state = restart_moments(state)
+
         def check(raw, slots=slots):
             host = slice_latent_slots(raw, slots, config.vital.latent_steps_cap)
             check_token_ids(host, model.backbone_config.text.vocab_size, model.decoder_config.vocab_size)

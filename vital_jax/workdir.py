@@ -34,7 +34,7 @@ RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.atten
 ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "data.blind_images": False,
                 "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0,
                 "medsynapse.imt.init": "random", "medsynapse.memory_position": "assistant_turn",
-                "vital.task_loss_reduction": "example"}
+                "vital.task_loss_reduction": "example", "optimizer.schedule_scope": "curriculum"}
 # Added fields that runs may also switch between (RESUMABLE_FIELDS), with the value older code behaved as.
 ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full",
                           "medsynapse.rollout_relayout": False}

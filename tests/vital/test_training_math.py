@@ -277,3 +277,38 @@ def test_trainables_and_adam_moments_are_float32_and_every_adapter_entry_moves_a
                 large = np.abs(before[path]) > 0.008
                 assert not stuck.any(), (f"{name} {path}: {int(stuck.sum())} of {stuck.size} entries unchanged "
                                          f"({int((stuck & large).sum())} of them with |x| > 0.008)")
+
+
+def test_the_schedule_spans_the_curriculum_or_restarts_each_phase():
+    steps, peak = (40, 60, 100), 1e-3
+    one = trainable.curriculum_schedule(peak, steps, 0.05, "curriculum")
+    each = trainable.curriculum_schedule(peak, steps, 0.05, "phase")
+    whole = trainable.warmup_cosine_schedule(peak, 200, 0.05)
+    assert all(float(one(s)) == float(whole(s)) for s in (0, 10, 40, 150, 199))
+    for start, n in ((0, 40), (40, 60), (100, 100)):  # each phase: warmup from 0 over 5 % of its own steps
+        warmup = max(1, round(0.05 * n))
+        assert float(each(start)) == 0.0 and float(each(start + warmup)) == pytest.approx(peak)
+        assert float(each(start + n - 1)) < 0.01 * peak
+    assert float(one(40)) > 0.9 * peak  # one schedule: phase 2 starts near the peak, no warmup
+    with pytest.raises(ValueError, match="schedule scope 'epoch'"):
+        trainable.curriculum_schedule(peak, steps, 0.05, "epoch")
+
+
+def test_fresh_moments_restart_adam_and_keep_the_schedules_count():
+    params = {"w": jnp.ones((3,)), "frozen": trainable.MASKED}
+    schedule = trainable.warmup_cosine_schedule(1e-2, 100)
+    optimizer = trainable.make_optimizer(schedule)
+    state = optimizer.init(params)
+    for _ in range(3):
+        _, state = optimizer.update({"w": jnp.full((3,), 0.5), "frozen": trainable.MASKED}, state, params)
+    fresh = trainable.fresh_moments(state)
+    adam = [s for s in jax.tree.leaves(fresh, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1 and int(adam[0].count) == 0
+    assert not np.any(np.asarray(adam[0].mu["w"])) and not np.any(np.asarray(adam[0].nu["w"]))
+    counts = [s.count for s in jax.tree.leaves(fresh, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState)]
+    assert [int(c) for c in counts] == [3]  # the learning rate goes on from the global step
+    # The first update after the restart is Adam's first: lr * sign(g) (bias-corrected), whatever came before.
+    updates, _ = optimizer.update({"w": jnp.full((3,), 0.5), "frozen": trainable.MASKED}, fresh, params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -float(schedule(3)) * (1 + 0.01), rtol=1e-4)

@@ -11,13 +11,16 @@ storage dtype; the model casts them to its compute dtype where they are used.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vital_jax.freeze import MASKED, mask_from_predicate, merge, split
 from vital_jax.layers.linear import merge_lora
 
-__all__ = ["MASKED", "is_trainable", "make_optimizer", "mask_from_predicate", "merge", "merge_lora", "split",
-           "trainable_mask", "warmup_cosine_schedule", "weight_decay_mask"]
+__all__ = ["MASKED", "SCHEDULE_SCOPES", "curriculum_schedule", "fresh_moments", "is_trainable", "make_optimizer",
+           "mask_from_predicate", "merge", "merge_lora", "split", "trainable_mask", "warmup_cosine_schedule",
+           "weight_decay_mask"]
 
 
 def is_trainable(path: str, train_decoder: bool = True) -> bool:
@@ -64,3 +67,30 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_ratio: float
     """Linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
     warmup = max(1, int(round(total_steps * warmup_ratio)))
     return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+# How the learning-rate schedule and AdamW's moments span the curriculum (`config.optimizer.schedule_scope`).
+SCHEDULE_SCOPES = ("curriculum", "phase")
+
+
+def curriculum_schedule(peak_lr: float, steps_per_phase, warmup_ratio: float, scope: str):
+    """The learning rate as a function of the global step: one `warmup_cosine_schedule` over the summed steps
+    ("curriculum"), or one per phase over that phase's steps, restarting at each phase's first step ("phase")."""
+    if scope == "curriculum":
+        return warmup_cosine_schedule(peak_lr, sum(steps_per_phase), warmup_ratio)
+    if scope != "phase":
+        raise ValueError(f"schedule scope {scope!r} is not one of {SCHEDULE_SCOPES}")
+    schedules = [warmup_cosine_schedule(peak_lr, n, warmup_ratio) for n in steps_per_phase]
+    return optax.join_schedules(schedules, [int(b) for b in np.cumsum(steps_per_phase)[:-1]])
+
+
+def fresh_moments(opt_state):
+    """`opt_state` with every AdamW moment (and its bias-correction count) back at its start, the other states
+    kept: the learning-rate schedule's step count goes on (it is the global step). What a phase of the "phase"
+    schedule scope starts from, as a separate run would."""
+    def reset(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return jax.tree.map(jnp.zeros_like, node)
+        return node
+
+    return jax.tree.map(reset, opt_state, is_leaf=lambda node: isinstance(node, optax.ScaleByAdamState))

@@ -374,6 +374,13 @@ def test_the_memory_position_reaches_stage_one_and_memory_cost_reads_the_run(thr
     assert c["trained_sampler"] == pytest.approx(c["initial_sampler"], rel=1e-5)
     assert abs(c["no_memory"] - c["initial_sampler"]) > 1e-3 and abs(c["zero_memory"] - c["no_memory"]) > 1e-3
     assert min(abs(c["text_memory"] - c[name]) for name in ("no_memory", "zero_memory", "initial_sampler")) > 1e-3
+    # Without a limit, every record of the split that training would read (the training iterator it used dropped
+    # the last partial batch).
+    from vital_jax.data.pipeline import select_records
+    from vital_jax.medsynapse import memory_cost
+
+    whole = memory_cost.memory_cost(str(tmp_path / "user_turn"), split="val")
+    assert whole["examples"] == len(select_records(paths.data_dir, "val", None)) > 0
     missing = subprocess.run([sys.executable, "-m", "vital_jax.medsynapse.memory_cost",
                               f"--workdir={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=REPO,
                              env=env, timeout=300)

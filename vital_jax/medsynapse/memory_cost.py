@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from vital_jax import cli, sharding
-from vital_jax.data.pipeline import make_train_iterator
+from vital_jax.data.pipeline import make_eval_batches
 from vital_jax.jsonio import atomic_write
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse import trainer
@@ -91,8 +91,9 @@ def memory_cost(workdir: str, split: str = "val", limit: int | None = None) -> d
         return nll.sum(axis=1), counted.sum(axis=1), nll[:, 0]
 
     pipeline = trainer.pipeline_config(config)
-    iterator = make_train_iterator(paths.data_dir, paths.tokenizer_dir, pipeline, k_max=pipeline.k_max_slots,
-                                   split=split, seed=config.seed, num_epochs=1)
+    # Every record of the split once, in file order (the training iterator dropped the last partial batch).
+    iterator = make_eval_batches(paths.data_dir, paths.tokenizer_dir, pipeline, split=split,
+                                 k_max=pipeline.k_max_slots)
     totals = {name: _Totals() for name in CONDITIONS}
     mesh = sharding.mesh_from_config(config)
     with jax.set_mesh(mesh):   # text_memory's vectors, (1, N, D): the same for every batch

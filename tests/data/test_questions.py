@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import types
 
 import numpy as np
@@ -135,6 +136,19 @@ def test_splits_group_by_image_and_stratify_by_modality_and_type():
     again = questions.assign_splits(_split_fixture(), (0.8, 0.1, 0.1), seed=0)
     other = questions.assign_splits(_split_fixture(), (0.8, 0.1, 0.1), seed=1)
     assert [q.split for q in again] == [q.split for q in qs] != [q.split for q in other]
+
+
+def test_slices_of_one_volume_stay_in_one_split():
+    qs = []
+    for i in range(20):  # 5 volumes of 4 slices, each slice its own image
+        for t in QUESTION_TYPES:
+            q = _ask(t, key=f"{i}{t}", image=f"images/case_{i // 4}_z{i:03d}.png")
+            qs.append(dataclasses.replace(q, group=f"case_{i // 4}"))
+    split_of = collections.defaultdict(set)
+    for q in questions.assign_splits(qs, (0.6, 0.2, 0.2), seed=0):
+        split_of[q.group].add(q.split)
+    assert all(len(s) == 1 for s in split_of.values())
+    assert collections.Counter(s for (s,) in split_of.values()) == {"train": 3, "val": 1, "test": 1}
 
 
 def test_split_fractions_are_checked():

@@ -237,7 +237,7 @@ def prepare(config) -> list[questions.Question]:
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
                         rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions,
-                        target_key=keys[target.name])
+                        target_key=keys[target.name], group=source.group)
                     if question is not None:  # None: the mask cannot answer this type (see make_question)
                         asked.append(question)
                         origins.append(f"{source.origin} (target {target.name!r}, mask {target.mask_origin})")
@@ -261,11 +261,11 @@ def prepare(config) -> list[questions.Question]:
 def _warn_empty_splits(asked: list[questions.Question]) -> None:
     per_split = collections.defaultdict(set)
     for q in asked:
-        per_split[q.split].add(q.image)
+        per_split[q.split].add(records.split_group(q))
     count = len(set().union(*per_split.values()))
     for split in records.SPLITS:
         if not per_split[split]:
-            logging.warning("split %r is empty (%d image(s) in all, split by image as %s); training or evaluating "
+            logging.warning("split %r is empty (%d volume(s) or image(s) in all, split as %s); training or evaluating "
                             "on it will fail", split, count,
                             ", ".join(f"{s} {len(per_split[s])}" for s in records.SPLITS))
 

@@ -62,7 +62,12 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class SourceImage:
-    """An image (uint8 (H, W, 3) RGB) with its targets; `origin` is the file it came from (for messages)."""
+    """An image (uint8 (H, W, 3) RGB) with its targets; `origin` is the file it came from (for messages).
+
+    `group` is the volume (MSD / DICOM case) a slice was cut from: neighbouring slices of one patient are nearly
+    the same image, so splits keep a group whole (questions.assign_splits). Empty: the image is its own group (the
+    BiomedParse layout, whose NAME carries no volume id).
+    """
 
     image_id: str
     image: np.ndarray
@@ -71,6 +76,7 @@ class SourceImage:
     source: str
     targets: tuple[Target, ...]
     origin: str
+    group: str = ""
 
 
 def parse_modality(token: str, origin: str) -> str:
@@ -233,7 +239,7 @@ def _slice_images(gray: np.ndarray, label_slices: np.ndarray, labels: dict[int, 
                   case_id: str, image_origin: str, label_origin: str, modality: str, site: str,
                   source: str) -> Iterator[SourceImage]:
     """One SourceImage per axial slice (uint8 `gray` (Z, H, W), int `label_slices` alike) holding some label with
-    >= `min_mask_pixels` pixels; organ labels are normal anatomy (App. A.1)."""
+    >= `min_mask_pixels` pixels, all of group `case_id`; organ labels are normal anatomy (App. A.1)."""
     for index in range(gray.shape[0]):
         targets = []
         for value, name in labels.items():
@@ -246,7 +252,8 @@ def _slice_images(gray: np.ndarray, label_slices: np.ndarray, labels: dict[int, 
         if targets:
             rgb = np.repeat(gray[index][..., None], 3, axis=-1)
             yield SourceImage(image_id=f"{case_id}_z{index:03d}", image=rgb, modality=modality, site=site,
-                              source=source, targets=tuple(targets), origin=f"{image_origin}[axial {index}]")
+                              source=source, targets=tuple(targets), origin=f"{image_origin}[axial {index}]",
+                              group=case_id)
 
 
 def _load_label(path: str, image: volumes.Volume, translation: bool = True) -> np.ndarray:

@@ -175,6 +175,33 @@ def test_every_msd_case_lands_in_one_split_with_its_group_recorded(tmp_path):
     assert {s for (s,) in splits_of.values()} == set(records.SPLITS)
 
 
+def test_msd_target_names_rename_a_label_in_the_questions_and_its_target_type(tmp_path):
+    task = tmp_path / "Task04_Hippocampus"
+    os.makedirs(task / "imagesTr")
+    os.makedirs(task / "labelsTr")
+    label = np.zeros((48, 48, 2), np.uint8)
+    label[10:30, 12:28, :] = 1
+    write_nifti(str(task / "imagesTr/hippocampus_1.nii.gz"), np.where(label == 1, 300, 100).astype(np.int16))
+    write_nifti(str(task / "labelsTr/hippocampus_1.nii.gz"), label)
+    (task / "dataset.json").write_text(json.dumps({"name": "Hippocampus", "modality": {"0": "MRI"},
+                                                   "labels": {"0": "background", "1": "Anterior"},
+                                                   "training": [{"image": "./imagesTr/hippocampus_1.nii.gz",
+                                                                 "label": "./labelsTr/hippocampus_1.nii.gz"}]}))
+    config = default_config()
+    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    config.msd.target_names = {"Anterior": "anterior hippocampus"}
+    build.check_config(config)
+    os.makedirs(config.out_dir)
+    asked = build.prepare(config)
+    assert {q.target for q in asked} == {"anterior hippocampus"}
+    assert all(q.target_type == "organ" and q.normal_anatomy for q in asked)  # the pathology filter applies
+    assert any("anterior hippocampus" in q.question for q in asked)
+    config.msd.target_names = {"anterior": "anterior hippocampus"}
+    with pytest.raises(build.BuildError, match=r"renames \['anterior'\], which .*dataset.json does not name "
+                                               r"\(its label names: \['Anterior'\]\)"):
+        build.check_config(config)
+
+
 def test_dicom_source_builds(tmp_path):
     hu = np.full((4, 48, 48), -100, np.int16)  # (slices, rows, columns)
     hu[1:3, 10:30, 12:28] = 60

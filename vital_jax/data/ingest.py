@@ -304,15 +304,22 @@ def iter_msd(task_dir: str, min_mask_pixels: int = MSD_MIN_MASK_PIXELS, ct_windo
 
     Volumes and labels are read with nibabel and brought to RAS+ (vital_jax.data.volumes: radiological display,
     image left = patient's right); each label volume must lie on its image's grid. Each slice is one SourceImage
-    whose targets are the labels (named by dataset.json, or `target_names` keyed by label value) present with
-    enough pixels. CT goes through `ct_window`; MR is percentile-normalised per volume, using `channel` of 4-D
-    volumes. Organ labels are normal anatomy (App. A.1).
+    whose targets are the labels present with enough pixels, named by dataset.json or renamed by `target_names`
+    (dataset.json label name -> target name, e.g. {"Anterior": "anterior hippocampus"}: the questions name the
+    target, and the name decides its target type, so a renamed organ label becomes normal anatomy). CT goes
+    through `ct_window`; MR is percentile-normalised per volume, using `channel` of 4-D volumes. Organ labels are
+    normal anatomy (App. A.1).
     """
     meta = read_msd_dataset_json(task_dir)
     json_path = os.path.join(task_dir, "dataset.json")
     modality = _msd_modality(meta, json_path, channel)
-    labels = {value: (target_names or {}).get(str(value), name)
-              for value, name in label_names(meta["labels"], f"{json_path}: field 'labels'").items()}
+    labels = label_names(meta["labels"], f"{json_path}: field 'labels'")
+    renames = dict(target_names or {})
+    unknown = sorted(set(renames) - set(labels.values()))
+    if unknown:
+        raise IngestError(f"{json_path}: target_names renames labels {unknown} that field 'labels' does not name "
+                          f"(its label names: {sorted(labels.values())})")
+    labels = {value: renames.get(name, name) for value, name in labels.items()}
     task = str(meta.get("name", os.path.basename(os.path.normpath(task_dir))))
     site = site or _slug(task)
     for case in meta["training"][:max_cases]:

@@ -114,6 +114,15 @@ def test_yes_no_asks_about_sides_only_when_the_target_is_off_centre():
     assert {q.slots["threshold"] for q in centred if q.template == "yes_no_size"} <= {0.1, 0.25}
 
 
+def test_a_side_is_asked_only_when_the_whole_target_lies_in_an_outer_third():
+    bar = np.zeros((300, 300), bool)
+    bar[140:160, 0:185] = True  # 0..0.62 of the width: centroid in the left third, a third of it right of the midline
+    geo = geometry.measure(np.zeros((300, 300), np.uint8), bar)
+    assert geo.horizontal == "left" and geometry.side_of(geo, "horizontal") is None
+    bar[:, 100:] = False        # now 0..0.33: wholly in the left third
+    assert geometry.side_of(geometry.measure(np.zeros((300, 300), np.uint8), bar), "horizontal") == "left"
+
+
 def _split_fixture():
     qs = []
     for modality in ("CT", "MRI"):

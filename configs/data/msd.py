@@ -18,6 +18,7 @@ def get_config():
     c.out_dir = ""                      # required: where the dataset goes
     c.msd.task_dir = ""                 # required: e.g. /data/MSD/Task03_Liver
     c.msd.max_cases = 0                 # 0 = every training case; a small number for a first try
+    c.msd.target_names = {}             # dataset.json label name -> target name: {"Anterior": "anterior hippocampus"}
     c.split_fractions = (0.8, 0.1, 0.1)
     c.balance_closed_answers = True
     c.teacher.kind = "geometry"

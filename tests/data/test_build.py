@@ -148,6 +148,60 @@ def test_msd_task_builds(tmp_path):
     assert all(q.normal_anatomy for q in asked)
 
 
+def test_every_msd_case_lands_in_one_split_with_its_group_recorded(tmp_path):
+    task = tmp_path / "Task09_Spleen"
+    os.makedirs(task / "imagesTr")
+    os.makedirs(task / "labelsTr")
+    rng = np.random.default_rng(0)
+    training = []
+    for c in range(6):  # 8 near-identical slices per case
+        label = np.zeros((64, 64, 12), np.uint8)
+        label[10 + c:40 + c, 20:50, 2:10] = 1
+        write_nifti(str(task / f"imagesTr/case_{c}.nii.gz"), rng.normal(40, 30, label.shape).astype(np.float32))
+        write_nifti(str(task / f"labelsTr/case_{c}.nii.gz"), label)
+        training.append({"image": f"./imagesTr/case_{c}.nii.gz", "label": f"./labelsTr/case_{c}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
+                                                   "labels": {"0": "background", "1": "spleen"},
+                                                   "training": training}))
+    config = default_config()
+    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    build.build(config)
+    splits_of = collections.defaultdict(set)
+    for row in records.read_records(str(tmp_path / "out" / records.RECORDS_FILE)):
+        assert row.image.startswith(f"images/{row.group}_z")
+        splits_of[row.group].add(row.split)
+    assert sorted(splits_of) == [f"case_{c}" for c in range(6)]
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert {s for (s,) in splits_of.values()} == set(records.SPLITS)
+
+
+def test_msd_target_names_rename_a_label_in_the_questions_and_its_target_type(tmp_path):
+    task = tmp_path / "Task04_Hippocampus"
+    os.makedirs(task / "imagesTr")
+    os.makedirs(task / "labelsTr")
+    label = np.zeros((48, 48, 2), np.uint8)
+    label[10:30, 12:28, :] = 1
+    write_nifti(str(task / "imagesTr/hippocampus_1.nii.gz"), np.where(label == 1, 300, 100).astype(np.int16))
+    write_nifti(str(task / "labelsTr/hippocampus_1.nii.gz"), label)
+    (task / "dataset.json").write_text(json.dumps({"name": "Hippocampus", "modality": {"0": "MRI"},
+                                                   "labels": {"0": "background", "1": "Anterior"},
+                                                   "training": [{"image": "./imagesTr/hippocampus_1.nii.gz",
+                                                                 "label": "./labelsTr/hippocampus_1.nii.gz"}]}))
+    config = default_config()
+    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    config.msd.target_names = {"Anterior": "anterior hippocampus"}
+    build.check_config(config)
+    os.makedirs(config.out_dir)
+    asked = build.prepare(config)
+    assert {q.target for q in asked} == {"anterior hippocampus"}
+    assert all(q.target_type == "organ" and q.normal_anatomy for q in asked)  # the pathology filter applies
+    assert any("anterior hippocampus" in q.question for q in asked)
+    config.msd.target_names = {"anterior": "anterior hippocampus"}
+    with pytest.raises(build.BuildError, match=r"renames \['anterior'\], which .*dataset.json does not name "
+                                               r"\(its label names: \['Anterior'\]\)"):
+        build.check_config(config)
+
+
 def test_dicom_source_builds(tmp_path):
     hu = np.full((4, 48, 48), -100, np.int16)  # (slices, rows, columns)
     hu[1:3, 10:30, 12:28] = 60
@@ -389,7 +443,7 @@ def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_sp
     with caplog.at_level(logging.WARNING):
         result = build.build(_phantom_config(tmp_path / "two", count=2))
     assert result["splits"]["test"] == 0 and result["splits"]["val"] > 0
-    assert "split 'test' is empty (2 image(s) in all" in caplog.text
+    assert "split 'test' is empty (2 volume(s) or image(s) in all" in caplog.text
 
 
 def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them_is_seen(tmp_path):

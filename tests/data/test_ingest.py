@@ -155,6 +155,24 @@ def test_msd_keeps_slices_with_enough_target_pixels(tmp_path):
     assert images[4].image[15, 15, 0] == round((50 + 160) / 400 * 255)
 
 
+def test_an_msd_organ_mask_includes_the_tumour_labelled_inside_it(tmp_path):
+    os.makedirs(tmp_path / "imagesTr")
+    os.makedirs(tmp_path / "labelsTr")
+    label = np.zeros((40, 40, 1), np.uint8)
+    label[5:30, 5:30, 0] = 1           # pancreas
+    label[12:20, 12:20, 0] = 2         # its tumour, painted over it: 64 px
+    label[33:38, 33:38, 0] = 2         # a lesion outside the organ: 25 px
+    write_nifti(str(tmp_path / "imagesTr/p_1.nii.gz"), np.zeros(label.shape, np.int16))
+    write_nifti(str(tmp_path / "labelsTr/p_1.nii.gz"), label)
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "Pancreas", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "pancreas", "2": "cancer"},
+        "training": [{"image": "./imagesTr/p_1.nii.gz", "label": "./labelsTr/p_1.nii.gz"}]}))
+    pancreas, = [t for t in next(ingest.iter_msd(str(tmp_path), min_mask_pixels=50)).targets if t.name == "pancreas"]
+    slice_ = volumes.axial_slices(label)[0]
+    assert pancreas.mask.sum() == 25 * 25
+    assert pancreas.mask[slice_ == 1].all() and (pancreas.mask & (slice_ == 2)).sum() == 64
+
+
 def test_msd_mr_and_errors(tmp_path):
     _msd_task(tmp_path / "mr", modality="T2")
     assert {im.modality for im in ingest.iter_msd(str(tmp_path / "mr"), max_cases=1)} == {"MRI"}

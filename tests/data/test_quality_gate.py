@@ -77,7 +77,11 @@ def _answer(question_type, answer, steps=None, choices=(), target_type="organ"):
     ("yes_no", "NO.", "No."),
     ("yes_no", "Yes, the liver is visible!", "Yes, the liver is visible."),
     ("yes_no", "no the liver is in the right half", "No, the liver is in the right half."),
+    ("yes_no", "Yes, MRI shows the liver.", "Yes, MRI shows the liver."),  # an acronym keeps its capitals
+    ("yes_no", "No, The liver is absent.", "No, the liver is absent."),
     ("identify", "pancreas", "The main organ shown is the pancreas."),
+    ("identify", "Liver", "The main organ shown is the liver."),
+    ("identify", "COVID-19 infection", "The main organ shown is the COVID-19 infection."),
     ("identify", "The liver", "The main organ shown is the liver."),
     ("identify", "This is the liver of the patient.", "This is the liver of the patient."),
     ("location", "The liver is in the upper left", "The liver is in the upper left of the image."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import types
 
 import numpy as np
@@ -113,6 +114,15 @@ def test_yes_no_asks_about_sides_only_when_the_target_is_off_centre():
     assert {q.slots["threshold"] for q in centred if q.template == "yes_no_size"} <= {0.1, 0.25}
 
 
+def test_a_side_is_asked_only_when_the_whole_target_lies_in_an_outer_third():
+    bar = np.zeros((300, 300), bool)
+    bar[140:160, 0:185] = True  # 0..0.62 of the width: centroid in the left third, a third of it right of the midline
+    geo = geometry.measure(np.zeros((300, 300), np.uint8), bar)
+    assert geo.horizontal == "left" and geometry.side_of(geo, "horizontal") is None
+    bar[:, 100:] = False        # now 0..0.33: wholly in the left third
+    assert geometry.side_of(geometry.measure(np.zeros((300, 300), np.uint8), bar), "horizontal") == "left"
+
+
 def _split_fixture():
     qs = []
     for modality in ("CT", "MRI"):
@@ -135,6 +145,19 @@ def test_splits_group_by_image_and_stratify_by_modality_and_type():
     again = questions.assign_splits(_split_fixture(), (0.8, 0.1, 0.1), seed=0)
     other = questions.assign_splits(_split_fixture(), (0.8, 0.1, 0.1), seed=1)
     assert [q.split for q in again] == [q.split for q in qs] != [q.split for q in other]
+
+
+def test_slices_of_one_volume_stay_in_one_split():
+    qs = []
+    for i in range(20):  # 5 volumes of 4 slices, each slice its own image
+        for t in QUESTION_TYPES:
+            q = _ask(t, key=f"{i}{t}", image=f"images/case_{i // 4}_z{i:03d}.png")
+            qs.append(dataclasses.replace(q, group=f"case_{i // 4}"))
+    split_of = collections.defaultdict(set)
+    for q in questions.assign_splits(qs, (0.6, 0.2, 0.2), seed=0):
+        split_of[q.group].add(q.split)
+    assert all(len(s) == 1 for s in split_of.values())
+    assert collections.Counter(s for (s,) in split_of.values()) == {"train": 3, "val": 1, "test": 1}
 
 
 def test_split_fractions_are_checked():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -183,6 +184,26 @@ def test_validate_reports_every_bad_record_by_id(tmp_path):
     assert "img4_liver.png: corrupt or unreadable mask" in text
     # Plus two repeats: the duplicate s1 has s1's bad ROI row, and s5 names s0's missing image.
     assert len(problems) == len(expected) + 2
+
+
+def test_a_volume_whose_slices_span_splits_is_refused_naming_the_group_and_splits(tmp_path):
+    rows = _write_dataset(tmp_path, n=3)
+    sliced = [dataclasses.replace(r, group="case_7", split=split) for r, split in zip(rows, ("train", "train", "test"))]
+    records.write_records(str(tmp_path / records.RECORDS_FILE), sliced)
+    problems = records.validate_dataset(str(tmp_path))
+    assert len(problems) == 1
+    assert "group 'case_7' spans splits test (e.g. record 's2'), train (e.g. record 's0')" in problems[0]
+    whole = [dataclasses.replace(r, split="test") for r in sliced]
+    records.write_records(str(tmp_path / records.RECORDS_FILE), whole)
+    assert records.validate_dataset(str(tmp_path)) == []
+
+
+def test_a_record_written_before_groups_existed_loads_as_its_own_images_group():
+    data = _record(0).to_dict()
+    del data["group"]
+    record = Record.from_dict(data)
+    assert record.group == "" and records.split_group(record) == record.image
+    assert records.split_group(_record(0, group="case_1")) == "case_1"
 
 
 def test_validate_reports_missing_and_mismatched_roi_arrays(tmp_path):

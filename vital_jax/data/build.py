@@ -130,6 +130,17 @@ def _check_source_config(config) -> None:
             raise BuildError(f"config.msd.ct_window={tuple(m.ct_window)}: expected (level, width) with width > 0")
         if m.channel < 0:
             raise BuildError(f"config.msd.channel={m.channel}: expected a channel index >= 0")
+        names = dict(m.target_names)
+        if not all(isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in names.items()):
+            raise BuildError(f"config.msd.target_names={names!r}: expected a mapping of dataset.json label names to "
+                             "non-empty target names, e.g. {'Anterior': 'anterior hippocampus'}")
+        if names:  # a misspelt label name would otherwise rename nothing, silently
+            json_path = os.path.join(m.task_dir, "dataset.json")
+            known = ingest.label_names(ingest.read_msd_dataset_json(m.task_dir)["labels"], json_path).values()
+            unknown = sorted(set(names) - set(known))
+            if unknown:
+                raise BuildError(f"config.msd.target_names renames {unknown}, which {json_path} does not name "
+                                 f"(its label names: {sorted(known)})")
     elif config.source == "dicom":
         d = config.dicom
         if not d.root or not d.labels:
@@ -150,7 +161,7 @@ def _source_images(config, scratch: str, split_of: dict[str, str]) -> Iterator[i
     if config.source == "msd":
         m = config.msd
         return ingest.iter_msd(m.task_dir, min_mask_pixels=m.min_mask_pixels, ct_window=tuple(m.ct_window),
-                               channel=m.channel, max_cases=m.max_cases or None)
+                               channel=m.channel, target_names=dict(m.target_names), max_cases=m.max_cases or None)
     if config.source == "dicom":
         d = config.dicom
         return ingest.iter_dicom(d.root, dict(d.labels), min_mask_pixels=d.min_mask_pixels,
@@ -237,7 +248,7 @@ def prepare(config) -> list[questions.Question]:
                         target=target.name, target_type=target.target_type, modality=source.modality,
                         source=source.source, normal_anatomy=target.normal_anatomy, geo=geo,
                         rng=questions.question_rng(config.seed, key), contrast_questions=config.contrast_questions,
-                        target_key=keys[target.name])
+                        target_key=keys[target.name], group=source.group)
                     if question is not None:  # None: the mask cannot answer this type (see make_question)
                         asked.append(question)
                         origins.append(f"{source.origin} (target {target.name!r}, mask {target.mask_origin})")
@@ -261,11 +272,11 @@ def prepare(config) -> list[questions.Question]:
 def _warn_empty_splits(asked: list[questions.Question]) -> None:
     per_split = collections.defaultdict(set)
     for q in asked:
-        per_split[q.split].add(q.image)
+        per_split[q.split].add(records.split_group(q))
     count = len(set().union(*per_split.values()))
     for split in records.SPLITS:
         if not per_split[split]:
-            logging.warning("split %r is empty (%d image(s) in all, split by image as %s); training or evaluating "
+            logging.warning("split %r is empty (%d volume(s) or image(s) in all, split as %s); training or evaluating "
                             "on it will fail", split, count,
                             ", ".join(f"{s} {len(per_split[s])}" for s in records.SPLITS))
 

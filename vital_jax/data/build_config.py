@@ -38,8 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (answer no; questions.absence_question), so presence answers need the image.
     c.biomedparse = ml_collections.ConfigDict(dict(image_dir="", mask_dir="", source="biomedparse",
                                                    normal_anatomy=False))
+    # target_names: dataset.json label name -> the target name questions use ({"Anterior": "anterior hippocampus"});
+    # the new name also decides the target type (an organ word makes it normal anatomy, App. A.3).
     c.msd = ml_collections.ConfigDict(dict(task_dir="", min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,
-                                           ct_window=ingest.CT_WINDOW, channel=0, max_cases=0))
+                                           ct_window=ingest.CT_WINDOW, channel=0, max_cases=0, target_names={}))
     # DICOM series (root/images/CASE/) with NIfTI label volumes (root/labels/CASE.nii.gz); labels maps label
     # values to target names ({"1": "liver"}); window () = each series' own WindowCenter/WindowWidth, else the
     # modality default (ingest.iter_dicom); name "" = the root folder's name.

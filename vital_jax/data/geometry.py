@@ -131,9 +131,16 @@ def axis_third(g: MaskGeometry, axis: str) -> str | None:
 
 def side_of(g: MaskGeometry, axis: str) -> str | None:
     """The half ("left"/"right", "upper"/"lower") a yes/no side question may ask about, or None. A side is asked
-    only when the whole target lies in an outer third, so the half and the third name the same side."""
-    word = axis_third(g, axis)
-    return None if word in (None, "center", "middle") else word
+    only when the whole target (every mask pixel, by pixel centre) lies in an outer third, so the half and the
+    third name the same side: a centroid in the left third is not enough (a bar over 0..0.62 of the width has its
+    centroid at 0.31 and a third of its pixels in the right half)."""
+    shares = g.col_thirds if axis == "horizontal" else g.row_thirds
+    words = AXES[axis]
+    if shares[0] == 1.0:
+        return words[0]
+    if shares[2] == 1.0:
+        return words[2]
+    return None
 
 
 def straddles(g: MaskGeometry, axis: str) -> bool:

@@ -5,7 +5,8 @@ name, target type and whether it is normal anatomy):
   BiomedParse layout  `NAME_MODALITY_SITE.png` images and `NAME_MODALITY_SITE_TARGET.png` masks ('+' = space,
                       0/255) in two folders; modality and site are parsed from the name. Phantoms use it too.
   MSD                 a task folder with `dataset.json` and NIfTI-1/-2 volumes; axial slices whose target mask
-                      has at least `min_mask_pixels` (100) pixels, CT windowing, label names from dataset.json.
+                      has at least `min_mask_pixels` (100) pixels, CT windowing, label names from dataset.json;
+                      an organ's mask includes the lesion labels painted inside it (`organ_mask`).
   DICOM               `images/CASE/` DICOM series with `labels/CASE.nii.gz` label volumes; slices as for MSD,
                       windowed by the series' WindowCenter/WindowWidth or a per-modality default.
 Volumes are sliced in RAS+ order, shown radiologically (vital_jax.data.volumes): image top = anterior, image
@@ -17,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from absl import logging
+from scipy import ndimage
 
 from vital_jax.data import dicom, images, volumes
 from vital_jax.data.records import MODALITIES
@@ -62,7 +64,12 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class SourceImage:
-    """An image (uint8 (H, W, 3) RGB) with its targets; `origin` is the file it came from (for messages)."""
+    """An image (uint8 (H, W, 3) RGB) with its targets; `origin` is the file it came from (for messages).
+
+    `group` is the volume (MSD / DICOM case) a slice was cut from: neighbouring slices of one patient are nearly
+    the same image, so splits keep a group whole (questions.assign_splits). Empty: the image is its own group (the
+    BiomedParse layout, whose NAME carries no volume id).
+    """
 
     image_id: str
     image: np.ndarray
@@ -71,6 +78,7 @@ class SourceImage:
     source: str
     targets: tuple[Target, ...]
     origin: str
+    group: str = ""
 
 
 def parse_modality(token: str, origin: str) -> str:
@@ -229,15 +237,44 @@ def _msd_modality(meta: dict, path: str, channel: int) -> str:
     raise IngestError(f"{path}: unknown modality {name!r} for channel {channel}")
 
 
+# A lesion component lies within an organ when at least this share of the pixels just around it are that organ's.
+NESTED_LESION_SURROUND = 0.5
+
+
+def organ_mask(label_slice: np.ndarray, organ_value: int, lesion_values: Iterable[int]) -> np.ndarray:
+    """bool (H, W): the pixels of `organ_value` in the int label slice, plus every connected region of a lesion
+    label that lies within the organ (at least NESTED_LESION_SURROUND of its 8-neighbour ring is organ).
+
+    Label maps hold one value per voxel, so MSD paints a lesion over the organ it grows in (Task03_Liver: 1 liver,
+    2 cancer; Task07_Pancreas: 1 pancreas, 2 cancer): the organ label alone is the organ with a hole where its
+    tumour is. A lesion lying elsewhere (beside the organ, or in another organ) is not added.
+    """
+    organ = label_slice == organ_value
+    mask = organ.copy()
+    for value in lesion_values:
+        regions, count = ndimage.label(label_slice == value, structure=np.ones((3, 3), bool))
+        for region in range(1, count + 1):
+            inside = regions == region
+            ring = ndimage.binary_dilation(inside, structure=np.ones((3, 3), bool)) & ~inside
+            if ring.any() and organ[ring].mean() >= NESTED_LESION_SURROUND:
+                mask |= inside
+    return mask
+
+
 def _slice_images(gray: np.ndarray, label_slices: np.ndarray, labels: dict[int, str], min_mask_pixels: int,
                   case_id: str, image_origin: str, label_origin: str, modality: str, site: str,
                   source: str) -> Iterator[SourceImage]:
     """One SourceImage per axial slice (uint8 `gray` (Z, H, W), int `label_slices` alike) holding some label with
-    >= `min_mask_pixels` pixels; organ labels are normal anatomy (App. A.1)."""
+    >= `min_mask_pixels` pixels, all of group `case_id`; organ labels are normal anatomy (App. A.1), and an organ's
+    mask holds the lesions painted over it (`organ_mask`)."""
+    lesion_values = [value for value, name in labels.items() if classify_target(name) == "lesion"]
     for index in range(gray.shape[0]):
         targets = []
         for value, name in labels.items():
-            mask = label_slices[index] == value
+            if classify_target(name) == "organ":
+                mask = organ_mask(label_slices[index], value, lesion_values)
+            else:
+                mask = label_slices[index] == value
             if mask.sum() >= min_mask_pixels:
                 target_type = classify_target(name)
                 targets.append(Target(name=name, target_type=target_type, mask=np.ascontiguousarray(mask),
@@ -246,7 +283,8 @@ def _slice_images(gray: np.ndarray, label_slices: np.ndarray, labels: dict[int, 
         if targets:
             rgb = np.repeat(gray[index][..., None], 3, axis=-1)
             yield SourceImage(image_id=f"{case_id}_z{index:03d}", image=rgb, modality=modality, site=site,
-                              source=source, targets=tuple(targets), origin=f"{image_origin}[axial {index}]")
+                              source=source, targets=tuple(targets), origin=f"{image_origin}[axial {index}]",
+                              group=case_id)
 
 
 def _load_label(path: str, image: volumes.Volume, translation: bool = True) -> np.ndarray:
@@ -266,15 +304,22 @@ def iter_msd(task_dir: str, min_mask_pixels: int = MSD_MIN_MASK_PIXELS, ct_windo
 
     Volumes and labels are read with nibabel and brought to RAS+ (vital_jax.data.volumes: radiological display,
     image left = patient's right); each label volume must lie on its image's grid. Each slice is one SourceImage
-    whose targets are the labels (named by dataset.json, or `target_names` keyed by label value) present with
-    enough pixels. CT goes through `ct_window`; MR is percentile-normalised per volume, using `channel` of 4-D
-    volumes. Organ labels are normal anatomy (App. A.1).
+    whose targets are the labels present with enough pixels, named by dataset.json or renamed by `target_names`
+    (dataset.json label name -> target name, e.g. {"Anterior": "anterior hippocampus"}: the questions name the
+    target, and the name decides its target type, so a renamed organ label becomes normal anatomy). CT goes
+    through `ct_window`; MR is percentile-normalised per volume, using `channel` of 4-D volumes. Organ labels are
+    normal anatomy (App. A.1).
     """
     meta = read_msd_dataset_json(task_dir)
     json_path = os.path.join(task_dir, "dataset.json")
     modality = _msd_modality(meta, json_path, channel)
-    labels = {value: (target_names or {}).get(str(value), name)
-              for value, name in label_names(meta["labels"], f"{json_path}: field 'labels'").items()}
+    labels = label_names(meta["labels"], f"{json_path}: field 'labels'")
+    renames = dict(target_names or {})
+    unknown = sorted(set(renames) - set(labels.values()))
+    if unknown:
+        raise IngestError(f"{json_path}: target_names renames labels {unknown} that field 'labels' does not name "
+                          f"(its label names: {sorted(labels.values())})")
+    labels = {value: renames.get(name, name) for value, name in labels.items()}
     task = str(meta.get("name", os.path.basename(os.path.normpath(task_dir))))
     site = site or _slug(task)
     for case in meta["training"][:max_cases]:

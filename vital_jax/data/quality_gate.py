@@ -28,7 +28,7 @@ import re
 from vital_jax.data import questions
 from vital_jax.data.records import STEP_RANGES
 from vital_jax.data.vocabulary import vocabulary_problems
-from vital_jax.data.wording import grammar_problems, is_plural
+from vital_jax.data.wording import decapitalize, grammar_problems, is_plural
 
 ROUNDS = ("json_schema", "annotation_leakage", "pathology_terms", "spatial_convention", "vocabulary", "grammar",
           "step_count", "answer_format")
@@ -183,7 +183,8 @@ def normalize_answer(answer: str, context: GateContext) -> str:
             raise ValueError("a yes/no answer must start with Yes or No")
         rest = match.group(2).strip()
         head = match.group(1).capitalize()
-        return _sentence(f"{head}, {rest[:1].lower()}{rest[1:]}" if rest else head)
+        first, _, others = rest.partition(" ")
+        return _sentence(f"{head}, {' '.join(filter(None, (decapitalize(first), others)))}" if rest else head)
     if qtype == "location_choice":
         if not context.choices:
             raise ValueError("a location_choice sample needs its choices")
@@ -197,7 +198,9 @@ def normalize_answer(answer: str, context: GateContext) -> str:
             raise ValueError(f"the answer must name exactly one of {', '.join(context.choices)} (it names {what})")
         return _sentence(text)
     if qtype == "identify" and len(bare.split()) < 4:
-        name = re.sub(r"^(?:the|a|an) ", "", bare)
+        # Lower-cased word by word: "Liver" -> "liver", but "COVID-19 infection" keeps its acronym.
+        words = [decapitalize(w) for w in re.sub(r"[\s.!?;:,()\[\]]+", " ", text).split()]
+        name = re.sub(r"^(?:the|a|an) ", "", " ".join(words), flags=re.IGNORECASE)
         kind = _KIND_FOR_IDENTIFY[context.target_type]
         if is_plural(name):
             return _sentence(f"The main {'abnormalities' if kind == 'abnormality' else kind + 's'} shown are the "

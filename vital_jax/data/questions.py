@@ -26,7 +26,7 @@ import numpy as np
 
 from vital_jax.data import geometry, vocabulary
 from vital_jax.data.records import (QUESTION_TYPES, SPLITS, STEP_RANGES, LineError, Record, RecordError,
-                                    iter_jsonl, write_jsonl_atomic)
+                                    iter_jsonl, split_group, write_jsonl_atomic)
 from vital_jax.data.wording import Subject, capitalize
 
 QUESTIONS_FILE = "questions.jsonl"
@@ -66,7 +66,8 @@ class Question:
 
     `latent_steps` is the requested K (within the type's range); `template` and `slots` say which template
     was used and its parameters (e.g. the side a yes/no question asks about), so the geometry teacher can answer
-    without parsing text; `choices` are the options of a location_choice question.
+    without parsing text; `choices` are the options of a location_choice question; `group` is the volume or
+    patient of the image ("" = the image is its own group; records.split_group), which splits keep whole.
     """
 
     id: str
@@ -84,13 +85,15 @@ class Question:
     slots: dict = dataclasses.field(default_factory=dict)
     choices: tuple[str, ...] = ()
     split: str = "train"
+    group: str = ""
 
     def to_record(self, answer: str, reasoning_chain: Sequence[str]) -> Record:
         """The finished record; `latent_steps` is the chain's length (the validated K, App. A.2)."""
         return Record(id=self.id, image=self.image, mask=self.mask, question=self.question, answer=answer,
                       reasoning_chain=tuple(reasoning_chain), latent_steps=len(reasoning_chain),
                       question_type=self.question_type, target=self.target, target_type=self.target_type,
-                      modality=self.modality, source=self.source, split=self.split, roi_index=-1)
+                      modality=self.modality, source=self.source, split=self.split, roi_index=-1,
+                      group=self.group)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -224,7 +227,7 @@ def _clause(phrase: str) -> str:
 def make_question(question_type: str, *, image_id: str, image_path: str, mask_path: str, target: str,
                   target_type: str, modality: str, source: str, normal_anatomy: bool,
                   geo: geometry.MaskGeometry, rng: np.random.Generator, contrast_questions: bool = False,
-                  target_key: str | None = None) -> Question | None:
+                  target_key: str | None = None, group: str = "") -> Question | None:
     """One question of `question_type` about `target`, its K drawn from the type's range (Table 4); None for a
     location choice that the target cannot answer (its regions lie in different thirds along both axes).
 
@@ -263,7 +266,7 @@ def make_question(question_type: str, *, image_id: str, image_path: str, mask_pa
     return Question(id=f"{image_id}__{target_key or slug(target)}__{question_type}", image=image_path, mask=mask_path,
                     question=text, question_type=question_type, latent_steps=steps, target=target,
                     target_type=target_type, modality=modality, source=source, normal_anatomy=normal_anatomy,
-                    template=template, slots=slots, choices=choices)
+                    template=template, slots=slots, choices=choices, group=group)
 
 
 def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, target: str, organ: str,
@@ -282,47 +285,48 @@ def absence_question(*, image_id: str, image_path: str, organ_mask_path: str, ta
 
 def assign_splits(questions: Sequence[Question], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                   seed: int = 0) -> list[Question]:
-    """Questions with `split` set, grouped by image (one image never spans splits), stratified by
-    (question type, modality).
+    """Questions with `split` set, grouped by volume / patient (`records.split_group`: a question's `group`, else
+    its image), so that one group never spans splits, stratified by (question type, modality). Neighbouring slices
+    of one volume are near-duplicates: split by slice, test would hold slices all but seen in training.
 
-    Images are visited in a seeded random order; each goes to the split whose strata are least filled relative
-    to their targets (fraction x stratum size), summed over the image's questions. Relative filling gives a
-    small dataset an image in every split with a non-zero fraction before train takes the rest; where it does not
-    (strata that only one image holds), a split left without an image takes one from the split holding the most,
-    as long as there are at least as many images as splits with a non-zero fraction.
+    Groups are visited in a seeded random order; each goes to the split whose strata are least filled relative
+    to their targets (fraction x stratum size), summed over the group's questions. Relative filling gives a
+    small dataset a group in every split with a non-zero fraction before train takes the rest; where it does not
+    (strata that only one group holds), a split left without a group takes one from the split holding the most,
+    as long as there are at least as many groups as splits with a non-zero fraction.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
-    by_image: dict[str, list[Question]] = collections.defaultdict(list)
+    by_group: dict[str, list[Question]] = collections.defaultdict(list)
     for q in questions:
-        by_image[q.image].append(q)
+        by_group[split_group(q)].append(q)
     totals = collections.Counter((q.question_type, q.modality) for q in questions)
     assigned = [collections.Counter() for _ in SPLITS]
-    order = sorted(by_image)
+    order = sorted(by_group)
     np.random.default_rng(seed).shuffle(order)
     split_of: dict[str, str] = {}
-    for image in order:
-        strata = collections.Counter((q.question_type, q.modality) for q in by_image[image])
+    for group in order:
+        strata = collections.Counter((q.question_type, q.modality) for q in by_group[group])
         scores = [sum(n * (1.0 - assigned[j][s] / (fractions[j] * totals[s])) for s, n in strata.items())
                   if fractions[j] > 0 else -np.inf for j in range(len(SPLITS))]
         # Ties go to the larger split, so tiny datasets fill train first.
         best = max(range(len(SPLITS)), key=lambda j: (scores[j], fractions[j], -j))
         assigned[best].update(strata)
-        split_of[image] = SPLITS[best]
-    # Strata held by one image only (every image its own modality) score all splits alike and ties go to train,
-    # so a small dataset could land in train whole: give each split with a non-zero fraction an image while
-    # another split has two, taking the donor's smallest image (the last visited among equals).
+        split_of[group] = SPLITS[best]
+    # Strata held by one group only (every image its own modality) score all splits alike and ties go to train,
+    # so a small dataset could land in train whole: give each split with a non-zero fraction a group while
+    # another split has two, taking the donor's smallest group (the last visited among equals).
     wanted = [j for j in range(len(SPLITS)) if fractions[j] > 0]
-    members = {j: [image for image in order if split_of[image] == SPLITS[j]] for j in wanted}
+    members = {j: [group for group in order if split_of[group] == SPLITS[j]] for j in wanted}
     for j in wanted:
         donor = max(wanted, key=lambda d: (len(members[d]), fractions[d]))
         if members[j] or len(members[donor]) < 2:
             continue
-        image = min(reversed(members[donor]), key=lambda im: len(by_image[im]))
-        members[donor].remove(image)
-        members[j].append(image)
-        split_of[image] = SPLITS[j]
-    return [dataclasses.replace(q, split=split_of[q.image]) for q in questions]
+        group = min(reversed(members[donor]), key=lambda g: len(by_group[g]))
+        members[donor].remove(group)
+        members[j].append(group)
+        split_of[group] = SPLITS[j]
+    return [dataclasses.replace(q, split=split_of[split_group(q)]) for q in questions]
 
 
 def write_questions(path: str, questions: Iterable[Question]) -> None:

@@ -61,7 +61,12 @@ class RecordError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One training sample: (image, question, answer, K-step reasoning chain, ROI feature row) plus metadata."""
+    """One training sample: (image, question, answer, K-step reasoning chain, ROI feature row) plus metadata.
+
+    `group` is the volume or patient the image was cut from (an MSD / DICOM case id), which splits keep whole;
+    empty (2-D sources, and datasets written before the field existed) means the image is its own group
+    (`split_group`).
+    """
 
     id: str
     image: str
@@ -77,6 +82,7 @@ class Record:
     source: str
     split: str
     roi_index: int = -1
+    group: str = ""
 
     def __post_init__(self):
         problems = self.problems()
@@ -114,6 +120,8 @@ class Record:
             out.append(f"unknown split {self.split!r} (expected one of {', '.join(SPLITS)})")
         if not isinstance(self.roi_index, int) or isinstance(self.roi_index, bool) or self.roi_index < -1:
             out.append(f"roi_index must be an int >= -1, got {self.roi_index!r}")
+        if not isinstance(self.group, str):
+            out.append(f"group must be a string (empty: the image is its own group), got {self.group!r}")
         return out
 
     @classmethod
@@ -139,6 +147,12 @@ class Record:
         data = dataclasses.asdict(self)
         data["reasoning_chain"] = list(self.reasoning_chain)
         return data
+
+
+def split_group(item) -> str:
+    """The key a split keeps whole for a Record or a questions.Question: its `group` (volume / patient), else its
+    image."""
+    return item.group or item.image
 
 
 def read_records(path: str) -> list[Record]:
@@ -327,8 +341,9 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
     Checks each record's fields, duplicate ids, that its image passes the checks every stage applies
     (vital_jax.data.images: readable, size limits, modes), that its mask is a non-empty 0/255 mask of the image's
     size (`check_files=False` skips the files), and for `roi_index >= 0` that the ROI row exists, is finite and
-    unit-norm (after an interrupted ROI write: one problem naming its journal instead). A malformed line of
-    records.jsonl is reported by line number and validation goes on.
+    unit-norm (after an interrupted ROI write: one problem naming its journal instead), and that no `group`
+    (volume / patient) spans splits: its slices are near-duplicates, so one in train and one in test leaks. A
+    malformed line of records.jsonl is reported by line number and validation goes on.
     """
     path = os.path.join(data_dir, RECORDS_FILE)
     if not os.path.isfile(path):
@@ -376,7 +391,21 @@ def validate_dataset(data_dir: str, check_files: bool = True) -> list[str]:
             problems.extend(f"{label}: {p}" for p in _file_problems(data_dir, record, checked))
         if record.roi_index >= 0 and not interrupted:
             problems.extend(f"{label}: {p}" for p in _roi_problems(roi, record.roi_index))
+    problems.extend(_group_leaks(records))
     return problems
+
+
+def _group_leaks(records: list[Record]) -> list[str]:
+    """One problem per group (volume / patient) whose records lie in more than one split, naming a record of
+    each split. Records without a group are their image's own and not checked here."""
+    first_of: dict[str, dict[str, str]] = {}
+    for record in records:
+        if record.group:
+            first_of.setdefault(record.group, {}).setdefault(record.split, record.id)
+    return [f"group {group!r} spans splits " + ", ".join(f"{split} (e.g. record {rid!r})"
+                                                       for split, rid in sorted(by_split.items())) +
+            ": slices of one volume or patient must stay in one split (questions.assign_splits)"
+            for group, by_split in first_of.items() if len(by_split) > 1]
 
 
 def _file_problems(data_dir: str, record: Record, checked: dict[str, tuple | str]) -> list[str]:

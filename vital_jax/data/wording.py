@@ -81,6 +81,15 @@ def capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def decapitalize(word: str) -> str:
+    """`word` lower-cased only when it is an ordinary capitalised word ("Liver" -> "liver", "The" -> "the"): one
+    with another capital or a digit after its first letter is an acronym or a name ("MRI", "COVID-19", "T2",
+    "McBurney") and keeps its case."""
+    if re.fullmatch(r"[A-Z][^A-Z0-9]*", word):
+        return word.lower()
+    return word
+
+
 class Subject:
     """A target name as a sentence subject: its verb forms and pronouns agree with its number."""
 

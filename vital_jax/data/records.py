@@ -143,9 +143,13 @@ class Record:
         return cls(**{**data, "reasoning_chain": tuple(chain)})
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (the chain as a list), field order as declared."""
+        """A JSON-ready dict (the chain as a list), field order as declared. An empty `group` is left out: a dataset
+        of 2-D sources keeps the records.jsonl it had before the field existed when a command rewrites it (the
+        ROI command)."""
         data = dataclasses.asdict(self)
         data["reasoning_chain"] = list(self.reasoning_chain)
+        if not data["group"]:
+            del data["group"]
         return data
 
 

@@ -75,6 +75,8 @@ class PipelineConfig:
       "interpolated"` sets it).
     blind_images: replace every image's pixels by mid-gray (same size, so the same image tokens): the text-only
       control, which shows how much of a score the question alone earns.
+    Prompts have no system message, as at inference (`PromptEncoder`): a `system_prompt` field here, which no
+    config set and inference never read, would have trained on prompts the model is never asked.
     """
 
     batch_size: int = 8
@@ -88,7 +90,6 @@ class PipelineConfig:
     num_workers: int = 0
     read_threads: int = 4
     prefetch_buffer_size: int = 16
-    system_prompt: str | None = None
     end_steps_with_im_end: bool = True
     global_feature: bool = False
     blind_images: bool = False
@@ -252,7 +253,7 @@ class ExampleBuilder:
         patches, grid_thw = preprocessing.preprocess_image(rgb, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
         if cfg.blind_images:
             patches = blind(patches)
-        prompt_ids = prompt.tokenize_prompt(tokenizer, record.question, grid_thw, system=cfg.system_prompt).input_ids
+        prompt_ids = prompt.tokenize_prompt(tokenizer, record.question, grid_thw).input_ids
         answer_ids = np.asarray(tokenizer.encode(record.answer + prompt.IM_END, add_special_tokens=False).ids,
                                 np.int32)
         if len(answer_ids) > cfg.max_answer_tokens:
@@ -350,7 +351,7 @@ def prompt_widths(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split:
         try:
             height, width = images.check_file(os.path.join(data_dir, record.image))
             grid = preprocessing.grid_for_size(height, width, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-            length = len(prompt.tokenize_prompt(tokenizer, record.question, grid, system=cfg.system_prompt).input_ids)
+            length = len(prompt.tokenize_prompt(tokenizer, record.question, grid).input_ids)
         except Exception as e:  # as in ExampleBuilder: say which record
             raise PipelineError(f"record {record.id!r} (records.jsonl row {row}): {type(e).__name__}: {e}") from e
         fitting = [t for t in sorted(cfg.prompt_buckets) if t >= length]

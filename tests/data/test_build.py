@@ -41,11 +41,19 @@ def test_shared_biomedparse_demo_builds_validated_records(shared_data_dir, tmp_p
     config.biomedparse.image_dir = os.path.join(root, "demo")
     config.biomedparse.mask_dir = os.path.join(root, "demo_mask")
     result = build.build(config)
-    # Every target is asked every question type but one: the glandular structure's four regions lie in different
-    # thirds both across and down the image, so no location choice has a single right answer.
-    assert result["questions"] == result["records"] == 62 * len(QUESTION_TYPES) - 1
     assert records.validate_dataset(config.out_dir) == []
     rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    assert result["questions"] == result["records"] == len(rows)
+    # Every target is asked every question type but one: the glandular structure's four regions lie in different
+    # thirds both across and down the image, so no location choice has a single right answer. Identify questions
+    # are asked only where no other target of the image has the same kind and place (one question, one answer).
+    per_type = collections.Counter(r.question_type for r in rows)
+    assert {t: n for t, n in per_type.items() if t != "identify"} == {
+        t: 62 - (t == "location_choice") for t in QUESTION_TYPES if t != "identify"}
+    identify = [(r.image, r.question.replace("Which organ can be seen", "What organ is shown").replace(
+        "Which abnormality can be seen", "What abnormality is shown").replace(
+        "Which structure can be seen", "What structure is shown")) for r in rows if r.question_type == "identify"]
+    assert 0 < len(identify) < 62 and len(set(identify)) == len(identify)
     assert not [r for r in rows if r.target == "glandular structure" and r.question_type == "location_choice"]
     assert {r.modality for r in rows} == {"CT", "MRI", "X-Ray", "pathology", "ultrasound", "fundus", "endoscope",
                                          "dermoscopy"}
@@ -459,3 +467,29 @@ def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them
     assert change.startswith("config.teacher.base_url:") and "sk-changed" not in change
     config.teacher.base_url = "https://api.example.com/v1"  # nothing to hide: recorded as it is
     assert build_inputs.fingerprint(config)["config"]["teacher.base_url"] == "https://api.example.com/v1"
+
+
+def test_a_question_that_several_targets_of_an_image_answer_is_not_asked(tmp_path, caplog):
+    """'What organ is shown in the upper left part ...?' about each of two organs there: one input, two gold
+    answers (and each the other's distractor in a multiple-choice evaluation). A target alone in its part of the
+    image keeps its identify question; the two overlapping ones keep every other question."""
+    image_dir, mask_dir = tmp_path / "src", tmp_path / "src_mask"
+    os.makedirs(image_dir)
+    os.makedirs(mask_dir)
+    Image.fromarray(np.full((48, 48, 3), 60, np.uint8)).save(image_dir / "a_CT_abdomen.png")
+    for name, (rows, cols) in {"liver": ((2, 12), (2, 12)), "spleen": ((4, 14), (3, 13)),
+                               "bladder": ((36, 46), (34, 46))}.items():
+        mask = np.zeros((48, 48), np.uint8)
+        mask[slice(*rows), slice(*cols)] = 255
+        Image.fromarray(mask).save(mask_dir / f"a_CT_abdomen_{name}.png")
+    config = default_config()
+    config.out_dir, config.source = str(tmp_path / "out"), "biomedparse"
+    config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
+    with caplog.at_level(logging.INFO):
+        build.build(config)
+    rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
+    identify = {r.target for r in rows if r.question_type == "identify"}
+    assert identify == {"bladder"}, identify
+    assert all({r.question_type for r in rows if r.target == t} == set(QUESTION_TYPES) - {"identify"}
+               for t in ("liver", "spleen"))
+    assert "left out 2 question(s) that other targets of their image answer too" in caplog.text

@@ -224,6 +224,9 @@ def prepare(config) -> list[questions.Question]:
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     asked: list[questions.Question] = []
     origins: list[str] = []  # where each question came from, for the duplicate check
+    # What each question asks of its image, whatever its wording: two targets' questions with one key have two
+    # gold answers to one question (`_drop_ambiguous`).
+    asks: list[tuple] = []
     split_of: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vital_build_") as scratch:
         for source in _source_images(config, scratch, split_of):
@@ -252,13 +255,19 @@ def prepare(config) -> list[questions.Question]:
                     if question is not None:  # None: the mask cannot answer this type (see make_question)
                         asked.append(question)
                         origins.append(f"{source.origin} (target {target.name!r}, mask {target.mask_origin})")
+                        # An identify question names only the kind of target and where it lies (two templates).
+                        asks.append((image_rel, "identify", questions.KIND_WORDS[target.target_type],
+                                     geometry.where(geo)) if question_type == "identify"
+                                    else (image_rel, question.question))
             if (config.source == "phantoms" and config.phantoms.absent_lesion_questions
                     and "yes_no" in config.question_types):
                 absent = _absence_questions(source, image_rel)
                 asked += absent
                 origins += [f"{source.origin} (absent lesion {q.target!r})" for q in absent]
+                asks += [(image_rel, q.question) for q in absent]
     if not asked:
         raise BuildError(f"config.source={config.source!r}: no image with a target mask was found")
+    asked, origins = _drop_ambiguous(asked, origins, asks)
     _check_unique(asked, origins)
     if split_of:  # phantoms drawn per split: each image keeps the split it was drawn for
         asked = [dataclasses.replace(q, split=split_of[q.image]) for q in asked]
@@ -267,6 +276,24 @@ def prepare(config) -> list[questions.Question]:
     _warn_empty_splits(asked)
     questions.write_questions(path, asked)  # last: its presence marks stage 1 as done
     return asked
+
+
+def _drop_ambiguous(asked: list[questions.Question], origins: list[str], asks: list[tuple]
+                    ) -> tuple[list[questions.Question], list[str]]:
+    """`asked` (and their origins) less every question that another target of the same image also answers: the
+    same `asks` key ("What organ is shown in the central part of this CT scan?" / "Which organ can be seen in the
+    central part ...?" for each of several organs there). One input with several gold answers would train each
+    target's answer against the others', and a multiple-choice evaluation would count the other targets'
+    correct answers as distractors."""
+    targets = collections.defaultdict(set)
+    for q, key in zip(asked, asks):
+        targets[key].add(q.target)
+    keep = [i for i, key in enumerate(asks) if len(targets[key]) == 1]
+    if len(keep) < len(asked):
+        example = next(q.question for q, key in zip(asked, asks) if len(targets[key]) > 1)
+        logging.info("left out %d question(s) that other targets of their image answer too (e.g. %r)",
+                     len(asked) - len(keep), example)
+    return [asked[i] for i in keep], [origins[i] for i in keep]
 
 
 def _warn_empty_splits(asked: list[questions.Question]) -> None:

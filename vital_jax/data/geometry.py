@@ -131,16 +131,16 @@ def axis_third(g: MaskGeometry, axis: str) -> str | None:
 
 def side_of(g: MaskGeometry, axis: str) -> str | None:
     """The half ("left"/"right", "upper"/"lower") a yes/no side question may ask about, or None. A side is asked
-    only when the whole target (every mask pixel, by pixel centre) lies in an outer third, so the half and the
-    third name the same side: a centroid in the left third is not enough (a bar over 0..0.62 of the width has its
-    centroid at 0.31 and a third of its pixels in the right half)."""
-    shares = g.col_thirds if axis == "horizontal" else g.row_thirds
-    words = AXES[axis]
-    if shares[0] == 1.0:
-        return words[0]
-    if shares[2] == 1.0:
-        return words[2]
-    return None
+    only when the target lies in an outer third (`axis_third`: the half and the third name the same side) and
+    wholly in that half: its bounding box ends at the midline. A centroid in the left third alone was not enough:
+    a bar over 0..0.62 of the width has its centroid at 0.31 and a fifth of its pixels right of the midline,
+    where "Yes, in the left half" would be false."""
+    word = axis_third(g, axis)
+    if word in (None, "center", "middle"):
+        return None
+    top, left, bottom, right = g.bbox
+    within = {"left": right <= 0.5, "right": left >= 0.5, "upper": bottom <= 0.5, "lower": top >= 0.5}[word]
+    return word if within else None
 
 
 def straddles(g: MaskGeometry, axis: str) -> bool:

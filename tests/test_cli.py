@@ -46,6 +46,9 @@ def recorded_run(tmp_path_factory):
     ("vital_jax.train", ["--config=configs/no_such.py", "--workdir=/tmp/x"], ["configs/no_such.py: no such file"]),
     ("vital_jax.train", ["--config=configs/demo.py", "--workdir=/tmp/x", "--config.vital.no_such=1"],
      ["unknown config field"]),
+    # A near miss is named as ml_collections suggests it, without the repr's escaped quotes and literal "\n".
+    ("vital_jax.train", ["--config=configs/demo.py", "--workdir=/tmp/x", "--config.data.batchsize=2"],
+     ["""'batchsize' Did you mean "batch_size" instead of "batchsize"? See configs/base.py"""]),
     ("vital_jax.train", ["--config=configs/medsynapse_demo.py", "--workdir=/tmp/x",
                          "--config.medsynapse.ccr.num_generations=1"], ["config.medsynapse.ccr.num_generations"]),
     ("vital_jax.pretrain", ["--workdir=/tmp/x"], ["--config is required"]),

@@ -124,7 +124,14 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        fail(f"unknown config field in {overrides}: {e}. See configs/base.py for every field.", 2)
+        # A KeyError's str() is the repr of its message (quotes escaped, "\n" literal), and ml_collections wraps
+        # that KeyError in an AttributeError: use the message itself.
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        detail = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+        detail = " ".join(detail.split())
+        detail += "" if detail.endswith((".", "?")) else "."
+        fail(f"unknown config field in {overrides}: {detail} See configs/base.py for every field.", 2)
     except flags.Error as e:
         usage(" ".join(str(e).split()))
     except Exception as e:  # noqa: BLE001 - a config file that fails to load (ml_collections re-raises its error)

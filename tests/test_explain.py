@@ -88,6 +88,15 @@ def test_the_ground_truth_mask_is_figure_12s_last_panel_and_each_heatmap_is_scor
     for s, m in zip(scores, maps):
         assert s["mean_inside"] == pytest.approx(m[inside].mean()) and s["mean_outside"] == pytest.approx(
             m[~inside].mean())
+        assert s["mask_cells"] == "half covered"
+    # A lesion smaller than half of any cell is scored on the cell it covers most (no cell was ever inside, so
+    # the peak could never be in it).
+    speck = np.zeros_like(mask)
+    speck[0, -1] = True
+    [small] = explain.mask_agreement(maps[1:2], speck)
+    assert small["mask_cells"] == "best covered" and small["peak_in_mask"] == (
+        np.unravel_index(np.argmax(maps[1]), maps[1].shape) == (0, 3))
+    assert small["mean_inside"] == pytest.approx(maps[1][0, 3])
     # A mask of another size is refused, naming both files.
     Image.fromarray(rgb).save(tmp_path / "image.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "mask.png")

@@ -132,22 +132,29 @@ def test_an_interrupted_teacher_stage_is_finished_by_a_rerun(tmp_path):
     assert result["distill"]["skipped_finished"] == 7 and path.read_text().splitlines() == full
 
 
-def test_msd_task_builds(tmp_path):
-    task = tmp_path / "Task09_Spleen"
+def _msd_task(task, name: str, modality: str, labels: dict, cases: dict):
+    """An MSD task folder: dataset.json (`labels`: value -> name) and, per case name, its (image, label) volumes;
+    returns the build config that reads it into tmp_path/out (beside the task)."""
     os.makedirs(task / "imagesTr")
     os.makedirs(task / "labelsTr")
+    training = []
+    for case, (image, label) in cases.items():
+        write_nifti(str(task / f"imagesTr/{case}.nii.gz"), image)
+        write_nifti(str(task / f"labelsTr/{case}.nii.gz"), label)
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps({"name": name, "modality": {"0": modality},
+                                                   "labels": {"0": "background", **labels}, "training": training}))
+    config = default_config()
+    config.out_dir, config.source, config.msd.task_dir = str(task.parent / "out"), "msd", str(task)
+    return config
+
+
+def test_msd_task_builds(tmp_path):
     hu = np.full((48, 48, 4), -100, np.int16)
     label = np.zeros((48, 48, 4), np.uint8)
     label[10:30, 12:28, 1:3] = 1
     hu[label == 1] = 60
-    write_nifti(str(task / "imagesTr/spleen_1.nii.gz"), hu)
-    write_nifti(str(task / "labelsTr/spleen_1.nii.gz"), label)
-    (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
-                                                   "labels": {"0": "background", "1": "spleen"},
-                                                   "training": [{"image": "./imagesTr/spleen_1.nii.gz",
-                                                                 "label": "./labelsTr/spleen_1.nii.gz"}]}))
-    config = default_config()
-    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    config = _msd_task(tmp_path / "Task09_Spleen", "Spleen", "CT", {"1": "spleen"}, {"spleen_1": (hu, label)})
     result = build.build(config)
     rows = records.read_records(str(tmp_path / "out" / records.RECORDS_FILE))
     assert result["records"] == 2 * len(QUESTION_TYPES)
@@ -157,23 +164,13 @@ def test_msd_task_builds(tmp_path):
 
 
 def test_every_msd_case_lands_in_one_split_with_its_group_recorded(tmp_path):
-    task = tmp_path / "Task09_Spleen"
-    os.makedirs(task / "imagesTr")
-    os.makedirs(task / "labelsTr")
     rng = np.random.default_rng(0)
-    training = []
+    cases = {}
     for c in range(6):  # 8 near-identical slices per case
         label = np.zeros((64, 64, 12), np.uint8)
         label[10 + c:40 + c, 20:50, 2:10] = 1
-        write_nifti(str(task / f"imagesTr/case_{c}.nii.gz"), rng.normal(40, 30, label.shape).astype(np.float32))
-        write_nifti(str(task / f"labelsTr/case_{c}.nii.gz"), label)
-        training.append({"image": f"./imagesTr/case_{c}.nii.gz", "label": f"./labelsTr/case_{c}.nii.gz"})
-    (task / "dataset.json").write_text(json.dumps({"name": "Spleen", "modality": {"0": "CT"},
-                                                   "labels": {"0": "background", "1": "spleen"},
-                                                   "training": training}))
-    config = default_config()
-    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
-    build.build(config)
+        cases[f"case_{c}"] = (rng.normal(40, 30, label.shape).astype(np.float32), label)
+    build.build(_msd_task(tmp_path / "Task09_Spleen", "Spleen", "CT", {"1": "spleen"}, cases))
     splits_of = collections.defaultdict(set)
     for row in records.read_records(str(tmp_path / "out" / records.RECORDS_FILE)):
         assert row.image.startswith(f"images/{row.group}_z")
@@ -185,18 +182,10 @@ def test_every_msd_case_lands_in_one_split_with_its_group_recorded(tmp_path):
 
 def test_msd_target_names_rename_a_label_in_the_questions_and_its_target_type(tmp_path):
     task = tmp_path / "Task04_Hippocampus"
-    os.makedirs(task / "imagesTr")
-    os.makedirs(task / "labelsTr")
     label = np.zeros((48, 48, 2), np.uint8)
     label[10:30, 12:28, :] = 1
-    write_nifti(str(task / "imagesTr/hippocampus_1.nii.gz"), np.where(label == 1, 300, 100).astype(np.int16))
-    write_nifti(str(task / "labelsTr/hippocampus_1.nii.gz"), label)
-    (task / "dataset.json").write_text(json.dumps({"name": "Hippocampus", "modality": {"0": "MRI"},
-                                                   "labels": {"0": "background", "1": "Anterior"},
-                                                   "training": [{"image": "./imagesTr/hippocampus_1.nii.gz",
-                                                                 "label": "./labelsTr/hippocampus_1.nii.gz"}]}))
-    config = default_config()
-    config.out_dir, config.source, config.msd.task_dir = str(tmp_path / "out"), "msd", str(task)
+    config = _msd_task(task, "Hippocampus", "MRI", {"1": "Anterior"},
+                       {"hippocampus_1": (np.where(label == 1, 300, 100).astype(np.int16), label)})
     config.msd.target_names = {"Anterior": "anterior hippocampus"}
     build.check_config(config)
     os.makedirs(config.out_dir)

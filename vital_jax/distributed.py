@@ -244,9 +244,7 @@ def any_process(flag: bool) -> bool:
     """Whether `flag` holds on any process (a collective: every process calls it at the same point; one process:
     `flag`). For decisions that must be the same everywhere: stop and save (SIGTERM may reach one process, or
     arrive a step apart), give up on a batch one process could not prepare."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+    return process_sum(int(bool(flag))) > 0
 
 
 def process_sum(value: int) -> int:

@@ -72,17 +72,15 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     """How each step's heatmap (K, g, g) sits on the ground-truth mask (H, W) bool, the mask read on the heatmap's
     grid (`roi.area_downsample`: the fraction of each cell inside it; a cell is inside from half): whether the
     peak cell is inside (the pointing game) and the mean cosine of the cells inside and outside (None when there
-    are none). A mask smaller than half of every cell (a lesion of a few pixels) marks its best-covered cell(s)
-    instead, as MedSynapse-V's regions do (`medsynapse.encoder.mask_to_grid`): else nothing could ever be inside
-    and the pointing game would fail whatever the heatmap. Each entry says which rule gave its cells
-    ("mask_cells": "half covered" or "best covered")."""
-    from vital_jax.data.roi import area_downsample
+    are none). A mask smaller than half of every cell (a lesion of a few pixels) is in its best-covered cell(s)
+    instead (`roi.covered_cells`, as MedSynapse-V's regions): else nothing could ever be inside and the pointing
+    game would fail whatever the heatmap. Each entry says which rule gave its cells ("mask_cells": "half
+    covered" or "best covered")."""
+    from vital_jax.data.roi import area_downsample, covered_cells
 
     coverage = area_downsample(mask.astype(np.float32), maps.shape[-1])
-    inside = coverage >= 0.5
-    rule = "half covered"
-    if not inside.any() and coverage.max() > 0:
-        inside, rule = coverage >= coverage.max() - 1e-6, "best covered"
+    inside = covered_cells(coverage)
+    rule = "half covered" if (coverage >= 0.5 - 1e-6).any() else "best covered"
     out = []
     for heat in np.asarray(maps, np.float64):
         peak = np.unravel_index(np.argmax(heat), heat.shape)

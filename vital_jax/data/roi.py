@@ -155,6 +155,16 @@ class RoiFeatures:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def covered_cells(coverage: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Which cells of a grid a mask is in, from its coverage (the fraction of each cell's area inside it): those
+    covered at least `threshold`; a non-empty mask that covers no cell that much (a lesion of a few pixels) is in
+    the cell(s) it covers most, so it is never in no cell. An empty mask is in none."""
+    cells = coverage >= threshold - 1e-6  # exact halves stay halves despite float round-off
+    if not cells.any() and coverage.max() > 0:
+        cells = coverage >= coverage.max() - 1e-6
+    return cells
+
+
 def area_downsample(values: np.ndarray, grid: int) -> np.ndarray:
     """(H, W) -> (grid, grid) float32: the mean of each cell, cells bounded as torch's `interpolate(mode="area")`
     (adaptive average pooling: rows floor(i*H/g) .. ceil((i+1)*H/g)), so cells overlap when H % grid != 0."""

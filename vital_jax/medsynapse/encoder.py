@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from vital_jax.data.images import load_image
-from vital_jax.data.roi import load_mask
+from vital_jax.data.roi import covered_cells, load_mask
 from vital_jax.models import hf_config, model_dir
 from vital_jax.models.sam import SamPreprocessor, SamVisionConfig, SamVisionEncoder, load_sam_vision
 from vital_jax.models.sam import params as sam_params
@@ -339,10 +339,7 @@ def mask_to_grid(mask: np.ndarray, encoder: AnatomicalEncoder, threshold: float 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     coverage = grid_coverage(mask, encoder.content_size(*np.shape(mask)), encoder.image_size, encoder.grid)
-    cells = coverage >= threshold - 1e-6  # exact halves stay halves despite float round-off
-    if not cells.any() and coverage.max() > 0:
-        cells = coverage >= coverage.max() - 1e-6
-    return cells
+    return covered_cells(coverage, threshold)
 
 
 class RegionMaskProvider(abc.ABC):

@@ -474,7 +474,7 @@ def test_a_question_that_several_targets_of_an_image_answer_is_not_asked(tmp_pat
     config = default_config()
     config.out_dir, config.source = str(tmp_path / "out"), "biomedparse"
     config.biomedparse.image_dir, config.biomedparse.mask_dir = str(image_dir), str(mask_dir)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):
         build.build(config)
     rows = records.read_records(os.path.join(config.out_dir, records.RECORDS_FILE))
     identify = {r.target for r in rows if r.question_type == "identify"}

@@ -291,8 +291,8 @@ def _drop_ambiguous(asked: list[questions.Question], origins: list[str], asks: l
     keep = [i for i, key in enumerate(asks) if len(targets[key]) == 1]
     if len(keep) < len(asked):
         example = next(q.question for q, key in zip(asked, asks) if len(targets[key]) > 1)
-        logging.info("left out %d question(s) that other targets of their image answer too (e.g. %r)",
-                     len(asked) - len(keep), example)
+        logging.warning("left out %d question(s) that other targets of their image answer too (e.g. %r)",
+                        len(asked) - len(keep), example)
     return [asked[i] for i in keep], [origins[i] for i in keep]
 
 

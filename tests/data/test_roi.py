@@ -523,11 +523,13 @@ def test_malformed_records_line_is_named(siglip_dir, tmp_path):
 def test_cli_writes_roi_files(siglip_dir, tmp_path):
     root = str(tmp_path / "ds")
     _write_dataset(root, {"r0": ("a", (0, 0, 60, 70)), "r1": ("b", (10, 10, 20, 30))})
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it
     done = subprocess.run([sys.executable, "-m", "vital_jax.data.roi", f"--data_dir={root}",
                            f"--encoder_dir={siglip_dir[0]}", "--threshold=0.1", "--padding=0.1"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    # No library INFO lines (JAX's "Unable to initialize backend 'tpu'" was one on every run).
+    assert not re.search(r"^I\d{4} ", done.stderr, re.M), done.stderr[-2000:]
     assert "1 full-image, 1 tight-crop" in done.stdout
     assert [r["roi_index"] for r in _read_jsonl(os.path.join(root, "records.jsonl"))] == [0, 1]
     assert not os.path.exists(os.path.join(root, "RUNNING.lock"))  # held while writing, released after

@@ -49,8 +49,8 @@ def _workdir(tmp_path, assets, name):
     return str(workdir)
 
 
-def _final_state(workdir):
-    phase = os.path.join(workdir, "phase_3")
+def _final_state(workdir, phase: int = 3):
+    phase = os.path.join(workdir, f"phase_{phase}")
     step = json.load(open(os.path.join(phase, ckpt_lib.DONE_FILE)))["final_step"]
     with ocp.StandardCheckpointer() as c:
         return step, c.restore(os.path.join(phase, str(step), "state"))
@@ -123,24 +123,26 @@ def test_a_phase_scoped_schedule_restarts_each_phase_and_resumes_at_a_phase_boun
     """optimizer.schedule_scope="phase": each phase warms up from lr 0 again and starts from fresh AdamW moments
     (separate runs warm-started from each other); a run resumed from phase 1's final checkpoint restarts phase
     2's moments as the uninterrupted run did, and ends with the same parameters."""
-    c = _config(optimizer__schedule_scope="phase", logging__every_steps=1)
+    # Two phases (K = 1, then K <= 2): one boundary is what is tested, and phase 3's K = 4 steps cost the most.
+    c = _config(optimizer__schedule_scope="phase", logging__every_steps=1, curriculum__max_k=(1, 2),
+                curriculum__epochs=(1, 1))
     workdir = _workdir(tmp_path, assets, "per_phase")
     train.train(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     starts = [row for prev, row in zip(rows, rows[1:]) if row["phase"] != prev["phase"]]
-    assert len(starts) == 2 and all(row["learning_rate"] == 0.0 for row in [rows[0], *starts])
+    assert len(starts) == 1 and all(row["learning_rate"] == 0.0 for row in [rows[0], *starts])
     assert all(row["learning_rate"] > 0 for row in rows if row not in starts and row is not rows[0])
-    ref_step, ref_state = _final_state(workdir)
-    # Adam's bias-correction count restarted with phase 3's moments; the schedule's count is the global step.
+    ref_step, ref_state = _final_state(workdir, phase=2)
+    # Adam's bias-correction count restarted with phase 2's moments; the schedule's count is the global step.
     counts = sorted(int(np.asarray(v)) for k, v in ref_state.items() if "count" in k)
-    assert counts == sorted([sum(row["phase"] == 3 for row in rows), ref_step]), (counts, sorted(ref_state))
+    assert counts == sorted([sum(row["phase"] == 2 for row in rows), ref_step]), (counts, sorted(ref_state))
 
     resumed = _workdir(tmp_path, assets, "per_phase_resumed")
     shutil.copytree(os.path.join(workdir, "phase_1"), os.path.join(resumed, "phase_1"))
     for name in ("config.json", "train_records.json"):
         shutil.copy(os.path.join(workdir, name), os.path.join(resumed, name))
     train.train(c, resumed)
-    step, state = _final_state(resumed)
+    step, state = _final_state(resumed, phase=2)
     assert step == ref_step
     for name in ref_state:
         np.testing.assert_allclose(np.asarray(state[name]), np.asarray(ref_state[name]), rtol=1e-5, atol=1e-6,

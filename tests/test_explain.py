@@ -202,6 +202,13 @@ def test_nearest_rois_come_from_the_training_split_less_the_explained_images_own
     bank, near = explain.roi_neighbours(run, eye[[0]][None], 3, str(tmp_path / "images" / ".." / "images" / "a.png"))
     assert bank == {"split": "train", "roi_rows": 1, "excluded_image_rows": 1}
     assert [n["roi_row"] for n in near[0]] == [1]
+    # ... nor when the image is given as a copy under another path (it was excluded by path only).
+    os.makedirs(tmp_path / "images")
+    for name, content in (("a.png", b"image a"), ("b.png", b"image b")):
+        (tmp_path / "images" / name).write_bytes(content)
+    (tmp_path / "elsewhere.png").write_bytes(b"image a")
+    bank, near = explain.roi_neighbours(run, eye[[0]][None], 3, str(tmp_path / "elsewhere.png"))
+    assert bank["excluded_image_rows"] == 1 and [n["roi_row"] for n in near[0]] == [1]
     # The run's own training split names the bank.
     run.config.data.train_split = "val"
     bank, near = explain.roi_neighbours(run, eye[[3]][None], 3, str(tmp_path / "images" / "d.png"))

@@ -91,6 +91,32 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     return out
 
 
+def _same_image_files(query: str, candidates: set[str]) -> set[str]:
+    """The real paths among `candidates` that are `query`'s file or a byte-for-byte copy of it (the explained
+    image given by another path: a copy of a training image outside the dataset). Sizes first, so only files of
+    the query's size are hashed."""
+    import hashlib
+
+    def digest(path: str) -> str:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        return sha.hexdigest()
+
+    query = os.path.realpath(query)
+    same = {query}
+    if not os.path.isfile(query):
+        return same
+    size, query_digest = os.path.getsize(query), None
+    for path in {os.path.realpath(c) for c in candidates} - same:
+        if os.path.isfile(path) and os.path.getsize(path) == size:
+            query_digest = query_digest or digest(query)
+            if digest(path) == query_digest:
+                same.add(path)
+    return same
+
+
 def roi_neighbours(run, z, top_n: int, image_path: str) -> tuple[dict, list[list[dict]]] | None:
     """The visual window's retrieval (§3.3) for one example's latent states z (1, K, D) of the image `image_path`:
     per step, the `top_n` ROI features nearest to VP(z_k) by cosine, each as {"roi_row", "cosine", "record",
@@ -98,8 +124,9 @@ def roi_neighbours(run, z, top_n: int, image_path: str) -> tuple[dict, list[list
     features here.
 
     The bank is the ROI rows of the records of the run's training split (`config.data.train_split`) only, less
-    the rows of records on `image_path` itself: held-out rows (val, test) would let an explanation of a held-out
-    record retrieve its own ground-truth region, or other annotations the model was never trained on. Returns
+    the rows of records on `image_path` itself (its file, or a copy of it under another path): held-out rows
+    (val, test) would let an explanation of a held-out record retrieve its own ground-truth region, or other
+    annotations the model was never trained on. Returns
     ({"split", "roi_rows" in the bank, "excluded_image_rows": rows left out for being on the query's image},
     the per-step neighbours); an empty bank gives empty lists."""
     from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records
@@ -110,12 +137,11 @@ def roi_neighbours(run, z, top_n: int, image_path: str) -> tuple[dict, list[list
     if arrays is None or top_n < 1:
         return None
     split = str(run.config.data.train_split)
-    query_image = os.path.realpath(image_path)
+    all_records = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.roi_index >= 0]
+    query_images = _same_image_files(image_path, {os.path.join(data_dir, r.image) for r in all_records})
     first, on_query_image = {}, set()  # first: ROI row -> the first training record using it
-    for record in read_records(os.path.join(data_dir, RECORDS_FILE)):
-        if record.roi_index < 0:
-            continue
-        if os.path.realpath(os.path.join(data_dir, record.image)) == query_image:
+    for record in all_records:
+        if os.path.realpath(os.path.join(data_dir, record.image)) in query_images:
             on_query_image.add(record.roi_index)
         if record.split == split:
             first.setdefault(record.roi_index, record)

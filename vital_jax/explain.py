@@ -95,14 +95,7 @@ def _same_image_files(query: str, candidates: set[str]) -> set[str]:
     """The real paths among `candidates` that are `query`'s file or a byte-for-byte copy of it (the explained
     image given by another path: a copy of a training image outside the dataset). Sizes first, so only files of
     the query's size are hashed."""
-    import hashlib
-
-    def digest(path: str) -> str:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-        return sha.hexdigest()
+    from vital_jax.jsonio import file_sha256 as digest
 
     query = os.path.realpath(query)
     same = {query}

@@ -1,15 +1,25 @@
 """Small file helpers shared across the package: reading a JSON file with an error that names it (model configs,
-processors, data ingestion), replacing a file atomically (reports, datasets, figures) and making renames in a
-directory durable."""
+processors, data ingestion), replacing a file atomically (reports, datasets, figures), making renames in a
+directory durable, and a file's SHA-256."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import tempfile
 from typing import IO, Callable
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks (images, records, build inputs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def url_problem(path: str) -> str | None:

@@ -19,7 +19,7 @@ import json
 import os
 
 from vital_jax.data import teacher
-from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.jsonio import atomic_write, file_sha256, read_json
 
 INPUTS_FILE = "build_inputs.json"
 VERSION = 1
@@ -130,13 +130,6 @@ def _files(folder: str, recursive: bool, known: dict) -> dict:
         if entry and (entry["size"], entry["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
             out[rel] = entry
         else:
-            out[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+            out[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
     return out
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

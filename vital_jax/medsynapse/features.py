@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from vital_jax.data.records import RECORDS_FILE, read_records
-from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.jsonio import atomic_write, file_sha256, read_json
 from vital_jax.medsynapse.encoder import (AnatomicalEncoder, RecordRegionMasks, RegionMaskProvider,
                                           stack_region_masks)
 
@@ -50,10 +50,7 @@ class FeatureStoreError(ValueError):
 
 def records_sha256(records_path: str) -> str:
     """sha256 of records.jsonl's bytes: what the index records of the records a store was built from."""
-    h = hashlib.sha256()
-    with open(records_path, "rb") as f:
-        h.update(f.read())
-    return h.hexdigest()
+    return file_sha256(records_path)
 
 
 def _fingerprint(data_dir: str, encoder: AnatomicalEncoder, encoder_id: str, provider: RegionMaskProvider,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 
@@ -83,12 +84,13 @@ def main():
     torch.set_grad_enabled(False)
     torch_prefill = _median_ms(lambda: hf_model(tids, use_cache=True), args.repeats)
     ttok = torch.zeros((args.batch, 1), dtype=torch.long)
+    keyword = cache_keyword(hf_model)
 
     def torch_decode():
-        past = hf_model(tids, use_cache=True).past_key_values
+        past = getattr(hf_model(tids, use_cache=True), keyword)
         start = time.perf_counter()
         for i in range(args.steps):
-            past = hf_model(ttok, past_key_values=past, use_cache=True).past_key_values
+            past = getattr(hf_model(ttok, use_cache=True, **{keyword: past}), keyword)
         return (time.perf_counter() - start) * 1e3
 
     torch_step = float(np.median([torch_decode() for _ in range(args.repeats)])) / args.steps

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3_vl
 from vital_jax.models.qwen3_vl import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index, init_cache,
                                        load_params, vision_inputs)
@@ -167,13 +168,15 @@ def main():
         return hf_model(input_ids=tids, pixel_values=tpatches, image_grid_thw=tgrid, mm_token_type_ids=mm_types,
                         use_cache=True)
 
+    keyword = cache_keyword(hf_model)
+
     def torch_decode():
-        past = torch_prefill().past_key_values
+        past = getattr(torch_prefill(), keyword)
         start = time.perf_counter()
         for t in range(args.steps):
             # Explicit (3, B, 1) positions: HF would otherwise drop the rope delta of the image prompt.
             pos = torch.full((3, 1, 1), ids.shape[1] + t + int(delta[0]))
-            past = hf_model(input_ids=ttok, past_key_values=past, position_ids=pos, use_cache=True).past_key_values
+            past = getattr(hf_model(input_ids=ttok, position_ids=pos, use_cache=True, **{keyword: past}), keyword)
         return (time.perf_counter() - start) * 1e3
 
     # Same inputs, same weights: a benchmark of a wrong path would be meaningless.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.machine import cpu_description
+from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.models.qwen3 import Qwen3Config
@@ -223,21 +224,22 @@ def torch_step(backbone, decoder, data: dict, sizes: Sizes = Sizes(), lora: str 
     lm = backbone.model
     positions, rope_delta = lm.get_rope_index(ids, mm_types, image_grid_thw=grid, attention_mask=mask)
     t = ids.shape[1]
+    keyword = cache_keyword(lm)
 
     def loss_fn():
         cache = DynamicCache(config=backbone.config)
         out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixels,
-                 image_grid_thw=grid, mm_token_type_ids=mm_types, past_key_values=cache, use_cache=True)
+                 image_grid_thw=grid, mm_token_type_ids=mm_types, use_cache=True, **{keyword: cache})
         z = out.last_hidden_state[:, -1]
         zs = []
         for k in range(K):
             pos = (t + k + rope_delta).view(1, B, 1).expand(3, B, 1)
-            out = lm(inputs_embeds=z[:, None], position_ids=pos, past_key_values=cache, use_cache=True)
+            out = lm(inputs_embeds=z[:, None], position_ids=pos, use_cache=True, **{keyword: cache})
             z = out.last_hidden_state[:, 0]
             zs.append(z)
         z_bkd = torch.stack(zs, dim=1)
         pos = (t + K + rope_delta + torch.arange(ANSWER - 1)[None]).view(1, B, ANSWER - 1).expand(3, B, -1)
-        out = lm(input_ids=answer[:, :-1], position_ids=pos, past_key_values=cache, use_cache=True)
+        out = lm(input_ids=answer[:, :-1], position_ids=pos, use_cache=True, **{keyword: cache})
         logits = backbone.lm_head(torch.cat([z[:, None], out.last_hidden_state], dim=1))
         task = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1))
         x = torch.cat([pj_in(z_bkd)[:, :, None], decoder.get_input_embeddings()(steps)], dim=2)

@@ -4,7 +4,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+
+
+def cache_keyword(model) -> str:
+    """The name transformers gives the KV cache, as the forward's keyword and as the output's field: `cache` from
+    the 5.2x releases on, `past_key_values` before (the old name still works there but warns and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy_continue(model, past, logits, position: int, rope_delta: int, max_new_tokens: int,
@@ -14,6 +21,7 @@ def greedy_continue(model, past, logits, position: int, rope_delta: int, max_new
     first new token. Stops after an EOS (kept) or `max_new_tokens`. Call under `torch.no_grad()`."""
     import torch
 
+    keyword = cache_keyword(model)
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = int(torch.argmax(logits, dim=-1)[0])
@@ -21,8 +29,8 @@ def greedy_continue(model, past, logits, position: int, rope_delta: int, max_new
         if token in eos_token_ids:
             break
         pos = torch.full((3, 1, 1), position + rope_delta, dtype=torch.long)
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=torch.tensor([[token]]), position_ids=pos, use_cache=True, **{keyword: past})
+        past, logits = getattr(out, keyword), out.logits[:, -1]
         position += 1
     return tokens
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from conversion.torch_decoding import greedy_continue
+from conversion.torch_decoding import cache_keyword, greedy_continue
 
 
 def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps: int, max_new_tokens: int = 32,
@@ -42,21 +42,22 @@ def latent_generate(model, input_ids, pixel_values, image_grid_thw, latent_steps
     if input_ids.shape[0] != 1:
         raise ValueError("latent_generate takes one prompt (batch 1); loop over examples for more")
     image_token_id = model.config.image_token_id
+    keyword = cache_keyword(model)
     with torch.no_grad():
         model.model.rope_deltas = None
         out = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                     mm_token_type_ids=(input_ids == image_token_id).long(), use_cache=True,
                     output_hidden_states=True)
         delta = int(model.model.rope_deltas.reshape(-1)[0])
-        past = out.past_key_values
+        past = getattr(out, keyword)
         z = out.hidden_states[-1][:, -1:]  # post-norm: what the latent loop feeds back
         position = input_ids.shape[1]
         for k in range(latent_steps):
             pos = torch.full((3, 1, 1), position + delta, dtype=torch.long)
             fed = z if pause_embeddings is None else pause_embeddings[k].to(z.dtype).reshape(1, 1, -1)
-            out = model(inputs_embeds=fed, past_key_values=past, position_ids=pos, use_cache=True,
-                        output_hidden_states=True)
-            past, z = out.past_key_values, out.hidden_states[-1][:, -1:]
+            out = model(inputs_embeds=fed, position_ids=pos, use_cache=True, output_hidden_states=True,
+                        **{keyword: past})
+            past, z = getattr(out, keyword), out.hidden_states[-1][:, -1:]
             position += 1
         return greedy_continue(model, past, model.lm_head(z)[:, -1], position, delta, max_new_tokens, eos_token_ids)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from conversion.torch_decoding import greedy_continue
+from conversion.torch_decoding import cache_keyword, greedy_continue
 
 
 def load_autonomous(export_dir: str):
@@ -80,8 +80,9 @@ def medsynapse_generate(model, autonomous, input_ids, pixel_values, image_grid_t
         block = torch.cat([memory, model.get_input_embeddings()(tail_ids)], dim=1)
         position, n = head.shape[1], block.shape[1]
         pos = (torch.arange(position, position + n) + delta).view(1, 1, n).expand(3, 1, n)
-        out = model(inputs_embeds=block, past_key_values=out.past_key_values, position_ids=pos, use_cache=True)
-        return greedy_continue(model, out.past_key_values, out.logits[:, -1], position + n, delta, max_new_tokens,
+        keyword = cache_keyword(model)
+        out = model(inputs_embeds=block, position_ids=pos, use_cache=True, **{keyword: getattr(out, keyword)})
+        return greedy_continue(model, getattr(out, keyword), out.logits[:, -1], position + n, delta, max_new_tokens,
                                eos_token_ids)
 
 

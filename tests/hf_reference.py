@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from conversion.torch_decoding import cache_keyword
+
 
 def save_tiny_qwen3(path: str, seed: int = 0, **overrides):
     """A tiny random `Qwen3ForCausalLM` (eager attention, eval mode) saved with save_pretrained; returns it."""
@@ -81,10 +83,11 @@ def prefill_then_vector_steps(model, params, hf_model, ids, vectors, cache_len: 
         ours.append(step.logits)
     with torch.no_grad():
         ref = hf_model(torch.tensor(ids), use_cache=True)
-        hf_prefill, past, theirs = ref.logits, ref.past_key_values, []
+        keyword = cache_keyword(hf_model)
+        hf_prefill, past, theirs = ref.logits, getattr(ref, keyword), []
         for t in range(vectors.shape[1]):
-            ref = hf_model(inputs_embeds=torch.tensor(vectors[:, t:t + 1]), past_key_values=past, use_cache=True,
-                           position_ids=torch.full((batch, 1), prompt_len + t))
-            past = ref.past_key_values
+            ref = hf_model(inputs_embeds=torch.tensor(vectors[:, t:t + 1]), use_cache=True,
+                           position_ids=torch.full((batch, 1), prompt_len + t), **{keyword: past})
+            past = getattr(ref, keyword)
             theirs.append(ref.logits)
     return prefill, jnp.concatenate(ours, 1), cache, hf_prefill, torch.cat(theirs, 1)

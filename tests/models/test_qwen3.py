@@ -79,7 +79,7 @@ def test_prefill_then_decode_steps_match_full_forward(gqa2):
 
 
 def test_decode_steps_fed_as_embeddings_match_transformers_cache(gqa2):
-    """Steps fed as input vectors (as the latent loop does) equal transformers inputs_embeds + past_key_values."""
+    """Steps fed as input vectors (as the latent loop does) equal transformers inputs_embeds + its KV cache."""
     hf_model, config, params = gqa2
     rng = np.random.RandomState(2)
     ids = rng.randint(0, config.vocab_size, (2, 5))

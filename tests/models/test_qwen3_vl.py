@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 import torch
 
+from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3_vl
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index, init_cache,
@@ -160,13 +161,14 @@ def test_cached_decode_with_ids_and_embeddings_matches_transformers(base, layout
         ref = hf_model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
                        image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == IMG).astype(int)),
                        use_cache=True)
-        past, theirs = ref.past_key_values, [ref.logits[:, -1:]]
+        keyword = cache_keyword(hf_model)
+        past, theirs = getattr(ref, keyword), [ref.logits[:, -1:]]
         for t in range(4):
             pos = torch.full((3, 1, 1), length + t + int(delta[0]))
             kw = (dict(input_ids=torch.tensor(steps_ids[:, t:t + 1])) if t < 2
                   else dict(inputs_embeds=torch.tensor(steps_vec[:, t - 2:t - 1])))
-            ref = hf_model(**kw, past_key_values=past, position_ids=pos, use_cache=True)
-            past = ref.past_key_values
+            ref = hf_model(**kw, position_ids=pos, use_cache=True, **{keyword: past})
+            past = getattr(ref, keyword)
             theirs.append(ref.logits)
     assert _diff(jnp.concatenate(ours, 1), torch.cat(theirs, 1)) <= TOL
 

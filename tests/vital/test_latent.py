@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conversion.torch_decoding import cache_keyword
 from tests.models.test_decoding_layout import while_bodies_hold
 from tests.vital.vital_fixtures import IMG, build, forward, make_batch, select
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
@@ -31,7 +32,7 @@ def _diff(a, b):
 
 
 def test_latent_states_and_answer_logits_match_a_stepwise_transformers_loop(tiny):
-    """z_1..z_K and the answer logits equal transformers: prefill with past_key_values, feed last_hidden_state
+    """z_1..z_K and the answer logits equal transformers: prefill with its KV cache, feed last_hidden_state
     back as inputs_embeds with explicit (3, B, 1) positions, then teacher-forced answer tokens."""
     model, params, hf = tiny.model, tiny.params, tiny.hf_backbone
     k = 3
@@ -47,20 +48,21 @@ def test_latent_states_and_answer_logits_match_a_stepwise_transformers_loop(tiny
                  mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)), use_cache=True,
                  output_hidden_states=True)
         delta = int(hf.model.rope_deltas[0])
-        past, z = ref.past_key_values, ref.hidden_states[-1][:, -1:]
+        keyword = cache_keyword(hf)
+        past, z = getattr(ref, keyword), ref.hidden_states[-1][:, -1:]
         zs = [z]
         for step in range(k):
             pos = torch.full((3, 1, 1), length + step + delta)
-            ref = hf(inputs_embeds=z, past_key_values=past, position_ids=pos, use_cache=True,
-                     output_hidden_states=True)
-            past, z = ref.past_key_values, ref.hidden_states[-1][:, -1:]
+            ref = hf(inputs_embeds=z, position_ids=pos, use_cache=True, output_hidden_states=True,
+                     **{keyword: past})
+            past, z = getattr(ref, keyword), ref.hidden_states[-1][:, -1:]
             zs.append(z)
         logits = [hf.lm_head(z)]
         for t in range(answer.shape[1] - 1):
             pos = torch.full((3, 1, 1), length + k + t + delta)
-            ref = hf(input_ids=torch.tensor(answer[:, t:t + 1], dtype=torch.long), past_key_values=past,
-                     position_ids=pos, use_cache=True)
-            past = ref.past_key_values
+            ref = hf(input_ids=torch.tensor(answer[:, t:t + 1], dtype=torch.long), position_ids=pos,
+                     use_cache=True, **{keyword: past})
+            past = getattr(ref, keyword)
             logits.append(ref.logits)
     assert _diff(out.z0, zs[0][:, 0]) <= TOL
     assert _diff(out.z[:, :k], torch.cat(zs[1:], 1)) <= TOL

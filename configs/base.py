@@ -58,7 +58,10 @@ def get_config():
     # the first phase compiles and trains (the phase boundaries then do not wait for XLA; same results).
     c.curriculum = ml_collections.ConfigDict(dict(max_k=(1, 2, 4), epochs=(5, 5, 10), min_k=(), max_steps=0,
                                                    compile_ahead=True))
-    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True))
+    # atomicity: "rename" (each step written to a temporary directory, then renamed) or "commit_file" (written in
+    # place, finished by a commit_success.txt): a workdir on a gcsfuse-mounted bucket, which renames no directory
+    # of a flat bucket unless mounted with --rename-dir-limit (vital_jax/checkpoint.py).
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=500, keep=2, async_save=True, atomicity="rename"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 = remaining devices
     # peak_tflops_per_device: bf16 peak for perf/mfu; 0 = from the device kind (H100, A100, TPU v4/v5/v6, ...).
     # probe_every_steps: every N steps, TensorBoard gets one fixed example's latent steps as visual-projector

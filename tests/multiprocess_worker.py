@@ -517,8 +517,27 @@ def run_process(args) -> None:
           local_prompt_len=int(local["prompt_ids"].shape[1]),
           global_prompt_len=int(batch.prefix.input_ids.shape[1]), devices=jax.device_count(),
           local_devices=jax.local_device_count(), primary=distributed.is_primary(),
-          logged_work=logged_work(model, batch, distributed.process_sum(local["example_valid"].sum())))
+          logged_work=logged_work(model, batch, distributed.process_sum(local["example_valid"].sum())),
+          mesh_checks=mesh_checks())
     jax.distributed.shutdown()
+
+
+def mesh_checks() -> dict:
+    """`train.check_mesh` on meshes of this run's processes: {mesh shape: None (accepted) or the error}."""
+    from configs import base
+    from vital_jax import train
+
+    config = base.get_config()
+    config.data.batch_size = 2
+    out = {}
+    for shape in ((-1, 1, 1), (2, 1, 2), (1, 1, 4)):
+        config.mesh.shape = shape
+        try:
+            train.check_mesh(config)
+            out[str(shape)] = None
+        except Exception as e:  # noqa: BLE001 - reported to the test, which names the type it expects
+            out[str(shape)] = f"{type(e).__name__}: {e}"
+    return out
 
 
 # --------------------------------------------------------------------------------- MedSynapse-V Stage II (GRPO)

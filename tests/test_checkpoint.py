@@ -144,6 +144,22 @@ def test_a_failed_save_is_one_error_naming_the_cause(tmp_path, mode):
     assert len(lines) <= 3, lines
 
 
+def test_only_process_0_writes_the_done_marker(tmp_path, monkeypatch):
+    """Every process of a multi-process run called mark_done and renamed its own copy onto the shared file."""
+    from vital_jax import distributed
+
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1, 2))
+    monkeypatch.setattr(distributed, "process_position", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "_primary_outcome", lambda ok: True)  # process 0 wrote it
+    with ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False) as ckpt:
+        ckpt.mark_done(2)
+        assert ckpt.done_step() is None and not os.path.exists(os.path.join(directory, ckpt_lib.DONE_FILE))
+        monkeypatch.setattr(distributed, "process_position", lambda: (0, 2))
+        ckpt.mark_done(2)
+        assert ckpt.done_step() == 2
+
+
 @pytest.mark.parametrize("torn", ["", '{"final_st', "[1]", '{"final_step": "x"}'])
 def test_an_unreadable_done_marker_means_not_done_and_is_written_anew(tmp_path, caplog, torn):
     """A torn DONE.json (a crash mid-write) is warned about and read as 'not finished', so the phase is finished
@@ -159,3 +175,53 @@ def test_an_unreadable_done_marker_means_not_done_and_is_written_anew(tmp_path, 
         assert "unreadable completion marker" in caplog.text and ckpt_lib.DONE_FILE in caplog.text
         ckpt.mark_done(2)
         assert ckpt.done_step() == 2
+
+
+def _no_directory_renames(monkeypatch):
+    """A filesystem like a flat Cloud Storage bucket under gcsfuse (no --rename-dir-limit): files rename,
+    directories do not."""
+    import pathlib
+
+    rename, path_rename = os.rename, pathlib.Path.rename
+
+    def refuse(source):
+        if os.path.isdir(source):
+            raise OSError(95, "Operation not supported", str(source))
+
+    monkeypatch.setattr(os, "rename", lambda a, b, *k, **kw: refuse(a) or rename(a, b, *k, **kw))
+    monkeypatch.setattr(pathlib.Path, "rename", lambda self, target: refuse(self) or path_rename(self, target))
+
+
+def test_commit_file_atomicity_saves_and_resumes_where_directories_cannot_be_renamed(tmp_path, monkeypatch):
+    directory = str(tmp_path / "phase_1")
+    _save_steps(directory, (1,))  # an earlier part of the run, saved by renaming
+    _no_directory_renames(monkeypatch)
+    monkeypatch.setattr(ckpt_lib, "_a_save_failed", False)  # the failed save below sets it for this process
+    with pytest.raises(ckpt_lib.CheckpointError, match="saving checkpoint 2 failed.*not supported"):
+        with ckpt_lib.PhaseCheckpointer(directory, 1, keep=3, async_save=False) as ckpt:
+            ckpt.save(2, _state(2), {"next": 2}, force=True)
+    for async_save in (False, True):
+        with ckpt_lib.PhaseCheckpointer(directory, 1, keep=3, async_save=async_save, atomicity="commit_file") as ckpt:
+            ckpt.save(3 + async_save, _state(3 + async_save), {"next": 3 + async_save}, force=True)
+    assert os.path.exists(os.path.join(directory, "4", "commit_success.txt"))
+    with ckpt_lib.PhaseCheckpointer(directory, 1, keep=3, atomicity="commit_file") as ckpt:
+        assert ckpt.manager.all_steps() == [1, 3, 4]  # the renamed step 1 is read too
+        step, state, data_state = ckpt.restore_latest(_state(0))
+        assert (step, data_state) == (4, {"next": 4})
+        np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(_state(4)["params"]["w"]))
+        assert ckpt.restore(1, _state(0))[1] == {"next": 1}
+        # An unreadable step that cannot be moved aside there is an error naming it, not a loop or a deletion.
+        with open(os.path.join(directory, "4", "data", "metadata"), "w") as f:
+            f.write("\x00garbage{")
+        with pytest.raises(ckpt_lib.CheckpointError, match=r"4: unreadable, and it could not be moved aside.*by hand"):
+            ckpt.restore_latest(_state(0))
+
+
+def test_an_unknown_atomicity_is_a_config_error_naming_the_choices():
+    import ml_collections
+
+    from vital_jax.models.hf_config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.checkpoint.atomicity='atomic'.*\('rename', 'commit_file'\)"):
+        ckpt_lib.check_atomicity(ml_collections.ConfigDict(dict(atomicity="atomic")))
+    ckpt_lib.check_atomicity(ml_collections.ConfigDict(dict(keep=1)))  # absent: "rename"

@@ -175,6 +175,7 @@ def test_every_config_file_the_docs_and_launch_scripts_name_exists():
     ("checkpoint.save_every_steps", 0, "checkpoint.save_every_steps=0"),  # "saving checkpoint 1 failed" after step 1
     ("data.prompt_buckets", (), "prompt_buckets"),
     ("data.max_pixels", 100, "data.max_pixels=100"),
+    ("checkpoint.atomicity", "atomic", "config.checkpoint.atomicity='atomic' must be one of"),
 ])
 def test_impossible_run_values_of_a_medsynapse_config_are_config_errors_before_anything_runs(field, value, message):
     """The data, checkpoint and logging fields that VITAL's `train.validate_config` checks were not checked for a

@@ -83,6 +83,13 @@ def test_slurm_launcher_gives_every_task_the_coordinator_its_rank_and_its_gpus(t
             assert plan.kwargs["local_device_ids"] == [rank % per_node]
 
 
+def test_slurm_launcher_asks_for_sigterm_minutes_before_the_time_limit():
+    """Slurm's default at the time limit is SIGTERM, then SIGKILL KillWait (30 s) later: too short to save."""
+    header = [line for line in open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")) if line.startswith("#SBATCH")]
+    signal = [line.split("=", 1)[1].strip() for line in header if line.startswith("#SBATCH --signal=")]
+    assert len(signal) == 1 and signal[0].startswith("TERM@") and int(signal[0].split("@")[1]) >= 120, header
+
+
 def test_slurm_launcher_refuses_to_start_without_a_config(tmp_path):
     env = dict(_stubs(tmp_path, python=PYTHON_STUB, srun=SRUN_STUB, scontrol=SCONTROL_STUB), WORKDIR="/w")
     res = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch")], env=env, cwd=REPO,

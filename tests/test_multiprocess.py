@@ -36,6 +36,26 @@ def test_single_process_is_a_no_op():
     assert distributed.plan_distributed(env=slurm_one, tpu_vm=False).method == "none"
 
 
+def test_a_single_process_given_device_ids_uses_only_those(monkeypatch):
+    """VITAL_NUM_PROCESSES=1 with VITAL_LOCAL_DEVICE_IDS (local_multiprocess.sh with NUM_PROCESSES=1
+    GPUS_PER_PROC=2): the ids were dropped with jax.distributed, and the process took every GPU of the machine."""
+    import jax
+
+    env = {"VITAL_NUM_PROCESSES": "1", "VITAL_LOCAL_DEVICE_IDS": "0,1"}
+    plan = distributed.plan_distributed(env=env, tpu_vm=False)
+    assert plan.method == "none" and plan.kwargs == {"local_device_ids": [0, 1]}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = {k: jax.config.values[k] for k in ("jax_cuda_visible_devices", "jax_rocm_visible_devices")}
+    try:
+        assert distributed.maybe_initialize_distributed().method == "none"
+        assert jax.config.values["jax_cuda_visible_devices"] == "0,1"
+        assert jax.config.values["jax_rocm_visible_devices"] == "0,1"
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+
+
 def test_explicit_arguments_and_environment():
     env = {"VITAL_COORDINATOR": "10.0.0.1:1234", "VITAL_NUM_PROCESSES": "4", "VITAL_PROCESS_ID": "3"}
     plan = distributed.plan_distributed(env=env, tpu_vm=False)
@@ -231,6 +251,13 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
     assert results[0]["logged_work"] == results[1]["logged_work"]
     assert results[1]["logged_work"]["tokens"] == reference["logged_work"]["tokens"]
     assert results[1]["logged_work"]["samples"] == reference["logged_work"]["samples"] == 8
+    # A tensor axis spanning both processes' devices puts one batch shard on two processes: refused by
+    # check_mesh (before any model loads), not by jax at the first step.
+    for r in results:
+        checks = r["mesh_checks"]
+        assert checks["(-1, 1, 1)"] is None and checks["(2, 1, 2)"] is None, checks
+        assert checks["(1, 1, 4)"].startswith("ConfigError") and "places 4 of the 4 examples" in checks["(1, 1, 4)"]
+        assert "at most 2" in checks["(1, 1, 4)"], checks
 
 
 def test_two_processes_run_stage_ii_grpo_like_one(tmp_path):

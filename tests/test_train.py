@@ -399,15 +399,18 @@ def test_max_steps_ends_training_early_and_every_phase_still_has_its_checkpoint(
     workdir = _workdir(tmp_path, assets, "budget")
     full = train.phase_steps(_config(), train.resolve_paths(_config(), workdir).data_dir)
     assert full[0] > 3  # the budget ends inside phase 1: phases 2 and 3 take no step
-    summary = train.train(_config(curriculum__max_steps=3), workdir)
+    # Saved as on a gcsfuse-mounted bucket (the other tests save by renaming): finished in place, read back alike.
+    config = _config(curriculum__max_steps=3, checkpoint__atomicity="commit_file")
+    summary = train.train(config, workdir)
     assert summary["step"] == 3 and not summary["preempted"]
+    assert os.path.exists(os.path.join(workdir, "phase_1", "3", "commit_success.txt"))
     steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert max(steps) == 3
     for phase in (1, 2, 3):
         done = json.load(open(os.path.join(workdir, f"phase_{phase}", ckpt_lib.DONE_FILE)))
         assert done["final_step"] == 3, phase
     assert load_run(workdir).params  # the run loads like any finished one
-    rerun = train.train(_config(curriculum__max_steps=3), workdir)  # a rerun finds it complete, trains nothing
+    rerun = train.train(config, workdir)  # a rerun finds it complete, trains nothing
     assert rerun["step"] == 3 and rerun["metrics"] == summary["metrics"]   # and reports what the run logged
     assert [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))] == steps
 

@@ -9,6 +9,12 @@ checkpoint restores onto a different mesh).
 Resuming reads the newest checkpoint that can be read: one that cannot (a truncated tensor file, a garbage
 iterator state) is moved aside to `<step>.unreadable-<time>` with a warning, never deleted. A save that fails
 raises one CheckpointError naming the cause, after waiting for the save's background work.
+
+How a save becomes final is `config.checkpoint.atomicity` (`ATOMICITY`): "rename" writes each step into a
+temporary directory and renames it into place (orbax's way on a POSIX filesystem); "commit_file" writes the step
+in place and finishes it with a `commit_success.txt`, for a Cloud Storage bucket mounted with gcsfuse, which
+renames no directory of a flat bucket unless mounted with `--rename-dir-limit`. A step without its commit file
+is unfinished and not read. "commit_file" also reads the steps an earlier part of the run saved by renaming.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vital_jax.jsonio import atomic_write, read_json
+from vital_jax.models.hf_config import ConfigError
 
 DONE_FILE = "DONE.json"
 
@@ -94,22 +101,45 @@ def unflatten_state(flat: dict, template):
                                         jax.tree_util.tree_structure(template), out)
 
 
+# config.checkpoint.atomicity -> how orbax finalises a save (see the module docstring).
+ATOMICITY = {"rename": ocp.options.AtomicityMode.ATOMIC_RENAME, "commit_file": ocp.options.AtomicityMode.COMMIT_FILE}
+
+
+def check_atomicity(checkpoint_config) -> None:
+    """A ConfigError unless `config.checkpoint.atomicity` names one of `ATOMICITY` (absent: "rename")."""
+    value = checkpoint_config.get("atomicity", "rename")
+    if value not in ATOMICITY:
+        raise ConfigError(f"config.checkpoint.atomicity={value!r} must be one of {tuple(ATOMICITY)} (\"commit_file\" "
+                          "for a workdir on a gcsfuse-mounted bucket)")
+
+
 class PhaseCheckpointer:
     """Save/restore the train state and data-iterator state of one curriculum phase.
 
     Use it as a context manager (or call `close`): leaving on an exception waits for the in-flight save without
     raising again, so the process does not exit while orbax's threads are still writing."""
 
-    def __init__(self, directory: str, save_every_steps: int, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, save_every_steps: int, keep: int = 2, async_save: bool = True,
+                 atomicity: str = "rename"):
+        if atomicity not in ATOMICITY:
+            raise CheckpointError(f"checkpoint atomicity {atomicity!r} must be one of {tuple(ATOMICITY)}")
         _quiet_orbax_failure_aftermath()
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every_steps, max_to_keep=keep,
-                                               enable_async_checkpointing=async_save, create=True)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every_steps, max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=True, atomicity_options=ocp.options.AtomicityOptions(
+                mode=ATOMICITY[atomicity], allow_legacy_atomic_rename=atomicity == "commit_file"))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
         self._saving: int | None = None  # the step of the last save started (async: maybe still in flight)
         self._closed = False
+
+    @classmethod
+    def from_config(cls, directory: str, checkpoint_config) -> PhaseCheckpointer:
+        """The checkpointer a trainer's `config.checkpoint` section describes."""
+        c = checkpoint_config
+        return cls(directory, c.save_every_steps, c.keep, c.async_save, c.get("atomicity", "rename"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -190,7 +220,11 @@ class PhaseCheckpointer:
         path = os.path.join(self.directory, str(step))
         aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:  # one process renames; the others skip the same unreadable step
-            os.rename(path, aside)
+            try:
+                os.rename(path, aside)
+            except OSError as e:  # gcsfuse: no directory renames in a flat bucket without --rename-dir-limit
+                raise CheckpointError(f"{path}: unreadable, and it could not be moved aside to {aside} ({e}); move "
+                                      "or delete it by hand, then rerun") from e
         if jax.process_count() > 1:  # no process may list the step after the rename: orbax would save on some only
             from jax.experimental import multihost_utils
 
@@ -214,9 +248,15 @@ class PhaseCheckpointer:
                                f"{_first_line(error)}")
 
     def mark_done(self, final_step: int) -> None:
-        """Record that the phase finished at `final_step` (written after its last checkpoint is durable)."""
+        """Record that the phase finished at `final_step` (written after its last checkpoint is durable). Process 0
+        writes it while the others wait: every process renaming onto one file of a shared workdir raced (gcsfuse
+        does not make such renames atomic), and none may go on before the marker is there."""
+        from vital_jax.distributed import on_primary
+
         self.wait()
-        atomic_write(os.path.join(self.directory, DONE_FILE), lambda f: json.dump({"final_step": int(final_step)}, f))
+        path = os.path.join(self.directory, DONE_FILE)
+        on_primary(lambda: atomic_write(path, lambda f: json.dump({"final_step": int(final_step)}, f)),
+                   f"write {path}")
 
     def done_step(self) -> int | None:
         return done_step(self.directory)

@@ -135,7 +135,9 @@ def plan_distributed(coordinator_address: str | None = None, num_processes: int 
             raise DistributedSetupError(f"process_id / {ENV_PROCESS_ID}={process_id} is outside [0, {num_processes}) "
                                         f"for {num_processes} process(es): set it to 0 .. {num_processes - 1}")
         if num_processes == 1:
-            return DistributedPlan("none", {}, "explicit single process")
+            # No jax.distributed, but the devices named are still the only ones this process may use.
+            kwargs = {"local_device_ids": list(local_device_ids)} if local_device_ids is not None else {}
+            return DistributedPlan("none", kwargs, "explicit single process")
         missing = [name for name, value in (("coordinator_address / " + ENV_COORDINATOR, coordinator_address),
                                             ("num_processes / " + ENV_NUM_PROCESSES, num_processes),
                                             ("process_id / " + ENV_PROCESS_ID, process_id)) if value is None]
@@ -186,6 +188,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
         return DistributedPlan("already", {}, "jax.distributed is already initialised")
     plan = plan_distributed(coordinator_address, num_processes, process_id, local_device_ids)
     if plan.method == "none":
+        if "local_device_ids" in plan.kwargs:
+            _use_only_devices(plan.kwargs["local_device_ids"])
         logger.info("single process (%s)", plan.reason)
         return plan
     if jax.config.jax_cpu_collectives_implementation is None:
@@ -196,6 +200,14 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     logger.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count())
     return plan
+
+
+def _use_only_devices(ids: Sequence[int]) -> None:
+    """What `jax.distributed.initialize(local_device_ids=...)` does for a GPU process, for a single process that
+    runs without it (before any backend starts; they read the setting once)."""
+    visible = ",".join(str(i) for i in ids)
+    jax.config.update("jax_cuda_visible_devices", visible)
+    jax.config.update("jax_rocm_visible_devices", visible)
 
 
 def is_primary() -> bool:

@@ -101,7 +101,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
                                                  max_grad_norm=1.0))
     # Validation loss every `every_steps` steps and at the end, over the first `max_examples` of the val split.
     c.eval = ml_collections.ConfigDict(dict(every_steps=100, max_examples=64))
-    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every_steps=100, keep=2, async_save=True, atomicity="rename"))
     c.logging = ml_collections.ConfigDict(dict(every_steps=10))
     if variant == "demo":
         c.corpus.update(num_phantoms=300, chain_phantoms=60)
@@ -150,6 +150,7 @@ def validate_config(config) -> None:
             buckets = tuple(sc.get(field, (1,)))
             if not buckets or min(buckets) < 1:
                 raise ConfigError(f"config.{stage}.{field} {buckets} must be one or more positive lengths")
+    ckpt_lib.check_atomicity(config.checkpoint)
     if config.checkpoint.keep < 1 or config.eval.max_examples < 1:
         raise ConfigError("config.checkpoint.keep and eval.max_examples must be >= 1")
     if config.checkpoint.save_every_steps < 1 or config.eval.every_steps < 1 or config.logging.every_steps < 1:
@@ -342,8 +343,7 @@ def run_stage(stage: Stage, config, workdir: str, preemption, stop_after: int | 
     """Train (or resume, or skip when done) one stage; returns its summary, with "preempted": True when it
     stopped early (SIGTERM, or `stop_after` steps: a test hook that acts like SIGTERM at that step)."""
     sc, o = stage.stage_config, config.optimizer
-    ckpt = ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"{stage.name}_ckpt"), config.checkpoint.save_every_steps,
-                                      config.checkpoint.keep, config.checkpoint.async_save)
+    ckpt = ckpt_lib.PhaseCheckpointer.from_config(os.path.join(workdir, f"{stage.name}_ckpt"), config.checkpoint)
     summary_path = os.path.join(ckpt.directory, STAGE_SUMMARY_FILE)
     if ckpt.done_step() is not None and os.path.exists(summary_path):
         try:

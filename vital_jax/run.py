@@ -176,7 +176,7 @@ def load_run(workdir: str) -> TrainedRun:
     config = read_config(workdir)
     paths = resolve_paths(config, workdir)
     phases = len(config.curriculum.max_k)
-    found = _latest_checkpoint(workdir, phases)
+    found = _latest_checkpoint(workdir, phases, config.checkpoint)
     if found is None:
         raise ckpt_lib.CheckpointError(f"{workdir}: no training checkpoint found in phase_*/")
     phase, step = found
@@ -202,13 +202,14 @@ def load_run(workdir: str) -> TrainedRun:
 ROI_DIM_KEY = "params.visual_projector.fc2.bias"
 
 
-def _latest_checkpoint(workdir: str, phases: int) -> tuple[int, int] | None:
-    """(phase, step) of the latest checkpoint of the last phase that has one, or None."""
+def _latest_checkpoint(workdir: str, phases: int, checkpoint_config) -> tuple[int, int] | None:
+    """(phase, step) of the latest checkpoint of the last phase that has one, or None (the run's own
+    `config.checkpoint.atomicity` tells a finished step from one still being written)."""
     for phase in range(phases, 0, -1):
         directory = os.path.join(workdir, f"phase_{phase}")
         if not os.path.isdir(directory):
             continue
-        ckpt = ckpt_lib.PhaseCheckpointer(directory, 1, async_save=False)
+        ckpt = ckpt_lib.PhaseCheckpointer.from_config(directory, checkpoint_config)
         step = ckpt.latest_step()
         ckpt.close()
         if step is not None:

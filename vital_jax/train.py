@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.sharding import NamedSharding
 from ml_collections import config_flags
 
 from vital_jax import cli
@@ -177,6 +178,26 @@ def check_mesh(config, batches: Mapping[str, int] | None = None) -> None:
                               f"step do not split over the mesh's data x fsdp = {data} x {fsdp} = {data * fsdp} "
                               f"batch shards (config.mesh.shape={shape}): set {field} to a multiple of "
                               f"{data * fsdp // math.gcd(data * fsdp, processes)} or change the mesh")
+    if processes > 1:
+        _check_process_rows(config, batches if batches is not None else {"data.batch_size": config.data.batch_size})
+
+
+def _check_process_rows(config, batches: Mapping[str, int]) -> None:
+    """Each process must hold the batch rows of its own examples and no other process's: a mesh axis the batch is
+    not split over (tensor) that spans devices of several processes puts one batch shard on two processes, and
+    jax refuses the batch at the first step, after the model has loaded."""
+    mesh = sharding.mesh_from_config(config)
+    for field, size in batches.items():
+        shape = (size * jax.process_count(),)
+        spec, _ = sharding.spec_for(("batch",), shape, mesh)
+        held = len(distributed.process_rows(NamedSharding(mesh, spec), shape))
+        if held != size:
+            raise ConfigError(
+                f"config.mesh.shape={tuple(config.mesh.shape)} (data, fsdp, tensor = "
+                f"{tuple(mesh.shape.values())}) places {held} of the {shape[0]} examples per step on this "
+                f"process's {jax.local_device_count()} device(s), which read {size} (config.{field}): an axis the "
+                "batch is not split over (tensor) spans several processes; keep tensor within one process's "
+                f"devices (at most {jax.local_device_count()}), or run fewer processes with more devices each")
 
 
 def prepare_demo(workdir: str, demo_config) -> None:
@@ -223,8 +244,7 @@ def _record_ids(data_dir: str, rows: np.ndarray) -> list[str]:
 
 def phase_checkpointer(config, workdir: str, phase: int) -> ckpt_lib.PhaseCheckpointer:
     """The checkpoints of curriculum phase `phase` (from 1): workdir/phase_<phase>/."""
-    return ckpt_lib.PhaseCheckpointer(os.path.join(workdir, f"phase_{phase}"), config.checkpoint.save_every_steps,
-                                      config.checkpoint.keep, config.checkpoint.async_save)
+    return ckpt_lib.PhaseCheckpointer.from_config(os.path.join(workdir, f"phase_{phase}"), config.checkpoint)
 
 
 def resume_point(config, workdir: str, state) -> tuple[int, object, dict | None]:

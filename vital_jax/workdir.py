@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from vital_jax.checkpoint import CheckpointError
+from vital_jax.checkpoint import CheckpointError, check_atomicity
 from vital_jax.jsonio import atomic_write, read_json, url_problem
 from vital_jax.models.hf_config import ConfigError
 
@@ -362,6 +362,7 @@ def check_run_fields(config, more_at_least_one: dict | None = None) -> None:
     bad = [f"{field}={value}" for field, value in at_least_one.items() if value < 1]
     if bad:
         raise ConfigError(f"config: {', '.join(bad)}: must be >= 1")
+    check_atomicity(config.checkpoint)
     if not d.prompt_buckets or min(d.prompt_buckets) < 1:
         raise ConfigError(f"config.data.prompt_buckets {tuple(d.prompt_buckets)} must be one or more positive lengths")
     if d.max_pixels < d.min_pixels:

@@ -310,6 +310,35 @@ def test_a_loader_state_records_its_data_order_and_another_order_is_refused(data
         make(1).set_state({**state, "data_order": 99})
 
 
+def test_a_loader_state_resumes_only_under_the_global_batch_it_counted_in(dataset):
+    """A position counts steps of processes x batch records: restored on another number of processes with the
+    same per-process batch it replayed records already trained on (a 2-process state on 1 process: half of them)."""
+    data_dir, tokenizer_dir, _ = dataset
+
+    def make(count, index=0, batch=CFG.batch_size):
+        return pipeline.make_train_iterator(data_dir, tokenizer_dir, dataclasses.replace(CFG, batch_size=batch),
+                                            k_max=4, seed=5, process_index=index, process_count=count,
+                                            num_epochs=4)
+
+    pair = [make(2, index) for index in range(2)]
+    for it in pair:
+        _take(it, 1)
+    state = pair[0].get_state()
+    assert (state["process_count"], state["batch_size"]) == (2, CFG.batch_size)
+    with pytest.raises(pipeline.PipelineError, match=r"2 process\(es\) x batch 2 = 4 examples per step, this run "
+                                                     r"takes 1 x 2 = 2.*resume on 2 process\(es\)"):
+        make(1).set_state(state)
+    # The same global batch over another number of processes: every step covers the same records.
+    expected = [sorted(a["record_index"].tolist() + b["record_index"].tolist())
+                for a, b in zip(_take(pair[0], 2), _take(pair[1], 2))]
+    one = make(1, batch=2 * CFG.batch_size)
+    one.set_state(state)
+    assert [sorted(b["record_index"].tolist()) for b in _take(one, 2)] == expected
+    # States saved before the global batch was recorded are not checked (nothing to check them against).
+    legacy = {k: v for k, v in state.items() if k not in ("process_count", "batch_size")}
+    make(1).set_state(legacy)
+
+
 def test_worker_processes_resume_and_name_the_failing_record(dataset, tmp_path):
     data_dir, tokenizer_dir, _ = dataset
     cfg = dataclasses.replace(CFG, num_workers=1)

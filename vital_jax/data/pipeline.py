@@ -435,13 +435,15 @@ DATA_ORDER = 2
 
 
 class TrainIterator:
-    """A training iterator whose `get_state()` records `DATA_ORDER` beside grain's position and whose
-    `set_state()` refuses a position saved under another order (PipelineError), unless the orders agree for
-    this run's number of processes. Iterates like the grain iterator it wraps."""
+    """A training iterator whose `get_state()` records `DATA_ORDER` and the global batch (processes x per-process
+    batch) beside grain's position, and whose `set_state()` refuses (PipelineError) a position saved under another
+    order, unless the orders agree for this run's number of processes, or with another global batch. Iterates
+    like the grain iterator it wraps."""
 
-    def __init__(self, iterator: grain.DatasetIterator, process_count: int):
+    def __init__(self, iterator: grain.DatasetIterator, process_count: int, batch_size: int):
         self._iterator = iterator
         self._process_count = process_count
+        self._batch_size = batch_size
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -456,7 +458,8 @@ class TrainIterator:
             close()
 
     def get_state(self) -> dict:
-        return {"data_order": DATA_ORDER, "position": self._iterator.get_state()}
+        return {"data_order": DATA_ORDER, "process_count": self._process_count, "batch_size": self._batch_size,
+                "position": self._iterator.get_state()}
 
     def set_state(self, state: dict) -> None:
         if "data_order" in state:
@@ -469,9 +472,26 @@ class TrainIterator:
                 f"order {DATA_ORDER} (vital_jax.data.pipeline.DATA_ORDER) with {self._process_count} processes: "
                 "resuming there would skip some records and repeat others; finish the run with the version that "
                 "started it, or train in a new --workdir")
+        self._check_global_batch(state)
         if not isinstance(position, dict):
             raise PipelineError(f"the loader position {position!r} is not an iterator state")
         self._iterator.set_state(position)
+
+    def _check_global_batch(self, state: dict) -> None:
+        """The position counts steps of one global batch: step t covers records [t G, (t + 1) G) of the stream,
+        whatever the number of processes G is split over. Under another G the same count of steps lands
+        elsewhere in the stream (records repeated or skipped) and every phase has another number of steps.
+        States saved before the global batch was recorded carry neither field and are not checked."""
+        if "process_count" not in state:
+            return
+        saved, now = state["process_count"] * state["batch_size"], self._process_count * self._batch_size
+        if saved != now:
+            raise PipelineError(
+                f"the loader position was saved by {state['process_count']} process(es) x batch "
+                f"{state['batch_size']} = {saved} examples per step, this run takes {self._process_count} x "
+                f"{self._batch_size} = {now}: its steps would cover other records (some repeated, some skipped) "
+                f"and each phase another number of steps; resume on {state['process_count']} process(es) (the "
+                "workdir's config fixes the per-process batch), or train in a new --workdir")
 
 
 def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",
@@ -488,7 +508,7 @@ def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, 
     """
     process_index, process_count = _process(process_index, process_count)
     return TrainIterator(iter(make_train_dataset(data_dir, tokenizer_dir, cfg, k_max, split, seed, process_index,
-                                                 process_count, num_epochs, k_min)), process_count)
+                                                 process_count, num_epochs, k_min)), process_count, cfg.batch_size)
 
 
 def make_eval_batches(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, split: str = "test",

@@ -543,8 +543,7 @@ def _init_autonomous(autonomous: AutonomousMemory, seed: int) -> dict:
 
 
 def _checkpointer(config, workdir: str, stage: str) -> ckpt_lib.PhaseCheckpointer:
-    return ckpt_lib.PhaseCheckpointer(stage_dir(workdir, stage), config.checkpoint.save_every_steps,
-                                      config.checkpoint.keep, config.checkpoint.async_save)
+    return ckpt_lib.PhaseCheckpointer.from_config(stage_dir(workdir, stage), config.checkpoint)
 
 
 def stage_dir(workdir: str, stage: str) -> str:

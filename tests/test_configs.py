@@ -2,6 +2,7 @@
 
 import re
 
+import ml_collections
 import pytest
 
 from configs import ablation, base, demo, medsynapse_demo, medsynapse_qwen3vl_8b, vital_qwen3vl_8b
@@ -187,3 +188,40 @@ def test_impossible_run_values_of_a_medsynapse_config_are_config_errors_before_a
     c[section][name] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         trainer.validate_config(c)
+
+
+def test_every_config_flag_the_docs_and_launch_scripts_name_is_a_config_field():
+    """A `--config.<field>=` in an example that no config has is an error at the user's first try (ml_collections
+    refuses unknown fields); a renamed field leaves such examples behind."""
+    import glob
+    import importlib
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fields = set()
+
+    def collect(node, prefix=""):
+        for key, value in node.items():
+            fields.add(prefix + key)
+            if isinstance(value, ml_collections.ConfigDict):
+                collect(value, prefix + key + ".")
+
+    modules = [os.path.relpath(p, repo)[:-3].replace(os.sep, ".")
+               for p in glob.glob(os.path.join(repo, "configs", "**", "*.py"), recursive=True)
+               if not p.endswith("__init__.py")]
+    for name in modules + ["vital_jax.pretrain"]:
+        module = importlib.import_module(name)
+        if hasattr(module, "get_config"):
+            collect(module.get_config())
+    assert {"model.backbone_dir", "out_dir", "stop_after_minutes", "checkpoint.atomicity"} <= fields
+    documents = [os.path.join(repo, "README.md"), os.path.join(repo, "benchmarks", "README.md"),
+                 *glob.glob(os.path.join(repo, "launch", "*")), *glob.glob(os.path.join(repo, "configs", "**", "*.py"),
+                                                                          recursive=True),
+                 *glob.glob(os.path.join(repo, "docs", "**", "*.md"), recursive=True)]
+    unknown = {}
+    for path in documents:
+        with open(path, encoding="utf-8") as f:
+            for field in re.findall(r"--config\.([A-Za-z_][\w.]*\w)=", f.read()):
+                if field != "FIELD" and field not in fields:
+                    unknown.setdefault(field, os.path.relpath(path, repo))
+    assert not unknown, unknown

@@ -10,8 +10,8 @@ Benchmarks: vqa_rad, slake, pathvqa, pmc_vqa, in_domain, phantom_vqa, jsonl (see
 `<benchmark>.predictions.jsonl`, `<benchmark>.metrics.json`, `<benchmark>.metrics.md` (per K with --k_sweep, plus
 `k_sweep.json` / `k_sweep.png`: closed accuracy, open token F1 and single-example latency against K, the analogue
 of the paper's Figure 4; `--figure_format=pdf` or `svg` for a vector figure). Every metrics JSON holds
-`closed_accuracy` beside `closed_majority_baseline` (and the `_over_all` variants, Table 1's VQA-RAD denominator)
-and, with open questions, `open_token_f1`.
+`closed_accuracy` beside `closed_majority_baseline` and, with open questions, `open_token_f1` and
+`accuracy_over_all` (every question, open ones by exact match: the scale of Table 1's VQA-RAD values).
 Latency (`latency_ms`) is one example at a time, compilation excluded; `batched_ms_per_example` is throughput.
 K is always explicit and logged; it is never inferred from the checkpoint.
 """

@@ -46,17 +46,17 @@ def test_vqa_rad_test_split_from_shared_data(shared_data_dir):
     assert result["closed"]["accuracy"] == 1.0 and result["open"]["token_f1"] == pytest.approx(1.0)
 
 
-def test_vqa_rad_reports_both_closed_accuracy_conventions_and_the_majority_baseline(shared_data_dir):
+def test_vqa_rad_reports_both_accuracy_scales_and_the_majority_baseline(shared_data_dir):
     examples = load_benchmark("vqa_rad", os.path.join(shared_data_dir, "vqa_rad"))
     result = metrics.score(examples, [e.answer for e in examples])
     assert result["closed_accuracy"] == 1.0
-    # Table 1's VQA-RAD Acc_closed values are k/451: correct closed answers over every test question.
-    assert result["closed_accuracy_over_all"] == pytest.approx(272 / 451)
+    # Table 1's VQA-RAD Acc_closed values are k/451, so a perfect model must reach them on the all-question scale:
+    # correct *closed* answers over all 451 (the key this replaced) stopped at 272/451 = 60.3 %, below 74.28.
+    assert result["accuracy_over_all"] == 1.0 and metrics.headline(result)["accuracy_over_all"] >= 0.7428
     gold = collections.Counter(e.answer.strip().lower() for e in examples if e.answer_type == "closed")
     answer, count = gold.most_common(1)[0]
     assert answer in ("yes", "no") and result["closed_majority_answer"] == answer
     assert result["closed_majority_baseline"] == pytest.approx(count / 272)
-    assert result["closed_majority_baseline_over_all"] == pytest.approx(count / 451)
     assert round(0.7428 * 451) / 451 == pytest.approx(0.7428, abs=5e-5)       # VITAL's 74.28 fits k/451 ...
     assert all(abs(k / 272 - 0.7428) > 5e-5 for k in range(273))             # ... and no k/272
 

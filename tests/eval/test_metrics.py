@@ -156,7 +156,7 @@ def test_score_splits_closed_and_open_with_counts():
     assert result["open"]["token_recall"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert result["open"]["accuracy"] == 0.5          # exact match, only "free air"
     assert result["overall"] == {"count": 4, "accuracy": 0.5}
-    assert metrics.headline(result) == {"acc_closed": 0.5, "closed_accuracy_over_all": 0.25,
+    assert metrics.headline(result) == {"acc_closed": 0.5, "accuracy_over_all": 0.5,
                                         "closed_majority_baseline": 0.5, "token_f1_open": pytest.approx(0.9)}
     assert result["per_example"][3].parsed == "B"
 
@@ -259,14 +259,16 @@ def test_in_domain_scoring_strips_the_target_from_prediction_and_answer_alike(pr
 
 # ---------------------------------------------------------------- accuracy conventions and the majority baseline
 
-def test_closed_accuracy_over_closed_and_over_all_questions():
-    # 3 closed (2 right) + 1 open: Acc_closed = 2/3; the paper's apparent convention divides by all 4.
+def test_closed_accuracy_over_closed_and_accuracy_over_all_questions():
+    # 3 closed (2 right) + 2 open (one exact): Acc_closed = 2/3; over all questions the exact open answer counts
+    # too, (2 + 1) / 5, and the partly right one (token F1 2/3) does not.
     examples = [_example(0, "yes", "closed"), _example(1, "no", "closed"), _example(2, "left", "closed"),
-                _example(3, "free air", "open", "f1")]
-    result = metrics.score(examples, ["yes", "yes", "left", "free air"])
+                _example(3, "free air", "open", "f1"), _example(4, "left kidney", "open", "f1")]
+    result = metrics.score(examples, ["yes", "yes", "left", "free air", "kidney"])
     assert result["closed_accuracy"] == pytest.approx(2 / 3)
-    assert result["closed_accuracy_over_all"] == pytest.approx(2 / 4)
-    assert result["open_token_f1"] == pytest.approx(1.0)
+    assert result["accuracy_over_all"] == pytest.approx(3 / 5) == result["overall"]["accuracy"]
+    assert result["open_token_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert "accuracy_over_all" not in metrics.score(examples[:3], ["yes", "yes", "left"])  # closed only: no scale
 
 
 def test_majority_baseline_answers_every_closed_question_with_the_most_frequent_gold():
@@ -275,7 +277,6 @@ def test_majority_baseline_answers_every_closed_question_with_the_most_frequent_
     result = metrics.score(examples, [""] * len(examples))
     assert result["closed_majority_answer"] == "yes"
     assert result["closed_majority_baseline"] == pytest.approx(3 / 6)        # max(yes, no) share of the closed
-    assert result["closed_majority_baseline_over_all"] == pytest.approx(3 / 7)
     assert result["closed_accuracy"] == 0.0
 
 

@@ -207,6 +207,25 @@ def test_pathvqa_malformed_line_is_named(tmp_path, row, message):
         load_benchmark("pathvqa", str(tmp_path))
 
 
+def test_pathvqa_original_pickles_are_named_and_never_unpickled(tmp_path):
+    """The release ships qas/{split}/{split}_qa.pkl: the error said only that no test file was found."""
+    import pickle
+
+    os.makedirs(tmp_path / "qas" / "test")
+    marker = tmp_path / "unpickled"
+
+    class Runs:  # what unpickling an untrusted file can do: run code
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(tmp_path / "qas" / "test" / "test_qa.pkl", "wb") as f:
+        pickle.dump([Runs()], f)
+    with pytest.raises(BenchmarkError, match=r"test_qa.pkl is the original release's pickle, which vital_jax does "
+                                             r"not read.*flaviagiammarino/path-vqa.*test.jsonl"):
+        load_benchmark("pathvqa", str(tmp_path))
+    assert not marker.exists()
+
+
 # -------------------------------------------------------------------------------------------------------- PMC-VQA
 
 PMC_HEADER = ["index", "Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D",

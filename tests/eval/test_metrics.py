@@ -100,6 +100,9 @@ OPTIONS = ("CT", "MRI", "CT with contrast", "X-ray")
     ("CT or MRI", None),                            # two options mentioned
     ("", None),
     ("I cannot tell", None),
+    ("**B**", "B"),                                 # markdown emphasis, as general chat models write it
+    ("The answer is **(C)**.", "C"),
+    ("`A`", "A"),
 ])
 def test_parse_choice_letter(prediction, letter):
     assert metrics.parse_choice_letter(prediction, OPTIONS) == letter
@@ -197,6 +200,10 @@ def test_score_of_none_prediction_is_wrong():
     ("no", "no"),
     ("Not present", "no"),
     ("Absent", "no"),
+    ("Negative.", "no"),
+    ("Negative for pneumothorax", "no"),
+    ("Nope.", "no"),
+    ("Positive for a mass.", "yes"),
     ("The liver is not enlarged.", "no"),
     ("There is a small effusion.", "yes"),
     ("I think yes.", "yes"),

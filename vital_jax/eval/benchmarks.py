@@ -427,8 +427,18 @@ def load_pathvqa(data_dir: str, split: str = "test", limit: int | None = None, c
     Or a Hugging Face copy, e.g. flaviagiammarino/path-vqa (`data/{split}-*.parquet` with image bytes, question,
     answer; its splits are train, validation and test). `image_cache` and `columns` as in `load_vqa_rad`.
     """
-    path, files = _release_or_hf(data_dir, (f"{split}.jsonl", f"{split}.json"), f"PathVQA {split} file", split,
-                                 format)
+    try:
+        path, files = _release_or_hf(data_dir, (f"{split}.jsonl", f"{split}.json"), f"PathVQA {split} file", split,
+                                     format)
+    except BenchmarkError as e:
+        pickled = os.path.join(data_dir, "qas", split, f"{split}_qa.pkl")
+        if os.path.isfile(pickled):  # the original release's question files
+            raise BenchmarkError(
+                f"{e}. {pickled} is the original release's pickle, which vital_jax does not read (unpickling runs "
+                "code stored in the file): use the Hub copy flaviagiammarino/path-vqa (parquet), or write the "
+                f"records you trust to {split}.jsonl, one {{\"image\", \"question\", \"answer\"}} per line, "
+                "images under images/") from None
+        raise
     folders = ("images/" + split, "images", "")
     if files:
         return _limited(_load_hf_free_form(data_dir, split, files, folders, limit, check_images, image_cache,

@@ -138,10 +138,11 @@ def _has_phrase(text: str, phrase: str) -> bool:
 # ------------------------------------------------------------------------------------------------------ yes / no
 
 _NEGATIONS = frozenset({"no", "not", "none", "absent", "absence", "without", "neither", "nor", "never", "nothing",
-                        "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt", "hasnt", "havent", "nowhere"})
+                        "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt", "hasnt", "havent", "nowhere",
+                        "negative", "nope"})
 # Existence predicates and plain assent; not "shows" ("The image shows an aneurysm" may answer another question).
 _AFFIRMATIONS = frozenset({"present", "seen", "visible", "noted", "identified", "evident", "observed", "detected",
-                           "correct", "true", "yeah", "yep", "indeed", "affirmative"})
+                           "correct", "true", "yeah", "yep", "indeed", "affirmative", "positive"})
 # A statement hedged with one of these does not answer yes or no ("I am not sure", "cannot be excluded").
 _HEDGES = frozenset({"sure", "unsure", "certain", "uncertain", "unclear", "maybe", "perhaps", "possibly", "possible",
                      "probably", "likely", "unlikely", "unknown", "tell", "determine", "know", "cannot", "excluded",
@@ -424,8 +425,11 @@ _STRICT_LETTER = (
 )
 
 
+_EMPHASIS = re.compile(r"[*_`]+")
+
+
 def _strict_letter(text: str, n_options: int) -> int | None:
-    text = text.strip()
+    text = _EMPHASIS.sub("", text).strip()  # "**B**", "`A`": markdown around the letter
     for pattern in _STRICT_LETTER:
         match = pattern.search(text)
         if match:

@@ -209,3 +209,24 @@ def test_identify_answers_of_plural_targets_are_expanded_in_the_plural():
     context = GateContext("identify", "neoplastic cells", "other", normal_anatomy=False)
     result = gate.check(_raw(answer="neoplastic cells", chain=["Dark cells fill the image."]), context)
     assert result.accepted and result.output.final_answer == "The main structures shown are the neoplastic cells."
+
+
+def test_a_closed_answer_the_mask_contradicts_is_rejected_by_the_ground_truth_round():
+    """Nothing held an API teacher's closed answers to the mask: "Yes" to a lesion the image does not show, or the
+    wrong side, became the record's (and the test split's) gold answer."""
+    chain = ["The structure lies in the left third of the image."]
+    yes_no = GateContext("yes_no", "liver", "organ", normal_anatomy=True, expected_answer="no")
+    result = gate.check(_raw(answer="Yes, the liver lies in the left half of the image.", chain=chain), yes_no)
+    assert not result.accepted and result.round == "ground_truth" and "says 'yes'" in result.violation
+    assert result.rounds_passed == gate.ROUNDS.index("ground_truth") == len(gate.ROUNDS) - 1
+    assert "ground_truth" in gate.retry_prompt(result, attempt=1)
+    assert gate.check(_raw(answer="No, the liver lies in the right half of the image.", chain=chain), yes_no).accepted
+    choice = GateContext("location_choice", "left kidney", "organ", normal_anatomy=True, choices=("left", "right",
+                                                                                                   "center"),
+                         expected_answer="right")
+    wrong = gate.check(_raw(answer="left", chain=chain), choice)
+    assert wrong.round == "ground_truth" and "'left'" in wrong.violation and "'right'" in wrong.violation
+    assert gate.check(_raw(answer="The left kidney is in the right part of the image.", chain=chain), choice).accepted
+    # Without a verdict (open questions, a location choice no third answers) the round checks nothing.
+    unchecked = GateContext("yes_no", "liver", "organ", normal_anatomy=True)
+    assert gate.check(_raw(answer="Yes.", chain=chain), unchecked).accepted

@@ -4,6 +4,7 @@ regenerations, rejection log, statistics, the API key never written, and a SIGKI
 from __future__ import annotations
 
 import collections
+import dataclasses
 import http.server
 import json
 import os
@@ -373,3 +374,40 @@ def test_a_bad_line_of_the_rejection_log_is_named_and_nothing_is_written(tmp_pat
     with pytest.raises(records.RecordError, match=message):
         teacher.distill(qs, str(tmp_path), teacher.make_teacher("geometry"), workers=1)
     assert log.read_text() == before and not (tmp_path / records.RECORDS_FILE).exists()
+
+
+class _ScriptedTeacher:
+    """Answers each question with its next scripted reply and keeps the feedback it was given."""
+
+    def __init__(self, replies):
+        self.replies, self.feedback = {k: list(v) for k, v in replies.items()}, collections.defaultdict(list)
+
+    def generate(self, question, image, mask, feedback=None):
+        self.feedback[question.id].append(feedback)
+        answer, chain = self.replies[question.id].pop(0)
+        return json.dumps({"final_answer": answer, "reasoning_chain": chain})
+
+
+def test_closed_answers_the_mask_contradicts_are_regenerated_then_rejected(tmp_path):
+    """The API teacher's "Yes" about an absent lesion (its prompt named the lesion and marked the organ) and its
+    wrong side were accepted; the offline teacher's verdict (`mask_verdict`) now holds every teacher to the mask."""
+    side, absent = _dataset(tmp_path, ["side", "absent"])
+    side = dataclasses.replace(side, question="Is the liver located in the left half of the image?",
+                               template="yes_no_side", slots={"side": "left"})   # the mask lies in the left third
+    absent = dataclasses.replace(absent, question="Is there a liver tumor visible in this CT scan?",
+                                 target="liver tumor", target_type="lesion", normal_anatomy=False,
+                                 template="yes_no_absent", slots={"organ": "liver"})
+    assert "this image shows no liver tumor: the answer is no" in teacher.user_prompt(absent)
+    wrong_side = ("No, the liver lies in the right half of the image.", ["The liver lies right of the midline."])
+    right_side = ("Yes, the liver lies in the left half of the image.", ["The liver lies left of the midline."])
+    present = ("Yes, there is a liver tumor visible in this image.", ["A focal hypodense region sits in the liver."])
+    scripted = _ScriptedTeacher({side.id: [wrong_side, right_side],
+                                 absent.id: [present] * (1 + teacher.MAX_REGENERATIONS)})
+    summary = teacher.distill([side, absent], str(tmp_path), scripted, workers=1)
+    accepted = {r.id: r for r in records.read_records(str(tmp_path / records.RECORDS_FILE))}
+    assert list(accepted) == [side.id] and accepted[side.id].answer.startswith("Yes")
+    assert "rejected by the ground_truth check" in scripted.feedback[side.id][1]
+    rejected = [json.loads(line) for line in open(tmp_path / teacher.REJECTED_FILE)]
+    assert [e["id"] for e in rejected] == [absent.id] and rejected[0]["final"]
+    assert all(r.startswith("ground_truth: the final answer says 'yes'") for r in rejected[0]["reasons"])
+    assert summary["gate_rounds"]["ground_truth"]["failed"] == 1 + (1 + teacher.MAX_REGENERATIONS)

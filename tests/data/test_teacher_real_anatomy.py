@@ -60,7 +60,7 @@ def _measure(image, mask):
 
 def _answer(q, image, mask) -> gate.TeacherOutput:
     """The teacher's answer after the gate (which must accept it)."""
-    result = gate.check(TEACHER.generate(q, image, mask), teacher._gate_context(q))
+    result = gate.check(TEACHER.generate(q, image, mask), teacher._gate_context(q, image, mask))
     assert result.accepted, (q.question, result.violation)
     return result.output
 

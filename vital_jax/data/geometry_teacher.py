@@ -216,6 +216,35 @@ class GeometryTeacher:
         return TeacherOutput(final_answer=answer, reasoning_chain=tuple(chain)).to_json()
 
 
+def mask_verdict(q: Question, g: MaskGeometry) -> str | None:
+    """The short answer the mask decides for a closed question (`questions.closed_answer`'s reading): "yes" / "no"
+    for a yes/no question, the choice of a location choice; None for an open question, or a location choice whose
+    regions lie in different thirds (no choice is right). What this teacher answers, and what the quality gate
+    holds every teacher's closed answers to (its ground_truth round)."""
+    if q.question_type == "location_choice":
+        return geometry.axis_third(g, q.slots["axis"])
+    if q.question_type != "yes_no":
+        return None
+    if q.template == "yes_no_side":
+        if geometry.straddles(g, "horizontal" if q.slots["side"] in ("left", "right") else "vertical"):
+            return "no"
+        return "yes" if _side(q, g) == q.slots["side"] else "no"
+    if q.template == "yes_no_size":
+        return "yes" if g.area_fraction > float(q.slots["threshold"]) else "no"
+    if q.template == "yes_no_contrast":
+        return "yes" if g.contrast > 0 else "no"
+    if q.template == "yes_no_absent":  # the mask is the organ the lesion would grow in
+        return "no"
+    return "yes"  # presence: the mask is the target
+
+
+def _side(q: Question, g: MaskGeometry) -> str:
+    """The half (of the pair `q.slots["side"]` belongs to) that holds the target's first part's centre."""
+    index, words = (1, ("left", "right")) if q.slots["side"] in ("left", "right") else (0, ("upper", "lower"))
+    first = g.parts[0].centroid[index] if _multi(g) else g.centroid[index]
+    return words[0] if first < 0.5 else words[1]
+
+
 def _structure(g: MaskGeometry) -> str:
     """"a small round structure" (one region) or "two separate regions"."""
     if _multi(g):
@@ -229,18 +258,18 @@ def _yes_no(q: Question, g: MaskGeometry) -> tuple[str, list[str]]:
     if q.template == "yes_no_side":
         return _yes_no_side(q, g, s)
     if q.template == "yes_no_size":
-        threshold = float(q.slots["threshold"])
         extent = f"{with_article(_size_word(g.area_fraction))} extent"
         if _multi(g):
             step = (f"Together, the {_regions(g)} of {the} cover {_percent(g.area_fraction)} of the image area, "
                     f"{extent}.")
         else:
             step = f"{capitalize(the)} {s.verb('covers')} {_percent(g.area_fraction)} of the image area, {extent}."
-        verdict = "Yes" if g.area_fraction > threshold else "No"
+        verdict = mask_verdict(q, g).capitalize()
         return f"{verdict}, {the} {s.verb('occupies')} {_percent(g.area_fraction)} of the image area.", [step]
     if q.template == "yes_no_contrast":
         step = f"{capitalize(the)} {s.verb('shows')} {_contrast(g, q)}."
-        verdict, relation = ("Yes", "brighter") if g.contrast > 0 else ("No", "darker")
+        verdict = mask_verdict(q, g).capitalize()
+        relation = "brighter" if verdict == "Yes" else "darker"
         around = "them" if s.plural else "it"
         return f"{verdict}, {the} {s.verb('is')} {relation} than the tissue around {around} in the image.", [step]
     if q.template == "yes_no_absent":  # g measures the organ the lesion would be in
@@ -269,14 +298,13 @@ def _yes_no_side(q: Question, g: MaskGeometry, s: Subject) -> tuple[str, list[st
         axis, index, dimension, edge, midline = "vertical", 0, "height", "top", "horizontal midline"
         below, above, words = "above", "below", ("upper", "lower")
     the = s.the
-    positions = [p.centroid[index] for p in g.parts] if _multi(g) else [g.centroid[index]]
     at = _positions(g, index)
     if geometry.straddles(g, axis):
         step = (f"{capitalize(the)} {s.verb('is')} made up of {_regions(g)} on both sides of the {midline} of "
                 f"the image, their centres {at} of the image {dimension} from the {edge} edge.")
         return (f"No, {the} {s.verb('is')} not confined to the {side} half of the image: {s.it} {s.verb('lies')} "
                 f"on both sides of its {midline}."), [step]
-    actual = words[0] if positions[0] < 0.5 else words[1]
+    actual = _side(q, g)
     relation = below if actual == words[0] else above
     if _multi(g):
         step = (f"{capitalize(_all(g.components))} regions of {the} lie {relation} the {midline} of the "
@@ -284,8 +312,7 @@ def _yes_no_side(q: Question, g: MaskGeometry, s: Subject) -> tuple[str, list[st
     else:
         step = (f"The centre of {the} lies {at} of the image {dimension} from the {edge} edge, {relation} the "
                 f"{midline} of the image.")
-    verdict = "Yes" if actual == side else "No"
-    return f"{verdict}, {the} {s.verb('lies')} in the {actual} half of the image.", [step]
+    return f"{mask_verdict(q, g).capitalize()}, {the} {s.verb('lies')} in the {actual} half of the image.", [step]
 
 
 def _identify(q: Question, g: MaskGeometry) -> tuple[str, list[str]]:
@@ -310,7 +337,7 @@ def _location_choice(q: Question, g: MaskGeometry) -> tuple[str, list[str]]:
     s = Subject(q.target)
     axis = q.slots["axis"]
     index, dimension, edge = (1, "width", "left") if axis == "horizontal" else (0, "height", "top")
-    choice = geometry.axis_third(g, axis)
+    choice = mask_verdict(q, g)
     positions = [p.centroid[index] for p in geometry.part_order(g)] if _multi(g) else [g.centroid[index]]
     at = _positions(g, index)
     if choice is None:  # regions in different thirds: no single choice is right (the gate rejects the answer)

@@ -1,4 +1,4 @@
-"""The quality gate every teacher output passes through: the six rounds of App. A.3 and two more.
+"""The quality gate every teacher output passes through: the six rounds of App. A.3 and three more.
 
 Rounds, in order; the first that fails names the violation and the sample is retried or rejected:
   1 json_schema          strict JSON object with exactly `final_answer` (str) and `reasoning_chain` (list of str);
@@ -15,6 +15,10 @@ Rounds, in order; the first that fails names the violation and the sample is ret
   8 answer_format        the final answer normalised by question type: yes/no casing, bare choices and letters
                          expanded into sentences, short identify answers expanded, image-space phrasing for
                          locations, one final period; an answer that cannot be normalised is a violation.
+  9 ground_truth         (not in the paper, which shows the teacher the mask "for internal correctness") a closed
+                         answer (yes/no, location choice) must be the one the mask decides
+                         (`geometry_teacher.mask_verdict`, given as GateContext.expected_answer); an API teacher
+                         answering "yes" about a lesion the image does not show would otherwise label it present.
 The same gate serves the API teacher and the offline geometry teacher (vital_jax.data.geometry_teacher), so
 both are held to the same wording.
 """
@@ -31,7 +35,7 @@ from vital_jax.data.vocabulary import vocabulary_problems
 from vital_jax.data.wording import decapitalize, grammar_problems, is_plural
 
 ROUNDS = ("json_schema", "annotation_leakage", "pathology_terms", "spatial_convention", "vocabulary", "grammar",
-          "step_count", "answer_format")
+          "step_count", "answer_format", "ground_truth")
 ANSWER_KEY, CHAIN_KEY = "final_answer", "reasoning_chain"
 
 # Annotation-leakage terms (round 2): anything that reveals the teacher saw a marked-up image or hidden labels.
@@ -78,7 +82,8 @@ _SPATIAL_RE = re.compile("|".join(SPATIAL_PATTERNS), re.IGNORECASE)
 @dataclasses.dataclass(frozen=True)
 class GateContext:
     """What the gate must know about the sample: its question type, target, whether it is normal anatomy, the
-    choices of a location choice, and its modality ("" skips the vocabulary round)."""
+    choices of a location choice, its modality ("" skips the vocabulary round) and the closed answer its mask
+    decides ("yes" / "no" or the choice; None skips the ground_truth round)."""
 
     question_type: str
     target: str
@@ -86,6 +91,7 @@ class GateContext:
     normal_anatomy: bool
     choices: tuple[str, ...] = ()
     modality: str = ""
+    expected_answer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +221,16 @@ def normalize_answer(answer: str, context: GateContext) -> str:
     return _sentence(text)
 
 
+def _closed_reading(answer: str, context: GateContext) -> str | None:
+    """The short answer of a normalised closed answer: "yes" / "no", or the one choice it names."""
+    if context.question_type == "yes_no":
+        return answer.split(",")[0].split(".")[0].strip().lower()
+    named = questions.named_choices(answer, context.choices, context.target)
+    return named[0] if len(named) == 1 else None
+
+
 def check(raw: str | dict, context: GateContext) -> GateResult:
-    """Run the eight rounds (module docstring) on a raw teacher output (JSON text or a parsed dict) and return the
+    """Run the nine rounds (module docstring) on a raw teacher output (JSON text or a parsed dict) and return the
     first violation or the accepted, normalised output."""
     if context.question_type not in STEP_RANGES:
         raise ValueError(f"unknown question type {context.question_type!r}")
@@ -252,6 +266,11 @@ def check(raw: str | dict, context: GateContext) -> GateResult:
         answer = normalize_answer(parsed.final_answer, context)
     except ValueError as e:
         return _reject("answer_format", str(e))
+    if context.expected_answer is not None:
+        given = _closed_reading(answer, context)
+        if given != context.expected_answer:
+            return _reject("ground_truth", f"the final answer says {given!r}, but the target region in the image "
+                           f"shows {context.expected_answer!r}")
     return GateResult(accepted=True, output=dataclasses.replace(parsed, final_answer=answer),
                       rounds_passed=len(ROUNDS))
 
@@ -259,6 +278,9 @@ def check(raw: str | dict, context: GateContext) -> GateResult:
 _REMINDERS = {
     "json_schema": "Return only one JSON object with exactly two fields, final_answer (a string) and "
                    "reasoning_chain (a list of strings). No Markdown, no code fences, no text before or after it.",
+    "ground_truth": "Look at the image again: the answer must state what the target region actually shows "
+                    "(where it lies, how large it is, whether it is there at all), and the reasoning must lead "
+                    "to it.",
     "annotation_leakage": "Write as if you saw only the raw, unannotated image. Never mention or imply masks, "
                           "overlays, colours added to the image, contours, outlines, labels, annotations, "
                           "highlighted areas, or that the target was given to you.",

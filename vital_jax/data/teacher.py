@@ -39,10 +39,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vital_jax.data import ingest, quality_gate, records
+from vital_jax.data import geometry, ingest, quality_gate, records
 from vital_jax.data.geometry import box_sum
-from vital_jax.data.geometry_teacher import GeometryTeacher
-from vital_jax.data.questions import Question
+from vital_jax.data.geometry_teacher import GeometryTeacher, mask_verdict
+from vital_jax.data.questions import CLOSED_TYPES, Question
 from vital_jax.data.records import STEP_RANGES
 from vital_jax.jsonio import atomic_write
 
@@ -172,6 +172,10 @@ def user_prompt(question: Question) -> str:
         lines.append(f"Choices: {', '.join(question.choices)}")
     if question.normal_anatomy:
         lines.append("This target is normal anatomy: describe normal appearance only, no pathology words.")
+    if question.template == "yes_no_absent":
+        organ = question.slots["organ"]
+        lines.append(f"The marked region is the {organ}, where a {question.target} would be; this image shows no "
+                     f"{question.target}: the answer is no, reasoned from the {organ}'s appearance.")
     lines += ["", f"Guidance for {question.question_type} questions: {_TYPE_GUIDANCE[question.question_type]}",
               f"Required reasoning steps: {steps}.",
               "Example of the output format (a different case):",
@@ -383,9 +387,14 @@ class _Outcome:
     error: str | None = None
 
 
-def _gate_context(q: Question) -> quality_gate.GateContext:
+def _gate_context(q: Question, image: np.ndarray, mask: np.ndarray) -> quality_gate.GateContext:
+    """The gate's view of `q`, with the closed answer its mask decides (the ground_truth round)."""
+    expected = None
+    if q.question_type in CLOSED_TYPES:
+        expected = mask_verdict(q, geometry.measure(image, mask))
     return quality_gate.GateContext(question_type=q.question_type, target=q.target, target_type=q.target_type,
-                                    normal_anatomy=q.normal_anatomy, choices=q.choices, modality=q.modality)
+                                    normal_anatomy=q.normal_anatomy, choices=q.choices, modality=q.modality,
+                                    expected_answer=expected)
 
 
 class _InputCache:
@@ -416,7 +425,7 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
         image, mask = inputs.load(question)
     except ingest.IngestError as e:
         return _Outcome(question, None, [], error=f"input: {e}")
-    context, results, feedback = _gate_context(question), [], None
+    context, results, feedback = _gate_context(question, image, mask), [], None
     for attempt in range(max_regenerations + 1):
         try:
             raw = teacher.generate(question, image, mask, feedback)

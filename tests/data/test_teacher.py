@@ -38,7 +38,7 @@ class _TeacherServer:
 
     SCRIPTS = {"good": ["good"], "leaky": ["leaky", "good"], "alwaysleaky": ["leaky"],
                "malformed": ["malformed", "good"], "steps": ["wrong_steps", "good"], "flaky": [500, 500, "good"],
-               "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403],
+               "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403], "refused": ["refused"],
                **{f"redirect{code}": [code] for code in (301, 302, 303, 307, 308)}}
 
     def __init__(self):
@@ -111,6 +111,8 @@ class _TeacherServer:
             time.sleep(0.03)
         if action == "leaky":
             return 200, json.dumps({"final_answer": answer, "reasoning_chain": ["The red overlay marks it."] * steps})
+        if action == "refused":  # a model's refusal: HTTP 200, content null
+            return 200, None
         if action == "malformed":
             return 200, "Sure! Here is the answer: {final_answer: yes}"
         if action == "wrong_steps":
@@ -411,3 +413,57 @@ def test_closed_answers_the_mask_contradicts_are_regenerated_then_rejected(tmp_p
     assert [e["id"] for e in rejected] == [absent.id] and rejected[0]["final"]
     assert all(r.startswith("ground_truth: the final answer says 'yes'") for r in rejected[0]["reasons"])
     assert summary["gate_rounds"]["ground_truth"]["failed"] == 1 + (1 + teacher.MAX_REGENERATIONS)
+
+
+def test_a_refusal_is_gated_not_retried_as_a_transport_failure(server, monkeypatch, tmp_path):
+    """A 200 reply with content null was a transport error: asked max_retries + 1 times per attempt (each paid),
+    then logged unfinished and asked again by every rerun."""
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    q, = _dataset(tmp_path, ["refused"])
+    summary = teacher.distill([q], str(tmp_path), teacher.ApiTeacher(_client(server)), workers=1)
+    assert server.calls[q.question] == 1 + teacher.MAX_REGENERATIONS     # one call per gated attempt
+    assert summary["rejected"] == 1 and summary["failed_unfinished"] == 0 and summary["transport_retries"] == 0
+    entry, = [json.loads(line) for line in open(tmp_path / teacher.REJECTED_FILE)]
+    assert entry["final"] and all(r.startswith("json_schema: ") for r in entry["reasons"])
+
+
+def test_a_missing_or_refused_api_key_stops_distillation_at_once(server, monkeypatch, tmp_path):
+    """Every question failed in turn, one warning each, and was logged unfinished."""
+    qs = _dataset(tmp_path, ["good"] * 6)
+    monkeypatch.delenv("VITAL_TEST_TEACHER_KEY", raising=False)
+    with pytest.raises(teacher.TeacherAuthError, match="VITAL_TEST_TEACHER_KEY is not set"):
+        teacher.distill(qs, str(tmp_path), teacher.ApiTeacher(_client(server)), workers=2)
+    assert sum(server.calls.values()) == 0
+    forbidden = _dataset(tmp_path, ["forbidden"] * 6)
+    with pytest.raises(teacher.TeacherAuthError, match=r"HTTP 403 .*API key was refused"):
+        teacher.distill(forbidden, str(tmp_path), teacher.ApiTeacher(_client(server, api_key_env="")), workers=1)
+    assert sum(server.calls.values()) <= 2 and not os.path.exists(tmp_path / teacher.REJECTED_FILE)
+
+
+def test_ctrl_c_records_the_answers_already_paid_for(tmp_path):
+    """The pool's shutdown let the queued questions run after Ctrl-C and dropped their outcomes: 12 calls paid, 4
+    records written (workers 4); a rerun asked the 8 again."""
+    qs = _dataset(tmp_path, [f"t{i}" for i in range(20)])
+    answer = ("Yes, the liver is visible in the left part of the image.",
+              ["The liver lies in the left part of the image and looks uniform."])
+    paid = []
+
+    class Slow:
+        name = "slow"
+
+        def generate(self, question, image, mask, feedback=None):
+            time.sleep(0.05)
+            paid.append(question.id)
+            return json.dumps({"final_answer": answer[0], "reasoning_chain": answer[1]})
+
+    interrupted = []
+
+    def interrupt(record):  # Ctrl-C once, while the first record is handled
+        if not interrupted:
+            interrupted.append(record.id)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        teacher.distill(qs, str(tmp_path), Slow(), workers=3, on_record=interrupt)
+    written = [r.id for r in records.read_records(str(tmp_path / records.RECORDS_FILE))]
+    assert 1 < len(paid) < len(qs) and sorted(written) == sorted(paid)

@@ -13,8 +13,9 @@ Pieces, in the order a sample meets them:
   ApiTeacher         overlay + prompts + client; `GeometryTeacher` (geometry_teacher.py) has the same interface
   distill            bounded thread pool; every output through the quality gate, up to 4 regenerations whose
                      prompt names the violation; accepted records appended one per line (resumable: a rerun skips
-                     finished ids, a crash loses at most the in-flight requests); rejections logged with reasons
-                     to JSONL; summary statistics (accept rate per gate round, retries, per question type).
+                     finished ids; Ctrl-C waits for the answers in flight and records them, a crash loses at most
+                     those); rejections logged with reasons to JSONL; summary statistics (accept rate per gate
+                     round, retries, per question type); a missing or refused API key stops the run at once.
 """
 
 from __future__ import annotations
@@ -188,6 +189,11 @@ class TeacherTransportError(RuntimeError):
     """The teacher could not be reached or answered with an error after all retries."""
 
 
+class TeacherAuthError(TeacherTransportError):
+    """No API key, or the endpoint refused it (HTTP 401 / 403): no question can be answered, so `distill` stops
+    at the first one instead of failing every question in turn."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ApiConfig:
     """An OpenAI-compatible endpoint. `api_key_env` is the NAME of the environment variable holding the key
@@ -263,10 +269,10 @@ class ChatClient:
         if self.config.api_key_env:
             key = os.environ.get(self.config.api_key_env)
             if not key:
-                raise TeacherTransportError(f"environment variable {self.config.api_key_env} is not set "
-                                            "(it must hold the teacher API key)")
+                raise TeacherAuthError(f"environment variable {self.config.api_key_env} is not set "
+                                       "(it must hold the teacher API key)")
             if not key.isprintable() or key != key.strip():  # http.client's error would quote the whole header
-                raise TeacherTransportError(f"environment variable {self.config.api_key_env}: the teacher API key "
+                raise TeacherAuthError(f"environment variable {self.config.api_key_env}: the teacher API key "
                                             "holds whitespace or control characters (a pasted newline?)")
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -299,6 +305,8 @@ class ChatClient:
                     raise TeacherTransportError(
                         f"{shown}: {last_error}, a redirect to host {_host(url, e.headers['Location'])!r}; not "
                         "followed (it would carry the API key there): set base_url to the endpoint itself") from e
+                if e.code in (401, 403):
+                    raise TeacherAuthError(f"{shown}: {last_error}: the API key was refused (not retried)") from e
                 if e.code < 500 and e.code != 429:
                     raise TeacherTransportError(f"{shown}: {last_error} (not retried)") from e
             except (urllib.error.URLError, TimeoutError, socket.timeout, http.client.HTTPException,
@@ -310,13 +318,21 @@ class ChatClient:
 
 
 def _message_content(payload) -> str:
+    """The reply's text. A well-formed reply without text content (a refusal: content null beside "refusal"; an
+    empty reply) comes back as whatever text it has, for the gate to reject: it was answered and paid for, and
+    retrying it as a transport failure asked it up to max_retries + 1 times, then again on every rerun. Content
+    given as a list of parts is joined. Only a payload without choices[0].message is malformed (ValueError)."""
     try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError("no choices[0].message.content") from e
-    if not isinstance(content, str):
-        raise ValueError("message content is not a string")
-    return content
+        message = payload["choices"][0]["message"]
+        content = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError("no choices[0].message") from e
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    refusal = message.get("refusal")
+    return refusal if isinstance(refusal, str) else ""
 
 
 class Teacher(Protocol):
@@ -429,6 +445,8 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
     for attempt in range(max_regenerations + 1):
         try:
             raw = teacher.generate(question, image, mask, feedback)
+        except TeacherAuthError:
+            raise  # every question would fail alike: `distill` stops
         except TeacherTransportError as e:
             return _Outcome(question, None, results, error=f"transport: {e}")
         result = quality_gate.check(raw, context)
@@ -540,16 +558,37 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
             logging.warning("%s: not finished (%s); a rerun will retry it", q.id, outcome.error)
 
     inputs = _InputCache(data_dir, size=2 * max(1, workers) + 2)
+    pending: set[concurrent.futures.Future] = set()
+
+    def settle_one() -> None:
+        """Record the outcomes that have finished (waiting for at least one); re-raise a worker's error after."""
+        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        errors = []
+        for future in done:
+            pending.discard(future)  # one at a time: interrupted here, the rest are still recorded (below)
+            if future.exception() is None:
+                record_outcome(future.result())
+            else:
+                errors.append(future.exception())
+        if errors:
+            raise errors[0]
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: set[concurrent.futures.Future] = set()
-        for question in todo:
-            pending.add(pool.submit(_answer_one, teacher, question, inputs, max_regenerations))
-            if len(pending) >= 2 * max(1, workers):
-                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
+        try:
+            for question in todo:
+                pending.add(pool.submit(_answer_one, teacher, question, inputs, max_regenerations))
+                if len(pending) >= 2 * max(1, workers):
+                    settle_one()
+            while pending:
+                settle_one()
+        except BaseException:
+            # Ctrl-C, an auth error: questions not started are dropped, the ones being answered finish (their
+            # replies are paid for) and are recorded before the error goes on; they were lost before.
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future in pending:
+                if not future.cancelled() and future.exception() is None:
                     record_outcome(future.result())
-        for future in concurrent.futures.as_completed(pending):
-            record_outcome(future.result())
+            raise
     if client is not None:
         stats.transport_retries = client.retries - retries_before
     summary = stats.summary()

@@ -443,6 +443,20 @@ def test_a_small_dataset_has_an_image_in_every_split_it_can_fill_and_an_empty_sp
     assert "split 'test' is empty (2 volume(s) or image(s) in all" in caplog.text
 
 
+def test_a_build_without_its_teacher_api_key_stops_with_one_error_line(tmp_path):
+    """Each question failed in turn (a warning each, logged unfinished) and the build went on to an empty split."""
+    env = {k: v for k, v in os.environ.items() if k != "VITAL_TEST_NO_SUCH_KEY"}
+    res = subprocess.run([sys.executable, "-m", "vital_jax.data.build", "--config=configs/data/demo_phantoms.py",
+                          f"--config.out_dir={tmp_path / 'out'}", "--config.phantoms.count=3",
+                          "--config.phantoms.size=96", "--config.teacher.kind=api", "--config.teacher.model=m",
+                          "--config.teacher.base_url=http://127.0.0.1:9/v1",
+                          "--config.teacher.api_key_env=VITAL_TEST_NO_SUCH_KEY"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "error: environment variable VITAL_TEST_NO_SUCH_KEY is not set" in res.stderr
+    assert "a rerun will retry it" not in res.stderr
+
+
 def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them_is_seen(tmp_path):
     config = _phantom_config(tmp_path / "x")
     config.teacher.kind, config.teacher.model = "api", "m"

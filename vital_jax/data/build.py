@@ -493,8 +493,9 @@ def main(argv) -> int:
     config.update(_CONFIG.value)
     try:
         result = build(config)
-    # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on.
-    except (BuildError, ValueError, WorkdirInUseError) as e:
+    # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on;
+    # TeacherAuthError: no API key, or the endpoint refused it (the records answered so far are kept).
+    except (BuildError, ValueError, WorkdirInUseError, teacher.TeacherAuthError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

@@ -50,6 +50,18 @@ def test_each_round_rejects_what_it_should(raw, round_name, fragment):
     assert round_name in prompt and result.violation in prompt
 
 
+def test_ordinary_radiology_wording_is_not_taken_for_annotation_leakage():
+    """"contour", "outlined", "hidden" and "marker" alone rejected replies such as "Its contour is smooth" (each a
+    paid regeneration, whose prompt then forbade the word)."""
+    for text in ("The kidney has a smooth contour.", "It is well outlined against the fat.",
+                 "It is partly hidden behind the ribs.", "No tumour marker can be read from an image."):
+        assert gate.check(_raw(chain=[text, "Its margin is smooth and regular."]), LESION).accepted, text
+    for text, term in (("The drawn contour follows the kidney.", "drawn contour"),
+                       ("The outlined region is bright.", "outlined region")):
+        result = gate.check(_raw(chain=[text, "Its margin is smooth and regular."]), LESION)
+        assert result.round == "annotation_leakage" and repr(term) in result.violation, result.violation
+
+
 def test_pathology_terms_are_allowed_for_lesions_and_non_normal_organs():
     raw = _raw(answer="A round hypodense lesion sits inside the liver.")
     assert gate.check(raw, LESION).accepted

@@ -39,6 +39,7 @@ class _TeacherServer:
     SCRIPTS = {"good": ["good"], "leaky": ["leaky", "good"], "alwaysleaky": ["leaky"],
                "malformed": ["malformed", "good"], "steps": ["wrong_steps", "good"], "flaky": [500, 500, "good"],
                "slow": ["slow", "good"], "down": [500], "paced": ["paced"], "forbidden": [403], "refused": ["refused"],
+               "busy": [429, "good"],
                **{f"redirect{code}": [code] for code in (301, 302, 303, 307, 308)}}
 
     def __init__(self):
@@ -70,6 +71,8 @@ class _TeacherServer:
                     self.send_response(status)
                     if 300 <= status < 400:
                         self.send_header("Location", server.redirect_to)
+                    if status == 429:
+                        self.send_header("Retry-After", "7")
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -196,7 +199,7 @@ def test_user_prompt_example_passes_the_gate_with_the_type_step_range(question_t
 def test_client_retries_5xx_and_timeouts_with_exponential_backoff(server, monkeypatch, tmp_path):
     monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
     sleeps = []
-    client = teacher.ChatClient(_client(server).config, sleep=sleeps.append)
+    client = teacher.ChatClient(_client(server).config, sleep=sleeps.append, jitter=lambda: 0.0)
     qs = _dataset(tmp_path, ["flaky", "slow", "down"])
     image = np.zeros((32, 32, 3), np.uint8)
     mask = np.ones((32, 32), bool)
@@ -211,6 +214,22 @@ def test_client_retries_5xx_and_timeouts_with_exponential_backoff(server, monkey
         api.generate(qs[2], image, mask)
     assert sleeps == [0.01, 0.02, 0.04]
     assert server.auth and set(server.auth) == {f"Bearer {API_KEY}"}
+
+
+def test_retries_wait_as_long_as_the_server_asks_and_spread_out(server, monkeypatch, tmp_path):
+    """A 429's Retry-After was ignored (the next try came 2 s later, still too early), and every worker's retry
+    of an outage came at the same moments."""
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    busy, flaky = _dataset(tmp_path, ["busy", "flaky"])
+    image, mask = np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), bool)
+    sleeps = []
+    client = teacher.ChatClient(_client(server).config, sleep=sleeps.append, jitter=lambda: 0.5)
+    teacher.ApiTeacher(client).generate(busy, image, mask)
+    assert sleeps == [7.0]
+    sleeps.clear()
+    teacher.ApiTeacher(client).generate(flaky, image, mask)
+    assert sleeps == pytest.approx([0.01 * 1.125, 0.02 * 1.125])
+    assert teacher._retry_after("Wed, 21 Oct 2026 07:28:00 GMT") == 0.0 and teacher._retry_after("9999") == 600.0
 
 
 def test_client_does_not_retry_client_errors_and_needs_its_key(server, monkeypatch, tmp_path):
@@ -294,6 +313,9 @@ def test_distill_regenerates_rejects_and_counts(server, monkeypatch, tmp_path):
     assert set(by_id) == {"alwaysleaky", "down"}
     assert by_id["alwaysleaky"]["final"] and by_id["alwaysleaky"]["attempts"] == 1 + teacher.MAX_REGENERATIONS
     assert all(r.startswith("annotation_leakage: ") for r in by_id["alwaysleaky"]["reasons"])
+    # The paid replies are kept beside the reasons (they were dropped: a too strict gate could not be audited).
+    outputs = by_id["alwaysleaky"]["outputs"]
+    assert len(outputs) == 1 + teacher.MAX_REGENERATIONS and all("red overlay" in o for o in outputs)
     assert not by_id["down"]["final"] and "HTTP 500" in by_id["down"]["error"]
     # The regeneration prompt names the violation of the previous attempt.
     leaky_q = next(q.question for q in qs if "[leaky]" in q.question)

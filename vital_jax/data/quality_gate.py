@@ -41,13 +41,17 @@ ANSWER_KEY, CHAIN_KEY = "final_answer", "reasoning_chain"
 # Annotation-leakage terms (round 2): anything that reveals the teacher saw a marked-up image or hidden labels.
 LEAKAGE_TERMS = (
     "mask", "masks", "masked", "masking", "overlay", "overlays", "overlaid", "segmentation", "segmented",
-    "annotation", "annotations", "annotated", "highlighted", "highlighting", "highlight", "contour", "contours",
-    "contoured", "outlined", "label", "labels", "labeled", "labelled", "ground truth", "ROI", "region of interest",
+    "annotation", "annotations", "annotated", "highlighted", "highlighting", "highlight", "label", "labels",
+    "labeled", "labelled", "ground truth", "ROI", "region of interest",
     "bounding box", "red region", "red area", "red overlay", "red color", "red colour", "red zone", "red tint",
     "yellow contour", "yellow outline", "yellow line", "yellow border", "colored region", "coloured region",
-    "shaded region", "marked region", "marked area", "marking", "markings", "marker", "hidden", "teacher",
+    "shaded region", "marked region", "marked area", "marking", "markings", "teacher",
     "metadata", "provided target", "given target", "target identity", "as indicated",
+    "drawn contour", "drawn outline", "outlined region", "outlined area", "contoured region", "hidden target",
 )
+# Not forbidden alone, being ordinary radiology wording: "contour" ("a smooth contour"), "outlined" ("well
+# outlined"), "hidden" ("partly hidden behind the ribs"), "marker" ("a tumour marker"); forbidden only in the
+# phrases above, which speak of the teacher's marks.
 # Pathology-style terms (round 3), forbidden only when the target is normal anatomy.
 PATHOLOGY_TERMS = (
     "lesion", "lesions", "mass", "masses", "tumor", "tumors", "tumour", "tumours", "nodule", "nodules", "cyst",
@@ -282,7 +286,7 @@ _REMINDERS = {
                     "(where it lies, how large it is, whether it is there at all), and the reasoning must lead "
                     "to it.",
     "annotation_leakage": "Write as if you saw only the raw, unannotated image. Never mention or imply masks, "
-                          "overlays, colours added to the image, contours, outlines, labels, annotations, "
+                          "overlays, colours added to the image, drawn contours or outlines, labels, annotations, "
                           "highlighted areas, or that the target was given to you.",
     "pathology_terms": "This target is normal anatomy. Describe only its normal appearance; do not use words such "
                        "as lesion, mass, tumor, nodule, cyst, abnormal or any diagnosis.",

@@ -28,6 +28,7 @@ import http.client
 import io
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -258,9 +259,11 @@ class ChatClient:
     """POST {base_url}/chat/completions with urllib; returns the first choice's message content. A redirect is an
     error, not followed; base_url appears in messages only through `redact_url`."""
 
-    def __init__(self, config: ApiConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, config: ApiConfig, sleep: Callable[[float], None] = time.sleep,
+                 jitter: Callable[[], float] = random.random):
         self.config = config
         self._sleep = sleep
+        self._jitter = jitter  # in [0, 1): up to 25 % more wait, so the workers' retries do not land together
         self._opener = urllib.request.build_opener(_RefuseRedirects)
         self.retries = 0  # transport retries so far (all threads; an int += is atomic enough for a statistic)
 
@@ -286,11 +289,12 @@ class ChatClient:
         data = json.dumps(body).encode("utf-8")
         url = self.config.base_url.rstrip("/") + "/chat/completions"
         shown = redact_url(url)
-        last_error = ""
+        last_error, asked_wait = "", 0.0
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 self.retries += 1
-                self._sleep(self.config.backoff_s * 2 ** (attempt - 1))
+                backoff = self.config.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * self._jitter())
+                self._sleep(max(backoff, asked_wait))
             try:
                 request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             except ValueError as e:  # its message quotes the whole URL
@@ -301,6 +305,7 @@ class ChatClient:
                 return _message_content(payload)
             except urllib.error.HTTPError as e:
                 last_error = f"HTTP {e.code} {e.reason}"
+                asked_wait = _retry_after(e.headers.get("Retry-After") if e.headers else None)
                 if 300 <= e.code < 400 and e.headers.get("Location"):
                     raise TeacherTransportError(
                         f"{shown}: {last_error}, a redirect to host {_host(url, e.headers['Location'])!r}; not "
@@ -315,6 +320,15 @@ class ChatClient:
             except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
                 last_error = f"malformed API response ({e})"
         raise TeacherTransportError(f"{shown}: failed after {self.config.max_retries + 1} attempts ({last_error})")
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds a 429 / 503 reply's Retry-After header asks for (its delay-seconds form, at most 10 minutes); 0
+    when it asks nothing or gives an HTTP date."""
+    try:
+        return min(max(float(value), 0.0), 600.0) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _message_content(payload) -> str:
@@ -401,6 +415,7 @@ class _Outcome:
     record: records.Record | None
     results: list          # GateResult per attempt
     error: str | None = None
+    outputs: list = dataclasses.field(default_factory=list)  # each attempt's raw teacher text (paid for)
 
 
 def _gate_context(q: Question, image: np.ndarray, mask: np.ndarray) -> quality_gate.GateContext:
@@ -441,21 +456,22 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
         image, mask = inputs.load(question)
     except ingest.IngestError as e:
         return _Outcome(question, None, [], error=f"input: {e}")
-    context, results, feedback = _gate_context(question, image, mask), [], None
+    context, results, outputs, feedback = _gate_context(question, image, mask), [], [], None
     for attempt in range(max_regenerations + 1):
         try:
             raw = teacher.generate(question, image, mask, feedback)
         except TeacherAuthError:
             raise  # every question would fail alike: `distill` stops
         except TeacherTransportError as e:
-            return _Outcome(question, None, results, error=f"transport: {e}")
+            return _Outcome(question, None, results, error=f"transport: {e}", outputs=outputs)
         result = quality_gate.check(raw, context)
         results.append(result)
+        outputs.append(raw)
         if result.accepted:
             out = result.output
             return _Outcome(question, question.to_record(out.final_answer, out.reasoning_chain), results)
         feedback = quality_gate.retry_prompt(result, attempt + 1)
-    return _Outcome(question, None, results)
+    return _Outcome(question, None, results, outputs=outputs)
 
 
 def _recover_jsonl(path: str) -> None:
@@ -547,8 +563,11 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
             return
         final = outcome.error is None
         reasons = [f"{r.round}: {r.violation}" for r in outcome.results if not r.accepted]
+        # The rejected replies themselves too: they were paid for, and a gate too strict for some wording can be
+        # audited (or its replies rescued) from them without asking again.
         _append_json(rejected_path, {"id": q.id, "question_type": q.question_type, "final": final,
-                                     "error": outcome.error, "attempts": len(outcome.results), "reasons": reasons})
+                                     "error": outcome.error, "attempts": len(outcome.results), "reasons": reasons,
+                                     "outputs": [o if isinstance(o, str) else json.dumps(o) for o in outcome.outputs]})
         if final:
             stats.rejected += 1
             stats.per_type[q.question_type]["rejected"] += 1

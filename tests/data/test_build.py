@@ -457,6 +457,20 @@ def test_a_build_without_its_teacher_api_key_stops_with_one_error_line(tmp_path)
     assert "a rerun will retry it" not in res.stderr
 
 
+def test_the_api_teachers_sampling_is_a_build_input_and_older_records_without_it_still_match(tmp_path):
+    config = _phantom_config(tmp_path / "x")
+    recorded = build_inputs.fingerprint(config)
+    assert "teacher.temperature" not in recorded["config"]          # the offline teacher does not sample
+    config.teacher.kind, config.teacher.model, config.teacher.base_url = "api", "m", "https://api.example.com/v1"
+    api = build_inputs.fingerprint(config)
+    older = {**api, "config": {k: v for k, v in api["config"].items() if k not in ("teacher.temperature",
+                                                                                  "teacher.max_tokens")}}
+    assert build_inputs.differences(older, api) == []               # written before the fields existed: same build
+    config.teacher.temperature, config.teacher.max_requests = 0.7, 50
+    (change,) = build_inputs.differences(older, build_inputs.fingerprint(config))   # the budget is not an input
+    assert change == "config.teacher.temperature: '<unset>' -> 0.7"
+
+
 def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them_is_seen(tmp_path):
     config = _phantom_config(tmp_path / "x")
     config.teacher.kind, config.teacher.model = "api", "m"

@@ -66,7 +66,8 @@ class _TeacherServer:
                 try:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                     status, content = server.respond(self.path, self.headers.get("Authorization"), body)
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                                          "usage": {"prompt_tokens": 100, "completion_tokens": 20}}
                                          if status == 200 else {"error": "boom"}).encode()
                     self.send_response(status)
                     if 300 <= status < 400:
@@ -489,3 +490,16 @@ def test_ctrl_c_records_the_answers_already_paid_for(tmp_path):
         teacher.distill(qs, str(tmp_path), Slow(), workers=3, on_record=interrupt)
     written = [r.id for r in records.read_records(str(tmp_path / records.RECORDS_FILE))]
     assert 1 < len(paid) < len(qs) and sorted(written) == sorted(paid)
+
+
+def test_a_request_budget_stops_the_run_keeping_its_answers_and_usage_is_reported(server, monkeypatch, tmp_path):
+    """No limit on what a build could spend, and the endpoint's token counts were dropped."""
+    monkeypatch.setenv("VITAL_TEST_TEACHER_KEY", API_KEY)
+    qs = _dataset(tmp_path, ["good"] * 6)
+    with pytest.raises(teacher.TeacherBudgetError, match=r"budget of 3 requests \(teacher.max_requests\)"):
+        teacher.distill(qs, str(tmp_path), teacher.ApiTeacher(_client(server, max_requests=3)), workers=1)
+    assert sum(server.calls.values()) == 3
+    assert len(records.read_records(str(tmp_path / records.RECORDS_FILE))) == 3   # the paid answers are kept
+    summary = teacher.distill(qs, str(tmp_path), teacher.ApiTeacher(_client(server)), workers=2)  # goes on
+    assert summary["skipped_finished"] == 3 and summary["accepted"] == 3
+    assert summary["api_usage"] == {"requests": 3, "prompt_tokens": 300, "completion_tokens": 60}

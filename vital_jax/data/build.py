@@ -319,9 +319,13 @@ def _teacher(config) -> teacher.Teacher:
             raise BuildError(f"config.teacher.base_url={teacher.redact_url(t.base_url)}: expected the API's base "
                              "URL, http(s)://host/path without a query or fragment (e.g. https://api.openai.com/v1); "
                              "the key goes in the environment variable teacher.api_key_env names")
-        return teacher.make_teacher("api", teacher.ApiConfig(base_url=t.base_url, model=t.model,
-                                                             api_key_env=t.api_key_env, timeout_s=t.timeout_s,
-                                                             max_retries=t.max_retries, backoff_s=t.backoff_s))
+        if t.max_tokens < 0 or t.max_requests < 0:
+            raise BuildError(f"config.teacher.max_tokens={t.max_tokens} and max_requests={t.max_requests} must be "
+                             ">= 0 (0: the endpoint's default / no limit)")
+        return teacher.make_teacher("api", teacher.ApiConfig(
+            base_url=t.base_url, model=t.model, api_key_env=t.api_key_env, timeout_s=t.timeout_s,
+            max_retries=t.max_retries, backoff_s=t.backoff_s, temperature=t.temperature,
+            max_tokens=t.max_tokens or None, max_requests=t.max_requests))
     if t.kind == "geometry":
         return teacher.make_teacher("geometry")
     raise BuildError(f"config.teacher.kind={t.kind!r}: expected 'geometry' or 'api'")
@@ -494,8 +498,8 @@ def main(argv) -> int:
     try:
         result = build(config)
     # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on;
-    # TeacherAuthError: no API key, or the endpoint refused it (the records answered so far are kept).
-    except (BuildError, ValueError, WorkdirInUseError, teacher.TeacherAuthError) as e:
+    # TeacherStopError: no API key, a refused one, or teacher.max_requests spent (the answers so far are kept).
+    except (BuildError, ValueError, WorkdirInUseError, teacher.TeacherStopError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))

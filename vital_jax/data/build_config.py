@@ -47,10 +47,14 @@ def default_config() -> ml_collections.ConfigDict:
     # modality default (ingest.iter_dicom); name "" = the root folder's name.
     c.dicom = ml_collections.ConfigDict(dict(root="", labels={}, min_mask_pixels=ingest.MSD_MIN_MASK_PIXELS,
                                              window=(), max_cases=0, name=""))
+    # The API teacher's sampling (temperature; max_tokens 0 = the endpoint's default) and its budget: max_requests
+    # HTTP requests per run, retries included (0 = no limit); a spent budget stops the build, and a rerun goes on
+    # from the answers kept.
     c.teacher = ml_collections.ConfigDict(dict(kind="geometry", workers=2,
                                                max_regenerations=teacher.MAX_REGENERATIONS,
                                                base_url="", model="", api_key_env="OPENAI_API_KEY",
-                                               timeout_s=120.0, max_retries=5, backoff_s=2.0))
+                                               timeout_s=120.0, max_retries=5, backoff_s=2.0, temperature=0.2,
+                                               max_tokens=0, max_requests=0))
     c.roi = ml_collections.ConfigDict(dict(enabled=False, encoder_dir="", threshold=0.2, padding=0.05,
                                            batch_size=8))
     return c

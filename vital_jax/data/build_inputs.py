@@ -30,7 +30,12 @@ FOLDERS = {"biomedparse": ("biomedparse.image_dir", "biomedparse.mask_dir"), "ms
 _RECURSIVE = {"msd.task_dir", "dicom.root"}
 # Fields that do not change what is built.
 _IGNORED = {"out_dir", "on_change", "teacher.workers", "teacher.api_key_env", "teacher.timeout_s",
-            "teacher.max_retries", "teacher.backoff_s"}
+            "teacher.max_retries", "teacher.backoff_s", "teacher.max_requests"}
+# The API teacher's sampling: what it answers, not what the offline teacher does.
+_API_ONLY = {"teacher.temperature", "teacher.max_tokens"}
+# Fields added after build_inputs.json files were written, with the value the build behaved as before them: a
+# recorded build without the field is the same build when the field has that value.
+_ADDED = {"teacher.temperature": 0.2, "teacher.max_tokens": 0}
 _IGNORED_SECTIONS = ("roi",)
 _SHOWN = 3  # file names shown per kind of change
 
@@ -65,7 +70,7 @@ def fingerprint(config, previous: dict | None = None) -> dict:
     """The inputs of a build under `config` (module docstring); hashes of files unchanged since `previous` (the
     recorded inputs) are taken from it."""
     flat = _flatten(json.loads(json.dumps(config.to_dict(), default=list)))
-    skipped = _IGNORED | set(FOLDERS.get(config.source, ()))
+    skipped = _IGNORED | set(FOLDERS.get(config.source, ())) | (_API_ONLY if config.teacher.kind != "api" else set())
     sections = tuple(s for s in SOURCES if s != config.source) + _IGNORED_SECTIONS
     kept = {k: v for k, v in flat.items() if k not in skipped and not k.startswith(tuple(s + "." for s in sections))}
     url = kept.get("teacher.base_url")
@@ -87,6 +92,7 @@ def differences(previous: dict, current: dict) -> list[str]:
     keys = set(before) | set(after)
     if before.get("source") != after.get("source"):  # the change of source says it; not each of its settings
         keys = {k for k in keys if not k.startswith(tuple(s + "." for s in SOURCES))}
+    keys = {k for k in keys if not (k in _ADDED and k not in before and after.get(k) == _ADDED[k])}
     for key in sorted(keys):
         if before.get(key, "<unset>") != after.get(key, "<unset>"):
             out.append(f"config.{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")

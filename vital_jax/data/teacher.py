@@ -190,9 +190,17 @@ class TeacherTransportError(RuntimeError):
     """The teacher could not be reached or answered with an error after all retries."""
 
 
-class TeacherAuthError(TeacherTransportError):
+class TeacherStopError(TeacherTransportError):
+    """No further question can be asked: `distill` records the answers in flight and stops."""
+
+
+class TeacherAuthError(TeacherStopError):
     """No API key, or the endpoint refused it (HTTP 401 / 403): no question can be answered, so `distill` stops
     at the first one instead of failing every question in turn."""
+
+
+class TeacherBudgetError(TeacherStopError):
+    """`ApiConfig.max_requests` requests were sent: the run stops; a rerun with a larger budget goes on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +216,7 @@ class ApiConfig:
     backoff_s: float = 2.0
     temperature: float | None = 0.2
     max_tokens: int | None = None
+    max_requests: int = 0  # HTTP requests this client may send (retries included); 0 = no limit
 
 
 def redact_url(url: str) -> str:
@@ -266,6 +275,9 @@ class ChatClient:
         self._jitter = jitter  # in [0, 1): up to 25 % more wait, so the workers' retries do not land together
         self._opener = urllib.request.build_opener(_RefuseRedirects)
         self.retries = 0  # transport retries so far (all threads; an int += is atomic enough for a statistic)
+        self._lock = threading.Lock()
+        # Sent requests and the tokens the endpoint reported using (its "usage"), what the run costs.
+        self.usage = collections.Counter()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -279,6 +291,10 @@ class ChatClient:
                                             "holds whitespace or control characters (a pasted newline?)")
             headers["Authorization"] = f"Bearer {key}"
         return headers
+
+    def _count_tokens(self, payload) -> None:
+        with self._lock:
+            self.usage.update(_usage_tokens(payload))
 
     def complete(self, messages: list[dict]) -> str:
         body = {"model": self.config.model, "messages": messages}
@@ -299,9 +315,15 @@ class ChatClient:
                 request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             except ValueError as e:  # its message quotes the whole URL
                 raise TeacherTransportError(f"base_url {shown}: not an http(s) URL") from e
+            with self._lock:
+                if self.config.max_requests and self.usage["requests"] >= self.config.max_requests:
+                    raise TeacherBudgetError(f"{shown}: the budget of {self.config.max_requests} requests "
+                                             "(teacher.max_requests) is spent; rerun with a larger one to go on")
+                self.usage["requests"] += 1
             try:
                 with self._opener.open(request, timeout=self.config.timeout_s) as response:
                     payload = json.loads(response.read().decode("utf-8"))
+                self._count_tokens(payload)
                 return _message_content(payload)
             except urllib.error.HTTPError as e:
                 last_error = f"HTTP {e.code} {e.reason}"
@@ -320,6 +342,14 @@ class ChatClient:
             except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
                 last_error = f"malformed API response ({e})"
         raise TeacherTransportError(f"{shown}: failed after {self.config.max_retries + 1} attempts ({last_error})")
+
+
+def _usage_tokens(payload) -> dict[str, int]:
+    """{"prompt_tokens": n, "completion_tokens": m} of an OpenAI-style reply's "usage" (what it holds of them)."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return {}
+    return {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
 
 
 def _retry_after(value: str | None) -> float:
@@ -460,8 +490,8 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
     for attempt in range(max_regenerations + 1):
         try:
             raw = teacher.generate(question, image, mask, feedback)
-        except TeacherAuthError:
-            raise  # every question would fail alike: `distill` stops
+        except TeacherStopError:
+            raise  # no key, a refused key, a spent budget: every question would fail alike, `distill` stops
         except TeacherTransportError as e:
             return _Outcome(question, None, results, error=f"transport: {e}", outputs=outputs)
         result = quality_gate.check(raw, context)
@@ -611,6 +641,8 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
     if client is not None:
         stats.transport_retries = client.retries - retries_before
     summary = stats.summary()
+    if client is not None:  # this run's requests and tokens (a client used before counts from its start)
+        summary["api_usage"] = dict(client.usage)
     atomic_write(os.path.join(data_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
     return summary
 

@@ -210,6 +210,13 @@ def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):
                          "--question=  ", "--image=/no/such.png"), "--question is empty")
     image = os.path.join(REPO, "vital_jax", "assets", "phantom_vlm", "PROVENANCE.json")  # any existing file
     _one_line_error(_run("vital_jax.explain", *common, f"--image={image}", "--latent_steps=7"), "outside 0..K_max=4")
+    # A file that is not an image was found only after the model had loaded and compiled.
+    res = _run("vital_jax.explain", *common, f"--image={image}")
+    _one_line_error(res, "PROVENANCE.json")
+    assert "loading the run" not in res.stderr, res.stderr[-3000:]
+    # --mask at K = 0 was accepted and silently unused (no heatmap to score).
+    _one_line_error(_run("vital_jax.explain", *common, f"--image={image}", f"--mask={image}", "--latent_steps=0"),
+                    "--latent_steps=0 has none")
 
 
 def test_torch_latent_generate_is_a_command():

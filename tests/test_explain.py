@@ -97,6 +97,15 @@ def test_the_ground_truth_mask_is_figure_12s_last_panel_and_each_heatmap_is_scor
     assert small["mask_cells"] == "best covered" and small["peak_in_mask"] == (
         np.unravel_index(np.argmax(maps[1]), maps[1].shape) == (0, 3))
     assert small["mean_inside"] == pytest.approx(maps[1][0, 3])
+    # ... also beside a larger region (by the whole mask's coverage it was in no cell: a peak on it missed).
+    both = mask.copy()
+    both[-1, 0] = True                                               # a one-pixel lesion in the bottom-left cell
+    peak_there = np.zeros_like(maps[1])
+    peak_there[3, 0] = 1.0
+    [second] = explain.mask_agreement(peak_there[None], both)
+    assert second["peak_in_mask"] and second["mask_cells"] == "best covered"
+    with pytest.raises(ValueError, match="the mask is empty"):
+        explain.mask_agreement(maps, np.zeros_like(mask))
     # A mask of another size is refused, naming both files.
     Image.fromarray(rgb).save(tmp_path / "image.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "mask.png")
@@ -217,3 +226,25 @@ def test_nearest_rois_come_from_the_training_split_less_the_explained_images_own
     bank, near = explain.roi_neighbours(run, eye[[2, 3]][None], 3, str(tmp_path / "images" / "c.png"))
     assert bank == {"split": "val", "roi_rows": 0, "excluded_image_rows": 1} and near == [[], []]
     assert explain.roi_neighbours(run, z, 0, str(tmp_path / "images" / "d.png")) is None
+
+
+def test_a_rerun_into_the_same_folder_leaves_none_of_the_earlier_explanations_files(tmp_path):
+    """K = 4 then K = 2 into one --out left step_3 / step_4 (another image's) beside the new heatmaps.npy."""
+    out = tmp_path / "explain"
+    out.mkdir()
+    earlier = ["explanation.json", "heatmaps.npy", "step_1.png", "step_4.png", "step_12.svg", "summary.pdf",
+               "step_similarity.png"]
+    theirs = ["notes.txt", "step_x.png", "summary.txt"]
+    for name in earlier + theirs:
+        (out / name).write_text("x")
+    assert explain.clear_previous_explanation(str(out)) == sorted(earlier)
+    assert sorted(os.listdir(out)) == sorted(theirs)
+    assert explain.clear_previous_explanation(str(tmp_path / "none")) == []
+
+
+def test_covered_cells_of_a_tiny_mask_is_its_best_cell_only():
+    """An absolute tolerance took every cell when the largest coverage was below it (one pixel of a huge image)."""
+    from vital_jax.data.roi import covered_cells
+
+    coverage = np.array([[2.5e-7, 0.0], [0.0, 0.0]])
+    assert covered_cells(coverage).sum() == 1 and covered_cells(coverage)[0, 0]

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from vital_jax import cli
 from vital_jax.eval import figures
@@ -52,6 +53,22 @@ def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: st
 
 
 HEATMAPS_FILE = "heatmaps.npy"
+EXPLANATION_FILE = "explanation.json"
+_STEP_FIGURE = re.compile(r"step_\d+\.(?:" + "|".join(figures.FORMATS) + ")")
+
+
+def clear_previous_explanation(out_dir: str) -> list[str]:
+    """Remove what an earlier explanation wrote into `out_dir` (its JSON, heatmaps.npy and figures, by their
+    names; nothing else), so a rerun with fewer steps, at K = 0 or without heatmaps leaves none of another
+    image's figures beside its own. Returns the removed names."""
+    if not os.path.isdir(out_dir):
+        return []
+    ours = {EXPLANATION_FILE, HEATMAPS_FILE} | {f"{stem}.{fmt}" for stem in ("summary", "step_similarity")
+                                               for fmt in figures.FORMATS}
+    removed = sorted(name for name in os.listdir(out_dir) if name in ours or _STEP_FIGURE.fullmatch(name))
+    for name in removed:
+        os.remove(os.path.join(out_dir, name))
+    return removed
 
 
 def check_mask(mask_path: str, image_path: str) -> np.ndarray:
@@ -72,15 +89,17 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     """How each step's heatmap (K, g, g) sits on the ground-truth mask (H, W) bool, the mask read on the heatmap's
     grid (`roi.area_downsample`: the fraction of each cell inside it; a cell is inside from half): whether the
     peak cell is inside (the pointing game) and the mean cosine of the cells inside and outside (None when there
-    are none). A mask smaller than half of every cell (a lesion of a few pixels) is in its best-covered cell(s)
-    instead (`roi.covered_cells`, as MedSynapse-V's regions): else nothing could ever be inside and the pointing
-    game would fail whatever the heatmap. Each entry says which rule gave its cells ("mask_cells": "half
-    covered" or "best covered")."""
-    from vital_jax.data.roi import area_downsample, covered_cells
+    are none). A piece of the mask smaller than half of every cell (a lesion of a few pixels, alone or beside a
+    larger one) is in its best-covered cell(s) (`roi.mask_cells`, as MedSynapse-V's regions): else it could never
+    be inside and the pointing game would fail on it whatever the heatmap. Each entry says which rule gave its
+    cells ("mask_cells": "half covered", or "best covered" when some piece needed it). ValueError for an empty
+    mask (nothing to be inside)."""
+    from vital_jax.data.roi import area_downsample, mask_cells
 
-    coverage = area_downsample(mask.astype(np.float32), maps.shape[-1])
-    inside = covered_cells(coverage)
-    rule = "half covered" if (coverage >= 0.5 - 1e-6).any() else "best covered"
+    if not mask.any():
+        raise ValueError("the mask is empty: no region to score the heatmaps against")
+    inside, small = mask_cells(mask, lambda m: area_downsample(m.astype(np.float32), maps.shape[-1]))
+    rule = "best covered" if small else "half covered"
     out = []
     for heat in np.asarray(maps, np.float64):
         peak = np.unravel_index(np.argmax(heat), heat.shape)
@@ -190,6 +209,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     answers, z, _ = predictor.answer([image_path], [question], k)
     if max_text_tokens is None:
         max_text_tokens = int(run.config.data.max_step_tokens)
+    clear_previous_explanation(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # At K = 0 the answer follows the prompt directly: no latent step to decode, compare, measure or draw, so the
     # per-step fields stay empty (and there is no z_k to set the embedding norm against).
@@ -197,7 +217,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
               "step_text_budget": max_text_tokens, "step_texts_cut": [], "z_norm_per_step": [],
               "embedding_norm": None, "norm_ratio_per_step": [], "step_similarity": [], "heatmaps": []}
     if not k:
-        atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
+        atomic_write(os.path.join(out_dir, EXPLANATION_FILE), lambda f: json.dump(result, f, indent=2))
         return result
     z = jnp.asarray(z[:, :k])
     valid = jnp.ones(z.shape[:2], bool)
@@ -216,6 +236,9 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
                   norm_ratio_per_step=[float(x) for x in np.asarray(norms["ratio_per_step"])],
                   step_similarity=np.where(np.isnan(sims.matrix()), None, sims.matrix()).tolist())
     rgb = load_image(image_path)  # as the predictor saw it (vital_jax.data.images)
+    if mask is not None and not encoder_dir:
+        logging.warning("--mask: no heatmaps without an ROI encoder, so the mask is not scored (see the warning "
+                        "above on how to give one)")
     if encoder_dir:
         # The encoder output the run's ROI targets were pooled from: VP(z_k) is compared in that space.
         encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(run.paths.data_dir))
@@ -231,7 +254,7 @@ def explain_example(run, image_path: str, question: str, out_dir: str, latent_st
     nearest = roi_neighbours(run, z, neighbours, image_path)
     if nearest is not None:
         result["neighbour_bank"], result["neighbours"] = nearest
-    atomic_write(os.path.join(out_dir, "explanation.json"), lambda f: json.dump(result, f, indent=2))
+    atomic_write(os.path.join(out_dir, EXPLANATION_FILE), lambda f: json.dump(result, f, indent=2))
     return result
 
 
@@ -300,6 +323,12 @@ def main(argv):
 
             if not any(r.split == _SPLIT.value for r in read_records(os.path.join(_DATA_DIR.value, RECORDS_FILE))):
                 cli.usage(f"--split={_SPLIT.value}: {_DATA_DIR.value} has no records in that split")
+        if _MASK.value and k == 0:
+            cli.usage("--mask scores the latent steps' heatmaps: --latent_steps=0 has none")
+        if _IMAGE.value:  # decodable, before the model loads (load_image's checks)
+            from vital_jax.data.images import check_file
+
+            check_file(_IMAGE.value, decode=True)
         if _MASK.value:  # readable and of the image's size, before the model loads
             check_mask(_MASK.value, _IMAGE.value)
         cli.status(f"loading the run in {_CHECKPOINT.value}...")

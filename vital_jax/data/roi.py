@@ -161,8 +161,27 @@ def covered_cells(coverage: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     the cell(s) it covers most, so it is never in no cell. An empty mask is in none."""
     cells = coverage >= threshold - 1e-6  # exact halves stay halves despite float round-off
     if not cells.any() and coverage.max() > 0:
-        cells = coverage >= coverage.max() - 1e-6
+        cells = coverage >= coverage.max() * (1 - 1e-6)  # relative: a one-pixel mask of a large image is tiny
     return cells
+
+
+def mask_cells(mask: np.ndarray, coverage_of: Callable[[np.ndarray], np.ndarray],
+               threshold: float = 0.5) -> tuple[np.ndarray, int]:
+    """(cells, pieces in their best cell): the cells of a grid a mask (H, W) bool is in, `covered_cells` of the
+    whole mask's coverage and of each 8-connected piece's own, together, so a second, smaller lesion beside a
+    large one is in its best-covered cell too (by the whole mask's coverage it was in no cell). `coverage_of` maps
+    a mask to its grid coverage (the caller's geometry); the count says how many pieces covered no cell to
+    `threshold` and were placed in their best-covered cell(s)."""
+    from scipy import ndimage
+
+    cells = covered_cells(coverage_of(mask), threshold)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    small = 0
+    for index in range(1, count + 1):
+        coverage = coverage_of(labels == index) if count > 1 else coverage_of(mask)
+        small += not (coverage >= threshold - 1e-6).any()
+        cells |= covered_cells(coverage, threshold)
+    return cells, small
 
 
 def area_downsample(values: np.ndarray, grid: int) -> np.ndarray:

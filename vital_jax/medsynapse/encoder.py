@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from vital_jax.data.images import load_image
-from vital_jax.data.roi import covered_cells, load_mask
+from vital_jax.data.roi import load_mask, mask_cells
 from vital_jax.models import hf_config, model_dir
 from vital_jax.models.sam import SamPreprocessor, SamVisionConfig, SamVisionEncoder, load_sam_vision
 from vital_jax.models.sam import params as sam_params
@@ -333,13 +333,15 @@ def mask_to_grid(mask: np.ndarray, encoder: AnatomicalEncoder, threshold: float 
     """An image-pixel mask (H, W) -> the encoder's feature-grid mask (Hf, Wf) bool.
 
     A cell is in the region when the mask covers >= `threshold` of its area (after the encoder's preprocessing
-    geometry). If the mask is non-empty but no cell reaches the threshold, the cell(s) it covers most are taken,
-    so a region smaller than half a cell still removes something. An empty mask gives an empty grid mask.
+    geometry). A piece of the mask (8-connected) that covers no cell that much is in the cell(s) it covers most
+    (`roi.mask_cells`), so a region smaller than half a cell, alone or beside a larger one, still removes
+    something. An empty mask gives an empty grid mask.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    coverage = grid_coverage(mask, encoder.content_size(*np.shape(mask)), encoder.image_size, encoder.grid)
-    return covered_cells(coverage, threshold)
+    content = encoder.content_size(*np.shape(mask))
+    return mask_cells(np.asarray(mask, bool), lambda m: grid_coverage(m, content, encoder.image_size,
+                                                                      encoder.grid), threshold)[0]
 
 
 class RegionMaskProvider(abc.ABC):

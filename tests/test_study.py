@@ -122,12 +122,14 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     ids = [f"q{i}" for i in range(40)]
     results = [_fake_result(row, seed, closed, ids) for row, closed in (("sft_k0", 0.5), ("vital", 0.7),
                                                                         ("task_only", 0.6), ("k2", 0.65),
-                                                                        ("ms_imt", 0.45))
+                                                                        ("ms_imt", 0.45), ("text_only", 0.4))
                for seed in (0, 1)]
-    floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
-             "location_choice": {"chance": 1 / 3, "majority": 0.4, "count": 10},
-             "location": {"majority_f1": 0.6, "count": 10},
-             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
+    results.append(dict(_fake_result("backbone", 0, 0.1, ids), samples_per_sec=None))  # one run: 1 lr-0 step
+    floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "majority_by_options": 0.5, "count": 10},
+             "location_choice": {"chance": 1 / 3, "majority": 0.2, "majority_by_options": 0.4, "count": 10},
+             "location": {"majority_f1": 0.6, "count": 10}, "open": {"majority_f1": 0.6, "count": 10},
+             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.35, "majority_by_options": 0.45,
+                        "strongest": 0.45, "count": 20}}
     for r in results:
         if r["row"] == "vital":  # answered at each question's own training K as well
             r["test_record_k"] = dict(r["test"], closed_accuracy=0.9)
@@ -137,13 +139,26 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     text = open(path).read()
     own_k = text.split("## Each question answered at its own training K")[1].split("##")[0]
     assert "| vital | 90.0 ± 0.0 |" in own_k and "| sft_k0 |" not in own_k
-    assert "| *floor* |" in text and "45.0" in text  # the per-type majority floor is reported
-    assert "| vital |" in text and "70.0 ± 0.0" in text
-    assert "McNemar" in text and "| vital | sft_k0 |" in text and "| ms_imt | sft_k0 |" in text
+    assert "| *floor* |" in text and "| – | – | 45.0 | 50.0 | 40.0 |" in text  # the strongest floor, per type too
+    floors = text.split("## Floors (test split)")[1].split("##")[0]
+    assert "| location_choice | 10 | 33.3 | 20.0 | – | 40.0 | – |" in floors   # counts and every floor
+    assert "| closed | 20 | 42.0 | 30.0 | 35.0 | 45.0 | – |" in floors and "| open | 10 |" in floors
+    assert "| vital |" in text and "70.0 ± 0.0" in text and "| vital | full VITAL" in text
+    assert "McNemar" in text and "| ms_imt | sft_k0 |" in text
+    # Each seed tested (the first only, before), the key control among them, Holm-adjusted over the table.
+    fixed = text.split("## Paired tests (exact McNemar")[1].split("##")[0]
+    assert "| sft_k0 | text_only | 0 |" in fixed and "| sft_k0 | text_only | 1 |" in fixed
+    assert "| vital | sft_k0 | 1 |" in fixed and "| sft_k0 | backbone | 1 |" in fixed  # the one backbone run
+    ps = [(float(cells[6]), float(cells[7])) for cells in (line.split("|") for line in fixed.splitlines()
+                                                          if line.startswith("| ") and "seed" not in line)]
+    assert ps and all(holm >= p for p, holm in ps)
+    own = text.split("## Paired tests at each question's own training K")[1].split("##")[0]
+    assert "| vital | sft_k0 | 0 |" in own and "| vital | pause |" not in own
+    assert "nan" not in text                                          # the backbone's samples/s is "–"
     assert "| ms_imt | ms_ccr |" not in text  # a pair is tested when the study has both rows
     assert "a row's train time, samples/s and steps are its own stage's" in text
     assert "Reused runs made at other commits: `old` (2)" in text  # the k2 runs came from other code
-    assert "All 10 runs: 0 min of training and evaluation" in text
+    assert "All 13 runs: 0 min of training and evaluation" in text
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
                  "learning_curves.png", "medsynapse_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name
@@ -162,7 +177,7 @@ def test_study_figures_in_each_format(tmp_path, monkeypatch):
     assert drawn == ["task_only", "visual", "vital"]
     monkeypatch.undo()
     floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "count": 10},
-             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "count": 20}}
+             "closed": {"chance": 0.42, "majority": 0.3, "majority_by_type": 0.45, "strongest": 0.45, "count": 20}}
     by_row = study.aggregate(results)
     assert "MedSynapse-V stage curves" not in study_plots.write_figures(str(tmp_path / "none"), by_row, floor)
     # Each MedSynapse-V stage's curve on its own axis: the metric the study logs for it (an older result holds
@@ -283,7 +298,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
         clock[0] += 60.0
         made.append((row, seed))
         os.makedirs(os.path.dirname(path))
-        result = {"row": row, "seed": seed, "test": {"closed_accuracy": 0.5}}
+        result = {"row": row, "seed": seed, "test": {"closed_accuracy": 0.5}, "select": {"closed_accuracy": 0.4}}
         json.dump(result, open(path, "w"))
         return dict(result, reused=False)
 

@@ -149,8 +149,8 @@ def finish(workdir: str, eval_limit: int | None = None, run: run_lib.TrainedRun 
              "PhantomVQA; synthetic data, not medical accuracy)",
              f"  trained steps: {run.step}; held-out split: {split} ({summaries[0].get('count')} questions, "
              f"{summaries[0].get('closed', {}).get('count', 0)} closed-ended)",
-             "  | K | closed accuracy | majority answer | majority answer per question type | chance | "
-             "open token F1 | latency ms (batch 1) |", "  |---|---|---|---|---|---|---|"]
+             "  | K | closed accuracy | majority answer | majority answer per question type | majority answer "
+             "per option set | chance | open token F1 | latency ms (batch 1) |", "  |---|---|---|---|---|---|---|---|"]
     pct = lambda v: f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
     results = []
     for k, summary in zip(ks, summaries):
@@ -158,12 +158,13 @@ def finish(workdir: str, eval_limit: int | None = None, run: run_lib.TrainedRun 
         label = "each question's own K" if k == RECORD_K else str(k)
         lines.append(f"  | {label} | {pct(summary.get('closed_accuracy'))} | "
                      f"{pct(summary.get('closed_majority_baseline'))} | {pct(floor['majority_by_type'])} | "
-                     f"{pct(floor['chance'])} | "
+                     f"{pct(floor['majority_by_options'])} | {pct(floor['chance'])} | "
                      f"{pct(summary.get('open_token_f1'))} | "
                      + (f"{latency:.1f}" if isinstance(latency, (int, float)) else "n/a") + " |")
         results.append({"latent_steps": k, "closed_accuracy": summary.get("closed_accuracy"),
                         "closed_majority_baseline": summary.get("closed_majority_baseline"),
                         "closed_majority_by_type_baseline": floor["majority_by_type"],
+                        "closed_majority_by_options_baseline": floor["majority_by_options"],
                         "closed_chance": floor["chance"], "open_token_f1": summary.get("open_token_f1")})
     atomic_write(os.path.join(eval_dir, "demo_summary.json"),
                  lambda f: json.dump({"split": split, "closed_count": floor["count"], "results": results}, f,

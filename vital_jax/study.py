@@ -148,9 +148,11 @@ MEDSYNAPSE_ROWS = {
 MEDSYNAPSE_CURVE_METRICS = {"warmup": "loss", "ccr": "reward_mean", "imt": "jsd"}
 ALL_ROWS = (*ROWS, *MEDSYNAPSE_ROWS)
 # The report's McNemar tests (a, b): what each method adds to the model it starts from, stage by stage.
-PAIRED_TESTS = (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
-                ("sft_k0", "backbone"), ("ms_warmup", "sft_k0"), ("ms_ccr", "ms_warmup"), ("ms_imt", "ms_ccr"),
-                ("ms_imt", "sft_k0"))
+PAIRED_TESTS = (("sft_k0", "text_only"), ("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"),
+                ("task_only", "sft_k0"), ("sft_k0", "backbone"), ("ms_warmup", "sft_k0"), ("ms_ccr", "ms_warmup"),
+                ("ms_imt", "ms_ccr"), ("ms_imt", "sft_k0"))
+# The same contrasts on the answers at each question's own training K (a K = 0 row's answers are its own K's).
+PAIRED_TESTS_RECORD_K = (("vital", "sft_k0"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"))
 
 
 class StudyError(RuntimeError):
@@ -217,7 +219,7 @@ def study_floors(config, data_dir: str) -> dict:
                                                                                config.select_split))}
     for split, floor in split_floors.items():
         if floor["closed"]["count"] == 0:
-            questions = sum(f["count"] for t, f in floor.items() if t != "closed")
+            questions = sum(f["count"] for t, f in floor.items() if t not in ("closed", "open"))
             raise StudyError(
                 f"{data_dir}: split {split!r} has no closed-ended question (yes/no, location choice) among its "
                 f"{questions} questions, and the study measures closed accuracy on it; give that split more "
@@ -538,6 +540,33 @@ def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> dict:
     return {"a_only": n01, "b_only": n10, "p": min(1.0, 2 * tail)}
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (same order): the family of a report table's tests controlled at its level."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _paired_lines(by_row: dict, pairs, answers) -> list[str]:
+    """One McNemar line per pair and seed both rows ran (a row run once, the lr = 0 backbone, pairs with every
+    seed), with Holm-adjusted p over all the table's lines. `answers(result)`: its {id: closed answer right}."""
+    tests = []
+    for a, b in pairs:
+        if a not in by_row or b not in by_row:
+            continue
+        runs_b = {r["seed"]: r for r in by_row[b]}
+        for run_a in by_row[a]:
+            run_b = runs_b.get(run_a["seed"]) or (by_row[b][0] if len(by_row[b]) == 1 else None)
+            if run_b is not None:
+                tests.append((a, b, run_a["seed"], mcnemar(answers(run_a), answers(run_b))))
+    adjusted = holm([t["p"] for *_, t in tests])
+    return [f"| {a} | {b} | {seed} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | {q:.3g} |"
+            for (a, b, seed, t), q in zip(tests, adjusted)]
+
+
 def _mean_std(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -569,24 +598,40 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
              f"Seeds: {', '.join(str(s) for s in config.seeds)}; test split: `{config.eval.test_split}` "
              f"({floor['closed']['count']} closed questions); settings chosen on `{config.select_split}`.", "",
              "Closed: accuracy (%) on yes/no and location-choice questions; open: token F1 (%), Appendix B.4. "
-             "Mean ± std over seeds.", "",
-             "| row | what | K | closed acc | " + " | ".join(types) + " | open F1 |",
-             "|---|---|---|---|" + "---|" * len(types) + "---|"]
-    floor_cells = [f"{100 * floor[t]['majority']:.1f} / {100 * floor[t]['chance']:.1f}" if "majority" in floor[t]
+             "Mean ± std over seeds (the std is the seeds' spread only: with "
+             f"{floor['closed']['count']} closed test questions, a closed accuracy near 50 % has a sampling "
+             f"standard error of ~{100 * math.sqrt(0.25 / max(1, floor['closed']['count'])):.1f} points of its "
+             "own). Updates: optimizer steps of the row's runs.", "",
+             "| row | what | K | updates | closed acc | " + " | ".join(types) + " | open F1 |",
+             "|---|---|---|---|---|" + "---|" * len(types) + "---|"]
+    floor_cells = [f"{100 * _closed_floor(floor[t]):.1f}" if "majority" in floor[t]
                    else f"{100 * floor[t]['majority_f1']:.1f}" for t in types]
-    lines.append(f"| *floor* | majority / chance (closed; overall: majority by type / pooled majority / chance), "
-                 f"most frequent answer (open) | – | {100 * floor['closed']['majority_by_type']:.1f} / "
-                 f"{100 * floor['closed']['majority']:.1f} / {100 * floor['closed']['chance']:.1f} | "
-                 + " | ".join(floor_cells) + " | – |")
+    open_floor = f"{100 * floor['open']['majority_f1']:.1f}" if "open" in floor else "–"
+    lines.append(f"| *floor* | the strongest floor without the image (closed: chance or a majority answer, "
+                 f"below; open: the most frequent answer) | – | – | {100 * floor['closed']['strongest']:.1f} | "
+                 + " | ".join(floor_cells) + f" | {open_floor} |")
     for row in ALL_ROWS:
         if row not in by_row:
             continue
         rs = by_row[row]
         cells = [_mean_std([r["test"]["per_type"].get(t, {}).get("score") for r in rs]) for t in types]
         what, k = (ROWS[row][1], rs[0]["k_eval"]) if row in ROWS else (MEDSYNAPSE_ROWS[row][0], "–")
-        lines.append(f"| {row} | {what} | {k} | "
+        lines.append(f"| {row} | {what} | {k} | {rs[0]['steps']} | "
                      f"{_mean_std([r['test']['closed_accuracy'] for r in rs])} | " + " | ".join(cells) + " | "
                      f"{_mean_std([r['test']['open_token_f1'] for r in rs])} |")
+    lines += ["", "## Floors (test split)", "",
+              "What a model scores without the image: chance (1 / options), the majority answer of all closed "
+              "questions, of each question type, and of each option set (a location choice between left / center "
+              "/ right answered by those questions' most frequent answer); the open types' most frequent answer.",
+              "", "| question type | n | chance | majority | majority per type | majority per option set | "
+              "most frequent answer (F1) |", "|---|---|---|---|---|---|---|"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for t in [*types, "closed", "open"]:
+        if t in floor:
+            f = floor[t]
+            lines.append(f"| {t} | {f['count']} | {pct(f.get('chance'))} | {pct(f.get('majority'))} | "
+                         f"{pct(f.get('majority_by_type'))} | {pct(f.get('majority_by_options'))} | "
+                         f"{pct(f.get('majority_f1'))} |")
     record_rows = [row for row in ROWS if row in by_row and all("test_record_k" in r for r in by_row[row])]
     if record_rows:
         lines += ["", "## Each question answered at its own training K (diagnostic)", "",
@@ -603,12 +648,16 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             same = " (= fixed K: a cap of 1)" if all(r.get("same_as_fixed_k") for r in rs) else ""
             lines.append(f"| {row}{same} | {_mean_std([r['closed_accuracy'] for r in rs])} | " + " | ".join(cells)
                          + f" | {_mean_std([r['open_token_f1'] for r in rs])} |")
-    lines += ["", "## Paired tests (McNemar, closed test answers, first seed of each row)", "",
-              "| a | b | a right, b wrong | b right, a wrong | p |", "|---|---|---|---|---|"]
-    for a, b in PAIRED_TESTS:
-        if a in by_row and b in by_row:
-            t = mcnemar(by_row[a][0]["test"]["closed_correct"], by_row[b][0]["test"]["closed_correct"])
-            lines.append(f"| {a} | {b} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |")
+    header = ["| a | b | seed | a right, b wrong | b right, a wrong | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Paired tests (exact McNemar, closed test answers, each seed; the row's fixed K)", "",
+              "Two-sided; Holm's adjustment over the table's lines.", "", *header,
+              *_paired_lines(by_row, PAIRED_TESTS, lambda r: r["test"]["closed_correct"])]
+    record_k = _paired_lines(by_row, PAIRED_TESTS_RECORD_K,
+                             lambda r: r.get("test_record_k", r["test"])["closed_correct"])
+    if record_k:
+        lines += ["", "## Paired tests at each question's own training K", "",
+                  "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
+                  "", *header, *record_k]
     lines += ["", "## Validation split (for choosing settings)", "", "| row | closed acc | open F1 |",
               "|---|---|---|"]
     for row in ALL_ROWS:
@@ -628,7 +677,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             sps = [r["samples_per_sec"] for r in rs if r.get("samples_per_sec")]
             lines.append(f"| {row} | {len(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
                          f"{np.mean([r['eval_s'] for r in rs]):.0f} | "
-                         f"{np.median(sps) if sps else float('nan'):.1f} | {rs[0]['steps']} |")
+                         f"{f'{np.median(sps):.1f}' if sps else '–'} | {rs[0]['steps']} |")
     if any(row in by_row for row in MEDSYNAPSE_ROWS):
         lines += ["", "MedSynapse-V rows share one run per seed: a row's train time, samples/s and steps are its own "
                   "stage's (the stages before it are in their rows; runs made before 2026-12-06 billed the whole "
@@ -649,6 +698,11 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
     return path
+
+
+def _closed_floor(type_floor: dict) -> float:
+    """A closed question type's strongest floor: chance, its majority answer or its option sets' majorities."""
+    return max(type_floor["chance"], type_floor["majority"], type_floor.get("majority_by_options", 0.0))
 
 
 def _earlier_commits(results: list[dict], commit: str) -> list[str]:
@@ -745,9 +799,9 @@ def _study(config, workdir: str, provenance: dict) -> dict:
     def report_run(result: dict, seconds: float) -> None:
         done[(result["row"], result["seed"])] = result
         what = "reused" if result["reused"] else f"{seconds:.0f} s"
-        print(f"study run {len(done)}/{len(plan)}: {result['row']} seed {result['seed']} ({what}): closed acc "
-              f"{100 * result['test']['closed_accuracy']:.1f}% (majority {100 * floor['closed']['majority']:.1f}%)",
-              flush=True)
+        # The select split's number: what settings are chosen by (the test split's is the report's, read once).
+        print(f"study run {len(done)}/{len(plan)}: {result['row']} seed {result['seed']} ({what}): closed acc on "
+              f"{config.select_split} {100 * result['select']['closed_accuracy']:.1f}%", flush=True)
 
     parallel = int(config.get("parallel_runs", 1))
     minutes = float(config.get("stop_after_minutes", 0))

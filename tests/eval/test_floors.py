@@ -49,9 +49,35 @@ def _typed_dataset(tmp_path):
 
 def test_floors_with_a_limit_are_those_of_the_first_questions(tmp_path):
     data_dir = _typed_dataset(tmp_path)
-    assert floors(data_dir, "test")["closed"] == {"chance": 0.5, "majority": 0.5, "majority_by_type": 0.5, "count": 4}
+    assert floors(data_dir, "test")["closed"] == {"chance": 0.5, "majority": 0.5, "majority_by_type": 0.5,
+                                                  "majority_by_options": 0.5, "strongest": 0.5, "count": 4}
     assert floors(data_dir, "test", limit=2)["closed"] == {"chance": 0.5, "majority": 1.0, "majority_by_type": 1.0,
-                                                            "count": 2}
+                                                            "majority_by_options": 1.0, "strongest": 1.0, "count": 2}
+
+
+def test_location_choices_of_two_option_sets_have_a_floor_per_set_and_the_strongest_floor_is_named(tmp_path):
+    """The per-type majority answered every location choice with one word ("right") whichever options the
+    question offered (left/center/right or upper/middle/lower): 40 % here, below the 1/3 chance per question, yet
+    the README called it the stronger floor."""
+    horizontal = "Is the liver in the left, right, or center of the image?"
+    vertical = "Is the liver in the upper, middle, or lower part of the image?"
+    answers = [(horizontal, "The liver is in the right part of the image.")] * 4 + [
+        (horizontal, "The liver is in the center of the image.")] + [
+        (vertical, "The liver is in the upper part of the image.")] * 3 + [
+        (vertical, "The liver is in the lower part of the image.")] * 2
+    records = [dict(_record(i, "location_choice", q, a), reasoning_chain=["Look."], source="phantom")
+               for i, (q, a) in enumerate(answers)]
+    records.append(dict(_record(10, "identify", "What organ is shown?", "The liver."), reasoning_chain=["Look."],
+                        source="phantom"))
+    for i in range(3):
+        _image(str(tmp_path / "images" / f"{i}.png"))
+    _write_jsonl(str(tmp_path / "records.jsonl"), records)
+    floor = floors(str(tmp_path), "test")
+    assert floor["location_choice"]["majority"] == pytest.approx(4 / 10)              # "right" for all ten
+    assert floor["location_choice"]["majority_by_options"] == pytest.approx((4 + 3) / 10)  # right / upper
+    closed = floor["closed"]
+    assert closed["chance"] == pytest.approx(1 / 3) and closed["strongest"] == closed["majority_by_options"]
+    assert floor["open"] == {"majority_f1": pytest.approx(1.0), "count": 1}
 
 
 def test_the_demo_states_the_floors_of_the_questions_it_evaluated(tmp_path, monkeypatch, capsys):
@@ -80,5 +106,6 @@ def test_the_demo_states_the_floors_of_the_questions_it_evaluated(tmp_path, monk
     summary = json.load(open(tmp_path / "work" / "eval" / "demo_summary.json"))
     assert summary["closed_count"] == 2
     assert {r["closed_majority_by_type_baseline"] for r in summary["results"]} == {1.0}
+    assert {r["closed_majority_by_options_baseline"] for r in summary["results"]} == {1.0}
     assert {r["closed_majority_baseline"] for r in summary["results"]} == {1.0}
-    assert "| 100.0% | 100.0% | 100.0% | 50.0% |" in capsys.readouterr().out
+    assert "| 100.0% | 100.0% | 100.0% | 100.0% | 50.0% |" in capsys.readouterr().out

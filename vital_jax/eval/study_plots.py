@@ -1,8 +1,9 @@
 """Figures of the learning study (`vital_jax.study`), drawn with matplotlib (`figures`; PNG, or PDF / SVG).
 
-  accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), floors dashed
-  per_type.png           per question type, every Table 2 row, the pause control and the MedSynapse-V rows
-                         (mean, error bar = std)
+  accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), the strongest
+                         floor dashed and chance dotted
+  per_type.png           per question type, every Table 2 row, the pause and text-only controls and the
+                         MedSynapse-V rows (mean, error bar = std), each type's strongest floor dashed
   step_similarity.png    Appendix C.6 (Figure 11): mean cosine similarity of latent steps i, j, for task-only,
                          + L_visual and full VITAL as the paper's three panels, and the pause control (colour scale
                          fixed to -1..1, `figures.similarity_matrix`)
@@ -22,7 +23,7 @@ import numpy as np
 from vital_jax.eval import figures
 
 _TYPES = ("yes_no", "location_choice", "identify", "location", "describe", "reasoning")
-_TABLE2 = ("backbone", "sft_k0", "task_only", "semantic", "visual", "vital", "pause")
+_TABLE2 = ("backbone", "sft_k0", "text_only", "task_only", "semantic", "visual", "vital", "pause")
 _MEDSYNAPSE = ("ms_warmup", "ms_ccr", "ms_imt")
 
 
@@ -46,7 +47,7 @@ def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
                 m, s = _stats(by_row[row], lambda r: r["test"]["closed_accuracy"])
                 ks.append(k), means.append(100 * m), stds.append(100 * s)
         ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
-    ax.axhline(100 * floor["closed"]["majority"], ls="--", color="grey", label="majority answer")
+    ax.axhline(100 * floor["closed"]["strongest"], ls="--", color="grey", label="strongest floor (no image)")
     ax.axhline(100 * floor["closed"]["chance"], ls=":", color="grey", label="chance")
     ax.set(xlabel="latent steps K", ylabel="closed accuracy (%)", title="Closed accuracy against K (test)",
            xticks=range(5), ylim=(0, 100))
@@ -67,9 +68,11 @@ def per_type(path: str, by_row: dict, floor: dict) -> str | None:
         ax.bar(x + i * width - 0.4 + width / 2, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats],
                capsize=2, label=row)
     for j, t in enumerate(types):
-        base = floor[t].get("majority", floor[t].get("majority_f1"))
+        f = floor[t]
+        base = (max(f["chance"], f["majority"], f.get("majority_by_options", 0.0)) if "majority" in f
+                else f["majority_f1"])
         ax.hlines(100 * base, j - 0.45, j + 0.45, colors="black", linestyles="--",
-                  label="majority answer / most frequent answer" if j == 0 else None)
+                  label="strongest floor / most frequent answer" if j == 0 else None)
     ax.set(xticks=x, ylabel="closed accuracy / open token F1 (%)", ylim=(0, 100),
            title="Per question type (test; closed: accuracy, open: token F1)")
     ax.set_xticklabels(types, rotation=15)

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from tests.medical_files import dicom_affine_ras, write_dicom_series, write_nifti
 from vital_jax import workdir
-from vital_jax.data import build, build_inputs, quality_gate, questions, records
+from vital_jax.data import build, build_inputs, quality_gate, questions, records, teacher
 from vital_jax.data.build_config import default_config
 from vital_jax.data.ingest import IngestError
 from vital_jax.data.records import QUESTION_TYPES, STEP_RANGES
@@ -469,6 +469,28 @@ def test_the_api_teachers_sampling_is_a_build_input_and_older_records_without_it
     config.teacher.temperature, config.teacher.max_requests = 0.7, 50
     (change,) = build_inputs.differences(older, build_inputs.fingerprint(config))   # the budget is not an input
     assert change == "config.teacher.temperature: '<unset>' -> 0.7"
+
+
+def test_a_teacher_dry_run_writes_the_prompts_and_bounds_the_requests_asking_nothing(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vital_jax.data.build", "--config=configs/data/demo_phantoms.py",
+               f"--config.out_dir={out}", "--config.phantoms.count=3", "--config.phantoms.size=96",
+               "--config.teacher.kind=api", "--config.teacher.model=m",
+               "--config.teacher.base_url=http://127.0.0.1:9/v1", "--config.teacher.api_key_env=VITAL_TEST_NO_SUCH_KEY",
+               "--config.teacher.max_retries=2"]
+    res = subprocess.run(command + ["--config.teacher.dry_run=True"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items() if k != "VITAL_TEST_NO_SUCH_KEY"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    prompts = [json.loads(line) for line in open(out / teacher.DRY_RUN_FILE)]
+    n = len(prompts)
+    assert n > 0 and f"teacher dry run: {n} question(s) to ask (0 already done), {n} to {n * 5 * 3} requests" \
+        in res.stdout
+    assert all(p["user_prompt"].startswith("Target (teacher-only") for p in prompts)
+    assert not (out / records.RECORDS_FILE).exists()           # nothing was asked, nothing answered
+    # The dry run is not a build input: the real build that follows is the same build (refused here for its key).
+    res = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "VITAL_TEST_NO_SUCH_KEY"})
+    assert res.returncode == 1 and "VITAL_TEST_NO_SUCH_KEY is not set" in res.stderr, res.stderr[-3000:]
 
 
 def test_credentials_in_the_teachers_url_are_never_recorded_and_a_change_of_them_is_seen(tmp_path):

@@ -469,6 +469,10 @@ def _build(config) -> dict:
     if os.path.exists(dropped_path):  # answered before and set aside by balancing: not asked again
         set_aside = {r.id for r in records.read_records(dropped_path)}
         asked = [q for q in asked if q.id not in set_aside]
+    if config.teacher.dry_run:  # what the teacher would be asked, and nothing after it
+        return {"questions": all_questions, "dry_run": teacher.dry_run(
+            asked, config.out_dir, config.teacher.max_regenerations,
+            config.teacher.max_retries if config.teacher.kind == "api" else 0)}
     summary = teacher.distill(asked, config.out_dir, _teacher(config), workers=config.teacher.workers,
                               max_regenerations=config.teacher.max_regenerations)
     if summary["failed_unfinished"]:
@@ -503,6 +507,11 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in result.items() if k != "distill"}))
+    if "dry_run" in result:
+        d = result["dry_run"]
+        print(f"teacher dry run: {d['to_ask']} question(s) to ask ({d['finished']} already done), "
+              f"{d['requests_at_least']} to {d['requests_at_most']} requests; prompts in {d['prompts']}")
+        return 0
     d = result["distill"]
     print(f"teacher: {d['accepted']} accepted, {d['rejected']} rejected, {d['skipped_finished']} already done; "
           f"gate pass rates " + ", ".join(f"{k} {v['pass_rate']}" for k, v in d["gate_rounds"].items()))

@@ -49,12 +49,13 @@ def default_config() -> ml_collections.ConfigDict:
                                              window=(), max_cases=0, name=""))
     # The API teacher's sampling (temperature; max_tokens 0 = the endpoint's default) and its budget: max_requests
     # HTTP requests per run, retries included (0 = no limit); a spent budget stops the build, and a rerun goes on
-    # from the answers kept.
+    # from the answers kept. dry_run: write the prompts of the questions still to ask (teacher_prompts.jsonl)
+    # and the bounds on their requests, ask nothing, and stop there.
     c.teacher = ml_collections.ConfigDict(dict(kind="geometry", workers=2,
                                                max_regenerations=teacher.MAX_REGENERATIONS,
                                                base_url="", model="", api_key_env="OPENAI_API_KEY",
                                                timeout_s=120.0, max_retries=5, backoff_s=2.0, temperature=0.2,
-                                               max_tokens=0, max_requests=0))
+                                               max_tokens=0, max_requests=0, dry_run=False))
     c.roi = ml_collections.ConfigDict(dict(enabled=False, encoder_dir="", threshold=0.2, padding=0.05,
                                            batch_size=8))
     return c

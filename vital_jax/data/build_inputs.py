@@ -30,7 +30,7 @@ FOLDERS = {"biomedparse": ("biomedparse.image_dir", "biomedparse.mask_dir"), "ms
 _RECURSIVE = {"msd.task_dir", "dicom.root"}
 # Fields that do not change what is built.
 _IGNORED = {"out_dir", "on_change", "teacher.workers", "teacher.api_key_env", "teacher.timeout_s",
-            "teacher.max_retries", "teacher.backoff_s", "teacher.max_requests"}
+            "teacher.max_retries", "teacher.backoff_s", "teacher.max_requests", "teacher.dry_run"}
 # The API teacher's sampling: what it answers, not what the offline teacher does.
 _API_ONLY = {"teacher.temperature", "teacher.max_tokens"}
 # Fields added after build_inputs.json files were written, with the value the build behaved as before them: a

@@ -647,6 +647,30 @@ def distill(questions: Sequence[Question], data_dir: str, teacher: Teacher, work
     return summary
 
 
+DRY_RUN_FILE = "teacher_prompts.jsonl"
+
+
+def dry_run(questions: Sequence[Question], data_dir: str, max_regenerations: int = MAX_REGENERATIONS,
+            max_retries: int = 0, records_path: str | None = None, rejected_path: str | None = None) -> dict:
+    """What `distill` would ask, without asking: `data_dir/teacher_prompts.jsonl` holds one line per unfinished
+    question ({"id", "question_type", "user_prompt"}; every request also carries SYSTEM_PROMPT and the
+    teacher-only overlay of its image), and the returned counts bound the requests: at least one per question,
+    at most (1 + max_regenerations) x (1 + max_retries)."""
+    records_path = records_path or os.path.join(data_dir, records.RECORDS_FILE)
+    rejected_path = rejected_path or os.path.join(data_dir, REJECTED_FILE)
+    for path in (records_path, rejected_path):
+        _recover_jsonl(path)
+    finished = _finished_ids(records_path, rejected_path)
+    todo = [q for q in questions if q.id not in finished]
+    path = os.path.join(data_dir, DRY_RUN_FILE)
+    atomic_write(path, lambda f: f.writelines(
+        json.dumps({"id": q.id, "question_type": q.question_type, "user_prompt": user_prompt(q)},
+                   ensure_ascii=False) + "\n" for q in todo))
+    return {"questions": len(questions), "finished": len(questions) - len(todo), "to_ask": len(todo),
+            "requests_at_least": len(todo), "requests_at_most": len(todo) * (1 + max_regenerations) * (1 + max_retries),
+            "system_prompt_chars": len(SYSTEM_PROMPT), "prompts": path}
+
+
 def make_teacher(kind: str, api: ApiConfig | None = None) -> Teacher:
     """"geometry" (offline) or "api" (needs `api`)."""
     if kind == "geometry":

@@ -517,3 +517,22 @@ def test_preparing_the_data_again_redoes_an_roi_extraction_killed_between_its_re
     assert study.prepare_data(config, str(tmp_path)) == data_dir
     assert not records.interrupted_roi_write(data_dir) and records.validate_dataset(data_dir) == []
     assert all(r.roi_index >= 0 for r in records.read_records(os.path.join(data_dir, records.RECORDS_FILE)))
+
+
+def test_a_study_recorded_before_a_checkpoint_field_was_added_to_pretraining_resumes(tmp_path):
+    """`pretrain.checkpoint.atomicity` (added in the thirtieth session) made every recorded study workdir refuse
+    the same command ("fields differ: pretrain.checkpoint.atomicity"): how checkpoints are written binds no run."""
+    import json
+
+    from vital_jax import workdir as workdir_lib
+
+    current = json.loads(study_config.get_config().to_json_best_effort())
+    assert "atomicity" in current["pretrain"]["checkpoint"]
+    older = json.loads(json.dumps(current))
+    del older["pretrain"]["checkpoint"]["atomicity"]
+    workdir_lib.check_workdir_config(str(tmp_path), older)     # recorded by the older code
+    workdir_lib.check_workdir_config(str(tmp_path), current)   # accepted
+    changed = json.loads(json.dumps(current))
+    changed["pretrain"]["backbone"]["steps"] += 1               # what is trained still binds
+    with pytest.raises(Exception, match="pretrain.backbone.steps"):
+        workdir_lib.check_workdir_config(str(tmp_path), changed)

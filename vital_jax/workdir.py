@@ -26,7 +26,8 @@ SUMMARY_FILE = "train_summary.json"   # written by the train command when a run 
 
 # Fields that may differ between runs sharing a workdir (how long / how often / which kernel, not what is trained).
 RESUMABLE_FIELDS = ("checkpoint", "logging", "mesh", "demo.finish", "model.attention_impl", "model.remat_policy",
-                    "curriculum.compile_ahead", "medsynapse.rollout_relayout")
+                    "curriculum.compile_ahead", "medsynapse.rollout_relayout",
+                    "pretrain.checkpoint")  # the study's pretraining section (a field added there bound a study)
 
 
 # Fields added to the config after workdirs were written, with the value the older code behaved as. A saved

@@ -29,8 +29,9 @@ def get_config(variant: str = ""):
                                             split_counts=(200, 20, 80)))
     # "run": pretrain with `pretrain` into the workdir; "shipped": the pair in vital_jax/assets/phantom_vlm (made
     # by that same recipe).
-    # Sizes: 200 training phantoms (~3,900 questions), 3 epochs. The full study took 118 min of wall clock on 2
-    # CPU cores (docs/results/phantom_study; 138 min earlier, one run at a time, mix_k* at 711 steps); both
+    # Sizes: 200 training phantoms (~3,900 questions), 3 epochs. The full study took 85 min of wall clock on 2
+    # CPU cores (docs/results/phantom_study, thirtieth session; 118 min before on a slower machine, 138 min one
+    # run at a time with mix_k* at 711 steps); both
     # ways of cutting the data lost the signal the study exists to measure, SFT at K = 0 above the text-only
     # control (closed accuracy, 3 seeds): 120 phantoms x 3 epochs 33.7 vs 35.3 %, 200 phantoms x 2 epochs 35.3 vs
     # 38.6 %, while these sizes give 50.9 +- 1.6 vs 39.6 +- 1.4 %. Those are TEST-split numbers (until the

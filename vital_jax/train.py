@@ -172,14 +172,15 @@ def check_mesh(config, batches: Mapping[str, int] | None = None) -> None:
                           f"(data, fsdp, tensor) whose product is {devices}, one of them may be -1 for the remaining "
                           f"devices, e.g. '(-1, 1, 1)'") from None
     processes = jax.process_count()
-    for field, size in (batches if batches is not None else {"data.batch_size": config.data.batch_size}).items():
+    batches = batches if batches is not None else {"data.batch_size": config.data.batch_size}
+    for field, size in batches.items():
         if size * processes % (data * fsdp):
             raise ConfigError(f"config.{field}={size} x {processes} process(es) = {size * processes} examples per "
                               f"step do not split over the mesh's data x fsdp = {data} x {fsdp} = {data * fsdp} "
                               f"batch shards (config.mesh.shape={shape}): set {field} to a multiple of "
                               f"{data * fsdp // math.gcd(data * fsdp, processes)} or change the mesh")
     if processes > 1:
-        _check_process_rows(config, batches if batches is not None else {"data.batch_size": config.data.batch_size})
+        _check_process_rows(config, batches)
 
 
 def _check_process_rows(config, batches: Mapping[str, int]) -> None:

@@ -437,7 +437,7 @@ DATA_ORDER = 2
 class TrainIterator:
     """A training iterator whose `get_state()` records `DATA_ORDER` and the global batch (processes x per-process
     batch) beside grain's position, and whose `set_state()` refuses (PipelineError) a position saved under another
-    order, unless the orders agree for this run's number of processes, or with another global batch. Iterates
+    order (unless the orders agree for this run's number of processes) or under another global batch. Iterates
     like the grain iterator it wraps."""
 
     def __init__(self, iterator: grain.DatasetIterator, process_count: int, batch_size: int):

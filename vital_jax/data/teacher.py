@@ -311,6 +311,7 @@ class ChatClient:
                 self.retries += 1
                 backoff = self.config.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * self._jitter())
                 self._sleep(max(backoff, asked_wait))
+                asked_wait = 0.0  # what the last reply asked for, not an earlier one
             try:
                 request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             except ValueError as e:  # its message quotes the whole URL

@@ -226,9 +226,10 @@ def normalize_answer(answer: str, context: GateContext) -> str:
 
 
 def _closed_reading(answer: str, context: GateContext) -> str | None:
-    """The short answer of a normalised closed answer: "yes" / "no", or the one choice it names."""
+    """The short answer of a normalised closed answer (`questions.closed_answer`'s reading): "yes" / "no", or the
+    one choice it names of the question's choices."""
     if context.question_type == "yes_no":
-        return answer.split(",")[0].split(".")[0].strip().lower()
+        return questions.closed_answer("yes_no", "", answer)[0]
     named = questions.named_choices(answer, context.choices, context.target)
     return named[0] if len(named) == 1 else None
 

@@ -420,7 +420,8 @@ def test_demo_finish_prints_results_and_writes_every_artefact(workdir, tmp_path,
     shutil.copytree(workdir, copy)
     demo.finish(str(copy), eval_limit=8)
     out = capsys.readouterr().out
-    assert "| K | closed accuracy | majority answer | majority answer per question type | chance |" in out
+    assert ("| K | closed accuracy | majority answer | majority answer per question type | majority answer per "
+            "option set | chance |") in out
     assert "| 4 |" in out
     summary = json.load(open(copy / "eval" / "demo_summary.json"))
     assert [r["latent_steps"] for r in summary["results"]] == [0, 4, "record"]
@@ -563,7 +564,8 @@ def test_floors_of_a_split_without_closed_questions_are_none(workdir, tmp_path):
     write_records(str(data / RECORDS_FILE), open_only)
     split = open_only[0].split
     out = floors(str(data), split)
-    assert out["closed"] == {"chance": None, "majority": None, "majority_by_type": None, "count": 0}
+    assert out["closed"] == {"chance": None, "majority": None, "majority_by_type": None, "majority_by_options": None,
+                             "strongest": None, "count": 0}
     assert all("majority_f1" in v for k, v in out.items() if k != "closed")
 
 

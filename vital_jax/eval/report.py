@@ -156,8 +156,8 @@ def metrics_table(summaries: Sequence[dict]) -> str:
         meta = s.get("meta", {})
         cells = [s["benchmark"], str(meta.get("split", "")), str(meta.get("latent_steps", "")), str(s["count"]),
                  _pct(closed.get("accuracy")), str(closed.get("count", 0)), _pct(s.get("closed_majority_baseline")),
-                 _pct(open_.get("token_f1")), _pct(open_.get("token_recall")), str(open_.get("count", 0)), _pct(s["overall"]["accuracy"]),
-                 _pct(yes_no.get("accuracy")), "–" if not latency else f"{latency['mean']:.1f}",
+                 _pct(open_.get("token_f1")), _pct(open_.get("token_recall")), str(open_.get("count", 0)),
+                 _pct(s["overall"]["accuracy"]), _pct(yes_no.get("accuracy")), "–" if not latency else f"{latency['mean']:.1f}",
                  "–" if not batched else f"{batched['mean']:.1f}" + (
                      f" (batch {batched['batch_size']})" if "batch_size" in batched else "")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -195,7 +195,9 @@ class GeometryTeacher:
         self._cache: dict[tuple[str, str], MaskGeometry] = {}
         self._lock = threading.Lock()
 
-    def _measure(self, question: Question, image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
+    def measure(self, question: Question, image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
+        """`geometry.measure` of the question's image and mask, cached by their paths (also the quality gate's
+        measurement when this teacher answers: `teacher.distill`)."""
         key = (question.image, question.mask)
         with self._lock:
             cached = self._cache.get(key)
@@ -208,7 +210,7 @@ class GeometryTeacher:
     def generate(self, question: Question, image: np.ndarray, mask: np.ndarray, feedback: str | None = None) -> str:
         """The teacher JSON for `question`. `feedback` (a retry note) is ignored: the output is deterministic."""
         del feedback
-        g = self._measure(question, image, mask)
+        g = self.measure(question, image, mask)
         steps = question.latent_steps
         answer, chain = _ANSWERERS[question.question_type](question, g)
         if len(chain) != steps:

@@ -449,11 +449,14 @@ class _Outcome:
     outputs: list = dataclasses.field(default_factory=list)  # each attempt's raw teacher text (paid for)
 
 
-def _gate_context(q: Question, image: np.ndarray, mask: np.ndarray) -> quality_gate.GateContext:
-    """The gate's view of `q`, with the closed answer its mask decides (the ground_truth round)."""
+def _gate_context(q: Question, image: np.ndarray, mask: np.ndarray, teacher=None) -> quality_gate.GateContext:
+    """The gate's view of `q`, with the closed answer its mask decides (the ground_truth round). A teacher that
+    measures the mask itself (the geometry teacher, with its cache) lends the gate its measurement: not done twice."""
     expected = None
     if q.question_type in CLOSED_TYPES:
-        expected = mask_verdict(q, geometry.measure(image, mask))
+        measured = (teacher.measure(q, image, mask) if hasattr(teacher, "measure")
+                    else geometry.measure(image, mask))
+        expected = mask_verdict(q, measured)
     return quality_gate.GateContext(question_type=q.question_type, target=q.target, target_type=q.target_type,
                                     normal_anatomy=q.normal_anatomy, choices=q.choices, modality=q.modality,
                                     expected_answer=expected)
@@ -487,7 +490,7 @@ def _answer_one(teacher: Teacher, question: Question, inputs: _InputCache, max_r
         image, mask = inputs.load(question)
     except ingest.IngestError as e:
         return _Outcome(question, None, [], error=f"input: {e}")
-    context, results, outputs, feedback = _gate_context(question, image, mask), [], [], None
+    context, results, outputs, feedback = _gate_context(question, image, mask, teacher), [], [], None
     for attempt in range(max_regenerations + 1):
         try:
             raw = teacher.generate(question, image, mask, feedback)

@@ -162,8 +162,15 @@ def test_dataset_mode_answers_with_the_k_it_is_given(tmp_path, monkeypatch):
     assert asked == [2, 2] and matrix.shape == (2, 2)
     assert json.loads((tmp_path / "out" / "step_similarity.json").read_text())["latent_steps"] == 2
     assert explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out")).shape == (4, 4)   # default: K_max
+    # A refused K leaves the results as they were; a single-image explanation's files (and this figure in another
+    # format) are removed by the next dataset explanation, other files kept.
+    for name in ("explanation.json", "step_1.png", "summary.pdf", "notes.txt"):
+        (tmp_path / "out" / name).write_text("earlier")
     with pytest.raises(ValueError, match="1..K_max=4"):
         explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out"), latent_steps=0)
+    assert (tmp_path / "out" / "explanation.json").exists()
+    explain.explain_dataset(run, str(tmp_path), str(tmp_path / "out"), figure_format="pdf")
+    assert sorted(os.listdir(tmp_path / "out")) == ["notes.txt", "step_similarity.json", "step_similarity.pdf"]
 
 
 def _roi_dataset(root, rows):

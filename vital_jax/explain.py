@@ -13,6 +13,7 @@ cosine inside and outside; and, when the run's dataset has ROI features, the vis
 each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
 target, image, split), from a bank of the training split's ROI features less those of the image's own records
 (`neighbour_bank`: its split and size). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+Either mode first removes what an earlier explanation wrote into `--out` (by those names; other files stay).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
 the similarity matrix's scale is fixed to the full cosine range, -1 to 1.
@@ -262,7 +263,7 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
                     batch_size: int = 4, figure_format: str = "png", latent_steps: int | None = None) -> np.ndarray:
     """Figure 11: the inter-step similarity matrix averaged over a dataset split, every record answered with
     `latent_steps` steps (default: the run's K_max, as the paper's K = 4); writes step_similarity.json and
-    step_similarity.<figure_format>."""
+    step_similarity.<figure_format>, in place of an earlier explanation's files (`clear_previous_explanation`)."""
     from vital_jax.data.records import RECORDS_FILE, read_records
     from vital_jax.inference import Predictor
     from vital_jax.vital import interpret
@@ -282,6 +283,9 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
         z = jnp.asarray(z)[:, :k]
         sims.update(z, jnp.ones(z.shape[:2], bool))
     matrix = sims.matrix()
+    # Cleared only now: an error above leaves the earlier results as they were. Without it, a folder that held a
+    # single-image explanation (or this figure in another format) would mix two explanations.
+    clear_previous_explanation(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     record = {"split": split, "records": len(recs), "latent_steps": k, "matrix": matrix.tolist()}
     atomic_write(os.path.join(out_dir, "step_similarity.json"), lambda f: json.dump(record, f, indent=2))

@@ -135,8 +135,13 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
             r["test_record_k"] = dict(r["test"], closed_accuracy=0.9)
         r["commit"] = "old" if r["row"] == "k2" else "abc"
     config = study_config.get_config()
-    path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"})
+    select_floor = {"closed": {"chance": 0.4, "majority": 0.3, "strongest": 0.55, "count": 9},
+                    "open": {"majority_f1": 0.25, "count": 5}}
+    path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"},
+                              select_floor=select_floor)
     text = open(path).read()
+    validation = text.split("## Validation split")[1].split("##")[0]
+    assert "9 closed questions" in validation and "| *floor* | 55.0 | 25.0 |" in validation
     own_k = text.split("## Each question answered at its own training K")[1].split("##")[0]
     assert "| vital | 90.0 ± 0.0 |" in own_k and "| sft_k0 |" not in own_k
     assert "| *floor* |" in text and "| – | – | 45.0 | 50.0 | 40.0 |" in text  # the strongest floor, per type too

@@ -209,8 +209,8 @@ def prepare_backbone(config, workdir: str) -> dict:
             "summary": summary}
 
 
-def study_floors(config, data_dir: str) -> dict:
-    """The test split's floors, after checking that the test and select splits hold closed-ended questions: the
+def study_floors(config, data_dir: str) -> dict[str, dict]:
+    """The floors of the test and select splits ({split: floors}), after checking that the test and select splits hold closed-ended questions: the
     study's numbers (closed accuracy beside its floors, the McNemar tests, the settings chosen on the select split)
     are about them, so a split without any is refused before anything trains."""
     from vital_jax.data.records import SPLITS
@@ -225,7 +225,7 @@ def study_floors(config, data_dir: str) -> dict:
                 f"{questions} questions, and the study measures closed accuracy on it; give that split more "
                 f"phantoms (config.data.split_counts={tuple(config.data.split_counts)}: "
                 f"{', '.join(SPLITS)}) in a new --workdir")
-    return split_floors[config.eval.test_split]
+    return split_floors
 
 
 def run_config(config, row: str, seed: int, data_dir: str, models: dict) -> ml_collections.ConfigDict:
@@ -584,8 +584,9 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def write_report(workdir: str, config, results: list[dict], floor: dict, pretrain_summary: dict,
-                 provenance: dict) -> str:
-    """report.md + figures under workdir/report/; returns the report's path."""
+                 provenance: dict, select_floor: dict | None = None) -> str:
+    """report.md + figures under workdir/report/; returns the report's path. `floor`: the test split's floors
+    (`eval.floors.floors`), `select_floor` the select split's (its table's floor row; none when not given)."""
     from vital_jax.eval import study_plots
 
     out_dir = os.path.join(workdir, "report")
@@ -658,8 +659,15 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         lines += ["", "## Paired tests at each question's own training K", "",
                   "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
                   "", *header, *record_k]
-    lines += ["", "## Validation split (for choosing settings)", "", "| row | closed acc | open F1 |",
-              "|---|---|---|"]
+    lines += ["", "## Validation split (for choosing settings)", ""]
+    if select_floor is not None:
+        lines += [f"{select_floor['closed']['count']} closed questions (a closed accuracy near 50 % has a sampling "
+                  f"standard error of ~{100 * math.sqrt(0.25 / max(1, select_floor['closed']['count'])):.0f} "
+                  "points); the floor row as in the first table, from this split.", ""]
+    lines += ["| row | closed acc | open F1 |", "|---|---|---|"]
+    if select_floor is not None:
+        open_select = f"{100 * select_floor['open']['majority_f1']:.1f}" if "open" in select_floor else "–"
+        lines.append(f"| *floor* | {100 * select_floor['closed']['strongest']:.1f} | {open_select} |")
     for row in ALL_ROWS:
         if row in by_row:
             rs = by_row[row]
@@ -788,7 +796,8 @@ def _compilation_cache(config, workdir: str):
 def _study(config, workdir: str, provenance: dict) -> dict:
     started = time.perf_counter()
     data_dir = prepare_data(config, workdir)
-    floor = study_floors(config, data_dir)
+    split_floors = study_floors(config, data_dir)
+    floor = split_floors[config.eval.test_split]
     # E_ana of the MedSynapse-V rows: the study's SigLIP (the data stage's ROI encoder).
     models = dict(prepare_backbone(config, workdir), encoder_dir=os.path.join(workdir, "roi_encoder"))
     runs_dir = os.path.join(workdir, "runs")
@@ -830,7 +839,8 @@ def _study(config, workdir: str, provenance: dict) -> dict:
         return {"results": list(done.values()), "floors": floor, "report": None, "left": left,
                 "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
     results = [done[key] for key in plan]
-    report = write_report(workdir, config, results, floor, models["summary"], provenance)
+    report = write_report(workdir, config, results, floor, models["summary"], provenance,
+                          select_floor=split_floors[config.select_split])
     atomic_write(os.path.join(workdir, RESULTS_FILE),
                  lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]

@@ -161,3 +161,33 @@ def test_the_probe_reads_a_16_bit_image_as_the_pipeline_and_the_predictor_do(tra
     assert Image.open(path).mode.startswith("I;16")
     _, probe = _probe(trained_demo_run, record.id, data_dir=data)
     np.testing.assert_array_equal(probe.image_rgb, load_image(path))
+
+
+def test_a_probe_without_an_encoder_warns_from_process_0_only(trained_demo_run, tmp_path, monkeypatch):
+    """Every process of a multi-host run builds the probe from the same files, and each printed the same two
+    warnings (the missing encoder, no heatmaps): process 0 alone prints them now."""
+    import logging
+
+    from vital_jax import distributed
+    from vital_jax.data.records import ROI_PROVENANCE_FILE
+
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(trained_demo_run, "demo", "data"), data)
+    os.remove(os.path.join(data, ROI_PROVENANCE_FILE))  # no encoder named anywhere: no heatmaps
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    warned = {}
+    for index in (1, 0):
+        monkeypatch.setattr(distributed, "process_position", lambda index=index: (index, 2))
+        seen = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: seen.append(record.getMessage())
+        absl_logger.addHandler(handler)
+        try:
+            _, probe = _probe(trained_demo_run, data_dir=data, encoder_dir="")
+        finally:
+            absl_logger.removeHandler(handler)
+        assert probe.patch_features is None
+        warned[index] = [m for m in seen if "heatmaps" in m]
+        assert absl_logger.level == level  # restored after the probe is built
+    assert warned[1] == [] and len(warned[0]) == 2, warned

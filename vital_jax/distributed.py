@@ -24,6 +24,7 @@ each batch shard are packed into that shard's own slice of the patch array (shar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -213,6 +214,22 @@ def _use_only_devices(ids: Sequence[int]) -> None:
 def is_primary() -> bool:
     """True on process 0, the one that writes logs, metrics and exports."""
     return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def warnings_from_primary():
+    """Inside, processes other than 0 drop their absl warnings (errors still show): for code whose warnings are
+    about what every process shares (the dataset, the encoder directory), which N processes would print N times."""
+    if process_position()[0] == 0:
+        yield
+        return
+    absl_logger = logging.getLogger("absl")
+    before = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(before)
 
 
 class PrimaryFailedError(RuntimeError):

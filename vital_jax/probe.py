@@ -131,15 +131,17 @@ class Probe:
         prefix, _ = self.prompts.encode([image_path], [self.record.question])
         self.prefix = jax.tree.map(everywhere, prefix)
         self.patch_features = None
-        # The run's encoder, else the one the dataset's ROI features came from; None (with a warning) without one.
-        encoder_dir = (heatmap_encoder_dir(paths.data_dir, paths.encoder_dir, "config.model.roi_encoder_dir")
-                       if self.k else None)
+        # The run's encoder, else the one the dataset's ROI features came from; None (with a warning, from process
+        # 0: every process reads the same files) without one.
+        with distributed.warnings_from_primary():
+            encoder_dir = (heatmap_encoder_dir(paths.data_dir, paths.encoder_dir, "config.model.roi_encoder_dir")
+                           if self.k else None)
+            if not encoder_dir and self.k:
+                logging.warning("training probe: no heatmaps; the decoded latent steps are still written")
         if encoder_dir:
             # The encoder output the ROI targets were pooled from: VP(z_k) is compared in that space.
             encoder, encoder_params = load_roi_encoder(encoder_dir, roi_feature_layer(paths.data_dir))
             self.patch_features = everywhere(encoder.image_patches(encoder_params, self.image_rgb))
-        elif self.k:
-            logging.warning("training probe: no heatmaps; the decoded latent steps are still written")
         sampling = SamplingConfig(max_new_tokens=config.data.max_answer_tokens,
                                   eos_token_ids=self.prompts.eos_token_ids,
                                   pad_token_id=self.prompts.special[prompt.ENDOFTEXT])

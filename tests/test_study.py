@@ -45,6 +45,12 @@ def test_rows_edit_the_training_config_as_described(monkeypatch):
     assert edit("backbone").optimizer.lr == 0.0 and edit("backbone").curriculum.max_steps == 1
     assert base.curriculum.max_steps == edit("sft_k0").curriculum.max_steps == edit("k2").curriculum.max_steps == 0
     assert [edit(f"mix_k{k}").curriculum.max_steps for k in (1, 2, 3, 4)] == [60] * 4
+    # The SFT and text-only controls at the curriculum's steps: the same rows otherwise.
+    for row in ("sft_k0", "text_only"):
+        matched, full = edit(f"{row}_matched"), edit(row)
+        assert matched.curriculum.max_steps == 60 and full.curriculum.max_steps == 0
+        matched.curriculum.max_steps = 0
+        assert matched.to_dict() == full.to_dict()
     sft = edit("sft_k0")
     assert sft.vital.latent_steps_cap == 0 and sft.curriculum.max_k == (4,)
     # Without the curriculum: one phase of the curriculum's total epochs, or of `epochs_without_curriculum` when
@@ -122,7 +128,8 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     ids = [f"q{i}" for i in range(40)]
     results = [_fake_result(row, seed, closed, ids) for row, closed in (("sft_k0", 0.5), ("vital", 0.7),
                                                                         ("task_only", 0.6), ("k2", 0.65),
-                                                                        ("ms_imt", 0.45), ("text_only", 0.4))
+                                                                        ("ms_imt", 0.45), ("text_only", 0.4),
+                                                                        ("sft_k0_matched", 0.45))
                for seed in (0, 1)]
     results.append(dict(_fake_result("backbone", 0, 0.1, ids), samples_per_sec=None))  # one run: 1 lr-0 step
     floor = {"yes_no": {"chance": 0.5, "majority": 0.5, "majority_by_options": 0.5, "count": 10},
@@ -159,11 +166,14 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     assert ps and all(holm >= p for p, holm in ps)
     own = text.split("## Paired tests at each question's own training K")[1].split("##")[0]
     assert "| vital | sft_k0 | 0 |" in own and "| vital | pause |" not in own
+    # The SFT control at the latent rows' budget, tested against them (text_only_matched is not in this study).
+    assert "| vital | sft_k0_matched | 1 |" in fixed and "| vital | sft_k0_matched | 1 |" in own
+    assert "| sft_k0_matched | text_only_matched |" not in fixed
     assert "nan" not in text                                          # the backbone's samples/s is "–"
     assert "| ms_imt | ms_ccr |" not in text  # a pair is tested when the study has both rows
     assert "a row's train time, samples/s and steps are its own stage's" in text
     assert "Reused runs made at other commits: `old` (2)" in text  # the k2 runs came from other code
-    assert "All 13 runs: 0 min of training and evaluation" in text
+    assert "All 15 runs: 0 min of training and evaluation" in text
     for name in ("accuracy_vs_k.png", "per_type.png", "step_similarity.png", "norm_ratio.png",
                  "learning_curves.png", "medsynapse_curves.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000, name

@@ -35,8 +35,10 @@ def _stats(runs, get):
 
 
 def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
-    curves = {"3-phase curriculum": ["sft_k0", "k1", "k2", "k3", "vital"],
-              "no curriculum": ["sft_k0", "mix_k1", "mix_k2", "mix_k3", "mix_k4"]}
+    # K = 0: SFT at the curriculum rows' optimizer steps when the study has it (every other point has that budget).
+    k0 = "sft_k0_matched" if "sft_k0_matched" in by_row else "sft_k0"
+    curves = {"3-phase curriculum": [k0, "k1", "k2", "k3", "vital"],
+              "no curriculum": [k0, "mix_k1", "mix_k2", "mix_k3", "mix_k4"]}
     if not any(r in by_row for rows in curves.values() for r in rows[1:]):
         return None
     fig, (ax,) = figures.new(size=(5.5, 3.8))

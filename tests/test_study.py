@@ -551,3 +551,27 @@ def test_a_study_recorded_before_a_checkpoint_field_was_added_to_pretraining_res
     changed["pretrain"]["backbone"]["steps"] += 1               # what is trained still binds
     with pytest.raises(Exception, match="pretrain.backbone.steps"):
         workdir_lib.check_workdir_config(str(tmp_path), changed)
+
+
+def test_matched_rows_may_be_added_to_a_study_only_where_no_run_of_them_was_made(tmp_path, monkeypatch):
+    """The thirty-first session added sft_k0_matched / text_only_matched to `match_curriculum_steps`: a study
+    recorded before must take them (their runs are new), but a row whose runs exist keeps the budget it ran with."""
+    import json
+
+    from vital_jax import workdir as workdir_lib
+
+    monkeypatch.setattr(study, "_study", lambda config, workdir, provenance: "ran")
+    config = study_config.get_config()
+    older = json.loads(config.to_json_best_effort())
+    older["match_curriculum_steps"] = ["mix_k1", "mix_k2", "mix_k3", "mix_k4"]
+    older["rows"] = [r for r in older["rows"] if not r.endswith("_matched")]
+    (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(older))
+    os.makedirs(tmp_path / "runs" / "sft_k0" / "seed0")
+    assert study.study(config, str(tmp_path)) == "ran"   # the matched rows have no runs yet
+    config.match_curriculum_steps = (*config.match_curriculum_steps, "sft_k0")
+    with pytest.raises(study.StudyError, match=r"adds or drops \['sft_k0'\], whose runs .* their own number"):
+        study.study(config, str(tmp_path))
+    config.match_curriculum_steps = ("mix_k2", "mix_k3", "mix_k4")
+    os.makedirs(tmp_path / "runs" / "mix_k1" / "seed0")
+    with pytest.raises(study.StudyError, match=r"adds or drops \['mix_k1'\], whose runs .* with the curriculum rows' number"):
+        study.study(config, str(tmp_path))

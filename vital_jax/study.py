@@ -786,12 +786,29 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
     # One study at a time in a workdir: two would build the same data, encoder and runs at once (each run's own
     # workdir under runs/ has its own lock).
     with workdir_lib.WorkdirLock(workdir):
+        _check_matched_rows(config, workdir)
         workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
                                          extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
-                                                     "stop_after_minutes"),
+                                                     "stop_after_minutes", "match_curriculum_steps"),
                                          new_sections=("medsynapse",))
         with _compilation_cache(config, workdir):
             return _study(config, workdir, _provenance(command))
+
+
+def _check_matched_rows(config, workdir: str) -> None:
+    """`match_curriculum_steps` may gain or lose rows (a study grows by new controls) only where no run of that
+    row was made yet: a finished run is reused as it is, so it would stand for a budget it did not train with."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    recorded = set(read_json(path, StudyError).get("match_curriculum_steps", ()))
+    changed = recorded.symmetric_difference(config.get("match_curriculum_steps", ()))
+    runs_dir = os.path.join(workdir, "runs")
+    made = sorted(row for row in changed if os.path.isdir(os.path.join(runs_dir, row)))
+    if made:
+        raise StudyError(f"config.match_curriculum_steps adds or drops {made}, whose runs in {runs_dir} were made "
+                         f"with {'the curriculum rows' if made[0] in recorded else 'their own'} number of steps (recorded: "
+                         f"{sorted(recorded)}); use a new --workdir or keep the recorded list for those rows")
 
 
 def _compilation_cache(config, workdir: str):

@@ -218,9 +218,9 @@ def prepare_backbone(config, workdir: str) -> dict:
 
 
 def study_floors(config, data_dir: str) -> dict[str, dict]:
-    """The floors of the test and select splits ({split: floors}), after checking that the test and select splits hold closed-ended questions: the
-    study's numbers (closed accuracy beside its floors, the McNemar tests, the settings chosen on the select split)
-    are about them, so a split without any is refused before anything trains."""
+    """The floors of the test and select splits ({split: floors}), after checking that both hold closed-ended
+    questions: the study's numbers (closed accuracy beside its floors, the McNemar tests, the settings chosen on the
+    select split) are about them, so a split without any is refused before anything trains."""
     from vital_jax.data.records import SPLITS
 
     split_floors = {split: floors(data_dir, split) for split in dict.fromkeys((config.eval.test_split,
@@ -806,9 +806,10 @@ def _check_matched_rows(config, workdir: str) -> None:
     runs_dir = os.path.join(workdir, "runs")
     made = sorted(row for row in changed if os.path.isdir(os.path.join(runs_dir, row)))
     if made:
+        budget = "the curriculum rows'" if made[0] in recorded else "their own"
         raise StudyError(f"config.match_curriculum_steps adds or drops {made}, whose runs in {runs_dir} were made "
-                         f"with {'the curriculum rows' if made[0] in recorded else 'their own'} number of steps (recorded: "
-                         f"{sorted(recorded)}); use a new --workdir or keep the recorded list for those rows")
+                         f"with {budget} number of steps (recorded: {sorted(recorded)}); use a new --workdir or "
+                         f"keep the recorded list for those rows")
 
 
 def _compilation_cache(config, workdir: str):

@@ -183,3 +183,15 @@ def test_a_missing_sheet_or_a_damaged_sample_file_is_named(tmp_path):
     (tmp_path / "data/audit/sample.json").write_text('{"ids": [')
     with pytest.raises(audit.AuditError, match="sample.json"):
         audit.score(data)
+
+
+def test_teacher_text_that_a_spreadsheet_would_evaluate_is_written_as_text(tmp_path):
+    rows = _dataset(tmp_path / "data", n=4)
+    rows[1] = Record(**{**rows[1].to_dict(), "answer": "=HYPERLINK(\"http://x\")", "question": "-1 or +1?",
+                        "reasoning_chain": ("@step",)})
+    records.write_records(str(tmp_path / "data" / records.RECORDS_FILE), rows)
+    audit.draw_sample(str(tmp_path / "data"), fraction=1.0)
+    line = {s["id"]: s for s in _read(tmp_path / "data/audit/sheet.csv")}[rows[1].id]
+    assert line["answer"] == "'=HYPERLINK(\"http://x\")" and line["question"] == "'-1 or +1?"
+    assert line["reasoning_chain"] == "1. @step"                  # numbered: it starts with a digit
+    assert audit.score(str(tmp_path / "data"))["sampled"] == 4   # ids are written as they are, and read back

@@ -9,7 +9,8 @@ the teacher-only overlay it was written from, in a sheet a person fills in; then
                   reasoning chain, answer, the image and its overlay), and three columns for the auditor:
                   `leakage` (yes / no: does any text betray the marked-up view: the mask, its colour or outline,
                   the hidden target label, measurements only a mask gives), `answer_correct` (yes / no, optional)
-                  and `comment`. Comma-separated UTF-8, as spreadsheets open and save it.
+                  and `comment`. Comma-separated UTF-8, as spreadsheets open and save it; a text cell that a
+                  spreadsheet would read as a formula (=, +, -, @ first) starts with an apostrophe.
   overlays/       ROW.png: the image with its mask as the teacher saw it (vital_jax.data.teacher.render_overlay).
   sample.json     the draw (fraction, seed, ids) and the sha256 of records.jsonl, so a score of a sheet drawn from
                   another version of the dataset is refused.
@@ -46,6 +47,9 @@ RECORD_COLUMNS = ("id", "split", "question_type", "modality", "target", "questio
                   "image", "overlay")
 VERDICT_COLUMNS = ("leakage", "answer_correct", "comment")
 _YES, _NO = ("yes", "y"), ("no", "n")
+# A cell starting with one of these is a formula to a spreadsheet program (CSV injection): the teacher's text comes
+# from an outside service, so such a cell is written with a leading apostrophe, which the program shows as text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class AuditError(ValueError):
@@ -69,6 +73,11 @@ def _records(data_dir: str) -> tuple[str, list[records.Record]]:
 
 def _numbered(chain) -> str:
     return "\n".join(f"{i}. {step}" for i, step in enumerate(chain, 1))
+
+
+def _as_text(value: str) -> str:
+    """`value` as a cell a spreadsheet shows as text, never evaluates (`_FORMULA_STARTS`)."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
 
 
 def draw_sample(data_dir: str, fraction: float = AUDIT_FRACTION, seed: int = 0, out_dir: str | None = None) -> dict:
@@ -98,8 +107,9 @@ def draw_sample(data_dir: str, fraction: float = AUDIT_FRACTION, seed: int = 0, 
                      lambda f: Image.fromarray(teacher.render_overlay(image, mask)).save(f, format="PNG"),
                      binary=True)
         lines.append(dict(id=record.id, split=record.split, question_type=record.question_type,
-                          modality=record.modality, target=record.target, question=record.question,
-                          reasoning_chain=_numbered(record.reasoning_chain), answer=record.answer,
+                          modality=record.modality, target=_as_text(record.target),
+                          question=_as_text(record.question), reasoning_chain=_numbered(record.reasoning_chain),
+                          answer=_as_text(record.answer),
                           image=os.path.abspath(os.path.join(data_dir, record.image)),
                           overlay=os.path.abspath(os.path.join(out_dir, overlay)),
                           leakage="", answer_correct="", comment=""))

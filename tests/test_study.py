@@ -268,6 +268,12 @@ def test_quick_study_trains_a_model_that_beats_the_majority_answer(quick_study):
     untrained = by_row["backbone"]["test"]["closed_accuracy"]
     assert trained > floor["majority"], (trained, floor)
     assert trained > untrained
+    # Open answers (255 test questions here) above their floor, the most frequent answer of each type: the model
+    # learned the answers, not one sentence. The closed questions are too few at this size (47) to clear their
+    # strongest floor (the option-set majority): the thirty-first session measured 40.4 % against 44.7 %; the
+    # full study is where the image's use is measured (docs/results/phantom_study).
+    open_f1, open_floor = by_row["sft_k0"]["test"]["open_token_f1"], out["floors"]["open"]["majority_f1"]
+    assert open_f1 > open_floor > by_row["backbone"]["test"]["open_token_f1"], (open_f1, open_floor)
     report = open(out["report"]).read()
     assert "| sft_k0 |" in report and "| backbone |" in report and "*floor*" in report
     # MedSynapse-V's row: trained from sft_k0's exported model, answered with P_phi(E_ana(X)).

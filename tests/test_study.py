@@ -574,10 +574,18 @@ def test_matched_rows_may_be_added_to_a_study_only_where_no_run_of_them_was_made
     (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(older))
     os.makedirs(tmp_path / "runs" / "sft_k0" / "seed0")
     assert study.study(config, str(tmp_path)) == "ran"   # the matched rows have no runs yet
+    recorded = json.loads((tmp_path / workdir_lib.CONFIG_FILE).read_text())["match_curriculum_steps"]
+    assert recorded == list(config.match_curriculum_steps)  # and the list is recorded: once their runs exist,
+    os.makedirs(tmp_path / "runs" / "sft_k0_matched" / "seed0")
+    assert study.study(config, str(tmp_path)) == "ran"   # the same command goes on
+    with pytest.raises(study.StudyError, match=r"drops \['sft_k0_matched'\], whose runs .* the curriculum rows'"):
+        config_without = config.copy_and_resolve_references()
+        config_without.match_curriculum_steps = ("mix_k1", "mix_k2", "mix_k3", "mix_k4", "text_only_matched")
+        study.study(config_without, str(tmp_path))
     config.match_curriculum_steps = (*config.match_curriculum_steps, "sft_k0")
     with pytest.raises(study.StudyError, match=r"adds or drops \['sft_k0'\], whose runs .* their own number"):
         study.study(config, str(tmp_path))
-    config.match_curriculum_steps = ("mix_k2", "mix_k3", "mix_k4")
+    config.match_curriculum_steps = ("mix_k2", "mix_k3", "mix_k4", "sft_k0_matched", "text_only_matched")
     os.makedirs(tmp_path / "runs" / "mix_k1" / "seed0")
     with pytest.raises(study.StudyError, match=r"drops \['mix_k1'\], whose runs .* with the curriculum rows' number"):
         study.study(config, str(tmp_path))

@@ -801,8 +801,12 @@ def _check_matched_rows(config, workdir: str) -> None:
     path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
     if not os.path.exists(path):
         return
-    recorded = set(read_json(path, StudyError).get("match_curriculum_steps", ()))
-    changed = recorded.symmetric_difference(config.get("match_curriculum_steps", ()))
+    recorded_config = read_json(path, StudyError)
+    recorded = set(recorded_config.get("match_curriculum_steps", ()))
+    wanted = list(config.get("match_curriculum_steps", ()))
+    changed = recorded.symmetric_difference(wanted)
+    if not changed:
+        return
     runs_dir = os.path.join(workdir, "runs")
     made = sorted(row for row in changed if os.path.isdir(os.path.join(runs_dir, row)))
     if made:
@@ -810,6 +814,9 @@ def _check_matched_rows(config, workdir: str) -> None:
         raise StudyError(f"config.match_curriculum_steps adds or drops {made}, whose runs in {runs_dir} were made "
                          f"with {budget} number of steps (recorded: {sorted(recorded)}); use a new --workdir or "
                          f"keep the recorded list for those rows")
+    # Recorded now, before any run of those rows: the runs made next bind the list as any recorded field does.
+    recorded_config["match_curriculum_steps"] = wanted
+    atomic_write(path, lambda f: json.dump(recorded_config, f, indent=2, sort_keys=True))
 
 
 def _compilation_cache(config, workdir: str):

@@ -144,8 +144,11 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     config = study_config.get_config()
     select_floor = {"closed": {"chance": 0.4, "majority": 0.3, "strongest": 0.55, "count": 9},
                     "open": {"majority_f1": 0.25, "count": 5}}
+    os.makedirs(tmp_path / "report")
+    (tmp_path / "report" / "old_figure.png").write_bytes(b"an earlier report's figure")
     path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"},
                               select_floor=select_floor)
+    assert not (tmp_path / "report" / "old_figure.png").exists()  # a figure this report does not draw
     text = open(path).read()
     validation = text.split("## Validation split")[1].split("##")[0]
     assert "9 closed questions" in validation and "| *floor* | 55.0 | 25.0 |" in validation

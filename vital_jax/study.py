@@ -682,6 +682,12 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             lines.append(f"| {row} | {_mean_std([r['select']['closed_accuracy'] for r in rs])} | "
                          f"{_mean_std([r['select']['open_token_f1'] for r in rs])} |")
     figures = study_plots.write_figures(out_dir, by_row, floor)
+    # A figure an earlier report drew and this one does not (another variant's rows, in the same workdir) would
+    # sit beside this report as if it belonged to it.
+    drawn = {os.path.basename(path) for path in figures.values()}
+    for name in os.listdir(out_dir):
+        if name.endswith(".png") and name not in drawn:
+            os.remove(os.path.join(out_dir, name))
     lines += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(path)})" for name, path in figures.items()]
     lines += ["", "## Cost on this machine", "",
               f"Pretraining: {_pretrain_line(pretrain_summary)}", "",

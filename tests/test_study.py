@@ -331,7 +331,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     monkeypatch.setattr(study, "prepare_data", lambda config, workdir: "/data")
     monkeypatch.setattr(study, "prepare_backbone", lambda config, workdir: {"summary": {}})
     monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5, "count": 10}})
-    monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a: os.path.join(workdir, "r.md"))
+    monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a, **k: os.path.join(workdir, "r.md"))
     config = study_config.get_config()
     config.rows, config.seeds, config.parallel_runs, config.stop_after_minutes = ("sft_k0",), (0, 1, 2), 1, 1.5
     first = study.study(config, str(tmp_path))
@@ -383,14 +383,18 @@ def test_an_unreadable_run_result_is_moved_aside_and_the_run_evaluated_again(tmp
 
 def test_a_torn_line_in_invocations_is_skipped_with_a_warning_and_later_lines_are_kept(tmp_path, caplog):
     path = tmp_path / study.INVOCATIONS_FILE
-    study._log_invocation(str(tmp_path), "abc", 1, 3, 60.0)
+    study._log_invocation(str(tmp_path), "abc", 1, ["sft_k0/seed0", "vital/seed0", "k1/seed0"], 60.0)
     with open(path, "a") as f:
         f.write('{"commit": "abc", "parallel_runs": 2, "ru')  # the study was killed while appending
-    study._log_invocation(str(tmp_path), "abc", 2, 1, 30.0)
+    study._log_invocation(str(tmp_path), "abc", 2, ["ms_imt/seed0"], 30.0)
     with caplog.at_level(logging.WARNING):
         invocations = study._invocations(str(tmp_path))
     assert [(i["runs_made"], i["parallel_runs"]) for i in invocations] == [(3, 1), (1, 2)]
     assert f"{path}:2: malformed JSON" in caplog.text
+    # A report of some rows names the runs of other rows (another variant's) in a command's count.
+    by_row = {"sft_k0": [], "vital": [], "ms_imt": []}
+    assert [study._other_rows(i, by_row) for i in invocations] == [" (1 of them of rows not in this report)", ""]
+    assert study._other_rows({"runs_made": 2}, by_row) == ""  # logged before `made` was
 
 
 def test_a_torn_line_in_a_runs_metrics_is_skipped_with_a_warning_naming_it(tmp_path, caplog):

@@ -712,14 +712,21 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     if invocations:
         wall = sum(i["wall_s"] for i in invocations)
         lines += ["", f"Wall clock: {wall / 60:.0f} min over {len(invocations)} study command(s) that made runs ("
-                  + "; ".join(f"{i['runs_made']} runs in {i['wall_s'] / 60:.0f} min, {i['parallel_runs']} at a "
-                              f"time, commit {i['commit'][:7]}" for i in invocations)
+                  + "; ".join(f"{i['runs_made']} runs in {i['wall_s'] / 60:.0f} min{_other_rows(i, by_row)}, "
+                              f"{i['parallel_runs']} at a time, commit {i['commit'][:7]}" for i in invocations)
                   + "), data preparation included."]
     path = os.path.join(out_dir, REPORT_FILE)
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
     return path
+
+
+def _other_rows(invocation: dict, by_row: dict) -> str:
+    """", N of them of rows not in this report" for a study command that also made another variant's runs in the
+    workdir (its logged `made` list; commands logged before it was added say nothing)."""
+    other = [run for run in invocation.get("made", ()) if run.split("/")[0] not in by_row]
+    return f" ({len(other)} of them of rows not in this report)" if other else ""
 
 
 def _closed_floor(type_floor: dict) -> float:
@@ -869,7 +876,8 @@ def _study(config, workdir: str, provenance: dict) -> dict:
             start = time.perf_counter()
             report_run(run_one(config, row, seed, data_dir, models, runs_dir, provenance["commit"]),
                        time.perf_counter() - start)
-    _log_invocation(workdir, provenance["commit"], parallel, sum(not r["reused"] for r in done.values()),
+    _log_invocation(workdir, provenance["commit"], parallel,
+                    [f"{r['row']}/seed{r['seed']}" for r in done.values() if not r["reused"]],
                     time.perf_counter() - started)
     left = [f"{row}/seed{seed}" for row, seed in plan if (row, seed) not in done]
     if left:
@@ -1029,10 +1037,12 @@ def _run_parallel(config, workdir: str, plan, data_dir: str, models: dict, runs_
             raise
 
 
-def _log_invocation(workdir: str, commit: str, parallel_runs: int, runs_made: int, seconds: float) -> None:
-    """One line per study command in workdir/invocations.jsonl: the report's wall-clock cost."""
+def _log_invocation(workdir: str, commit: str, parallel_runs: int, made: list[str],
+                    seconds: float) -> None:
+    """One line per study command in workdir/invocations.jsonl (`made`: its runs, "row/seedN"): the report's
+    wall-clock cost."""
     append_json_line(os.path.join(workdir, INVOCATIONS_FILE),
-                     {"commit": commit, "parallel_runs": parallel_runs, "runs_made": runs_made,
+                     {"commit": commit, "parallel_runs": parallel_runs, "runs_made": len(made), "made": made,
                       "wall_s": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 

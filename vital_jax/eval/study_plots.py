@@ -1,7 +1,8 @@
 """Figures of the learning study (`vital_jax.study`), drawn with matplotlib (`figures`; PNG, or PDF / SVG).
 
   accuracy_vs_k.png      closed accuracy against K, with and without the curriculum (Table 3), the strongest
-                         floor dashed and chance dotted
+                         floor dashed and chance dotted; K = 0 is sft_k0_matched when the study has it (the
+                         curriculum rows' number of updates), else sft_k0
   per_type.png           per question type, every Table 2 row, the pause and text-only controls and the
                          MedSynapse-V rows (mean, error bar = std), each type's strongest floor dashed
   step_similarity.png    Appendix C.6 (Figure 11): mean cosine similarity of latent steps i, j, for task-only,
@@ -51,7 +52,9 @@ def accuracy_vs_k(path: str, by_row: dict, floor: dict) -> str | None:
         ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=label)
     ax.axhline(100 * floor["closed"]["strongest"], ls="--", color="grey", label="strongest floor (no image)")
     ax.axhline(100 * floor["closed"]["chance"], ls=":", color="grey", label="chance")
-    ax.set(xlabel="latent steps K", ylabel="closed accuracy (%)", title="Closed accuracy against K (test)",
+    k0_steps = by_row[k0][0].get("steps") if k0 in by_row else None
+    ax.set(xlabel=f"latent steps K (K = 0: SFT{f', {k0_steps} updates' if k0_steps else ''})",
+           ylabel="closed accuracy (%)", title="Closed accuracy against K (test)",
            xticks=range(5), ylim=(0, 100))
     ax.legend(fontsize=8)
     return figures.save(fig, path)

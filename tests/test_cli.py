@@ -230,3 +230,19 @@ def test_torch_latent_generate_is_a_command():
     res = _run("conversion.torch_latent_generate", "--help")
     assert res.returncode == 0, res.stderr
     assert all(flag in res.stdout for flag in ("--model", "--image", "--question", "--latent_steps"))
+
+
+def test_a_config_file_given_by_path_from_another_directory_loads(tmp_path):
+    """`--config=/repo/configs/demo.py` from another working directory failed with "No module named 'configs'": the
+    config files import their siblings as `configs.X`, a package that is not installed with vital_jax."""
+    from vital_jax import cli
+
+    config = os.path.join(REPO, "configs", "study", "phantom.py")
+    assert cli.config_import_root(["x", f"--config={config}:quick"]) == REPO
+    assert cli.config_import_root(["x", "--config", os.path.join(REPO, "configs", "data", "msd.py")]) == REPO
+    assert cli.config_import_root(["x", f"--config={tmp_path}/c.py", "--config.rows=1"]) is None
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # vital_jax as installed, configs not
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", f"--config={REPO}/configs/medsynapse_demo.py",
+                          f"--workdir={tmp_path}/run", "--config.no_such=1"], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=env, timeout=300)
+    _one_line_error(res, "unknown config field")  # the file loaded: its overrides were checked

@@ -117,9 +117,33 @@ def begin(argv, config_flag, workdir_flag) -> None:
     tune_host_memory()
 
 
+def config_import_root(argv) -> str | None:
+    """The directory that holds the `configs` package of the `--config` file in `argv` (the repository root), for
+    a config file given by a path from another working directory: the config files import their siblings as
+    `configs.X` (`from configs import base`), a package that is not installed with vital_jax. None when the file
+    does not lie in a `configs` package."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        else:
+            continue
+        directory = os.path.dirname(os.path.abspath(path.split(":", 1)[0]))  # no ":variant"
+        while os.path.dirname(directory) != directory:
+            if os.path.basename(directory) == "configs" and os.path.isfile(os.path.join(directory, "__init__.py")):
+                return os.path.dirname(directory)
+            directory = os.path.dirname(directory)
+    return None
+
+
 def parse_flags(argv):
     """absl flag parsing with a readable message for an unknown `--config.FIELD` (ml_collections raises a bare
-    AttributeError/KeyError deep in its override code)."""
+    AttributeError/KeyError deep in its override code). A `--config` file of a repository's `configs` package
+    imports its siblings from any working directory (`config_import_root`)."""
+    root = config_import_root(argv)
+    if root is not None and root not in sys.path:
+        sys.path.insert(0, root)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:

@@ -62,6 +62,8 @@ def recorded_run(tmp_path_factory):
     ("vital_jax.explain", ["--checkpoint=/x", "--out=/tmp/x", "--data_dir=/tmp", "--limit=-1"],
      ["--limit=-1: -1 is not a positive integer"]),
     ("vital_jax.explain", ["--out=/tmp/x"], ["--checkpoint is required"]),
+    ("vital_jax.explain", ["--checkpoint=/x", "--out=/tmp/x", "--image=a.png", "--question=q", "--grounding"],
+     ["--grounding scores a dataset's records against their masks: give --data_dir"]),
     # An output path that is a file: refused before any work (it used to fail once the results were ready).
     ("vital_jax.evaluate", ["--checkpoint=/no/such/run", "--benchmark=vqa_rad", "--data_dir=/x", "--out=README.md",
                             "--latent_steps=1"], ["--out=README.md exists and is not a directory"]),

@@ -718,3 +718,44 @@ def test_a_run_export_killed_in_the_scaffolding_is_redone_by_the_next(workdir, t
     assert not [f for f in files if f.endswith(".tmp") or f == safetensors_io.UNFINISHED_FILE], files
     assert {"vital.json", "scaffolding/heads.safetensors", "scaffolding/decoder/model.safetensors"} <= set(files)
     assert json.loads((out / "vital.json").read_text())["curriculum_finished"] is True
+
+
+def test_grounding_scores_each_trained_step_as_the_single_example_explanation_does(workdir, tmp_path):
+    """explain --data_dir --grounding: the pointing game of each latent step over a split, per step over the
+    records trained with that many steps, beside chance and the ROI feature itself; each number recomputed here
+    from explain_example's per-image agreement and from the ROI arrays."""
+    from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records, roi_feature_layer
+    from vital_jax.data.roi import load_mask, load_roi_encoder
+    from vital_jax.explain import explain_example, grounding, mask_agreement, mask_on_grid
+    from vital_jax.vital import interpret
+
+    run = load_run(workdir)
+    data = run.paths.data_dir
+    records = [r for r in read_records(os.path.join(data, RECORDS_FILE)) if r.split == "val"][:6]
+    assert len({r.latent_steps for r in records}) > 1  # records of several K: the per-step counts differ
+    scores = grounding(run, data, "val", limit=6, batch_size=4)
+    steps, chance, target = [[] for _ in range(4)], [], []
+    encoder, params = load_roi_encoder(run.paths.encoder_dir, roi_feature_layer(data))
+    roi = load_roi_arrays(data)
+    for i, record in enumerate(records):
+        image = os.path.join(data, record.image)
+        single = explain_example(run, image, record.question, str(tmp_path / str(i)), latent_steps=4,
+                                 mask_path=os.path.join(data, record.mask), neighbours=0)
+        for step in range(min(record.latent_steps, 4)):
+            steps[step].append(single["heatmaps"][step])
+        mask = load_mask(os.path.join(data, record.mask))
+        chance.append(mask_on_grid(mask, single["heatmaps"][0]["grid"][0])[0].mean())
+        features = encoder.image_patches(params, np.asarray(Image.open(image).convert("RGB")))
+        heat = interpret.patch_heatmaps(jnp.asarray(roi["features"][record.roi_index], jnp.float32)[None, None],
+                                        features)
+        target.append(mask_agreement(np.asarray(heat)[0], mask)[0])
+    assert [s["count"] for s in scores["steps"]] == [len(entries) for entries in steps if entries]
+    for got, entries in zip(scores["steps"], steps):
+        assert got["pointing"] == np.mean([e["peak_in_mask"] for e in entries])
+        assert got["contrast"] == pytest.approx(np.mean([e["mean_inside"] - e["mean_outside"] for e in entries]),
+                                                abs=1e-4)
+    assert scores["chance"] == pytest.approx(np.mean(chance))
+    assert scores["roi_feature"]["pointing"] == np.mean([t["peak_in_mask"] for t in target])
+    assert scores["roi_feature"]["count"] == 6
+    with pytest.raises(ValueError, match="1..K_max=4"):
+        grounding(run, data, "val", limit=2, latent_steps=5)

@@ -13,6 +13,8 @@ cosine inside and outside; and, when the run's dataset has ROI features, the vis
 each step the `--neighbours` ROI features nearest to VP(z_k) by cosine, each named by a record that has it (id,
 target, image, split), from a bank of the training split's ROI features less those of the image's own records
 (`neighbour_bank`: its split and size). Dataset mode writes `step_similarity.json/png` averaged over the split (Eq. 9).
+With `--grounding`, dataset mode instead scores each step's heatmap against its record's mask (the pointing
+game, beside chance and the record's ROI feature itself) into `grounding.json` (`grounding`).
 Either mode first removes what an earlier explanation wrote into `--out` (by those names; other files stay).
 Figures are matplotlib PNGs, or PDF / SVG with `--figure_format`. The heatmaps of one example share one colour
 scale, in cosine units, from the lowest to the highest value over its K maps (the colour bar gives the values);
@@ -55,6 +57,7 @@ def write_heatmaps(out_dir: str, rgb: np.ndarray, maps: np.ndarray, question: st
 
 HEATMAPS_FILE = "heatmaps.npy"
 EXPLANATION_FILE = "explanation.json"
+GROUNDING_FILE = "grounding.json"
 _STEP_FIGURE = re.compile(r"step_\d+\.(?:" + "|".join(figures.FORMATS) + ")")
 
 
@@ -64,8 +67,9 @@ def clear_previous_explanation(out_dir: str) -> list[str]:
     image's figures beside its own. Returns the removed names."""
     if not os.path.isdir(out_dir):
         return []
-    ours = {EXPLANATION_FILE, HEATMAPS_FILE} | {f"{stem}.{fmt}" for stem in ("summary", "step_similarity")
-                                               for fmt in figures.FORMATS}
+    ours = {EXPLANATION_FILE, HEATMAPS_FILE, GROUNDING_FILE} | {f"{stem}.{fmt}" for stem in ("summary",
+                                                                                          "step_similarity")
+                                                               for fmt in figures.FORMATS}
     removed = sorted(name for name in os.listdir(out_dir) if name in ours or _STEP_FIGURE.fullmatch(name))
     for name in removed:
         os.remove(os.path.join(out_dir, name))
@@ -86,6 +90,18 @@ def check_mask(mask_path: str, image_path: str) -> np.ndarray:
     return mask
 
 
+def mask_on_grid(mask: np.ndarray, grid: int) -> tuple[np.ndarray, str]:
+    """(cells (grid, grid) bool, rule): the heatmap cells the mask (H, W) bool is in, by `mask_agreement`'s rule
+    ("half covered", or "best covered" when some piece of the mask needed its best-covered cell). ValueError for an
+    empty mask."""
+    from vital_jax.data.roi import area_downsample, mask_cells
+
+    if not mask.any():
+        raise ValueError("the mask is empty: no region to score the heatmaps against")
+    inside, small = mask_cells(mask, lambda m: area_downsample(m.astype(np.float32), grid))
+    return inside, "best covered" if small else "half covered"
+
+
 def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     """How each step's heatmap (K, g, g) sits on the ground-truth mask (H, W) bool, the mask read on the heatmap's
     grid (`roi.area_downsample`: the fraction of each cell inside it; a cell is inside from half): whether the
@@ -95,12 +111,7 @@ def mask_agreement(maps: np.ndarray, mask: np.ndarray) -> list[dict]:
     be inside and the pointing game would fail on it whatever the heatmap. Each entry says which rule gave its
     cells ("mask_cells": "half covered", or "best covered" when some piece needed it). ValueError for an empty
     mask (nothing to be inside)."""
-    from vital_jax.data.roi import area_downsample, mask_cells
-
-    if not mask.any():
-        raise ValueError("the mask is empty: no region to score the heatmaps against")
-    inside, small = mask_cells(mask, lambda m: area_downsample(m.astype(np.float32), maps.shape[-1]))
-    rule = "best covered" if small else "half covered"
+    inside, rule = mask_on_grid(mask, maps.shape[-1])
     out = []
     for heat in np.asarray(maps, np.float64):
         peak = np.unravel_index(np.argmax(heat), heat.shape)
@@ -294,6 +305,94 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
     return matrix
 
 
+def _pointing(agreements: list[dict]) -> dict:
+    """Pointing-game rate and mean inside-minus-outside cosine of `mask_agreement` entries."""
+    contrast = [a["mean_inside"] - a["mean_outside"] for a in agreements
+                if a["mean_inside"] is not None and a["mean_outside"] is not None]
+    return {"pointing": float(np.mean([a["peak_in_mask"] for a in agreements])),
+            "contrast": float(np.mean(contrast)) if contrast else None, "count": len(agreements)}
+
+
+def grounding(run, data_dir: str, split: str = "test", limit: int | None = None, batch_size: int = 4,
+              latent_steps: int | None = None, encoder_dir: str | None = None) -> dict:
+    """Does the visual window point at the question's target? Over a split's records, each answered with
+    `latent_steps` steps (default K_max), each step's heatmap cos(VP(z_k), patches) against the record's own mask
+    (`mask_agreement`): the pointing-game rate (peak cell inside the mask) and the mean inside-minus-outside
+    cosine, per step k over the records that training ran with at least k steps (L_visual pulled their VP(z_k)
+    towards the record's ROI feature; a step's state does not depend on the steps after it, so answering with
+    more steps changes none of them). Beside them, in the same run: `chance`, the rate of a peak cell drawn at
+    random (the mean share of the grid inside the masks of step 1's records), and `roi_feature`, the same scores
+    of each record's ROI feature itself (the L_visual target, App. A.5; records without one are left out), what
+    a projector that reproduced its targets exactly would score."""
+    from vital_jax.vital.batch import trained_latent_steps
+
+    from vital_jax.data.images import load_image
+    from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records, roi_feature_layer
+    from vital_jax.data.roi import heatmap_encoder_dir, load_mask, load_roi_encoder
+    from vital_jax.inference import Predictor
+    from vital_jax.vital import interpret
+
+    recs = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split][:limit]
+    if not recs:
+        raise ValueError(f"{data_dir}: no records in split {split!r}")
+    k_max, cap = run.model.config.k_max, run.model.config.latent_steps_cap
+    if cap == 0:
+        raise ValueError("this run trained no latent step (vital.latent_steps_cap = 0): no heatmap to score")
+    latent_steps = k_max if latent_steps is None else latent_steps
+    if not 1 <= latent_steps <= k_max:
+        raise ValueError(f"latent_steps={latent_steps}: grounding scores latent steps, give 1..K_max={k_max}")
+    encoder_dir = heatmap_encoder_dir(data_dir, encoder_dir or run.paths.encoder_dir, "--encoder_dir")
+    if not encoder_dir:
+        raise ValueError(f"grounding needs the ROI encoder the heatmaps are drawn with: give --encoder_dir "
+                         f"(the one {data_dir}'s ROI features came from)")
+    encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(data_dir))
+    roi = load_roi_arrays(data_dir)
+    predictor = Predictor(run, batch_size=batch_size)
+    patches: dict[str, np.ndarray] = {}  # image -> (g*g, dv): the questions of one image share it
+    steps = [[] for _ in range(latent_steps)]
+    targets, inside_share = [], []
+    for start in range(0, len(recs), batch_size):
+        chunk = recs[start:start + batch_size]
+        images = [os.path.join(data_dir, r.image) for r in chunk]
+        _, z, _ = predictor.answer(images, [r.question for r in chunk], latent_steps)
+        for path in images:
+            if path not in patches:
+                patches[path] = np.asarray(encoder.image_patches(enc_params, load_image(path)))[0]
+        features = jnp.asarray(np.stack([patches[path] for path in images]))
+        maps = np.asarray(interpret.latent_heatmaps(run.model, run.params, jnp.asarray(z)[:, :latent_steps],
+                                                    features))
+        for i, record in enumerate(chunk):
+            trained = trained_latent_steps(record.latent_steps, k_max, cap)
+            if trained == 0:  # a run capped at K = 0: no step of this record was trained
+                continue
+            mask = load_mask(os.path.join(data_dir, record.mask), f"record {record.id!r}'s mask")
+            for step, entry in enumerate(mask_agreement(maps[i], mask)[:trained]):
+                steps[step].append(entry)
+            inside, _ = mask_on_grid(mask, maps.shape[-1])
+            inside_share.append(float(inside.mean()))
+            if roi is not None and record.roi_index >= 0:
+                target = jnp.asarray(np.asarray(roi["features"][record.roi_index], np.float32)[None, None])
+                targets.append(mask_agreement(np.asarray(interpret.patch_heatmaps(target, features[i:i + 1]))[0],
+                                              mask)[0])
+    return {"split": split, "records": len(recs), "latent_steps": latent_steps, "grid": int(maps.shape[-1]),
+            "encoder_dir": encoder_dir, "chance": float(np.mean(inside_share)),
+            "steps": [{"step": i + 1, **_pointing(entries)} for i, entries in enumerate(steps) if entries],
+            "roi_feature": _pointing(targets) if targets else None}
+
+
+def describe_grounding(scores: dict) -> str:
+    """`grounding`'s scores as the lines the command prints."""
+    lines = [f"{scores['records']} {scores['split']} records, {scores['grid']}x{scores['grid']} heatmaps; pointing "
+             f"game (peak cell inside the record's mask), chance {100 * scores['chance']:.1f} %"]
+    rows = [(f"z{s['step']}", s) for s in scores["steps"]]
+    if scores["roi_feature"] is not None:
+        rows.append(("ROI feature (the L_visual target)", scores["roi_feature"]))
+    for name, s in rows:
+        contrast = "–" if s["contrast"] is None else f"{s['contrast']:+.3f}"
+        lines.append(f"  {name:<34} {100 * s['pointing']:5.1f} % of {s['count']}, inside - outside cosine {contrast}")
+    return "\n".join(lines)
+
+
 def main(argv):
     from vital_jax.checkpoint import CheckpointError
     from vital_jax.models.hf_config import ConfigError
@@ -309,6 +408,8 @@ def main(argv):
         cli.usage("--question is empty")
     if dataset and _MASK.value:
         cli.usage("--mask is for single-example mode (the image's ground truth); dataset mode takes none")
+    if _GROUNDING.value and not dataset:
+        cli.usage("--grounding scores a dataset's records against their masks: give --data_dir")
     for flag, path in (("data_dir", _DATA_DIR.value), ("image", _IMAGE.value), ("encoder_dir", _ENCODER_DIR.value),
                        ("mask", _MASK.value)):
         if path and not os.path.exists(path):
@@ -337,6 +438,17 @@ def main(argv):
             check_mask(_MASK.value, _IMAGE.value)
         cli.status(f"loading the run in {_CHECKPOINT.value}...")
         run = load_run(_CHECKPOINT.value)
+        if dataset and _GROUNDING.value:
+            cli.status(f"answering the {_SPLIT.value} split at K={k_max if k is None else k} and scoring each "
+                       "step's heatmap against its record's mask...")
+            scores = grounding(run, _DATA_DIR.value, _SPLIT.value, _LIMIT.value, latent_steps=k,
+                               encoder_dir=_ENCODER_DIR.value)
+            clear_previous_explanation(_OUT.value)
+            os.makedirs(_OUT.value, exist_ok=True)
+            atomic_write(os.path.join(_OUT.value, GROUNDING_FILE), lambda f: json.dump(scores, f, indent=2))
+            print(describe_grounding(scores))
+            print(f"written to {os.path.join(_OUT.value, GROUNDING_FILE)}")
+            return 0
         if dataset:
             cli.status(f"answering the {_SPLIT.value} split at K={k_max if k is None else k} and averaging the "
                        "step similarity...")
@@ -364,7 +476,7 @@ def main(argv):
 def _define_flags():
     """Flags exist only when this module runs as a program (importing it defines none)."""
     global _CHECKPOINT, _IMAGE, _QUESTION, _DATA_DIR, _SPLIT, _LIMIT, _LATENT_STEPS, _ENCODER_DIR, _OUT
-    global _FIGURE_FORMAT, _NEIGHBOURS, _MASK
+    global _FIGURE_FORMAT, _NEIGHBOURS, _MASK, _GROUNDING
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir")
     _IMAGE = flags.DEFINE_string("image", None, "image file (single-example mode)")
     _QUESTION = flags.DEFINE_string("question", None, "question (single-example mode)")
@@ -377,6 +489,9 @@ def _define_flags():
     _FIGURE_FORMAT = flags.DEFINE_enum("figure_format", "png", list(figures.FORMATS), "format of the figures")
     _MASK = flags.DEFINE_string("mask", None, "single-example mode: the ground-truth mask of the image (Figure 12: "
                                 "drawn beside the heatmaps and compared with each)")
+    _GROUNDING = flags.DEFINE_bool("grounding", False, "dataset mode: score each latent step's heatmap against its "
+                                   "record's mask (pointing game, beside chance and the ROI feature itself) into "
+                                   "grounding.json, instead of the step similarity")
     _NEIGHBOURS = flags.DEFINE_integer("neighbours", 3, "single-example mode: ROI features of the run's dataset "
                                        "retrieved per step by cosine to VP(z_k) (0: none)", lower_bound=0)
 

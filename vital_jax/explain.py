@@ -67,9 +67,8 @@ def clear_previous_explanation(out_dir: str) -> list[str]:
     image's figures beside its own. Returns the removed names."""
     if not os.path.isdir(out_dir):
         return []
-    ours = {EXPLANATION_FILE, HEATMAPS_FILE, GROUNDING_FILE} | {f"{stem}.{fmt}" for stem in ("summary",
-                                                                                          "step_similarity")
-                                                               for fmt in figures.FORMATS}
+    drawn = {f"{stem}.{fmt}" for stem in ("summary", "step_similarity") for fmt in figures.FORMATS}
+    ours = {EXPLANATION_FILE, HEATMAPS_FILE, GROUNDING_FILE} | drawn
     removed = sorted(name for name in os.listdir(out_dir) if name in ours or _STEP_FIGURE.fullmatch(name))
     for name in removed:
         os.remove(os.path.join(out_dir, name))
@@ -324,13 +323,12 @@ def grounding(run, data_dir: str, split: str = "test", limit: int | None = None,
     random (the mean share of the grid inside the masks of step 1's records), and `roi_feature`, the same scores
     of each record's ROI feature itself (the L_visual target, App. A.5; records without one are left out), what
     a projector that reproduced its targets exactly would score."""
-    from vital_jax.vital.batch import trained_latent_steps
-
     from vital_jax.data.images import load_image
     from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records, roi_feature_layer
     from vital_jax.data.roi import heatmap_encoder_dir, load_mask, load_roi_encoder
     from vital_jax.inference import Predictor
     from vital_jax.vital import interpret
+    from vital_jax.vital.batch import trained_latent_steps
 
     recs = [r for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split][:limit]
     if not recs:
@@ -348,7 +346,8 @@ def grounding(run, data_dir: str, split: str = "test", limit: int | None = None,
     encoder, enc_params = load_roi_encoder(encoder_dir, roi_feature_layer(data_dir))
     roi = load_roi_arrays(data_dir)
     predictor = Predictor(run, batch_size=batch_size)
-    patches: dict[str, np.ndarray] = {}  # image -> (g*g, dv): the questions of one image share it
+    # image -> (g*g, dv) for the last few images: a dataset lists the questions of one image together.
+    patches: dict[str, np.ndarray] = {}
     steps = [[] for _ in range(latent_steps)]
     targets, inside_share = [], []
     for start in range(0, len(recs), batch_size):
@@ -359,12 +358,12 @@ def grounding(run, data_dir: str, split: str = "test", limit: int | None = None,
             if path not in patches:
                 patches[path] = np.asarray(encoder.image_patches(enc_params, load_image(path)))[0]
         features = jnp.asarray(np.stack([patches[path] for path in images]))
+        while len(patches) > 2 * batch_size:
+            del patches[next(iter(patches))]
         maps = np.asarray(interpret.latent_heatmaps(run.model, run.params, jnp.asarray(z)[:, :latent_steps],
                                                     features))
         for i, record in enumerate(chunk):
-            trained = trained_latent_steps(record.latent_steps, k_max, cap)
-            if trained == 0:  # a run capped at K = 0: no step of this record was trained
-                continue
+            trained = trained_latent_steps(record.latent_steps, k_max, cap)  # >= 1: cap 0 was refused
             mask = load_mask(os.path.join(data_dir, record.mask), f"record {record.id!r}'s mask")
             for step, entry in enumerate(mask_agreement(maps[i], mask)[:trained]):
                 steps[step].append(entry)

@@ -723,8 +723,8 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
 
 
 def _other_rows(invocation: dict, by_row: dict) -> str:
-    """", N of them of rows not in this report" for a study command that also made another variant's runs in the
-    workdir (its logged `made` list; commands logged before it was added say nothing)."""
+    """' (N of them of rows not in this report)' for a study command that also made another variant's runs in
+    the workdir (its logged `made` list; commands logged before it was added say nothing), else ''."""
     other = [run for run in invocation.get("made", ()) if run.split("/")[0] not in by_row]
     return f" ({len(other)} of them of rows not in this report)" if other else ""
 

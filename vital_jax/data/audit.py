@@ -126,7 +126,8 @@ def draw_sample(data_dir: str, fraction: float = AUDIT_FRACTION, seed: int = 0, 
     return drawn
 
 
-def _verdict(value: str, column: str, where: str, optional: bool) -> bool | None:
+def _verdict(value: str, column: str, where: str) -> bool | None:
+    """yes -> True, no -> False, empty -> None (not audited yet); anything else is an error naming `where`."""
     text = value.strip().lower()
     if text in _YES:
         return True
@@ -134,7 +135,7 @@ def _verdict(value: str, column: str, where: str, optional: bool) -> bool | None
         return False
     if not text:
         return None
-    raise AuditError(f"{where}: {column} must be yes or no{' (or empty)' if optional else ''}, got {value!r}")
+    raise AuditError(f"{where}: {column} must be yes or no (or empty), got {value!r}")
 
 
 def _read_drawn(out_dir: str) -> dict:
@@ -172,9 +173,8 @@ def read_sheet(out_dir: str) -> list[dict]:
                 raise AuditError(f"{where}: the id is also on row {seen[row['id']]}")
             seen[row["id"]] = number
             out.append(dict(id=row["id"], question_type=row["question_type"],
-                            leakage=_verdict(row["leakage"] or "", "leakage", where, optional=True),
-                            answer_correct=_verdict(row["answer_correct"] or "", "answer_correct", where,
-                                                    optional=True),
+                            leakage=_verdict(row["leakage"] or "", "leakage", where),
+                            answer_correct=_verdict(row["answer_correct"] or "", "answer_correct", where),
                             comment=(row.get("comment") or "").strip()))
     lost = [i for i in drawn["ids"] if i not in seen]
     if lost:

@@ -228,6 +228,15 @@ def test_explain_checks_k_and_its_files_before_loading_the_model(recorded_run):
                     "--latent_steps=0 has none")
 
 
+@pytest.mark.parametrize("module, flag, needle", [
+    ("vital_jax.train", "--help", "--workdir"), ("vital_jax.evaluate", "--helpfull", "--benchmark"),
+    ("vital_jax.data.validate", "--help", "--data_dir")])
+def test_help_is_printed_and_exits_0(module, flag, needle):
+    """absl exits 1 after printing --help, as for an error: a script that runs `cmd --help` saw a failure."""
+    res = _run(module, flag)
+    assert res.returncode == 0 and needle in res.stdout, res.stderr[-2000:]
+
+
 def test_torch_latent_generate_is_a_command():
     res = _run("conversion.torch_latent_generate", "--help")
     assert res.returncode == 0, res.stderr

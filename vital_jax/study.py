@@ -193,11 +193,37 @@ def prepare_data(config, workdir: str) -> str:
     summary = build_lib.build(build_config)
     logging.info("study: PhantomVQA %s", summary["splits"])
     if not os.path.exists(os.path.join(encoder_dir, "config.json")):
-        demo_assets.write_tiny_siglip(encoder_dir, seed=int(config.data.seed) + 2)
+        make_roi_encoder(config, workdir, encoder_dir)
     if load_roi_arrays(data_dir) is None:
         extract_dataset_rois(data_dir, encoder_dir, batch_size=16)
     atomic_write(os.path.join(data_dir, "STUDY_READY"), lambda f: json.dump(summary["splits"], f))
     return data_dir
+
+
+ROI_ENCODERS = ("random", "pretrained")
+
+
+def make_roi_encoder(config, workdir: str, encoder_dir: str) -> None:
+    """The study's ROI encoder (the SigLIP of L_visual's targets and of the heatmaps; MedSynapse-V's E_ana) into
+    `encoder_dir`: config.roi_encoder "random" (a tiny random SigLIP, `demo_assets.write_tiny_siglip`) or
+    "pretrained" (`vital_jax.pretrain`'s roi_encoder stage with config.pretrain.roi_encoder, in
+    workdir/roi_encoder_pretrain, resumable; its HF directory copied in whole)."""
+    from vital_jax import demo_assets, pretrain
+
+    if config.get("roi_encoder", "random") == "random":
+        demo_assets.write_tiny_siglip(encoder_dir, seed=int(config.data.seed) + 2)
+        return
+    settings = ml_collections.ConfigDict(config.pretrain.to_dict())
+    settings.stages = ("roi_encoder",)
+    pre_dir = os.path.join(workdir, "roi_encoder_pretrain")
+    summary = pretrain.pretrain(settings, pre_dir)
+    if summary["preempted"]:
+        raise StudyError(f"the ROI encoder's pretraining in {pre_dir} was interrupted; rerun the study to resume it")
+    staging = encoder_dir.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(summary["stages"]["roi_encoder"]["hf_dir"], staging)
+    shutil.rmtree(encoder_dir, ignore_errors=True)  # none, or empty (no config.json)
+    os.rename(staging, encoder_dir)
 
 
 def prepare_backbone(config, workdir: str) -> dict:
@@ -798,12 +824,17 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
     # train at once is the machine's business too.
     # One study at a time in a workdir: two would build the same data, encoder and runs at once (each run's own
     # workdir under runs/ has its own lock).
+    if config.get("roi_encoder", "random") not in ROI_ENCODERS:
+        raise StudyError(f"config.roi_encoder={config.roi_encoder!r}: expected one of {', '.join(ROI_ENCODERS)}")
     with workdir_lib.WorkdirLock(workdir):
         _check_matched_rows(config, workdir)
+        _check_roi_encoder(config, workdir)
+        # roi_encoder and the pretraining recipe's roi_encoder section came later than some recorded studies
+        # (whose encoder was the random one: `_check_roi_encoder`).
         workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
                                          extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
                                                      "stop_after_minutes", "match_curriculum_steps"),
-                                         new_sections=("medsynapse",))
+                                         new_sections=("medsynapse", "roi_encoder", "pretrain.roi_encoder"))
         with _compilation_cache(config, workdir):
             return _study(config, workdir, _provenance(command))
 
@@ -830,6 +861,16 @@ def _check_matched_rows(config, workdir: str) -> None:
     # Recorded now, before any run of those rows: the runs made next bind the list as any recorded field does.
     recorded_config["match_curriculum_steps"] = wanted
     atomic_write(path, lambda f: json.dump(recorded_config, f, indent=2, sort_keys=True))
+
+
+def _check_roi_encoder(config, workdir: str) -> None:
+    """A study recorded before config.roi_encoder existed made the random encoder; it may go on only with that."""
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    if not os.path.exists(path) or "roi_encoder" in read_json(path, StudyError):
+        return
+    if config.get("roi_encoder", "random") != "random":
+        raise StudyError(f"{workdir} was made with the random ROI encoder (recorded before config.roi_encoder); "
+                         f"config.roi_encoder={config.roi_encoder!r} needs a new --workdir")
 
 
 def _compilation_cache(config, workdir: str):

@@ -3,6 +3,7 @@ CPU scale, 3 seeds each, from a small backbone pretrained here.
 
     python -m vital_jax.study --config=configs/study/phantom.py --workdir=/tmp/phantom_study
     python -m vital_jax.study --config=configs/study/phantom.py:quick --workdir=/tmp/phantom_study_quick
+    python -m vital_jax.study --config=configs/study/phantom.py:encoder --workdir=/tmp/phantom_study_encoder
 
 Settings were chosen on the val split (`select_split`); the test split is only reported.
 """
@@ -18,6 +19,8 @@ PAPER_ROWS = ("backbone", "text_only", "sft_k0", "task_only", "semantic", "visua
               "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4", "sft_k0_matched", "text_only_matched")
 # MedSynapse-V's stages on the same backbone: the `medsynapse` variant adds them (~10 min per seed on 2 cores).
 MEDSYNAPSE_ROWS = ("ms_warmup", "ms_ccr", "ms_imt")
+# The rows the ROI encoder can change (L_visual's targets) beside those it cannot, and SFT: the `encoder` variant.
+ENCODER_ROWS = ("sft_k0", "task_only", "semantic", "visual", "vital")
 
 
 def get_config(variant: str = ""):
@@ -42,6 +45,11 @@ def get_config(variant: str = ""):
     # below, and the backbone row's single lr-0 step.
     c.pretrained = "run"
     c.pretrain = pretrain_phantom.get_config()
+    # The SigLIP whose patch features are L_visual's targets (and the heatmaps', and MedSynapse-V's E_ana):
+    # "random" (tiny, random weights: its patch features are nearly alike, so the targets say little about where
+    # anything is) or "pretrained" (`pretrain`'s roi_encoder stage with c.pretrain.roi_encoder: patch labels of
+    # phantoms of other seeds; ~4 min on 2 cores).
+    c.roi_encoder = "random"
     # Overrides of configs/base.py for every fine-tuning run (the rows edit these further).
     c.train = ml_collections.ConfigDict(dict(
         model=dict(dtype="float32"),
@@ -96,6 +104,12 @@ def get_config(variant: str = ""):
         c.pretrained = "shipped"
         c.train.curriculum.epochs = (1, 1, 2)
         c.eval.diagnostics_examples = 16
+    elif variant == "encoder":
+        # Table 2's rows with the pretrained ROI encoder (a workdir of its own: the data's ROI features change),
+        # from the shipped backbone (the same recipe as "run", without its 15 minutes).
+        c.rows = ENCODER_ROWS
+        c.roi_encoder = "pretrained"
+        c.pretrained = "shipped"
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} (expected '', 'medsynapse' or 'quick')")
+        raise ValueError(f"unknown variant {variant!r} (expected '', 'medsynapse', 'quick' or 'encoder')")
     return c

@@ -18,6 +18,9 @@ Layout (the contract `vital_jax.pretrain` reads):
   out_dir/texts.jsonl        {"id", "text", "split"}
   out_dir/tokenizer/         a byte-level BPE over all of it plus the benchmark templates' wording
   out_dir/corpus.json        the settings it was built with and counts (a rebuild with other settings is refused)
+
+And, in memory rather than on disk, what an ROI encoder is pretrained on (`PatchLabelExamples`: phantoms and the
+share of each tissue class in each patch; `vital_jax.pretrain`'s roi_encoder stage).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from vital_jax.jsonio import read_json
 
 PAIRS_FILE, TEXTS_FILE, TOKENIZER_DIR, SUMMARY_FILE = "pairs.jsonl", "texts.jsonl", "tokenizer", "corpus.json"
 _LESIONS = tuple(name for name, kind in phantoms.TARGET_TYPES.items() if kind == "lesion")
+# What an ROI encoder is pretrained to tell apart patch by patch (`patch_labels`): class 0 is every pixel no target
+# covers (air, body wall, fat); a lesion's pixels are the lesion's class, not its organ's.
+PATCH_CLASSES = ("other",) + tuple(phantoms.TARGET_TYPES)
 
 
 class CorpusError(ValueError):
@@ -183,3 +189,108 @@ def build_corpus(out_dir: str, config=None) -> str:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(out_dir, SUMMARY_FILE) + ".tmp", os.path.join(out_dir, SUMMARY_FILE))
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patch labels: what an ROI encoder is pretrained on
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _class_map(phantom: phantoms.Phantom) -> np.ndarray:
+    """(H, W, len(PATCH_CLASSES)) float32 one-hot: each pixel's class."""
+    labels = np.zeros(phantom.image.shape, np.int32)
+    for name in phantoms.TARGET_TYPES:  # organs before lesions: a lesion's pixels end as the lesion's
+        if name in phantom.masks:
+            labels[phantom.masks[name]] = PATCH_CLASSES.index(name)
+    return (labels[..., None] == np.arange(len(PATCH_CLASSES))).astype(np.float32)
+
+
+def _shares(one_hot: np.ndarray, grid: int) -> np.ndarray:
+    from vital_jax.data.roi import area_downsample
+
+    shares = [area_downsample(one_hot[..., c], grid) for c in range(one_hot.shape[-1])]
+    return np.stack(shares, axis=-1).reshape(grid * grid, one_hot.shape[-1])
+
+
+def patch_labels(phantom: phantoms.Phantom, grid: int) -> np.ndarray:
+    """(grid * grid, len(PATCH_CLASSES)) float32, raster order: the share of each class in each cell of a
+    grid x grid partition of the phantom (`roi.area_downsample`'s cells, those of the patch grid of an encoder
+    that resizes the whole image to its input size). Rows sum to 1."""
+    return _shares(_class_map(phantom), grid)
+
+
+def encoder_views(phantom: phantoms.Phantom, grid: int, padding: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """What an ROI encoder encodes of this phantom (`roi.prepare_view`'s two pathways), each with its patch
+    labels: [(name, rgb (h, w, 3) uint8, shares (grid * grid, C))]: the whole image ("full"), then for each target
+    the tight crop of its mask's box widened by `padding` on a zero square canvas (named after the target; the
+    canvas padding is "other", as black as air)."""
+    from vital_jax.data.roi import crop_canvas, expand_box, mask_box
+
+    rgb = np.repeat(phantom.image[..., None], 3, axis=-1)
+    one_hot = _class_map(phantom)
+    views = [("full", rgb, _shares(one_hot, grid))]
+    for name in phantoms.TARGET_TYPES:
+        if name not in phantom.masks:
+            continue
+        box = expand_box(mask_box(phantom.masks[name]), padding, *rgb.shape[:2])
+        canvas, _ = crop_canvas(rgb, box)
+        labels, content = crop_canvas(one_hot, box)
+        labels[..., 0] += 1.0 - content
+        views.append((name, canvas, _shares(labels, grid)))
+    return views
+
+
+class PatchLabelExamples:
+    """The encoder views (`encoder_views`) of one split's phantoms, rendered once into memory, for pretraining an
+    ROI encoder: batch(indices, valid) -> pixels (B, S, S, 3) float32 (the encoder's `preprocessor`, a
+    `SiglipPreprocessor`), targets (B, grid * grid, len(PATCH_CLASSES)) float32, record_index (B,) int32,
+    example_valid (B,) bool.
+
+    settings: seed, phantoms (how many; the last val_fraction of them are "val"), phantom_size, modalities
+    (cycled), layout, padding (the crops' margin, `roi.RoiConfig.padding`). A seed apart from PhantomVQA's (0-2)
+    and the corpus's (1000 up) keeps every benchmark and corpus image out of it. The interface is
+    `pretrain_corpus.Examples`' (len, ids, batch) without a tokenizer."""
+
+    def __init__(self, settings, split: str, grid: int, preprocessor):
+        count = int(settings.phantoms)
+        n_val = max(1, int(round(count * float(settings.val_fraction))))
+        if count - n_val < 1:
+            raise CorpusError(f"roi_encoder phantoms={count}: need at least 2 (train and val)")
+        if split not in ("train", "val"):
+            raise CorpusError(f"split {split!r}: the ROI encoder's phantoms have 'train' and 'val'")
+        indices = range(count - n_val) if split == "train" else range(count - n_val, count)
+        self.preprocessor = preprocessor
+        size = (preprocessor.width, preprocessor.height)
+        modalities = tuple(settings.modalities)
+        self.records, resized, targets = [], [], []
+        for index in indices:
+            modality = modalities[index % len(modalities)]
+            phantom = phantoms.make_phantom(modality, int(settings.seed), index, int(settings.phantom_size),
+                                            str(settings.layout))
+            stem = phantoms.phantom_stem(index, modality, "encoder")
+            for name, rgb, shares in encoder_views(phantom, grid, float(settings.padding)):
+                self.records.append({"id": f"{stem}/{name}"})
+                # Kept as the resized uint8 picture (what the processor resizes to; a fifth of float32's memory).
+                resized.append(np.asarray(Image.fromarray(rgb).resize(size, resample=preprocessor.resample)))
+                targets.append(shares)
+        self.resized = np.stack(resized)
+        self.targets = np.stack(targets)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def ids(self, index) -> list[str]:
+        return [self.records[int(i)]["id"] for i in np.atleast_1d(index)]
+
+    def batch(self, indices, valid) -> dict[str, np.ndarray]:
+        rows = np.asarray(indices, np.int64)
+        p = self.preprocessor
+        # `SiglipPreprocessor`'s arithmetic after its resize (rescaled in float64, normalised in float32).
+        pixels = (self.resized[rows].astype(np.float64) * p.rescale_factor).astype(np.float32)
+        pixels = (pixels - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
+        return dict(pixels=pixels, targets=self.targets[rows], record_index=rows.astype(np.int32),
+                    example_valid=np.asarray(valid, bool))
+
+    def class_shares(self) -> np.ndarray:
+        """(len(PATCH_CLASSES),) the mean share of each class over every patch of every view of this split."""
+        return self.targets.mean(axis=(0, 1))

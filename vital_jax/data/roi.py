@@ -216,6 +216,21 @@ def expand_box(box: tuple[int, int, int, int], padding: float, height: int, widt
             min(width, right + margin_x))
 
 
+def crop_canvas(values: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The tight-crop pathway's view of an array (H, W, ...): its `box` placed centred on a zero square canvas
+    whose side is the box's longer side. -> (canvas (side, side, ...) of values' dtype, content (side, side)
+    float32: 1 where the canvas holds the crop, 0 on the padding)."""
+    top, left, bottom, right = box
+    crop_h, crop_w = bottom - top, right - left
+    side = max(crop_h, crop_w)
+    off_y, off_x = (side - crop_h) // 2, (side - crop_w) // 2
+    canvas = np.zeros((side, side) + values.shape[2:], values.dtype)
+    canvas[off_y:off_y + crop_h, off_x:off_x + crop_w] = values[top:bottom, left:right]
+    content = np.zeros((side, side), np.float32)
+    content[off_y:off_y + crop_h, off_x:off_x + crop_w] = 1.0
+    return canvas, content
+
+
 def prepare_view(image_rgb: np.ndarray, mask: np.ndarray, encoder: RoiEncoder, cfg: RoiConfig,
                  name: str = "example") -> RoiView:
     """Choose the pathway for one (image (H, W, 3) uint8, mask (H, W) bool) pair and build what gets encoded.
@@ -239,16 +254,9 @@ def prepare_view(image_rgb: np.ndarray, mask: np.ndarray, encoder: RoiEncoder, c
                        box=(0, 0, height, width), mask_ratio=mask_ratio)
 
     box = expand_box(mask_box(mask), cfg.padding, height, width)
-    top, left, bottom, right = box
-    crop_h, crop_w = bottom - top, right - left
-    side = max(crop_h, crop_w)
-    off_y, off_x = (side - crop_h) // 2, (side - crop_w) // 2
-    canvas = np.zeros((side, side, 3), np.uint8)
-    canvas[off_y:off_y + crop_h, off_x:off_x + crop_w] = image_rgb[top:bottom, left:right]
-    content = np.zeros((side, side), np.float32)
-    content[off_y:off_y + crop_h, off_x:off_x + crop_w] = 1.0
-    mask_canvas = np.zeros((side, side), np.float32)
-    mask_canvas[off_y:off_y + crop_h, off_x:off_x + crop_w] = mask[top:bottom, left:right]
+    crop_h, crop_w = box[2] - box[0], box[3] - box[1]
+    canvas, content = crop_canvas(image_rgb, box)
+    mask_canvas, _ = crop_canvas(mask.astype(np.float32), box)
     valid = (area_downsample(content, grid) >= cfg.valid_fraction).reshape(-1)
     if not valid.any():
         raise RoiError(f"{name}: the {crop_h}x{crop_w} px crop is so elongated that no {grid}x{grid} cell of its "

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -596,3 +597,52 @@ def test_matched_rows_may_be_added_to_a_study_only_where_no_run_of_them_was_made
     os.makedirs(tmp_path / "runs" / "mix_k1" / "seed0")
     with pytest.raises(study.StudyError, match=r"drops \['mix_k1'\], whose runs .* with the curriculum rows' number"):
         study.study(config, str(tmp_path))
+
+
+def test_a_study_recorded_before_roi_encoder_goes_on_only_with_the_random_encoder(tmp_path, monkeypatch):
+    """config.roi_encoder (thirty-second session) and the pretraining recipe's roi_encoder section are new to
+    studies recorded before; those made the random encoder, so only that may go on in them."""
+    import json
+
+    from vital_jax import workdir as workdir_lib
+
+    monkeypatch.setattr(study, "_study", lambda config, workdir, provenance: "ran")
+    config = study_config.get_config()
+    older = json.loads(config.to_json_best_effort())
+    del older["roi_encoder"], older["pretrain"]["roi_encoder"]
+    (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(older))
+    assert study.study(config, str(tmp_path)) == "ran"
+    pretrained = study_config.get_config("encoder")
+    pretrained.rows = config.rows
+    pretrained.pretrained = config.pretrained
+    with pytest.raises(study.StudyError, match="made with the random ROI encoder"):
+        study.study(pretrained, str(tmp_path))
+    config.roi_encoder = "trained"
+    with pytest.raises(study.StudyError, match="config.roi_encoder='trained'"):
+        study.study(config, str(tmp_path))
+
+
+def test_the_pretrained_roi_encoder_is_the_pretraining_stages_export_and_is_made_once(tmp_path, monkeypatch):
+    from vital_jax import pretrain
+    from vital_jax.data.roi import load_roi_encoder
+
+    config = study_config.get_config("encoder")
+    config.pretrain = pretrain.default_config("quick")
+    calls = []
+    real = pretrain.pretrain
+    monkeypatch.setattr(pretrain, "pretrain", lambda c, w: calls.append(tuple(c.stages)) or real(c, w))
+    encoder_dir = str(tmp_path / "roi_encoder")
+    study.make_roi_encoder(config, str(tmp_path), encoder_dir)
+    assert calls == [("roi_encoder",)]
+    exported = pretrain.hf_dir(str(tmp_path / "roi_encoder_pretrain"), "roi_encoder")
+    assert sorted(os.listdir(encoder_dir)) == sorted(os.listdir(exported))
+    for name in os.listdir(exported):
+        assert (tmp_path / "roi_encoder" / name).read_bytes() == open(os.path.join(exported, name), "rb").read()
+    encoder, _ = load_roi_encoder(encoder_dir)
+    assert encoder.grid_size == config.pretrain.roi_encoder.image_size // config.pretrain.roi_encoder.patch_size
+    metrics = (tmp_path / "roi_encoder_pretrain" / "metrics.jsonl").read_text()
+    shutil.rmtree(encoder_dir)
+    study.make_roi_encoder(config, str(tmp_path), encoder_dir)  # the finished stage is reused, not retrained
+    assert (tmp_path / "roi_encoder_pretrain" / "metrics.jsonl").read_text() == metrics
+    assert (tmp_path / "roi_encoder" / "model.safetensors").read_bytes() == \
+        open(os.path.join(exported, "model.safetensors"), "rb").read()

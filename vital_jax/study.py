@@ -5,7 +5,9 @@
 
 Stages (each resumable: a rerun reuses what is finished and says so):
   1 data       PhantomVQA (configs/data/phantom_vqa.py settings, `config.data`): train / val / test from disjoint
-               phantoms, closed answers balanced per question text, ROI features from a small random SigLIP.
+               phantoms, closed answers balanced per question text, ROI features from a small SigLIP
+               (`config.roi_encoder`: random weights, or pretrained on phantom patch labels by `vital_jax.pretrain`'s
+               roi_encoder stage, `make_roi_encoder`).
   2 pretrain   `vital_jax.pretrain`: a small Qwen3-VL (all parameters) and Qwen3 decoder trained from random
                initialisation on phantom image-text data of other seeds, written as HF checkpoint directories.
   3 runs       every row x seed: `vital_jax.train.train` from the pretrained checkpoints (LoRA + scaffolding, the

@@ -646,3 +646,60 @@ def test_the_pretrained_roi_encoder_is_the_pretraining_stages_export_and_is_made
     assert (tmp_path / "roi_encoder_pretrain" / "metrics.jsonl").read_text() == metrics
     assert (tmp_path / "roi_encoder" / "model.safetensors").read_bytes() == \
         open(os.path.join(exported, "model.safetensors"), "rb").read()
+
+
+def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_differ_in_l_visual(tmp_path):
+    ids = [f"r{i}" for i in range(30)]
+    floor = {"closed": {"chance": 0.4, "majority": 0.3, "majority_by_type": 0.3, "majority_by_options": 0.3,
+                        "strongest": 0.4, "count": 20}}
+
+    def scored(row, seed, rate):
+        hits = {i: n < rate * len(ids) for n, i in enumerate(ids)}
+        steps = [{"step": k, "pointing": rate / k, "contrast": 0.01 * k, "count": 30 // k} for k in (1, 2)]
+        return dict(_fake_result(row, seed, 0.5, ids), grounding={
+            "chance": 0.027, "grid": 8, "records": 30, "steps": steps, "step1_hits": hits,
+            "roi_feature": {"pointing": 0.3, "contrast": 0.1, "count": 30}})
+
+    results = [scored("visual", s, 0.5) for s in (0, 1)] + [scored("task_only", s, 0.1) for s in (0, 1)]
+    results += [_fake_result("sft_k0", 0, 0.5, ids)]   # no latent step: not scored
+    path = study.write_report(str(tmp_path), study_config.get_config(), results, floor, {},
+                              {"command": "cmd", "commit": "abc"})
+    section = open(path).read().split("## Does the visual window point at the target?")[1].split("\n## ")[0]
+    assert "Chance (a random cell): 2.7 %" in section and "in place of VP(z_k): 30.0 %" in section
+    assert "| visual | yes | 50.0 / 50.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | +0.010 |" in section
+    assert "| task_only | no | 10.0 / 10.0 | 10.0 ± 0.0 | 5.0 ± 0.0 |" in section and "| sft_k0 |" not in section
+    # visual hits records 0-14, task_only 0-2: 12 discordant pairs, all one way, per seed.
+    tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
+    assert [(int(t[4]), int(t[5])) for t in tests] == [(12, 0), (12, 0)]
+    assert float(tests[0][6]) == pytest.approx(2 * 0.5 ** 12, rel=1e-3)  # printed to 3 digits
+    assert "| vital | semantic |" not in section   # a pair is tested when the study has both rows
+    no_grounding = study.write_report(str(tmp_path), study_config.get_config(),
+                                      [_fake_result("vital", 0, 0.5, ids)], floor, {},
+                                      {"command": "cmd", "commit": "abc"})
+    assert "point at the target" not in open(no_grounding).read()
+
+
+def test_grounding_is_scored_for_latent_rows_only_and_added_to_a_finished_run_when_asked(tmp_path, monkeypatch):
+    from vital_jax import run as run_lib
+
+    config = study_config.get_config("encoder")
+    assert config.eval.grounding and not study_config.get_config().eval.grounding
+    assert study._wants_grounding(config, "vital", 4) and not study._wants_grounding(config, "sft_k0", 0)
+    assert not study._wants_grounding(config, "ms_imt", 4)
+    run_dir = study.run_dir_of(str(tmp_path), "vital", 0)
+    os.makedirs(run_dir)
+    saved = dict(_fake_result("vital", 0, 0.5, ["q0"]), commit="abc")
+    del saved["reused"]
+    with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:
+        json.dump(dict(saved, test_record_k=saved["test"]), f)
+    monkeypatch.setattr(run_lib, "load_run", lambda path: ("run of", path))
+    monkeypatch.setattr(study, "_grounding", lambda config, run, data_dir: {"scored": run})
+    result = study.run_one(config, "vital", 0, "data", {}, str(tmp_path))
+    assert result["reused"] and result["grounding"] == {"scored": ("run of", run_dir)}
+    with open(os.path.join(run_dir, study.RESULTS_FILE)) as f:
+        assert json.load(f)["grounding"] == {"scored": ["run of", run_dir]}  # saved: asked once
+    config.eval.grounding = False
+    os.remove(os.path.join(run_dir, study.RESULTS_FILE))
+    with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:
+        json.dump(dict(saved, test_record_k=saved["test"]), f)
+    assert "grounding" not in study.run_one(config, "vital", 0, "data", {}, str(tmp_path))

@@ -742,20 +742,22 @@ def test_grounding_scores_each_trained_step_as_the_single_example_explanation_do
         single = explain_example(run, image, record.question, str(tmp_path / str(i)), latent_steps=4,
                                  mask_path=os.path.join(data, record.mask), neighbours=0)
         for step in range(min(record.latent_steps, 4)):
-            steps[step].append(single["heatmaps"][step])
+            steps[step].append((record.id, single["heatmaps"][step]))
         mask = load_mask(os.path.join(data, record.mask))
         chance.append(mask_on_grid(mask, single["heatmaps"][0]["grid"][0])[0].mean())
         features = encoder.image_patches(params, np.asarray(Image.open(image).convert("RGB")))
         heat = interpret.patch_heatmaps(jnp.asarray(roi["features"][record.roi_index], jnp.float32)[None, None],
                                         features)
-        target.append(mask_agreement(np.asarray(heat)[0], mask)[0])
+        target.append((record.id, mask_agreement(np.asarray(heat)[0], mask)[0]))
     assert [s["count"] for s in scores["steps"]] == [len(entries) for entries in steps if entries]
     for got, entries in zip(scores["steps"], steps):
-        assert got["pointing"] == np.mean([e["peak_in_mask"] for e in entries])
-        assert got["contrast"] == pytest.approx(np.mean([e["mean_inside"] - e["mean_outside"] for e in entries]),
+        assert got["pointing"] == np.mean([e["peak_in_mask"] for _, e in entries])
+        assert got["contrast"] == pytest.approx(np.mean([e["mean_inside"] - e["mean_outside"] for _, e in entries]),
                                                 abs=1e-4)
+        assert got["hits"] == {i: e["peak_in_mask"] for i, e in entries}  # per record, for paired tests
     assert scores["chance"] == pytest.approx(np.mean(chance))
-    assert scores["roi_feature"]["pointing"] == np.mean([t["peak_in_mask"] for t in target])
+    assert scores["roi_feature"]["pointing"] == np.mean([t["peak_in_mask"] for _, t in target])
+    assert scores["roi_feature"]["hits"] == {i: t["peak_in_mask"] for i, t in target}
     assert scores["roi_feature"]["count"] == 6
     with pytest.raises(ValueError, match="1..K_max=4"):
         grounding(run, data, "val", limit=2, latent_steps=5)

@@ -304,12 +304,14 @@ def explain_dataset(run, data_dir: str, out_dir: str, split: str = "test", limit
     return matrix
 
 
-def _pointing(agreements: list[dict]) -> dict:
-    """Pointing-game rate and mean inside-minus-outside cosine of `mask_agreement` entries."""
-    contrast = [a["mean_inside"] - a["mean_outside"] for a in agreements
+def _pointing(agreements: list[tuple[str, dict]]) -> dict:
+    """Pointing-game rate and mean inside-minus-outside cosine of (record id, `mask_agreement` entry) pairs, and
+    each record's hit (`hits`: id -> peak inside its mask; for paired tests between runs on the same records)."""
+    contrast = [a["mean_inside"] - a["mean_outside"] for _, a in agreements
                 if a["mean_inside"] is not None and a["mean_outside"] is not None]
-    return {"pointing": float(np.mean([a["peak_in_mask"] for a in agreements])),
-            "contrast": float(np.mean(contrast)) if contrast else None, "count": len(agreements)}
+    return {"pointing": float(np.mean([a["peak_in_mask"] for _, a in agreements])),
+            "contrast": float(np.mean(contrast)) if contrast else None, "count": len(agreements),
+            "hits": {record_id: bool(a["peak_in_mask"]) for record_id, a in agreements}}
 
 
 def grounding(run, data_dir: str, split: str = "test", limit: int | None = None, batch_size: int = 4,
@@ -366,13 +368,13 @@ def grounding(run, data_dir: str, split: str = "test", limit: int | None = None,
             trained = trained_latent_steps(record.latent_steps, k_max, cap)  # >= 1: cap 0 was refused
             mask = load_mask(os.path.join(data_dir, record.mask), f"record {record.id!r}'s mask")
             for step, entry in enumerate(mask_agreement(maps[i], mask)[:trained]):
-                steps[step].append(entry)
+                steps[step].append((record.id, entry))
             inside, _ = mask_on_grid(mask, maps.shape[-1])
             inside_share.append(float(inside.mean()))
             if roi is not None and record.roi_index >= 0:
                 target = jnp.asarray(np.asarray(roi["features"][record.roi_index], np.float32)[None, None])
-                targets.append(mask_agreement(np.asarray(interpret.patch_heatmaps(target, features[i:i + 1]))[0],
-                                              mask)[0])
+                targets.append((record.id, mask_agreement(
+                    np.asarray(interpret.patch_heatmaps(target, features[i:i + 1]))[0], mask)[0]))
     return {"split": split, "records": len(recs), "latent_steps": latent_steps, "grid": int(maps.shape[-1]),
             "encoder_dir": encoder_dir, "chance": float(np.mean(inside_share)),
             "steps": [{"step": i + 1, **_pointing(entries)} for i, entries in enumerate(steps) if entries],

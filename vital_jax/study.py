@@ -160,6 +160,9 @@ PAIRED_TESTS = (("sft_k0", "text_only"), ("sft_k0_matched", "text_only_matched")
                 ("vital", "sft_k0_matched"), ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"),
                 ("sft_k0", "backbone"), ("ms_warmup", "sft_k0"), ("ms_ccr", "ms_warmup"), ("ms_imt", "ms_ccr"),
                 ("ms_imt", "sft_k0"))
+# Does L_visual make the visual window point at the target? (a, b) differ in L_visual alone (`eval.grounding`'s
+# McNemar tests on the records' step-1 pointing-game hits).
+GROUNDING_PAIRS = (("visual", "task_only"), ("vital", "semantic"))
 # The same contrasts on the answers at each question's own training K (a K = 0 row's answers are its own K's).
 PAIRED_TESTS_RECORD_K = (("vital", "sft_k0"), ("vital", "sft_k0_matched"), ("pause", "sft_k0_matched"),
                          ("vital", "pause"), ("vital", "task_only"), ("task_only", "sft_k0"))
@@ -468,6 +471,9 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         if row in ROWS and result["k_eval"] > 0 and "test_record_k" not in result:  # written before that evaluation
             result["test_record_k"] = _evaluate_record_k(config, load_run(run_dir), run_dir, data_dir)
             _write_json(result_path, result)
+        if _wants_grounding(config, row, result["k_eval"]) and "grounding" not in result:  # asked for later
+            result["grounding"] = _grounding(config, load_run(run_dir), data_dir)
+            _write_json(result_path, result)
         result["reused"] = True
         return result
     if row in MEDSYNAPSE_ROWS:
@@ -493,6 +499,8 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         evaluated[name] = _split_scores(metrics, os.path.join(run_dir, f"eval_{split}"), data_dir)
     if k_eval > 0:
         evaluated["test_record_k"] = _evaluate_record_k(config, run, run_dir, data_dir, k_eval, evaluated["test"])
+    if _wants_grounding(config, row, k_eval):
+        evaluated["grounding"] = _grounding(config, run, data_dir)
     eval_s = time.perf_counter() - start
     diagnostics = latent_diagnostics(run, data_dir, config.eval.test_split, k_eval,
                                      int(config.eval.diagnostics_examples))
@@ -501,8 +509,9 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
               "eval_s": eval_s, "samples_per_sec": _median_throughput(samples), "commit": commit,
               "test": evaluated["test"], "select": evaluated["select"], "diagnostics": diagnostics,
               "curve": [(s["step"], s["loss"], s.get("task_loss")) for s in samples if "loss" in s]}
-    if "test_record_k" in evaluated:
-        result["test_record_k"] = evaluated["test_record_k"]
+    for name in ("test_record_k", "grounding"):
+        if name in evaluated:
+            result[name] = evaluated[name]
     _write_json(result_path, result)
     result["reused"] = False
     return result
@@ -556,6 +565,25 @@ def _evaluate_record_k(config, run, run_dir: str, data_dir: str, k_eval: int | N
                        batch_size=int(config.eval.batch_size), run=run, latency_examples=1)[0]
     by_type = score_by_type(os.path.join(out_dir, "phantom_vqa.predictions.jsonl"), question_types(data_dir))
     return {"closed_accuracy": metrics["closed_accuracy"], "open_token_f1": metrics.get("open_token_f1"), **by_type}
+
+
+def _wants_grounding(config, row: str, k_eval: int) -> bool:
+    """config.eval.grounding, for the rows that train latent steps (a K = 0 row has no heatmap)."""
+    return bool(config.eval.get("grounding", False)) and row in ROWS and k_eval > 0
+
+
+def _grounding(config, run, data_dir: str) -> dict:
+    """`explain.grounding` on the test split at K_max (the ROI encoder of the run's config, the study's): per step
+    the pointing game and inside - outside cosine, chance, the ROI feature's own scores, and step 1's hit per
+    record (`step1_hits`, for the report's paired tests; the other steps' hits are left out of results.json)."""
+    from vital_jax.explain import grounding
+
+    scores = grounding(run, data_dir, config.eval.test_split, batch_size=int(config.eval.batch_size))
+    summary = lambda s: {k: v for k, v in s.items() if k != "hits"}  # noqa: E731
+    return {"chance": scores["chance"], "grid": scores["grid"], "records": scores["records"],
+            "steps": [summary(s) for s in scores["steps"]],
+            "roi_feature": summary(scores["roi_feature"]) if scores["roi_feature"] else None,
+            "step1_hits": scores["steps"][0]["hits"]}
 
 
 def _write_json(path: str, obj) -> None:
@@ -695,6 +723,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         lines += ["", "## Paired tests at each question's own training K", "",
                   "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
                   "", *header, *record_k]
+    lines += _grounding_lines(by_row)
     lines += ["", "## Validation split (for choosing settings)", ""]
     if select_floor is not None:
         lines += [f"{select_floor['closed']['count']} closed questions (a closed accuracy near 50 % has a sampling "
@@ -748,6 +777,56 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
     return path
+
+
+def _grounding_lines(by_row: dict) -> list[str]:
+    """The report's grounding section (`eval.grounding`): per row the pointing game of each step's heatmap
+    cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and McNemar tests of
+    step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS). [] when no run was scored."""
+    scored = {row: [r for r in rs if r.get("grounding")] for row, rs in by_row.items()}
+    scored = {row: rs for row, rs in scored.items() if rs}
+    if not scored:
+        return []
+    first = next(iter(scored.values()))[0]["grounding"]
+    steps = max(len(r["grounding"]["steps"]) for rs in scored.values() for r in rs)
+    roi = [r["grounding"]["roi_feature"]["pointing"] for rs in scored.values() for r in rs
+           if r["grounding"].get("roi_feature")]
+    target = (f"; the record's own ROI feature (the L_visual target) in place of VP(z_k): {100 * np.mean(roi):.1f} %"
+              if roi else "")
+    lines = ["", "## Does the visual window point at the target? (test split, the rows' K_max)", "",
+             f"Pointing game: the share of records whose heatmap cos(VP(z_k), ROI-encoder patches) on the "
+             f"{first['grid']} x {first['grid']} grid peaks inside the record's mask (step k over the records "
+             f"trained with at least k steps; `explain --grounding`). Chance (a random cell): "
+             f"{100 * first['chance']:.1f} %{target}.", "",
+             "| row | L_visual | z1 per seed | " + " | ".join(f"z{k + 1}" for k in range(steps))
+             + " | z1 inside - outside cosine |", "|---|---|---|" + "---|" * steps + "---|"]
+    for row in ALL_ROWS:
+        if row not in scored:
+            continue
+        rs = sorted(scored[row], key=lambda r: r["seed"])
+        per_step = [_mean_std([r["grounding"]["steps"][k]["pointing"] for r in rs
+                               if len(r["grounding"]["steps"]) > k]) for k in range(steps)]
+        contrast = [r["grounding"]["steps"][0]["contrast"] for r in rs
+                    if r["grounding"]["steps"][0]["contrast"] is not None]
+        seeds = " / ".join(f"{100 * r['grounding']['steps'][0]['pointing']:.1f}" for r in rs)
+        lines.append(f"| {row} | {'yes' if _trains_visual(row) else 'no'} | {seeds} | " + " | ".join(per_step)
+                     + (f" | {np.mean(contrast):+.3f} |" if contrast else " | – |"))
+    paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: r["grounding"]["step1_hits"])
+    if paired:
+        lines += ["", "Step 1's hits, paired by record (exact McNemar, each seed; Holm over these lines): a row with "
+                  "L_visual against the same row without it.", "",
+                  "| a | b | seed | a hits, b misses | b hits, a misses | p | p (Holm) |",
+                  "|---|---|---|---|---|---|---|", *paired]
+    return lines
+
+
+def _trains_visual(row: str) -> bool:
+    """Whether a row's runs train with L_visual (its edit of configs/base.py leaves lambda_visual > 0)."""
+    from configs import base
+
+    config = base.get_config()
+    ROWS[row][2](config)
+    return float(config.vital.lambda_visual) > 0
 
 
 def _other_rows(invocation: dict, by_row: dict) -> str:
@@ -823,7 +902,7 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
     # Rows and seeds may grow (finished runs are reused); the MedSynapse-V settings may be added to a study
     # recorded before it had those rows.
     # The compilation cache changes no number, so a workdir may be resumed with it on or off; how many runs
-    # train at once is the machine's business too.
+    # train at once is the machine's business too. eval.grounding only adds a score to finished runs.
     # One study at a time in a workdir: two would build the same data, encoder and runs at once (each run's own
     # workdir under runs/ has its own lock).
     if config.get("roi_encoder", "random") not in ROI_ENCODERS:
@@ -835,7 +914,8 @@ def study(config, workdir: str, command: str = "python -m vital_jax.study --conf
         # (whose encoder was the random one: `_check_roi_encoder`).
         workdir_lib.check_workdir_config(workdir, json.loads(config.to_json_best_effort()),
                                          extendable=("rows", "seeds", "compilation_cache", "parallel_runs",
-                                                     "stop_after_minutes", "match_curriculum_steps"),
+                                                     "stop_after_minutes", "match_curriculum_steps",
+                                                     "eval.grounding"),
                                          new_sections=("medsynapse", "roi_encoder", "pretrain.roi_encoder"))
         with _compilation_cache(config, workdir):
             return _study(config, workdir, _provenance(command))

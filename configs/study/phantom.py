@@ -82,8 +82,10 @@ def get_config(variant: str = ""):
     c.parallel_runs = 2
     # Minutes after which no run starts (runs in flight finish; the same command continues later); 0: no limit.
     c.stop_after_minutes = 0.0
+    # grounding: score each latent row's visual window on the test split (`explain --grounding`: ~35 s per run on
+    # 2 cores; the report's grounding section). A finished run without it gets it when a later command asks.
     c.eval = ml_collections.ConfigDict(dict(test_split="test", batch_size=16, latency_examples=8,
-                                            diagnostics_examples=64))
+                                            diagnostics_examples=64, grounding=False))
     # MedSynapse-V rows (ms_*): the demo's settings (configs/medsynapse_demo.py; E_ana = the study's SigLIP), on
     # the backbone of the same seed's sft_k0 run; overrides of configs/base.py's medsynapse section.
     c.medsynapse = medsynapse_demo.get_config().medsynapse
@@ -110,6 +112,7 @@ def get_config(variant: str = ""):
         c.rows = ENCODER_ROWS
         c.roi_encoder = "pretrained"
         c.pretrained = "shipped"
+        c.eval.grounding = True
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (expected '', 'medsynapse', 'quick' or 'encoder')")
     return c

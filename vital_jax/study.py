@@ -176,7 +176,6 @@ class StudyError(RuntimeError):
 
 def prepare_data(config, workdir: str) -> str:
     """Stage 1: PhantomVQA with ROI features in workdir/data (reused when complete)."""
-    from vital_jax import demo_assets
     from vital_jax.data import build as build_lib
     from vital_jax.data.build_config import phantom_vqa_config
     from vital_jax.data.records import interrupted_roi_write, load_roi_arrays

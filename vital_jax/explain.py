@@ -324,7 +324,8 @@ def grounding(run, data_dir: str, split: str = "test", limit: int | None = None,
     more steps changes none of them). Beside them, in the same run: `chance`, the rate of a peak cell drawn at
     random (the mean share of the grid inside the masks of step 1's records), and `roi_feature`, the same scores
     of each record's ROI feature itself (the L_visual target, App. A.5; records without one are left out), what
-    a projector that reproduced its targets exactly would score."""
+    a projector that reproduced its targets exactly would score. Each step's entry (and `roi_feature`) also
+    holds `hits`, record id -> peak inside its mask, for paired tests between runs on the same records."""
     from vital_jax.data.images import load_image
     from vital_jax.data.records import RECORDS_FILE, load_roi_arrays, read_records, roi_feature_layer
     from vital_jax.data.roi import heatmap_encoder_dir, load_mask, load_roi_encoder

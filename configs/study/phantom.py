@@ -19,8 +19,9 @@ PAPER_ROWS = ("backbone", "text_only", "sft_k0", "task_only", "semantic", "visua
               "k3", "mix_k1", "mix_k2", "mix_k3", "mix_k4", "sft_k0_matched", "text_only_matched")
 # MedSynapse-V's stages on the same backbone: the `medsynapse` variant adds them (~10 min per seed on 2 cores).
 MEDSYNAPSE_ROWS = ("ms_warmup", "ms_ccr", "ms_imt")
-# The rows the ROI encoder can change (L_visual's targets) beside those it cannot, and SFT: the `encoder` variant.
-ENCODER_ROWS = ("sft_k0", "task_only", "semantic", "visual", "vital")
+# The `encoder` variant: the rows the ROI encoder can change (L_visual's targets; MedSynapse-V's E_ana) beside those
+# it cannot, and SFT.
+ENCODER_ROWS = ("sft_k0", "task_only", "semantic", "visual", "vital") + MEDSYNAPSE_ROWS
 
 
 def get_config(variant: str = ""):
@@ -107,8 +108,8 @@ def get_config(variant: str = ""):
         c.train.curriculum.epochs = (1, 1, 2)
         c.eval.diagnostics_examples = 16
     elif variant == "encoder":
-        # Table 2's rows with the pretrained ROI encoder (a workdir of its own: the data's ROI features change),
-        # from the shipped backbone (the same recipe as "run", without its 15 minutes).
+        # Table 2's rows and MedSynapse-V's with the pretrained ROI encoder (a workdir of its own: the data's ROI
+        # features change), from the shipped backbone (the same recipe as "run", without its 15 minutes).
         c.rows = ENCODER_ROWS
         c.roi_encoder = "pretrained"
         c.pretrained = "shipped"

@@ -640,6 +640,9 @@ def test_the_pretrained_roi_encoder_is_the_pretraining_stages_export_and_is_made
         assert (tmp_path / "roi_encoder" / name).read_bytes() == open(os.path.join(exported, name), "rb").read()
     encoder, _ = load_roi_encoder(encoder_dir)
     assert encoder.grid_size == config.pretrain.roi_encoder.image_size // config.pretrain.roi_encoder.patch_size
+    line = study._roi_encoder_line(config, str(tmp_path))  # what the report says of it
+    assert "pretrained on phantom patch labels" in line and f"roi_encoder: {config.pretrain.roi_encoder.steps} steps" \
+        in line
     metrics = (tmp_path / "roi_encoder_pretrain" / "metrics.jsonl").read_text()
     shutil.rmtree(encoder_dir)
     study.make_roi_encoder(config, str(tmp_path), encoder_dir)  # the finished stage is reused, not retrained
@@ -664,7 +667,9 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
     results += [_fake_result("sft_k0", 0, 0.5, ids)]   # no latent step: not scored
     path = study.write_report(str(tmp_path), study_config.get_config(), results, floor, {},
                               {"command": "cmd", "commit": "abc"})
-    section = open(path).read().split("## Does the visual window point at the target?")[1].split("\n## ")[0]
+    text = open(path).read()
+    assert "ROI encoder (L_visual's targets, the heatmaps, MedSynapse-V's E_ana): a tiny SigLIP with random" in text
+    section = text.split("## Does the visual window point at the target?")[1].split("\n## ")[0]
     assert "Chance (a random cell): 2.7 %" in section and "in place of VP(z_k): 30.0 %" in section
     assert "| visual | yes | 50.0 / 50.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | +0.010 |" in section
     assert "| task_only | no | 10.0 / 10.0 | 10.0 ± 0.0 | 5.0 ± 0.0 |" in section and "| sft_k0 |" not in section

@@ -660,7 +660,8 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
              f"Command: `{provenance['command']}`  ", f"Commit: `{provenance['commit']}`  ",
              *_earlier_commits(results, provenance["commit"]),
              f"Seeds: {', '.join(str(s) for s in config.seeds)}; test split: `{config.eval.test_split}` "
-             f"({floor['closed']['count']} closed questions); settings chosen on `{config.select_split}`.", "",
+             f"({floor['closed']['count']} closed questions); settings chosen on `{config.select_split}`.  ",
+             _roi_encoder_line(config, workdir), "",
              "Closed: accuracy (%) on yes/no and location-choice questions; open: token F1 (%), Appendix B.4. "
              "Mean ± std over seeds (the std is the seeds' spread only: with "
              f"{floor['closed']['count']} closed test questions, a closed accuracy near 50 % has a sampling "
@@ -853,6 +854,17 @@ def _step_ranges() -> str:
     from vital_jax.data.records import STEP_RANGES
 
     return ", ".join(f"{t} {lo}" + (f"-{hi}" if hi != lo else "") for t, (lo, hi) in STEP_RANGES.items())
+
+
+def _roi_encoder_line(config, workdir: str) -> str:
+    """Which ROI encoder the study's L_visual targets, heatmaps and MedSynapse-V's E_ana came from."""
+    what = "ROI encoder (L_visual's targets, the heatmaps, MedSynapse-V's E_ana): "
+    if config.get("roi_encoder", "random") == "random":
+        return what + "a tiny SigLIP with random weights."
+    path = os.path.join(workdir, "roi_encoder_pretrain", "pretrain_summary.json")
+    summary = read_json(path, StudyError) if os.path.exists(path) else None
+    return (what + "a tiny SigLIP pretrained on phantom patch labels (`pretrain`'s roi_encoder stage): "
+            + (_pretrain_line(summary) if summary else "(no summary)") + ".")
 
 
 def _pretrain_line(summary: dict) -> str:

@@ -387,7 +387,8 @@ def test_the_roi_encoder_stage_needs_no_corpus_and_writes_an_encoder_that_roi_fe
     batch = {"pixels": jnp.asarray(pixels), "targets": jnp.asarray(targets), "example_valid": jnp.ones(1, bool)}
     loss, _ = pretrain.roi_encoder_example_losses(stage.model, stage.params, batch, weights)
     features = np.asarray(stage.model.patch_features(stage.params["encoder"], batch["pixels"]))
-    logits = features @ np.asarray(stage.params["patch_head"]["kernel"]) + np.asarray(stage.params["patch_head"]["bias"])
+    head = jax.tree.map(np.asarray, stage.params["patch_head"])
+    logits = features @ head["kernel"] + head["bias"]
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(loss, -(targets * np.arange(1, 7) * log_p).sum(-1).mean(-1), rtol=1e-5)
 

@@ -180,18 +180,21 @@ def tiny_siglip_config(hidden: int = 32, layers: int = 2, heads: int = 2, interm
                               patch_size=patch_size, use_head=False)
 
 
+def siglip_preprocessor_config(image_size: int) -> dict:
+    """The preprocessor_config.json of SigLIP's image processor (bicubic resize to a square, mean = std = 0.5)."""
+    return {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3, "size": {"height": image_size, "width": image_size}}
+
+
 def save_siglip(out_dir: str, config, params: dict) -> str:
-    """Write a SigLIP vision tower as a HF directory: config.json, model.safetensors (float32) and the
-    preprocessor_config.json of SigLIP's image processor at the config's image size."""
+    """Write a SigLIP vision tower as a HF directory: config.json, model.safetensors (float32) and
+    `siglip_preprocessor_config` at the config's image size."""
     from vital_jax.models.siglip.params import save_siglip_vision
 
     save_siglip_vision(out_dir, config, jax.tree.map(np.asarray, params))
-    size = config.image_size
-    preprocessor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "resample": 3,
-                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor, f, indent=2)
+        json.dump(siglip_preprocessor_config(config.image_size), f, indent=2)
     return out_dir
 
 

@@ -19,7 +19,8 @@ Three stages (config.stages; the default recipe runs the first two), each resuma
 Each stage checkpoints into workdir/<stage>_ckpt/ (params, AdamW state, step, loader state), logs train and val
 loss to workdir/metrics.jsonl and TensorBoard (workdir/tensorboard/<stage>/), and ends by writing a HF
 checkpoint directory, workdir/backbone_hf/, workdir/decoder_hf/ or workdir/roi_encoder_hf/ (config.json,
-model.safetensors, the tokenizer (not the encoder's), preprocessor_config.json), which transformers and every vital_jax tool load like a real checkpoint.
+model.safetensors, the tokenizer (not the encoder's), preprocessor_config.json), which transformers and every
+vital_jax tool load like a real checkpoint.
 workdir/pretrain_summary.json holds the losses, steps, throughput and wall time of each stage. SIGTERM saves a
 checkpoint and exits; a non-finite loss stops the run naming the step and the batch's example ids. Workdir
 handling is train's: one run at a time, the config recorded once the first step has run, unreadable checkpoints
@@ -575,7 +576,7 @@ def _roi_encoder_stage(config, corpus_dir: str | None, tokenizer_dir: str | None
     model_config = demo_assets.tiny_siglip_config(e.hidden, e.layers, e.heads, e.intermediate, e.image_size,
                                                   e.patch_size)
     model = SiglipVisionModel(model_config)
-    preprocessor = SiglipPreprocessor(height=e.image_size, width=e.image_size)
+    preprocessor = SiglipPreprocessor.from_hf_dict(demo_assets.siglip_preprocessor_config(e.image_size))
     encoder = siglip_roi_encoder(model, preprocessor)  # the features roi.py pools (the last block's output)
     train = phantom_corpus.PatchLabelExamples(e, config.train_split, model_config.grid_size, preprocessor)
     val = phantom_corpus.PatchLabelExamples(e, config.val_split, model_config.grid_size, preprocessor)

@@ -31,6 +31,15 @@ def test_mcnemar_is_the_exact_binomial_test():
     assert study.mcnemar(a, {"0": False})["a_only"] == 1
 
 
+def test_sign_test_counts_units_each_way_and_leaves_out_ties():
+    a = {"u0": 0.5, "u1": 0.2, "u2": 1.0, "u3": 0.0, "only_a": 1.0}
+    b = {"u0": 0.4, "u1": 0.2, "u2": 0.0, "u3": 0.6}
+    t = study.sign_test(a, b)
+    assert (t["a_only"], t["b_only"]) == (2, 1) and math.isclose(t["p"], 1.0)   # u1 tied: 3 units, 2 vs 1
+    t = study.sign_test({str(i): 0.9 for i in range(6)}, {str(i): 0.1 for i in range(6)})
+    assert (t["a_only"], t["b_only"]) == (6, 0) and math.isclose(t["p"], 2 / 2 ** 6)
+
+
 def test_rows_edit_the_training_config_as_described(monkeypatch):
     from vital_jax import train as train_lib
 
@@ -673,11 +682,21 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
     assert "Chance (a random cell): 2.7 %" in section and "in place of VP(z_k): 30.0 %" in section
     assert "| visual | yes | 50.0 / 50.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | +0.010 |" in section
     assert "| task_only | no | 10.0 / 10.0 | 10.0 ± 0.0 | 5.0 ± 0.0 |" in section and "| sft_k0 |" not in section
-    # visual hits records 0-14, task_only 0-2: 12 discordant pairs, all one way, per seed.
+    # visual hits records 0-14, task_only 0-2: each record its own unit, 12 differ, all one way, per seed.
     tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
     assert [(int(t[4]), int(t[5])) for t in tests] == [(12, 0), (12, 0)]
     assert float(tests[0][6]) == pytest.approx(2 * 0.5 ** 12, rel=1e-3)  # printed to 3 digits
+    assert "read p as optimistic" in section
     assert "| vital | semantic |" not in section   # a pair is tested when the study has both rows
+    # Five records per (image, mask) unit: units 0-2 wholly or partly hit by visual only, unit 0's records 0-2 by
+    # both (visual 5 of 5, task_only 3 of 5): 3 units where visual points more, none the other way.
+    units = {i: f"image{n // 5} | mask{n // 5}" for n, i in enumerate(ids)}
+    path = study.write_report(str(tmp_path), study_config.get_config(), results, floor, {},
+                              {"command": "cmd", "commit": "abc"}, grounding_units=units)
+    section = open(path).read().split("## Does the visual window point at the target?")[1].split("\n## ")[0]
+    tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
+    assert [(int(t[4]), int(t[5])) for t in tests] == [(3, 0), (3, 0)] and float(tests[0][6]) == 0.25
+    assert "the 6 pairs hold the 30 records" in section
     no_grounding = study.write_report(str(tmp_path), study_config.get_config(),
                                       [_fake_result("vital", 0, 0.5, ids)], floor, {},
                                       {"command": "cmd", "commit": "abc"})

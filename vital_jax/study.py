@@ -613,9 +613,17 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def _paired_lines(by_row: dict, pairs, answers) -> list[str]:
-    """One McNemar line per pair and seed both rows ran (a row run once, the lr = 0 backbone, pairs with every
-    seed), with Holm-adjusted p over all the table's lines. `answers(result)`: its {id: closed answer right}."""
+def sign_test(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Exact two-sided sign test on paired scores (keys in both): a_only = how many a scores higher, b_only = how
+    many b does; ties are left out (McNemar's test is this test on 0 / 1 scores)."""
+    keys = set(a) & set(b)
+    return mcnemar({k: a[k] > b[k] for k in keys}, {k: b[k] > a[k] for k in keys})
+
+
+def _paired_lines(by_row: dict, pairs, answers, test=mcnemar) -> list[str]:
+    """One line of `test` (McNemar by default) per pair and seed both rows ran (a row run once, the lr = 0
+    backbone, pairs with every seed), with Holm-adjusted p over all the table's lines. `answers(result)`: its
+    {id: closed answer right}, or what `test` pairs."""
     tests = []
     for a, b in pairs:
         if a not in by_row or b not in by_row:
@@ -624,7 +632,7 @@ def _paired_lines(by_row: dict, pairs, answers) -> list[str]:
         for run_a in by_row[a]:
             run_b = runs_b.get(run_a["seed"]) or (by_row[b][0] if len(by_row[b]) == 1 else None)
             if run_b is not None:
-                tests.append((a, b, run_a["seed"], mcnemar(answers(run_a), answers(run_b))))
+                tests.append((a, b, run_a["seed"], test(answers(run_a), answers(run_b))))
     adjusted = holm([t["p"] for *_, t in tests])
     return [f"| {a} | {b} | {seed} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | {q:.3g} |"
             for (a, b, seed, t), q in zip(tests, adjusted)]
@@ -647,9 +655,11 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def write_report(workdir: str, config, results: list[dict], floor: dict, pretrain_summary: dict,
-                 provenance: dict, select_floor: dict | None = None) -> str:
+                 provenance: dict, select_floor: dict | None = None,
+                 grounding_units: dict[str, str] | None = None) -> str:
     """report.md + figures under workdir/report/; returns the report's path. `floor`: the test split's floors
-    (`eval.floors.floors`), `select_floor` the select split's (its table's floor row; none when not given)."""
+    (`eval.floors.floors`), `select_floor` the select split's (its table's floor row; none when not given),
+    `grounding_units` the test records' (image, mask) pairs (`_grounding_units`; the grounding tests' units)."""
     from vital_jax.eval import study_plots
 
     out_dir = os.path.join(workdir, "report")
@@ -723,7 +733,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         lines += ["", "## Paired tests at each question's own training K", "",
                   "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
                   "", *header, *record_k]
-    lines += _grounding_lines(by_row)
+    lines += _grounding_lines(by_row, grounding_units)
     lines += ["", "## Validation split (for choosing settings)", ""]
     if select_floor is not None:
         lines += [f"{select_floor['closed']['count']} closed questions (a closed accuracy near 50 % has a sampling "
@@ -779,10 +789,30 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     return path
 
 
-def _grounding_lines(by_row: dict) -> list[str]:
+def _grounding_units(data_dir: str, split: str) -> dict[str, str]:
+    """Record id -> its (image, mask) pair, for the split's records: the unit of the grounding tests."""
+    from vital_jax.data.records import RECORDS_FILE, read_records
+
+    return {r.id: f"{r.image} | {r.mask}" for r in read_records(os.path.join(data_dir, RECORDS_FILE))
+            if r.split == split}
+
+
+def _unit_hit_rates(hits: dict[str, bool], units: dict[str, str] | None) -> dict[str, float]:
+    """Step-1 hits per record -> the share of each unit's records hit (`units`: record id -> unit; None: each
+    record its own unit)."""
+    grouped = collections.defaultdict(list)
+    for record_id, hit in hits.items():
+        grouped[units[record_id] if units is not None else record_id].append(hit)
+    return {unit: float(np.mean(values)) for unit, values in grouped.items()}
+
+
+def _grounding_lines(by_row: dict, units: dict[str, str] | None = None) -> list[str]:
     """The report's grounding section (`eval.grounding`): per row the pointing game of each step's heatmap
-    cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and McNemar tests of
-    step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS). [] when no run was scored."""
+    cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and sign tests of
+    step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS), over `units` (record id -> its
+    (image, mask) pair: the questions about one target of one image share its mask and mostly its heatmap, so
+    their hits are not independent; None: each record its own unit, said in the report). [] when no run was
+    scored."""
     scored = {row: [r for r in rs if r.get("grounding")] for row, rs in by_row.items()}
     scored = {row: rs for row, rs in scored.items() if rs}
     if not scored:
@@ -811,11 +841,16 @@ def _grounding_lines(by_row: dict) -> list[str]:
         seeds = " / ".join(f"{100 * r['grounding']['steps'][0]['pointing']:.1f}" for r in rs)
         lines.append(f"| {row} | {'yes' if _trains_visual(row) else 'no'} | {seeds} | " + " | ".join(per_step)
                      + (f" | {np.mean(contrast):+.3f} |" if contrast else " | – |"))
-    paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: r["grounding"]["step1_hits"])
+    paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: _unit_hit_rates(r["grounding"]["step1_hits"], units),
+                           test=sign_test)
     if paired:
-        lines += ["", "Step 1's hits, paired by record (exact McNemar, each seed; Holm over these lines): a row with "
-                  "L_visual against the same row without it.", "",
-                  "| a | b | seed | a hits, b misses | b hits, a misses | p | p (Holm) |",
+        unit = ("(image, mask) pair: the share of its records whose step-1 heatmap peaks inside the mask; the "
+                f"{len(set(units.values()))} pairs hold the {len(units)} records, and the records of one pair are "
+                "not independent" if units is not None else "record (each record its own unit: their images were "
+                "not given, so read p as optimistic where records share an image and mask)")
+        lines += ["", f"A row with L_visual against the same row without it, per {unit}. Exact two-sided sign test "
+                  "over the units where the two differ, each seed; Holm over these lines.", "",
+                  "| a | b | seed | units where a points more | where b does | p | p (Holm) |",
                   "|---|---|---|---|---|---|---|", *paired]
     return lines
 
@@ -1021,7 +1056,8 @@ def _study(config, workdir: str, provenance: dict) -> dict:
                 "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
     results = [done[key] for key in plan]
     report = write_report(workdir, config, results, floor, models["summary"], provenance,
-                          select_floor=split_floors[config.select_split])
+                          select_floor=split_floors[config.select_split],
+                          grounding_units=_grounding_units(data_dir, config.eval.test_split))
     atomic_write(os.path.join(workdir, RESULTS_FILE),
                  lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]

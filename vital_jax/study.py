@@ -897,9 +897,12 @@ def _roi_encoder_line(config, workdir: str) -> str:
     if config.get("roi_encoder", "random") == "random":
         return what + "a tiny SigLIP with random weights."
     path = os.path.join(workdir, "roi_encoder_pretrain", "pretrain_summary.json")
-    summary = read_json(path, StudyError) if os.path.exists(path) else None
-    return (what + "a tiny SigLIP pretrained on phantom patch labels (`pretrain`'s roi_encoder stage): "
-            + (_pretrain_line(summary) if summary else "(no summary)") + ".")
+    stage = (read_json(path, StudyError).get("stages", {}).get("roi_encoder") if os.path.exists(path) else None)
+    trained = ("(no summary)" if not stage else  # its HF directory's path left out, as the workdir's is
+               f"{stage['steps']} steps, train loss {stage['initial_train_loss']:.3f} -> "
+               f"{stage['final_train_loss']:.3f}, val loss {stage['final_val_loss']:.3f}, "
+               f"{stage['train_seconds']:.0f} s")
+    return what + f"a tiny SigLIP pretrained on phantom patch labels (`pretrain`'s roi_encoder stage): {trained}."
 
 
 def _pretrain_line(summary: dict) -> str:

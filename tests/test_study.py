@@ -727,3 +727,20 @@ def test_grounding_is_scored_for_latent_rows_only_and_added_to_a_finished_run_wh
     with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:
         json.dump(dict(saved, test_record_k=saved["test"]), f)
     assert "grounding" not in study.run_one(config, "vital", 0, "data", {}, str(tmp_path))
+
+
+def test_grounding_units_are_the_test_records_image_and_mask_pairs(tmp_path):
+    from vital_jax.data.records import RECORDS_FILE, Record, write_records
+
+    def record(i, image, mask, split):
+        return Record(id=f"q{i}", image=image, mask=mask, question="Where is the liver?", answer="upper left.",
+                      reasoning_chain=("It lies in the upper left.",), latent_steps=1, question_type="location",
+                      target="liver", target_type="organ", modality="CT", source="phantom", split=split,
+                      roi_index=-1)
+
+    write_records(str(tmp_path / RECORDS_FILE), [record(0, "a.png", "a_liver.png", "test"),
+                                                 record(1, "a.png", "a_liver.png", "test"),
+                                                 record(2, "a.png", "a_spleen.png", "test"),
+                                                 record(3, "b.png", "b_liver.png", "train")])
+    units = study._grounding_units(str(tmp_path), "test")
+    assert units == {"q0": "a.png | a_liver.png", "q1": "a.png | a_liver.png", "q2": "a.png | a_spleen.png"}

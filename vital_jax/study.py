@@ -1058,9 +1058,10 @@ def _study(config, workdir: str, provenance: dict) -> dict:
         return {"results": list(done.values()), "floors": floor, "report": None, "left": left,
                 "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
     results = [done[key] for key in plan]
+    scored = any(r.get("grounding") for r in results)  # the records are read only for the grounding tests
     report = write_report(workdir, config, results, floor, models["summary"], provenance,
                           select_floor=split_floors[config.select_split],
-                          grounding_units=_grounding_units(data_dir, config.eval.test_split))
+                          grounding_units=_grounding_units(data_dir, config.eval.test_split) if scored else None)
     atomic_write(os.path.join(workdir, RESULTS_FILE),
                  lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]

@@ -260,7 +260,6 @@ class PatchLabelExamples:
             raise CorpusError(f"split {split!r}: the ROI encoder's phantoms have 'train' and 'val'")
         indices = range(count - n_val) if split == "train" else range(count - n_val, count)
         self.preprocessor = preprocessor
-        size = (preprocessor.width, preprocessor.height)
         modalities = tuple(settings.modalities)
         self.records, resized, targets = [], [], []
         for index in indices:
@@ -270,8 +269,7 @@ class PatchLabelExamples:
             stem = phantoms.phantom_stem(index, modality, "encoder")
             for name, rgb, shares in encoder_views(phantom, grid, float(settings.padding)):
                 self.records.append({"id": f"{stem}/{name}"})
-                # Kept as the resized uint8 picture (what the processor resizes to; a fifth of float32's memory).
-                resized.append(np.asarray(Image.fromarray(rgb).resize(size, resample=preprocessor.resample)))
+                resized.append(preprocessor.resize(Image.fromarray(rgb)))  # uint8: a quarter of float32's memory
                 targets.append(shares)
         self.resized = np.stack(resized)
         self.targets = np.stack(targets)
@@ -284,11 +282,7 @@ class PatchLabelExamples:
 
     def batch(self, indices, valid) -> dict[str, np.ndarray]:
         rows = np.asarray(indices, np.int64)
-        p = self.preprocessor
-        # `SiglipPreprocessor`'s arithmetic after its resize (rescaled in float64, normalised in float32).
-        pixels = (self.resized[rows].astype(np.float64) * p.rescale_factor).astype(np.float32)
-        pixels = (pixels - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
-        return dict(pixels=pixels, targets=self.targets[rows], record_index=rows.astype(np.int32),
+        return dict(pixels=self.preprocessor.normalize(self.resized[rows]), targets=self.targets[rows], record_index=rows.astype(np.int32),
                     example_valid=np.asarray(valid, bool))
 
     def class_shares(self) -> np.ndarray:

@@ -67,6 +67,15 @@ class SiglipPreprocessor:
         return preprocess_image(image, (self.height, self.width), self.resample, self.rescale_factor,
                                 self.image_mean, self.image_std)
 
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """The first half of __call__: (height, width, 3) uint8 (what a loader may keep, a quarter of float32's
+        memory); `normalize` of it is __call__'s result, bit for bit."""
+        return resize_image(image, (self.height, self.width), self.resample)
+
+    def normalize(self, resized: np.ndarray) -> np.ndarray:
+        """The second half of __call__, on `resize`'s uint8 output (any leading batch dimensions)."""
+        return rescale_and_normalize(resized, self.rescale_factor, self.image_mean, self.image_std)
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of a PIL image; transparency is composited onto a white background (as HF does)."""
@@ -84,13 +93,23 @@ def preprocess_image(image: Image.Image, size: int | tuple[int, int] = 224,
 
     size: the square side (config.image_size) or (height, width).
     """
+    return rescale_and_normalize(resize_image(image, size, resample), rescale_factor, mean, std)
+
+
+def resize_image(image: Image.Image, size: int | tuple[int, int], resample: int) -> np.ndarray:
+    """One PIL image (any mode) -> (height, width, 3) uint8 RGB, resized as HF's processor does."""
     height, width = (size, size) if isinstance(size, int) else size
     rgb = to_rgb(image)
     if rgb.width == 0 or rgb.height == 0:
         raise ValueError(f"cannot preprocess an empty image of size {rgb.size}")
-    resized = np.asarray(rgb.resize((width, height), resample=resample))  # PIL takes (width, height)
+    return np.asarray(rgb.resize((width, height), resample=resample))  # PIL takes (width, height)
+
+
+def rescale_and_normalize(resized: np.ndarray, rescale_factor: float, mean: tuple[float, ...],
+                          std: tuple[float, ...]) -> np.ndarray:
+    """uint8 pixels (..., 3) -> float32 pixel values."""
     # HF rescales in float64 and casts to float32 before normalising in float32; same here for bit-equality.
-    pixels = (resized.astype(np.float64) * rescale_factor).astype(np.float32)
+    pixels = (np.asarray(resized).astype(np.float64) * rescale_factor).astype(np.float32)
     return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

@@ -20,24 +20,46 @@ from vital_jax import study
 pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
 
-def test_mcnemar_is_the_exact_binomial_test():
+def test_mcnemar_is_the_exact_binomial_test_with_one_question_per_unit():
     a = {str(i): True for i in range(10)}
     b = dict(a, **{str(i): False for i in range(5)})  # a right and b wrong on 5, never the reverse
     t = study.mcnemar(a, b)
-    assert (t["a_only"], t["b_only"]) == (5, 0)
+    assert (t["a_only"], t["b_only"], t["a_ahead"], t["b_ahead"]) == (5, 0, 5, 0)
     assert math.isclose(t["p"], 2 / 2 ** 5)
     assert study.mcnemar(a, a)["p"] == 1.0
     # Only paired ids count.
     assert study.mcnemar(a, {"0": False})["a_only"] == 1
+    # Any split of the discordant answers: twice the smaller binomial tail (at most 1).
+    rng = np.random.default_rng(0)
+    for n01, n10 in [(7, 2), (3, 3), (0, 4), (12, 5), (1, 0)]:
+        ids = [str(i) for i in rng.permutation(n01 + n10 + 3)]
+        a = {i: n < n01 or n >= n01 + n10 for n, i in enumerate(ids)}   # the last 3: both right
+        b = {i: n >= n01 for n, i in enumerate(ids)}
+        n = n01 + n10
+        tail = sum(math.comb(n, j) for j in range(min(n01, n10) + 1)) / 2 ** n
+        t = study.mcnemar(a, b, {i: f"image of {i}" for i in ids})
+        assert (t["a_only"], t["b_only"]) == (n01, n10) and math.isclose(t["p"], min(1.0, 2 * tail)), (n01, n10)
 
 
-def test_sign_test_counts_units_each_way_and_leaves_out_ties():
-    a = {"u0": 0.5, "u1": 0.2, "u2": 1.0, "u3": 0.0, "only_a": 1.0}
-    b = {"u0": 0.4, "u1": 0.2, "u2": 0.0, "u3": 0.6}
-    t = study.sign_test(a, b)
-    assert (t["a_only"], t["b_only"]) == (2, 1) and math.isclose(t["p"], 1.0)   # u1 tied: 3 units, 2 vs 1
-    t = study.sign_test({str(i): 0.9 for i in range(6)}, {str(i): 0.1 for i in range(6)})
-    assert (t["a_only"], t["b_only"]) == (6, 0) and math.isclose(t["p"], 2 / 2 ** 6)
+def test_mcnemar_over_clusters_flips_each_clusters_difference_as_one():
+    # Image x: a right and b wrong on 3 questions (d = +3); image y: the reverse on 1 (d = -1). Sign patterns of
+    # (3, 1): sums 4, 2, -2, -4, every one as far from 0 as the observed 2, so p = 1 (per question: 3 vs 1, 0.625).
+    a = {"x0": True, "x1": True, "x2": True, "y0": False, "y1": True}
+    b = {"x0": False, "x1": False, "x2": False, "y0": True, "y1": True}
+    clusters = {"x0": "x", "x1": "x", "x2": "x", "y0": "y", "y1": "y"}
+    t = study.mcnemar(a, b, clusters)
+    assert (t["a_only"], t["b_only"], t["a_ahead"], t["b_ahead"], t["p"]) == (3, 1, 1, 1, 1.0)
+    assert math.isclose(study.mcnemar(a, b)["p"], 2 * 5 / 16)
+    # Three images, each d = +2: 6 questions one way, but only 3 independent units: p = 2 / 2^3, not 2 / 2^6.
+    a = {f"{image}{q}": True for image in "uvw" for q in range(2)}
+    b = {i: False for i in a}
+    t = study.mcnemar(a, b, {i: i[0] for i in a})
+    assert (t["a_only"], t["a_ahead"]) == (6, 3) and math.isclose(t["p"], 0.25)
+    # A unit whose questions cancel (d = 0) is left out, like a tie.
+    a["z0"], a["z1"], b["z0"], b["z1"] = True, False, False, True
+    assert math.isclose(study.mcnemar(a, b, {i: i[0] for i in a})["p"], 0.25)
+    with pytest.raises(ValueError, match="z1"):
+        study.mcnemar(a, b, {i: i[0] for i in a if i != "z1"})
 
 
 def test_rows_edit_the_training_config_as_described(monkeypatch):
@@ -156,8 +178,9 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
                     "open": {"majority_f1": 0.25, "count": 5}}
     os.makedirs(tmp_path / "report")
     (tmp_path / "report" / "old_figure.png").write_bytes(b"an earlier report's figure")
+    units = {i: (f"image{n // 4}.png", f"mask{n}.png") for n, i in enumerate(ids)}   # 4 questions per image
     path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"},
-                              select_floor=select_floor)
+                              select_floor=select_floor, test_units=units)
     assert not (tmp_path / "report" / "old_figure.png").exists()  # a figure this report does not draw
     text = open(path).read()
     validation = text.split("## Validation split")[1].split("##")[0]
@@ -174,9 +197,17 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     fixed = text.split("## Paired tests (exact McNemar")[1].split("##")[0]
     assert "| sft_k0 | text_only | 0 |" in fixed and "| sft_k0 | text_only | 1 |" in fixed
     assert "| vital | sft_k0 | 1 |" in fixed and "| sft_k0 | backbone | 1 |" in fixed  # the one backbone run
-    ps = [(float(cells[6]), float(cells[7])) for cells in (line.split("|") for line in fixed.splitlines()
+    ps = [(float(cells[8]), float(cells[9])) for cells in (line.split("|") for line in fixed.splitlines()
                                                           if line.startswith("| ") and "seed" not in line)]
     assert ps and all(holm >= p for p, holm in ps)
+    # The unit is the image: the test of each line is McNemar's over the questions' images.
+    assert "the 10 test images hold the 40 closed questions" in fixed and "| images where a is ahead |" in fixed
+    by_row = {(r["row"], r["seed"]): r["test"]["closed_correct"] for r in results}
+    expected = study.mcnemar(by_row["vital", 1], by_row["sft_k0", 1], {i: image for i, (image, _) in units.items()})
+    line = next(line for line in fixed.splitlines() if line.startswith("| vital | sft_k0 | 1 |"))
+    assert line.startswith(f"| vital | sft_k0 | 1 | {expected['a_only']} | {expected['b_only']} | "
+                           f"{expected['a_ahead']} | {expected['b_ahead']} | {expected['p']:.3g} |"), line
+    assert expected["a_ahead"] + expected["b_ahead"] <= 10
     own = text.split("## Paired tests at each question's own training K")[1].split("##")[0]
     assert "| vital | sft_k0 | 0 |" in own and "| vital | pause |" not in own
     # The SFT control at the latent rows' budget, tested against them (text_only_matched is not in this study).
@@ -342,6 +373,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     monkeypatch.setattr(study, "prepare_backbone", lambda config, workdir: {"summary": {}})
     monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5, "count": 10}})
     monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a, **k: os.path.join(workdir, "r.md"))
+    monkeypatch.setattr(study, "_test_units", lambda data_dir, split: {})
     config = study_config.get_config()
     config.rows, config.seeds, config.parallel_runs, config.stop_after_minutes = ("sft_k0",), (0, 1, 2), 1, 1.5
     first = study.study(config, str(tmp_path))
@@ -684,18 +716,19 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
     assert "| task_only | no | 10.0 / 10.0 | 10.0 ± 0.0 | 5.0 ± 0.0 |" in section and "| sft_k0 |" not in section
     # visual hits records 0-14, task_only 0-2: each record its own unit, 12 differ, all one way, per seed.
     tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
-    assert [(int(t[4]), int(t[5])) for t in tests] == [(12, 0), (12, 0)]
-    assert float(tests[0][6]) == pytest.approx(2 * 0.5 ** 12, rel=1e-3)  # printed to 3 digits
-    assert "read p as optimistic" in section
+    assert [tuple(int(c) for c in t[4:8]) for t in tests] == [(12, 0, 12, 0), (12, 0, 12, 0)]
+    assert float(tests[0][8]) == pytest.approx(2 * 0.5 ** 12, rel=1e-3)  # printed to 3 digits
+    assert "read p as optimistic" in section and "| records where a is ahead |" in section
     assert "| vital | semantic |" not in section   # a pair is tested when the study has both rows
-    # Five records per (image, mask) unit: units 0-2 wholly or partly hit by visual only, unit 0's records 0-2 by
-    # both (visual 5 of 5, task_only 3 of 5): 3 units where visual points more, none the other way.
-    units = {i: f"image{n // 5} | mask{n // 5}" for n, i in enumerate(ids)}
+    # Five records per (image, mask) unit: visual hits units 0-2 wholly, task_only unit 0's records 0-2. The
+    # units' differences 2, 5, 5 (sum 12): of the 8 sign patterns only +-12 reach 12, p = 2 / 8.
+    units = {i: (f"image{n // 10}", f"mask{n // 5}") for n, i in enumerate(ids)}
     path = study.write_report(str(tmp_path), study_config.get_config(), results, floor, {},
-                              {"command": "cmd", "commit": "abc"}, grounding_units=units)
+                              {"command": "cmd", "commit": "abc"}, test_units=units)
     section = open(path).read().split("## Does the visual window point at the target?")[1].split("\n## ")[0]
     tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
-    assert [(int(t[4]), int(t[5])) for t in tests] == [(3, 0), (3, 0)] and float(tests[0][6]) == 0.25
+    assert [tuple(int(c) for c in t[4:8]) for t in tests] == [(12, 0, 3, 0), (12, 0, 3, 0)]
+    assert float(tests[0][8]) == 0.25 and "| pairs where a is ahead |" in section
     assert "the 6 pairs hold the 30 records" in section
     no_grounding = study.write_report(str(tmp_path), study_config.get_config(),
                                       [_fake_result("vital", 0, 0.5, ids)], floor, {},
@@ -729,7 +762,7 @@ def test_grounding_is_scored_for_latent_rows_only_and_added_to_a_finished_run_wh
     assert "grounding" not in study.run_one(config, "vital", 0, "data", {}, str(tmp_path))
 
 
-def test_grounding_units_are_the_test_records_image_and_mask_pairs(tmp_path):
+def test_test_units_are_the_test_records_image_and_mask(tmp_path):
     from vital_jax.data.records import RECORDS_FILE, Record, write_records
 
     def record(i, image, mask, split):
@@ -742,5 +775,5 @@ def test_grounding_units_are_the_test_records_image_and_mask_pairs(tmp_path):
                                                  record(1, "a.png", "a_liver.png", "test"),
                                                  record(2, "a.png", "a_spleen.png", "test"),
                                                  record(3, "b.png", "b_liver.png", "train")])
-    units = study._grounding_units(str(tmp_path), "test")
-    assert units == {"q0": "a.png | a_liver.png", "q1": "a.png | a_liver.png", "q2": "a.png | a_spleen.png"}
+    units = study._test_units(str(tmp_path), "test")
+    assert units == {"q0": ("a.png", "a_liver.png"), "q1": ("a.png", "a_liver.png"), "q2": ("a.png", "a_spleen.png")}

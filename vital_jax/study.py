@@ -591,16 +591,34 @@ def _write_json(path: str, obj) -> None:
 
 # -------------------------------------------------------------------------------------------------- report
 
-def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> dict:
-    """Exact McNemar test on paired answers (ids in both): b01 = a right & b wrong, b10 = the reverse."""
+def mcnemar(a: dict[str, bool], b: dict[str, bool], clusters: dict[str, str] | None = None) -> dict:
+    """Exact two-sided McNemar test on paired answers (ids in both; a_only = a right & b wrong, b_only = the
+    reverse), over `clusters` (id -> its cluster: answers about one image are not independent; None: each id its own
+    cluster). Each cluster's difference d = its a_only - b_only; under the null the two rows are exchangeable within
+    a cluster, so each d's sign is a fair coin and p = P(|sum of +-d| >= |sum of d|), counted exactly over the
+    sign patterns. With one id per cluster this is the exact binomial McNemar test. a_ahead / b_ahead: clusters
+    whose d is positive / negative."""
     ids = sorted(set(a) & set(b))
-    n01 = sum(a[i] and not b[i] for i in ids)
-    n10 = sum(b[i] and not a[i] for i in ids)
-    n = n01 + n10
-    if n == 0:
-        return {"a_only": 0, "b_only": 0, "p": 1.0}
-    tail = sum(math.comb(n, j) for j in range(0, min(n01, n10) + 1)) / 2 ** n
-    return {"a_only": n01, "b_only": n10, "p": min(1.0, 2 * tail)}
+    unplaced = [i for i in ids if clusters is not None and i not in clusters]
+    if unplaced:
+        raise ValueError(f"McNemar test: {len(unplaced)} answers have no unit (first: {unplaced[:3]})")
+    by_cluster = collections.Counter()
+    for i in ids:
+        by_cluster[clusters[i] if clusters is not None else i] += int(a[i]) - int(b[i])
+    differences = [d for d in by_cluster.values() if d]
+    # Number of sign patterns reaching each sum, built one cluster at a time (integers: exact).
+    patterns = {0: 1}
+    for d in differences:
+        step = collections.Counter()
+        for total, count in patterns.items():
+            step[total + d] += count
+            step[total - d] += count
+        patterns = step
+    observed = abs(sum(differences))
+    extreme = sum(count for total, count in patterns.items() if abs(total) >= observed)
+    return {"a_only": sum(a[i] and not b[i] for i in ids), "b_only": sum(b[i] and not a[i] for i in ids),
+            "a_ahead": sum(d > 0 for d in differences), "b_ahead": sum(d < 0 for d in differences),
+            "p": min(1.0, extreme / 2 ** len(differences))}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -613,17 +631,9 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def sign_test(a: dict[str, float], b: dict[str, float]) -> dict:
-    """Exact two-sided sign test on paired scores (keys in both): a_only = how many a scores higher, b_only = how
-    many b does; ties are left out (McNemar's test is this test on 0 / 1 scores)."""
-    keys = set(a) & set(b)
-    return mcnemar({k: a[k] > b[k] for k in keys}, {k: b[k] > a[k] for k in keys})
-
-
-def _paired_lines(by_row: dict, pairs, answers, test=mcnemar) -> list[str]:
-    """One line of `test` (McNemar by default) per pair and seed both rows ran (a row run once, the lr = 0
-    backbone, pairs with every seed), with Holm-adjusted p over all the table's lines. `answers(result)`: its
-    {id: closed answer right}, or what `test` pairs."""
+def _paired_lines(by_row: dict, pairs, answers, clusters: dict[str, str] | None) -> list[str]:
+    """One line of `mcnemar` over `clusters` per pair and seed both rows ran (a row run once, the lr = 0 backbone,
+    pairs with every seed), with Holm-adjusted p over all the table's lines. `answers(result)`: its {id: right}."""
     tests = []
     for a, b in pairs:
         if a not in by_row or b not in by_row:
@@ -632,10 +642,16 @@ def _paired_lines(by_row: dict, pairs, answers, test=mcnemar) -> list[str]:
         for run_a in by_row[a]:
             run_b = runs_b.get(run_a["seed"]) or (by_row[b][0] if len(by_row[b]) == 1 else None)
             if run_b is not None:
-                tests.append((a, b, run_a["seed"], test(answers(run_a), answers(run_b))))
+                tests.append((a, b, run_a["seed"], mcnemar(answers(run_a), answers(run_b), clusters)))
     adjusted = holm([t["p"] for *_, t in tests])
-    return [f"| {a} | {b} | {seed} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | {q:.3g} |"
-            for (a, b, seed, t), q in zip(tests, adjusted)]
+    return [f"| {a} | {b} | {seed} | {t['a_only']} | {t['b_only']} | {t['a_ahead']} | {t['b_ahead']} | "
+            f"{t['p']:.3g} | {q:.3g} |" for (a, b, seed, t), q in zip(tests, adjusted)]
+
+
+def _paired_header(right: str, unit: str) -> list[str]:
+    """The column names of `_paired_lines`' table: `right` what a row gets right, `unit` the clusters' name."""
+    return [f"| a | b | seed | a {right}, b not | b {right}, a not | {unit} where a is ahead | where b is | p "
+            "| p (Holm) |", "|---|---|---|---|---|---|---|---|---|"]
 
 
 def _mean_std(values) -> str:
@@ -656,10 +672,11 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
 
 def write_report(workdir: str, config, results: list[dict], floor: dict, pretrain_summary: dict,
                  provenance: dict, select_floor: dict | None = None,
-                 grounding_units: dict[str, str] | None = None) -> str:
+                 test_units: dict[str, tuple[str, str]] | None = None) -> str:
     """report.md + figures under workdir/report/; returns the report's path. `floor`: the test split's floors
     (`eval.floors.floors`), `select_floor` the select split's (its table's floor row; none when not given),
-    `grounding_units` the test records' (image, mask) pairs (`_grounding_units`; the grounding tests' units)."""
+    `test_units` each test record's (image, mask) (`_test_units`): the paired tests' units, the image for
+    answers and the pair for grounding (None: each record its own unit, said in the report)."""
     from vital_jax.eval import study_plots
 
     out_dir = os.path.join(workdir, "report")
@@ -723,17 +740,26 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             same = " (= fixed K: a cap of 1)" if all(r.get("same_as_fixed_k") for r in rs) else ""
             lines.append(f"| {row}{same} | {_mean_std([r['closed_accuracy'] for r in rs])} | " + " | ".join(cells)
                          + f" | {_mean_std([r['open_token_f1'] for r in rs])} |")
-    header = ["| a | b | seed | a right, b wrong | b right, a wrong | p | p (Holm) |", "|---|---|---|---|---|---|---|"]
-    lines += ["", "## Paired tests (exact McNemar, closed test answers, each seed; the row's fixed K)", "",
-              "Two-sided; Holm's adjustment over the table's lines.", "", *header,
-              *_paired_lines(by_row, PAIRED_TESTS, lambda r: r["test"]["closed_correct"])]
+    images = {i: image for i, (image, _) in test_units.items()} if test_units is not None else None
+    closed_ids = {i for rs in by_row.values() for r in rs for i in r["test"].get("closed_correct", {})}
+    unit = (f"image: the {len({images[i] for i in closed_ids if i in images})} test images hold the "
+            f"{len(closed_ids)} closed questions, and questions about one image are not independent (one view of "
+            "the image answers them all)" if images is not None else "question (each question its own unit: the "
+            "test records were not given, so read p as optimistic where questions share an image)")
+    header = _paired_header("right", "images" if images is not None else "questions")
+    lines += ["", "## Paired tests (exact McNemar over images, closed test answers, each seed; the row's fixed K)",
+              "", f"Unit: the {unit}. Each unit's difference (questions a answers right and b not, minus the "
+              "reverse) keeps or flips its sign with probability 1/2 under the null, and p counts the sign "
+              "patterns exactly (with one question per unit this is McNemar's exact binomial test). Two-sided; "
+              "Holm's adjustment over the table's lines.", "", *header,
+              *_paired_lines(by_row, PAIRED_TESTS, lambda r: r["test"]["closed_correct"], images)]
     record_k = _paired_lines(by_row, PAIRED_TESTS_RECORD_K,
-                             lambda r: r.get("test_record_k", r["test"])["closed_correct"])
+                             lambda r: r.get("test_record_k", r["test"])["closed_correct"], images)
     if record_k:
         lines += ["", "## Paired tests at each question's own training K", "",
                   "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
                   "", *header, *record_k]
-    lines += _grounding_lines(by_row, grounding_units)
+    lines += _grounding_lines(by_row, test_units)
     lines += ["", "## Validation split (for choosing settings)", ""]
     if select_floor is not None:
         lines += [f"{select_floor['closed']['count']} closed questions (a closed accuracy near 50 % has a sampling "
@@ -789,30 +815,19 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     return path
 
 
-def _grounding_units(data_dir: str, split: str) -> dict[str, str]:
-    """Record id -> its (image, mask) pair, for the split's records: the unit of the grounding tests."""
+def _test_units(data_dir: str, split: str) -> dict[str, tuple[str, str]]:
+    """Record id -> its (image, mask), for the split's records: the units of the report's paired tests."""
     from vital_jax.data.records import RECORDS_FILE, read_records
 
-    return {r.id: f"{r.image} | {r.mask}" for r in read_records(os.path.join(data_dir, RECORDS_FILE))
-            if r.split == split}
+    return {r.id: (r.image, r.mask) for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split}
 
 
-def _unit_hit_rates(hits: dict[str, bool], units: dict[str, str] | None) -> dict[str, float]:
-    """Step-1 hits per record -> the share of each unit's records hit (`units`: record id -> unit; None: each
-    record its own unit)."""
-    grouped = collections.defaultdict(list)
-    for record_id, hit in hits.items():
-        grouped[units[record_id] if units is not None else record_id].append(hit)
-    return {unit: float(np.mean(values)) for unit, values in grouped.items()}
-
-
-def _grounding_lines(by_row: dict, units: dict[str, str] | None = None) -> list[str]:
+def _grounding_lines(by_row: dict, test_units: dict[str, tuple[str, str]] | None = None) -> list[str]:
     """The report's grounding section (`eval.grounding`): per row the pointing game of each step's heatmap
-    cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and sign tests of
-    step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS), over `units` (record id -> its
-    (image, mask) pair: the questions about one target of one image share its mask and mostly its heatmap, so
-    their hits are not independent; None: each record its own unit, said in the report). [] when no run was
-    scored."""
+    cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and McNemar tests of
+    step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS), over (image, mask) pairs
+    (`test_units`: the questions about one target of one image share its mask and mostly its heatmap, so their
+    hits are not independent; None: each record its own unit, said in the report). [] when no run was scored."""
     scored = {row: [r for r in rs if r.get("grounding")] for row, rs in by_row.items()}
     scored = {row: rs for row, rs in scored.items() if rs}
     if not scored:
@@ -841,17 +856,15 @@ def _grounding_lines(by_row: dict, units: dict[str, str] | None = None) -> list[
         seeds = " / ".join(f"{100 * r['grounding']['steps'][0]['pointing']:.1f}" for r in rs)
         lines.append(f"| {row} | {'yes' if _trains_visual(row) else 'no'} | {seeds} | " + " | ".join(per_step)
                      + (f" | {np.mean(contrast):+.3f} |" if contrast else " | – |"))
-    paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: _unit_hit_rates(r["grounding"]["step1_hits"], units),
-                           test=sign_test)
+    units = {i: f"{image} | {mask}" for i, (image, mask) in test_units.items()} if test_units is not None else None
+    paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: r["grounding"]["step1_hits"], units)
     if paired:
-        unit = ("(image, mask) pair: the share of its records whose step-1 heatmap peaks inside the mask; the "
-                f"{len(set(units.values()))} pairs hold the {len(units)} records, and the records of one pair are "
-                "not independent" if units is not None else "record (each record its own unit: their images were "
-                "not given, so read p as optimistic where records share an image and mask)")
-        lines += ["", f"A row with L_visual against the same row without it, per {unit}. Exact two-sided sign test "
-                  "over the units where the two differ, each seed; Holm over these lines.", "",
-                  "| a | b | seed | units where a points more | where b does | p | p (Holm) |",
-                  "|---|---|---|---|---|---|---|", *paired]
+        unit = (f"(image, mask) pair: the {len(set(units.values()))} pairs hold the {len(units)} records, and the "
+                "records of one pair are not independent" if units is not None else "record (each record its own "
+                "unit: their images were not given, so read p as optimistic where records share an image and mask)")
+        lines += ["", f"A row with L_visual against the same row without it, step 1's hits; unit: the {unit}. Exact "
+                  "two-sided McNemar test over the units, as for the answers above, each seed; Holm over these "
+                  "lines.", "", *_paired_header("hits", "pairs" if units is not None else "records"), *paired]
     return lines
 
 
@@ -1058,10 +1071,9 @@ def _study(config, workdir: str, provenance: dict) -> dict:
         return {"results": list(done.values()), "floors": floor, "report": None, "left": left,
                 "reused": [f"{r['row']}/seed{r['seed']}" for r in done.values() if r["reused"]]}
     results = [done[key] for key in plan]
-    scored = any(r.get("grounding") for r in results)  # the records are read only for the grounding tests
     report = write_report(workdir, config, results, floor, models["summary"], provenance,
                           select_floor=split_floors[config.select_split],
-                          grounding_units=_grounding_units(data_dir, config.eval.test_split) if scored else None)
+                          test_units=_test_units(data_dir, config.eval.test_split))
     atomic_write(os.path.join(workdir, RESULTS_FILE),
                  lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]

@@ -19,7 +19,9 @@ import time
 import pytest
 
 from tests import fast_compile
+from vital_jax import checkpoint as ckpt_lib
 from vital_jax import distributed
+from vital_jax import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
@@ -301,10 +303,12 @@ def test_two_train_processes_build_stop_resume_and_finish_the_demo(tmp_path):
        record twice);
     2. SIGTERM to process 1 alone stops both at the same step with one checkpoint (saving is collective: a process
        saving alone waited for the others forever);
-    3. the rerun resumes there and, after training, process 0 alone evaluates, explains and exports the run while
+    3. one process with twice the per-process batch (the same global batch) resumes there and trains to the end:
+       a checkpoint of a 2 x 2-device mesh over two processes restores on one device, the loader position with it;
+    4. the rerun on two processes finishes the run: process 0 alone evaluates, explains and exports it while
        process 1 waits for it (both did all of it, writing eval/ and export_hf/ at once), and neither exits before
        the artefacts are written;
-    4. a rerun whose finish fails on process 0 fails on process 1 too, saying so."""
+    5. a rerun whose finish fails on process 0 fails on process 1 too, saying so."""
     import signal
 
     from vital_jax.data.records import RECORDS_FILE, read_records
@@ -346,6 +350,21 @@ def test_two_train_processes_build_stop_resume_and_finish_the_demo(tmp_path):
     assert all("preempted at step" in log for log in first), [log[-2000:] for log in first]
     step = int(re.search(r"preempted at step (\d+)", first[0]).group(1))
     assert step < max_steps and f"preempted at step {step}" in first[1] and list(workdir.glob(f"phase_*/{step}"))
+
+    # That checkpoint, saved by two processes on a 2 x 2 mesh, reads whole in this one-device process (restored
+    # "as saved", orbax refused the other topology), as an evaluation on one host reads a pod's run.
+    saved = ckpt_lib.restore_saved_state(str(next(workdir.glob(f"phase_*/{step}")) / "state"))
+    assert int(saved["step"]) == step and all(x.is_fully_addressable for x in saved.values())
+
+    # The rest of the training on one process of batch 4 (the finish left to the two-process rerun below).
+    single = [a for a in args if not a.startswith(("--config.data.batch_size", "--config.mesh.shape"))]
+    res = subprocess.run([sys.executable, "-m", "vital_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+                          *single, "--config.data.batch_size=4", "--config.mesh.shape=(1,1,1)",
+                          "--config.demo.finish=False"], env=dict(env, XLA_FLAGS=fast_compile.added_to("")),
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from step {step}" in res.stderr and f"training finished at step {max_steps}" in res.stdout
+    assert json.loads((workdir / workdir_lib.GLOBAL_BATCH_FILE).read_text()) == {"global_batch": {"data.batch_size": 4}}
 
     env["PORT"] = str(_free_port())
     res = subprocess.run(launch, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -144,6 +144,42 @@ def test_training_records_bind_a_workdir_only_once_a_checkpoint_holds_a_data_pos
         workdir_lib.check_train_records(workdir, before, record=False)
 
 
+def test_a_run_resumes_on_another_number_of_processes_only_with_the_same_global_batch(tmp_path, caplog):
+    workdir = str(tmp_path)
+    workdir_lib.record_workdir_config(workdir, CONFIG)   # started on 2 processes x batch 8: 16 per step
+    os.makedirs(os.path.join(workdir, "phase_1", "4"))
+    # A workdir recorded before the global batch was: its per-process batch binds like any field.
+    with pytest.raises(ckpt_lib.CheckpointError, match="fields differ: data.batch_size"):
+        workdir_lib.check_workdir_config(workdir, _with(data__batch_size=16), record=False)
+    workdir_lib.check_global_batch(workdir, {"data.batch_size": 8}, 2, record=True)
+    assert json.load(open(os.path.join(workdir, workdir_lib.GLOBAL_BATCH_FILE))) == {
+        "global_batch": {"data.batch_size": 16}}
+    # One process with batch 16, four with 4: the same 16 records per step.
+    for processes, batch in ((1, 16), (4, 4), (2, 8)):
+        workdir_lib.check_workdir_config(workdir, _with(data__batch_size=batch), record=False)
+        workdir_lib.check_global_batch(workdir, {"data.batch_size": batch}, processes, record=False)
+    # One process with batch 8 would count steps of 8: refused, naming both, by the global batch check only.
+    workdir_lib.check_workdir_config(workdir, CONFIG, record=False)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"data.batch_size = 16; this command gives 1 x 8 = 8.*"
+                                                       r"global one / P"):
+        workdir_lib.check_global_batch(workdir, {"data.batch_size": 8}, 1, record=False)
+    # A field the record does not hold yet (a stage added later) is checked from its first step on.
+    workdir_lib.check_global_batch(workdir, {"data.batch_size": 8, "medsynapse.ccr.rollout_prompts": 2}, 2,
+                                   record=False)
+    workdir_lib.check_global_batch(workdir, {"data.batch_size": 4, "medsynapse.ccr.rollout_prompts": 1}, 4,
+                                   record=True)
+    assert json.load(open(os.path.join(workdir, workdir_lib.GLOBAL_BATCH_FILE)))["global_batch"] == {
+        "data.batch_size": 16, "medsynapse.ccr.rollout_prompts": 4}
+    with pytest.raises(ckpt_lib.CheckpointError, match="medsynapse.ccr.rollout_prompts = 4"):
+        workdir_lib.check_global_batch(workdir, {"data.batch_size": 16, "medsynapse.ccr.rollout_prompts": 2}, 1,
+                                       record=False)
+    # Without a checkpoint the record binds nothing: replaced, with a warning.
+    os.rmdir(os.path.join(workdir, "phase_1", "4"))
+    workdir_lib.check_global_batch(workdir, {"data.batch_size": 8}, 1, record=False)
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.GLOBAL_BATCH_FILE))
+    assert any("saved no checkpoint" in r.getMessage() for r in caplog.records)
+
+
 def test_a_recorded_config_reads_back_with_the_fields_added_since_at_their_old_values(tmp_path):
     """`run.read_config` fills every field of ADDED_FIELDS / ADDED_RESUMABLE_FIELDS that a workdir written before it
     lacks, with the value older code behaved as; sections the run never had (a VITAL run's medsynapse) stay absent,

@@ -33,7 +33,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -336,19 +335,6 @@ def host_copy(tree):
     return jax.tree.map(to_host, tree)
 
 
-def local_copy(tree):
-    """`tree` with each leaf sharded across processes replaced by a whole copy on this process's default device
-    (gathered with a collective, as in `host_copy`: every process must call this with the same tree); the other
-    leaves are returned as they are. What lets one process compute alone with parameters restored on a mesh that
-    spans every process (a computation on them would wait for the other processes)."""
-    def to_local(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return x
-
-    return jax.tree.map(to_local, tree)
-
-
 def host_rows(x: jax.Array, rows: Sequence[int]) -> np.ndarray:
     """Rows `rows` (along axis 0, in that order) of a global array, read from this process's shards: with several
     processes a batch-sharded array is not addressable as a whole, but each process holds its own examples' rows.
@@ -508,6 +494,6 @@ def global_vital_batch(local: Mapping[str, np.ndarray], config: Qwen3VLConfig, m
 
 __all__ = [
     "DistributedPlan", "DistributedSetupError", "PrimaryFailedError", "any_process", "global_from_host_copy",
-    "global_per_example", "global_vital_batch", "host_rows", "host_local_to_global", "is_primary", "local_copy",
+    "global_per_example", "global_vital_batch", "host_rows", "host_local_to_global", "is_primary",
     "maybe_initialize_distributed", "on_primary", "plan_distributed", "process_position", "process_rows",
 ]

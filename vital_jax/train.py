@@ -218,18 +218,16 @@ def finish_demo(workdir: str) -> None:
     """`demo.finish` (evaluation, explanation, HF export) on process 0 while the other processes wait: run by every
     process, the work was done once per process and they all wrote eval/ and export_hf/ at once.
 
-    Every process loads the run first: the checkpoint's arrays lie on a mesh spanning all processes, so restoring
-    them (orbax's barriers) and copying them whole to one device of each process (`distributed.local_copy`) are
-    collectives. Process 0 then works on its own device alone. The others wait for it at a barrier rather than
-    exit: one that exits first waits in jax's distributed shutdown for process 0 and times out, and the run would
-    look done before its artefacts are. The barrier carries process 0's outcome, so a failed finish fails all
-    (`distributed.on_primary`)."""
+    Every process loads the run first (orbax's restore has barriers), each a whole copy on its own device
+    (`checkpoint.restore_saved_state`). Process 0 then works on its own device alone. The others wait for it at a
+    barrier rather than exit: one that exits first waits in jax's distributed shutdown for process 0 and times
+    out, and the run would look done before its artefacts are. The barrier carries process 0's outcome, so a
+    failed finish fails all (`distributed.on_primary`)."""
     if jax.process_count() == 1:
         demo.finish(workdir)
         return
     cli.status("demo: loading the trained run for evaluation...")
     run = load_run(workdir)
-    run = dataclasses.replace(run, params=distributed.local_copy(run.params))
     if not distributed.is_primary():
         print(f"demo: process 0 writes the artefacts (evaluation, explanation, HF export) in {workdir}; process "
               f"{jax.process_index()} waits for it", file=sys.stderr, flush=True)
@@ -397,6 +395,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     paths = resolve_paths(config, workdir)
     train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
     workdir_lib.check_train_records(workdir, train_records, record=False)
+    batch_sizes = {"data.batch_size": int(config.data.batch_size)}   # per process
+    workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=False)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
@@ -526,6 +526,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                 if distributed.is_primary():
                     workdir_lib.record_workdir_config(workdir, config_json)
                     workdir_lib.check_train_records(workdir, train_records, record=True)
+                    workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=True)
                 recorded = True
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}

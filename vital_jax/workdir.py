@@ -36,6 +36,11 @@ ADDED_FIELDS = {"model.scan_layers": False, "vital.latent_input": "feedback", "d
                 "medsynapse.imt.memory_match": 0.0, "curriculum.max_steps": 0,
                 "medsynapse.imt.init": "random", "medsynapse.memory_position": "assistant_turn",
                 "vital.task_loss_reduction": "example", "optimizer.schedule_scope": "curriculum"}
+# Per-process batch sizes (`train.check_mesh`'s batch fields): a run may resume on another number of processes
+# with these scaled so that the global batch (processes x per-process batch) stays the one recorded in
+# GLOBAL_BATCH_FILE (`check_global_batch`); a workdir without that record binds them like any other field.
+PER_PROCESS_BATCH_FIELDS = ("data.batch_size", "medsynapse.ccr.rollout_prompts")
+GLOBAL_BATCH_FILE = "global_batch.json"
 # Added fields that runs may also switch between (RESUMABLE_FIELDS), with the value older code behaved as.
 ADDED_RESUMABLE_FIELDS = {"model.attention_impl": "xla", "model.remat_policy": "full",
                           "medsynapse.rollout_relayout": False}
@@ -82,6 +87,8 @@ def check_workdir_config(workdir: str, config_json: dict, record: bool = True, e
         previous = read_json(path, CheckpointError)
         diffs = _diff(previous, config_json)
         diffs = [d for d in diffs if not any(d == f or d.startswith(f + ".") for f in RESUMABLE_FIELDS + extendable)]
+        if os.path.exists(os.path.join(workdir, GLOBAL_BATCH_FILE)):  # checked there (`check_global_batch`)
+            diffs = [d for d in diffs if d not in PER_PROCESS_BATCH_FIELDS]
         diffs = [d for d in diffs if not any((d == f or d.startswith(f + ".")) and _lookup(previous, f) is _MISSING
                                              for f in new_sections)]
         diffs = [d for d in diffs if not (d in ADDED_FIELDS and _lookup(previous, d) is _MISSING
@@ -174,6 +181,43 @@ def check_train_records(workdir: str, fingerprint: dict, record: bool) -> None:
             f"{recorded.get('records') if isinstance(recorded, dict) else '?'} records, now "
             f"{fingerprint['records']}, or the same number with other contents); resuming would continue its "
             "data order and schedule on other data. Restore the dataset, or train in a new --workdir")
+
+
+def check_global_batch(workdir: str, batches: dict[str, int], processes: int, record: bool) -> None:
+    """The global batch of each of `batches` ({PER_PROCESS_BATCH_FIELDS field: its per-process size} of this
+    command) times `processes` is the one the run started with: a loader position and every phase's number of
+    steps count steps of that batch. Another number of processes is fine when the per-process sizes are scaled to
+    keep it (a pod slice resumed on half the hosts with twice the batch each). record=True (at the first step)
+    records the fields not recorded yet (a stage added later brings its own); otherwise raises CheckpointError
+    naming both where a recorded field's global batch differs. A record with no checkpoint beside it binds
+    nothing (replaced, with a warning); a run from before the record existed resumes only with its recorded
+    per-process batch (`check_workdir_config`)."""
+    path = os.path.join(workdir, GLOBAL_BATCH_FILE)
+    now = {field: size * processes for field, size in batches.items()}
+    recorded = {}
+    if os.path.exists(path):
+        recorded = read_json(path, CheckpointError).get("global_batch")
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{path}: no global_batch mapping (a field -> its global batch)")
+    if record:
+        if not now.keys() <= recorded.keys():
+            merged = {**now, **recorded}
+            atomic_write(path, lambda f: json.dump({"global_batch": merged}, f, indent=2, sort_keys=True))
+        return
+    changed = sorted(field for field in now.keys() & recorded.keys() if now[field] != recorded[field])
+    if changed and not has_checkpoints(workdir):
+        logging.warning("%s: recorded by a run that saved no checkpoint; replacing it (global batch of %s changed)",
+                        path, ", ".join(changed))
+        os.remove(path)
+        return
+    if changed:
+        raise CheckpointError(
+            f"{workdir}: this run started with a global batch (processes x per-process batch) of "
+            + ", ".join(f"{field} = {recorded[field]}" for field in changed) + "; this command gives "
+            + ", ".join(f"{processes} x {batches[field]} = {now[field]}" for field in changed)
+            + ": its steps would cover other records and each phase would have another number of steps. Keep the "
+            f"global batch (on P processes set the per-process batch to the global one / P; {GLOBAL_BATCH_FILE}), "
+            "or train in a new --workdir")
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -326,7 +326,7 @@ def test_a_loader_state_resumes_only_under_the_global_batch_it_counted_in(datase
     state = pair[0].get_state()
     assert (state["process_count"], state["batch_size"]) == (2, CFG.batch_size)
     with pytest.raises(pipeline.PipelineError, match=r"2 process\(es\) x batch 2 = 4 examples per step, this run "
-                                                     r"takes 1 x 2 = 2.*resume on 2 process\(es\)"):
+                                                     r"takes 1 x 2 = 2.*resume with 4 examples per step"):
         make(1).set_state(state)
     # The same global batch over another number of processes: every step covers the same records.
     expected = [sorted(a["record_index"].tolist() + b["record_index"].tolist())

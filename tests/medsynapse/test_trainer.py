@@ -29,6 +29,7 @@ from vital_jax.models.hf_config import ConfigError
 from vital_jax.models.qwen3_vl import prompt
 from vital_jax.models.hf_mapping import flatten
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
+from vital_jax.workdir import GLOBAL_BATCH_FILE
 
 pytestmark = pytest.mark.slow  # minutes in all; `pytest -m 'not slow'` leaves it out
 
@@ -236,8 +237,16 @@ def test_a_rerun_after_the_training_records_changed_is_refused_naming_them(paths
                                               rf"\(train_records.json: {len(train)} records, now {len(train) - 1}"):
         _run(config, workdir, paths)
     assert os.path.isdir(workdir / "stage_warmup" / "1")
-    (data_dir / RECORDS_FILE).write_text(records)  # the dataset restored: the run resumes
-    assert not _run(config, workdir, paths)["preempted"]
+    (data_dir / RECORDS_FILE).write_text(records)  # the dataset restored
+    # Another global batch (one process of a smaller batch) is refused too; the run recorded its own.
+    assert json.loads((workdir / GLOBAL_BATCH_FILE).read_text()) == {
+        "global_batch": {"data.batch_size": config.data.batch_size}}
+    smaller = config.copy_and_resolve_references()
+    smaller.data.batch_size = config.data.batch_size // 2
+    with pytest.raises(CheckpointError, match=rf"data.batch_size = {config.data.batch_size}; this command gives "
+                                              rf"1 x {config.data.batch_size // 2}"):
+        _run(smaller, workdir, paths)
+    assert not _run(config, workdir, paths)["preempted"]   # the run resumes
 
 
 # Closed questions as PhantomVQA asks them (data.questions' templates): (question type, question, answer, target).

@@ -490,8 +490,8 @@ class TrainIterator:
                 f"the loader position was saved by {state['process_count']} process(es) x batch "
                 f"{state['batch_size']} = {saved} examples per step, this run takes {self._process_count} x "
                 f"{self._batch_size} = {now}: its steps would cover other records (some repeated, some skipped) "
-                f"and each phase another number of steps; resume on {state['process_count']} process(es) (the "
-                "workdir's config fixes the per-process batch), or train in a new --workdir")
+                f"and each phase another number of steps; resume with {saved} examples per step (on P processes a "
+                f"per-process batch of {saved} / P), or train in a new --workdir")
 
 
 def make_train_iterator(data_dir: str, tokenizer_dir: str, cfg: PipelineConfig, k_max: int, split: str = "train",

@@ -762,12 +762,15 @@ def train(config, workdir: str, paths: Paths, on_first_step=None, on_step=None) 
                                          appendable=("medsynapse.stages",))
         train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
         workdir_lib.check_train_records(workdir, train_records, record=False)
+        batch_sizes = stage_batches(config)   # per process
+        workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=False)
 
         def first_step():
             if jax.process_index() == 0:
                 workdir_lib.record_workdir_config(workdir, config_json)
                 workdir_lib.record_appended_fields(workdir, config_json, ("medsynapse.stages",), with_fields=added)
                 workdir_lib.check_train_records(workdir, train_records, record=True)
+                workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=True)
                 absolute = {k: os.path.abspath(v) for k, v in dataclasses.asdict(paths).items()}
                 atomic_write(os.path.join(workdir, PATHS_FILE), lambda f: json.dump(absolute, f, indent=2))
             if on_first_step is not None:

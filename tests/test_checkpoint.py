@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,3 +226,39 @@ def test_an_unknown_atomicity_is_a_config_error_naming_the_choices():
     with pytest.raises(ConfigError, match=r"config.checkpoint.atomicity='atomic'.*\('rename', 'commit_file'\)"):
         ckpt_lib.check_atomicity(ml_collections.ConfigDict(dict(atomicity="atomic")))
     ckpt_lib.check_atomicity(ml_collections.ConfigDict(dict(keep=1)))  # absent: "rename"
+
+
+# Saved by a process of 2 devices, each array sharded over both (a mesh this test process does not have): a
+# training checkpoint through PhaseCheckpointer and a converted-model directory through model_dir.save.
+_SAVE_ON_TWO_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+    from vital_jax import checkpoint as ckpt_lib
+    from vital_jax.models import model_dir
+    assert jax.device_count() == 2
+    rows = NamedSharding(jax.make_mesh((2,), ("data",)), PartitionSpec("data"))
+    w = jax.device_put(jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32), rows)
+    with ckpt_lib.PhaseCheckpointer(sys.argv[1], 1, keep=1, async_save=False) as ckpt:
+        ckpt.save(3, {"params": {"w": w}, "step": jnp.int32(3)}, {"next": 3}, force=True)
+    model_dir.save(sys.argv[2], {"w": w}, {"model_type": "qwen3"}, "float32")
+""")
+
+
+def test_checkpoints_saved_on_another_topology_read_whole_on_this_process(tmp_path):
+    """Restored "as saved", orbax refused a checkpoint written on other devices ("Topology mismatch"): a pod's run
+    could not be evaluated by one process, nor a conversion (one device) loaded by the processes of a pod."""
+    from vital_jax.models import model_dir
+
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    res = subprocess.run([sys.executable, "-c", _SAVE_ON_TWO_DEVICES, str(tmp_path / "phase_1"),
+                          str(tmp_path / "converted")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    state = ckpt_lib.restore_saved_state(str(tmp_path / "phase_1" / "3" / "state"))
+    np.testing.assert_array_equal(np.asarray(state["params.w"]), want)
+    assert int(state["step"]) == 3 and state["params.w"].sharding.num_devices == 1
+    saved = model_dir.restore_saved(str(tmp_path / "converted"))
+    np.testing.assert_array_equal(np.asarray(saved["w"]), want)
+    loaded = model_dir.load_params(str(tmp_path / "converted"), {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(loaded["w"]), want)

@@ -33,6 +33,7 @@ from absl import logging
 
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
+from vital_jax.models.model_dir import whole_on_this_process
 
 DONE_FILE = "DONE.json"
 
@@ -303,17 +304,12 @@ class PhaseCheckpointer:
 
 def restore_saved_state(path: str) -> dict:
     """The flat {name: array} state of the checkpoint at `path` (<phase dir>/<step>/state), whole on this process's
-    first device, for readers of a finished run (evaluation, export). Whatever mesh and processes saved it: restored
-    "as saved", a checkpoint of a pod slice or of two processes could not be read by one evaluation process (orbax:
-    topology mismatch), nor one process's checkpoint by the processes of a later run. Every process of a
-    multi-process reader gets its own whole copy. UnreadableCheckpointError naming it when its files cannot be
-    read."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    first device (`model_dir.whole_on_this_process`: whatever mesh and processes saved it; every process of a
+    multi-process reader gets its own copy), for readers of a finished run (evaluation, export).
+    UnreadableCheckpointError naming it when its files cannot be read."""
     try:
         with ocp.StandardCheckpointer() as c:
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                  c.metadata(path).item_metadata)
-            return c.restore(path, target)
+            return c.restore(path, whole_on_this_process(c.metadata(path).item_metadata))
     except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise several types for damaged files
         raise UnreadableCheckpointError(
             f"{path}: cannot read the checkpoint ({_first_line(e)}); rerunning the training command moves it aside "

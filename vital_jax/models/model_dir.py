@@ -111,8 +111,18 @@ def _damaged(path: str, e: Exception) -> ModelDirError:
                          f"({type(e).__name__}: {str(e)[:300]})")
 
 
+def whole_on_this_process(tree):
+    """ShapeDtypeStructs of `tree`'s leaves (arrays, ShapeDtypeStructs or orbax's array metadata), each placed
+    whole on this process's first device: the restore target that reads an orbax checkpoint whatever mesh and
+    processes saved it. Without one orbax restores "as saved" and refuses another topology (a conversion's one
+    device read by the processes of a pod, a pod's checkpoint read by one evaluation process)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
 def load_params(model_dir: str, abstract_params) -> dict:
-    """Restore the params tree; `abstract_params` (ShapeDtypeStructs) fixes structure, shapes and dtypes.
+    """Restore the params tree, whole on this process's first device (`whole_on_this_process`);
+    `abstract_params` (ShapeDtypeStructs) fixes structure, shapes and dtypes.
 
     A checkpoint whose tree or shapes differ from `abstract_params` raises a ModelDirError naming the directory;
     a missing or damaged one, a ModelDirError naming what is missing or damaged.
@@ -128,18 +138,18 @@ def load_params(model_dir: str, abstract_params) -> dict:
             raise ModelDirError(f"{path}: unreadable orbax checkpoint (no metadata)")
         _check_same_shapes(saved_tree, abstract_params, model_dir)
         try:
-            return ckptr.restore(path, abstract_params)
+            return ckptr.restore(path, whole_on_this_process(abstract_params))
         except Exception as e:   # the tree matched, so the data files are damaged (truncated, missing)
             raise _damaged(path, e) from e
 
 
 def restore_saved(model_dir: str) -> dict:
-    """The params tree as saved (its own structure and dtypes), for readers that select from it
-    (`hf_mapping.load_hf_params`); errors as `load_params`."""
+    """The params tree as saved (its own structure and dtypes), whole on this process's first device, for readers
+    that select from it (`hf_mapping.load_hf_params`); errors as `load_params`."""
     path = _params_path(model_dir)
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(path)
+            return ckptr.restore(path, whole_on_this_process(ckptr.metadata(path).item_metadata))
         except Exception as e:
             raise _damaged(path, e) from e
 

@@ -178,9 +178,9 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
                     "open": {"majority_f1": 0.25, "count": 5}}
     os.makedirs(tmp_path / "report")
     (tmp_path / "report" / "old_figure.png").write_bytes(b"an earlier report's figure")
-    units = {i: (f"image{n // 4}.png", f"mask{n}.png") for n, i in enumerate(ids)}   # 4 questions per image
+    units = {i: study.TestRecord(f"image{n // 4}.png", f"mask{n}.png", "liver") for n, i in enumerate(ids)}
     path = study.write_report(str(tmp_path), config, results, floor, {}, {"command": "cmd", "commit": "abc"},
-                              select_floor=select_floor, test_units=units)
+                              select_floor=select_floor, test_records=units)   # 4 questions per image
     assert not (tmp_path / "report" / "old_figure.png").exists()  # a figure this report does not draw
     text = open(path).read()
     validation = text.split("## Validation split")[1].split("##")[0]
@@ -203,7 +203,7 @@ def test_report_puts_floors_beside_mean_and_std_and_draws_the_figures(tmp_path):
     # The unit is the image: the test of each line is McNemar's over the questions' images.
     assert "the 10 test images hold the 40 closed questions" in fixed and "| images where a is ahead |" in fixed
     by_row = {(r["row"], r["seed"]): r["test"]["closed_correct"] for r in results}
-    expected = study.mcnemar(by_row["vital", 1], by_row["sft_k0", 1], {i: image for i, (image, _) in units.items()})
+    expected = study.mcnemar(by_row["vital", 1], by_row["sft_k0", 1], {i: r.image for i, r in units.items()})
     line = next(line for line in fixed.splitlines() if line.startswith("| vital | sft_k0 | 1 |"))
     assert line.startswith(f"| vital | sft_k0 | 1 | {expected['a_only']} | {expected['b_only']} | "
                            f"{expected['a_ahead']} | {expected['b_ahead']} | {expected['p']:.3g} |"), line
@@ -373,7 +373,7 @@ def test_a_time_limit_stops_starting_runs_and_the_same_command_continues(tmp_pat
     monkeypatch.setattr(study, "prepare_backbone", lambda config, workdir: {"summary": {}})
     monkeypatch.setattr(study, "floors", lambda data_dir, split: {"closed": {"majority": 0.5, "count": 10}})
     monkeypatch.setattr(study, "write_report", lambda workdir, config, results, *a, **k: os.path.join(workdir, "r.md"))
-    monkeypatch.setattr(study, "_test_units", lambda data_dir, split: {})
+    monkeypatch.setattr(study, "_test_records", lambda data_dir, split: {})
     config = study_config.get_config()
     config.rows, config.seeds, config.parallel_runs, config.stop_after_minutes = ("sft_k0",), (0, 1, 2), 1, 1.5
     first = study.study(config, str(tmp_path))
@@ -722,14 +722,21 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
     assert "| vital | semantic |" not in section   # a pair is tested when the study has both rows
     # Five records per (image, mask) unit: visual hits units 0-2 wholly, task_only unit 0's records 0-2. The
     # units' differences 2, 5, 5 (sum 12): of the 8 sign patterns only +-12 reach 12, p = 2 / 8.
-    units = {i: (f"image{n // 10}", f"mask{n // 5}") for n, i in enumerate(ids)}
+    # Records 0-9 about the liver, 10-29 about the spleen.
+    units = {i: study.TestRecord(f"image{n // 10}", f"mask{n // 5}", "liver" if n < 10 else "spleen")
+             for n, i in enumerate(ids)}
     path = study.write_report(str(tmp_path), study_config.get_config(), results, floor, {},
-                              {"command": "cmd", "commit": "abc"}, test_units=units)
+                              {"command": "cmd", "commit": "abc"}, test_records=units)
     section = open(path).read().split("## Does the visual window point at the target?")[1].split("\n## ")[0]
     tests = [line.split("|") for line in section.splitlines() if line.startswith("| visual | task_only |")]
     assert [tuple(int(c) for c in t[4:8]) for t in tests] == [(12, 0, 3, 0), (12, 0, 3, 0)]
     assert float(tests[0][8]) == 0.25 and "| pairs where a is ahead |" in section
     assert "the 6 pairs hold the 30 records" in section
+    # By target: visual hits all 10 liver records and 5 of the 20 spleen ones, task_only 3 liver records.
+    by_target = section.split("Step 1's pointing by target")[1]
+    assert "| row | spleen (20) | liver (10) |" in by_target
+    assert "| visual | 25.0 ± 0.0 | 100.0 ± 0.0 |" in by_target
+    assert "| task_only | 0.0 ± 0.0 | 30.0 ± 0.0 |" in by_target
     no_grounding = study.write_report(str(tmp_path), study_config.get_config(),
                                       [_fake_result("vital", 0, 0.5, ids)], floor, {},
                                       {"command": "cmd", "commit": "abc"})
@@ -762,18 +769,19 @@ def test_grounding_is_scored_for_latent_rows_only_and_added_to_a_finished_run_wh
     assert "grounding" not in study.run_one(config, "vital", 0, "data", {}, str(tmp_path))
 
 
-def test_test_units_are_the_test_records_image_and_mask(tmp_path):
+def test_test_records_are_the_splits_image_mask_and_target(tmp_path):
     from vital_jax.data.records import RECORDS_FILE, Record, write_records
 
-    def record(i, image, mask, split):
-        return Record(id=f"q{i}", image=image, mask=mask, question="Where is the liver?", answer="upper left.",
-                      reasoning_chain=("It lies in the upper left.",), latent_steps=1, question_type="location",
-                      target="liver", target_type="organ", modality="CT", source="phantom", split=split,
-                      roi_index=-1)
+    def record(i, image, target, split):
+        return Record(id=f"q{i}", image=image, mask=f"{image}_{target}.png", question=f"Where is the {target}?",
+                      answer="upper left.", reasoning_chain=("It lies in the upper left.",), latent_steps=1,
+                      question_type="location", target=target, target_type="organ", modality="CT", source="phantom",
+                      split=split, roi_index=-1)
 
-    write_records(str(tmp_path / RECORDS_FILE), [record(0, "a.png", "a_liver.png", "test"),
-                                                 record(1, "a.png", "a_liver.png", "test"),
-                                                 record(2, "a.png", "a_spleen.png", "test"),
-                                                 record(3, "b.png", "b_liver.png", "train")])
-    units = study._test_units(str(tmp_path), "test")
-    assert units == {"q0": ("a.png", "a_liver.png"), "q1": ("a.png", "a_liver.png"), "q2": ("a.png", "a_spleen.png")}
+    write_records(str(tmp_path / RECORDS_FILE), [record(0, "a.png", "liver", "test"),
+                                                 record(1, "a.png", "liver", "test"),
+                                                 record(2, "a.png", "spleen", "test"),
+                                                 record(3, "b.png", "liver", "train")])
+    units = study._test_records(str(tmp_path), "test")
+    assert units == {"q0": ("a.png", "a.png_liver.png", "liver"), "q1": ("a.png", "a.png_liver.png", "liver"),
+                     "q2": ("a.png", "a.png_spleen.png", "spleen")}

@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -672,11 +673,12 @@ def aggregate(results: list[dict]) -> dict[str, list[dict]]:
 
 def write_report(workdir: str, config, results: list[dict], floor: dict, pretrain_summary: dict,
                  provenance: dict, select_floor: dict | None = None,
-                 test_units: dict[str, tuple[str, str]] | None = None) -> str:
+                 test_records: dict[str, TestRecord] | None = None) -> str:
     """report.md + figures under workdir/report/; returns the report's path. `floor`: the test split's floors
     (`eval.floors.floors`), `select_floor` the select split's (its table's floor row; none when not given),
-    `test_units` each test record's (image, mask) (`_test_units`): the paired tests' units, the image for
-    answers and the pair for grounding (None: each record its own unit, said in the report)."""
+    `test_records` each test record's image, mask and target (`_test_records`): the paired tests' units, the
+    image for answers and the (image, mask) pair for grounding (None: each record its own unit, said in the
+    report)."""
     from vital_jax.eval import study_plots
 
     out_dir = os.path.join(workdir, "report")
@@ -740,7 +742,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
             same = " (= fixed K: a cap of 1)" if all(r.get("same_as_fixed_k") for r in rs) else ""
             lines.append(f"| {row}{same} | {_mean_std([r['closed_accuracy'] for r in rs])} | " + " | ".join(cells)
                          + f" | {_mean_std([r['open_token_f1'] for r in rs])} |")
-    images = {i: image for i, (image, _) in test_units.items()} if test_units is not None else None
+    images = {i: r.image for i, r in test_records.items()} if test_records is not None else None
     closed_ids = {i for rs in by_row.values() for r in rs for i in r["test"].get("closed_correct", {})}
     unit = (f"image: the {len({images[i] for i in closed_ids if i in images})} test images hold the "
             f"{len(closed_ids)} closed questions, and questions about one image are not independent (one view of "
@@ -759,7 +761,7 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
         lines += ["", "## Paired tests at each question's own training K", "",
                   "The same test on the answers of the diagnostic table above (a K = 0 row answers at its own K).",
                   "", *header, *record_k]
-    lines += _grounding_lines(by_row, test_units)
+    lines += _grounding_lines(by_row, test_records)
     lines += ["", "## Validation split (for choosing settings)", ""]
     if select_floor is not None:
         lines += [f"{select_floor['closed']['count']} closed questions (a closed accuracy near 50 % has a sampling "
@@ -815,19 +817,28 @@ def write_report(workdir: str, config, results: list[dict], floor: dict, pretrai
     return path
 
 
-def _test_units(data_dir: str, split: str) -> dict[str, tuple[str, str]]:
-    """Record id -> its (image, mask), for the split's records: the units of the report's paired tests."""
+class TestRecord(NamedTuple):
+    """What the report needs of a test record: its image and mask (the paired tests' units) and its target."""
+    image: str
+    mask: str
+    target: str
+
+
+def _test_records(data_dir: str, split: str) -> dict[str, TestRecord]:
+    """Record id -> its TestRecord, for the split's records."""
     from vital_jax.data.records import RECORDS_FILE, read_records
 
-    return {r.id: (r.image, r.mask) for r in read_records(os.path.join(data_dir, RECORDS_FILE)) if r.split == split}
+    return {r.id: TestRecord(r.image, r.mask, r.target) for r in read_records(os.path.join(data_dir, RECORDS_FILE))
+            if r.split == split}
 
 
-def _grounding_lines(by_row: dict, test_units: dict[str, tuple[str, str]] | None = None) -> list[str]:
+def _grounding_lines(by_row: dict, test_records: dict[str, TestRecord] | None = None) -> list[str]:
     """The report's grounding section (`eval.grounding`): per row the pointing game of each step's heatmap
     cos(VP(z_k), patches) on the test split, beside chance and the L_visual target itself, and McNemar tests of
     step 1's hits between rows that differ in L_visual alone (GROUNDING_PAIRS), over (image, mask) pairs
-    (`test_units`: the questions about one target of one image share its mask and mostly its heatmap, so their
-    hits are not independent; None: each record its own unit, said in the report). [] when no run was scored."""
+    (`test_records`: the questions about one target of one image share its mask and mostly its heatmap, so their
+    hits are not independent; None: each record its own unit, said in the report), and step 1's pointing per
+    target (with `test_records`). [] when no run was scored."""
     scored = {row: [r for r in rs if r.get("grounding")] for row, rs in by_row.items()}
     scored = {row: rs for row, rs in scored.items() if rs}
     if not scored:
@@ -856,7 +867,8 @@ def _grounding_lines(by_row: dict, test_units: dict[str, tuple[str, str]] | None
         seeds = " / ".join(f"{100 * r['grounding']['steps'][0]['pointing']:.1f}" for r in rs)
         lines.append(f"| {row} | {'yes' if _trains_visual(row) else 'no'} | {seeds} | " + " | ".join(per_step)
                      + (f" | {np.mean(contrast):+.3f} |" if contrast else " | – |"))
-    units = {i: f"{image} | {mask}" for i, (image, mask) in test_units.items()} if test_units is not None else None
+    units = ({i: f"{r.image} | {r.mask}" for i, r in test_records.items()} if test_records is not None
+             else None)
     paired = _paired_lines(scored, GROUNDING_PAIRS, lambda r: r["grounding"]["step1_hits"], units)
     if paired:
         unit = (f"(image, mask) pair: the {len(set(units.values()))} pairs hold the {len(units)} records, and the "
@@ -865,6 +877,30 @@ def _grounding_lines(by_row: dict, test_units: dict[str, tuple[str, str]] | None
         lines += ["", f"A row with L_visual against the same row without it, step 1's hits; unit: the {unit}. Exact "
                   "two-sided McNemar test over the units, as for the answers above, each seed; Holm over these "
                   "lines.", "", *_paired_header("hits", "pairs" if units is not None else "records"), *paired]
+    if test_records is not None:
+        lines += _pointing_by_target(scored, test_records)
+    return lines
+
+
+def _pointing_by_target(scored: dict, test_records: dict[str, TestRecord]) -> list[str]:
+    """Step 1's pointing game per target of the scored rows (mean ± std over seeds), each target's records
+    counted: whether a row's pointing comes from the large organs or reaches the small lesions too."""
+    scored_ids = set().union(*(r["grounding"]["step1_hits"] for rs in scored.values() for r in rs))
+    counts = collections.Counter(test_records[i].target for i in scored_ids)
+    targets = sorted(counts, key=lambda t: (-counts[t], t))
+    lines = ["", "Step 1's pointing by target (mean ± std over seeds; each target's records in the header):", "",
+             "| row | " + " | ".join(f"{t} ({counts[t]})" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for row in ALL_ROWS:
+        if row not in scored:
+            continue
+        rates = collections.defaultdict(list)
+        for r in scored[row]:
+            by_target = collections.defaultdict(list)
+            for i, hit in r["grounding"]["step1_hits"].items():
+                by_target[test_records[i].target].append(hit)
+            for t, hits in by_target.items():
+                rates[t].append(float(np.mean(hits)))
+        lines.append(f"| {row} | " + " | ".join(_mean_std(rates[t]) for t in targets) + " |")
     return lines
 
 
@@ -1073,7 +1109,7 @@ def _study(config, workdir: str, provenance: dict) -> dict:
     results = [done[key] for key in plan]
     report = write_report(workdir, config, results, floor, models["summary"], provenance,
                           select_floor=split_floors[config.select_split],
-                          test_units=_test_units(data_dir, config.eval.test_split))
+                          test_records=_test_records(data_dir, config.eval.test_split))
     atomic_write(os.path.join(workdir, RESULTS_FILE),
                  lambda f: json.dump({"floors": floor, "results": results}, f))
     reused = [f"{r['row']}/seed{r['seed']}" for r in results if r["reused"]]

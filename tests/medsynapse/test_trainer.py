@@ -509,6 +509,9 @@ def test_a_branch_keeps_the_run_up_to_a_finished_stage_for_its_later_stages_to_t
     assert result["stages"] == ("warmup", "ccr") and result["steps"] == {"warmup": 3, "ccr": 4}
     assert sorted(os.listdir(workdir)) == before and not os.path.exists(str(out) + ".partial")
     assert not (out / "stage_imt").exists() and (out / trainer.FEATURES_DIR).is_dir()
+    # What binds the run's later stages comes along: its training records and global batch.
+    for name in ("train_records.json", GLOBAL_BATCH_FILE):
+        assert (out / name).read_text() == open(os.path.join(workdir, name)).read(), name
     assert [(r["stage"], r["step"]) for r in _rows(str(out))] == [("warmup", s) for s in (1, 2, 3)] + [
         ("ccr", s) for s in (4, 5, 6, 7)]
     recorded, original = trainer.read_config(str(out)), trainer.read_config(workdir)

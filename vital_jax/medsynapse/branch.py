@@ -52,9 +52,9 @@ def branch(workdir: str, stage: str, out: str) -> dict:
         for name in (trainer.FEATURES_DIR, *(os.path.basename(trainer.stage_dir(workdir, s)) for s in kept)):
             shutil.copytree(os.path.join(workdir, name), os.path.join(partial, name))
         shutil.copy2(os.path.join(workdir, trainer.PATHS_FILE), os.path.join(partial, trainer.PATHS_FILE))
-        records = os.path.join(workdir, workdir_lib.TRAIN_RECORDS_FILE)
-        if os.path.exists(records):  # runs made before it was recorded have none; the next stage records it
-            shutil.copy2(records, os.path.join(partial, workdir_lib.TRAIN_RECORDS_FILE))
+        for name in (workdir_lib.TRAIN_RECORDS_FILE, workdir_lib.GLOBAL_BATCH_FILE):
+            if os.path.exists(os.path.join(workdir, name)):  # runs made before it was recorded have none; the
+                shutil.copy2(os.path.join(workdir, name), os.path.join(partial, name))   # next stage records it
         recorded = read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE), CheckpointError)
         recorded["medsynapse"]["stages"] = kept
         atomic_write(os.path.join(partial, workdir_lib.CONFIG_FILE),

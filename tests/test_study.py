@@ -702,7 +702,8 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
         steps = [{"step": k, "pointing": rate / k, "contrast": 0.01 * k, "count": 30 // k} for k in (1, 2)]
         return dict(_fake_result(row, seed, 0.5, ids), grounding={
             "chance": 0.027, "grid": 8, "records": 30, "steps": steps, "step1_hits": hits,
-            "roi_feature": {"pointing": 0.3, "contrast": 0.1, "count": 30}})
+            "roi_feature": {"pointing": 0.3, "contrast": 0.1, "count": 30},
+            "roi_feature_hits": {i: n in (0, 1, 2, 10, 11) for n, i in enumerate(ids)}})
 
     results = [scored("visual", s, 0.5) for s in (0, 1)] + [scored("task_only", s, 0.1) for s in (0, 1)]
     results += [_fake_result("sft_k0", 0, 0.5, ids)]   # no latent step: not scored
@@ -737,6 +738,8 @@ def test_report_grounding_section_gives_each_rows_pointing_and_pairs_rows_that_d
     assert "| row | spleen (20) | liver (10) |" in by_target
     assert "| visual | 25.0 ± 0.0 | 100.0 ± 0.0 |" in by_target
     assert "| task_only | 0.0 ± 0.0 | 30.0 ± 0.0 |" in by_target
+    # The targets themselves: 3 of the 10 liver records' ROI features point inside, 2 of the 20 spleen ones.
+    assert "| the record's ROI feature itself (the L_visual target) | 10.0 | 30.0 |" in by_target
     no_grounding = study.write_report(str(tmp_path), study_config.get_config(),
                                       [_fake_result("vital", 0, 0.5, ids)], floor, {},
                                       {"command": "cmd", "commit": "abc"})
@@ -757,11 +760,18 @@ def test_grounding_is_scored_for_latent_rows_only_and_added_to_a_finished_run_wh
     with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:
         json.dump(dict(saved, test_record_k=saved["test"]), f)
     monkeypatch.setattr(run_lib, "load_run", lambda path: ("run of", path))
-    monkeypatch.setattr(study, "_grounding", lambda config, run, data_dir: {"scored": run})
+    monkeypatch.setattr(study, "_grounding", lambda config, run, data_dir: {"scored": run, "roi_feature_hits": {}})
     result = study.run_one(config, "vital", 0, "data", {}, str(tmp_path))
-    assert result["reused"] and result["grounding"] == {"scored": ("run of", run_dir)}
+    assert result["reused"] and result["grounding"] == {"scored": ("run of", run_dir), "roi_feature_hits": {}}
     with open(os.path.join(run_dir, study.RESULTS_FILE)) as f:
-        assert json.load(f)["grounding"] == {"scored": ["run of", run_dir]}  # saved: asked once
+        assert json.load(f)["grounding"] == {"scored": ["run of", run_dir], "roi_feature_hits": {}}  # saved
+    monkeypatch.setattr(study, "_grounding", lambda config, run, data_dir: pytest.fail("scored twice"))
+    assert study.run_one(config, "vital", 0, "data", {}, str(tmp_path))["grounding"]["scored"] == ["run of", run_dir]
+    # Scored before the ROI feature's own hits were kept: scored again.
+    with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:
+        json.dump(dict(saved, test_record_k=saved["test"], grounding={"scored": "before"}), f)
+    monkeypatch.setattr(study, "_grounding", lambda config, run, data_dir: {"scored": "again", "roi_feature_hits": {}})
+    assert study.run_one(config, "vital", 0, "data", {}, str(tmp_path))["grounding"]["scored"] == "again"
     config.eval.grounding = False
     os.remove(os.path.join(run_dir, study.RESULTS_FILE))
     with open(os.path.join(run_dir, study.RESULTS_FILE), "w") as f:

@@ -471,7 +471,8 @@ def run_one(config, row: str, seed: int, data_dir: str, models: dict, runs_dir: 
         if row in ROWS and result["k_eval"] > 0 and "test_record_k" not in result:  # written before that evaluation
             result["test_record_k"] = _evaluate_record_k(config, load_run(run_dir), run_dir, data_dir)
             _write_json(result_path, result)
-        if _wants_grounding(config, row, result["k_eval"]) and "grounding" not in result:  # asked for later
+        # Asked for later, or scored before the ROI feature's own hits were kept (the per-target table's row).
+        if _wants_grounding(config, row, result["k_eval"]) and "roi_feature_hits" not in result.get("grounding", {}):
             result["grounding"] = _grounding(config, load_run(run_dir), data_dir)
             _write_json(result_path, result)
         result["reused"] = True
@@ -575,7 +576,9 @@ def _wants_grounding(config, row: str, k_eval: int) -> bool:
 def _grounding(config, run, data_dir: str) -> dict:
     """`explain.grounding` on the test split at K_max (the ROI encoder of the run's config, the study's): per step
     the pointing game and inside - outside cosine, chance, the ROI feature's own scores, and step 1's hit per
-    record (`step1_hits`, for the report's paired tests; the other steps' hits are left out of results.json)."""
+    record (`step1_hits`, for the report's paired tests; the other steps' hits are left out of results.json), and
+    the ROI feature's own hit per record (`roi_feature_hits`, None without ROI features: the per-target table's
+    reference row; the same in every run of a study)."""
     from vital_jax.explain import grounding
 
     scores = grounding(run, data_dir, config.eval.test_split, batch_size=int(config.eval.batch_size))
@@ -583,7 +586,8 @@ def _grounding(config, run, data_dir: str) -> dict:
     return {"chance": scores["chance"], "grid": scores["grid"], "records": scores["records"],
             "steps": [summary(s) for s in scores["steps"]],
             "roi_feature": summary(scores["roi_feature"]) if scores["roi_feature"] else None,
-            "step1_hits": scores["steps"][0]["hits"]}
+            "step1_hits": scores["steps"][0]["hits"],
+            "roi_feature_hits": scores["roi_feature"]["hits"] if scores["roi_feature"] else None}
 
 
 def _write_json(path: str, obj) -> None:
@@ -884,7 +888,8 @@ def _grounding_lines(by_row: dict, test_records: dict[str, TestRecord] | None = 
 
 def _pointing_by_target(scored: dict, test_records: dict[str, TestRecord]) -> list[str]:
     """Step 1's pointing game per target of the scored rows (mean ± std over seeds), each target's records
-    counted: whether a row's pointing comes from the large organs or reaches the small lesions too."""
+    counted, and the records' own ROI features' (a run's `roi_feature_hits`): whether a row's pointing comes from
+    the large organs or reaches the small lesions too, and how far its target itself would."""
     scored_ids = set().union(*(r["grounding"]["step1_hits"] for rs in scored.values() for r in rs))
     counts = collections.Counter(test_records[i].target for i in scored_ids)
     targets = sorted(counts, key=lambda t: (-counts[t], t))
@@ -901,6 +906,14 @@ def _pointing_by_target(scored: dict, test_records: dict[str, TestRecord]) -> li
             for t, hits in by_target.items():
                 rates[t].append(float(np.mean(hits)))
         lines.append(f"| {row} | " + " | ".join(_mean_std(rates[t]) for t in targets) + " |")
+    roi_hits = next((r["grounding"]["roi_feature_hits"] for rs in scored.values() for r in rs
+                     if r["grounding"].get("roi_feature_hits")), None)
+    if roi_hits:
+        by_target = collections.defaultdict(list)
+        for i, hit in roi_hits.items():
+            by_target[test_records[i].target].append(hit)
+        lines.append("| the record's ROI feature itself (the L_visual target) | " + " | ".join(
+            f"{100 * np.mean(by_target[t]):.1f}" if by_target[t] else "–" for t in targets) + " |")
     return lines
 
 

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from vital_jax.jsonio import atomic_write, read_json
 from vital_jax.models.hf_config import ConfigError
@@ -308,8 +309,11 @@ def restore_saved_state(path: str) -> dict:
     multi-process reader gets its own copy), for readers of a finished run (evaluation, export).
     UnreadableCheckpointError naming it when its files cannot be read."""
     try:
+        # The item's own metadata: the checkpointer's would look for the step's metadata file in this item
+        # directory (the manager keeps it one level up) and warn that it is missing on every read.
+        target = whole_on_this_process(ocp.StandardCheckpointHandler().metadata(epath.Path(path)))
         with ocp.StandardCheckpointer() as c:
-            return c.restore(path, whole_on_this_process(c.metadata(path).item_metadata))
+            return c.restore(path, target)
     except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise several types for damaged files
         raise UnreadableCheckpointError(
             f"{path}: cannot read the checkpoint ({_first_line(e)}); rerunning the training command moves it aside "

@@ -895,25 +895,24 @@ def _pointing_by_target(scored: dict, test_records: dict[str, TestRecord]) -> li
     targets = sorted(counts, key=lambda t: (-counts[t], t))
     lines = ["", "Step 1's pointing by target (mean ± std over seeds; each target's records in the header):", "",
              "| row | " + " | ".join(f"{t} ({counts[t]})" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+
+    def share_by_target(hits: dict[str, bool]) -> dict[str, float]:
+        grouped = collections.defaultdict(list)
+        for i, hit in hits.items():
+            grouped[test_records[i].target].append(hit)
+        return {t: float(np.mean(values)) for t, values in grouped.items()}
+
     for row in ALL_ROWS:
-        if row not in scored:
-            continue
-        rates = collections.defaultdict(list)
-        for r in scored[row]:
-            by_target = collections.defaultdict(list)
-            for i, hit in r["grounding"]["step1_hits"].items():
-                by_target[test_records[i].target].append(hit)
-            for t, hits in by_target.items():
-                rates[t].append(float(np.mean(hits)))
-        lines.append(f"| {row} | " + " | ".join(_mean_std(rates[t]) for t in targets) + " |")
+        if row in scored:
+            shares = [share_by_target(r["grounding"]["step1_hits"]) for r in scored[row]]
+            lines.append(f"| {row} | " + " | ".join(_mean_std([s[t] for s in shares if t in s]) for t in targets)
+                         + " |")
     roi_hits = next((r["grounding"]["roi_feature_hits"] for rs in scored.values() for r in rs
                      if r["grounding"].get("roi_feature_hits")), None)
     if roi_hits:
-        by_target = collections.defaultdict(list)
-        for i, hit in roi_hits.items():
-            by_target[test_records[i].target].append(hit)
+        target_shares = share_by_target(roi_hits)
         lines.append("| the record's ROI feature itself (the L_visual target) | " + " | ".join(
-            f"{100 * np.mean(by_target[t]):.1f}" if by_target[t] else "–" for t in targets) + " |")
+            f"{100 * target_shares[t]:.1f}" if t in target_shares else "–" for t in targets) + " |")
     return lines
 
 

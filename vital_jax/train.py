@@ -157,10 +157,17 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.data: {e}") from e
 
 
+def batch_sizes(config) -> dict[str, int]:
+    """{config field: records per process in one step} of VITAL's training: what must split over the mesh's batch
+    axes (`check_mesh`) and what a resume on another number of processes keeps the product of
+    (`workdir_lib.check_global_batch`). MedSynapse-V's stages: `medsynapse.trainer.stage_batches`."""
+    return {"data.batch_size": int(config.data.batch_size)}
+
+
 def check_mesh(config, batches: Mapping[str, int] | None = None) -> None:
     """`config.mesh.shape` against the devices of all processes, and each global batch (a per-process batch x
     processes) against the mesh's batch axes (data x fsdp): a ConfigError naming the value to set, before any
-    model is loaded. batches: {config field: its per-process batch size}, by default {"data.batch_size": ...}
+    model is loaded. batches: {config field: its per-process batch size}, by default `batch_sizes(config)`
     (MedSynapse-V's stages: `medsynapse.trainer.stage_batches`). Call it after
     `distributed.maybe_initialize_distributed` (it counts every process's devices)."""
     devices = jax.device_count()
@@ -172,7 +179,7 @@ def check_mesh(config, batches: Mapping[str, int] | None = None) -> None:
                           f"(data, fsdp, tensor) whose product is {devices}, one of them may be -1 for the remaining "
                           f"devices, e.g. '(-1, 1, 1)'") from None
     processes = jax.process_count()
-    batches = batches if batches is not None else {"data.batch_size": config.data.batch_size}
+    batches = batches if batches is not None else batch_sizes(config)
     for field, size in batches.items():
         if size * processes % (data * fsdp):
             raise ConfigError(f"config.{field}={size} x {processes} process(es) = {size * processes} examples per "
@@ -395,8 +402,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
     paths = resolve_paths(config, workdir)
     train_records = workdir_lib.train_records_fingerprint(paths.data_dir, config.data.train_split)
     workdir_lib.check_train_records(workdir, train_records, record=False)
-    batch_sizes = {"data.batch_size": int(config.data.batch_size)}   # per process
-    workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=False)
+    per_process_batches = batch_sizes(config)
+    workdir_lib.check_global_batch(workdir, per_process_batches, jax.process_count(), record=False)
     roi = load_roi_arrays(paths.data_dir)
     if roi is None:
         raise ConfigError(f"{paths.data_dir}: no ROI features; run `python -m vital_jax.data.roi` first")
@@ -526,7 +533,8 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                 if distributed.is_primary():
                     workdir_lib.record_workdir_config(workdir, config_json)
                     workdir_lib.check_train_records(workdir, train_records, record=True)
-                    workdir_lib.check_global_batch(workdir, batch_sizes, jax.process_count(), record=True)
+                    workdir_lib.check_global_batch(workdir, per_process_batches, jax.process_count(),
+                                                  record=True)
                 recorded = True
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from tests.hf_reference import save_tiny_qwen3_vl
 from tests.models.test_qwen3_vl import IMG, _pixels, _prompt
@@ -113,7 +114,7 @@ def while_bodies_hold(jaxpr, primitive: str, loop: str = "while") -> bool:
         for eqn in jx.eqns:
             if eqn.primitive.name == name:
                 return True
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jaxprs_in_params(eqn.params):
                 if contains(sub, name):
                     return True
         return False
@@ -121,9 +122,9 @@ def while_bodies_hold(jaxpr, primitive: str, loop: str = "while") -> bool:
     def find(jx):
         for eqn in jx.eqns:
             if eqn.primitive.name == loop and any(contains(sub, primitive)
-                                                  for sub in jax.core.jaxprs_in_params(eqn.params)):
+                                                  for sub in jaxprs_in_params(eqn.params)):
                 return True
-            if any(find(sub) for sub in jax.core.jaxprs_in_params(eqn.params)):
+            if any(find(sub) for sub in jaxprs_in_params(eqn.params)):
                 return True
         return False
 

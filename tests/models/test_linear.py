@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from vital_jax.layers.attention import Attention
 from vital_jax.layers.linear import (DROPOUT_BITS, Linear, LoraConfig, apply_lora_dropout, lora_dropout,
@@ -122,7 +123,7 @@ def _threefry_draws(fn, *args) -> int:
         n = 0
         for eqn in jaxpr.eqns:
             n += eqn.primitive.name == "shift_left"
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jaxprs_in_params(eqn.params):
                 n += count(sub)
         return n
 

@@ -247,7 +247,7 @@ def test_task_loss_is_the_token_mean_over_the_batchs_answer_tokens_or_the_exampl
     batch = batch.replace(example_valid=jnp.asarray([True, True, False]))
     assert model.config.task_loss_reduction == "token"
     out = forward(model, params, batch)
-    logp = torch.log_softmax(torch.from_numpy(np.asarray(out.answer_logits, np.float32)), dim=-1)
+    logp = torch.log_softmax(torch.from_numpy(np.array(out.answer_logits, np.float32)), dim=-1)
     labels = torch.from_numpy(np.where(data["answer_valid"], data["answer_ids"], -100)[:2].astype(np.int64))
     reference = torch.nn.functional.nll_loss(logp[:2].reshape(-1, logp.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100)

@@ -533,8 +533,7 @@ def _train(config, workdir: str, checkpointers: contextlib.ExitStack) -> dict:
                 if distributed.is_primary():
                     workdir_lib.record_workdir_config(workdir, config_json)
                     workdir_lib.check_train_records(workdir, train_records, record=True)
-                    workdir_lib.check_global_batch(workdir, per_process_batches, jax.process_count(),
-                                                  record=True)
+                    workdir_lib.check_global_batch(workdir, per_process_batches, jax.process_count(), record=True)
                 recorded = True
             if step % config.logging.every_steps == 0 or step == phase_end:
                 last_metrics = {k: float(v) for k, v in metrics.items()}

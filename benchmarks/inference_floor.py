@@ -125,7 +125,7 @@ def main(argv=None):
     # embedding table, all of which the head reads).
     layer_bytes = nbytes(params["language_model"]) - nbytes(params["language_model"]["embed_tokens"])
     head_bytes = nbytes(params["lm_head"] if "lm_head" in params else params["language_model"]["embed_tokens"])
-    kv_bytes_per_slot = (cache0.k.nbytes + cache0.v.nbytes) // cache_len  # keys and values, all layers, one slot
+    kv_bytes_per_slot = (nbytes(cache0.k) + nbytes(cache0.v)) // cache_len  # keys and values, all layers, one slot
     # Step s of the sequential part reads every layer's weights and the cache up to its slot; an answer token
     # also reads the LM head (the first one only that: it comes from the last latent state).
     prompt_len = ids.shape[1]

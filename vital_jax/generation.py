@@ -64,6 +64,8 @@ def decode(step_fn: Callable, params, first_logits_bv: jax.Array, kv_cache: KVCa
     the generated tokens including the EOS). The cache must have `max_new_tokens` free slots.
     """
     batch = first_logits_bv.shape[0]
+    # Carried through the while loop, a per-layer cache would be copied at every token (`KVCache`'s docstring).
+    kv_cache = kv_cache.stacked()
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = jnp.asarray(cfg.eos_token_ids if cfg.eos_token_ids else (-1,), jnp.int32)
     tokens = jnp.full((batch, cfg.max_new_tokens), cfg.pad_token_id, jnp.int32)

@@ -240,6 +240,18 @@ def test_a_shared_prompt_cache_gives_the_rollouts_scores_and_gradients_of_a_copy
     shared, copied = grpo.group_cache(prompt, 3, 5, True), grpo.group_cache(prompt, 3, 5, False)
     assert shared.prefix_k.shape == (2, 2, 7, 2, 4) and shared.k.shape == (2, 6, 5, 2, 4)
     assert copied.prefix_k is None and copied.k.shape == (2, 6, 12, 2, 4)
+    # A cache laid out per layer (unrolled layers) is grouped the same way and keeps its layout.
+    rng = np.random.RandomState(3)
+    filled = prompt.replace(k=jnp.asarray(rng.randn(*prompt.k.shape).astype(np.float32)),
+                            v=jnp.asarray(rng.randn(*prompt.v.shape).astype(np.float32)),
+                            valid=jnp.asarray(rng.rand(2, 7) > 0.3), lengths=jnp.asarray([7, 5]))
+    per_layer = filled.replace(k=tuple(filled.k), v=tuple(filled.v))
+    for make in (lambda c: grpo.group_cache(c, 3, 5, False), lambda c: grpo.tile_cache(c, 2),
+                 lambda c: grpo.group_cache(c, 3, 5, True)):
+        want, got = make(filled), make(per_layer)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got.stacked())):
+            np.testing.assert_array_equal(a, b)
+    assert grpo.group_cache(per_layer, 3, 5, False).per_layer and grpo.tile_cache(per_layer, 2).per_layer
 
 
 def test_r_causal_and_old_log_probs_match_two_direct_forwards(setup):

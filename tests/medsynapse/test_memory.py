@@ -157,6 +157,7 @@ def test_user_turn_split_without_memory_is_the_plain_prompt(tiny, batch):
     np.testing.assert_array_equal(cache.valid, plain_cache.valid)
     # The valid slots (the left padding's keys are written but never read, and their positions differ).
     seen = np.asarray(plain_cache.valid)[None, :, :, None, None]
+    cache, plain_cache = cache.stacked(), plain_cache.stacked()
     assert _diff(np.where(seen, cache.k, 0), np.where(seen, plain_cache.k, 0)) <= 1e-5
     assert _diff(np.where(seen, cache.v, 0), np.where(seen, plain_cache.v, 0)) <= 1e-5
     # Positions continue: the next token is placed where it would be after the whole prompt.

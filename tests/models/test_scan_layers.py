@@ -129,7 +129,8 @@ def test_scanned_qwen3_vl_with_deepstack_matches_transformers_and_caches(qwen3_v
         {"params": vl_params.to_layout(params, scan_layers=False)}, input_ids=jnp.asarray(ids),
         token_valid=jnp.asarray(valid), positions=jnp.asarray(positions),
         kv_cache=vl_init_cache(loop_config, 1, ids.shape[1] + 2), **images)
-    assert _diff(loop.kv_cache.k, cached.kv_cache.k) <= TOL and _diff(loop.kv_cache.v, cached.kv_cache.v) <= TOL
+    loop_cache = loop.kv_cache.stacked()  # laid out per layer, like the loop's layers
+    assert _diff(loop_cache.k, cached.kv_cache.k) <= TOL and _diff(loop_cache.v, cached.kv_cache.v) <= TOL
 
 
 def test_stacked_parameters_shard_like_their_layers_and_decay_like_them():

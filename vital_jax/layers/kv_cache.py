@@ -1,7 +1,9 @@
 """An explicit, preallocated KV cache: a plain pytree passed in and returned, never hidden module state.
 
 Layout (L layers, B batch, S slots, K kv heads, H head dim):
-  k, v:     (L, B, S, K, H)  keys (after qk-norm and RoPE) and values of every written slot.
+  k, v:     (L, B, S, K, H)  keys (after qk-norm and RoPE) and values of every written slot, stacked; or, laid
+                             out per layer (`per_layer`), a tuple of L arrays (B, S, K, H). Either way the batch is
+                             axis -4 and the slots axis -3 of every array, and `layer(i)` is (B, S, K, H).
   valid:    (B, S) bool      which slots later queries may attend to. Padding tokens and masked latent steps
                              are written but stay invisible, so every example in a batch can share one write
                              index while having its own effective length.
@@ -20,6 +22,16 @@ the prompt. Without a prefix these three fields are None.
 
 Because it is a pytree of fixed-shape arrays, the cache can be the carry of `jax.lax.scan` (the VITAL latent
 loop) or `jax.lax.while_loop` (generation) and is never grown by concatenation inside jitted code.
+
+Why two layouts: scanned decoder layers (`scan_layers`) take their layer's slice of the stack as a scan input.
+Unrolled layers read and write their layer of it, and in a train step autodiff turns each read (a slice of the
+stack) into a `pad` of its cotangent back to the whole stack, each write into an update of the whole stack's
+cotangent, and sums the padded cotangents: at `benchmarks.peer_train_step`'s sizes (8 layers) 48 such pads of the
+3.8 MB stack, ~60 ms of ~1,000 ms of op time per step on a 2-core CPU. With one array per layer a read is the
+array and a write is one layer's size. `init_cache` of the models therefore lays the cache out like the layers.
+Generation's token loop (`generation.decode`) stacks it first: carried through a `while_loop` one per layer,
+XLA:CPU copies each carried array at every iteration (measured: 18 ms of copies per 16 answer tokens), whereas
+the stack is updated in place.
 """
 
 from __future__ import annotations
@@ -31,8 +43,8 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array
     lengths: jax.Array
     index: jax.Array
@@ -43,12 +55,17 @@ class KVCache:
 
     @classmethod
     def init(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32) -> "KVCache":
-        """An empty cache with `max_len` slots per example."""
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+             dtype=jnp.float32, per_layer: bool = False) -> "KVCache":
+        """An empty cache with `max_len` slots per example, stacked or `per_layer` (the module docstring)."""
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        else:
+            k, v = jnp.zeros((num_layers, *shape), dtype), jnp.zeros((num_layers, *shape), dtype)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=k,
+            v=v,
             valid=jnp.zeros((batch, max_len), bool),
             lengths=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -65,6 +82,7 @@ class KVCache:
         position offsets and hence positions as a copy of the prompt cache per row (`jnp.repeat` of each field)."""
         if prefix.prefix_k is not None:
             raise ValueError("share_prefix: the prefix cache already has a shared prefix of its own")
+        prefix = prefix.stacked()  # the shared part is read only; its layout is the stacked one
         num_layers, rows, _, num_kv_heads, head_dim = prefix.k.shape
         tail = cls.init(num_layers, rows * group, new_slots, num_kv_heads, head_dim, prefix.k.dtype)
         return tail.replace(lengths=jnp.repeat(prefix.lengths, group), prefix_k=prefix.k, prefix_v=prefix.v,
@@ -86,11 +104,28 @@ class KVCache:
         return jnp.maximum(pos, 0) + (self.lengths + self.position_offset)[:, None]
 
     @property
+    def per_layer(self) -> bool:
+        """Whether k / v are one array per layer (else one stacked array each)."""
+        return isinstance(self.k, tuple)
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return (self.k[0] if self.per_layer else self.k).shape[-3]
+
+    def stacked(self) -> "KVCache":
+        """The same cache with k / v stacked (L, B, S, K, H); itself when already stacked."""
+        if not self.per_layer:
+            return self
+        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
     def write_layer(self, layer: int, k_btkh: jax.Array, v_btkh: jax.Array) -> "KVCache":
         """Write one layer's new keys/values (B, T, K, H) at slots [index, index + T)."""
+        if self.per_layer:
+            k, v = list(self.k), list(self.v)
+            start = (0, self.index, 0, 0)
+            k[layer] = jax.lax.dynamic_update_slice(k[layer], k_btkh.astype(k[layer].dtype), start)
+            v[layer] = jax.lax.dynamic_update_slice(v[layer], v_btkh.astype(v[layer].dtype), start)
+            return self.replace(k=tuple(k), v=tuple(v))
         start = (layer, 0, self.index, 0, 0)
         k = jax.lax.dynamic_update_slice(self.k, k_btkh[None].astype(self.k.dtype), start)
         v = jax.lax.dynamic_update_slice(self.v, v_btkh[None].astype(self.v.dtype), start)

@@ -242,7 +242,10 @@ def init_train_state(params: dict, optimizer: optax.GradientTransformation, rng:
 
 def repeat_cache(kv_cache: KVCache, repeats: int) -> KVCache:
     """Each example's cache `repeats` times in a row: row b -> rows b * repeats .. b * repeats + repeats - 1."""
-    return kv_cache.replace(k=jnp.repeat(kv_cache.k, repeats, axis=1), v=jnp.repeat(kv_cache.v, repeats, axis=1),
+    def rows(a):  # the batch is axis -4 of stacked and per-layer keys / values alike
+        return jnp.repeat(a, repeats, axis=-4)
+
+    return kv_cache.replace(k=jax.tree.map(rows, kv_cache.k), v=jax.tree.map(rows, kv_cache.v),
                             valid=jnp.repeat(kv_cache.valid, repeats, axis=0),
                             lengths=jnp.repeat(kv_cache.lengths, repeats, axis=0),
                             position_offset=jnp.repeat(kv_cache.position_offset, repeats, axis=0))
@@ -250,7 +253,10 @@ def repeat_cache(kv_cache: KVCache, repeats: int) -> KVCache:
 
 def tile_cache(kv_cache: KVCache, copies: int) -> KVCache:
     """The whole batch's cache `copies` times: row b -> rows c * B + b."""
-    return kv_cache.replace(k=jnp.tile(kv_cache.k, (1, copies, 1, 1, 1)), v=jnp.tile(kv_cache.v, (1, copies, 1, 1, 1)),
+    def rows(a):  # the batch is axis -4 of stacked and per-layer keys / values alike
+        return jnp.tile(a, (copies, 1, 1, 1))
+
+    return kv_cache.replace(k=jax.tree.map(rows, kv_cache.k), v=jax.tree.map(rows, kv_cache.v),
                             valid=jnp.tile(kv_cache.valid, (copies, 1)),
                             lengths=jnp.tile(kv_cache.lengths, copies),
                             position_offset=jnp.tile(kv_cache.position_offset, copies))
@@ -273,9 +279,11 @@ def group_cache(prompt_cache: KVCache, group: int, new_slots: int, shared: bool)
     shared=False, copied to each row (`repeat_cache`) followed by the free slots."""
     if shared:
         return KVCache.share_prefix(prompt_cache, group, new_slots)
-    free = jnp.zeros(prompt_cache.k.shape[:2] + (new_slots,) + prompt_cache.k.shape[3:], prompt_cache.k.dtype)
-    whole = prompt_cache.replace(k=jnp.concatenate([prompt_cache.k, free], axis=2),
-                                 v=jnp.concatenate([prompt_cache.v, free], axis=2),
+    def with_free_slots(a):  # the slots are axis -3 of stacked and per-layer keys / values alike
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, new_slots), (0, 0), (0, 0)])
+
+    whole = prompt_cache.replace(k=jax.tree.map(with_free_slots, prompt_cache.k),
+                                 v=jax.tree.map(with_free_slots, prompt_cache.v),
                                  valid=jnp.pad(prompt_cache.valid, ((0, 0), (0, new_slots))))
     return repeat_cache(whole, group)
 

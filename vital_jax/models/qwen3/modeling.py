@@ -138,6 +138,8 @@ class DecoderStack(nn.Module):
             layer_xs, cache_meta = (index, None, None, None, None), None
         else:
             # Per-layer arrays are scanned over (the shared prefix's too, read only); the bookkeeping is broadcast.
+            # A cache laid out for unrolled layers (`init_cache` of the decoding layout) is stacked first.
+            kv_cache = kv_cache.stacked()
             layer_xs = (index, kv_cache.k, kv_cache.v, kv_cache.prefix_k, kv_cache.prefix_v)
             cache_meta = kv_cache.replace(k=None, v=None, prefix_k=None, prefix_v=None)
         x_btd, new_kv = scan(DecoderLayer(cfg, 0, self.lora, name="layers"), x_btd, layer_xs, cos_bth, sin_bth,
@@ -221,6 +223,7 @@ class Qwen3ForCausalLM(nn.Module):
 
 
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `config` (dtype defaults to the compute dtype)."""
+    """An empty cache for `config` (dtype defaults to the compute dtype), laid out like its layers: stacked for
+    `scan_layers`, one array per layer for the unrolled loop (`KVCache`'s docstring says why)."""
     return KVCache.init(config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim,
-                        dtype or config.dtype)
+                        dtype or config.dtype, per_layer=not config.scan_layers)

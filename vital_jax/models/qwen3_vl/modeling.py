@@ -18,6 +18,7 @@ from vital_jax.layers.embedding import Embed
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.layers.linear import Linear, LoraConfig
 from vital_jax.models.qwen3.modeling import DecoderStack, default_positions, run_decoder
+from vital_jax.models.qwen3.modeling import init_cache as qwen3_init_cache
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.mrope import mrope_cos_sin
 from vital_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, VisionInputs
@@ -142,7 +143,5 @@ class Qwen3VLForConditionalGeneration(nn.Module):
 
 
 def init_cache(config: Qwen3VLConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty KV cache for the text decoder."""
-    text = config.text
-    return KVCache.init(text.num_hidden_layers, batch, max_len, text.num_key_value_heads, text.head_dim,
-                        dtype or text.dtype)
+    """An empty KV cache for the text decoder (`qwen3.init_cache` of `config.text`)."""
+    return qwen3_init_cache(config.text, batch, max_len, dtype)

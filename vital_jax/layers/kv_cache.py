@@ -27,8 +27,8 @@ Why two layouts: scanned decoder layers (`scan_layers`) take their layer's slice
 Unrolled layers read and write their layer of it, and in a train step autodiff turns each read (a slice of the
 stack) into a `pad` of its cotangent back to the whole stack, each write into an update of the whole stack's
 cotangent, and sums the padded cotangents: at `benchmarks.peer_train_step`'s sizes (8 layers) 48 such pads of the
-3.8 MB stack, ~60 ms of ~1,000 ms of op time per step on a 2-core CPU. With one array per layer a read is the
-array and a write is one layer's size. `init_cache` of the models therefore lays the cache out like the layers.
+3.8 MB stack. With one array per layer a read is the array and a write is one layer's size: ~40 ms less op time
+of ~1,000 ms per step on a 2-core CPU, the step ~3 % faster (benchmarks/README.md). `init_cache` of the models therefore lays the cache out like the layers.
 Generation's token loop (`generation.decode`) stacks it first: carried through a `while_loop` one per layer,
 XLA:CPU copies each carried array at every iteration (measured: 18 ms of copies per 16 answer tokens), whereas
 the stack is updated in place.

@@ -64,7 +64,8 @@ def decode(step_fn: Callable, params, first_logits_bv: jax.Array, kv_cache: KVCa
     the generated tokens including the EOS). The cache must have `max_new_tokens` free slots.
     """
     batch = first_logits_bv.shape[0]
-    # Carried through the while loop, a per-layer cache would be copied at every token (`KVCache`'s docstring).
+    # Carried through the while loop, a per-layer cache would be copied at every token (`KVCache`'s docstring);
+    # stacking one here copies it once, at twice its memory for a moment, so generation creates stacked caches.
     kv_cache = kv_cache.stacked()
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = jnp.asarray(cfg.eos_token_ids if cfg.eos_token_ids else (-1,), jnp.int32)

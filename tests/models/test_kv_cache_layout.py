@@ -7,6 +7,7 @@ import dataclasses
 import re
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from vital_jax import generation
 from vital_jax.layers.kv_cache import KVCache
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
 from vital_jax.models.qwen3 import params as qwen3_params
+from vital_jax.models.qwen3.generate import generate
 
 PROMPT, CACHE_LEN = 6, 12
 
@@ -120,6 +122,31 @@ def test_generation_decodes_a_per_layer_cache_like_a_stacked_one(qwen3):
             step_fn, p, logits, cache, generation.SamplingConfig(max_new_tokens=5)))(
                 params, prefill.logits[:, -1], prefill.kv_cache)
     np.testing.assert_array_equal(tokens[True], tokens[False])
+
+
+def _stacks(jaxpr) -> int:
+    """How many stackings or concatenations into a 5-D array (of per-layer keys or values) the program holds."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("stack", "concatenate") and eqn.outvars[0].aval.ndim == 5:
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _stacks(sub)
+    return count
+
+
+def test_generation_prefills_the_stacked_cache_its_token_loop_runs_on(qwen3):
+    """`qwen3.generate` creates the stacked cache itself: no stacking of a per-layer one before the loop (which
+    would hold both for a moment); handed a per-layer cache, `generation.decode` stacks it (the check can fail)."""
+    config, params = qwen3
+    ids, _ = _inputs(config)
+    sampling = generation.SamplingConfig(max_new_tokens=3)
+    jaxpr = jax.make_jaxpr(lambda p: generate(p, ids, jnp.ones(ids.shape, bool), config, sampling))(params)
+    assert _stacks(jaxpr.jaxpr) == 0
+    decode = jax.make_jaxpr(lambda p, c: generation.decode(
+        lambda *a: (jnp.zeros((2, config.vocab_size)), a[-1]), p, jnp.zeros((2, config.vocab_size)), c, sampling))
+    assert _stacks(decode(params, _empty(config, True)).jaxpr) == 2
+    assert _stacks(decode(params, _empty(config, False)).jaxpr) == 0
 
 
 def test_the_per_layer_backward_holds_no_array_of_the_whole_stack(qwen3):

@@ -88,6 +88,19 @@ def test_training_forward_and_inference_share_the_latent_path(tiny):
     assert _diff(first, out.answer_logits[:, 0]) <= TOL
 
 
+def test_generation_prefills_a_stacked_cache_and_training_one_array_per_layer(tiny):
+    """The cache's layout (`KVCache`): generation's token loop runs on the stacked layout, so generation prefills
+    straight into it (stacking a per-layer cache before the loop would hold both for a moment); training programs
+    (unrolled layers) take one array per layer."""
+    model, params = tiny.model, tiny.params
+    batch, _ = make_batch(model, seed=5, latent_steps=(1, 2))
+    _, _, (generation_cache, _) = latent.answer_phases(model.backbone, params["backbone"], batch.prefix,
+                                                       batch.latent_steps, 2, 3, until="prefill")
+    assert not generation_cache.per_layer
+    training_cache, _ = latent.encode_prefix(model.backbone, params["backbone"], batch.prefix, 40)
+    assert training_cache.per_layer and len(training_cache.k) == model.backbone_config.text.num_hidden_layers
+
+
 def test_a_scanned_backbone_generates_relaid_out_with_the_same_latents_and_tokens(tiny):
     """`generate_answer` relays a backbone held with scanned layers out once (the default; the training probe's
     case): neither the latent scan's steps nor the answer loop's tokens run a layer scan, and z and the tokens are

@@ -29,10 +29,12 @@ stack) into a `pad` of its cotangent back to the whole stack, each write into an
 cotangent, and sums the padded cotangents: at `benchmarks.peer_train_step`'s sizes (8 layers) 48 such pads of the
 3.8 MB stack. With one array per layer a read is the array and a write is one layer's size: ~40 ms less op time
 of ~1,000 ms per step on a 2-core CPU, the step ~3 % faster (benchmarks/README.md). `init_cache` of the models
-therefore lays the cache out like the layers. Generation's token loop (`generation.decode`) stacks it first:
-carried through a `while_loop` one array per layer, XLA:CPU fuses each layer's update twice (into the carried
-output and into the attention's operand), each on a copy of the array, so the 16 answer tokens of
-`benchmarks.peer_inference` decode in 111-122 instead of 101-109 ms; the stack is updated in place.
+therefore lays the cache out like the layers by default. Generation's token loop (`generation.decode`) runs on
+the stacked layout: carried through a `while_loop` one array per layer, XLA:CPU fuses each layer's update twice
+(into the carried output and into the attention's operand), each on a copy of the array, so the 16 answer tokens
+of `benchmarks.peer_inference` decode in 111-122 instead of 101-109 ms; the stack is updated in place. So
+generation prefills straight into a stacked cache (`init_cache(..., per_layer=False)`), and the loop stacks a
+per-layer cache it is handed (a copy, both held for a moment).
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def rollout(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMemory
     g, t = config.num_generations, config.max_new_tokens
     prompt_len = batch.prefix.input_ids.shape[1] + m.shape[1]
     prompt_cache, last_hidden = memory_lib.inject(backbone, params["backbone"], batch.prefix, m, prompt_len,
-                                                  prompt_tail=config.prompt_tail)
+                                                  prompt_tail=config.prompt_tail, per_layer_cache=False)
     tokens, lengths = cached.decode(backbone, params["backbone"],
                                     group_cache(prompt_cache, g, t, config.shared_prompt_cache),
                                     jnp.repeat(last_hidden, g, axis=0), config.sampling, rng,

@@ -80,19 +80,21 @@ def write_memory(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv_
 
 
 def inject(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs, memory: jax.Array,
-           cache_len: int, deterministic: bool = True, rng=None, prompt_tail: int = 0) -> tuple[KVCache, jax.Array]:
+           cache_len: int, deterministic: bool = True, rng=None, prompt_tail: int = 0,
+           per_layer_cache: bool | None = None) -> tuple[KVCache, jax.Array]:
     """Prefill [Enc(X); Enc(q)], then write m_1..m_N as one block of input embeddings (with "user_turn",
     `prompt_tail` > 0: the prompt's head, then m_1..m_N and the prompt's tail as one block).
 
     Returns (kv_cache with Tp + N slots written, last_hidden (B, D): the post-norm state of the last slot written,
-    which predicts y_1). N = 0 leaves the plain prompt cache (the no-memory baseline).
+    which predicts y_1). N = 0 leaves the plain prompt cache (the no-memory baseline). per_layer_cache: the cache's
+    layout (`cached.encode_prefix`; generation passes False).
     """
     _check_memory(backbone, prefix, memory)
     if memory.shape[1] == 0:
         prompt_tail = 0
     head, tail_ids = split_prompt(prefix, prompt_tail)
     kv_cache, last_hidden = cached.encode_prefix(backbone, backbone_params, head, cache_len, deterministic,
-                                                 cached.fold_rng(rng, 0))
+                                                 cached.fold_rng(rng, 0), per_layer_cache)
     return write_memory(backbone, backbone_params, kv_cache, last_hidden, memory, tail_ids, deterministic,
                         cached.fold_rng(rng, 1))
 
@@ -126,5 +128,6 @@ def generate(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix:
     """Generation with the memory injected: prefill the prompt, write the N memory vectors, then decode with
     `generation.decode`'s jitted while_loop. Returns (tokens (B, max_new_tokens) int32, lengths (B,) int32)."""
     cache_len = prefix.input_ids.shape[1] + memory.shape[1] + sampling.max_new_tokens
-    kv_cache, last_hidden = inject(backbone, backbone_params, prefix, memory, cache_len, prompt_tail=prompt_tail)
+    kv_cache, last_hidden = inject(backbone, backbone_params, prefix, memory, cache_len, prompt_tail=prompt_tail,
+                                   per_layer_cache=False)
     return cached.decode(backbone, backbone_params, kv_cache, last_hidden, sampling, rng)

@@ -40,7 +40,7 @@ def decode_latents(model: VitalModel, params: dict, z: jax.Array, max_new_tokens
         decoder_config, dp = qwen3_params.decoding_layout(decoder_config, dp)
     decoder = Qwen3ForCausalLM(decoder_config)
     h0 = model.pj_in.apply({"params": params["pj_in"]}, z).reshape(b * k, 1, -1)
-    cache = init_cache(decoder_config, b * k, 1 + max_new_tokens)
+    cache = init_cache(decoder_config, b * k, 1 + max_new_tokens, per_layer=False)
     out = decoder.apply({"params": dp}, inputs_embeds=h0, kv_cache=cache)
 
     def step_fn(p, ids_b1, valid_b1, kv):

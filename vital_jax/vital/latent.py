@@ -28,12 +28,15 @@ __all__ = ["PrefixInputs", "answer_logits", "encode_prefix", "generate_answer", 
 
 
 def encode_prefix(backbone: Qwen3VLForConditionalGeneration, backbone_params, prefix: PrefixInputs, cache_len: int,
-                  deterministic: bool = True, rng=None) -> tuple[KVCache, jax.Array]:
-    """Encode image + question into a fresh cache of `cache_len` slots.
+                  deterministic: bool = True, rng=None, per_layer_cache: bool | None = None
+                  ) -> tuple[KVCache, jax.Array]:
+    """Encode image + question into a fresh cache of `cache_len` slots (per_layer_cache: its layout, as
+    `cached.encode_prefix`; generation passes False, training leaves it to the layers).
 
     Returns (kv_cache, z_0 (B, D)): z_0 is the prefix's last post-norm hidden state (Eq. 1's h_prefix^last).
     """
-    return cached.encode_prefix(backbone, backbone_params, prefix, cache_len, deterministic, cached.fold_rng(rng, 0))
+    return cached.encode_prefix(backbone, backbone_params, prefix, cache_len, deterministic, cached.fold_rng(rng, 0),
+                                per_layer_cache)
 
 
 def latent_loop(backbone: Qwen3VLForConditionalGeneration, backbone_params, kv_cache: KVCache, z0: jax.Array,
@@ -106,7 +109,7 @@ def answer_phases(backbone: Qwen3VLForConditionalGeneration, backbone_params, pr
     if generation.resolve_relayout(relayout):
         backbone, backbone_params = cached.decoding_model(backbone, backbone_params)
     cache_len = prefix.input_ids.shape[1] + k_max + max_new_tokens
-    kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len)
+    kv_cache, z0 = encode_prefix(backbone, backbone_params, prefix, cache_len, per_layer_cache=False)
     if until == "prefill":
         return backbone, backbone_params, (kv_cache, z0)
     return backbone, backbone_params, latent_loop(backbone, backbone_params, kv_cache, z0, latent_steps, k_max,

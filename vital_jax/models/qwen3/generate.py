@@ -21,7 +21,7 @@ def generate(params, input_ids, token_valid, config: Qwen3Config, sampling: gene
     """
     model = Qwen3ForCausalLM(config)
     batch, prompt_len = input_ids.shape
-    cache = init_cache(config, batch, prompt_len + sampling.max_new_tokens)
+    cache = init_cache(config, batch, prompt_len + sampling.max_new_tokens, per_layer=False)
     out = model.apply({"params": params}, input_ids=input_ids, token_valid=token_valid, kv_cache=cache)
     first_logits = generation.gather_last(out.logits, token_valid)
 

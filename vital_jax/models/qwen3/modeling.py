@@ -222,8 +222,11 @@ class Qwen3ForCausalLM(nn.Module):
         return CausalLMOutput(self.logits(hidden) if return_logits else None, hidden, kv_cache)
 
 
-def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `config` (dtype defaults to the compute dtype), laid out like its layers: stacked for
-    `scan_layers`, one array per layer for the unrolled loop (`KVCache`'s docstring says why)."""
+def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=None, per_layer: bool | None = None) -> KVCache:
+    """An empty cache for `config` (dtype defaults to the compute dtype). per_layer: one array per layer or one
+    stacked array (`KVCache`'s docstring says why both); None lays it out like the layers, stacked for
+    `scan_layers`. Generation passes False: its token loop runs on the stacked cache."""
+    if per_layer is None:
+        per_layer = not config.scan_layers
     return KVCache.init(config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim,
-                        dtype or config.dtype, per_layer=not config.scan_layers)
+                        dtype or config.dtype, per_layer=per_layer)

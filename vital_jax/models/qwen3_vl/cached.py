@@ -82,8 +82,10 @@ def _dropout(rng):
 
 
 def encode_prefix(model: Qwen3VLForConditionalGeneration, params, prefix: PrefixInputs, cache_len: int,
-                  deterministic: bool = True, rng=None) -> tuple[KVCache, jax.Array]:
-    """Encode image + question into a fresh cache of `cache_len` slots.
+                  deterministic: bool = True, rng=None, per_layer_cache: bool | None = None
+                  ) -> tuple[KVCache, jax.Array]:
+    """Encode image + question into a fresh cache of `cache_len` slots, laid out as `init_cache(...,
+    per_layer=per_layer_cache)` (generation passes False).
 
     Returns (kv_cache, last_hidden (B, D)): the prompt's last post-norm hidden state, which predicts the token
     after the prompt.
@@ -93,7 +95,7 @@ def encode_prefix(model: Qwen3VLForConditionalGeneration, params, prefix: Prefix
                       positions=prefix.positions, pixel_patches=prefix.pixel_patches,
                       vision_inputs=prefix.vision_inputs, image_features=prefix.image_features,
                       image_feature_index=prefix.image_feature_index,
-                      kv_cache=init_cache(model.config, batch, cache_len),
+                      kv_cache=init_cache(model.config, batch, cache_len, per_layer=per_layer_cache),
                       return_logits=False, deterministic=deterministic, rngs=_dropout(rng))
     return out.kv_cache, generation.gather_last(out.hidden_states, prefix.token_valid)
 

@@ -24,5 +24,6 @@ def generate(params, input_ids, token_valid, positions, pixel_patches, vision_in
     """
     model = Qwen3VLForConditionalGeneration(config)
     prefix = cached.PrefixInputs(input_ids, token_valid, positions, pixel_patches, vision_inputs)
-    kv_cache, last_hidden = cached.encode_prefix(model, params, prefix, input_ids.shape[1] + sampling.max_new_tokens)
+    kv_cache, last_hidden = cached.encode_prefix(model, params, prefix, input_ids.shape[1] + sampling.max_new_tokens,
+                                                 per_layer_cache=False)
     return cached.decode(model, params, kv_cache, last_hidden, sampling, rng)

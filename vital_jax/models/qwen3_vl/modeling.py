@@ -142,6 +142,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         return Qwen3VLOutput(self.logits(hidden) if return_logits else None, hidden, kv_cache)
 
 
-def init_cache(config: Qwen3VLConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(config: Qwen3VLConfig, batch: int, max_len: int, dtype=None, per_layer: bool | None = None
+               ) -> KVCache:
     """An empty KV cache for the text decoder (`qwen3.init_cache` of `config.text`)."""
-    return qwen3_init_cache(config.text, batch, max_len, dtype)
+    return qwen3_init_cache(config.text, batch, max_len, dtype, per_layer)

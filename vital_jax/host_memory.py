@@ -15,7 +15,11 @@ tower is a large share of the time.
 
 `keep_freed_memory()` sets, for the rest of the process: no mmap'ed chunks (`M_MMAP_MAX = 0`: large blocks come
 from the heap like small ones) and a trim threshold of 1 GiB (`M_TRIM_THRESHOLD`: free memory at the top of the
-heap is returned only beyond that). The price: the process keeps its peak heap (its resident memory does not
+heap is returned only beyond that). What it does not cover: a program's temporaries, which XLA:CPU allocates as
+one block per call on a worker thread (393 MB for the peer train step): glibc serves a thread arena's blocks above
+64 MiB with mmap whatever M_MMAP_MAX says, so that block is still faulted in on every call. Limiting glibc to one
+arena (M_ARENA_MAX = 1, effective only before any other thread allocates) removes those faults too, and measured
+no faster (benchmarks/README.md, "The train step's page faults"). The price: the process keeps its peak heap (its resident memory does not
 shrink after the largest program has run). Accelerator hosts usually get this from tcmalloc (JAX's TPU images
 preload it), under which these glibc settings have no effect.
 """

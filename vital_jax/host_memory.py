@@ -19,9 +19,9 @@ heap is returned only beyond that). What it does not cover: a program's temporar
 one block per call on a worker thread (393 MB for the peer train step): glibc serves a thread arena's blocks above
 64 MiB with mmap whatever M_MMAP_MAX says, so that block is still faulted in on every call. Limiting glibc to one
 arena (M_ARENA_MAX = 1, effective only before any other thread allocates) removes those faults too, and measured
-no faster (benchmarks/README.md, "The train step's page faults"). The price: the process keeps its peak heap (its resident memory does not
-shrink after the largest program has run). Accelerator hosts usually get this from tcmalloc (JAX's TPU images
-preload it), under which these glibc settings have no effect.
+no faster (benchmarks/README.md, "The train step's page faults"). The price: the process keeps its peak heap
+(its resident memory does not shrink after the largest program has run). Accelerator hosts usually get this from
+tcmalloc (JAX's TPU images preload it), under which these glibc settings have no effect.
 """
 
 from __future__ import annotations

@@ -250,14 +250,11 @@ def evaluate_medsynapse(checkpoint: str, benchmark: str, data_dir: str, out_dir:
     if trained is None:
         cli.status(f"loading the MedSynapse-V run in {checkpoint}...")
         trained = trainer.load_trained(checkpoint)
-    encoder = encoder_params = None
-    if "sampler" in memories:
-        encoder, encoder_params = trainer.anatomical_encoder(config, trained.paths)
     n_timed = len(examples) if latency_examples is None else min(max(latency_examples, 1), len(examples))
     summaries = []
     for memory in memories:
-        def make(size, memory=memory):
-            return predict_lib.MemoryPredictor(trained, memory, size, max_new_tokens, encoder, encoder_params)
+        def make(size, memory=memory):  # built once per run: a later split's evaluation reuses its programs
+            return predict_lib.shared_predictor(trained, memory, size, max_new_tokens)
 
         predictor = make(batch_size)
         batches = [predictor.encode([e.image for e in examples[i:i + batch_size]],

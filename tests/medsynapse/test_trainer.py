@@ -709,7 +709,7 @@ def test_train_command_dispatches_a_medsynapse_config(three_stage_run, demo_asse
 # ---- Evaluation of a trained run --------------------------------------------------------------------------------
 
 def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_stored_features(three_stage_run,
-                                                                                             tmp_path):
+                                                                                             tmp_path, monkeypatch):
     from vital_jax.data.records import RECORDS_FILE, read_records
     from vital_jax.eval import load_benchmark
     from vital_jax.evaluate import evaluate_medsynapse
@@ -727,6 +727,25 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
         assert s["meta"]["memory_position"] == "assistant_turn"  # where the answers' memory went, as trained
         assert len((out / memory / "phantom_vqa.predictions.jsonl").read_text().splitlines()) == 5
 
+    # Evaluating the run again (the study evaluates a test and a select split) reuses each branch's predictors and
+    # their compiled programs: nothing is built, traced or loaded again, and the answers are the same.
+    built = dict(run.predictors)
+    assert sorted(built) == [(m, size, int(run.config.data.max_answer_tokens)) for m in ("autonomous", "sampler")
+                             for size in (1, 2)]
+    traced = []
+    generate = memory_lib.generate
+    monkeypatch.setattr(memory_lib, "generate", lambda *a, **k: traced.append(a) or generate(*a, **k))
+    monkeypatch.setattr(predict, "anatomical_encoder", lambda *a: pytest.fail("E_ana loaded again"))
+    again = evaluate_medsynapse(workdir, "phantom_vqa", run.paths.data_dir, str(tmp_path / "again"), ["sampler"],
+                                split="train", limit=5, batch_size=2, trained=run, latency_examples=2)
+    assert traced == [] and run.predictors.keys() == built.keys()
+    assert all(run.predictors[k] is built[k] for k in built)
+    def predictions(directory):
+        return [json.loads(line)["prediction"] for line in (directory / "phantom_vqa.predictions.jsonl").open()]
+
+    assert predictions(tmp_path / "again") == predictions(out / "sampler") and again[0]["count"] == 5
+    monkeypatch.undo()
+
     # The deployed predictor's program gets exactly the backbone (+ LoRA) and A_psi.
     assert sorted(predict.MemoryPredictor(run, "autonomous", 2, 4).params) == ["autonomous", "backbone"]
     with pytest.raises(ValueError, match="Stage III"):
@@ -734,9 +753,9 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
 
     # The teacher branch runs E_ana on the image at evaluation: the same F as the store training read, and the
     # same answer as memory.generate with the stored F.
-    encoder, encoder_params = trainer.anatomical_encoder(run.config, run.paths)
-    max_new_tokens = int(run.config.data.max_answer_tokens)  # evaluate's: these predictors reuse its programs
-    teacher = predict.MemoryPredictor(run, "sampler", 2, max_new_tokens, encoder, encoder_params)
+    max_new_tokens = int(run.config.data.max_answer_tokens)  # evaluate's: this is the predictor it built
+    teacher = predict.shared_predictor(run, "sampler", 2, max_new_tokens)
+    encoder, encoder_params = teacher.encoder, teacher.params["encoder"]
     examples = load_benchmark("phantom_vqa", run.paths.data_dir, split="train", limit=2)
     rows = {r.id: i for i, r in enumerate(read_records(os.path.join(run.paths.data_dir, RECORDS_FILE)))}
     encoded, n = teacher.encode([e.image for e in examples], [e.prompt for e in examples])

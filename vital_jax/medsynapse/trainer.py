@@ -880,6 +880,9 @@ class TrainedMedSynapse:
     params: dict
     stages_done: tuple[str, ...]
     steps: dict[str, int]
+    # Predictors built for this run (`predict.shared_predictor`), by (memory, batch_size, max_new_tokens): the
+    # evaluations of several splits (the study's test and select) reuse one compiled program per branch and shape.
+    predictors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

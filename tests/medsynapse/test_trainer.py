@@ -740,6 +740,7 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
                                 split="train", limit=5, batch_size=2, trained=run, latency_examples=2)
     assert traced == [] and run.predictors.keys() == built.keys()
     assert all(run.predictors[k] is built[k] for k in built)
+
     def predictions(directory):
         return [json.loads(line)["prediction"] for line in (directory / "phantom_vqa.predictions.jsonl").open()]
 
@@ -778,7 +779,9 @@ def test_evaluation_answers_with_either_memory_branch_and_the_teacher_sees_the_s
             config.text, scan_layers=True)), run.backbone.lora),
         params={**run.params, "backbone": qwen3_vl_params.to_layout(run.params["backbone"], True)})
     assert "layers" in scanned.params["backbone"]["language_model"]["model"]
-    deployed = predict.MemoryPredictor(scanned, "autonomous", 2, max_new_tokens)
+    # (A replaced run shares `predictors` with the run it replaces, and gets its own predictor from it.)
+    deployed = predict.shared_predictor(scanned, "autonomous", 2, max_new_tokens)
+    assert deployed is not built[("autonomous", 2, max_new_tokens)]
     assert "layers" not in deployed.params["backbone"]["language_model"]["model"]
     encoded, n = deployed.encode([e.image for e in examples], [e.prompt for e in examples])
     assert deployed.run_encoded(encoded, n)[0] == predict.MemoryPredictor(

@@ -57,7 +57,7 @@ class MemoryPredictor(PromptEncoder):
             raise ValueError("memory='sampler' needs the anatomical encoder E_ana (encoder, encoder_params)")
         super().__init__(trained.backbone.config, trained.config.data, trained.paths.tokenizer_dir, batch_size)
         self.memory = memory
-        self.source_params = dict(trained.params)  # what `shared_predictor` checks before reusing this predictor
+        self._source = _source_of(trained)  # what `shared_predictor` checks before reusing this predictor
         self.encoder = encoder if memory == "sampler" else None
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                        pad_token_id=self.special[prompt.ENDOFTEXT])
@@ -107,10 +107,13 @@ class MemoryPredictor(PromptEncoder):
         texts = [self.decode(row, length) for row, length in zip(tokens[:n], np.asarray(lengths)[:n])]
         return texts, elapsed / self.batch_size
 
-    def built_from(self, params: dict) -> bool:
-        """Whether this predictor was built from exactly these trained parameter trees (not replaced since)."""
-        return (params.keys() == self.source_params.keys()
-                and all(params[k] is self.source_params[k] for k in params))
+    def built_for(self, trained) -> bool:
+        """Whether this predictor was built from exactly this run's modules, parameter trees, config and paths (none
+        replaced since)."""
+        source = _source_of(trained)
+        return (source.keys() == self._source.keys()
+                and all(source[k] is self._source[k] or (k == "paths" and source[k] == self._source[k])
+                        for k in source))
 
     def warm_up(self, encoded_batches) -> None:
         """Compile once per distinct prompt bucket, so that reported latencies exclude compilation."""
@@ -125,17 +128,24 @@ class MemoryPredictor(PromptEncoder):
 def shared_predictor(trained, memory: str, batch_size: int, max_new_tokens: int) -> MemoryPredictor:
     """The run's MemoryPredictor for (memory, batch_size, max_new_tokens), built once (`TrainedMedSynapse.predictors`)
     so that its compiled programs serve every later evaluation of the run (a new predictor traces and compiles its
-    programs again: ~10 s a branch for the study's tiny models); rebuilt if `trained.params` were replaced since.
+    programs again: ~10 s a branch for the study's tiny models); rebuilt if the run's modules, parameters, config or
+    paths were replaced since (`dataclasses.replace` of a run shares its `predictors`).
     E_ana (memory="sampler") is loaded once per run and shared by the sampler branch's predictors."""
     key = (memory, batch_size, max_new_tokens)
     predictor = trained.predictors.get(key)
-    if predictor is None or not predictor.built_from(trained.params):
+    if predictor is None or not predictor.built_for(trained):
         encoder = encoder_params = None
         if memory == "sampler":
-            loaded = [p for p in trained.predictors.values()
-                      if p.memory == "sampler" and p.built_from(trained.params)]
+            loaded = [p for p in trained.predictors.values() if p.memory == "sampler" and p.built_for(trained)]
             encoder, encoder_params = ((loaded[0].encoder, loaded[0].params["encoder"]) if loaded
                                        else anatomical_encoder(trained.config, trained.paths))
         predictor = trained.predictors[key] = MemoryPredictor(trained, memory, batch_size, max_new_tokens, encoder,
                                                               encoder_params)
     return predictor
+
+
+def _source_of(trained) -> dict:
+    """What a predictor is built from: the modules, each parameter tree, the config and the paths of the run."""
+    return {"backbone": trained.backbone, "sampler": trained.sampler, "autonomous": trained.autonomous,
+            "config": trained.config, "paths": trained.paths,
+            **{f"params.{name}": tree for name, tree in trained.params.items()}}

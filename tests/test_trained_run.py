@@ -280,6 +280,16 @@ def test_shared_predictor_is_built_once_per_run_and_shape(workdir):
     rebuilt = shared_predictor(run, 1, 8)
     assert rebuilt is not predictor and rebuilt.source_params is run.params["backbone"]
     assert load_run(workdir).predictors == {}  # each loaded run has its own
+    # A replaced run shares `predictors` with the run it replaces (dataclasses.replace copies the reference) and
+    # gets predictors of its own: another model, or other pause embeddings, with the same backbone parameters.
+    other_model = dataclasses.replace(run, model=dataclasses.replace(run.model))
+    for_other = shared_predictor(other_model, 1, 8)
+    assert other_model.predictors is run.predictors and for_other is not rebuilt
+    paused = dataclasses.replace(run, params={**run.params, "pause_embeddings": jnp.zeros((2, 4))})
+    assert shared_predictor(paused, 1, 8) is not for_other
+    current = shared_predictor(run, 2, 8)
+    run.paths = dataclasses.replace(run.paths)  # equal paths: still the same predictor
+    assert shared_predictor(run, 2, 8) is current
 
 
 def test_a_run_trained_with_scanned_layers_is_decoded_unrolled_with_the_same_answers(workdir):

@@ -34,6 +34,7 @@ class Predictor(PromptEncoder):
         # 8B recipe, would otherwise copy every layer's weights out of the stacks at each answer token), float32
         # adapters folded in, fused projections.
         self.source_params = run.params["backbone"]
+        self._source = _source_of(run)  # what `shared_predictor` checks before reusing this predictor
         backbone_config, self.backbone_params, lora = qwen3_vl_params.decoding_layout(
             run.model.backbone_config, self.source_params, run.model.config.lora)
         self.model = dataclasses.replace(run.model, backbone_config=backbone_config,
@@ -50,6 +51,12 @@ class Predictor(PromptEncoder):
         # The program's part before decoding, up to a phase (`latent.answer_phases`), for `phase_latency`.
         self._phases = jax.jit(lambda bp, pre, k, k_slots, until: latent.answer_phases(
             model.backbone, bp, pre, k, k_slots, max_new_tokens, pause, until=until)[2], static_argnums=(3, 4))
+
+    def built_for(self, run: TrainedRun) -> bool:
+        """Whether this predictor was built from exactly this run's model, config, paths, backbone parameters and
+        pause embeddings (none replaced since)."""
+        source = _source_of(run)
+        return all(source[k] is self._source[k] or (k == "paths" and source[k] == self._source[k]) for k in source)
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""
@@ -117,12 +124,19 @@ class Predictor(PromptEncoder):
 
 def shared_predictor(run: TrainedRun, batch_size: int, max_new_tokens: int) -> Predictor:
     """The run's Predictor for (batch_size, max_new_tokens), built once (`TrainedRun.predictors`) so its compiled
-    programs serve every later caller; rebuilt if `run.params` were replaced since."""
+    programs serve every later caller; rebuilt if the run's model, config, paths or parameters were replaced since
+    (`dataclasses.replace` of a run shares its `predictors`)."""
     key = (batch_size, max_new_tokens)
     predictor = run.predictors.get(key)
-    if predictor is None or predictor.source_params is not run.params["backbone"]:
+    if predictor is None or not predictor.built_for(run):
         predictor = run.predictors[key] = Predictor(run, batch_size=batch_size, max_new_tokens=max_new_tokens)
     return predictor
+
+
+def _source_of(run: TrainedRun) -> dict:
+    """What a Predictor is built from (everything `Predictor.__init__` reads of the run)."""
+    return {"model": run.model, "config": run.config, "paths": run.paths, "backbone": run.params["backbone"],
+            "pause_embeddings": run.params.get("pause_embeddings")}
 
 
 def warm_up_all(calls, workers: int = 2) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.models.qwen3_vl import prompt
-from vital_jax.prompt_encoder import PromptEncoder
+from vital_jax.prompt_encoder import PromptEncoder, same_source
 from vital_jax.run import TrainedRun
 from vital_jax.vital import latent
 
@@ -55,8 +55,7 @@ class Predictor(PromptEncoder):
     def built_for(self, run: TrainedRun) -> bool:
         """Whether this predictor was built from exactly this run's model, config, paths, backbone parameters and
         pause embeddings (none replaced since)."""
-        source = _source_of(run)
-        return all(source[k] is self._source[k] or (k == "paths" and source[k] == self._source[k]) for k in source)
+        return same_source(_source_of(run), self._source)
 
     def answer(self, images: Sequence, questions: Sequence[str], latent_steps: int):
         """Returns (answers list[str], z (n, K_max, D), per-example latency in ms)."""

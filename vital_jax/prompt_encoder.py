@@ -24,6 +24,14 @@ def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}")
 
 
+def same_source(current: dict, recorded: dict) -> bool:
+    """Whether what a cached predictor was built from (`recorded`: name -> object) is still what the run holds
+    (`current`): the same objects (a replaced module, config or parameter tree means a new predictor), the
+    frozen-dataclass `paths` compared by value. Shared by VITAL's and MedSynapse-V's `shared_predictor`."""
+    return current.keys() == recorded.keys() and all(
+        current[k] is recorded[k] or (k == "paths" and current[k] == recorded[k]) for k in current)
+
+
 class PromptEncoder:
     """(image, question) pairs -> fixed-shape `PrefixInputs` (prompt and patch buckets, so that one compiled
     program serves every batch). Needs no parameters: the training probe encodes its example with it too."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vital_jax.generation import SamplingConfig
-from vital_jax.prompt_encoder import PromptEncoder
+from vital_jax.prompt_encoder import PromptEncoder, same_source
 from vital_jax.medsynapse import deploy
 from vital_jax.medsynapse import memory as memory_lib
 from vital_jax.medsynapse.encoder import AnatomicalEncoder
@@ -110,10 +110,7 @@ class MemoryPredictor(PromptEncoder):
     def built_for(self, trained) -> bool:
         """Whether this predictor was built from exactly this run's modules, parameter trees, config and paths (none
         replaced since)."""
-        source = _source_of(trained)
-        return (source.keys() == self._source.keys()
-                and all(source[k] is self._source[k] or (k == "paths" and source[k] == self._source[k])
-                        for k in source))
+        return same_source(_source_of(trained), self._source)
 
     def warm_up(self, encoded_batches) -> None:
         """Compile once per distinct prompt bucket, so that reported latencies exclude compilation."""

@@ -509,6 +509,9 @@ def test_a_branch_keeps_the_run_up_to_a_finished_stage_for_its_later_stages_to_t
     assert result["stages"] == ("warmup", "ccr") and result["steps"] == {"warmup": 3, "ccr": 4}
     assert sorted(os.listdir(workdir)) == before and not os.path.exists(str(out) + ".partial")
     assert not (out / "stage_imt").exists() and (out / trainer.FEATURES_DIR).is_dir()
+    # Its paths lie outside the run (the shared demo assets): recorded as they were, nothing more copied.
+    assert trainer.trained_paths(str(out)) == trainer.trained_paths(workdir)
+    assert sorted(os.listdir(out)) == sorted(set(before) & set(os.listdir(out)))
     # What binds the run's later stages comes along: its training records and global batch.
     for name in ("train_records.json", GLOBAL_BATCH_FILE):
         assert (out / name).read_text() == open(os.path.join(workdir, name)).read(), name
@@ -531,6 +534,34 @@ def test_a_branch_keeps_the_run_up_to_a_finished_stage_for_its_later_stages_to_t
         branch.branch(str(tmp_path / "after_warmup"), "ccr", str(tmp_path / "nothing"))
     with pytest.raises(FileExistsError, match="not an empty directory"):
         branch.branch(workdir, "warmup", str(out))
+
+
+def test_a_branch_copies_the_assets_its_paths_name_inside_the_run(three_stage_run, demo_assets, tmp_path):
+    """A demo run's paths.json names its own demo/ folder (data, tokenizer, backbone, E_ana). The branch copied
+    paths.json as it was, so it read the original's demo/ and failed to load once the original was deleted; it now
+    copies the folder and names the copies. A path inside one of the run's own folders is refused."""
+    from vital_jax.medsynapse import branch
+
+    source = tmp_path / "demo_run"
+    shutil.copytree(three_stage_run[0], source)
+    shutil.copytree(demo_assets, source / "demo")
+    recorded = dataclasses.asdict(trainer.trained_paths(str(source)))
+    relative = {field: os.path.relpath(path, demo_assets) for field, path in recorded.items()}
+    assert not any(r.startswith(os.pardir) for r in relative.values()), relative  # all four in the demo's folder
+    (source / trainer.PATHS_FILE).write_text(json.dumps({f: str(source / "demo" / r) for f, r in relative.items()}))
+    out = tmp_path / "branched"
+    branch.branch(str(source), "warmup", str(out))
+    shutil.rmtree(source)
+    copies = {field: str(out / "demo" / r) for field, r in relative.items()}
+    assert dataclasses.asdict(trainer.trained_paths(str(out))) == copies
+    run = trainer.load_trained(str(out))
+    assert run.stages_done == ("warmup",) and run.paths.data_dir == str(out / "demo" / relative["data_dir"])
+    assert trainer.load_feature_store(str(out), run.paths).features.shape[0] > 0
+
+    (out / trainer.PATHS_FILE).write_text(json.dumps(dict(recorded, encoder_dir=str(out / "stage_warmup"))))
+    with pytest.raises(ValueError, match="encoder_dir=.*inside one of the run's own folders"):
+        branch.branch(str(out), "warmup", str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused") and not os.path.exists(str(tmp_path / "refused") + ".partial")
 
 
 def test_a_run_recorded_before_the_newer_fields_loads_exports_and_resumes(three_stage_run, paths, tmp_path):

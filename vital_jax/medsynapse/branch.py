@@ -7,14 +7,18 @@ stages after it can train again with other settings while the original run stays
 
 The branch gets the kept stages' checkpoint folders, the anatomical feature store, the recorded paths and training
 records, the metrics rows the kept stages logged, and the recorded config with `medsynapse.stages` ending at
-`--stage`. Its later stages are then appended stages (`trainer.train`): their settings may differ from the
-original run's, what the kept stages trained may not. Not copied: TensorBoard events (the branch's start with its
-new stages), evaluations, exports and the summary. The copy is made beside `--out` and renamed into place, so an
-interrupted branch leaves no half-made workdir.
+`--stage`. Recorded paths inside the run's workdir (a demo run's `demo/` folder: its data, tokenizer, backbone and
+E_ana) are copied too, and the branch's paths.json names the copies, so the branch does not depend on the
+original; paths outside it (a user's dataset and checkpoints) are recorded as they were. Its later stages are then
+appended stages (`trainer.train`): their settings may differ from the original run's, what the kept stages trained
+may not. Not copied: TensorBoard events (the branch's start with its new stages), evaluations, exports and the
+summary. The copy is made beside `--out` and renamed into place, so an interrupted branch leaves no half-made
+workdir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,11 +51,13 @@ def branch(workdir: str, stage: str, out: str) -> dict:
     kept = [s for s in config.medsynapse.stages if trainer.STAGES.index(s) <= trainer.STAGES.index(stage)]
     partial = out.rstrip(os.sep) + ".partial"
     with workdir_lib.WorkdirLock(workdir):  # not while a run trains there
+        paths, assets = _rebased_paths(workdir, out, dataclasses.asdict(trainer.trained_paths(workdir)))
         shutil.rmtree(partial, ignore_errors=True)  # what an interrupted branch left
         os.makedirs(partial)
-        for name in (trainer.FEATURES_DIR, *(os.path.basename(trainer.stage_dir(workdir, s)) for s in kept)):
+        for name in (trainer.FEATURES_DIR, *(os.path.basename(trainer.stage_dir(workdir, s)) for s in kept),
+                     *sorted(assets)):
             shutil.copytree(os.path.join(workdir, name), os.path.join(partial, name))
-        shutil.copy2(os.path.join(workdir, trainer.PATHS_FILE), os.path.join(partial, trainer.PATHS_FILE))
+        atomic_write(os.path.join(partial, trainer.PATHS_FILE), lambda f: json.dump(paths, f, indent=2))
         for name in (workdir_lib.TRAIN_RECORDS_FILE, workdir_lib.GLOBAL_BATCH_FILE):
             if os.path.exists(os.path.join(workdir, name)):  # runs made before it was recorded have none; the
                 shutil.copy2(os.path.join(workdir, name), os.path.join(partial, name))   # next stage records it
@@ -65,6 +71,26 @@ def branch(workdir: str, stage: str, out: str) -> dict:
         os.rmdir(out)  # empty (checked above)
     os.rename(partial, out)
     return {"out": out, "stages": tuple(kept), "steps": {s: finished[s] for s in kept}, "metrics_rows": len(rows)}
+
+
+def _rebased_paths(workdir: str, out: str, recorded: dict[str, str]) -> tuple[dict[str, str], set[str]]:
+    """`recorded` (paths.json's fields) with each path inside `workdir` moved to the same place under `out`, and the
+    names of `workdir`'s top-level entries that hold them (copied whole: a demo's `demo/` holds all four paths)."""
+    run_folders = {trainer.FEATURES_DIR, *(os.path.basename(trainer.stage_dir(workdir, s)) for s in trainer.STAGES)}
+    paths, assets = {}, set()
+    for field, path in recorded.items():
+        relative = os.path.relpath(path, workdir)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # outside the workdir: kept as it is
+            paths[field] = path
+            continue
+        name = relative.split(os.sep)[0]
+        if relative == os.curdir or name in run_folders:
+            raise ValueError(f"{os.path.join(workdir, trainer.PATHS_FILE)}: {field}={path} is the workdir or inside "
+                             "one of the run's own folders; a branch copies the folders the run's paths name, and "
+                             "cannot copy that one without the stages it leaves out")
+        assets.add(name)
+        paths[field] = os.path.join(out, relative)
+    return paths, assets
 
 
 def _kept_metrics(path: str, stages: set[str]) -> list[str]:

@@ -42,6 +42,33 @@ class _FakeTTY(io.StringIO):
         return True
 
 
+def test_the_writer_does_not_load_torch_and_leaves_it_importable(tmp_path):
+    """tensorboardX's writer imports torch whenever it is installed (seconds and ~200 MB of every training
+    process, for nothing): in a fresh process the summaries are written without it, an image included, and torch
+    imports normally afterwards. (In this process torch is loaded already: the writer then leaves it alone.)"""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from vital_jax.observability import TensorBoardWriter\n"
+        f"with TensorBoardWriter({str(tmp_path)!r}) as w:\n"
+        "    w.scalars(1, {'loss': 2.0}); w.image(1, 'im', np.zeros((2, 2, 3), np.uint8)); w.text(1, 't', 'x')\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "import torch\n"
+        "print(loaded, torch.ones(2).sum().item())\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["[]", "2.0"], (res.stdout, res.stderr[-2000:])
+    events = read_events(tmp_path)
+    assert events.Scalars("loss")[0].value == 2.0 and len(events.Images("im")) == 1
+
+    import torch
+
+    with obs.TensorBoardWriter(str(tmp_path / "loaded")) as writer:
+        writer.scalars(1, {"loss": 1.0})
+    assert sys.modules["torch"] is torch
+
+
 def test_scalars_an_image_and_text_read_back_in_tensorboard(tmp_path):
     rgb = np.zeros((6, 8, 3), np.uint8)
     rgb[1, 2] = (255, 0, 0)

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 # Thirds of the image: centroid coordinate (0..1) -> word.
 HORIZONTAL = ("left", "center", "right")
@@ -203,25 +204,13 @@ def box_sum(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _convex_hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of (N, 2) points (Andrew's monotone chain + shoelace)."""
-    pts = np.unique(points, axis=0)
-    if len(pts) < 3:
+    """Area of the convex hull of (N, 2) points: Qhull finds the hull's vertices (counter-clockwise in 2-D) and the
+    shoelace formula sums them, exactly for the integer pixel corners `_shape` passes; 0 for fewer than three
+    points or collinear ones (no hull with an area; Qhull would refuse them)."""
+    pts = np.asarray(points, np.float64)
+    if len(pts) < 3 or np.linalg.matrix_rank(pts - pts[0]) < 2:
         return 0.0
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-
-    def half(seq):
-        hull = []
-        for p in seq:
-            while len(hull) >= 2:
-                (ax, ay), (bx, by) = hull[-2], hull[-1]
-                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) > 0:
-                    break
-                hull.pop()
-            hull.append(tuple(p))
-        return hull
-
-    lower, upper = half(pts), half(pts[::-1])
-    hull = np.asarray(lower[:-1] + upper[:-1], np.float64)
+    hull = pts[ConvexHull(pts).vertices]
     x, y = hull[:, 0], hull[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
@@ -242,7 +231,7 @@ def _shape(mask: np.ndarray) -> Shape:
                 for s, a in ((1, 0), (-1, 0), (1, 1), (-1, 1)))
     perimeter = edges * math.pi / 4.0
     circularity = min(1.0, 4.0 * math.pi * area / max(perimeter, 1e-9) ** 2)
-    boundary = mask & ~(box_sum(mask, 1) == 9)
+    boundary = mask & ~ndimage.binary_erosion(mask, np.ones((3, 3), bool))  # beyond the image: not in the mask
     br, bc = np.nonzero(boundary)
     corners = np.concatenate([np.stack([br + dr, bc + dc], 1) for dr in (0, 1) for dc in (0, 1)])
     solidity = min(1.0, area / max(_convex_hull_area(corners), 1.0))
@@ -276,24 +265,30 @@ def _thirds(counts: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(counts[index == i].sum() / total) for i in range(3))
 
 
+def _gray(image: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """The gray values (float64; RGB averaged) of `image`'s pixels where `where` is set: only those pixels are
+    converted, not the whole image."""
+    values = image[where].astype(np.float64)
+    return values.mean(axis=-1) if values.ndim == 2 else values
+
+
 def measure(image: np.ndarray, mask: np.ndarray) -> MaskGeometry:
     """Measure `mask` (bool (H, W), non-empty) over `image` (uint8 (H, W) or (H, W, 3); RGB is averaged)."""
     if mask.ndim != 2 or not mask.any():
         raise ValueError(f"measure needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels")
-    gray = image.astype(np.float64)
-    if gray.ndim == 3:
-        gray = gray.mean(axis=-1)
-    if gray.shape != mask.shape:
-        raise ValueError(f"image {gray.shape} and mask {mask.shape} differ in size")
+    if image.shape[:2] != mask.shape or image.ndim not in (2, 3):
+        raise ValueError(f"image {image.shape} and mask {mask.shape} differ in size (expected an (H, W) or "
+                         "(H, W, C) image of the mask's size)")
     h, w = mask.shape
     rows, cols = np.nonzero(mask)
     area = rows.size
     shape = _shape(mask)
     parts = _parts(mask)
     radius = max(2, int(round(0.03 * max(h, w))))
-    ring = (box_sum(mask, radius) > 0) & ~mask
-    surround = gray[ring] if ring.any() else gray[mask]
-    inside = gray[mask]
+    # Pixels within `radius` of the mask (a square window; separable, whatever the radius), less the mask.
+    ring = ndimage.maximum_filter(mask, size=2 * radius + 1, mode="constant", cval=False) & ~mask
+    inside = _gray(image, mask)
+    surround = _gray(image, ring) if ring.any() else inside
     return MaskGeometry(area_fraction=area / (h * w), centroid=(float(rows.mean() + 0.5) / h,
                                                                 float(cols.mean() + 0.5) / w),
                         bbox=(int(rows.min()) / h, int(cols.min()) / w, (int(rows.max()) + 1) / h,

@@ -194,15 +194,6 @@ def where(g: MaskGeometry) -> str:
     return f"in the {_join(cores)} part{'s' if len(cores) > 1 else ''} of the image"
 
 
-def box_sum(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Sum of `mask` over a (2r+1)^2 window at every pixel (integral image; cost independent of r)."""
-    padded = np.pad(mask.astype(np.int64), radius + 1)
-    integral = padded.cumsum(0).cumsum(1)
-    k = 2 * radius + 1
-    h, w = mask.shape
-    return (integral[k:k + h, k:k + w] - integral[:h, k:k + w] - integral[k:k + h, :w] + integral[:h, :w])
-
-
 def _convex_hull_area(points: np.ndarray) -> float:
     """Area of the convex hull of (N, 2) points: Qhull finds the hull's vertices (counter-clockwise in 2-D) and the
     shoelace formula sums them, exactly for the integer pixel corners `_shape` passes; 0 for fewer than three

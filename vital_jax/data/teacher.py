@@ -40,9 +40,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from absl import logging
 from PIL import Image
+from scipy import ndimage
 
 from vital_jax.data import geometry, ingest, quality_gate, records
-from vital_jax.data.geometry import box_sum
 from vital_jax.data.geometry_teacher import GeometryTeacher, mask_verdict
 from vital_jax.data.questions import CLOSED_TYPES, Question
 from vital_jax.data.records import STEP_RANGES
@@ -64,9 +64,8 @@ def render_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_A
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
     out = image.astype(np.float64).copy()
     out[mask] = (1.0 - alpha) * out[mask] + alpha * np.asarray(OVERLAY_COLOR, np.float64)
-    radius = max(1, max(mask.shape) // 512)
-    window = (2 * radius + 1) ** 2
-    boundary = mask & (box_sum(mask, radius) < window)
+    side = 2 * max(1, max(mask.shape) // 512) + 1
+    boundary = mask & ~ndimage.binary_erosion(mask, np.ones((side, side), bool))  # beyond the image: background
     out[boundary] = CONTOUR_COLOR
     return np.round(out).astype(np.uint8)
 

@@ -72,7 +72,8 @@ PARTS = (
     ("MLP", r"/mlp/"),
     ("norms", r"norm"),
     ("LM head + task loss", r"lm_head|log_softmax|token_cross_entropy|task_loss"),
-    ("optimizer (AdamW, clipping)", r"optax|adam|scale_by|clip|global_norm|apply_updates"),
+    # The steps run the update under jax.named_scope("optimizer"): its fused ops carry no optax name of their own.
+    ("optimizer (AdamW, clipping)", r"/optimizer/|optax|adam|scale_by|clip|global_norm|apply_updates"),
 )
 
 

@@ -54,8 +54,10 @@ def train_step(model: VitalModel, optimizer: optax.GradientTransformation, state
         return out.loss, out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # A named scope, so that profiles (benchmarks.profile_train_step) attribute the update's fused ops to it.
+    with jax.named_scope("optimizer"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "task_loss": out.task_loss, "grad_norm": global_norm(grads),
                **latent_diagnostics(out.z, out.valid_steps)}
     # A term with weight 0 is not computed (VitalModel.forward): logging its 0 would read as a perfect fit.

@@ -72,7 +72,7 @@ PARTS = (
     ("MLP", r"/mlp/"),
     ("norms", r"norm"),
     ("LM head + task loss", r"lm_head|log_softmax|token_cross_entropy|task_loss"),
-    # The steps run the update under jax.named_scope("optimizer"): its fused ops carry no optax name of their own.
+    # The steps update under jax.named_scope("optimizer") (`freeze.apply_update`): the fused ops carry no optax name.
     ("optimizer (AdamW, clipping)", r"/optimizer/|optax|adam|scale_by|clip|global_norm|apply_updates"),
 )
 

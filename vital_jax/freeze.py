@@ -36,3 +36,12 @@ def split(params: dict, mask: dict) -> tuple[dict, dict]:
 def merge(trainable: dict, frozen: dict) -> dict:
     """Inverse of `split`."""
     return jax.tree.map(lambda t, f: f if is_masked(t) else t, trainable, frozen, is_leaf=is_masked)
+
+
+def apply_update(optimizer: optax.GradientTransformation, grads: dict, opt_state, params: dict):
+    """One optimizer step on the trainable tree -> (new params, new optimizer state). Under
+    `jax.named_scope("optimizer")`: the update's fused ops carry no optax name of their own, and the scope lets
+    profiles (benchmarks.profile_train_step) attribute them to the optimizer."""
+    with jax.named_scope("optimizer"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state

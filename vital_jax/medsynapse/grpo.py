@@ -499,10 +499,7 @@ def update(backbone: Qwen3VLForConditionalGeneration, config: GRPOConfig, optimi
     updates of a rollout batch share one compiled update."""
     (loss, aux), grads = policy_gradient(backbone, config, state.params, frozen, batch, rollout_, old_log_probs,
                                          advantages, ref_log_probs)
-    # Named for profiles, as vital.train_step's update.
-    with jax.named_scope("optimizer"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    params, opt_state = freeze.apply_update(optimizer, grads, state.opt_state, state.params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     step = state.step + jnp.asarray(ends_rollout, state.step.dtype)
     return state.replace(step=step, params=params, opt_state=opt_state), metrics

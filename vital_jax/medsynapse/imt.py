@@ -299,10 +299,7 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
                             valid, batch.example_valid, beta, m_pri, memory_match)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # Named for profiles, as vital.train_step's update.
-    with jax.named_scope("optimizer"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+    new_params, opt_state = freeze.apply_update(optimizer, grads, state.opt_state, state.params)
     counted = batch.example_valid
     n_valid = jnp.maximum(counted.sum(), 1)
     metrics = {"loss": loss, "jsd": valid_mean(aux["jsd_per_example"], counted),

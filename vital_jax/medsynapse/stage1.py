@@ -120,10 +120,7 @@ def train_step(backbone: Qwen3VLForConditionalGeneration, sampler: DiagnosticMem
                            deterministic=False, rng=step_rng, prompt_tail=prompt_tail)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # Named for profiles, as vital.train_step's update.
-    with jax.named_scope("optimizer"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    params, opt_state = freeze.apply_update(optimizer, grads, state.opt_state, state.params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "memory_rms": aux["memory_rms"],
                "answer_tokens": aux["tokens"].sum()}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vital_jax import sharding
+from vital_jax import freeze, sharding
 from vital_jax.vital import trainable
 from vital_jax.vital.batch import VitalBatch
 from vital_jax.vital.model import VitalModel
@@ -54,10 +54,7 @@ def train_step(model: VitalModel, optimizer: optax.GradientTransformation, state
         return out.loss, out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # A named scope, so that profiles (benchmarks.profile_train_step) attribute the update's fused ops to it.
-    with jax.named_scope("optimizer"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    params, opt_state = freeze.apply_update(optimizer, grads, state.opt_state, state.params)
     metrics = {"loss": loss, "task_loss": out.task_loss, "grad_norm": global_norm(grads),
                **latent_diagnostics(out.z, out.valid_steps)}
     # A term with weight 0 is not computed (VitalModel.forward): logging its 0 would read as a perfect fit.

@@ -1,6 +1,7 @@
 """Shared pytest setup: float32 matmuls on CPU, quiet transformers, the shared-data location, a compilation cache."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -129,8 +130,6 @@ def pytest_collection_finish(session):
     programs. Freezing what exists once the test modules are imported takes the former out of every later walk, and
     rarer collections (the youngest generation every 10,000 allocations instead of 700, a full one every 100 of the
     middle generation's instead of 10) make the walks fewer: test_imt.py's 1.7 s instead of 6.2, the same peak
-    memory (benchmarks/README.md, "Start-up")."""
-    import gc
-
+    memory (benchmarks/README.md, "Start-up and the garbage collector")."""
     gc.freeze()
     gc.set_threshold(10_000, 10, 100)

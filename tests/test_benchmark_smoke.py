@@ -84,7 +84,8 @@ def test_profile_train_step_quick_attributes_the_step_to_model_parts():
     rows = lines[header + 1:-1]
     parts = {re.split(r"\s{2,}", row)[0] for row in rows}
     # A VITAL step with LoRA dropout and both auxiliary terms: each of these parts executes ops.
-    for part in ("vision tower", "auxiliary decoder", "LoRA dropout (RNG + mask)", "MLP", "optimizer (AdamW, clipping)"):
+    for part in ("vision tower", "auxiliary decoder", "LoRA dropout (RNG + mask)", "MLP",
+                 "optimizer (AdamW, clipping)"):
         assert part in parts, (part, rows)
     shares = [float(row.split()[-1].rstrip("%")) for row in rows]
     assert abs(sum(shares) - 100.0) < 1.0, rows

@@ -92,7 +92,9 @@ def main(argv=None):
     kk = jnp.full((1,), k, jnp.int32)
 
     vision = jax.jit(lambda p, x, vi: backbone.apply({"params": p}, x, vi, method=backbone.encode_images))
-    encode = jax.jit(lambda p, pre: latent.encode_prefix(backbone, p, pre, cache_len))
+    # The cache in generation's layout (one stacked array, `generate_answer`): a per-layer cache would time the
+    # latent steps with copies of every layer's slots that the whole program does not make.
+    encode = jax.jit(lambda p, pre: latent.encode_prefix(backbone, p, pre, cache_len, per_layer_cache=False))
     steps = jax.jit(lambda p, cache, z0: latent.latent_loop(backbone, p, cache, z0, kk, k))
     decode = jax.jit(lambda p, cache, z: cached.decode(backbone, p, cache, z, sampling)[0])
     whole = jax.jit(lambda p, pre: latent.generate_answer(backbone, p, pre, kk, k, sampling)[0])

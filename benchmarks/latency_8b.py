@@ -71,8 +71,10 @@ def main(argv=None):
 
     # The parameters are arguments, never closed over: a closure would embed 17 GB of constants in the program.
     # The cache is returned too: returning only z0 would let XLA drop the cache writes.
+    # In generation's cache layout (stacked, as `generate_answer` prefills).
     prefix_program = jax.jit(lambda bp, pre: latent.encode_prefix(backbone, bp, pre,
-                                                                  args.prompt_len + args.k + args.answer))
+                                                                  args.prompt_len + args.k + args.answer,
+                                                                  per_layer_cache=False))
 
     fns, compile_s = {}, {}
     ks = sorted({0, args.k})

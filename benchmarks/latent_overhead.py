@@ -87,7 +87,9 @@ def main():
 
     # One latent step vs one decode step, on the same filled cache.
     cache_len = ids.shape[1] + k_max + args.answer + 2
-    kv, z0 = jax.jit(lambda bp, pre: latent.encode_prefix(backbone, bp, pre, cache_len))(params, prefix)
+    # Generation's cache layout (one stacked array), as `generate_answer` prefills it.
+    kv, z0 = jax.jit(lambda bp, pre: latent.encode_prefix(backbone, bp, pre, cache_len, per_layer_cache=False)
+                     )(params, prefix)
 
     @jax.jit
     def latent_step(bp, kv, z):

@@ -1,7 +1,7 @@
 """Data-side throughput on this machine: ROI extraction (images/s) and the grain training pipeline (samples/s).
 
     python -m benchmarks.data_throughput [--num_images 48 --hidden 256 --layers 4 --image_size 224 --batch 8
-                                          --read_threads 2]
+                                          --read_threads 2 --quick]
 
 ROI: `roi.extract_roi_features` (host view preparation + jitted, batched encoder and pooling) on a random SigLIP,
 against a reference in the same run: the same views encoded by transformers' SiglipVisionModel (PyTorch eager,
@@ -9,8 +9,7 @@ same weights) one batch at a time, pooled in numpy. Pipeline: steady-state `make
 with grain read threads, against a plain Python loop over the same per-record transform and collation. Ratios > 1
 mean the vital_jax path is faster. Compilation and iterator set-up (the first batch) are excluded.
 
-Measured 2026-11 on the shared 2-core CPU (other jobs running): ROI 32.6 vs 16.3 images/s (2.0x), pipeline 151 vs
-107 samples/s (1.4x). Rerun for your machine.
+`--quick`: tiny sizes (the CI smoke test; its rates mean nothing). Figures: the README's performance table.
 """
 
 import argparse
@@ -34,6 +33,7 @@ from vital_jax.models.qwen3_vl.tiny_tokenizer import build_tiny_tokenizer
 QUESTION = "Is there an abnormal bright region in the left lobe of the liver?"
 STEPS = ("The liver occupies the upper left of the image.", "A bright round region sits inside it.",
          "Its margin is smooth.", "So the answer is yes.")
+QUICK = dict(num_images=4, hidden=32, layers=1, image_size=56, image_side=64, batch=2)
 
 
 def _write_encoder(path: str, hidden: int, layers: int, image_size: int) -> transformers.SiglipVisionModel:
@@ -135,7 +135,11 @@ def main():
     parser.add_argument("--image_side", type=int, default=256, help="side of the synthetic source images")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--read_threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = parser.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
 
     root = tempfile.mkdtemp()
     encoder_dir, data_dir, tokenizer_dir = (os.path.join(root, d) for d in ("encoder", "data", "tokenizer"))

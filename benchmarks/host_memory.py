@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.peer_train_step import PEER, QUICK
-from benchmarks.train_step import build_hf, jax_step, synthetic
+from benchmarks.peer_train_step import PEER
+from benchmarks.train_step import QUICK, build_hf, jax_step, synthetic
 from vital_jax import host_memory
 from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration

@@ -1,11 +1,13 @@
 """What the latent loop costs at inference: latency for K = 0..4 (prefix + K latent steps + a fixed-length
 answer) and one latent step against one ordinary decode step, measured in the same run.
 
-    python -m benchmarks.latent_overhead [--hidden 256 --layers 4 --prompt 256 --answer 16 --repeats 5]
+    python -m benchmarks.latent_overhead [--hidden 256 --layers 4 --prompt 256 --answer 16 --repeats 5 --k_max 4
+                                          --quick]
 
 A latent step is a single-position forward fed a vector instead of a token id, so it should cost what a decode
 step costs (goal: <= 1.1x); the paper reports K = 4 adding ~9% over K = 0 at 8B. Random tiny Qwen3-VL (built in
-Flax, no torch), float32, one 448x448-sized image grid.
+Flax, no torch), float32, one 448x448-sized image grid. `--quick`: tiny sizes, K up to 1, one timed run (the CI
+smoke test; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
 from vital_jax.models.qwen3_vl import params as qwen3_vl_params
 from vital_jax.vital import latent
 from vital_jax.vital.batch import prefix_inputs
+
+QUICK = dict(hidden=64, layers=1, prompt=24, answer=2, grid=4, repeats=1, k_max=1)
 
 
 def best_ms(fns: dict, rounds: int) -> dict:
@@ -46,7 +50,12 @@ def main():
     p.add_argument("--answer", type=int, default=16)
     p.add_argument("--grid", type=int, default=28)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--k_max", type=int, default=4, help="latency for K = 0..k_max")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = p.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
 
     path = demo_assets.write_tiny_qwen3_vl(tempfile.mkdtemp(), hidden=args.hidden, layers=args.layers,
                                            image_pixels=(16 * args.grid) ** 2)
@@ -68,7 +77,7 @@ def main():
     prefix = prefix_inputs(ids, np.ones(ids.shape, bool), np.asarray([[1, args.grid, args.grid]]), patches, config)
     # No EOS: every K decodes exactly `answer` tokens, so the comparison isolates the latent steps.
     sampling = SamplingConfig(max_new_tokens=args.answer)
-    k_max = 4
+    k_max = args.k_max
 
     # Per-K programs (k_slots = K, what evaluation uses) and the shared K_max program (what training uses:
     # one compile for every K, masked steps still computed).

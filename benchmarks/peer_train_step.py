@@ -19,15 +19,12 @@ import argparse
 
 import torch
 
-from benchmarks.train_step import Sizes, compare
+from benchmarks.train_step import QUICK, Sizes, compare
 
 PEER = Sizes(batch=2, latent_steps=4, grid=(1, 28, 28), answer=16, step_chain=16, roi_dim=32, lora_rank=64,
              text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=4, text_head_dim=64,
              mrope_section=(12, 10, 10), vocab=32000, vision_hidden=256, vision_depth=4, vision_heads=8,
              decoder_hidden=256, decoder_layers=4, decoder_heads=4, decoder_head_dim=64)
-QUICK = Sizes(grid=(1, 4, 4), answer=4, step_chain=4, lora_rank=4, text_hidden=64, text_layers=1, text_heads=2,
-              text_kv_heads=1, vision_hidden=32, vision_depth=1, vision_heads=2, decoder_hidden=32, decoder_layers=1,
-              decoder_heads=2)
 
 
 def main(argv=None):

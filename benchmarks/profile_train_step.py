@@ -205,8 +205,7 @@ def build(args, tmp: str):
         build_hf(tmp, PEER)
         backbone_dir, decoder_dir = f"{tmp}/backbone", f"{tmp}/decoder"
     elif args.quick:  # peer_train_step's smoke-test model: one layer per tower, every part of the step
-        from benchmarks.peer_train_step import QUICK
-        from benchmarks.train_step import build_hf
+        from benchmarks.train_step import QUICK, build_hf
 
         build_hf(tmp, QUICK)
         backbone_dir, decoder_dir = f"{tmp}/backbone", f"{tmp}/decoder"

@@ -1,9 +1,11 @@
 """Qwen3 prefill and decode-step latency: vital_jax (jitted) vs transformers PyTorch eager, same process.
 
-    python -m benchmarks.qwen3_latency [--hidden 512 --layers 8 --prompt 128 --batch 1 --steps 32]
+    python -m benchmarks.qwen3_latency [--hidden 512 --layers 8 --prompt 128 --batch 1 --steps 32 --quick]
 
 Both run the same random weights in float32 on this machine's CPU. Prints milliseconds and the ratio
-torch / jax (> 1 means vital_jax is faster). Timings exclude JAX compilation (measured separately).
+torch / jax (> 1 means vital_jax is faster). Timings exclude JAX compilation (measured separately). Exits non-zero
+when the two prefills' logits differ by more than 1e-3 (not the same computation). `--quick`: tiny sizes, one
+timed run (the CI smoke test; its times mean nothing).
 """
 
 import argparse
@@ -18,6 +20,11 @@ import torch
 from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
+
+
+QUICK = dict(hidden=64, layers=1, prompt=8, batch=1, steps=2, repeats=1)
+# Beyond float32 summation-order differences (the parity tests hold the models to 1e-4 on logits).
+SAME_COMPUTATION_TOLERANCE = 1e-3
 
 
 def _median_ms(fn, repeats):
@@ -37,7 +44,11 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = parser.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
 
     path = tempfile.mkdtemp()
     heads = args.hidden // 64
@@ -82,6 +93,10 @@ def main():
 
     tids = torch.tensor(ids)
     torch.set_grad_enabled(False)
+    logit_diff = float(np.max(np.abs(np.asarray(out.logits) - hf_model(tids).logits.numpy())))
+    if not logit_diff <= SAME_COMPUTATION_TOLERANCE:
+        raise SystemExit(f"prefill logits differ by {logit_diff:.2e} between vital_jax and transformers: "
+                         "not the same computation")
     torch_prefill = _median_ms(lambda: hf_model(tids, use_cache=True), args.repeats)
     ttok = torch.zeros((args.batch, 1), dtype=torch.long)
     keyword = cache_keyword(hf_model)
@@ -97,7 +112,8 @@ def main():
 
     print(f"config: hidden {args.hidden}, layers {args.layers}, prompt {args.prompt}, batch {args.batch}, "
           f"fp32, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
-    print(f"jax compile: prefill {compile_prefill:.2f}s, decode step {compile_step:.2f}s")
+    print(f"jax compile: prefill {compile_prefill:.2f}s, decode step {compile_step:.2f}s; prefill logits max "
+          f"|jax - torch| {logit_diff:.1e}")
     print(f"prefill      jax {jax_prefill:8.2f} ms   torch {torch_prefill:8.2f} ms   "
           f"ratio torch/jax {torch_prefill / jax_prefill:5.2f}x")
     print(f"decode step  jax {jax_step:8.2f} ms   torch {torch_step:8.2f} ms   "

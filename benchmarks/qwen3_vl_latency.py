@@ -1,7 +1,8 @@
 """Qwen3-VL latency with one image: vital_jax (jitted) vs transformers PyTorch, same process, same weights.
 
     python -m benchmarks.qwen3_vl_latency [--hidden 256 --layers 4 --vision_hidden 128 --vision_depth 4
-                                           --image 448 --text 32 --steps 16 --repeats 5 --torch_threads N]
+                                           --image 448 --text 32 --steps 16 --repeats 5 --torch_threads N
+                                           --quick]
 
 A small random Qwen3-VL is built with transformers, saved with `save_pretrained` and read back with
 `vital_jax.models.qwen3_vl.load_params`. One random RGB image goes through `preprocessing.preprocess_image`
@@ -11,7 +12,9 @@ A small random Qwen3-VL is built with transformers, saved with `save_pretrained`
   decode  - one cached decode step (one token), averaged over `--steps` steps
 Prints milliseconds and the ratio torch / jax (> 1 means vital_jax is faster). JAX compilation is excluded from
 the timings and printed separately. transformers runs with SDPA attention (its fastest CPU path). JAX and torch
-runs alternate and the best of `--repeats` is kept, so both see the same background load.
+runs alternate and the best of `--repeats` is kept, so both see the same background load. Exits non-zero when the
+two prefills' logits differ by more than 1e-3 (not the same computation). `--quick`: tiny sizes, one timed run
+(the CI smoke test; its times mean nothing).
 
 On a shared CPU, torch's OpenMP threads slow down by up to 10x whenever another process holds a core (a
 descheduled thread stalls every parallel region), which inflates the ratios; `--torch_threads 1` (optionally with
@@ -36,6 +39,10 @@ from vital_jax.models.qwen3_vl.preprocessing import preprocess_image
 
 IMAGE, VISION_START, VISION_END = 190, 188, 189  # token ids of save_tiny_qwen3_vl
 FIRST_TEXT_ID = 200
+QUICK = dict(hidden=64, layers=1, vocab=1024, vision_hidden=64, vision_depth=2, image=128, text=8, steps=2,
+             repeats=1)
+# Beyond float32 summation-order differences (the parity tests hold the models to 1e-4 on logits).
+SAME_COMPUTATION_TOLERANCE = 1e-3
 
 
 def _race(jax_fn, torch_fn, repeats):
@@ -116,7 +123,11 @@ def main():
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = parser.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
@@ -181,6 +192,9 @@ def main():
 
     # Same inputs, same weights: a benchmark of a wrong path would be meaningless.
     logit_diff = float(np.max(np.abs(np.asarray(out.logits) - torch_prefill().logits.numpy())))
+    if not logit_diff <= SAME_COMPUTATION_TOLERANCE:
+        raise SystemExit(f"prefill logits differ by {logit_diff:.2e} between vital_jax and transformers: "
+                         "not the same computation")
     rows = {
         "vision": _race(_ms(lambda: jax.block_until_ready(encode(params, jpatches, vis))),
                         _ms(lambda: hf_model.model.get_image_features(tpatches, tgrid)), args.repeats),

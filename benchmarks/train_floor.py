@@ -24,8 +24,8 @@ import numpy as np
 
 from benchmarks import xla_flops
 from benchmarks.inference_floor import QUICK_MATMUL_SIDE, matmul_gflops
-from benchmarks.peer_train_step import PEER, QUICK
-from benchmarks.train_step import build_hf, jax_step, synthetic, torch_step
+from benchmarks.peer_train_step import PEER
+from benchmarks.train_step import QUICK, build_hf, jax_step, synthetic, torch_step
 from vital_jax.vital import accounting
 
 

@@ -1,6 +1,6 @@
 """Samples/s of the jitted VITAL train step against a plain PyTorch step of the same model, in one run.
 
-    python -m benchmarks.train_step [--steps 5] [--torch_threads N]
+    python -m benchmarks.train_step [--steps 5] [--torch_threads N] [--quick]
 
 Both sides hold the same tiny random model (built with transformers, converted for JAX): a Qwen3-VL backbone
 (text hidden 128 x 2 layers, vision hidden 64 x 2 blocks) with LoRA r=8 on q,k,v,o,gate,up,down of every text
@@ -11,6 +11,7 @@ The PyTorch step is written plainly with transformers' own modules: LoRA wrapper
 prefill with a DynamicCache, K latent steps feeding the last hidden state back as inputs_embeds at MRoPE position
 T + k + rope_delta, the answer teacher-forced over the cache, the three losses (Eq. 7), AdamW over the trainable
 parameters only (with global-norm clipping, as `trainable.make_optimizer`), backward through the whole loop.
+`--quick`: smaller still, one timed step (the CI smoke test; its times mean nothing).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ class Sizes:
     decoder_layers: int = 2
     decoder_heads: int = 4
     decoder_head_dim: int = 16
+
+
+# The CI smoke tests' sizes (this script's and `peer_train_step`'s `--quick`).
+QUICK = Sizes(grid=(1, 4, 4), answer=4, step_chain=4, lora_rank=4, text_hidden=64, text_layers=1, text_heads=2,
+              text_kv_heads=1, vision_hidden=32, vision_depth=1, vision_heads=2, decoder_hidden=32, decoder_layers=1,
+              decoder_heads=2)
 
 
 def build_hf(path: str, sizes: Sizes = Sizes()):
@@ -309,10 +316,12 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps of each side after the first call")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = torch's default")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1 timed step, for the CI smoke test")
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    compare(Sizes(), args.steps, warmup=args.warmup)
+    sizes, steps, warmup = (QUICK, 1, 0) if args.quick else (Sizes(), args.steps, args.warmup)
+    compare(sizes, steps, warmup=warmup)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ tower (default 2 blocks: the attention share per block is what changes).
 
     python -m benchmarks.vision_slices                  # 8 images
     python -m benchmarks.vision_slices --images 32
+    python -m benchmarks.vision_slices --quick          # 2 images of 8 x 8 patches, 1 block (the CI smoke test)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import numpy as np
 
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, vision_inputs
+
+
+QUICK = dict(images=2, grid=8, depth=1)
 
 
 def compile_tower(config, params, pixels, inputs) -> dict:
@@ -42,7 +46,11 @@ def main():
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--grid", type=int, default=28, help="patch grid side (28 = a 448x448 image)")
     p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = p.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
 
     vision = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16").vision
     # frame_attention off: this compares the two masked layouts for images of any size (equal-size frames would

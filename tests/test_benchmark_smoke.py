@@ -1,5 +1,6 @@
 """CI smoke test of the benchmarks (MedSynapse-V's, the train-step profile, the two peer comparisons and their
-floors, the host allocator comparison): the `--quick` variant of each runs to its final report line.
+floors, the host allocator comparison, the model-level latencies against transformers, the latent overhead, the
+data side, the vision tower's slices): the `--quick` variant of each runs to its final report line.
 
 Each runs in a subprocess: `medsynapse_8b` must set the CPU device count before jax is imported, and a benchmark's
 timings should not share a process with the test session. The subprocesses inherit the session's XLA flags and
@@ -131,6 +132,56 @@ def test_peer_train_step_quick_trains_both_sides_with_peft_adapters_and_prints_t
     assert any("LoRA: peft" in line for line in lines), lines
     # The header names the CPU: the ratio moves with the machine kind (benchmarks.machine).
     assert any(re.search(r"\d+ CPUs, (AVX-512|AVX2|no AVX2)", line) for line in lines), lines
+    assert re.match(rf"jax +train step: first call \(compile\) {NUMBER}s, then {NUMBER} ms/step", lines[-3]), lines
+    assert re.match(rf"torch train step: first call {NUMBER}s, then {NUMBER} ms/step", lines[-2]), lines
+    assert re.fullmatch(rf"ratio jax/torch samples/s: {NUMBER}x", lines[-1]), lines
+
+
+def test_qwen3_latency_quick_checks_both_sides_compute_alike_and_prints_both_ratios():
+    """The script exits non-zero when the prefill logits differ by more than 1e-3 (not the same computation)."""
+    lines = run_quick("qwen3_latency")
+    assert re.search(rf"prefill logits max \|jax - torch\| {NUMBER}e[-+][0-9]+$", lines[-3]), lines
+    for i, row in ((-2, "prefill"), (-1, "decode step")):
+        assert re.fullmatch(rf"{row} +jax +{NUMBER} ms +torch +{NUMBER} ms +ratio torch/jax +{NUMBER}x",
+                            lines[i]), lines
+
+
+def test_qwen3_vl_latency_quick_checks_both_sides_compute_alike_and_prints_three_ratios():
+    """The script exits non-zero when the prefill logits differ by more than 1e-3 (not the same computation)."""
+    lines = run_quick("qwen3_vl_latency")
+    assert re.search(rf"prefill logits max \|jax - torch\| {NUMBER}e[-+][0-9]+$", lines[-4]), lines
+    for i, row in ((-3, "vision"), (-2, "prefill"), (-1, "decode step")):
+        assert re.fullmatch(rf"{row} +jax +{NUMBER} ms +torch +{NUMBER} ms +ratio torch/jax +{NUMBER}x",
+                            lines[i]), lines
+
+
+def test_latent_overhead_quick_times_each_k_and_one_latent_step_against_one_decode_step():
+    lines = run_quick("latent_overhead")
+    for k in (0, 1):
+        assert re.fullmatch(rf"K={k}: +{NUMBER} ms +\({NUMBER}x K=0\) +shared K_max program: +{NUMBER} ms",
+                            lines[-3 + k]), lines
+    assert re.match(rf"latent step {NUMBER} ms vs decode step {NUMBER} ms: ratio {NUMBER}x ", lines[-1]), lines
+
+
+def test_data_throughput_quick_rates_roi_extraction_and_the_input_pipeline_against_their_references():
+    lines = run_quick("data_throughput")
+    assert re.fullmatch(rf"ROI extraction +vital_jax +{NUMBER} images/s \| transformers eager reference +{NUMBER} "
+                        rf"images/s \| ratio {NUMBER}x", lines[-2]), lines
+    assert re.fullmatch(rf"input pipeline +grain \(2 read threads\) +{NUMBER} samples/s \| plain loop +{NUMBER} "
+                        rf"samples/s \| ratio {NUMBER}x", lines[-1]), lines
+
+
+def test_vision_slices_quick_compiles_both_layouts_and_prints_their_ratios():
+    lines = run_quick("vision_slices")
+    for i, layout in ((-3, r"one packing \(N x N scores\)"), (-2, "2 slices")):
+        assert re.fullmatch(rf"  {layout} +temp +{NUMBER} MiB \| +{NUMBER} GFLOP \| compiled in {NUMBER}s",
+                            lines[i]), lines
+    assert re.fullmatch(rf"ratio one packing / slices: temp {NUMBER}x, FLOPs {NUMBER}x", lines[-1]), lines
+
+
+def test_train_step_quick_trains_both_sides_with_plain_adapters_and_prints_the_ratio():
+    lines = run_quick("train_step")
+    assert any("LoRA: plain" in line for line in lines), lines
     assert re.match(rf"jax +train step: first call \(compile\) {NUMBER}s, then {NUMBER} ms/step", lines[-3]), lines
     assert re.match(rf"torch train step: first call {NUMBER}s, then {NUMBER} ms/step", lines[-2]), lines
     assert re.fullmatch(rf"ratio jax/torch samples/s: {NUMBER}x", lines[-1]), lines

@@ -57,8 +57,10 @@ def main():
         for name, value in QUICK.items():
             setattr(args, name, value)
 
-    path = demo_assets.write_tiny_qwen3_vl(tempfile.mkdtemp(), hidden=args.hidden, layers=args.layers,
-                                           image_pixels=(16 * args.grid) ** 2)
+    # The random weights initialised by one compiled program (op by op, the quick variant spent 12 s here).
+    hf = demo_assets.qwen3_vl_hf_config(args.hidden, args.layers)
+    path = demo_assets.save_qwen3_vl(tempfile.mkdtemp(), hf, demo_assets.init_qwen3_vl_params(hf, jit=True),
+                                     image_pixels=(16 * args.grid) ** 2)
     config = Qwen3VLConfig.from_pretrained(path)
     # In the layout evaluation decodes in (`inference.Predictor`), made once on the host.
     config, params, _ = qwen3_vl_params.decoding_layout(config, load_params(path, config))

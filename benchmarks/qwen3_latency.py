@@ -27,6 +27,16 @@ QUICK = dict(hidden=64, layers=1, prompt=8, batch=1, steps=2, repeats=1)
 SAME_COMPUTATION_TOLERANCE = 1e-3
 
 
+def prefill_logit_diff(ours, theirs) -> float:
+    """Largest |vital_jax - transformers| of two prefills' logits; exits when it is past SAME_COMPUTATION_TOLERANCE
+    (a latency comparison of two different computations would mean nothing)."""
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    if not diff <= SAME_COMPUTATION_TOLERANCE:
+        raise SystemExit(f"prefill logits differ by {diff:.2e} between vital_jax and transformers: "
+                         "not the same computation")
+    return diff
+
+
 def _median_ms(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -93,10 +103,7 @@ def main():
 
     tids = torch.tensor(ids)
     torch.set_grad_enabled(False)
-    logit_diff = float(np.max(np.abs(np.asarray(out.logits) - hf_model(tids).logits.numpy())))
-    if not logit_diff <= SAME_COMPUTATION_TOLERANCE:
-        raise SystemExit(f"prefill logits differ by {logit_diff:.2e} between vital_jax and transformers: "
-                         "not the same computation")
+    logit_diff = prefill_logit_diff(out.logits, hf_model(tids).logits.numpy())
     torch_prefill = _median_ms(lambda: hf_model(tids, use_cache=True), args.repeats)
     ttok = torch.zeros((args.batch, 1), dtype=torch.long)
     keyword = cache_keyword(hf_model)

@@ -1,13 +1,14 @@
-"""What `vital_jax.host_memory.keep_freed_memory` saves on the CPU backend: the same jitted programs, timed in
-two fresh processes, one with glibc's malloc untouched and one with freed memory kept (a process's allocator
-history cannot be undone, so the two settings cannot alternate in one process).
+"""What `vital_jax.host_memory` (the commands' default on CPU) saves: the same jitted programs, timed in two fresh
+processes, one with `VITAL_JAX_HOST_MALLOC=off` (glibc's malloc and JAX's asynchronous CPU dispatch untouched) and
+one with freed memory kept and synchronous dispatch (a process's allocator history cannot be undone, and the
+dispatch mode is fixed when JAX's backend starts, so the two settings cannot alternate in one process).
 
     python -m benchmarks.host_memory [--rounds 7 --quick]
 
 Programs, at issue #16's peer sizes (`benchmarks.peer_train_step.PEER`: random Qwen3-VL text 512 x 8 layers,
 vision 256 x 4, LoRA r64 on the 7 projections, Qwen3 decoder 256 x 4): the vision tower's forward on one
 448 x 448 image (784 patches), and the full VITAL train step (batch 2, K = 4, AdamW); medians of `--rounds` calls
-after compilation. The last line is the train step's ratio (default ms / kept ms).
+after compilation. The last line is the train step's ratio (off ms / kept ms).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
 from vital_jax.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 from vital_jax.models.qwen3_vl.vision import vision_inputs
 
-SETTINGS = ("default", "kept")
+SETTINGS = ("off", "kept")
 RESULT = "result: "
 
 
@@ -67,8 +68,8 @@ def measure(sizes, rounds: int) -> dict:
 
 
 def child(setting: str, quick: bool, rounds: int) -> dict:
-    """Run `--setting` in a fresh process (glibc untouched for "default") -> its `measure` dict."""
-    env = dict(os.environ, **{host_memory.ENV_VAR: "keep" if setting == "kept" else "default"})
+    """Run `--setting` in a fresh process (glibc and JAX untouched for "off") -> its `measure` dict."""
+    env = dict(os.environ, **{host_memory.ENV_VAR: "keep" if setting == "kept" else "off"})
     cmd = [sys.executable, "-m", "benchmarks.host_memory", "--setting", setting, "--rounds", str(rounds)]
     res = subprocess.run(cmd + (["--quick"] if quick else []), env=env, capture_output=True, text=True)
     lines = [line for line in res.stdout.splitlines() if line.startswith(RESULT)]
@@ -84,24 +85,25 @@ def main(argv=None):
     p.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # the child processes
     args = p.parse_args(argv)
     sizes, rounds = (QUICK, 1) if args.quick else (PEER, args.rounds)
-    if jax.default_backend() != "cpu":
-        raise SystemExit(f"this benchmark measures the CPU backend; JAX's is {jax.default_backend()}")
     if args.setting:
-        # The parent set the environment for this setting, as a user would for a command.
-        print(host_memory.apply_environment() or "host malloc: glibc defaults", file=sys.stderr)
+        # The parent set the environment for this setting, as a user would for a command (before JAX's backend
+        # starts: the dispatch mode is fixed then).
+        print(host_memory.apply_environment() or "host memory: glibc and JAX defaults", file=sys.stderr)
         print(RESULT + json.dumps(measure(sizes, rounds)), flush=True)
         return
+    if jax.default_backend() != "cpu":
+        raise SystemExit(f"this benchmark measures the CPU backend; JAX's is {jax.default_backend()}")
 
     print(f"jax {jax.__version__} on cpu; vision {sizes.vision_hidden} x {sizes.vision_depth}, image patches "
           f"{sizes.grid}; text {sizes.text_hidden} x {sizes.text_layers}, LoRA r{sizes.lora_rank}; train step "
           f"batch {sizes.batch}, K {sizes.latent_steps}; medians of {rounds} calls, one process per setting")
     results = {setting: child(setting, args.quick, rounds) for setting in SETTINGS}
     for name, label in (("vision", "vision tower forward"), ("train_step", "train step")):
-        (d_med, d_min), (k_med, k_min) = results["default"][name], results["kept"][name]
-        print(f"{label}: default {d_med:8.1f} ms (min {d_min:.1f})   kept {k_med:8.1f} ms (min {k_min:.1f})   "
+        (d_med, d_min), (k_med, k_min) = results["off"][name], results["kept"][name]
+        print(f"{label}: off {d_med:8.1f} ms (min {d_min:.1f})   kept {k_med:8.1f} ms (min {k_min:.1f})   "
               f"ratio {d_med / k_med:.2f}x")
-    ratio = results["default"]["train_step"][0] / results["kept"]["train_step"][0]
-    print(f"ratio default / kept, train step: {ratio:.2f}x")
+    ratio = results["off"]["train_step"][0] / results["kept"]["train_step"][0]
+    print(f"ratio off / kept, train step: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

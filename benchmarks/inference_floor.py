@@ -22,6 +22,7 @@ implementation could gain over transformers on this machine at these sizes. The 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ import torch
 
 from benchmarks import xla_flops
 from benchmarks.latent_overhead import best_ms
+from benchmarks.machine import apply_host_setting
 from benchmarks.peer_inference import QUICK, add_size_arguments, torch_generate
 from benchmarks.qwen3_vl_latency import build_models_and_prompt
 from vital_jax.generation import SamplingConfig
@@ -83,6 +85,7 @@ def main(argv=None):
         for name, value in QUICK.items():
             setattr(args, name, value)
     k = args.latent_steps
+    print(apply_host_setting(), file=sys.stderr)
 
     hf_model, config, params, backbone, patches, grid, ids = build_models_and_prompt(args)
     ids = ids.astype(np.int32)

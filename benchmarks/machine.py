@@ -24,3 +24,14 @@ def cpu_description() -> str:
     flags = fields.get("flags", "").split()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name}{model}, {os.cpu_count()} CPUs, {vector}"
+
+
+def apply_host_setting() -> str:
+    """Set up host memory as vital_jax's commands do (`vital_jax.host_memory`: freed memory kept and synchronous
+    CPU dispatch, unless VITAL_JAX_HOST_MALLOC=off) -> words for the header line. Call before the first JAX
+    computation. It is process-wide: a PyTorch side timed in the same process gets the glibc part too."""
+    from vital_jax import host_memory
+
+    if host_memory.apply_environment() is None:
+        return "host memory: glibc and JAX defaults (VITAL_JAX_HOST_MALLOC=off)"
+    return "host memory: kept, synchronous CPU dispatch (vital_jax's default)"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.latent_overhead import best_ms
-from benchmarks.machine import cpu_description
+from benchmarks.machine import apply_host_setting, cpu_description
 from benchmarks.qwen3_vl_latency import IMAGE, build_models_and_prompt
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
@@ -90,6 +90,7 @@ def main(argv=None):
             setattr(args, name, value)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    host = apply_host_setting()
 
     hf_model, config, params, backbone, patches, grid, ids = build_models_and_prompt(args)
     ids = ids.astype(np.int32)
@@ -117,7 +118,7 @@ def main(argv=None):
           f"{args.image}x{args.image} image ({patches.shape[0] // config.merge_unit} tokens), prompt {ids.shape[1]} "
           f"tokens, answer {args.answer} tokens, float32, vision query blocks {args.vision_query_chunk or 'off'}, "
           f"torch threads {torch.get_num_threads()}, "
-          f"jax {jax.devices()[0].platform}; {cpu_description()}")
+          f"jax {jax.devices()[0].platform}; {cpu_description()}; {host}")
     for k in (0, 4):
         jms, tms = best[("vital_jax", k)], best[("transformers", k)]
         print(f"K={k}: vital_jax {jms:8.1f} ms (compile {compile_s[k]:.1f} s)   transformers {tms:8.1f} ms   "

@@ -46,6 +46,8 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import apply_host_setting  # noqa: E402
+
 from vital_jax.layers.linear import LoraConfig  # noqa: E402
 from vital_jax.models.qwen3 import Qwen3Config  # noqa: E402
 from vital_jax.models.qwen3 import load_params as load_qwen3  # noqa: E402
@@ -290,6 +292,7 @@ def main(argv=None):
         args.step_tokens, args.k_max, args.latent_slots, args.lora_rank = PEER.step_chain, 4, 4, PEER.lora_rank
     if not 0 <= args.latent_slots <= args.k_max:
         p.error(f"--latent_slots must be in 0..--k_max ({args.k_max})")
+    print(apply_host_setting(), file=sys.stderr)  # as the training command runs
     with tempfile.TemporaryDirectory() as tmp:
         model, params, batch_np = build(args, tmp)
     optimizer = trainable.make_optimizer(1e-4, 0.01, max_grad_norm=1.0)

@@ -16,6 +16,7 @@ prints it.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from benchmarks import xla_flops
 from benchmarks.inference_floor import QUICK_MATMUL_SIDE, matmul_gflops
+from benchmarks.machine import apply_host_setting
 from benchmarks.peer_train_step import PEER
 from benchmarks.train_step import QUICK, build_hf, jax_step, synthetic, torch_step
 from vital_jax.vital import accounting
@@ -37,6 +39,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 timed step, for the CI smoke test")
     args = p.parse_args(argv)
     sizes, steps, warmup = (QUICK, 1, 0) if args.quick else (PEER, args.steps, args.warmup)
+    print(apply_host_setting(), file=sys.stderr)
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config

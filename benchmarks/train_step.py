@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.machine import cpu_description
+from benchmarks.machine import apply_host_setting, cpu_description
 from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3, save_tiny_qwen3_vl
 from vital_jax.layers.linear import LoraConfig
@@ -277,6 +277,7 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
     alternating: jax 1,164 -> 927 ms, torch 1,259 -> 1,116 ms; likely glibc's malloc raising its mmap threshold
     as large buffers are freed, so that later steps page-fault less: not verified), and a training run lives in
     the steady state."""
+    host = apply_host_setting()
     with tempfile.TemporaryDirectory() as path:
         hf_backbone, hf_decoder = build_hf(path, sizes)
         vis = hf_backbone.config.vision_config
@@ -284,7 +285,7 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
         j_run, j_out = jax_step(path, data, sizes, **model_overrides)
         t_run, t_out, n_train = torch_step(hf_backbone, hf_decoder, data, sizes, lora)
     b = sizes.batch
-    print(f"{cpu_description()}; jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+    print(f"{cpu_description()}; {host}; jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, K {sizes.latent_steps}, prompt "
           f"{data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, step chains {sizes.step_chain}; "
           f"{n_train:,} trainable params (LoRA r={sizes.lora_rank} + decoder + heads)")

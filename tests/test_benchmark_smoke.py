@@ -191,9 +191,9 @@ def test_host_memory_quick_times_both_allocator_settings_in_their_own_processes(
     lines = run_quick("host_memory")
     assert "one process per setting" in lines[0], lines
     for label in ("vision tower forward", "train step"):
-        assert any(re.fullmatch(rf"{label}: default +{NUMBER} ms \(min {NUMBER}\) +kept +{NUMBER} ms \(min "
+        assert any(re.fullmatch(rf"{label}: off +{NUMBER} ms \(min {NUMBER}\) +kept +{NUMBER} ms \(min "
                                 rf"{NUMBER}\) +ratio {NUMBER}x", line) for line in lines), (label, lines)
-    assert re.fullmatch(rf"ratio default / kept, train step: {NUMBER}x", lines[-1]), lines
+    assert re.fullmatch(rf"ratio off / kept, train step: {NUMBER}x", lines[-1]), lines
 
 
 def test_mfu_8b_quick_trains_a_truncated_8b_shaped_step_and_counts_its_flops(tmp_path):

@@ -65,8 +65,9 @@ def quiet_libraries() -> None:
 
 
 def tune_host_memory() -> None:
-    """Keep freed host memory for reuse when `VITAL_JAX_HOST_MALLOC=keep` (`host_memory`: opt-in, it speeds up
-    XLA:CPU programs that write large fresh buffers); every command that runs jitted programs calls it first."""
+    """Keep freed host memory for reuse and dispatch CPU computations synchronously unless
+    `VITAL_JAX_HOST_MALLOC=off` (`host_memory`: XLA:CPU programs then stop faulting in their buffers on every call);
+    every command that runs jitted programs calls it first, before JAX's backend starts."""
     from vital_jax import host_memory
 
     try:
@@ -104,7 +105,7 @@ def require_directories(**paths) -> None:
 
 def begin(argv, config_flag, workdir_flag) -> None:
     """No positional arguments, --config and --workdir given, third-party logging quiet (`quiet_libraries`;
-    progress lines come from the MetricsLogger and `status` instead), host memory kept if asked (`tune_host_memory`)."""
+    progress lines come from the MetricsLogger and `status` instead), host memory kept (`tune_host_memory`)."""
     no_positional(argv)
     require(config=config_flag.value, workdir=workdir_flag.value)
     require_directories(workdir=workdir_flag.value)

@@ -1,27 +1,27 @@
-"""Host memory for XLA:CPU, opt-in: make glibc's malloc keep freed memory instead of giving it back to the kernel.
+"""Host memory for XLA:CPU: make glibc's malloc keep freed memory instead of giving it back to the kernel, and
+dispatch each CPU computation on the calling thread, so that a program's buffers are not faulted in afresh on every
+call. On by default in the commands; `VITAL_JAX_HOST_MALLOC=off` leaves glibc and JAX as they are.
 
 Why: a jitted program on the CPU backend allocates its activations and temporaries from host memory on every
 call. glibc serves each allocation above its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh
-`mmap` and returns it with `munmap` when freed, so a program whose large buffers are written once each (an
-element-wise op over a fresh 40 MB array) spends most of its time in page faults: `jnp.exp` over 16 x 784 x 784
-float32 took 19 ms with glibc's defaults and 2.6 ms with these settings, torch's `exp` 20 -> 5 ms.
-
-Measured on whole programs (`python -m benchmarks.host_memory`, one fresh process per setting, issue #16's peer
-sizes, this 2-core machine): the vision tower's forward on one 448 x 448 image is 1.12-1.18x faster (two runs);
-the VITAL train step showed no difference beyond this machine's noise (0.88x-1.06x over four comparisons). So it
-is off by default: `VITAL_JAX_HOST_MALLOC=keep` turns it on for the training, pretraining, study, evaluation and
-explanation commands (`apply_environment`, called first by each), e.g. for CPU evaluation runs where the vision
-tower is a large share of the time.
+`mmap` and returns it with `munmap` when freed, so every page of a large buffer is faulted in and zeroed by the
+kernel on every call: `jnp.exp` over 16 x 784 x 784 float32 took 19 ms with glibc's defaults and 2.6 ms with
+freed memory kept, torch's `exp` 20 -> 5 ms. The largest such buffer is a program's temporaries, which XLA:CPU
+allocates as one block per call (393 MB for issue #16's peer train step: 97,000 page faults, ~200 ms of the
+kernel's CPU time per step) on the thread that dispatches the call. Under JAX's default asynchronous CPU dispatch
+that is a worker thread, whose glibc arena maps every block above 64 MiB whatever M_MMAP_MAX says; dispatched
+synchronously, the Python thread allocates it from the main arena, where the settings below hold.
 
 `keep_freed_memory()` sets, for the rest of the process: no mmap'ed chunks (`M_MMAP_MAX = 0`: large blocks come
 from the heap like small ones) and a trim threshold of 1 GiB (`M_TRIM_THRESHOLD`: free memory at the top of the
-heap is returned only beyond that). What it does not cover: a program's temporaries, which XLA:CPU allocates as
-one block per call on a worker thread (393 MB for the peer train step): glibc serves a thread arena's blocks above
-64 MiB with mmap whatever M_MMAP_MAX says, so that block is still faulted in on every call. Limiting glibc to one
-arena (M_ARENA_MAX = 1, effective only before any other thread allocates) removes those faults too, and measured
-no faster (benchmarks/README.md, "The train step's page faults"). The price: the process keeps its peak heap
-(its resident memory does not shrink after the largest program has run). Accelerator hosts usually get this from
-tcmalloc (JAX's TPU images preload it), under which these glibc settings have no effect.
+heap is returned only beyond that). `dispatch_synchronously()` sets `jax_cpu_enable_async_dispatch=False` before
+JAX's backend starts (it applies to single-device computations; a multi-device or multi-process one is dispatched
+as before). Measured on this project's 2-core machine (benchmarks/README.md, "Synchronous CPU dispatch"): the peer
+train step without any page fault in its steady state, 10-15 % faster; the demo command 193 s against 247 s, the
+same results. The price: the process keeps its peak heap (its resident memory does not shrink after the largest
+program has run; the demo's peak 3.0 against 2.8 GB), and the Python thread waits for each CPU computation
+instead of running ahead (on a CPU backend the computation occupies the cores either way). Accelerator hosts
+usually run tcmalloc (JAX's TPU images preload it), under which the glibc settings have no effect.
 """
 
 from __future__ import annotations
@@ -71,15 +71,35 @@ def keep_freed_memory() -> str:
     return "host malloc: freed memory kept for reuse (no mmap'ed chunks, 1 GiB trim threshold)"
 
 
+def dispatch_synchronously() -> str:
+    """Make JAX's CPU client run each call on the thread that makes it (`jax_cpu_enable_async_dispatch=False`)
+    -> a one-line description. Why: XLA:CPU allocates a call's temporaries (one block, 393 MB for the peer train
+    step) on the thread that dispatches the call; asynchronously that is a worker thread, whose glibc arena maps
+    every block above 64 MiB afresh, while the Python thread allocates from the main arena, where
+    `keep_freed_memory`'s settings hold. Must run before JAX's backend starts (the client reads the setting when
+    it is created); afterwards it raises, as the setting would silently do nothing."""
+    import jax
+    from jax._src import xla_bridge  # no public query for "has the backend started"
+
+    line = "CPU dispatch: synchronous (each call's temporaries come from the calling thread's heap)"
+    if not jax.config.values["jax_cpu_enable_async_dispatch"]:
+        return line
+    if xla_bridge.backends_are_initialized():
+        raise HostMallocError("synchronous CPU dispatch must be set before JAX's backend starts: call "
+                              "`host_memory.apply_environment()` before the first JAX computation")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return line
+
+
 def apply_environment() -> str | None:
-    """What the commands call first: `keep_freed_memory()` when `VITAL_JAX_HOST_MALLOC=keep`, nothing when it is
-    unset or `default` -> the log line, or None when nothing was asked."""
-    choice = os.environ.get(ENV_VAR, "default")
-    if choice == "default":
+    """What the commands call first (`cli.tune_host_memory`): `keep_freed_memory()` and `dispatch_synchronously()`
+    unless `VITAL_JAX_HOST_MALLOC=off` -> the log line, or None when switched off."""
+    choice = os.environ.get(ENV_VAR, "keep")
+    if choice == "off":
         return None
     if choice != "keep":
-        raise ValueError(f"{ENV_VAR} must be 'keep' or 'default', got {choice!r}")
-    return keep_freed_memory()
+        raise ValueError(f"{ENV_VAR} must be 'keep' (the default) or 'off', got {choice!r}")
+    return f"{keep_freed_memory()}; {dispatch_synchronously()}"
 
 
 def restore_defaults() -> None:

@@ -3,7 +3,9 @@
 A jitted step returns once it is dispatched; the loop's first read of a result (the loss, checked for NaN at every
 step) waits for the devices. Without a lookahead the host then reads the next records, slices and checks them and
 copies them to the devices while the accelerator idles, at every step. `BatchAhead.prepare_next`, called right after
-the dispatch and before that read, does the host's part of step N+1 during step N.
+the dispatch and before that read, does the host's part of step N+1 during step N. (On a CPU backend the
+commands dispatch synchronously, `host_memory`: a single-device step has then run when it returns, and the
+host's part follows it; the step occupies the CPU's cores either way.)
 
 Used by every training loop (VITAL `train`, `pretrain`, MedSynapse-V's stages), so that what a checkpoint records
 and where an error surfaces stay as they were without the lookahead:

@@ -20,7 +20,8 @@ as before). Measured on this project's 2-core machine (benchmarks/README.md, "Sy
 train step without any page fault in its steady state, 10-15 % faster; the demo command 193 s against 247 s, the
 same results. The price: the process keeps its peak heap (its resident memory does not shrink after the largest
 program has run; the demo's peak 3.0 against 2.8 GB), and the Python thread waits for each CPU computation
-instead of running ahead (on a CPU backend the computation occupies the cores either way). Accelerator hosts
+instead of running ahead (on a CPU backend the computation occupies the cores either way; `batch_ahead`'s
+lookahead then prepares the next batch after the step instead of during it). Accelerator hosts
 usually run tcmalloc (JAX's TPU images preload it), under which the glibc settings have no effect.
 """
 

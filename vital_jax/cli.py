@@ -67,15 +67,14 @@ def quiet_libraries() -> None:
 def tune_host_memory() -> None:
     """Keep freed host memory for reuse and dispatch CPU computations synchronously unless
     `VITAL_JAX_HOST_MALLOC=off` (`host_memory`: XLA:CPU programs then stop faulting in their buffers on every call);
-    every command that runs jitted programs calls it first, before JAX's backend starts."""
+    every command that runs jitted programs calls it first, before JAX's backend starts. Silent: it is the
+    documented default, and a command's stderr is kept for its one-line errors."""
     from vital_jax import host_memory
 
     try:
-        line = host_memory.apply_environment()
+        host_memory.apply_environment()
     except ValueError as e:
         fail(e, 2)
-    if line:  # not `status`: that would start JAX's backend before train's jax.distributed.initialize
-        print(line, file=sys.stderr, flush=True)
 
 
 def no_positional(argv) -> None:

@@ -285,8 +285,8 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
         j_run, j_out = jax_step(path, data, sizes, **model_overrides)
         t_run, t_out, n_train = torch_step(hf_backbone, hf_decoder, data, sizes, lora)
     b = sizes.batch
-    print(f"{cpu_description()}; {host}; jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, K {sizes.latent_steps}, prompt "
+    print(f"{cpu_description()}; {host}; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, K {sizes.latent_steps}, prompt "
           f"{data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, step chains {sizes.step_chain}; "
           f"{n_train:,} trainable params (LoRA r={sizes.lora_rank} + decoder + heads)")
     first = {}

@@ -287,7 +287,8 @@ def compare(sizes: Sizes, steps: int, lora: str = "plain", warmup: int = 5, **mo
     b = sizes.batch
     print(f"{cpu_description()}; {host}; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads, LoRA: {lora}); batch {b}, "
-          f"K {sizes.latent_steps}, prompt {data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, step chains {sizes.step_chain}; "
+          f"K {sizes.latent_steps}, prompt {data['prompt_ids'].shape[1]} tokens, answer {sizes.answer}, "
+          f"step chains {sizes.step_chain}; "
           f"{n_train:,} trainable params (LoRA r={sizes.lora_rank} + decoder + heads)")
     first = {}
     for name, run in (("jax", j_run), ("torch", t_run)):

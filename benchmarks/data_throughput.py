@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import transformers
+from benchmarks.machine import apply_host_setting
 from vital_jax.data import pipeline, roi
 from vital_jax.data.records import Record, write_records
 from vital_jax.data.images import load_image
@@ -140,6 +141,7 @@ def main():
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
+    print(apply_host_setting())
 
     root = tempfile.mkdtemp()
     encoder_dir, data_dir, tokenizer_dir = (os.path.join(root, d) for d in ("encoder", "data", "tokenizer"))

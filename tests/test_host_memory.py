@@ -65,6 +65,7 @@ def test_the_environment_switch_off_leaves_glibc_alone(monkeypatch, restored):
 def test_the_commands_hook_applies_it_by_default_and_rejects_unknown_values(monkeypatch, restored, capsys, value):
     """`cli.tune_host_memory` (called by `cli.begin` and by evaluate/explain) is what the commands run."""
     from vital_jax import evaluate, explain
+    from vital_jax.data import build, roi, roi_grid_search
 
     if value is None:
         monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
@@ -76,7 +77,7 @@ def test_the_commands_hook_applies_it_by_default_and_rejects_unknown_values(monk
     cli.tune_host_memory()
     assert capsys.readouterr().err == ""  # silent: the commands' stderr carries their one-line errors
     assert _mmapped_chunks_while_holding_a_big_block() == 0
-    for fn in (cli.begin, evaluate.main, explain.main):
+    for fn in (cli.begin, evaluate.main, explain.main, build.main, roi.main, roi_grid_search.main):
         assert "tune_host_memory()" in inspect.getsource(fn), fn
     monkeypatch.setenv(host_memory.ENV_VAR, "tcmalloc")
     with pytest.raises(SystemExit) as exit_info:

@@ -67,7 +67,8 @@ def quiet_libraries() -> None:
 def tune_host_memory() -> None:
     """Keep freed host memory for reuse and dispatch CPU computations synchronously unless
     `VITAL_JAX_HOST_MALLOC=off` (`host_memory`: XLA:CPU programs then stop faulting in their buffers on every call);
-    every command that runs jitted programs calls it first, before JAX's backend starts. Silent: it is the
+    every command that runs jitted programs (train, pretrain, study, evaluate, explain, and the data
+    commands that run the ROI encoder) calls it first, before JAX's backend starts. Silent: it is the
     documented default, and a command's stderr is kept for its one-line errors."""
     from vital_jax import host_memory
 

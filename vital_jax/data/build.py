@@ -499,6 +499,8 @@ def main(argv) -> int:
         cli.usage("--config=configs/data/<name>.py is required")
     config = default_config()
     config.update(_CONFIG.value)
+    if config.roi.enabled:  # the only stage that runs jitted programs (the ROI encoder)
+        cli.tune_host_memory()
     try:
         result = build(config)
     # ValueError: IngestError, RecordError, InputsError, ImageError, ...; WorkdirInUseError: another build is on;

@@ -681,6 +681,7 @@ def main(argv: Sequence[str]) -> None:
 
     f = flags.FLAGS
     cli.quiet_libraries()  # JAX's INFO line about absent TPU backends is not the user's business
+    cli.tune_host_memory()
     try:   # bad input (records, images, the encoder directory) is one error line naming it, not a traceback
         # Not while a build (or another ROI command) writes the directory: two writers would mix their files.
         with WorkdirLock(f.data_dir, flag="--data_dir"):

@@ -174,6 +174,7 @@ def main(argv: Sequence[str]) -> None:
     from vital_jax import cli
     f = flags.FLAGS
     cli.quiet_libraries()  # JAX's INFO line about absent TPU backends is not the user's business
+    cli.tune_host_memory()
     figure_path = f"{os.path.splitext(f.out)[0]}.{f.figure_format}"
     if os.path.abspath(figure_path) == os.path.abspath(f.out):
         cli.usage(f"--out={f.out} would be overwritten by the figure; give the JSON a .json name")

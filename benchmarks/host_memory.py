@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import apply_host_setting
 from benchmarks.peer_train_step import PEER
 from benchmarks.train_step import QUICK, build_hf, jax_step, synthetic
 from vital_jax import host_memory
@@ -88,7 +89,7 @@ def main(argv=None):
     if args.setting:
         # The parent set the environment for this setting, as a user would for a command (before JAX's backend
         # starts: the dispatch mode is fixed then).
-        print(host_memory.apply_environment() or "host memory: glibc and JAX defaults", file=sys.stderr)
+        print(apply_host_setting(), file=sys.stderr)
         print(RESULT + json.dumps(measure(sizes, rounds)), flush=True)
         return
     if jax.default_backend() != "cpu":

@@ -1,18 +1,22 @@
 """LoRA's input dropout (`layers.linear.lora_dropout`): 16-bit masks, unbiased, and what `Linear` does with it;
-the adapter product's own backward pass (`layers.linear.low_rank_product`) against autodiff."""
+the adapter product's own backward pass (`layers.linear.low_rank_product`) against autodiff; the base product's
+one-row split on the CPU (`layers.linear.project`)."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
+from vital_jax.layers import linear
 from vital_jax.layers.attention import Attention
 from vital_jax.layers.linear import (DROPOUT_BITS, Linear, LoraConfig, apply_lora_dropout, lora_dropout,
-                                     lora_dropout_keeps, low_rank_product, random_uint16, threefry2x32)
+                                     lora_dropout_keeps, low_rank_product, project, random_uint16, threefry2x32)
 from vital_jax.layers.mlp import SwiGLU
+from vital_jax.sharding import make_mesh
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.5])
@@ -207,3 +211,67 @@ def test_low_rank_product_gradients_match_autodiff(dtype, leading):
         for key in ("lora_a", "lora_b", "kernel"):
             np.testing.assert_allclose(got[0][key], want[0][key], rtol=1e-5, atol=1e-5, err_msg=key)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def _dot_batch_sizes(fn, *args) -> list[int]:
+    """The batch size of each dot_general in fn's jaxpr (0 for a dot without batch dimensions)."""
+    sizes = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (_, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+                sizes.append(int(np.prod([eqn.invars[0].aval.shape[d] for d in lhs_batch])) if lhs_batch else 0)
+            for sub in jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)  # a new function: JAX caches traces by function
+    return sizes
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_one_row_product_on_the_cpu_is_split_across_the_threads_and_computes_the_same(monkeypatch, threads, dtype):
+    """One row (a decode step at batch 1): as many partial products as CPU threads (a divisor of the input
+    features: 3 threads and 96 features give 3, 4 threads and 90 give 3), the same numbers as one dot, in value
+    and gradients; several rows: one ordinary dot."""
+    monkeypatch.setattr(linear, "cpu_threads", lambda: threads)
+    rng = np.random.RandomState(threads)
+    for features_in in (96, 90):
+        kernel = jnp.asarray(rng.randn(features_in, 40), dtype)
+        one_row = jnp.asarray(rng.randn(1, 1, features_in), dtype)
+        blocks = max(b for b in range(1, threads + 1) if features_in % b == 0)
+        assert _dot_batch_sizes(project, one_row, kernel) == [blocks]
+        assert _dot_batch_sizes(project, jnp.concatenate([one_row, one_row], axis=1), kernel) == [0]
+        split = project(one_row, kernel, jnp.float32)
+        assert split.shape == (1, 1, 40) and split.dtype == jnp.float32
+        assert project(one_row, kernel).dtype == dtype  # no output dtype: the input's, as jnp.dot
+        exact = np.asarray(one_row, np.float64) @ np.asarray(kernel, np.float64)
+        # Both accumulate in float32 (bf16 inputs are exact in it): only the summation order differs.
+        np.testing.assert_allclose(split, exact, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(split, jnp.dot(one_row, kernel, preferred_element_type=jnp.float32), atol=1e-5)
+        if dtype == jnp.float32:  # gradients of <project(x, W), c>: c W^T and x^T c
+            c = rng.randn(1, 1, 40).astype(np.float32)
+            dx, dw = jax.grad(lambda x, w: jnp.sum(project(x, w) * c), argnums=(0, 1))(one_row, kernel)
+            np.testing.assert_allclose(dx, c.astype(np.float64) @ np.asarray(kernel, np.float64).T, atol=1e-5,
+                                       rtol=1e-5)
+            np.testing.assert_allclose(dw, np.asarray(one_row, np.float64)[0].T @ c[0], atol=1e-5, rtol=1e-5)
+
+
+def test_linear_splits_only_a_single_row_and_not_under_a_mesh_or_on_one_thread(monkeypatch):
+    monkeypatch.setattr(linear, "cpu_threads", lambda: 2)
+
+    class Block(nn.Module):  # the Linear at a path the sharding rules cover, for the mesh below
+        @nn.compact
+        def __call__(self, x):
+            return Linear(32, name="q_proj")(x)
+
+    layer = Block()
+    x1 = jnp.ones((1, 1, 16))
+    params = layer.init(jax.random.PRNGKey(0), x1)
+    assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [2]
+    assert _dot_batch_sizes(lambda x: layer.apply(params, x), jnp.ones((2, 1, 16))) == [0]
+    with jax.set_mesh(make_mesh((1, 1, 1), devices=jax.devices()[:1])):
+        assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [0]
+    monkeypatch.setattr(linear, "cpu_threads", lambda: 1)
+    assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [0]

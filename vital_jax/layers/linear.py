@@ -9,8 +9,10 @@ where they are used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -158,7 +160,9 @@ PROJECTION_NAME = "projection"
 
 
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias) (+ scaling * dropout(x) @ lora_a @ lora_b). Input (..., in) -> (..., out)."""
+    """y = x @ kernel (+ bias) (+ scaling * dropout(x) @ lora_a @ lora_b). Input (..., in) -> (..., out).
+
+    The base product goes through `project` (a single row on the CPU runs on all cores)."""
 
     features: int
     use_bias: bool = False
@@ -178,7 +182,7 @@ class Linear(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
         kernel = constrain_weight(kernel, self.path, "kernel")
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.output_dtype)
+        y = project(x, kernel.astype(self.dtype), self.output_dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + constrain_weight(bias, self.path, "bias").astype(self.dtype)
@@ -198,6 +202,59 @@ class Linear(nn.Module):
         # The name the "projections" remat policy saves (`qwen3.config.REMAT_POLICIES`): the output with the
         # adapter's product added, one array where saving every dot keeps the base and adapter outputs apart.
         return checkpoint_name(y, PROJECTION_NAME)
+
+
+def project(x: jax.Array, kernel: jax.Array, output_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x @ kernel for x (..., in), kernel (in, out) -> (..., out) in `output_dtype` (None: x's dtype), accumulated
+    in float32 as `jnp.dot` does; a single row (one token of one example: a decode or latent step at batch 1) on
+    the CPU backend as `one_row_blocks` partial products.
+
+    Why: XLA:CPU runs a matrix-vector product on one thread, so a one-token step streamed its weights from one
+    core while the other idled. The same product as a batch of partial products over blocks of the input
+    features (a free view of the row-major kernel) runs its batch across XLA's intra-op threads, and the
+    partial sums are added after. Measured on the 2-core EPYC (benchmarks/README.md, "One-row products"):
+    `peer_inference`'s K = 4 program 266.5 -> 247.7 ms (best of 15), the same on one core. Products of several
+    rows are left to the ordinary dot, which parallelises them itself (split, they ran slower).
+    """
+    blocks = one_row_blocks(x, kernel)
+    if blocks < 2:
+        return jnp.dot(x, kernel, preferred_element_type=output_dtype)
+    features_in, features_out = kernel.shape
+    width = features_in // blocks
+    parts = jax.lax.dot_general(x.reshape(blocks, 1, width), kernel.reshape(blocks, width, features_out),
+                                (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    # Partial sums in float32 and one rounding to the output dtype, as the single product would round.
+    out_dtype = output_dtype or jnp.result_type(x.dtype, kernel.dtype)
+    return parts.sum(axis=0).astype(out_dtype).reshape(*x.shape[:-1], features_out)
+
+
+# The most blocks a one-row product is split into (`one_row_blocks`): measured with 2 threads only; more blocks
+# than threads gained nothing there (2 and 4 blocks ran alike).
+MAX_ONE_ROW_BLOCKS = 8
+
+
+@functools.cache
+def cpu_threads() -> int:
+    """The cores this process may run on (XLA:CPU sizes its intra-op thread pool by them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def one_row_blocks(x: jax.Array, kernel: jax.Array) -> int:
+    """How many partial products `project` splits x @ kernel into: the CPU threads (at most MAX_ONE_ROW_BLOCKS),
+    reduced to a divisor of the input features, when x is a single row and JAX runs on the CPU without a mesh;
+    else 1 (one ordinary dot). Under a mesh the partitioner places the product; an accelerator runs a
+    matrix-vector product on all its cores already."""
+    if kernel.ndim != 2 or math.prod(x.shape[:-1]) != 1 or jax.default_backend() != "cpu":
+        return 1
+    if not jax.sharding.get_abstract_mesh().empty:
+        return 1
+    blocks = min(cpu_threads(), MAX_ONE_ROW_BLOCKS)
+    while blocks > 1 and kernel.shape[0] % blocks:
+        blocks -= 1
+    return blocks
 
 
 def adapter_dropout_keeps(module: nn.Module, lora: LoraConfig | None, deterministic: bool,

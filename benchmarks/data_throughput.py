@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import transformers
-from benchmarks.machine import apply_host_setting
+from benchmarks.machine import apply_host_setting, quick_sizes
 from vital_jax.data import pipeline, roi
 from vital_jax.data.records import Record, write_records
 from vital_jax.data.images import load_image
@@ -138,9 +138,7 @@ def main():
     parser.add_argument("--read_threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = parser.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
     print(apply_host_setting())
 
     root = tempfile.mkdtemp()

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import quick_sizes
 from benchmarks.medsynapse_latency import image_prompts, tiny_backbone
 from vital_jax.layers.linear import LoraConfig
 from vital_jax.medsynapse import grpo
@@ -149,8 +150,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a few seconds of measurement)")
     args = p.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    args = quick_sizes(args, QUICK)
 
     path, config, params = tiny_backbone(tempfile.mkdtemp(), args.hidden, args.layers, args.grid)
     ids, patches, grids = image_prompts(config, args.prompts, args.prompt, args.grid)

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks import xla_flops
 from benchmarks.latent_overhead import best_ms
-from benchmarks.machine import apply_host_setting
+from benchmarks.machine import apply_host_setting, quick_sizes
 from benchmarks.peer_inference import QUICK, add_size_arguments, torch_generate
 from benchmarks.qwen3_vl_latency import build_models_and_prompt
 from vital_jax.generation import SamplingConfig
@@ -81,9 +81,7 @@ def main(argv=None):
     add_size_arguments(parser)
     parser.add_argument("--latent_steps", type=int, default=4)
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
     k = args.latent_steps
     print(apply_host_setting(), file=sys.stderr)
 

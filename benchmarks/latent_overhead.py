@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import quick_sizes
 from vital_jax import demo_assets
 from vital_jax.generation import SamplingConfig
 from vital_jax.models.qwen3_vl import Qwen3VLConfig, load_params
@@ -53,9 +54,7 @@ def main():
     p.add_argument("--k_max", type=int, default=4, help="latency for K = 0..k_max")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = p.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
 
     # The random weights initialised by one compiled program (op by op, the quick variant spent 12 s here).
     hf = demo_assets.qwen3_vl_hf_config(args.hidden, args.layers)

@@ -1,5 +1,6 @@
 """What machine a benchmark ran on, for its header line: CPU ratios move with the CPU model (on the project's
-2-core machines the peer train step measured 1.14x on one kind and 1.75x on an AVX-512 AMD EPYC)."""
+2-core machines the peer train step measured 1.14x on one kind and 1.75x on an AVX-512 AMD EPYC); how the
+benchmarks set the process up (`apply_host_setting`) and their `--quick` variants' sizes (`quick_sizes`)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,11 @@ def apply_host_setting() -> str:
     if host_memory.apply_environment() is None:
         return "host memory: glibc and JAX defaults (VITAL_JAX_HOST_MALLOC=off)"
     return "host memory: kept, synchronous CPU dispatch (vital_jax's default)"
+
+
+def quick_sizes(args, sizes: dict):
+    """`args` (an argparse Namespace with a `quick` flag) with `sizes` over its values when --quick was given: the
+    tiny variant the CI smoke test runs (tests/test_benchmark_smoke.py)."""
+    if args.quick:
+        vars(args).update(sizes)
+    return args

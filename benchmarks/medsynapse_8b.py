@@ -58,6 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import xla_collectives, xla_memory  # noqa: E402
+from benchmarks.machine import quick_sizes  # noqa: E402
 from benchmarks.mfu_8b import synthetic_batch  # noqa: E402
 from vital_jax import assets, distributed, sharding  # noqa: E402
 from vital_jax.medsynapse import grpo, imt, stage1  # noqa: E402
@@ -304,8 +305,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="the shipped tiny Qwen3-VL (vital_jax.assets) at 2 layers and small shapes (checks the script)")
     args = p.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    args = quick_sizes(args, QUICK)
     stages = args.stages.split(",")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:

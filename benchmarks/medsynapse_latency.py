@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import xla_memory
+from benchmarks.machine import quick_sizes
 from vital_jax import demo_assets
 from vital_jax.generation import SamplingConfig
 from vital_jax.medsynapse import deploy
@@ -210,8 +211,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a few seconds)")
     args = p.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    args = quick_sizes(args, QUICK)
 
     programs, describe = build_programs(args)
     results = measure(programs, args.repeats)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.latent_overhead import best_ms
-from benchmarks.machine import apply_host_setting, cpu_description
+from benchmarks.machine import apply_host_setting, cpu_description, quick_sizes
 from benchmarks.qwen3_vl_latency import IMAGE, build_models_and_prompt
 from vital_jax.generation import SamplingConfig
 from vital_jax.vital import latent
@@ -85,9 +85,7 @@ def main(argv=None):
     add_size_arguments(parser)
     parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     host = apply_host_setting()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks.machine import quick_sizes
 from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3
 from vital_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, init_cache, load_params
@@ -56,9 +57,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = parser.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
 
     path = tempfile.mkdtemp()
     heads = args.hidden // 64

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks.machine import quick_sizes
 from benchmarks.qwen3_latency import prefill_logit_diff
 from conversion.torch_decoding import cache_keyword
 from tests.hf_reference import save_tiny_qwen3_vl
@@ -124,9 +125,7 @@ def main():
     parser.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one timed run, for the CI smoke test")
     args = parser.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.machine import quick_sizes
 from vital_jax.models.qwen3_vl.config import Qwen3VLConfig
 from vital_jax.models.qwen3_vl.vision import Qwen3VLVisionModel, vision_inputs
 
@@ -48,9 +49,7 @@ def main():
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke test")
     args = p.parse_args()
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    args = quick_sizes(args, QUICK)
 
     vision = Qwen3VLConfig.from_pretrained(args.backbone_config, dtype="bfloat16", param_dtype="bfloat16").vision
     # frame_attention off: this compares the two masked layouts for images of any size (equal-size frames would

@@ -258,7 +258,7 @@ def test_a_one_row_product_on_the_cpu_is_split_across_the_threads_and_computes_t
             np.testing.assert_allclose(dw, np.asarray(one_row, np.float64)[0].T @ c[0], atol=1e-5, rtol=1e-5)
 
 
-def test_linear_splits_only_a_single_row_and_not_under_a_mesh_or_on_one_thread(monkeypatch):
+def test_linear_splits_only_a_single_row_on_the_cpu_and_not_under_a_mesh_or_on_one_thread(monkeypatch):
     monkeypatch.setattr(linear, "cpu_threads", lambda: 2)
 
     class Block(nn.Module):  # the Linear at a path the sharding rules cover, for the mesh below
@@ -274,4 +274,7 @@ def test_linear_splits_only_a_single_row_and_not_under_a_mesh_or_on_one_thread(m
     with jax.set_mesh(make_mesh((1, 1, 1), devices=jax.devices()[:1])):
         assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [0]
     monkeypatch.setattr(linear, "cpu_threads", lambda: 1)
+    assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [0]
+    monkeypatch.setattr(linear, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(linear.jax, "default_backend", lambda: "gpu")  # an accelerator: one dot
     assert _dot_batch_sizes(lambda x: layer.apply(params, x), x1) == [0]

@@ -205,16 +205,17 @@ class Linear(nn.Module):
 
 
 def project(x: jax.Array, kernel: jax.Array, output_dtype: jnp.dtype | None = None) -> jax.Array:
-    """x @ kernel for x (..., in), kernel (in, out) -> (..., out) in `output_dtype` (None: x's dtype), accumulated
-    in float32 as `jnp.dot` does; a single row (one token of one example: a decode or latent step at batch 1) on
-    the CPU backend as `one_row_blocks` partial products.
+    """x @ kernel for x (..., in), kernel (in, out) -> (..., out) in `output_dtype` (None: as `jnp.dot`); a single
+    row (one token of one example: a decode or latent step at batch 1) on the CPU backend as `one_row_blocks`
+    partial products, summed in float32.
 
     Why: XLA:CPU runs a matrix-vector product on one thread, so a one-token step streamed its weights from one
     core while the other idled. The same product as a batch of partial products over blocks of the input
     features (a free view of the row-major kernel) runs its batch across XLA's intra-op threads, and the
-    partial sums are added after. Measured on the 2-core EPYC (benchmarks/README.md, "One-row products"):
-    `peer_inference`'s K = 4 program 266.5 -> 247.7 ms (best of 15), the same on one core. Products of several
-    rows are left to the ordinary dot, which parallelises them itself (split, they ran slower).
+    partial sums are added after. Measured on the 2-core EPYC (benchmarks/README.md, "One-row products on all
+    cores"): `peer_inference`'s K = 4 program 262.6 -> 251.0 ms (best of 11, one process), no change on one
+    core. Products of several rows are left to the ordinary dot, which parallelises them itself (split, they
+    ran slower).
     """
     blocks = one_row_blocks(x, kernel)
     if blocks < 2:
